@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="unitoken-jax",
+    version="0.1.0",
+    description="UniToken (unified discrete + continuous visual encoding) in JAX/Flax",
+    packages=find_packages(include=["unitoken_jax", "unitoken_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml_collections>=1.1.0",
+        "numpy>=2.0",
+        "ml_dtypes>=0.6.0",
+        "safetensors>=0.8.0",
+        "tqdm>=4.70.1",
+    ],
+    extras_require={
+        "test": ["pytest>=9.0", "torch==2.13.0", "transformers>=5.24.0", "scikit-image>=0.26.0"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+    entry_points={"console_scripts": ["unitoken=unitoken_jax.cli:main"]},
+)

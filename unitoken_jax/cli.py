@@ -1,0 +1,48 @@
+"""The `unitoken` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from unitoken_jax.convert import orbax_io
+
+
+def _convert(args) -> int:
+    from unitoken_jax.convert import hf as hf_io
+
+    if orbax_io.is_orbax_checkpoint(args.src):
+        config, params, passthrough, sidecar = orbax_io.restore(args.src)
+        dtype = args.dtype or sidecar.get("hf_dtype", "float32")
+        hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype, progress=True)
+        print(f"wrote the HF layout ({dtype}) to {args.dst}")
+    else:
+        ckpt = hf_io.read_hf(args.src, param_dtype=args.dtype or "float32", progress=True)
+        orbax_io.save(args.dst, ckpt.config, ckpt.params, ckpt.passthrough,
+                      {"hf_config": ckpt.hf_config, "hf_dtype": ckpt.dtype})
+        layout = f", QK-norm layout {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else ""
+        print(f"read a {ckpt.kind} checkpoint ({ckpt.dtype}{layout}); wrote our Orbax checkpoint to {args.dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="HF safetensors layout <-> our Orbax checkpoint (direction from --from)")
+    convert.add_argument("--from", dest="src", required=True, help="an HF-format dir, or one of our Orbax dirs")
+    convert.add_argument("--to", dest="dst", required=True, help="output directory")
+    convert.add_argument("--dtype", default=None,
+                         help="parameter dtype to store (default: float32 for Orbax, the source's for HF)")
+    convert.set_defaults(func=_convert)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"unitoken {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""The HF (transformers / Lumina-mGPT / UniToken) safetensors layout <-> our parameter tree.
+
+Three kinds of checkpoint are read:
+- UniToken: `model.*` + `lm_head.*` (Chameleon decoder), `vit.*` (SigLIP vision tower),
+  `adapter.0.*` / `adapter.2.*`;
+- a plain Chameleon / Lumina-mGPT decoder: `model.*` + `lm_head.*`;
+- a SigLIP model: `vision_model.*` (a `SiglipModel`, whose text tower is skipped) or the bare
+  `embeddings.*` / `encoder.*` keys that transformers writes for a `SiglipVisionModel`.
+
+Tensors are read one at a time into preallocated arrays, so reading needs the model's size in
+memory once, not twice. Every tensor the model needs must be there with the right shape and a
+floating dtype; a key that is not recognised is an error. Tensors we keep but do not model (the
+SigLIP pooling head; the VQ-GAN under `model.vqmodel.*`) are carried through unchanged as
+"passthrough" so that `save_hf` writes them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from unitoken_jax.models.config import DecoderConfig, UniTokenConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+_PASSTHROUGH = (re.compile(r"^model\.vqmodel\."), re.compile(r"^(vit\.|vision_model\.|)head\."))
+_SKIPPED = (re.compile(r"^text_model\."), re.compile(r"^logit_(scale|bias)$"))
+SHARD_BYTES = 4 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match what the model needs."""
+
+
+# --- one tensor: how its HF shape maps to ours -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A pair of inverse maps between an HF tensor and our parameter (one layer's slice)."""
+
+    to_ours: Callable[[np.ndarray, tuple], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+COPY = Layout(lambda w, s: w.reshape(s), lambda w: w)
+LINEAR = Layout(lambda w, s: w.T.reshape(s), lambda w: w.T)  # [out, in] <-> [in, out]
+# [(N H), in] <-> [in, N, H]  (and the bias [(N H)] <-> [N, H])
+OUT_HEADS = Layout(lambda w, s: w.T.reshape(s), lambda w: w.reshape(w.shape[0], -1).T)
+BIAS_HEADS = Layout(lambda w, s: w.reshape(s), lambda w: w.reshape(-1))
+# [out, (N H)] <-> [N, H, out]
+IN_HEADS = Layout(lambda w, s: w.T.reshape(s), lambda w: w.reshape(-1, w.shape[-1]).T)
+CONV = Layout(lambda w, s: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    hf_key: str
+    path: tuple[str, ...]  # into our params
+    layer: int | None  # index along the stacked 'layers' axis, or None
+    layout: Layout
+
+
+def _decoder_specs(cfg: DecoderConfig) -> Iterator[TensorSpec]:
+    d = ("decoder",)
+    yield TensorSpec("model.embed_tokens.weight", d + ("embed_tokens", "embedding"), None, COPY)
+    yield TensorSpec("model.norm.weight", d + ("norm", "scale"), None, COPY)
+    yield TensorSpec("lm_head.weight", d + ("lm_head", "kernel"), None, LINEAR)
+    layer = d + ("layers",)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj"):
+            yield TensorSpec(p + f"self_attn.{name}.weight", layer + ("self_attn", name, "kernel"), i, OUT_HEADS)
+        yield TensorSpec(p + "self_attn.o_proj.weight", layer + ("self_attn", "o_proj", "kernel"), i, IN_HEADS)
+        for norm in ("q_norm", "k_norm"):
+            yield TensorSpec(p + f"self_attn.{norm}.weight", layer + ("self_attn", norm, "scale"), i, COPY)
+            yield TensorSpec(p + f"self_attn.{norm}.bias", layer + ("self_attn", norm, "bias"), i, COPY)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            yield TensorSpec(p + f"mlp.{name}.weight", layer + ("mlp", name, "kernel"), i, LINEAR)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield TensorSpec(p + f"{norm}.weight", layer + (norm, "scale"), i, COPY)
+
+
+def _vision_specs(cfg: VisionConfig, prefix: str) -> Iterator[TensorSpec]:
+    v = ("vit",)
+    e = prefix + "embeddings."
+    yield TensorSpec(e + "patch_embedding.weight", v + ("patch_embedding", "kernel"), None, CONV)
+    yield TensorSpec(e + "patch_embedding.bias", v + ("patch_embedding", "bias"), None, COPY)
+    yield TensorSpec(e + "position_embedding.weight", v + ("position_embedding",), None, COPY)
+    for norm in ("post_layernorm",):
+        yield TensorSpec(prefix + f"{norm}.weight", v + (norm, "scale"), None, COPY)
+        yield TensorSpec(prefix + f"{norm}.bias", v + (norm, "bias"), None, COPY)
+    layer = v + ("layers",)
+    for i in range(cfg.num_layers):
+        p = f"{prefix}encoder.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj"):
+            yield TensorSpec(p + f"self_attn.{name}.weight", layer + (name, "kernel"), i, OUT_HEADS)
+            yield TensorSpec(p + f"self_attn.{name}.bias", layer + (name, "bias"), i, BIAS_HEADS)
+        yield TensorSpec(p + "self_attn.out_proj.weight", layer + ("out_proj", "kernel"), i, IN_HEADS)
+        yield TensorSpec(p + "self_attn.out_proj.bias", layer + ("out_proj", "bias"), i, COPY)
+        for norm in ("layer_norm1", "layer_norm2"):
+            yield TensorSpec(p + f"{norm}.weight", layer + (norm, "scale"), i, COPY)
+            yield TensorSpec(p + f"{norm}.bias", layer + (norm, "bias"), i, COPY)
+        for name in ("fc1", "fc2"):
+            yield TensorSpec(p + f"mlp.{name}.weight", layer + (name, "kernel"), i, LINEAR)
+            yield TensorSpec(p + f"mlp.{name}.bias", layer + (name, "bias"), i, COPY)
+
+
+def tensor_specs(config: UniTokenConfig, vision_prefix: str = "vit.") -> list[TensorSpec]:
+    specs: list[TensorSpec] = []
+    if config.decoder is not None:
+        specs += _decoder_specs(config.decoder)
+    if config.vision is not None:
+        specs += _vision_specs(config.vision, vision_prefix)
+    if config.has_adapter:
+        for hf, ours in (("adapter.0", "fc1"), ("adapter.2", "fc2")):
+            specs.append(TensorSpec(f"{hf}.weight", ("adapter", ours, "kernel"), None, LINEAR))
+            specs.append(TensorSpec(f"{hf}.bias", ("adapter", ours, "bias"), None, COPY))
+    return specs
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+def decoder_config_from_hf(hf: dict[str, Any], qk_norm_rows: int) -> DecoderConfig:
+    for key, ok in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
+                    ("tie_word_embeddings", False)):
+        if hf.get(key, ok) not in (ok,):
+            raise CheckpointError(f"config.json sets {key}={hf[key]!r}, which unitoken_jax does not support")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json sets hidden_act={hf['hidden_act']!r}; Chameleon uses 'silu'")
+    heads = hf["num_attention_heads"]
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, rope_theta=float(hf.get("rope_theta", 10000.0)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        qk_norm_groups=None if qk_norm_rows == heads else qk_norm_rows,
+        swin_norm=bool(hf.get("swin_norm", False)), dropout=float(hf.get("dropout", 0.0)))
+
+
+def decoder_config_to_hf(cfg: DecoderConfig, base: dict[str, Any] | None) -> dict[str, Any]:
+    hf = dict(base or {"model_type": "chameleon", "architectures": ["ChameleonForConditionalGeneration"],
+                       "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False})
+    hf.update(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
+              max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+              swin_norm=cfg.swin_norm, dropout=cfg.dropout)
+    if cfg.qk_norm_groups is not None:
+        hf["model_parallel_size"] = cfg.qk_norm_groups
+    return hf
+
+
+def vision_config_from_hf(hf: dict[str, Any] | None, tensors: dict[str, tuple], prefix: str) -> VisionConfig:
+    """From a SigLIP `vision_config` when there is one, else from the tensor shapes (UniToken's
+    config.json does not describe its ViT); only the head count cannot come from shapes."""
+    pos = tensors[prefix + "embeddings.position_embedding.weight"]
+    patch = tensors[prefix + "embeddings.patch_embedding.weight"]
+    fc1 = tensors[prefix + "encoder.layers.0.mlp.fc1.weight"]
+    n_layers = len({k.split(".")[len(prefix.split(".")) + 1] for k in tensors if k.startswith(prefix + "encoder.layers.")})
+    hidden = pos[1]
+    side = int(round(np.sqrt(pos[0])))
+    shapes = dict(hidden_size=hidden, intermediate_size=fc1[0], num_layers=n_layers, patch_size=patch[-1],
+                  image_size=side * patch[-1], num_channels=patch[1])
+    if hf is None:
+        if hidden != VisionConfig.hidden_size:
+            raise CheckpointError(
+                f"the vision tower has width {hidden}, not so400m's {VisionConfig.hidden_size}, and config.json "
+                "has no 'unitoken_vision_config' saying how many heads it has")
+        return VisionConfig(**shapes)
+    cfg = VisionConfig(**shapes, num_heads=hf["num_attention_heads"], layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size"):
+        ours = getattr(cfg, "num_layers" if key == "num_hidden_layers" else key)
+        if key in hf and hf[key] != ours:
+            raise CheckpointError(f"vision config says {key}={hf[key]} but the tensors give {ours}")
+    return cfg
+
+
+def vision_config_to_hf(cfg: VisionConfig) -> dict[str, Any]:
+    return {"model_type": "siglip_vision_model", "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "patch_size": cfg.patch_size, "image_size": cfg.image_size,
+            "num_channels": cfg.num_channels, "layer_norm_eps": cfg.layer_norm_eps,
+            "hidden_act": "gelu_pytorch_tanh"}
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """What `read_hf` found: our config, numpy parameters, and what else the files held."""
+
+    config: UniTokenConfig
+    params: dict
+    passthrough: dict[str, np.ndarray]
+    hf_config: dict[str, Any]
+    kind: str  # "unitoken" | "chameleon" | "siglip"
+    qk_norm_layout: str | None  # "per-head (transformers)" | "per-shard (Lumina-mGPT, N rows)"
+    dtype: str  # the most common floating dtype of the files
+    skipped: list[str]
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {path}")
+    for name in files:
+        if not os.path.exists(os.path.join(path, name)):
+            raise CheckpointError(f"{path}: the index names {name}, which is missing")
+    return [os.path.join(path, f) for f in files]
+
+
+def _open(file: str):
+    try:
+        return safe_open(file, framework="np")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from e
+
+
+def _scan_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
+    """key -> (file, shape, dtype), reading headers only."""
+    found: dict[str, tuple[str, tuple, str]] = {}
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                if key in found:
+                    raise CheckpointError(f"tensor {key} is in both {found[key][0]} and {file}")
+                found[key] = (file, tuple(sl.get_shape()), sl.get_dtype())
+    return found
+
+
+def _detect_kind(hf_config: dict[str, Any], keys) -> tuple[str, str]:
+    if any(k.startswith("vit.") for k in keys):
+        return "unitoken", "vit."
+    if any(k.startswith("vision_model.") for k in keys):
+        return "siglip", "vision_model."
+    if any(k.startswith("embeddings.patch_embedding.") for k in keys):  # a bare SiglipVisionModel save
+        return "siglip", ""
+    if any(k.startswith("model.layers.") for k in keys):
+        return "chameleon", "vit."
+    raise CheckpointError("the checkpoint holds neither a Chameleon decoder (model.layers.*) nor a SigLIP tower "
+                          "(vit.* / vision_model.*)")
+
+
+def _build_config(hf_config, kind, prefix, shapes) -> tuple[UniTokenConfig, str | None]:
+    decoder = vision = layout = None
+    if kind in ("unitoken", "chameleon"):
+        text_cfg = hf_config.get("text_config", hf_config)
+        key = "model.layers.0.self_attn.q_norm.weight"
+        if key not in shapes:
+            raise CheckpointError(f"missing tensor {key} (needed to tell the QK-norm layout)")
+        rows = shapes[key][1][0]
+        heads = text_cfg["num_attention_heads"]
+        mp = text_cfg.get("model_parallel_size", 1)
+        if rows == heads:
+            layout = "per-head (transformers)"
+        elif rows == mp:
+            layout = f"per-shard (Lumina-mGPT, model_parallel_size={mp})"
+        else:
+            raise CheckpointError(f"{key} has shape {list(shapes[key][1])}: {rows} rows is neither num_attention_heads "
+                                  f"({heads}) nor model_parallel_size ({mp})")
+        decoder = decoder_config_from_hf(text_cfg, rows)
+    if kind in ("unitoken", "siglip"):
+        vcfg = hf_config.get("unitoken_vision_config")
+        if kind == "siglip":
+            vcfg = hf_config.get("vision_config", hf_config)
+        vision = vision_config_from_hf(vcfg, {k: v[1] for k, v in shapes.items()}, prefix)
+    z = float(hf_config.get("z_loss_weight", UniTokenConfig.z_loss_weight))
+    return UniTokenConfig(decoder=decoder, vision=vision, z_loss_weight=z).validate(), layout
+
+
+def abstract_params(config: UniTokenConfig) -> dict:
+    """Shapes/dtypes of the parameter tree (scanned layout) without allocating anything."""
+    from unitoken_jax.models.unitoken import UniToken  # local: keep this module light to import
+    from flax import linen as nn
+
+    cfg = config.replace(scan_layers=True, remat_policy="none")
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    pixels = None
+    args = (tokens, tokens, tokens)
+    if cfg.vision is not None:
+        pixels = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels))
+
+    def init():
+        model = UniToken(cfg)
+        if cfg.decoder is None:
+            return model.init(jax.random.key(0), pixels, method=UniToken.vision_features)
+        if cfg.vision is None:
+            return model.init(jax.random.key(0), *args)
+        return model.init(jax.random.key(0), *args, jnp.zeros((1, 1), bool), tokens, pixels)
+
+    return nn.meta.unbox(jax.eval_shape(init))["params"]
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def read_hf(path: str, param_dtype: str = "float32", progress: bool = False) -> HFCheckpoint:
+    """Reads an HF-format directory into numpy parameters (our layout), one tensor at a time."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path} has no config.json")
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    headers = _scan_headers(_checkpoint_files(path))
+    kind, prefix = _detect_kind(hf_config, headers)
+    config, layout = _build_config(hf_config, kind, prefix, headers)
+    config = config.replace(param_dtype=param_dtype)
+    specs = tensor_specs(config, prefix)
+
+    spec_keys = {s.hf_key for s in specs}
+    passthrough_keys = [k for k in headers if k not in spec_keys and any(p.match(k) for p in _PASSTHROUGH)]
+    skipped = [k for k in headers if k not in spec_keys and any(p.match(k) for p in _SKIPPED)]
+    unexpected = sorted(set(headers) - spec_keys - set(passthrough_keys) - set(skipped))
+    missing = sorted(spec_keys - set(headers))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{path} does not match a {kind} model of this config: " + "; ".join(parts))
+
+    abstract = abstract_params(config)
+    np_dtype = np.dtype(jnp.dtype(param_dtype))
+    params = jax.tree.map(lambda a: np.empty(a.shape, np_dtype), abstract)
+    dtype_counts: dict[str, int] = {}
+
+    from tqdm.auto import tqdm
+
+    handles: dict[str, Any] = {}
+    try:
+        for spec in tqdm(specs, desc=f"reading {os.path.basename(os.path.normpath(path))}", disable=not progress):
+            file, shape, dtype = headers[spec.hf_key]
+            if dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {spec.hf_key} has dtype {dtype}; a floating dtype "
+                                      f"({', '.join(_FLOAT_DTYPES)}) is needed")
+            target = _get(params, spec.path)
+            slot_shape = target.shape if spec.layer is None else target.shape[1:]
+            expected = spec.layout.to_hf(np.empty(slot_shape, np.int8)).shape
+            if shape != expected:
+                raise CheckpointError(f"tensor {spec.hf_key} has shape {list(shape)}, the model expects "
+                                      f"{list(expected)}")
+            if file not in handles:
+                handles[file] = _open(file).__enter__()
+            try:
+                value = handles[file].get_tensor(spec.hf_key)
+            except Exception as e:  # safetensors raises several types for a short read
+                raise CheckpointError(f"cannot read tensor {spec.hf_key} from {file}: {e} (truncated file?)") from e
+            dtype_counts[dtype] = dtype_counts.get(dtype, 0) + value.size
+            converted = spec.layout.to_ours(value, slot_shape)
+            if spec.layer is None:
+                target[...] = converted
+            else:
+                target[spec.layer] = converted
+        passthrough = {}
+        for key in passthrough_keys:
+            file = headers[key][0]
+            if file not in handles:
+                handles[file] = _open(file).__enter__()
+            passthrough[key] = handles[file].get_tensor(key)
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+    if skipped:
+        log.info("skipped %d tensors the model does not use (e.g. %s)", len(skipped), skipped[0])
+    if passthrough:
+        log.info("carrying %d tensors through unchanged (e.g. %s)", len(passthrough), passthrough_keys[0])
+    main_dtype = max(dtype_counts, key=dtype_counts.get)
+    return HFCheckpoint(config, params, passthrough, hf_config, kind, layout,
+                        {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}[main_dtype],
+                        skipped)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def hf_config_for(config: UniTokenConfig, base: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """config.json for our config (built on the one we loaded, if any) and the vision prefix."""
+    if config.decoder is None:
+        hf = dict(base or {}) if (base or {}).get("model_type", "").startswith("siglip") else {}
+        hf.update(vision_config_to_hf(config.vision))
+        hf["architectures"] = ["SiglipVisionModel"]
+        return hf, "vision_model."
+    hf = decoder_config_to_hf(config.decoder, base)
+    if config.vision is not None:
+        hf["unitoken_vision_config"] = vision_config_to_hf(config.vision)
+        hf["z_loss_weight"] = config.z_loss_weight
+    return hf, "vit."
+
+
+def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.ndarray] | None = None,
+             base_config: dict[str, Any] | None = None, dtype: str = "float32",
+             shard_bytes: int = SHARD_BYTES, progress: bool = False) -> None:
+    """Writes safetensors shards (+ index when more than one) and config.json."""
+    os.makedirs(path, exist_ok=True)
+    hf_config, prefix = hf_config_for(config, base_config)
+    out_dtype = np.dtype(jnp.dtype(dtype))
+    specs = tensor_specs(config, prefix)
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for spec in specs:
+            value = np.asarray(jax.device_get(_get(params, spec.path)) if spec.layer is None
+                               else jax.device_get(_get(params, spec.path)[spec.layer]))
+            yield spec.hf_key, np.ascontiguousarray(spec.layout.to_hf(value).astype(out_dtype))
+        for key, value in (passthrough or {}).items():
+            yield key, np.ascontiguousarray(value)
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    # Group into shards by size while streaming, writing each shard as soon as it is full.
+    written: list[tuple[str, list[str]]] = []
+    tmp_names: list[str] = []
+
+    def flush():
+        name = f"model-{len(written) + 1:05d}.safetensors"
+        save_file(shards[-1], os.path.join(path, name), metadata={"format": "pt"})
+        written.append((name, list(shards[-1])))
+        tmp_names.append(name)
+        shards[-1] = {}
+        sizes[-1] = 0
+
+    from tqdm.auto import tqdm
+
+    for key, value in tqdm(tensors(), total=len(specs) + len(passthrough or {}), desc="writing", disable=not progress):
+        if shards[-1] and sizes[-1] + value.nbytes > shard_bytes:
+            flush()
+        shards[-1][key] = value
+        sizes[-1] += value.nbytes
+    if shards[-1]:
+        flush()
+
+    total = len(written)
+    weight_map = {}
+    for i, (name, keys) in enumerate(written):
+        final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        os.replace(os.path.join(path, name), os.path.join(path, final))
+        weight_map.update({k: final for k in keys})
+    if total > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    hf_config["torch_dtype"] = dtype
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)

@@ -1,0 +1,78 @@
+"""Our own checkpoint format: an Orbax PyTree checkpoint of the parameters plus a JSON sidecar.
+
+    DIR/unitoken_config.json   {"config": <UniTokenConfig>, "hf_config": ..., "hf_dtype": ...}
+    DIR/params/                Orbax (StandardCheckpointer) parameter tree, scanned layout
+    DIR/passthrough/           Orbax tree of tensors carried through unchanged (if any)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from unitoken_jax.models.config import UniTokenConfig
+
+SIDECAR = "unitoken_config.json"
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+    return os.path.exists(os.path.join(path, SIDECAR))
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+    """{'a.b.c': x} -> {'a': {'b': {'c': x}}}: Orbax joins tree keys with dots itself."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = np.asarray(v)
+    return out
+
+
+def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.ndarray] | None = None,
+         extra: dict[str, Any] | None = None) -> None:
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(path, "params"), params, force=True)
+        if passthrough:
+            ckpt.save(os.path.join(path, "passthrough"), _nest(passthrough), force=True)
+    with open(os.path.join(path, SIDECAR), "w") as f:
+        json.dump({"config": config.to_dict(), **(extra or {})}, f, indent=2, sort_keys=True)
+
+
+def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.ndarray], dict[str, Any]]:
+    """Returns (config, params, passthrough, sidecar). `target`, an abstract tree with shardings,
+    restores the parameters straight onto devices (any mesh); without it they come back as numpy."""
+    path = os.path.abspath(path)
+    with open(os.path.join(path, SIDECAR)) as f:
+        sidecar = json.load(f)
+    config = UniTokenConfig.from_dict(sidecar["config"])
+    with ocp.StandardCheckpointer() as ckpt:
+        if target is None:
+            from unitoken_jax.convert.hf import abstract_params
+
+            target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params(config))
+        params = ckpt.restore(os.path.join(path, "params"), target)
+        passthrough = {}
+        if os.path.exists(os.path.join(path, "passthrough")):
+            passthrough = _flatten(ckpt.restore(os.path.join(path, "passthrough")))
+    return config, params, passthrough, sidecar

@@ -1,0 +1,135 @@
+"""Typed, hashable model configuration.
+
+The ml_collections files under `configs/` are what people edit and sweep; they are turned into
+these frozen dataclasses before a Flax module sees them, so that a typo in a field name fails at
+once and the modules can take the config as a (hashable) attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """The Chameleon decoder (the released 7B numbers are the defaults)."""
+
+    vocab_size: int = 65536
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    qk_norm_eps: float = 1e-5
+    # Rows of each QK-norm weight/bias: transformers' checkpoints store one row per head, the
+    # Lumina-mGPT / UniToken ones one row per model-parallel shard (repeat-interleaved over the
+    # heads at run time). None means one row per head.
+    qk_norm_groups: int | None = None
+    swin_norm: bool = False
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        groups = self.qk_norm_groups
+        if groups is not None and (self.num_heads % groups or self.num_kv_heads % groups):
+            raise ValueError(
+                f"qk_norm_groups {groups} must divide num_heads {self.num_heads} and num_kv_heads {self.num_kv_heads}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The SigLIP vision tower (so400m/14 @ 384 by default); the pooling head is not modelled."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 384
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_size**2
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniTokenConfig:
+    """A whole model: decoder, optional vision tower + adapter, and the numeric policy.
+
+    `decoder` or `vision` may be None for a checkpoint that holds only the other one; the adapter
+    exists exactly when both do.
+    """
+
+    decoder: DecoderConfig | None = dataclasses.field(default_factory=DecoderConfig)
+    vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
+    z_loss_weight: float = 1e-5
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    # Control-token ids the model itself needs (the rest of the layout lives in the tokenizer).
+    sep_token_id: int = 8198
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.decoder is not None and self.vision is not None
+
+    def validate(self) -> "UniTokenConfig":
+        if self.decoder is None and self.vision is None:
+            raise ValueError("a model needs a decoder, a vision tower or both")
+        if self.decoder is not None:
+            self.decoder.validate()
+        if self.vision is not None:
+            self.vision.validate()
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        return self
+
+    def replace(self, **changes: Any) -> "UniTokenConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "UniTokenConfig":
+        """Builds a config from a plain mapping or a `ml_collections.ConfigDict`; unknown keys are errors."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        sub = {}
+        for name, sub_cls in (("decoder", DecoderConfig), ("vision", VisionConfig)):
+            value = d.pop(name, None)
+            sub[name] = None if value is None else _build(sub_cls, value, name)
+        return _build(cls, {**d, **sub}, "model").validate()
+
+
+def _build(cls, values: Mapping[str, Any], where: str):
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in the {where} config; known fields: {sorted(known)}")
+    return cls(**values)

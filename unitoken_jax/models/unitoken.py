@@ -1,0 +1,55 @@
+"""UniToken: the Chameleon decoder fed with token embeddings and continuous SigLIP features.
+
+The merge uses only static shapes. The host gives, for every position of `tokens [B, L]`,
+`is_continuous [B, L]` and `feature_index [B, L]`: the row of the flat list of image features
+(all images of the batch, `[N * T, D]`) that replaces the token embedding there. Everything else
+(SEP, the VQ codes, the AnyRes end-of-row tokens, which are embeddings of token 8803) is an
+ordinary token. Any number of images per sequence works, none included.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from unitoken_jax.models.chameleon import ChameleonDecoder
+from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.models.siglip import Adapter, SiglipVisionTower
+
+
+class UniToken(nn.Module):
+    config: UniTokenConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        if cfg.decoder is not None:
+            self.decoder = ChameleonDecoder(cfg.decoder, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy)
+        if cfg.vision is not None:
+            self.vit = SiglipVisionTower(cfg.vision, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy != "none")
+        if cfg.has_adapter:
+            self.adapter = Adapter(cfg.decoder.hidden_size, dtype, param_dtype)
+
+    def vision_features(self, pixels_NHWC: jax.Array) -> jax.Array:
+        """SigLIP last hidden state [N, T, vision hidden]."""
+        return self.vit(pixels_NHWC)
+
+    def image_features(self, pixels_NHWC: jax.Array) -> jax.Array:
+        """The continuous tokens the decoder receives: adapter(vit(x)) [N, T, hidden]."""
+        return self.adapter(self.vit(pixels_NHWC))
+
+    def embed(self, tokens_BL, is_continuous_BL=None, feature_index_BL=None, pixels_NHWC=None):
+        x_BLD = self.decoder.embed(tokens_BL)
+        if pixels_NHWC is None:
+            return x_BLD
+        feats_NTD = self.image_features(pixels_NHWC)
+        feats_FD = feats_NTD.reshape(-1, feats_NTD.shape[-1]).astype(x_BLD.dtype)
+        gathered_BLD = jnp.take(feats_FD, feature_index_BL, axis=0, mode="clip")
+        return jnp.where(is_continuous_BL[..., None], gathered_BLD, x_BLD)
+
+    def __call__(self, tokens_BL, positions_BL, segment_ids_BL, is_continuous_BL=None, feature_index_BL=None,
+                 pixels_NHWC=None, cache=None, deterministic: bool = True):
+        """Returns (float32 logits [B, L, V], updated KV cache or None)."""
+        x_BLD = self.embed(tokens_BL, is_continuous_BL, feature_index_BL, pixels_NHWC)
+        return self.decoder(x_BLD, positions_BL, segment_ids_BL, cache, deterministic)

@@ -1,0 +1,96 @@
+"""Meshes and the one table that maps logical axis names to mesh axes.
+
+Every parameter and every activation constraint in the models names its dimensions with the
+logical names below. `LOGICAL_RULES` is the single place that says where each one goes on a
+`('data', 'fsdp', 'tensor')` mesh; a name that is not in the table is an error, never a silent
+replication.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or axes, or None for replicated)
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("qk_norm_groups", None),
+    ("norm", None),
+    ("layers", None),
+    ("patch", None),
+    ("channels", None),
+    ("positions", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_cache_length", None),
+)
+
+_KNOWN = frozenset(name for name, _ in LOGICAL_RULES)
+
+
+def check_names(names: Iterable[str | None]) -> None:
+    """Raises if any logical axis name is missing from `LOGICAL_RULES`."""
+    unknown = sorted({n for n in names if n is not None and n not in _KNOWN})
+    if unknown:
+        raise ValueError(f"logical axis name(s) {unknown} have no rule in unitoken_jax.sharding.LOGICAL_RULES")
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`nn.with_logical_constraint` that refuses names missing from the rules table."""
+    check_names(names)
+    if x.ndim != len(names):
+        raise ValueError(f"constraint names {tuple(names)} do not fit an array of shape {x.shape}")
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `('data', 'fsdp', 'tensor')` mesh; one axis may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split as data={data} fsdp={fsdp} tensor={tensor}")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} needs {int(np.prod(shape))} devices, "
+                         f"{len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh):
+    """Maps a pytree of logical `PartitionSpec`s to `NamedSharding`s on `mesh`."""
+    leaves = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for spec in leaves:
+        for entry in spec:
+            check_names(entry if isinstance(entry, tuple) else (entry,))
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
+
+
+def param_shardings(abstract_variables, mesh: Mesh):
+    """Shardings for the (boxed) variables returned by `jax.eval_shape(model.init, ...)`."""
+    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
