@@ -147,7 +147,7 @@ class UniTokenModel:
     def _run(self, name, *args):
         if self.mesh is None:
             return self._jitted(name)(self.params, *args)
-        with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             return self._jitted(name)(self.params, *args)
 
     def _need(self, part: str):

@@ -29,7 +29,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qk_norm_groups", None),
     ("norm", None),
     ("layers", None),
-    ("patch", None),
+    ("patch_h", None),
+    ("patch_w", None),
     ("channels", None),
     ("positions", None),
     # activations

@@ -113,7 +113,7 @@ class SiglipVisionTower(nn.Module):
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                           param_dtype=self.param_dtype,
-                          kernel_init=_init(nn.initializers.lecun_normal(), ("patch", "patch", "channels", "embed")),
+                          kernel_init=_init(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
                           bias_init=_init(nn.initializers.zeros, ("embed",)), name="patch_embedding")(
                               pixels_NHWC.astype(self.dtype))
         grid_h, grid_w = height // p, width // p

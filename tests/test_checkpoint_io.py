@@ -1,0 +1,142 @@
+"""load -> save_hf -> load, our Orbax format, `unitoken convert`, and bad checkpoints."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import oracles
+import unitoken_jax
+from unitoken_jax import cli
+
+
+def _tensors(path):
+    out = {}
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    for name in files:
+        with safe_open(os.path.join(path, name), "pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out
+
+
+@pytest.fixture(scope="module")
+def release_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("release")
+    chameleon = oracles.make_chameleon(seed=21, mp=2)
+    oracles.write_unitoken(path, chameleon, oracles.make_siglip(seed=22), oracles.make_adapter(32, 64, seed=23),
+                           layout="lumina", shards=2)
+    # The release stores bfloat16: cast every tensor so the round trip must keep the dtype too.
+    tensors = {k: v.to(torch.bfloat16) for k, v in _tensors(path).items()}
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            os.remove(path / f)
+    save_file(tensors, path / "model.safetensors")
+    os.remove(path / "model.safetensors.index.json")
+    return path
+
+
+def test_round_trip_is_bit_exact(release_dir, tmp_path):
+    model = unitoken_jax.load(str(release_dir))
+    assert model.hf_dtype == "bfloat16"
+    assert model.qk_norm_layout.startswith("per-shard")
+    assert any(k.startswith("model.vqmodel.") for k in model.passthrough)
+    assert any(k.startswith("vit.head.") for k in model.passthrough)
+    model.save_hf(str(tmp_path / "out"))
+    original, written = _tensors(release_dir), _tensors(tmp_path / "out")
+    assert sorted(original) == sorted(written)
+    for k in original:
+        assert original[k].dtype == written[k].dtype, k
+        assert torch.equal(original[k], written[k]), k
+    again = unitoken_jax.load(str(tmp_path / "out"))
+    flat_a = {k: np.asarray(v) for k, v in _flatten(model.params).items()}
+    flat_b = {k: np.asarray(v) for k, v in _flatten(again.params).items()}
+    assert flat_a.keys() == flat_b.keys()
+    for k in flat_a:
+        np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def test_sharded_write_has_an_index(release_dir, tmp_path):
+    from unitoken_jax.convert import hf as hf_io
+
+    model = unitoken_jax.load(str(release_dir))
+    hf_io.write_hf(str(tmp_path), model.config, model.params, model.passthrough, model.hf_config, "bfloat16",
+                   shard_bytes=200_000)
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        weight_map = json.load(f)["weight_map"]
+    assert len(set(weight_map.values())) > 1
+    assert sorted(weight_map) == sorted(_tensors(release_dir))
+    reloaded = unitoken_jax.load(str(tmp_path))
+    tokens = np.arange(10)[None] + 8900
+    np.testing.assert_array_equal(np.asarray(reloaded.text_logits(tokens)), np.asarray(model.text_logits(tokens)))
+
+
+def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "orbax")]) == 0
+    assert "per-shard" in capsys.readouterr().out
+    ours = unitoken_jax.load(str(tmp_path / "orbax"))
+    hf = unitoken_jax.load(str(release_dir))
+    tokens = np.arange(12)[None] + 8900
+    np.testing.assert_array_equal(np.asarray(ours.text_logits(tokens)), np.asarray(hf.text_logits(tokens)))
+    assert cli.main(["convert", "--from", str(tmp_path / "orbax"), "--to", str(tmp_path / "back")]) == 0
+    original, back = _tensors(release_dir), _tensors(tmp_path / "back")
+    assert sorted(original) == sorted(back)
+    for k in original:
+        assert torch.equal(original[k], back[k]), k
+
+
+# --- bad checkpoints -----------------------------------------------------------------------------
+
+def _rewrite(src, dst, edit):
+    tensors = _tensors(src)
+    edit(tensors)
+    os.makedirs(dst, exist_ok=True)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        config = f.read()
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        f.write(config)
+    return str(dst)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing tensor.*model\.layers\.1\.mlp\.up_proj\.weight"),
+    (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(3)}), r"unexpected tensor.*model\.layers\.0\.extra"),
+    (lambda t: t.update({"adapter.2.bias": torch.zeros(63)}), r"adapter\.2\.bias has shape \[63\].*expects \[64\]"),
+    (lambda t: t.update({"lm_head.weight": torch.zeros(8960, 64, dtype=torch.int32)}), r"lm_head\.weight has dtype I32"),
+])
+def test_bad_checkpoints_name_the_key(release_dir, tmp_path, edit, message):
+    path = _rewrite(release_dir, tmp_path / "bad", edit)
+    with pytest.raises(unitoken_jax.CheckpointError, match=message):
+        unitoken_jax.load(path)
+
+
+def test_truncated_file_is_a_clear_error(release_dir, tmp_path):
+    path = _rewrite(release_dir, tmp_path / "bad", lambda t: None)
+    file = os.path.join(path, "model.safetensors")
+    size = os.path.getsize(file)
+    with open(file, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(unitoken_jax.CheckpointError, match="truncated"):
+        unitoken_jax.load(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        unitoken_jax.load(str(tmp_path / "nope"))
+    with pytest.raises(unitoken_jax.CheckpointError, match="no config.json"):
+        unitoken_jax.load(str(tmp_path))

@@ -1,0 +1,112 @@
+"""Layer stacking, rematerialisation and sharding change how the model runs, never what it computes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import dataclasses
+
+import unitoken_jax
+from configs.model import get_config
+from unitoken_jax import sharding
+from unitoken_jax.model import unroll_params
+from unitoken_jax.models.loss import lm_loss
+from unitoken_jax.models.unitoken import UniToken
+
+
+def _batch(rng, b=2, length=24, n_images=2):
+    tokens = rng.integers(8800, 8960, (b, length))
+    cont = np.zeros((b, length), bool)
+    index = np.zeros((b, length), np.int32)
+    cont[0, 3:3 + 16], index[0, 3:3 + 16] = True, np.arange(16)
+    cont[1, 5:5 + 16], index[1, 5:5 + 16] = True, np.arange(16, 32)
+    labels = np.where(cont, -100, tokens)
+    return dict(tokens=jnp.asarray(tokens, jnp.int32), labels=jnp.asarray(labels, jnp.int32),
+                positions=jnp.broadcast_to(jnp.arange(length), (b, length)),
+                segment_ids=jnp.ones((b, length), jnp.int32), is_continuous=jnp.asarray(cont),
+                feature_index=jnp.asarray(index), pixels=jnp.asarray(rng.normal(size=(n_images, 56, 56, 3)), jnp.float32))
+
+
+def _loss_and_grads(config, params, batch):
+    module = UniToken(config)
+
+    def loss_fn(p):
+        logits, _ = module.apply({"params": p}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                 batch["is_continuous"], batch["feature_index"], batch["pixels"])
+        return lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight)[0]
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize("swin_norm", [False])
+def test_scan_unrolled_and_remat_agree(swin_norm):
+    base = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    base = base.replace(decoder=dataclasses.replace(base.decoder, swin_norm=swin_norm))
+    model = unitoken_jax.UniTokenModel.random(base, seed=0)
+    batch = _batch(np.random.default_rng(0))
+    ref_loss, ref_grads = _loss_and_grads(base, model.params, batch)
+    for scan in (True, False):
+        for remat in ("none", "full", "dots"):
+            cfg = base.replace(scan_layers=scan, remat_policy=remat)
+            params = model.params if scan else unroll_params(model.params, cfg)
+            loss, grads = _loss_and_grads(cfg, params, batch)
+            if not scan:
+                # fold the unrolled gradients back into the scanned layout to compare leaf by leaf
+                from unitoken_jax.models.chameleon import stack_layers
+                for part, n in (("decoder", cfg.decoder.num_layers), ("vit", cfg.vision.num_layers)):
+                    g = dict(grads[part])
+                    g["layers"] = stack_layers([g.pop(f"layers_{i}") for i in range(n)])
+                    grads = {**grads, part: g}
+            np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=f"scan={scan} remat={remat}")
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, ref_grads)
+
+
+def test_dropout_is_active_only_when_asked():
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    cfg = cfg.replace(decoder=dataclasses.replace(cfg.decoder, dropout=0.3))
+    model = unitoken_jax.UniTokenModel.random(cfg, seed=1)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(8800, 8960, (1, 12)), jnp.int32)
+    pos, seg = jnp.arange(12)[None], jnp.ones((1, 12), jnp.int32)
+    module = UniToken(cfg)
+    eval_a, _ = module.apply({"params": model.params}, tokens, pos, seg)
+    eval_b, _ = module.apply({"params": model.params}, tokens, pos, seg)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a, _ = module.apply({"params": model.params}, tokens, pos, seg, deterministic=False,
+                              rngs={"dropout": jax.random.key(0)})
+    train_b, _ = module.apply({"params": model.params}, tokens, pos, seg, deterministic=False,
+                              rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(train_a, eval_a) and not np.allclose(train_a, train_b)
+
+
+def test_sharded_forward_equals_single_device():
+    assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    single = unitoken_jax.UniTokenModel.random(cfg, seed=2)
+    sharded = unitoken_jax.UniTokenModel(cfg, single.params).shard(sharding.make_mesh(data=1, fsdp=4, tensor=2))
+    # the parameters really are split: the embedding over fsdp x tensor, the MLP over tensor
+    emb = sharded.params["decoder"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert len({str(s.index) for s in emb.addressable_shards}) == 8
+    batch = _batch(np.random.default_rng(2), b=4)
+    batch["is_continuous"] = batch["is_continuous"].at[2:].set(False)
+    kwargs = {k: batch[k] for k in ("labels", "positions", "segment_ids", "is_continuous", "feature_index", "pixels")}
+    logits_1, metrics_1 = single.forward(batch["tokens"], **kwargs)
+    logits_8, metrics_8 = sharded.forward(batch["tokens"], **kwargs)
+    np.testing.assert_allclose(np.asarray(logits_8), np.asarray(logits_1), atol=1e-5)
+    np.testing.assert_allclose(float(metrics_8["loss"]), float(metrics_1["loss"]), rtol=1e-6)
+
+
+def test_unknown_logical_name_is_an_error():
+    with pytest.raises(ValueError, match="no rule"):
+        sharding.check_names(["embed", "embedding_typo"])
+    with pytest.raises(ValueError, match="no rule"):
+        sharding.constrain(jnp.zeros((2, 3)), ("act_batch", "nonsense"))
+
+
+def test_every_parameter_has_logical_names():
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    specs = unitoken_jax.UniTokenModel.random(cfg).logical_specs()
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert leaves and all(isinstance(s, jax.sharding.PartitionSpec) and len(s) > 0 for s in leaves)
