@@ -98,6 +98,27 @@ def test_sharded_forward_equals_single_device():
     np.testing.assert_allclose(float(metrics_8["loss"]), float(metrics_1["loss"]), rtol=1e-6)
 
 
+def test_random_init_is_created_sharded():
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    sharded = unitoken_jax.UniTokenModel.random(cfg, seed=3, mesh=mesh)
+    plain = unitoken_jax.UniTokenModel.random(cfg, seed=3)
+    kernel = sharded.params["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded.params, plain.params)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    model = unitoken_jax.UniTokenModel.random(cfg, seed=5)
+    bf16 = unitoken_jax.UniTokenModel(cfg.replace(dtype="bfloat16"), model.params)
+    tokens = np.random.default_rng(5).integers(8800, 8960, (2, 16))
+    full, half = np.asarray(model.text_logits(tokens)), np.asarray(bf16.text_logits(tokens))
+    assert half.dtype == np.float32  # logits are always returned in float32
+    assert not np.array_equal(full, half)  # the compute really ran in bfloat16
+    np.testing.assert_allclose(half, full, atol=0.05 * np.abs(full).max())
+
+
 def test_unknown_logical_name_is_an_error():
     with pytest.raises(ValueError, match="no rule"):
         sharding.check_names(["embed", "embedding_typo"])

@@ -24,7 +24,7 @@ def _siglip_dir(tmp_path, model):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("height,width", [(56, 56), (84, 70), (42, 98)])
+@pytest.mark.parametrize("height,width", [(56, 56), (84, 70), (42, 98), (60, 60), (71, 57)])
 def test_siglip_matches_transformers(tmp_path, height, width):
     hf = oracles.make_siglip()
     model = unitoken_jax.load(_siglip_dir(tmp_path, hf))

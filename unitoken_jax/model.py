@@ -78,17 +78,29 @@ class UniTokenModel:
         self.kind: str | None = None  # what an HF load found: "unitoken" | "chameleon" | "siglip"
         self.qk_norm_layout: str | None = None  # which QK-norm layout an HF load found
 
+    def num_params(self) -> int:
+        return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+
     def __repr__(self):
-        n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+        n = self.num_params()
         parts = [p for p, c in (("decoder", self.config.decoder), ("vision", self.config.vision)) if c is not None]
         return f"UniTokenModel({'+'.join(parts)}, {n / 1e6:.2f}M params, source={self.source!r})"
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def random(cls, config: UniTokenConfig, seed: int = 0) -> "UniTokenModel":
+    def random(cls, config: UniTokenConfig, seed: int = 0, mesh: Mesh | None = None) -> "UniTokenModel":
+        """Freshly initialised parameters; with `mesh` they are created already sharded
+        (eval_shape -> shardings -> jit(init, out_shardings)), never whole on one device."""
         scanned = config.replace(scan_layers=True)
-        params = nn.meta.unbox(init_variables(scanned, jax.random.key(seed)))["params"]
-        return cls(config, params, source=f"random(seed={seed})")
+        init = lambda: nn.meta.unbox(init_variables(scanned, jax.random.key(seed)))["params"]  # noqa: E731
+        if mesh is None:
+            return cls(config, jax.jit(init)(), source=f"random(seed={seed})")
+        model = cls(config, None, source=f"random(seed={seed})")
+        shardings = sharding.logical_to_sharding(model.logical_specs(), mesh)
+        with jax.set_mesh(mesh):
+            model.params = jax.jit(init, out_shardings=shardings)()
+        model.mesh = mesh
+        return model
 
     def logical_specs(self):
         """Logical PartitionSpecs of the (scanned-layout) parameters."""

@@ -172,8 +172,11 @@ def vision_config_from_hf(hf: dict[str, Any] | None, tensors: dict[str, tuple], 
     n_layers = len({k.split(".")[len(prefix.split(".")) + 1] for k in tensors if k.startswith(prefix + "encoder.layers.")})
     hidden = pos[1]
     side = int(round(np.sqrt(pos[0])))
+    default = VisionConfig()
+    # so400m/14 is trained at 384 px (27 patches a side, the last 6 px unused).
+    image_size = default.image_size if (side, patch[-1]) == (default.grid_size, default.patch_size) else side * patch[-1]
     shapes = dict(hidden_size=hidden, intermediate_size=fc1[0], num_layers=n_layers, patch_size=patch[-1],
-                  image_size=side * patch[-1], num_channels=patch[1])
+                  image_size=image_size, num_channels=patch[1])
     if hf is None:
         if hidden != VisionConfig.hidden_size:
             raise CheckpointError(

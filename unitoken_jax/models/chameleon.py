@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from unitoken_jax.models.config import DecoderConfig
-from unitoken_jax.models.layers import HeadNorm, RMSNorm, dot_product_attention, rotary_embedding, segment_causal_mask
+from unitoken_jax.models.layers import HeadNorm, Projection, RMSNorm, dot_product_attention, rotary_embedding, segment_causal_mask
 from unitoken_jax.sharding import check_names, constrain
 
 Cache = dict[str, jax.Array]
@@ -49,12 +49,14 @@ class Attention(nn.Module):
     def __call__(self, x_BTD, positions_BT, mask_BTS, layer_cache: Cache | None, cache_index_B):
         cfg = self.config
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        dense = lambda features, axes, name, axis=-1: nn.DenseGeneral(  # noqa: E731
-            features, axis=axis, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_kernel_init(axes), name=name)
-        q_BTNH = dense((n, h), ("embed", "heads", "head_dim"), "q_proj")(x_BTD)
-        k_BTKH = dense((k, h), ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTD)
-        v_BTKH = dense((k, h), ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTD)
+        d = cfg.hidden_size
+
+        def proj(shape, axes, equation, name):
+            return Projection(shape, axes, equation, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        q_BTNH = proj((d, n, h), ("embed", "heads", "head_dim"), "BTD,DNH->BTNH", "q_proj")(x_BTD)
+        k_BTKH = proj((d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH", "k_proj")(x_BTD)
+        v_BTKH = proj((d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH", "v_proj")(x_BTD)
 
         groups = cfg.qk_norm_groups or n
         q_BTNH = HeadNorm(groups, cfg.qk_norm_eps, self.param_dtype, name="q_norm")(q_BTNH)
@@ -73,7 +75,7 @@ class Attention(nn.Module):
             k_BTKH, v_BTKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
-        out_BTD = dense(cfg.hidden_size, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out_BTNH)
+        out_BTD = proj((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", "o_proj")(out_BTNH)
         return out_BTD, new_cache
 
 

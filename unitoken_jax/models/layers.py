@@ -113,3 +113,29 @@ def segment_causal_mask(segment_ids_BT: jax.Array) -> jax.Array:
     causal_TS = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
     same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
     return causal_TS[None] & same_BTS
+
+
+class Projection(nn.Module):
+    """`einsum(equation, x, kernel)` (+ bias) with a multi-dimensional, logically named kernel.
+
+    Used instead of `nn.DenseGeneral`, which initialises a flattened 2-D kernel and so cannot
+    carry per-dimension axis names.
+    """
+
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    equation: str  # e.g. "BTD,DNH->BTNH"
+    bias_axes: tuple[str, ...] | None = None  # names of the trailing kernel dims the bias covers
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = param_with_axes(self, "kernel", nn.initializers.normal(stddev=0.02), self.kernel_shape,
+                                 self.param_dtype, self.kernel_axes)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_axes is not None:
+            shape = self.kernel_shape[len(self.kernel_shape) - len(self.bias_axes):]
+            bias = param_with_axes(self, "bias", nn.initializers.zeros, shape, self.param_dtype, self.bias_axes)
+            y = y + bias.astype(self.dtype)
+        return y

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from unitoken_jax.models.config import VisionConfig
-from unitoken_jax.models.layers import LayerNorm, dot_product_attention
+from unitoken_jax.models.layers import LayerNorm, Projection, dot_product_attention
 from unitoken_jax.sharding import check_names, constrain
 
 
@@ -73,25 +73,26 @@ class VisionLayer(nn.Module):
         cfg = self.config
         n, h = cfg.num_heads, cfg.hidden_size // cfg.num_heads
 
-        def proj(features, axes, name, axis=-1):
-            bias_axes = axes[1:] if axis == -1 else axes[-1:]
-            return nn.DenseGeneral(features, axis=axis, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   kernel_init=_init(nn.initializers.lecun_normal(), axes),
-                                   bias_init=_init(nn.initializers.zeros, bias_axes), name=name)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+
+        def proj(shape, axes, equation, bias_axes, name):
+            return Projection(shape, axes, equation, bias_axes, self.dtype, self.param_dtype, name=name)
 
         y = LayerNorm(cfg.layer_norm_eps, self.param_dtype, name="layer_norm1")(x_BTD)
-        q = proj((n, h), ("embed", "heads", "head_dim"), "q_proj")(y)
-        k = proj((n, h), ("embed", "heads", "head_dim"), "k_proj")(y)
-        v = proj((n, h), ("embed", "heads", "head_dim"), "v_proj")(y)
+        head_axes = ("embed", "heads", "head_dim")
+        q_BTNH = proj((d, n, h), head_axes, "BTD,DNH->BTNH", head_axes[1:], "q_proj")(y)
+        k_BTNH = proj((d, n, h), head_axes, "BTD,DNH->BTNH", head_axes[1:], "k_proj")(y)
+        v_BTNH = proj((d, n, h), head_axes, "BTD,DNH->BTNH", head_axes[1:], "v_proj")(y)
         t = x_BTD.shape[1]
         full_mask = jnp.ones((x_BTD.shape[0], t, t), jnp.bool_)
-        attn = dot_product_attention(q, k, v, full_mask)
-        x_BTD = x_BTD + proj(cfg.hidden_size, ("heads", "head_dim", "embed"), "out_proj", axis=(-2, -1))(attn)
+        attn_BTNH = dot_product_attention(q_BTNH, k_BTNH, v_BTNH, full_mask)
+        x_BTD = x_BTD + proj((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", ("embed",),
+                             "out_proj")(attn_BTNH)
 
         y = LayerNorm(cfg.layer_norm_eps, self.param_dtype, name="layer_norm2")(x_BTD)
-        y = proj(cfg.intermediate_size, ("embed", "mlp"), "fc1")(y)
+        y = proj((d, f), ("embed", "mlp"), "BTD,DF->BTF", ("mlp",), "fc1")(y)
         y = nn.gelu(y, approximate=True)
-        x_BTD = x_BTD + proj(cfg.hidden_size, ("mlp", "embed"), "fc2")(y)
+        x_BTD = x_BTD + proj((f, d), ("mlp", "embed"), "BTF,FD->BTD", ("embed",), "fc2")(y)
         return constrain(x_BTD, ("act_batch", "act_length", "act_embed")), None
 
 
@@ -109,8 +110,10 @@ class SiglipVisionTower(nn.Module):
         cfg = self.config
         p = cfg.patch_size
         n_img, height, width, _ = pixels_NHWC.shape
-        if height % p or width % p:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        if height < p or width < p:
+            raise ValueError(f"image size {height}x{width} is smaller than one {p}x{p} patch")
+        # A stride-p VALID convolution, as in transformers: 384 px with 14-px patches gives 27
+        # patches a side and ignores the last 6 pixels.
         patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                           param_dtype=self.param_dtype,
                           kernel_init=_init(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
