@@ -16,7 +16,8 @@ SEP, EOSS = 8198, 8196
 
 
 def chameleon_config(swin_norm=False, layers=2, heads=4, kv_heads=4, hidden=64, mp=1):
-    return ChameleonConfig(
+    # rope_theta is not the default, so a loader that ignores it fails the parity tests.
+    return ChameleonConfig(rope_theta=20000.0,
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         swin_norm=swin_norm, model_parallel_size=mp, vocabulary_map={"<image>": 8711},
@@ -104,6 +105,9 @@ def write_checkpoint(path, tensors: dict, config: dict, shards: int = 1):
 
 
 def write_chameleon(path, model, layout="transformers", shards=1):
+    if layout == "transformers" and shards == 1:
+        model.save_pretrained(path, safe_serialization=True)  # exactly what transformers writes
+        return
     cfg = model.config.to_dict()
     write_checkpoint(path, decoder_state_dict(model, layout), cfg, shards)
 

@@ -88,7 +88,10 @@ def test_sharded_write_has_an_index(release_dir, tmp_path):
 def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):
     assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "orbax")]) == 0
     assert "per-shard" in capsys.readouterr().out
+    with open(tmp_path / "orbax" / "unitoken_config.json") as f:
+        assert json.load(f)["config"]["param_dtype"] == "bfloat16"  # lossless: kept in the source's dtype
     ours = unitoken_jax.load(str(tmp_path / "orbax"))
+    assert ours.params["decoder"]["norm"]["scale"].dtype == np.float32  # load() gives float32 parameters
     hf = unitoken_jax.load(str(release_dir))
     tokens = np.arange(12)[None] + 8900
     np.testing.assert_array_equal(np.asarray(ours.text_logits(tokens)), np.asarray(hf.text_logits(tokens)))

@@ -15,6 +15,7 @@ def test_decoder_logits_match_transformers(tmp_path, swin_norm, layout, mp):
     oracles.write_chameleon(tmp_path, hf, layout=layout)
     model = unitoken_jax.load(str(tmp_path))
     assert model.kind == "chameleon"
+    assert model.config.decoder.rope_theta == 20000.0 and model.config.decoder.swin_norm == swin_norm
     expected_layout = "per-head" if layout == "transformers" else "per-shard"
     assert model.qk_norm_layout.startswith(expected_layout)
 

@@ -18,7 +18,7 @@ def _convert(args) -> int:
         hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype, progress=True)
         print(f"wrote the HF layout ({dtype}) to {args.dst}")
     else:
-        ckpt = hf_io.read_hf(args.src, param_dtype=args.dtype or "float32", progress=True)
+        ckpt = hf_io.read_hf(args.src, param_dtype=args.dtype, progress=True)
         orbax_io.save(args.dst, ckpt.config, ckpt.params, ckpt.passthrough,
                       {"hf_config": ckpt.hf_config, "hf_dtype": ckpt.dtype})
         layout = f", QK-norm layout {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else ""
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--from", dest="src", required=True, help="an HF-format dir, or one of our Orbax dirs")
     convert.add_argument("--to", dest="dst", required=True, help="output directory")
     convert.add_argument("--dtype", default=None,
-                         help="parameter dtype to store (default: float32 for Orbax, the source's for HF)")
+                         help="dtype to store (default: the source's own, so the conversion is lossless)")
     convert.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -139,11 +139,16 @@ def decoder_config_from_hf(hf: dict[str, Any], qk_norm_rows: int) -> DecoderConf
             raise CheckpointError(f"config.json sets {key}={hf[key]!r}, which unitoken_jax does not support")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"config.json sets hidden_act={hf['hidden_act']!r}; Chameleon uses 'silu'")
+    # transformers >= 5 writes `rope_parameters`; older configs (the release's) `rope_theta`.
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"config.json asks for RoPE type {rope['rope_type']!r}; only plain RoPE is supported")
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     heads = hf["num_attention_heads"]
     return DecoderConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, rope_theta=float(hf.get("rope_theta", 10000.0)),
+        num_kv_heads=hf.get("num_key_value_heads") or heads, rope_theta=theta,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
         qk_norm_groups=None if qk_norm_rows == heads else qk_norm_rows,
@@ -158,6 +163,8 @@ def decoder_config_to_hf(cfg: DecoderConfig, base: dict[str, Any] | None) -> dic
               num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
               max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
               swin_norm=cfg.swin_norm, dropout=cfg.dropout)
+    if "rope_parameters" in hf:
+        hf["rope_parameters"] = {**hf["rope_parameters"], "rope_theta": cfg.rope_theta}
     if cfg.qk_norm_groups is not None:
         hf["model_parallel_size"] = cfg.qk_norm_groups
     return hf
@@ -320,8 +327,14 @@ def _get(tree, path):
     return tree
 
 
-def read_hf(path: str, param_dtype: str = "float32", progress: bool = False) -> HFCheckpoint:
-    """Reads an HF-format directory into numpy parameters (our layout), one tensor at a time."""
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False) -> HFCheckpoint:
+    """Reads an HF-format directory into numpy parameters (our layout), one tensor at a time.
+
+    `param_dtype=None` keeps the checkpoint's own (most common) dtype: a lossless conversion that
+    needs the checkpoint's size in memory, not the float32 model's."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path} has no config.json")
@@ -330,7 +343,12 @@ def read_hf(path: str, param_dtype: str = "float32", progress: bool = False) -> 
     headers = _scan_headers(_checkpoint_files(path))
     kind, prefix = _detect_kind(hf_config, headers)
     config, layout = _build_config(hf_config, kind, prefix, headers)
-    config = config.replace(param_dtype=param_dtype)
+    sizes: dict[str, int] = {}
+    for _, shape, dtype in headers.values():
+        sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape))
+    main_dtype = _DTYPE_NAMES.get(max(sizes, key=sizes.get), "float32")
+    config = config.replace(param_dtype=param_dtype or main_dtype)
+    param_dtype = config.param_dtype
     specs = tensor_specs(config, prefix)
 
     spec_keys = {s.hf_key for s in specs}
@@ -350,7 +368,6 @@ def read_hf(path: str, param_dtype: str = "float32", progress: bool = False) -> 
     abstract = abstract_params(config)
     np_dtype = np.dtype(jnp.dtype(param_dtype))
     params = jax.tree.map(lambda a: np.empty(a.shape, np_dtype), abstract)
-    dtype_counts: dict[str, int] = {}
 
     from tqdm.auto import tqdm
 
@@ -373,7 +390,6 @@ def read_hf(path: str, param_dtype: str = "float32", progress: bool = False) -> 
                 value = handles[file].get_tensor(spec.hf_key)
             except Exception as e:  # safetensors raises several types for a short read
                 raise CheckpointError(f"cannot read tensor {spec.hf_key} from {file}: {e} (truncated file?)") from e
-            dtype_counts[dtype] = dtype_counts.get(dtype, 0) + value.size
             converted = spec.layout.to_ours(value, slot_shape)
             if spec.layer is None:
                 target[...] = converted
@@ -393,10 +409,7 @@ def read_hf(path: str, param_dtype: str = "float32", progress: bool = False) -> 
         log.info("skipped %d tensors the model does not use (e.g. %s)", len(skipped), skipped[0])
     if passthrough:
         log.info("carrying %d tensors through unchanged (e.g. %s)", len(passthrough), passthrough_keys[0])
-    main_dtype = max(dtype_counts, key=dtype_counts.get)
-    return HFCheckpoint(config, params, passthrough, hf_config, kind, layout,
-                        {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}[main_dtype],
-                        skipped)
+    return HFCheckpoint(config, params, passthrough, hf_config, kind, layout, main_dtype, skipped)
 
 
 # --- writing ------------------------------------------------------------------------------------
