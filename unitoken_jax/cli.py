@@ -15,15 +15,26 @@ def _convert(args) -> int:
     if orbax_io.is_orbax_checkpoint(args.src):
         config, params, passthrough, sidecar = orbax_io.restore(args.src)
         dtype = args.dtype or sidecar.get("hf_dtype", "float32")
-        hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype, progress=True)
+        hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype,
+                       shard_bytes=int(args.max_shard_gb * 1024**3), progress=True)
         print(f"wrote the HF layout ({dtype}) to {args.dst}")
     else:
-        ckpt = hf_io.read_hf(args.src, param_dtype=args.dtype, progress=True)
+        import jax
+
+        # Each parameter moves to the (host) device as it is read, so numpy copies never pile up.
+        ckpt = hf_io.read_hf(args.src, param_dtype=args.dtype, progress=True,
+                             place=lambda config, path, array: jax.device_put(array))
         orbax_io.save(args.dst, ckpt.config, ckpt.params, ckpt.passthrough,
                       {"hf_config": ckpt.hf_config, "hf_dtype": ckpt.dtype})
         layout = f", QK-norm layout {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else ""
         print(f"read a {ckpt.kind} checkpoint ({ckpt.dtype}{layout}); wrote our Orbax checkpoint to {args.dst}")
     return 0
+
+
+def hf_io_shard_gb() -> float:
+    from unitoken_jax.convert.hf import SHARD_BYTES
+
+    return SHARD_BYTES / 1024**3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--to", dest="dst", required=True, help="output directory")
     convert.add_argument("--dtype", default=None,
                          help="dtype to store (default: the source's own, so the conversion is lossless)")
+    convert.add_argument("--max-shard-gb", type=float, default=hf_io_shard_gb(),
+                         help="largest safetensors file written (and held in memory) when writing the HF layout")
     convert.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

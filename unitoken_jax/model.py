@@ -248,31 +248,47 @@ class UniTokenModel:
                       {"hf_config": self.hf_config, "hf_dtype": self.hf_dtype})
 
 
+def _placement(config: UniTokenConfig, mesh: Mesh | None):
+    """Per-parameter shardings: by the logical rules on `mesh`, or the first device."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, hf_io.abstract_params(config))
+    return sharding.logical_to_sharding(UniTokenModel(config, None).logical_specs(), mesh)
+
+
 def load(path: str, *, param_dtype: str = "float32", mesh: Mesh | None = None, progress: bool = True,
          **config_overrides) -> UniTokenModel:
     """Loads an HF-format directory (UniToken, Chameleon / Lumina-mGPT, or SigLIP) or one of our
     Orbax checkpoints. `config_overrides` replace fields of the model config (e.g.
-    `dtype="bfloat16"`, `remat_policy="full"`); `mesh` places the parameters sharded."""
+    `dtype="bfloat16"`, `remat_policy="full"`); `mesh` places the parameters sharded.
+
+    Each parameter goes to the devices as soon as it is read, so the host holds at most one
+    parameter beyond what is already placed."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     if orbax_io.is_orbax_checkpoint(path):
-        config, params, passthrough, sidecar = orbax_io.restore(path)
+        config = UniTokenConfig.from_dict(orbax_io.read_sidecar(path)["config"]).replace(param_dtype=param_dtype)
+        abstract = hf_io.abstract_params(config)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                              _placement(config, mesh))
+        _, params, passthrough, sidecar = orbax_io.restore(path, target)
         model = UniTokenModel(config, params, passthrough, sidecar.get("hf_config"),
                               sidecar.get("hf_dtype", "float32"), source=path)
-        if param_dtype != config.param_dtype:
-            model.params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(param_dtype)), params)
-            model.config = config.replace(param_dtype=param_dtype)
     else:
-        ckpt = hf_io.read_hf(path, param_dtype=param_dtype, progress=progress)
+        shardings = {}
+
+        def place(config, leaf_path, array):
+            if not shardings:
+                shardings["tree"] = _placement(config, mesh)
+            return jax.device_put(array, hf_io.get_path(shardings["tree"], leaf_path))
+
+        ckpt = hf_io.read_hf(path, param_dtype=param_dtype, progress=progress, place=place)
         log.info("loaded %s checkpoint from %s%s", ckpt.kind, path,
                  f"; QK-norm layout: {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else "")
         model = UniTokenModel(ckpt.config, ckpt.params, ckpt.passthrough, ckpt.hf_config, ckpt.dtype, source=path)
         model.qk_norm_layout = ckpt.qk_norm_layout
         model.kind = ckpt.kind
+    model.mesh = mesh
     if config_overrides:
         model.config = model.config.replace(**config_overrides)
-    if mesh is not None:
-        model.shard(mesh)
-    else:
-        model.params = jax.device_put(model.params)
     return model

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 _PASSTHROUGH = (re.compile(r"^model\.vqmodel\."), re.compile(r"^(vit\.|vision_model\.|)head\."))
 _SKIPPED = (re.compile(r"^text_model\."), re.compile(r"^logit_(scale|bias)$"))
-SHARD_BYTES = 4 * 1024**3
+SHARD_BYTES = 2 * 1024**3  # the largest safetensors file write_hf makes (and holds in memory)
 
 
 class CheckpointError(ValueError):
@@ -321,7 +321,7 @@ def abstract_params(config: UniTokenConfig) -> dict:
     return nn.meta.unbox(jax.eval_shape(init))["params"]
 
 
-def _get(tree, path):
+def get_path(tree, path):
     for p in path:
         tree = tree[p]
     return tree
@@ -330,11 +330,17 @@ def _get(tree, path):
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False) -> HFCheckpoint:
-    """Reads an HF-format directory into numpy parameters (our layout), one tensor at a time.
+def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False,
+            place: Callable[[UniTokenConfig, tuple[str, ...], np.ndarray], Any] | None = None) -> HFCheckpoint:
+    """Reads an HF-format directory into parameters of our layout, one tensor at a time.
 
-    `param_dtype=None` keeps the checkpoint's own (most common) dtype: a lossless conversion that
-    needs the checkpoint's size in memory, not the float32 model's."""
+    Every key, shape and dtype is checked against the model before any tensor is read. Each
+    parameter (all layers of it) is assembled in host memory and handed to `place(path, array)`
+    at once, with the model's config: `load` puts it on the devices there, so the host never holds
+    the whole model twice.
+    Without `place` the parameters stay numpy arrays. `param_dtype=None` keeps the checkpoint's
+    own (most common) dtype: a lossless conversion.
+    """
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path} has no config.json")
@@ -348,7 +354,6 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
         sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape))
     main_dtype = _DTYPE_NAMES.get(max(sizes, key=sizes.get), "float32")
     config = config.replace(param_dtype=param_dtype or main_dtype)
-    param_dtype = config.param_dtype
     specs = tensor_specs(config, prefix)
 
     spec_keys = {s.hf_key for s in specs}
@@ -366,41 +371,51 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
         raise CheckpointError(f"{path} does not match a {kind} model of this config: " + "; ".join(parts))
 
     abstract = abstract_params(config)
-    np_dtype = np.dtype(jnp.dtype(param_dtype))
-    params = jax.tree.map(lambda a: np.empty(a.shape, np_dtype), abstract)
+    by_leaf: dict[tuple[str, ...], list[TensorSpec]] = {}
+    for spec in specs:
+        _, shape, dtype = headers[spec.hf_key]
+        if dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {spec.hf_key} has dtype {dtype}; a floating dtype "
+                                  f"({', '.join(_FLOAT_DTYPES)}) is needed")
+        leaf_shape = get_path(abstract, spec.path).shape
+        slot_shape = leaf_shape if spec.layer is None else leaf_shape[1:]
+        expected = spec.layout.to_hf(np.empty(slot_shape, np.int8)).shape
+        if shape != expected:
+            raise CheckpointError(f"tensor {spec.hf_key} has shape {list(shape)}, the model expects {list(expected)}")
+        by_leaf.setdefault(spec.path, []).append(spec)
 
     from tqdm.auto import tqdm
 
+    np_dtype = np.dtype(jnp.dtype(config.param_dtype))
+    params: dict = {}
+    passthrough: dict[str, np.ndarray] = {}
     handles: dict[str, Any] = {}
+
+    def read(key: str) -> np.ndarray:
+        file = headers[key][0]
+        if file not in handles:
+            handles[file] = _open(file).__enter__()
+        try:
+            return handles[file].get_tensor(key)
+        except Exception as e:  # safetensors raises several types for a short read
+            raise CheckpointError(f"cannot read tensor {key} from {file}: {e} (truncated file?)") from e
+
     try:
-        for spec in tqdm(specs, desc=f"reading {os.path.basename(os.path.normpath(path))}", disable=not progress):
-            file, shape, dtype = headers[spec.hf_key]
-            if dtype not in _FLOAT_DTYPES:
-                raise CheckpointError(f"tensor {spec.hf_key} has dtype {dtype}; a floating dtype "
-                                      f"({', '.join(_FLOAT_DTYPES)}) is needed")
-            target = _get(params, spec.path)
-            slot_shape = target.shape if spec.layer is None else target.shape[1:]
-            expected = spec.layout.to_hf(np.empty(slot_shape, np.int8)).shape
-            if shape != expected:
-                raise CheckpointError(f"tensor {spec.hf_key} has shape {list(shape)}, the model expects "
-                                      f"{list(expected)}")
-            if file not in handles:
-                handles[file] = _open(file).__enter__()
-            try:
-                value = handles[file].get_tensor(spec.hf_key)
-            except Exception as e:  # safetensors raises several types for a short read
-                raise CheckpointError(f"cannot read tensor {spec.hf_key} from {file}: {e} (truncated file?)") from e
-            converted = spec.layout.to_ours(value, slot_shape)
-            if spec.layer is None:
-                target[...] = converted
-            else:
-                target[spec.layer] = converted
-        passthrough = {}
+        with tqdm(total=len(specs), desc=f"reading {os.path.basename(os.path.normpath(path))}",
+                  disable=not progress) as bar:
+            for leaf_path, leaf_specs in by_leaf.items():
+                leaf = np.empty(get_path(abstract, leaf_path).shape, np_dtype)
+                for spec in leaf_specs:
+                    slot = leaf if spec.layer is None else leaf[spec.layer]
+                    slot[...] = spec.layout.to_ours(read(spec.hf_key), slot.shape)
+                    bar.update()
+                node = params
+                for p in leaf_path[:-1]:
+                    node = node.setdefault(p, {})
+                node[leaf_path[-1]] = leaf if place is None else place(config, leaf_path, leaf)
+                del leaf
         for key in passthrough_keys:
-            file = headers[key][0]
-            if file not in handles:
-                handles[file] = _open(file).__enter__()
-            passthrough[key] = handles[file].get_tensor(key)
+            passthrough[key] = read(key)
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
@@ -439,8 +454,8 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for spec in specs:
-            value = np.asarray(jax.device_get(_get(params, spec.path)) if spec.layer is None
-                               else jax.device_get(_get(params, spec.path)[spec.layer]))
+            value = np.asarray(jax.device_get(get_path(params, spec.path)) if spec.layer is None
+                               else jax.device_get(get_path(params, spec.path)[spec.layer]))
             yield spec.hf_key, np.ascontiguousarray(spec.layout.to_hf(value).astype(out_dtype))
         for key, value in (passthrough or {}).items():
             yield key, np.ascontiguousarray(value)

@@ -47,11 +47,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+# Orbax copies arrays to host before writing; a small concurrency budget keeps that copy to about
+# a gigabyte at a time instead of the whole model (converting 7B would otherwise need it twice).
+SAVE_CONCURRENT_GB = 1
+
+
 def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.ndarray] | None = None,
          extra: dict[str, Any] | None = None) -> None:
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)) as ckpt:
         ckpt.save(os.path.join(path, "params"), params, force=True)
         if passthrough:
             ckpt.save(os.path.join(path, "passthrough"), _nest(passthrough), force=True)
@@ -59,12 +64,17 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
         json.dump({"config": config.to_dict(), **(extra or {})}, f, indent=2, sort_keys=True)
 
 
+def read_sidecar(path: str) -> dict[str, Any]:
+    with open(os.path.join(os.path.abspath(path), SIDECAR)) as f:
+        return json.load(f)
+
+
 def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.ndarray], dict[str, Any]]:
-    """Returns (config, params, passthrough, sidecar). `target`, an abstract tree with shardings,
-    restores the parameters straight onto devices (any mesh); without it they come back as numpy."""
+    """Returns (config, params, passthrough, sidecar). `target`, a tree of `jax.ShapeDtypeStruct`
+    with shardings (and the dtype wanted), restores the parameters straight onto devices, on any
+    mesh; without it they come back as numpy arrays in the stored dtype."""
     path = os.path.abspath(path)
-    with open(os.path.join(path, SIDECAR)) as f:
-        sidecar = json.load(f)
+    sidecar = read_sidecar(path)
     config = UniTokenConfig.from_dict(sidecar["config"])
     with ocp.StandardCheckpointer() as ckpt:
         if target is None:
