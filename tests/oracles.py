@@ -57,9 +57,9 @@ def make_chameleon(seed=0, **kw):
     return model
 
 
-def make_siglip(seed=1, hidden=32, layers=2, heads=2, image_size=56, patch=14):
+def make_siglip(seed=1, hidden=32, layers=2, heads=2, image_size=56, patch=14, intermediate=48):
     torch.manual_seed(seed)
-    cfg = SiglipVisionConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+    cfg = SiglipVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                              num_attention_heads=heads, image_size=image_size, patch_size=patch,
                              attn_implementation="eager")
     model = SiglipVisionModel(cfg).eval()
@@ -112,7 +112,8 @@ def write_chameleon(path, model, layout="transformers", shards=1):
     write_checkpoint(path, decoder_state_dict(model, layout), cfg, shards)
 
 
-def write_unitoken(path, chameleon, siglip, adapter, layout="lumina", shards=1, z_loss_weight=1e-5):
+def write_unitoken(path, chameleon, siglip, adapter, layout="lumina", shards=1, z_loss_weight=1e-5,
+                   describe_vit=True):
     """The UniToken release layout: model.*, lm_head.*, vit.*, adapter.0.*, adapter.2.*."""
     tensors = decoder_state_dict(chameleon, layout)
     for k, v in siglip.state_dict().items():  # the SiglipVisionTransformer keys: embeddings.*, encoder.*, ...
@@ -122,10 +123,11 @@ def write_unitoken(path, chameleon, siglip, adapter, layout="lumina", shards=1, 
     cfg = chameleon.config.to_dict()
     cfg["z_loss_weight"] = z_loss_weight
     vc = siglip.config
-    # Our extension: the release's ViT is so400m, whose head count the loader knows; a tiny test
-    # tower must say its own.
-    cfg["unitoken_vision_config"] = {"num_attention_heads": vc.num_attention_heads,
-                                     "layer_norm_eps": vc.layer_norm_eps}
+    if describe_vit:
+        # Our extension: the release's config.json says nothing of its ViT (so400m, whose head
+        # count the loader knows); a tiny test tower must say its own.
+        cfg["unitoken_vision_config"] = {"num_attention_heads": vc.num_attention_heads,
+                                         "layer_norm_eps": vc.layer_norm_eps}
     write_checkpoint(path, tensors, cfg, shards)
 
 

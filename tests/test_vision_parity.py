@@ -58,3 +58,22 @@ def test_bare_siglip_has_no_image_features(tmp_path):
         model.image_features(np.zeros((1, 56, 56, 3), np.float32))
     with pytest.raises(ValueError, match="no decoder"):
         model.text_logits(np.zeros((1, 3), np.int32))
+
+
+def test_release_config_without_vit_description_reads_as_so400m(tmp_path):
+    """The release's config.json describes only the decoder: the ViT comes from tensor shapes and
+    so400m's head count. One so400m-wide layer keeps this cheap."""
+    chameleon = oracles.make_chameleon(seed=8)
+    siglip = oracles.make_siglip(seed=9, hidden=1152, layers=1, heads=16, image_size=384, intermediate=4304)
+    adapter = oracles.make_adapter(1152, 64, seed=10)
+    oracles.write_unitoken(tmp_path, chameleon, siglip, adapter, describe_vit=False)
+    model = unitoken_jax.load(str(tmp_path))
+    v = model.config.vision
+    assert (v.hidden_size, v.num_heads, v.num_layers, v.intermediate_size, v.image_size, v.grid_size) == (
+        1152, 16, 1, 4304, 384, 27)
+    pixels = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        theirs = adapter(siglip(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state).numpy()
+    ours = np.asarray(model.image_features(pixels.permute(0, 2, 3, 1).numpy()))
+    assert ours.shape == (1, 729, 64)
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)

@@ -113,7 +113,6 @@ class UniTokenModel:
         shardings = sharding.logical_to_sharding(self.logical_specs(), mesh)
         self.params = jax.device_put(self.params, shardings)
         self.mesh = mesh
-        self._jitted.cache_clear()
         return self
 
     # --- running ----------------------------------------------------------------------------
@@ -121,34 +120,33 @@ class UniTokenModel:
     def module(self) -> UniToken:
         return UniToken(self.config)
 
-    def _variables(self, params):
-        if not self.config.scan_layers:
-            params = unroll_params(params, self.config)
-        return {"params": params}
-
     @functools.lru_cache(maxsize=None)
-    def _jitted(self, name: str):
-        module = self.module
+    def _jitted(self, name: str, config: UniTokenConfig):
+        """One jitted function per entry point and config (a changed `model.config` recompiles)."""
+        module = UniToken(config)
+
+        def variables(params):
+            return {"params": params if config.scan_layers else unroll_params(params, config)}
 
         def text_logits(params, tokens):
             b, length = tokens.shape
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-            logits, _ = module.apply(self._variables(params), tokens, positions, jnp.ones_like(tokens))
+            logits, _ = module.apply(variables(params), tokens, positions, jnp.ones_like(tokens))
             return logits
 
         def image_features(params, pixels):
-            return module.apply(self._variables(params), pixels, method=UniToken.image_features)
+            return module.apply(variables(params), pixels, method=UniToken.image_features)
 
         def vision_features(params, pixels):
-            return module.apply(self._variables(params), pixels, method=UniToken.vision_features)
+            return module.apply(variables(params), pixels, method=UniToken.vision_features)
 
         def forward(params, batch):
-            logits, _ = module.apply(self._variables(params), batch["tokens"], batch["positions"],
+            logits, _ = module.apply(variables(params), batch["tokens"], batch["positions"],
                                      batch["segment_ids"], batch.get("is_continuous"), batch.get("feature_index"),
                                      batch.get("pixels"))
             if "labels" not in batch:
                 return logits, None
-            _, metrics = lm_loss(logits, batch["labels"], batch["segment_ids"], self.config.z_loss_weight,
+            _, metrics = lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight,
                                  batch.get("generation"))
             return logits, metrics
 
@@ -158,9 +156,9 @@ class UniTokenModel:
 
     def _run(self, name, *args):
         if self.mesh is None:
-            return self._jitted(name)(self.params, *args)
+            return self._jitted(name, self.config)(self.params, *args)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            return self._jitted(name)(self.params, *args)
+            return self._jitted(name, self.config)(self.params, *args)
 
     def _need(self, part: str):
         if part == "decoder" and self.config.decoder is None:

@@ -91,8 +91,6 @@ class UniTokenConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    # Control-token ids the model itself needs (the rest of the layout lives in the tokenizer).
-    sep_token_id: int = 8198
 
     @property
     def has_adapter(self) -> bool:
