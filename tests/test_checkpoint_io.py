@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -100,6 +101,31 @@ def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):
     assert sorted(original) == sorted(back)
     for k in original:
         assert torch.equal(original[k], back[k]), k
+
+
+def test_cli_init_writes_a_loadable_random_model(tmp_path, capsys):
+    assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "tiny"), "--seed", "3"]) == 0
+    model = unitoken_jax.load(str(tmp_path / "tiny"))
+    assert model.kind == "unitoken" and model.config.decoder.num_layers == 2
+    again = unitoken_jax.UniTokenModel.random(model.config, seed=3)
+    tokens = np.arange(6)[None] + 8900
+    np.testing.assert_array_equal(np.asarray(model.text_logits(tokens)), np.asarray(again.text_logits(tokens)))
+    assert cli.main(["init", "--config", "nope.py:x", "--to", str(tmp_path / "x")]) == 2
+    assert "no config file" in capsys.readouterr().err
+
+
+def test_orbax_checkpoint_restores_onto_a_mesh(release_dir, tmp_path):
+    from unitoken_jax import sharding
+
+    single = unitoken_jax.load(str(release_dir))
+    single.save(str(tmp_path / "orbax"))
+    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    sharded = unitoken_jax.load(str(tmp_path / "orbax"), mesh=mesh)
+    up = sharded.params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    tokens = np.arange(16).reshape(2, 8) + 8900
+    np.testing.assert_allclose(np.asarray(sharded.text_logits(tokens)), np.asarray(single.text_logits(tokens)),
+                               atol=1e-5)
 
 
 # --- bad checkpoints -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from unitoken_jax.convert import orbax_io
@@ -31,6 +32,29 @@ def _convert(args) -> int:
     return 0
 
 
+def _init(args) -> int:
+    import importlib.util
+
+    from unitoken_jax.model import UniTokenModel
+    from unitoken_jax.models.config import UniTokenConfig
+
+    path = args.config
+    if ":" in path or path.endswith(".py"):
+        file, _, arg = path.partition(":")
+    else:  # a bare name: one of the bundled model configs
+        file, arg = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "model.py"), path
+    spec = importlib.util.spec_from_file_location("unitoken_config", file)
+    if spec is None or not os.path.exists(file):
+        raise FileNotFoundError(f"no config file {file}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = UniTokenConfig.from_dict((module.get_config(arg) if arg else module.get_config()).model)
+    model = UniTokenModel.random(config, seed=args.seed)
+    model.save_hf(args.dst, dtype=args.dtype, progress=True)
+    print(f"wrote a randomly initialised {model!r} in the HF layout to {args.dst}")
+    return 0
+
+
 def hf_io_shard_gb() -> float:
     from unitoken_jax.convert.hf import SHARD_BYTES
 
@@ -48,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--max-shard-gb", type=float, default=hf_io_shard_gb(),
                          help="largest safetensors file written (and held in memory) when writing the HF layout")
     convert.set_defaults(func=_convert)
+    init = sub.add_parser("init", help="write a randomly initialised model in the HF layout")
+    init.add_argument("--config", default="tiny",
+                      help="a model config: 'tiny', '7b', '7b_anyres', or FILE.py[:ARG] with get_config(arg).model")
+    init.add_argument("--to", dest="dst", required=True, help="output directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", default="float32", help="dtype of the written tensors")
+    init.set_defaults(func=_init)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
