@@ -15,6 +15,9 @@ setup(
         "ml_dtypes>=0.6.0",
         "safetensors>=0.8.0",
         "tqdm>=4.70.1",
+        "pillow>=13.0.0",
+        "pyyaml>=6.0",
+        "tokenizers>=0.23.3",
     ],
     extras_require={
         "test": ["pytest>=9.0", "torch==2.13.0", "transformers>=5.24.0", "scikit-image>=0.26.0"],

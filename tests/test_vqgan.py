@@ -1,0 +1,139 @@
+"""The VQ-GAN against transformers' ChameleonVQVAE (encoder + quantizer) and taming-transformers'
+Encoder/Decoder (the layout of Meta's vqgan.ckpt), on random tiny weights through our loaders."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import oracles
+from unitoken_jax.convert import vqgan as vq_io
+from unitoken_jax.convert.hf import CheckpointError
+from unitoken_jax.convert.torch_pickle import load_torch_file
+from unitoken_jax.models.vqgan import VQGANConfig
+from unitoken_jax.tokenizer.vq import VQTokenizer
+
+taming = pytest.importorskip("taming.modules.diffusionmodules.model",
+                             reason="pip install --no-deps taming-transformers-rom1504 (see README)")
+
+DD = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+          in_channels=3, resolution=64, z_channels=32, double_z=False)
+EMBED, N_EMBED = 8, 64
+
+
+def _meta_checkpoint(path, seed=0):
+    """A Lightning-style checkpoint with the taming VQModel's keys (plus loss.* to be skipped)."""
+    torch.manual_seed(seed)
+    enc, dec = taming.Encoder(**DD).eval(), taming.Decoder(**DD).eval()
+    quant_conv = torch.nn.Conv2d(DD["z_channels"], EMBED, 1)
+    post_quant_conv = torch.nn.Conv2d(EMBED, DD["z_channels"], 1)
+    codebook = torch.nn.Embedding(N_EMBED, EMBED)
+    for m in (enc, dec, quant_conv, post_quant_conv, codebook):
+        oracles.randomize_(m, seed)
+    sd = {}
+    for prefix, m in (("encoder.", enc), ("decoder.", dec), ("quant_conv.", quant_conv),
+                      ("post_quant_conv.", post_quant_conv)):
+        sd.update({prefix + k: v for k, v in m.state_dict().items()})
+    sd["quantize.embedding.weight"] = codebook.weight.detach().clone()
+    sd["loss.discriminator.main.0.weight"] = torch.zeros(4, 3, 4, 4)
+    torch.save({"state_dict": sd, "epoch": 7, "global_step": 1000}, os.path.join(path, "vqgan.ckpt"))
+    with open(os.path.join(path, "vqgan.yaml"), "w") as f:
+        f.write("model:\n  params:\n    embed_dim: %d\n    n_embed: %d\n    ddconfig:\n" % (EMBED, N_EMBED))
+        for k, v in DD.items():
+            f.write(f"      {k}: {list(v) if isinstance(v, tuple) else v}\n")
+    return enc, dec, quant_conv, post_quant_conv, codebook
+
+
+def test_torch_file_reader_matches_torch_load(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(4, 3).t(), "c": torch.randn(6)[2:5],
+               "d": torch.randn(2, 2).bfloat16(), "e": torch.tensor(3)}
+    torch.save({"state_dict": tensors, "hparams": {"lr": 1e-4}}, tmp_path / "x.ckpt")
+    ours = load_torch_file(str(tmp_path / "x.ckpt"))
+    assert ours["hparams"] == {"lr": 1e-4}
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(ours["state_dict"][k].astype(np.float32), v.float().numpy())
+    (tmp_path / "bad.ckpt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a PyTorch zip"):
+        load_torch_file(str(tmp_path / "bad.ckpt"))
+
+
+def test_meta_checkpoint_encodes_and_decodes_like_taming(tmp_path):
+    enc, dec, quant_conv, post_quant_conv, codebook = _meta_checkpoint(tmp_path)
+    vq = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
+    assert vq.config.ch_mult == (1, 2, 2) and vq.config.n_embed == N_EMBED and vq.has_decoder
+
+    pixels = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z = quant_conv(enc(pixels)).permute(0, 2, 3, 1)  # [N, h, w, E]
+        e = codebook.weight
+        d = (z ** 2).sum(-1, keepdim=True) + (e ** 2).sum(-1) - 2 * torch.einsum("nhwe,ke->nhwk", z, e)
+        theirs = d.argmin(-1).numpy()
+    ours = vq.encode(pixels.permute(0, 2, 3, 1).numpy())
+    assert ours.shape == (2, 8, 12)
+    np.testing.assert_array_equal(ours, theirs)
+
+    codes = np.random.default_rng(2).integers(0, N_EMBED, (2, 4, 6))
+    with torch.no_grad():
+        zq = codebook.weight[torch.from_numpy(codes)].permute(0, 3, 1, 2)
+        theirs = dec(post_quant_conv(zq)).permute(0, 2, 3, 1).numpy()
+    ours = vq.decode(codes)
+    assert ours.shape == (2, 16, 24, 3)
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
+
+
+def test_hf_chameleon_vqmodel_gives_transformers_codes(tmp_path):
+    hf = oracles.make_chameleon(seed=5)
+    hf.save_pretrained(tmp_path)
+    vq = VQTokenizer.from_hf(str(tmp_path))
+    assert not vq.has_decoder
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        theirs = hf.model.vqmodel.encode(pixels).image_tokens.reshape(3, 16, 16).numpy()
+    np.testing.assert_array_equal(vq.encode(pixels.permute(0, 2, 3, 1).numpy()), theirs)
+    with pytest.raises(ValueError, match="no decoder"):
+        vq.decode(np.zeros((1, 2, 2), np.int32))
+
+
+def test_sharded_batch_gives_the_same_codes(tmp_path):
+    from unitoken_jax import sharding
+
+    _meta_checkpoint(tmp_path, seed=3)
+    single = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
+    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
+    sharded = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"), mesh=mesh)
+    pixels = np.random.default_rng(5).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)  # 5: not a multiple of 8
+    np.testing.assert_array_equal(sharded.encode(pixels), single.encode(pixels))
+
+
+def test_bad_vq_checkpoints(tmp_path):
+    _meta_checkpoint(tmp_path)
+    sd = load_torch_file(str(tmp_path / "vqgan.ckpt"))["state_dict"]
+    sd.pop("decoder.conv_out.bias")
+    with pytest.raises(CheckpointError, match=r"missing \['decoder\.conv_out\.bias'\]"):
+        vq_io.params_from_state_dict(vq_io.config_from_yaml(str(tmp_path / "vqgan.yaml")),
+                                     {k: v for k, v in sd.items() if not k.startswith("loss.")},
+                                     require_decoder=True, source="test")
+    os.remove(tmp_path / "vqgan.yaml")
+    with pytest.raises(CheckpointError, match="vqgan.yaml"):
+        VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
+
+
+def test_full_size_config_shapes():
+    import jax
+
+    cfg = VQGANConfig()
+    params = vq_io.abstract_params(cfg)
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+    assert params["codebook"].shape == (8192, 256)
+    assert params["encoder"]["conv_out"]["kernel"].shape == (3, 3, 512, 256)
+    assert params["decoder"]["up_0"]["block_2"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert cfg.downsample_factor == 16
+    # the taming VQModel with Chameleon's ddconfig, counted by torch
+    with torch.device("meta"):
+        dd = dict(ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=[], dropout=0.0,
+                  in_channels=3, resolution=512, z_channels=256, double_z=False)
+        count = sum(p.numel() for m in (taming.Encoder(**dd), taming.Decoder(**dd)) for p in m.parameters())
+    count += 2 * (256 * 256 + 256) + 8192 * 256
+    assert n == count

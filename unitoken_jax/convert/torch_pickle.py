@@ -1,0 +1,98 @@
+"""Reads the tensors of a PyTorch `torch.save` file (the zip format) without PyTorch.
+
+Meta's `vqgan.ckpt` is a PyTorch Lightning checkpoint. Only tensors, plain containers and
+OrderedDicts are rebuilt; any other class named in the pickle becomes an inert placeholder and
+no code from the file is ever run (unlike `torch.load` with `weights_only=False`).
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class Placeholder:
+    """Stands for any object in the pickle that is not a tensor or a plain container."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<{type(self).__qualname__}>"
+
+
+class _StorageType:
+    def __init__(self, name):
+        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_unused):
+    if not size:
+        return storage[offset:offset + 1].reshape(()).copy()
+    itemsize = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                           strides=tuple(s * itemsize for s in stride))
+    return np.array(view)
+
+
+def _rebuild_parameter(data, *_unused):
+    return data
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self._archive, self._prefix = archive, prefix
+        self._storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        return type(f"{module}.{name}", (Placeholder,), {})
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid[:5]
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        if key not in self._storages:
+            if isinstance(storage_type, _StorageType):
+                dtype = storage_type.dtype
+            else:  # torch >= 2 may write an untyped storage plus a dtype
+                raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+            raw = self._archive.read(f"{self._prefix}/data/{key}")
+            self._storages[key] = np.frombuffer(raw, dtype=dtype, count=numel)
+        return self._storages[key]
+
+
+def load_torch_file(path: str) -> Any:
+    """The object saved by `torch.save`, with tensors as numpy arrays."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a PyTorch zip checkpoint (files from torch < 1.6 are not supported; "
+                         "re-save them with a current torch)")
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise ValueError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
+        prefix = pkl[0][: -len("/data.pkl")]
+        with archive.open(pkl[0]) as f:
+            return _Unpickler(f, archive, prefix).load()

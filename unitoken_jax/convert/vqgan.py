@@ -1,0 +1,149 @@
+"""Chameleon VQ-GAN weights -> our Flax parameters.
+
+Two sources: Meta's `vqgan.ckpt` (a PyTorch Lightning checkpoint, tensors under "state_dict",
+with the training-only `loss.*` tensors skipped) + `vqgan.yaml`, and the `model.vqmodel.*`
+tensors of an HF Chameleon checkpoint (transformers keeps no decoder there: such a tokenizer
+encodes but cannot draw). Key names are taming-transformers'; conv weights go OIHW -> HWIO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from unitoken_jax.convert.hf import CheckpointError, _checkpoint_files, _open, get_path
+from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
+
+_MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+
+
+def config_from_yaml(path: str) -> VQGANConfig:
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    params = raw.get("model", raw).get("params", raw)
+    dd = params["ddconfig"]
+    return VQGANConfig(in_channels=dd["in_channels"], out_channels=dd["out_ch"], ch=dd["ch"],
+                       ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                       attn_resolutions=tuple(dd.get("attn_resolutions") or ()), resolution=dd["resolution"],
+                       z_channels=dd["z_channels"], embed_dim=params["embed_dim"], n_embed=params["n_embed"],
+                       double_z=bool(dd.get("double_z", False))).validate()
+
+
+def config_from_hf(vq: Mapping[str, Any]) -> VQGANConfig:
+    """From the `vq_config` of an HF Chameleon config.json (transformers' renamed fields)."""
+    if vq.get("attn_type", "vanilla") != "vanilla":
+        raise CheckpointError(f"VQ-GAN attn_type {vq['attn_type']!r} is not supported")
+    return VQGANConfig(in_channels=vq.get("in_channels", 3), out_channels=vq.get("out_channels", 3),
+                       ch=vq.get("base_channels", 128), ch_mult=tuple(vq.get("channel_multiplier", (1, 1, 2, 2, 4))),
+                       num_res_blocks=vq.get("num_res_blocks", 2),
+                       attn_resolutions=tuple(vq.get("attn_resolutions") or ()), resolution=vq.get("resolution", 512),
+                       z_channels=vq.get("latent_channels", 256), embed_dim=vq.get("embed_dim", 256),
+                       n_embed=vq.get("num_embeddings", 8192), double_z=bool(vq.get("double_latent", False))).validate()
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """Our parameter path -> the taming-transformers state-dict key."""
+    if path == ("codebook",):
+        return "quantize.embedding.weight"
+    parts = []
+    for p in path:
+        m = re.fullmatch(r"(down|up)_(\d+)", p)
+        s = re.fullmatch(r"(down|up)sample_(\d+)", p)
+        b = re.fullmatch(r"(block|attn)_(\d+)", p)
+        if m:
+            parts += [m.group(1), m.group(2)]
+        elif s:
+            parts += [s.group(1), s.group(2), f"{s.group(1)}sample"]
+        elif b and parts[-1:] != ["mid"]:  # level blocks are "block.j"; the mid block's are "block_1"
+            parts += [b.group(1), b.group(2)]
+        elif p in ("kernel", "scale"):
+            parts.append("weight")
+        else:
+            parts.append(p)
+    return ".".join(parts)
+
+
+def abstract_params(config: VQGANConfig):
+    size = 2 * config.downsample_factor
+    return jax.eval_shape(lambda: VQGAN(config).init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))[
+        "params"]
+
+
+def params_from_state_dict(config: VQGANConfig, tensors: Mapping[str, np.ndarray], *, require_decoder: bool,
+                           source: str) -> dict:
+    """Fills our parameters from taming-named tensors; errors name missing/unexpected/misshapen keys."""
+    abstract = abstract_params(config)
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    wanted = {}
+    for key_path, leaf in leaves:
+        path = tuple(k.key for k in key_path)
+        if path[0] == "decoder" or path[0] == "post_quant_conv":
+            if not require_decoder and torch_key(path) not in tensors:
+                continue
+        wanted[torch_key(path)] = (path, leaf.shape)
+    missing = sorted(set(wanted) - set(tensors))
+    unexpected = sorted(set(tensors) - set(wanted))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: the VQ-GAN tensors do not match the config: "
+                              f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+                              f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    params: dict = {}
+    for key, (path, shape) in wanted.items():
+        value = np.asarray(tensors[key])
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        if value.shape != shape:
+            raise CheckpointError(f"{source}: tensor {key} has shape {list(tensors[key].shape)}, the VQ-GAN expects "
+                                  f"{list(shape)} (after OIHW -> HWIO)")
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value.astype(np.float32)
+    return params
+
+
+def read_meta_checkpoint(ckpt_path: str, yaml_path: str | None = None) -> tuple[VQGANConfig, dict]:
+    """Meta's `vqgan.ckpt` (+ `vqgan.yaml`, by default next to it)."""
+    from unitoken_jax.convert.torch_pickle import load_torch_file
+
+    yaml_path = yaml_path or os.path.join(os.path.dirname(ckpt_path), "vqgan.yaml")
+    if not os.path.exists(yaml_path):
+        raise CheckpointError(f"no VQ-GAN config {yaml_path}; pass the vqgan.yaml that came with {ckpt_path}")
+    config = config_from_yaml(yaml_path)
+    raw = load_torch_file(ckpt_path)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt_path}: no state_dict in the checkpoint")
+    tensors = {k: v for k, v in state.items() if k.startswith(_MODEL_PREFIXES)}
+    return config, params_from_state_dict(config, tensors, require_decoder=True, source=ckpt_path)
+
+
+def read_hf_vqmodel(path: str) -> tuple[VQGANConfig, dict]:
+    """The `model.vqmodel.*` tensors of an HF Chameleon / UniToken directory (encoder only)."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    config = config_from_hf(hf_config.get("vq_config") or {})
+    tensors = {}
+    for file in _checkpoint_files(path):
+        with _open(file) as f:
+            for key in f.keys():
+                if key.startswith("model.vqmodel."):
+                    tensors[key[len("model.vqmodel."):]] = f.get_tensor(key)
+    if not tensors:
+        raise CheckpointError(f"{path} holds no model.vqmodel.* tensors")
+    return config, params_from_state_dict(config, tensors, require_decoder=False, source=path)
+
+
+def has_decoder(params) -> bool:
+    return "decoder" in params and "post_quant_conv" in params
+
+
+__all__ = ["config_from_hf", "config_from_yaml", "get_path", "has_decoder", "params_from_state_dict",
+           "read_hf_vqmodel", "read_meta_checkpoint", "torch_key"]

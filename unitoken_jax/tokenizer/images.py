@@ -1,0 +1,165 @@
+"""Opening user images safely and turning them into the pixel arrays the model takes.
+
+`load_image` gives the first frame in one of the modes RGB, RGBA, L or LA: palette images become
+RGB(A), CMYK becomes RGB, and 16- and 32-bit greyscale is rescaled to 8 bits instead of being
+clipped. Each path then makes RGB its own way, as the reference does: the SigLIP side composites
+transparency on white first (transformers' `convert_to_rgb`), the VQ side crops first and then
+blends on white with the reference's formula. Anything unreadable raises `ImageError`, which says
+what was wrong with which file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
+
+# Larger images are refused from their header, before any pixel is decoded (a decompression bomb
+# is a small file that claims a huge size). 8192 x 8192 is far beyond what either encoder uses.
+MAX_PIXELS = 8192 * 8192
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: unreadable, truncated, not an image, or too large."""
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    return getattr(source, "name", None) or type(source).__name__
+
+
+def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Opens `source` (a path, bytes, a file object or a PIL image) as an RGB PIL image."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        what = _describe(source)
+        if isinstance(source, (str, os.PathLike)):
+            if not os.path.exists(source):
+                raise ImageError(f"{what}: no such file")
+            if os.path.getsize(source) == 0:
+                raise ImageError(f"{what}: the file is empty (0 bytes)")
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageError("the image data is empty (0 bytes)")
+            source = io.BytesIO(source)
+        try:
+            image = Image.open(source)  # reads the header only
+        except UnidentifiedImageError as e:
+            raise ImageError(f"{what}: not an image file PIL can read") from e
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{what}: refused, {e}") from e
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{what}: refused, {width}x{height} = {width * height} pixels is more than the "
+                             f"limit of {max_pixels} (a decompression bomb?)")
+        try:
+            image.seek(0)  # first frame of an animation
+            image.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"{_describe(source)}: the image has no pixels ({image.width}x{image.height})")
+    return _standard_mode(image)
+
+
+def _standard_mode(image: Image.Image) -> Image.Image:
+    """RGB, RGBA, L or LA, keeping transparency; high-bit-depth greyscale rescaled to 8 bits."""
+    if image.mode in ("RGB", "RGBA", "L", "LA"):
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = max(float(values.max()), 1.0)
+        else:  # 16-bit files open as "I;16" or as "I"; both hold 0..65535
+            top = 65535.0 if values.max() <= 65535 else float(values.max())
+        grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L")
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    return image.convert("RGBA" if has_alpha else "RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white (transformers' `convert_to_rgb`)."""
+    image = _standard_mode(image)
+    if image.mode == "RGB":
+        return image
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# --- the SigLIP side ------------------------------------------------------------------------------
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def siglip_pixels(image: Image.Image, size: int = 384) -> np.ndarray:
+    """As transformers' SigLIP image processor for so400m-patch14-384: bicubic resize to
+    size x size, scale to [0, 1], normalise with mean = std = 0.5. Returns float32 [H, W, 3]."""
+    resized = to_rgb(image).resize((size, size), Image.BICUBIC)
+    return normalize(np.asarray(resized))
+
+
+def normalize(pixels_uint8: np.ndarray) -> np.ndarray:
+    x = pixels_uint8.astype(np.float32) / 255.0
+    return ((x - np.float32(0.5)) / np.float32(0.5)).astype(np.float32)
+
+
+# --- the VQ side ------------------------------------------------------------------------------------
+
+def vq_crop(image: Image.Image, size: int = 512, *, seed: int | None = None) -> Image.Image:
+    """The reference's crop to size x size: halve with a box filter while both sides are at least
+    twice the target, scale bicubically so the picture covers the square (sides rounded), then
+    crop. The reference picks the crop offset with the global `random`; here it is the centre
+    unless a `seed` asks for a reproducible random offset (augmentation)."""
+    image = _standard_mode(image)
+    while image.width >= 2 * size and image.height >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = max(size / image.width, size / image.height)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         resample=Image.BICUBIC)
+    if seed is None:
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+    else:
+        rng = np.random.default_rng(seed)
+        left = int(rng.integers(0, image.width - size + 1))
+        top = int(rng.integers(0, image.height - size + 1))
+    return image.crop((left, top, left + size, top + size))
+
+
+def whiten(image: Image.Image) -> Image.Image:
+    """The reference VQ tokenizer's RGB conversion: alpha blended on white as (1 - a) * 255 + a * rgb,
+    truncated to uint8 (PIL's alpha_composite rounds instead)."""
+    image = _standard_mode(image)
+    if image.mode == "RGB":
+        return image
+    rgba = np.asarray(image.convert("RGBA"))
+    if (rgba[..., 3] == 255).all():
+        return image.convert("RGB")
+    alpha = rgba[..., 3:].astype(np.float64) / 255.0
+    rgb = (1.0 - alpha) * 255.0 + alpha * rgba[..., :3]
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def vq_pixels(image: Image.Image) -> np.ndarray:
+    """-> float32 [H, W, 3] in [-1, 1], as the reference's image tokenizer (x / 255 * 2 - 1)."""
+    return (np.asarray(whiten(image), np.float64) / 255.0 * 2.0 - 1.0).astype(np.float32)
+
+
+def pil_from_pixels(pixels_HWC: np.ndarray) -> Image.Image:
+    """Decoder output in about [-1, 1] -> RGB picture: clip, (x + 1) / 2 * 255, truncate (as the reference)."""
+    x = (np.clip(np.asarray(pixels_HWC, np.float32), -1.0, 1.0) + 1.0) / 2.0
+    return Image.fromarray((x * 255.0).astype(np.uint8), "RGB")

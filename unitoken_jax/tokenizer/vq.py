@@ -1,0 +1,95 @@
+"""The image tokenizer users call: pictures <-> VQ code grids, batched and jit-compiled.
+
+    vq = VQTokenizer.from_meta("vqgan.ckpt")            # or .from_hf(dir) (encoder only)
+    codes = vq.encode_images([pil_a, pil_b])            # [2, 32, 32] int32 (512 px crops)
+    pictures = vq.decode_to_pil(codes)                  # [PIL.Image, PIL.Image]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
+
+from unitoken_jax.convert import vqgan as vq_io
+from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
+from unitoken_jax.tokenizer import images as image_io
+
+
+class VQTokenizer:
+    def __init__(self, config: VQGANConfig, params, mesh: Mesh | None = None):
+        self.config = config
+        self.params = params
+        self.mesh = mesh
+        self.has_decoder = vq_io.has_decoder(params)
+
+    @classmethod
+    def from_meta(cls, ckpt_path: str, yaml_path: str | None = None, mesh: Mesh | None = None) -> "VQTokenizer":
+        config, params = vq_io.read_meta_checkpoint(ckpt_path, yaml_path)
+        return cls(config, jax.device_put(params), mesh)
+
+    @classmethod
+    def from_hf(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
+        config, params = vq_io.read_hf_vqmodel(path)
+        return cls(config, jax.device_put(params), mesh)
+
+    @classmethod
+    def random(cls, config: VQGANConfig, seed: int = 0) -> "VQTokenizer":
+        size = 2 * config.downsample_factor
+        params = VQGAN(config).init(jax.random.key(seed), jnp.zeros((1, size, size, config.in_channels)))["params"]
+        return cls(config, params)
+
+    @functools.cached_property
+    def _encode(self):
+        return jax.jit(lambda p, x: VQGAN(self.config).apply({"params": p}, x, method=VQGAN.encode))
+
+    @functools.cached_property
+    def _decode(self):
+        return jax.jit(lambda p, c: VQGAN(self.config).apply({"params": p}, c, method=VQGAN.decode))
+
+    def _batch(self, x):
+        """Splits a batch over the mesh's data axes when there is a mesh (padding to a multiple)."""
+        if self.mesh is None:
+            return x, x.shape[0]
+        n = x.shape[0]
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        pad = (-n) % shards
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+        spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(self.mesh, spec)), n
+
+    def encode(self, pixels_NHWC) -> np.ndarray:
+        """Code indices [N, h, w] for pixels in [-1, 1]; h, w = H, W / downsample factor."""
+        pixels = np.asarray(pixels_NHWC, np.float32)
+        f = self.config.downsample_factor
+        if pixels.ndim != 4 or pixels.shape[1] % f or pixels.shape[2] % f:
+            raise ValueError(f"pixels must be [N, H, W, 3] with H and W multiples of {f}, got {pixels.shape}")
+        x, n = self._batch(pixels)
+        return np.asarray(self._encode(self.params, x))[:n]
+
+    def decode(self, codes_Nhw) -> np.ndarray:
+        """Pixels [N, H, W, 3] (not clipped) for code indices [N, h, w]."""
+        if not self.has_decoder:
+            raise ValueError("this VQ-GAN has no decoder (HF Chameleon checkpoints keep only the encoder); "
+                             "load Meta's vqgan.ckpt with VQTokenizer.from_meta to draw pictures")
+        codes = np.asarray(codes_Nhw, np.int32)
+        if codes.ndim != 3:
+            raise ValueError(f"codes must be [N, h, w], got shape {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.config.n_embed):
+            raise ValueError(f"codes must lie in 0..{self.config.n_embed - 1}")
+        x, n = self._batch(codes)
+        return np.asarray(self._decode(self.params, x))[:n]
+
+    def encode_images(self, images: Sequence[Image.Image], size: int = 512, seed: int | None = None) -> np.ndarray:
+        """Crops each picture to size x size as the reference does (`image_io.vq_crop`), then encodes."""
+        pixels = np.stack([image_io.vq_pixels(image_io.vq_crop(im, size, seed=seed)) for im in images])
+        return self.encode(pixels)
+
+    def decode_to_pil(self, codes_Nhw) -> list[Image.Image]:
+        return [image_io.pil_from_pixels(p) for p in self.decode(codes_Nhw)]
