@@ -1,0 +1,206 @@
+"""Text tokenizer, code <-> BPE translation, the image token layout and the conversation format."""
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+import tokenizer_fixture
+from unitoken_jax.tokenizer import layout
+from unitoken_jax.tokenizer.anyres import NEWLINE_ENTRY
+from unitoken_jax.tokenizer.conversation import (ConversationError, ImageInput, SequenceTooLong, decode,
+                                                 encode_conversation)
+from unitoken_jax.tokenizer.text import TextTokenizer, TokenizerError
+
+EOT, SEP, BREAK, EOSS, NL = 8710, 8198, 8197, 8196, 8803
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return tokenizer_fixture.build()
+
+
+@pytest.fixture(scope="module")
+def tok(spec):
+    return TextTokenizer(spec)
+
+
+def test_code_map_is_the_vocabulary_permutation(tok, spec):
+    vocab = Tokenizer.from_str(spec).get_vocab()
+    codes = np.array([0, 1, 7, 123, 8191])
+    ids = tok.codes_to_ids(codes)
+    assert [vocab[tokenizer_fixture.code_name(c)] for c in codes] == ids.tolist()
+    assert not np.array_equal(ids, codes + 4)  # a permutation, not an offset
+    assert sorted(tok.code_to_bpe.tolist()) == list(range(4, 8196))
+    all_codes = np.arange(8192)
+    np.testing.assert_array_equal(tok.ids_to_codes(tok.codes_to_ids(all_codes)), all_codes)
+    with pytest.raises(ValueError, match="not image-code tokens"):
+        tok.ids_to_codes([EOT])
+    with pytest.raises(ValueError, match="0..8191"):
+        tok.codes_to_ids([8192])
+
+
+def test_wrong_control_ids_are_refused(spec):
+    bad = spec.replace('"<racm3:break>"', '"<racm3:brake>"')
+    with pytest.raises(TokenizerError, match="<racm3:break>"):
+        TextTokenizer(bad)
+
+
+@pytest.mark.parametrize("text,special_in_hf", [
+    ("<racm3:break>", True), ("<eoss>", True), ("<reserved08799>", True), ("<reserved08706>", True),
+    ("<sentinel:0> and <s>", True), ("a <|Image|> b", False), ("<|image |>", False)])
+def test_prompt_text_never_becomes_a_control_token(tok, spec, text, special_in_hf):
+    full = Tokenizer.from_str(spec).encode(text, add_special_tokens=False).ids
+    ours = tok.encode_text(text)
+    controls = {BREAK, EOSS, NL, EOT, SEP, 0} | set(tok.code_to_bpe.tolist())
+    assert not controls & set(ours)
+    assert tok.decode_text(ours) == text
+    # the plain HF call (what the reference does) turns the special strings into control ids
+    assert bool(controls & set(full)) == special_in_hf
+
+
+def test_text_only_conversation_equals_the_reference_full_string_encoding(tok, spec):
+    item = {"conversations": [{"from": "human", "value": "the cat is here?"},
+                              {"from": "gpt", "value": "he is there"},
+                              {"from": "human", "value": "or not"}, {"from": "gpt", "value": "then"}]}
+    enc = encode_conversation(item, [], tok)
+    full = Tokenizer.from_str(spec)
+    reference = [0] + full.encode("the cat is here?<reserved08706>he is there<reserved08706>or not<reserved08706>"
+                                  "then<reserved08706>", add_special_tokens=False).ids
+    assert enc.tokens.tolist() == reference
+    e = tok.encode_text
+    expected_labels = ([-100] * (1 + len(e("the cat is here?")) + 1) + e("he is there") + [EOT]
+                       + [-100] * (len(e("or not")) + 1) + e("then") + [EOT])
+    assert enc.labels.tolist() == expected_labels
+    assert not enc.is_continuous.any()
+
+
+def _image(codes, n_features, entries=None):
+    return ImageInput(np.asarray(codes), np.arange(n_features) if entries is None else np.asarray(entries), n_features)
+
+
+def test_two_prompt_images_and_a_generated_one_give_the_spec_layout(tok):
+    # Codes of three 64x64 pictures (a 4x4 code grid = 2x2 grid units: grid token 8804 + 2).
+    rng = np.random.default_rng(0)
+    codes = [rng.integers(0, 8192, (4, 4)) for _ in range(3)]
+    cont = [3, 3, 5]  # continuous features per image (tiny); the third one has an AnyRes-style newline
+    images = [_image(codes[0], 3), _image(codes[1], 3), _image(codes[2], 4, [0, 1, NEWLINE_ENTRY, 2, 3])]
+    item = {"conversations": [
+        {"from": "human", "value": "<|image|>the<|image|> is"},
+        {"from": "gpt", "value": "he"},
+        {"from": "human", "value": "or"},
+        {"from": "gpt", "value": "the <|image|>"}], "image": ["a.png", "b.png", "c.png"]}
+    enc = encode_conversation(item, images, tok)
+    e = tok.encode_text
+
+    def img(k, predicted):
+        ids = tok.codes_to_ids(codes[k])
+        discrete = [BREAK, 8806, 8806]
+        for row in ids:
+            discrete += row.tolist() + [NL]
+        n = cont[k]
+        block = [0] * n if k < 2 else [0, 0, NL, 0, 0]
+        toks = discrete + [SEP] + block + [EOSS]
+        labs = (discrete if predicted else [-100] * len(discrete)) + [SEP] + [-100] * len(block) \
+            + ([EOSS] if predicted else [-100])
+        is_cont = [False] * (len(discrete) + 1) + [b == 0 for b in block] + [False]
+        return toks, labs, is_cont
+
+    expected_t, expected_l, expected_c = [0], [-100], [False]
+
+    def add(t, l, c=None):
+        expected_t.extend(t)
+        expected_l.extend(l)
+        expected_c.extend(c or [False] * len(t))
+
+    add(*img(0, False))
+    add(e("the"), [-100] * len(e("the")))
+    add(*img(1, False))
+    add(e(" is") + [EOT], [-100] * (len(e(" is")) + 1))
+    add(e("he") + [EOT], e("he") + [EOT])
+    add(e("or") + [EOT], [-100] * (len(e("or")) + 1))
+    add(e("the "), e("the "))
+    add(*img(2, True))
+    add([EOT], [EOT])
+    assert enc.tokens.tolist() == expected_t
+    assert enc.labels.tolist() == expected_l
+    assert enc.is_continuous.tolist() == expected_c
+    # features: image 0 -> rows 0..2, image 1 -> 3..5, image 2 -> 6..9 of the item's feature list
+    assert enc.feature_index[enc.is_continuous].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert enc.image_predicted == [False, False, True]
+    assert [enc.tokens[s] for s, _ in enc.image_spans] == [BREAK] * 3
+    assert [enc.tokens[t - 1] for _, t in enc.image_spans] == [EOSS] * 3
+
+
+def test_images_without_placeholders_go_first_like_the_reference(tok):
+    item = {"conversations": [{"from": "human", "value": "what"}, {"from": "gpt", "value": "he"}], "image": ["a"]}
+    enc = encode_conversation(item, [_image(np.zeros((2, 2), int), 1)], tok)
+    start, end = enc.image_spans[0]
+    assert start == 1
+    assert enc.tokens[end:end + len(tok.encode_text(" what"))].tolist() == tok.encode_text(" what")
+
+
+def test_placeholder_count_must_match(tok):
+    item = {"conversations": [{"from": "human", "value": "<|image|> and <|image|> and <|image|>"},
+                              {"from": "gpt", "value": "ok"}]}
+    with pytest.raises(ConversationError, match="3 <\\|image\\|> placeholders but 2 images"):
+        encode_conversation(item, [_image(np.zeros((2, 2), int), 1)] * 2, tok)
+
+
+def test_bad_turns(tok):
+    with pytest.raises(ConversationError, match="alternate"):
+        encode_conversation({"conversations": [{"from": "gpt", "value": "x"}]}, [], tok)
+    with pytest.raises(ConversationError, match="no 'conversations'"):
+        encode_conversation({"image": []}, [], tok)
+    with pytest.raises(ConversationError, match="nothing in the item is predicted"):
+        encode_conversation({"conversations": [{"from": "human", "value": "x"}]}, [], tok)
+
+
+def test_generation_prompt_with_an_empty_last_turn(tok):
+    item = {"conversations": [{"from": "human", "value": "the"}, {"from": "gpt", "value": None}]}
+    enc = encode_conversation(item, [], tok)
+    assert enc.tokens.tolist() == [0] + tok.encode_text("the") + [EOT]
+
+
+def test_too_long_is_an_error_never_a_cut(tok):
+    item = {"conversations": [{"from": "human", "value": "<|image|>"}, {"from": "gpt", "value": "he"}]}
+    big = _image(np.zeros((32, 32), int), 729)  # a 512-px image: 3 + 32 * 33 + 1 (SEP) + 729 + 1 positions
+    image_len = 3 + 32 * 33 + 1 + 729 + 1
+    total = 1 + image_len + 1 + len(tok.encode_text("he")) + 1
+    with pytest.raises(SequenceTooLong, match=f"image 1 alone takes {image_len} positions"):
+        encode_conversation(item, [big], tok, max_length=1024)
+    with pytest.raises(SequenceTooLong, match=f"the conversation takes {total} positions"):
+        encode_conversation(item, [big], tok, max_length=total - 1)
+    assert len(encode_conversation(item, [big], tok, max_length=total)) == total
+
+
+# --- generated streams ----------------------------------------------------------------------------
+
+def _stream(tok, codes):
+    return layout.discrete_image_ids(tok.codes_to_ids(codes)) + [EOSS]
+
+
+def test_decode_round_trip(tok):
+    codes = np.random.default_rng(1).integers(0, 8192, (4, 6))
+    ids = tok.encode_text("he is") + _stream(tok, codes) + tok.encode_text("the") + [EOT]
+    parts = decode(ids, tok)
+    assert parts[0] == "he is" and parts[2] == "the"
+    np.testing.assert_array_equal(parts[1], codes)
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda s: s[:-1], "no <eoss>"),
+    (lambda s: s[:4] + s[5:], "row 0 has 5 ids"),
+    (lambda s: s[:4] + [9000] + s[5:], "non-code ids \\[9000\\]"),
+    (lambda s: s[:3 + 7] + s[3 + 14:], "3 rows"),
+    (lambda s: [BREAK, 9000, 8806] + s[3:], "grid tokens"),
+])
+def test_malformed_streams_are_typed_errors_or_repaired(tok, corrupt, message):
+    codes = np.random.default_rng(2).integers(0, 8192, (4, 6))
+    bad = corrupt(_stream(tok, codes))
+    with pytest.raises(layout.MalformedImageTokens, match=message):
+        layout.parse_image_ids(bad)
+    if "grid tokens" in message:
+        return
+    fixed = layout.parse_image_ids(bad, repair=True)
+    assert fixed.code_ids.shape == (4, 6) and fixed.repairs
+    assert set(fixed.code_ids.ravel().tolist()) <= set(tok.code_to_bpe.tolist())

@@ -1,0 +1,185 @@
+"""Conversations in the reference's JSON format -> token ids, labels and image slots, and back.
+
+An item is `{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...],
+"image": [path, ...]}`. Every message is followed by the end-of-turn token 8710; the sequence
+starts with BOS; only assistant turns are predicted (their text, images and end-of-turn).
+`<|image|>` in a message marks where the next image goes (an item with images and no placeholder
+gets them all at the start of the first message, as the reference does). Each image becomes
+
+    <racm3:break> H W rows... SEP {continuous x N} <eoss>
+
+with its codes labelled when the image is in an assistant turn. SEP is labelled for every image
+and the continuous positions never are, both as in the reference's training forward.
+
+Message text is always plain text (see `TextTokenizer.encode_text`); only a declared
+placeholder becomes an image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from unitoken_jax.tokenizer import layout
+from unitoken_jax.tokenizer.anyres import NEWLINE_ENTRY
+from unitoken_jax.tokenizer.text import TextTokenizer
+
+IMAGE_PLACEHOLDER = "<|image|>"
+IGNORE = -100
+_HUMAN = ("human", "user")
+_ASSISTANT = ("gpt", "assistant")
+
+
+class ConversationError(ValueError):
+    """An item that cannot be turned into a training or inference sequence."""
+
+
+class SequenceTooLong(ConversationError):
+    """The sequence would not fit the maximum length; it is never cut (above all not inside an image)."""
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """What the sequence needs of one image: its VQ code grid and its continuous block."""
+
+    codes: np.ndarray  # [h, w] VQ code indices
+    entries: np.ndarray  # continuous block: feature index (image-local) or NEWLINE_ENTRY
+    num_features: int  # features this image contributes to the flat feature list
+
+
+@dataclasses.dataclass
+class EncodedConversation:
+    tokens: np.ndarray  # int32 [L]
+    labels: np.ndarray  # int32 [L], IGNORE where not predicted (aligned with tokens)
+    is_continuous: np.ndarray  # bool [L]
+    feature_index: np.ndarray  # int32 [L]: row of this item's flat image-feature list
+    image_spans: list[tuple[int, int]]  # [start, end) of each image, in order
+    image_predicted: list[bool]  # whether each image is in an assistant turn
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+def _messages(item: dict[str, Any]) -> list[tuple[bool, str | None]]:
+    conv = item.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ConversationError("the item has no 'conversations' list")
+    out = []
+    for i, msg in enumerate(conv):
+        who = msg.get("from")
+        expected = _HUMAN if i % 2 == 0 else _ASSISTANT
+        if who not in expected:
+            raise ConversationError(f"message {i} is from {who!r}; turns must alternate human, gpt, human, ...")
+        value = msg.get("value")
+        if value is None and not (i == len(conv) - 1 and who in _ASSISTANT):
+            raise ConversationError(f"message {i} has no value (only a last assistant turn may be empty: "
+                                    "the prompt for generation)")
+        if value is not None and not isinstance(value, str):
+            raise ConversationError(f"message {i} has a {type(value).__name__} value, not text")
+        out.append((who in _ASSISTANT, value))
+    return out
+
+
+def image_list(item: dict[str, Any]) -> list:
+    images = item.get("image", [])
+    if images is None:
+        return []
+    return [images] if isinstance(images, str) else list(images)
+
+
+def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], tokenizer: TextTokenizer,
+                        max_length: int | None = None) -> EncodedConversation:
+    messages = _messages(item)
+    n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for _, v in messages if v is not None)
+    if n_placeholders == 0 and images:
+        predicted, first = messages[0]
+        messages[0] = (predicted, f"{IMAGE_PLACEHOLDER} " * len(images) + first)
+    elif n_placeholders != len(images):
+        raise ConversationError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+
+    tokens, labels, cont, index = [tokenizer.bos_id], [IGNORE], [False], [0]
+    spans, predicted_flags = [], []
+    offset = 0
+
+    def add(ids, labelled: bool, continuous=False, feature=None):
+        tokens.extend(ids)
+        labels.extend(ids if labelled else [IGNORE] * len(ids))
+        cont.extend([continuous] * len(ids))
+        index.extend([0] * len(ids) if feature is None else feature)
+
+    image_iter = iter(images)
+    for predicted, value in messages:
+        if value is None:
+            continue
+        pieces = value.split(IMAGE_PLACEHOLDER)
+        for j, piece in enumerate(pieces):
+            if piece:
+                add(tokenizer.encode_text(piece), predicted)
+            if j == len(pieces) - 1:
+                break
+            image = next(image_iter)
+            start = len(tokens)
+            add(layout.discrete_image_ids(tokenizer.codes_to_ids(image.codes)), predicted)
+            tokens.append(layout.SEP)
+            labels.append(layout.SEP)
+            cont.append(False)
+            index.append(0)
+            for e in np.asarray(image.entries):
+                if e == NEWLINE_ENTRY:
+                    add([layout.NEWLINE], False)
+                else:
+                    if not 0 <= e < image.num_features:
+                        raise ConversationError(f"continuous entry {e} outside the image's {image.num_features} features")
+                    add([0], False, continuous=True, feature=[offset + int(e)])
+            add([layout.IMAGE_END], predicted)
+            offset += image.num_features
+            spans.append((start, len(tokens)))
+            predicted_flags.append(predicted)
+            if max_length is not None and len(tokens) - start > max_length:
+                raise SequenceTooLong(f"image {len(spans)} alone takes {len(tokens) - start} positions, more than "
+                                      f"the maximum length {max_length}")
+        add([layout.END_OF_TURN], predicted)
+
+    if max_length is not None and len(tokens) > max_length:
+        raise SequenceTooLong(f"the conversation takes {len(tokens)} positions, more than the maximum length "
+                              f"{max_length}")
+    if not any(l != IGNORE for l in labels) and messages[-1][1] is not None:
+        raise ConversationError("nothing in the item is predicted (no assistant turn)")
+    return EncodedConversation(np.array(tokens, np.int32), np.array(labels, np.int32), np.array(cont, bool),
+                               np.array(index, np.int32), spans, predicted_flags)
+
+
+def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: bool = False) -> list:
+    """Generated ids -> [text, picture, text, ...]. Pictures are PIL images when `vq` can decode,
+    else code grids [h, w]. BOS and end-of-turn tokens are dropped from the text."""
+    ids = [int(i) for i in ids]
+    parts: list = []
+    text: list[int] = []
+
+    def flush():
+        kept = [i for i in text if i not in (tokenizer.bos_id, layout.END_OF_TURN)]
+        if kept:
+            parts.append(tokenizer.decode_text(kept))
+        text.clear()
+
+    i = 0
+    while i < len(ids):
+        if ids[i] != layout.IMAGE_START:
+            text.append(ids[i])
+            i += 1
+            continue
+        flush()
+        end = ids.index(layout.IMAGE_END, i) + 1 if layout.IMAGE_END in ids[i:] else len(ids)
+        parsed = layout.parse_image_ids(ids[i:end], repair=repair)
+        codes = tokenizer.ids_to_codes(parsed.code_ids)
+        parts.append(vq.decode_to_pil(codes[None])[0] if vq is not None and vq.has_decoder else codes)
+        i = end
+    flush()
+    return parts
+
+
+def pictures(parts: list) -> list[Image.Image]:
+    return [p for p in parts if isinstance(p, Image.Image)]
