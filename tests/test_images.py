@@ -1,0 +1,173 @@
+"""Image opening, SigLIP and VQ preprocessing, AnyRes, and bad input."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from unitoken_jax.tokenizer import anyres
+from unitoken_jax.tokenizer.images import (ImageError, load_image, pil_from_pixels, siglip_pixels, to_rgb, vq_crop,
+                                           vq_pixels, whiten)
+
+PHOTOS = {name: getattr(skdata, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "camera")}
+
+
+def _pil(name):
+    return Image.fromarray(PHOTOS[name])
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_siglip_preprocessing_equals_transformers(name):
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    proc = SiglipImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image = _pil(name)
+    theirs = proc(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    ours = siglip_pixels(load_image(image))
+    assert ours.shape == (384, 384, 3) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_transparency_is_composited_on_white_for_siglip_and_blended_for_vq():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = np.array([0, 64, 128, 255])[None, :]
+    image = Image.fromarray(rgba, "RGBA")
+    from transformers.image_transforms import convert_to_rgb
+
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.asarray(convert_to_rgb(image, return_numpy=True)))
+    a = rgba[..., 3:] / 255.0
+    expected = ((1 - a) * 255 + a * rgba[..., :3]).astype(np.uint8)  # the reference's formula, truncating
+    np.testing.assert_array_equal(np.asarray(whiten(image)), expected)
+    assert np.asarray(whiten(image))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_modes_are_converted_correctly(tmp_path):
+    grey16 = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    loaded = np.asarray(to_rgb(load_image(tmp_path / "g16.png")))
+    np.testing.assert_array_equal(loaded[..., 0], np.round(grey16 / 65535 * 255).astype(np.uint8))  # scaled, not clipped
+    cmyk = Image.new("CMYK", (3, 3), (0, 255, 255, 0))  # pure red in CMYK
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+    pal = Image.new("P", (2, 2))
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.putpixel((0, 0), 1)
+    pal.info["transparency"] = 0
+    rgb = np.asarray(to_rgb(pal))
+    assert rgb[0, 0].tolist() == [10, 20, 30] and rgb[1, 1].tolist() == [255, 255, 255]
+    assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_vq_crop_is_deterministic_and_follows_the_reference_rule():
+    image = _pil("coffee")  # 600 x 400
+    a, b = vq_crop(image, 256), vq_crop(image, 256)
+    assert a.size == (256, 256) and np.array_equal(np.asarray(a), np.asarray(b))
+    # reference: halve with BOX while both sides >= 2x (400 < 512: not here), bicubic so that it
+    # covers the square (600x400 * 0.64 = 384x256), crop (here: centred)
+    expected = image.resize((384, 256), Image.BICUBIC).crop((64, 0, 320, 256))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(expected))
+    big = _pil("astronaut")  # 512 x 512 -> 256 -> 128 by box halving, then nothing left to scale
+    expected = big.resize((256, 256), Image.BOX).resize((128, 128), Image.BOX)
+    np.testing.assert_array_equal(np.asarray(vq_crop(big, 128)), np.asarray(expected))
+    s1, s2 = vq_crop(image, 256, seed=1), vq_crop(image, 256, seed=1)
+    assert np.array_equal(np.asarray(s1), np.asarray(s2))
+    assert any(not np.array_equal(np.asarray(vq_crop(image, 256, seed=s)), np.asarray(a)) for s in range(2, 6))
+    px = vq_pixels(a)
+    assert px.min() >= -1 and px.max() <= 1
+    np.testing.assert_array_equal(np.asarray(pil_from_pixels(px)), (((px + 1) / 2) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_anyres_choice_and_unpad_equal_transformers(name):
+    from transformers.image_processing_utils import select_best_resolution
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    image = _pil(name)
+    w, h = image.size
+    pinpoints_hw = [(ph, pw) for pw, ph in anyres.GRID_PINPOINTS]
+    best_h, best_w = select_best_resolution((h, w), pinpoints_hw)
+    assert anyres.select_best_resolution((w, h)) == (best_w, best_h)
+
+    result = anyres.anyres_image(image)
+    across, down = result.grid_wh
+    assert result.pixels.shape == (1 + across * down, 384, 384, 3)
+    grid = torch.arange(down * 27 * across * 27).reshape(1, down * 27, across * 27)
+    kept = unpad_image(grid, (h, w))[0]
+    ours = anyres.unpad_slices((down * 27, across * 27), (w, h))
+    assert grid[0][ours].shape == kept.shape
+    # end-of-row rule: base 729, then every kept row followed by one newline
+    rows, cols = kept.shape
+    assert result.num_positions == 729 + rows * (cols + 1)
+    newline_at = np.flatnonzero(result.entries == anyres.NEWLINE_ENTRY)
+    assert newline_at.tolist() == [729 + (r + 1) * (cols + 1) - 1 for r in range(rows)]
+    # the base image's features come first; the first kept feature is the grid's top-left kept cell
+    assert result.entries[:729].tolist() == list(range(729))
+
+
+def test_anyres_tiles_are_row_major_over_the_padded_image():
+    image = Image.fromarray(PHOTOS["coffee"])  # 600 x 400 -> (768, 384)? checked below
+    result = anyres.anyres_image(image)
+    best = anyres.select_best_resolution(image.size)
+    padded = anyres.resize_and_pad(image, best)
+    for t in range(result.grid_wh[0] * result.grid_wh[1]):
+        y, x = divmod(t, result.grid_wh[0])
+        tile = padded.crop((x * 384, y * 384, x * 384 + 384, y * 384 + 384))
+        np.testing.assert_allclose(result.pixels[1 + t], siglip_pixels(tile), atol=1e-6)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def _png_header(width, height):
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_empty_truncated_and_non_image_files(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(tmp_path / "empty.png")
+    buf = io.BytesIO()
+    Image.fromarray(PHOTOS["astronaut"]).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        load_image(tmp_path / "cut.jpg")
+    (tmp_path / "notes.png").write_text("this is not a picture")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(tmp_path / "notes.png")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"")
+
+
+@pytest.mark.parametrize("side", [9000, 100_000])
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
+    (tmp_path / "bomb.png").write_bytes(_png_header(side, side))
+    with pytest.raises(ImageError, match="refused"):
+        load_image(tmp_path / "bomb.png")
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    image = load_image(tmp_path / "anim.gif")
+    assert to_rgb(image).getpixel((3, 3)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 2000), (3000, 2), (5, 700)])
+def test_tiny_and_extreme_aspect_ratios(size):
+    image = Image.new("RGB", size, (10, 200, 30))
+    assert vq_crop(image, 64).size == (64, 64)
+    assert siglip_pixels(image).shape == (384, 384, 3)
+    result = anyres.anyres_image(image)
+    assert result.pixels.shape[0] == 1 + result.grid_wh[0] * result.grid_wh[1]
+    assert result.num_positions >= 729  # a 3000x2 strip keeps no tile row after unpad, as in the reference
+    assert (result.entries[result.entries >= 0] < result.pixels.shape[0] * 729).all()
