@@ -8,7 +8,7 @@ import tokenizer_fixture
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.anyres import NEWLINE_ENTRY
 from unitoken_jax.tokenizer.conversation import (ConversationError, ImageInput, SequenceTooLong, decode,
-                                                 encode_conversation)
+                                                 encode_conversation, encode_item)
 from unitoken_jax.tokenizer.text import TextTokenizer, TokenizerError
 
 EOT, SEP, BREAK, EOSS, NL = 8710, 8198, 8197, 8196, 8803
@@ -204,3 +204,29 @@ def test_malformed_streams_are_typed_errors_or_repaired(tok, corrupt, message):
     fixed = layout.parse_image_ids(bad, repair=True)
     assert fixed.code_ids.shape == (4, 6) and fixed.repairs
     assert set(fixed.code_ids.ravel().tolist()) <= set(tok.code_to_bpe.tolist())
+
+
+def test_encode_item_from_files(tok, tmp_path):
+    from PIL import Image
+    from skimage import data as skdata
+
+    from unitoken_jax.models.vqgan import VQGANConfig
+    from unitoken_jax.tokenizer.vq import VQTokenizer
+
+    Image.fromarray(skdata.coffee()).save(tmp_path / "coffee.png")
+    Image.fromarray(skdata.camera()).save(tmp_path / "camera.png")
+    vq = VQTokenizer.random(VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, embed_dim=8,
+                                        n_embed=8192))
+    item = {"conversations": [{"from": "human", "value": "<|image|> then <|image|>"}, {"from": "gpt", "value": "he"}],
+            "image": ["coffee.png", "camera.png"]}
+    for anyres in (False, True):
+        enc, pixels = encode_item(item, tok, vq, image_root=str(tmp_path), anyres=anyres, vq_size=64)
+        codes = vq.encode_images([Image.open(tmp_path / "coffee.png"), Image.open(tmp_path / "camera.png")], size=64)
+        start, _ = enc.image_spans[0]
+        assert enc.tokens[start:start + 3].tolist() == [BREAK, 8812, 8812]  # 16x16 codes = 8 grid units
+        assert enc.tokens[start + 3:start + 19].tolist() == tok.codes_to_ids(codes[0][0]).tolist()
+        assert enc.feature_index[enc.is_continuous].max() < len(pixels) * 729
+        if not anyres:
+            assert pixels.shape == (2, 384, 384, 3) and enc.is_continuous.sum() == 2 * 729
+        else:
+            assert pixels.shape[0] > 2 and (enc.tokens == NL).sum() > 2 * 16

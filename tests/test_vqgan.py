@@ -137,3 +137,21 @@ def test_full_size_config_shapes():
         count = sum(p.numel() for m in (taming.Encoder(**dd), taming.Decoder(**dd)) for p in m.parameters())
     count += 2 * (256 * 256 + 256) + 8192 * 256
     assert n == count
+
+
+def test_cli_reconstruct_writes_the_picture_and_says_the_grid(tmp_path, capsys):
+    from PIL import Image
+    from skimage import data as skdata
+
+    from unitoken_jax import cli
+
+    _meta_checkpoint(tmp_path, seed=6)
+    Image.fromarray(skdata.chelsea()).save(tmp_path / "cat.png")
+    out = tmp_path / "out.png"
+    assert cli.main(["reconstruct", str(tmp_path / "cat.png"), "--out", str(out), "--size", "64",
+                     "--vqgan", str(tmp_path / "vqgan.ckpt"), "--side-by-side"]) == 0
+    assert "16x16 codes (256 tokens" in capsys.readouterr().out
+    assert Image.open(out).size == (128, 64)
+    assert cli.main(["reconstruct", str(tmp_path / "missing.png"), "--out", str(out),
+                     "--vqgan", str(tmp_path / "vqgan.ckpt")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -55,6 +55,32 @@ def _init(args) -> int:
     return 0
 
 
+def _reconstruct(args) -> int:
+    from unitoken_jax.tokenizer.images import load_image, vq_crop
+    from unitoken_jax.tokenizer.vq import VQTokenizer
+
+    vqgan = args.vqgan or os.environ.get("UNITOKEN_VQGAN")
+    if not vqgan:
+        raise ValueError("no VQ-GAN: pass --vqgan path/to/vqgan.ckpt (with vqgan.yaml beside it) or set UNITOKEN_VQGAN")
+    vq = VQTokenizer.from_meta(vqgan)
+    image = load_image(args.image)
+    codes = vq.encode_images([image], size=args.size)
+    h, w = codes.shape[1:]
+    picture = vq.decode_to_pil(codes)[0]
+    if args.side_by_side:
+        from PIL import Image
+
+        crop = vq_crop(image, args.size).convert("RGB")
+        both = Image.new("RGB", (2 * args.size, args.size))
+        both.paste(crop, (0, 0))
+        both.paste(picture, (args.size, 0))
+        picture = both
+    picture.save(args.out)
+    print(f"{args.image}: {image.width}x{image.height} -> {args.size}x{args.size} crop -> {h}x{w} codes "
+          f"({h * w} tokens, {len(set(codes.ravel().tolist()))} distinct) -> {args.out}")
+    return 0
+
+
 def hf_io_shard_gb() -> float:
     from unitoken_jax.convert.hf import SHARD_BYTES
 
@@ -79,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", help="dtype of the written tensors")
     init.set_defaults(func=_init)
+    recon = sub.add_parser("reconstruct", help="image -> VQ codes -> image: the tokenizer at work on a photo")
+    recon.add_argument("image")
+    recon.add_argument("--out", required=True, help="where to write the reconstruction (PNG)")
+    recon.add_argument("--vqgan", default=None, help="Meta's vqgan.ckpt (vqgan.yaml beside it); or $UNITOKEN_VQGAN")
+    recon.add_argument("--size", type=int, default=512, help="crop side in pixels (a multiple of 32)")
+    recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
+    recon.set_defaults(func=_reconstruct)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -183,3 +183,34 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
 
 def pictures(parts: list) -> list[Image.Image]:
     return [p for p in parts if isinstance(p, Image.Image)]
+
+
+def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_root: str = ".", anyres: bool = False,
+                vq_size: int = 512, siglip_size: int = 384, patch: int = 14, max_length: int | None = None):
+    """One JSON item with its image files -> (EncodedConversation, SigLIP pixels [tiles, S, S, 3]).
+
+    Convenience for single items (inference, tests); the pre-tokenizer batches many items' images
+    through the VQ-GAN at once instead. `feature_index` refers to the rows of
+    `features(pixels).reshape(-1, D)`.
+    """
+    import os
+
+    from unitoken_jax.tokenizer import anyres as anyres_lib
+    from unitoken_jax.tokenizer.images import load_image, siglip_pixels
+
+    paths = image_list(item)
+    pictures_ = [load_image(p if os.path.isabs(str(p)) else os.path.join(image_root, p)) for p in paths]
+    side = siglip_size // patch
+    codes = vq.encode_images(pictures_, size=vq_size) if pictures_ else []
+    inputs, pixels = [], []
+    for picture, code in zip(pictures_, codes):
+        if anyres:
+            tiled = anyres_lib.anyres_image(picture, siglip_size, patch)
+            inputs.append(ImageInput(code, tiled.entries, len(tiled.pixels) * side * side))
+            pixels.append(tiled.pixels)
+        else:
+            inputs.append(ImageInput(code, anyres_lib.base_entries(side), side * side))
+            pixels.append(siglip_pixels(picture, siglip_size)[None])
+    encoded = encode_conversation(item, inputs, tokenizer, max_length=max_length)
+    stacked = np.concatenate(pixels) if pixels else np.zeros((0, siglip_size, siglip_size, 3), np.float32)
+    return encoded, stacked
