@@ -164,3 +164,30 @@ def test_bad_multimodal_inputs_are_refused(release):
     with pytest.raises(ValueError, match="outside 0..15"):
         model.forward(tokens, is_continuous=cont, feature_index=np.full((1, 20), 16),
                       pixels=np.zeros((1, 56, 56, 3), np.float32))
+
+
+def test_an_encoded_item_runs_through_the_model(release, tmp_path):
+    """Tokenizer output (ids, labels, slots, SigLIP pixels) fits the model's forward as it is."""
+    import tokenizer_fixture
+    from PIL import Image
+    from skimage import data as skdata
+
+    from unitoken_jax.models.vqgan import VQGANConfig
+    from unitoken_jax.tokenizer.conversation import encode_item
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.tokenizer.vq import VQTokenizer
+
+    model = release[0]
+    tok = TextTokenizer(tokenizer_fixture.build())
+    vq = VQTokenizer.random(VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, embed_dim=8))
+    Image.fromarray(skdata.rocket()).save(tmp_path / "rocket.png")
+    item = {"conversations": [{"from": "human", "value": "<|image|>the"}, {"from": "gpt", "value": "he <|image|>"}],
+            "image": ["rocket.png", "rocket.png"]}
+    # the tiny test tower has 14-px patches: 56-px SigLIP inputs give 16 features per image
+    enc, pixels = encode_item(item, tok, vq, image_root=str(tmp_path), vq_size=32, siglip_size=56)
+    tokens = np.minimum(enc.tokens, oracles.VOCAB - 1)  # the tiny decoder's vocabulary ends at 8959
+    labels = np.where(enc.labels >= 0, np.minimum(enc.labels, oracles.VOCAB - 1), -100)
+    _, metrics = model.forward(tokens[None], labels=labels[None], is_continuous=enc.is_continuous[None],
+                               feature_index=enc.feature_index[None], pixels=pixels)
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(metrics["tokens_generation"]) > 0 and int(metrics["tokens_understanding"]) > 0

@@ -155,3 +155,23 @@ def test_cli_reconstruct_writes_the_picture_and_says_the_grid(tmp_path, capsys):
     assert cli.main(["reconstruct", str(tmp_path / "missing.png"), "--out", str(out),
                      "--vqgan", str(tmp_path / "vqgan.ckpt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_generated_ids_decode_to_pictures(tmp_path):
+    import tokenizer_fixture
+    from PIL import Image
+
+    from unitoken_jax.tokenizer import layout
+    from unitoken_jax.tokenizer.conversation import decode, pictures
+    from unitoken_jax.tokenizer.text import TextTokenizer
+
+    _meta_checkpoint(tmp_path, seed=8)
+    vq = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
+    tok = TextTokenizer(tokenizer_fixture.build())
+    codes = np.random.default_rng(3).integers(0, N_EMBED, (4, 6))
+    ids = tok.encode_text("he") + layout.discrete_image_ids(tok.codes_to_ids(codes)) + [layout.IMAGE_END, 8710]
+    parts = decode(ids, tok, vq)
+    (picture,) = pictures(parts)
+    assert parts[0] == "he" and isinstance(picture, Image.Image) and picture.size == (24, 16)
+    expected = ((np.clip(vq.decode(codes[None])[0], -1, 1) + 1) / 2 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(picture), expected)
