@@ -166,8 +166,12 @@ class ChameleonDecoder(nn.Module):
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens_BT)
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: Cache | None = None, deterministic: bool = True):
-        """Runs the layers on input embeddings; returns (float32 logits [B, T, V], updated cache or None)."""
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: Cache | None = None, deterministic: bool = True,
+                 logits_at_B: jax.Array | None = None):
+        """Runs the layers on input embeddings; returns (float32 logits [B, T, V], updated cache or None).
+
+        `logits_at_B` (an index per row) computes the logits of that one position only ([B, 1, V]):
+        what a prefill needs, without a [B, T, V] array."""
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
         if cache is None:
             mask_BTS = segment_causal_mask(segment_ids_BT)
@@ -189,6 +193,8 @@ class ChameleonDecoder(nn.Module):
                 per_layer.append(new)
             new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
+        if logits_at_B is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None].astype(jnp.int32), axis=1)
         logits_BTV = self.lm_head(self.norm(x_BTD)).astype(jnp.float32)
         logits_BTV = constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         if cache is None:

@@ -1,0 +1,71 @@
+"""Each row's state machine for images: the grid is enforced while a row draws.
+
+Modes: TEXT, then after <racm3:break> HEIGHT and WIDTH (grid tokens, the sizes a row allows),
+BODY (only image codes inside a row, the newline at each row end), END (only <eoss>), then TEXT
+again, or DONE. A row that was asked for a size gets exactly H * (W + 1) body tokens and <eoss>.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from unitoken_jax.tokenizer import layout
+
+TEXT, HEIGHT, WIDTH, BODY, END, DONE = range(6)
+_NON_TEXT = (layout.CODE_ID_RANGE, (layout.IMAGE_END, layout.IMAGE_END + 1), (layout.SEP, layout.SEP + 1),
+             (layout.NEWLINE, layout.GRID_BASE + layout.MAX_GRID + 1))
+
+
+def allowed(state, vocab_size: int):
+    """Boolean [R, V] of the ids each row may emit now."""
+    ids = jnp.arange(vocab_size)[None, :]
+    mode = state["mode"][:, None]
+    lo, hi = layout.CODE_ID_RANGE
+    is_code = (ids >= lo) & (ids < hi)
+
+    text_ok = jnp.ones_like(ids, dtype=bool)
+    for a, b in _NON_TEXT:
+        text_ok &= ~((ids >= a) & (ids < b))
+    text_ok &= (ids != layout.IMAGE_START) | state["allow_images"][:, None]
+
+    def grid_ok(forced):
+        forced = forced[:, None]
+        n = ids - layout.GRID_BASE
+        free = (n >= 1) & (n <= state["max_grid"][:, None])
+        return jnp.where(forced > 0, n == forced, free)
+
+    at_row_end = (state["col"] == state["w_codes"])[:, None]
+    body_ok = jnp.where(at_row_end, ids == layout.NEWLINE, is_code)
+    out = jnp.where(mode == TEXT, text_ok, False)
+    out = jnp.where(mode == HEIGHT, grid_ok(state["forced_h"]), out)
+    out = jnp.where(mode == WIDTH, grid_ok(state["forced_w"]), out)
+    out = jnp.where(mode == BODY, body_ok, out)
+    out = jnp.where(mode == END, ids == layout.IMAGE_END, out)
+    return out
+
+
+def advance(state, token_R, stop_R):
+    """The state after each row emitted `token_R`; `stop_R` marks stop tokens for text rows."""
+    mode, col, row = state["mode"], state["col"], state["row"]
+    grid = (token_R - layout.GRID_BASE) * layout.CODES_PER_GRID
+    new_mode = mode
+    new_mode = jnp.where((mode == TEXT) & (token_R == layout.IMAGE_START), HEIGHT, new_mode)
+    new_mode = jnp.where((mode == TEXT) & stop_R, DONE, new_mode)
+    new_mode = jnp.where(mode == HEIGHT, WIDTH, new_mode)
+    new_mode = jnp.where(mode == WIDTH, BODY, new_mode)
+    h_codes = jnp.where(mode == HEIGHT, grid, state["h_codes"])
+    w_codes = jnp.where(mode == WIDTH, grid, state["w_codes"])
+    in_body = mode == BODY
+    newline = in_body & (col == w_codes)
+    new_col = jnp.where(mode == WIDTH, 0, jnp.where(in_body, jnp.where(newline, 0, col + 1), col))
+    new_row = jnp.where(mode == WIDTH, 0, jnp.where(newline, row + 1, row))
+    new_mode = jnp.where(newline & (new_row == h_codes), END, new_mode)
+    after_image = jnp.where(state["stop_after_image"], DONE, TEXT)
+    new_mode = jnp.where(mode == END, after_image, new_mode)
+    new_mode = jnp.where(mode == DONE, DONE, new_mode)
+    return {**state, "mode": new_mode, "col": new_col, "row": new_row, "h_codes": h_codes, "w_codes": w_codes,
+            "images_done": state["images_done"] + (mode == END)}
+
+
+def in_image(state):
+    return (state["mode"] >= HEIGHT) & (state["mode"] <= END)
