@@ -137,3 +137,37 @@ def hf_logits(chameleon, input_ids=None, inputs_embeds=None):
     with torch.no_grad():
         out = chameleon.model(input_ids=input_ids, inputs_embeds=inputs_embeds)
         return chameleon.lm_head(out.last_hidden_state).float().numpy()
+
+
+# --- a VQ-GAN checkpoint in Meta's format (taming-transformers modules) ---------------------------
+
+VQ_DD = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+             in_channels=3, resolution=64, z_channels=32, double_z=False)
+VQ_EMBED, VQ_N_EMBED = 8, 64
+
+
+def write_meta_vqgan(path, seed=0, n_embed=VQ_N_EMBED):
+    """vqgan.ckpt (Lightning-style, with loss.* tensors to be skipped) + vqgan.yaml in `path`;
+    returns the torch modules (encoder, decoder, quant_conv, post_quant_conv, codebook)."""
+    import taming.modules.diffusionmodules.model as taming
+
+    dd = VQ_DD
+    torch.manual_seed(seed)
+    enc, dec = taming.Encoder(**dd).eval(), taming.Decoder(**dd).eval()
+    quant_conv = torch.nn.Conv2d(dd["z_channels"], VQ_EMBED, 1)
+    post_quant_conv = torch.nn.Conv2d(VQ_EMBED, dd["z_channels"], 1)
+    codebook = torch.nn.Embedding(n_embed, VQ_EMBED)
+    for m in (enc, dec, quant_conv, post_quant_conv, codebook):
+        randomize_(m, seed)
+    sd = {}
+    for prefix, m in (("encoder.", enc), ("decoder.", dec), ("quant_conv.", quant_conv),
+                      ("post_quant_conv.", post_quant_conv)):
+        sd.update({prefix + k: v for k, v in m.state_dict().items()})
+    sd["quantize.embedding.weight"] = codebook.weight.detach().clone()
+    sd["loss.discriminator.main.0.weight"] = torch.zeros(4, 3, 4, 4)
+    torch.save({"state_dict": sd, "epoch": 7, "global_step": 1000}, os.path.join(path, "vqgan.ckpt"))
+    with open(os.path.join(path, "vqgan.yaml"), "w") as f:
+        f.write("model:\n  params:\n    embed_dim: %d\n    n_embed: %d\n    ddconfig:\n" % (VQ_EMBED, n_embed))
+        for k, v in dd.items():
+            f.write(f"      {k}: {list(v) if isinstance(v, tuple) else v}\n")
+    return enc, dec, quant_conv, post_quant_conv, codebook

@@ -17,33 +17,7 @@ from unitoken_jax.tokenizer.vq import VQTokenizer
 
 taming = pytest.importorskip("taming.modules.diffusionmodules.model",
                              reason="pip install --no-deps taming-transformers-rom1504 (see README)")
-
-DD = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=[], dropout=0.0,
-          in_channels=3, resolution=64, z_channels=32, double_z=False)
-EMBED, N_EMBED = 8, 64
-
-
-def _meta_checkpoint(path, seed=0):
-    """A Lightning-style checkpoint with the taming VQModel's keys (plus loss.* to be skipped)."""
-    torch.manual_seed(seed)
-    enc, dec = taming.Encoder(**DD).eval(), taming.Decoder(**DD).eval()
-    quant_conv = torch.nn.Conv2d(DD["z_channels"], EMBED, 1)
-    post_quant_conv = torch.nn.Conv2d(EMBED, DD["z_channels"], 1)
-    codebook = torch.nn.Embedding(N_EMBED, EMBED)
-    for m in (enc, dec, quant_conv, post_quant_conv, codebook):
-        oracles.randomize_(m, seed)
-    sd = {}
-    for prefix, m in (("encoder.", enc), ("decoder.", dec), ("quant_conv.", quant_conv),
-                      ("post_quant_conv.", post_quant_conv)):
-        sd.update({prefix + k: v for k, v in m.state_dict().items()})
-    sd["quantize.embedding.weight"] = codebook.weight.detach().clone()
-    sd["loss.discriminator.main.0.weight"] = torch.zeros(4, 3, 4, 4)
-    torch.save({"state_dict": sd, "epoch": 7, "global_step": 1000}, os.path.join(path, "vqgan.ckpt"))
-    with open(os.path.join(path, "vqgan.yaml"), "w") as f:
-        f.write("model:\n  params:\n    embed_dim: %d\n    n_embed: %d\n    ddconfig:\n" % (EMBED, N_EMBED))
-        for k, v in DD.items():
-            f.write(f"      {k}: {list(v) if isinstance(v, tuple) else v}\n")
-    return enc, dec, quant_conv, post_quant_conv, codebook
+from oracles import VQ_DD as DD, VQ_EMBED as EMBED, VQ_N_EMBED as N_EMBED, write_meta_vqgan as _meta_checkpoint  # noqa: E402
 
 
 def test_torch_file_reader_matches_torch_load(tmp_path):

@@ -1,0 +1,177 @@
+"""The compiled decode loop and the pipelines: batching, classifier-free guidance, the grid,
+and greedy parity with transformers' generate."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+import oracles
+import tokenizer_fixture
+import unitoken_jax
+from configs.model import get_config
+from unitoken_jax.inference import grid
+from unitoken_jax.inference.decode import Decoder, Request
+from unitoken_jax.inference.pipeline import UniTokenPipeline
+from unitoken_jax.tokenizer import layout
+from unitoken_jax.tokenizer.text import TextTokenizer
+from unitoken_jax.tokenizer.vq import VQTokenizer
+
+pytest.importorskip("taming.modules.diffusionmodules.model")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    cfg = cfg.replace(decoder=dataclasses.replace(cfg.decoder, vocab_size=9216))  # holds the test tokenizer
+    model = unitoken_jax.UniTokenModel.random(cfg, seed=0)
+    path = tmp_path_factory.mktemp("vq")
+    oracles.write_meta_vqgan(path, seed=1, n_embed=8192)
+    vq = VQTokenizer.from_meta(str(path / "vqgan.ckpt"))
+    images = tmp_path_factory.mktemp("images")
+    Image.fromarray(skdata.chelsea()).save(images / "cat.png")
+    Image.fromarray(skdata.coffee()).save(images / "coffee.png")
+    p = UniTokenPipeline(model, TextTokenizer(tokenizer_fixture.build()), vq, vq_size=32, image_prefix=())
+    p.image_dir = images
+    return p
+
+
+def _requests(pipe):
+    cat, coffee = str(pipe.image_dir / "cat.png"), str(pipe.image_dir / "coffee.png")
+    return [
+        pipe.understand_request([cat], "the cat is", max_new_tokens=6, temperature=0.8, top_k=50, seed=1),
+        pipe.generate_request("he is the", size=(64, 32), cfg=3.0, seed=2, image_top_k=100),
+        pipe.generate_request("or", size=(32, 64), cfg=1.0, seed=3, image_top_p=0.8, image_top_k=0),
+        pipe.edit_request(coffee, "the", size=(32, 32), cfg=2.0, seed=4, negative_prompt="or not"),
+        pipe.chat_request([{"from": "human", "value": "<|image|> and <|image|> then"}], [cat, coffee],
+                          max_new_tokens=5, temperature=1.0, seed=5),
+    ]
+
+
+def test_a_batch_equals_single_runs_with_the_same_seeds(pipe):
+    requests = _requests(pipe)
+    batched = pipe.decoder.generate(requests).tokens
+    for request, tokens in zip(requests, batched):
+        alone = pipe.decoder.generate([request]).tokens[0]
+        np.testing.assert_array_equal(tokens, alone)
+    assert len({len(t) for t in batched}) > 1  # rows of different lengths finished separately
+
+
+@pytest.mark.parametrize("grid_hw", [(1, 1), (2, 1), (1, 3), (3, 2)])
+def test_the_grid_always_gives_h_rows_of_w_codes_and_the_end(pipe, grid_hw):
+    req = pipe.generate_request("the", size=(32 * grid_hw[1], 32 * grid_hw[0]), cfg=2.0, seed=sum(grid_hw),
+                                image_top_k=0, image_temperature=1.5)
+    (tokens,) = pipe.decoder.generate([req]).tokens
+    h, w = 2 * grid_hw[0], 2 * grid_hw[1]
+    assert len(tokens) == 2 + h * (w + 1) + 1
+    parsed = layout.parse_image_ids([layout.IMAGE_START] + tokens.tolist())  # strict: raises if malformed
+    assert parsed.code_ids.shape == (h, w) and not parsed.repairs
+
+
+def _oracle_cfg_greedy(model, cond, uncond, scale, grid_hw):
+    """Per-row CFG written out step by step with full forwards (no cache, no batching), the way
+    the reference's processors define it: guidance inside the image body, the grid forced."""
+    h, w = 2 * grid_hw[0], 2 * grid_hw[1]
+    cond, uncond = list(cond), list(uncond)
+    out = []
+    for step in range(2 + h * (w + 1) + 1):
+        c = np.asarray(model.text_logits(np.array([cond])))[0, -1]
+        u = np.asarray(model.text_logits(np.array([uncond])))[0, -1]
+        if step < 2:
+            tok = layout.GRID_BASE + grid_hw[step]
+        elif step == 2 + h * (w + 1):
+            tok = layout.IMAGE_END
+        elif (step - 2) % (w + 1) == w:
+            tok = layout.NEWLINE
+        else:
+            guided = u + scale * (c - u)
+            allowed = np.full_like(guided, -np.inf)
+            allowed[4:8196] = guided[4:8196]
+            tok = int(np.argmax(allowed))
+        out.append(tok)
+        cond.append(tok)
+        uncond.append(tok)
+    return out
+
+
+def test_batched_cfg_equals_per_row_cfg(pipe):
+    model = pipe.model
+    requests = [pipe.generate_request("he", size=(64, 32), cfg=3.0, image_temperature=0.0),
+                pipe.generate_request("the or", size=(32, 32), cfg=1.5, image_temperature=0.0,
+                                      negative_prompt="not")]
+    batched = pipe.decoder.generate(requests).tokens
+    for request, tokens in zip(requests, batched):
+        expected = _oracle_cfg_greedy(model, request.tokens, request.uncond_tokens, request.cfg_scale, request.grid_hw)
+        assert tokens.tolist() == expected
+
+
+def test_greedy_text_equals_transformers_generate(tmp_path):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    hf = oracles.make_chameleon(seed=9)
+    oracles.write_chameleon(tmp_path, hf)
+    model = unitoken_jax.load(str(tmp_path))
+    text_ok = np.asarray(grid.allowed(
+        {"mode": np.zeros(1, np.int32), "allow_images": np.zeros(1, bool), "col": np.zeros(1, np.int32),
+         "w_codes": np.zeros(1, np.int32), "forced_h": np.zeros(1, np.int32), "forced_w": np.zeros(1, np.int32),
+         "max_grid": np.zeros(1, np.int32)}, oracles.VOCAB))[0]
+
+    class TextOnly(LogitsProcessor):  # what our text mode allows: no image codes or image-internal ids
+        def __call__(self, input_ids, scores):
+            return scores.masked_fill(torch.from_numpy(~text_ok)[None], -float("inf"))
+
+    prompts = [[1, 8900, 8901, 8902, 8903], [1, 8920, 8921]]
+    requests = [Request(np.array(p), max_new_tokens=12, stop_tokens=(-5,)) for p in prompts]
+    ours = Decoder(model.config, model.params).generate(requests).tokens
+    for p, mine in zip(prompts, ours):
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, logits_processor=LogitsProcessorList([TextOnly()]))
+        assert mine.tolist() == theirs[0, len(p):].tolist()
+
+
+def test_pipelines_return_text_and_pictures(pipe):
+    cat = str(pipe.image_dir / "cat.png")
+    answer = pipe.understand([cat], "the cat is", max_new_tokens=5, temperature=1.0)
+    assert isinstance(answer, str)
+    answers = pipe.understand([[cat], []], ["the", "or"], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    pictures = pipe.generate_image("he is", size=(64, 32), n=2, seed=7, progress=False)
+    assert len(pictures) == 2 and all(p.size == (16, 8) for p in pictures)  # the test VQ-GAN: 4 px a code
+    assert not np.array_equal(np.asarray(pictures[0]), np.asarray(pictures[1]))
+    edited = pipe.edit(cat, "the", size=(32, 32), progress=False)
+    assert isinstance(edited, Image.Image)
+    parts = pipe.chat([{"from": "human", "value": "the"}], max_new_tokens=4)
+    assert all(isinstance(p, (str, Image.Image, np.ndarray)) for p in parts)
+
+
+def test_sharded_decoding_equals_single_device(pipe):
+    from unitoken_jax import sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    sharded = unitoken_jax.UniTokenModel(pipe.model.config, pipe.model.params).shard(mesh)
+    requests = _requests(pipe)[:2]
+    single = pipe.decoder.generate(requests).tokens
+    multi = Decoder(sharded.config, sharded.params, mesh).generate(requests).tokens
+    for a, b in zip(single, multi):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_decoding_runs(pipe):
+    model = pipe.model
+    cfg = model.config.replace(dtype="bfloat16")
+    req = pipe.generate_request("he", size=(32, 32), cfg=3.0)
+    (tokens,) = Decoder(cfg, model.params).generate([req]).tokens
+    assert len(tokens) == 2 + 2 * 3 + 1
+
+
+def test_bad_requests(pipe):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pipe.generate_request("x", size=(40, 32))
+    with pytest.raises(ValueError, match="cannot hold"):
+        pipe.decoder.generate([pipe.generate_request("x", size=(64, 64), max_new_tokens=10)])
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq)  # the reference prefix 16853 > 9216

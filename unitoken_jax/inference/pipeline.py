@@ -1,0 +1,157 @@
+"""understand / generate_image / edit / chat on top of the decode loop, with PIL in and out.
+
+    pipe = UniTokenPipeline(model, tokenizer, vq)
+    pipe.understand(["cat.jpg"], "What animal is this?")              # -> "A cat."
+    pipe.generate_image("a red fox in snow", size=(512, 512), cfg=3.0, n=4, seed=0)   # -> [PIL x 4]
+    pipe.edit("cat.jpg", "make it a watercolour")                      # -> PIL
+    pipe.chat([{"from": "human", "value": "<|image|> and this?"}], images=["dog.png"])
+
+Every method takes lists as well as single values and runs them as one batch; `run` takes any
+mix of requests (`*_request` methods) and returns each one's decoded parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from unitoken_jax.inference.decode import Decoder, Request
+from unitoken_jax.tokenizer import layout
+from unitoken_jax.tokenizer.conversation import decode, encode_item
+
+GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+# The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
+REFERENCE_IMAGE_PREFIX = (16853,)
+
+
+def _listify(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+class UniTokenPipeline:
+    def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int = 512, siglip_size: int | None = None,
+                 image_prefix: Sequence[int] = REFERENCE_IMAGE_PREFIX, generate_template: str = GENERATE_TEMPLATE,
+                 max_length: int | None = None):
+        self.model, self.tokenizer, self.vq = model, tokenizer, vq
+        self.anyres, self.vq_size = anyres, vq_size
+        self.siglip_size = siglip_size or model.config.vision.image_size
+        vocab = model.config.decoder.vocab_size
+        bad = [i for i in image_prefix if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"image_prefix ids {bad} are outside the model's vocabulary of {vocab}")
+        self.image_prefix = list(image_prefix)
+        self.generate_template = generate_template
+        self.max_length = max_length or model.config.decoder.max_position_embeddings
+        self.decoder = Decoder(model.config, model.params, model.mesh)
+
+    # --- requests -------------------------------------------------------------------------------
+    def _encode(self, item):
+        enc, pixels = encode_item(item, self.tokenizer, self.vq, anyres=self.anyres, vq_size=self.vq_size,
+                                  siglip_size=self.siglip_size, max_length=self.max_length)
+        has_images = bool(enc.is_continuous.any())
+        return dict(tokens=enc.tokens, is_continuous=enc.is_continuous if has_images else None,
+                    feature_index=enc.feature_index if has_images else None, pixels=pixels if has_images else None)
+
+    def understand_request(self, images, question: str, **options) -> Request:
+        images = _listify(images)
+        value = "".join("<|image|>" for _ in images) + ("\n" if images else "") + question
+        item = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": None}], "image": images}
+        return Request(**self._encode(item), **{"max_new_tokens": 256, **options})
+
+    def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
+        w, h = size
+        if w % layout.PIXELS_PER_GRID or h % layout.PIXELS_PER_GRID:
+            raise ValueError(f"image size {w}x{h} must be a multiple of {layout.PIXELS_PER_GRID} pixels")
+        grid_hw = (h // layout.PIXELS_PER_GRID, w // layout.PIXELS_PER_GRID)
+        encoded = self._encode(item)
+        encoded["tokens"] = np.concatenate([encoded["tokens"], self.image_prefix + [layout.IMAGE_START]]).astype(np.int32)
+        if encoded["is_continuous"] is not None:
+            pad = len(self.image_prefix) + 1
+            encoded["is_continuous"] = np.concatenate([encoded["is_continuous"], np.zeros(pad, bool)])
+            encoded["feature_index"] = np.concatenate([encoded["feature_index"], np.zeros(pad, np.int32)])
+        uncond = None
+        if negative_prompt is not None:
+            neg = {"conversations": [{"from": "human", "value": negative_prompt}, {"from": "gpt", "value": None}]}
+            uncond = np.concatenate([self._encode(neg)["tokens"], self.image_prefix + [layout.IMAGE_START]])
+        body = grid_hw[0] * layout.CODES_PER_GRID * (grid_hw[1] * layout.CODES_PER_GRID + 1)
+        defaults = {"image_temperature": 1.0, "image_top_k": 2000, "max_new_tokens": 2 + body + 1,
+                    "stop_after_image": True}
+        return Request(**encoded, grid_hw=grid_hw, cfg_scale=cfg, uncond_tokens=uncond, **{**defaults, **options})
+
+    def generate_request(self, prompt: str, *, size=(512, 512), cfg: float = 3.0, negative_prompt=None,
+                         **options) -> Request:
+        text = self.generate_template.format(w=size[0], h=size[1], prompt=prompt)
+        item = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": None}]}
+        return self._image_request(item, size, cfg, negative_prompt, **options)
+
+    def edit_request(self, image, instruction: str, *, size=(512, 512), cfg: float = 3.0, negative_prompt=None,
+                     **options) -> Request:
+        item = {"conversations": [{"from": "human", "value": f"<|image|>\n{instruction}"},
+                                  {"from": "gpt", "value": None}], "image": [image]}
+        return self._image_request(item, size, cfg, negative_prompt, **options)
+
+    def chat_request(self, messages: list[dict[str, Any]], images=(), **options) -> Request:
+        item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": list(images)}
+        return Request(**self._encode(item), **{"max_new_tokens": 512, "allow_images": True, **options})
+
+    # --- running --------------------------------------------------------------------------------
+    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False) -> list[list]:
+        """Generates all requests as one batch; each result is [text, picture, ...]."""
+        bar = None
+        callback = None
+        total_rows = sum(r.grid_hw[0] * layout.CODES_PER_GRID for r in requests if r.grid_hw is not None)
+        if progress and total_rows:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_rows, desc="image rows", unit="row")
+            heights = np.array([(r.grid_hw[0] * layout.CODES_PER_GRID if r.grid_hw else 0) for r in requests])
+
+            def callback(info):
+                n = len(requests)
+                drawn = np.minimum(info["rows_drawn"][:n] + info["images_done"][:n] * heights, heights)
+                bar.update(int(drawn.sum()) - bar.n)
+
+        out = self.decoder.generate(requests, progress=callback)
+        if bar is not None:
+            bar.update(total_rows - bar.n)
+            bar.close()
+        results = []
+        for request, ids in zip(requests, out.tokens):
+            if request.tokens[-1] == layout.IMAGE_START:
+                ids = np.concatenate([[layout.IMAGE_START], ids])
+            results.append(decode(ids, self.tokenizer, self.vq, repair=repair))
+        return results
+
+    def understand(self, images, question, **options):
+        """Answers; a list of questions (with a list of image lists) runs as one batch."""
+        single = isinstance(question, str)
+        questions = [question] if single else list(question)
+        image_sets = [images] if single else list(images)
+        results = self.run([self.understand_request(i, q, **options) for i, q in zip(image_sets, questions)])
+        texts = ["".join(p for p in parts if isinstance(p, str)) for parts in results]
+        return texts[0] if single else texts
+
+    def generate_image(self, prompt, *, size=(512, 512), cfg: float = 3.0, n: int = 1, seed: int = 0,
+                       progress: bool = True, **options) -> list[Image.Image] | list[list[Image.Image]]:
+        """n pictures per prompt (seeds seed, seed+1, ...); a list of prompts gives a list of lists."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        requests = [self.generate_request(p, size=size, cfg=cfg, seed=seed + j, **options)
+                    for p in prompts for j in range(n)]
+        results = self.run(requests, progress=progress)
+        pics = [[x for x in r if not isinstance(x, str)][0] for r in results]
+        grouped = [pics[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return grouped[0] if single else grouped
+
+    def edit(self, image, instruction: str, *, size=(512, 512), cfg: float = 3.0, seed: int = 0,
+             progress: bool = True, **options):
+        (result,) = self.run([self.edit_request(image, instruction, size=size, cfg=cfg, seed=seed, **options)],
+                             progress=progress)
+        return [x for x in result if not isinstance(x, str)][0]
+
+    def chat(self, messages, images=(), **options) -> list:
+        """The next assistant turn of a conversation: [text, picture, ...]."""
+        (result,) = self.run([self.chat_request(messages, images, **options)])
+        return result
