@@ -175,3 +175,28 @@ def test_bad_requests(pipe):
         pipe.decoder.generate([pipe.generate_request("x", size=(64, 64), max_new_tokens=10)])
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq)  # the reference prefix 16853 > 9216
+
+
+def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
+    import io
+
+    from unitoken_jax import cli
+
+    pipe.model.save_hf(str(tmp_path / "model"))
+    (tmp_path / "tok.json").write_text(tokenizer_fixture.build())
+    oracles.write_meta_vqgan(tmp_path, seed=1, n_embed=8192)
+    common = ["--model", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok.json"),
+              "--vqgan", str(tmp_path / "vqgan.ckpt"), "--image-prefix", "", "--vq-size", "32"]
+    cat = str(pipe.image_dir / "cat.png")
+    assert cli.main(["understand", cat, "the cat is", "--max-new-tokens", "4", *common]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert cli.main(["generate", "he is", "--out", str(tmp_path / "g.png"), "--n", "2", "--size", "64x32",
+                     *common]) == 0
+    assert Image.open(tmp_path / "g_0.png").size == (16, 8) and (tmp_path / "g_1.png").exists()
+    assert cli.main(["edit", cat, "the", "--out", str(tmp_path / "e.png"), "--size", "32x32", *common]) == 0
+    assert (tmp_path / "e.png").exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {cat}\nthe cat\nor\n"))
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", *common]) == 0
+    assert capsys.readouterr().out.count("assistant:") == 2
+    assert cli.main(["generate", "x", "--out", str(tmp_path / "x.png"), "--size", "7x7", *common]) == 2
+    assert "multiple of 32" in capsys.readouterr().err

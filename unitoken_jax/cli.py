@@ -81,6 +81,114 @@ def _reconstruct(args) -> int:
     return 0
 
 
+def _pipeline(args):
+    import unitoken_jax
+    from unitoken_jax.inference.pipeline import REFERENCE_IMAGE_PREFIX, UniTokenPipeline
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.tokenizer.vq import VQTokenizer
+
+    paths = {}
+    for name, env in (("model", "UNITOKEN_MODEL"), ("tokenizer", "UNITOKEN_TOKENIZER"), ("vqgan", "UNITOKEN_VQGAN")):
+        paths[name] = getattr(args, name) or os.environ.get(env)
+        if not paths[name]:
+            raise ValueError(f"no --{name} given and ${env} is not set")
+    model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype)
+    prefix = REFERENCE_IMAGE_PREFIX if args.image_prefix is None else [
+        int(x) for x in args.image_prefix.split(",") if x.strip()]
+    return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), VQTokenizer.from_meta(paths["vqgan"]),
+                            anyres=args.anyres, vq_size=args.vq_size, image_prefix=prefix)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise ValueError(f"--size must look like 512x512, got {text!r}") from e
+    return w, h
+
+
+def _numbered(out: str, i: int, n: int) -> str:
+    if n == 1:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}_{i}{ext or '.png'}"
+
+
+def _understand(args) -> int:
+    *images, question = args.inputs
+    pipe = _pipeline(args)
+    print(pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          seed=args.seed))
+    return 0
+
+
+def _generate(args) -> int:
+    pipe = _pipeline(args)
+    pictures = pipe.generate_image(args.prompt, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
+                                   image_top_k=args.top_k, image_temperature=args.temperature,
+                                   negative_prompt=args.negative_prompt)
+    for i, picture in enumerate(pictures):
+        path = _numbered(args.out, i, len(pictures))
+        _save(picture, path)
+        print(f"wrote {path}")
+    return 0
+
+
+def _edit(args) -> int:
+    pipe = _pipeline(args)
+    picture = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
+                        image_top_k=args.top_k, image_temperature=args.temperature)
+    _save(picture, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _save(picture, path):
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(picture, Image.Image):
+        raise ValueError(f"the VQ-GAN could not draw the codes (shape {np.shape(picture)}): it has no decoder")
+    picture.save(path)
+
+
+def _chat(args) -> int:
+    """Reads user turns from stdin; '/image PATH' attaches a picture to the next turn."""
+    from PIL import Image
+
+    pipe = _pipeline(args)
+    messages, images, pending, drawn = [], [], [], 0
+    os.makedirs(args.out_dir, exist_ok=True)
+    print("chat: type a message; '/image PATH' attaches a picture; an empty line or EOF ends.", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if not line:
+            break
+        if line.startswith("/image "):
+            pending.append(line[len("/image "):].strip())
+            continue
+        messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
+        images += pending
+        pending = []
+        parts = pipe.chat(messages, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          seed=args.seed + len(messages))
+        shown, reply = [], []
+        for part in parts:
+            if isinstance(part, str):
+                shown.append(part)
+                reply.append(part)
+            elif isinstance(part, Image.Image):
+                path = os.path.join(args.out_dir, f"chat_{drawn}.png")
+                part.save(path)
+                drawn += 1
+                shown.append(f"[picture: {path}]")
+                reply.append("<|image|>")
+                images.append(path)
+        print("assistant:", "".join(shown), flush=True)
+        messages.append({"from": "gpt", "value": "".join(reply)})
+    return 0
+
+
 def hf_io_shard_gb() -> float:
     from unitoken_jax.convert.hf import SHARD_BYTES
 
@@ -112,6 +220,47 @@ def main(argv: list[str] | None = None) -> int:
     recon.add_argument("--size", type=int, default=512, help="crop side in pixels (a multiple of 32)")
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
+    def model_args(p, image_out=False):
+        p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL)")
+        p.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json (default $UNITOKEN_TOKENIZER)")
+        p.add_argument("--vqgan", help="Meta's vqgan.ckpt, vqgan.yaml beside it (default $UNITOKEN_VQGAN)")
+        p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
+        p.add_argument("--vq-size", type=int, default=512, help="side of the VQ crop of input pictures")
+        p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+        p.add_argument("--image-prefix", default=None,
+                       help="comma-separated ids put before <racm3:break> when asking for a picture "
+                            "(default: the reference's 16853; '' for none)")
+        p.add_argument("--seed", type=int, default=0)
+        if image_out:
+            p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT in pixels, multiples of 32")
+            p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+            p.add_argument("--top-k", type=int, default=2000)
+            p.add_argument("--temperature", type=float, default=1.0)
+        else:
+            p.add_argument("--max-new-tokens", type=int, default=256)
+            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    und = sub.add_parser("understand", help="answer a question about pictures")
+    und.add_argument("inputs", nargs="+", metavar="IMAGE... QUESTION")
+    model_args(und)
+    und.set_defaults(func=_understand)
+    gen = sub.add_parser("generate", help="draw pictures from a text prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1)")
+    gen.add_argument("--n", type=int, default=1, help="pictures to draw (one batch)")
+    gen.add_argument("--negative-prompt", default=None)
+    model_args(gen, image_out=True)
+    gen.set_defaults(func=_generate)
+    edi = sub.add_parser("edit", help="draw a new picture from a picture and an instruction")
+    edi.add_argument("image")
+    edi.add_argument("instruction")
+    edi.add_argument("--out", required=True)
+    model_args(edi, image_out=True)
+    edi.set_defaults(func=_edit)
+    cha = sub.add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out")
+    cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
+    model_args(cha)
+    cha.set_defaults(func=_chat)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
