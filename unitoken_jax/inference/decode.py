@@ -184,10 +184,11 @@ class Decoder:
                 lg = sampling.classifier_free_guidance(logits, uncond_row, p["cfg_scale"], apply_cfg)
                 lg = jnp.where(grid.allowed(state, vocab), lg, sampling.NEG_INF)
                 temp = jnp.where(in_img, p["image_temperature"], p["temperature"])
-                lg = sampling.top_k_top_p(lg, jnp.where(in_img, p["image_top_k"], p["top_k"]),
-                                          jnp.where(in_img, p["image_top_p"], p["top_p"]), max_k)
                 row_keys = jax.vmap(jax.random.fold_in)(keys, c["n_out"])
-                tok = sampling.sample(lg, row_keys, temp)
+                tok = sampling.sample(lg, row_keys, temp, jnp.where(in_img, p["image_top_k"], p["top_k"]),
+                                      jnp.where(in_img, p["image_top_p"], p["top_p"]), max_k)
+                forced = grid.forced_token(state)
+                tok = jnp.where(forced >= 0, forced, tok)
                 tok = jnp.take(tok, primary)  # unconditional rows follow their row's choice
                 active = ~c["done"]
                 r = jnp.arange(tok.shape[0])
@@ -201,8 +202,16 @@ class Decoder:
                 done = jnp.take(done, primary)
                 feed = active & ~done
                 positions = (prompt_len + n_out - 1)[:, None]
-                logits, cache = self._apply(params, tok[:, None], positions, feed[:, None].astype(jnp.int32),
-                                            cache=c["cache"], logits_at_B=jnp.zeros_like(prompt_len))
+                hidden, cache = self._apply(params, tok[:, None], positions, feed[:, None].astype(jnp.int32),
+                                            cache=c["cache"], return_hidden=True)
+
+                def code_logits(h):  # only image codes can be drawn next: 1/8 of the projection
+                    part = self._apply(params, h, grid.CODE_LOGITS, method=UniToken.head)
+                    return jnp.pad(part, ((0, 0), (0, 0), (0, vocab - grid.CODE_LOGITS)),
+                                   constant_values=sampling.NEG_INF)
+
+                logits = jax.lax.cond(grid.codes_only(state), code_logits,
+                                      lambda h: self._apply(params, h, method=UniToken.head), hidden)
                 return {**c, "state": state, "logits": logits[:, 0], "cache": cache, "out": out, "n_out": n_out,
                         "done": done, "step": c["step"] + 1}
 
@@ -224,8 +233,8 @@ class Decoder:
                     raise ValueError(f"max_new_tokens={r.max_new_tokens} cannot hold a {r.grid_hw[0] * 32}x"
                                      f"{r.grid_hw[1] * 32} image ({need - 1} tokens after <racm3:break>)")
         v = self.config.decoder.vocab_size
-        needs_full = any((r.top_p < 1 and r.top_k <= 0) or (r.image_top_p < 1 and r.image_top_k <= 0) for r, *_ in rows)
-        max_k = v if needs_full else max(1, max(max(r.top_k, r.image_top_k) for r, *_ in rows))
+        max_k = sampling.num_candidates(v, [pair for r, *_ in rows for pair in
+                                            ((r.temperature, r.top_k), (r.image_temperature, r.image_top_k))])
         keys = jax.vmap(jax.random.key)(jnp.array([r.seed for r, *_ in rows], jnp.uint32))
 
         ctx = _mesh_context(self.mesh)

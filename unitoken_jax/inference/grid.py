@@ -69,3 +69,25 @@ def advance(state, token_R, stop_R):
 
 def in_image(state):
     return (state["mode"] >= HEIGHT) & (state["mode"] <= END)
+
+
+def forced_token(state):
+    """The one id a row must emit now (a requested grid size, a row-end newline, the end of the
+    image), or -1 where the row samples."""
+    mode = state["mode"]
+    forced = jnp.full(mode.shape, -1, jnp.int32)
+    forced = jnp.where((mode == HEIGHT) & (state["forced_h"] > 0), layout.GRID_BASE + state["forced_h"], forced)
+    forced = jnp.where((mode == WIDTH) & (state["forced_w"] > 0), layout.GRID_BASE + state["forced_w"], forced)
+    forced = jnp.where((mode == BODY) & (state["col"] == state["w_codes"]), layout.NEWLINE, forced)
+    return jnp.where(mode == END, layout.IMAGE_END, forced)
+
+
+CODE_LOGITS = layout.CODE_ID_RANGE[1]  # logits of ids [0, 8196) cover every image code
+
+
+def codes_only(state):
+    """True when no row needs a logit outside [0, CODE_LOGITS): each row is forced, drawing codes
+    or done, so the step can skip 7/8 of the output projection."""
+    mode = state["mode"]
+    ok = (mode == BODY) | (mode == END) | (mode == DONE) | (forced_token(state) >= 0)
+    return jnp.all(ok)

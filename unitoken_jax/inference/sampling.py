@@ -1,7 +1,12 @@
 """Pure logits transforms for decoding, one row of parameters per batch row.
 
-All functions take logits [R, V] and per-row arrays [R]; nothing reads row 0 for the batch (the
-reference's logits processors do, which makes its batches wrong).
+All functions take per-row arrays; nothing reads row 0 for the batch (the reference's logits
+processors do, which makes its batches wrong).
+
+Sampling works on each row's K best candidates (`lax.top_k`, K static: the largest top-k any row
+asks for, or the whole vocabulary when some row samples without a top-k). The Gumbel noise of a
+candidate depends only on the row's key and the token id, so a row draws the same token whatever
+K its batch needed: a batch of N equals N single runs.
 """
 
 from __future__ import annotations
@@ -21,32 +26,43 @@ def classifier_free_guidance(logits_RV, uncond_row_R, scale_R, apply_R):
     return jnp.where(use[:, None], guided, logits_RV)
 
 
-def top_k_top_p(logits_RV, top_k_R, top_p_R, max_k: int):
-    """Keeps each row's `top_k` largest logits (0 = all) and then its smallest set whose
-    probability reaches `top_p` (1 = all). `max_k` (static) bounds top_k for every row; top_p is
-    applied inside those `max_k` candidates, so pass max_k = V when some row has top_p < 1 and no
-    top_k."""
-    v = logits_RV.shape[-1]
-    k_cap = min(max_k, v)
-    values, _ = jax.lax.top_k(logits_RV, k_cap)  # descending [R, K]
-    k = jnp.where((top_k_R <= 0) | (top_k_R > k_cap), k_cap, top_k_R)
-    kth = jnp.take_along_axis(values, (k - 1)[:, None], axis=1)  # [R, 1]
-    # top-p on the surviving candidates
-    ranks = jnp.arange(k_cap)[None, :]
-    cand = jnp.where(ranks < k[:, None], values, NEG_INF)
-    probs = jax.nn.softmax(cand, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each candidate
-    keep = (before < top_p_R[:, None]) & (ranks < k[:, None])
-    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-    threshold = jnp.take_along_axis(values, (n_keep - 1)[:, None], axis=1)
-    threshold = jnp.maximum(threshold, kth)
-    return jnp.where(logits_RV >= threshold, logits_RV, NEG_INF)
+def filter_candidates(values_RK, top_k_R, top_p_R):
+    """`values_RK` sorted in descending order. Keeps each row's `top_k` first (0 = all K), then
+    the smallest prefix whose probability reaches `top_p` (1 = all); the rest become NEG_INF."""
+    k_total = values_RK.shape[1]
+    ranks = jnp.arange(k_total)[None, :]
+    k = jnp.where((top_k_R <= 0) | (top_k_R > k_total), k_total, top_k_R)[:, None]
+    kept = jnp.where(ranks < k, values_RK, NEG_INF)
+    probs = jax.nn.softmax(kept, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (ranks < k) & ((mass_before < top_p_R[:, None]) | (ranks == 0))
+    return jnp.where(keep, values_RK, NEG_INF)
 
 
-def sample(logits_RV, keys_R, temperature_R):
-    """Greedy where temperature == 0, else a categorical draw from logits / temperature with each
-    row's own key."""
-    greedy = jnp.argmax(logits_RV, axis=-1)
-    t = jnp.where(temperature_R > 0, temperature_R, 1.0)
-    drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_R, logits_RV / t[:, None])
-    return jnp.where(temperature_R > 0, drawn, greedy).astype(jnp.int32)
+def sample_candidates(values_RK, ids_RK, keys_R, temperature_R):
+    """Greedy (the first candidate) where temperature == 0, else Gumbel-max over the candidates
+    of values / temperature, with noise keyed by (row key, token id)."""
+    def noise(key, ids):
+        u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), minval=1e-20, maxval=1.0))(ids)
+        return -jnp.log(-jnp.log(u))
+
+    gumbel = jax.vmap(noise)(keys_R, ids_RK)
+    t = jnp.where(temperature_R > 0, temperature_R, 1.0)[:, None]
+    choice = jnp.argmax(jnp.where(values_RK > NEG_INF / 2, values_RK / t + gumbel, NEG_INF), axis=-1)
+    choice = jnp.where(temperature_R > 0, choice, 0)
+    return jnp.take_along_axis(ids_RK, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+
+def sample(logits_RV, keys_R, temperature_R, top_k_R, top_p_R, num_candidates: int):
+    """One token per row from logits [R, V] with the row's temperature / top-k / top-p."""
+    values, ids = jax.lax.top_k(logits_RV, num_candidates)
+    return sample_candidates(filter_candidates(values, top_k_R, top_p_R), ids, keys_R, temperature_R)
+
+
+def num_candidates(vocab_size: int, rows) -> int:
+    """K for `sample`: rows are (temperature, top_k) pairs; greedy rows need one candidate."""
+    need = 1
+    for temperature, top_k in rows:
+        if temperature > 0:
+            need = max(need, vocab_size if top_k <= 0 else min(top_k, vocab_size))
+    return need

@@ -11,7 +11,8 @@ Packed rows: `segment_ids` says which sample each position belongs to (0 = paddi
 KV cache (for decoding): `init_cache` makes a static-shape cache. A call with a cache writes the
 new keys/values of row b at slots [index[b], index[b] + T), lets query t of row b see slots
 <= index[b] + t, and advances index[b] by the number of non-padding positions (segment_ids != 0)
-of that row. The caller keeps index + T within the cache length.
+of that row. The caller keeps index + T within the cache length (a write past the end is clamped
+back into it, as dynamic_update_slice does).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from unitoken_jax.models.config import DecoderConfig
-from unitoken_jax.models.layers import HeadNorm, Projection, RMSNorm, dot_product_attention, rotary_embedding, segment_causal_mask
+from unitoken_jax.models.layers import HeadNorm, Projection, RMSNorm, attend, dot_product_attention, rotary_embedding, segment_causal_mask
 from unitoken_jax.sharding import check_names, constrain
 
 Cache = dict[str, jax.Array]
@@ -46,7 +47,7 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, layer_cache: Cache | None, cache_index_B):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: Cache | None, layer_index, cache_index_B):
         cfg = self.config
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         d = cfg.hidden_size
@@ -66,17 +67,27 @@ class Attention(nn.Module):
         q_BTNH = rotary_embedding(q_BTNH, positions_BT, cfg.rope_theta)
         k_BTKH = rotary_embedding(k_BTKH, positions_BT, cfg.rope_theta)
 
-        new_cache = None
-        if layer_cache is not None:
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, 0))
-            k_BSKH = write(layer_cache["k"], k_BTKH, cache_index_B)
-            v_BSKH = write(layer_cache["v"], v_BTKH, cache_index_B)
-            new_cache = {"k": k_BSKH, "v": v_BSKH}
-            k_BTKH, v_BTKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
+        if cache is not None:
+            # Write this layer's new keys/values in place into the whole stacked cache (a scatter
+            # on the loop carry: no copy of the cache per step), then read the layer's slice.
+            # One dynamic-update-slice per row (XLA updates those in place; a scatter with per-row
+            # indices becomes a loop over the whole cache on CPU).
+            k_all, v_all = cache["k"], cache["v"]
+            k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+            for b in range(x_BTD.shape[0]):
+                start = (layer_index, b, 0, cache_index_B[b], 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k_BKTH[None, b:b + 1].astype(k_all.dtype), start)
+                v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None, b:b + 1].astype(v_all.dtype), start)
+            cache = {"k": k_all, "v": v_all}
+            k_BKSH = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(self.dtype)
+            v_BKSH = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
-        out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+        if cache is None:
+            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+        else:
+            out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
         out_BTD = proj((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", "o_proj")(out_BTNH)
-        return out_BTD, new_cache
+        return out_BTD, cache
 
 
 class Mlp(nn.Module):
@@ -97,14 +108,16 @@ class Mlp(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One layer; its call signature fits `nn.scan` (carry, per-layer cache, broadcast args...)."""
+    """One layer; its call signature fits `nn.scan`: carry (hidden, whole KV cache or None), the
+    layer's index (scanned), then broadcast arguments."""
 
     config: DecoderConfig
     dtype: Any
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x_BTD, layer_cache, positions_BT, mask_BTS, cache_index_B, deterministic: bool):
+    def __call__(self, carry, layer_index, positions_BT, mask_BTS, cache_index_B, deterministic: bool):
+        x_BTD, cache = carry
         cfg = self.config
         attn = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")
         mlp = Mlp(cfg, self.dtype, self.param_dtype, name="mlp")
@@ -113,15 +126,15 @@ class DecoderLayer(nn.Module):
         drop = nn.Dropout(cfg.dropout)
 
         if cfg.swin_norm:  # Chameleon's post-norm variant: normalise each branch's output.
-            attn_out, new_cache = attn(x_BTD, positions_BT, mask_BTS, layer_cache, cache_index_B)
+            attn_out, cache = attn(x_BTD, positions_BT, mask_BTS, cache, layer_index, cache_index_B)
             x_BTD = x_BTD + drop(norm_1(attn_out), deterministic=deterministic)
             x_BTD = x_BTD + drop(norm_2(mlp(x_BTD)), deterministic=deterministic)
         else:
-            attn_out, new_cache = attn(norm_1(x_BTD), positions_BT, mask_BTS, layer_cache, cache_index_B)
+            attn_out, cache = attn(norm_1(x_BTD), positions_BT, mask_BTS, cache, layer_index, cache_index_B)
             x_BTD = x_BTD + drop(attn_out, deterministic=deterministic)
             x_BTD = x_BTD + drop(mlp(norm_2(x_BTD)), deterministic=deterministic)
         x_BTD = constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
-        return x_BTD, new_cache
+        return (x_BTD, cache), None
 
 
 def _layer_class(remat_policy: str, scanned: bool):
@@ -160,42 +173,51 @@ class ChameleonDecoder(nn.Module):
             self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")
                            for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
-        self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                kernel_init=_kernel_init(("embed", "vocab")))
+        self.lm_head = LMHead(cfg.vocab_size, self.dtype, self.param_dtype)
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens_BT)
 
+    def head(self, hidden_BTD: jax.Array, stop: int | None = None) -> jax.Array:
+        """float32 logits of ids [0, stop) (all by default) for the normalised final hidden states."""
+        return self.lm_head(hidden_BTD, stop).astype(jnp.float32)
+
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: Cache | None = None, deterministic: bool = True,
-                 logits_at_B: jax.Array | None = None):
+                 logits_at_B: jax.Array | None = None, return_hidden: bool = False):
         """Runs the layers on input embeddings; returns (float32 logits [B, T, V], updated cache or None).
 
         `logits_at_B` (an index per row) computes the logits of that one position only ([B, 1, V]):
-        what a prefill needs, without a [B, T, V] array."""
+        what a prefill needs, without a [B, T, V] array. `return_hidden` gives the normalised final
+        hidden states instead of logits (for `head`)."""
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
         if cache is None:
             mask_BTS = segment_causal_mask(segment_ids_BT)
             index_B = layer_caches = None
         else:
             index_B = cache["index"]
-            slots_S = jnp.arange(cache["k"].shape[2])
+            slots_S = jnp.arange(cache["k"].shape[3])
             query_slot_BT = index_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
             mask_BTS = slots_S[None, None, :] <= query_slot_BT[:, :, None]
             layer_caches = {"k": cache["k"], "v": cache["v"]}
 
+        carry = (x_BTD, layer_caches)
         if self.scan_layers:
-            x_BTD, new_layer_caches = self.layers(x_BTD, layer_caches, positions_BT, mask_BTS, index_B, deterministic)
+            layer_ids = jnp.arange(self.config.num_layers)
+            carry, _ = self.layers(carry, layer_ids, positions_BT, mask_BTS, index_B, deterministic)
         else:
-            per_layer = []
             for i, layer in enumerate(self.layers):
-                layer_cache = None if layer_caches is None else jax.tree.map(lambda a: a[i], layer_caches)
-                x_BTD, new = layer(x_BTD, layer_cache, positions_BT, mask_BTS, index_B, deterministic)
-                per_layer.append(new)
-            new_layer_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+                carry, _ = layer(carry, i, positions_BT, mask_BTS, index_B, deterministic)
+        x_BTD, new_layer_caches = carry
 
         if logits_at_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None].astype(jnp.int32), axis=1)
-        logits_BTV = self.lm_head(self.norm(x_BTD)).astype(jnp.float32)
+        if return_hidden:
+            out = self.norm(x_BTD)
+            if cache is None:
+                return out, None
+            n_new_B = jnp.sum(segment_ids_BT != 0, axis=1).astype(index_B.dtype)
+            return out, {**new_layer_caches, "index": index_B + n_new_B}
+        logits_BTV = self.head(self.norm(x_BTD))
         logits_BTV = constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
             return logits_BTV, None
@@ -203,9 +225,27 @@ class ChameleonDecoder(nn.Module):
         return logits_BTV, {**new_layer_caches, "index": index_B + n_new_B}
 
 
+class LMHead(nn.Module):
+    """The untied output projection; `stop` computes only the logits of ids [0, stop) (a decode
+    step that may only emit image codes needs 8,196 of the 65,536 columns)."""
+
+    vocab_size: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x_BTD, stop: int | None = None):
+        kernel = self.param("kernel", _kernel_init(("embed", "vocab")), (x_BTD.shape[-1], self.vocab_size),
+                            self.param_dtype)
+        if stop is not None:
+            kernel = kernel[:, :stop]
+        return jnp.einsum("BTD,DV->BTV", x_BTD.astype(self.dtype), kernel.astype(self.dtype))
+
+
 def init_cache(config: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> Cache:
-    """An empty static-shape KV cache: k/v [layers, B, length, kv_heads, head_dim], index [B]."""
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    """An empty static-shape KV cache: k/v [layers, B, kv_heads, length, head_dim] (the layout the
+    attention dots read directly), index [B]."""
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((batch,), jnp.int32)}
 
 

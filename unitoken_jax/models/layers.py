@@ -96,15 +96,21 @@ def rotary_embedding(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -
 
 def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
     """Grouped-query attention; logits scaled by 1/sqrt(H), softmax in float32."""
+    return attend(q_BTNH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), mask_BTS)
+
+
+def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """`dot_product_attention` with keys and values laid out [B, K, S, H], the KV cache's layout:
+    the dots read them as they are, with no transposed copy of the cache."""
     b, t, n, h = q_BTNH.shape
-    k = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH) * (h**-0.5)
+    k = k_BKSH.shape[1]
+    q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH) * (h**-0.5)
     logits_BKGTS = logits_BKGTS.astype(jnp.float32)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-    return out_BTKGH.reshape(b, t, n, h)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def segment_causal_mask(segment_ids_BT: jax.Array) -> jax.Array:

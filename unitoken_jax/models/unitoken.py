@@ -49,7 +49,11 @@ class UniToken(nn.Module):
         return jnp.where(is_continuous_BL[..., None], gathered_BLD, x_BLD)
 
     def __call__(self, tokens_BL, positions_BL, segment_ids_BL, is_continuous_BL=None, feature_index_BL=None,
-                 pixels_NHWC=None, cache=None, deterministic: bool = True, logits_at_B=None):
-        """Returns (float32 logits [B, L, V] — [B, 1, V] at `logits_at_B` — , updated KV cache or None)."""
+                 pixels_NHWC=None, cache=None, deterministic: bool = True, logits_at_B=None, return_hidden=False):
+        """Returns (float32 logits [B, L, V] — [B, 1, V] at `logits_at_B` — , updated KV cache or None);
+        with `return_hidden`, the normalised final hidden states instead of logits (see `head`)."""
         x_BLD = self.embed(tokens_BL, is_continuous_BL, feature_index_BL, pixels_NHWC)
-        return self.decoder(x_BLD, positions_BL, segment_ids_BL, cache, deterministic, logits_at_B)
+        return self.decoder(x_BLD, positions_BL, segment_ids_BL, cache, deterministic, logits_at_B, return_hidden)
+
+    def head(self, hidden_BTD, stop: int | None = None):
+        return self.decoder.head(hidden_BTD, stop)
