@@ -93,7 +93,7 @@ def _build_batch(rows, tokens_per_image: Callable[[tuple[int, int]], int]):
     return tokens, segments, cont, index, (np.concatenate(pixels) if pixels else None), prompt_len
 
 
-def _initial_state(rows, prompt_len, uncond_row):
+def _initial_state(rows):
     n = len(rows)
     last = np.array([t[-1] for _, t, *_ in rows])
     for b, (_, t, *_) in enumerate(rows):
@@ -223,7 +223,7 @@ class Decoder:
                  ) -> Generation:
         rows, primary, uncond_row = _rows(requests)
         tokens, segments, cont, index, pixels, prompt_len = _build_batch(rows, self._tokens_per_image)
-        state, p = _initial_state(rows, prompt_len, uncond_row)
+        state, p = _initial_state(rows)
         max_new = int(p["max_new"].max())
         cache_len = int(tokens.shape[1] + max_new)
         for r, *_ in rows:
@@ -258,19 +258,11 @@ class Decoder:
         return Generation([out[i, :n_out[i]] for i in range(len(requests))])
 
 
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _mesh_context(mesh):
-    if mesh is None:
-        return _NullContext()
     import contextlib
 
+    if mesh is None:
+        return contextlib.nullcontext()
     from unitoken_jax import sharding
 
     stack = contextlib.ExitStack()

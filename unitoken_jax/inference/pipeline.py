@@ -152,6 +152,8 @@ class UniTokenPipeline:
         return [x for x in result if not isinstance(x, str)][0]
 
     def chat(self, messages, images=(), **options) -> list:
-        """The next assistant turn of a conversation: [text, picture, ...]."""
-        (result,) = self.run([self.chat_request(messages, images, **options)])
+        """The next assistant turn of a conversation: [text, picture, ...]. A picture the model
+        starts but `max_new_tokens` cuts off is completed by the repair rules of
+        `layout.parse_image_ids` rather than raising."""
+        (result,) = self.run([self.chat_request(messages, images, **options)], repair=True)
         return result

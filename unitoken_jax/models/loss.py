@@ -12,10 +12,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from unitoken_jax.tokenizer import layout
+
 # Targets that belong to image generation: VQ codes (BPE ids 4..8195), <eoss> 8196,
-# <racm3:break> 8197, SEP 8198, and the end-of-row / grid-size tokens from 8803 on
-# (<reserved08799> = 8803 and <reserved{8800+n}> = 8804+n). Everything else is text.
-_IMAGE_TARGET_RANGES = ((4, 8199), (8803, 8900))
+# <racm3:break> 8197, SEP 8198, the newline 8803 and the grid-size tokens 8804 + n.
+# Everything else is text.
+_IMAGE_TARGET_RANGES = ((layout.CODE_ID_RANGE[0], layout.SEP + 1),
+                        (layout.NEWLINE, layout.GRID_BASE + layout.MAX_GRID + 1))
 
 
 def is_generation_target(targets):
