@@ -9,6 +9,7 @@ setup(
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
+        "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "ml_collections>=1.1.0",
         "numpy>=2.0",

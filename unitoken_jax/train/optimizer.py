@@ -1,0 +1,85 @@
+"""The optimizer of the reference's training stages, in optax.
+
+AdamW (beta 0.9 / 0.95, weight decay on every trainable parameter, as torch's AdamW in the
+reference), a learning-rate scale for the ViT, frozen parameters with no optimizer state,
+linear warm-up then half-cosine to 0, global-norm clipping, and gradient accumulation.
+
+Which parameters train is a label per leaf: "train", "vit" (trained with lr * vit_lr_scale) or
+"frozen". As in the reference, the ViT's patch and position embeddings are always frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+TRAINABLE = ("all", "vision")  # stage II/III: everything; stage I: ViT + adapter (decoder frozen)
+_ALWAYS_FROZEN = (("vit", "patch_embedding"), ("vit", "position_embedding"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-5
+    vit_lr_scale: float = 1.0
+    total_steps: int = 1000
+    warmup_fraction: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 4.0
+    accumulation_steps: int = 1
+    trainable: str = "all"
+
+    def validate(self) -> "OptimizerConfig":
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable={self.trainable!r}; choose one of {TRAINABLE}")
+        if self.total_steps < 1 or self.accumulation_steps < 1:
+            raise ValueError("total_steps and accumulation_steps must be at least 1")
+        return self
+
+
+def param_labels(params, trainable: str = "all"):
+    """A tree of "train" / "vit" / "frozen" labels shaped like `params`."""
+    def label(path, _):
+        keys = tuple(getattr(k, "key", str(k)) for k in path)
+        if any(keys[:len(f)] == f for f in _ALWAYS_FROZEN):
+            return "frozen"
+        if keys[0] == "vit":
+            return "vit"
+        if trainable == "vision" and keys[0] != "adapter":
+            return "frozen"
+        return "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """Linear warm-up from 0 over `warmup_fraction` of the steps, then half a cosine down to 0."""
+    warmup = max(1, int(round(config.total_steps * config.warmup_fraction)))
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(config.total_steps, warmup + 1),
+                                              end_value=0.0)
+
+
+def make_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformation:
+    config.validate()
+    schedule = learning_rate_schedule(config)
+
+    def adamw(scale):
+        return optax.adamw(lambda step: schedule(step) * scale, b1=config.b1, b2=config.b2,
+                           weight_decay=config.weight_decay)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip),
+        optax.multi_transform({"train": adamw(1.0), "vit": adamw(config.vit_lr_scale), "frozen": optax.set_to_zero()},
+                              param_labels(params, config.trainable)),
+    )
+    if config.accumulation_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.accumulation_steps)
+    return tx
+
+
+def trainable_mask(params, trainable: str = "all"):
+    """True for the leaves that receive gradients."""
+    return jax.tree.map(lambda l: l != "frozen", param_labels(params, trainable))

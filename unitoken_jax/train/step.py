@@ -1,0 +1,70 @@
+"""The train state and one pure, jitted training step.
+
+Frozen parameters are wrapped in `stop_gradient`, so no weight gradient is ever computed for
+them (stage I backpropagates through the frozen decoder into the ViT without the decoder's
+weight gradients). A step whose loss or gradient is not finite changes nothing but its counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.models.loss import lm_loss
+from unitoken_jax.models.unitoken import UniToken
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    nonfinite_in_a_row: jax.Array
+    nonfinite_total: jax.Array
+
+
+def init_state(params, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, tx.init(params), jax.random.key(seed), zero, zero)
+
+
+def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, mask, schedule=None,
+                    accumulation_steps: int = 1):
+    """`train_step(state, batch) -> (state, metrics)`; jit it with shardings and donate the state.
+
+    `batch` holds tokens, labels, positions, segment_ids and optionally is_continuous,
+    feature_index, pixels and generation (see `UniTokenModel.forward`)."""
+    module = UniToken(config)
+
+    def loss_fn(params, batch, rng):
+        params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+        logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                 batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
+                                 deterministic=False, rngs={"dropout": rng})
+        return lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight, batch.get("generation"))
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        bad = jnp.where(ok, 0, 1).astype(jnp.int32)
+        state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+                              opt_state=keep(new_opt_state, state.opt_state),
+                              nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
+                              nonfinite_total=state.nonfinite_total + bad)
+        metrics = {**metrics, "grad_norm": grad_norm, "skipped": bad}
+        if schedule is not None:
+            metrics["learning_rate"] = schedule((state.step - 1) // accumulation_steps)
+        return state, metrics
+
+    return train_step
