@@ -1,0 +1,63 @@
+"""Train-state checkpoints with Orbax: a `CheckpointManager` with async saves and a keep policy;
+the data iterator's state (JSON) is saved in the same checkpoint as the model and optimizer.
+
+The PRNG key is stored as its raw key data (Orbax stores arrays), and rebuilt on restore.
+Restoring takes an abstract state whose leaves carry the shardings wanted, so a checkpoint
+written on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from unitoken_jax.train.step import TrainState
+
+
+def _to_saveable(state: TrainState):
+    return state.replace(rng=jax.random.key_data(state.rng))
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: TrainState, data_state: dict[str, Any] | None = None, *,
+             force: bool = False) -> bool:
+        """Saves (asynchronously) if the keep/interval policy asks for `step`, or always with `force`
+        (e.g. at preemption). Returns whether a save started."""
+        items = {"state": ocp.args.StandardSave(_to_saveable(state))}
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict | None]:
+        """The state at `step` (default: the latest) laid out as `abstract_state` says (shapes,
+        dtypes and shardings), and the data iterator's state if one was saved."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target = abstract_state.replace(rng=jax.eval_shape(jax.random.key_data, abstract_state.rng))
+        items = {"state": ocp.args.StandardRestore(target)}
+        if "data" in self.manager.item_metadata(step):
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = restored["state"]
+        state = state.replace(rng=jax.random.wrap_key_data(state.rng))
+        return state, restored.get("data")
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
