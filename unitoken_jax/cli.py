@@ -8,6 +8,7 @@ import os
 import sys
 
 from unitoken_jax.convert import orbax_io
+from unitoken_jax.convert.hf import SHARD_BYTES
 
 
 def _convert(args) -> int:
@@ -189,12 +190,6 @@ def _chat(args) -> int:
     return 0
 
 
-def hf_io_shard_gb() -> float:
-    from unitoken_jax.convert.hf import SHARD_BYTES
-
-    return SHARD_BYTES / 1024**3
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--to", dest="dst", required=True, help="output directory")
     convert.add_argument("--dtype", default=None,
                          help="dtype to store (default: the source's own, so the conversion is lossless)")
-    convert.add_argument("--max-shard-gb", type=float, default=hf_io_shard_gb(),
+    convert.add_argument("--max-shard-gb", type=float, default=SHARD_BYTES / 1024**3,
                          help="largest safetensors file written (and held in memory) when writing the HF layout")
     convert.set_defaults(func=_convert)
     init = sub.add_parser("init", help="write a randomly initialised model in the HF layout")

@@ -192,8 +192,8 @@ class Decoder:
                 tok = jnp.take(tok, primary)  # unconditional rows follow their row's choice
                 active = ~c["done"]
                 r = jnp.arange(tok.shape[0])
-                out = c["out"].at[r, jnp.minimum(c["n_out"], c["out"].shape[1] - 1)].set(
-                    jnp.where(active, tok, c["out"][r, jnp.minimum(c["n_out"], c["out"].shape[1] - 1)]))
+                slot = jnp.where(active, c["n_out"], c["out"].shape[1])  # finished rows write nowhere
+                out = c["out"].at[r, slot].set(tok, mode="drop")
                 n_out = c["n_out"] + active
                 stop = jnp.any(tok[:, None] == p["stop_tokens"], axis=1)
                 new_state = grid.advance(state, tok, stop)
