@@ -35,46 +35,80 @@ class PackingStats:
     dropped_too_long: int = 0
 
 
+class RowPacker:
+    """Fills one batch of `rows` x `length`: whole samples, first fit, at most `max_features` image
+    features in all (the batch's pixel capacity). Add groups of samples that go in together or not
+    at all (`fits` then `add`), then `finish`."""
+
+    def __init__(self, rows: int, length: int, max_features: int | None = None):
+        self.rows, self.length, self.max_features = rows, length, max_features
+        z = lambda dtype: np.zeros((rows, length), dtype)  # noqa: E731
+        self.arrays = dict(tokens=z(np.int32), labels=np.full((rows, length), -100, np.int32),
+                           segment_ids=z(np.int32), positions=z(np.int32), is_continuous=z(bool),
+                           feature_index=z(np.int32))
+        self.fill = [0] * rows
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.slots: list[tuple[int, int]] = []
+        self.features = 0
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.ids)
+
+    def _place(self, samples, fill) -> list[int] | None:
+        fill = list(fill)
+        placed = []
+        for sample, _ in samples:
+            row = next((r for r in range(self.rows) if fill[r] + len(sample) <= self.length), None)
+            if row is None:
+                return None
+            placed.append(row)
+            fill[row] += len(sample)
+        return placed
+
+    def fits(self, samples: list[tuple[EncodedConversation, int]]) -> bool:
+        if self.max_features is not None and self.features + sum(n for _, n in samples) > self.max_features:
+            return False
+        return self._place(samples, self.fill) is not None
+
+    def add(self, samples: list[tuple[EncodedConversation, int]], numbers: list[int]) -> None:
+        """Places `samples` (checked with `fits`); `numbers` name them in `sample_ids` and `image_slots`."""
+        rows = self._place(samples, self.fill)
+        assert rows is not None, "add() a group that does not fit"
+        a = self.arrays
+        for (sample, n_features), row, number in zip(samples, rows, numbers):
+            start, end = self.fill[row], self.fill[row] + len(sample)
+            a["tokens"][row, start:end] = sample.tokens
+            a["labels"][row, start:end] = sample.labels
+            a["segment_ids"][row, start:end] = len(self.ids[row]) + 1
+            a["positions"][row, start:end] = np.arange(len(sample))
+            a["is_continuous"][row, start:end] = sample.is_continuous
+            a["feature_index"][row, start:end] = np.where(sample.is_continuous, sample.feature_index + self.features, 0)
+            if n_features:
+                self.slots.append((number, n_features))
+            self.features += n_features
+            self.fill[row] = end
+            self.ids[row].append(number)
+
+    def finish(self) -> PackedBatch:
+        return PackedBatch(**self.arrays, image_slots=list(self.slots), sample_ids=[list(r) for r in self.ids])
+
+
 def pack(samples: Iterable[tuple[EncodedConversation, int]], rows: int, length: int,
          stats: PackingStats | None = None) -> Iterator[PackedBatch]:
     """`samples`: (encoded sample, number of image features it uses). Yields batches of `rows`
     rows; the last, partial batch is yielded too (padding rows are all zeros)."""
     stats = stats if stats is not None else PackingStats()
-
-    def empty():
-        z = lambda dtype: np.zeros((rows, length), dtype)  # noqa: E731
-        return dict(tokens=z(np.int32), labels=np.full((rows, length), -100, np.int32), segment_ids=z(np.int32),
-                    positions=z(np.int32), is_continuous=z(bool), feature_index=z(np.int32)), [0] * rows, \
-            [[] for _ in range(rows)], []
-
-    arrays, fill, ids, slots = empty()
-    features = 0
+    packer = RowPacker(rows, length)
     for number, (sample, n_features) in enumerate(samples):
-        n = len(sample)
-        if n > length:
+        if len(sample) > length:
             stats.dropped_too_long += 1
             continue
-        row = next((r for r in range(rows) if fill[r] + n <= length), None)
-        if row is None:
-            yield _finish(arrays, slots, ids)
-            arrays, fill, ids, slots = empty()
-            features, row = 0, 0
-        start, end = fill[row], fill[row] + n
-        arrays["tokens"][row, start:end] = sample.tokens
-        arrays["labels"][row, start:end] = sample.labels
-        arrays["segment_ids"][row, start:end] = len(ids[row]) + 1
-        arrays["positions"][row, start:end] = np.arange(n)
-        arrays["is_continuous"][row, start:end] = sample.is_continuous
-        arrays["feature_index"][row, start:end] = np.where(sample.is_continuous, sample.feature_index + features, 0)
-        if n_features:
-            slots.append((number, n_features))
-        features += n_features
-        fill[row] = end
-        ids[row].append(number)
+        group = [(sample, n_features)]
+        if not packer.fits(group):
+            yield packer.finish()
+            packer = RowPacker(rows, length)
+        packer.add(group, [number])
         stats.packed += 1
-    if any(ids):
-        yield _finish(arrays, slots, ids)
-
-
-def _finish(arrays, slots, ids) -> PackedBatch:
-    return PackedBatch(**arrays, image_slots=list(slots), sample_ids=[list(r) for r in ids])
+    if not packer.empty:
+        yield packer.finish()

@@ -1,0 +1,265 @@
+"""The Grain input pipeline: pre-tokenized datasets -> packed batches of static shape.
+
+    sources (weights)  ->  one stream per kind (understanding / generation): each dataset's records
+                           of that kind, shuffled per epoch (seeded), repeated, mixed by weight
+                       ->  sharded by JAX process (every process reads its own part)
+                       ->  records fetched and their images preprocessed for SigLIP (base or AnyRes)
+                           in Grain's reader threads, or worker processes with `worker_count > 0`
+                       ->  groups of `mix` = (u, g) samples: u understanding + g generation
+                       ->  packed whole into `rows` x `length` rows with segment ids; a batch takes
+                           whole groups only, so every batch holds understanding : generation
+                           samples exactly at the set ratio
+                       ->  {tokens, labels, positions, segment_ids, is_continuous, feature_index,
+                           pixels} arrays, plus `sample_ids` (the ids in each row) and `kinds`
+
+A dataset's weight is its number of records of that kind times its `ratio`, so `ratio: 1.0` for
+every dataset samples them as one concatenated dataset would (the reference's data config, whose
+`ratio` subsamples a dataset). A sample longer than a row is dropped and counted, never cut.
+
+The iterator's state (`get_state` / `set_state`, JSON-serialisable) restores the exact sample
+order, so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+import yaml
+
+from unitoken_jax.data import pretokenize as pt
+from unitoken_jax.data.packing import RowPacker
+from unitoken_jax.tokenizer import anyres as anyres_lib
+from unitoken_jax.tokenizer import images as image_io
+from unitoken_jax.tokenizer.conversation import EncodedConversation
+
+KIND_NAMES = pt.KINDS
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    path: str  # a pre-tokenized dataset directory (`unitoken pretokenize`)
+    ratio: float = 1.0  # weight = records x ratio
+
+
+def read_meta(path: str) -> list[Source]:
+    """The reference's data config: YAML with `META: [{path: ..., ratio: ...}, ...]` (paths here
+    are pre-tokenized dataset directories)."""
+    with open(path) as f:
+        meta = yaml.safe_load(f)
+    entries = meta.get("META") if isinstance(meta, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a 'META' list of {{path, ratio}} entries")
+    return [Source(str(e["path"]), float(e.get("ratio", 1.0))) for e in entries]
+
+
+def sources_from(spec) -> list[Source]:
+    """A YAML meta path, or a list of paths / {path, ratio} dicts / Sources."""
+    if isinstance(spec, str):
+        return read_meta(spec) if spec.endswith((".yaml", ".yml")) else [Source(spec)]
+    out = []
+    for s in spec:
+        if isinstance(s, Source):
+            out.append(s)
+        elif isinstance(s, str):
+            out.append(Source(s))
+        else:
+            out.append(Source(str(s["path"]), float(s.get("ratio", 1.0))))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    rows: int  # rows of this process's part of the batch
+    length: int
+    mix: tuple[int, int] = (1, 1)  # understanding : generation samples per batch
+    max_images: int = 8  # SigLIP tiles per batch (this process's part); more closes the batch
+    seed: int = 0
+    num_threads: int = 4
+    prefetch: int = 16
+    worker_count: int = 0  # > 0: preprocessing and packing in that many worker processes
+
+
+@dataclasses.dataclass
+class Sample:
+    id: str
+    kind: int
+    encoded: EncodedConversation
+    pixels: np.ndarray  # [tiles, S, S, 3] float32
+    num_features: int
+
+
+class _Records:
+    """Picklable record reader for one kind: (dataset number, record index) -> Sample."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+        self._sources = None
+
+    def __getstate__(self):
+        return {"paths": self.paths, "_sources": None}
+
+    def _open(self):
+        if self._sources is None:
+            self._sources = [pt.open_dataset(p) for p in self.paths]
+        return self._sources
+
+    def __call__(self, ref) -> Sample:
+        dataset, index = int(ref[0]), int(ref[1])
+        source, settings, _ = self._open()[dataset]
+        r = source[index]
+        pixels, features = [], 0
+        side = settings.siglip_size // settings.patch
+        for raw in r["image_bytes"]:
+            picture = image_io.to_rgb(image_io.load_image(bytes(raw)))
+            if settings.anyres:
+                tiles = anyres_lib.anyres_image(picture, settings.siglip_size, settings.patch,
+                                                settings.pinpoints()).pixels
+            else:
+                tiles = image_io.siglip_pixels(picture, settings.siglip_size)[None]
+            pixels.append(tiles)
+            features += len(tiles) * side * side
+        if features != int(np.sum(r["num_features"])):
+            raise ValueError(f"record {r['id']!r}: its images give {features} SigLIP features, the tokens expect "
+                             f"{int(np.sum(r['num_features']))} (settings changed since pre-tokenization?)")
+        size = settings.siglip_size
+        stacked = np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.float32)
+        enc = EncodedConversation(r["tokens"], r["labels"], r["is_continuous"], r["feature_index"], [], [])
+        ident = r["id"].decode() if isinstance(r["id"], bytes) else str(r["id"])
+        return Sample(ident, int(r["kind"]), enc, stacked, features)
+
+
+def _kind_stream(sources: list[Source], kinds_per_source, kind: int, seed: int):
+    """Infinite MapDataset of (dataset number, record index) for `kind`, mixed by weight."""
+    parts, weights = [], []
+    for d, (source, kinds) in enumerate(zip(sources, kinds_per_source)):
+        idx = np.flatnonzero(kinds == kind)
+        if len(idx) == 0 or source.ratio <= 0:
+            continue
+        refs = np.stack([np.full(len(idx), d), idx], axis=1)
+        parts.append(grain.MapDataset.source(refs).shuffle(seed=seed * 1000 + d * 2 + kind).repeat())
+        weights.append(len(idx) * source.ratio)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+
+
+class InputPipeline(grain.IterDataset):
+    """`iter(pipeline)` gives packed batches; see the module docstring."""
+
+    def __init__(self, sources, config: PipelineConfig, *, process_index: int = 0, process_count: int = 1):
+        self.sources = sources_from(sources)
+        self.config = config
+        opened = [pt.open_dataset(s.path) for s in self.sources]
+        settings = {(o[1].siglip_size, o[1].patch) for o in opened}
+        if len(settings) > 1:
+            raise ValueError(f"the datasets were pre-tokenized for different SigLIP inputs {sorted(settings)}; "
+                             "one batch needs one tile size")
+        self.siglip_size, self.patch = settings.pop()
+        kinds = [o[2] for o in opened]
+        self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}
+        streams = []
+        for k in (0, 1):
+            if config.mix[k] == 0:
+                streams.append(None)
+                continue
+            s = _kind_stream(self.sources, kinds, k, config.seed)
+            if s is None:
+                raise ValueError(f"mix {config.mix} asks for {KIND_NAMES[k]} samples but no dataset has any "
+                                 f"(counts: {self.counts})")
+            s = s[process_index::process_count].map(_Records([src.path for src in self.sources]))
+            streams.append(s.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
+                                                               prefetch_buffer_size=config.prefetch)))
+        super().__init__([s for s in streams if s is not None])
+        self._streams = streams
+
+    @property
+    def features_per_tile(self) -> int:
+        return (self.siglip_size // self.patch) ** 2
+
+    def __iter__(self):
+        return _PackingIterator(self, [p.__iter__() for p in self.parents])
+
+    def iterator(self) -> grain.DatasetIterator:
+        """The batch iterator, run in `worker_count` worker processes when that is > 0."""
+        if self.config.worker_count > 0:
+            return self.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.config.worker_count)).__iter__()
+        return self.__iter__()
+
+
+class _PackingIterator(grain.DatasetIterator):
+    def __init__(self, pipeline: InputPipeline, parents):
+        super().__init__(parents)
+        self.p = pipeline
+        self.config = pipeline.config
+        self._iters = []
+        j = 0
+        for s in pipeline._streams:
+            self._iters.append(None if s is None else parents[j])
+            j += s is not None
+        self.dropped_too_long = 0
+        self.packed = 0
+        self._pending = None  # (state before reading it, group)
+
+    def _state_now(self) -> dict[str, Any]:
+        return {"streams": [None if i is None else i.get_state() for i in self._iters],
+                "dropped_too_long": self.dropped_too_long, "packed": self.packed}
+
+    def _next_group(self) -> list[Sample]:
+        group = []
+        for k, it in enumerate(self._iters):
+            for _ in range(self.config.mix[k]):
+                while True:
+                    s = next(it)
+                    if len(s.encoded) <= self.config.length:
+                        break
+                    self.dropped_too_long += 1
+                group.append(s)
+        return group
+
+    def __next__(self) -> dict[str, Any]:
+        c = self.config
+        packer = RowPacker(c.rows, c.length, c.max_images * self.p.features_per_tile)
+        samples: list[Sample] = []
+        while True:
+            if self._pending is None:
+                state = self._state_now()
+                self._pending = (state, self._next_group())
+            _, group = self._pending
+            pairs = [(s.encoded, s.num_features) for s in group]
+            if packer.fits(pairs):
+                packer.add(pairs, list(range(len(samples), len(samples) + len(group))))
+                samples.extend(group)
+                self.packed += len(group)
+                self._pending = None
+                continue
+            if packer.empty:
+                raise ValueError(f"a group of {len(group)} samples ({[len(s.encoded) for s in group]} tokens, "
+                                 f"{sum(s.num_features for s in group) // self.p.features_per_tile} image tiles) "
+                                 f"does not fit an empty batch of {c.rows} x {c.length} with {c.max_images} "
+                                 "image tiles; raise rows, length or max_images")
+            return self._batch(packer, samples)
+
+    def _batch(self, packer: RowPacker, samples: list[Sample]) -> dict[str, Any]:
+        b = packer.finish()
+        size = self.p.siglip_size
+        pixels = np.zeros((self.config.max_images, size, size, 3), np.float32)
+        tiles = np.concatenate([s.pixels for s in samples]) if samples else pixels[:0]
+        pixels[:len(tiles)] = tiles
+        return {"tokens": b.tokens, "labels": b.labels, "positions": b.positions, "segment_ids": b.segment_ids,
+                "is_continuous": b.is_continuous, "feature_index": b.feature_index, "pixels": pixels,
+                "sample_ids": [[samples[i].id for i in row] for row in b.sample_ids],
+                "kinds": [KIND_NAMES[s.kind] for s in samples]}
+
+    def get_state(self) -> dict[str, Any]:
+        return self._pending[0] if self._pending is not None else self._state_now()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for it, s in zip(self._iters, state["streams"]):
+            if it is not None:
+                it.set_state(s)
+        self.dropped_too_long = state["dropped_too_long"]
+        self.packed = state["packed"]
+        self._pending = None

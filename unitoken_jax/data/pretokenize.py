@@ -1,0 +1,328 @@
+"""Pre-tokenization: conversations in the reference's JSON format (plus their image files) -> a TFDS
+dataset in ArrayRecord format that the Grain pipeline reads.
+
+Each record holds one item, ready to pack: token ids, labels, the continuous-position mask and
+feature indices (image-local, as `encode_conversation` makes them), the image files' bytes (the
+SigLIP / AnyRes preprocessing runs in the input pipeline's workers, so the dataset stays small and
+any SigLIP resolution can be used later), the number of SigLIP features each image takes, and
+whether the item is an understanding or a generation item (generation = it predicts an image).
+The VQ codes are already inside the token ids: images are cropped and encoded in large,
+fixed-size jit batches.
+
+Work is split into chunks of `chunk_size` items; chunk c belongs to process `c % process_count`,
+so several processes or hosts can share one dataset. A finished chunk leaves a marker file, so a
+killed run picks up where it stopped. Items that cannot be used (unreadable image, malformed
+conversation, longer than `max_length`) are skipped, counted and listed in `bad_items.jsonl`;
+they never stop the run. When every chunk is done, the process that finishes last writes the
+TFDS metadata (`dataset_info.json`, `features.json`); the dataset then opens with
+`tfds.builder_from_directory(out_dir)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from unitoken_jax.tokenizer import anyres as anyres_lib
+from unitoken_jax.tokenizer import images as image_io
+from unitoken_jax.tokenizer.conversation import ConversationError, ImageInput, encode_conversation, image_list
+from unitoken_jax.tokenizer.text import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+KINDS = ("understanding", "generation")
+SETTINGS_FILE = "unitoken_pretokenize.json"
+BAD_ITEMS_FILE = "bad_items.jsonl"
+KINDS_FILE = "kinds.npy"  # the kind of every record, in order: the pipeline splits by kind without reading records
+_PARTIAL = ".partial"
+_FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretokenizeSettings:
+    """How images are laid out; the input pipeline reads these back from the dataset."""
+
+    name: str = "unitoken"
+    split: str = "train"
+    vq_size: int = 512  # VQ crop side (pixels); codes grid = vq_size / downsample factor
+    siglip_size: int = 384  # SigLIP tile side
+    patch: int = 14
+    anyres: bool = False
+    anyres_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # default: the reference's, scaled to siglip_size
+    max_length: int | None = 4096  # longer items are skipped and listed
+    chunk_size: int = 512
+    vq_batch: int = 32  # images per VQ-GAN call (a fixed shape: one compilation)
+
+    def pinpoints(self) -> tuple[tuple[int, int], ...]:
+        if self.anyres_grid_pinpoints:
+            return tuple(tuple(p) for p in self.anyres_grid_pinpoints)
+        scale = self.siglip_size / 384
+        return tuple((int(a * scale), int(b * scale)) for a, b in anyres_lib.GRID_PINPOINTS)
+
+    def to_json(self) -> dict:
+        return dict(dataclasses.asdict(self), anyres_grid_pinpoints=[list(p) for p in self.pinpoints()])
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PretokenizeSettings":
+        d = dict(d)
+        d["anyres_grid_pinpoints"] = tuple(tuple(p) for p in d.get("anyres_grid_pinpoints", ()))
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+def features_dict():
+    import tensorflow_datasets as tfds
+
+    seq = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)  # noqa: E731
+    return tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),
+        "kind": tfds.features.Scalar(dtype=np.int32, doc="0 understanding, 1 generation"),
+        "tokens": seq(np.int32),
+        "labels": seq(np.int32),
+        "is_continuous": seq(np.bool_),
+        "feature_index": seq(np.int32),
+        "image_bytes": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+        "num_features": seq(np.int32),
+    })
+
+
+def read_items(path: str) -> list[dict[str, Any]]:
+    """A .json list of items or a .jsonl file of one item per line."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            items = [json.loads(line) for line in f if line.strip()]
+        else:
+            items = json.load(f)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a list of items, got {type(items).__name__}")
+    return items
+
+
+def image_inputs_layout(picture, settings: PretokenizeSettings) -> tuple[np.ndarray, int]:
+    """(continuous-block entries, number of SigLIP features) of one picture, without its pixels."""
+    side = settings.siglip_size // settings.patch
+    if not settings.anyres:
+        return anyres_lib.base_entries(side), side * side
+    best = anyres_lib.select_best_resolution(picture.size, settings.pinpoints())
+    grid = (best[0] // settings.siglip_size, best[1] // settings.siglip_size)
+    return anyres_lib.anyres_entries(grid, picture.size, side), (1 + grid[0] * grid[1]) * side * side
+
+
+class _Chunk:
+    """Items of one chunk -> serialized records and a list of bad items."""
+
+    def __init__(self, tokenizer: TextTokenizer, vq, settings: PretokenizeSettings, image_root: str, source: str):
+        self.tokenizer, self.vq, self.settings = tokenizer, vq, settings
+        self.image_root, self.source = image_root, source
+
+    def _path(self, p: str) -> str:
+        return p if os.path.isabs(p) else os.path.join(self.image_root, p)
+
+    def _codes(self, pictures) -> list[np.ndarray]:
+        s, b = self.settings, self.settings.vq_batch
+        crops = [image_io.vq_pixels(image_io.vq_crop(p, s.vq_size)) for p in pictures]
+        out = []
+        for i in range(0, len(crops), b):
+            batch = np.stack(crops[i:i + b])
+            n = len(batch)
+            if n < b:  # a fixed batch shape: one compilation for the whole run
+                batch = np.concatenate([batch, np.zeros((b - n, *batch.shape[1:]), batch.dtype)])
+            out.extend(self.vq.encode(batch)[:n])
+        return out
+
+    def run(self, items: Sequence[tuple[int, dict]]) -> tuple[list[bytes], list[int], list[dict]]:
+        """(serialized records, their kinds, bad items)."""
+        loaded, bad, kinds = [], [], []
+
+        def fail(index, item, reason):
+            bad.append({"index": index, "id": _item_id(item, self.source, index), "reason": reason})
+
+        for index, item in items:
+            try:
+                if not isinstance(item, dict):
+                    raise ConversationError(f"an item must be a JSON object, not {type(item).__name__}")
+                paths = [str(p) for p in image_list(item)]
+                raw = []
+                for p in paths:
+                    with open(self._path(p), "rb") as f:
+                        raw.append(f.read())
+                pictures = [image_io.to_rgb(image_io.load_image(r)) for r in raw]
+            except (OSError, ValueError) as e:  # ImageError and ConversationError are ValueErrors
+                fail(index, item, f"{type(e).__name__}: {e}")
+                continue
+            loaded.append((index, item, raw, pictures))
+
+        codes = iter(self._codes([p for *_, pictures in loaded for p in pictures]))
+        features = features_dict()
+        records = []
+        for index, item, raw, pictures in loaded:
+            inputs = []
+            for picture in pictures:
+                entries, n = image_inputs_layout(picture, self.settings)
+                inputs.append(ImageInput(next(codes), entries, n))
+            try:
+                enc = encode_conversation(item, inputs, self.tokenizer, max_length=self.settings.max_length)
+            except (ConversationError, ValueError) as e:
+                fail(index, item, f"{type(e).__name__}: {e}")
+                continue
+            kind = 1 if any(enc.image_predicted) else 0
+            kinds.append(kind)
+            records.append(features.serialize_example({
+                "id": _item_id(item, self.source, index), "kind": kind, "tokens": enc.tokens, "labels": enc.labels,
+                "is_continuous": enc.is_continuous, "feature_index": enc.feature_index, "image_bytes": raw,
+                "num_features": np.array([i.num_features for i in inputs], np.int32)}))
+        return records, kinds, bad
+
+
+def _item_id(item, source: str, index: int) -> str:
+    if isinstance(item, dict) and isinstance(item.get("id"), (str, int)):
+        return str(item["id"])
+    return f"{os.path.basename(source)}:{index}"
+
+
+def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, settings: PretokenizeSettings, *,
+                image_root: str | None = None, process_index: int = 0, process_count: int = 1,
+                progress: bool = True, max_chunks: int | None = None) -> dict[str, Any]:
+    """Writes this process's chunks of `items_path` under `out_dir`, then the TFDS metadata if every
+    chunk of every process is done. `max_chunks` stops after that many new chunks (for tests and
+    time-boxed jobs). Returns a summary: items written and skipped, and whether the dataset is complete."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+    items = read_items(items_path)
+    image_root = os.path.dirname(os.path.abspath(items_path)) if image_root is None else image_root
+    n_chunks = max(1, -(-len(items) // settings.chunk_size))
+    partial = os.path.join(out_dir, _PARTIAL)
+    os.makedirs(partial, exist_ok=True)
+    _check_settings(out_dir, settings, items_path, len(items))
+
+    mine = [c for c in range(n_chunks) if c % process_count == process_index]
+    todo = [c for c in mine if not os.path.exists(_marker(partial, c))]
+    worker = _Chunk(tokenizer, vq, settings, image_root, items_path)
+    bar = tqdm(total=sum(len(_chunk_items(items, c, settings.chunk_size)) for c in mine), unit="item",
+               desc=f"pretokenize {settings.name} (process {process_index})", disable=not progress)
+    bar.update(sum(len(_chunk_items(items, c, settings.chunk_size)) for c in mine if c not in todo))
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    for done, c in enumerate(todo):
+        if max_chunks is not None and done >= max_chunks:
+            break
+        start = c * settings.chunk_size
+        chunk = [(i, items[i]) for i in range(start, min(start + settings.chunk_size, len(items)))]
+        records, kinds, bad = worker.run(chunk)
+        tmp = _shard_path(partial, settings, c, n_chunks) + ".tmp"
+        writer = ArrayRecordWriter(tmp, "group_size:1")
+        for r in records:
+            writer.write(r)
+        writer.close()
+        os.replace(tmp, _shard_path(partial, settings, c, n_chunks))
+        _write_json(_marker(partial, c), {"written": len(records), "kinds": kinds, "bad": bad})  # the marker last: the chunk is done
+        for b in bad:
+            log.warning("skipped item %s (%s)", b["id"], b["reason"])
+        bar.update(len(chunk))
+    bar.close()
+    return _maybe_finalize(out_dir, settings, n_chunks)
+
+
+def _chunk_items(items, c, size):
+    return items[c * size:(c + 1) * size]
+
+
+def _marker(partial: str, c: int) -> str:
+    return os.path.join(partial, f"chunk-{c:05d}.done.json")
+
+
+def _shard_path(directory: str, settings: PretokenizeSettings, c: int, n: int) -> str:
+    return os.path.join(directory, f"{settings.name}-{settings.split}.array_record-{c:05d}-of-{n:05d}")
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int) -> None:
+    """A resumed run must be the same job; mixing settings in one dataset would corrupt it."""
+    path = os.path.join(out_dir, _PARTIAL, "job.json")
+    job = {"settings": settings.to_json(), "items": os.path.abspath(items_path), "num_items": n_items}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != job:
+            raise ValueError(f"{out_dir} holds a pre-tokenization started with other settings or items:\n"
+                             f"  there: {old}\n  now:   {job}\nuse another directory or delete it")
+    else:
+        _write_json(path, job)
+
+
+def _maybe_finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int) -> dict[str, Any]:
+    partial = os.path.join(out_dir, _PARTIAL)
+    markers = {c: _marker(partial, c) for c in range(n_chunks)}
+    done = {c: p for c, p in markers.items() if os.path.exists(p)}
+    if os.path.exists(os.path.join(out_dir, "dataset_info.json")):
+        return summary(out_dir)
+    if len(done) < n_chunks:
+        return {"complete": False, "chunks_done": len(done), "chunks": n_chunks}
+    try:  # only one process writes the metadata
+        fd = os.open(os.path.join(partial, "finalize.lock"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+    except FileExistsError:
+        return {"complete": False, "chunks_done": len(done), "chunks": n_chunks, "finalizing": "another process"}
+
+    import tensorflow_datasets as tfds
+
+    lengths, bad, kinds = [], [], []
+    for c in range(n_chunks):
+        with open(markers[c]) as f:
+            marker = json.load(f)
+        lengths.append(marker["written"])
+        kinds.extend(marker["kinds"])
+        bad.extend(marker["bad"])
+        os.replace(_shard_path(partial, settings, c, n_chunks), _shard_path(out_dir, settings, c, n_chunks))
+    with open(os.path.join(out_dir, BAD_ITEMS_FILE), "w") as f:
+        for b in bad:
+            f.write(json.dumps(b) + "\n")
+    np.save(os.path.join(out_dir, KINDS_FILE), np.array(kinds, np.int8))
+    _write_json(os.path.join(out_dir, SETTINGS_FILE), settings.to_json())
+    template = tfds.core.ShardedFileTemplate(data_dir=out_dir, template=_FILE_TEMPLATE, dataset_name=settings.name,
+                                             split=settings.split, filetype_suffix="array_record")
+    split = tfds.core.SplitInfo(name=settings.split, shard_lengths=lengths, num_bytes=0, filename_template=template)
+    tfds.folder_dataset.write_metadata(data_dir=out_dir, features=features_dict(), split_infos=[split],
+                                       filename_template=_FILE_TEMPLATE, check_data=False)
+    for c in range(n_chunks):
+        os.remove(markers[c])
+    return summary(out_dir)
+
+
+def summary(out_dir: str) -> dict[str, Any]:
+    """Items written and skipped by a finished pre-tokenization."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(out_dir)
+    with open(os.path.join(out_dir, BAD_ITEMS_FILE)) as f:
+        bad = [json.loads(line) for line in f]
+    return {"complete": True, "written": builder.info.splits.total_num_examples, "skipped": len(bad),
+            "bad_items": os.path.join(out_dir, BAD_ITEMS_FILE)}
+
+
+def open_dataset(path: str, split: str | None = None):
+    """(random-access TFDS data source, PretokenizeSettings, kind of each record) of a finished
+    pre-tokenized dataset."""
+    import tensorflow_datasets as tfds
+
+    settings_path = os.path.join(path, SETTINGS_FILE)
+    if not os.path.exists(settings_path):
+        hint = (" (it is still being written: a pre-tokenization has unfinished chunks)"
+                if glob.glob(os.path.join(path, _PARTIAL, "*")) else "")
+        raise FileNotFoundError(f"{path} is not a finished pre-tokenized dataset{hint}")
+    with open(settings_path) as f:
+        settings = PretokenizeSettings.from_json(json.load(f))
+    builder = tfds.builder_from_directory(path)
+    kinds = np.load(os.path.join(path, KINDS_FILE))
+    return builder.as_data_source(split=split or settings.split), settings, kinds
