@@ -190,6 +190,48 @@ def _chat(args) -> int:
     return 0
 
 
+def _pretokenize(args) -> int:
+    from unitoken_jax.data import pretokenize as pt
+
+    if args.tokenizer == "demo" or args.vqgan == "demo":
+        if not (args.tokenizer == args.vqgan == "demo"):
+            raise ValueError("--tokenizer demo and --vqgan demo go together (the demo's small tokenizers)")
+        from unitoken_jax.data.demo import demo_tokenizers
+
+        text, vq = demo_tokenizers()
+    else:
+        from unitoken_jax.tokenizer.text import TextTokenizer
+        from unitoken_jax.tokenizer.vq import VQTokenizer
+
+        if not args.tokenizer or not args.vqgan:
+            raise ValueError("pass --tokenizer text_tokenizer.json and --vqgan (Meta's vqgan.ckpt or an HF "
+                             "Chameleon/UniToken directory)")
+        text = TextTokenizer.from_file(args.tokenizer)
+        vq = VQTokenizer.from_hf(args.vqgan) if os.path.isdir(args.vqgan) else VQTokenizer.from_meta(args.vqgan)
+    settings = pt.PretokenizeSettings(name=args.name, split=args.split, vq_size=args.vq_size,
+                                      siglip_size=args.siglip_size, patch=args.patch, anyres=args.anyres,
+                                      max_length=args.max_length or None, chunk_size=args.chunk_size,
+                                      vq_batch=args.vq_batch)
+    result = pt.pretokenize(args.items, args.out, text, vq, settings, image_root=args.image_root,
+                            process_index=args.process_index, process_count=args.process_count)
+    if result["complete"]:
+        print(f"{args.out}: {result['written']} items written, {result['skipped']} skipped "
+              f"(listed in {result['bad_items']})")
+    else:
+        print(f"{args.out}: this process's chunks are done; {result['chunks_done']} of {result['chunks']} chunks "
+              "finished in all (the last process to finish writes the dataset's metadata)")
+    return 0
+
+
+def _train(args) -> int:
+    from absl import app
+
+    from unitoken_jax.train.__main__ import main as train_main
+
+    app.run(train_main, argv=["unitoken train", *args.absl_flags])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +298,31 @@ def main(argv: list[str] | None = None) -> int:
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
     model_args(cha)
     cha.set_defaults(func=_chat)
+    pre = sub.add_parser("pretokenize", help="conversations (reference JSON) + images -> a TFDS ArrayRecord dataset")
+    pre.add_argument("items", help="a .json list or .jsonl file of items in the reference's conversation format")
+    pre.add_argument("--out", required=True, help="dataset directory (resumes if a run was stopped)")
+    pre.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json ('demo': the small demo tokenizer)")
+    pre.add_argument("--vqgan", help="Meta's vqgan.ckpt, or an HF Chameleon / UniToken dir ('demo': the demo VQ-GAN)")
+    pre.add_argument("--image-root", default=None, help="where relative image paths start (default: the items' dir)")
+    pre.add_argument("--name", default="unitoken")
+    pre.add_argument("--split", default="train")
+    pre.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
+    pre.add_argument("--vq-size", type=int, default=512, help="side of the VQ crop")
+    pre.add_argument("--siglip-size", type=int, default=384, help="side of a SigLIP tile")
+    pre.add_argument("--patch", type=int, default=14, help="SigLIP patch size")
+    pre.add_argument("--max-length", type=int, default=4096, help="longer items are skipped and listed (0: no limit)")
+    pre.add_argument("--chunk-size", type=int, default=512, help="items per resumable chunk")
+    pre.add_argument("--vq-batch", type=int, default=32, help="images per VQ-GAN call")
+    pre.add_argument("--process-index", type=int, default=0, help="this process's share (chunk %% count == index)")
+    pre.add_argument("--process-count", type=int, default=1)
+    pre.set_defaults(func=_pretokenize)
+    tra = sub.add_parser("train", help="run a training stage (same flags as python -m unitoken_jax.train)")
+    tra.add_argument("absl_flags", nargs=argparse.REMAINDER,
+                     help="--config configs/stage2.py:tiny --workdir DIR [--config.x=y ...]")
+    tra.set_defaults(func=_train)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
+        return _train(argparse.Namespace(absl_flags=argv[1:]))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -56,3 +56,34 @@ def write_demo_items(directory: str, n: int = 64, seed: int = 0, size: int = 64)
     with open(path, "w") as f:
         json.dump(items, f, indent=0)
     return path
+
+
+DEMO_VQGAN = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, embed_dim=8)
+
+
+def demo_tokenizers(seed: int = 0):
+    """(text tokenizer, VQ tokenizer) for the demo: the small byte-level tokenizer and a small VQ-GAN
+    with random weights (a fixed, deterministic image -> codes map; nothing is downloaded)."""
+    from unitoken_jax.models.vqgan import VQGANConfig
+    from unitoken_jax.tokenizer import small
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.tokenizer.vq import VQTokenizer
+
+    return TextTokenizer(small.build(seed)), VQTokenizer.random(VQGANConfig(**DEMO_VQGAN), seed=seed)
+
+
+def build_demo_dataset(directory: str, n: int = 256, *, siglip_size: int = 56, vq_size: int = 32,
+                       seed: int = 0, progress: bool = False) -> str:
+    """Draws the demo pictures and pre-tokenizes them into `directory/dataset` (once; a finished
+    dataset is reused). Returns the dataset path."""
+    from unitoken_jax.data import pretokenize as pt
+
+    out = os.path.join(directory, "dataset")
+    if os.path.exists(os.path.join(out, pt.SETTINGS_FILE)):
+        return out
+    items = write_demo_items(os.path.join(directory, "pictures"), n, seed)
+    text, vq = demo_tokenizers(seed)
+    settings = pt.PretokenizeSettings(name="demo", vq_size=vq_size, siglip_size=siglip_size, max_length=None,
+                                      chunk_size=128, vq_batch=64)
+    pt.pretokenize(items, out, text, vq, settings, progress=progress)
+    return out

@@ -62,7 +62,7 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
                               opt_state=keep(new_opt_state, state.opt_state),
                               nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
                               nonfinite_total=state.nonfinite_total + bad)
-        metrics = {**metrics, "grad_norm": grad_norm, "skipped": bad}
+        metrics = {**metrics, "grad_norm": grad_norm, "skipped": bad, "nonfinite_in_a_row": state.nonfinite_in_a_row}
         if schedule is not None:
             metrics["learning_rate"] = schedule((state.step - 1) // accumulation_steps)
         return state, metrics

@@ -1,0 +1,16 @@
+"""Stage I: the ViT and adapter learn on captions; the decoder is frozen. See configs/stages.py.
+
+    python -m unitoken_jax.train --config configs/stage1.py:tiny --workdir /tmp/stage1
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("unitoken_configs_stages",
+                                               os.path.join(os.path.dirname(os.path.abspath(__file__)), "stages.py"))
+_stages = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_stages)
+
+
+def get_config(arg: str = ""):
+    return _stages.stage_config(1, arg)

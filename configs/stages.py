@@ -1,0 +1,85 @@
+"""What the three training stages share; `configs/stage{1,2,3}.py` pick from it.
+
+    python -m unitoken_jax.train --config configs/stage2.py:tiny --workdir /tmp/stage2
+    python -m unitoken_jax.train --config configs/stage2.py --workdir gs://bucket/run \\
+        --config.init_from.paths=/ckpt/UniToken-base-StageI --config.data.sources=/data/meta.yaml
+
+Stage I trains the ViT and the adapter on captions (the decoder frozen); stage II trains
+everything on understanding and generation 1:1; stage III (the paper's) fine-tunes everything on
+instruction data. The full-size numbers follow the reference scripts (DESIGN.md section 2); the
+`tiny` variants train a small model on a drawn demo dataset on a CPU in a minute or two.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _model_configs():
+    spec = importlib.util.spec_from_file_location("unitoken_configs_model",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+STAGES = {
+    # trainable, learning rate, ViT lr scale, understanding : generation
+    1: dict(trainable="vision", learning_rate=1e-3, vit_lr_scale=1e-2, mix=(1, 0)),
+    2: dict(trainable="all", learning_rate=1e-5, vit_lr_scale=1.0, mix=(1, 1)),
+    3: dict(trainable="all", learning_rate=5e-6, vit_lr_scale=1.0, mix=(1, 1)),
+}
+
+
+def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
+    tiny = arg == "tiny"
+    if arg not in ("", "tiny", "anyres"):
+        raise ValueError(f"unknown variant {arg!r}; use '' (7B), 'anyres' (7B AnyRes) or 'tiny'")
+    s = STAGES[stage]
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.model_name = "tiny" if tiny else ("7b_anyres" if arg == "anyres" else "7b")
+    c.model = _model_configs().model_config(c.model_name)
+    if tiny:
+        c.model.decoder.vocab_size = 9216  # the small demo tokenizer's 9163 ids, rounded up
+        c.model.decoder.max_position_embeddings = 1024
+
+    c.init_from = ml_collections.ConfigDict(dict(
+        # tiny runs start random, so each stands alone; chain them with
+        # --config.init_from.kind=stage --config.init_from.paths=/tmp/stage1
+        kind="random" if tiny else ("stage" if stage > 1 else "checkpoint"),
+        # "checkpoint": HF or our Orbax directories, read in order, each overwriting the parts it has
+        # (stage I: Lumina-mGPT's decoder, then SigLIP; the adapter starts random);
+        # "stage": the previous stage's workdir (its exported final model).
+        paths=(),
+        seed=0,
+    ))
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=s["learning_rate"], vit_lr_scale=s["vit_lr_scale"], warmup_fraction=0.01, b1=0.9, b2=0.95,
+        weight_decay=0.1, grad_clip=4.0, accumulation_steps=1, trainable=s["trainable"]))
+
+    c.data = ml_collections.ConfigDict(dict(
+        sources=(),  # pre-tokenized dataset dirs, or one YAML meta file (the reference's data config format)
+        demo=tiny,  # build the drawn demo dataset in WORKDIR/demo_data (tiny runs)
+        mix=s["mix"],
+        rows=8 if tiny else 64,  # global batch rows (split over processes)
+        length=256 if tiny else 4096,
+        max_images=8 if tiny else 64,  # SigLIP tiles per global batch
+        seed=0,
+        num_threads=2 if tiny else 16,
+        worker_count=0,
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.total_steps = 40 if tiny else (5000 if stage == 1 else 20000)
+    c.log_every = 5 if tiny else 50
+    c.checkpoint_every = 20 if tiny else 1000
+    c.keep_checkpoints = 3
+    c.max_nonfinite_in_a_row = 10
+    c.seed = 0
+    c.log_sample_ids = True
+    if tiny:
+        c.optimizer.learning_rate = {1: 3e-3, 2: 3e-3, 3: 1e-3}[stage]
+        c.optimizer.warmup_fraction = 0.1
+    return c

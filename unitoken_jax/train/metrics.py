@@ -1,0 +1,134 @@
+"""Training metrics: averaged over a logging window, written to the console (logging) and to
+TensorBoard event files (the `tensorboard` package's writer; TensorFlow is not needed).
+
+Tokens/s counts real tokens only (positions inside a packed sample, not padding). MFU is
+estimated from an analytic FLOP count, because XLA's cost analysis counts a scanned layer once:
+per token, 2 x params forward, 2 x params for the activation gradients, and 2 x trainable params
+for the weight gradients (a frozen decoder still backpropagates into the ViT in stage I), plus
+attention (12 x layers x hidden x context per token, forward and backward), and the same for the
+ViT per image patch. It is reported only on chips whose peak bf16 FLOP/s is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# dense bf16 peak FLOP/s per chip / GPU
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(name):
+            return flops
+    return None
+
+
+class FlopCounter:
+    def __init__(self, model_config, abstract_params, trainable_mask):
+        def count(part, trainable_only=False):
+            tree = abstract_params.get(part, {})
+            masks = trainable_mask.get(part, {})
+            return sum(int(np.prod(a.shape)) for a, m in zip(jax.tree.leaves(tree), jax.tree.leaves(masks))
+                       if m or not trainable_only)
+
+        self.config = model_config
+        self.decoder = (count("decoder"), count("decoder", True))
+        vision = ("vit", "adapter")
+        self.vision = (sum(count(p) for p in vision), sum(count(p, True) for p in vision))
+
+    def per_step(self, tokens: int, context: int, patches: int) -> float:
+        d, v = self.config.decoder, self.config.vision
+        flops = (4 * self.decoder[0] + 2 * self.decoder[1]) * tokens
+        flops += 12 * d.num_layers * d.hidden_size * context * tokens
+        if v is not None and patches:
+            side = (v.image_size // v.patch_size) ** 2
+            flops += (4 * self.vision[0] + 2 * self.vision[1]) * patches
+            flops += 12 * v.num_layers * v.hidden_size * side * patches
+        return float(flops)
+
+
+class Window:
+    """Sums a logging window's batches and device metrics; `flush` averages and resets."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.metrics, self.tokens, self.steps, self.flop_inputs = [], 0, 0, []
+        self.start = time.time()
+
+    def add_batch(self, batch, features_per_tile: int):
+        real = batch["segment_ids"] > 0
+        tokens = int(real.sum())
+        # mean attended context per real token: positions are 0.. inside each sample
+        context = float(batch["positions"][real].mean() + 1) if tokens else 0.0
+        tiles = int(np.any(batch["pixels"] != 0, axis=(1, 2, 3)).sum())
+        self.tokens += tokens
+        self.flop_inputs.append((tokens, context, tiles * features_per_tile))
+
+    def add_metrics(self, metrics):
+        self.metrics.append(metrics)
+        self.steps += 1
+
+    def flush(self, step: int, flops: FlopCounter, devices: int) -> dict:
+        fetched = jax.device_get(self.metrics)
+        seconds = max(time.time() - self.start, 1e-9)
+        out = {}
+        for k in fetched[0]:
+            values = np.array([float(m[k]) for m in fetched])
+            if k == "nonfinite_in_a_row":
+                out[k] = float(values[-1])
+            elif k.startswith("tokens") or k == "skipped":
+                out[k] = float(values.sum())
+            elif k.startswith("ce_"):  # weight the split losses by their token counts
+                count = np.array([float(m["tokens_" + k[3:]]) for m in fetched])
+                out[k] = float((values * count).sum() / count.sum()) if count.sum() else float("nan")
+            else:
+                out[k] = float(values.mean())
+        out["tokens_per_second"] = self.tokens / seconds
+        peak = peak_flops()
+        if peak is not None:
+            total = sum(flops.per_step(*x) for x in self.flop_inputs)
+            out["mfu"] = total / seconds / (peak * devices)
+        out["step"] = step
+        shown = " ".join(f"{k}={v:.4g}" for k, v in out.items() if k not in ("step",) and not k.startswith("tokens_"))
+        log.info("step %d: %s tokens/s=%.1f", step, shown, out["tokens_per_second"])
+        self._reset()
+        return out
+
+
+class MetricWriter:
+    def __init__(self, logdir: str, enabled: bool = True):
+        self.writer = None
+        if enabled:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            os.makedirs(logdir, exist_ok=True)
+            self.writer = EventFileWriter(logdir)
+
+    def write(self, step: int, scalars: dict) -> None:
+        if self.writer is None:
+            return
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if k != "step"]
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                              summary=summary_pb2.Summary(value=values)))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
