@@ -71,11 +71,12 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         num_threads=2 if tiny else 16,
         worker_count=0,
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))  # 0: every device
     c.total_steps = 40 if tiny else (5000 if stage == 1 else 20000)
     c.log_every = 5 if tiny else 50
     c.checkpoint_every = 20 if tiny else 1000
     c.keep_checkpoints = 3
+    c.stop_after = 0  # > 0: save and stop at this step (a time-boxed job; rerun to go on)
     c.max_nonfinite_in_a_row = 10
     c.seed = 0
     c.log_sample_ids = True

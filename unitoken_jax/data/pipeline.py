@@ -36,6 +36,7 @@ from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.tokenizer.conversation import EncodedConversation
 
 KIND_NAMES = pt.KINDS
+_MAX_DROPS_IN_A_ROW = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,11 +212,14 @@ class _PackingIterator(grain.DatasetIterator):
         group = []
         for k, it in enumerate(self._iters):
             for _ in range(self.config.mix[k]):
-                while True:
+                for _ in range(_MAX_DROPS_IN_A_ROW):
                     s = next(it)
                     if len(s.encoded) <= self.config.length:
                         break
                     self.dropped_too_long += 1
+                else:
+                    raise ValueError(f"{_MAX_DROPS_IN_A_ROW} {KIND_NAMES[k]} samples in a row are longer than a row "
+                                     f"({self.config.length} positions); raise data.length")
                 group.append(s)
         return group
 

@@ -177,7 +177,7 @@ class _Chunk:
                 "id": _item_id(item, self.source, index), "kind": kind, "tokens": enc.tokens, "labels": enc.labels,
                 "is_continuous": enc.is_continuous, "feature_index": enc.feature_index, "image_bytes": raw,
                 "num_features": np.array([i.num_features for i in inputs], np.int32)}))
-        return records, kinds, bad
+        return records, kinds, sorted(bad, key=lambda b: b["index"])
 
 
 def _item_id(item, source: str, index: int) -> str:

@@ -25,8 +25,8 @@ def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
     if _DISTRIBUTED.value or _COORDINATOR.value:
-        if jax.default_backend() == "cpu" or jax.config.jax_platforms == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from unitoken_jax.train.loop import train_and_evaluate
 

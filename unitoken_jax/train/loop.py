@@ -88,7 +88,8 @@ def initial_params(config: ml_collections.ConfigDict, model_config: UniTokenConf
 # --- batches -------------------------------------------------------------------------------
 def _mesh(config):
     m = config.mesh
-    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    n = m.get("num_devices", 0)
+    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=jax.devices()[:n] if n else None)
 
 
 def _pipeline(config, workdir: str, model_config: UniTokenConfig, mesh) -> InputPipeline:
@@ -239,11 +240,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
                     last = window.flush(step, flops, mesh.size)
                     writer.write(step, last)
-                if step % config.checkpoint_every == 0 or step == total or preempted.now(checkpointer, step):
+                stop_here = step == config.get("stop_after", 0)
+                if step % config.checkpoint_every == 0 or step == total or stop_here or \
+                        preempted.now(checkpointer, step):
                     _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
                     checkpointer.save(step, state, _gather_data_state(data_iter.get_state()), force=True)
-                    if preempted.flag:
-                        log.warning("preempted: saved step %d, stopping", step)
+                    if preempted.flag or stop_here:
+                        log.warning("%s: saved step %d, stopping", "preempted" if preempted.flag else "stop_after",
+                                    step)
                         break
         finally:
             checkpointer.wait()
@@ -271,9 +275,10 @@ def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int
         checkpointer.wait()
         raise TrainingDiverged(
             f"{n} steps in a row (up to step {step}) had a non-finite loss or gradient and were skipped "
-            f"(max_nonfinite_in_a_row={limit}); the run stops. The last checkpoint, step "
-            f"{checkpointer.latest_step()} in {checkpointer.directory}, was saved before the streak and is intact. "
-            "Lower the learning rate, check the data around these steps (samples.jsonl), or raise the limit.")
+            f"(max_nonfinite_in_a_row={limit}); the run stops. Skipped steps change no parameter, so every "
+            f"checkpoint holds finite weights; the latest is step {checkpointer.latest_step()} in "
+            f"{checkpointer.directory}. Lower the learning rate, check the data of these steps (samples.jsonl), "
+            "or raise the limit.")
 
 
 def _log_memory(compiled, seconds: float) -> None:

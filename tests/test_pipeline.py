@@ -1,0 +1,182 @@
+"""The Grain pipeline: the understanding : generation ratio holds in every batch, samples are
+never split and arrive intact (tokens and pixels), processes read disjoint parts, weights are
+respected, too-long samples are dropped and counted, the iterator state restores the order, and a
+packed row gives each sample the loss it has alone."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from unitoken_jax.data import demo
+from unitoken_jax.data import pretokenize as pt
+from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, Source, read_meta
+from unitoken_jax.tokenizer import images as image_io
+
+SETTINGS = pt.PretokenizeSettings(name="demo", vq_size=32, siglip_size=56, max_length=None, chunk_size=64,
+                                  vq_batch=16)
+
+
+def _dataset(root, name, n, seed):
+    path = demo.write_demo_items(str(root / f"{name}_items"), n, seed=seed)
+    items = json.load(open(path))
+    for it in items:
+        it["id"] = f"{name}-{it['id']}"
+    json.dump(items, open(path, "w"))
+    text, vq = demo.demo_tokenizers()
+    pt.pretokenize(path, str(root / name), text, vq, SETTINGS, progress=False)
+    return str(root / name)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return _dataset(root, "a", 40, 0), _dataset(root, "b", 40, 1)
+
+
+def _by_id(*paths):
+    out = {}
+    for p in paths:
+        source, _, _ = pt.open_dataset(p)
+        for i in range(len(source)):
+            r = source[i]
+            out[r["id"].decode()] = r
+    return out
+
+
+@pytest.mark.parametrize("mix", [(1, 1), (2, 1)])
+def test_every_batch_has_the_ratio_and_whole_intact_samples(datasets, mix):
+    records = _by_id(*datasets)
+    config = PipelineConfig(rows=3, length=300, mix=mix, max_images=12, num_threads=1)
+    it = InputPipeline(list(datasets), config).iterator()
+    for _ in range(5):
+        b = next(it)
+        groups = len(b["kinds"]) // sum(mix)
+        assert groups >= 1 and b["kinds"].count("understanding") == groups * mix[0]
+        assert b["kinds"].count("generation") == groups * mix[1]
+        tile = 0
+        order = []  # samples in the order their images were stacked
+        for row, ids in enumerate(b["sample_ids"]):
+            seg = b["segment_ids"][row]
+            assert sorted(set(seg[seg > 0].tolist())) == list(range(1, len(ids) + 1))
+            for j, sid in enumerate(ids):
+                where = np.flatnonzero(seg == j + 1)
+                assert np.all(np.diff(where) == 1), "a sample must be contiguous"
+                r = records[sid]
+                np.testing.assert_array_equal(b["tokens"][row, where], r["tokens"])
+                np.testing.assert_array_equal(b["labels"][row, where], r["labels"])
+                np.testing.assert_array_equal(b["positions"][row, where], np.arange(len(where)))
+                order.append((row, where, r))
+        # images are stacked in packing order; each sample's features point at its own tiles
+        for row, where, r in sorted(order, key=lambda o: b["feature_index"][o[0], o[1]][
+                b["is_continuous"][o[0], o[1]]].min() if len(o[2]["image_bytes"]) else -1):
+            if not len(r["image_bytes"]):
+                continue
+            expect = image_io.siglip_pixels(image_io.to_rgb(image_io.load_image(bytes(r["image_bytes"][0]))), 56)
+            used = b["feature_index"][row, where][b["is_continuous"][row, where]]
+            first = used.min() // 16
+            np.testing.assert_allclose(b["pixels"][first], expect, atol=1e-6)
+            np.testing.assert_array_equal(used - used.min(), r["feature_index"][r["is_continuous"]])
+            tile += 1
+        assert not b["pixels"][tile:].any()  # the rest is padding
+
+
+def test_state_restores_the_same_batches(datasets):
+    config = PipelineConfig(rows=2, length=300, max_images=4, num_threads=2, seed=3)
+    it = InputPipeline(list(datasets), config).iterator()
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # survives JSON, as in a checkpoint
+    expected = [next(it) for _ in range(3)]
+    again = InputPipeline(list(datasets), config).iterator()
+    again.set_state(state)
+    for e in expected:
+        got = next(again)
+        assert got["sample_ids"] == e["sample_ids"]
+        for k in ("tokens", "feature_index", "pixels"):
+            np.testing.assert_array_equal(got[k], e[k])
+    other_seed = InputPipeline(list(datasets), PipelineConfig(rows=2, length=300, max_images=4, seed=4)).iterator()
+    assert next(other_seed)["sample_ids"] != next(InputPipeline(list(datasets), config).iterator())["sample_ids"]
+
+
+def test_processes_read_disjoint_parts(datasets):
+    config = PipelineConfig(rows=2, length=300, max_images=4, num_threads=1)
+    seen = []
+    for p in range(2):
+        it = InputPipeline(list(datasets), config, process_index=p, process_count=2).iterator()
+        ids = [i for _ in range(4) for row in next(it)["sample_ids"] for i in row]
+        seen.append(set(ids))
+        assert len(ids) == len(set(ids))  # well inside one epoch: no repeats
+    assert not seen[0] & seen[1]
+
+
+def test_dataset_weights_follow_ratio_and_yaml_meta(datasets, tmp_path):
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(f"META:\n  - path: '{datasets[0]}'\n    ratio: 1.0\n  - path: '{datasets[1]}'\n    ratio: 3.0\n")
+    sources = read_meta(str(meta))
+    assert sources == [Source(datasets[0], 1.0), Source(datasets[1], 3.0)]
+    it = InputPipeline(str(meta), PipelineConfig(rows=4, length=300, mix=(1, 0), max_images=16,
+                                                 num_threads=1)).iterator()
+    ids = [i for _ in range(25) for row in next(it)["sample_ids"] for i in row]
+    share_b = sum(i.startswith("b-") for i in ids) / len(ids)
+    assert len(ids) > 150 and 0.65 < share_b < 0.85  # 3 : 1 -> 0.75
+
+
+def test_too_long_samples_are_dropped_and_counted(datasets):
+    records = _by_id(datasets[0])
+    lengths = sorted(len(r["tokens"]) for r in records.values() if int(r["kind"]) == 0)
+    limit = lengths[len(lengths) // 2]
+    it = InputPipeline([datasets[0]], PipelineConfig(rows=2, length=limit, mix=(1, 0), max_images=8,
+                                                     num_threads=1)).iterator()
+    kept = [i for _ in range(6) for row in next(it)["sample_ids"] for i in row]
+    state = it.get_state()
+    assert all(len(records[i]["tokens"]) <= limit for i in kept)
+    assert state["dropped_too_long"] > 0 and state["packed"] == len(kept)
+    with pytest.raises(ValueError, match="raise data.length"):
+        next(InputPipeline([datasets[0]], PipelineConfig(rows=2, length=20, mix=(1, 0), max_images=8)).iterator())
+    with pytest.raises(ValueError, match="does not fit an empty batch"):
+        next(InputPipeline([datasets[0]], PipelineConfig(rows=1, length=300, mix=(2, 2), max_images=1)).iterator())
+
+
+def test_a_packed_row_gives_each_sample_its_own_loss(datasets):
+    from unitoken_jax.model import UniTokenModel
+    from unitoken_jax.models.config import UniTokenConfig
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stages", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                         "stages.py"))
+    stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stages)
+    config = UniTokenConfig.from_dict(stages.stage_config(2, "tiny").model.to_dict())
+    model = UniTokenModel.random(config, seed=1)
+    b = next(InputPipeline([datasets[0]], PipelineConfig(rows=2, length=300, max_images=8, num_threads=1)).iterator())
+    logits, _ = model.forward(b["tokens"], labels=b["labels"], positions=b["positions"],
+                              segment_ids=b["segment_ids"], is_continuous=b["is_continuous"],
+                              feature_index=b["feature_index"], pixels=b["pixels"])
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+
+    def sample_loss(lp, labels):
+        t = labels[1:]
+        ok = t >= 0
+        return -lp[:-1][ok, t[ok]].sum()
+
+    checked = 0
+    for row, ids in enumerate(b["sample_ids"]):
+        for j in range(len(ids)):
+            where = np.flatnonzero(b["segment_ids"][row] == j + 1)
+            cont = b["is_continuous"][row, where]
+            used = b["feature_index"][row, where][cont]
+            tiles = np.unique(used // 16)
+            alone_index = np.where(cont, b["feature_index"][row, where] - tiles.min() * 16, 0) if len(tiles) else \
+                np.zeros(len(where), np.int32)
+            alone, _ = model.forward(b["tokens"][row, where][None], labels=b["labels"][row, where][None],
+                                     is_continuous=cont[None] if len(tiles) else None,
+                                     feature_index=alone_index[None] if len(tiles) else None,
+                                     pixels=b["pixels"][tiles] if len(tiles) else None)
+            lp_alone = np.asarray(jax.nn.log_softmax(alone, axis=-1))[0]
+            packed = sample_loss(logp[row, where], b["labels"][row, where])
+            np.testing.assert_allclose(packed, sample_loss(lp_alone, b["labels"][row, where]), rtol=1e-5)
+            checked += 1
+    assert checked >= 3

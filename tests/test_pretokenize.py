@@ -1,0 +1,127 @@
+"""Pre-tokenization: records equal the single-item encoder's output, bad items are skipped and
+listed, a killed run resumes to the same dataset, and two processes write the dataset one would."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from unitoken_jax.data import demo
+from unitoken_jax.data import pretokenize as pt
+from unitoken_jax.tokenizer.conversation import encode_item
+
+SETTINGS = pt.PretokenizeSettings(name="t", vq_size=32, siglip_size=56, max_length=400, chunk_size=4, vq_batch=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return demo.demo_tokenizers()
+
+
+@pytest.fixture(scope="module")
+def items_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("items")
+    path = demo.write_demo_items(str(d), 10)
+    items = json.load(open(path))
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    items += [
+        {"id": "missing-file", "conversations": [{"from": "human", "value": "<|image|>hi"},
+                                                 {"from": "gpt", "value": "x"}], "image": ["nope.png"]},
+        {"id": "corrupt-image", "conversations": [{"from": "human", "value": "<|image|>hi"},
+                                                  {"from": "gpt", "value": "x"}], "image": ["broken.png"]},
+        {"id": "bad-turns", "conversations": [{"from": "gpt", "value": "hello"}]},
+        {"id": "too-long", "conversations": [{"from": "human", "value": "word " * 300},
+                                             {"from": "gpt", "value": "ok"}]},
+        "not an object",
+        {"id": "text-only", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    ]
+    path = d / "all.json"
+    path.write_text(json.dumps(items))
+    return str(path)
+
+
+def _records(out):
+    source, settings, kinds = pt.open_dataset(out)
+    return [source[i] for i in range(len(source))], kinds
+
+
+def test_records_equal_the_single_item_encoder_and_bad_items_are_listed(tmp_path, items_path, tokenizers):
+    text, vq = tokenizers
+    result = pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    assert result["complete"] and result["written"] == 11 and result["skipped"] == 5
+    bad = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
+    assert [b["id"] for b in bad] == ["missing-file", "corrupt-image", "bad-turns", "too-long", "all.json:14"]
+    assert "no such file" in bad[0]["reason"].lower() and "SequenceTooLong" in bad[3]["reason"]
+
+    builder = tfds.builder_from_directory(str(tmp_path / "ds"))  # a plain TFDS dataset
+    assert builder.info.splits["train"].num_examples == 11
+    records, kinds = _records(str(tmp_path / "ds"))
+    items = json.load(open(items_path))
+    good = [it for it in items if isinstance(it, dict) and it.get("id") not in {b["id"] for b in bad}]
+    root = os.path.dirname(items_path)
+    for record, kind, item in zip(records, kinds, good):
+        assert record["id"].decode() == item["id"]
+        enc, pixels = encode_item(item, text, vq, image_root=root, vq_size=32, siglip_size=56)
+        np.testing.assert_array_equal(record["tokens"], enc.tokens)
+        np.testing.assert_array_equal(record["labels"], enc.labels)
+        np.testing.assert_array_equal(record["is_continuous"], enc.is_continuous)
+        np.testing.assert_array_equal(record["feature_index"], enc.feature_index)
+        assert int(record["kind"]) == kind == int(any(enc.image_predicted))
+        assert record["num_features"].tolist() == [16] * len(pixels)
+        for raw, path in zip(record["image_bytes"], item.get("image", [])):
+            assert bytes(raw) == open(os.path.join(root, path), "rb").read()
+    assert kinds.tolist().count(1) == 5  # the demo alternates understanding / generation
+
+
+def test_a_killed_run_resumes_to_the_same_dataset(tmp_path, items_path, tokenizers, monkeypatch):
+    text, vq = tokenizers
+    reference, _ = (pt.pretokenize(items_path, str(tmp_path / "whole"), text, vq, SETTINGS, progress=False),
+                    None)
+    partial = pt.pretokenize(items_path, str(tmp_path / "cut"), text, vq, SETTINGS, progress=False, max_chunks=1)
+    assert partial == {"complete": False, "chunks_done": 1, "chunks": 4}
+    with pytest.raises(FileNotFoundError, match="still being written"):
+        pt.open_dataset(str(tmp_path / "cut"))
+
+    calls = {"n": 0}
+    original = pt._Chunk.run
+
+    def dies_in_second_chunk(self, chunk):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, chunk)
+
+    monkeypatch.setattr(pt._Chunk, "run", dies_in_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        pt.pretokenize(items_path, str(tmp_path / "cut"), text, vq, SETTINGS, progress=False)
+    monkeypatch.setattr(pt._Chunk, "run", original)
+    done = pt.pretokenize(items_path, str(tmp_path / "cut"), text, vq, SETTINGS, progress=False)
+    assert done["written"] == reference["written"] and done["skipped"] == reference["skipped"]
+    a, ka = _records(str(tmp_path / "whole"))
+    b, kb = _records(str(tmp_path / "cut"))
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["tokens"], y["tokens"])
+    np.testing.assert_array_equal(ka, kb)
+
+    with pytest.raises(ValueError, match="other settings"):
+        pt.pretokenize(items_path, str(tmp_path / "cut"), text, vq, SETTINGS.__class__(vq_size=64), progress=False)
+
+
+def test_two_processes_write_the_dataset_one_process_writes(tmp_path, items_path, tokenizers):
+    text, vq = tokenizers
+    pt.pretokenize(items_path, str(tmp_path / "one"), text, vq, SETTINGS, progress=False)
+    first = pt.pretokenize(items_path, str(tmp_path / "two"), text, vq, SETTINGS, progress=False,
+                           process_index=1, process_count=2)
+    assert not first["complete"]
+    second = pt.pretokenize(items_path, str(tmp_path / "two"), text, vq, SETTINGS, progress=False,
+                            process_index=0, process_count=2)
+    assert second["complete"]
+    a, _ = _records(str(tmp_path / "one"))
+    b, _ = _records(str(tmp_path / "two"))
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="process_index"):
+        pt.pretokenize(items_path, str(tmp_path / "x"), text, vq, SETTINGS, process_index=2, process_count=2)

@@ -1,0 +1,212 @@
+"""The training loop end to end on the tiny stage configs and the drawn demo data: the loss falls;
+stop-and-resume in a new process equals the uninterrupted run bit for bit; 8 devices give the loss
+of 1; two processes on gloo train and save one checkpoint; stage I freezes the decoder and stage
+II starts from its ViT and adapter; a streak of non-finite steps stops the run cleanly."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from unitoken_jax.data.demo import build_demo_dataset
+from unitoken_jax.model import UniTokenModel, load
+from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.train.loop import TrainingDiverged, initial_params, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stages():
+    spec = importlib.util.spec_from_file_location("stages_for_tests", os.path.join(ROOT, "configs", "stages.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_demo_dataset(str(tmp_path_factory.mktemp("demo")), n=96)
+
+
+def _config(stage, data, **overrides):
+    c = _stages().stage_config(stage, "tiny")
+    c.data.demo = False
+    c.data.sources = (data,)
+    c.data.num_threads = 1
+    c.mesh.num_devices = 1
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _scalars(workdir, tag):
+    ea = EventAccumulator(os.path.join(workdir, "tensorboard"))
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars(tag)}
+
+
+def _raw_state(workdir, step):
+    """A train-state checkpoint read back as numpy arrays, whatever devices wrote it."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    return checkpointer.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                                                tree))
+
+
+def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data):
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(_config(2, data, total_steps=30, log_every=5), workdir)
+    loss = [v for _, v in sorted(_scalars(workdir, "loss").items())]
+    assert len(loss) == 6
+    assert loss[-1] < loss[0] - 2.0, loss
+    assert sum(b < a for a, b in zip(loss, loss[1:])) >= 4, loss
+    ea = EventAccumulator(os.path.join(workdir, "tensorboard"))
+    ea.Reload()
+    assert {"ce_understanding", "ce_generation", "z_loss", "grad_norm", "learning_rate",
+            "tokens_per_second"} <= set(ea.Tags()["scalars"])
+    assert all(v > 0 for v in _scalars(workdir, "ce_generation").values())
+    model = load(os.path.join(workdir, "final"))  # the exported model loads
+    assert model.config.decoder.vocab_size == 9216
+
+
+def _run_cli(workdir, data, *extra, env=None):
+    cmd = [sys.executable, "-m", "unitoken_jax.train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"),
+           "--workdir", workdir, "--config.data.demo=False", f"--config.data.sources={data}",
+           "--config.data.num_threads=1", "--config.total_steps=8", "--config.checkpoint_every=100",
+           "--config.log_every=2", *extra]
+    env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_stop_and_resume_in_a_new_process_is_bit_exact(tmp_path, data):
+    interrupted, whole = str(tmp_path / "interrupted"), str(tmp_path / "whole")
+    first = _run_cli(interrupted, data, "--config.stop_after=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["3"]
+    assert not os.path.exists(os.path.join(interrupted, "final"))
+    second = _run_cli(interrupted, data)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 3" in second.stderr
+    third = _run_cli(whole, data)
+    assert third.returncode == 0, third.stderr[-3000:]
+
+    a, b = _raw_state(interrupted, 8), _raw_state(whole, 8)
+    assert int(a["step"]) == 8
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    read = lambda w: [json.loads(line) for line in open(os.path.join(w, "samples.jsonl"))]  # noqa: E731
+    assert [r["step"] for r in read(interrupted)] == list(range(8))
+    assert read(interrupted) == read(whole)
+    # logged losses too, except step 4's window, which after the resume averages step 4 alone
+    resumed_loss, whole_loss = _scalars(interrupted, "loss"), _scalars(whole, "loss")
+    assert sorted(resumed_loss) == sorted(whole_loss) == [2, 4, 6, 8]
+    assert all(resumed_loss[s] == whole_loss[s] for s in (2, 6, 8))
+
+
+def test_eight_devices_give_the_loss_of_one(tmp_path, data):
+    losses = {}
+    for n, mesh in ((1, dict(data=1, fsdp=1, tensor=1)), (8, dict(data=2, fsdp=2, tensor=2))):
+        workdir = str(tmp_path / f"d{n}")
+        overrides = {f"mesh.{k}": v for k, v in mesh.items()}
+        train_and_evaluate(_config(2, data, total_steps=3, log_every=1, **overrides, **{"mesh.num_devices": n}),
+                           workdir)
+        losses[n] = _scalars(workdir, "loss")
+    assert sorted(losses[1]) == [1, 2, 3]
+    for step in losses[1]:
+        np.testing.assert_allclose(losses[8][step], losses[1][step], rtol=2e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
+    workdir = str(tmp_path / "pod")
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = lambda i: [sys.executable, "-m", "unitoken_jax.train",  # noqa: E731
+                     "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"), "--workdir", workdir,
+                     "--config.data.demo=False", f"--config.data.sources={data}", "--config.data.num_threads=1",
+                     "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
+                     f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert "over 2 devices in 2 processes" in outs[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    state = _raw_state(workdir, 4)
+    assert int(state["step"]) == 4 and int(state["nonfinite_total"]) == 0
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    data_state = json.load(open(os.path.join(workdir, "checkpoints", "4", "data", "metadata")))
+    assert len(data_state["processes"]) == 2
+    assert all(s["packed"] > 0 for s in data_state["processes"])
+    final = load(os.path.join(workdir, "final"))
+    np.testing.assert_array_equal(np.asarray(final.params["adapter"]["fc1"]["kernel"]),
+                                  np.asarray(state["params"]["adapter"]["fc1"]["kernel"]))
+
+
+def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data):
+    stage1 = str(tmp_path / "stage1")
+    config = _config(1, data, total_steps=3, log_every=3)
+    train_and_evaluate(config, stage1)
+    model_config = UniTokenConfig.from_dict(config.model.to_dict())
+    start = UniTokenModel.random(model_config, seed=0).params
+    trained = load(os.path.join(stage1, "final")).params
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 trained["decoder"], start["decoder"])
+    assert not np.array_equal(np.asarray(trained["adapter"]["fc1"]["kernel"]),
+                              np.asarray(start["adapter"]["fc1"]["kernel"]))
+    # no optimizer state for the frozen decoder (nor for the ViT's patch / position embeddings)
+    opt = _raw_state(stage1, 3)["opt_state"]
+    paths = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(opt)]
+    assert not any("decoder" in p or "patch_embedding" in p for p in paths)
+    assert any("adapter" in p for p in paths) and any("vit" in p for p in paths)
+
+    c2 = _config(2, data, **{"init_from.kind": "stage", "init_from.paths": (stage1,)})
+    params = initial_params(c2, model_config, mesh=None)
+    for part in ("vit", "adapter", "decoder"):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     params[part], trained[part])
+    with pytest.raises(FileNotFoundError, match="no finished stage"):
+        initial_params(_config(2, data, **{"init_from.kind": "stage", "init_from.paths": (str(tmp_path),)}),
+                       model_config, mesh=None)
+
+
+def test_a_non_finite_streak_stops_the_run_and_checkpoints_stay_finite(tmp_path, data):
+    workdir = str(tmp_path / "nan")
+
+    def poison(step, batch):
+        if step >= 4:
+            batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
+        return batch
+
+    config = _config(2, data, total_steps=20, checkpoint_every=2, log_every=100, max_nonfinite_in_a_row=3)
+    with pytest.raises(TrainingDiverged, match="3 steps in a row"):
+        train_and_evaluate(config, workdir, batch_transform=poison)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+    assert steps == [2, 4, 6]
+    at4, at6 = _raw_state(workdir, 4), _raw_state(workdir, 6)
+    assert int(at6["nonfinite_total"]) == 2 and int(at4["nonfinite_total"]) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 (at4["params"], at4["opt_state"]), (at6["params"], at6["opt_state"]))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(at6["params"]))
