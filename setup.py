@@ -19,6 +19,11 @@ setup(
         "pillow>=13.0.0",
         "pyyaml>=6.0",
         "tokenizers>=0.23.3",
+        "absl-py>=2.5.1",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.6",
+        "tensorboard>=2.21.0",
     ],
     extras_require={
         "test": ["pytest>=9.0", "torch==2.13.0", "transformers>=5.24.0", "scikit-image>=0.26.0"],

@@ -29,7 +29,8 @@ from unitoken_jax import sharding  # noqa: E402
 from unitoken_jax.model import init_variables  # noqa: E402
 from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
 from unitoken_jax.train.optimizer import OptimizerConfig, make_optimizer, trainable_mask  # noqa: E402
-from unitoken_jax.train.step import TrainState, make_train_step  # noqa: E402
+from unitoken_jax.train.state import abstract_state, state_shardings  # noqa: E402
+from unitoken_jax.train.step import make_train_step  # noqa: E402
 
 
 def compile_step(topology: str, batch: int, seq: int, mesh_shape, remat: str, model: str = "7b"):
@@ -46,16 +47,8 @@ def compile_step(topology: str, batch: int, seq: int, mesh_shape, remat: str, mo
                           nn.meta.unbox(boxed)["params"], param_sh)
     opt = OptimizerConfig(learning_rate=1e-5, total_steps=10_000)
     tx = make_optimizer(opt, params)
-    by_shape = {}
-    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(param_sh)):
-        by_shape.setdefault(p.shape, s)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=by_shape.get(a.shape, replicated)
-                                                            if a.ndim else replicated), jax.eval_shape(tx.init, params))
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    state = TrainState(scalar, params, opt_state, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
-                       scalar, scalar)
+    state_sh = state_shardings(tx, params, param_sh, mesh)
+    state = abstract_state(tx, params, state_sh)
 
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     side = config.vision.image_size
@@ -70,7 +63,6 @@ def compile_step(topology: str, batch: int, seq: int, mesh_shape, remat: str, mo
     batch_spec["pixels"] = spec((batch, side, side, 3), jnp.float32)  # one image a sample
 
     step = make_train_step(config, tx, trainable_mask(params))
-    state_sh = jax.tree.map(lambda a: a.sharding, state)
     start = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         lowered = jax.jit(step, in_shardings=(state_sh, jax.tree.map(lambda a: a.sharding, batch_spec)),
@@ -90,10 +82,11 @@ def main():
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--mesh", default="1,64,1", help="data,fsdp,tensor")
     parser.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
+    parser.add_argument("--model", default="7b", help="a configs/model.py name (7b, 7b_anyres, tiny)")
     args = parser.parse_args()
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     compiled, seconds, n_params, flops, chips, _ = compile_step(args.topology, args.batch, args.seq, mesh_shape,
-                                                                args.remat)
+                                                                args.remat, args.model)
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
         mem.temp_size_in_bytes

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from unitoken_jax.models.config import DecoderConfig
-from unitoken_jax.models.layers import HeadNorm, Projection, RMSNorm, attend, dot_product_attention, rotary_embedding, segment_causal_mask
+from unitoken_jax.models.layers import HeadNorm, Projection, RMSNorm, attend, causal_dot_product_attention, rotary_embedding, segment_causal_mask
 from unitoken_jax.sharding import check_names, constrain
 
 Cache = dict[str, jax.Array]
@@ -83,7 +83,7 @@ class Attention(nn.Module):
             v_BKSH = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         if cache is None:
-            out_BTNH = dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+            out_BTNH = causal_dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
         else:
             out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
         out_BTD = proj((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", "o_proj")(out_BTNH)

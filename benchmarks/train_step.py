@@ -1,0 +1,233 @@
+"""Training throughput: our packed, jitted train step against the reference's training step in
+PyTorch, on the same small model (same weights), the same samples and this CPU, in one run.
+
+The reference path is what the reference's solver does per step, written out with transformers'
+Chameleon and SigLIP: the ViT runs once per sample, the adapter's features replace the continuous
+positions of each sample's embeddings, every batch holds one data type (understanding or
+generation) and is padded to its longest sample, then next-token cross-entropy + z-loss,
+backward, global-norm clipping at 4 and AdamW (0.9, 0.95, weight decay 0.1). Ours packs the
+same samples whole into fixed rows (understanding and generation mixed 1:1) and runs the pure
+step of `unitoken_jax.train.step`. Tokens/s counts real tokens only (no padding).
+
+The samples are the drawn demo items with answers of varied length (1 to 12 sentences), so
+the batches' lengths vary as real data's do.
+
+    python benchmarks/train_step.py [--steps 12] [--out benchmarks/results/train_step.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration  # noqa: E402
+
+import oracles  # noqa: E402
+import unitoken_jax  # noqa: E402
+from unitoken_jax.data import demo  # noqa: E402
+from unitoken_jax.data import pretokenize as pt  # noqa: E402
+from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig  # noqa: E402
+from unitoken_jax.train.optimizer import OptimizerConfig, make_optimizer, trainable_mask  # noqa: E402
+from unitoken_jax.train.step import init_state, make_train_step  # noqa: E402
+
+LR, Z_LOSS = 1e-4, 1e-5
+
+
+def build_models(tmp, hidden, layers, vision_hidden):
+    cfg = ChameleonConfig(vocab_size=9216, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                          num_key_value_heads=hidden // 64, max_position_embeddings=2048,
+                          model_parallel_size=hidden // 64, vocabulary_map={"<image>": 8711},
+                          vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2],
+                                         num_res_blocks=1, latent_channels=8, attn_resolutions=[], resolution=32),
+                          attn_implementation="sdpa")
+    torch.manual_seed(0)
+    chameleon = ChameleonForConditionalGeneration(cfg)
+    oracles.randomize_(chameleon, 0)
+    siglip = oracles.make_siglip(hidden=vision_hidden, layers=2, heads=2, image_size=56, intermediate=4 * vision_hidden)
+    adapter = oracles.make_adapter(vision_hidden, hidden)
+    path = os.path.join(tmp, "hf")
+    oracles.write_unitoken(path, chameleon, siglip, adapter, layout="transformers", z_loss_weight=Z_LOSS)
+    return chameleon, siglip, adapter, path
+
+
+def build_data(tmp, n_items):
+    items_path = demo.write_demo_items(os.path.join(tmp, "items"), n_items, seed=0)
+    items = json.load(open(items_path))
+    rng = np.random.default_rng(0)
+    for it in items:
+        if it["conversations"][1]["value"] != "<|image|>":
+            sentence = it["conversations"][1]["value"] + ". "
+            it["conversations"][1]["value"] = sentence * int(rng.integers(1, 13))
+    json.dump(items, open(items_path, "w"))
+    text, vq = demo.demo_tokenizers()
+    settings = pt.PretokenizeSettings(name="bench", vq_size=32, siglip_size=56, max_length=None, chunk_size=256)
+    out = os.path.join(tmp, "data")
+    pt.pretokenize(items_path, out, text, vq, settings, progress=False)
+    return out
+
+
+# --- the reference's step ----------------------------------------------------------------------
+class ReferenceStep:
+    def __init__(self, chameleon, siglip, adapter):
+        self.chameleon, self.siglip, self.adapter = chameleon.train(), siglip.train(), adapter.train()
+        params = [p for m in (chameleon, siglip, adapter) for p in m.parameters()]
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def __call__(self, samples):
+        embed = self.chameleon.model.embed_tokens
+        longest = max(len(s["tokens"]) for s in samples)
+        rows, labels = [], []
+        for s in samples:  # per sample, as the reference's forward
+            e = embed(torch.from_numpy(s["tokens"].astype(np.int64)))
+            if len(s["pixels"]):
+                feats = self.adapter(self.siglip(torch.from_numpy(s["pixels"]).permute(0, 3, 1, 2)).last_hidden_state)
+                feats = feats.reshape(-1, feats.shape[-1])
+                cont = torch.from_numpy(s["is_continuous"])
+                e = e.clone()
+                e[cont] = feats[torch.from_numpy(s["feature_index"][s["is_continuous"]].astype(np.int64))]
+            pad = longest - len(s["tokens"])
+            rows.append(torch.cat([e, embed(torch.zeros(pad, dtype=torch.int64))]))
+            labels.append(np.concatenate([s["labels"], np.full(pad, -100)]))
+        x = torch.stack(rows)
+        labels = torch.from_numpy(np.stack(labels).astype(np.int64))
+        mask = (torch.arange(longest)[None] < torch.tensor([len(s["tokens"]) for s in samples])[:, None]).long()
+        hidden = self.chameleon.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        logits = self.chameleon.lm_head(hidden)[:, :-1].float()
+        target = labels[:, 1:]
+        valid = target >= 0
+        lse = torch.logsumexp(logits, -1)
+        ce = lse - torch.gather(logits, -1, target.clamp(min=0)[..., None])[..., 0]
+        loss = ce[valid].mean() + Z_LOSS * (lse[valid] ** 2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 4.0)
+        self.opt.step()
+        return loss.item()
+
+
+def reference_batches(samples, batch):
+    """One data type per batch, `batch` samples each, in stream order (the reference's sampler)."""
+    out, open_ = [], {0: [], 1: []}
+    for s in samples:
+        open_[s["kind"]].append(s)
+        if len(open_[s["kind"]]) == batch:
+            out.append(open_[s["kind"]])
+            open_[s["kind"]] = []
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12, help="timed steps of ours (the reference gets the same samples)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--ref-batch", type=int, default=8)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    tmp = tempfile.mkdtemp()
+    chameleon, siglip, adapter, path = build_models(tmp, args.hidden, args.layers, 64)
+    data = build_data(tmp, 400)
+
+    pipeline = InputPipeline([data], PipelineConfig(rows=args.rows, length=args.length, max_images=4 * args.rows,
+                                                    num_threads=1))
+    it = pipeline.iterator()
+    batches = [next(it) for _ in range(args.steps + 2)]
+    source, _, _ = pt.open_dataset(data)
+    by_id = {}
+    for i in range(len(source)):
+        r = source[i]
+        by_id[r["id"].decode()] = r
+
+    # ours
+    model = unitoken_jax.load(path, progress=False)
+    opt = OptimizerConfig(learning_rate=LR, total_steps=1000, warmup_fraction=0.0)
+    tx = make_optimizer(opt, model.params)
+    step = jax.jit(make_train_step(model.config, tx, trainable_mask(model.params)), donate_argnums=0)
+    state = jax.jit(lambda p: init_state(p, tx))(model.params)  # distinct buffers: the step donates them
+    keys = ("tokens", "labels", "positions", "segment_ids", "is_continuous", "feature_index", "pixels")
+    for b in batches[:2]:  # compile + warm up
+        state, m = step(state, {k: b[k] for k in keys})
+    jax.block_until_ready(m["loss"])
+    timed = batches[2:]
+    start = time.perf_counter()
+    for b in timed:
+        state, m = step(state, {k: b[k] for k in keys})
+    jax.block_until_ready(m["loss"])
+    ours_s = time.perf_counter() - start
+    ours_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in timed)
+    ours_padding = 1 - ours_tokens / sum(b["segment_ids"].size for b in timed)
+
+    # the reference, on the same samples (the timed batches' samples, in order)
+    def sample(sid):
+        r = by_id[sid]
+        from unitoken_jax.tokenizer import images as image_io
+
+        pixels = np.stack([image_io.siglip_pixels(image_io.to_rgb(image_io.load_image(bytes(b))), 56)
+                           for b in r["image_bytes"]]) if len(r["image_bytes"]) else np.zeros((0, 56, 56, 3), np.float32)
+        return dict(tokens=r["tokens"], labels=r["labels"], is_continuous=r["is_continuous"],
+                    feature_index=r["feature_index"], pixels=pixels, kind=int(r["kind"]))
+
+    warm = [sample(i) for b in batches[:2] for row in b["sample_ids"] for i in row]
+    same = [sample(i) for b in timed for row in b["sample_ids"] for i in row]
+    ref = ReferenceStep(chameleon, siglip, adapter)
+    for b in reference_batches(warm, args.ref_batch)[:1]:
+        ref(b)
+    ref_batches = reference_batches(same, args.ref_batch)
+    start = time.perf_counter()
+    for b in ref_batches:
+        ref(b)
+    ref_s = time.perf_counter() - start
+    ref_tokens = sum(len(s["tokens"]) for b in ref_batches for s in b)
+    ref_slots = sum(len(b) * max(len(s["tokens"]) for s in b) for b in ref_batches)
+
+    ours_tps, ref_tps = ours_tokens / ours_s, ref_tokens / ref_s
+    n_params = model.num_params()
+    date = datetime.date.today().isoformat()
+    lines = [
+        "# Training throughput: ours vs the reference's step (PyTorch)", "",
+        f"{date}, {platform.machine()} CPU ({os.cpu_count()} cores), {platform.python_version()}, "
+        f"jax {jax.__version__}, torch {torch.__version__}, float32.", "",
+        f"Model: decoder {args.layers} layers x {args.hidden} hidden, vocab 9216; SigLIP-style tower 2 x 64 at 56 px; "
+        f"{n_params / 1e6:.1f} M parameters, same weights on both sides.",
+        f"Data: {len(same)} demo samples (understanding answers of 1-12 sentences, generation of 8x8-code pictures).", "",
+        "| | batches | real tokens | padding | seconds | real tokens / s |", "|---|---|---|---|---|---|",
+        f"| reference (per-sample ViT, one type per batch of {args.ref_batch}, padded to the longest) | "
+        f"{len(ref_batches)} | {ref_tokens} | {1 - ref_tokens / ref_slots:.0%} | {ref_s:.2f} | {ref_tps:.0f} |",
+        f"| ours (packed {args.rows} x {args.length} rows, 1:1 mixed, one jitted step) | {len(timed)} | {ours_tokens} | "
+        f"{ours_padding:.0%} | {ours_s:.2f} | {ours_tps:.0f} |", "",
+        f"**Ours / reference: {ours_tps / ref_tps:.2f}x real tokens per second.**", "",
+        "The reference drops the samples left in a half-filled batch at the end; both count only the tokens they "
+        "trained on. CPU timings show the ratio on this machine, not accelerator speed: here XLA's CPU matmuls "
+        "run as fast as torch's, but its attention (batched dots + softmax, forward and backward) takes about twice "
+        "as long as torch's fused `scaled_dot_product_attention` kernel, and at this small width attention is a "
+        "large share of the step. Packing removes most of the reference's padding but attends over 512-position "
+        "rows, so the skipped upper-triangle blocks recover only part of that.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
