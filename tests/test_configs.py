@@ -46,3 +46,25 @@ def test_unknown_config_field_is_an_error():
     d["decoder"]["num_layer"] = 3
     with pytest.raises(ValueError, match="num_layer"):
         unitoken_jax.UniTokenConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_configs_build_and_differ_as_the_recipe_says(stage):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"stage{stage}.py")
+    spec = importlib.util.spec_from_file_location(f"stage{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    full, tiny = module.get_config(""), module.get_config("tiny")
+    unitoken_jax.UniTokenConfig.from_dict(full.model.to_dict()).validate()
+    unitoken_jax.UniTokenConfig.from_dict(tiny.model.to_dict()).validate()
+    assert full.optimizer.trainable == ("vision" if stage == 1 else "all")
+    assert tuple(full.data.mix) == ((1, 0) if stage == 1 else (1, 1))
+    assert full.optimizer.learning_rate == {1: 1e-3, 2: 1e-5, 3: 5e-6}[stage]
+    assert full.optimizer.vit_lr_scale == (1e-2 if stage == 1 else 1.0)
+    assert full.init_from.kind == ("checkpoint" if stage == 1 else "stage")
+    assert tiny.init_from.kind == "random" and tiny.data.demo
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("huge")
