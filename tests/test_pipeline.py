@@ -180,3 +180,51 @@ def test_a_packed_row_gives_each_sample_its_own_loss(datasets):
             np.testing.assert_allclose(packed, sample_loss(lp_alone, b["labels"][row, where]), rtol=1e-5)
             checked += 1
     assert checked >= 3
+
+
+def test_anyres_datasets_bring_their_tiles_and_newlines(tmp_path):
+    from unitoken_jax.tokenizer import anyres as anyres_lib
+
+    path = demo.write_demo_items(str(tmp_path / "items"), 8, seed=2)
+    items = json.load(open(path))
+    for i, it in enumerate(items):  # wide and tall pictures, so the grids differ
+        name = os.path.join(tmp_path / "items", it["image"][0])
+        image_io.load_image(name).resize((64 + 48 * (i % 2), 64 + 48 * (1 - i % 2))).save(name)
+    text, vq = demo.demo_tokenizers()
+    settings = pt.PretokenizeSettings(name="ar", vq_size=32, siglip_size=56, anyres=True, max_length=None)
+    pt.pretokenize(path, str(tmp_path / "ar"), text, vq, settings, progress=False)
+    records = _by_id(str(tmp_path / "ar"))
+    b = next(InputPipeline([str(tmp_path / "ar")], PipelineConfig(rows=2, length=400, max_images=16,
+                                                                   num_threads=1)).iterator())
+    for row, ids in enumerate(b["sample_ids"]):
+        for j, sid in enumerate(ids):
+            r = records[sid]
+            where = np.flatnonzero(b["segment_ids"][row] == j + 1)
+            cont = b["is_continuous"][row, where]
+            if not len(r["image_bytes"]):
+                continue
+            picture = image_io.to_rgb(image_io.load_image(bytes(r["image_bytes"][0])))
+            expect = anyres_lib.anyres_image(picture, 56, 14, settings.pinpoints())
+            assert len(expect.pixels) > 1 and r["num_features"].tolist() == [len(expect.pixels) * 16]
+            tokens = b["tokens"][row, where].tolist()
+            block = tokens[tokens.index(8198) + 1:tokens.index(8196)]  # between SEP and <eoss>
+            newlines = block.count(8803)
+            assert newlines == np.sum(expect.entries == anyres_lib.NEWLINE_ENTRY) > 0
+            first = b["feature_index"][row, where][cont].min() // 16
+            np.testing.assert_allclose(b["pixels"][first:first + len(expect.pixels)], expect.pixels, atol=1e-6)
+
+
+def test_worker_processes_give_a_restorable_order(datasets):
+    config = PipelineConfig(rows=2, length=300, max_images=4, num_threads=1, worker_count=2)
+    it = InputPipeline(list(datasets), config).iterator()
+    first = [next(it)["sample_ids"] for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))
+    fourth = next(it)
+    it.close()
+    again = InputPipeline(list(datasets), config).iterator()
+    again.set_state(state)
+    got = next(again)
+    again.close()
+    assert got["sample_ids"] == fourth["sample_ids"]
+    np.testing.assert_array_equal(got["pixels"], fourth["pixels"])
+    assert len({i for b in first for row in b for i in row}) == sum(len(row) for b in first for row in b)

@@ -186,6 +186,10 @@ class InputPipeline(grain.IterDataset):
     def iterator(self) -> grain.DatasetIterator:
         """The batch iterator, run in `worker_count` worker processes when that is > 0."""
         if self.config.worker_count > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app, use defaults
+                flags.FLAGS.mark_as_parsed()
             return self.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.config.worker_count)).__iter__()
         return self.__iter__()
 

@@ -250,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                     step)
                         break
         finally:
+            getattr(data_iter, "close", lambda: None)()
             checkpointer.wait()
             writer.close()
             samples_log.close()
