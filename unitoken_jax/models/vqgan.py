@@ -10,6 +10,7 @@ The parameters are small (~70 M) and replicated; big batches are split over the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -39,8 +40,8 @@ class VQGANConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     def validate(self) -> "VQGANConfig":
-        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
-            raise ValueError("GroupNorm(32) needs every channel count to be a multiple of 32")
+        if self.ch < 1 or not self.ch_mult:
+            raise ValueError("ch and ch_mult must be positive")
         return self
 
 
@@ -49,8 +50,11 @@ def _conv(features, kernel=3, stride=1, padding=1, name=None):
                    name=name)
 
 
-def _norm(name=None):
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, name=name)
+def _norm(name, x):
+    """GroupNorm with taming's 32 groups; a channel count that is not a multiple of 32 (small
+    tokenizers trained here) gets gcd(32, channels) groups."""
+    groups = math.gcd(32, x.shape[-1])
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, use_fast_variance=False, name=name)(x)
 
 
 class ResnetBlock(nn.Module):
@@ -58,8 +62,8 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = _conv(self.out_channels, name="conv1")(nn.swish(_norm("norm1")(x)))
-        h = _conv(self.out_channels, name="conv2")(nn.swish(_norm("norm2")(h)))
+        h = _conv(self.out_channels, name="conv1")(nn.swish(_norm("norm1", x)))
+        h = _conv(self.out_channels, name="conv2")(nn.swish(_norm("norm2", h)))
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, kernel=1, padding=0, name="nin_shortcut")(x)
         return x + h
@@ -71,7 +75,7 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         n, hgt, wid, c = x.shape
-        h = _norm("norm")(x)
+        h = _norm("norm", x)
         q, k, v = (_conv(c, 1, padding=0, name=name)(h).reshape(n, hgt * wid, c) for name in ("q", "k", "v"))
         weights = jax.nn.softmax(jnp.einsum("NTC,NSC->NTS", q, k) * (c ** -0.5), axis=-1)
         h = jnp.einsum("NTS,NSC->NTC", weights, v).reshape(n, hgt, wid, c)
@@ -135,7 +139,7 @@ class Encoder(nn.Module):
                 res //= 2
         h = _Mid(h.shape[-1], cfg.mid_attention, name="mid")(h)
         out = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
-        return _conv(out, name="conv_out")(nn.swish(_norm("norm_out")(h)))
+        return _conv(out, name="conv_out")(nn.swish(_norm("norm_out", h)))
 
 
 class Decoder(nn.Module):
@@ -153,7 +157,7 @@ class Decoder(nn.Module):
             if i != 0:
                 h = Upsample(name=f"upsample_{i}")(h)
                 res *= 2
-        return _conv(cfg.out_channels, name="conv_out")(nn.swish(_norm("norm_out")(h)))
+        return _conv(cfg.out_channels, name="conv_out")(nn.swish(_norm("norm_out", h)))
 
 
 class VQGAN(nn.Module):
@@ -182,6 +186,15 @@ class VQGAN(nn.Module):
 
     def __call__(self, pixels_NHWC):
         return self.decode(self.encode(pixels_NHWC))
+
+    def train_forward(self, pixels_NHWC: jax.Array):
+        """For training: (reconstruction, latents z, their nearest codebook vectors e, code indices).
+        The decoder sees z + stop_gradient(e - z) (the straight-through estimator)."""
+        z = self.latents(pixels_NHWC)
+        codes = nearest_code(z, self.codebook)
+        e = jnp.take(self.codebook, codes, axis=0)
+        z_q = z + jax.lax.stop_gradient(e - z)
+        return self.decoder(self.post_quant_conv(z_q)), z, e, codes
 
 
 def nearest_code(z_NhwE: jax.Array, codebook_KE: jax.Array) -> jax.Array:

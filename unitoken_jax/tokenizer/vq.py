@@ -39,6 +39,14 @@ class VQTokenizer:
         return cls(config, jax.device_put(params), mesh)
 
     @classmethod
+    def from_dir(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
+        """A VQ-GAN saved by `unitoken_jax.train.vqgan.save_vqgan` (vqgan.safetensors + vqgan_config.json)."""
+        from unitoken_jax.train.vqgan import load_vqgan
+
+        config, params = load_vqgan(path)
+        return cls(config, params, mesh)
+
+    @classmethod
     def random(cls, config: VQGANConfig, seed: int = 0) -> "VQTokenizer":
         size = 2 * config.downsample_factor
         params = VQGAN(config).init(jax.random.key(seed), jnp.zeros((1, size, size, config.in_channels)))["params"]

@@ -1,0 +1,116 @@
+"""Training a VQ-GAN (the image tokenizer) from scratch; none of the reference projects has one.
+
+Loss: L1 + L2 reconstruction, the codebook term |sg(z) - e|^2 and the commitment term
+beta |z - sg(e)|^2, with the straight-through estimator (`VQGAN.train_forward`); Adam. Codes
+start from the encoder's own latents (the codebook is filled with latents of the first batch) and
+codes unused over `restart_every` steps are restarted on latents of the current batch, so the
+codebook does not collapse. No adversarial term: on the flat-coloured pictures it is trained for,
+reconstruction is enough.
+
+The trained tokenizer is saved as `vqgan.safetensors` + `vqgan_config.json`
+(`save_vqgan` / `load_vqgan`; `VQTokenizer.from_dir` reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from unitoken_jax.models.vqgan import VQGAN, VQGANConfig, init_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQTrainConfig:
+    steps: int = 1500
+    batch: int = 32
+    learning_rate: float = 1e-3
+    beta: float = 0.25
+    restart_every: int = 100
+    seed: int = 0
+
+
+def train_vqgan(config: VQGANConfig, pixels: np.ndarray, tc: VQTrainConfig = VQTrainConfig(), *,
+                progress: bool = True):
+    """`pixels`: [N, H, W, 3] in [-1, 1]. Returns (params, history of (step, loss, reconstruction L1,
+    codes used since the last restart)), logged at the first step, every restart and the last step."""
+    rng = np.random.default_rng(tc.seed)
+    params = init_params(config, jax.random.key(tc.seed), pixels.shape[1])
+    model = VQGAN(config)
+    first = pixels[rng.choice(len(pixels), tc.batch, replace=False)]
+    z = np.asarray(model.apply({"params": params}, first, method=VQGAN.latents)).reshape(-1, config.embed_dim)
+    params = dict(params, codebook=jnp.asarray(z[rng.choice(len(z), config.n_embed, replace=len(z) < config.n_embed)]))
+    warmup = max(1, min(50, tc.steps // 10))
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup, max(tc.steps, warmup + 1),
+                                                       tc.learning_rate * 0.05))
+    opt_state = tx.init(params)
+
+    def loss_fn(p, x):
+        recon, z, e, codes = model.apply({"params": p}, x, method=VQGAN.train_forward)
+        l1 = jnp.mean(jnp.abs(recon - x))
+        loss = l1 + jnp.mean((recon - x) ** 2) + jnp.mean((jax.lax.stop_gradient(z) - e) ** 2) + \
+            tc.beta * jnp.mean((z - jax.lax.stop_gradient(e)) ** 2)
+        return loss, (l1, codes, z)
+
+    @jax.jit
+    def step(p, s, x):
+        (loss, (l1, codes, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, x)
+        updates, s = tx.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss, l1, codes, z
+
+    used = np.zeros(config.n_embed, bool)
+    history = []
+    for i in tqdm(range(tc.steps), desc="VQ-GAN", disable=not progress):
+        x = pixels[rng.choice(len(pixels), tc.batch, replace=False)]
+        params, opt_state, loss, l1, codes, z = step(params, opt_state, x)
+        used[np.asarray(codes).ravel()] = True
+        if i == 0 or (i + 1) % tc.restart_every == 0 or i + 1 == tc.steps:
+            history.append((i + 1, float(loss), float(l1), int(used.sum())))
+        if (i + 1) % tc.restart_every == 0 and i + 1 < tc.steps:
+            dead = np.flatnonzero(~used)
+            if len(dead):
+                zs = np.asarray(z).reshape(-1, config.embed_dim)
+                book = np.asarray(params["codebook"]).copy()
+                book[dead] = zs[rng.choice(len(zs), len(dead))] + 0.01 * rng.normal(size=(len(dead), config.embed_dim))
+                params = dict(params, codebook=jnp.asarray(book, params["codebook"].dtype))
+            used[:] = False
+    return params, history
+
+
+def save_vqgan(path: str, config: VQGANConfig, params) -> None:
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v, np.float32)
+            for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+    save_file(flat, os.path.join(path, "vqgan.safetensors"))
+    with open(os.path.join(path, "vqgan_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+
+
+def load_vqgan(path: str):
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(path, "vqgan_config.json")) as f:
+        d = json.load(f)
+    config = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+    params: dict = {}
+    for key, value in load_file(os.path.join(path, "vqgan.safetensors")).items():
+        node = params
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = jnp.asarray(value)
+    expected = jax.tree.structure(jax.eval_shape(lambda: init_params(config, jax.random.key(0), 64)))
+    if jax.tree.structure(params) != expected:
+        raise ValueError(f"{path}: the VQ-GAN tensors do not match its config")
+    return config, params

@@ -1,0 +1,170 @@
+"""The shapes world: 64 x 64 pictures of one or two coloured shapes in the quadrants, with
+captions, questions with one-word-or-phrase answers, and text-to-image prompts.
+
+Small enough to train UniToken on two CPU cores, rich enough to check both directions: the
+model must read colour, shape, position and count from a picture, and draw a named shape in a
+named colour at a named place. Some (colour, shape, position) combinations never appear in
+training (`HELD_OUT`): the evaluation asks about them and asks for them.
+
+`check_picture` reads a picture's colour, shape and position from pixel statistics alone (no
+model): the non-background pixels' mean colour, their bounding box's fill ratio (square ~1,
+circle ~0.79, triangle ~0.5) and their centroid's quadrant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+BACKGROUND = (245, 245, 245)
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+PLACES = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
+          "bottom right": (0.73, 0.73)}
+COUNTS = {1: "one", 2: "two"}
+# Never drawn in training; the held-out evaluation uses exactly these.
+HELD_OUT = (("red", "triangle", "bottom right"), ("green", "circle", "top left"), ("blue", "square", "top right"),
+            ("yellow", "triangle", "bottom left"), ("red", "square", "top left"), ("green", "square", "bottom right"),
+            ("blue", "circle", "bottom left"), ("yellow", "circle", "top right"))
+GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+QUESTIONS = {
+    "colour": "What colour is the shape?",
+    "shape": "What shape is this?",
+    "place": "Where is the shape?",
+    "count": "How many shapes are there?",
+    "caption": "Describe the picture.",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Thing:
+    colour: str
+    shape: str
+    place: str
+
+    @property
+    def text(self) -> str:
+        return f"a {self.colour} {self.shape} at the {self.place}"
+
+
+def all_things() -> list[Thing]:
+    return [Thing(*t) for t in itertools.product(COLOURS, SHAPES, PLACES)]
+
+
+def train_things() -> list[Thing]:
+    return [t for t in all_things() if (t.colour, t.shape, t.place) not in HELD_OUT]
+
+
+def held_out_things() -> list[Thing]:
+    return [Thing(*t) for t in HELD_OUT]
+
+
+def draw(things: list[Thing], rng: np.random.Generator | None = None) -> Image.Image:
+    """The picture of `things` (at distinct places); `rng` jitters size and position slightly."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    d = ImageDraw.Draw(image)
+    for t in things:
+        jx, jy, jr = (rng.uniform(-2, 2), rng.uniform(-2, 2), rng.uniform(-1.5, 1.5)) if rng is not None else (0, 0, 0)
+        cx, cy = PLACES[t.place][0] * SIZE + jx, PLACES[t.place][1] * SIZE + jy
+        r = 11 + jr
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if t.shape == "circle":
+            d.ellipse(box, fill=COLOURS[t.colour])
+        elif t.shape == "square":
+            d.rectangle(box, fill=COLOURS[t.colour])
+        else:
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[t.colour])
+    return image
+
+
+def answers(things: list[Thing]) -> dict[str, str]:
+    """The exact-match answer to every question that has one for this picture."""
+    out = {"count": COUNTS[len(things)]}
+    if len(things) == 1:
+        t = things[0]
+        out.update(colour=t.colour, shape=t.shape, place=t.place, caption=t.text)
+    return out
+
+
+def generate_prompt(thing: Thing) -> str:
+    return GENERATE_TEMPLATE.format(w=SIZE, h=SIZE, prompt=thing.text)
+
+
+def _scene(rng, pool: list[Thing]) -> list[Thing]:
+    first = pool[rng.integers(len(pool))]
+    if rng.random() < 0.2:  # a second thing at another place
+        others = [t for t in pool if t.place != first.place]
+        return [first, others[rng.integers(len(others))]]
+    return [first]
+
+
+def write_items(directory: str, n_pictures: int, *, seed: int = 0, held_out: bool = False,
+                generation: bool = True) -> str:
+    """Draws `n_pictures` scenes from the training (or held-out) combinations into `directory` and
+    writes `items.json`: per picture one understanding item (a random question), and for a
+    one-thing picture one generation item (its prompt -> the picture). Returns the JSON path."""
+    rng = np.random.default_rng(seed)
+    pool = held_out_things() if held_out else train_things()
+    os.makedirs(directory, exist_ok=True)
+    items = []
+    for i in range(n_pictures):
+        things = _scene(rng, pool)
+        name = f"{i:05d}.png"
+        draw(things, rng).save(os.path.join(directory, name))
+        qa = answers(things)
+        kind = list(qa)[rng.integers(len(qa))]
+        items.append({"id": f"u{i}", "image": [name], "things": [dataclasses.asdict(t) for t in things],
+                      "conversations": [{"from": "human", "value": f"<|image|>{QUESTIONS[kind]}"},
+                                        {"from": "gpt", "value": qa[kind]}]})
+        if generation and len(things) == 1:
+            items.append({"id": f"g{i}", "image": [name], "things": [dataclasses.asdict(things[0])],
+                          "conversations": [{"from": "human", "value": generate_prompt(things[0])},
+                                            {"from": "gpt", "value": "<|image|>"}]})
+    path = os.path.join(directory, "items.json")
+    with open(path, "w") as f:
+        json.dump(items, f)
+    return path
+
+
+# --- the pixel checker ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Reading:
+    colour: str | None
+    shape: str | None
+    place: str | None
+    pixels: int  # non-background pixels
+
+    def matches(self, thing: Thing) -> bool:
+        return (self.colour, self.shape, self.place) == (thing.colour, thing.shape, thing.place)
+
+
+def check_picture(image: Image.Image) -> Reading:
+    """Colour, shape and place of the one shape in `image`, from pixel statistics alone."""
+    x = np.asarray(image.convert("RGB").resize((SIZE, SIZE)), np.float32)
+    fg = np.abs(x - np.array(BACKGROUND, np.float32)).sum(-1) > 120
+    n = int(fg.sum())
+    if n < 30:
+        return Reading(None, None, None, n)
+    mean = x[fg].mean(0)
+    colour = min(COLOURS, key=lambda c: float(np.sum((np.array(COLOURS[c]) - mean) ** 2)))
+    ys, xs = np.nonzero(fg)
+    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = n / box
+    shape = "square" if fill > 0.9 else ("circle" if fill > 0.66 else "triangle")
+    cy, cx = ys.mean() / SIZE, xs.mean() / SIZE
+    place = ("top" if cy < 0.5 else "bottom") + " " + ("left" if cx < 0.5 else "right")
+    return Reading(colour, shape, place, n)
+
+
+def iter_pictures(things: list[Thing], per_thing: int, seed: int) -> Iterator[tuple[Thing, Image.Image]]:
+    rng = np.random.default_rng(seed)
+    for t in things:
+        for _ in range(per_thing):
+            yield t, draw([t], rng)
