@@ -113,7 +113,7 @@ class _Records:
         r = source[index]
         pixels, features = [], 0
         side = settings.siglip_size // settings.patch
-        for raw in r["image_bytes"]:
+        for raw in (r["image_bytes"] if settings.continuous else ()):
             picture = image_io.to_rgb(image_io.load_image(bytes(raw)))
             if settings.anyres:
                 tiles = anyres_lib.anyres_image(picture, settings.siglip_size, settings.patch,

@@ -56,6 +56,7 @@ class PretokenizeSettings:
     patch: int = 14
     anyres: bool = False
     anyres_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # default: the reference's, scaled to siglip_size
+    continuous: bool = True  # False: images as discrete codes only, no SigLIP features (an ablation)
     max_length: int | None = 4096  # longer items are skipped and listed
     chunk_size: int = 512
     vq_batch: int = 32  # images per VQ-GAN call (a fixed shape: one compilation)
@@ -107,6 +108,8 @@ def read_items(path: str) -> list[dict[str, Any]]:
 def image_inputs_layout(picture, settings: PretokenizeSettings) -> tuple[np.ndarray, int]:
     """(continuous-block entries, number of SigLIP features) of one picture, without its pixels."""
     side = settings.siglip_size // settings.patch
+    if not settings.continuous:
+        return np.zeros(0, np.int64), 0
     if not settings.anyres:
         return anyres_lib.base_entries(side), side * side
     best = anyres_lib.select_best_resolution(picture.size, settings.pinpoints())

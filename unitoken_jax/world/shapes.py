@@ -7,8 +7,9 @@ named colour at a named place. Some (colour, shape, position) combinations never
 training (`HELD_OUT`): the evaluation asks about them and asks for them.
 
 `check_picture` reads a picture's colour, shape and position from pixel statistics alone (no
-model): the non-background pixels' mean colour, their bounding box's fill ratio (square ~1,
-circle ~0.79, triangle ~0.5) and their centroid's quadrant.
+model): the non-background pixels' mean colour, how they fill the corners of their bounding box
+(a square fills all four, a triangle only the bottom two, a circle none) and their centroid's
+quadrant.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ SIZE = 64
 BACKGROUND = (245, 245, 245)
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-PLACES = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
-          "bottom right": (0.73, 0.73)}
+PLACES = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+          "bottom right": (0.75, 0.75)}
 COUNTS = {1: "one", 2: "two"}
 # Never drawn in training; the held-out evaluation uses exactly these.
 HELD_OUT = (("red", "triangle", "bottom right"), ("green", "circle", "top left"), ("blue", "square", "top right"),
@@ -73,7 +74,7 @@ def draw(things: list[Thing], rng: np.random.Generator | None = None) -> Image.I
     for t in things:
         jx, jy, jr = (rng.uniform(-2, 2), rng.uniform(-2, 2), rng.uniform(-1.5, 1.5)) if rng is not None else (0, 0, 0)
         cx, cy = PLACES[t.place][0] * SIZE + jx, PLACES[t.place][1] * SIZE + jy
-        r = 11 + jr
+        r = 13 + jr
         box = (cx - r, cy - r, cx + r, cy + r)
         if t.shape == "circle":
             d.ellipse(box, fill=COLOURS[t.colour])
@@ -121,7 +122,7 @@ def write_items(directory: str, n_pictures: int, *, seed: int = 0, held_out: boo
         qa = answers(things)
         kind = list(qa)[rng.integers(len(qa))]
         items.append({"id": f"u{i}", "image": [name], "things": [dataclasses.asdict(t) for t in things],
-                      "conversations": [{"from": "human", "value": f"<|image|>{QUESTIONS[kind]}"},
+                      "conversations": [{"from": "human", "value": f"<|image|>\n{QUESTIONS[kind]}"},
                                         {"from": "gpt", "value": qa[kind]}]})
         if generation and len(things) == 1:
             items.append({"id": f"g{i}", "image": [name], "things": [dataclasses.asdict(things[0])],
@@ -155,9 +156,14 @@ def check_picture(image: Image.Image) -> Reading:
     mean = x[fg].mean(0)
     colour = min(COLOURS, key=lambda c: float(np.sum((np.array(COLOURS[c]) - mean) ** 2)))
     ys, xs = np.nonzero(fg)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = n / box
-    shape = "square" if fill > 0.9 else ("circle" if fill > 0.66 else "triangle")
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    inside = fg[y0:y1, x0:x1]
+    ch, cw = max(1, round(0.3 * (y1 - y0))), max(1, round(0.3 * (x1 - x0)))
+    top = (inside[:ch, :cw].mean() + inside[:ch, -cw:].mean()) / 2
+    bottom = (inside[-ch:, :cw].mean() + inside[-ch:, -cw:].mean()) / 2
+    # corners of the bounding box: a square fills all four, a triangle (apex up) only the bottom
+    # two, a circle none of them well
+    shape = "square" if min(top, bottom) > 0.6 else ("triangle" if bottom - top > 0.25 else "circle")
     cy, cx = ys.mean() / SIZE, xs.mean() / SIZE
     place = ("top" if cy < 0.5 else "bottom") + " " + ("left" if cx < 0.5 else "right")
     return Reading(colour, shape, place, n)

@@ -1,0 +1,93 @@
+"""Evaluation on the shapes world's held-out combinations.
+
+Understanding: exact-match answers (greedy) to the five questions about pictures of held-out
+combinations (and the count question about two-shape pictures). Generation: pictures drawn for
+held-out prompts, judged by the model-free pixel checker (`shapes.check_picture`): right only if
+colour, shape and place are all right; with and without classifier-free guidance.
+
+    python -m unitoken_jax.world.evaluate --model /tmp/world/stage2/final --vqgan /tmp/world/vqgan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from unitoken_jax.world import shapes
+from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE
+
+CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "place": 1 / len(shapes.PLACES),
+          "count": 1 / 2, "caption": 1 / (len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.PLACES))}
+
+
+def world_pipeline(model_dir: str, vq_dir: str):
+    import unitoken_jax
+    from unitoken_jax.inference.pipeline import UniTokenPipeline
+    from unitoken_jax.tokenizer import small
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.tokenizer.vq import VQTokenizer
+
+    model = unitoken_jax.load(model_dir, progress=False)
+    return UniTokenPipeline(model, TextTokenizer(small.build()), VQTokenizer.from_dir(vq_dir), vq_size=VQ_SIZE,
+                            image_prefix=())
+
+
+def understanding(pipe, per_thing: int = 4, seed: int = 1, batch: int = 64) -> dict:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for thing in shapes.held_out_things():
+        for _ in range(per_thing):
+            picture = shapes.draw([thing], rng)
+            for kind, answer in shapes.answers([thing]).items():
+                cases.append((kind, picture, shapes.QUESTIONS[kind], answer))
+    pool = shapes.held_out_things()
+    for _ in range(per_thing * 4):  # two-shape pictures: the count question
+        a = pool[rng.integers(len(pool))]
+        b = [t for t in shapes.train_things() if t.place != a.place][rng.integers(20)]
+        cases.append(("count", shapes.draw([a, b], rng), shapes.QUESTIONS["count"], "two"))
+    got = []
+    for i in range(0, len(cases), batch):
+        chunk = cases[i:i + batch]
+        got += pipe.understand([[c[1]] for c in chunk], [c[2] for c in chunk], max_new_tokens=24)
+    per_kind: dict[str, list[bool]] = {}
+    for (kind, _, _, answer), text in zip(cases, got):
+        per_kind.setdefault(kind, []).append(text.strip() == answer)
+    right = [ok for oks in per_kind.values() for ok in oks]
+    return {"accuracy": float(np.mean(right)), "n": len(right),
+            "per_question": {k: {"accuracy": float(np.mean(v)), "n": len(v), "chance": CHANCE[k]}
+                             for k, v in per_kind.items()},
+            "chance": float(np.mean([CHANCE[k] for k, v in per_kind.items() for _ in v]))}
+
+
+def generation(pipe, cfg: float, per_thing: int = 8, seed: int = 0, image_top_k: int = 2000) -> dict:
+    things = shapes.held_out_things()
+    pictures = pipe.generate_image([t.text for t in things], size=GEN_SIZE, cfg=cfg, n=per_thing, seed=seed,
+                                   image_top_k=image_top_k, progress=False)
+    right, per = [], {}
+    for thing, pics in zip(things, pictures):
+        oks = [shapes.check_picture(p).matches(thing) for p in pics]
+        right += oks
+        per[thing.text] = float(np.mean(oks))
+    return {"cfg": cfg, "accuracy": float(np.mean(right)), "n": len(right), "per_prompt": per,
+            "chance": CHANCE["caption"]}, pictures
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--vqgan", required=True)
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    args = parser.parse_args(argv)
+    pipe = world_pipeline(args.model, args.vqgan)
+    results = {"understanding": understanding(pipe)}
+    results["generation"] = [generation(pipe, cfg)[0] for cfg in (1.0, 3.0)]
+    print(json.dumps(results, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
