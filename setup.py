@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="UniToken (unified discrete + continuous visual encoding) in JAX/Flax",
     packages=find_packages(include=["unitoken_jax", "unitoken_jax.*"]),
+    # the bundled shapes-world model (unitoken_jax/world/default.py)
+    package_data={"unitoken_jax": ["assets/shapes/*", "assets/shapes/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

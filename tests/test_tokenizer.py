@@ -230,3 +230,14 @@ def test_encode_item_from_files(tok, tmp_path):
             assert pixels.shape == (2, 384, 384, 3) and enc.is_continuous.sum() == 2 * 729
         else:
             assert pixels.shape[0] > 2 and (enc.tokens == NL).sum() > 2 * 16
+
+
+def test_the_small_tokenizer_is_the_same_in_every_process():
+    """Its byte alphabet comes from a hash set; unsorted, another process numbered text differently."""
+    import subprocess
+    import sys
+
+    other = subprocess.run([sys.executable, "-c", "from unitoken_jax.tokenizer import small; print(small.build())"],
+                           capture_output=True, text=True, check=True, env={**__import__("os").environ,
+                                                                             "PYTHONHASHSEED": "123"}).stdout
+    assert other.strip() == tokenizer_fixture.build().strip()

@@ -88,6 +88,20 @@ def _pipeline(args):
     from unitoken_jax.tokenizer.text import TextTokenizer
     from unitoken_jax.tokenizer.vq import VQTokenizer
 
+    from unitoken_jax.world import default
+
+    if not (args.model or os.environ.get("UNITOKEN_MODEL")):
+        if not default.available():
+            raise ValueError("no --model given, $UNITOKEN_MODEL is not set, and this install has no bundled model")
+        world = default.settings()
+        args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
+        logging.getLogger(__name__).info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
+        pipe = default.pipeline(dtype=args.dtype)
+        if args.image_prefix is not None:
+            pipe.image_prefix = [int(x) for x in args.image_prefix.split(",") if x.strip()]
+        return pipe
+    if getattr(args, "size", None) is None:
+        args.size = "512x512"
     paths = {}
     for name, env in (("model", "UNITOKEN_MODEL"), ("tokenizer", "UNITOKEN_TOKENIZER"), ("vqgan", "UNITOKEN_VQGAN")):
         paths[name] = getattr(args, name) or os.environ.get(env)
@@ -96,8 +110,9 @@ def _pipeline(args):
     model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype)
     prefix = REFERENCE_IMAGE_PREFIX if args.image_prefix is None else [
         int(x) for x in args.image_prefix.split(",") if x.strip()]
-    return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), VQTokenizer.from_meta(paths["vqgan"]),
-                            anyres=args.anyres, vq_size=args.vq_size, image_prefix=prefix)
+    vq = VQTokenizer.from_dir(paths["vqgan"]) if os.path.isdir(paths["vqgan"]) else VQTokenizer.from_meta(paths["vqgan"])
+    return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
+                            vq_size=args.vq_size or 512, image_prefix=prefix)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -258,18 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
     def model_args(p, image_out=False):
-        p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL)")
+        p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "
+                                       "shapes-world model)")
         p.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json (default $UNITOKEN_TOKENIZER)")
-        p.add_argument("--vqgan", help="Meta's vqgan.ckpt, vqgan.yaml beside it (default $UNITOKEN_VQGAN)")
+        p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it) or a trained VQ-GAN dir "
+                                       "(default $UNITOKEN_VQGAN)")
         p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
-        p.add_argument("--vq-size", type=int, default=512, help="side of the VQ crop of input pictures")
+        p.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop of input pictures (512)")
         p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
         p.add_argument("--image-prefix", default=None,
                        help="comma-separated ids put before <racm3:break> when asking for a picture "
                             "(default: the reference's 16853; '' for none)")
         p.add_argument("--seed", type=int, default=0)
         if image_out:
-            p.add_argument("--size", default="512x512", help="WIDTHxHEIGHT in pixels, multiples of 32")
+            p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 32 (512x512; the "
+                                                        "bundled model: 64x64)")
             p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
             p.add_argument("--top-k", type=int, default=2000)
             p.add_argument("--temperature", type=float, default=1.0)

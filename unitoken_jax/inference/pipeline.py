@@ -36,7 +36,9 @@ class UniTokenPipeline:
                  max_length: int | None = None):
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.anyres, self.vq_size = anyres, vq_size
-        self.siglip_size = siglip_size or model.config.vision.image_size
+        vision = model.config.vision
+        self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
+        self.patch = vision.patch_size if vision is not None else 14
         vocab = model.config.decoder.vocab_size
         bad = [i for i in image_prefix if not 0 <= i < vocab]
         if bad:
@@ -49,7 +51,8 @@ class UniTokenPipeline:
     # --- requests -------------------------------------------------------------------------------
     def _encode(self, item):
         enc, pixels = encode_item(item, self.tokenizer, self.vq, anyres=self.anyres, vq_size=self.vq_size,
-                                  siglip_size=self.siglip_size, max_length=self.max_length)
+                                  siglip_size=self.siglip_size, patch=self.patch,
+                                  max_length=self.max_length)
         has_images = bool(enc.is_continuous.any())
         return dict(tokens=enc.tokens, is_continuous=enc.is_continuous if has_images else None,
                     feature_index=enc.feature_index if has_images else None, pixels=pixels if has_images else None)

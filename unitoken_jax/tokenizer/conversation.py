@@ -199,7 +199,8 @@ def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_roo
     from unitoken_jax.tokenizer.images import load_image, siglip_pixels
 
     paths = image_list(item)
-    pictures_ = [load_image(p if os.path.isabs(str(p)) else os.path.join(image_root, p)) for p in paths]
+    pictures_ = [load_image(os.path.join(image_root, p) if isinstance(p, str) and not os.path.isabs(p) else p)
+                 for p in paths]  # paths, or PIL images / bytes / file objects as they are
     side = siglip_size // patch
     codes = vq.encode_images(pictures_, size=vq_size) if pictures_ else []
     inputs, pixels = [], []

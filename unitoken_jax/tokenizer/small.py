@@ -29,7 +29,7 @@ def build(seed: int = 0) -> str:
     for token_id in range(8199, TEXT_BASE):
         vocab[f"<reserved{token_id - 4:05d}>"] = token_id
     next_id = TEXT_BASE
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: the alphabet comes in hash order
         vocab[ch] = next_id
         next_id += 1
     for a, b in MERGES:

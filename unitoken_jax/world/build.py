@@ -139,6 +139,7 @@ def main(argv=None):
     parser.add_argument("--discrete-only", action="store_true", help="images without SigLIP features (the ablation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # absl may have configured the root logger already
     model = build(args.workdir, vq_steps=args.vq_steps, pictures=args.pictures, stage1_steps=args.stage1_steps,
                   stage2_steps=args.stage2_steps, continuous=not args.discrete_only)
     print(f"model: {model}")

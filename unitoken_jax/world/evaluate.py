@@ -74,15 +74,41 @@ def generation(pipe, cfg: float, per_thing: int = 8, seed: int = 0, image_top_k:
             "chance": CHANCE["caption"]}, pictures
 
 
+def save_grid(things, pictures, path: str, scale: int = 2) -> None:
+    """One row per prompt (its text on the left), its pictures across, each marked by the checker:
+    a green bar under a picture it accepts, a red one under one it rejects."""
+    from PIL import Image, ImageDraw
+
+    side, label = shapes.SIZE * scale, 230
+    n = max(len(p) for p in pictures)
+    grid = Image.new("RGB", (label + n * (side + 4), len(things) * (side + 10)), (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    for r, (thing, pics) in enumerate(zip(things, pictures)):
+        y = r * (side + 10)
+        d.text((4, y + side // 2 - 6), thing.text, fill=(0, 0, 0))
+        for c, p in enumerate(pics):
+            x = label + c * (side + 4)
+            grid.paste(p.convert("RGB").resize((side, side), Image.NEAREST), (x, y))
+            ok = shapes.check_picture(p).matches(thing)
+            d.rectangle((x, y + side + 2, x + side - 1, y + side + 6), fill=(40, 170, 60) if ok else (220, 40, 40))
+    grid.save(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--vqgan", required=True)
     parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--grid", default=None, help="write a picture grid (held-out prompts, CFG 3) here")
     args = parser.parse_args(argv)
     pipe = world_pipeline(args.model, args.vqgan)
     results = {"understanding": understanding(pipe)}
-    results["generation"] = [generation(pipe, cfg)[0] for cfg in (1.0, 3.0)]
+    results["generation"] = []
+    for cfg in (1.0, 3.0):
+        result, pictures = generation(pipe, cfg)
+        results["generation"].append(result)
+        if args.grid and cfg == 3.0:
+            save_grid(shapes.held_out_things(), [p[:6] for p in pictures], args.grid)
     print(json.dumps(results, indent=1))
     if args.out:
         with open(args.out, "w") as f:

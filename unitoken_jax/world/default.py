@@ -1,0 +1,73 @@
+"""The bundled default model: a small UniToken trained on the shapes world
+(`python -m unitoken_jax.world.build`), shipped inside the package so that `unitoken generate`
+and `unitoken understand` work right after install, with nothing to download.
+
+    DEFAULT_DIR/model/      the model in the HF layout (safetensors, bfloat16) + config.json
+    DEFAULT_DIR/vqgan/      its VQ-GAN (vqgan.safetensors + vqgan_config.json)
+    DEFAULT_DIR/tokenizer.json
+    DEFAULT_DIR/world.json  how it was trained: VQ crop size, picture size, no image prefix, results
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes")
+
+
+def available(path: str = DEFAULT_DIR) -> bool:
+    return os.path.exists(os.path.join(path, "world.json"))
+
+
+def settings(path: str = DEFAULT_DIR) -> dict:
+    if not available(path):
+        raise FileNotFoundError(f"no bundled model in {path} (build one: python -m unitoken_jax.world.build, then "
+                                "python -m unitoken_jax.world.default --model ... --vqgan ...)")
+    with open(os.path.join(path, "world.json")) as f:
+        return json.load(f)
+
+
+def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict | None = None) -> None:
+    import unitoken_jax
+    from unitoken_jax.tokenizer import small
+    from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE
+
+    model = unitoken_jax.load(model_dir, progress=False)
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    model.save_hf(os.path.join(dest, "model"), dtype="bfloat16")
+    shutil.copytree(vq_dir, os.path.join(dest, "vqgan"), ignore=shutil.ignore_patterns("history.json"))
+    with open(os.path.join(dest, "tokenizer.json"), "w") as f:
+        f.write(small.build())
+    with open(os.path.join(dest, "world.json"), "w") as f:
+        json.dump({"vq_size": VQ_SIZE, "size": list(GEN_SIZE), "image_prefix": [], "results": results or {}}, f,
+                  indent=1)
+
+
+def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32"):
+    """The bundled model as a `UniTokenPipeline`."""
+    import unitoken_jax
+    from unitoken_jax.inference.pipeline import UniTokenPipeline
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.tokenizer.vq import VQTokenizer
+
+    s = settings(path)
+    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype)
+    return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
+                            VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
+                            image_prefix=s["image_prefix"])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="export a trained shapes-world model as the bundled default")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--vqgan", required=True)
+    parser.add_argument("--results", default=None, help="the evaluation's results JSON, kept in world.json")
+    parser.add_argument("--to", default=DEFAULT_DIR)
+    a = parser.parse_args()
+    export(a.model, a.vqgan, a.to, json.load(open(a.results)) if a.results else None)
+    print(f"wrote {a.to}")
