@@ -137,12 +137,17 @@ class Generation:
 class Decoder:
     """Compiled prefill and decode loop for one model; call `generate(requests)`."""
 
-    def __init__(self, config, params, mesh=None, cache_dtype=None):
+    def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None):
+        """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks)."""
         self.config = config
         self.params = params
         self.mesh = mesh
         self.module = UniToken(config)
         self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
+        ok = np.ones(config.decoder.vocab_size, bool)
+        if banned_ids is not None and len(banned_ids):
+            ok[np.asarray(banned_ids)] = False
+        self._ok_ids = ok
 
     def _tokens_per_image(self, hw):
         p = self.config.vision.patch_size
@@ -182,7 +187,7 @@ class Decoder:
                 in_img = grid.in_image(state)
                 apply_cfg = state["mode"] == grid.BODY
                 lg = sampling.classifier_free_guidance(logits, uncond_row, p["cfg_scale"], apply_cfg)
-                lg = jnp.where(grid.allowed(state, vocab), lg, sampling.NEG_INF)
+                lg = jnp.where(grid.allowed(state, vocab) & jnp.asarray(self._ok_ids)[None], lg, sampling.NEG_INF)
                 temp = jnp.where(in_img, p["image_temperature"], p["temperature"])
                 row_keys = jax.vmap(jax.random.fold_in)(keys, c["n_out"])
                 tok = sampling.sample(lg, row_keys, temp, jnp.where(in_img, p["image_top_k"], p["top_k"]),

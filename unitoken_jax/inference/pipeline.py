@@ -46,7 +46,9 @@ class UniTokenPipeline:
         self.image_prefix = list(image_prefix)
         self.generate_template = generate_template
         self.max_length = max_length or model.config.decoder.max_position_embeddings
-        self.decoder = Decoder(model.config, model.params, model.mesh)
+        # a VQ-GAN with fewer codes than the tokenizer names (small ones trained here) bans the rest
+        banned = tokenizer.code_to_bpe[vq.config.n_embed:] if vq is not None else None
+        self.decoder = Decoder(model.config, model.params, model.mesh, banned_ids=banned)
 
     # --- requests -------------------------------------------------------------------------------
     def _encode(self, item):
