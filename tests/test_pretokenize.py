@@ -125,3 +125,21 @@ def test_two_processes_write_the_dataset_one_process_writes(tmp_path, items_path
     assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="process_index"):
         pt.pretokenize(items_path, str(tmp_path / "x"), text, vq, SETTINGS, process_index=2, process_count=2)
+
+
+def test_discrete_only_records_have_no_continuous_part(tmp_path, items_path, tokenizers):
+    """The ablation's layout: the same items with images as VQ codes only; the single-item encoder
+    (used by the inference pipeline) agrees."""
+    text, vq = tokenizers
+    settings = pt.PretokenizeSettings(name="d", vq_size=32, siglip_size=56, max_length=400, chunk_size=4,
+                                      vq_batch=4, continuous=False)
+    pt.pretokenize(items_path, str(tmp_path / "d"), text, vq, settings, progress=False)
+    records, _ = _records(str(tmp_path / "d"))
+    items = {it["id"]: it for it in json.load(open(items_path)) if isinstance(it, dict)}
+    with_images = [r for r in records if len(r["image_bytes"])]
+    assert with_images and all(not r["is_continuous"].any() and r["num_features"].tolist() == [0]
+                               for r in with_images)
+    r = with_images[0]
+    enc, _ = encode_item(items[r["id"].decode()], text, vq, image_root=os.path.dirname(items_path), vq_size=32,
+                         siglip_size=56, continuous=False)
+    np.testing.assert_array_equal(r["tokens"], enc.tokens)

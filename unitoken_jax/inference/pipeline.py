@@ -33,9 +33,9 @@ def _listify(x):
 class UniTokenPipeline:
     def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int = 512, siglip_size: int | None = None,
                  image_prefix: Sequence[int] = REFERENCE_IMAGE_PREFIX, generate_template: str = GENERATE_TEMPLATE,
-                 max_length: int | None = None):
+                 max_length: int | None = None, continuous: bool = True):
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
-        self.anyres, self.vq_size = anyres, vq_size
+        self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
         self.patch = vision.patch_size if vision is not None else 14
@@ -54,7 +54,7 @@ class UniTokenPipeline:
     def _encode(self, item):
         enc, pixels = encode_item(item, self.tokenizer, self.vq, anyres=self.anyres, vq_size=self.vq_size,
                                   siglip_size=self.siglip_size, patch=self.patch,
-                                  max_length=self.max_length)
+                                  max_length=self.max_length, continuous=self.continuous)
         has_images = bool(enc.is_continuous.any())
         return dict(tokens=enc.tokens, is_continuous=enc.is_continuous if has_images else None,
                     feature_index=enc.feature_index if has_images else None, pixels=pixels if has_images else None)

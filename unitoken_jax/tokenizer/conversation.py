@@ -186,7 +186,8 @@ def pictures(parts: list) -> list[Image.Image]:
 
 
 def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_root: str = ".", anyres: bool = False,
-                vq_size: int = 512, siglip_size: int = 384, patch: int = 14, max_length: int | None = None):
+                vq_size: int = 512, siglip_size: int = 384, patch: int = 14, max_length: int | None = None,
+                continuous: bool = True):
     """One JSON item with its image files -> (EncodedConversation, SigLIP pixels [tiles, S, S, 3]).
 
     Convenience for single items (inference, tests); the pre-tokenizer batches many items' images
@@ -205,7 +206,9 @@ def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_roo
     codes = vq.encode_images(pictures_, size=vq_size) if pictures_ else []
     inputs, pixels = [], []
     for picture, code in zip(pictures_, codes):
-        if anyres:
+        if not continuous:  # discrete codes only (the ablation's models)
+            inputs.append(ImageInput(code, np.zeros(0, np.int64), 0))
+        elif anyres:
             tiled = anyres_lib.anyres_image(picture, siglip_size, patch)
             inputs.append(ImageInput(code, tiled.entries, len(tiled.pixels) * side * side))
             pixels.append(tiled.pixels)

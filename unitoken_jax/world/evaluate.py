@@ -22,7 +22,7 @@ CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "p
           "count": 1 / 2, "caption": 1 / (len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.PLACES))}
 
 
-def world_pipeline(model_dir: str, vq_dir: str):
+def world_pipeline(model_dir: str, vq_dir: str, continuous: bool = True):
     import unitoken_jax
     from unitoken_jax.inference.pipeline import UniTokenPipeline
     from unitoken_jax.tokenizer import small
@@ -31,7 +31,7 @@ def world_pipeline(model_dir: str, vq_dir: str):
 
     model = unitoken_jax.load(model_dir, progress=False)
     return UniTokenPipeline(model, TextTokenizer(small.build()), VQTokenizer.from_dir(vq_dir), vq_size=VQ_SIZE,
-                            image_prefix=())
+                            image_prefix=(), continuous=continuous)
 
 
 def understanding(pipe, per_thing: int = 4, seed: int = 1, batch: int = 64) -> dict:
@@ -100,8 +100,9 @@ def main(argv=None):
     parser.add_argument("--vqgan", required=True)
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--grid", default=None, help="write a picture grid (held-out prompts, CFG 3) here")
+    parser.add_argument("--discrete-only", action="store_true", help="the ablation's model: no SigLIP features")
     args = parser.parse_args(argv)
-    pipe = world_pipeline(args.model, args.vqgan)
+    pipe = world_pipeline(args.model, args.vqgan, continuous=not args.discrete_only)
     results = {"understanding": understanding(pipe)}
     results["generation"] = []
     for cfg in (1.0, 3.0):
