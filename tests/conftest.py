@@ -1,8 +1,13 @@
 import os
 import sys
 
-# Eight fake CPU devices for the mesh tests; must be set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Fake CPU devices for the mesh tests (which use the first 8); must be set before jax is imported.
+# Twice as many devices as any mesh uses, because XLA:CPU runs every device's collectives on one
+# thread pool that seems to be sized by the device count: when all its threads block in rendezvous whose partners
+# are still queued, the step deadlocks and XLA aborts the process after 40 s ("Termination
+# timeout for `all reduce ...`"). With 8 fake devices an 8-device train step did that in 5 of 6
+# runs on one core (and once in CI on two); with 16 it ran every time.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -119,7 +119,7 @@ def test_orbax_checkpoint_restores_onto_a_mesh(release_dir, tmp_path):
 
     single = unitoken_jax.load(str(release_dir))
     single.save(str(tmp_path / "orbax"))
-    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    mesh = sharding.make_mesh(fsdp=4, tensor=2, devices=jax.devices()[:8])
     sharded = unitoken_jax.load(str(tmp_path / "orbax"), mesh=mesh)
     up = sharded.params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert up.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")

@@ -3,6 +3,7 @@ and greedy parity with transformers' generate."""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_pipelines_return_text_and_pictures(pipe):
 def test_sharded_decoding_equals_single_device(pipe):
     from unitoken_jax import sharding
 
-    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2, devices=jax.devices()[:8])
     sharded = unitoken_jax.UniTokenModel(pipe.model.config, pipe.model.params).shard(mesh)
     requests = _requests(pipe)[:2]
     single = pipe.decoder.generate(requests).tokens

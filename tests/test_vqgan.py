@@ -4,6 +4,7 @@ Encoder/Decoder (the layout of Meta's vqgan.ckpt), on random tiny weights throug
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_sharded_batch_gives_the_same_codes(tmp_path):
 
     _meta_checkpoint(tmp_path, seed=3)
     single = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
-    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
+    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1, devices=jax.devices()[:8])
     sharded = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"), mesh=mesh)
     pixels = np.random.default_rng(5).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)  # 5: not a multiple of 8
     np.testing.assert_array_equal(sharded.encode(pixels), single.encode(pixels))
