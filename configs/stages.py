@@ -8,6 +8,9 @@ Stage I trains the ViT and the adapter on captions (the decoder frozen); stage I
 everything on understanding and generation 1:1; stage III (the paper's) fine-tunes everything on
 instruction data. The full-size numbers follow the reference scripts (DESIGN.md section 2); the
 `tiny` variants train a small model on a drawn demo dataset on a CPU in a minute or two.
+
+Each stage file also defines `sweep(add, arg)` (big_vision's convention): see
+`learning_rate_seed_sweep` and unitoken_jax/sweep.py.
 """
 
 import importlib.util
@@ -84,3 +87,14 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         c.optimizer.learning_rate = {1: 3e-3, 2: 3e-3, 3: 1e-3}[stage]
         c.optimizer.warmup_fraction = 0.1
     return c
+
+
+def learning_rate_seed_sweep(add, stage: int, arg: str = "", factors=(0.5, 1.0, 2.0), seeds=(0, 1)) -> None:
+    """A grid around the stage's own learning rate (the variant's: tiny runs use larger ones), times
+    the data seed (the order of the batches). `add(**overrides)` once per run, keys dotted. The
+    data seed is the one that matters everywhere: no config has dropout (so `seed` changes nothing)
+    and stages II and III load every parameter (so `init_from.seed` changes nothing there)."""
+    base = stage_config(stage, arg).optimizer.learning_rate
+    for factor in factors:
+        for seed in seeds:
+            add(**{"optimizer.learning_rate": float(f"{base * factor:.3g}"), "data.seed": seed})

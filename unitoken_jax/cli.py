@@ -247,6 +247,13 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from unitoken_jax import sweep
+
+    mode = "local" if args.run_locally else "summary" if args.summary_only else "print"
+    return sweep.main(args.config, args.root, mode=mode, launcher=args.launcher, fixed=args.set, as_json=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,6 +345,23 @@ def main(argv: list[str] | None = None) -> int:
     tra.add_argument("absl_flags", nargs=argparse.REMAINDER,
                      help="--config configs/stage2.py:tiny --workdir DIR [--config.x=y ...]")
     tra.set_defaults(func=_train)
+    swe = sub.add_parser("sweep", help="expand a config's sweep(add) into runs: print their launch commands, or run "
+                                       "them here one after another; summarise a sweep's runs")
+    swe.add_argument("config", nargs="?", help="FILE.py[:ARG] with get_config(arg) and sweep(add) (not needed with "
+                                               "--summary-only)")
+    swe.add_argument("--root", required=True, help="the sweep's directory: one workdir per run, ROOT/<name>")
+    mode = swe.add_mutually_exclusive_group()
+    mode.add_argument("--print-commands", action="store_true", help="print one train command per unfinished run "
+                                                                    "(the default)")
+    mode.add_argument("--run-locally", action="store_true", help="train the unfinished runs here, one process each, "
+                                                                 "then print the summary")
+    mode.add_argument("--summary-only", action="store_true", help="print the table of ROOT's runs")
+    swe.add_argument("--launcher", default=None, help="a prefix for each command, with {run} and {i} filled in, "
+                                                      "e.g. 'launch/tpu_train.sh --name slice-{i}'")
+    swe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="an override for every run, as --config.KEY=VALUE is for one (repeatable)")
+    swe.add_argument("--json", action="store_true", help="print JSON instead of a table or command lines")
+    swe.set_defaults(func=_sweep)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
         return _train(argparse.Namespace(absl_flags=argv[1:]))

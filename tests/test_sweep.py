@@ -1,0 +1,313 @@
+"""Sweeps (unitoken_jax/sweep.py, `unitoken sweep`): a config file's sweep(add) expands into runs
+with their own workdirs and records; the printed launch commands are exact; statuses and metrics
+are read back from workdirs; end to end, a 2x2 grid on the tiny stage-2 config trains here, is
+summarised, and is skipped when the sweep runs again."""
+
+import json
+import math
+import os
+import shlex
+import textwrap
+import time
+
+import pytest
+
+from unitoken_jax import cli
+from unitoken_jax import sweep as sweep_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL_CONFIG = '''
+import ml_collections
+
+
+def get_config(arg="small"):
+    c = ml_collections.ConfigDict()
+    c.variant = arg
+    c.optimizer = ml_collections.ConfigDict(dict(learning_rate=0.1, b1=0.9))
+    c.data = ml_collections.ConfigDict(dict(seed=0, sources=()))
+    c.seed = 0
+    c.total_steps = 10
+    return c
+'''
+
+
+def _write(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def _grid_file(tmp_path, extra=""):
+    return _write(tmp_path, "grid.py", SMALL_CONFIG + '''
+
+def sweep(add):
+    for lr in (0.1, 0.01):
+        for seed in (0, 1):
+            add(**{"optimizer.learning_rate": lr, "data.seed": seed})
+''' + extra)
+
+
+def test_a_2x2_grid_expands_into_four_runs_with_their_own_workdirs_and_records(tmp_path):
+    root = str(tmp_path / "root")
+    sweep = sweep_lib.expand(_grid_file(tmp_path) + ":big", root)
+    assert [r.overrides for r in sweep.runs] == [
+        {"optimizer.learning_rate": lr, "data.seed": seed} for lr in (0.1, 0.01) for seed in (0, 1)]
+    assert [r.name for r in sweep.runs] == ["learning_rate=0.1,seed=0", "learning_rate=0.1,seed=1",
+                                            "learning_rate=0.01,seed=0", "learning_rate=0.01,seed=1"]
+    assert [r.workdir for r in sweep.runs] == [os.path.join(root, r.name) for r in sweep.runs]
+    for run, (lr, seed) in zip(sweep.runs, [(0.1, 0), (0.1, 1), (0.01, 0), (0.01, 1)]):
+        assert (run.config.optimizer.learning_rate, run.config.data.seed) == (lr, seed)
+        assert run.config.variant == "big"  # get_config got the argument after the colon
+        assert run.config.optimizer.b1 == 0.9 and run.config.total_steps == 10  # the rest is the base config
+
+    sweep_lib.write_records(sweep)
+    for run in sweep.runs:
+        with open(os.path.join(run.workdir, "overrides.json")) as f:
+            assert json.load(f) == run.overrides
+        with open(os.path.join(run.workdir, "config.json")) as f:
+            config = json.load(f)
+        assert config["optimizer"]["learning_rate"] == run.overrides["optimizer.learning_rate"]
+        assert config["data"]["seed"] == run.overrides["data.seed"]
+    with open(os.path.join(root, "sweep.json")) as f:
+        assert [r["name"] for r in json.load(f)["runs"]] == [r.name for r in sweep.runs]
+    assert {r["status"] for r in sweep_lib.summarize(root)} == {"not started"}
+
+
+def test_run_names_are_short_readable_and_distinct(tmp_path):
+    assert sweep_lib.run_names([{"seed": 0, "data.seed": 1, "optimizer.b1": 0.9}, {"seed": 1, "data.seed": 1}]) == [
+        "seed=0,data.seed=1,b1=0.9", "seed=1,data.seed=1"]  # a leaf two keys share is spelled out
+    names = sweep_lib.run_names([{"data.sources": ("a/b",)}, {"data.sources": ("a b",)}, {}])
+    assert names[0].startswith("sources=a-b-") and names[1].startswith("sources=a-b-") and names[0] != names[1]
+    assert names[2] == "base"
+    twice = _write(tmp_path, "twice.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(seed=1)
+    add(seed=1)
+''')
+    with pytest.raises(sweep_lib.SweepError, match="the same run twice"):
+        sweep_lib.expand(twice, str(tmp_path / "root"))
+
+
+def test_the_stage_configs_sweep_learning_rate_times_seed():
+    sweep = sweep_lib.expand(os.path.join(REPO, "configs", "stage2.py:tiny"), "/sweeps/s2")
+    assert [(r.overrides["optimizer.learning_rate"], r.overrides["data.seed"]) for r in sweep.runs] == [
+        (0.0015, 0), (0.0015, 1), (0.003, 0), (0.003, 1), (0.006, 0), (0.006, 1)]
+    assert all(r.config.model_name == "tiny" for r in sweep.runs)
+    full = sweep_lib.expand(os.path.join(REPO, "configs", "stage2.py"), "/sweeps/s2")
+    assert sorted({r.config.optimizer.learning_rate for r in full.runs}) == [5e-6, 1e-5, 2e-5]
+    assert full.runs[0].config.model_name == "7b"
+
+
+def test_an_unknown_key_is_an_error_that_names_it(tmp_path):
+    path = _write(tmp_path, "typo.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"optimizer.learning_rate": 0.1})
+    add(**{"optimizer.learnin_rate": 0.01})
+''')
+    with pytest.raises(sweep_lib.SweepError, match=r"'optimizer\.learnin_rate'.*optimizer has no 'learnin_rate'"):
+        sweep_lib.expand(path, str(tmp_path / "root"))
+    deeper = _write(tmp_path, "deeper.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"seed.value": 1})
+''')
+    with pytest.raises(sweep_lib.SweepError, match=r"'seed\.value'"):
+        sweep_lib.expand(deeper, str(tmp_path / "root"))
+    wrong_type = _write(tmp_path, "wrong_type.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"data.seed": "zero"})
+''')
+    with pytest.raises(sweep_lib.SweepError, match=r"data\.seed='zero'"):
+        sweep_lib.expand(wrong_type, str(tmp_path / "root"))
+
+
+def test_a_config_without_sweep_is_a_clear_error(tmp_path, capsys):
+    path = _write(tmp_path, "plain.py", SMALL_CONFIG)
+    with pytest.raises(sweep_lib.SweepError, match=r"plain\.py defines no sweep\(add\)"):
+        sweep_lib.expand(path, str(tmp_path / "root"))
+    assert cli.main(["sweep", path, "--root", str(tmp_path / "root")]) == 2
+    assert "defines no sweep(add)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "root")
+
+
+def test_the_printed_launch_commands_are_exact(tmp_path, capsys):
+    path = _grid_file(tmp_path)
+    root = str(tmp_path / "sweeps" / "grid")
+    assert cli.main(["sweep", path, "--root", root, "--print-commands"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = [["python", "-m", "unitoken_jax.train", "--config", path, "--workdir",
+                 os.path.join(root, f"learning_rate={lr},seed={seed}"),
+                 f"--config.optimizer.learning_rate={lr}", f"--config.data.seed={seed}"]
+                for lr in ("0.1", "0.01") for seed in (0, 1)]
+    assert [shlex.split(line) for line in lines] == expected
+
+    # a launcher prefix with placeholders, fixed overrides for every run, and a value that needs quoting
+    quoted = _write(tmp_path, "quoted.py", SMALL_CONFIG + '''
+def sweep(add):
+    for lr in (0.5, 2e-05):
+        add(**{"optimizer.learning_rate": lr, "data.sources": ("/data/a b", "/data/c")})
+''')
+    assert cli.main(["sweep", quoted + ":small", "--root", root, "--launcher", "launch/tpu_train.sh --name slice-{i} "
+                     "--tag {run}", "--set", "total_steps=7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = ["learning_rate=0.5,sources=-data-a-b+-data-c", "learning_rate=2e-05,sources=-data-a-b+-data-c"]
+    assert [shlex.split(line) for line in lines] == [
+        ["launch/tpu_train.sh", "--name", f"slice-{i}", "--tag", name, "python", "-m", "unitoken_jax.train",
+         "--config", quoted + ":small", "--workdir", os.path.join(root, name), "--config.total_steps=7",
+         f"--config.optimizer.learning_rate={lr}", "--config.data.sources=('/data/a b', '/data/c')"]
+        for i, (name, lr) in enumerate(zip(names, ("0.5", "2e-05")))]
+    # what the train command makes of that line is the run's config
+    run = sweep_lib.expand(quoted + ":small", root, {"total_steps": "7"}).runs[1]
+    parsed = sweep_lib.parse_like_train(quoted + ":small", shlex.split(lines[1])[12:])
+    assert parsed.to_dict() == run.config.to_dict()
+    assert (parsed.total_steps, parsed.optimizer.learning_rate, parsed.data.sources) == (
+        7, 2e-05, ("/data/a b", "/data/c"))
+
+    # a launcher that builds the python command itself takes the train arguments where {args} is
+    assert cli.main(["sweep", path, "--root", root, "--launcher",
+                     "launch/tpu_train.sh --name s{i} {args} --env X=1"]) == 0
+    first = shlex.split(capsys.readouterr().out.splitlines()[0])
+    assert first == ["launch/tpu_train.sh", "--name", "s0", "--config", path, "--workdir",
+                     os.path.join(root, "learning_rate=0.1,seed=0"), "--config.optimizer.learning_rate=0.1",
+                     "--config.data.seed=0", "--env", "X=1"]
+
+    with pytest.raises(sweep_lib.SweepError, match=r"'slice'.*\{run\}, \{i\}, \{args\} and \{command\}"):
+        sweep_lib.main(path, root, launcher="launch/x.sh --name {slice}")
+
+
+def test_a_value_of_the_wrong_type_or_one_the_command_line_cannot_carry_is_an_error(tmp_path):
+    path = _write(tmp_path, "fraction.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"total_steps": 12.5})
+''')
+    with pytest.raises(sweep_lib.SweepError, match=r"total_steps=12\.5"):
+        sweep_lib.expand(path, str(tmp_path / "root"))
+    nested = _write(tmp_path, "nested.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"optimizer": {"learning_rate": 1.0, "b1": 0.5}})
+''')
+    with pytest.raises(sweep_lib.SweepError, match="optimizer=.*cannot be given on the command line"):
+        sweep_lib.expand(nested, str(tmp_path / "root"))
+
+
+def _events(logdir, steps):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(logdir)
+    for step, values in steps:
+        writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()])))
+    writer.close()
+
+
+def test_statuses_and_last_metrics_are_read_from_the_workdirs(tmp_path, capsys):
+    path = _grid_file(tmp_path)
+    root = str(tmp_path / "root")
+    # `false` and `true` stand in for the launcher: every run exits at once, 1 or 0, without training
+    assert cli.main(["sweep", path, "--root", root, "--run-locally", "--launcher", "false {run}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("failed (exit status 1)") == 4
+    assert "[2/4] optimizer.learning_rate=0.1 data.seed=1: training in" in captured.err
+    assert [line.split()[3] for line in captured.out.splitlines()[2:6]] == ["failed"] * 4
+    assert captured.out.count("failed (exit status 1): see") == 4
+    sweep = sweep_lib.expand(path, root)
+    runs = sweep.runs
+    assert sweep_lib.run_status(runs[0].workdir) == {"status": "failed", "exit_code": 1}
+    assert "# " in open(os.path.join(runs[0].workdir, "train.log")).read()
+
+    sweep_lib.run_locally(sweep_lib.Sweep(sweep.config_spec, root, (), runs[:1]), launcher="true")
+    assert sweep_lib.run_status(runs[0].workdir) == {"status": "stopped", "exit_code": 0}
+    # run 1 finished, with a resumed second event file re-logging step 2 later
+    os.makedirs(os.path.join(runs[1].workdir, "final"))
+    tb = os.path.join(runs[1].workdir, "tensorboard")
+    _events(tb, [(1, {"loss": 9.0, "ce_understanding": 9.5, "ce_generation": 8.5}),
+                 (2, {"loss": 8.0, "ce_understanding": 8.5, "ce_generation": 7.5})])
+    time.sleep(1.1)  # event files are named by the second
+    _events(tb, [(2, {"loss": 7.0, "ce_understanding": 7.5, "ce_generation": 6.5})])
+    assert sweep_lib.final_metrics(runs[1].workdir) == {"loss": 7.0, "ce_understanding": 7.5, "ce_generation": 6.5,
+                                                        "step": 2}
+    # run 2 alive here (this process stands in for it); run 3 launched elsewhere, checkpoints but no final
+    with open(os.path.join(runs[2].workdir, "sweep_status.json"), "w") as f:
+        json.dump({"state": "running", "pid": os.getpid(), "host": __import__("socket").gethostname()}, f)
+    os.remove(os.path.join(runs[3].workdir, "sweep_status.json"))
+    os.makedirs(os.path.join(runs[3].workdir, "checkpoints"))
+
+    assert cli.main(["sweep", "--root", root, "--summary-only", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["status"] for row in rows] == ["stopped", "finished", "running", "started"]
+    assert rows[1]["metrics"] == {"loss": 7.0, "ce_understanding": 7.5, "ce_generation": 6.5}
+    assert (rows[1]["step"], rows[1]["total_steps"]) == (2, 10)
+    assert rows[1]["overrides"] == {"optimizer.learning_rate": 0.1, "data.seed": 1}
+
+    # run locally again: finished and running runs are skipped, the others start (and fail) again
+    assert cli.main(["sweep", path, "--root", root, "--run-locally", "--launcher", "false"]) == 1
+    err = capsys.readouterr().err
+    assert "[2/4] optimizer.learning_rate=0.1 data.seed=1: finished already, skipped" in err
+    assert "[3/4] optimizer.learning_rate=0.01 data.seed=0: running already, skipped" in err
+    assert err.count("(resuming)") == 2
+
+
+STAGE2_SWEEP = '''
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("stages_for_the_sweep_test", {stages!r})
+_stages = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_stages)
+
+
+def get_config(arg=""):
+    c = _stages.stage_config(2, "tiny")
+    c.data.demo = False  # one small dataset for all runs, built by the test
+    c.data.sources = ({data!r},)
+    c.data.num_threads = 1
+    c.mesh.num_devices = 1
+    c.total_steps = 3
+    c.log_every = 1
+    c.checkpoint_every = 3
+    return c
+
+
+def sweep(add):
+    for lr in (1e-3, 3e-3):
+        for seed in (0, 1):
+            add(**{{"optimizer.learning_rate": lr, "data.seed": seed}})
+'''
+
+
+@pytest.mark.slow
+def test_a_tiny_stage2_grid_trains_here_is_summarised_and_is_skipped_when_run_again(tmp_path, capsys, monkeypatch):
+    from unitoken_jax.data.demo import build_demo_dataset
+
+    data = build_demo_dataset(str(tmp_path / "demo"), n=16)
+    path = str(tmp_path / "stage2_grid.py")
+    with open(path, "w") as f:
+        f.write(STAGE2_SWEEP.format(stages=os.path.join(REPO, "configs", "stages.py"), data=data))
+    root = str(tmp_path / "sweep")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the runs get one CPU device, not the tests' 16
+    monkeypatch.chdir(REPO)
+
+    assert cli.main(["sweep", path, "--root", root, "--run-locally"]) == 0, \
+        open(os.path.join(root, "learning_rate=0.001,seed=0", "train.log")).read()[-3000:]
+    captured = capsys.readouterr()
+    assert captured.err.count(": finished (exit status 0)") == 4, captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].split() == ["#", "optimizer.learning_rate", "data.seed", "status", "step", "loss",
+                                "ce_understanding", "ce_generation"]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[:5] for row in rows] == [[str(i), lr, seed, "finished", "3/3"]
+                                         for i, (lr, seed) in enumerate([("0.001", "0"), ("0.001", "1"),
+                                                                         ("0.003", "0"), ("0.003", "1")])]
+    losses = [[float(v) for v in row[5:]] for row in rows]
+    assert all(math.isfinite(v) and 0 < v < 20 for row in losses for v in row), losses
+    assert len({row[0] for row in losses}) == 4  # each run's overrides reached it
+
+    records = {name: os.path.getmtime(os.path.join(root, name, "sweep_status.json")) for name in os.listdir(root)
+               if os.path.isdir(os.path.join(root, name))}
+    t0 = time.time()
+    assert cli.main(["sweep", path, "--root", root, "--run-locally"]) == 0
+    assert time.time() - t0 < 30
+    captured = capsys.readouterr()
+    assert captured.err.count("finished already, skipped") == 4
+    assert captured.out.splitlines()[2:] == lines[2:]
+    assert records == {name: os.path.getmtime(os.path.join(root, name, "sweep_status.json")) for name in records}

@@ -1,0 +1,478 @@
+"""Hyper-parameter sweeps: a config file's `sweep(add)` expanded into training runs.
+
+The convention is big_vision's: next to `get_config(arg)` a config file may define
+
+    def sweep(add):                      # or sweep(add, arg): then it also gets the config argument
+        for lr in (1e-3, 3e-3):
+            for seed in (0, 1):
+                add(**{"optimizer.learning_rate": lr, "data.seed": seed})
+
+and every `add(...)` call is one run: the config with those dotted keys overridden. A run lives in
+`ROOT/<name>`, the name made from its overrides (`learning_rate=0.001,seed=0`), and is the exact
+command `python -m unitoken_jax.train --config FILE:ARG --workdir ROOT/<name> --config.k=v ...`.
+Each command is parsed back here with ml_collections' own flag parser before anything starts, so
+a value that would not survive the command line is an error now, not a surprise on a TPU slice.
+
+    unitoken sweep configs/stage2.py:tiny --root /tmp/s2 --run-locally     # one process a run, here
+    unitoken sweep configs/stage2.py --root gs://bucket/s2 --set init_from.paths=gs://bucket/stage1 \\
+        --launcher "launch/tpu_train.sh --name s2-{i} --zone Z --project P {args}"   # print commands
+    unitoken sweep --root /tmp/s2 --summary-only [--json]     # overrides, status, last step and losses
+
+    ROOT/sweep.json                    the config, the fixed `--set` overrides and every run
+    ROOT/<run>/overrides.json          that run's overrides
+    ROOT/<run>/config.json             its whole config (the training loop rewrites the same)
+    ROOT/<run>/sweep_status.json       runs started here: pid, host, exit code, seconds
+    ROOT/<run>/train.log               runs started here: their output
+
+A run is *finished* when its workdir has `final/`. Runs started here are *running* (their process
+is alive), *failed* (non-zero exit), or *stopped* (exit 0 without `final/`: `stop_after` or a
+SIGTERM; rerun to go on). A run started elsewhere (`--print-commands`) that has written
+checkpoints or metrics but no `final/` is *started* (running, or stopped: this host cannot tell);
+nothing yet is *not started*. Re-running a sweep skips finished and running runs; the others resume
+from their latest checkpoint, as the training loop always does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any, TextIO
+
+import ml_collections
+
+TRAIN_MODULE = "unitoken_jax.train"
+SWEEP_FILE = "sweep.json"
+STATUS_FILE = "sweep_status.json"
+LOG_FILE = "train.log"
+METRICS = ("loss", "ce_understanding", "ce_generation")
+MAX_NAME = 120
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be expanded or launched as written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    index: int
+    name: str
+    overrides: dict[str, Any]
+    config: ml_collections.ConfigDict  # the base config with the fixed and the run's overrides applied
+    flags: tuple[str, ...]  # --config.k=v, the fixed ones first
+    workdir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    config_spec: str  # FILE.py[:ARG], as the train command takes it
+    root: str
+    fixed_flags: tuple[str, ...]
+    runs: list[Run]
+
+
+# --- expansion ---------------------------------------------------------------------------------
+def load_config_file(config_spec: str):
+    """FILE.py[:ARG] -> (the module, ARG or None); loaded by path, as ml_collections' config flag does."""
+    path, colon, arg = config_spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path!r} (from {config_spec!r})")
+    spec = importlib.util.spec_from_file_location("unitoken_sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, (arg if colon else None)
+
+
+def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None) -> Sweep:
+    """The runs of `config_spec`'s sweep; `fixed` ({dotted key: command-line text}) applies to all."""
+    module, arg = load_config_file(config_spec)
+    if not callable(getattr(module, "sweep", None)):
+        raise SweepError(f"{config_spec.partition(':')[0]} defines no sweep(add): add one next to get_config, e.g. "
+                         "def sweep(add): [add(**{'optimizer.learning_rate': lr}) for lr in (1e-4, 3e-4)]")
+    fixed_flags = tuple(f"--config.{key}={text}" for key, text in (fixed or {}).items())
+    # the fixed overrides are command-line text: let the train command's parser read them
+    base = parse_like_train(config_spec, fixed_flags) if fixed_flags else \
+        (module.get_config(arg) if arg is not None else module.get_config())
+
+    added: list[dict[str, Any]] = []
+
+    def add(**overrides):
+        added.append({key: _plain(value) for key, value in overrides.items()})
+
+    takes_arg = len(inspect.signature(module.sweep).parameters) >= 2
+    if takes_arg and arg is not None:
+        module.sweep(add, arg)
+    else:
+        module.sweep(add)
+    if not added:
+        raise SweepError(f"{config_spec}: sweep(add) called add() no times")
+    names = run_names(added)
+    seen: dict[str, int] = {}
+    runs = []
+    for i, (overrides, name) in enumerate(zip(added, names)):
+        if name in seen:
+            raise SweepError(f"the sweep adds the same run twice ({i} and {seen[name]}): {overrides}")
+        seen[name] = i
+        config = apply_overrides(base, overrides)
+        flags = fixed_flags + tuple(f"--config.{key}={_flag_text(key, value)}" for key, value in overrides.items())
+        _check_round_trip(config_spec, flags, config, name)
+        runs.append(Run(i, name, overrides, config, flags, os.path.join(root, name)))
+    return Sweep(config_spec, root, fixed_flags, runs)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` with the dotted keys set; a key the config does not have is an error."""
+    config = copy.deepcopy(config)  # keeps FieldReferences, as the train command's config does
+    for key, value in overrides.items():
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parts[:depth]) or "the config"
+                has = f"it has {sorted(node.keys())}" if isinstance(node, ml_collections.ConfigDict) else \
+                    f"it is a {type(node).__name__}"
+                raise SweepError(f"unknown config key {key!r}: {where} has no {part!r} ({has})")
+            if depth < len(parts) - 1:
+                node = node[part]
+        try:
+            node[parts[-1]] = value
+        except (TypeError, ValueError) as e:
+            raise SweepError(f"cannot set {key}={value!r}: {e}") from e
+    return config
+
+
+def parse_like_train(config_spec: str, flags) -> ml_collections.ConfigDict:
+    """The config that `python -m unitoken_jax.train --config SPEC FLAGS...` would train with."""
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    argv = ["train", "--config", config_spec, *flags]
+    values = absl_flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+    try:
+        with warnings.catch_warnings():  # ml_collections loads the file with the deprecated load_module()
+            warnings.simplefilter("ignore", DeprecationWarning)
+            values(argv)
+    except (absl_flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SweepError(f"the train command would reject {' '.join(flags)}: {e}") from e
+    return holder.value
+
+
+def _check_round_trip(config_spec, flags, config, name) -> None:
+    want, got = _flatten(config.to_dict()), _flatten(parse_like_train(config_spec, flags).to_dict())
+    differ = [k for k in sorted(set(want) | set(got)) if want.get(k, "<missing>") != got.get(k, "<missing>")]
+    if differ:
+        details = ", ".join(f"{k}: {want.get(k)!r} here, {got.get(k)!r} there" for k in differ[:5])
+        raise SweepError(f"run {name}: the train command would not see the same config ({details}); use values "
+                         "of the fields' own types (numbers, strings, booleans, tuples of them)")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _plain(value):
+    """numpy scalars -> Python ones (their repr is not a literal); lists -> tuples."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _flag_text(key: str, value) -> str:
+    if isinstance(value, (bool, int, str)):
+        return str(value)
+    if isinstance(value, float):
+        return float.__repr__(value)
+    if isinstance(value, tuple):
+        return repr(value)
+    raise SweepError(f"{key}={value!r}: a {type(value).__name__} cannot be given on the command line; sweep over "
+                     "numbers, strings, booleans or tuples of them")
+
+
+def _value_text(value) -> str:
+    if isinstance(value, float):
+        return float.__repr__(value)
+    if isinstance(value, tuple):
+        return "+".join(_value_text(v) for v in value)
+    return str(value)
+
+
+def run_names(added: list[dict[str, Any]]) -> list[str]:
+    """`leaf=value,leaf=value` for each run (the full dotted key where two keys share a leaf)."""
+    keys = list(dict.fromkeys(k for overrides in added for k in overrides))
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    label = {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)}
+    names = []
+    for overrides in added:
+        name = ",".join(f"{label[k]}={_value_text(v)}" for k, v in overrides.items()) or "base"
+        name = re.sub(r"[^A-Za-z0-9._=+,-]", "-", name)
+        if len(name) > MAX_NAME:
+            name = f"{name[:MAX_NAME - 9]}-{_digest(overrides)}"
+        names.append(name)
+    for name in {n for n in names if names.count(n) > 1}:
+        same = [i for i, n in enumerate(names) if n == name]
+        if any(added[i] != added[same[0]] for i in same):  # distinct overrides that read the same
+            for i in same:
+                names[i] = f"{name}-{_digest(added[i])}"
+    return names  # identical overrides keep one name: expand() reports them
+
+
+def _digest(overrides) -> str:
+    return hashlib.sha1(json.dumps(overrides, sort_keys=True, default=repr).encode()).hexdigest()[:8]
+
+
+# --- commands and records --------------------------------------------------------------------
+def command(sweep: Sweep, run: Run, python: str = "python") -> list[str]:
+    return [python, "-m", TRAIN_MODULE, "--config", sweep.config_spec, "--workdir", run.workdir, *run.flags]
+
+
+def command_line(sweep: Sweep, run: Run, launcher: str | None = None, python: str = "python") -> str:
+    """The run's shell command line. A launcher template is filled in with `{run}` (the run's name),
+    `{i}` (its index from 0), and where it has them `{args}` (the train arguments, from --config on:
+    for scripts that build the python command themselves, as launch/tpu_train.sh does) or
+    `{command}` (the whole command); a template with neither is a prefix to the whole command."""
+    argv = command(sweep, run, python)
+    if not launcher:
+        return shlex.join(argv)
+    try:
+        filled = launcher.format(run=run.name, i=run.index, args=shlex.join(argv[3:]), command=shlex.join(argv))
+    except (KeyError, IndexError, ValueError) as e:
+        raise SweepError(f"--launcher {launcher!r}: {e!r}; its placeholders are {{run}}, {{i}}, {{args}} and "
+                         "{command} (write {{ and }} for literal braces)") from e
+    return filled if re.search(r"(?<!{){(args|command)}", launcher) else f"{filled} {shlex.join(argv)}"
+
+
+def write_records(sweep: Sweep) -> None:
+    """ROOT/sweep.json (runs of an earlier expansion that this one lacks stay listed, last) and each
+    unfinished run's overrides.json and config.json."""
+    if "://" in sweep.root:
+        print(f"sweep: {sweep.root} is not a local path: no records written there", file=sys.stderr)
+        return
+    os.makedirs(sweep.root, exist_ok=True)
+    listed = [{"name": r.name, "overrides": r.overrides, "command": command(sweep, r)} for r in sweep.runs]
+    earlier = _read_json(os.path.join(sweep.root, SWEEP_FILE)) or {}
+    names = {r.name for r in sweep.runs}
+    listed += [r for r in earlier.get("runs", []) if r["name"] not in names]
+    _write_json(os.path.join(sweep.root, SWEEP_FILE),
+                {"config": sweep.config_spec, "fixed": list(sweep.fixed_flags), "runs": listed})
+    for run in sweep.runs:
+        if os.path.isdir(os.path.join(run.workdir, "final")):
+            continue
+        os.makedirs(run.workdir, exist_ok=True)
+        _write_json(os.path.join(run.workdir, "overrides.json"), run.overrides)
+        with open(os.path.join(run.workdir, "config.json"), "w") as f:
+            f.write(run.config.to_json_best_effort(indent=2))
+
+
+def _read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
+# --- running here --------------------------------------------------------------------------------
+def _describe(overrides: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_value_text(v)}" for k, v in overrides.items()) or "(no overrides)"
+
+
+def run_locally(sweep: Sweep, launcher: str | None = None, log: TextIO | None = None) -> dict[str, str]:
+    """Runs the unfinished runs one after another, each in its own process; returns {run: status}."""
+    log = log or sys.stderr
+    n, statuses = len(sweep.runs), {}
+    for run in sweep.runs:
+        head = f"[{run.index + 1}/{n}] {_describe(run.overrides)}"
+        before = run_status(run.workdir)
+        if before["status"] in ("finished", "running"):
+            print(f"{head}: {before['status']} already, skipped", file=log, flush=True)
+            statuses[run.name] = before["status"]
+            continue
+        again = " (resuming)" if before["status"] != "not started" else ""
+        print(f"{head}: training in {run.workdir}{again}", file=log, flush=True)
+        argv = shlex.split(command_line(sweep, run, launcher, python=sys.executable))
+        exit_code, seconds = _run_one(argv, run.workdir)
+        statuses[run.name] = run_status(run.workdir)["status"]
+        see = f"; see {os.path.join(run.workdir, LOG_FILE)}" if exit_code else ""
+        print(f"{head}: {statuses[run.name]} (exit status {exit_code}) after {seconds:.0f} s{see}", file=log,
+              flush=True)
+    return statuses
+
+
+def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
+    os.makedirs(workdir, exist_ok=True)
+    record_path = os.path.join(workdir, STATUS_FILE)
+    t0 = time.time()
+    record = {"state": "running", "host": socket.gethostname(), "started": t0, "command": argv}
+    with open(os.path.join(workdir, LOG_FILE), "a") as out:
+        out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
+        out.flush()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        _write_json(record_path, {**record, "pid": proc.pid})
+        try:
+            exit_code = proc.wait()
+        finally:  # Ctrl-C: the training loop saves on SIGTERM, then the record says how it ended
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            exit_code = proc.returncode
+            seconds = time.time() - t0
+            _write_json(record_path, {**record, "pid": proc.pid, "state": "exited", "exit_code": exit_code,
+                                      "seconds": round(seconds, 1)})
+    return exit_code, seconds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- status and summary ----------------------------------------------------------------------
+def run_status(workdir: str) -> dict[str, Any]:
+    """{"status": finished | running | failed | stopped | started | not started, "exit_code": int | None}."""
+    record = _read_json(os.path.join(workdir, STATUS_FILE)) or {}
+    exit_code = record.get("exit_code")
+    if os.path.isdir(os.path.join(workdir, "final")):
+        return {"status": "finished", "exit_code": exit_code}
+    if record.get("state") == "running":
+        here = record.get("host") == socket.gethostname()
+        status = "running" if not here or _alive(record["pid"]) else "stopped"
+    elif record.get("state") == "exited":
+        status = "failed" if exit_code else "stopped"
+    elif any(os.path.isdir(os.path.join(workdir, d)) for d in ("checkpoints", "tensorboard")):
+        status = "started"
+    else:
+        status = "not started"
+    return {"status": status, "exit_code": exit_code}
+
+
+def final_metrics(workdir: str) -> dict[str, float]:
+    """The last logged value of each of METRICS (and its step) from WORKDIR/tensorboard."""
+    logdir = os.path.join(workdir, "tensorboard")
+    if not os.path.isdir(logdir):
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    out: dict[str, float] = {}
+    for tag in METRICS:
+        if tag in tags:
+            # a resumed run logs some steps twice: the later one counts
+            last = max(events.Scalars(tag), key=lambda e: (e.step, e.wall_time))
+            out[tag] = last.value
+            if tag == "loss":
+                out["step"] = last.step
+    return out
+
+
+def summarize(root: str) -> list[dict[str, Any]]:
+    """One row per run listed in ROOT/sweep.json: overrides, status, last step and metrics."""
+    listed = _read_json(os.path.join(root, SWEEP_FILE))
+    if listed is None:
+        raise FileNotFoundError(f"{root} is not a sweep root (no {SWEEP_FILE}); expand a sweep into it first")
+    rows = []
+    for i, entry in enumerate(listed["runs"]):
+        workdir = os.path.join(root, entry["name"])
+        config = _read_json(os.path.join(workdir, "config.json")) or {}
+        metrics = final_metrics(workdir)
+        rows.append({"index": i, "run": entry["name"], "workdir": workdir, "overrides": entry["overrides"],
+                     **run_status(workdir), "step": metrics.pop("step", None),
+                     "total_steps": config.get("total_steps"), "metrics": metrics})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row["overrides"]))
+    header = ["#", *keys, "status", "step", *METRICS]
+    lines = [header]
+    for row in rows:
+        step = "-" if row["step"] is None else f"{row['step']}/{row['total_steps'] or '?'}"
+        values = [row["metrics"].get(m) for m in METRICS]
+        lines.append([str(row["index"]), *(_value_text(_plain(row["overrides"][k])) if k in row["overrides"] else ""
+                                           for k in keys),
+                      row["status"], step, *("-" if v is None else f"{v:.4f}" for v in values)])
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    failed = [row for row in rows if row["status"] == "failed"]
+    text += [f"run {row['index']} failed (exit status {row['exit_code']}): see "
+             f"{os.path.join(row['workdir'], LOG_FILE)}" for row in failed]
+    return "\n".join(text)
+
+
+# --- the `unitoken sweep` verb ------------------------------------------------------------------
+def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: str | None = None,
+         fixed: list[str] | None = None, as_json: bool = False, out: TextIO | None = None,
+         log: TextIO | None = None) -> int:
+    """mode: "print" (one launch command a line), "local" (run here, then the summary) or "summary".
+    Returns the exit status: 1 when the summary shows a failed run."""
+    out, log = out or sys.stdout, log or sys.stderr
+    if mode != "summary":
+        if not config_spec:
+            raise SweepError("give the config file (FILE.py[:ARG]) whose sweep(add) to expand")
+        pairs = {}
+        for item in fixed or []:
+            key, eq, text = item.partition("=")
+            if not eq:
+                raise SweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set init_from.paths=/ckpt/stage1")
+            pairs[key.removeprefix("config.")] = text
+        sweep = expand(config_spec, root, pairs)
+        if mode == "local" and "://" in root:
+            raise SweepError(f"--run-locally needs a local (or mounted) --root, not {root}")
+        write_records(sweep)
+        if mode == "print":
+            todo = [r for r in sweep.runs if run_status(r.workdir)["status"] != "finished"]
+            if len(todo) < len(sweep.runs):
+                print(f"sweep: {len(sweep.runs) - len(todo)} of {len(sweep.runs)} runs finished already; not listed",
+                      file=log)
+            if as_json:
+                json.dump([{"index": r.index, "run": r.name, "workdir": r.workdir, "overrides": r.overrides,
+                            "command": command_line(sweep, r, launcher)} for r in todo], out, indent=2)
+                out.write("\n")
+            else:
+                for run in todo:
+                    print(command_line(sweep, run, launcher), file=out)
+            return 0
+        run_locally(sweep, launcher, log)
+    elif "://" in root:
+        raise SweepError(f"--summary-only reads a local (or mounted) --root, not {root}")
+    rows = summarize(root)
+    if as_json:
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+    else:
+        print(format_table(rows), file=out)
+    return 1 if any(row["status"] == "failed" for row in rows) else 0
+
+
