@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["unitoken_jax", "unitoken_jax.*"]),
     # the bundled shapes-world model (unitoken_jax/world/default.py)
     package_data={"unitoken_jax": ["assets/shapes/*", "assets/shapes/*/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -12,7 +12,7 @@ import pytest
 
 from unitoken_jax.data import demo
 from unitoken_jax.data import pretokenize as pt
-from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, Source, read_meta
+from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, Source, read_meta, sources_from
 from unitoken_jax.tokenizer import images as image_io
 
 SETTINGS = pt.PretokenizeSettings(name="demo", vq_size=32, siglip_size=56, max_length=None, chunk_size=64,
@@ -117,6 +117,8 @@ def test_dataset_weights_follow_ratio_and_yaml_meta(datasets, tmp_path):
     meta.write_text(f"META:\n  - path: '{datasets[0]}'\n    ratio: 1.0\n  - path: '{datasets[1]}'\n    ratio: 3.0\n")
     sources = read_meta(str(meta))
     assert sources == [Source(datasets[0], 1.0), Source(datasets[1], 3.0)]
+    # `--config.data.sources=meta.yaml` reaches the loop as a one-element tuple: still the meta file
+    assert sources_from((str(meta),)) == sources and sources_from([str(meta), datasets[0]])[:2] == sources
     it = InputPipeline(str(meta), PipelineConfig(rows=4, length=300, mix=(1, 0), max_images=16,
                                                  num_threads=1)).iterator()
     ids = [i for _ in range(25) for row in next(it)["sample_ids"] for i in row]

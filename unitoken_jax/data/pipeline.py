@@ -56,14 +56,21 @@ def read_meta(path: str) -> list[Source]:
     return [Source(str(e["path"]), float(e.get("ratio", 1.0))) for e in entries]
 
 
+def _is_meta(path) -> bool:
+    return isinstance(path, str) and path.endswith((".yaml", ".yml"))
+
+
 def sources_from(spec) -> list[Source]:
-    """A YAML meta path, or a list of paths / {path, ratio} dicts / Sources."""
+    """A YAML meta path, or a list of paths (YAML meta files among them) / {path, ratio} dicts /
+    Sources. (`--config.data.sources=meta.yaml` arrives as a one-element tuple.)"""
     if isinstance(spec, str):
-        return read_meta(spec) if spec.endswith((".yaml", ".yml")) else [Source(spec)]
+        spec = [spec]
     out = []
     for s in spec:
         if isinstance(s, Source):
             out.append(s)
+        elif _is_meta(s):
+            out.extend(read_meta(s))
         elif isinstance(s, str):
             out.append(Source(s))
         else:
