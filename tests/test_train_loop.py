@@ -210,3 +210,10 @@ def test_a_non_finite_streak_stops_the_run_and_checkpoints_stay_finite(tmp_path,
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  (at4["params"], at4["opt_state"]), (at6["params"], at6["opt_state"]))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(at6["params"]))
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="Cloud Storage FUSE"):
+        train_and_evaluate(_config(2, data, total_steps=1), "gs://bucket/run")
+    assert not os.path.exists(tmp_path / "gs:")  # no local stand-in directory either

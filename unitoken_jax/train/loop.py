@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any, Callable
@@ -47,6 +48,14 @@ BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "is_continuous", "
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row."""
+
+
+def _check_workdir(workdir: str) -> None:
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+        raise ValueError(
+            f"workdir {workdir!r} is a URL; the loop writes through the file system. Mount the bucket on every "
+            "host with Cloud Storage FUSE (launch/tpu_install.sh --bucket BUCKET mounts it at /mnt/BUCKET) and "
+            "give the mounted path, e.g. --workdir /mnt/BUCKET/unitoken/stage2")
 
 
 # --- parameters at the start of a stage --------------------------------------------------------
@@ -169,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        batch_transform: Callable[[int, dict], dict] | None = None) -> dict[str, Any]:
     """Runs (or resumes) the stage; returns the last logged metrics. `batch_transform(step, batch)`
     may change a host batch before it is placed (for tests: fault injection)."""
+    _check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     primary = jax.process_index() == 0
     model_config = UniTokenConfig.from_dict(config.model.to_dict()).validate()
@@ -245,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         preempted.now(checkpointer, step):
                     _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
                     checkpointer.save(step, state, _gather_data_state(data_iter.get_state()), force=True)
+                    samples_log.sync()
                     if preempted.flag or stop_here:
                         log.warning("%s: saved step %d, stopping", "preempted" if preempted.flag else "stop_after",
                                     step)
@@ -297,27 +308,33 @@ def _log_memory(compiled, seconds: float) -> None:
 
 class _SamplesLog:
     """WORKDIR/samples.jsonl: {"step": s, "ids": [[...row...], ...]} (this process's rows). On resume,
-    the lines of steps not covered by the checkpoint are dropped first."""
+    the lines of steps not covered by the checkpoint are dropped first. Lines are appended to the
+    file, which is closed again, at every checkpoint (`sync`), so that a file system that uploads on
+    close (a bucket mounted with Cloud Storage FUSE) keeps what the checkpoint covers."""
 
     def __init__(self, workdir: str, start_step: int, enabled: bool):
-        self.file = None
-        if not enabled:
+        self.path = os.path.join(workdir, "samples.jsonl") if enabled else None
+        self.pending: list[str] = []
+        if self.path is None:
             return
-        path = os.path.join(workdir, "samples.jsonl")
         kept = []
-        if os.path.exists(path):
-            with open(path) as f:
+        if os.path.exists(self.path):
+            with open(self.path) as f:
                 kept = [line for line in f if json.loads(line)["step"] < start_step]
-        self.file = open(path, "w")
-        self.file.writelines(kept)
+        with open(self.path, "w") as f:
+            f.writelines(kept)
 
     def write(self, step: int, ids) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps({"step": step, "ids": ids}) + "\n")
+        if self.path is not None:
+            self.pending.append(json.dumps({"step": step, "ids": ids}) + "\n")
 
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
+    def sync(self) -> None:
+        if self.path is not None and self.pending:
+            with open(self.path, "a") as f:
+                f.writelines(self.pending)
+            self.pending = []
+
+    close = sync
 
 
 class _PreemptionFlag:
