@@ -1,6 +1,8 @@
 """The shapes world (issue 6 groundwork): the pixel checker reads every clean picture right and
-refuses an empty one; held-out combinations never reach the training items; the VQ-GAN trainer
-learns the pictures and its saved tokenizer gives the same codes after loading."""
+refuses an empty one; held-out combinations never reach the training items, whose answers are
+what the pictures show; the world's tokenizer makes every word one token and is the same in every
+process; the VQ-GAN trainer learns the pictures and its saved tokenizer gives the same codes after
+loading."""
 
 import json
 
@@ -27,26 +29,72 @@ def test_the_checker_reads_every_clean_picture_and_refuses_an_empty_one():
 def test_held_out_combinations_never_reach_training_items(tmp_path):
     held = {(t.colour, t.shape, t.place) for t in shapes.held_out_things()}
     assert len(held) == 8 and len(shapes.train_things()) == 40
-    items = json.load(open(shapes.write_items(str(tmp_path / "train"), 200, seed=1)))
+    items = json.load(open(shapes.write_items(str(tmp_path / "train"), 300, seed=1)))
     seen = {(t["colour"], t["shape"], t["place"]) for it in items for t in it["things"]}
     assert not seen & held and len(seen) == 40
+    sizes = {len(it["things"]) for it in items}
+    assert sizes == {1, 2, 3}
+    checked = 0
     for it in items:
-        question, answer = (m["value"] for m in it["conversations"])
         things = [shapes.Thing(**t) for t in it["things"]]
-        if answer == "<|image|>":
-            assert len(things) == 1 and question == shapes.generate_prompt(things[0])
-        else:
-            assert answer in shapes.answers(things).values()
+        assert len({t.place for t in things}) == len(things)  # one shape per place
+        turns = [m["value"] for m in it["conversations"]]
+        if it["id"].startswith("g"):
+            assert turns == [shapes.generate_prompt(things), "<|image|>"]
+            continue
+        assert turns[0].startswith("<|image|>\n") and "<|image|>" not in "".join(turns[1:])
+        asked = [q.replace("<|image|>\n", "") for q in turns[0::2]]
+        assert len(set(asked)) == len(asked) == 3  # three different questions
+        for question, answer in zip(asked, turns[1::2]):
+            # the answer, derived here from the item's things and the question's own words
+            if question == shapes.QUESTIONS["count"]:
+                assert answer == ["one", "two", "three"][len(things) - 1]
+            elif question == shapes.QUESTIONS["caption"]:
+                assert answer == " and ".join(t.text for t in sorted(things, key=lambda t: list(shapes.PLACES)
+                                                                                    .index(t.place)))
+            elif "at the" in question:
+                (t,) = [t for t in things if question.endswith(f"at the {t.place}?")]
+                assert answer == (t.shape if question.startswith("What shape") else t.colour)
+            else:
+                assert len(things) == 1
+                kind = {v: k for k, v in shapes.QUESTIONS.items()}[question]
+                assert answer == getattr(things[0], kind)
+        if len(things) == 1:  # the drawn picture shows what the item says
             picture = Image.open(tmp_path / "train" / it["image"][0])
-            if len(things) == 1:  # the drawn picture shows what the item says
-                assert shapes.check_picture(picture).matches(things[0])
+            assert shapes.check_picture(picture).matches(things[0])
+            checked += 1
+    assert checked > 50
     test = json.load(open(shapes.write_items(str(tmp_path / "test"), 40, seed=2, held_out=True)))
     assert {(t["colour"], t["shape"], t["place"]) for it in test for t in it["things"]} <= held
 
 
+def test_the_world_tokenizer_makes_every_word_one_token_in_every_process():
+    import subprocess
+    import sys
+
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.world import build
+
+    text = build.tokenizer_json()
+    tok = TextTokenizer(text)
+    for sentence in shapes.corpus():
+        words = sentence.replace("\n", " ").split(" ")
+        ids = tok.encode_text(sentence)
+        assert tok.decode_text(ids) == sentence
+        # one token a word, plus the punctuation and the digits/x of 64x64 (pre-tokenizer splits)
+        assert len(ids) <= len(words) + 4, (sentence, len(ids))
+    assert len(tok.encode_text("a yellow triangle at the bottom right")) == 7
+    assert tok.vocab_size <= build.vocab_size() < tok.vocab_size + 128
+    code = "from unitoken_jax.world import build; import sys; sys.stdout.write(build.tokenizer_json())"
+    for seed in ("1", "2"):
+        env = dict(__import__("os").environ, PYTHONHASHSEED=seed)
+        assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout == text
+
+
 def test_vq_trainer_learns_the_pictures_and_the_saved_tokenizer_round_trips(tmp_path):
     rng = np.random.default_rng(0)
-    pictures = np.stack([image_io.vq_pixels(image_io.vq_crop(shapes.draw(shapes._scene(rng, shapes.train_things()),
+    pictures = np.stack([image_io.vq_pixels(image_io.vq_crop(shapes.draw(shapes.scene(rng, shapes.train_things()),
                                                                          rng), 16)) for _ in range(64)])
     config = VQGANConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, embed_dim=4, n_embed=32,
                          mid_attention=False)

@@ -24,19 +24,36 @@ from unitoken_jax.world import shapes
 
 log = logging.getLogger(__name__)
 
-VQ_SIZE = 32  # the VQ-GAN sees 32 x 32 px: 4 x 4 codes (two 32-px grid units of the layout)
-SIGLIP_SIZE = 32
-PATCH = 8  # 4 x 4 = 16 SigLIP features per picture
-GEN_SIZE = (shapes.SIZE, shapes.SIZE)  # the layout's size for 4 x 4 codes
-VQ_CONFIG = VQGANConfig(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=32, embed_dim=16, n_embed=256,
+VQ_SIZE = 64  # the whole 64 x 64 picture; 16x downsampling (as Chameleon's VQ-GAN) gives 4 x 4 codes
+SIGLIP_SIZE = 64
+PATCH = 16  # 4 x 4 = 16 SigLIP features per picture
+GEN_SIZE = (shapes.SIZE, shapes.SIZE)  # 64 px = two 32-px grid units of the layout = 4 x 4 codes
+VQ_CONFIG = VQGANConfig(ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32, embed_dim=16, n_embed=256,
                         mid_attention=False)
+MAX_MERGES = 600  # more than the world's words need: the trainer stops when every word is one token
+
+
+def tokenizer_json() -> str:
+    """The world's tokenizer: Chameleon's layout (`tokenizer.small`) with BPE merges learned from
+    every text of the world, so that each word is one token."""
+    from unitoken_jax.tokenizer import small
+
+    return small.build(merges=small.learn_merges(shapes.corpus(), MAX_MERGES))
+
+
+def vocab_size() -> int:
+    """The world tokenizer's ids, rounded up to a multiple of 128 for the model's embeddings."""
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_str(tokenizer_json()).get_vocab_size(with_added_tokens=True)
+    return -(-n // 128) * 128
 
 
 def model_config() -> dict:
     return dict(
-        decoder=dict(vocab_size=9216, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
+        decoder=dict(vocab_size=vocab_size(), hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
                      num_kv_heads=4, rope_theta=10000.0, max_position_embeddings=512, rms_norm_eps=1e-5,
-                     qk_norm_eps=1e-5, qk_norm_groups=None, swin_norm=False, dropout=0.0),
+                     qk_norm_eps=1e-5, qk_norm_groups=None, swin_norm=False, dropout=0.05),
         vision=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, patch_size=PATCH,
                     image_size=SIGLIP_SIZE, num_channels=3, layer_norm_eps=1e-6),
         z_loss_weight=1e-5, dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none")
@@ -52,7 +69,7 @@ def stage_config(stage: int, data: str, steps: int, init_from: str | None = None
         learning_rate=3e-3 if stage == 1 else 2e-3, vit_lr_scale=1.0, warmup_fraction=0.05, b1=0.9, b2=0.95,
         weight_decay=0.1, grad_clip=4.0, accumulation_steps=1, trainable="vision" if stage == 1 else "all"))
     c.data = ml_collections.ConfigDict(dict(sources=(data,), demo=False, mix=(1, 0) if stage == 1 else (1, 1),
-                                            rows=16, length=128, max_images=32, seed=stage, num_threads=2,
+                                            rows=8, length=256, max_images=32, seed=stage, num_threads=2,
                                             worker_count=0))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=1))
     c.total_steps = steps
@@ -75,7 +92,7 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000) -> str:
         return out
     rng = np.random.default_rng(0)
     pool = shapes.train_things()
-    pixels = np.stack([image_io.vq_pixels(image_io.vq_crop(shapes.draw(shapes._scene(rng, pool), rng), VQ_SIZE))
+    pixels = np.stack([image_io.vq_pixels(image_io.vq_crop(shapes.draw(shapes.scene(rng, pool), rng), VQ_SIZE))
                        for _ in range(pictures)])
     params, history = train_vqgan(VQ_CONFIG, pixels, VQTrainConfig(steps=steps, batch=32, learning_rate=2e-3))
     save_vqgan(out, VQ_CONFIG, params)
@@ -86,7 +103,6 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000) -> str:
 
 def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool) -> str:
     from unitoken_jax.data import pretokenize as pt
-    from unitoken_jax.tokenizer import small
     from unitoken_jax.tokenizer.text import TextTokenizer
     from unitoken_jax.tokenizer.vq import VQTokenizer
 
@@ -96,7 +112,7 @@ def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool) -> str
     items = shapes.write_items(os.path.join(workdir, "items"), pictures, seed=0)
     settings = pt.PretokenizeSettings(name="shapes", vq_size=VQ_SIZE, siglip_size=SIGLIP_SIZE, patch=PATCH,
                                       max_length=None, chunk_size=1024, vq_batch=256, continuous=continuous)
-    pt.pretokenize(items, out, TextTokenizer(small.build()), VQTokenizer.from_dir(vq_dir), settings)
+    pt.pretokenize(items, out, TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(vq_dir), settings)
     return out
 
 
@@ -132,7 +148,7 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--vq-steps", type=int, default=1000)
+    parser.add_argument("--vq-steps", type=int, default=1500)
     parser.add_argument("--pictures", type=int, default=4000)
     parser.add_argument("--stage1-steps", type=int, default=100)
     parser.add_argument("--stage2-steps", type=int, default=1500)

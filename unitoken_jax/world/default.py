@@ -31,8 +31,7 @@ def settings(path: str = DEFAULT_DIR) -> dict:
 
 def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict | None = None) -> None:
     import unitoken_jax
-    from unitoken_jax.tokenizer import small
-    from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE
+    from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE, tokenizer_json
 
     model = unitoken_jax.load(model_dir, progress=False)
     if os.path.exists(dest):
@@ -40,21 +39,21 @@ def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict |
     model.save_hf(os.path.join(dest, "model"), dtype="bfloat16")
     shutil.copytree(vq_dir, os.path.join(dest, "vqgan"), ignore=shutil.ignore_patterns("history.json"))
     with open(os.path.join(dest, "tokenizer.json"), "w") as f:
-        f.write(small.build())
+        f.write(tokenizer_json())
     with open(os.path.join(dest, "world.json"), "w") as f:
         json.dump({"vq_size": VQ_SIZE, "size": list(GEN_SIZE), "image_prefix": [], "results": results or {}}, f,
                   indent=1)
 
 
-def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32"):
-    """The bundled model as a `UniTokenPipeline`."""
+def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None):
+    """The bundled model as a `UniTokenPipeline` (its parameters sharded over `mesh` if given)."""
     import unitoken_jax
     from unitoken_jax.inference.pipeline import UniTokenPipeline
     from unitoken_jax.tokenizer.text import TextTokenizer
     from unitoken_jax.tokenizer.vq import VQTokenizer
 
     s = settings(path)
-    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype)
+    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh)
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
                             image_prefix=s["image_prefix"])
@@ -64,10 +63,18 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="export a trained shapes-world model as the bundled default")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--vqgan", required=True)
+    parser.add_argument("--workdir", default=None, help="a world.build workdir (its stage2/final, vqgan, results.json)")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--vqgan", default=None)
     parser.add_argument("--results", default=None, help="the evaluation's results JSON, kept in world.json")
     parser.add_argument("--to", default=DEFAULT_DIR)
     a = parser.parse_args()
+    if a.workdir:
+        a.model = a.model or os.path.join(a.workdir, "stage2", "final")
+        a.vqgan = a.vqgan or os.path.join(a.workdir, "vqgan")
+        found = os.path.join(a.workdir, "results.json")
+        a.results = a.results or (found if os.path.exists(found) else None)
+    if not (a.model and a.vqgan):
+        parser.error("give --workdir, or --model and --vqgan")
     export(a.model, a.vqgan, a.to, json.load(open(a.results)) if a.results else None)
     print(f"wrote {a.to}")

@@ -5,18 +5,23 @@ combinations (and the count question about two-shape pictures). Generation: pict
 held-out prompts, judged by the model-free pixel checker (`shapes.check_picture`): right only if
 colour, shape and place are all right; with and without classifier-free guidance.
 
-    python -m unitoken_jax.world.evaluate --model /tmp/world/stage2/final --vqgan /tmp/world/vqgan
+    python -m unitoken_jax.world.evaluate --workdir /tmp/world    # its model and, if built, the ablation's
+    python -m unitoken_jax.world.evaluate --model DIR --vqgan DIR [--discrete-only]
+
+The paper's ablation: the same budget with discrete codes only (`world.build --discrete-only`
+trains it in the same workdir) against discrete + continuous, in one table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 
 from unitoken_jax.world import shapes
-from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE
+from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE, tokenizer_json
 
 CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "place": 1 / len(shapes.PLACES),
           "count": 1 / 2, "caption": 1 / (len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.PLACES))}
@@ -25,12 +30,11 @@ CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "p
 def world_pipeline(model_dir: str, vq_dir: str, continuous: bool = True):
     import unitoken_jax
     from unitoken_jax.inference.pipeline import UniTokenPipeline
-    from unitoken_jax.tokenizer import small
     from unitoken_jax.tokenizer.text import TextTokenizer
     from unitoken_jax.tokenizer.vq import VQTokenizer
 
     model = unitoken_jax.load(model_dir, progress=False)
-    return UniTokenPipeline(model, TextTokenizer(small.build()), VQTokenizer.from_dir(vq_dir), vq_size=VQ_SIZE,
+    return UniTokenPipeline(model, TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(vq_dir), vq_size=VQ_SIZE,
                             image_prefix=(), continuous=continuous)
 
 
@@ -94,26 +98,69 @@ def save_grid(things, pictures, path: str, scale: int = 2) -> None:
     grid.save(path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--vqgan", required=True)
-    parser.add_argument("--out", default=None, help="write the results JSON here")
-    parser.add_argument("--grid", default=None, help="write a picture grid (held-out prompts, CFG 3) here")
-    parser.add_argument("--discrete-only", action="store_true", help="the ablation's model: no SigLIP features")
-    args = parser.parse_args(argv)
-    pipe = world_pipeline(args.model, args.vqgan, continuous=not args.discrete_only)
-    results = {"understanding": understanding(pipe)}
-    results["generation"] = []
+def evaluate(model_dir: str, vq_dir: str, *, continuous: bool = True, grid: str | None = None) -> dict:
+    """Understanding and generation (without and with CFG 3) on the held-out combinations."""
+    pipe = world_pipeline(model_dir, vq_dir, continuous=continuous)
+    results = {"model": model_dir, "continuous": continuous, "understanding": understanding(pipe), "generation": []}
     for cfg in (1.0, 3.0):
         result, pictures = generation(pipe, cfg)
         results["generation"].append(result)
-        if args.grid and cfg == 3.0:
-            save_grid(shapes.held_out_things(), [p[:6] for p in pictures], args.grid)
-    print(json.dumps(results, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        if grid and cfg == 3.0:
+            save_grid(shapes.held_out_things(), [p[:6] for p in pictures], grid)
+    return results
+
+
+def table(runs: dict[str, dict]) -> str:
+    """A markdown table: one column per evaluated model, a row per question and per guidance."""
+    names = list(runs)
+    lines = ["| held-out combinations | " + " | ".join(names) + " | chance |", "|---" * (len(names) + 2) + "|"]
+    first = next(iter(runs.values()))
+    for kind, per in first["understanding"]["per_question"].items():
+        cells = [f"{r['understanding']['per_question'][kind]['accuracy']:.0%}" for r in runs.values()]
+        lines.append(f"| understanding: {kind} ({per['n']}) | " + " | ".join(cells) + f" | {per['chance']:.0%} |")
+    u = first["understanding"]
+    cells = [f"**{r['understanding']['accuracy']:.0%}**" for r in runs.values()]
+    lines.append(f"| **understanding, all** ({u['n']}) | " + " | ".join(cells) + f" | {u['chance']:.0%} |")
+    for i, g in enumerate(first["generation"]):
+        label = "no guidance" if g["cfg"] == 1.0 else f"CFG {g['cfg']:g}"
+        cells = [f"{r['generation'][i]['accuracy']:.0%}" for r in runs.values()]
+        lines.append(f"| generation, {label} ({g['n']}) | " + " | ".join(cells) + f" | {g['chance']:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=None,
+                        help="a `world.build` workdir: evaluates its model and, if built, the discrete-only one")
+    parser.add_argument("--model", default=None, help="one model directory (instead of --workdir)")
+    parser.add_argument("--vqgan", default=None, help="its VQ-GAN (with --model)")
+    parser.add_argument("--out", default=None, help="write the results JSON here (default WORKDIR/results.json)")
+    parser.add_argument("--grid", default=None, help="write a picture grid (held-out prompts, CFG 3) here "
+                                                     "(default WORKDIR/grid.png)")
+    parser.add_argument("--discrete-only", action="store_true", help="--model is an ablation model: no SigLIP features")
+    args = parser.parse_args(argv)
+    if (args.workdir is None) == (args.model is None) or (args.model is not None and args.vqgan is None):
+        parser.error("give --workdir, or --model with --vqgan")
+    if args.workdir:
+        vq = os.path.join(args.workdir, "vqgan")
+        models = {"discrete + continuous": (os.path.join(args.workdir, "stage2", "final"), True),
+                  "discrete only": (os.path.join(args.workdir, "stage2_discrete", "final"), False)}
+        models = {k: v for k, v in models.items() if os.path.isdir(v[0])}
+        if not models:
+            parser.error(f"{args.workdir} has no trained model (run python -m unitoken_jax.world.build first)")
+        out = args.out or os.path.join(args.workdir, "results.json")
+        grid = args.grid or os.path.join(args.workdir, "grid.png")
+    else:
+        vq, models = args.vqgan, {"model": (args.model, not args.discrete_only)}
+        out, grid = args.out, args.grid
+    runs = {}
+    for i, (name, (model, continuous)) in enumerate(models.items()):
+        runs[name] = evaluate(model, vq, continuous=continuous, grid=grid if i == 0 else None)
+    print(table(runs))
+    if out:
+        with open(out, "w") as f:
+            json.dump(runs, f, indent=1)
+        print(f"results: {out}" + (f", pictures: {grid}" if grid else ""))
 
 
 if __name__ == "__main__":

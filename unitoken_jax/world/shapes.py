@@ -1,10 +1,16 @@
-"""The shapes world: 64 x 64 pictures of one or two coloured shapes in the quadrants, with
+"""The shapes world: 64 x 64 pictures of one to three coloured shapes in the quadrants, with
 captions, questions with one-word-or-phrase answers, and text-to-image prompts.
 
 Small enough to train UniToken on two CPU cores, rich enough to check both directions: the
 model must read colour, shape, position and count from a picture, and draw a named shape in a
 named colour at a named place. Some (colour, shape, position) combinations never appear in
 training (`HELD_OUT`): the evaluation asks about them and asks for them.
+
+Scenes with several shapes, captions that name each of them, and questions about one place
+("What shape is at the top left?") make colour, shape and place vary independently in training,
+so that reading and drawing them separately pays off; the held-out combinations then test
+whether the model composes them. The evaluation asks only the five single-shape questions of
+`QUESTIONS` (and the count of two-shape pictures).
 
 `check_picture` reads a picture's colour, shape and position from pixel statistics alone (no
 model): the non-background pixels' mean colour, how they fill the corners of their bounding box
@@ -29,7 +35,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 PLACES = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
           "bottom right": (0.75, 0.75)}
-COUNTS = {1: "one", 2: "two"}
+COUNTS = {1: "one", 2: "two", 3: "three"}
+SCENE_SIZES = {1: 0.4, 2: 0.35, 3: 0.25}  # how many shapes a training picture has
 # Never drawn in training; the held-out evaluation uses exactly these.
 HELD_OUT = (("red", "triangle", "bottom right"), ("green", "circle", "top left"), ("blue", "square", "top right"),
             ("yellow", "triangle", "bottom left"), ("red", "square", "top left"), ("green", "square", "bottom right"),
@@ -41,6 +48,10 @@ QUESTIONS = {
     "place": "Where is the shape?",
     "count": "How many shapes are there?",
     "caption": "Describe the picture.",
+}
+PLACE_QUESTIONS = {  # about the shape at one place, for pictures with any number of shapes
+    "shape_at": "What shape is at the {place}?",
+    "colour_at": "What colour is the shape at the {place}?",
 }
 
 
@@ -85,53 +96,89 @@ def draw(things: list[Thing], rng: np.random.Generator | None = None) -> Image.I
     return image
 
 
+def caption(things: list[Thing]) -> str:
+    """'a red circle at the top left and a blue square at the bottom right' (in reading order)."""
+    order = list(PLACES)
+    return " and ".join(t.text for t in sorted(things, key=lambda t: order.index(t.place)))
+
+
 def answers(things: list[Thing]) -> dict[str, str]:
-    """The exact-match answer to every question that has one for this picture."""
-    out = {"count": COUNTS[len(things)]}
+    """The exact-match answer to every question of `QUESTIONS` that has one for this picture."""
+    out = {"count": COUNTS[len(things)], "caption": caption(things)}
     if len(things) == 1:
         t = things[0]
-        out.update(colour=t.colour, shape=t.shape, place=t.place, caption=t.text)
+        out.update(colour=t.colour, shape=t.shape, place=t.place)
     return out
 
 
-def generate_prompt(thing: Thing) -> str:
-    return GENERATE_TEMPLATE.format(w=SIZE, h=SIZE, prompt=thing.text)
+def questions_and_answers(things: list[Thing]) -> list[tuple[str, str]]:
+    """Every (question, answer) this picture has: `QUESTIONS` and, per shape, `PLACE_QUESTIONS`."""
+    qa = [(QUESTIONS[k], a) for k, a in answers(things).items()]
+    for t in things:
+        qa.append((PLACE_QUESTIONS["shape_at"].format(place=t.place), t.shape))
+        qa.append((PLACE_QUESTIONS["colour_at"].format(place=t.place), t.colour))
+    return qa
 
 
-def _scene(rng, pool: list[Thing]) -> list[Thing]:
+def generate_prompt(thing_or_things) -> str:
+    things = [thing_or_things] if isinstance(thing_or_things, Thing) else list(thing_or_things)
+    return GENERATE_TEMPLATE.format(w=SIZE, h=SIZE, prompt=caption(things))
+
+
+def scene(rng: np.random.Generator, pool: list[Thing]) -> list[Thing]:
+    """One to three things of `pool` (`SCENE_SIZES`) at distinct places."""
+    k = int(rng.choice(list(SCENE_SIZES), p=list(SCENE_SIZES.values())))
     first = pool[rng.integers(len(pool))]
-    if rng.random() < 0.2:  # a second thing at another place
-        others = [t for t in pool if t.place != first.place]
-        return [first, others[rng.integers(len(others))]]
-    return [first]
+    things = [first]
+    for place in rng.permutation([p for p in PLACES if p != first.place])[:k - 1]:
+        here = [t for t in pool if t.place == place]
+        things.append(here[rng.integers(len(here))])
+    return things
 
 
 def write_items(directory: str, n_pictures: int, *, seed: int = 0, held_out: bool = False,
-                generation: bool = True) -> str:
+                generation: bool = True, questions_per_item: int = 3) -> str:
     """Draws `n_pictures` scenes from the training (or held-out) combinations into `directory` and
-    writes `items.json`: per picture one understanding item (a random question), and for a
-    one-thing picture one generation item (its prompt -> the picture). Returns the JSON path."""
+    writes `items.json`: per picture one understanding item (a conversation of
+    `questions_per_item` different questions about it), and one generation item (its caption ->
+    the picture). Returns the JSON path."""
     rng = np.random.default_rng(seed)
     pool = held_out_things() if held_out else train_things()
     os.makedirs(directory, exist_ok=True)
     items = []
     for i in range(n_pictures):
-        things = _scene(rng, pool)
+        things = scene(rng, pool)
         name = f"{i:05d}.png"
         draw(things, rng).save(os.path.join(directory, name))
-        qa = answers(things)
-        kind = list(qa)[rng.integers(len(qa))]
-        items.append({"id": f"u{i}", "image": [name], "things": [dataclasses.asdict(t) for t in things],
-                      "conversations": [{"from": "human", "value": f"<|image|>\n{QUESTIONS[kind]}"},
-                                        {"from": "gpt", "value": qa[kind]}]})
-        if generation and len(things) == 1:
-            items.append({"id": f"g{i}", "image": [name], "things": [dataclasses.asdict(things[0])],
-                          "conversations": [{"from": "human", "value": generate_prompt(things[0])},
+        qa = questions_and_answers(things)
+        chosen = rng.choice(len(qa), min(questions_per_item, len(qa)), replace=False)
+        conversation = []
+        for j, q in enumerate(chosen):
+            question, answer = qa[q]
+            conversation += [{"from": "human", "value": f"<|image|>\n{question}" if j == 0 else question},
+                             {"from": "gpt", "value": answer}]
+        described = [dataclasses.asdict(t) for t in things]
+        items.append({"id": f"u{i}", "image": [name], "things": described, "conversations": conversation})
+        if generation:
+            items.append({"id": f"g{i}", "image": [name], "things": described,
+                          "conversations": [{"from": "human", "value": generate_prompt(things)},
                                             {"from": "gpt", "value": "<|image|>"}]})
     path = os.path.join(directory, "items.json")
     with open(path, "w") as f:
         json.dump(items, f)
     return path
+
+
+def corpus() -> list[str]:
+    """Every text the world's items and evaluation can contain (for its tokenizer)."""
+    texts = list(QUESTIONS.values()) + list(COUNTS.values())
+    for place in PLACES:
+        texts += [q.format(place=place) for q in PLACE_QUESTIONS.values()]
+    texts += [generate_prompt(t) for t in all_things()] + [t.text for t in all_things()]
+    for a, b in itertools.combinations(all_things(), 2):
+        if a.place != b.place:
+            texts.append(generate_prompt([a, b]))
+    return texts
 
 
 # --- the pixel checker ---------------------------------------------------------------------------
