@@ -26,6 +26,23 @@ GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following pro
 REFERENCE_IMAGE_PREFIX = (16853,)
 
 
+def picture_grid(pictures, columns: int | None = None, side: int | None = None, gap: int = 4) -> Image.Image:
+    """Pictures side by side (`columns` a row; all of them by default), each scaled to `side`
+    pixels (the largest one's size by default; NEAREST, so small pictures stay crisp): one image
+    to show in a notebook or save."""
+    pictures = [p for row in pictures for p in (row if isinstance(row, (list, tuple)) else [row])]
+    if not pictures:
+        raise ValueError("no pictures to put in a grid")
+    side = side or max(max(p.size) for p in pictures)
+    columns = columns or len(pictures)
+    rows = -(-len(pictures) // columns)
+    grid = Image.new("RGB", (columns * (side + gap) - gap, rows * (side + gap) - gap), (255, 255, 255))
+    for i, p in enumerate(pictures):
+        grid.paste(p.convert("RGB").resize((side, side), Image.NEAREST), ((i % columns) * (side + gap),
+                                                                           (i // columns) * (side + gap)))
+    return grid
+
+
 def _listify(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
