@@ -44,6 +44,8 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c.stage = stage
     c.model_name = "tiny" if tiny else ("7b_anyres" if arg == "anyres" else "7b")
     c.model = _model_configs().model_config(c.model_name)
+    if not tiny:
+        c.model.decoder.dropout = 0.05  # the reference's training recipe (its solver's --dropout)
     if tiny:
         c.model.decoder.vocab_size = 9216  # the small demo tokenizer's 9163 ids, rounded up
         c.model.decoder.max_position_embeddings = 1024
@@ -92,8 +94,9 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
 def learning_rate_seed_sweep(add, stage: int, arg: str = "", factors=(0.5, 1.0, 2.0), seeds=(0, 1)) -> None:
     """A grid around the stage's own learning rate (the variant's: tiny runs use larger ones), times
     the data seed (the order of the batches). `add(**overrides)` once per run, keys dotted. The
-    data seed is the one that matters everywhere: no config has dropout (so `seed` changes nothing)
-    and stages II and III load every parameter (so `init_from.seed` changes nothing there)."""
+    data seed is the one that matters everywhere: the tiny configs have no dropout (so `seed`
+    changes nothing there) and stages II and III load every parameter (so `init_from.seed` changes
+    nothing there)."""
     base = stage_config(stage, arg).optimizer.learning_rate
     for factor in factors:
         for seed in seeds:

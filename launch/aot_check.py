@@ -10,6 +10,7 @@ XLA's cost analysis counts a scanned layer once, so the model FLOPs below are an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -33,13 +34,15 @@ from unitoken_jax.train.state import abstract_state, state_shardings  # noqa: E4
 from unitoken_jax.train.step import make_train_step  # noqa: E402
 
 
-def compile_step(topology: str, batch: int, seq: int, mesh_shape, remat: str, model: str = "7b"):
+def compile_step(topology: str, batch: int, seq: int, mesh_shape, remat: str, model: str = "7b",
+                 dropout: float = 0.05):
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     devices = np.array(topo.devices)
     if int(np.prod(mesh_shape)) != devices.size:
         raise ValueError(f"mesh {mesh_shape} needs {int(np.prod(mesh_shape))} chips, {topology} has {devices.size}")
     mesh = Mesh(devices.reshape(mesh_shape), sharding.MESH_AXES)
     config = UniTokenConfig.from_dict(get_config(model).model).replace(remat_policy=remat, dtype="bfloat16")
+    config = config.replace(decoder=dataclasses.replace(config.decoder, dropout=dropout))  # as the stages train
 
     boxed = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
     param_sh = sharding.logical_to_sharding(nn.get_partition_spec(boxed)["params"], mesh)
@@ -83,10 +86,11 @@ def main():
     parser.add_argument("--mesh", default="1,64,1", help="data,fsdp,tensor")
     parser.add_argument("--remat", default="full", choices=("none", "full", "dots", "dots_no_batch"))
     parser.add_argument("--model", default="7b", help="a configs/model.py name (7b, 7b_anyres, tiny)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="the decoder's (configs/stages.py trains with 0.05)")
     args = parser.parse_args()
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     compiled, seconds, n_params, flops, chips, _ = compile_step(args.topology, args.batch, args.seq, mesh_shape,
-                                                                args.remat, args.model)
+                                                                args.remat, args.model, args.dropout)
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
         mem.temp_size_in_bytes

@@ -65,6 +65,7 @@ def test_stage_configs_build_and_differ_as_the_recipe_says(stage):
     assert full.optimizer.learning_rate == {1: 1e-3, 2: 1e-5, 3: 5e-6}[stage]
     assert full.optimizer.vit_lr_scale == (1e-2 if stage == 1 else 1.0)
     assert full.init_from.kind == ("checkpoint" if stage == 1 else "stage")
+    assert full.model.decoder.dropout == 0.05 and full.model.z_loss_weight == 1e-5  # DESIGN.md section 2
     assert tiny.init_from.kind == "random" and tiny.data.demo
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("huge")

@@ -29,12 +29,13 @@ def _batch(rng, b=2, length=24, n_images=2):
                 feature_index=jnp.asarray(index), pixels=jnp.asarray(rng.normal(size=(n_images, 56, 56, 3)), jnp.float32))
 
 
-def _loss_and_grads(config, params, batch):
+def _loss_and_grads(config, params, batch, dropout_key=None):
     module = UniToken(config)
+    train = {} if dropout_key is None else dict(deterministic=False, rngs={"dropout": dropout_key})
 
     def loss_fn(p):
         logits, _ = module.apply({"params": p}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 batch["is_continuous"], batch["feature_index"], batch["pixels"])
+                                 batch["is_continuous"], batch["feature_index"], batch["pixels"], **train)
         return lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight)[0]
 
     return jax.jit(jax.value_and_grad(loss_fn))(params)
@@ -61,6 +62,23 @@ def test_scan_unrolled_and_remat_agree(swin_norm):
                     grads = {**grads, part: g}
             np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=f"scan={scan} remat={remat}")
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, ref_grads)
+
+
+def test_remat_with_dropout_trains_and_matches_no_remat():
+    # the training configs use dropout 0.05 with full remat: the dropout masks must be the same
+    # ones when the layer is recomputed, and `deterministic` must stay a Python bool under remat
+    base = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    base = base.replace(decoder=dataclasses.replace(base.decoder, dropout=0.2))
+    model = unitoken_jax.UniTokenModel.random(base, seed=0)
+    batch = _batch(np.random.default_rng(0))
+    key = jax.random.key(7)
+    ref_loss, ref_grads = _loss_and_grads(base, model.params, batch, key)
+    eval_loss, _ = _loss_and_grads(base, model.params, batch)
+    assert abs(float(ref_loss) - float(eval_loss)) > 1e-4  # dropout really is on
+    for remat in ("full", "dots"):
+        loss, grads = _loss_and_grads(base.replace(remat_policy=remat), model.params, batch, key)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6, err_msg=remat)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads, ref_grads)
 
 
 def test_dropout_is_active_only_when_asked():

@@ -140,9 +140,11 @@ class DecoderLayer(nn.Module):
 def _layer_class(remat_policy: str, scanned: bool):
     if remat_policy == "none":
         return DecoderLayer
-    # The last positional argument (deterministic) is a Python bool: keep it static.
+    # `deterministic` is a Python bool: keep it static. Flax counts `self` as argument 0, so it is
+    # argument 6 (self, carry, layer_index, positions, mask, cache_index, deterministic); a
+    # negative index does not count from the end here.
     return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scanned,
-                    static_argnums=(-1,))
+                    static_argnums=(6,))
 
 
 class ChameleonDecoder(nn.Module):
