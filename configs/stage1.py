@@ -5,7 +5,7 @@
 A sweep (learning rate x seed, 6 runs; see `sweep` below and unitoken_jax/sweep.py):
 
     unitoken sweep configs/stage1.py:tiny --root /tmp/stage1_sweep --run-locally
-    unitoken sweep configs/stage1.py --root gs://bucket/sweeps/stage1 --print-commands \\
+    unitoken sweep configs/stage1.py --root /mnt/bucket/sweeps/stage1 --print-commands \\
         --set init_from.paths=/ckpt/Lumina-mGPT-7B-512 --set data.sources=/data/meta.yaml \\
         --launcher "launch/tpu_train.sh --name stage1-{i} --zone ZONE --project PROJECT {args}"
     unitoken sweep --root /tmp/stage1_sweep --summary-only

@@ -5,8 +5,8 @@
 A sweep (learning rate x seed, 6 runs; see `sweep` below and unitoken_jax/sweep.py):
 
     unitoken sweep configs/stage2.py:tiny --root /tmp/stage2_sweep --run-locally
-    unitoken sweep configs/stage2.py --root gs://bucket/sweeps/stage2 --print-commands \\
-        --set init_from.paths=gs://bucket/stage1 --set data.sources=/data/meta.yaml \\
+    unitoken sweep configs/stage2.py --root /mnt/bucket/sweeps/stage2 --print-commands \\
+        --set init_from.paths=/mnt/bucket/stage1 --set data.sources=/data/meta.yaml \\
         --launcher "launch/tpu_train.sh --name stage2-{i} --zone ZONE --project PROJECT {args}"
     unitoken sweep --root /tmp/stage2_sweep --summary-only
 """

@@ -5,8 +5,8 @@
 A sweep (learning rate x seed, 6 runs; see `sweep` below and unitoken_jax/sweep.py):
 
     unitoken sweep configs/stage3.py:tiny --root /tmp/stage3_sweep --run-locally
-    unitoken sweep configs/stage3.py --root gs://bucket/sweeps/stage3 --print-commands \\
-        --set init_from.paths=gs://bucket/stage2 --set data.sources=/data/meta.yaml \\
+    unitoken sweep configs/stage3.py --root /mnt/bucket/sweeps/stage3 --print-commands \\
+        --set init_from.paths=/mnt/bucket/stage2 --set data.sources=/data/meta.yaml \\
         --launcher "launch/tpu_train.sh --name stage3-{i} --zone ZONE --project PROJECT {args}"
     unitoken sweep --root /tmp/stage3_sweep --summary-only
 """

@@ -1,7 +1,7 @@
 """What the three training stages share; `configs/stage{1,2,3}.py` pick from it.
 
     python -m unitoken_jax.train --config configs/stage2.py:tiny --workdir /tmp/stage2
-    python -m unitoken_jax.train --config configs/stage2.py --workdir gs://bucket/run \\
+    python -m unitoken_jax.train --config configs/stage2.py --workdir /mnt/bucket/run \\
         --config.init_from.paths=/ckpt/UniToken-base-StageI --config.data.sources=/data/meta.yaml
 
 Stage I trains the ViT and the adapter on captions (the decoder frozen); stage II trains

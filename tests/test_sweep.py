@@ -173,6 +173,10 @@ def sweep(add):
 
     with pytest.raises(sweep_lib.SweepError, match=r"'slice'.*\{run\}, \{i\}, \{args\} and \{command\}"):
         sweep_lib.main(path, root, launcher="launch/x.sh --name {slice}")
+    # a URL root would give every run a workdir the training loop refuses: refused here, first
+    for mode in ("print", "local", "summary"):
+        with pytest.raises(sweep_lib.SweepError, match="Cloud Storage FUSE"):
+            sweep_lib.main(path, "gs://bucket/sweep", mode=mode)
 
 
 def test_a_value_of_the_wrong_type_or_one_the_command_line_cannot_carry_is_an_error(tmp_path):

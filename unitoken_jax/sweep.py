@@ -14,7 +14,7 @@ Each command is parsed back here with ml_collections' own flag parser before any
 a value that would not survive the command line is an error now, not a surprise on a TPU slice.
 
     unitoken sweep configs/stage2.py:tiny --root /tmp/s2 --run-locally     # one process a run, here
-    unitoken sweep configs/stage2.py --root gs://bucket/s2 --set init_from.paths=gs://bucket/stage1 \\
+    unitoken sweep configs/stage2.py --root /mnt/bucket/s2 --set init_from.paths=/mnt/bucket/stage1 \\
         --launcher "launch/tpu_train.sh --name s2-{i} --zone Z --project P {args}"   # print commands
     unitoken sweep --root /tmp/s2 --summary-only [--json]     # overrides, status, last step and losses
 
@@ -263,9 +263,6 @@ def command_line(sweep: Sweep, run: Run, launcher: str | None = None, python: st
 def write_records(sweep: Sweep) -> None:
     """ROOT/sweep.json (runs of an earlier expansion that this one lacks stay listed, last) and each
     unfinished run's overrides.json and config.json."""
-    if "://" in sweep.root:
-        print(f"sweep: {sweep.root} is not a local path: no records written there", file=sys.stderr)
-        return
     os.makedirs(sweep.root, exist_ok=True)
     listed = [{"name": r.name, "overrides": r.overrides, "command": command(sweep, r)} for r in sweep.runs]
     earlier = _read_json(os.path.join(sweep.root, SWEEP_FILE)) or {}
@@ -438,6 +435,9 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
     """mode: "print" (one launch command a line), "local" (run here, then the summary) or "summary".
     Returns the exit status: 1 when the summary shows a failed run."""
     out, log = out or sys.stdout, log or sys.stderr
+    if "://" in root:  # the runs write through the file system (the training loop refuses URLs too)
+        raise SweepError(f"--root {root} is a URL; give a directory every run's hosts see, e.g. a bucket mounted "
+                         "with Cloud Storage FUSE (launch/tpu_install.sh --bucket): /mnt/BUCKET/sweeps/...")
     if mode != "summary":
         if not config_spec:
             raise SweepError("give the config file (FILE.py[:ARG]) whose sweep(add) to expand")
@@ -448,8 +448,6 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
                 raise SweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set init_from.paths=/ckpt/stage1")
             pairs[key.removeprefix("config.")] = text
         sweep = expand(config_spec, root, pairs)
-        if mode == "local" and "://" in root:
-            raise SweepError(f"--run-locally needs a local (or mounted) --root, not {root}")
         write_records(sweep)
         if mode == "print":
             todo = [r for r in sweep.runs if run_status(r.workdir)["status"] != "finished"]
@@ -465,8 +463,6 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
                     print(command_line(sweep, run, launcher), file=out)
             return 0
         run_locally(sweep, launcher, log)
-    elif "://" in root:
-        raise SweepError(f"--summary-only reads a local (or mounted) --root, not {root}")
     rows = summarize(root)
     if as_json:
         json.dump(rows, out, indent=2)

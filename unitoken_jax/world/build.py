@@ -11,6 +11,7 @@ Each step's output is kept under WORKDIR and reused by a later run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -33,20 +34,26 @@ VQ_CONFIG = VQGANConfig(ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_chan
 MAX_MERGES = 600  # more than the world's words need: the trainer stops when every word is one token
 
 
+@functools.cache
+def _merges() -> tuple[tuple[str, str], ...]:
+    from unitoken_jax.tokenizer import small
+
+    return tuple(small.learn_merges(shapes.corpus(), MAX_MERGES))
+
+
 def tokenizer_json() -> str:
     """The world's tokenizer: Chameleon's layout (`tokenizer.small`) with BPE merges learned from
     every text of the world, so that each word is one token."""
     from unitoken_jax.tokenizer import small
 
-    return small.build(merges=small.learn_merges(shapes.corpus(), MAX_MERGES))
+    return small.build(merges=_merges())
 
 
 def vocab_size() -> int:
     """The world tokenizer's ids, rounded up to a multiple of 128 for the model's embeddings."""
-    from tokenizers import Tokenizer
+    from unitoken_jax.tokenizer import small
 
-    n = Tokenizer.from_str(tokenizer_json()).get_vocab_size(with_added_tokens=True)
-    return -(-n // 128) * 128
+    return -(-small.vocab_size(_merges()) // 128) * 128
 
 
 def model_config() -> dict:
