@@ -29,7 +29,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration, Log
 from transformers import LogitsProcessorList  # noqa: E402
 
 import unitoken_jax  # noqa: E402
-from unitoken_jax.inference.decode import Decoder, Request  # noqa: E402
+from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 
 CFG, TOP_K = 3.0, 2000
@@ -122,7 +122,7 @@ def main():
         ours = unitoken_jax.load(tmp, progress=False)
     prompt = [0] + list(range(9000, 9020)) + [layout.END_OF_TURN, layout.IMAGE_START]
     n_tokens = 2 + 2 * args.grid * (2 * args.grid + 1) + 1
-    decoder = Decoder(ours.config, ours.params)
+    loop = DecodeLoop(ours.config, ours.params)
 
     def request(seed):
         return Request(np.array(prompt), max_new_tokens=n_tokens, grid_hw=(args.grid, args.grid), cfg_scale=CFG,
@@ -133,11 +133,11 @@ def main():
         result = fn()
         return time.perf_counter() - start, result
 
-    decoder.generate([request(0)])  # compile batch 1
-    decoder.generate([request(i) for i in range(args.batch)])  # compile batch 8
-    ours_1, toks = timed(lambda: decoder.generate([request(1)]))
+    loop.generate([request(0)])  # compile batch 1
+    loop.generate([request(i) for i in range(args.batch)])  # compile batch 8
+    ours_1, toks = timed(lambda: loop.generate([request(1)]))
     assert len(toks.tokens[0]) == n_tokens
-    ours_b, _ = timed(lambda: decoder.generate([request(i) for i in range(args.batch)]))
+    ours_b, _ = timed(lambda: loop.generate([request(i) for i in range(args.batch)]))
     ref_1, ref_toks = timed(lambda: reference_image(reference, prompt, args.grid, 0))
     assert len(ref_toks) == n_tokens and layout.parse_image_ids([layout.IMAGE_START] + ref_toks).code_ids.shape == (
         2 * args.grid, 2 * args.grid)

@@ -41,8 +41,10 @@ import unitoken_jax  # noqa: E402
 from unitoken_jax.data import demo  # noqa: E402
 from unitoken_jax.data import pretokenize as pt  # noqa: E402
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig  # noqa: E402
-from unitoken_jax.train.optimizer import OptimizerConfig, make_optimizer, trainable_mask  # noqa: E402
-from unitoken_jax.train.step import init_state, make_train_step  # noqa: E402
+from unitoken_jax.configs import stages  # noqa: E402
+from unitoken_jax.train.config import TrainConfig  # noqa: E402
+from unitoken_jax.train.program import BATCH_KEYS, build_program, make_mesh  # noqa: E402
+from unitoken_jax.train.state import create_state  # noqa: E402
 
 LR, Z_LOSS = 1e-4, 1e-5
 
@@ -157,21 +159,28 @@ def main():
         r = source[i]
         by_id[r["id"].decode()] = r
 
-    # ours
+    # ours: the training program's step (what `unitoken_jax.train` runs), on one device
     model = unitoken_jax.load(path, progress=False)
-    opt = OptimizerConfig(learning_rate=LR, total_steps=1000, warmup_fraction=0.0)
-    tx = make_optimizer(opt, model.params)
-    step = jax.jit(make_train_step(model.config, tx, trainable_mask(model.params)), donate_argnums=0)
-    state = jax.jit(lambda p: init_state(p, tx))(model.params)  # distinct buffers: the step donates them
-    keys = ("tokens", "labels", "positions", "segment_ids", "is_continuous", "feature_index", "pixels")
-    for b in batches[:2]:  # compile + warm up
-        state, m = step(state, {k: b[k] for k in keys})
-    jax.block_until_ready(m["loss"])
+    config = stages.stage_config(2, "tiny")
+    config.model = model.config.to_dict()
+    config.data.rows, config.data.length, config.data.max_images = args.rows, args.length, 4 * args.rows
+    config.optimizer.learning_rate, config.optimizer.warmup_fraction = LR, 0.0
+    config.total_steps, config.mesh.num_devices = 1000, 1
+    config = TrainConfig.from_config_dict(config)
+    program = build_program(config, make_mesh(config.mesh))
+    state = create_state(model.params, program.tx, program.state_shardings, config.seed)
+    step = program.jitted
+    keys = BATCH_KEYS
+    with program.context():
+        for b in batches[:2]:  # compile + warm up
+            state, m = step(state, {k: b[k] for k in keys})
+        jax.block_until_ready(m["loss"])
     timed = batches[2:]
     start = time.perf_counter()
-    for b in timed:
-        state, m = step(state, {k: b[k] for k in keys})
-    jax.block_until_ready(m["loss"])
+    with program.context():
+        for b in timed:
+            state, m = step(state, {k: b[k] for k in keys})
+        jax.block_until_ready(m["loss"])
     ours_s = time.perf_counter() - start
     ours_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in timed)
     ours_padding = 1 - ours_tokens / sum(b["segment_ids"].size for b in timed)

@@ -1,31 +1,17 @@
-"""Stage III: instruction fine-tuning of everything (the paper's third stage). See configs/stages.py.
+"""Stage 3 of UniToken's training: `python -m unitoken_jax.train --config configs/stage3.py[:tiny|:anyres]`.
 
-    python -m unitoken_jax.train --config configs/stage3.py:tiny --workdir /tmp/stage3
-
-A sweep (learning rate x seed, 6 runs; see `sweep` below and unitoken_jax/sweep.py):
-
-    unitoken sweep configs/stage3.py:tiny --root /tmp/stage3_sweep --run-locally
-    unitoken sweep configs/stage3.py --root /mnt/bucket/sweeps/stage3 --print-commands \\
-        --set init_from.paths=/mnt/bucket/stage2 --set data.sources=/data/meta.yaml \\
-        --launcher "launch/tpu_train.sh --name stage3-{i} --zone ZONE --project PROJECT {args}"
-    unitoken sweep --root /tmp/stage3_sweep --summary-only
+The config itself ships with the package (unitoken_jax/configs/stage3.py, built from
+unitoken_jax/configs/stages.py); this file is the one to copy and edit: change `get_config`
+below, e.g. `config.optimizer.learning_rate = 2e-5`, or its `sweep`.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("unitoken_configs_stages",
-                                               os.path.join(os.path.dirname(os.path.abspath(__file__)), "stages.py"))
-_stages = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_stages)
+from unitoken_jax.configs import stage3 as _packaged
 
 
 def get_config(arg: str = ""):
-    return _stages.stage_config(3, arg)
+    config = _packaged.get_config(arg)
+    return config
 
 
 def sweep(add, arg: str = ""):
-    """big_vision's convention: `add(**{"dotted.key": value, ...})` once per run. Here the learning
-    rate at 0.5x, 1x and 2x the variant's own, times data seeds 0 and 1. (`unitoken sweep` passes the
-    config argument, `tiny` in `configs/stage3.py:tiny`, as `arg` when `sweep` takes one.)"""
-    _stages.learning_rate_seed_sweep(add, 3, arg)
+    _packaged.sweep(add, arg)

@@ -1,28 +1,73 @@
-"""launch/aot_check.py compiles the real train step for a TPU slice from this CPU machine (needs
-libtpu: pip install -e '.[tpu]'); here on v5e:2x2 with the tiny model, and FSDP really splits the
-state four ways."""
+"""launch/aot_check.py compiles the training loop's own step for a TPU slice from this CPU machine
+(needs libtpu: pip install -e '.[tpu]'); here on v5e:2x2 with the tiny model, and FSDP really
+splits the state four ways. And the step it compiles is the loop's: for the tiny stage-2 config,
+the lowered text of the step `train_and_evaluate` runs equals the one the AOT check builds."""
 
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 
+from unitoken_jax.train import loop, program as program_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _aot_module():
+    spec = importlib.util.spec_from_file_location("aot_check", os.path.join(ROOT, "launch", "aot_check.py"))
+    aot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aot)
+    return aot
 
 
 def test_tiny_step_compiles_for_v5e_2x2_and_fsdp_splits_the_state():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install -e '.[tpu]'); CI installs it")
-    spec = importlib.util.spec_from_file_location("aot_check", os.path.join(ROOT, "launch", "aot_check.py"))
-    aot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(aot)
-    compiled, _, n_params, flops, chips, _ = aot.compile_step("v5e:2x2", batch=4, seq=256, mesh_shape=(1, 4, 1),
-                                                              remat="full", model="tiny")
-    assert chips == 4
+    aot = _aot_module()
+    config = aot.stage_config("stage2.py:tiny", batch=4, seq=256, remat="full")
+    program, compiled, _ = aot.compile_program(config, aot.topology_mesh("v5e:2x2", (1, 4, 1)))
+    assert program.mesh.size == 4
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(program.abstract_params))
     mem = compiled.memory_analysis()
     # the state is params + Adam's two moments in float32; FSDP over 4 chips leaves ~1/4 of it on each
     state_bytes = 3 * 4 * n_params
     assert 0 < mem.argument_size_in_bytes < 0.5 * state_bytes
     assert mem.temp_size_in_bytes > 0
-    assert flops > 6 * n_params * 4 * 256
+    # every decoder weight trains in stage 2: at least 6 FLOPs a weight a token, plus attention and the ViT
+    n_decoder = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(program.abstract_params["decoder"]))
+    assert program.model_flops_per_step() > 6 * n_decoder * 4 * 256
+
+
+def test_the_aot_check_compiles_exactly_the_loops_step(tmp_path, monkeypatch):
+    """The loop runs a few steps of the tiny stage-2 config on 2 CPU devices; the AOT check's
+    builder, given the same config spec (and nothing overridden), lowers its step on the same
+    devices. A difference anywhere (optimizer, dropout, trainable mask, batch spec, shardings)
+    changes the text."""
+    lowered = []
+    real_lower = program_lib.TrainProgram.lower
+
+    def recording_lower(self):
+        out = real_lower(self)
+        lowered.append(out.as_text())
+        return out
+
+    monkeypatch.setattr(program_lib.TrainProgram, "lower", recording_lower)
+    from unitoken_jax import configs
+
+    config = configs.get_config("stage2.py:tiny")
+    config.total_steps, config.mesh.num_devices, config.log_sample_ids = 2, 2, False
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert len(lowered) == 1
+
+    aot = _aot_module()
+    typed = aot.stage_config("stage2.py:tiny", overrides={"total_steps": 2, "mesh.num_devices": 2,
+                                                          "log_sample_ids": False})
+    mesh = program_lib.make_mesh(typed.mesh)
+    aot_text = program_lib.build_program(typed, mesh).lower().as_text()
+    assert len(lowered) == 2 and aot_text == lowered[0]
+    # and the check can see a difference: another learning rate is another step
+    other = aot.stage_config("stage2.py:tiny", overrides={"total_steps": 2, "mesh.num_devices": 2,
+                                                          "optimizer.learning_rate": 1e-2})
+    assert program_lib.build_program(other, mesh).lower().as_text() != lowered[0]

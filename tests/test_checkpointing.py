@@ -7,6 +7,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from test_train_step import _batch, _setup
 from unitoken_jax import sharding
+from unitoken_jax.models.unitoken import param_logical_specs
 from unitoken_jax.train.checkpoint import Checkpointer
 from unitoken_jax.train.optimizer import OptimizerConfig
 
@@ -40,10 +41,9 @@ def test_restore_onto_a_different_mesh(tmp_path):
     ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
     ckpt.save(1, state)
     mesh = sharding.make_mesh(fsdp=4, tensor=2, devices=jax.devices()[:8])
-    from unitoken_jax.model import UniTokenModel
     from test_train_step import _config
 
-    specs = UniTokenModel(_config(), None).logical_specs()
+    specs = param_logical_specs(_config())
     param_sh = sharding.logical_to_sharding(specs, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract = jax.eval_shape(lambda: state)

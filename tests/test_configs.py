@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import unitoken_jax
-from configs.model import get_config
-from unitoken_jax.convert.hf import abstract_params
+from unitoken_jax.configs.model import get_config
+from unitoken_jax import configs
+from unitoken_jax.models.unitoken import abstract_params
+from unitoken_jax.train.config import TrainConfig
 
 
 def _count(tree):
@@ -53,11 +55,15 @@ def test_stage_configs_build_and_differ_as_the_recipe_says(stage):
     import importlib.util
     import os
 
+    # the repository's configs/stageN.py, the file users copy, gives the packaged config
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"stage{stage}.py")
     spec = importlib.util.spec_from_file_location(f"stage{stage}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     full, tiny = module.get_config(""), module.get_config("tiny")
+    assert full.to_dict() == configs.get_config(f"stage{stage}").to_dict()
+    for config in (full, tiny):  # every key is a field of the typed config, of the right type
+        TrainConfig.from_config_dict(config)
     unitoken_jax.UniTokenConfig.from_dict(full.model.to_dict()).validate()
     unitoken_jax.UniTokenConfig.from_dict(tiny.model.to_dict()).validate()
     assert full.optimizer.trainable == ("vision" if stage == 1 else "all")
@@ -69,3 +75,48 @@ def test_stage_configs_build_and_differ_as_the_recipe_says(stage):
     assert tiny.init_from.kind == "random" and tiny.data.demo
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("huge")
+
+
+def test_the_typed_training_config_refuses_unknown_keys_and_wrong_types_by_name():
+    base = configs.get_config("stage2.py:tiny")
+    typed = TrainConfig.from_config_dict(base)
+    assert typed.optimizer.learning_rate == base.optimizer.learning_rate and typed.data.mix == (1, 1)
+    assert typed.optimizer.total_steps == base.total_steps  # the schedule spans the run
+
+    misspelt = base.copy_and_resolve_references()
+    misspelt.optimizer.learning_rat = 1e-3
+    with pytest.raises(ValueError, match=r"config\.optimizer\.learning_rat\b"):
+        TrainConfig.from_config_dict(misspelt)
+    for key, value, message in (("data.rows", "8", r"config\.data\.rows must be int, got str"),
+                                ("log_sample_ids", 1, r"config\.log_sample_ids must be bool, got int"),
+                                ("data.mix", (1, 1, 1), r"config\.data\.mix must have 2 entries"),
+                                ("model.decoder.hidden_size", 64.5, r"config\.model\.decoder\.hidden_size must be int"),
+                                ("optimizer.trainable", "decoder", r"trainable='decoder'")):
+        wrong = base.copy_and_resolve_references()
+        parent, _, leaf = key.rpartition(".")
+        node = wrong
+        for part in filter(None, parent.split(".")):
+            node = node[part]
+        with node.ignore_type():
+            node[leaf] = value
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_config_dict(wrong)
+    # ints are floats, a single path is a tuple of one
+    loose = base.copy_and_resolve_references()
+    with loose.ignore_type():
+        loose.optimizer.learning_rate, loose.data.sources = 1, "/data/meta.yaml"
+    typed = TrainConfig.from_config_dict(loose)
+    assert typed.optimizer.learning_rate == 1.0 and isinstance(typed.optimizer.learning_rate, float)
+    assert typed.data.sources == ("/data/meta.yaml",)
+
+
+def test_a_config_named_by_the_readme_resolves_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the packaged config of that name
+    for spec in ("configs/stage2.py:tiny", "stage2.py:tiny", "stage2:tiny"):
+        path, _, arg = configs.resolve_spec(spec).partition(":")
+        assert path == configs.packaged_path("stage2") and arg == "tiny"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "stage2.py").write_text("def get_config(arg=''):\n    return {'mine': arg}\n")
+    assert configs.get_config("configs/stage2.py:x") == {"mine": "x"}  # a file that exists wins
+    with pytest.raises(FileNotFoundError, match="no config file 'elsewhere/stage9.py'"):
+        configs.resolve_spec("elsewhere/stage9.py")

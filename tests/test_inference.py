@@ -13,13 +13,13 @@ from skimage import data as skdata
 import oracles
 import tokenizer_fixture
 import unitoken_jax
-from configs.model import get_config
+from unitoken_jax.configs.model import get_config
 from unitoken_jax.inference import grid
-from unitoken_jax.inference.decode import Decoder, Request
+from unitoken_jax.inference.decode import DecodeLoop, Request
 from unitoken_jax.inference.pipeline import UniTokenPipeline
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.text import TextTokenizer
-from unitoken_jax.tokenizer.vq import VQTokenizer
+from unitoken_jax.vq_tokenizer import VQTokenizer
 
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
@@ -54,9 +54,9 @@ def _requests(pipe):
 
 def test_a_batch_equals_single_runs_with_the_same_seeds(pipe):
     requests = _requests(pipe)
-    batched = pipe.decoder.generate(requests).tokens
+    batched = pipe.decode_loop.generate(requests).tokens
     for request, tokens in zip(requests, batched):
-        alone = pipe.decoder.generate([request]).tokens[0]
+        alone = pipe.decode_loop.generate([request]).tokens[0]
         np.testing.assert_array_equal(tokens, alone)
     assert len({len(t) for t in batched}) > 1  # rows of different lengths finished separately
 
@@ -65,7 +65,7 @@ def test_a_batch_equals_single_runs_with_the_same_seeds(pipe):
 def test_the_grid_always_gives_h_rows_of_w_codes_and_the_end(pipe, grid_hw):
     req = pipe.generate_request("the", size=(32 * grid_hw[1], 32 * grid_hw[0]), cfg=2.0, seed=sum(grid_hw),
                                 image_top_k=0, image_temperature=1.5)
-    (tokens,) = pipe.decoder.generate([req]).tokens
+    (tokens,) = pipe.decode_loop.generate([req]).tokens
     h, w = 2 * grid_hw[0], 2 * grid_hw[1]
     assert len(tokens) == 2 + h * (w + 1) + 1
     parsed = layout.parse_image_ids([layout.IMAGE_START] + tokens.tolist())  # strict: raises if malformed
@@ -103,7 +103,7 @@ def test_batched_cfg_equals_per_row_cfg(pipe):
     requests = [pipe.generate_request("he", size=(64, 32), cfg=3.0, image_temperature=0.0),
                 pipe.generate_request("the or", size=(32, 32), cfg=1.5, image_temperature=0.0,
                                       negative_prompt="not")]
-    batched = pipe.decoder.generate(requests).tokens
+    batched = pipe.decode_loop.generate(requests).tokens
     for request, tokens in zip(requests, batched):
         expected = _oracle_cfg_greedy(model, request.tokens, request.uncond_tokens, request.cfg_scale, request.grid_hw)
         assert tokens.tolist() == expected
@@ -115,10 +115,7 @@ def test_greedy_text_equals_transformers_generate(tmp_path):
     hf = oracles.make_chameleon(seed=9)
     oracles.write_chameleon(tmp_path, hf)
     model = unitoken_jax.load(str(tmp_path))
-    text_ok = np.asarray(grid.allowed(
-        {"mode": np.zeros(1, np.int32), "allow_images": np.zeros(1, bool), "col": np.zeros(1, np.int32),
-         "w_codes": np.zeros(1, np.int32), "forced_h": np.zeros(1, np.int32), "forced_w": np.zeros(1, np.int32),
-         "max_grid": np.zeros(1, np.int32)}, oracles.VOCAB))[0]
+    text_ok = np.asarray(grid.allowed(grid.GridState.start([0], [(0, 0)], [0], [False], [False]), oracles.VOCAB))[0]
 
     class TextOnly(LogitsProcessor):  # what our text mode allows: no image codes or image-internal ids
         def __call__(self, input_ids, scores):
@@ -126,7 +123,7 @@ def test_greedy_text_equals_transformers_generate(tmp_path):
 
     prompts = [[1, 8900, 8901, 8902, 8903], [1, 8920, 8921]]
     requests = [Request(np.array(p), max_new_tokens=12, stop_tokens=(-5,)) for p in prompts]
-    ours = Decoder(model.config, model.params).generate(requests).tokens
+    ours = DecodeLoop(model.config, model.params).generate(requests).tokens
     for p, mine in zip(prompts, ours):
         with torch.no_grad():
             theirs = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
@@ -155,8 +152,8 @@ def test_sharded_decoding_equals_single_device(pipe):
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2, devices=jax.devices()[:8])
     sharded = unitoken_jax.UniTokenModel(pipe.model.config, pipe.model.params).shard(mesh)
     requests = _requests(pipe)[:2]
-    single = pipe.decoder.generate(requests).tokens
-    multi = Decoder(sharded.config, sharded.params, mesh).generate(requests).tokens
+    single = pipe.decode_loop.generate(requests).tokens
+    multi = DecodeLoop(sharded.config, sharded.params, mesh).generate(requests).tokens
     for a, b in zip(single, multi):
         np.testing.assert_array_equal(a, b)
 
@@ -165,7 +162,7 @@ def test_bfloat16_decoding_runs(pipe):
     model = pipe.model
     cfg = model.config.replace(dtype="bfloat16")
     req = pipe.generate_request("he", size=(32, 32), cfg=3.0)
-    (tokens,) = Decoder(cfg, model.params).generate([req]).tokens
+    (tokens,) = DecodeLoop(cfg, model.params).generate([req]).tokens
     assert len(tokens) == 2 + 2 * 3 + 1
 
 
@@ -173,7 +170,7 @@ def test_bad_requests(pipe):
     with pytest.raises(ValueError, match="multiple of 32"):
         pipe.generate_request("x", size=(40, 32))
     with pytest.raises(ValueError, match="cannot hold"):
-        pipe.decoder.generate([pipe.generate_request("x", size=(64, 64), max_new_tokens=10)])
+        pipe.decode_loop.generate([pipe.generate_request("x", size=(64, 64), max_new_tokens=10)])
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq)  # the reference prefix 16853 > 9216
 

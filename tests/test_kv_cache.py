@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import unitoken_jax
-from configs.model import get_config
+from unitoken_jax.configs.model import get_config
 from unitoken_jax.models.chameleon import init_cache
 from unitoken_jax.models.unitoken import UniToken
 

@@ -145,12 +145,8 @@ def test_too_long_samples_are_dropped_and_counted(datasets):
 def test_a_packed_row_gives_each_sample_its_own_loss(datasets):
     from unitoken_jax.model import UniTokenModel
     from unitoken_jax.models.config import UniTokenConfig
-    import importlib.util
+    from unitoken_jax.configs import stages
 
-    spec = importlib.util.spec_from_file_location("stages", os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                                         "stages.py"))
-    stages = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stages)
     config = UniTokenConfig.from_dict(stages.stage_config(2, "tiny").model.to_dict())
     model = UniTokenModel.random(config, seed=1)
     b = next(InputPipeline([datasets[0]], PipelineConfig(rows=2, length=300, max_images=8, num_threads=1)).iterator())

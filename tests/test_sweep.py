@@ -253,11 +253,7 @@ def test_statuses_and_last_metrics_are_read_from_the_workdirs(tmp_path, capsys):
 
 
 STAGE2_SWEEP = '''
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("stages_for_the_sweep_test", {stages!r})
-_stages = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_stages)
+from unitoken_jax.configs import stages as _stages
 
 
 def get_config(arg=""):
@@ -286,7 +282,7 @@ def test_a_tiny_stage2_grid_trains_here_is_summarised_and_is_skipped_when_run_ag
     data = build_demo_dataset(str(tmp_path / "demo"), n=16)
     path = str(tmp_path / "stage2_grid.py")
     with open(path, "w") as f:
-        f.write(STAGE2_SWEEP.format(stages=os.path.join(REPO, "configs", "stages.py"), data=data))
+        f.write(STAGE2_SWEEP.format(data=data))
     root = str(tmp_path / "sweep")
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the runs get one CPU device, not the tests' 16
     monkeypatch.chdir(REPO)

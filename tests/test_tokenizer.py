@@ -211,7 +211,7 @@ def test_encode_item_from_files(tok, tmp_path):
     from skimage import data as skdata
 
     from unitoken_jax.models.vqgan import VQGANConfig
-    from unitoken_jax.tokenizer.vq import VQTokenizer
+    from unitoken_jax.vq_tokenizer import VQTokenizer
 
     Image.fromarray(skdata.coffee()).save(tmp_path / "coffee.png")
     Image.fromarray(skdata.camera()).save(tmp_path / "camera.png")

@@ -3,7 +3,6 @@ stop-and-resume in a new process equals the uninterrupted run bit for bit; 8 dev
 of 1; two processes on gloo train and save one checkpoint; stage I freezes the decoder and stage
 II starts from its ViT and adapter; a streak of non-finite steps stops the run cleanly."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -17,18 +16,17 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from unitoken_jax.data.demo import build_demo_dataset
+from unitoken_jax.configs import stages
 from unitoken_jax.model import UniTokenModel, load
 from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.train.config import TrainConfig
 from unitoken_jax.train.loop import TrainingDiverged, initial_params, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stages():
-    spec = importlib.util.spec_from_file_location("stages_for_tests", os.path.join(ROOT, "configs", "stages.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return stages
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +181,13 @@ def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(t
     assert any("adapter" in p for p in paths) and any("vit" in p for p in paths)
 
     c2 = _config(2, data, **{"init_from.kind": "stage", "init_from.paths": (stage1,)})
-    params = initial_params(c2, model_config, mesh=None)
+    params = initial_params(TrainConfig.from_config_dict(c2), mesh=None)
     for part in ("vit", "adapter", "decoder"):
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                      params[part], trained[part])
     with pytest.raises(FileNotFoundError, match="no finished stage"):
-        initial_params(_config(2, data, **{"init_from.kind": "stage", "init_from.paths": (str(tmp_path),)}),
-                       model_config, mesh=None)
+        initial_params(TrainConfig.from_config_dict(
+            _config(2, data, **{"init_from.kind": "stage", "init_from.paths": (str(tmp_path),)})), mesh=None)
 
 
 def test_a_non_finite_streak_stops_the_run_and_checkpoints_stay_finite(tmp_path, data):

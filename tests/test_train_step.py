@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import unitoken_jax
-from configs.model import get_config
+from unitoken_jax.configs.model import get_config
 from unitoken_jax.train.optimizer import (OptimizerConfig, learning_rate_schedule, make_optimizer, param_labels,
                                           trainable_mask)
 from unitoken_jax.train.step import init_state, make_train_step

@@ -175,7 +175,7 @@ def test_an_encoded_item_runs_through_the_model(release, tmp_path):
     from unitoken_jax.models.vqgan import VQGANConfig
     from unitoken_jax.tokenizer.conversation import encode_item
     from unitoken_jax.tokenizer.text import TextTokenizer
-    from unitoken_jax.tokenizer.vq import VQTokenizer
+    from unitoken_jax.vq_tokenizer import VQTokenizer
 
     model = release[0]
     tok = TextTokenizer(tokenizer_fixture.build())

@@ -1,7 +1,6 @@
 """The VQ-GAN against transformers' ChameleonVQVAE (encoder + quantizer) and taming-transformers'
 Encoder/Decoder (the layout of Meta's vqgan.ckpt), on random tiny weights through our loaders."""
 
-import json
 import os
 
 import jax
@@ -14,11 +13,11 @@ from unitoken_jax.convert import vqgan as vq_io
 from unitoken_jax.convert.hf import CheckpointError
 from unitoken_jax.convert.torch_pickle import load_torch_file
 from unitoken_jax.models.vqgan import VQGANConfig
-from unitoken_jax.tokenizer.vq import VQTokenizer
+from unitoken_jax.vq_tokenizer import VQTokenizer
 
 taming = pytest.importorskip("taming.modules.diffusionmodules.model",
                              reason="pip install --no-deps taming-transformers-rom1504 (see README)")
-from oracles import VQ_DD as DD, VQ_EMBED as EMBED, VQ_N_EMBED as N_EMBED, write_meta_vqgan as _meta_checkpoint  # noqa: E402
+from oracles import VQ_N_EMBED as N_EMBED, write_meta_vqgan as _meta_checkpoint  # noqa: E402
 
 
 def test_torch_file_reader_matches_torch_load(tmp_path):

@@ -11,8 +11,9 @@ from PIL import Image
 
 from unitoken_jax.models.vqgan import VQGANConfig
 from unitoken_jax.tokenizer import images as image_io
-from unitoken_jax.tokenizer.vq import VQTokenizer
-from unitoken_jax.train.vqgan import VQTrainConfig, save_vqgan, train_vqgan
+from unitoken_jax.vq_tokenizer import VQTokenizer
+from unitoken_jax.convert.vqgan import save_vqgan
+from unitoken_jax.train.vqgan import VQTrainConfig, train_vqgan
 from unitoken_jax.world import shapes
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from unitoken_jax import configs
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
 
@@ -34,22 +35,13 @@ def _convert(args) -> int:
 
 
 def _init(args) -> int:
-    import importlib.util
-
     from unitoken_jax.model import UniTokenModel
     from unitoken_jax.models.config import UniTokenConfig
 
-    path = args.config
-    if ":" in path or path.endswith(".py"):
-        file, _, arg = path.partition(":")
-    else:  # a bare name: one of the bundled model configs
-        file, arg = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "model.py"), path
-    spec = importlib.util.spec_from_file_location("unitoken_config", file)
-    if spec is None or not os.path.exists(file):
-        raise FileNotFoundError(f"no config file {file}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = UniTokenConfig.from_dict((module.get_config(arg) if arg else module.get_config()).model)
+    spec = args.config
+    if ":" not in spec and not spec.endswith(".py") and not os.path.isfile(spec):
+        spec = f"model.py:{spec}"  # a bare name: one of the packaged model presets (configs/model.py)
+    config = UniTokenConfig.from_dict(configs.get_config(spec).model)
     model = UniTokenModel.random(config, seed=args.seed)
     model.save_hf(args.dst, dtype=args.dtype, progress=True)
     print(f"wrote a randomly initialised {model!r} in the HF layout to {args.dst}")
@@ -58,7 +50,7 @@ def _init(args) -> int:
 
 def _reconstruct(args) -> int:
     from unitoken_jax.tokenizer.images import load_image, vq_crop
-    from unitoken_jax.tokenizer.vq import VQTokenizer
+    from unitoken_jax.vq_tokenizer import VQTokenizer
 
     vqgan = args.vqgan or os.environ.get("UNITOKEN_VQGAN")
     if not vqgan:
@@ -86,7 +78,7 @@ def _pipeline(args):
     import unitoken_jax
     from unitoken_jax.inference.pipeline import REFERENCE_IMAGE_PREFIX, UniTokenPipeline
     from unitoken_jax.tokenizer.text import TextTokenizer
-    from unitoken_jax.tokenizer.vq import VQTokenizer
+    from unitoken_jax.vq_tokenizer import VQTokenizer
 
     from unitoken_jax.world import default
 
@@ -216,7 +208,7 @@ def _pretokenize(args) -> int:
         text, vq = demo_tokenizers()
     else:
         from unitoken_jax.tokenizer.text import TextTokenizer
-        from unitoken_jax.tokenizer.vq import VQTokenizer
+        from unitoken_jax.vq_tokenizer import VQTokenizer
 
         if not args.tokenizer or not args.vqgan:
             raise ValueError("pass --tokenizer text_tokenizer.json and --vqgan (Meta's vqgan.ckpt or an HF "
@@ -239,11 +231,9 @@ def _pretokenize(args) -> int:
 
 
 def _train(args) -> int:
-    from absl import app
+    from unitoken_jax.train.__main__ import run
 
-    from unitoken_jax.train.__main__ import main as train_main
-
-    app.run(train_main, argv=["unitoken train", *args.absl_flags])
+    run(["unitoken train", *args.absl_flags])
     return 0
 
 

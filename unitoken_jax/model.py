@@ -25,38 +25,15 @@ from unitoken_jax.convert import hf as hf_io
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.loss import lm_loss
-from unitoken_jax.models.unitoken import UniToken
+from unitoken_jax.models.unitoken import (
+    UniToken,
+    abstract_params,
+    init_variables,
+    param_shardings,
+    unroll_params,
+)
 
 log = logging.getLogger(__name__)
-
-
-def init_variables(config: UniTokenConfig, rng: jax.Array):
-    """Boxed variables (with logical axis metadata) of a freshly initialised model."""
-    model = UniToken(config)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    if config.decoder is None:
-        pixels = jnp.zeros((1, config.vision.image_size, config.vision.image_size, config.vision.num_channels))
-        return model.init(rng, pixels, method=UniToken.vision_features)
-    if config.vision is None:
-        return model.init(rng, tokens, tokens, tokens)
-    pixels = jnp.zeros((1, config.vision.image_size, config.vision.image_size, config.vision.num_channels))
-    return model.init(rng, tokens, tokens, tokens, jnp.zeros((1, 1), bool), tokens, pixels)
-
-
-def unroll_params(params: dict, config: UniTokenConfig) -> dict:
-    """Scanned-layout parameters -> the layout of a model built with `scan_layers=False`."""
-    from unitoken_jax.models.chameleon import unstack_layers
-
-    out = dict(params)
-    if "decoder" in out:
-        dec = dict(out["decoder"])
-        dec.update(unstack_layers(dec.pop("layers"), config.decoder.num_layers))
-        out["decoder"] = dec
-    if "vit" in out:
-        vit = dict(out["vit"])
-        vit.update(unstack_layers(vit.pop("layers"), config.vision.num_layers))
-        out["vit"] = vit
-    return out
 
 
 class UniTokenModel:
@@ -96,69 +73,24 @@ class UniTokenModel:
         if mesh is None:
             return cls(config, jax.jit(init)(), source=f"random(seed={seed})")
         model = cls(config, None, source=f"random(seed={seed})")
-        shardings = sharding.logical_to_sharding(model.logical_specs(), mesh)
+        shardings = param_shardings(config, mesh)
         with jax.set_mesh(mesh):
             model.params = jax.jit(init, out_shardings=shardings)()
         model.mesh = mesh
         return model
 
-    def logical_specs(self):
-        """Logical PartitionSpecs of the (scanned-layout) parameters."""
-        cfg = self.config.replace(scan_layers=True)
-        boxed = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
-        return nn.get_partition_spec(boxed)["params"]
-
     def shard(self, mesh: Mesh) -> "UniTokenModel":
         """Places the parameters on `mesh` by the logical rules (in place; returns self)."""
-        shardings = sharding.logical_to_sharding(self.logical_specs(), mesh)
-        self.params = jax.device_put(self.params, shardings)
+        self.params = jax.device_put(self.params, param_shardings(self.config, mesh))
         self.mesh = mesh
         return self
 
     # --- running ----------------------------------------------------------------------------
-    @property
-    def module(self) -> UniToken:
-        return UniToken(self.config)
-
-    @functools.lru_cache(maxsize=None)
-    def _jitted(self, name: str, config: UniTokenConfig):
-        """One jitted function per entry point and config (a changed `model.config` recompiles)."""
-        module = UniToken(config)
-
-        def variables(params):
-            return {"params": params if config.scan_layers else unroll_params(params, config)}
-
-        def text_logits(params, tokens):
-            b, length = tokens.shape
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-            logits, _ = module.apply(variables(params), tokens, positions, jnp.ones_like(tokens))
-            return logits
-
-        def image_features(params, pixels):
-            return module.apply(variables(params), pixels, method=UniToken.image_features)
-
-        def vision_features(params, pixels):
-            return module.apply(variables(params), pixels, method=UniToken.vision_features)
-
-        def forward(params, batch):
-            logits, _ = module.apply(variables(params), batch["tokens"], batch["positions"],
-                                     batch["segment_ids"], batch.get("is_continuous"), batch.get("feature_index"),
-                                     batch.get("pixels"))
-            if "labels" not in batch:
-                return logits, None
-            _, metrics = lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight,
-                                 batch.get("generation"))
-            return logits, metrics
-
-        fn = {"text_logits": text_logits, "image_features": image_features, "vision_features": vision_features,
-              "forward": forward}[name]
-        return jax.jit(fn)
-
     def _run(self, name, *args):
         if self.mesh is None:
-            return self._jitted(name, self.config)(self.params, *args)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            return self._jitted(name, self.config)(self.params, *args)
+            return _entry_point(name, self.config)(self.params, *args)
+        with sharding.mesh_context(self.mesh):
+            return _entry_point(name, self.config)(self.params, *args)
 
     def _need(self, part: str):
         if part == "decoder" and self.config.decoder is None:
@@ -217,7 +149,7 @@ class UniTokenModel:
             batch["pixels"] = self._pixels(pixels)
             batch["is_continuous"] = jnp.asarray(is_continuous, bool)
             batch["feature_index"] = jnp.asarray(feature_index, jnp.int32)
-            n_features = batch["pixels"].shape[0] * self._tokens_per_image(batch["pixels"].shape[1:3])
+            n_features = batch["pixels"].shape[0] * self.config.vision.features_per_image(batch["pixels"].shape[1:3])
             used = np.asarray(batch["feature_index"])[np.asarray(batch["is_continuous"])]
             if used.size and (used.min() < 0 or used.max() >= n_features):
                 raise ValueError(f"feature_index refers to features outside 0..{n_features - 1} "
@@ -229,10 +161,6 @@ class UniTokenModel:
         if generation is not None:
             batch["generation"] = jnp.asarray(generation, bool)
         return self._run("forward", batch)
-
-    def _tokens_per_image(self, hw) -> int:
-        p = self.config.vision.patch_size
-        return (hw[0] // p) * (hw[1] // p)
 
     # --- saving -----------------------------------------------------------------------------
     def save_hf(self, path: str, dtype: str | None = None, progress: bool = False) -> None:
@@ -246,12 +174,47 @@ class UniTokenModel:
                       {"hf_config": self.hf_config, "hf_dtype": self.hf_dtype})
 
 
+@functools.lru_cache(maxsize=None)
+def _entry_point(name: str, config: UniTokenConfig):
+    """One jitted function per entry point and (hashable) config; a changed `model.config`
+    recompiles. Keyed by the config, not the model, so the cache keeps no parameters alive."""
+    module = UniToken(config)
+
+    def variables(params):
+        return {"params": params if config.scan_layers else unroll_params(params, config)}
+
+    def text_logits(params, tokens):
+        b, length = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        logits, _ = module.apply(variables(params), tokens, positions, jnp.ones_like(tokens))
+        return logits
+
+    def image_features(params, pixels):
+        return module.apply(variables(params), pixels, method=UniToken.image_features)
+
+    def vision_features(params, pixels):
+        return module.apply(variables(params), pixels, method=UniToken.vision_features)
+
+    def forward(params, batch):
+        logits, _ = module.apply(variables(params), batch["tokens"], batch["positions"], batch["segment_ids"],
+                                 batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"))
+        if "labels" not in batch:
+            return logits, None
+        _, metrics = lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight,
+                             batch.get("generation"))
+        return logits, metrics
+
+    fn = {"text_logits": text_logits, "image_features": image_features, "vision_features": vision_features,
+          "forward": forward}[name]
+    return jax.jit(fn)
+
+
 def _placement(config: UniTokenConfig, mesh: Mesh | None):
     """Per-parameter shardings: by the logical rules on `mesh`, or the first device."""
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, hf_io.abstract_params(config))
-    return sharding.logical_to_sharding(UniTokenModel(config, None).logical_specs(), mesh)
+        return jax.tree.map(lambda _: device, abstract_params(config))
+    return param_shardings(config, mesh)
 
 
 def load(path: str, *, param_dtype: str = "float32", mesh: Mesh | None = None, progress: bool = True,
@@ -266,7 +229,7 @@ def load(path: str, *, param_dtype: str = "float32", mesh: Mesh | None = None, p
         raise FileNotFoundError(f"{path} is not a directory")
     if orbax_io.is_orbax_checkpoint(path):
         config = UniTokenConfig.from_dict(orbax_io.read_sidecar(path)["config"]).replace(param_dtype=param_dtype)
-        abstract = hf_io.abstract_params(config)
+        abstract = abstract_params(config)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                               _placement(config, mesh))
         _, params, passthrough, sidecar = orbax_io.restore(path, target)

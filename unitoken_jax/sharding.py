@@ -8,12 +8,13 @@ replication.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -88,10 +89,12 @@ def logical_to_sharding(logical_specs, mesh: Mesh):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_RULES)
 
 
-def param_shardings(abstract_variables, mesh: Mesh):
-    """Shardings for the (boxed) variables returned by `jax.eval_shape(model.init, ...)`."""
-    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """`jax.set_mesh(mesh)` with the logical rules active (nothing for `mesh=None`): what every
+    jitted entry point runs under, so that logical constraints resolve on that mesh."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
+    return stack

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
@@ -51,6 +50,10 @@ import warnings
 from typing import Any, TextIO
 
 import ml_collections
+from absl import flags as absl_flags
+from ml_collections import config_flags
+
+from unitoken_jax import configs
 
 TRAIN_MODULE = "unitoken_jax.train"
 SWEEP_FILE = "sweep.json"
@@ -83,20 +86,11 @@ class Sweep:
 
 
 # --- expansion ---------------------------------------------------------------------------------
-def load_config_file(config_spec: str):
-    """FILE.py[:ARG] -> (the module, ARG or None); loaded by path, as ml_collections' config flag does."""
-    path, colon, arg = config_spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path!r} (from {config_spec!r})")
-    spec = importlib.util.spec_from_file_location("unitoken_sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, (arg if colon else None)
-
-
 def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None) -> Sweep:
-    """The runs of `config_spec`'s sweep; `fixed` ({dotted key: command-line text}) applies to all."""
-    module, arg = load_config_file(config_spec)
+    """The runs of `config_spec`'s sweep; `fixed` ({dotted key: command-line text}) applies to all.
+    A spec naming no existing file resolves to the packaged config of that name (`configs.resolve_spec`)."""
+    config_spec = configs.resolve_spec(config_spec)
+    module, arg = configs.load_module(config_spec)
     if not callable(getattr(module, "sweep", None)):
         raise SweepError(f"{config_spec.partition(':')[0]} defines no sweep(add): add one next to get_config, e.g. "
                          "def sweep(add): [add(**{'optimizer.learning_rate': lr}) for lr in (1e-4, 3e-4)]")
@@ -153,9 +147,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def parse_like_train(config_spec: str, flags) -> ml_collections.ConfigDict:
     """The config that `python -m unitoken_jax.train --config SPEC FLAGS...` would train with."""
-    from absl import flags as absl_flags
-    from ml_collections import config_flags
-
     argv = ["train", "--config", config_spec, *flags]
     values = absl_flags.FlagValues()
     holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)

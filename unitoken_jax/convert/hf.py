@@ -27,10 +27,17 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
+from unitoken_jax.convert.files import (
+    CheckpointError,
+    checkpoint_files,
+    get_path,
+    open_safetensors,
+)
 from unitoken_jax.models.config import DecoderConfig, UniTokenConfig, VisionConfig
+from unitoken_jax.models.unitoken import abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +45,6 @@ _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float1
 _PASSTHROUGH = (re.compile(r"^model\.vqmodel\."), re.compile(r"^(vit\.|vision_model\.|)head\."))
 _SKIPPED = (re.compile(r"^text_model\."), re.compile(r"^logit_(scale|bias)$"))
 SHARD_BYTES = 2 * 1024**3  # the largest safetensors file write_hf makes (and holds in memory)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match what the model needs."""
 
 
 # --- one tensor: how its HF shape maps to ours -------------------------------------------------
@@ -222,34 +225,11 @@ class HFCheckpoint:
     skipped: list[str]
 
 
-def _checkpoint_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"no .safetensors files in {path}")
-    for name in files:
-        if not os.path.exists(os.path.join(path, name)):
-            raise CheckpointError(f"{path}: the index names {name}, which is missing")
-    return [os.path.join(path, f) for f in files]
-
-
-def _open(file: str):
-    try:
-        return safe_open(file, framework="np")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from e
-
-
 def _scan_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
     """key -> (file, shape, dtype), reading headers only."""
     found: dict[str, tuple[str, tuple, str]] = {}
     for file in files:
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 sl = f.get_slice(key)
                 if key in found:
@@ -298,35 +278,6 @@ def _build_config(hf_config, kind, prefix, shapes) -> tuple[UniTokenConfig, str 
     return UniTokenConfig(decoder=decoder, vision=vision, z_loss_weight=z).validate(), layout
 
 
-def abstract_params(config: UniTokenConfig) -> dict:
-    """Shapes/dtypes of the parameter tree (scanned layout) without allocating anything."""
-    from unitoken_jax.models.unitoken import UniToken  # local: keep this module light to import
-    from flax import linen as nn
-
-    cfg = config.replace(scan_layers=True, remat_policy="none")
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    pixels = None
-    args = (tokens, tokens, tokens)
-    if cfg.vision is not None:
-        pixels = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels))
-
-    def init():
-        model = UniToken(cfg)
-        if cfg.decoder is None:
-            return model.init(jax.random.key(0), pixels, method=UniToken.vision_features)
-        if cfg.vision is None:
-            return model.init(jax.random.key(0), *args)
-        return model.init(jax.random.key(0), *args, jnp.zeros((1, 1), bool), tokens, pixels)
-
-    return nn.meta.unbox(jax.eval_shape(init))["params"]
-
-
-def get_path(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
@@ -346,7 +297,7 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
         raise CheckpointError(f"{path} has no config.json")
     with open(config_path) as f:
         hf_config = json.load(f)
-    headers = _scan_headers(_checkpoint_files(path))
+    headers = _scan_headers(checkpoint_files(path))
     kind, prefix = _detect_kind(hf_config, headers)
     config, layout = _build_config(hf_config, kind, prefix, headers)
     sizes: dict[str, int] = {}
@@ -384,7 +335,6 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
             raise CheckpointError(f"tensor {spec.hf_key} has shape {list(shape)}, the model expects {list(expected)}")
         by_leaf.setdefault(spec.path, []).append(spec)
 
-    from tqdm.auto import tqdm
 
     np_dtype = np.dtype(jnp.dtype(config.param_dtype))
     params: dict = {}
@@ -394,7 +344,7 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     def read(key: str) -> np.ndarray:
         file = headers[key][0]
         if file not in handles:
-            handles[file] = _open(file).__enter__()
+            handles[file] = open_safetensors(file).__enter__()
         try:
             return handles[file].get_tensor(key)
         except Exception as e:  # safetensors raises several types for a short read
@@ -474,7 +424,6 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
         shards[-1] = {}
         sizes[-1] = 0
 
-    from tqdm.auto import tqdm
 
     for key, value in tqdm(tensors(), total=len(specs) + len(passthrough or {}), desc="writing", disable=not progress):
         if shards[-1] and sizes[-1] + value.nbytes > shard_bytes:

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.models.unitoken import abstract_params
 
 SIDECAR = "unitoken_config.json"
 
@@ -78,8 +79,6 @@ def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.n
     config = UniTokenConfig.from_dict(sidecar["config"])
     with ocp.StandardCheckpointer() as ckpt:
         if target is None:
-            from unitoken_jax.convert.hf import abstract_params
-
             target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params(config))
         params = ckpt.restore(os.path.join(path, "params"), target)
         passthrough = {}

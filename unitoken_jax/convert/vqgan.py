@@ -8,6 +8,7 @@ encodes but cannot draw). Key names are taming-transformers'; conv weights go OI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,15 +16,22 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from safetensors.numpy import load_file, save_file
+import yaml
 
-from unitoken_jax.convert.hf import CheckpointError, _checkpoint_files, _open, get_path
+from unitoken_jax.convert.files import (
+    CheckpointError,
+    checkpoint_files,
+    get_path,
+    open_safetensors,
+)
+from unitoken_jax.convert.torch_pickle import load_torch_file
 from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
 
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 
 
 def config_from_yaml(path: str) -> VQGANConfig:
-    import yaml
 
     with open(path) as f:
         raw = yaml.safe_load(f)
@@ -111,8 +119,6 @@ def params_from_state_dict(config: VQGANConfig, tensors: Mapping[str, np.ndarray
 
 def read_meta_checkpoint(ckpt_path: str, yaml_path: str | None = None) -> tuple[VQGANConfig, dict]:
     """Meta's `vqgan.ckpt` (+ `vqgan.yaml`, by default next to it)."""
-    from unitoken_jax.convert.torch_pickle import load_torch_file
-
     yaml_path = yaml_path or os.path.join(os.path.dirname(ckpt_path), "vqgan.yaml")
     if not os.path.exists(yaml_path):
         raise CheckpointError(f"no VQ-GAN config {yaml_path}; pass the vqgan.yaml that came with {ckpt_path}")
@@ -131,8 +137,8 @@ def read_hf_vqmodel(path: str) -> tuple[VQGANConfig, dict]:
         hf_config = json.load(f)
     config = config_from_hf(hf_config.get("vq_config") or {})
     tensors = {}
-    for file in _checkpoint_files(path):
-        with _open(file) as f:
+    for file in checkpoint_files(path):
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key.startswith("model.vqmodel."):
                     tensors[key[len("model.vqmodel."):]] = f.get_tensor(key)
@@ -145,5 +151,38 @@ def has_decoder(params) -> bool:
     return "decoder" in params and "post_quant_conv" in params
 
 
+# --- our own format: a VQ-GAN trained here (unitoken_jax.train.vqgan) ---------------------------
+WEIGHTS_FILE, CONFIG_FILE = "vqgan.safetensors", "vqgan_config.json"
+
+
+def save_vqgan(path: str, config: VQGANConfig, params) -> None:
+    """`vqgan.safetensors` (keys are '/'-joined parameter paths) + `vqgan_config.json`."""
+    os.makedirs(path, exist_ok=True)
+    flat = {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v, np.float32)
+            for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+    save_file(flat, os.path.join(path, WEIGHTS_FILE))
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+
+
+def load_vqgan(path: str) -> tuple[VQGANConfig, dict]:
+    """What `save_vqgan` wrote; the tensors must match the config's parameter tree."""
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        d = json.load(f)
+    config = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+    params: dict = {}
+    for key, value in load_file(os.path.join(path, WEIGHTS_FILE)).items():
+        node = params
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    expected = abstract_params(config)
+    if jax.tree.structure(params) != jax.tree.structure(expected) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):
+        raise CheckpointError(f"{path}: the VQ-GAN tensors do not match its config")
+    return config, params
+
+
 __all__ = ["config_from_hf", "config_from_yaml", "get_path", "has_decoder", "params_from_state_dict",
-           "read_hf_vqmodel", "read_meta_checkpoint", "torch_key"]
+           "load_vqgan", "read_hf_vqmodel", "read_meta_checkpoint", "save_vqgan", "torch_key"]

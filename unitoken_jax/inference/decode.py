@@ -18,11 +18,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
+from flax import struct
 
+from unitoken_jax import sharding
 from unitoken_jax.inference import grid, sampling
-from unitoken_jax.models.chameleon import init_cache
-from unitoken_jax.models.unitoken import UniToken
+from unitoken_jax.inference.grid import GridState
+from unitoken_jax.models.chameleon import Cache, init_cache
+from unitoken_jax.models.unitoken import UniToken, unroll_params
 from unitoken_jax.tokenizer import layout
 
 
@@ -93,40 +95,62 @@ def _build_batch(rows, tokens_per_image: Callable[[tuple[int, int]], int]):
     return tokens, segments, cont, index, (np.concatenate(pixels) if pixels else None), prompt_len
 
 
-def _initial_state(rows):
-    n = len(rows)
-    last = np.array([t[-1] for _, t, *_ in rows])
+@struct.dataclass
+class RowParams:
+    """What each row ([R] arrays) samples with; fixed for a whole generation."""
+
+    temperature: jax.Array  # text tokens; 0 = greedy
+    top_k: jax.Array
+    top_p: jax.Array
+    image_temperature: jax.Array
+    image_top_k: jax.Array
+    image_top_p: jax.Array
+    cfg_scale: jax.Array
+    max_new: jax.Array
+    stop_tokens: jax.Array  # [R, S], padded with -1
+    key: jax.Array  # the row's random key (its request's seed)
+    primary: jax.Array  # the row whose choice this row follows (itself, or a guided row for its partner)
+    uncond_row: jax.Array  # the row holding this row's unconditional partner, or -1
+    prompt_len: jax.Array
+
+
+@struct.dataclass
+class SamplingState:
+    """The decode loop's carry: everything that changes from one step to the next."""
+
+    grid: GridState
+    logits: jax.Array  # [R, V] float32: the next token's logits of each row
+    cache: Cache
+    out: jax.Array  # [R, max_new] the ids emitted so far
+    n_out: jax.Array  # [R] how many
+    done: jax.Array  # [R]
+    step: jax.Array  # [] steps run
+
+
+def _row_params(rows, primary, uncond_row, prompt_len) -> RowParams:
+    def per(f, dtype):
+        return np.array([f(r) for r, *_ in rows], dtype)
+
+    n_stop = max(len(r.stop_tokens) for r, *_ in rows)
+    stop = np.array([list(r.stop_tokens) + [-1] * (n_stop - len(r.stop_tokens)) for r, *_ in rows], np.int32)
+    return RowParams(
+        temperature=per(lambda r: r.temperature, np.float32), top_k=per(lambda r: r.top_k, np.int32),
+        top_p=per(lambda r: r.top_p, np.float32), image_temperature=per(lambda r: r.image_temperature, np.float32),
+        image_top_k=per(lambda r: r.image_top_k, np.int32), image_top_p=per(lambda r: r.image_top_p, np.float32),
+        cfg_scale=per(lambda r: r.cfg_scale, np.float32), max_new=per(lambda r: r.max_new_tokens, np.int32),
+        stop_tokens=stop, key=jax.vmap(jax.random.key)(jnp.array([r.seed for r, *_ in rows], jnp.uint32)),
+        primary=primary, uncond_row=uncond_row, prompt_len=prompt_len)
+
+
+def _initial_grid(rows) -> GridState:
     for b, (_, t, *_) in enumerate(rows):
         inside = [i for i in t if i in (layout.IMAGE_START, layout.IMAGE_END)]
         if inside and inside[-1] == layout.IMAGE_START and t[-1] != layout.IMAGE_START:
             raise ValueError(f"prompt {b} ends inside an image; end it with <eoss> or exactly at <racm3:break>")
-
-    def per(f):
-        return np.array([f(r) for r, *_ in rows])
-
-    forced = per(lambda r: r.grid_hw or (0, 0))
-    state = {
-        "mode": np.where(last == layout.IMAGE_START, grid.HEIGHT, grid.TEXT).astype(np.int32),
-        "col": np.zeros(n, np.int32), "row": np.zeros(n, np.int32),
-        "h_codes": np.zeros(n, np.int32), "w_codes": np.zeros(n, np.int32),
-        "forced_h": forced[:, 0].astype(np.int32), "forced_w": forced[:, 1].astype(np.int32),
-        "max_grid": per(lambda r: r.max_grid).astype(np.int32),
-        "allow_images": per(lambda r: r.allow_images), "stop_after_image": per(lambda r: r.stop_after_image),
-        "images_done": np.zeros(n, np.int32),
-    }
-    params = {
-        "temperature": per(lambda r: r.temperature).astype(np.float32),
-        "top_k": per(lambda r: r.top_k).astype(np.int32), "top_p": per(lambda r: r.top_p).astype(np.float32),
-        "image_temperature": per(lambda r: r.image_temperature).astype(np.float32),
-        "image_top_k": per(lambda r: r.image_top_k).astype(np.int32),
-        "image_top_p": per(lambda r: r.image_top_p).astype(np.float32),
-        "cfg_scale": per(lambda r: r.cfg_scale).astype(np.float32),
-        "max_new": per(lambda r: r.max_new_tokens).astype(np.int32),
-    }
-    n_stop = max(len(r.stop_tokens) for r, *_ in rows)
-    params["stop_tokens"] = np.array([list(r.stop_tokens) + [-1] * (n_stop - len(r.stop_tokens)) for r, *_ in rows],
-                                     np.int32)
-    return state, params
+    requests = [r for r, *_ in rows]
+    return GridState.start([t[-1] for _, t, *_ in rows], [r.grid_hw or (0, 0) for r in requests],
+                           [r.max_grid for r in requests], [r.allow_images for r in requests],
+                           [r.stop_after_image for r in requests])
 
 
 @dataclasses.dataclass
@@ -134,7 +158,7 @@ class Generation:
     tokens: list[np.ndarray]  # generated ids of each request (prompt excluded)
 
 
-class Decoder:
+class DecodeLoop:
     """Compiled prefill and decode loop for one model; call `generate(requests)`."""
 
     def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None):
@@ -149,13 +173,7 @@ class Decoder:
             ok[np.asarray(banned_ids)] = False
         self._ok_ids = ok
 
-    def _tokens_per_image(self, hw):
-        p = self.config.vision.patch_size
-        return (hw[0] // p) * (hw[1] // p)
-
     def _apply(self, params, *args, **kwargs):
-        from unitoken_jax.model import unroll_params
-
         p = params if self.config.scan_layers else unroll_params(params, self.config)
         return self.module.apply({"params": p}, *args, **kwargs)
 
@@ -176,101 +194,84 @@ class Decoder:
     def _run(self):
         vocab = self.config.decoder.vocab_size
 
-        def run(params, carry, static, chunk_end, max_k):
-            keys, primary, uncond_row, prompt_len, p = static
+        def run(params, s: SamplingState, p: RowParams, chunk_end, max_k):
+            def cond(s: SamplingState):
+                return (s.step < chunk_end) & ~jnp.all(s.done)
 
-            def cond(c):
-                return (c["step"] < chunk_end) & ~jnp.all(c["done"])
-
-            def body(c):
-                state, logits = c["state"], c["logits"]
-                in_img = grid.in_image(state)
-                apply_cfg = state["mode"] == grid.BODY
-                lg = sampling.classifier_free_guidance(logits, uncond_row, p["cfg_scale"], apply_cfg)
-                lg = jnp.where(grid.allowed(state, vocab) & jnp.asarray(self._ok_ids)[None], lg, sampling.NEG_INF)
-                temp = jnp.where(in_img, p["image_temperature"], p["temperature"])
-                row_keys = jax.vmap(jax.random.fold_in)(keys, c["n_out"])
-                tok = sampling.sample(lg, row_keys, temp, jnp.where(in_img, p["image_top_k"], p["top_k"]),
-                                      jnp.where(in_img, p["image_top_p"], p["top_p"]), max_k)
-                forced = grid.forced_token(state)
+            def body(s: SamplingState) -> SamplingState:
+                g = s.grid
+                in_img = grid.in_image(g)
+                apply_cfg = g.mode == grid.BODY
+                lg = sampling.classifier_free_guidance(s.logits, p.uncond_row, p.cfg_scale, apply_cfg)
+                lg = jnp.where(grid.allowed(g, vocab) & jnp.asarray(self._ok_ids)[None], lg, sampling.NEG_INF)
+                temp = jnp.where(in_img, p.image_temperature, p.temperature)
+                row_keys = jax.vmap(jax.random.fold_in)(p.key, s.n_out)
+                tok = sampling.sample(lg, row_keys, temp, jnp.where(in_img, p.image_top_k, p.top_k),
+                                      jnp.where(in_img, p.image_top_p, p.top_p), max_k)
+                forced = grid.forced_token(g)
                 tok = jnp.where(forced >= 0, forced, tok)
-                tok = jnp.take(tok, primary)  # unconditional rows follow their row's choice
-                active = ~c["done"]
+                tok = jnp.take(tok, p.primary)  # unconditional rows follow their row's choice
+                active = ~s.done
                 r = jnp.arange(tok.shape[0])
-                slot = jnp.where(active, c["n_out"], c["out"].shape[1])  # finished rows write nowhere
-                out = c["out"].at[r, slot].set(tok, mode="drop")
-                n_out = c["n_out"] + active
-                stop = jnp.any(tok[:, None] == p["stop_tokens"], axis=1)
-                new_state = grid.advance(state, tok, stop)
-                state = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state)
-                done = c["done"] | (state["mode"] == grid.DONE) | (n_out >= p["max_new"])
-                done = jnp.take(done, primary)
+                slot = jnp.where(active, s.n_out, s.out.shape[1])  # finished rows write nowhere
+                out = s.out.at[r, slot].set(tok, mode="drop")
+                n_out = s.n_out + active
+                stop = jnp.any(tok[:, None] == p.stop_tokens, axis=1)
+                new_grid = grid.advance(g, tok, stop)
+                g = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_grid, g)
+                done = s.done | (g.mode == grid.DONE) | (n_out >= p.max_new)
+                done = jnp.take(done, p.primary)
                 feed = active & ~done
-                positions = (prompt_len + n_out - 1)[:, None]
+                positions = (p.prompt_len + n_out - 1)[:, None]
                 hidden, cache = self._apply(params, tok[:, None], positions, feed[:, None].astype(jnp.int32),
-                                            cache=c["cache"], return_hidden=True)
+                                            cache=s.cache, return_hidden=True)
 
                 def code_logits(h):  # only image codes can be drawn next: 1/8 of the projection
                     part = self._apply(params, h, grid.CODE_LOGITS, method=UniToken.head)
                     return jnp.pad(part, ((0, 0), (0, 0), (0, vocab - grid.CODE_LOGITS)),
                                    constant_values=sampling.NEG_INF)
 
-                logits = jax.lax.cond(grid.codes_only(state), code_logits,
+                logits = jax.lax.cond(grid.codes_only(g), code_logits,
                                       lambda h: self._apply(params, h, method=UniToken.head), hidden)
-                return {**c, "state": state, "logits": logits[:, 0], "cache": cache, "out": out, "n_out": n_out,
-                        "done": done, "step": c["step"] + 1}
+                return SamplingState(grid=g, logits=logits[:, 0], cache=cache, out=out, n_out=n_out, done=done,
+                                     step=s.step + 1)
 
-            return jax.lax.while_loop(cond, body, carry)
+            return jax.lax.while_loop(cond, body, s)
 
         return jax.jit(run, static_argnums=(4,), donate_argnums=(1,))
 
     def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
                  ) -> Generation:
         rows, primary, uncond_row = _rows(requests)
-        tokens, segments, cont, index, pixels, prompt_len = _build_batch(rows, self._tokens_per_image)
-        state, p = _initial_state(rows)
-        max_new = int(p["max_new"].max())
-        cache_len = int(tokens.shape[1] + max_new)
+        tokens, segments, cont, index, pixels, prompt_len = _build_batch(rows, self.config.vision.features_per_image
+                                                                         if self.config.vision else None)
         for r, *_ in rows:
             if r.grid_hw is not None:
-                need = 3 + r.grid_hw[0] * 2 * (r.grid_hw[1] * 2 + 1) + 1
-                if r.max_new_tokens < need - 1:
+                need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
+                if r.max_new_tokens < need:
                     raise ValueError(f"max_new_tokens={r.max_new_tokens} cannot hold a {r.grid_hw[0] * 32}x"
-                                     f"{r.grid_hw[1] * 32} image ({need - 1} tokens after <racm3:break>)")
+                                     f"{r.grid_hw[1] * 32} image ({need} tokens after <racm3:break>)")
+        params = _row_params(rows, primary, uncond_row, prompt_len)
+        max_new = int(params.max_new.max())
+        cache_len = int(tokens.shape[1] + max_new)
         v = self.config.decoder.vocab_size
         max_k = sampling.num_candidates(v, [pair for r, *_ in rows for pair in
                                             ((r.temperature, r.top_k), (r.image_temperature, r.image_top_k))])
-        keys = jax.vmap(jax.random.key)(jnp.array([r.seed for r, *_ in rows], jnp.uint32))
-
-        ctx = _mesh_context(self.mesh)
-        with ctx:
+        with sharding.mesh_context(self.mesh):
             logits, cache = self._prefill(self.params, tokens, segments, cont, index, pixels, cache_len)
-            carry = {"state": jax.tree.map(jnp.asarray, state), "logits": logits, "cache": cache,
-                     "out": jnp.zeros((len(rows), max_new), jnp.int32), "n_out": jnp.zeros(len(rows), jnp.int32),
-                     "done": jnp.zeros(len(rows), bool), "step": jnp.zeros((), jnp.int32)}
-            static = (keys, jnp.asarray(primary), jnp.asarray(uncond_row), jnp.asarray(prompt_len),
-                      jax.tree.map(jnp.asarray, p))
+            n = len(rows)
+            state = SamplingState(grid=jax.tree.map(jnp.asarray, _initial_grid(rows)), logits=logits, cache=cache,
+                                  out=jnp.zeros((n, max_new), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
+                                  done=jnp.zeros(n, bool), step=jnp.zeros((), jnp.int32))
+            params = jax.tree.map(jnp.asarray, params)
             step = 0
             while True:
                 step = min(step + chunk, max_new)
-                carry = self._run(self.params, carry, static, jnp.int32(step), max_k)
+                state = self._run(self.params, state, params, jnp.int32(step), max_k)
                 if progress is not None:
-                    progress(jax.device_get({"rows_drawn": carry["state"]["row"], "images_done":
-                                             carry["state"]["images_done"], "n_out": carry["n_out"]}))
-                if step >= max_new or bool(jnp.all(carry["done"])):
+                    progress(jax.device_get({"rows_drawn": state.grid.row, "images_done": state.grid.images_done,
+                                             "n_out": state.n_out}))
+                if step >= max_new or bool(jnp.all(state.done)):
                     break
-        out, n_out = np.asarray(carry["out"]), np.asarray(carry["n_out"])
+        out, n_out = np.asarray(state.out), np.asarray(state.n_out)
         return Generation([out[i, :n_out[i]] for i in range(len(requests))])
-
-
-def _mesh_context(mesh):
-    import contextlib
-
-    if mesh is None:
-        return contextlib.nullcontext()
-    from unitoken_jax import sharding
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_RULES))
-    return stack

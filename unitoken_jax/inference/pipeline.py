@@ -16,8 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
-from unitoken_jax.inference.decode import Decoder, Request
+from unitoken_jax.inference.decode import DecodeLoop, Request
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import decode, encode_item
 
@@ -65,7 +66,7 @@ class UniTokenPipeline:
         self.max_length = max_length or model.config.decoder.max_position_embeddings
         # a VQ-GAN with fewer codes than the tokenizer names (small ones trained here) bans the rest
         banned = tokenizer.code_to_bpe[vq.config.n_embed:] if vq is not None else None
-        self.decoder = Decoder(model.config, model.params, model.mesh, banned_ids=banned)
+        self.decode_loop = DecodeLoop(model.config, model.params, model.mesh, banned_ids=banned)
 
     # --- requests -------------------------------------------------------------------------------
     def _encode(self, item):
@@ -97,8 +98,8 @@ class UniTokenPipeline:
         if negative_prompt is not None:
             neg = {"conversations": [{"from": "human", "value": negative_prompt}, {"from": "gpt", "value": None}]}
             uncond = np.concatenate([self._encode(neg)["tokens"], self.image_prefix + [layout.IMAGE_START]])
-        body = grid_hw[0] * layout.CODES_PER_GRID * (grid_hw[1] * layout.CODES_PER_GRID + 1)
-        defaults = {"image_temperature": 1.0, "image_top_k": 2000, "max_new_tokens": 2 + body + 1,
+        defaults = {"image_temperature": 1.0, "image_top_k": 2000,
+                    "max_new_tokens": layout.generated_image_length(grid_hw) - 1,  # the prompt has <racm3:break>
                     "stop_after_image": True}
         return Request(**encoded, grid_hw=grid_hw, cfg_scale=cfg, uncond_tokens=uncond, **{**defaults, **options})
 
@@ -125,7 +126,6 @@ class UniTokenPipeline:
         callback = None
         total_rows = sum(r.grid_hw[0] * layout.CODES_PER_GRID for r in requests if r.grid_hw is not None)
         if progress and total_rows:
-            from tqdm.auto import tqdm
 
             bar = tqdm(total=total_rows, desc="image rows", unit="row")
             heights = np.array([(r.grid_hw[0] * layout.CODES_PER_GRID if r.grid_hw else 0) for r in requests])
@@ -135,7 +135,7 @@ class UniTokenPipeline:
                 drawn = np.minimum(info["rows_drawn"][:n] + info["images_done"][:n] * heights, heights)
                 bar.update(int(drawn.sum()) - bar.n)
 
-        out = self.decoder.generate(requests, progress=callback)
+        out = self.decode_loop.generate(requests, progress=callback)
         if bar is not None:
             bar.update(total_rows - bar.n)
             bar.close()

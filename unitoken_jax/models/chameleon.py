@@ -24,7 +24,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from unitoken_jax.models.config import DecoderConfig
-from unitoken_jax.models.layers import HeadNorm, Projection, RMSNorm, attend, causal_dot_product_attention, rotary_embedding, segment_causal_mask
+from unitoken_jax.models.layers import (
+    HeadNorm,
+    Projection,
+    RMSNorm,
+    attend,
+    causal_dot_product_attention,
+    rotary_embedding,
+    segment_causal_mask,
+)
 from unitoken_jax.sharding import check_names, constrain
 
 Cache = dict[str, jax.Array]
@@ -200,7 +208,7 @@ class ChameleonDecoder(nn.Module):
             slots_S = jnp.arange(cache["k"].shape[3])
             query_slot_BT = index_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
             mask_BTS = slots_S[None, None, :] <= query_slot_BT[:, :, None]
-            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            layer_caches = _constrain_cache(cache)
 
         carry = (x_BTD, layer_caches)
         if self.scan_layers:
@@ -210,6 +218,8 @@ class ChameleonDecoder(nn.Module):
             for i, layer in enumerate(self.layers):
                 carry, _ = layer(carry, i, positions_BT, mask_BTS, index_B, deterministic)
         x_BTD, new_layer_caches = carry
+        if new_layer_caches is not None:
+            new_layer_caches = _constrain_cache(new_layer_caches)
 
         if logits_at_B is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None].astype(jnp.int32), axis=1)
@@ -225,6 +235,15 @@ class ChameleonDecoder(nn.Module):
             return logits_BTV, None
         n_new_B = jnp.sum(segment_ids_BT != 0, axis=1).astype(index_B.dtype)
         return logits_BTV, {**new_layer_caches, "index": index_B + n_new_B}
+
+
+_CACHE_AXES = (None, "act_batch", "act_kv_heads", "act_cache_length", None)  # [layers, B, K, S, H]
+
+
+def _constrain_cache(cache: Cache) -> Cache:
+    """Keys and values stay sharded as the attention reads them (rows over the data axes, KV heads
+    over 'tensor'), so the loop never gathers or reshards the cache between steps."""
+    return {"k": constrain(cache["k"], _CACHE_AXES), "v": constrain(cache["v"], _CACHE_AXES)}
 
 
 class LMHead(nn.Module):

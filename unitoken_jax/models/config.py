@@ -8,6 +8,8 @@ once and the modules can take the config as a (hashable) attribute.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -71,6 +73,11 @@ class VisionConfig:
     def num_positions(self) -> int:
         return self.grid_size**2
 
+    def features_per_image(self, hw: tuple[int, int] | None = None) -> int:
+        """Continuous tokens of one image of `hw` pixels (default: the tower's own size)."""
+        h, w = hw or (self.image_size, self.image_size)
+        return (h // self.patch_size) * (w // self.patch_size)
+
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
@@ -114,20 +121,66 @@ class UniTokenConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "UniTokenConfig":
-        """Builds a config from a plain mapping or a `ml_collections.ConfigDict`; unknown keys are errors."""
+    def from_dict(cls, d: Mapping[str, Any], where: str = "model") -> "UniTokenConfig":
+        """Builds a config from a plain mapping or a `ml_collections.ConfigDict`; unknown keys and
+        values of the wrong type are errors naming the key (`where` prefixes it)."""
         d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
         sub = {}
         for name, sub_cls in (("decoder", DecoderConfig), ("vision", VisionConfig)):
             value = d.pop(name, None)
-            sub[name] = None if value is None else _build(sub_cls, value, name)
-        return _build(cls, {**d, **sub}, "model").validate()
+            sub[name] = None if value is None else from_mapping(sub_cls, value, f"{where}.{name}")
+        return from_mapping(cls, {**d, **sub}, where).validate()
 
 
-def _build(cls, values: Mapping[str, Any], where: str):
+def from_mapping(cls, values: Mapping[str, Any], where: str):
+    """A frozen dataclass `cls` from a mapping (or a ConfigDict), checked against its annotations:
+    an unknown key or a value of the wrong type is a `ValueError` that names the dotted key.
+    Nested dataclass fields are built the same way; ints are accepted for floats, lists for
+    tuples, and a single string for a tuple of strings."""
     values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown} in the {where} config; known fields: {sorted(known)}")
-    return cls(**values)
+        raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; {where} has "
+                         f"{', '.join(sorted(known))}")
+    return cls(**{k: _typed(hints[k], v, f"{where}.{k}") for k, v in values.items()})
+
+
+def _typed(kind, value, where: str):
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(option, value, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}={value!r} fits none of {kind}")
+    if dataclasses.is_dataclass(kind):
+        if dataclasses.is_dataclass(value) and isinstance(value, kind):
+            return value
+        if not hasattr(value, "keys"):
+            raise ValueError(f"{where} must be a mapping of {kind.__name__} fields, got {value!r}")
+        return kind.from_dict(value, where) if hasattr(kind, "from_dict") else from_mapping(kind, value, where)
+    if origin is tuple:
+        if isinstance(value, str) and args[-1] is Ellipsis and args[0] is str:
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"{where} must be a tuple, got {type(value).__name__} {value!r}")
+        if args[-1] is Ellipsis:
+            return tuple(_typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where} must have {len(args)} entries, got {len(value)}: {value!r}")
+        return tuple(_typed(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if kind is typing.Any:
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (bool, str) and isinstance(value, kind):
+        return value
+    raise ValueError(f"{where} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__} {value!r}")

@@ -14,18 +14,10 @@ import jax.numpy as jnp
 
 from unitoken_jax.tokenizer import layout
 
-# Targets that belong to image generation: VQ codes (BPE ids 4..8195), <eoss> 8196,
-# <racm3:break> 8197, SEP 8198, the newline 8803 and the grid-size tokens 8804 + n.
-# Everything else is text.
-_IMAGE_TARGET_RANGES = ((layout.CODE_ID_RANGE[0], layout.SEP + 1),
-                        (layout.NEWLINE, layout.GRID_BASE + layout.MAX_GRID + 1))
-
 
 def is_generation_target(targets):
-    hit = jnp.zeros(targets.shape, jnp.bool_)
-    for lo, hi in _IMAGE_TARGET_RANGES:
-        hit |= (targets >= lo) & (targets < hi)
-    return hit
+    """Targets that belong to image generation (`layout.IMAGE_ID_RANGES`); everything else is text."""
+    return layout.is_image_id(targets, jnp)
 
 
 def lm_loss(logits_BLV: jax.Array, labels_BL: jax.Array, segment_ids_BL: jax.Array, z_loss_weight: float,

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unitoken_jax.models.chameleon import ChameleonDecoder
+from unitoken_jax import sharding
+from unitoken_jax.models.chameleon import ChameleonDecoder, unstack_layers
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.siglip import Adapter, SiglipVisionTower
 
@@ -57,3 +58,48 @@ class UniToken(nn.Module):
 
     def head(self, hidden_BTD, stop: int | None = None):
         return self.decoder.head(hidden_BTD, stop)
+
+
+# --- parameters without a model object --------------------------------------------------------
+def init_variables(config: UniTokenConfig, rng: jax.Array):
+    """Boxed variables (with logical axis metadata) of a freshly initialised model."""
+    model = UniToken(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    if config.vision is not None:
+        pixels = jnp.zeros((1, config.vision.image_size, config.vision.image_size, config.vision.num_channels))
+    if config.decoder is None:
+        return model.init(rng, pixels, method=UniToken.vision_features)
+    if config.vision is None:
+        return model.init(rng, tokens, tokens, tokens)
+    return model.init(rng, tokens, tokens, tokens, jnp.zeros((1, 1), bool), tokens, pixels)
+
+
+def _abstract_variables(config: UniTokenConfig):
+    cfg = config.replace(scan_layers=True, remat_policy="none")
+    return jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))
+
+
+def abstract_params(config: UniTokenConfig) -> dict:
+    """Shapes and dtypes of the parameter tree (scanned layout), allocating nothing."""
+    return nn.meta.unbox(_abstract_variables(config))["params"]
+
+
+def param_logical_specs(config: UniTokenConfig):
+    """Logical PartitionSpecs of the (scanned-layout) parameters."""
+    return nn.get_partition_spec(_abstract_variables(config))["params"]
+
+
+def param_shardings(config: UniTokenConfig, mesh):
+    """NamedShardings of the parameters on `mesh`, by the logical rules table."""
+    return sharding.logical_to_sharding(param_logical_specs(config), mesh)
+
+
+def unroll_params(params: dict, config: UniTokenConfig) -> dict:
+    """Scanned-layout parameters -> the layout of a model built with `scan_layers=False`."""
+    out = dict(params)
+    for part, sub in (("decoder", config.decoder), ("vit", config.vision)):
+        if part in out:
+            tree = dict(out[part])
+            tree.update(unstack_layers(tree.pop("layers"), sub.num_layers))
+            out[part] = tree
+    return out

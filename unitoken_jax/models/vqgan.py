@@ -124,7 +124,7 @@ class _Mid(nn.Module):
         return ResnetBlock(self.channels, name="block_2")(x)
 
 
-class Encoder(nn.Module):
+class VQGANEncoder(nn.Module):
     config: VQGANConfig
 
     @nn.compact
@@ -142,7 +142,7 @@ class Encoder(nn.Module):
         return _conv(out, name="conv_out")(nn.swish(_norm("norm_out", h)))
 
 
-class Decoder(nn.Module):
+class VQGANDecoder(nn.Module):
     config: VQGANConfig
 
     @nn.compact
@@ -165,8 +165,8 @@ class VQGAN(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.encoder = VQGANEncoder(cfg)
+        self.decoder = VQGANDecoder(cfg)
         self.quant_conv = nn.Conv(cfg.embed_dim, (1, 1))
         self.post_quant_conv = nn.Conv(cfg.z_channels, (1, 1))
         self.codebook = self.param("codebook", nn.initializers.uniform(2.0 / cfg.n_embed), (cfg.n_embed, cfg.embed_dim))

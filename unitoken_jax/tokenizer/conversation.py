@@ -18,13 +18,16 @@ placeholder becomes an image.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
+from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.anyres import NEWLINE_ENTRY
+from unitoken_jax.tokenizer.images import load_image, siglip_pixels
 from unitoken_jax.tokenizer.text import TextTokenizer
 
 IMAGE_PLACEHOLDER = "<|image|>"
@@ -194,11 +197,6 @@ def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_roo
     through the VQ-GAN at once instead. `feature_index` refers to the rows of
     `features(pixels).reshape(-1, D)`.
     """
-    import os
-
-    from unitoken_jax.tokenizer import anyres as anyres_lib
-    from unitoken_jax.tokenizer.images import load_image, siglip_pixels
-
     paths = image_list(item)
     pictures_ = [load_image(os.path.join(image_root, p) if isinstance(p, str) and not os.path.isabs(p) else p)
                  for p in paths]  # paths, or PIL images / bytes / file objects as they are

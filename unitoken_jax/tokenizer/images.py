@@ -15,7 +15,7 @@ import os
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
 

@@ -23,6 +23,11 @@ PIXELS_PER_GRID = 32
 CODES_PER_GRID = 2
 MAX_GRID = 95  # grid ids stay below 8900
 
+# Every id that belongs to an image, not to text: the codes, <eoss>, <racm3:break>, SEP, the row
+# newline and the grid-size tokens. The loss splits understanding / generation by it; a text row
+# of the decode loop may emit none of them (but <racm3:break>, where images are allowed).
+IMAGE_ID_RANGES = ((CODE_ID_RANGE[0], SEP + 1), (NEWLINE, GRID_BASE + MAX_GRID + 1))
+
 CONTROL_TOKENS = {
     "<racm3:break>": IMAGE_START, "<eoss>": IMAGE_END, "<reserved08799>": NEWLINE,
     "<reserved08706>": END_OF_TURN, "<reserved08816>": GRID_BASE + 16,
@@ -37,6 +42,26 @@ def grid_token(n: int) -> int:
     if not 1 <= n <= MAX_GRID:
         raise ValueError(f"grid size {n} is outside 1..{MAX_GRID}")
     return GRID_BASE + n
+
+
+def is_image_id(ids, xp=np):
+    """Elementwise: does each id belong to an image (`IMAGE_ID_RANGES`)? `xp` is numpy or jax.numpy."""
+    hit = xp.zeros(xp.shape(ids), bool)
+    for lo, hi in IMAGE_ID_RANGES:
+        hit = hit | ((ids >= lo) & (ids < hi))
+    return hit
+
+
+def image_body_length(grid_hw: tuple[int, int]) -> int:
+    """Ids between the grid tokens and <eoss> of a discrete image of `grid_hw` grid units: rows
+    of codes, each ending with the newline."""
+    h, w = grid_hw
+    return h * CODES_PER_GRID * (w * CODES_PER_GRID + 1)
+
+
+def generated_image_length(grid_hw: tuple[int, int]) -> int:
+    """What the decoder emits for one picture: <racm3:break> H W body <eoss>."""
+    return 3 + image_body_length(grid_hw) + 1
 
 
 def discrete_image_ids(code_ids_hw: np.ndarray) -> list[int]:

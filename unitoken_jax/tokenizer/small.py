@@ -10,7 +10,9 @@ and `vocab_size(merges)` says how many ids `build(merges=...)` then has.
 import json
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from unitoken_jax.tokenizer import layout
 
 N_CODES = 8192
 TEXT_BASE = 8900
@@ -24,7 +26,6 @@ def code_name(code: int) -> str:
 def learn_merges(texts: list[str], max_merges: int) -> list[tuple[str, str]]:
     """Byte-level BPE merges learned from `texts` by `tokenizers`' trainer (at most `max_merges`;
     it stops earlier once every word of the corpus is one token)."""
-    from tokenizers import trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,8 +47,8 @@ def build(seed: int = 0, merges=None) -> str:
     ids = np.random.default_rng(seed).permutation(N_CODES) + 4
     for code, token_id in enumerate(ids):
         vocab[code_name(code)] = int(token_id)
-    vocab.update({"<eoss>": 8196, "<racm3:break>": 8197, "<sentinel:0>": 8198})
-    for token_id in range(8199, TEXT_BASE):
+    vocab.update({"<eoss>": layout.IMAGE_END, "<racm3:break>": layout.IMAGE_START, "<sentinel:0>": layout.SEP})
+    for token_id in range(layout.SEP + 1, TEXT_BASE):
         vocab[f"<reserved{token_id - 4:05d}>"] = token_id
     next_id = TEXT_BASE
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: the alphabet comes in hash order

@@ -1,15 +1,22 @@
 """python -m unitoken_jax.train --config configs/stage2.py:tiny --workdir DIR [--config.x=y ...]
 
+`--config` takes a get_config file, or a packaged config by name (`stage2.py:tiny`; a
+`configs/NAME.py` that does not exist where the command runs means the packaged one too).
+
 On a TPU pod slice or a SLURM cluster, every worker runs the same command with --distributed
 (JAX finds the coordinator itself there); elsewhere give --coordinator, --num_processes and
 --process_id. On CPU the processes talk through gloo.
 """
 
 import logging
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from unitoken_jax import configs
+from unitoken_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a stage config file, e.g. configs/stage2.py:tiny",
                                           lock_config=True)
@@ -28,10 +35,18 @@ def main(argv):
         # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from unitoken_jax.train.loop import train_and_evaluate
-
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def run(argv=None) -> None:
+    """Parses `argv` (default: sys.argv) with `--config` resolved, then trains."""
+    argv = sys.argv if argv is None else argv
+    try:
+        argv = configs.resolve_argv(argv)
+    except FileNotFoundError as e:
+        sys.exit(f"{argv[0]}: {e}")
+    app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -24,27 +24,25 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
-from unitoken_jax import sharding
+from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, sources_from
 from unitoken_jax.model import UniTokenModel, load
-from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.train import metrics as metrics_lib
 from unitoken_jax.train.checkpoint import Checkpointer
-from unitoken_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer, trainable_mask
-from unitoken_jax.train.state import abstract_state, create_state, state_shardings
-from unitoken_jax.train.step import make_train_step
+from unitoken_jax.train.config import TrainConfig
+from unitoken_jax.train.program import (
+    BATCH_KEYS,
+    TrainProgram,
+    build_program,
+    make_mesh,
+)
+from unitoken_jax.train.state import create_state
 
 log = logging.getLogger(__name__)
-
-BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "is_continuous", "feature_index", "pixels")
-
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row."""
@@ -59,21 +57,16 @@ def _check_workdir(workdir: str) -> None:
 
 
 # --- parameters at the start of a stage --------------------------------------------------------
-def initial_params(config: ml_collections.ConfigDict, model_config: UniTokenConfig, mesh):
+def initial_params(config: TrainConfig, mesh):
     """Random parameters, overwritten part by part (decoder, vit, adapter) by `init_from`."""
     init = config.init_from
-    model = UniTokenModel.random(model_config, seed=init.seed, mesh=mesh)
-    paths = [init.paths] if isinstance(init.paths, str) else list(init.paths)
+    model = UniTokenModel.random(config.model, seed=init.seed, mesh=mesh)
     if init.kind == "random":
-        if paths:
-            raise ValueError("init_from.kind is 'random' but init_from.paths is set; use kind 'checkpoint' or 'stage'")
         return model.params
-    if init.kind not in ("checkpoint", "stage"):
-        raise ValueError(f"init_from.kind={init.kind!r}; choose random, checkpoint or stage")
-    if not paths:
-        raise ValueError(f"init_from.kind={init.kind!r} needs init_from.paths")
+    if not init.paths:
+        raise ValueError(f"init_from.kind={init.kind!r} needs init_from.paths (e.g. --config.init_from.paths=DIR)")
     params = dict(model.params)
-    for path in paths:
+    for path in init.paths:
         if init.kind == "stage":
             final = os.path.join(path, "final")
             if not os.path.isdir(final):
@@ -95,18 +88,10 @@ def initial_params(config: ml_collections.ConfigDict, model_config: UniTokenConf
 
 
 # --- batches -------------------------------------------------------------------------------
-def _mesh(config):
-    m = config.mesh
-    n = m.get("num_devices", 0)
-    return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=jax.devices()[:n] if n else None)
-
-
-def _pipeline(config, workdir: str, model_config: UniTokenConfig, mesh) -> InputPipeline:
-    d = config.data
+def _pipeline(config: TrainConfig, workdir: str, mesh) -> InputPipeline:
+    d, model_config = config.data, config.model
     sources = list(sources_from(d.sources)) if d.sources else []
     if d.demo:
-        from unitoken_jax.data.demo import build_demo_dataset
-
         demo_dir = os.path.join(workdir, "demo_data")
         if jax.process_index() == 0:
             build_demo_dataset(demo_dir, siglip_size=model_config.vision.image_size)
@@ -121,7 +106,7 @@ def _pipeline(config, workdir: str, model_config: UniTokenConfig, mesh) -> Input
         if value % shards or value % n:
             raise ValueError(f"data.{what}={value} must split evenly over the {shards} data-parallel shards and "
                              f"{n} processes")
-    pc = PipelineConfig(rows=d.rows // n, length=d.length, mix=tuple(d.mix), max_images=d.max_images // n,
+    pc = PipelineConfig(rows=d.rows // n, length=d.length, mix=d.mix, max_images=d.max_images // n,
                         seed=d.seed, num_threads=d.num_threads, worker_count=d.worker_count)
     pipeline = InputPipeline(sources, pc, process_index=jax.process_index(), process_count=n)
     side = model_config.vision.image_size
@@ -131,11 +116,6 @@ def _pipeline(config, workdir: str, model_config: UniTokenConfig, mesh) -> Input
     return pipeline
 
 
-def _batch_shardings(mesh):
-    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    return {k: rows for k in BATCH_KEYS}
-
-
 def _global_batch(local: dict, shardings, features_per_process: int) -> dict:
     """Process-local parts -> global arrays; feature indices offset to this process's pixels."""
     local = dict(local)
@@ -143,14 +123,6 @@ def _global_batch(local: dict, shardings, features_per_process: int) -> dict:
                                       local["feature_index"] + jax.process_index() * features_per_process, 0)
     return {k: multihost_utils.host_local_array_to_global_array(local[k], shardings[k].mesh, shardings[k].spec)
             if jax.process_count() > 1 else jax.device_put(local[k], shardings[k]) for k in BATCH_KEYS}
-
-
-def _abstract_batch(config, model_config, shardings) -> dict:
-    d, side = config.data, model_config.vision.image_size
-    shapes = {k: ((d.rows, d.length), jnp.int32) for k in BATCH_KEYS}
-    shapes["is_continuous"] = ((d.rows, d.length), jnp.bool_)
-    shapes["pixels"] = ((d.max_images, side, side, 3), jnp.float32)
-    return {k: jax.ShapeDtypeStruct(s, t, sharding=shardings[k]) for k, (s, t) in shapes.items()}
 
 
 # --- data-iterator state of every process --------------------------------------------------
@@ -174,111 +146,103 @@ def _my_data_state(saved: dict) -> dict:
 
 
 # --- the loop --------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir: str, *,
                        batch_transform: Callable[[int, dict], dict] | None = None) -> dict[str, Any]:
-    """Runs (or resumes) the stage; returns the last logged metrics. `batch_transform(step, batch)`
-    may change a host batch before it is placed (for tests: fault injection)."""
+    """Runs (or resumes) the stage; returns the last logged metrics. `config` is a stage ConfigDict
+    (configs/stage*.py, checked into a `TrainConfig` here) or a `TrainConfig`.
+    `batch_transform(step, batch)` may change a host batch before it is placed (for tests: fault
+    injection)."""
     _check_workdir(workdir)
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_config_dict(config)
     os.makedirs(workdir, exist_ok=True)
-    primary = jax.process_index() == 0
-    model_config = UniTokenConfig.from_dict(config.model.to_dict()).validate()
-    opt_config = OptimizerConfig(**config.optimizer.to_dict(), total_steps=config.total_steps).validate()
-    mesh = _mesh(config)
-    if primary:
+    mesh = make_mesh(config.mesh)
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+            json.dump(config.to_dict(), f, indent=2)
     log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
-    pipeline = _pipeline(config, workdir, model_config, mesh)
+    program = build_program(config, mesh)
+    pipeline = _pipeline(config, workdir, mesh)
     data_iter = pipeline.iterator()
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
 
-    param_sh = sharding.logical_to_sharding(UniTokenModel(model_config, None).logical_specs(), mesh)
-    abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   _abstract_params(model_config), param_sh)
-    tx = make_optimizer(opt_config, abstract_params)
-    state_sh = state_shardings(tx, abstract_params, param_sh, mesh)
-    target = abstract_state(tx, abstract_params, state_sh)
-
     start_step = checkpointer.latest_step()
     if start_step is not None:
-        state, data_state = checkpointer.restore(target)
+        state, data_state = checkpointer.restore(program.abstract_state)
         if data_state is not None:
             data_iter.set_state(_my_data_state(data_state))
         log.info("resumed from step %d", start_step)
     else:
-        params = initial_params(config, model_config, mesh)
-        state = create_state(params, tx, state_sh, config.seed)
+        params = initial_params(config, mesh)
+        state = create_state(params, program.tx, program.state_shardings, config.seed)
         start_step = 0
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        labels_mask = trainable_mask(abstract_params, opt_config.trainable)
-        step_fn = make_train_step(model_config, tx, labels_mask, learning_rate_schedule(opt_config),
-                                  opt_config.accumulation_steps)
-        batch_sh = _batch_shardings(mesh)
-        t0 = time.time()
-        compiled = jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                           donate_argnums=0).lower(target, _abstract_batch(config, model_config, batch_sh)).compile()
-        _log_memory(compiled, time.time() - t0)
-
-        flops = metrics_lib.FlopCounter(model_config, abstract_params, labels_mask)
-        writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=primary)
-        samples_log = _SamplesLog(workdir, start_step, enabled=primary and config.log_sample_ids)
-        preempted = _PreemptionFlag()
-        features_per_process = pipeline.config.max_images * pipeline.features_per_tile
-        total = config.total_steps * opt_config.accumulation_steps
-        window = metrics_lib.Window()
-        last: dict[str, Any] = {}
-        step = start_step
-        pending_skips = None
-        try:
-            while step < total:
-                host = next(data_iter)
-                if batch_transform is not None:
-                    host = batch_transform(step, host)
-                samples_log.write(step, host["sample_ids"])
-                window.add_batch(host, pipeline.features_per_tile)
-                batch = _global_batch(host, batch_sh, features_per_process)
-                state, metrics = compiled(state, batch)
-                step += 1
-                window.add_metrics(metrics)
-                # a one-step lag keeps the device busy while the host checks the previous step
-                if pending_skips is not None:
-                    _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step - 1)
-                pending_skips = metrics["nonfinite_in_a_row"]
-                if step % config.log_every == 0 or step == total:
-                    _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
-                    last = window.flush(step, flops, mesh.size)
-                    writer.write(step, last)
-                stop_here = step == config.get("stop_after", 0)
-                if step % config.checkpoint_every == 0 or step == total or stop_here or \
-                        preempted.now(checkpointer, step):
-                    _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
-                    checkpointer.save(step, state, _gather_data_state(data_iter.get_state()), force=True)
-                    samples_log.sync()
-                    if preempted.flag or stop_here:
-                        log.warning("%s: saved step %d, stopping", "preempted" if preempted.flag else "stop_after",
-                                    step)
-                        break
-        finally:
-            getattr(data_iter, "close", lambda: None)()
-            checkpointer.wait()
-            writer.close()
-            samples_log.close()
-            preempted.restore()
-
-        if step >= total:
-            final = os.path.join(workdir, "final")
-            UniTokenModel(model_config, state.params).save(final)
-            log.info("stage finished at step %d; model in %s", step, final)
+    t0 = time.time()
+    compiled = program.compile()
+    _log_memory(compiled, time.time() - t0)
+    with program.context():
+        last = _run(program, compiled, state, pipeline, data_iter, checkpointer, workdir, start_step,
+                    batch_transform)
     checkpointer.close()
     return last
 
 
-def _abstract_params(model_config: UniTokenConfig):
-    from unitoken_jax.convert.hf import abstract_params
+def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_iter, checkpointer: Checkpointer,
+         workdir: str, start_step: int, batch_transform) -> dict[str, Any]:
+    config, mesh = program.config, program.mesh
+    primary = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=primary)
+    samples_log = _SamplesLog(workdir, start_step, enabled=primary and config.log_sample_ids)
+    preempted = _PreemptionFlag()
+    features_per_process = pipeline.config.max_images * pipeline.features_per_tile
+    total = config.total_steps * config.optimizer.accumulation_steps
+    window = metrics_lib.Window()
+    last: dict[str, Any] = {}
+    step = start_step
+    pending_skips = None
+    try:
+        while step < total:
+            host = next(data_iter)
+            if batch_transform is not None:
+                host = batch_transform(step, host)
+            samples_log.write(step, host["sample_ids"])
+            window.add_batch(host, pipeline.features_per_tile)
+            batch = _global_batch(host, program.batch_shardings, features_per_process)
+            state, metrics = compiled(state, batch)
+            step += 1
+            window.add_metrics(metrics)
+            # a one-step lag keeps the device busy while the host checks the previous step
+            if pending_skips is not None:
+                _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step - 1)
+            pending_skips = metrics["nonfinite_in_a_row"]
+            if step % config.log_every == 0 or step == total:
+                _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
+                last = window.flush(step, program.flop_counter, mesh.size)
+                writer.write(step, last)
+            # Evaluation (held-out losses, decoded samples) belongs here, at its own interval,
+            # after the step's metrics and before its checkpoint; the loop has none yet.
+            stop_here = step == config.stop_after
+            if step % config.checkpoint_every == 0 or step == total or stop_here or \
+                    preempted.now(checkpointer, step):
+                _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
+                checkpointer.save(step, state, _gather_data_state(data_iter.get_state()), force=True)
+                samples_log.sync()
+                if preempted.flag or stop_here:
+                    log.warning("%s: saved step %d, stopping", "preempted" if preempted.flag else "stop_after", step)
+                    break
+    finally:
+        getattr(data_iter, "close", lambda: None)()
+        checkpointer.wait()
+        writer.close()
+        samples_log.close()
+        preempted.restore()
 
-    return abstract_params(model_config)
+    if step >= total:
+        final = os.path.join(workdir, "final")
+        UniTokenModel(config.model, state.params).save(final)
+        log.info("stage finished at step %d; model in %s", step, final)
+    return last
 
 
 def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int) -> None:

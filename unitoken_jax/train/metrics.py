@@ -54,7 +54,7 @@ class FlopCounter:
         flops = (4 * self.decoder[0] + 2 * self.decoder[1]) * tokens
         flops += 12 * d.num_layers * d.hidden_size * context * tokens
         if v is not None and patches:
-            side = (v.image_size // v.patch_size) ** 2
+            side = v.features_per_image()
             flops += (4 * self.vision[0] + 2 * self.vision[1]) * patches
             flops += 12 * v.num_layers * v.hidden_size * side * patches
         return float(flops)

@@ -8,15 +8,13 @@ codebook does not collapse. No adversarial term: on the flat-coloured pictures i
 reconstruction is enough.
 
 The trained tokenizer is saved as `vqgan.safetensors` + `vqgan_config.json`
-(`save_vqgan` / `load_vqgan`; `VQTokenizer.from_dir` reads it).
+(`unitoken_jax.convert.vqgan.save_vqgan`; `VQTokenizer.from_dir` reads it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -84,33 +82,3 @@ def train_vqgan(config: VQGANConfig, pixels: np.ndarray, tc: VQTrainConfig = VQT
                 params = dict(params, codebook=jnp.asarray(book, params["codebook"].dtype))
             used[:] = False
     return params, history
-
-
-def save_vqgan(path: str, config: VQGANConfig, params) -> None:
-    from safetensors.numpy import save_file
-
-    os.makedirs(path, exist_ok=True)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v, np.float32)
-            for kp, v in jax.tree_util.tree_leaves_with_path(params)}
-    save_file(flat, os.path.join(path, "vqgan.safetensors"))
-    with open(os.path.join(path, "vqgan_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
-
-
-def load_vqgan(path: str):
-    from safetensors.numpy import load_file
-
-    with open(os.path.join(path, "vqgan_config.json")) as f:
-        d = json.load(f)
-    config = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
-    params: dict = {}
-    for key, value in load_file(os.path.join(path, "vqgan.safetensors")).items():
-        node = params
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = jnp.asarray(value)
-    expected = jax.tree.structure(jax.eval_shape(lambda: init_params(config, jax.random.key(0), 64)))
-    if jax.tree.structure(params) != expected:
-        raise ValueError(f"{path}: the VQ-GAN tensors do not match its config")
-    return config, params

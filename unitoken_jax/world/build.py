@@ -11,7 +11,6 @@ Each step's output is kept under WORKDIR and reused by a later run.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -20,41 +19,25 @@ import time
 import ml_collections
 import numpy as np
 
-from unitoken_jax.models.vqgan import VQGANConfig
+from unitoken_jax.configs import stages
+from unitoken_jax.convert.vqgan import save_vqgan
+from unitoken_jax.data import pretokenize as pt
+from unitoken_jax.tokenizer import images as image_io
+from unitoken_jax.tokenizer.text import TextTokenizer
+from unitoken_jax.train.loop import train_and_evaluate
+from unitoken_jax.train.vqgan import VQTrainConfig, train_vqgan
+from unitoken_jax.vq_tokenizer import VQTokenizer
 from unitoken_jax.world import shapes
+from unitoken_jax.world.shapes import (
+    PATCH,
+    SIGLIP_SIZE,
+    VQ_CONFIG,
+    VQ_SIZE,
+    tokenizer_json,
+    vocab_size,
+)
 
 log = logging.getLogger(__name__)
-
-VQ_SIZE = 64  # the whole 64 x 64 picture; 16x downsampling (as Chameleon's VQ-GAN) gives 4 x 4 codes
-SIGLIP_SIZE = 64
-PATCH = 16  # 4 x 4 = 16 SigLIP features per picture
-GEN_SIZE = (shapes.SIZE, shapes.SIZE)  # 64 px = two 32-px grid units of the layout = 4 x 4 codes
-VQ_CONFIG = VQGANConfig(ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32, embed_dim=16, n_embed=256,
-                        mid_attention=False)
-MAX_MERGES = 600  # more than the world's words need: the trainer stops when every word is one token
-
-
-@functools.cache
-def _merges() -> tuple[tuple[str, str], ...]:
-    from unitoken_jax.tokenizer import small
-
-    return tuple(small.learn_merges(shapes.corpus(), MAX_MERGES))
-
-
-def tokenizer_json() -> str:
-    """The world's tokenizer: Chameleon's layout (`tokenizer.small`) with BPE merges learned from
-    every text of the world, so that each word is one token."""
-    from unitoken_jax.tokenizer import small
-
-    return small.build(merges=_merges())
-
-
-def vocab_size() -> int:
-    """The world tokenizer's ids, rounded up to a multiple of 128 for the model's embeddings."""
-    from unitoken_jax.tokenizer import small
-
-    return -(-small.vocab_size(_merges()) // 128) * 128
-
 
 def model_config() -> dict:
     return dict(
@@ -67,33 +50,20 @@ def model_config() -> dict:
 
 
 def stage_config(stage: int, data: str, steps: int, init_from: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.stage = stage
+    """The packaged tiny stage config (configs/stages.py) with the world's model, data and schedule."""
+    c = stages.stage_config(stage, "tiny")
+    c.model_name = "shapes_world"
     c.model = ml_collections.ConfigDict(model_config())
-    c.init_from = ml_collections.ConfigDict(dict(kind="stage" if init_from else "random",
-                                                 paths=(init_from,) if init_from else (), seed=0))
-    c.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=3e-3 if stage == 1 else 2e-3, vit_lr_scale=1.0, warmup_fraction=0.05, b1=0.9, b2=0.95,
-        weight_decay=0.1, grad_clip=4.0, accumulation_steps=1, trainable="vision" if stage == 1 else "all"))
-    c.data = ml_collections.ConfigDict(dict(sources=(data,), demo=False, mix=(1, 0) if stage == 1 else (1, 1),
-                                            rows=8, length=256, max_images=32, seed=stage, num_threads=2,
-                                            worker_count=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=1))
-    c.total_steps = steps
-    c.log_every = 50
-    c.checkpoint_every = max(steps, 1)
-    c.keep_checkpoints = 1
-    c.stop_after = 0
-    c.max_nonfinite_in_a_row = 10
-    c.seed = 0
-    c.log_sample_ids = False
+    c.init_from.update(kind="stage" if init_from else "random", paths=(init_from,) if init_from else ())
+    c.optimizer.update(learning_rate=3e-3 if stage == 1 else 2e-3, vit_lr_scale=1.0, warmup_fraction=0.05)
+    c.data.update(sources=(data,), demo=False, max_images=32, seed=stage)
+    c.mesh.num_devices = 1
+    c.update(total_steps=steps, log_every=50, checkpoint_every=max(steps, 1), keep_checkpoints=1,
+             log_sample_ids=False)
     return c
 
 
 def train_vq(workdir: str, steps: int, pictures: int = 3000) -> str:
-    from unitoken_jax.tokenizer import images as image_io
-    from unitoken_jax.train.vqgan import VQTrainConfig, save_vqgan, train_vqgan
-
     out = os.path.join(workdir, "vqgan")
     if os.path.exists(os.path.join(out, "vqgan.safetensors")):
         return out
@@ -109,9 +79,6 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000) -> str:
 
 
 def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool) -> str:
-    from unitoken_jax.data import pretokenize as pt
-    from unitoken_jax.tokenizer.text import TextTokenizer
-    from unitoken_jax.tokenizer.vq import VQTokenizer
 
     out = os.path.join(workdir, "data" if continuous else "data_discrete")
     if os.path.exists(os.path.join(out, pt.SETTINGS_FILE)):
@@ -126,7 +93,6 @@ def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool) -> str
 def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stage2_steps: int,
           continuous: bool = True) -> str:
     """Runs every step not done yet; returns the stage-II model directory."""
-    from unitoken_jax.train.loop import train_and_evaluate
 
     os.makedirs(workdir, exist_ok=True)
     timings = {}

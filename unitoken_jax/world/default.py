@@ -10,9 +10,16 @@ and `unitoken understand` work right after install, with nothing to download.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+
+import unitoken_jax
+from unitoken_jax.inference.pipeline import UniTokenPipeline
+from unitoken_jax.tokenizer.text import TextTokenizer
+from unitoken_jax.vq_tokenizer import VQTokenizer
+from unitoken_jax.world.shapes import GEN_SIZE, VQ_SIZE, tokenizer_json
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes")
 
@@ -30,9 +37,6 @@ def settings(path: str = DEFAULT_DIR) -> dict:
 
 
 def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict | None = None) -> None:
-    import unitoken_jax
-    from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE, tokenizer_json
-
     model = unitoken_jax.load(model_dir, progress=False)
     if os.path.exists(dest):
         shutil.rmtree(dest)
@@ -47,11 +51,6 @@ def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict |
 
 def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None):
     """The bundled model as a `UniTokenPipeline` (its parameters sharded over `mesh` if given)."""
-    import unitoken_jax
-    from unitoken_jax.inference.pipeline import UniTokenPipeline
-    from unitoken_jax.tokenizer.text import TextTokenizer
-    from unitoken_jax.tokenizer.vq import VQTokenizer
-
     s = settings(path)
     model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh)
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
@@ -60,8 +59,6 @@ def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None):
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description="export a trained shapes-world model as the bundled default")
     parser.add_argument("--workdir", default=None, help="a world.build workdir (its stage2/final, vqgan, results.json)")
     parser.add_argument("--model", default=None)

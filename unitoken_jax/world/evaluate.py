@@ -19,20 +19,20 @@ import json
 import os
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+import unitoken_jax
+from unitoken_jax.inference.pipeline import UniTokenPipeline
+from unitoken_jax.tokenizer.text import TextTokenizer
+from unitoken_jax.vq_tokenizer import VQTokenizer
 from unitoken_jax.world import shapes
-from unitoken_jax.world.build import GEN_SIZE, VQ_SIZE, tokenizer_json
+from unitoken_jax.world.shapes import GEN_SIZE, VQ_SIZE, tokenizer_json
 
 CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "place": 1 / len(shapes.PLACES),
           "count": 1 / 2, "caption": 1 / (len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.PLACES))}
 
 
 def world_pipeline(model_dir: str, vq_dir: str, continuous: bool = True):
-    import unitoken_jax
-    from unitoken_jax.inference.pipeline import UniTokenPipeline
-    from unitoken_jax.tokenizer.text import TextTokenizer
-    from unitoken_jax.tokenizer.vq import VQTokenizer
-
     model = unitoken_jax.load(model_dir, progress=False)
     return UniTokenPipeline(model, TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(vq_dir), vq_size=VQ_SIZE,
                             image_prefix=(), continuous=continuous)
@@ -81,7 +81,6 @@ def generation(pipe, cfg: float, per_thing: int = 8, seed: int = 0, image_top_k:
 def save_grid(things, pictures, path: str, scale: int = 2) -> None:
     """One row per prompt (its text on the left), its pictures across, each marked by the checker:
     a green bar under a picture it accepts, a red one under one it rejects."""
-    from PIL import Image, ImageDraw
 
     side, label = shapes.SIZE * scale, 230
     n = max(len(p) for p in pictures)

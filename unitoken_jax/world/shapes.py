@@ -21,20 +21,28 @@ quadrant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-SIZE = 64
-BACKGROUND = (245, 245, 245)
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
-PLACES = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
-          "bottom right": (0.75, 0.75)}
+# the table and the brush are shared with the demo data; they are part of this module's API too
+from unitoken_jax.data.drawing import (  # noqa: F401
+    BACKGROUND,
+    COLOURS,
+    PLACES,
+    SHAPES,
+    SIZE,
+    Thing,
+    draw,
+)
+from unitoken_jax.models.vqgan import VQGANConfig
+from unitoken_jax.tokenizer import small
+
 COUNTS = {1: "one", 2: "two", 3: "three"}
 SCENE_SIZES = {1: 0.4, 2: 0.35, 3: 0.25}  # how many shapes a training picture has
 # Never drawn in training; the held-out evaluation uses exactly these.
@@ -55,17 +63,6 @@ PLACE_QUESTIONS = {  # about the shape at one place, for pictures with any numbe
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Thing:
-    colour: str
-    shape: str
-    place: str
-
-    @property
-    def text(self) -> str:
-        return f"a {self.colour} {self.shape} at the {self.place}"
-
-
 def all_things() -> list[Thing]:
     return [Thing(*t) for t in itertools.product(COLOURS, SHAPES, PLACES)]
 
@@ -76,24 +73,6 @@ def train_things() -> list[Thing]:
 
 def held_out_things() -> list[Thing]:
     return [Thing(*t) for t in HELD_OUT]
-
-
-def draw(things: list[Thing], rng: np.random.Generator | None = None) -> Image.Image:
-    """The picture of `things` (at distinct places); `rng` jitters size and position slightly."""
-    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
-    d = ImageDraw.Draw(image)
-    for t in things:
-        jx, jy, jr = (rng.uniform(-2, 2), rng.uniform(-2, 2), rng.uniform(-1.5, 1.5)) if rng is not None else (0, 0, 0)
-        cx, cy = PLACES[t.place][0] * SIZE + jx, PLACES[t.place][1] * SIZE + jy
-        r = 13 + jr
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if t.shape == "circle":
-            d.ellipse(box, fill=COLOURS[t.colour])
-        elif t.shape == "square":
-            d.rectangle(box, fill=COLOURS[t.colour])
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[t.colour])
-    return image
 
 
 def caption(things: list[Thing]) -> str:
@@ -221,3 +200,29 @@ def iter_pictures(things: list[Thing], per_thing: int, seed: int) -> Iterator[tu
     for t in things:
         for _ in range(per_thing):
             yield t, draw([t], rng)
+
+
+# --- the world's tokenizers and sizes (what the bundled model was built with) -----------------
+VQ_SIZE = 64  # the whole 64 x 64 picture; 16x downsampling (as Chameleon's VQ-GAN) gives 4 x 4 codes
+SIGLIP_SIZE = 64
+PATCH = 16  # 4 x 4 = 16 SigLIP features per picture
+GEN_SIZE = (SIZE, SIZE)  # 64 px = two 32-px grid units of the layout = 4 x 4 codes
+VQ_CONFIG = VQGANConfig(ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32, embed_dim=16, n_embed=256,
+                        mid_attention=False)
+MAX_MERGES = 600  # more than the world's words need: the trainer stops when every word is one token
+
+
+@functools.cache
+def _merges() -> tuple[tuple[str, str], ...]:
+    return tuple(small.learn_merges(corpus(), MAX_MERGES))
+
+
+def tokenizer_json() -> str:
+    """The world's tokenizer: Chameleon's layout (`tokenizer.small`) with BPE merges learned from
+    every text of the world, so that each word is one token."""
+    return small.build(merges=_merges())
+
+
+def vocab_size() -> int:
+    """The world tokenizer's ids, rounded up to a multiple of 128 for the model's embeddings."""
+    return -(-small.vocab_size(_merges()) // 128) * 128

@@ -1,5 +1,8 @@
 """The image tokenizer users call: pictures <-> VQ code grids, batched and jit-compiled.
 
+It sits beside `unitoken_jax.model` (the user-facing objects that read checkpoints), not in
+`tokenizer/`, which holds the host-side tokenization that needs no model weights.
+
     vq = VQTokenizer.from_meta("vqgan.ckpt")            # or .from_hf(dir) (encoder only)
     codes = vq.encode_images([pil_a, pil_b])            # [2, 32, 32] int32 (512 px crops)
     pictures = vq.decode_to_pil(codes)                  # [PIL.Image, PIL.Image]
@@ -40,11 +43,10 @@ class VQTokenizer:
 
     @classmethod
     def from_dir(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
-        """A VQ-GAN saved by `unitoken_jax.train.vqgan.save_vqgan` (vqgan.safetensors + vqgan_config.json)."""
-        from unitoken_jax.train.vqgan import load_vqgan
-
-        config, params = load_vqgan(path)
-        return cls(config, params, mesh)
+        """A VQ-GAN saved by `unitoken_jax.convert.vqgan.save_vqgan` (vqgan.safetensors + vqgan_config.json),
+        e.g. one trained with `unitoken_jax.train.vqgan`."""
+        config, params = vq_io.load_vqgan(path)
+        return cls(config, jax.device_put(params), mesh)
 
     @classmethod
     def random(cls, config: VQGANConfig, seed: int = 0) -> "VQTokenizer":

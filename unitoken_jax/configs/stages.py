@@ -13,19 +13,9 @@ Each stage file also defines `sweep(add, arg)` (big_vision's convention): see
 `learning_rate_seed_sweep` and unitoken_jax/sweep.py.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _model_configs():
-    spec = importlib.util.spec_from_file_location("unitoken_configs_model",
-                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from unitoken_jax.configs import model as model_configs
 
 STAGES = {
     # trainable, learning rate, ViT lr scale, understanding : generation
@@ -43,7 +33,7 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.model_name = "tiny" if tiny else ("7b_anyres" if arg == "anyres" else "7b")
-    c.model = _model_configs().model_config(c.model_name)
+    c.model = model_configs.model_config(c.model_name)
     if not tiny:
         c.model.decoder.dropout = 0.05  # the reference's training recipe (its solver's --dropout)
     if tiny:

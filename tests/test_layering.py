@@ -1,0 +1,107 @@
+"""The package's imports flow one way (README, "How the code is laid out"), read from the source
+with `ast`, imports inside functions included:
+
+    sharding, tokenizer/layout  <-  models, tokenizer  <-  convert  <-  model, vq_tokenizer
+        <-  data, inference  <-  train  <-  world, sweep, cli
+
+and one module owns the image-token layout: no other module spells its ids."""
+
+import ast
+import os
+import re
+import sys
+import tokenize
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unitoken_jax")
+
+# what each part of the package may not import (parts are top-level modules or subpackages)
+FORBIDDEN = {
+    "sharding": {"models", "tokenizer", "convert", "model", "vq_tokenizer", "data", "inference", "train", "world",
+                 "sweep", "cli", "configs"},
+    "models": {"train", "inference", "convert", "data", "world", "cli", "model", "vq_tokenizer", "sweep", "configs"},
+    "tokenizer": {"models", "train", "inference", "convert", "data", "world", "cli", "model", "vq_tokenizer", "sweep",
+                  "configs"},
+    "convert": {"train", "inference", "data", "world", "cli", "model", "vq_tokenizer", "sweep", "configs"},
+    "model": {"train", "inference", "data", "world", "cli", "sweep", "configs"},
+    "vq_tokenizer": {"train", "inference", "data", "world", "cli", "model", "sweep", "configs"},
+    "inference": {"train", "data", "world", "cli", "sweep", "configs"},
+    "data": {"train", "inference", "world", "cli", "sweep", "configs"},
+    "configs": {"models", "tokenizer", "convert", "model", "vq_tokenizer", "data", "inference", "train", "world",
+                "sweep", "cli"},
+    "train": {"world", "cli", "sweep"},
+    "sweep": {"train", "world", "cli", "model", "inference", "data"},
+    "world": {"cli"},
+}
+
+
+def _modules():
+    for root, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, PACKAGE)
+                yield rel, path
+
+
+def _part(rel: str) -> str:
+    first = rel.split(os.sep)[0]
+    return first[:-3] if first.endswith(".py") else first
+
+
+def _imported_parts(path: str, rel: str):
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative imports are not used in this package
+                yield node.lineno, "<relative import>"
+                continue
+            names = [node.module or ""]
+            if node.module == "unitoken_jax":  # from unitoken_jax import sharding, configs
+                names = [f"unitoken_jax.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "unitoken_jax" and len(parts) > 1:
+                yield node.lineno, parts[1]
+
+
+def test_imports_flow_one_way():
+    wrong = []
+    for rel, path in _modules():
+        banned = FORBIDDEN.get(_part(rel), set())
+        for line, target in _imported_parts(path, rel):
+            if target == "<relative import>" or target in banned:
+                wrong.append(f"unitoken_jax/{rel}:{line} imports unitoken_jax.{target}")
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_the_layering_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The check itself can fail: a models/ file importing train/ is caught."""
+    bad = tmp_path / "unitoken_jax" / "models"
+    bad.mkdir(parents=True)
+    (bad / "bad.py").write_text("def f():\n    from unitoken_jax.train.loop import train_and_evaluate\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", str(tmp_path / "unitoken_jax"))
+    with pytest.raises(AssertionError, match="models/bad.py:2 imports unitoken_jax.train"):
+        test_imports_flow_one_way()
+
+
+# the layout's ids, as the reference hard-codes them (DESIGN.md section 1)
+_LAYOUT_IDS = {"8196", "8197", "8198", "8803", "8804", "8710"}
+
+
+def test_only_the_layout_module_spells_the_image_token_ids():
+    """Numbers in code (not in strings or comments) that are layout ids."""
+    found = []
+    for rel, path in _modules():
+        if rel == os.path.join("tokenizer", "layout.py"):
+            continue
+        with open(path, "rb") as f:
+            for tok in tokenize.tokenize(f.readline):
+                if tok.type == tokenize.NUMBER and tok.string in _LAYOUT_IDS:
+                    found.append(f"unitoken_jax/{rel}:{tok.start[0]}: {tok.line.strip()}")
+    assert not found, "layout ids outside tokenizer/layout.py:\n" + "\n".join(found)

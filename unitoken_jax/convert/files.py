@@ -1,0 +1,42 @@
+"""What every reader of safetensors directories shares: the error they raise, the files of a
+(possibly sharded) checkpoint, opening one, and walking a parameter tree by key path."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from safetensors import SafetensorError, safe_open
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match what the model needs."""
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {path}")
+    for name in files:
+        if not os.path.exists(os.path.join(path, name)):
+            raise CheckpointError(f"{path}: the index names {name}, which is missing")
+    return [os.path.join(path, f) for f in files]
+
+
+def open_safetensors(file: str):
+    try:
+        return safe_open(file, framework="np")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from e
+
+
+def get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree

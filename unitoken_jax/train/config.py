@@ -1,0 +1,126 @@
+"""The typed training configuration: what `train_and_evaluate` and the training program read.
+
+Users write and override ml_collections ConfigDicts (unitoken_jax/configs/stages.py, the
+`--config.x=y` flags, sweeps); `TrainConfig.from_config_dict` turns one into these frozen
+dataclasses once, at start-up, so that a misspelt key (`optimizer.learning_rat`) or a value of
+the wrong type (`data.rows='8'`) is an error naming the key before anything is built, and the
+rest of the code reads typed fields. The field names are the ConfigDict's keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from unitoken_jax.models.config import UniTokenConfig, from_mapping
+from unitoken_jax.train.optimizer import OptimizerConfig
+
+INIT_KINDS = ("random", "checkpoint", "stage")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where the stage's parameters start. "checkpoint": HF or our Orbax directories, read in order,
+    each overwriting the parts it has; "stage": a previous stage's workdir (its `final/` model)."""
+
+    kind: str = "random"
+    paths: tuple[str, ...] = ()
+    seed: int = 0
+
+    def validate(self) -> "InitConfig":
+        if self.kind not in INIT_KINDS:
+            raise ValueError(f"init_from.kind={self.kind!r}; choose one of {', '.join(INIT_KINDS)}")
+        if self.kind == "random" and self.paths:
+            raise ValueError("init_from.kind is 'random' but init_from.paths is set; use kind 'checkpoint' or 'stage'")
+        return self  # paths for 'checkpoint' / 'stage' are checked when the stage starts: the full-size
+        # configs leave them for the command line to fill
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The input pipeline (unitoken_jax.data.pipeline); `rows` and `max_images` are global."""
+
+    sources: tuple[str, ...] = ()  # pre-tokenized dataset dirs, or one YAML meta file
+    demo: bool = False  # build the drawn demo dataset in WORKDIR/demo_data
+    mix: tuple[int, int] = (1, 1)  # understanding : generation samples in every batch
+    rows: int = 8
+    length: int = 256
+    max_images: int = 8  # SigLIP tiles per global batch
+    seed: int = 0
+    num_threads: int = 2
+    worker_count: int = 0
+
+    def validate(self) -> "DataConfig":
+        for name in ("rows", "length", "max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        if min(self.mix) < 0 or sum(self.mix) < 1:
+            raise ValueError(f"data.mix={self.mix} needs non-negative parts, not both 0")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (the rest of the devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    num_devices: int = 0  # 0: every device; n: the first n
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    stage: int
+    model: UniTokenConfig
+    init_from: InitConfig
+    optimizer: OptimizerConfig
+    data: DataConfig
+    mesh: MeshConfig
+    total_steps: int
+    model_name: str = ""
+    # checkpointing
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    stop_after: int = 0  # > 0: save and stop at this step (a time-boxed job; rerun to go on)
+    # logging
+    log_every: int = 50
+    log_sample_ids: bool = True  # WORKDIR/samples.jsonl
+    # the run
+    max_nonfinite_in_a_row: int = 10
+    seed: int = 0  # dropout
+
+    @classmethod
+    def from_config_dict(cls, config: Any) -> "TrainConfig":
+        """From a ConfigDict (or a plain nested mapping) with the keys of configs/stages.py."""
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        optimizer = values.get("optimizer")
+        if isinstance(optimizer, dict) and "total_steps" in optimizer:
+            raise ValueError("optimizer.total_steps is not a key: the schedule spans the config's total_steps")
+        if isinstance(optimizer, dict) and "total_steps" in values:
+            values["optimizer"] = {**optimizer, "total_steps": values["total_steps"]}
+        return from_mapping(cls, values, "config").validate()
+
+    def validate(self) -> "TrainConfig":
+        self.init_from.validate()
+        self.optimizer.validate()
+        self.data.validate()
+        self.model.validate()
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage={self.stage}; the stages are 1, 2 and 3")
+        for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.optimizer.total_steps != self.total_steps:
+            raise ValueError(f"optimizer.total_steps={self.optimizer.total_steps} differs from total_steps="
+                             f"{self.total_steps}")
+        return self
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ConfigDict-shaped dict (what WORKDIR/config.json records)."""
+        d = dataclasses.asdict(self)
+        del d["optimizer"]["total_steps"]
+        return d
