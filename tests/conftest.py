@@ -15,3 +15,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI (CI=true) every test extra is installed, so nothing may skip: a skip there means a
+    test silently stopped proving anything, and the run fails, listing each skip and its reason."""
+    if os.environ.get("CI", "").lower() not in ("true", "1"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        reasons = [str(r.longrepr[2] if isinstance(r.longrepr, tuple) else r.longrepr) for r in skipped]
+        lines = [f"  {r.nodeid}: {why.removeprefix('Skipped: ')}" for r, why in zip(skipped, reasons)]
+        sys.stderr.write("\nCI runs every test: these skipped, which CI does not allow:\n" + "\n".join(lines) + "\n")
+        session.exitstatus = 1

@@ -120,3 +120,24 @@ def test_a_config_named_by_the_readme_resolves_from_any_directory(tmp_path, monk
     assert configs.get_config("configs/stage2.py:x") == {"mine": "x"}  # a file that exists wins
     with pytest.raises(FileNotFoundError, match="no config file 'elsewhere/stage9.py'"):
         configs.resolve_spec("elsewhere/stage9.py")
+
+
+def test_a_skip_fails_the_run_in_ci_and_only_there(tmp_path):
+    """tests/conftest.py's rule: with CI=true a skipped test fails the session (CI installs every
+    test extra, so a skip there means a test that stopped proving anything)."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    import conftest
+
+    (tmp_path / "conftest.py").write_text("import os\nimport sys\n\n\n" + inspect.getsource(conftest.pytest_sessionfinish))
+    (tmp_path / "test_skips.py").write_text("import pytest\n\n\ndef test_a():\n    pytest.skip('no oracle here')\n\n\n"
+                                            "def test_b():\n    pass\n")
+    base = {k: v for k, v in os.environ.items() if k != "CI"}
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
+    here = subprocess.run(run, cwd=tmp_path, env=base, capture_output=True, text=True)
+    ci = subprocess.run(run, cwd=tmp_path, env={**base, "CI": "true"}, capture_output=True, text=True)
+    assert here.returncode == 0, here.stdout + here.stderr
+    assert ci.returncode == 1 and "test_skips.py::test_a: no oracle here" in ci.stderr, ci.stdout + ci.stderr

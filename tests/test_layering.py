@@ -8,7 +8,6 @@ and one module owns the image-token layout: no other module spells its ids."""
 
 import ast
 import os
-import re
 import sys
 import tokenize
 

@@ -5,8 +5,6 @@ import base64
 import io
 import os
 
-import nbclient
-import nbformat
 import pytest
 from PIL import Image
 
@@ -14,6 +12,8 @@ from unitoken_jax.world import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "colab_tpu_inference.ipynb")
+nbclient = pytest.importorskip("nbclient", reason="the notebook runner (pip install -e '.[test]')")
+nbformat = pytest.importorskip("nbformat", reason="the notebook runner (pip install -e '.[test]')")
 
 
 @pytest.mark.slow

@@ -187,7 +187,17 @@ def test_an_encoded_item_runs_through_the_model(release, tmp_path):
     enc, pixels = encode_item(item, tok, vq, image_root=str(tmp_path), vq_size=32, siglip_size=56)
     tokens = np.minimum(enc.tokens, oracles.VOCAB - 1)  # the tiny decoder's vocabulary ends at 8959
     labels = np.where(enc.labels >= 0, np.minimum(enc.labels, oracles.VOCAB - 1), -100)
-    _, metrics = model.forward(tokens[None], labels=labels[None], is_continuous=enc.is_continuous[None],
-                               feature_index=enc.feature_index[None], pixels=pixels)
-    assert np.isfinite(float(metrics["loss"]))
-    assert int(metrics["tokens_generation"]) > 0 and int(metrics["tokens_understanding"]) > 0
+    logits, metrics = model.forward(tokens[None], labels=labels[None], is_continuous=enc.is_continuous[None],
+                                    feature_index=enc.feature_index[None], pixels=pixels)
+    # the loss of the encoded item, from the logits by the formula (next-token CE + z-loss on the
+    # labelled positions), split by what the target is
+    lg = np.asarray(logits, np.float64)[0, :-1]
+    target = labels[1:]
+    valid = target >= 0
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    ce = lse - lg[np.arange(len(target)), np.maximum(target, 0)]
+    expected = ce[valid].mean() + model.config.z_loss_weight * (lse[valid] ** 2).mean()
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+    image_target = valid & (((target >= 4) & (target <= 8198)) | ((target >= 8803) & (target < 8900)))
+    assert int(metrics["tokens_generation"]) == image_target.sum() > 0
+    assert int(metrics["tokens_understanding"]) == (valid & ~image_target).sum() > 0

@@ -12,12 +12,22 @@ import oracles
 from unitoken_jax.convert import vqgan as vq_io
 from unitoken_jax.convert.hf import CheckpointError
 from unitoken_jax.convert.torch_pickle import load_torch_file
-from unitoken_jax.models.vqgan import VQGANConfig
+from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
 from unitoken_jax.vq_tokenizer import VQTokenizer
 
-taming = pytest.importorskip("taming.modules.diffusionmodules.model",
-                             reason="pip install --no-deps taming-transformers-rom1504 (see README)")
-from oracles import VQ_N_EMBED as N_EMBED, write_meta_vqgan as _meta_checkpoint  # noqa: E402
+from oracles import VQ_N_EMBED as N_EMBED  # noqa: E402
+
+
+def _taming():
+    """taming-transformers, the oracle for Meta's VQ-GAN layout: only the tests that build a
+    checkpoint with it need it (CI installs it; see README)."""
+    return pytest.importorskip("taming.modules.diffusionmodules.model",
+                               reason="pip install --no-deps taming-transformers-rom1504 (see README)")
+
+
+def _meta_checkpoint(path, **kwargs):
+    _taming()
+    return oracles.write_meta_vqgan(path, **kwargs)
 
 
 def test_torch_file_reader_matches_torch_load(tmp_path):
@@ -47,6 +57,9 @@ def test_meta_checkpoint_encodes_and_decodes_like_taming(tmp_path):
     ours = vq.encode(pixels.permute(0, 2, 3, 1).numpy())
     assert ours.shape == (2, 8, 12)
     np.testing.assert_array_equal(ours, theirs)
+    # the encoder's latents (before the nearest-code search) too, not only the codes they give
+    latents = VQGAN(vq.config).apply({"params": vq.params}, pixels.permute(0, 2, 3, 1).numpy(), method=VQGAN.latents)
+    np.testing.assert_allclose(np.asarray(latents), z.numpy(), atol=2e-4, rtol=0)
 
     codes = np.random.default_rng(2).integers(0, N_EMBED, (2, 4, 6))
     with torch.no_grad():
@@ -108,7 +121,7 @@ def test_full_size_config_shapes():
     with torch.device("meta"):
         dd = dict(ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=[], dropout=0.0,
                   in_channels=3, resolution=512, z_channels=256, double_z=False)
-        count = sum(p.numel() for m in (taming.Encoder(**dd), taming.Decoder(**dd)) for p in m.parameters())
+        count = sum(p.numel() for m in (_taming().Encoder(**dd), _taming().Decoder(**dd)) for p in m.parameters())
     count += 2 * (256 * 256 + 256) + 8192 * 256
     assert n == count
 

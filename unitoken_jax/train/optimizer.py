@@ -56,8 +56,9 @@ def param_labels(params, trainable: str = "all"):
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """Linear warm-up from 0 over `warmup_fraction` of the steps, then half a cosine down to 0."""
-    warmup = max(1, int(round(config.total_steps * config.warmup_fraction)))
+    """Linear warm-up from 0 over `warmup_fraction` of the steps, then half a cosine down to 0
+    (a fraction that rounds to no step: no warm-up, the full rate at step 0)."""
+    warmup = int(round(config.total_steps * config.warmup_fraction))
     return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(config.total_steps, warmup + 1),
                                               end_value=0.0)
 

@@ -1,0 +1,128 @@
+"""Plant known bugs, one at a time, in a scratch copy of the repository and check that the tests
+catch each one (run on demand, not by pytest: the file name does not start with `test_`).
+
+    python tests/mutations.py                 # all, a table at the end
+    python tests/mutations.py --only cfg_sign # one
+
+Each mutation replaces one exact piece of source (it must occur exactly once, so a refactoring
+that moves the code makes the script say so instead of planting nothing) and runs the tests that
+should notice. "caught" means pytest failed; a mutation that passes is a hole in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments
+
+
+MUTATIONS = (
+    Mutation("vit_scale_ignored", "the ViT learning-rate scale ignored", "unitoken_jax/train/optimizer.py",
+             '"vit": adamw(config.vit_lr_scale)', '"vit": adamw(1.0)',
+             ("tests/test_train_step.py", "-k", "vit or optimizer")),
+    Mutation("accumulation_sums", "accumulation summing instead of averaging", "unitoken_jax/train/optimizer.py",
+             "optax.MultiSteps(tx, every_k_schedule=config.accumulation_steps)",
+             "optax.MultiSteps(tx, every_k_schedule=config.accumulation_steps, use_grad_mean=False)",
+             ("tests/test_train_step.py", "-k", "optimizer or accumulating")),
+    Mutation("top_p_one_too_few", "top-p keeping one token too few", "unitoken_jax/inference/sampling.py",
+             "((mass_before < top_p_R[:, None]) | (ranks == 0))",
+             "((mass_before + probs < top_p_R[:, None]) | (ranks == 0))",
+             ("tests/test_sampling.py",)),
+    Mutation("image_temperature_for_text", "the image temperature used for text", "unitoken_jax/inference/decode.py",
+             "temp = jnp.where(in_img, p.image_temperature, p.temperature)", "temp = p.image_temperature",
+             ("tests/test_inference.py", "-k", "greedy or understand_answers")),
+    Mutation("cfg_sign", "the CFG sign swapped", "unitoken_jax/inference/sampling.py",
+             "guided = partner + scale_R[:, None] * (logits_RV - partner)",
+             "guided = partner - scale_R[:, None] * (logits_RV - partner)",
+             ("tests/test_sampling.py", "tests/test_inference.py", "-k", "classifier or cfg")),
+    Mutation("uncond_one_late", "the unconditional context started one token late", "unitoken_jax/inference/pipeline.py",
+             'uncond = np.concatenate([self._encode(neg)["tokens"], ',
+             'uncond = np.concatenate([self._encode(neg)["tokens"][1:], ',
+             ("tests/test_inference.py", "-k", "unconditional or cfg")),
+    Mutation("decode_position", "the decode position off by one", "unitoken_jax/inference/decode.py",
+             "positions = (p.prompt_len + n_out - 1)[:, None]", "positions = (p.prompt_len + n_out)[:, None]",
+             ("tests/test_inference.py", "-k", "greedy or cfg or understand_answers")),
+    Mutation("unpad_row", "the AnyRes unpad off by one row", "unitoken_jax/tokenizer/anyres.py",
+             "return slice(pad, rows - pad), slice(0, cols)", "return slice(pad + 1, rows - pad + 1), slice(0, cols)",
+             ("tests/test_images.py", "-k", "unpad")),
+    Mutation("sep_unlabelled", "SEP left unlabelled", "unitoken_jax/tokenizer/conversation.py",
+             "labels.append(layout.SEP)", "labels.append(-100)",
+             ("tests/test_tokenizer.py",)),
+    Mutation("z_loss_unshifted", "the z-loss on unshifted positions", "unitoken_jax/models/loss.py",
+             "z_loss, _ = masked_mean(jnp.square(lse), valid)",
+             "z_loss, _ = masked_mean(jnp.square(lse), labels_BL[:, :-1] >= 0)",
+             ("tests/test_unitoken_parity.py",)),
+)
+
+
+def _copy_repository(dest: str) -> None:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = os.path.join(ROOT, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+
+
+def run(mutation: Mutation, scratch: str) -> tuple[str, float, str]:
+    path = os.path.join(scratch, mutation.file)
+    original = open(path).read()
+    if original.count(mutation.old) != 1:
+        return "NOT PLANTED (the code moved)", 0.0, ""
+    with open(path, "w") as f:
+        f.write(original.replace(mutation.old, mutation.new))
+    try:
+        env = {**os.environ, "PYTHONPATH": scratch, "JAX_PLATFORMS": "cpu"}
+        env.pop("CI", None)
+        start = time.time()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutation.tests],
+                           cwd=scratch, env=env, capture_output=True, text=True)
+        seconds = time.time() - start
+        failed = [line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("FAILED ")]
+        if r.returncode == 1:
+            return "caught", seconds, failed[0] if failed else ""
+        return ("MISSED" if r.returncode == 0 else f"error (pytest exit {r.returncode})"), seconds, r.stdout[-300:]
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", help="a mutation's name (repeatable)")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="unitoken-mutations-") as scratch:
+        _copy_repository(scratch)
+        for m in chosen:
+            status, seconds, detail = run(m, scratch)
+            rows.append((m, status, seconds, detail))
+            print(f"{m.name}: {status} ({seconds:.0f} s) {detail}", flush=True)
+    print("\n| planted bug | file | tests run | result | first failing test |")
+    print("|---|---|---|---|---|")
+    for m, status, seconds, detail in rows:
+        first = detail if status == "caught" else ""
+        print(f"| {m.what} | `{m.file}` | `{' '.join(m.tests)}` | {status} ({seconds:.0f} s) | `{first}` |")
+    return 0 if all(status == "caught" for _, status, _, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
