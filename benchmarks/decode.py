@@ -100,6 +100,40 @@ def reference_image(model, prompt, grid, seed):
     return out[0, len(prompt):].tolist()
 
 
+def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int) -> float:
+    """Seconds a step of the same forward the decode loop runs (one token a row through the
+    cached decoder, then the code logits), in one compiled loop, with no sampling, no grid and
+    no guidance: what a decode step costs at least."""
+    import jax
+    import jax.numpy as jnp
+
+    from unitoken_jax.inference import grid
+    from unitoken_jax.models.unitoken import UniToken
+
+    tokens = np.tile(np.array(prompt, np.int32), (rows, 1))
+    segments = np.ones_like(tokens)
+    _, cache = loop._prefill(loop.params, tokens, segments, np.zeros_like(tokens, bool), np.zeros_like(tokens), None,
+                             tokens.shape[1] + steps)
+
+    @jax.jit
+    def run(params, cache):
+        def body(i, carry):
+            cache, acc = carry
+            tok = jnp.full((rows, 1), 100, jnp.int32)
+            positions = jnp.full((rows, 1), tokens.shape[1], jnp.int32) + i
+            hidden, cache = loop._apply(params, tok, positions, jnp.ones((rows, 1), jnp.int32), cache=cache,
+                                        return_hidden=True)
+            logits = loop._apply(params, hidden, grid.CODE_LOGITS, method=UniToken.head)
+            return cache, acc + jnp.max(logits)  # every logit is used, as sampling would
+
+        return jax.lax.fori_loop(0, steps, body, (cache, jnp.float32(0)))[1]
+
+    jax.block_until_ready(run(loop.params, cache))  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(run(loop.params, cache))
+    return (time.perf_counter() - start) / steps
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
@@ -138,6 +172,8 @@ def main():
     ours_1, toks = timed(lambda: loop.generate([request(1)]))
     assert len(toks.tokens[0]) == n_tokens
     ours_b, _ = timed(lambda: loop.generate([request(i) for i in range(args.batch)]))
+    model_1 = model_only_step_seconds(loop, prompt, 2, n_tokens)
+    model_b = model_only_step_seconds(loop, prompt, 2 * args.batch, n_tokens)
     ref_1, ref_toks = timed(lambda: reference_image(reference, prompt, args.grid, 0))
     assert len(ref_toks) == n_tokens and layout.parse_image_ids([layout.IMAGE_START] + ref_toks).code_ids.shape == (
         2 * args.grid, 2 * args.grid)
@@ -155,7 +191,13 @@ def main():
         "Ours: cond and uncond rows in one batch, one compiled loop (`unitoken_jax.inference.decode`). "
         "Reference: transformers `generate` with a CFG processor that runs its own second forward each step, "
         "the grid processor and top-k (see `benchmarks/decode.py`). Compile time is excluded (measured after a "
-        "warm-up run of each batch size).", ""]
+        "warm-up run of each batch size).", "",
+        "How close a step is to the model: a whole generation (prefill included) divided by its steps, against "
+        "the same cached forward and code head in one compiled loop with no sampling, grid or guidance.", "",
+        "| rows (images x 2 for CFG) | full step, ms | model-only step, ms | full / model |", "|---|---|---|---|",
+        f"| 2 (batch 1) | {1e3 * ours_1 / n_tokens:.1f} | {1e3 * model_1:.1f} | {ours_1 / n_tokens / model_1:.2f} |",
+        f"| {2 * args.batch} (batch {args.batch}) | {1e3 * ours_b / n_tokens:.1f} | {1e3 * model_b:.1f} | "
+        f"{ours_b / n_tokens / model_b:.2f} |", ""]
     text = "\n".join(lines)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -4,6 +4,11 @@ memory and FLOPs (needs `pip install -e '.[tpu]'`; nothing runs on a TPU).
     python launch/aot_check.py --topology v5p:4x4x4 --mesh 1,64,1                  # stage 2, 7B
     python launch/aot_check.py --config stage1.py --topology v5e:16x16 --mesh 2,128,1 --batch 256
 
+Or the inference side, the prefill and the decode loop of `DecodeLoop.generate` (its `lower`) for
+a model preset drawing pictures with CFG:
+
+    python launch/aot_check.py decode --topology v5e:1x1 --images 1               # 7B, bfloat16
+
 The step is the training loop's own (`unitoken_jax.train.program.build_program`, from the stage
 config: its optimizer, dropout, trainable parameters and batch spec); only the fields given here
 (`--batch`, `--seq`, `--images`, `--remat`, `--set KEY=VALUE`) override the config. XLA's cost
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,14 +31,25 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from unitoken_jax import configs, sharding  # noqa: E402
+from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
+from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
+from unitoken_jax.models.unitoken import abstract_params, param_shardings  # noqa: E402
+from unitoken_jax.tokenizer import layout  # noqa: E402
 from unitoken_jax.sweep import apply_overrides  # noqa: E402
 from unitoken_jax.train.config import TrainConfig  # noqa: E402
 from unitoken_jax.train.program import TrainProgram, build_program  # noqa: E402
 
 
+def topology_devices(topology: str) -> np.ndarray:
+    """The chips of a TPU topology (no TPU needed); a one-chip one ('v5e:1x1') as one host's."""
+    one_chip = all(int(n) == 1 for n in topology.split(":")[1].split("x"))
+    kwargs = {"chips_per_host_bounds": (1, 1, 1)} if one_chip else {}
+    return np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
+
+
 def topology_mesh(topology: str, mesh_shape) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over the chips of a TPU topology (no TPU needed)."""
-    devices = np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    devices = topology_devices(topology)
     if int(np.prod(mesh_shape)) != devices.size:
         raise ValueError(f"mesh {tuple(mesh_shape)} needs {int(np.prod(mesh_shape))} chips, {topology} has "
                          f"{devices.size}")
@@ -58,6 +75,53 @@ def compile_program(config: TrainConfig, mesh: Mesh) -> tuple[TrainProgram, obje
     return program, compiled, time.time() - start
 
 
+def decode_lowered(model: str, mesh: Mesh, images: int, size: int = 512, cfg: float = 3.0,
+                   dtype: str = "bfloat16", prompt_length: int = 64):
+    """The prefill and decode loop for `images` pictures of size x size (with CFG: two rows each),
+    the model's parameters in `dtype`, placed on `mesh` by the logical rules; nothing allocated."""
+    config = UniTokenConfig.from_dict(configs.get_config(f"model.py:{model}").model).replace(
+        dtype=dtype, param_dtype=dtype, remat_policy="none")
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(config),
+                          param_shardings(config, mesh))
+    loop = DecodeLoop(config, params, mesh)
+    grid_hw = (size // layout.PIXELS_PER_GRID, size // layout.PIXELS_PER_GRID)
+    prompt = np.full(prompt_length, 9000, np.int32)
+    prompt[-1] = layout.IMAGE_START
+    requests = [Request(prompt, max_new_tokens=layout.generated_image_length(grid_hw) - 1, grid_hw=grid_hw,
+                        cfg_scale=cfg, image_top_k=2000, stop_after_image=True, seed=i) for i in range(images)]
+    return config, loop.lower(requests)
+
+
+def decode_main(argv) -> None:
+    parser = argparse.ArgumentParser(prog="aot_check.py decode", description="compile the prefill and decode loop")
+    parser.add_argument("--topology", default="v5e:1x1")
+    parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: every chip on fsdp)")
+    parser.add_argument("--model", default="7b", help="a model preset (configs/model.py): 7b, 7b_anyres, tiny")
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+    devices = topology_devices(args.topology)
+    shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else (1, devices.size, 1)
+    mesh = topology_mesh(args.topology, shape)
+    start = time.time()
+    config, (prefill, loop) = decode_lowered(args.model, mesh, args.images, args.size, dtype=args.dtype)
+    print(f"{args.topology}: {mesh.size} chips, mesh {shape}; {args.model} in {args.dtype}, {args.images} x "
+          f"{args.size}px with CFG ({2 * args.images} rows)")
+    for name, lowered in (("prefill", prefill), ("decode loop", loop)):
+        try:
+            mem = lowered.compile().memory_analysis()
+        except Exception as e:  # XLA's out-of-memory refusal names the size it needed
+            print(f"{name}: does not compile: {str(e).splitlines()[0][:300]}")
+            continue
+        total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
+            mem.temp_size_in_bytes
+        print(f"{name}: {total / 2**30:.2f} GiB a chip (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
+              f"temporaries {mem.temp_size_in_bytes / 2**30:.2f}, outputs {mem.output_size_in_bytes / 2**30:.2f}, "
+              f"aliased {mem.alias_size_in_bytes / 2**30:.2f})")
+    print(f"compiled in {time.time() - start:.0f} s")
+
+
 def _value(text: str):
     try:
         return ast.literal_eval(text)
@@ -66,6 +130,9 @@ def _value(text: str):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["decode"]:
+        return decode_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="stage2.py", help="a stage config spec (default: the packaged stage 2, "
                                                               "7B); e.g. stage1.py, stage2.py:anyres")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from unitoken_jax.train import loop, program as program_lib
+from unitoken_jax.train import loop, program as program_lib  # noqa: I001
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,3 +71,43 @@ def test_the_aot_check_compiles_exactly_the_loops_step(tmp_path, monkeypatch):
     other = aot.stage_config("stage2.py:tiny", overrides={"total_steps": 2, "mesh.num_devices": 2,
                                                           "optimizer.learning_rate": 1e-2})
     assert program_lib.build_program(other, mesh).lower().as_text() != lowered[0]
+
+
+def test_the_decode_loop_lowers_for_a_one_chip_topology():
+    """`aot_check.py decode` compiles the prefill and decode loop of `DecodeLoop.generate` for one
+    v5e chip (the tiny model; the 7B figures are in the README)."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'); CI installs it")
+    aot = _aot_module()
+    config, (prefill, loop) = aot.decode_lowered("tiny", aot.topology_mesh("v5e:1x1", (1, 1, 1)), images=2, size=64)
+    # the decoder's weights in bfloat16 are arguments on the chip (the unused vision tower is pruned)
+    n_decoder = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(aot.abstract_params(config)["decoder"]))
+    for lowered in (prefill, loop):
+        mem = lowered.compile().memory_analysis()
+        assert mem.argument_size_in_bytes >= 2 * n_decoder
+
+
+def test_lowering_the_decode_loop_gives_the_program_generate_runs():
+    """What `DecodeLoop.lower` compiles, run on this CPU, draws the tokens `generate` draws."""
+    import jax.numpy as jnp
+
+    import unitoken_jax
+    from unitoken_jax.configs.model import get_config
+    from unitoken_jax.inference.decode import DecodeLoop, Request
+    from unitoken_jax.tokenizer import layout
+
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    model = unitoken_jax.UniTokenModel.random(cfg, seed=3)
+    loop = DecodeLoop(cfg, model.params)
+    prompt = np.array([0, 9000, 9001, layout.END_OF_TURN, layout.IMAGE_START])
+    requests = [Request(prompt, max_new_tokens=layout.generated_image_length((1, 2)) - 1, grid_hw=(1, 2),
+                        cfg_scale=2.0, image_top_k=50, stop_after_image=True, seed=s) for s in (0, 1)]
+    expected = loop.generate(requests, chunk=10_000).tokens
+    prefill, run = (lowered.compile() for lowered in loop.lower(requests))
+    rows, batch, params, max_new, _, _ = loop._prepare(requests)
+    logits, cache = prefill(model.params, *batch)
+    state = run(model.params, loop._initial_state(rows, logits, cache, max_new), jax.tree.map(jnp.asarray, params),
+                jnp.int32(max_new))
+    out, n_out = np.asarray(state.out), np.asarray(state.n_out)
+    for i, tokens in enumerate(expected):
+        np.testing.assert_array_equal(out[i, :n_out[i]], tokens)

@@ -120,3 +120,7 @@ def test_classifier_free_guidance_is_the_formula():
     off = np.asarray(sampling.classifier_free_guidance(jnp.asarray(logits), jnp.asarray(uncond_row),
                                                        jnp.asarray(scale), jnp.asarray(~apply)))
     np.testing.assert_array_equal(off, logits)  # outside the image body: no guidance
+    # only the first R rows (the requests') are guided and returned; partners may lie beyond them
+    first = np.asarray(sampling.classifier_free_guidance(jnp.asarray(logits), jnp.asarray(uncond_row[:2]),
+                                                         jnp.asarray(scale[:2]), jnp.asarray(apply[:2])))
+    np.testing.assert_array_equal(first, out[:2])

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from unitoken_jax import sharding
 from unitoken_jax.inference import grid, sampling
@@ -194,23 +195,32 @@ class DecodeLoop:
     def _run(self):
         vocab = self.config.decoder.vocab_size
 
-        def run(params, s: SamplingState, p: RowParams, chunk_end, max_k):
+        def run(params, s: SamplingState, p: RowParams, chunk_end, max_k, n_requests):
             def cond(s: SamplingState):
                 return (s.step < chunk_end) & ~jnp.all(s.done)
 
+            def draw(s: SamplingState, width: int):
+                """The requests' rows (the first `n_requests`; an unconditional partner follows its
+                row) sample from the first `width` logits."""
+                g = jax.tree.map(lambda a: a[:n_requests], s.grid)
+                q = jax.tree.map(lambda a: a[:n_requests], p)
+                in_img = grid.in_image(g)
+                lg = sampling.classifier_free_guidance(s.logits[:, :width], q.uncond_row, q.cfg_scale,
+                                                       g.mode == grid.BODY)
+                lg = jnp.where(grid.allowed(g, width) & jnp.asarray(self._ok_ids[:width])[None], lg, sampling.NEG_INF)
+                temp = jnp.where(in_img, q.image_temperature, q.temperature)
+                row_keys = jax.vmap(jax.random.fold_in)(q.key, s.n_out[:n_requests])
+                return sampling.sample(lg, row_keys, temp, jnp.where(in_img, q.image_top_k, q.top_k),
+                                       jnp.where(in_img, q.image_top_p, q.top_p), min(max_k, width))
+
             def body(s: SamplingState) -> SamplingState:
                 g = s.grid
-                in_img = grid.in_image(g)
-                apply_cfg = g.mode == grid.BODY
-                lg = sampling.classifier_free_guidance(s.logits, p.uncond_row, p.cfg_scale, apply_cfg)
-                lg = jnp.where(grid.allowed(g, vocab) & jnp.asarray(self._ok_ids)[None], lg, sampling.NEG_INF)
-                temp = jnp.where(in_img, p.image_temperature, p.temperature)
-                row_keys = jax.vmap(jax.random.fold_in)(p.key, s.n_out)
-                tok = sampling.sample(lg, row_keys, temp, jnp.where(in_img, p.image_top_k, p.top_k),
-                                      jnp.where(in_img, p.image_top_p, p.top_p), max_k)
+                # while every row draws codes (or is forced, or done), only the code logits can win
+                tok = jax.lax.cond(grid.codes_only(jax.tree.map(lambda a: a[:n_requests], g)),
+                                   lambda: draw(s, grid.CODE_LOGITS), lambda: draw(s, vocab))
+                tok = jnp.take(tok, p.primary)  # unconditional rows follow their row's choice
                 forced = grid.forced_token(g)
                 tok = jnp.where(forced >= 0, forced, tok)
-                tok = jnp.take(tok, p.primary)  # unconditional rows follow their row's choice
                 active = ~s.done
                 r = jnp.arange(tok.shape[0])
                 slot = jnp.where(active, s.n_out, s.out.shape[1])  # finished rows write nowhere
@@ -238,36 +248,45 @@ class DecodeLoop:
 
             return jax.lax.while_loop(cond, body, s)
 
-        return jax.jit(run, static_argnums=(4,), donate_argnums=(1,))
+        return jax.jit(run, static_argnums=(4, 5), donate_argnums=(1,))
 
-    def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
-                 ) -> Generation:
+    def _prepare(self, requests: Sequence[Request]):
+        """Host side of a generation: the prefill's batch, each row's parameters and the sizes."""
         rows, primary, uncond_row = _rows(requests)
-        tokens, segments, cont, index, pixels, prompt_len = _build_batch(rows, self.config.vision.features_per_image
-                                                                         if self.config.vision else None)
+        batch = _build_batch(rows, self.config.vision.features_per_image if self.config.vision else None)
         for r, *_ in rows:
             if r.grid_hw is not None:
                 need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
                 if r.max_new_tokens < need:
                     raise ValueError(f"max_new_tokens={r.max_new_tokens} cannot hold a {r.grid_hw[0] * 32}x"
                                      f"{r.grid_hw[1] * 32} image ({need} tokens after <racm3:break>)")
+        *prefill_batch, prompt_len = batch
         params = _row_params(rows, primary, uncond_row, prompt_len)
         max_new = int(params.max_new.max())
-        cache_len = int(tokens.shape[1] + max_new)
+        cache_len = int(prefill_batch[0].shape[1] + max_new)
         v = self.config.decoder.vocab_size
         max_k = sampling.num_candidates(v, [pair for r, *_ in rows for pair in
                                             ((r.temperature, r.top_k), (r.image_temperature, r.image_top_k))])
+        return rows, tuple(prefill_batch), params, max_new, cache_len, max_k
+
+    @staticmethod
+    def _initial_state(rows, logits, cache, max_new: int) -> SamplingState:
+        n = len(rows)
+        return SamplingState(grid=jax.tree.map(jnp.asarray, _initial_grid(rows)), logits=logits, cache=cache,
+                             out=jnp.zeros((n, max_new), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
+                             done=jnp.zeros(n, bool), step=jnp.zeros((), jnp.int32))
+
+    def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
+                 ) -> Generation:
+        rows, batch, params, max_new, cache_len, max_k = self._prepare(requests)
         with sharding.mesh_context(self.mesh):
-            logits, cache = self._prefill(self.params, tokens, segments, cont, index, pixels, cache_len)
-            n = len(rows)
-            state = SamplingState(grid=jax.tree.map(jnp.asarray, _initial_grid(rows)), logits=logits, cache=cache,
-                                  out=jnp.zeros((n, max_new), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
-                                  done=jnp.zeros(n, bool), step=jnp.zeros((), jnp.int32))
+            logits, cache = self._prefill(self.params, *batch, cache_len)
+            state = self._initial_state(rows, logits, cache, max_new)
             params = jax.tree.map(jnp.asarray, params)
             step = 0
             while True:
                 step = min(step + chunk, max_new)
-                state = self._run(self.params, state, params, jnp.int32(step), max_k)
+                state = self._run(self.params, state, params, jnp.int32(step), max_k, len(requests))
                 if progress is not None:
                     progress(jax.device_get({"rows_drawn": state.grid.row, "images_done": state.grid.images_done,
                                              "n_out": state.n_out}))
@@ -275,3 +294,22 @@ class DecodeLoop:
                     break
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)
         return Generation([out[i, :n_out[i]] for i in range(len(requests))])
+
+    def lower(self, requests: Sequence[Request]):
+        """(prefill, decode loop), lowered for these requests' shapes, exactly as `generate` runs
+        them. `self.params` may be ShapeDtypeStructs with shardings (nothing is allocated), and the
+        mesh a TPU topology's: `launch/aot_check.py decode` compiles a release for a chip this way."""
+        rows, batch, params, max_new, cache_len, max_k = self._prepare(requests)
+        replicated = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
+
+        def spec(x, sharding_=None):
+            return None if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding_ or replicated)
+
+        with sharding.mesh_context(self.mesh):
+            prefill = self._prefill.lower(self.params, *(spec(x) for x in batch), cache_len)
+            logits, cache = prefill.out_info
+            state = jax.eval_shape(lambda lg, c: self._initial_state(rows, lg, c, max_new), logits, cache)
+            state = jax.tree.map(lambda a: spec(a, getattr(a, "sharding", None)), state)
+            loop = self._run.lower(self.params, state, jax.tree.map(spec, params), spec(np.int32(0)), max_k,
+                                   len(requests))
+        return prefill, loop

@@ -4,9 +4,11 @@ All functions take per-row arrays; nothing reads row 0 for the batch (the refere
 processors do, which makes its batches wrong).
 
 Sampling works on each row's K best candidates (`lax.top_k`, K static: the largest top-k any row
-asks for, or the whole vocabulary when some row samples without a top-k). The Gumbel noise of a
-candidate depends only on the row's key and the token id, so a row draws the same token whatever
-K its batch needed: a batch of N equals N single runs.
+asks for, or the whole vocabulary when some row samples without a top-k), in descending order.
+The Gumbel noise is one draw per row and step from the row's key, the j-th value going to the
+row's j-th best candidate; JAX's counter-based (partitionable) random bits make the first K
+values of a draw the same whatever its length, so a row draws the same token whatever K its batch
+needed: a batch of N equals N single runs.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
-def classifier_free_guidance(logits_RV, uncond_row_R, scale_R, apply_R):
-    """cond rows with an unconditional partner (uncond_row >= 0) and `apply` set get
-    uncond + scale * (cond - uncond); every other row is left as it is."""
-    partner = jnp.take(logits_RV, jnp.maximum(uncond_row_R, 0), axis=0)
-    guided = partner + scale_R[:, None] * (logits_RV - partner)
+def classifier_free_guidance(logits_NV, uncond_row_R, scale_R, apply_R):
+    """The first R rows of `logits_NV` (N >= R) with an unconditional partner (uncond_row >= 0,
+    any row of logits_NV) and `apply` set become uncond + scale * (cond - uncond); every other
+    row is left as it is. Returns [R, V]."""
+    cond = logits_NV[:uncond_row_R.shape[0]]
+    partner = jnp.take(logits_NV, jnp.maximum(uncond_row_R, 0), axis=0)
+    guided = partner + scale_R[:, None] * (cond - partner)
     use = (uncond_row_R >= 0) & apply_R
-    return jnp.where(use[:, None], guided, logits_RV)
+    return jnp.where(use[:, None], guided, cond)
 
 
 def filter_candidates(values_RK, top_k_R, top_p_R):
@@ -41,12 +45,9 @@ def filter_candidates(values_RK, top_k_R, top_p_R):
 
 def sample_candidates(values_RK, ids_RK, keys_R, temperature_R):
     """Greedy (the first candidate) where temperature == 0, else Gumbel-max over the candidates
-    of values / temperature, with noise keyed by (row key, token id)."""
-    def noise(key, ids):
-        u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), minval=1e-20, maxval=1.0))(ids)
-        return -jnp.log(-jnp.log(u))
-
-    gumbel = jax.vmap(noise)(keys_R, ids_RK)
+    of values / temperature, the noise drawn once per row (see the module docstring)."""
+    k = values_RK.shape[1]
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (k,), jnp.float32))(keys_R)
     t = jnp.where(temperature_R > 0, temperature_R, 1.0)[:, None]
     choice = jnp.argmax(jnp.where(values_RK > NEG_INF / 2, values_RK / t + gumbel, NEG_INF), axis=-1)
     choice = jnp.where(temperature_R > 0, choice, 0)
