@@ -308,8 +308,15 @@ class DecodeLoop:
         with sharding.mesh_context(self.mesh):
             prefill = self._prefill.lower(self.params, *(spec(x) for x in batch), cache_len)
             logits, cache = prefill.out_info
+            # the cache enters the loop as the prefill leaves it (sharded by its logical axes), as in generate
+            try:
+                cache_sharding = prefill.compile().output_shardings[1]
+            except jax.errors.JaxRuntimeError:  # e.g. a prefill too big for the chip: lower the loop anyway
+                cache_sharding = jax.tree.map(lambda _: None, cache)
             state = jax.eval_shape(lambda lg, c: self._initial_state(rows, lg, c, max_new), logits, cache)
-            state = jax.tree.map(lambda a: spec(a, getattr(a, "sharding", None)), state)
+            state = state.replace(cache=jax.tree.map(lambda a, sh: spec(a, sh), state.cache, cache_sharding))
+            state = jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None
+                                 else spec(a), state)
             loop = self._run.lower(self.params, state, jax.tree.map(spec, params), spec(np.int32(0)), max_k,
                                    len(requests))
         return prefill, loop
