@@ -24,7 +24,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unitoken_jax import sharding
-from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params, param_shardings
 from unitoken_jax.train import metrics as metrics_lib
 from unitoken_jax.train.config import MeshConfig, TrainConfig
@@ -69,10 +68,6 @@ class TrainProgram:
     trainable: Any  # bool per parameter: does it receive gradients?
     step_fn: Callable  # the pure `train_step(state, batch) -> (state, metrics)`
 
-    @property
-    def model_config(self) -> UniTokenConfig:
-        return self.config.model
-
     def context(self):
         """The mesh and logical rules the step is traced under."""
         return sharding.mesh_context(self.mesh)
@@ -91,12 +86,12 @@ class TrainProgram:
 
     @functools.cached_property
     def flop_counter(self) -> metrics_lib.FlopCounter:
-        return metrics_lib.FlopCounter(self.model_config, self.abstract_params, self.trainable)
+        return metrics_lib.FlopCounter(self.config.model, self.abstract_params, self.trainable)
 
     def model_flops_per_step(self, context: float | None = None) -> float:
         """Analytic model FLOPs of one full global batch (every position real). `context`, the mean
         number of positions a token attends to, defaults to one sample filling each row, (L + 1) / 2."""
-        d, v = self.config.data, self.model_config.vision
+        d, v = self.config.data, self.config.model.vision
         context = (d.length + 1) / 2 if context is None else context
         patches = d.max_images * v.features_per_image() if v is not None else 0
         return self.flop_counter.per_step(d.rows * d.length, context, patches)
