@@ -34,7 +34,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from unitoken_jax import configs, sharding  # noqa: E402
 from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
-from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
+from unitoken_jax.models.config import QUANTIZE_MODES, UniTokenConfig  # noqa: E402
 from unitoken_jax.models.unitoken import abstract_params, param_shardings  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from unitoken_jax.sweep import apply_overrides  # noqa: E402
@@ -47,6 +47,21 @@ def topology_devices(topology: str) -> np.ndarray:
     one_chip = all(int(n) == 1 for n in topology.split(":")[1].split("x"))
     kwargs = {"chips_per_host_bounds": (1, 1, 1)} if one_chip else {}
     return np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
+
+
+# HBM a program may use on one device (a chip; a core on v2/v3). v5e and v6e: the limit XLA's
+# out-of-memory refusals state; the others: the nominal HBM (a little more than XLA allows).
+USABLE_HBM_GIB = {"v2": 8.0, "v3": 16.0, "v4": 32.0, "v5 lite": 15.75, "v5e": 15.75, "v5p": 95.0, "v5": 95.0,
+                  "v6 lite": 31.25, "v6e": 31.25}
+
+
+def hbm_bytes(device) -> int:
+    """Usable HBM of one device of a topology, by its kind ('TPU v5 lite' -> 15.75 GiB)."""
+    kind = device.device_kind.lower().replace("tpu", "").strip()
+    for name in sorted(USABLE_HBM_GIB, key=len, reverse=True):
+        if kind.startswith(name):
+            return int(USABLE_HBM_GIB[name] * 2**30)
+    raise ValueError(f"no HBM size known for {device.device_kind!r}; add it to USABLE_HBM_GIB")
 
 
 def topology_mesh(topology: str, mesh_shape) -> Mesh:
@@ -78,11 +93,12 @@ def compile_program(config: TrainConfig, mesh: Mesh) -> tuple[TrainProgram, obje
 
 
 def decode_lowered(model: str, mesh: Mesh, images: int, size: int = 512, cfg: float = 3.0,
-                   dtype: str = "bfloat16", prompt_length: int = 64):
+                   dtype: str = "bfloat16", prompt_length: int = 64, quantize: str = "none"):
     """The prefill and decode loop for `images` pictures of size x size (with CFG: two rows each),
-    the model's parameters in `dtype`, placed on `mesh` by the logical rules; nothing allocated."""
+    the model's parameters in `dtype` (`quantize="int8"`: its matmul kernels in int8), placed on
+    `mesh` by the logical rules; nothing allocated."""
     config = UniTokenConfig.from_dict(configs.get_config(f"model.py:{model}").model).replace(
-        dtype=dtype, param_dtype=dtype, remat_policy="none")
+        dtype=dtype, param_dtype=dtype, remat_policy="none", quantize=quantize)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(config),
                           param_shardings(config, mesh))
     loop = DecodeLoop(config, params, mesh)
@@ -102,14 +118,18 @@ def decode_main(argv) -> None:
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight format (int8: weight-only)")
     args = parser.parse_args(argv)
     devices = topology_devices(args.topology)
     shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else (1, devices.size, 1)
     mesh = topology_mesh(args.topology, shape)
     start = time.time()
-    config, (prefill, loop) = decode_lowered(args.model, mesh, args.images, args.size, dtype=args.dtype)
-    print(f"{args.topology}: {mesh.size} chips, mesh {shape}; {args.model} in {args.dtype}, {args.images} x "
-          f"{args.size}px with CFG ({2 * args.images} rows)")
+    config, (prefill, loop) = decode_lowered(args.model, mesh, args.images, args.size, dtype=args.dtype,
+                                             quantize=args.quantize)
+    weights = f"{args.dtype}" + (f", {args.quantize} weights" if args.quantize != "none" else "")
+    hbm = hbm_bytes(devices.flat[0])
+    print(f"{args.topology}: {mesh.size} chips ({hbm / 2**30:.2f} GiB usable each), mesh {shape}; {args.model} in "
+          f"{weights}, {args.images} x {args.size}px with CFG ({2 * args.images} rows)")
     for name, lowered in (("prefill", prefill), ("decode loop", loop)):
         try:
             mem = lowered.compile().memory_analysis()
@@ -118,7 +138,8 @@ def decode_main(argv) -> None:
             continue
         total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
             mem.temp_size_in_bytes
-        print(f"{name}: {total / 2**30:.2f} GiB a chip (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
+        verdict = "fits" if total <= hbm else "does NOT fit"
+        print(f"{name}: {total / 2**30:.2f} GiB a chip, {verdict} (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
               f"temporaries {mem.temp_size_in_bytes / 2**30:.2f}, outputs {mem.output_size_in_bytes / 2**30:.2f}, "
               f"aliased {mem.alias_size_in_bytes / 2**30:.2f})")
     print(f"compiled in {time.time() - start:.0f} s")

@@ -10,11 +10,20 @@ import sys
 from unitoken_jax import configs
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
+from unitoken_jax.models.config import QUANTIZE_MODES
 
 
 def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
 
+    if args.quantize not in (None, "none"):  # quantize once: HF or float Orbax -> an int8 Orbax checkpoint
+        import unitoken_jax
+
+        model = unitoken_jax.load(args.src, param_dtype=args.dtype, quantize=args.quantize)
+        model.save(args.dst)
+        print(f"wrote {model.config.quantize} weights ({model.num_params() / 1e6:.1f}M values) in our Orbax "
+              f"format to {args.dst}")
+        return 0
     if orbax_io.is_orbax_checkpoint(args.src):
         config, params, passthrough, sidecar = orbax_io.restore(args.src)
         dtype = args.dtype or sidecar.get("hf_dtype", "float32")
@@ -88,7 +97,7 @@ def _pipeline(args):
         world = default.settings()
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         logging.getLogger(__name__).info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
-        pipe = default.pipeline(dtype=args.dtype)
+        pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize)
         if args.image_prefix is not None:
             pipe.image_prefix = [int(x) for x in args.image_prefix.split(",") if x.strip()]
         return pipe
@@ -99,7 +108,7 @@ def _pipeline(args):
         paths[name] = getattr(args, name) or os.environ.get(env)
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
-    model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype)
+    model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize)
     prefix = REFERENCE_IMAGE_PREFIX if args.image_prefix is None else [
         int(x) for x in args.image_prefix.split(",") if x.strip()]
     vq = VQTokenizer.from_dir(paths["vqgan"]) if os.path.isdir(paths["vqgan"]) else VQTokenizer.from_meta(paths["vqgan"])
@@ -252,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--to", dest="dst", required=True, help="output directory")
     convert.add_argument("--dtype", default=None,
                          help="dtype to store (default: the source's own, so the conversion is lossless)")
+    convert.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                         help="int8: store weight-only int8 (our Orbax format only), so later loads need no "
+                              "quantizing")
     convert.add_argument("--max-shard-gb", type=float, default=SHARD_BYTES / 1024**3,
                          help="largest safetensors file written (and held in memory) when writing the HF layout")
     convert.set_defaults(func=_convert)
@@ -278,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
         p.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop of input pictures (512)")
         p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+        p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                       help="weight format: int8 quantizes every matmul kernel as it loads (about half the "
+                            "memory of bfloat16); default: the checkpoint's own")
         p.add_argument("--image-prefix", default=None,
                        help="comma-separated ids put before <racm3:break> when asking for a picture "
                             "(default: the reference's 16853; '' for none)")

@@ -18,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from unitoken_jax import sharding
 from unitoken_jax.convert import hf as hf_io
 from unitoken_jax.convert import orbax_io
-from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.models.config import UniTokenConfig, check_quantize
 from unitoken_jax.models.loss import lm_loss
+from unitoken_jax.models.quantize import LeafQuantizer, quantize_params
 from unitoken_jax.models.unitoken import (
     UniToken,
     abstract_params,
@@ -165,11 +167,33 @@ class UniTokenModel:
     # --- saving -----------------------------------------------------------------------------
     def save_hf(self, path: str, dtype: str | None = None, progress: bool = False) -> None:
         """Writes the release's HF layout (safetensors + config.json), by default in the dtype it was read in."""
+        if self.config.quantize != "none":
+            raise ValueError(f"this model holds {self.config.quantize} weights, which the HF layout cannot carry; "
+                             "save() it in our Orbax format, or write the float checkpoint it came from")
         hf_io.write_hf(path, self.config, self.params, self.passthrough, self.hf_config, dtype or self.hf_dtype,
                        progress=progress)
 
+    def quantize(self, mode: str = "int8") -> "UniTokenModel":
+        """A model with the same parameters in `mode` (weight-only int8: every matmul kernel int8
+        with a float32 scale per output channel; see `unitoken_jax.models.quantize`). For
+        inference: training refuses quantized weights. The parameters keep their placement."""
+        check_quantize(mode)
+        if mode == self.config.quantize:
+            return self
+        if mode == "none":
+            raise ValueError(f"this model's weights are {self.config.quantize} already; load the float checkpoint "
+                             "to get float weights back")
+        q_config = self.config.replace(quantize=mode)
+        model = UniTokenModel(q_config, quantize_params(self.params, self.config, mode), self.passthrough,
+                              self.hf_config, self.hf_dtype, source=self.source)
+        model.mesh, model.kind, model.qk_norm_layout = self.mesh, self.kind, self.qk_norm_layout
+        if self.mesh is not None:
+            model.shard(self.mesh)
+        return model
+
     def save(self, path: str) -> None:
-        """Writes our Orbax checkpoint (see `unitoken_jax.convert.orbax_io`)."""
+        """Writes our Orbax checkpoint (see `unitoken_jax.convert.orbax_io`); a quantized model is
+        stored quantized, and loads back so."""
         orbax_io.save(path, self.config, self.params, self.passthrough,
                       {"hf_config": self.hf_config, "hf_dtype": self.hf_dtype})
 
@@ -209,6 +233,63 @@ def _entry_point(name: str, config: UniTokenConfig):
     return jax.jit(fn)
 
 
+def _load_orbax(path: str, param_dtype: str | None, mesh: Mesh | None, quantize: str | None) -> UniTokenModel:
+    stored = UniTokenConfig.from_dict(orbax_io.read_sidecar(path)["config"])
+    stored = stored.replace(param_dtype=param_dtype or stored.param_dtype)
+    if quantize is None or quantize == stored.quantize:
+        config = stored
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract_params(config), _placement(config, mesh))
+        _, params, passthrough, sidecar = orbax_io.restore(path, target)
+    elif stored.quantize != "none":
+        raise ValueError(f"{path} holds {stored.quantize} weights; it cannot be loaded as quantize={quantize!r} "
+                         "(load the float checkpoint it was made from)")
+    else:  # a float checkpoint, quantized leaf by leaf as it is restored
+        quantizer = LeafQuantizer(stored, quantize)
+        config = quantizer.config
+        placement = traverse_util.flatten_dict(_placement(config, mesh))
+        flat = {}
+        for leaf_path, array in orbax_io.restore_leaves(path, abstract_params(stored)):
+            values, scale = quantizer(leaf_path, array)
+            flat[leaf_path] = jax.device_put(values, placement[leaf_path])
+            if scale is not None:
+                scale_path = quantizer.scale_path(leaf_path)
+                flat[scale_path] = jax.device_put(scale, placement[scale_path])
+        params = traverse_util.unflatten_dict(flat)
+        passthrough, sidecar = orbax_io.restore_passthrough(path), orbax_io.read_sidecar(path)
+    return UniTokenModel(config, params, passthrough, sidecar.get("hf_config"), sidecar.get("hf_dtype", "float32"),
+                         source=path)
+
+
+def _load_hf(path: str, param_dtype: str | None, mesh: Mesh | None, progress: bool, quantize: str | None) -> UniTokenModel:
+    state: dict[str, Any] = {}
+    scales: dict[tuple[str, ...], jax.Array] = {}
+
+    def place(config, leaf_path, array):
+        if not state:  # the first tensor: the config is known now
+            state["quantizer"] = LeafQuantizer(config, quantize) if quantize not in (None, "none") else None
+            state["tree"] = traverse_util.flatten_dict(
+                _placement(state["quantizer"].config if state["quantizer"] else config, mesh))
+        if state["quantizer"] is not None:
+            array, scale = state["quantizer"](leaf_path, array)
+            if scale is not None:
+                scale_path = LeafQuantizer.scale_path(leaf_path)
+                scales[scale_path] = jax.device_put(scale, state["tree"][scale_path])
+        return jax.device_put(array, state["tree"][tuple(leaf_path)])
+
+    ckpt = hf_io.read_hf(path, param_dtype=param_dtype, progress=progress, place=place)
+    log.info("loaded %s checkpoint from %s%s", ckpt.kind, path,
+             f"; QK-norm layout: {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else "")
+    config, params = ckpt.config, ckpt.params
+    if state.get("quantizer") is not None:
+        config = state["quantizer"].config
+        params = traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **scales})
+    model = UniTokenModel(config, params, ckpt.passthrough, ckpt.hf_config, ckpt.dtype, source=path)
+    model.qk_norm_layout = ckpt.qk_norm_layout
+    model.kind = ckpt.kind
+    return model
+
+
 def _placement(config: UniTokenConfig, mesh: Mesh | None):
     """Per-parameter shardings: by the logical rules on `mesh`, or the first device."""
     if mesh is None:
@@ -217,38 +298,24 @@ def _placement(config: UniTokenConfig, mesh: Mesh | None):
     return param_shardings(config, mesh)
 
 
-def load(path: str, *, param_dtype: str = "float32", mesh: Mesh | None = None, progress: bool = True,
-         **config_overrides) -> UniTokenModel:
+def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = None, progress: bool = True,
+         quantize: str | None = None, **config_overrides) -> UniTokenModel:
     """Loads an HF-format directory (UniToken, Chameleon / Lumina-mGPT, or SigLIP) or one of our
-    Orbax checkpoints. `config_overrides` replace fields of the model config (e.g.
+    Orbax checkpoints, parameters in `param_dtype` (None: the checkpoint's own). `config_overrides` replace fields of the model config (e.g.
     `dtype="bfloat16"`, `remat_policy="full"`); `mesh` places the parameters sharded.
 
-    Each parameter goes to the devices as soon as it is read, so the host holds at most one
-    parameter beyond what is already placed."""
+    `quantize="int8"` gives weight-only int8 for inference (see `UniTokenModel.quantize`),
+    quantized as each tensor is read; None keeps the checkpoint's own format (a quantized Orbax
+    checkpoint loads quantized). Each parameter goes to the devices as soon as it is read (and
+    quantized), so the host holds at most one parameter beyond what is already placed."""
+    if quantize is not None:
+        check_quantize(quantize)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     if orbax_io.is_orbax_checkpoint(path):
-        config = UniTokenConfig.from_dict(orbax_io.read_sidecar(path)["config"]).replace(param_dtype=param_dtype)
-        abstract = abstract_params(config)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                              _placement(config, mesh))
-        _, params, passthrough, sidecar = orbax_io.restore(path, target)
-        model = UniTokenModel(config, params, passthrough, sidecar.get("hf_config"),
-                              sidecar.get("hf_dtype", "float32"), source=path)
+        model = _load_orbax(path, param_dtype, mesh, quantize)
     else:
-        shardings = {}
-
-        def place(config, leaf_path, array):
-            if not shardings:
-                shardings["tree"] = _placement(config, mesh)
-            return jax.device_put(array, hf_io.get_path(shardings["tree"], leaf_path))
-
-        ckpt = hf_io.read_hf(path, param_dtype=param_dtype, progress=progress, place=place)
-        log.info("loaded %s checkpoint from %s%s", ckpt.kind, path,
-                 f"; QK-norm layout: {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else "")
-        model = UniTokenModel(ckpt.config, ckpt.params, ckpt.passthrough, ckpt.hf_config, ckpt.dtype, source=path)
-        model.qk_norm_layout = ckpt.qk_norm_layout
-        model.kind = ckpt.kind
+        model = _load_hf(path, param_dtype, mesh, progress, quantize)
     model.mesh = mesh
     if config_overrides:
         model.config = model.config.replace(**config_overrides)

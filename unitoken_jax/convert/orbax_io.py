@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
@@ -81,7 +82,26 @@ def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.n
         if target is None:
             target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params(config))
         params = ckpt.restore(os.path.join(path, "params"), target)
-        passthrough = {}
-        if os.path.exists(os.path.join(path, "passthrough")):
-            passthrough = _flatten(ckpt.restore(os.path.join(path, "passthrough")))
-    return config, params, passthrough, sidecar
+    return config, params, restore_passthrough(path), sidecar
+
+
+def restore_leaves(path: str, abstract: dict):
+    """Yields (leaf path, numpy array) for every leaf of `abstract`, restoring one leaf at a time
+    (an Orbax partial restore), so the host holds one parameter, not the model."""
+    params_dir = os.path.join(os.path.abspath(path), "params")
+    flat = traverse_util.flatten_dict(abstract)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        for leaf_path, leaf in flat.items():
+            item = traverse_util.unflatten_dict({leaf_path: np.empty(leaf.shape, leaf.dtype)})
+            restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), item)
+            tree = ckpt.restore(params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                         partial_restore=True))
+            yield leaf_path, traverse_util.flatten_dict(tree)[leaf_path]
+
+
+def restore_passthrough(path: str) -> dict[str, np.ndarray]:
+    directory = os.path.join(os.path.abspath(path), "passthrough")
+    if not os.path.exists(directory):
+        return {}
+    with ocp.StandardCheckpointer() as ckpt:
+        return _flatten(ckpt.restore(directory))

@@ -194,6 +194,7 @@ class DecodeLoop:
     @functools.cached_property
     def _run(self):
         vocab = self.config.decoder.vocab_size
+        codes = min(grid.CODE_LOGITS, vocab)  # a text-only decoder's vocabulary may end before the codes
 
         def run(params, s: SamplingState, p: RowParams, chunk_end, max_k, n_requests):
             def cond(s: SamplingState):
@@ -217,7 +218,7 @@ class DecodeLoop:
                 g = s.grid
                 # while every row draws codes (or is forced, or done), only the code logits can win
                 tok = jax.lax.cond(grid.codes_only(jax.tree.map(lambda a: a[:n_requests], g)),
-                                   lambda: draw(s, grid.CODE_LOGITS), lambda: draw(s, vocab))
+                                   lambda: draw(s, codes), lambda: draw(s, vocab))
                 tok = jnp.take(tok, p.primary)  # unconditional rows follow their row's choice
                 forced = grid.forced_token(g)
                 tok = jnp.where(forced >= 0, forced, tok)
@@ -237,8 +238,8 @@ class DecodeLoop:
                                             cache=s.cache, return_hidden=True)
 
                 def code_logits(h):  # only image codes can be drawn next: 1/8 of the projection
-                    part = self._apply(params, h, grid.CODE_LOGITS, method=UniToken.head)
-                    return jnp.pad(part, ((0, 0), (0, 0), (0, vocab - grid.CODE_LOGITS)),
+                    part = self._apply(params, h, codes, method=UniToken.head)
+                    return jnp.pad(part, ((0, 0), (0, 0), (0, vocab - codes)),
                                    constant_values=sampling.NEG_INF)
 
                 logits = jax.lax.cond(grid.codes_only(g), code_logits,

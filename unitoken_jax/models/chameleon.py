@@ -30,6 +30,7 @@ from unitoken_jax.models.layers import (
     RMSNorm,
     attend,
     causal_dot_product_attention,
+    kernel_product,
     rotary_embedding,
     segment_causal_mask,
 )
@@ -53,6 +54,7 @@ class Attention(nn.Module):
     config: DecoderConfig
     dtype: Any
     param_dtype: Any
+    quantize: str = "none"
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, mask_BTS, cache: Cache | None, layer_index, cache_index_B):
@@ -61,7 +63,8 @@ class Attention(nn.Module):
         d = cfg.hidden_size
 
         def proj(shape, axes, equation, name):
-            return Projection(shape, axes, equation, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            return Projection(shape, axes, equation, dtype=self.dtype, param_dtype=self.param_dtype,
+                              quantize=self.quantize, name=name)
 
         q_BTNH = proj((d, n, h), ("embed", "heads", "head_dim"), "BTD,DNH->BTNH", "q_proj")(x_BTD)
         k_BTKH = proj((d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH", "k_proj")(x_BTD)
@@ -102,17 +105,21 @@ class Mlp(nn.Module):
     config: DecoderConfig
     dtype: Any
     param_dtype: Any
+    quantize: str = "none"
 
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.config
-        dense = lambda features, axes, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_kernel_init(axes), name=name)
-        gate_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BTD)
-        up_BTF = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x_BTD)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+
+        def dense(shape, axes, equation, name):
+            return Projection(shape, axes, equation, dtype=self.dtype, param_dtype=self.param_dtype,
+                              quantize=self.quantize, name=name)
+
+        gate_BTF = dense((d, f), ("embed", "mlp"), "BTD,DF->BTF", "gate_proj")(x_BTD)
+        up_BTF = dense((d, f), ("embed", "mlp"), "BTD,DF->BTF", "up_proj")(x_BTD)
         hidden_BTF = constrain(nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_length", "act_mlp"))
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden_BTF)
+        return dense((f, d), ("mlp", "embed"), "BTF,FD->BTD", "down_proj")(hidden_BTF)
 
 
 class DecoderLayer(nn.Module):
@@ -122,13 +129,14 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig
     dtype: Any
     param_dtype: Any
+    quantize: str = "none"
 
     @nn.compact
     def __call__(self, carry, layer_index, positions_BT, mask_BTS, cache_index_B, deterministic: bool):
         x_BTD, cache = carry
         cfg = self.config
-        attn = Attention(cfg, self.dtype, self.param_dtype, name="self_attn")
-        mlp = Mlp(cfg, self.dtype, self.param_dtype, name="mlp")
+        attn = Attention(cfg, self.dtype, self.param_dtype, self.quantize, name="self_attn")
+        mlp = Mlp(cfg, self.dtype, self.param_dtype, self.quantize, name="mlp")
         norm_1 = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")
         norm_2 = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")
         drop = nn.Dropout(cfg.dropout)
@@ -163,6 +171,7 @@ class ChameleonDecoder(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat_policy: str = "none"
+    quantize: str = "none"  # "int8": every projection and the LM head hold int8 kernels (inference)
 
     def setup(self):
         cfg = self.config
@@ -178,12 +187,12 @@ class ChameleonDecoder(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.dtype, self.param_dtype)
+            )(cfg, self.dtype, self.param_dtype, self.quantize)
         else:
-            self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")
+            self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, self.quantize, name=f"layers_{i}")
                            for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
-        self.lm_head = LMHead(cfg.vocab_size, self.dtype, self.param_dtype)
+        self.lm_head = LMHead(cfg.vocab_size, self.dtype, self.param_dtype, self.quantize)
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens_BT)
@@ -253,14 +262,12 @@ class LMHead(nn.Module):
     vocab_size: int
     dtype: Any
     param_dtype: Any
+    quantize: str = "none"
 
     @nn.compact
     def __call__(self, x_BTD, stop: int | None = None):
-        kernel = self.param("kernel", _kernel_init(("embed", "vocab")), (x_BTD.shape[-1], self.vocab_size),
-                            self.param_dtype)
-        if stop is not None:
-            kernel = kernel[:, :stop]
-        return jnp.einsum("BTD,DV->BTV", x_BTD.astype(self.dtype), kernel.astype(self.dtype))
+        return kernel_product(self, x_BTD, "BTD,DV->BTV", (x_BTD.shape[-1], self.vocab_size), ("embed", "vocab"),
+                              dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize, stop=stop)
 
 
 def init_cache(config: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> Cache:

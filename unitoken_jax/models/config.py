@@ -13,6 +13,15 @@ import typing
 from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+QUANTIZE_MODES = ("none", "int8")
+
+
+def check_quantize(mode: str) -> str:
+    """`mode` if it is a supported weight format, else a ValueError naming the supported ones."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={mode!r} is not supported; the supported modes are "
+                         f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
+    return mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +107,9 @@ class UniTokenConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Weight format for inference: "none" (param_dtype everywhere) or "int8" (every matmul kernel
+    # int8 with a float32 scale per output channel; see `unitoken_jax.quantize`).
+    quantize: str = "none"
 
     @property
     def has_adapter(self) -> bool:
@@ -112,6 +124,7 @@ class UniTokenConfig:
             self.vision.validate()
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        check_quantize(self.quantize)
         return self
 
     def replace(self, **changes: Any) -> "UniTokenConfig":

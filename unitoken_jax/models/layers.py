@@ -6,10 +6,14 @@ heads, K key/value heads, G query heads per key/value head, H head dim, F MLP wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
+from unitoken_jax.models.config import check_quantize
 from unitoken_jax.sharding import check_names
 
 Dtype = jnp.dtype
@@ -142,8 +146,72 @@ def segment_causal_mask(segment_ids_BT: jax.Array) -> jax.Array:
     return causal_TS[None] & same_BTS
 
 
+def _kept_letters(equation: str) -> tuple[str, str, str]:
+    """(kernel letters, contracted letters, kernel letters kept in the output) of 'x,kernel->out'."""
+    inputs, out = equation.replace(" ", "").split("->")
+    kernel = inputs.split(",")[1]
+    contracted = "".join(c for c in kernel if c not in out)
+    kept = "".join(c for c in kernel if c in out)
+    if not out.endswith(kept):
+        raise ValueError(f"{equation}: the kernel's output dims must end the output, in the kernel's order "
+                         "(the int8 scales broadcast over them)")
+    return kernel, contracted, kept
+
+
+def scale_shape(kernel_shape: tuple[int, ...], equation: str) -> tuple[int, ...]:
+    """The int8 scale of a kernel: its shape with the contracted dims set to 1 (one scale per
+    output channel)."""
+    kernel, contracted, _ = _kept_letters(equation)
+    return tuple(1 if c in contracted else n for c, n in zip(kernel, kernel_shape))
+
+
+def kernel_product(module: nn.Module, x: jax.Array, equation: str, shape: tuple[int, ...], axes: tuple[str, ...],
+                   *, dtype, param_dtype, quantize: str = "none", init=nn.initializers.normal(stddev=0.02),
+                   stop: int | None = None) -> jax.Array:
+    """`einsum(equation, x, kernel)` for the module's parameter `kernel` — the one place a weight
+    meets an activation, and so the rule for what int8 quantizes: every such kernel, and nothing
+    else (norms, biases, embedding tables, convolutions stay as they are).
+
+    With `quantize="int8"` the module holds `kernel` as int8 and `kernel_scale` (float32, the
+    kernel's shape with the contracted dims at 1): the int8 values enter the dot converted to
+    `dtype` — inside the computation, one layer at a time — and the per-output-channel scale
+    multiplies the (much smaller) result. `stop` keeps the first `stop` entries of the kernel's
+    last dim (an LM head computing the image-code logits only)."""
+    if check_quantize(quantize) == "none":
+        kernel = param_with_axes(module, "kernel", init, shape, param_dtype, axes)
+        if stop is not None:
+            kernel = kernel[..., :stop]
+        return jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
+    kernel = param_with_axes(module, "kernel", nn.initializers.zeros, shape, jnp.int8, axes)
+    s_shape = scale_shape(shape, equation)
+    s_axes = tuple(None if n == 1 and m != 1 else a for n, m, a in zip(s_shape, shape, axes))
+    scale = param_with_axes(module, "kernel_scale", nn.initializers.ones, s_shape, jnp.float32, s_axes)
+    if stop is not None:
+        kernel, scale = kernel[..., :stop], scale[..., :stop]
+    letters, contracted, _ = _kept_letters(equation)
+    scale_out = scale.reshape([n for c, n in zip(letters, scale.shape) if c not in contracted])
+    y = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
+    return y * scale_out.astype(y.dtype)
+
+
+def quantize_int8(kernel, shape_of_scale: tuple[int, ...]):
+    """Symmetric int8 quantization of a float kernel with one scale per entry of `shape_of_scale`
+    (the dims of size 1 are reduced): returns (int8 values, float32 scale), kernel ~= values * scale.
+    Works on NumPy (host) and JAX arrays alike."""
+    xp = jnp if isinstance(kernel, jax.Array) else np
+    w = xp.asarray(kernel, xp.float32)
+    axes = tuple(i for i, (n, m) in enumerate(zip(shape_of_scale, w.shape)) if n == 1 and m != 1)
+    amax = xp.max(xp.abs(w), axis=axes, keepdims=True) if axes else xp.abs(w)
+    amax = xp.where(amax > 0, amax, 127.0).astype(xp.float32)
+    # w * (127 / amax), not w / (amax / 127): XLA turns a division by a broadcast into that product
+    # anyway, and the host (NumPy) and device quantizers must round exactly alike.
+    values = xp.clip(xp.round(w * (xp.float32(127.0) / amax)), -127, 127).astype(xp.int8)
+    return values, (amax / xp.float32(127.0)).reshape(shape_of_scale)
+
+
 class Projection(nn.Module):
-    """`einsum(equation, x, kernel)` (+ bias) with a multi-dimensional, logically named kernel.
+    """`einsum(equation, x, kernel)` (+ bias) with a multi-dimensional, logically named kernel
+    (int8 with a per-output-channel scale when `quantize="int8"`; see `kernel_product`).
 
     Used instead of `nn.DenseGeneral`, which initialises a flattened 2-D kernel and so cannot
     carry per-dimension axis names.
@@ -155,12 +223,13 @@ class Projection(nn.Module):
     bias_axes: tuple[str, ...] | None = None  # names of the trailing kernel dims the bias covers
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    quantize: str = "none"
+    kernel_init: Any = nn.initializers.normal(stddev=0.02)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = param_with_axes(self, "kernel", nn.initializers.normal(stddev=0.02), self.kernel_shape,
-                                 self.param_dtype, self.kernel_axes)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = kernel_product(self, x, self.equation, self.kernel_shape, self.kernel_axes, dtype=self.dtype,
+                           param_dtype=self.param_dtype, quantize=self.quantize, init=self.kernel_init)
         if self.bias_axes is not None:
             shape = self.kernel_shape[len(self.kernel_shape) - len(self.bias_axes):]
             bias = param_with_axes(self, "bias", nn.initializers.zeros, shape, self.param_dtype, self.bias_axes)

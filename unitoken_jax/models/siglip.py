@@ -67,6 +67,7 @@ class VisionLayer(nn.Module):
     config: VisionConfig
     dtype: Any
     param_dtype: Any
+    quantize: str = "none"
 
     @nn.compact
     def __call__(self, x_BTD, _unused=None):
@@ -76,7 +77,7 @@ class VisionLayer(nn.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
 
         def proj(shape, axes, equation, bias_axes, name):
-            return Projection(shape, axes, equation, bias_axes, self.dtype, self.param_dtype, name=name)
+            return Projection(shape, axes, equation, bias_axes, self.dtype, self.param_dtype, self.quantize, name=name)
 
         y = LayerNorm(cfg.layer_norm_eps, self.param_dtype, name="layer_norm1")(x_BTD)
         head_axes = ("embed", "heads", "head_dim")
@@ -104,6 +105,7 @@ class SiglipVisionTower(nn.Module):
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: bool = False
+    quantize: str = "none"  # "int8": the layers' projections hold int8 kernels (the patch conv stays float)
 
     @nn.compact
     def __call__(self, pixels_NHWC: jax.Array) -> jax.Array:
@@ -131,10 +133,10 @@ class SiglipVisionTower(nn.Module):
         if self.scan_layers:
             x_BTD, _ = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-                                   cfg, self.dtype, self.param_dtype, name="layers")(x_BTD, None)
+                                   cfg, self.dtype, self.param_dtype, self.quantize, name="layers")(x_BTD, None)
         else:
             for i in range(cfg.num_layers):
-                x_BTD, _ = layer_cls(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(x_BTD)
+                x_BTD, _ = layer_cls(cfg, self.dtype, self.param_dtype, self.quantize, name=f"layers_{i}")(x_BTD)
         return LayerNorm(cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x_BTD)
 
 
@@ -144,14 +146,14 @@ class Adapter(nn.Module):
     out_features: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    quantize: str = "none"
 
     @nn.compact
     def __call__(self, x):
-        def dense(axes, name):
-            return nn.Dense(self.out_features, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=_init(nn.initializers.lecun_normal(), axes),
-                            bias_init=_init(nn.initializers.zeros, axes[1:]), name=name)
+        def dense(d_in, axes, name):
+            return Projection((d_in, self.out_features), axes, "...D,DF->...F", axes[1:], self.dtype,
+                              self.param_dtype, self.quantize, nn.initializers.lecun_normal(), name=name)
 
-        x = dense(("embed", "mlp"), "fc1")(x)
+        x = dense(x.shape[-1], ("embed", "mlp"), "fc1")(x)
         x = nn.gelu(x, approximate=False)
-        return dense(("mlp", "embed"), "fc2")(x)
+        return dense(self.out_features, ("mlp", "embed"), "fc2")(x)

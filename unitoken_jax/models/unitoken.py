@@ -26,11 +26,13 @@ class UniToken(nn.Module):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if cfg.decoder is not None:
-            self.decoder = ChameleonDecoder(cfg.decoder, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy)
+            self.decoder = ChameleonDecoder(cfg.decoder, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy,
+                                            cfg.quantize)
         if cfg.vision is not None:
-            self.vit = SiglipVisionTower(cfg.vision, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy != "none")
+            self.vit = SiglipVisionTower(cfg.vision, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy != "none",
+                                         cfg.quantize)
         if cfg.has_adapter:
-            self.adapter = Adapter(cfg.decoder.hidden_size, dtype, param_dtype)
+            self.adapter = Adapter(cfg.decoder.hidden_size, dtype, param_dtype, cfg.quantize)
 
     def vision_features(self, pixels_NHWC: jax.Array) -> jax.Array:
         """SigLIP last hidden state [N, T, vision hidden]."""

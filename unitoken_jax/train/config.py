@@ -106,6 +106,9 @@ class TrainConfig:
         self.optimizer.validate()
         self.data.validate()
         self.model.validate()
+        if self.model.quantize != "none":
+            raise ValueError(f"model.quantize={self.model.quantize!r}: quantized weights are for inference only; "
+                             "training supports quantize='none' (the supported inference modes are 'none', 'int8')")
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage={self.stage}; the stages are 1, 2 and 3")
         for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_a_row"):

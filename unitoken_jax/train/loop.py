@@ -73,6 +73,9 @@ def initial_params(config: TrainConfig, mesh):
                 raise FileNotFoundError(f"{path} has no finished stage (no {final}); finish that stage first")
             path = final
         loaded = load(path, mesh=mesh, progress=jax.process_index() == 0)
+        if loaded.config.quantize != "none":
+            raise ValueError(f"{path} holds {loaded.config.quantize} weights, which are for inference only; "
+                             "initialise training from the float checkpoint (quantize='none')")
         for part, value in loaded.params.items():
             mine = params.get(part)
             if mine is None:

@@ -49,10 +49,11 @@ def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict |
                   indent=1)
 
 
-def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None):
-    """The bundled model as a `UniTokenPipeline` (its parameters sharded over `mesh` if given)."""
+def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantize: str | None = None):
+    """The bundled model as a `UniTokenPipeline` (its parameters sharded over `mesh` if given;
+    `quantize="int8"` for int8 weights)."""
     s = settings(path)
-    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh)
+    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh, quantize=quantize)
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
                             image_prefix=s["image_prefix"])

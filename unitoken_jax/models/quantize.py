@@ -1,0 +1,101 @@
+"""Weight-only int8 for inference: which parameters become int8, and turning float ones into it.
+
+The rule lives in the modules, not here: every weight that meets an activation in a matmul goes
+through `layers.kernel_product`, which in an int8 model declares `kernel` (int8) and
+`kernel_scale` (float32, the kernel's shape with its contracted dims at 1). So a parameter is
+quantized exactly when the int8 model's parameter tree has an int8 leaf where the float one has a
+float leaf — norms, biases, embedding tables and the patch convolution are left as they are,
+because no module asks for them in int8. This file only follows that tree.
+
+    q_config = config.replace(quantize="int8")
+    q_params = quantize_params(params, config)                     # a whole tree (host or device)
+    to_int8 = LeafQuantizer(config)                                 # one leaf at a time, as a loader reads
+    values, scale = to_int8(("decoder", "lm_head", "kernel"), w)    # or (w, None) for a leaf left as it is
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from unitoken_jax.models.config import UniTokenConfig, check_quantize
+from unitoken_jax.models.layers import quantize_int8
+from unitoken_jax.models.unitoken import abstract_params
+
+SCALE = "kernel_scale"
+
+
+class LeafQuantizer:
+    """Quantizes the leaves of a float parameter tree one at a time, by the int8 model's tree.
+
+    `__call__(path, array)` returns (int8 values, float32 scale) for a leaf the int8 model holds
+    in int8, else (array, None). The scale belongs beside the values, under `scale_path(path)`.
+    A scanned leaf (a leading layers axis the scale keeps) is quantized one layer at a time, so the
+    float32 working copy is one layer of one tensor."""
+
+    def __init__(self, config: UniTokenConfig, mode: str = "int8"):
+        if check_quantize(mode) == "none":
+            raise ValueError("LeafQuantizer needs a quantized mode ('int8')")
+        if config.quantize != "none":
+            raise ValueError(f"the parameters are already quantized ({config.quantize})")
+        self.config = config.replace(quantize=mode)
+        self.int8 = traverse_util.flatten_dict(abstract_params(self.config))
+
+    def is_quantized(self, path: tuple[str, ...]) -> bool:
+        leaf = self.int8.get(tuple(path))
+        return leaf is not None and leaf.dtype == np.int8 and self.scale_path(path) in self.int8
+
+    @staticmethod
+    def scale_path(path: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(path[:-1]) + (SCALE,)
+
+    def scale_struct(self, path: tuple[str, ...]) -> jax.ShapeDtypeStruct:
+        return self.int8[self.scale_path(path)]
+
+    def __call__(self, path: tuple[str, ...], array) -> tuple[Any, Any]:
+        path = tuple(path)
+        if not self.is_quantized(path):
+            return array, None
+        scale_shape = self.scale_struct(path).shape
+        if isinstance(array, jax.Array):  # on devices already: one jitted pass, sharding kept
+            return jax.jit(quantize_int8, static_argnums=1)(array, scale_shape)
+        array = np.asarray(array)
+        if array.ndim >= 3 and scale_shape[0] == array.shape[0] and array.shape[0] > 1:
+            values = np.empty(array.shape, np.int8)
+            scale = np.empty(scale_shape, np.float32)
+            for i in range(array.shape[0]):
+                values[i], scale[i] = quantize_int8(array[i], scale_shape[1:])
+            return values, scale
+        return quantize_int8(array, scale_shape)
+
+
+def quantize_params(params: dict, config: UniTokenConfig, mode: str = "int8") -> dict:
+    """The int8 model's parameter tree (for `config.replace(quantize=mode)`) from float parameters."""
+    quantizer = LeafQuantizer(config, mode)
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, array in flat.items():
+        values, scale = quantizer(path, array)
+        out[path] = values
+        if scale is not None:
+            out[quantizer.scale_path(path)] = scale
+    missing = sorted(set(quantizer.int8) - set(out))
+    if missing:
+        raise ValueError(f"the parameters lack {['/'.join(p) for p in missing[:4]]} of the int8 model")
+    return traverse_util.unflatten_dict(out)
+
+
+def dequantize_params(params: dict) -> dict:
+    """int8 values times their scales, as float32 (what the int8 model computes with, for tests
+    and for inspecting the rounding error)."""
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, array in flat.items():
+        if path[-1] == SCALE:
+            continue
+        scale = flat.get(tuple(path[:-1]) + (SCALE,))
+        out[path] = array if scale is None else np.asarray(array, np.float32) * np.asarray(scale)
+    return traverse_util.unflatten_dict(out)
