@@ -103,6 +103,28 @@ def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):
         assert torch.equal(original[k], back[k]), k
 
 
+def test_cli_convert_quantizes_once(release_dir, tmp_path, capsys):
+    """`convert --quantize int8` writes an int8 Orbax checkpoint that loads int8 with no flag, and
+    equals quantizing on load; an Orbax checkpoint of the old q/k/v layout is a clear error."""
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "q8"), "--quantize", "int8"]) == 0
+    assert "int8 weights" in capsys.readouterr().out
+    stored = unitoken_jax.load(str(tmp_path / "q8"))
+    on_load = unitoken_jax.load(str(release_dir), quantize="int8")
+    assert stored.config.quantize == on_load.config.quantize == "int8"
+    kernel = stored.params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.dtype == np.int8
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(on_load.params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]))
+    tokens = np.arange(12)[None] + 8900
+    np.testing.assert_array_equal(np.asarray(stored.text_logits(tokens)), np.asarray(on_load.text_logits(tokens)))
+
+    sidecar = tmp_path / "q8" / "unitoken_config.json"
+    meta = json.loads(sidecar.read_text())
+    del meta["param_layout"]  # what a checkpoint written before the heads-first q/k/v kernels has
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(unitoken_jax.CheckpointError, match="older unitoken-jax.*unitoken convert"):
+        unitoken_jax.load(str(tmp_path / "q8"))
+
+
 def test_cli_init_writes_a_loadable_random_model(tmp_path, capsys):
     assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "tiny"), "--seed", "3"]) == 0
     model = unitoken_jax.load(str(tmp_path / "tiny"))

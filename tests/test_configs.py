@@ -38,7 +38,7 @@ def test_7b_shapes_and_dtypes():
     assert (cfg.dtype, cfg.param_dtype, cfg.remat_policy) == ("bfloat16", "float32", "full")
     p = abstract_params(cfg)
     attn = p["decoder"]["layers"]["self_attn"]
-    assert attn["q_proj"]["kernel"].shape == (32, 4096, 32, 128)
+    assert attn["q_proj"]["kernel"].shape == (32, 32, 4096, 128)  # [layers, heads, embed, head_dim]
     assert attn["q_norm"]["scale"].shape == (32, 1, 128)
     assert p["vit"]["position_embedding"].shape == (729, 1152)
 

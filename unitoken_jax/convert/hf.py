@@ -62,6 +62,10 @@ LINEAR = Layout(lambda w, s: w.T.reshape(s), lambda w: w.T)  # [out, in] <-> [in
 # [(N H), in] <-> [in, N, H]  (and the bias [(N H)] <-> [N, H])
 OUT_HEADS = Layout(lambda w, s: w.T.reshape(s), lambda w: w.reshape(w.shape[0], -1).T)
 BIAS_HEADS = Layout(lambda w, s: w.reshape(s), lambda w: w.reshape(-1))
+# [(N H), in] <-> [N, in, H]: the decoder's q/k/v kernels, heads first (the layout TPU's dots read
+# in place; [in, N, H] made XLA copy all 32 layers of each into this order before every decode loop)
+HEADS_IN = Layout(lambda w, s: w.reshape(s[0], s[2], s[1]).transpose(0, 2, 1),
+                  lambda w: w.transpose(0, 2, 1).reshape(-1, w.shape[1]))
 # [out, (N H)] <-> [N, H, out]
 IN_HEADS = Layout(lambda w, s: w.T.reshape(s), lambda w: w.reshape(-1, w.shape[-1]).T)
 CONV = Layout(lambda w, s: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
@@ -84,7 +88,7 @@ def _decoder_specs(cfg: DecoderConfig) -> Iterator[TensorSpec]:
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj"):
-            yield TensorSpec(p + f"self_attn.{name}.weight", layer + ("self_attn", name, "kernel"), i, OUT_HEADS)
+            yield TensorSpec(p + f"self_attn.{name}.weight", layer + ("self_attn", name, "kernel"), i, HEADS_IN)
         yield TensorSpec(p + "self_attn.o_proj.weight", layer + ("self_attn", "o_proj", "kernel"), i, IN_HEADS)
         for norm in ("q_norm", "k_norm"):
             yield TensorSpec(p + f"self_attn.{norm}.weight", layer + ("self_attn", norm, "scale"), i, COPY)

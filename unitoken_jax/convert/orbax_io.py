@@ -16,10 +16,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from unitoken_jax.convert.files import CheckpointError
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
 
 SIDECAR = "unitoken_config.json"
+# 2: the decoder's q/k/v kernels are [layers, heads, embed, head_dim] (1: [layers, embed, heads, head_dim])
+PARAM_LAYOUT = 2
 
 
 def is_orbax_checkpoint(path: str) -> bool:
@@ -63,12 +66,22 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
         if passthrough:
             ckpt.save(os.path.join(path, "passthrough"), _nest(passthrough), force=True)
     with open(os.path.join(path, SIDECAR), "w") as f:
-        json.dump({"config": config.to_dict(), **(extra or {})}, f, indent=2, sort_keys=True)
+        json.dump({"config": config.to_dict(), "param_layout": PARAM_LAYOUT, **(extra or {})}, f, indent=2,
+                  sort_keys=True)
 
 
 def read_sidecar(path: str) -> dict[str, Any]:
+    """The checkpoint's JSON sidecar; a checkpoint in an older parameter layout is a CheckpointError
+    that says how to remake it."""
     with open(os.path.join(os.path.abspath(path), SIDECAR)) as f:
-        return json.load(f)
+        sidecar = json.load(f)
+    layout = sidecar.get("param_layout", 1)
+    if layout != PARAM_LAYOUT and sidecar.get("config", {}).get("decoder") is not None:
+        raise CheckpointError(
+            f"{path} was written by an older unitoken-jax (parameter layout {layout}: q/k/v kernels "
+            f"[embed, heads, head_dim]); this one reads layout {PARAM_LAYOUT}. Convert the HF checkpoint it came "
+            f"from again (unitoken convert --from HF_DIR --to {path})")
+    return sidecar
 
 
 def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.ndarray], dict[str, Any]]:
