@@ -298,6 +298,16 @@ def _placement(config: UniTokenConfig, mesh: Mesh | None):
     return param_shardings(config, mesh)
 
 
+def read_config(path: str) -> UniTokenConfig:
+    """The model config of a checkpoint (HF-format or ours), reading no tensor: what to plan
+    memory with before loading (see `unitoken_jax.inference.fit`)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory")
+    if orbax_io.is_orbax_checkpoint(path):
+        return UniTokenConfig.from_dict(orbax_io.read_sidecar(path)["config"])
+    return hf_io.read_config(path)
+
+
 def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = None, progress: bool = True,
          quantize: str | None = None, **config_overrides) -> UniTokenModel:
     """Loads an HF-format directory (UniToken, Chameleon / Lumina-mGPT, or SigLIP) or one of our

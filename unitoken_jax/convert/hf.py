@@ -285,6 +285,19 @@ def _build_config(hf_config, kind, prefix, shapes) -> tuple[UniTokenConfig, str 
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
+def read_config(path: str) -> UniTokenConfig:
+    """The model config of an HF-format directory, from config.json and the safetensors headers
+    only (no tensor is read)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path} has no config.json")
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    headers = _scan_headers(checkpoint_files(path))
+    kind, prefix = _detect_kind(hf_config, headers)
+    return _build_config(hf_config, kind, prefix, headers)[0]
+
+
 def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False,
             place: Callable[[UniTokenConfig, tuple[str, ...], np.ndarray], Any] | None = None) -> HFCheckpoint:
     """Reads an HF-format directory into parameters of our layout, one tensor at a time.

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from unitoken_jax import sharding
 from unitoken_jax.inference import grid, sampling
 from unitoken_jax.inference.grid import GridState
-from unitoken_jax.models.chameleon import Cache, init_cache
+from unitoken_jax.models.chameleon import Cache
 from unitoken_jax.models.unitoken import UniToken, unroll_params
 from unitoken_jax.tokenizer import layout
 
@@ -183,10 +183,10 @@ class DecodeLoop:
         def prefill(params, tokens, segments, cont, index, pixels, cache_len):
             b, length = tokens.shape
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-            cache = init_cache(self.config.decoder, b, cache_len, self.cache_dtype)
             last = jnp.sum(segments, axis=1) - 1
             logits, cache = self._apply(params, tokens, positions, segments, cont if pixels is not None else None,
-                                        index if pixels is not None else None, pixels, cache=cache, logits_at_B=last)
+                                        index if pixels is not None else None, pixels, logits_at_B=last,
+                                        new_cache=(cache_len, self.cache_dtype))
             return logits[:, 0], cache
 
         return jax.jit(prefill, static_argnums=(6,))

@@ -57,7 +57,10 @@ class Attention(nn.Module):
     quantize: str = "none"
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: Cache | None, layer_index, cache_index_B):
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: Cache | None, layer_index, cache_index_B,
+                 return_kv: bool = False):
+        """(output, updated cache); with `return_kv` (no cache) also this layer's keys and values
+        [B, K, T, H], for a prefill to make a cache of."""
         cfg = self.config
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         d = cfg.hidden_size
@@ -100,6 +103,8 @@ class Attention(nn.Module):
         else:
             out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
         out_BTD = proj((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", "o_proj")(out_BTNH)
+        if return_kv:
+            return out_BTD, cache, (k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))
         return out_BTD, cache
 
 
@@ -126,7 +131,8 @@ class Mlp(nn.Module):
 
 class DecoderLayer(nn.Module):
     """One layer; its call signature fits `nn.scan`: carry (hidden, whole KV cache or None), the
-    layer's index (scanned), then broadcast arguments."""
+    layer's index (scanned), then broadcast arguments. Its per-layer output is None, or with
+    `return_kv` the layer's (keys, values): scanned, they stack into a prefill's cache."""
 
     config: DecoderConfig
     dtype: Any
@@ -134,7 +140,8 @@ class DecoderLayer(nn.Module):
     quantize: str = "none"
 
     @nn.compact
-    def __call__(self, carry, layer_index, positions_BT, mask_BTS, cache_index_B, deterministic: bool):
+    def __call__(self, carry, layer_index, positions_BT, mask_BTS, cache_index_B, deterministic: bool,
+                 return_kv: bool = False):
         x_BTD, cache = carry
         cfg = self.config
         attn = Attention(cfg, self.dtype, self.param_dtype, self.quantize, name="self_attn")
@@ -143,26 +150,28 @@ class DecoderLayer(nn.Module):
         norm_2 = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")
         drop = nn.Dropout(cfg.dropout)
 
+        kv = None
         if cfg.swin_norm:  # Chameleon's post-norm variant: normalise each branch's output.
-            attn_out, cache = attn(x_BTD, positions_BT, mask_BTS, cache, layer_index, cache_index_B)
+            attn_out, cache, *kv = attn(x_BTD, positions_BT, mask_BTS, cache, layer_index, cache_index_B, return_kv)
             x_BTD = x_BTD + drop(norm_1(attn_out), deterministic=deterministic)
             x_BTD = x_BTD + drop(norm_2(mlp(x_BTD)), deterministic=deterministic)
         else:
-            attn_out, cache = attn(norm_1(x_BTD), positions_BT, mask_BTS, cache, layer_index, cache_index_B)
+            attn_out, cache, *kv = attn(norm_1(x_BTD), positions_BT, mask_BTS, cache, layer_index, cache_index_B,
+                                        return_kv)
             x_BTD = x_BTD + drop(attn_out, deterministic=deterministic)
             x_BTD = x_BTD + drop(mlp(norm_2(x_BTD)), deterministic=deterministic)
         x_BTD = constrain(x_BTD, ("act_batch", "act_length", "act_embed"))
-        return (x_BTD, cache), None
+        return (x_BTD, cache), (kv[0] if kv else None)
 
 
 def _layer_class(remat_policy: str, scanned: bool):
     if remat_policy == "none":
         return DecoderLayer
-    # `deterministic` is a Python bool: keep it static. Flax counts `self` as argument 0, so it is
-    # argument 6 (self, carry, layer_index, positions, mask, cache_index, deterministic); a
-    # negative index does not count from the end here.
+    # `deterministic` and `return_kv` are Python bools: keep them static. Flax counts `self` as
+    # argument 0, so they are arguments 6 and 7 (self, carry, layer_index, positions, mask,
+    # cache_index, deterministic, return_kv); a negative index does not count from the end here.
     return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scanned,
-                    static_argnums=(6,))
+                    static_argnums=(6, 7))
 
 
 class ChameleonDecoder(nn.Module):
@@ -186,7 +195,7 @@ class ChameleonDecoder(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.dtype, self.param_dtype, self.quantize)
@@ -204,17 +213,23 @@ class ChameleonDecoder(nn.Module):
         return self.lm_head(hidden_BTD, stop).astype(jnp.float32)
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: Cache | None = None, deterministic: bool = True,
-                 logits_at_B: jax.Array | None = None, return_hidden: bool = False):
+                 logits_at_B: jax.Array | None = None, return_hidden: bool = False,
+                 new_cache: tuple[int, Any] | None = None):
         """Runs the layers on input embeddings; returns (float32 logits [B, T, V], updated cache or None).
 
         `logits_at_B` (an index per row) computes the logits of that one position only ([B, 1, V]):
         what a prefill needs, without a [B, T, V] array. `return_hidden` gives the normalised final
-        hidden states instead of logits (for `head`)."""
+        hidden states instead of logits (for `head`). `new_cache=(length, dtype)` (with no
+        `cache`) is a prefill: the call runs as a full forward and returns a cache of `length`
+        slots holding these positions' keys and values, which the layers hand out as they go (so
+        no cache-sized buffer is carried through the layers and copied)."""
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
         if cache is None:
             mask_BTS = segment_causal_mask(segment_ids_BT)
             index_B = layer_caches = None
         else:
+            if new_cache is not None:
+                raise ValueError("new_cache starts a cache: it cannot be given with one")
             index_B = cache["index"]
             slots_S = jnp.arange(cache["k"].shape[3])
             query_slot_BT = index_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
@@ -222,13 +237,24 @@ class ChameleonDecoder(nn.Module):
             layer_caches = _constrain_cache(cache)
 
         carry = (x_BTD, layer_caches)
+        collect = new_cache is not None
         if self.scan_layers:
             layer_ids = jnp.arange(self.config.num_layers)
-            carry, _ = self.layers(carry, layer_ids, positions_BT, mask_BTS, index_B, deterministic)
+            carry, kv = self.layers(carry, layer_ids, positions_BT, mask_BTS, index_B, deterministic, collect)
         else:
+            per_layer = []
             for i, layer in enumerate(self.layers):
-                carry, _ = layer(carry, i, positions_BT, mask_BTS, index_B, deterministic)
+                carry, layer_kv = layer(carry, i, positions_BT, mask_BTS, index_B, deterministic, collect)
+                per_layer.append(layer_kv)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if collect else None
         x_BTD, new_layer_caches = carry
+        if collect:  # [layers, B, K, T, H] -> the first T of `length` slots
+            index_B = jnp.zeros((x_BTD.shape[0],), jnp.int32)
+            length, dtype = new_cache
+            if length < x_BTD.shape[1]:
+                raise ValueError(f"a cache of {length} slots cannot hold a prompt of {x_BTD.shape[1]} positions")
+            pad = ((0, 0), (0, 0), (0, 0), (0, length - x_BTD.shape[1]), (0, 0))
+            new_layer_caches = {"k": jnp.pad(kv[0].astype(dtype), pad), "v": jnp.pad(kv[1].astype(dtype), pad)}
         if new_layer_caches is not None:
             new_layer_caches = _constrain_cache(new_layer_caches)
 
@@ -236,16 +262,13 @@ class ChameleonDecoder(nn.Module):
             x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None].astype(jnp.int32), axis=1)
         if return_hidden:
             out = self.norm(x_BTD)
-            if cache is None:
-                return out, None
-            n_new_B = jnp.sum(segment_ids_BT != 0, axis=1).astype(index_B.dtype)
-            return out, {**new_layer_caches, "index": index_B + n_new_B}
-        logits_BTV = self.head(self.norm(x_BTD))
-        logits_BTV = constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
-        if cache is None:
-            return logits_BTV, None
+        else:
+            out = self.head(self.norm(x_BTD))
+            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        if new_layer_caches is None:
+            return out, None
         n_new_B = jnp.sum(segment_ids_BT != 0, axis=1).astype(index_B.dtype)
-        return logits_BTV, {**new_layer_caches, "index": index_B + n_new_B}
+        return out, {**new_layer_caches, "index": index_B + n_new_B}
 
 
 _CACHE_AXES = (None, "act_batch", "act_kv_heads", "act_cache_length", None)  # [layers, B, K, S, H]

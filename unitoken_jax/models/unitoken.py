@@ -52,11 +52,14 @@ class UniToken(nn.Module):
         return jnp.where(is_continuous_BL[..., None], gathered_BLD, x_BLD)
 
     def __call__(self, tokens_BL, positions_BL, segment_ids_BL, is_continuous_BL=None, feature_index_BL=None,
-                 pixels_NHWC=None, cache=None, deterministic: bool = True, logits_at_B=None, return_hidden=False):
+                 pixels_NHWC=None, cache=None, deterministic: bool = True, logits_at_B=None, return_hidden=False,
+                 new_cache=None):
         """Returns (float32 logits [B, L, V] — [B, 1, V] at `logits_at_B` — , updated KV cache or None);
-        with `return_hidden`, the normalised final hidden states instead of logits (see `head`)."""
+        with `return_hidden`, the normalised final hidden states instead of logits (see `head`);
+        `new_cache=(length, dtype)`: a prefill, returning a new cache (see `ChameleonDecoder`)."""
         x_BLD = self.embed(tokens_BL, is_continuous_BL, feature_index_BL, pixels_NHWC)
-        return self.decoder(x_BLD, positions_BL, segment_ids_BL, cache, deterministic, logits_at_B, return_hidden)
+        return self.decoder(x_BLD, positions_BL, segment_ids_BL, cache, deterministic, logits_at_B, return_hidden,
+                            new_cache)
 
     def head(self, hidden_BTD, stop: int | None = None):
         return self.decoder.head(hidden_BTD, stop)

@@ -1,0 +1,100 @@
+"""Which TPU slices the released 7B decodes on: the prefill and the decode loop of
+`DecodeLoop.generate`, compiled ahead of time for each slice from this CPU machine (libtpu's
+topologies; nothing runs on a TPU), in bfloat16 and int8 weights, for 1 / 4 / 8 images of
+512 x 512 with CFG. Writes benchmarks/results/decode_fit.md.
+
+    python benchmarks/decode_fit.py            # every slice below, ~10 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch"))
+
+import aot_check  # noqa: E402
+import jax  # noqa: E402
+
+# (label, topology, mesh): the Colab runtimes, then the serving slices a lab would use
+SLICES = [
+    ("v5e-1, Colab", "v5e:1x1", (1, 1, 1)),
+    ("v6e-1, Colab", "v6e:1x1", (1, 1, 1)),
+    ("v2-8, Colab (8 cores)", "v2:2x2", (1, 8, 1)),
+    ("v5e-4", "v5e:2x2", (1, 4, 1)),
+    ("v5e-8", "v5e:2x4", (1, 8, 1)),
+    ("v6e-4", "v6e:2x2", (1, 4, 1)),
+]
+
+
+def measure(topology: str, mesh_shape, images: int, quantize: str) -> dict:
+    mesh = aot_check.topology_mesh(topology, mesh_shape)
+    _, (prefill, loop) = aot_check.decode_lowered("7b", mesh, images, 512, quantize=quantize)
+    out = {}
+    for name, lowered in (("prefill", prefill), ("loop", loop)):
+        try:
+            mem = lowered.compile().memory_analysis()
+        except Exception as e:  # XLA's out-of-memory refusal names the size it needed
+            out[name] = {"error": str(e).splitlines()[0]}
+            continue
+        out[name] = {"total": mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                     + mem.temp_size_in_bytes, "temp": mem.temp_size_in_bytes,
+                     "args": mem.argument_size_in_bytes}
+    return out
+
+
+def cell(result: dict, hbm: int) -> str:
+    if "error" in result:
+        needed = [w for w in result["error"].split() if w.endswith(("G", "GiB", "M"))]
+        return "**does not fit**" + (f" ({needed[0]})" if needed else "")
+    gib = result["total"] / 2**30
+    return f"{gib:.2f}" + ("" if result["total"] <= hbm else " **over**")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/decode_fit.md")
+    parser.add_argument("--images", default="1,4,8")
+    args = parser.parse_args()
+    images = [int(x) for x in args.images.split(",")]
+    rows = []
+    worst_ratio = 0.0
+    start = time.time()
+    for label, topology, mesh_shape in SLICES:
+        hbm = aot_check.hbm_bytes(aot_check.topology_devices(topology).flat[0])
+        for quantize in ("none", "int8"):
+            cells = []
+            for n in images:
+                r = measure(topology, mesh_shape, n, quantize)
+                cells.append(f"{cell(r['prefill'], hbm)} / {cell(r['loop'], hbm)}")
+                if "temp" in r["loop"]:
+                    cache = 2 * 32 * (2 * n) * 32 * 128 * 2 * (64 + 1059) / mesh_shape[1] / 1  # k+v, bf16
+                    worst_ratio = max(worst_ratio, r["loop"]["temp"] / cache)
+                print(label, quantize, n, r, flush=True)
+            fmt = "bfloat16" if quantize == "none" else "int8"
+            rows.append(f"| {label} (`{topology}`, {hbm / 2**30:.2f} GiB) | {fmt} | " + " | ".join(cells) + " |")
+    lines = [
+        "# The released 7B decoding 512 x 512 images with CFG: memory a chip, from AOT compiles", "",
+        f"{datetime.date.today()}, compiled on this CPU machine for each TPU topology (jax {jax.__version__}, libtpu "
+        f"topologies; `python benchmarks/decode_fit.py`, in {time.time() - start:.0f} s). Each cell: prefill / "
+        "decode loop, GiB a chip (arguments + outputs - aliased + temporaries); the weights split over every chip "
+        "of the slice (fsdp axis), activations and KV cache in bfloat16. 'does not fit' is XLA refusing the "
+        "program for the chip's HBM.", "",
+        "| slice (HBM a chip) | weights | " + " | ".join(f"{n} image{'s' if n > 1 else ''}" for n in images) + " |",
+        "|---|---|" + "---|" * len(images), *rows, "",
+        f"Largest decode-loop temporaries over the KV cache a chip: {worst_ratio:.2f}x.", "",
+        "The programs' arguments are the weights they read: the SigLIP tower (0.77 GiB in bfloat16, 0.39 GiB in "
+        "int8, split over the chips) is resident too when the model is loaded whole but no picture is read; "
+        "`unitoken_jax.inference.fit.choose_quantize` counts it.", ""]
+    text = "\n".join(lines)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Will a model decode on these devices, and in which weight format?
+
+A generation's peak is its prefill: the weights, plus the KV cache it writes, plus about one
+cache of temporaries (the decode loop updates the cache in place and needs no more). For the
+released 7B with 512 x 512 images and CFG this rule gives the AOT-compiled prefills of
+`benchmarks/results/decode_fit.md` to within 1 %: 13.06 + 2 x 1.10 = 15.26 GiB for one image
+in bfloat16 on one chip, 6.79 + 2.20 = 8.99 GiB in int8.
+
+    quantize, why = choose_quantize(unitoken_jax.read_config(path), images=4)
+    model = unitoken_jax.load(path, param_dtype="bfloat16", dtype="bfloat16", quantize=quantize)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.models.unitoken import abstract_params
+from unitoken_jax.tokenizer import layout
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMemory:
+    weights: int  # bytes of all parameters
+    cache: int  # bytes of the KV cache of the whole batch
+
+    @property
+    def peak(self) -> int:
+        return self.weights + 2 * self.cache
+
+
+def decode_memory(config: UniTokenConfig, images: int, *, size: tuple[int, int] = (512, 512), cfg: bool = True,
+                  prompt_length: int = 64, quantize: str = "none", dtype: str = "bfloat16") -> DecodeMemory:
+    """Bytes of the weights (`dtype`, matmul kernels int8 with `quantize="int8"`) and of the KV
+    cache (in `dtype`) for `images` generated pictures of `size` pixels after a prompt."""
+    if images < 1:
+        raise ValueError(f"images must be at least 1, got {images}")
+    params = abstract_params(config.replace(param_dtype=dtype, quantize=quantize))
+    weights = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
+    d = config.decoder
+    grid_hw = (size[1] // layout.PIXELS_PER_GRID, size[0] // layout.PIXELS_PER_GRID)
+    positions = prompt_length + layout.generated_image_length(grid_hw)
+    rows = images * (2 if cfg else 1)
+    cache = 2 * d.num_layers * rows * d.num_kv_heads * positions * d.head_dim * np.dtype(dtype).itemsize
+    return DecodeMemory(weights, cache)
+
+
+def device_memory(device) -> int | None:
+    """Bytes a program may use on `device` (its allocator's limit), or None where it has no
+    such limit to report (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends do not implement it
+        return None
+    return None if not stats else stats.get("bytes_limit")
+
+
+def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | None = None, **kwargs) -> tuple[str, str]:
+    """("none" | "int8", a sentence saying why) for decoding `images` pictures at once on
+    `devices` (default: all), the weights and the cache split evenly over them. bfloat16 weights
+    when they fit, else int8; a ValueError when neither does."""
+    devices = list(devices if devices is not None else jax.devices())
+    limits = [device_memory(d) for d in devices]
+    kind = devices[0].device_kind
+    if any(limit is None for limit in limits):
+        return "none", f"{kind}: no device memory limit to plan with; bfloat16 weights"
+    limit, n = min(limits), len(devices)
+    bf16 = decode_memory(config, images, **kwargs).peak / n
+    if bf16 <= limit:
+        return "none", (f"bfloat16 weights: {images} image(s) need {bf16 / GIB:.2f} GiB a device, "
+                        f"{n} x {kind} have {limit / GIB:.2f} GiB each")
+    int8 = decode_memory(config, images, quantize="int8", **kwargs).peak / n
+    if int8 <= limit:
+        return "int8", (f"int8 weights: bfloat16 would need {bf16 / GIB:.2f} GiB a device for {images} image(s), "
+                        f"{n} x {kind} have {limit / GIB:.2f} GiB each; int8 needs {int8 / GIB:.2f} GiB")
+    raise ValueError(f"{images} image(s) at once do not fit {n} x {kind} ({limit / GIB:.2f} GiB each) even with "
+                     f"int8 weights ({int8 / GIB:.2f} GiB a device); ask for fewer images at once or use more devices")
