@@ -16,8 +16,15 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch"))
 
+import re  # noqa: E402
+
 import aot_check  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from unitoken_jax import configs  # noqa: E402
+from unitoken_jax.inference.fit import decode_memory  # noqa: E402
+from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
 
 # (label, topology, mesh): the Colab runtimes, then the serving slices a lab would use
 SLICES = [
@@ -48,8 +55,8 @@ def measure(topology: str, mesh_shape, images: int, quantize: str) -> dict:
 
 def cell(result: dict, hbm: int) -> str:
     if "error" in result:
-        needed = [w for w in result["error"].split() if w.endswith(("G", "GiB", "M"))]
-        return "**does not fit**" + (f" ({needed[0]})" if needed else "")
+        needed = re.search(r"\(([\d.]+)G\) exceeds", result["error"])
+        return "**does not fit**" + (f" (needs {needed.group(1)})" if needed else "")
     gib = result["total"] / 2**30
     return f"{gib:.2f}" + ("" if result["total"] <= hbm else " **over**")
 
@@ -60,8 +67,8 @@ def main():
     parser.add_argument("--images", default="1,4,8")
     args = parser.parse_args()
     images = [int(x) for x in args.images.split(",")]
-    rows = []
-    worst_ratio = 0.0
+    rows, one_chip = [], []
+    config = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)
     start = time.time()
     for label, topology, mesh_shape in SLICES:
         hbm = aot_check.hbm_bytes(aot_check.topology_devices(topology).flat[0])
@@ -70,9 +77,11 @@ def main():
             for n in images:
                 r = measure(topology, mesh_shape, n, quantize)
                 cells.append(f"{cell(r['prefill'], hbm)} / {cell(r['loop'], hbm)}")
-                if "temp" in r["loop"]:
-                    cache = 2 * 32 * (2 * n) * 32 * 128 * 2 * (64 + 1059) / mesh_shape[1] / 1  # k+v, bf16
-                    worst_ratio = max(worst_ratio, r["loop"]["temp"] / cache)
+                if "temp" in r["loop"] and int(np.prod(mesh_shape)) == 1:
+                    cache = decode_memory(config, n).cache
+                    one_chip.append(f"| {label} | {'bfloat16' if quantize == 'none' else 'int8'} | {n} | "
+                                    f"{r['loop']['args'] / 2**30:.2f} | {cache / 2**30:.2f} | "
+                                    f"{r['loop']['temp'] / 2**30:.3f} | {r['loop']['temp'] / cache:.3f} |")
                 print(label, quantize, n, r, flush=True)
             fmt = "bfloat16" if quantize == "none" else "int8"
             rows.append(f"| {label} (`{topology}`, {hbm / 2**30:.2f} GiB) | {fmt} | " + " | ".join(cells) + " |")
@@ -85,7 +94,11 @@ def main():
         "program for the chip's HBM.", "",
         "| slice (HBM a chip) | weights | " + " | ".join(f"{n} image{'s' if n > 1 else ''}" for n in images) + " |",
         "|---|---|" + "---|" * len(images), *rows, "",
-        f"Largest decode-loop temporaries over the KV cache a chip: {worst_ratio:.2f}x.", "",
+        "On one chip, the decode loop's arguments (weights read, the cache and the rows' state, GiB), the KV "
+        "cache (GiB) and the loop's temporaries (GiB) beside it: the cache is updated in place.", "",
+        "| chip | weights | images | arguments | KV cache | temporaries | temporaries / cache |",
+        "|---|---|---|---|---|---|---|", *one_chip, "",
+        "On several chips the loop's temporaries are mostly one layer's weights gathered from the fsdp axis.", "",
         "The programs' arguments are the weights they read: the SigLIP tower (0.77 GiB in bfloat16, 0.39 GiB in "
         "int8, split over the chips) is resident too when the model is loaded whole but no picture is read; "
         "`unitoken_jax.inference.fit.choose_quantize` counts it.", ""]

@@ -69,6 +69,16 @@ MUTATIONS = (
              "z_loss, _ = masked_mean(jnp.square(lse), valid)",
              "z_loss, _ = masked_mean(jnp.square(lse), labels_BL[:, :-1] >= 0)",
              ("tests/test_unitoken_parity.py",)),
+    Mutation("int8_truncates", "int8 rounding toward zero", "unitoken_jax/models/layers.py",
+             "xp.clip(xp.round(w * (xp.float32(127.0) / amax))", "xp.clip(xp.trunc(w * (xp.float32(127.0) / amax))",
+             ("tests/test_quantize.py",)),
+    Mutation("int8_scale_unapplied", "the int8 scale of the LM head left out", "unitoken_jax/models/layers.py",
+             "kernel, scale = kernel[..., :stop], scale[..., :stop]", "kernel, scale = kernel[..., :stop], scale[..., :1]",
+             ("tests/test_quantize.py", "tests/test_default_model.py", "-k", "int8")),
+    Mutation("prefill_cache_front", "the prefill's cache padded at the front", "unitoken_jax/models/chameleon.py",
+             "pad = ((0, 0), (0, 0), (0, 0), (0, length - x_BTD.shape[1]), (0, 0))",
+             "pad = ((0, 0), (0, 0), (0, 0), (length - x_BTD.shape[1], 0), (0, 0))",
+             ("tests/test_kv_cache.py",)),
 )
 
 

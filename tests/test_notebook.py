@@ -39,6 +39,7 @@ def test_the_colab_notebook_runs_and_shows_its_pictures(tmp_path):
                 widgets += 1
     printed = "\n".join(text)
     assert "4 CPU device(s)" in printed and "'fsdp': 4" in printed  # the model really is sharded
+    assert "no device memory limit to plan with" in printed and "weights: float32" in printed  # the weight plan
     # the understanding cell answers every question with a word of the right kind
     answers = dict(line.rsplit(None, 1) for line in printed.splitlines()
                    if line.startswith(("What colour", "What shape", "Where is")) and len(line.split()) >= 4)

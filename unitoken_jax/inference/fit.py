@@ -1,10 +1,11 @@
 """Will a model decode on these devices, and in which weight format?
 
-A generation's peak is its prefill: the weights, plus the KV cache it writes, plus about one
-cache of temporaries (the decode loop updates the cache in place and needs no more). For the
-released 7B with 512 x 512 images and CFG this rule gives the AOT-compiled prefills of
-`benchmarks/results/decode_fit.md` to within 1 %: 13.06 + 2 x 1.10 = 15.26 GiB for one image
-in bfloat16 on one chip, 6.79 + 2.20 = 8.99 GiB in int8.
+A generation needs its weights and its KV cache on the devices, and little else: the prefill
+hands the cache out of the layers and the decode loop updates it in place (AOT-compiled for the
+released 7B, 512 x 512 with CFG, both programs have no temporaries to speak of; see
+`benchmarks/results/decode_fit.md`). All weights count, the SigLIP tower's too: it stays on the
+devices even while no picture is read. For one image on one chip: bfloat16 13.87 + 1.10 =
+14.97 GiB, int8 7.19 + 1.10 = 8.29 GiB.
 
     quantize, why = choose_quantize(unitoken_jax.read_config(path), images=4)
     model = unitoken_jax.load(path, param_dtype="bfloat16", dtype="bfloat16", quantize=quantize)
@@ -32,20 +33,21 @@ class DecodeMemory:
 
     @property
     def peak(self) -> int:
-        return self.weights + 2 * self.cache
+        return self.weights + self.cache
 
 
 def decode_memory(config: UniTokenConfig, images: int, *, size: tuple[int, int] = (512, 512), cfg: bool = True,
                   prompt_length: int = 64, quantize: str = "none", dtype: str = "bfloat16") -> DecodeMemory:
     """Bytes of the weights (`dtype`, matmul kernels int8 with `quantize="int8"`) and of the KV
-    cache (in `dtype`) for `images` generated pictures of `size` pixels after a prompt."""
+    cache (in `dtype`) for `images` generated pictures of `size` pixels after a prompt of
+    `prompt_length` tokens (its last the image's <racm3:break>)."""
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
     params = abstract_params(config.replace(param_dtype=dtype, quantize=quantize))
     weights = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
     d = config.decoder
     grid_hw = (size[1] // layout.PIXELS_PER_GRID, size[0] // layout.PIXELS_PER_GRID)
-    positions = prompt_length + layout.generated_image_length(grid_hw)
+    positions = prompt_length + layout.generated_image_length(grid_hw) - 1  # the prompt ends with <racm3:break>
     rows = images * (2 if cfg else 1)
     cache = 2 * d.num_layers * rows * d.num_kv_heads * positions * d.head_dim * np.dtype(dtype).itemsize
     return DecodeMemory(weights, cache)
@@ -69,7 +71,7 @@ def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | Non
     limits = [device_memory(d) for d in devices]
     kind = devices[0].device_kind
     if any(limit is None for limit in limits):
-        return "none", f"{kind}: no device memory limit to plan with; bfloat16 weights"
+        return "none", f"{kind}: no device memory limit to plan with; the weights stay unquantized"
     limit, n = min(limits), len(devices)
     bf16 = decode_memory(config, images, **kwargs).peak / n
     if bf16 <= limit:

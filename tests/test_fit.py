@@ -1,0 +1,59 @@
+"""The decode memory plan (`unitoken_jax.inference.fit`): its byte counts are those of the real
+arrays a generation holds, and it picks int8 exactly where bfloat16 does not fit — the 7B
+numbers below are the ones the AOT compiles for one v5e / v6e chip confirm
+(benchmarks/results/decode_fit.md)."""
+
+import jax
+import numpy as np
+import pytest
+
+from unitoken_jax import configs
+from unitoken_jax.inference.decode import DecodeLoop, Request
+from unitoken_jax.inference.fit import GIB, choose_quantize, decode_memory
+from unitoken_jax.model import UniTokenModel
+from unitoken_jax.models.config import DecoderConfig, UniTokenConfig, VisionConfig
+from unitoken_jax.tokenizer import layout
+
+SEVEN_B = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)
+
+
+class Chip:
+    def __init__(self, gib, kind="TPU v5 lite"):
+        self.limit, self.device_kind = int(gib * GIB), kind
+
+    def memory_stats(self):
+        return {"bytes_limit": self.limit}
+
+
+def test_counts_are_the_bytes_of_the_real_arrays():
+    config = UniTokenConfig(decoder=DecoderConfig(vocab_size=9000, hidden_size=64, intermediate_size=128,
+                                                  num_layers=2, num_heads=4, num_kv_heads=2),
+                            vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                                patch_size=8, image_size=32),
+                            dtype="bfloat16", param_dtype="bfloat16")
+    model = UniTokenModel.random(config)
+    for quantize in ("none", "int8"):
+        m = model.quantize(quantize) if quantize != "none" else model
+        plan = decode_memory(config, images=2, size=(64, 64), prompt_length=5, quantize=quantize)
+        assert plan.weights == sum(a.nbytes for a in jax.tree.leaves(m.params))
+        loop = DecodeLoop(m.config, m.params)
+        prompt = np.array([1, 2, 3, 4, layout.IMAGE_START])
+        requests = [Request(prompt, max_new_tokens=layout.generated_image_length((2, 2)) - 1, grid_hw=(2, 2),
+                            cfg_scale=3.0, seed=i) for i in range(2)]
+        rows, batch, params, max_new, cache_len, _ = loop._prepare(requests)
+        _, cache = loop._prefill(m.params, *batch, cache_len)
+        assert plan.cache == cache["k"].nbytes + cache["v"].nbytes  # 4 rows (2 images with CFG)
+
+
+def test_int8_only_where_bfloat16_does_not_fit():
+    v5e, v6e = [Chip(15.75)], [Chip(31.25, "TPU v6 lite")]
+    assert choose_quantize(SEVEN_B, 1, v5e)[0] == "none"  # 13.87 + 1.10 GiB
+    quantize, why = choose_quantize(SEVEN_B, 4, v5e)  # bfloat16 18.26 GiB; int8 7.19 + 4.39
+    assert quantize == "int8" and "18.26" in why and "11.58" in why
+    assert choose_quantize(SEVEN_B, 4, v6e)[0] == "none"
+    assert choose_quantize(SEVEN_B, 8, v5e * 4)[0] == "none"  # a v5e-4 shares the weights and the cache
+    with pytest.raises(ValueError, match="fewer images"):
+        choose_quantize(SEVEN_B, 16, v5e)
+    with pytest.raises(ValueError, match="at least 1"):
+        decode_memory(SEVEN_B, 0)
+    assert choose_quantize(SEVEN_B, 4, jax.devices("cpu"))[0] == "none"  # no limit to plan with
