@@ -98,3 +98,9 @@ def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
     return stack
+
+
+def logical_to_mesh_spec(names: Sequence[str | None]) -> PartitionSpec:
+    """The mesh `PartitionSpec` of logical axis names (e.g. for `shard_map`'s in/out specs)."""
+    check_names(names)
+    return nn.logical_to_mesh_axes(tuple(names), LOGICAL_RULES)

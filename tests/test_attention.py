@@ -1,0 +1,99 @@
+"""The training / prefill attention backends (issue 14) against the definition: NumPy float64
+softmax over the keys s <= t of the same segment (`attention.reference`), on packed rows with
+several segments, padding (segment 0), a one-token segment, and a length that is not a multiple
+of the block. The splash kernel runs in Pallas' interpreter here (the TPU kernel's own code).
+
+Tolerances: float32 inputs, 2e-5 relative to the output's scale (the blocked softmax sums in a
+different order); bfloat16 inputs, 2e-2 (bfloat16 has 8 bits of mantissa: one rounding of q, k,
+v and p is ~4e-3 each). Gradients: against JAX's autodiff of the dense masked attention in
+float32, the same tolerances."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unitoken_jax.models import attention
+from unitoken_jax.models.layers import dot_product_attention, segment_causal_mask
+
+
+def _packed(t=256, b=2, seed=0):
+    """Rows of several samples: lengths 100, 1 (a one-token segment), 60, then padding; and 40,
+    180, then padding (blocks of 128: row 0's blocks 0 and 1 share segment 3, nothing reaches
+    block 2)."""
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :100], seg[0, 100], seg[0, 101:161] = 1, 2, 3
+    seg[1, :40], seg[1, 40:220] = 1, 2
+    return seg
+
+
+def _qkv(shape_bt, n=4, k=2, h=16, dtype=jnp.float32, seed=0):
+    b, t = shape_bt
+    keys = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h), jnp.float32)
+    kk = jax.random.normal(keys[1], (b, t, k, h), jnp.float32)
+    v = jax.random.normal(keys[2], (b, t, k, h), jnp.float32)
+    return q.astype(dtype), kk.astype(dtype), v.astype(dtype)
+
+
+BACKENDS = [("xla", {}), ("splash", {"interpret": True})]
+
+
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=[b for b, _ in BACKENDS])
+@pytest.mark.parametrize("t,block", [(384, 128), (300, 128), (256, 512)], ids=["blocked", "ragged", "one-block"])
+def test_outputs_equal_the_definition(backend, kw, t, block):
+    seg = _packed(t)
+    q, k, v = _qkv(seg.shape)
+    want = attention.reference(q, k, v, seg)
+    got = np.asarray(attention.causal_attention(q, k, v, jnp.asarray(seg), backend=backend, block=block, **kw))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=[b for b, _ in BACKENDS])
+def test_bfloat16_within_its_rounding(backend, kw):
+    seg = _packed(384)
+    q, k, v = _qkv(seg.shape, dtype=jnp.bfloat16)
+    want = attention.reference(q, k, v, seg)
+    got = np.asarray(attention.causal_attention(q, k, v, jnp.asarray(seg), backend=backend, block=128, **kw),
+                     np.float32)
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=[b for b, _ in BACKENDS])
+def test_gradients_equal_the_dense_attention(backend, kw):
+    seg = jnp.asarray(_packed(384))
+    q, k, v = _qkv(seg.shape, seed=3)
+    cot = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+    dense = loss(lambda q, k, v: dot_product_attention(q, k, v, segment_causal_mask(seg)))
+    ours = loss(lambda q, k, v: attention.causal_attention(q, k, v, seg, backend=backend, block=128, **kw))
+    want = jax.grad(dense, argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    for name, w, g in zip("qkv", want, got):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * np.abs(w).max(), rtol=0, err_msg=name)
+
+
+def test_only_blocks_that_share_a_segment_are_visible():
+    seg = np.zeros((1, 256), np.int32)
+    seg[0, :64], seg[0, 64:192], seg[0, 192:] = 1, 2, 3  # blocks of 64: [1], [2], [2], [3]
+    vis = np.asarray(attention.visible_blocks(jnp.asarray(seg), 64))
+    want = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(vis, want)
+    # another row that shares a segment across blocks 0 and 3 makes that pair visible for the batch
+    other = np.ones((1, 256), np.int32)
+    vis2 = np.asarray(attention.visible_blocks(jnp.asarray(np.concatenate([seg, other])), 64))
+    assert vis2[3, 0] and vis2.sum() == 10
+
+
+def test_backend_choice_and_errors():
+    assert attention.resolve("auto", "cpu") == "xla"
+    assert attention.resolve("auto", "tpu") == "splash"
+    assert attention.resolve("auto", "gpu") == "cudnn"
+    with pytest.raises(ValueError, match="does not run on cpu; available there: auto, xla"):
+        attention.resolve("splash", "cpu")
+    with pytest.raises(ValueError, match="auto, splash, cudnn, xla"):
+        attention.resolve("flash", "cpu")

@@ -1,0 +1,202 @@
+"""Causal attention over packed rows (training and prefill), with a backend per platform.
+
+Every backend computes the same thing as `layers.dot_product_attention` with
+`layers.segment_causal_mask(segment_ids)`: query t of row b sees keys s <= t of the same segment
+(padding, segment 0, is a segment of its own), logits scaled by 1/sqrt(H), softmax in float32.
+
+- `xla` (any platform): queries and keys in blocks; a key block is computed for a query block
+  only when, in some row of the batch, a query of that block and a key of that block share a
+  segment (the blocks above the diagonal never, those of other packed samples not either). The
+  softmax runs online over the computed blocks (float32 running max and sum).
+- `splash` (TPU): Pallas splash attention (causal mask, segment ids), under `shard_map` over the
+  mesh's batch and head axes when a mesh is active.
+- `cudnn` (GPU): cuDNN flash attention through `jax.nn.dot_product_attention`, the segments given
+  as its boolean mask.
+- `auto`: splash on TPU, cudnn on GPU, xla elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("auto", "splash", "cudnn", "xla")
+_BY_PLATFORM = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "xla"), "cuda": ("cudnn", "xla")}
+
+
+def current_platform() -> str:
+    """The platform the program is built for: the active mesh's devices (an AOT compile for a TPU
+    topology from a CPU machine is for 'tpu'), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def available(platform: str | None = None) -> tuple[str, ...]:
+    """The backends that run on `platform` (default: `current_platform()`)."""
+    platform = (platform or current_platform()).lower()
+    return _BY_PLATFORM.get(platform, ("xla",))
+
+
+def resolve(backend: str, platform: str | None = None) -> str:
+    """The backend to run: `auto` picks the platform's fastest; one the platform lacks is an error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention={backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    have = available(platform)
+    if backend == "auto":
+        return have[0]
+    if backend not in have:
+        raise ValueError(f"attention={backend!r} does not run on {platform or current_platform()}; "
+                         f"available there: {', '.join(('auto',) + have)}")
+    return backend
+
+
+def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, segment_ids_BT: jax.Array, *,
+                     backend: str = "xla", block: int = 512, interpret: bool = False) -> jax.Array:
+    """Causal attention within segments for full rows (no cache): [B, T, N, H] out.
+    `block` is the query / key block of the xla and splash backends; `interpret` runs the splash
+    kernel in Pallas' interpreter (how it is tested off a TPU)."""
+    backend = resolve(backend) if not (backend == "splash" and interpret) else "splash"
+    if backend == "cudnn":
+        mask_B1TS = _segment_causal(segment_ids_BT)[:, None]
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, implementation="cudnn")
+    t = q_BTNH.shape[1]
+    block = min(block, t)
+    pad = -t % block
+    if pad:  # a ragged tail: padded positions form a segment (-1) that no real position sees
+        q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTNH, k_BTKH, v_BTKH))
+        segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, pad)), constant_values=-1)
+    if backend == "splash":
+        out = _splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret)
+    else:
+        out = _xla_blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block)
+    return out[:, :t]
+
+
+def _segment_causal(segment_ids_BT):
+    t = segment_ids_BT.shape[1]
+    causal_TS = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    return causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+
+
+# --- xla: online softmax over the visible blocks -------------------------------------------------
+
+def visible_blocks(segment_ids_BT: jax.Array, block: int) -> jax.Array:
+    """bool [nq, nk]: does any query of block i share a segment with any key of block j in some
+    row (j <= i; the diagonal always)? Exact for any segment order; costs B*T*T comparisons of
+    ids, no heads, no floats."""
+    b, t = segment_ids_BT.shape
+    n = t // block
+    seg = segment_ids_BT.reshape(b, n, block)
+    share_BijTS = seg[:, :, None, :, None] == seg[:, None, :, None, :]
+    vis = jnp.any(share_BijTS, axis=(0, 3, 4))
+    return vis & jnp.tril(jnp.ones((n, n), jnp.bool_))
+
+
+def _xla_blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block):
+    b, t, n, h = q_BTNH.shape
+    k = k_BTKH.shape[2]
+    g = n // k
+    if t <= block:
+        return _xla_dense(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    nb = t // block
+    vis = visible_blocks(segment_ids_BT, block)
+    q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+    k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+    seg = segment_ids_BT.reshape(b, nb, block)
+    low = jnp.finfo(jnp.float32).min
+    local_causal = jnp.tril(jnp.ones((block, block), jnp.bool_))
+    outs = []
+    for i in range(nb):
+        q_i = q_BKGTH[:, :, :, i * block:(i + 1) * block] * (h ** -0.5)
+        carry = (jnp.full((b, k, g, block), low, jnp.float32), jnp.zeros((b, k, g, block), jnp.float32),
+                 jnp.zeros((b, k, g, block, h), jnp.float32))
+        for j in range(i + 1):
+            mask_BTS = seg[:, i, :, None] == seg[:, j, None, :]
+            if j == i:
+                mask_BTS = mask_BTS & local_causal
+            step = functools.partial(_online_block, q_i, k_BKSH[:, :, j * block:(j + 1) * block],
+                                     v_BKSH[:, :, j * block:(j + 1) * block], mask_BTS, low)
+            carry = step(carry) if j == i else jax.lax.cond(vis[i, j], step, lambda c: c, carry)
+        _, total, acc = carry
+        outs.append((acc / total[..., None]).astype(v_BTKH.dtype))
+    out_BKGTH = jnp.concatenate(outs, axis=3)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _online_block(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, low, carry):
+    """One key block into the running (max, sum, weighted values) of a query block."""
+    m, total, acc = carry
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH).astype(jnp.float32)
+    s = jnp.where(mask_BTS[:, None, None], s, low)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    correction = jnp.exp(m - m_new)
+    total = total * correction + p.sum(-1)
+    acc = acc * correction[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH)
+    return m_new, total, acc
+
+
+def _xla_dense(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+    from unitoken_jax.models.layers import dot_product_attention
+
+    return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, _segment_causal(segment_ids_BT))
+
+
+# --- splash (TPU Pallas) -----------------------------------------------------------------------
+
+def _splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret)
+    from jax.sharding import PartitionSpec as P
+
+    from unitoken_jax.sharding import logical_to_mesh_spec
+
+    qkv = logical_to_mesh_spec(("act_batch", None, "act_heads", None))
+    kv = logical_to_mesh_spec(("act_batch", None, "act_kv_heads", None))
+    seg = P(qkv[0], None)
+    fn = functools.partial(_splash_local, block=block, interpret=interpret)
+    return jax.shard_map(fn, in_specs=(qkv, kv, kv, seg), out_specs=qkv, check_vma=False)(
+        q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+def _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, n, h = q_BTNH.shape
+    k = k_BTKH.shape[2]
+    g = n // k
+    blk = block
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(g)])
+    kernel = sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    q_BKGTH = (q_BTNH * (h ** -0.5)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+    k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+
+    def one_row(q_KGTH, k_KTH, v_KTH, seg_T):
+        ids = sk.SegmentIds(q=seg_T, kv=seg_T)
+        return jax.vmap(lambda q, kk, vv: kernel(q, kk, vv, segment_ids=ids))(q_KGTH, k_KTH, v_KTH)
+
+    out_BKGTH = jax.vmap(one_row)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT.astype(jnp.int32))
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+def reference(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT) -> np.ndarray:
+    """The definition, in NumPy float64 (for tests): softmax over s <= t of the same segment."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q_BTNH, k_BTKH, v_BTKH))
+    seg = np.asarray(segment_ids_BT)
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
+    mask = np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    logits = np.where(mask[:, None], logits, -np.inf)
+    logits -= logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
