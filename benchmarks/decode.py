@@ -179,7 +179,9 @@ def main():
     # the weight formats for inference: bfloat16 and int8 (bfloat16 compute), model-only steps
     by_format = {}
     for name in ("bfloat16", "int8"):
-        model = unitoken_jax.UniTokenModel(ours.config.replace(dtype="bfloat16", param_dtype="bfloat16"),
+        # float32 compute: XLA's CPU dots in bfloat16 with batch dims are pathologically slow (minutes
+        # for 32 steps of 16 rows), so the weights' format is what differs here
+        model = unitoken_jax.UniTokenModel(ours.config.replace(param_dtype="bfloat16"),
                                            jax.tree.map(lambda a: a.astype(jnp.bfloat16), ours.params))
         if name == "int8":
             model = model.quantize("int8")
@@ -211,9 +213,10 @@ def main():
         f"| 2 (batch 1) | {1e3 * ours_1 / n_tokens:.1f} | {1e3 * model_1:.1f} | {ours_1 / n_tokens / model_1:.2f} |",
         f"| {2 * args.batch} (batch {args.batch}) | {1e3 * ours_b / n_tokens:.1f} | {1e3 * model_b:.1f} | "
         f"{ours_b / n_tokens / model_b:.2f} |", "",
-        "Weight formats (the model-only step in bfloat16 compute, over its first 64 steps, weights bfloat16 or int8 with a scale per "
-        "output channel; on an accelerator int8 halves the weight bytes each step reads, on this CPU the dots "
-        "convert the int8 weights first):", "",
+        "Weight formats (the model-only step over its first 64 steps, float32 compute — XLA's CPU dots in "
+        "bfloat16 are far slower than float32 at 16 rows — with the weights stored in bfloat16 or in int8 with a "
+        "scale per output channel; on an accelerator int8 halves the weight bytes each step reads, on this CPU "
+        "the dots convert the weights first):", "",
         "| rows | bfloat16 weights, ms | int8 weights, ms | int8 / bfloat16 |", "|---|---|---|---|",
         *(f"| {rows} | {1e3 * by_format['bfloat16'][i]:.1f} | {1e3 * by_format['int8'][i]:.1f} | "
           f"{by_format['int8'][i] / by_format['bfloat16'][i]:.2f} |" for i, rows in enumerate((2, 2 * args.batch))),
