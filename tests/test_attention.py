@@ -97,3 +97,62 @@ def test_backend_choice_and_errors():
         attention.resolve("splash", "cpu")
     with pytest.raises(ValueError, match="auto, splash, cudnn, xla"):
         attention.resolve("flash", "cpu")
+
+
+def _packed_batch(rng, length=256):
+    """Two packed rows of the tiny model's text: samples of 100, 1 and 60 tokens then padding; 40 and
+    180 then padding. Positions restart in each sample; padding is labelled -100."""
+    seg = _packed(length)
+    positions = np.zeros_like(seg)
+    for b in range(seg.shape[0]):
+        for s in np.unique(seg[b]):
+            where = seg[b] == s
+            positions[b, where] = np.arange(where.sum())
+    tokens = rng.integers(8800, 8960, seg.shape)
+    labels = np.where(seg > 0, tokens, -100)
+    return {k: jnp.asarray(v, jnp.int32) for k, v in
+            dict(tokens=tokens, labels=labels, positions=positions, segment_ids=seg).items()}
+
+
+def _loss_and_grads(config, params, batch):
+    from unitoken_jax.models.loss import lm_loss
+    from unitoken_jax.models.unitoken import UniToken
+
+    module = UniToken(config)
+
+    def loss_fn(p):
+        logits, _ = module.apply({"params": p}, batch["tokens"], batch["positions"], batch["segment_ids"])
+        return lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight)[0]
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.slow
+def test_every_backend_trains_the_same_on_one_device_and_a_mesh():
+    """The same loss and gradients from the dense attention (one 512 block), the blocked xla path
+    and the splash kernel (interpreted), with remat off and on, on one device and on a
+    fsdp x tensor mesh of 8 (splash then runs under shard_map, heads split over 'tensor')."""
+    from unitoken_jax import sharding
+    from unitoken_jax.configs.model import get_config
+    from unitoken_jax.model import UniTokenModel
+    from unitoken_jax.models.config import UniTokenConfig
+    from unitoken_jax.models.unitoken import param_shardings
+
+    base = UniTokenConfig.from_dict(get_config("tiny").model).replace(vision=None, attention="xla",
+                                                                       attention_block=512)
+    params = UniTokenModel.random(base, seed=1).params
+    batch = _packed_batch(np.random.default_rng(0))
+    ref_loss, ref_grads = _loss_and_grads(base, params, batch)
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2, devices=jax.devices()[:8])
+    for where in ("one device", "mesh"):
+        for backend, block in (("xla", 64), ("splash", 128)):
+            for remat in ("none", "full"):
+                cfg = base.replace(attention=backend, attention_block=block, remat_policy=remat)
+                with attention.splash_interpreter(), sharding.mesh_context(mesh if where == "mesh" else None):
+                    p = params if where == "one device" else jax.device_put(params, param_shardings(cfg, mesh))
+                    loss, grads = _loss_and_grads(cfg, p, batch)
+                what = f"{backend} block {block}, remat {remat}, {where}"
+                np.testing.assert_allclose(float(loss), float(ref_loss), rtol=2e-6, err_msg=what)
+                jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                                     atol=2e-5 * np.abs(np.asarray(b)).max(),
+                                                                     err_msg=what), grads, ref_grads)

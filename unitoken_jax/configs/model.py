@@ -24,7 +24,8 @@ def vision_so400m():
 def model_config(arg: str) -> ml_collections.ConfigDict:
     if arg in ("7b", "7b_anyres"):
         model = dict(decoder=decoder_7b(), vision=vision_so400m(), z_loss_weight=1e-5, dtype="bfloat16",
-                     param_dtype="float32", scan_layers=True, remat_policy="full")
+                     param_dtype="float32", scan_layers=True, remat_policy="full",
+                     attention="auto", attention_block=512)  # splash on TPU, in 512-position blocks
     elif arg == "tiny":
         model = dict(
             decoder=dict(vocab_size=8960, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

@@ -17,13 +17,15 @@ Every backend computes the same thing as `layers.dot_product_attention` with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("auto", "splash", "cudnn", "xla")
+from unitoken_jax.models.config import ATTENTION_BACKENDS as BACKENDS
+
 _BY_PLATFORM = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "xla"), "cuda": ("cudnn", "xla")}
 
 
@@ -53,17 +55,34 @@ def resolve(backend: str, platform: str | None = None) -> str:
     return backend
 
 
+_SPLASH_INTERPRETER = [False]
+
+
+@contextlib.contextmanager
+def splash_interpreter():
+    """Within this block `splash` runs in Pallas' interpreter on any platform (how the tests
+    check the TPU kernel's numbers on a CPU; slow)."""
+    _SPLASH_INTERPRETER.append(True)
+    try:
+        yield
+    finally:
+        _SPLASH_INTERPRETER.pop()
+
+
 def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, segment_ids_BT: jax.Array, *,
-                     backend: str = "xla", block: int = 512, interpret: bool = False) -> jax.Array:
+                     backend: str = "xla", block: int = 128, interpret: bool = False) -> jax.Array:
     """Causal attention within segments for full rows (no cache): [B, T, N, H] out.
     `block` is the query / key block of the xla and splash backends; `interpret` runs the splash
     kernel in Pallas' interpreter (how it is tested off a TPU)."""
-    backend = resolve(backend) if not (backend == "splash" and interpret) else "splash"
+    interpret = interpret or (backend == "splash" and _SPLASH_INTERPRETER[-1])
+    backend = "splash" if backend == "splash" and interpret else resolve(backend)
     if backend == "cudnn":
         mask_B1TS = _segment_causal(segment_ids_BT)[:, None]
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, implementation="cudnn")
     t = q_BTNH.shape[1]
     block = min(block, t)
+    if backend == "splash":  # the kernel's blocks are whole multiples of the TPU's 128 lanes
+        block = -(-block // 128) * 128
     pad = -t % block
     if pad:  # a ragged tail: padded positions form a segment (-1) that no real position sees
         q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTNH, k_BTKH, v_BTKH))
@@ -155,9 +174,16 @@ def _splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
 
     from unitoken_jax.sharding import logical_to_mesh_spec
 
-    qkv = logical_to_mesh_spec(("act_batch", None, "act_heads", None))
-    kv = logical_to_mesh_spec(("act_batch", None, "act_kv_heads", None))
-    seg = P(qkv[0], None)
+    def split(axes, size):  # mesh axes for a dim of `size`, or None where they do not divide it
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return axes if size % int(np.prod([mesh.shape[a] for a in names] or [1])) == 0 else None
+
+    batch_axes = split(logical_to_mesh_spec(("act_batch",))[0], q_BTNH.shape[0])
+    head_axes = logical_to_mesh_spec(("act_heads",))[0]
+    head_axes = split(split(head_axes, q_BTNH.shape[2]), k_BTKH.shape[2])
+    qkv = P(batch_axes, None, head_axes, None)
+    kv = qkv
+    seg = P(batch_axes, None)
     fn = functools.partial(_splash_local, block=block, interpret=interpret)
     return jax.shard_map(fn, in_specs=(qkv, kv, kv, seg), out_specs=qkv, check_vma=False)(
         q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
@@ -182,7 +208,10 @@ def _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
         ids = sk.SegmentIds(q=seg_T, kv=seg_T)
         return jax.vmap(lambda q, kk, vv: kernel(q, kk, vv, segment_ids=ids))(q_KGTH, k_KTH, v_KTH)
 
-    out_BKGTH = jax.vmap(one_row)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT.astype(jnp.int32))
+    # the kernel's dots take the inputs' own precision (Mosaic refuses float32 contraction of bfloat16
+    # operands, which a global jax_default_matmul_precision="highest" would ask for)
+    with jax.default_matmul_precision("default"):
+        out_BKGTH = jax.vmap(one_row)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT.astype(jnp.int32))
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 

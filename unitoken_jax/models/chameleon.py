@@ -23,16 +23,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from unitoken_jax.models.attention import causal_attention
 from unitoken_jax.models.config import DecoderConfig
 from unitoken_jax.models.layers import (
     HeadNorm,
     Projection,
     RMSNorm,
     attend,
-    causal_dot_product_attention,
     kernel_product,
     rotary_embedding,
-    segment_causal_mask,
 )
 from unitoken_jax.sharding import check_names, constrain
 
@@ -55,12 +54,15 @@ class Attention(nn.Module):
     dtype: Any
     param_dtype: Any
     quantize: str = "none"
+    attention: str = "auto"  # the backend of the full-row path (see `unitoken_jax.models.attention`)
+    attention_block: int = 128
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: Cache | None, layer_index, cache_index_B,
+    def __call__(self, x_BTD, positions_BT, mask, cache: Cache | None, layer_index, cache_index_B,
                  return_kv: bool = False):
         """(output, updated cache); with `return_kv` (no cache) also this layer's keys and values
-        [B, K, T, H], for a prefill to make a cache of."""
+        [B, K, T, H], for a prefill to make a cache of. `mask`: with a cache, bool [B, T, S] (which
+        slots each query sees); without, the segment ids [B, T] of the packed rows."""
         cfg = self.config
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         d = cfg.hidden_size
@@ -99,9 +101,10 @@ class Attention(nn.Module):
             v_BKSH = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         if cache is None:
-            out_BTNH = causal_dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+            out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, mask, backend=self.attention,
+                                        block=self.attention_block)
         else:
-            out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
+            out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask)
         out_BTD = proj((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", "o_proj")(out_BTNH)
         if return_kv:
             return out_BTD, cache, (k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3))
@@ -138,13 +141,16 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     quantize: str = "none"
+    attention: str = "auto"
+    attention_block: int = 128
 
     @nn.compact
-    def __call__(self, carry, layer_index, positions_BT, mask_BTS, cache_index_B, deterministic: bool,
+    def __call__(self, carry, layer_index, positions_BT, mask, cache_index_B, deterministic: bool,
                  return_kv: bool = False):
         x_BTD, cache = carry
         cfg = self.config
-        attn = Attention(cfg, self.dtype, self.param_dtype, self.quantize, name="self_attn")
+        attn = Attention(cfg, self.dtype, self.param_dtype, self.quantize, self.attention, self.attention_block,
+                         name="self_attn")
         mlp = Mlp(cfg, self.dtype, self.param_dtype, self.quantize, name="mlp")
         norm_1 = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")
         norm_2 = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")
@@ -152,11 +158,11 @@ class DecoderLayer(nn.Module):
 
         kv = None
         if cfg.swin_norm:  # Chameleon's post-norm variant: normalise each branch's output.
-            attn_out, cache, *kv = attn(x_BTD, positions_BT, mask_BTS, cache, layer_index, cache_index_B, return_kv)
+            attn_out, cache, *kv = attn(x_BTD, positions_BT, mask, cache, layer_index, cache_index_B, return_kv)
             x_BTD = x_BTD + drop(norm_1(attn_out), deterministic=deterministic)
             x_BTD = x_BTD + drop(norm_2(mlp(x_BTD)), deterministic=deterministic)
         else:
-            attn_out, cache, *kv = attn(norm_1(x_BTD), positions_BT, mask_BTS, cache, layer_index, cache_index_B,
+            attn_out, cache, *kv = attn(norm_1(x_BTD), positions_BT, mask, cache, layer_index, cache_index_B,
                                         return_kv)
             x_BTD = x_BTD + drop(attn_out, deterministic=deterministic)
             x_BTD = x_BTD + drop(mlp(norm_2(x_BTD)), deterministic=deterministic)
@@ -183,6 +189,8 @@ class ChameleonDecoder(nn.Module):
     scan_layers: bool = True
     remat_policy: str = "none"
     quantize: str = "none"  # "int8": every projection and the LM head hold int8 kernels (inference)
+    attention: str = "auto"  # the full-row attention's backend and block (`unitoken_jax.models.attention`)
+    attention_block: int = 128
 
     def setup(self):
         cfg = self.config
@@ -198,9 +206,10 @@ class ChameleonDecoder(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.dtype, self.param_dtype, self.quantize)
+            )(cfg, self.dtype, self.param_dtype, self.quantize, self.attention, self.attention_block)
         else:
-            self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, self.quantize, name=f"layers_{i}")
+            self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, self.quantize, self.attention,
+                                     self.attention_block, name=f"layers_{i}")
                            for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
         self.lm_head = LMHead(cfg.vocab_size, self.dtype, self.param_dtype, self.quantize)
@@ -225,7 +234,7 @@ class ChameleonDecoder(nn.Module):
         no cache-sized buffer is carried through the layers and copied)."""
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
         if cache is None:
-            mask_BTS = segment_causal_mask(segment_ids_BT)
+            mask = segment_ids_BT  # the attention builds what it needs from the segments
             index_B = layer_caches = None
         else:
             if new_cache is not None:
@@ -233,18 +242,18 @@ class ChameleonDecoder(nn.Module):
             index_B = cache["index"]
             slots_S = jnp.arange(cache["k"].shape[3])
             query_slot_BT = index_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
-            mask_BTS = slots_S[None, None, :] <= query_slot_BT[:, :, None]
+            mask = slots_S[None, None, :] <= query_slot_BT[:, :, None]
             layer_caches = _constrain_cache(cache)
 
         carry = (x_BTD, layer_caches)
         collect = new_cache is not None
         if self.scan_layers:
             layer_ids = jnp.arange(self.config.num_layers)
-            carry, kv = self.layers(carry, layer_ids, positions_BT, mask_BTS, index_B, deterministic, collect)
+            carry, kv = self.layers(carry, layer_ids, positions_BT, mask, index_B, deterministic, collect)
         else:
             per_layer = []
             for i, layer in enumerate(self.layers):
-                carry, layer_kv = layer(carry, i, positions_BT, mask_BTS, index_B, deterministic, collect)
+                carry, layer_kv = layer(carry, i, positions_BT, mask, index_B, deterministic, collect)
                 per_layer.append(layer_kv)
             kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if collect else None
         x_BTD, new_layer_caches = carry

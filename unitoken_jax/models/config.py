@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 QUANTIZE_MODES = ("none", "int8")
+ATTENTION_BACKENDS = ("auto", "splash", "cudnn", "xla")
 
 
 def check_quantize(mode: str) -> str:
@@ -110,6 +111,10 @@ class UniTokenConfig:
     # Weight format for inference: "none" (param_dtype everywhere) or "int8" (every matmul kernel
     # int8 with a float32 scale per output channel; see `unitoken_jax.quantize`).
     quantize: str = "none"
+    # Training / prefill attention (`unitoken_jax.models.attention`): "auto" (splash on TPU, cudnn on
+    # GPU, xla elsewhere), "splash", "cudnn" or "xla"; its query / key block.
+    attention: str = "auto"
+    attention_block: int = 128
 
     @property
     def has_adapter(self) -> bool:
@@ -125,6 +130,11 @@ class UniTokenConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         check_quantize(self.quantize)
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r} is not a backend; choose one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be at least 1, got {self.attention_block}")
         return self
 
     def replace(self, **changes: Any) -> "UniTokenConfig":

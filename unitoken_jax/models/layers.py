@@ -117,27 +117,6 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: ja
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-CAUSAL_BLOCK = 128
-
-
-def causal_dot_product_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, mask_BTS: jax.Array,
-                                 block: int = CAUSAL_BLOCK) -> jax.Array:
-    """`dot_product_attention` for a causal `mask_BTS` (a full sequence, no cache): queries go in
-    blocks of `block`, each against the keys up to its own end only, so the blocks above the
-    diagonal, all masked, are never computed (10 of 16 block pairs at 512 positions, forward and
-    backward). The mask still applies inside the computed blocks (segments, causality)."""
-    t = q_BTNH.shape[1]
-    if t != k_BTKH.shape[1] or t % block or t <= block:
-        return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
-    k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-    outs = []
-    for i in range(t // block):
-        end = (i + 1) * block
-        outs.append(attend(q_BTNH[:, i * block:end], k_BKSH[:, :, :end], v_BKSH[:, :, :end],
-                           mask_BTS[:, i * block:end, :end]))
-    return jnp.concatenate(outs, axis=1)
-
-
 def segment_causal_mask(segment_ids_BT: jax.Array) -> jax.Array:
     """Causal attention restricted to tokens of the same packed segment: mask[b, t, s]."""
     t = segment_ids_BT.shape[1]

@@ -27,7 +27,7 @@ class UniToken(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if cfg.decoder is not None:
             self.decoder = ChameleonDecoder(cfg.decoder, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy,
-                                            cfg.quantize)
+                                            cfg.quantize, cfg.attention, cfg.attention_block)
         if cfg.vision is not None:
             self.vit = SiglipVisionTower(cfg.vision, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy != "none",
                                          cfg.quantize)
