@@ -67,8 +67,9 @@ class UniToken(nn.Module):
 
 # --- parameters without a model object --------------------------------------------------------
 def init_variables(config: UniTokenConfig, rng: jax.Array):
-    """Boxed variables (with logical axis metadata) of a freshly initialised model."""
-    model = UniToken(config)
+    """Boxed variables (with logical axis metadata) of a freshly initialised model. (The parameters
+    do not depend on the attention backend: init traces with the one every platform has.)"""
+    model = UniToken(config.replace(attention="xla"))
     tokens = jnp.zeros((1, 1), jnp.int32)
     if config.vision is not None:
         pixels = jnp.zeros((1, config.vision.image_size, config.vision.image_size, config.vision.num_channels))
