@@ -146,3 +146,17 @@ def test_training_refuses_int8(tmp_path):
     config.model.quantize = "int8"
     with pytest.raises(ValueError, match="inference only.*'none', 'int8'"):
         TrainConfig.from_config_dict(config)
+
+
+def test_the_int8_head_computes_the_code_logits_alone(bf16_model):
+    """A decode step that may only draw image codes asks the head for the first `stop` logits: in
+    int8 they must be the same columns (values and scales) as the full head's."""
+    from unitoken_jax.models.unitoken import UniToken
+
+    q = bf16_model.quantize("int8")
+    module, variables = UniToken(q.config), {"params": q.params}
+    hidden = jax.random.normal(jax.random.key(5), (2, 1, TINY.decoder.hidden_size)).astype(jnp.bfloat16)
+    full = np.asarray(module.apply(variables, hidden, method=UniToken.head))
+    part = np.asarray(module.apply(variables, hidden, 600, method=UniToken.head))
+    assert part.shape == (2, 1, 600)
+    np.testing.assert_allclose(part, full[..., :600], rtol=1e-6, atol=1e-6 * np.abs(full).max())
