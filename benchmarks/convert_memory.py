@@ -21,6 +21,8 @@ import tempfile
 
 import numpy as np
 
+from report import write_report
+
 STEPS = {
     "import only (ours)": "import unitoken_jax",
     "import only (torch)": "import torch, transformers",
@@ -119,11 +121,7 @@ def main():
             extra = mb - (base_torch if name.startswith("transformers") else base_ours)
             lines.append(f"| {name} | {extra:.0f} | {extra - size_mb:.0f} | {extra / size_mb:.2f} |")
         lines.append("")
-    text = "\n".join(lines)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

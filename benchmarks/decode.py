@@ -33,6 +33,7 @@ from transformers import LogitsProcessorList  # noqa: E402
 import unitoken_jax  # noqa: E402
 from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
+from report import write_report  # noqa: E402
 
 CFG, TOP_K = 3.0, 2000
 
@@ -221,11 +222,7 @@ def main():
         *(f"| {rows} | {1e3 * by_format['bfloat16'][i]:.1f} | {1e3 * by_format['int8'][i]:.1f} | "
           f"{by_format['int8'][i] / by_format['bfloat16'][i]:.2f} |" for i, rows in enumerate((2, 2 * args.batch))),
         ""]
-    text = "\n".join(lines)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
 from unitoken_jax.model import UniTokenModel  # noqa: E402
 from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
+from report import write_report  # noqa: E402
 
 
 def main():
@@ -80,11 +81,7 @@ def main():
     for name, row in results.items():
         lines.append(f"| {name} | {row['weights_gib']:.2f} | {row[1]:.2f} | {row['roofline_s']:.2f} | "
                      f"{args.batch / row[args.batch]:.3f} | {args.batch / row['roofline_s']:.3f} |")
-    text = "\n".join(lines + [""])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(lines + [""], args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from unitoken_jax import configs  # noqa: E402
 from unitoken_jax.inference.fit import decode_memory  # noqa: E402
 from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
+from report import write_report  # noqa: E402
 
 # (label, topology, mesh): the Colab runtimes, then the serving slices a lab would use
 SLICES = [
@@ -102,11 +103,7 @@ def main():
         "The programs' arguments are the weights they read: the SigLIP tower (0.77 GiB in bfloat16, 0.39 GiB in "
         "int8, split over the chips) is resident too when the model is loaded whole but no picture is read; "
         "`unitoken_jax.inference.fit.choose_quantize` counts it.", ""]
-    text = "\n".join(lines)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

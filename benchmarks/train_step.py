@@ -45,6 +45,7 @@ from unitoken_jax.configs import stages  # noqa: E402
 from unitoken_jax.train.config import TrainConfig  # noqa: E402
 from unitoken_jax.train.program import BATCH_KEYS, build_program, make_mesh  # noqa: E402
 from unitoken_jax.train.state import create_state  # noqa: E402
+from report import write_report  # noqa: E402
 
 LR, Z_LOSS = 1e-4, 1e-5
 
@@ -230,11 +231,7 @@ def main():
         "large share of the step. Packing removes most of the reference's padding but attends over 512-position "
         "rows, so the skipped upper-triangle blocks recover only part of that.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    write_report(lines + [""], args.out)
 
 
 if __name__ == "__main__":

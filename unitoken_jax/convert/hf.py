@@ -285,9 +285,8 @@ def _build_config(hf_config, kind, prefix, shapes) -> tuple[UniTokenConfig, str 
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
-def read_config(path: str) -> UniTokenConfig:
-    """The model config of an HF-format directory, from config.json and the safetensors headers
-    only (no tensor is read)."""
+def _read_header(path: str):
+    """(config.json, safetensors headers, kind, key prefix) of an HF-format directory."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{path} has no config.json")
@@ -295,6 +294,13 @@ def read_config(path: str) -> UniTokenConfig:
         hf_config = json.load(f)
     headers = _scan_headers(checkpoint_files(path))
     kind, prefix = _detect_kind(hf_config, headers)
+    return hf_config, headers, kind, prefix
+
+
+def read_config(path: str) -> UniTokenConfig:
+    """The model config of an HF-format directory, from config.json and the safetensors headers
+    only (no tensor is read)."""
+    hf_config, headers, kind, prefix = _read_header(path)
     return _build_config(hf_config, kind, prefix, headers)[0]
 
 
@@ -309,13 +315,7 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     Without `place` the parameters stay numpy arrays. `param_dtype=None` keeps the checkpoint's
     own (most common) dtype: a lossless conversion.
     """
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"{path} has no config.json")
-    with open(config_path) as f:
-        hf_config = json.load(f)
-    headers = _scan_headers(checkpoint_files(path))
-    kind, prefix = _detect_kind(hf_config, headers)
+    hf_config, headers, kind, prefix = _read_header(path)
     config, layout = _build_config(hf_config, kind, prefix, headers)
     sizes: dict[str, int] = {}
     for _, shape, dtype in headers.values():

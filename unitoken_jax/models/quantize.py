@@ -26,6 +26,7 @@ from unitoken_jax.models.layers import quantize_int8
 from unitoken_jax.models.unitoken import abstract_params
 
 SCALE = "kernel_scale"
+_quantize_on_device = jax.jit(quantize_int8, static_argnums=1)
 
 
 class LeafQuantizer:
@@ -61,7 +62,7 @@ class LeafQuantizer:
             return array, None
         scale_shape = self.scale_struct(path).shape
         if isinstance(array, jax.Array):  # on devices already: one jitted pass, sharding kept
-            return jax.jit(quantize_int8, static_argnums=1)(array, scale_shape)
+            return _quantize_on_device(array, scale_shape)
         array = np.asarray(array)
         if array.ndim >= 3 and scale_shape[0] == array.shape[0] and array.shape[0] > 1:
             values = np.empty(array.shape, np.int8)
