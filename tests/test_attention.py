@@ -1,5 +1,5 @@
 """The training / prefill attention backends (issue 14) against the definition: NumPy float64
-softmax over the keys s <= t of the same segment (`attention.reference`), on packed rows with
+softmax over the keys s <= t of the same segment (`_reference` below), on packed rows with
 several segments, padding (segment 0), a one-token segment, and a length that is not a multiple
 of the block. The splash kernel runs in Pallas' interpreter here (the TPU kernel's own code).
 
@@ -36,6 +36,22 @@ def _qkv(shape_bt, n=4, k=2, h=16, dtype=jnp.float32, seed=0):
     return q.astype(dtype), kk.astype(dtype), v.astype(dtype)
 
 
+def _reference(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT) -> np.ndarray:
+    """The definition, in NumPy float64 (for tests): softmax over s <= t of the same segment."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q_BTNH, k_BTKH, v_BTKH))
+    seg = np.asarray(segment_ids_BT)
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
+    mask = np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+    logits = np.where(mask[:, None], logits, -np.inf)
+    logits -= logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
 BACKENDS = [("xla", {}), ("splash", {"interpret": True})]
 
 
@@ -44,7 +60,7 @@ BACKENDS = [("xla", {}), ("splash", {"interpret": True})]
 def test_outputs_equal_the_definition(backend, kw, t, block):
     seg = _packed(t)
     q, k, v = _qkv(seg.shape)
-    want = attention.reference(q, k, v, seg)
+    want = _reference(q, k, v, seg)
     got = np.asarray(attention.causal_attention(q, k, v, jnp.asarray(seg), backend=backend, block=block, **kw))
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
@@ -54,7 +70,7 @@ def test_outputs_equal_the_definition(backend, kw, t, block):
 def test_bfloat16_within_its_rounding(backend, kw):
     seg = _packed(384)
     q, k, v = _qkv(seg.shape, dtype=jnp.bfloat16)
-    want = attention.reference(q, k, v, seg)
+    want = _reference(q, k, v, seg)
     got = np.asarray(attention.causal_attention(q, k, v, jnp.asarray(seg), backend=backend, block=128, **kw),
                      np.float32)
     np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max(), rtol=0)

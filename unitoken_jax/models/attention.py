@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitoken_jax.models.config import ATTENTION_BACKENDS as BACKENDS
+from unitoken_jax.models.layers import dot_product_attention
 
 _BY_PLATFORM = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "xla"), "cuda": ("cudnn", "xla")}
 
@@ -159,8 +160,6 @@ def _online_block(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, low, carry):
 
 
 def _xla_dense(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
-    from unitoken_jax.models.layers import dot_product_attention
-
     return dot_product_attention(q_BTNH, k_BTKH, v_BTKH, _segment_causal(segment_ids_BT))
 
 
@@ -213,19 +212,3 @@ def _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
     with jax.default_matmul_precision("default"):
         out_BKGTH = jax.vmap(one_row)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT.astype(jnp.int32))
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
-
-
-def reference(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT) -> np.ndarray:
-    """The definition, in NumPy float64 (for tests): softmax over s <= t of the same segment."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q_BTNH, k_BTKH, v_BTKH))
-    seg = np.asarray(segment_ids_BT)
-    b, t, n, h = q.shape
-    g = n // k.shape[2]
-    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
-    mask = np.tril(np.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
-    logits = np.where(mask[:, None], logits, -np.inf)
-    logits -= logits.max(-1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnh->btnh", p, v)
