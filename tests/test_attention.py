@@ -77,9 +77,11 @@ def test_bfloat16_within_its_rounding(backend, kw):
 
 
 @pytest.mark.parametrize("backend,kw", BACKENDS, ids=[b for b, _ in BACKENDS])
-def test_gradients_equal_the_dense_attention(backend, kw):
-    seg = jnp.asarray(_packed(384))
-    q, k, v = _qkv(seg.shape, seed=3)
+@pytest.mark.parametrize("t,dtype,tol", [(384, jnp.float32, 2e-5), (300, jnp.float32, 2e-5), (384, jnp.bfloat16, 3e-2)],
+                         ids=["f32", "f32-ragged", "bf16"])
+def test_gradients_equal_the_dense_attention(backend, kw, t, dtype, tol):
+    seg = jnp.asarray(_packed(t))
+    q, k, v = _qkv(seg.shape, seed=3, dtype=dtype)
     cot = jax.random.normal(jax.random.key(9), q.shape)
 
     def loss(fn):
@@ -87,10 +89,29 @@ def test_gradients_equal_the_dense_attention(backend, kw):
 
     dense = loss(lambda q, k, v: dot_product_attention(q, k, v, segment_causal_mask(seg)))
     ours = loss(lambda q, k, v: attention.causal_attention(q, k, v, seg, backend=backend, block=128, **kw))
-    want = jax.grad(dense, argnums=(0, 1, 2))(q, k, v)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(dense, argnums=(0, 1, 2))(*f32)  # bfloat16 inputs: against float32 autodiff of the same values
     got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
     for name, w, g in zip("qkv", want, got):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * np.abs(w).max(), rtol=0, err_msg=name)
+        assert g.dtype == dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=tol * np.abs(w).max(), rtol=0,
+                                   err_msg=name)
+
+
+def test_xla_backward_keeps_no_score_matrix():
+    """The xla path's gradient saves the output and a log-sum-exp per query, and recomputes each
+    block's probabilities: its compiled temporaries stay under half of the T x T float32 scores
+    (JAX's autodiff of the online softmax kept every block pair's: 1.65x the scores here)."""
+    t, n = 1024, 2
+    seg = jnp.asarray(np.repeat(np.arange(1, 3, dtype=np.int32), t // 2)[None])
+    q, k, v = _qkv((1, t), n=n, k=n)
+
+    def loss(q, k, v):
+        return jnp.sum(attention.causal_attention(q, k, v, seg, backend="xla", block=128) ** 2)
+
+    memory = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().memory_analysis()
+    scores = n * t * t * 4
+    assert memory.temp_size_in_bytes < scores / 2, (memory.temp_size_in_bytes, scores)  # autodiff: 1.65x
 
 
 def test_only_blocks_that_share_a_segment_are_visible():

@@ -118,45 +118,113 @@ def visible_blocks(segment_ids_BT: jax.Array, block: int) -> jax.Array:
 def _xla_blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block):
     b, t, n, h = q_BTNH.shape
     k = k_BTKH.shape[2]
-    g = n // k
     if t <= block:
         return _xla_dense(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-    nb = t // block
-    vis = visible_blocks(segment_ids_BT, block)
-    q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
-    k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-    seg = segment_ids_BT.reshape(b, nb, block)
-    low = jnp.finfo(jnp.float32).min
-    local_causal = jnp.tril(jnp.ones((block, block), jnp.bool_))
-    outs = []
-    for i in range(nb):
-        q_i = q_BKGTH[:, :, :, i * block:(i + 1) * block] * (h ** -0.5)
-        carry = (jnp.full((b, k, g, block), low, jnp.float32), jnp.zeros((b, k, g, block), jnp.float32),
-                 jnp.zeros((b, k, g, block, h), jnp.float32))
-        for j in range(i + 1):
-            mask_BTS = seg[:, i, :, None] == seg[:, j, None, :]
-            if j == i:
-                mask_BTS = mask_BTS & local_causal
-            step = functools.partial(_online_block, q_i, k_BKSH[:, :, j * block:(j + 1) * block],
-                                     v_BKSH[:, :, j * block:(j + 1) * block], mask_BTS, low)
-            carry = step(carry) if j == i else jax.lax.cond(vis[i, j], step, lambda c: c, carry)
-        _, total, acc = carry
-        outs.append((acc / total[..., None]).astype(v_BTKH.dtype))
-    out_BKGTH = jnp.concatenate(outs, axis=3)
+    q_BKGTH = (q_BTNH * (h ** -0.5)).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    out_BKGTH = _flash(q_BKGTH, k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3), segment_ids_BT, block)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _online_block(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, low, carry):
-    """One key block into the running (max, sum, weighted values) of a query block."""
-    m, total, acc = carry
-    s = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH).astype(jnp.float32)
-    s = jnp.where(mask_BTS[:, None, None], s, low)
-    m_new = jnp.maximum(m, s.max(-1))
-    p = jnp.exp(s - m_new[..., None])
-    correction = jnp.exp(m - m_new)
-    total = total * correction + p.sum(-1)
-    acc = acc * correction[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_BKSH.dtype), v_BKSH)
-    return m_new, total, acc
+_LOW = float(jnp.finfo(jnp.float32).min)
+
+
+def _block_mask(seg_BNC, i, j, block):
+    """bool [B, block, block]: query block i may see key block j (same segment; causal on the diagonal)."""
+    mask_BTS = seg_BNC[:, i, :, None] == seg_BNC[:, j, None, :]
+    return mask_BTS & jnp.tril(jnp.ones((block, block), jnp.bool_)) if i == j else mask_BTS
+
+
+def _scores(q_BKGTH, k_BKSH, mask_BTS):
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32)
+    return jnp.where(mask_BTS[:, None, None], s, _LOW)
+
+
+def _key_block(x_BKSH, j, block):
+    return x_BKSH[:, :, j * block:(j + 1) * block]
+
+
+def _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
+    """(out [B, K, G, T, H], log-sum-exp [B, K, G, T] float32): an online softmax over the key
+    blocks that `visible_blocks` marks, one query block at a time (`q` already scaled)."""
+    b, kh, g, t, h = q_BKGTH.shape
+    nb = t // block
+    vis = visible_blocks(segment_ids_BT, block)
+    seg = segment_ids_BT.reshape(b, nb, block)
+    outs, lses = [], []
+    for i in range(nb):
+        q_i = q_BKGTH[:, :, :, i * block:(i + 1) * block]
+
+        def step(carry, i=i, j=0, q_i=q_i):
+            m, total, acc = carry
+            v_j = _key_block(v_BKSH, j, block)
+            s = _scores(q_i, _key_block(k_BKSH, j, block), _block_mask(seg, i, j, block))
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            acc = acc * correction[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(v_j.dtype), v_j,
+                                                           preferred_element_type=jnp.float32)
+            return m_new, total * correction + p.sum(-1), acc
+
+        carry = (jnp.full((b, kh, g, block), _LOW, jnp.float32), jnp.zeros((b, kh, g, block), jnp.float32),
+                 jnp.zeros((b, kh, g, block, h), jnp.float32))
+        for j in range(i + 1):  # the diagonal block always (each query sees itself), the others if visible
+            one = functools.partial(step, j=j)
+            carry = one(carry) if j == i else jax.lax.cond(vis[i, j], one, lambda c: c, carry)
+        m, total, acc = carry
+        outs.append((acc / total[..., None]).astype(v_BKSH.dtype))
+        lses.append(m + jnp.log(total))
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
+    return _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block)[0]
+
+
+def _flash_fwd(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
+    out, lse = _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block)
+    return out, (q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse)
+
+
+def _flash_bwd(block, residuals, d_out_BKGTH):
+    """The backward pass block by block, each visible block's probabilities recomputed from the
+    saved log-sum-exp: nothing of size T x T is kept from the forward pass."""
+    q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse = residuals
+    b, kh, g, t, h = q_BKGTH.shape
+    nb = t // block
+    vis = visible_blocks(segment_ids_BT, block)
+    seg = segment_ids_BT.reshape(b, nb, block)
+    d_out = d_out_BKGTH.astype(jnp.float32)
+    delta_BKGT = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
+    rows = lambda x, i: x[:, :, :, i * block:(i + 1) * block]  # noqa: E731
+    dk = [jnp.zeros((b, kh, block, h), jnp.float32) for _ in range(nb)]
+    dv = [jnp.zeros((b, kh, block, h), jnp.float32) for _ in range(nb)]
+    dq = []
+    for i in range(nb):
+        q_i, do_i, lse_i, delta_i = rows(q_BKGTH, i), rows(d_out, i), rows(lse, i), rows(delta_BKGT, i)
+
+        def grads(acc, i=i, j=0, q_i=q_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
+            dq_i, dk_j, dv_j = acc
+            k_j, v_j = _key_block(k_BKSH, j, block), _key_block(v_BKSH, j, block)
+            p = jnp.exp(_scores(q_i, k_j, _block_mask(seg, i, j, block)) - lse_i[..., None])
+            dv_j = dv_j + jnp.einsum("BKGTS,BKGTH->BKSH", p, do_i)
+            dp = jnp.einsum("BKGTH,BKSH->BKGTS", do_i, v_j, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i[..., None])
+            dq_i = dq_i + jnp.einsum("BKGTS,BKSH->BKGTH", ds, k_j, preferred_element_type=jnp.float32)
+            dk_j = dk_j + jnp.einsum("BKGTS,BKGTH->BKSH", ds, q_i, preferred_element_type=jnp.float32)
+            return dq_i, dk_j, dv_j
+
+        dq_i = jnp.zeros((b, kh, g, block, h), jnp.float32)
+        for j in range(i + 1):
+            one = functools.partial(grads, j=j)
+            acc = (dq_i, dk[j], dv[j])
+            dq_i, dk[j], dv[j] = one(acc) if j == i else jax.lax.cond(vis[i, j], one, lambda a: a, acc)
+        dq.append(dq_i)
+    join = lambda parts, like, axis: jnp.concatenate(parts, axis=axis).astype(like.dtype)  # noqa: E731
+    return join(dq, q_BKGTH, 3), join(dk, k_BKSH, 2), join(dv, v_BKSH, 2), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _xla_dense(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
