@@ -3,6 +3,7 @@ never split and arrive intact (tokens and pixels), processes read disjoint parts
 respected, too-long samples are dropped and counted, the iterator state restores the order, and a
 packed row gives each sample the loss it has alone."""
 
+import dataclasses
 import json
 import os
 
@@ -19,11 +20,16 @@ SETTINGS = pt.PretokenizeSettings(name="demo", vq_size=32, siglip_size=56, max_l
                                   vq_batch=16)
 
 
-def _dataset(root, name, n, seed):
+def _dataset(root, name, n, seed, varied=False):
+    """Demo items; `varied`: answers of 1 to 8 sentences (samples of different lengths)."""
     path = demo.write_demo_items(str(root / f"{name}_items"), n, seed=seed)
     items = json.load(open(path))
+    rng = np.random.default_rng(seed)
     for it in items:
         it["id"] = f"{name}-{it['id']}"
+        answer = it["conversations"][1]
+        if varied and answer["value"] != "<|image|>":
+            answer["value"] = " ".join([answer["value"] + "."] * int(rng.integers(1, 9)))
     json.dump(items, open(path, "w"))
     text, vq = demo.demo_tokenizers()
     pt.pretokenize(path, str(root / name), text, vq, SETTINGS, progress=False)
@@ -226,3 +232,31 @@ def test_worker_processes_give_a_restorable_order(datasets):
     assert got["sample_ids"] == fourth["sample_ids"]
     np.testing.assert_array_equal(got["pixels"], fourth["pixels"])
     assert len({i for b in first for row in b for i in row}) == sum(len(row) for b in first for row in b)
+
+
+def test_lookahead_fills_rows_and_resumes_exactly_from_any_batch(tmp_path):
+    """Groups packed from beyond a held-back one are recorded in the state, so a restore from any
+    batch boundary packs the same batches; no sample is lost or repeated; rows are fuller."""
+    datasets = [_dataset(tmp_path, "v", 80, 2, varied=True)]
+    config = PipelineConfig(rows=2, length=400, max_images=8, num_threads=1, seed=5, lookahead=8)
+    it = InputPipeline(datasets, config).iterator()
+    states, batches = [], []
+    for _ in range(9):
+        states.append(json.loads(json.dumps(it.get_state())))
+        batches.append(next(it))
+    states.append(it.get_state())
+    assert any(s["packed_ahead"] for s in states), "the test must restore past groups packed ahead"
+    for k in (1, 3, 5, 6):
+        again = InputPipeline(datasets, config).iterator()
+        again.set_state(states[k])
+        for e in batches[k:k + 3]:
+            got = next(again)
+            assert got["sample_ids"] == e["sample_ids"]
+            np.testing.assert_array_equal(got["tokens"], e["tokens"])
+            np.testing.assert_array_equal(got["pixels"], e["pixels"])
+        assert again.get_state()["packed"] == states[k + 3]["packed"]
+    ids = [i for b in batches for row in b["sample_ids"] for i in row]
+    assert len(ids) == len(set(ids)) and len(ids) < 80  # within the first epoch: each sample once
+    in_order = InputPipeline(datasets, dataclasses.replace(config, lookahead=0)).iterator()
+    fill = lambda bs: np.mean([(b["segment_ids"] > 0).mean() for b in bs])  # noqa: E731
+    assert fill(batches) > fill([next(in_order) for _ in range(9)]) + 0.05

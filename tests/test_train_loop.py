@@ -74,8 +74,9 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data)
     ea = EventAccumulator(os.path.join(workdir, "tensorboard"))
     ea.Reload()
     assert {"ce_understanding", "ce_generation", "z_loss", "grad_norm", "learning_rate",
-            "tokens_per_second"} <= set(ea.Tags()["scalars"])
+            "tokens_per_second", "real_fraction"} <= set(ea.Tags()["scalars"])
     assert all(v > 0 for v in _scalars(workdir, "ce_generation").values())
+    assert all(0.5 < v <= 1 for v in _scalars(workdir, "real_fraction").values())  # packed rows, little padding
     model = load(os.path.join(workdir, "final"))  # the exported model loads
     assert model.config.decoder.vocab_size == 9216
 

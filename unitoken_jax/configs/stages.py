@@ -61,10 +61,13 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         mix=s["mix"],
         rows=8 if tiny else 64,  # global batch rows (split over processes)
         length=256 if tiny else 4096,
-        max_images=8 if tiny else 64,  # SigLIP tiles per global batch
+        # SigLIP tiles per global batch: a release-sized sample (1,024 codes + 729 features + text) is
+        # ~1,900 positions with one tile, so 64 x 4,096 positions hold ~136 (benchmarks/packing.py)
+        max_images=8 if tiny else 192,
         seed=0,
         num_threads=2 if tiny else 16,
         worker_count=0,
+        lookahead=16,  # groups a batch may take from beyond one that does not fit (fuller rows)
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))  # 0: every device
     c.total_steps = 40 if tiny else (5000 if stage == 1 else 20000)

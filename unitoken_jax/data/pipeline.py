@@ -88,6 +88,7 @@ class PipelineConfig:
     num_threads: int = 4
     prefetch: int = 16
     worker_count: int = 0  # > 0: preprocessing and packing in that many worker processes
+    lookahead: int = 16  # groups a batch may take from beyond one that does not fit (0: strictly in order)
 
 
 @dataclasses.dataclass
@@ -202,6 +203,15 @@ class InputPipeline(grain.IterDataset):
 
 
 class _PackingIterator(grain.DatasetIterator):
+    """Packs groups into batches, looking up to `config.lookahead` groups ahead: when the next
+    group does not fit, the later ones that do go in first (the held-back group is the first one
+    tried for the next batch, so no group waits more than one batch for room).
+
+    State: the streams' state before the oldest group read but not yet packed (the anchor), and
+    which of the groups read after it were packed already (`packed_ahead`, numbered from the
+    anchor). Restoring re-reads the streams from the anchor and skips those groups, so a resumed
+    run packs exactly the same batches."""
+
     def __init__(self, pipeline: InputPipeline, parents):
         super().__init__(parents)
         self.p = pipeline
@@ -213,11 +223,14 @@ class _PackingIterator(grain.DatasetIterator):
             j += s is not None
         self.dropped_too_long = 0
         self.packed = 0
-        self._pending = None  # (state before reading it, group)
+        self._read = 0  # groups read since the anchor (restore skips `_skip` among the re-read ones)
+        self._skip: set[int] = set()
+        self._waiting: list[tuple[int, dict, list[Sample]]] = []  # (number, state before reading, group)
+        self._ahead: set[int] = set()  # numbers of groups packed while an older one waits
 
-    def _state_now(self) -> dict[str, Any]:
+    def _streams_now(self) -> dict[str, Any]:
         return {"streams": [None if i is None else i.get_state() for i in self._iters],
-                "dropped_too_long": self.dropped_too_long, "packed": self.packed}
+                "dropped_too_long": self.dropped_too_long}
 
     def _next_group(self) -> list[Sample]:
         group = []
@@ -234,28 +247,47 @@ class _PackingIterator(grain.DatasetIterator):
                 group.append(s)
         return group
 
+    def _read_group(self) -> None:
+        """Reads the next group not packed before a restore into the waiting list."""
+        while True:
+            state, number = self._streams_now(), self._read
+            group = self._next_group()
+            self._read += 1
+            if number in self._skip:
+                self._skip.discard(number)
+                continue
+            self._waiting.append((number, state, group))
+            return
+
     def __next__(self) -> dict[str, Any]:
         c = self.config
         packer = RowPacker(c.rows, c.length, c.max_images * self.p.features_per_tile)
         samples: list[Sample] = []
+        tried = 0  # waiting groups looked at (and kept) for this batch
         while True:
-            if self._pending is None:
-                state = self._state_now()
-                self._pending = (state, self._next_group())
-            _, group = self._pending
+            if tried == len(self._waiting):
+                if tried > c.lookahead:
+                    break
+                self._read_group()
+            number, _, group = self._waiting[tried]
             pairs = [(s.encoded, s.num_features) for s in group]
             if packer.fits(pairs):
                 packer.add(pairs, list(range(len(samples), len(samples) + len(group))))
                 samples.extend(group)
                 self.packed += len(group)
-                self._pending = None
+                del self._waiting[tried]
+                if tried:
+                    self._ahead.add(number)
                 continue
             if packer.empty:
                 raise ValueError(f"a group of {len(group)} samples ({[len(s.encoded) for s in group]} tokens, "
                                  f"{sum(s.num_features for s in group) // self.p.features_per_tile} image tiles) "
                                  f"does not fit an empty batch of {c.rows} x {c.length} with {c.max_images} "
                                  "image tiles; raise rows, length or max_images")
-            return self._batch(packer, samples)
+            tried += 1
+        oldest = self._waiting[0][0] if self._waiting else self._read
+        self._ahead = {n for n in self._ahead if n > oldest}
+        return self._batch(packer, samples)
 
     def _batch(self, packer: RowPacker, samples: list[Sample]) -> dict[str, Any]:
         b = packer.finish()
@@ -269,7 +301,11 @@ class _PackingIterator(grain.DatasetIterator):
                 "kinds": [KIND_NAMES[s.kind] for s in samples]}
 
     def get_state(self) -> dict[str, Any]:
-        return self._pending[0] if self._pending is not None else self._state_now()
+        if not self._waiting:
+            return {**self._streams_now(), "packed": self.packed, "packed_ahead": sorted(n - self._read for n in self._skip)}
+        first, state, _ = self._waiting[0]
+        ahead = sorted(n - first for n in self._ahead | self._skip if n > first)
+        return {**state, "packed": self.packed, "packed_ahead": ahead}
 
     def set_state(self, state: dict[str, Any]) -> None:
         for it, s in zip(self._iters, state["streams"]):
@@ -277,4 +313,6 @@ class _PackingIterator(grain.DatasetIterator):
                 it.set_state(s)
         self.dropped_too_long = state["dropped_too_long"]
         self.packed = state["packed"]
-        self._pending = None
+        self._read = 0
+        self._skip = set(state.get("packed_ahead", ()))
+        self._waiting, self._ahead = [], set()

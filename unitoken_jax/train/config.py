@@ -49,6 +49,7 @@ class DataConfig:
     seed: int = 0
     num_threads: int = 2
     worker_count: int = 0
+    lookahead: int = 16  # groups a batch may take from beyond one that does not fit (0: strictly in order)
 
     def validate(self) -> "DataConfig":
         for name in ("rows", "length", "max_images"):
@@ -56,6 +57,8 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
         if min(self.mix) < 0 or sum(self.mix) < 1:
             raise ValueError(f"data.mix={self.mix} needs non-negative parts, not both 0")
+        if self.lookahead < 0:
+            raise ValueError(f"data.lookahead must be 0 or more, got {self.lookahead}")
         return self
 
 

@@ -110,7 +110,8 @@ def _pipeline(config: TrainConfig, workdir: str, mesh) -> InputPipeline:
             raise ValueError(f"data.{what}={value} must split evenly over the {shards} data-parallel shards and "
                              f"{n} processes")
     pc = PipelineConfig(rows=d.rows // n, length=d.length, mix=d.mix, max_images=d.max_images // n,
-                        seed=d.seed, num_threads=d.num_threads, worker_count=d.worker_count)
+                        seed=d.seed, num_threads=d.num_threads, worker_count=d.worker_count,
+                        lookahead=d.lookahead)
     pipeline = InputPipeline(sources, pc, process_index=jax.process_index(), process_count=n)
     side = model_config.vision.image_size
     if pipeline.siglip_size != side:

@@ -67,7 +67,7 @@ class Window:
         self._reset()
 
     def _reset(self):
-        self.metrics, self.tokens, self.steps, self.flop_inputs = [], 0, 0, []
+        self.metrics, self.tokens, self.positions, self.steps, self.flop_inputs = [], 0, 0, 0, []
         self.start = time.time()
 
     def add_batch(self, batch, features_per_tile: int):
@@ -77,6 +77,7 @@ class Window:
         context = float(batch["positions"][real].mean() + 1) if tokens else 0.0
         tiles = int(np.any(batch["pixels"] != 0, axis=(1, 2, 3)).sum())
         self.tokens += tokens
+        self.positions += real.size
         self.flop_inputs.append((tokens, context, tiles * features_per_tile))
 
     def add_metrics(self, metrics):
@@ -99,6 +100,7 @@ class Window:
             else:
                 out[k] = float(values.mean())
         out["tokens_per_second"] = self.tokens / seconds
+        out["real_fraction"] = self.tokens / max(self.positions, 1)  # of the batches' positions, not padding
         peak = peak_flops()
         if peak is not None:
             total = sum(flops.per_step(*x) for x in self.flop_inputs)

@@ -1,0 +1,136 @@
+"""How full the packed rows are at the stage configs' shape (64 rows x 4,096 positions), with
+strictly in-order packing (`data.lookahead=0`) and with the look-ahead the configs use.
+
+Three datasets, pre-tokenized by the project's own `pretokenize`:
+- the demo data as the training loop builds it (`data.demo=True`) for the 7B configs: 8 x 8 VQ
+  codes and the model's 384 px SigLIP tile (729 features) a picture;
+- the drawn demo items at the release's image sizes (1,024 VQ codes from a 32 x 32 grid, 729
+  SigLIP features from a 384 px tile), answers of 1 to 12 sentences;
+- the shapes world's training items (its own tokenizer and VQ-GAN, the bundled model's), as
+  `world/build.py` makes them.
+
+For each, the pixel capacity (`data.max_images`) is the stage configs' (192 tiles; 64 before
+2026-11-30) and one sized for the data (enough tiles that tokens, not pictures, close a batch).
+A real token is a position inside a sample (segment id > 0).
+
+    python benchmarks/packing.py [--batches 6] [--out benchmarks/results/packing.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+from unitoken_jax.data import demo  # noqa: E402
+from unitoken_jax.data import pretokenize as pt  # noqa: E402
+from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig  # noqa: E402
+from unitoken_jax.tokenizer.text import TextTokenizer  # noqa: E402
+from unitoken_jax.vq_tokenizer import VQTokenizer  # noqa: E402
+from unitoken_jax.world import shapes  # noqa: E402
+from unitoken_jax.world.default import DEFAULT_DIR  # noqa: E402
+from report import write_report  # noqa: E402
+
+ROWS, LENGTH = 64, 4096
+
+
+def demo_release_sized(tmp: str, n: int) -> str:
+    items_path = demo.write_demo_items(os.path.join(tmp, "demo_items"), n, seed=0)
+    items = json.load(open(items_path))
+    rng = np.random.default_rng(0)
+    for it in items:
+        answer = it["conversations"][1]
+        if answer["value"] != "<|image|>":
+            answer["value"] = " ".join([answer["value"] + "."] * int(rng.integers(1, 13)))
+    json.dump(items, open(items_path, "w"))
+    text, vq = demo.demo_tokenizers()  # the demo VQ-GAN downsamples 4x: a 128 px crop is 32 x 32 codes
+    settings = pt.PretokenizeSettings(name="demo", vq_size=128, siglip_size=384, patch=14, max_length=None,
+                                      chunk_size=256, vq_batch=32)
+    out = os.path.join(tmp, "demo")
+    pt.pretokenize(items_path, out, text, vq, settings, progress=False)
+    return out
+
+
+def demo_as_the_configs_build_it(tmp: str, n: int) -> str:
+    """`data.demo=True` with the 7B configs: 8 x 8 codes, the model's 384 px SigLIP tile."""
+    return demo.build_demo_dataset(os.path.join(tmp, "demo_7b"), n, siglip_size=384, vq_size=32)
+
+
+def shapes_world(tmp: str, n: int) -> str:
+    items = shapes.write_items(os.path.join(tmp, "shapes_items"), n, seed=0)
+    settings = pt.PretokenizeSettings(name="shapes", vq_size=shapes.VQ_SIZE, siglip_size=shapes.SIGLIP_SIZE,
+                                      patch=shapes.PATCH, max_length=None, chunk_size=1024, vq_batch=256)
+    out = os.path.join(tmp, "shapes")
+    vq = VQTokenizer.from_dir(os.path.join(DEFAULT_DIR, "vqgan"))
+    pt.pretokenize(items, out, TextTokenizer(shapes.tokenizer_json()), vq, settings, progress=False)
+    return out
+
+
+def measure(data: str, tiles: int, lookahead: int, batches: int) -> tuple[float, float, float]:
+    """(mean real fraction, its minimum, samples per batch) over `batches` batches."""
+    config = PipelineConfig(rows=ROWS, length=LENGTH, max_images=tiles, num_threads=2, lookahead=lookahead)
+    it = InputPipeline([data], config).iterator()
+    fractions, samples = [], []
+    for _ in range(batches):
+        b = next(it)
+        fractions.append(float((b["segment_ids"] > 0).mean()))
+        samples.append(len(b["kinds"]))
+    return float(np.mean(fractions)), float(np.min(fractions)), float(np.mean(samples))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--lookahead", type=int, default=16, help="the configs' data.lookahead")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "packing.md"))
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp()
+    datasets = [("demo data as `data.demo=True` builds it for the 7B configs (64 codes + 729 features a picture)",
+                 demo_as_the_configs_build_it(tmp, 600), (64, 192)),
+                ("demo items, release image sizes (1,024 codes + 729 features a picture), answers of 1-12 sentences",
+                 demo_release_sized(tmp, 600), (64, 192)),
+                ("shapes world (16 codes + 16 features a picture, 3 questions an item)",
+                 shapes_world(tmp, 3000), (192, 4096))]
+    rows = []
+    for name, path, budgets in datasets:
+        source, _, _ = pt.open_dataset(path)
+        lengths = [len(source[i]["tokens"]) for i in range(min(len(source), 400))]
+        for tiles in budgets:
+            for lookahead in (0, args.lookahead):
+                mean, low, per_batch = measure(path, tiles, lookahead, args.batches)
+                rows.append(f"| {name} | {int(np.mean(lengths))} | {tiles} | {lookahead} | {per_batch:.0f} | "
+                            f"**{mean:.1%}** | {low:.1%} |")
+                print(rows[-1], flush=True)
+    lines = [
+        "# Packing: real tokens in a batch at the stage configs' shape", "",
+        f"{datetime.date.today().isoformat()}, {platform.machine()} CPU ({os.cpu_count()} cores); "
+        f"{ROWS} rows x {LENGTH} positions a batch, understanding : generation 1 : 1, {args.batches} batches each.", "",
+        "| data | mean sample (tokens) | tiles a batch (`max_images`) | `lookahead` | samples a batch | "
+        "real tokens | lowest batch |",
+        "|---|---|---|---|---|---|---|",
+        *rows, "",
+        "A batch closes when its next group does not fit, by tokens or by tiles. With one tile a sample, the "
+        "configs' earlier budget of 64 tiles filled under half of 64 x 4,096 positions; 192 tiles leave the tokens "
+        "to decide. Release-sized samples (~1,900 positions) go two to a 4,096-position row: 2 x 1,922 / 4,096 = "
+        "93.8 % is the most whole samples can fill, and the packer reaches it (95 % would need a sample split "
+        "across rows, which the reference never does and neither do we). The look-ahead (`data.lookahead`) "
+        "changes nothing on these uniform samples; it pays where a row holds a few samples of varied length "
+        "(`tests/test_pipeline.py`: 60 % -> 66 % at 2 x 400). The shapes world's samples are ~76 tokens, so a "
+        "batch of them at this length needs thousands of its 64 px tiles: there the tile budget decides, and a "
+        "run on that data sizes `data.max_images` for it.",
+    ]
+    write_report(lines + [""], args.out)
+
+
+if __name__ == "__main__":
+    main()
