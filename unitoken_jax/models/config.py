@@ -115,6 +115,8 @@ class UniTokenConfig:
     # GPU, xla elsewhere), "splash", "cudnn" or "xla"; its query / key block.
     attention: str = "auto"
     attention_block: int = 128
+    # Training: positions of every row the LM head and the loss take at once (`models.loss.fused_lm_loss`)
+    loss_chunk: int = 512
 
     @property
     def has_adapter(self) -> bool:
@@ -135,6 +137,8 @@ class UniTokenConfig:
                              f"{', '.join(ATTENTION_BACKENDS)}")
         if self.attention_block < 1:
             raise ValueError(f"attention_block must be at least 1, got {self.attention_block}")
+        if self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be at least 1, got {self.loss_chunk}")
         return self
 
     def replace(self, **changes: Any) -> "UniTokenConfig":

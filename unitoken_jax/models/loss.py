@@ -9,9 +9,13 @@ averaged over exactly the same (shifted) positions as the cross-entropy.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from unitoken_jax.sharding import constrain
 from unitoken_jax.tokenizer import layout
 
 
@@ -48,3 +52,114 @@ def lm_loss(logits_BLV: jax.Array, labels_BL: jax.Array, segment_ids_BL: jax.Arr
                "ce_generation": ce_gen, "tokens": n_tokens, "tokens_understanding": n_und,
                "tokens_generation": n_gen}
     return total, metrics
+
+
+# --- the LM head and the loss in one pass, over the predicted positions only ---------------------
+
+def fused_lm_loss(hidden_BLD: jax.Array, kernel_DV: jax.Array, labels_BL: jax.Array, segment_ids_BL: jax.Array,
+                  z_loss_weight: float, generation_BL: jax.Array | None = None, *, chunk: int = 512,
+                  dtype=jnp.float32, kernel_grad: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`lm_loss(head(hidden))` without a [B, L, V] array and without the head's work on positions
+    that predict nothing (prompts, pictures given as input, padding).
+
+    Each row's predicting positions are moved to its front; the head runs on chunks of `chunk`
+    positions of all rows at once, and a chunk in which no row predicts anything is skipped. The
+    logits' gradient is known in the forward pass (the loss is a fixed weighting of each position's
+    cross-entropy and log-sum-exp), so each chunk also computes its share of the hidden states'
+    and the kernel's gradients there: the backward pass only scales them, and no chunk's logits are
+    kept. Same value, metrics and gradients as `lm_loss` on `hidden @ kernel` in `dtype` (the
+    metrics are not differentiable: gradients flow through the total loss). `kernel_grad=False`
+    skips the kernel's gradient (a frozen head: its gradient is then zero)."""
+    b, length, d = hidden_BLD.shape
+    targets_BL = jnp.pad(labels_BL[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+    seg_next = jnp.pad(segment_ids_BL[:, 1:], ((0, 0), (0, 1)))
+    valid_BL = (targets_BL >= 0) & (seg_next == segment_ids_BL) & (seg_next != 0)
+    gen = is_generation_target(targets_BL) if generation_BL is None else jnp.pad(
+        generation_BL[:, 1:].astype(jnp.bool_), ((0, 0), (0, 1)))
+    total, sums = _fused(hidden_BLD, kernel_DV, jnp.maximum(targets_BL, 0), valid_BL, gen, z_loss_weight, chunk,
+                         jnp.dtype(dtype).name, kernel_grad)
+    sums = jax.lax.stop_gradient(sums)
+    n_tokens, n_und, n_gen = jnp.sum(valid_BL), jnp.sum(valid_BL & ~gen), jnp.sum(valid_BL & gen)
+    ce_mean = sums["ce"] / jnp.maximum(n_tokens, 1)
+    metrics = {"loss": total, "ce": ce_mean, "z_loss": sums["z"] / jnp.maximum(n_tokens, 1),
+               "ce_understanding": sums["ce_und"] / jnp.maximum(n_und, 1),
+               "ce_generation": sums["ce_gen"] / jnp.maximum(n_gen, 1),
+               "tokens": n_tokens, "tokens_understanding": n_und, "tokens_generation": n_gen}
+    return total, metrics
+
+
+def _fused_forward(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_weight, chunk, dtype, kernel_grad):
+    b, length, d = hidden_BLD.shape
+    v = kernel_DV.shape[1]
+    chunk = min(chunk, length)
+    n = -(-length // chunk)
+    order_BL = jnp.argsort(~valid_BL, axis=1, stable=True)  # each row's predicting positions first
+    pad = n * chunk - length
+    gather = lambda x: jnp.pad(jnp.take_along_axis(x, order_BL, axis=1), ((0, 0), (0, pad)))  # noqa: E731
+    t_sorted, valid_sorted, gen_sorted = gather(targets_BL), gather(valid_BL), gather(gen_BL)
+    h_sorted = jnp.pad(jnp.take_along_axis(hidden_BLD, order_BL[..., None], axis=1), ((0, 0), (0, pad), (0, 0)))
+    count = jnp.maximum(jnp.sum(valid_BL), 1).astype(jnp.float32)
+    kernel = kernel_DV.astype(dtype)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "ce_und", "ce_gen", "loss")}
+
+    def one_chunk(carry, k):
+        sums, dk = carry
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, k * chunk, chunk, axis=1)  # noqa: E731
+        h_c, t_c, valid_c, gen_c = sl(h_sorted), sl(t_sorted), sl(valid_sorted), sl(gen_sorted)
+
+        def compute(carry):
+            sums, dk = carry
+            logits = jnp.einsum("BCD,DV->BCV", h_c.astype(dtype), kernel).astype(jnp.float32)
+            logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            ce = lse - jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+            w = valid_c.astype(jnp.float32)
+            sums = {"ce": sums["ce"] + jnp.sum(w * ce), "z": sums["z"] + jnp.sum(w * lse * lse),
+                    "ce_und": sums["ce_und"] + jnp.sum(w * ce * ~gen_c), "ce_gen": sums["ce_gen"] + jnp.sum(w * ce * gen_c),
+                    "loss": sums["loss"] + jnp.sum(w * (ce + z_loss_weight * lse * lse))}
+            # d loss / d logits = w / count * ((1 + 2 z lse) softmax - onehot(target))
+            g = jnp.exp(logits - lse[..., None]) * ((1 + 2 * z_loss_weight * lse) * w / count)[..., None]
+            g = g - jax.nn.one_hot(t_c, v, dtype=jnp.float32) * (w / count)[..., None]
+            g = g.astype(dtype)
+            dh_c = jnp.einsum("BCV,DV->BCD", g, kernel)
+            if kernel_grad:
+                dk = dk + jnp.einsum("BCD,BCV->DV", h_c.astype(dtype), g, preferred_element_type=jnp.float32)
+                dk = constrain(dk, ("embed", "vocab"))  # sharded as the kernel is, never whole on a chip
+            return (sums, dk), dh_c
+
+        def skip(carry):
+            return carry, jnp.zeros((b, chunk, d), dtype)
+
+        return jax.lax.cond(jnp.any(valid_c), compute, skip, (sums, dk))
+
+    dk0 = jnp.zeros((d, v) if kernel_grad else (), jnp.float32)
+    (sums, dk), dh_NBCD = jax.lax.scan(one_chunk, (zero_sums, dk0), jnp.arange(n))
+    dk = dk if kernel_grad else jnp.zeros((d, v), jnp.float32)
+    dh_sorted = dh_NBCD.transpose(1, 0, 2, 3).reshape(b, n * chunk, d)[:, :length]
+    inverse_BL = jnp.argsort(order_BL, axis=1)
+    dh_BLD = jnp.take_along_axis(dh_sorted, inverse_BL[..., None], axis=1)
+    total = sums.pop("loss") / count
+    return (total, sums), (dh_BLD.astype(hidden_BLD.dtype), dk.astype(kernel_DV.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _fused(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_weight, chunk, dtype, kernel_grad):
+    return _fused_forward(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_weight, chunk, dtype,
+                          kernel_grad)[0]
+
+
+def _fused_fwd(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_weight, chunk, dtype, kernel_grad):
+    out, grads = _fused_forward(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_weight, chunk, dtype,
+                                kernel_grad)
+    return out, (grads, targets_BL, valid_BL, gen_BL)
+
+
+def _fused_bwd(z_loss_weight, chunk, dtype, kernel_grad, residuals, cotangents):
+    (dh, dk), targets_BL, valid_BL, gen_BL = residuals
+    d_total = cotangents[0]  # the metrics' cotangents are zero (they are stop_gradient'ed outside)
+    zero_int = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return ((d_total * dh).astype(dh.dtype), (d_total * dk).astype(dk.dtype), zero_int(targets_BL),
+            zero_int(valid_BL), zero_int(gen_BL))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

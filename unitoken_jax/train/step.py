@@ -15,7 +15,7 @@ import optax
 from flax import struct
 
 from unitoken_jax.models.config import UniTokenConfig
-from unitoken_jax.models.loss import lm_loss
+from unitoken_jax.models.loss import fused_lm_loss
 from unitoken_jax.models.unitoken import UniToken
 
 
@@ -41,13 +41,17 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
     `batch` holds tokens, labels, positions, segment_ids and optionally is_continuous,
     feature_index, pixels and generation (see `UniTokenModel.forward`)."""
     module = UniToken(config)
+    head_trains = bool(mask["decoder"]["lm_head"]["kernel"])
 
     def loss_fn(params, batch, rng):
         params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-        logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+        hidden, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
-                                 deterministic=False, rngs={"dropout": rng})
-        return lm_loss(logits, batch["labels"], batch["segment_ids"], config.z_loss_weight, batch.get("generation"))
+                                 deterministic=False, rngs={"dropout": rng}, return_hidden=True)
+        # the head and the loss together, on the predicting positions only (no [B, L, V] logits)
+        return fused_lm_loss(hidden, params["decoder"]["lm_head"]["kernel"], batch["labels"], batch["segment_ids"],
+                             config.z_loss_weight, batch.get("generation"), chunk=config.loss_chunk,
+                             dtype=config.dtype, kernel_grad=head_trains)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
