@@ -43,6 +43,64 @@ def test_torch_file_reader_matches_torch_load(tmp_path):
         load_torch_file(str(tmp_path / "bad.ckpt"))
 
 
+def _crafted_checkpoint(path, offset, size, stride, numel=4, data=np.arange(4, dtype=np.float32)):
+    """A torch zip file whose one tensor record says (offset, size, stride) over a storage of
+    `numel` float32 elements holding `data` — what a crafted checkpoint can claim."""
+    import collections
+    import io
+    import pickle
+    import zipfile
+
+    class Ref:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (Ref(), offset, size, stride, False, collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if isinstance(obj, Ref) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"state_dict": {"w": Tensor()}})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/data/0", data.tobytes())
+    return str(path)
+
+
+@pytest.mark.parametrize("offset,size,stride,numel", [
+    (10, (2,), (1,), 4),          # offset past the storage
+    (0, (1000,), (1,), 4),        # size past it
+    (0, (2, 2), (100, 1), 4),     # a stride past it
+    (1, (2,), (-1,), 4),          # a negative stride
+    (-3, (2,), (1,), 4),          # a negative offset
+    (0, (2,), (1,), 10**6),       # a storage longer than its bytes
+    (0, (2,), (1, 1), 4),         # stride and size of different ranks
+], ids=["offset", "size", "stride", "negative-stride", "negative-offset", "numel", "ranks"])
+def test_a_crafted_tensor_record_is_refused_not_read_out_of_bounds(tmp_path, offset, size, stride, numel):
+    from unitoken_jax.convert.files import CheckpointError
+
+    path = _crafted_checkpoint(tmp_path / "evil.ckpt", offset, size, stride, numel)
+    with pytest.raises(CheckpointError, match="evil.ckpt"):
+        load_torch_file(path)
+
+
+def test_a_valid_view_record_and_damaged_files(tmp_path):
+    from unitoken_jax.convert.files import CheckpointError
+
+    ok = load_torch_file(_crafted_checkpoint(tmp_path / "ok.ckpt", 1, (3,), (1,)))["state_dict"]["w"]
+    np.testing.assert_array_equal(ok, [1.0, 2.0, 3.0])
+    edge = load_torch_file(_crafted_checkpoint(tmp_path / "edge.ckpt", 0, (2, 2), (2, 1)))["state_dict"]["w"]
+    np.testing.assert_array_equal(edge, [[0.0, 1.0], [2.0, 3.0]])  # the last element of the storage, exactly
+    torch.save({"a": torch.randn(3)}, tmp_path / "x.ckpt")
+    raw = (tmp_path / "x.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="cut.ckpt"):
+        load_torch_file(str(tmp_path / "cut.ckpt"))
+
+
 def test_meta_checkpoint_encodes_and_decodes_like_taming(tmp_path):
     enc, dec, quant_conv, post_quant_conv, codebook = _meta_checkpoint(tmp_path)
     vq = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))

@@ -15,6 +15,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from unitoken_jax.convert.files import CheckpointError
+
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
@@ -40,9 +42,31 @@ class _StorageType:
         self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_unused):
+    """A tensor viewing `storage` — only once its offset, size and stride are checked to stay inside
+    that storage (a crafted file could otherwise make the view read memory it does not own)."""
+    if not isinstance(storage, np.ndarray):
+        raise CheckpointError(f"a tensor's storage is {type(storage).__name__}, not a storage record")
+    size, stride = tuple(size) if isinstance(size, (tuple, list)) else size, \
+        tuple(stride) if isinstance(stride, (tuple, list)) else stride
+    if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(map(_is_count, size)) and all(map(_is_count, stride))):
+        raise CheckpointError(f"a tensor record has an invalid offset {offset!r}, size {size!r} or stride {stride!r}")
+    if all(size):  # not empty: the last element it reads must lie inside the storage
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if last >= len(storage):
+            raise CheckpointError(f"a tensor record (offset {offset}, size {size}, stride {stride}) reaches element "
+                                  f"{last} of a storage of {len(storage)}")
+    elif offset > len(storage):
+        raise CheckpointError(f"a tensor record's offset {offset} lies past its storage of {len(storage)}")
     if not size:
         return storage[offset:offset + 1].reshape(()).copy()
+    if not all(size):
+        return np.zeros(size, storage.dtype)
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
                                            strides=tuple(s * itemsize for s in stride))
@@ -79,7 +103,12 @@ class _Unpickler(pickle.Unpickler):
                 dtype = storage_type.dtype
             else:  # torch >= 2 may write an untyped storage plus a dtype
                 raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-            raw = self._archive.read(f"{self._prefix}/data/{key}")
+            try:
+                raw = self._archive.read(f"{self._prefix}/data/{key}")
+            except KeyError:
+                raise CheckpointError(f"the archive has no storage record {key!r}") from None
+            if not _is_count(numel) or numel * dtype.itemsize > len(raw):
+                raise CheckpointError(f"storage record {key!r} holds {len(raw)} bytes, not {numel!r} x {dtype}")
             self._storages[key] = np.frombuffer(raw, dtype=dtype, count=numel)
         return self._storages[key]
 
@@ -87,12 +116,18 @@ class _Unpickler(pickle.Unpickler):
 def load_torch_file(path: str) -> Any:
     """The object saved by `torch.save`, with tensors as numpy arrays."""
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a PyTorch zip checkpoint (files from torch < 1.6 are not supported; "
+        raise CheckpointError(f"{path} is not a PyTorch zip checkpoint (files from torch < 1.6 are not supported; "
                          "re-save them with a current torch)")
     with zipfile.ZipFile(path) as archive:
         pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         if len(pkl) != 1:
-            raise ValueError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
+            raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0][: -len("/data.pkl")]
         with archive.open(pkl[0]) as f:
-            return _Unpickler(f, archive, prefix).load()
+            try:
+                return _Unpickler(f, archive, prefix).load()
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError, ValueError, KeyError,
+                    IndexError, AttributeError) as e:
+                raise CheckpointError(f"{path} is damaged or not a torch.save file: {type(e).__name__}: {e}") from None
