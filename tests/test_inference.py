@@ -257,3 +257,42 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.count("assistant:") == 2
     assert cli.main(["generate", "x", "--out", str(tmp_path / "x.png"), "--size", "7x7", *common]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+    # options outside their range are refused with the option's name, never read as another setting
+    # (issue 15: a negative temperature ran greedy, a negative top-k ran without one, and so on)
+    out = ["--out", str(tmp_path / "y.png"), "--size", "32x32"]
+    for extra, says in [(["--temperature", "-1"], "temperature"), (["--top-k", "-5"], "top_k"),
+                        (["--cfg", "-1"], "cfg_scale"), (["--seed", str(2 ** 32)], "seed"),
+                        (["--size", "0x0"], "positive"), (["--size=-64x64"], "positive"),
+                        (["--image-prefix", "99999999"], "vocabulary"), (["--image-prefix", "abc"], "token ids"),
+                        (["--size", "3200x3200"], "positions")]:
+        assert cli.main(["generate", "x", *out, *common, *extra]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+    assert not (tmp_path / "y.png").exists()
+    for extra, says in [(["--max-new-tokens", "-1"], "max_new_tokens"), (["--temperature", "nan"], "temperature")]:
+        assert cli.main(["understand", cat, "q", *common, *extra]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1.0), ("image_temperature", float("nan")), ("top_k", -5), ("image_top_k", 2.5),
+    ("top_p", 0.0), ("image_top_p", -1.0), ("top_p", 1.5), ("cfg_scale", -1.0), ("seed", 2 ** 32), ("seed", -1),
+    ("max_new_tokens", 0), ("max_new_tokens", -1), ("grid_hw", (0, 2)), ("grid_hw", (2, 40)), ("temperature", True),
+])
+def test_request_options_out_of_range_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        Request(tokens=np.array([1, 2]), **{field: value})
+    Request(tokens=np.array([1, 2]), temperature=0.0, top_k=0, top_p=1.0, cfg_scale=0.0, seed=2 ** 32 - 1)  # edges
+
+
+def test_pipeline_refuses_bad_sizes_counts_and_prefixes(pipe):
+    with pytest.raises(ValueError, match="vocabulary"):
+        pipe.image_prefix = [99999999]
+    with pytest.raises(ValueError, match="integers"):
+        pipe.image_prefix = ["16853"]
+    for size in [(0, 0), (-64, 64), (32.0, 32)]:
+        with pytest.raises(ValueError, match="positive"):
+            pipe.generate_request("x", size=size)
+    with pytest.raises(ValueError, match="positions"):
+        pipe.generate_request("x", size=(100000 * 32, 32))
+    with pytest.raises(ValueError, match="at least 1"):
+        pipe.generate_image("x", size=(32, 32), n=0)

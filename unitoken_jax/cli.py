@@ -99,7 +99,7 @@ def _pipeline(args):
         logging.getLogger(__name__).info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
         pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize)
         if args.image_prefix is not None:
-            pipe.image_prefix = [int(x) for x in args.image_prefix.split(",") if x.strip()]
+            pipe.image_prefix = _ids(args.image_prefix)
         return pipe
     if getattr(args, "size", None) is None:
         args.size = "512x512"
@@ -109,11 +109,17 @@ def _pipeline(args):
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
     model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize)
-    prefix = REFERENCE_IMAGE_PREFIX if args.image_prefix is None else [
-        int(x) for x in args.image_prefix.split(",") if x.strip()]
+    prefix = REFERENCE_IMAGE_PREFIX if args.image_prefix is None else _ids(args.image_prefix)
     vq = VQTokenizer.from_dir(paths["vqgan"]) if os.path.isdir(paths["vqgan"]) else VQTokenizer.from_meta(paths["vqgan"])
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
                             vq_size=args.vq_size or 512, image_prefix=prefix)
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--image-prefix must be comma-separated token ids (e.g. 16853), got {text!r}") from None
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -121,6 +127,8 @@ def _size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError as e:
         raise ValueError(f"--size must look like 512x512, got {text!r}") from e
+    if w <= 0 or h <= 0:
+        raise ValueError(f"--size must be positive, got {text!r}")
     return w, h
 
 

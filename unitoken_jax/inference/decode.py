@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -57,8 +58,38 @@ class Request:
         self.tokens = np.asarray(self.tokens, np.int32)
         if self.tokens.ndim != 1 or not len(self.tokens):
             raise ValueError("a request needs a non-empty 1-D prompt")
+        self._check_ranges()
         if self.cfg_scale != 1.0 and self.uncond_tokens is None:
             self.uncond_tokens = np.array([layout.IMAGE_START], np.int32)
+
+
+    def _check_ranges(self) -> None:
+        """Every sampling option in its range, or a ValueError naming it: a value outside is refused,
+        never quietly read as another setting (a negative temperature as greedy, a negative top-k as
+        none)."""
+        def number(name, low, high=math.inf, *, integer=False, low_open=False):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value) or (integer and not float(value).is_integer()):
+                raise ValueError(f"{name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+            if value < low or (low_open and value == low) or value > high:
+                bounds = (f"{'(' if low_open else '['}{low:g}, {high:g}]" if high != math.inf
+                          else f"{'greater than' if low_open else 'at least'} {low:g}")
+                raise ValueError(f"{name}={value!r} is out of range: it must be {bounds}")
+
+        number("max_new_tokens", 1, integer=True)
+        number("seed", 0, 2 ** 32 - 1, integer=True)
+        for prefix in ("", "image_"):
+            number(prefix + "temperature", 0)
+            number(prefix + "top_k", 0, 2 ** 31 - 1, integer=True)
+            number(prefix + "top_p", 0, 1, low_open=True)
+        number("cfg_scale", 0)
+        number("max_grid", 1, 1024, integer=True)
+        if self.grid_hw is not None:
+            if len(self.grid_hw) != 2 or not all(isinstance(g, (int, np.integer)) and 1 <= g <= self.max_grid
+                                                 for g in self.grid_hw):
+                raise ValueError(f"grid_hw={self.grid_hw!r} must be two whole numbers of grid units in "
+                                 f"[1, {self.max_grid}] ({layout.PIXELS_PER_GRID} px each)")
 
 
 def _rows(requests: Sequence[Request]):

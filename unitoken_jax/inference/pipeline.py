@@ -57,11 +57,7 @@ class UniTokenPipeline:
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
         self.patch = vision.patch_size if vision is not None else 14
-        vocab = model.config.decoder.vocab_size
-        bad = [i for i in image_prefix if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"image_prefix ids {bad} are outside the model's vocabulary of {vocab}")
-        self.image_prefix = list(image_prefix)
+        self.image_prefix = image_prefix
         self.generate_template = generate_template
         self.max_length = max_length or model.config.decoder.max_position_embeddings
         # a VQ-GAN with fewer codes than the tokenizer names (small ones trained here) bans the rest
@@ -69,6 +65,23 @@ class UniTokenPipeline:
         self.decode_loop = DecodeLoop(model.config, model.params, model.mesh, banned_ids=banned)
 
     # --- requests -------------------------------------------------------------------------------
+    @property
+    def image_prefix(self) -> list[int]:
+        """Ids put before <racm3:break> when asking for a picture; set only to ids of the model's vocabulary."""
+        return self._image_prefix
+
+    @image_prefix.setter
+    def image_prefix(self, ids: Sequence[int]) -> None:
+        vocab = self.model.config.decoder.vocab_size
+        ids = list(ids)
+        wrong = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        if wrong:
+            raise ValueError(f"image_prefix must be token ids (integers), got {wrong}")
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"image_prefix ids {bad} are outside the model's vocabulary of {vocab}")
+        self._image_prefix = [int(i) for i in ids]
+
     def _encode(self, item):
         enc, pixels = encode_item(item, self.tokenizer, self.vq, anyres=self.anyres, vq_size=self.vq_size,
                                   siglip_size=self.siglip_size, patch=self.patch,
@@ -85,10 +98,16 @@ class UniTokenPipeline:
 
     def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
         w, h = size
-        if w % layout.PIXELS_PER_GRID or h % layout.PIXELS_PER_GRID:
-            raise ValueError(f"image size {w}x{h} must be a multiple of {layout.PIXELS_PER_GRID} pixels")
-        grid_hw = (h // layout.PIXELS_PER_GRID, w // layout.PIXELS_PER_GRID)
+        unit = layout.PIXELS_PER_GRID
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (w, h)) \
+                or w % unit or h % unit:
+            raise ValueError(f"image size {w}x{h} must be positive and a multiple of {unit} pixels each way")
+        grid_hw = (h // unit, w // unit)
         encoded = self._encode(item)
+        needed = len(encoded["tokens"]) + len(self.image_prefix) + layout.generated_image_length(grid_hw)
+        if needed > self.max_length:
+            raise ValueError(f"a {w}x{h} picture needs {needed} positions with its prompt; the model takes "
+                             f"{self.max_length} (ask for a smaller size)")
         encoded["tokens"] = np.concatenate([encoded["tokens"], self.image_prefix + [layout.IMAGE_START]]).astype(np.int32)
         if encoded["is_continuous"] is not None:
             pad = len(self.image_prefix) + 1
@@ -158,6 +177,8 @@ class UniTokenPipeline:
     def generate_image(self, prompt, *, size=(512, 512), cfg: float = 3.0, n: int = 1, seed: int = 0,
                        progress: bool = True, **options) -> list[Image.Image] | list[list[Image.Image]]:
         """n pictures per prompt (seeds seed, seed+1, ...); a list of prompts gives a list of lists."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         requests = [self.generate_request(p, size=size, cfg=cfg, seed=seed + j, **options)
