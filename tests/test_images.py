@@ -171,3 +171,31 @@ def test_tiny_and_extreme_aspect_ratios(size):
     assert result.pixels.shape[0] == 1 + result.grid_wh[0] * result.grid_wh[1]
     assert result.num_positions >= 729  # a 3000x2 strip keeps no tile row after unpad, as in the reference
     assert (result.entries[result.entries >= 0] < result.pixels.shape[0] * 729).all()
+
+
+def _cover_then_crop(image, size, seed=None):
+    """The reference's rule written out (no halving needed for a strip): scale to cover, crop."""
+    scale = max(size / image.width, size / image.height)
+    cover = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                         Image.BICUBIC)
+    if seed is None:
+        left, top = (cover.width - size) // 2, (cover.height - size) // 2
+    else:
+        rng = np.random.default_rng(seed)
+        left, top = int(rng.integers(0, cover.width - size + 1)), int(rng.integers(0, cover.height - size + 1))
+    return cover.crop((left, top, left + size, top + size))
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_a_long_strip_is_cropped_without_scaling_all_of_it(seed):
+    """A 60000 x 1 PNG passed the pixel-count check and died scaling to ~30 M x 512 (issue 15);
+    the crop now scales only the part it keeps, with the reference rule's result."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1, 60000, 3), dtype=np.uint8)).save(buf, "PNG")
+    strip = load_image(buf.getvalue())
+    assert vq_crop(strip, 512, seed=seed).size == (512, 512)
+    small = Image.fromarray(rng.integers(0, 256, (3, 200, 3), dtype=np.uint8))  # 66x the square when covering
+    got = np.asarray(vq_crop(small, 64, seed=seed), np.int16)
+    want = np.asarray(_cover_then_crop(small, 64, seed), np.int16)
+    assert np.abs(got - want).max() <= 1

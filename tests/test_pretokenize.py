@@ -54,6 +54,7 @@ def test_records_equal_the_single_item_encoder_and_bad_items_are_listed(tmp_path
     bad = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
     assert [b["id"] for b in bad] == ["missing-file", "corrupt-image", "bad-turns", "too-long", "all.json:14"]
     assert "no such file" in bad[0]["reason"].lower() and "SequenceTooLong" in bad[3]["reason"]
+    assert "broken.png" in bad[1]["reason"]  # the picture is named, not "<28 bytes>"
 
     builder = tfds.builder_from_directory(str(tmp_path / "ds"))  # a plain TFDS dataset
     assert builder.info.splits["train"].num_examples == 11
@@ -143,3 +144,33 @@ def test_discrete_only_records_have_no_continuous_part(tmp_path, items_path, tok
     enc, _ = encode_item(items[r["id"].decode()], text, vq, image_root=os.path.dirname(items_path), vq_size=32,
                          siglip_size=56, continuous=False)
     np.testing.assert_array_equal(r["tokens"], enc.tokens)
+
+
+def test_a_failing_picture_step_skips_its_item_not_the_run(tmp_path, tokenizers, monkeypatch):
+    """Every per-picture step runs inside the per-item handling (the VQ crop sat outside it, so one
+    picture that failed there aborted the whole run); a long strip is written."""
+    from PIL import Image
+
+    from unitoken_jax.tokenizer import images as image_io
+
+    text, vq = tokenizers
+    path = demo.write_demo_items(str(tmp_path / "items"), 4)
+    items = json.load(open(path))
+    Image.new("RGB", (60000, 1), (200, 30, 30)).save(tmp_path / "items" / "strip.png")
+    Image.new("RGB", (7, 5), (0, 0, 0)).save(tmp_path / "items" / "odd.png")
+    for name in ("strip", "odd"):
+        items.append({"id": name, "image": [f"{name}.png"],
+                      "conversations": [{"from": "human", "value": "<|image|>What is it?"}, {"from": "gpt", "value": "a"}]})
+    json.dump(items, open(path, "w"))
+    real_crop = image_io.vq_crop
+
+    def crop_fails_on_odd(image, size, **kw):
+        if image.size == (7, 5):
+            raise MemoryError("cannot allocate")
+        return real_crop(image, size, **kw)
+
+    monkeypatch.setattr(image_io, "vq_crop", crop_fails_on_odd)
+    result = pt.pretokenize(path, str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    assert result["complete"] and result["written"] == 5 and result["skipped"] == 1
+    bad = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
+    assert [b["id"] for b in bad] == ["odd"] and "MemoryError" in bad[0]["reason"]

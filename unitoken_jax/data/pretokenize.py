@@ -127,9 +127,8 @@ class _Chunk:
     def _path(self, p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(self.image_root, p)
 
-    def _codes(self, pictures) -> list[np.ndarray]:
-        s, b = self.settings, self.settings.vq_batch
-        crops = [image_io.vq_pixels(image_io.vq_crop(p, s.vq_size)) for p in pictures]
+    def _codes(self, crops) -> list[np.ndarray]:
+        b = self.settings.vq_batch
         out = []
         for i in range(0, len(crops), b):
             batch = np.stack(crops[i:i + b])
@@ -155,20 +154,21 @@ class _Chunk:
                 for p in paths:
                     with open(self._path(p), "rb") as f:
                         raw.append(f.read())
-                pictures = [image_io.to_rgb(image_io.load_image(r)) for r in raw]
-            except (OSError, ValueError) as e:  # ImageError and ConversationError are ValueErrors
+                pictures = [image_io.to_rgb(image_io.load_image(r, what=p)) for r, p in zip(raw, paths)]
+                # every per-picture step here, inside the per-item handling: a picture that fails any
+                # of them skips its item, never the run
+                crops = [image_io.vq_pixels(image_io.vq_crop(pic, self.settings.vq_size)) for pic in pictures]
+                layouts = [image_inputs_layout(pic, self.settings) for pic in pictures]
+            except (OSError, ValueError, MemoryError) as e:  # ImageError and ConversationError are ValueErrors
                 fail(index, item, f"{type(e).__name__}: {e}")
                 continue
-            loaded.append((index, item, raw, pictures))
+            loaded.append((index, item, raw, crops, layouts))
 
-        codes = iter(self._codes([p for *_, pictures in loaded for p in pictures]))
+        codes = iter(self._codes([c for *_, crops, _ in loaded for c in crops]))
         features = features_dict()
         records = []
-        for index, item, raw, pictures in loaded:
-            inputs = []
-            for picture in pictures:
-                entries, n = image_inputs_layout(picture, self.settings)
-                inputs.append(ImageInput(next(codes), entries, n))
+        for index, item, raw, crops, layouts in loaded:
+            inputs = [ImageInput(next(codes), entries, n) for entries, n in layouts]
             try:
                 enc = encode_conversation(item, inputs, self.tokenizer, max_length=self.settings.max_length)
             except (ConversationError, ValueError) as e:

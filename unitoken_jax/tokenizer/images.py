@@ -22,6 +22,9 @@ ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
 # Larger images are refused from their header, before any pixel is decoded (a decompression bomb
 # is a small file that claims a huge size). 8192 x 8192 is far beyond what either encoder uses.
 MAX_PIXELS = 8192 * 8192
+# The VQ crop scales a picture to cover its square, then crops. Past this many times the square's
+# area (a long strip), it crops the part that survives first and scales only that.
+MAX_COVER_AREA = 16
 
 
 class ImageError(ValueError):
@@ -36,12 +39,14 @@ def _describe(source) -> str:
     return getattr(source, "name", None) or type(source).__name__
 
 
-def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Opens `source` (a path, bytes, a file object or a PIL image) as an RGB PIL image."""
+def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str | None = None) -> Image.Image:
+    """Opens `source` (a path, bytes, a file object or a PIL image) as an RGB PIL image. A picture
+    of more than `max_pixels` is refused from its header. `what` names the picture in errors
+    (default: its path, else its size in bytes)."""
+    what = what or _describe(source)
     if isinstance(source, Image.Image):
         image = source
     else:
-        what = _describe(source)
         if isinstance(source, (str, os.PathLike)):
             if not os.path.exists(source):
                 raise ImageError(f"{what}: no such file")
@@ -67,7 +72,7 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Im
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
     if image.width < 1 or image.height < 1:
-        raise ImageError(f"{_describe(source)}: the image has no pixels ({image.width}x{image.height})")
+        raise ImageError(f"{what}: the image has no pixels ({image.width}x{image.height})")
     return _standard_mode(image)
 
 
@@ -129,14 +134,20 @@ def vq_crop(image: Image.Image, size: int = 512, *, seed: int | None = None) -> 
     while image.width >= 2 * size and image.height >= 2 * size:
         image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
     scale = max(size / image.width, size / image.height)
-    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                         resample=Image.BICUBIC)
+    cover = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
     if seed is None:
-        left, top = (image.width - size) // 2, (image.height - size) // 2
+        left, top = (cover[0] - size) // 2, (cover[1] - size) // 2
     else:
         rng = np.random.default_rng(seed)
-        left = int(rng.integers(0, image.width - size + 1))
-        top = int(rng.integers(0, image.height - size + 1))
+        left = int(rng.integers(0, cover[0] - size + 1))
+        top = int(rng.integers(0, cover[1] - size + 1))
+    if cover[0] * cover[1] > MAX_COVER_AREA * size * size:
+        # a long strip: scale only the source box that becomes the crop (the covering picture of a
+        # 60000 x 1 strip would be 30 M x 512 pixels)
+        sx, sy = image.width / cover[0], image.height / cover[1]
+        return image.resize((size, size), resample=Image.BICUBIC,
+                            box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    image = image.resize(cover, resample=Image.BICUBIC)
     return image.crop((left, top, left + size, top + size))
 
 
