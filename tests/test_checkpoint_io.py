@@ -191,3 +191,27 @@ def test_not_a_checkpoint(tmp_path):
         unitoken_jax.load(str(tmp_path / "nope"))
     with pytest.raises(unitoken_jax.CheckpointError, match="no config.json"):
         unitoken_jax.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda c: c["decoder"].update(intermediate_size=c["decoder"]["intermediate_size"] + 8), "stored"),
+    (lambda c: c["decoder"].update(num_layers=c["decoder"]["num_layers"] + 1), "stored"),
+    (lambda c: c.update(vision=None), "not in the config"),
+], ids=["width", "layers", "no-vision"])
+def test_a_sidecar_that_disagrees_with_the_arrays_is_refused_before_anything_is_written(release_dir, tmp_path,
+                                                                                        capsys, edit, says):
+    """`convert` wrote a broken checkpoint and reported success when the Orbax sidecar's config
+    did not match the stored arrays (issue 15, item 3): Orbax does not enforce a restore target's shapes."""
+    orbax = tmp_path / "orbax"
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(orbax)]) == 0
+    sidecar = orbax / "unitoken_config.json"
+    meta = json.loads(sidecar.read_text())
+    edit(meta["config"])
+    sidecar.write_text(json.dumps(meta))
+    assert cli.main(["convert", "--from", str(orbax), "--to", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "do not match the config" in err and says in err
+    assert not (tmp_path / "hf").exists()
+    for quantize in ("none", "int8"):
+        with pytest.raises(unitoken_jax.CheckpointError, match="do not match"):
+            unitoken_jax.load(str(orbax), quantize=quantize)

@@ -249,6 +249,7 @@ def _load_orbax(path: str, param_dtype: str | None, mesh: Mesh | None, quantize:
         config = quantizer.config
         placement = traverse_util.flatten_dict(_placement(config, mesh))
         flat = {}
+        orbax_io.check_shapes(path, stored)
         for leaf_path, array in orbax_io.restore_leaves(path, abstract_params(stored)):
             values, scale = quantizer(leaf_path, array)
             flat[leaf_path] = jax.device_put(values, placement[leaf_path])

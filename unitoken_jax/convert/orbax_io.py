@@ -84,6 +84,23 @@ def read_sidecar(path: str) -> dict[str, Any]:
     return sidecar
 
 
+def check_shapes(path: str, config: UniTokenConfig) -> None:
+    """The stored parameters have the names and shapes the sidecar's config implies, or a
+    CheckpointError listing the first differences (a restore target's shapes are not enforced by
+    Orbax: a mismatch would otherwise load, or convert, into a broken model)."""
+    params_dir = os.path.join(os.path.abspath(path), "params")
+    with ocp.PyTreeCheckpointer() as ckpt:
+        stored = traverse_util.flatten_dict(ckpt.metadata(params_dir).item_metadata.tree)
+    wanted = traverse_util.flatten_dict(abstract_params(config))
+    problems = [f"{'/'.join(k)}: missing" for k in wanted if k not in stored]
+    problems += [f"{'/'.join(k)}: not in the config" for k in stored if k not in wanted]
+    problems += [f"{'/'.join(k)}: stored {tuple(stored[k].shape)}, the config needs {tuple(w.shape)}"
+                 for k, w in wanted.items() if k in stored and tuple(stored[k].shape) != tuple(w.shape)]
+    if problems:
+        raise CheckpointError(f"{path}: the parameters do not match the config in {SIDECAR} ({len(problems)} "
+                              f"differences): " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+
+
 def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.ndarray], dict[str, Any]]:
     """Returns (config, params, passthrough, sidecar). `target`, a tree of `jax.ShapeDtypeStruct`
     with shardings (and the dtype wanted), restores the parameters straight onto devices, on any
@@ -91,6 +108,7 @@ def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.n
     path = os.path.abspath(path)
     sidecar = read_sidecar(path)
     config = UniTokenConfig.from_dict(sidecar["config"])
+    check_shapes(path, config)
     with ocp.StandardCheckpointer() as ckpt:
         if target is None:
             target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params(config))
