@@ -174,3 +174,54 @@ def test_a_failing_picture_step_skips_its_item_not_the_run(tmp_path, tokenizers,
     assert result["complete"] and result["written"] == 5 and result["skipped"] == 1
     bad = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
     assert [b["id"] for b in bad] == ["odd"] and "MemoryError" in bad[0]["reason"]
+
+
+def test_an_items_file_edited_between_a_kill_and_the_restart_is_refused(tmp_path, items_path, tokenizers):
+    """Same path and count, other order: the resume check compared only those and resumed into
+    duplicated and lost records (issue 15, item 5); the job now fingerprints the content."""
+    text, vq = tokenizers
+    items = json.load(open(items_path))
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps(items))
+    out = str(tmp_path / "ds")
+    image_root = os.path.dirname(items_path)
+    assert not pt.pretokenize(str(path), out, text, vq, SETTINGS, progress=False, max_chunks=1,
+                              image_root=image_root)["complete"]
+    path.write_text(json.dumps(items[::-1]))
+    with pytest.raises(ValueError, match="changed since"):
+        pt.pretokenize(str(path), out, text, vq, SETTINGS, progress=False, image_root=image_root)
+    path.write_text(json.dumps(items))  # put back: the run goes on
+    assert pt.pretokenize(str(path), out, text, vq, SETTINGS, progress=False, image_root=image_root)["complete"]
+
+
+def test_a_finalize_that_died_is_finished_by_a_rerun(tmp_path, items_path, tokenizers, monkeypatch):
+    """A crash while writing the metadata left the lock behind, and every rerun said another
+    process was finishing (issue 15, item 4): an exception now releases the lock, a lock whose
+    holder is gone is taken over, and shards moved before the crash are not moved again."""
+    import socket
+    import subprocess
+
+    import tensorflow_datasets as tfds
+
+    text, vq = tokenizers
+    whole = pt.pretokenize(items_path, str(tmp_path / "whole"), text, vq, SETTINGS, progress=False)
+    out = str(tmp_path / "ds")
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed while writing the metadata")
+
+    monkeypatch.setattr(tfds.folder_dataset, "write_metadata", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False)
+    monkeypatch.undo()
+    lock = os.path.join(out, pt._PARTIAL, "finalize.lock")
+    assert not os.path.exists(lock)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a hard kill: the lock stays, naming a process that no longer exists
+    with open(lock, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": gone.pid}, f)
+    done = pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False)
+    assert done["complete"] and done["written"] == whole["written"] and done["skipped"] == whole["skipped"]
+    a, _ = _records(str(tmp_path / "whole"))
+    b, _ = _records(out)
+    assert [r["id"] for r in a] == [r["id"] for r in b]

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
+import socket
 from typing import Any, Sequence
 
 import numpy as np
@@ -251,17 +253,71 @@ def _write_json(path: str, obj) -> None:
 
 
 def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int) -> None:
-    """A resumed run must be the same job; mixing settings in one dataset would corrupt it."""
+    """A resumed run must be the same job; mixing settings in one dataset would corrupt it. The
+    items file is fingerprinted by content: one edited between a kill and the restart (same path,
+    same count) would otherwise resume into duplicated and lost records."""
     path = os.path.join(out_dir, _PARTIAL, "job.json")
-    job = {"settings": settings.to_json(), "items": os.path.abspath(items_path), "num_items": n_items}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != job:
-            raise ValueError(f"{out_dir} holds a pre-tokenization started with other settings or items:\n"
-                             f"  there: {old}\n  now:   {job}\nuse another directory or delete it")
-    else:
+    digest = hashlib.sha256()
+    with open(items_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    job = {"settings": settings.to_json(), "items": os.path.abspath(items_path), "num_items": n_items,
+           "items_sha256": digest.hexdigest()}
+    if not os.path.exists(path):
         _write_json(path, job)
+        return
+    with open(path) as f:
+        old = json.load(f)
+    same_job = {k: v for k, v in old.items() if k != "items_sha256"} == {k: v for k, v in job.items()
+                                                                           if k != "items_sha256"}
+    if same_job and old.get("items_sha256", job["items_sha256"]) != job["items_sha256"]:
+        raise ValueError(f"{items_path} changed since the pre-tokenization in {out_dir} started (same path and "
+                         "count, other content: resuming would duplicate some items and lose others); restore "
+                         "the file, or use another directory")
+    if not same_job:
+        raise ValueError(f"{out_dir} holds a pre-tokenization started with other settings or items:\n"
+                         f"  there: {old}\n  now:   {job}\nuse another directory or delete it")
+
+
+def _take_finalize_lock(path: str) -> bool:
+    """Only one process writes the metadata. The lock names its holder (host, pid); a lock whose
+    holder on this host is gone (a finalize that crashed) is taken over, so a rerun finishes the job."""
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = json.load(f)
+            except (OSError, ValueError):
+                holder = {}  # written by a process that died before it wrote its name, or an older version
+            alive = holder.get("host") == me["host"] and _pid_alive(holder.get("pid"))
+            other_host = holder.get("host") not in (None, me["host"])
+            if alive or other_host:
+                if other_host:
+                    log.warning("%s is held by process %s on %s; if no process is finalizing there, delete it and "
+                                "rerun", path, holder.get("pid"), holder.get("host"))
+                return False
+            log.warning("taking over %s from a finalize that did not finish (%s)", path, holder or "no holder named")
+            os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _maybe_finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int) -> dict[str, Any]:
@@ -272,11 +328,19 @@ def _maybe_finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int) 
         return summary(out_dir)
     if len(done) < n_chunks:
         return {"complete": False, "chunks_done": len(done), "chunks": n_chunks}
-    try:  # only one process writes the metadata
-        fd = os.open(os.path.join(partial, "finalize.lock"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.close(fd)
-    except FileExistsError:
+    lock = os.path.join(partial, "finalize.lock")
+    if not _take_finalize_lock(lock):
         return {"complete": False, "chunks_done": len(done), "chunks": n_chunks, "finalizing": "another process"}
+    try:
+        _finalize(out_dir, settings, n_chunks, markers)
+    except BaseException:
+        os.remove(lock)  # a rerun finishes the job (a hard kill leaves a lock whose holder is gone: taken over)
+        raise
+    return summary(out_dir)
+
+
+def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, markers: dict[int, str]) -> None:
+    partial = os.path.join(out_dir, _PARTIAL)
 
     import tensorflow_datasets as tfds
 
@@ -287,7 +351,9 @@ def _maybe_finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int) 
         lengths.append(marker["written"])
         kinds.extend(marker["kinds"])
         bad.extend(marker["bad"])
-        os.replace(_shard_path(partial, settings, c, n_chunks), _shard_path(out_dir, settings, c, n_chunks))
+        moved = _shard_path(out_dir, settings, c, n_chunks)
+        if not os.path.exists(moved):  # a finalize that died half-way moved some already
+            os.replace(_shard_path(partial, settings, c, n_chunks), moved)
     with open(os.path.join(out_dir, BAD_ITEMS_FILE), "w") as f:
         for b in bad:
             f.write(json.dumps(b) + "\n")
@@ -300,7 +366,6 @@ def _maybe_finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int) 
                                        filename_template=_FILE_TEMPLATE, check_data=False)
     for c in range(n_chunks):
         os.remove(markers[c])
-    return summary(out_dir)
 
 
 def summary(out_dir: str) -> dict[str, Any]:
