@@ -59,3 +59,45 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored.params, state.params)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, caplog):
+    """A checkpoint whose data-iterator item is missing resumed silently with a fresh data order,
+    and damage to the latest checkpoint blocked every restart (issue 15, item 6): the newest
+    complete one is used, the skipped ones are named and set aside, and the run can save them again."""
+    import logging
+    import os
+    import shutil
+
+    import pytest
+
+    from unitoken_jax.convert.files import CheckpointError
+
+    state, step = _setup(OPT)
+    directory = str(tmp_path / "ckpt")
+    ckpt = Checkpointer(directory, max_to_keep=5, async_save=False)
+    states = {}
+    for i in range(4):
+        state, _ = step(state, _batch(i))
+        ckpt.save(i + 1, state, data_state={"next_index": i + 1})
+        states[i + 1] = state
+    shutil.rmtree(os.path.join(directory, "4", "data"))  # no data-iterator state
+    params_dir = os.path.join(directory, "3", "state")
+    for root, _, files in os.walk(params_dir):  # array data gone
+        for name in files:
+            if not name.startswith("_"):
+                os.remove(os.path.join(root, name))
+    abstract = jax.eval_shape(lambda: state)
+    with caplog.at_level(logging.WARNING):
+        step_found, restored, data = Checkpointer(directory).restore_latest_complete(abstract)
+    assert step_found == 2 and data == {"next_index": 2}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored.params, states[2].params)
+    assert "step 4" in caplog.text and "data" in caplog.text and "step 3" in caplog.text
+    assert os.path.isdir(os.path.join(directory, "4.damaged")) and not os.path.exists(os.path.join(directory, "4"))
+    again = Checkpointer(directory, async_save=False)
+    assert again.save(3, restored, data_state={"next_index": 3}, force=True)  # the run saves step 3 again
+    for s in ("1", "2", "3"):
+        shutil.rmtree(os.path.join(directory, s, "data"))
+    with pytest.raises(CheckpointError, match="no checkpoint .* can be resumed"):
+        Checkpointer(directory).restore_latest_complete(abstract)

@@ -209,6 +209,10 @@ def test_a_non_finite_streak_stops_the_run_and_checkpoints_stay_finite(tmp_path,
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  (at4["params"], at4["opt_state"]), (at6["params"], at6["opt_state"]))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(at6["params"]))
+    # a streak before the first checkpoint says so (it said "the latest is step None")
+    config = _config(2, data, total_steps=20, checkpoint_every=100, log_every=100, max_nonfinite_in_a_row=2)
+    with pytest.raises(TrainingDiverged, match="none was written yet"):
+        train_and_evaluate(config, str(tmp_path / "early"), batch_transform=lambda step, b: poison(step + 4, b))
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data, monkeypatch):

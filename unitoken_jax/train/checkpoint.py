@@ -8,13 +8,18 @@ written on one mesh restores onto another.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from unitoken_jax.convert.files import CheckpointError
+
 from unitoken_jax.train.step import TrainState
+
+log = logging.getLogger(__name__)
 
 
 def _to_saveable(state: TrainState):
@@ -55,6 +60,55 @@ class Checkpointer:
         state = restored["state"]
         state = state.replace(rng=jax.random.wrap_key_data(state.rng))
         return state, restored.get("data")
+
+    def restore_latest_complete(self, abstract_state: TrainState) -> tuple[int, TrainState, dict] | None:
+        """The newest checkpoint that restores whole — train state and data iterator state — as
+        (step, state, data state); None if there is no checkpoint. A damaged newer one (a missing
+        or unreadable item) is skipped with a warning naming it and why, so a restart falls back
+        to the previous complete checkpoint instead of failing, or silently starting the data over."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        problems = []
+        for step in steps:
+            try:
+                if "data" not in (self.manager.item_metadata(step) or {}):
+                    raise ValueError("it has no data-iterator state (the 'data' item is missing)")
+                state, data = self.restore(abstract_state, step)
+                if data is None:
+                    raise ValueError("its data-iterator state is empty")
+            except Exception as e:  # noqa: BLE001 - any damage: try the previous one
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("checkpoint step %d in %s cannot be resumed from (%s); trying the one before", step,
+                            self.directory, reason)
+                problems.append(f"step {step}: {reason}")
+                continue
+            if problems:
+                log.warning("resuming from step %d, the newest complete checkpoint (skipped: %s)", step,
+                            "; ".join(problems))
+                self._set_aside([s for s in steps if s > step])
+            return step, state, data
+        raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from: " + "; ".join(problems)
+                              + ". Move the damaged step directories away to start over.")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames damaged step directories to STEP.damaged (kept for a look, hidden from the
+        manager) so the run can save those steps again."""
+        if jax.process_index() == 0:
+            for step in steps:
+                path = os.path.join(self.directory, str(step))
+                if os.path.isdir(path):
+                    target = path + ".damaged"
+                    n = 1
+                    while os.path.exists(target):
+                        target, n = f"{path}.damaged{n}", n + 1
+                    os.rename(path, target)
+                    log.warning("moved the damaged checkpoint %s to %s", path, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()

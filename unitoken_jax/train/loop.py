@@ -171,11 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     data_iter = pipeline.iterator()
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
 
-    start_step = checkpointer.latest_step()
-    if start_step is not None:
-        state, data_state = checkpointer.restore(program.abstract_state)
-        if data_state is not None:
-            data_iter.set_state(_my_data_state(data_state))
+    resumed = checkpointer.restore_latest_complete(program.abstract_state)
+    if resumed is not None:
+        start_step, state, data_state = resumed
+        data_iter.set_state(_my_data_state(data_state))
         log.info("resumed from step %d", start_step)
     else:
         params = initial_params(config, mesh)
@@ -253,12 +252,14 @@ def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int
     n = int(jax.device_get(in_a_row))
     if n >= limit:
         checkpointer.wait()
+        latest = checkpointer.latest_step()
+        where = (f"the latest is step {latest} in {checkpointer.directory}" if latest is not None else
+                 f"none was written yet ({checkpointer.directory} is empty: a rerun starts from the beginning)")
         raise TrainingDiverged(
             f"{n} steps in a row (up to step {step}) had a non-finite loss or gradient and were skipped "
             f"(max_nonfinite_in_a_row={limit}); the run stops. Skipped steps change no parameter, so every "
-            f"checkpoint holds finite weights; the latest is step {checkpointer.latest_step()} in "
-            f"{checkpointer.directory}. Lower the learning rate, check the data of these steps (samples.jsonl), "
-            "or raise the limit.")
+            f"checkpoint holds finite weights; {where}. Lower the learning rate, check the data of these steps "
+            "(samples.jsonl), or raise the limit.")
 
 
 def _log_memory(compiled, seconds: float) -> None:
