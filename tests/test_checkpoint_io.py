@@ -215,3 +215,43 @@ def test_a_sidecar_that_disagrees_with_the_arrays_is_refused_before_anything_is_
     for quantize in ("none", "int8"):
         with pytest.raises(unitoken_jax.CheckpointError, match="do not match"):
             unitoken_jax.load(str(orbax), quantize=quantize)
+
+
+@pytest.mark.parametrize("config_text,says", [
+    ('{"hidden_size": 64,', r"config\.json is not valid JSON \(line 1"),
+    ("[1, 2]", r"config\.json must hold a JSON object, not a list"),
+    (None, r"config\.json lacks the key 'hidden_size'"),
+    ("string-width", r"config\.json has a value of the wrong type"),
+], ids=["invalid-json", "a-list", "missing-key", "wrong-type"])
+def test_a_broken_config_json_is_named(release_dir, tmp_path, config_text, says):
+    """Invalid JSON, a list, a missing key or a string where a number belongs in config.json gave
+    a bare JSONDecodeError / KeyError / TypeError (issue 15)."""
+    path = _rewrite(release_dir, tmp_path / "bad", lambda t: None)
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    if config_text is None:
+        del config["hidden_size"]
+        config_text = json.dumps(config)
+    elif config_text == "string-width":
+        config_text = json.dumps({**config, "hidden_size": "sixty-four"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config_text)
+    for read in (unitoken_jax.load, unitoken_jax.read_config):
+        with pytest.raises(unitoken_jax.CheckpointError, match=says):
+            read(path)
+
+
+def test_broken_index_and_sidecar_files_are_named(release_dir, tmp_path):
+    path = _rewrite(release_dir, tmp_path / "bad", lambda t: None)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        f.write('{"weight_map": ')
+    with pytest.raises(unitoken_jax.CheckpointError, match=r"index\.json is not valid JSON"):
+        unitoken_jax.load(path)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        f.write('{"metadata": {}}')
+    with pytest.raises(unitoken_jax.CheckpointError, match="no 'weight_map'"):
+        unitoken_jax.load(path)
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "orbax")]) == 0
+    with open(tmp_path / "orbax" / "unitoken_config.json", "w") as f:
+        f.write("{not json")
+    with pytest.raises(unitoken_jax.CheckpointError, match=r"unitoken_config\.json is not valid JSON"):
+        unitoken_jax.load(str(tmp_path / "orbax"))

@@ -146,6 +146,8 @@ def test_empty_truncated_and_non_image_files(tmp_path):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="empty"):
         load_image(b"")
+    with pytest.raises(ImageError, match="is a directory"):  # was a bare IsADirectoryError
+        load_image(tmp_path)
 
 
 @pytest.mark.parametrize("side", [9000, 100_000])

@@ -241,3 +241,9 @@ def test_the_small_tokenizer_is_the_same_in_every_process():
                            capture_output=True, text=True, check=True, env={**__import__("os").environ,
                                                                              "PYTHONHASHSEED": "123"}).stdout
     assert other.strip() == tokenizer_fixture.build().strip()
+
+
+def test_a_lone_surrogate_is_a_clear_error(tok):
+    """A lone surrogate (a badly decoded argument) reached the tokenizers library as a TypeError."""
+    with pytest.raises(TokenizerError, match="not valid Unicode"):
+        tok.encode_text("a red \udc80 circle")

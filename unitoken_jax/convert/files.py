@@ -13,11 +13,26 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match what the model needs."""
 
 
+def read_json_object(path: str) -> dict:
+    """A JSON file that must hold an object, or a CheckpointError naming the file and the fault."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no 'weight_map' object of tensor name -> file name")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))

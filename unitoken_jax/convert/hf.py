@@ -35,6 +35,7 @@ from unitoken_jax.convert.files import (
     checkpoint_files,
     get_path,
     open_safetensors,
+    read_json_object,
 )
 from unitoken_jax.models.config import DecoderConfig, UniTokenConfig, VisionConfig
 from unitoken_jax.models.unitoken import abstract_params
@@ -287,21 +288,36 @@ _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "
 
 def _read_header(path: str):
     """(config.json, safetensors headers, kind, key prefix) of an HF-format directory."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file; give the checkpoint's directory")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
-        raise CheckpointError(f"{path} has no config.json")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+        raise CheckpointError(f"{path} has no config.json (is it an HF checkpoint directory, or still being written?)")
+    hf_config = read_json_object(config_path)
     headers = _scan_headers(checkpoint_files(path))
     kind, prefix = _detect_kind(hf_config, headers)
     return hf_config, headers, kind, prefix
+
+
+def _checked_build_config(path, hf_config, kind, prefix, headers):
+    """`_build_config`, with a config.json that lacks a key or has a value of the wrong type named."""
+    try:
+        return _build_config(hf_config, kind, prefix, headers)
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{path}/config.json lacks the key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}/config.json has a value of the wrong type or range: {e}") from None
 
 
 def read_config(path: str) -> UniTokenConfig:
     """The model config of an HF-format directory, from config.json and the safetensors headers
     only (no tensor is read)."""
     hf_config, headers, kind, prefix = _read_header(path)
-    return _build_config(hf_config, kind, prefix, headers)[0]
+    return _checked_build_config(path, hf_config, kind, prefix, headers)[0]
 
 
 def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False,
@@ -316,7 +332,7 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     own (most common) dtype: a lossless conversion.
     """
     hf_config, headers, kind, prefix = _read_header(path)
-    config, layout = _build_config(hf_config, kind, prefix, headers)
+    config, layout = _checked_build_config(path, hf_config, kind, prefix, headers)
     sizes: dict[str, int] = {}
     for _, shape, dtype in headers.values():
         sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape))

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from unitoken_jax.convert.files import CheckpointError
+from unitoken_jax.convert.files import CheckpointError, read_json_object
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
 
@@ -73,8 +73,9 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
 def read_sidecar(path: str) -> dict[str, Any]:
     """The checkpoint's JSON sidecar; a checkpoint in an older parameter layout is a CheckpointError
     that says how to remake it."""
-    with open(os.path.join(os.path.abspath(path), SIDECAR)) as f:
-        sidecar = json.load(f)
+    sidecar = read_json_object(os.path.join(os.path.abspath(path), SIDECAR))
+    if not isinstance(sidecar.get("config"), dict):
+        raise CheckpointError(f"{os.path.join(path, SIDECAR)} has no 'config' object")
     layout = sidecar.get("param_layout", 1)
     if layout != PARAM_LAYOUT and sidecar.get("config", {}).get("decoder") is not None:
         raise CheckpointError(

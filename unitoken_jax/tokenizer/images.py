@@ -50,6 +50,8 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
         if isinstance(source, (str, os.PathLike)):
             if not os.path.exists(source):
                 raise ImageError(f"{what}: no such file")
+            if os.path.isdir(source):
+                raise ImageError(f"{what}: is a directory, not an image file")
             if os.path.getsize(source) == 0:
                 raise ImageError(f"{what}: the file is empty (0 bytes)")
         if isinstance(source, bytes):

@@ -78,6 +78,13 @@ class TextTokenizer:
 
     def encode_text(self, text: str) -> list[int]:
         """Plain text -> ids; no special token is ever matched in `text`."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"text must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (e.g. from a badly decoded file or argument)
+            raise TokenizerError(f"the text holds a character that is not valid Unicode ({text[max(0, e.start - 10):e.end + 10]!r}): "
+                                 "fix the input's encoding") from None
         ids = self._plain.encode(text, add_special_tokens=False).ids
         bad = [i for i in ids if i in self._control]
         if bad:  # only possible with a tokenizer whose BPE merges build control tokens
