@@ -225,3 +225,39 @@ def test_a_finalize_that_died_is_finished_by_a_rerun(tmp_path, items_path, token
     a, _ = _records(str(tmp_path / "whole"))
     b, _ = _records(out)
     assert [r["id"] for r in a] == [r["id"] for r in b]
+
+
+def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_path, tokenizers, capsys):
+    """A message that is a string or null and an "image" of 5 aborted the whole run; a broken
+    JSONL line was reported without its file or line; a run where every item was bad exited 0 (issue 15)."""
+    from unitoken_jax import cli
+
+    text, vq = tokenizers
+    ok = {"id": "ok", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    bad = [{"id": "string-message", "conversations": ["hi", {"from": "gpt", "value": "x"}]},
+           {"id": "null-message", "conversations": [None, {"from": "gpt", "value": "x"}]},
+           {"id": "image-number", "image": 5, "conversations": [{"from": "human", "value": "<|image|>hi"},
+                                                                 {"from": "gpt", "value": "x"}]},
+           {"id": "image-list-of-numbers", "image": [1, 2],
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}]
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [ok, *bad]) + "\n")
+    result = pt.pretokenize(str(path), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    assert result["written"] == 1 and result["skipped"] == 4
+    listed = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
+    assert [b["id"] for b in listed] == [b["id"] for b in bad]
+    assert all("ConversationError" in b["reason"] for b in listed)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(ok) + "\n" + '{"id": "x", "conversations": [\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl line 2 is not valid JSON"):
+        pt.read_items(str(broken))
+    (tmp_path / "broken.json").write_text('[{"id": 1},')
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON \(line 1"):
+        pt.read_items(str(tmp_path / "broken.json"))
+
+    all_bad = tmp_path / "all_bad.jsonl"
+    all_bad.write_text("\n".join(json.dumps(x) for x in bad) + "\n")
+    code = cli.main(["pretokenize", str(all_bad), "--out", str(tmp_path / "none"), "--tokenizer", "demo",
+                     "--vqgan", "demo", "--vq-size", "32", "--siglip-size", "56"])
+    assert code == 1 and "no item" in capsys.readouterr().err

@@ -220,3 +220,19 @@ def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data, mon
     with pytest.raises(ValueError, match="Cloud Storage FUSE"):
         train_and_evaluate(_config(2, data, total_steps=1), "gs://bucket/run")
     assert not os.path.exists(tmp_path / "gs:")  # no local stand-in directory either
+
+
+def test_a_torn_samples_log_line_does_not_block_the_resume(tmp_path, caplog):
+    """A kill mid-write leaves a torn last line in samples.jsonl; resuming raised JSONDecodeError
+    (issue 15). The damaged line is dropped with a warning; the complete ones the checkpoint covers stay."""
+    import logging
+
+    from unitoken_jax.train.loop import _SamplesLog
+
+    path = tmp_path / "samples.jsonl"
+    lines = [json.dumps({"step": s, "ids": [[f"s{s}"]]}) + "\n" for s in range(1, 5)]
+    path.write_text("".join(lines) + '{"step": 5, "ids": [["s')
+    with caplog.at_level(logging.WARNING):
+        _SamplesLog(str(tmp_path), start_step=4, enabled=True)
+    assert path.read_text() == "".join(lines[:3])
+    assert "line 5 is damaged" in caplog.text

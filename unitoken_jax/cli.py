@@ -241,6 +241,14 @@ def _pretokenize(args) -> int:
     if result["complete"]:
         print(f"{args.out}: {result['written']} items written, {result['skipped']} skipped "
               f"(listed in {result['bad_items']})")
+        if not result["written"]:
+            print(f"unitoken pretokenize: error: no item of {args.items} could be used; the reasons are in "
+                  f"{result['bad_items']}", file=sys.stderr)
+            return 1
+    elif result.get("finalizing"):
+        print(f"{args.out}: every chunk is done and another process is writing the dataset's metadata (its lock is "
+              f"{os.path.join(args.out, pt._PARTIAL, 'finalize.lock')}; a lock whose process is gone on this host is "
+              "taken over by a rerun)")
     else:
         print(f"{args.out}: this process's chunks are done; {result['chunks_done']} of {result['chunks']} chunks "
               "finished in all (the last process to finish writes the dataset's metadata)")

@@ -99,9 +99,20 @@ def read_items(path: str) -> list[dict[str, Any]]:
     """A .json list of items or a .jsonl file of one item per line."""
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
-            items = [json.loads(line) for line in f if line.strip()]
+            items = []
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
         else:
-            items = json.load(f)
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                                 "a .jsonl file takes one item per line") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a list of items, got {type(items).__name__}")
     return items

@@ -72,6 +72,8 @@ def _messages(item: dict[str, Any]) -> list[tuple[bool, str | None]]:
         raise ConversationError("the item has no 'conversations' list")
     out = []
     for i, msg in enumerate(conv):
+        if not isinstance(msg, dict):
+            raise ConversationError(f"message {i} is a {type(msg).__name__}, not an object with 'from' and 'value'")
         who = msg.get("from")
         expected = _HUMAN if i % 2 == 0 else _ASSISTANT
         if who not in expected:
@@ -90,7 +92,10 @@ def image_list(item: dict[str, Any]) -> list:
     images = item.get("image", [])
     if images is None:
         return []
-    return [images] if isinstance(images, str) else list(images)
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ConversationError(f"'image' must be a file name or a list of file names, got {item.get('image')!r}")
+    return images
 
 
 def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], tokenizer: TextTokenizer,

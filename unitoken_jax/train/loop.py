@@ -289,7 +289,14 @@ class _SamplesLog:
         kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["step"] < start_step]
+                for number, line in enumerate(f, 1):
+                    try:
+                        step = json.loads(line)["step"]
+                    except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+                        log.warning("%s line %d is damaged (%r...); dropped", self.path, number, line[:60])
+                        continue
+                    if isinstance(step, int) and step < start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
         with open(self.path, "w") as f:
             f.writelines(kept)
 
