@@ -2,6 +2,7 @@
 and greedy parity with transformers' generate."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -231,7 +232,12 @@ def test_bad_requests(pipe):
     with pytest.raises(ValueError, match="cannot hold"):
         pipe.decode_loop.generate([pipe.generate_request("x", size=(64, 64), max_new_tokens=10)])
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq)  # the reference prefix 16853 > 9216
+        UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq, image_prefix=(16853,))  # the reference's, > 9216
+    # the defaults come from the model (issue 15: a small model was refused for 16853, then overflowed at 512 px)
+    derived = UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq)
+    length = pipe.model.config.decoder.max_position_embeddings
+    assert derived.image_prefix == [] and derived.vq_size < 512 and (derived.vq_size // 4) ** 2 <= length // 4
+    assert (2 * derived.vq_size // 4) ** 2 > length // 4  # the largest such halving of 512
 
 
 def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
@@ -271,6 +277,18 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     for extra, says in [(["--max-new-tokens", "-1"], "max_new_tokens"), (["--temperature", "nan"], "temperature")]:
         assert cli.main(["understand", cat, "q", *common, *extra]) == 2, extra
         assert says in capsys.readouterr().err, extra
+    # a question is required after the pictures; one question per call; outputs checked before drawing
+    assert cli.main(["understand", cat, *common]) == 2 and "is a file" in capsys.readouterr().err
+    assert cli.main(["understand", cat, "q1", cat, "q2", *common]) == 2
+    assert "not a picture file" in capsys.readouterr().err
+    assert cli.main(["generate", "x", "--out", str(tmp_path / "missing" / "x.png"), *common]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # without --image-prefix / --vq-size: the defaults come from the model, not the 7B release
+    own = [a for a in common if a not in ("--image-prefix", "", "--vq-size", "32")]
+    assert cli.main(["understand", cat, "the cat is", "--max-new-tokens", "2", *own]) == 0
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert re.search(r"\(default:\s+3\.0\)", capsys.readouterr().out)  # help pages show their defaults
 
 
 @pytest.mark.parametrize("field,value", [

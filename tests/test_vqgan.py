@@ -220,3 +220,27 @@ def test_generated_ids_decode_to_pictures(tmp_path):
     assert parts[0] == "he" and isinstance(picture, Image.Image) and picture.size == (24, 16)
     expected = ((np.clip(vq.decode(codes[None])[0], -1, 1) + 1) / 2 * 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(picture), expected)
+
+
+@pytest.mark.parametrize("yaml_text,says", [
+    ("model: {params: [1, 2", "cannot read the VQ-GAN config"),
+    ("- 1\n- 2\n", "not taming's layout"),
+    ("model:\n  params:\n    embed_dim: 8\n", "lacks 'ddconfig'"),
+    ("model:\n  params:\n    embed_dim: 8\n    n_embed: 16\n    ddconfig: {ch: 4}\n", "lacks 'in_channels'"),
+], ids=["not-yaml", "a-list", "no-ddconfig", "short-ddconfig"])
+def test_a_malformed_vqgan_yaml_is_named(tmp_path, yaml_text, says):
+    """Raw KeyError / TypeError / YAMLError before (issue 15)."""
+    from unitoken_jax.convert.files import CheckpointError
+    from unitoken_jax.convert.vqgan import config_from_yaml
+
+    (tmp_path / "vqgan.yaml").write_text(yaml_text)
+    with pytest.raises(CheckpointError, match=says):
+        config_from_yaml(str(tmp_path / "vqgan.yaml"))
+
+
+def test_a_garbage_vqgan_ckpt_is_named(tmp_path):
+    from unitoken_jax.convert.files import CheckpointError
+
+    (tmp_path / "vqgan.ckpt").write_bytes(b"\x80\x02garbage" * 10)
+    with pytest.raises(CheckpointError, match=r"vqgan\.ckpt is not a PyTorch zip"):
+        load_torch_file(str(tmp_path / "vqgan.ckpt"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -85,7 +86,7 @@ def _reconstruct(args) -> int:
 
 def _pipeline(args):
     import unitoken_jax
-    from unitoken_jax.inference.pipeline import REFERENCE_IMAGE_PREFIX, UniTokenPipeline
+    from unitoken_jax.inference.pipeline import UniTokenPipeline
     from unitoken_jax.tokenizer.text import TextTokenizer
     from unitoken_jax.vq_tokenizer import VQTokenizer
 
@@ -109,10 +110,10 @@ def _pipeline(args):
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
     model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize)
-    prefix = REFERENCE_IMAGE_PREFIX if args.image_prefix is None else _ids(args.image_prefix)
+    prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.from_dir(paths["vqgan"]) if os.path.isdir(paths["vqgan"]) else VQTokenizer.from_meta(paths["vqgan"])
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
-                            vq_size=args.vq_size or 512, image_prefix=prefix)
+                            vq_size=args.vq_size, image_prefix=prefix)
 
 
 def _ids(text: str) -> list[int]:
@@ -141,13 +142,30 @@ def _numbered(out: str, i: int, n: int) -> str:
 
 def _understand(args) -> int:
     *images, question = args.inputs
+    if os.path.isfile(question):
+        raise ValueError(f"the last argument is the question, and {question!r} is a file: give a question after the "
+                         "pictures (unitoken understand IMAGE... QUESTION)")
+    not_files = [i for i in images if not os.path.isfile(i)]
+    if not_files:
+        raise ValueError(f"{not_files[0]!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
+                         "then one question (several questions: the Python API's understand([...]) or chat)")
     pipe = _pipeline(args)
     print(pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           seed=args.seed))
     return 0
 
 
+def _check_out(path: str, n: int = 1) -> None:
+    """Before any drawing: the output's directory exists and the name is a PNG path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"--out {path}: the directory {directory} does not exist (create it first)")
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a directory; give a file name such as {os.path.join(path, 'picture.png')}")
+
+
 def _generate(args) -> int:
+    _check_out(args.out, args.n)
     pipe = _pipeline(args)
     pictures = pipe.generate_image(args.prompt, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
                                    image_top_k=args.top_k, image_temperature=args.temperature,
@@ -160,6 +178,7 @@ def _generate(args) -> int:
 
 
 def _edit(args) -> int:
+    _check_out(args.out)
     pipe = _pipeline(args)
     picture = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
                         image_top_k=args.top_k, image_temperature=args.temperature)
@@ -272,7 +291,9 @@ def _sweep(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="HF safetensors layout <-> our Orbax checkpoint (direction from --from)")
+    # every page shows its defaults
+    add_parser = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    convert = add_parser("convert", help="HF safetensors layout <-> our Orbax checkpoint (direction from --from)")
     convert.add_argument("--from", dest="src", required=True, help="an HF-format dir, or one of our Orbax dirs")
     convert.add_argument("--to", dest="dst", required=True, help="output directory")
     convert.add_argument("--dtype", default=None,
@@ -283,14 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--max-shard-gb", type=float, default=SHARD_BYTES / 1024**3,
                          help="largest safetensors file written (and held in memory) when writing the HF layout")
     convert.set_defaults(func=_convert)
-    init = sub.add_parser("init", help="write a randomly initialised model in the HF layout")
+    init = add_parser("init", help="write a randomly initialised model in the HF layout")
     init.add_argument("--config", default="tiny",
                       help="a model config: 'tiny', '7b', '7b_anyres', or FILE.py[:ARG] with get_config(arg).model")
     init.add_argument("--to", dest="dst", required=True, help="output directory")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", help="dtype of the written tensors")
     init.set_defaults(func=_init)
-    recon = sub.add_parser("reconstruct", help="image -> VQ codes -> image: the tokenizer at work on a photo")
+    recon = add_parser("reconstruct", help="image -> VQ codes -> image: the tokenizer at work on a photo")
     recon.add_argument("image")
     recon.add_argument("--out", required=True, help="where to write the reconstruction (PNG)")
     recon.add_argument("--vqgan", default=None, help="Meta's vqgan.ckpt (vqgan.yaml beside it); or $UNITOKEN_VQGAN")
@@ -304,14 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it) or a trained VQ-GAN dir "
                                        "(default $UNITOKEN_VQGAN)")
         p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
-        p.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop of input pictures (512)")
-        p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+        p.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop of input pictures (default: 512, "
+                                                                  "or less for a model too short for 512 px of codes)")
+        p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 halves activation memory on an "
+                                                           "accelerator)")
         p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                        help="weight format: int8 quantizes every matmul kernel as it loads (about half the "
                             "memory of bfloat16); default: the checkpoint's own")
         p.add_argument("--image-prefix", default=None,
                        help="comma-separated ids put before <racm3:break> when asking for a picture "
-                            "(default: the reference's 16853; '' for none)")
+                            "(default: the reference's 16853 where the model's vocabulary has it, else none; '' for "
+                            "none)")
         p.add_argument("--seed", type=int, default=0)
         if image_out:
             p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 32 (512x512; the "
@@ -323,28 +347,28 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--max-new-tokens", type=int, default=256)
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
-    und = sub.add_parser("understand", help="answer a question about pictures")
+    und = add_parser("understand", help="answer a question about pictures")
     und.add_argument("inputs", nargs="+", metavar="IMAGE... QUESTION")
     model_args(und)
     und.set_defaults(func=_understand)
-    gen = sub.add_parser("generate", help="draw pictures from a text prompt")
+    gen = add_parser("generate", help="draw pictures from a text prompt")
     gen.add_argument("prompt")
     gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1)")
     gen.add_argument("--n", type=int, default=1, help="pictures to draw (one batch)")
     gen.add_argument("--negative-prompt", default=None)
     model_args(gen, image_out=True)
     gen.set_defaults(func=_generate)
-    edi = sub.add_parser("edit", help="draw a new picture from a picture and an instruction")
+    edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
     edi.add_argument("image")
     edi.add_argument("instruction")
     edi.add_argument("--out", required=True)
     model_args(edi, image_out=True)
     edi.set_defaults(func=_edit)
-    cha = sub.add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out")
+    cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out")
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
     model_args(cha)
     cha.set_defaults(func=_chat)
-    pre = sub.add_parser("pretokenize", help="conversations (reference JSON) + images -> a TFDS ArrayRecord dataset")
+    pre = add_parser("pretokenize", help="conversations (reference JSON) + images -> a TFDS ArrayRecord dataset")
     pre.add_argument("items", help="a .json list or .jsonl file of items in the reference's conversation format")
     pre.add_argument("--out", required=True, help="dataset directory (resumes if a run was stopped)")
     pre.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json ('demo': the small demo tokenizer)")
@@ -362,11 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--process-index", type=int, default=0, help="this process's share (chunk %% count == index)")
     pre.add_argument("--process-count", type=int, default=1)
     pre.set_defaults(func=_pretokenize)
-    tra = sub.add_parser("train", help="run a training stage (same flags as python -m unitoken_jax.train)")
+    tra = add_parser("train", help="run a training stage (same flags as python -m unitoken_jax.train)")
     tra.add_argument("absl_flags", nargs=argparse.REMAINDER,
                      help="--config configs/stage2.py:tiny --workdir DIR [--config.x=y ...]")
     tra.set_defaults(func=_train)
-    swe = sub.add_parser("sweep", help="expand a config's sweep(add) into runs: print their launch commands, or run "
+    swe = add_parser("sweep", help="expand a config's sweep(add) into runs: print their launch commands, or run "
                                        "them here one after another; summarise a sweep's runs")
     swe.add_argument("config", nargs="?", help="FILE.py[:ARG] with get_config(arg) and sweep(add) (not needed with "
                                                "--summary-only)")

@@ -24,6 +24,7 @@ from unitoken_jax.convert.files import (
     checkpoint_files,
     get_path,
     open_safetensors,
+    read_json_object,
 )
 from unitoken_jax.convert.torch_pickle import load_torch_file
 from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
@@ -32,16 +33,28 @@ _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_qua
 
 
 def config_from_yaml(path: str) -> VQGANConfig:
-
-    with open(path) as f:
-        raw = yaml.safe_load(f)
-    params = raw.get("model", raw).get("params", raw)
-    dd = params["ddconfig"]
-    return VQGANConfig(in_channels=dd["in_channels"], out_channels=dd["out_ch"], ch=dd["ch"],
-                       ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
-                       attn_resolutions=tuple(dd.get("attn_resolutions") or ()), resolution=dd["resolution"],
-                       z_channels=dd["z_channels"], embed_dim=params["embed_dim"], n_embed=params["n_embed"],
-                       double_z=bool(dd.get("double_z", False))).validate()
+    """Meta's `vqgan.yaml` (taming's `model.params.ddconfig` + `embed_dim`, `n_embed`); a file that
+    is not YAML, or lacks a field, or has one of the wrong type is a CheckpointError naming it."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"cannot read the VQ-GAN config {path}: {e}") from None
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"it holds a {type(raw).__name__}, not a mapping")
+        params = raw.get("model", raw).get("params", raw)
+        dd = params["ddconfig"]
+        return VQGANConfig(in_channels=dd["in_channels"], out_channels=dd["out_ch"], ch=dd["ch"],
+                           ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                           attn_resolutions=tuple(dd.get("attn_resolutions") or ()), resolution=dd["resolution"],
+                           z_channels=dd["z_channels"], embed_dim=params["embed_dim"], n_embed=params["n_embed"],
+                           double_z=bool(dd.get("double_z", False))).validate()
+    except KeyError as e:
+        raise CheckpointError(f"the VQ-GAN config {path} lacks {e.args[0]!r} (taming's model.params.ddconfig "
+                              "layout is expected)") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"the VQ-GAN config {path} is not taming's layout: {e}") from None
 
 
 def config_from_hf(vq: Mapping[str, Any]) -> VQGANConfig:
@@ -133,8 +146,7 @@ def read_meta_checkpoint(ckpt_path: str, yaml_path: str | None = None) -> tuple[
 
 def read_hf_vqmodel(path: str) -> tuple[VQGANConfig, dict]:
     """The `model.vqmodel.*` tensors of an HF Chameleon / UniToken directory (encoder only)."""
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
+    hf_config = read_json_object(os.path.join(path, "config.json"))
     config = config_from_hf(hf_config.get("vq_config") or {})
     tensors = {}
     for file in checkpoint_files(path):
@@ -167,9 +179,11 @@ def save_vqgan(path: str, config: VQGANConfig, params) -> None:
 
 def load_vqgan(path: str) -> tuple[VQGANConfig, dict]:
     """What `save_vqgan` wrote; the tensors must match the config's parameter tree."""
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        d = json.load(f)
-    config = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+    d = read_json_object(os.path.join(path, CONFIG_FILE))
+    try:
+        config = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)} is not a VQ-GAN config: {e}") from None
     params: dict = {}
     for key, value in load_file(os.path.join(path, WEIGHTS_FILE)).items():
         node = params

@@ -48,11 +48,30 @@ def _listify(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def default_vq_size(max_length: int, vq) -> int:
+    """512 px (the release's crop), halved while its code grid would take more than a quarter of
+    a model `max_length` long (a small model's picture must leave room for the conversation)."""
+    factor = 2 ** (len(vq.config.ch_mult) - 1) if vq is not None else 16
+    size = 512
+    while size > factor and (size // factor) ** 2 > max_length // 4:
+        size //= 2
+    return size
+
+
 class UniTokenPipeline:
-    def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int = 512, siglip_size: int | None = None,
-                 image_prefix: Sequence[int] = REFERENCE_IMAGE_PREFIX, generate_template: str = GENERATE_TEMPLATE,
-                 max_length: int | None = None, continuous: bool = True):
+    def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int | None = None,
+                 siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
+                 generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True):
+        """Defaults come from the model: `image_prefix` the reference's 16853 where the vocabulary
+        has that id (none otherwise), `vq_size` 512 or, for a model too short for 512 px of codes,
+        the largest halving whose code grid takes at most a quarter of its length, `siglip_size`
+        and the patch from its vision tower."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
+        vocab = model.config.decoder.vocab_size
+        if image_prefix is None:
+            image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
+        if vq_size is None:
+            vq_size = default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
