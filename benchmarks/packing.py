@@ -96,7 +96,7 @@ def main():
     args = parser.parse_args()
     tmp = tempfile.mkdtemp()
     datasets = [("demo data as `data.demo=True` builds it for the 7B configs (64 codes + 729 features a picture)",
-                 demo_as_the_configs_build_it(tmp, 600), (64, 192)),
+                 demo_as_the_configs_build_it(tmp, 600), (64, 192, 384)),
                 ("demo items, release image sizes (1,024 codes + 729 features a picture), answers of 1-12 sentences",
                  demo_release_sized(tmp, 600), (64, 192)),
                 ("shapes world (16 codes + 16 features a picture, 3 questions an item)",
@@ -120,14 +120,14 @@ def main():
         "|---|---|---|---|---|---|---|",
         *rows, "",
         "A batch closes when its next group does not fit, by tokens or by tiles. With one tile a sample, the "
-        "configs' earlier budget of 64 tiles filled under half of 64 x 4,096 positions; 192 tiles leave the tokens "
-        "to decide. Release-sized samples (~1,900 positions) go two to a 4,096-position row: 2 x 1,922 / 4,096 = "
-        "93.8 % is the most whole samples can fill, and the packer reaches it (95 % would need a sample split "
-        "across rows, which the reference never does and neither do we). The look-ahead (`data.lookahead`) "
-        "changes nothing on these uniform samples; it pays where a row holds a few samples of varied length "
-        "(`tests/test_pipeline.py`: 60 % -> 66 % at 2 x 400). The shapes world's samples are ~76 tokens, so a "
-        "batch of them at this length needs thousands of its 64 px tiles: there the tile budget decides, and a "
-        "run on that data sizes `data.max_images` for it.",
+        "configs' earlier budget of 64 tiles filled under half of the batch; 192 leave the tokens to decide for "
+        "release-sized samples. Whole samples of near-equal length cap the fill: ~1,920-position samples go two "
+        "to a 4,096-position row (2 x 1,922 / 4,096 = 93.8 %, which the packer reaches), ~855-position ones four "
+        "(4 x 855 / 4,096 = 83.5 %; the demo data takes 256 tiles for that, so 192 stop it at 62.6 %); more "
+        "would need a sample split across rows, which the reference never does and neither do we. The look-ahead "
+        "(`data.lookahead`) changes nothing on such uniform samples; it pays where a row holds a few samples of "
+        "varied length (`tests/test_pipeline.py`: 60 % -> 66 % at 2 x 400). The shapes world's ~76-token "
+        "samples fill 99.3 % given the tiles (thousands of its 64 px pictures a batch at this length).",
     ]
     write_report(lines + [""], args.out)
 

@@ -9,6 +9,11 @@ backward, global-norm clipping at 4 and AdamW (0.9, 0.95, weight decay 0.1). Our
 same samples whole into fixed rows (understanding and generation mixed 1:1) and runs the pure
 step of `unitoken_jax.train.step`. Tokens/s counts real tokens only (no padding).
 
+Each side's speed is also given as a fraction of this machine's matmul peak, measured in the same
+run (a large float32 matmul in XLA and in torch): the model FLOPs of the real tokens (the training
+log's analytic count, `train.metrics.FlopCounter`) per second, over that peak. The two steps are
+timed `--repeats` times, alternating; the table gives the median run of each.
+
 The samples are the drawn demo items with answers of varied length (1 to 12 sentences), so
 the batches' lengths vary as real data's do.
 
@@ -43,6 +48,8 @@ from unitoken_jax.data import pretokenize as pt  # noqa: E402
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig  # noqa: E402
 from unitoken_jax.configs import stages  # noqa: E402
 from unitoken_jax.train.config import TrainConfig  # noqa: E402
+from unitoken_jax.train.metrics import FlopCounter  # noqa: E402
+from unitoken_jax.train.optimizer import trainable_mask  # noqa: E402
 from unitoken_jax.train.program import BATCH_KEYS, build_program, make_mesh  # noqa: E402
 from unitoken_jax.train.state import create_state  # noqa: E402
 from report import write_report  # noqa: E402
@@ -124,6 +131,25 @@ class ReferenceStep:
         return loss.item()
 
 
+def matmul_peak(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
+    """(XLA, torch) float32 FLOP/s of an n x n x n matmul on this machine, best of `repeats`."""
+    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    x = jax.device_put(a)
+    f(x, x).block_until_ready()
+    ta = torch.from_numpy(a)
+    torch.mm(ta, ta)
+    best_x = best_t = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x, x).block_until_ready()
+        best_x = min(best_x, time.perf_counter() - t)
+        t = time.perf_counter()
+        torch.mm(ta, ta)
+        best_t = min(best_t, time.perf_counter() - t)
+    return 2 * n ** 3 / best_x, 2 * n ** 3 / best_t
+
+
 def reference_batches(samples, batch):
     """One data type per batch, `batch` samples each, in stream order (the reference's sampler)."""
     out, open_ = [], {0: [], 1: []}
@@ -143,6 +169,7 @@ def main():
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--ref-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (the median is reported)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step.md"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -176,14 +203,17 @@ def main():
             state, m = step(state, {k: b[k] for k in BATCH_KEYS})
         jax.block_until_ready(m["loss"])
     timed = batches[2:]
-    start = time.perf_counter()
-    with program.context():
-        for b in timed:
-            state, m = step(state, {k: b[k] for k in BATCH_KEYS})
-        jax.block_until_ready(m["loss"])
-    ours_s = time.perf_counter() - start
     ours_tokens = sum(int((b["segment_ids"] > 0).sum()) for b in timed)
     ours_padding = 1 - ours_tokens / sum(b["segment_ids"].size for b in timed)
+
+    def run_ours():
+        nonlocal state
+        start = time.perf_counter()
+        with program.context():
+            for b in timed:
+                state, m = step(state, {k: b[k] for k in BATCH_KEYS})
+            jax.block_until_ready(m["loss"])
+        return time.perf_counter() - start
 
     # the reference, on the same samples (the timed batches' samples, in order)
     def sample(sid):
@@ -201,13 +231,32 @@ def main():
     for b in reference_batches(warm, args.ref_batch)[:1]:
         ref(b)
     ref_batches = reference_batches(same, args.ref_batch)
-    start = time.perf_counter()
-    for b in ref_batches:
-        ref(b)
-    ref_s = time.perf_counter() - start
+
+    def run_ref():
+        start = time.perf_counter()
+        for b in ref_batches:
+            ref(b)
+        return time.perf_counter() - start
+
+    ours_runs, ref_runs = [], []
+    for _ in range(args.repeats):
+        ours_runs.append(run_ours())
+        ref_runs.append(run_ref())
+    ours_s, ref_s = float(np.median(ours_runs)), float(np.median(ref_runs))
     ref_tokens = sum(len(s["tokens"]) for b in ref_batches for s in b)
     ref_slots = sum(len(b) * max(len(s["tokens"]) for s in b) for b in ref_batches)
 
+    # model FLOPs of the real tokens each side trained on (the training log's count)
+    counter = FlopCounter(model.config, model.params, trainable_mask(model.params, "all"))
+    features = 16  # 56 px tiles, 14 px patches
+    ours_flops = sum(counter.per_step(int((b["segment_ids"] > 0).sum()),
+                                      float(b["positions"][b["segment_ids"] > 0].mean() + 1),
+                                      features * sum(1 for k in b["kinds"] if k == "understanding")) for b in timed)
+    ref_flops = sum(counter.per_step(sum(len(s["tokens"]) for s in b),
+                                     sum(len(s["tokens"]) * (len(s["tokens"]) + 1) / 2 for s in b)
+                                     / sum(len(s["tokens"]) for s in b),
+                                     features * sum(len(s["pixels"]) for s in b)) for b in ref_batches)
+    peak_xla, peak_torch = matmul_peak()
     ours_tps, ref_tps = ours_tokens / ours_s, ref_tokens / ref_s
     n_params = model.num_params()
     date = datetime.date.today().isoformat()
@@ -218,12 +267,18 @@ def main():
         f"Model: decoder {args.layers} layers x {args.hidden} hidden, vocab 9216; SigLIP-style tower 2 x 64 at 56 px; "
         f"{n_params / 1e6:.1f} M parameters, same weights on both sides.",
         f"Data: {len(same)} demo samples (understanding answers of 1-12 sentences, generation of 8x8-code pictures).", "",
-        "| | batches | real tokens | padding | seconds | real tokens / s |", "|---|---|---|---|---|---|",
+        f"Matmul peak measured in this run (float32, 2048^3, best of 10): XLA {peak_xla / 1e9:.0f} GFLOP/s, "
+        f"torch {peak_torch / 1e9:.0f} GFLOP/s.", "",
+        "| | batches | real tokens | padding | seconds (median of "
+        f"{args.repeats}) | real tokens / s | model GFLOP/s | of its matmul peak |", "|---|---|---|---|---|---|---|---|",
         f"| reference (per-sample ViT, one type per batch of {args.ref_batch}, padded to the longest) | "
-        f"{len(ref_batches)} | {ref_tokens} | {1 - ref_tokens / ref_slots:.0%} | {ref_s:.2f} | {ref_tps:.0f} |",
+        f"{len(ref_batches)} | {ref_tokens} | {1 - ref_tokens / ref_slots:.0%} | {ref_s:.2f} | {ref_tps:.0f} | "
+        f"{ref_flops / ref_s / 1e9:.1f} | {ref_flops / ref_s / peak_torch:.0%} |",
         f"| ours (packed {args.rows} x {args.length} rows, 1:1 mixed, one jitted step) | {len(timed)} | {ours_tokens} | "
-        f"{ours_padding:.0%} | {ours_s:.2f} | {ours_tps:.0f} |", "",
-        f"**Ours / reference: {ours_tps / ref_tps:.2f}x real tokens per second.**", "",
+        f"{ours_padding:.0%} | {ours_s:.2f} | {ours_tps:.0f} | {ours_flops / ours_s / 1e9:.1f} | "
+        f"{ours_flops / ours_s / peak_xla:.0%} |", "",
+        f"**Ours / reference: {ours_tps / ref_tps:.2f}x real tokens per second** (median runs; each run's ratio: "
+        f"{', '.join(f'{r / o * ours_tokens / ref_tokens:.2f}' for o, r in zip(ours_runs, ref_runs))}).", "",
         "The reference drops the samples left in a half-filled batch at the end; both count only the tokens they "
         "trained on. CPU timings show the ratio on this machine, not accelerator speed: here XLA's CPU matmuls "
         "run as fast as torch's, but its attention (batched dots + softmax, forward and backward) takes about twice "
