@@ -255,3 +255,37 @@ def test_broken_index_and_sidecar_files_are_named(release_dir, tmp_path):
         f.write("{not json")
     with pytest.raises(unitoken_jax.CheckpointError, match=r"unitoken_config\.json is not valid JSON"):
         unitoken_jax.load(str(tmp_path / "orbax"))
+
+
+@pytest.mark.parametrize("damage", ["data-deleted", "data-truncated", "manifest-gone"])
+def test_a_damaged_orbax_checkpoint_is_one_clear_error(release_dir, tmp_path, damage):
+    """A deleted or truncated data file, or the manifest gone, gave a TensorStore traceback (issue 15)."""
+    orbax = tmp_path / "orbax"
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(orbax)]) == 0
+    files = [p for p in (orbax / "params").rglob("*") if p.is_file()]
+    data = sorted((p for p in files if p.parent.name == "d"), key=lambda p: -p.stat().st_size)
+    manifest = [p for p in files if p.name == "manifest.ocdbt"]
+    assert data and manifest, sorted(str(p.relative_to(orbax)) for p in files)
+    if damage == "data-deleted":
+        data[0].unlink()
+    elif damage == "data-truncated":
+        with open(data[0], "r+b") as f:
+            f.truncate(data[0].stat().st_size // 2)
+    else:
+        for p in manifest:
+            p.unlink()
+    with pytest.raises(unitoken_jax.CheckpointError, match="orbax"):
+        unitoken_jax.load(str(orbax))
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 10**9), ("vocab_size", 10**12), ("intermediate_size", 10**12),
+                                       ("num_hidden_layers", 3)])
+def test_config_sizes_that_do_not_match_the_files_are_refused_at_once(release_dir, tmp_path, key, value):
+    """Absurd sizes in config.json made the loader allocate terabytes to compute a shape (issue 15)."""
+    path = _rewrite(release_dir, tmp_path / "bad", lambda t: None)
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    config[key] = value
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(unitoken_jax.CheckpointError, match=f"does not describe the tensors.*{value}"):
+        unitoken_jax.load(path)

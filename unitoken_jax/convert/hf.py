@@ -304,13 +304,38 @@ def _read_header(path: str):
 def _checked_build_config(path, hf_config, kind, prefix, headers):
     """`_build_config`, with a config.json that lacks a key or has a value of the wrong type named."""
     try:
-        return _build_config(hf_config, kind, prefix, headers)
+        config, layout = _build_config(hf_config, kind, prefix, headers)
     except CheckpointError:
         raise
     except KeyError as e:
         raise CheckpointError(f"{path}/config.json lacks the key {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}/config.json has a value of the wrong type or range: {e}") from None
+    _check_sizes_against_files(path, config, headers)
+    return config, layout
+
+
+def _check_sizes_against_files(path, config: UniTokenConfig, headers) -> None:
+    """The decoder's sizes in config.json against the tensors the files hold, before anything is
+    derived from them (a config.json of absurd sizes would otherwise build millions of specs or
+    shapes of terabytes before the first mismatch shows)."""
+    d = config.decoder
+    if d is None:
+        return
+    problems = []
+    embed = headers.get("model.embed_tokens.weight")
+    if embed is not None and tuple(embed[1]) != (d.vocab_size, d.hidden_size):
+        problems.append(f"vocab_size x hidden_size = {d.vocab_size} x {d.hidden_size}, but model.embed_tokens.weight "
+                        f"is {list(embed[1])}")
+    up = headers.get("model.layers.0.mlp.up_proj.weight")
+    if up is not None and tuple(up[1]) != (d.intermediate_size, d.hidden_size):
+        problems.append(f"intermediate_size = {d.intermediate_size}, but model.layers.0.mlp.up_proj.weight is "
+                        f"{list(up[1])}")
+    layers = {int(m.group(1)) for k in headers if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers and len(layers) != d.num_layers:
+        problems.append(f"num_hidden_layers = {d.num_layers}, but the files hold {len(layers)} layers")
+    if problems:
+        raise CheckpointError(f"{path}/config.json does not describe the tensors beside it: " + "; ".join(problems))
 
 
 def read_config(path: str) -> UniTokenConfig:
@@ -363,7 +388,9 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
                                   f"({', '.join(_FLOAT_DTYPES)}) is needed")
         leaf_shape = get_path(abstract, spec.path).shape
         slot_shape = leaf_shape if spec.layer is None else leaf_shape[1:]
-        expected = spec.layout.to_hf(np.empty(slot_shape, np.int8)).shape
+        # the HF shape of this slot, traced, not allocated (a config.json of absurd sizes must not
+        # make the check itself allocate terabytes)
+        expected = jax.eval_shape(spec.layout.to_hf, jax.ShapeDtypeStruct(slot_shape, jnp.int8)).shape
         if shape != expected:
             raise CheckpointError(f"tensor {spec.hf_key} has shape {list(shape)}, the model expects {list(expected)}")
         by_leaf.setdefault(spec.path, []).append(spec)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -85,12 +86,26 @@ def read_sidecar(path: str) -> dict[str, Any]:
     return sidecar
 
 
+@contextlib.contextmanager
+def _damage_named(path: str):
+    """Orbax / TensorStore failures on a damaged checkpoint (a data file deleted or cut short, the
+    manifest gone) as one CheckpointError naming the checkpoint, not a TensorStore traceback."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the storage layer raises
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: the stored arrays cannot be read ({type(e).__name__}: {first[:300]}); the "
+                              "checkpoint is damaged or incomplete: write it again from its source") from None
+
+
 def check_shapes(path: str, config: UniTokenConfig) -> None:
     """The stored parameters have the names and shapes the sidecar's config implies, or a
     CheckpointError listing the first differences (a restore target's shapes are not enforced by
     Orbax: a mismatch would otherwise load, or convert, into a broken model)."""
     params_dir = os.path.join(os.path.abspath(path), "params")
-    with ocp.PyTreeCheckpointer() as ckpt:
+    with _damage_named(path), ocp.PyTreeCheckpointer() as ckpt:
         stored = traverse_util.flatten_dict(ckpt.metadata(params_dir).item_metadata.tree)
     wanted = traverse_util.flatten_dict(abstract_params(config))
     problems = [f"{'/'.join(k)}: missing" for k in wanted if k not in stored]
@@ -110,7 +125,7 @@ def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.n
     sidecar = read_sidecar(path)
     config = UniTokenConfig.from_dict(sidecar["config"])
     check_shapes(path, config)
-    with ocp.StandardCheckpointer() as ckpt:
+    with _damage_named(path), ocp.StandardCheckpointer() as ckpt:
         if target is None:
             target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params(config))
         params = ckpt.restore(os.path.join(path, "params"), target)
@@ -122,7 +137,7 @@ def restore_leaves(path: str, abstract: dict):
     (an Orbax partial restore), so the host holds one parameter, not the model."""
     params_dir = os.path.join(os.path.abspath(path), "params")
     flat = traverse_util.flatten_dict(abstract)
-    with ocp.PyTreeCheckpointer() as ckpt:
+    with _damage_named(path), ocp.PyTreeCheckpointer() as ckpt:
         for leaf_path, leaf in flat.items():
             item = traverse_util.unflatten_dict({leaf_path: np.empty(leaf.shape, leaf.dtype)})
             restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), item)
