@@ -40,7 +40,7 @@ def test_it_draws_held_out_prompts(pipe):
     assert right >= 0.7 * 2 * len(things), right  # chance: 1 in 48
 
 
-def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch):
+def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog):
     from PIL import Image
 
     from unitoken_jax.cli import main
@@ -51,8 +51,12 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch):
     assert main(["generate", "a red circle at the top left", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
     shapes.draw([shapes.Thing("green", "triangle", "bottom right")]).save(tmp_path / "picture.png")
+    import logging
+
+    caplog.set_level(logging.INFO)
     assert main(["understand", str(tmp_path / "picture.png"), "What colour is the shape?"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "green"
+    assert "knows only the shapes world" in caplog.text  # the user is told, once, what it can answer
     assert main(["understand", str(tmp_path / "picture.png"), "What shape is this?", "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "triangle"
     with pytest.raises(SystemExit):  # argparse names the choices

@@ -314,3 +314,28 @@ def test_pipeline_refuses_bad_sizes_counts_and_prefixes(pipe):
         pipe.generate_request("x", size=(100000 * 32, 32))
     with pytest.raises(ValueError, match="at least 1"):
         pipe.generate_image("x", size=(32, 32), n=0)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(pipe):
+    small = dataclasses.replace(pipe.model.config.decoder, vocab_size=pipe.tokenizer.vocab_size - 1)
+    model = unitoken_jax.UniTokenModel.random(pipe.model.config.replace(decoder=small), seed=0)
+    with pytest.raises(ValueError, match="more than the model's vocabulary"):
+        UniTokenPipeline(model, pipe.tokenizer, pipe.vq, vq_size=32)
+
+
+def test_every_vqgan_format_loads_through_one_entry(pipe, tmp_path):
+    """`--vqgan` everywhere takes each format the package reads (reconstruct took only Meta's)."""
+    save_vqgan(str(tmp_path / "ours"), pipe.vq.config, pipe.vq.params)
+    vq = VQTokenizer.load(str(tmp_path / "ours"))
+    assert vq.config == pipe.vq.config
+    with pytest.raises(FileNotFoundError):
+        VQTokenizer.load(str(tmp_path / "nothing.ckpt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no VQ-GAN"):
+        VQTokenizer.load(str(tmp_path / "empty"))
+    from unitoken_jax import cli
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "red.png")
+    assert cli.main(["reconstruct", str(tmp_path / "red.png"), "--vqgan", str(tmp_path / "ours"), "--size", "32",
+                     "--out", str(tmp_path / "back.png")]) == 0
+    assert Image.open(tmp_path / "back.png").size == (32, 32)

@@ -236,3 +236,12 @@ def test_a_torn_samples_log_line_does_not_block_the_resume(tmp_path, caplog):
         _SamplesLog(str(tmp_path), start_step=4, enabled=True)
     assert path.read_text() == "".join(lines[:3])
     assert "line 5 is damaged" in caplog.text
+
+
+def test_train_help_shows_the_flags(capsys):
+    from unitoken_jax import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--workdir" in out and "--config.KEY=VALUE" in out and "absl_flags" not in out

@@ -64,8 +64,9 @@ def _reconstruct(args) -> int:
 
     vqgan = args.vqgan or os.environ.get("UNITOKEN_VQGAN")
     if not vqgan:
-        raise ValueError("no VQ-GAN: pass --vqgan path/to/vqgan.ckpt (with vqgan.yaml beside it) or set UNITOKEN_VQGAN")
-    vq = VQTokenizer.from_meta(vqgan)
+        raise ValueError("no VQ-GAN: pass --vqgan (Meta's vqgan.ckpt with vqgan.yaml beside it, a VQ-GAN directory this "
+                         "package wrote, or an HF Chameleon / UniToken directory) or set UNITOKEN_VQGAN")
+    vq = VQTokenizer.load(vqgan)
     image = load_image(args.image)
     codes = vq.encode_images([image], size=args.size)
     h, w = codes.shape[1:]
@@ -111,7 +112,7 @@ def _pipeline(args):
             raise ValueError(f"no --{name} given and ${env} is not set")
     model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
-    vq = VQTokenizer.from_dir(paths["vqgan"]) if os.path.isdir(paths["vqgan"]) else VQTokenizer.from_meta(paths["vqgan"])
+    vq = VQTokenizer.load(paths["vqgan"])
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
                             vq_size=args.vq_size, image_prefix=prefix)
 
@@ -250,9 +251,12 @@ def _pretokenize(args) -> int:
             raise ValueError("pass --tokenizer text_tokenizer.json and --vqgan (Meta's vqgan.ckpt or an HF "
                              "Chameleon/UniToken directory)")
         text = TextTokenizer.from_file(args.tokenizer)
-        vq = VQTokenizer.from_hf(args.vqgan) if os.path.isdir(args.vqgan) else VQTokenizer.from_meta(args.vqgan)
-    settings = pt.PretokenizeSettings(name=args.name, split=args.split, vq_size=args.vq_size,
-                                      siglip_size=args.siglip_size, patch=args.patch, anyres=args.anyres,
+        vq = VQTokenizer.load(args.vqgan)
+    demo = args.tokenizer == "demo"  # the demo's small VQ-GAN and tiles, unless sizes are given
+    settings = pt.PretokenizeSettings(name=args.name, split=args.split,
+                                      vq_size=args.vq_size or (32 if demo else 512),
+                                      siglip_size=args.siglip_size or (56 if demo else 384), patch=args.patch,
+                                      anyres=args.anyres,
                                       max_length=args.max_length or None, chunk_size=args.chunk_size,
                                       vq_batch=args.vq_batch)
     result = pt.pretokenize(args.items, args.out, text, vq, settings, image_root=args.image_root,
@@ -314,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     recon = add_parser("reconstruct", help="image -> VQ codes -> image: the tokenizer at work on a photo")
     recon.add_argument("image")
     recon.add_argument("--out", required=True, help="where to write the reconstruction (PNG)")
-    recon.add_argument("--vqgan", default=None, help="Meta's vqgan.ckpt (vqgan.yaml beside it); or $UNITOKEN_VQGAN")
+    recon.add_argument("--vqgan", default=None, help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this "
+                                                     "package wrote, or an HF Chameleon / UniToken dir; or $UNITOKEN_VQGAN")
     recon.add_argument("--size", type=int, default=512, help="crop side in pixels (a multiple of 32)")
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
@@ -322,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "
                                        "shapes-world model)")
         p.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json (default $UNITOKEN_TOKENIZER)")
-        p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it) or a trained VQ-GAN dir "
-                                       "(default $UNITOKEN_VQGAN)")
+        p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this package "
+                                       "wrote, or an HF Chameleon / UniToken dir (default $UNITOKEN_VQGAN)")
         p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
         p.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop of input pictures (default: 512, "
                                                                   "or less for a model too short for 512 px of codes)")
@@ -372,13 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("items", help="a .json list or .jsonl file of items in the reference's conversation format")
     pre.add_argument("--out", required=True, help="dataset directory (resumes if a run was stopped)")
     pre.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json ('demo': the small demo tokenizer)")
-    pre.add_argument("--vqgan", help="Meta's vqgan.ckpt, or an HF Chameleon / UniToken dir ('demo': the demo VQ-GAN)")
+    pre.add_argument("--vqgan", help="Meta's vqgan.ckpt, a VQ-GAN directory this package wrote, or an HF Chameleon / "
+                                     "UniToken dir ('demo': the demo VQ-GAN)")
     pre.add_argument("--image-root", default=None, help="where relative image paths start (default: the items' dir)")
     pre.add_argument("--name", default="unitoken")
     pre.add_argument("--split", default="train")
     pre.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
-    pre.add_argument("--vq-size", type=int, default=512, help="side of the VQ crop")
-    pre.add_argument("--siglip-size", type=int, default=384, help="side of a SigLIP tile")
+    pre.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop (512; with the demo tokenizers 32)")
+    pre.add_argument("--siglip-size", type=int, default=None,
+                     help="side of a SigLIP tile (384; with the demo tokenizers 56)")
     pre.add_argument("--patch", type=int, default=14, help="SigLIP patch size")
     pre.add_argument("--max-length", type=int, default=4096, help="longer items are skipped and listed (0: no limit)")
     pre.add_argument("--chunk-size", type=int, default=512, help="items per resumable chunk")
@@ -386,9 +393,20 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--process-index", type=int, default=0, help="this process's share (chunk %% count == index)")
     pre.add_argument("--process-count", type=int, default=1)
     pre.set_defaults(func=_pretokenize)
-    tra = add_parser("train", help="run a training stage (same flags as python -m unitoken_jax.train)")
-    tra.add_argument("absl_flags", nargs=argparse.REMAINDER,
-                     help="--config configs/stage2.py:tiny --workdir DIR [--config.x=y ...]")
+    tra = sub.add_parser(
+        "train", help="run a training stage (same flags as python -m unitoken_jax.train)",
+        usage="unitoken train --config CONFIG[:VARIANT] --workdir DIR [--config.KEY=VALUE ...] [--distributed]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs one training stage. The flags are absl flags, as `python -m unitoken_jax.train` takes them:\n\n"
+                    "  --config     a stage config: a file (configs/stage2.py), or a packaged one by name with a\n"
+                    "               variant (stage1.py, stage2.py, stage3.py; ':tiny' for the small demo run,\n"
+                    "               ':anyres' for the AnyRes 7B)\n"
+                    "  --workdir    checkpoints, TensorBoard metrics, samples.jsonl and the final model\n"
+                    "  --config.KEY=VALUE   any config field, e.g. --config.total_steps=100\n"
+                    "               --config.data.sources=/data/meta.yaml --config.init_from.paths=/ckpt\n"
+                    "  --distributed, --coordinator HOST:PORT, --num_processes N, --process_id I   multi-host runs\n\n"
+                    "A stopped run resumes from its newest complete checkpoint when the same command runs again.")
+    tra.add_argument("absl_flags", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     tra.set_defaults(func=_train)
     swe = add_parser("sweep", help="expand a config's sweep(add) into runs: print their launch commands, or run "
                                        "them here one after another; summarise a sweep's runs")

@@ -11,6 +11,7 @@ It sits beside `unitoken_jax.model` (the user-facing objects that read checkpoin
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import jax
@@ -47,6 +48,24 @@ class VQTokenizer:
         e.g. one trained with `unitoken_jax.train.vqgan`."""
         config, params = vq_io.load_vqgan(path)
         return cls(config, jax.device_put(params), mesh)
+
+    @classmethod
+    def load(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
+        """Any VQ-GAN format the package reads, by what `path` is: Meta's `vqgan.ckpt` (its
+        `vqgan.yaml` beside it), a directory written by `save_vqgan` (`vqgan_config.json`), or an HF
+        Chameleon / UniToken checkpoint directory (its `model.vqmodel.*` encoder)."""
+        if os.path.isdir(path):
+            if os.path.exists(os.path.join(path, vq_io.CONFIG_FILE)):
+                return cls.from_dir(path, mesh)
+            if os.path.exists(os.path.join(path, "config.json")):
+                return cls.from_hf(path, mesh)
+            if os.path.exists(os.path.join(path, "vqgan.ckpt")):
+                return cls.from_meta(os.path.join(path, "vqgan.ckpt"), mesh=mesh)
+            raise vq_io.CheckpointError(f"{path} holds no VQ-GAN: expected {vq_io.CONFIG_FILE} (ours), config.json "
+                                        "(an HF Chameleon / UniToken checkpoint) or vqgan.ckpt (Meta's)")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such VQ-GAN file or directory")
+        return cls.from_meta(path, mesh=mesh)
 
     @classmethod
     def random(cls, config: VQGANConfig, seed: int = 0) -> "VQTokenizer":

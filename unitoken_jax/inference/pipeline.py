@@ -68,6 +68,10 @@ class UniTokenPipeline:
         and the patch from its vision tower."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         vocab = model.config.decoder.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
+                             f"{vocab}: its ids past {vocab - 1} would index nothing (NaN or empty answers). Use the "
+                             "tokenizer the model was trained with")
         if image_prefix is None:
             image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
         if vq_size is None:

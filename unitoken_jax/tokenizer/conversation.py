@@ -92,8 +92,9 @@ def image_list(item: dict[str, Any]) -> list:
     images = item.get("image", [])
     if images is None:
         return []
-    images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    # file names (or, through the Python API, bytes / PIL images / file objects); never numbers or structures
+    if any(p is None or isinstance(p, (bool, int, float, dict, list, tuple)) for p in images):
         raise ConversationError(f"'image' must be a file name or a list of file names, got {item.get('image')!r}")
     return images
 

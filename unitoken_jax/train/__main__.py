@@ -28,9 +28,20 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (wi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops the INFO lines of Orbax and the storage layers (about a hundred a run, each
+    checkpoint's internals); their warnings and errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/orbax/", "/tensorstore/", "/etils/"))
+        return record.levelno >= logging.WARNING or not noisy
+
+
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+        handler.addFilter(_QuietLibraries())
     if _DISTRIBUTED.value or _COORDINATOR.value:
         # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -166,6 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
             json.dump(config.to_dict(), f, indent=2)
     log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
+    log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
     program = build_program(config, mesh)
     pipeline = _pipeline(config, workdir, mesh)
     data_iter = pipeline.iterator()

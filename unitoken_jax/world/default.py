@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 
@@ -49,10 +50,24 @@ def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict |
                   indent=1)
 
 
+def describe() -> str:
+    """What the bundled model knows, in one paragraph (logged when it loads)."""
+    from unitoken_jax.data.drawing import COLOURS, PLACES, SHAPES
+    from unitoken_jax.world.shapes import PLACE_QUESTIONS, QUESTIONS, SIZE
+
+    questions = list(QUESTIONS.values()) + [q.format(place="top left") for q in PLACE_QUESTIONS.values()]
+    return (f"the bundled model knows only the shapes world: {SIZE} x {SIZE} px pictures of one to three "
+            f"{', '.join(COLOURS)} {', '.join(s + 's' for s in SHAPES)} at the {', '.join(PLACES)}. It draws captions "
+            f"such as 'a red circle at the top left and a blue square at the bottom right', and answers "
+            f"{' / '.join(repr(q) for q in questions)}. Anything else (other objects, photos, editing, chat) gets an "
+            "answer from that world, not a refusal; give --model for a real checkpoint")
+
+
 def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantize: str | None = None):
     """The bundled model as a `UniTokenPipeline` (its parameters sharded over `mesh` if given;
     `quantize="int8"` for int8 weights)."""
     s = settings(path)
+    logging.getLogger(__name__).info(describe())
     model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh, quantize=quantize)
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
