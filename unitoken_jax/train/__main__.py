@@ -29,11 +29,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(logging.Filter):
-    """Drops the INFO lines of Orbax and the storage layers (about a hundred a run, each
+    """Drops the INFO lines of Orbax, TFDS and the storage layers (about a hundred a run, each
     checkpoint's internals); their warnings and errors still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in ("/orbax/", "/tensorstore/", "/etils/"))
+        noisy = any(part in record.pathname for part in ("/orbax/", "/tensorstore/", "/etils/", "/tensorflow_datasets/"))
         return record.levelno >= logging.WARNING or not noisy
 
 
