@@ -79,6 +79,15 @@ MUTATIONS = (
              "pad = ((0, 0), (0, 0), (0, 0), (0, length - x_BTD.shape[1]), (0, 0))",
              "pad = ((0, 0), (0, 0), (0, 0), (length - x_BTD.shape[1], 0), (0, 0))",
              ("tests/test_inference.py", "-k", "greedy")),
+    Mutation("fused_loss_no_z_grad", "the fused loss's gradient without the z-loss term", "unitoken_jax/models/loss.py",
+             "((1 + 2 * z_loss_weight * lse) * w / count)", "((1 + 0 * z_loss_weight * lse) * w / count)",
+             ("tests/test_fused_loss.py",)),
+    Mutation("lookahead_restore_repacks", "a restore re-packing the groups already packed ahead",
+             "unitoken_jax/data/pipeline.py", 'self._skip = set(state.get("packed_ahead", ()))', "self._skip = set()",
+             ("tests/test_pipeline.py", "-k", "lookahead")),
+    Mutation("flash_backward_no_delta", "the xla attention's backward without the softmax's row term",
+             "unitoken_jax/models/attention.py", "ds = p * (dp - delta_i[..., None])", "ds = p * dp",
+             ("tests/test_attention.py", "-k", "gradients")),
 )
 
 
