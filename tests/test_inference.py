@@ -283,6 +283,10 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert "not a picture file" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "missing" / "x.png"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--n", "0", *common]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert cli.main(["convert", "--from", str(tmp_path / "nonexistent"), "--to", str(tmp_path / "c")]) == 2
+    assert "no such directory" in capsys.readouterr().err
     # without --image-prefix / --vq-size: the defaults come from the model, not the 7B release
     own = [a for a in common if a not in ("--image-prefix", "", "--vq-size", "32")]
     assert cli.main(["understand", cat, "the cat is", "--max-new-tokens", "2", *own]) == 0

@@ -245,3 +245,19 @@ def test_train_help_shows_the_flags(capsys):
         cli.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--workdir" in out and "--config.KEY=VALUE" in out and "absl_flags" not in out
+
+
+def test_library_info_lines_are_dropped_from_the_training_log():
+    """About a hundred Orbax / TFDS INFO lines a run buried the training log (issue 15)."""
+    import logging
+
+    from unitoken_jax.train.__main__ import _QuietLibraries
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    quiet = _QuietLibraries()
+    assert not quiet.filter(record("/site-packages/orbax/checkpoint/manager.py", logging.INFO))
+    assert not quiet.filter(record("/site-packages/tensorflow_datasets/core/dataset_info.py", logging.INFO))
+    assert quiet.filter(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING))
+    assert quiet.filter(record("/work/unitoken_jax/train/loop.py", logging.INFO))
