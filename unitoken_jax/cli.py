@@ -156,8 +156,8 @@ def _understand(args) -> int:
     return 0
 
 
-def _check_out(path: str, n: int = 1) -> None:
-    """Before any drawing: the output's directory exists and the name is a PNG path."""
+def _check_out(path: str) -> None:
+    """Before any drawing: the output's directory exists and the path is not a directory."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"--out {path}: the directory {directory} does not exist (create it first)")
@@ -166,7 +166,7 @@ def _check_out(path: str, n: int = 1) -> None:
 
 
 def _generate(args) -> int:
-    _check_out(args.out, args.n)
+    _check_out(args.out)
     pipe = _pipeline(args)
     pictures = pipe.generate_image(args.prompt, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
                                    image_top_k=args.top_k, image_temperature=args.temperature,

@@ -54,6 +54,7 @@ from absl import flags as absl_flags
 from ml_collections import config_flags
 
 from unitoken_jax import configs
+from unitoken_jax.convert.files import pid_alive
 
 TRAIN_MODULE = "unitoken_jax.train"
 SWEEP_FILE = "sweep.json"
@@ -334,16 +335,6 @@ def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
     return exit_code, seconds
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # --- status and summary ----------------------------------------------------------------------
 def run_status(workdir: str) -> dict[str, Any]:
     """{"status": finished | running | failed | stopped | started | not started, "exit_code": int | None}."""
@@ -353,7 +344,7 @@ def run_status(workdir: str) -> dict[str, Any]:
         return {"status": "finished", "exit_code": exit_code}
     if record.get("state") == "running":
         here = record.get("host") == socket.gethostname()
-        status = "running" if not here or _alive(record["pid"]) else "stopped"
+        status = "running" if not here or pid_alive(record["pid"]) else "stopped"
     elif record.get("state") == "exited":
         status = "failed" if exit_code else "stopped"
     elif any(os.path.isdir(os.path.join(workdir, d)) for d in ("checkpoints", "tensorboard")):

@@ -13,6 +13,19 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match what the model needs."""
 
 
+def pid_alive(pid) -> bool:
+    """Is process `pid` running on this host? (False for anything that is not a positive int.)"""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 def read_json_object(path: str) -> dict:
     """A JSON file that must hold an object, or a CheckpointError naming the file and the fault."""
     try:

@@ -51,8 +51,8 @@ def _rebuild_tensor(storage, offset, size, stride, *_unused):
     that storage (a crafted file could otherwise make the view read memory it does not own)."""
     if not isinstance(storage, np.ndarray):
         raise CheckpointError(f"a tensor's storage is {type(storage).__name__}, not a storage record")
-    size, stride = tuple(size) if isinstance(size, (tuple, list)) else size, \
-        tuple(stride) if isinstance(stride, (tuple, list)) else stride
+    size = tuple(size) if isinstance(size, (tuple, list)) else size
+    stride = tuple(stride) if isinstance(stride, (tuple, list)) else stride
     if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(map(_is_count, size)) and all(map(_is_count, stride))):
         raise CheckpointError(f"a tensor record has an invalid offset {offset!r}, size {size!r} or stride {stride!r}")
@@ -68,7 +68,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_unused):
     if not all(size):
         return np.zeros(size, storage.dtype)
     itemsize = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
                                            strides=tuple(s * itemsize for s in stride))
     return np.array(view)
 

@@ -301,10 +301,11 @@ class _PackingIterator(grain.DatasetIterator):
                 "kinds": [KIND_NAMES[s.kind] for s in samples]}
 
     def get_state(self) -> dict[str, Any]:
-        if not self._waiting:
-            return {**self._streams_now(), "packed": self.packed, "packed_ahead": sorted(n - self._read for n in self._skip)}
-        first, state, _ = self._waiting[0]
-        ahead = sorted(n - first for n in self._ahead | self._skip if n > first)
+        if self._waiting:  # anchored at the oldest waiting group
+            first, state, _ = self._waiting[0]
+        else:  # anchored here: the next group read is number `_read`
+            first, state = self._read, self._streams_now()
+        ahead = sorted(n - first for n in self._ahead | self._skip if n >= first)
         return {**state, "packed": self.packed, "packed_ahead": ahead}
 
     def set_state(self, state: dict[str, Any]) -> None:

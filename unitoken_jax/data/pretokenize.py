@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from unitoken_jax.convert.files import pid_alive
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.tokenizer.conversation import ConversationError, ImageInput, encode_conversation, image_list
@@ -303,7 +304,7 @@ def _take_finalize_lock(path: str) -> bool:
                     holder = json.load(f)
             except (OSError, ValueError):
                 holder = {}  # written by a process that died before it wrote its name, or an older version
-            alive = holder.get("host") == me["host"] and _pid_alive(holder.get("pid"))
+            alive = holder.get("host") == me["host"] and pid_alive(holder.get("pid"))
             other_host = holder.get("host") not in (None, me["host"])
             if alive or other_host:
                 if other_host:
@@ -317,18 +318,6 @@ def _take_finalize_lock(path: str) -> bool:
             json.dump(me, f)
         return True
     return False
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _maybe_finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int) -> dict[str, Any]:

@@ -62,7 +62,6 @@ class Request:
         if self.cfg_scale != 1.0 and self.uncond_tokens is None:
             self.uncond_tokens = np.array([layout.IMAGE_START], np.int32)
 
-
     def _check_ranges(self) -> None:
         """Every sampling option in its range, or a ValueError naming it: a value outside is refused,
         never quietly read as another setting (a negative temperature as greedy, a negative top-k as

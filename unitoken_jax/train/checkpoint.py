@@ -75,8 +75,6 @@ class Checkpointer:
                 if "data" not in (self.manager.item_metadata(step) or {}):
                     raise ValueError("it has no data-iterator state (the 'data' item is missing)")
                 state, data = self.restore(abstract_state, step)
-                if data is None:
-                    raise ValueError("its data-iterator state is empty")
             except Exception as e:  # noqa: BLE001 - any damage: try the previous one
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.warning("checkpoint step %d in %s cannot be resumed from (%s); trying the one before", step,
