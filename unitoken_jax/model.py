@@ -5,6 +5,7 @@
     feats = model.image_features(pixels)                         # [N, H, W, 3] -> [N, T, hidden]
     logits, metrics = model.forward(tokens, labels=..., is_continuous=..., feature_index=..., pixels=...)
     model.save_hf("out_dir")                                     # back to the release's layout
+    tuned = unitoken_jax.load(base_dir, adapters="lora_dir")     # PEFT-format LoRA adapters, merged
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from jax.sharding import Mesh
 from unitoken_jax import sharding
 from unitoken_jax.convert import hf as hf_io
 from unitoken_jax.convert import orbax_io
+from unitoken_jax.convert import peft as peft_io
+from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.models.config import UniTokenConfig, check_quantize
 from unitoken_jax.models.loss import lm_loss
 from unitoken_jax.models.quantize import LeafQuantizer, quantize_params
@@ -166,12 +169,51 @@ class UniTokenModel:
 
     # --- saving -----------------------------------------------------------------------------
     def save_hf(self, path: str, dtype: str | None = None, progress: bool = False) -> None:
-        """Writes the release's HF layout (safetensors + config.json), by default in the dtype it was read in."""
+        """Writes the release's HF layout (safetensors + config.json), by default in the dtype it was
+        read in. A LoRA model is written merged (each adapter folded into its kernel); its adapters
+        alone go out with `save_adapters`."""
         if self.config.quantize != "none":
             raise ValueError(f"this model holds {self.config.quantize} weights, which the HF layout cannot carry; "
                              "save() it in our Orbax format, or write the float checkpoint it came from")
-        hf_io.write_hf(path, self.config, self.params, self.passthrough, self.hf_config, dtype or self.hf_dtype,
+        model = self.merge_adapters()
+        hf_io.write_hf(path, model.config, model.params, model.passthrough, model.hf_config, dtype or self.hf_dtype,
                        progress=progress)
+
+    # --- LoRA adapters ---------------------------------------------------------------------
+    def merge_adapters(self) -> "UniTokenModel":
+        """The model with its LoRA adapters folded into the kernels (itself when it has none)."""
+        if self.config.lora is None:
+            return self
+        params, config = lora_lib.merge(self.params, self.config)
+        return self._like(config, params)
+
+    def save_adapters(self, path: str, base_model: str | None = None) -> list[str]:
+        """Writes the LoRA adapters alone in Hugging Face PEFT's format (adapter_config.json +
+        adapter_model.safetensors; see `unitoken_jax.convert.peft`); returns the modules adapted."""
+        return peft_io.save_adapters(path, self.config, jax.device_get(self.params), base_model or self.source)
+
+    def with_adapters(self, path: str, merge: bool = True) -> "UniTokenModel":
+        """This (float) model with the PEFT-format adapters in `path` applied: folded into the
+        kernels (`merge`, what inference wants), or kept beside them as a LoRA model."""
+        if self.config.lora is not None:
+            raise ValueError("this model has adapters already; merge_adapters() it first")
+        if self.config.quantize != "none":
+            raise ValueError(f"adapters cannot be applied to {self.config.quantize} weights; load the float model, "
+                             "apply them, then quantize")
+        lora, adapters = peft_io.read_adapters(path, self.config)
+        config = self.config.replace(lora=lora)
+        if self.mesh is not None:
+            _, shardings = lora_lib.split(param_shardings(config, self.mesh))
+            adapters = jax.device_put(adapters, shardings)
+        model = self._like(config, lora_lib.join(self.params, adapters))
+        log.info("applied %s adapters (rank %d, targets %s) from %s", "merged" if merge else "unmerged", lora.rank,
+                 ", ".join(lora.targets), path)
+        return model.merge_adapters() if merge else model
+
+    def _like(self, config: UniTokenConfig, params: dict) -> "UniTokenModel":
+        model = UniTokenModel(config, params, self.passthrough, self.hf_config, self.hf_dtype, source=self.source)
+        model.mesh, model.kind, model.qk_norm_layout = self.mesh, self.kind, self.qk_norm_layout
+        return model
 
     def quantize(self, mode: str = "int8") -> "UniTokenModel":
         """A model with the same parameters in `mode` (weight-only int8: every matmul kernel int8
@@ -183,10 +225,8 @@ class UniTokenModel:
         if mode == "none":
             raise ValueError(f"this model's weights are {self.config.quantize} already; load the float checkpoint "
                              "to get float weights back")
-        q_config = self.config.replace(quantize=mode)
-        model = UniTokenModel(q_config, quantize_params(self.params, self.config, mode), self.passthrough,
-                              self.hf_config, self.hf_dtype, source=self.source)
-        model.mesh, model.kind, model.qk_norm_layout = self.mesh, self.kind, self.qk_norm_layout
+        merged = self.merge_adapters()  # int8 kernels take no adapters: fold them in first
+        model = merged._like(merged.config.replace(quantize=mode), quantize_params(merged.params, merged.config, mode))
         if self.mesh is not None:
             model.shard(self.mesh)
         return model
@@ -310,7 +350,8 @@ def read_config(path: str) -> UniTokenConfig:
 
 
 def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = None, progress: bool = True,
-         quantize: str | None = None, **config_overrides) -> UniTokenModel:
+         quantize: str | None = None, adapters: str | None = None, merge_adapters: bool = True,
+         **config_overrides) -> UniTokenModel:
     """Loads an HF-format directory (UniToken, Chameleon / Lumina-mGPT, or SigLIP) or one of our
     Orbax checkpoints, parameters in `param_dtype` (None: the checkpoint's own). `config_overrides` replace fields of the model config (e.g.
     `dtype="bfloat16"`, `remat_policy="full"`); `mesh` places the parameters sharded.
@@ -318,16 +359,28 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
     `quantize="int8"` gives weight-only int8 for inference (see `UniTokenModel.quantize`),
     quantized as each tensor is read; None keeps the checkpoint's own format (a quantized Orbax
     checkpoint loads quantized). Each parameter goes to the devices as soon as it is read (and
-    quantized), so the host holds at most one parameter beyond what is already placed."""
+    quantized), so the host holds at most one parameter beyond what is already placed.
+
+    `adapters`: a directory of LoRA adapters in PEFT's format (ours, `UniTokenModel.save_adapters`,
+    or PEFT's own) for this base model, applied as it loads: folded into the kernels
+    (`merge_adapters=True`), or kept beside them. With `quantize`, the float model takes the
+    adapters first and is quantized after."""
     if quantize is not None:
         check_quantize(quantize)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
+    late_quantize = quantize if adapters is not None and quantize not in (None, "none") else None
+    if late_quantize:
+        quantize = None
     if orbax_io.is_orbax_checkpoint(path):
         model = _load_orbax(path, param_dtype, mesh, quantize)
     else:
         model = _load_hf(path, param_dtype, mesh, progress, quantize)
     model.mesh = mesh
+    if adapters is not None:
+        model = model.with_adapters(adapters, merge=merge_adapters or bool(late_quantize))
+        if late_quantize:
+            model = model.quantize(late_quantize)
     if config_overrides:
         model.config = model.config.replace(**config_overrides)
     return model

@@ -34,6 +34,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch_w", None),
     ("channels", None),
     ("positions", None),
+    ("lora_rank", None),
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_length", None),

@@ -56,6 +56,7 @@ class Attention(nn.Module):
     quantize: str = "none"
     attention: str = "auto"  # the backend of the full-row path (see `unitoken_jax.models.attention`)
     attention_block: int = 128
+    lora: Any = None  # a LoraConfig (adapters on the projections it targets), or None
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, mask, cache: Cache | None, layer_index, cache_index_B,
@@ -69,7 +70,7 @@ class Attention(nn.Module):
 
         def proj(shape, axes, equation, name):
             return Projection(shape, axes, equation, dtype=self.dtype, param_dtype=self.param_dtype,
-                              quantize=self.quantize, name=name)
+                              quantize=self.quantize, lora=self.lora, name=name)
 
         # q/k/v kernels are [heads, embed, head_dim]: the order TPU's dots want (an [embed, heads,
         # head_dim] kernel is copied whole, every layer, into it before each compiled decode loop).
@@ -116,6 +117,7 @@ class Mlp(nn.Module):
     dtype: Any
     param_dtype: Any
     quantize: str = "none"
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x_BTD):
@@ -124,7 +126,7 @@ class Mlp(nn.Module):
 
         def dense(shape, axes, equation, name):
             return Projection(shape, axes, equation, dtype=self.dtype, param_dtype=self.param_dtype,
-                              quantize=self.quantize, name=name)
+                              quantize=self.quantize, lora=self.lora, name=name)
 
         gate_BTF = dense((d, f), ("embed", "mlp"), "BTD,DF->BTF", "gate_proj")(x_BTD)
         up_BTF = dense((d, f), ("embed", "mlp"), "BTD,DF->BTF", "up_proj")(x_BTD)
@@ -143,6 +145,7 @@ class DecoderLayer(nn.Module):
     quantize: str = "none"
     attention: str = "auto"
     attention_block: int = 128
+    lora: Any = None
 
     @nn.compact
     def __call__(self, carry, layer_index, positions_BT, mask, cache_index_B, deterministic: bool,
@@ -150,8 +153,8 @@ class DecoderLayer(nn.Module):
         x_BTD, cache = carry
         cfg = self.config
         attn = Attention(cfg, self.dtype, self.param_dtype, self.quantize, self.attention, self.attention_block,
-                         name="self_attn")
-        mlp = Mlp(cfg, self.dtype, self.param_dtype, self.quantize, name="mlp")
+                         self.lora, name="self_attn")
+        mlp = Mlp(cfg, self.dtype, self.param_dtype, self.quantize, self.lora, name="mlp")
         norm_1 = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="input_layernorm")
         norm_2 = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")
         drop = nn.Dropout(cfg.dropout)
@@ -191,6 +194,7 @@ class ChameleonDecoder(nn.Module):
     quantize: str = "none"  # "int8": every projection and the LM head hold int8 kernels (inference)
     attention: str = "auto"  # the full-row attention's backend and block (`unitoken_jax.models.attention`)
     attention_block: int = 128
+    lora: Any = None  # a LoraConfig: low-rank adapters beside the kernels it targets (fine-tuning)
 
     def setup(self):
         cfg = self.config
@@ -206,13 +210,13 @@ class ChameleonDecoder(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, self.dtype, self.param_dtype, self.quantize, self.attention, self.attention_block)
+            )(cfg, self.dtype, self.param_dtype, self.quantize, self.attention, self.attention_block, self.lora)
         else:
             self.layers = [layer_cls(cfg, self.dtype, self.param_dtype, self.quantize, self.attention,
-                                     self.attention_block, name=f"layers_{i}")
+                                     self.attention_block, self.lora, name=f"layers_{i}")
                            for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.param_dtype)
-        self.lm_head = LMHead(cfg.vocab_size, self.dtype, self.param_dtype, self.quantize)
+        self.lm_head = LMHead(cfg.vocab_size, self.dtype, self.param_dtype, self.quantize, self.lora)
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens_BT)
@@ -297,11 +301,13 @@ class LMHead(nn.Module):
     dtype: Any
     param_dtype: Any
     quantize: str = "none"
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x_BTD, stop: int | None = None):
         return kernel_product(self, x_BTD, "BTD,DV->BTV", (x_BTD.shape[-1], self.vocab_size), ("embed", "vocab"),
-                              dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize, stop=stop)
+                              dtype=self.dtype, param_dtype=self.param_dtype, quantize=self.quantize, stop=stop,
+                              lora=self.lora)
 
 
 def init_cache(config: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> Cache:

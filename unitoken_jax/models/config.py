@@ -15,6 +15,11 @@ from typing import Any, Mapping
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 QUANTIZE_MODES = ("none", "int8")
 ATTENTION_BACKENDS = ("auto", "splash", "cudnn", "xla")
+# LoRA targets: the decoder's projections by their transformers names (what PEFT's target_modules
+# say for Chameleon), the LM head, and two groups: the adapter's two layers and every projection of
+# the SigLIP tower.
+DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = DECODER_LORA_TARGETS + ("lm_head", "adapter", "vision")
 
 
 def check_quantize(mode: str) -> str:
@@ -94,6 +99,48 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters beside frozen kernels: `kernel @ x + (alpha / rank) * B(A(dropout(x)))`,
+    A [in, rank] (PEFT's default init, uniform +-1/sqrt(in)), B [rank, out] (zeros, so a new adapter
+    changes nothing). Dropout acts in training only (when the step passes a dropout rng)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DECODER_LORA_TARGETS
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> "LoraConfig":
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be at least 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError(f"lora.targets is empty; name some of {', '.join(LORA_TARGETS)}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown lora target(s) {', '.join(map(repr, unknown))}; the targets are "
+                             f"{', '.join(LORA_TARGETS)}")
+        return self
+
+    def targets_path(self, path: tuple[str, ...]) -> bool:
+        """Does a kernel at module path `path` (e.g. ('decoder', 'layers', 'self_attn', 'q_proj'))
+        get an adapter?"""
+        if not path:
+            return False
+        if path[0] == "decoder":
+            return path[-1] in self.targets and path[-1] != "adapter"
+        if path[0] == "adapter":
+            return "adapter" in self.targets
+        if path[0] == "vit":
+            return "vision" in self.targets
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
 class UniTokenConfig:
     """A whole model: decoder, optional vision tower + adapter, and the numeric policy.
 
@@ -117,6 +164,8 @@ class UniTokenConfig:
     attention_block: int = 128
     # Training: positions of every row the LM head and the loss take at once (`models.loss.fused_lm_loss`)
     loss_chunk: int = 512
+    # Low-rank adapters (fine-tuning; `unitoken_jax.models.lora`), None for none
+    lora: LoraConfig | None = None
 
     @property
     def has_adapter(self) -> bool:
@@ -139,6 +188,8 @@ class UniTokenConfig:
             raise ValueError(f"attention_block must be at least 1, got {self.attention_block}")
         if self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be at least 1, got {self.loss_chunk}")
+        if self.lora is not None:
+            self.lora.validate()
         return self
 
     def replace(self, **changes: Any) -> "UniTokenConfig":

@@ -146,7 +146,7 @@ def scale_shape(kernel_shape: tuple[int, ...], equation: str) -> tuple[int, ...]
 
 def kernel_product(module: nn.Module, x: jax.Array, equation: str, shape: tuple[int, ...], axes: tuple[str, ...],
                    *, dtype, param_dtype, quantize: str = "none", init=nn.initializers.normal(stddev=0.02),
-                   stop: int | None = None) -> jax.Array:
+                   stop: int | None = None, lora=None) -> jax.Array:
     """`einsum(equation, x, kernel)` for the module's parameter `kernel` — the one place a weight
     meets an activation, and so the rule for what int8 quantizes: every such kernel, and nothing
     else (norms, biases, embedding tables, convolutions stay as they are).
@@ -155,7 +155,58 @@ def kernel_product(module: nn.Module, x: jax.Array, equation: str, shape: tuple[
     kernel's shape with the contracted dims at 1): the int8 values enter the dot converted to
     `dtype` — inside the computation, one layer at a time — and the per-output-channel scale
     multiplies the (much smaller) result. `stop` keeps the first `stop` entries of the kernel's
-    last dim (an LM head computing the image-code logits only)."""
+    last dim (an LM head computing the image-code logits only).
+
+    With a `lora` config (`models.config.LoraConfig`) that targets this module's path, the module
+    also holds `lora_a` [contracted dims..., rank] and `lora_b` [rank, output dims...] (float32)
+    and adds `lora.scaling * (x @ lora_a) @ lora_b` to the product (see `models.lora`)."""
+    y = _base_product(module, x, equation, shape, axes, dtype, param_dtype, quantize, init, stop)
+    if lora is not None and lora.targets_path(module.path):
+        y = y + lora_delta(module, x, equation, shape, axes, lora, dtype, stop)
+    return y
+
+
+def lora_equations(equation: str) -> tuple[str, str, str]:
+    """('x,A->h', 'h,B->out', 'A,B->kernel') for the low-rank factors of `equation`'s kernel: A
+    carries the kernel's contracted dims then the rank 'r', B the rank then the output dims."""
+    inputs, out = equation.replace(" ", "").split("->")
+    x_letters = inputs.split(",")[0]
+    kernel, contracted, kept = _kept_letters(equation)
+    mid = "".join(c for c in x_letters if c not in contracted)
+    return (f"{x_letters},{contracted}r->{mid}r", f"{mid}r,r{kept}->{out}", f"{contracted}r,r{kept}->{kernel}")
+
+
+def lora_shapes(shape: tuple[int, ...], axes: tuple[str, ...], equation: str, rank: int):
+    """((A shape, A axes), (B shape, B axes)) of the adapter of a kernel of `shape`."""
+    kernel, contracted, kept = _kept_letters(equation)
+    dims, names = dict(zip(kernel, shape)), dict(zip(kernel, axes))
+    a = (tuple(dims[c] for c in contracted) + (rank,), tuple(names[c] for c in contracted) + ("lora_rank",))
+    b = ((rank,) + tuple(dims[c] for c in kept), ("lora_rank",) + tuple(names[c] for c in kept))
+    return a, b
+
+
+def _lora_a_init(fan_in: int):
+    """PEFT's default for lora_A (torch's kaiming_uniform with a=sqrt(5)): uniform in +-1/sqrt(in)."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def lora_delta(module: nn.Module, x, equation, shape, axes, lora, dtype, stop=None):
+    (a_shape, a_axes), (b_shape, b_axes) = lora_shapes(shape, axes, equation, lora.rank)
+    fan_in = int(np.prod(a_shape[:-1]))
+    a = param_with_axes(module, "lora_a", _lora_a_init(fan_in), a_shape, jnp.float32, a_axes)
+    b = param_with_axes(module, "lora_b", nn.initializers.zeros, b_shape, jnp.float32, b_axes)
+    if stop is not None:
+        b = b[..., :stop]
+    if lora.dropout > 0 and module.has_rng("dropout"):  # training: the step passes a dropout rng
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0.0).astype(x.dtype)
+    to_rank, from_rank, _ = lora_equations(equation)
+    h = jnp.einsum(to_rank, x.astype(dtype), a.astype(dtype))
+    return jnp.einsum(from_rank, h, b.astype(dtype)) * jnp.asarray(lora.scaling, dtype)
+
+
+def _base_product(module, x, equation, shape, axes, dtype, param_dtype, quantize, init, stop):
     if check_quantize(quantize) == "none":
         kernel = param_with_axes(module, "kernel", init, shape, param_dtype, axes)
         if stop is not None:
@@ -204,11 +255,13 @@ class Projection(nn.Module):
     param_dtype: Dtype = jnp.float32
     quantize: str = "none"
     kernel_init: Any = nn.initializers.normal(stddev=0.02)
+    lora: Any = None  # a LoraConfig: adapters beside the kernel when it targets this module
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = kernel_product(self, x, self.equation, self.kernel_shape, self.kernel_axes, dtype=self.dtype,
-                           param_dtype=self.param_dtype, quantize=self.quantize, init=self.kernel_init)
+                           param_dtype=self.param_dtype, quantize=self.quantize, init=self.kernel_init,
+                           lora=self.lora)
         if self.bias_axes is not None:
             shape = self.kernel_shape[len(self.kernel_shape) - len(self.bias_axes):]
             bias = param_with_axes(self, "bias", nn.initializers.zeros, shape, self.param_dtype, self.bias_axes)

@@ -68,6 +68,7 @@ class VisionLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     quantize: str = "none"
+    lora: Any = None  # a LoraConfig (adapters on every projection when it targets "vision")
 
     @nn.compact
     def __call__(self, x_BTD, _unused=None):
@@ -77,7 +78,8 @@ class VisionLayer(nn.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
 
         def proj(shape, axes, equation, bias_axes, name):
-            return Projection(shape, axes, equation, bias_axes, self.dtype, self.param_dtype, self.quantize, name=name)
+            return Projection(shape, axes, equation, bias_axes, self.dtype, self.param_dtype, self.quantize,
+                              lora=self.lora, name=name)
 
         y = LayerNorm(cfg.layer_norm_eps, self.param_dtype, name="layer_norm1")(x_BTD)
         head_axes = ("embed", "heads", "head_dim")
@@ -106,6 +108,7 @@ class SiglipVisionTower(nn.Module):
     scan_layers: bool = True
     remat: bool = False
     quantize: str = "none"  # "int8": the layers' projections hold int8 kernels (the patch conv stays float)
+    lora: Any = None
 
     @nn.compact
     def __call__(self, pixels_NHWC: jax.Array) -> jax.Array:
@@ -131,12 +134,14 @@ class SiglipVisionTower(nn.Module):
 
         layer_cls = nn.remat(VisionLayer, prevent_cse=not self.scan_layers) if self.remat else VisionLayer
         if self.scan_layers:
-            x_BTD, _ = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+            x_BTD, _ = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-                                   cfg, self.dtype, self.param_dtype, self.quantize, name="layers")(x_BTD, None)
+                                   cfg, self.dtype, self.param_dtype, self.quantize, self.lora, name="layers")(x_BTD,
+                                                                                                              None)
         else:
             for i in range(cfg.num_layers):
-                x_BTD, _ = layer_cls(cfg, self.dtype, self.param_dtype, self.quantize, name=f"layers_{i}")(x_BTD)
+                x_BTD, _ = layer_cls(cfg, self.dtype, self.param_dtype, self.quantize, self.lora,
+                                     name=f"layers_{i}")(x_BTD)
         return LayerNorm(cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x_BTD)
 
 
@@ -147,12 +152,14 @@ class Adapter(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     quantize: str = "none"
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x):
         def dense(d_in, axes, name):
             return Projection((d_in, self.out_features), axes, "...D,DF->...F", axes[1:], self.dtype,
-                              self.param_dtype, self.quantize, nn.initializers.lecun_normal(), name=name)
+                              self.param_dtype, self.quantize, nn.initializers.lecun_normal(), lora=self.lora,
+                              name=name)
 
         x = dense(x.shape[-1], ("embed", "mlp"), "fc1")(x)
         x = nn.gelu(x, approximate=False)

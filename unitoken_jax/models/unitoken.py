@@ -27,12 +27,12 @@ class UniToken(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if cfg.decoder is not None:
             self.decoder = ChameleonDecoder(cfg.decoder, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy,
-                                            cfg.quantize, cfg.attention, cfg.attention_block)
+                                            cfg.quantize, cfg.attention, cfg.attention_block, cfg.lora)
         if cfg.vision is not None:
             self.vit = SiglipVisionTower(cfg.vision, dtype, param_dtype, cfg.scan_layers, cfg.remat_policy != "none",
-                                         cfg.quantize)
+                                         cfg.quantize, cfg.lora)
         if cfg.has_adapter:
-            self.adapter = Adapter(cfg.decoder.hidden_size, dtype, param_dtype, cfg.quantize)
+            self.adapter = Adapter(cfg.decoder.hidden_size, dtype, param_dtype, cfg.quantize, cfg.lora)
 
     def vision_features(self, pixels_NHWC: jax.Array) -> jax.Array:
         """SigLIP last hidden state [N, T, vision hidden]."""

@@ -1,0 +1,190 @@
+"""LoRA adapters: the model with fresh adapters is the base model, merged equals applied at run
+time, PEFT reads what we write (and we read what PEFT writes) with the same logits, and bad
+adapters are refused by name."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+
+import oracles
+import unitoken_jax
+from unitoken_jax.convert.files import CheckpointError
+from unitoken_jax.model import UniTokenModel
+from unitoken_jax.models import lora as lora_lib
+from unitoken_jax.models.config import DecoderConfig, LoraConfig, UniTokenConfig, VisionConfig
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "adapter",
+               "vision")
+
+
+def small_config(**lora) -> UniTokenConfig:
+    cfg = UniTokenConfig(
+        decoder=DecoderConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                              num_kv_heads=2),
+        vision=VisionConfig(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, patch_size=8,
+                            image_size=16))
+    return cfg.replace(lora=LoraConfig(**lora)) if lora else cfg
+
+
+def randomize_b(params, seed=0, scale=0.2):
+    """Non-zero B factors (a fresh adapter's B is zero, so it would prove nothing)."""
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(params)
+    flat = {p: (jnp.asarray(scale * rng.standard_normal(v.shape), jnp.float32) if p[-1] == lora_lib.B else v)
+            for p, v in flat.items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def image_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    side = config.vision.image_size
+    feats = config.vision.features_per_image()
+    tokens = rng.integers(0, config.decoder.vocab_size, (2, 12))
+    is_cont = np.zeros((2, 12), bool)
+    is_cont[0, 2:2 + feats] = True
+    index = np.where(is_cont, np.cumsum(is_cont, axis=1) - 1, 0)
+    pixels = rng.standard_normal((1, side, side, 3)).astype(np.float32)
+    return dict(tokens=tokens, is_continuous=is_cont, feature_index=index, pixel_values=pixels)
+
+
+def logits(model, batch):
+    out, _ = model.forward(batch["tokens"], is_continuous=batch["is_continuous"],
+                           feature_index=batch["feature_index"], pixels=batch["pixel_values"])
+    return np.asarray(out)
+
+
+def test_fresh_adapters_leave_the_model_unchanged_and_merge_equals_run_time():
+    base_cfg = small_config()
+    base = UniTokenModel.random(base_cfg, seed=1)
+    cfg = small_config(rank=4, alpha=8.0, targets=ALL_TARGETS)
+    params = lora_lib.with_adapters(base.params, cfg, seed=2)
+    batch = image_batch(cfg)
+    want = logits(base, batch)
+    np.testing.assert_array_equal(logits(UniTokenModel(cfg, params), batch), want)  # B = 0: exactly the base
+
+    tuned = UniTokenModel(cfg, randomize_b(params))
+    at_run_time = logits(tuned, batch)
+    assert np.abs(at_run_time - want).max() > 0.1  # the adapters do something
+    merged = tuned.merge_adapters()
+    assert merged.config.lora is None
+    assert not any(lora_lib.is_adapter(p) for p in traverse_util.flatten_dict(merged.params))
+    np.testing.assert_allclose(logits(merged, batch), at_run_time, atol=2e-5, rtol=0)
+
+
+def test_merge_is_the_low_rank_formula_in_numpy():
+    """The merged q kernel against W + alpha/r * A @ B written out per layer and head in NumPy."""
+    cfg = small_config(rank=3, alpha=6.0, targets=("q_proj", "o_proj"))
+    params = randomize_b(lora_lib.with_adapters(UniTokenModel.random(small_config(), seed=0).params, cfg, seed=1))
+    merged, _ = lora_lib.merge(params, cfg)
+    for name, layout in (("q_proj", "NDH"), ("o_proj", "NHD")):
+        p = jax.device_get(params["decoder"]["layers"]["self_attn"][name])
+        m = np.asarray(merged["decoder"]["layers"]["self_attn"][name]["kernel"])
+        for layer in range(2):
+            a, b, w = p["lora_a"][layer], p["lora_b"][layer], p["kernel"][layer]
+            if layout == "NDH":  # a [D, r], b [r, N, H], kernel [N, D, H]
+                delta = np.stack([a @ b[:, n, :] for n in range(b.shape[1])])
+            else:  # a [N, H, r], b [r, D], kernel [N, H, D]
+                delta = np.einsum("nhr,rd->nhd", a, b)
+            np.testing.assert_allclose(m[layer], w + 2.0 * delta, atol=1e-6)
+
+
+def test_save_hf_of_a_lora_model_writes_the_merged_model(tmp_path):
+    cfg = small_config(rank=4, targets=("v_proj", "up_proj", "adapter"))
+    tuned = UniTokenModel(cfg, randomize_b(lora_lib.with_adapters(UniTokenModel.random(small_config()).params, cfg)))
+    tuned.save_hf(str(tmp_path / "hf"))
+    back = unitoken_jax.load(str(tmp_path / "hf"))
+    assert back.config.lora is None
+    batch = image_batch(cfg, seed=3)
+    np.testing.assert_allclose(logits(back, batch), logits(tuned, batch), atol=2e-5, rtol=0)
+
+
+# --- PEFT -------------------------------------------------------------------------------------
+
+def test_our_adapters_load_in_peft_onto_transformers_chameleon(tmp_path):
+    import peft
+
+    hf = oracles.make_chameleon(seed=5)
+    oracles.write_chameleon(tmp_path / "base", hf)
+    base = unitoken_jax.load(str(tmp_path / "base"), progress=False)
+    cfg = base.config.replace(lora=LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "down_proj", "lm_head")))
+    tuned = base._like(cfg, randomize_b(lora_lib.with_adapters(base.params, cfg, seed=1), scale=0.1))
+    names = tuned.save_adapters(str(tmp_path / "adapters"))
+    assert "model.layers.1.self_attn.q_proj" in names and "lm_head" in names
+
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapters")).eval()
+    ids = torch.randint(0, oracles.VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    theirs = oracles.hf_logits(peft_model.base_model.model, input_ids=ids)
+    ours = np.asarray(tuned.text_logits(ids.numpy()))
+    assert np.abs(ours - np.asarray(base.text_logits(ids.numpy()))).max() > 0.05  # the adapters matter
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
+
+
+def test_adapters_peft_saved_load_here(tmp_path):
+    import peft
+
+    hf = oracles.make_chameleon(seed=6)
+    oracles.write_chameleon(tmp_path / "base", hf)
+    config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "up_proj"],
+                             init_lora_weights=False)  # random B too: a non-trivial adapter
+    peft_model = peft.get_peft_model(hf, config).eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ids = torch.randint(0, oracles.VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    theirs = oracles.hf_logits(peft_model.base_model.model, input_ids=ids)
+
+    for merge in (True, False):
+        ours = unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / "peft"), merge_adapters=merge,
+                                 progress=False)
+        assert (ours.config.lora is None) == merge
+        if not merge:
+            assert ours.config.lora.rank == 2 and ours.config.lora.scaling == 2.5
+            assert set(ours.config.lora.targets) == {"q_proj", "v_proj", "up_proj"}
+        np.testing.assert_allclose(np.asarray(ours.text_logits(ids.numpy())), theirs, atol=2e-4, rtol=0)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def test_bad_lora_configs_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown lora target.*'qproj'.*q_proj"):
+        small_config(targets=("qproj",))
+    with pytest.raises(ValueError, match="lora.rank must be at least 1, got 0"):
+        small_config(rank=0)
+    with pytest.raises(ValueError, match="lora.rank must be at least 1, got -2"):
+        UniTokenConfig.from_dict({**small_config().to_dict(), "lora": {"rank": -2}})
+    with pytest.raises(ValueError, match="lora.dropout"):
+        small_config(dropout=1.0)
+
+
+def test_adapters_for_another_model_are_refused(tmp_path):
+    small = small_config(rank=4, targets=("q_proj",))
+    tuned = UniTokenModel(small, lora_lib.with_adapters(UniTokenModel.random(small_config()).params, small))
+    tuned.save_adapters(str(tmp_path / "a"))
+    wider = UniTokenConfig(decoder=DecoderConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_layers=2,
+                                                 num_heads=4, num_kv_heads=2), vision=None)
+    with pytest.raises(CheckpointError, match=r"model.layers.0.self_attn.q_proj.lora_A.weight is \[4, 32\], the "
+                                              r"model needs \[4, 64\]"):
+        UniTokenModel.random(wider).with_adapters(str(tmp_path / "a"))
+    deeper = UniTokenConfig(decoder=DecoderConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=3,
+                                                  num_heads=4, num_kv_heads=2), vision=None)
+    with pytest.raises(CheckpointError, match="not layer 2 of decoder/layers/self_attn/q_proj"):
+        UniTokenModel.random(deeper).with_adapters(str(tmp_path / "a"))
+    shallow = UniTokenConfig(decoder=DecoderConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=1,
+                                                   num_heads=4, num_kv_heads=2), vision=None)
+    with pytest.raises(CheckpointError, match="model.layers.1.self_attn.q_proj, which the model does not have"):
+        UniTokenModel.random(shallow).with_adapters(str(tmp_path / "a"))
+    with open(tmp_path / "a" / "adapter_config.json") as f:
+        pc = json.load(f)
+    pc["use_dora"] = True
+    with open(tmp_path / "a" / "adapter_config.json", "w") as f:
+        json.dump(pc, f)
+    with pytest.raises(CheckpointError, match="use_dora=True is not supported"):
+        UniTokenModel.random(small_config()).with_adapters(str(tmp_path / "a"))
+    os.remove(tmp_path / "a" / "adapter_config.json")
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        UniTokenModel.random(small_config()).with_adapters(str(tmp_path / "a"))
