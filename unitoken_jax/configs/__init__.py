@@ -1,7 +1,8 @@
 """The configs that ship with the package, and how a config named on a command line is found.
 
 `model.py` holds the model presets (7b, 7b_anyres, tiny); `stages.py` what the three training
-stages share; `stage1.py` .. `stage3.py` the stage configs with their sweeps. Each is an
+stages share; `stage1.py` .. `stage3.py` the stage configs with their sweeps; `finetune.py` LoRA /
+full fine-tuning of the release on one host. Each is an
 ml_collections `get_config(arg)` file. The repository's top-level `configs/` holds files of the
 same names that users copy and edit; they import these.
 
@@ -19,7 +20,7 @@ import os
 import sys
 from typing import Sequence
 
-PACKAGED = ("model", "stages", "stage1", "stage2", "stage3")
+PACKAGED = ("model", "stages", "stage1", "stage2", "stage3", "finetune")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 

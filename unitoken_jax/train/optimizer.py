@@ -5,7 +5,9 @@ reference), a learning-rate scale for the ViT, frozen parameters with no optimiz
 linear warm-up then half-cosine to 0, global-norm clipping, and gradient accumulation.
 
 Which parameters train is a label per leaf: "train", "vit" (trained with lr * vit_lr_scale) or
-"frozen". As in the reference, the ViT's patch and position embeddings are always frozen.
+"frozen". As in the reference, the ViT's patch and position embeddings are always frozen. With
+`trainable="lora"` only the low-rank adapters train (`unitoken_jax.models.lora`): every base
+weight is frozen, so Adam keeps moments for the adapters alone.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import dataclasses
 import jax
 import optax
 
-TRAINABLE = ("all", "vision")  # stage II/III: everything; stage I: ViT + adapter (decoder frozen)
+from unitoken_jax.models.lora import is_adapter
+
+# stage II/III: everything; stage I: ViT + adapter (decoder frozen); fine-tuning: the LoRA adapters only
+TRAINABLE = ("all", "vision", "lora")
 _ALWAYS_FROZEN = (("vit", "patch_embedding"), ("vit", "position_embedding"))
 
 
@@ -44,6 +49,8 @@ def param_labels(params, trainable: str = "all"):
     """A tree of "train" / "vit" / "frozen" labels shaped like `params`."""
     def label(path, _):
         keys = tuple(getattr(k, "key", str(k)) for k in path)
+        if trainable == "lora":
+            return "train" if is_adapter(keys) else "frozen"
         if any(keys[:len(f)] == f for f in _ALWAYS_FROZEN):
             return "frozen"
         if keys[0] == "vit":

@@ -101,6 +101,13 @@ def build_program(config: TrainConfig, mesh: Mesh) -> TrainProgram:
     model = config.model
     if model.decoder is None or model.vision is None:
         raise ValueError("training needs a whole UniToken model (decoder, vision tower and adapter)")
+    lora_run = config.optimizer.trainable == "lora"
+    if lora_run and model.lora is None:
+        raise ValueError("optimizer.trainable='lora' needs adapters: set model.lora (rank, alpha, targets; see "
+                         "configs/finetune.py)")
+    if model.lora is not None and not lora_run:
+        raise ValueError(f"model.lora is set but optimizer.trainable={config.optimizer.trainable!r}; LoRA trains the "
+                         "adapters alone: set optimizer.trainable='lora' (or drop model.lora for full training)")
     param_sh = param_shardings(model, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(model),
                           param_sh)

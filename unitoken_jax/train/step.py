@@ -41,7 +41,8 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
     `batch` holds tokens, labels, positions, segment_ids and optionally is_continuous,
     feature_index, pixels and generation (see `UniTokenModel.forward`)."""
     module = UniToken(config)
-    head_trains = bool(mask["decoder"]["lm_head"]["kernel"])
+    head = mask["decoder"]["lm_head"]
+    head_trains = bool(head["kernel"]) or bool(head.get("lora_b", False))
 
     def loss_fn(params, batch, rng):
         params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
@@ -49,9 +50,9 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
                                  deterministic=False, rngs={"dropout": rng}, return_hidden=True)
         # the head and the loss together, on the predicting positions only (no [B, L, V] logits)
-        return fused_lm_loss(hidden, params["decoder"]["lm_head"]["kernel"], batch["labels"], batch["segment_ids"],
-                             config.z_loss_weight, batch.get("generation"), chunk=config.loss_chunk,
-                             dtype=config.dtype, kernel_grad=head_trains)
+        return fused_lm_loss(hidden, _head_kernel(params["decoder"]["lm_head"], config), batch["labels"],
+                             batch["segment_ids"], config.z_loss_weight, batch.get("generation"),
+                             chunk=config.loss_chunk, dtype=config.dtype, kernel_grad=head_trains)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -72,3 +73,12 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
         return state, metrics
 
     return train_step
+
+
+def _head_kernel(head: dict, config: UniTokenConfig):
+    """The LM head's kernel, with its LoRA update folded in when it has one (the fused loss takes
+    one [D, V] kernel; the gradient reaches the factors through this sum)."""
+    if "lora_a" not in head:
+        return head["kernel"]
+    delta = jnp.einsum("Dr,rV->DV", head["lora_a"], head["lora_b"]) * config.lora.scaling
+    return (head["kernel"].astype(jnp.float32) + delta).astype(jnp.dtype(config.dtype))
