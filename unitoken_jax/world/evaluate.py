@@ -19,7 +19,7 @@ import json
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import unitoken_jax
 from unitoken_jax.inference.pipeline import UniTokenPipeline
@@ -38,23 +38,25 @@ def world_pipeline(model_dir: str, vq_dir: str, continuous: bool = True):
                             image_prefix=(), continuous=continuous)
 
 
-def understanding(pipe, per_thing: int = 4, seed: int = 1, batch: int = 64) -> dict:
+def understanding(pipe, per_thing: int = 4, seed: int = 1, batch: int = 64,
+                  language: shapes.Language = shapes.ENGLISH, max_new_tokens: int = 24) -> dict:
+    """Exact-match answers to the questions about held-out pictures, asked and answered in `language`."""
     rng = np.random.default_rng(seed)
     cases = []
     for thing in shapes.held_out_things():
         for _ in range(per_thing):
             picture = shapes.draw([thing], rng)
-            for kind, answer in shapes.answers([thing]).items():
-                cases.append((kind, picture, shapes.QUESTIONS[kind], answer))
+            for kind, answer in shapes.answers([thing], language).items():
+                cases.append((kind, picture, language.questions[kind], answer))
     pool = shapes.held_out_things()
     for _ in range(per_thing * 4):  # two-shape pictures: the count question
         a = pool[rng.integers(len(pool))]
         b = [t for t in shapes.train_things() if t.place != a.place][rng.integers(20)]
-        cases.append(("count", shapes.draw([a, b], rng), shapes.QUESTIONS["count"], "two"))
+        cases.append(("count", shapes.draw([a, b], rng), language.questions["count"], language.counts[2]))
     got = []
     for i in range(0, len(cases), batch):
         chunk = cases[i:i + batch]
-        got += pipe.understand([[c[1]] for c in chunk], [c[2] for c in chunk], max_new_tokens=24)
+        got += pipe.understand([[c[1]] for c in chunk], [c[2] for c in chunk], max_new_tokens=max_new_tokens)
     per_kind: dict[str, list[bool]] = {}
     for (kind, _, _, answer), text in zip(cases, got):
         per_kind.setdefault(kind, []).append(text.strip() == answer)
@@ -65,20 +67,31 @@ def understanding(pipe, per_thing: int = 4, seed: int = 1, batch: int = 64) -> d
             "chance": float(np.mean([CHANCE[k] for k, v in per_kind.items() for _ in v]))}
 
 
-def generation(pipe, cfg: float, per_thing: int = 8, seed: int = 0, image_top_k: int = 2000) -> dict:
+def generation(pipe, cfg: float, per_thing: int = 8, seed: int = 0, image_top_k: int = 2000,
+               language: shapes.Language = shapes.ENGLISH) -> dict:
+    """Pictures drawn for the held-out descriptions (worded in `language`), judged by the pixel checker."""
     things = shapes.held_out_things()
-    pictures = pipe.generate_image([t.text for t in things], size=GEN_SIZE, cfg=cfg, n=per_thing, seed=seed,
-                                   image_top_k=image_top_k, progress=False)
+    pictures = pipe.generate_image([language.text(t) for t in things], size=GEN_SIZE, cfg=cfg, n=per_thing,
+                                   seed=seed, image_top_k=image_top_k, progress=False)
     right, per = [], {}
     for thing, pics in zip(things, pictures):
         oks = [shapes.check_picture(p).matches(thing) for p in pics]
         right += oks
-        per[thing.text] = float(np.mean(oks))
+        per[language.text(thing)] = float(np.mean(oks))
     return {"cfg": cfg, "accuracy": float(np.mean(right)), "n": len(right), "per_prompt": per,
             "chance": CHANCE["caption"]}, pictures
 
 
-def save_grid(things, pictures, path: str, scale: int = 2) -> None:
+def label_font(size: int = 12):
+    """DejaVu Sans where the system has it (accents: Pillow's own font draws 'à' as a box), else
+    Pillow's default."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def save_grid(things, pictures, path: str, scale: int = 2, language: shapes.Language = shapes.ENGLISH) -> None:
     """One row per prompt (its text on the left), its pictures across, each marked by the checker:
     a green bar under a picture it accepts, a red one under one it rejects."""
 
@@ -88,7 +101,7 @@ def save_grid(things, pictures, path: str, scale: int = 2) -> None:
     d = ImageDraw.Draw(grid)
     for r, (thing, pics) in enumerate(zip(things, pictures)):
         y = r * (side + 10)
-        d.text((4, y + side // 2 - 6), thing.text, fill=(0, 0, 0))
+        d.text((4, y + side // 2 - 6), language.text(thing), fill=(0, 0, 0), font=label_font())
         for c, p in enumerate(pics):
             x = label + c * (side + 4)
             grid.paste(p.convert("RGB").resize((side, side), Image.NEAREST), (x, y))

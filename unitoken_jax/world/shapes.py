@@ -75,33 +75,59 @@ def held_out_things() -> list[Thing]:
     return [Thing(*t) for t in HELD_OUT]
 
 
-def caption(things: list[Thing]) -> str:
+@dataclasses.dataclass(frozen=True)
+class Language:
+    """How the world's texts are worded: its words for colours, shapes, places and counts, how a
+    shape is described, and its questions. `ENGLISH` is the world's own (what the bundled model was
+    trained on); `unitoken_jax.world.finetune_demo` adds French."""
+
+    colours: dict[str, str]
+    shapes: dict[str, str]
+    places: dict[str, str]  # the place words as a description and an answer use them
+    counts: dict[int, str]
+    thing: str  # "a {colour} {shape} at the {place}"
+    joiner: str  # between the shapes of a caption
+    questions: dict[str, str]  # the keys of `QUESTIONS`
+    place_questions: dict[str, str]  # the keys of `PLACE_QUESTIONS`, with a {place}
+    place_in_question: dict[str, str]  # a place as the place questions say it
+
+    def text(self, t: Thing) -> str:
+        return self.thing.format(colour=self.colours[t.colour], shape=self.shapes[t.shape], place=self.places[t.place])
+
+
+ENGLISH = Language(colours={c: c for c in COLOURS}, shapes={s: s for s in SHAPES}, places={p: p for p in PLACES},
+                   counts=COUNTS, thing="a {colour} {shape} at the {place}", joiner=" and ", questions=QUESTIONS,
+                   place_questions=PLACE_QUESTIONS, place_in_question={p: p for p in PLACES})
+
+
+def caption(things: list[Thing], language: Language = ENGLISH) -> str:
     """'a red circle at the top left and a blue square at the bottom right' (in reading order)."""
     order = list(PLACES)
-    return " and ".join(t.text for t in sorted(things, key=lambda t: order.index(t.place)))
+    return language.joiner.join(language.text(t) for t in sorted(things, key=lambda t: order.index(t.place)))
 
 
-def answers(things: list[Thing]) -> dict[str, str]:
+def answers(things: list[Thing], language: Language = ENGLISH) -> dict[str, str]:
     """The exact-match answer to every question of `QUESTIONS` that has one for this picture."""
-    out = {"count": COUNTS[len(things)], "caption": caption(things)}
+    out = {"count": language.counts[len(things)], "caption": caption(things, language)}
     if len(things) == 1:
         t = things[0]
-        out.update(colour=t.colour, shape=t.shape, place=t.place)
+        out.update(colour=language.colours[t.colour], shape=language.shapes[t.shape], place=language.places[t.place])
     return out
 
 
-def questions_and_answers(things: list[Thing]) -> list[tuple[str, str]]:
+def questions_and_answers(things: list[Thing], language: Language = ENGLISH) -> list[tuple[str, str]]:
     """Every (question, answer) this picture has: `QUESTIONS` and, per shape, `PLACE_QUESTIONS`."""
-    qa = [(QUESTIONS[k], a) for k, a in answers(things).items()]
+    qa = [(language.questions[k], a) for k, a in answers(things, language).items()]
     for t in things:
-        qa.append((PLACE_QUESTIONS["shape_at"].format(place=t.place), t.shape))
-        qa.append((PLACE_QUESTIONS["colour_at"].format(place=t.place), t.colour))
+        where = language.place_in_question[t.place]
+        qa.append((language.place_questions["shape_at"].format(place=where), language.shapes[t.shape]))
+        qa.append((language.place_questions["colour_at"].format(place=where), language.colours[t.colour]))
     return qa
 
 
-def generate_prompt(thing_or_things) -> str:
+def generate_prompt(thing_or_things, language: Language = ENGLISH) -> str:
     things = [thing_or_things] if isinstance(thing_or_things, Thing) else list(thing_or_things)
-    return GENERATE_TEMPLATE.format(w=SIZE, h=SIZE, prompt=caption(things))
+    return GENERATE_TEMPLATE.format(w=SIZE, h=SIZE, prompt=caption(things, language))
 
 
 def scene(rng: np.random.Generator, pool: list[Thing]) -> list[Thing]:
@@ -116,11 +142,12 @@ def scene(rng: np.random.Generator, pool: list[Thing]) -> list[Thing]:
 
 
 def write_items(directory: str, n_pictures: int, *, seed: int = 0, held_out: bool = False,
-                generation: bool = True, questions_per_item: int = 3) -> str:
+                generation: bool = True, questions_per_item: int = 3, language: Language = ENGLISH,
+                id_prefix: str = "") -> str:
     """Draws `n_pictures` scenes from the training (or held-out) combinations into `directory` and
     writes `items.json`: per picture one understanding item (a conversation of
     `questions_per_item` different questions about it), and one generation item (its caption ->
-    the picture). Returns the JSON path."""
+    the picture), worded in `language`, ids prefixed by `id_prefix`. Returns the JSON path."""
     rng = np.random.default_rng(seed)
     pool = held_out_things() if held_out else train_things()
     os.makedirs(directory, exist_ok=True)
@@ -129,7 +156,7 @@ def write_items(directory: str, n_pictures: int, *, seed: int = 0, held_out: boo
         things = scene(rng, pool)
         name = f"{i:05d}.png"
         draw(things, rng).save(os.path.join(directory, name))
-        qa = questions_and_answers(things)
+        qa = questions_and_answers(things, language)
         chosen = rng.choice(len(qa), min(questions_per_item, len(qa)), replace=False)
         conversation = []
         for j, q in enumerate(chosen):
@@ -137,10 +164,10 @@ def write_items(directory: str, n_pictures: int, *, seed: int = 0, held_out: boo
             conversation += [{"from": "human", "value": f"<|image|>\n{question}" if j == 0 else question},
                              {"from": "gpt", "value": answer}]
         described = [dataclasses.asdict(t) for t in things]
-        items.append({"id": f"u{i}", "image": [name], "things": described, "conversations": conversation})
+        items.append({"id": f"{id_prefix}u{i}", "image": [name], "things": described, "conversations": conversation})
         if generation:
-            items.append({"id": f"g{i}", "image": [name], "things": described,
-                          "conversations": [{"from": "human", "value": generate_prompt(things)},
+            items.append({"id": f"{id_prefix}g{i}", "image": [name], "things": described,
+                          "conversations": [{"from": "human", "value": generate_prompt(things, language)},
                                             {"from": "gpt", "value": "<|image|>"}]})
     path = os.path.join(directory, "items.json")
     with open(path, "w") as f:

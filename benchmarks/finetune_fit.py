@@ -1,0 +1,87 @@
+"""Does fine-tuning the released 7B fit one TPU VM host? The LoRA step (`configs/finetune.py:lora`:
+bfloat16 frozen base, adapters and their AdamW moments in float32) and the full step
+(`configs/finetune.py:full`: float32 master weights and moments for every parameter) at
+4,096-position rows, remat full, one SigLIP tile a row, compiled ahead of time for `v5e:2x4` and
+`v6e:2x4` (8 chips, fsdp over them) from this CPU machine; nothing runs on a TPU. For each, the
+per-chip memory at growing batches, up to the largest that compiles within the chip's HBM.
+Writes benchmarks/results/finetune_fit.md.
+
+    python benchmarks/finetune_fit.py          # ~15 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch"))
+
+import aot_check  # noqa: E402
+import jax  # noqa: E402
+
+from report import write_report  # noqa: E402
+
+HOSTS = [("v5e-8", "v5e:2x4"), ("v6e-8", "v6e:2x4")]
+
+
+def compile_once(variant: str, topology: str, rows: int, seq: int) -> dict:
+    config = aot_check.stage_config(f"finetune.py:{variant}", batch=rows, seq=seq)
+    mesh = aot_check.topology_mesh(topology, (1, 8, 1))
+    try:
+        _, compiled, seconds = aot_check.compile_program(config, mesh)
+    except Exception as e:  # XLA refuses a program over the chip's HBM, naming what it needed
+        message = str(e)
+        needed = re.search(r"([\d.]+)G\) exceeds", message) or re.search(r"Used ([\d.]+)G of", message)
+        return {"fits": False, "needed": float(needed.group(1)) if needed else None, "error": message.splitlines()[0]}
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    return {"fits": True, "total": total / 2**30, "args": mem.argument_size_in_bytes / 2**30,
+            "temp": mem.temp_size_in_bytes / 2**30, "seconds": seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/finetune_fit.md")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--batches", default="8,16,32,64", help="global rows to try, smallest first")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    start = time.time()
+    rows_md, largest = [], []
+    for label, topology in HOSTS:
+        hbm = aot_check.hbm_bytes(aot_check.topology_devices(topology).flat[0]) / 2**30
+        for variant in ("lora", "full"):
+            best = None
+            for rows in batches:
+                r = compile_once(variant, topology, rows, args.seq)
+                print(label, variant, rows, r, flush=True)
+                if r["fits"]:
+                    best = rows
+                    cell = f"{r['total']:.2f} (weights and state {r['args']:.2f}, temporaries {r['temp']:.2f})"
+                else:
+                    cell = "**does not fit**" + (f" (needs {r['needed']:.2f})" if r["needed"] else "")
+                rows_md.append(f"| {label} (`{topology}`, {hbm:.2f} GiB) | {variant} | {rows} x {args.seq} | {cell} |")
+                if not r["fits"]:
+                    break
+            largest.append(f"| {label} | {variant} | {f'{best} rows ({best // 8} a chip)' if best else 'none'} |")
+    lines = [
+        "# Fine-tuning the released 7B on one host: memory a chip, from AOT compiles", "",
+        f"{datetime.date.today()}, compiled on this CPU machine for each TPU topology (jax {jax.__version__}, libtpu "
+        f"topologies; `python benchmarks/finetune_fit.py`, in {time.time() - start:.0f} s). The step is the training "
+        "loop's own (`configs/finetune.py`: `lora` trains rank-16 adapters on every decoder projection beside a "
+        "frozen bfloat16 base; `full` trains every weight with float32 master weights and AdamW moments), "
+        f"{args.seq}-position rows, remat full, one SigLIP tile a row, every chip on the fsdp axis. GiB a chip "
+        "(arguments + outputs - aliased + temporaries); 'does not fit' is XLA refusing the program for the chip's "
+        "HBM.", "",
+        "| host (HBM a chip) | variant | batch | per chip, GiB |", "|---|---|---|---|", *rows_md, "",
+        "Largest batch that fits (of those tried):", "",
+        "| host | variant | largest batch |", "|---|---|---|", *largest, ""]
+    write_report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
