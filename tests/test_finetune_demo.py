@@ -73,6 +73,8 @@ def test_a_short_demo_run_writes_results_table_and_grid(tmp_path):
     # before any fine-tuning the bundled model answers no French question right
     assert results["before"]["french"]["understanding"]["accuracy"] < 0.2
     assert (tmp_path / "lora" / "adapters" / "adapter_model.safetensors").exists()
+    # evaluation during the run: at its last step, the held-out French prompts drawn
+    assert Image.open(tmp_path / "lora" / "samples" / "step_6.png").size[0] > 4 * shapes.SIZE
     table = (tmp_path / "table.md").read_text()
     assert "French answers" in table and "English drawings" in table
     grid = Image.open(tmp_path / "grid.png")

@@ -17,6 +17,8 @@ a value that would not survive the command line is an error now, not a surprise 
     unitoken sweep configs/stage2.py --root /mnt/bucket/s2 --set init_from.paths=/mnt/bucket/stage1 \\
         --launcher "launch/tpu_train.sh --name s2-{i} --zone Z --project P {args}"   # print commands
     unitoken sweep --root /tmp/s2 --summary-only [--json]     # overrides, status, last step and losses
+                                                              # (and the last held-out losses of runs
+                                                              # that evaluate: config.eval)
 
     ROOT/sweep.json                    the config, the fixed `--set` overrides and every run
     ROOT/<run>/overrides.json          that run's overrides
@@ -61,6 +63,7 @@ SWEEP_FILE = "sweep.json"
 STATUS_FILE = "sweep_status.json"
 LOG_FILE = "train.log"
 METRICS = ("loss", "ce_understanding", "ce_generation")
+EVAL_METRICS = ("eval/loss", "eval/ce_understanding", "eval/ce_generation")  # columns when some run evaluates
 MAX_NAME = 120
 
 
@@ -355,7 +358,8 @@ def run_status(workdir: str) -> dict[str, Any]:
 
 
 def final_metrics(workdir: str) -> dict[str, float]:
-    """The last logged value of each of METRICS (and its step) from WORKDIR/tensorboard."""
+    """The last logged value of each of METRICS and EVAL_METRICS (and the step of the last loss)
+    from WORKDIR/tensorboard."""
     logdir = os.path.join(workdir, "tensorboard")
     if not os.path.isdir(logdir):
         return {}
@@ -365,7 +369,7 @@ def final_metrics(workdir: str) -> dict[str, float]:
     events.Reload()
     tags = set(events.Tags()["scalars"])
     out: dict[str, float] = {}
-    for tag in METRICS:
+    for tag in METRICS + EVAL_METRICS:
         if tag in tags:
             # a resumed run logs some steps twice: the later one counts
             last = max(events.Scalars(tag), key=lambda e: (e.step, e.wall_time))
@@ -393,11 +397,12 @@ def summarize(root: str) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(k for row in rows for k in row["overrides"]))
-    header = ["#", *keys, "status", "step", *METRICS]
+    metrics = METRICS + tuple(m for m in EVAL_METRICS if any(m in row["metrics"] for row in rows))
+    header = ["#", *keys, "status", "step", *metrics]
     lines = [header]
     for row in rows:
         step = "-" if row["step"] is None else f"{row['step']}/{row['total_steps'] or '?'}"
-        values = [row["metrics"].get(m) for m in METRICS]
+        values = [row["metrics"].get(m) for m in metrics]
         lines.append([str(row["index"]), *(_value_text(_plain(row["overrides"][k])) if k in row["overrides"] else ""
                                            for k in keys),
                       row["status"], step, *("-" if v is None else f"{v:.4f}" for v in values)])

@@ -46,6 +46,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if not tiny:  # one host: 8 chips, fsdp over them; one 4,096-position row per chip
         c.data.update(rows=8, length=4096, max_images=24)
         c.update(total_steps=2000, checkpoint_every=250, log_every=10)
+        # held-out losses every 250 steps on 1 % of the data (by sample id, never trained on); add
+        # --config.eval.prompts=... with eval.tokenizer / eval.vqgan to see pictures as it trains
+        c.eval.update(every=250, holdout_fraction=0.01)
     return c
 
 

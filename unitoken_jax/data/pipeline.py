@@ -4,7 +4,9 @@
                            of that kind, shuffled per epoch (seeded), repeated, mixed by weight
                        ->  sharded by JAX process (every process reads its own part)
                        ->  records fetched and their images preprocessed for SigLIP (base or AnyRes)
-                           in Grain's reader threads, or worker processes with `worker_count > 0`
+                           in Grain's reader threads, or worker processes with `worker_count > 0`;
+                           a record of the other split (below) is passed over before its images
+                           are decoded
                        ->  groups of `mix` = (u, g) samples: u understanding + g generation
                        ->  packed whole into `rows` x `length` rows with segment ids; a batch takes
                            whole groups only, so every batch holds understanding : generation
@@ -16,6 +18,12 @@ A dataset's weight is its number of records of that kind times its `ratio`, so `
 every dataset samples them as one concatenated dataset would (the reference's data config, whose
 `ratio` subsamples a dataset). A sample longer than a row is dropped and counted, never cut.
 
+Held-out split: with `holdout_fraction` f > 0, a sample is held out when a hash of its sample id
+falls below f (`is_held_out`: the same answer on every host, in every run and on resume, and for
+a sample that appears in two datasets under one id). The "train" split yields only the other
+samples, the "eval" split only the held-out ones, so training never sees what evaluation
+measures. f = 1 holds out everything (a dataset kept for evaluation alone).
+
 The iterator's state (`get_state` / `set_state`, JSON-serialisable) restores the exact sample
 order, so a resumed run sees the same batches as an uninterrupted one.
 """
@@ -23,6 +31,7 @@ order, so a resumed run sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Sequence
 
 import grain
@@ -36,7 +45,18 @@ from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.tokenizer.conversation import EncodedConversation
 
 KIND_NAMES = pt.KINDS
+SPLITS = ("train", "eval")
 _MAX_DROPS_IN_A_ROW = 1000
+
+
+def is_held_out(sample_id: str, fraction: float) -> bool:
+    """Whether the sample `sample_id` belongs to the held-out part of size `fraction`: the first
+    8 bytes of its BLAKE2b digest, read as a number in [0, 1), fall below `fraction`. (Python's
+    `hash` of a string differs from process to process, so it cannot be used.)"""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(sample_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < fraction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +109,29 @@ class PipelineConfig:
     prefetch: int = 16
     worker_count: int = 0  # > 0: preprocessing and packing in that many worker processes
     lookahead: int = 16  # groups a batch may take from beyond one that does not fit (0: strictly in order)
+    holdout_fraction: float = 0.0  # samples held out by sample id (`is_held_out`); 1: all of them
+    split: str = "train"  # "train": the samples not held out; "eval": only the held-out ones
+
+    def validate(self) -> "PipelineConfig":
+        if not 0.0 <= self.holdout_fraction <= 1.0:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in [0, 1]")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r}; choose one of {', '.join(SPLITS)}")
+        if self.split == "eval" and self.holdout_fraction == 0:
+            raise ValueError("split='eval' with holdout_fraction=0 holds out nothing: set a fraction of the sources "
+                             "to hold out (1.0 for sources kept for evaluation alone)")
+        return self
+
+    def keeps(self, sample_id: str) -> bool:
+        """Does this pipeline's split take the sample `sample_id`?"""
+        return is_held_out(sample_id, self.holdout_fraction) == (self.split == "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherSplit:
+    """What the record reader gives for a sample of the other split: its id, nothing decoded."""
+
+    id: str
 
 
 @dataclasses.dataclass
@@ -101,14 +144,16 @@ class Sample:
 
 
 class _Records:
-    """Picklable record reader for one kind: (dataset number, record index) -> Sample."""
+    """Picklable record reader for one kind: (dataset number, record index) -> Sample, or
+    OtherSplit for a sample the `config`'s split does not take."""
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str], config: PipelineConfig):
         self.paths = list(paths)
+        self.config = config
         self._sources = None
 
     def __getstate__(self):
-        return {"paths": self.paths, "_sources": None}
+        return {"paths": self.paths, "config": self.config, "_sources": None}
 
     def _open(self):
         if self._sources is None:
@@ -119,6 +164,9 @@ class _Records:
         dataset, index = int(ref[0]), int(ref[1])
         source, settings, _ = self._open()[dataset]
         r = source[index]
+        ident = r["id"].decode() if isinstance(r["id"], bytes) else str(r["id"])
+        if not self.config.keeps(ident):
+            return OtherSplit(ident)
         pixels, features = [], 0
         side = settings.siglip_size // settings.patch
         for raw in (r["image_bytes"] if settings.continuous else ()):
@@ -136,7 +184,6 @@ class _Records:
         size = settings.siglip_size
         stacked = np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.float32)
         enc = EncodedConversation(r["tokens"], r["labels"], r["is_continuous"], r["feature_index"], [], [])
-        ident = r["id"].decode() if isinstance(r["id"], bytes) else str(r["id"])
         return Sample(ident, int(r["kind"]), enc, stacked, features)
 
 
@@ -160,13 +207,14 @@ class InputPipeline(grain.IterDataset):
 
     def __init__(self, sources, config: PipelineConfig, *, process_index: int = 0, process_count: int = 1):
         self.sources = sources_from(sources)
-        self.config = config
+        self.config = config.validate()
         opened = [pt.open_dataset(s.path) for s in self.sources]
         settings = {(o[1].siglip_size, o[1].patch) for o in opened}
         if len(settings) > 1:
             raise ValueError(f"the datasets were pre-tokenized for different SigLIP inputs {sorted(settings)}; "
                              "one batch needs one tile size")
         self.siglip_size, self.patch = settings.pop()
+        self.image_settings: pt.PretokenizeSettings = opened[0][1]  # how the (first) dataset laid out its pictures
         kinds = [o[2] for o in opened]
         self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}
         streams = []
@@ -178,7 +226,7 @@ class InputPipeline(grain.IterDataset):
             if s is None:
                 raise ValueError(f"mix {config.mix} asks for {KIND_NAMES[k]} samples but no dataset has any "
                                  f"(counts: {self.counts})")
-            s = s[process_index::process_count].map(_Records([src.path for src in self.sources]))
+            s = s[process_index::process_count].map(_Records([src.path for src in self.sources], config))
             streams.append(s.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
                                                                prefetch_buffer_size=config.prefetch)))
         super().__init__([s for s in streams if s is not None])
@@ -236,16 +284,33 @@ class _PackingIterator(grain.DatasetIterator):
         group = []
         for k, it in enumerate(self._iters):
             for _ in range(self.config.mix[k]):
-                for _ in range(_MAX_DROPS_IN_A_ROW):
-                    s = next(it)
-                    if len(s.encoded) <= self.config.length:
-                        break
-                    self.dropped_too_long += 1
-                else:
-                    raise ValueError(f"{_MAX_DROPS_IN_A_ROW} {KIND_NAMES[k]} samples in a row are longer than a row "
-                                     f"({self.config.length} positions); raise data.length")
-                group.append(s)
+                group.append(self._next_sample(k, it))
         return group
+
+    def _next_sample(self, kind: int, it) -> Sample:
+        """The next sample of `kind` that is of this pipeline's split and fits a row."""
+        too_long = other_split = 0
+        # a stream with no sample of the split at all would repeat forever: give up after going
+        # round all its records many times (one held-out sample in it is met about once a round)
+        max_other = max(_MAX_DROPS_IN_A_ROW, 10 * self.p.counts[KIND_NAMES[kind]])
+        while True:
+            s = next(it)
+            if isinstance(s, OtherSplit):
+                other_split += 1
+                if other_split >= max_other:
+                    c = self.config
+                    raise ValueError(f"no {KIND_NAMES[kind]} sample is in the {c.split!r} split: {other_split} in a "
+                                     f"row were not (holdout_fraction={c.holdout_fraction} of "
+                                     f"{self.p.counts[KIND_NAMES[kind]]} samples); change the fraction, or give "
+                                     "held-out datasets of their own")
+                continue
+            if len(s.encoded) <= self.config.length:
+                return s
+            self.dropped_too_long += 1
+            too_long += 1
+            if too_long >= _MAX_DROPS_IN_A_ROW:
+                raise ValueError(f"{_MAX_DROPS_IN_A_ROW} {KIND_NAMES[kind]} samples in a row are longer than a row "
+                                 f"({self.config.length} positions); raise data.length")
 
     def _read_group(self) -> None:
         """Reads the next group not packed before a restore into the waiting list."""

@@ -15,7 +15,7 @@ import os
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, ImageFont
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
 
@@ -176,3 +176,12 @@ def pil_from_pixels(pixels_HWC: np.ndarray) -> Image.Image:
     """Decoder output in about [-1, 1] -> RGB picture: clip, (x + 1) / 2 * 255, truncate (as the reference)."""
     x = (np.clip(np.asarray(pixels_HWC, np.float32), -1.0, 1.0) + 1.0) / 2.0
     return Image.fromarray((x * 255.0).astype(np.uint8), "RGB")
+
+
+def label_font(size: int = 12):
+    """DejaVu Sans where the system has it (accents: Pillow's own font draws 'à' as a box), else
+    Pillow's default."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)

@@ -63,6 +63,66 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training (train/evaluate.py): every `every` steps, the loss on held-out
+    data split into understanding and generation, and a fixed set of prompts decoded with the
+    compiled loop (pictures and answers to TensorBoard, pictures to WORKDIR/samples/step_N.png).
+
+    The held-out data is either datasets of its own (`sources`) or a fraction of the training
+    data chosen by sample id (`holdout_fraction`), which training then never reads. The fraction
+    decides what training reads whether or not `every` is set, so turning evaluation on or off
+    later does not change the batches."""
+
+    every: int = 0  # steps between evaluations; 0: no evaluation
+    sources: tuple[str, ...] = ()  # held-out pre-tokenized dataset dirs (or a YAML meta file) of their own
+    holdout_fraction: float = 0.0  # or: this fraction of data.sources' samples, by sample id, is held out
+    batches: int = 2  # held-out batches (the training batch's shape), the same ones at every evaluation
+    seed: int = 0  # which held-out samples fill those batches; the seed of the drawn pictures
+    prompts: tuple[str, ...] = ()  # text-to-image prompts drawn at every evaluation
+    questions: tuple[tuple[str, str], ...] = ()  # (picture path or "", question) answered at every evaluation
+    tokenizer: str = ""  # the data's text tokenizer (tokenizer.json) for prompts and questions; "demo": the demo's
+    vqgan: str = ""  # the data's VQ-GAN (as `unitoken generate --vqgan`); "demo": the demo's
+    size: int = 512  # side of the drawn pictures, in the layout's pixels (a multiple of 32)
+    cfg: float = 3.0  # classifier-free guidance of the drawn pictures (1: none)
+    max_new_tokens: int = 64  # the longest answer
+
+    def validate(self) -> "EvalConfig":
+        for name in ("every", "holdout_fraction"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name} must be 0 (off) or more, got {getattr(self, name)}")
+        if self.holdout_fraction >= 1:
+            raise ValueError(f"eval.holdout_fraction={self.holdout_fraction} would leave nothing to train on; "
+                             "give a fraction in [0, 1), or keep held-out datasets in eval.sources")
+        if self.sources and self.holdout_fraction:
+            raise ValueError("eval.sources and eval.holdout_fraction are both set: evaluation reads one held-out "
+                             "set; give one of them")
+        if self.every and not (self.sources or self.holdout_fraction):
+            raise ValueError(f"eval.every={self.every} needs held-out data: set eval.holdout_fraction (a fraction of "
+                             "data.sources, by sample id) or eval.sources (datasets of their own)")
+        for name in ("batches", "size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be at least 1, got {getattr(self, name)}")
+        if self.size % 32:
+            raise ValueError(f"eval.size={self.size} must be a multiple of 32 (the layout's grid unit)")
+        if self.cfg <= 0:
+            raise ValueError(f"eval.cfg={self.cfg} must be positive (1: no guidance)")
+        for name in ("prompts", "questions"):
+            if getattr(self, name) and not (self.tokenizer and self.vqgan):
+                raise ValueError(f"eval.{name} needs eval.tokenizer and eval.vqgan (the tokenizers the data was "
+                                 "pre-tokenized with; 'demo' and 'demo' for the demo data)")
+        if (self.tokenizer == "demo") != (self.vqgan == "demo"):
+            raise ValueError("eval.tokenizer='demo' and eval.vqgan='demo' go together (the demo's small tokenizers)")
+        for i, (_, question) in enumerate(self.questions):
+            if not question.strip():
+                raise ValueError(f"eval.questions[{i}] has an empty question")
+        return self
+
+    @property
+    def decodes(self) -> bool:
+        return bool(self.prompts or self.questions)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (the rest of the devices)."""
 
@@ -92,6 +152,8 @@ class TrainConfig:
     # the run
     max_nonfinite_in_a_row: int = 10
     seed: int = 0  # dropout
+    # evaluation during training (a config without the key evaluates nothing)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     @classmethod
     def from_config_dict(cls, config: Any) -> "TrainConfig":
@@ -108,6 +170,7 @@ class TrainConfig:
         self.init_from.validate()
         self.optimizer.validate()
         self.data.validate()
+        self.eval.validate()
         self.model.validate()
         if self.model.quantize != "none":
             raise ValueError(f"model.quantize={self.model.quantize!r}: quantized weights are for inference only; "

@@ -1,9 +1,11 @@
 """`train_and_evaluate(config, workdir)`: one training stage from a config (configs/stage*.py).
 
     WORKDIR/checkpoints/<step>/   Orbax: train state + every process's data-iterator state
-    WORKDIR/tensorboard/          event files: losses (split), grad norm, lr, tokens/s, MFU
+    WORKDIR/tensorboard/          event files: losses (split), grad norm, lr, tokens/s, MFU; eval/* (held-out
+                                  losses, drawn pictures, answers: config.eval, train/evaluate.py)
     WORKDIR/config.json           the config this run used
     WORKDIR/samples.jsonl         the ids of the samples each step saw (config.log_sample_ids)
+    WORKDIR/samples/step_<N>.png  the pictures evaluation drew at step N (config.eval; train/evaluate.py)
     WORKDIR/final/                the trained model (our Orbax format; the next stage's init_from)
 
 The state is created already sharded on a ('data', 'fsdp', 'tensor') mesh; the step is compiled
@@ -15,6 +17,7 @@ leaving the last checkpoint, saved before the streak, as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,9 +34,11 @@ from jax.experimental import multihost_utils
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, sources_from
 from unitoken_jax.model import UniTokenModel, load
+from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.train import metrics as metrics_lib
 from unitoken_jax.train.checkpoint import Checkpointer
 from unitoken_jax.train.config import TrainConfig
+from unitoken_jax.train.evaluate import Evaluator, Samples
 from unitoken_jax.train.program import (
     BATCH_KEYS,
     TrainProgram,
@@ -58,24 +63,27 @@ def _check_workdir(workdir: str) -> None:
 
 # --- parameters at the start of a stage --------------------------------------------------------
 def initial_params(config: TrainConfig, mesh):
-    """Random parameters, overwritten part by part (decoder, vit, adapter) by `init_from`."""
+    """Random parameters, overwritten part by part (decoder, vit, adapter) by `init_from`. With
+    `model.lora`, the checkpoints give the base weights (a LoRA model among them is merged first)
+    and the adapters start fresh (B = 0: the run starts from exactly the loaded model)."""
     init = config.init_from
     model = UniTokenModel.random(config.model, seed=init.seed, mesh=mesh)
     if init.kind == "random":
         return model.params
     if not init.paths:
         raise ValueError(f"init_from.kind={init.kind!r} needs init_from.paths (e.g. --config.init_from.paths=DIR)")
-    params = dict(model.params)
+    params, adapters = lora_lib.split(model.params)
     for path in init.paths:
         if init.kind == "stage":
             final = os.path.join(path, "final")
             if not os.path.isdir(final):
                 raise FileNotFoundError(f"{path} has no finished stage (no {final}); finish that stage first")
             path = final
-        loaded = load(path, mesh=mesh, progress=jax.process_index() == 0)
+        loaded = load(path, mesh=mesh, progress=jax.process_index() == 0, param_dtype=config.model.param_dtype)
         if loaded.config.quantize != "none":
             raise ValueError(f"{path} holds {loaded.config.quantize} weights, which are for inference only; "
                              "initialise training from the float checkpoint (quantize='none')")
+        loaded = loaded.merge_adapters()
         for part, value in loaded.params.items():
             mine = params.get(part)
             if mine is None:
@@ -87,22 +95,29 @@ def initial_params(config: TrainConfig, mesh):
                                  f"(e.g. {jax.tree.leaves(got)[:2]} vs {jax.tree.leaves(want)[:2]})")
             params[part] = jax.tree.map(lambda v, m: v.astype(m.dtype), value, mine)
             log.info("init_from: %s <- %s", part, path)
-    return params
+    return lora_lib.join(params, adapters)
 
 
-# --- batches -------------------------------------------------------------------------------
-def _pipeline(config: TrainConfig, workdir: str, mesh) -> InputPipeline:
-    d, model_config = config.data, config.model
+# --- batches ---------------------------------------------------------------------------------
+def _training_sources(config: TrainConfig, workdir: str) -> list:
+    d = config.data
     sources = list(sources_from(d.sources)) if d.sources else []
     if d.demo:
         demo_dir = os.path.join(workdir, "demo_data")
         if jax.process_index() == 0:
-            build_demo_dataset(demo_dir, siglip_size=model_config.vision.image_size)
+            build_demo_dataset(demo_dir, siglip_size=config.model.vision.image_size)
         multihost_utils.sync_global_devices("demo dataset")
         sources.append(os.path.join(demo_dir, "dataset"))
     if not sources:
         raise ValueError("config.data.sources is empty: give pre-tokenized dataset directories or a YAML meta file "
                          "(or data.demo=True for the drawn demo data)")
+    return sources
+
+
+def _input_pipeline(sources, config: TrainConfig, mesh, **split) -> InputPipeline:
+    """This process's pipeline of `sources` for the config's batch shape; `split`: the held-out
+    split's PipelineConfig fields."""
+    d = config.data
     n = jax.process_count()
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     for what, value in (("rows", d.rows), ("max_images", d.max_images)):
@@ -111,13 +126,33 @@ def _pipeline(config: TrainConfig, workdir: str, mesh) -> InputPipeline:
                              f"{n} processes")
     pc = PipelineConfig(rows=d.rows // n, length=d.length, mix=d.mix, max_images=d.max_images // n,
                         seed=d.seed, num_threads=d.num_threads, worker_count=d.worker_count,
-                        lookahead=d.lookahead)
+                        lookahead=d.lookahead, **split)
     pipeline = InputPipeline(sources, pc, process_index=jax.process_index(), process_count=n)
-    side = model_config.vision.image_size
+    side = config.model.vision.image_size
     if pipeline.siglip_size != side:
         raise ValueError(f"the data was pre-tokenized for {pipeline.siglip_size}px SigLIP tiles; the model's ViT takes "
                          f"{side}px")
     return pipeline
+
+
+def input_pipelines(config: TrainConfig, workdir: str, mesh) -> tuple[InputPipeline, InputPipeline | None]:
+    """(training pipeline, held-out pipeline or None). With `eval.holdout_fraction` the two split
+    the training sources by sample id; with `eval.sources` evaluation reads those, whole. The
+    held-out pipeline takes the training batch's shape and mix, in one process of its own order
+    (`eval.seed`), and is built only when the run evaluates."""
+    e = config.eval
+    sources = _training_sources(config, workdir)
+    train = _input_pipeline(sources, config, mesh, holdout_fraction=e.holdout_fraction, split="train")
+    if not e.every:
+        return train, None
+    held_out = (e.sources, 1.0) if e.sources else (sources, e.holdout_fraction)
+    try:
+        evaluation = _input_pipeline(held_out[0], config.replace(data=dataclasses.replace(
+            config.data, seed=e.seed, worker_count=0)), mesh, holdout_fraction=held_out[1], split="eval")
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"the held-out data ({'eval.sources' if e.sources else 'eval.holdout_fraction'}): {err}") \
+            from err
+    return train, evaluation
 
 
 def _global_batch(local: dict, shardings, features_per_process: int) -> dict:
@@ -152,7 +187,8 @@ def _my_data_state(saved: dict) -> dict:
 # --- the loop --------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir: str, *,
                        batch_transform: Callable[[int, dict], dict] | None = None) -> dict[str, Any]:
-    """Runs (or resumes) the stage; returns the last logged metrics. `config` is a stage ConfigDict
+    """Runs (or resumes) the stage; returns the last logged metrics (and the last evaluation's,
+    under "eval/..."). `config` is a stage ConfigDict
     (configs/stage*.py, checked into a `TrainConfig` here) or a `TrainConfig`.
     `batch_transform(step, batch)` may change a host batch before it is placed (for tests: fault
     injection)."""
@@ -168,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
 
     log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
     program = build_program(config, mesh)
-    pipeline = _pipeline(config, workdir, mesh)
+    pipeline, held_out = input_pipelines(config, workdir, mesh)
+    evaluator = _evaluator(program, pipeline, held_out, workdir) if held_out is not None else None
     data_iter = pipeline.iterator()
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
 
@@ -187,13 +224,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     _log_memory(compiled, time.time() - t0)
     with program.context():
         last = _run(program, compiled, state, pipeline, data_iter, checkpointer, workdir, start_step,
-                    batch_transform)
+                    batch_transform, evaluator)
     checkpointer.close()
     return last
 
 
+def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPipeline, workdir: str) -> Evaluator:
+    """The evaluation of `config.eval`, with its held-out batches read (the first `eval.batches` of
+    the held-out pipeline, the same at every evaluation) and its prompts encoded."""
+    e = program.config.eval
+    features_per_process = held_out.config.max_images * held_out.features_per_tile
+    batches = []
+    it = held_out.iterator()
+    try:
+        for _ in range(e.batches):
+            batches.append(_global_batch(next(it), program.batch_shardings, features_per_process))
+    finally:
+        getattr(it, "close", lambda: None)()
+    samples = None
+    if e.decodes and jax.process_count() > 1:
+        log.warning("eval: prompts and questions are not decoded in a run of %d processes (the decode loop reads "
+                    "its tokens on one host); the held-out losses are", jax.process_count())
+    elif e.decodes:
+        samples = Samples(e, program.config.model, program.abstract_params, program.mesh, pipeline.image_settings)
+    log.info("eval every %d steps: %d held-out batches, %d prompts, %d questions", e.every, len(batches),
+             len(e.prompts) if samples else 0, len(e.questions) if samples else 0)
+    return Evaluator(e, program.config.model, batches, program.state_shardings.params, program.batch_shardings,
+                     program.mesh, workdir, samples)
+
+
 def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_iter, checkpointer: Checkpointer,
-         workdir: str, start_step: int, batch_transform) -> dict[str, Any]:
+         workdir: str, start_step: int, batch_transform, evaluator: Evaluator | None = None) -> dict[str, Any]:
     config, mesh = program.config, program.mesh
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=primary)
@@ -203,6 +264,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     total = config.total_steps * config.optimizer.accumulation_steps
     window = metrics_lib.Window()
     last: dict[str, Any] = {}
+    last_eval: dict[str, float] = {}
     step = start_step
     pending_skips = None
     try:
@@ -224,8 +286,11 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
                 last = window.flush(step, program.flop_counter, mesh.size)
                 writer.write(step, last)
-            # Evaluation (held-out losses, decoded samples) belongs here, at its own interval,
-            # after the step's metrics and before its checkpoint; the loop has none yet.
+            # after the step's metrics, before its checkpoint; not when preempted (the save comes first)
+            if evaluator is not None and evaluator.due(step, total) and not preempted.flag:
+                started = time.time()
+                last_eval = evaluator.run(step, state.params, writer)
+                window.exclude(time.time() - started)
             stop_here = step == config.stop_after
             if step % config.checkpoint_every == 0 or step == total or stop_here or \
                     preempted.now(checkpointer, step):
@@ -245,8 +310,11 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     if step >= total:
         final = os.path.join(workdir, "final")
         UniTokenModel(config.model, state.params).save(final)
+        if config.model.lora is not None and jax.process_index() == 0:  # the adapters alone, in PEFT's format
+            UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"),
+                                                                    base_model=",".join(config.init_from.paths) or None)
         log.info("stage finished at step %d; model in %s", step, final)
-    return last
+    return {**last, **last_eval}
 
 
 def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int) -> None:

@@ -84,6 +84,10 @@ class Window:
         self.metrics.append(metrics)
         self.steps += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves time spent on something other than training (an evaluation) out of tokens/s and MFU."""
+        self.start += seconds
+
     def flush(self, step: int, flops: FlopCounter, devices: int) -> dict:
         fetched = jax.device_get(self.metrics)
         seconds = max(time.time() - self.start, 1e-9)
@@ -113,6 +117,9 @@ class Window:
 
 
 class MetricWriter:
+    """Scalars, pictures and texts as TensorBoard summaries, in the formats `tf.summary.scalar`,
+    `tf.summary.image` and `tf.summary.text` write (built from `tensorboard`'s own protos)."""
+
     def __init__(self, logdir: str, enabled: bool = True):
         self.writer = None
         if enabled:
@@ -121,15 +128,54 @@ class MetricWriter:
             os.makedirs(logdir, exist_ok=True)
             self.writer = EventFileWriter(logdir)
 
-    def write(self, step: int, scalars: dict) -> None:
-        if self.writer is None:
-            return
+    def _add(self, step: int, values: list) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if k != "step"]
         self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
                                               summary=summary_pb2.Summary(value=values)))
         self.writer.flush()
+
+    def write(self, step: int, scalars: dict) -> None:
+        if self.writer is None:
+            return
+        from tensorboard.compat.proto import summary_pb2
+
+        self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                         for k, v in scalars.items() if k != "step"])
+
+    def write_images(self, step: int, images: dict[str, tuple[list, str]]) -> None:
+        """`images`: tag -> (PIL pictures of one size, a description shown beside them)."""
+        if self.writer is None or not images:
+            return
+        import io
+
+        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.plugins.image import metadata as image_metadata
+        from tensorboard.util import tensor_util
+
+        values = []
+        for tag, (pictures, description) in images.items():
+            encoded = []
+            for picture in pictures:
+                buffer = io.BytesIO()
+                picture.convert("RGB").save(buffer, format="PNG")
+                encoded.append(buffer.getvalue())
+            width, height = pictures[0].size
+            # the image plugin's tensor: [width, height, png, png, ...] as strings
+            tensor = tensor_util.make_tensor_proto([str(width).encode(), str(height).encode(), *encoded],
+                                                   dtype=np.object_)
+            values.append(summary_pb2.Summary.Value(
+                tag=tag, tensor=tensor,
+                metadata=image_metadata.create_summary_metadata(display_name=tag, description=description)))
+        self._add(step, values)
+
+    def write_texts(self, step: int, texts: dict[str, str]) -> None:
+        """`texts`: tag -> Markdown text."""
+        if self.writer is None or not texts:
+            return
+        from tensorboard.plugins.text.summary_v2 import text_pb
+
+        self._add(step, [value for tag, text in texts.items() for value in text_pb(tag, text).value])
 
     def close(self) -> None:
         if self.writer is not None:

@@ -50,7 +50,7 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
                                  deterministic=False, rngs={"dropout": rng}, return_hidden=True)
         # the head and the loss together, on the predicting positions only (no [B, L, V] logits)
-        return fused_lm_loss(hidden, _head_kernel(params["decoder"]["lm_head"], config), batch["labels"],
+        return fused_lm_loss(hidden, head_kernel(params["decoder"]["lm_head"], config), batch["labels"],
                              batch["segment_ids"], config.z_loss_weight, batch.get("generation"),
                              chunk=config.loss_chunk, dtype=config.dtype, kernel_grad=head_trains)
 
@@ -75,7 +75,7 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
     return train_step
 
 
-def _head_kernel(head: dict, config: UniTokenConfig):
+def head_kernel(head: dict, config: UniTokenConfig):
     """The LM head's kernel, with its LoRA update folded in when it has one (the fused loss takes
     one [D, V] kernel; the gradient reaches the factors through this sum)."""
     if "lora_a" not in head:

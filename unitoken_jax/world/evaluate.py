@@ -19,10 +19,11 @@ import json
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import unitoken_jax
 from unitoken_jax.inference.pipeline import UniTokenPipeline
+from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.tokenizer.text import TextTokenizer
 from unitoken_jax.vq_tokenizer import VQTokenizer
 from unitoken_jax.world import shapes
@@ -82,15 +83,6 @@ def generation(pipe, cfg: float, per_thing: int = 8, seed: int = 0, image_top_k:
             "chance": CHANCE["caption"]}, pictures
 
 
-def label_font(size: int = 12):
-    """DejaVu Sans where the system has it (accents: Pillow's own font draws 'à' as a box), else
-    Pillow's default."""
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default(size=size)
-
-
 def save_grid(things, pictures, path: str, scale: int = 2, language: shapes.Language = shapes.ENGLISH) -> None:
     """One row per prompt (its text on the left), its pictures across, each marked by the checker:
     a green bar under a picture it accepts, a red one under one it rejects."""
@@ -101,7 +93,7 @@ def save_grid(things, pictures, path: str, scale: int = 2, language: shapes.Lang
     d = ImageDraw.Draw(grid)
     for r, (thing, pics) in enumerate(zip(things, pictures)):
         y = r * (side + 10)
-        d.text((4, y + side // 2 - 6), language.text(thing), fill=(0, 0, 0), font=label_font())
+        d.text((4, y + side // 2 - 6), language.text(thing), fill=(0, 0, 0), font=image_io.label_font())
         for c, p in enumerate(pics):
             x = label + c * (side + 4)
             grid.paste(p.convert("RGB").resize((side, side), Image.NEAREST), (x, y))
