@@ -188,3 +188,26 @@ def test_adapters_for_another_model_are_refused(tmp_path):
     os.remove(tmp_path / "a" / "adapter_config.json")
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         UniTokenModel.random(small_config()).with_adapters(str(tmp_path / "a"))
+
+
+def test_the_inference_verbs_take_adapters(tmp_path, capsys):
+    """`unitoken understand --adapters DIR` answers with the adapted bundled model: the answer
+    changes with strong random adapters, and equals the one of the model loaded with them."""
+    from unitoken_jax import cli
+    from unitoken_jax.world import default, shapes
+
+    base = unitoken_jax.load(os.path.join(default.DEFAULT_DIR, "model"), progress=False)
+    cfg = base.config.replace(lora=LoraConfig(rank=4, targets=("v_proj", "down_proj", "lm_head")))
+    tuned = base._like(cfg, randomize_b(lora_lib.with_adapters(base.params, cfg, seed=4), scale=2.0))
+    tuned.save_adapters(str(tmp_path / "adapters"))
+    picture = str(tmp_path / "p.png")
+    shapes.draw([shapes.Thing("red", "circle", "top left")]).save(picture)
+    question = shapes.QUESTIONS["colour"]
+
+    assert cli.main(["understand", picture, question]) == 0
+    plain = capsys.readouterr().out.strip()
+    assert cli.main(["understand", picture, question, "--adapters", str(tmp_path / "adapters")]) == 0
+    adapted = capsys.readouterr().out.strip()
+    assert plain == "red" and adapted != plain
+    pipe = default.pipeline(adapters=str(tmp_path / "adapters"))
+    assert pipe.understand([picture], question).strip() == adapted

@@ -99,7 +99,7 @@ def _pipeline(args):
         world = default.settings()
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         logging.getLogger(__name__).info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
-        pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize)
+        pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters)
         if args.image_prefix is not None:
             pipe.image_prefix = _ids(args.image_prefix)
         return pipe
@@ -110,7 +110,8 @@ def _pipeline(args):
         paths[name] = getattr(args, name) or os.environ.get(env)
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
-    model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize)
+    model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize,
+                              adapters=args.adapters)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.load(paths["vqgan"])
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
@@ -337,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                        help="weight format: int8 quantizes every matmul kernel as it loads (about half the "
                             "memory of bfloat16); default: the checkpoint's own")
+        p.add_argument("--adapters", default=None,
+                       help="LoRA adapters in PEFT's format (a fine-tuning run's WORKDIR/adapters) for the model, "
+                            "merged into it as it loads")
         p.add_argument("--image-prefix", default=None,
                        help="comma-separated ids put before <racm3:break> when asking for a picture "
                             "(default: the reference's 16853 where the model's vocabulary has it, else none; '' for "

@@ -63,12 +63,15 @@ def describe() -> str:
             "answer from that world, not a refusal; give --model for a real checkpoint")
 
 
-def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantize: str | None = None):
+def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantize: str | None = None,
+             adapters: str | None = None):
     """The bundled model as a `UniTokenPipeline` (its parameters sharded over `mesh` if given;
-    `quantize="int8"` for int8 weights)."""
+    `quantize="int8"` for int8 weights; `adapters`: LoRA adapters for it in PEFT's format, e.g. the
+    French ones of `world.finetune_demo`)."""
     s = settings(path)
     logging.getLogger(__name__).info(describe())
-    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh, quantize=quantize)
+    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh, quantize=quantize,
+                              adapters=adapters)
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
                             image_prefix=s["image_prefix"])
