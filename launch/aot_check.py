@@ -193,6 +193,8 @@ def main(argv=None):
           f"temporaries {mem.temp_size_in_bytes / 2**30:.2f}, outputs {mem.output_size_in_bytes / 2**30:.2f}, "
           f"aliased {mem.alias_size_in_bytes / 2**30:.2f})")
     print(f"model FLOPs per step: {flops:.3e} ({flops / mesh.size:.3e} per chip)")
+    hbm = hbm_bytes(mesh.devices.flat[0])
+    print(f"fits: {per_chip / 2**30:.2f} of {hbm / 2**30:.2f} GiB a chip ({per_chip / hbm:.0%})")
 
 
 if __name__ == "__main__":

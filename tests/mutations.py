@@ -88,6 +88,19 @@ MUTATIONS = (
     Mutation("flash_backward_no_delta", "the xla attention's backward without the softmax's row term",
              "unitoken_jax/models/attention.py", "ds = p * (dp - delta_i[..., None])", "ds = p * dp",
              ("tests/test_attention.py", "-k", "gradients")),
+    Mutation("lora_scaling_alpha", "LoRA scaled by alpha instead of alpha / rank", "unitoken_jax/models/config.py",
+             "return self.alpha / self.rank", "return self.alpha", ("tests/test_lora.py", "-k", "peft")),
+    Mutation("peft_b_unflipped", "PEFT's lora_B written without its transpose (square factors slip through shape "
+             "checks)", "unitoken_jax/convert/peft.py",
+             "np.ascontiguousarray(b_l.reshape(lora.rank, -1).T)", "np.ascontiguousarray(b_l.reshape(-1, lora.rank))",
+             ("tests/test_lora.py", "-k", "peft")),
+    Mutation("lora_trains_the_base", "a LoRA run training the base weights too", "unitoken_jax/train/optimizer.py",
+             'return "train" if is_adapter(keys) else "frozen"', 'return "train"',
+             ("tests/test_lora_training.py", "-k", "alone")),
+    Mutation("holdout_ignored_by_training", "training reading the held-out samples", "unitoken_jax/data/pipeline.py",
+             'return is_held_out(sample_id, self.holdout_fraction) == (self.split == "eval")',
+             'return self.split != "eval" or is_held_out(sample_id, self.holdout_fraction)',
+             ("tests/test_eval_in_training.py", "-k", "disjoint or never")),
 )
 
 
