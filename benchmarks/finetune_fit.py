@@ -6,17 +6,20 @@ bfloat16 frozen base, adapters and their AdamW moments in float32) and the full 
 per-chip memory at growing batches, up to the largest that compiles within the chip's HBM.
 Writes benchmarks/results/finetune_fit.md.
 
-    python benchmarks/finetune_fit.py          # ~15 min on 2 cores
+    python benchmarks/finetune_fit.py          # ~1 h on 2 cores (a 7B compile takes 4-8 min)
+
+Each compile's result is kept in benchmarks/results/finetune_fit.json and reused by a later run
+with the same settings (so an interrupted run goes on where it stopped); --fresh ignores it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch"))
 
@@ -47,31 +50,51 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/finetune_fit.md")
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--batches", default="8,16,32,64", help="global rows to try, smallest first")
+    parser.add_argument("--hosts", default=",".join(label for label, _ in HOSTS))
+    parser.add_argument("--lora-batches", default="8,16,32,64", help="global rows to try, smallest first; the "
+                                                                     "first that does not fit ends the list")
+    parser.add_argument("--full-batches", default="8,16")
+    parser.add_argument("--fresh", action="store_true", help="compile everything again (ignore the kept results)")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    start = time.time()
-    rows_md, largest = [], []
+    cache_path = os.path.splitext(args.out)[0] + ".json"
+    cache = {} if args.fresh or not os.path.exists(cache_path) else json.load(open(cache_path))
+    key = lambda topology, variant, rows: f"{topology} {variant} {rows}x{args.seq} jax {jax.__version__}"  # noqa: E731
     for label, topology in HOSTS:
+        if label not in args.hosts.split(","):
+            continue
+        for variant, batches in (("lora", args.lora_batches), ("full", args.full_batches)):
+            for rows in (int(b) for b in batches.split(",")):
+                k = key(topology, variant, rows)
+                if k not in cache:
+                    cache[k] = compile_once(variant, topology, rows, args.seq)
+                    with open(cache_path, "w") as f:
+                        json.dump(cache, f, indent=1)
+                print(label, variant, rows, cache[k], flush=True)
+                if not cache[k]["fits"]:
+                    break
+
+    rows_md, largest = [], []
+    for label, topology in HOSTS:  # the report: every kept result of these settings
         hbm = aot_check.hbm_bytes(aot_check.topology_devices(topology).flat[0]) / 2**30
         for variant in ("lora", "full"):
-            best = None
-            for rows in batches:
-                r = compile_once(variant, topology, rows, args.seq)
-                print(label, variant, rows, r, flush=True)
+            tried = sorted((int(k.split()[2].split("x")[0]), r) for k, r in cache.items()
+                           if k.startswith(f"{topology} {variant} ") and k.endswith(f"x{args.seq} jax {jax.__version__}"))
+            for rows, r in tried:
                 if r["fits"]:
-                    best = rows
                     cell = f"{r['total']:.2f} (weights and state {r['args']:.2f}, temporaries {r['temp']:.2f})"
                 else:
-                    cell = "**does not fit**" + (f" (needs {r['needed']:.2f})" if r["needed"] else "")
+                    cell = "**does not fit**" + (f" (its temporaries alone need {r['needed']:.2f})" if r["needed"]
+                                                 else "")
                 rows_md.append(f"| {label} (`{topology}`, {hbm:.2f} GiB) | {variant} | {rows} x {args.seq} | {cell} |")
-                if not r["fits"]:
-                    break
-            largest.append(f"| {label} | {variant} | {f'{best} rows ({best // 8} a chip)' if best else 'none'} |")
+            fitting = [rows for rows, r in tried if r["fits"]]
+            if tried:
+                best = max(fitting) if fitting else None
+                largest.append(f"| {label} | {variant} | {f'{best} rows ({best // 8} a chip)' if best else 'none'} |")
     lines = [
         "# Fine-tuning the released 7B on one host: memory a chip, from AOT compiles", "",
         f"{datetime.date.today()}, compiled on this CPU machine for each TPU topology (jax {jax.__version__}, libtpu "
-        f"topologies; `python benchmarks/finetune_fit.py`, in {time.time() - start:.0f} s). The step is the training "
+        f"topologies; `python benchmarks/finetune_fit.py`; the fitting compiles took "
+        f"{sum(r.get('seconds', 0) for r in cache.values()):.0f} s). The step is the training "
         "loop's own (`configs/finetune.py`: `lora` trains rank-16 adapters on every decoder projection beside a "
         "frozen bfloat16 base; `full` trains every weight with float32 master weights and AdamW moments), "
         f"{args.seq}-position rows, remat full, one SigLIP tile a row, every chip on the fsdp axis. GiB a chip "
