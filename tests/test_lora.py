@@ -159,6 +159,10 @@ def test_bad_lora_configs_are_refused_by_name():
         UniTokenConfig.from_dict({**small_config().to_dict(), "lora": {"rank": -2}})
     with pytest.raises(ValueError, match="lora.dropout"):
         small_config(dropout=1.0)
+    # a command line's one string names several targets
+    assert small_config(targets=("q_proj, v_proj",)).lora.targets == ("q_proj", "v_proj")
+    with pytest.raises(ValueError, match="unknown lora target.*'vproj'"):
+        small_config(targets=("q_proj,vproj",))
 
 
 def test_adapters_for_another_model_are_refused(tmp_path):

@@ -109,6 +109,11 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = DECODER_LORA_TARGETS
 
+    def __post_init__(self):  # "q_proj,v_proj" (a command line's one string) names two targets
+        targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        object.__setattr__(self, "targets", tuple(t.strip() for entry in targets for t in entry.split(",")
+                                                  if t.strip()))
+
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
