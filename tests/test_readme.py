@@ -47,3 +47,24 @@ def test_the_bundled_model_blocks_run(tmp_path, heading):
     code = _block(heading).replace("/tmp/red.png", str(tmp_path / "red.png"))
     result = _run(code, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_fine_tuning_block_runs_on_the_bundled_model(tmp_path):
+    """The block's paths stand for the release, a run's adapters and its final model: here the
+    bundled model, adapters made for it, and that model with adapters in our format."""
+    import unitoken_jax
+    from unitoken_jax.models import lora
+    from unitoken_jax.models.config import LoraConfig
+    from unitoken_jax.world import default
+
+    base_dir = os.path.join(default.DEFAULT_DIR, "model")
+    base = unitoken_jax.load(base_dir, progress=False)
+    config = base.config.replace(lora=LoraConfig(rank=2, targets=("q_proj", "v_proj")))
+    tuned = base._like(config, lora.with_adapters(base.params, config))
+    tuned.save_adapters(str(tmp_path / "adapters"))
+    tuned.save(str(tmp_path / "final"))
+    code = (_block("## Fine-tuning on one host").replace("/ckpt/UniToken-7B-mine", str(tmp_path / "mine"))
+            .replace("/ckpt/UniToken-7B", base_dir).replace("/mnt/bucket/ft", str(tmp_path)))
+    result = _run(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "mine" / "config.json").exists()
