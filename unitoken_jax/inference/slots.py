@@ -1,0 +1,238 @@
+"""Continuous batching: a fixed number of rows (slots) decoding in one compiled loop, with requests
+admitted into free slots between chunks and finished ones leaving.
+
+    decoder = SlotDecoder(pipe.decode_loop, slots=8, length=512)
+    decoder.admit("a", request_a)              # prefilled into a free slot (two for a guided picture)
+    while decoder.busy:
+        for name, tokens in decoder.step().items():   # one chunk of the compiled loop
+            ...                                       # `name` finished: its generated ids
+        decoder.admit("b", request_b)          # whenever slots are free, even mid-way through "a"
+
+The slots share one persistent KV cache [layers, slots, kv_heads, length, head_dim] and one
+`SamplingState`; each slot row has its own `RowParams` entry (sampling options, key, stop ids,
+grid limits), so a request samples exactly what it samples alone: its noise is drawn from its own
+seed and its own count of emitted tokens (`sampling`), its grid state is its own, and an
+unconditional partner occupies a second slot and follows its row's choices (`DecodeLoop`). The
+loop is `DecodeLoop`'s own, run over all slots; a free slot is a finished row, which the loop
+neither samples for nor writes to the cache.
+
+Admission prefills the new rows alone (prompt length and row count padded to powers of two, so few
+shapes compile) and writes their keys, values, first logits and fresh state into their slots on
+the device; nothing else moves. Shapes the loop compiles for: the slot count and cache length
+(fixed), and the number of sampling candidates (the vocabulary, or the largest top-k in use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unitoken_jax import sharding
+from unitoken_jax.inference import sampling
+from unitoken_jax.inference.decode import (
+    DecodeLoop,
+    Request,
+    RowParams,
+    SamplingState,
+    _build_batch,
+    _initial_grid,
+    _row_params,
+    _rows,
+)
+from unitoken_jax.inference.grid import DONE, GridState
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass
+class _Running:
+    request: Request
+    slots: list[int]  # its row, then its unconditional partner's if guided
+
+
+class SlotDecoder:
+    """`slots` rows of `length` positions (prompt + new tokens) each; see the module docstring."""
+
+    def __init__(self, loop: DecodeLoop, slots: int, length: int, chunk: int = 16):
+        if slots < 1 or length < 2 or chunk < 1:
+            raise ValueError(f"slots={slots}, length={length}, chunk={chunk}: need slots >= 1, length >= 2, chunk >= 1")
+        self.loop, self.n_slots, self.length, self.chunk = loop, slots, length, chunk
+        self.running: dict[Hashable, _Running] = {}
+        self._free = list(range(slots))
+        config = loop.config
+        self._vocab = config.decoder.vocab_size
+        n, z = slots, np.zeros(slots, np.int32)
+        # host copies of every slot's parameters (free slots: a greedy row that is done)
+        self._params = {f.name: np.asarray(getattr(_row_params(*self._dummy_rows(1)), f.name)).repeat(n, 0)
+                        for f in dataclasses.fields(RowParams) if f.name not in ("key", "stop_tokens")}
+        self._params.update(primary=np.arange(n, dtype=np.int32), uncond_row=np.full(n, -1, np.int32), prompt_len=z)
+        self._seeds = np.zeros(n, np.uint32)
+        self._stop = np.full((n, 1), -1, np.int32)
+        self._candidates = np.ones(n, np.int64)  # the sampling candidates each slot needs
+        cache_dtype = loop.cache_dtype
+        layers, kv, hd = config.decoder.num_layers, config.decoder.num_kv_heads, config.decoder.head_dim
+        with sharding.mesh_context(loop.mesh):
+            cache = {"k": jnp.zeros((layers, n, kv, length, hd), cache_dtype),
+                     "v": jnp.zeros((layers, n, kv, length, hd), cache_dtype), "index": jnp.zeros(n, jnp.int32)}
+            grid = jax.tree.map(jnp.asarray, _initial_grid(self._dummy_rows(n)[0]))
+            self.state = SamplingState(grid=grid.replace(mode=jnp.full(n, DONE, jnp.int32)),
+                                       logits=jnp.zeros((n, self._vocab), jnp.float32), cache=cache,
+                                       out=jnp.zeros((n, length), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
+                                       done=jnp.ones(n, bool), step=jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def _dummy_rows(n: int):
+        r = Request(np.array([0], np.int32), max_new_tokens=1)
+        rows = [(r, r.tokens, None, None, None)] * n
+        return rows, np.arange(n, dtype=np.int32), np.full(n, -1, np.int32), np.ones(n, np.int32)
+
+    # --- what is going on ------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def rows_in_use(self) -> int:
+        return self.n_slots - len(self._free)
+
+    @staticmethod
+    def slots_needed(request: Request) -> int:
+        return 2 if request.cfg_scale != 1.0 else 1
+
+    def partial(self, name: Hashable) -> np.ndarray:
+        """The ids `name` has generated so far (for streaming)."""
+        row = self.running[name].slots[0]
+        n = int(self.state.n_out[row])
+        return np.asarray(self.state.out[row, :n])
+
+    # --- admitting and removing --------------------------------------------------------------
+    def admit(self, name: Hashable, request: Request) -> list[int]:
+        """Prefills `request` into free slots; returns them. A ValueError when it cannot fit."""
+        if name in self.running:
+            raise ValueError(f"{name!r} is running already")
+        need = self.slots_needed(request)
+        if need > len(self._free):
+            raise ValueError(f"{name!r} needs {need} free slot(s), {len(self._free)} are free")
+        rows, _, uncond = _rows([request])
+        longest = max(len(t) for _, t, *_ in rows)
+        if longest + request.max_new_tokens > self.length:
+            raise ValueError(f"a prompt of {longest} positions and {request.max_new_tokens} new tokens do not fit a "
+                             f"slot of {self.length} positions")
+        slots = [self._free.pop(0) for _ in range(need)]
+        self._prefill_into(rows, slots)
+        primary = slots[0]
+        p = self._params
+        for j, (slot, (r, toks, *_)) in enumerate(zip(slots, rows)):
+            one = _row_params([(r, toks, None, None, None)], np.zeros(1, np.int32), np.full(1, -1, np.int32),
+                              np.array([len(toks)], np.int32))
+            for key in p:
+                if key not in ("primary", "uncond_row"):
+                    p[key][slot] = np.asarray(getattr(one, key))[0]
+            p["primary"][slot] = primary
+            p["uncond_row"][slot] = slots[1] if (j == 0 and uncond[0] >= 0) else -1
+            self._seeds[slot] = r.seed
+            stop = list(r.stop_tokens)
+            if len(stop) > self._stop.shape[1]:
+                self._stop = np.pad(self._stop, ((0, 0), (0, len(stop) - self._stop.shape[1])), constant_values=-1)
+            self._stop[slot] = stop + [-1] * (self._stop.shape[1] - len(stop))
+            self._candidates[slot] = sampling.num_candidates(self._vocab, [(r.temperature, r.top_k),
+                                                                            (r.image_temperature, r.image_top_k)])
+        self.running[name] = _Running(request, slots)
+        return slots
+
+    def cancel(self, name: Hashable) -> None:
+        """Frees `name`'s slots now (a client that went away)."""
+        running = self.running.pop(name, None)
+        if running is not None:
+            self._release(running.slots)
+
+    def _release(self, slots: list[int]) -> None:
+        self.state = _mark_done(self.state, jnp.asarray(slots, jnp.int32))
+        self._candidates[slots] = 1
+        # a free slot follows itself: the loop copies a row's `done` from its primary row
+        self._params["primary"][slots] = slots
+        self._params["uncond_row"][slots] = -1
+        self._free = sorted(self._free + slots)
+
+    def _prefill_into(self, rows, slots: list[int]) -> None:
+        loop = self.loop
+        n_rows = _pow2(len(rows))
+        padded = list(rows) + [self._dummy_rows(1)[0][0]] * (n_rows - len(rows))
+        tokens, segments, cont, index, pixels, _ = _build_batch(
+            padded, loop.config.vision.features_per_image if loop.config.vision else None)
+        width = min(_pow2(tokens.shape[1]), self.length)
+        pad = ((0, 0), (0, width - tokens.shape[1]))
+        tokens, segments, cont, index = (np.pad(a, pad) for a in (tokens, segments, cont, index))
+        targets = np.full(n_rows, self.n_slots, np.int32)  # padding rows go nowhere (dropped)
+        targets[:len(slots)] = slots
+        grid = _initial_grid(padded)
+        with sharding.mesh_context(loop.mesh):
+            logits, cache = loop._prefill(loop.params, tokens, segments, cont, index, pixels, self.length)
+            self.state = _place(self.state, jnp.asarray(targets), logits, cache, jax.tree.map(jnp.asarray, grid))
+
+    # --- running ---------------------------------------------------------------------------
+    def step(self) -> dict[Hashable, np.ndarray]:
+        """Runs one chunk of the compiled loop over every slot; returns the requests that finished
+        in it (their generated ids), whose slots are free again."""
+        if not self.running:
+            return {}
+        p = self._params
+        params = RowParams(**{k: jnp.asarray(v) for k, v in p.items()},
+                           key=jax.vmap(jax.random.key)(jnp.asarray(self._seeds)), stop_tokens=jnp.asarray(self._stop))
+        max_k = int(self._candidates.max())
+        loop = self.loop
+        with sharding.mesh_context(loop.mesh):
+            end = self.state.step + self.chunk
+            self.state = loop._run(loop.params, self.state, params, end, max_k, self.n_slots)
+        done, n_out = np.asarray(self.state.done), np.asarray(self.state.n_out)
+        finished = {}
+        for name, running in list(self.running.items()):
+            row = running.slots[0]
+            if done[row]:
+                finished[name] = np.asarray(self.state.out[row, :n_out[row]])
+                del self.running[name]
+                self._release(running.slots)
+        return finished
+
+    def run_all(self, requests: dict[Hashable, Request]) -> dict[Hashable, np.ndarray]:
+        """Every request, admitted as slots free up, to the end (a convenience for tests and batch jobs)."""
+        waiting = list(requests.items())
+        out: dict[Hashable, np.ndarray] = {}
+        while waiting or self.running:
+            while waiting and self.slots_needed(waiting[0][1]) <= self.free_slots:
+                self.admit(*waiting.pop(0))
+            if waiting and not self.running:
+                raise ValueError(f"{waiting[0][0]!r} needs more slots than there are ({self.n_slots})")
+            out.update(self.step())
+        return out
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _place(state: SamplingState, slots, logits, cache, grid: GridState) -> SamplingState:
+    """Writes new rows (prefilled alone) into their slots; a slot index past the end is dropped."""
+    put = lambda old, new, axis=0: (old.at[(slice(None),) * axis + (slots,)].set(new.astype(old.dtype),  # noqa: E731
+                                                                                  mode="drop"))
+    return state.replace(
+        grid=jax.tree.map(put, state.grid, grid),
+        logits=put(state.logits, logits),
+        cache={"k": put(state.cache["k"], cache["k"], 1), "v": put(state.cache["v"], cache["v"], 1),
+               "index": put(state.cache["index"], cache["index"])},
+        out=put(state.out, jnp.zeros((slots.shape[0], state.out.shape[1]), state.out.dtype)),
+        n_out=put(state.n_out, jnp.zeros_like(slots)),
+        done=put(state.done, jnp.zeros(slots.shape, bool)))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _mark_done(state: SamplingState, slots) -> SamplingState:
+    return state.replace(done=state.done.at[slots].set(True),
+                         grid=state.grid.replace(mode=state.grid.mode.at[slots].set(DONE)))
