@@ -83,7 +83,7 @@ def main():
                 if r["fits"]:
                     cell = f"{r['total']:.2f} (weights and state {r['args']:.2f}, temporaries {r['temp']:.2f})"
                 else:
-                    cell = "**does not fit**" + (f" (its temporaries alone need {r['needed']:.2f})" if r["needed"]
+                    cell = "**does not fit**" + (f" (XLA: its temporaries need {r['needed']:.2f})" if r["needed"]
                                                  else "")
                 rows_md.append(f"| {label} (`{topology}`, {hbm:.2f} GiB) | {variant} | {rows} x {args.seq} | {cell} |")
             fitting = [rows for rows, r in tried if r["fits"]]
