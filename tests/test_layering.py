@@ -32,6 +32,7 @@ FORBIDDEN = {
     "train": {"world", "cli", "sweep"},
     "sweep": {"train", "world", "cli", "model", "inference", "data"},
     "world": {"cli"},
+    "serve": {"train", "world", "cli", "sweep", "convert", "data"},
 }
 
 

@@ -235,6 +235,32 @@ def _chat(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from unitoken_jax.serve import ServeSettings, run
+
+    bundled = not (args.model or os.environ.get("UNITOKEN_MODEL"))
+    if args.max_batch < 1 or args.queue_limit < 1 or args.timeout <= 0:
+        raise ValueError("--max-batch and --queue-limit must be at least 1 and --timeout positive")
+    if bundled and args.size is not None:
+        from unitoken_jax.world import default
+
+        world = tuple(default.settings()["size"]) if default.available() else None
+        if world is not None and _size(args.size) != world:
+            raise ValueError(f"the bundled model draws only {world[0]}x{world[1]} pictures, not --size {args.size}")
+    pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
+    size = _size(args.size)
+    name = args.model_name or ("unitoken-shapes" if bundled else
+                               os.path.basename(os.path.normpath(args.model or os.environ["UNITOKEN_MODEL"])))
+    settings = ServeSettings(model_name=name, api_key=args.api_key or os.environ.get("UNITOKEN_API_KEY") or None,
+                             max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
+                             batch_wait=args.batch_wait, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                             default_size=size, sizes=(size,) if bundled else None)
+    key = "API key required" if settings.api_key else "no API key"
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({key})", flush=True)
+    run(pipe, settings, host=args.host, port=args.port)
+    return 0
+
+
 def _pretokenize(args) -> int:
     from unitoken_jax.data import pretokenize as pt
 
@@ -324,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     recon.add_argument("--size", type=int, default=512, help="crop side in pixels (a multiple of 32)")
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
-    def model_args(p, image_out=False):
+    def model_args(p, image_out=False, per_request=True):
         p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "
                                        "shapes-world model)")
         p.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json (default $UNITOKEN_TOKENIZER)")
@@ -345,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="comma-separated ids put before <racm3:break> when asking for a picture "
                             "(default: the reference's 16853 where the model's vocabulary has it, else none; '' for "
                             "none)")
+        if not per_request:  # a server: every call brings its own seed, size and sampling options
+            return
         p.add_argument("--seed", type=int, default=0)
         if image_out:
             p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 32 (512x512; the "
@@ -377,6 +405,28 @@ def main(argv: list[str] | None = None) -> int:
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
     model_args(cha)
     cha.set_defaults(func=_chat)
+    srv = add_parser("serve", help="an OpenAI-compatible HTTP server (chat with pictures, images generations and "
+                                   "edits), batching concurrent calls")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (another than 127.0.0.1 opens the "
+                                                         "server to the network: set an API key)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
+                                                     "/health (default $UNITOKEN_API_KEY; none: open)")
+    srv.add_argument("--model-name", default=None, help="the model's id in /v1/models and requests (default: "
+                                                        "unitoken-shapes for the bundled model, else the --model "
+                                                        "directory's name)")
+    srv.add_argument("--max-batch", type=int, default=16, help="rows of one batch (a guided picture takes two; "
+                                                               "batches are padded to powers of two)")
+    srv.add_argument("--queue-limit", type=int, default=64, help="calls that may wait; one more gets 429")
+    srv.add_argument("--timeout", type=float, default=600.0, help="seconds a call may take, waiting included; "
+                                                                  "then 504")
+    srv.add_argument("--batch-wait", type=float, default=0.0,
+                     help="seconds without a new call before a batch starts (lets a burst run as one batch)")
+    srv.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies get 413")
+    srv.add_argument("--size", default=None, help="pictures' size when a call asks for 'auto' (default: the bundled "
+                                                  "model's 64x64, the only size it draws; else 512x512)")
+    model_args(srv, per_request=False)
+    srv.set_defaults(func=_serve)
     pre = add_parser("pretokenize", help="conversations (reference JSON) + images -> a TFDS ArrayRecord dataset")
     pre.add_argument("items", help="a .json list or .jsonl file of items in the reference's conversation format")
     pre.add_argument("--out", required=True, help="dataset directory (resumes if a run was stopped)")

@@ -1,0 +1,441 @@
+"""The ASGI app of `unitoken serve`: OpenAI's endpoints over a `UniTokenPipeline`.
+
+    POST /v1/chat/completions   text and pictures in (data URLs), text and pictures out; stream=true
+                                sends server-sent events (chat.completion.chunk ... data: [DONE])
+    POST /v1/images/generations prompt -> n pictures (b64_json); guidance_scale, negative_prompt, seed
+    POST /v1/images/edits       multipart: one picture and an instruction -> n pictures
+    GET  /v1/models             the one model served
+    GET  /health                {"status": "ok"}; never needs the API key
+    GET  /metrics               Prometheus text: requests, queue, rows in use, tokens/s
+
+A handler checks and encodes its call (tokenizing, reading pictures: in a thread, beside the
+running batch), hands its requests to the `Scheduler` and waits for them. A call that cannot be
+queued gets 429; one that has not finished after `timeout` seconds gets 504 (dropped if it never
+started); a call whose client goes away before it starts is dropped. How the wire format carries
+pictures is in `wire`'s docstring. Choice i of a call (a chat's `n`, an images call's `n`) runs
+with seed `seed + i`, as `UniTokenPipeline.generate_image` numbers them; without a seed the server
+draws one.
+
+Defaults that differ from OpenAI's: `temperature` 0 (greedy, how the small models answer best;
+OpenAI's is 1), and without `max_tokens` an answer may take every position the model has left.
+A batch's KV cache is as long as its longest prompt plus the most tokens any of its calls asks for,
+so a client whose answers are short makes the batches it joins faster by saying so.
+
+Streaming sends each choice's role at once, then, while the batch runs, a comment line
+(`: generated [tokens so far]`, which clients skip) after every chunk of decoding steps, then the
+answer when its batch is done: the decode loop reports how many tokens each row has between
+chunks, not which, so the text comes at the end, one delta per part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from unitoken_jax.serve import metrics, wire
+from unitoken_jax.serve.engine import PipelineEngine
+from unitoken_jax.serve.scheduler import Expired, Job, QueueFull, Scheduler
+from unitoken_jax.serve.wire import APIError, bad
+from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong
+
+log = logging.getLogger(__name__)
+KEEPALIVE_SECONDS = 5.0
+CLIENT_GONE = 499  # nginx's "client closed request": what the metrics count a dropped call as
+
+
+@dataclasses.dataclass
+class ServeSettings:
+    model_name: str = "unitoken"
+    api_key: str | None = None  # every endpoint but /health then needs "Authorization: Bearer KEY"
+    max_batch: int = 16  # rows of one batch, padding included (a guided picture takes two)
+    queue_limit: int = 64  # calls waiting; one more gets 429
+    timeout: float = 600.0  # seconds a call may take, queue included; then 504
+    batch_wait: float = 0.0  # seconds without a new call before the worker starts a batch (0: at once)
+    max_body_bytes: int = 32 * 1024 * 1024  # a larger body gets 413 (pictures travel in the body)
+    limits: wire.Limits = dataclasses.field(default_factory=wire.Limits)
+    default_size: tuple[int, int] = (512, 512)  # size "auto" (or none given)
+    sizes: tuple[tuple[int, int], ...] | None = None  # the only sizes drawn; None: any the model fits
+    default_guidance: float = 3.0
+    chunk: int = 64  # decoding steps between the decode loop's returns to the host
+
+
+class _Ticket:
+    """A job's results, handed from the worker's thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.result: asyncio.Future = loop.create_future()
+        self.progress: asyncio.Queue = asyncio.Queue()
+
+    def _call(self, fn, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def finish(self, outcome) -> None:
+        self._call(lambda: self.result.done() or self.result.set_result(outcome))
+
+    def report(self, n_out) -> None:
+        self._call(self.progress.put_nowait, n_out)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        # a large body (pictures in data URLs) is parsed beside the event loop, which keeps serving
+        body = json.loads(raw) if len(raw) < 65536 else await run_in_threadpool(json.loads, raw)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
+        raise bad(f"the body is not valid JSON ({type(e).__name__}: {e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad(f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class _Server:
+    """The endpoints' shared state: the pipeline, the scheduler and the counters."""
+
+    def __init__(self, pipe, settings: ServeSettings, engine=None):
+        self.pipe, self.settings = pipe, settings
+        self.engine = engine or PipelineEngine(pipe, max_rows=settings.max_batch, chunk=settings.chunk)
+        self.scheduler = Scheduler(self.engine, max_rows=settings.max_batch, queue_limit=settings.queue_limit,
+                                   batch_wait=settings.batch_wait)
+        self.requests = metrics.RequestCounter()
+        self.created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        self.scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(self.scheduler.stop)
+
+    # --- queueing and waiting -----------------------------------------------------------------------
+    def _submit(self, requests, *, stream: bool = False) -> tuple[Job, _Ticket]:
+        ticket = _Ticket(asyncio.get_running_loop())
+        job = Job(requests, on_finish=ticket.finish, on_progress=ticket.report if stream else None,
+                  deadline=time.monotonic() + self.settings.timeout)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise bad(str(e), "n") from None
+        return job, ticket
+
+    def _timeout_error(self) -> APIError:
+        return APIError(504, f"the call did not finish within the server's timeout of {self.settings.timeout:g} s",
+                        type="timeout_error", code="timeout")
+
+    def _outcome(self, outcome) -> list:
+        if isinstance(outcome, Expired):
+            raise self._timeout_error()
+        if isinstance(outcome, BaseException):
+            raise APIError(500, f"the batch failed: {type(outcome).__name__}: {outcome}", type="server_error")
+        return outcome
+
+    async def _wait(self, request: Request, job: Job, ticket: _Ticket) -> list | None:
+        """The job's outputs; None if the client went away (the job is dropped if it had not started)."""
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({ticket.result, gone}, timeout=job.deadline - time.monotonic(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if ticket.result in done:
+            return self._outcome(ticket.result.result())
+        self.scheduler.cancel(job)
+        if gone in done:
+            return None
+        raise self._timeout_error()
+
+    # --- endpoints -------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(self, request: Request) -> Response:
+        text = metrics.render(self.requests, self.scheduler, len(self.engine.shapes_seen))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [wire.model_card(self.settings.model_name, self.created)]})
+
+    async def model(self, request: Request) -> Response:
+        wire.check_model({"model": request.path_params["model"]}, self.settings.model_name)
+        return JSONResponse(wire.model_card(self.settings.model_name, self.created))
+
+    def _chat_request(self, call: wire.ChatCall):
+        try:
+            request = self.pipe.chat_request(call.conversation, call.images, max_new_tokens=1, seed=0,
+                                             temperature=call.temperature, top_p=call.top_p, top_k=call.top_k)
+        except ConversationError as e:
+            raise bad(str(e), "messages", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
+                from None
+        prompt, length = len(request.tokens), self.pipe.max_length
+        room = length - prompt
+        if room < 1 or (call.max_tokens or 0) > room:
+            asked = f"max_tokens={call.max_tokens} does not fit: " if call.max_tokens else ""
+            raise bad(f"{asked}the conversation takes {prompt} of the model's {length} positions, leaving {room} "
+                      "for the answer", "max_tokens" if asked else "messages", "context_length_exceeded")
+        return dataclasses.replace(request, max_new_tokens=call.max_tokens or room)
+
+    @staticmethod
+    def _seeds(seed: int | None, n: int) -> list[int]:
+        first = secrets.randbelow(wire.SEED_LIMIT) if seed is None else seed
+        return [(first + i) % wire.SEED_LIMIT for i in range(n)]
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await _json_body(request)
+        call = await run_in_threadpool(wire.parse_chat, body, self.settings.model_name, self.settings.limits)
+        prompt = await run_in_threadpool(self._chat_request, call)
+        requests = [dataclasses.replace(prompt, seed=s) for s in self._seeds(call.seed, call.n)]
+        job, ticket = self._submit(requests, stream=call.stream)
+        if call.stream:
+            return StreamingResponse(self._chat_stream(call, job, ticket, len(prompt.tokens)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        outputs = await self._wait(request, job, ticket)
+        if outputs is None:
+            return Response(status_code=CLIENT_GONE)
+        choices = []
+        for out in outputs:
+            parts, stopped = wire.apply_stop(out.parts, call.stop)
+            choices.append((parts, "stop" if stopped else out.finish_reason))
+        usage = wire.usage(len(prompt.tokens), sum(len(o.ids) for o in outputs))
+        content = await run_in_threadpool(wire.chat_completion, wire.completion_id(), self.settings.model_name,
+                                          choices, usage)
+        return JSONResponse(content)
+
+    async def _chat_stream(self, call: wire.ChatCall, job: Job, ticket: _Ticket, prompt_tokens: int):
+        """The events of a streamed chat completion. If the client goes away, Starlette cancels
+        this generator and `finally` drops the job (if it has not started)."""
+        call_id, created, model = wire.completion_id(), int(time.time()), self.settings.model_name
+        try:
+            for i in range(call.n):
+                yield _sse(wire.chat_chunk(call_id, model, created, i, {"role": "assistant", "content": ""}))
+            while not ticket.result.done():
+                left = job.deadline - time.monotonic()
+                if left <= 0:
+                    self.scheduler.cancel(job)
+                    yield _sse(self._timeout_error().body())
+                    return
+                report = asyncio.ensure_future(ticket.progress.get())
+                done, _ = await asyncio.wait({ticket.result, report}, timeout=min(KEEPALIVE_SECONDS, left),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if report in done:
+                    yield f": generated {report.result().tolist()}\n\n"
+                else:
+                    report.cancel()
+                    if not done:
+                        yield ": waiting\n\n"  # keeps proxies from closing an idle stream
+            try:
+                outputs = self._outcome(ticket.result.result())
+            except APIError as e:
+                yield _sse(e.body())
+                return
+            for i, out in enumerate(outputs):
+                parts, stopped = wire.apply_stop(out.parts, call.stop)
+                for delta in await run_in_threadpool(wire.chunk_deltas, parts):
+                    yield _sse(wire.chat_chunk(call_id, model, created, i, delta))
+                yield _sse(wire.chat_chunk(call_id, model, created, i, {},
+                                           finish_reason="stop" if stopped else out.finish_reason))
+            if call.include_usage:
+                usage = wire.usage(prompt_tokens, sum(len(o.ids) for o in outputs))
+                yield _sse(wire.chat_chunk(call_id, model, created, None, usage=usage))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ticket.result.done():
+                self.scheduler.cancel(job)
+
+    def _image_requests(self, call: wire.ImageCall, picture=None) -> list:
+        options = dict(size=call.size, cfg=call.guidance_scale, negative_prompt=call.negative_prompt, seed=0)
+        try:
+            if picture is None:
+                base = self.pipe.generate_request(call.prompt, **options)
+            else:
+                base = self.pipe.edit_request(picture, call.prompt, **options)
+        except ConversationError as e:  # the prompt itself (e.g. too long for the model)
+            raise bad(str(e), "prompt") from None
+        except ValueError as e:  # the pipeline's size checks: a multiple of 32 px, room in the model
+            raise bad(str(e), "size", "invalid_size") from None
+        return [dataclasses.replace(base, seed=s) for s in self._seeds(call.seed, call.n)]
+
+    async def _draw(self, request: Request, call: wire.ImageCall, picture=None) -> Response:
+        requests = await run_in_threadpool(self._image_requests, call, picture)
+        job, ticket = self._submit(requests)
+        outputs = await self._wait(request, job, ticket)
+        if outputs is None:
+            return Response(status_code=CLIENT_GONE)
+        pictures = [next((p for p in o.parts if not isinstance(p, str)), None) for o in outputs]
+        if any(p is None for p in pictures):
+            raise APIError(500, "the model ended without a picture", type="server_error")
+        return JSONResponse(await run_in_threadpool(wire.images_response, pictures, call.output_format, call.size))
+
+    def _parse_images(self, fields: dict) -> wire.ImageCall:
+        s = self.settings
+        return wire.parse_images(fields, s.model_name, s.limits, default_size=s.default_size, sizes=s.sizes,
+                                 default_guidance=s.default_guidance)
+
+    async def images_generations(self, request: Request) -> Response:
+        return await self._draw(request, self._parse_images(await _json_body(request)))
+
+    async def images_edits(self, request: Request) -> Response:
+        limits = self.settings.limits
+        try:
+            form = await request.form(max_files=4, max_fields=32)
+        except APIError:
+            raise
+        except Exception as e:  # python-multipart's and Starlette's errors on a malformed form
+            raise bad(f"the body is not a valid multipart form ({e})", code="invalid_form") from None
+        if "mask" in form:
+            raise bad("masks are not supported: the instruction says what to change", "mask", "unsupported_parameter")
+        uploads = form.getlist("image") + form.getlist("image[]")
+        if len(uploads) != 1:
+            raise bad(f"send exactly one picture as the form's 'image' file (got {len(uploads)})", "image")
+        if not isinstance(uploads[0], UploadFile):
+            raise bad("'image' must be a file part of the form, not a text field", "image")
+        raw = await uploads[0].read(limits.max_image_bytes + 1)
+        picture = await run_in_threadpool(wire.read_picture, raw, "image", limits)
+        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
+        if any(not isinstance(v, str) for v in fields.values()):
+            raise bad("only 'image' may be a file part of the form", "image")
+        return await self._draw(request, self._parse_images(wire.form_fields(fields)), picture)
+
+
+class _Guard:
+    """Outermost layer of the app: counts every answer by endpoint and status, checks the API key
+    (all endpoints but /health), and keeps bodies under `max_body_bytes` (a declared length over it
+    is refused before a byte is read; a chunked body is cut off when it passes it)."""
+
+    def __init__(self, app, *, settings: ServeSettings, counter: metrics.RequestCounter):
+        self.app, self.settings, self.counter = app, settings, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # if nothing is sent, Starlette's outermost layer answers 500
+
+        async def counted_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._check(scope)
+            if refusal is not None:
+                await _error_response(refusal)(scope, receive, counted_send)
+            else:
+                await self.app(scope, self._limited(receive), counted_send)
+        finally:
+            self.counter.add(scope["path"], status)
+
+    def _check(self, scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        key = self.settings.api_key
+        if key and scope["path"] != "/health":
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return APIError(401, "You didn't provide an API key: send 'Authorization: Bearer KEY'",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            if not hmac.compare_digest(token.strip().encode(), key.encode()):
+                return APIError(401, "Incorrect API key provided", code="invalid_api_key",
+                                headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length", b"")  # the HTTP layer has checked it is a number
+        if length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return self._too_large(length.decode("latin-1"))
+        return None
+
+    def _too_large(self, size: str) -> APIError:
+        return APIError(413, f"the body is {size} bytes; this server takes at most {self.settings.max_body_bytes}",
+                        code="request_too_large", headers={"Connection": "close"})
+
+    def _limited(self, receive):
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.settings.max_body_bytes:
+                    raise self._too_large(f"more than {self.settings.max_body_bytes}")
+            return message
+
+        return limited_receive
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such route, wrong method) in OpenAI's error format."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return _error_response(APIError(exc.status_code, message, code=code, headers=exc.headers))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return _error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+
+def create_app(pipe, settings: ServeSettings | None = None, *, engine=None) -> Starlette:
+    """The server's ASGI app for `pipe` (a `UniTokenPipeline`); `app.state.server` holds its
+    scheduler and counters. The worker thread starts and stops with the app's lifespan."""
+    settings = settings or ServeSettings()
+    server = _Server(pipe, settings, engine)
+    routes = [
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics, methods=["GET"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", server.model, methods=["GET"]),
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/v1/images/generations", server.images_generations, methods=["POST"]),
+        Route("/v1/images/edits", server.images_edits, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=server.lifespan,
+                    middleware=[Middleware(_Guard, settings=settings, counter=server.requests)],
+                    exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app.state.server = server
+    return app
+
+
+def run(pipe, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serves until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
+                    "(--api-key or $UNITOKEN_API_KEY)", host)
+    uvicorn.run(create_app(pipe, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

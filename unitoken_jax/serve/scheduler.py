@@ -1,0 +1,230 @@
+"""The batching worker: one thread owns the model; calls wait in a bounded queue and run together.
+
+Each HTTP call becomes a `Job` of one or more `Request`s (a chat's `n` choices, an images call's
+`n` pictures), which always run in the same batch. The worker waits for work, lets a burst
+arrive (`batch_wait`: until no call has come for that long), drops the calls whose client went
+away or whose deadline passed before they started, asks the `policy` which waiting calls make the
+next batch, and runs them as one batch through the engine. The engine reports after every chunk
+of decoding steps (the tokens each request has so far) and at the end; the job's callbacks get
+both, on the worker's thread.
+
+The policy is the one piece that decides what runs together: `FifoPolicy` takes calls in arrival
+order while the padded batch fits `max_rows`. A batch, once started, runs to its end: a call
+cannot join a running batch (continuous batching needs the decode loop to admit rows into free
+slots between chunks) and a row cannot leave it early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from unitoken_jax.inference.decode import Request
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_limit` calls already."""
+
+
+class Expired(Exception):
+    """A call whose deadline passed before it could start."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One HTTP call's requests. `on_progress(n_out)` and `on_finish(outputs or exception)` are
+    called on the worker's thread."""
+
+    requests: list[Request]
+    on_finish: Callable[[object], None]
+    on_progress: Callable[[np.ndarray], None] | None = None
+    deadline: float | None = None  # time.monotonic() by which it must have started
+    state: str = "waiting"  # waiting -> running -> done; or cancelled / expired before running
+    abandoned: bool = False  # its client left while it ran: the result goes nowhere
+    created: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Policy(Protocol):
+    def take(self, waiting: Sequence[Job], fits: Callable[[list[Job]], bool]) -> list[Job]:
+        """The waiting jobs to run next (at least one, if any fits alone)."""
+
+
+class FifoPolicy:
+    """Arrival order, while the batch fits; a call that does not fit waits for the next batch and
+    nothing behind it jumps ahead (no call waits forever behind smaller ones)."""
+
+    def take(self, waiting: Sequence[Job], fits: Callable[[list[Job]], bool]) -> list[Job]:
+        batch: list[Job] = []
+        for job in waiting:
+            if not fits(batch + [job]):
+                break
+            batch.append(job)
+        return batch
+
+
+class Scheduler:
+    """Owns the engine's thread. `submit` from any thread; `start` / `stop` around serving."""
+
+    def __init__(self, engine, *, max_rows: int, queue_limit: int, policy: Policy | None = None,
+                 batch_wait: float = 0.0):
+        self.engine, self.max_rows, self.queue_limit = engine, max_rows, queue_limit
+        self.policy = policy or FifoPolicy()
+        self.batch_wait = batch_wait
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # read by /metrics
+        self.rows_in_use = 0  # the running batch's requests' rows (padding not counted)
+        self.batch_rows = 0  # the running batch's rows, padding included
+        self.batches = 0
+        self.generated_tokens = 0
+        self.busy_seconds = 0.0
+        self.tokens_per_second = 0.0  # over the last batch
+        self.cancelled = 0
+        self.expired = 0
+        self.failed_batches = 0
+
+    # --- the callers' side ------------------------------------------------------------------------
+    def rows(self, jobs: Sequence[Job]) -> int:
+        return self.engine.rows([r for j in jobs for r in j.requests])
+
+    def fits(self, jobs: Sequence[Job]) -> bool:
+        return self.rows(jobs) <= self.max_rows
+
+    def submit(self, job: Job) -> None:
+        """Queues `job`, or raises `QueueFull` (the caller answers 429) or `ValueError` (a call
+        too big for any batch)."""
+        if not self.fits([job]):
+            raise ValueError(f"the call needs {self.rows([job])} batch rows (a guided picture takes two, and a "
+                             f"batch is padded to a power of two); this server's --max-batch is {self.max_rows}")
+        with self._cond:
+            if len(self._waiting) >= self.queue_limit:
+                raise QueueFull(f"{len(self._waiting)} calls are waiting already (--queue-limit {self.queue_limit})")
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> bool:
+        """Drops `job` if it has not started (True); a running one finishes and its result is
+        dropped."""
+        with self._cond:
+            if job.state == "waiting":
+                self._waiting.remove(job)
+                job.state = "cancelled"
+                self.cancelled += 1
+                return True
+            job.abandoned = True
+            return False
+
+    @property
+    def queue_length(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def queue_rows(self) -> int:
+        with self._cond:
+            return sum(len(j.requests) + sum(r.cfg_scale != 1.0 for r in j.requests) for j in self._waiting)
+
+    # --- the worker -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="unitoken-serve-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops after the running batch; calls still waiting get `Expired`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            left, self._waiting = list(self._waiting), deque()
+        for job in left:
+            job.state = "expired"
+            job.on_finish(Expired("the server is shutting down"))
+
+    def _gather(self) -> None:
+        """Under the lock: waits until no call has arrived for `batch_wait` seconds (at most ten
+        times that), or the waiting calls fill a batch."""
+        end = time.monotonic() + 10 * self.batch_wait
+        while not self._stopping and time.monotonic() < end and self.fits(self._waiting):
+            count = len(self._waiting)
+            self._cond.wait(min(self.batch_wait, max(0.0, end - time.monotonic())))
+            if len(self._waiting) == count:
+                return
+
+    def _next_batch(self) -> tuple[list[Job], list[Job]] | None:
+        with self._cond:
+            while not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            if self.batch_wait > 0:
+                self._gather()
+            now = time.monotonic()
+            expired = [j for j in self._waiting if j.deadline is not None and j.deadline <= now]
+            for job in expired:
+                self._waiting.remove(job)
+                job.state = "expired"
+            self.expired += len(expired)
+            # every call fits a batch alone (`submit` checked): a policy that takes none gets the first
+            batch = self.policy.take(list(self._waiting), self.fits) or list(self._waiting)[:1]
+            for job in batch:
+                self._waiting.remove(job)
+                job.state = "running"
+            requests = [r for j in batch for r in j.requests]
+            self.rows_in_use = len(requests) + sum(r.cfg_scale != 1.0 for r in requests)
+            self.batch_rows = self.engine.rows(requests) if batch else 0
+            return batch, expired
+
+    def _work(self) -> None:
+        while True:
+            taken = self._next_batch()
+            if taken is None:
+                return
+            batch, expired = taken
+            for job in expired:
+                job.on_finish(Expired("the call waited in the queue past its deadline"))
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        requests = [r for j in batch for r in j.requests]
+        bounds = np.cumsum([0] + [len(j.requests) for j in batch])
+
+        def progress(n_out: np.ndarray) -> None:
+            for job, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
+                if job.on_progress is not None and not job.abandoned:
+                    job.on_progress(n_out[lo:hi])
+
+        start = time.monotonic()
+        try:
+            outputs = self.engine.run(requests, progress)
+        except Exception as e:  # the batch's calls fail; the server goes on
+            log.exception("a batch of %d requests failed", len(requests))
+            self.failed_batches += 1
+            outputs = None
+            failure = e
+        seconds = time.monotonic() - start
+        with self._cond:
+            self.rows_in_use = self.batch_rows = 0
+            self.batches += 1
+            self.busy_seconds += seconds
+            if outputs is not None:
+                tokens = sum(len(o.ids) for o in outputs)
+                self.generated_tokens += tokens
+                self.tokens_per_second = tokens / seconds if seconds > 0 else 0.0
+        for job, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
+            job.state = "done"
+            if not job.abandoned:
+                job.on_finish(outputs[lo:hi] if outputs is not None else failure)
