@@ -13,6 +13,7 @@ the queue's refusals, timeouts and cancellations happen on cue.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import re
@@ -33,6 +34,7 @@ requests_http = pytest.importorskip("requests")
 
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
+from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler  # noqa: E402
 from unitoken_jax.serve.wire import Limits  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
 from unitoken_jax.world.shapes import Thing  # noqa: E402
@@ -278,6 +280,63 @@ def test_sixteen_concurrent_clients_get_what_each_gets_alone(server, pipe):
     concurrent = min(warm)
     print(f"16 calls: {concurrent:.2f} s concurrently, {sequential:.2f} s one after another alone")
     assert concurrent < sequential
+
+
+def test_continuous_batching_answers_as_alone(pipe):
+    """--batching continuous: the 16 concurrent calls get what each gets alone (greedy text,
+    identical pictures)."""
+    settings = ServeSettings(model_name=MODEL, api_key=KEY, max_batch=32, default_size=(64, 64), sizes=((64, 64),),
+                             batching="continuous")
+    server = _Running(create_app(pipe, settings))
+    try:
+        rng = np.random.default_rng(0)
+        pictures = [shapes.draw([thing], rng) for thing, _ in QUESTIONS]
+        together, _ = _burst(server, pictures)
+        alone, _ = _alone(pipe, pictures)
+        assert [together[i] for i in range(0, 16, 2)] == [alone[i] for i in range(0, 16, 2)]
+        same = [np.array_equal(np.asarray(together[i]), np.asarray(alone[i].convert("RGB"))) for i in range(1, 16, 2)]
+        assert all(same), f"only {sum(same)} of 8 pictures equal their run alone"
+
+    finally:
+        server.stop()
+
+
+def test_a_question_overtakes_a_long_answer_with_continuous_batching(pipe):
+    """The continuous scheduler admits a short question while a 400-token answer is decoding, and
+    the question finishes first; the static one makes it wait for the running batch."""
+    long = pipe.understand_request([], "Describe the picture.", max_new_tokens=400, temperature=1.0, seed=3)
+    long = dataclasses.replace(long, stop_tokens=())  # never ends early: it runs its 400 tokens
+    short = pipe.understand_request([shapes.draw([Thing("red", "circle", "top left")])], "What colour is the shape?",
+                                    max_new_tokens=8)
+    order = {}
+    for kind in ("continuous", "static"):
+        engine = PipelineEngine(pipe, max_rows=8, chunk=8)
+        scheduler = (ContinuousScheduler(engine, slots=8, length=512, queue_limit=8, chunk=8) if kind == "continuous"
+                     else Scheduler(engine, max_rows=8, queue_limit=8))
+        scheduler.start()
+        try:
+            for _ in range(2):  # the first run compiles what the second runs warm
+                done, events = threading.Event(), []
+                started = threading.Event()
+                long_job = Job([long], on_finish=lambda out: (events.append("long"), done.set()),
+                               on_progress=lambda n: started.set())
+                short_job = Job([short], on_finish=lambda out: events.append(("short", out)))
+                scheduler.submit(long_job)
+                assert started.wait(60) or kind == "static"
+                if kind == "static":
+                    time.sleep(0.05)  # the long batch has started
+                scheduler.submit(short_job)
+                assert done.wait(120)
+                deadline = time.monotonic() + 60
+                while len(events) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            order[kind] = [e if isinstance(e, str) else e[0] for e in events]
+            answer = next(e[1] for e in events if not isinstance(e, str))
+            assert "".join(p for p in answer[0].parts if isinstance(p, str)) == "red"
+            assert len(answer[0].ids) <= 8
+        finally:
+            scheduler.stop()
+    assert order == {"continuous": ["short", "long"], "static": ["long", "short"]}, order
 
 
 # --- refusals ----------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_run_all_reuses_slots_and_refuses_what_cannot_fit(pipe, tmp_path):
     with pytest.raises(ValueError, match="do not fit a slot of 128 positions"):
         decoder.admit("long", pipe.understand_request([], "What colour is the shape?", max_new_tokens=500))
     one = SlotDecoder(pipe.decode_loop, slots=1, length=128)
-    with pytest.raises(ValueError, match="needs 2 free slot"):
+    with pytest.raises(ValueError, match="need 2 free slot"):
         one.admit("guided", requests["guided"])
     decoder.admit("x", requests["colour"])
     decoder.cancel("x")

@@ -76,6 +76,7 @@ class SlotDecoder:
         self._seeds = np.zeros(n, np.uint32)
         self._stop = np.full((n, 1), -1, np.int32)
         self._candidates = np.ones(n, np.int64)  # the sampling candidates each slot needs
+        self._device_params = None  # RowParams on the device, rebuilt after an admission or a release
         cache_dtype = loop.cache_dtype
         layers, kv, hd = config.decoder.num_layers, config.decoder.num_kv_heads, config.decoder.head_dim
         with sharding.mesh_context(loop.mesh):
@@ -118,18 +119,37 @@ class SlotDecoder:
     # --- admitting and removing --------------------------------------------------------------
     def admit(self, name: Hashable, request: Request) -> list[int]:
         """Prefills `request` into free slots; returns them. A ValueError when it cannot fit."""
-        if name in self.running:
-            raise ValueError(f"{name!r} is running already")
-        need = self.slots_needed(request)
+        return self.admit_many({name: request})[name]
+
+    def admit_many(self, requests: dict[Hashable, Request]) -> dict[Hashable, list[int]]:
+        """Prefills several requests into free slots with one prefill; returns each one's slots.
+        A ValueError (and nothing admitted) when one is running already or they do not fit."""
+        need = sum(self.slots_needed(r) for r in requests.values())
         if need > len(self._free):
-            raise ValueError(f"{name!r} needs {need} free slot(s), {len(self._free)} are free")
-        rows, _, uncond = _rows([request])
-        longest = max(len(t) for _, t, *_ in rows)
-        if longest + request.max_new_tokens > self.length:
-            raise ValueError(f"a prompt of {longest} positions and {request.max_new_tokens} new tokens do not fit a "
-                             f"slot of {self.length} positions")
-        slots = [self._free.pop(0) for _ in range(need)]
-        self._prefill_into(rows, slots)
+            raise ValueError(f"{', '.join(map(repr, requests))} need {need} free slot(s), {len(self._free)} are free")
+        placed, all_rows, all_slots = {}, [], []
+        for name, request in requests.items():
+            if name in self.running or name in placed:
+                raise ValueError(f"{name!r} is running already")
+            rows, _, uncond = _rows([request])
+            longest = max(len(t) for _, t, *_ in rows)
+            if longest + request.max_new_tokens > self.length:
+                raise ValueError(f"a prompt of {longest} positions and {request.max_new_tokens} new tokens do not fit "
+                                 f"a slot of {self.length} positions")
+            placed[name] = (request, rows, uncond)
+        out = {}
+        for name, (request, rows, uncond) in placed.items():
+            slots = [self._free.pop(0) for _ in rows]
+            all_rows += rows
+            all_slots += slots
+            self._set_params(rows, slots, uncond[0] >= 0)
+            self.running[name] = _Running(request, slots)
+            out[name] = slots
+        self._prefill_into(all_rows, all_slots)
+        return out
+
+    def _set_params(self, rows, slots: list[int], guided: bool) -> None:
+        self._device_params = None
         primary = slots[0]
         p = self._params
         for j, (slot, (r, toks, *_)) in enumerate(zip(slots, rows)):
@@ -139,7 +159,7 @@ class SlotDecoder:
                 if key not in ("primary", "uncond_row"):
                     p[key][slot] = np.asarray(getattr(one, key))[0]
             p["primary"][slot] = primary
-            p["uncond_row"][slot] = slots[1] if (j == 0 and uncond[0] >= 0) else -1
+            p["uncond_row"][slot] = slots[1] if (j == 0 and guided) else -1
             self._seeds[slot] = r.seed
             stop = list(r.stop_tokens)
             if len(stop) > self._stop.shape[1]:
@@ -147,8 +167,6 @@ class SlotDecoder:
             self._stop[slot] = stop + [-1] * (self._stop.shape[1] - len(stop))
             self._candidates[slot] = sampling.num_candidates(self._vocab, [(r.temperature, r.top_k),
                                                                             (r.image_temperature, r.image_top_k)])
-        self.running[name] = _Running(request, slots)
-        return slots
 
     def cancel(self, name: Hashable) -> None:
         """Frees `name`'s slots now (a client that went away)."""
@@ -157,6 +175,7 @@ class SlotDecoder:
             self._release(running.slots)
 
     def _release(self, slots: list[int]) -> None:
+        self._device_params = None
         self.state = _mark_done(self.state, jnp.asarray(slots, jnp.int32))
         self._candidates[slots] = 1
         # a free slot follows itself: the loop copies a row's `done` from its primary row
@@ -186,22 +205,27 @@ class SlotDecoder:
         in it (their generated ids), whose slots are free again."""
         if not self.running:
             return {}
-        p = self._params
-        params = RowParams(**{k: jnp.asarray(v) for k, v in p.items()},
-                           key=jax.vmap(jax.random.key)(jnp.asarray(self._seeds)), stop_tokens=jnp.asarray(self._stop))
+        if self._device_params is None:
+            self._device_params = RowParams(**{k: jnp.asarray(v) for k, v in self._params.items()},
+                                            key=jax.vmap(jax.random.key)(jnp.asarray(self._seeds)),
+                                            stop_tokens=jnp.asarray(self._stop))
         max_k = int(self._candidates.max())
         loop = self.loop
         with sharding.mesh_context(loop.mesh):
             end = self.state.step + self.chunk
-            self.state = loop._run(loop.params, self.state, params, end, max_k, self.n_slots)
+            self.state = loop._run(loop.params, self.state, self._device_params, end, max_k, self.n_slots)
         done, n_out = np.asarray(self.state.done), np.asarray(self.state.n_out)
-        finished = {}
-        for name, running in list(self.running.items()):
+        ended = [(name, running) for name, running in self.running.items() if done[running.slots[0]]]
+        if not ended:
+            return {}
+        out = np.asarray(self.state.out)  # one transfer for every row that ended
+        finished, freed = {}, []
+        for name, running in ended:
             row = running.slots[0]
-            if done[row]:
-                finished[name] = np.asarray(self.state.out[row, :n_out[row]])
-                del self.running[name]
-                self._release(running.slots)
+            finished[name] = out[row, :n_out[row]].copy()
+            del self.running[name]
+            freed += running.slots
+        self._release(freed)
         return finished
 
     def run_all(self, requests: dict[Hashable, Request]) -> dict[Hashable, np.ndarray]:

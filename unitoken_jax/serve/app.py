@@ -50,7 +50,7 @@ from starlette.routing import Route
 
 from unitoken_jax.serve import metrics, wire
 from unitoken_jax.serve.engine import PipelineEngine
-from unitoken_jax.serve.scheduler import Expired, Job, QueueFull, Scheduler
+from unitoken_jax.serve.scheduler import ContinuousScheduler, Expired, Job, QueueFull, Scheduler
 from unitoken_jax.serve.wire import APIError, bad
 from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong
 
@@ -72,7 +72,11 @@ class ServeSettings:
     default_size: tuple[int, int] = (512, 512)  # size "auto" (or none given)
     sizes: tuple[tuple[int, int], ...] | None = None  # the only sizes drawn; None: any the model fits
     default_guidance: float = 3.0
-    chunk: int = 64  # decoding steps between the decode loop's returns to the host
+    chunk: int = 64  # decoding steps between the decode loop's returns to the host (static batching)
+    # "static": a batch runs to its end (`Scheduler`); "continuous": rows join and leave the running
+    # rows between chunks of `slot_chunk` steps (`ContinuousScheduler`, max_batch slots)
+    batching: str = "static"
+    slot_chunk: int = 16
 
 
 class _Ticket:
@@ -122,8 +126,15 @@ class _Server:
     def __init__(self, pipe, settings: ServeSettings, engine=None):
         self.pipe, self.settings = pipe, settings
         self.engine = engine or PipelineEngine(pipe, max_rows=settings.max_batch, chunk=settings.chunk)
-        self.scheduler = Scheduler(self.engine, max_rows=settings.max_batch, queue_limit=settings.queue_limit,
-                                   batch_wait=settings.batch_wait)
+        if settings.batching not in ("continuous", "static"):
+            raise ValueError(f"batching={settings.batching!r}; choose 'continuous' or 'static'")
+        if settings.batching == "continuous" and engine is None:
+            length = pipe.model.config.decoder.max_position_embeddings
+            self.scheduler = ContinuousScheduler(self.engine, slots=settings.max_batch, length=length,
+                                                 queue_limit=settings.queue_limit, chunk=settings.slot_chunk)
+        else:
+            self.scheduler = Scheduler(self.engine, max_rows=settings.max_batch,
+                                       queue_limit=settings.queue_limit, batch_wait=settings.batch_wait)
         self.requests = metrics.RequestCounter()
         self.created = int(time.time())
 

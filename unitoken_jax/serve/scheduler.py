@@ -228,3 +228,157 @@ class Scheduler:
             job.state = "done"
             if not job.abandoned:
                 job.on_finish(outputs[lo:hi] if outputs is not None else failure)
+
+
+class ContinuousScheduler:
+    """Continuous batching (`unitoken_jax.inference.slots.SlotDecoder`): the worker runs the compiled
+    loop a chunk at a time over `slots` rows; between chunks, finished requests leave and waiting
+    calls are admitted into the free slots (a guided picture takes two), in arrival order with
+    no call jumping ahead of one that does not fit yet. A short question joins while a picture is
+    being drawn instead of waiting for it; a call whose client goes away has its rows freed at the
+    next chunk. The same interface and metrics as `Scheduler`, so the app takes either."""
+
+    def __init__(self, engine, *, slots: int, length: int, queue_limit: int, chunk: int = 8):
+        from unitoken_jax.inference.slots import SlotDecoder
+
+        self.engine, self.max_rows, self.queue_limit = engine, slots, queue_limit
+        self.decoder = SlotDecoder(engine.pipe.decode_loop, slots=slots, length=length, chunk=chunk)
+        self.length = length
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, tuple[Job, list]] = {}  # id(job) -> (job, outputs so far)
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.rows_in_use = self.batch_rows = 0
+        self.batches = self.generated_tokens = self.cancelled = self.expired = self.failed_batches = 0
+        self.busy_seconds = self.tokens_per_second = 0.0
+
+    # --- the callers' side (as Scheduler) -----------------------------------------------------------
+    def rows(self, jobs: Sequence[Job]) -> int:
+        return sum(self.decoder.slots_needed(r) for j in jobs for r in j.requests)
+
+    def fits(self, jobs: Sequence[Job]) -> bool:
+        return self.rows(jobs) <= self.max_rows
+
+    def submit(self, job: Job) -> None:
+        if not self.fits([job]):
+            raise ValueError(f"the call needs {self.rows([job])} rows (a guided picture takes two); this server has "
+                             f"{self.max_rows} (--max-batch)")
+        for r in job.requests:
+            longest = max(len(r.tokens), len(r.uncond_tokens) if r.uncond_tokens is not None else 0)
+            if longest + r.max_new_tokens > self.length:
+                raise ValueError(f"a prompt of {longest} positions and {r.max_new_tokens} new tokens do not fit the "
+                                 f"model's {self.length} positions")
+        with self._cond:
+            if len(self._waiting) >= self.queue_limit:
+                raise QueueFull(f"{len(self._waiting)} calls are waiting already (--queue-limit {self.queue_limit})")
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> bool:
+        """Drops a waiting `job` (True); a running one is marked and its rows freed at the next chunk."""
+        with self._cond:
+            if job.state == "waiting":
+                self._waiting.remove(job)
+                job.state = "cancelled"
+                self.cancelled += 1
+                return True
+            job.abandoned = True
+            return False
+
+    @property
+    def queue_length(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    @property
+    def queue_rows(self) -> int:
+        with self._cond:
+            return self.rows(self._waiting)
+
+    start = Scheduler.start
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops after the current chunk; waiting and running calls get `Expired`."""
+        Scheduler.stop(self, timeout)
+        for job, _ in list(self._running.values()):
+            job.on_finish(Expired("the server is shutting down"))
+        self._running.clear()
+
+    # --- the worker ---------------------------------------------------------------------------------
+    def _admit(self) -> list[Job]:
+        """Under the lock: waits for work; drops expired calls; admits waiting calls in order while
+        they fit the free slots. Returns the expired ones (told outside the lock)."""
+        while not self._waiting and not self._running and not self._stopping:
+            self._cond.wait()
+        now = time.monotonic()
+        expired = [j for j in self._waiting if j.deadline is not None and j.deadline <= now]
+        for job in expired:
+            self._waiting.remove(job)
+            job.state = "expired"
+        self.expired += len(expired)
+        admitted, free = {}, self.decoder.free_slots
+        while self._waiting and self.rows([self._waiting[0]]) <= free:
+            job = self._waiting.popleft()
+            free -= self.rows([job])
+            for i, r in enumerate(job.requests):
+                admitted[(id(job), i)] = self.engine._clamp_image_top_k(r)
+            job.state = "running"
+            self._running[id(job)] = (job, [None] * len(job.requests))
+        if admitted:  # one prefill for every call admitted now
+            self.decoder.admit_many(admitted)
+        self.rows_in_use = self.batch_rows = self.decoder.rows_in_use()
+        return expired
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                expired = self._admit()
+                if self._stopping:
+                    return
+            for job in expired:
+                job.on_finish(Expired("the call waited in the queue past its deadline"))
+            for key, (job, _) in list(self._running.items()):
+                if job.abandoned:  # its client left: free its rows now
+                    for i in range(len(job.requests)):
+                        self.decoder.cancel((key, i))
+                    del self._running[key]
+                    job.state = "done"
+            if not self.decoder.busy:
+                continue
+            start = time.monotonic()
+            before = int(np.asarray(self.decoder.state.n_out).sum())
+            try:
+                finished = self.decoder.step()
+            except Exception as e:  # every running call fails; the server goes on with new ones
+                log.exception("a decoding chunk failed")
+                self.failed_batches += 1
+                for key, (job, _) in list(self._running.items()):
+                    for i in range(len(job.requests)):
+                        self.decoder.cancel((key, i))
+                    job.state = "done"
+                    job.on_finish(e)
+                self._running.clear()
+                continue
+            seconds = time.monotonic() - start
+            self._account(finished, int(np.asarray(self.decoder.state.n_out).sum()) - before, seconds)
+
+    def _account(self, finished: dict, tokens: int, seconds: float) -> None:
+        """Metrics of one chunk (`tokens` generated in it), and the calls that finished or moved on."""
+        with self._cond:
+            self.batches += 1  # chunks, here
+            self.busy_seconds += seconds
+            self.generated_tokens += tokens
+            self.tokens_per_second = tokens / seconds if seconds else 0.0
+        for (key, i), ids in finished.items():
+            job, outputs = self._running[key]
+            outputs[i] = self.engine._output(job.requests[i], ids)
+        n_out = np.asarray(self.decoder.state.n_out)
+        for key, (job, outputs) in list(self._running.items()):
+            if all(o is not None for o in outputs):
+                del self._running[key]
+                job.state = "done"
+                job.on_finish(outputs)
+            elif job.on_progress is not None:
+                job.on_progress(np.array([n_out[self.decoder.running[(key, i)].slots[0]] if o is None else len(o.ids)
+                                          for i, o in enumerate(outputs)]))
