@@ -5,8 +5,8 @@ setup(
     version="0.1.0",
     description="UniToken (unified discrete + continuous visual encoding) in JAX/Flax",
     packages=find_packages(include=["unitoken_jax", "unitoken_jax.*"]),
-    # the bundled shapes-world model (unitoken_jax/world/default.py)
-    package_data={"unitoken_jax": ["assets/shapes/*", "assets/shapes/*/*"]},
+    # the bundled shapes-world model (unitoken_jax/world/default.py) and the web page of unitoken serve
+    package_data={"unitoken_jax": ["assets/shapes/*", "assets/shapes/*/*", "serve/static/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -39,7 +39,9 @@ setup(
                  # tests/test_serve.py: the official client against the live server, raw requests for bad bodies
                  "openai>=3.57.0", "requests>=2.34.2",
                  # LoRA adapters proved against PEFT itself (tests/test_lora.py)
-                 "peft>=0.21.2"],
+                 "peft>=0.21.2",
+                 # the web page driven in headless Chromium (Debian's chromium + chromium-driver; .ci/run)
+                 "selenium>=4.51.0"],
         "notebook": ["ipywidgets>=8.1.9"],  # progress bars as notebook widgets (Colab has it already)
         "tpu": ["jax[tpu]>=0.10.2"],
     },

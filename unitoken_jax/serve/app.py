@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+from importlib import resources
 import json
 import logging
 import secrets
@@ -45,7 +46,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from unitoken_jax.serve import metrics, wire
@@ -187,6 +188,13 @@ class _Server:
         raise self._timeout_error()
 
     # --- endpoints -------------------------------------------------------------------------------------
+    async def page(self, request: Request) -> Response:
+        """The web page: chat with picture upload, drawing with a progress bar, a gallery. Plain
+        HTML and JavaScript calling this server's API (the API key, if one is set, is typed into
+        the page); the page itself needs no key."""
+        html = (resources.files("unitoken_jax.serve") / "static" / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("__SIZE__", json.dumps(list(self.settings.default_size))))
+
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -369,7 +377,7 @@ class _Guard:
     def _check(self, scope) -> APIError | None:
         headers = dict(scope["headers"])
         key = self.settings.api_key
-        if key and scope["path"] != "/health":
+        if key and scope["path"] not in ("/health", "/"):  # the page holds no data; its calls send the key
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 return APIError(401, "You didn't provide an API key: send 'Authorization: Bearer KEY'",
@@ -427,6 +435,7 @@ def create_app(pipe, settings: ServeSettings | None = None, *, engine=None) -> S
     settings = settings or ServeSettings()
     server = _Server(pipe, settings, engine)
     routes = [
+        Route("/", server.page, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics, methods=["GET"]),
         Route("/v1/models", server.models, methods=["GET"]),

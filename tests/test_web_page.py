@@ -1,0 +1,89 @@
+"""The web page of `unitoken serve`, driven in a real headless browser (Debian's Chromium through
+Selenium and chromedriver): a question about an uploaded picture gets its answer on the page, and
+a picture asked for appears in the chat (read right by the world's pixel checker) and in the
+gallery, with the API key typed into the page."""
+
+import base64
+import io
+import shutil
+
+import pytest
+from PIL import Image
+
+from test_serve import KEY, MODEL, _Running
+from unitoken_jax.serve import ServeSettings, create_app
+from unitoken_jax.world import default, shapes
+from unitoken_jax.world.shapes import Thing
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+
+def _browser():
+    chromium, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
+                    ".ci/run does)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.fixture(scope="module")
+def page():
+    settings = ServeSettings(model_name=MODEL, api_key=KEY, default_size=(64, 64), sizes=((64, 64),))
+    server = _Running(create_app(default.pipeline(), settings))
+    browser = _browser()
+    try:
+        browser.get(server.url + "/")
+        yield server, browser
+    finally:
+        browser.quit()
+        server.stop()
+
+
+def _wait(browser, condition, seconds=120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, seconds).until(lambda b: condition(b))
+
+
+def test_the_page_answers_a_question_about_an_uploaded_picture_and_draws(page, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    server, browser = page
+    key = browser.find_element(By.ID, "key")
+    key.send_keys(KEY)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+
+    picture = tmp_path / "red.png"
+    shapes.draw([Thing("red", "circle", "top left")]).save(picture)
+    browser.find_element(By.ID, "picture").send_keys(str(picture))
+    browser.find_element(By.ID, "question").send_keys("What colour is the shape?")
+    browser.find_element(By.ID, "send").click()
+    answer = _wait(browser, lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+                                       if e.text] or None)
+    assert answer == ["red"], browser.find_element(By.ID, "log").text
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.user img.sent")  # the uploaded picture is shown
+
+    browser.find_element(By.ID, "prompt").send_keys("a blue square at the bottom right")
+    browser.find_element(By.ID, "draw-button").click()
+    drawn = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant img.drawn") or None)
+    url = drawn[0].get_attribute("src")
+    assert url.startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert shapes.check_picture(image).matches(Thing("blue", "square", "bottom right"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    assert browser.find_element(By.ID, "model").text == MODEL
+
+
+def test_the_page_needs_no_key_but_its_calls_do(page):
+    import requests
+
+    server, _ = page
+    assert requests.get(server.url + "/").status_code == 200
+    assert requests.get(server.url + "/v1/models").status_code == 401
