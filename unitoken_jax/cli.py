@@ -254,7 +254,8 @@ def _serve(args) -> int:
     settings = ServeSettings(model_name=name, api_key=args.api_key or os.environ.get("UNITOKEN_API_KEY") or None,
                              max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
                              batch_wait=args.batch_wait, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                             default_size=size, sizes=(size,) if bundled else None, batching=args.batching)
+                             default_size=size, sizes=(size,) if bundled else None, batching=args.batching,
+                             slot_length=args.slot_length)
     key = "API key required" if settings.api_key else "no API key"
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({key})", flush=True)
     run(pipe, settings, host=args.host, port=args.port)
@@ -421,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--batching", choices=("static", "continuous"), default="static",
                      help="static: waiting calls run together, a batch to its end; continuous: calls join and leave "
                           "the running rows between chunks of steps (a question does not wait for a long answer)")
+    srv.add_argument("--slot-length", type=int, default=None,
+                     help="with --batching continuous: positions each row's cache holds, prompt and answer "
+                          "(default: all the model has; shorter is faster, and longer calls are refused)")
     srv.add_argument("--queue-limit", type=int, default=64, help="calls that may wait; one more gets 429")
     srv.add_argument("--timeout", type=float, default=600.0, help="seconds a call may take, waiting included; "
                                                                   "then 504")

@@ -78,6 +78,7 @@ class ServeSettings:
     # rows between chunks of `slot_chunk` steps (`ContinuousScheduler`, max_batch slots)
     batching: str = "static"
     slot_chunk: int = 16
+    slot_length: int | None = None  # positions a slot holds (prompt + answer); None: all the model has
 
 
 class _Ticket:
@@ -130,7 +131,7 @@ class _Server:
         if settings.batching not in ("continuous", "static"):
             raise ValueError(f"batching={settings.batching!r}; choose 'continuous' or 'static'")
         if settings.batching == "continuous" and engine is None:
-            length = pipe.model.config.decoder.max_position_embeddings
+            length = settings.slot_length or pipe.model.config.decoder.max_position_embeddings
             self.scheduler = ContinuousScheduler(self.engine, slots=settings.max_batch, length=length,
                                                  queue_limit=settings.queue_limit, chunk=settings.slot_chunk)
         else:
