@@ -152,6 +152,14 @@ def _value(text: str):
         return text
 
 
+def fit_line(compiled, mesh: Mesh) -> str:
+    """'fits: X of Y GiB a chip (Z%)': a compiled step's memory a chip against the chip's HBM."""
+    mem = compiled.memory_analysis()
+    per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    hbm = hbm_bytes(mesh.devices.flat[0])
+    return f"fits: {per_chip / 2**30:.2f} of {hbm / 2**30:.2f} GiB a chip ({per_chip / hbm:.0%})"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["decode"]:
@@ -193,8 +201,7 @@ def main(argv=None):
           f"temporaries {mem.temp_size_in_bytes / 2**30:.2f}, outputs {mem.output_size_in_bytes / 2**30:.2f}, "
           f"aliased {mem.alias_size_in_bytes / 2**30:.2f})")
     print(f"model FLOPs per step: {flops:.3e} ({flops / mesh.size:.3e} per chip)")
-    hbm = hbm_bytes(mesh.devices.flat[0])
-    print(f"fits: {per_chip / 2**30:.2f} of {hbm / 2**30:.2f} GiB a chip ({per_chip / hbm:.0%})")
+    print(fit_line(compiled, mesh))
 
 
 if __name__ == "__main__":

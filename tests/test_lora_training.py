@@ -58,9 +58,16 @@ def _raw_state(workdir, step):
                                                                 tree))
 
 
-def test_a_lora_run_trains_the_adapters_alone(tmp_path, data, base):
-    workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, data, base):
+    """A 4-step LoRA run from `base`, uninterrupted."""
+    workdir = str(tmp_path_factory.mktemp("lora") / "whole")
     train_and_evaluate(_config(data, base), workdir)
+    return workdir
+
+
+def test_a_lora_run_trains_the_adapters_alone(whole, base):
+    workdir = whole
     start = load(base, param_dtype=None)
     final = load(os.path.join(workdir, "final"), param_dtype=None)
     assert final.config.lora is not None and final.config.lora.rank == 8
@@ -86,12 +93,11 @@ def test_a_lora_run_trains_the_adapters_alone(tmp_path, data, base):
                                atol=1e-2, rtol=0)  # bf16 base: the merge rounds the sum once more
 
 
-def test_a_stopped_lora_run_resumes_bit_exactly(tmp_path, data, base):
-    interrupted, whole = str(tmp_path / "interrupted"), str(tmp_path / "whole")
+def test_a_stopped_lora_run_resumes_bit_exactly(tmp_path, data, base, whole):
+    interrupted = str(tmp_path / "interrupted")
     train_and_evaluate(_config(data, base, stop_after=2), interrupted)
     assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["2"]
     train_and_evaluate(_config(data, base), interrupted)
-    train_and_evaluate(_config(data, base), whole)
     a, b = _raw_state(interrupted, 4), _raw_state(whole, 4)
     assert int(a["step"]) == 4
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
