@@ -101,6 +101,9 @@ MUTATIONS = (
              'return is_held_out(sample_id, self.holdout_fraction) == (self.split == "eval")',
              'return self.split != "eval" or is_held_out(sample_id, self.holdout_fraction)',
              ("tests/test_eval_in_training.py", "-k", "disjoint or never")),
+    Mutation("api_key_only_on_models", "the API key checked on /v1/models alone", "unitoken_jax/serve/app.py",
+             'if key and scope["path"] not in ("/health", "/"):', 'if key and scope["path"] == "/v1/models":',
+             ("tests/test_serve.py", "-k", "key")),
 )
 
 
