@@ -15,6 +15,7 @@ from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.model import UniTokenModel, load
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.sweep import apply_overrides
 from unitoken_jax.train.config import TrainConfig
 from unitoken_jax.train.loop import train_and_evaluate
 from unitoken_jax.train.program import build_program, make_mesh
@@ -41,13 +42,7 @@ def _config(data, base, **overrides):
     c.init_from.update(kind="checkpoint", paths=(base,))
     c.mesh.num_devices = 1
     c.update(total_steps=4, log_every=2, checkpoint_every=100)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(c, overrides)
 
 
 def _raw_state(workdir, step):

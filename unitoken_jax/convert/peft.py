@@ -32,6 +32,7 @@ from unitoken_jax.convert.files import CheckpointError, open_safetensors, read_j
 from unitoken_jax.convert.hf import tensor_specs
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.models.config import DECODER_LORA_TARGETS, LoraConfig, UniTokenConfig
+from unitoken_jax.models.unitoken import abstract_params
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -181,7 +182,5 @@ def _targets_of(found, by_name) -> tuple[str, ...]:
 
 
 def _abstract_adapters(config: UniTokenConfig) -> dict:
-    from unitoken_jax.models.unitoken import abstract_params
-
     _, adapters = lora_lib.split(abstract_params(config))
     return adapters

@@ -104,8 +104,8 @@ class Scheduler:
         """Queues `job`, or raises `QueueFull` (the caller answers 429) or `ValueError` (a call
         too big for any batch)."""
         if not self.fits([job]):
-            raise ValueError(f"the call needs {self.rows([job])} batch rows (a guided picture takes two, and a "
-                             f"batch is padded to a power of two); this server's --max-batch is {self.max_rows}")
+            raise ValueError(f"the call needs {self.rows([job])} batch rows (a guided picture takes two; static "
+                             f"batches are padded to powers of two); this server's --max-batch is {self.max_rows}")
         with self._cond:
             if len(self._waiting) >= self.queue_limit:
                 raise QueueFull(f"{len(self._waiting)} calls are waiting already (--queue-limit {self.queue_limit})")
@@ -230,77 +230,37 @@ class Scheduler:
                 job.on_finish(outputs[lo:hi] if outputs is not None else failure)
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(Scheduler):
     """Continuous batching (`unitoken_jax.inference.slots.SlotDecoder`): the worker runs the compiled
     loop a chunk at a time over `slots` rows; between chunks, finished requests leave and waiting
     calls are admitted into the free slots (a guided picture takes two), in arrival order with
     no call jumping ahead of one that does not fit yet. A short question joins while a picture is
     being drawn instead of waiting for it; a call whose client goes away has its rows freed at the
-    next chunk. The same interface and metrics as `Scheduler`, so the app takes either."""
+    next chunk. A `Scheduler` with another worker: the queue, `submit`, `cancel` and the metrics are
+    the same, so the app takes either."""
 
     def __init__(self, engine, *, slots: int, length: int, queue_limit: int, chunk: int = 8):
         from unitoken_jax.inference.slots import SlotDecoder
 
-        self.engine, self.max_rows, self.queue_limit = engine, slots, queue_limit
+        super().__init__(engine, max_rows=slots, queue_limit=queue_limit)
         self.decoder = SlotDecoder(engine.pipe.decode_loop, slots=slots, length=length, chunk=chunk)
         self.length = length
-        self._waiting: deque[Job] = deque()
         self._running: dict[int, tuple[Job, list]] = {}  # id(job) -> (job, outputs so far)
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.rows_in_use = self.batch_rows = 0
-        self.batches = self.generated_tokens = self.cancelled = self.expired = self.failed_batches = 0
-        self.busy_seconds = self.tokens_per_second = 0.0
 
-    # --- the callers' side (as Scheduler) -----------------------------------------------------------
     def rows(self, jobs: Sequence[Job]) -> int:
         return sum(self.decoder.slots_needed(r) for j in jobs for r in j.requests)
 
-    def fits(self, jobs: Sequence[Job]) -> bool:
-        return self.rows(jobs) <= self.max_rows
-
     def submit(self, job: Job) -> None:
-        if not self.fits([job]):
-            raise ValueError(f"the call needs {self.rows([job])} rows (a guided picture takes two); this server has "
-                             f"{self.max_rows} (--max-batch)")
         for r in job.requests:
             longest = max(len(r.tokens), len(r.uncond_tokens) if r.uncond_tokens is not None else 0)
             if longest + r.max_new_tokens > self.length:
                 raise ValueError(f"a prompt of {longest} positions and {r.max_new_tokens} new tokens do not fit the "
                                  f"model's {self.length} positions")
-        with self._cond:
-            if len(self._waiting) >= self.queue_limit:
-                raise QueueFull(f"{len(self._waiting)} calls are waiting already (--queue-limit {self.queue_limit})")
-            self._waiting.append(job)
-            self._cond.notify_all()
-
-    def cancel(self, job: Job) -> bool:
-        """Drops a waiting `job` (True); a running one is marked and its rows freed at the next chunk."""
-        with self._cond:
-            if job.state == "waiting":
-                self._waiting.remove(job)
-                job.state = "cancelled"
-                self.cancelled += 1
-                return True
-            job.abandoned = True
-            return False
-
-    @property
-    def queue_length(self) -> int:
-        with self._cond:
-            return len(self._waiting)
-
-    @property
-    def queue_rows(self) -> int:
-        with self._cond:
-            return self.rows(self._waiting)
-
-    start = Scheduler.start
+        super().submit(job)  # a running call that is cancelled has its rows freed at the next chunk
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stops after the current chunk; waiting and running calls get `Expired`."""
-        Scheduler.stop(self, timeout)
+        super().stop(timeout)
         for job, _ in list(self._running.values()):
             job.on_finish(Expired("the server is shutting down"))
         self._running.clear()
