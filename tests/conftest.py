@@ -8,6 +8,10 @@ import sys
 # timeout for `all reduce ...`"). With 8 fake devices an 8-device train step did that in 5 of 6
 # runs on one core (and once in CI on two); with 16 it ran every time.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
+# The tests' programs are tiny and most of the suite's time is XLA compiling them: LLVM's cheaper
+# optimisation level compiles faster and changes nothing the tests compare (both sides of every
+# comparison are compiled alike). Child processes inherit it.
+os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
