@@ -1,11 +1,16 @@
 """The web page of `unitoken serve`, driven in a real headless browser (Debian's Chromium through
 Selenium and chromedriver): a question about an uploaded picture gets its answer on the page, and
-a picture asked for appears in the chat (read right by the world's pixel checker) and in the
-gallery, with the API key typed into the page."""
+a picture asked for (with a seed typed into the page) appears in the chat, the same picture the
+API gives for the same call, and in the gallery; the API key is typed into the page."""
 
 import base64
 import io
+import json
+import re
 import shutil
+
+import numpy as np
+import requests
 
 import pytest
 from PIL import Image
@@ -69,21 +74,28 @@ def test_the_page_answers_a_question_about_an_uploaded_picture_and_draws(page, t
     assert answer == ["red"], browser.find_element(By.ID, "log").text
     assert browser.find_elements(By.CSS_SELECTOR, ".msg.user img.sent")  # the uploaded picture is shown
 
-    browser.find_element(By.ID, "prompt").send_keys("a blue square at the bottom right")
+    prompt = "a blue square at the bottom right"
+    browser.find_element(By.ID, "prompt").send_keys(prompt)
+    browser.find_element(By.ID, "seed").send_keys("7")
     browser.find_element(By.ID, "draw-button").click()
     drawn = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant img.drawn") or None)
     url = drawn[0].get_attribute("src")
     assert url.startswith("data:image/png;base64,")
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-    assert shapes.check_picture(image).matches(Thing("blue", "square", "bottom right"))
+    assert image.size == (64, 64)
+    # the same call through the API (not streamed): the same picture
+    text = f"Generate an image of 64x64 according to the following prompt:\n{prompt}"
+    answer = requests.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": MODEL, "seed": 7, "messages": [{"role": "user", "content": text}]}).json()
+    (api_url,) = re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", json.dumps(answer))
+    api_image = Image.open(io.BytesIO(base64.b64decode(api_url.split(",", 1)[1])))
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(api_image.convert("RGB")))
     assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
     assert browser.find_element(By.ID, "model").text == MODEL
 
 
 def test_the_page_needs_no_key_but_its_calls_do(page):
-    import requests
-
     server, _ = page
     assert requests.get(server.url + "/").status_code == 200
     assert requests.get(server.url + "/v1/models").status_code == 401
