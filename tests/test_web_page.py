@@ -10,12 +10,12 @@ import re
 import shutil
 
 import numpy as np
-import requests
-
 import pytest
+import requests
 from PIL import Image
-
 from test_serve import KEY, MODEL, _Running
+
+from unitoken_jax.inference.pipeline import GENERATE_TEMPLATE
 from unitoken_jax.serve import ServeSettings, create_app
 from unitoken_jax.world import default, shapes
 from unitoken_jax.world.shapes import Thing
@@ -84,7 +84,7 @@ def test_the_page_answers_a_question_about_an_uploaded_picture_and_draws(page, t
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     assert image.size == (64, 64)
     # the same call through the API (not streamed): the same picture
-    text = f"Generate an image of 64x64 according to the following prompt:\n{prompt}"
+    text = GENERATE_TEMPLATE.format(w=64, h=64, prompt=prompt)  # what the page sends
     answer = requests.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                            json={"model": MODEL, "seed": 7, "messages": [{"role": "user", "content": text}]}).json()
     (api_url,) = re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", json.dumps(answer))
