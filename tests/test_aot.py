@@ -105,9 +105,9 @@ def test_lowering_the_decode_loop_gives_the_program_generate_runs():
                         cfg_scale=2.0, image_top_k=50, stop_after_image=True, seed=s) for s in (0, 1)]
     expected = loop.generate(requests, chunk=10_000).tokens
     prefill, run = (lowered.compile() for lowered in loop.lower(requests))
-    rows, batch, params, max_new, _, _ = loop._prepare(requests)
-    logits, cache = prefill(model.params, *batch)
-    state = run(model.params, loop._initial_state(rows, logits, cache, max_new), jax.tree.map(jnp.asarray, params),
+    rows, batch, params, max_new, _ = loop._prepare(requests)
+    logits, cache = prefill(loop.params, *batch)  # the parameters in the layout the loop runs
+    state = run(loop.params, loop._initial_state(rows, logits, cache, max_new), jax.tree.map(jnp.asarray, params),
                 jnp.int32(max_new))
     out, n_out = np.asarray(state.out), np.asarray(state.n_out)
     for i, tokens in enumerate(expected):

@@ -112,6 +112,20 @@ def test_batched_cfg_equals_per_row_cfg(pipe):
         assert tokens.tolist() == expected
 
 
+def test_scanned_and_unrolled_layers_decode_the_same_tokens(pipe):
+    """The two layer layouts run the same arithmetic: a batch of questions about pictures, guided
+    pictures, an edit and a chat decodes the same tokens."""
+    requests = _requests(pipe)
+    scanned = DecodeLoop(pipe.model.config, pipe.model.params, layers="scan")
+    unrolled = DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled")
+    assert unrolled.layers == "unrolled" and "layers" in scanned.params["decoder"]
+    assert "layers_0" in unrolled.params["decoder"]
+    for a, b in zip(scanned.generate(requests).tokens, unrolled.generate(requests).tokens):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="'auto', 'scan' or 'unrolled'"):
+        DecodeLoop(pipe.model.config, pipe.model.params, layers="stacked")
+
+
 def test_the_unconditional_context_and_the_image_prefix(pipe):
     """The guided row's partner sees what the reference's CFG processor gives it: the ids from
     <racm3:break> on, or, with a negative prompt, that prompt as a human turn, then the same image
@@ -131,7 +145,10 @@ def test_the_unconditional_context_and_the_image_prefix(pipe):
     assert unguided.uncond_tokens is None
 
 
-def test_greedy_text_equals_transformers_generate(tmp_path):
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_greedy_text_equals_transformers_generate(tmp_path, layers):
+    """Both ways the loop runs the layers (a scan over stacked weights and KV cache, what
+    accelerators run; unrolled with a buffer per layer, what CPUs run) decode transformers' text."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     hf = oracles.make_chameleon(seed=9)
@@ -147,7 +164,7 @@ def test_greedy_text_equals_transformers_generate(tmp_path):
     # greedy text; the image temperature (hot here) must not touch text rows
     requests = [Request(np.array(p), max_new_tokens=12, stop_tokens=(-5,), image_temperature=100.0, image_top_k=0)
                 for p in prompts]
-    ours = DecodeLoop(model.config, model.params).generate(requests).tokens
+    ours = DecodeLoop(model.config, model.params, layers=layers).generate(requests).tokens
     for p, mine in zip(prompts, ours):
         with torch.no_grad():
             theirs = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,

@@ -37,10 +37,9 @@ def _kept_by_definition(logits, top_k, top_p):
 def test_the_kept_set_is_the_definitions(top_k, top_p):
     # probabilities 0.4, 0.2333, 0.1667, 0.1, 0.0667, 0.0333: cumulative 0.4, 0.6333, 0.8, 0.9, ...
     logits = np.log(np.array([0.1, 0.4, 1 / 30, 0.7 / 3, 1 / 6, 1 / 15]))
-    values, ids = jax.lax.top_k(jnp.asarray(logits[None], jnp.float32), 6)
-    out = np.asarray(sampling.filter_candidates(values, jnp.array([top_k]), jnp.array([top_p], jnp.float32)))[0]
-    ours = {int(i) for i, v in zip(np.asarray(ids)[0], out) if v > sampling.NEG_INF / 2}
-    assert ours == _kept_by_definition(logits, top_k, top_p)
+    out = np.asarray(sampling.kept(jnp.asarray(logits[None], jnp.float32), jnp.array([top_k]),
+                                   jnp.array([top_p], jnp.float32)))[0]
+    assert set(np.flatnonzero(out).tolist()) == _kept_by_definition(logits, top_k, top_p)
 
 
 def test_rows_keep_their_own_sets():
@@ -48,11 +47,38 @@ def test_rows_keep_their_own_sets():
     logits = rng.normal(size=(5, 40)) * 2
     top_k = np.array([0, 5, 1, 12, 0])
     top_p = np.array([0.9, 1.0, 1.0, 0.5, 0.3], np.float32)
-    values, ids = jax.lax.top_k(jnp.asarray(logits, jnp.float32), 40)
-    out = np.asarray(sampling.filter_candidates(values, jnp.asarray(top_k), jnp.asarray(top_p)))
+    out = np.asarray(sampling.kept(jnp.asarray(logits, jnp.float32), jnp.asarray(top_k), jnp.asarray(top_p)))
     for r in range(5):
-        ours = {int(i) for i, v in zip(np.asarray(ids)[r], out[r]) if v > sampling.NEG_INF / 2}
-        assert ours == _kept_by_definition(logits[r], top_k[r], top_p[r]), r
+        assert set(np.flatnonzero(out[r]).tolist()) == _kept_by_definition(logits[r], top_k[r], top_p[r]), r
+
+
+def test_the_kept_set_at_the_image_default_on_a_code_sized_row():
+    """Top-2000 of 8,196 code logits (with masked ids among them) and top-p on top: the set the
+    threshold search keeps is the definition's, row by row."""
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(4, 8196)) * 3).astype(np.float32)
+    logits[:, :4] = sampling.NEG_INF  # grid ids a body row may not draw
+    logits[1, 100:] = sampling.NEG_INF  # fewer real ids than the top-k
+    top_k, top_p = np.array([2000, 2000, 0, 50]), np.array([1.0, 1.0, 0.9, 0.6], np.float32)
+    out = np.asarray(sampling.kept(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
+    for r in range(4):
+        want = {i for i in _kept_by_definition(logits[r].astype(np.float64), top_k[r], top_p[r])
+                if logits[r, i] > sampling.NEG_INF / 2}
+        assert set(np.flatnonzero(out[r]).tolist()) == want, r
+
+
+def test_a_row_draws_the_same_token_from_the_codes_or_the_whole_vocabulary():
+    """A step that may only draw codes samples from the code logits alone: the noise of token i is
+    the same in a narrow and a wide draw, so the token is too (a batch of N equals N runs)."""
+    rng = np.random.default_rng(4)
+    narrow = rng.normal(size=(64, 40)).astype(np.float32)
+    wide = np.concatenate([narrow, np.full((64, 200), sampling.NEG_INF, np.float32)], axis=1)
+    keys = jax.vmap(jax.random.key)(jnp.arange(64))
+    args = (jnp.full(64, 1.0), jnp.full(64, 10), jnp.full(64, 0.9))
+    a = np.asarray(sampling.sample(jnp.asarray(narrow), keys, *args))
+    b = np.asarray(sampling.sample(jnp.asarray(wide), keys, *args))
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a.tolist())) > 3  # draws, not the argmax
 
 
 def test_greedy_is_argmax_whatever_top_k_and_top_p():
@@ -60,7 +86,7 @@ def test_greedy_is_argmax_whatever_top_k_and_top_p():
     logits = rng.normal(size=(6, 50)).astype(np.float32)
     keys = jax.vmap(jax.random.key)(jnp.arange(6))
     tok = sampling.sample(jnp.asarray(logits), keys, jnp.zeros(6), jnp.array([0, 1, 5, 0, 3, 50]),
-                          jnp.array([1.0, 1.0, 0.2, 0.9, 0.5, 1.0]), 50)
+                          jnp.array([1.0, 1.0, 0.2, 0.9, 0.5, 1.0]))
     np.testing.assert_array_equal(np.asarray(tok), logits.argmax(-1))
 
 
@@ -84,8 +110,7 @@ def test_draws_follow_softmax_at_the_temperature_over_the_kept_set(temperature, 
     n = 4000
     keys = jax.vmap(jax.random.key)(jnp.arange(n))
     tok = sampling.sample(jnp.broadcast_to(jnp.asarray(logits), (n, 8)), keys, jnp.full(n, temperature),
-                          jnp.full(n, top_k), jnp.full(n, top_p, jnp.float32),
-                          sampling.num_candidates(8, [(temperature, top_k)]))
+                          jnp.full(n, top_k), jnp.full(n, top_p, jnp.float32))
     counts = np.bincount(np.asarray(tok), minlength=8).astype(float)
     kept = sorted(_kept_by_definition(logits, top_k, top_p))
     probs = np.zeros(8)
@@ -101,7 +126,7 @@ def test_the_draws_check_can_tell_temperatures_apart():
     n = 4000
     keys = jax.vmap(jax.random.key)(jnp.arange(n))
     tok = sampling.sample(jnp.broadcast_to(jnp.asarray(logits), (n, 8)), keys, jnp.full(n, 0.7), jnp.zeros(n, int),
-                          jnp.ones(n), 8)
+                          jnp.ones(n))
     counts = np.bincount(np.asarray(tok), minlength=8).astype(float)
     stat, bound = _chi_square_ok(counts, _softmax(logits / 1.0), n)
     assert stat > bound

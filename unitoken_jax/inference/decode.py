@@ -192,21 +192,49 @@ class Generation:
 class DecodeLoop:
     """Compiled prefill and decode loop for one model; call `generate(requests)`."""
 
-    def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None):
-        """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks)."""
+    def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None, layers: str = "auto"):
+        """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks).
+
+        `layers`: how the compiled steps run the layer stack. "scan" loops over the stacked
+        parameters and a stacked KV cache; "unrolled" holds a copy of each layer's parameters and
+        a KV buffer per layer. On a CPU, a scanned layer's slice of the stacked weights and cache is
+        copied out before its dots read it (on an accelerator XLA reads it in place), which made a
+        16-row decode step of the 8-layer benchmark model 3x what its arithmetic costs: "auto"
+        unrolls on CPU and scans elsewhere. Unrolled, the loop keeps its own copy of the decoder's
+        (and SigLIP's) layer weights beside the model's."""
+        if layers not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
         self.config = config
-        self.params = params
         self.mesh = mesh
-        self.module = UniToken(config)
+        if layers == "auto":
+            devices = mesh.devices.flat if mesh is not None else jax.devices()
+            layers = "unrolled" if all(d.platform == "cpu" for d in devices) else "scan"
+        self.layers = layers
+        self.module = UniToken(config.replace(scan_layers=layers == "scan"))
+        self.params = params
         self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
         ok = np.ones(config.decoder.vocab_size, bool)
         if banned_ids is not None and len(banned_ids):
             ok[np.asarray(banned_ids)] = False
         self._ok_ids = ok
 
+    @property
+    def params(self):
+        """The parameters as the compiled steps take them (unrolled if `layers` is)."""
+        return self._params
+
+    @params.setter
+    def params(self, params):
+        """Takes the model's (scanned-layout) parameters."""
+        if self.layers == "unrolled":
+            if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
+                params = jax.eval_shape(lambda p: unroll_params(p, self.config), params)
+            else:
+                params = unroll_params(params, self.config)
+        self._params = params
+
     def _apply(self, params, *args, **kwargs):
-        p = params if self.config.scan_layers else unroll_params(params, self.config)
-        return self.module.apply({"params": p}, *args, **kwargs)
+        return self.module.apply({"params": params}, *args, **kwargs)
 
     @functools.cached_property
     def _prefill(self):
@@ -226,7 +254,7 @@ class DecodeLoop:
         vocab = self.config.decoder.vocab_size
         codes = min(grid.CODE_LOGITS, vocab)  # a text-only decoder's vocabulary may end before the codes
 
-        def run(params, s: SamplingState, p: RowParams, chunk_end, max_k, n_requests):
+        def run(params, s: SamplingState, p: RowParams, chunk_end, n_requests):
             def cond(s: SamplingState):
                 return (s.step < chunk_end) & ~jnp.all(s.done)
 
@@ -242,7 +270,7 @@ class DecodeLoop:
                 temp = jnp.where(in_img, q.image_temperature, q.temperature)
                 row_keys = jax.vmap(jax.random.fold_in)(q.key, s.n_out[:n_requests])
                 return sampling.sample(lg, row_keys, temp, jnp.where(in_img, q.image_top_k, q.top_k),
-                                       jnp.where(in_img, q.image_top_p, q.top_p), min(max_k, width))
+                                       jnp.where(in_img, q.image_top_p, q.top_p))
 
             def body(s: SamplingState) -> SamplingState:
                 g = s.grid
@@ -279,7 +307,7 @@ class DecodeLoop:
 
             return jax.lax.while_loop(cond, body, s)
 
-        return jax.jit(run, static_argnums=(4, 5), donate_argnums=(1,))
+        return jax.jit(run, static_argnums=(4,), donate_argnums=(1,))
 
     def _prepare(self, requests: Sequence[Request]):
         """Host side of a generation: the prefill's batch, each row's parameters and the sizes."""
@@ -295,10 +323,7 @@ class DecodeLoop:
         params = _row_params(rows, primary, uncond_row, prompt_len)
         max_new = int(params.max_new.max())
         cache_len = int(prefill_batch[0].shape[1] + max_new)
-        v = self.config.decoder.vocab_size
-        max_k = sampling.num_candidates(v, [pair for r, *_ in rows for pair in
-                                            ((r.temperature, r.top_k), (r.image_temperature, r.image_top_k))])
-        return rows, tuple(prefill_batch), params, max_new, cache_len, max_k
+        return rows, tuple(prefill_batch), params, max_new, cache_len
 
     @staticmethod
     def _initial_state(rows, logits, cache, max_new: int) -> SamplingState:
@@ -309,7 +334,7 @@ class DecodeLoop:
 
     def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
                  ) -> Generation:
-        rows, batch, params, max_new, cache_len, max_k = self._prepare(requests)
+        rows, batch, params, max_new, cache_len = self._prepare(requests)
         with sharding.mesh_context(self.mesh):
             logits, cache = self._prefill(self.params, *batch, cache_len)
             state = self._initial_state(rows, logits, cache, max_new)
@@ -317,7 +342,7 @@ class DecodeLoop:
             step = 0
             while True:
                 step = min(step + chunk, max_new)
-                state = self._run(self.params, state, params, jnp.int32(step), max_k, len(requests))
+                state = self._run(self.params, state, params, jnp.int32(step), len(requests))
                 if progress is not None:
                     progress(jax.device_get({"rows_drawn": state.grid.row, "images_done": state.grid.images_done,
                                              "n_out": state.n_out}))
@@ -330,7 +355,7 @@ class DecodeLoop:
         """(prefill, decode loop), lowered for these requests' shapes, exactly as `generate` runs
         them. `self.params` may be ShapeDtypeStructs with shardings (nothing is allocated), and the
         mesh a TPU topology's: `launch/aot_check.py decode` compiles a release for a chip this way."""
-        rows, batch, params, max_new, cache_len, max_k = self._prepare(requests)
+        rows, batch, params, max_new, cache_len = self._prepare(requests)
         replicated = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
 
         def spec(x, sharding_=None):
@@ -348,6 +373,5 @@ class DecodeLoop:
             state = state.replace(cache=jax.tree.map(lambda a, sh: spec(a, sh), state.cache, cache_sharding))
             state = jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None
                                  else spec(a), state)
-            loop = self._run.lower(self.params, state, jax.tree.map(spec, params), spec(np.int32(0)), max_k,
-                                   len(requests))
+            loop = self._run.lower(self.params, state, jax.tree.map(spec, params), spec(np.int32(0)), len(requests))
         return prefill, loop

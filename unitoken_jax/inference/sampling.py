@@ -3,12 +3,13 @@
 All functions take per-row arrays; nothing reads row 0 for the batch (the reference's logits
 processors do, which makes its batches wrong).
 
-Sampling works on each row's K best candidates (`lax.top_k`, K static: the largest top-k any row
-asks for, or the whole vocabulary when some row samples without a top-k), in descending order.
-The Gumbel noise is one draw per row and step from the row's key, the j-th value going to the
-row's j-th best candidate; JAX's counter-based (partitionable) random bits make the first K
-values of a draw the same whatever its length, so a row draws the same token whatever K its batch
-needed: a batch of N equals N single runs.
+Top-k and top-p keep, in each row, the tokens at or above a threshold found bit by bit on the
+logits' bits (a counting pass over the row per bit, usually far fewer than 32; no sort and no
+`lax.top_k`, which on a CPU cost a 16-row image step more than the rest of its sampling together). Gumbel-max then picks
+among the kept tokens with one noise draw per row and step from the row's key, the i-th value
+going to token i: JAX's counter-based (partitionable) random bits make the first n values of a
+draw the same whatever its length, so a row draws the same token whether its batch samples from
+the 8,196 code logits or the whole vocabulary, and a batch of N equals N single runs.
 """
 
 from __future__ import annotations
@@ -30,40 +31,88 @@ def classifier_free_guidance(logits_NV, uncond_row_R, scale_R, apply_R):
     return jnp.where(use[:, None], guided, cond)
 
 
-def filter_candidates(values_RK, top_k_R, top_p_R):
-    """`values_RK` sorted in descending order. Keeps each row's `top_k` first (0 = all K), then
-    the smallest prefix whose probability reaches `top_p` (1 = all); the rest become NEG_INF."""
-    k_total = values_RK.shape[1]
-    ranks = jnp.arange(k_total)[None, :]
-    k = jnp.where((top_k_R <= 0) | (top_k_R > k_total), k_total, top_k_R)[:, None]
-    kept = jnp.where(ranks < k, values_RK, NEG_INF)
-    probs = jax.nn.softmax(kept, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (ranks < k) & ((mass_before < top_p_R[:, None]) | (ranks == 0))
-    return jnp.where(keep, values_RK, NEG_INF)
+def _order_keys(x):
+    """float32 -> uint32 with the same order (sign bit set for positives, all bits flipped for
+    negatives), so thresholds can be found bit by bit."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def sample_candidates(values_RK, ids_RK, keys_R, temperature_R):
-    """Greedy (the first candidate) where temperature == 0, else Gumbel-max over the candidates
-    of values / temperature, the noise drawn once per row (see the module docstring)."""
-    k = values_RK.shape[1]
-    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (k,), jnp.float32))(keys_R)
-    t = jnp.where(temperature_R > 0, temperature_R, 1.0)[:, None]
-    choice = jnp.argmax(jnp.where(values_RK > NEG_INF / 2, values_RK / t + gumbel, NEG_INF), axis=-1)
-    choice = jnp.where(temperature_R > 0, choice, 0)
-    return jnp.take_along_axis(ids_RK, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+def _largest_key_where(test, shape):
+    """Per row, the largest uint32 t for which `test(t)` ([R] bool, true for every t up to some
+    point and false after) holds, built from the top bit down; 0 if it holds nowhere."""
+    def step(i, t):
+        candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(test(candidate), candidate, t)
+
+    return jax.lax.fori_loop(0, 32, step, jnp.zeros(shape, jnp.uint32))
 
 
-def sample(logits_RV, keys_R, temperature_R, top_k_R, top_p_R, num_candidates: int):
-    """One token per row from logits [R, V] with the row's temperature / top-k / top-p."""
-    values, ids = jax.lax.top_k(logits_RV, num_candidates)
-    return sample_candidates(filter_candidates(values, top_k_R, top_p_R), ids, keys_R, temperature_R)
+def _kth_largest(keys_RV, k_R):
+    """Per row with k > 0, a threshold t with exactly k keys >= t if the keys allow it (else the
+    k-th largest key): built bit by bit from the top, keeping a bit while at least k keys stay at
+    or above; it stops as soon as every such row has exactly k (usually well before 32 bits)."""
+    def count(t):
+        return jnp.sum(keys_RV >= t[:, None], axis=1)
+
+    def unsettled(carry):
+        i, _, n = carry
+        return (i < 32) & jnp.any((k_R > 0) & (n != k_R))
+
+    def step(carry):
+        i, t, n = carry
+        candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        n_candidate = count(candidate)
+        ok = n_candidate >= k_R
+        return i + 1, jnp.where(ok, candidate, t), jnp.where(ok, n_candidate, n)
+
+    rows, vocab = keys_RV.shape
+    start = (jnp.int32(0), jnp.zeros((rows,), jnp.uint32), jnp.full((rows,), vocab, jnp.int32))
+    return jax.lax.while_loop(unsettled, step, start)[1]
 
 
-def num_candidates(vocab_size: int, rows) -> int:
-    """K for `sample`: rows are (temperature, top_k) pairs; greedy rows need one candidate."""
-    need = 1
-    for temperature, top_k in rows:
-        if temperature > 0:
-            need = max(need, vocab_size if top_k <= 0 else min(top_k, vocab_size))
-    return need
+def kept(logits_RV, top_k_R, top_p_R):
+    """Which tokens each row may draw: its `top_k` most likely (0 = all), then of those the
+    smallest most-likely set whose probability (softmax of the logits over the top-k set)
+    reaches `top_p` (1 = all); the most likely token always. Tokens tied at a threshold are all
+    kept. Masked logits (NEG_INF) are never kept."""
+    rows, _ = logits_RV.shape
+    keys = _order_keys(logits_RV)
+    real = logits_RV > NEG_INF / 2
+    # a top-k that reaches every token that can be drawn keeps them all: no threshold to find
+    k = jnp.where((top_k_R <= 0) | (top_k_R >= jnp.sum(real, axis=1)), 0, top_k_R)
+    low = jax.lax.cond(jnp.any(k > 0), lambda: _kth_largest(keys, k), lambda: jnp.zeros((rows,), jnp.uint32))
+    keep = (keys >= jnp.where(k > 0, low, 0)[:, None]) & real
+
+    def nucleus():  # keep key u iff the mass strictly above u is < top_p: u above the largest t whose mass above is >= top_p
+        probs = jax.nn.softmax(jnp.where(keep, logits_RV, NEG_INF), axis=-1)
+        above = lambda t: jnp.sum(jnp.where(keys > t[:, None], probs, 0.0), axis=1)  # noqa: E731
+        t = _largest_key_where(lambda t: above(t) >= top_p_R, (rows,))
+        everything = above(jnp.zeros((rows,), jnp.uint32)) < top_p_R
+        return keep & ((keys > t[:, None]) | everything[:, None])
+
+    keep = jax.lax.cond(jnp.any(top_p_R < 1), nucleus, lambda: keep)
+    return keep | (logits_RV == jnp.max(logits_RV, axis=-1, keepdims=True))
+
+
+def _argmax(x_RV):
+    """The first index of each row's maximum, as jnp.argmax, in two plain reductions (XLA's CPU
+    argmax, a reduction over (value, index) pairs, takes 4x as long on a [32, 8196] step)."""
+    top = jnp.max(x_RV, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x_RV == top, jnp.arange(x_RV.shape[-1], dtype=jnp.int32), x_RV.shape[-1]), axis=-1)
+
+
+def sample(logits_RV, keys_R, temperature_R, top_k_R, top_p_R):
+    """One token per row from logits [R, V] with the row's temperature / top-k / top-p: greedy
+    (argmax) where temperature == 0, else Gumbel-max over the kept tokens of logits / temperature,
+    the noise drawn once per row (see the module docstring)."""
+    greedy = _argmax(logits_RV)
+
+    def draw():
+        vocab = logits_RV.shape[1]
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_R)
+        t = jnp.where(temperature_R > 0, temperature_R, 1.0)[:, None]
+        scores = jnp.where(kept(logits_RV, top_k_R, top_p_R), logits_RV / t + gumbel, -jnp.inf)
+        return jnp.where(temperature_R > 0, _argmax(scores), greedy)
+
+    return jax.lax.cond(jnp.any(temperature_R > 0), draw, lambda: greedy)

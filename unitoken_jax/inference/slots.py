@@ -8,7 +8,7 @@ admitted into free slots between chunks and finished ones leaving.
             ...                                       # `name` finished: its generated ids
         decoder.admit("b", request_b)          # whenever slots are free, even mid-way through "a"
 
-The slots share one persistent KV cache [layers, slots, kv_heads, length, head_dim] and one
+The slots share one persistent KV cache (per layer: [slots, kv_heads, length, head_dim]) and one
 `SamplingState`; each slot row has its own `RowParams` entry (sampling options, key, stop ids,
 grid limits), so a request samples exactly what it samples alone: its noise is drawn from its own
 seed and its own count of emitted tokens (`sampling`), its grid state is its own, and an
@@ -19,7 +19,7 @@ neither samples for nor writes to the cache.
 Admission prefills the new rows alone (prompt length and row count padded to powers of two, so few
 shapes compile) and writes their keys, values, first logits and fresh state into their slots on
 the device; nothing else moves. Shapes the loop compiles for: the slot count and cache length
-(fixed), and the number of sampling candidates (the vocabulary, or the largest top-k in use).
+(fixed).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from unitoken_jax import sharding
-from unitoken_jax.inference import sampling
 from unitoken_jax.inference.decode import (
     DecodeLoop,
     Request,
@@ -45,6 +44,7 @@ from unitoken_jax.inference.decode import (
     _rows,
 )
 from unitoken_jax.inference.grid import DONE, GridState
+from unitoken_jax.models.chameleon import init_cache
 
 
 def _pow2(n: int) -> int:
@@ -75,13 +75,10 @@ class SlotDecoder:
         self._params.update(primary=np.arange(n, dtype=np.int32), uncond_row=np.full(n, -1, np.int32), prompt_len=z)
         self._seeds = np.zeros(n, np.uint32)
         self._stop = np.full((n, 1), -1, np.int32)
-        self._candidates = np.ones(n, np.int64)  # the sampling candidates each slot needs
         self._device_params = None  # RowParams on the device, rebuilt after an admission or a release
-        cache_dtype = loop.cache_dtype
-        layers, kv, hd = config.decoder.num_layers, config.decoder.num_kv_heads, config.decoder.head_dim
         with sharding.mesh_context(loop.mesh):
-            cache = {"k": jnp.zeros((layers, n, kv, length, hd), cache_dtype),
-                     "v": jnp.zeros((layers, n, kv, length, hd), cache_dtype), "index": jnp.zeros(n, jnp.int32)}
+            # the layout the loop's layers read: a buffer per layer when they are unrolled
+            cache = init_cache(config.decoder, n, length, loop.cache_dtype, per_layer=loop.layers == "unrolled")
             grid = jax.tree.map(jnp.asarray, _initial_grid(self._dummy_rows(n)[0]))
             self.state = SamplingState(grid=grid.replace(mode=jnp.full(n, DONE, jnp.int32)),
                                        logits=jnp.zeros((n, self._vocab), jnp.float32), cache=cache,
@@ -165,8 +162,6 @@ class SlotDecoder:
             if len(stop) > self._stop.shape[1]:
                 self._stop = np.pad(self._stop, ((0, 0), (0, len(stop) - self._stop.shape[1])), constant_values=-1)
             self._stop[slot] = stop + [-1] * (self._stop.shape[1] - len(stop))
-            self._candidates[slot] = sampling.num_candidates(self._vocab, [(r.temperature, r.top_k),
-                                                                            (r.image_temperature, r.image_top_k)])
 
     def cancel(self, name: Hashable) -> None:
         """Frees `name`'s slots now (a client that went away)."""
@@ -177,7 +172,6 @@ class SlotDecoder:
     def _release(self, slots: list[int]) -> None:
         self._device_params = None
         self.state = _mark_done(self.state, jnp.asarray(slots, jnp.int32))
-        self._candidates[slots] = 1
         # a free slot follows itself: the loop copies a row's `done` from its primary row
         self._params["primary"][slots] = slots
         self._params["uncond_row"][slots] = -1
@@ -209,11 +203,10 @@ class SlotDecoder:
             self._device_params = RowParams(**{k: jnp.asarray(v) for k, v in self._params.items()},
                                             key=jax.vmap(jax.random.key)(jnp.asarray(self._seeds)),
                                             stop_tokens=jnp.asarray(self._stop))
-        max_k = int(self._candidates.max())
         loop = self.loop
         with sharding.mesh_context(loop.mesh):
             end = self.state.step + self.chunk
-            self.state = loop._run(loop.params, self.state, self._device_params, end, max_k, self.n_slots)
+            self.state = loop._run(loop.params, self.state, self._device_params, end, self.n_slots)
         done, n_out = np.asarray(self.state.done), np.asarray(self.state.n_out)
         ended = [(name, running) for name, running in self.running.items() if done[running.slots[0]]]
         if not ended:
@@ -246,10 +239,14 @@ def _place(state: SamplingState, slots, logits, cache, grid: GridState) -> Sampl
     """Writes new rows (prefilled alone) into their slots; a slot index past the end is dropped."""
     put = lambda old, new, axis=0: (old.at[(slice(None),) * axis + (slots,)].set(new.astype(old.dtype),  # noqa: E731
                                                                                   mode="drop"))
+
+    def put_kv(old, new):  # a buffer per layer ([B, ...] each), or all layers stacked ([layers, B, ...])
+        return tuple(map(put, old, new)) if isinstance(old, tuple) else put(old, new, 1)
+
     return state.replace(
         grid=jax.tree.map(put, state.grid, grid),
         logits=put(state.logits, logits),
-        cache={"k": put(state.cache["k"], cache["k"], 1), "v": put(state.cache["v"], cache["v"], 1),
+        cache={"k": put_kv(state.cache["k"], cache["k"]), "v": put_kv(state.cache["v"], cache["v"]),
                "index": put(state.cache["index"], cache["index"])},
         out=put(state.out, jnp.zeros((slots.shape[0], state.out.shape[1]), state.out.dtype)),
         n_out=put(state.n_out, jnp.zeros_like(slots)),

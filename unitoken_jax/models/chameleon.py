@@ -87,19 +87,31 @@ class Attention(nn.Module):
         k_BTKH = rotary_embedding(k_BTKH, positions_BT, cfg.rope_theta)
 
         if cache is not None:
-            # Write this layer's new keys/values in place into the whole stacked cache (a scatter
-            # on the loop carry: no copy of the cache per step), then read the layer's slice.
-            # One dynamic-update-slice per row (XLA updates those in place; a scatter with per-row
-            # indices becomes a loop over the whole cache on CPU).
-            k_all, v_all = cache["k"], cache["v"]
+            # Write this layer's new keys/values in place (one dynamic-update-slice per row: XLA
+            # updates those in place, while a scatter with per-row indices becomes a loop over the
+            # whole cache on CPU), then read the layer's keys and values.
             k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-            for b in range(x_BTD.shape[0]):
-                start = (layer_index, b, 0, cache_index_B[b], 0)
-                k_all = jax.lax.dynamic_update_slice(k_all, k_BKTH[None, b:b + 1].astype(k_all.dtype), start)
-                v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None, b:b + 1].astype(v_all.dtype), start)
-            cache = {"k": k_all, "v": v_all}
-            k_BKSH = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(self.dtype)
-            v_BKSH = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
+            if is_per_layer(cache):
+                # a buffer per layer (unrolled layers): the dots read it as it is
+                k_BKSH, v_BKSH = cache["k"][layer_index], cache["v"][layer_index]
+                for b in range(x_BTD.shape[0]):
+                    start = (b, 0, cache_index_B[b], 0)
+                    k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BKTH[b:b + 1].astype(k_BKSH.dtype), start)
+                    v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BKTH[b:b + 1].astype(v_BKSH.dtype), start)
+                cache = {"k": _replace(cache["k"], layer_index, k_BKSH),
+                         "v": _replace(cache["v"], layer_index, v_BKSH)}
+                k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
+            else:
+                # the whole stacked cache rides the scan's carry; the layer's slice is read out of it
+                # (a copy on CPU, which is why decoding there unrolls the layers: `DecodeLoop`)
+                k_all, v_all = cache["k"], cache["v"]
+                for b in range(x_BTD.shape[0]):
+                    start = (layer_index, b, 0, cache_index_B[b], 0)
+                    k_all = jax.lax.dynamic_update_slice(k_all, k_BKTH[None, b:b + 1].astype(k_all.dtype), start)
+                    v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None, b:b + 1].astype(v_all.dtype), start)
+                cache = {"k": k_all, "v": v_all}
+                k_BKSH = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(self.dtype)
+                v_BKSH = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         if cache is None:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, mask, backend=self.attention,
@@ -244,7 +256,7 @@ class ChameleonDecoder(nn.Module):
             if new_cache is not None:
                 raise ValueError("new_cache starts a cache: it cannot be given with one")
             index_B = cache["index"]
-            slots_S = jnp.arange(cache["k"].shape[3])
+            slots_S = jnp.arange(cache_length(cache))
             query_slot_BT = index_B[:, None] + jnp.arange(x_BTD.shape[1])[None, :]
             mask = slots_S[None, None, :] <= query_slot_BT[:, :, None]
             layer_caches = _constrain_cache(cache)
@@ -259,15 +271,19 @@ class ChameleonDecoder(nn.Module):
             for i, layer in enumerate(self.layers):
                 carry, layer_kv = layer(carry, i, positions_BT, mask, index_B, deterministic, collect)
                 per_layer.append(layer_kv)
-            kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if collect else None
         x_BTD, new_layer_caches = carry
-        if collect:  # [layers, B, K, T, H] -> the first T of `length` slots
+        if collect:  # the T positions' keys and values -> the first T of `length` slots
             index_B = jnp.zeros((x_BTD.shape[0],), jnp.int32)
             length, dtype = new_cache
             if length < x_BTD.shape[1]:
                 raise ValueError(f"a cache of {length} slots cannot hold a prompt of {x_BTD.shape[1]} positions")
-            pad = ((0, 0), (0, 0), (0, 0), (0, length - x_BTD.shape[1]), (0, 0))
-            new_layer_caches = {"k": jnp.pad(kv[0].astype(dtype), pad), "v": jnp.pad(kv[1].astype(dtype), pad)}
+            pad = ((0, 0), (0, 0), (0, length - x_BTD.shape[1]), (0, 0))
+            if self.scan_layers:  # kv: stacked [layers, B, K, T, H]
+                pad = ((0, 0),) + pad
+                new_layer_caches = {"k": jnp.pad(kv[0].astype(dtype), pad), "v": jnp.pad(kv[1].astype(dtype), pad)}
+            else:  # a buffer per layer, as unrolled layers read it
+                new_layer_caches = {name: tuple(jnp.pad(layer_kv[i].astype(dtype), pad) for layer_kv in per_layer)
+                                    for i, name in enumerate(("k", "v"))}
         if new_layer_caches is not None:
             new_layer_caches = _constrain_cache(new_layer_caches)
 
@@ -290,7 +306,24 @@ _CACHE_AXES = (None, "act_batch", "act_kv_heads", "act_cache_length", None)  # [
 def _constrain_cache(cache: Cache) -> Cache:
     """Keys and values stay sharded as the attention reads them (rows over the data axes, KV heads
     over 'tensor'), so the loop never gathers or reshards the cache between steps."""
+    if is_per_layer(cache):
+        return {name: tuple(constrain(a, _CACHE_AXES[1:]) for a in cache[name]) for name in ("k", "v")}
     return {"k": constrain(cache["k"], _CACHE_AXES), "v": constrain(cache["v"], _CACHE_AXES)}
+
+
+def is_per_layer(cache: Cache) -> bool:
+    """Whether the cache holds a buffer per layer (k/v: tuples of [B, K, S, H], what unrolled
+    layers make and read) or one stacked buffer (k/v: [layers, B, K, S, H], what scanned ones do)."""
+    return isinstance(cache["k"], (tuple, list))
+
+
+def cache_length(cache: Cache) -> int:
+    """The number of slots a row of the cache has."""
+    return (cache["k"][0] if is_per_layer(cache) else cache["k"]).shape[-2]
+
+
+def _replace(buffers: tuple, i: int, new) -> tuple:
+    return tuple(new if j == i else b for j, b in enumerate(buffers))
 
 
 class LMHead(nn.Module):
@@ -310,11 +343,16 @@ class LMHead(nn.Module):
                               lora=self.lora)
 
 
-def init_cache(config: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> Cache:
+def init_cache(config: DecoderConfig, batch: int, length: int, dtype=jnp.float32, per_layer: bool = False) -> Cache:
     """An empty static-shape KV cache: k/v [layers, B, kv_heads, length, head_dim] (the layout the
-    attention dots read directly), index [B]."""
-    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((batch,), jnp.int32)}
+    attention dots read directly), or with `per_layer` a tuple of [B, kv_heads, length, head_dim]
+    buffers (what a decoder with unrolled layers makes and reads); index [B]."""
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
+    if per_layer:
+        kv = {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)) for name in ("k", "v")}
+    else:
+        kv = {name: jnp.zeros((config.num_layers, *shape), dtype) for name in ("k", "v")}
+    return {**kv, "index": jnp.zeros((batch,), jnp.int32)}
 
 
 def stack_layers(layer_params: list[dict]) -> dict:

@@ -1,7 +1,7 @@
 """One batch of requests through the pipeline's compiled decode loop, at a few fixed shapes.
 
 `DecodeLoop.generate` compiles its prefill and loop for each new batch shape: rows, requests,
-prompt length, new tokens, input pictures and sampling candidates. On this CPU a compile of the
+prompt length, new tokens and input pictures. On this CPU a compile of the
 bundled model takes 3-6 s and a batch runs in 15-200 ms, so a server that ran every batch at its
 own shape would spend its time compiling. `PipelineEngine` pads each batch to bucketed sizes, so
 that batches of any mix meet a bounded set of shapes, each compiled once:
@@ -11,13 +11,11 @@ that batches of any mix meet a bounded set of shapes, each compiled once:
 - the longest prompt to a power of two, with a dummy whose prompt is that long, and the input
   pictures to a power of two, carried by a dummy that uses none of them;
 - new tokens to a power of two: the request that asks for the most runs that long and its
-  answer is cut back to what it asked for (a row's tokens do not depend on how long it runs);
-- sampling candidates to the image default or the whole vocabulary.
+  answer is cut back to what it asked for (a row's tokens do not depend on how long it runs).
 
-An image top-k beyond the ids an image row can ever choose among (the codes the VQ-GAN has, or
-the grid sizes) is lowered to that number first: the same candidates survive, so the same token is
-drawn (the decode loop's noise gives a row's j-th candidate the same value whatever K is), and
-the bundled model's 256 codes need a top-256 each step, not a top-2000.
+Sampling options are not part of the shape: every row keeps its own top-k, top-p and temperature
+as arrays (`inference.sampling` finds each row's kept set by threshold, not by a top-k of a
+compiled size).
 
 Every dummy asks for one token. Padding never changes which tokens a request samples (each row
 has its own key, parameters and state; the decode loop's docstrings say how) but it changes the
@@ -38,12 +36,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from unitoken_jax.inference import sampling
 from unitoken_jax.inference.decode import Request
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import decode
 
-DEFAULT_CANDIDATES = 2000  # the pipeline's image top-k: what every batch of default requests needs
 MIN_BUCKET = 32
 
 
@@ -63,7 +59,6 @@ class BatchShape:
     prompt: int
     new_tokens: int
     pictures: int
-    candidates: int
 
 
 def _pow2(n: int) -> int:
@@ -77,11 +72,9 @@ def _rows_of(r: Request) -> int:
 def shape_of(requests: Sequence[Request], vocab: int) -> BatchShape:
     """The shape `DecodeLoop.generate` compiles these requests at."""
     lengths = [len(r.tokens) for r in requests] + [len(r.uncond_tokens) for r in requests if _rows_of(r) == 2]
-    pairs = [pair for r in requests for pair in ((r.temperature, r.top_k), (r.image_temperature, r.image_top_k))]
     return BatchShape(requests=len(requests), rows=sum(_rows_of(r) for r in requests), prompt=max(lengths),
                       new_tokens=max(r.max_new_tokens for r in requests),
-                      pictures=sum(len(r.pixels) for r in requests if r.pixels is not None),
-                      candidates=sampling.num_candidates(vocab, pairs))
+                      pictures=sum(len(r.pixels) for r in requests if r.pixels is not None))
 
 
 class PipelineEngine:
@@ -91,21 +84,12 @@ class PipelineEngine:
     def __init__(self, pipe, *, max_rows: int, chunk: int = 64):
         self.pipe, self.max_rows, self.chunk = pipe, max_rows, chunk
         self.vocab = pipe.model.config.decoder.vocab_size
-        codes = pipe.tokenizer.num_codes if pipe.vq is None else min(pipe.vq.config.n_embed, pipe.tokenizer.num_codes)
-        self.image_choices = max(codes, layout.MAX_GRID)  # the most ids an image row chooses among
         self.shapes_seen: set[BatchShape] = set()
 
-    def _clamp_image_top_k(self, r: Request) -> Request:
-        if 0 < r.image_top_k <= self.image_choices:
-            return r
-        return dataclasses.replace(r, image_top_k=self.image_choices)
-
     # --- padding ----------------------------------------------------------------------------------
-    def _dummy(self, length: int = 1, *, guided: bool = False, pictures: np.ndarray | None = None,
-               candidates: int = 1) -> Request:
-        """A request that asks for one token: `length` tokens of prompt, its own `pictures` (used
-        by none of its positions) and a top-k of `candidates` (greedy for 1), to make the batch's
-        shape; its images are greedy, so they ask for no candidates."""
+    def _dummy(self, length: int = 1, *, guided: bool = False, pictures: np.ndarray | None = None) -> Request:
+        """A greedy request that asks for one token, with `length` tokens of prompt and its own
+        `pictures` (used by none of its positions), to make the batch's shape."""
         bos = self.pipe.tokenizer.bos_id
         extra = {}
         if pictures is not None and len(pictures):
@@ -113,24 +97,20 @@ class PipelineEngine:
                          feature_index=np.zeros(length, np.int32))
         if guided:
             extra.update(cfg_scale=2.0, uncond_tokens=np.array([bos], np.int32))
-        sampled = dict(temperature=1.0, top_k=0 if candidates >= self.vocab else candidates) if candidates > 1 else {}
-        return Request(tokens=np.full(length, bos, np.int32), max_new_tokens=1, image_temperature=0.0, **sampled,
-                       **extra)
+        return Request(tokens=np.full(length, bos, np.int32), max_new_tokens=1, image_temperature=0.0, **extra)
 
     def pad(self, requests: Sequence[Request]) -> list[Request]:
         """`requests` (kept first, in order) and the dummies that bring the batch to its bucket."""
-        requests = [self._clamp_image_top_k(r) for r in requests]
+        requests = list(requests)
         have = shape_of(requests, self.vocab)
         guided = have.rows - have.requests
         want_guided = _pow2(guided) if guided else 0
         want_prompt = max(MIN_BUCKET, _pow2(have.prompt))
         want_pictures = _pow2(have.pictures) if have.pictures else 0
-        default_k = min(DEFAULT_CANDIDATES, self.image_choices, self.vocab)
-        want_k = default_k if have.candidates <= default_k else self.vocab
         rows = have.rows + 2 * (want_guided - guided)
         if rows > self.max_rows:
             want_guided, rows = guided, have.rows
-        filler = (want_prompt, want_pictures, want_k) != (have.prompt, have.pictures, have.candidates)
+        filler = (want_prompt, want_pictures) != (have.prompt, have.pictures)
         needs_own_row = filler and want_guided == guided
         if rows + needs_own_row > self.max_rows:
             filler = needs_own_row = False
@@ -150,8 +130,7 @@ class PipelineEngine:
             spare = want_pictures - have.pictures
             template = next(r.pixels for r in requests if r.pixels is not None and len(r.pixels)) if spare else None
             blank = np.zeros((spare, *template.shape[1:]), template.dtype) if spare else None
-            dummies[0] = self._dummy(want_prompt, guided=dummies[0].cfg_scale != 1.0, pictures=blank,
-                                     candidates=want_k)
+            dummies[0] = self._dummy(want_prompt, guided=dummies[0].cfg_scale != 1.0, pictures=blank)
         return requests + dummies
 
     def rows(self, requests: Sequence[Request]) -> int:

@@ -282,7 +282,7 @@ class ContinuousScheduler(Scheduler):
             job = self._waiting.popleft()
             free -= self.rows([job])
             for i, r in enumerate(job.requests):
-                admitted[(id(job), i)] = self.engine._clamp_image_top_k(r)
+                admitted[(id(job), i)] = r
             job.state = "running"
             self._running[id(job)] = (job, [None] * len(job.requests))
         if admitted:  # one prefill for every call admitted now
