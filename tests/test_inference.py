@@ -2,6 +2,7 @@
 and greedy parity with transformers' generate."""
 
 import dataclasses
+import os
 import re
 
 import jax
@@ -124,6 +125,19 @@ def test_scanned_and_unrolled_layers_decode_the_same_tokens(pipe):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="'auto', 'scan' or 'unrolled'"):
         DecodeLoop(pipe.model.config, pipe.model.params, layers="stacked")
+
+
+def test_auto_unrolls_on_a_cpu_only_where_the_copy_fits(pipe, monkeypatch):
+    from unitoken_jax.inference import decode
+
+    layer_bytes = decode._layer_bytes(pipe.model.params)
+    stacked = pipe.model.params["decoder"]["layers"], pipe.model.params["vit"]["layers"]
+    assert layer_bytes == sum(a.nbytes for a in jax.tree.leaves(stacked))
+    assert DecodeLoop(pipe.model.config, pipe.model.params).layers == "unrolled"
+    page = os.sysconf("SC_PAGE_SIZE")
+    free_pages = {"SC_PAGE_SIZE": page, "SC_AVPHYS_PAGES": (2 * layer_bytes - 1) // page}  # just under 2 copies
+    monkeypatch.setattr(decode.os, "sysconf", lambda name: free_pages[name])
+    assert DecodeLoop(pipe.model.config, pipe.model.params).layers == "scan"
 
 
 def test_the_unconditional_context_and_the_image_prefix(pipe):

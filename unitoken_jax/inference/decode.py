@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -184,6 +185,22 @@ def _initial_grid(rows) -> GridState:
                            [r.stop_after_image for r in requests])
 
 
+def _layer_bytes(params) -> int:
+    """Bytes of the stacked layer weights an unrolled loop copies."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for part in ("decoder", "vit") if part in params
+               for a in jax.tree.leaves(params[part].get("layers", {})))
+
+
+def _copy_fits(nbytes: int) -> bool:
+    """Whether a copy of `nbytes` leaves this host at least as much free memory as it takes."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX host: assume it fits
+        return True
+    return 2 * nbytes <= free
+
+
 @dataclasses.dataclass
 class Generation:
     tokens: list[np.ndarray]  # generated ids of each request (prompt excluded)
@@ -201,14 +218,16 @@ class DecodeLoop:
         copied out before its dots read it (on an accelerator XLA reads it in place), which made a
         16-row decode step of the 8-layer benchmark model 3x what its arithmetic costs: "auto"
         unrolls on CPU and scans elsewhere. Unrolled, the loop keeps its own copy of the decoder's
-        (and SigLIP's) layer weights beside the model's."""
+        (and SigLIP's) layer weights beside the model's, so "auto" scans on a CPU whose free
+        memory is under twice that copy."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
         self.config = config
         self.mesh = mesh
         if layers == "auto":
             devices = mesh.devices.flat if mesh is not None else jax.devices()
-            layers = "unrolled" if all(d.platform == "cpu" for d in devices) else "scan"
+            on_cpu = all(d.platform == "cpu" for d in devices)
+            layers = "unrolled" if on_cpu and _copy_fits(_layer_bytes(params)) else "scan"
         self.layers = layers
         self.module = UniToken(config.replace(scan_layers=layers == "scan"))
         self.params = params
