@@ -473,7 +473,7 @@ def test_padding_brings_different_batches_to_a_few_shapes(pipe):
     batches = [[question, drawing], [other, drawing], [question, other, other, drawing],
                [other, question, question, drawing]]
     padded = [engine.pad(b) for b in batches]
-    found = {shape_of(p, engine.vocab) for p in padded}
+    found = {shape_of(p) for p in padded}
     assert len(found) == 2 and {s.rows for s in found} == {4, 8}, found
     for batch, p in zip(batches, padded):
         assert all(a.tokens is b.tokens and a.seed == b.seed for a, b in zip(batch, p))

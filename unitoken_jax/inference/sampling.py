@@ -4,12 +4,13 @@ All functions take per-row arrays; nothing reads row 0 for the batch (the refere
 processors do, which makes its batches wrong).
 
 Top-k and top-p keep, in each row, the tokens at or above a threshold found bit by bit on the
-logits' bits (a counting pass over the row per bit, usually far fewer than 32; no sort and no
-`lax.top_k`, which on a CPU cost a 16-row image step more than the rest of its sampling together). Gumbel-max then picks
-among the kept tokens with one noise draw per row and step from the row's key, the i-th value
-going to token i: JAX's counter-based (partitionable) random bits make the first n values of a
-draw the same whatever its length, so a row draws the same token whether its batch samples from
-the 8,196 code logits or the whole vocabulary, and a batch of N equals N single runs.
+logits' bits (a counting pass over the row per bit, for top-k usually far fewer than 32; no sort
+and no `lax.top_k`, which on a CPU cost a 16-row image step more than the rest of its sampling
+together). Gumbel-max then picks among the kept tokens with one noise draw per row and step from
+the row's key, the i-th value going to token i: JAX's counter-based (partitionable) random bits
+make the first n values of a draw the same whatever its length, so a row draws the same token
+whether its batch samples from the 8,196 code logits or the whole vocabulary, and a batch of N
+equals N single runs.
 """
 
 from __future__ import annotations
@@ -38,37 +39,23 @@ def _order_keys(x):
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-def _largest_key_where(test, shape):
-    """Per row, the largest uint32 t for which `test(t)` ([R] bool, true for every t up to some
-    point and false after) holds, built from the top bit down; 0 if it holds nowhere."""
-    def step(i, t):
-        candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        return jnp.where(test(candidate), candidate, t)
-
-    return jax.lax.fori_loop(0, 32, step, jnp.zeros(shape, jnp.uint32))
-
-
-def _kth_largest(keys_RV, k_R):
-    """Per row with k > 0, a threshold t with exactly k keys >= t if the keys allow it (else the
-    k-th largest key): built bit by bit from the top, keeping a bit while at least k keys stay at
-    or above; it stops as soon as every such row has exactly k (usually well before 32 bits)."""
-    def count(t):
-        return jnp.sum(keys_RV >= t[:, None], axis=1)
-
+def _largest_key_where(test, rows: int, start_value=None, settled=None):
+    """Per row, the largest uint32 t for which `test(t)` holds, built from the top bit down (0 if
+    it holds nowhere). `test(t)` ([R] thresholds) gives (holds [R], value [R]) and holds for every t
+    up to some point and for none after; each row keeps the value of its current t (from
+    `start_value` at t = 0), and the search ends early once `settled(value)` holds for every row."""
     def unsettled(carry):
-        i, _, n = carry
-        return (i < 32) & jnp.any((k_R > 0) & (n != k_R))
+        i, _, value = carry
+        return (i < 32) if settled is None else (i < 32) & ~jnp.all(settled(value))
 
     def step(carry):
-        i, t, n = carry
+        i, t, value = carry
         candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        n_candidate = count(candidate)
-        ok = n_candidate >= k_R
-        return i + 1, jnp.where(ok, candidate, t), jnp.where(ok, n_candidate, n)
+        holds, candidate_value = test(candidate)
+        return i + 1, jnp.where(holds, candidate, t), jnp.where(holds, candidate_value, value)
 
-    rows, vocab = keys_RV.shape
-    start = (jnp.int32(0), jnp.zeros((rows,), jnp.uint32), jnp.full((rows,), vocab, jnp.int32))
-    return jax.lax.while_loop(unsettled, step, start)[1]
+    value = jnp.zeros((rows,), jnp.int32) if start_value is None else start_value
+    return jax.lax.while_loop(unsettled, step, (jnp.int32(0), jnp.zeros((rows,), jnp.uint32), value))[1]
 
 
 def kept(logits_RV, top_k_R, top_p_R):
@@ -76,18 +63,27 @@ def kept(logits_RV, top_k_R, top_p_R):
     smallest most-likely set whose probability (softmax of the logits over the top-k set)
     reaches `top_p` (1 = all); the most likely token always. Tokens tied at a threshold are all
     kept. Masked logits (NEG_INF) are never kept."""
-    rows, _ = logits_RV.shape
+    rows, vocab = logits_RV.shape
     keys = _order_keys(logits_RV)
     real = logits_RV > NEG_INF / 2
     # a top-k that reaches every token that can be drawn keeps them all: no threshold to find
     k = jnp.where((top_k_R <= 0) | (top_k_R >= jnp.sum(real, axis=1)), 0, top_k_R)
-    low = jax.lax.cond(jnp.any(k > 0), lambda: _kth_largest(keys, k), lambda: jnp.zeros((rows,), jnp.uint32))
+
+    def at_least_k(t):  # keys >= t: at least k of them? (and how many)
+        n = jnp.sum(keys >= t[:, None], axis=1)
+        return n >= k, n
+
+    def kth_largest():  # a t with exactly k keys >= t where the keys allow it, else the k-th largest key
+        return _largest_key_where(at_least_k, rows, jnp.full((rows,), vocab, jnp.int32),
+                                  settled=lambda n: (k <= 0) | (n == k))
+
+    low = jax.lax.cond(jnp.any(k > 0), kth_largest, lambda: jnp.zeros((rows,), jnp.uint32))
     keep = (keys >= jnp.where(k > 0, low, 0)[:, None]) & real
 
-    def nucleus():  # keep key u iff the mass strictly above u is < top_p: u above the largest t whose mass above is >= top_p
+    def nucleus():  # keep u iff the mass above u is < top_p: u above the largest t with mass above >= top_p
         probs = jax.nn.softmax(jnp.where(keep, logits_RV, NEG_INF), axis=-1)
         above = lambda t: jnp.sum(jnp.where(keys > t[:, None], probs, 0.0), axis=1)  # noqa: E731
-        t = _largest_key_where(lambda t: above(t) >= top_p_R, (rows,))
+        t = _largest_key_where(lambda t: (above(t) >= top_p_R, jnp.zeros((rows,), jnp.int32)), rows)
         everything = above(jnp.zeros((rows,), jnp.uint32)) < top_p_R
         return keep & ((keys > t[:, None]) | everything[:, None])
 

@@ -91,27 +91,19 @@ class Attention(nn.Module):
             # updates those in place, while a scatter with per-row indices becomes a loop over the
             # whole cache on CPU), then read the layer's keys and values.
             k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-            if is_per_layer(cache):
-                # a buffer per layer (unrolled layers): the dots read it as it is
-                k_BKSH, v_BKSH = cache["k"][layer_index], cache["v"][layer_index]
-                for b in range(x_BTD.shape[0]):
-                    start = (b, 0, cache_index_B[b], 0)
-                    k_BKSH = jax.lax.dynamic_update_slice(k_BKSH, k_BKTH[b:b + 1].astype(k_BKSH.dtype), start)
-                    v_BKSH = jax.lax.dynamic_update_slice(v_BKSH, v_BKTH[b:b + 1].astype(v_BKSH.dtype), start)
+            if is_per_layer(cache):  # a buffer per layer (unrolled layers): the dots read it as it is
+                k_BKSH = _write_rows(cache["k"][layer_index], k_BKTH, cache_index_B)
+                v_BKSH = _write_rows(cache["v"][layer_index], v_BKTH, cache_index_B)
                 cache = {"k": _replace(cache["k"], layer_index, k_BKSH),
                          "v": _replace(cache["v"], layer_index, v_BKSH)}
-                k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
             else:
                 # the whole stacked cache rides the scan's carry; the layer's slice is read out of it
                 # (a copy on CPU, which is why decoding there unrolls the layers: `DecodeLoop`)
-                k_all, v_all = cache["k"], cache["v"]
-                for b in range(x_BTD.shape[0]):
-                    start = (layer_index, b, 0, cache_index_B[b], 0)
-                    k_all = jax.lax.dynamic_update_slice(k_all, k_BKTH[None, b:b + 1].astype(k_all.dtype), start)
-                    v_all = jax.lax.dynamic_update_slice(v_all, v_BKTH[None, b:b + 1].astype(v_all.dtype), start)
-                cache = {"k": k_all, "v": v_all}
-                k_BKSH = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(self.dtype)
-                v_BKSH = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
+                cache = {"k": _write_rows(cache["k"], k_BKTH, cache_index_B, layer_index),
+                         "v": _write_rows(cache["v"], v_BKTH, cache_index_B, layer_index)}
+                k_BKSH = jax.lax.dynamic_index_in_dim(cache["k"], layer_index, 0, keepdims=False)
+                v_BKSH = jax.lax.dynamic_index_in_dim(cache["v"], layer_index, 0, keepdims=False)
+            k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         if cache is None:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, mask, backend=self.attention,
@@ -320,6 +312,16 @@ def is_per_layer(cache: Cache) -> bool:
 def cache_length(cache: Cache) -> int:
     """The number of slots a row of the cache has."""
     return (cache["k"][0] if is_per_layer(cache) else cache["k"]).shape[-2]
+
+
+def _write_rows(buffer, new_BKTH, index_B, layer_index=None):
+    """Row b of `new_BKTH` written at slot index_B[b] of a [B, K, S, H] buffer (or of layer
+    `layer_index` of a stacked [layers, B, K, S, H] one), one dynamic-update-slice per row."""
+    lead = () if layer_index is None else (layer_index,)
+    for b in range(new_BKTH.shape[0]):
+        row = new_BKTH[None, b:b + 1] if lead else new_BKTH[b:b + 1]
+        buffer = jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), (*lead, b, 0, index_B[b], 0))
+    return buffer
 
 
 def _replace(buffers: tuple, i: int, new) -> tuple:

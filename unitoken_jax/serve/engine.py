@@ -69,7 +69,7 @@ def _rows_of(r: Request) -> int:
     return 2 if r.cfg_scale != 1.0 else 1
 
 
-def shape_of(requests: Sequence[Request], vocab: int) -> BatchShape:
+def shape_of(requests: Sequence[Request]) -> BatchShape:
     """The shape `DecodeLoop.generate` compiles these requests at."""
     lengths = [len(r.tokens) for r in requests] + [len(r.uncond_tokens) for r in requests if _rows_of(r) == 2]
     return BatchShape(requests=len(requests), rows=sum(_rows_of(r) for r in requests), prompt=max(lengths),
@@ -83,7 +83,6 @@ class PipelineEngine:
 
     def __init__(self, pipe, *, max_rows: int, chunk: int = 64):
         self.pipe, self.max_rows, self.chunk = pipe, max_rows, chunk
-        self.vocab = pipe.model.config.decoder.vocab_size
         self.shapes_seen: set[BatchShape] = set()
 
     # --- padding ----------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ class PipelineEngine:
     def pad(self, requests: Sequence[Request]) -> list[Request]:
         """`requests` (kept first, in order) and the dummies that bring the batch to its bucket."""
         requests = list(requests)
-        have = shape_of(requests, self.vocab)
+        have = shape_of(requests)
         guided = have.rows - have.requests
         want_guided = _pow2(guided) if guided else 0
         want_prompt = max(MIN_BUCKET, _pow2(have.prompt))
@@ -135,14 +134,14 @@ class PipelineEngine:
 
     def rows(self, requests: Sequence[Request]) -> int:
         """Rows the batch takes once padded (what `max_rows` bounds)."""
-        return shape_of(self.pad(requests), self.vocab).rows
+        return shape_of(self.pad(requests)).rows
 
     # --- running ----------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], progress: Callable[[np.ndarray], None] | None = None) -> list[Output]:
         """Generates `requests` as one batch; `progress(n_out)` gets the tokens each request has
         generated so far, after every chunk of decoding steps."""
         padded = self.pad(requests)
-        self.shapes_seen.add(shape_of(padded, self.vocab))
+        self.shapes_seen.add(shape_of(padded))
         n = len(requests)
         callback = None if progress is None else (lambda info: progress(np.asarray(info["n_out"][:n])))
         generation = self.pipe.decode_loop.generate(padded, chunk=self.chunk, progress=callback)
