@@ -35,7 +35,8 @@ requests_http = pytest.importorskip("requests")
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler  # noqa: E402
-from unitoken_jax.serve.wire import Limits  # noqa: E402
+from unitoken_jax.serve.wire import Limits, TextStream, apply_stop  # noqa: E402
+from unitoken_jax.tokenizer import layout  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
 from unitoken_jax.world.shapes import Thing  # noqa: E402
 
@@ -142,6 +143,64 @@ def test_a_streamed_answer_is_the_plain_answer_in_chunks(server):
     assert raw.headers["content-type"].startswith("text/event-stream")
     events = [line for line in raw.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) >= 4
+
+
+def _stream_events(server, messages, **extra):
+    """A streamed chat's content deltas, in order, as (kind, content): "text" before the finish
+    chunk, "end" for the finish chunk."""
+    events = []
+    for chunk in server.client().chat.completions.create(model=MODEL, messages=messages, stream=True, **extra):
+        for choice in chunk.choices:
+            if choice.delta.content:
+                events.append(("text", choice.delta.content))
+            if choice.finish_reason:
+                events.append(("end", choice.finish_reason))
+    return events
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_text_streams_while_it_is_generated(pipe, batching):
+    """With a chunk of 2 decoding steps, an answer of ~10 tokens arrives in several deltas before
+    its end, and they make up the answer; with a stop string, nothing past it is ever sent."""
+    settings = ServeSettings(model_name=MODEL, api_key=KEY, max_batch=8, default_size=(64, 64), sizes=((64, 64),),
+                             chunk=2, slot_chunk=2, batching=batching)
+    server = _Running(create_app(pipe, settings))
+    try:
+        messages = _question(shapes.draw([Thing("blue", "triangle", "bottom left")]), "Describe the picture.")
+        events = _stream_events(server, messages, seed=7)
+        texts = [c for kind, c in events if kind == "text"]
+        assert events[-1] == ("end", "stop") and len(texts) >= 3, events
+        assert "".join(texts) == "a blue triangle at the bottom left"
+        events = _stream_events(server, messages, seed=7, stop=["triangle"])
+        assert "".join(c for kind, c in events if kind == "text") == "a blue "
+        assert events[-1] == ("end", "stop")
+    finally:
+        server.stop()
+
+
+def test_a_text_stream_sends_settled_text_and_stops_at_a_stop_string(pipe):
+    """`TextStream` on the bundled byte-level tokenizer, fed the ids one at a time: never half a
+    character, never a stop string or anything past it, and the finished answer's rest completes it."""
+    tok = pipe.tokenizer
+    text = "a café ☃ near"
+    ids = tok.encode_text(text)
+    assert "\ufffd" in "".join(tok.decode_text(ids[:i]) for i in range(len(ids)))  # the case exists
+    for stop, expected in [([], text), (["☃ n"], "a café "), (["ar", "é ☃"], "a caf")]:
+        stream = TextStream(tok, stop)
+        sent = "".join(stream.update(ids[:i]) for i in range(len(ids) + 1))
+        assert "\ufffd" not in sent and expected.startswith(sent), (stop, sent)
+        parts, stopped = apply_stop([tok.decode_text(ids)], stop)
+        assert stopped == bool(stop)
+        assert sent + "".join(stream.rest(parts)) == expected
+    # a picture ends the streamed text; it comes with the rest
+    stream = TextStream(tok, [])
+    picture = np.zeros((2, 2), np.int32)
+    answer = list(ids) + [layout.IMAGE_START, 8196]
+    assert "".join(stream.update(answer[:i]) for i in range(len(answer) + 1)) == text
+    assert stream.rest([text, picture])[0] is picture
+    assert TextStream(tok, [], starts_in_picture=True).update(ids) == ""
+    with pytest.raises(ValueError, match="not how the answer begins"):
+        stream.rest(["something else"])
 
 
 def test_images_generate_draws_what_was_asked(server):

@@ -255,7 +255,7 @@ def _serve(args) -> int:
                              max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
                              batch_wait=args.batch_wait, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                              default_size=size, sizes=(size,) if bundled else None, batching=args.batching,
-                             slot_length=args.slot_length)
+                             slot_length=args.slot_length, chunk=args.chunk, slot_chunk=args.slot_chunk)
     key = "API key required" if settings.api_key else "no API key"
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({key})", flush=True)
     run(pipe, settings, host=args.host, port=args.port)
@@ -425,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--slot-length", type=int, default=None,
                      help="with --batching continuous: positions each row's cache holds, prompt and answer "
                           "(default: all the model has; shorter is faster, and longer calls are refused)")
+    srv.add_argument("--chunk", type=int, default=64,
+                     help="with --batching static: decoding steps between the loop's returns to the host, when "
+                          "streams get their new text (fewer: smoother streams, a little more overhead)")
+    srv.add_argument("--slot-chunk", type=int, default=16,
+                     help="with --batching continuous: steps between admitting calls and streaming new text")
     srv.add_argument("--queue-limit", type=int, default=64, help="calls that may wait; one more gets 429")
     srv.add_argument("--timeout", type=float, default=600.0, help="seconds a call may take, waiting included; "
                                                                   "then 504")

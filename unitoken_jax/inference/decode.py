@@ -364,7 +364,7 @@ class DecodeLoop:
                 state = self._run(self.params, state, params, jnp.int32(step), len(requests))
                 if progress is not None:
                     progress(jax.device_get({"rows_drawn": state.grid.row, "images_done": state.grid.images_done,
-                                             "n_out": state.n_out}))
+                                             "n_out": state.n_out, "out": state.out}))
                 if step >= max_new or bool(jnp.all(state.done)):
                     break
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)

@@ -21,10 +21,11 @@ OpenAI's is 1), and without `max_tokens` an answer may take every position the m
 A batch's KV cache is as long as its longest prompt plus the most tokens any of its calls asks for,
 so a client whose answers are short makes the batches it joins faster by saying so.
 
-Streaming sends each choice's role at once, then, while the batch runs, a comment line
-(`: generated [tokens so far]`, which clients skip) after every chunk of decoding steps, then the
-answer when its batch is done: the decode loop reports how many tokens each row has between
-chunks, not which, so the text comes at the end, one delta per part.
+Streaming sends each choice's role at once, then, after every chunk of decoding steps (`chunk`
+or `slot_chunk` steps), a comment line (`: generated [tokens so far, each choice]`, which clients
+skip and the web page draws its progress bar from) and each choice's new text (`wire.TextStream`:
+the text before the answer's first picture, settled characters only); when the call is done, the
+rest of each answer: its pictures, each a chunk, and any text after them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from unitoken_jax.serve import metrics, wire
 from unitoken_jax.serve.engine import PipelineEngine
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Expired, Job, QueueFull, Scheduler
 from unitoken_jax.serve.wire import APIError, bad
+from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong
 
 log = logging.getLogger(__name__)
@@ -96,8 +98,8 @@ class _Ticket:
     def finish(self, outcome) -> None:
         self._call(lambda: self.result.done() or self.result.set_result(outcome))
 
-    def report(self, n_out) -> None:
-        self._call(self.progress.put_nowait, n_out)
+    def report(self, ids) -> None:
+        self._call(self.progress.put_nowait, ids)
 
 
 async def _disconnected(request: Request) -> None:
@@ -130,6 +132,8 @@ class _Server:
         self.engine = engine or PipelineEngine(pipe, max_rows=settings.max_batch, chunk=settings.chunk)
         if settings.batching not in ("continuous", "static"):
             raise ValueError(f"batching={settings.batching!r}; choose 'continuous' or 'static'")
+        if min(settings.chunk, settings.slot_chunk) < 1:
+            raise ValueError(f"chunk={settings.chunk}, slot_chunk={settings.slot_chunk}: each must be at least 1 step")
         if settings.batching == "continuous" and engine is None:
             length = settings.slot_length or pipe.model.config.decoder.max_position_embeddings
             self.scheduler = ContinuousScheduler(self.engine, slots=settings.max_batch, length=length,
@@ -255,6 +259,9 @@ class _Server:
         """The events of a streamed chat completion. If the client goes away, Starlette cancels
         this generator and `finally` drops the job (if it has not started)."""
         call_id, created, model = wire.completion_id(), int(time.time()), self.settings.model_name
+        starts_in_picture = job.requests[0].tokens[-1] == layout.IMAGE_START
+        texts = [wire.TextStream(self.pipe.tokenizer, call.stop, starts_in_picture=starts_in_picture)
+                 for _ in range(call.n)]
         try:
             for i in range(call.n):
                 yield _sse(wire.chat_chunk(call_id, model, created, i, {"role": "assistant", "content": ""}))
@@ -268,7 +275,11 @@ class _Server:
                 done, _ = await asyncio.wait({ticket.result, report}, timeout=min(KEEPALIVE_SECONDS, left),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if report in done:
-                    yield f": generated {report.result().tolist()}\n\n"
+                    ids = report.result()
+                    yield f": generated {[len(x) for x in ids]}\n\n"
+                    for i, (text, x) in enumerate(zip(texts, ids)):
+                        if delta := await run_in_threadpool(text.update, x):
+                            yield _sse(wire.chat_chunk(call_id, model, created, i, {"content": delta}))
                 else:
                     report.cancel()
                     if not done:
@@ -280,7 +291,7 @@ class _Server:
                 return
             for i, out in enumerate(outputs):
                 parts, stopped = wire.apply_stop(out.parts, call.stop)
-                for delta in await run_in_threadpool(wire.chunk_deltas, parts):
+                for delta in await run_in_threadpool(wire.chunk_deltas, texts[i].rest(parts)):
                     yield _sse(wire.chat_chunk(call_id, model, created, i, delta))
                 yield _sse(wire.chat_chunk(call_id, model, created, i, {},
                                            finish_reason="stop" if stopped else out.finish_reason))

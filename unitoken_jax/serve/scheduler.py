@@ -23,6 +23,7 @@ import time
 from collections import deque
 from typing import Callable, Protocol, Sequence
 
+import jax
 import numpy as np
 
 from unitoken_jax.inference.decode import Request
@@ -40,12 +41,12 @@ class Expired(Exception):
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One HTTP call's requests. `on_progress(n_out)` and `on_finish(outputs or exception)` are
-    called on the worker's thread."""
+    """One HTTP call's requests. `on_progress(ids)` (the ids each request has so far, after every
+    chunk of decoding steps) and `on_finish(outputs or exception)` are called on the worker's thread."""
 
     requests: list[Request]
     on_finish: Callable[[object], None]
-    on_progress: Callable[[np.ndarray], None] | None = None
+    on_progress: Callable[[list[np.ndarray]], None] | None = None
     deadline: float | None = None  # time.monotonic() by which it must have started
     state: str = "waiting"  # waiting -> running -> done; or cancelled / expired before running
     abandoned: bool = False  # its client left while it ran: the result goes nowhere
@@ -202,10 +203,10 @@ class Scheduler:
         requests = [r for j in batch for r in j.requests]
         bounds = np.cumsum([0] + [len(j.requests) for j in batch])
 
-        def progress(n_out: np.ndarray) -> None:
+        def progress(ids: list[np.ndarray]) -> None:
             for job, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
                 if job.on_progress is not None and not job.abandoned:
-                    job.on_progress(n_out[lo:hi])
+                    job.on_progress(ids[lo:hi])
 
         start = time.monotonic()
         try:
@@ -333,12 +334,15 @@ class ContinuousScheduler(Scheduler):
         for (key, i), ids in finished.items():
             job, outputs = self._running[key]
             outputs[i] = self.engine._output(job.requests[i], ids)
-        n_out = np.asarray(self.decoder.state.n_out)
+        so_far = None  # every row's ids, fetched once a chunk if a call streams
         for key, (job, outputs) in list(self._running.items()):
             if all(o is not None for o in outputs):
                 del self._running[key]
                 job.state = "done"
                 job.on_finish(outputs)
             elif job.on_progress is not None:
-                job.on_progress(np.array([n_out[self.decoder.running[(key, i)].slots[0]] if o is None else len(o.ids)
-                                          for i, o in enumerate(outputs)]))
+                if so_far is None:
+                    state = jax.device_get({"out": self.decoder.state.out, "n_out": self.decoder.state.n_out})
+                    so_far = lambda row: state["out"][row, :state["n_out"][row]]  # noqa: E731
+                job.on_progress([so_far(self.decoder.running[(key, i)].slots[0])[:r.max_new_tokens]
+                                 if o is None else o.ids for i, (r, o) in enumerate(zip(job.requests, outputs))])
