@@ -115,16 +115,39 @@ def test_batched_cfg_equals_per_row_cfg(pipe):
 
 def test_scanned_and_unrolled_layers_decode_the_same_tokens(pipe):
     """The two layer layouts run the same arithmetic: a batch of questions about pictures, guided
-    pictures, an edit and a chat decodes the same tokens."""
-    requests = _requests(pipe)
+    pictures, an edit and a chat decodes the same tokens, and so does a batch of pictures only
+    (whose steps compute the image-code logits alone: from the unrolled copy's own code kernel)."""
     scanned = DecodeLoop(pipe.model.config, pipe.model.params, layers="scan")
     unrolled = DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled")
     assert unrolled.layers == "unrolled" and "layers" in scanned.params["decoder"]
-    assert "layers_0" in unrolled.params["decoder"]
-    for a, b in zip(scanned.generate(requests).tokens, unrolled.generate(requests).tokens):
-        np.testing.assert_array_equal(a, b)
+    assert "layers_0" in unrolled.params["decoder"] and "prefix_kernel" in unrolled.params["decoder"]["lm_head"]
+    pictures = [pipe.generate_request(p, size=(64, 64), cfg=3.0, seed=i) for i, p in enumerate(["he", "the or"])]
+    for requests in (_requests(pipe), pictures):
+        for a, b in zip(scanned.generate(requests).tokens, unrolled.generate(requests).tokens):
+            np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="'auto', 'scan' or 'unrolled'"):
         DecodeLoop(pipe.model.config, pipe.model.params, layers="stacked")
+
+
+def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
+    """Unrolled, the cache starts at 256 slots and doubles as the rows pass its end (between
+    chunks; never past the full length), keeping what it holds: a 300-token answer beside a guided
+    picture decodes the same tokens as the scanned loop, whose cache is full-length from the start."""
+    cat = str(pipe.image_dir / "cat.png")
+    long_answer = dataclasses.replace(
+        pipe.understand_request([cat], "the cat is", max_new_tokens=300, temperature=0.9, seed=1), stop_tokens=())
+    requests = [long_answer, pipe.generate_request("he is", size=(64, 32), cfg=3.0, seed=2)]
+    scanned = DecodeLoop(pipe.model.config, pipe.model.params, layers="scan")
+    unrolled = DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled")
+    grown = []
+    grow = unrolled._grow
+    unrolled.__dict__["_grow"] = lambda cache, length: grown.append(length) or grow(cache, length)
+    prompt = max(len(r.tokens) for r in requests)
+    assert prompt + 64 <= 256 < prompt + 300 < 512  # grows once, between chunks, to the full length
+    a, b = scanned.generate(requests, chunk=64).tokens, unrolled.generate(requests, chunk=64).tokens
+    assert grown == [prompt + 300] and len(a[0]) == len(b[0]) == 300
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_auto_unrolls_on_a_cpu_only_where_the_copy_fits(pipe, monkeypatch):

@@ -26,9 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from unitoken_jax import sharding
 from unitoken_jax.inference import grid, sampling
 from unitoken_jax.inference.grid import GridState
-from unitoken_jax.models.chameleon import Cache
-from unitoken_jax.models.unitoken import UniToken, unroll_params
+from unitoken_jax.models.chameleon import Cache, cache_length
+from unitoken_jax.models.unitoken import UniToken, cpu_decode_config, cpu_decode_params
 from unitoken_jax.tokenizer import layout
+
+
+MIN_CAPACITY = 256  # the fewest slots an unrolled loop's cache starts with (`DecodeLoop._capacity`)
 
 
 @dataclasses.dataclass
@@ -218,8 +221,10 @@ class DecodeLoop:
         copied out before its dots read it (on an accelerator XLA reads it in place), which made a
         16-row decode step of the 8-layer benchmark model 3x what its arithmetic costs: "auto"
         unrolls on CPU and scans elsewhere. Unrolled, the loop keeps its own copy of the decoder's
-        (and SigLIP's) layer weights beside the model's, so "auto" scans on a CPU whose free
-        memory is under twice that copy."""
+        (and SigLIP's) layer weights beside the model's, laid out as a CPU's dots read them
+        without a copy at each step (`models.unitoken.cpu_decode_params`: q/k/v kernels
+        [embed, heads, head_dim], the LM head's image-code columns stored apart), so "auto" scans
+        on a CPU whose free memory is under twice that copy."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
         self.config = config
@@ -229,7 +234,7 @@ class DecodeLoop:
             on_cpu = all(d.platform == "cpu" for d in devices)
             layers = "unrolled" if on_cpu and _copy_fits(_layer_bytes(params)) else "scan"
         self.layers = layers
-        self.module = UniToken(config.replace(scan_layers=layers == "scan"))
+        self.module = UniToken(config.replace(scan_layers=True) if layers == "scan" else cpu_decode_config(config))
         self.params = params
         self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
         ok = np.ones(config.decoder.vocab_size, bool)
@@ -246,11 +251,20 @@ class DecodeLoop:
     def params(self, params):
         """Takes the model's (scanned-layout) parameters."""
         if self.layers == "unrolled":
+            def layout(p):
+                return cpu_decode_params(p, self.config, head_prefix=self._code_logits)
+
             if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
-                params = jax.eval_shape(lambda p: unroll_params(p, self.config), params)
+                params = jax.eval_shape(layout, params)
             else:
-                params = unroll_params(params, self.config)
+                params = layout(params)
         self._params = params
+
+    @property
+    def _code_logits(self) -> int:
+        """The logits a step that can only draw image codes computes (a text-only decoder's
+        vocabulary may end before the codes)."""
+        return min(grid.CODE_LOGITS, self.config.decoder.vocab_size)
 
     def _apply(self, params, *args, **kwargs):
         return self.module.apply({"params": params}, *args, **kwargs)
@@ -270,8 +284,7 @@ class DecodeLoop:
 
     @functools.cached_property
     def _run(self):
-        vocab = self.config.decoder.vocab_size
-        codes = min(grid.CODE_LOGITS, vocab)  # a text-only decoder's vocabulary may end before the codes
+        vocab, codes = self.config.decoder.vocab_size, self._code_logits
 
         def run(params, s: SamplingState, p: RowParams, chunk_end, n_requests):
             def cond(s: SamplingState):
@@ -351,16 +364,46 @@ class DecodeLoop:
                              out=jnp.zeros((n, max_new), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
                              done=jnp.zeros(n, bool), step=jnp.zeros((), jnp.int32))
 
+    def _capacity(self, prompt: int, steps: int, full: int) -> int:
+        """Slots the cache needs for `steps` decoding steps after a `prompt`-long prefill.
+
+        Unrolled (on a CPU), the cache grows as the rows do, to the next power of two (at least
+        `MIN_CAPACITY`, at most `full`): each step's attention reads every slot of the cache,
+        filled or not, and at 16 rows over a 512 x 512 picture's 1,100 positions that reading was
+        half the step. Each capacity compiles the loop once more (4 in all for that picture), and
+        growing holds the old and the new cache at once, which is why a scanned loop (the
+        accelerators', where AOT fit tables are made at the full length) keeps one full cache."""
+        if self.layers != "unrolled":
+            return full
+        need = prompt + steps
+        return min(full, max(MIN_CAPACITY, 1 << (need - 1).bit_length()))
+
+    @functools.cached_property
+    def _grow(self):
+        def grow(cache, length):
+            def pad(buffer):  # [..., S, H]: zeros in the new slots, which no row has reached
+                widths = [(0, 0)] * buffer.ndim
+                widths[-2] = (0, length - buffer.shape[-2])
+                return jnp.pad(buffer, widths)
+
+            return {"k": jax.tree.map(pad, cache["k"]), "v": jax.tree.map(pad, cache["v"]), "index": cache["index"]}
+
+        return jax.jit(grow, static_argnums=(1,))  # (a larger output cannot reuse the old buffers)
+
     def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
                  ) -> Generation:
         rows, batch, params, max_new, cache_len = self._prepare(requests)
+        prompt = batch[0].shape[1]
         with sharding.mesh_context(self.mesh):
-            logits, cache = self._prefill(self.params, *batch, cache_len)
+            logits, cache = self._prefill(self.params, *batch, self._capacity(prompt, min(chunk, max_new), cache_len))
             state = self._initial_state(rows, logits, cache, max_new)
             params = jax.tree.map(jnp.asarray, params)
             step = 0
             while True:
                 step = min(step + chunk, max_new)
+                capacity = self._capacity(prompt, step, cache_len)
+                if capacity > cache_length(state.cache):
+                    state = state.replace(cache=self._grow(state.cache, capacity))
                 state = self._run(self.params, state, params, jnp.int32(step), len(requests))
                 if progress is not None:
                     progress(jax.device_get({"rows_drawn": state.grid.row, "images_done": state.grid.images_done,

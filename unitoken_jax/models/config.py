@@ -50,6 +50,11 @@ class DecoderConfig:
     qk_norm_groups: int | None = None
     swin_norm: bool = False
     dropout: float = 0.0
+    # The q/k/v kernels' order: [heads, embed, head_dim] (False: checkpoints, and what TPU's dots
+    # want) or [embed, heads, head_dim] (True: a plain matrix for a CPU's dots, which otherwise copy
+    # every kernel into that order at every step). Only `DecodeLoop`'s own unrolled copy of the
+    # weights on a CPU uses True (`models.unitoken.decode_params`); checkpoints never do.
+    qkv_embed_first: bool = False
 
     @property
     def head_dim(self) -> int:

@@ -108,12 +108,17 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: ja
     the dots read them as they are, with no transposed copy of the cache."""
     b, t, n, h = q_BTNH.shape
     k = k_BKSH.shape[1]
-    q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
+    # with one query a row (decoding), moving T is a reshape: no transpose for XLA to place on the
+    # projections' kernels instead (on CPU it copied o_proj's whole kernel every step)
+    q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h)
+    q_BKGTH = q_BKGTH.reshape(b, k, n // k, t, h) if t == 1 else q_BKGTH.transpose(0, 2, 3, 1, 4)
     logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH) * (h**-0.5)
     logits_BKGTS = logits_BKGTS.astype(jnp.float32)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
     out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
+    if t == 1:
+        return out_BKGTH.reshape(b, t, n, h)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -206,21 +211,58 @@ def lora_delta(module: nn.Module, x, equation, shape, axes, lora, dtype, stop=No
     return jnp.einsum(from_rank, h, b.astype(dtype)) * jnp.asarray(lora.scaling, dtype)
 
 
+PREFIX_KERNEL = "prefix_kernel"
+
+
+def prefix_kernels(params: dict, stop: int) -> dict:
+    """`params` of a module whose product `kernel_product` may run with `stop` (an LM head), with
+    the kernel's first `stop` output columns (and scales) also stored apart, as `prefix_kernel`
+    (and `prefix_kernel_scale`), which such a product then reads instead of slicing the kernel:
+    a slice of a row-major kernel's columns is a strided copy on XLA's CPU backend, made at every
+    call (at every step, inside a decode loop's branch)."""
+    out = dict(params)
+    out[PREFIX_KERNEL] = params["kernel"][..., :stop]
+    if "kernel_scale" in params:
+        out[PREFIX_KERNEL + "_scale"] = params["kernel_scale"][..., :stop]
+    return out
+
+
+def _contract(equation: str, x, kernel):
+    """`einsum(equation, x, kernel)` as one dot_general that contracts the kernel's dims in the
+    kernel's own order. (`jnp.einsum` orders them alphabetically: o_proj's "BTNH,NHD->BTD"
+    contracted H before N, and XLA on CPU copied the whole kernel into that order at every call.)"""
+    inputs, out = equation.replace(" ", "").split("->")
+    x_letters, kernel_letters = inputs.split(",")
+    contracted = [c for c in kernel_letters if c not in out]
+    free = [c for c in x_letters if c not in contracted] + [c for c in kernel_letters if c not in contracted]
+    if "".join(free) != out or len(set(x_letters)) != len(x_letters):
+        return jnp.einsum(equation, x, kernel)
+    dims = ((tuple(x_letters.index(c) for c in contracted), tuple(kernel_letters.index(c) for c in contracted)),
+            ((), ()))
+    return jax.lax.dot_general(x, kernel, dims)
+
+
 def _base_product(module, x, equation, shape, axes, dtype, param_dtype, quantize, init, stop):
-    if check_quantize(quantize) == "none":
-        kernel = param_with_axes(module, "kernel", init, shape, param_dtype, axes)
-        if stop is not None:
-            kernel = kernel[..., :stop]
-        return jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
-    kernel = param_with_axes(module, "kernel", nn.initializers.zeros, shape, jnp.int8, axes)
-    s_shape = scale_shape(shape, equation)
-    s_axes = tuple(None if n == 1 and m != 1 else a for n, m, a in zip(s_shape, shape, axes))
-    scale = param_with_axes(module, "kernel_scale", nn.initializers.ones, s_shape, jnp.float32, s_axes)
+    int8 = check_quantize(quantize) == "int8"
+    kernel = param_with_axes(module, "kernel", nn.initializers.zeros if int8 else init, shape,
+                             jnp.int8 if int8 else param_dtype, axes)
+    if int8:
+        s_shape = scale_shape(shape, equation)
+        s_axes = tuple(None if n == 1 and m != 1 else a for n, m, a in zip(s_shape, shape, axes))
+        scale = param_with_axes(module, "kernel_scale", nn.initializers.ones, s_shape, jnp.float32, s_axes)
     if stop is not None:
-        kernel, scale = kernel[..., :stop], scale[..., :stop]
+        if module.has_variable("params", PREFIX_KERNEL) and module.get_variable(
+                "params", PREFIX_KERNEL).shape[-1] == stop:
+            # its first `stop` columns, stored apart (`prefix_kernels`): a slice of the kernel is a copy on CPU
+            kernel = module.get_variable("params", PREFIX_KERNEL)
+            scale = module.get_variable("params", PREFIX_KERNEL + "_scale") if int8 else None
+        else:
+            kernel, scale = kernel[..., :stop], (scale[..., :stop] if int8 else None)
+    if not int8:
+        return _contract(equation, x.astype(dtype), kernel.astype(dtype))
     letters, contracted, _ = _kept_letters(equation)
     scale_out = scale.reshape([n for c, n in zip(letters, scale.shape) if c not in contracted])
-    y = jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
+    y = _contract(equation, x.astype(dtype), kernel.astype(dtype))
     return y * scale_out.astype(y.dtype)
 
 

@@ -9,6 +9,8 @@ ordinary token. Any number of images per sequence works, none included.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -16,6 +18,7 @@ from flax import linen as nn
 from unitoken_jax import sharding
 from unitoken_jax.models.chameleon import ChameleonDecoder, unstack_layers
 from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.models.layers import prefix_kernels
 from unitoken_jax.models.siglip import Adapter, SiglipVisionTower
 
 
@@ -108,4 +111,36 @@ def unroll_params(params: dict, config: UniTokenConfig) -> dict:
             tree = dict(out[part])
             tree.update(unstack_layers(tree.pop("layers"), sub.num_layers))
             out[part] = tree
+    return out
+
+
+def cpu_decode_config(config: UniTokenConfig) -> UniTokenConfig:
+    """The config of the model `cpu_decode_params` lays the parameters out for."""
+    decoder = dataclasses.replace(config.decoder, qkv_embed_first=True) if config.decoder is not None else None
+    return config.replace(scan_layers=False, decoder=decoder)
+
+
+def cpu_decode_params(params: dict, config: UniTokenConfig, head_prefix: int | None = None) -> dict:
+    """Scanned-layout parameters -> the layout a CPU's dots read without copying a weight at each
+    step (the decode loop's own copy on CPU, for `cpu_decode_config(config)`): layers unrolled,
+    the decoder's q/k/v kernels (and int8 scales) [embed, heads, head_dim], and with `head_prefix`
+    the LM head's first `head_prefix` columns also stored apart (`layers.prefix_kernels`)."""
+    out = unroll_params(params, config)
+    if "decoder" not in out:
+        return out
+    decoder = dict(out["decoder"])
+    for i in range(config.decoder.num_layers):
+        layer = dict(decoder[f"layers_{i}"])
+        attn = dict(layer["self_attn"])
+        for name in ("q_proj", "k_proj", "v_proj"):
+            proj = dict(attn[name])
+            for leaf in ("kernel", "kernel_scale"):
+                if leaf in proj:
+                    proj[leaf] = jnp.transpose(proj[leaf], (1, 0, 2))
+            attn[name] = proj
+        layer["self_attn"] = attn
+        decoder[f"layers_{i}"] = layer
+    if head_prefix is not None:
+        decoder["lm_head"] = prefix_kernels(decoder["lm_head"], head_prefix)
+    out["decoder"] = decoder
     return out
