@@ -280,11 +280,13 @@ def main():
         f"**Ours / reference: {ours_tps / ref_tps:.2f}x real tokens per second** (median runs; each run's ratio: "
         f"{', '.join(f'{r / o * ours_tokens / ref_tokens:.2f}' for o, r in zip(ours_runs, ref_runs))}).", "",
         "The reference drops the samples left in a half-filled batch at the end; both count only the tokens they "
-        "trained on. CPU timings show the ratio on this machine, not accelerator speed: here XLA's CPU matmuls "
-        "run as fast as torch's, but its attention (batched dots + softmax, forward and backward) takes about twice "
-        "as long as torch's fused `scaled_dot_product_attention` kernel, and at this small width attention is a "
-        "large share of the step. Packing removes most of the reference's padding but attends over 512-position "
-        "rows, so the skipped upper-triangle blocks recover only part of that.",
+        "trained on. The model GFLOP/s column counts the same analytic FLOPs on both sides, with the LM head on every "
+        "real token (the training log's count); ours runs the head only where a token is predicted (each device's "
+        "predicting positions gathered into chunks, `models.loss.fused_lm_loss`), so its column is the work it "
+        "saved plus the work it did. CPU timings show the ratio on this machine, not accelerator speed: the two "
+        "libraries' matmul peaks (measured above) differ from one CPU to another, and at this small width "
+        "attention is a large share of the step, where XLA's blocked attention (batched dots and an online "
+        "softmax, forward and backward) is slower than torch's fused `scaled_dot_product_attention` kernel.",
     ]
     write_report(lines + [""], args.out)
 

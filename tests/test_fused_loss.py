@@ -80,3 +80,28 @@ def test_a_frozen_head_gets_no_kernel_gradient_and_the_same_hidden_one():
     (dh, dk), (dh_frozen, dk_frozen) = grad(True), grad(False)
     assert not np.any(dk_frozen) and np.any(dk)
     np.testing.assert_array_equal(dh_frozen, dh)
+
+
+@pytest.mark.parametrize("rows, groups", [(8, 4), (6, 6)])
+def test_on_a_mesh_each_devices_rows_form_one_group(rows, groups):
+    """Over a mesh the predicting positions are gathered per device (its rows joined into one
+    group), never across devices; where the batch does not split evenly every row is a group.
+    Same value and gradients as the full logits either way."""
+    from unitoken_jax.models.loss import batch_groups
+    from unitoken_jax.sharding import make_mesh, mesh_context
+
+    hidden, kernel, labels, seg, gen = _batch(b=rows, length=96, seed=3)
+    seg = seg.at[3:, :].set(jnp.where(jnp.arange(96) < 50, 1, 2))
+    labels = jnp.where(seg == 0, -100, labels)
+    z = 1e-2
+    full = lambda h, w: lm_loss(jnp.einsum("BLD,DV->BLV", h, w), labels, seg, z, gen)  # noqa: E731
+    fused = lambda h, w: fused_lm_loss(h, w, labels, seg, z, gen, chunk=40)  # noqa: E731
+    (want, _), want_g = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, kernel)
+    assert batch_groups(rows) == 1  # no mesh: the whole batch is one group
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
+    with mesh_context(mesh):
+        assert batch_groups(rows) == groups
+        (got, _), got_g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(hidden, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name, w, g in zip(("hidden", "kernel"), want_g, got_g):
+        np.testing.assert_allclose(g, w, atol=1e-5 * np.abs(w).max(), rtol=0, err_msg=name)

@@ -172,7 +172,7 @@ class UniTokenConfig:
     # GPU, xla elsewhere), "splash", "cudnn" or "xla"; its query / key block.
     attention: str = "auto"
     attention_block: int = 128
-    # Training: positions of every row the LM head and the loss take at once (`models.loss.fused_lm_loss`)
+    # Training: positions of each device's rows the LM head and the loss take at once (`models.loss.fused_lm_loss`)
     loss_chunk: int = 512
     # Low-rank adapters (fine-tuning; `unitoken_jax.models.lora`), None for none
     lora: LoraConfig | None = None

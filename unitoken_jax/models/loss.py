@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unitoken_jax.sharding import constrain
+from unitoken_jax.sharding import constrain, logical_to_mesh_spec
 from unitoken_jax.tokenizer import layout
 
 
@@ -62,8 +62,10 @@ def fused_lm_loss(hidden_BLD: jax.Array, kernel_DV: jax.Array, labels_BL: jax.Ar
     """`lm_loss(head(hidden))` without a [B, L, V] array and without the head's work on positions
     that predict nothing (prompts, pictures given as input, padding).
 
-    Each row's predicting positions are moved to its front; the head runs on chunks of `chunk`
-    positions of all rows at once, and a chunk in which no row predicts anything is skipped. The
+    The rows each device holds are joined into one group (all rows without a mesh) and the group's
+    predicting positions moved to its front; the head runs on chunks of `chunk` positions of every
+    group at once, and a chunk in which no group predicts anything is skipped, so the head's work
+    follows the number of predicting positions, not the fullest row's. The
     logits' gradient is known in the forward pass (the loss is a fixed weighting of each position's
     cross-entropy and log-sum-exp), so each chunk also computes its share of the hidden states'
     and the kernel's gradients there: the backward pass only scales them, and no chunk's logits are
@@ -76,8 +78,13 @@ def fused_lm_loss(hidden_BLD: jax.Array, kernel_DV: jax.Array, labels_BL: jax.Ar
     valid_BL = (targets_BL >= 0) & (seg_next == segment_ids_BL) & (seg_next != 0)
     gen = is_generation_target(targets_BL) if generation_BL is None else jnp.pad(
         generation_BL[:, 1:].astype(jnp.bool_), ((0, 0), (0, 1)))
-    total, sums = _fused(hidden_BLD, kernel_DV, jnp.maximum(targets_BL, 0), valid_BL, gen, z_loss_weight, chunk,
-                         jnp.dtype(dtype).name, kernel_grad)
+    # the rows each device holds form one group, whose predicting positions go to its front together:
+    # the head then runs on about as many positions as predict, not on every row's longest share
+    g = batch_groups(b)
+    grouped = lambda x: constrain(x.reshape(g, b // g * length, *x.shape[2:]),  # noqa: E731
+                                  ("act_batch", "act_length", "act_embed")[:x.ndim])
+    total, sums = _fused(grouped(hidden_BLD), kernel_DV, grouped(jnp.maximum(targets_BL, 0)), grouped(valid_BL),
+                         grouped(gen), z_loss_weight, chunk, jnp.dtype(dtype).name, kernel_grad)
     sums = jax.lax.stop_gradient(sums)
     n_tokens, n_und, n_gen = jnp.sum(valid_BL), jnp.sum(valid_BL & ~gen), jnp.sum(valid_BL & gen)
     ce_mean = sums["ce"] / jnp.maximum(n_tokens, 1)
@@ -86,6 +93,18 @@ def fused_lm_loss(hidden_BLD: jax.Array, kernel_DV: jax.Array, labels_BL: jax.Ar
                "ce_generation": sums["ce_gen"] / jnp.maximum(n_gen, 1),
                "tokens": n_tokens, "tokens_understanding": n_und, "tokens_generation": n_gen}
     return total, metrics
+
+
+def batch_groups(rows: int) -> int:
+    """How many groups of whole rows the batch axis is split into over the active mesh (each
+    device's rows are one group): 1 without a mesh, `rows` where the split does not divide them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_mesh_spec(("act_batch",))[0]
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = int(np.prod([mesh.shape[a] for a in names if a in mesh.shape] or [1]))
+    return shards if rows % shards == 0 else rows
 
 
 def _fused_forward(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_weight, chunk, dtype, kernel_grad):
