@@ -153,9 +153,15 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
 def test_auto_unrolls_on_a_cpu_only_where_the_copy_fits(pipe, monkeypatch):
     from unitoken_jax.inference import decode
 
-    layer_bytes = decode._layer_bytes(pipe.model.params)
-    stacked = pipe.model.params["decoder"]["layers"], pipe.model.params["vit"]["layers"]
-    assert layer_bytes == sum(a.nbytes for a in jax.tree.leaves(stacked))
+    params = pipe.model.params
+    layer_bytes = decode._copy_bytes(params, 8196)
+    stacked = params["decoder"]["layers"], params["vit"]["layers"]
+    kernel = params["decoder"]["lm_head"]["kernel"]  # the head's 8,196 code columns are copied too
+    assert layer_bytes == sum(a.nbytes for a in jax.tree.leaves(stacked)) + kernel.shape[0] * 8196 * kernel.itemsize
+    # the loop's own copy (its arrays that are not the model's) is exactly what the count says
+    copy = decode.cpu_decode_params(params, pipe.model.config, head_prefix=8196)
+    shared = {id(a) for a in jax.tree.leaves(params)}
+    assert layer_bytes == sum(a.nbytes for a in jax.tree.leaves(copy) if id(a) not in shared)
     assert DecodeLoop(pipe.model.config, pipe.model.params).layers == "unrolled"
     page = os.sysconf("SC_PAGE_SIZE")
     free_pages = {"SC_PAGE_SIZE": page, "SC_AVPHYS_PAGES": (2 * layer_bytes - 1) // page}  # just under 2 copies

@@ -67,3 +67,30 @@ def test_requests_admitted_mid_run_equal_their_runs_alone_and_slots_are_reused(p
     decoder.admit("x", requests["colour"])
     decoder.cancel("x")
     assert decoder.free_slots == 2 and not decoder.busy
+
+
+def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
+    """A guided chat request's partner starts where the answer's picture does: the picture equals
+    the one drawn by a guided request whose prompt is the chat prompt plus the answer up to its
+    <racm3:break> (greedy codes, so the seeds' keys do not matter), alone and in the slot decoder;
+    the guidance changes the picture (an unguided answer draws another one)."""
+    from unitoken_jax.inference.decode import Request
+    from unitoken_jax.tokenizer import layout
+
+    text = "Generate an image of 64x64 according to the following prompt:\na green square at the top right"
+    ask = lambda cfg: pipe.chat_request([{"from": "human", "value": text}], cfg_scale=cfg,  # noqa: E731
+                                        image_temperature=0.0, max_new_tokens=120, stop_after_image=True)
+    guided = pipe.decode_loop.generate([ask(3.0)]).tokens[0]
+    start = list(guided).index(layout.IMAGE_START)  # the answer draws (after `start` tokens of text)
+    assert len(guided) > start + 20
+    prompt = np.concatenate([ask(3.0).tokens, guided[:start + 1]])
+    continued = pipe.decode_loop.generate([Request(prompt, max_new_tokens=len(guided) - start - 1, cfg_scale=3.0,
+                                                   image_temperature=0.0, stop_after_image=True)]).tokens[0]
+    np.testing.assert_array_equal(guided[start + 1:], continued)
+    unguided = pipe.decode_loop.generate([ask(1.0)]).tokens[0]
+    assert not np.array_equal(unguided, guided)
+    # beside other requests in the slot decoder: the same tokens
+    others = {"q": pipe.chat_request([{"from": "human", "value": "Say hello."}], max_new_tokens=6),
+              "chat": ask(3.0)}
+    out = SlotDecoder(pipe.decode_loop, slots=4, length=256, chunk=4).run_all(others)
+    np.testing.assert_array_equal(out["chat"], guided)

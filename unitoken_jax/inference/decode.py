@@ -188,11 +188,18 @@ def _initial_grid(rows) -> GridState:
                            [r.stop_after_image for r in requests])
 
 
-def _layer_bytes(params) -> int:
-    """Bytes of the stacked layer weights an unrolled loop copies."""
-    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-               for part in ("decoder", "vit") if part in params
-               for a in jax.tree.leaves(params[part].get("layers", {})))
+def _copy_bytes(params, head_prefix: int) -> int:
+    """Bytes an unrolled loop's own parameters add (`cpu_decode_params`): the stacked layer weights,
+    and the LM head's first `head_prefix` columns (and their int8 scales) stored apart."""
+    nbytes = lambda a: int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize  # noqa: E731
+    total = sum(nbytes(a) for part in ("decoder", "vit") if part in params
+                for a in jax.tree.leaves(params[part].get("layers", {})))
+    head = params.get("decoder", {}).get("lm_head", {})
+    for name in ("kernel", "kernel_scale"):
+        if name in head:
+            a = head[name]
+            total += nbytes(a) * min(head_prefix, a.shape[-1]) // a.shape[-1]
+    return total
 
 
 def _copy_fits(nbytes: int) -> bool:
@@ -232,7 +239,8 @@ class DecodeLoop:
         if layers == "auto":
             devices = mesh.devices.flat if mesh is not None else jax.devices()
             on_cpu = all(d.platform == "cpu" for d in devices)
-            layers = "unrolled" if on_cpu and _copy_fits(_layer_bytes(params)) else "scan"
+            copy = _copy_bytes(params, min(grid.CODE_LOGITS, config.decoder.vocab_size))
+            layers = "unrolled" if on_cpu and _copy_fits(copy) else "scan"
         self.layers = layers
         self.module = UniToken(config.replace(scan_layers=True) if layers == "scan" else cpu_decode_config(config))
         self.params = params
@@ -296,8 +304,10 @@ class DecodeLoop:
                 g = jax.tree.map(lambda a: a[:n_requests], s.grid)
                 q = jax.tree.map(lambda a: a[:n_requests], p)
                 in_img = grid.in_image(g)
+                # a partner guides its row's first picture only (it does not restart for a second)
+                fresh = jnp.take(s.grid.images_done, jnp.maximum(q.uncond_row, 0)) == 0
                 lg = sampling.classifier_free_guidance(s.logits[:, :width], q.uncond_row, q.cfg_scale,
-                                                       g.mode == grid.BODY)
+                                                       (g.mode == grid.BODY) & fresh)
                 lg = jnp.where(grid.allowed(g, width) & jnp.asarray(self._ok_ids[:width])[None], lg, sampling.NEG_INF)
                 temp = jnp.where(in_img, q.image_temperature, q.temperature)
                 row_keys = jax.vmap(jax.random.fold_in)(q.key, s.n_out[:n_requests])
@@ -312,8 +322,12 @@ class DecodeLoop:
                 tok = jnp.take(tok, p.primary)  # unconditional rows follow their row's choice
                 forced = grid.forced_token(g)
                 tok = jnp.where(forced >= 0, forced, tok)
-                active = ~s.done
                 r = jnp.arange(tok.shape[0])
+                # an unconditional partner's context starts at <racm3:break>: it waits (no token, no
+                # cache write, its logits kept) while its row is outside an image, e.g. while a
+                # chat answer writes text before it draws
+                waiting = (p.primary != r) & ~jnp.take(grid.in_image(g), p.primary)
+                active = ~s.done & ~waiting
                 slot = jnp.where(active, s.n_out, s.out.shape[1])  # finished rows write nowhere
                 out = s.out.at[r, slot].set(tok, mode="drop")
                 n_out = s.n_out + active
@@ -334,7 +348,8 @@ class DecodeLoop:
 
                 logits = jax.lax.cond(grid.codes_only(g), code_logits,
                                       lambda h: self._apply(params, h, method=UniToken.head), hidden)
-                return SamplingState(grid=g, logits=logits[:, 0], cache=cache, out=out, n_out=n_out, done=done,
+                logits = jnp.where(waiting[:, None], s.logits, logits[:, 0])
+                return SamplingState(grid=g, logits=logits, cache=cache, out=out, n_out=n_out, done=done,
                                      step=s.step + 1)
 
             return jax.lax.while_loop(cond, body, s)
