@@ -227,6 +227,14 @@ def test_a_chat_answer_with_a_picture_carries_it_as_an_image_part(server):
     url = part["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     assert shapes.check_picture(_picture(url.split(",", 1)[1])).matches(thing)
+    # guided (an extra field, as for images): still right, and the guidance changed the picture
+    guided = server.client().chat.completions.create(
+        model=MODEL, seed=3, messages=[{"role": "user", "content": shapes.generate_prompt(thing)}],
+        extra_body={"guidance_scale": 3})
+    (guided_part,) = [p for p in guided.choices[0].message.content if p["type"] == "image_url"]
+    guided_url = guided_part["image_url"]["url"]
+    assert shapes.check_picture(_picture(guided_url.split(",", 1)[1])).matches(thing)
+    assert guided_url != url
 
 
 def test_images_edit_takes_a_picture_and_an_instruction(server):
@@ -451,6 +459,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     chunked = (b"x" * (1024 * 1024) for _ in range(20))  # no Content-Length: cut off as it passes 16 MB
     _error(_post(server, chat, data=chunked), 413, code="request_too_large")
     _error(_post(server, chat, json={**good, "temperature": -0.5}), 400, "temperature")
+    _error(_post(server, chat, json={**good, "guidance_scale": -1}), 400, "guidance_scale")
     _error(_post(server, chat, json={**good, "n": 1000}), 400, "n")
     _error(_post(server, chat, json={**good, "max_tokens": 100000}), 400, "max_tokens", "context_length_exceeded")
     _error(_post(server, chat, json={**good, "tools": [{"type": "function"}]}), 400, "tools")

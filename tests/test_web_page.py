@@ -83,10 +83,12 @@ def test_the_page_answers_a_question_about_an_uploaded_picture_and_draws(page, t
     assert url.startswith("data:image/png;base64,")
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     assert image.size == (64, 64)
+    assert shapes.check_picture(image).matches(Thing("blue", "square", "bottom right"))
     # the same call through the API (not streamed): the same picture
-    text = GENERATE_TEMPLATE.format(w=64, h=64, prompt=prompt)  # what the page sends
+    text = GENERATE_TEMPLATE.format(w=64, h=64, prompt=prompt)  # what the page sends, guided as images are
     answer = requests.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                           json={"model": MODEL, "seed": 7, "messages": [{"role": "user", "content": text}]}).json()
+                           json={"model": MODEL, "seed": 7, "guidance_scale": 3,
+                                 "messages": [{"role": "user", "content": text}]}).json()
     (api_url,) = re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", json.dumps(answer))
     api_image = Image.open(io.BytesIO(base64.b64decode(api_url.split(",", 1)[1])))
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(api_image.convert("RGB")))

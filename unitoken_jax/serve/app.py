@@ -16,6 +16,12 @@ pictures is in `wire`'s docstring. Choice i of a call (a chat's `n`, an images c
 with seed `seed + i`, as `UniTokenPipeline.generate_image` numbers them; without a seed the server
 draws one.
 
+A chat call may carry `guidance_scale` (an extra field, default 1 = off): classifier-free guidance
+for a picture its answer draws, from the answer's own <racm3:break> on (the unconditional row waits
+while the answer writes text); it takes a second row for the whole call, and guides the answer's
+first picture only. The web page's drawings send the images endpoint's default
+(`ServeSettings.default_guidance`, 3).
+
 Defaults that differ from OpenAI's: `temperature` 0 (greedy, how the small models answer best;
 OpenAI's is 1), and without `max_tokens` an answer may take every position the model has left.
 A batch's KV cache is as long as its longest prompt plus the most tokens any of its calls asks for,
@@ -198,6 +204,7 @@ class _Server:
         HTML and JavaScript calling this server's API (the API key, if one is set, is typed into
         the page); the page itself needs no key."""
         html = (resources.files("unitoken_jax.serve") / "static" / "index.html").read_text(encoding="utf-8")
+        html = html.replace("__GUIDANCE__", json.dumps(self.settings.default_guidance))
         return HTMLResponse(html.replace("__SIZE__", json.dumps(list(self.settings.default_size))))
 
     async def health(self, request: Request) -> Response:
@@ -217,7 +224,8 @@ class _Server:
     def _chat_request(self, call: wire.ChatCall):
         try:
             request = self.pipe.chat_request(call.conversation, call.images, max_new_tokens=1, seed=0,
-                                             temperature=call.temperature, top_p=call.top_p, top_k=call.top_k)
+                                             temperature=call.temperature, top_p=call.top_p, top_k=call.top_k,
+                                             cfg_scale=call.guidance_scale)
         except ConversationError as e:
             raise bad(str(e), "messages", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
                 from None

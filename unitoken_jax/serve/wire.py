@@ -180,10 +180,11 @@ class ChatCall:
     stop: list[str]
     stream: bool
     include_usage: bool
+    guidance_scale: float  # CFG for a picture the answer draws (1 = off; a guided call takes two rows)
 
 
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-                "n", "stop", "stream", "stream_options", "user", "metadata", "service_tier", "safety_identifier",
+                "n", "stop", "stream", "stream_options", "guidance_scale", "user", "metadata", "service_tier", "safety_identifier",
                 "prompt_cache_key"}
 _CHAT_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
                  "presence_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
@@ -293,7 +294,8 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
         top_k=_number(body, "top_k", 0, 0, integer=True),
         seed=_number(body, "seed", None, 0, SEED_LIMIT - 1, integer=True),
         n=_number(body, "n", 1, 1, limits.max_n, integer=True),
-        stop=stop or [], stream=stream, include_usage=bool((options or {}).get("include_usage")))
+        stop=stop or [], stream=stream, include_usage=bool((options or {}).get("include_usage")),
+        guidance_scale=_number(body, "guidance_scale", 1.0, 0))
 
 
 def apply_stop(parts: list, stop: list[str]) -> tuple[list, bool]:
