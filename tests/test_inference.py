@@ -321,6 +321,9 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {cat}\nthe cat\nor\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", *common]) == 0
     assert capsys.readouterr().out.count("assistant:") == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
+    assert "cfg_scale" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "x.png"), "--size", "7x7", *common]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     # options outside their range are refused with the option's name, never read as another setting

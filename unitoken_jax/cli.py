@@ -217,7 +217,7 @@ def _chat(args) -> int:
         images += pending
         pending = []
         parts = pipe.chat(messages, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          seed=args.seed + len(messages))
+                          seed=args.seed + len(messages), cfg_scale=args.cfg)
         shown, reply = [], []
         for part in parts:
             if isinstance(part, str):
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     edi.set_defaults(func=_edit)
     cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out")
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
+    cha.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance for a picture an answer "
+                                                            "draws, from its <racm3:break> on (1 = off)")
     model_args(cha)
     cha.set_defaults(func=_chat)
     srv = add_parser("serve", help="an OpenAI-compatible HTTP server (chat with pictures, images generations and "
