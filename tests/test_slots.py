@@ -89,6 +89,12 @@ def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
     np.testing.assert_array_equal(guided[start + 1:], continued)
     unguided = pipe.decode_loop.generate([ask(1.0)]).tokens[0]
     assert not np.array_equal(unguided, guided)
+    # an answer that never draws is the same text guided or not (its partner only ever waits)
+    say = lambda cfg: pipe.chat_request([{"from": "human", "value": "Say hello."}], cfg_scale=cfg,  # noqa: E731
+                                        max_new_tokens=12)
+    plain_text, guided_text = pipe.decode_loop.generate([say(1.0), say(3.0)]).tokens
+    assert layout.IMAGE_START not in plain_text
+    np.testing.assert_array_equal(guided_text, plain_text)
     # beside other requests in the slot decoder: the same tokens
     others = {"q": pipe.chat_request([{"from": "human", "value": "Say hello."}], max_new_tokens=6),
               "chat": ask(3.0)}
