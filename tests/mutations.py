@@ -142,7 +142,8 @@ def run(mutation: Mutation, scratch: str) -> tuple[str, float, str]:
         failed = [line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("FAILED ")]
         if r.returncode == 1 or failed:  # with xdist, -x stopping after a failure exits 2 ("interrupted")
             return "caught", seconds, failed[0] if failed else ""
-        return ("MISSED" if r.returncode == 0 else f"error (pytest exit {r.returncode})"), seconds, (r.stdout + r.stderr)[-1500:]
+        status = "MISSED" if r.returncode == 0 else f"error (pytest exit {r.returncode})"
+        return status, seconds, (r.stdout + r.stderr)[-1500:]
     finally:
         with open(path, "w") as f:
             f.write(original)

@@ -77,7 +77,7 @@ def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
     from unitoken_jax.inference.decode import Request
     from unitoken_jax.tokenizer import layout
 
-    text = "Generate an image of 64x64 according to the following prompt:\na green square at the top right"
+    text = pipe.generate_template.format(w=64, h=64, prompt="a green square at the top right")  # as the web page
     ask = lambda cfg: pipe.chat_request([{"from": "human", "value": text}], cfg_scale=cfg,  # noqa: E731
                                         image_temperature=0.0, max_new_tokens=120, stop_after_image=True)
     guided = pipe.decode_loop.generate([ask(3.0)]).tokens[0]

@@ -105,3 +105,10 @@ def logical_to_mesh_spec(names: Sequence[str | None]) -> PartitionSpec:
     """The mesh `PartitionSpec` of logical axis names (e.g. for `shard_map`'s in/out specs)."""
     check_names(names)
     return nn.logical_to_mesh_axes(tuple(names), LOGICAL_RULES)
+
+
+def mesh_ways(axes, mesh) -> int:
+    """Into how many parts `axes` (one entry of a `PartitionSpec`: a mesh axis name, a tuple of
+    them or None) split a dimension on `mesh` (an abstract mesh will do)."""
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in names if a in mesh.shape] or [1]))

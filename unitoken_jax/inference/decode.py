@@ -239,8 +239,7 @@ class DecodeLoop:
         if layers == "auto":
             devices = mesh.devices.flat if mesh is not None else jax.devices()
             on_cpu = all(d.platform == "cpu" for d in devices)
-            copy = _copy_bytes(params, min(grid.CODE_LOGITS, config.decoder.vocab_size))
-            layers = "unrolled" if on_cpu and _copy_fits(copy) else "scan"
+            layers = "unrolled" if on_cpu and _copy_fits(_copy_bytes(params, self._code_logits)) else "scan"
         self.layers = layers
         self.module = UniToken(config.replace(scan_layers=True) if layers == "scan" else cpu_decode_config(config))
         self.params = params

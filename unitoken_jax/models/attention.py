@@ -22,7 +22,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from unitoken_jax.models.config import ATTENTION_BACKENDS as BACKENDS
 from unitoken_jax.models.layers import dot_product_attention
@@ -239,11 +238,10 @@ def _splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
         return _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret)
     from jax.sharding import PartitionSpec as P
 
-    from unitoken_jax.sharding import logical_to_mesh_spec
+    from unitoken_jax.sharding import logical_to_mesh_spec, mesh_ways
 
     def split(axes, size):  # mesh axes for a dim of `size`, or None where they do not divide it
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        return axes if size % int(np.prod([mesh.shape[a] for a in names] or [1])) == 0 else None
+        return axes if size % mesh_ways(axes, mesh) == 0 else None
 
     batch_axes = split(logical_to_mesh_spec(("act_batch",))[0], q_BTNH.shape[0])
     head_axes = logical_to_mesh_spec(("act_heads",))[0]

@@ -75,14 +75,16 @@ class Attention(nn.Module):
         # q/k/v kernels are [heads, embed, head_dim]: the order TPU's dots want (an [embed, heads,
         # head_dim] kernel is copied whole, every layer, into it before each compiled decode loop);
         # a CPU's dots want [embed, heads, head_dim], which the CPU decode loop's copy holds.
-        if cfg.qkv_embed_first:
-            q_BTNH = proj((d, n, h), ("embed", "heads", "head_dim"), "BTD,DNH->BTNH", "q_proj")(x_BTD)
-            k_BTKH = proj((d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH", "k_proj")(x_BTD)
-            v_BTKH = proj((d, k, h), ("embed", "kv_heads", "head_dim"), "BTD,DKH->BTKH", "v_proj")(x_BTD)
-        else:
-            q_BTNH = proj((n, d, h), ("heads", "embed", "head_dim"), "BTD,NDH->BTNH", "q_proj")(x_BTD)
-            k_BTKH = proj((k, d, h), ("kv_heads", "embed", "head_dim"), "BTD,KDH->BTKH", "k_proj")(x_BTD)
-            v_BTKH = proj((k, d, h), ("kv_heads", "embed", "head_dim"), "BTD,KDH->BTKH", "v_proj")(x_BTD)
+        def head_proj(heads, axis, letter, name):
+            if cfg.qkv_embed_first:
+                shape, axes, kernel = (d, heads, h), ("embed", axis, "head_dim"), f"D{letter}H"
+            else:
+                shape, axes, kernel = (heads, d, h), (axis, "embed", "head_dim"), f"{letter}DH"
+            return proj(shape, axes, f"BTD,{kernel}->BT{letter}H", name)(x_BTD)
+
+        q_BTNH = head_proj(n, "heads", "N", "q_proj")
+        k_BTKH = head_proj(k, "kv_heads", "K", "k_proj")
+        v_BTKH = head_proj(k, "kv_heads", "K", "v_proj")
 
         groups = cfg.qk_norm_groups or n
         q_BTNH = HeadNorm(groups, cfg.qk_norm_eps, self.param_dtype, name="q_norm")(q_BTNH)

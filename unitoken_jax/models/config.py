@@ -53,7 +53,7 @@ class DecoderConfig:
     # The q/k/v kernels' order: [heads, embed, head_dim] (False: checkpoints, and what TPU's dots
     # want) or [embed, heads, head_dim] (True: a plain matrix for a CPU's dots, which otherwise copy
     # every kernel into that order at every step). Only `DecodeLoop`'s own unrolled copy of the
-    # weights on a CPU uses True (`models.unitoken.decode_params`); checkpoints never do.
+    # weights on a CPU uses True (`models.unitoken.cpu_decode_params`); checkpoints never do.
     qkv_embed_first: bool = False
 
     @property
@@ -172,7 +172,8 @@ class UniTokenConfig:
     # GPU, xla elsewhere), "splash", "cudnn" or "xla"; its query / key block.
     attention: str = "auto"
     attention_block: int = 128
-    # Training: positions of each device's rows the LM head and the loss take at once (`models.loss.fused_lm_loss`)
+    # Training: positions of each device's rows the LM head and the loss take at once
+    # (`models.loss.fused_lm_loss`)
     loss_chunk: int = 512
     # Low-rank adapters (fine-tuning; `unitoken_jax.models.lora`), None for none
     lora: LoraConfig | None = None

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unitoken_jax.sharding import constrain, logical_to_mesh_spec
+from unitoken_jax.sharding import constrain, logical_to_mesh_spec, mesh_ways
 from unitoken_jax.tokenizer import layout
 
 
@@ -101,9 +101,7 @@ def batch_groups(rows: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    axes = logical_to_mesh_spec(("act_batch",))[0]
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    shards = int(np.prod([mesh.shape[a] for a in names if a in mesh.shape] or [1]))
+    shards = mesh_ways(logical_to_mesh_spec(("act_batch",))[0], mesh)
     return shards if rows % shards == 0 else rows
 
 

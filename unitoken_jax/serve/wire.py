@@ -184,8 +184,8 @@ class ChatCall:
 
 
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-                "n", "stop", "stream", "stream_options", "guidance_scale", "user", "metadata", "service_tier", "safety_identifier",
-                "prompt_cache_key"}
+                "n", "stop", "stream", "stream_options", "guidance_scale", "user", "metadata", "service_tier",
+                "safety_identifier", "prompt_cache_key"}
 _CHAT_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
                  "presence_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                  "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
