@@ -1,0 +1,73 @@
+"""The accelerator benchmarks (benchmarks/accel.sh) only run where a GPU or TPU is lent, which is
+rare; these check on the CPU, at tiny shapes, that they still run and report what they claim, so
+that a session with a device spends its minutes measuring, not debugging."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import train_accel  # noqa: E402
+
+
+def _run(script, *args, tmp_path):
+    out = tmp_path / "result.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out.read_text()
+
+
+def _table(text):
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| attention") and not line.startswith("| weights")]
+
+
+def test_packed_rows_fill_every_position_with_samples_whose_positions_restart():
+    args = type("A", (), dict(smoke=True, length=256, rows=3, remat="none", block=128, devices=1))()
+    config = train_accel.train_config(args, "xla")
+    batch, context = train_accel.packed_batch(config, samples_per_row=5, seed=3)
+    seg, pos = batch["segment_ids"], batch["positions"]
+    assert seg.shape == (3, 256) and (seg > 0).all()
+    for b in range(3):
+        assert sorted(set(seg[b].tolist())) == [1, 2, 3, 4, 5]
+        assert (np.diff(seg[b]) >= 0).all()  # each sample one contiguous run
+        for s in range(1, 6):
+            np.testing.assert_array_equal(pos[b][seg[b] == s], np.arange((seg[b] == s).sum()))
+    assert context == float((pos + 1).mean())
+    np.testing.assert_array_equal(batch["labels"], batch["tokens"])
+
+
+def test_the_one_billion_shape_has_about_a_billion_decoder_parameters():
+    args = type("A", (), dict(smoke=False, length=4096, rows=8, remat="none", block=512, devices=1))()
+    config = train_accel.train_config(args, "xla")
+    from unitoken_jax.models.unitoken import abstract_params
+
+    params = abstract_params(config.model)
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params["decoder"]))
+    assert 1.0e9 < n < 1.2e9, n
+
+
+def test_the_train_step_benchmark_runs_and_reports_a_missing_backend(tmp_path):
+    text = _run("train_accel.py", "--smoke", "--backends", "xla,cudnn", "--peak-tflops", "1", tmp_path=tmp_path)
+    rows = {r[0]: r for r in _table(text)}
+    xla = rows["xla"]
+    step_s, tokens_s, mfu, loss = float(xla[1]), float(xla[2]), float(xla[4].rstrip("%")) / 100, float(xla[6])
+    assert step_s > 0 and abs(tokens_s - 2 * 256 / step_s) / tokens_s < 0.01  # 2 rows x 256 real positions
+    assert 0 < mfu < 1  # a CPU step is far below 1 TFLOP/s
+    assert 0 < loss < np.log(9216) + 1  # random weights start near ln(vocab)
+    assert "could not run" in rows["cudnn"][1] and "available there" in rows["cudnn"][1]
+
+
+def test_the_decode_benchmark_runs_at_a_tiny_shape(tmp_path):
+    text = _run("decode_accel.py", "--model", "tiny", "--grid", "2", "--batch", "2", tmp_path=tmp_path)
+    rows = {r[0]: r for r in _table(text)}
+    assert set(rows) == {"bfloat16", "int8"}
+    for r in rows.values():
+        assert float(r[2]) > 0 and float(r[4]) > 0
+    assert float(rows["int8"][1]) <= float(rows["bfloat16"][1])  # int8 weights take no more memory
