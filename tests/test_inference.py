@@ -346,6 +346,8 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert "not a picture file" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "missing" / "x.png"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["generate", "x", "--out", str(tmp_path / "x.txt"), *common]) == 2  # before drawing
+    assert "not a picture format" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
     assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--n", "0", *common]) == 2
     assert "at least 1" in capsys.readouterr().err
     assert cli.main(["convert", "--from", str(tmp_path / "nonexistent"), "--to", str(tmp_path / "c")]) == 2

@@ -62,6 +62,7 @@ def _reconstruct(args) -> int:
     from unitoken_jax.tokenizer.images import load_image, vq_crop
     from unitoken_jax.vq_tokenizer import VQTokenizer
 
+    _check_out(args.out)
     vqgan = args.vqgan or os.environ.get("UNITOKEN_VQGAN")
     if not vqgan:
         raise ValueError("no VQ-GAN: pass --vqgan (Meta's vqgan.ckpt with vqgan.yaml beside it, a VQ-GAN directory this "
@@ -164,6 +165,12 @@ def _check_out(path: str) -> None:
         raise ValueError(f"--out {path}: the directory {directory} does not exist (create it first)")
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a directory; give a file name such as {os.path.join(path, 'picture.png')}")
+    from PIL import Image
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():  # found after drawing, the picture would be lost
+        raise ValueError(f"--out {path}: {extension or 'no extension'} is not a picture format PIL writes; "
+                         f"use .png (or .jpg, .webp, ...)")
 
 
 def _generate(args) -> int:
