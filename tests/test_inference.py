@@ -357,7 +357,12 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert cli.main(["understand", cat, "the cat is", "--max-new-tokens", "2", *own]) == 0
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
-    assert re.search(r"\(default:\s+3\.0\)", capsys.readouterr().out)  # help pages show their defaults
+    page = capsys.readouterr().out
+    assert re.search(r"\(default:\s+3\.0\)", page)  # help pages show their defaults, where they say something
+    assert "default: None" not in page and "default: False" not in page
+    with pytest.raises(SystemExit) as stop:  # options are never abbreviated: --image is not --image-prefix
+        cli.main(["chat", "--image", cat, *common])
+    assert stop.value.code == 2 and "unrecognized arguments: --image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field,value", [

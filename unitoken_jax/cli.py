@@ -327,11 +327,22 @@ def _sweep(args) -> int:
     return sweep.main(args.config, args.root, mode=mode, launcher=args.launcher, fixed=args.set, as_json=args.json)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default where it says something: not None or False, whose meaning the
+    help text gives (a "(default: None)" after "default: the checkpoint's own" only confused)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
-    # every page shows its defaults
-    add_parser = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # every page shows its defaults; no abbreviated options (`chat --image x` would be taken for
+    # --image-prefix)
+    add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter, allow_abbrev=False)
     convert = add_parser("convert", help="HF safetensors layout <-> our Orbax checkpoint (direction from --from)")
     convert.add_argument("--from", dest="src", required=True, help="an HF-format dir, or one of our Orbax dirs")
     convert.add_argument("--to", dest="dst", required=True, help="output directory")
@@ -381,15 +392,15 @@ def main(argv: list[str] | None = None) -> int:
                             "none)")
         if not per_request:  # a server: every call brings its own seed, size and sampling options
             return
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed, the same output")
         if image_out:
             p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 32 (512x512; the "
                                                         "bundled model: 64x64)")
             p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-            p.add_argument("--top-k", type=int, default=2000)
-            p.add_argument("--temperature", type=float, default=1.0)
+            p.add_argument("--top-k", type=int, default=2000, help="each image code is drawn from the k likeliest")
+            p.add_argument("--temperature", type=float, default=1.0, help="image-code sampling temperature")
         else:
-            p.add_argument("--max-new-tokens", type=int, default=256)
+            p.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
     und = add_parser("understand", help="answer a question about pictures")
@@ -400,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("prompt")
     gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1)")
     gen.add_argument("--n", type=int, default=1, help="pictures to draw (one batch)")
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None,
+                     help="text guidance steers away from: the unguided row's prompt (default: no text, as the reference's)")
     model_args(gen, image_out=True)
     gen.set_defaults(func=_generate)
     edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
@@ -409,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     edi.add_argument("--out", required=True)
     model_args(edi, image_out=True)
     edi.set_defaults(func=_edit)
-    cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out")
+    cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out",
+                     description="A conversation on stdin: each line is a turn; a line '/image PATH' attaches "
+                                 "that picture to the next turn; an empty line or EOF ends it. Pictures the "
+                                 "model draws are written to --out-dir.")
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
     cha.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance for a picture an answer "
                                                             "draws, from its <racm3:break> on (1 = off)")
