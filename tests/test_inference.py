@@ -148,6 +148,19 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
     assert grown == [prompt + 300] and len(a[0]) == len(b[0]) == 300
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+    # grown 96 slots at a time instead: a multiple of 96 that holds each chunk's end, then the full length
+    stepped = DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled", cache_growth=96)
+    grown.clear()
+    grow96 = stepped._grow
+    stepped.__dict__["_grow"] = lambda cache, length: grown.append(length) or grow96(cache, length)
+    c = stepped.generate(requests, chunk=64).tokens
+    ends = [min(prompt + 300, -(-(prompt + min(e, 300)) // 96) * 96) for e in range(128, 320 + 1, 64)]
+    assert grown == sorted(set(ends) - {-(-(prompt + 64) // 96) * 96}) and grown[-1] == prompt + 300
+    for x, y in zip(a, c):
+        np.testing.assert_array_equal(x, y)
+    for bad in (0, -96, 1.5):
+        with pytest.raises(ValueError, match="cache_growth"):
+            DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled", cache_growth=bad)
 
 
 def test_auto_unrolls_on_a_cpu_only_where_the_copy_fits(pipe, monkeypatch):

@@ -219,8 +219,13 @@ class Generation:
 class DecodeLoop:
     """Compiled prefill and decode loop for one model; call `generate(requests)`."""
 
-    def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None, layers: str = "auto"):
+    def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None, layers: str = "auto",
+                 cache_growth: int | None = None):
         """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks).
+
+        `cache_growth` (unrolled layers only): the cache grows to the next multiple of this many
+        slots instead of the next power of two, so a step reads fewer unfilled slots at the price
+        of a compile per size (`_capacity`).
 
         `layers`: how the compiled steps run the layer stack. "scan" loops over the stacked
         parameters and a stacked KV cache; "unrolled" holds a copy of each layer's parameters and
@@ -234,6 +239,10 @@ class DecodeLoop:
         on a CPU whose free memory is under twice that copy."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
+        if cache_growth is not None and (int(cache_growth) != cache_growth or cache_growth < 1):
+            raise ValueError(f"cache_growth={cache_growth!r}: expected a positive number of slots, or None "
+                             "(powers of two)")
+        self.cache_growth = cache_growth
         self.config = config
         self.mesh = mesh
         if layers == "auto":
@@ -390,6 +399,8 @@ class DecodeLoop:
         if self.layers != "unrolled":
             return full
         need = prompt + steps
+        if self.cache_growth:
+            return min(full, -(-need // self.cache_growth) * self.cache_growth)
         return min(full, max(MIN_CAPACITY, 1 << (need - 1).bit_length()))
 
     @functools.cached_property

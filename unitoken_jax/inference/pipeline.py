@@ -61,11 +61,13 @@ def default_vq_size(max_length: int, vq) -> int:
 class UniTokenPipeline:
     def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int | None = None,
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
-                 generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True):
+                 generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
+                 cache_growth: int | None = None):
         """Defaults come from the model: `image_prefix` the reference's 16853 where the vocabulary
         has that id (none otherwise), `vq_size` 512 or, for a model too short for 512 px of codes,
         the largest halving whose code grid takes at most a quarter of its length, `siglip_size`
-        and the patch from its vision tower."""
+        and the patch from its vision tower. `cache_growth`: see `DecodeLoop` (on a CPU, e.g. 128
+        for many batches of pictures: faster steps, more compiles on the first call)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         vocab = model.config.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
@@ -85,7 +87,8 @@ class UniTokenPipeline:
         self.max_length = max_length or model.config.decoder.max_position_embeddings
         # a VQ-GAN with fewer codes than the tokenizer names (small ones trained here) bans the rest
         banned = tokenizer.code_to_bpe[vq.config.n_embed:] if vq is not None else None
-        self.decode_loop = DecodeLoop(model.config, model.params, model.mesh, banned_ids=banned)
+        self.decode_loop = DecodeLoop(model.config, model.params, model.mesh, banned_ids=banned,
+                                      cache_growth=cache_growth)
 
     # --- requests -------------------------------------------------------------------------------
     @property
