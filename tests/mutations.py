@@ -113,6 +113,17 @@ MUTATIONS = (
              "unitoken_jax/inference/decode.py",
              "waiting = (p.primary != r) & ~jnp.take(grid.in_image(g), p.primary)",
              "waiting = (p.primary != r) & False", ("tests/test_slots.py", "-k", "chat")),
+    Mutation("growth_rounds_down", "a cache grown in fixed steps rounded down (too short for the chunk)",
+             "unitoken_jax/inference/decode.py",
+             "return min(full, -(-need // self.cache_growth) * self.cache_growth)",
+             "return min(full, need // self.cache_growth * self.cache_growth)",
+             ("tests/test_inference.py", "-k", "grows_as")),
+    Mutation("out_extension_unchecked", "an --out PIL cannot write found only after drawing",
+             "unitoken_jax/cli.py", "if extension not in Image.registered_extensions():", "if False:",
+             ("tests/test_inference.py", "-k", "cli_verbs")),
+    Mutation("accel_positions_run_on", "the accelerator benchmark's positions not restarting per sample",
+             "benchmarks/train_accel.py", 'batch["positions"][b, start:end] = np.arange(end - start)',
+             'batch["positions"][b, start:end] = np.arange(start, end)', ("tests/test_accel_scripts.py",)),
 )
 
 
