@@ -2,8 +2,9 @@
 decoder (random weights made on the device; a small SigLIP-style tower, since the question here is
 attention), bfloat16 compute, the stage-II step (`unitoken_jax.train.program`, what training
 runs) on packed rows of several samples each. For each backend: real tokens per second, the
-model FLOPs per second (the training log's analytic count) and their fraction of the chip's
-bfloat16 peak (MFU). Run on demand where a GPU or TPU is at hand; results to
+model FLOPs per second (the training log's analytic count), their fraction of the chip's
+bfloat16 peak (MFU), and the step's temporaries as the compiler plans them (what a fused
+attention kernel saves in memory). Run on demand where a GPU or TPU is at hand; results to
 benchmarks/results/train_accel.md.
 
     python benchmarks/train_accel.py --peak-tflops 989                          # an H100 / H200 (bf16 dense)
@@ -84,12 +85,12 @@ def measure(args, backend: str) -> dict:
     del model
     batch, context = packed_batch(config, args.samples_per_row)
     batch = {k: jax.device_put(batch[k], program.batch_shardings[k]) for k in BATCH_KEYS}
-    step = program.jitted
     with program.context():
         start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics["loss"])
+        step = program.jitted.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
+        memory = step.memory_analysis()  # what the compiler plans for the step's temporaries
+        temp_bytes = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
         state, metrics = step(state, batch)  # warm
         jax.block_until_ready(metrics["loss"])
         start = time.perf_counter()
@@ -102,7 +103,7 @@ def measure(args, backend: str) -> dict:
                                           * config.model.vision.features_per_image())
     return dict(step_s=seconds, tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12,
                 mfu=flops / seconds / (args.peak_tflops * 1e12) if args.peak_tflops else None,
-                compile_s=compile_s, loss=loss)
+                compile_s=compile_s, loss=loss, temp_gib=temp_bytes / 2**30 if temp_bytes is not None else None)
 
 
 def main():
@@ -142,15 +143,16 @@ def main():
              f"samples a row (random lengths, no padding); attention blocks of {args.block}; mean of "
              f"{args.steps} steps after a warm-up (`benchmarks/train_accel.py`). MFU: the analytic model FLOPs "
              f"(the training log's count) / the peak given ({args.peak_tflops or 'none'} TFLOP/s).", "",
-             "| attention | step, s | real tokens / s | model TFLOP/s | MFU | compile, s | loss |",
-             "|---|---|---|---|---|---|---|"]
+             "| attention | step, s | real tokens / s | model TFLOP/s | MFU | step temporaries, GiB | compile, s | loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for backend, r in rows.items():
         if "error" in r:
-            lines.append(f"| {backend} | could not run: {r['error']} | | | | | |")
+            lines.append(f"| {backend} | could not run: {r['error']} | | | | | | |")
         else:
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "—"
+            temp = f"{r['temp_gib']:.2f}" if r["temp_gib"] is not None else "—"
             lines.append(f"| {backend} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | "
-                         f"{r['compile_s']:.0f} | {r['loss']:.3f} |")
+                         f"{temp} | {r['compile_s']:.0f} | {r['loss']:.3f} |")
     write_report(lines + [""], args.out)
     return rows
 
