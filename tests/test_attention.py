@@ -98,6 +98,16 @@ def test_gradients_equal_the_dense_attention(backend, kw, t, dtype, tol):
                                    err_msg=name)
 
 
+def test_the_cudnn_call_equals_the_definition():
+    """The cudnn backend's exact call (segment mask, is_causal, BTNH layout, grouped heads), run
+    through XLA's implementation of the same `jax.nn.dot_product_attention` API (no GPU here)."""
+    seg = _packed(300)
+    q, k, v = _qkv(seg.shape)
+    out = attention._cudnn(q, k, v, jnp.asarray(seg), implementation="xla")
+    want = _reference(q, k, v, seg)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-5 * np.abs(want).max())
+
+
 def test_xla_backward_keeps_no_score_matrix():
     """The xla path's gradient saves the output and a log-sum-exp per query, and recomputes each
     block's probabilities: its compiled temporaries stay under half of the T x T float32 scores

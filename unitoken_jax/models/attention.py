@@ -11,7 +11,7 @@ Every backend computes the same thing as `layers.dot_product_attention` with
 - `splash` (TPU): Pallas splash attention (causal mask, segment ids), under `shard_map` over the
   mesh's batch and head axes when a mesh is active.
 - `cudnn` (GPU): cuDNN flash attention through `jax.nn.dot_product_attention`, the segments given
-  as its boolean mask.
+  as its boolean mask and causality as its mask type (so the kernel skips the upper tiles).
 - `auto`: splash on TPU, cudnn on GPU, xla elsewhere.
 """
 
@@ -77,8 +77,7 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, se
     interpret = interpret or (backend == "splash" and _SPLASH_INTERPRETER[-1])
     backend = "splash" if backend == "splash" and interpret else resolve(backend)
     if backend == "cudnn":
-        mask_B1TS = _segment_causal(segment_ids_BT)[:, None]
-        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, implementation="cudnn")
+        return _cudnn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     t = q_BTNH.shape[1]
     block = min(block, t)
     if backend == "splash":  # the kernel's blocks are whole multiples of the TPU's 128 lanes
@@ -92,6 +91,16 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, se
     else:
         out = _xla_blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block)
     return out[:, :t]
+
+
+def _cudnn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation: str = "cudnn"):
+    """cuDNN's fused attention: the segments as a boolean mask (cuDNN adds it as a bias), and
+    `is_causal` besides (the mask holds causality already), which lets the kernel skip the tiles
+    above the diagonal instead of computing them and masking them out. `implementation="xla"` runs
+    the same call through XLA's implementation of the API (how it is tested off a GPU)."""
+    mask_B1TS = _segment_causal(segment_ids_BT)[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=True,
+                                        implementation=implementation)
 
 
 def _segment_causal(segment_ids_BT):
