@@ -143,7 +143,8 @@ def main():
              f"samples a row (random lengths, no padding); attention blocks of {args.block}; mean of "
              f"{args.steps} steps after a warm-up (`benchmarks/train_accel.py`). MFU: the analytic model FLOPs "
              f"(the training log's count) / the peak given ({args.peak_tflops or 'none'} TFLOP/s).", "",
-             "| attention | step, s | real tokens / s | model TFLOP/s | MFU | step temporaries, GiB | compile, s | loss |",
+             "| attention | step, s | real tokens / s | model TFLOP/s | MFU | step temporaries, GiB | compile, s "
+             "| loss |",
              "|---|---|---|---|---|---|---|---|"]
     for backend, r in rows.items():
         if "error" in r:

@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1)")
     gen.add_argument("--n", type=int, default=1, help="pictures to draw (one batch)")
     gen.add_argument("--negative-prompt", default=None,
-                     help="text guidance steers away from: the unguided row's prompt (default: no text, as the reference's)")
+                     help="text guidance steers away from: the unguided row's prompt (default: no text, as "
+                          "the reference's)")
     model_args(gen, image_out=True)
     gen.set_defaults(func=_generate)
     edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
