@@ -51,9 +51,14 @@ def page():
 
 
 def _wait(browser, condition, seconds=120):
+    """Polls `condition` until it returns something truthy. The page re-renders a message while it
+    streams, so an element found in one poll can be gone when the next line reads it: that poll
+    counts as not yet, not as a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, seconds).until(lambda b: condition(b))
+    return WebDriverWait(browser, seconds, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda b: condition(b))
 
 
 def test_the_page_answers_a_question_about_an_uploaded_picture_and_draws(page, tmp_path):
@@ -78,8 +83,9 @@ def test_the_page_answers_a_question_about_an_uploaded_picture_and_draws(page, t
     browser.find_element(By.ID, "prompt").send_keys(prompt)
     browser.find_element(By.ID, "seed").send_keys("7")
     browser.find_element(By.ID, "draw-button").click()
-    drawn = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant img.drawn") or None)
-    url = drawn[0].get_attribute("src")
+    drawn = _wait(browser, lambda b: [e.get_attribute("src") for e in
+                                      b.find_elements(By.CSS_SELECTOR, ".msg.assistant img.drawn")] or None)
+    url = drawn[0]  # read inside the wait: a re-rendered message would leave a found element stale
     assert url.startswith("data:image/png;base64,")
     image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     assert image.size == (64, 64)
