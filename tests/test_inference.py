@@ -329,6 +329,14 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert cli.main(["generate", "he is", "--out", str(tmp_path / "g.png"), "--n", "2", "--size", "64x32",
                      *common]) == 0
     assert Image.open(tmp_path / "g_0.png").size == (16, 8) and (tmp_path / "g_1.png").exists()
+    # a cache grown 32 slots at a time draws the same pictures; a growth of 0 is refused by name
+    assert cli.main(["generate", "he is", "--out", str(tmp_path / "h.png"), "--n", "2", "--size", "64x32",
+                     "--cache-growth", "32", *common]) == 0
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"g_{i}.png")),
+                              np.asarray(Image.open(tmp_path / f"h_{i}.png")))
+    assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--cache-growth", "0", *common]) == 2
+    assert "cache_growth" in capsys.readouterr().err
     assert cli.main(["edit", cat, "the", "--out", str(tmp_path / "e.png"), "--size", "32x32", *common]) == 0
     assert (tmp_path / "e.png").exists()
     monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {cat}\nthe cat\nor\n"))

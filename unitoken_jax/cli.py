@@ -100,7 +100,8 @@ def _pipeline(args):
         world = default.settings()
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         logging.getLogger(__name__).info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
-        pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters)
+        pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters,
+                                cache_growth=args.cache_growth)
         if args.image_prefix is not None:
             pipe.image_prefix = _ids(args.image_prefix)
         return pipe
@@ -116,7 +117,7 @@ def _pipeline(args):
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.load(paths["vqgan"])
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
-                            vq_size=args.vq_size, image_prefix=prefix)
+                            vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth)
 
 
 def _ids(text: str) -> list[int]:
@@ -390,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="comma-separated ids put before <racm3:break> when asking for a picture "
                             "(default: the reference's 16853 where the model's vocabulary has it, else none; '' for "
                             "none)")
+        p.add_argument("--cache-growth", type=int, default=None,
+                       help="on a CPU: grow the KV cache this many slots at a time (e.g. 128) instead of to the next "
+                            "power of two: faster steps for many rows, more compiles the first time a batch shape "
+                            "comes (worth it for a server's repeated batches; benchmarks/results/decode.md)")
         if not per_request:  # a server: every call brings its own seed, size and sampling options
             return
         p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed, the same output")
