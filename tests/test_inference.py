@@ -158,7 +158,7 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
     assert grown == sorted(set(ends) - {-(-(prompt + 64) // 96) * 96}) and grown[-1] == prompt + 300
     for x, y in zip(a, c):
         np.testing.assert_array_equal(x, y)
-    for bad in (0, -96, 1.5):
+    for bad in (0, -96, 1.5, "96", True):
         with pytest.raises(ValueError, match="cache_growth"):
             DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled", cache_growth=bad)
 
