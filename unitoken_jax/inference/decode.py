@@ -239,8 +239,8 @@ class DecodeLoop:
         on a CPU whose free memory is under twice that copy."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
-        if cache_growth is not None and (not isinstance(cache_growth, (int, np.integer)) or isinstance(cache_growth, bool)
-                                         or cache_growth < 1):
+        whole = isinstance(cache_growth, (int, np.integer)) and not isinstance(cache_growth, bool)
+        if cache_growth is not None and (not whole or cache_growth < 1):
             raise ValueError(f"cache_growth={cache_growth!r}: expected a positive number of slots, or None "
                              "(powers of two)")
         self.cache_growth = cache_growth
