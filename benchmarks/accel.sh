@@ -14,7 +14,7 @@
 # git-ignored .whl/ (pip download --no-deps ml_collections==1.1.0 -d .whl), carry .whl, and this
 # script installs it into /tmp/site first.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 OUT=${1:-benchmarks/results}
 mkdir -p "$OUT"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
