@@ -26,6 +26,8 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8.6",
         "tensorboard>=2.21.0",
+        # the CLI's compilation cache: JAX bounds a cache's size (and locks it between processes) only with it
+        "filelock>=4.3.1",
         # unitoken serve (unitoken_jax/serve): the ASGI app, its server, multipart forms for images/edits
         "starlette>=1.10.0",
         "uvicorn>=0.54.0",

@@ -13,6 +13,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
 # comparison are compiled alike). Child processes inherit it.
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI keeps compiled programs in ~/.cache between calls; the tests write nowhere outside their
+# temporary directories (tests/test_compilation_cache.py gives it one), and each compiles afresh.
+os.environ["UNITOKEN_COMPILATION_CACHE"] = "off"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -124,6 +124,12 @@ MUTATIONS = (
     Mutation("accel_positions_run_on", "the accelerator benchmark's positions not restarting per sample",
              "benchmarks/train_accel.py", 'batch["positions"][b, start:end] = np.arange(end - start)',
              'batch["positions"][b, start:end] = np.arange(start, end)', ("tests/test_accel_scripts.py",)),
+    Mutation("cache_env_ignored", "$UNITOKEN_COMPILATION_CACHE not read (the tests' 'off' too)",
+             "unitoken_jax/inference/compilation_cache.py", "path = os.environ.get(ENV)", "path = None",
+             ("tests/test_compilation_cache.py",)),
+    Mutation("cache_keeps_only_slow_compiles", "the CLI's cache keeping only JAX's default >= 1 s compiles",
+             "unitoken_jax/inference/compilation_cache.py", "_MIN_COMPILE_SECONDS = 0.0", "_MIN_COMPILE_SECONDS = 1.0",
+             ("tests/test_compilation_cache.py",)),
 )
 
 

@@ -13,6 +13,8 @@ from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
 from unitoken_jax.models.config import QUANTIZE_MODES
 
+_LOG = logging.getLogger("unitoken_jax.cli")  # by name: run as `python -m unitoken_jax.cli` it is __main__
+
 
 def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
@@ -64,6 +66,7 @@ def _reconstruct(args) -> int:
 
     _check_out(args.out)
     vqgan = args.vqgan or os.environ.get("UNITOKEN_VQGAN")
+    _compilation_cache(args)
     if not vqgan:
         raise ValueError("no VQ-GAN: pass --vqgan (Meta's vqgan.ckpt with vqgan.yaml beside it, a VQ-GAN directory this "
                          "package wrote, or an HF Chameleon / UniToken directory) or set UNITOKEN_VQGAN")
@@ -94,12 +97,13 @@ def _pipeline(args):
 
     from unitoken_jax.world import default
 
+    _compilation_cache(args)
     if not (args.model or os.environ.get("UNITOKEN_MODEL")):
         if not default.available():
             raise ValueError("no --model given, $UNITOKEN_MODEL is not set, and this install has no bundled model")
         world = default.settings()
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
-        logging.getLogger(__name__).info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
+        _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
         pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters,
                                 cache_growth=args.cache_growth)
         if args.image_prefix is not None:
@@ -118,6 +122,13 @@ def _pipeline(args):
     vq = VQTokenizer.load(paths["vqgan"])
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth)
+
+
+def _compilation_cache(args) -> None:
+    from unitoken_jax.inference.compilation_cache import enable_compilation_cache
+
+    where = enable_compilation_cache(args.compilation_cache)
+    _LOG.info("compilation cache: %s", where or "off")
 
 
 def _ids(text: str) -> list[int]:
@@ -370,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     recon.add_argument("--size", type=int, default=512, help="crop side in pixels (a multiple of 32)")
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
+
+    def cache_arg(p):
+        p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                       help="where compiled programs are kept for the next call ('off': none; default "
+                            "$UNITOKEN_COMPILATION_CACHE, else $JAX_COMPILATION_CACHE_DIR, else "
+                            "~/.cache/unitoken_jax/xla)")
+
+    cache_arg(recon)
     def model_args(p, image_out=False, per_request=True):
         p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "
                                        "shapes-world model)")
@@ -395,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="on a CPU: grow the KV cache this many slots at a time (e.g. 128) instead of to the next "
                             "power of two: faster steps for many rows, more compiles the first time a batch shape "
                             "comes (worth it for a server's repeated batches; benchmarks/results/decode.md)")
+        cache_arg(p)
         if not per_request:  # a server: every call brings its own seed, size and sampling options
             return
         p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed, the same output")
@@ -526,7 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
         return _train(argparse.Namespace(absl_flags=argv[1:]))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # this package's INFO lines (what the bundled model knows, where the compilation cache is) and the
+    # libraries' warnings. The level is set on our logger, not the root: importing orbax already logged
+    # through absl, which gave the root a handler, so this basicConfig is often a no-op (and a root
+    # level set here was, which hid those lines)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("unitoken_jax").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

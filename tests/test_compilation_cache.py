@@ -1,0 +1,100 @@
+"""The CLI's persistent compilation cache: where it goes, and that a second call loads what the
+first compiled and gives the same output."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+from unitoken_jax.inference import compilation_cache as cc
+from unitoken_jax.world import default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_compilation_cache_max_size")
+
+
+@pytest.fixture
+def jax_settings(monkeypatch):
+    """The test changes JAX's global cache settings: they are put back, and no program compiles
+    while they point at a test's directory."""
+    saved = {k: getattr(jax.config, k) for k in SETTINGS}
+    for name in (cc.ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_COMPILATION_CACHE_MAX_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    jax_cache.reset_cache()
+
+
+def test_where_the_cache_goes(jax_settings, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    # nothing set: under $XDG_CACHE_HOME, every compile kept, the size bounded
+    assert cc.enable_compilation_cache() == str(tmp_path / "xdg" / "unitoken_jax" / "xla")
+    assert os.path.isdir(tmp_path / "xdg" / "unitoken_jax" / "xla")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "unitoken_jax" / "xla")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert 0 < jax.config.jax_compilation_cache_max_size < 2**40
+    # JAX's own setting wins over the default
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    assert cc.enable_compilation_cache() == str(tmp_path / "jax")
+    # the environment variable over that, the argument over everything
+    monkeypatch.setenv(cc.ENV, str(tmp_path / "env"))
+    assert cc.enable_compilation_cache() == str(tmp_path / "env")
+    assert cc.enable_compilation_cache(str(tmp_path / "arg")) == str(tmp_path / "arg")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "arg")
+    # off, in any case, changes nothing
+    for off in ("off", "OFF"):
+        assert cc.enable_compilation_cache(off) is None
+    monkeypatch.setenv(cc.ENV, "off")
+    assert cc.enable_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "arg")
+    with pytest.raises(ValueError, match="directory or 'off'"):
+        cc.enable_compilation_cache("  ")
+
+
+def test_the_users_own_jax_thresholds_are_kept(jax_settings, monkeypatch, tmp_path):
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    cc.enable_compilation_cache(str(tmp_path))
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
+    assert jax.config.jax_compilation_cache_max_size == -1
+
+
+def test_a_directory_that_cannot_be_made_means_no_cache_and_a_warning(jax_settings, tmp_path, caplog):
+    (tmp_path / "file").write_text("x")
+    with caplog.at_level("WARNING"):
+        assert cc.enable_compilation_cache(str(tmp_path / "file" / "xla")) is None
+    assert "no compilation cache" in caplog.text
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+@pytest.mark.skipif(not default.available(), reason="this install has no bundled model")
+def test_a_second_cli_call_loads_the_first_ones_programs(tmp_path):
+    cache = tmp_path / "xla"
+    env = dict(os.environ, JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+    env.pop(cc.ENV, None)
+
+    def generate(out):
+        cmd = [sys.executable, "-m", "unitoken_jax.cli", "generate", "a red circle at the top left", "--out",
+               str(tmp_path / out), "--compilation-cache", str(cache)]
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stderr
+
+    first = generate("first.png")
+    entries = [p for p in os.listdir(cache) if p.endswith("-cache")]
+    assert entries, "the first call kept no compiled program"
+    assert f"compilation cache: {cache}" in first
+    assert "Persistent compilation cache hit" not in first
+    # the CLI's own INFO lines reach the terminal (what the bundled model knows)
+    assert "knows only the shapes world" in first
+    second = generate("second.png")
+    assert second.count("Persistent compilation cache hit") >= len(entries) // 2, second[-3000:]
+    assert (tmp_path / "first.png").read_bytes() == (tmp_path / "second.png").read_bytes()
