@@ -94,13 +94,17 @@ def _run_cli(workdir, data, *extra, env=None):
 @pytest.mark.slow
 def test_stop_and_resume_in_a_new_process_is_bit_exact(tmp_path, data):
     interrupted, whole = str(tmp_path / "interrupted"), str(tmp_path / "whole")
-    first = _run_cli(interrupted, data, "--config.stop_after=3")
+    # the interrupted run keeps its compiled programs, and the resumed process loads its step from
+    # there: still bit-exact with the run that compiled everything itself
+    cache = f"--config.compilation_cache={tmp_path / 'xla'}"
+    first = _run_cli(interrupted, data, "--config.stop_after=3", cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["3"]
     assert not os.path.exists(os.path.join(interrupted, "final"))
-    second = _run_cli(interrupted, data)
+    second = _run_cli(interrupted, data, cache, env=dict(os.environ, JAX_DEBUG_LOG_MODULES="jax._src.compiler"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 3" in second.stderr
+    assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr, second.stderr[-3000:]
     third = _run_cli(whole, data)
     assert third.returncode == 0, third.stderr[-3000:]
 

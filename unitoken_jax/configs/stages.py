@@ -81,6 +81,10 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every = 20 if tiny else 1000
     c.keep_checkpoints = 3
     c.stop_after = 0  # > 0: save and stop at this step (a time-boxed job; rerun to go on)
+    # where the command line keeps the compiled step for the next start: "" = as the `unitoken` verbs
+    # ($UNITOKEN_COMPILATION_CACHE, JAX's own setting, else ~/.cache/unitoken_jax/xla), a directory
+    # (on a pod one every host sees, e.g. WORKDIR/xla, so a restarted job loads its step), or "off"
+    c.compilation_cache = ""
     c.max_nonfinite_in_a_row = 10
     c.seed = 0
     c.log_sample_ids = True

@@ -16,6 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from unitoken_jax import configs
+from unitoken_jax.inference.compilation_cache import enable_compilation_cache
 from unitoken_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a stage config file, e.g. configs/stage2.py:tiny",
@@ -46,6 +47,9 @@ def main(argv):
         # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # the first process writes what it compiles; every process reads
+    where = enable_compilation_cache(_CONFIG.value.get("compilation_cache") or None)
+    logging.getLogger("unitoken_jax.train").info("compilation cache: %s", where or "off")
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -152,6 +152,9 @@ class TrainConfig:
     # the run
     max_nonfinite_in_a_row: int = 10
     seed: int = 0  # dropout
+    # the command line's compilation cache ("" = the `unitoken` verbs' default, a directory, "off"),
+    # turned on by `python -m unitoken_jax.train` before anything compiles: a global JAX setting
+    compilation_cache: str = ""
     # evaluation during training (a config without the key evaluates nothing)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
