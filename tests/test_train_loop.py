@@ -105,6 +105,8 @@ def test_stop_and_resume_in_a_new_process_is_bit_exact(tmp_path, data):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 3" in second.stderr
     assert "Persistent compilation cache hit for 'jit_train_step'" in second.stderr, second.stderr[-3000:]
+    assert "train step loaded from the compilation cache" in second.stderr
+    assert "train step compiled in" in first.stderr
     third = _run_cli(whole, data)
     assert third.returncode == 0, third.stderr[-3000:]
 

@@ -14,6 +14,7 @@ $UNITOKEN_COMPILATION_CACHE, JAX's own setting ($JAX_COMPILATION_CACHE_DIR or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -61,3 +62,23 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
+
+
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+@contextlib.contextmanager
+def count_cache_hits():
+    """Counts the programs JAX loads from the cache inside the block: `with count_cache_hits() as
+    hits: ...; hits[0]`."""
+    hits = [0]
+
+    def listener(event: str, **kwargs) -> None:
+        if event == _HIT_EVENT:
+            hits[0] += 1
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        yield hits
+    finally:
+        jax.monitoring.unregister_event_listener(listener)

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, sources_from
+from unitoken_jax.inference.compilation_cache import count_cache_hits
 from unitoken_jax.model import UniTokenModel, load
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.train import metrics as metrics_lib
@@ -220,8 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
         start_step = 0
 
     t0 = time.time()
-    compiled = program.compile()
-    _log_memory(compiled, time.time() - t0)
+    with count_cache_hits() as hits:
+        compiled = program.compile()
+    _log_memory(compiled, time.time() - t0, "loaded from the compilation cache" if hits[0] else "compiled")
     with program.context():
         last = _run(program, compiled, state, pipeline, data_iter, checkpointer, workdir, start_step,
                     batch_transform, evaluator)
@@ -331,16 +333,16 @@ def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int
             "(samples.jsonl), or raise the limit.")
 
 
-def _log_memory(compiled, seconds: float) -> None:
+def _log_memory(compiled, seconds: float, how: str) -> None:
     mem = compiled.memory_analysis()
     if mem is None:
-        log.info("train step compiled in %.1f s", seconds)
+        log.info("train step %s in %.1f s", how, seconds)
         return
     gib = lambda b: b / 2**30  # noqa: E731
     per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
         mem.temp_size_in_bytes
-    log.info("train step compiled in %.1f s; per-device memory %.3f GiB (arguments %.3f, temporaries %.3f, "
-             "outputs %.3f, aliased %.3f)", seconds, gib(per_device), gib(mem.argument_size_in_bytes),
+    log.info("train step %s in %.1f s; per-device memory %.3f GiB (arguments %.3f, temporaries %.3f, "
+             "outputs %.3f, aliased %.3f)", how, seconds, gib(per_device), gib(mem.argument_size_in_bytes),
              gib(mem.temp_size_in_bytes), gib(mem.output_size_in_bytes), gib(mem.alias_size_in_bytes))
 
 
