@@ -141,9 +141,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
-    workdir = str(tmp_path / "pod")
+def _pod(workdir, data, caches):
+    """Two processes on gloo train the tiny stage 2 for 4 steps; `caches[i]`: process i's
+    compilation cache. Returns their logs."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
@@ -151,12 +151,22 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
                      "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"), "--workdir", workdir,
                      "--config.data.demo=False", f"--config.data.sources={data}", "--config.data.num_threads=1",
                      "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
+                     f"--config.compilation_cache={caches[i]}",
                      f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
     procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
+    workdir = str(tmp_path / "pod")
+    # each process its own compilation cache; only the first process writes to one
+    first, second = str(tmp_path / "xla-0"), str(tmp_path / "xla-1")
+    outs = _pod(workdir, data, (first, second))
     assert "over 2 devices in 2 processes" in outs[0]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     state = _raw_state(workdir, 4)
@@ -168,6 +178,17 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     final = load(os.path.join(workdir, "final"))
     np.testing.assert_array_equal(np.asarray(final.params["adapter"]["fc1"]["kernel"]),
                                   np.asarray(state["params"]["adapter"]["fc1"]["kernel"]))
+    assert any(p.endswith("-cache") for p in os.listdir(first))
+    assert not any(p.endswith("-cache") for p in os.listdir(second))
+
+    # again: the first process loads the step, the second compiles it, and the collectives between
+    # the two programs still agree: the same weights, bit for bit
+    again = str(tmp_path / "again")
+    outs = _pod(again, data, (first, second))
+    assert "train step loaded from the compilation cache" in outs[0]
+    assert "train step compiled in" in outs[1]
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                 _raw_state(again, 4), state)
 
 
 def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data):
