@@ -19,8 +19,7 @@ SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_
 
 @pytest.fixture
 def jax_settings(monkeypatch):
-    """The test changes JAX's global cache settings: they are put back, and no program compiles
-    while they point at a test's directory."""
+    """The test changes JAX's global cache settings: they are put back (and JAX's cache reset) after."""
     saved = {k: getattr(jax.config, k) for k in SETTINGS}
     for name in (cc.ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_COMPILATION_CACHE_MAX_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -47,12 +46,15 @@ def test_where_the_cache_goes(jax_settings, monkeypatch, tmp_path):
     assert cc.enable_compilation_cache() == str(tmp_path / "env")
     assert cc.enable_compilation_cache(str(tmp_path / "arg")) == str(tmp_path / "arg")
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "arg")
-    # off, in any case, changes nothing
+    # off, in any case, turns it off, JAX's own setting included
     for off in ("off", "OFF"):
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
         assert cc.enable_compilation_cache(off) is None
+        assert jax.config.jax_compilation_cache_dir is None
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
     monkeypatch.setenv(cc.ENV, "off")
     assert cc.enable_compilation_cache() is None
-    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "arg")
+    assert jax.config.jax_compilation_cache_dir is None
     with pytest.raises(ValueError, match="directory or 'off'"):
         cc.enable_compilation_cache("  ")
 
@@ -65,6 +67,17 @@ def test_the_users_own_jax_thresholds_are_kept(jax_settings, monkeypatch, tmp_pa
     cc.enable_compilation_cache(str(tmp_path))
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
     assert jax.config.jax_compilation_cache_max_size == -1
+
+
+def test_a_new_directory_takes_effect_after_programs_compiled_into_the_old_one(jax_settings, tmp_path):
+    """JAX opens its cache once, at the first compile with a directory set (a notebook that turns
+    the cache on, or points it elsewhere, after an earlier cell compiled)."""
+    cc.enable_compilation_cache(str(tmp_path / "a"))
+    jax.jit(lambda x: x * 3 + 1)(jax.numpy.ones(3)).block_until_ready()
+    assert any(p.endswith("-cache") for p in os.listdir(tmp_path / "a"))
+    cc.enable_compilation_cache(str(tmp_path / "b"))
+    jax.jit(lambda x: x * 5 - 2)(jax.numpy.ones(7)).block_until_ready()
+    assert any(p.endswith("-cache") for p in os.listdir(tmp_path / "b"))
 
 
 def test_a_directory_that_cannot_be_made_means_no_cache_and_a_warning(jax_settings, tmp_path, caplog):

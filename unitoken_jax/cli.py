@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                             "~/.cache/unitoken_jax/xla)")
 
     cache_arg(recon)
+
     def model_args(p, image_out=False, per_request=True):
         p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "
                                        "shapes-world model)")

@@ -19,6 +19,7 @@ import logging
 import os
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 ENV = "UNITOKEN_COMPILATION_CACHE"
 OFF = "off"
@@ -47,7 +48,9 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
         path = own if own else default_dir()
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"a compilation cache is a directory or {OFF!r}, not {path!r}")
-    if path.strip().lower() == OFF:
+    if path.strip().lower() == OFF:  # off, JAX's own setting too
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax_cache.reset_cache()
         return None
     path = os.path.abspath(os.path.expanduser(path))
     try:
@@ -61,6 +64,9 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    # JAX opens its cache at the first compile with a directory set and keeps writing there: a new
+    # directory (a notebook's later cell) needs a reset to count
+    jax_cache.reset_cache()
     return path
 
 
