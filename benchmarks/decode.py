@@ -31,7 +31,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration, Log
 from transformers import LogitsProcessorList  # noqa: E402
 
 import unitoken_jax  # noqa: E402
-from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
+from unitoken_jax.inference.decode import DecodeLoop, Request, default_growth  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from report import write_report  # noqa: E402
 
@@ -120,11 +120,13 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     from unitoken_jax.models.unitoken import UniToken
 
     tokens = np.tile(np.array(prompt, np.int32), (rows, 1))
-    length, full, steps = tokens.shape[1], tokens.shape[1] + steps, timed_steps or steps
+    length, full = tokens.shape[1], tokens.shape[1] + steps
+    growth = loop.cache_growth or default_growth(length + min(chunk, steps), full)  # as `loop.generate`
+    steps = timed_steps or steps
     segments = []  # (first step, end step, cache length)
     for end in range(chunk, steps + chunk, chunk):
         end = min(end, steps)
-        capacity = loop._capacity(length, end, full)
+        capacity = loop._capacity(length, end, full, growth)
         if segments and segments[-1][2] == capacity:
             segments[-1] = (segments[-1][0], end, capacity)
         else:
@@ -199,12 +201,25 @@ def main():
     # the cache grown GROWTH slots at a time (`DecodeLoop(cache_growth=...)`): fewer unfilled slots
     # read a step, more compiles (what the first call of a fresh loop shows)
     by_growth = {}
-    for growth in GROWTH:
-        stepped = DecodeLoop(ours.config, ours.params, cache_growth=growth)
+    full = len(prompt) + n_tokens
+    growth = default_growth(len(prompt) + min(64, n_tokens), full)
+
+    def doubling(prompt, steps, full, _):  # the default until 2026-12-01
+        return min(full, max(256, 1 << (prompt + steps - 1).bit_length()))
+
+    def sizes(capacity):
+        return ", ".join(str(c) for c in sorted({capacity(len(prompt), min(e, n_tokens), full, growth)
+                                                 for e in range(64, n_tokens + 64, 64)}))
+
+    default_growth_sizes = sizes(lambda p, s, f, g: min(f, -(-(p + s) // g) * g))
+    for label, growth in [(f"doubling: {sizes(doubling)}", "doubling"), *((f"{g} slots at a time", g) for g in GROWTH)]:
+        stepped = DecodeLoop(ours.config, ours.params, cache_growth=None if growth == "doubling" else growth)
+        if growth == "doubling":
+            stepped.__dict__["_capacity"] = doubling
         first_g, out_g = timed(lambda: stepped.generate([request(i) for i in range(args.batch)]))
         runs_g = [timed(lambda: stepped.generate([request(i) for i in range(args.batch)])) for _ in range(3)]
         assert all((a == b).all() for _, o in runs_g for a, b in zip(o.tokens, out_g.tokens))
-        by_growth[growth] = first_g, float(np.median([t for t, _ in runs_g]))
+        by_growth[label] = first_g, float(np.median([t for t, _ in runs_g]))
     model_1 = model_only_step_seconds(loop, prompt, 2, n_tokens)
     model_b = model_only_step_seconds(loop, prompt, 2 * args.batch, n_tokens)
     # the weight formats for inference: bfloat16 and int8 (bfloat16 compute), model-only steps
@@ -240,17 +255,19 @@ def main():
         "warm-up run of each batch size); each of ours is the median of three runs.", "",
         "How close a step is to the model: a whole generation (prefill included) divided by its steps, against "
         "the same cached forward and code head in compiled loops with no sampling, grid or guidance, over the "
-        "same cache lengths (on this CPU the loop's cache grows between chunks: 256, 512, 1024, then full).", "",
+        "same cache lengths (on this CPU the loop's cache grows between chunks, by default to "
+        f"{default_growth_sizes} slots).", "",
         "Growing the cache a fixed number of slots at a time (`DecodeLoop(cache_growth=N)`, "
-        "`UniTokenPipeline(..., cache_growth=N)`) instead of to the next power of two: a step reads fewer "
-        "slots no row has reached, at the price of more compiles on a fresh loop's first call (batch "
-        f"{args.batch}, the same tokens either way; later calls of the same shapes compile nothing):", "",
+        "`UniTokenPipeline(..., cache_growth=N)`) instead of the default (as many sizes as doubling from 256 "
+        "would take, evenly spaced), or doubling (what the default was until 2026-12-01): a step reads fewer "
+        "slots no row has reached with finer growth, at the price of more compiles on a fresh loop's first call "
+        f"(batch {args.batch}, the same tokens either way; later calls of the same shapes compile nothing):", "",
         f"| cache grows | first call, s (compiles included) | images per second, batch {args.batch} | "
         "vs the reference |", "|---|---|---|---|",
-        f"| to the next power of two (default) | {first_b:.1f} | {args.batch / ours_b:.3f} | "
+        f"| default: {default_growth_sizes} | {first_b:.1f} | {args.batch / ours_b:.3f} | "
         f"{(args.batch / ours_b) / (1 / ref_1):.1f}x |",
-        *(f"| {growth} slots at a time | {first_g:.1f} | {args.batch / ours_g:.3f} | "
-          f"{(args.batch / ours_g) / (1 / ref_1):.1f}x |" for growth, (first_g, ours_g) in by_growth.items()), "",
+        *(f"| {label} | {first_g:.1f} | {args.batch / ours_g:.3f} | "
+          f"{(args.batch / ours_g) / (1 / ref_1):.1f}x |" for label, (first_g, ours_g) in by_growth.items()), "",
         "| rows (images x 2 for CFG) | full step, ms | model-only step, ms | full / model |", "|---|---|---|---|",
         f"| 2 (batch 1) | {1e3 * ours_1 / n_tokens:.1f} | {1e3 * model_1:.1f} | {ours_1 / n_tokens / model_1:.2f} |",
         f"| {2 * args.batch} (batch {args.batch}) | {1e3 * ours_b / n_tokens:.1f} | {1e3 * model_b:.1f} | "

@@ -129,10 +129,39 @@ def test_scanned_and_unrolled_layers_decode_the_same_tokens(pipe):
         DecodeLoop(pipe.model.config, pipe.model.params, layers="stacked")
 
 
+def test_the_default_growth_takes_no_more_sizes_than_doubling_and_reads_fewer_slots():
+    """Against doubling from 256 (what the unrolled loop did before, written out here): over
+    chunk ends of 64 steps, never more cache sizes (compiles), every chunk's end held, the last
+    size the full length, and fewer slots read over a 512 x 512 picture's decoding."""
+    from unitoken_jax.inference.decode import default_growth
+
+    def doubling(need, full):
+        return min(full, max(256, 1 << (need - 1).bit_length()))
+
+    for prompt in (1, 24, 100, 200, 255, 300, 700, 1500):
+        for new in (1, 32, 64, 65, 256, 300, 1059, 2115, 4000):
+            full, ends = prompt + new, [prompt + min(e, new) for e in range(64, new + 64, 64)]
+            step = default_growth(ends[0], full)
+            ours = [min(full, -(-need // step) * step) for need in ends]
+            assert all(c >= need for c, need in zip(ours, ends)) and ours[-1] == full
+            assert len(set(ours)) <= len({doubling(need, full) for need in ends}), (prompt, new)
+    # the benchmark's picture: 24 prompt positions, 1,059 generated; sizes 272, 544, 816, 1,083
+    prompt, new = 24, 1059
+    ends = [prompt + min(e, new) for e in range(64, new + 64, 64)]
+    step = default_growth(ends[0], prompt + new)
+    assert step == 272
+
+    def slots_read(size):  # each step of a chunk reads the whole cache the chunk runs with
+        return sum(size(need) * (need - start) for start, need in zip([prompt] + ends, ends))
+
+    ours = slots_read(lambda need: min(prompt + new, -(-need // step) * step))
+    assert ours < 0.95 * slots_read(lambda need: doubling(need, prompt + new))
+
+
 def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
-    """Unrolled, the cache starts at 256 slots and doubles as the rows pass its end (between
-    chunks; never past the full length), keeping what it holds: a 300-token answer beside a guided
-    picture decodes the same tokens as the scanned loop, whose cache is full-length from the start."""
+    """Unrolled, the cache starts small and grows as the rows pass its end (between chunks; never
+    past the full length), keeping what it holds: a 300-token answer beside a guided picture
+    decodes the same tokens as the scanned loop, whose cache is full-length from the start."""
     cat = str(pipe.image_dir / "cat.png")
     long_answer = dataclasses.replace(
         pipe.understand_request([cat], "the cat is", max_new_tokens=300, temperature=0.9, seed=1), stop_tokens=())
@@ -143,7 +172,8 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
     grow = unrolled._grow
     unrolled.__dict__["_grow"] = lambda cache, length: grown.append(length) or grow(cache, length)
     prompt = max(len(r.tokens) for r in requests)
-    assert prompt + 64 <= 256 < prompt + 300 < 512  # grows once, between chunks, to the full length
+    # doubling would take two sizes (256, then the full length): the default takes two, evenly spaced
+    assert prompt + 64 <= 256 < prompt + 300 < 512 and prompt + 64 <= (prompt + 300) / 2
     a, b = scanned.generate(requests, chunk=64).tokens, unrolled.generate(requests, chunk=64).tokens
     assert grown == [prompt + 300] and len(a[0]) == len(b[0]) == 300
     for x, y in zip(a, b):

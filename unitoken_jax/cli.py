@@ -412,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                             "(default: the reference's 16853 where the model's vocabulary has it, else none; '' for "
                             "none)")
         p.add_argument("--cache-growth", type=int, default=None,
-                       help="on a CPU: grow the KV cache this many slots at a time (e.g. 128) instead of to the next "
-                            "power of two: faster steps for many rows, more compiles the first time a batch shape "
-                            "comes (worth it for a server's repeated batches; benchmarks/results/decode.md)")
+                       help="on a CPU: grow the KV cache this many slots at a time (e.g. 128; default: as many "
+                            "sizes as doubling from 256 would take, evenly spaced): faster steps for many rows, "
+                            "more compiles the first time a batch shape comes (worth it for a server's repeated "
+                            "batches; benchmarks/results/decode.md)")
         cache_arg(p)
         if not per_request:  # a server: every call brings its own seed, size and sampling options
             return
