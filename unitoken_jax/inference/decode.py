@@ -39,10 +39,10 @@ def default_growth(first_need: int, full: int) -> int:
     """The slots an unrolled loop's cache grows by, when no `cache_growth` is given, for a cache
     whose first chunk needs `first_need` slots and whose decoding ends at `full`: as many sizes as
     doubling from `MIN_CAPACITY` takes to reach `full` (so no more compiles than doubling), spaced
-    evenly instead (the multiples of this step, then `full`). Doubling reads ~30 % more slots than
-    the rows have filled over a 512 x 512 picture (the last doubling, to 1,024, spans half of it);
-    evenly spaced sizes read ~7 % fewer, and the 16-row step measured ~11 % faster
-    (benchmarks/results/decode.md)."""
+    evenly instead (the multiples of this step, then `full`). Over a 512 x 512 picture doubling
+    reads 39 % more slots than the rows have filled (the last doubling, to 1,024, spans half of
+    it), evenly spaced sizes 28 % (272, 544, 816, 1,082): 6-8 % more pictures a second at 16 rows
+    in benchmarks/decode.py, at the same compile time (benchmarks/results/decode.md)."""
     size, sizes = min(full, max(MIN_CAPACITY, 1 << (first_need - 1).bit_length())), 1
     while size < full:
         size, sizes = min(full, 2 * size), sizes + 1
