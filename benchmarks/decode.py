@@ -31,7 +31,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration, Log
 from transformers import LogitsProcessorList  # noqa: E402
 
 import unitoken_jax  # noqa: E402
-from unitoken_jax.inference.decode import DecodeLoop, Request, default_growth  # noqa: E402
+from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from report import write_report  # noqa: E402
 
@@ -120,13 +120,12 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     from unitoken_jax.models.unitoken import UniToken
 
     tokens = np.tile(np.array(prompt, np.int32), (rows, 1))
-    length, full = tokens.shape[1], tokens.shape[1] + steps
-    growth = loop.cache_growth or default_growth(length + min(chunk, steps), full)  # as `loop.generate`
+    length = tokens.shape[1]
+    capacities = loop._capacities(length, steps, chunk)  # as `loop.generate` grows its cache
     steps = timed_steps or steps
     segments = []  # (first step, end step, cache length)
-    for end in range(chunk, steps + chunk, chunk):
+    for end, capacity in zip(range(chunk, steps + chunk, chunk), capacities):
         end = min(end, steps)
-        capacity = loop._capacity(length, end, full, growth)
         if segments and segments[-1][2] == capacity:
             segments[-1] = (segments[-1][0], end, capacity)
         else:
@@ -201,21 +200,21 @@ def main():
     # the cache grown GROWTH slots at a time (`DecodeLoop(cache_growth=...)`): fewer unfilled slots
     # read a step, more compiles (what the first call of a fresh loop shows)
     by_growth = {}
-    full = len(prompt) + n_tokens
-    growth = default_growth(len(prompt) + min(64, n_tokens), full)
 
-    def doubling(prompt, steps, full, _):  # the default until 2026-12-01
-        return min(full, max(256, 1 << (prompt + steps - 1).bit_length()))
+    def doubling(prompt, max_new, chunk):  # the cache's lengths until 2026-12-01
+        return [min(prompt + max_new, max(256, 1 << (prompt + min(e, max_new) - 1).bit_length()))
+                for e in range(chunk, max_new + chunk, chunk)]
 
-    def sizes(capacity):
-        return ", ".join(str(c) for c in sorted({capacity(len(prompt), min(e, n_tokens), full, growth)
-                                                 for e in range(64, n_tokens + 64, 64)}))
+    def sizes(capacities):
+        return ", ".join(str(c) for c in sorted(set(capacities(len(prompt), n_tokens, 64))))
 
-    default_growth_sizes = sizes(lambda p, s, f, g: min(f, -(-(p + s) // g) * g))
-    for label, growth in [(f"doubling: {sizes(doubling)}", "doubling"), *((f"{g} slots at a time", g) for g in GROWTH)]:
-        stepped = DecodeLoop(ours.config, ours.params, cache_growth=None if growth == "doubling" else growth)
-        if growth == "doubling":
-            stepped.__dict__["_capacity"] = doubling
+    default_growth_sizes = sizes(loop._capacities)
+    for label, cache_growth in [(f"doubling: {sizes(doubling)}", "doubling"),
+                                *((f"{g} slots at a time", g) for g in GROWTH)]:
+        stepped = DecodeLoop(ours.config, ours.params,
+                             cache_growth=None if cache_growth == "doubling" else cache_growth)
+        if cache_growth == "doubling":
+            stepped.__dict__["_capacities"] = doubling
         first_g, out_g = timed(lambda: stepped.generate([request(i) for i in range(args.batch)]))
         runs_g = [timed(lambda: stepped.generate([request(i) for i in range(args.batch)])) for _ in range(3)]
         assert all((a == b).all() for _, o in runs_g for a, b in zip(o.tokens, out_g.tokens))

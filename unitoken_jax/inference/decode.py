@@ -240,7 +240,7 @@ class DecodeLoop:
 
         `cache_growth` (unrolled layers only): the cache grows to the next multiple of this many
         slots instead of `default_growth`'s (as many sizes as doubling would take), so a step
-        reads fewer unfilled slots at the price of a compile per size (`_capacity`).
+        reads fewer unfilled slots at the price of a compile per size (`_capacities`).
 
         `layers`: how the compiled steps run the layer stack. "scan" loops over the stacked
         parameters and a stacked KV cache; "unrolled" holds a copy of each layer's parameters and
@@ -403,19 +403,22 @@ class DecodeLoop:
                              out=jnp.zeros((n, max_new), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
                              done=jnp.zeros(n, bool), step=jnp.zeros((), jnp.int32))
 
-    def _capacity(self, prompt: int, steps: int, full: int, growth: int) -> int:
-        """Slots the cache needs for `steps` decoding steps after a `prompt`-long prefill.
+    def _capacities(self, prompt: int, max_new: int, chunk: int) -> list[int]:
+        """The cache's length for each chunk of `chunk` decoding steps after a `prompt`-long
+        prefill (the first: the prefill's), up to `max_new` steps.
 
-        Unrolled (on a CPU), the cache grows as the rows do, to the next multiple of `growth` (at
-        most `full`; `cache_growth`, else `default_growth`): each step's attention reads every
+        Unrolled (on a CPU), the cache grows as the rows do, to the next multiple of a step (at most
+        the full length; `cache_growth`, else `default_growth`): each step's attention reads every
         slot of the cache, filled or not, and at 16 rows over a 512 x 512 picture's 1,100
-        positions that reading is most of the step. Each capacity compiles the loop once more (4
-        in all for that picture by default), and growing holds the old and the new cache at once,
+        positions that reading is most of the step. Each length compiles the loop once more (4 in
+        all for that picture by default), and growing holds the old and the new cache at once,
         which is why a scanned loop (the accelerators', where AOT fit tables are made at the full
         length) keeps one full cache."""
+        full, ends = prompt + max_new, [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
         if self.layers != "unrolled":
-            return full
-        return min(full, -(-(prompt + steps) // growth) * growth)
+            return [full] * len(ends)
+        growth = self.cache_growth or default_growth(prompt + ends[0], full)
+        return [min(full, -(-(prompt + end) // growth) * growth) for end in ends]
 
     @functools.cached_property
     def _grow(self):
@@ -432,17 +435,14 @@ class DecodeLoop:
     def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
                  ) -> Generation:
         rows, batch, params, max_new, cache_len = self._prepare(requests)
-        prompt = batch[0].shape[1]
-        growth = self.cache_growth or default_growth(prompt + min(chunk, max_new), cache_len)
+        capacities = self._capacities(batch[0].shape[1], max_new, chunk)  # the last: cache_len
         with sharding.mesh_context(self.mesh):
-            logits, cache = self._prefill(self.params, *batch,
-                                          self._capacity(prompt, min(chunk, max_new), cache_len, growth))
+            logits, cache = self._prefill(self.params, *batch, capacities[0])
             state = self._initial_state(rows, logits, cache, max_new)
             params = jax.tree.map(jnp.asarray, params)
             step = 0
-            while True:
+            for capacity in capacities:
                 step = min(step + chunk, max_new)
-                capacity = self._capacity(prompt, step, cache_len, growth)
                 if capacity > cache_length(state.cache):
                     state = state.replace(cache=self._grow(state.cache, capacity))
                 state = self._run(self.params, state, params, jnp.int32(step), len(requests))
