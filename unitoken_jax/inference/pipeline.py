@@ -66,8 +66,8 @@ class UniTokenPipeline:
         """Defaults come from the model: `image_prefix` the reference's 16853 where the vocabulary
         has that id (none otherwise), `vq_size` 512 or, for a model too short for 512 px of codes,
         the largest halving whose code grid takes at most a quarter of its length, `siglip_size`
-        and the patch from its vision tower. `cache_growth`: see `DecodeLoop` (on a CPU, e.g. 128
-        for many batches of pictures: faster steps, more compiles on the first call)."""
+        and the patch from its vision tower. `cache_growth`: see `DecodeLoop` (on a CPU, e.g. 128:
+        a few per cent faster steps at most, more compiles on the first call)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         vocab = model.config.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
