@@ -1,7 +1,8 @@
 """How long the README's two commands take from a fresh process, with and without the CLI's
-compilation cache (a fresh cache directory: the first call fills it, later calls load from it).
-Each command is a new `unitoken` process, as a user runs it; the median of the runs. Writes
-benchmarks/results/cli_latency.md.
+compilation cache (a fresh cache directory: the first call fills it, later calls load from it),
+and then the same verb with prompts the cache has not seen (other lengths: each is padded to the
+prefill's multiple, `DecodeLoop(prompt_multiple=...)`). Each command is a new `unitoken` process,
+as a user runs it; the median of the runs. Writes benchmarks/results/cli_latency.md.
 
     python benchmarks/cli_latency.py [--runs 3]
 """
@@ -43,6 +44,15 @@ def main():
     unitoken = [sys.executable, "-m", "unitoken_jax.cli"]
     commands = {"generate": unitoken + ["generate", "a red circle at the top left", "--out", picture],
                 "understand": unitoken + ["understand", picture, "What colour is the shape?"]}
+    # prompts of other lengths than the README's, each new to the cache when it runs
+    others = {"generate": [unitoken + ["generate", p, "--out", os.path.join(work, "other.png")] for p in (
+                  "a blue square at the bottom right", "a green circle",
+                  "a yellow triangle at the top right and a red square at the bottom left",
+                  "a green square at the bottom left and a blue circle at the top right and a red triangle at "
+                  "the bottom right")],
+              "understand": [unitoken + ["understand", picture, q] for q in (
+                  "How many shapes are there?", "Describe the picture.", "What shape is at the top left?",
+                  "What colour is the shape at the top left?")]}
     rows = []
     try:
         for name, cmd in commands.items():
@@ -51,9 +61,11 @@ def main():
             first = _time(cmd + ["--compilation-cache", cache], env)
             warm = [_time(cmd + ["--compilation-cache", cache], env) for _ in range(args.runs)]
             entries = sum(p.endswith("-cache") for p in os.listdir(cache))
+            new = [_time(other + ["--compilation-cache", cache], env) for other in others[name]]
+            added = sum(p.endswith("-cache") for p in os.listdir(cache)) - entries
             off_s, warm_s = statistics.median(off), statistics.median(warm)
             rows.append(f"| `unitoken {name}` | {off_s:.2f} | {first:.2f} | {warm_s:.2f} | {off_s / warm_s:.2f}x "
-                        f"| {entries} |")
+                        f"| {entries} | {statistics.median(new):.2f} ({len(new)} prompts, {added} programs added) |")
             print(rows[-1], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -61,9 +73,11 @@ def main():
         "# The README's commands from a fresh process, with and without the compilation cache", "",
         f"{datetime.date.today()}, {platform.machine()} CPU with {os.cpu_count()} cores, the bundled model, "
         f"`python benchmarks/cli_latency.py --runs {args.runs}`: wall time of the whole process (imports, loading, "
-        "compiling, decoding, writing), the median of the runs; 'first' fills a fresh cache directory.", "",
-        "| command | no cache, s | first with the cache, s | cache filled, s | speed-up | programs kept |",
-        "|---|---|---|---|---|---|", *rows, ""]
+        "compiling, decoding, writing), the median of the runs; 'first' fills a fresh cache directory. 'Other "
+        "prompts' then runs the verb once each with captions / questions of other lengths, on the filled cache.", "",
+        "| command | no cache, s | first with the cache, s | cache filled, s | speed-up | programs kept "
+        "| other prompts, cache filled, s |",
+        "|---|---|---|---|---|---|---|", *rows, ""]
     write_report(lines, args.out)
 
 

@@ -134,6 +134,12 @@ MUTATIONS = (
     Mutation("cache_keeps_only_slow_compiles", "the CLI's cache keeping only JAX's default >= 1 s compiles",
              "unitoken_jax/inference/compilation_cache.py", "_MIN_COMPILE_SECONDS = 0.0", "_MIN_COMPILE_SECONDS = 1.0",
              ("tests/test_compilation_cache.py",)),
+    Mutation("prompt_not_padded", "the prefill's width not padded to a multiple (every prompt length compiles)",
+             "unitoken_jax/inference/decode.py", "length = -(-max(len(t) for _, t, *_ in rows) // multiple) * multiple",
+             "length = max(len(t) for _, t, *_ in rows)", ("tests/test_inference.py", "-k", "prompts_a_few")),
+    Mutation("prompt_padding_attended", "the prefill's padding attended to (segment 1 where no prompt is)",
+             "unitoken_jax/inference/decode.py", "tokens[b, :len(toks)], segments[b, :len(toks)] = toks, 1",
+             "tokens[b, :len(toks)], segments[b, :] = toks, 1", ("tests/test_inference.py", "-k", "prompts_a_few")),
 )
 
 

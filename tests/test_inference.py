@@ -171,7 +171,7 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
     grown = []
     grow = unrolled._grow
     unrolled.__dict__["_grow"] = lambda cache, length: grown.append(length) or grow(cache, length)
-    prompt = max(len(r.tokens) for r in requests)
+    prompt = -(-max(len(r.tokens) for r in requests) // 32) * 32  # the prefill's width: a multiple of 32
     # doubling would take two sizes (256, then the full length): the default takes two, evenly spaced
     assert prompt + 64 <= 256 < prompt + 300 < 512 and prompt + 64 <= (prompt + 300) / 2
     a, b = scanned.generate(requests, chunk=64).tokens, unrolled.generate(requests, chunk=64).tokens
@@ -191,6 +191,48 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
     for bad in (0, -96, 1.5, "96", True):
         with pytest.raises(ValueError, match="cache_growth"):
             DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled", cache_growth=bad)
+
+
+def test_prompts_a_few_tokens_apart_share_one_compiled_prefill_and_loop(pipe):
+    """The prefill's width is padded up to a multiple of `prompt_multiple`: prompts within one
+    multiple compile nothing new, and draw the tokens they draw unpadded (sampled text, a guided
+    picture); a width in the next multiple compiles again."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    def request(words, seed):
+        return [pipe.generate_request(words, size=(32, 32), cfg=3.0, seed=seed, image_top_k=100),
+                pipe.understand_request([str(pipe.image_dir / "cat.png")], words, max_new_tokens=6,
+                                        temperature=0.9, seed=seed)]
+
+    loop = DecodeLoop(pipe.model.config, pipe.model.params)  # default: 32
+    plain = DecodeLoop(pipe.model.config, pipe.model.params, prompt_multiple=1)
+    short, longer, next_multiple = request("he", 1), request("he is the cat", 2), None
+    width = max(len(r.tokens) for r in short)
+    assert width % 32 and max(len(r.tokens) for r in longer) > width  # both pad to the same multiple
+    assert -(-width // 32) == -(-max(len(r.tokens) for r in longer) // 32)
+    words = "he"
+    while next_multiple is None or -(-max(len(r.tokens) for r in next_multiple) // 32) == -(-width // 32):
+        words += " is the cat"
+        next_multiple = request(words, 3)
+    loop.generate(short)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        padded = loop.generate(longer).tokens
+        assert compiles == []  # the same prefill and loop as `short`'s
+        loop.generate(next_multiple)
+        assert len(compiles) >= 2  # a wider prefill and its loop
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    for a, b in zip(padded, plain.generate(longer).tokens):
+        np.testing.assert_array_equal(a, b)
+    assert len(padded[0]) == layout.generated_image_length((1, 1)) - 1 and len(padded[1]) > 0
+    for bad in (0, -32, 1.5, "32", True):
+        with pytest.raises(ValueError, match="prompt_multiple"):
+            DecodeLoop(pipe.model.config, pipe.model.params, prompt_multiple=bad)
 
 
 def test_auto_unrolls_on_a_cpu_only_where_the_copy_fits(pipe, monkeypatch):

@@ -31,6 +31,7 @@ from unitoken_jax.models.unitoken import UniToken, cpu_decode_config, cpu_decode
 from unitoken_jax.tokenizer import layout
 
 
+PROMPT_MULTIPLE = 32  # the prefill's width is a multiple of this by default (`DecodeLoop(prompt_multiple=...)`)
 MIN_CAPACITY = 256  # doubling from here gives the number of sizes an unrolled loop's cache takes (`default_growth`)
 GROWTH_ROUND = 16  # an unrolled loop's default growth step is a multiple of this
 
@@ -126,9 +127,11 @@ def _rows(requests: Sequence[Request]):
     return rows, np.array(primary, np.int32), np.array(uncond_row, np.int32)
 
 
-def _build_batch(rows, tokens_per_image: Callable[[tuple[int, int]], int]):
+def _build_batch(rows, tokens_per_image: Callable[[tuple[int, int]], int], multiple: int = 1):
+    """The prefill's [rows, length] arrays, each row's prompt from the left and padding (segment
+    0, which no position attends to) to `length`: the longest prompt rounded up to `multiple`."""
     n = len(rows)
-    length = max(len(t) for _, t, *_ in rows)
+    length = -(-max(len(t) for _, t, *_ in rows) // multiple) * multiple
     tokens = np.zeros((n, length), np.int32)
     segments = np.zeros((n, length), np.int32)
     cont = np.zeros((n, length), bool)
@@ -235,8 +238,16 @@ class DecodeLoop:
     """Compiled prefill and decode loop for one model; call `generate(requests)`."""
 
     def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None, layers: str = "auto",
-                 cache_growth: int | None = None):
+                 cache_growth: int | None = None, prompt_multiple: int = PROMPT_MULTIPLE):
         """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks).
+
+        `prompt_multiple`: the prefill's width (the longest prompt of a call) is padded up to a
+        multiple of this, so prompts whose lengths differ by a few tokens share one compiled
+        prefill and loop, in this process and in the persistent compilation cache (each new width
+        compiles both again: a CLI call of the bundled model with a new prompt length took 4.3 s
+        instead of 2.8, benchmarks/results/cli_latency.md). The padding is masked (no position
+        attends to it) and the tokens drawn do not change; a step reads up to
+        `prompt_multiple - 1` more cache slots. 1 = no padding.
 
         `cache_growth` (unrolled layers only): the cache grows to the next multiple of this many
         slots instead of `default_growth`'s (as many sizes as doubling would take), so a step
@@ -254,11 +265,17 @@ class DecodeLoop:
         on a CPU whose free memory is under twice that copy."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
-        whole = isinstance(cache_growth, (int, np.integer)) and not isinstance(cache_growth, bool)
-        if cache_growth is not None and (not whole or cache_growth < 1):
+        def positive(n):
+            return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+
+        if cache_growth is not None and not positive(cache_growth):
             raise ValueError(f"cache_growth={cache_growth!r}: expected a positive number of slots, or None "
                              "(as many sizes as doubling takes, evenly spaced)")
+        if not positive(prompt_multiple):
+            raise ValueError(f"prompt_multiple={prompt_multiple!r}: expected a positive number of tokens "
+                             "(1 = no padding)")
         self.cache_growth = cache_growth
+        self.prompt_multiple = int(prompt_multiple)
         self.config = config
         self.mesh = mesh
         if layers == "auto":
@@ -383,7 +400,8 @@ class DecodeLoop:
     def _prepare(self, requests: Sequence[Request]):
         """Host side of a generation: the prefill's batch, each row's parameters and the sizes."""
         rows, primary, uncond_row = _rows(requests)
-        batch = _build_batch(rows, self.config.vision.features_per_image if self.config.vision else None)
+        batch = _build_batch(rows, self.config.vision.features_per_image if self.config.vision else None,
+                             self.prompt_multiple)
         for r, *_ in rows:
             if r.grid_hw is not None:
                 need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>

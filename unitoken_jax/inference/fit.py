@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from unitoken_jax.inference.decode import PROMPT_MULTIPLE
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
 from unitoken_jax.tokenizer import layout
@@ -40,13 +41,15 @@ def decode_memory(config: UniTokenConfig, images: int, *, size: tuple[int, int] 
                   prompt_length: int = 64, quantize: str = "none", dtype: str = "bfloat16") -> DecodeMemory:
     """Bytes of the weights (`dtype`, matmul kernels int8 with `quantize="int8"`) and of the KV
     cache (in `dtype`) for `images` generated pictures of `size` pixels after a prompt of
-    `prompt_length` tokens (its last the image's <racm3:break>)."""
+    `prompt_length` tokens (its last the image's <racm3:break>), which the decode loop pads up to
+    a multiple of `decode.PROMPT_MULTIPLE`."""
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
     params = abstract_params(config.replace(param_dtype=dtype, quantize=quantize))
     weights = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
     d = config.decoder
     grid_hw = (size[1] // layout.PIXELS_PER_GRID, size[0] // layout.PIXELS_PER_GRID)
+    prompt_length = -(-prompt_length // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
     positions = prompt_length + layout.generated_image_length(grid_hw) - 1  # the prompt ends with <racm3:break>
     rows = images * (2 if cfg else 1)
     cache = 2 * d.num_layers * rows * d.num_kv_heads * positions * d.head_dim * np.dtype(dtype).itemsize
