@@ -31,7 +31,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration, Log
 from transformers import LogitsProcessorList  # noqa: E402
 
 import unitoken_jax  # noqa: E402
-from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
+from unitoken_jax.inference.decode import DecodeLoop, Request, prefill_width  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from report import write_report  # noqa: E402
 
@@ -119,8 +119,10 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     from unitoken_jax.inference import grid
     from unitoken_jax.models.unitoken import UniToken
 
-    tokens = np.tile(np.array(prompt, np.int32), (rows, 1))
-    length = tokens.shape[1]
+    length = prefill_width(len(prompt), loop.prompt_multiple)  # padded as `loop.generate` pads it
+    tokens = np.zeros((rows, length), np.int32)
+    tokens[:, :len(prompt)] = prompt
+    segment_ids = (np.arange(length) < len(prompt)).astype(np.int32)[None].repeat(rows, 0)
     capacities = loop._capacities(length, steps, chunk)  # as `loop.generate` grows its cache
     steps = timed_steps or steps
     segments = []  # (first step, end step, cache length)
@@ -135,7 +137,7 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
         def body(i, carry):
             cache, acc = carry
             tok = jnp.full((rows, 1), 100, jnp.int32)
-            positions = jnp.full((rows, 1), length, jnp.int32) + i
+            positions = jnp.full((rows, 1), len(prompt), jnp.int32) + i
             hidden, cache = loop._apply(params, tok, positions, jnp.ones((rows, 1), jnp.int32), cache=cache,
                                         return_hidden=True)
             logits = loop._apply(params, hidden, grid.CODE_LOGITS, method=UniToken.head)
@@ -146,9 +148,8 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     run = jax.jit(run, static_argnums=(2, 3))
     seconds = 0.0
     for first, end, capacity in segments:
-        ones = np.ones_like(tokens)
-        _, cache = loop._prefill(loop.params, tokens, ones, np.zeros_like(tokens, bool), np.zeros_like(tokens), None,
-                                 capacity)
+        _, cache = loop._prefill(loop.params, tokens, segment_ids, np.zeros_like(tokens, bool), np.zeros_like(tokens),
+                                 None, capacity)
         jax.block_until_ready(run(loop.params, cache, first, end))  # compile
         start = time.perf_counter()
         jax.block_until_ready(run(loop.params, cache, first, end))
@@ -206,7 +207,8 @@ def main():
                 for e in range(chunk, max_new + chunk, chunk)]
 
     def sizes(capacities):
-        return ", ".join(str(c) for c in sorted(set(capacities(len(prompt), n_tokens, 64))))
+        return ", ".join(str(c) for c in sorted(set(capacities(prefill_width(len(prompt), loop.prompt_multiple),
+                                                                n_tokens, 64))))
 
     default_growth_sizes = sizes(loop._capacities)
     for label, cache_growth in [(f"doubling: {sizes(doubling)}", "doubling"),

@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cache-growth", type=int, default=None,
                        help="on a CPU: grow the KV cache this many slots at a time (e.g. 128; default: as many "
                             "sizes as doubling from 256 would take, evenly spaced): fewer unfilled slots read a "
-                            "step (0-4 %% faster at 16 rows, measured), more compiles the first time a batch "
+                            "step (-2 to +4 %% at 16 rows, measured), more compiles the first time a batch "
                             "shape comes (benchmarks/results/decode.md)")
         cache_arg(p)
         if not per_request:  # a server: every call brings its own seed, size and sampling options

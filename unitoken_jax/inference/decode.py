@@ -127,11 +127,16 @@ def _rows(requests: Sequence[Request]):
     return rows, np.array(primary, np.int32), np.array(uncond_row, np.int32)
 
 
+def prefill_width(longest_prompt: int, multiple: int) -> int:
+    """The prefill's width for a batch whose longest prompt is `longest_prompt` tokens."""
+    return -(-longest_prompt // multiple) * multiple
+
+
 def _build_batch(rows, tokens_per_image: Callable[[tuple[int, int]], int], multiple: int = 1):
     """The prefill's [rows, length] arrays, each row's prompt from the left and padding (segment
     0, which no position attends to) to `length`: the longest prompt rounded up to `multiple`."""
     n = len(rows)
-    length = -(-max(len(t) for _, t, *_ in rows) // multiple) * multiple
+    length = prefill_width(max(len(t) for _, t, *_ in rows), multiple)
     tokens = np.zeros((n, length), np.int32)
     segments = np.zeros((n, length), np.int32)
     cont = np.zeros((n, length), bool)

@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from unitoken_jax.inference.decode import PROMPT_MULTIPLE
+from unitoken_jax.inference.decode import PROMPT_MULTIPLE, prefill_width
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
 from unitoken_jax.tokenizer import layout
@@ -49,8 +49,8 @@ def decode_memory(config: UniTokenConfig, images: int, *, size: tuple[int, int] 
     weights = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
     d = config.decoder
     grid_hw = (size[1] // layout.PIXELS_PER_GRID, size[0] // layout.PIXELS_PER_GRID)
-    prompt_length = -(-prompt_length // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
-    positions = prompt_length + layout.generated_image_length(grid_hw) - 1  # the prompt ends with <racm3:break>
+    # the prompt ends with <racm3:break>
+    positions = prefill_width(prompt_length, PROMPT_MULTIPLE) + layout.generated_image_length(grid_hw) - 1
     rows = images * (2 if cfg else 1)
     cache = 2 * d.num_layers * rows * d.num_kv_heads * positions * d.head_dim * np.dtype(dtype).itemsize
     return DecodeMemory(weights, cache)
