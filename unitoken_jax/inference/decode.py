@@ -270,6 +270,7 @@ class DecodeLoop:
         on a CPU whose free memory is under twice that copy."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
+
         def positive(n):
             return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
 
