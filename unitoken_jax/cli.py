@@ -162,7 +162,14 @@ def _understand(args) -> int:
                          "pictures (unitoken understand IMAGE... QUESTION)")
     not_files = [i for i in images if not os.path.isfile(i)]
     if not_files:
-        raise ValueError(f"{not_files[0]!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
+        from PIL import Image
+
+        missing = not_files[0]
+        if os.path.isdir(missing):
+            raise ValueError(f"{missing!r} is a directory, not a picture file")
+        if os.path.splitext(missing)[1].lower() in Image.registered_extensions() or os.sep in missing:
+            raise ValueError(f"{missing!r}: no such file")
+        raise ValueError(f"{missing!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
                          "then one question (several questions: the Python API's understand([...]) or chat)")
     pipe = _pipeline(args)
     print(pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
