@@ -414,6 +414,12 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {cat}\nthe cat\nor\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", *common]) == 0
     assert capsys.readouterr().out.count("assistant:") == 2
+    # a picture that is not there is not attached, a turn past the model's length is left out: the chat goes on
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {tmp_path / 'nope.png'}\n/image {cat}\nthe cat\n"
+                                                 f"{'the ' * 20000}\nor\n"))
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", *common]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("assistant:") == 2 and "nope.png: no such file" in err and "left out" in err
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
     assert "cfg_scale" in capsys.readouterr().err

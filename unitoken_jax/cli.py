@@ -225,9 +225,17 @@ def _save(picture, path):
 
 
 def _chat(args) -> int:
-    """Reads user turns from stdin; '/image PATH' attaches a picture to the next turn."""
+    """Reads user turns from stdin; '/image PATH' attaches a picture to the next turn. A picture
+    that cannot be read, or a turn the model cannot take (e.g. past its length), is reported and
+    left out, and the conversation goes on."""
+    import numpy as np
     from PIL import Image
 
+    from unitoken_jax.inference.decode import Request
+    from unitoken_jax.tokenizer.images import ImageError, load_image
+
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
+    Request(np.zeros(1, np.int32), **options)  # bad options end the chat before it starts
     pipe = _pipeline(args)
     messages, images, pending, drawn = [], [], [], 0
     os.makedirs(args.out_dir, exist_ok=True)
@@ -237,13 +245,25 @@ def _chat(args) -> int:
         if not line:
             break
         if line.startswith("/image "):
-            pending.append(line[len("/image "):].strip())
+            path = line[len("/image "):].strip()
+            try:
+                load_image(path)
+            except ImageError as e:
+                print(f"chat: not attached: {e}", file=sys.stderr, flush=True)
+            else:
+                pending.append(path)
             continue
         messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
         images += pending
+        try:
+            parts = pipe.chat(messages, images, seed=args.seed + len(messages), **options)
+        except ValueError as e:
+            print(f"chat: that turn is left out: {e}", file=sys.stderr, flush=True)
+            messages.pop()
+            del images[len(images) - len(pending):]
+            pending = []
+            continue
         pending = []
-        parts = pipe.chat(messages, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          seed=args.seed + len(messages), cfg_scale=args.cfg)
         shown, reply = [], []
         for part in parts:
             if isinstance(part, str):
