@@ -119,10 +119,9 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     from unitoken_jax.inference import grid
     from unitoken_jax.models.unitoken import UniToken
 
-    length = prefill_width(len(prompt), loop.prompt_multiple)  # padded as `loop.generate` pads it
-    tokens = np.zeros((rows, length), np.int32)
-    tokens[:, :len(prompt)] = prompt
-    segment_ids = (np.arange(length) < len(prompt)).astype(np.int32)[None].repeat(rows, 0)
+    # the prefill's batch as `loop.generate` builds it (the prompt padded to its multiple)
+    _, batch, _, _, _ = loop._prepare([Request(np.array(prompt), max_new_tokens=steps)] * rows)
+    length = batch[0].shape[1]
     capacities = loop._capacities(length, steps, chunk)  # as `loop.generate` grows its cache
     steps = timed_steps or steps
     segments = []  # (first step, end step, cache length)
@@ -148,8 +147,7 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     run = jax.jit(run, static_argnums=(2, 3))
     seconds = 0.0
     for first, end, capacity in segments:
-        _, cache = loop._prefill(loop.params, tokens, segment_ids, np.zeros_like(tokens, bool), np.zeros_like(tokens),
-                                 None, capacity)
+        _, cache = loop._prefill(loop.params, *batch, capacity)
         jax.block_until_ready(run(loop.params, cache, first, end))  # compile
         start = time.perf_counter()
         jax.block_until_ready(run(loop.params, cache, first, end))

@@ -444,7 +444,9 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert cli.main(["understand", cat, "q1", cat, "q2", *common]) == 2
     assert "not a picture file" in capsys.readouterr().err
     assert cli.main(["understand", str(tmp_path / "nope.png"), "q", *common]) == 2  # a path that is not there
-    assert "nope.png': no such file" in capsys.readouterr().err
+    assert "nope.png: no such file" in capsys.readouterr().err
+    assert cli.main(["understand", str(tmp_path), "q", *common]) == 2
+    assert "is a directory" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "missing" / "x.png"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "x.txt"), *common]) == 2  # before drawing

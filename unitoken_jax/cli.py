@@ -164,11 +164,12 @@ def _understand(args) -> int:
     if not_files:
         from PIL import Image
 
+        from unitoken_jax.tokenizer.images import load_image
+
         missing = not_files[0]
-        if os.path.isdir(missing):
-            raise ValueError(f"{missing!r} is a directory, not a picture file")
-        if os.path.splitext(missing)[1].lower() in Image.registered_extensions() or os.sep in missing:
-            raise ValueError(f"{missing!r}: no such file")
+        if os.path.isdir(missing) or os.sep in missing or \
+                os.path.splitext(missing)[1].lower() in Image.registered_extensions():
+            load_image(missing)  # a path: raises, saying what is wrong with it
         raise ValueError(f"{missing!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
                          "then one question (several questions: the Python API's understand([...]) or chat)")
     pipe = _pipeline(args)
