@@ -94,6 +94,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(tmp
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored.params, states[2].params)
     assert "step 4" in caplog.text and "data" in caplog.text and "step 3" in caplog.text
+    step_3 = next(r.getMessage() for r in caplog.records if "step 3 " in r.getMessage())
+    # the storage layer's reason (which array of which database), without Orbax's wrapper or the spec's JSON
+    assert "OCDBT database" in step_3 and not any(s in step_3 for s in ("bound method", "tensorstore_spec")), step_3
     assert os.path.isdir(os.path.join(directory, "4.damaged")) and not os.path.exists(os.path.join(directory, "4"))
     again = Checkpointer(directory, async_save=False)
     assert again.save(3, restored, data_state={"next_index": 3}, force=True)  # the run saves step 3 again

@@ -95,9 +95,21 @@ def _damage_named(path: str):
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the storage layer raises
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: the stored arrays cannot be read ({type(e).__name__}: {first[:300]}); the "
-                              "checkpoint is damaged or incomplete: write it again from its source") from None
+        raise CheckpointError(f"{path}: the stored arrays cannot be read ({storage_reason(e)}); the checkpoint is "
+                              "damaged or incomplete: write it again from its source") from None
+
+
+def storage_reason(error: BaseException) -> str:
+    """'Type: first line' of the error at the bottom of `error`'s chain: the storage layer's own
+    (which array, what is wrong with its file) under Orbax's wrapping, whose message is an index
+    and the repr of a method."""
+    while True:
+        below = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if below is None:
+            break
+        error = below
+    text = str(error).strip().split(" [tensorstore_spec=")[0]  # (the whole spec, as JSON)
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def check_shapes(path: str, config: UniTokenConfig) -> None:
@@ -106,7 +118,12 @@ def check_shapes(path: str, config: UniTokenConfig) -> None:
     Orbax: a mismatch would otherwise load, or convert, into a broken model)."""
     params_dir = os.path.join(os.path.abspath(path), "params")
     with _damage_named(path), ocp.PyTreeCheckpointer() as ckpt:
-        stored = traverse_util.flatten_dict(ckpt.metadata(params_dir).item_metadata.tree)
+        metadata = ckpt.metadata(params_dir)
+        if metadata is None or metadata.item_metadata is None:  # what Orbax returns with the array index gone
+            raise CheckpointError(f"{path}: the index of the stored arrays ({params_dir}: manifest.ocdbt, "
+                                  "_METADATA) cannot be read; the checkpoint is damaged or incomplete: write it "
+                                  "again from its source")
+        stored = traverse_util.flatten_dict(metadata.item_metadata.tree)
     wanted = traverse_util.flatten_dict(abstract_params(config))
     problems = [f"{'/'.join(k)}: missing" for k in wanted if k not in stored]
     problems += [f"{'/'.join(k)}: not in the config" for k in stored if k not in wanted]

@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from unitoken_jax.convert.files import CheckpointError
+from unitoken_jax.convert.orbax_io import storage_reason
 
 from unitoken_jax.train.step import TrainState
 
@@ -76,7 +77,7 @@ class Checkpointer:
                     raise ValueError("it has no data-iterator state (the 'data' item is missing)")
                 state, data = self.restore(abstract_state, step)
             except Exception as e:  # noqa: BLE001 - any damage: try the previous one
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                reason = storage_reason(e)
                 log.warning("checkpoint step %d in %s cannot be resumed from (%s); trying the one before", step,
                             self.directory, reason)
                 problems.append(f"step {step}: {reason}")
