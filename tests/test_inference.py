@@ -235,6 +235,48 @@ def test_prompts_a_few_tokens_apart_share_one_compiled_prefill_and_loop(pipe):
             DecodeLoop(pipe.model.config, pipe.model.params, prompt_multiple=bad)
 
 
+def test_rows_stop_at_the_models_last_position_and_a_chats_turns_share_the_loop(pipe):
+    """A row stopped only at `max_new_tokens`: a chat's default budget of 512 ran past the last
+    position of a model with 512 (the bundled one) into positions it never saw in training, and
+    the cache's length (prompt + budget) followed each turn's prompt, so a turn whose prompt
+    passed the next multiple of 32 compiled the decode loop again (~3 s a turn on the bundled
+    model). A row now also stops at the model's last position; the buffers are sized by the budget
+    and the model, so such a turn compiles its prefill only."""
+    cfg, params = pipe.model.config, pipe.model.params
+    positions = 160
+    loop = DecodeLoop(cfg.replace(decoder=dataclasses.replace(cfg.decoder, max_position_embeddings=positions)),
+                      params)
+
+    def text(words, seed):  # no stop token: only the budget or the positions end it
+        return pipe.understand_request([], words, max_new_tokens=512, temperature=1.0, seed=seed, stop_tokens=())
+
+    first = text("he", 1)
+    out = loop.generate([first]).tokens[0]
+    room = positions - len(first.tokens)
+    assert len(out) == room
+    # the same tokens as the budget set to the room by hand, on the model's real length
+    exact = DecodeLoop(cfg, params).generate([dataclasses.replace(first, max_new_tokens=room)]).tokens[0]
+    np.testing.assert_array_equal(out, exact)
+
+    words = "he"
+    later = first
+    while -(-len(later.tokens) // 32) == -(-len(first.tokens) // 32):  # a prompt in the next multiple of 32
+        words += " is the cat"
+        later = text(words, 2)
+    runs, prefills = loop._run._cache_size(), loop._prefill._cache_size()
+    out = loop.generate([later]).tokens[0]
+    assert len(out) == positions - len(later.tokens)
+    assert (loop._run._cache_size(), loop._prefill._cache_size()) == (runs, prefills + 1)  # a new prefill only
+
+    with pytest.raises(ValueError, match=f"none of the model's {positions}"):
+        loop.generate([text("he" + " is the cat" * 60, 3)])
+    picture = pipe.generate_request("a cat", size=(32, 32), cfg=3.0)
+    need = layout.generated_image_length((1, 1)) - 1
+    tight = cfg.replace(decoder=dataclasses.replace(cfg.decoder, max_position_embeddings=len(picture.tokens) + need - 1))
+    with pytest.raises(ValueError, match=f"the {need - 1} positions the model has after the prompt's"):
+        DecodeLoop(tight, params).generate([picture])
+
+
 def test_auto_unrolls_on_a_cpu_only_where_the_copy_fits(pipe, monkeypatch):
     from unitoken_jax.inference import decode
 

@@ -550,6 +550,24 @@ def test_padding_brings_different_batches_to_a_few_shapes(pipe):
     assert engine.rows([question] * 9) == 16 and engine.rows([drawing] * 16) == 32
 
 
+def test_a_batch_whose_prompt_bucket_is_the_whole_model_still_runs(pipe):
+    """A prompt past half the model's positions rounds up to a bucket of all of them; the dummy
+    that brings the batch to it leaves the model a position to answer in (`DecodeLoop` refuses a
+    prompt that takes every position), and the answer is the one the call gets alone."""
+    engine = PipelineEngine(pipe, max_rows=4)
+    positions = pipe.model.config.decoder.max_position_embeddings
+    picture = shapes.draw([Thing("red", "circle", "top left")])
+    words = "What colour is the shape?"
+    while len(pipe.chat_request([{"from": "human", "value": "<|image|>\n" + words}], [picture]).tokens) <= positions // 2:
+        words = "Look closely. " + words
+    long = pipe.chat_request([{"from": "human", "value": "<|image|>\n" + words}], [picture], max_new_tokens=8)
+    padded = engine.pad([long])
+    assert shape_of(padded).prompt == positions - 1 and len(padded) == 2
+    (batched,) = engine.run([long])
+    alone = pipe.decode_loop.generate([long]).tokens[0]
+    np.testing.assert_array_equal(batched.ids, alone)
+
+
 # --- the queue, on cue -------------------------------------------------------------------------------
 class GatedEngine:
     """Answers "ok" to every request once `gate` is set: the queue's behaviour without a model."""

@@ -58,7 +58,7 @@ class Request:
     is_continuous: np.ndarray | None = None
     feature_index: np.ndarray | None = None
     pixels: np.ndarray | None = None  # [n, S, S, 3] SigLIP-preprocessed
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # a row also stops at the model's last position (max_position_embeddings)
     seed: int = 0
     temperature: float = 0.0  # text tokens; 0 = greedy
     top_k: int = 0
@@ -185,7 +185,10 @@ class SamplingState:
     step: jax.Array  # [] steps run
 
 
-def _row_params(rows, primary, uncond_row, prompt_len) -> RowParams:
+def _row_params(rows, primary, uncond_row, prompt_len, positions: int | None = None) -> RowParams:
+    """Each row's parameters; a row stops at `max_new_tokens` or, given the model's `positions`,
+    at its last position after the request's prompt, whichever comes first (a guided request's
+    unconditional row with it)."""
     def per(f, dtype):
         return np.array([f(r) for r, *_ in rows], dtype)
 
@@ -195,7 +198,7 @@ def _row_params(rows, primary, uncond_row, prompt_len) -> RowParams:
         temperature=per(lambda r: r.temperature, np.float32), top_k=per(lambda r: r.top_k, np.int32),
         top_p=per(lambda r: r.top_p, np.float32), image_temperature=per(lambda r: r.image_temperature, np.float32),
         image_top_k=per(lambda r: r.image_top_k, np.int32), image_top_p=per(lambda r: r.image_top_p, np.float32),
-        cfg_scale=per(lambda r: r.cfg_scale, np.float32), max_new=per(lambda r: r.max_new_tokens, np.int32),
+        cfg_scale=per(lambda r: r.cfg_scale, np.float32), max_new=per(lambda r: min(r.max_new_tokens, (positions or math.inf) - len(r.tokens)), np.int32),
         stop_tokens=stop, key=jax.vmap(jax.random.key)(jnp.array([r.seed for r, *_ in rows], jnp.uint32)),
         primary=primary, uncond_row=uncond_row, prompt_len=prompt_len)
 
@@ -408,16 +411,26 @@ class DecodeLoop:
         rows, primary, uncond_row = _rows(requests)
         batch = _build_batch(rows, self.config.vision.features_per_image if self.config.vision else None,
                              self.prompt_multiple)
-        for r, *_ in rows:
+        positions = self.config.decoder.max_position_embeddings
+        for i, r in enumerate(requests):
+            room = positions - len(r.tokens)
+            if room < 1:
+                raise ValueError(f"prompt {i} takes {len(r.tokens)} positions: none of the model's {positions} is "
+                                 "left for an answer")
             if r.grid_hw is not None:
                 need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
-                if r.max_new_tokens < need:
-                    raise ValueError(f"max_new_tokens={r.max_new_tokens} cannot hold a {r.grid_hw[0] * 32}x"
-                                     f"{r.grid_hw[1] * 32} image ({need} tokens after <racm3:break>)")
+                if min(r.max_new_tokens, room) < need:
+                    held = (f"max_new_tokens={r.max_new_tokens}" if r.max_new_tokens < need else
+                            f"the {room} positions the model has after the prompt's {len(r.tokens)}")
+                    raise ValueError(f"{held} cannot hold a {r.grid_hw[0] * 32}x{r.grid_hw[1] * 32} image ({need} "
+                                     "tokens after <racm3:break>)")
         *prefill_batch, prompt_len = batch
-        params = _row_params(rows, primary, uncond_row, prompt_len)
-        max_new = int(params.max_new.max())
-        cache_len = int(prefill_batch[0].shape[1] + max_new)
+        params = _row_params(rows, primary, uncond_row, prompt_len, positions)
+        # the buffers' sizes depend on the requests' budgets and the model, not on where a row's
+        # positions run out: a conversation's turns share them (and their compiled loop)
+        width = prefill_batch[0].shape[1]
+        max_new = min(max(r.max_new_tokens for r in requests), positions)
+        cache_len = min(width + max_new, max(width, positions))  # no row's index passes the model's positions
         return rows, tuple(prefill_batch), params, max_new, cache_len
 
     @staticmethod
@@ -427,9 +440,10 @@ class DecodeLoop:
                              out=jnp.zeros((n, max_new), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
                              done=jnp.zeros(n, bool), step=jnp.zeros((), jnp.int32))
 
-    def _capacities(self, prompt: int, max_new: int, chunk: int) -> list[int]:
+    def _capacities(self, prompt: int, max_new: int, chunk: int, full: int | None = None) -> list[int]:
         """The cache's length for each chunk of `chunk` decoding steps after a `prompt`-long
-        prefill (the first: the prefill's), up to `max_new` steps.
+        prefill (the first: the prefill's), up to `max_new` steps, at most `full` (default
+        `prompt + max_new`; `_prepare`'s cache length).
 
         Unrolled (on a CPU), the cache grows as the rows do, to the next multiple of a step (at most
         the full length; `cache_growth`, else `default_growth`): each step's attention reads every
@@ -438,7 +452,8 @@ class DecodeLoop:
         all for that picture by default), and growing holds the old and the new cache at once,
         which is why a scanned loop (the accelerators', where AOT fit tables are made at the full
         length) keeps one full cache."""
-        full, ends = prompt + max_new, [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
+        full = prompt + max_new if full is None else full
+        ends = [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
         if self.layers != "unrolled":
             return [full] * len(ends)
         growth = self.cache_growth or default_growth(prompt + ends[0], full)
@@ -459,7 +474,7 @@ class DecodeLoop:
     def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
                  ) -> Generation:
         rows, batch, params, max_new, cache_len = self._prepare(requests)
-        capacities = self._capacities(batch[0].shape[1], max_new, chunk)  # the last: cache_len
+        capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
         with sharding.mesh_context(self.mesh):
             logits, cache = self._prefill(self.params, *batch, capacities[0])
             state = self._initial_state(rows, logits, cache, max_new)

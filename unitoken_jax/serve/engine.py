@@ -104,7 +104,9 @@ class PipelineEngine:
         have = shape_of(requests)
         guided = have.rows - have.requests
         want_guided = _pow2(guided) if guided else 0
-        want_prompt = max(MIN_BUCKET, _pow2(have.prompt))
+        # (a dummy's prompt leaves the model a position to answer in: `DecodeLoop` refuses one that does not)
+        want_prompt = min(max(MIN_BUCKET, _pow2(have.prompt)),
+                          max(have.prompt, self.pipe.decode_loop.config.decoder.max_position_embeddings - 1))
         want_pictures = _pow2(have.pictures) if have.pictures else 0
         rows = have.rows + 2 * (want_guided - guided)
         if rows > self.max_rows:
