@@ -66,6 +66,8 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     """Linear warm-up from 0 over `warmup_fraction` of the steps, then half a cosine down to 0
     (a fraction that rounds to no step: no warm-up, the full rate at step 0)."""
     warmup = int(round(config.total_steps * config.warmup_fraction))
+    if warmup == 0:  # (optax's warm-up schedule logs that a 0-step warm-up is constant)
+        return optax.cosine_decay_schedule(config.learning_rate, max(config.total_steps, 1), alpha=0.0)
     return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(config.total_steps, warmup + 1),
                                               end_value=0.0)
 
