@@ -62,6 +62,12 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog)
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["understand", str(tmp_path / "picture.png"), "What shape is this?", "--quantize", "int4"])
     assert "'none', 'int8'" in capsys.readouterr().err
+    # reconstruct, too, falls back to the bundled VQ-GAN (it asked for --vqgan), at the world's 64 px
+    thing = shapes.Thing("blue", "square", "top right")
+    shapes.draw([thing]).save(tmp_path / "square.png")
+    assert main(["reconstruct", str(tmp_path / "square.png"), "--out", str(tmp_path / "again.png")]) == 0
+    assert "64x64 crop -> 4x4 codes" in capsys.readouterr().out
+    assert shapes.check_picture(Image.open(tmp_path / "again.png")).matches(thing)
 
 
 def test_int8_answers_word_for_word_like_the_float_model():

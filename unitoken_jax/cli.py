@@ -64,12 +64,19 @@ def _reconstruct(args) -> int:
     from unitoken_jax.tokenizer.images import load_image, vq_crop
     from unitoken_jax.vq_tokenizer import VQTokenizer
 
+    from unitoken_jax.world import default
+
     _check_out(args.out)
     vqgan = args.vqgan or os.environ.get("UNITOKEN_VQGAN")
     _compilation_cache(args)
+    if not vqgan and default.available():  # as the other verbs fall back to the bundled model
+        vqgan = os.path.join(default.DEFAULT_DIR, "vqgan")
+        args.size = default.settings()["vq_size"] if args.size is None else args.size
+        _LOG.info("no --vqgan: using the bundled shapes-world VQ-GAN (%s), %d px crops", vqgan, args.size)
     if not vqgan:
         raise ValueError("no VQ-GAN: pass --vqgan (Meta's vqgan.ckpt with vqgan.yaml beside it, a VQ-GAN directory this "
                          "package wrote, or an HF Chameleon / UniToken directory) or set UNITOKEN_VQGAN")
+    args.size = 512 if args.size is None else args.size
     vq = VQTokenizer.load(vqgan)
     image = load_image(args.image)
     codes = vq.encode_images([image], size=args.size)
@@ -405,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     recon.add_argument("image")
     recon.add_argument("--out", required=True, help="where to write the reconstruction (PNG)")
     recon.add_argument("--vqgan", default=None, help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this "
-                                                     "package wrote, or an HF Chameleon / UniToken dir; or $UNITOKEN_VQGAN")
-    recon.add_argument("--size", type=int, default=512, help="crop side in pixels (a multiple of 32)")
+                                                     "package wrote, or an HF Chameleon / UniToken dir; default "
+                                                     "$UNITOKEN_VQGAN, else the bundled shapes-world VQ-GAN")
+    recon.add_argument("--size", type=int, default=None,
+                       help="crop side in pixels (a multiple of 32; default 512, 64 with the bundled VQ-GAN)")
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
 
