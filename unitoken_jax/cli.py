@@ -247,20 +247,32 @@ def _chat(args) -> int:
     pipe = _pipeline(args)
     messages, images, pending, drawn = [], [], [], 0
     os.makedirs(args.out_dir, exist_ok=True)
-    print("chat: type a message; '/image PATH' attaches a picture; an empty line or EOF ends.", file=sys.stderr)
+    help_text = ("chat: type a message; '/image PATH' attaches a picture to the next one; '/help' shows this; a "
+                 "message that starts with '/' is typed '//...'; an empty line or EOF ends.")
+    print(help_text, file=sys.stderr)
     for line in sys.stdin:
         line = line.rstrip("\n")
         if not line:
             break
-        if line.startswith("/image "):
-            path = line[len("/image "):].strip()
+        command, _, rest = line.partition(" ")
+        if command == "/image":
             try:
-                load_image(path)
+                if not rest.strip():
+                    raise ImageError("'/image' needs the path of a picture")
+                load_image(rest.strip())
             except ImageError as e:
                 print(f"chat: not attached: {e}", file=sys.stderr, flush=True)
             else:
-                pending.append(path)
+                pending.append(rest.strip())
             continue
+        if command == "/help":
+            print(help_text, file=sys.stderr, flush=True)
+            continue
+        if line.startswith("/") and not line.startswith("//"):  # not sent to the model as a message
+            print(f"chat: unknown command {command!r} (nothing sent); a message that starts with '/' is typed "
+                  "'//...'", file=sys.stderr, flush=True)
+            continue
+        line = line[1:] if line.startswith("//") else line
         messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
         images += pending
         try:
