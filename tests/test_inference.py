@@ -464,11 +464,12 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert out.count("assistant:") == 2 and "nope.png: no such file" in err and "left out" in err
     # commands: '/help' shows them, an unknown one or '/image' without a path is reported and nothing is
     # sent; '//' sends a message that starts with '/'
-    monkeypatch.setattr("sys.stdin", io.StringIO("/help\n/image\n/hepl me\n//image is a word\nthe cat\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/help\n/image\n/hepl me\n//image is a word\nthe cat\n/image {cat}\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", *common]) == 0
     out, err = capsys.readouterr()
     assert out.count("assistant:") == 2 and err.count("'/help' shows this") == 2
     assert "unknown command '/hepl' (nothing sent)" in err and "'/image' needs the path" in err
+    assert f"ended with 1 attached picture(s) no message took: {cat}" in err
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
     assert "cfg_scale" in capsys.readouterr().err

@@ -298,6 +298,9 @@ def _chat(args) -> int:
                 images.append(path)
         print("assistant:", "".join(shown), flush=True)
         messages.append({"from": "gpt", "value": "".join(reply)})
+    if pending:
+        print(f"chat: ended with {len(pending)} attached picture(s) no message took: {', '.join(pending)}",
+              file=sys.stderr, flush=True)
     return 0
 
 
