@@ -272,7 +272,8 @@ def test_rows_stop_at_the_models_last_position_and_a_chats_turns_share_the_loop(
         loop.generate([text("he" + " is the cat" * 60, 3)])
     picture = pipe.generate_request("a cat", size=(32, 32), cfg=3.0)
     need = layout.generated_image_length((1, 1)) - 1
-    tight = cfg.replace(decoder=dataclasses.replace(cfg.decoder, max_position_embeddings=len(picture.tokens) + need - 1))
+    tight = cfg.replace(decoder=dataclasses.replace(cfg.decoder,
+                                                    max_position_embeddings=len(picture.tokens) + need - 1))
     with pytest.raises(ValueError, match=f"the {need - 1} positions the model has after the prompt's"):
         DecodeLoop(tight, params).generate([picture])
 
@@ -464,7 +465,8 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert out.count("assistant:") == 2 and "nope.png: no such file" in err and "left out" in err
     # commands: '/help' shows them, an unknown one or '/image' without a path is reported and nothing is
     # sent; '//' sends a message that starts with '/'
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"/help\n/image\n/hepl me\n//image is a word\nthe cat\n/image {cat}\n"))
+    monkeypatch.setattr("sys.stdin",
+                        io.StringIO(f"/help\n/image\n/hepl me\n//image is a word\nthe cat\n/image {cat}\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", *common]) == 0
     out, err = capsys.readouterr()
     assert out.count("assistant:") == 2 and err.count("'/help' shows this") == 2

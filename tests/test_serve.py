@@ -558,9 +558,13 @@ def test_a_batch_whose_prompt_bucket_is_the_whole_model_still_runs(pipe):
     positions = pipe.model.config.decoder.max_position_embeddings
     picture = shapes.draw([Thing("red", "circle", "top left")])
     words = "What colour is the shape?"
-    while len(pipe.chat_request([{"from": "human", "value": "<|image|>\n" + words}], [picture]).tokens) <= positions // 2:
+
+    def ask(words):
+        return [{"from": "human", "value": "<|image|>\n" + words}]
+
+    while len(pipe.chat_request(ask(words), [picture]).tokens) <= positions // 2:
         words = "Look closely. " + words
-    long = pipe.chat_request([{"from": "human", "value": "<|image|>\n" + words}], [picture], max_new_tokens=8)
+    long = pipe.chat_request(ask(words), [picture], max_new_tokens=8)
     padded = engine.pad([long])
     assert shape_of(padded).prompt == positions - 1 and len(padded) == 2
     (batched,) = engine.run([long])

@@ -74,8 +74,8 @@ def _reconstruct(args) -> int:
         args.size = default.settings()["vq_size"] if args.size is None else args.size
         _LOG.info("no --vqgan: using the bundled shapes-world VQ-GAN (%s), %d px crops", vqgan, args.size)
     if not vqgan:
-        raise ValueError("no VQ-GAN: pass --vqgan (Meta's vqgan.ckpt with vqgan.yaml beside it, a VQ-GAN directory this "
-                         "package wrote, or an HF Chameleon / UniToken directory) or set UNITOKEN_VQGAN")
+        raise ValueError("no VQ-GAN: pass --vqgan (Meta's vqgan.ckpt with vqgan.yaml beside it, a VQ-GAN directory "
+                         "this package wrote, or an HF Chameleon / UniToken directory) or set UNITOKEN_VQGAN")
     args.size = 512 if args.size is None else args.size
     vq = VQTokenizer.load(vqgan)
     image = load_image(args.image)

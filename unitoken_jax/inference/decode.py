@@ -198,7 +198,8 @@ def _row_params(rows, primary, uncond_row, prompt_len, positions: int | None = N
         temperature=per(lambda r: r.temperature, np.float32), top_k=per(lambda r: r.top_k, np.int32),
         top_p=per(lambda r: r.top_p, np.float32), image_temperature=per(lambda r: r.image_temperature, np.float32),
         image_top_k=per(lambda r: r.image_top_k, np.int32), image_top_p=per(lambda r: r.image_top_p, np.float32),
-        cfg_scale=per(lambda r: r.cfg_scale, np.float32), max_new=per(lambda r: min(r.max_new_tokens, (positions or math.inf) - len(r.tokens)), np.int32),
+        cfg_scale=per(lambda r: r.cfg_scale, np.float32),
+        max_new=per(lambda r: min(r.max_new_tokens, (positions or math.inf) - len(r.tokens)), np.int32),
         stop_tokens=stop, key=jax.vmap(jax.random.key)(jnp.array([r.seed for r, *_ in rows], jnp.uint32)),
         primary=primary, uncond_row=uncond_row, prompt_len=prompt_len)
 
