@@ -472,6 +472,14 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert out.count("assistant:") == 2 and err.count("'/help' shows this") == 2
     assert "unknown command '/hepl' (nothing sent)" in err and "'/image' needs the path" in err
     assert f"ended with 1 attached picture(s) no message took: {cat}" in err
+    # '/reset' starts over: the same first message gets the same sampled answer (a turn's seed and its
+    # history both follow the conversation's length), and the model is not reloaded
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {cat}\nthe cat\n/reset\n/image {cat}\nthe cat\n"))
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", "--temperature", "1",
+                     *common]) == 0
+    out, err = capsys.readouterr()
+    first, again = [line for line in out.splitlines() if line.startswith("assistant:")]
+    assert first == again and "chat: a new conversation" in err
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
     assert "cfg_scale" in capsys.readouterr().err

@@ -247,8 +247,9 @@ def _chat(args) -> int:
     pipe = _pipeline(args)
     messages, images, pending, drawn = [], [], [], 0
     os.makedirs(args.out_dir, exist_ok=True)
-    help_text = ("chat: type a message; '/image PATH' attaches a picture to the next one; '/help' shows this; a "
-                 "message that starts with '/' is typed '//...'; an empty line or EOF ends.")
+    help_text = ("chat: type a message; '/image PATH' attaches a picture to the next one; '/reset' starts a new "
+                 "conversation; '/help' shows this; a message that starts with '/' is typed '//...'; an empty line "
+                 "or EOF ends.")
     print(help_text, file=sys.stderr)
     for line in sys.stdin:
         line = line.rstrip("\n")
@@ -267,6 +268,10 @@ def _chat(args) -> int:
             continue
         if command == "/help":
             print(help_text, file=sys.stderr, flush=True)
+            continue
+        if command == "/reset":  # the model stays loaded (and its programs compiled)
+            messages, images, pending = [], [], []
+            print("chat: a new conversation", file=sys.stderr, flush=True)
             continue
         if line.startswith("/") and not line.startswith("//"):  # not sent to the model as a message
             print(f"chat: unknown command {command!r} (nothing sent); a message that starts with '/' is typed "
