@@ -120,9 +120,9 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     from unitoken_jax.models.unitoken import UniToken
 
     # the prefill's batch as `loop.generate` builds it (the prompt padded to its multiple)
-    _, batch, _, _, _ = loop._prepare([Request(np.array(prompt), max_new_tokens=steps)] * rows)
+    _, batch, _, _, cache_len = loop._prepare([Request(np.array(prompt), max_new_tokens=steps)] * rows)
     length = batch[0].shape[1]
-    capacities = loop._capacities(length, steps, chunk)  # as `loop.generate` grows its cache
+    capacities = loop._capacities(length, steps, chunk, cache_len)  # as `loop.generate` grows its cache
     steps = timed_steps or steps
     segments = []  # (first step, end step, cache length)
     for end, capacity in zip(range(chunk, steps + chunk, chunk), capacities):

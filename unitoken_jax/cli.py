@@ -257,14 +257,16 @@ def _chat(args) -> int:
             break
         command, _, rest = line.partition(" ")
         if command == "/image":
+            path = rest.strip()
+            if not path:
+                print("chat: '/image' needs the path of a picture", file=sys.stderr, flush=True)
+                continue
             try:
-                if not rest.strip():
-                    raise ImageError("'/image' needs the path of a picture")
-                load_image(rest.strip())
+                load_image(path)
             except ImageError as e:
                 print(f"chat: not attached: {e}", file=sys.stderr, flush=True)
             else:
-                pending.append(rest.strip())
+                pending.append(path)
             continue
         if command == "/help":
             print(help_text, file=sys.stderr, flush=True)
