@@ -480,6 +480,12 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     first, again = [line for line in out.splitlines() if line.startswith("assistant:")]
     assert first == again and "chat: a new conversation" in err
+    # without --max-new-tokens a turn gets the pipeline's chat budget (the CLI's other verbs: 256)
+    asked = []
+    monkeypatch.setattr(UniTokenPipeline, "chat", lambda self, m, i, **options: asked.append(options) or ["ok"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), *common]) == 0
+    assert asked[0]["max_new_tokens"] == pipe.chat_request([{"from": "human", "value": "hi"}]).max_new_tokens == 512
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
     assert "cfg_scale" in capsys.readouterr().err

@@ -510,13 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     edi.set_defaults(func=_edit)
     cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out",
                      description="A conversation on stdin: each line is a turn; a line '/image PATH' attaches "
-                                 "that picture to the next turn; an empty line or EOF ends it. Pictures the "
-                                 "model draws are written to --out-dir.")
+                                 "that picture to the next turn, '/reset' starts over, '/help' lists the commands; "
+                                 "an empty line or EOF ends it. Pictures the model draws are written to --out-dir. "
+                                 "--max-new-tokens defaults to 512 here.")
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
     cha.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance for a picture an answer "
                                                             "draws, from its <racm3:break> on (1 = off)")
     model_args(cha)
-    cha.set_defaults(func=_chat)
+    # the pipeline's chat budget: with the bundled model's 512 positions every turn then ends at the
+    # model's last position, so turns share the decode loop's shapes (README, Inference)
+    cha.set_defaults(func=_chat, max_new_tokens=512)
     srv = add_parser("serve", help="an OpenAI-compatible HTTP server (chat with pictures, images generations and "
                                    "edits), batching concurrent calls")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (another than 127.0.0.1 opens the "
