@@ -143,6 +143,10 @@ MUTATIONS = (
     Mutation("cache_follows_the_prompt", "the cache sized by prompt + budget (each chat turn compiles its loop)",
              "unitoken_jax/inference/decode.py", "cache_len = min(width + max_new, max(width, positions))",
              "cache_len = width + max_new", ("tests/test_inference.py", "-k", "last_position")),
+    Mutation("reuse_ignores_pictures", "a chat turn reusing the kept cache past a picture that changed under the same "
+             "tokens", "unitoken_jax/inference/decode.py",
+             "same &= ~cont | ((kept.feature_index[:n] == index) & identical[picture])",
+             "same &= ~cont | (kept.feature_index[:n] == index)", ("tests/test_inference.py", "-k", "reuses_the_kept")),
     Mutation("prompt_padding_attended", "the prefill's padding attended to (segment 1 where no prompt is)",
              "unitoken_jax/inference/decode.py", "tokens[b, :len(toks)], segments[b, :len(toks)] = toks, 1",
              "tokens[b, :len(toks)], segments[b, :] = toks, 1", ("tests/test_inference.py", "-k", "prompts_a_few")),

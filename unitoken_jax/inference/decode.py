@@ -239,6 +239,18 @@ def _copy_fits(nbytes: int) -> bool:
 
 
 @dataclasses.dataclass
+class _KeptCache:
+    """What a `generate(reuse_cache=True)` call leaves for the next: its row's KV cache and the
+    inputs whose keys and values its first `len(tokens)` slots hold."""
+
+    tokens: np.ndarray  # [n] ids: the prompt, then the tokens drawn and fed back
+    is_continuous: np.ndarray  # [n]
+    feature_index: np.ndarray  # [n]
+    pixels: np.ndarray | None  # the request's pictures, which the continuous positions' features come from
+    cache: Cache
+
+
+@dataclasses.dataclass
 class Generation:
     tokens: list[np.ndarray]  # generated ids of each request (prompt excluded)
 
@@ -318,6 +330,7 @@ class DecodeLoop:
             else:
                 params = layout(params)
         self._params = params
+        self._kept = None  # a cache kept for `generate(reuse_cache=True)` holds these parameters' keys
 
     @property
     def _code_logits(self) -> int:
@@ -472,12 +485,108 @@ class DecodeLoop:
 
         return jax.jit(grow, static_argnums=(1,))  # (a larger output cannot reuse the old buffers)
 
-    def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None
-                 ) -> Generation:
+    @functools.cached_property
+    def _extend(self):
+        def extend(params, cache, tokens, segments, cont, index, pixels):
+            positions = cache["index"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+            last = jnp.sum(segments, axis=1) - 1
+            logits, cache = self._apply(params, tokens, positions, segments, cont if pixels is not None else None,
+                                        index if pixels is not None else None, pixels, cache=cache, logits_at_B=last)
+            return logits[:, 0], cache
+
+        return jax.jit(extend, donate_argnums=(1,))
+
+    def _reusable(self, kept: _KeptCache, request: Request) -> int:
+        """How many of `request`'s first positions the kept cache holds already: the longest common
+        prefix of the two inputs (ids, and for a continuous position the same feature of an
+        identical picture), short of the prompt's last position, whose logits draw the first token."""
+        tokens = request.tokens
+        n = min(len(kept.tokens), len(tokens) - 1)
+        if n <= 0:
+            return 0
+        cont = request.is_continuous[:n] if request.is_continuous is not None else np.zeros(n, bool)
+        same = (kept.tokens[:n] == tokens[:n]) & (kept.is_continuous[:n] == cont)
+        if cont.any():
+            index = request.feature_index[:n]
+            if kept.pixels is None or kept.pixels.shape[1:] != request.pixels.shape[1:]:
+                same &= ~cont
+            else:
+                per_image = self.config.vision.features_per_image(request.pixels.shape[1:3])
+                shared = min(len(kept.pixels), len(request.pixels))
+                identical = np.array([np.array_equal(kept.pixels[i], request.pixels[i]) for i in range(shared)]
+                                     + [False])
+                picture = np.minimum(index // per_image, shared)
+                same &= ~cont | ((kept.feature_index[:n] == index) & identical[picture])
+        return n if same.all() else int(np.argmin(same))
+
+    def _rest_batch(self, request: Request, start: int):
+        """The one-row batch of `request`'s positions from `start` on, padded to `prompt_multiple`,
+        with only the pictures those positions take features from."""
+        rest = request.tokens[start:]
+        width = prefill_width(len(rest), self.prompt_multiple)
+        tokens, segments = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+        cont, index = np.zeros((1, width), bool), np.zeros((1, width), np.int32)
+        tokens[0, :len(rest)], segments[0, :len(rest)] = rest, 1
+        pixels = None
+        if request.is_continuous is not None and request.is_continuous[start:].any():
+            c, fi = request.is_continuous[start:], np.asarray(request.feature_index[start:])
+            per_image = self.config.vision.features_per_image(request.pixels.shape[1:3])
+            used = np.unique(fi[c] // per_image)
+            cont[0, :len(rest)] = c
+            index[0, :len(rest)] = np.where(c, np.searchsorted(used, fi // per_image) * per_image + fi % per_image, 0)
+            pixels = request.pixels[used]
+        return tokens, segments, cont, index, pixels
+
+    def _extend_from(self, cache: Cache, request: Request, start: int, capacity: int):
+        """(first logits, cache) of `request` from a kept `cache` whose first `start` slots hold its
+        first positions: the cache grown to at least `capacity` slots (scanned layers: to twice its
+        length, at most the model's positions, so a conversation compiles a loop per doubling), the
+        rest of the prompt written after them. The cache goes to the computation (donated)."""
+        length = cache_length(cache)
+        if length < capacity:
+            positions = self.config.decoder.max_position_embeddings
+            length = capacity if self.layers == "unrolled" else min(max(capacity, 2 * length),
+                                                                    max(capacity, positions))
+            cache = self._grow(cache, length)
+        if start + prefill_width(len(request.tokens) - start, self.prompt_multiple) > length:
+            start -= start % self.prompt_multiple  # the rest's padding then ends within the prefill's width
+        cache = {**cache, "index": jnp.full((1,), start, jnp.int32)}
+        return self._extend(self.params, cache, *self._rest_batch(request, start))
+
+    def _keep(self, request: Request, state: SamplingState) -> None:
+        """Keeps the one row's cache and what its filled slots hold, for the next call to reuse."""
+        fed = int(jax.device_get(state.cache["index"])[0])
+        n_out = int(jax.device_get(state.n_out)[0])
+        ids = np.concatenate([request.tokens, np.asarray(state.out[0, :n_out])]).astype(np.int32)
+        if fed > len(ids):
+            raise AssertionError(f"the cache holds {fed} positions, more than the {len(ids)} given and drawn")
+        n = len(request.tokens)
+        cont, index = np.zeros(fed, bool), np.zeros(fed, np.int32)
+        if request.is_continuous is not None:
+            cont[:n], index[:n] = request.is_continuous, request.feature_index
+        self._kept = _KeptCache(ids[:fed], cont, index, request.pixels, state.cache)
+
+    def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None,
+                 reuse_cache: bool = False) -> Generation:
+        """Decodes the requests as one batch. `reuse_cache` (a single request without guidance, e.g.
+        a chat's next turn): the positions its prompt shares with the last such call's prompt and
+        answer are taken from that call's KV cache instead of being computed again, and this
+        call's cache is kept for the next (on the device, until a call that does not reuse it). A
+        turn then prefills only the new messages and, on an accelerator, compiles nothing new while
+        the cache holds the conversation (it grows by doubling, up to the model's positions)."""
+        kept, self._kept = self._kept, None  # a call that does not reuse the cache frees it
         rows, batch, params, max_new, cache_len = self._prepare(requests)
         capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
+        reuse_cache = reuse_cache and len(rows) == 1
+        start = self._reusable(kept, requests[0]) if reuse_cache and kept is not None else 0
+        if not start:
+            kept = None
         with sharding.mesh_context(self.mesh):
-            logits, cache = self._prefill(self.params, *batch, capacities[0])
+            if start:
+                cache, kept = kept.cache, None
+                logits, cache = self._extend_from(cache, requests[0], start, capacities[0])
+            else:
+                logits, cache = self._prefill(self.params, *batch, capacities[0])
             state = self._initial_state(rows, logits, cache, max_new)
             params = jax.tree.map(jnp.asarray, params)
             step = 0
@@ -491,6 +600,8 @@ class DecodeLoop:
                                              "n_out": state.n_out, "out": state.out}))
                 if step >= max_new or bool(jnp.all(state.done)):
                     break
+        if reuse_cache:
+            self._keep(requests[0], state)
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)
         return Generation([out[i, :n_out[i]] for i in range(len(requests))])
 

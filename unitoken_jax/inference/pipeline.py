@@ -165,8 +165,10 @@ class UniTokenPipeline:
         return Request(**self._encode(item), **{"max_new_tokens": 512, "allow_images": True, **options})
 
     # --- running --------------------------------------------------------------------------------
-    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False) -> list[list]:
-        """Generates all requests as one batch; each result is [text, picture, ...]."""
+    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,
+            reuse_cache: bool = False) -> list[list]:
+        """Generates all requests as one batch; each result is [text, picture, ...]. `reuse_cache`:
+        see `DecodeLoop.generate` (what `chat` does)."""
         bar = None
         callback = None
         total_rows = sum(r.grid_hw[0] * layout.CODES_PER_GRID for r in requests if r.grid_hw is not None)
@@ -180,7 +182,7 @@ class UniTokenPipeline:
                 drawn = np.minimum(info["rows_drawn"][:n] + info["images_done"][:n] * heights, heights)
                 bar.update(int(drawn.sum()) - bar.n)
 
-        out = self.decode_loop.generate(requests, progress=callback)
+        out = self.decode_loop.generate(requests, progress=callback, reuse_cache=reuse_cache)
         if bar is not None:
             bar.update(total_rows - bar.n)
             bar.close()
@@ -223,6 +225,10 @@ class UniTokenPipeline:
     def chat(self, messages, images=(), **options) -> list:
         """The next assistant turn of a conversation: [text, picture, ...]. A picture the model
         starts but `max_new_tokens` cuts off is completed by the repair rules of
-        `layout.parse_image_ids` rather than raising."""
-        (result,) = self.run([self.chat_request(messages, images, **options)], repair=True)
+        `layout.parse_image_ids` rather than raising.
+
+        The conversation's earlier turns are not computed again: the positions this call's prompt
+        shares with the previous chat call's prompt and answer come from that call's KV cache,
+        which the decode loop keeps on the device until a call that is not a chat turn."""
+        (result,) = self.run([self.chat_request(messages, images, **options)], repair=True, reuse_cache=True)
         return result
