@@ -493,9 +493,18 @@ def test_sharded_decoding_equals_single_device(pipe):
     sharded = unitoken_jax.UniTokenModel(pipe.model.config, pipe.model.params).shard(mesh)
     requests = _requests(pipe)[:2]
     single = pipe.decode_loop.generate(requests).tokens
-    multi = DecodeLoop(sharded.config, sharded.params, mesh).generate(requests).tokens
+    multi_loop = DecodeLoop(sharded.config, sharded.params, mesh)
+    multi = multi_loop.generate(requests).tokens
     for a, b in zip(single, multi):
         np.testing.assert_array_equal(a, b)
+    # a chat's turns with the kept cache sharded (the extend writes into it under the mesh)
+    cat = str(pipe.image_dir / "cat.png")
+    turns = [("<|image|> " + "the cat is " * 3, cat), ("and he is the cat or " * 3, None)]
+    chat = [drawn for _, drawn in _chat_turns(pipe, multi_loop, turns, max_new_tokens=6, temperature=1.0)]
+    assert multi_loop._kept is not None and len(multi_loop._kept.cache["k"]) and multi_loop._extend._cache_size()
+    for (request, _), drawn in zip(_chat_turns(pipe, DecodeLoop(pipe.model.config, pipe.model.params), turns,
+                                               max_new_tokens=6, temperature=1.0), chat):
+        np.testing.assert_array_equal(drawn, pipe.decode_loop.generate([request]).tokens[0])
 
 
 def test_smoke_bfloat16_decoding_draws_a_well_formed_picture(pipe):
