@@ -572,8 +572,9 @@ class DecodeLoop:
         a chat's next turn): the positions its prompt shares with the last such call's prompt and
         answer are taken from that call's KV cache instead of being computed again, and this
         call's cache is kept for the next (on the device, until a call that does not reuse it). A
-        turn then prefills only the new messages and, on an accelerator, compiles nothing new while
-        the cache holds the conversation (it grows by doubling, up to the model's positions)."""
+        turn then prefills only its new messages, and compiles only where their padded width or
+        the cache's length is new; on an accelerator the cache grows by doubling, up to the model's
+        positions (benchmarks/chat_turns.py)."""
         kept, self._kept = self._kept, None  # a call that does not reuse the cache frees it
         rows, batch, params, max_new, cache_len = self._prepare(requests)
         capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
