@@ -379,6 +379,20 @@ def test_continuous_batching_answers_as_alone(pipe):
         same = [np.array_equal(np.asarray(together[i]), np.asarray(alone[i].convert("RGB"))) for i in range(1, 16, 2)]
         assert all(same), f"only {sum(same)} of 8 pictures equal their run alone"
 
+        # a follow-up turn (the client sends the history again) continues in the slot that holds
+        # the first: its shared positions are not computed again, and it answers as alone
+        assert _metric(server, "unitoken_prompt_positions_reused_total") == 0
+        thing, question = QUESTIONS[0]
+        follow_up = _question(pictures[0], question) + [{"role": "assistant", "content": together[0]},
+                                                        {"role": "user", "content": "Where is the shape?"}]
+        answer = server.client(timeout=300).chat.completions.create(model=MODEL, messages=follow_up, seed=7,
+                                                                    max_tokens=32).choices[0].message.content
+        request = pipe.chat_request([{"from": "human", "value": f"<|image|>\n{question}"},
+                                     {"from": "gpt", "value": together[0]},
+                                     {"from": "human", "value": "Where is the shape?"}], [pictures[0]], seed=7,
+                                    max_new_tokens=32)
+        assert answer == "".join(pipe.run([request], repair=True)[0])
+        assert _metric(server, "unitoken_prompt_positions_reused_total") > len(request.tokens) // 2
     finally:
         server.stop()
 

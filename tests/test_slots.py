@@ -69,6 +69,41 @@ def test_requests_admitted_mid_run_equal_their_runs_alone_and_slots_are_reused(p
     assert decoder.free_slots == 2 and not decoder.busy
 
 
+def test_a_conversations_next_turn_continues_in_the_slot_that_holds_it(pipe):
+    """A free slot keeps what its last request left in the cache. A chat's next turn (the history
+    sent again, as an OpenAI client does), admitted while another request runs, goes into the slot
+    that holds the conversation and computes only its new positions; it samples what it samples
+    alone. A request that shares only the template's first tokens takes an empty slot instead."""
+    from unitoken_jax.tokenizer.conversation import decode
+
+    picture = shapes.draw([shapes.Thing("green", "square", "bottom right")])
+    decoder = SlotDecoder(pipe.decode_loop, slots=3, length=256, chunk=4)
+    messages = [{"from": "human", "value": "<|image|>\nWhat colour is the shape?"}]
+    first = pipe.chat_request(messages, [picture], max_new_tokens=16, temperature=0.9, seed=1)
+    answer = decoder.run_all({"first": first})["first"]
+    np.testing.assert_array_equal(answer, pipe.decode_loop.generate([first]).tokens[0])
+    (held,) = decoder._held
+    assert decoder.reused_positions == 0
+
+    other = pipe.understand_request([], shapes.QUESTIONS["caption"], max_new_tokens=12)
+    assert decoder.admit("other", other) != [held]
+    text = "".join(p for p in decode(answer, pipe.tokenizer, pipe.vq, repair=True) if isinstance(p, str))
+    messages += [{"from": "gpt", "value": text}, {"from": "human", "value": "Where is the shape?"}]
+    second = pipe.chat_request(messages, [picture], max_new_tokens=16, temperature=0.9, seed=2)
+    decoder.step()  # "other" part-way through
+    assert decoder.admit("second", second) == [held]
+    # the first turn's prompt and the answer's ids but the last (the row ended when it drew it: it
+    # was never fed back), as far as the second prompt repeats them
+    kept = np.concatenate([first.tokens, answer[:-1]])
+    shared = np.cumprod(kept[:len(second.tokens) - 1] == second.tokens[:len(kept)][:len(second.tokens) - 1]).sum()
+    assert decoder.reused_positions == shared > len(first.tokens)
+    out = {}
+    while decoder.busy:
+        out.update(decoder.step())
+    for name, request in (("other", other), ("second", second)):
+        np.testing.assert_array_equal(out[name], pipe.decode_loop.generate([request]).tokens[0], err_msg=name)
+
+
 def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
     """A guided chat request's partner starts where the answer's picture does: the picture equals
     the one drawn by a guided request whose prompt is the chat prompt plus the answer up to its

@@ -20,6 +20,12 @@ Admission prefills the new rows alone (prompt length and row count padded to pow
 shapes compile) and writes their keys, values, first logits and fresh state into their slots on
 the device; nothing else moves. Shapes the loop compiles for: the slot count and cache length
 (fixed).
+
+A free slot keeps what its last request left in the cache (the prompt and the answer's ids). An
+unguided request whose prompt starts with what a free slot holds (a conversation's next turn: the
+client sends the history again) is admitted into that slot and only the rest of its prompt is
+computed, on top of the kept keys and values (`DecodeLoop._extend`, the rest padded to a power of
+two); it samples what a full prefill samples. `reused_positions` counts the positions taken so.
 """
 
 from __future__ import annotations
@@ -40,11 +46,16 @@ from unitoken_jax.inference.decode import (
     SamplingState,
     _build_batch,
     _initial_grid,
+    _KeptCache,
     _row_params,
     _rows,
+    prefill_width,
 )
 from unitoken_jax.inference.grid import DONE, GridState
 from unitoken_jax.models.chameleon import init_cache
+
+
+MIN_REUSE = 32  # positions a request must share with a free slot's kept cache to be admitted into it
 
 
 def _pow2(n: int) -> int:
@@ -66,6 +77,8 @@ class SlotDecoder:
         self.loop, self.n_slots, self.length, self.chunk = loop, slots, length, chunk
         self.running: dict[Hashable, _Running] = {}
         self._free = list(range(slots))
+        self._held: dict[int, _KeptCache] = {}  # a free slot -> what its cache holds (ids, pictures; no arrays)
+        self.reused_positions = 0  # prompt positions taken from free slots' caches instead of computed
         config = loop.config
         self._vocab = config.decoder.vocab_size
         n, z = slots, np.zeros(slots, np.int32)
@@ -134,16 +147,71 @@ class SlotDecoder:
                 raise ValueError(f"a prompt of {longest} positions and {request.max_new_tokens} new tokens do not fit "
                                  f"a slot of {self.length} positions")
             placed[name] = (request, rows, uncond)
-        out = {}
+        out, extends = {}, []
         for name, (request, rows, uncond) in placed.items():
-            slots = [self._free.pop(0) for _ in rows]
-            all_rows += rows
-            all_slots += slots
+            slot, start = self._best_slot(request) if uncond[0] < 0 else (None, 0)
+            if start:
+                self._free.remove(slot)
+                slots = [slot]
+                extends.append((slot, request, start))
+            else:  # slots that hold nothing first, so the kept caches last
+                slots = []
+                for _ in rows:
+                    slots.append(min(self._free, key=lambda s: (s in self._held, s)))
+                    self._free.remove(slots[-1])
+                all_rows += rows
+                all_slots += slots
+            for slot in slots:
+                self._held.pop(slot, None)
             self._set_params(rows, slots, uncond[0] >= 0)
             self.running[name] = _Running(request, slots)
             out[name] = slots
-        self._prefill_into(all_rows, all_slots)
+        if all_rows:
+            self._prefill_into(all_rows, all_slots)
+        for slot, request, start in extends:
+            self._extend_into(slot, request, start)
         return out
+
+    def _best_slot(self, request: Request) -> tuple[int | None, int]:
+        """The free slot whose kept cache holds the most of `request`'s first positions, and how
+        many; (None, 0) below `MIN_REUSE` (a shared system prompt alone does not take the slot of
+        a conversation that may come back)."""
+        best, most = None, MIN_REUSE - 1
+        for slot in self._free:
+            if slot in self._held:
+                start = self.loop._reusable(self._held[slot], request)
+                if start > most:
+                    best, most = slot, start
+        return (best, most) if best is not None else (None, 0)
+
+    def _extend_into(self, slot: int, request: Request, start: int) -> None:
+        """Writes `request`'s positions from `start` on into `slot`, after the `start` its cache holds."""
+        loop, n = self.loop, len(request.tokens)
+        if start + prefill_width(n - start, loop.prompt_multiple) > self.length:
+            start -= start % loop.prompt_multiple  # the rest's padding then ends within the prompt's width
+        tokens, segments, cont, index, pixels = loop._rest_batch(request, start)
+        width = min(_pow2(tokens.shape[1]), self.length - start)
+        if width > tokens.shape[1]:  # a power of two where it fits the slot: few shapes compile
+            pad = ((0, 0), (0, width - tokens.shape[1]))
+            tokens, segments, cont, index = (np.pad(a, pad) for a in (tokens, segments, cont, index))
+        grid = _initial_grid([(request, request.tokens, None, None, None)])
+        with sharding.mesh_context(loop.mesh):
+            cache = _take_row(self.state.cache, jnp.int32(slot), jnp.int32(start))
+            logits, cache = loop._extend(loop.params, cache, tokens, segments, cont, index, pixels)
+            self.state = _place(self.state, jnp.asarray([slot], jnp.int32), logits, cache,
+                                jax.tree.map(jnp.asarray, grid))
+        self.reused_positions += start
+
+    def _hold(self, running: _Running, n_out: int) -> None:
+        """Records what a finished request's row leaves in its slot's cache: its prompt and the
+        answer's ids fed back (all but a last stop token)."""
+        request, row = running.request, running.slots[0]
+        fed = int(np.asarray(self.state.cache["index"][row])) - len(request.tokens)
+        ids = np.concatenate([request.tokens, np.asarray(self.state.out[row, :max(0, min(fed, n_out))])])
+        cont, index = np.zeros(len(ids), bool), np.zeros(len(ids), np.int32)
+        if request.is_continuous is not None:
+            cont[:len(request.tokens)], index[:len(request.tokens)] = request.is_continuous, request.feature_index
+        self._held[row] = _KeptCache(ids.astype(np.int32), cont, index, request.pixels, cache=None)
 
     def _set_params(self, rows, slots: list[int], guided: bool) -> None:
         self._device_params = None
@@ -216,6 +284,8 @@ class SlotDecoder:
         for name, running in ended:
             row = running.slots[0]
             finished[name] = out[row, :n_out[row]].copy()
+            if len(running.slots) == 1:
+                self._hold(running, int(n_out[row]))
             del self.running[name]
             freed += running.slots
         self._release(freed)
@@ -251,6 +321,18 @@ def _place(state: SamplingState, slots, logits, cache, grid: GridState) -> Sampl
         out=put(state.out, jnp.zeros((slots.shape[0], state.out.shape[1]), state.out.dtype)),
         n_out=put(state.n_out, jnp.zeros_like(slots)),
         done=put(state.done, jnp.zeros(slots.shape, bool)))
+
+
+@jax.jit
+def _take_row(cache, slot, start):
+    """One slot's cache ([1, ...] buffers) with its index set to `start`."""
+    def take(a, axis):
+        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis)
+
+    def take_kv(buffers):  # a buffer per layer, or all layers stacked
+        return tuple(take(a, 0) for a in buffers) if isinstance(buffers, tuple) else take(buffers, 1)
+
+    return {"k": take_kv(cache["k"]), "v": take_kv(cache["v"]), "index": jnp.full((1,), start, jnp.int32)}
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

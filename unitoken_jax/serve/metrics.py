@@ -58,5 +58,8 @@ def render(requests: RequestCounter, scheduler, shapes: int) -> str:
            [("", scheduler.cancelled)])
     metric("unitoken_expired_total", "counter", "Calls dropped before they started: past their deadline.",
            [("", scheduler.expired)])
+    metric("unitoken_prompt_positions_reused_total", "counter", "Prompt positions taken from a free slot's kept "
+           "cache instead of computed (--batching continuous: a conversation's next turn).",
+           [("", getattr(getattr(scheduler, "decoder", None), "reused_positions", 0))])
     metric("unitoken_batch_shapes", "gauge", "Distinct padded batch shapes run (each compiled once).", [("", shapes)])
     return "\n".join(lines) + "\n"
