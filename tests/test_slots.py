@@ -103,6 +103,19 @@ def test_a_conversations_next_turn_continues_in_the_slot_that_holds_it(pipe):
     for name, request in (("other", other), ("second", second)):
         np.testing.assert_array_equal(out[name], pipe.decode_loop.generate([request]).tokens[0], err_msg=name)
 
+    # a guided turn that asks for a drawing (the model draws one) continues there too; its partner row
+    # is prefilled apart
+    text = "".join(p for p in decode(out["second"], pipe.tokenizer, pipe.vq, repair=True) if isinstance(p, str))
+    messages += [{"from": "gpt", "value": text}, {"from": "human", "value": "Draw a red circle at the top left"}]
+    third = pipe.chat_request(messages, [picture], max_new_tokens=64, cfg_scale=3.0, seed=3)
+    reused = decoder.reused_positions
+    slots = decoder.admit("third", third)
+    assert slots[0] == held and len(slots) == 2 and decoder.reused_positions > reused
+    out = {}
+    while decoder.busy:
+        out.update(decoder.step())
+    np.testing.assert_array_equal(out["third"], pipe.decode_loop.generate([third]).tokens[0])
+
 
 def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
     """A guided chat request's partner starts where the answer's picture does: the picture equals

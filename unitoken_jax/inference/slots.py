@@ -21,11 +21,12 @@ shapes compile) and writes their keys, values, first logits and fresh state into
 the device; nothing else moves. Shapes the loop compiles for: the slot count and cache length
 (fixed).
 
-A free slot keeps what its last request left in the cache (the prompt and the answer's ids). An
-unguided request whose prompt starts with what a free slot holds (a conversation's next turn: the
-client sends the history again) is admitted into that slot and only the rest of its prompt is
-computed, on top of the kept keys and values (`DecodeLoop._extend`, the rest padded to a power of
-two); it samples what a full prefill samples. `reused_positions` counts the positions taken so.
+A free slot keeps what its last request's row left in the cache (the prompt and the answer's ids).
+A request whose prompt starts with what a free slot holds (a conversation's next turn: the client
+sends the history again) is admitted into that slot and only the rest of its prompt is computed,
+on top of the kept keys and values (`DecodeLoop._extend`, the rest padded to a power of two; a
+guided request's unconditional partner is prefilled as usual); it samples what a full prefill
+samples. `reused_positions` counts the positions taken so.
 """
 
 from __future__ import annotations
@@ -149,18 +150,18 @@ class SlotDecoder:
             placed[name] = (request, rows, uncond)
         out, extends = {}, []
         for name, (request, rows, uncond) in placed.items():
-            slot, start = self._best_slot(request) if uncond[0] < 0 else (None, 0)
-            if start:
+            slot, start = self._best_slot(request)
+            slots = []
+            if start:  # the request's row continues a kept cache; a guided one's partner is prefilled
                 self._free.remove(slot)
-                slots = [slot]
+                slots.append(slot)
                 extends.append((slot, request, start))
-            else:  # slots that hold nothing first, so the kept caches last
-                slots = []
-                for _ in rows:
-                    slots.append(min(self._free, key=lambda s: (s in self._held, s)))
-                    self._free.remove(slots[-1])
-                all_rows += rows
-                all_slots += slots
+            for _ in rows[len(slots):]:  # slots that hold nothing first, so the kept caches last
+                slots.append(min(self._free, key=lambda s: (s in self._held, s)))
+                self._free.remove(slots[-1])
+            kept = 1 if start else 0  # rows not prefilled: the one continuing a kept cache
+            all_rows += rows[kept:]
+            all_slots += slots[kept:]
             for slot in slots:
                 self._held.pop(slot, None)
             self._set_params(rows, slots, uncond[0] >= 0)
@@ -284,8 +285,7 @@ class SlotDecoder:
         for name, running in ended:
             row = running.slots[0]
             finished[name] = out[row, :n_out[row]].copy()
-            if len(running.slots) == 1:
-                self._hold(running, int(n_out[row]))
+            self._hold(running, int(n_out[row]))  # (a guided request's partner row holds nothing to reuse)
             del self.running[name]
             freed += running.slots
         self._release(freed)
