@@ -325,6 +325,24 @@ def test_a_chats_next_turn_reuses_the_kept_cache_and_draws_what_a_full_prefill_d
         kept = loop._kept
         assert len(kept.tokens) > len(request.tokens) and np.array_equal(kept.tokens[:len(request.tokens)],
                                                                          request.tokens)
+    # a guided turn that draws: its row continues the kept cache, its unconditional partner is a
+    # second row prefilled alongside; only the row is kept
+    def then_draw(r, **options):
+        pad = np.zeros(1, r.is_continuous.dtype)
+        return dataclasses.replace(r, tokens=np.append(r.tokens, layout.IMAGE_START), grid_hw=(1, 1),
+                                   max_new_tokens=layout.generated_image_length((1, 1)), stop_after_image=True,
+                                   is_continuous=np.concatenate([r.is_continuous, pad]),
+                                   feature_index=np.append(r.feature_index, 0), **options)
+
+    guided = then_draw(request, cfg_scale=3.0, seed=11)
+    assert loop._reusable(loop._kept, guided) >= len(request.tokens)
+    drawn = loop.generate([guided], reuse_cache=True).tokens[0]
+    np.testing.assert_array_equal(drawn, fresh.generate([guided]).tokens[0])
+    assert layout.IMAGE_END in drawn.tolist() and loop._kept.cache["index"].shape == (1,)
+    assert not np.array_equal(drawn, fresh.generate([then_draw(request, seed=11)]).tokens[0])  # guidance mattered
+    assert extend.calls == len(turns)
+    loop.generate([request], reuse_cache=True)  # (the kept cache the next checks start from)
+
     # the same tokens with the first picture swapped: the reuse stops at its first feature, and the
     # first logits from the kept cache are the full prefill's
     swapped = dataclasses.replace(request, pixels=request.pixels[::-1].copy())

@@ -550,8 +550,45 @@ class DecodeLoop:
             cache = self._grow(cache, length)
         if start + prefill_width(len(request.tokens) - start, self.prompt_multiple) > length:
             start -= start % self.prompt_multiple  # the rest's padding then ends within the prefill's width
-        cache = {**cache, "index": jnp.full((1,), start, jnp.int32)}
-        return self._extend(self.params, cache, *self._rest_batch(request, start))
+        tokens, segments, cont, index, pixels = self._rest_batch(request, start)
+        starts = [start]
+        if request.cfg_scale != 1.0:  # the unconditional partner: a second row, prefilled from its start
+            uncond = np.asarray(request.uncond_tokens, np.int32)
+            width = max(tokens.shape[1], prefill_width(len(uncond), self.prompt_multiple))
+            widen = ((0, 0), (0, width - tokens.shape[1]))
+            tokens, segments, cont, index = (np.pad(a, widen) for a in (tokens, segments, cont, index))
+            partner = np.zeros((4, 1, width), np.int32)
+            partner[0, 0, :len(uncond)], partner[1, 0, :len(uncond)] = uncond, 1
+            tokens, segments, index = (np.concatenate([a, p]) for a, p in zip((tokens, segments, index),
+                                                                            partner[[0, 1, 3]]))
+            cont = np.concatenate([cont, partner[2].astype(bool)])
+            cache = self._add_row(cache)
+            starts.append(0)
+        cache = {**cache, "index": jnp.asarray(starts, jnp.int32)}
+        return self._extend(self.params, cache, tokens, segments, cont, index, pixels)
+
+    @functools.cached_property
+    def _add_row(self):
+        def add_row(cache):  # an empty row after the kept one (batch: axis 0 of a layer's buffer, 1 stacked)
+            def add(buffer, axis):
+                return jnp.concatenate([buffer, jnp.zeros_like(buffer)], axis=axis)
+
+            def add_kv(buffers):
+                return tuple(add(a, 0) for a in buffers) if isinstance(buffers, tuple) else add(buffers, 1)
+
+            return {"k": add_kv(cache["k"]), "v": add_kv(cache["v"])}
+
+        return jax.jit(add_row)  # (the output is larger: the input cannot be reused)
+
+    @functools.cached_property
+    def _first_row(self):
+        def first_row(cache):
+            def take(buffers):
+                return tuple(a[:1] for a in buffers) if isinstance(buffers, tuple) else buffers[:, :1]
+
+            return {"k": take(cache["k"]), "v": take(cache["v"]), "index": cache["index"][:1]}
+
+        return jax.jit(first_row)
 
     def _keep(self, request: Request, state: SamplingState) -> None:
         """Keeps the one row's cache and what its filled slots hold, for the next call to reuse."""
@@ -564,21 +601,22 @@ class DecodeLoop:
         cont, index = np.zeros(fed, bool), np.zeros(fed, np.int32)
         if request.is_continuous is not None:
             cont[:n], index[:n] = request.is_continuous, request.feature_index
-        self._kept = _KeptCache(ids[:fed], cont, index, request.pixels, state.cache)
+        cache = state.cache if state.cache["index"].shape[0] == 1 else self._first_row(state.cache)
+        self._kept = _KeptCache(ids[:fed], cont, index, request.pixels, cache)
 
     def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None,
                  reuse_cache: bool = False) -> Generation:
-        """Decodes the requests as one batch. `reuse_cache` (a single request without guidance, e.g.
-        a chat's next turn): the positions its prompt shares with the last such call's prompt and
-        answer are taken from that call's KV cache instead of being computed again, and this
-        call's cache is kept for the next (on the device, until a call that does not reuse it). A
+        """Decodes the requests as one batch. `reuse_cache` (a single request, e.g. a chat's next
+        turn): the positions its prompt shares with the last such call's prompt and answer are
+        taken from that call's KV cache instead of being computed again (a guided request's
+        unconditional partner is prefilled beside it), and this call's row's cache is kept for the next (on the device, until a call that does not reuse it). A
         turn then prefills only its new messages, and compiles only where their padded width or
         the cache's length is new; on an accelerator the cache grows by doubling, up to the model's
         positions (benchmarks/chat_turns.py)."""
         kept, self._kept = self._kept, None  # a call that does not reuse the cache frees it
         rows, batch, params, max_new, cache_len = self._prepare(requests)
         capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
-        reuse_cache = reuse_cache and len(rows) == 1
+        reuse_cache = reuse_cache and len(requests) == 1  # (a guided one's partner row is not kept)
         start = self._reusable(kept, requests[0]) if reuse_cache and kept is not None else 0
         if not start:
             kept = None
