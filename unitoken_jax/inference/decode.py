@@ -609,10 +609,11 @@ class DecodeLoop:
         """Decodes the requests as one batch. `reuse_cache` (a single request, e.g. a chat's next
         turn): the positions its prompt shares with the last such call's prompt and answer are
         taken from that call's KV cache instead of being computed again (a guided request's
-        unconditional partner is prefilled beside it), and this call's row's cache is kept for the next (on the device, until a call that does not reuse it). A
-        turn then prefills only its new messages, and compiles only where their padded width or
-        the cache's length is new; on an accelerator the cache grows by doubling, up to the model's
-        positions (benchmarks/chat_turns.py)."""
+        unconditional partner is prefilled beside it), and this call's row's cache is kept for the
+        next (on the device, until a call that does not reuse it). A turn then prefills only its
+        new messages, and compiles only where their padded width or the cache's length is new; on
+        an accelerator the cache grows by doubling, up to the model's positions
+        (benchmarks/chat_turns.py)."""
         kept, self._kept = self._kept, None  # a call that does not reuse the cache frees it
         rows, batch, params, max_new, cache_len = self._prepare(requests)
         capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
