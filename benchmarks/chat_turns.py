@@ -125,16 +125,18 @@ def main():
     questions = ["<|image|>\nWhat colour is the shape?", "Where is the shape?", "What shape is it?",
                  "What colour is the shape?", "Draw a red circle at the top left", "Where is the shape?"]
     turns = [(q, picture if i == 0 else None) for i, q in enumerate(questions)]
-    results = {}
-    for reuse in (False, True):
-        pipe = default.pipeline()
-        results[reuse] = converse(pipe, turns, reuse)
-    base = pipe
     lines += ["## 1. The bundled model on this CPU (unrolled layers, 512 positions)", "",
               "Six turns about one picture (the fifth asks for a drawing), each model's answer put back into the "
               "history; seconds per turn with a fresh pipeline per column (its compiles included), `reused` the "
-              "positions taken from the kept cache, `compiled` the programs the turn added.", ""]
-    lines += table(results[False], results[True])
+              "positions taken from the kept cache, `compiled` the programs the turn added."]
+    for title, options in (("`pipe.chat` (unguided)", {}), ("guided, as `unitoken chat` runs it (--cfg 3)",
+                                                            {"cfg_scale": 3.0})):
+        results = {}
+        for reuse in (False, True):
+            pipe = default.pipeline()
+            results[reuse] = converse(pipe, turns, reuse, **options)
+        lines += ["", f"### {title}", ""] + table(results[False], results[True])
+    base = pipe
     print("\n".join(lines), flush=True)
 
     # 2. the accelerators' layout at the release's 4,096 positions
