@@ -45,6 +45,7 @@ def test_the_colab_notebook_runs_and_shows_its_pictures(tmp_path):
                    if line.startswith(("What colour", "What shape", "Where is")) and len(line.split()) >= 4)
     assert answers["What colour is the shape?"] in shapes.COLOURS
     assert answers["What shape is this?"] in shapes.SHAPES
+    assert any(line.startswith("next turn:") for line in printed.splitlines())  # the chat's second turn ran
     # pictures shown: the question's picture, 4 generated rows of 3, the edit pair, (a chat picture)
     assert len(pictures) >= 6
     grids = [p for p in pictures if p.size == (3 * 128 + 2 * 4, 128)]
