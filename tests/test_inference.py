@@ -366,6 +366,41 @@ def test_a_chats_next_turn_reuses_the_kept_cache_and_draws_what_a_full_prefill_d
     assert (prefill.calls, loop._kept is not None) == (calls + 1, True)
 
 
+def test_a_turn_that_fills_the_model_reuses_from_a_multiple_of_32(pipe):
+    """Where the rest of a prompt, padded, would pass the cache's end (a turn that fills the
+    model), the reuse starts at the multiple of 32 below the shared positions, so the padding ends
+    within the prompt's width; the turn draws what a full prefill draws, to the last position."""
+    cfg = pipe.model.config
+    positions = 160
+    cfg = cfg.replace(decoder=dataclasses.replace(cfg.decoder, max_position_embeddings=positions))
+    loop, fresh = DecodeLoop(cfg, pipe.model.params), DecodeLoop(cfg, pipe.model.params)
+
+    def text(words, seed):
+        return pipe.understand_request([], words, max_new_tokens=512, temperature=1.0, seed=seed, stop_tokens=())
+
+    first = dataclasses.replace(text("he is the cat " * 12, 1), max_new_tokens=8)
+    loop.generate([first], reuse_cache=True)
+    extra = ""
+    while True:  # shares the first prompt but its last position; its rest, padded, passes position 160
+        extra += " or the"
+        later = text("he is the cat " * 12 + extra, 2)
+        shared = loop._reusable(loop._kept, later)
+        if shared + prefill_width(len(later.tokens) - shared, 32) > positions:
+            break
+    assert shared % 32 and prefill_width(len(later.tokens), 32) == positions
+    # the first logits (the random model's sampled tokens barely depend on a few misplaced keys)
+    _, batch, _, _, cache_len = fresh._prepare([later])
+    full, _ = fresh._prefill(fresh.params, *batch, cache_len)
+    cache, loop._kept = loop._kept.cache, None
+    reused, _ = loop._extend_from(cache, later, shared, cache_len)
+    np.testing.assert_allclose(reused, full, atol=2e-5, rtol=2e-5)
+    loop.generate([first], reuse_cache=True)
+    extend = loop._extend = _Counting(loop._extend)
+    out = loop.generate([later], reuse_cache=True).tokens[0]
+    assert extend.calls == 1 and len(out) == positions - len(later.tokens)
+    np.testing.assert_array_equal(out, fresh.generate([later]).tokens[0])
+
+
 def test_a_kept_cache_grows_by_doubling_and_turns_within_it_compile_no_new_loop(pipe):
     """On an accelerator (scanned layers, one cache length a call), the loop compiles once per
     cache length: a kept cache too short for the next turn's prompt + budget grows to twice its

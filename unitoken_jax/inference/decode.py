@@ -548,13 +548,20 @@ class DecodeLoop:
             length = capacity if self.layers == "unrolled" else min(max(capacity, 2 * length),
                                                                     max(capacity, positions))
             cache = self._grow(cache, length)
-        if start + prefill_width(len(request.tokens) - start, self.prompt_multiple) > length:
-            start -= start % self.prompt_multiple  # the rest's padding then ends within the prefill's width
+        guided = request.cfg_scale != 1.0
+        uncond = np.asarray(request.uncond_tokens, np.int32) if guided else np.zeros(0, np.int32)
+
+        def needed(s):  # the extend's width from position s (its partner row's prompt from 0)
+            return max(prefill_width(len(request.tokens) - s, self.prompt_multiple),
+                       prefill_width(len(uncond), self.prompt_multiple))
+
+        # every row's padding must end within the cache: at a multiple of the prompt's (within the
+        # prefill's width), else from the start (the whole prompt, written over the kept cache)
+        start = next((s for s in (start, start - start % self.prompt_multiple) if s + needed(s) <= length), 0)
         tokens, segments, cont, index, pixels = self._rest_batch(request, start)
         starts = [start]
-        if request.cfg_scale != 1.0:  # the unconditional partner: a second row, prefilled from its start
-            uncond = np.asarray(request.uncond_tokens, np.int32)
-            width = max(tokens.shape[1], prefill_width(len(uncond), self.prompt_multiple))
+        if guided:  # the unconditional partner: a second row, prefilled from its start
+            width = needed(start)
             widen = ((0, 0), (0, width - tokens.shape[1]))
             tokens, segments, cont, index = (np.pad(a, widen) for a in (tokens, segments, cont, index))
             partner = np.zeros((4, 1, width), np.int32)

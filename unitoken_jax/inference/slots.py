@@ -180,17 +180,22 @@ class SlotDecoder:
         best, most = None, MIN_REUSE - 1
         for slot in self._free:
             if slot in self._held:
-                start = self.loop._reusable(self._held[slot], request)
+                start = self._fit(request, self.loop._reusable(self._held[slot], request))
                 if start > most:
                     best, most = slot, start
         return (best, most) if best is not None else (None, 0)
 
+    def _fit(self, request: Request, start: int) -> int:
+        """`start`, or the multiple of the prompt's padding below it, whichever lets the rest's
+        padding end within the slot (0: neither)."""
+        multiple, n = self.loop.prompt_multiple, len(request.tokens)
+        fits = [s for s in (start, start - start % multiple) if s + prefill_width(n - s, multiple) <= self.length]
+        return fits[0] if fits else 0
+
     def _extend_into(self, slot: int, request: Request, start: int) -> None:
         """Writes `request`'s positions from `start` on into `slot`, after the `start` its cache holds."""
-        loop, n = self.loop, len(request.tokens)
-        if start + prefill_width(n - start, loop.prompt_multiple) > self.length:
-            start -= start % loop.prompt_multiple  # the rest's padding then ends within the prompt's width
-        tokens, segments, cont, index, pixels = loop._rest_batch(request, start)
+        loop = self.loop
+        tokens, segments, cont, index, pixels = loop._rest_batch(request, start)  # (`_fit` chose start)
         width = min(_pow2(tokens.shape[1]), self.length - start)
         if width > tokens.shape[1]:  # a power of two where it fits the slot: few shapes compile
             pad = ((0, 0), (0, width - tokens.shape[1]))
