@@ -519,23 +519,22 @@ class DecodeLoop:
                 same &= ~cont | ((kept.feature_index[:n] == index) & identical[picture])
         return n if same.all() else int(np.argmin(same))
 
-    def _rest_batch(self, request: Request, start: int):
-        """The one-row batch of `request`'s positions from `start` on, padded to `prompt_multiple`,
-        with only the pictures those positions take features from."""
-        rest = request.tokens[start:]
-        width = prefill_width(len(rest), self.prompt_multiple)
-        tokens, segments = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
-        cont, index = np.zeros((1, width), bool), np.zeros((1, width), np.int32)
-        tokens[0, :len(rest)], segments[0, :len(rest)] = rest, 1
-        pixels = None
+    def _rest_batch(self, request: Request, start: int, partner: bool = True):
+        """`_build_batch` of `request`'s positions from `start` on, with only the pictures those
+        positions take features from, and (`partner`, a guided request) its unconditional row."""
+        cont = index = pixels = None
         if request.is_continuous is not None and request.is_continuous[start:].any():
-            c, fi = request.is_continuous[start:], np.asarray(request.feature_index[start:])
+            cont, index = request.is_continuous[start:], np.asarray(request.feature_index[start:])
             per_image = self.config.vision.features_per_image(request.pixels.shape[1:3])
-            used = np.unique(fi[c] // per_image)
-            cont[0, :len(rest)] = c
-            index[0, :len(rest)] = np.where(c, np.searchsorted(used, fi // per_image) * per_image + fi % per_image, 0)
+            used = np.unique(index[cont] // per_image)
+            index = np.where(cont, np.searchsorted(used, index // per_image) * per_image + index % per_image, 0)
             pixels = request.pixels[used]
-        return tokens, segments, cont, index, pixels
+        rest = dataclasses.replace(request, tokens=request.tokens[start:], is_continuous=cont, feature_index=index,
+                                   pixels=pixels)
+        rows = _rows([rest])[0] if partner else [(rest, rest.tokens, cont, index, pixels)]
+        *batch, _ = _build_batch(rows, self.config.vision.features_per_image if self.config.vision else None,
+                                 self.prompt_multiple)
+        return batch
 
     def _extend_from(self, cache: Cache, request: Request, start: int, capacity: int):
         """(first logits, cache) of `request` from a kept `cache` whose first `start` slots hold its
@@ -549,30 +548,18 @@ class DecodeLoop:
                                                                     max(capacity, positions))
             cache = self._grow(cache, length)
         guided = request.cfg_scale != 1.0
-        uncond = np.asarray(request.uncond_tokens, np.int32) if guided else np.zeros(0, np.int32)
+        uncond = len(request.uncond_tokens) if guided else 0
 
-        def needed(s):  # the extend's width from position s (its partner row's prompt from 0)
-            return max(prefill_width(len(request.tokens) - s, self.prompt_multiple),
-                       prefill_width(len(uncond), self.prompt_multiple))
+        def needed(s):  # the extend's width from position s (a partner row's prompt from 0)
+            return prefill_width(max(len(request.tokens) - s, uncond), self.prompt_multiple)
 
         # every row's padding must end within the cache: at a multiple of the prompt's (within the
         # prefill's width), else from the start (the whole prompt, written over the kept cache)
         start = next((s for s in (start, start - start % self.prompt_multiple) if s + needed(s) <= length), 0)
-        tokens, segments, cont, index, pixels = self._rest_batch(request, start)
-        starts = [start]
         if guided:  # the unconditional partner: a second row, prefilled from its start
-            width = needed(start)
-            widen = ((0, 0), (0, width - tokens.shape[1]))
-            tokens, segments, cont, index = (np.pad(a, widen) for a in (tokens, segments, cont, index))
-            partner = np.zeros((4, 1, width), np.int32)
-            partner[0, 0, :len(uncond)], partner[1, 0, :len(uncond)] = uncond, 1
-            tokens, segments, index = (np.concatenate([a, p]) for a, p in zip((tokens, segments, index),
-                                                                            partner[[0, 1, 3]]))
-            cont = np.concatenate([cont, partner[2].astype(bool)])
             cache = self._add_row(cache)
-            starts.append(0)
-        cache = {**cache, "index": jnp.asarray(starts, jnp.int32)}
-        return self._extend(self.params, cache, tokens, segments, cont, index, pixels)
+        cache = {**cache, "index": jnp.asarray([start, 0][:1 + guided], jnp.int32)}
+        return self._extend(self.params, cache, *self._rest_batch(request, start))
 
     @functools.cached_property
     def _add_row(self):
@@ -597,11 +584,11 @@ class DecodeLoop:
 
         return jax.jit(first_row)
 
-    def _keep(self, request: Request, state: SamplingState) -> None:
-        """Keeps the one row's cache and what its filled slots hold, for the next call to reuse."""
+    def _keep(self, request: Request, state: SamplingState, drawn: np.ndarray) -> None:
+        """Keeps the one row's cache and what its filled slots hold (the prompt, then the `drawn`
+        ids fed back), for the next call to reuse."""
         fed = int(jax.device_get(state.cache["index"])[0])
-        n_out = int(jax.device_get(state.n_out)[0])
-        ids = np.concatenate([request.tokens, np.asarray(state.out[0, :n_out])]).astype(np.int32)
+        ids = np.concatenate([request.tokens, drawn]).astype(np.int32)
         if fed > len(ids):
             raise AssertionError(f"the cache holds {fed} positions, more than the {len(ids)} given and drawn")
         n = len(request.tokens)
@@ -647,9 +634,9 @@ class DecodeLoop:
                                              "n_out": state.n_out, "out": state.out}))
                 if step >= max_new or bool(jnp.all(state.done)):
                     break
-        if reuse_cache:
-            self._keep(requests[0], state)
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)
+        if reuse_cache:
+            self._keep(requests[0], state, out[0, :n_out[0]])
         return Generation([out[i, :n_out[i]] for i in range(len(requests))])
 
     def lower(self, requests: Sequence[Request]):

@@ -195,7 +195,7 @@ class SlotDecoder:
     def _extend_into(self, slot: int, request: Request, start: int) -> None:
         """Writes `request`'s positions from `start` on into `slot`, after the `start` its cache holds."""
         loop = self.loop
-        tokens, segments, cont, index, pixels = loop._rest_batch(request, start)  # (`_fit` chose start)
+        tokens, segments, cont, index, pixels = loop._rest_batch(request, start, partner=False)  # (`_fit` chose it)
         width = min(_pow2(tokens.shape[1]), self.length - start)
         if width > tokens.shape[1]:  # a power of two where it fits the slot: few shapes compile
             pad = ((0, 0), (0, width - tokens.shape[1]))
@@ -208,12 +208,11 @@ class SlotDecoder:
                                 jax.tree.map(jnp.asarray, grid))
         self.reused_positions += start
 
-    def _hold(self, running: _Running, n_out: int) -> None:
-        """Records what a finished request's row leaves in its slot's cache: its prompt and the
-        answer's ids fed back (all but a last stop token)."""
+    def _hold(self, running: _Running, drawn: np.ndarray, filled: int) -> None:
+        """Records what a finished request's row leaves in its slot's cache (`filled` positions):
+        its prompt and the `drawn` ids fed back (all but a last stop token)."""
         request, row = running.request, running.slots[0]
-        fed = int(np.asarray(self.state.cache["index"][row])) - len(request.tokens)
-        ids = np.concatenate([request.tokens, np.asarray(self.state.out[row, :max(0, min(fed, n_out))])])
+        ids = np.concatenate([request.tokens, drawn[:max(0, filled - len(request.tokens))]])
         cont, index = np.zeros(len(ids), bool), np.zeros(len(ids), np.int32)
         if request.is_continuous is not None:
             cont[:len(request.tokens)], index[:len(request.tokens)] = request.is_continuous, request.feature_index
@@ -286,11 +285,12 @@ class SlotDecoder:
         if not ended:
             return {}
         out = np.asarray(self.state.out)  # one transfer for every row that ended
+        filled = np.asarray(self.state.cache["index"])
         finished, freed = {}, []
         for name, running in ended:
             row = running.slots[0]
             finished[name] = out[row, :n_out[row]].copy()
-            self._hold(running, int(n_out[row]))  # (a guided request's partner row holds nothing to reuse)
+            self._hold(running, finished[name], int(filled[row]))  # (a guided one's partner holds nothing to reuse)
             del self.running[name]
             freed += running.slots
         self._release(freed)
