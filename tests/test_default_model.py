@@ -68,6 +68,19 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog)
     assert main(["reconstruct", str(tmp_path / "square.png"), "--out", str(tmp_path / "again.png")]) == 0
     assert "64x64 crop -> 4x4 codes" in capsys.readouterr().out
     assert shapes.check_picture(Image.open(tmp_path / "again.png")).matches(thing)
+    # in a chat, '/draw CAPTION' draws the caption (the generation prompt, which a line cannot type); a
+    # budget too small for the picture is said on stderr, not silently filled in
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("/draw a green triangle at the top right\n"))
+    assert main(["chat", "--out-dir", str(tmp_path / "chat")]) == 0
+    assert "[picture: " in capsys.readouterr().out
+    assert shapes.check_picture(Image.open(tmp_path / "chat" / "chat_0.png")).matches(
+        shapes.Thing("green", "triangle", "top right"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("/draw a green triangle at the top right\n"))
+    assert main(["chat", "--out-dir", str(tmp_path / "cut"), "--max-new-tokens", "12"]) == 0
+    assert ("the 64x64 picture did not finish within max_new_tokens=12 or the model's 512 positions (a picture "
+            "that size takes 24 tokens)") in capsys.readouterr().err
 
 
 def test_int8_answers_word_for_word_like_the_float_model():

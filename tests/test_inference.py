@@ -641,7 +641,19 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(UniTokenPipeline, "chat", lambda self, m, i, **options: asked.append(options) or ["ok"])
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), *common]) == 0
-    assert asked[0]["max_new_tokens"] == pipe.chat_request([{"from": "human", "value": "hi"}]).max_new_tokens == 512
+    # (2,048, the reference's free-form demo's: room for a 512 x 512 picture, 3 + 32 x 33 + 1 tokens)
+    assert asked[0]["max_new_tokens"] == pipe.chat_request([{"from": "human", "value": "hi"}]).max_new_tokens == 2048
+    # '/draw CAPTION' sends the generation prompt at --size (a line cannot hold its newline); without a
+    # caption nothing is sent; a size that is not whole grid units is refused before the model loads
+    asked.clear()
+    monkeypatch.setattr(UniTokenPipeline, "chat", lambda self, m, i, **options: asked.append(m[-1]) or ["ok"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("/draw\n/draw  a red cat \n"))
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--size", "64x32", *common]) == 0
+    assert asked == [{"from": "human",
+                      "value": "Generate an image of 64x32 according to the following prompt:\na red cat"}]
+    assert "'/draw' needs a caption (nothing sent)" in capsys.readouterr().err
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--size", "50x64", *common]) == 2
+    assert "multiples of 32" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
     assert "cfg_scale" in capsys.readouterr().err

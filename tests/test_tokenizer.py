@@ -187,6 +187,21 @@ def test_decode_round_trip(tok):
     np.testing.assert_array_equal(parts[1], codes)
 
 
+def test_decode_reports_the_pictures_it_completes(tok):
+    """A picture cut off by the budget is completed, and `repairs` says so (the pipeline warns with
+    it); a whole one is not reported."""
+    codes = np.random.default_rng(3).integers(0, 8192, (4, 6))
+    whole = tok.encode_text("he is") + _stream(tok, codes)
+    repairs = []
+    decode(whole + [EOT], tok, repair=True, repairs=repairs)
+    assert repairs == []
+    cut = whole[:3 + 2 * 7 + 3]  # two rows and three codes of the third
+    parts = decode(cut, tok, repair=True, repairs=repairs)
+    np.testing.assert_array_equal(parts[1][:2], codes[:2])
+    ((shape, changes),) = repairs
+    assert shape == (4, 6) and any("no <eoss>" in c for c in changes)
+
+
 @pytest.mark.parametrize("corrupt,message", [
     (lambda s: s[:-1], "no <eoss>"),
     (lambda s: s[:4] + s[5:], "row 0 has 5 ids"),

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 
 from unitoken_jax import configs
 from unitoken_jax.convert import orbax_io
@@ -14,6 +15,7 @@ from unitoken_jax.convert.hf import SHARD_BYTES
 from unitoken_jax.models.config import QUANTIZE_MODES
 
 _LOG = logging.getLogger("unitoken_jax.cli")  # by name: run as `python -m unitoken_jax.cli` it is __main__
+CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings JAX into `--help`)
 
 
 def _convert(args) -> int:
@@ -233,23 +235,30 @@ def _save(picture, path):
 
 
 def _chat(args) -> int:
-    """Reads user turns from stdin; '/image PATH' attaches a picture to the next turn. A picture
-    that cannot be read, or a turn the model cannot take (e.g. past its length), is reported and
-    left out, and the conversation goes on."""
+    """Reads user turns from stdin; '/image PATH' attaches a picture to the next turn, '/draw
+    CAPTION' asks for a picture in the model's generation prompt (`generate`'s, at --size: a
+    line cannot hold its newline). A picture that cannot be read, or a turn the model cannot take
+    (e.g. past its length), is reported and left out, and the conversation goes on."""
     import numpy as np
     from PIL import Image
 
     from unitoken_jax.inference.decode import Request
+    from unitoken_jax.inference.pipeline import PictureRepaired
+    from unitoken_jax.tokenizer import layout
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
     Request(np.zeros(1, np.int32), **options)  # bad options end the chat before it starts
     pipe = _pipeline(args)
+    width, height = _size(args.size)
+    if width % layout.PIXELS_PER_GRID or height % layout.PIXELS_PER_GRID:
+        raise ValueError(f"--size {args.size}: '/draw' asks for sizes in multiples of {layout.PIXELS_PER_GRID} "
+                         "pixels each way")
     messages, images, pending, drawn = [], [], [], 0
     os.makedirs(args.out_dir, exist_ok=True)
-    help_text = ("chat: type a message; '/image PATH' attaches a picture to the next one; '/reset' starts a new "
-                 "conversation; '/help' shows this; a message that starts with '/' is typed '//...'; an empty line "
-                 "or EOF ends.")
+    help_text = (f"chat: type a message; '/image PATH' attaches a picture to the next one; '/draw CAPTION' asks for "
+                 f"a {width}x{height} picture of it; '/reset' starts a new conversation; '/help' shows this; a "
+                 "message that starts with '/' is typed '//...'; an empty line or EOF ends.")
     print(help_text, file=sys.stderr)
     for line in sys.stdin:
         line = line.rstrip("\n")
@@ -275,15 +284,23 @@ def _chat(args) -> int:
             messages, images, pending = [], [], []
             print("chat: a new conversation", file=sys.stderr, flush=True)
             continue
-        if line.startswith("/") and not line.startswith("//"):  # not sent to the model as a message
+        if command == "/draw":
+            if not rest.strip():
+                print("chat: '/draw' needs a caption (nothing sent)", file=sys.stderr, flush=True)
+                continue
+            line = pipe.generate_template.format(w=width, h=height, prompt=rest.strip())
+        elif line.startswith("/") and not line.startswith("//"):  # not sent to the model as a message
             print(f"chat: unknown command {command!r} (nothing sent); a message that starts with '/' is typed "
                   "'//...'", file=sys.stderr, flush=True)
             continue
-        line = line[1:] if line.startswith("//") else line
+        else:
+            line = line[1:] if line.startswith("//") else line
         messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
         images += pending
         try:
-            parts = pipe.chat(messages, images, seed=args.seed + len(messages), **options)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PictureRepaired)
+                parts = pipe.chat(messages, images, seed=args.seed + len(messages), **options)
         except ValueError as e:
             print(f"chat: that turn is left out: {e}", file=sys.stderr, flush=True)
             messages.pop()
@@ -304,6 +321,12 @@ def _chat(args) -> int:
                 reply.append("<|image|>")
                 images.append(path)
         print("assistant:", "".join(shown), flush=True)
+        for warning in caught:
+            if issubclass(warning.category, PictureRepaired):
+                print(f"chat: {str(warning.message).replace('answer 0: its', 'the')}; --max-new-tokens sets the "
+                      "budget", file=sys.stderr, flush=True)
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         messages.append({"from": "gpt", "value": "".join(reply)})
     if pending:
         print(f"chat: ended with {len(pending)} attached picture(s) no message took: {', '.join(pending)}",
@@ -510,16 +533,20 @@ def main(argv: list[str] | None = None) -> int:
     edi.set_defaults(func=_edit)
     cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out",
                      description="A conversation on stdin: each line is a turn; a line '/image PATH' attaches "
-                                 "that picture to the next turn, '/reset' starts over, '/help' lists the commands; "
-                                 "an empty line or EOF ends it. Pictures the model draws are written to --out-dir. "
-                                 "--max-new-tokens defaults to 512 here.")
+                                 "that picture to the next turn, '/draw CAPTION' asks for a picture of the "
+                                 "caption (the generation prompt, at --size), '/reset' starts over, '/help' lists "
+                                 "the commands; an empty line or EOF ends it. Pictures the model draws are written to --out-dir. "
+                                 f"--max-new-tokens defaults to {CHAT_MAX_NEW_TOKENS} here (a 512x512 picture "
+                                 "takes 1,060).")
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
+    cha.add_argument("--size", default=None, help="WIDTHxHEIGHT that '/draw' asks for (512x512; the bundled "
+                                                  "model: 64x64)")
     cha.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance for a picture an answer "
                                                             "draws, from its <racm3:break> on (1 = off)")
     model_args(cha)
-    # the pipeline's chat budget: with the bundled model's 512 positions every turn then ends at the
-    # model's last position, so turns share the decode loop's shapes (README, Inference)
-    cha.set_defaults(func=_chat, max_new_tokens=512)
+    # the pipeline's chat budget (room for a 512 x 512 picture): with the bundled model's 512 positions
+    # every turn then ends at the model's last position, so turns share the decode loop's shapes (README)
+    cha.set_defaults(func=_chat, max_new_tokens=CHAT_MAX_NEW_TOKENS)
     srv = add_parser("serve", help="an OpenAI-compatible HTTP server (chat with pictures, images generations and "
                                    "edits), batching concurrent calls")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (another than 127.0.0.1 opens the "

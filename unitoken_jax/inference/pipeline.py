@@ -12,6 +12,7 @@ mix of requests (`*_request` methods) and returns each one's decoded parts.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,6 +26,14 @@ from unitoken_jax.tokenizer.conversation import decode, encode_item
 GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
 REFERENCE_IMAGE_PREFIX = (16853,)
+# a chat answer's default budget: the reference's free-form demo's, room for a 512 x 512 picture
+# (1,060 tokens) and its text; a row also stops at the model's last position
+CHAT_MAX_NEW_TOKENS = 2048
+
+
+class PictureRepaired(UserWarning):
+    """An answer's picture did not finish (its budget or the model's positions ran out) or was
+    malformed, and was completed by `layout.parse_image_ids`'s repair rules."""
 
 
 def picture_grid(pictures, columns: int | None = None, side: int | None = None, gap: int = 4) -> Image.Image:
@@ -162,7 +171,8 @@ class UniTokenPipeline:
 
     def chat_request(self, messages: list[dict[str, Any]], images=(), **options) -> Request:
         item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": list(images)}
-        return Request(**self._encode(item), **{"max_new_tokens": 512, "allow_images": True, **options})
+        return Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
+                                                **options})
 
     # --- running --------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,
@@ -187,10 +197,18 @@ class UniTokenPipeline:
             bar.update(total_rows - bar.n)
             bar.close()
         results = []
-        for request, ids in zip(requests, out.tokens):
+        for i, (request, ids) in enumerate(zip(requests, out.tokens)):
             if request.tokens[-1] == layout.IMAGE_START:
                 ids = np.concatenate([[layout.IMAGE_START], ids])
-            results.append(decode(ids, self.tokenizer, self.vq, repair=repair))
+            repairs = []
+            results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs))
+            for (h, w), changes in repairs:  # never silently: the answer's picture is not what the model drew
+                grid = (h // layout.CODES_PER_GRID, w // layout.CODES_PER_GRID)
+                size = f"{grid[1] * layout.PIXELS_PER_GRID}x{grid[0] * layout.PIXELS_PER_GRID}"
+                warnings.warn(f"answer {i}: its {size} picture did not finish within max_new_tokens="
+                              f"{request.max_new_tokens} or the model's {self.max_length} positions (a picture that "
+                              f"size takes {layout.generated_image_length(grid)} tokens) and was completed: "
+                              f"{'; '.join(changes)}", PictureRepaired, stacklevel=3)
         return results
 
     def understand(self, images, question, **options):

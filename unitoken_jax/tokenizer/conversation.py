@@ -161,9 +161,12 @@ def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], toke
                                np.array(index, np.int32), spans, predicted_flags)
 
 
-def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: bool = False) -> list:
+def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: bool = False,
+           repairs: list | None = None) -> list:
     """Generated ids -> [text, picture, text, ...]. Pictures are PIL images when `vq` can decode,
-    else code grids [h, w]. BOS and end-of-turn tokens are dropped from the text."""
+    else code grids [h, w]. BOS and end-of-turn tokens are dropped from the text. With `repair`, a
+    malformed or unfinished picture is completed (`layout.parse_image_ids`), and `repairs` (a list)
+    gets `((h, w) code grid, [what was changed])` for each picture that needed it."""
     ids = [int(i) for i in ids]
     parts: list = []
     text: list[int] = []
@@ -183,6 +186,8 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
         flush()
         end = ids.index(layout.IMAGE_END, i) + 1 if layout.IMAGE_END in ids[i:] else len(ids)
         parsed = layout.parse_image_ids(ids[i:end], repair=repair)
+        if parsed.repairs and repairs is not None:
+            repairs.append((parsed.code_ids.shape, parsed.repairs))
         codes = tokenizer.ids_to_codes(parsed.code_ids)
         parts.append(vq.decode_to_pil(codes[None])[0] if vq is not None and vq.has_decoder else codes)
         i = end
