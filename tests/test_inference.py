@@ -279,6 +279,36 @@ def test_rows_stop_at_the_models_last_position_and_a_chats_turns_share_the_loop(
         DecodeLoop(tight, params).generate([picture])
 
 
+def test_an_answer_cut_by_its_budget_or_the_models_end_is_said(pipe):
+    """Nothing is cut silently: an answer that stops at its `max_new_tokens` or at the model's last
+    position before its end (a stop token) warns, naming which and where; one that ends does not."""
+    import warnings
+
+    from unitoken_jax.inference.pipeline import AnswerCut
+
+    cut = pipe.understand_request([], "he is", max_new_tokens=4, stop_tokens=())  # greedy: only the budget ends it
+    ids = pipe.decode_loop.generate([cut]).tokens[0]
+    assert len(ids) == 4
+    ends = dataclasses.replace(cut, stop_tokens=(int(ids[1]),))  # the same answer, ended by its second token
+    with pytest.warns(AnswerCut, match="^the answer stopped at max_new_tokens=4 before its end$"):
+        pipe.run([cut])
+    with pytest.warns(AnswerCut):
+        two = pipe.run([dataclasses.replace(cut, max_new_tokens=2)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pipe.run([ends]) == two
+    assert not [w for w in caught if issubclass(w.category, AnswerCut)]
+    positions = pipe.model.config.decoder.max_position_embeddings
+    words = "he"
+    while len(pipe.understand_request([], words + " is").tokens) < positions - 1:
+        words += " is"
+    last = pipe.understand_request([], words, max_new_tokens=64, stop_tokens=())
+    assert positions - len(last.tokens) < 64
+    with pytest.warns(AnswerCut, match=re.escape("answers stopped before their end: 0 at max_new_tokens=4, 2 at the "
+                                                 f"model's last position ({positions})")):
+        pipe.run([cut, ends, last])
+
+
 def _chat_turns(pipe, loop, turns, **options):
     """Runs a conversation through `loop` with the cache reused, turn by turn; yields each turn's
     request and the tokens drawn (the random model's answers are noise: the history holds a fixed
@@ -596,7 +626,8 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
               "--vqgan", str(tmp_path / "vq"), "--image-prefix", "", "--vq-size", "32"]
     cat = str(pipe.image_dir / "cat.png")
     assert cli.main(["understand", cat, "the cat is", "--max-new-tokens", "4", *common]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    out, err = capsys.readouterr()  # (the random model's answer does not end: the cut is said, after it)
+    assert out.strip() != "" and "understand: the answer stopped at max_new_tokens=4 before its end" in err
     assert cli.main(["generate", "he is", "--out", str(tmp_path / "g.png"), "--n", "2", "--size", "64x32",
                      *common]) == 0
     assert Image.open(tmp_path / "g_0.png").size == (16, 8) and (tmp_path / "g_1.png").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import os
@@ -182,9 +183,36 @@ def _understand(args) -> int:
         raise ValueError(f"{missing!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
                          "then one question (several questions: the Python API's understand([...]) or chat)")
     pipe = _pipeline(args)
-    print(pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          seed=args.seed))
+    with _budget_notes() as caught:
+        answer = pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 seed=args.seed)
+    print(answer, flush=True)
+    _say_notes("understand", caught)
     return 0
+
+
+@contextlib.contextmanager
+def _budget_notes():
+    """Collects the warnings of the block, so that an answer cut by its budget
+    (`pipeline.AnswerCut`: a stopped text, a picture completed) is said after the answer
+    (`_say_notes`)."""
+    from unitoken_jax.inference.pipeline import AnswerCut
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AnswerCut)
+        yield caught
+
+
+def _say_notes(verb: str, caught) -> None:
+    """AnswerCut warnings as one plain line each on stderr; others as Python shows them."""
+    from unitoken_jax.inference.pipeline import AnswerCut
+
+    for warning in caught:
+        if issubclass(warning.category, AnswerCut):
+            said = str(warning.message).replace("answer 0: its", "the")
+            print(f"{verb}: {said}; --max-new-tokens sets the budget", file=sys.stderr, flush=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _check_out(path: str) -> None:
@@ -243,7 +271,6 @@ def _chat(args) -> int:
     from PIL import Image
 
     from unitoken_jax.inference.decode import Request
-    from unitoken_jax.inference.pipeline import PictureRepaired
     from unitoken_jax.tokenizer import layout
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
@@ -298,8 +325,7 @@ def _chat(args) -> int:
         messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
         images += pending
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", PictureRepaired)
+            with _budget_notes() as caught:
                 parts = pipe.chat(messages, images, seed=args.seed + len(messages), **options)
         except ValueError as e:
             print(f"chat: that turn is left out: {e}", file=sys.stderr, flush=True)
@@ -321,12 +347,7 @@ def _chat(args) -> int:
                 reply.append("<|image|>")
                 images.append(path)
         print("assistant:", "".join(shown), flush=True)
-        for warning in caught:
-            if issubclass(warning.category, PictureRepaired):
-                print(f"chat: {str(warning.message).replace('answer 0: its', 'the')}; --max-new-tokens sets the "
-                      "budget", file=sys.stderr, flush=True)
-            else:
-                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        _say_notes("chat", caught)
         messages.append({"from": "gpt", "value": "".join(reply)})
     if pending:
         print(f"chat: ended with {len(pending)} attached picture(s) no message took: {', '.join(pending)}",

@@ -31,7 +31,12 @@ REFERENCE_IMAGE_PREFIX = (16853,)
 CHAT_MAX_NEW_TOKENS = 2048
 
 
-class PictureRepaired(UserWarning):
+class AnswerCut(UserWarning):
+    """An answer stopped at its `max_new_tokens` or the model's last position before it ended
+    (its end of turn, or a picture's <eoss> where the request stops after one)."""
+
+
+class PictureRepaired(AnswerCut):
     """An answer's picture did not finish (its budget or the model's positions ran out) or was
     malformed, and was completed by `layout.parse_image_ids`'s repair rules."""
 
@@ -196,10 +201,9 @@ class UniTokenPipeline:
         if bar is not None:
             bar.update(total_rows - bar.n)
             bar.close()
-        results = []
-        for i, (request, ids) in enumerate(zip(requests, out.tokens)):
-            if request.tokens[-1] == layout.IMAGE_START:
-                ids = np.concatenate([[layout.IMAGE_START], ids])
+        results, cut = [], []
+        for i, (request, drawn) in enumerate(zip(requests, out.tokens)):
+            ids = np.concatenate([[layout.IMAGE_START], drawn]) if request.tokens[-1] == layout.IMAGE_START else drawn
             repairs = []
             results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs))
             for (h, w), changes in repairs:  # never silently: the answer's picture is not what the model drew
@@ -209,6 +213,16 @@ class UniTokenPipeline:
                               f"{request.max_new_tokens} or the model's {self.max_length} positions (a picture that "
                               f"size takes {layout.generated_image_length(grid)} tokens) and was completed: "
                               f"{'; '.join(changes)}", PictureRepaired, stacklevel=3)
+            last = int(drawn[-1]) if len(drawn) else None
+            if not repairs and last not in request.stop_tokens and not (request.stop_after_image and
+                                                                         last == layout.IMAGE_END):
+                cut.append((i, len(drawn) >= request.max_new_tokens))
+        if cut:
+            where = [f"max_new_tokens={requests[i].max_new_tokens}" if budget else
+                     f"the model's last position ({self.max_length})" for i, budget in cut]
+            said = (f"the answer stopped at {where[0]} before its end" if len(requests) == 1 else
+                    "answers stopped before their end: " + ", ".join(f"{i} at {w}" for (i, _), w in zip(cut, where)))
+            warnings.warn(said, AnswerCut, stacklevel=3)
         return results
 
     def understand(self, images, question, **options):
