@@ -50,6 +50,11 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog)
     out = tmp_path / "red.png"
     assert main(["generate", "a red circle at the top left", "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
+    # it knows one size: another is refused by every verb that draws, before the model loads
+    for verb in (["generate", "a red circle", "--out", str(tmp_path / "big.png")], ["chat"], ["serve"]):
+        assert main([*verb, "--size", "128x128"]) == 2, verb
+        assert "the bundled model draws only 64x64 pictures, not --size 128x128" in capsys.readouterr().err
+    assert not (tmp_path / "big.png").exists()
     shapes.draw([shapes.Thing("green", "triangle", "bottom right")]).save(tmp_path / "picture.png")
     import logging
 

@@ -112,6 +112,9 @@ def _pipeline(args):
         if not default.available():
             raise ValueError("no --model given, $UNITOKEN_MODEL is not set, and this install has no bundled model")
         world = default.settings()
+        if getattr(args, "size", None) and _size(args.size) != tuple(world["size"]):  # before loading anything
+            raise ValueError(f"the bundled model draws only {world['size'][0]}x{world['size'][1]} pictures, not "
+                             f"--size {args.size} (it never saw another size: other sizes come out as noise)")
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
         pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters,
@@ -361,12 +364,6 @@ def _serve(args) -> int:
     bundled = not (args.model or os.environ.get("UNITOKEN_MODEL"))
     if args.max_batch < 1 or args.queue_limit < 1 or args.timeout <= 0:
         raise ValueError("--max-batch and --queue-limit must be at least 1 and --timeout positive")
-    if bundled and args.size is not None:
-        from unitoken_jax.world import default
-
-        world = tuple(default.settings()["size"]) if default.available() else None
-        if world is not None and _size(args.size) != world:
-            raise ValueError(f"the bundled model draws only {world[0]}x{world[1]} pictures, not --size {args.size}")
     pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
     size = _size(args.size)
     name = args.model_name or ("unitoken-shapes" if bundled else
