@@ -151,6 +151,8 @@ def test_bad_turns(tok):
         encode_conversation({"conversations": [{"from": "gpt", "value": "x"}]}, [], tok)
     with pytest.raises(ConversationError, match="no 'conversations'"):
         encode_conversation({"image": []}, [], tok)
+    with pytest.raises(ConversationError, match="message 0 has 'role' and 'content' \\(OpenAI's format\\)"):
+        encode_conversation({"conversations": [{"role": "user", "content": "x"}]}, [], tok)
     with pytest.raises(ConversationError, match="nothing in the item is predicted"):
         encode_conversation({"conversations": [{"from": "human", "value": "x"}]}, [], tok)
 

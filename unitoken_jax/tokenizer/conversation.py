@@ -76,6 +76,10 @@ def _messages(item: dict[str, Any]) -> list[tuple[bool, str | None]]:
             raise ConversationError(f"message {i} is a {type(msg).__name__}, not an object with 'from' and 'value'")
         who = msg.get("from")
         expected = _HUMAN if i % 2 == 0 else _ASSISTANT
+        if who is None and "role" in msg:
+            raise ConversationError(f"message {i} has 'role' and 'content' (OpenAI's format); messages here are "
+                                    "{'from': 'human' or 'gpt', 'value': text}, with '<|image|>' where each picture "
+                                    "goes ('unitoken serve' takes OpenAI's format)")
         if who not in expected:
             raise ConversationError(f"message {i} is from {who!r}; turns must alternate human, gpt, human, ...")
         value = msg.get("value")
