@@ -288,3 +288,22 @@ def test_library_info_lines_are_dropped_from_the_training_log():
     assert not quiet.filter(record("/site-packages/tensorflow_datasets/core/dataset_info.py", logging.INFO))
     assert quiet.filter(record("/site-packages/orbax/checkpoint/manager.py", logging.WARNING))
     assert quiet.filter(record("/work/unitoken_jax/train/loop.py", logging.INFO))
+
+
+def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
+    """Each logged window names the step out of the total and the time the remaining steps take
+    at the window's rate: 5 steps in 10 s, 30 to go -> 60 s."""
+    import logging
+
+    from unitoken_jax.train import metrics as metrics_lib
+
+    import time
+
+    window = metrics_lib.Window()
+    window.start = time.time() - 10.0  # the window began 10 s ago
+    for _ in range(5):
+        window.add_metrics({"loss": np.float32(2.0)})
+    with caplog.at_level(logging.INFO, logger=metrics_lib.log.name):
+        out = window.flush(10, flops=None, devices=1, total=40)
+    assert out["loss"] == 2.0
+    assert "step 10/40 (25%, 0:01:00 left): loss=2" in caplog.text

@@ -286,7 +286,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
             pending_skips = metrics["nonfinite_in_a_row"]
             if step % config.log_every == 0 or step == total:
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
-                last = window.flush(step, program.flop_counter, mesh.size)
+                last = window.flush(step, program.flop_counter, mesh.size, total)
                 writer.write(step, last)
             # after the step's metrics, before its checkpoint; not when preempted (the save comes first)
             if evaluator is not None and evaluator.due(step, total) and not preempted.flag:

@@ -11,6 +11,7 @@ ViT per image patch. It is reported only on chips whose peak bf16 FLOP/s is know
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -88,7 +89,9 @@ class Window:
         """Leaves time spent on something other than training (an evaluation) out of tokens/s and MFU."""
         self.start += seconds
 
-    def flush(self, step: int, flops: FlopCounter, devices: int) -> dict:
+    def flush(self, step: int, flops: FlopCounter, devices: int, total: int | None = None) -> dict:
+        """The window's averages (also logged: with `total`, the steps to go and the time they will
+        take at this window's rate)."""
         fetched = jax.device_get(self.metrics)
         seconds = max(time.time() - self.start, 1e-9)
         out = {}
@@ -111,7 +114,11 @@ class Window:
             out["mfu"] = total / seconds / (peak * devices)
         out["step"] = step
         shown = " ".join(f"{k}={v:.4g}" for k, v in out.items() if k not in ("step",) and not k.startswith("tokens_"))
-        log.info("step %d: %s tokens/s=%.1f", step, shown, out["tokens_per_second"])
+        progress = ""
+        if total:
+            left = (total - step) * seconds / max(self.steps, 1)
+            progress = f"/{total} ({100 * step / total:.0f}%, {datetime.timedelta(seconds=round(left))} left)"
+        log.info("step %d%s: %s tokens/s=%.1f", step, progress, shown, out["tokens_per_second"])
         self._reset()
         return out
 
