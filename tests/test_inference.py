@@ -309,6 +309,23 @@ def test_an_answer_cut_by_its_budget_or_the_models_end_is_said(pipe):
         pipe.run([cut, ends, last])
 
 
+def test_a_chat_streams_its_text_while_it_is_generated(pipe):
+    """`stream` gets the answer's text chunk by chunk while it is generated (a 150-token answer:
+    three chunks of the loop's 64 steps), the pieces make the start of the finished answer, and
+    streaming changes nothing in it."""
+    request = pipe.understand_request([], "he is", max_new_tokens=150, temperature=1.0, seed=4, stop_tokens=())
+    plain = pipe.run([request])
+    pieces = []
+    streamed = pipe.run([request], stream=lambda i, text: pieces.append((i, text)))
+    assert streamed == plain
+    assert len(pieces) >= 2 and all(i == 0 for i, _ in pieces)  # before the end, not only at it
+    sent = "".join(text for _, text in pieces)
+    assert len(sent) > 0.5 * len(plain[0][0]) and plain[0][0].startswith(sent)
+    said = []
+    answer = pipe.chat([{"from": "human", "value": "he is"}], max_new_tokens=100, stop_tokens=(), stream=said.append)
+    assert said and answer[0].startswith("".join(said))
+
+
 def _chat_turns(pipe, loop, turns, **options):
     """Runs a conversation through `loop` with the cache reused, turn by turn; yields each turn's
     request and the tokens drawn (the random model's answers are noise: the history holds a fixed

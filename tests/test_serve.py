@@ -35,7 +35,8 @@ requests_http = pytest.importorskip("requests")
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler  # noqa: E402
-from unitoken_jax.serve.wire import Limits, TextStream, apply_stop  # noqa: E402
+from unitoken_jax.serve.wire import Limits, apply_stop  # noqa: E402
+from unitoken_jax.tokenizer.conversation import TextStream  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
 from unitoken_jax.world.shapes import Thing  # noqa: E402

@@ -327,9 +327,15 @@ def _chat(args) -> int:
             line = line[1:] if line.startswith("//") else line
         messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
         images += pending
+        streamed = []
+
+        def show(text):  # the answer's text as it is generated
+            print(*([] if streamed else ["assistant: "]), text, sep="", end="", flush=True)
+            streamed.append(text)
+
         try:
             with _budget_notes() as caught:
-                parts = pipe.chat(messages, images, seed=args.seed + len(messages), **options)
+                parts = pipe.chat(messages, images, seed=args.seed + len(messages), stream=show, **options)
         except ValueError as e:
             print(f"chat: that turn is left out: {e}", file=sys.stderr, flush=True)
             messages.pop()
@@ -349,7 +355,11 @@ def _chat(args) -> int:
                 shown.append(f"[picture: {path}]")
                 reply.append("<|image|>")
                 images.append(path)
-        print("assistant:", "".join(shown), flush=True)
+        sent, whole = "".join(streamed), "".join(shown)
+        if sent and whole.startswith(sent):  # (pipe.chat: the answer's first part starts with what was streamed)
+            print(whole[len(sent):], flush=True)
+        else:  # (never seen: a decoding whose text is not built from its prefixes' texts)
+            print("\nassistant (all of it):" if sent else "assistant:", whole, flush=True)
         _say_notes("chat", caught)
         messages.append({"from": "gpt", "value": "".join(reply)})
     if pending:

@@ -13,7 +13,7 @@ mix of requests (`*_request` methods) and returns each one's decoded parts.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from unitoken_jax.inference.decode import DecodeLoop, Request
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import decode, encode_item
+from unitoken_jax.tokenizer.conversation import TextStream, decode, encode_item
 
 GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
@@ -181,23 +181,40 @@ class UniTokenPipeline:
 
     # --- running --------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,
-            reuse_cache: bool = False) -> list[list]:
+            reuse_cache: bool = False, stream: Callable[[int, str], None] | None = None) -> list[list]:
         """Generates all requests as one batch; each result is [text, picture, ...]. `reuse_cache`:
-        see `DecodeLoop.generate` (what `chat` does)."""
+        see `DecodeLoop.generate` (what `chat` does). `stream(i, text)` gets request i's new text
+        while it is generated, after every chunk of decoding steps: the text before its first
+        picture, as `TextStream` settles it (the finished first part starts with all of it)."""
         bar = None
-        callback = None
+        updates = []
         total_rows = sum(r.grid_hw[0] * layout.CODES_PER_GRID for r in requests if r.grid_hw is not None)
         if progress and total_rows:
 
             bar = tqdm(total=total_rows, desc="image rows", unit="row")
             heights = np.array([(r.grid_hw[0] * layout.CODES_PER_GRID if r.grid_hw else 0) for r in requests])
 
-            def callback(info):
+            def draw_bar(info):
                 n = len(requests)
                 drawn = np.minimum(info["rows_drawn"][:n] + info["images_done"][:n] * heights, heights)
                 bar.update(int(drawn.sum()) - bar.n)
+            updates.append(draw_bar)
+        if stream is not None:
+            texts = [TextStream(self.tokenizer, [], starts_in_picture=r.tokens[-1] == layout.IMAGE_START)
+                     for r in requests]
 
-        out = self.decode_loop.generate(requests, progress=callback, reuse_cache=reuse_cache)
+            def send_text(info):
+                for i, text in enumerate(texts):
+                    new = text.update(info["out"][i, :info["n_out"][i]])
+                    if new:
+                        stream(i, new)
+            updates.append(send_text)
+
+        def callback(info):
+            for update in updates:
+                update(info)
+
+        out = self.decode_loop.generate(requests, progress=callback if updates else None, reuse_cache=reuse_cache)
         if bar is not None:
             bar.update(total_rows - bar.n)
             bar.close()
@@ -254,13 +271,17 @@ class UniTokenPipeline:
                              progress=progress)
         return [x for x in result if not isinstance(x, str)][0]
 
-    def chat(self, messages, images=(), **options) -> list:
+    def chat(self, messages, images=(), *, stream: Callable[[str], None] | None = None, **options) -> list:
         """The next assistant turn of a conversation: [text, picture, ...]. A picture the model
         starts but `max_new_tokens` cuts off is completed by the repair rules of
-        `layout.parse_image_ids` rather than raising.
+        `layout.parse_image_ids` (with a `PictureRepaired` warning) rather than raising.
+        `stream(text)` gets the answer's text as it is generated (up to its first picture; the
+        returned first part starts with all that was streamed), e.g. `stream=lambda t: print(t,
+        end="", flush=True)`.
 
         The conversation's earlier turns are not computed again: the positions this call's prompt
         shares with the previous chat call's prompt and answer come from that call's KV cache,
         which the decode loop keeps on the device until a call that is not a chat turn."""
-        (result,) = self.run([self.chat_request(messages, images, **options)], repair=True, reuse_cache=True)
+        (result,) = self.run([self.chat_request(messages, images, **options)], repair=True, reuse_cache=True,
+                             stream=None if stream is None else lambda _, text: stream(text))
         return result

@@ -29,7 +29,7 @@ so a client whose answers are short makes the batches it joins faster by saying 
 
 Streaming sends each choice's role at once, then, after every chunk of decoding steps (`chunk`
 or `slot_chunk` steps), a comment line (`: generated [tokens so far, each choice]`, which clients
-skip and the web page draws its progress bar from) and each choice's new text (`wire.TextStream`:
+skip and the web page draws its progress bar from) and each choice's new text (`conversation.TextStream`:
 the text before the answer's first picture, settled characters only); when the call is done, the
 rest of each answer: its pictures, each a chunk, and any text after them.
 """
@@ -61,7 +61,7 @@ from unitoken_jax.serve.engine import PipelineEngine
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Expired, Job, QueueFull, Scheduler
 from unitoken_jax.serve.wire import APIError, bad
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong
+from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong, TextStream
 
 log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0
@@ -268,7 +268,7 @@ class _Server:
         this generator and `finally` drops the job (if it has not started)."""
         call_id, created, model = wire.completion_id(), int(time.time()), self.settings.model_name
         starts_in_picture = job.requests[0].tokens[-1] == layout.IMAGE_START
-        texts = [wire.TextStream(self.pipe.tokenizer, call.stop, starts_in_picture=starts_in_picture)
+        texts = [TextStream(self.pipe.tokenizer, call.stop, starts_in_picture=starts_in_picture)
                  for _ in range(call.n)]
         try:
             for i in range(call.n):

@@ -13,8 +13,8 @@ them when the answer has a picture:
      {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]
 
 the same parts a client sends a picture in, so a conversation goes back to the server as it came.
-Streamed, text comes as `delta.content` strings while it is generated (`TextStream`) and each
-picture, when it is finished, as a chunk of its own whose `delta.content` is a list holding its
+Streamed, text comes as `delta.content` strings while it is generated
+(`tokenizer.conversation.TextStream`) and each picture, when it is finished, as a chunk of its own whose `delta.content` is a list holding its
 one image part.
 
 Pictures come in as data URLs (`data:image/png;base64,...`) only, PNG, JPEG, WebP or GIF: the
@@ -36,7 +36,6 @@ from typing import Any
 from PIL import Image
 
 from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER
-from unitoken_jax.tokenizer.layout import END_OF_TURN, IMAGE_START
 from unitoken_jax.tokenizer.images import ImageError, load_image
 
 SEED_LIMIT = 2 ** 32  # seeds are uint32, as the decode loop's keys take them
@@ -311,56 +310,6 @@ def apply_stop(parts: list, stop: list[str]) -> tuple[list, bool]:
                 return kept + ([cut] if cut else []), True
         kept.append(part)
     return kept, False
-
-
-class TextStream:
-    """The text an answer has so far, as it may be streamed: the text before the answer's first
-    picture or its end of turn, decoded from the ids generated so far.
-
-    `update(ids)` returns the text not yet sent that is settled: it holds back a last character
-    that is only part of a multi-byte character (U+FFFD while its bytes are incomplete) and, while
-    `stop` strings are asked for, the last `max(len(stop)) - 1` characters (a stop string may be
-    starting there); it cuts at the first stop string and then sends nothing more. `rest(parts)`
-    is what is left of the finished answer's parts (after `apply_stop`) once the sent text is
-    taken off its first part. The decoded text of a prefix of ids is a prefix of the text of all
-    of them for the byte-level BPE the models use; where it is not, `rest` says so."""
-
-    def __init__(self, tokenizer, stop: list[str], *, starts_in_picture: bool = False):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.sent = ""
-        self.closed = starts_in_picture  # an answer that begins inside a picture has no text before it
-
-    def update(self, ids) -> str:
-        if self.closed:
-            return ""
-        text_ids, complete = [], False
-        for i in (int(i) for i in ids):
-            if i in (IMAGE_START, END_OF_TURN):
-                complete = True
-                break
-            if i != self.tokenizer.bos_id:
-                text_ids.append(i)
-        text = self.tokenizer.decode_text(text_ids) if text_ids else ""
-        hits = [text.find(s) for s in self.stop if s in text]
-        if hits:
-            text, complete = text[:min(hits)], True
-        elif not complete:
-            text = text.rstrip("\ufffd")  # bytes of a character still to come: not one yet
-            text = text[:max(0, len(text) - self.hold)]
-        self.closed = complete
-        if not text.startswith(self.sent) or len(text) <= len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def rest(self, parts: list) -> list:
-        if not self.sent:
-            return parts
-        first = parts[0] if parts else ""
-        if not isinstance(first, str) or not first.startswith(self.sent):
-            raise ValueError(f"the streamed text {self.sent!r} is not how the answer begins ({first!r})")
-        return ([first[len(self.sent):]] if len(first) > len(self.sent) else []) + parts[1:]
 
 
 # --- images ---------------------------------------------------------------------------------------

@@ -199,6 +199,56 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
     return parts
 
 
+class TextStream:
+    """The text an answer has so far, as it may be streamed: the text before the answer's first
+    picture or its end of turn, decoded from the ids generated so far.
+
+    `update(ids)` returns the text not yet sent that is settled: it holds back a last character
+    that is only part of a multi-byte character (U+FFFD while its bytes are incomplete) and, while
+    `stop` strings are asked for, the last `max(len(stop)) - 1` characters (a stop string may be
+    starting there); it cuts at the first stop string and then sends nothing more. `rest(parts)`
+    is what is left of the finished answer's parts (after `apply_stop`) once the sent text is
+    taken off its first part. The decoded text of a prefix of ids is a prefix of the text of all
+    of them for the byte-level BPE the models use; where it is not, `rest` says so."""
+
+    def __init__(self, tokenizer, stop: list[str], *, starts_in_picture: bool = False):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.sent = ""
+        self.closed = starts_in_picture  # an answer that begins inside a picture has no text before it
+
+    def update(self, ids) -> str:
+        if self.closed:
+            return ""
+        text_ids, complete = [], False
+        for i in (int(i) for i in ids):
+            if i in (layout.IMAGE_START, layout.END_OF_TURN):
+                complete = True
+                break
+            if i != self.tokenizer.bos_id:
+                text_ids.append(i)
+        text = self.tokenizer.decode_text(text_ids) if text_ids else ""
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            text, complete = text[:min(hits)], True
+        elif not complete:
+            text = text.rstrip("\ufffd")  # bytes of a character still to come: not one yet
+            text = text[:max(0, len(text) - self.hold)]
+        self.closed = complete
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def rest(self, parts: list) -> list:
+        if not self.sent:
+            return parts
+        first = parts[0] if parts else ""
+        if not isinstance(first, str) or not first.startswith(self.sent):
+            raise ValueError(f"the streamed text {self.sent!r} is not how the answer begins ({first!r})")
+        return ([first[len(self.sent):]] if len(first) > len(self.sent) else []) + parts[1:]
+
+
 def pictures(parts: list) -> list[Image.Image]:
     return [p for p in parts if isinstance(p, Image.Image)]
 
