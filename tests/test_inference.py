@@ -324,6 +324,15 @@ def test_a_chat_streams_its_text_while_it_is_generated(pipe):
     said = []
     answer = pipe.chat([{"from": "human", "value": "he is"}], max_new_tokens=100, stop_tokens=(), stream=said.append)
     assert said and answer[0].startswith("".join(said))
+    said = []  # understand: one question streams text, a list streams (i, text)
+    answer = pipe.understand([], "he is", max_new_tokens=100, stop_tokens=(), stream=said.append)
+    assert said and answer.startswith("".join(said))
+    said = []
+    answers = pipe.understand([[], []], ["he is", "the cat"], max_new_tokens=100, stop_tokens=(),
+                              stream=lambda i, text: said.append((i, text)))
+    for i in (0, 1):
+        mine = "".join(text for j, text in said if j == i)
+        assert mine and answers[i].startswith(mine)
 
 
 def _chat_turns(pipe, loop, turns, **options):

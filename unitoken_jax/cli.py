@@ -186,10 +186,17 @@ def _understand(args) -> int:
         raise ValueError(f"{missing!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
                          "then one question (several questions: the Python API's understand([...]) or chat)")
     pipe = _pipeline(args)
+    streamed = []
+
+    def show(text):  # the answer as it is generated
+        print(text, end="", flush=True)
+        streamed.append(text)
+
     with _budget_notes() as caught:
         answer = pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 seed=args.seed)
-    print(answer, flush=True)
+                                 seed=args.seed, stream=show)
+    sent = "".join(streamed)
+    print(answer[len(sent):] if answer.startswith(sent) else f"\n(all of it:) {answer}", flush=True)
     _say_notes("understand", caught)
     return 0
 

@@ -12,6 +12,7 @@ mix of requests (`*_request` methods) and returns each one's decoded parts.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -242,12 +243,17 @@ class UniTokenPipeline:
             warnings.warn(said, AnswerCut, stacklevel=3)
         return results
 
-    def understand(self, images, question, **options):
-        """Answers; a list of questions (with a list of image lists) runs as one batch."""
+    def understand(self, images, question, *, stream: Callable | None = None, **options):
+        """Answers; a list of questions (with a list of image lists) runs as one batch. `stream`
+        gets the text as it is generated: `stream(text)` for one question, `stream(i, text)` for
+        a list (as the answer is a string or a list)."""
         single = isinstance(question, str)
         questions = [question] if single else list(question)
         image_sets = [images] if single else list(images)
-        results = self.run([self.understand_request(i, q, **options) for i, q in zip(image_sets, questions)])
+        if stream is not None and single:
+            stream = functools.partial(lambda send, _, text: send(text), stream)
+        results = self.run([self.understand_request(i, q, **options) for i, q in zip(image_sets, questions)],
+                           stream=stream)
         texts = ["".join(p for p in parts if isinstance(p, str)) for parts in results]
         return texts[0] if single else texts
 
