@@ -193,7 +193,7 @@ def aot_turns(topology: str) -> list[str]:
         return time.perf_counter() - start, total
 
     rows = []
-    history = 1000  # a conversation of ~1,000 positions, the next turn's budget 512 (the chat default)
+    history = 1000  # a conversation of ~1,000 positions, the next turn's budget 512 tokens
     request = Request(np.full(history, 9000, np.int32), max_new_tokens=512)
     start = time.perf_counter()
     prefill, run = loop.lower([request])

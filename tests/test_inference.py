@@ -458,10 +458,11 @@ def test_a_turn_that_fills_the_model_reuses_from_a_multiple_of_32(pipe):
 
 
 def test_a_kept_cache_grows_by_doubling_and_turns_within_it_compile_no_new_loop(pipe):
-    """On an accelerator (scanned layers, one cache length a call), the loop compiles once per
-    cache length: a kept cache too short for the next turn's prompt + budget grows to twice its
-    length (at most the model's positions), so a conversation compiles its loop a logarithmic
-    number of times, not once a turn."""
+    """On an accelerator (scanned layers), a chat's cache follows what its rows reach, not prompt
+    + budget: it starts at the first of 256, 512, ... that holds the first turn's prompt and first
+    chunk of answer, and a kept cache too short for the next turn doubles (at most the model's
+    positions), so a conversation compiles its loop a logarithmic number of times, not once a
+    turn, and a step reads about the slots the conversation fills."""
     cfg = pipe.model.config
     positions = 1024
     loop = DecodeLoop(cfg.replace(decoder=dataclasses.replace(cfg.decoder, max_position_embeddings=positions)),
@@ -473,12 +474,28 @@ def test_a_kept_cache_grows_by_doubling_and_turns_within_it_compile_no_new_loop(
         programs.append(loop._run._cache_size())
         requests.append(request)
         assert lengths[-1] >= len(request.tokens) + len(drawn)
-    assert lengths[0] == prefill_width(len(requests[0].tokens), 32) + 24  # prompt + budget, as without reuse
-    for a, b, request in zip(lengths, lengths[1:], requests[1:]):
-        need = min(prefill_width(len(request.tokens), 32) + 24, positions)
-        assert b == (a if a >= need else min(max(need, 2 * a), positions))
+    def grown(size, need):  # the doubling chain from `size`, to the first length that holds `need`
+        while size < need:
+            size = min(2 * size, positions)
+        return size
+
+    needs = [min(prefill_width(len(r.tokens), 32) + 24, positions) for r in requests]  # prompt + answer
+    assert needs[0] < 256 < needs[-1] and lengths[0] == 256
+    for a, b, need in zip(lengths, lengths[1:], needs[1:]):
+        assert b == grown(a, need)
     assert len(set(lengths)) < len(lengths)  # turns shared a length ...
     assert programs[-1] == len(set(lengths))  # ... and compiled one loop per length
+    # a turn whose answer passes its cache's length doubles it between chunks, and draws what a
+    # full-length cache draws: a prompt of 160 and 150 new tokens start at 256 and end at 512
+    words = "he"
+    while prefill_width(len(pipe.understand_request([], words + " is").tokens), 32) <= 160:
+        words += " is"
+    request = pipe.understand_request([], words[:-3], max_new_tokens=150, temperature=1.0, seed=5, stop_tokens=())
+    assert prefill_width(len(request.tokens), 32) == 160
+    fresh = DecodeLoop(loop.config, pipe.model.params, layers="scan")
+    drawn = fresh.generate([request], reuse_cache=True).tokens[0]
+    assert cache_length(fresh._kept.cache) == 512 and len(drawn) == 150
+    np.testing.assert_array_equal(drawn, loop.generate([request]).tokens[0])  # (prompt + budget: 310 slots)
 
 
 def test_auto_unrolls_on_a_cpu_only_where_the_copy_fits(pipe, monkeypatch):

@@ -465,13 +465,28 @@ class DecodeLoop:
         positions that reading is most of the step. Each length compiles the loop once more (4 in
         all for that picture by default), and growing holds the old and the new cache at once,
         which is why a scanned loop (the accelerators', where AOT fit tables are made at the full
-        length) keeps one full cache."""
+        length) keeps one full cache, except for a chat turn (`_doubling`)."""
         full = prompt + max_new if full is None else full
         ends = [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
         if self.layers != "unrolled":
             return [full] * len(ends)
         growth = self.cache_growth or default_growth(prompt + ends[0], full)
         return [min(full, -(-(prompt + end) // growth) * growth) for end in ends]
+
+    def _doubling(self, prompt: int, max_new: int, chunk: int, full: int, base: int) -> list[int]:
+        """`_capacities` for a chat turn on scanned layers: each chunk's cache is the first length
+        of the doubling chain from `base` (the kept cache's, else `MIN_CAPACITY`) that holds what
+        the chunk's rows reach, at most the model's positions. The cache follows the conversation
+        rather than its budget (a turn's loop reads the slots the rows use, not prompt + budget),
+        and every conversation's turns share a few lengths, so a few loop programs."""
+        top = max(full, self.config.decoder.max_position_embeddings)
+        ends = [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
+        sizes, size = [], base
+        for end in ends:
+            while size < min(prompt + end, full):
+                size = min(2 * size, top)
+            sizes.append(size)
+        return sizes
 
     @functools.cached_property
     def _grow(self):
@@ -606,13 +621,16 @@ class DecodeLoop:
         unconditional partner is prefilled beside it), and this call's row's cache is kept for the
         next (on the device, until a call that does not reuse it). A turn then prefills only its
         new messages, and compiles only where their padded width or the cache's length is new; on
-        an accelerator the cache grows by doubling, up to the model's positions
-        (benchmarks/chat_turns.py)."""
+        an accelerator the cache grows by doubling as the rows need it (`_doubling`: from 256, up to
+        the model's positions, whatever the budget) (benchmarks/chat_turns.py)."""
         kept, self._kept = self._kept, None  # a call that does not reuse the cache frees it
         rows, batch, params, max_new, cache_len = self._prepare(requests)
         capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
         reuse_cache = reuse_cache and len(requests) == 1  # (a guided one's partner row is not kept)
         start = self._reusable(kept, requests[0]) if reuse_cache and kept is not None else 0
+        if reuse_cache and self.layers != "unrolled":  # a chat on an accelerator: the cache doubles as rows need
+            base = cache_length(kept.cache) if start else MIN_CAPACITY
+            capacities = self._doubling(batch[0].shape[1], max_new, chunk, cache_len, base)
         if not start:
             kept = None
         with sharding.mesh_context(self.mesh):
