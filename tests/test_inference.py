@@ -335,6 +335,38 @@ def test_a_chat_streams_its_text_while_it_is_generated(pipe):
         assert mine and answers[i].startswith(mine)
 
 
+def test_many_questions_and_prompts_run_in_batches_of_batch_size(pipe):
+    """`batch_size` splits a long list into batches (a folder to caption): the answers and pictures
+    are the ones one batch gives (a batch of N equals N single runs), streamed text and warnings
+    number the answers across batches, and mismatched lists are an error, not a silent zip."""
+    from unitoken_jax.inference.pipeline import AnswerCut
+
+    cat = str(pipe.image_dir / "cat.png")
+    images = [[cat], [], [cat], [], [cat]]
+    questions = ["the cat is", "he is", "or the", "the cat", "he"]
+    options = dict(max_new_tokens=6, temperature=1.0, seed=3, stop_tokens=())
+    with pytest.warns(AnswerCut):
+        whole = pipe.understand(images, questions, **options)
+    pieces = []
+    with pytest.warns(AnswerCut, match=re.escape("answers stopped before their end: 0 at max_new_tokens=6, "
+                                                 "1 at max_new_tokens=6, 2 at") + ".* 4 at max_new_tokens=6$"):
+        batched = pipe.understand(images, questions, batch_size=2, stream=lambda i, t: pieces.append((i, t)),
+                                  **options)
+    assert batched == whole
+    assert {i for i, _ in pieces} == set(range(5))
+    for i in range(5):
+        assert batched[i].startswith("".join(t for j, t in pieces if j == i))
+    with pytest.raises(ValueError, match="5 questions and 4 lists of pictures"):
+        pipe.understand(images[:4], questions)
+    with pytest.raises(ValueError, match="batch_size must be a whole number, at least 1"):
+        pipe.understand(images, questions, batch_size=0)
+    prompts = ["he is", "the cat", "or"]
+    one = pipe.generate_image(prompts, size=(32, 32), n=2, seed=1, progress=False)
+    three = pipe.generate_image(prompts, size=(32, 32), n=2, seed=1, progress=False, batch_size=4)
+    for a, b in zip(sum(one, []), sum(three, [])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _chat_turns(pipe, loop, turns, **options):
     """Runs a conversation through `loop` with the cache reused, turn by turn; yields each turn's
     request and the tokens drawn (the random model's answers are noise: the history holds a fixed

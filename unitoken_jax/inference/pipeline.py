@@ -186,7 +186,18 @@ class UniTokenPipeline:
         """Generates all requests as one batch; each result is [text, picture, ...]. `reuse_cache`:
         see `DecodeLoop.generate` (what `chat` does). `stream(i, text)` gets request i's new text
         while it is generated, after every chunk of decoding steps: the text before its first
-        picture, as `TextStream` settles it (the finished first part starts with all of it)."""
+        picture, as `TextStream` settles it (the finished first part starts with all of it). An
+        answer cut by its budget or the model's end warns (`AnswerCut`, `PictureRepaired`)."""
+        results, cut, repaired = self._run_batch(requests, progress=progress, repair=repair, reuse_cache=reuse_cache,
+                                                 stream=stream)
+        self._warn_cut(cut, repaired, single=len(requests) == 1)
+        return results
+
+    def _run_batch(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,
+                   reuse_cache: bool = False, stream: Callable[[int, str], None] | None = None, first: int = 0):
+        """`run`'s work for one batch, whose requests are numbered from `first`: (results, the
+        answers cut [(number, by its budget?)], the pictures completed [(number, request,
+        (h, w) codes, changes)])."""
         bar = None
         updates = []
         total_rows = sum(r.grid_hw[0] * layout.CODES_PER_GRID for r in requests if r.grid_hw is not None)
@@ -208,7 +219,7 @@ class UniTokenPipeline:
                 for i, text in enumerate(texts):
                     new = text.update(info["out"][i, :info["n_out"][i]])
                     if new:
-                        stream(i, new)
+                        stream(first + i, new)
             updates.append(send_text)
 
         def callback(info):
@@ -219,54 +230,91 @@ class UniTokenPipeline:
         if bar is not None:
             bar.update(total_rows - bar.n)
             bar.close()
-        results, cut = [], []
+        results, cut, repaired = [], [], []
         for i, (request, drawn) in enumerate(zip(requests, out.tokens)):
             ids = np.concatenate([[layout.IMAGE_START], drawn]) if request.tokens[-1] == layout.IMAGE_START else drawn
             repairs = []
             results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs))
-            for (h, w), changes in repairs:  # never silently: the answer's picture is not what the model drew
-                grid = (h // layout.CODES_PER_GRID, w // layout.CODES_PER_GRID)
-                size = f"{grid[1] * layout.PIXELS_PER_GRID}x{grid[0] * layout.PIXELS_PER_GRID}"
-                warnings.warn(f"answer {i}: its {size} picture did not finish within max_new_tokens="
-                              f"{request.max_new_tokens} or the model's {self.max_length} positions (a picture that "
-                              f"size takes {layout.generated_image_length(grid)} tokens) and was completed: "
-                              f"{'; '.join(changes)}", PictureRepaired, stacklevel=3)
+            repaired += [(first + i, request, shape, changes) for shape, changes in repairs]
             last = int(drawn[-1]) if len(drawn) else None
             if not repairs and last not in request.stop_tokens and not (request.stop_after_image and
                                                                          last == layout.IMAGE_END):
-                cut.append((i, len(drawn) >= request.max_new_tokens))
+                cut.append((first + i, len(drawn) >= request.max_new_tokens, request.max_new_tokens))
+        return results, cut, repaired
+
+    def _warn_cut(self, cut, repaired, *, single: bool) -> None:
+        """Never silently: a picture that is not what the model drew, and answers that stopped early."""
+        for i, request, (h, w), changes in repaired:
+            grid = (h // layout.CODES_PER_GRID, w // layout.CODES_PER_GRID)
+            size = f"{grid[1] * layout.PIXELS_PER_GRID}x{grid[0] * layout.PIXELS_PER_GRID}"
+            warnings.warn(f"answer {i}: its {size} picture did not finish within max_new_tokens="
+                          f"{request.max_new_tokens} or the model's {self.max_length} positions (a picture that "
+                          f"size takes {layout.generated_image_length(grid)} tokens) and was completed: "
+                          f"{'; '.join(changes)}", PictureRepaired, stacklevel=4)
         if cut:
-            where = [f"max_new_tokens={requests[i].max_new_tokens}" if budget else
-                     f"the model's last position ({self.max_length})" for i, budget in cut]
-            said = (f"the answer stopped at {where[0]} before its end" if len(requests) == 1 else
-                    "answers stopped before their end: " + ", ".join(f"{i} at {w}" for (i, _), w in zip(cut, where)))
-            warnings.warn(said, AnswerCut, stacklevel=3)
+            where = [f"max_new_tokens={budget}" if by_budget else f"the model's last position ({self.max_length})"
+                     for _, by_budget, budget in cut]
+            said = (f"the answer stopped at {where[0]} before its end" if single else
+                    "answers stopped before their end: " + ", ".join(f"{i} at {w}" for (i, *_), w in zip(cut, where)))
+            warnings.warn(said, AnswerCut, stacklevel=4)
+
+    def _in_batches(self, n: int, make: Callable[[int], Request], batch_size: int | None, *, what: str,
+                    stream=None, bar: bool = True, **run_options) -> list[list]:
+        """`run` over requests `make(0)`, ..., `make(n - 1)`, `batch_size` at a time (None: all at
+        once), each batch's requests made just before it runs (a batch's pictures are read then),
+        with a bar over the batches' `what`; one warning for every cut answer of all batches."""
+        if batch_size is None or n <= batch_size:
+            requests = [make(i) for i in range(n)]
+            return self.run(requests, stream=stream, **run_options)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number, at least 1; got {batch_size!r}")
+        results, cut, repaired = [], [], []
+        with tqdm(total=n, desc=what, unit=what.rstrip("s"), disable=not bar) as counter:
+            for first in range(0, n, batch_size):
+                batch = [make(i) for i in range(first, min(n, first + batch_size))]
+                out, batch_cut, batch_repaired = self._run_batch(batch, stream=stream, first=first,
+                                                                 **{**run_options, "progress": False})
+                results += out
+                cut += batch_cut
+                repaired += batch_repaired
+                counter.update(len(batch))
+        self._warn_cut(cut, repaired, single=False)
         return results
 
-    def understand(self, images, question, *, stream: Callable | None = None, **options):
-        """Answers; a list of questions (with a list of image lists) runs as one batch. `stream`
-        gets the text as it is generated: `stream(text)` for one question, `stream(i, text)` for
-        a list (as the answer is a string or a list)."""
+    def understand(self, images, question, *, stream: Callable | None = None, batch_size: int | None = None,
+                   **options):
+        """Answers; a list of questions (with a list of image lists) runs as one batch, or
+        `batch_size` at a time (a bar counts the answers; each batch's pictures are read when it
+        runs: captioning a folder of thousands). `stream` gets the text as it is generated:
+        `stream(text)` for one question, `stream(i, text)` for a list (as the answer is a string
+        or a list)."""
         single = isinstance(question, str)
         questions = [question] if single else list(question)
         image_sets = [images] if single else list(images)
+        if len(image_sets) != len(questions):
+            raise ValueError(f"{len(questions)} questions and {len(image_sets)} lists of pictures: give one list of "
+                             "pictures (maybe empty) a question")
         if stream is not None and single:
             stream = functools.partial(lambda send, _, text: send(text), stream)
-        results = self.run([self.understand_request(i, q, **options) for i, q in zip(image_sets, questions)],
-                           stream=stream)
+        results = self._in_batches(len(questions), lambda i: self.understand_request(image_sets[i], questions[i],
+                                                                                     **options),
+                                   batch_size, what="answers", stream=stream)
         texts = ["".join(p for p in parts if isinstance(p, str)) for parts in results]
         return texts[0] if single else texts
 
     def generate_image(self, prompt, *, size=(512, 512), cfg: float = 3.0, n: int = 1, seed: int = 0,
-                       progress: bool = True, **options) -> list[Image.Image] | list[list[Image.Image]]:
-        """n pictures per prompt (seeds seed, seed+1, ...); a list of prompts gives a list of lists."""
+                       progress: bool = True, batch_size: int | None = None,
+                       **options) -> list[Image.Image] | list[list[Image.Image]]:
+        """n pictures per prompt (seeds seed, seed+1, ...); a list of prompts gives a list of lists.
+        All pictures are drawn as one batch (a bar counts image rows), or `batch_size` pictures at
+        a time (a bar counts pictures)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        requests = [self.generate_request(p, size=size, cfg=cfg, seed=seed + j, **options)
-                    for p in prompts for j in range(n)]
-        results = self.run(requests, progress=progress)
+        results = self._in_batches(len(prompts) * n, lambda k: self.generate_request(
+            prompts[k // n], size=size, cfg=cfg, seed=seed + k % n, **options), batch_size, what="pictures",
+            bar=progress, progress=progress)
         pics = [[x for x in r if not isinstance(x, str)][0] for r in results]
         grouped = [pics[i * n:(i + 1) * n] for i in range(len(prompts))]
         return grouped[0] if single else grouped
