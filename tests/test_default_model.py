@@ -99,3 +99,40 @@ def test_int8_answers_word_for_word_like_the_float_model():
     expected = float_pipe.understand(pictures, question, max_new_tokens=24)
     assert int8_pipe.understand(pictures, question, max_new_tokens=24) == expected
     assert len(set(expected)) > 1  # the captions differ: the pictures were read
+
+
+def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_path, capsys):
+    """`unitoken caption` finds the pictures of a folder (sub-folders too), answers in batches, leaves
+    out and names a file it cannot read, and writes items that `unitoken pretokenize` takes."""
+    import json
+
+    from unitoken_jax.cli import main
+
+    things = [shapes.Thing("red", "circle", "top left"), shapes.Thing("blue", "square", "bottom right"),
+              shapes.Thing("green", "triangle", "top right")]
+    folder = tmp_path / "pictures"
+    (folder / "more").mkdir(parents=True)
+    for i, thing in enumerate(things):
+        shapes.draw([thing]).save(folder / ("more" if i == 2 else "") / f"{i}.png")
+    (folder / "notes.txt").write_text("not a picture")  # not a picture's name: not looked at
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "items.json"
+    assert main(["caption", str(folder), "--out", str(out), "--batch-size", "2"]) == 0
+    said = capsys.readouterr()
+    assert "left out" in said.err and "broken.png" in said.err and "notes.txt" not in said.err
+    assert f"wrote 3 captions to {out} (1 picture(s) left out)" in said.out
+    items = json.loads(out.read_text())
+    assert [item["image"] for item in items] == [["pictures/0.png"], ["pictures/1.png"], ["pictures/more/2.png"]]
+    assert all(item["conversations"][0] == {"from": "human", "value": "<|image|>\nDescribe the picture."}
+               for item in items)
+    right = sum(item["conversations"][1]["value"] == shapes.answers([t])["caption"] for item, t in zip(items, things))
+    assert right >= 2, items
+    assert main(["pretokenize", str(out), "--out", str(tmp_path / "data"), "--tokenizer", "demo", "--vqgan",
+                 "demo"]) == 0
+    assert "3 items written, 0 skipped" in capsys.readouterr().out
+    assert main(["caption", str(folder), "--out", str(tmp_path / "items.txt")]) == 2
+    assert "a .json list" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["caption", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert "holds no picture files" in capsys.readouterr().err
+

@@ -225,6 +225,58 @@ def _say_notes(verb: str, caught) -> None:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
+def _caption(args) -> int:
+    """One question about each picture of the files and folders given, `--batch-size` at a time,
+    into a JSON list of conversations in the reference's format (what `unitoken pretokenize` reads,
+    picture paths relative to the file). Pictures that cannot be read are listed and left out."""
+    import json
+
+    from PIL import Image
+
+    from unitoken_jax.tokenizer.images import ImageError, load_image
+
+    if os.path.splitext(args.out)[1].lower() != ".json":
+        raise ValueError(f"--out {args.out}: captions are written as a .json list of items")
+    directory = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(directory):
+        raise ValueError(f"--out {args.out}: the directory {directory} does not exist (create it first)")
+    pictures = Image.registered_extensions()
+    paths = []
+    for given in args.inputs:
+        if os.path.isdir(given):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(given) for name in names
+                           if os.path.splitext(name)[1].lower() in pictures)
+            if not found:
+                print(f"caption: {given} holds no picture files", file=sys.stderr)
+            paths += found
+        else:
+            paths.append(given)
+    readable = []
+    for path in paths:
+        try:
+            load_image(path)
+        except ImageError as e:
+            print(f"caption: left out: {e}", file=sys.stderr)
+        else:
+            readable.append(path)
+    if not readable:
+        raise ValueError("no picture to caption: give picture files or folders that hold some")
+    pipe = _pipeline(args)
+    with _budget_notes() as caught:
+        answers = pipe.understand([[p] for p in readable], [args.question] * len(readable),
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, seed=args.seed)
+    items = [{"id": os.path.splitext(os.path.relpath(path, directory))[0], "image": [os.path.relpath(path, directory)],
+              "conversations": [{"from": "human", "value": f"<|image|>\n{args.question}"},
+                                {"from": "gpt", "value": answer.strip()}]} for path, answer in zip(readable, answers)]
+    with open(args.out, "w") as f:
+        json.dump(items, f, indent=1, ensure_ascii=False)
+    _say_notes("caption", caught)
+    left = len(paths) - len(readable)
+    print(f"wrote {len(items)} captions to {args.out}" + (f" ({left} picture(s) left out)" if left else ""))
+    return 0
+
+
 def _check_out(path: str) -> None:
     """Before any drawing: the output's directory exists and the path is not a directory."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -560,6 +612,17 @@ def main(argv: list[str] | None = None) -> int:
                           "the reference's)")
     model_args(gen, image_out=True)
     gen.set_defaults(func=_generate)
+    cap = add_parser("caption", help="answer one question about every picture of files and folders, in batches",
+                     description="Answers --question about each picture (folders are searched for picture files) "
+                                 "--batch-size at a time, and writes the conversations as a .json list in the "
+                                 "reference's format, which `unitoken pretokenize` reads (picture paths relative to "
+                                 "the file). Pictures that cannot be read are listed on stderr and left out.")
+    cap.add_argument("inputs", nargs="+", metavar="PICTURE_OR_FOLDER")
+    cap.add_argument("--out", required=True, help="the .json file to write")
+    cap.add_argument("--question", default="Describe the picture.", help="asked about every picture")
+    cap.add_argument("--batch-size", type=int, default=16, help="pictures a batch")
+    model_args(cap)
+    cap.set_defaults(func=_caption)
     edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
     edi.add_argument("image")
     edi.add_argument("instruction")
