@@ -136,3 +136,34 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     assert main(["caption", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "holds no picture files" in capsys.readouterr().err
 
+
+def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, capsys):
+    """`unitoken generate --prompts-file`: --n pictures for every prompt line, in batches, named by
+    line and picture, with index.json saying which prompt each is; the pictures are what they say."""
+    import json
+
+    from PIL import Image
+
+    from unitoken_jax.cli import main
+
+    things = [shapes.Thing("red", "circle", "top left"), shapes.Thing("blue", "square", "bottom right"),
+              shapes.Thing("yellow", "triangle", "bottom left")]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{things[0].text}\n{things[1].text}\n\n{things[2].text}\n")
+    out = tmp_path / "drawn"
+    out.mkdir()
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2", "--batch-size", "4"]) == 0
+    said = capsys.readouterr()
+    assert "1 empty line(s)" in said.err and "wrote 6 pictures for 3 prompts" in said.out
+    index = json.loads((out / "index.json").read_text())
+    assert [entry["prompt"] for entry in index] == [t.text for t in things]
+    assert [entry["pictures"] for entry in index] == [[f"{k:05d}_{j}.png" for j in range(2)] for k in range(3)]
+    right = sum(shapes.check_picture(Image.open(out / name)).matches(thing)
+                for entry, thing in zip(index, things) for name in entry["pictures"])
+    assert right >= 4, right  # (the model draws 70 % or more right; chance is 1 in 48)
+    for wrong in (["a red circle", "--prompts-file", str(prompts), "--out", str(out)], ["--out", str(out)]):
+        assert main(["generate", *wrong]) == 2
+        assert "not both" in capsys.readouterr().err
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "none")]) == 2
+    assert "is a directory (create it first)" in capsys.readouterr().err
+

@@ -293,15 +293,50 @@ def _check_out(path: str) -> None:
 
 
 def _generate(args) -> int:
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("give a prompt or --prompts-file (one prompt a line), not both")
+    if args.prompts_file is not None:
+        return _generate_many(args)
     _check_out(args.out)
     pipe = _pipeline(args)
     pictures = pipe.generate_image(args.prompt, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
                                    image_top_k=args.top_k, image_temperature=args.temperature,
-                                   negative_prompt=args.negative_prompt)
+                                   negative_prompt=args.negative_prompt, batch_size=args.batch_size)
     for i, picture in enumerate(pictures):
         path = _numbered(args.out, i, len(pictures))
         _save(picture, path)
         print(f"wrote {path}")
+    return 0
+
+
+def _generate_many(args) -> int:
+    """--prompts-file: --n pictures for every line of the file into the directory --out
+    (NNNNN_J.png, line N from 0, picture J), with index.json listing each prompt's pictures."""
+    import json
+
+    with open(args.prompts_file, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f]
+    if not any(prompts):
+        raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt (one prompt a line)")
+    blank = [i for i, p in enumerate(prompts) if not p]
+    prompts = [p for p in prompts if p]
+    if blank:
+        print(f"generate: {len(blank)} empty line(s) of {args.prompts_file} skipped", file=sys.stderr)
+    if not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: with --prompts-file, --out is a directory (create it first)")
+    pipe = _pipeline(args)
+    pictures = pipe.generate_image(prompts, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
+                                   image_top_k=args.top_k, image_temperature=args.temperature,
+                                   negative_prompt=args.negative_prompt, batch_size=args.batch_size or 16)
+    index = []
+    for k, (prompt, drawn) in enumerate(zip(prompts, pictures)):
+        names = [f"{k:05d}_{j}.png" for j in range(len(drawn))]
+        for name, picture in zip(names, drawn):
+            _save(picture, os.path.join(args.out, name))
+        index.append({"prompt": prompt, "pictures": names, "seeds": [args.seed + j for j in range(len(drawn))]})
+    with open(os.path.join(args.out, "index.json"), "w") as f:
+        json.dump(index, f, indent=1, ensure_ascii=False)
+    print(f"wrote {len(prompts) * args.n} pictures for {len(prompts)} prompts to {args.out} (index.json lists them)")
     return 0
 
 
@@ -604,9 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     model_args(und)
     und.set_defaults(func=_understand)
     gen = add_parser("generate", help="draw pictures from a text prompt")
-    gen.add_argument("prompt")
-    gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1)")
-    gen.add_argument("--n", type=int, default=1, help="pictures to draw (one batch)")
+    gen.add_argument("prompt", nargs="?", default=None)
+    gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1); with --prompts-file a directory")
+    gen.add_argument("--n", type=int, default=1, help="pictures to draw a prompt")
+    gen.add_argument("--prompts-file", default=None,
+                     help="a text file of prompts, one a line: --n pictures each, into the directory --out "
+                          "(NNNNN_J.png and index.json)")
+    gen.add_argument("--batch-size", type=int, default=None,
+                     help="pictures a batch (default: all of one prompt's at once; 16 with --prompts-file)")
     gen.add_argument("--negative-prompt", default=None,
                      help="text guidance steers away from: the unguided row's prompt (default: no text, as "
                           "the reference's)")
