@@ -130,8 +130,21 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     assert main(["pretokenize", str(out), "--out", str(tmp_path / "data"), "--tokenizer", "demo", "--vqgan",
                  "demo"]) == 0
     assert "3 items written, 0 skipped" in capsys.readouterr().out
+    # a .jsonl file gets each batch as it is done, and a rerun captions only the pictures it lacks
+    lines = tmp_path / "items.jsonl"
+    assert main(["caption", str(folder / "0.png"), str(folder / "1.png"), "--out", str(lines),
+                 "--batch-size", "1"]) == 0
+    assert "wrote 2 captions" in capsys.readouterr().out
+    assert main(["caption", str(folder), "--out", str(lines), "--batch-size", "2"]) == 0
+    rerun = capsys.readouterr().out
+    assert "wrote 1 captions" in rerun and "2 were there from an earlier run" in rerun
+    again = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert [item["image"] for item in again] == [item["image"] for item in items]
+    assert [item["conversations"] for item in again] == [item["conversations"] for item in items]
+    assert main(["caption", str(folder / "0.png"), "--out", str(lines)]) == 0
+    assert "holds the captions of all 1 pictures already" in capsys.readouterr().out
     assert main(["caption", str(folder), "--out", str(tmp_path / "items.txt")]) == 2
-    assert "a .json list" in capsys.readouterr().err
+    assert "a .json list or a .jsonl file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["caption", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "holds no picture files" in capsys.readouterr().err

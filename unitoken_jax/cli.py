@@ -227,19 +227,24 @@ def _say_notes(verb: str, caught) -> None:
 
 def _caption(args) -> int:
     """One question about each picture of the files and folders given, `--batch-size` at a time,
-    into a JSON list of conversations in the reference's format (what `unitoken pretokenize` reads,
-    picture paths relative to the file). Pictures that cannot be read are listed and left out."""
+    into a list of conversations in the reference's format (what `unitoken pretokenize` reads,
+    picture paths relative to the file). Pictures that cannot be read are listed and left out.
+    A .jsonl file gets each batch's items as it finishes, and a rerun skips the pictures it has."""
     import json
 
     from PIL import Image
+    from tqdm.auto import tqdm
 
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
-    if os.path.splitext(args.out)[1].lower() != ".json":
-        raise ValueError(f"--out {args.out}: captions are written as a .json list of items")
+    kind = os.path.splitext(args.out)[1].lower()
+    if kind not in (".json", ".jsonl"):
+        raise ValueError(f"--out {args.out}: captions are written as a .json list or a .jsonl file of items")
     directory = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(directory):
         raise ValueError(f"--out {args.out}: the directory {directory} does not exist (create it first)")
+    if isinstance(args.batch_size, bool) or args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     pictures = Image.registered_extensions()
     paths = []
     for given in args.inputs:
@@ -251,29 +256,52 @@ def _caption(args) -> int:
             paths += found
         else:
             paths.append(given)
+    done = set()
+    if kind == ".jsonl" and os.path.exists(args.out):  # a rerun goes on where the last one stopped
+        with open(args.out, encoding="utf-8") as f:
+            done = {tuple(json.loads(line)["image"]) for line in f if line.strip()}
+    todo = [p for p in paths if (os.path.relpath(p, directory),) not in done]
     readable = []
-    for path in paths:
+    for path in todo:
         try:
             load_image(path)
         except ImageError as e:
             print(f"caption: left out: {e}", file=sys.stderr)
         else:
             readable.append(path)
+    if not todo and done:
+        print(f"{args.out} holds the captions of all {len(paths)} pictures already")
+        return 0
     if not readable:
         raise ValueError("no picture to caption: give picture files or folders that hold some")
     pipe = _pipeline(args)
+
+    def items(batch, answers):
+        return [{"id": os.path.splitext(os.path.relpath(path, directory))[0],
+                 "image": [os.path.relpath(path, directory)],
+                 "conversations": [{"from": "human", "value": f"<|image|>\n{args.question}"},
+                                   {"from": "gpt", "value": answer.strip()}]} for path, answer in zip(batch, answers)]
+
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     with _budget_notes() as caught:
-        answers = pipe.understand([[p] for p in readable], [args.question] * len(readable),
-                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, seed=args.seed)
-    items = [{"id": os.path.splitext(os.path.relpath(path, directory))[0], "image": [os.path.relpath(path, directory)],
-              "conversations": [{"from": "human", "value": f"<|image|>\n{args.question}"},
-                                {"from": "gpt", "value": answer.strip()}]} for path, answer in zip(readable, answers)]
-    with open(args.out, "w") as f:
-        json.dump(items, f, indent=1, ensure_ascii=False)
+        if kind == ".json":
+            answers = pipe.understand([[p] for p in readable], [args.question] * len(readable),
+                                      batch_size=args.batch_size, **options)
+            with open(args.out, "w", encoding="utf-8") as f:
+                json.dump(items(readable, answers), f, indent=1, ensure_ascii=False)
+        else:
+            with open(args.out, "a", encoding="utf-8") as f, tqdm(total=len(readable), unit="answer",
+                                                                 desc="answers") as bar:
+                for first in range(0, len(readable), args.batch_size):
+                    batch = readable[first:first + args.batch_size]
+                    answers = pipe.understand([[p] for p in batch], [args.question] * len(batch), **options)
+                    f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items(batch, answers))
+                    f.flush()
+                    bar.update(len(batch))
     _say_notes("caption", caught)
-    left = len(paths) - len(readable)
-    print(f"wrote {len(items)} captions to {args.out}" + (f" ({left} picture(s) left out)" if left else ""))
+    left = len(todo) - len(readable)
+    print(f"wrote {len(readable)} captions to {args.out}" + (f" ({left} picture(s) left out)" if left else "")
+          + (f"; {len(paths) - len(todo)} were there from an earlier run" if done else ""))
     return 0
 
 
@@ -654,11 +682,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(func=_generate)
     cap = add_parser("caption", help="answer one question about every picture of files and folders, in batches",
                      description="Answers --question about each picture (folders are searched for picture files) "
-                                 "--batch-size at a time, and writes the conversations as a .json list in the "
-                                 "reference's format, which `unitoken pretokenize` reads (picture paths relative to "
-                                 "the file). Pictures that cannot be read are listed on stderr and left out.")
+                                 "--batch-size at a time, and writes the conversations in the reference's format, "
+                                 "which `unitoken pretokenize` reads (picture paths relative to the file): a .json "
+                                 "list at the end, or a .jsonl file batch by batch, which a rerun continues. "
+                                 "Pictures that cannot be read are listed on stderr and left out.")
     cap.add_argument("inputs", nargs="+", metavar="PICTURE_OR_FOLDER")
-    cap.add_argument("--out", required=True, help="the .json file to write")
+    cap.add_argument("--out", required=True, help="the .json file to write, or a .jsonl file to add to (resumable)")
     cap.add_argument("--question", default="Describe the picture.", help="asked about every picture")
     cap.add_argument("--batch-size", type=int, default=16, help="pictures a batch")
     model_args(cap)
