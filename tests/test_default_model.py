@@ -143,6 +143,12 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     assert [item["conversations"] for item in again] == [item["conversations"] for item in items]
     assert main(["caption", str(folder / "0.png"), "--out", str(lines)]) == 0
     assert "holds the captions of all 1 pictures already" in capsys.readouterr().out
+    with open(lines, "a") as f:  # a stop in the middle of a line: the line is dropped, its picture done again
+        f.write('{"id": "pictures/more/x", "ima')
+    assert main(["caption", str(folder / "more"), "--out", str(lines)]) == 0
+    said = capsys.readouterr()
+    assert "1 damaged line(s)" in said.err and "holds the captions of all 1 pictures already" in said.out
+    assert [json.loads(line)["image"] for line in lines.read_text().splitlines()] == [i["image"] for i in items]
     assert main(["caption", str(folder), "--out", str(tmp_path / "items.txt")]) == 2
     assert "a .json list or a .jsonl file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -174,9 +180,13 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     right = sum(shapes.check_picture(Image.open(out / name)).matches(thing)
                 for entry, thing in zip(index, things) for name in entry["pictures"])
     assert right >= 4, right  # (the model draws 70 % or more right; chance is 1 in 48)
+    # a rerun draws only the prompts whose pictures are not all there
+    (out / "00001_1.png").unlink()
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
+    assert "wrote 2 pictures for 1 prompts" in capsys.readouterr().out and (out / "00001_1.png").exists()
     for wrong in (["a red circle", "--prompts-file", str(prompts), "--out", str(out)], ["--out", str(out)]):
         assert main(["generate", *wrong]) == 2
-        assert "not both" in capsys.readouterr().err
+        assert "either a prompt or --prompts-file" in capsys.readouterr().err
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "none")]) == 2
     assert "is a directory (create it first)" in capsys.readouterr().err
 

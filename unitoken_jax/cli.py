@@ -258,8 +258,18 @@ def _caption(args) -> int:
             paths.append(given)
     done = set()
     if kind == ".jsonl" and os.path.exists(args.out):  # a rerun goes on where the last one stopped
+        kept, damaged = [], 0
         with open(args.out, encoding="utf-8") as f:
-            done = {tuple(json.loads(line)["image"]) for line in f if line.strip()}
+            for line in f:
+                try:
+                    done.add(tuple(json.loads(line)["image"]))
+                    kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    damaged += line.strip() != ""
+        if damaged:  # e.g. a line cut by a stop mid-write: dropped, its picture captioned again
+            print(f"caption: {damaged} damaged line(s) of {args.out} dropped", file=sys.stderr)
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
     todo = [p for p in paths if (os.path.relpath(p, directory),) not in done]
     readable = []
     for path in todo:
@@ -322,7 +332,7 @@ def _check_out(path: str) -> None:
 
 def _generate(args) -> int:
     if (args.prompt is None) == (args.prompts_file is None):
-        raise ValueError("give a prompt or --prompts-file (one prompt a line), not both")
+        raise ValueError("give either a prompt or --prompts-file (one prompt a line)")
     if args.prompts_file is not None:
         return _generate_many(args)
     _check_out(args.out)
@@ -339,8 +349,12 @@ def _generate(args) -> int:
 
 def _generate_many(args) -> int:
     """--prompts-file: --n pictures for every line of the file into the directory --out
-    (NNNNN_J.png, line N from 0, picture J), with index.json listing each prompt's pictures."""
+    (NNNNN_J.png, line N from 0, picture J), with index.json listing each prompt's pictures. The
+    pictures are written batch by batch; a rerun draws only the prompts whose pictures are not
+    all there."""
     import json
+
+    from tqdm.auto import tqdm
 
     with open(args.prompts_file, encoding="utf-8") as f:
         prompts = [line.strip() for line in f]
@@ -352,19 +366,31 @@ def _generate_many(args) -> int:
         print(f"generate: {len(blank)} empty line(s) of {args.prompts_file} skipped", file=sys.stderr)
     if not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: with --prompts-file, --out is a directory (create it first)")
-    pipe = _pipeline(args)
-    pictures = pipe.generate_image(prompts, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
-                                   image_top_k=args.top_k, image_temperature=args.temperature,
-                                   negative_prompt=args.negative_prompt, batch_size=args.batch_size or 16)
-    index = []
-    for k, (prompt, drawn) in enumerate(zip(prompts, pictures)):
-        names = [f"{k:05d}_{j}.png" for j in range(len(drawn))]
-        for name, picture in zip(names, drawn):
-            _save(picture, os.path.join(args.out, name))
-        index.append({"prompt": prompt, "pictures": names, "seeds": [args.seed + j for j in range(len(drawn))]})
-    with open(os.path.join(args.out, "index.json"), "w") as f:
+    batch_size = args.batch_size or 16
+    if batch_size < 1 or args.n < 1:
+        raise ValueError(f"--batch-size and --n must be at least 1, got {batch_size} and {args.n}")
+    names = [[f"{k:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
+    todo = [k for k in range(len(prompts)) if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
+    pipe = _pipeline(args) if todo else None  # (sets --size's default)
+    options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
+                   image_top_k=args.top_k, image_temperature=args.temperature, negative_prompt=args.negative_prompt,
+                   progress=False)
+    per_batch = max(1, batch_size // args.n)  # whole prompts a batch: --n pictures each
+    with tqdm(total=len(todo) * args.n, desc="pictures", unit="picture") as bar:
+        for first in range(0, len(todo), per_batch):
+            chosen = todo[first:first + per_batch]
+            drawn = pipe.generate_image([prompts[k] for k in chosen], batch_size=batch_size, **options)
+            for k, pictures in zip(chosen, drawn):
+                for name, picture in zip(names[k], pictures):
+                    _save(picture, os.path.join(args.out, name))
+            bar.update(len(chosen) * args.n)
+    index = [{"prompt": prompt, "pictures": names[k], "seeds": [args.seed + j for j in range(args.n)]}
+             for k, prompt in enumerate(prompts)]
+    with open(os.path.join(args.out, "index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)
-    print(f"wrote {len(prompts) * args.n} pictures for {len(prompts)} prompts to {args.out} (index.json lists them)")
+    there = len(prompts) - len(todo)
+    print(f"wrote {len(todo) * args.n} pictures for {len(todo)} prompts to {args.out} (index.json lists them)"
+          + (f"; {there} prompts' pictures were there from an earlier run" if there else ""))
     return 0
 
 

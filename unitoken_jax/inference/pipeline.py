@@ -12,7 +12,6 @@ mix of requests (`*_request` methods) and returns each one's decoded parts.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -196,8 +195,8 @@ class UniTokenPipeline:
     def _run_batch(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,
                    reuse_cache: bool = False, stream: Callable[[int, str], None] | None = None, first: int = 0):
         """`run`'s work for one batch, whose requests are numbered from `first`: (results, the
-        answers cut [(number, by its budget?)], the pictures completed [(number, request,
-        (h, w) codes, changes)])."""
+        answers cut [(number, by its budget (else the model's end), budget)], the pictures
+        completed [(number, request, (h, w) codes, changes)])."""
         bar = None
         updates = []
         total_rows = sum(r.grid_hw[0] * layout.CODES_PER_GRID for r in requests if r.grid_hw is not None)
@@ -263,11 +262,12 @@ class UniTokenPipeline:
         """`run` over requests `make(0)`, ..., `make(n - 1)`, `batch_size` at a time (None: all at
         once), each batch's requests made just before it runs (a batch's pictures are read then),
         with a bar over the batches' `what`; one warning for every cut answer of all batches."""
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a whole number, at least 1; got {batch_size!r}")
         if batch_size is None or n <= batch_size:
             requests = [make(i) for i in range(n)]
             return self.run(requests, stream=stream, **run_options)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a whole number, at least 1; got {batch_size!r}")
         results, cut, repaired = [], [], []
         with tqdm(total=n, desc=what, unit=what.rstrip("s"), disable=not bar) as counter:
             for first in range(0, n, batch_size):
@@ -295,7 +295,8 @@ class UniTokenPipeline:
             raise ValueError(f"{len(questions)} questions and {len(image_sets)} lists of pictures: give one list of "
                              "pictures (maybe empty) a question")
         if stream is not None and single:
-            stream = functools.partial(lambda send, _, text: send(text), stream)
+            send = stream
+            stream = lambda _, text: send(text)  # noqa: E731 (one question: its text alone)
         results = self._in_batches(len(questions), lambda i: self.understand_request(image_sets[i], questions[i],
                                                                                      **options),
                                    batch_size, what="answers", stream=stream)
