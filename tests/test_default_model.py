@@ -149,6 +149,13 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     said = capsys.readouterr()
     assert "1 damaged line(s)" in said.err and "holds the captions of all 1 pictures already" in said.out
     assert [json.loads(line)["image"] for line in lines.read_text().splitlines()] == [i["image"] for i in items]
+    # a pod's hosts split a folder: process 1 of 2 takes every other picture from the second
+    share = tmp_path / "share1.json"
+    assert main(["caption", str(folder), "--out", str(share), "--process-index", "1", "--process-count", "2"]) == 0
+    assert "process 1 of 2: 2 of the 4 pictures" in capsys.readouterr().err
+    assert [item["image"] for item in json.loads(share.read_text())] == [["pictures/1.png"], ["pictures/more/2.png"]]
+    assert main(["caption", str(folder), "--out", str(share), "--process-index", "2", "--process-count", "2"]) == 2
+    assert "need 0 <= index < count" in capsys.readouterr().err
     assert main(["caption", str(folder), "--out", str(tmp_path / "items.txt")]) == 2
     assert "a .json list or a .jsonl file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -184,6 +191,12 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     (out / "00001_1.png").unlink()
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
     assert "wrote 2 pictures for 1 prompts" in capsys.readouterr().out and (out / "00001_1.png").exists()
+    shared = tmp_path / "shared"  # process 0 of 2 draws prompts 0 and 2; the index names all three
+    shared.mkdir()
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(shared), "--process-count", "2"]) == 0
+    assert "wrote 2 pictures for 2 prompts" in capsys.readouterr().out
+    assert sorted(p.name for p in shared.glob("*.png")) == ["00000_0.png", "00002_0.png"]
+    assert len(json.loads((shared / "index.json").read_text())) == 3
     for wrong in (["a red circle", "--prompts-file", str(prompts), "--out", str(out)], ["--out", str(out)]):
         assert main(["generate", *wrong]) == 2
         assert "either a prompt or --prompts-file" in capsys.readouterr().err

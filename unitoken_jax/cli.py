@@ -225,6 +225,17 @@ def _say_notes(verb: str, caught) -> None:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
+def _share(items: list, args, what: str) -> list:
+    """This process's share of a long job (`--process-index` of `--process-count`: the items whose
+    position modulo the count is the index), as `pretokenize` splits its chunks over a pod's hosts."""
+    count, index = args.process_count, args.process_index
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--process-index {index} of --process-count {count}: need 0 <= index < count")
+    if count > 1:
+        print(f"process {index} of {count}: {len(items[index::count])} of the {len(items)} {what}", file=sys.stderr)
+    return items[index::count]
+
+
 def _caption(args) -> int:
     """One question about each picture of the files and folders given, `--batch-size` at a time,
     into a list of conversations in the reference's format (what `unitoken pretokenize` reads,
@@ -256,6 +267,7 @@ def _caption(args) -> int:
             paths += found
         else:
             paths.append(given)
+    paths = _share(paths, args, "pictures")
     done = set()
     if kind == ".jsonl" and os.path.exists(args.out):  # a rerun goes on where the last one stopped
         kept, damaged = [], 0
@@ -370,7 +382,8 @@ def _generate_many(args) -> int:
     if batch_size < 1 or args.n < 1:
         raise ValueError(f"--batch-size and --n must be at least 1, got {batch_size} and {args.n}")
     names = [[f"{k:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
-    todo = [k for k in range(len(prompts)) if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
+    todo = [k for k in _share(list(range(len(prompts))), args, "prompts")
+            if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
     pipe = _pipeline(args) if todo else None  # (sets --size's default)
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
                    image_top_k=args.top_k, image_temperature=args.temperature, negative_prompt=args.negative_prompt,
@@ -388,7 +401,7 @@ def _generate_many(args) -> int:
              for k, prompt in enumerate(prompts)]
     with open(os.path.join(args.out, "index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)
-    there = len(prompts) - len(todo)
+    there = len(prompts[args.process_index::args.process_count]) - len(todo)
     print(f"wrote {len(todo) * args.n} pictures for {len(todo)} prompts to {args.out} (index.json lists them)"
           + (f"; {there} prompts' pictures were there from an earlier run" if there else ""))
     return 0
@@ -699,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--prompts-file", default=None,
                      help="a text file of prompts, one a line: --n pictures each, into the directory --out "
                           "(NNNNN_J.png and index.json)")
+    share_help = "with --process-count N: this process's share (every N-th {}, from this one), one process a host"
+    gen.add_argument("--process-index", type=int, default=0, help=share_help.format("prompt of --prompts-file"))
+    gen.add_argument("--process-count", type=int, default=1)
     gen.add_argument("--batch-size", type=int, default=None,
                      help="pictures a batch (default: all of one prompt's at once; 16 with --prompts-file)")
     gen.add_argument("--negative-prompt", default=None,
@@ -716,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--out", required=True, help="the .json file to write, or a .jsonl file to add to (resumable)")
     cap.add_argument("--question", default="Describe the picture.", help="asked about every picture")
     cap.add_argument("--batch-size", type=int, default=16, help="pictures a batch")
+    cap.add_argument("--process-index", type=int, default=0,
+                     help=share_help.format("picture") + " and its own --out")
+    cap.add_argument("--process-count", type=int, default=1)
     model_args(cap)
     cap.set_defaults(func=_caption)
     edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
