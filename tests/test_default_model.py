@@ -154,6 +154,13 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     assert main(["caption", str(folder), "--out", str(share), "--process-index", "1", "--process-count", "2"]) == 0
     assert "process 1 of 2: 2 of the 4 pictures" in capsys.readouterr().err
     assert [item["image"] for item in json.loads(share.read_text())] == [["pictures/1.png"], ["pictures/more/2.png"]]
+    # an answer its budget cut is named by its picture, not by its place in a batch
+    cut = tmp_path / "cut.json"
+    assert main(["caption", str(folder / "0.png"), str(folder / "1.png"), "--out", str(cut), "--batch-size", "1",
+                 "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert all(f"caption: {folder / name}: the answer stopped at max_new_tokens=2 before its end" in err
+               for name in ("0.png", "1.png"))
     assert main(["caption", str(folder), "--out", str(share), "--process-index", "2", "--process-count", "2"]) == 2
     assert "need 0 <= index < count" in capsys.readouterr().err
     assert main(["caption", str(folder), "--out", str(tmp_path / "items.txt")]) == 2

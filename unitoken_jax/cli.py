@@ -186,19 +186,33 @@ def _understand(args) -> int:
         raise ValueError(f"{missing!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
                          "then one question (several questions: the Python API's understand([...]) or chat)")
     pipe = _pipeline(args)
-    streamed = []
-
-    def show(text):  # the answer as it is generated
-        print(text, end="", flush=True)
-        streamed.append(text)
-
+    shown = _Streamed()
     with _budget_notes() as caught:
         answer = pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 seed=args.seed, stream=show)
-    sent = "".join(streamed)
-    print(answer[len(sent):] if answer.startswith(sent) else f"\n(all of it:) {answer}", flush=True)
+                                 seed=args.seed, stream=shown)
+    shown.end(answer)
     _say_notes("understand", caught)
     return 0
+
+
+class _Streamed:
+    """Prints an answer's text as it is generated (`head` before its first piece), and `end`
+    prints the rest of the finished answer (all of it, under `head`, where nothing came)."""
+
+    def __init__(self, head: str = ""):
+        self.head, self.sent = head, ""
+
+    def __call__(self, text: str) -> None:
+        print(text if self.sent else self.head + text, end="", flush=True)
+        self.sent += text
+
+    def end(self, whole: str) -> None:
+        if not self.sent:
+            print(self.head + whole, flush=True)
+        elif whole.startswith(self.sent):  # (pipeline: the answer's first part starts with what was streamed)
+            print(whole[len(self.sent):], flush=True)
+        else:  # (never seen: a decoding whose text is not built from its prefixes' texts)
+            print(f"\n(all of it:) {whole}", flush=True)
 
 
 @contextlib.contextmanager
@@ -246,6 +260,7 @@ def _caption(args) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from unitoken_jax.inference.pipeline import AnswerCut
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
     kind = os.path.splitext(args.out)[1].lower()
@@ -305,22 +320,27 @@ def _caption(args) -> int:
                                    {"from": "gpt", "value": answer.strip()}]} for path, answer in zip(batch, answers)]
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    with _budget_notes() as caught:
-        if kind == ".json":
-            answers = pipe.understand([[p] for p in readable], [args.question] * len(readable),
-                                      batch_size=args.batch_size, **options)
-            with open(args.out, "w", encoding="utf-8") as f:
-                json.dump(items(readable, answers), f, indent=1, ensure_ascii=False)
-        else:
-            with open(args.out, "a", encoding="utf-8") as f, tqdm(total=len(readable), unit="answer",
-                                                                 desc="answers") as bar:
-                for first in range(0, len(readable), args.batch_size):
-                    batch = readable[first:first + args.batch_size]
-                    answers = pipe.understand([[p] for p in batch], [args.question] * len(batch), **options)
-                    f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items(batch, answers))
-                    f.flush()
-                    bar.update(len(batch))
-    _say_notes("caption", caught)
+    written, cut = [], []
+    lines = open(args.out, "a", encoding="utf-8") if kind == ".jsonl" else contextlib.nullcontext()
+    with lines, tqdm(total=len(readable), unit="answer", desc="answers") as bar:
+        for first in range(0, len(readable), args.batch_size):
+            batch = readable[first:first + args.batch_size]
+            with _budget_notes() as caught:
+                answers = pipe.understand([[p] for p in batch], [args.question] * len(batch), **options)
+            cut += [(batch[i], where) for w in caught if isinstance(w.message, AnswerCut)
+                    for i, where in w.message.answers]
+            if kind == ".jsonl":  # each batch as it is done: a stop loses at most one batch
+                lines.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items(batch, answers))
+                lines.flush()
+            else:
+                written += items(batch, answers)
+            bar.update(len(batch))
+    if kind == ".json":
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(written, f, indent=1, ensure_ascii=False)
+    for path, where in cut:  # named by picture, not by place in a batch
+        print(f"caption: {path}: the answer stopped at {where} before its end; --max-new-tokens sets the budget",
+              file=sys.stderr)
     left = len(todo) - len(readable)
     print(f"wrote {len(readable)} captions to {args.out}" + (f" ({left} picture(s) left out)" if left else "")
           + (f"; {len(paths) - len(todo)} were there from an earlier run" if done else ""))
@@ -488,15 +508,10 @@ def _chat(args) -> int:
             line = line[1:] if line.startswith("//") else line
         messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
         images += pending
-        streamed = []
-
-        def show(text):  # the answer's text as it is generated
-            print(*([] if streamed else ["assistant: "]), text, sep="", end="", flush=True)
-            streamed.append(text)
-
+        shown = _Streamed("assistant: ")
         try:
             with _budget_notes() as caught:
-                parts = pipe.chat(messages, images, seed=args.seed + len(messages), stream=show, **options)
+                parts = pipe.chat(messages, images, seed=args.seed + len(messages), stream=shown, **options)
         except ValueError as e:
             print(f"chat: that turn is left out: {e}", file=sys.stderr, flush=True)
             messages.pop()
@@ -504,23 +519,19 @@ def _chat(args) -> int:
             pending = []
             continue
         pending = []
-        shown, reply = [], []
+        said, reply = [], []
         for part in parts:
             if isinstance(part, str):
-                shown.append(part)
+                said.append(part)
                 reply.append(part)
             elif isinstance(part, Image.Image):
                 path = os.path.join(args.out_dir, f"chat_{drawn}.png")
                 part.save(path)
                 drawn += 1
-                shown.append(f"[picture: {path}]")
+                said.append(f"[picture: {path}]")
                 reply.append("<|image|>")
                 images.append(path)
-        sent, whole = "".join(streamed), "".join(shown)
-        if sent and whole.startswith(sent):  # (pipe.chat: the answer's first part starts with what was streamed)
-            print(whole[len(sent):], flush=True)
-        else:  # (never seen: a decoding whose text is not built from its prefixes' texts)
-            print("\nassistant (all of it):" if sent else "assistant:", whole, flush=True)
+        shown.end("".join(said))
         _say_notes("chat", caught)
         messages.append({"from": "gpt", "value": "".join(reply)})
     if pending:

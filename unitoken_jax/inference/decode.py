@@ -36,6 +36,11 @@ MIN_CAPACITY = 256  # doubling from here gives the number of sizes an unrolled l
 GROWTH_ROUND = 16  # an unrolled loop's default growth step is a multiple of this
 
 
+def _chunk_ends(max_new: int, chunk: int) -> list[int]:
+    """The steps after which a `max_new`-step decoding returns to the host, `chunk` at a time."""
+    return [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
+
+
 def default_growth(first_need: int, full: int) -> int:
     """The slots an unrolled loop's cache grows by, when no `cache_growth` is given, for a cache
     whose first chunk needs `first_need` slots and whose decoding ends at `full`: as many sizes as
@@ -467,7 +472,7 @@ class DecodeLoop:
         which is why a scanned loop (the accelerators', where AOT fit tables are made at the full
         length) keeps one full cache, except for a chat turn (`_doubling`)."""
         full = prompt + max_new if full is None else full
-        ends = [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
+        ends = _chunk_ends(max_new, chunk)
         if self.layers != "unrolled":
             return [full] * len(ends)
         growth = self.cache_growth or default_growth(prompt + ends[0], full)
@@ -480,9 +485,8 @@ class DecodeLoop:
         rather than its budget (a turn's loop reads the slots the rows use, not prompt + budget),
         and every conversation's turns share a few lengths, so a few loop programs."""
         top = max(full, self.config.decoder.max_position_embeddings)
-        ends = [min(e, max_new) for e in range(chunk, max_new + chunk, chunk)] or [0]
         sizes, size = [], base
-        for end in ends:
+        for end in _chunk_ends(max_new, chunk):
             while size < min(prompt + end, full):
                 size = min(2 * size, top)
             sizes.append(size)
@@ -510,6 +514,13 @@ class DecodeLoop:
             return logits[:, 0], cache
 
         return jax.jit(extend, donate_argnums=(1,))
+
+    def start_within(self, n: int, start: int, length: int, least: int = 0) -> int:
+        """Where to write positions `start`..`n` of a prompt over a cache of `length` slots that holds
+        its first `start`: `start`, else the multiple of `prompt_multiple` below it, whichever lets
+        the rest's padding (at least `least` wide) end within the cache; else 0 (all of it)."""
+        m = self.prompt_multiple
+        return next((s for s in (start, start - start % m) if s + prefill_width(max(n - s, least), m) <= length), 0)
 
     def _reusable(self, kept: _KeptCache, request: Request) -> int:
         """How many of `request`'s first positions the kept cache holds already: the longest common
@@ -553,24 +564,15 @@ class DecodeLoop:
 
     def _extend_from(self, cache: Cache, request: Request, start: int, capacity: int):
         """(first logits, cache) of `request` from a kept `cache` whose first `start` slots hold its
-        first positions: the cache grown to at least `capacity` slots (scanned layers: to twice its
-        length, at most the model's positions, so a conversation compiles a loop per doubling), the
-        rest of the prompt written after them. The cache goes to the computation (donated)."""
-        length = cache_length(cache)
-        if length < capacity:
-            positions = self.config.decoder.max_position_embeddings
-            length = capacity if self.layers == "unrolled" else min(max(capacity, 2 * length),
-                                                                    max(capacity, positions))
-            cache = self._grow(cache, length)
+        first positions: the cache grown to `capacity` slots where it is shorter (`_capacities`,
+        `_doubling`), the rest of the prompt written after them. The cache goes to the computation
+        (donated)."""
+        if cache_length(cache) < capacity:
+            cache = self._grow(cache, capacity)
         guided = request.cfg_scale != 1.0
-        uncond = len(request.uncond_tokens) if guided else 0
-
-        def needed(s):  # the extend's width from position s (a partner row's prompt from 0)
-            return prefill_width(max(len(request.tokens) - s, uncond), self.prompt_multiple)
-
-        # every row's padding must end within the cache: at a multiple of the prompt's (within the
-        # prefill's width), else from the start (the whole prompt, written over the kept cache)
-        start = next((s for s in (start, start - start % self.prompt_multiple) if s + needed(s) <= length), 0)
+        # a partner row's prompt is prefilled from 0 beside it: the extend is at least that wide
+        start = self.start_within(len(request.tokens), start, cache_length(cache),
+                                  least=len(request.uncond_tokens) if guided else 0)
         if guided:  # the unconditional partner: a second row, prefilled from its start
             cache = self._add_row(cache)
         cache = {**cache, "index": jnp.asarray([start, 0][:1 + guided], jnp.int32)}
@@ -625,12 +627,13 @@ class DecodeLoop:
         the model's positions, whatever the budget) (benchmarks/chat_turns.py)."""
         kept, self._kept = self._kept, None  # a call that does not reuse the cache frees it
         rows, batch, params, max_new, cache_len = self._prepare(requests)
-        capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
         reuse_cache = reuse_cache and len(requests) == 1  # (a guided one's partner row is not kept)
         start = self._reusable(kept, requests[0]) if reuse_cache and kept is not None else 0
         if reuse_cache and self.layers != "unrolled":  # a chat on an accelerator: the cache doubles as rows need
-            base = cache_length(kept.cache) if start else MIN_CAPACITY
-            capacities = self._doubling(batch[0].shape[1], max_new, chunk, cache_len, base)
+            capacities = self._doubling(batch[0].shape[1], max_new, chunk, cache_len,
+                                        cache_length(kept.cache) if start else MIN_CAPACITY)
+        else:
+            capacities = self._capacities(batch[0].shape[1], max_new, chunk, cache_len)
         if not start:
             kept = None
         with sharding.mesh_context(self.mesh):

@@ -33,7 +33,12 @@ CHAT_MAX_NEW_TOKENS = 2048
 
 class AnswerCut(UserWarning):
     """An answer stopped at its `max_new_tokens` or the model's last position before it ended
-    (its end of turn, or a picture's <eoss> where the request stops after one)."""
+    (its end of turn, or a picture's <eoss> where the request stops after one). `answers`: (the
+    answer's number, where it stopped) for each."""
+
+    def __init__(self, message: str, answers: Sequence[tuple[int, str]] = ()):
+        super().__init__(message)
+        self.answers = list(answers)
 
 
 class PictureRepaired(AnswerCut):
@@ -255,7 +260,7 @@ class UniTokenPipeline:
                      for _, by_budget, budget in cut]
             said = (f"the answer stopped at {where[0]} before its end" if single else
                     "answers stopped before their end: " + ", ".join(f"{i} at {w}" for (i, *_), w in zip(cut, where)))
-            warnings.warn(said, AnswerCut, stacklevel=4)
+            warnings.warn(AnswerCut(said, [(i, w) for (i, *_), w in zip(cut, where)]), stacklevel=4)
 
     def _in_batches(self, n: int, make: Callable[[int], Request], batch_size: int | None, *, what: str,
                     stream=None, bar: bool = True, **run_options) -> list[list]:

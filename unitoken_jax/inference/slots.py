@@ -50,7 +50,6 @@ from unitoken_jax.inference.decode import (
     _KeptCache,
     _row_params,
     _rows,
-    prefill_width,
 )
 from unitoken_jax.inference.grid import DONE, GridState
 from unitoken_jax.models.chameleon import init_cache
@@ -180,22 +179,16 @@ class SlotDecoder:
         best, most = None, MIN_REUSE - 1
         for slot in self._free:
             if slot in self._held:
-                start = self._fit(request, self.loop._reusable(self._held[slot], request))
+                start = self.loop.start_within(len(request.tokens), self.loop._reusable(self._held[slot], request),
+                                               self.length)
                 if start > most:
                     best, most = slot, start
         return (best, most) if best is not None else (None, 0)
 
-    def _fit(self, request: Request, start: int) -> int:
-        """`start`, or the multiple of the prompt's padding below it, whichever lets the rest's
-        padding end within the slot (0: neither)."""
-        multiple, n = self.loop.prompt_multiple, len(request.tokens)
-        fits = [s for s in (start, start - start % multiple) if s + prefill_width(n - s, multiple) <= self.length]
-        return fits[0] if fits else 0
-
     def _extend_into(self, slot: int, request: Request, start: int) -> None:
         """Writes `request`'s positions from `start` on into `slot`, after the `start` its cache holds."""
         loop = self.loop
-        tokens, segments, cont, index, pixels = loop._rest_batch(request, start, partner=False)  # (`_fit` chose it)
+        tokens, segments, cont, index, pixels = loop._rest_batch(request, start, partner=False)  # (`start_within` chose it)
         width = min(_pow2(tokens.shape[1]), self.length - start)
         if width > tokens.shape[1]:  # a power of two where it fits the slot: few shapes compile
             pad = ((0, 0), (0, width - tokens.shape[1]))
