@@ -172,6 +172,10 @@ MUTATIONS = (
     Mutation("prompt_padding_attended", "the prefill's padding attended to (segment 1 where no prompt is)",
              "unitoken_jax/inference/decode.py", "tokens[b, :len(toks)], segments[b, :len(toks)] = toks, 1",
              "tokens[b, :len(toks)], segments[b, :] = toks, 1", ("tests/test_inference.py", "-k", "prompts_a_few")),
+    Mutation("cli_mesh_not_used", "the CLI's --mesh chosen and logged, but the bundled model loaded on one device",
+             "unitoken_jax/cli.py", "cache_growth=args.cache_growth, mesh=_mesh(args.mesh))",
+             "cache_growth=args.cache_growth, mesh=_mesh(args.mesh) and None)",
+             ("tests/test_default_model.py", "-k", "mesh")),
 )
 
 

@@ -210,3 +210,39 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "none")]) == 2
     assert "is a directory (create it first)" in capsys.readouterr().err
 
+
+
+def test_the_cli_runs_on_a_mesh_of_this_hosts_devices(tmp_path, capsys, caplog):
+    """`--mesh DATA,FSDP,TENSOR` splits the model over this host's devices (on the fake CPU ones
+    here); the answers and drawings are the one-device model's. `auto` splits only over accelerator
+    chips, so on a CPU it keeps one device."""
+    import logging
+
+    from PIL import Image
+
+    from unitoken_jax.cli import main
+
+    caplog.set_level(logging.INFO)
+    thing = shapes.Thing("green", "triangle", "bottom right")
+    shapes.draw([thing], np.random.default_rng(3)).save(tmp_path / "picture.png")
+    question = [str(tmp_path / "picture.png"), "Describe the picture."]
+    assert main(["understand", *question, "--mesh", "one"]) == 0
+    alone = capsys.readouterr().out.strip().splitlines()[-1]
+    assert alone == thing.text
+    assert main(["understand", *question, "--mesh", "1,4,2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == alone
+    assert "mesh: {'data': 1, 'fsdp': 4, 'tensor': 2} over 8 cpu device(s)" in caplog.text
+    assert "the model's weights lie on 8 device(s)" in caplog.text
+    caplog.clear()
+    assert main(["generate", "a red circle at the top left", "--out", str(tmp_path / "red.png"), "--n", "2",
+                 "--mesh", "2,-1,2"]) == 0  # -1: the rest of the fake host's 16 devices
+    assert "mesh: {'data': 2, 'fsdp': 4, 'tensor': 2} over 16 cpu device(s)" in caplog.text
+    drawn = [shapes.check_picture(Image.open(tmp_path / f"red_{j}.png")) for j in range(2)]
+    assert any(d.matches(shapes.Thing("red", "circle", "top left")) for d in drawn)
+    caplog.clear()
+    assert main(["understand", *question]) == 0  # auto: CPU devices are not worth splitting over
+    assert "mesh: one device" in caplog.text and "the model's weights lie on 1 device(s)" in caplog.text
+    for bad, said in (("3,3,3", "does not fit this host's 16 device(s)"), ("1,4", "DATA,FSDP,TENSOR"),
+                      ("-1,-1,2", "DATA,FSDP,TENSOR"), ("3,-1,1", "does not fit"), ("0,1,1", "DATA,FSDP,TENSOR")):
+        assert main(["understand", *question, f"--mesh={bad}"]) == 2, bad
+        assert said in capsys.readouterr().err, bad

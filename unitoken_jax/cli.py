@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import warnings
@@ -118,9 +119,10 @@ def _pipeline(args):
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
         pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters,
-                                cache_growth=args.cache_growth)
+                                cache_growth=args.cache_growth, mesh=_mesh(args.mesh))
         if args.image_prefix is not None:
             pipe.image_prefix = _ids(args.image_prefix)
+        _say_placement(pipe.model)
         return pipe
     if getattr(args, "size", None) is None:
         args.size = "512x512"
@@ -129,12 +131,56 @@ def _pipeline(args):
         paths[name] = getattr(args, name) or os.environ.get(env)
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
+    mesh = _mesh(args.mesh)
     model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize,
-                              adapters=args.adapters)
+                              adapters=args.adapters, mesh=mesh)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
-    vq = VQTokenizer.load(paths["vqgan"])
+    vq = VQTokenizer.load(paths["vqgan"], mesh=mesh)
+    _say_placement(model)
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth)
+
+
+def _mesh(text: str):
+    """The devices an inference verb runs on (`--mesh`): None for one device, else a mesh of this
+    host's devices (a host runs its own copy; pods split the work with --process-index)."""
+    import jax
+
+    from unitoken_jax import sharding
+
+    devices = jax.local_devices()
+    if text in ("auto", "one"):
+        # CPU "devices" are slices of one machine (or faked for tests): splitting a model over them
+        # buys nothing, so auto splits only over accelerator chips
+        if text == "one" or len(devices) == 1 or all(d.platform == "cpu" for d in devices):
+            _LOG.info("mesh: one device (%s)", devices[0])
+            return None
+        mesh = sharding.make_mesh(fsdp=-1, devices=devices)
+    else:
+        try:
+            shape = [int(v) for v in text.split(",")]
+        except ValueError:
+            shape = []
+        if len(shape) != 3 or any(v == 0 or v < -1 for v in shape) or shape.count(-1) > 1:
+            raise ValueError(f"--mesh must be 'auto', 'one' or DATA,FSDP,TENSOR (e.g. 1,4,2; one of them may be -1 "
+                             f"for the rest of this host's devices), got {text!r}")
+        used = math.prod(v for v in shape if v != -1)
+        if used > len(devices) or (-1 in shape and len(devices) % used):
+            raise ValueError(f"--mesh {text} does not fit this host's {len(devices)} device(s) "
+                             f"({devices[0].platform})")
+        if -1 not in shape:
+            devices = devices[:used]
+        mesh = sharding.make_mesh(*shape, devices=devices)
+    _LOG.info("mesh: %s over %d %s device(s) of this host's %d", dict(mesh.shape), mesh.devices.size,
+              devices[0].platform, len(jax.local_devices()))
+    return mesh
+
+
+def _say_placement(model) -> None:
+    import jax
+
+    devices = set().union(*(leaf.sharding.device_set for leaf in jax.tree.leaves(model.params)))
+    _LOG.info("the model's weights lie on %d device(s)", len(devices))
 
 
 def _compilation_cache(args) -> None:
@@ -698,6 +744,10 @@ def main(argv: list[str] | None = None) -> int:
                             "sizes as doubling from 256 would take, evenly spaced): fewer unfilled slots read a "
                             "step (-2 to +4 %% at 16 rows, measured), more compiles the first time a batch "
                             "shape comes (benchmarks/results/decode.md)")
+        p.add_argument("--mesh", default="auto",
+                       help="the devices of this host the model runs on: 'auto' (on a host of several accelerator "
+                            "chips, all of them, the weights split over them as the fsdp axis; else one), 'one', "
+                            "or DATA,FSDP,TENSOR (e.g. 1,4,2; one may be -1 for the rest: --mesh=-1,1,1)")
         cache_arg(p)
         if not per_request:  # a server: every call brings its own seed, size and sampling options
             return
