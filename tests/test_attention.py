@@ -137,6 +137,8 @@ def test_only_blocks_that_share_a_segment_are_visible():
 
 
 def test_backend_choice_and_errors():
+    import types
+
     assert attention.resolve("auto", "cpu") == "xla"
     assert attention.resolve("auto", "tpu") == "splash"
     assert attention.resolve("auto", "gpu") == "cudnn"
@@ -144,6 +146,24 @@ def test_backend_choice_and_errors():
         attention.resolve("splash", "cpu")
     with pytest.raises(ValueError, match="auto, splash, cudnn, xla"):
         attention.resolve("flash", "cpu")
+    # by chip: Pallas' TPU compiler does not target v2 / v3 (Colab's v2-8), cuDNN's kernel needs Ampere
+    # and 16-bit inputs; auto falls back to xla there, and asking for the kernel says why
+    tpu = lambda kind: types.SimpleNamespace(platform="tpu", device_kind=kind)  # noqa: E731
+    gpu = lambda kind, cc: types.SimpleNamespace(platform="gpu", device_kind=kind, compute_capability=cc)  # noqa: E731
+    for kind in ("TPU v2", "TPU v3"):
+        assert attention.resolve("auto", tpu(kind)) == "xla"
+        with pytest.raises(ValueError, match=f"TPU v4 or later, this is {kind}\\); available there: auto, xla"):
+            attention.resolve("splash", tpu(kind))
+    for kind in ("TPU v4", "TPU v5 lite", "TPU v5", "TPU v6 lite"):
+        assert attention.resolve("auto", tpu(kind), jnp.float32) == "splash"
+    assert attention.resolve("auto", gpu("NVIDIA H100", "9.0"), jnp.bfloat16) == "cudnn"
+    assert attention.resolve("auto", gpu("NVIDIA A100", "8.0"), jnp.float16) == "cudnn"
+    assert attention.resolve("auto", gpu("Tesla T4", "7.5"), jnp.bfloat16) == "xla"
+    assert attention.resolve("auto", gpu("NVIDIA H100", "9.0"), jnp.float32) == "xla"
+    with pytest.raises(ValueError, match="compute capability 8.0 .* Tesla T4 has 7.5"):
+        attention.resolve("cudnn", gpu("Tesla T4", "7.5"), jnp.bfloat16)
+    with pytest.raises(ValueError, match="takes bfloat16 or float16, the compute dtype is float32"):
+        attention.resolve("cudnn", gpu("NVIDIA H100", "9.0"), jnp.float32)
 
 
 def _packed_batch(rng, length=256):

@@ -12,7 +12,8 @@ Every backend computes the same thing as `layers.dot_product_attention` with
   mesh's batch and head axes when a mesh is active.
 - `cudnn` (GPU): cuDNN flash attention through `jax.nn.dot_product_attention`, the segments given
   as its boolean mask and causality as its mask type (so the kernel skips the upper tiles).
-- `auto`: splash on TPU, cudnn on GPU, xla elsewhere.
+- `auto`: splash on TPU v4 and later, cudnn on Ampere and later GPUs for 16-bit inputs, xla
+  elsewhere (TPU v2 / v3, older GPUs, float32 on a GPU, CPU).
 """
 
 from __future__ import annotations
@@ -27,31 +28,60 @@ from unitoken_jax.models.config import ATTENTION_BACKENDS as BACKENDS
 from unitoken_jax.models.layers import dot_product_attention
 
 _BY_PLATFORM = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "xla"), "cuda": ("cudnn", "xla")}
+# TPU generations Pallas' TPU compiler (Mosaic) does not target: compiled ahead of time for v2 and
+# v3, the splash kernel fails ("Unsupported matmul RHS type"); v4, v5e, v5p and v6e compile it.
+# Colab's v2-8 is one of them.
+_NO_PALLAS_TPUS = ("TPU v2", "TPU v3")
+# cuDNN's fused attention needs an Ampere or later GPU (compute capability 8.0) and 16-bit inputs
+_CUDNN_CAPABILITY = 8.0
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def current_platform() -> str:
-    """The platform the program is built for: the active mesh's devices (an AOT compile for a TPU
-    topology from a CPU machine is for 'tpu'), else JAX's default backend."""
+def current_device():
+    """The device the program is built for: the active mesh's (an AOT compile for a TPU topology
+    from a CPU machine is for a TPU), else JAX's first."""
     device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+    return device if device is not None else jax.devices()[0]
 
 
-def available(platform: str | None = None) -> tuple[str, ...]:
-    """The backends that run on `platform` (default: `current_platform()`)."""
-    platform = (platform or current_platform()).lower()
-    return _BY_PLATFORM.get(platform, ("xla",))
+def _lacks(backend: str, device, dtype) -> str | None:
+    """Why `backend` cannot run on `device` (an object with `platform` and `device_kind`, or a
+    platform name) for `dtype` inputs; None when it can."""
+    kind = getattr(device, "device_kind", "") or ""
+    if backend == "splash" and kind.startswith(_NO_PALLAS_TPUS):
+        return f"Pallas' TPU kernels need TPU v4 or later, this is {kind}"
+    if backend == "cudnn":
+        capability = getattr(device, "compute_capability", None)
+        if capability is not None and float(capability) < _CUDNN_CAPABILITY:
+            return f"cuDNN's fused attention needs compute capability 8.0 (Ampere) or later, {kind} has {capability}"
+        if dtype is not None and jnp.dtype(dtype) not in _CUDNN_DTYPES:
+            return (f"cuDNN's fused attention takes bfloat16 or float16, the compute dtype is {jnp.dtype(dtype)} "
+                    "(set the model's dtype to bfloat16)")
+    return None
 
 
-def resolve(backend: str, platform: str | None = None) -> str:
-    """The backend to run: `auto` picks the platform's fastest; one the platform lacks is an error."""
+def available(device=None, dtype=None) -> tuple[str, ...]:
+    """The backends that run on `device` (a device, or a platform name; default: `current_device()`)
+    for inputs of `dtype` (None: any), fastest first."""
+    device = current_device() if device is None else device
+    platform = (device if isinstance(device, str) else device.platform).lower()
+    return tuple(b for b in _BY_PLATFORM.get(platform, ("xla",)) if _lacks(b, device, dtype) is None)
+
+
+def resolve(backend: str, device=None, dtype=None) -> str:
+    """The backend to run: `auto` picks the fastest that runs on `device` (see `available`) for
+    `dtype`; one that does not is an error saying why."""
     if backend not in BACKENDS:
         raise ValueError(f"attention={backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
-    have = available(platform)
+    device = current_device() if device is None else device
+    have = available(device, dtype)
     if backend == "auto":
         return have[0]
     if backend not in have:
-        raise ValueError(f"attention={backend!r} does not run on {platform or current_platform()}; "
-                         f"available there: {', '.join(('auto',) + have)}")
+        platform = device if isinstance(device, str) else device.platform
+        why = _lacks(backend, device, dtype) if backend in _BY_PLATFORM.get(platform.lower(), ()) else None
+        raise ValueError(f"attention={backend!r} does not run on {platform}" + (f" ({why})" if why else "")
+                         + f"; available there: {', '.join(('auto',) + have)}")
     return backend
 
 
@@ -75,7 +105,7 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, se
     `block` is the query / key block of the xla and splash backends; `interpret` runs the splash
     kernel in Pallas' interpreter (how it is tested off a TPU)."""
     interpret = interpret or (backend == "splash" and _SPLASH_INTERPRETER[-1])
-    backend = "splash" if backend == "splash" and interpret else resolve(backend)
+    backend = "splash" if backend == "splash" and interpret else resolve(backend, dtype=q_BTNH.dtype)
     if backend == "cudnn":
         return _cudnn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     t = q_BTNH.shape[1]

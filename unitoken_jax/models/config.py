@@ -168,8 +168,9 @@ class UniTokenConfig:
     # Weight format for inference: "none" (param_dtype everywhere) or "int8" (every matmul kernel
     # int8 with a float32 scale per output channel; see `unitoken_jax.quantize`).
     quantize: str = "none"
-    # Training / prefill attention (`unitoken_jax.models.attention`): "auto" (splash on TPU, cudnn on
-    # GPU, xla elsewhere), "splash", "cudnn" or "xla"; its query / key block.
+    # Training / prefill attention (`unitoken_jax.models.attention`): "auto" (splash on TPU v4 and
+    # later, cudnn on Ampere and later GPUs in 16-bit, xla elsewhere), "splash", "cudnn" or "xla";
+    # its query / key block.
     attention: str = "auto"
     attention_block: int = 128
     # Training: positions of each device's rows the LM head and the loss take at once
