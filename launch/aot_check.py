@@ -113,7 +113,9 @@ def decode_lowered(model: str, mesh: Mesh, images: int, size: int = 512, cfg: fl
 def decode_main(argv) -> None:
     parser = argparse.ArgumentParser(prog="aot_check.py decode", description="compile the prefill and decode loop")
     parser.add_argument("--topology", default="v5e:1x1")
-    parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: every chip on fsdp)")
+    parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: choose_mesh's, as the CLI and the "
+                                                       "notebook split a model: tensor-parallel as far as the heads "
+                                                       "divide)")
     parser.add_argument("--model", default="7b", help="a model preset (configs/model.py): 7b, 7b_anyres, tiny")
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--size", type=int, default=512)
@@ -121,7 +123,14 @@ def decode_main(argv) -> None:
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight format (int8: weight-only)")
     args = parser.parse_args(argv)
     devices = topology_devices(args.topology)
-    shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else (1, devices.size, 1)
+    if args.mesh:
+        shape = tuple(int(x) for x in args.mesh.split(","))
+    else:
+        from unitoken_jax.inference.fit import choose_mesh
+
+        config = UniTokenConfig.from_dict(configs.get_config(f"model.py:{args.model}").model)
+        chosen = choose_mesh(config, list(devices.flat))
+        shape = (1, 1, 1) if chosen is None else tuple(chosen.shape[a] for a in sharding.MESH_AXES)
     mesh = topology_mesh(args.topology, shape)
     start = time.time()
     config, (prefill, loop) = decode_lowered(args.model, mesh, args.images, args.size, dtype=args.dtype,

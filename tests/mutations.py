@@ -173,9 +173,16 @@ MUTATIONS = (
              "unitoken_jax/inference/decode.py", "tokens[b, :len(toks)], segments[b, :len(toks)] = toks, 1",
              "tokens[b, :len(toks)], segments[b, :] = toks, 1", ("tests/test_inference.py", "-k", "prompts_a_few")),
     Mutation("cli_mesh_not_used", "the CLI's --mesh chosen and logged, but the bundled model loaded on one device",
-             "unitoken_jax/cli.py", "cache_growth=args.cache_growth, mesh=_mesh(args.mesh))",
-             "cache_growth=args.cache_growth, mesh=_mesh(args.mesh) and None)",
+             "unitoken_jax/cli.py", "mesh=_mesh(args.mesh, os.path.join(default.DEFAULT_DIR, \"model\")))",
+             "mesh=_mesh(args.mesh, os.path.join(default.DEFAULT_DIR, \"model\")) and None)",
              ("tests/test_default_model.py", "-k", "mesh")),
+    Mutation("splash_on_old_tpus", "auto attention taking the splash kernel on TPU v2 / v3 (Pallas does not target them)",
+             "unitoken_jax/models/attention.py", '_NO_PALLAS_TPUS = ("TPU v2", "TPU v3")',
+             '_NO_PALLAS_TPUS = ("TPU v1",)',
+             ("tests/test_attention.py", "tests/test_aot.py", "-k", "choice or pallas")),
+    Mutation("decode_mesh_fsdp_only", "a host's chips split over fsdp alone for decoding (every step gathers weights)",
+             "unitoken_jax/inference/fit.py", "tensor = math.gcd(len(devices), *heads)", "tensor = 1",
+             ("tests/test_aot.py", "-k", "pallas")),
 )
 
 

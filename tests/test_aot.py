@@ -3,6 +3,7 @@
 splits the state four ways. And the step it compiles is the loop's: for the tiny stage-2 config,
 the lowered text of the step `train_and_evaluate` runs equals the one the AOT check builds."""
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -133,3 +134,30 @@ def test_the_lora_step_holds_a_fraction_of_the_full_steps_state():
     assert lora_args < 0.4 * full_args, (lora_args, full_args)
     line = aot.fit_line(lora_compiled, mesh)  # what the command prints after its memory line
     assert re.fullmatch(r"fits: [\d.]+ of 15\.75 GiB a chip \(\d+%\)", line), line
+
+
+def test_decoding_compiles_for_the_tpus_pallas_does_not_target_and_tensor_parallel_is_chosen():
+    """TPU v2 and v3 (Colab's v2-8) have no Pallas kernels: the splash attention the prefill used on
+    every TPU failed to compile there ("Unsupported matmul RHS type"); `auto` now takes the xla path
+    on them. And `choose_mesh` splits a model over a host's chips the tensor-parallel way as far as
+    its heads divide."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'); CI installs it")
+    from unitoken_jax import configs
+    from unitoken_jax.inference.fit import choose_mesh
+    from unitoken_jax.models.config import UniTokenConfig
+
+    aot = _aot_module()
+    for topology in ("v2:2x2", "v3:2x2"):
+        mesh = aot.topology_mesh(topology, (1, 8, 1))
+        _, (prefill, loop_) = aot.decode_lowered("tiny", mesh, 1, 64)
+        prefill.compile(), loop_.compile()
+    seven_b = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)  # 32 heads, SigLIP 16
+    shape = lambda mesh: tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor"))  # noqa: E731
+    assert shape(choose_mesh(seven_b, list(aot.topology_devices("v5e:2x4").flat))) == (1, 1, 8)
+    assert shape(choose_mesh(seven_b, list(aot.topology_devices("v5e:2x2").flat))) == (1, 1, 4)
+    odd = seven_b.replace(decoder=dataclasses.replace(seven_b.decoder, num_heads=12, num_kv_heads=12,
+                                                            hidden_size=3072))  # 8 chips
+    assert shape(choose_mesh(odd, list(aot.topology_devices("v5e:2x4").flat))) == (1, 2, 4)
+    assert choose_mesh(seven_b, list(aot.topology_devices("v5e:1x1").flat)) is None
+    assert shape(choose_mesh(seven_b, jax.devices("cpu")[:8])) == (1, 1, 8)  # the CLI's auto keeps CPUs to one

@@ -119,7 +119,8 @@ def _pipeline(args):
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
         pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters,
-                                cache_growth=args.cache_growth, mesh=_mesh(args.mesh))
+                                cache_growth=args.cache_growth,
+                                mesh=_mesh(args.mesh, os.path.join(default.DEFAULT_DIR, "model")))
         if args.image_prefix is not None:
             pipe.image_prefix = _ids(args.image_prefix)
         _say_placement(pipe.model)
@@ -131,7 +132,7 @@ def _pipeline(args):
         paths[name] = getattr(args, name) or os.environ.get(env)
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
-    mesh = _mesh(args.mesh)
+    mesh = _mesh(args.mesh, paths["model"])
     model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize,
                               adapters=args.adapters, mesh=mesh)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
@@ -141,21 +142,23 @@ def _pipeline(args):
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth)
 
 
-def _mesh(text: str):
+def _mesh(text: str, model_dir: str):
     """The devices an inference verb runs on (`--mesh`): None for one device, else a mesh of this
     host's devices (a host runs its own copy; pods split the work with --process-index)."""
     import jax
 
+    import unitoken_jax
     from unitoken_jax import sharding
+    from unitoken_jax.inference.fit import choose_mesh
 
     devices = jax.local_devices()
     if text in ("auto", "one"):
-        # CPU "devices" are slices of one machine (or faked for tests): splitting a model over them
-        # buys nothing, so auto splits only over accelerator chips
-        if text == "one" or len(devices) == 1 or all(d.platform == "cpu" for d in devices):
+        # CPU "devices" are parts of one machine (or faked for tests): nothing to gain from a split
+        split = text == "auto" and any(d.platform != "cpu" for d in devices)
+        mesh = choose_mesh(unitoken_jax.read_config(model_dir), devices) if split else None
+        if mesh is None:
             _LOG.info("mesh: one device (%s)", devices[0])
             return None
-        mesh = sharding.make_mesh(fsdp=-1, devices=devices)
     else:
         try:
             shape = [int(v) for v in text.split(",")]
@@ -746,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
                             "shape comes (benchmarks/results/decode.md)")
         p.add_argument("--mesh", default="auto",
                        help="the devices of this host the model runs on: 'auto' (on a host of several accelerator "
-                            "chips, all of them, the weights split over them as the fsdp axis; else one), 'one', "
+                            "chips, all of them, split the tensor-parallel way as far as the heads divide; else "
+                            "one), 'one', "
                             "or DATA,FSDP,TENSOR (e.g. 1,4,2; one may be -1 for the rest: --mesh=-1,1,1)")
         cache_arg(p)
         if not per_request:  # a server: every call brings its own seed, size and sampling options

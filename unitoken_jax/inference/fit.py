@@ -14,11 +14,13 @@ devices even while no picture is read. For one image on one chip: bfloat16 13.87
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
 import numpy as np
 
+from unitoken_jax import sharding
 from unitoken_jax.inference.decode import PROMPT_MULTIPLE, prefill_width
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
@@ -86,3 +88,23 @@ def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | Non
                         f"{n} x {kind} have {limit / GIB:.2f} GiB each; int8 needs {int8 / GIB:.2f} GiB")
     raise ValueError(f"{images} image(s) at once do not fit {n} x {kind} ({limit / GIB:.2f} GiB each) even with "
                      f"int8 weights ({int8 / GIB:.2f} GiB a device); ask for fewer images at once or use more devices")
+
+
+def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
+    """The mesh to decode on over `devices` (default: this process's own): None for a single
+    device; else all of them, split the tensor-parallel way (`tensor` axis: each chip holds its share of every layer's heads, MLP
+    columns and vocabulary, and of the KV cache's heads), as far as the attention heads divide, the
+    rest of the way over `fsdp`.
+
+    Tensor-parallel is what a decode step wants: each chip reads only its share of the weights and
+    only activations cross the chips, where with the weights split over `fsdp` every step gathers
+    each layer's weights onto every chip (AOT for the released 7B on v5e-8, one picture in int8:
+    1.38 against 2.50 GiB a chip; `benchmarks/results/decode_fit.md`)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    if len(devices) == 1:
+        return None
+    heads = [config.decoder.num_heads, config.decoder.num_kv_heads]
+    if config.vision is not None:
+        heads.append(config.vision.num_heads)
+    tensor = math.gcd(len(devices), *heads)
+    return sharding.make_mesh(fsdp=len(devices) // tensor, tensor=tensor, devices=devices)
