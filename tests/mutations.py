@@ -183,6 +183,9 @@ MUTATIONS = (
     Mutation("decode_mesh_fsdp_only", "a host's chips split over fsdp alone for decoding (every step gathers weights)",
              "unitoken_jax/inference/fit.py", "tensor = math.gcd(len(devices), *heads)", "tensor = 1",
              ("tests/test_aot.py", "-k", "pallas")),
+    Mutation("cli_float32_on_accelerators", "the CLI holding the weights in float32 on a TPU or GPU again",
+             "unitoken_jax/cli.py", 'dtype = "float32" if platform == "cpu" else "bfloat16"', 'dtype = "float32"',
+             ("tests/test_default_model.py", "-k", "mesh")),
 )
 
 

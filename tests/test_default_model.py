@@ -220,6 +220,7 @@ def test_the_cli_runs_on_a_mesh_of_this_hosts_devices(tmp_path, capsys, caplog):
 
     from PIL import Image
 
+    from unitoken_jax import cli
     from unitoken_jax.cli import main
 
     caplog.set_level(logging.INFO)
@@ -242,6 +243,16 @@ def test_the_cli_runs_on_a_mesh_of_this_hosts_devices(tmp_path, capsys, caplog):
     caplog.clear()
     assert main(["understand", *question]) == 0  # auto: CPU devices are not worth splitting over
     assert "mesh: one device" in caplog.text and "the model's weights lie on 1 device(s)" in caplog.text
+    # dtypes: auto is float32 on a CPU; bfloat16 on request (auto's choice on a TPU or GPU, where the
+    # release's float32 weights, 28 GiB, would not fit a Colab chip), and the answer stays right
+    assert "in float32; it computes in float32" in caplog.text
+    caplog.clear()
+    assert main(["understand", *question, "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == thing.text
+    assert "in bfloat16; it computes in bfloat16" in caplog.text
+    assert cli._dtypes("auto", "auto", "tpu") == ("bfloat16", "bfloat16") == cli._dtypes("auto", "auto", "gpu")
+    assert cli._dtypes("auto", "auto", "cpu") == ("float32", "float32")
+    assert cli._dtypes("bfloat16", "float32", "tpu") == ("bfloat16", "float32")
     for bad, said in (("3,3,3", "does not fit this host's 16 device(s)"), ("1,4", "DATA,FSDP,TENSOR"),
                       ("-1,-1,2", "DATA,FSDP,TENSOR"), ("3,-1,1", "does not fit"), ("0,1,1", "DATA,FSDP,TENSOR")):
         assert main(["understand", *question, f"--mesh={bad}"]) == 2, bad

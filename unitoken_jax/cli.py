@@ -118,7 +118,8 @@ def _pipeline(args):
                              f"--size {args.size} (it never saw another size: other sizes come out as noise)")
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
-        pipe = default.pipeline(dtype=args.dtype, quantize=args.quantize, adapters=args.adapters,
+        dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
+        pipe = default.pipeline(dtype=dtype, param_dtype=param_dtype, quantize=args.quantize, adapters=args.adapters,
                                 cache_growth=args.cache_growth,
                                 mesh=_mesh(args.mesh, os.path.join(default.DEFAULT_DIR, "model")))
         if args.image_prefix is not None:
@@ -133,8 +134,9 @@ def _pipeline(args):
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
     mesh = _mesh(args.mesh, paths["model"])
-    model = unitoken_jax.load(paths["model"], progress=False, dtype=args.dtype, quantize=args.quantize,
-                              adapters=args.adapters, mesh=mesh)
+    dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
+    model = unitoken_jax.load(paths["model"], progress=False, dtype=dtype, param_dtype=param_dtype,
+                              quantize=args.quantize, adapters=args.adapters, mesh=mesh)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.load(paths["vqgan"], mesh=mesh)
     _say_placement(model)
@@ -179,11 +181,30 @@ def _mesh(text: str, model_dir: str):
     return mesh
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _dtypes(dtype: str, param_dtype: str, platform: str | None = None) -> tuple[str, str]:
+    """(compute dtype, weights' dtype) for --dtype / --param-dtype: `auto` is bfloat16 on an
+    accelerator (the release in float32 is 28 GiB of weights, more than a Colab TPU chip holds) and
+    float32 on a CPU (whose bfloat16 dots are slow); the weights follow the compute dtype."""
+    if platform is None:
+        import jax
+
+        platform = jax.local_devices()[0].platform
+    if dtype == "auto":
+        dtype = "float32" if platform == "cpu" else "bfloat16"
+    return dtype, dtype if param_dtype == "auto" else param_dtype
+
+
 def _say_placement(model) -> None:
     import jax
 
-    devices = set().union(*(leaf.sharding.device_set for leaf in jax.tree.leaves(model.params)))
-    _LOG.info("the model's weights lie on %d device(s)", len(devices))
+    leaves = jax.tree.leaves(model.params)
+    devices = set().union(*(leaf.sharding.device_set for leaf in leaves))
+    kinds = sorted({str(leaf.dtype) for leaf in leaves})
+    _LOG.info("the model's weights lie on %d device(s), in %s; it computes in %s", len(devices), " and ".join(kinds),
+              model.config.dtype)
 
 
 def _compilation_cache(args) -> None:
@@ -730,8 +751,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
         p.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop of input pictures (default: 512, "
                                                                   "or less for a model too short for 512 px of codes)")
-        p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 halves activation memory on an "
-                                                           "accelerator)")
+        p.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="compute dtype (auto: bfloat16 on a TPU or GPU, float32 on a CPU)")
+        p.add_argument("--param-dtype", default="auto", choices=DTYPES,
+                       help="dtype the weights are held in (auto: the compute dtype); --quantize int8 holds the "
+                            "matmul kernels in int8 and the rest in this")
         p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                        help="weight format: int8 quantizes every matmul kernel as it loads (about half the "
                             "memory of bfloat16); default: the checkpoint's own")

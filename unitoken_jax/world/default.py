@@ -64,14 +64,15 @@ def describe() -> str:
 
 
 def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantize: str | None = None,
-             adapters: str | None = None, cache_growth: int | None = None):
-    """The bundled model as a `UniTokenPipeline` (its parameters sharded over `mesh` if given;
+             adapters: str | None = None, cache_growth: int | None = None, param_dtype: str = "float32"):
+    """The bundled model as a `UniTokenPipeline` (computing in `dtype`, its parameters held in
+    `param_dtype` and sharded over `mesh` if given;
     `quantize="int8"` for int8 weights; `adapters`: LoRA adapters for it in PEFT's format, e.g. the
     French ones of `world.finetune_demo`; `cache_growth`: see `DecodeLoop`)."""
     s = settings(path)
     logging.getLogger(__name__).info(describe())
-    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, mesh=mesh, quantize=quantize,
-                              adapters=adapters)
+    model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, param_dtype=param_dtype,
+                              mesh=mesh, quantize=quantize, adapters=adapters)
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
                             image_prefix=s["image_prefix"], cache_growth=cache_growth)
