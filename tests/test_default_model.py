@@ -227,32 +227,27 @@ def test_the_cli_runs_on_a_mesh_of_this_hosts_devices(tmp_path, capsys, caplog):
     thing = shapes.Thing("green", "triangle", "bottom right")
     shapes.draw([thing], np.random.default_rng(3)).save(tmp_path / "picture.png")
     question = [str(tmp_path / "picture.png"), "Describe the picture."]
-    assert main(["understand", *question, "--mesh", "one"]) == 0
+    assert main(["understand", *question]) == 0  # auto: CPU devices are not worth splitting over
     alone = capsys.readouterr().out.strip().splitlines()[-1]
     assert alone == thing.text
-    assert main(["understand", *question, "--mesh", "1,4,2"]) == 0
+    assert "mesh: one device" in caplog.text and "the model's weights lie on 1 device(s)" in caplog.text
+    assert "in float32; it computes in float32" in caplog.text  # auto dtypes on a CPU
+    caplog.clear()
+    # split 8 ways, and in bfloat16 (auto's choice on a TPU or GPU, where the release's float32
+    # weights, 28 GiB, would not fit a Colab chip): the same answer
+    assert main(["understand", *question, "--mesh", "1,4,2", "--dtype", "bfloat16"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == alone
     assert "mesh: {'data': 1, 'fsdp': 4, 'tensor': 2} over 8 cpu device(s)" in caplog.text
-    assert "the model's weights lie on 8 device(s)" in caplog.text
+    assert "the model's weights lie on 8 device(s), in bfloat16; it computes in bfloat16" in caplog.text
+    assert cli._dtypes("auto", "auto", "tpu") == ("bfloat16", "bfloat16") == cli._dtypes("auto", "auto", "gpu")
+    assert cli._dtypes("auto", "auto", "cpu") == ("float32", "float32")
+    assert cli._dtypes("bfloat16", "float32", "tpu") == ("bfloat16", "float32")
     caplog.clear()
     assert main(["generate", "a red circle at the top left", "--out", str(tmp_path / "red.png"), "--n", "2",
                  "--mesh", "2,-1,2"]) == 0  # -1: the rest of the fake host's 16 devices
     assert "mesh: {'data': 2, 'fsdp': 4, 'tensor': 2} over 16 cpu device(s)" in caplog.text
     drawn = [shapes.check_picture(Image.open(tmp_path / f"red_{j}.png")) for j in range(2)]
     assert any(d.matches(shapes.Thing("red", "circle", "top left")) for d in drawn)
-    caplog.clear()
-    assert main(["understand", *question]) == 0  # auto: CPU devices are not worth splitting over
-    assert "mesh: one device" in caplog.text and "the model's weights lie on 1 device(s)" in caplog.text
-    # dtypes: auto is float32 on a CPU; bfloat16 on request (auto's choice on a TPU or GPU, where the
-    # release's float32 weights, 28 GiB, would not fit a Colab chip), and the answer stays right
-    assert "in float32; it computes in float32" in caplog.text
-    caplog.clear()
-    assert main(["understand", *question, "--dtype", "bfloat16"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == thing.text
-    assert "in bfloat16; it computes in bfloat16" in caplog.text
-    assert cli._dtypes("auto", "auto", "tpu") == ("bfloat16", "bfloat16") == cli._dtypes("auto", "auto", "gpu")
-    assert cli._dtypes("auto", "auto", "cpu") == ("float32", "float32")
-    assert cli._dtypes("bfloat16", "float32", "tpu") == ("bfloat16", "float32")
     for bad, said in (("3,3,3", "does not fit this host's 16 device(s)"), ("1,4", "DATA,FSDP,TENSOR"),
                       ("-1,-1,2", "DATA,FSDP,TENSOR"), ("3,-1,1", "does not fit"), ("0,1,1", "DATA,FSDP,TENSOR")):
         assert main(["understand", *question, f"--mesh={bad}"]) == 2, bad
