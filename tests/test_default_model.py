@@ -252,3 +252,29 @@ def test_the_cli_runs_on_a_mesh_of_this_hosts_devices(tmp_path, capsys, caplog):
                       ("-1,-1,2", "DATA,FSDP,TENSOR"), ("3,-1,1", "does not fit"), ("0,1,1", "DATA,FSDP,TENSOR")):
         assert main(["understand", *question, f"--mesh={bad}"]) == 2, bad
         assert said in capsys.readouterr().err, bad
+
+
+def test_out_of_device_memory_is_said_with_what_would_fit(tmp_path, capsys, monkeypatch):
+    """XLA refusing a program or an allocation for the chip's memory (what a release in bfloat16 with
+    four pictures gets on a v5e, per the fit table) ends the command with what to change, not a
+    traceback; any other XLA error still raises."""
+    import jax
+
+    from unitoken_jax import cli
+
+    def refused(message):
+        def pipeline(args):
+            raise jax.errors.JaxRuntimeError(message)
+        return pipeline
+
+    # the first line is what XLA said compiling the release's prefill in bfloat16, 4 pictures, for a v5e chip
+    said = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (17.61G) "
+            "exceeds available HBM (15.75G).")
+    monkeypatch.setattr(cli, "_pipeline", refused(said + "\nmore detail"))
+    assert cli.main(["generate", "a red circle", "--out", str(tmp_path / "x.png"), "--n", "4"]) == 1
+    err = capsys.readouterr().err
+    assert f"unitoken generate: error: out of device memory ({said})" in err
+    assert "--quantize int8" in err and "--batch-size" in err and "--mesh" in err and "more detail" not in err
+    monkeypatch.setattr(cli, "_pipeline", refused("INTERNAL: something else"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        cli.main(["generate", "a red circle", "--out", str(tmp_path / "x.png")])

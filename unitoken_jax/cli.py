@@ -949,6 +949,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"unitoken {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # XLA refusing a program or an allocation for the devices' memory
+        jax = sys.modules.get("jax")  # imported by whatever raised it, if it is XLA's
+        if jax is None or not isinstance(e, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"unitoken {args.command}: error: out of device memory ({str(e).splitlines()[0][:300]}). "
+              f"{_MEMORY_ADVICE}", file=sys.stderr)
+        return 1
+
+
+_MEMORY_ADVICE = ("Less would fit with --quantize int8 (the matmul weights in half the bytes of bfloat16), fewer "
+                  "pictures or questions at once (--n, --batch-size; serve: --max-batch), or the model split over "
+                  "more chips (--mesh); `python launch/aot_check.py decode --topology v5e:1x1 --images 4 --quantize "
+                  "int8` compiles a release for a chip and says what fits, without one")
 
 
 if __name__ == "__main__":
