@@ -173,8 +173,8 @@ MUTATIONS = (
              "unitoken_jax/inference/decode.py", "tokens[b, :len(toks)], segments[b, :len(toks)] = toks, 1",
              "tokens[b, :len(toks)], segments[b, :] = toks, 1", ("tests/test_inference.py", "-k", "prompts_a_few")),
     Mutation("cli_mesh_not_used", "the CLI's --mesh chosen and logged, but the bundled model loaded on one device",
-             "unitoken_jax/cli.py", "mesh=_mesh(args.mesh, os.path.join(default.DEFAULT_DIR, \"model\")))",
-             "mesh=_mesh(args.mesh, os.path.join(default.DEFAULT_DIR, \"model\")) and None)",
+             "unitoken_jax/cli.py", "cache_growth=args.cache_growth, mesh=mesh)",
+             "cache_growth=args.cache_growth, mesh=None)",
              ("tests/test_default_model.py", "-k", "mesh")),
     Mutation("splash_on_old_tpus", "auto attention taking the splash kernel on TPU v2 / v3 (Pallas does not target them)",
              "unitoken_jax/models/attention.py", '_NO_PALLAS_TPUS = ("TPU v2", "TPU v3")',
@@ -186,6 +186,9 @@ MUTATIONS = (
     Mutation("cli_float32_on_accelerators", "the CLI holding the weights in float32 on a TPU or GPU again",
              "unitoken_jax/cli.py", 'dtype = "float32" if platform == "cpu" else "bfloat16"', 'dtype = "float32"',
              ("tests/test_default_model.py", "-k", "mesh")),
+    Mutation("quantize_auto_plans_one_picture", "--quantize auto planning for one picture whatever --n asks",
+             "unitoken_jax/cli.py", "return args.batch_size or (16 if args.prompts_file else args.n)", "return 1",
+             ("tests/test_fit.py", "-k", "quantizes_by_itself")),
 )
 
 

@@ -58,3 +58,35 @@ def test_int8_only_where_bfloat16_does_not_fit():
     with pytest.raises(ValueError, match="at least 1"):
         decode_memory(SEVEN_B, 0)
     assert choose_quantize(SEVEN_B, 4, jax.devices("cpu"))[0] == "none"  # no limit to plan with
+
+
+def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
+    """`--quantize auto` (the CLI's default) plans for the pictures a command decodes at once: on a
+    v5e chip the release draws one picture in bfloat16 and four in int8 (the AOT table's verdicts),
+    a server of 16 rows (8 guided pictures) fits nowhere on one chip and is refused before anything
+    loads, naming the flag; a checkpoint stored as int8, float32 weights asked for, or a CPU (no
+    limit to plan with) keep the checkpoint's own format."""
+    import argparse
+
+    from unitoken_jax import cli
+
+    def args(command, **kw):
+        base = dict(command=command, quantize="auto", size=None, n=1, batch_size=None, prompts_file=None,
+                    max_batch=16)
+        return argparse.Namespace(**{**base, **kw})
+
+    v5e = [Chip(15.75)]
+    assert cli._quantize(args("generate", n=1), SEVEN_B, v5e, "bfloat16") is None
+    assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "bfloat16") == "int8"
+    assert cli._quantize(args("generate", n=4, batch_size=1), SEVEN_B, v5e, "bfloat16") is None
+    assert cli._quantize(args("generate", n=1, prompts_file="p.txt"), SEVEN_B, [Chip(15.75)] * 8, "bfloat16") is None
+    assert cli._quantize(args("caption", batch_size=8), SEVEN_B, v5e, "bfloat16") == "int8"  # 8 rows: 4 pictures'
+    assert cli._quantize(args("understand"), SEVEN_B, v5e, "bfloat16") is None
+    with pytest.raises(ValueError, match="fewer images .* up to 8 picture\\(s\\) at once: --max-batch sets it"):
+        cli._quantize(args("serve"), SEVEN_B, v5e, "bfloat16")
+    assert cli._quantize(args("serve", max_batch=8), SEVEN_B, v5e, "bfloat16") == "int8"
+    assert cli._quantize(args("generate", n=4), SEVEN_B.replace(quantize="int8"), v5e, "bfloat16") is None
+    assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "float32") is None
+    assert cli._quantize(args("generate", n=4), SEVEN_B, jax.devices("cpu")[:1], "bfloat16") is None
+    assert cli._quantize(args("generate", n=4, quantize="none"), SEVEN_B, v5e, "bfloat16") == "none"
+    assert cli._pictures_at_once(args("generate", n=4, prompts_file="p.txt")) == 16

@@ -119,9 +119,11 @@ def _pipeline(args):
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
         dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
-        pipe = default.pipeline(dtype=dtype, param_dtype=param_dtype, quantize=args.quantize, adapters=args.adapters,
-                                cache_growth=args.cache_growth,
-                                mesh=_mesh(args.mesh, os.path.join(default.DEFAULT_DIR, "model")))
+        model_dir = os.path.join(default.DEFAULT_DIR, "model")
+        mesh = _mesh(args.mesh, model_dir)
+        quantize = _quantize(args, unitoken_jax.read_config(model_dir), _devices(mesh), param_dtype)
+        pipe = default.pipeline(dtype=dtype, param_dtype=param_dtype, quantize=quantize, adapters=args.adapters,
+                                cache_growth=args.cache_growth, mesh=mesh)
         if args.image_prefix is not None:
             pipe.image_prefix = _ids(args.image_prefix)
         _say_placement(pipe.model)
@@ -135,8 +137,9 @@ def _pipeline(args):
             raise ValueError(f"no --{name} given and ${env} is not set")
     mesh = _mesh(args.mesh, paths["model"])
     dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
+    quantize = _quantize(args, unitoken_jax.read_config(paths["model"]), _devices(mesh), param_dtype)
     model = unitoken_jax.load(paths["model"], progress=False, dtype=dtype, param_dtype=param_dtype,
-                              quantize=args.quantize, adapters=args.adapters, mesh=mesh)
+                              quantize=quantize, adapters=args.adapters, mesh=mesh)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.load(paths["vqgan"], mesh=mesh)
     _say_placement(model)
@@ -182,6 +185,46 @@ def _mesh(text: str, model_dir: str):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _devices(mesh) -> list:
+    import jax
+
+    return list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
+
+
+def _pictures_at_once(args) -> int:
+    """The most pictures (with their guidance rows) a command decodes at once, what `--quantize
+    auto` plans the memory for; two answers' rows count as one picture's."""
+    if args.command == "generate":
+        return args.batch_size or (16 if args.prompts_file else args.n)
+    if args.command == "serve":
+        return max(1, args.max_batch // 2)
+    if args.command == "caption":
+        return max(1, -(-args.batch_size // 2))
+    return 1
+
+
+def _quantize(args, config, devices, param_dtype: str) -> str | None:
+    """--quantize: 'auto' keeps a checkpoint stored quantized as it is, and otherwise takes int8
+    only where bfloat16 weights and the cache of this command's pictures at once do not fit the
+    devices (`inference.fit.choose_quantize`; a CPU has no limit to plan with, so floats there).
+    None: the checkpoint's own format."""
+    if args.quantize != "auto":
+        return args.quantize
+    if config.quantize != "none" or param_dtype != "bfloat16":  # stored int8; or float32 asked for
+        return None
+    from unitoken_jax.inference.fit import choose_quantize
+
+    images = _pictures_at_once(args)
+    size = _size(args.size) if getattr(args, "size", None) else (512, 512)
+    try:
+        quantize, why = choose_quantize(config, images, devices, size=size)
+    except ValueError as e:
+        raise ValueError(f"{e} (this command decodes up to {images} picture(s) at once: "
+                         f"{'--max-batch' if args.command == 'serve' else '--n / --batch-size'} sets it)") from None
+    _LOG.info("--quantize auto: %s", why)
+    return None if quantize == "none" else quantize
 
 
 def _dtypes(dtype: str, param_dtype: str, platform: str | None = None) -> tuple[str, str]:
@@ -756,9 +799,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--param-dtype", default="auto", choices=DTYPES,
                        help="dtype the weights are held in (auto: the compute dtype); --quantize int8 holds the "
                             "matmul kernels in int8 and the rest in this")
-        p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+        p.add_argument("--quantize", choices=("auto",) + QUANTIZE_MODES, default="auto",
                        help="weight format: int8 quantizes every matmul kernel as it loads (about half the "
-                            "memory of bfloat16); default: the checkpoint's own")
+                            "memory of bfloat16); none: the checkpoint's floats; auto: the checkpoint's own, "
+                            "or int8 where bfloat16 weights and this command's pictures at once do not fit the "
+                            "chips' memory (on a CPU: the checkpoint's own)")
         p.add_argument("--adapters", default=None,
                        help="LoRA adapters in PEFT's format (a fine-tuning run's WORKDIR/adapters) for the model, "
                             "merged into it as it loads")
