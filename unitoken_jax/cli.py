@@ -118,12 +118,8 @@ def _pipeline(args):
                              f"--size {args.size} (it never saw another size: other sizes come out as noise)")
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
-        dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
-        model_dir = os.path.join(default.DEFAULT_DIR, "model")
-        mesh = _mesh(args.mesh, model_dir)
-        quantize = _quantize(args, unitoken_jax.read_config(model_dir), _devices(mesh), param_dtype)
-        pipe = default.pipeline(dtype=dtype, param_dtype=param_dtype, quantize=quantize, adapters=args.adapters,
-                                cache_growth=args.cache_growth, mesh=mesh)
+        how = _how_to_load(args, os.path.join(default.DEFAULT_DIR, "model"))
+        pipe = default.pipeline(adapters=args.adapters, cache_growth=args.cache_growth, **how)
         if args.image_prefix is not None:
             pipe.image_prefix = _ids(args.image_prefix)
         _say_placement(pipe.model)
@@ -135,24 +131,32 @@ def _pipeline(args):
         paths[name] = getattr(args, name) or os.environ.get(env)
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
-    mesh = _mesh(args.mesh, paths["model"])
-    dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
-    quantize = _quantize(args, unitoken_jax.read_config(paths["model"]), _devices(mesh), param_dtype)
-    model = unitoken_jax.load(paths["model"], progress=False, dtype=dtype, param_dtype=param_dtype,
-                              quantize=quantize, adapters=args.adapters, mesh=mesh)
+    how = _how_to_load(args, paths["model"])
+    model = unitoken_jax.load(paths["model"], progress=False, adapters=args.adapters, **how)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
-    vq = VQTokenizer.load(paths["vqgan"], mesh=mesh)
+    vq = VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
     _say_placement(model)
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth)
 
 
-def _mesh(text: str, model_dir: str):
+def _how_to_load(args, model_dir: str) -> dict:
+    """`unitoken_jax.load`'s dtype, param_dtype, mesh and quantize for the model in `model_dir`
+    from --dtype, --param-dtype, --mesh and --quantize (their `auto`s decided here)."""
+    import unitoken_jax
+
+    config = unitoken_jax.read_config(model_dir)
+    dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
+    mesh = _mesh(args.mesh, config)
+    quantize = _quantize(args, config, _devices(mesh), param_dtype)
+    return dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, quantize=quantize)
+
+
+def _mesh(text: str, config):
     """The devices an inference verb runs on (`--mesh`): None for one device, else a mesh of this
     host's devices (a host runs its own copy; pods split the work with --process-index)."""
     import jax
 
-    import unitoken_jax
     from unitoken_jax import sharding
     from unitoken_jax.inference.fit import choose_mesh
 
@@ -160,7 +164,7 @@ def _mesh(text: str, model_dir: str):
     if text in ("auto", "one"):
         # CPU "devices" are parts of one machine (or faked for tests): nothing to gain from a split
         split = text == "auto" and any(d.platform != "cpu" for d in devices)
-        mesh = choose_mesh(unitoken_jax.read_config(model_dir), devices) if split else None
+        mesh = choose_mesh(config, devices) if split else None
         if mesh is None:
             _LOG.info("mesh: one device (%s)", devices[0])
             return None
@@ -819,8 +823,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--mesh", default="auto",
                        help="the devices of this host the model runs on: 'auto' (on a host of several accelerator "
                             "chips, all of them, split the tensor-parallel way as far as the heads divide; else "
-                            "one), 'one', "
-                            "or DATA,FSDP,TENSOR (e.g. 1,4,2; one may be -1 for the rest: --mesh=-1,1,1)")
+                            "one), 'one', or DATA,FSDP,TENSOR (e.g. 1,4,2; one may be -1 for the rest: "
+                            "--mesh=-1,1,1)")
         cache_arg(p)
         if not per_request:  # a server: every call brings its own seed, size and sampling options
             return
