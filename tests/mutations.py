@@ -187,7 +187,11 @@ MUTATIONS = (
              "unitoken_jax/cli.py", 'dtype = "float32" if platform == "cpu" else "bfloat16"', 'dtype = "float32"',
              ("tests/test_default_model.py", "-k", "mesh")),
     Mutation("quantize_auto_plans_one_picture", "--quantize auto planning for one picture whatever --n asks",
-             "unitoken_jax/cli.py", "return args.batch_size or (16 if args.prompts_file else args.n)", "return 1",
+             "unitoken_jax/cli.py", "n = args.batch_size or (16 if args.prompts_file else args.n)", "n = 1",
+             ("tests/test_fit.py", "-k", "quantizes_by_itself")),
+    Mutation("quantize_auto_forgets_the_input_picture", "--quantize auto planning an answer or an edit without the "
+             "pictures its prompt holds", "unitoken_jax/cli.py", "picture = picture_prompt_length(config, "
+             "getattr(args, \"vq_size\", None) or 512)", "picture = 0",
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
 )
 

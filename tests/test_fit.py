@@ -53,7 +53,7 @@ def test_int8_only_where_bfloat16_does_not_fit():
     assert quantize == "int8" and "18.26" in why and "11.58" in why
     assert choose_quantize(SEVEN_B, 4, v6e)[0] == "none"
     assert choose_quantize(SEVEN_B, 8, v5e * 4)[0] == "none"  # a v5e-4 shares the weights and the cache
-    with pytest.raises(ValueError, match="fewer images"):
+    with pytest.raises(ValueError, match="16 image.s. at once do not fit .* ask for fewer at once"):
         choose_quantize(SEVEN_B, 16, v5e)
     with pytest.raises(ValueError, match="at least 1"):
         decode_memory(SEVEN_B, 0)
@@ -61,32 +61,38 @@ def test_int8_only_where_bfloat16_does_not_fit():
 
 
 def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
-    """`--quantize auto` (the CLI's default) plans for the pictures a command decodes at once: on a
-    v5e chip the release draws one picture in bfloat16 and four in int8 (the AOT table's verdicts),
-    a server of 16 rows (8 guided pictures) fits nowhere on one chip and is refused before anything
-    loads, naming the flag; a checkpoint stored as int8, float32 weights asked for, or a CPU (no
+    """`--quantize auto` (the CLI's default) plans for what a command decodes at once. On a v5e chip
+    the release draws one picture in bfloat16 and four in int8 (the AOT table's verdicts); an edit
+    holds the input picture's tokens too (2 rows of ~2,900 positions: int8); a server holds its
+    slots (16 rows of 4,096 positions, 32 GiB of cache, fit nowhere and are refused before anything
+    loads, naming the flags). A checkpoint stored as int8, float32 weights asked for, or a CPU (no
     limit to plan with) keep the checkpoint's own format."""
-    import argparse
-
     from unitoken_jax import cli
+    from unitoken_jax.inference.fit import picture_prompt_length
 
-    def args(command, **kw):
-        base = dict(command=command, quantize="auto", size=None, n=1, batch_size=None, prompts_file=None,
-                    max_batch=16)
-        return argparse.Namespace(**{**base, **kw})
+    def args(command, **kw):  # each verb's own parsed flags, so a flag a verb lacks is an error here too
+        words = {"generate": ["a fox", "--out", "x.png"], "edit": ["a.png", "make it red", "--out", "x.png"],
+                 "understand": ["a.png", "Q?"], "caption": ["pictures/", "--out", "x.json"]}.get(command, [])
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+        return cli._parser().parse_args([command, *words, *flags])
 
+    # a 512 px picture in a prompt: <racm3:break>, 32 rows of 32 codes and a row end, the grid's
+    # size tokens and <eoss> (1,060 after the break), and 27 x 27 SigLIP features
+    assert picture_prompt_length(SEVEN_B) == 1 + 1060 + 729
     v5e = [Chip(15.75)]
     assert cli._quantize(args("generate", n=1), SEVEN_B, v5e, "bfloat16") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("generate", n=4, batch_size=1), SEVEN_B, v5e, "bfloat16") is None
-    assert cli._quantize(args("generate", n=1, prompts_file="p.txt"), SEVEN_B, [Chip(15.75)] * 8, "bfloat16") is None
-    assert cli._quantize(args("caption", batch_size=8), SEVEN_B, v5e, "bfloat16") == "int8"  # 8 rows: 4 pictures'
-    assert cli._quantize(args("understand"), SEVEN_B, v5e, "bfloat16") is None
-    with pytest.raises(ValueError, match="fewer images .* up to 8 picture\\(s\\) at once: --max-batch sets it"):
+    assert cli._quantize(args("generate", prompts_file="p.txt"), SEVEN_B, [Chip(15.75)] * 8, "bfloat16") is None
+    assert cli._quantize(args("understand"), SEVEN_B, v5e, "bfloat16") is None  # 1 row of 2,110 positions
+    assert cli._quantize(args("edit"), SEVEN_B, v5e, "bfloat16") == "int8"
+    assert cli._quantize(args("caption", batch_size=4), SEVEN_B, v5e, "bfloat16") == "int8"
+    assert cli._quantize(args("chat"), SEVEN_B, v5e, "bfloat16") == "int8"  # a picture and 2,048 tokens, guided
+    assert cli._quantize(args("chat"), SEVEN_B, [Chip(31.25, "TPU v6 lite")], "bfloat16") is None
+    with pytest.raises(ValueError, match="16 rows of 4096 positions .--max-batch, --slot-length. at once do not fit"):
         cli._quantize(args("serve"), SEVEN_B, v5e, "bfloat16")
-    assert cli._quantize(args("serve", max_batch=8), SEVEN_B, v5e, "bfloat16") == "int8"
+    assert cli._quantize(args("serve", max_batch=4, slot_length=2048), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("generate", n=4), SEVEN_B.replace(quantize="int8"), v5e, "bfloat16") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "float32") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, jax.devices("cpu")[:1], "bfloat16") is None
     assert cli._quantize(args("generate", n=4, quantize="none"), SEVEN_B, v5e, "bfloat16") == "none"
-    assert cli._pictures_at_once(args("generate", n=4, prompts_file="p.txt")) == 16

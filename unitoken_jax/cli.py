@@ -197,36 +197,42 @@ def _devices(mesh) -> list:
     return list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
 
 
-def _pictures_at_once(args) -> int:
-    """The most pictures (with their guidance rows) a command decodes at once, what `--quantize
-    auto` plans the memory for; two answers' rows count as one picture's."""
+def _plan(args, config) -> tuple[int, str, dict]:
+    """What --quantize auto plans the memory for: (pictures at once, the load in words, keywords of
+    `inference.fit.decode_memory` for its KV cache), the command's most at once by its own flags."""
+    from unitoken_jax.inference.fit import picture_prompt_length
+
+    size = _size(args.size) if getattr(args, "size", None) else (512, 512)
+    picture = picture_prompt_length(config, getattr(args, "vq_size", None) or 512)
     if args.command == "generate":
-        return args.batch_size or (16 if args.prompts_file else args.n)
+        n = args.batch_size or (16 if args.prompts_file else args.n)
+        return n, f"{n} picture(s) (--n / --batch-size)", dict(size=size, cfg=args.cfg > 1)
+    if args.command == "edit":
+        return 1, "an edit of a picture", dict(size=size, cfg=args.cfg > 1, prompt_length=64 + picture)
     if args.command == "serve":
-        return max(1, args.max_batch // 2)
-    if args.command == "caption":
-        return max(1, -(-args.batch_size // 2))
-    return 1
+        length = args.slot_length or config.decoder.max_position_embeddings
+        return 1, f"{args.max_batch} rows of {length} positions (--max-batch, --slot-length)", \
+            dict(rows=args.max_batch, positions=length)
+    # answers: a row each (a chat's picture two), after a prompt holding its pictures
+    rows = args.batch_size if args.command == "caption" else 2 if args.command == "chat" else 1
+    pictures = len(args.inputs) - 1 if args.command == "understand" else 1
+    positions = 64 + pictures * picture + args.max_new_tokens
+    return 1, f"{rows} answer row(s) of {positions} positions", dict(rows=rows, positions=positions)
 
 
 def _quantize(args, config, devices, param_dtype: str) -> str | None:
     """--quantize: 'auto' keeps a checkpoint stored quantized as it is, and otherwise takes int8
-    only where bfloat16 weights and the cache of this command's pictures at once do not fit the
-    devices (`inference.fit.choose_quantize`; a CPU has no limit to plan with, so floats there).
-    None: the checkpoint's own format."""
+    only where bfloat16 weights and the KV cache of what this command decodes at once do not fit
+    the devices (`inference.fit.choose_quantize`; a CPU has no limit to plan with, so floats
+    there). None: the checkpoint's own format."""
     if args.quantize != "auto":
         return args.quantize
     if config.quantize != "none" or param_dtype != "bfloat16":  # stored int8; or float32 asked for
         return None
     from unitoken_jax.inference.fit import choose_quantize
 
-    images = _pictures_at_once(args)
-    size = _size(args.size) if getattr(args, "size", None) else (512, 512)
-    try:
-        quantize, why = choose_quantize(config, images, devices, size=size)
-    except ValueError as e:
-        raise ValueError(f"{e} (this command decodes up to {images} picture(s) at once: "
-                         f"{'--max-batch' if args.command == 'serve' else '--n / --batch-size'} sets it)") from None
+    images, what, memory = _plan(args, config)
+    quantize, why = choose_quantize(config, images, devices, what=what, **memory)
     _LOG.info("--quantize auto: %s", why)
     return None if quantize == "none" else quantize
 
@@ -746,7 +752,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
     # every page shows its defaults; no abbreviated options (`chat --image x` would be taken for
@@ -983,6 +989,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="an override for every run, as --config.KEY=VALUE is for one (repeatable)")
     swe.add_argument("--json", action="store_true", help="print JSON instead of a table or command lines")
     swe.set_defaults(func=_sweep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
         return _train(argparse.Namespace(absl_flags=argv[1:]))

@@ -40,20 +40,23 @@ class DecodeMemory:
 
 
 def decode_memory(config: UniTokenConfig, images: int, *, size: tuple[int, int] = (512, 512), cfg: bool = True,
-                  prompt_length: int = 64, quantize: str = "none", dtype: str = "bfloat16") -> DecodeMemory:
+                  prompt_length: int = 64, quantize: str = "none", dtype: str = "bfloat16", rows: int | None = None,
+                  positions: int | None = None) -> DecodeMemory:
     """Bytes of the weights (`dtype`, matmul kernels int8 with `quantize="int8"`) and of the KV
     cache (in `dtype`) for `images` generated pictures of `size` pixels after a prompt of
     `prompt_length` tokens (its last the image's <racm3:break>), which the decode loop pads up to
-    a multiple of `decode.PROMPT_MULTIPLE`."""
+    a multiple of `decode.PROMPT_MULTIPLE`. `rows` and `positions` give the cache's shape instead
+    (answers, a server's slots): that many rows of that many positions."""
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
     params = abstract_params(config.replace(param_dtype=dtype, quantize=quantize))
     weights = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
     d = config.decoder
     grid_hw = (size[1] // layout.PIXELS_PER_GRID, size[0] // layout.PIXELS_PER_GRID)
-    # the prompt ends with <racm3:break>
-    positions = prefill_width(prompt_length, PROMPT_MULTIPLE) + layout.generated_image_length(grid_hw) - 1
-    rows = images * (2 if cfg else 1)
+    if positions is None:  # the prompt ends with <racm3:break>
+        positions = prefill_width(prompt_length, PROMPT_MULTIPLE) + layout.generated_image_length(grid_hw) - 1
+    if rows is None:
+        rows = images * (2 if cfg else 1)
     cache = 2 * d.num_layers * rows * d.num_kv_heads * positions * d.head_dim * np.dtype(dtype).itemsize
     return DecodeMemory(weights, cache)
 
@@ -68,38 +71,50 @@ def device_memory(device) -> int | None:
     return None if not stats else stats.get("bytes_limit")
 
 
-def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | None = None, **kwargs) -> tuple[str, str]:
+def picture_prompt_length(config: UniTokenConfig, vq_size: int = 512) -> int:
+    """Tokens a picture takes in a prompt (to answer about it or edit it): its VQ codes' grid at
+    `vq_size` pixels and its SigLIP features (one tile; AnyRes takes more)."""
+    side = vq_size // layout.PIXELS_PER_GRID
+    features = (config.vision.image_size // config.vision.patch_size) ** 2 if config.vision is not None else 0
+    return 1 + layout.generated_image_length((side, side)) + features
+
+
+def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | None = None, *, what: str | None = None,
+                    **kwargs) -> tuple[str, str]:
     """("none" | "int8", a sentence saying why) for decoding `images` pictures at once on
     `devices` (default: all), the weights and the cache split evenly over them. bfloat16 weights
-    when they fit, else int8; a ValueError when neither does."""
+    when they fit, else int8; a ValueError when neither does. `kwargs` go to `decode_memory`;
+    `what` names the load in the sentence (default: the images)."""
     devices = list(devices if devices is not None else jax.devices())
     limits = [device_memory(d) for d in devices]
     kind = devices[0].device_kind
     if any(limit is None for limit in limits):
         return "none", f"{kind}: no device memory limit to plan with; the weights stay unquantized"
     limit, n = min(limits), len(devices)
+    what = what or f"{images} image(s)"
     bf16 = decode_memory(config, images, **kwargs).peak / n
     if bf16 <= limit:
-        return "none", (f"bfloat16 weights: {images} image(s) need {bf16 / GIB:.2f} GiB a device, "
+        return "none", (f"bfloat16 weights: {what} need {bf16 / GIB:.2f} GiB a device, "
                         f"{n} x {kind} have {limit / GIB:.2f} GiB each")
     int8 = decode_memory(config, images, quantize="int8", **kwargs).peak / n
     if int8 <= limit:
-        return "int8", (f"int8 weights: bfloat16 would need {bf16 / GIB:.2f} GiB a device for {images} image(s), "
+        return "int8", (f"int8 weights: bfloat16 would need {bf16 / GIB:.2f} GiB a device for {what}, "
                         f"{n} x {kind} have {limit / GIB:.2f} GiB each; int8 needs {int8 / GIB:.2f} GiB")
-    raise ValueError(f"{images} image(s) at once do not fit {n} x {kind} ({limit / GIB:.2f} GiB each) even with "
-                     f"int8 weights ({int8 / GIB:.2f} GiB a device); ask for fewer images at once or use more devices")
+    raise ValueError(f"{what} at once do not fit {n} x {kind} ({limit / GIB:.2f} GiB each) even with "
+                     f"int8 weights ({int8 / GIB:.2f} GiB a device); ask for fewer at once or use more devices")
 
 
 def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     """The mesh to decode on over `devices` (default: this process's own): None for a single
-    device; else all of them, split the tensor-parallel way (`tensor` axis: each chip holds its share of every layer's heads, MLP
-    columns and vocabulary, and of the KV cache's heads), as far as the attention heads divide, the
-    rest of the way over `fsdp`.
+    device; else all of them, split the tensor-parallel way (`tensor` axis: each chip holds its
+    share of every layer's heads, MLP columns and vocabulary, and of the KV cache's heads), as far
+    as the attention heads divide, the rest of the way over `fsdp`.
 
     Tensor-parallel is what a decode step wants: each chip reads only its share of the weights and
     only activations cross the chips, where with the weights split over `fsdp` every step gathers
     each layer's weights onto every chip (AOT for the released 7B on v5e-8, one picture in int8:
-    1.38 against 2.50 GiB a chip; `benchmarks/results/decode_fit.md`)."""
+    1.38 against 2.50 GiB a chip, and XLA's cost analysis counts 1.14 against 9.51 GiB accessed;
+    `benchmarks/results/decode_fit.md`)."""
     devices = list(devices if devices is not None else jax.local_devices())
     if len(devices) == 1:
         return None
