@@ -63,10 +63,11 @@ def test_int8_only_where_bfloat16_does_not_fit():
 def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     """`--quantize auto` (the CLI's default) plans for what a command decodes at once. On a v5e chip
     the release draws one picture in bfloat16 and four in int8 (the AOT table's verdicts); an edit
-    holds the input picture's tokens too (2 rows of ~2,900 positions: int8); a server holds its
-    slots (16 rows of 4,096 positions, 32 GiB of cache, fit nowhere and are refused before anything
-    loads, naming the flags). A checkpoint stored as int8, float32 weights asked for, or a CPU (no
-    limit to plan with) keep the checkpoint's own format."""
+    holds the input picture's tokens too (2 rows of ~2,900 positions: int8); a continuous server
+    holds its slots (16 rows of 4,096 positions, 32 GiB of cache, fit nowhere and are refused before
+    anything loads, naming the flags), a static one a batch of guided pictures. A checkpoint stored
+    as int8, float32 weights asked for, or a CPU (no limit to plan with) keep the checkpoint's own
+    format."""
     from unitoken_jax import cli
     from unitoken_jax.inference.fit import picture_prompt_length
 
@@ -89,9 +90,14 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     assert cli._quantize(args("caption", batch_size=4), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("chat"), SEVEN_B, v5e, "bfloat16") == "int8"  # a picture and 2,048 tokens, guided
     assert cli._quantize(args("chat"), SEVEN_B, [Chip(31.25, "TPU v6 lite")], "bfloat16") is None
+    continuous = dict(batching="continuous")
     with pytest.raises(ValueError, match="16 rows of 4096 positions .--max-batch, --slot-length. at once do not fit"):
+        cli._quantize(args("serve", **continuous), SEVEN_B, v5e, "bfloat16")
+    assert cli._quantize(args("serve", max_batch=4, slot_length=2048, **continuous), SEVEN_B, v5e, "bfloat16") == "int8"
+    # static batching: a batch of max_batch / 2 guided pictures (8 do not fit one v5e even in int8, 4 do)
+    with pytest.raises(ValueError, match="8 guided picture.s. in a batch .--max-batch 16. at once do not fit"):
         cli._quantize(args("serve"), SEVEN_B, v5e, "bfloat16")
-    assert cli._quantize(args("serve", max_batch=4, slot_length=2048), SEVEN_B, v5e, "bfloat16") == "int8"
+    assert cli._quantize(args("serve", max_batch=8), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("generate", n=4), SEVEN_B.replace(quantize="int8"), v5e, "bfloat16") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "float32") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, jax.devices("cpu")[:1], "bfloat16") is None

@@ -209,10 +209,13 @@ def _plan(args, config) -> tuple[int, str, dict]:
         return n, f"{n} picture(s) (--n / --batch-size)", dict(size=size, cfg=args.cfg > 1)
     if args.command == "edit":
         return 1, "an edit of a picture", dict(size=size, cfg=args.cfg > 1, prompt_length=64 + picture)
-    if args.command == "serve":
+    if args.command == "serve" and args.batching == "continuous":  # every slot holds its whole cache
         length = args.slot_length or config.decoder.max_position_embeddings
         return 1, f"{args.max_batch} rows of {length} positions (--max-batch, --slot-length)", \
             dict(rows=args.max_batch, positions=length)
+    if args.command == "serve":  # a batch of guided pictures, the heaviest load of the usual calls
+        n = max(1, args.max_batch // 2)
+        return n, f"{n} guided picture(s) in a batch (--max-batch {args.max_batch})", {}
     # answers: a row each (a chat's picture two), after a prompt holding its pictures
     rows = args.batch_size if args.command == "caption" else 2 if args.command == "chat" else 1
     pictures = len(args.inputs) - 1 if args.command == "understand" else 1
