@@ -23,12 +23,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from unitoken_jax import configs  # noqa: E402
-from unitoken_jax.inference.fit import choose_mesh, decode_memory  # noqa: E402
+from unitoken_jax.inference.fit import decode_memory  # noqa: E402
 from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
 from report import write_report  # noqa: E402
 
 # (label, topology): the Colab runtimes, then the serving slices a lab would use; the mesh is
-# `choose_mesh`'s, what the CLI and the notebook take (tensor-parallel over a host's chips)
+# `aot_check.decode_mesh_shape`'s (`choose_mesh`), what the CLI and the notebook take
+# (tensor-parallel over a host's chips)
 SLICES = [
     ("v5e-1, Colab", "v5e:1x1"),
     ("v6e-1, Colab", "v6e:1x1"),
@@ -37,11 +38,6 @@ SLICES = [
     ("v5e-8", "v5e:2x4"),
     ("v6e-4", "v6e:2x2"),
 ]
-
-
-def mesh_shape(config, topology: str) -> tuple[int, int, int]:
-    mesh = choose_mesh(config, list(aot_check.topology_devices(topology).flat))
-    return (1, 1, 1) if mesh is None else tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor"))
 
 
 def measure(topology: str, mesh_shape, images: int, quantize: str) -> dict:
@@ -78,7 +74,7 @@ def main():
     config = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)
     start = time.time()
     for label, topology in SLICES:
-        shape = mesh_shape(config, topology)
+        shape = aot_check.decode_mesh_shape("7b", topology)
         hbm = aot_check.hbm_bytes(aot_check.topology_devices(topology).flat[0])
         for quantize in ("none", "int8"):
             cells = []

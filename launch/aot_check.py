@@ -110,6 +110,16 @@ def decode_lowered(model: str, mesh: Mesh, images: int, size: int = 512, cfg: fl
     return config, loop.lower(requests)
 
 
+def decode_mesh_shape(model: str, topology: str) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) as `inference.fit.choose_mesh` splits a model preset over a topology's
+    chips: what the CLI and the notebook take on such a host."""
+    from unitoken_jax.inference.fit import choose_mesh
+
+    config = UniTokenConfig.from_dict(configs.get_config(f"model.py:{model}").model)
+    chosen = choose_mesh(config, list(topology_devices(topology).flat))
+    return (1, 1, 1) if chosen is None else tuple(chosen.shape[a] for a in sharding.MESH_AXES)
+
+
 def decode_main(argv) -> None:
     parser = argparse.ArgumentParser(prog="aot_check.py decode", description="compile the prefill and decode loop")
     parser.add_argument("--topology", default="v5e:1x1")
@@ -123,14 +133,7 @@ def decode_main(argv) -> None:
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight format (int8: weight-only)")
     args = parser.parse_args(argv)
     devices = topology_devices(args.topology)
-    if args.mesh:
-        shape = tuple(int(x) for x in args.mesh.split(","))
-    else:
-        from unitoken_jax.inference.fit import choose_mesh
-
-        config = UniTokenConfig.from_dict(configs.get_config(f"model.py:{args.model}").model)
-        chosen = choose_mesh(config, list(devices.flat))
-        shape = (1, 1, 1) if chosen is None else tuple(chosen.shape[a] for a in sharding.MESH_AXES)
+    shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else decode_mesh_shape(args.model, args.topology)
     mesh = topology_mesh(args.topology, shape)
     start = time.time()
     config, (prefill, loop) = decode_lowered(args.model, mesh, args.images, args.size, dtype=args.dtype,
