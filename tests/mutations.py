@@ -191,7 +191,10 @@ MUTATIONS = (
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
     Mutation("quantize_auto_forgets_the_input_picture", "--quantize auto planning an answer or an edit without the "
              "pictures its prompt holds", "unitoken_jax/cli.py", "picture = picture_prompt_length(config, "
-             "getattr(args, \"vq_size\", None) or 512)", "picture = 0",
+             "getattr(args, \"vq_size\", None) or 512, ", "picture = 0 + (",
+             ("tests/test_fit.py", "-k", "quantizes_by_itself")),
+    Mutation("quantize_auto_plans_one_tile", "--quantize auto planning one SigLIP tile a picture under --anyres",
+             "unitoken_jax/cli.py", 'getattr(args, "anyres", False))', "False)",
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
 )
 

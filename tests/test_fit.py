@@ -74,7 +74,7 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     def args(command, **kw):  # each verb's own parsed flags, so a flag a verb lacks is an error here too
         words = {"generate": ["a fox", "--out", "x.png"], "edit": ["a.png", "make it red", "--out", "x.png"],
                  "understand": ["a.png", "Q?"], "caption": ["pictures/", "--out", "x.json"]}.get(command, [])
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in kw.items()]
         return cli._parser().parse_args([command, *words, *flags])
 
     # a 512 px picture in a prompt: <racm3:break>, 32 rows of 32 codes and a row end, the grid's
@@ -86,6 +86,14 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     assert cli._quantize(args("generate", n=4, batch_size=1), SEVEN_B, v5e, "bfloat16") is None
     assert cli._quantize(args("generate", prompts_file="p.txt"), SEVEN_B, [Chip(15.75)] * 8, "bfloat16") is None
     assert cli._quantize(args("understand"), SEVEN_B, v5e, "bfloat16") is None  # 1 row of 2,110 positions
+    # --anyres: a square picture takes the base tile and 2 x 2 tiles' features, 54 rows of 54 and a
+    # newline (what the pipeline's tiling really lays out), ~2,950 positions more than one tile
+    from PIL import Image
+
+    from unitoken_jax.tokenizer.anyres import anyres_image
+    assert len(anyres_image(Image.new("RGB", (900, 900))).entries) == 729 + 54 * 55
+    assert picture_prompt_length(SEVEN_B, anyres=True) == 1 + 1060 + 729 + 54 * 55
+    assert cli._quantize(args("understand", anyres=True), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("edit"), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("caption", batch_size=4), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("chat"), SEVEN_B, v5e, "bfloat16") == "int8"  # a picture and 2,048 tokens, guided

@@ -203,7 +203,7 @@ def _plan(args, config) -> tuple[int, str, dict]:
     from unitoken_jax.inference.fit import picture_prompt_length
 
     size = _size(args.size) if getattr(args, "size", None) else (512, 512)
-    picture = picture_prompt_length(config, getattr(args, "vq_size", None) or 512)
+    picture = picture_prompt_length(config, getattr(args, "vq_size", None) or 512, getattr(args, "anyres", False))
     if args.command == "generate":
         n = args.batch_size or (16 if args.prompts_file else args.n)
         return n, f"{n} picture(s) (--n / --batch-size)", dict(size=size, cfg=args.cfg > 1)

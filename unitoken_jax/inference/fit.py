@@ -24,7 +24,7 @@ from unitoken_jax import sharding
 from unitoken_jax.inference.decode import PROMPT_MULTIPLE, prefill_width
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
-from unitoken_jax.tokenizer import layout
+from unitoken_jax.tokenizer import anyres as anyres_lib, layout
 
 GIB = 2**30
 
@@ -71,11 +71,17 @@ def device_memory(device) -> int | None:
     return None if not stats else stats.get("bytes_limit")
 
 
-def picture_prompt_length(config: UniTokenConfig, vq_size: int = 512) -> int:
+def picture_prompt_length(config: UniTokenConfig, vq_size: int = 512, anyres: bool = False) -> int:
     """Tokens a picture takes in a prompt (to answer about it or edit it): its VQ codes' grid at
-    `vq_size` pixels and its SigLIP features (one tile; AnyRes takes more)."""
+    `vq_size` pixels and its SigLIP features: one tile's, or with `anyres` the most a picture can
+    take (the base tile, then the largest pinpoint grid's rows of features, each with its newline)."""
     side = vq_size // layout.PIXELS_PER_GRID
-    features = (config.vision.image_size // config.vision.patch_size) ** 2 if config.vision is not None else 0
+    features = 0
+    if config.vision is not None:
+        tile, per_side = config.vision.image_size, config.vision.image_size // config.vision.patch_size
+        features = per_side * per_side
+        if anyres:
+            features += max((h // tile) * per_side * ((w // tile) * per_side + 1) for w, h in anyres_lib.GRID_PINPOINTS)
     return 1 + layout.generated_image_length((side, side)) + features
 
 
