@@ -193,6 +193,10 @@ MUTATIONS = (
              "pictures its prompt holds", "unitoken_jax/cli.py", "picture = picture_prompt_length(config, "
              "getattr(args, \"vq_size\", None) or 512, ", "picture = 0 + (",
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
+    Mutation("programs_per_loop", "each decode loop compiling its own programs again (a second model of the same config)",
+             "unitoken_jax/inference/decode.py", "return _steps(self.config, self.layers, self.cache_dtype, self._ok_ids.tobytes(), ",
+             "return _Steps(self.config, self.layers, self.cache_dtype, self._ok_ids, ",
+             ("tests/test_inference.py", "-k", "second_model")),
     Mutation("quantize_auto_plans_one_tile", "--quantize auto planning one SigLIP tile a picture under --anyres",
              "unitoken_jax/cli.py", 'getattr(args, "anyres", False))', "False)",
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),

@@ -2,8 +2,10 @@
 and greedy parity with transformers' generate."""
 
 import dataclasses
+import gc
 import os
 import re
+import weakref
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ import tokenizer_fixture
 import unitoken_jax
 from unitoken_jax.configs.model import get_config
 from unitoken_jax.convert.vqgan import save_vqgan
-from unitoken_jax.inference import grid
+from unitoken_jax.inference import decode, grid
 from unitoken_jax.inference.decode import DecodeLoop, Request, prefill_width
 from unitoken_jax.models.chameleon import cache_length
 from unitoken_jax.inference.pipeline import UniTokenPipeline
@@ -44,6 +46,29 @@ def pipe(tmp_path_factory):
     return p
 
 
+@pytest.fixture
+def fresh_programs():
+    """For tests that count compiles: decode loops of one config share their compiled programs in
+    a process (`decode._steps`), so a test's first loop would find its shapes already compiled by
+    an earlier test's."""
+    decode._steps.cache_clear()
+
+
+def _compiles_during(fn):
+    """(fn's result, the XLA compiles it ran)."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return fn(), len(compiles)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def _requests(pipe):
     cat, coffee = str(pipe.image_dir / "cat.png"), str(pipe.image_dir / "coffee.png")
     return [
@@ -63,6 +88,28 @@ def test_a_batch_equals_single_runs_with_the_same_seeds(pipe):
         alone = pipe.decode_loop.generate([request]).tokens[0]
         np.testing.assert_array_equal(tokens, alone)
     assert len({len(t) for t in batched}) > 1  # rows of different lengths finished separately
+
+
+def test_a_second_model_of_the_same_config_reuses_the_compiled_programs_with_its_own_weights(pipe, fresh_programs):
+    """A second decode loop for a model of the same config (another checkpoint, a fine-tuned copy,
+    the same one loaded again) compiles nothing: it runs the first one's programs on its own
+    parameters, and those programs keep no model alive."""
+    config, requests = pipe.model.config, _requests(pipe)
+    first = DecodeLoop(config, unitoken_jax.UniTokenModel.random(config, seed=11).params)
+    drawn_first = first.generate(requests).tokens
+    held = weakref.ref(jax.tree.leaves(first.params)[0])
+    weights = unitoken_jax.UniTokenModel.random(config, seed=12).params
+    second = DecodeLoop(config, weights)
+    drawn, compiles = _compiles_during(lambda: second.generate(requests).tokens)
+    assert compiles == 0
+    del first
+    gc.collect()
+    assert held() is None  # the shared programs hold none of the first model's arrays
+    decode._steps.cache_clear()  # the second model's own programs, compiled afresh, draw the same
+    alone = DecodeLoop(config, weights).generate(requests).tokens
+    for a, b in zip(drawn, alone):
+        np.testing.assert_array_equal(a, b)
+    assert any(len(a) != len(b) or (a != b).any() for a, b in zip(drawn, drawn_first))  # the weights matter
 
 
 @pytest.mark.parametrize("grid_hw", [(1, 1), (2, 1), (1, 3), (3, 2)])
@@ -194,7 +241,7 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
             DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled", cache_growth=bad)
 
 
-def test_prompts_a_few_tokens_apart_share_one_compiled_prefill_and_loop(pipe):
+def test_prompts_a_few_tokens_apart_share_one_compiled_prefill_and_loop(pipe, fresh_programs):
     """The prefill's width is padded up to a multiple of `prompt_multiple`: prompts within one
     multiple compile nothing new, and draw the tokens they draw unpadded (sampled text, a guided
     picture); a width in the next multiple compiles again."""
@@ -236,7 +283,7 @@ def test_prompts_a_few_tokens_apart_share_one_compiled_prefill_and_loop(pipe):
             DecodeLoop(pipe.model.config, pipe.model.params, prompt_multiple=bad)
 
 
-def test_rows_stop_at_the_models_last_position_and_a_chats_turns_share_the_loop(pipe):
+def test_rows_stop_at_the_models_last_position_and_a_chats_turns_share_the_loop(pipe, fresh_programs):
     """A row stopped only at `max_new_tokens`: a chat's default budget of 512 ran past the last
     position of a model with 512 (the bundled one) into positions it never saw in training, and
     the cache's length (prompt + budget) followed each turn's prompt, so a turn whose prompt
@@ -489,7 +536,7 @@ def test_a_turn_that_fills_the_model_reuses_from_a_multiple_of_32(pipe):
     np.testing.assert_array_equal(out, fresh.generate([later]).tokens[0])
 
 
-def test_a_kept_cache_grows_by_doubling_and_turns_within_it_compile_no_new_loop(pipe):
+def test_a_kept_cache_grows_by_doubling_and_turns_within_it_compile_no_new_loop(pipe, fresh_programs):
     """On an accelerator (scanned layers), a chat's cache follows what its rows reach, not prompt
     + budget: it starts at the first of 256, 512, ... that holds the first turn's prompt and first
     chunk of answer, and a kept cache too short for the next turn doubles (at most the model's

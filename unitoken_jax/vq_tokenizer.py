@@ -25,6 +25,14 @@ from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
 from unitoken_jax.tokenizer import images as image_io
 
 
+@functools.lru_cache(maxsize=None)
+def _program(config: VQGANConfig, method: str):
+    """The jitted encoder or decoder of a VQ-GAN config, shared by every tokenizer of that config in
+    a process (the weights are an argument), so loading one again compiles nothing."""
+    module, fn = VQGAN(config), getattr(VQGAN, method)
+    return jax.jit(lambda p, x: module.apply({"params": p}, x, method=fn))
+
+
 class VQTokenizer:
     def __init__(self, config: VQGANConfig, params, mesh: Mesh | None = None):
         self.config = config
@@ -73,13 +81,13 @@ class VQTokenizer:
         params = VQGAN(config).init(jax.random.key(seed), jnp.zeros((1, size, size, config.in_channels)))["params"]
         return cls(config, params)
 
-    @functools.cached_property
+    @property
     def _encode(self):
-        return jax.jit(lambda p, x: VQGAN(self.config).apply({"params": p}, x, method=VQGAN.encode))
+        return _program(self.config, "encode")
 
-    @functools.cached_property
+    @property
     def _decode(self):
-        return jax.jit(lambda p, c: VQGAN(self.config).apply({"params": p}, c, method=VQGAN.decode))
+        return _program(self.config, "decode")
 
     def _batch(self, x):
         """Splits a batch over the mesh's data axes when there is a mesh (padding to a multiple)."""

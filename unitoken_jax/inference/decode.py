@@ -260,94 +260,28 @@ class Generation:
     tokens: list[np.ndarray]  # generated ids of each request (prompt excluded)
 
 
-class DecodeLoop:
-    """Compiled prefill and decode loop for one model; call `generate(requests)`."""
+@functools.lru_cache(maxsize=None)
+def _steps(config, layers: str, cache_dtype, ok_ids: bytes, mesh) -> "_Steps":
+    return _Steps(config, layers, cache_dtype, np.frombuffer(ok_ids, bool), mesh)
 
-    def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None, layers: str = "auto",
-                 cache_growth: int | None = None, prompt_multiple: int = PROMPT_MULTIPLE):
-        """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks).
 
-        `prompt_multiple`: the prefill's width (the longest prompt of a call) is padded up to a
-        multiple of this, so prompts whose lengths differ by a few tokens share one compiled
-        prefill and loop, in this process and in the persistent compilation cache (each new width
-        compiles both again: a CLI call of the bundled model with a new prompt length took 4.3 s
-        instead of 2.8, benchmarks/results/cli_latency.md). The padding is masked (no position
-        attends to it) and the tokens drawn do not change; a step reads up to
-        `prompt_multiple - 1` more cache slots. 1 = no padding.
+class _Steps:
+    """A decode loop's compiled steps, one set per model config, layout, cache dtype, drawable ids
+    and mesh in a process (`_steps`): a second model of the same shape (another checkpoint, a
+    fine-tuned copy, the same one loaded again) reuses the programs its first compiled instead
+    of tracing and compiling them again. It holds no parameters (they are arguments), so keeping
+    it keeps no model alive."""
 
-        `cache_growth` (unrolled layers only): the cache grows to the next multiple of this many
-        slots instead of `default_growth`'s (as many sizes as doubling would take), so a step
-        reads fewer unfilled slots at the price of a compile per size (`_capacities`).
-
-        `layers`: how the compiled steps run the layer stack. "scan" loops over the stacked
-        parameters and a stacked KV cache; "unrolled" holds a copy of each layer's parameters and
-        a KV buffer per layer. On a CPU, a scanned layer's slice of the stacked weights and cache is
-        copied out before its dots read it (on an accelerator XLA reads it in place), which made a
-        16-row decode step of the 8-layer benchmark model 3x what its arithmetic costs: "auto"
-        unrolls on CPU and scans elsewhere. Unrolled, the loop keeps its own copy of the decoder's
-        (and SigLIP's) layer weights beside the model's, laid out as a CPU's dots read them
-        without a copy at each step (`models.unitoken.cpu_decode_params`: q/k/v kernels
-        [embed, heads, head_dim], the LM head's image-code columns stored apart), so "auto" scans
-        on a CPU whose free memory is under twice that copy."""
-        if layers not in ("auto", "scan", "unrolled"):
-            raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
-
-        def positive(n):
-            return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
-
-        if cache_growth is not None and not positive(cache_growth):
-            raise ValueError(f"cache_growth={cache_growth!r}: expected a positive number of slots, or None "
-                             "(as many sizes as doubling takes, evenly spaced)")
-        if not positive(prompt_multiple):
-            raise ValueError(f"prompt_multiple={prompt_multiple!r}: expected a positive number of tokens "
-                             "(1 = no padding)")
-        self.cache_growth = cache_growth
-        self.prompt_multiple = int(prompt_multiple)
-        self.config = config
-        self.mesh = mesh
-        if layers == "auto":
-            devices = mesh.devices.flat if mesh is not None else jax.devices()
-            on_cpu = all(d.platform == "cpu" for d in devices)
-            layers = "unrolled" if on_cpu and _copy_fits(_copy_bytes(params, self._code_logits)) else "scan"
-        self.layers = layers
+    def __init__(self, config, layers: str, cache_dtype, ok_ids: np.ndarray, mesh):
+        self.config, self.cache_dtype, self._ok_ids, self.mesh = config, cache_dtype, ok_ids, mesh
         self.module = UniToken(config.replace(scan_layers=True) if layers == "scan" else cpu_decode_config(config))
-        self.params = params
-        self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
-        ok = np.ones(config.decoder.vocab_size, bool)
-        if banned_ids is not None and len(banned_ids):
-            ok[np.asarray(banned_ids)] = False
-        self._ok_ids = ok
-
-    @property
-    def params(self):
-        """The parameters as the compiled steps take them (unrolled if `layers` is)."""
-        return self._params
-
-    @params.setter
-    def params(self, params):
-        """Takes the model's (scanned-layout) parameters."""
-        if self.layers == "unrolled":
-            def layout(p):
-                return cpu_decode_params(p, self.config, head_prefix=self._code_logits)
-
-            if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
-                params = jax.eval_shape(layout, params)
-            else:
-                params = layout(params)
-        self._params = params
-        self._kept = None  # a cache kept for `generate(reuse_cache=True)` holds these parameters' keys
-
-    @property
-    def _code_logits(self) -> int:
-        """The logits a step that can only draw image codes computes (a text-only decoder's
-        vocabulary may end before the codes)."""
-        return min(grid.CODE_LOGITS, self.config.decoder.vocab_size)
+        self._code_logits = min(grid.CODE_LOGITS, config.decoder.vocab_size)
 
     def _apply(self, params, *args, **kwargs):
         return self.module.apply({"params": params}, *args, **kwargs)
 
     @functools.cached_property
-    def _prefill(self):
+    def prefill(self):
         def prefill(params, tokens, segments, cont, index, pixels, cache_len):
             b, length = tokens.shape
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
@@ -360,7 +294,7 @@ class DecodeLoop:
         return jax.jit(prefill, static_argnums=(6,))
 
     @functools.cached_property
-    def _run(self):
+    def run(self):
         vocab, codes = self.config.decoder.vocab_size, self._code_logits
 
         def run(params, s: SamplingState, p: RowParams, chunk_end, n_requests):
@@ -424,6 +358,166 @@ class DecodeLoop:
             return jax.lax.while_loop(cond, body, s)
 
         return jax.jit(run, static_argnums=(4,), donate_argnums=(1,))
+
+    @functools.cached_property
+    def grow(self):
+        def grow(cache, length):
+            def pad(buffer):  # [..., S, H]: zeros in the new slots, which no row has reached
+                widths = [(0, 0)] * buffer.ndim
+                widths[-2] = (0, length - buffer.shape[-2])
+                return jnp.pad(buffer, widths)
+
+            return {"k": jax.tree.map(pad, cache["k"]), "v": jax.tree.map(pad, cache["v"]), "index": cache["index"]}
+
+        return jax.jit(grow, static_argnums=(1,))  # (a larger output cannot reuse the old buffers)
+
+    @functools.cached_property
+    def extend(self):
+        def extend(params, cache, tokens, segments, cont, index, pixels):
+            positions = cache["index"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+            last = jnp.sum(segments, axis=1) - 1
+            logits, cache = self._apply(params, tokens, positions, segments, cont if pixels is not None else None,
+                                        index if pixels is not None else None, pixels, cache=cache, logits_at_B=last)
+            return logits[:, 0], cache
+
+        return jax.jit(extend, donate_argnums=(1,))
+
+    @functools.cached_property
+    def add_row(self):
+        def add_row(cache):  # an empty row after the kept one (batch: axis 0 of a layer's buffer, 1 stacked)
+            def add(buffer, axis):
+                return jnp.concatenate([buffer, jnp.zeros_like(buffer)], axis=axis)
+
+            def add_kv(buffers):
+                return tuple(add(a, 0) for a in buffers) if isinstance(buffers, tuple) else add(buffers, 1)
+
+            return {"k": add_kv(cache["k"]), "v": add_kv(cache["v"])}
+
+        return jax.jit(add_row)  # (the output is larger: the input cannot be reused)
+
+    @functools.cached_property
+    def first_row(self):
+        def first_row(cache):
+            def take(buffers):
+                return tuple(a[:1] for a in buffers) if isinstance(buffers, tuple) else buffers[:, :1]
+
+            return {"k": take(cache["k"]), "v": take(cache["v"]), "index": cache["index"][:1]}
+
+        return jax.jit(first_row)
+
+
+class DecodeLoop:
+    """Compiled prefill and decode loop for one model; call `generate(requests)`."""
+
+    def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None, layers: str = "auto",
+                 cache_growth: int | None = None, prompt_multiple: int = PROMPT_MULTIPLE):
+        """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks).
+
+        `prompt_multiple`: the prefill's width (the longest prompt of a call) is padded up to a
+        multiple of this, so prompts whose lengths differ by a few tokens share one compiled
+        prefill and loop, in this process and in the persistent compilation cache (each new width
+        compiles both again: a CLI call of the bundled model with a new prompt length took 4.3 s
+        instead of 2.8, benchmarks/results/cli_latency.md). The padding is masked (no position
+        attends to it) and the tokens drawn do not change; a step reads up to
+        `prompt_multiple - 1` more cache slots. 1 = no padding.
+
+        `cache_growth` (unrolled layers only): the cache grows to the next multiple of this many
+        slots instead of `default_growth`'s (as many sizes as doubling would take), so a step
+        reads fewer unfilled slots at the price of a compile per size (`_capacities`).
+
+        `layers`: how the compiled steps run the layer stack. "scan" loops over the stacked
+        parameters and a stacked KV cache; "unrolled" holds a copy of each layer's parameters and
+        a KV buffer per layer. On a CPU, a scanned layer's slice of the stacked weights and cache is
+        copied out before its dots read it (on an accelerator XLA reads it in place), which made a
+        16-row decode step of the 8-layer benchmark model 3x what its arithmetic costs: "auto"
+        unrolls on CPU and scans elsewhere. Unrolled, the loop keeps its own copy of the decoder's
+        (and SigLIP's) layer weights beside the model's, laid out as a CPU's dots read them
+        without a copy at each step (`models.unitoken.cpu_decode_params`: q/k/v kernels
+        [embed, heads, head_dim], the LM head's image-code columns stored apart), so "auto" scans
+        on a CPU whose free memory is under twice that copy."""
+        if layers not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
+
+        def positive(n):
+            return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+
+        if cache_growth is not None and not positive(cache_growth):
+            raise ValueError(f"cache_growth={cache_growth!r}: expected a positive number of slots, or None "
+                             "(as many sizes as doubling takes, evenly spaced)")
+        if not positive(prompt_multiple):
+            raise ValueError(f"prompt_multiple={prompt_multiple!r}: expected a positive number of tokens "
+                             "(1 = no padding)")
+        self.cache_growth = cache_growth
+        self.prompt_multiple = int(prompt_multiple)
+        self.config = config
+        self.mesh = mesh
+        if layers == "auto":
+            devices = mesh.devices.flat if mesh is not None else jax.devices()
+            on_cpu = all(d.platform == "cpu" for d in devices)
+            layers = "unrolled" if on_cpu and _copy_fits(_copy_bytes(params, self._code_logits)) else "scan"
+        self.layers = layers
+        self.params = params
+        self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
+        ok = np.ones(config.decoder.vocab_size, bool)
+        if banned_ids is not None and len(banned_ids):
+            ok[np.asarray(banned_ids)] = False
+        self._ok_ids = ok
+
+    @property
+    def params(self):
+        """The parameters as the compiled steps take them (unrolled if `layers` is)."""
+        return self._params
+
+    @params.setter
+    def params(self, params):
+        """Takes the model's (scanned-layout) parameters."""
+        if self.layers == "unrolled":
+            def layout(p):
+                return cpu_decode_params(p, self.config, head_prefix=self._code_logits)
+
+            if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
+                params = jax.eval_shape(layout, params)
+            else:
+                params = layout(params)
+        self._params = params
+        self._kept = None  # a cache kept for `generate(reuse_cache=True)` holds these parameters' keys
+
+    @property
+    def _code_logits(self) -> int:
+        """The logits a step that can only draw image codes computes (a text-only decoder's
+        vocabulary may end before the codes)."""
+        return min(grid.CODE_LOGITS, self.config.decoder.vocab_size)
+
+    @property
+    def _steps(self) -> "_Steps":
+        return _steps(self.config, self.layers, self.cache_dtype, self._ok_ids.tobytes(), self.mesh)
+
+    def _apply(self, params, *args, **kwargs):
+        return self._steps._apply(params, *args, **kwargs)
+
+    @functools.cached_property
+    def _prefill(self):
+        return self._steps.prefill
+
+    @functools.cached_property
+    def _run(self):
+        return self._steps.run
+
+    @functools.cached_property
+    def _grow(self):
+        return self._steps.grow
+
+    @functools.cached_property
+    def _extend(self):
+        return self._steps.extend
+
+    @functools.cached_property
+    def _add_row(self):
+        return self._steps.add_row
+
+    @functools.cached_property
+    def _first_row(self):
+        return self._steps.first_row
 
     def _prepare(self, requests: Sequence[Request]):
         """Host side of a generation: the prefill's batch, each row's parameters and the sizes."""
@@ -492,29 +586,6 @@ class DecodeLoop:
             sizes.append(size)
         return sizes
 
-    @functools.cached_property
-    def _grow(self):
-        def grow(cache, length):
-            def pad(buffer):  # [..., S, H]: zeros in the new slots, which no row has reached
-                widths = [(0, 0)] * buffer.ndim
-                widths[-2] = (0, length - buffer.shape[-2])
-                return jnp.pad(buffer, widths)
-
-            return {"k": jax.tree.map(pad, cache["k"]), "v": jax.tree.map(pad, cache["v"]), "index": cache["index"]}
-
-        return jax.jit(grow, static_argnums=(1,))  # (a larger output cannot reuse the old buffers)
-
-    @functools.cached_property
-    def _extend(self):
-        def extend(params, cache, tokens, segments, cont, index, pixels):
-            positions = cache["index"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-            last = jnp.sum(segments, axis=1) - 1
-            logits, cache = self._apply(params, tokens, positions, segments, cont if pixels is not None else None,
-                                        index if pixels is not None else None, pixels, cache=cache, logits_at_B=last)
-            return logits[:, 0], cache
-
-        return jax.jit(extend, donate_argnums=(1,))
-
     def start_within(self, n: int, start: int, length: int, least: int = 0) -> int:
         """Where to write positions `start`..`n` of a prompt over a cache of `length` slots that holds
         its first `start`: `start`, else the multiple of `prompt_multiple` below it, whichever lets
@@ -577,29 +648,6 @@ class DecodeLoop:
             cache = self._add_row(cache)
         cache = {**cache, "index": jnp.asarray([start, 0][:1 + guided], jnp.int32)}
         return self._extend(self.params, cache, *self._rest_batch(request, start))
-
-    @functools.cached_property
-    def _add_row(self):
-        def add_row(cache):  # an empty row after the kept one (batch: axis 0 of a layer's buffer, 1 stacked)
-            def add(buffer, axis):
-                return jnp.concatenate([buffer, jnp.zeros_like(buffer)], axis=axis)
-
-            def add_kv(buffers):
-                return tuple(add(a, 0) for a in buffers) if isinstance(buffers, tuple) else add(buffers, 1)
-
-            return {"k": add_kv(cache["k"]), "v": add_kv(cache["v"])}
-
-        return jax.jit(add_row)  # (the output is larger: the input cannot be reused)
-
-    @functools.cached_property
-    def _first_row(self):
-        def first_row(cache):
-            def take(buffers):
-                return tuple(a[:1] for a in buffers) if isinstance(buffers, tuple) else buffers[:, :1]
-
-            return {"k": take(cache["k"]), "v": take(cache["v"]), "index": cache["index"][:1]}
-
-        return jax.jit(first_row)
 
     def _keep(self, request: Request, state: SamplingState, drawn: np.ndarray) -> None:
         """Keeps the one row's cache and what its filled slots hold (the prompt, then the `drawn`
