@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import os
 from typing import Callable, Sequence
 
@@ -495,29 +496,10 @@ class DecodeLoop:
     def _apply(self, params, *args, **kwargs):
         return self._steps._apply(params, *args, **kwargs)
 
-    @functools.cached_property
-    def _prefill(self):
-        return self._steps.prefill
-
-    @functools.cached_property
-    def _run(self):
-        return self._steps.run
-
-    @functools.cached_property
-    def _grow(self):
-        return self._steps.grow
-
-    @functools.cached_property
-    def _extend(self):
-        return self._steps.extend
-
-    @functools.cached_property
-    def _add_row(self):
-        return self._steps.add_row
-
-    @functools.cached_property
-    def _first_row(self):
-        return self._steps.first_row
+    # each instance's own handle on a shared program (tests wrap one loop's to count its calls)
+    _prefill, _run, _grow, _extend, _add_row, _first_row = (
+        functools.cached_property(operator.attrgetter(f"_steps.{name}"))
+        for name in ("prefill", "run", "grow", "extend", "add_row", "first_row"))
 
     def _prepare(self, requests: Sequence[Request]):
         """Host side of a generation: the prefill's batch, each row's parameters and the sizes."""
