@@ -184,7 +184,7 @@ MUTATIONS = (
              "unitoken_jax/inference/fit.py", "tensor = math.gcd(len(devices), *heads)", "tensor = 1",
              ("tests/test_aot.py", "-k", "pallas")),
     Mutation("cli_float32_on_accelerators", "the CLI holding the weights in float32 on a TPU or GPU again",
-             "unitoken_jax/cli.py", 'dtype = "float32" if platform == "cpu" else "bfloat16"', 'dtype = "float32"',
+             "unitoken_jax/model.py", 'return "float32" if platform == "cpu" else "bfloat16"', 'return "float32"',
              ("tests/test_default_model.py", "-k", "mesh")),
     Mutation("quantize_auto_plans_one_picture", "--quantize auto planning for one picture whatever --n asks",
              "unitoken_jax/cli.py", "n = args.batch_size or (16 if args.prompts_file else args.n)", "n = 1",

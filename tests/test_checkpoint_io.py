@@ -294,3 +294,19 @@ def test_config_sizes_that_do_not_match_the_files_are_refused_at_once(release_di
         json.dump(config, f)
     with pytest.raises(unitoken_jax.CheckpointError, match=f"does not describe the tensors.*{value}"):
         unitoken_jax.load(path)
+
+
+def test_auto_dtypes_are_bfloat16_on_accelerators_and_float32_on_a_cpu(release_dir, monkeypatch):
+    """`load(param_dtype="auto", dtype="auto")` takes what the CLI's `auto` takes: bfloat16 weights and
+    compute on a TPU or GPU (the release in float32 does not fit a Colab chip), float32 on a CPU."""
+    from unitoken_jax import model as model_lib
+
+    def dtypes(model):
+        return {str(leaf.dtype) for leaf in jax.tree.leaves(model.params)}, model.config.dtype
+
+    assert dtypes(unitoken_jax.load(str(release_dir), param_dtype="auto", dtype="auto")) == ({"float32"}, "float32")
+    for platform in ("tpu", "gpu"):
+        monkeypatch.setattr(model_lib, "_platform", lambda mesh, p=platform: p)
+        assert dtypes(unitoken_jax.load(str(release_dir), param_dtype="auto", dtype="auto")) == ({"bfloat16"},
+                                                                                                  "bfloat16")
+    assert dtypes(unitoken_jax.load(str(release_dir), param_dtype="auto"))[0] == {"bfloat16"}  # dtype as stored

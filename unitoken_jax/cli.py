@@ -244,12 +244,14 @@ def _dtypes(dtype: str, param_dtype: str, platform: str | None = None) -> tuple[
     """(compute dtype, weights' dtype) for --dtype / --param-dtype: `auto` is bfloat16 on an
     accelerator (the release in float32 is 28 GiB of weights, more than a Colab TPU chip holds) and
     float32 on a CPU (whose bfloat16 dots are slow); the weights follow the compute dtype."""
+    from unitoken_jax.model import auto_dtype
+
     if platform is None:
         import jax
 
         platform = jax.local_devices()[0].platform
     if dtype == "auto":
-        dtype = "float32" if platform == "cpu" else "bfloat16"
+        dtype = auto_dtype(platform)
     return dtype, dtype if param_dtype == "auto" else param_dtype
 
 

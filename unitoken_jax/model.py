@@ -349,6 +349,16 @@ def read_config(path: str) -> UniTokenConfig:
     return hf_io.read_config(path)
 
 
+def auto_dtype(platform: str) -> str:
+    """What `"auto"` means for a dtype: bfloat16 on a TPU or GPU (the release in float32 is 28 GiB of
+    weights, more than a Colab TPU chip holds), float32 on a CPU (whose bfloat16 dots are slow)."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def _platform(mesh: Mesh | None) -> str:
+    return (mesh.devices.flat[0] if mesh is not None else jax.local_devices()[0]).platform
+
+
 def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = None, progress: bool = True,
          quantize: str | None = None, adapters: str | None = None, merge_adapters: bool = True,
          **config_overrides) -> UniTokenModel:
@@ -364,7 +374,17 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
     `adapters`: a directory of LoRA adapters in PEFT's format (ours, `UniTokenModel.save_adapters`,
     or PEFT's own) for this base model, applied as it loads: folded into the kernels
     (`merge_adapters=True`), or kept beside them. With `quantize`, the float model takes the
-    adapters first and is quantized after."""
+    adapters first and is quantized after.
+
+    `param_dtype="auto"` / `dtype="auto"`: bfloat16 on a TPU or GPU, float32 on a CPU
+    (`auto_dtype`, what the CLI's --param-dtype / --dtype auto take), by the devices of `mesh`,
+    else of this host."""
+    if "auto" in (param_dtype, config_overrides.get("dtype")):
+        platform = _platform(mesh)
+        if param_dtype == "auto":
+            param_dtype = auto_dtype(platform)
+        if config_overrides.get("dtype") == "auto":
+            config_overrides["dtype"] = auto_dtype(platform)
     if quantize is not None:
         check_quantize(quantize)
     if not os.path.isdir(path):
