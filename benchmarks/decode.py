@@ -200,8 +200,9 @@ def main():
     # read a step, more compiles (what the first call of a fresh loop shows)
     by_growth = {}
 
-    def doubling(prompt, max_new, chunk):  # the cache's lengths until 2026-12-01
-        return [min(prompt + max_new, max(256, 1 << (prompt + min(e, max_new) - 1).bit_length()))
+    def doubling(prompt, max_new, chunk, full=None):  # the cache's lengths until 2026-12-01
+        full = prompt + max_new if full is None else full
+        return [min(full, max(256, 1 << (prompt + min(e, max_new) - 1).bit_length()))
                 for e in range(chunk, max_new + chunk, chunk)]
 
     def sizes(capacities):
