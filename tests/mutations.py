@@ -200,6 +200,10 @@ MUTATIONS = (
     Mutation("quantize_auto_plans_one_tile", "--quantize auto planning one SigLIP tile a picture under --anyres",
              "unitoken_jax/cli.py", 'getattr(args, "anyres", False))', "False)",
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
+    Mutation("train_cache_off_by_default", "training with no compilation cache unless its config names one (a "
+             "sweep's runs each compiling their step)", "unitoken_jax/train/__main__.py",
+             '_CONFIG.value.get("compilation_cache") or None', '_CONFIG.value.get("compilation_cache") or "off"',
+             ("tests/test_sweep.py", "-k", "tiny_stage2")),
 )
 
 

@@ -6,6 +6,7 @@ summarised, and is skipped when the sweep runs again."""
 import json
 import math
 import os
+import re
 import shlex
 import textwrap
 import time
@@ -285,6 +286,9 @@ def test_a_tiny_stage2_grid_trains_here_is_summarised_and_is_skipped_when_run_ag
         f.write(STAGE2_SWEEP.format(data=data))
     root = str(tmp_path / "sweep")
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the runs get one CPU device, not the tests' 16
+    # the runs share one compilation cache, as a real sweep's do (~/.cache/unitoken_jax/xla): a run
+    # whose overrides leave its programs unchanged (the data seed) loads them instead of compiling
+    monkeypatch.setenv("UNITOKEN_COMPILATION_CACHE", str(tmp_path / "xla"))
     monkeypatch.chdir(REPO)
 
     assert cli.main(["sweep", path, "--root", root, "--run-locally"]) == 0, \
@@ -301,6 +305,12 @@ def test_a_tiny_stage2_grid_trains_here_is_summarised_and_is_skipped_when_run_ag
     losses = [[float(v) for v in row[5:]] for row in rows]
     assert all(math.isfinite(v) and 0 < v < 20 for row in losses for v in row), losses
     assert len({row[0] for row in losses}) == 4  # each run's overrides reached it
+    how = {name: re.search(r"train step (compiled|loaded from the compilation cache)",
+                           open(os.path.join(root, name, "train.log")).read()).group(1)
+           for name in ("learning_rate=0.001,seed=0", "learning_rate=0.001,seed=1", "learning_rate=0.003,seed=1")}
+    assert how == {"learning_rate=0.001,seed=0": "compiled",  # the first run of the sweep
+                   "learning_rate=0.001,seed=1": "loaded from the compilation cache",
+                   "learning_rate=0.003,seed=1": "loaded from the compilation cache"}, how
 
     records = {name: os.path.getmtime(os.path.join(root, name, "sweep_status.json")) for name in os.listdir(root)
                if os.path.isdir(os.path.join(root, name))}
