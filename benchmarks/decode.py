@@ -240,13 +240,14 @@ def main():
         2 * args.grid, 2 * args.grid)
 
     lines = [
-        "# Decoding speed: one 512 x 512 image (CFG 3, top-k 2000), ours vs the reference's algorithm", "",
+        f"# Decoding speed: one {32 * args.grid} x {32 * args.grid} image (CFG 3, top-k 2000), ours vs the "
+        "reference's algorithm", "",
         f"{datetime.date.today()}, {platform.machine()} CPU, {os.cpu_count()} cores; jax {__import__('jax').__version__}, "
         f"torch {torch.__version__}. Model: Chameleon-shaped, {args.layers} layers, hidden {args.hidden}, "
         f"vocab 65,536, random weights (the same in both); {2 * args.grid}x{2 * args.grid} codes = "
         f"{n_tokens} generated tokens per image.", "",
         "| | ours (JAX) | reference algorithm (PyTorch) | ours faster by |", "|---|---|---|---|",
-        f"| seconds per image, batch 1 | {ours_1:.2f} | {ref_1:.2f} | {ref_1 / ours_1:.1f}x |",
+        f"| seconds per image, batch 1 | {ours_1:.3g} | {ref_1:.3g} | {ref_1 / ours_1:.1f}x |",
         f"| images per second, batch {args.batch} | {args.batch / ours_b:.3f} | {1 / ref_1:.3f} "
         f"(cannot batch: {args.batch} runs) | {(args.batch / ours_b) / (1 / ref_1):.1f}x |", "",
         "Ours: cond and uncond rows in one batch, one compiled loop (`unitoken_jax.inference.decode`). "

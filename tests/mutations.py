@@ -204,6 +204,10 @@ MUTATIONS = (
              "sweep's runs each compiling their step)", "unitoken_jax/train/__main__.py",
              '_CONFIG.value.get("compilation_cache") or None', '_CONFIG.value.get("compilation_cache") or "off"',
              ("tests/test_sweep.py", "-k", "tiny_stage2")),
+    Mutation("decode_benchmark_stale_stub", "the CPU decode benchmark's doubling stand-in without the `full` argument "
+             "DecodeLoop._capacities gained (how it broke on 2026-12-01)", "benchmarks/decode.py",
+             "def doubling(prompt, max_new, chunk, full=None):", "def doubling(prompt, max_new, chunk):",
+             ("tests/test_accel_scripts.py", "-k", "cpu_decode")),
 )
 
 

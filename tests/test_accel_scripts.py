@@ -1,6 +1,8 @@
 """The accelerator benchmarks (benchmarks/accel.sh) only run where a GPU or TPU is lent, which is
 rare; these check on the CPU, at tiny shapes, that they still run and report what they claim, so
-that a session with a device spends its minutes measuring, not debugging."""
+that a session with a device spends its minutes measuring, not debugging. The CPU decode benchmark
+(benchmarks/decode.py, run on demand for the README's figures) too: it once stopped running for a
+day unnoticed."""
 
 import os
 import subprocess
@@ -8,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -72,3 +75,22 @@ def test_the_decode_benchmark_runs_at_a_tiny_shape(tmp_path):
     for r in rows.values():
         assert float(r[2]) > 0 and float(r[4]) > 0
     assert float(rows["int8"][1]) <= float(rows["bfloat16"][1])  # int8 weights take no more memory
+
+
+def test_the_cpu_decode_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_figures(tmp_path):
+    text = _run("decode.py", "--layers", "1", "--hidden", "64", "--grid", "1", "--batch", "2", tmp_path=tmp_path)
+    assert text.startswith("# Decoding speed: one 32 x 32 image")
+    rows = {r[0]: r for r in _table(text)}
+    ours_1, ref_1, faster_1 = rows["seconds per image, batch 1"][1:4]
+    assert float(faster_1.rstrip("x")) == pytest.approx(float(ref_1) / float(ours_1), rel=0.02)  # as printed
+    ours_b, ref_b, faster_b = rows["images per second, batch 2"][1:4]
+    assert float(ref_b.split()[0]) == pytest.approx(1 / float(ref_1), rel=0.02)
+    assert float(faster_b.rstrip("x")) == pytest.approx(float(ours_b) / float(ref_b.split()[0]), rel=0.05)
+    growth = [r for label, r in rows.items() if label.startswith(("default:", "doubling:")) or "slots at a time" in label]
+    assert len(growth) == 4 and all(float(r[2]) > 0 for r in growth)
+    for label in ("2 (batch 1)", "4 (batch 2)"):
+        full, model, ratio = (float(v) for v in rows[label][1:4])
+        assert full > 0 and model > 0 and ratio > 0
+    for label in ("2", "4"):
+        bf16, int8, ratio = (float(v) for v in rows[label][1:4])
+        assert bf16 >= 0 and int8 >= 0 and ratio > 0
