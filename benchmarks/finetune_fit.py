@@ -56,6 +56,9 @@ def main():
     parser.add_argument("--full-batches", default="8,16")
     parser.add_argument("--fresh", action="store_true", help="compile everything again (ignore the kept results)")
     args = parser.parse_args()
+    unknown = sorted(set(args.hosts.split(",")) - {label for label, _ in HOSTS})
+    if unknown:
+        parser.error(f"--hosts {','.join(unknown)}: unknown; the hosts are {', '.join(label for label, _ in HOSTS)}")
     cache_path = os.path.splitext(args.out)[0] + ".json"
     cache = {} if args.fresh or not os.path.exists(cache_path) else json.load(open(cache_path))
     key = lambda topology, variant, rows: f"{topology} {variant} {rows}x{args.seq} jax {jax.__version__}"  # noqa: E731
@@ -82,11 +85,13 @@ def main():
             for rows, r in tried:
                 if r["fits"]:
                     cell = f"{r['total']:.2f} (weights and state {r['args']:.2f}, temporaries {r['temp']:.2f})"
+                    if r["total"] > hbm:  # XLA compiled it, but the sum says more than the chip holds
+                        cell += " **over the chip's HBM by this sum, though XLA compiled it**"
                 else:
                     cell = "**does not fit**" + (f" (XLA: its temporaries need {r['needed']:.2f})" if r["needed"]
                                                  else "")
                 rows_md.append(f"| {label} (`{topology}`, {hbm:.2f} GiB) | {variant} | {rows} x {args.seq} | {cell} |")
-            fitting = [rows for rows, r in tried if r["fits"]]
+            fitting = [rows for rows, r in tried if r["fits"] and r["total"] <= hbm]
             if tried:
                 best = max(fitting) if fitting else None
                 largest.append(f"| {label} | {variant} | {f'{best} rows ({best // 8} a chip)' if best else 'none'} |")
