@@ -108,7 +108,9 @@ def main():
         "On several chips the loop's temporaries are mostly a relaid copy of each chip's share of the MLP's gate and "
         "up kernels: 11,008 columns split 4 or 8 ways is not a whole number of the TPU's 128-lane tiles (a 7B "
         "variant with 11,264 columns, v5e-4, bfloat16, 1 image: 0.13 GiB of loop temporaries instead of 1.50; "
-        "2026-12-02).", "",
+        "2026-12-02). The copy is made once a call of the loop program, before its step loop (the compiled HLO "
+        "copies the two kernels in its entry computation and hands them to the while loop), so it costs memory, "
+        "not time a step.", "",
         "The programs' arguments are the weights they read: the SigLIP tower (0.77 GiB in bfloat16, 0.39 GiB in "
         "int8, split over the chips) is resident too when the model is loaded whole but no picture is read; "
         "`unitoken_jax.inference.fit.choose_quantize` counts it.", ""]
