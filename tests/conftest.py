@@ -12,6 +12,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
 # optimisation level compiles faster and changes nothing the tests compare (both sides of every
 # comparison are compiled alike). Child processes inherit it.
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA:CPU aborts the whole process when a device's thread reaches a collective about a minute after
+# the others (a warning after 20 s, then "Termination timeout for `collective permute ...` of 40
+# seconds exceeded"; by hand: a device 43 s late was waited for, one ~75 s late aborted the process,
+# and with this flag it ran). On two cores shared with another test worker's multi-process tests,
+# one fake device's share of a step can be that late: the notebook's kernel died so in a clean-clone
+# CI run (2026-12-02, 4 devices, decoding). A real deadlock still ends, after ~5 minutes. Processes
+# given their own XLA_FLAGS (the notebook's kernel, the README's blocks) add it too.
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=300"
+os.environ["XLA_FLAGS"] += " " + PATIENT_COLLECTIVES
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI keeps compiled programs in ~/.cache between calls; the tests write nowhere outside their
 # temporary directories (tests/test_compilation_cache.py gives it one), and each compiles afresh.

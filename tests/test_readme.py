@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import PATIENT_COLLECTIVES
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -36,7 +38,7 @@ def test_the_python_api_block_runs_on_the_tiny_model(tmp_path):
     tiny = str(tmp_path / "unitoken-tiny")
     assert cli.main(["init", "--config", "tiny", "--to", tiny]) == 0
     code = _block("## Python API").replace("/tmp/unitoken-tiny", tiny).replace("/tmp/unitoken-out", str(tmp_path / "out"))
-    result = _run(code, tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = _run(code, tmp_path, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out-orbax").is_dir()
 
