@@ -155,6 +155,15 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     return seconds / steps
 
 
+def watch_cache_sizes(loop: DecodeLoop) -> set:
+    """The cache lengths `loop.generate` runs from now on (its prefill's and each growth's), as a
+    set that fills as it runs."""
+    ran, prefill, grow = set(), loop._prefill, loop._grow
+    loop.__dict__["_prefill"] = lambda *args: ran.add(args[-1]) or prefill(*args)
+    loop.__dict__["_grow"] = lambda cache, capacity: ran.add(capacity) or grow(cache, capacity)
+    return ran
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
@@ -188,6 +197,7 @@ def main():
         result = fn()
         return time.perf_counter() - start, result
 
+    ran_default = watch_cache_sizes(loop)
     loop.generate([request(0)])  # compile batch 1
     first_b, _ = timed(lambda: loop.generate([request(i) for i in range(args.batch)]))  # compile batch 8
     # the median of three runs each (one run of a whole generation varied by ~15 % on this CPU)
@@ -210,13 +220,18 @@ def main():
                                                                 n_tokens, 64))))
 
     default_growth_sizes = sizes(loop._capacities)
+    assert ", ".join(map(str, sorted(ran_default))) == default_growth_sizes, (sorted(ran_default), default_growth_sizes)
     for label, cache_growth in [(f"doubling: {sizes(doubling)}", "doubling"),
                                 *((f"{g} slots at a time", g) for g in GROWTH)]:
         stepped = DecodeLoop(ours.config, ours.params,
                              cache_growth=None if cache_growth == "doubling" else cache_growth)
         if cache_growth == "doubling":
             stepped.__dict__["_capacities"] = doubling
+        ran = watch_cache_sizes(stepped)
         first_g, out_g = timed(lambda: stepped.generate([request(i) for i in range(args.batch)]))
+        # the sizes this variant's loop really ran are the ones it was given (on 2026-12-02 one machine
+        # timed the doubling variant equal to the default to every digit)
+        assert ", ".join(map(str, sorted(ran))) == sizes(stepped._capacities), (sorted(ran), label)
         runs_g = [timed(lambda: stepped.generate([request(i) for i in range(args.batch)])) for _ in range(3)]
         assert all((a == b).all() for _, o in runs_g for a, b in zip(o.tokens, out_g.tokens))
         by_growth[label] = first_g, float(np.median([t for t, _ in runs_g]))
