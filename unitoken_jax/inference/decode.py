@@ -98,8 +98,9 @@ class Request:
                     or not math.isfinite(value) or (integer and not float(value).is_integer()):
                 raise ValueError(f"{name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
             if value < low or (low_open and value == low) or value > high:
-                bounds = (f"{'(' if low_open else '['}{low:g}, {high:g}]" if high != math.inf
-                          else f"{'greater than' if low_open else 'at least'} {low:g}")
+                show = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")  # 4294967295, not 4.29497e+09
+                bounds = (f"{'(' if low_open else '['}{show(low)}, {show(high)}]" if high != math.inf
+                          else f"{'greater than' if low_open else 'at least'} {show(low)}")
                 raise ValueError(f"{name}={value!r} is out of range: it must be {bounds}")
 
         number("max_new_tokens", 1, integer=True)
