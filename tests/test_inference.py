@@ -815,15 +815,15 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     # options outside their range are refused with the option's name, never read as another setting
     # (issue 15: a negative temperature ran greedy, a negative top-k ran without one, and so on)
     out = ["--out", str(tmp_path / "y.png"), "--size", "32x32"]
-    for extra, says in [(["--temperature", "-1"], "temperature"), (["--top-k", "-5"], "top_k"),
-                        (["--cfg", "-1"], "cfg_scale"), (["--seed", str(2 ** 32)], "seed"),
+    # (counts and seeds: argparse, below)
+    for extra, says in [(["--temperature", "-1"], "temperature"), (["--cfg", "-1"], "cfg_scale"),
                         (["--size", "0x0"], "positive"), (["--size=-64x64"], "positive"),
                         (["--image-prefix", "99999999"], "vocabulary"), (["--image-prefix", "abc"], "token ids"),
                         (["--size", "3200x3200"], "positions")]:
         assert cli.main(["generate", "x", *out, *common, *extra]) == 2, extra
         assert says in capsys.readouterr().err, extra
     assert not (tmp_path / "y.png").exists()
-    for extra, says in [(["--max-new-tokens", "-1"], "max_new_tokens"), (["--temperature", "nan"], "temperature")]:
+    for extra, says in [(["--temperature", "nan"], "temperature")]:
         assert cli.main(["understand", cat, "q", *common, *extra]) == 2, extra
         assert says in capsys.readouterr().err, extra
     # a question is required after the pictures; one question per call; outputs checked before drawing
@@ -838,8 +838,17 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "x.txt"), *common]) == 2  # before drawing
     assert "not a picture format" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
-    assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--n", "0", *common]) == 2
-    assert "at least 1" in capsys.readouterr().err
+    # counts and seeds out of range stop the command before a model loads (this one does not exist)
+    for option, value, said in (("--n", "0", "at least 1"), ("--seed", "-1", "in [0, 4294967295]"),
+                                ("--seed", str(2 ** 32), "4294967296 is out of range"),
+                                ("--batch-size", "two", "'two' is not a whole number"), ("--top-k", "-5", "[0, ")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), option, value, "--model",
+                      str(tmp_path / "no-model")])
+        assert stop.value.code == 2 and f"argument {option}: " in (err := capsys.readouterr().err) and said in err, err
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["understand", cat, "q", "--max-new-tokens", "0", "--model", str(tmp_path / "no-model")])
+    assert stop.value.code == 2 and "argument --max-new-tokens: 0 is out of range" in capsys.readouterr().err
     assert cli.main(["convert", "--from", str(tmp_path / "nonexistent"), "--to", str(tmp_path / "c")]) == 2
     assert "no such directory" in capsys.readouterr().err
     # without --image-prefix / --vq-size: the defaults come from the model, not the 7B release
@@ -864,6 +873,18 @@ def test_request_options_out_of_range_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         Request(tokens=np.array([1, 2]), **{field: value})
     Request(tokens=np.array([1, 2]), temperature=0.0, top_k=0, top_p=1.0, cfg_scale=0.0, seed=2 ** 32 - 1)  # edges
+
+
+def test_a_refusal_states_the_range_exactly():
+    """Integer bounds in full (a seed's top is 4294967295, not 4.29497e+09), a number's as written."""
+    with pytest.raises(ValueError, match=re.escape("seed=-1 is out of range: it must be [0, 4294967295]")):
+        Request(tokens=np.array([1, 2]), seed=-1)
+    with pytest.raises(ValueError, match=re.escape("top_k=2147483648 is out of range: it must be [0, 2147483647]")):
+        Request(tokens=np.array([1, 2]), top_k=2 ** 31)
+    with pytest.raises(ValueError, match=re.escape("top_p=1.5 is out of range: it must be (0, 1]")):
+        Request(tokens=np.array([1, 2]), top_p=1.5)
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens=0 is out of range: it must be at least 1")):
+        Request(tokens=np.array([1, 2]), max_new_tokens=0)
 
 
 def test_pipeline_refuses_bad_sizes_counts_and_prefixes(pipe):

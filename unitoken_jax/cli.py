@@ -272,6 +272,21 @@ def _compilation_cache(args) -> None:
     _LOG.info("compilation cache: %s", where or "off")
 
 
+def _whole(least: int, most: int | None = None):
+    """An argparse type: a whole number in [least, most], so a count or seed out of range stops the
+    command at once, before a model is loaded (the pipeline would refuse it too, later)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be "
+                                             + (f"at least {least}" if most is None else f"in [{least}, {most}]"))
+        return value
+    return parse
+
+
 def _ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -839,15 +854,17 @@ def _parser() -> argparse.ArgumentParser:
         cache_arg(p)
         if not per_request:  # a server: every call brings its own seed, size and sampling options
             return
-        p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed, the same output")
+        p.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0,
+                       help="sampling seed: the same seed, the same output")
         if image_out:
             p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 32 (512x512; the "
                                                         "bundled model: 64x64)")
             p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-            p.add_argument("--top-k", type=int, default=2000, help="each image code is drawn from the k likeliest")
+            p.add_argument("--top-k", type=_whole(0, 2**31 - 1), default=2000,
+                           help="each image code is drawn from the k likeliest")
             p.add_argument("--temperature", type=float, default=1.0, help="image-code sampling temperature")
         else:
-            p.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer, in tokens")
+            p.add_argument("--max-new-tokens", type=_whole(1), default=256, help="the longest answer, in tokens")
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
     und = add_parser("understand", help="answer a question about pictures")
@@ -857,14 +874,14 @@ def _parser() -> argparse.ArgumentParser:
     gen = add_parser("generate", help="draw pictures from a text prompt")
     gen.add_argument("prompt", nargs="?", default=None)
     gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1); with --prompts-file a directory")
-    gen.add_argument("--n", type=int, default=1, help="pictures to draw a prompt")
+    gen.add_argument("--n", type=_whole(1), default=1, help="pictures to draw a prompt")
     gen.add_argument("--prompts-file", default=None,
                      help="a text file of prompts, one a line: --n pictures each, into the directory --out "
                           "(NNNNN_J.png and index.json)")
     share_help = "with --process-count N: this process's share (every N-th {}, from this one), one process a host"
     gen.add_argument("--process-index", type=int, default=0, help=share_help.format("prompt of --prompts-file"))
     gen.add_argument("--process-count", type=int, default=1)
-    gen.add_argument("--batch-size", type=int, default=None,
+    gen.add_argument("--batch-size", type=_whole(1), default=None,
                      help="pictures a batch (default: all of one prompt's at once; 16 with --prompts-file)")
     gen.add_argument("--negative-prompt", default=None,
                      help="text guidance steers away from: the unguided row's prompt (default: no text, as "
@@ -880,7 +897,7 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("inputs", nargs="+", metavar="PICTURE_OR_FOLDER")
     cap.add_argument("--out", required=True, help="the .json file to write, or a .jsonl file to add to (resumable)")
     cap.add_argument("--question", default="Describe the picture.", help="asked about every picture")
-    cap.add_argument("--batch-size", type=int, default=16, help="pictures a batch")
+    cap.add_argument("--batch-size", type=_whole(1), default=16, help="pictures a batch")
     cap.add_argument("--process-index", type=int, default=0,
                      help=share_help.format("picture") + " and its own --out")
     cap.add_argument("--process-count", type=int, default=1)
