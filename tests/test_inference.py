@@ -849,6 +849,12 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         cli.main(["understand", cat, "q", "--max-new-tokens", "0", "--model", str(tmp_path / "no-model")])
     assert stop.value.code == 2 and "argument --max-new-tokens: 0 is out of range" in capsys.readouterr().err
+    # so do pictures that cannot be read (the model named does not exist: it was never reached)
+    (tmp_path / "notes.png").write_text("not a picture")
+    for verb in (["understand", str(tmp_path / "notes.png"), "q"],
+                 ["edit", str(tmp_path / "notes.png"), "make it red", "--out", str(tmp_path / "e.png")]):
+        assert cli.main([*verb, "--model", str(tmp_path / "no-model")]) == 2, verb
+        assert "notes.png: not an image file PIL can read" in capsys.readouterr().err, verb
     assert cli.main(["convert", "--from", str(tmp_path / "nonexistent"), "--to", str(tmp_path / "c")]) == 2
     assert "no such directory" in capsys.readouterr().err
     # without --image-prefix / --vq-size: the defaults come from the model, not the 7B release

@@ -328,6 +328,7 @@ def _understand(args) -> int:
             load_image(missing)  # a path: raises, saying what is wrong with it
         raise ValueError(f"{missing!r} is not a picture file. The arguments are IMAGE... QUESTION: the pictures, "
                          "then one question (several questions: the Python API's understand([...]) or chat)")
+    _readable(images)
     pipe = _pipeline(args)
     shown = _Streamed()
     with _budget_notes() as caught:
@@ -570,8 +571,18 @@ def _generate_many(args) -> int:
     return 0
 
 
+def _readable(paths) -> None:
+    """Each picture opened and decoded before the model loads (a 7B takes long to load): one
+    that cannot be is refused at once, by path (`load_image`'s errors)."""
+    from unitoken_jax.tokenizer.images import load_image
+
+    for path in paths:
+        load_image(path)
+
+
 def _edit(args) -> int:
     _check_out(args.out)
+    _readable([args.image])
     pipe = _pipeline(args)
     picture = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
                         image_top_k=args.top_k, image_temperature=args.temperature)
