@@ -33,6 +33,7 @@ uvicorn = pytest.importorskip("uvicorn")
 requests_http = pytest.importorskip("requests")
 
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
+from unitoken_jax.serve import app as app_module  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler  # noqa: E402
 from unitoken_jax.serve.wire import Limits, apply_stop  # noqa: E402
@@ -508,10 +509,21 @@ def test_the_api_key_guards_every_endpoint_but_health(server):
 
 
 # --- the command -----------------------------------------------------------------------------------
-def test_unitoken_serve_serves_the_bundled_model_with_the_key_from_the_environment(tmp_path):
+def test_unitoken_serve_serves_the_bundled_model_with_the_key_from_the_environment(tmp_path, capsys):
     from unitoken_jax import cli
 
     assert cli.main(["serve", "--size", "128x128"]) == 2  # the bundled model draws 64x64 only
+    # a port past 65535 is refused, not taken modulo 65536 by asyncio (99999 listened on 34463)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["serve", "--port", "99999"])
+    assert stop.value.code == 2
+    with pytest.raises(ValueError, match=re.escape("port must be a whole number in [1, 65535], got 99999")):
+        app_module.run(None, ServeSettings(), port=99999)
+    # settings that would turn every call away (a body limit of 0) or make no sense are refused too
+    for option, value in (("--max-batch", "0"), ("--queue-limit", "-1"), ("--timeout", "0"), ("--max-body-mb", "0"),
+                          ("--batch-wait", "-1"), ("--timeout", "nan")):
+        assert cli.main(["serve", option, value, "--model", str(tmp_path / "no-model")]) == 2, option
+        assert "--max-body-mb positive, --batch-wait 0 or more; got" in capsys.readouterr().err, option
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

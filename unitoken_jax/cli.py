@@ -698,8 +698,11 @@ def _serve(args) -> int:
     from unitoken_jax.serve import ServeSettings, run
 
     bundled = not (args.model or os.environ.get("UNITOKEN_MODEL"))
-    if args.max_batch < 1 or args.queue_limit < 1 or args.timeout <= 0:
-        raise ValueError("--max-batch and --queue-limit must be at least 1 and --timeout positive")
+    if args.max_batch < 1 or args.queue_limit < 1 or not args.timeout > 0 or not args.max_body_mb > 0 \
+            or not args.batch_wait >= 0:  # (a NaN fails these too)
+        raise ValueError("--max-batch and --queue-limit must be at least 1, --timeout and --max-body-mb positive, "
+                         f"--batch-wait 0 or more; got {args.max_batch}, {args.queue_limit}, {args.timeout}, "
+                         f"{args.max_body_mb} and {args.batch_wait}")
     pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
     size = _size(args.size)
     name = args.model_name or ("unitoken-shapes" if bundled else
@@ -940,7 +943,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "edits), batching concurrent calls")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (another than 127.0.0.1 opens the "
                                                          "server to the network: set an API key)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=_whole(1, 65535), default=8000)
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
                                                      "/health (default $UNITOKEN_API_KEY; none: open)")
     srv.add_argument("--model-name", default=None, help="the model's id in /v1/models and requests (default: "

@@ -475,6 +475,9 @@ def run(pipe, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8
     """Serves until interrupted (Ctrl-C)."""
     import uvicorn
 
+    # asyncio takes a port past 65535 modulo 65536 (99999 listened on 34463 while the log said 99999)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be a whole number in [1, 65535], got {port!r}")
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(--api-key or $UNITOKEN_API_KEY)", host)
