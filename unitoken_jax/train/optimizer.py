@@ -13,6 +13,7 @@ weight is frozen, so Adam keeps moments for the adapters alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -42,6 +43,17 @@ class OptimizerConfig:
             raise ValueError(f"trainable={self.trainable!r}; choose one of {TRAINABLE}")
         if self.total_steps < 1 or self.accumulation_steps < 1:
             raise ValueError("total_steps and accumulation_steps must be at least 1")
+        # a value outside its range would train, wrongly and quietly: a negative rate climbs the loss, a
+        # clip of 0 zeroes every update, b2 = 1 never updates Adam's second moment (NaN fails every test)
+        for name, ok, what in (("learning_rate", lambda v: 0 < v < math.inf, "positive"),
+                               ("vit_lr_scale", lambda v: 0 <= v < math.inf, "0 or more"),
+                               ("warmup_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                               ("b1", lambda v: 0 <= v < 1, "in [0, 1)"), ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                               ("weight_decay", lambda v: 0 <= v < math.inf, "0 or more"),
+                               ("grad_clip", lambda v: 0 < v <= math.inf, "positive (inf: no clipping)")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"optimizer.{name}={value!r} must be {what}")
         return self
 
 
