@@ -111,7 +111,8 @@ def test_the_typed_training_config_refuses_unknown_keys_and_wrong_types_by_name(
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("learning_rate", -1e-3, "positive"), ("learning_rate", 0.0, "positive"), ("learning_rate", float("nan"), "positive"),
+    ("learning_rate", -1e-3, "positive"), ("learning_rate", 0.0, "positive"),
+    ("learning_rate", float("nan"), "positive"),
     ("vit_lr_scale", -0.1, "0 or more"), ("warmup_fraction", 1.5, r"in \[0, 1\]"), ("b1", 1.0, r"in \[0, 1\)"),
     ("b2", -0.5, r"in \[0, 1\)"), ("weight_decay", -0.1, "0 or more"), ("grad_clip", 0.0, "positive"),
 ])
