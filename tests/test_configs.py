@@ -1,5 +1,9 @@
 """The released 7B configs, checked with jax.eval_shape only (no memory)."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -129,6 +133,16 @@ def test_optimizer_settings_out_of_range_are_refused_by_name(field, value, messa
     edge = base.copy_and_resolve_references()
     edge.optimizer.update(vit_lr_scale=0.0, warmup_fraction=1.0, b1=0.0, weight_decay=0.0, grad_clip=float("inf"))
     TrainConfig.from_config_dict(edge)
+
+
+def test_the_training_command_says_a_bad_setting_in_one_line_before_it_starts(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "unitoken_jax.train", "--config", "configs/stage2.py:tiny", "--workdir",
+                        str(tmp_path / "run"), "--config.optimizer.learning_rate=-1"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == "unitoken_jax.train: optimizer.learning_rate=-1.0 must be positive"
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_a_config_named_by_the_readme_resolves_from_any_directory(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from unitoken_jax import configs
 from unitoken_jax.inference.compilation_cache import enable_compilation_cache
+from unitoken_jax.train.config import TrainConfig
 from unitoken_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a stage config file, e.g. configs/stage2.py:tiny",
@@ -43,6 +44,10 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
         handler.addFilter(_QuietLibraries())
+    try:  # a setting out of range stops the run here, said in one line (not a traceback), before any device work
+        config = TrainConfig.from_config_dict(_CONFIG.value)
+    except ValueError as e:
+        sys.exit(f"unitoken_jax.train: {e}")
     if _DISTRIBUTED.value or _COORDINATOR.value:
         # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -50,7 +55,7 @@ def main(argv):
     # the first process writes what it compiles; every process reads
     where = enable_compilation_cache(_CONFIG.value.get("compilation_cache") or None)
     logging.getLogger("unitoken_jax.train").info("compilation cache: %s", where or "off")
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(config, _WORKDIR.value)
 
 
 def run(argv=None) -> None:
