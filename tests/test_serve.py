@@ -524,6 +524,10 @@ def test_unitoken_serve_serves_the_bundled_model_with_the_key_from_the_environme
                           ("--batch-wait", "-1"), ("--timeout", "nan")):
         assert cli.main(["serve", option, value, "--model", str(tmp_path / "no-model")]) == 2, option
         assert "--max-body-mb positive, --batch-wait 0 or more; got" in capsys.readouterr().err, option
+    # a slot longer than the model's positions, refused before the server says it serves
+    assert cli.main(["serve", "--batching", "continuous", "--slot-length", "100000"]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(r"slot_length=100000: a slot holds 2 to the model's \d+ positions", err) and "serving" not in out
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

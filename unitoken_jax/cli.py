@@ -712,6 +712,7 @@ def _serve(args) -> int:
                              batch_wait=args.batch_wait, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                              default_size=size, sizes=(size,) if bundled else None, batching=args.batching,
                              slot_length=args.slot_length, chunk=args.chunk, slot_chunk=args.slot_chunk)
+    settings.validate(pipe.model.config.decoder.max_position_embeddings)  # (before it says it serves)
     key = "API key required" if settings.api_key else "no API key"
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({key})", flush=True)
     run(pipe, settings, host=args.host, port=args.port)

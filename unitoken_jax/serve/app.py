@@ -88,6 +88,17 @@ class ServeSettings:
     slot_chunk: int = 16
     slot_length: int | None = None  # positions a slot holds (prompt + answer); None: all the model has
 
+    def validate(self, positions: int | None = None) -> None:
+        """Refuses settings the server cannot run with, by name; `positions`: the model's (bounds
+        `slot_length`)."""
+        if self.batching not in ("continuous", "static"):
+            raise ValueError(f"batching={self.batching!r}; choose 'continuous' or 'static'")
+        if min(self.chunk, self.slot_chunk) < 1:
+            raise ValueError(f"chunk={self.chunk}, slot_chunk={self.slot_chunk}: each must be at least 1 step")
+        if self.slot_length is not None and positions is not None and not 2 <= self.slot_length <= positions:
+            raise ValueError(f"slot_length={self.slot_length}: a slot holds 2 to the model's {positions} positions "
+                             "(prompt and answer)")
+
 
 class _Ticket:
     """A job's results, handed from the worker's thread to the event loop."""
@@ -136,12 +147,10 @@ class _Server:
     def __init__(self, pipe, settings: ServeSettings, engine=None):
         self.pipe, self.settings = pipe, settings
         self.engine = engine or PipelineEngine(pipe, max_rows=settings.max_batch, chunk=settings.chunk)
-        if settings.batching not in ("continuous", "static"):
-            raise ValueError(f"batching={settings.batching!r}; choose 'continuous' or 'static'")
-        if min(settings.chunk, settings.slot_chunk) < 1:
-            raise ValueError(f"chunk={settings.chunk}, slot_chunk={settings.slot_chunk}: each must be at least 1 step")
+        positions = pipe.model.config.decoder.max_position_embeddings if engine is None else None
+        settings.validate(positions)
         if settings.batching == "continuous" and engine is None:
-            length = settings.slot_length or pipe.model.config.decoder.max_position_embeddings
+            length = settings.slot_length or positions
             self.scheduler = ContinuousScheduler(self.engine, slots=settings.max_batch, length=length,
                                                  queue_limit=settings.queue_limit, chunk=settings.slot_chunk)
         else:
