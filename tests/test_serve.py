@@ -454,6 +454,19 @@ def _error(response, status, param=None, code=None):
     return error
 
 
+@pytest.mark.parametrize("field,value,says", [
+    ("max_batch", 0, "at least 1"), ("queue_limit", -1, "at least 1"), ("timeout", 0.0, "positive"),
+    ("timeout", float("nan"), "positive"), ("max_body_bytes", 0, "positive"), ("batch_wait", -0.5, "0 or more"),
+    ("batching", "dynamic", "choose 'continuous' or 'static'"), ("slot_chunk", 0, "at least 1 step"),
+    ("slot_length", 1, "a slot holds 2 to the model's 64 positions"),
+])
+def test_server_settings_a_server_cannot_run_with_are_refused_by_name(field, value, says):
+    """For a server built in Python (the CLI checks its options before the model loads, too)."""
+    ServeSettings(slot_length=64).validate(64)  # (the defaults pass, and a slot of all the positions)
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}") + ".*" + re.escape(says)):
+        ServeSettings(**{field: value}).validate(64)
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     picture = shapes.draw([Thing("red", "circle", "top left")])
     good = {"model": MODEL, "messages": _question(picture, "What colour is the shape?"), "seed": 0}

@@ -93,6 +93,14 @@ class ServeSettings:
         `slot_length`)."""
         if self.batching not in ("continuous", "static"):
             raise ValueError(f"batching={self.batching!r}; choose 'continuous' or 'static'")
+        # (NaN fails each comparison: refused too)
+        for name, ok, what in (("max_batch", lambda v: v >= 1, "at least 1"),
+                               ("queue_limit", lambda v: v >= 1, "at least 1"),
+                               ("timeout", lambda v: v > 0, "positive"),
+                               ("max_body_bytes", lambda v: v > 0, "positive"),
+                               ("batch_wait", lambda v: v >= 0, "0 or more")):
+            if not ok(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be {what}")
         if min(self.chunk, self.slot_chunk) < 1:
             raise ValueError(f"chunk={self.chunk}, slot_chunk={self.slot_chunk}: each must be at least 1 step")
         if self.slot_length is not None and positions is not None and not 2 <= self.slot_length <= positions:
