@@ -215,12 +215,14 @@ def main():
         return [min(full, max(256, 1 << (prompt + min(e, max_new) - 1).bit_length()))
                 for e in range(chunk, max_new + chunk, chunk)]
 
+    def listed(lengths):
+        return ", ".join(str(c) for c in sorted(set(lengths)))
+
     def sizes(capacities):
-        return ", ".join(str(c) for c in sorted(set(capacities(prefill_width(len(prompt), loop.prompt_multiple),
-                                                                n_tokens, 64))))
+        return listed(capacities(prefill_width(len(prompt), loop.prompt_multiple), n_tokens, 64))
 
     default_growth_sizes = sizes(loop._capacities)
-    assert ", ".join(map(str, sorted(ran_default))) == default_growth_sizes, (sorted(ran_default), default_growth_sizes)
+    assert listed(ran_default) == default_growth_sizes, (sorted(ran_default), default_growth_sizes)
     for label, cache_growth in [(f"doubling: {sizes(doubling)}", "doubling"),
                                 *((f"{g} slots at a time", g) for g in GROWTH)]:
         stepped = DecodeLoop(ours.config, ours.params,
@@ -231,7 +233,7 @@ def main():
         first_g, out_g = timed(lambda: stepped.generate([request(i) for i in range(args.batch)]))
         # the sizes this variant's loop really ran are the ones it was given (on 2026-12-02 one machine
         # timed the doubling variant equal to the default to every digit)
-        assert ", ".join(map(str, sorted(ran))) == sizes(stepped._capacities), (sorted(ran), label)
+        assert listed(ran) == sizes(stepped._capacities), (sorted(ran), label)
         runs_g = [timed(lambda: stepped.generate([request(i) for i in range(args.batch)])) for _ in range(3)]
         assert all((a == b).all() for _, o in runs_g for a, b in zip(o.tokens, out_g.tokens))
         by_growth[label] = first_g, float(np.median([t for t, _ in runs_g]))

@@ -533,10 +533,15 @@ def test_unitoken_serve_serves_the_bundled_model_with_the_key_from_the_environme
     with pytest.raises(ValueError, match=re.escape("port must be a whole number in [1, 65535], got 99999")):
         app_module.run(None, ServeSettings(), port=99999)
     # settings that would turn every call away (a body limit of 0) or make no sense are refused too
-    for option, value in (("--max-batch", "0"), ("--queue-limit", "-1"), ("--timeout", "0"), ("--max-body-mb", "0"),
-                          ("--batch-wait", "-1"), ("--timeout", "nan")):
+    # (before the model loads: the one named does not exist)
+    for option, value, said in (("--max-batch", "0", "max_batch=0 must be at least 1"),
+                                ("--queue-limit", "-1", "queue_limit=-1 must be at least 1"),
+                                ("--timeout", "0", "timeout=0.0 must be positive"),
+                                ("--max-body-mb", "0", "max_body_bytes=0 must be positive"),
+                                ("--batch-wait", "-1", "batch_wait=-1.0 must be 0 or more"),
+                                ("--timeout", "nan", "timeout=nan must be positive")):
         assert cli.main(["serve", option, value, "--model", str(tmp_path / "no-model")]) == 2, option
-        assert "--max-body-mb positive, --batch-wait 0 or more; got" in capsys.readouterr().err, option
+        assert said in capsys.readouterr().err, option
     # a slot longer than the model's positions, refused before the server says it serves
     assert cli.main(["serve", "--batching", "continuous", "--slot-length", "100000"]) == 2
     out, err = capsys.readouterr()

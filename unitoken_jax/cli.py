@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -698,20 +699,18 @@ def _serve(args) -> int:
     from unitoken_jax.serve import ServeSettings, run
 
     bundled = not (args.model or os.environ.get("UNITOKEN_MODEL"))
-    if args.max_batch < 1 or args.queue_limit < 1 or not args.timeout > 0 or not args.max_body_mb > 0 \
-            or not args.batch_wait >= 0:  # (a NaN fails these too)
-        raise ValueError("--max-batch and --queue-limit must be at least 1, --timeout and --max-body-mb positive, "
-                         f"--batch-wait 0 or more; got {args.max_batch}, {args.queue_limit}, {args.timeout}, "
-                         f"{args.max_body_mb} and {args.batch_wait}")
+    body = args.max_body_mb * 1024 * 1024
+    settings = ServeSettings(api_key=args.api_key or os.environ.get("UNITOKEN_API_KEY") or None,
+                             max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
+                             batch_wait=args.batch_wait, max_body_bytes=int(body) if math.isfinite(body) else body,
+                             batching=args.batching, slot_length=args.slot_length, chunk=args.chunk,
+                             slot_chunk=args.slot_chunk)
+    settings.validate()  # before the model loads
     pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
     size = _size(args.size)
     name = args.model_name or ("unitoken-shapes" if bundled else
                                os.path.basename(os.path.normpath(args.model or os.environ["UNITOKEN_MODEL"])))
-    settings = ServeSettings(model_name=name, api_key=args.api_key or os.environ.get("UNITOKEN_API_KEY") or None,
-                             max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
-                             batch_wait=args.batch_wait, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                             default_size=size, sizes=(size,) if bundled else None, batching=args.batching,
-                             slot_length=args.slot_length, chunk=args.chunk, slot_chunk=args.slot_chunk)
+    settings = dataclasses.replace(settings, model_name=name, default_size=size, sizes=(size,) if bundled else None)
     settings.validate(pipe.model.config.decoder.max_position_embeddings)  # (before it says it serves)
     key = "API key required" if settings.api_key else "no API key"
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({key})", flush=True)
