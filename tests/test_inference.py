@@ -759,6 +759,10 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     for i in range(2):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"g_{i}.png")),
                               np.asarray(Image.open(tmp_path / f"h_{i}.png")))
+    capsys.readouterr()
+    # an empty prompt draws (unconditionally), and says so
+    assert cli.main(["generate", " ", "--out", str(tmp_path / "u.png"), "--n", "2", "--size", "64x32", *common]) == 0
+    assert "the prompt is empty" in capsys.readouterr().err and (tmp_path / "u_1.png").exists()
     assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--cache-growth", "0", *common]) == 2
     assert "cache_growth" in capsys.readouterr().err
     assert cli.main(["edit", cat, "the", "--out", str(tmp_path / "e.png"), "--size", "32x32", *common]) == 0
@@ -855,6 +859,17 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
                  ["edit", str(tmp_path / "notes.png"), "make it red", "--out", str(tmp_path / "e.png")]):
         assert cli.main([*verb, "--model", str(tmp_path / "no-model")]) == 2, verb
         assert "notes.png: not an image file PIL can read" in capsys.readouterr().err, verb
+    # a prompts file that cannot be read, and a captions file that is a folder, are said in one line, by option
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for where, said in ((tmp_path / "absent.txt", "No such file"), (tmp_path, "Is a directory"),
+                        (tmp_path / "latin1.txt", "is not UTF-8 text")):
+        assert cli.main(["generate", "--prompts-file", str(where), "--out", str(tmp_path), "--model",
+                         str(tmp_path / "no-model")]) == 2, where
+        assert f"unitoken generate: error: --prompts-file {where}" in (err := capsys.readouterr().err) and said in err
+    (tmp_path / "captions.json").mkdir()
+    assert cli.main(["caption", cat, "--out", str(tmp_path / "captions.json"), "--model",
+                     str(tmp_path / "no-model")]) == 2
+    assert "captions.json is a directory" in capsys.readouterr().err
     assert cli.main(["convert", "--from", str(tmp_path / "nonexistent"), "--to", str(tmp_path / "c")]) == 2
     assert "no such directory" in capsys.readouterr().err
     # without --image-prefix / --vq-size: the defaults come from the model, not the 7B release

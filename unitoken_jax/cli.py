@@ -414,6 +414,9 @@ def _caption(args) -> int:
     directory = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(directory):
         raise ValueError(f"--out {args.out}: the directory {directory} does not exist (create it first)")
+    if os.path.isdir(args.out):  # found only when the captions are written, they would be lost
+        raise ValueError(f"--out {args.out} is a directory; give a file name such as "
+                         f"{os.path.join(args.out, 'captions.jsonl')}")
     if isinstance(args.batch_size, bool) or args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     pictures = Image.registered_extensions()
@@ -513,6 +516,8 @@ def _generate(args) -> int:
     if args.prompts_file is not None:
         return _generate_many(args)
     _check_out(args.out)
+    if not args.prompt.strip():  # allowed (a picture from the model's own prior), but likely a slip
+        print("generate: the prompt is empty: the pictures are drawn without a caption", file=sys.stderr)
     pipe = _pipeline(args)
     pictures = pipe.generate_image(args.prompt, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
                                    image_top_k=args.top_k, image_temperature=args.temperature,
@@ -533,8 +538,13 @@ def _generate_many(args) -> int:
 
     from tqdm.auto import tqdm
 
-    with open(args.prompts_file, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f]
+    try:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    except OSError as e:  # missing, a directory, unreadable: said before the model loads
+        raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if not any(prompts):
         raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt (one prompt a line)")
     blank = [i for i, p in enumerate(prompts) if not p]
@@ -1042,7 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("unitoken_jax").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or a file that cannot be read or written: one line
         print(f"unitoken {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # XLA refusing a program or an allocation for the devices' memory
