@@ -8,6 +8,15 @@ import sys
 # timeout for `all reduce ...`"). With 8 fake devices an 8-device train step did that in 5 of 6
 # runs on one core (and once in CI on two); with 16 it ran every time.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
+# Why a device can need two of those threads (found 2026-12-02, when the notebook's kernel, 4 devices
+# and so 4 threads, hung for 5 minutes in a decode loop): XLA:CPU orders a device's collectives only
+# by when they *start*, so a `lax.cond` whose branch holds a collective behind other work lets the
+# next all-reduce start before the branch's collective-permute has; 3 devices' threads then waited
+# at the permute and the 4th at the all-reduce, and the 4th device's permute had no thread left to
+# run on. Processes that fake fewer devices for a mesh (the notebook's kernel, the README's API block)
+# get 16 threads all the same through PJRT_NPROC, which sizes that pool (never below the device count)
+# without adding devices: `dict(..., PJRT_NPROC=COLLECTIVE_THREADS)` in their environment.
+COLLECTIVE_THREADS = "16"
 # The tests' programs are tiny and most of the suite's time is XLA compiling them: LLVM's cheaper
 # optimisation level compiles faster and changes nothing the tests compare (both sides of every
 # comparison are compiled alike). Child processes inherit it.
@@ -16,9 +25,9 @@ os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disab
 # the others (a warning after 20 s, then "Termination timeout for `collective permute ...` of 40
 # seconds exceeded"; by hand: a device 43 s late was waited for, one ~75 s late aborted the process,
 # and with this flag it ran). On two cores shared with another test worker's multi-process tests,
-# one fake device's share of a step can be that late: the notebook's kernel died so in a clean-clone
-# CI run (2026-12-02, 4 devices, decoding). A real deadlock still ends, after ~5 minutes. Processes
-# given their own XLA_FLAGS (the notebook's kernel, the README's blocks) add it too.
+# one fake device's share of a step can be that late. (The notebook kernel's death in a clean-clone CI
+# run on 2026-12-02, first read as that, recurred with this flag as the 5-minute hang above.) A real
+# deadlock still ends, after ~5 minutes. Processes given their own XLA_FLAGS add it too.
 PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=300"
 os.environ["XLA_FLAGS"] += " " + PATIENT_COLLECTIVES
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
