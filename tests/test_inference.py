@@ -885,6 +885,27 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert stop.value.code == 2 and "unrecognized arguments: --image" in capsys.readouterr().err
 
 
+def test_the_python_api_refuses_what_is_not_a_prompt_or_a_size_and_runs_an_empty_batch_to_nothing(pipe, monkeypatch):
+    """Bad arguments are said by name before anything runs (they had failed deep inside: "'NoneType'
+    object is not iterable", "too many values to unpack", "max() arg is an empty sequence", and an
+    empty chat was called a conversation that starts with the assistant)."""
+    monkeypatch.setattr(pipe.decode_loop, "generate", lambda *a, **k: pytest.fail("nothing should run"))
+    assert pipe.generate_image([], size=(32, 32)) == [] and pipe.understand([], []) == [] and pipe.run([]) == []
+    for prompt in (None, 5, ["a cat", None]):
+        with pytest.raises(TypeError, match="prompt must be a string"):
+            pipe.generate_image(prompt, size=(32, 32))
+    with pytest.raises(TypeError, match="question must be a string"):
+        pipe.understand([[]], [7])
+    for size in ("64x64", (64,), 64):
+        with pytest.raises(ValueError, match=r"size must be \(width, height\)"):
+            pipe.generate_image("a cat", size=size)
+        with pytest.raises(ValueError, match=r"size must be \(width, height\)"):
+            pipe.edit(str(pipe.image_dir / "cat.png"), "make it red", size=size)
+    for messages in ([], "hello", {"from": "human", "value": "hi"}):
+        with pytest.raises(ValueError, match="messages must be a list of turns"):
+            pipe.chat(messages)
+
+
 @pytest.mark.parametrize("field,value", [
     ("temperature", -1.0), ("image_temperature", float("nan")), ("top_k", -5), ("image_top_k", 2.5),
     ("top_p", 0.0), ("image_top_p", -1.0), ("top_p", 1.5), ("cfg_scale", -1.0), ("seed", 2 ** 32), ("seed", -1),

@@ -13,6 +13,7 @@ mix of requests (`*_request` methods) and returns each one's decoded parts.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -65,6 +66,24 @@ def picture_grid(pictures, columns: int | None = None, side: int | None = None, 
 
 def _listify(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _texts(values, what: str) -> list[str]:
+    """A list of strings, or a clear error naming `what` (a prompt of None or a number is no text)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{what} must be a string or a list of strings, got {values!r:.80}")
+    values = list(values)
+    wrong = [v for v in values if not isinstance(v, str)]
+    if wrong:
+        raise TypeError(f"each {what} must be a string, got {wrong[0]!r:.80}")
+    return values
+
+
+def _size_pair(size) -> tuple[int, int]:
+    """(width, height) in pixels, as a pair; "512x512" and other shapes are refused by name."""
+    if isinstance(size, (str, bytes)) or not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"size must be (width, height) in pixels, e.g. (512, 512); got {size!r}")
+    return tuple(size)
 
 
 def default_vq_size(max_length: int, vq) -> int:
@@ -142,7 +161,7 @@ class UniTokenPipeline:
         return Request(**self._encode(item), **{"max_new_tokens": 256, **options})
 
     def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
-        w, h = size
+        w, h = _size_pair(size)
         unit = layout.PIXELS_PER_GRID
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (w, h)) \
                 or w % unit or h % unit:
@@ -169,6 +188,8 @@ class UniTokenPipeline:
 
     def generate_request(self, prompt: str, *, size=(512, 512), cfg: float = 3.0, negative_prompt=None,
                          **options) -> Request:
+        _texts([prompt], "prompt")
+        _size_pair(size)
         text = self.generate_template.format(w=size[0], h=size[1], prompt=prompt)
         item = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": None}]}
         return self._image_request(item, size, cfg, negative_prompt, **options)
@@ -180,6 +201,9 @@ class UniTokenPipeline:
         return self._image_request(item, size, cfg, negative_prompt, **options)
 
     def chat_request(self, messages: list[dict[str, Any]], images=(), **options) -> Request:
+        if isinstance(messages, (str, dict)) or not len(messages):
+            raise ValueError(f"messages must be a list of turns ({{'from': 'human', 'value': ...}} first), got "
+                             f"{messages!r:.80}")
         item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": list(images)}
         return Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
                                                 **options})
@@ -191,7 +215,10 @@ class UniTokenPipeline:
         see `DecodeLoop.generate` (what `chat` does). `stream(i, text)` gets request i's new text
         while it is generated, after every chunk of decoding steps: the text before its first
         picture, as `TextStream` settles it (the finished first part starts with all of it). An
-        answer cut by its budget or the model's end warns (`AnswerCut`, `PictureRepaired`)."""
+        answer cut by its budget or the model's end warns (`AnswerCut`, `PictureRepaired`). No
+        requests: no results (nothing runs)."""
+        if not requests:
+            return []
         results, cut, repaired = self._run_batch(requests, progress=progress, repair=repair, reuse_cache=reuse_cache,
                                                  stream=stream)
         self._warn_cut(cut, repaired, single=len(requests) == 1)
@@ -294,7 +321,7 @@ class UniTokenPipeline:
         `stream(text)` for one question, `stream(i, text)` for a list (as the answer is a string
         or a list)."""
         single = isinstance(question, str)
-        questions = [question] if single else list(question)
+        questions = [question] if single else _texts(question, "question")
         image_sets = [images] if single else list(images)
         if len(image_sets) != len(questions):
             raise ValueError(f"{len(questions)} questions and {len(image_sets)} lists of pictures: give one list of "
@@ -317,7 +344,7 @@ class UniTokenPipeline:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = [prompt] if single else _texts(prompt, "prompt")
         results = self._in_batches(len(prompts) * n, lambda k: self.generate_request(
             prompts[k // n], size=size, cfg=cfg, seed=seed + k % n, **options), batch_size, what="pictures",
             bar=progress, progress=progress)
