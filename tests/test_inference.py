@@ -885,6 +885,18 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert stop.value.code == 2 and "unrecognized arguments: --image" in capsys.readouterr().err
 
 
+def test_ctrl_c_stops_a_verb_with_a_line_and_exit_130(monkeypatch, capsys):
+    from unitoken_jax import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_caption", interrupted)
+    assert cli.main(["caption", "x.png", "--out", "c.jsonl"]) == 130
+    err = capsys.readouterr().err
+    assert "unitoken caption: stopped (with a .jsonl --out, a rerun goes on" in err and "Traceback" not in err
+
+
 def test_the_python_api_refuses_what_is_not_a_prompt_or_a_size_and_runs_an_empty_batch_to_nothing(pipe, monkeypatch):
     """Bad arguments are said by name before anything runs (they had failed deep inside: "'NoneType'
     object is not iterable", "too many values to unpack", "max() arg is an empty sequence", and an

@@ -1055,6 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be read or written: one line
         print(f"unitoken {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (what is written stays: reruns go on from it)
+        print(f"\nunitoken {args.command}: stopped ({_RESUMES.get(args.command, 'Ctrl-C')})", file=sys.stderr)
+        return 130
     except Exception as e:  # XLA refusing a program or an allocation for the devices' memory
         jax = sys.modules.get("jax")  # imported by whatever raised it, if it is XLA's
         if jax is None or not isinstance(e, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(e):
@@ -1063,6 +1066,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{_MEMORY_ADVICE}", file=sys.stderr)
         return 1
 
+
+_RESUMES = {"caption": "with a .jsonl --out, a rerun goes on where this one stopped",
+            "generate": "with --prompts-file, a rerun draws only the prompts whose pictures are missing"}
 
 _MEMORY_ADVICE = ("Less would fit with --quantize int8 (the matmul weights in half the bytes of bfloat16), fewer "
                   "pictures or questions at once (--n, --batch-size; serve: --max-batch), or the model split over "
