@@ -1068,7 +1068,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _RESUMES = {"caption": "with a .jsonl --out, a rerun goes on where this one stopped",
-            "generate": "with --prompts-file, a rerun draws only the prompts whose pictures are missing"}
+            "generate": "with --prompts-file, a rerun draws only the prompts whose pictures are missing",
+            "pretokenize": "a rerun into the same directory keeps the chunks it finished"}
 
 _MEMORY_ADVICE = ("Less would fit with --quantize int8 (the matmul weights in half the bytes of bfloat16), fewer "
                   "pictures or questions at once (--n, --batch-size; serve: --max-batch), or the model split over "
