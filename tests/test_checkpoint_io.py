@@ -71,6 +71,30 @@ def _flatten(tree, prefix=""):
     return out
 
 
+def test_a_save_over_an_earlier_one_leaves_none_of_its_weight_files(release_dir, tmp_path):
+    """Sharded first, one file after: the old index and shards go (the index would have been read,
+    loading the old weights under the new config.json); other files stay."""
+    from unitoken_jax.convert import hf as hf_io
+
+    model = unitoken_jax.load(str(release_dir))
+    out = tmp_path / "out"
+    hf_io.write_hf(str(out), model.config, model.params, model.passthrough, model.hf_config, "float32",
+                   shard_bytes=200_000)
+    (out / "README.md").write_text("mine")
+    assert (out / "model.safetensors.index.json").exists()
+    other = unitoken_jax.UniTokenModel.random(model.config, seed=1)
+    other.save_hf(str(out))
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    again = unitoken_jax.load(str(out))
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(other.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    hf_io.write_hf(str(out), model.config, model.params, model.passthrough, model.hf_config, "float32",
+                   shard_bytes=200_000)  # and back: the single file goes
+    assert "model.safetensors" not in os.listdir(out)
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(unitoken_jax.load(str(out)).params)[0]),
+                                  np.asarray(jax.tree.leaves(model.params)[0]))
+
+
 def test_sharded_write_has_an_index(release_dir, tmp_path):
     from unitoken_jax.convert import hf as hf_io
 

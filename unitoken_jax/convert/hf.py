@@ -494,9 +494,17 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
         flush()
 
     total = len(written)
+    finals = ["model.safetensors"] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+                                                       for i in range(total)]
+    # a checkpoint saved here before: its weight files and index go, or a reader would take its index
+    # (old weights under the new config.json) or, with no index, its shards beside the new ones
+    stale = [f for f in os.listdir(path) if f not in finals and f not in tmp_names
+             and (f in ("model.safetensors", "model.safetensors.index.json")
+                  or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f))]
+    for f in stale:
+        os.remove(os.path.join(path, f))
     weight_map = {}
-    for i, (name, keys) in enumerate(written):
-        final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+    for (name, keys), final in zip(written, finals):
         os.replace(os.path.join(path, name), os.path.join(path, final))
         weight_map.update({k: final for k in keys})
     if total > 1:
