@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -66,6 +67,8 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
         ckpt.save(os.path.join(path, "params"), params, force=True)
         if passthrough:
             ckpt.save(os.path.join(path, "passthrough"), _nest(passthrough), force=True)
+        elif os.path.exists(os.path.join(path, "passthrough")):  # an earlier save's: it would be restored
+            shutil.rmtree(os.path.join(path, "passthrough"))
     with open(os.path.join(path, SIDECAR), "w") as f:
         json.dump({"config": config.to_dict(), "param_layout": PARAM_LAYOUT, **(extra or {})}, f, indent=2,
                   sort_keys=True)
