@@ -163,6 +163,16 @@ def test_cli_init_writes_a_loadable_random_model(tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(model.text_logits(tokens)), np.asarray(again.text_logits(tokens)))
     assert cli.main(["init", "--config", "nope.py:x", "--to", str(tmp_path / "x")]) == 2
     assert "no config file" in capsys.readouterr().err
+    # a directory that holds a checkpoint is not written over without --overwrite
+    before = (tmp_path / "tiny" / "model.safetensors").read_bytes()
+    assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "tiny"), "--seed", "4"]) == 2
+    assert "holds a checkpoint already (config.json, model.safetensors)" in capsys.readouterr().err
+    assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == before
+    assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "tiny"), "--seed", "4", "--overwrite"]) == 0
+    assert (tmp_path / "tiny" / "model.safetensors").read_bytes() != before
+    (tmp_path / "notes").mkdir()  # a directory with other things in it is fine
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "notes")]) == 0
 
 
 def test_orbax_checkpoint_restores_onto_a_mesh(release_dir, tmp_path):

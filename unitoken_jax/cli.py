@@ -55,6 +55,13 @@ def _init(args) -> int:
     from unitoken_jax.model import UniTokenModel
     from unitoken_jax.models.config import UniTokenConfig
 
+    if os.path.isfile(args.dst):
+        raise ValueError(f"--to {args.dst} is a file; give a directory")
+    held = sorted(f for f in os.listdir(args.dst) if f == "config.json" or f.endswith(".safetensors")
+                  or f == orbax_io.SIDECAR) if os.path.isdir(args.dst) else []
+    if held and not args.overwrite:  # random weights over a real model's, perhaps the release's
+        raise ValueError(f"--to {args.dst} holds a checkpoint already ({', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}); give a new directory, or --overwrite to replace it")
     spec = args.config
     if ":" not in spec and not spec.endswith(".py") and not os.path.isfile(spec):
         spec = f"model.py:{spec}"  # a bare name: one of the packaged model presets (configs/model.py)
@@ -819,6 +826,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--to", dest="dst", required=True, help="output directory")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", help="dtype of the written tensors")
+    init.add_argument("--overwrite", action="store_true",
+                      help="replace the checkpoint --to holds (refused without it: random weights over a model's)")
     init.set_defaults(func=_init)
     recon = add_parser("reconstruct", help="image -> VQ codes -> image: the tokenizer at work on a photo")
     recon.add_argument("image")
