@@ -467,6 +467,14 @@ def test_server_settings_a_server_cannot_run_with_are_refused_by_name(field, val
         ServeSettings(**{field: value}).validate(64)
 
 
+@pytest.mark.parametrize("key", [" secret", "secret\n", "   ", "sécret"])
+def test_an_api_key_no_header_could_carry_is_refused_without_showing_it(key):
+    ServeSettings(api_key="s3cret-Key_1").validate()
+    with pytest.raises(ValueError, match="api_key: a key with spaces") as refused:
+        ServeSettings(api_key=key).validate()
+    assert key.strip() not in str(refused.value) or not key.strip()
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     picture = shapes.draw([Thing("red", "circle", "top left")])
     good = {"model": MODEL, "messages": _question(picture, "What colour is the shape?"), "seed": 0}

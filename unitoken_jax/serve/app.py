@@ -101,6 +101,10 @@ class ServeSettings:
                                ("batch_wait", lambda v: v >= 0, "0 or more")):
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be {what}")
+        key = self.api_key
+        if key and (key != key.strip() or not key.isascii() or not key.isprintable()):  # (the key is not echoed)
+            raise ValueError("api_key: a key with spaces at either end, or characters other than printable ASCII, "
+                             "could never match the 'Authorization: Bearer KEY' header clients send")
         if min(self.chunk, self.slot_chunk) < 1:
             raise ValueError(f"chunk={self.chunk}, slot_chunk={self.slot_chunk}: each must be at least 1 step")
         if self.slot_length is not None and positions is not None and not 2 <= self.slot_length <= positions:
