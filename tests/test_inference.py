@@ -913,6 +913,7 @@ def test_the_python_api_refuses_what_is_not_a_prompt_or_a_size_and_runs_an_empty
             pipe.generate_image("a cat", size=size)
         with pytest.raises(ValueError, match=r"size must be \(width, height\)"):
             pipe.edit(str(pipe.image_dir / "cat.png"), "make it red", size=size)
+    assert pipe.generate_request("a cat", size=np.array([64, 32])).grid_hw == (1, 2)  # any pair: (width, height)
     for messages in ([], "hello", {"from": "human", "value": "hi"}):
         with pytest.raises(ValueError, match="messages must be a list of turns"):
             pipe.chat(messages)

@@ -81,7 +81,7 @@ def _texts(values, what: str) -> list[str]:
 
 def _size_pair(size) -> tuple[int, int]:
     """(width, height) in pixels, as a pair; "512x512" and other shapes are refused by name."""
-    if isinstance(size, (str, bytes)) or not isinstance(size, (tuple, list)) or len(size) != 2:
+    if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
         raise ValueError(f"size must be (width, height) in pixels, e.g. (512, 512); got {size!r}")
     return tuple(size)
 
