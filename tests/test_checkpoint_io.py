@@ -170,6 +170,9 @@ def test_cli_init_writes_a_loadable_random_model(tmp_path, capsys):
     assert (tmp_path / "tiny" / "model.safetensors").read_bytes() == before
     assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "tiny"), "--seed", "4", "--overwrite"]) == 0
     assert (tmp_path / "tiny" / "model.safetensors").read_bytes() != before
+    model.save(str(tmp_path / "ours"))  # our format too
+    assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "ours")]) == 2
+    assert "holds a checkpoint already (our Orbax checkpoint)" in capsys.readouterr().err
     (tmp_path / "notes").mkdir()  # a directory with other things in it is fine
     (tmp_path / "notes" / "a.txt").write_text("x")
     assert cli.main(["init", "--config", "tiny", "--to", str(tmp_path / "notes")]) == 0

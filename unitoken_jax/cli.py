@@ -57,8 +57,9 @@ def _init(args) -> int:
 
     if os.path.isfile(args.dst):
         raise ValueError(f"--to {args.dst} is a file; give a directory")
-    held = sorted(f for f in os.listdir(args.dst) if f == "config.json" or f.endswith(".safetensors")
-                  or f == orbax_io.SIDECAR) if os.path.isdir(args.dst) else []
+    held = sorted(f for f in os.listdir(args.dst) if f == "config.json" or f.endswith(".safetensors")) \
+        if os.path.isdir(args.dst) else []
+    held += ["our Orbax checkpoint"] if orbax_io.is_orbax_checkpoint(args.dst) else []
     if held and not args.overwrite:  # random weights over a real model's, perhaps the release's
         raise ValueError(f"--to {args.dst} holds a checkpoint already ({', '.join(held[:3])}"
                          f"{', ...' if len(held) > 3 else ''}); give a new directory, or --overwrite to replace it")

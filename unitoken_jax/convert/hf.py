@@ -498,9 +498,8 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
                                                        for i in range(total)]
     # a checkpoint saved here before: its weight files and index go, or a reader would take its index
     # (old weights under the new config.json) or, with no index, its shards beside the new ones
-    stale = [f for f in os.listdir(path) if f not in finals and f not in tmp_names
-             and (f in ("model.safetensors", "model.safetensors.index.json")
-                  or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f))]
+    stale = [f for f in os.listdir(path) if f in ("model.safetensors", "model.safetensors.index.json")
+             or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)]
     for f in stale:
         os.remove(os.path.join(path, f))
     weight_map = {}

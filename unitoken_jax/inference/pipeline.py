@@ -189,8 +189,8 @@ class UniTokenPipeline:
     def generate_request(self, prompt: str, *, size=(512, 512), cfg: float = 3.0, negative_prompt=None,
                          **options) -> Request:
         _texts([prompt], "prompt")
-        _size_pair(size)
-        text = self.generate_template.format(w=size[0], h=size[1], prompt=prompt)
+        w, h = _size_pair(size)
+        text = self.generate_template.format(w=w, h=h, prompt=prompt)
         item = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": None}]}
         return self._image_request(item, size, cfg, negative_prompt, **options)
 
