@@ -98,6 +98,12 @@ def test_a_save_over_an_earlier_one_leaves_none_of_its_weight_files(release_dir,
     model.save(str(tmp_path / "ours"))
     other.save(str(tmp_path / "ours"))
     assert unitoken_jax.load(str(tmp_path / "ours")).passthrough == {}
+    # and across formats: `load` prefers ours, so an HF save into its folder takes its place
+    (tmp_path / "ours" / "README.md").write_text("mine")
+    model.save_hf(str(tmp_path / "ours"))
+    assert sorted(os.listdir(tmp_path / "ours")) == ["README.md", "config.json", "model.safetensors"]
+    for a, b in zip(jax.tree.leaves(unitoken_jax.load(str(tmp_path / "ours")).params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sharded_write_has_an_index(release_dir, tmp_path):

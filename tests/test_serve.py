@@ -458,20 +458,24 @@ def _error(response, status, param=None, code=None):
     ("max_batch", 0, "at least 1"), ("queue_limit", -1, "at least 1"), ("timeout", 0.0, "positive"),
     ("timeout", float("nan"), "positive"), ("max_body_bytes", 0, "positive"), ("batch_wait", -0.5, "0 or more"),
     ("batching", "dynamic", "choose 'continuous' or 'static'"), ("slot_chunk", 0, "at least 1 step"),
-    ("slot_length", 1, "a slot holds 2 to the model's 64 positions"),
+    ("slot_length", 1, "a slot holds 2 to the model's positions"),
 ])
 def test_server_settings_a_server_cannot_run_with_are_refused_by_name(field, value, says):
-    """For a server built in Python (the CLI checks its options before the model loads, too)."""
+    """For a server built in Python, as the settings are made (the CLI checks its options before the
+    model loads, too); a slot longer than the model's positions, once those are known."""
     ServeSettings(slot_length=64).validate(64)  # (the defaults pass, and a slot of all the positions)
     with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}") + ".*" + re.escape(says)):
-        ServeSettings(**{field: value}).validate(64)
+        ServeSettings(**{field: value})
+    too_long = ServeSettings(slot_length=65)
+    with pytest.raises(ValueError, match=re.escape("slot_length=65: a slot holds 2 to the model's 64 positions")):
+        too_long.validate(64)
 
 
 @pytest.mark.parametrize("key", [" secret", "secret\n", "   ", "sécret"])
 def test_an_api_key_no_header_could_carry_is_refused_without_showing_it(key):
     ServeSettings(api_key="s3cret-Key_1").validate()
     with pytest.raises(ValueError, match="api_key: a key with spaces") as refused:
-        ServeSettings(api_key=key).validate()
+        ServeSettings(api_key=key)
     assert key.strip() not in str(refused.value) or not key.strip()
 
 

@@ -200,6 +200,11 @@ def test_cli_reconstruct_writes_the_picture_and_says_the_grid(tmp_path, capsys):
     assert cli.main(["reconstruct", str(tmp_path / "missing.png"), "--out", str(out),
                      "--vqgan", str(tmp_path / "vqgan.ckpt")]) == 2
     assert "no such file" in capsys.readouterr().err
+    # the picture is checked before the VQ-GAN loads (a 7B release's takes a while): its error comes first
+    assert cli.main(["reconstruct", str(tmp_path / "missing.png"), "--out", str(out),
+                     "--vqgan", str(tmp_path / "no-vqgan-here")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.png" in err and "no-vqgan-here" not in err
 
 
 def test_generated_ids_decode_to_pictures(tmp_path):

@@ -90,8 +90,8 @@ def _reconstruct(args) -> int:
         raise ValueError("no VQ-GAN: pass --vqgan (Meta's vqgan.ckpt with vqgan.yaml beside it, a VQ-GAN directory "
                          "this package wrote, or an HF Chameleon / UniToken directory) or set UNITOKEN_VQGAN")
     args.size = 512 if args.size is None else args.size
+    image = load_image(args.image)  # a bad picture is refused before the VQ-GAN loads
     vq = VQTokenizer.load(vqgan)
-    image = load_image(args.image)
     codes = vq.encode_images([image], size=args.size)
     h, w = codes.shape[1:]
     picture = vq.decode_to_pil(codes)[0]
@@ -722,8 +722,7 @@ def _serve(args) -> int:
                              max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
                              batch_wait=args.batch_wait, max_body_bytes=int(body) if math.isfinite(body) else body,
                              batching=args.batching, slot_length=args.slot_length, chunk=args.chunk,
-                             slot_chunk=args.slot_chunk)
-    settings.validate()  # before the model loads
+                             slot_chunk=args.slot_chunk)  # (checked as it is made: before the model loads)
     pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
     size = _size(args.size)
     name = args.model_name or ("unitoken-shapes" if bundled else

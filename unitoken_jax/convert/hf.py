@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.files import (
     CheckpointError,
     checkpoint_files,
@@ -502,6 +503,8 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
              or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)]
     for f in stale:
         os.remove(os.path.join(path, f))
+    if orbax_io.remove(path):  # `load` would read it, not the files written here
+        log.warning("%s held our Orbax checkpoint: removed, the HF checkpoint written there replaces it", path)
     weight_map = {}
     for (name, keys), final in zip(written, finals):
         os.replace(os.path.join(path, name), os.path.join(path, final))

@@ -31,6 +31,19 @@ def is_orbax_checkpoint(path: str) -> bool:
     return os.path.exists(os.path.join(path, SIDECAR))
 
 
+def remove(path: str) -> bool:
+    """Deletes our checkpoint in `path` (sidecar, params/, passthrough/), leaving the folder's other
+    files; False if there was none. An HF save into its folder calls it: `load` prefers our format,
+    so it would otherwise go on loading these weights instead of the ones just written."""
+    if not is_orbax_checkpoint(path):
+        return False
+    for sub in ("params", "passthrough"):
+        if os.path.isdir(os.path.join(path, sub)):
+            shutil.rmtree(os.path.join(path, sub))
+    os.remove(os.path.join(path, SIDECAR))
+    return True
+
+
 def _nest(flat: dict[str, np.ndarray]) -> dict:
     """{'a.b.c': x} -> {'a': {'b': {'c': x}}}: Orbax joins tree keys with dots itself."""
     tree: dict = {}

@@ -88,9 +88,12 @@ class ServeSettings:
     slot_chunk: int = 16
     slot_length: int | None = None  # positions a slot holds (prompt + answer); None: all the model has
 
+    def __post_init__(self):
+        self.validate()  # as they are made; the server checks them again with its model's positions
+
     def validate(self, positions: int | None = None) -> None:
         """Refuses settings the server cannot run with, by name; `positions`: the model's (bounds
-        `slot_length`)."""
+        `slot_length` from above)."""
         if self.batching not in ("continuous", "static"):
             raise ValueError(f"batching={self.batching!r}; choose 'continuous' or 'static'")
         # (NaN fails each comparison: refused too)
@@ -107,9 +110,9 @@ class ServeSettings:
                              "could never match the 'Authorization: Bearer KEY' header clients send")
         if min(self.chunk, self.slot_chunk) < 1:
             raise ValueError(f"chunk={self.chunk}, slot_chunk={self.slot_chunk}: each must be at least 1 step")
-        if self.slot_length is not None and positions is not None and not 2 <= self.slot_length <= positions:
-            raise ValueError(f"slot_length={self.slot_length}: a slot holds 2 to the model's {positions} positions "
-                             "(prompt and answer)")
+        if self.slot_length is not None and not 2 <= self.slot_length <= (positions or self.slot_length):
+            most = f"the model's {positions}" if positions is not None else "the model's"
+            raise ValueError(f"slot_length={self.slot_length}: a slot holds 2 to {most} positions (prompt and answer)")
 
 
 class _Ticket:
