@@ -1,8 +1,10 @@
 """Pre-tokenization: records equal the single-item encoder's output, bad items are skipped and
 listed, a killed run resumes to the same dataset, and two processes write the dataset one would."""
 
+import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -263,3 +265,46 @@ def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_pa
     assert code == 1 and "no item" in capsys.readouterr().err
     with open(tmp_path / "none" / pt.SETTINGS_FILE) as f:
         assert (json.load(f)["vq_size"], json.load(open(tmp_path / "none" / pt.SETTINGS_FILE))["siglip_size"]) == (32, 56)
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("chunk_size", 0, "chunk_size=0 must be a whole number of at least 1"),  # was a ZeroDivisionError
+    ("vq_batch", 0, "vq_batch=0 must be"),  # was "range() arg 3 must not be zero"
+    ("patch", 0, "patch=0 must be"),  # was a ZeroDivisionError
+    ("siglip_size", -1, "siglip_size=-1 must be"),  # was written, with tiles of -1 px
+    ("siglip_size", 10, "siglip_size=10 is smaller than one patch (14 px)"),
+    ("max_length", -5, "max_length=-5 must be"),  # skipped every item
+])
+def test_settings_that_cannot_pretokenize_are_refused_as_they_are_made(field, value, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        pt.PretokenizeSettings(**{field: value})
+
+
+def test_a_missing_or_empty_items_file_and_an_impossible_crop_are_refused_before_anything_is_written(
+        tmp_path, items_path, tokenizers, capsys):
+    from unitoken_jax import cli
+
+    text, vq = tokenizers
+    for path, says in ((tmp_path / "missing.json", "missing.json: no such file"),
+                       (tmp_path, "a folder, not a file")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            pt.pretokenize(str(path), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    (tmp_path / "empty.json").write_text("[]")  # "0 items written, 0 skipped", then "no item could be used"
+    with pytest.raises(ValueError, match="empty.json holds no items"):
+        pt.pretokenize(str(tmp_path / "empty.json"), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    odd = dataclasses.replace(SETTINGS, vq_size=33)  # failed inside the VQ-GAN, after the progress bar began
+    with pytest.raises(ValueError, match=re.escape(f"vq_size=33: the VQ-GAN takes sides that are multiples of "
+                                                   f"{vq.config.downsample_factor} px")):
+        pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, odd, progress=False)
+    with pytest.raises(ValueError, match="process_count=0 must be at least 1"):  # was "not in 0..-1"
+        pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, SETTINGS, process_count=0, progress=False)
+    assert not (tmp_path / "ds").exists()
+    # the command refuses the same numbers by option, before its tokenizers load
+    for option, value in (("--chunk-size", "0"), ("--vq-batch", "0"), ("--patch", "0"), ("--siglip-size", "-1"),
+                          ("--max-length", "-5"), ("--vq-size", "0"), ("--process-count", "0"),
+                          ("--process-index", "-1")):
+        with pytest.raises(SystemExit):
+            cli.main(["pretokenize", items_path, "--out", str(tmp_path / "ds"), "--tokenizer", "demo",
+                      "--vqgan", "demo", option, value])
+        assert f"argument {option}: {value} is out of range" in capsys.readouterr().err, option
+    assert not (tmp_path / "ds").exists()

@@ -894,8 +894,8 @@ def _parser() -> argparse.ArgumentParser:
                                                         "bundled model: 64x64)")
             p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
             p.add_argument("--top-k", type=_whole(0, 2**31 - 1), default=2000,
-                           help="each image code is drawn from the k likeliest")
-            p.add_argument("--temperature", type=float, default=1.0, help="image-code sampling temperature")
+                           help="each image code is drawn from the k likeliest (0: from all)")
+            p.add_argument("--temperature", type=float, default=1.0, help="image-code sampling temperature (0: the likeliest code, greedy)")
         else:
             p.add_argument("--max-new-tokens", type=_whole(1), default=256, help="the longest answer, in tokens")
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -1002,15 +1002,15 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--name", default="unitoken")
     pre.add_argument("--split", default="train")
     pre.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
-    pre.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop (512; with the demo tokenizers 32)")
-    pre.add_argument("--siglip-size", type=int, default=None,
+    pre.add_argument("--vq-size", type=_whole(1), default=None, help="side of the VQ crop (512; with the demo tokenizers 32)")
+    pre.add_argument("--siglip-size", type=_whole(1), default=None,
                      help="side of a SigLIP tile (384; with the demo tokenizers 56)")
-    pre.add_argument("--patch", type=int, default=14, help="SigLIP patch size")
-    pre.add_argument("--max-length", type=int, default=4096, help="longer items are skipped and listed (0: no limit)")
-    pre.add_argument("--chunk-size", type=int, default=512, help="items per resumable chunk")
-    pre.add_argument("--vq-batch", type=int, default=32, help="images per VQ-GAN call")
-    pre.add_argument("--process-index", type=int, default=0, help="this process's share (chunk %% count == index)")
-    pre.add_argument("--process-count", type=int, default=1)
+    pre.add_argument("--patch", type=_whole(1), default=14, help="SigLIP patch size")
+    pre.add_argument("--max-length", type=_whole(0), default=4096, help="longer items are skipped and listed (0: no limit)")
+    pre.add_argument("--chunk-size", type=_whole(1), default=512, help="items per resumable chunk")
+    pre.add_argument("--vq-batch", type=_whole(1), default=32, help="images per VQ-GAN call")
+    pre.add_argument("--process-index", type=_whole(0), default=0, help="this process's share (chunk %% count == index)")
+    pre.add_argument("--process-count", type=_whole(1), default=1)
     pre.set_defaults(func=_pretokenize)
     tra = sub.add_parser(
         "train", help="run a training stage (same flags as python -m unitoken_jax.train)",

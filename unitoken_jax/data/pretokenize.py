@@ -64,6 +64,15 @@ class PretokenizeSettings:
     chunk_size: int = 512
     vq_batch: int = 32  # images per VQ-GAN call (a fixed shape: one compilation)
 
+    def __post_init__(self):
+        for name in ("vq_size", "siglip_size", "patch", "chunk_size", "vq_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number of at least 1")
+        if self.siglip_size < self.patch:
+            raise ValueError(f"siglip_size={self.siglip_size} is smaller than one patch ({self.patch} px)")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ValueError(f"max_length={self.max_length!r} must be a whole number of at least 1 (None: no limit)")
+
     def pinpoints(self) -> tuple[tuple[int, int], ...]:
         if self.anyres_grid_pinpoints:
             return tuple(tuple(p) for p in self.anyres_grid_pinpoints)
@@ -98,6 +107,9 @@ def features_dict():
 
 def read_items(path: str) -> list[dict[str, Any]]:
     """A .json list of items or a .jsonl file of one item per line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'} (the items: "
+                         "a .json list or a .jsonl file)")
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             items = []
@@ -209,9 +221,17 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
     """Writes this process's chunks of `items_path` under `out_dir`, then the TFDS metadata if every
     chunk of every process is done. `max_chunks` stops after that many new chunks (for tests and
     time-boxed jobs). Returns a summary: items written and skipped, and whether the dataset is complete."""
+    if process_count < 1:
+        raise ValueError(f"process_count={process_count} must be at least 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+    factor = getattr(getattr(vq, "config", None), "downsample_factor", 1)
+    if settings.vq_size % factor:
+        raise ValueError(f"vq_size={settings.vq_size}: the VQ-GAN takes sides that are multiples of {factor} px "
+                         f"(e.g. {max(factor, settings.vq_size // factor * factor)})")
     items = read_items(items_path)
+    if not items:
+        raise ValueError(f"{items_path} holds no items")
     image_root = os.path.dirname(os.path.abspath(items_path)) if image_root is None else image_root
     n_chunks = max(1, -(-len(items) // settings.chunk_size))
     partial = os.path.join(out_dir, _PARTIAL)
