@@ -135,14 +135,43 @@ def test_optimizer_settings_out_of_range_are_refused_by_name(field, value, messa
     TrainConfig.from_config_dict(edge)
 
 
-def test_the_training_command_says_a_bad_setting_in_one_line_before_it_starts(tmp_path):
+@pytest.mark.parametrize("flag,said", [
+    ("--config.optimizer.learning_rate=-1", "optimizer.learning_rate=-1.0 must be positive"),
+    # a field the config lacks, said by absl's parser as an AttributeError's traceback before
+    ("--config.data.sourcez=x", "--config.data.sourcez: the config has no field 'sourcez'; "
+                                'did you mean "sources" instead of "sourcez"?'),
+    # data that is not there: the traceback of an open() before
+    ("--config.data.sources=/no/such/meta.yaml",
+     "/no/such/meta.yaml: no such data meta file (YAML with a 'META' list of {path, ratio})"),
+])
+def test_the_training_command_says_a_bad_setting_in_one_line(tmp_path, flag, said):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-m", "unitoken_jax.train", "--config", "configs/stage2.py:tiny", "--workdir",
-                        str(tmp_path / "run"), "--config.optimizer.learning_rate=-1"],
-                       capture_output=True, text=True, env=env, timeout=300)
+                        str(tmp_path / "run"), flag], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert r.stderr.strip().splitlines()[-1] == "unitoken_jax.train: optimizer.learning_rate=-1.0 must be positive"
-    assert not (tmp_path / "run").exists()  # nothing written
+    assert r.stderr.strip().splitlines()[-1] == f"unitoken_jax.train: {said}"
+    if "learning_rate" in flag:
+        assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_only_this_packages_own_errors_are_cut_to_one_line(tmp_path):
+    """The training command says our messages in one line; an error a library raised, called from
+    our code or not, keeps its traceback."""
+    import yaml
+
+    from unitoken_jax.data.pipeline import read_meta
+    from unitoken_jax.train.__main__ import _raised_by_this_package
+
+    with pytest.raises(FileNotFoundError) as ours:
+        read_meta("/no/such/meta.yaml")
+    (tmp_path / "meta.yaml").write_text("META: [path: {")
+    with pytest.raises(yaml.YAMLError) as yamls_under_ours:
+        read_meta(str(tmp_path / "meta.yaml"))
+    with pytest.raises(ValueError) as numpys:
+        np.zeros(6).reshape(4, 4)
+    assert _raised_by_this_package(ours.value)
+    assert not _raised_by_this_package(yamls_under_ours.value)
+    assert not _raised_by_this_package(numpys.value)
 
 
 def test_a_config_named_by_the_readme_resolves_from_any_directory(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from typing import Any, Sequence
 
 import grain
@@ -68,6 +69,8 @@ class Source:
 def read_meta(path: str) -> list[Source]:
     """The reference's data config: YAML with `META: [{path: ..., ratio: ...}, ...]` (paths here
     are pre-tokenized dataset directories)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data meta file (YAML with a 'META' list of {{path, ratio}})")
     with open(path) as f:
         meta = yaml.safe_load(f)
     entries = meta.get("META") if isinstance(meta, dict) else None

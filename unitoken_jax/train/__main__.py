@@ -9,6 +9,7 @@ On a TPU pod slice or a SLURM cluster, every worker runs the same command with -
 """
 
 import logging
+import os
 import sys
 
 import jax
@@ -55,7 +56,42 @@ def main(argv):
     # the first process writes what it compiles; every process reads
     where = enable_compilation_cache(_CONFIG.value.get("compilation_cache") or None)
     logging.getLogger("unitoken_jax.train").info("compilation cache: %s", where or "off")
-    train_and_evaluate(config, _WORKDIR.value)
+    try:
+        train_and_evaluate(config, _WORKDIR.value)
+    except (ValueError, OSError) as e:  # e.g. a dataset that is not there, rows that do not split over the mesh
+        if not _raised_by_this_package(e):  # (JAX's, a library's: a fault to read with its traceback)
+            raise
+        sys.exit(f"unitoken_jax.train: {e}")
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raised_by_this_package(error: BaseException) -> bool:
+    """Whether `error` was raised in this package's code: its messages are written for the person
+    running the command (what is wrong, what to do), so they are said in one line."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a `--config.KEY` the config does not have said in one line (ml_collections
+    raises it as an AttributeError, with a did-you-mean, from inside the parser)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        while isinstance(e.args[0] if e.args else None, (AttributeError, KeyError)):
+            e = e.args[0]  # (AttributeError(KeyError("'key'\nDid you mean ...")))
+        text = str(e.args[0]) if e.args else str(e)
+        key, _, hint = text.partition("\n")
+        key = key.strip("'\"")
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")),
+                    None)
+        if flag is None:  # not an override's: not ours to explain
+            raise
+        sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint[:1].lower()}{hint[1:]}" if hint else ""))
 
 
 def run(argv=None) -> None:
@@ -65,7 +101,7 @@ def run(argv=None) -> None:
         argv = configs.resolve_argv(argv)
     except FileNotFoundError as e:
         sys.exit(f"{argv[0]}: {e}")
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
