@@ -19,15 +19,13 @@ from unitoken_jax import sweep as sweep_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL_CONFIG = '''
-import ml_collections
+from unitoken_jax import configs
 
 
 def get_config(arg="small"):
-    c = ml_collections.ConfigDict()
-    c.variant = arg
-    c.optimizer = ml_collections.ConfigDict(dict(learning_rate=0.1, b1=0.9))
-    c.data = ml_collections.ConfigDict(dict(seed=0, sources=()))
-    c.seed = 0
+    c = configs.get_config("stage2.py:tiny")  # one the train command takes: `unitoken sweep` checks each run's
+    c.model_name = arg
+    c.optimizer.learning_rate = 0.1
     c.total_steps = 10
     return c
 '''
@@ -59,7 +57,7 @@ def test_a_2x2_grid_expands_into_four_runs_with_their_own_workdirs_and_records(t
     assert [r.workdir for r in sweep.runs] == [os.path.join(root, r.name) for r in sweep.runs]
     for run, (lr, seed) in zip(sweep.runs, [(0.1, 0), (0.1, 1), (0.01, 0), (0.01, 1)]):
         assert (run.config.optimizer.learning_rate, run.config.data.seed) == (lr, seed)
-        assert run.config.variant == "big"  # get_config got the argument after the colon
+        assert run.config.model_name == "big"  # get_config got the argument after the colon
         assert run.config.optimizer.b1 == 0.9 and run.config.total_steps == 10  # the rest is the base config
 
     sweep_lib.write_records(sweep)
@@ -120,6 +118,22 @@ def sweep(add):
 ''')
     with pytest.raises(sweep_lib.SweepError, match=r"data\.seed='zero'"):
         sweep_lib.expand(wrong_type, str(tmp_path / "root"))
+
+
+def test_a_run_the_train_command_would_stop_at_once_is_refused_when_the_sweep_expands(tmp_path, capsys):
+    """A misspelt --set said ml_collections' repr ('\\'total_step\\'\\nDid you mean ...'); a value out
+    of range printed commands whose every run stopped at its first line."""
+    spec, root = os.path.join(REPO, "configs", "stage2.py:tiny"), str(tmp_path / "root")
+    assert cli.main(["sweep", spec, "--root", root, "--set", "total_step=3"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--config.total_step=3: the config has no field 'total_step'; did you mean \"total_steps\" instead of "
+        "\"total_step\"?")
+    assert cli.main(["sweep", spec, "--root", root, "--set", "total_steps=-1"]) == 2
+    assert "the train command would stop at once: total_steps and accumulation_steps must be at least 1" in \
+        capsys.readouterr().err
+    assert not os.path.exists(root)
+    assert cli.main(["sweep", spec, "--root", root]) == 0  # the config's own runs pass the check
+    assert len(capsys.readouterr().out.splitlines()) == len(sweep_lib.expand(spec, root).runs)
 
 
 def test_a_config_without_sweep_is_a_clear_error(tmp_path, capsys):

@@ -788,9 +788,11 @@ def _train(args) -> int:
 
 def _sweep(args) -> int:
     from unitoken_jax import sweep
+    from unitoken_jax.train.config import TrainConfig
 
     mode = "local" if args.run_locally else "summary" if args.summary_only else "print"
-    return sweep.main(args.config, args.root, mode=mode, launcher=args.launcher, fixed=args.set, as_json=args.json)
+    return sweep.main(args.config, args.root, mode=mode, launcher=args.launcher, fixed=args.set, as_json=args.json,
+                      check=TrainConfig.from_config_dict)  # a run the train command would stop: refused here
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -49,7 +49,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import ml_collections
 from absl import flags as absl_flags
@@ -90,9 +90,12 @@ class Sweep:
 
 
 # --- expansion ---------------------------------------------------------------------------------
-def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None) -> Sweep:
+def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
+           check: Callable[[ml_collections.ConfigDict], Any] | None = None) -> Sweep:
     """The runs of `config_spec`'s sweep; `fixed` ({dotted key: command-line text}) applies to all.
-    A spec naming no existing file resolves to the packaged config of that name (`configs.resolve_spec`)."""
+    A spec naming no existing file resolves to the packaged config of that name (`configs.resolve_spec`).
+    `check(config)` raises ValueError for a run's config the train command would stop at once (the
+    CLI passes `TrainConfig.from_config_dict`: this module does not import the training code)."""
     config_spec = configs.resolve_spec(config_spec)
     module, arg = configs.load_module(config_spec)
     if not callable(getattr(module, "sweep", None)):
@@ -125,6 +128,11 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None) -> 
         config = apply_overrides(base, overrides)
         flags = fixed_flags + tuple(f"--config.{key}={_flag_text(key, value)}" for key, value in overrides.items())
         _check_round_trip(config_spec, flags, config, name)
+        if check is not None:
+            try:
+                check(config)
+            except ValueError as e:
+                raise SweepError(f"run {name}: the train command would stop at once: {e}") from e
         runs.append(Run(i, name, overrides, config, flags, os.path.join(root, name)))
     return Sweep(config_spec, root, fixed_flags, runs)
 
@@ -159,7 +167,9 @@ def parse_like_train(config_spec: str, flags) -> ml_collections.ConfigDict:
             warnings.simplefilter("ignore", DeprecationWarning)
             values(argv)
     except (absl_flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise SweepError(f"the train command would reject {' '.join(flags)}: {e}") from e
+        unknown = configs.unknown_field(e)
+        why = f"the config has no field {unknown[0]!r}" + (f"; {unknown[1]}" if unknown[1] else "") if unknown else e
+        raise SweepError(f"the train command would reject {' '.join(flags)}: {why}") from e
     return holder.value
 
 
@@ -418,9 +428,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # --- the `unitoken sweep` verb ------------------------------------------------------------------
 def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: str | None = None,
          fixed: list[str] | None = None, as_json: bool = False, out: TextIO | None = None,
-         log: TextIO | None = None) -> int:
-    """mode: "print" (one launch command a line), "local" (run here, then the summary) or "summary".
-    Returns the exit status: 1 when the summary shows a failed run."""
+         log: TextIO | None = None, check: Callable[[ml_collections.ConfigDict], Any] | None = None) -> int:
+    """mode: "print" (one launch command a line), "local" (run here, then the summary) or "summary";
+    `check`: as `expand` takes it. Returns the exit status: 1 when the summary shows a failed run."""
     out, log = out or sys.stdout, log or sys.stderr
     if "://" in root:  # the runs write through the file system (the training loop refuses URLs too)
         raise SweepError(f"--root {root} is a URL; give a directory every run's hosts see, e.g. a bucket mounted "
@@ -434,7 +444,7 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
             if not eq:
                 raise SweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set init_from.paths=/ckpt/stage1")
             pairs[key.removeprefix("config.")] = text
-        sweep = expand(config_spec, root, pairs)
+        sweep = expand(config_spec, root, pairs, check)
         write_records(sweep)
         if mode == "print":
             todo = [r for r in sweep.runs if run_status(r.workdir)["status"] != "finished"]

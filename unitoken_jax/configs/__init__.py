@@ -74,3 +74,17 @@ def get_config(spec: str):
     """The ConfigDict of `FILE[:ARG]` (what `--config FILE[:ARG]` gives, before `--config.x=y` overrides)."""
     module, arg = load_module(spec)
     return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def unknown_field(error: BaseException) -> tuple[str, str] | None:
+    """(field, did-you-mean hint or '') when `error` is ml_collections' refusal of a field a
+    ConfigDict lacks (an AttributeError around a KeyError whose text is "'key'\\nDid you mean
+    ..."); None for any other error."""
+    while isinstance(error, (AttributeError, KeyError)) and error.args and \
+            isinstance(error.args[0], (AttributeError, KeyError)):
+        error = error.args[0]
+    if not isinstance(error, (AttributeError, KeyError)) or not error.args or not isinstance(error.args[0], str):
+        return None
+    key, _, hint = error.args[0].partition("\n")
+    key = key.strip("'\"")
+    return (key, hint[:1].lower() + hint[1:]) if key else None

@@ -82,16 +82,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as e:
-        while isinstance(e.args[0] if e.args else None, (AttributeError, KeyError)):
-            e = e.args[0]  # (AttributeError(KeyError("'key'\nDid you mean ...")))
-        text = str(e.args[0]) if e.args else str(e)
-        key, _, hint = text.partition("\n")
-        key = key.strip("'\"")
-        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")),
-                    None)
+        unknown = configs.unknown_field(e)
+        flag = unknown and next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                                 and unknown[0] in a.split("=")[0].split(".")), None)
         if flag is None:  # not an override's: not ours to explain
             raise
-        sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint[:1].lower()}{hint[1:]}" if hint else ""))
+        key, hint = unknown
+        sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint}" if hint else ""))
 
 
 def run(argv=None) -> None:
