@@ -814,6 +814,9 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
     assert "cfg_scale" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")  # said before a model loads (no model is there), not as "File exists"
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "a-file"), "--model", str(tmp_path / "no-model")]) == 2
+    assert f"--out-dir {tmp_path / 'a-file'} is a file" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "x.png"), "--size", "7x7", *common]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     # options outside their range are refused with the option's name, never read as another setting

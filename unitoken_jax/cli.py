@@ -633,6 +633,8 @@ def _chat(args) -> int:
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
     Request(np.zeros(1, np.int32), **options)  # bad options end the chat before it starts
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):  # (before the model loads)
+        raise ValueError(f"--out-dir {args.out_dir} is a file; give a directory for the pictures the model draws")
     pipe = _pipeline(args)
     width, height = _size(args.size)
     if width % layout.PIXELS_PER_GRID or height % layout.PIXELS_PER_GRID:
