@@ -106,6 +106,24 @@ def test_a_save_over_an_earlier_one_leaves_none_of_its_weight_files(release_dir,
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_convert_and_init_refuse_what_they_could_not_write_before_reading_anything(release_dir, tmp_path, capsys):
+    """--dtype float8 was a traceback and int32 an error from inside random init; a shard limit of 0
+    wrote one file a tensor; a --to that is a file failed with 'File exists' after the source was read."""
+    for argv, said in ((["convert", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+                       (["convert", "--max-shard-gb", "0"], "argument --max-shard-gb: 0 is out of range"),
+                       (["convert", "--max-shard-gb", "nan"], "argument --max-shard-gb: nan is out of range"),
+                       (["init", "--dtype", "float9"], "argument --dtype: invalid choice: 'float9'")):
+        src = ["--from", str(release_dir)] if argv[0] == "convert" else []
+        with pytest.raises(SystemExit):
+            cli.main([*argv[:1], *src, "--to", str(tmp_path / "out"), *argv[1:]])
+        assert said in capsys.readouterr().err, argv
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "a-file")]) == 2
+    out, err = capsys.readouterr()
+    assert f"--to {tmp_path / 'a-file'} is a file; give a directory" in err and "read a" not in out
+    assert not (tmp_path / "out").exists()
+
+
 def test_sharded_write_has_an_index(release_dir, tmp_path):
     from unitoken_jax.convert import hf as hf_io
 

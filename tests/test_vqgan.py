@@ -2,6 +2,7 @@
 Encoder/Decoder (the layout of Meta's vqgan.ckpt), on random tiny weights through our loaders."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -205,6 +206,13 @@ def test_cli_reconstruct_writes_the_picture_and_says_the_grid(tmp_path, capsys):
                      "--vqgan", str(tmp_path / "no-vqgan-here")]) == 2
     err = capsys.readouterr().err
     assert "missing.png" in err and "no-vqgan-here" not in err
+    # a side the VQ-GAN cannot take is said by option (it was the encoder's "pixels must be [N, H, W, 3] ...")
+    assert cli.main(["reconstruct", str(tmp_path / "cat.png"), "--out", str(out), "--size", "65",
+                     "--vqgan", str(tmp_path / "vqgan.ckpt")]) == 2
+    assert re.search(r"--size 65: this VQ-GAN takes sides that are multiples of \d+ px", capsys.readouterr().err)
+    with pytest.raises(SystemExit):  # (and one of 0 or less by argparse: it was "height and width must be > 0")
+        cli.main(["reconstruct", str(tmp_path / "cat.png"), "--out", str(out), "--size", "0"])
+    assert "argument --size: 0 is out of range" in capsys.readouterr().err
 
 
 def test_generated_ids_decode_to_pictures(tmp_path):

@@ -24,6 +24,9 @@ CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings
 def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
 
+    if os.path.exists(args.dst) and not os.path.isdir(args.dst):  # found after reading the source, before
+        raise ValueError(f"--to {args.dst} is a file; give a directory")
+
     if args.quantize not in (None, "none"):  # quantize once: HF or float Orbax -> an int8 Orbax checkpoint
         import unitoken_jax
 
@@ -92,6 +95,9 @@ def _reconstruct(args) -> int:
     args.size = 512 if args.size is None else args.size
     image = load_image(args.image)  # a bad picture is refused before the VQ-GAN loads
     vq = VQTokenizer.load(vqgan)
+    if args.size % vq.config.downsample_factor:
+        raise ValueError(f"--size {args.size}: this VQ-GAN takes sides that are multiples of "
+                         f"{vq.config.downsample_factor} px")
     codes = vq.encode_images([image], size=args.size)
     h, w = codes.shape[1:]
     picture = vq.decode_to_pil(codes)[0]
@@ -294,6 +300,17 @@ def _whole(least: int, most: int | None = None):
                                              + (f"at least {least}" if most is None else f"in [{least}, {most}]"))
         return value
     return parse
+
+
+def _more_than_zero(text: str) -> float:
+    """An argparse type: a finite number above 0 (a size or a limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: it must be a number above 0")
+    return value
 
 
 def _ids(text: str) -> list[int]:
@@ -816,12 +833,12 @@ def _parser() -> argparse.ArgumentParser:
     convert = add_parser("convert", help="HF safetensors layout <-> our Orbax checkpoint (direction from --from)")
     convert.add_argument("--from", dest="src", required=True, help="an HF-format dir, or one of our Orbax dirs")
     convert.add_argument("--to", dest="dst", required=True, help="output directory")
-    convert.add_argument("--dtype", default=None,
+    convert.add_argument("--dtype", default=None, choices=DTYPES[1:],
                          help="dtype to store (default: the source's own, so the conversion is lossless)")
     convert.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                          help="int8: store weight-only int8 (our Orbax format only), so later loads need no "
                               "quantizing")
-    convert.add_argument("--max-shard-gb", type=float, default=SHARD_BYTES / 1024**3,
+    convert.add_argument("--max-shard-gb", type=_more_than_zero, default=SHARD_BYTES / 1024**3,
                          help="largest safetensors file written (and held in memory) when writing the HF layout")
     convert.set_defaults(func=_convert)
     init = add_parser("init", help="write a randomly initialised model in the HF layout")
@@ -829,7 +846,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="a model config: 'tiny', '7b', '7b_anyres', or FILE.py[:ARG] with get_config(arg).model")
     init.add_argument("--to", dest="dst", required=True, help="output directory")
     init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--dtype", default="float32", help="dtype of the written tensors")
+    init.add_argument("--dtype", default="float32", choices=DTYPES[1:], help="dtype of the written tensors")
     init.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoint --to holds (refused without it: random weights over a model's)")
     init.set_defaults(func=_init)
@@ -839,7 +856,7 @@ def _parser() -> argparse.ArgumentParser:
     recon.add_argument("--vqgan", default=None, help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this "
                                                      "package wrote, or an HF Chameleon / UniToken dir; default "
                                                      "$UNITOKEN_VQGAN, else the bundled shapes-world VQ-GAN")
-    recon.add_argument("--size", type=int, default=None,
+    recon.add_argument("--size", type=_whole(1), default=None,
                        help="crop side in pixels (a multiple of 32; default 512, 64 with the bundled VQ-GAN)")
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
@@ -899,7 +916,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
             p.add_argument("--top-k", type=_whole(0, 2**31 - 1), default=2000,
                            help="each image code is drawn from the k likeliest (0: from all)")
-            p.add_argument("--temperature", type=float, default=1.0, help="image-code sampling temperature (0: the likeliest code, greedy)")
+            p.add_argument("--temperature", type=float, default=1.0,
+                           help="image-code sampling temperature (0: the likeliest code, greedy)")
         else:
             p.add_argument("--max-new-tokens", type=_whole(1), default=256, help="the longest answer, in tokens")
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -1006,14 +1024,17 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--name", default="unitoken")
     pre.add_argument("--split", default="train")
     pre.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
-    pre.add_argument("--vq-size", type=_whole(1), default=None, help="side of the VQ crop (512; with the demo tokenizers 32)")
+    pre.add_argument("--vq-size", type=_whole(1), default=None,
+                     help="side of the VQ crop (512; with the demo tokenizers 32)")
     pre.add_argument("--siglip-size", type=_whole(1), default=None,
                      help="side of a SigLIP tile (384; with the demo tokenizers 56)")
     pre.add_argument("--patch", type=_whole(1), default=14, help="SigLIP patch size")
-    pre.add_argument("--max-length", type=_whole(0), default=4096, help="longer items are skipped and listed (0: no limit)")
+    pre.add_argument("--max-length", type=_whole(0), default=4096,
+                     help="longer items are skipped and listed (0: no limit)")
     pre.add_argument("--chunk-size", type=_whole(1), default=512, help="items per resumable chunk")
     pre.add_argument("--vq-batch", type=_whole(1), default=32, help="images per VQ-GAN call")
-    pre.add_argument("--process-index", type=_whole(0), default=0, help="this process's share (chunk %% count == index)")
+    pre.add_argument("--process-index", type=_whole(0), default=0,
+                     help="this process's share (chunk %% count == index)")
     pre.add_argument("--process-count", type=_whole(1), default=1)
     pre.set_defaults(func=_pretokenize)
     tra = sub.add_parser(
