@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -122,6 +123,28 @@ def test_convert_and_init_refuse_what_they_could_not_write_before_reading_anythi
     out, err = capsys.readouterr()
     assert f"--to {tmp_path / 'a-file'} is a file; give a directory" in err and "read a" not in out
     assert not (tmp_path / "out").exists()
+
+
+def test_load_and_text_logits_refuse_what_would_run_wrong(release_dir):
+    """param_dtype='float8' was numpy's 'data type not understood' and 'int32' an error from inside
+    random init; token ids past the vocabulary or below 0 read another embedding row, floats were
+    cut to integers, an empty row divided by zero: each silently or far from the cause."""
+    for dtype in ("float8", "int32"):
+        with pytest.raises(ValueError, match=f"param_dtype='{dtype}'; choose one of float32, bfloat16"):
+            unitoken_jax.load(str(release_dir), param_dtype=dtype)
+    model = unitoken_jax.load(str(release_dir))
+    with pytest.raises(ValueError, match="dtype='int8' is not a dtype the model runs in"):
+        model.config.replace(dtype="int8")
+    vocab, positions = model.config.decoder.vocab_size, model.config.decoder.max_position_embeddings
+    for ids, says in ((np.zeros((1, 0), np.int32), "has 0 tokens a row"),
+                      (np.ones((1, positions + 1), np.int32), f"has {positions + 1} tokens a row; the model takes 1 "
+                                                              f"to {positions}"),
+                      (np.array([[1.5, 2.0]]), "must be integers, got float64"),
+                      (np.array([[3, vocab]]), re.escape(f"must be in [0, {vocab}), got 3 to {vocab}")),
+                      (np.array([[-1, 3]]), re.escape(f"must be in [0, {vocab}), got -1 to 3"))):
+        with pytest.raises(ValueError, match=says):
+            model.text_logits(ids)
+    assert model.text_logits(np.array([[0, vocab - 1]])).shape == (1, 2, vocab)  # the ends are in range
 
 
 def test_sharded_write_has_an_index(release_dir, tmp_path):

@@ -27,7 +27,7 @@ from unitoken_jax.convert import hf as hf_io
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert import peft as peft_io
 from unitoken_jax.models import lora as lora_lib
-from unitoken_jax.models.config import UniTokenConfig, check_quantize
+from unitoken_jax.models.config import FLOAT_DTYPES, UniTokenConfig, check_quantize
 from unitoken_jax.models.loss import lm_loss
 from unitoken_jax.models.quantize import LeafQuantizer, quantize_params
 from unitoken_jax.models.unitoken import (
@@ -109,10 +109,17 @@ class UniTokenModel:
     def text_logits(self, token_ids) -> jax.Array:
         """float32 logits [B, L, vocab] of the decoder for int token ids [B, L] (one sample a row)."""
         self._need("decoder")
-        tokens = jnp.asarray(token_ids, jnp.int32)
-        if tokens.ndim != 2:
-            raise ValueError(f"token_ids must be [batch, length], got shape {tokens.shape}")
-        return self._run("text_logits", tokens)
+        ids = np.asarray(token_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"token_ids must be [batch, length], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):  # (1.5 was read as 1)
+            raise ValueError(f"token_ids must be integers, got {ids.dtype}")
+        vocab, positions = self.config.decoder.vocab_size, self.config.decoder.max_position_embeddings
+        if ids.shape[1] == 0 or ids.shape[1] > positions:  # (past its positions: no error, and garbage)
+            raise ValueError(f"token_ids has {ids.shape[1]} tokens a row; the model takes 1 to {positions}")
+        if ids.min() < 0 or ids.max() >= vocab:  # an embedding lookup out of range reads another row, silently
+            raise ValueError(f"token ids must be in [0, {vocab}), got {ids.min()} to {ids.max()}")
+        return self._run("text_logits", jnp.asarray(ids, jnp.int32))
 
     def _pixels(self, pixel_values):
         pixels = jnp.asarray(pixel_values, jnp.float32)
@@ -387,6 +394,9 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
             config_overrides["dtype"] = auto_dtype(platform)
     if quantize is not None:
         check_quantize(quantize)
+    if param_dtype is not None and param_dtype not in FLOAT_DTYPES:  # (before anything is read)
+        raise ValueError(f"param_dtype={param_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}, 'auto' or None (the "
+                         "checkpoint's own)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     late_quantize = quantize if adapters is not None and quantize not in (None, "none") else None

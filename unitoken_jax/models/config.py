@@ -13,6 +13,7 @@ import typing
 from typing import Any, Mapping
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # names, as configs and checkpoints write them
 QUANTIZE_MODES = ("none", "int8")
 ATTENTION_BACKENDS = ("auto", "splash", "cudnn", "xla")
 # LoRA targets: the decoder's projections by their transformers names (what PEFT's target_modules
@@ -190,6 +191,10 @@ class UniTokenConfig:
             self.decoder.validate()
         if self.vision is not None:
             self.vision.validate()
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in FLOAT_DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype the model runs in; choose one of "
+                                 f"{', '.join(FLOAT_DTYPES)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         check_quantize(self.quantize)
