@@ -30,6 +30,10 @@ def test_it_answers_about_held_out_pictures(pipe):
         right += sum(g.strip() == e for g, e in zip(got, expected))
         total += len(things)
     assert right >= 0.9 * total, (right, total)
+    # the pictures as uint8 arrays (as numpy holds them) get the answers the PIL pictures get
+    question = [shapes.QUESTIONS["colour"]] * 4
+    assert pipe.understand([[np.asarray(p)] for p in pictures[:4]], question, max_new_tokens=8) == \
+        pipe.understand([[p] for p in pictures[:4]], question, max_new_tokens=8)
 
 
 def test_it_draws_held_out_prompts(pipe):

@@ -201,3 +201,25 @@ def test_a_long_strip_is_cropped_without_scaling_all_of_it(seed):
     got = np.asarray(vq_crop(small, 64, seed=seed), np.int16)
     want = np.asarray(_cover_then_crop(small, 64, seed), np.int16)
     assert np.abs(got - want).max() <= 1
+
+
+def test_a_uint8_array_is_a_picture_and_other_arrays_and_objects_are_refused_by_what_they_are():
+    """An array (as numpy, PIL and skimage hold pictures) went to PIL's file opener: "'numpy.ndarray'
+    object has no attribute 'read'"."""
+    cat = skdata.chelsea()  # [H, W, 3] uint8
+    np.testing.assert_array_equal(np.asarray(load_image(cat)), cat)
+    rgba = np.dstack([cat, np.full(cat.shape[:2], 128, np.uint8)])
+    assert load_image(rgba).mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(load_image(rgba)), rgba)
+    grey = cat[..., 0]
+    for array in (grey, grey[..., None]):
+        picture = load_image(array)
+        assert picture.mode == "L"
+        np.testing.assert_array_equal(np.asarray(picture), grey)
+    with pytest.raises(ImageError, match=r"<array 300x451x3 float64>: an array picture holds uint8 values 0\.\.255"):
+        load_image(cat / 255.0)  # 0..1, -1..1 or 0..255 cannot be told from the values: said, not guessed
+    with pytest.raises(ImageError, match=r"is \[H, W\] or \[H, W, 1 \| 3 \| 4\], got shape \(4, 4, 5\)"):
+        load_image(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ImageError, match="a picture is a path, bytes, a file object, a PIL image or a uint8 array; "
+                                         "got int"):
+        load_image(5)

@@ -17,7 +17,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError, ImageFont
 
-ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image]
+ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 # Larger images are refused from their header, before any pixel is decoded (a decompression bomb
 # is a small file that claims a huge size). 8192 x 8192 is far beyond what either encoder uses.
@@ -36,16 +36,24 @@ def _describe(source) -> str:
         return str(source)
     if isinstance(source, bytes):
         return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {'x'.join(map(str, source.shape))} {source.dtype}>"
     return getattr(source, "name", None) or type(source).__name__
 
 
 def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str | None = None) -> Image.Image:
-    """Opens `source` (a path, bytes, a file object or a PIL image) as an RGB PIL image. A picture
-    of more than `max_pixels` is refused from its header. `what` names the picture in errors
-    (default: its path, else its size in bytes)."""
+    """Opens `source` (a path, bytes, a file object, a PIL image, or a uint8 array [H, W] or
+    [H, W, 1 | 3 | 4] as numpy and PIL hold pictures) as an RGB PIL image. A picture of more than
+    `max_pixels` is refused from its header. `what` names the picture in errors (default: its path,
+    else its size in bytes)."""
     what = what or _describe(source)
     if isinstance(source, Image.Image):
         image = source
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source, what)
+    elif not isinstance(source, (str, os.PathLike, bytes)) and not hasattr(source, "read"):
+        raise ImageError(f"{what}: a picture is a path, bytes, a file object, a PIL image or a uint8 array; "
+                         f"got {type(source).__name__}")
     else:
         if isinstance(source, (str, os.PathLike)):
             if not os.path.exists(source):
@@ -76,6 +84,18 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{what}: the image has no pixels ({image.width}x{image.height})")
     return _standard_mode(image)
+
+
+def _from_array(array: np.ndarray, what: str) -> Image.Image:
+    """A uint8 picture array, [H, W] or [H, W, C] with C of 1, 3 or 4, as a PIL image."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ImageError(f"{what}: an array picture is [H, W] or [H, W, 1 | 3 | 4], got shape {array.shape}")
+    if array.dtype != np.uint8:  # a float array's range (0..1? -1..1? 0..255?) cannot be told from it
+        raise ImageError(f"{what}: an array picture holds uint8 values 0..255, got {array.dtype} (scale and "
+                         "convert it first, e.g. (x * 255).round().astype(np.uint8) for values in 0..1)")
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def _standard_mode(image: Image.Image) -> Image.Image:
