@@ -42,6 +42,12 @@ def test_it_draws_held_out_prompts(pipe):
     assert all(p.size == (64, 64) for pics in pictures for p in pics)
     right = sum(shapes.check_picture(p).matches(t) for pics, t in zip(pictures, things) for p in pics)
     assert right >= 0.7 * 2 * len(things), right  # chance: 1 in 48
+    # with no size, the pipeline's own: 64 x 64 for this model (512 x 512 was asked of it, and refused)
+    assert pipe.default_size == (64, 64)
+    assert pipe.generate_image(things[0].text, seed=0, progress=False)[0].size == (64, 64)
+    np.testing.assert_array_equal(np.asarray(pipe.edit(pictures[0][0], "make it blue", seed=1, progress=False)),
+                                  np.asarray(pipe.edit(pictures[0][0], "make it blue", size=(64, 64), seed=1,
+                                                       progress=False)))
 
 
 def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog):

@@ -100,13 +100,15 @@ class UniTokenPipeline:
     def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int | None = None,
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
-                 cache_growth: int | None = None):
-        """Defaults come from the model: `image_prefix` the reference's 16853 where the vocabulary
+                 cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512)):
+        """`default_size`: (width, height) of a picture drawn or edited without a `size` (the bundled
+        model's pipeline: its 64 x 64). Other defaults come from the model: `image_prefix` the reference's 16853 where the vocabulary
         has that id (none otherwise), `vq_size` 512 or, for a model too short for 512 px of codes,
         the largest halving whose code grid takes at most a quarter of its length, `siglip_size`
         and the patch from its vision tower. `cache_growth`: see `DecodeLoop` (on a CPU, e.g. 128:
         a few per cent faster steps at most, more compiles on the first call)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
+        self.default_size = _size_pair(default_size)
         vocab = model.config.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
@@ -161,7 +163,7 @@ class UniTokenPipeline:
         return Request(**self._encode(item), **{"max_new_tokens": 256, **options})
 
     def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
-        w, h = _size_pair(size)
+        w, h = _size_pair(self.default_size if size is None else size)
         unit = layout.PIXELS_PER_GRID
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (w, h)) \
                 or w % unit or h % unit:
@@ -186,15 +188,16 @@ class UniTokenPipeline:
                     "stop_after_image": True}
         return Request(**encoded, grid_hw=grid_hw, cfg_scale=cfg, uncond_tokens=uncond, **{**defaults, **options})
 
-    def generate_request(self, prompt: str, *, size=(512, 512), cfg: float = 3.0, negative_prompt=None,
+    def generate_request(self, prompt: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                          **options) -> Request:
+        """`size`: (width, height) in pixels, multiples of 32; None: the pipeline's `default_size`."""
         _texts([prompt], "prompt")
-        w, h = _size_pair(size)
+        w, h = _size_pair(self.default_size if size is None else size)
         text = self.generate_template.format(w=w, h=h, prompt=prompt)
         item = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": None}]}
         return self._image_request(item, size, cfg, negative_prompt, **options)
 
-    def edit_request(self, image, instruction: str, *, size=(512, 512), cfg: float = 3.0, negative_prompt=None,
+    def edit_request(self, image, instruction: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                      **options) -> Request:
         item = {"conversations": [{"from": "human", "value": f"<|image|>\n{instruction}"},
                                   {"from": "gpt", "value": None}], "image": [image]}
@@ -335,7 +338,7 @@ class UniTokenPipeline:
         texts = ["".join(p for p in parts if isinstance(p, str)) for parts in results]
         return texts[0] if single else texts
 
-    def generate_image(self, prompt, *, size=(512, 512), cfg: float = 3.0, n: int = 1, seed: int = 0,
+    def generate_image(self, prompt, *, size=None, cfg: float = 3.0, n: int = 1, seed: int = 0,
                        progress: bool = True, batch_size: int | None = None,
                        **options) -> list[Image.Image] | list[list[Image.Image]]:
         """n pictures per prompt (seeds seed, seed+1, ...); a list of prompts gives a list of lists.
@@ -352,7 +355,7 @@ class UniTokenPipeline:
         grouped = [pics[i * n:(i + 1) * n] for i in range(len(prompts))]
         return grouped[0] if single else grouped
 
-    def edit(self, image, instruction: str, *, size=(512, 512), cfg: float = 3.0, seed: int = 0,
+    def edit(self, image, instruction: str, *, size=None, cfg: float = 3.0, seed: int = 0,
              progress: bool = True, **options):
         (result,) = self.run([self.edit_request(image, instruction, size=size, cfg=cfg, seed=seed, **options)],
                              progress=progress)

@@ -75,7 +75,8 @@ def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantiz
                               mesh=mesh, quantize=quantize, adapters=adapters)
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
-                            image_prefix=s["image_prefix"], cache_growth=cache_growth)
+                            image_prefix=s["image_prefix"], cache_growth=cache_growth,
+                            default_size=tuple(s["size"]))
 
 
 if __name__ == "__main__":
