@@ -24,9 +24,8 @@ CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings
 def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
 
-    if os.path.exists(args.dst) and not os.path.isdir(args.dst):  # found after reading the source, before
+    if os.path.exists(args.dst) and not os.path.isdir(args.dst):  # (was 'File exists', after reading the source)
         raise ValueError(f"--to {args.dst} is a file; give a directory")
-
     if args.quantize not in (None, "none"):  # quantize once: HF or float Orbax -> an int8 Orbax checkpoint
         import unitoken_jax
 

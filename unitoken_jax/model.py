@@ -109,7 +109,10 @@ class UniTokenModel:
     def text_logits(self, token_ids) -> jax.Array:
         """float32 logits [B, L, vocab] of the decoder for int token ids [B, L] (one sample a row)."""
         self._need("decoder")
-        ids = np.asarray(token_ids)
+        if isinstance(token_ids, jax.Array) and not token_ids.is_fully_addressable:
+            ids, values = token_ids, None  # a multi-host array: its values are not all on this host to check
+        else:
+            ids = values = np.asarray(token_ids)
         if ids.ndim != 2:
             raise ValueError(f"token_ids must be [batch, length], got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):  # (1.5 was read as 1)
@@ -117,8 +120,8 @@ class UniTokenModel:
         vocab, positions = self.config.decoder.vocab_size, self.config.decoder.max_position_embeddings
         if ids.shape[1] == 0 or ids.shape[1] > positions:  # (past its positions: no error, and garbage)
             raise ValueError(f"token_ids has {ids.shape[1]} tokens a row; the model takes 1 to {positions}")
-        if ids.min() < 0 or ids.max() >= vocab:  # an embedding lookup out of range reads another row, silently
-            raise ValueError(f"token ids must be in [0, {vocab}), got {ids.min()} to {ids.max()}")
+        if values is not None and (values.min() < 0 or values.max() >= vocab):  # (silently another embedding row)
+            raise ValueError(f"token ids must be in [0, {vocab}), got {values.min()} to {values.max()}")
         return self._run("text_logits", jnp.asarray(ids, jnp.int32))
 
     def _pixels(self, pixel_values):

@@ -102,11 +102,12 @@ class UniTokenPipeline:
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
                  cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512)):
         """`default_size`: (width, height) of a picture drawn or edited without a `size` (the bundled
-        model's pipeline: its 64 x 64). Other defaults come from the model: `image_prefix` the reference's 16853 where the vocabulary
-        has that id (none otherwise), `vq_size` 512 or, for a model too short for 512 px of codes,
-        the largest halving whose code grid takes at most a quarter of its length, `siglip_size`
-        and the patch from its vision tower. `cache_growth`: see `DecodeLoop` (on a CPU, e.g. 128:
-        a few per cent faster steps at most, more compiles on the first call)."""
+        model's pipeline: its 64 x 64). Other defaults come from the model: `image_prefix` the
+        reference's 16853 where the vocabulary has that id (none otherwise), `vq_size` 512 or, for a
+        model too short for 512 px of codes, the largest halving whose code grid takes at most a
+        quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
+        `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster steps at most, more compiles on the
+        first call)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.default_size = _size_pair(default_size)
         vocab = model.config.decoder.vocab_size
