@@ -24,8 +24,7 @@ CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings
 def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
 
-    if os.path.exists(args.dst) and not os.path.isdir(args.dst):  # (was 'File exists', after reading the source)
-        raise ValueError(f"--to {args.dst} is a file; give a directory")
+    _directory_option("--to", args.dst)  # (was 'File exists', after reading the source)
     if args.quantize not in (None, "none"):  # quantize once: HF or float Orbax -> an int8 Orbax checkpoint
         import unitoken_jax
 
@@ -57,8 +56,7 @@ def _init(args) -> int:
     from unitoken_jax.model import UniTokenModel
     from unitoken_jax.models.config import UniTokenConfig
 
-    if os.path.isfile(args.dst):
-        raise ValueError(f"--to {args.dst} is a file; give a directory")
+    _directory_option("--to", args.dst)
     held = sorted(f for f in os.listdir(args.dst) if f == "config.json" or f.endswith(".safetensors")) \
         if os.path.isdir(args.dst) else []
     held += ["our Orbax checkpoint"] if orbax_io.is_orbax_checkpoint(args.dst) else []
@@ -299,6 +297,12 @@ def _whole(least: int, most: int | None = None):
                                              + (f"at least {least}" if most is None else f"in [{least}, {most}]"))
         return value
     return parse
+
+
+def _directory_option(option: str, path: str) -> None:
+    """A directory option (written into, made if missing) that names a file is refused before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a file; give a directory")
 
 
 def _more_than_zero(text: str) -> float:
@@ -649,8 +653,7 @@ def _chat(args) -> int:
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
     Request(np.zeros(1, np.int32), **options)  # bad options end the chat before it starts
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):  # (before the model loads)
-        raise ValueError(f"--out-dir {args.out_dir} is a file; give a directory for the pictures the model draws")
+    _directory_option("--out-dir", args.out_dir)  # (before the model loads)
     pipe = _pipeline(args)
     width, height = _size(args.size)
     if width % layout.PIXELS_PER_GRID or height % layout.PIXELS_PER_GRID:

@@ -225,7 +225,7 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
         raise ValueError(f"process_count={process_count} must be at least 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
-    factor = getattr(getattr(vq, "config", None), "downsample_factor", 1)
+    factor = vq.config.downsample_factor
     if settings.vq_size % factor:
         raise ValueError(f"vq_size={settings.vq_size}: the VQ-GAN takes sides that are multiples of {factor} px "
                          f"(e.g. {max(factor, settings.vq_size // factor * factor)})")

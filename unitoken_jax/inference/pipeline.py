@@ -196,7 +196,7 @@ class UniTokenPipeline:
         w, h = _size_pair(self.default_size if size is None else size)
         text = self.generate_template.format(w=w, h=h, prompt=prompt)
         item = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": None}]}
-        return self._image_request(item, size, cfg, negative_prompt, **options)
+        return self._image_request(item, (w, h), cfg, negative_prompt, **options)
 
     def edit_request(self, image, instruction: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                      **options) -> Request:
