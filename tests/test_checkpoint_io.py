@@ -109,11 +109,13 @@ def test_a_save_over_an_earlier_one_leaves_none_of_its_weight_files(release_dir,
 
 def test_convert_and_init_refuse_what_they_could_not_write_before_reading_anything(release_dir, tmp_path, capsys):
     """--dtype float8 was a traceback and int32 an error from inside random init; a shard limit of 0
-    wrote one file a tensor; a --to that is a file failed with 'File exists' after the source was read."""
+    wrote one file a tensor; a --to that is a file failed with 'File exists' after the source was read;
+    init took a negative seed, which no sampling verb takes."""
     for argv, said in ((["convert", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
                        (["convert", "--max-shard-gb", "0"], "argument --max-shard-gb: 0 is out of range"),
                        (["convert", "--max-shard-gb", "nan"], "argument --max-shard-gb: nan is out of range"),
-                       (["init", "--dtype", "float9"], "argument --dtype: invalid choice: 'float9'")):
+                       (["init", "--dtype", "float9"], "argument --dtype: invalid choice: 'float9'"),
+                       (["init", "--seed", "-1"], "argument --seed: -1 is out of range: it must be in [0, 4294967")):
         src = ["--from", str(release_dir)] if argv[0] == "convert" else []
         with pytest.raises(SystemExit):
             cli.main([*argv[:1], *src, "--to", str(tmp_path / "out"), *argv[1:]])

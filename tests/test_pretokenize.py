@@ -249,6 +249,8 @@ def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_pa
     listed = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
     assert [b["id"] for b in listed] == [b["id"] for b in bad]
     assert all("ConversationError" in b["reason"] for b in listed)
+    assert "'image' must be a file name or a list of them (from Python also pictures: PIL images, uint8 arrays" \
+        in listed[2]["reason"]  # what encode_item takes: the message once named file names only
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(ok) + "\n" + '{"id": "x", "conversations": [\n')

@@ -847,7 +847,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--config", default="tiny",
                       help="a model config: 'tiny', '7b', '7b_anyres', or FILE.py[:ARG] with get_config(arg).model")
     init.add_argument("--to", dest="dst", required=True, help="output directory")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0,
+                      help="initialisation seed, as the sampling verbs take one: the same seed, the same weights")
     init.add_argument("--dtype", default="float32", choices=DTYPES[1:], help="dtype of the written tensors")
     init.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoint --to holds (refused without it: random weights over a model's)")

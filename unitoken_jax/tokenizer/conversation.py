@@ -99,7 +99,8 @@ def image_list(item: dict[str, Any]) -> list:
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     # file names (or, through the Python API, bytes / PIL images / file objects); never numbers or structures
     if any(p is None or isinstance(p, (bool, int, float, dict, list, tuple)) for p in images):
-        raise ConversationError(f"'image' must be a file name or a list of file names, got {item.get('image')!r}")
+        raise ConversationError("'image' must be a file name or a list of them (from Python also pictures: PIL "
+                                f"images, uint8 arrays, bytes, file objects), got {item.get('image')!r}")
     return images
 
 
