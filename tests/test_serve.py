@@ -505,6 +505,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     _error(_post(server, chat, json={**good, "max_tokens": 100000}), 400, "max_tokens", "context_length_exceeded")
     _error(_post(server, chat, json={**good, "tools": [{"type": "function"}]}), 400, "tools")
     _error(_post(server, chat, json={**good, "bogus": 1}), 400, "bogus")
+    _error(_post(server, chat, json={**good, "stream": True, "stream_options": {"include_usage": "no"}}), 400,
+           "stream_options")  # read as true before
     draw = {"model": MODEL, "prompt": "a red circle at the top left", "size": SIZE}
     images = "/v1/images/generations"
     _error(_post(server, images, json={**draw, "size": "1024x1024"}), 400, "size", "invalid_size")

@@ -283,7 +283,9 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
     options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}):
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage"), (bool, type(None)))):
+        # a bool, as OpenAI types it: a string "no" would have read as true
         raise bad("'stream_options' is {'include_usage': bool}, and only with 'stream': true", "stream_options")
     return ChatCall(
         conversation=turns, images=images,
