@@ -97,7 +97,7 @@ def image_list(item: dict[str, Any]) -> list:
     if images is None:
         return []
     images = list(images) if isinstance(images, (list, tuple)) else [images]
-    # file names (or, through the Python API, bytes / PIL images / file objects); never numbers or structures
+    # numbers and structures are never pictures (the message below says what is)
     if any(p is None or isinstance(p, (bool, int, float, dict, list, tuple)) for p in images):
         raise ConversationError("'image' must be a file name or a list of them (from Python also pictures: PIL "
                                 f"images, uint8 arrays, bytes, file objects), got {item.get('image')!r}")
