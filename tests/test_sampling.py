@@ -16,13 +16,16 @@ def _softmax(x):
     return e / e.sum()
 
 
-def _kept_by_definition(logits, top_k, top_p):
+def _kept_by_definition(logits, top_k, top_p, temperature=1.0):
     """Indices kept: the top_k most likely (0 = all), then the smallest most-likely prefix of those
-    whose probability (renormalised over the top_k) reaches top_p."""
+    whose probability (softmax of logits / temperature, renormalised over the top_k: temperature
+    first, as transformers' warpers and OpenAI's API order them) reaches top_p."""
     order = np.argsort(-logits, kind="stable")
     if top_k > 0:
         order = order[:top_k]
-    probs = _softmax(logits[order])
+    if top_p >= 1:
+        return {int(i) for i in order}
+    probs = _softmax(logits[order] / temperature)
     kept, mass = [], 0.0
     for i, p in zip(order, probs):
         kept.append(int(i))
@@ -40,6 +43,30 @@ def test_the_kept_set_is_the_definitions(top_k, top_p):
     out = np.asarray(sampling.kept(jnp.asarray(logits[None], jnp.float32), jnp.array([top_k]),
                                    jnp.array([top_p], jnp.float32)))[0]
     assert set(np.flatnonzero(out).tolist()) == _kept_by_definition(logits, top_k, top_p)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.5, 0.75), (0.5, 0.9), (2.0, 0.75), (2.0, 0.5)])
+def test_top_p_is_taken_of_the_distribution_at_the_temperature(temperature, top_p):
+    # at T=0.5, [0, -1] is 0.881 / 0.119: top-p 0.75 keeps one token (at T=1, 0.731: two); at T=2
+    # the probabilities flatten and more tokens are needed to reach top-p than at T=1
+    logits = np.array([0.0, -1.0, -1.5, -3.0, -4.0])
+    out = np.asarray(sampling.kept(jnp.asarray(logits[None], jnp.float32), jnp.array([0]),
+                                   jnp.array([top_p], jnp.float32), jnp.array([temperature], jnp.float32)))[0]
+    want = _kept_by_definition(logits, 0, top_p, temperature)
+    assert want != _kept_by_definition(logits, 0, top_p)  # the case tells the two orders apart
+    assert set(np.flatnonzero(out).tolist()) == want
+
+
+def test_a_row_without_a_nucleus_keeps_its_whole_set_beside_one_with_a_nucleus():
+    """A row at top_p = 1 keeps every token, also in a batch where another row asks for top-p < 1
+    and its own float32 probabilities sum to 1 or more (a batch of N equals N single runs)."""
+    logits = np.full((2, 8196), -30.0, np.float32)
+    logits[:, 0] = 0.0  # one token holds all but ~1e-9 of the mass: the rest sums to 1.0 in float32
+    top_p = np.array([1.0, 0.5], np.float32)
+    both = np.asarray(sampling.kept(jnp.asarray(logits), jnp.zeros(2, int), jnp.asarray(top_p)))
+    alone = np.asarray(sampling.kept(jnp.asarray(logits[:1]), jnp.zeros(1, int), jnp.asarray(top_p[:1])))
+    assert alone[0].all() and both[0].all()
+    assert np.flatnonzero(both[1]).tolist() == [0]
 
 
 def test_rows_keep_their_own_sets():
@@ -104,7 +131,7 @@ def _chi_square_ok(counts, probs, n):
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.6, 0, 1.0), (1.0, 4, 1.0), (1.0, 0, 0.8),
-                                                     (0.5, 5, 0.9)])
+                                                     (0.5, 5, 0.9), (0.5, 0, 0.75), (2.0, 0, 0.8)])
 def test_draws_follow_softmax_at_the_temperature_over_the_kept_set(temperature, top_k, top_p):
     logits = np.array([2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -2.0], np.float32)
     n = 4000
@@ -112,7 +139,7 @@ def test_draws_follow_softmax_at_the_temperature_over_the_kept_set(temperature, 
     tok = sampling.sample(jnp.broadcast_to(jnp.asarray(logits), (n, 8)), keys, jnp.full(n, temperature),
                           jnp.full(n, top_k), jnp.full(n, top_p, jnp.float32))
     counts = np.bincount(np.asarray(tok), minlength=8).astype(float)
-    kept = sorted(_kept_by_definition(logits, top_k, top_p))
+    kept = sorted(_kept_by_definition(logits, top_k, top_p, temperature))
     probs = np.zeros(8)
     probs[kept] = _softmax(logits[kept] / temperature)
     assert counts[[i for i in range(8) if i not in kept]].sum() == 0  # nothing outside the kept set

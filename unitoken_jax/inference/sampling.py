@@ -58,9 +58,10 @@ def _largest_key_where(test, rows: int, start_value=None, settled=None):
     return jax.lax.while_loop(unsettled, step, (jnp.int32(0), jnp.zeros((rows,), jnp.uint32), value))[1]
 
 
-def kept(logits_RV, top_k_R, top_p_R):
+def kept(logits_RV, top_k_R, top_p_R, temperature_R=None):
     """Which tokens each row may draw: its `top_k` most likely (0 = all), then of those the
-    smallest most-likely set whose probability (softmax of the logits over the top-k set)
+    smallest most-likely set whose probability (softmax of logits / temperature over the top-k
+    set, the order of transformers' warpers and of OpenAI's API; temperature 1 where None)
     reaches `top_p` (1 = all); the most likely token always. Tokens tied at a threshold are all
     kept. Masked logits (NEG_INF) are never kept."""
     rows, vocab = logits_RV.shape
@@ -81,10 +82,15 @@ def kept(logits_RV, top_k_R, top_p_R):
     keep = (keys >= jnp.where(k > 0, low, 0)[:, None]) & real
 
     def nucleus():  # keep u iff the mass above u is < top_p: u above the largest t with mass above >= top_p
-        probs = jax.nn.softmax(jnp.where(keep, logits_RV, NEG_INF), axis=-1)
+        # (logits - max) / T <= 0 cannot overflow at a small T; it may underflow to -inf, whose exp is 0
+        top = jnp.max(logits_RV, axis=-1, keepdims=True)
+        t_R = jnp.ones((rows,)) if temperature_R is None else jnp.where(temperature_R > 0, temperature_R, 1.0)
+        probs = jax.nn.softmax(jnp.where(keep, (logits_RV - top) / t_R[:, None], NEG_INF), axis=-1)
         above = lambda t: jnp.sum(jnp.where(keys > t[:, None], probs, 0.0), axis=1)  # noqa: E731
         t = _largest_key_where(lambda t: (above(t) >= top_p_R, jnp.zeros((rows,), jnp.int32)), rows)
-        everything = above(jnp.zeros((rows,), jnp.uint32)) < top_p_R
+        # a row at top_p = 1 keeps its whole top-k set even when its float32 mass sums to >= 1 (it
+        # runs this pass only because another row of its batch asked for a nucleus)
+        everything = (top_p_R >= 1) | (above(jnp.zeros((rows,), jnp.uint32)) < top_p_R)
         return keep & ((keys > t[:, None]) | everything[:, None])
 
     keep = jax.lax.cond(jnp.any(top_p_R < 1), nucleus, lambda: keep)
@@ -108,7 +114,7 @@ def sample(logits_RV, keys_R, temperature_R, top_k_R, top_p_R):
         vocab = logits_RV.shape[1]
         gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_R)
         t = jnp.where(temperature_R > 0, temperature_R, 1.0)[:, None]
-        scores = jnp.where(kept(logits_RV, top_k_R, top_p_R), logits_RV / t + gumbel, -jnp.inf)
+        scores = jnp.where(kept(logits_RV, top_k_R, top_p_R, temperature_R), logits_RV / t + gumbel, -jnp.inf)
         return jnp.where(temperature_R > 0, _argmax(scores), greedy)
 
     return jax.lax.cond(jnp.any(temperature_R > 0), draw, lambda: greedy)
