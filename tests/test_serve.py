@@ -399,6 +399,30 @@ def test_continuous_batching_answers_as_alone(pipe):
         server.stop()
 
 
+def test_a_continuous_servers_slot_length_bounds_its_calls(pipe):
+    """With `--slot-length` below the model's positions, an answer without max_tokens takes what
+    the slot leaves; a max_tokens or a picture the slot cannot hold gets 400 naming the slot length."""
+    settings = ServeSettings(model_name=MODEL, api_key=KEY, max_batch=4, default_size=(64, 64),
+                             sizes=((64, 64), (128, 128)), batching="continuous", slot_length=64)
+    server = _Running(create_app(pipe, settings))
+    try:
+        messages = [{"role": "user", "content": "Describe the picture."}]
+        reply = server.client(timeout=120).chat.completions.create(model=MODEL, messages=messages)
+        assert reply.choices[0].message.content
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 64
+        error = _error(_post(server, "/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                                   "max_tokens": 100}),
+                       400, "max_tokens", "context_length_exceeded")
+        assert "(--slot-length) 64 positions" in error["message"]
+        # a 128x128 picture needs 100 positions with its prompt: the model has them, a slot does not
+        error = _error(_post(server, "/v1/images/generations", json={"model": MODEL, "prompt": "a red circle",
+                                                                     "size": "128x128"}),
+                       400, code="context_length_exceeded")
+        assert "slots of 64 positions (--slot-length)" in error["message"]
+    finally:
+        server.stop()
+
+
 def test_a_question_overtakes_a_long_answer_with_continuous_batching(pipe):
     """The continuous scheduler admits a short question while a 400-token answer is decoding, and
     the question finishes first; the static one makes it wait for the running batch."""
@@ -435,6 +459,90 @@ def test_a_question_overtakes_a_long_answer_with_continuous_batching(pipe):
         finally:
             scheduler.stop()
     assert order == {"continuous": ["short", "long"], "static": ["long", "short"]}, order
+
+
+def _device_fault():
+    raise RuntimeError("simulated device fault")
+
+
+def test_a_failed_chunk_fails_its_calls_and_the_continuous_worker_serves_the_next(pipe, monkeypatch):
+    """A chunk that fails on the device (the state the loop was donated gone) fails the running
+    calls with the error; the worker lives on and the next call gets what it gets alone. A guided
+    picture's tokens are counted once, not again on its unconditional partner's row."""
+    import functools
+
+    import jax
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def consume(state):
+        jax.debug.callback(_device_fault)
+        return jax.tree.map(lambda x: x + 0 if x.dtype != bool else x, state)
+
+    loop = pipe.decode_loop
+    question = pipe.understand_request([shapes.draw([Thing("red", "circle", "top left")])],
+                                       "What colour is the shape?", max_new_tokens=8)
+    picture = pipe.generate_request("a blue square at the bottom right", size=(64, 64), cfg=3.0, seed=1)
+    scheduler = ContinuousScheduler(PipelineEngine(pipe, max_rows=4, chunk=8), slots=4, length=512, queue_limit=4)
+    scheduler.start()
+
+    def run(requests, timeout=120):
+        done, got = threading.Event(), []
+        scheduler.submit(Job(requests, on_finish=lambda out: (got.append(out), done.set())))
+        assert done.wait(timeout), "the call never finished"
+        return got[0]
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(loop, "_run", lambda params, state, *rest: consume(state))
+            failed = run([question])
+        assert isinstance(failed, Exception) and "simulated device fault" in str(failed)
+        assert scheduler._thread.is_alive() and scheduler.failed_batches == 1
+        answer = run([question])
+        np.testing.assert_array_equal(answer[0].ids, pipe.decode_loop.generate([question]).tokens[0])
+        before = scheduler.generated_tokens
+        drawn = run([picture])
+        assert scheduler.generated_tokens - before == len(drawn[0].ids)
+    finally:
+        scheduler.stop()
+
+
+def test_a_prefill_does_not_hold_up_the_calls_of_the_event_loop(pipe, monkeypatch):
+    """While the continuous worker admits a call (a prefill, maybe a compile), `submit`,
+    `queue_length` and `cancel`, which the server calls on its event loop, answer at once."""
+    scheduler = ContinuousScheduler(PipelineEngine(pipe, max_rows=4, chunk=8), slots=4, length=512, queue_limit=4)
+    admitting, release = threading.Event(), threading.Event()
+    admit_many = scheduler.decoder.admit_many
+
+    def held(requests):
+        admitting.set()
+        assert release.wait(60)
+        return admit_many(requests)
+
+    monkeypatch.setattr(scheduler.decoder, "admit_many", held)
+    question = pipe.understand_request([], "What colour is the shape?", max_new_tokens=4)
+    finished = []
+    scheduler.start()
+    try:
+        scheduler.submit(Job([question], on_finish=finished.append))
+        assert admitting.wait(60)
+        answered = threading.Event()
+
+        def caller():
+            second = Job([question], on_finish=finished.append)
+            scheduler.submit(second)
+            assert scheduler.queue_length == 1
+            assert scheduler.cancel(second)
+            answered.set()
+
+        threading.Thread(target=caller, daemon=True).start()
+        assert answered.wait(10), "submit / queue_length / cancel waited for the prefill"
+    finally:
+        release.set()
+    deadline = time.monotonic() + 60
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scheduler.stop()
+    assert len(finished) == 1 and not isinstance(finished[0], Exception)
 
 
 # --- refusals ----------------------------------------------------------------------------------------

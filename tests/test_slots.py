@@ -1,7 +1,11 @@
 """Continuous batching (`inference.slots.SlotDecoder`): requests admitted into free slots between
 chunks, while others run, give exactly the tokens they give alone with the same seeds; a guided
-picture takes two slots; slots free up and are reused; a request that cannot fit is refused."""
+picture takes two slots; slots free up and are reused; a request that cannot fit is refused; a
+chunk or a prefill that fails frees what it must and the decoder goes on."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 
@@ -148,3 +152,49 @@ def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
               "chat": ask(3.0)}
     out = SlotDecoder(pipe.decode_loop, slots=4, length=256, chunk=4).run_all(others)
     np.testing.assert_array_equal(out["chat"], guided)
+
+
+def _device_fault():
+    raise RuntimeError("simulated device fault")
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _consume(state):
+    """A run that fails on the device after it took (was donated) the state."""
+    jax.debug.callback(_device_fault)
+    return jax.tree.map(lambda x: x + 0 if x.dtype != bool else x, state)
+
+
+def test_a_failed_chunk_or_prefill_frees_slots_and_the_decoder_goes_on(pipe, monkeypatch):
+    """A chunk that fails on the device, with the state the loop was donated gone, raises; every
+    running request leaves its slots and the next one decodes as alone. A prefill that fails admits
+    none of its requests and the running ones go on to what they give alone."""
+    loop = pipe.decode_loop
+    colour = pipe.understand_request([], shapes.QUESTIONS["colour"], max_new_tokens=8)
+    place = pipe.understand_request([], shapes.QUESTIONS["place"], max_new_tokens=8)
+    alone = {name: loop.generate([r]).tokens[0] for name, r in (("colour", colour), ("place", place))}
+    decoder = SlotDecoder(loop, slots=4, length=128, chunk=4)
+    decoder.admit("a", colour)
+    decoder.admit("b", place)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_run", lambda params, state, *rest: _consume(state))
+        with pytest.raises(Exception, match="simulated device fault"):
+            decoder.step()
+    assert not decoder.busy and decoder.free_slots == 4
+    np.testing.assert_array_equal(decoder.run_all({"c": colour})["c"], alone["colour"])
+
+    caption = pipe.understand_request([], shapes.QUESTIONS["caption"], max_new_tokens=24, stop_tokens=())
+    decoder.admit("a", caption)
+    assert decoder.step() == {}  # part-way through
+
+    def no_memory(*args):
+        raise MemoryError("simulated: the prefill does not fit")
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_prefill", no_memory)
+        with pytest.raises(MemoryError):
+            decoder.admit_many({"b": place, "g": pipe.generate_request("a red circle", size=(64, 64), cfg=3.0)})
+    assert list(decoder.running) == ["a"] and decoder.free_slots == 3
+    out = decoder.run_all({"b": place})
+    np.testing.assert_array_equal(out["a"], loop.generate([caption]).tokens[0])
+    np.testing.assert_array_equal(out["b"], alone["place"])

@@ -89,14 +89,44 @@ class SlotDecoder:
         self._seeds = np.zeros(n, np.uint32)
         self._stop = np.full((n, 1), -1, np.int32)
         self._device_params = None  # RowParams on the device, rebuilt after an admission or a release
+        self.state = self._empty_state()
+
+    def _empty_state(self) -> SamplingState:
+        """Every slot free: finished rows over an empty cache."""
+        loop, n = self.loop, self.n_slots
         with sharding.mesh_context(loop.mesh):
             # the layout the loop's layers read: a buffer per layer when they are unrolled
-            cache = init_cache(config.decoder, n, length, loop.cache_dtype, per_layer=loop.layers == "unrolled")
+            cache = init_cache(loop.config.decoder, n, self.length, loop.cache_dtype,
+                               per_layer=loop.layers == "unrolled")
             grid = jax.tree.map(jnp.asarray, _initial_grid(self._dummy_rows(n)[0]))
-            self.state = SamplingState(grid=grid.replace(mode=jnp.full(n, DONE, jnp.int32)),
-                                       logits=jnp.zeros((n, self._vocab), jnp.float32), cache=cache,
-                                       out=jnp.zeros((n, length), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
-                                       done=jnp.ones(n, bool), step=jnp.zeros((), jnp.int32))
+            return SamplingState(grid=grid.replace(mode=jnp.full(n, DONE, jnp.int32)),
+                                 logits=jnp.zeros((n, self._vocab), jnp.float32), cache=cache,
+                                 out=jnp.zeros((n, self.length), jnp.int32), n_out=jnp.zeros(n, jnp.int32),
+                                 done=jnp.ones(n, bool), step=jnp.zeros((), jnp.int32))
+
+    def reset(self) -> None:
+        """Forgets every running request and kept cache: all slots free, over a new state (the
+        old one may be gone: the loop and the admission donate it, and a run that fails on the
+        device has consumed it)."""
+        self.running.clear()
+        self._held.clear()
+        self._free = list(range(self.n_slots))
+        self._params["primary"][:] = np.arange(self.n_slots)
+        self._params["uncond_row"][:] = -1
+        self._device_params = None
+        self.state = None  # (the old arrays go before the new ones are made)
+        self.state = self._empty_state()
+
+    def _recover(self, names) -> None:
+        """After a failed admission or chunk: `names` leave their slots; every request does (`reset`)
+        when the state did not come through: consumed by the failed run, or its result (an error
+        on the device surfaces when the arrays are waited for)."""
+        try:
+            jax.block_until_ready(self.state)  # (raises for a deleted array, too)
+            for name in names:
+                self.cancel(name)
+        except Exception:
+            self.reset()
 
     @staticmethod
     def _dummy_rows(n: int):
@@ -133,7 +163,8 @@ class SlotDecoder:
 
     def admit_many(self, requests: dict[Hashable, Request]) -> dict[Hashable, list[int]]:
         """Prefills several requests into free slots with one prefill; returns each one's slots.
-        A ValueError (and nothing admitted) when one is running already or they do not fit."""
+        A ValueError (and nothing admitted) when one is running already or they do not fit. When
+        the prefill fails, none is admitted and the error is raised (see `_recover`)."""
         need = sum(self.slots_needed(r) for r in requests.values())
         if need > len(self._free):
             raise ValueError(f"{', '.join(map(repr, requests))} need {need} free slot(s), {len(self._free)} are free")
@@ -166,10 +197,14 @@ class SlotDecoder:
             self._set_params(rows, slots, uncond[0] >= 0)
             self.running[name] = _Running(request, slots)
             out[name] = slots
-        if all_rows:
-            self._prefill_into(all_rows, all_slots)
-        for slot, request, start in extends:
-            self._extend_into(slot, request, start)
+        try:
+            if all_rows:
+                self._prefill_into(all_rows, all_slots)
+            for slot, request, start in extends:
+                self._extend_into(slot, request, start)
+        except Exception:  # none of them is admitted; the running ones go on unless the state is gone
+            self._recover(list(placed))
+            raise
         return out
 
     def _best_slot(self, request: Request) -> tuple[int | None, int]:
@@ -262,7 +297,8 @@ class SlotDecoder:
     # --- running ---------------------------------------------------------------------------
     def step(self) -> dict[Hashable, np.ndarray]:
         """Runs one chunk of the compiled loop over every slot; returns the requests that finished
-        in it (their generated ids), whose slots are free again."""
+        in it (their generated ids), whose slots are free again. When the chunk fails, every
+        running request leaves its slots and the error is raised: the decoder takes new ones."""
         if not self.running:
             return {}
         if self._device_params is None:
@@ -270,10 +306,14 @@ class SlotDecoder:
                                             key=jax.vmap(jax.random.key)(jnp.asarray(self._seeds)),
                                             stop_tokens=jnp.asarray(self._stop))
         loop = self.loop
-        with sharding.mesh_context(loop.mesh):
-            end = self.state.step + self.chunk
-            self.state = loop._run(loop.params, self.state, self._device_params, end, self.n_slots)
-        done, n_out = np.asarray(self.state.done), np.asarray(self.state.n_out)
+        try:
+            with sharding.mesh_context(loop.mesh):
+                end = self.state.step + self.chunk
+                self.state = loop._run(loop.params, self.state, self._device_params, end, self.n_slots)
+            done, n_out = np.asarray(self.state.done), np.asarray(self.state.n_out)  # (where a run's error shows)
+        except Exception:  # every running request leaves; the slots serve new ones
+            self._recover(list(self.running))
+            raise
         ended = [(name, running) for name, running in self.running.items() if done[running.slots[0]]]
         if not ended:
             return {}

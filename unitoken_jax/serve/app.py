@@ -58,7 +58,7 @@ from starlette.routing import Route
 
 from unitoken_jax.serve import metrics, wire
 from unitoken_jax.serve.engine import PipelineEngine
-from unitoken_jax.serve.scheduler import ContinuousScheduler, Expired, Job, QueueFull, Scheduler
+from unitoken_jax.serve.scheduler import ContinuousScheduler, DoesNotFit, Expired, Job, QueueFull, Scheduler
 from unitoken_jax.serve.wire import APIError, bad
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong, TextStream
@@ -192,6 +192,8 @@ class _Server:
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except DoesNotFit as e:
+            raise bad(str(e), None, "context_length_exceeded") from None
         except ValueError as e:
             raise bad(str(e), "n") from None
         return job, ticket
@@ -253,11 +255,14 @@ class _Server:
         except ConversationError as e:
             raise bad(str(e), "messages", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
                 from None
-        prompt, length = len(request.tokens), self.pipe.max_length
+        # a continuous server's calls each have a slot (--slot-length) of the model's positions
+        length = getattr(self.scheduler, "length", self.pipe.max_length)
+        whose = "the model's" if length == self.pipe.max_length else "this server's (--slot-length)"
+        prompt = len(request.tokens)
         room = length - prompt
         if room < 1 or (call.max_tokens or 0) > room:
             asked = f"max_tokens={call.max_tokens} does not fit: " if call.max_tokens else ""
-            raise bad(f"{asked}the conversation takes {prompt} of the model's {length} positions, leaving {room} "
+            raise bad(f"{asked}the conversation takes {prompt} of {whose} {length} positions, leaving {room} "
                       "for the answer", "max_tokens" if asked else "messages", "context_length_exceeded")
         return dataclasses.replace(request, max_new_tokens=call.max_tokens or room)
 

@@ -39,6 +39,10 @@ class Expired(Exception):
     """A call whose deadline passed before it could start."""
 
 
+class DoesNotFit(ValueError):
+    """A call longer than a continuous server's slots (`--slot-length`)."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One HTTP call's requests. `on_progress(ids)` (the ids each request has so far, after every
@@ -255,8 +259,8 @@ class ContinuousScheduler(Scheduler):
         for r in job.requests:
             longest = max(len(r.tokens), len(r.uncond_tokens) if r.uncond_tokens is not None else 0)
             if longest + r.max_new_tokens > self.length:
-                raise ValueError(f"a prompt of {longest} positions and {r.max_new_tokens} new tokens do not fit the "
-                                 f"model's {self.length} positions")
+                raise DoesNotFit(f"a prompt of {longest} positions and {r.max_new_tokens} new tokens do not fit "
+                                 f"this server's slots of {self.length} positions (--slot-length)")
         super().submit(job)  # a running call that is cancelled has its rows freed at the next chunk
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -267,18 +271,22 @@ class ContinuousScheduler(Scheduler):
         self._running.clear()
 
     # --- the worker ---------------------------------------------------------------------------------
-    def _admit(self) -> list[Job]:
-        """Under the lock: waits for work; drops expired calls; admits waiting calls in order while
-        they fit the free slots. Returns the expired ones (told outside the lock)."""
+    def _take(self) -> tuple[list[Job], dict]:
+        """Under the lock: waits for work; drops expired calls; takes waiting calls in order while
+        they fit the free slots. Returns the expired ones (told outside the lock) and the taken
+        ones' requests, which `_work` admits outside the lock: a prefill (and the compile of a new
+        shape) must not hold up `submit`, `cancel` and /metrics on the server's event loop."""
         while not self._waiting and not self._running and not self._stopping:
             self._cond.wait()
+        if self._stopping:
+            return [], {}
         now = time.monotonic()
         expired = [j for j in self._waiting if j.deadline is not None and j.deadline <= now]
         for job in expired:
             self._waiting.remove(job)
             job.state = "expired"
         self.expired += len(expired)
-        admitted, free = {}, self.decoder.free_slots
+        admitted, free = {}, self.decoder.free_slots  # (only this thread changes the decoder)
         while self._waiting and self.rows([self._waiting[0]]) <= free:
             job = self._waiting.popleft()
             free -= self.rows([job])
@@ -286,19 +294,24 @@ class ContinuousScheduler(Scheduler):
                 admitted[(id(job), i)] = r
             job.state = "running"
             self._running[id(job)] = (job, [None] * len(job.requests))
-        if admitted:  # one prefill for every call admitted now
-            self.decoder.admit_many(admitted)
-        self.rows_in_use = self.batch_rows = self.decoder.rows_in_use()
-        return expired
+        return expired, admitted
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                expired = self._admit()
+                expired, admitted = self._take()
                 if self._stopping:
                     return
             for job in expired:
                 job.on_finish(Expired("the call waited in the queue past its deadline"))
+            if admitted:  # one prefill for every call taken now
+                try:
+                    self.decoder.admit_many(admitted)
+                except Exception as e:  # those calls fail (and the running ones if the decoder lost them)
+                    log.exception("admitting %d request(s) failed", len(admitted))
+                    self._fail(e)
+            with self._cond:
+                self.rows_in_use = self.batch_rows = self.decoder.rows_in_use()
             for key, (job, _) in list(self._running.items()):
                 if job.abandoned:  # its client left: free its rows now
                     for i in range(len(job.requests)):
@@ -308,21 +321,32 @@ class ContinuousScheduler(Scheduler):
             if not self.decoder.busy:
                 continue
             start = time.monotonic()
-            before = int(np.asarray(self.decoder.state.n_out).sum())
+            # tokens are counted on each request's own row, not on a guided picture's partner
+            rows = [running.slots[0] for running in self.decoder.running.values()]
+            before = int(np.asarray(self.decoder.state.n_out)[rows].sum())
             try:
                 finished = self.decoder.step()
             except Exception as e:  # every running call fails; the server goes on with new ones
                 log.exception("a decoding chunk failed")
-                self.failed_batches += 1
-                for key, (job, _) in list(self._running.items()):
-                    for i in range(len(job.requests)):
-                        self.decoder.cancel((key, i))
-                    job.state = "done"
-                    job.on_finish(e)
-                self._running.clear()
+                self._fail(e)
                 continue
             seconds = time.monotonic() - start
-            self._account(finished, int(np.asarray(self.decoder.state.n_out).sum()) - before, seconds)
+            self._account(finished, int(np.asarray(self.decoder.state.n_out)[rows].sum()) - before, seconds)
+
+    def _fail(self, error: Exception) -> None:
+        """After a failed admission or chunk: every running call of which the decoder lost a
+        request (it left its slots: `SlotDecoder._recover`) fails with `error`; its other
+        requests leave theirs."""
+        self.failed_batches += 1
+        for key, (job, outputs) in list(self._running.items()):
+            names = [(key, i) for i, o in enumerate(outputs) if o is None]
+            if all(name in self.decoder.running for name in names):
+                continue
+            for name in names:
+                self.decoder.cancel(name)
+            del self._running[key]
+            job.state = "done"
+            job.on_finish(error)
 
     def _account(self, finished: dict, tokens: int, seconds: float) -> None:
         """Metrics of one chunk (`tokens` generated in it), and the calls that finished or moved on."""
