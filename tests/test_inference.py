@@ -324,6 +324,17 @@ def test_rows_stop_at_the_models_last_position_and_a_chats_turns_share_the_loop(
                                                     max_position_embeddings=len(picture.tokens) + need - 1))
     with pytest.raises(ValueError, match=f"the {need - 1} positions the model has after the prompt's"):
         DecodeLoop(tight, params).generate([picture])
+    # an unconditional context (a negative prompt) longer than the prompt: the room is the
+    # partner's, whose row writes a position for each new token (past the end, the cache's last
+    # position was overwritten again and again: a wrong picture, silently)
+    partner = np.concatenate([picture.tokens[:-1], picture.tokens])
+    guided = dataclasses.replace(picture, uncond_tokens=partner)
+    fits = lambda n: DecodeLoop(cfg.replace(decoder=dataclasses.replace(  # noqa: E731
+        cfg.decoder, max_position_embeddings=n)), params)
+    np.testing.assert_array_equal(fits(len(partner) + need).generate([guided]).tokens[0],
+                                  DecodeLoop(cfg, params).generate([guided]).tokens[0])
+    with pytest.raises(ValueError, match=f"the {need - 1} positions the model has after the unconditional context"):
+        fits(len(partner) + need - 1).generate([guided])
 
 
 def test_an_answer_cut_by_its_budget_or_the_models_end_is_said(pipe):
@@ -926,6 +937,7 @@ def test_the_python_api_refuses_what_is_not_a_prompt_or_a_size_and_runs_an_empty
     ("temperature", -1.0), ("image_temperature", float("nan")), ("top_k", -5), ("image_top_k", 2.5),
     ("top_p", 0.0), ("image_top_p", -1.0), ("top_p", 1.5), ("cfg_scale", -1.0), ("seed", 2 ** 32), ("seed", -1),
     ("max_new_tokens", 0), ("max_new_tokens", -1), ("grid_hw", (0, 2)), ("grid_hw", (2, 40)), ("temperature", True),
+    ("max_grid", 96),  # grid sizes stop at 95 (layout.MAX_GRID): a 96 would be drawn and then not be read
 ])
 def test_request_options_out_of_range_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
@@ -955,6 +967,20 @@ def test_pipeline_refuses_bad_sizes_counts_and_prefixes(pipe):
             pipe.generate_request("x", size=size)
     with pytest.raises(ValueError, match="positions"):
         pipe.generate_request("x", size=(100000 * 32, 32))
+    # a negative prompt's row runs beside the prompt's: it too must leave the picture's positions
+    need = layout.generated_image_length((1, 1)) - 1  # after its <racm3:break>
+
+    def partner(text):  # the negative prompt's row: its conversation, the image prefix and <racm3:break>
+        turns = [{"from": "human", "value": text}, {"from": "gpt", "value": None}]
+        return len(pipe._encode({"conversations": turns})["tokens"]) + len(pipe.image_prefix) + 1
+
+    words = 1
+    while partner("cat " * words) + need <= pipe.max_length:
+        words += 1
+    pipe.generate_request("x", size=(32, 32), negative_prompt="cat " * (words - 1))  # the longest that fits
+    with pytest.raises(ValueError, match=f"the negative prompt and a 32x32 picture need .* the model takes "
+                                         f"{pipe.max_length}"):
+        pipe.generate_request("x", size=(32, 32), negative_prompt="cat " * words)
     with pytest.raises(ValueError, match="at least 1"):
         pipe.generate_image("x", size=(32, 32), n=0)
 

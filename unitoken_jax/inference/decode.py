@@ -110,12 +110,19 @@ class Request:
             number(prefix + "top_k", 0, 2 ** 31 - 1, integer=True)
             number(prefix + "top_p", 0, 1, low_open=True)
         number("cfg_scale", 0)
-        number("max_grid", 1, 1024, integer=True)
+        number("max_grid", 1, layout.MAX_GRID, integer=True)  # (a larger size has no grid token)
         if self.grid_hw is not None:
             if len(self.grid_hw) != 2 or not all(isinstance(g, (int, np.integer)) and 1 <= g <= self.max_grid
                                                  for g in self.grid_hw):
                 raise ValueError(f"grid_hw={self.grid_hw!r} must be two whole numbers of grid units in "
                                  f"[1, {self.max_grid}] ({layout.PIXELS_PER_GRID} px each)")
+
+
+def _longest_prompt(r: Request) -> int:
+    """The positions a request's rows start from: its prompt's, or its unconditional partner's
+    where that is longer (the partner writes a position for each of the row's new tokens)."""
+    partner = len(r.uncond_tokens) if r.cfg_scale != 1.0 and r.uncond_tokens is not None else 0
+    return max(len(r.tokens), partner)
 
 
 def _rows(requests: Sequence[Request]):
@@ -206,7 +213,7 @@ def _row_params(rows, primary, uncond_row, prompt_len, positions: int | None = N
         top_p=per(lambda r: r.top_p, np.float32), image_temperature=per(lambda r: r.image_temperature, np.float32),
         image_top_k=per(lambda r: r.image_top_k, np.int32), image_top_p=per(lambda r: r.image_top_p, np.float32),
         cfg_scale=per(lambda r: r.cfg_scale, np.float32),
-        max_new=per(lambda r: min(r.max_new_tokens, (positions or math.inf) - len(r.tokens)), np.int32),
+        max_new=per(lambda r: min(r.max_new_tokens, (positions or math.inf) - _longest_prompt(r)), np.int32),
         stop_tokens=stop, key=jax.vmap(jax.random.key)(jnp.array([r.seed for r, *_ in rows], jnp.uint32)),
         primary=primary, uncond_row=uncond_row, prompt_len=prompt_len)
 
@@ -509,15 +516,17 @@ class DecodeLoop:
                              self.prompt_multiple)
         positions = self.config.decoder.max_position_embeddings
         for i, r in enumerate(requests):
-            room = positions - len(r.tokens)
+            longest = _longest_prompt(r)
+            whose = "prompt" if longest == len(r.tokens) else "unconditional context (uncond_tokens)"
+            room = positions - longest
             if room < 1:
-                raise ValueError(f"prompt {i} takes {len(r.tokens)} positions: none of the model's {positions} is "
-                                 "left for an answer")
+                raise ValueError(f"prompt {i}'s {whose} takes {longest} positions: none of the model's {positions} "
+                                 "is left for an answer")
             if r.grid_hw is not None:
                 need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
                 if min(r.max_new_tokens, room) < need:
                     held = (f"max_new_tokens={r.max_new_tokens}" if r.max_new_tokens < need else
-                            f"the {room} positions the model has after the prompt's {len(r.tokens)}")
+                            f"the {room} positions the model has after the {whose}'s {longest}")
                     raise ValueError(f"{held} cannot hold a {r.grid_hw[0] * 32}x{r.grid_hw[1] * 32} image ({need} "
                                      "tokens after <racm3:break>)")
         *prefill_batch, prompt_len = batch

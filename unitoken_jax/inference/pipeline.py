@@ -184,6 +184,10 @@ class UniTokenPipeline:
         if negative_prompt is not None:
             neg = {"conversations": [{"from": "human", "value": negative_prompt}, {"from": "gpt", "value": None}]}
             uncond = np.concatenate([self._encode(neg)["tokens"], self.image_prefix + [layout.IMAGE_START]])
+            needed = len(uncond) - 1 + layout.generated_image_length(grid_hw)  # its row runs beside the prompt's
+            if needed > self.max_length:
+                raise ValueError(f"the negative prompt and a {w}x{h} picture need {needed} positions; the model "
+                                 f"takes {self.max_length} (a shorter negative prompt or a smaller size)")
         defaults = {"image_temperature": 1.0, "image_top_k": 2000,
                     "max_new_tokens": layout.generated_image_length(grid_hw) - 1,  # the prompt has <racm3:break>
                     "stop_after_image": True}
