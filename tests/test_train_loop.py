@@ -74,7 +74,7 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data)
     ea = EventAccumulator(os.path.join(workdir, "tensorboard"))
     ea.Reload()
     assert {"ce_understanding", "ce_generation", "z_loss", "grad_norm", "learning_rate",
-            "tokens_per_second", "real_fraction"} <= set(ea.Tags()["scalars"])
+            "tokens_per_second", "real_fraction", "real_tokens"} <= set(ea.Tags()["scalars"])
     assert all(v > 0 for v in _scalars(workdir, "ce_generation").values())
     assert all(0.5 < v <= 1 for v in _scalars(workdir, "real_fraction").values())  # packed rows, little padding
     model = load(os.path.join(workdir, "final"))  # the exported model loads
@@ -172,6 +172,13 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     state = _raw_state(workdir, 4)
     assert int(state["step"]) == 4 and int(state["nonfinite_total"]) == 0
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+    # each process counts the real tokens of its own rows; a logged window (2 steps) counts the pod's:
+    # more than one process's half of the rows can hold (the rows are packed > 50 % full, as the
+    # one-process test shows), at most what all of them hold
+    c = _stages().stage_config(2, "tiny").data
+    held = 2 * c.rows * c.length
+    real = _scalars(workdir, "real_tokens")
+    assert sorted(real) == [2, 4] and all(held / 2 < v <= held for v in real.values()), real
     data_state = json.load(open(os.path.join(workdir, "checkpoints", "4", "data", "metadata")))
     assert len(data_state["processes"]) == 2
     assert all(s["packed"] > 0 for s in data_state["processes"])

@@ -118,6 +118,7 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
         module.sweep(add)
     if not added:
         raise SweepError(f"{config_spec}: sweep(add) called add() no times")
+    _check_fixed_and_swept_apart(fixed or {}, added)
     names = run_names(added)
     seen: dict[str, int] = {}
     runs = []
@@ -135,6 +136,16 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
                 raise SweepError(f"run {name}: the train command would stop at once: {e}") from e
         runs.append(Run(i, name, overrides, config, flags, os.path.join(root, name)))
     return Sweep(config_spec, root, fixed_flags, runs)
+
+
+def _check_fixed_and_swept_apart(fixed: dict[str, str], added: list[dict[str, Any]]) -> None:
+    """A fixed override (--set) of a key the sweep sets too would be overridden by every run's own
+    value (its flag comes later): refused, not dropped."""
+    for key in fixed:
+        values = sorted({repr(o[key]) for o in added if key in o})
+        if values:
+            raise SweepError(f"--set {key}={fixed[key]}: the sweep sets {key} itself ({', '.join(values)}), "
+                             "and each run's value would win; drop the --set, or change sweep(add)")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -61,6 +61,17 @@ class FlopCounter:
         return float(flops)
 
 
+def _sum_over_processes(*values: float) -> tuple[float, ...]:
+    """`values` summed over every process (a collective: all of them call it at the same step)."""
+    if jax.process_count() == 1:
+        return tuple(float(v) for v in values)
+    from jax.experimental import multihost_utils
+
+    # float32 (JAX's default width): counts of ~1e8 a window keep 7 significant digits
+    gathered = multihost_utils.process_allgather(np.asarray(values, np.float32))
+    return tuple(float(v) for v in np.asarray(gathered, np.float64).sum(axis=0))
+
+
 class Window:
     """Sums a logging window's batches and device metrics; `flush` averages and resets."""
 
@@ -106,12 +117,15 @@ class Window:
                 out[k] = float((values * count).sum() / count.sum()) if count.sum() else float("nan")
             else:
                 out[k] = float(values.mean())
-        out["tokens_per_second"] = self.tokens / seconds
-        out["real_fraction"] = self.tokens / max(self.positions, 1)  # of the batches' positions, not padding
+        # each process counted its own rows: on a pod the window's figures are the sums over processes
+        tokens, positions, work = _sum_over_processes(
+            self.tokens, self.positions, sum(flops.per_step(*x) for x in self.flop_inputs))
+        out["real_tokens"] = tokens
+        out["tokens_per_second"] = tokens / seconds
+        out["real_fraction"] = tokens / max(positions, 1)  # of the batches' positions, not padding
         peak = peak_flops()
         if peak is not None:
-            total = sum(flops.per_step(*x) for x in self.flop_inputs)
-            out["mfu"] = total / seconds / (peak * devices)
+            out["mfu"] = work / seconds / (peak * devices)
         out["step"] = step
         shown = " ".join(f"{k}={v:.4g}" for k, v in out.items() if k not in ("step",) and not k.startswith("tokens_"))
         progress = ""
