@@ -239,14 +239,28 @@ def test_accumulating_two_halves_with_equal_token_counts_equals_one_full_batch()
     assert moved > 5e-4
 
 
-def test_a_non_finite_step_changes_nothing_but_its_counters():
-    state, step = _setup(OptimizerConfig(learning_rate=1e-3, total_steps=10))
-    state, _ = step(state, _batch())
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_non_finite_step_changes_nothing_but_its_counters(accumulation):
+    """A skipped batch leaves the parameters and the optimizer (its accumulation too) as they were;
+    the logged learning rate is the one of the update a batch goes into, which a skip does not
+    advance (it was one update ahead after every skip)."""
+    config = OptimizerConfig(learning_rate=1e-3, total_steps=10, warmup_fraction=0.5, accumulation_steps=accumulation)
+    schedule = learning_rate_schedule(config)
+    state, step = _setup(config)
+    rates = []
+    for _ in range(accumulation):  # the first update
+        state, metrics = step(state, _batch())
+        rates.append(float(metrics["learning_rate"]))
     bad = _batch()
     bad["pixels"] = bad["pixels"].at[0, 0, 0, 0].set(jnp.nan)
     new, metrics = step(state, bad)
     assert int(metrics["skipped"]) == 1 and int(new.nonfinite_in_a_row) == 1 and int(new.nonfinite_total) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new.params, state.params)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new.opt_state, state.opt_state)
-    new, metrics = step(new, _batch())
+    for _ in range(accumulation):  # the second update, after the skip
+        new, metrics = step(new, _batch())
+        rates.append(float(metrics["learning_rate"]))
     assert int(metrics["skipped"]) == 0 and int(new.nonfinite_in_a_row) == 0 and int(new.nonfinite_total) == 1
+    want = [float(schedule(u)) for u in (0, 1) for _ in range(accumulation)]
+    assert want[0] < want[-1] < float(schedule(2))  # warming up: each update's rate differs
+    np.testing.assert_allclose(rates, want, rtol=1e-6)

@@ -63,13 +63,16 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         bad = jnp.where(ok, 0, 1).astype(jnp.int32)
+        # the update this batch goes into: micro-batches kept so far (a skipped one, rolled back, did
+        # not count towards the accumulation nor advance the optimizer's schedule) // accumulation
+        update = (state.step - state.nonfinite_total) // accumulation_steps
         state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                               opt_state=keep(new_opt_state, state.opt_state),
                               nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
                               nonfinite_total=state.nonfinite_total + bad)
         metrics = {**metrics, "grad_norm": grad_norm, "skipped": bad, "nonfinite_in_a_row": state.nonfinite_in_a_row}
         if schedule is not None:
-            metrics["learning_rate"] = schedule((state.step - 1) // accumulation_steps)
+            metrics["learning_rate"] = schedule(update)  # the rate that update applies
         return state, metrics
 
     return train_step
