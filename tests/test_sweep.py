@@ -262,6 +262,11 @@ def test_statuses_and_last_metrics_are_read_from_the_workdirs(tmp_path, capsys):
     assert rows[1]["metrics"] == {"loss": 7.0, "ce_understanding": 7.5, "ce_generation": 6.5}
     assert (rows[1]["step"], rows[1]["total_steps"]) == (2, 10)
     assert rows[1]["overrides"] == {"optimizer.learning_rate": 0.1, "data.seed": 1}
+    # accumulating 4 micro-batches an update, the loop logs 4 steps an update: 10 updates end at step 40
+    config = json.load(open(os.path.join(runs[1].workdir, "config.json")))
+    config["optimizer"]["accumulation_steps"] = 4
+    json.dump(config, open(os.path.join(runs[1].workdir, "config.json"), "w"))
+    assert sweep_lib.summarize(root)[1]["total_steps"] == 40
 
     # run locally again: finished and running runs are skipped, the others start (and fail) again
     assert cli.main(["sweep", path, "--root", root, "--run-locally", "--launcher", "false"]) == 1

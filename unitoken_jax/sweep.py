@@ -410,9 +410,11 @@ def summarize(root: str) -> list[dict[str, Any]]:
         workdir = os.path.join(root, entry["name"])
         config = _read_json(os.path.join(workdir, "config.json")) or {}
         metrics = final_metrics(workdir)
+        # the loop logs a step a micro-batch: with accumulation, total_steps (updates) times it
+        total, accumulation = config.get("total_steps"), (config.get("optimizer") or {}).get("accumulation_steps")
         rows.append({"index": i, "run": entry["name"], "workdir": workdir, "overrides": entry["overrides"],
                      **run_status(workdir), "step": metrics.pop("step", None),
-                     "total_steps": config.get("total_steps"), "metrics": metrics})
+                     "total_steps": total * (accumulation or 1) if total else total, "metrics": metrics})
     return rows
 
 

@@ -54,6 +54,8 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=s["learning_rate"], vit_lr_scale=s["vit_lr_scale"], warmup_fraction=0.01, b1=0.9, b2=0.95,
         weight_decay=0.1, grad_clip=4.0, accumulation_steps=1, trainable=s["trainable"]))
+    # (with accumulation_steps=n, total_steps counts updates and the loop's other step counts -
+    # log_every, checkpoint_every, stop_after, eval.every - count micro-batches: n an update)
 
     c.data = ml_collections.ConfigDict(dict(
         sources=(),  # pre-tokenized dataset dirs, or one YAML meta file (the reference's data config format)
