@@ -143,6 +143,13 @@ def test_optimizer_settings_out_of_range_are_refused_by_name(field, value, messa
     # data that is not there: the traceback of an open() before
     ("--config.data.sources=/no/such/meta.yaml",
      "/no/such/meta.yaml: no such data meta file (YAML with a 'META' list of {path, ratio})"),
+    # labels: the tiny stage-2 run went ahead, its config.json saying stage 1 / the 7B model
+    ("--config.stage=1", "--config.stage would only relabel the run: a stage's recipe (what trains, its learning "
+                         "rate, its data mix) is built by that stage's config: pass its file instead (stage1.py, "
+                         "stage2.py, stage3.py)"),
+    ("--config.model_name=7b", "--config.model_name would only relabel the run: the model is built from the config's "
+                               "argument (stage2.py:tiny, stage2.py:anyres; none: the 7B) or set field by field "
+                               "(--config.model.decoder.num_layers=...)"),
 ])
 def test_the_training_command_says_a_bad_setting_in_one_line(tmp_path, flag, said):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -150,7 +157,7 @@ def test_the_training_command_says_a_bad_setting_in_one_line(tmp_path, flag, sai
                         str(tmp_path / "run"), flag], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == f"unitoken_jax.train: {said}"
-    if "learning_rate" in flag:
+    if "learning_rate" in flag or "stage" in flag or "model_name" in flag:
         assert not (tmp_path / "run").exists()  # nothing written
 
 

@@ -132,6 +132,8 @@ def test_a_run_the_train_command_would_stop_at_once_is_refused_when_the_sweep_ex
     assert "the train command would stop at once: total_steps and accumulation_steps must be at least 1" in \
         capsys.readouterr().err
     # a --set of a key the sweep varies was dropped: each run's own value came later and won
+    assert cli.main(["sweep", spec, "--root", root, "--set", "model_name=7b"]) == 2  # a label: nothing built from it
+    assert "--config.model_name would only relabel the run" in capsys.readouterr().err
     assert cli.main(["sweep", spec, "--root", root, "--set", "optimizer.learning_rate=0.01"]) == 2
     assert "--set optimizer.learning_rate=0.01: the sweep sets optimizer.learning_rate itself (0.0015, 0.003, " \
         "0.006)" in capsys.readouterr().err

@@ -140,7 +140,12 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
 
 def _check_fixed_and_swept_apart(fixed: dict[str, str], added: list[dict[str, Any]]) -> None:
     """A fixed override (--set) of a key the sweep sets too would be overridden by every run's own
-    value (its flag comes later): refused, not dropped."""
+    value (its flag comes later): refused, not dropped. So is either one of a field that only
+    labels a run (`configs.LABELS`: the runs would all be the same)."""
+    try:
+        configs.check_no_label_overrides([*fixed, *(key for overrides in added for key in overrides)])
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     for key in fixed:
         values = sorted({repr(o[key]) for o in added if key in o})
         if values:

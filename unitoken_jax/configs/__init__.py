@@ -76,6 +76,23 @@ def get_config(spec: str):
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
+# fields a config file sets from its argument and records in config.json; nothing is built from them
+# afterwards, so an override on the command line would relabel a run, not change it
+LABELS = {
+    "stage": "a stage's recipe (what trains, its learning rate, its data mix) is built by that stage's config: "
+             "pass its file instead (stage1.py, stage2.py, stage3.py)",
+    "model_name": "the model is built from the config's argument (stage2.py:tiny, stage2.py:anyres; none: the 7B) "
+                  "or set field by field (--config.model.decoder.num_layers=...)",
+}
+
+
+def check_no_label_overrides(keys) -> None:
+    """A ValueError for an override (dotted key) of a field that only labels the run (`LABELS`)."""
+    for key in keys:
+        if key in LABELS:
+            raise ValueError(f"--config.{key} would only relabel the run: {LABELS[key]}")
+
+
 def unknown_field(error: BaseException) -> tuple[str, str] | None:
     """(field, did-you-mean hint or '') when `error` is ml_collections' refusal of a field a
     ConfigDict lacks (an AttributeError around a KeyError whose text is "'key'\\nDid you mean

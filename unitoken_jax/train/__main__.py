@@ -46,6 +46,7 @@ def main(argv):
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
         handler.addFilter(_QuietLibraries())
     try:  # a setting out of range stops the run here, said in one line (not a traceback), before any device work
+        configs.check_no_label_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
         config = TrainConfig.from_config_dict(_CONFIG.value)
     except ValueError as e:
         sys.exit(f"unitoken_jax.train: {e}")
