@@ -198,3 +198,16 @@ def test_a_failed_chunk_or_prefill_frees_slots_and_the_decoder_goes_on(pipe, mon
     out = decoder.run_all({"b": place})
     np.testing.assert_array_equal(out["a"], loop.generate([caption]).tokens[0])
     np.testing.assert_array_equal(out["b"], alone["place"])
+
+
+def test_a_chat_answer_cut_before_its_pictures_size_is_its_text_and_a_warning(pipe):
+    """The bundled model answers a drawing request with <racm3:break> at once; a budget that ends
+    before both size tokens leaves no picture to complete: the answer is its (empty) text and a
+    `PictureRepaired` warning, not a MalformedImageTokens out of `chat`."""
+    from unitoken_jax.inference.pipeline import PictureRepaired
+
+    text = pipe.generate_template.format(w=64, h=64, prompt="a green square at the top right")
+    for budget in (1, 2):
+        with pytest.warns(PictureRepaired, match=f"the picture it started was cut off after {budget} of its ids, "
+                                                 "before its size: dropped"):
+            assert pipe.chat([{"from": "human", "value": text}], max_new_tokens=budget) == []

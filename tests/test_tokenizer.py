@@ -203,6 +203,17 @@ def test_decode_reports_the_pictures_it_completes(tok):
     ((shape, changes),) = repairs
     assert shape == (4, 6) and any("no <eoss>" in c for c in changes)
 
+    # cut off before its size (the budget ended at <racm3:break> or one grid token): nothing to
+    # complete; the answer's text comes back and the picture is reported dropped, not raised
+    text = whole[:whole.index(BREAK)]
+    for tail in ([BREAK], [BREAK, whole[len(text) + 1]]):
+        repairs = []
+        assert decode(text + tail, tok, repair=True, repairs=repairs) == ["he is"]
+        ((shape, changes),) = repairs
+        assert shape is None and changes == [f"cut off after {len(tail)} of its ids, before its size: dropped"]
+        with pytest.raises(layout.MalformedImageTokens, match="two grid tokens"):
+            decode(text + tail, tok)
+
 
 @pytest.mark.parametrize("corrupt,message", [
     (lambda s: s[:-1], "no <eoss>"),

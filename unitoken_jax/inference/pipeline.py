@@ -283,7 +283,13 @@ class UniTokenPipeline:
 
     def _warn_cut(self, cut, repaired, *, single: bool) -> None:
         """Never silently: a picture that is not what the model drew, and answers that stopped early."""
-        for i, request, (h, w), changes in repaired:
+        for i, request, shape, changes in repaired:
+            if shape is None:  # nothing to complete
+                warnings.warn(f"answer {i}: the picture it started was {changes[0]} (max_new_tokens="
+                              f"{request.max_new_tokens}, the model's {self.max_length} positions)", PictureRepaired,
+                              stacklevel=4)
+                continue
+            h, w = shape
             grid = (h // layout.CODES_PER_GRID, w // layout.CODES_PER_GRID)
             size = f"{grid[1] * layout.PIXELS_PER_GRID}x{grid[0] * layout.PIXELS_PER_GRID}"
             warnings.warn(f"answer {i}: its {size} picture did not finish within max_new_tokens="

@@ -171,7 +171,8 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
     """Generated ids -> [text, picture, text, ...]. Pictures are PIL images when `vq` can decode,
     else code grids [h, w]. BOS and end-of-turn tokens are dropped from the text. With `repair`, a
     malformed or unfinished picture is completed (`layout.parse_image_ids`), and `repairs` (a list)
-    gets `((h, w) code grid, [what was changed])` for each picture that needed it."""
+    gets `((h, w) code grid, [what was changed])` for each picture that needed it; one cut off
+    before its size tokens is dropped (`(None, [...])` in `repairs`)."""
     ids = [int(i) for i in ids]
     parts: list = []
     text: list[int] = []
@@ -190,7 +191,17 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
             continue
         flush()
         end = ids.index(layout.IMAGE_END, i) + 1 if layout.IMAGE_END in ids[i:] else len(ids)
-        parsed = layout.parse_image_ids(ids[i:end], repair=repair)
+        try:
+            parsed = layout.parse_image_ids(ids[i:end], repair=repair)
+        except layout.MalformedImageTokens:
+            if not repair:
+                raise
+            # (repairing, only a size that is not there raises) an answer cut off before its picture's
+            # size tokens: there is no picture to complete
+            if repairs is not None:
+                repairs.append((None, [f"cut off after {end - i} of its ids, before its size: dropped"]))
+            i = end
+            continue
         if parsed.repairs and repairs is not None:
             repairs.append((parsed.code_ids.shape, parsed.repairs))
         codes = tokenizer.ids_to_codes(parsed.code_ids)
