@@ -120,6 +120,32 @@ def test_anyres_tiles_are_row_major_over_the_padded_image():
         np.testing.assert_allclose(result.pixels[1 + t], siglip_pixels(tile), atol=1e-6)
 
 
+def test_anyres_at_a_smaller_tile_cuts_the_tiles_its_entries_count():
+    """With 56-px tiles (the small models') the default canvases are the reference's scaled to the
+    tile, as the pre-tokenizer scales them: 1 + across x down tiles, every entry a feature of one of
+    them (the 384-px canvases cut 14 tiles a row where the entries counted 13, so every index past
+    the first row pointed at the wrong tile). A pipeline takes the canvases it was trained with."""
+    from unitoken_jax.inference.pipeline import UniTokenPipeline
+
+    image = Image.new("RGB", (400, 300), (200, 30, 30))
+    result = anyres.anyres_image(image, 56, 14)
+    across, down = result.grid_wh
+    assert (across, down) == (2, 2) and result.pixels.shape == (1 + across * down, 56, 56, 3)  # 112 x 112 fits best
+    assert result.entries.max() < len(result.pixels) * 16
+    with pytest.raises(ValueError, match=r"pinpoints \[\(100, 56\)\] are not whole multiples of the 56-px tile"):
+        anyres.anyres_image(image, 56, 14, [(112, 56), (100, 56)])
+
+    from unitoken_jax.world import default
+
+    bundled = default.pipeline()
+    kw = dict(anyres=True, vq_size=bundled.vq_size, default_size=bundled.default_size)
+    request = UniTokenPipeline(bundled.model, bundled.tokenizer, bundled.vq, **kw).understand_request([image], "?")
+    assert len(request.pixels) == 5
+    tile = bundled.siglip_size
+    tall = UniTokenPipeline(bundled.model, bundled.tokenizer, bundled.vq, anyres_pinpoints=[(tile, 3 * tile)], **kw)
+    assert len(tall.understand_request([image], "?").pixels) == 4  # the base tile and three down
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def _png_header(width, height):

@@ -76,8 +76,7 @@ class PretokenizeSettings:
     def pinpoints(self) -> tuple[tuple[int, int], ...]:
         if self.anyres_grid_pinpoints:
             return tuple(tuple(p) for p in self.anyres_grid_pinpoints)
-        scale = self.siglip_size / 384
-        return tuple((int(a * scale), int(b * scale)) for a, b in anyres_lib.GRID_PINPOINTS)
+        return anyres_lib.default_pinpoints(self.siglip_size)
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), anyres_grid_pinpoints=[list(p) for p in self.pinpoints()])

@@ -81,7 +81,8 @@ def picture_prompt_length(config: UniTokenConfig, vq_size: int = 512, anyres: bo
         tile, per_side = config.vision.image_size, config.vision.image_size // config.vision.patch_size
         features = per_side * per_side
         if anyres:
-            features += max((h // tile) * per_side * ((w // tile) * per_side + 1) for w, h in anyres_lib.GRID_PINPOINTS)
+            features += max((h // tile) * per_side * ((w // tile) * per_side + 1)
+                            for w, h in anyres_lib.default_pinpoints(tile))
     return 1 + layout.generated_image_length((side, side)) + features
 
 

@@ -100,14 +100,16 @@ class UniTokenPipeline:
     def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int | None = None,
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
-                 cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512)):
+                 cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512), anyres_pinpoints=None):
         """`default_size`: (width, height) of a picture drawn or edited without a `size` (the bundled
         model's pipeline: its 64 x 64). Other defaults come from the model: `image_prefix` the
         reference's 16853 where the vocabulary has that id (none otherwise), `vq_size` 512 or, for a
         model too short for 512 px of codes, the largest halving whose code grid takes at most a
         quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
         `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster steps at most, more compiles on the
-        first call)."""
+        first call). `anyres_pinpoints`: the canvases AnyRes tiles a picture on, as the model was
+        trained (the pre-tokenizer's `anyres_grid_pinpoints`); None: the reference's, scaled to the
+        tile size."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.default_size = _size_pair(default_size)
         vocab = model.config.decoder.vocab_size
@@ -120,6 +122,7 @@ class UniTokenPipeline:
         if vq_size is None:
             vq_size = default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
+        self.anyres_pinpoints = None if anyres_pinpoints is None else tuple(tuple(p) for p in anyres_pinpoints)
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
         self.patch = vision.patch_size if vision is not None else 14
@@ -152,7 +155,8 @@ class UniTokenPipeline:
     def _encode(self, item):
         enc, pixels = encode_item(item, self.tokenizer, self.vq, anyres=self.anyres, vq_size=self.vq_size,
                                   siglip_size=self.siglip_size, patch=self.patch,
-                                  max_length=self.max_length, continuous=self.continuous)
+                                  max_length=self.max_length, continuous=self.continuous,
+                                  anyres_pinpoints=self.anyres_pinpoints)
         has_images = bool(enc.is_continuous.any())
         return dict(tokens=enc.tokens, is_continuous=enc.is_continuous if has_images else None,
                     feature_index=enc.feature_index if has_images else None, pixels=pixels if has_images else None)

@@ -23,6 +23,12 @@ GRID_PINPOINTS = ((384, 768), (768, 384), (768, 768), (384, 1152), (1152, 384))
 NEWLINE_ENTRY = -1  # in `AnyResImage.entries`: the newline token, not a feature
 
 
+def default_pinpoints(tile: int = 384) -> tuple[tuple[int, int], ...]:
+    """The reference's pinpoints (for 384-px tiles) scaled to `tile`-px tiles: 1x2, 2x1, 2x2, 1x3
+    and 3x1 tiles whatever the tile size."""
+    return tuple((a * tile // 384, b * tile // 384) for a, b in GRID_PINPOINTS)
+
+
 def select_best_resolution(size_wh: tuple[int, int], pinpoints=GRID_PINPOINTS) -> tuple[int, int]:
     """The pinpoint that keeps the most of the picture, then wastes the least (first wins ties)."""
     w, h = size_wh
@@ -74,7 +80,12 @@ class AnyResImage:
         return len(self.entries)
 
 
-def anyres_image(image: Image.Image, tile: int = 384, patch: int = 14, pinpoints=GRID_PINPOINTS) -> AnyResImage:
+def anyres_image(image: Image.Image, tile: int = 384, patch: int = 14, pinpoints=None) -> AnyResImage:
+    """`pinpoints`: (width, height) canvases, multiples of `tile`; None: `default_pinpoints(tile)`."""
+    pinpoints = default_pinpoints(tile) if pinpoints is None else pinpoints
+    bad = [p for p in pinpoints if p[0] % tile or p[1] % tile]
+    if bad:  # tiles cut past a canvas's edge would not be the tiles `anyres_entries` counts
+        raise ValueError(f"AnyRes pinpoints {bad} are not whole multiples of the {tile}-px tile")
     image = to_rgb(image)
     best = select_best_resolution(image.size, pinpoints)
     padded = resize_and_pad(image, best)

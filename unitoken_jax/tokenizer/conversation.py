@@ -267,7 +267,7 @@ def pictures(parts: list) -> list[Image.Image]:
 
 def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_root: str = ".", anyres: bool = False,
                 vq_size: int = 512, siglip_size: int = 384, patch: int = 14, max_length: int | None = None,
-                continuous: bool = True):
+                continuous: bool = True, anyres_pinpoints=None):
     """One JSON item with its image files -> (EncodedConversation, SigLIP pixels [tiles, S, S, 3]).
 
     Convenience for single items (inference, tests); the pre-tokenizer batches many items' images
@@ -284,7 +284,7 @@ def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_roo
         if not continuous:  # discrete codes only (the ablation's models)
             inputs.append(ImageInput(code, np.zeros(0, np.int64), 0))
         elif anyres:
-            tiled = anyres_lib.anyres_image(picture, siglip_size, patch)
+            tiled = anyres_lib.anyres_image(picture, siglip_size, patch, anyres_pinpoints)
             inputs.append(ImageInput(code, tiled.entries, len(tiled.pixels) * side * side))
             pixels.append(tiled.pixels)
         else:

@@ -105,7 +105,8 @@ class Samples:
         model.mesh = mesh
         s = image_settings
         self.pipeline = UniTokenPipeline(model, text, vq, anyres=s.anyres, vq_size=s.vq_size,
-                                         siglip_size=s.siglip_size, image_prefix=(), continuous=s.continuous)
+                                         siglip_size=s.siglip_size, image_prefix=(), continuous=s.continuous,
+                                         anyres_pinpoints=s.pinpoints())
         size = (config.size, config.size)
         try:
             self.requests = [self.pipeline.generate_request(p, size=size, cfg=config.cfg, seed=config.seed + i)
