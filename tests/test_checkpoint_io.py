@@ -107,6 +107,38 @@ def test_a_save_over_an_earlier_one_leaves_none_of_its_weight_files(release_dir,
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_save_that_fails_part_way_leaves_the_checkpoint_there_as_it_was(release_dir, tmp_path, monkeypatch):
+    """Shards went into the folder under reader-visible names (model-00001.safetensors) and stayed
+    when a later one failed: beside a one-file checkpoint, with no index, a reader took them all
+    ('tensor ... is in both'). An int8 dtype truncated every weight to about 0."""
+    from unitoken_jax.convert import hf as hf_io
+
+    model = unitoken_jax.load(str(release_dir))
+    out = tmp_path / "out"
+    model.save_hf(str(out))
+    before = sorted(os.listdir(out))
+    real_save, calls = hf_io.save_file, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    other = unitoken_jax.UniTokenModel.random(model.config, seed=1)
+    monkeypatch.setattr(hf_io, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        hf_io.write_hf(str(out), other.config, other.params, model.passthrough, model.hf_config, "float32",
+                       shard_bytes=200_000)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == before
+    for a, b in zip(jax.tree.leaves(unitoken_jax.load(str(out)).params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="dtype='int8': an HF checkpoint's weights are floating point"):
+        model.save_hf(str(out), dtype="int8")
+    assert sorted(os.listdir(out)) == before
+
+
 def test_convert_and_init_refuse_what_they_could_not_write_before_reading_anything(release_dir, tmp_path, capsys):
     """--dtype float8 was a traceback and int32 an error from inside random init; a shard limit of 0
     wrote one file a tensor; a --to that is a file failed with 'File exists' after the source was read;

@@ -165,6 +165,37 @@ def test_bad_lora_configs_are_refused_by_name():
         small_config(targets=("q_proj,vproj",))
 
 
+def test_adapters_on_every_target_save_and_load_back(tmp_path):
+    """The vision tower's adapters too: its patch convolution, which LoRA never adapts, was counted
+    as a missing adapter, so the adapters of a run that tuned the ViT did not load."""
+    cfg = small_config(rank=4, alpha=8.0, targets=ALL_TARGETS)
+    base = UniTokenModel.random(small_config())
+    tuned = UniTokenModel(cfg, randomize_b(lora_lib.with_adapters(base.params, cfg)))
+    tuned.save_adapters(str(tmp_path / "a"))
+    loaded = base.with_adapters(str(tmp_path / "a"), merge=False)
+    assert set(loaded.config.lora.targets) == set(ALL_TARGETS)
+    want, got = (traverse_util.flatten_dict(lora_lib.split(m.params)[1]) for m in (tuned, loaded))
+    assert sorted(got) == sorted(want) and any(p[0] == "vit" for p in got)
+    for path in want:
+        np.testing.assert_allclose(np.asarray(got[path]), np.asarray(want[path]), rtol=1e-6, err_msg=str(path))
+
+
+def test_a_lora_checkpoint_loaded_as_int8_has_its_adapters_folded_in(tmp_path):
+    """Quantized leaf by leaf as it loaded, a LoRA model kept float adapters beside int8 kernels, a
+    state `merge_adapters` refuses and whose numbers are neither model's; it now loads as
+    `model.quantize("int8")` makes it (adapters merged first)."""
+    cfg = small_config(rank=4, targets=("q_proj", "v_proj", "lm_head"))
+    tuned = UniTokenModel(cfg, randomize_b(lora_lib.with_adapters(UniTokenModel.random(small_config()).params, cfg)))
+    tuned.save(str(tmp_path / "m"))
+    loaded = unitoken_jax.load(str(tmp_path / "m"), quantize="int8")
+    want = tuned.quantize("int8")
+    assert loaded.config == want.config and loaded.config.lora is None
+    got, expected = traverse_util.flatten_dict(loaded.params), traverse_util.flatten_dict(want.params)
+    assert sorted(got) == sorted(expected)
+    for path in expected:
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(expected[path]), err_msg=str(path))
+
+
 def test_adapters_for_another_model_are_refused(tmp_path):
     small = small_config(rank=4, targets=("q_proj",))
     tuned = UniTokenModel(small, lora_lib.with_adapters(UniTokenModel.random(small_config()).params, small))

@@ -294,6 +294,8 @@ def _load_orbax(path: str, param_dtype: str | None, mesh: Mesh | None, quantize:
     elif stored.quantize != "none":
         raise ValueError(f"{path} holds {stored.quantize} weights; it cannot be loaded as quantize={quantize!r} "
                          "(load the float checkpoint it was made from)")
+    elif stored.lora is not None:  # int8 kernels take no adapters: restored whole, folded in, then quantized
+        return _load_orbax(path, param_dtype, mesh, None).quantize(quantize)
     else:  # a float checkpoint, quantized leaf by leaf as it is restored
         quantizer = LeafQuantizer(stored, quantize)
         config = quantizer.config

@@ -457,10 +457,15 @@ def hf_config_for(config: UniTokenConfig, base: dict[str, Any] | None) -> tuple[
 def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.ndarray] | None = None,
              base_config: dict[str, Any] | None = None, dtype: str = "float32",
              shard_bytes: int = SHARD_BYTES, progress: bool = False) -> None:
-    """Writes safetensors shards (+ index when more than one) and config.json."""
+    """Writes safetensors shards (+ index when more than one) and config.json. The shards are
+    written under names no reader takes (`.model-N.safetensors.partial`) and renamed once all are
+    written: a write that fails leaves what the directory held."""
+    out_dtype = np.dtype(jnp.dtype(dtype))
+    if not jnp.issubdtype(out_dtype, jnp.floating):  # astype(int8) would truncate every weight to ~0
+        raise ValueError(f"dtype={dtype!r}: an HF checkpoint's weights are floating point (float32, bfloat16, "
+                         "float16); for int8, quantize as the model loads (load(path, quantize='int8'))")
     os.makedirs(path, exist_ok=True)
     hf_config, prefix = hf_config_for(config, base_config)
-    out_dtype = np.dtype(jnp.dtype(dtype))
     specs = tensor_specs(config, prefix)
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
@@ -478,21 +483,30 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
     tmp_names: list[str] = []
 
     def flush():
-        name = f"model-{len(written) + 1:05d}.safetensors"
+        name = f".model-{len(written) + 1:05d}.safetensors.partial"
+        tmp_names.append(name)
         save_file(shards[-1], os.path.join(path, name), metadata={"format": "pt"})
         written.append((name, list(shards[-1])))
-        tmp_names.append(name)
         shards[-1] = {}
         sizes[-1] = 0
 
-
-    for key, value in tqdm(tensors(), total=len(specs) + len(passthrough or {}), desc="writing", disable=not progress):
-        if shards[-1] and sizes[-1] + value.nbytes > shard_bytes:
+    for f in os.listdir(path):  # what a write that was killed left
+        if re.fullmatch(r"\.model-\d{5}\.safetensors\.partial", f):
+            os.remove(os.path.join(path, f))
+    try:
+        for key, value in tqdm(tensors(), total=len(specs) + len(passthrough or {}), desc="writing",
+                               disable=not progress):
+            if shards[-1] and sizes[-1] + value.nbytes > shard_bytes:
+                flush()
+            shards[-1][key] = value
+            sizes[-1] += value.nbytes
+        if shards[-1]:
             flush()
-        shards[-1][key] = value
-        sizes[-1] += value.nbytes
-    if shards[-1]:
-        flush()
+    except BaseException:  # (a full disk, an interrupt) the directory keeps what it held
+        for name in tmp_names:
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+        raise
 
     total = len(written)
     finals = ["model.safetensors"] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors"

@@ -153,8 +153,8 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
                                       "other sizes)")
             one[...] = t.T.reshape(one.shape)  # [r, in] -> [in..., r]; [out, r] -> [r, out...]
         covered.add((kernel, layer))
-    missing = sorted(key for key in by_name.values()
-                     if lora_config.lora.targets_path(key[0][:-1]) and key not in covered)
+    adapted = set(lora_lib.adapter_kernels(lora_config))  # (not every kernel a target names: the ViT's patch conv)
+    missing = sorted(key for key in by_name.values() if key[0] in adapted and key not in covered)
     if missing:
         kernel, layer = missing[0]
         raise CheckpointError(f"{weights}: the adapters cover {targets} but not layer {layer} of "
