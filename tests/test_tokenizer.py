@@ -155,6 +155,10 @@ def test_bad_turns(tok):
         encode_conversation({"conversations": [{"role": "user", "content": "x"}]}, [], tok)
     with pytest.raises(ConversationError, match="nothing in the item is predicted"):
         encode_conversation({"conversations": [{"from": "human", "value": "x"}]}, [], tok)
+    # a user's picture alone: its SEP is labelled (as in every turn), but nothing is there to answer
+    with pytest.raises(ConversationError, match="nothing in the item is predicted"):
+        encode_conversation({"conversations": [{"from": "human", "value": "<|image|> hi"}]},
+                            [_image(np.zeros((2, 2), int), 1)], tok)
 
 
 def test_generation_prompt_with_an_empty_last_turn(tok):

@@ -160,7 +160,8 @@ def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], toke
     if max_length is not None and len(tokens) > max_length:
         raise SequenceTooLong(f"the conversation takes {len(tokens)} positions, more than the maximum length "
                               f"{max_length}")
-    if not any(l != IGNORE for l in labels) and messages[-1][1] is not None:
+    # (SEP is labelled in every turn, as the reference does: a user's picture alone predicts nothing)
+    if not any(l not in (IGNORE, layout.SEP) for l in labels) and messages[-1][1] is not None:
         raise ConversationError("nothing in the item is predicted (no assistant turn)")
     return EncodedConversation(np.array(tokens, np.int32), np.array(labels, np.int32), np.array(cont, bool),
                                np.array(index, np.int32), spans, predicted_flags)
