@@ -226,6 +226,10 @@ def test_cli_convert_quantizes_once(release_dir, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(kernel), np.asarray(on_load.params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]))
     tokens = np.arange(12)[None] + 8900
     np.testing.assert_array_equal(np.asarray(stored.text_logits(tokens)), np.asarray(on_load.text_logits(tokens)))
+    # back to the HF layout: refused (it wrote the int8 codes as float weights and dropped the scales)
+    assert cli.main(["convert", "--from", str(tmp_path / "q8"), "--to", str(tmp_path / "hf8")]) == 2
+    assert "holds int8 weights, which the HF layout cannot carry" in capsys.readouterr().err
+    assert not (tmp_path / "hf8" / "config.json").exists()
 
     sidecar = tmp_path / "q8" / "unitoken_config.json"
     meta = json.loads(sidecar.read_text())

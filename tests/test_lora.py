@@ -196,6 +196,23 @@ def test_a_lora_checkpoint_loaded_as_int8_has_its_adapters_folded_in(tmp_path):
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(expected[path]), err_msg=str(path))
 
 
+def test_unitoken_convert_writes_a_lora_checkpoint_merged_as_save_hf_does(tmp_path):
+    """A LoRA run's WORKDIR/final, converted to the HF layout on the command line, lost its
+    adapters (the base kernels were written); it now equals `save_hf`, which merges them."""
+    from unitoken_jax import cli
+
+    cfg = small_config(rank=4, targets=("q_proj", "down_proj"))
+    tuned = UniTokenModel(cfg, randomize_b(lora_lib.with_adapters(UniTokenModel.random(small_config()).params, cfg)))
+    tuned.save(str(tmp_path / "lora"))
+    tuned.save_hf(str(tmp_path / "api"))
+    assert cli.main(["convert", "--from", str(tmp_path / "lora"), "--to", str(tmp_path / "cli")]) == 0
+    want, got = (unitoken_jax.load(str(tmp_path / d)).params for d in ("api", "cli"))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):  # (the merge's float32 sums, in another order)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    base = UniTokenModel.random(small_config()).params["decoder"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert not np.allclose(np.asarray(got["decoder"]["layers"]["self_attn"]["q_proj"]["kernel"]), np.asarray(base))
+
+
 def test_adapters_for_another_model_are_refused(tmp_path):
     small = small_config(rank=4, targets=("q_proj",))
     tuned = UniTokenModel(small, lora_lib.with_adapters(UniTokenModel.random(small_config()).params, small))

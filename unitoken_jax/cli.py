@@ -34,7 +34,13 @@ def _convert(args) -> int:
               f"format to {args.dst}")
         return 0
     if orbax_io.is_orbax_checkpoint(args.src):
+        from unitoken_jax.models import lora as lora_lib
+
         config, params, passthrough, sidecar = orbax_io.restore(args.src)
+        if config.quantize != "none":  # (its int8 codes would be written as weights, its scales dropped)
+            raise ValueError(f"--from {args.src} holds {config.quantize} weights, which the HF layout cannot carry; "
+                             "convert the float checkpoint it was made from")
+        params, config = lora_lib.merge(params, config)  # a LoRA model is written merged, as save_hf writes it
         dtype = args.dtype or sidecar.get("hf_dtype", "float32")
         hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype,
                        shard_bytes=int(args.max_shard_gb * 1024**3), progress=True)
