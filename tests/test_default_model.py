@@ -137,6 +137,12 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
                for item in items)
     right = sum(item["conversations"][1]["value"] == shapes.answers([t])["caption"] for item, t in zip(items, things))
     assert right >= 2, items
+    # answers --max-new-tokens cut are named and left out, as the README says: not training items
+    short = tmp_path / "short.json"
+    assert main(["caption", str(folder), "--out", str(short), "--max-new-tokens", "1"]) == 0
+    said = capsys.readouterr()
+    assert said.err.count("before its end: left out") == 3
+    assert json.loads(short.read_text()) == [] and f"wrote 0 captions to {short} (4 picture(s) left out)" in said.out
     assert main(["pretokenize", str(out), "--out", str(tmp_path / "data"), "--tokenizer", "demo", "--vqgan",
                  "demo"]) == 0
     assert "3 items written, 0 skipped" in capsys.readouterr().out

@@ -509,22 +509,24 @@ def _caption(args) -> int:
             batch = readable[first:first + args.batch_size]
             with _budget_notes() as caught:
                 answers = pipe.understand([[p] for p in batch], [args.question] * len(batch), **options)
-            cut += [(batch[i], where) for w in caught if isinstance(w.message, AnswerCut)
-                    for i, where in w.message.answers]
+            stopped = {i: where for w in caught if isinstance(w.message, AnswerCut) for i, where in w.message.answers}
+            cut += [(batch[i], where) for i, where in sorted(stopped.items())]
+            kept = [i for i in range(len(batch)) if i not in stopped]  # a cut caption is no training item
+            done_now = items([batch[i] for i in kept], [answers[i] for i in kept])
             if kind == ".jsonl":  # each batch as it is done: a stop loses at most one batch
-                lines.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items(batch, answers))
+                lines.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in done_now)
                 lines.flush()
             else:
-                written += items(batch, answers)
+                written += done_now
             bar.update(len(batch))
     if kind == ".json":
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(written, f, indent=1, ensure_ascii=False)
     for path, where in cut:  # named by picture, not by place in a batch
-        print(f"caption: {path}: the answer stopped at {where} before its end; --max-new-tokens sets the budget",
-              file=sys.stderr)
-    left = len(todo) - len(readable)
-    print(f"wrote {len(readable)} captions to {args.out}" + (f" ({left} picture(s) left out)" if left else "")
+        print(f"caption: {path}: the answer stopped at {where} before its end: left out (--max-new-tokens sets "
+              "the budget)", file=sys.stderr)
+    left = len(todo) - len(readable) + len(cut)
+    print(f"wrote {len(readable) - len(cut)} captions to {args.out}" + (f" ({left} picture(s) left out)" if left else "")
           + (f"; {len(paths) - len(todo)} were there from an earlier run" if done else ""))
     return 0
 
