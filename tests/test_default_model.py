@@ -88,9 +88,12 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog)
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("/draw a green triangle at the top right\n"))
+    (tmp_path / "chat").mkdir()
+    (tmp_path / "chat" / "chat_0.png").write_bytes(b"an earlier chat's")  # numbered on from, not written over
     assert main(["chat", "--out-dir", str(tmp_path / "chat")]) == 0
-    assert "[picture: " in capsys.readouterr().out
-    assert shapes.check_picture(Image.open(tmp_path / "chat" / "chat_0.png")).matches(
+    assert f"[picture: {tmp_path / 'chat' / 'chat_1.png'}]" in capsys.readouterr().out
+    assert (tmp_path / "chat" / "chat_0.png").read_bytes() == b"an earlier chat's"
+    assert shapes.check_picture(Image.open(tmp_path / "chat" / "chat_1.png")).matches(
         shapes.Thing("green", "triangle", "top right"))
     monkeypatch.setattr("sys.stdin", io.StringIO("/draw a green triangle at the top right\n"))
     assert main(["chat", "--out-dir", str(tmp_path / "cut"), "--max-new-tokens", "12"]) == 0

@@ -667,8 +667,12 @@ def _chat(args) -> int:
     if width % layout.PIXELS_PER_GRID or height % layout.PIXELS_PER_GRID:
         raise ValueError(f"--size {args.size}: '/draw' asks for sizes in multiples of {layout.PIXELS_PER_GRID} "
                          "pixels each way")
-    messages, images, pending, drawn = [], [], [], 0
+    messages, images, pending = [], [], []
     os.makedirs(args.out_dir, exist_ok=True)
+    # pictures are numbered on from an earlier chat's in the folder, never written over them
+    earlier = [f[len("chat_"):-len(".png")] for f in os.listdir(args.out_dir) if f.startswith("chat_")
+               and f.endswith(".png")]
+    drawn = max((int(n) + 1 for n in earlier if n.isdigit()), default=0)
     help_text = (f"chat: type a message; '/image PATH' attaches a picture to the next one; '/draw CAPTION' asks for "
                  f"a {width}x{height} picture of it; '/reset' starts a new conversation; '/help' shows this; a "
                  "message that starts with '/' is typed '//...'; an empty line or EOF ends.")
