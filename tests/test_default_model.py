@@ -66,6 +66,10 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog)
         assert "the bundled model draws only 64x64 pictures, not --size 128x128" in capsys.readouterr().err
     assert not (tmp_path / "big.png").exists()
     shapes.draw([shapes.Thing("green", "triangle", "bottom right")]).save(tmp_path / "picture.png")
+    # settings of another model's pictures and text, given without that model: refused, not ignored
+    assert main(["understand", str(tmp_path / "picture.png"), "What colour?", "--tokenizer", "/no/such.json",
+                 "--vq-size", "7", "--anyres"]) == 2
+    assert "--tokenizer, --vq-size, --anyres given without --model" in capsys.readouterr().err
     import logging
 
     caplog.set_level(logging.INFO)

@@ -130,6 +130,13 @@ def _pipeline(args):
     if not (args.model or os.environ.get("UNITOKEN_MODEL")):
         if not default.available():
             raise ValueError("no --model given, $UNITOKEN_MODEL is not set, and this install has no bundled model")
+        ignored = [flag for flag, given in (("--tokenizer", getattr(args, "tokenizer", None)),
+                                            ("--vqgan", getattr(args, "vqgan", None)),
+                                            ("--vq-size", getattr(args, "vq_size", None) is not None),
+                                            ("--anyres", getattr(args, "anyres", False))) if given]
+        if ignored:  # the bundled model comes with its own (they were silently not used)
+            raise ValueError(f"{', '.join(ignored)} given without --model: the bundled model brings its own tokenizer, "
+                             "VQ-GAN and picture settings; name the model they go with (--model or $UNITOKEN_MODEL)")
         world = default.settings()
         if getattr(args, "size", None) and _size(args.size) != tuple(world["size"]):  # before loading anything
             raise ValueError(f"the bundled model draws only {world['size'][0]}x{world['size'][1]} pictures, not "
