@@ -88,6 +88,13 @@ class Request:
         if self.cfg_scale != 1.0 and self.uncond_tokens is None:
             self.uncond_tokens = np.array([layout.IMAGE_START], np.int32)
 
+    @property
+    def longest_prompt(self) -> int:
+        """The positions its rows start from: the prompt's, or its unconditional partner's where
+        that is longer (the partner writes a position for each of the row's new tokens)."""
+        guided = self.cfg_scale != 1.0 and self.uncond_tokens is not None
+        return max(len(self.tokens), len(self.uncond_tokens) if guided else 0)
+
     def _check_ranges(self) -> None:
         """Every sampling option in its range, or a ValueError naming it: a value outside is refused,
         never quietly read as another setting (a negative temperature as greedy, a negative top-k as
@@ -116,13 +123,6 @@ class Request:
                                                  for g in self.grid_hw):
                 raise ValueError(f"grid_hw={self.grid_hw!r} must be two whole numbers of grid units in "
                                  f"[1, {self.max_grid}] ({layout.PIXELS_PER_GRID} px each)")
-
-
-def _longest_prompt(r: Request) -> int:
-    """The positions a request's rows start from: its prompt's, or its unconditional partner's
-    where that is longer (the partner writes a position for each of the row's new tokens)."""
-    partner = len(r.uncond_tokens) if r.cfg_scale != 1.0 and r.uncond_tokens is not None else 0
-    return max(len(r.tokens), partner)
 
 
 def _rows(requests: Sequence[Request]):
@@ -213,7 +213,7 @@ def _row_params(rows, primary, uncond_row, prompt_len, positions: int | None = N
         top_p=per(lambda r: r.top_p, np.float32), image_temperature=per(lambda r: r.image_temperature, np.float32),
         image_top_k=per(lambda r: r.image_top_k, np.int32), image_top_p=per(lambda r: r.image_top_p, np.float32),
         cfg_scale=per(lambda r: r.cfg_scale, np.float32),
-        max_new=per(lambda r: min(r.max_new_tokens, (positions or math.inf) - _longest_prompt(r)), np.int32),
+        max_new=per(lambda r: min(r.max_new_tokens, (positions or math.inf) - r.longest_prompt), np.int32),
         stop_tokens=stop, key=jax.vmap(jax.random.key)(jnp.array([r.seed for r, *_ in rows], jnp.uint32)),
         primary=primary, uncond_row=uncond_row, prompt_len=prompt_len)
 
@@ -516,7 +516,7 @@ class DecodeLoop:
                              self.prompt_multiple)
         positions = self.config.decoder.max_position_embeddings
         for i, r in enumerate(requests):
-            longest = _longest_prompt(r)
+            longest = r.longest_prompt
             whose = "prompt" if longest == len(r.tokens) else "unconditional context (uncond_tokens)"
             room = positions - longest
             if room < 1:

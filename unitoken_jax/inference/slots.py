@@ -173,10 +173,9 @@ class SlotDecoder:
             if name in self.running or name in placed:
                 raise ValueError(f"{name!r} is running already")
             rows, _, uncond = _rows([request])
-            longest = max(len(t) for _, t, *_ in rows)
-            if longest + request.max_new_tokens > self.length:
-                raise ValueError(f"a prompt of {longest} positions and {request.max_new_tokens} new tokens do not fit "
-                                 f"a slot of {self.length} positions")
+            if request.longest_prompt + request.max_new_tokens > self.length:
+                raise ValueError(f"a prompt of {request.longest_prompt} positions and {request.max_new_tokens} new "
+                                 f"tokens do not fit a slot of {self.length} positions")
             placed[name] = (request, rows, uncond)
         out, extends = {}, []
         for name, (request, rows, uncond) in placed.items():

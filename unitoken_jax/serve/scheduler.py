@@ -257,10 +257,9 @@ class ContinuousScheduler(Scheduler):
 
     def submit(self, job: Job) -> None:
         for r in job.requests:
-            longest = max(len(r.tokens), len(r.uncond_tokens) if r.uncond_tokens is not None else 0)
-            if longest + r.max_new_tokens > self.length:
-                raise DoesNotFit(f"a prompt of {longest} positions and {r.max_new_tokens} new tokens do not fit "
-                                 f"this server's slots of {self.length} positions (--slot-length)")
+            if r.longest_prompt + r.max_new_tokens > self.length:
+                raise DoesNotFit(f"a prompt of {r.longest_prompt} positions and {r.max_new_tokens} new tokens do not "
+                                 f"fit this server's slots of {self.length} positions (--slot-length)")
         super().submit(job)  # a running call that is cancelled has its rows freed at the next chunk
 
     def stop(self, timeout: float = 30.0) -> None:
