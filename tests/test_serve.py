@@ -35,7 +35,7 @@ requests_http = pytest.importorskip("requests")
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
 from unitoken_jax.serve import app as app_module  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
-from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler  # noqa: E402
+from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler, ShuttingDown  # noqa: E402
 from unitoken_jax.serve.wire import Limits, apply_stop  # noqa: E402
 from unitoken_jax.tokenizer.conversation import TextStream  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
@@ -506,6 +506,42 @@ def test_a_failed_chunk_fails_its_calls_and_the_continuous_worker_serves_the_nex
         scheduler.stop()
 
 
+def test_a_stop_that_outlasts_its_timeout_tells_each_continuous_call_once(pipe, monkeypatch):
+    """`stop(timeout)` returns while a chunk still runs (a long compile): each call is told exactly
+    once, the one that chunk finishes its answer and the one it does not that the server is
+    shutting down, and the worker ends cleanly instead of failing on a call `stop` let go of."""
+    scheduler = ContinuousScheduler(PipelineEngine(pipe, max_rows=4, chunk=8), slots=4, length=512, queue_limit=4)
+    stepping, release = threading.Event(), threading.Event()
+    step = scheduler.decoder.step
+
+    def held():
+        stepping.set()
+        assert release.wait(60)
+        return step()
+
+    monkeypatch.setattr(scheduler.decoder, "step", held)
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    told = {"short": [], "long": []}
+    short = pipe.understand_request([], "What colour is the shape?", max_new_tokens=4)  # done in one chunk
+    long = dataclasses.replace(pipe.understand_request([], "Describe the picture.", max_new_tokens=40),
+                               stop_tokens=())
+    scheduler.start()
+    try:
+        with scheduler._cond:  # both are admitted before the first chunk
+            for name, request in (("short", short), ("long", long)):
+                scheduler.submit(Job([request], on_finish=told[name].append))
+        assert stepping.wait(60)
+        scheduler.stop(timeout=0.05)
+        assert scheduler._thread.is_alive() and told == {"short": [], "long": []}
+    finally:
+        release.set()
+    scheduler._thread.join(60)
+    assert not scheduler._thread.is_alive() and errors == []
+    assert len(told["short"]) == 1 and len(told["short"][0][0].ids) == 4, told
+    assert len(told["long"]) == 1 and isinstance(told["long"][0], ShuttingDown), told
+
+
 def test_a_prefill_does_not_hold_up_the_calls_of_the_event_loop(pipe, monkeypatch):
     """While the continuous worker admits a call (a prefill, maybe a compile), `submit`,
     `queue_length` and `cancel`, which the server calls on its event loop, answer at once."""
@@ -819,8 +855,9 @@ def test_a_call_whose_client_leaves_is_dropped_before_it_starts(gated):
     running.join(30)
 
 
-@pytest.mark.parametrize("gated", [1.5], indirect=True)
-def test_a_call_past_its_timeout_gets_504_and_leaves_the_queue(gated):
+def _running_and_waiting(gated):
+    """Two chat calls to the gated server, each in a thread: "running" holds its one-row batch and
+    "waiting" is sent once it does. The answers land in the returned dict by name."""
     answers = {}
 
     def call(name):
@@ -830,6 +867,26 @@ def test_a_call_past_its_timeout_gets_504_and_leaves_the_queue(gated):
     threads[0].start()
     _until(lambda: gated.scheduler.rows_in_use == 1)
     threads[1].start()
+    return answers, threads
+
+
+def test_a_call_cut_off_by_a_shutdown_gets_503_not_a_timeout(gated):
+    """A call still waiting when the server stops is answered 503 `shutting_down` (the client may
+    retry elsewhere), not 504 as if it had run out of time; the running batch still finishes."""
+    answers, threads = _running_and_waiting(gated)
+    _until(lambda: gated.scheduler.queue_length == 1)
+    gated.scheduler.stop(timeout=0.05)  # what the server's shutdown does, its batch still running
+    threads[1].join(30)
+    error = _error(answers["waiting"], 503, code="shutting_down")
+    assert error["type"] == "server_error" and "shutting down" in error["message"]
+    gated.engine.gate.set()
+    threads[0].join(30)
+    assert answers["running"].json()["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest.mark.parametrize("gated", [1.5], indirect=True)
+def test_a_call_past_its_timeout_gets_504_and_leaves_the_queue(gated):
+    answers, threads = _running_and_waiting(gated)
     for t in threads:
         t.join(30)
     for name in ("running", "waiting"):

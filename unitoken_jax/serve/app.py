@@ -58,7 +58,8 @@ from starlette.routing import Route
 
 from unitoken_jax.serve import metrics, wire
 from unitoken_jax.serve.engine import PipelineEngine
-from unitoken_jax.serve.scheduler import ContinuousScheduler, DoesNotFit, Expired, Job, QueueFull, Scheduler
+from unitoken_jax.serve.scheduler import (ContinuousScheduler, DoesNotFit, Expired, Job, QueueFull, Scheduler,
+                                         ShuttingDown)
 from unitoken_jax.serve.wire import APIError, bad
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong, TextStream
@@ -203,6 +204,9 @@ class _Server:
                         type="timeout_error", code="timeout")
 
     def _outcome(self, outcome) -> list:
+        if isinstance(outcome, ShuttingDown):
+            raise APIError(503, f"{outcome}: the call was stopped before it finished; retry on another server or "
+                           "later", type="server_error", code="shutting_down")
         if isinstance(outcome, Expired):
             raise self._timeout_error()
         if isinstance(outcome, BaseException):

@@ -39,6 +39,10 @@ class Expired(Exception):
     """A call whose deadline passed before it could start."""
 
 
+class ShuttingDown(Expired):
+    """A call the server stopped before it could finish (the app answers 503)."""
+
+
 class DoesNotFit(ValueError):
     """A call longer than a continuous server's slots (`--slot-length`)."""
 
@@ -156,7 +160,7 @@ class Scheduler:
             left, self._waiting = list(self._waiting), deque()
         for job in left:
             job.state = "expired"
-            job.on_finish(Expired("the server is shutting down"))
+            job.on_finish(ShuttingDown("the server is shutting down"))
 
     def _gather(self) -> None:
         """Under the lock: waits until no call has arrived for `batch_wait` seconds (at most ten
@@ -263,11 +267,21 @@ class ContinuousScheduler(Scheduler):
         super().submit(job)  # a running call that is cancelled has its rows freed at the next chunk
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stops after the current chunk; waiting and running calls get `Expired`."""
+        """Stops after the current chunk; waiting and running calls get `ShuttingDown`. The worker
+        tells its running calls itself when it stops, so that a chunk still running after `timeout`
+        (a long compile) cannot answer a call that has been told already."""
         super().stop(timeout)
-        for job, _ in list(self._running.values()):
-            job.on_finish(Expired("the server is shutting down"))
-        self._running.clear()
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("the decoding worker is still running after %g s; its %d call(s) are told when its chunk "
+                        "ends", timeout, len(self._running))
+
+    def _shut(self) -> None:
+        """The worker's last act: its running calls are told the server is shutting down."""
+        for key, (job, _) in list(self._running.items()):
+            del self._running[key]
+            job.state = "done"
+            if not job.abandoned:
+                job.on_finish(ShuttingDown("the server is shutting down"))
 
     # --- the worker ---------------------------------------------------------------------------------
     def _take(self) -> tuple[list[Job], dict]:
@@ -299,8 +313,10 @@ class ContinuousScheduler(Scheduler):
         while True:
             with self._cond:
                 expired, admitted = self._take()
-                if self._stopping:
-                    return
+                stopping = self._stopping
+            if stopping:
+                self._shut()
+                return
             for job in expired:
                 job.on_finish(Expired("the call waited in the queue past its deadline"))
             if admitted:  # one prefill for every call taken now
