@@ -668,6 +668,28 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     assert 'unitoken_requests_total{endpoint="/v1/chat/completions",status="413"} 2' in text
 
 
+def test_a_negative_prompt_the_model_cannot_take_is_refused_by_its_own_name(server, pipe):
+    """Too long by itself, or too long to leave its row the picture's positions: either way the 400
+    names `negative_prompt`, not the prompt or the size, which were fine."""
+    draw = {"model": MODEL, "prompt": "a red circle at the top left", "size": SIZE}
+    images = "/v1/images/generations"
+    alone = _error(_post(server, images, json={**draw, "negative_prompt": "cat " * 5000}), 400, "negative_prompt",
+                   "context_length_exceeded")
+    assert "the negative prompt" in alone["message"]
+    words = 1
+    while True:  # the shortest negative prompt that fits the model but not beside a 64x64 picture
+        try:
+            pipe.generate_request(draw["prompt"], size=(64, 64), negative_prompt="cat " * words)
+        except ValueError as e:
+            assert "positions" in str(e) and "the negative prompt" in str(e)
+            break
+        words += 1
+    beside = _error(_post(server, images, json={**draw, "negative_prompt": "cat " * words}), 400, "negative_prompt",
+                    "context_length_exceeded")
+    assert "64x64 picture need" in beside["message"]
+    assert _post(server, images, json={**draw, "negative_prompt": "cat " * (words - 1)}).status_code == 200
+
+
 def test_the_api_key_guards_every_endpoint_but_health(server):
     _error(requests_http.get(server.url + "/v1/models"), 401, code="invalid_api_key")
     _error(requests_http.get(server.url + "/metrics"), 401, code="invalid_api_key")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from unitoken_jax.inference.decode import DecodeLoop, Request
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import TextStream, decode, encode_item
+from unitoken_jax.tokenizer.conversation import ConversationError, TextStream, decode, encode_item
 
 GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
@@ -45,6 +45,11 @@ class AnswerCut(UserWarning):
 class PictureRepaired(AnswerCut):
     """An answer's picture did not finish (its budget or the model's positions ran out) or was
     malformed, and was completed by `layout.parse_image_ids`'s repair rules."""
+
+
+class NegativePromptError(ValueError):
+    """A negative prompt that the model cannot take beside the picture: too long by itself, or too
+    long to leave its row the picture's positions."""
 
 
 def picture_grid(pictures, columns: int | None = None, side: int | None = None, gap: int = 4) -> Image.Image:
@@ -187,10 +192,14 @@ class UniTokenPipeline:
         uncond = None
         if negative_prompt is not None:
             neg = {"conversations": [{"from": "human", "value": negative_prompt}, {"from": "gpt", "value": None}]}
-            uncond = np.concatenate([self._encode(neg)["tokens"], self.image_prefix + [layout.IMAGE_START]])
+            try:
+                neg_tokens = self._encode(neg)["tokens"]
+            except ConversationError as e:
+                raise NegativePromptError(f"the negative prompt: {e}") from None
+            uncond = np.concatenate([neg_tokens, self.image_prefix + [layout.IMAGE_START]])
             needed = len(uncond) - 1 + layout.generated_image_length(grid_hw)  # its row runs beside the prompt's
             if needed > self.max_length:
-                raise ValueError(f"the negative prompt and a {w}x{h} picture need {needed} positions; the model "
+                raise NegativePromptError(f"the negative prompt and a {w}x{h} picture need {needed} positions; the model "
                                  f"takes {self.max_length} (a shorter negative prompt or a smaller size)")
         defaults = {"image_temperature": 1.0, "image_top_k": 2000,
                     "max_new_tokens": layout.generated_image_length(grid_hw) - 1,  # the prompt has <racm3:break>

@@ -57,6 +57,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from unitoken_jax.serve import metrics, wire
+from unitoken_jax.inference.pipeline import NegativePromptError
 from unitoken_jax.serve.engine import PipelineEngine
 from unitoken_jax.serve.scheduler import (ContinuousScheduler, DoesNotFit, Expired, Job, QueueFull, Scheduler,
                                          ShuttingDown)
@@ -351,6 +352,8 @@ class _Server:
                 base = self.pipe.generate_request(call.prompt, **options)
             else:
                 base = self.pipe.edit_request(picture, call.prompt, **options)
+        except NegativePromptError as e:  # too long for the model, or for the picture beside it
+            raise bad(str(e), "negative_prompt", "context_length_exceeded") from None
         except ConversationError as e:  # the prompt itself (e.g. too long for the model)
             raise bad(str(e), "prompt") from None
         except ValueError as e:  # the pipeline's size checks: a multiple of 32 px, room in the model
