@@ -113,6 +113,27 @@ def test_a_killed_run_resumes_to_the_same_dataset(tmp_path, items_path, tokenize
         pt.pretokenize(items_path, str(tmp_path / "cut"), text, vq, SETTINGS.__class__(vq_size=64), progress=False)
 
 
+def test_a_rerun_of_a_finished_job_does_no_work_and_changes_nothing(tmp_path, items_path, tokenizers, monkeypatch):
+    """The finished dataset has no chunk markers left; a rerun (the same command again, or a pod's
+    slower process) must not encode every item again into a partial folder nobody reads."""
+    text, vq = tokenizers
+    out = str(tmp_path / "ds")
+    first = pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False)
+    before = sorted(os.listdir(out)), sorted(os.listdir(os.path.join(out, pt._PARTIAL)))
+
+    def no_work(self, chunk):
+        raise AssertionError("a chunk of a finished dataset was encoded again")
+
+    monkeypatch.setattr(pt._Chunk, "run", no_work)
+    for index in (0, 1):
+        again = pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False, process_index=index,
+                               process_count=2 if index else 1)
+        assert again == first
+    assert (sorted(os.listdir(out)), sorted(os.listdir(os.path.join(out, pt._PARTIAL)))) == before
+    with pytest.raises(ValueError, match="other settings"):  # still the same job only
+        pt.pretokenize(items_path, out, text, vq, dataclasses.replace(SETTINGS, vq_size=64), progress=False)
+
+
 def test_two_processes_write_the_dataset_one_process_writes(tmp_path, items_path, tokenizers):
     text, vq = tokenizers
     pt.pretokenize(items_path, str(tmp_path / "one"), text, vq, SETTINGS, progress=False)

@@ -236,6 +236,9 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
     partial = os.path.join(out_dir, _PARTIAL)
     os.makedirs(partial, exist_ok=True)
     _check_settings(out_dir, settings, items_path, len(items))
+    if os.path.exists(os.path.join(out_dir, "dataset_info.json")):  # its chunks' markers are gone: not redone
+        log.info("%s is complete already (the same job): nothing to do", out_dir)
+        return summary(out_dir)
 
     mine = [c for c in range(n_chunks) if c % process_count == process_index]
     todo = [c for c in mine if not os.path.exists(_marker(partial, c))]
