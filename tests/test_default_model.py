@@ -213,7 +213,9 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     assert "1 empty line(s)" in said.err and "wrote 6 pictures for 3 prompts" in said.out
     index = json.loads((out / "index.json").read_text())
     assert [entry["prompt"] for entry in index] == [t.text for t in things]
-    assert [entry["pictures"] for entry in index] == [[f"{k:05d}_{j}.png" for j in range(2)] for k in range(3)]
+    # named by the file's line (from 0, the blank line counted), which index.json gives from 1
+    assert [entry["pictures"] for entry in index] == [[f"{k:05d}_{j}.png" for j in range(2)] for k in (0, 1, 3)]
+    assert [entry["line"] for entry in index] == [1, 2, 4]
     right = sum(shapes.check_picture(Image.open(out / name)).matches(thing)
                 for entry, thing in zip(index, things) for name in entry["pictures"])
     assert right >= 4, right  # (the model draws 70 % or more right; chance is 1 in 48)
@@ -221,11 +223,11 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     (out / "00001_1.png").unlink()
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
     assert "wrote 2 pictures for 1 prompts" in capsys.readouterr().out and (out / "00001_1.png").exists()
-    shared = tmp_path / "shared"  # process 0 of 2 draws prompts 0 and 2; the index names all three
+    shared = tmp_path / "shared"  # process 0 of 2 draws prompts 0 and 2 (lines 0 and 3); the index names all three
     shared.mkdir()
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(shared), "--process-count", "2"]) == 0
     assert "wrote 2 pictures for 2 prompts" in capsys.readouterr().out
-    assert sorted(p.name for p in shared.glob("*.png")) == ["00000_0.png", "00002_0.png"]
+    assert sorted(p.name for p in shared.glob("*.png")) == ["00000_0.png", "00003_0.png"]
     assert len(json.loads((shared / "index.json").read_text())) == 3
     for wrong in (["a red circle", "--prompts-file", str(prompts), "--out", str(out)], ["--out", str(out)]):
         assert main(["generate", *wrong]) == 2

@@ -574,7 +574,8 @@ def _generate(args) -> int:
 
 def _generate_many(args) -> int:
     """--prompts-file: --n pictures for every line of the file into the directory --out
-    (NNNNN_J.png, line N from 0, picture J), with index.json listing each prompt's pictures. The
+    (NNNNN_J.png, line N of the file from 0, blank lines counted; picture J), with index.json
+    listing each prompt's line (from 1, as editors count), pictures and seeds. The
     pictures are written batch by batch; a rerun draws only the prompts whose pictures are not
     all there."""
     import json
@@ -591,6 +592,7 @@ def _generate_many(args) -> int:
     if not any(prompts):
         raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt (one prompt a line)")
     blank = [i for i, p in enumerate(prompts) if not p]
+    line = [i for i, p in enumerate(prompts) if p]  # each prompt's line of the file, from 0: its pictures' names
     prompts = [p for p in prompts if p]
     if blank:
         print(f"generate: {len(blank)} empty line(s) of {args.prompts_file} skipped", file=sys.stderr)
@@ -599,7 +601,7 @@ def _generate_many(args) -> int:
     batch_size = args.batch_size or 16
     if batch_size < 1 or args.n < 1:
         raise ValueError(f"--batch-size and --n must be at least 1, got {batch_size} and {args.n}")
-    names = [[f"{k:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
+    names = [[f"{line[k]:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
     todo = [k for k in _share(list(range(len(prompts))), args, "prompts")
             if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
     pipe = _pipeline(args) if todo else None  # (sets --size's default)
@@ -615,8 +617,8 @@ def _generate_many(args) -> int:
                 for name, picture in zip(names[k], pictures):
                     _save(picture, os.path.join(args.out, name))
             bar.update(len(chosen) * args.n)
-    index = [{"prompt": prompt, "pictures": names[k], "seeds": [args.seed + j for j in range(args.n)]}
-             for k, prompt in enumerate(prompts)]
+    index = [{"prompt": prompt, "line": line[k] + 1, "pictures": names[k],
+              "seeds": [args.seed + j for j in range(args.n)]} for k, prompt in enumerate(prompts)]
     with open(os.path.join(args.out, "index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)
     there = len(prompts[args.process_index::args.process_count]) - len(todo)
