@@ -219,6 +219,23 @@ def test_decode_reports_the_pictures_it_completes(tok):
             decode(text + tail, tok)
 
 
+def test_a_picture_without_its_eoss_keeps_the_text_and_picture_after_it(tok):
+    """Ids that lost a picture's <eoss> (made by hand, or cut and joined): the picture ends where
+    its size tokens say, so the text after it stays text and a second picture stays a picture,
+    instead of both being read as rows of the first."""
+    rng = np.random.default_rng(4)
+    first, second = rng.integers(0, 8192, (4, 6)), rng.integers(0, 8192, (2, 3 * 2))
+    ids = (_stream(tok, first)[:-1] + tok.encode_text("the") + [layout.NEWLINE] + tok.encode_text("end")
+           + _stream(tok, second) + [EOT])
+    repairs = []
+    parts = decode(ids, tok, repair=True, repairs=repairs)
+    assert len(parts) == 3 and parts[1] == tok.decode_text(tok.encode_text("the") + [layout.NEWLINE]
+                                                           + tok.encode_text("end")), parts
+    np.testing.assert_array_equal(parts[0], first)
+    np.testing.assert_array_equal(parts[2], second)
+    assert [shape for shape, _ in repairs] == [(4, 6)] and any("no <eoss>" in c for c in repairs[0][1])
+
+
 @pytest.mark.parametrize("corrupt,message", [
     (lambda s: s[:-1], "no <eoss>"),
     (lambda s: s[:4] + s[5:], "row 0 has 5 ids"),

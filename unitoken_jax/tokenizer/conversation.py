@@ -167,6 +167,19 @@ def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], toke
                                np.array(index, np.int32), spans, predicted_flags)
 
 
+def _picture_end(ids: list[int], i: int) -> int:
+    """Where the picture starting at `ids[i]` (its <racm3:break>) ends: after its <eoss>; without
+    one, after the ids its size tokens declare, and never past the next picture's <racm3:break>
+    (the text after a picture that lost its <eoss> stays text)."""
+    stop = ids.index(layout.IMAGE_START, i + 1) if layout.IMAGE_START in ids[i + 1:] else len(ids)
+    if layout.IMAGE_END in ids[i:stop]:
+        return ids.index(layout.IMAGE_END, i) + 1
+    grid = [g - layout.GRID_BASE for g in ids[i + 1:i + 3]]
+    if len(grid) == 2 and all(1 <= g <= layout.MAX_GRID for g in grid):
+        return min(stop, i + layout.generated_image_length(tuple(grid)) - 1)  # (no <eoss>)
+    return stop
+
+
 def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: bool = False,
            repairs: list | None = None) -> list:
     """Generated ids -> [text, picture, text, ...]. Pictures are PIL images when `vq` can decode,
@@ -191,7 +204,7 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
             i += 1
             continue
         flush()
-        end = ids.index(layout.IMAGE_END, i) + 1 if layout.IMAGE_END in ids[i:] else len(ids)
+        end = _picture_end(ids, i)
         try:
             parsed = layout.parse_image_ids(ids[i:end], repair=repair)
         except layout.MalformedImageTokens:
