@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER
+from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, first_stop
 from unitoken_jax.tokenizer.images import ImageError, load_image
 
 SEED_LIMIT = 2 ** 32  # seeds are uint32, as the decode loop's keys take them
@@ -300,16 +300,14 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
 
 
 def apply_stop(parts: list, stop: list[str]) -> tuple[list, bool]:
-    """The answer cut before the first stop string (and everything after it); whether one was found."""
+    """The answer cut before the first stop string (`first_stop`; everything after it dropped);
+    whether one was found."""
     if not stop:
         return parts, False
     kept = []
     for part in parts:
-        if isinstance(part, str):
-            hits = [part.find(s) for s in stop if s in part]
-            if hits:
-                cut = part[:min(hits)]
-                return kept + ([cut] if cut else []), True
+        if isinstance(part, str) and (at := first_stop(part, stop)) is not None:
+            return kept + ([part[:at]] if at else []), True
         kept.append(part)
     return kept, False
 

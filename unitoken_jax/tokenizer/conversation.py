@@ -225,6 +225,19 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
     return parts
 
 
+def first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where `text` is cut for its stop strings: at the start of the one that is complete first as
+    the text grows (the earliest end; of those ending there, the longest), or None. Generation
+    stops as soon as a stop string is there, so a later one that starts earlier never counts, and
+    a stream (which sees the text grow) cuts where the finished answer is cut."""
+    best = None
+    for s in stop:
+        at = text.find(s)
+        if at >= 0 and (best is None or (at + len(s), at) < (best[0] + len(best[1]), best[0])):
+            best = (at, s)
+    return None if best is None else best[0]
+
+
 class TextStream:
     """The text an answer has so far, as it may be streamed: the text before the answer's first
     picture or its end of turn, decoded from the ids generated so far.
@@ -232,7 +245,7 @@ class TextStream:
     `update(ids)` returns the text not yet sent that is settled: it holds back a last character
     that is only part of a multi-byte character (U+FFFD while its bytes are incomplete) and, while
     `stop` strings are asked for, the last `max(len(stop)) - 1` characters (a stop string may be
-    starting there); it cuts at the first stop string and then sends nothing more. `rest(parts)`
+    starting there); it cuts at the first stop string (`first_stop`) and then sends nothing more. `rest(parts)`
     is what is left of the finished answer's parts (after `apply_stop`) once the sent text is
     taken off its first part. The decoded text of a prefix of ids is a prefix of the text of all
     of them for the byte-level BPE the models use; where it is not, `rest` says so."""
@@ -254,9 +267,9 @@ class TextStream:
             if i != self.tokenizer.bos_id:
                 text_ids.append(i)
         text = self.tokenizer.decode_text(text_ids) if text_ids else ""
-        hits = [text.find(s) for s in self.stop if s in text]
-        if hits:
-            text, complete = text[:min(hits)], True
+        cut = first_stop(text, self.stop)
+        if cut is not None:
+            text, complete = text[:cut], True
         elif not complete:
             text = text.rstrip("\ufffd")  # bytes of a character still to come: not one yet
             text = text[:max(0, len(text) - self.hold)]
