@@ -693,6 +693,33 @@ def test_a_negative_prompt_the_model_cannot_take_is_refused_by_its_own_name(serv
     assert _post(server, images, json={**draw, "negative_prompt": "cat " * (words - 1)}).status_code == 200
 
 
+def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):
+    """Clients that send every field (null when unset), and the official client's own stream and
+    edit options at their neutral values, are served; a value this server cannot honour is still
+    refused by name, and an out-of-range top_k is the caller's 400, not a 500."""
+    chat = "/v1/chat/completions"
+    good = {"model": MODEL, "messages": _question(shapes.draw([Thing("red", "circle", "top left")]),
+                                                  "What colour is the shape?")}
+    nulls = {"audio": None, "modalities": ["text"], "reasoning_effort": None, "functions": None,
+             "function_call": None, "prediction": None, "logprobs": None, "top_logprobs": None}
+    answer = _post(server, chat, json={**good, **nulls})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "red", answer.text
+    streamed = server.client().chat.completions.create(
+        model=MODEL, messages=good["messages"], stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "red"
+    _error(_post(server, chat, json={**good, "modalities": ["text", "audio"]}), 400, "modalities",
+           "unsupported_parameter")
+    _error(_post(server, chat, json={**good, "stream": True, "stream_options": {"include_obfuscation": True}}), 400,
+           "stream_options")
+    _error(_post(server, chat, json={**good, "top_k": 3_000_000_000}), 400, "top_k", "invalid_value")
+    edited = server.client().images.edit(model=MODEL, image=("red.png", _png(shapes.draw([Thing("red", "circle",
+                                                                                             "top left")])),
+                                                             "image/png"),
+                                         prompt="make it blue", size=SIZE, stream=False, partial_images=0)
+    assert len(edited.data) == 1
+
+
 def test_the_api_key_guards_every_endpoint_but_health(server):
     _error(requests_http.get(server.url + "/v1/models"), 401, code="invalid_api_key")
     _error(requests_http.get(server.url + "/metrics"), 401, code="invalid_api_key")

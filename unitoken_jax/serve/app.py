@@ -260,6 +260,8 @@ class _Server:
         except ConversationError as e:
             raise bad(str(e), "messages", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
                 from None
+        except ValueError as e:  # the request's own checks (sampling ranges): the caller's, not a server fault
+            raise bad(str(e)) from None
         # a continuous server's calls each have a slot (--slot-length) of the model's positions
         length = getattr(self.scheduler, "length", self.pipe.max_length)
         whose = "the model's" if length == self.pipe.max_length else "this server's (--slot-length)"

@@ -188,7 +188,11 @@ _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "tem
 _CHAT_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
                  "presence_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                  "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
-                 "response_format": (None, {"type": "text"}), "store": (None, False)}
+                 "response_format": (None, {"type": "text"}), "store": (None, False),
+                 # OpenAI's fields for what this model does not do: absent, null or their plain-text value
+                 "modalities": (None, ["text"]), "audio": (None,), "functions": (None, []), "function_call": (None,),
+                 "reasoning_effort": (None,), "prediction": (None,), "web_search_options": (None,),
+                 "verbosity": (None,)}
 
 
 def _content(content: Any, where: str, images: list | None, limits: Limits) -> str:
@@ -283,16 +287,19 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
     options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
-                                or not isinstance(options.get("include_usage"), (bool, type(None)))):
-        # a bool, as OpenAI types it: a string "no" would have read as true
-        raise bad("'stream_options' is {'include_usage': bool}, and only with 'stream': true", "stream_options")
+    if options is not None and (not stream or not isinstance(options, dict)
+                                or set(options) - {"include_usage", "include_obfuscation"}
+                                or not isinstance(options.get("include_usage"), (bool, type(None)))
+                                or options.get("include_obfuscation") not in (None, False)):
+        # a bool, as OpenAI types it: a string "no" would have read as true. No obfuscation padding is sent.
+        raise bad("'stream_options' is {'include_usage': bool, 'include_obfuscation': false}, and only with "
+                  "'stream': true", "stream_options")
     return ChatCall(
         conversation=turns, images=images,
         max_tokens=_number(body, length_field, None, 1, integer=True),
         temperature=_number(body, "temperature", 0.0, 0),  # greedy unless asked: the models answer best so
         top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
-        top_k=_number(body, "top_k", 0, 0, integer=True),
+        top_k=_number(body, "top_k", 0, 0, 2 ** 31 - 1, integer=True),
         seed=_number(body, "seed", None, 0, SEED_LIMIT - 1, integer=True),
         n=_number(body, "n", 1, 1, limits.max_n, integer=True),
         stop=stop or [], stream=stream, include_usage=bool((options or {}).get("include_usage")),
@@ -368,11 +375,13 @@ def parse_images(body: dict, model_name: str, limits: Limits, *, default_size: t
 
 
 def form_fields(form: dict[str, str]) -> dict[str, Any]:
-    """Multipart form values are strings; numbers become numbers (a bad one stays a string and is
-    refused by `parse_images` with the field's name)."""
+    """Multipart form values are strings; numbers become numbers and `stream` a bool (a bad one
+    stays a string and is refused by `parse_images` with the field's name)."""
     out: dict[str, Any] = {}
     for name, value in form.items():
-        if name in ("n", "seed"):
+        if name == "stream" and value.strip().lower() in ("true", "false"):
+            out[name] = value.strip().lower() == "true"
+        elif name in ("n", "seed", "partial_images"):
             out[name] = int(value) if re.fullmatch(r"-?\d+", value.strip()) else value
         elif name in ("guidance_scale", "output_compression"):
             try:
