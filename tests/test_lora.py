@@ -148,6 +148,34 @@ def test_adapters_peft_saved_load_here(tmp_path):
         np.testing.assert_allclose(np.asarray(ours.text_logits(ids.numpy())), theirs, atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("options", [
+    dict(target_modules=["q_proj", "lm_head"]),  # PEFT saves lm_head's base weight beside its factors
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]),  # layer 1 left as it is
+    dict(target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.1.self_attn.v_proj"]),
+    dict(target_modules=["q_proj"], lora_alpha=None),  # a config without lora_alpha: PEFT's default, 8
+], ids=["lm_head", "layers_to_transform", "exclude_modules", "default_alpha"])
+def test_peft_adapters_of_every_plain_lora_shape_load_with_peft_s_numbers(tmp_path, options):
+    import peft
+
+    hf = oracles.make_chameleon(seed=7)
+    oracles.write_chameleon(tmp_path / "base", hf)
+    drop_alpha = options.get("lora_alpha", 0) is None
+    options = {k: v for k, v in options.items() if v is not None}
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=2, init_lora_weights=False, **options)).eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    if drop_alpha:
+        path = tmp_path / "peft" / "adapter_config.json"
+        pc = json.loads(path.read_text())
+        assert pc.pop("lora_alpha") == 8
+        path.write_text(json.dumps(pc))
+    ids = torch.randint(0, oracles.VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    theirs = oracles.hf_logits(peft_model.base_model.model, input_ids=ids)
+    base = unitoken_jax.load(str(tmp_path / "base"), progress=False)
+    ours = unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / "peft"), progress=False)
+    assert np.abs(theirs - np.asarray(base.text_logits(ids.numpy()))).max() > 0.05  # the adapters matter
+    np.testing.assert_allclose(np.asarray(ours.text_logits(ids.numpy())), theirs, atol=2e-4, rtol=0)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 def test_bad_lora_configs_are_refused_by_name():
@@ -236,6 +264,11 @@ def test_adapters_for_another_model_are_refused(tmp_path):
     with open(tmp_path / "a" / "adapter_config.json", "w") as f:
         json.dump(pc, f)
     with pytest.raises(CheckpointError, match="use_dora=True is not supported"):
+        UniTokenModel.random(small_config()).with_adapters(str(tmp_path / "a"))
+    pc["use_dora"], pc["alora_invocation_tokens"] = False, [5, 6]  # aLoRA: adapts only after those tokens
+    with open(tmp_path / "a" / "adapter_config.json", "w") as f:
+        json.dump(pc, f)
+    with pytest.raises(CheckpointError, match=r"alora_invocation_tokens=\[5, 6\] is not supported"):
         UniTokenModel.random(small_config()).with_adapters(str(tmp_path / "a"))
     os.remove(tmp_path / "a" / "adapter_config.json")
     with pytest.raises(CheckpointError, match="no adapter_config.json"):

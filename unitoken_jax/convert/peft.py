@@ -38,6 +38,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight$")
+# PEFT saves the base weight of an adapted embedding or head beside its factors
+# (`save_embedding_layers="auto"`): a copy of what the base model has, not part of the adapter
+_BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+PEFT_DEFAULT_ALPHA = 8  # `peft.LoraConfig.lora_alpha`'s default, for a config that leaves it out
 
 
 def _modules(config: UniTokenConfig) -> dict[tuple[tuple[str, ...], int | None], str]:
@@ -95,8 +99,9 @@ def save_adapters(path: str, config: UniTokenConfig, params: dict, base_model: s
 def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
     """(the adapters' LoraConfig, their parameters in our tree) for a model of `config` (without
     adapters), from a PEFT directory — ours or one PEFT wrote. Every factor must belong to a kernel
-    of the model and have its shape; a PEFT option we do not model (DoRA, rsLoRA, per-module ranks,
-    biases) is refused by name."""
+    of the model and have its shape; a PEFT option we do not model (DoRA, rsLoRA, aLoRA, per-module
+    ranks, biases) is refused by name. Modules that `layers_to_transform` or `exclude_modules` leave
+    out keep zero factors (their base kernels)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapters: {path} is not a directory")
     cfg_path = os.path.join(path, CONFIG_FILE)
@@ -106,7 +111,8 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
     if pc.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}; only LORA adapters are supported")
     for key, off in (("use_dora", False), ("use_rslora", False), ("rank_pattern", {}), ("alpha_pattern", {}),
-                     ("bias", "none"), ("modules_to_save", None)):
+                     ("bias", "none"), ("modules_to_save", None), ("alora_invocation_tokens", None),
+                     ("lora_bias", False), ("layer_replication", None), ("trainable_token_indices", None)):
         if pc.get(key, off) not in (off, None, [], {}, "none", False):
             raise CheckpointError(f"{cfg_path}: {key}={pc[key]!r} is not supported (only plain LoRA: "
                                   f"{key}={off!r})")
@@ -121,6 +127,8 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
     found: dict[str, dict[str, np.ndarray]] = {}
     with open_safetensors(weights) as f:
         for key in f.keys():
+            if (copy := _BASE_COPY.match(key)) is not None and copy["module"] in by_name:
+                continue
             m = _FACTOR.match(key)
             if m is None:
                 raise CheckpointError(f"{weights}: {key!r} is not a LoRA factor (lora_A / lora_B weight)")
@@ -130,8 +138,8 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
         raise CheckpointError(f"{weights}: adapters for {', '.join(unknown[:4])}, which the model does not have "
                               f"(its kernels are e.g. {', '.join(sorted(by_name)[:3])})")
     targets = _targets_of(found, by_name)
-    lora = LoraConfig(rank=rank, alpha=float(pc.get("lora_alpha", rank)), dropout=float(pc.get("lora_dropout", 0.0)),
-                      targets=targets)
+    lora = LoraConfig(rank=rank, alpha=float(pc.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
+                      dropout=float(pc.get("lora_dropout", 0.0)), targets=targets)
     lora_config = config.replace(lora=lora.validate())
     want = traverse_util.flatten_dict(_abstract_adapters(lora_config))
     out = {p: np.zeros(s.shape, np.float32) for p, s in want.items()}
@@ -155,10 +163,13 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
         covered.add((kernel, layer))
     adapted = set(lora_lib.adapter_kernels(lora_config))  # (not every kernel a target names: the ViT's patch conv)
     missing = sorted(key for key in by_name.values() if key[0] in adapted and key not in covered)
-    if missing:
+    partial = [k for k in ("layers_to_transform", "exclude_modules") if pc.get(k) not in (None, [], "")]
+    if missing and not partial:  # (PEFT adapts every module its targets name unless told otherwise)
         kernel, layer = missing[0]
         raise CheckpointError(f"{weights}: the adapters cover {targets} but not layer {layer} of "
-                              f"{'/'.join(kernel[:-1])} (made for a model with fewer layers?)")
+                              f"{'/'.join(kernel[:-1])}, and {CONFIG_FILE} sets neither layers_to_transform nor "
+                              "exclude_modules (made for a model with fewer layers?)")
+    # with them, a module left out keeps zero factors: the base model's kernel, as in PEFT
     return lora, traverse_util.unflatten_dict(out)
 
 
