@@ -176,6 +176,38 @@ def test_peft_adapters_of_every_plain_lora_shape_load_with_peft_s_numbers(tmp_pa
     np.testing.assert_allclose(np.asarray(ours.text_logits(ids.numpy())), theirs, atol=2e-4, rtol=0)
 
 
+def test_lora_dropout_reaches_a_head_adapter_in_training():
+    """The head's adapter is fed dropped-out hidden states in training, as every other adapter is
+    (it had been folded into the head's kernel, where no dropout can act): each draw differs, their
+    mean is the undropped head (dropout is unbiased), and the train step's loss moves with its seed."""
+    from unitoken_jax.train.optimizer import OptimizerConfig, make_optimizer, trainable_mask
+    from unitoken_jax.train.step import head_inputs, head_kernel, init_state, make_train_step
+
+    cfg = small_config(rank=4, alpha=8.0, dropout=0.5, targets=("lm_head",))
+    rng = np.random.default_rng(0)
+    d, v = cfg.decoder.hidden_size, cfg.decoder.vocab_size
+    head = {"kernel": jnp.asarray(rng.standard_normal((d, v)) / np.sqrt(d), jnp.float32),
+            "lora_a": jnp.asarray(rng.standard_normal((d, 4)), jnp.float32),
+            "lora_b": jnp.asarray(rng.standard_normal((4, v)), jnp.float32)}
+    hidden = jnp.asarray(rng.standard_normal((1, 3, d)), jnp.float32)
+    folded = np.asarray(hidden @ head_kernel(head, cfg))
+    keys = jax.random.split(jax.random.key(1), 4000)
+    drawn = np.asarray(jax.vmap(lambda k: jnp.einsum("BLD,DV->BLV", *head_inputs(hidden, head, cfg, k)))(keys))
+    spread = drawn.std(axis=0)
+    assert spread.min() > 0.1
+    np.testing.assert_allclose(drawn.mean(axis=0), folded, atol=float(5 * spread.max() / np.sqrt(len(keys))))
+    np.testing.assert_array_equal(np.asarray(jnp.einsum("BLD,DV->BLV", *head_inputs(hidden, head, cfg))), folded)
+
+    params = randomize_b(lora_lib.with_adapters(UniTokenModel.random(small_config()).params, cfg, seed=1), scale=0.5)
+    tx = make_optimizer(OptimizerConfig(trainable="lora"), params)
+    step = jax.jit(make_train_step(cfg, tx, trainable_mask(params, "lora")))
+    tokens = jnp.asarray(rng.integers(0, v, (2, 12)), jnp.int32)
+    batch = dict(tokens=tokens, labels=jnp.roll(tokens, -1, axis=1), segment_ids=jnp.ones((2, 12), jnp.int32),
+                 positions=jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12)))
+    losses = {float(step(init_state(params, tx, seed=seed), batch)[1]["loss"]) for seed in range(3)}
+    assert len(losses) == 3, losses
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 def test_bad_lora_configs_are_refused_by_name():

@@ -50,7 +50,8 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
                                  deterministic=False, rngs={"dropout": rng}, return_hidden=True)
         # the head and the loss together, on the predicting positions only (no [B, L, V] logits)
-        return fused_lm_loss(hidden, head_kernel(params["decoder"]["lm_head"], config), batch["labels"],
+        hidden, kernel = head_inputs(hidden, params["decoder"]["lm_head"], config, jax.random.fold_in(rng, _HEAD_RNG))
+        return fused_lm_loss(hidden, kernel, batch["labels"],
                              batch["segment_ids"], config.z_loss_weight, batch.get("generation"),
                              chunk=config.loss_chunk, dtype=config.dtype, kernel_grad=head_trains)
 
@@ -76,6 +77,25 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
         return state, metrics
 
     return train_step
+
+
+_HEAD_RNG = 0x4EAD  # folded into the step's dropout key for the head adapter's dropout
+
+
+def head_inputs(hidden, head: dict, config: UniTokenConfig, rng=None):
+    """(hidden states, kernel) for the fused loss. A LoRA head with dropout, in training (`rng`):
+    its update `scaling * B(A(dropout(h)))` sees another input than the kernel, so it cannot be
+    folded into one kernel (`head_kernel`); it goes in as `rank` more features instead,
+    `[h, scaling * A(dropout(h))] @ [[kernel], [B]]`, which is the same sum (and costs a copy of the
+    hidden states). Otherwise the folded kernel."""
+    if "lora_a" not in head or rng is None or config.lora.dropout == 0:
+        return hidden, head_kernel(head, config)
+    dtype, rate = jnp.dtype(config.dtype), config.lora.dropout
+    keep = jax.random.bernoulli(rng, 1.0 - rate, hidden.shape)
+    dropped = jnp.where(keep, hidden / (1.0 - rate), 0.0).astype(dtype)
+    extra = jnp.einsum("BLD,Dr->BLr", dropped, head["lora_a"].astype(dtype)) * jnp.asarray(config.lora.scaling, dtype)
+    kernel = jnp.concatenate([head["kernel"].astype(dtype), head["lora_b"].astype(dtype)], axis=0)
+    return jnp.concatenate([hidden.astype(dtype), extra], axis=-1), kernel
 
 
 def head_kernel(head: dict, config: UniTokenConfig):
