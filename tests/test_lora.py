@@ -225,13 +225,21 @@ def test_bad_lora_configs_are_refused_by_name():
         small_config(targets=("q_proj,vproj",))
 
 
-def test_adapters_on_every_target_save_and_load_back(tmp_path):
+def test_adapters_on_every_target_save_and_load_back(tmp_path, monkeypatch):
     """The vision tower's adapters too: its patch convolution, which LoRA never adapts, was counted
-    as a missing adapter, so the adapters of a run that tuned the ViT did not load."""
+    as a missing adapter, so the adapters of a run that tuned the ViT did not load. Saving them
+    brings the adapters alone to the host, not the frozen base (14.9 GB for the 7B)."""
     cfg = small_config(rank=4, alpha=8.0, targets=ALL_TARGETS)
     base = UniTokenModel.random(small_config())
     tuned = UniTokenModel(cfg, randomize_b(lora_lib.with_adapters(base.params, cfg)))
-    tuned.save_adapters(str(tmp_path / "a"))
+    fetched, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: (fetched.extend(jax.tree.leaves(tree)), device_get(tree))[1])
+    names = tuned.save_adapters(str(tmp_path / "a"))
+    monkeypatch.undo()
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(lora_lib.split(tuned.params)[1]))
+    assert 0 < sum(x.nbytes for x in fetched) <= adapter_bytes
+    from unitoken_jax.convert import peft as peft_io
+    assert names == peft_io.adapted_modules(cfg) and "model.layers.1.self_attn.q_proj" in names
     loaded = base.with_adapters(str(tmp_path / "a"), merge=False)
     assert set(loaded.config.lora.targets) == set(ALL_TARGETS)
     want, got = (traverse_util.flatten_dict(lora_lib.split(m.params)[1]) for m in (tuned, loaded))

@@ -199,8 +199,21 @@ class UniTokenModel:
 
     def save_adapters(self, path: str, base_model: str | None = None) -> list[str]:
         """Writes the LoRA adapters alone in Hugging Face PEFT's format (adapter_config.json +
-        adapter_model.safetensors; see `unitoken_jax.convert.peft`); returns the modules adapted."""
-        return peft_io.save_adapters(path, self.config, jax.device_get(self.params), base_model or self.source)
+        adapter_model.safetensors; see `unitoken_jax.convert.peft`); returns the modules adapted.
+        Only the adapters come to the host (a few MB, not the frozen base). On a pod every process
+        calls it (the adapters are gathered from all of them) and process 0 writes."""
+        if self.config.lora is None:
+            raise ValueError("the model has no adapters (its config has no lora section)")
+        _, adapters = lora_lib.split(self.params)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            adapters = multihost_utils.process_allgather(adapters, tiled=True)
+        else:
+            adapters = jax.device_get(adapters)
+        if jax.process_index() != 0:
+            return peft_io.adapted_modules(self.config)
+        return peft_io.save_adapters(path, self.config, adapters, base_model or self.source)
 
     def with_adapters(self, path: str, merge: bool = True) -> "UniTokenModel":
         """This (float) model with the PEFT-format adapters in `path` applied: folded into the

@@ -61,9 +61,19 @@ def _target_modules(lora: LoraConfig, names: list[str]) -> list[str] | str:
     return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
 
 
+def adapted_modules(config: UniTokenConfig) -> list[str]:
+    """The HF module names a LoRA model's adapters adapt, in `save_adapters`' order."""
+    modules = _modules(config)
+    names = []
+    for kernel in lora_lib.adapter_kernels(config):
+        layers = sorted(layer for (k, layer) in modules if k == kernel)
+        names += [modules[(kernel, layer)] for layer in layers]
+    return names
+
+
 def save_adapters(path: str, config: UniTokenConfig, params: dict, base_model: str | None = None) -> list[str]:
     """Writes the adapters of a LoRA model (`config.lora`) to `path` in PEFT's format; returns the
-    module names adapted."""
+    module names adapted. `params` needs only the adapter factors (`lora.split`'s second half)."""
     lora = config.lora
     if lora is None:
         raise ValueError("the model has no adapters (its config has no lora section)")

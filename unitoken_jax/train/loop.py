@@ -312,7 +312,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     if step >= total:
         final = os.path.join(workdir, "final")
         UniTokenModel(config.model, state.params).save(final)
-        if config.model.lora is not None and jax.process_index() == 0:  # the adapters alone, in PEFT's format
+        if config.model.lora is not None:  # the adapters alone, in PEFT's format (gathered; process 0 writes)
             UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"),
                                                                     base_model=",".join(config.init_from.paths) or None)
         log.info("stage finished at step %d; model in %s", step, final)
