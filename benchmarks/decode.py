@@ -248,7 +248,9 @@ def main():
                                            jax.tree.map(lambda a: a.astype(jnp.bfloat16), ours.params))
         if name == "int8":
             model = model.quantize("int8")
-        fmt_loop = DecodeLoop(model.config, model.params)
+        # both unrolled, as `auto` ran both until it began to scan int8 weights on a CPU (where unrolled
+        # layers convert all their kernels to float at once): the formats alone differ
+        fmt_loop = DecodeLoop(model.config, model.params, layers="unrolled")
         # the first 64 steps timed (bfloat16 dots are slow on a CPU)
         by_format[name] = [model_only_step_seconds(fmt_loop, prompt, rows, n_tokens, timed_steps=64)
                            for rows in (2, 2 * args.batch)]

@@ -160,3 +160,29 @@ def test_the_int8_head_computes_the_code_logits_alone(bf16_model):
     part = np.asarray(module.apply(variables, hidden, 600, method=UniToken.head))
     assert part.shape == (2, 1, 600)
     np.testing.assert_allclose(part, full[..., :600], rtol=1e-6, atol=1e-6 * np.abs(full).max())
+
+
+def test_an_int8_decode_loop_on_a_cpu_makes_no_float_copy_of_the_weights():
+    """`layers="auto"` on a CPU unrolled int8 models too, and XLA's CPU then converted every layer's
+    int8 kernels to float together: the compiled loop's temporaries held a float32 copy of the
+    weights, what int8 is for avoiding (43 MB of temporaries against a 34 MB copy for this model,
+    one layer's worth and the cache's when scanned: 9 MB). It scans them now; the prefill's and the
+    loop's temporaries stay under half that copy (compiled from shapes alone: no weights are made)."""
+    import numpy as np
+
+    from unitoken_jax.inference.decode import DecodeLoop, Request
+    from unitoken_jax.models.config import DecoderConfig, UniTokenConfig
+    from unitoken_jax.models.unitoken import abstract_params
+
+    config = UniTokenConfig(decoder=DecoderConfig(vocab_size=8960, hidden_size=256, intermediate_size=1024,
+                                                  num_layers=8, num_heads=4, num_kv_heads=4,
+                                                  max_position_embeddings=256),
+                            vision=None).replace(quantize="int8", param_dtype="float32", dtype="float32")
+    params = abstract_params(config)
+    layers = params["decoder"]["layers"]
+    float_copy = sum(int(np.prod(a.shape)) * 4 for a in jax.tree.leaves(layers) if a.dtype == np.int8)
+    loop = DecodeLoop(config, params)
+    assert loop.layers == "scan"
+    for program in loop.lower([Request(tokens=np.arange(1, 20), max_new_tokens=16)]):
+        temporaries = program.compile().memory_analysis().temp_size_in_bytes
+        assert temporaries < float_copy / 2, (temporaries, float_copy)

@@ -443,7 +443,8 @@ class DecodeLoop:
         (and SigLIP's) layer weights beside the model's, laid out as a CPU's dots read them
         without a copy at each step (`models.unitoken.cpu_decode_params`: q/k/v kernels
         [embed, heads, head_dim], the LM head's image-code columns stored apart), so "auto" scans
-        on a CPU whose free memory is under twice that copy."""
+        on a CPU whose free memory is under twice that copy, and for int8 weights (unrolled, XLA's
+        CPU converts every layer's int8 kernels to float together: a float copy of the weights)."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
 
@@ -463,7 +464,10 @@ class DecodeLoop:
         if layers == "auto":
             devices = mesh.devices.flat if mesh is not None else jax.devices()
             on_cpu = all(d.platform == "cpu" for d in devices)
-            layers = "unrolled" if on_cpu and _copy_fits(_copy_bytes(params, self._code_logits)) else "scan"
+            # int8 weights scan: unrolled, XLA's CPU converts every layer's kernels to float at once
+            # (a full-precision copy of the weights, what int8 is there to avoid)
+            layers = "unrolled" if on_cpu and config.quantize == "none" and _copy_fits(
+                _copy_bytes(params, self._code_logits)) else "scan"
         self.layers = layers
         self.params = params
         self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
