@@ -176,6 +176,19 @@ def test_text_streams_while_it_is_generated(pipe, batching):
         events = _stream_events(server, messages, seed=7, stop=["triangle"])
         assert "".join(c for kind, c in events if kind == "text") == "a blue "
         assert events[-1] == ("end", "stop")
+
+        # a stop string ends generation (after the chunk of 2 steps it shows in), and the usage counts
+        # the tokens until it was complete: the same count the plain tokenizer gives on the full answer
+        client = server.client()
+        whole = client.chat.completions.create(model=MODEL, messages=messages, seed=7)
+        ids = pipe.tokenizer.encode_text(whole.choices[0].message.content)
+        assert pipe.tokenizer.decode_text(ids) == "a blue triangle at the bottom left"
+        until_blue = next(k for k in range(1, len(ids) + 1) if "blue" in pipe.tokenizer.decode_text(ids[:k]))
+        before = server.scheduler.generated_tokens
+        stopped = client.chat.completions.create(model=MODEL, messages=messages, seed=7, stop=["blue"])
+        assert stopped.choices[0].message.content == "a " and stopped.choices[0].finish_reason == "stop"
+        assert stopped.usage.completion_tokens == until_blue < whole.usage.completion_tokens
+        assert server.scheduler.generated_tokens - before <= until_blue + 2 < whole.usage.completion_tokens
     finally:
         server.stop()
 

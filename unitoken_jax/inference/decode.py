@@ -659,9 +659,12 @@ class DecodeLoop:
         cache = state.cache if state.cache["index"].shape[0] == 1 else self._first_row(state.cache)
         self._kept = _KeptCache(ids[:fed], cont, index, request.pixels, cache)
 
-    def generate(self, requests: Sequence[Request], *, chunk: int = 64, progress: Callable[[dict], None] | None = None,
+    def generate(self, requests: Sequence[Request], *, chunk: int = 64,
+                 progress: Callable[[dict], Sequence[int] | None] | None = None,
                  reuse_cache: bool = False) -> Generation:
-        """Decodes the requests as one batch. `reuse_cache` (a single request, e.g. a chat's next
+        """Decodes the requests as one batch. `progress(info)`, after every chunk of steps, gets the
+        rows' tokens so far and may return the indices of requests to end there (a stop string
+        seen): they generate nothing more, as if they had ended. `reuse_cache` (a single request, e.g. a chat's next
         turn): the positions its prompt shares with the last such call's prompt and answer are
         taken from that call's KV cache instead of being computed again (a guided request's
         unconditional partner is prefilled beside it), and this call's row's cache is kept for the
@@ -695,8 +698,13 @@ class DecodeLoop:
                     state = state.replace(cache=self._grow(state.cache, capacity))
                 state = self._run(self.params, state, params, jnp.int32(step), len(requests))
                 if progress is not None:
-                    progress(jax.device_get({"rows_drawn": state.grid.row, "images_done": state.grid.images_done,
-                                             "n_out": state.n_out, "out": state.out}))
+                    ended = progress(jax.device_get({"rows_drawn": state.grid.row,
+                                                     "images_done": state.grid.images_done,
+                                                     "n_out": state.n_out, "out": state.out}))
+                    if ended:  # requests the caller ends now (e.g. a stop string): their rows and partners
+                        rows_ended = jnp.isin(params.primary, jnp.asarray(sorted(ended), jnp.int32))
+                        state = state.replace(done=state.done | rows_ended, grid=state.grid.replace(
+                            mode=jnp.where(rows_ended, grid.DONE, state.grid.mode)))
                 if step >= max_new or bool(jnp.all(state.done)):
                     break
         out, n_out = np.asarray(state.out), np.asarray(state.n_out)

@@ -63,7 +63,8 @@ from unitoken_jax.serve.scheduler import (ContinuousScheduler, DoesNotFit, Expir
                                          ShuttingDown)
 from unitoken_jax.serve.wire import APIError, bad
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong, TextStream
+from unitoken_jax.tokenizer.conversation import (ConversationError, SequenceTooLong, TextStream, stop_seen,
+                                                 tokens_to_stop)
 
 log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0
@@ -185,9 +186,15 @@ class _Server:
             await run_in_threadpool(self.scheduler.stop)
 
     # --- queueing and waiting -----------------------------------------------------------------------
-    def _submit(self, requests, *, stream: bool = False) -> tuple[Job, _Ticket]:
+    def _submit(self, requests, *, stream: bool = False, stop: list[str] | None = None) -> tuple[Job, _Ticket]:
         ticket = _Ticket(asyncio.get_running_loop())
-        job = Job(requests, on_finish=ticket.finish, on_progress=ticket.report if stream else None,
+        ended = None
+        if stop:  # generation ends at a stop string (after the chunk that shows it), not at its own end
+            tokenizer = self.pipe.tokenizer
+            starts = [r.tokens[-1] == layout.IMAGE_START for r in requests]
+            ended = lambda ids: [stop_seen(x, tokenizer, stop, starts_in_picture=s)  # noqa: E731
+                                 for x, s in zip(ids, starts)]
+        job = Job(requests, on_finish=ticket.finish, on_progress=ticket.report if stream else None, ended=ended,
                   deadline=time.monotonic() + self.settings.timeout)
         try:
             self.scheduler.submit(job)
@@ -273,6 +280,12 @@ class _Server:
                       "for the answer", "max_tokens" if asked else "messages", "context_length_exceeded")
         return dataclasses.replace(request, max_new_tokens=call.max_tokens or room)
 
+    def _generated(self, prompt, outputs, stop: list[str]) -> int:
+        """The answers' tokens up to where each stopped (the tokens of the chunk a stop string
+        was seen in that came after it are not the caller's)."""
+        starts = prompt.tokens[-1] == layout.IMAGE_START
+        return sum(tokens_to_stop(o.ids, self.pipe.tokenizer, stop, starts_in_picture=starts) for o in outputs)
+
     @staticmethod
     def _seeds(seed: int | None, n: int) -> list[int]:
         first = secrets.randbelow(wire.SEED_LIMIT) if seed is None else seed
@@ -283,7 +296,7 @@ class _Server:
         call = await run_in_threadpool(wire.parse_chat, body, self.settings.model_name, self.settings.limits)
         prompt = await run_in_threadpool(self._chat_request, call)
         requests = [dataclasses.replace(prompt, seed=s) for s in self._seeds(call.seed, call.n)]
-        job, ticket = self._submit(requests, stream=call.stream)
+        job, ticket = self._submit(requests, stream=call.stream, stop=call.stop)
         if call.stream:
             return StreamingResponse(self._chat_stream(call, job, ticket, len(prompt.tokens)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -294,7 +307,7 @@ class _Server:
         for out in outputs:
             parts, stopped = wire.apply_stop(out.parts, call.stop)
             choices.append((parts, "stop" if stopped else out.finish_reason))
-        usage = wire.usage(len(prompt.tokens), sum(len(o.ids) for o in outputs))
+        usage = wire.usage(len(prompt.tokens), await run_in_threadpool(self._generated, prompt, outputs, call.stop))
         content = await run_in_threadpool(wire.chat_completion, wire.completion_id(), self.settings.model_name,
                                           choices, usage)
         return JSONResponse(content)
@@ -340,7 +353,8 @@ class _Server:
                 yield _sse(wire.chat_chunk(call_id, model, created, i, {},
                                            finish_reason="stop" if stopped else out.finish_reason))
             if call.include_usage:
-                usage = wire.usage(prompt_tokens, sum(len(o.ids) for o in outputs))
+                generated = await run_in_threadpool(self._generated, job.requests[0], outputs, call.stop)
+                usage = wire.usage(prompt_tokens, generated)
                 yield _sse(wire.chat_chunk(call_id, model, created, None, usage=usage))
             yield "data: [DONE]\n\n"
         finally:

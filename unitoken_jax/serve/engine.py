@@ -139,16 +139,18 @@ class PipelineEngine:
         return shape_of(self.pad(requests)).rows
 
     # --- running ----------------------------------------------------------------------------------
-    def run(self, requests: Sequence[Request], progress: Callable[[list[np.ndarray]], None] | None = None
+    def run(self, requests: Sequence[Request], progress: Callable[[list[np.ndarray]], Sequence[int] | None] | None = None
             ) -> list[Output]:
         """Generates `requests` as one batch; `progress(ids)` gets the ids each request has
-        generated so far (cut to its max_new_tokens), after every chunk of decoding steps."""
+        generated so far (cut to its max_new_tokens), after every chunk of decoding steps, and may
+        return the indices of requests to end there (`DecodeLoop.generate`)."""
         padded = self.pad(requests)
         self.shapes_seen.add(shape_of(padded))
         n = len(requests)
 
         def callback(info):
-            progress([info["out"][i, :min(info["n_out"][i], r.max_new_tokens)] for i, r in enumerate(requests)])
+            return progress([info["out"][i, :min(info["n_out"][i], r.max_new_tokens)]
+                             for i, r in enumerate(requests)])
         generation = self.pipe.decode_loop.generate(padded, chunk=self.chunk,
                                                     progress=None if progress is None else callback)
         return [self._output(r, ids) for r, ids in zip(requests, generation.tokens[:n])]

@@ -55,6 +55,9 @@ class Job:
     requests: list[Request]
     on_finish: Callable[[object], None]
     on_progress: Callable[[list[np.ndarray]], None] | None = None
+    # which of its requests are over already, from the ids they have (a stop string seen): they
+    # end there instead of running to their end, after the chunk that showed it
+    ended: Callable[[list[np.ndarray]], list[bool]] | None = None
     deadline: float | None = None  # time.monotonic() by which it must have started
     state: str = "waiting"  # waiting -> running -> done; or cancelled / expired before running
     abandoned: bool = False  # its client left while it ran: the result goes nowhere
@@ -211,10 +214,14 @@ class Scheduler:
         requests = [r for j in batch for r in j.requests]
         bounds = np.cumsum([0] + [len(j.requests) for j in batch])
 
-        def progress(ids: list[np.ndarray]) -> None:
+        def progress(ids: list[np.ndarray]) -> list[int]:
+            ended = []
             for job, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
                 if job.on_progress is not None and not job.abandoned:
                     job.on_progress(ids[lo:hi])
+                if job.ended is not None:
+                    ended += [lo + i for i, over in enumerate(job.ended(ids[lo:hi])) if over]
+            return ended
 
         start = time.monotonic()
         try:
@@ -373,15 +380,27 @@ class ContinuousScheduler(Scheduler):
         for (key, i), ids in finished.items():
             job, outputs = self._running[key]
             outputs[i] = self.engine._output(job.requests[i], ids)
-        so_far = None  # every row's ids, fetched once a chunk if a call streams
+        so_far = None  # every row's ids, fetched once a chunk if a call streams or may end early
+
+        def ids_so_far(key, i, request):
+            nonlocal so_far
+            if so_far is None:
+                state = jax.device_get({"out": self.decoder.state.out, "n_out": self.decoder.state.n_out})
+                so_far = lambda row: state["out"][row, :state["n_out"][row]]  # noqa: E731
+            return so_far(self.decoder.running[(key, i)].slots[0])[:request.max_new_tokens]
+
         for key, (job, outputs) in list(self._running.items()):
+            if job.ended is not None and not job.abandoned and any(o is None for o in outputs):
+                left = [i for i, o in enumerate(outputs) if o is None]
+                ids = [ids_so_far(key, i, job.requests[i]) for i in left]
+                for i, x, over in zip(left, ids, job.ended(ids)):
+                    if over:  # a stop string: its rows are freed now
+                        self.decoder.cancel((key, i))
+                        outputs[i] = self.engine._output(job.requests[i], x)
             if all(o is not None for o in outputs):
                 del self._running[key]
                 job.state = "done"
                 job.on_finish(outputs)
             elif job.on_progress is not None:
-                if so_far is None:
-                    state = jax.device_get({"out": self.decoder.state.out, "n_out": self.decoder.state.n_out})
-                    so_far = lambda row: state["out"][row, :state["n_out"][row]]  # noqa: E731
-                job.on_progress([so_far(self.decoder.running[(key, i)].slots[0])[:r.max_new_tokens]
-                                 if o is None else o.ids for i, (r, o) in enumerate(zip(job.requests, outputs))])
+                job.on_progress([ids_so_far(key, i, r) if o is None else o.ids
+                                 for i, (r, o) in enumerate(zip(job.requests, outputs))])

@@ -238,6 +238,30 @@ def first_stop(text: str, stop: Sequence[str]) -> int | None:
     return None if best is None else best[0]
 
 
+def stop_seen(ids: Sequence[int], tokenizer: TextTokenizer, stop: Sequence[str], *,
+              starts_in_picture: bool = False) -> bool:
+    """Whether an answer's ids so far hold one of the `stop` strings in their text (outside its
+    pictures, which are read without being drawn)."""
+    full = [layout.IMAGE_START, *ids] if starts_in_picture else list(ids)
+    return any(isinstance(p, str) and first_stop(p, stop) is not None
+               for p in decode(full, tokenizer, None, repair=True))
+
+
+def tokens_to_stop(ids: Sequence[int], tokenizer: TextTokenizer, stop: Sequence[str], *,
+                   starts_in_picture: bool = False) -> int:
+    """How many of `ids` were generated until a stop string was complete (all of them if none
+    is): what an answer that stops there has cost. Whether the text holds one only grows with the
+    ids, so the first such prefix is found by bisection."""
+    seen = lambda n: stop_seen(ids[:n], tokenizer, stop, starts_in_picture=starts_in_picture)  # noqa: E731
+    if not stop or not seen(len(ids)):
+        return len(ids)
+    lo, hi = 0, len(ids)  # seen(hi), not seen(lo)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if seen(mid) else (mid, hi)
+    return hi
+
+
 class TextStream:
     """The text an answer has so far, as it may be streamed: the text before the answer's first
     picture or its end of turn, decoded from the ids generated so far.
