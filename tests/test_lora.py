@@ -147,6 +147,25 @@ def test_adapters_peft_saved_load_here(tmp_path):
             assert set(ours.config.lora.targets) == {"q_proj", "v_proj", "up_proj"}
         np.testing.assert_allclose(np.asarray(ours.text_logits(ids.numpy())), theirs, atol=2e-4, rtol=0)
 
+    # merged (and quantized) as each tensor is read: the whole-model merge, which held the float
+    # model, every delta and their sums at once (3x the model; the 7B's int8 load ran out of host
+    # memory), is not run, and the result is the unmerged model merged and quantized
+    def whole_model_merge(*args, **kwargs):
+        raise AssertionError("the adapters were merged into the whole float model")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lora_lib, "merge", whole_model_merge)
+        streamed = unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / "peft"), quantize="int8",
+                                     param_dtype="bfloat16", progress=False)
+    assert streamed.config.lora is None and streamed.config.quantize == "int8"
+    after = unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / "peft"), merge_adapters=False,
+                              param_dtype="bfloat16", progress=False).quantize("int8")  # (merges, then quantizes)
+    for path, want in traverse_util.flatten_dict(after.params).items():
+        got = traverse_util.flatten_dict(streamed.params)[path]
+        assert got.dtype == want.dtype, path
+        if want.dtype == jnp.int8:  # a rounding step apart at most, where float sums differ in a last bit
+            assert np.abs(np.asarray(got, np.int32) - np.asarray(want, np.int32)).max() <= 1, path
+
 
 @pytest.mark.parametrize("options", [
     dict(target_modules=["q_proj", "lm_head"]),  # PEFT saves lm_head's base weight beside its factors

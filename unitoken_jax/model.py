@@ -327,11 +327,14 @@ def _load_orbax(path: str, param_dtype: str | None, mesh: Mesh | None, quantize:
                          source=path)
 
 
-def _load_hf(path: str, param_dtype: str | None, mesh: Mesh | None, progress: bool, quantize: str | None) -> UniTokenModel:
+def _load_hf(path: str, param_dtype: str | None, mesh: Mesh | None, progress: bool, quantize: str | None,
+             fold=None) -> UniTokenModel:
     state: dict[str, Any] = {}
     scales: dict[tuple[str, ...], jax.Array] = {}
 
     def place(config, leaf_path, array):
+        if fold is not None:  # adapters (`lora.LeafMerger`), before any quantization
+            array = fold(leaf_path, array)
         if not state:  # the first tensor: the config is known now
             state["quantizer"] = LeafQuantizer(config, quantize) if quantize not in (None, "none") else None
             state["tree"] = traverse_util.flatten_dict(
@@ -398,8 +401,9 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
 
     `adapters`: a directory of LoRA adapters in PEFT's format (ours, `UniTokenModel.save_adapters`,
     or PEFT's own) for this base model, applied as it loads: folded into the kernels
-    (`merge_adapters=True`), or kept beside them. With `quantize`, the float model takes the
-    adapters first and is quantized after.
+    (`merge_adapters=True`), or kept beside them. With `quantize`, they are folded in first and
+    the sum quantized. From an HF directory they are folded into each tensor as it is read (a layer
+    at a time), so the host holds no more than it does without adapters.
 
     `param_dtype="auto"` / `dtype="auto"`: bfloat16 on a TPU or GPU, float32 on a CPU
     (`auto_dtype`, what the CLI's --param-dtype / --dtype auto take), by the devices of `mesh`,
@@ -417,15 +421,24 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
                          "checkpoint's own)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
-    late_quantize = quantize if adapters is not None and quantize not in (None, "none") else None
+    orbax = orbax_io.is_orbax_checkpoint(path)
+    fold = None
+    if adapters is not None and not orbax and (merge_adapters or quantize not in (None, "none")):
+        # folded into each kernel as it is read (and then quantized): the float model is never whole
+        base_config = read_config(path)
+        lora, factors = peft_io.read_adapters(adapters, base_config)
+        fold = lora_lib.LeafMerger(factors, base_config.replace(lora=lora))
+        log.info("folding %s adapters (rank %d, targets %s) into the kernels as they load", adapters, lora.rank,
+                 ", ".join(lora.targets))
+    late_quantize = quantize if adapters is not None and fold is None and quantize not in (None, "none") else None
     if late_quantize:
         quantize = None
-    if orbax_io.is_orbax_checkpoint(path):
+    if orbax:
         model = _load_orbax(path, param_dtype, mesh, quantize)
     else:
-        model = _load_hf(path, param_dtype, mesh, progress, quantize)
+        model = _load_hf(path, param_dtype, mesh, progress, quantize, fold)
     model.mesh = mesh
-    if adapters is not None:
+    if adapters is not None and fold is None:
         model = model.with_adapters(adapters, merge=merge_adapters or bool(late_quantize))
         if late_quantize:
             model = model.quantize(late_quantize)

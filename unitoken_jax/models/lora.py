@@ -108,6 +108,39 @@ def kernel_deltas(params: dict, config: UniTokenConfig):
         yield kernel, delta * np.float32(config.lora.scaling)
 
 
+class LeafMerger:
+    """Folds adapters into their kernels one parameter at a time, as a checkpoint is read: `merge`
+    for a model that is never whole in float. `__call__(path, array)` returns the leaf with its
+    update added (`scaling * A @ B`, summed in float32 and rounded once to the leaf's dtype), a
+    scanned leaf one layer at a time, so the float32 working copy is one layer of one tensor;
+    other leaves come back as they are. `adapters`: the factors (host arrays) of `config.lora`."""
+
+    def __init__(self, adapters: dict, config: UniTokenConfig):
+        specs = traverse_util.flatten_dict(param_logical_specs(config))
+        flat = traverse_util.flatten_dict(adapters)
+        self.scaling = np.float32(config.lora.scaling)
+        self.work = {}
+        for kernel in adapter_kernels(config):
+            owner = kernel[:-1]
+            equation = delta_equation(specs[kernel], specs[owner + (A,)], specs[owner + (B,)])
+            layered = tuple(specs[kernel])[:1] == ("layers",)
+            self.work[kernel] = (np.asarray(flat[owner + (A,)], np.float32), np.asarray(flat[owner + (B,)], np.float32),
+                                 equation, layered)
+
+    def __call__(self, path: tuple[str, ...], array):
+        work = self.work.get(tuple(path))
+        if work is None:
+            return array
+        a, b, equation, layered = work
+        out = np.array(array)  # (a copy of one leaf in its own dtype)
+        for i in range(out.shape[0]) if layered else [None]:
+            part = slice(i, i + 1) if layered else slice(None)
+            sub = out[part] if layered else out
+            delta = np.einsum(equation, a[part] if layered else a, b[part] if layered else b) * self.scaling
+            sub[...] = (sub.astype(np.float32) + delta).astype(out.dtype)
+        return out
+
+
 def merge(params: dict, config: UniTokenConfig) -> tuple[dict, UniTokenConfig]:
     """(parameters with every adapter folded into its kernel, the config without `lora`). Each
     kernel keeps its dtype (a bfloat16 base is rounded once, after the float32 sum)."""
