@@ -103,6 +103,45 @@ def test_the_page_answers_a_question_about_an_uploaded_picture_and_draws(page, t
     assert browser.find_element(By.ID, "model").text == MODEL
 
 
+def test_the_page_sends_the_conversation_so_far_until_a_new_chat(page, tmp_path, monkeypatch):
+    """A follow-up question goes with the turns before it (the picture and the answer), as a chat
+    does; "New chat" starts again from nothing. The server's parser records what the page sent."""
+    from selenium.webdriver.common.by import By
+
+    from unitoken_jax.serve import wire
+
+    server, browser = page
+    sent, parse = [], wire.parse_chat
+    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (sent.append(body["messages"]), parse(body, *a))[1])
+    key = browser.find_element(By.ID, "key")
+    key.clear()
+    key.send_keys(KEY)
+    browser.find_element(By.ID, "new-chat").click()
+    assert browser.find_element(By.ID, "log").text == ""
+
+    def ask(question, picture=None):
+        before = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+        if picture is not None:
+            browser.find_element(By.ID, "picture").send_keys(str(picture))
+        browser.find_element(By.ID, "question").send_keys(question)
+        browser.find_element(By.ID, "send").click()
+        return _wait(browser, lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+                                         if "streaming" not in e.get_attribute("class")][before:] or None)
+
+    picture = tmp_path / "green.png"
+    shapes.draw([Thing("green", "square", "top right")]).save(picture)
+    assert ask("What colour is the shape?", picture) == ["green"]
+    ask("What colour is the shape?")
+    first, follow_up = sent[-2:]
+    assert [m["role"] for m in follow_up] == ["user", "assistant", "user"]
+    assert follow_up[:1] == first and follow_up[0]["content"][0]["type"] == "image_url"
+    assert follow_up[1]["content"] == [{"type": "text", "text": "green"}]
+    browser.find_element(By.ID, "new-chat").click()
+    ask("What colour is the shape?")
+    assert [m["role"] for m in sent[-1]] == ["user"] and len(browser.find_elements(By.CSS_SELECTOR, ".msg")) == 2
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+
 def test_the_page_needs_no_key_but_its_calls_do(page):
     server, _ = page
     assert requests.get(server.url + "/").status_code == 200
