@@ -199,8 +199,9 @@ class UniTokenPipeline:
             uncond = np.concatenate([neg_tokens, self.image_prefix + [layout.IMAGE_START]])
             needed = len(uncond) - 1 + layout.generated_image_length(grid_hw)  # its row runs beside the prompt's
             if needed > self.max_length:
-                raise NegativePromptError(f"the negative prompt and a {w}x{h} picture need {needed} positions; the model "
-                                 f"takes {self.max_length} (a shorter negative prompt or a smaller size)")
+                raise NegativePromptError(f"the negative prompt and a {w}x{h} picture need {needed} positions; the "
+                                          f"model takes {self.max_length} (a shorter negative prompt or a smaller "
+                                          "size)")
         defaults = {"image_temperature": 1.0, "image_top_k": 2000,
                     "max_new_tokens": layout.generated_image_length(grid_hw) - 1,  # the prompt has <racm3:break>
                     "stop_after_image": True}

@@ -139,8 +139,8 @@ class PipelineEngine:
         return shape_of(self.pad(requests)).rows
 
     # --- running ----------------------------------------------------------------------------------
-    def run(self, requests: Sequence[Request], progress: Callable[[list[np.ndarray]], Sequence[int] | None] | None = None
-            ) -> list[Output]:
+    def run(self, requests: Sequence[Request],
+            progress: Callable[[list[np.ndarray]], Sequence[int] | None] | None = None) -> list[Output]:
         """Generates `requests` as one batch; `progress(ids)` gets the ids each request has
         generated so far (cut to its max_new_tokens), after every chunk of decoding steps, and may
         return the indices of requests to end there (`DecodeLoop.generate`)."""
