@@ -98,6 +98,40 @@ def test_gradients_equal_the_dense_attention(backend, kw, t, dtype, tol):
                                    err_msg=name)
 
 
+def test_the_splash_kernels_forward_and_backward_take_the_inputs_precision():
+    """Mosaic refuses a float32 contraction of bfloat16 operands, which a global
+    jax_default_matmul_precision="highest" (this suite's, or a user's) asks for: every dot of the
+    splash kernels, the backward's dq and dkv kernels too, must stay at DEFAULT. A context around
+    the forward call alone left the backward's at HIGHEST, so bf16 training failed on a TPU only."""
+    seg = jnp.ones((1, 128), jnp.int32)
+    q = jnp.ones((1, 128, 2, 16), jnp.bfloat16)
+    k = jnp.ones((1, 128, 1, 16), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = attention.causal_attention(q, k, v, seg, backend="splash", block=128, interpret=True)
+        return out.astype(jnp.float32).sum()
+
+    precisions, kernels = [], []
+
+    def walk(jaxpr):  # every equation, inside the kernels' (pallas_call's) and custom rules' jaxprs too
+        from jax.extend.core import ClosedJaxpr, Jaxpr
+
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                precisions.append(str(eqn.params["precision"]))
+            if eqn.primitive.name == "pallas_call":
+                kernels.append(eqn)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else [value]:
+                    if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                        walk(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+
+    with jax.default_matmul_precision("highest"):
+        walk(jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(q, k, k).jaxpr)
+    assert len(kernels) == 3 and len(precisions) >= 6, (len(kernels), len(precisions))  # fwd, dq and dkv reached
+    assert not [p for p in precisions if "HIGHEST" in p], sorted(set(precisions))
+
+
 def test_the_cudnn_call_equals_the_definition():
     """The cudnn backend's exact call (segment mask, is_causal, BTNH layout, grouped heads), run
     through XLA's implementation of the same `jax.nn.dot_product_attention` API (no GPU here)."""

@@ -308,12 +308,41 @@ def _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
     q_BKGTH = (q_BTNH * (h ** -0.5)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
     k_BKTH, v_BKTH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
 
+    out_BKGTH = _splash_rows(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT.astype(jnp.int32), kernel)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+def _splash_rows_at_any_precision(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT, kernel):
+    """The splash `kernel` (a pytree: its mask tables are arrays) on every row and KV head."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
     def one_row(q_KGTH, k_KTH, v_KTH, seg_T):
         ids = sk.SegmentIds(q=seg_T, kv=seg_T)
         return jax.vmap(lambda q, kk, vv: kernel(q, kk, vv, segment_ids=ids))(q_KGTH, k_KTH, v_KTH)
 
-    # the kernel's dots take the inputs' own precision (Mosaic refuses float32 contraction of bfloat16
-    # operands, which a global jax_default_matmul_precision="highest" would ask for)
+    return jax.vmap(one_row)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT)
+
+
+# Every dot of the kernels, forward and backward, at the inputs' own precision: Mosaic refuses a
+# float32 contraction of bfloat16 operands, which a global jax_default_matmul_precision="highest"
+# asks for. A context around the call alone reaches the forward kernel only: the backward's kernels
+# are traced later, when the gradient is taken. (The kernel is an argument, not a closure: its mask
+# tables may be tracers of an enclosing scan, which the backward, traced later, must not capture.)
+@jax.custom_vjp
+def _splash_rows(q, k, v, segment_ids, kernel):
     with jax.default_matmul_precision("default"):
-        out_BKGTH = jax.vmap(one_row)(q_BKGTH, k_BKTH, v_BKTH, segment_ids_BT.astype(jnp.int32))
-    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
+        return _splash_rows_at_any_precision(q, k, v, segment_ids, kernel)
+
+
+def _splash_rows_forward(q, k, v, segment_ids, kernel):
+    with jax.default_matmul_precision("default"):
+        out, vjp = jax.vjp(lambda q, k, v: _splash_rows_at_any_precision(q, k, v, segment_ids, kernel), q, k, v)
+    return out, vjp
+
+
+def _splash_rows_backward(vjp, g):
+    with jax.default_matmul_precision("default"):
+        return (*vjp(g), None, None)
+
+
+_splash_rows.defvjp(_splash_rows_forward, _splash_rows_backward)
