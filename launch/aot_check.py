@@ -77,11 +77,14 @@ def stage_config(spec: str = "stage2.py", *, batch: int | None = None, seq: int 
                  images: int | None = None, remat: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """The typed config of a stage spec with the check's overrides (None: the config's own)."""
     changes = dict(overrides or {})
-    for key, value in (("data.rows", batch), ("data.length", seq), ("model.remat_policy", remat)):
+    for key, value, flag in (("data.rows", batch, "--batch"), ("data.length", seq, "--seq"),
+                             ("model.remat_policy", remat, "--remat"), ("data.max_images", images, "--images")):
         if value is not None:
+            if key in changes and changes[key] != value:  # (one of the two would be silently dropped)
+                raise ValueError(f"{flag} {value} and --set {key}={changes[key]} disagree; give one of them")
             changes[key] = value
-    if images is not None or batch is not None:
-        changes["data.max_images"] = images if images is not None else batch  # one image a sample
+    if batch is not None and "data.max_images" not in changes:
+        changes["data.max_images"] = batch  # one image a sample, unless said otherwise
     return TrainConfig.from_config_dict(apply_overrides(configs.get_config(spec), changes))
 
 

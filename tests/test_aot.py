@@ -75,6 +75,18 @@ def test_the_aot_check_compiles_exactly_the_loops_step(tmp_path, monkeypatch):
     assert program_lib.build_program(other, mesh).lower().as_text() != lowered[0]
 
 
+def test_the_check_s_flags_and_its_set_overrides_never_drop_one_another():
+    """`--set data.max_images=N` with `--batch B` compiled B images a row, silently; a flag and a
+    --set of the same key that disagree are refused, and --batch sets the images only when nothing else does."""
+    aot = _aot_module()
+    assert aot.stage_config("stage2.py:tiny", batch=4, overrides={"data.max_images": 12}).data.max_images == 12
+    assert aot.stage_config("stage2.py:tiny", batch=4).data.max_images == 4
+    assert aot.stage_config("stage2.py:tiny", batch=4, images=8).data.max_images == 8
+    for kw, key in ((dict(images=8), "data.max_images"), (dict(batch=4), "data.rows"), (dict(seq=256), "data.length")):
+        with pytest.raises(ValueError, match=f"--set {key}=.* disagree"):
+            aot.stage_config("stage2.py:tiny", overrides={key: 2}, **kw)
+
+
 def test_the_decode_loop_lowers_for_a_one_chip_topology():
     """`aot_check.py decode` compiles the prefill and decode loop of `DecodeLoop.generate` for one
     v5e chip (the tiny model; the 7B figures are in the README)."""
