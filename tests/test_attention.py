@@ -132,12 +132,19 @@ def test_the_splash_kernels_forward_and_backward_take_the_inputs_precision():
     assert not [p for p in precisions if "HIGHEST" in p], sorted(set(precisions))
 
 
-def test_the_cudnn_call_equals_the_definition():
+@pytest.mark.parametrize("t", [300, 301])
+def test_the_cudnn_call_equals_the_definition(t, monkeypatch):
     """The cudnn backend's exact call (segment mask, is_causal, BTNH layout, grouped heads), run
-    through XLA's implementation of the same `jax.nn.dot_product_attention` API (no GPU here)."""
-    seg = _packed(300)
+    through XLA's implementation of the same `jax.nn.dot_product_attention` API (no GPU here). cuDNN
+    takes no mask on an odd length (JAX raises "Unsupported sequence length"): an odd row is padded
+    by one position of its own, and the result is the definition's still."""
+    lengths, call = [], jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, *a, **kw: (lengths.append(q.shape[1]),
+                                                                               call(q, *a, **kw))[1])
+    seg = _packed(t)
     q, k, v = _qkv(seg.shape)
     out = attention._cudnn(q, k, v, jnp.asarray(seg), implementation="xla")
+    assert lengths == [t + t % 2] and out.shape == q.shape
     want = _reference(q, k, v, seg)
     np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-5 * np.abs(want).max())
 
@@ -196,6 +203,13 @@ def test_backend_choice_and_errors():
     assert attention.resolve("auto", gpu("NVIDIA H100", "9.0"), jnp.float32) == "xla"
     with pytest.raises(ValueError, match="compute capability 8.0 .* Tesla T4 has 7.5"):
         attention.resolve("cudnn", gpu("Tesla T4", "7.5"), jnp.bfloat16)
+    # under a mesh the device is JAX's abstract one (kind, no capability): this host's GPUs of that kind tell
+    abstract = types.SimpleNamespace(platform="gpu", device_kind="Tesla T4", num_cores=None)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(jax, "local_devices", lambda: [gpu("Tesla T4", "7.5"), gpu("Tesla T4", "7.5")])
+        assert attention.resolve("auto", abstract, jnp.bfloat16) == "xla"
+        with pytest.raises(ValueError, match="Tesla T4 has 7.5"):
+            attention.resolve("cudnn", abstract, jnp.bfloat16)
     with pytest.raises(ValueError, match="takes bfloat16 or float16, the compute dtype is float32"):
         attention.resolve("cudnn", gpu("NVIDIA H100", "9.0"), jnp.float32)
 

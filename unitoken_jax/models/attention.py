@@ -52,6 +52,11 @@ def _lacks(backend: str, device, dtype) -> str | None:
         return f"Pallas' TPU kernels need TPU v4 or later, this is {kind}"
     if backend == "cudnn":
         capability = getattr(device, "compute_capability", None)
+        if capability is None and getattr(device, "platform", None) in ("gpu", "cuda"):
+            # a mesh's abstract device names the kind only: this host's GPU of that kind says more
+            local = [d for d in jax.local_devices() if getattr(d, "platform", None) in ("gpu", "cuda")
+                     and getattr(d, "device_kind", None) == kind]
+            capability = getattr(local[0], "compute_capability", None) if local else None
         if capability is not None and float(capability) < _CUDNN_CAPABILITY:
             return f"cuDNN's fused attention needs compute capability 8.0 (Ampere) or later, {kind} has {capability}"
         if dtype is not None and jnp.dtype(dtype) not in _CUDNN_DTYPES:
@@ -128,9 +133,13 @@ def _cudnn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, implementation: str = "cudnn"
     `is_causal` besides (the mask holds causality already), which lets the kernel skip the tiles
     above the diagonal instead of computing them and masking them out. `implementation="xla"` runs
     the same call through XLA's implementation of the API (how it is tested off a GPU)."""
+    t = q_BTNH.shape[1]
+    if t % 2:  # cuDNN takes no mask (bias) on an odd length: one padded position, a segment of its own
+        q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q_BTNH, k_BTKH, v_BTKH))
+        segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, 1)), constant_values=-1)
     mask_B1TS = _segment_causal(segment_ids_BT)[:, None]
     return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TS, is_causal=True,
-                                        implementation=implementation)
+                                        implementation=implementation)[:, :t]
 
 
 def _segment_causal(segment_ids_BT):
