@@ -110,3 +110,28 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "float32") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, jax.devices("cpu")[:1], "bfloat16") is None
     assert cli._quantize(args("generate", n=4, quantize="none"), SEVEN_B, v5e, "bfloat16") == "none"
+
+
+def test_the_decoding_mesh_splits_every_weight_evenly_or_uses_fewer_devices():
+    """On 6 devices the heads allow 2 tensor ways and `fsdp` took the other 3, over a 4,096-wide
+    dimension: the model did not compile there at all. The mesh now uses the most devices that
+    split every weight evenly (4 of the 6 for the 7B, all 8 of 8)."""
+    from flax import traverse_util
+
+    from unitoken_jax import sharding
+    from unitoken_jax.inference.fit import choose_mesh
+    from unitoken_jax.models.unitoken import abstract_params, param_logical_specs
+
+    def even(config, mesh):
+        params = traverse_util.flatten_dict(abstract_params(config))
+        return all(dim % sharding.mesh_ways(axes, mesh) == 0
+                   for path, spec in traverse_util.flatten_dict(param_logical_specs(config)).items()
+                   for dim, axes in zip(params[path].shape, sharding.logical_to_mesh_spec(tuple(spec))))
+
+    shape = lambda mesh: tuple(mesh.shape[a] for a in ("data", "fsdp", "tensor"))  # noqa: E731
+    six = jax.devices("cpu")[:6]
+    mesh = choose_mesh(SEVEN_B, six)
+    assert shape(mesh) == (1, 1, 4) and even(SEVEN_B, mesh)
+    assert shape(choose_mesh(SEVEN_B, six[:3])) == (1, 1, 2)  # 3: fsdp 3 fits no 4,096-wide weight
+    mesh = choose_mesh(SEVEN_B, jax.devices("cpu")[:8])
+    assert shape(mesh) == (1, 1, 8) and even(SEVEN_B, mesh)  # all of them where they split evenly

@@ -14,17 +14,21 @@ devices even while no picture is read. For one image on one chip: bfloat16 13.87
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Sequence
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from unitoken_jax import sharding
 from unitoken_jax.inference.decode import PROMPT_MULTIPLE, prefill_width
 from unitoken_jax.models.config import UniTokenConfig
-from unitoken_jax.models.unitoken import abstract_params
+from unitoken_jax.models.unitoken import abstract_params, param_logical_specs
 from unitoken_jax.tokenizer import anyres as anyres_lib, layout
+
+log = logging.getLogger(__name__)
 
 GIB = 2**30
 
@@ -123,10 +127,20 @@ def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     1.38 against 2.50 GiB a chip, and XLA's cost analysis counts 1.14 against 9.51 GiB accessed;
     `benchmarks/results/decode_fit.md`)."""
     devices = list(devices if devices is not None else jax.local_devices())
-    if len(devices) == 1:
-        return None
     heads = [config.decoder.num_heads, config.decoder.num_kv_heads]
     if config.vision is not None:
         heads.append(config.vision.num_heads)
-    tensor = math.gcd(len(devices), *heads)
-    return sharding.make_mesh(fsdp=len(devices) // tensor, tensor=tensor, devices=devices)
+    params = traverse_util.flatten_dict(abstract_params(config))
+    specs = [(params[path].shape, sharding.logical_to_mesh_spec(tuple(spec)))
+             for path, spec in traverse_util.flatten_dict(param_logical_specs(config)).items()]
+    # the most devices whose mesh splits every weight evenly (6 chips would put 3 ways of fsdp on a
+    # 4,096-wide dimension, which does not compile): the rest stay idle, and the log says so
+    for n in range(len(devices), 1, -1):
+        tensor = math.gcd(n, *heads)
+        mesh = sharding.make_mesh(fsdp=n // tensor, tensor=tensor, devices=devices[:n])
+        if all(dim % sharding.mesh_ways(axes, mesh) == 0 for shape, spec in specs for dim, axes in zip(shape, spec)):
+            if n < len(devices):
+                log.warning("decoding on %d of the %d devices: the model's weights do not split evenly over more",
+                            n, len(devices))
+            return mesh
+    return None
