@@ -89,6 +89,12 @@ class Request:
             self.uncond_tokens = np.array([layout.IMAGE_START], np.int32)
 
     @property
+    def starts_in_picture(self) -> bool:
+        """Whether the prompt ends with <racm3:break>, so that the answer is a picture's rest (an
+        image request's, or an edit's): its ids read back with that token put before them."""
+        return len(self.tokens) > 0 and int(self.tokens[-1]) == layout.IMAGE_START
+
+    @property
     def longest_prompt(self) -> int:
         """The positions its rows start from: the prompt's, or its unconditional partner's where
         that is longer (the partner writes a position for each of the row's new tokens)."""
@@ -664,8 +670,8 @@ class DecodeLoop:
                  reuse_cache: bool = False) -> Generation:
         """Decodes the requests as one batch. `progress(info)`, after every chunk of steps, gets the
         rows' tokens so far and may return the indices of requests to end there (a stop string
-        seen): they generate nothing more, as if they had ended. `reuse_cache` (a single request, e.g. a chat's next
-        turn): the positions its prompt shares with the last such call's prompt and answer are
+        seen): they generate nothing more, as if they had ended. `reuse_cache` (a single request,
+        e.g. a chat's next turn): the positions its prompt shares with the last such call's prompt and answer are
         taken from that call's KV cache instead of being computed again (a guided request's
         unconditional partner is prefilled beside it), and this call's row's cache is kept for the
         next (on the device, until a call that does not reuse it). A turn then prefills only its

@@ -127,6 +127,8 @@ def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     1.38 against 2.50 GiB a chip, and XLA's cost analysis counts 1.14 against 9.51 GiB accessed;
     `benchmarks/results/decode_fit.md`)."""
     devices = list(devices if devices is not None else jax.local_devices())
+    if len(devices) == 1:
+        return None
     heads = [config.decoder.num_heads, config.decoder.num_kv_heads]
     if config.vision is not None:
         heads.append(config.vision.num_heads)

@@ -265,7 +265,7 @@ class UniTokenPipeline:
                 bar.update(int(drawn.sum()) - bar.n)
             updates.append(draw_bar)
         if stream is not None:
-            texts = [TextStream(self.tokenizer, [], starts_in_picture=r.tokens[-1] == layout.IMAGE_START)
+            texts = [TextStream(self.tokenizer, [], starts_in_picture=r.starts_in_picture)
                      for r in requests]
 
             def send_text(info):
@@ -285,7 +285,7 @@ class UniTokenPipeline:
             bar.close()
         results, cut, repaired = [], [], []
         for i, (request, drawn) in enumerate(zip(requests, out.tokens)):
-            ids = np.concatenate([[layout.IMAGE_START], drawn]) if request.tokens[-1] == layout.IMAGE_START else drawn
+            ids = np.concatenate([[layout.IMAGE_START], drawn]) if request.starts_in_picture else drawn
             repairs = []
             results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs))
             repaired += [(first + i, request, shape, changes) for shape, changes in repairs]

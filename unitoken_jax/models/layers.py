@@ -196,6 +196,13 @@ def _lora_a_init(fan_in: int):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def lora_dropout(x, rate: float, key):
+    """An adapter's input in training: each element dropped with probability `rate`, the rest
+    scaled by 1 / (1 - rate), in `x`'s dtype."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 def lora_delta(module: nn.Module, x, equation, shape, axes, lora, dtype, stop=None):
     (a_shape, a_axes), (b_shape, b_axes) = lora_shapes(shape, axes, equation, lora.rank)
     fan_in = int(np.prod(a_shape[:-1]))
@@ -204,8 +211,7 @@ def lora_delta(module: nn.Module, x, equation, shape, axes, lora, dtype, stop=No
     if stop is not None:
         b = b[..., :stop]
     if lora.dropout > 0 and module.has_rng("dropout"):  # training: the step passes a dropout rng
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - lora.dropout), 0.0).astype(x.dtype)
+        x = lora_dropout(x, lora.dropout, module.make_rng("dropout"))
     to_rank, from_rank, _ = lora_equations(equation)
     h = jnp.einsum(to_rank, x.astype(dtype), a.astype(dtype))
     return jnp.einsum(from_rank, h, b.astype(dtype)) * jnp.asarray(lora.scaling, dtype)

@@ -95,14 +95,20 @@ def delta_equation(kernel_spec, a_spec, b_spec) -> str:
     return f"{spell(a_spec)},{spell(b_spec)}->{spell(kernel_spec)}"
 
 
-def kernel_deltas(params: dict, config: UniTokenConfig):
-    """Yields (kernel path, scaling * A @ B in the kernel's shape, float32) for every adapter."""
+def _factors(params: dict, config: UniTokenConfig):
+    """Yields (kernel path, A, B, the einsum 'A,B->kernel', whether the kernel is stacked over
+    layers) for every adapter of `params` (the factors alone will do)."""
     specs = traverse_util.flatten_dict(param_logical_specs(config))
     flat = traverse_util.flatten_dict(params)
     for kernel in adapter_kernels(config):
         owner = kernel[:-1]
-        a, b = flat[owner + (A,)], flat[owner + (B,)]
         equation = delta_equation(specs[kernel], specs[owner + (A,)], specs[owner + (B,)])
+        yield kernel, flat[owner + (A,)], flat[owner + (B,)], equation, tuple(specs[kernel])[:1] == ("layers",)
+
+
+def kernel_deltas(params: dict, config: UniTokenConfig):
+    """Yields (kernel path, scaling * A @ B in the kernel's shape, float32) for every adapter."""
+    for kernel, a, b, equation, _ in _factors(params, config):
         xp = jnp if isinstance(a, jax.Array) else np
         delta = xp.einsum(equation, xp.asarray(a, xp.float32), xp.asarray(b, xp.float32))
         yield kernel, delta * np.float32(config.lora.scaling)
@@ -116,28 +122,23 @@ class LeafMerger:
     other leaves come back as they are. `adapters`: the factors (host arrays) of `config.lora`."""
 
     def __init__(self, adapters: dict, config: UniTokenConfig):
-        specs = traverse_util.flatten_dict(param_logical_specs(config))
-        flat = traverse_util.flatten_dict(adapters)
         self.scaling = np.float32(config.lora.scaling)
-        self.work = {}
-        for kernel in adapter_kernels(config):
-            owner = kernel[:-1]
-            equation = delta_equation(specs[kernel], specs[owner + (A,)], specs[owner + (B,)])
-            layered = tuple(specs[kernel])[:1] == ("layers",)
-            self.work[kernel] = (np.asarray(flat[owner + (A,)], np.float32), np.asarray(flat[owner + (B,)], np.float32),
-                                 equation, layered)
+        self.work = {kernel: (np.asarray(a, np.float32), np.asarray(b, np.float32), equation, layered)
+                     for kernel, a, b, equation, layered in _factors(adapters, config)}
 
     def __call__(self, path: tuple[str, ...], array):
         work = self.work.get(tuple(path))
         if work is None:
             return array
         a, b, equation, layered = work
-        out = np.array(array)  # (a copy of one leaf in its own dtype)
-        for i in range(out.shape[0]) if layered else [None]:
-            part = slice(i, i + 1) if layered else slice(None)
-            sub = out[part] if layered else out
-            delta = np.einsum(equation, a[part] if layered else a, b[part] if layered else b) * self.scaling
-            sub[...] = (sub.astype(np.float32) + delta).astype(out.dtype)
+        def add(w, a, b):
+            return (w.astype(np.float32) + np.einsum(equation, a, b) * self.scaling).astype(w.dtype)
+
+        if not layered:
+            return add(np.asarray(array), a, b)
+        out = np.array(array)  # (a copy of one leaf in its own dtype; a layer at a time in float32)
+        for i in range(out.shape[0]):
+            out[i:i + 1] = add(out[i:i + 1], a[i:i + 1], b[i:i + 1])
         return out
 
 

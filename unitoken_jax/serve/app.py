@@ -56,13 +56,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from unitoken_jax.serve import metrics, wire
 from unitoken_jax.inference.pipeline import NegativePromptError
+from unitoken_jax.serve import metrics, wire
 from unitoken_jax.serve.engine import PipelineEngine
 from unitoken_jax.serve.scheduler import (ContinuousScheduler, DoesNotFit, Expired, Job, QueueFull, Scheduler,
                                          ShuttingDown)
 from unitoken_jax.serve.wire import APIError, bad
-from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import (ConversationError, SequenceTooLong, TextStream, stop_seen,
                                                  tokens_to_stop)
 
@@ -191,9 +190,8 @@ class _Server:
         ended = None
         if stop:  # generation ends at a stop string (after the chunk that shows it), not at its own end
             tokenizer = self.pipe.tokenizer
-            starts = [r.tokens[-1] == layout.IMAGE_START for r in requests]
-            ended = lambda ids: [stop_seen(x, tokenizer, stop, starts_in_picture=s)  # noqa: E731
-                                 for x, s in zip(ids, starts)]
+            ended = lambda ids: [stop_seen(x, tokenizer, stop, starts_in_picture=r.starts_in_picture)  # noqa: E731
+                                 for x, r in zip(ids, requests)]
         job = Job(requests, on_finish=ticket.finish, on_progress=ticket.report if stream else None, ended=ended,
                   deadline=time.monotonic() + self.settings.timeout)
         try:
@@ -283,8 +281,8 @@ class _Server:
     def _generated(self, prompt, outputs, stop: list[str]) -> int:
         """The answers' tokens up to where each stopped (the tokens of the chunk a stop string
         was seen in that came after it are not the caller's)."""
-        starts = prompt.tokens[-1] == layout.IMAGE_START
-        return sum(tokens_to_stop(o.ids, self.pipe.tokenizer, stop, starts_in_picture=starts) for o in outputs)
+        return sum(tokens_to_stop(o.ids, self.pipe.tokenizer, stop, starts_in_picture=prompt.starts_in_picture)
+                   for o in outputs)
 
     @staticmethod
     def _seeds(seed: int | None, n: int) -> list[int]:
@@ -316,7 +314,7 @@ class _Server:
         """The events of a streamed chat completion. If the client goes away, Starlette cancels
         this generator and `finally` drops the job (if it has not started)."""
         call_id, created, model = wire.completion_id(), int(time.time()), self.settings.model_name
-        starts_in_picture = job.requests[0].tokens[-1] == layout.IMAGE_START
+        starts_in_picture = job.requests[0].starts_in_picture
         texts = [TextStream(self.pipe.tokenizer, call.stop, starts_in_picture=starts_in_picture)
                  for _ in range(call.n)]
         try:

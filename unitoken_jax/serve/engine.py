@@ -160,7 +160,7 @@ class PipelineEngine:
         ids = np.asarray(ids[:request.max_new_tokens])
         last = ids[-1] if len(ids) else None
         ended = last == layout.END_OF_TURN or (request.stop_after_image and last == layout.IMAGE_END)
-        full = np.concatenate([[layout.IMAGE_START], ids]) if request.tokens[-1] == layout.IMAGE_START else ids
+        full = np.concatenate([[layout.IMAGE_START], ids]) if request.starts_in_picture else ids
         # a chat's picture that max_tokens cut off is completed, as UniTokenPipeline.chat does
         parts = decode(full, self.pipe.tokenizer, self.pipe.vq, repair=request.allow_images)
         return Output(ids=ids, parts=parts, finish_reason="stop" if ended and not cut else "length")

@@ -269,9 +269,9 @@ class TextStream:
     `update(ids)` returns the text not yet sent that is settled: it holds back a last character
     that is only part of a multi-byte character (U+FFFD while its bytes are incomplete) and, while
     `stop` strings are asked for, the last `max(len(stop)) - 1` characters (a stop string may be
-    starting there); it cuts at the first stop string (`first_stop`) and then sends nothing more. `rest(parts)`
-    is what is left of the finished answer's parts (after `apply_stop`) once the sent text is
-    taken off its first part. The decoded text of a prefix of ids is a prefix of the text of all
+    starting there); it cuts at the first stop string (`first_stop`) and then sends nothing
+    more. `rest(parts)` is what is left of the finished answer's parts (after `apply_stop`) once
+    the sent text is taken off its first part. The decoded text of a prefix of ids is a prefix of the text of all
     of them for the byte-level BPE the models use; where it is not, `rest` says so."""
 
     def __init__(self, tokenizer, stop: list[str], *, starts_in_picture: bool = False):

@@ -15,6 +15,7 @@ import optax
 from flax import struct
 
 from unitoken_jax.models.config import UniTokenConfig
+from unitoken_jax.models.layers import lora_dropout
 from unitoken_jax.models.loss import fused_lm_loss
 from unitoken_jax.models.unitoken import UniToken
 
@@ -90,9 +91,8 @@ def head_inputs(hidden, head: dict, config: UniTokenConfig, rng=None):
     hidden states). Otherwise the folded kernel."""
     if "lora_a" not in head or rng is None or config.lora.dropout == 0:
         return hidden, head_kernel(head, config)
-    dtype, rate = jnp.dtype(config.dtype), config.lora.dropout
-    keep = jax.random.bernoulli(rng, 1.0 - rate, hidden.shape)
-    dropped = jnp.where(keep, hidden / (1.0 - rate), 0.0).astype(dtype)
+    dtype = jnp.dtype(config.dtype)
+    dropped = lora_dropout(hidden.astype(dtype), config.lora.dropout, rng)
     extra = jnp.einsum("BLD,Dr->BLr", dropped, head["lora_a"].astype(dtype)) * jnp.asarray(config.lora.scaling, dtype)
     kernel = jnp.concatenate([head["kernel"].astype(dtype), head["lora_b"].astype(dtype)], axis=0)
     return jnp.concatenate([hidden.astype(dtype), extra], axis=-1), kernel
