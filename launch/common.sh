@@ -353,7 +353,9 @@ check_train_options() {
 check_tpu_workdir() {
   [[ $WORKDIR == /* ]] || die "--workdir must be an absolute path that every worker shares, in the bucket" \
     "mounted by launch/tpu_install.sh --bucket my-bucket, e.g. /mnt/my-bucket/unitoken/stage2 (got '$WORKDIR')"
-  require_remote_path "$WORKDIR" --workdir
+  # `unitoken sweep` names its runs' workdirs learning_rate=0.001,seed=0 (+ between a tuple's values)
+  [[ $WORKDIR =~ ^[A-Za-z0-9_./=,+-]+$ ]] ||
+    die "--workdir must be a plain path (letters, digits, _ . / - and the = , + of sweep run names), got '$WORKDIR'"
 }
 
 # TRAIN_CMD=(PYTHON -m unitoken_jax.train --config C --workdir W FLAG... --config.KEY=VALUE...)

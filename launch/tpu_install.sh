@@ -64,9 +64,11 @@ venv=$(remote_path "$VENV_DIR")
 ssh_all=(gcloud compute tpus tpu-vm ssh "$NODE_ID" "${WHERE[@]}" --worker=all)
 
 # 1. the code
+done_code=":"
 if [[ -n $REPO_URL ]]; then
   ref=${GIT_REF:-HEAD}
-  get_code="if [ ! -d $code/.git ]; then git clone --quiet $(shell_quote "$REPO_URL") $code; fi"
+  # a directory without .git (an earlier --ref or --tarball install) would make `git clone` refuse
+  get_code="if [ ! -d $code/.git ]; then rm -rf $code && git clone --quiet $(shell_quote "$REPO_URL") $code; fi"
   get_code="$get_code && git -C $code fetch --quiet origin $(shell_quote "$ref")"
   get_code="$get_code && git -C $code checkout --quiet --detach FETCH_HEAD"
 else
@@ -81,7 +83,9 @@ else
     die "--tarball $TARBALL: no such file"
   fi
   run_retrying 3 30 gcloud compute tpus tpu-vm scp "$TARBALL" "$NODE_ID:unitoken-src.tar.gz" "${WHERE[@]}" --worker=all
-  get_code="rm -rf $code && mkdir -p $code && tar -xzf unitoken-src.tar.gz -C $code && rm unitoken-src.tar.gz"
+  # the archive is removed only once everything below worked: a retry of this command extracts it again
+  get_code="rm -rf $code && mkdir -p $code && tar -xzf unitoken-src.tar.gz -C $code"
+  done_code="rm -f \$HOME/unitoken-src.tar.gz"  # (the install cd-s into the code)
 fi
 
 # 2. the virtualenv (uv brings a Python >= 3.11; pip does the install) and the package
@@ -93,7 +97,8 @@ pip="$venv/bin/python -m pip install --quiet"
 install="cd $code && $pip --upgrade pip && $pip -e '.[tpu]'"
 check="$venv/bin/python -c 'import jax, unitoken_jax; print(\"installed: jax\", jax.__version__)'"
 
-run_retrying 3 30 "${ssh_all[@]}" "--command=set -e; $get_code && $get_uv && $make_venv && $install && $check"
+run_retrying 3 30 "${ssh_all[@]}" \
+  "--command=set -e; $get_code && $get_uv && $make_venv && $install && $check && $done_code"
 
 # 3. the bucket, mounted at the same path on every worker (the workdir lives there)
 if [[ -n $BUCKET ]]; then

@@ -59,13 +59,18 @@ fi
 dry=()
 ((!DRY_RUN)) || dry=(--dry-run)
 
+# Each step stops the recovery when it fails (under --watch this runs where `set -e` does not act).
 recover() {  # recover STATE
   note "$NAME is $1: deleting it, creating it again, reinstalling," \
     "${BUCKET:+mounting gs://$BUCKET again, }restarting the run (it resumes from the latest checkpoint in $WORKDIR)"
-  [[ $1 == ABSENT ]] || run gcloud compute tpus queued-resources delete "$NAME" "${WHERE[@]}" --force --quiet
-  "$LAUNCH_DIR/tpu_create.sh" "${FORWARD_TPU[@]}" ${FORWARD_CREATE[@]+"${FORWARD_CREATE[@]}"} ${dry[@]+"${dry[@]}"}
-  "$LAUNCH_DIR/tpu_install.sh" "${FORWARD_TPU[@]}" ${FORWARD_INSTALL[@]+"${FORWARD_INSTALL[@]}"} ${dry[@]+"${dry[@]}"}
-  "$LAUNCH_DIR/tpu_train.sh" "${FORWARD_TPU[@]}" "${FORWARD_TRAIN[@]}" ${dry[@]+"${dry[@]}"}
+  if [[ $1 != ABSENT ]]; then
+    run gcloud compute tpus queued-resources delete "$NAME" "${WHERE[@]}" --force --quiet || return 1
+  fi
+  "$LAUNCH_DIR/tpu_create.sh" "${FORWARD_TPU[@]}" ${FORWARD_CREATE[@]+"${FORWARD_CREATE[@]}"} \
+    ${dry[@]+"${dry[@]}"} || return 1
+  "$LAUNCH_DIR/tpu_install.sh" "${FORWARD_TPU[@]}" ${FORWARD_INSTALL[@]+"${FORWARD_INSTALL[@]}"} \
+    ${dry[@]+"${dry[@]}"} || return 1
+  "$LAUNCH_DIR/tpu_train.sh" "${FORWARD_TPU[@]}" "${FORWARD_TRAIN[@]}" ${dry[@]+"${dry[@]}"} || return 1
   note "$NAME is back and the run restarted; follow it with launch/tpu_logs.sh"
 }
 

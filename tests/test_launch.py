@@ -37,6 +37,8 @@ import json, os, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
     f.write(json.dumps(args) + "\\n")
+if os.environ.get("FAKE_GCLOUD_FAIL") and os.environ["FAKE_GCLOUD_FAIL"] in args:
+    sys.exit("ERROR: (gcloud) quota exceeded")
 if args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
     path = os.environ["FAKE_GCLOUD_STATES"]
     states = open(path).read().split()
@@ -235,6 +237,42 @@ def test_tpu_install_dry_run_copies_a_git_ref(env):
     command = remote_command(ssh)
     assert "tar -xzf unitoken-src.tar.gz -C $HOME/unitoken-jax" in command
     check_install_command(command)
+
+
+def test_tpu_install_remote_command_can_be_retried_after_a_failure_past_the_extract(env, tmp_path):
+    """run_retrying repeats the whole remote command (not the copy): a second attempt must find
+    the archive again, and a directory left by a tarball install must not stop a later clone."""
+    (_, _, ssh) = dry_run("tpu_install.sh", *TPU, "--ref", "v1.2", env=env)
+    command = remote_command(ssh)
+    home = tmp_path / "home"
+    (home / "src").mkdir(parents=True)
+    (home / "src" / "pyproject.toml").write_text("[project]\n")
+    subprocess.run(["tar", "-czf", str(home / "unitoken-src.tar.gz"), "-C", str(home / "src"), "."], check=True)
+    # uv makes a venv whose python fails until $HOME/ok exists (a pip hiccup on the first attempt)
+    (home / ".local" / "bin").mkdir(parents=True)
+    _write_exec(home / ".local" / "bin" / "uv",
+                '#!/bin/sh\nmkdir -p "$HOME/unitoken-venv/bin"\n'
+                'printf \'#!/bin/sh\\n[ -f "$HOME/ok" ]\\n\' > "$HOME/unitoken-venv/bin/python"\n'
+                'chmod +x "$HOME/unitoken-venv/bin/python"\n')
+    worker = {**env, "HOME": str(home)}
+    first = subprocess.run(["bash", "-c", command], cwd=home, env=worker, capture_output=True, text=True)
+    assert first.returncode != 0
+    (home / "ok").touch()
+    second = subprocess.run(["bash", "-c", command], cwd=home, env=worker, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert (home / "unitoken-jax" / "pyproject.toml").exists()
+    assert not (home / "unitoken-src.tar.gz").exists()  # removed once everything worked
+
+    (clone,) = [remote_command(w) for w in dry_run("tpu_install.sh", *TPU, "--repo", "https://example.com/u.git",
+                                                   env=env)]
+    get_code = clone.split("; ", 1)[1].split(" && git -C")[0]  # the clone step, run against a fake git
+    (home / "bin").mkdir()
+    _write_exec(home / "bin" / "git", '#!/bin/sh\n[ -e "$4" ] && { echo "destination exists" >&2; exit 128; }\n'
+                'mkdir -p "$4/.git"\n')
+    r = subprocess.run(["bash", "-c", get_code], cwd=home, env={**worker, "PATH": f"{home / 'bin'}:{env['PATH']}"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (home / "unitoken-jax" / ".git").is_dir()
 
 
 def test_tpu_install_dry_run_clones_and_runs_setup(env):
@@ -476,6 +514,27 @@ def test_tpu_resume_creates_a_missing_slice_without_deleting(env):
     r = run_script("tpu_resume.sh", *RESUME, env=env)
     assert r.returncode == 0, r.stderr
     assert [c[3] for c in gcloud_calls(env)] == ["describe", "create", "describe", "ssh", "ssh", "ssh"]
+
+
+def test_tpu_resume_watch_stops_a_recovery_at_its_failed_step(env, tmp_path):
+    """Under --watch a failed step of the recovery (here the create) must not go on to install
+    and train against a slice that is not there, nor report the run restarted."""
+    set_states(env, "SUSPENDED")
+    err = tmp_path / "err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(["bash", str(LAUNCH / "tpu_resume.sh"), *RESUME, "--watch", "1"], stdout=f, stderr=f,
+                                env={**env, "FAKE_GCLOUD_FAIL": "create"}, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while "this check failed" not in err.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = err.read_text()
+    assert "this check failed" in text, text
+    assert "restarted" not in text
+    assert not [c for c in gcloud_calls(env) if c[:3] == ["compute", "tpus", "tpu-vm"]]
 
 
 @pytest.mark.parametrize("state", ["ACTIVE", "WAITING_FOR_RESOURCES", "PROVISIONING"])

@@ -8,6 +8,10 @@ import math
 import os
 import re
 import shlex
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -86,6 +90,116 @@ def sweep(add):
 ''')
     with pytest.raises(sweep_lib.SweepError, match="the same run twice"):
         sweep_lib.expand(twice, str(tmp_path / "root"))
+
+
+def test_the_same_config_added_twice_is_one_run_however_its_overrides_are_spelt(tmp_path):
+    """Duplicates were found by run name, which depended on the order of add()'s keys and on how a
+    value was written: both pairs below trained twice."""
+    order = _write(tmp_path, "order.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"optimizer.learning_rate": 0.001, "data.seed": 0})
+    add(**{"data.seed": 0, "optimizer.learning_rate": 0.001})
+''')
+    with pytest.raises(sweep_lib.SweepError, match=r"the same run twice \(0: .* and 1: "):
+        sweep_lib.expand(order, str(tmp_path / "root"))
+    spelling = _write(tmp_path, "spelling.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"optimizer.learning_rate": 1, "data.seed": 1})
+    add(**{"optimizer.learning_rate": 1.0, "data.seed": 1})
+''')
+    with pytest.raises(sweep_lib.SweepError, match="the same run twice"):
+        sweep_lib.expand(spelling, str(tmp_path / "root"))
+    # keys in a run's name follow the order the sweep first adds them, whatever each add()'s order
+    assert sweep_lib.run_names([{"a.x": 1, "b.y": 2}, {"b.y": 3, "a.x": 4}]) == ["x=1,y=2", "x=4,y=3"]
+
+
+def test_a_root_holds_one_sweep_and_a_sweep_needing_its_argument_says_so(tmp_path, capsys):
+    path, root = _grid_file(tmp_path), str(tmp_path / "root")
+    assert cli.main(["sweep", path, "--root", root, "--set", "total_steps=7"]) == 0
+    assert cli.main(["sweep", path, "--root", root, "--set", "total_steps=7"]) == 0  # the same again: fine
+    capsys.readouterr()
+    # other fixed overrides (other data, say) would resume from the first sweep's checkpoints
+    assert cli.main(["sweep", path, "--root", root, "--set", "total_steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a sweep of" in err and "give another --root" in err
+    with pytest.raises(sweep_lib.SweepError, match="give another --root"):
+        sweep_lib.main(path + ":other", root, fixed=["total_steps=7"])
+    with open(os.path.join(root, "sweep.json")) as f:
+        assert json.load(f)["fixed"] == ["--config.total_steps=7"]  # left as it was
+
+    needs_arg = _write(tmp_path, "needs_arg.py", SMALL_CONFIG + '''
+def sweep(add, arg):
+    add(**{"data.seed": len(arg)})
+''')
+    with pytest.raises(sweep_lib.SweepError, match=r"sweep\(add, arg\) takes the config argument.*needs_arg\.py:ARG"):
+        sweep_lib.expand(needs_arg, str(tmp_path / "other"))
+    assert [r.overrides for r in sweep_lib.expand(needs_arg + ":abc", str(tmp_path / "other")).runs] == [
+        {"data.seed": 3}]
+
+
+def test_a_printed_tpu_line_is_one_launch_tpu_train_sh_accepts(tmp_path, monkeypatch, capsys):
+    """The README's TPU sweep: each printed line, run with --dry-run, is the slice's train command.
+    The run names' = and , were refused as a workdir, and a packaged config name was printed as
+    this machine's absolute path, which the workers do not have."""
+    monkeypatch.chdir(tmp_path)  # no configs/ here: stage2.py:tiny is the packaged config
+    launcher = f"bash {REPO}/launch/tpu_train.sh --name s2-{{i}} --zone Z --project P {{args}} --dry-run"
+    assert cli.main(["sweep", "stage2.py:tiny", "--root", "/mnt/bucket/s2", "--launcher", launcher]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        r = subprocess.run(line, shell=True, capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == 0, r.stderr
+        words = shlex.split(r.stdout.splitlines()[-1])
+        command = next(w for w in words if w.startswith("--command="))
+        assert "-m unitoken_jax.train --config stage2.py:tiny --workdir " in command
+        assert re.search(r"--workdir /mnt/bucket/s2/learning_rate=[0-9.]+,seed=[01] ", command), command
+
+
+def test_a_run_is_not_printed_again_while_its_process_runs_here(tmp_path, capsys):
+    path, root = _grid_file(tmp_path), str(tmp_path / "root")
+    sweep = sweep_lib.expand(path, root)
+    sweep_lib.write_records(sweep)
+    busy = sweep.runs[1].workdir
+    with open(os.path.join(busy, sweep_lib.STATUS_FILE), "w") as f:
+        json.dump({"state": "running", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
+    assert cli.main(["sweep", path, "--root", root]) == 0
+    out, err = capsys.readouterr()
+    assert [shlex.split(line)[6] for line in out.splitlines()] == [r.workdir for r in sweep.runs if r.workdir != busy]
+    assert "1 of 4 runs running already; not listed" in err
+
+
+CHILD = """
+import os, signal, sys, time
+def save(*_):
+    open(os.path.join(sys.argv[1], "saved"), "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+PARENT = """
+import sys
+from unitoken_jax import sweep
+sweep._run_one([sys.executable, "-c", sys.argv[2], sys.argv[1]], sys.argv[1])
+"""
+
+
+def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tmp_path):
+    """Ctrl-C goes to the terminal's whole process group: the run's process got the SIGINT itself
+    (a KeyboardInterrupt, no checkpoint) instead of the SIGTERM the sweep sends it."""
+    workdir = tmp_path / "run"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(workdir), CHILD], cwd=REPO, start_new_session=True)
+    log = workdir / sweep_lib.LOG_FILE
+    deadline = time.time() + 60
+    while not (log.exists() and "ready" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(parent.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    parent.wait(timeout=60)
+    assert (workdir / "saved").exists(), log.read_text()
+    with open(workdir / sweep_lib.STATUS_FILE) as f:
+        record = json.load(f)
+    assert (record["state"], record["exit_code"]) == ("exited", 0)
 
 
 def test_the_stage_configs_sweep_learning_rate_times_seed():
@@ -168,17 +282,18 @@ def sweep(add):
     for lr in (0.5, 2e-05):
         add(**{"optimizer.learning_rate": lr, "data.sources": ("/data/a b", "/data/c")})
 ''')
-    assert cli.main(["sweep", quoted + ":small", "--root", root, "--launcher", "launch/tpu_train.sh --name slice-{i} "
-                     "--tag {run}", "--set", "total_steps=7"]) == 0
+    quoted_root = root + "-quoted"  # a root holds one sweep
+    assert cli.main(["sweep", quoted + ":small", "--root", quoted_root, "--launcher",
+                     "launch/tpu_train.sh --name slice-{i} --tag {run}", "--set", "total_steps=7"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = ["learning_rate=0.5,sources=-data-a-b+-data-c", "learning_rate=2e-05,sources=-data-a-b+-data-c"]
     assert [shlex.split(line) for line in lines] == [
         ["launch/tpu_train.sh", "--name", f"slice-{i}", "--tag", name, "python", "-m", "unitoken_jax.train",
-         "--config", quoted + ":small", "--workdir", os.path.join(root, name), "--config.total_steps=7",
+         "--config", quoted + ":small", "--workdir", os.path.join(quoted_root, name), "--config.total_steps=7",
          f"--config.optimizer.learning_rate={lr}", "--config.data.sources=('/data/a b', '/data/c')"]
         for i, (name, lr) in enumerate(zip(names, ("0.5", "2e-05")))]
     # what the train command makes of that line is the run's config
-    run = sweep_lib.expand(quoted + ":small", root, {"total_steps": "7"}).runs[1]
+    run = sweep_lib.expand(quoted + ":small", quoted_root, {"total_steps": "7"}).runs[1]
     parsed = sweep_lib.parse_like_train(quoted + ":small", shlex.split(lines[1])[12:])
     assert parsed.to_dict() == run.config.to_dict()
     assert (parsed.total_steps, parsed.optimizer.learning_rate, parsed.data.sources) == (

@@ -1087,8 +1087,12 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--run-locally", action="store_true", help="train the unfinished runs here, one process each, "
                                                                  "then print the summary")
     mode.add_argument("--summary-only", action="store_true", help="print the table of ROOT's runs")
-    swe.add_argument("--launcher", default=None, help="a prefix for each command, with {run} and {i} filled in, "
-                                                      "e.g. 'launch/tpu_train.sh --name slice-{i}'")
+    swe.add_argument("--launcher", default=None,
+                     help="a template for each run's command line: {run} (its name) and {i} (its index) are filled "
+                          "in, {args} takes the train arguments from --config on (for scripts that build the python "
+                          "command, e.g. 'launch/tpu_train.sh --name slice-{i} --zone Z --project P {args}' or "
+                          "'sbatch --job-name {run} launch/slurm_train.sbatch {args}'), {command} the whole train "
+                          "command; a template with neither is a prefix to the whole command")
     swe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="an override for every run, as --config.KEY=VALUE is for one (repeatable)")
     swe.add_argument("--json", action="store_true", help="print JSON instead of a table or command lines")

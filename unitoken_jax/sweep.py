@@ -30,8 +30,11 @@ A run is *finished* when its workdir has `final/`. Runs started here are *runnin
 is alive), *failed* (non-zero exit), or *stopped* (exit 0 without `final/`: `stop_after` or a
 SIGTERM; rerun to go on). A run started elsewhere (`--print-commands`) that has written
 checkpoints or metrics but no `final/` is *started* (running, or stopped: this host cannot tell);
-nothing yet is *not started*. Re-running a sweep skips finished and running runs; the others resume
-from their latest checkpoint, as the training loop always does.
+nothing yet is *not started*. Re-running a sweep skips finished and running runs (printing, too: a
+run whose process is alive here is not printed again); the others resume from their latest
+checkpoint, as the training loop always does. A ROOT holds one sweep: expanding a different config
+or other `--set` overrides into it is refused (the runs would resume from the other sweep's
+checkpoints). ROOT must be reachable from where the sweep is expanded, too: the records go there.
 """
 
 from __future__ import annotations
@@ -93,10 +96,11 @@ class Sweep:
 def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
            check: Callable[[ml_collections.ConfigDict], Any] | None = None) -> Sweep:
     """The runs of `config_spec`'s sweep; `fixed` ({dotted key: command-line text}) applies to all.
-    A spec naming no existing file resolves to the packaged config of that name (`configs.resolve_spec`).
+    A spec naming no existing file resolves to the packaged config of that name (`configs.resolve_spec`);
+    the commands keep the spec as given (the train command resolves it on its own host).
     `check(config)` raises ValueError for a run's config the train command would stop at once (the
     CLI passes `TrainConfig.from_config_dict`: this module does not import the training code)."""
-    config_spec = configs.resolve_spec(config_spec)
+    given, config_spec = config_spec, configs.resolve_spec(config_spec)
     module, arg = configs.load_module(config_spec)
     if not callable(getattr(module, "sweep", None)):
         raise SweepError(f"{config_spec.partition(':')[0]} defines no sweep(add): add one next to get_config, e.g. "
@@ -111,9 +115,12 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
     def add(**overrides):
         added.append({key: _plain(value) for key, value in overrides.items()})
 
-    takes_arg = len(inspect.signature(module.sweep).parameters) >= 2
-    if takes_arg and arg is not None:
+    params = list(inspect.signature(module.sweep).parameters.values())
+    if len(params) >= 2 and arg is not None:
         module.sweep(add, arg)
+    elif len(params) >= 2 and params[1].default is inspect.Parameter.empty:
+        raise SweepError(f"{config_spec}: sweep(add, {params[1].name}) takes the config argument; give one after a "
+                         f"colon, e.g. {config_spec}:ARG")
     else:
         module.sweep(add)
     if not added:
@@ -123,10 +130,13 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
     seen: dict[str, int] = {}
     runs = []
     for i, (overrides, name) in enumerate(zip(added, names)):
-        if name in seen:
-            raise SweepError(f"the sweep adds the same run twice ({i} and {seen[name]}): {overrides}")
-        seen[name] = i
         config = apply_overrides(base, overrides)
+        # the same config however its overrides were written (key order, 1 or 1.0): one run
+        same = json.dumps(_flatten(config.to_dict()), sort_keys=True, default=repr)
+        if same in seen:
+            j = seen[same]
+            raise SweepError(f"the sweep adds the same run twice ({j}: {added[j]} and {i}: {overrides})")
+        seen[same] = i
         flags = fixed_flags + tuple(f"--config.{key}={_flag_text(key, value)}" for key, value in overrides.items())
         _check_round_trip(config_spec, flags, config, name)
         if check is not None:
@@ -135,7 +145,7 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
             except ValueError as e:
                 raise SweepError(f"run {name}: the train command would stop at once: {e}") from e
         runs.append(Run(i, name, overrides, config, flags, os.path.join(root, name)))
-    return Sweep(config_spec, root, fixed_flags, runs)
+    return Sweep(given, root, fixed_flags, runs)
 
 
 def _check_fixed_and_swept_apart(fixed: dict[str, str], added: list[dict[str, Any]]) -> None:
@@ -237,13 +247,14 @@ def _value_text(value) -> str:
 
 
 def run_names(added: list[dict[str, Any]]) -> list[str]:
-    """`leaf=value,leaf=value` for each run (the full dotted key where two keys share a leaf)."""
+    """`leaf=value,leaf=value` for each run (the full dotted key where two keys share a leaf), the keys
+    in the order the sweep first adds them."""
     keys = list(dict.fromkeys(k for overrides in added for k in overrides))
     leaves = [k.rsplit(".", 1)[-1] for k in keys]
     label = {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(keys, leaves)}
     names = []
     for overrides in added:
-        name = ",".join(f"{label[k]}={_value_text(v)}" for k, v in overrides.items()) or "base"
+        name = ",".join(f"{label[k]}={_value_text(overrides[k])}" for k in keys if k in overrides) or "base"
         name = re.sub(r"[^A-Za-z0-9._=+,-]", "-", name)
         if len(name) > MAX_NAME:
             name = f"{name[:MAX_NAME - 9]}-{_digest(overrides)}"
@@ -283,10 +294,18 @@ def command_line(sweep: Sweep, run: Run, launcher: str | None = None, python: st
 
 def write_records(sweep: Sweep) -> None:
     """ROOT/sweep.json (runs of an earlier expansion that this one lacks stay listed, last) and each
-    unfinished run's overrides.json and config.json."""
+    unfinished run's overrides.json and config.json. An earlier expansion of another config, or with
+    other fixed overrides, is refused: its runs' checkpoints are in the same workdirs."""
+    earlier = _read_json(os.path.join(sweep.root, SWEEP_FILE)) or {}
+    if earlier:
+        was, now = _spec_key(earlier.get("config", "")), _spec_key(sweep.config_spec)
+        if was != now or list(earlier.get("fixed", [])) != list(sweep.fixed_flags):
+            raise SweepError(
+                f"{sweep.root} holds a sweep of {earlier.get('config')} with {earlier.get('fixed') or 'no'} fixed "
+                f"overrides; this one is {sweep.config_spec} with {list(sweep.fixed_flags) or 'no'} fixed overrides, "
+                "and its runs would resume from that sweep's checkpoints: give another --root")
     os.makedirs(sweep.root, exist_ok=True)
     listed = [{"name": r.name, "overrides": r.overrides, "command": command(sweep, r)} for r in sweep.runs]
-    earlier = _read_json(os.path.join(sweep.root, SWEEP_FILE)) or {}
     names = {r.name for r in sweep.runs}
     listed += [r for r in earlier.get("runs", []) if r["name"] not in names]
     _write_json(os.path.join(sweep.root, SWEEP_FILE),
@@ -298,6 +317,16 @@ def write_records(sweep: Sweep) -> None:
         _write_json(os.path.join(run.workdir, "overrides.json"), run.overrides)
         with open(os.path.join(run.workdir, "config.json"), "w") as f:
             f.write(run.config.to_json_best_effort(indent=2))
+
+
+def _spec_key(spec: str) -> str:
+    """A config spec as the file it names (absolute) and its argument, to compare two spellings."""
+    try:
+        spec = configs.resolve_spec(spec)
+    except FileNotFoundError:
+        pass
+    file, colon, arg = spec.partition(":")
+    return os.path.realpath(file) + colon + arg
 
 
 def _read_json(path: str):
@@ -349,7 +378,9 @@ def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
     with open(os.path.join(workdir, LOG_FILE), "a") as out:
         out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
         out.flush()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        # a session of its own: a Ctrl-C here must not reach it as a SIGINT (no save), but as the
+        # SIGTERM below, on which the training loop saves a checkpoint
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _write_json(record_path, {**record, "pid": proc.pid})
         try:
             exit_code = proc.wait()
@@ -465,10 +496,12 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
         sweep = expand(config_spec, root, pairs, check)
         write_records(sweep)
         if mode == "print":
-            todo = [r for r in sweep.runs if run_status(r.workdir)["status"] != "finished"]
-            if len(todo) < len(sweep.runs):
-                print(f"sweep: {len(sweep.runs) - len(todo)} of {len(sweep.runs)} runs finished already; not listed",
-                      file=log)
+            status = {r.name: run_status(r.workdir)["status"] for r in sweep.runs}
+            todo = [r for r in sweep.runs if status[r.name] not in ("finished", "running")]
+            for state in ("finished", "running"):
+                n = sum(s == state for s in status.values())
+                if n:
+                    print(f"sweep: {n} of {len(sweep.runs)} runs {state} already; not listed", file=log)
             if as_json:
                 json.dump([{"index": r.index, "run": r.name, "workdir": r.workdir, "overrides": r.overrides,
                             "command": command_line(sweep, r, launcher)} for r in todo], out, indent=2)
