@@ -146,6 +146,42 @@ def test_anyres_at_a_smaller_tile_cuts_the_tiles_its_entries_count():
     assert len(tall.understand_request([image], "?").pixels) == 4  # the base tile and three down
 
 
+def test_an_anyres_picture_has_the_references_budget_the_discrete_tokens_and_its_siglip_block_on_top():
+    """The 4,096 limit counted the SigLIP block: a square photo's 4,760 positions were over it before
+    any text, so pre-tokenizing skipped most AnyRes pictures and the AnyRes pipeline refused them.
+    The reference caps a sample's discrete tokens at the model's positions and inserts the block
+    after (modeling_xllmx_chameleon_anyres.py)."""
+    from unitoken_jax.data import pretokenize as pt
+    from unitoken_jax.inference.pipeline import UniTokenPipeline
+    from unitoken_jax.world import default
+
+    # the largest block: a picture of a canvas's exact shape, nothing unpadded (and the block's SEP)
+    for tile, patch in ((384, 14), (56, 14)):
+        biggest = max(len(anyres.anyres_entries((w // tile, h // tile), (w, h), tile // patch))
+                      for w, h in anyres.default_pinpoints(tile))
+        assert anyres.max_block(tile, patch) == 1 + biggest
+    assert anyres.max_block() == 1 + 729 + 54 * 55  # 2 x 2 tiles: 54 rows of 54 features and a newline
+    assert pt.PretokenizeSettings(anyres=True).max_length == 4096 + 3700
+    assert pt.PretokenizeSettings().max_length == 4096
+    assert pt.PretokenizeSettings(anyres=True, continuous=False).max_length == 4096  # no block
+    assert pt.PretokenizeSettings(anyres=True, max_length=5000).max_length == 5000
+    from unitoken_jax.configs import stages
+    assert stages.stage_config(2, "anyres").data.length >= 4096 + 3700  # such a sample fits a row
+
+    bundled = default.pipeline()
+    positions = bundled.model.config.decoder.max_position_embeddings
+    pipe = UniTokenPipeline(bundled.model, bundled.tokenizer, bundled.vq, anyres=True, vq_size=bundled.vq_size,
+                            default_size=bundled.default_size)
+    block = anyres.max_block(bundled.siglip_size, bundled.patch)
+    assert pipe.decode_loop.config.decoder.max_position_embeddings == positions + block
+    assert bundled.model.config.decoder.max_position_embeddings == positions  # the model itself is unchanged
+    square = Image.new("RGB", (300, 300), (30, 200, 30))
+    short = len(pipe.understand_request([square], "?").tokens)
+    per_word = len(bundled.tokenizer.encode_text(" red" * 11)) - len(bundled.tokenizer.encode_text(" red" * 10))
+    request = pipe.understand_request([square], "?" + " red" * ((positions + block // 2 - short) // per_word))
+    assert positions < len(request.tokens) <= positions + block  # (refused before: over the model's positions)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def _png_header(width, height):

@@ -5,7 +5,9 @@ packed row gives each sample the loss it has alone."""
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -132,7 +134,7 @@ def test_dataset_weights_follow_ratio_and_yaml_meta(datasets, tmp_path):
     assert len(ids) > 150 and 0.65 < share_b < 0.85  # 3 : 1 -> 0.75
 
 
-def test_too_long_samples_are_dropped_and_counted(datasets):
+def test_too_long_samples_are_dropped_and_counted(datasets, tmp_path, caplog):
     records = _by_id(datasets[0])
     lengths = sorted(len(r["tokens"]) for r in records.values() if int(r["kind"]) == 0)
     limit = lengths[len(lengths) // 2]
@@ -144,6 +146,14 @@ def test_too_long_samples_are_dropped_and_counted(datasets):
     assert state["dropped_too_long"] > 0 and state["packed"] == len(kept)
     with pytest.raises(ValueError, match="raise data.length"):
         next(InputPipeline([datasets[0]], PipelineConfig(rows=2, length=20, mix=(1, 0), max_images=8)).iterator())
+    # a dataset pre-tokenized for samples longer than the rows says so when the pipeline opens it
+    longer = tmp_path / "longer"
+    shutil.copytree(datasets[0], longer)
+    settings = json.loads((longer / pt.SETTINGS_FILE).read_text())
+    (longer / pt.SETTINGS_FILE).write_text(json.dumps({**settings, "max_length": 4096}))
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
+        InputPipeline([str(longer)], PipelineConfig(rows=2, length=limit, mix=(1, 0), max_images=8))
+    assert f"holds samples of up to 4096 positions, rows are {limit} (data.length)" in caplog.text
     with pytest.raises(ValueError, match="does not fit an empty batch"):
         next(InputPipeline([datasets[0]], PipelineConfig(rows=1, length=300, mix=(2, 2), max_images=1)).iterator())
 

@@ -77,6 +77,7 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data)
             "tokens_per_second", "real_fraction", "real_tokens"} <= set(ea.Tags()["scalars"])
     assert all(v > 0 for v in _scalars(workdir, "ce_generation").values())
     assert all(0.5 < v <= 1 for v in _scalars(workdir, "real_fraction").values())  # packed rows, little padding
+    assert set(_scalars(workdir, "dropped_too_long").values()) == {0.0}  # logged: no demo sample is over a row
     model = load(os.path.join(workdir, "final"))  # the exported model loads
     assert model.config.decoder.vocab_size == 9216
 

@@ -225,7 +225,7 @@ def _devices(mesh) -> list:
 def _plan(args, config) -> tuple[int, str, dict]:
     """What --quantize auto plans the memory for: (pictures at once, the load in words, keywords of
     `inference.fit.decode_memory` for its KV cache), the command's most at once by its own flags."""
-    from unitoken_jax.inference.fit import picture_prompt_length
+    from unitoken_jax.inference.fit import decoder_positions, picture_prompt_length
 
     size = _size(args.size) if getattr(args, "size", None) else (512, 512)
     picture = picture_prompt_length(config, getattr(args, "vq_size", None) or 512, getattr(args, "anyres", False))
@@ -235,7 +235,7 @@ def _plan(args, config) -> tuple[int, str, dict]:
     if args.command == "edit":
         return 1, "an edit of a picture", dict(size=size, cfg=args.cfg > 1, prompt_length=64 + picture)
     if args.command == "serve" and args.batching == "continuous":  # every slot holds its whole cache
-        length = args.slot_length or config.decoder.max_position_embeddings
+        length = args.slot_length or decoder_positions(config, getattr(args, "anyres", False))
         return 1, f"{args.max_batch} rows of {length} positions (--max-batch, --slot-length)", \
             dict(rows=args.max_batch, positions=length)
     if args.command == "serve":  # a batch of guided pictures, the heaviest load of the usual calls
@@ -800,7 +800,8 @@ def _pretokenize(args) -> int:
                                       vq_size=args.vq_size or (32 if demo else 512),
                                       siglip_size=args.siglip_size or (56 if demo else 384), patch=args.patch,
                                       anyres=args.anyres,
-                                      max_length=args.max_length or None, chunk_size=args.chunk_size,
+                                      max_length="auto" if args.max_length is None else args.max_length or None,
+                                      chunk_size=args.chunk_size,
                                       vq_batch=args.vq_batch)
     result = pt.pretokenize(args.items, args.out, text, vq, settings, image_root=args.image_root,
                             process_index=args.process_index, process_count=args.process_count)
@@ -1053,8 +1054,10 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--siglip-size", type=_whole(1), default=None,
                      help="side of a SigLIP tile (384; with the demo tokenizers 56)")
     pre.add_argument("--patch", type=_whole(1), default=14, help="SigLIP patch size")
-    pre.add_argument("--max-length", type=_whole(0), default=4096,
-                     help="longer items are skipped and listed (0: no limit)")
+    pre.add_argument("--max-length", type=_whole(0), default=None,
+                     help="longer items are skipped and listed (0: no limit; default 4096, with --anyres 4096 plus "
+                          "the largest picture's SigLIP block, 7796 for the release: the reference spends its 4096 "
+                          "positions on the discrete tokens)")
     pre.add_argument("--chunk-size", type=_whole(1), default=512, help="items per resumable chunk")
     pre.add_argument("--vq-batch", type=_whole(1), default=32, help="images per VQ-GAN call")
     pre.add_argument("--process-index", type=_whole(0), default=0,

@@ -16,7 +16,8 @@
 
 A dataset's weight is its number of records of that kind times its `ratio`, so `ratio: 1.0` for
 every dataset samples them as one concatenated dataset would (the reference's data config, whose
-`ratio` subsamples a dataset). A sample longer than a row is dropped and counted, never cut.
+`ratio` subsamples a dataset). A sample longer than a row is dropped and counted (the training log's
+`dropped_too_long`), never cut.
 
 Held-out split: with `holdout_fraction` f > 0, a sample is held out when a hash of its sample id
 falls below f (`is_held_out`: the same answer on every host, in every run and on resume, and for
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from typing import Any, Sequence
 
@@ -48,6 +50,8 @@ from unitoken_jax.tokenizer.conversation import EncodedConversation
 KIND_NAMES = pt.KINDS
 SPLITS = ("train", "eval")
 _MAX_DROPS_IN_A_ROW = 1000
+
+log = logging.getLogger(__name__)
 
 
 def is_held_out(sample_id: str, fraction: float) -> bool:
@@ -218,6 +222,11 @@ class InputPipeline(grain.IterDataset):
                              "one batch needs one tile size")
         self.siglip_size, self.patch = settings.pop()
         self.image_settings: pt.PretokenizeSettings = opened[0][1]  # how the (first) dataset laid out its pictures
+        for source, (_, s, *_) in zip(self.sources, opened):
+            if s.max_length is not None and s.max_length > config.length:
+                log.warning("%s holds samples of up to %d positions, rows are %d (data.length): longer samples are "
+                            "dropped, counted in the training log as dropped_too_long", source.path, s.max_length,
+                            config.length)
         kinds = [o[2] for o in opened]
         self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}
         streams = []

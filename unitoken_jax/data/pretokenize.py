@@ -48,6 +48,9 @@ _PARTIAL = ".partial"
 _FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
+DISCRETE_LENGTH = 4096  # the released model's positions, which the reference spends on discrete tokens
+
+
 @dataclasses.dataclass(frozen=True)
 class PretokenizeSettings:
     """How images are laid out; the input pipeline reads these back from the dataset."""
@@ -60,11 +63,17 @@ class PretokenizeSettings:
     anyres: bool = False
     anyres_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # default: the reference's, scaled to siglip_size
     continuous: bool = True  # False: images as discrete codes only, no SigLIP features (an ablation)
-    max_length: int | None = 4096  # longer items are skipped and listed
+    # longer items are skipped and listed; "auto": 4,096, and with AnyRes (continuous) 4,096 plus the
+    # largest picture's SigLIP block (`anyres.max_block`), the reference's budget
+    max_length: int | str | None = "auto"
     chunk_size: int = 512
     vq_batch: int = 32  # images per VQ-GAN call (a fixed shape: one compilation)
 
     def __post_init__(self):
+        if self.max_length == "auto":
+            extra = anyres_lib.max_block(self.siglip_size, self.patch, self.pinpoints()) \
+                if self.anyres and self.continuous and self.siglip_size >= self.patch > 0 else 0
+            object.__setattr__(self, "max_length", DISCRETE_LENGTH + extra)
         for name in ("vq_size", "siglip_size", "patch", "chunk_size", "vq_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number of at least 1")

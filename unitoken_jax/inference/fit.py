@@ -82,12 +82,18 @@ def picture_prompt_length(config: UniTokenConfig, vq_size: int = 512, anyres: bo
     side = vq_size // layout.PIXELS_PER_GRID
     features = 0
     if config.vision is not None:
-        tile, per_side = config.vision.image_size, config.vision.image_size // config.vision.patch_size
-        features = per_side * per_side
-        if anyres:
-            features += max((h // tile) * per_side * ((w // tile) * per_side + 1)
-                            for w, h in anyres_lib.default_pinpoints(tile))
+        tile, patch = config.vision.image_size, config.vision.patch_size
+        features = anyres_lib.max_block(tile, patch) - 1 if anyres else (tile // patch) ** 2  # (less its SEP)
     return 1 + layout.generated_image_length((side, side)) + features
+
+
+def decoder_positions(config: UniTokenConfig, anyres: bool = False) -> int:
+    """The positions a conversation may take: the model's, and with `anyres` an AnyRes picture's
+    SigLIP block on top of them (the reference's budget; `UniTokenPipeline` allows the same)."""
+    positions = config.decoder.max_position_embeddings
+    if anyres and config.vision is not None:
+        positions += anyres_lib.max_block(config.vision.image_size, config.vision.patch_size)
+    return positions
 
 
 def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | None = None, *, what: str | None = None,

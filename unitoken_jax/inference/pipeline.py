@@ -12,6 +12,8 @@ mix of requests (`*_request` methods) and returns each one's decoded parts.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Sequence
@@ -21,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from unitoken_jax.inference.decode import DecodeLoop, Request
+from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import ConversationError, TextStream, decode, encode_item
 
@@ -101,6 +104,15 @@ def default_vq_size(max_length: int, vq) -> int:
     return size
 
 
+def with_positions(model, positions: int):
+    """A shallow copy of `model` whose decoder takes `positions` positions (RoPE has no table, so
+    the parameters are the same)."""
+    out = copy.copy(model)
+    out.config = dataclasses.replace(model.config, decoder=dataclasses.replace(
+        model.config.decoder, max_position_embeddings=positions))
+    return out
+
+
 class UniTokenPipeline:
     def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int | None = None,
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
@@ -133,6 +145,11 @@ class UniTokenPipeline:
         self.patch = vision.patch_size if vision is not None else 14
         self.image_prefix = image_prefix
         self.generate_template = generate_template
+        if anyres and continuous and vision is not None:
+            # the reference spends the model's positions on a conversation's discrete tokens and puts an
+            # AnyRes picture's SigLIP block on top (`anyres.max_block`): the decoder's limit here does too
+            block = anyres_lib.max_block(self.siglip_size, self.patch, self.anyres_pinpoints)
+            self.model = model = with_positions(model, model.config.decoder.max_position_embeddings + block)
         self.max_length = max_length or model.config.decoder.max_position_embeddings
         # a VQ-GAN with fewer codes than the tokenizer names (small ones trained here) bans the rest
         banned = tokenizer.code_to_bpe[vq.config.n_embed:] if vq is not None else None

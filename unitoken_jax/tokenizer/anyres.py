@@ -111,6 +111,16 @@ def anyres_entries(grid_wh: tuple[int, int], original_wh: tuple[int, int], side:
     return np.concatenate([np.arange(per_tile), with_newlines.reshape(-1)]).astype(np.int64)
 
 
+def max_block(tile: int = 384, patch: int = 14, pinpoints=None) -> int:
+    """The most positions one AnyRes picture's SigLIP part takes (<sentinel:0>, the base image's
+    features, then the largest pinpoint's grid with nothing unpadded, a newline a row): 3,700 for
+    the released model. The reference caps the discrete tokens of a sample at the model's 4,096
+    positions and puts this block on top, so an AnyRes sample is up to 4,096 + 3,700 long."""
+    side = tile // patch
+    grids = [(pw // tile, ph // tile) for pw, ph in (pinpoints or default_pinpoints(tile))]
+    return 1 + side * side + max((down * side) * (across * side + 1) for across, down in grids)
+
+
 def base_entries(side: int = 27) -> np.ndarray:
     """The base (non-AnyRes) model: the 729 features of one 384 x 384 image, no newline."""
     return np.arange(side * side, dtype=np.int64)

@@ -269,6 +269,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     last_eval: dict[str, float] = {}
     step = start_step
     pending_skips = None
+    dropped_warned = 0
     try:
         while step < total:
             host = next(data_iter)
@@ -287,9 +288,17 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
             if step % config.log_every == 0 or step == total:
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
                 last = window.flush(step, program.flop_counter, mesh.size, total)
+                dropped = _dropped_too_long(data_iter)
+                if dropped is not None:
+                    last["dropped_too_long"] = dropped
+                    if dropped > dropped_warned:
+                        log.warning("%d samples so far were longer than a row (data.length=%d) and were dropped",
+                                    dropped, pipeline.config.length)
+                        dropped_warned = dropped
                 writer.write(step, last)
             # after the step's metrics, before its checkpoint; not when preempted (the save comes first)
             if evaluator is not None and evaluator.due(step, total) and not preempted.flag:
+                jax.block_until_ready(state.params)  # the step still running counts as training time
                 started = time.time()
                 last_eval = evaluator.run(step, state.params, writer)
                 window.exclude(time.time() - started)
@@ -331,6 +340,13 @@ def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int
             f"(max_nonfinite_in_a_row={limit}); the run stops. Skipped steps change no parameter, so every "
             f"checkpoint holds finite weights; {where}. Lower the learning rate, check the data of these steps "
             "(samples.jsonl), or raise the limit.")
+
+
+def _dropped_too_long(data_iter) -> float | None:
+    """The samples dropped so far for being longer than a row, summed over processes (a collective);
+    None where the iterator runs in worker processes, which keep the count."""
+    dropped = getattr(data_iter, "dropped_too_long", None)
+    return None if dropped is None else metrics_lib.sum_over_processes(dropped)[0]
 
 
 def _log_memory(compiled, seconds: float, how: str) -> None:

@@ -61,7 +61,7 @@ class FlopCounter:
         return float(flops)
 
 
-def _sum_over_processes(*values: float) -> tuple[float, ...]:
+def sum_over_processes(*values: float) -> tuple[float, ...]:
     """`values` summed over every process (a collective: all of them call it at the same step)."""
     if jax.process_count() == 1:
         return tuple(float(v) for v in values)
@@ -118,7 +118,7 @@ class Window:
             else:
                 out[k] = float(values.mean())
         # each process counted its own rows: on a pod the window's figures are the sums over processes
-        tokens, positions, work = _sum_over_processes(
+        tokens, positions, work = sum_over_processes(
             self.tokens, self.positions, sum(flops.per_step(*x) for x in self.flop_inputs))
         out["real_tokens"] = tokens
         out["tokens_per_second"] = tokens / seconds
