@@ -33,14 +33,18 @@ def test_siglip_preprocessing_equals_transformers(name):
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
-def test_transparency_is_composited_on_white_for_siglip_and_blended_for_vq():
+def test_transparency_is_dropped_for_siglip_and_blended_for_vq():
+    """The SigLIP side composited transparency on white (transformers' `convert_to_rgb`), but the
+    reference calls `Image.open(path).convert("RGB")` before its SigLIP processor (finetune_solver_*.py,
+    demos/inference.py), which drops it: a transparent pixel gave 1.0 where the ViT was trained on
+    the colour under it."""
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0] = 200
     rgba[..., 3] = np.array([0, 64, 128, 255])[None, :]
     image = Image.fromarray(rgba, "RGBA")
-    from transformers.image_transforms import convert_to_rgb
-
-    np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.asarray(convert_to_rgb(image, return_numpy=True)))
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB")))
+    np.testing.assert_array_equal(siglip_pixels(image, 4), siglip_pixels(image.convert("RGB"), 4))
+    assert siglip_pixels(image, 4)[0, 0].tolist() == pytest.approx([200 / 255 * 2 - 1, -1.0, -1.0])
     a = rgba[..., 3:] / 255.0
     expected = ((1 - a) * 255 + a * rgba[..., :3]).astype(np.uint8)  # the reference's formula, truncating
     np.testing.assert_array_equal(np.asarray(whiten(image)), expected)
@@ -59,7 +63,7 @@ def test_modes_are_converted_correctly(tmp_path):
     pal.putpixel((0, 0), 1)
     pal.info["transparency"] = 0
     rgb = np.asarray(to_rgb(pal))
-    assert rgb[0, 0].tolist() == [10, 20, 30] and rgb[1, 1].tolist() == [255, 255, 255]
+    assert rgb[0, 0].tolist() == [10, 20, 30] and rgb[1, 1].tolist() == [0, 0, 0]  # as pal.convert("RGB")
     assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
 
 

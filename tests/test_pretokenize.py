@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from unitoken_jax.data import demo
 from unitoken_jax.data import pretokenize as pt
@@ -38,7 +39,14 @@ def items_path(tmp_path_factory):
                                              {"from": "gpt", "value": "ok"}]},
         "not an object",
         {"id": "text-only", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        # half see-through: its codes must be those of the inference path, which crops, then blends on white
+        {"id": "see-through", "conversations": [{"from": "human", "value": "<|image|>what?"},
+                                                {"from": "gpt", "value": "glass"}], "image": ["glass.png"]},
     ]
+    glass = np.zeros((40, 50, 4), np.uint8)
+    glass[..., :3] = np.arange(40 * 50 * 3).reshape(40, 50, 3) % 251
+    glass[..., 3] = np.arange(50)[None, :] * 5
+    Image.fromarray(glass, "RGBA").save(d / "glass.png")
     path = d / "all.json"
     path.write_text(json.dumps(items))
     return str(path)
@@ -52,14 +60,14 @@ def _records(out):
 def test_records_equal_the_single_item_encoder_and_bad_items_are_listed(tmp_path, items_path, tokenizers):
     text, vq = tokenizers
     result = pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
-    assert result["complete"] and result["written"] == 11 and result["skipped"] == 5
+    assert result["complete"] and result["written"] == 12 and result["skipped"] == 5
     bad = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
     assert [b["id"] for b in bad] == ["missing-file", "corrupt-image", "bad-turns", "too-long", "all.json:14"]
     assert "no such file" in bad[0]["reason"].lower() and "SequenceTooLong" in bad[3]["reason"]
     assert "broken.png" in bad[1]["reason"]  # the picture is named, not "<28 bytes>"
 
     builder = tfds.builder_from_directory(str(tmp_path / "ds"))  # a plain TFDS dataset
-    assert builder.info.splits["train"].num_examples == 11
+    assert builder.info.splits["train"].num_examples == 12
     records, kinds = _records(str(tmp_path / "ds"))
     items = json.load(open(items_path))
     good = [it for it in items if isinstance(it, dict) and it.get("id") not in {b["id"] for b in bad}]
@@ -83,7 +91,7 @@ def test_a_killed_run_resumes_to_the_same_dataset(tmp_path, items_path, tokenize
     reference, _ = (pt.pretokenize(items_path, str(tmp_path / "whole"), text, vq, SETTINGS, progress=False),
                     None)
     partial = pt.pretokenize(items_path, str(tmp_path / "cut"), text, vq, SETTINGS, progress=False, max_chunks=1)
-    assert partial == {"complete": False, "chunks_done": 1, "chunks": 4}
+    assert partial == {"complete": False, "chunks_done": 1, "chunks": 5}
     with pytest.raises(FileNotFoundError, match="still being written"):
         pt.open_dataset(str(tmp_path / "cut"))
 

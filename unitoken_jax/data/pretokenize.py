@@ -188,7 +188,9 @@ class _Chunk:
                 for p in paths:
                     with open(self._path(p), "rb") as f:
                         raw.append(f.read())
-                pictures = [image_io.to_rgb(image_io.load_image(r, what=p)) for r, p in zip(raw, paths)]
+                # as loaded (transparency kept): the VQ side blends it on white after its crop, as the
+                # reference's tokenizer does; the SigLIP side (the input pipeline) drops it
+                pictures = [image_io.load_image(r, what=p) for r, p in zip(raw, paths)]
                 # every per-picture step here, inside the per-item handling: a picture that fails any
                 # of them skips its item, never the run
                 crops = [image_io.vq_pixels(image_io.vq_crop(pic, self.settings.vq_size)) for pic in pictures]

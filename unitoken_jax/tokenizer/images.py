@@ -2,9 +2,10 @@
 
 `load_image` gives the first frame in one of the modes RGB, RGBA, L or LA: palette images become
 RGB(A), CMYK becomes RGB, and 16- and 32-bit greyscale is rescaled to 8 bits instead of being
-clipped. Each path then makes RGB its own way, as the reference does: the SigLIP side composites
-transparency on white first (transformers' `convert_to_rgb`), the VQ side crops first and then
-blends on white with the reference's formula. Anything unreadable raises `ImageError`, which says
+clipped. Each path then makes RGB its own way, as the reference does: the SigLIP side drops
+transparency (the reference's `Image.convert("RGB")` before its SigLIP processor: the colour under
+a transparent pixel is what the released ViT saw), the VQ side crops first and then blends on white
+with the reference's formula. Anything unreadable raises `ImageError`, which says
 what was wrong with which file.
 """
 
@@ -115,16 +116,11 @@ def _standard_mode(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency composited on white (transformers' `convert_to_rgb`)."""
+    """The SigLIP side's RGB, as the reference makes it: `Image.convert("RGB")`, which drops
+    transparency (its training and demo code convert every picture so before the SigLIP processor,
+    whose own `convert_to_rgb`, compositing on white, then never sees an alpha channel)."""
     image = _standard_mode(image)
-    if image.mode == "RGB":
-        return image
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 # --- the SigLIP side ------------------------------------------------------------------------------
