@@ -54,3 +54,47 @@ def test_the_colab_notebook_runs_and_shows_its_pictures(tmp_path):
     assert len(grids) == 4
     assert widgets >= 2  # tqdm.auto's progress bars rendered as notebook widgets (generation, edit)
     assert "IProgress not found" not in printed
+
+
+def _install_cell() -> str:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "code" and "pip" in c.source)
+
+
+@pytest.mark.parametrize("where", ["url", "folder"])
+def test_the_install_cell_gives_pip_a_requirement_it_takes(tmp_path, monkeypatch, where):
+    """The cell put a Drive folder after "unitoken-jax[tpu] @", where pip takes URLs only ("Invalid
+    URL ... No scheme supplied"). Here pip itself reads what the cell asks for (a dry run, offline)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    package = tmp_path / "unitoken-jax"
+    package.mkdir()
+    (package / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\nbuild-backend = '
+                                            '"setuptools.build_meta"\n[project]\nname = "unitoken-jax"\n'
+                                            'version = "0.0"\n[project.optional-dependencies]\ntpu = []\n')
+    repo = package.as_uri().replace("file://", "git+file://") if where == "url" else str(package)
+    source = _install_cell()
+    line = next(x for x in source.splitlines() if x.startswith("REPO = "))
+    asked = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: asked.append(argv))
+    exec(source.replace(line, f"REPO = {repo!r}"), {})
+    (argv,) = asked
+    requirement = argv[-1]
+    if where == "url":
+        assert requirement == f"unitoken-jax[tpu] @ {repo}"
+        from packaging.requirements import Requirement
+
+        assert Requirement(requirement).url == repo  # what pip's parser reads: a name, extras and a URL
+        return
+    monkeypatch.undo()
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+                        "--no-build-isolation", "-q", "--report", str(tmp_path / "report.json"), requirement],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [i["metadata"]["name"] for i in report["install"]] == ["unitoken-jax"]

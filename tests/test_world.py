@@ -113,3 +113,24 @@ def test_vq_trainer_learns_the_pictures_and_the_saved_tokenizer_round_trips(tmp_
     direct = VQTokenizer(config, params)
     np.testing.assert_array_equal(loaded.encode(pictures[:8]), direct.encode(pictures[:8]))
     assert loaded.decode(loaded.encode(pictures[:2])).shape == (2, 16, 16, 3)
+
+
+def test_the_count_question_pairs_a_held_out_shape_with_any_training_shape(monkeypatch):
+    """The second shape was drawn from the first 20 of the 30 candidates (listed red, green, blue,
+    yellow): a yellow second shape was never asked about."""
+    from unitoken_jax.world import evaluate
+
+    drawn = []
+    real_draw = shapes.draw
+    monkeypatch.setattr(shapes, "draw", lambda things, rng=None: drawn.append(list(things)) or real_draw(things, rng))
+
+    class Answers:  # what understanding() asks, answered "two" every time
+        def understand(self, pictures, questions, max_new_tokens):
+            return [shapes.ENGLISH.counts[2]] * len(questions)
+
+    evaluate.understanding(Answers(), per_thing=8)
+    seconds = [things[1] for things in drawn if len(things) == 2]
+    assert len(seconds) == 32
+    held_out = {(t.colour, t.shape, t.place) for t in shapes.held_out_things()}
+    assert all((t.colour, t.shape, t.place) not in held_out for t in seconds)
+    assert {t.colour for t in seconds} == set(shapes.COLOURS)  # every colour comes up (yellow did not)

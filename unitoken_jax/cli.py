@@ -169,11 +169,12 @@ def _how_to_load(args, model_dir: str) -> dict:
     """`unitoken_jax.load`'s dtype, param_dtype, mesh and quantize for the model in `model_dir`
     from --dtype, --param-dtype, --mesh and --quantize (their `auto`s decided here)."""
     import unitoken_jax
+    from unitoken_jax.inference.fit import mesh_devices
 
     config = unitoken_jax.read_config(model_dir)
     dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
     mesh = _mesh(args.mesh, config)
-    quantize = _quantize(args, config, _devices(mesh), param_dtype)
+    quantize = _quantize(args, config, mesh_devices(mesh), param_dtype)
     return dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, quantize=quantize)
 
 
@@ -214,12 +215,6 @@ def _mesh(text: str, config):
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _devices(mesh) -> list:
-    import jax
-
-    return list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
 
 
 def _plan(args, config) -> tuple[int, str, dict]:

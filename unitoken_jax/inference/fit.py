@@ -96,6 +96,11 @@ def decoder_positions(config: UniTokenConfig, anyres: bool = False) -> int:
     return positions
 
 
+def mesh_devices(mesh) -> list:
+    """The devices a model loaded onto `mesh` uses: the mesh's, or the default device without one."""
+    return list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
+
+
 def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | None = None, *, what: str | None = None,
                     **kwargs) -> tuple[str, str]:
     """("none" | "int8", a sentence saying why) for decoding `images` pictures at once on

@@ -52,7 +52,8 @@ def understanding(pipe, per_thing: int = 4, seed: int = 1, batch: int = 64,
     pool = shapes.held_out_things()
     for _ in range(per_thing * 4):  # two-shape pictures: the count question
         a = pool[rng.integers(len(pool))]
-        b = [t for t in shapes.train_things() if t.place != a.place][rng.integers(20)]
+        others = [t for t in shapes.train_things() if t.place != a.place]
+        b = others[rng.integers(len(others))]
         cases.append(("count", shapes.draw([a, b], rng), language.questions["count"], language.counts[2]))
     got = []
     for i in range(0, len(cases), batch):
