@@ -3,6 +3,7 @@ with their own workdirs and records; the printed launch commands are exact; stat
 are read back from workdirs; end to end, a 2x2 grid on the tiny stage-2 config trains here, is
 summarised, and is skipped when the sweep runs again."""
 
+import io
 import json
 import math
 import os
@@ -166,6 +167,23 @@ def test_a_run_is_not_printed_again_while_its_process_runs_here(tmp_path, capsys
     out, err = capsys.readouterr()
     assert [shlex.split(line)[6] for line in out.splitlines()] == [r.workdir for r in sweep.runs if r.workdir != busy]
     assert "1 of 4 runs running already; not listed" in err
+
+
+def test_a_run_started_on_another_host_is_skipped_with_how_to_run_it_again(tmp_path):
+    path, root = _grid_file(tmp_path), str(tmp_path / "root")
+    sweep = sweep_lib.expand(path, root)
+    sweep_lib.write_records(sweep)
+    for run in sweep.runs:  # all four: one started elsewhere, the others finished
+        if run.index:
+            os.makedirs(os.path.join(run.workdir, "final"))
+    status = os.path.join(sweep.runs[0].workdir, sweep_lib.STATUS_FILE)
+    with open(status, "w") as f:
+        json.dump({"state": "running", "host": "vm-gone-123", "pid": 1, "started": time.time()}, f)
+    log = io.StringIO()
+    assert sweep_lib.run_locally(sweep, log=log)[sweep.runs[0].name] == "running"
+    assert f"started on vm-gone-123, which this host cannot ask; if it is gone, delete {status}" in log.getvalue()
+    os.remove(status)
+    assert sweep_lib.run_status(sweep.runs[0].workdir)["status"] == "not started"
 
 
 CHILD = """

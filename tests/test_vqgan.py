@@ -257,3 +257,15 @@ def test_a_garbage_vqgan_ckpt_is_named(tmp_path):
     (tmp_path / "vqgan.ckpt").write_bytes(b"\x80\x02garbage" * 10)
     with pytest.raises(CheckpointError, match=r"vqgan\.ckpt is not a PyTorch zip"):
         load_torch_file(str(tmp_path / "vqgan.ckpt"))
+
+
+def test_the_nearest_code_distance_product_runs_in_full_float32():
+    """On a TPU a float32 einsum at default precision is one bfloat16 pass: codes whose distances
+    differ by less than that rounding were picked differently from the reference's float32."""
+    from unitoken_jax.models.vqgan import nearest_code
+
+    with jax.default_matmul_precision("default"):  # a user's setting (the tests' global one is "highest")
+        jaxpr = jax.make_jaxpr(nearest_code)(np.zeros((1, 2, 2, 8), np.float32), np.zeros((16, 8), np.float32))
+    (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dot.params["precision"] in ((jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST),
+                                       jax.lax.Precision.HIGHEST)

@@ -356,7 +356,10 @@ def run_locally(sweep: Sweep, launcher: str | None = None, log: TextIO | None = 
         head = f"[{run.index + 1}/{n}] {_describe(run.overrides)}"
         before = run_status(run.workdir)
         if before["status"] in ("finished", "running"):
-            print(f"{head}: {before['status']} already, skipped", file=log, flush=True)
+            elsewhere = before.get("host")
+            hint = (f" (started on {elsewhere}, which this host cannot ask; if it is gone, delete "
+                    f"{os.path.join(run.workdir, STATUS_FILE)} to run it again)" if elsewhere else "")
+            print(f"{head}: {before['status']} already{hint}, skipped", file=log, flush=True)
             statuses[run.name] = before["status"]
             continue
         again = " (resuming)" if before["status"] != "not started" else ""
@@ -397,14 +400,16 @@ def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
 
 # --- status and summary ----------------------------------------------------------------------
 def run_status(workdir: str) -> dict[str, Any]:
-    """{"status": finished | running | failed | stopped | started | not started, "exit_code": int | None}."""
+    """{"status": finished | running | failed | stopped | started | not started, "exit_code": int | None},
+    and "host" for a run started on another host (running, as far as this one can tell)."""
     record = _read_json(os.path.join(workdir, STATUS_FILE)) or {}
     exit_code = record.get("exit_code")
     if os.path.isdir(os.path.join(workdir, "final")):
         return {"status": "finished", "exit_code": exit_code}
     if record.get("state") == "running":
-        here = record.get("host") == socket.gethostname()
-        status = "running" if not here or pid_alive(record["pid"]) else "stopped"
+        if record.get("host") != socket.gethostname():  # its process cannot be asked from here
+            return {"status": "running", "exit_code": exit_code, "host": record.get("host")}
+        status = "running" if pid_alive(record["pid"]) else "stopped"
     elif record.get("state") == "exited":
         status = "failed" if exit_code else "stopped"
     elif any(os.path.isdir(os.path.join(workdir, d)) for d in ("checkpoints", "tensorboard")):

@@ -198,11 +198,12 @@ class VQGAN(nn.Module):
 
 
 def nearest_code(z_NhwE: jax.Array, codebook_KE: jax.Array) -> jax.Array:
-    """argmin_k |z - e_k|^2, computed as |z|^2 + |e|^2 - 2 z.e like the reference."""
+    """argmin_k |z - e_k|^2, computed as |z|^2 + |e|^2 - 2 z.e like the reference, in full float32
+    (a TPU's default one-pass bfloat16 product would pick another code where two are close)."""
     z = z_NhwE.astype(jnp.float32)
     e = codebook_KE.astype(jnp.float32)
     d = (jnp.sum(z * z, axis=-1, keepdims=True) + jnp.sum(e * e, axis=-1)
-         - 2.0 * jnp.einsum("NhwE,KE->NhwK", z, e))
+         - 2.0 * jnp.einsum("NhwE,KE->NhwK", z, e, precision=jax.lax.Precision.HIGHEST))
     return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
 
