@@ -315,3 +315,11 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
         out = window.flush(10, flops=None, devices=1, total=40)
     assert out["loss"] == 2.0
     assert "step 10/40 (25%, 0:01:00 left): loss=2" in caplog.text
+
+    # a split with no tokens in the window (stage I's generation) is left out, not logged as NaN
+    for tokens in (10.0, 30.0):
+        window.add_metrics({"loss": np.float32(1.0), "ce_understanding": np.float32(tokens / 10),
+                            "tokens_understanding": np.float32(tokens), "ce_generation": np.float32(0.0),
+                            "tokens_generation": np.float32(0.0)})
+    out = window.flush(12, flops=None, devices=1)
+    assert out["ce_understanding"] == pytest.approx((1.0 * 10 + 3.0 * 30) / 40) and "ce_generation" not in out

@@ -112,9 +112,10 @@ class Window:
                 out[k] = float(values[-1])
             elif k.startswith("tokens") or k == "skipped":
                 out[k] = float(values.sum())
-            elif k.startswith("ce_"):  # weight the split losses by their token counts
+            elif k.startswith("ce_"):  # weight the split losses by their token counts; none: not logged
                 count = np.array([float(m["tokens_" + k[3:]]) for m in fetched])
-                out[k] = float((values * count).sum() / count.sum()) if count.sum() else float("nan")
+                if count.sum():
+                    out[k] = float((values * count).sum() / count.sum())
             else:
                 out[k] = float(values.mean())
         # each process counted its own rows: on a pod the window's figures are the sums over processes
