@@ -126,8 +126,11 @@ def test_forward_and_loss_match_reference_for_0_1_2_images(release):
     np.testing.assert_allclose(float(metrics["loss"]), ce.item() + 1e-2 * z.item(), rtol=1e-5)
     assert int(metrics["tokens"]) == int(valid.sum())
 
-    # Understanding / generation split: generation targets are the image-span tokens and SEP.
+    # Understanding / generation split: generation targets are the image-span tokens and SEP, but
+    # not the SEP of a picture given as input (the label before it is ignored: none of it is drawn).
+    before = torch.cat([torch.from_numpy(lb[:-1]) for lb in ref_labels])
     is_gen = valid & (((shift_labels >= 4) & (shift_labels < 8199)) | ((shift_labels >= 8803) & (shift_labels < 8900)))
+    is_gen &= ~((shift_labels == 8198) & (before < 0))
     per_token = torch.nn.functional.cross_entropy(shift_logits, shift_labels.clamp(min=0), reduction="none")
     np.testing.assert_allclose(float(metrics["ce_generation"]), per_token[is_gen].mean().item(), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["ce_understanding"]), per_token[valid & ~is_gen].mean().item(), rtol=1e-5)
@@ -199,5 +202,9 @@ def test_an_encoded_item_runs_through_the_model(release, tmp_path):
     expected = ce[valid].mean() + model.config.z_loss_weight * (lse[valid] ** 2).mean()
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
     image_target = valid & (((target >= 4) & (target <= 8198)) | ((target >= 8803) & (target < 8900)))
-    assert int(metrics["tokens_generation"]) == image_target.sum() > 0
-    assert int(metrics["tokens_understanding"]) == (valid & ~image_target).sum() > 0
+    # the SEP of the user's picture is labelled (as the reference does) but nothing of that picture
+    # is drawn: it counts as understanding; the answer's picture, SEP included, as generation
+    given_sep = valid & (target == 8198) & (labels[:-1] < 0)
+    assert given_sep.sum() == 1
+    assert int(metrics["tokens_generation"]) == (image_target & ~given_sep).sum() > 0
+    assert int(metrics["tokens_understanding"]) == (valid & ~image_target).sum() + 1

@@ -19,9 +19,12 @@ from unitoken_jax.sharding import constrain, logical_to_mesh_spec, mesh_ways
 from unitoken_jax.tokenizer import layout
 
 
-def is_generation_target(targets):
-    """Targets that belong to image generation (`layout.IMAGE_ID_RANGES`); everything else is text."""
-    return layout.is_image_id(targets, jnp)
+def is_generation_target(targets, previous_labels):
+    """Targets that belong to image generation: image ids (`layout.IMAGE_ID_RANGES`), except the SEP
+    of a picture given as input, whose codes before it are not predicted (the reference labels that
+    SEP in every picture; counting it as generation gave stage I's captions generation tokens).
+    `previous_labels` are the labels one position before the targets. Everything else is text."""
+    return layout.is_image_id(targets, jnp) & ~((targets == layout.SEP) & (previous_labels < 0))
 
 
 def lm_loss(logits_BLV: jax.Array, labels_BL: jax.Array, segment_ids_BL: jax.Array, z_loss_weight: float,
@@ -37,7 +40,8 @@ def lm_loss(logits_BLV: jax.Array, labels_BL: jax.Array, segment_ids_BL: jax.Arr
     target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     ce = lse - target_logit
 
-    gen = is_generation_target(targets) if generation_BL is None else generation_BL[:, 1:].astype(jnp.bool_)
+    gen = is_generation_target(targets, labels_BL[:, :-1]) if generation_BL is None else \
+        generation_BL[:, 1:].astype(jnp.bool_)
 
     def masked_mean(values, mask):
         count = jnp.sum(mask)
@@ -76,7 +80,7 @@ def fused_lm_loss(hidden_BLD: jax.Array, kernel_DV: jax.Array, labels_BL: jax.Ar
     targets_BL = jnp.pad(labels_BL[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
     seg_next = jnp.pad(segment_ids_BL[:, 1:], ((0, 0), (0, 1)))
     valid_BL = (targets_BL >= 0) & (seg_next == segment_ids_BL) & (seg_next != 0)
-    gen = is_generation_target(targets_BL) if generation_BL is None else jnp.pad(
+    gen = is_generation_target(targets_BL, labels_BL) if generation_BL is None else jnp.pad(
         generation_BL[:, 1:].astype(jnp.bool_), ((0, 0), (0, 1)))
     # the rows each device holds form one group, whose predicting positions go to its front together:
     # the head then runs on about as many positions as predict, not on every row's longest share

@@ -68,7 +68,7 @@ def make_eval_loss(config: UniTokenConfig):
 
 def average_losses(per_batch: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The batches' metrics weighted by their token counts; a kind without tokens is left out
-    (stage I's batches have no generation samples)."""
+    (stage I's captions have no generation targets)."""
     batches = [{k: float(v) for k, v in m.items()} for m in per_batch]
     tokens = sum(m["tokens"] for m in batches)
     out = {}
