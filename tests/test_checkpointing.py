@@ -57,6 +57,9 @@ def test_restore_onto_a_different_mesh(tmp_path):
     restored, _ = Checkpointer(str(tmp_path / "ckpt")).restore(target)
     kernel = restored.params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    # the key too lands on the new mesh, not on the device it was saved from (on a slice without
+    # that device, the restore failed and every checkpoint was called damaged)
+    assert restored.rng.sharding.device_set == set(jax.devices()[:8])
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored.params, state.params)
 

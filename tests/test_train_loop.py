@@ -323,3 +323,49 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
                             "tokens_generation": np.float32(0.0)})
     out = window.flush(12, flops=None, devices=1)
     assert out["ce_understanding"] == pytest.approx((1.0 * 10 + 3.0 * 30) / 40) and "ce_generation" not in out
+
+
+def test_a_run_resumed_with_another_config_keeps_the_old_one_and_says_what_changed(tmp_path, caplog):
+    """config.json was overwritten without a word: a resumed run with other rows, seed or learning
+    rate lost the record of what its checkpoints were trained with."""
+    import logging
+
+    from unitoken_jax.train.loop import record_config
+
+    first = _stages().stage_config(2, "tiny").to_dict()
+    record_config(str(tmp_path), first)
+    record_config(str(tmp_path), first)  # the same again: nothing to say
+    assert not caplog.records and not (tmp_path / "config.previous1.json").exists()
+    second = _stages().stage_config(2, "tiny")
+    second.data.rows, second.total_steps = 4, 80
+    with caplog.at_level(logging.WARNING):
+        record_config(str(tmp_path), second.to_dict())
+    assert "kept as config.previous1.json): data.rows: 8 -> 4; total_steps: 40 -> 80" in caplog.text
+    assert json.loads((tmp_path / "config.previous1.json").read_text())["data"]["rows"] == 8
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["rows"] == 4
+
+
+def test_the_final_export_is_whole_or_absent(tmp_path):
+    """final/ was written in place: a run killed during the export left a final/ that sweeps and the
+    next stage took for a finished stage, and that did not load."""
+    from unitoken_jax.train.loop import export_final
+
+    class Dies:
+        def save(self, path):
+            os.makedirs(os.path.join(path, "params"))
+            raise KeyboardInterrupt("killed during the export")
+
+    class Saves:
+        def save(self, path):
+            os.makedirs(path)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                f.write("{}")
+
+    final = str(tmp_path / "final")
+    with pytest.raises(KeyboardInterrupt):
+        export_final(Dies(), final)
+    assert not os.path.exists(final)
+    export_final(Saves(), final)  # a rerun: the leftover partial export is replaced
+    assert sorted(os.listdir(tmp_path)) == ["final"] and os.listdir(final) == ["config.json"]
+    export_final(Saves(), final)  # exporting a finished run again replaces it whole
+    assert sorted(os.listdir(tmp_path)) == ["final"]

@@ -132,7 +132,7 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
     for i, (overrides, name) in enumerate(zip(added, names)):
         config = apply_overrides(base, overrides)
         # the same config however its overrides were written (key order, 1 or 1.0): one run
-        same = json.dumps(_flatten(config.to_dict()), sort_keys=True, default=repr)
+        same = json.dumps(configs.flat_dict(config.to_dict()), sort_keys=True, default=repr)
         if same in seen:
             j = seen[same]
             raise SweepError(f"the sweep adds the same run twice ({j}: {added[j]} and {i}: {overrides})")
@@ -200,22 +200,12 @@ def parse_like_train(config_spec: str, flags) -> ml_collections.ConfigDict:
 
 
 def _check_round_trip(config_spec, flags, config, name) -> None:
-    want, got = _flatten(config.to_dict()), _flatten(parse_like_train(config_spec, flags).to_dict())
+    want, got = configs.flat_dict(config.to_dict()), configs.flat_dict(parse_like_train(config_spec, flags).to_dict())
     differ = [k for k in sorted(set(want) | set(got)) if want.get(k, "<missing>") != got.get(k, "<missing>")]
     if differ:
         details = ", ".join(f"{k}: {want.get(k)!r} here, {got.get(k)!r} there" for k in differ[:5])
         raise SweepError(f"run {name}: the train command would not see the same config ({details}); use values "
                          "of the fields' own types (numbers, strings, booleans, tuples of them)")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _plain(value):

@@ -86,6 +86,17 @@ LABELS = {
 }
 
 
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's `to_dict()`) as {dotted key: value}, the keys `--config.K=V` takes."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_no_label_overrides(keys) -> None:
     """A ValueError for an override (dotted key) of a field that only labels the run (`LABELS`)."""
     for key in keys:

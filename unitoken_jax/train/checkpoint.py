@@ -53,7 +53,11 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        target = abstract_state.replace(rng=jax.eval_shape(jax.random.key_data, abstract_state.rng))
+        # the key goes in as its raw data, placed where the target's key is (without a sharding Orbax
+        # would put it on the devices it was saved from, which a smaller or other slice lacks)
+        data = jax.eval_shape(jax.random.key_data, abstract_state.rng)
+        target = abstract_state.replace(rng=jax.ShapeDtypeStruct(
+            data.shape, data.dtype, sharding=getattr(abstract_state.rng, "sharding", None)))
         items = {"state": ocp.args.StandardRestore(target)}
         if "data" in self.manager.item_metadata(step):
             items["data"] = ocp.args.JsonRestore()
@@ -88,7 +92,9 @@ class Checkpointer:
                 self._set_aside([s for s in steps if s > step])
             return step, state, data
         raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from: " + "; ".join(problems)
-                              + ". Move the damaged step directories away to start over.")
+                              + ". If they were written for another model or config, resume with that config (a "
+                              "shape that differs says so above); only if they are damaged, move the step "
+                              "directories away to start over.")
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames damaged step directories to STEP.damaged (kept for a look, hidden from the

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from unitoken_jax import configs
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, sources_from
 from unitoken_jax.inference.compilation_cache import count_cache_hits
@@ -199,8 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(config.mesh)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        record_config(workdir, config.to_dict())
     log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
     log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
@@ -229,6 +230,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
                     batch_transform, evaluator)
     checkpointer.close()
     return last
+
+
+def record_config(workdir: str, config: dict) -> None:
+    """Writes WORKDIR/config.json. One that differs there already (the run is resumed with other
+    settings: a longer run, another mesh, or a mistake) is kept as config.previousN.json and the
+    differences are logged, so the record of what the checkpoints were trained with is not lost."""
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(json.dumps(config))  # (tuples as lists, as the file holds them)
+    old = None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    if old is not None and old != new:
+        was, now = configs.flat_dict(old), configs.flat_dict(new)
+        changed = [f"{k}: {was.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}"
+                   for k in sorted(set(was) | set(now)) if was.get(k, "(none)") != now.get(k, "(none)")]
+        n = 1
+        while os.path.exists(os.path.join(workdir, f"config.previous{n}.json")):
+            n += 1
+        kept = os.path.join(workdir, f"config.previous{n}.json")
+        os.replace(path, kept)
+        log.warning("this run's config differs from the one %s was last run with (kept as %s): %s", workdir,
+                    os.path.basename(kept), "; ".join(changed))
+    with open(path, "w") as f:
+        json.dump(new, f, indent=2)
 
 
 def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPipeline, workdir: str) -> Evaluator:
@@ -296,15 +322,16 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                                     dropped, pipeline.config.length)
                         dropped_warned = dropped
                 writer.write(step, last)
-            # after the step's metrics, before its checkpoint; not when preempted (the save comes first)
-            if evaluator is not None and evaluator.due(step, total) and not preempted.flag:
+            # asked at every step (on a pod the processes agree on the step to stop at only when each
+            # asks at that very step), and before the evaluation: when preempted the save comes first
+            preempting = preempted.now(checkpointer, step)
+            if evaluator is not None and evaluator.due(step, total) and not preempting:
                 jax.block_until_ready(state.params)  # the step still running counts as training time
                 started = time.time()
                 last_eval = evaluator.run(step, state.params, writer)
                 window.exclude(time.time() - started)
             stop_here = step == config.stop_after
-            if step % config.checkpoint_every == 0 or step == total or stop_here or \
-                    preempted.now(checkpointer, step):
+            if step % config.checkpoint_every == 0 or step == total or stop_here or preempting:
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
                 checkpointer.save(step, state, _gather_data_state(data_iter.get_state()), force=True)
                 samples_log.sync()
@@ -320,12 +347,35 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
 
     if step >= total:
         final = os.path.join(workdir, "final")
-        UniTokenModel(config.model, state.params).save(final)
+        export_final(UniTokenModel(config.model, state.params), final)
         if config.model.lora is not None:  # the adapters alone, in PEFT's format (gathered; process 0 writes)
             UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"),
                                                                     base_model=",".join(config.init_from.paths) or None)
         log.info("stage finished at step %d; model in %s", step, final)
     return {**last, **last_eval}
+
+
+def export_final(model: UniTokenModel, final: str) -> None:
+    """Saves `model` as FINAL, whole or not at all: it is written to FINAL.partial and renamed, so a
+    run killed during the export (tens of GB for the 7B) leaves no FINAL that looks finished to a
+    sweep, to the next stage's `init_from`, or to a rerun (which exports again)."""
+    partial = final + ".partial"
+    primary = jax.process_index() == 0
+    if primary and os.path.exists(partial):
+        shutil.rmtree(partial)
+    _sync("final export starts")
+    model.save(partial)
+    _sync("final export written")
+    if primary:
+        if os.path.exists(final):  # a rerun of a finished run exports again
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    _sync("final export in place")
+
+
+def _sync(what: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(what)
 
 
 def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int) -> None:
