@@ -129,6 +129,9 @@ def test_optimizer_settings_out_of_range_are_refused_by_name(field, value, messa
     wrong.optimizer[field] = value
     with pytest.raises(ValueError, match=f"optimizer.{field}={value!r} must be {message}"):
         TrainConfig.from_config_dict(wrong)
+    # a negative stop_after was read as "none": the time-boxed job ran to its end
+    with pytest.raises(ValueError, match=r"stop_after=-5: give a step to save and stop at \(> 0\), or 0"):
+        TrainConfig.from_config_dict({**base.to_dict(), "stop_after": -5})
     # the edges that are allowed
     edge = base.copy_and_resolve_references()
     edge.optimizer.update(vit_lr_scale=0.0, warmup_fraction=1.0, b1=0.0, weight_decay=0.0, grad_clip=float("inf"))

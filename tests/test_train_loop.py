@@ -369,3 +369,13 @@ def test_the_final_export_is_whole_or_absent(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["final"] and os.listdir(final) == ["config.json"]
     export_final(Saves(), final)  # exporting a finished run again replaces it whole
     assert sorted(os.listdir(tmp_path)) == ["final"]
+
+
+def test_a_stage_start_names_the_previous_stages_final_model():
+    """A LoRA run from a stage named the stage's workdir as its adapters' base_model_name_or_path,
+    where the model is WORKDIR/final."""
+    from unitoken_jax.train.config import InitConfig
+    from unitoken_jax.train.loop import init_model_paths
+
+    assert init_model_paths(InitConfig(kind="stage", paths=("/w/stage1",))) == ["/w/stage1/final"]
+    assert init_model_paths(InitConfig(kind="checkpoint", paths=("/ckpt/a", "/ckpt/b"))) == ["/ckpt/a", "/ckpt/b"]

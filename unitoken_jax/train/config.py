@@ -183,6 +183,8 @@ class TrainConfig:
         for name in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stop_after < 0:
+            raise ValueError(f"stop_after={self.stop_after}: give a step to save and stop at (> 0), or 0 for none")
         if self.optimizer.total_steps != self.total_steps:
             raise ValueError(f"optimizer.total_steps={self.optimizer.total_steps} differs from total_steps="
                              f"{self.total_steps}")

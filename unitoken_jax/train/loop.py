@@ -65,6 +65,11 @@ def _check_workdir(workdir: str) -> None:
 
 
 # --- parameters at the start of a stage --------------------------------------------------------
+def init_model_paths(init) -> list[str]:
+    """The model directories `init_from` loads: its paths, or for `stage` each workdir's final/."""
+    return [os.path.join(p, "final") if init.kind == "stage" else p for p in init.paths]
+
+
 def initial_params(config: TrainConfig, mesh):
     """Random parameters, overwritten part by part (decoder, vit, adapter) by `init_from`. With
     `model.lora`, the checkpoints give the base weights (a LoRA model among them is merged first)
@@ -76,12 +81,10 @@ def initial_params(config: TrainConfig, mesh):
     if not init.paths:
         raise ValueError(f"init_from.kind={init.kind!r} needs init_from.paths (e.g. --config.init_from.paths=DIR)")
     params, adapters = lora_lib.split(model.params)
-    for path in init.paths:
-        if init.kind == "stage":
-            final = os.path.join(path, "final")
-            if not os.path.isdir(final):
-                raise FileNotFoundError(f"{path} has no finished stage (no {final}); finish that stage first")
-            path = final
+    for path in init_model_paths(init):
+        if init.kind == "stage" and not os.path.isdir(path):
+            raise FileNotFoundError(f"{os.path.dirname(path)} has no finished stage (no {path}); finish that stage "
+                                    "first")
         loaded = load(path, mesh=mesh, progress=jax.process_index() == 0, param_dtype=config.model.param_dtype)
         if loaded.config.quantize != "none":
             raise ValueError(f"{path} holds {loaded.config.quantize} weights, which are for inference only; "
@@ -349,8 +352,8 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
         final = os.path.join(workdir, "final")
         export_final(UniTokenModel(config.model, state.params), final)
         if config.model.lora is not None:  # the adapters alone, in PEFT's format (gathered; process 0 writes)
-            UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"),
-                                                                    base_model=",".join(config.init_from.paths) or None)
+            base = ",".join(init_model_paths(config.init_from)) or None  # the model they adapt
+            UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"), base_model=base)
         log.info("stage finished at step %d; model in %s", step, final)
     return {**last, **last_eval}
 
