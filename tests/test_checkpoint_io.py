@@ -42,6 +42,36 @@ def release_dir(tmp_path_factory):
     return path
 
 
+def test_a_stage_trained_from_the_release_exports_what_the_release_brought(release_dir, tmp_path):
+    """final/ was built from the trained parameters alone: converted to HF it lost the release's
+    VQ-GAN tensors and config.json fields and came out in float32. The export now carries what the
+    init_from model had (read again at the end: a resumed run never loads it)."""
+    from unitoken_jax.model import UniTokenModel
+    from unitoken_jax.train.config import InitConfig
+    from unitoken_jax.train.loop import export_final, init_extras
+
+    model = unitoken_jax.load(str(release_dir))
+    model.save(str(tmp_path / "ours"))
+    for path in (str(release_dir), str(tmp_path / "ours")):  # an HF start, and one of ours (a stage's final/)
+        passthrough, hf_config, dtype = init_extras(InitConfig(kind="checkpoint", paths=(path,)))
+        assert sorted(passthrough) == sorted(model.passthrough) and (hf_config, dtype) == (model.hf_config, "bfloat16")
+    assert init_extras(InitConfig(kind="random")) == ({}, None, "float32")
+    # a start that is gone by the end of the run: the trained model is still exported
+    assert init_extras(InitConfig(kind="checkpoint", paths=(str(tmp_path / "moved"),))) == ({}, None, "float32")
+    # what the loop exports at the end of a stage from the release, written back as HF: the release
+    trained = UniTokenModel(model.config, model.params, *init_extras(InitConfig(kind="checkpoint",
+                                                                              paths=(str(release_dir),))))
+    export_final(trained, str(tmp_path / "final"))
+    unitoken_jax.load(str(tmp_path / "final")).save_hf(str(tmp_path / "hf"))
+    original, written = _tensors(release_dir), _tensors(tmp_path / "hf")
+    assert sorted(original) == sorted(written)
+    assert all(torch.equal(original[k], written[k]) for k in original)
+    config, written_config = (json.loads((d / "config.json").read_text()) for d in (release_dir, tmp_path / "hf"))
+    for key, value in config.items():  # every field the release's config.json has, kept (save_hf adds some)
+        kept = written_config[key]
+        assert (value.items() <= kept.items() if isinstance(value, dict) else kept == value), key
+
+
 def test_round_trip_is_bit_exact(release_dir, tmp_path):
     model = unitoken_jax.load(str(release_dir))
     assert model.hf_dtype == "bfloat16"

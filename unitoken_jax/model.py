@@ -296,6 +296,16 @@ def _entry_point(name: str, config: UniTokenConfig):
     return jax.jit(fn)
 
 
+def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
+    """(tensors carried through, HF config, HF dtype) of a checkpoint, ours or HF, without its
+    parameters: what a release brings besides the weights (the VQ-GAN's tensors, its config.json,
+    bfloat16), which `save_hf` writes back."""
+    if orbax_io.is_orbax_checkpoint(path):
+        sidecar = orbax_io.read_sidecar(path)
+        return orbax_io.restore_passthrough(path), sidecar.get("hf_config"), sidecar.get("hf_dtype", "float32")
+    return hf_io.read_extras(path)
+
+
 def _load_orbax(path: str, param_dtype: str | None, mesh: Mesh | None, quantize: str | None) -> UniTokenModel:
     stored = UniTokenConfig.from_dict(orbax_io.read_sidecar(path)["config"])
     stored = stored.replace(param_dtype=param_dtype or stored.param_dtype)

@@ -346,6 +346,31 @@ def read_config(path: str) -> UniTokenConfig:
     return _checked_build_config(path, hf_config, kind, prefix, headers)[0]
 
 
+def _main_dtype(headers) -> str:
+    """The dtype most of a checkpoint's elements have (the dtype it was saved in)."""
+    sizes: dict[str, int] = {}
+    for _, shape, dtype in headers.values():
+        sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape))
+    return _DTYPE_NAMES.get(max(sizes, key=sizes.get), "float32")
+
+
+def _passthrough_keys(headers, spec_keys) -> list[str]:
+    return [k for k in headers if k not in spec_keys and any(p.match(k) for p in _PASSTHROUGH)]
+
+
+def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict, str]:
+    """What an HF-format directory holds besides the model's parameters, without reading those:
+    (the tensors carried through unchanged, config.json, the dtype it was saved in)."""
+    hf_config, headers, kind, prefix = _read_header(path)
+    config, _ = _checked_build_config(path, hf_config, kind, prefix, headers)
+    keys = _passthrough_keys(headers, {s.hf_key for s in tensor_specs(config, prefix)})
+    passthrough = {}
+    for file in sorted({headers[k][0] for k in keys}):
+        with open_safetensors(file) as f:
+            passthrough.update({k: f.get_tensor(k) for k in keys if headers[k][0] == file})
+    return passthrough, hf_config, _main_dtype(headers)
+
+
 def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False,
             place: Callable[[UniTokenConfig, tuple[str, ...], np.ndarray], Any] | None = None) -> HFCheckpoint:
     """Reads an HF-format directory into parameters of our layout, one tensor at a time.
@@ -359,15 +384,12 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     """
     hf_config, headers, kind, prefix = _read_header(path)
     config, layout = _checked_build_config(path, hf_config, kind, prefix, headers)
-    sizes: dict[str, int] = {}
-    for _, shape, dtype in headers.values():
-        sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape))
-    main_dtype = _DTYPE_NAMES.get(max(sizes, key=sizes.get), "float32")
+    main_dtype = _main_dtype(headers)
     config = config.replace(param_dtype=param_dtype or main_dtype)
     specs = tensor_specs(config, prefix)
 
     spec_keys = {s.hf_key for s in specs}
-    passthrough_keys = [k for k in headers if k not in spec_keys and any(p.match(k) for p in _PASSTHROUGH)]
+    passthrough_keys = _passthrough_keys(headers, spec_keys)
     skipped = [k for k in headers if k not in spec_keys and any(p.match(k) for p in _SKIPPED)]
     unexpected = sorted(set(headers) - spec_keys - set(passthrough_keys) - set(skipped))
     missing = sorted(spec_keys - set(headers))

@@ -36,7 +36,7 @@ from unitoken_jax import configs
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, sources_from
 from unitoken_jax.inference.compilation_cache import count_cache_hits
-from unitoken_jax.model import UniTokenModel, load
+from unitoken_jax.model import UniTokenModel, load, read_extras
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.train import metrics as metrics_lib
 from unitoken_jax.train.checkpoint import Checkpointer
@@ -68,6 +68,23 @@ def _check_workdir(workdir: str) -> None:
 def init_model_paths(init) -> list[str]:
     """The model directories `init_from` loads: its paths, or for `stage` each workdir's final/."""
     return [os.path.join(p, "final") if init.kind == "stage" else p for p in init.paths]
+
+
+def init_extras(init) -> tuple[dict, dict | None, str]:
+    """(passthrough tensors, HF config, HF dtype) of the first `init_from` model that has them, for
+    final/ to carry (so that `unitoken convert` writes a trained release back as the release was:
+    its VQ-GAN tensors, its config.json's other fields, bfloat16). Read again at the export: a
+    resumed run never loads its init_from models."""
+    if init.kind != "random":
+        for path in init_model_paths(init):
+            try:
+                passthrough, hf_config, dtype = read_extras(path)
+            except (OSError, ValueError) as e:  # (moved since the start: the trained model still gets out)
+                log.warning("cannot read what %s holds besides its weights (%s); final/ goes without it", path, e)
+                continue
+            if passthrough or hf_config is not None:
+                return passthrough, hf_config, dtype
+    return {}, None, "float32"
 
 
 def initial_params(config: TrainConfig, mesh):
@@ -350,7 +367,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
 
     if step >= total:
         final = os.path.join(workdir, "final")
-        export_final(UniTokenModel(config.model, state.params), final)
+        export_final(UniTokenModel(config.model, state.params, *init_extras(config.init_from)), final)
         if config.model.lora is not None:  # the adapters alone, in PEFT's format (gathered; process 0 writes)
             base = ",".join(init_model_paths(config.init_from)) or None  # the model they adapt
             UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"), base_model=base)
