@@ -132,7 +132,7 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
     for i, (overrides, name) in enumerate(zip(added, names)):
         config = apply_overrides(base, overrides)
         # the same config however its overrides were written (key order, 1 or 1.0): one run
-        same = json.dumps(configs.flat_dict(config.to_dict()), sort_keys=True, default=repr)
+        same = json.dumps(config.to_dict(), sort_keys=True, default=repr)
         if same in seen:
             j = seen[same]
             raise SweepError(f"the sweep adds the same run twice ({j}: {added[j]} and {i}: {overrides})")
