@@ -8,7 +8,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import COLLECTIVE_THREADS, PATIENT_COLLECTIVES
+from conftest import CHEAP_COMPILES, COLLECTIVE_THREADS, PATIENT_COLLECTIVES
 from unitoken_jax.world import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ def test_the_colab_notebook_runs_and_shows_its_pictures(tmp_path):
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PJRT_NPROC=COLLECTIVE_THREADS,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {PATIENT_COLLECTIVES}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {PATIENT_COLLECTIVES} {CHEAP_COMPILES}")
     client.execute(env=env)  # raises CellExecutionError, naming the cell, if any cell fails
 
     text, pictures, widgets = [], [], 0

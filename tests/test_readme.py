@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import COLLECTIVE_THREADS, PATIENT_COLLECTIVES
+from conftest import CHEAP_COMPILES, COLLECTIVE_THREADS, PATIENT_COLLECTIVES
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -25,8 +25,8 @@ def _block(heading: str) -> str:
 def _run(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
     script = tmp_path / "block.py"
     script.write_text(code)
-    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    environment.update(JAX_PLATFORMS="cpu", **env)
+    environment = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)  # one device unless env says
+    environment.update(env)
     return subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=environment, capture_output=True,
                           text=True, timeout=900)
 
@@ -38,8 +38,8 @@ def test_the_python_api_block_runs_on_the_tiny_model(tmp_path):
     tiny = str(tmp_path / "unitoken-tiny")
     assert cli.main(["init", "--config", "tiny", "--to", tiny]) == 0
     code = _block("## Python API").replace("/tmp/unitoken-tiny", tiny).replace("/tmp/unitoken-out", str(tmp_path / "out"))
-    result = _run(code, tmp_path, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES}",
-                  PJRT_NPROC=COLLECTIVE_THREADS)
+    flags = f"--xla_force_host_platform_device_count=8 {PATIENT_COLLECTIVES} {CHEAP_COMPILES}"
+    result = _run(code, tmp_path, XLA_FLAGS=flags, PJRT_NPROC=COLLECTIVE_THREADS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out-orbax").is_dir()
 

@@ -17,6 +17,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import CHEAP_COMPILES
 
 from unitoken_jax import cli
 from unitoken_jax import sweep as sweep_lib
@@ -443,7 +444,7 @@ def test_a_tiny_stage2_grid_trains_here_is_summarised_and_is_skipped_when_run_ag
     with open(path, "w") as f:
         f.write(STAGE2_SWEEP.format(data=data))
     root = str(tmp_path / "sweep")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the runs get one CPU device, not the tests' 16
+    monkeypatch.setenv("XLA_FLAGS", CHEAP_COMPILES)  # the runs get one CPU device, not the tests' 16
     # the runs share one compilation cache, as a real sweep's do (~/.cache/unitoken_jax/xla): a run
     # whose overrides leave its programs unchanged (the data seed) loads them instead of compiling
     monkeypatch.setenv("UNITOKEN_COMPILATION_CACHE", str(tmp_path / "xla"))

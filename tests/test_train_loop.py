@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import CHEAP_COMPILES
 
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.configs import stages
@@ -87,8 +88,7 @@ def _run_cli(workdir, data, *extra, env=None):
            "--workdir", workdir, "--config.data.demo=False", f"--config.data.sources={data}",
            "--config.data.num_threads=1", "--config.total_steps=8", "--config.checkpoint_every=100",
            "--config.log_every=2", *extra]
-    env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)  # one device
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -146,8 +146,7 @@ def _pod(workdir, data, caches):
     """Two processes on gloo train the tiny stage 2 for 4 steps; `caches[i]`: process i's
     compilation cache. Returns their logs."""
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)  # one device each
     cmd = lambda i: [sys.executable, "-m", "unitoken_jax.train",  # noqa: E731
                      "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"), "--workdir", workdir,
                      "--config.data.demo=False", f"--config.data.sources={data}", "--config.data.num_threads=1",
