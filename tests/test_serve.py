@@ -4,7 +4,8 @@ shapes-world model) on a free localhost port in a thread of this process.
 What is proven: the model's answers arrive right through the wire format (a question about a
 picture, a streamed answer equal to the plain one, pictures the pixel checker reads as asked,
 from images.generate and from a chat); 16 concurrent clients each get what the same request gets
-run alone through the pipeline, in less time than running them one after another; bad requests
+run alone through the pipeline (how much sooner they are answered than one after another is
+benchmarks/serve.py's to measure, not a test's); bad requests
 get OpenAI's error JSON with the right status and the server goes on; the API key guards every
 endpoint but /health. A second server, whose engine is held by a gate instead of a model, makes
 the queue's refusals, timeouts and cancellations happen on cue.
@@ -319,15 +320,6 @@ def _burst(server, pictures):
     return results, time.perf_counter() - start
 
 
-def _one_by_one(server, pictures) -> float:
-    """Seconds for the same 16 calls to the server, each sent when the one before has answered."""
-    client = server.client(timeout=300)
-    start = time.perf_counter()
-    for i in range(16):
-        _call(client, i, pictures)
-    return time.perf_counter() - start
-
-
 def _alone(pipe, pictures):
     """Each of the 16 requests run by itself through the pipeline, as the server builds them
     (app.py): (answers, seconds)."""
@@ -363,23 +355,6 @@ def test_sixteen_concurrent_clients_get_what_each_gets_alone(server, pipe):
     assert all(r.matches(t) for r, t in zip(readings, DRAWINGS)), readings
     print(f"pictures identical to the run alone: {sum(same)} of 8")
     assert all(same), f"only {sum(same)} of 8 pictures equal their run alone"
-
-    # time, warm and the best of two each (this machine's cores are shared), both through the server
-    # (HTTP, PNG encoding): the burst against the same 16 calls one after another; a burst whose
-    # batches met a shape not compiled yet is not counted
-    _one_by_one(server, pictures)  # compiles the one-call shapes
-    sequential = min(_one_by_one(server, pictures) for _ in range(2))
-    warm = []
-    for _ in range(5):
-        shapes_before = _metric(server, "unitoken_batch_shapes")
-        _, seconds = _burst(server, pictures)
-        if _metric(server, "unitoken_batch_shapes") == shapes_before:
-            warm.append(seconds)
-        if len(warm) == 2:
-            break
-    concurrent = min(warm)
-    print(f"16 calls: {concurrent:.2f} s concurrently, {sequential:.2f} s one after another")
-    assert concurrent < sequential
 
 
 def test_continuous_batching_answers_as_alone(pipe):
