@@ -135,8 +135,8 @@ def test_the_lora_step_holds_a_fraction_of_the_full_steps_state():
         pytest.skip("libtpu is not installed (pip install -e '.[tpu]'); CI installs it")
     aot = _aot_module()
     mesh = aot.topology_mesh("v5e:2x2", (1, 4, 1))
-    lora = aot.stage_config("finetune.py:tiny", batch=4, seq=256)
-    full = aot.stage_config("finetune.py:tiny", batch=4, seq=256,
+    lora = aot.stage_config("finetune.py:tiny", batch=4, seq=64)
+    full = aot.stage_config("finetune.py:tiny", batch=4, seq=64,
                             overrides={"optimizer.trainable": "all", "model.lora": None, "model.param_dtype": "float32"})
     lora_compiled = aot.compile_program(lora, mesh)[1]
     lora_args = lora_compiled.memory_analysis().argument_size_in_bytes
