@@ -17,8 +17,8 @@ import textwrap
 import time
 
 import pytest
-from conftest import CHEAP_COMPILES
 
+from conftest import CHEAP_COMPILES
 from unitoken_jax import cli
 from unitoken_jax import sweep as sweep_lib
 

@@ -14,8 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from conftest import CHEAP_COMPILES
 
+from conftest import CHEAP_COMPILES
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.configs import stages
 from unitoken_jax.model import UniTokenModel, load
