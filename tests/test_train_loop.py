@@ -323,6 +323,21 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
     out = window.flush(12, flops=None, devices=1)
     assert out["ce_understanding"] == pytest.approx((1.0 * 10 + 3.0 * 30) / 40) and "ce_generation" not in out
 
+    # accumulating: grad_norm is the completed updates' (the partial means between are not), and a
+    # window in which no update completed logs none; the micro-batches' own norms average over all
+    def micro(grad_norm, micro_norm, updates):
+        return {"grad_norm": np.float32(grad_norm), "micro_batch_grad_norm": np.float32(micro_norm),
+                "updates": np.int32(updates)}
+
+    for m in (micro(9.0, 9.0, 0), micro(2.0, 5.0, 1), micro(7.0, 7.0, 0), micro(4.0, 3.0, 1)):
+        window.add_metrics(m)
+    out = window.flush(16, flops=None, devices=1)
+    assert out["grad_norm"] == pytest.approx(3.0) and out["updates"] == 2
+    assert out["micro_batch_grad_norm"] == pytest.approx(6.0)
+    window.add_metrics(micro(9.0, 9.0, 0))
+    out = window.flush(17, flops=None, devices=1)
+    assert "grad_norm" not in out and out["updates"] == 0
+
 
 def test_a_run_resumed_with_another_config_keeps_the_old_one_and_says_what_changed(tmp_path, caplog):
     """config.json was overwritten without a word: a resumed run with other rows, seed or learning

@@ -224,14 +224,21 @@ def test_accumulating_two_halves_with_equal_token_counts_equals_one_full_batch()
 
     def run(opt, batches):
         tx = make_optimizer(opt, params)
-        step = jax.jit(make_train_step(cfg, tx, trainable_mask(params)))
-        state = init_state(params, tx)
+        step = jax.jit(make_train_step(cfg, tx, trainable_mask(params), accumulation_steps=opt.accumulation_steps))
+        state, logged = init_state(params, tx), []
         for b in batches:
-            state, _ = step(state, b)
-        return state.params
+            state, metrics = step(state, b)
+            logged.append(jax.device_get(metrics))
+        return state.params, logged
 
-    one = run(OptimizerConfig(**base), [full])
-    two = run(OptimizerConfig(**base, accumulation_steps=2), halves)
+    (one, full_metrics), (two, micro_metrics) = run(OptimizerConfig(**base), [full]), \
+        run(OptimizerConfig(**base, accumulation_steps=2), halves)
+    # the logged grad_norm is the clipped gradient's: the halves' mean, which is the full batch's,
+    # at the micro-batch that completes the update; each half's own norm is logged beside it
+    assert [int(m["updates"]) for m in micro_metrics] == [0, 1]
+    np.testing.assert_allclose(micro_metrics[1]["grad_norm"], full_metrics[0]["grad_norm"], rtol=1e-4)
+    micro_norms = [float(m["micro_batch_grad_norm"]) for m in micro_metrics]
+    assert min(micro_norms) > 1.05 * float(full_metrics[0]["grad_norm"])  # the halves' disagree
     # every weight moves by about lr = 1e-3; float error, which Adam magnifies where a gradient is
     # near 0, stays within 2 % of that
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), one, two)

@@ -110,8 +110,12 @@ class Window:
             values = np.array([float(m[k]) for m in fetched])
             if k == "nonfinite_in_a_row":
                 out[k] = float(values[-1])
-            elif k.startswith("tokens") or k == "skipped":
+            elif k.startswith("tokens") or k in ("skipped", "updates"):
                 out[k] = float(values.sum())
+            elif k == "grad_norm" and "updates" in fetched[0]:  # accumulating: the updates' own (train/step.py)
+                count = np.array([float(m["updates"]) for m in fetched])
+                if count.sum():
+                    out[k] = float((values * count).sum() / count.sum())
             elif k.startswith("ce_"):  # weight the split losses by their token counts; none: not logged
                 count = np.array([float(m["tokens_" + k[3:]]) for m in fetched])
                 if count.sum():

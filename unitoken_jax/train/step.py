@@ -68,16 +68,33 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
         # the update this batch goes into: micro-batches kept so far (a skipped one, rolled back, did
         # not count towards the accumulation nor advance the optimizer's schedule) // accumulation
         update = (state.step - state.nonfinite_total) // accumulation_steps
+        old_opt_state = state.opt_state
         state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                               opt_state=keep(new_opt_state, state.opt_state),
                               nonfinite_in_a_row=jnp.where(ok, 0, state.nonfinite_in_a_row + 1),
                               nonfinite_total=state.nonfinite_total + bad)
         metrics = {**metrics, "grad_norm": grad_norm, "skipped": bad, "nonfinite_in_a_row": state.nonfinite_in_a_row}
+        if accumulation_steps > 1:
+            metrics.update(accumulated_grad_norm(grads, old_opt_state, accumulation_steps, ok))
         if schedule is not None:
             metrics["learning_rate"] = schedule(update)  # the rate that update applies
         return state, metrics
 
     return train_step
+
+
+def accumulated_grad_norm(grads, opt_state: optax.MultiStepsState, k: int, ok) -> dict:
+    """With accumulation, the gradient that is clipped and applied is the mean of k micro-batches'
+    (`optax.MultiSteps`'s running mean `acc + (g - acc) / (n + 1)`, written as it writes it: XLA
+    computes it once, and the compiled step's memory and FLOPs on CPU are those without it):
+    "grad_norm" is its norm at the micro-batch that completes an update and "updates" 1 there (0
+    elsewhere, and for a skipped micro-batch), which the logging window averages over
+    (`metrics.Window.flush`); "micro_batch_grad_norm" is each micro-batch's own."""
+    n = opt_state.mini_step
+    mean = jax.tree.map(lambda g, acc: acc + (g.astype(acc.dtype) - acc) / (n + 1), grads, opt_state.acc_grads)
+    completes = (n == k - 1) & ok
+    return {"micro_batch_grad_norm": optax.tree.norm(grads), "grad_norm": optax.tree.norm(mean),
+            "updates": completes.astype(jnp.int32)}
 
 
 _HEAD_RNG = 0x4EAD  # folded into the step's dropout key for the head adapter's dropout
