@@ -244,6 +244,39 @@ def test_worker_processes_give_a_restorable_order(datasets):
     assert len({i for b in first for row in b for i in row}) == sum(len(row) for b in first for row in b)
 
 
+def test_a_resume_with_another_worker_count_is_refused_by_name(datasets):
+    """The sample order depends on the number of worker processes, and Grain's state for one count
+    does not restore another (it failed with a KeyError or an IndexError inside its interleave):
+    the training loop's checkpointed data state records the count, and a resume with another one
+    stops in one line saying which to use; checkpoints from before the count was recorded still
+    tell whether there were workers."""
+    from unitoken_jax.train.loop import _gather_data_state, _my_data_state
+
+    def state_after_a_batch(workers):
+        it = InputPipeline(list(datasets), PipelineConfig(rows=2, length=300, max_images=4, num_threads=1,
+                                                          worker_count=workers)).iterator()
+        next(it)
+        state = json.loads(json.dumps(it.get_state()))
+        getattr(it, "close", lambda: None)()
+        return state
+
+    with_workers, without = state_after_a_batch(2), state_after_a_batch(0)
+    saved = json.loads(json.dumps(_gather_data_state(with_workers, 2)))
+    assert _my_data_state(saved, 2) == with_workers
+    for count in (0, 3):
+        with pytest.raises(ValueError, match=f"data.worker_count=2 and this run has {count}.*worker_count=2"):
+            _my_data_state(saved, count)
+    with pytest.raises(ValueError, match="data.worker_count=0 and this run has 2"):
+        _my_data_state(_gather_data_state(without, 0), 2)
+    # written before the count was recorded
+    assert _my_data_state({"processes": [without]}, 0) == without
+    assert _my_data_state({"processes": [with_workers]}, 2) == with_workers
+    with pytest.raises(ValueError, match="with worker processes"):
+        _my_data_state({"processes": [with_workers]}, 0)
+    with pytest.raises(ValueError, match="data.worker_count=0 and this run has 2"):
+        _my_data_state({"processes": [without]}, 2)
+
+
 def test_lookahead_fills_rows_and_resumes_exactly_from_any_batch(tmp_path):
     """Groups packed from beyond a held-back one are recorded in the state, so a restore from any
     batch boundary packs the same batches; no sample is lost or repeated; rows are fuller."""

@@ -188,23 +188,40 @@ def _global_batch(local: dict, shardings, features_per_process: int) -> dict:
 
 
 # --- data-iterator state of every process --------------------------------------------------
-def _gather_data_state(state: dict) -> dict:
+def _gather_data_state(state: dict, worker_count: int) -> dict:
+    """Every process's iterator state, and the `data.worker_count` that wrote them (`_my_data_state`)."""
     if jax.process_count() == 1:
-        return {"processes": [state]}
+        return {"processes": [state], "worker_count": worker_count}
     raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
     length = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
     padded = np.zeros(length, np.uint8)
     padded[:raw.size] = raw
     everyone = multihost_utils.process_allgather(padded)
-    return {"processes": [json.loads(bytes(row).rstrip(b"\0").decode()) for row in everyone]}
+    return {"processes": [json.loads(bytes(row).rstrip(b"\0").decode()) for row in everyone],
+            "worker_count": worker_count}
 
 
-def _my_data_state(saved: dict) -> dict:
+def _my_data_state(saved: dict, worker_count: int) -> dict:
+    """This process's iterator state, from a checkpoint written by as many processes with the same
+    `data.worker_count`: worker processes each pack their own share of the records, so the sample
+    order depends on their number, and the state of one count does not restore another (Grain
+    failed with a KeyError or an IndexError deep in its interleave)."""
     states = saved["processes"]
     if len(states) != jax.process_count():
         raise ValueError(f"the checkpoint's data state is from {len(states)} processes, this run has "
                          f"{jax.process_count()}; resume with the same number of processes")
-    return states[jax.process_index()]
+    mine = states[jax.process_index()]
+    # checkpoints from before the count was recorded tell only whether there were workers: the
+    # packing iterator's own state has "streams", Grain's state for worker processes does not
+    saved_count = saved.get("worker_count", 0 if "streams" in mine else None)
+    if saved_count is None and worker_count == 0:
+        raise ValueError("the checkpoint's data state was written with worker processes (data.worker_count > 0) "
+                         "and this run has none; resume with the data.worker_count the run was started with")
+    if saved_count is not None and saved_count != worker_count:
+        raise ValueError(f"the checkpoint's data state was written with data.worker_count={saved_count} and this "
+                         f"run has {worker_count}; the sample order depends on it: resume with "
+                         f"--config.data.worker_count={saved_count}")
+    return mine
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -234,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     resumed = checkpointer.restore_latest_complete(program.abstract_state)
     if resumed is not None:
         start_step, state, data_state = resumed
-        data_iter.set_state(_my_data_state(data_state))
+        data_iter.set_state(_my_data_state(data_state, config.data.worker_count))
         log.info("resumed from step %d", start_step)
     else:
         params = initial_params(config, mesh)
@@ -353,7 +370,8 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
             stop_here = step == config.stop_after
             if step % config.checkpoint_every == 0 or step == total or stop_here or preempting:
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
-                checkpointer.save(step, state, _gather_data_state(data_iter.get_state()), force=True)
+                checkpointer.save(step, state, _gather_data_state(data_iter.get_state(), config.data.worker_count),
+                                force=True)
                 samples_log.sync()
                 if preempted.flag or stop_here:
                     log.warning("%s: saved step %d, stopping", "preempted" if preempted.flag else "stop_after", step)
