@@ -1,7 +1,8 @@
 """The training loop end to end on the tiny stage configs and the drawn demo data: the loss falls;
-stop-and-resume in a new process equals the uninterrupted run bit for bit; 8 devices give the loss
-of 1; two processes on gloo train and save one checkpoint; stage I freezes the decoder and stage
-II starts from its ViT and adapter; a streak of non-finite steps stops the run cleanly."""
+stop-and-resume in a new process equals the uninterrupted run bit for bit, after `stop_after` and
+after a SIGTERM to the run and its data workers; 8 devices give the loss of 1; two processes on
+gloo train and save one checkpoint; stage I freezes the decoder and stage II starts from its ViT
+and adapter; a streak of non-finite steps stops the run cleanly."""
 
 import json
 import os
@@ -121,6 +122,49 @@ def test_stop_and_resume_in_a_new_process_is_bit_exact(tmp_path, data):
     resumed_loss, whole_loss = _scalars(interrupted, "loss"), _scalars(whole, "loss")
     assert sorted(resumed_loss) == sorted(whole_loss) == [2, 4, 6, 8]
     assert all(resumed_loss[s] == whole_loss[s] for s in (2, 6, 8))
+
+
+def _start_cli(workdir, data, *extra):
+    cmd = [sys.executable, "-m", "unitoken_jax.train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"),
+           "--workdir", workdir, "--config.data.demo=False", f"--config.data.sources={data}",
+           "--config.data.num_threads=1", "--config.checkpoint_every=1000", "--config.log_every=1",
+           "--config.compilation_cache=off", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)  # one device
+    # a session of its own: the signal goes to its process group, as a VM's shutdown reaches every process
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_and_the_resumed_run_is_bit_exact_with_worker_processes(tmp_path, data):
+    """SIGTERM (a preempted VM: every process of the run gets it, the data's worker processes too)
+    makes the run save at the end of the step it is in and stop with exit status 0; the resumed
+    run, in a new process, ends where the uninterrupted one does, bit for bit."""
+    import signal
+    import time
+
+    stopped, whole = str(tmp_path / "stopped"), str(tmp_path / "whole")
+    run = ("--config.total_steps=200", "--config.stop_after=8", "--config.data.worker_count=1")
+    first, other = _start_cli(stopped, data, *run), _start_cli(whole, data, *run)
+    seen, deadline = "", time.time() + 400
+    while "step 3/200" not in seen:  # the third step is logged: signal it
+        line = first.stdout.readline()
+        assert line and time.time() < deadline, seen[-3000:]
+        seen += line
+    os.killpg(first.pid, signal.SIGTERM)
+    seen += first.communicate(timeout=300)[0]
+    assert first.returncode == 0, seen[-3000:]
+    (saved,) = [int(s) for s in os.listdir(os.path.join(stopped, "checkpoints"))]
+    assert 3 <= saved < 8 and f"preempted: saved step {saved}, stopping" in seen, seen[-3000:]
+    assert not os.path.exists(os.path.join(stopped, "final"))
+
+    out = other.communicate(timeout=600)[0]
+    assert other.returncode == 0, out[-3000:]
+    again = _start_cli(stopped, data, *run)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and f"resumed from step {saved}" in out, out[-3000:]
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                 _raw_state(stopped, 8), _raw_state(whole, 8))
 
 
 def test_eight_devices_give_the_loss_of_one(tmp_path, data):
