@@ -378,6 +378,9 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
     out = window.flush(16, flops=None, devices=1)
     assert out["grad_norm"] == pytest.approx(3.0) and out["updates"] == 2
     assert out["micro_batch_grad_norm"] == pytest.approx(6.0)
+    for m in (micro(np.nan, np.nan, 0), micro(2.0, 5.0, 1)):  # a skipped micro-batch, then an update
+        window.add_metrics(m)
+    assert window.flush(18, flops=None, devices=1)["grad_norm"] == pytest.approx(2.0)
     window.add_metrics(micro(9.0, 9.0, 0))
     out = window.flush(17, flops=None, devices=1)
     assert "grad_norm" not in out and out["updates"] == 0

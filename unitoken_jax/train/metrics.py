@@ -114,8 +114,8 @@ class Window:
                 out[k] = float(values.sum())
             elif k == "grad_norm" and "updates" in fetched[0]:  # accumulating: the updates' own (train/step.py)
                 count = np.array([float(m["updates"]) for m in fetched])
-                if count.sum():
-                    out[k] = float((values * count).sum() / count.sum())
+                if count.sum():  # (a skipped micro-batch's NaN norm, counted 0, stays out)
+                    out[k] = float(np.where(count > 0, values, 0.0).sum() / count.sum())
             elif k.startswith("ce_"):  # weight the split losses by their token counts; none: not logged
                 count = np.array([float(m["tokens_" + k[3:]]) for m in fetched])
                 if count.sum():
