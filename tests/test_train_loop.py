@@ -382,7 +382,7 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
         window.add_metrics(m)
     assert window.flush(18, flops=None, devices=1)["grad_norm"] == pytest.approx(2.0)
     window.add_metrics(micro(9.0, 9.0, 0))
-    out = window.flush(17, flops=None, devices=1)
+    out = window.flush(19, flops=None, devices=1)
     assert "grad_norm" not in out and out["updates"] == 0
 
 
