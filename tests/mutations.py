@@ -208,6 +208,19 @@ MUTATIONS = (
              "DecodeLoop._capacities gained (how it broke on 2026-12-01)", "benchmarks/decode.py",
              "def doubling(prompt, max_new, chunk, full=None):", "def doubling(prompt, max_new, chunk):",
              ("tests/test_accel_scripts.py", "-k", "cpu_decode")),
+    Mutation("grad_norm_of_the_micro_batch", "with accumulation, grad_norm the last micro-batch's, not the averaged "
+             "gradient's that is clipped", "unitoken_jax/train/step.py",
+             '"grad_norm": optax.tree.norm(mean),', '"grad_norm": optax.tree.norm(grads),',
+             ("tests/test_train_step.py", "-k", "accumulating")),
+    Mutation("window_grad_norm_nan", "a skipped micro-batch's NaN norm making the window's grad_norm NaN",
+             "unitoken_jax/train/metrics.py", "np.where(count > 0, values, 0.0).sum()", "(values * count).sum()",
+             ("tests/test_train_loop.py", "-k", "how_far")),
+    Mutation("worker_count_not_checked", "a resume with another data.worker_count let through to Grain",
+             "unitoken_jax/train/loop.py", "if saved_count is not None and saved_count != worker_count:", "if False:",
+             ("tests/test_pipeline.py", "-k", "worker_count")),
+    Mutation("sigterm_ignored", "SIGTERM caught but not acted on (the run neither saves nor stops early)",
+             "unitoken_jax/train/loop.py", "    def _handle(self, *_):\n        self.flag = True",
+             "    def _handle(self, *_):\n        pass", ("tests/test_train_loop.py", "-k", "sigterm")),
 )
 
 
