@@ -213,7 +213,7 @@ MUTATIONS = (
              '"grad_norm": optax.tree.norm(mean),', '"grad_norm": optax.tree.norm(grads),',
              ("tests/test_train_step.py", "-k", "accumulating")),
     Mutation("window_grad_norm_nan", "a skipped micro-batch's NaN norm making the window's grad_norm NaN",
-             "unitoken_jax/train/metrics.py", "np.where(count > 0, values, 0.0).sum()", "(values * count).sum()",
+             "unitoken_jax/train/metrics.py", "np.where(count > 0, values * count, 0.0).sum()", "(values * count).sum()",
              ("tests/test_train_loop.py", "-k", "how_far")),
     Mutation("worker_count_not_checked", "a resume with another data.worker_count let through to Grain",
              "unitoken_jax/train/loop.py", "if saved_count is not None and saved_count != worker_count:", "if False:",

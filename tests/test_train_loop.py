@@ -84,13 +84,22 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data)
     assert model.config.decoder.vocab_size == 9216
 
 
+def _train_command(workdir, data, *extra):
+    """The tiny stage 2 from the command line, on the drawn demo data."""
+    return [sys.executable, "-m", "unitoken_jax.train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"),
+            "--workdir", workdir, "--config.data.demo=False", f"--config.data.sources={data}",
+            "--config.data.num_threads=1", *extra]
+
+
+def _one_device(env=None):
+    """The environment of a child run: one CPU device (not the tests' 16), compiled as cheaply as here."""
+    return dict(os.environ if env is None else env, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)
+
+
 def _run_cli(workdir, data, *extra, env=None):
-    cmd = [sys.executable, "-m", "unitoken_jax.train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"),
-           "--workdir", workdir, "--config.data.demo=False", f"--config.data.sources={data}",
-           "--config.data.num_threads=1", "--config.total_steps=8", "--config.checkpoint_every=100",
-           "--config.log_every=2", *extra]
-    env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)  # one device
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = _train_command(workdir, data, "--config.total_steps=8", "--config.checkpoint_every=100",
+                         "--config.log_every=2", *extra)
+    return subprocess.run(cmd, cwd=ROOT, env=_one_device(env), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -125,14 +134,11 @@ def test_stop_and_resume_in_a_new_process_is_bit_exact(tmp_path, data):
 
 
 def _start_cli(workdir, data, *extra):
-    cmd = [sys.executable, "-m", "unitoken_jax.train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"),
-           "--workdir", workdir, "--config.data.demo=False", f"--config.data.sources={data}",
-           "--config.data.num_threads=1", "--config.checkpoint_every=1000", "--config.log_every=1",
-           "--config.compilation_cache=off", *extra]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)  # one device
+    cmd = _train_command(workdir, data, "--config.checkpoint_every=1000", "--config.log_every=1",
+                         "--config.compilation_cache=off", *extra)
     # a session of its own: the signal goes to its process group, as a VM's shutdown reaches every process
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 @pytest.mark.slow
@@ -190,15 +196,12 @@ def _pod(workdir, data, caches):
     """Two processes on gloo train the tiny stage 2 for 4 steps; `caches[i]`: process i's
     compilation cache. Returns their logs."""
     port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILES)  # one device each
-    cmd = lambda i: [sys.executable, "-m", "unitoken_jax.train",  # noqa: E731
-                     "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"), "--workdir", workdir,
-                     "--config.data.demo=False", f"--config.data.sources={data}", "--config.data.num_threads=1",
-                     "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
-                     f"--config.compilation_cache={caches[i]}",
-                     f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
-    procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    cmd = lambda i: _train_command(  # noqa: E731
+        workdir, data, "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
+        f"--config.compilation_cache={caches[i]}", f"--coordinator=localhost:{port}", "--num_processes=2",
+        f"--process_id={i}")
+    procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]  # one device each
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]

@@ -72,6 +72,17 @@ def sum_over_processes(*values: float) -> tuple[float, ...]:
     return tuple(float(v) for v in np.asarray(gathered, np.float64).sum(axis=0))
 
 
+def _weighted_by(key: str, metrics: dict) -> str | None:
+    """The count a window averages a metric by, if not by steps: the split losses by their token
+    counts (stage I has no generation tokens); with accumulation, grad_norm by the updates it was
+    taken at (train/step.py: the micro-batches between hold partial means)."""
+    if key.startswith("ce_"):
+        return "tokens_" + key[3:]
+    if key == "grad_norm" and "updates" in metrics:
+        return "updates"
+    return None
+
+
 class Window:
     """Sums a logging window's batches and device metrics; `flush` averages and resets."""
 
@@ -112,14 +123,11 @@ class Window:
                 out[k] = float(values[-1])
             elif k.startswith("tokens") or k in ("skipped", "updates"):
                 out[k] = float(values.sum())
-            elif k == "grad_norm" and "updates" in fetched[0]:  # accumulating: the updates' own (train/step.py)
-                count = np.array([float(m["updates"]) for m in fetched])
-                if count.sum():  # (a skipped micro-batch's NaN norm, counted 0, stays out)
-                    out[k] = float(np.where(count > 0, values, 0.0).sum() / count.sum())
-            elif k.startswith("ce_"):  # weight the split losses by their token counts; none: not logged
-                count = np.array([float(m["tokens_" + k[3:]]) for m in fetched])
+            elif (by := _weighted_by(k, fetched[0])) is not None:
+                # nothing counted: not logged; a value counted 0 (a skipped micro-batch's NaN) stays out
+                count = np.array([float(m[by]) for m in fetched])
                 if count.sum():
-                    out[k] = float((values * count).sum() / count.sum())
+                    out[k] = float(np.where(count > 0, values * count, 0.0).sum() / count.sum())
             else:
                 out[k] = float(values.mean())
         # each process counted its own rows: on a pod the window's figures are the sums over processes
