@@ -221,6 +221,17 @@ MUTATIONS = (
     Mutation("sigterm_ignored", "SIGTERM caught but not acted on (the run neither saves nor stops early)",
              "unitoken_jax/train/loop.py", "    def _handle(self, *_):\n        self.flag = True",
              "    def _handle(self, *_):\n        pass", ("tests/test_train_loop.py", "-k", "sigterm")),
+    Mutation("blocks_share_the_features", "a packed row's pictures not kept in its own block's tiles (the blocked "
+             "gather would read another shard's features)", "unitoken_jax/data/packing.py",
+             "first = self.block_features[block] + (0 if self.block_capacity is None else block * self.block_capacity)",
+             "first = self.features", ("tests/test_packing.py", "tests/test_pipeline.py", "-k", "block")),
+    Mutation("blocked_gather_global_index", "the blocked feature gather reading global indices as local ones",
+             "unitoken_jax/models/unitoken.py",
+             "feature_index_BL.reshape(s, b // s, length) - (jnp.arange(s) * (f // s))[:, None, None]",
+             "feature_index_BL.reshape(s, b // s, length)", ("tests/test_scan_remat_mesh.py", "-k", "blocked")),
+    Mutation("loop_packs_without_blocks", "the training loop packing without the blocks its step gathers by",
+             "unitoken_jax/train/loop.py", "blocks=shards // math.gcd(shards, n),", "blocks=1,",
+             ("tests/test_train_loop.py", "-k", "blocks_that_stay")),
 )
 
 

@@ -3,8 +3,9 @@ too-long samples dropped and counted. (That a packed row computes what the separ
 compute is tested on the model: tests/test_unitoken_parity.py.)"""
 
 import numpy as np
+import pytest
 
-from unitoken_jax.data.packing import PackingStats, pack
+from unitoken_jax.data.packing import PackingStats, RowPacker, pack
 from unitoken_jax.tokenizer.conversation import EncodedConversation
 
 
@@ -31,7 +32,7 @@ def test_samples_are_packed_whole_in_order_with_segments_and_positions():
     assert first.segment_ids[1].tolist() == [1] * 7 + [2] * 3
     # features: sample 0 -> rows 0..1, sample 2 -> 2..4, sample 4 -> 5
     assert first.feature_index[first.is_continuous].tolist() == [0, 1, 2, 3, 4, 5]
-    assert first.image_slots == [(0, 2), (2, 3), (4, 1)]
+    assert first.image_slots == [(0, 2, 0), (2, 3, 2), (4, 1, 5)]
     np.testing.assert_array_equal(first.tokens[0, :5], samples[0][0].tokens)
     assert (first.labels[first.segment_ids == 0] == -100).all()
 
@@ -41,3 +42,36 @@ def test_a_full_batch_starts_a_new_one():
     batches = list(pack(samples, rows=2, length=10))
     assert [b.sample_ids for b in batches] == [[[0], [1]], [[2], [3]], [[4], []]]
     assert batches[-1].segment_ids[1].sum() == 0  # a padding row
+
+
+def test_blocks_keep_each_rows_features_in_its_own_block():
+    """With blocks, a row of block k takes features only from block k's share of the capacity (the
+    training step gathers each data-parallel shard's features from its own pixels); a sample that
+    its block has no room for goes to a row of the next block with room, never over a block's
+    share."""
+    packer = RowPacker(rows=4, length=10, max_features=8, blocks=2)  # blocks: rows 0-1 / 2-3, features 0-3 / 4-7
+    samples = [_sample(4, 3, 0), _sample(4, 2, 1), _sample(3, 1, 2), _sample(3, 2, 3), _sample(2, 0, 4)]
+    for number, sample in enumerate(samples):
+        n = int(sample.is_continuous.sum())
+        assert packer.fits([(sample, n)])
+        packer.add([(sample, n)], [number])
+    batch = packer.finish()
+    # 0 (3 features) -> row 0, block 0 has 1 left; 1 (2) -> row 2; 2 (1) -> row 0; 3 (2) -> row 2;
+    # 4 (none) -> row 0's last two positions
+    assert batch.sample_ids == [[0, 2, 4], [], [1, 3], []]
+    assert batch.image_slots == [(0, 3, 0), (1, 2, 4), (2, 1, 3), (3, 2, 6)]
+    for row in range(4):
+        used = batch.feature_index[row][batch.is_continuous[row]]
+        block = row // 2
+        assert ((used >= 4 * block) & (used < 4 * (block + 1))).all()
+    # every feature of the capacity is used once
+    assert sorted(batch.feature_index[batch.is_continuous].tolist()) == list(range(8))
+    # both blocks are full of features now: a picture fits nowhere, text still does
+    assert not packer.fits([(_sample(2, 1, 5), 1)])
+    assert packer.fits([(_sample(2, 0, 6), 0)])
+
+
+def test_blocks_must_split_the_rows_and_the_features():
+    for rows, features, blocks in ((4, 8, 3), (4, 6, 4), (4, None, 2), (4, 8, 0)):
+        with pytest.raises(ValueError, match="blocks|max_features"):
+            RowPacker(rows=rows, length=10, max_features=features, blocks=blocks)

@@ -91,6 +91,32 @@ def test_every_batch_has_the_ratio_and_whole_intact_samples(datasets, mix):
         assert not b["pixels"][tile:].any()  # the rest is padding
 
 
+def test_with_blocks_each_rows_pictures_are_in_its_blocks_tiles(datasets):
+    """`blocks` (training: one per data-parallel shard): the rows of block k find their pictures
+    among block k's tiles, at the tiles their feature indices name."""
+    records = _by_id(*datasets)
+    config = PipelineConfig(rows=4, length=300, max_images=8, blocks=2, num_threads=1)
+    it = InputPipeline(list(datasets), config).iterator()
+    for _ in range(4):
+        b = next(it)
+        used_tiles = set()
+        for row, ids in enumerate(b["sample_ids"]):
+            block = row // 2
+            for j, sid in enumerate(ids):
+                r = records[sid]
+                where = np.flatnonzero(b["segment_ids"][row] == j + 1)
+                used = b["feature_index"][row, where][b["is_continuous"][row, where]]
+                if not len(r["image_bytes"]):
+                    assert not len(used)
+                    continue
+                tile = used.min() // 16
+                assert 4 * block <= tile < 4 * (block + 1)
+                picture = image_io.to_rgb(image_io.load_image(bytes(r["image_bytes"][0])))
+                np.testing.assert_allclose(b["pixels"][tile], image_io.siglip_pixels(picture, 56), atol=1e-6)
+                used_tiles.add(int(tile))
+        assert used_tiles and not b["pixels"][sorted(set(range(8)) - used_tiles)].any()
+
+
 def test_state_restores_the_same_batches(datasets):
     config = PipelineConfig(rows=2, length=300, max_images=4, num_threads=2, seed=3)
     it = InputPipeline(list(datasets), config).iterator()
@@ -226,6 +252,10 @@ def test_anyres_datasets_bring_their_tiles_and_newlines(tmp_path):
             assert newlines == np.sum(expect.entries == anyres_lib.NEWLINE_ENTRY) > 0
             first = b["feature_index"][row, where][cont].min() // 16
             np.testing.assert_allclose(b["pixels"][first:first + len(expect.pixels)], expect.pixels, atol=1e-6)
+    # split over 2 shards, 1 tile each: a picture of several tiles fits no shard, and the error says why
+    config = PipelineConfig(rows=2, length=400, max_images=2, blocks=2, num_threads=1)
+    with pytest.raises(ValueError, match=r"2 image tiles, 1 per data-parallel shard \(a shard holds 1 of the"):
+        next(InputPipeline([str(tmp_path / "ar")], config).iterator())
 
 
 def test_worker_processes_give_a_restorable_order(datasets):

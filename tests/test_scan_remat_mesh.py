@@ -149,3 +149,58 @@ def test_every_parameter_has_logical_names():
     specs = param_logical_specs(cfg)
     leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert leaves and all(isinstance(s, jax.sharding.PartitionSpec) and len(s) > 0 for s in leaves)
+
+
+def test_the_blocked_feature_gather_computes_the_same_and_moves_no_features():
+    """`feature_blocks` (the training step on a mesh, with batches packed so that each shard's rows
+    use its own pictures): the same loss and gradients as the plain gather on one device, and the
+    compiled program moves no image features between devices, where the plain gather on the same
+    mesh moves them (XLA's choice here: every shard gathers what its features give every row, then
+    an all-reduce sums those and an all-gather spreads them, [rows, length, hidden] each)."""
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from unitoken_jax.models.unitoken import param_shardings
+
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    params = unitoken_jax.UniTokenModel.random(cfg, seed=4).params
+    rng = np.random.default_rng(4)
+    b, length, blocks, per_block = 8, 40, 8, 3  # 24 pictures of 16 features: 3 a block, 384 in all
+    batch = _batch(rng, b=b, length=length, n_images=blocks * per_block)
+    cont = np.zeros((b, length), bool)
+    index = np.zeros((b, length), np.int32)
+    for row in range(b):  # each row a picture of its own block (not the block's first), row 0 two
+        first = 16 * (per_block * row + 2 - row % 2)
+        cont[row, 3:19], index[row, 3:19] = True, first + np.arange(16)
+    cont[0, 22:38], index[0, 22:38] = True, 16 * 1 + np.arange(16)
+    batch.update(is_continuous=jnp.asarray(cont), feature_index=jnp.asarray(index),
+                 labels=jnp.asarray(np.where(cont, -100, np.asarray(batch["tokens"])), jnp.int32))
+    module = UniToken(cfg)
+
+    def loss_fn(p, batch, feature_blocks):
+        logits, _ = module.apply({"params": p}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                                 batch["is_continuous"], batch["feature_index"], batch["pixels"],
+                                 feature_blocks=feature_blocks)
+        return lm_loss(logits, batch["labels"], batch["segment_ids"], cfg.z_loss_weight)[0]
+
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)(params, batch, 1)
+    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1, devices=jax.devices()[:8])
+    moved = {}
+    with sharding.mesh_context(mesh):
+        p = jax.device_put(params, param_shardings(cfg, mesh))
+        rows = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+        for feature_blocks in (1, blocks):
+            compiled = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2).lower(p, rows, feature_blocks).compile()
+            # collectives of the features (flat or in blocks) or of the whole batch's embeddings
+            moved[feature_blocks] = re.findall(r"= f32\[(?:384,64|8,48,64|8,40,64)\]\S* (all-gather|all-reduce)",
+                                               compiled.as_text())
+            if feature_blocks == blocks:
+                loss, grads = compiled(p, rows)
+    assert "all-gather" in moved[1] and "all-reduce" in moved[1]  # (what the check below would see)
+    assert moved[blocks] == []
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=2e-6)
+    # (some gradients are ~1e-14, rounding noise of a true 0: the absolute floor)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                         atol=max(2e-5 * np.abs(np.asarray(b)).max(), 1e-9)),
+                 grads, ref_grads)

@@ -4,6 +4,7 @@ after a SIGTERM to the run and its data workers; 8 devices give the loss of 1; t
 gloo train and save one checkpoint; stage I freezes the decoder and stage II starts from its ViT
 and adapter; a streak of non-finite steps stops the run cleanly."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -184,6 +185,34 @@ def test_eight_devices_give_the_loss_of_one(tmp_path, data):
     assert sorted(losses[1]) == [1, 2, 3]
     for step in losses[1]:
         np.testing.assert_allclose(losses[8][step], losses[1][step], rtol=2e-5)
+
+
+@pytest.mark.parametrize("data_ways,fsdp,processes", [(1, 8, 1), (2, 4, 2), (1, 2, 4), (1, 4, 6), (2, 2, 1)])
+def test_each_process_packs_in_blocks_that_stay_inside_one_shard(data, monkeypatch, data_ways, fsdp, processes):
+    """The step gathers each data-parallel shard's image features from its own pixels, so a
+    process's pipeline must pack in blocks of rows (and tiles) none of which straddles two shards'
+    parts of the global batch: the fewest such blocks, found here by trying every count."""
+    from unitoken_jax.train import loop
+    from unitoken_jax.train.program import make_mesh
+
+    shards = data_ways * fsdp
+    rows = int(np.lcm(shards, processes)) * 2
+    config = TrainConfig.from_config_dict(_config(2, data, **{"data.rows": rows, "data.max_images": rows}))
+    mesh = make_mesh(dataclasses.replace(config.mesh, data=data_ways, fsdp=fsdp, tensor=1, num_devices=shards))
+    local = rows // processes
+
+    def straddles(blocks, process):
+        size = local // blocks
+        return any((process * local + k * size) // (rows // shards)
+                   != (process * local + (k + 1) * size - 1) // (rows // shards) for k in range(blocks))
+
+    expect = next(b for b in range(1, local + 1) if local % b == 0
+                  and not any(straddles(b, p) for p in range(processes)))
+    for process in range(processes):
+        monkeypatch.setattr(loop.jax, "process_count", lambda: processes)
+        monkeypatch.setattr(loop.jax, "process_index", lambda: process)
+        pipeline = loop._input_pipeline([data], config, mesh)
+        assert (pipeline.config.rows, pipeline.config.blocks) == (local, expect)
 
 
 def _free_port():

@@ -4,7 +4,12 @@ Samples are placed whole, in order, into the first row with room (first fit over
 open in the current batch); a sample is never split, and one longer than a row is dropped and
 counted. Each row carries `segment_ids` (1, 2, ... per sample, 0 for padding), `positions`
 restarting at 0 for every sample, and `feature_index` pointing into the batch's flat list of
-image features, in the order the batch's images are listed in `image_slots`.
+image features, where `image_slots` says each sample's features start.
+
+With `blocks` = S > 1 (the training input pipeline: S data-parallel shards), the rows and the
+feature capacity are split into S equal consecutive blocks, and a sample in a row of block k has
+its features in block k: each chip then finds its rows' features among its own share of the
+pixels (see `UniToken.embed`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class PackedBatch:
     positions: np.ndarray  # int32 [B, L]
     is_continuous: np.ndarray  # bool [B, L]
     feature_index: np.ndarray  # int32 [B, L]
-    image_slots: list[tuple[int, int]]  # (sample number in the stream, its image-feature block) per block
+    image_slots: list[tuple[int, int, int]]  # (sample number, its features, where they start) per sample with images
     sample_ids: list[list[int]]  # which stream samples each row holds
 
 
@@ -37,56 +42,74 @@ class PackingStats:
 
 class RowPacker:
     """Fills one batch of `rows` x `length`: whole samples, first fit, at most `max_features` image
-    features in all (the batch's pixel capacity). Add groups of samples that go in together or not
-    at all (`fits` then `add`), then `finish`."""
+    features in all (the batch's pixel capacity), split into `blocks` equal blocks of rows and of
+    features (see the module's doc). Add groups of samples that go in together or not at all
+    (`fits` then `add`), then `finish`."""
 
-    def __init__(self, rows: int, length: int, max_features: int | None = None):
-        self.rows, self.length, self.max_features = rows, length, max_features
+    def __init__(self, rows: int, length: int, max_features: int | None = None, blocks: int = 1):
+        if blocks < 1 or rows % blocks or (max_features is not None and max_features % blocks):
+            raise ValueError(f"{blocks} blocks must split the {rows} rows and the {max_features} image features "
+                             "evenly")
+        if blocks > 1 and max_features is None:
+            raise ValueError("blocks > 1 split a feature capacity: give max_features")
+        self.rows, self.length, self.max_features, self.blocks = rows, length, max_features, blocks
+        self.rows_per_block = rows // blocks
+        self.block_capacity = None if max_features is None else max_features // blocks
         z = lambda dtype: np.zeros((rows, length), dtype)  # noqa: E731
         self.arrays = dict(tokens=z(np.int32), labels=np.full((rows, length), -100, np.int32),
                            segment_ids=z(np.int32), positions=z(np.int32), is_continuous=z(bool),
                            feature_index=z(np.int32))
         self.fill = [0] * rows
+        self.block_features = [0] * blocks
         self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.slots: list[tuple[int, int]] = []
-        self.features = 0
+        self.slots: list[tuple[int, int, int]] = []
 
     @property
     def empty(self) -> bool:
         return not any(self.ids)
 
-    def _place(self, samples, fill) -> list[int] | None:
-        fill = list(fill)
+    @property
+    def features(self) -> int:
+        """Image features placed so far."""
+        return sum(self.block_features)
+
+    def _place(self, samples) -> list[int] | None:
+        """The row of each sample (first fit: a row with room whose block has room for its features),
+        or None when the group does not go in whole."""
+        fill, used = list(self.fill), list(self.block_features)
         placed = []
-        for sample, _ in samples:
-            row = next((r for r in range(self.rows) if fill[r] + len(sample) <= self.length), None)
+        for sample, n_features in samples:
+            row = next((r for r in range(self.rows) if fill[r] + len(sample) <= self.length
+                        and (self.block_capacity is None
+                             or used[r // self.rows_per_block] + n_features <= self.block_capacity)), None)
             if row is None:
                 return None
             placed.append(row)
             fill[row] += len(sample)
+            used[row // self.rows_per_block] += n_features
         return placed
 
     def fits(self, samples: list[tuple[EncodedConversation, int]]) -> bool:
-        if self.max_features is not None and self.features + sum(n for _, n in samples) > self.max_features:
-            return False
-        return self._place(samples, self.fill) is not None
+        return self._place(samples) is not None
 
     def add(self, samples: list[tuple[EncodedConversation, int]], numbers: list[int]) -> None:
         """Places `samples` (checked with `fits`); `numbers` name them in `sample_ids` and `image_slots`."""
-        rows = self._place(samples, self.fill)
+        rows = self._place(samples)
         assert rows is not None, "add() a group that does not fit"
         a = self.arrays
         for (sample, n_features), row, number in zip(samples, rows, numbers):
             start, end = self.fill[row], self.fill[row] + len(sample)
+            block = row // self.rows_per_block
+            first = self.block_features[block] + (0 if self.block_capacity is None else block * self.block_capacity)
             a["tokens"][row, start:end] = sample.tokens
             a["labels"][row, start:end] = sample.labels
             a["segment_ids"][row, start:end] = len(self.ids[row]) + 1
             a["positions"][row, start:end] = np.arange(len(sample))
             a["is_continuous"][row, start:end] = sample.is_continuous
-            a["feature_index"][row, start:end] = np.where(sample.is_continuous, sample.feature_index + self.features, 0)
+            a["feature_index"][row, start:end] = np.where(sample.is_continuous, sample.feature_index + first, 0)
             if n_features:
-                self.slots.append((number, n_features))
-            self.features += n_features
+                self.slots.append((number, n_features, first))
+            self.block_features[block] += n_features
             self.fill[row] = end
             self.ids[row].append(number)
 

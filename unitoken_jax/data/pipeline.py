@@ -111,6 +111,7 @@ class PipelineConfig:
     length: int
     mix: tuple[int, int] = (1, 1)  # understanding : generation samples per batch
     max_images: int = 8  # SigLIP tiles per batch (this process's part); more closes the batch
+    blocks: int = 1  # equal blocks of rows and tiles; a row's pictures go in its block's tiles (RowPacker)
     seed: int = 0
     num_threads: int = 4
     prefetch: int = 16
@@ -120,6 +121,9 @@ class PipelineConfig:
     split: str = "train"  # "train": the samples not held out; "eval": only the held-out ones
 
     def validate(self) -> "PipelineConfig":
+        if self.blocks < 1 or self.rows % self.blocks or self.max_images % self.blocks:
+            raise ValueError(f"blocks={self.blocks} must split rows={self.rows} and max_images={self.max_images} "
+                             "evenly")
         if not 0.0 <= self.holdout_fraction <= 1.0:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in [0, 1]")
         if self.split not in SPLITS:
@@ -338,7 +342,7 @@ class _PackingIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, Any]:
         c = self.config
-        packer = RowPacker(c.rows, c.length, c.max_images * self.p.features_per_tile)
+        packer = RowPacker(c.rows, c.length, c.max_images * self.p.features_per_tile, c.blocks)
         samples: list[Sample] = []
         tried = 0  # waiting groups looked at (and kept) for this batch
         while True:
@@ -360,18 +364,26 @@ class _PackingIterator(grain.DatasetIterator):
                 raise ValueError(f"a group of {len(group)} samples ({[len(s.encoded) for s in group]} tokens, "
                                  f"{sum(s.num_features for s in group) // self.p.features_per_tile} image tiles) "
                                  f"does not fit an empty batch of {c.rows} x {c.length} with {c.max_images} "
-                                 "image tiles; raise rows, length or max_images")
+                                 f"image tiles{self._blocks_note()}; raise rows, length or max_images")
             tried += 1
         oldest = self._waiting[0][0] if self._waiting else self._read
         self._ahead = {n for n in self._ahead if n > oldest}
         return self._batch(packer, samples)
 
+    def _blocks_note(self) -> str:
+        c = self.config
+        if c.blocks == 1:
+            return ""
+        return (f", {c.max_images // c.blocks} per data-parallel shard (a shard holds {c.rows // c.blocks} of the rows "
+                "and their pictures alone)")
+
     def _batch(self, packer: RowPacker, samples: list[Sample]) -> dict[str, Any]:
         b = packer.finish()
         size = self.p.siglip_size
         pixels = np.zeros((self.config.max_images, size, size, 3), np.float32)
-        tiles = np.concatenate([s.pixels for s in samples]) if samples else pixels[:0]
-        pixels[:len(tiles)] = tiles
+        for number, _, first in b.image_slots:
+            tile = first // self.p.features_per_tile
+            pixels[tile:tile + len(samples[number].pixels)] = samples[number].pixels
         return {"tokens": b.tokens, "labels": b.labels, "positions": b.positions, "segment_ids": b.segment_ids,
                 "is_continuous": b.is_continuous, "feature_index": b.feature_index, "pixels": pixels,
                 "sample_ids": [[samples[i].id for i in row] for row in b.sample_ids],

@@ -45,22 +45,40 @@ class UniToken(nn.Module):
         """The continuous tokens the decoder receives: adapter(vit(x)) [N, T, hidden]."""
         return self.adapter(self.vit(pixels_NHWC))
 
-    def embed(self, tokens_BL, is_continuous_BL=None, feature_index_BL=None, pixels_NHWC=None):
+    def embed(self, tokens_BL, is_continuous_BL=None, feature_index_BL=None, pixels_NHWC=None,
+              feature_blocks: int = 1):
+        """Token embeddings with the image features put in at the continuous positions.
+
+        `feature_blocks` = S > 1 promises the layout the training input pipeline packs for S
+        data-parallel shards: rows and images both split into S equal consecutive blocks, and the
+        rows of block k use only the features of block k. The gather then runs block by block (a
+        batched gather XLA keeps on each chip) instead of gathering every image's features onto
+        every chip, and scattering and all-reducing their gradient."""
         x_BLD = self.decoder.embed(tokens_BL)
         if pixels_NHWC is None:
             return x_BLD
         feats_NTD = self.image_features(pixels_NHWC)
         feats_FD = feats_NTD.reshape(-1, feats_NTD.shape[-1]).astype(x_BLD.dtype)
-        gathered_BLD = jnp.take(feats_FD, feature_index_BL, axis=0, mode="clip")
+        if feature_blocks == 1:
+            gathered_BLD = jnp.take(feats_FD, feature_index_BL, axis=0, mode="clip")
+        else:
+            (b, length), (f, d), s = feature_index_BL.shape, feats_FD.shape, feature_blocks
+            if b % s or f % s:
+                raise ValueError(f"feature_blocks={s} must divide the rows ({b}) and the features ({f})")
+            feats_SFD = sharding.constrain(feats_FD.reshape(s, f // s, d), ("act_batch", None, "act_embed"))
+            local_SBL = feature_index_BL.reshape(s, b // s, length) - (jnp.arange(s) * (f // s))[:, None, None]
+            local_SBL = sharding.constrain(local_SBL, ("act_batch", None, "act_length"))
+            take = jax.vmap(lambda feats, index: jnp.take(feats, index, axis=0, mode="clip"))
+            gathered_BLD = take(feats_SFD, local_SBL).reshape(b, length, d)
         return jnp.where(is_continuous_BL[..., None], gathered_BLD, x_BLD)
 
     def __call__(self, tokens_BL, positions_BL, segment_ids_BL, is_continuous_BL=None, feature_index_BL=None,
                  pixels_NHWC=None, cache=None, deterministic: bool = True, logits_at_B=None, return_hidden=False,
-                 new_cache=None):
+                 new_cache=None, feature_blocks: int = 1):
         """Returns (float32 logits [B, L, V] — [B, 1, V] at `logits_at_B` — , updated KV cache or None);
         with `return_hidden`, the normalised final hidden states instead of logits (see `head`);
         `new_cache=(length, dtype)`: a prefill, returning a new cache (see `ChameleonDecoder`)."""
-        x_BLD = self.embed(tokens_BL, is_continuous_BL, feature_index_BL, pixels_NHWC)
+        x_BLD = self.embed(tokens_BL, is_continuous_BL, feature_index_BL, pixels_NHWC, feature_blocks)
         return self.decoder(x_BLD, positions_BL, segment_ids_BL, cache, deterministic, logits_at_B, return_hidden,
                             new_cache)
 

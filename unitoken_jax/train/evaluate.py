@@ -37,6 +37,7 @@ from unitoken_jax.models.loss import fused_lm_loss
 from unitoken_jax.models.unitoken import UniToken
 from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.train.config import EvalConfig
+from unitoken_jax.train.program import batch_shards
 from unitoken_jax.train.step import head_kernel
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,15 @@ CAPTION_LINES = 3
 CAPTION_HEIGHT = 40
 
 
-def make_eval_loss(config: UniTokenConfig):
+def make_eval_loss(config: UniTokenConfig, feature_blocks: int = 1):
     """`eval_loss(params, batch) -> metrics` of `fused_lm_loss`: the train step's loss (a LoRA head's
-    adapter folded in as there), deterministic."""
+    adapter folded in as there), deterministic; `feature_blocks` as the train step's."""
     module = UniToken(config)
 
     def eval_loss(params, batch):
         hidden, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
-                                 deterministic=True, return_hidden=True)
+                                 deterministic=True, return_hidden=True, feature_blocks=feature_blocks)
         _, metrics = fused_lm_loss(hidden, head_kernel(params["decoder"]["lm_head"], config), batch["labels"],
                                    batch["segment_ids"], config.z_loss_weight, batch.get("generation"),
                                    chunk=config.loss_chunk, dtype=config.dtype, kernel_grad=False)
@@ -157,8 +158,8 @@ class Evaluator:
         self.samples = samples
         self.samples_dir = os.path.join(workdir, "samples")
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.loss = jax.jit(make_eval_loss(model_config), in_shardings=(params_sharding, batch_shardings),
-                            out_shardings=replicated)
+        self.loss = jax.jit(make_eval_loss(model_config, batch_shards(mesh)),
+                            in_shardings=(params_sharding, batch_shardings), out_shardings=replicated)
 
     def due(self, step: int, total: int) -> bool:
         return self.config.every > 0 and (step % self.config.every == 0 or step == total)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,6 +46,7 @@ from unitoken_jax.train.evaluate import Evaluator, Samples
 from unitoken_jax.train.program import (
     BATCH_KEYS,
     TrainProgram,
+    batch_shards,
     build_program,
     make_mesh,
 )
@@ -142,12 +144,15 @@ def _input_pipeline(sources, config: TrainConfig, mesh, **split) -> InputPipelin
     split's PipelineConfig fields."""
     d = config.data
     n = jax.process_count()
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     for what, value in (("rows", d.rows), ("max_images", d.max_images)):
         if value % shards or value % n:
             raise ValueError(f"data.{what}={value} must split evenly over the {shards} data-parallel shards and "
                              f"{n} processes")
     pc = PipelineConfig(rows=d.rows // n, length=d.length, mix=d.mix, max_images=d.max_images // n,
+                        # this process's rows are 1/n of the batch: split so that no block straddles
+                        # two shards' (the step gathers each shard's features from its own pixels)
+                        blocks=shards // math.gcd(shards, n),
                         seed=d.seed, num_threads=d.num_threads, worker_count=d.worker_count,
                         lookahead=d.lookahead, **split)
     pipeline = InputPipeline(sources, pc, process_index=jax.process_index(), process_count=n)

@@ -45,6 +45,13 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     return sharding.make_mesh(data=config.data, fsdp=config.fsdp, tensor=config.tensor, devices=devices)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """The data-parallel shards of a batch: the training input pipeline packs each shard's rows with
+    that shard's own images, and the step gathers the image features shard by shard (see
+    `UniToken.embed` and `data.packing.RowPacker`)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]  # the batch's sharding below
+
+
 def batch_shapes(config: TrainConfig) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Shape and dtype of each array of one global batch (rows of packed samples; all SigLIP tiles
     of the batch in one `pixels` array)."""
@@ -115,7 +122,7 @@ def build_program(config: TrainConfig, mesh: Mesh) -> TrainProgram:
     state_sh = state_shardings(tx, params, param_sh, mesh)
     trainable = trainable_mask(params, config.optimizer.trainable)
     step_fn = make_train_step(model, tx, trainable, learning_rate_schedule(config.optimizer),
-                              config.optimizer.accumulation_steps)
+                              config.optimizer.accumulation_steps, feature_blocks=batch_shards(mesh))
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     batch_sh = {k: rows for k in BATCH_KEYS}
     batch_spec = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k])

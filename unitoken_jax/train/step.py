@@ -36,7 +36,7 @@ def init_state(params, tx: optax.GradientTransformation, seed: int = 0) -> Train
 
 
 def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, mask, schedule=None,
-                    accumulation_steps: int = 1):
+                    accumulation_steps: int = 1, feature_blocks: int = 1):
     """`train_step(state, batch) -> (state, metrics)`; jit it with shardings and donate the state.
 
     `batch` holds tokens, labels, positions, segment_ids and optionally is_continuous,
@@ -49,7 +49,8 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
         params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
         hidden, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
-                                 deterministic=False, rngs={"dropout": rng}, return_hidden=True)
+                                 deterministic=False, rngs={"dropout": rng}, return_hidden=True,
+                                 feature_blocks=feature_blocks)
         # the head and the loss together, on the predicting positions only (no [B, L, V] logits)
         hidden, kernel = head_inputs(hidden, params["decoder"]["lm_head"], config, jax.random.fold_in(rng, _HEAD_RNG))
         return fused_lm_loss(hidden, kernel, batch["labels"],
