@@ -232,6 +232,10 @@ MUTATIONS = (
     Mutation("loop_packs_without_blocks", "the training loop packing without the blocks its step gathers by",
              "unitoken_jax/train/loop.py", "blocks=shards // math.gcd(shards, n),", "blocks=1,",
              ("tests/test_train_loop.py", "-k", "blocks_that_stay")),
+    Mutation("samples_log_process0_only", "a pod's sample ids recorded by process 0 alone",
+             "unitoken_jax/train/loop.py", "_SamplesLog(workdir, start_step, enabled=config.log_sample_ids)",
+             "_SamplesLog(workdir, start_step, enabled=primary and config.log_sample_ids)",
+             ("tests/test_train_loop.py", "-k", "gloo")),
 )
 
 

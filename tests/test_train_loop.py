@@ -258,6 +258,14 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     data_state = json.load(open(os.path.join(workdir, "checkpoints", "4", "data", "metadata")))
     assert len(data_state["processes"]) == 2
     assert all(s["packed"] > 0 for s in data_state["processes"])
+    # each process records the ids its own rows saw, in its own file: half the rows each, no id in both
+    seen = [[json.loads(line) for line in open(os.path.join(workdir, name))]
+            for name in ("samples.jsonl", "samples.process1.jsonl")]
+    for mine, theirs in zip(*seen):
+        assert mine["step"] == theirs["step"] and len(mine["ids"]) == len(theirs["ids"]) == c.rows // 2
+        ids = [[i for row in lines["ids"] for i in row] for lines in (mine, theirs)]
+        assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])
+    assert [line["step"] for line in seen[0]] == [line["step"] for line in seen[1]] == [0, 1, 2, 3]
     final = load(os.path.join(workdir, "final"))
     np.testing.assert_array_equal(np.asarray(final.params["adapter"]["fc1"]["kernel"]),
                                   np.asarray(state["params"]["adapter"]["fc1"]["kernel"]))

@@ -4,7 +4,8 @@
     WORKDIR/tensorboard/          event files: losses (split), grad norm, lr, tokens/s, MFU; eval/* (held-out
                                   losses, drawn pictures, answers: config.eval, train/evaluate.py)
     WORKDIR/config.json           the config this run used
-    WORKDIR/samples.jsonl         the ids of the samples each step saw (config.log_sample_ids)
+    WORKDIR/samples.jsonl         the ids of the samples each step saw (config.log_sample_ids; on a pod
+                                  process 0's rows, and samples.process<i>.jsonl process i's)
     WORKDIR/samples/step_<N>.png  the pictures evaluation drew at step N (config.eval; train/evaluate.py)
     WORKDIR/final/                the trained model (our Orbax format; the next stage's init_from)
 
@@ -328,7 +329,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     config, mesh = program.config, program.mesh
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=primary)
-    samples_log = _SamplesLog(workdir, start_step, enabled=primary and config.log_sample_ids)
+    samples_log = _SamplesLog(workdir, start_step, enabled=config.log_sample_ids)
     preempted = _PreemptionFlag()
     features_per_process = pipeline.config.max_images * pipeline.features_per_tile
     total = config.total_steps * config.optimizer.accumulation_steps
@@ -455,14 +456,21 @@ def _log_memory(compiled, seconds: float, how: str) -> None:
              gib(mem.temp_size_in_bytes), gib(mem.output_size_in_bytes), gib(mem.alias_size_in_bytes))
 
 
+def samples_log_path(workdir: str, process: int = 0) -> str:
+    """The file of the sample ids a process's rows saw: WORKDIR/samples.jsonl for process 0 (the
+    whole batch on one host), WORKDIR/samples.process<i>.jsonl for process i of a pod (each host
+    reads only its own rows, so each writes its own file; no collective a step)."""
+    return os.path.join(workdir, "samples.jsonl" if process == 0 else f"samples.process{process}.jsonl")
+
+
 class _SamplesLog:
-    """WORKDIR/samples.jsonl: {"step": s, "ids": [[...row...], ...]} (this process's rows). On resume,
+    """`samples_log_path`: {"step": s, "ids": [[...row...], ...]} (this process's rows). On resume,
     the lines of steps not covered by the checkpoint are dropped first. Lines are appended to the
     file, which is closed again, at every checkpoint (`sync`), so that a file system that uploads on
     close (a bucket mounted with Cloud Storage FUSE) keeps what the checkpoint covers."""
 
     def __init__(self, workdir: str, start_step: int, enabled: bool):
-        self.path = os.path.join(workdir, "samples.jsonl") if enabled else None
+        self.path = samples_log_path(workdir, jax.process_index()) if enabled else None
         self.pending: list[str] = []
         if self.path is None:
             return
