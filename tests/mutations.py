@@ -236,6 +236,12 @@ MUTATIONS = (
              "unitoken_jax/train/loop.py", "_SamplesLog(workdir, start_step, enabled=config.log_sample_ids)",
              "_SamplesLog(workdir, start_step, enabled=primary and config.log_sample_ids)",
              ("tests/test_train_loop.py", "-k", "gloo")),
+    Mutation("unblocked_batch_accepted", "a batch whose rows read another block's features accepted by the loop",
+             "unitoken_jax/train/loop.py", "    if outside.any():", "    if False:",
+             ("tests/test_train_loop.py", "-k", "refused")),
+    Mutation("blocks_first_fit_only", "a group placed in its own order only (no second try, most features first)",
+             "unitoken_jax/data/packing.py", "if placed is None and self.blocks > 1 and len(samples) > 1:",
+             "if False:", ("tests/test_packing.py",)),
 )
 
 

@@ -75,3 +75,18 @@ def test_blocks_must_split_the_rows_and_the_features():
     for rows, features, blocks in ((4, 8, 3), (4, 6, 4), (4, None, 2), (4, 8, 0)):
         with pytest.raises(ValueError, match="blocks|max_features"):
             RowPacker(rows=rows, length=10, max_features=features, blocks=blocks)
+
+
+def test_a_group_that_fits_the_blocks_only_in_another_order_goes_in():
+    """2 blocks of 4 features: a group of 2, 1, 3 and 2 fits only as {2, 2} and {1, 3}, which first
+    fit in the group's own order misses (2 and 1 in block 0, 3 in block 1, no room for the last 2)."""
+    packer = RowPacker(rows=2, length=40, max_features=8, blocks=2)
+    group = [(_sample(6, n, seed=n), n) for n in (2, 1, 3, 2)]
+    assert packer.fits(group)
+    packer.add(group, [0, 1, 2, 3])
+    batch = packer.finish()
+    for row in range(2):
+        used = batch.feature_index[row][batch.is_continuous[row]]
+        assert len(used) == 4 and ((used >= 4 * row) & (used < 4 * (row + 1))).all()
+    assert sorted(batch.feature_index[batch.is_continuous].tolist()) == list(range(8))
+    assert sorted(n for _, n, _ in batch.image_slots) == [1, 2, 2, 3]

@@ -254,7 +254,7 @@ def test_anyres_datasets_bring_their_tiles_and_newlines(tmp_path):
             np.testing.assert_allclose(b["pixels"][first:first + len(expect.pixels)], expect.pixels, atol=1e-6)
     # split over 2 shards, 1 tile each: a picture of several tiles fits no shard, and the error says why
     config = PipelineConfig(rows=2, length=400, max_images=2, blocks=2, num_threads=1)
-    with pytest.raises(ValueError, match=r"2 image tiles, 1 per data-parallel shard \(a shard holds 1 of the"):
+    with pytest.raises(ValueError, match=r"2 image tiles, 1 for each block of 1 rows \(the rows and tiles are split"):
         next(InputPipeline([str(tmp_path / "ar")], config).iterator())
 
 

@@ -480,3 +480,16 @@ def test_a_stage_start_names_the_previous_stages_final_model():
 
     assert init_model_paths(InitConfig(kind="stage", paths=("/w/stage1",))) == ["/w/stage1/final"]
     assert init_model_paths(InitConfig(kind="checkpoint", paths=("/ckpt/a", "/ckpt/b"))) == ["/ckpt/a", "/ckpt/b"]
+
+
+def test_a_batch_not_packed_in_the_steps_blocks_is_refused():
+    """The step gathers each block's image features from its own share of the pixels, where an
+    index outside it would silently read a wrong feature: the loop refuses such a batch."""
+    from unitoken_jax.train import loop
+
+    cont = np.zeros((2, 6), bool)
+    cont[1, 1:3] = True
+    index = np.zeros((2, 6), np.int32)
+    index[1, 1:3] = [3, 4]  # row 1 (block 1: features 4-7) reads feature 3, block 0's
+    with pytest.raises(ValueError, match="row 1 of this process's batch uses image features outside its block"):
+        loop._global_batch({"is_continuous": cont, "feature_index": index}, None, 8, 2)

@@ -374,8 +374,8 @@ class _PackingIterator(grain.DatasetIterator):
         c = self.config
         if c.blocks == 1:
             return ""
-        return (f", {c.max_images // c.blocks} per data-parallel shard (a shard holds {c.rows // c.blocks} of the rows "
-                "and their pictures alone)")
+        return (f", {c.max_images // c.blocks} for each block of {c.rows // c.blocks} rows (the rows and tiles are "
+                "split over the data-parallel shards, and a row's pictures must be in its own block's tiles)")
 
     def _batch(self, packer: RowPacker, samples: list[Sample]) -> dict[str, Any]:
         b = packer.finish()

@@ -184,8 +184,19 @@ def input_pipelines(config: TrainConfig, workdir: str, mesh) -> tuple[InputPipel
     return train, evaluation
 
 
-def _global_batch(local: dict, shardings, features_per_process: int) -> dict:
-    """Process-local parts -> global arrays; feature indices offset to this process's pixels."""
+def _global_batch(local: dict, shardings, features_per_process: int, blocks: int) -> dict:
+    """Process-local parts -> global arrays; feature indices offset to this process's pixels. The
+    step gathers each block's features from its own share of the pixels (`UniToken.embed`), where
+    an index outside it would be clipped to a wrong feature in silence: such a batch is refused."""
+    rows = local["feature_index"].shape[0]
+    first = (np.arange(rows) // (rows // blocks) * (features_per_process // blocks))[:, None]
+    outside = local["is_continuous"] & ((local["feature_index"] < first)
+                                        | (local["feature_index"] >= first + features_per_process // blocks))
+    if outside.any():
+        row = int(np.flatnonzero(outside.any(axis=1))[0])
+        raise ValueError(f"row {row} of this process's batch uses image features outside its block's share of the "
+                         f"pixels ({blocks} blocks of {features_per_process // blocks} features): the batch was not "
+                         "packed in the blocks the train step gathers by (PipelineConfig.blocks)")
     local = dict(local)
     local["feature_index"] = np.where(local["is_continuous"],
                                       local["feature_index"] + jax.process_index() * features_per_process, 0)
@@ -309,7 +320,8 @@ def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPi
     it = held_out.iterator()
     try:
         for _ in range(e.batches):
-            batches.append(_global_batch(next(it), program.batch_shardings, features_per_process))
+            batches.append(_global_batch(next(it), program.batch_shardings, features_per_process,
+                                         held_out.config.blocks))
     finally:
         getattr(it, "close", lambda: None)()
     samples = None
@@ -346,7 +358,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                 host = batch_transform(step, host)
             samples_log.write(step, host["sample_ids"])
             window.add_batch(host, pipeline.features_per_tile)
-            batch = _global_batch(host, program.batch_shardings, features_per_process)
+            batch = _global_batch(host, program.batch_shardings, features_per_process, pipeline.config.blocks)
             state, metrics = compiled(state, batch)
             step += 1
             window.add_metrics(metrics)
