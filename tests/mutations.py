@@ -223,8 +223,8 @@ MUTATIONS = (
              "    def _handle(self, *_):\n        pass", ("tests/test_train_loop.py", "-k", "sigterm")),
     Mutation("blocks_share_the_features", "a packed row's pictures not kept in its own block's tiles (the blocked "
              "gather would read another shard's features)", "unitoken_jax/data/packing.py",
-             "first = self.block_features[block] + (0 if self.block_capacity is None else block * self.block_capacity)",
-             "first = self.features", ("tests/test_packing.py", "tests/test_pipeline.py", "-k", "block")),
+             "first = block * (self.block_capacity or 0) + self.block_features[block]",
+             "first = sum(self.block_features)", ("tests/test_packing.py", "tests/test_pipeline.py", "-k", "block")),
     Mutation("blocked_gather_global_index", "the blocked feature gather reading global indices as local ones",
              "unitoken_jax/models/unitoken.py",
              "feature_index_BL.reshape(s, b // s, length) - (jnp.arange(s) * (f // s))[:, None, None]",

@@ -52,7 +52,7 @@ class RowPacker:
                              "evenly")
         if blocks > 1 and max_features is None:
             raise ValueError("blocks > 1 split a feature capacity: give max_features")
-        self.rows, self.length, self.max_features, self.blocks = rows, length, max_features, blocks
+        self.rows, self.length, self.blocks = rows, length, blocks
         self.rows_per_block = rows // blocks
         self.block_capacity = None if max_features is None else max_features // blocks
         z = lambda dtype: np.zeros((rows, length), dtype)  # noqa: E731
@@ -67,11 +67,6 @@ class RowPacker:
     @property
     def empty(self) -> bool:
         return not any(self.ids)
-
-    @property
-    def features(self) -> int:
-        """Image features placed so far."""
-        return sum(self.block_features)
 
     def _place(self, samples) -> list[int] | None:
         """The row of each sample (first fit: a row with room whose block has room for its features),
@@ -109,7 +104,7 @@ class RowPacker:
         for (sample, n_features), row, number in zip(samples, rows, numbers):
             start, end = self.fill[row], self.fill[row] + len(sample)
             block = row // self.rows_per_block
-            first = self.block_features[block] + (0 if self.block_capacity is None else block * self.block_capacity)
+            first = block * (self.block_capacity or 0) + self.block_features[block]
             a["tokens"][row, start:end] = sample.tokens
             a["labels"][row, start:end] = sample.labels
             a["segment_ids"][row, start:end] = len(self.ids[row]) + 1

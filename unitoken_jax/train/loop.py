@@ -188,15 +188,15 @@ def _global_batch(local: dict, shardings, features_per_process: int, blocks: int
     """Process-local parts -> global arrays; feature indices offset to this process's pixels. The
     step gathers each block's features from its own share of the pixels (`UniToken.embed`), where
     an index outside it would be clipped to a wrong feature in silence: such a batch is refused."""
-    rows = local["feature_index"].shape[0]
-    first = (np.arange(rows) // (rows // blocks) * (features_per_process // blocks))[:, None]
-    outside = local["is_continuous"] & ((local["feature_index"] < first)
-                                        | (local["feature_index"] >= first + features_per_process // blocks))
+    rows, share = local["feature_index"].shape[0], features_per_process // blocks
+    block_of_index = local["feature_index"] // share
+    block_of_row = (np.arange(rows) // (rows // blocks))[:, None]
+    outside = local["is_continuous"] & ((local["feature_index"] < 0) | (block_of_index != block_of_row))
     if outside.any():
         row = int(np.flatnonzero(outside.any(axis=1))[0])
         raise ValueError(f"row {row} of this process's batch uses image features outside its block's share of the "
-                         f"pixels ({blocks} blocks of {features_per_process // blocks} features): the batch was not "
-                         "packed in the blocks the train step gathers by (PipelineConfig.blocks)")
+                         f"pixels ({blocks} blocks of {share} features): the batch was not packed in the blocks the "
+                         "train step gathers by (PipelineConfig.blocks)")
     local = dict(local)
     local["feature_index"] = np.where(local["is_continuous"],
                                       local["feature_index"] + jax.process_index() * features_per_process, 0)
