@@ -272,14 +272,24 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     assert any(p.endswith("-cache") for p in os.listdir(first))
     assert not any(p.endswith("-cache") for p in os.listdir(second))
 
-    # again: the first process loads the step, the second compiles it, and the collectives between
-    # the two programs still agree: the same weights, bit for bit
-    again = str(tmp_path / "again")
-    outs = _pod(again, data, (first, second))
+    # the last checkpoint damaged where only the second process reads (its shards' files): Orbax's
+    # restore ends at a barrier of one name, where that process, falling back to step 2, met the
+    # first holding step 4, and the two trained on apart. Both must resume from step 2.
+    shards = os.path.join(workdir, "checkpoints", "4", "state", "ocdbt.process_1", "d")
+    assert os.listdir(shards)
+    for name in os.listdir(shards):
+        os.remove(os.path.join(shards, name))
+    # and the first process loads the step, the second compiles it, and the collectives between the
+    # two programs still agree: the same weights at step 4 as before, bit for bit
+    outs = _pod(workdir, data, (first, second))
     assert "train step loaded from the compilation cache" in outs[0]
     assert "train step compiled in" in outs[1]
+    assert all("resumed from step 2" in out for out in outs), outs[0][-3000:]
+    assert "process 1 of this pod cannot read it" in outs[0]
+    assert "OCDBT database" in outs[1]  # the process that failed says why
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "4.damaged"]
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-                 _raw_state(again, 4), state)
+                 _raw_state(workdir, 4), state)
 
 
 def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data):

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from unitoken_jax.convert.files import CheckpointError
@@ -47,9 +48,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict | None]:
+    def restore(self, abstract_state: TrainState, step: int | None = None, *,
+                _manager: ocp.CheckpointManager | None = None) -> tuple[TrainState, dict | None]:
         """The state at `step` (default: the latest) laid out as `abstract_state` says (shapes,
         dtypes and shardings), and the data iterator's state if one was saved."""
+        manager = self.manager if _manager is None else _manager
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -59,9 +62,9 @@ class Checkpointer:
         target = abstract_state.replace(rng=jax.ShapeDtypeStruct(
             data.shape, data.dtype, sharding=getattr(abstract_state.rng, "sharding", None)))
         items = {"state": ocp.args.StandardRestore(target)}
-        if "data" in self.manager.item_metadata(step):
+        if "data" in manager.item_metadata(step):
             items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
         state = restored["state"]
         state = state.replace(rng=jax.random.wrap_key_data(state.rng))
         return state, restored.get("data")
@@ -70,31 +73,58 @@ class Checkpointer:
         """The newest checkpoint that restores whole — train state and data iterator state — as
         (step, state, data state); None if there is no checkpoint. A damaged newer one (a missing
         or unreadable item) is skipped with a warning naming it and why, so a restart falls back
-        to the previous complete checkpoint instead of failing, or silently starting the data over."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        to the previous complete checkpoint instead of failing, or silently starting the data over.
+
+        On a pod every process reads only its own shards, so damage can show on one process alone:
+        the processes try the same steps (process 0's list) and take a step only when every one of
+        them restored it. (Orbax's own restore ends at a barrier of one fixed name, where a process
+        that failed step N and restored N-1 met the others holding N: the pod trained on in two
+        states until some collective disagreed.)"""
+        steps = _process_0s(sorted(self.manager.all_steps(), reverse=True))
         if not steps:
             return None
+        reader = self._reader()
         problems = []
         for step in steps:
+            reason = None
             try:
-                if "data" not in (self.manager.item_metadata(step) or {}):
+                if "data" not in (reader.item_metadata(step) or {}):
                     raise ValueError("it has no data-iterator state (the 'data' item is missing)")
-                state, data = self.restore(abstract_state, step)
+                state, data = self.restore(abstract_state, step, _manager=reader)
             except Exception as e:  # noqa: BLE001 - any damage: try the previous one
                 reason = storage_reason(e)
-                log.warning("checkpoint step %d in %s cannot be resumed from (%s); trying the one before", step,
-                            self.directory, reason)
-                problems.append(f"step {step}: {reason}")
-                continue
-            if problems:
-                log.warning("resuming from step %d, the newest complete checkpoint (skipped: %s)", step,
-                            "; ".join(problems))
-                self._set_aside([s for s in steps if s > step])
-            return step, state, data
+            failed = _processes_that_failed(reason is not None)
+            if not failed:
+                if problems:
+                    log.warning("resuming from step %d, the newest complete checkpoint (skipped: %s)", step,
+                                "; ".join(problems))
+                    self._set_aside([s for s in steps if s > step])
+                if reader is not self.manager:
+                    reader.close()
+                return step, state, data
+            if reason is None:
+                reason = (f"process{'es' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of this pod "
+                          "cannot read it (its own log says why)")
+            log.warning("checkpoint step %d in %s cannot be resumed from (%s); trying the one before", step,
+                        self.directory, reason)
+            problems.append(f"step {step}: {reason}")
+        if reader is not self.manager:
+            reader.close()
         raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from: " + "; ".join(problems)
                               + ". If they were written for another model or config, resume with that config (a "
                               "shape that differs says so above); only if they are damaged, move the step "
                               "directories away to start over.")
+
+    def _reader(self) -> ocp.CheckpointManager:
+        """What restores: on a pod, a read-only manager of this process alone (no barrier inside
+        Orbax's restore; `restore_latest_complete` agrees across processes itself)."""
+        if jax.process_count() == 1:
+            return self.manager
+        me = jax.process_index()
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}))
+        return ocp.CheckpointManager(self.directory, options=options)
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames damaged step directories to STEP.damaged (kept for a look, hidden from the
@@ -120,3 +150,25 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def _process_0s(steps: list[int]) -> list[int]:
+    """Process 0's list of steps, on every process (each lists the shared directory itself)."""
+    if jax.process_count() == 1:
+        return steps
+    from jax.experimental import multihost_utils
+
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    padded = np.zeros(count, np.int32)
+    padded[:min(count, len(steps))] = steps[:count]
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def _processes_that_failed(failed_here: bool) -> list[int]:
+    """The processes (indices) for which an attempt failed; every process gets the same list."""
+    if jax.process_count() == 1:
+        return [0] if failed_here else []
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(failed_here)))
+    return [int(i) for i in np.flatnonzero(flags)]
