@@ -245,6 +245,9 @@ MUTATIONS = (
     Mutation("pod_restore_unagreed", "each process of a pod falls back from a damaged checkpoint on its own",
              "unitoken_jax/train/checkpoint.py", "failed = _processes_that_failed(reason is not None)",
              "failed = [0] if reason is not None else []", ("tests/test_train_loop.py", "-k", "gloo")),
+    Mutation("pod_feature_offset_dropped", "a pod process's feature indices not offset to its pixels",
+             "unitoken_jax/train/loop.py", 'local["feature_index"] + jax.process_index() * features_per_process, 0)',
+             'local["feature_index"], 0)', ("tests/test_train_loop.py", "-k", "own_pictures")),
 )
 
 

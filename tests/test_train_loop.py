@@ -1,7 +1,8 @@
 """The training loop end to end on the tiny stage configs and the drawn demo data: the loss falls;
 stop-and-resume in a new process equals the uninterrupted run bit for bit, after `stop_after` and
 after a SIGTERM to the run and its data workers; 8 devices give the loss of 1; two processes on
-gloo train and save one checkpoint; stage I freezes the decoder and stage II starts from its ViT
+gloo train and save one checkpoint, resume together from a checkpoint only one of them cannot read,
+and put in the features of their own pictures; stage I freezes the decoder and stage II starts from its ViT
 and adapter; a streak of non-finite steps stops the run cleanly."""
 
 import dataclasses
@@ -290,6 +291,24 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "4.damaged"]
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                  _raw_state(workdir, 4), state)
+
+
+def test_a_pods_processes_put_in_the_features_of_their_own_pictures(data):
+    """Each process's feature indices are offset to its pixels in the pod's batch and the step gathers
+    block by block: in a two-process pod (gloo) the embeddings of every process's rows, and the
+    held-out loss, equal what each process computes alone from its own rows (tests/pod_gather.py)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "pod_gather.py"), f"localhost:{port}",
+                               str(i), data], cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert all("embeddings apart by at most [0.0, 0.0]" in out for out in outs), outs[0][-2000:]
 
 
 def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data):
