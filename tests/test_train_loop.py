@@ -175,15 +175,25 @@ def test_sigterm_saves_and_stops_and_the_resumed_run_is_bit_exact_with_worker_pr
                  _raw_state(stopped, 8), _raw_state(whole, 8))
 
 
-def test_eight_devices_give_the_loss_of_one(tmp_path, data):
-    losses = {}
+def test_eight_devices_give_the_loss_of_one(tmp_path, data, monkeypatch):
+    """The 8-device step gathers its 4 data-parallel shards' features block by block; the 1-device
+    run is fed the same batches (its pipeline packs in the same 4 blocks, which its plain gather
+    reads as they are), so the two see the same samples whatever the data's lengths."""
+    from unitoken_jax.train import loop
+
+    losses, seen = {}, {}
     for n, mesh in ((1, dict(data=1, fsdp=1, tensor=1)), (8, dict(data=2, fsdp=2, tensor=2))):
         workdir = str(tmp_path / f"d{n}")
         overrides = {f"mesh.{k}": v for k, v in mesh.items()}
-        train_and_evaluate(_config(2, data, total_steps=3, log_every=1, **overrides, **{"mesh.num_devices": n}),
-                           workdir)
+        with monkeypatch.context() as m:
+            if n == 1:
+                m.setattr(loop, "batch_shards", lambda mesh: 4)  # the pipeline's blocks, not the step's
+            train_and_evaluate(_config(2, data, total_steps=3, log_every=1, **overrides, **{"mesh.num_devices": n}),
+                               workdir)
         losses[n] = _scalars(workdir, "loss")
+        seen[n] = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
     assert sorted(losses[1]) == [1, 2, 3]
+    assert seen[1] == seen[8] and len(seen[1]) == 3
     for step in losses[1]:
         np.testing.assert_allclose(losses[8][step], losses[1][step], rtol=2e-5)
 
