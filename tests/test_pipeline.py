@@ -278,8 +278,8 @@ def test_a_resume_with_another_worker_count_is_refused_by_name(datasets):
     """The sample order depends on the number of worker processes, and Grain's state for one count
     does not restore another (it failed with a KeyError or an IndexError inside its interleave):
     the training loop's checkpointed data state records the count, and a resume with another one
-    stops in one line saying which to use; checkpoints from before the count was recorded still
-    tell whether there were workers."""
+    stops in one line saying which to use; checkpoints from before the count was recorded tell it
+    by the shape of their state."""
     from unitoken_jax.train.loop import _gather_data_state, _my_data_state
 
     def state_after_a_batch(workers):
@@ -301,8 +301,15 @@ def test_a_resume_with_another_worker_count_is_refused_by_name(datasets):
     # written before the count was recorded
     assert _my_data_state({"processes": [without]}, 0) == without
     assert _my_data_state({"processes": [with_workers]}, 2) == with_workers
-    with pytest.raises(ValueError, match="with worker processes"):
+    with pytest.raises(ValueError, match="data.worker_count=2 and this run has 0"):
         _my_data_state({"processes": [with_workers]}, 0)
+    # the count is in Grain's state (one interleaved iterator per worker): another count is refused
+    # by name too, rather than reaching Grain's KeyError
+    with pytest.raises(ValueError, match="data.worker_count=2 and this run has 3.*worker_count=2"):
+        _my_data_state({"processes": [with_workers]}, 3)
+    # a state that tells neither: refused without workers (it is not the packing iterator's own)
+    with pytest.raises(ValueError, match="with worker processes"):
+        _my_data_state({"processes": [{"future_states": {}}]}, 0)
     with pytest.raises(ValueError, match="data.worker_count=0 and this run has 2"):
         _my_data_state({"processes": [without]}, 2)
 

@@ -228,9 +228,9 @@ def _my_data_state(saved: dict, worker_count: int) -> dict:
         raise ValueError(f"the checkpoint's data state is from {len(states)} processes, this run has "
                          f"{jax.process_count()}; resume with the same number of processes")
     mine = states[jax.process_index()]
-    # checkpoints from before the count was recorded tell only whether there were workers: the
-    # packing iterator's own state has "streams", Grain's state for worker processes does not
-    saved_count = saved.get("worker_count", 0 if "streams" in mine else None)
+    saved_count = saved.get("worker_count")
+    if saved_count is None:
+        saved_count = _worker_count_of(mine)
     if saved_count is None and worker_count == 0:
         raise ValueError("the checkpoint's data state was written with worker processes (data.worker_count > 0) "
                          "and this run has none; resume with the data.worker_count the run was started with")
@@ -239,6 +239,16 @@ def _my_data_state(saved: dict, worker_count: int) -> dict:
                          f"run has {worker_count}; the sample order depends on it: resume with "
                          f"--config.data.worker_count={saved_count}")
     return mine
+
+
+def _worker_count_of(state: dict) -> int | None:
+    """The worker count a data state written before the count was recorded came from: the packing
+    iterator's own state (no workers) has "streams"; Grain's state for worker processes
+    interleaves one iterator per worker and flags each as exhausted or not. None: unknown."""
+    if "streams" in state:
+        return 0
+    exhausted = state.get("exhausted")
+    return len(exhausted) if isinstance(exhausted, list) and exhausted else None
 
 
 # --- the loop --------------------------------------------------------------------------------
