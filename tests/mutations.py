@@ -248,6 +248,9 @@ MUTATIONS = (
     Mutation("pod_feature_offset_dropped", "a pod process's feature indices not offset to its pixels",
              "unitoken_jax/train/loop.py", 'local["feature_index"] + jax.process_index() * features_per_process, 0)',
              'local["feature_index"], 0)', ("tests/test_train_loop.py", "-k", "own_pictures")),
+    Mutation("pod_preemption_unchecked", "a pod's processes not asking the preemption sync point each step",
+             "unitoken_jax/train/loop.py", "self.flag = checkpointer.manager.reached_preemption(step)",
+             "self.flag = self.flag", ("tests/test_train_loop.py", "-k", "one_process_of_a_pod")),
 )
 
 

@@ -2,7 +2,8 @@
 stop-and-resume in a new process equals the uninterrupted run bit for bit, after `stop_after` and
 after a SIGTERM to the run and its data workers; 8 devices give the loss of 1; two processes on
 gloo train and save one checkpoint, resume together from a checkpoint only one of them cannot read,
-and put in the features of their own pictures; stage I freezes the decoder and stage II starts from its ViT
+stop together at one saved step when one is preempted, and put in the features of their own
+pictures; stage I freezes the decoder and stage II starts from its ViT
 and adapter; a streak of non-finite steps stops the run cleanly."""
 
 import dataclasses
@@ -301,6 +302,47 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "4.damaged"]
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                  _raw_state(workdir, 4), state)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_process_of_a_pod_stops_every_process_at_one_saved_step(tmp_path, data):
+    """A pod's hosts are preempted one by one: the process that gets SIGTERM and the others agree
+    (JAX's preemption sync point) on one step, each saves its part of it, and all stop with exit
+    status 0 and no final/; how a pod resumes bit-exactly is the test above."""
+    import signal
+    import threading
+    import time
+
+    workdir, port = str(tmp_path / "pod"), _free_port()
+    cmd = lambda i: _train_command(  # noqa: E731
+        workdir, data, "--config.total_steps=40", "--config.checkpoint_every=1000", "--config.log_every=1",
+        "--config.compilation_cache=off", f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}")
+    procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    logs = [[], []]
+    readers = [threading.Thread(target=lambda i=i: logs[i].extend(procs[i].stdout), daemon=True) for i in range(2)]
+    for r in readers:
+        r.start()
+    try:
+        deadline = time.time() + 300
+        while not any("step 3/40" in line for line in list(logs[1])):  # the second process logs its third step
+            assert time.time() < deadline and procs[1].poll() is None, "".join(logs[1])[-3000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r in readers:
+        r.join(timeout=10)
+    outs = ["".join(lines) for lines in logs]
+    assert codes == [0, 0], [out[-3000:] for out in outs]
+    (saved,) = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+    assert 3 <= saved < 40, saved
+    assert all(f"preempted: saved step {saved}, stopping" in out for out in outs), [out[-3000:] for out in outs]
+    assert not os.path.exists(os.path.join(workdir, "final"))
+    data_state = json.load(open(os.path.join(workdir, "checkpoints", str(saved), "data", "metadata")))
+    assert len(data_state["processes"]) == 2
 
 
 def test_a_pods_processes_put_in_the_features_of_their_own_pictures(data):
