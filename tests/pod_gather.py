@@ -1,10 +1,11 @@
 """One process of a two-process pod (gloo), run by `test_train_loop.py`: the held-out loss of one
 batch, placed as the training loop places it (`_global_batch`: process-local feature indices
 offset to this process's pixels) and computed by the pod with the step's blocked feature gather,
-and its embeddings, must equal the sum of what each process computes alone on one device from its own rows, pixels and
-local indices. A wrong offset, or blocks laid out in another order than the processes' pixels,
-gathers other pictures' features and changes the embeddings (compared first, row by row) and
-the loss; nothing else in a pod run would notice.
+and the embeddings of each process's rows, must equal what the processes compute alone on one
+device from their own rows, pixels and local indices (the loss: their token-weighted mean). A
+wrong offset, or blocks laid out in another order than the processes' pixels, gathers other
+pictures' features and changes the embeddings (compared first, row by row) and the loss; nothing
+else in a pod run would notice.
 
     python tests/pod_gather.py COORDINATOR PROCESS_ID DATASET
 """

@@ -34,7 +34,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
 
     def save(self, step: int, state: TrainState, data_state: dict[str, Any] | None = None, *,
              force: bool = False) -> bool:
@@ -84,9 +84,16 @@ class Checkpointer:
         if not steps:
             return None
         reader = self._reader()
+        try:
+            return self._first_restorable(abstract_state, steps, reader)
+        finally:
+            if reader is not self.manager:
+                reader.close()
+
+    def _first_restorable(self, abstract_state, steps: list[int], reader) -> tuple[int, TrainState, dict]:
         problems = []
         for step in steps:
-            reason = None
+            reason, state, data = None, None, None
             try:
                 if "data" not in (reader.item_metadata(step) or {}):
                     raise ValueError("it has no data-iterator state (the 'data' item is missing)")
@@ -99,17 +106,18 @@ class Checkpointer:
                     log.warning("resuming from step %d, the newest complete checkpoint (skipped: %s)", step,
                                 "; ".join(problems))
                     self._set_aside([s for s in steps if s > step])
-                if reader is not self.manager:
-                    reader.close()
+                elif jax.process_count() > 1:
+                    self.manager.reload()  # the step list process 0 saw, for the saves and deletions to come
                 return step, state, data
+            # restored here, not on another process: let go before the next try (two train states
+            # would not fit a chip that one nearly fills)
+            state = data = None
             if reason is None:
                 reason = (f"process{'es' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of this pod "
                           "cannot read it (its own log says why)")
             log.warning("checkpoint step %d in %s cannot be resumed from (%s); trying the one before", step,
                         self.directory, reason)
             problems.append(f"step {step}: {reason}")
-        if reader is not self.manager:
-            reader.close()
         raise CheckpointError(f"no checkpoint in {self.directory} can be resumed from: " + "; ".join(problems)
                               + ". If they were written for another model or config, resume with that config (a "
                               "shape that differs says so above); only if they are damaged, move the step "
@@ -121,10 +129,10 @@ class Checkpointer:
         if jax.process_count() == 1:
             return self.manager
         me = jax.process_index()
-        options = ocp.CheckpointManagerOptions(
-            read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=me, active_processes={me}))
-        return ocp.CheckpointManager(self.directory, options=options)
+        alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                               multiprocessing_options=alone)
+        return ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames damaged step directories to STEP.damaged (kept for a look, hidden from the
@@ -150,6 +158,12 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def _item_handlers() -> dict:
+    """The items a checkpoint holds, named up front (else Orbax warns at every metadata read that it
+    found items it could not restore)."""
+    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
 
 
 def _process_0s(steps: list[int]) -> list[int]:
