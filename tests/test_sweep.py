@@ -3,6 +3,7 @@ with their own workdirs and records; the printed launch commands are exact; stat
 are read back from workdirs; end to end, a 2x2 grid on the tiny stage-2 config trains here, is
 summarised, and is skipped when the sweep runs again."""
 
+import contextlib
 import io
 import json
 import math
@@ -193,6 +194,7 @@ def save(*_):
     open(os.path.join(sys.argv[1], "saved"), "w").write("saved")
     sys.exit(0)
 signal.signal(signal.SIGTERM, save)
+open(os.path.join(sys.argv[1], "pid"), "w").write(str(os.getpid()))
 print("ready", flush=True)
 time.sleep(60)
 """
@@ -203,22 +205,49 @@ from unitoken_jax import sweep
 sweep._run_one([sys.executable, "-c", sys.argv[2], sys.argv[1]], sys.argv[1])
 """
 
+# Ctrl-C before Popen has returned (seen on a loaded CI machine): the child is running and ready
+PARENT_CTRL_C_WHILE_STARTING = """
+import os, signal, subprocess, sys, time
+from unitoken_jax import sweep
+class Slow(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        log = os.path.join(sys.argv[1], sweep.LOG_FILE)
+        while "ready" not in open(log).read():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+subprocess.Popen = Slow
+sweep._run_one([sys.executable, "-c", sys.argv[2], sys.argv[1]], sys.argv[1])
+"""
 
-def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tmp_path):
+
+@pytest.mark.parametrize("parent_script", [PARENT, PARENT_CTRL_C_WHILE_STARTING], ids=["running", "starting"])
+def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tmp_path, parent_script):
     """Ctrl-C goes to the terminal's whole process group: the run's process got the SIGINT itself
-    (a KeyboardInterrupt, no checkpoint) instead of the SIGTERM the sweep sends it."""
+    (a KeyboardInterrupt, no checkpoint) instead of the SIGTERM the sweep sends it; and a Ctrl-C
+    while the run's process was being started left it running, unrecorded."""
     workdir = tmp_path / "run"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(workdir), CHILD], cwd=REPO, start_new_session=True)
+    parent = subprocess.Popen([sys.executable, "-c", parent_script, str(workdir), CHILD], cwd=REPO,
+                              start_new_session=True)
     log = workdir / sweep_lib.LOG_FILE
-    deadline = time.time() + 60
-    while not (log.exists() and "ready" in log.read_text()) and time.time() < deadline:
-        time.sleep(0.1)
-    os.killpg(parent.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-    parent.wait(timeout=60)
-    assert (workdir / "saved").exists(), log.read_text()
-    with open(workdir / sweep_lib.STATUS_FILE) as f:
-        record = json.load(f)
-    assert (record["state"], record["exit_code"]) == ("exited", 0)
+    try:
+        deadline = time.time() + 60
+        while not (log.exists() and "ready" in log.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        if parent_script is PARENT:  # the other one sends its own, earlier
+            os.killpg(parent.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        parent.wait(timeout=60)
+        assert (workdir / "saved").exists(), log.read_text()
+        with open(workdir / sweep_lib.STATUS_FILE) as f:
+            record = json.load(f)
+        assert (record["state"], record["exit_code"]) == ("exited", 0)
+    finally:
+        parent.kill()
+        parent.wait()
+        if (workdir / "pid").exists() and not (workdir / "saved").exists():  # the run left going
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int((workdir / "pid").read_text()), signal.SIGKILL)
 
 
 def test_the_stage_configs_sweep_learning_rate_times_seed():

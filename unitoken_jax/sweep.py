@@ -39,6 +39,7 @@ checkpoints). ROOT must be reachable from where the sweep is expanded, too: the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -47,9 +48,11 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, TextIO
@@ -363,6 +366,21 @@ def run_locally(sweep: Sweep, launcher: str | None = None, log: TextIO | None = 
     return statuses
 
 
+@contextlib.contextmanager
+def _sigint_held():
+    """Inside, a SIGINT is recorded in the yielded list instead of raised (main thread only: Python
+    delivers signals there); handlers do not survive exec, so a child started inside keeps its own."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
     os.makedirs(workdir, exist_ok=True)
     record_path = os.path.join(workdir, STATUS_FILE)
@@ -372,10 +390,14 @@ def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
         out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
         out.flush()
         # a session of its own: a Ctrl-C here must not reach it as a SIGINT (no save), but as the
-        # SIGTERM below, on which the training loop saves a checkpoint
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        _write_json(record_path, {**record, "pid": proc.pid})
+        # SIGTERM below, on which the training loop saves a checkpoint. A Ctrl-C while it is being
+        # started is held until then: raised inside Popen, it would leave the run going unrecorded.
+        with _sigint_held() as interrupted:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            _write_json(record_path, {**record, "pid": proc.pid})
         try:
+            if interrupted:
+                raise KeyboardInterrupt
             exit_code = proc.wait()
         finally:  # Ctrl-C: the training loop saves on SIGTERM, then the record says how it ended
             if proc.poll() is None:
