@@ -1,7 +1,8 @@
 """The training loop end to end on the tiny stage configs and the drawn demo data: the loss falls;
 stop-and-resume in a new process equals the uninterrupted run bit for bit, after `stop_after` and
 after a SIGTERM to the run and its data workers; 8 devices give the loss of 1; two processes on
-gloo train and save one checkpoint, resume together from a checkpoint only one of them cannot read,
+gloo train and save one checkpoint, draw the eval pictures one process draws alone, resume
+together from a checkpoint only one of them cannot read,
 stop together at one saved step when one is preempted, and put in the features of their own
 pictures; stage I freezes the decoder and stage II starts from its ViT
 and adapter; a streak of non-finite steps stops the run cleanly."""
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CHEAP_COMPILES
@@ -233,14 +235,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _pod(workdir, data, caches):
+def _pod(workdir, data, caches, *extra):
     """Two processes on gloo train the tiny stage 2 for 4 steps; `caches[i]`: process i's
     compilation cache. Returns their logs."""
     port = _free_port()
     cmd = lambda i: _train_command(  # noqa: E731
         workdir, data, "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
         f"--config.compilation_cache={caches[i]}", f"--coordinator=localhost:{port}", "--num_processes=2",
-        f"--process_id={i}")
+        f"--process_id={i}", *extra)
     procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]  # one device each
     try:
@@ -254,12 +256,26 @@ def _pod(workdir, data, caches):
     return outs
 
 
+# evaluation at the last step, with pictures drawn and questions answered by the pod; the held-out
+# data is the training data (eval.sources), so training reads the same batches as without it
+POD_PROMPTS = ("a red circle at the top left", "a blue square")
+POD_QUESTION = "What colour is the shape?"
+
+
+def _pod_eval(data):
+    picture = os.path.join(os.path.dirname(data), "pictures", "00000.png")
+    return ("--config.eval.every=4", f"--config.eval.sources={data}", "--config.eval.batches=1",
+            f"--config.eval.prompts={POD_PROMPTS!r}", f"--config.eval.questions={((picture, POD_QUESTION),)!r}",
+            "--config.eval.tokenizer=demo", "--config.eval.vqgan=demo", "--config.eval.size=64",
+            "--config.eval.max_new_tokens=6")
+
+
 @pytest.mark.slow
 def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     workdir = str(tmp_path / "pod")
     # each process its own compilation cache; only the first process writes to one
     first, second = str(tmp_path / "xla-0"), str(tmp_path / "xla-1")
-    outs = _pod(workdir, data, (first, second))
+    outs = _pod(workdir, data, (first, second), *_pod_eval(data))
     assert "over 2 devices in 2 processes" in outs[0]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     state = _raw_state(workdir, 4)
@@ -288,6 +304,23 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
                                   np.asarray(state["params"]["adapter"]["fc1"]["kernel"]))
     assert any(p.endswith("-cache") for p in os.listdir(first))
     assert not any(p.endswith("-cache") for p in os.listdir(second))
+
+    # the pod's evaluation: the pictures and the answer its processes decoded together (process 0
+    # wrote them) are what one process decodes alone from the final parameters
+    from unitoken_jax.data import pretokenize as pt
+    from unitoken_jax.train import evaluate
+
+    config = TrainConfig.from_config_dict(_stages().stage_config(2, "tiny"))
+    eval_config = dataclasses.replace(config.eval, prompts=POD_PROMPTS, tokenizer="demo", vqgan="demo", size=64,
+                                      questions=((os.path.join(os.path.dirname(data), "pictures", "00000.png"),
+                                                  POD_QUESTION),), max_new_tokens=6)
+    alone = evaluate.Samples(eval_config, config.model, final.params, None, pt.open_dataset(data)[1])
+    pictures, answers = alone.run(final.params)
+    grid = os.path.join(workdir, "samples", "step_4.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(grid).convert("RGB")),
+                                  np.asarray(evaluate.captioned_grid(pictures, POD_PROMPTS)))
+    said = [f"eval at step 4: {POD_QUESTION!r} -> {answers[0]!r}" in out for out in outs]
+    assert said == [True, True], outs[1][-3000:]
 
     # the last checkpoint damaged where only the second process reads (its shards' files): Orbax's
     # restore ends at a barrier of one name, where that process, falling back to step 2, met the

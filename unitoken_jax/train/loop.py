@@ -335,10 +335,7 @@ def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPi
     finally:
         getattr(it, "close", lambda: None)()
     samples = None
-    if e.decodes and jax.process_count() > 1:
-        log.warning("eval: prompts and questions are not decoded in a run of %d processes (the decode loop reads "
-                    "its tokens on one host); the held-out losses are", jax.process_count())
-    elif e.decodes:
+    if e.decodes:  # on a pod every process decodes the same requests with the pod's parameters
         samples = Samples(e, program.config.model, program.abstract_params, program.mesh, pipeline.image_settings)
     log.info("eval every %d steps: %d held-out batches, %d prompts, %d questions", e.every, len(batches),
              len(e.prompts) if samples else 0, len(e.questions) if samples else 0)
