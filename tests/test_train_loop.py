@@ -337,6 +337,7 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     assert all("resumed from step 2" in out for out in outs), outs[0][-3000:]
     assert "process 1 of this pod cannot read it" in outs[0]
     assert "OCDBT database" in outs[1]  # the process that failed says why
+    assert not any("read only" in out for out in outs)  # Orbax's notice about the reader of each process
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "4.damaged"]
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                  _raw_state(workdir, 4), state)

@@ -24,6 +24,10 @@ from unitoken_jax.train.step import TrainState
 log = logging.getLogger(__name__)
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def _to_saveable(state: TrainState):
     return state.replace(rng=jax.random.key_data(state.rng))
 
@@ -132,7 +136,12 @@ class Checkpointer:
         alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                                multiprocessing_options=alone)
-        return ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        absl_log = logging.getLogger("absl")  # Orbax warns that the training directory is read only
+        absl_log.addFilter(_not_read_only_notice)
+        try:
+            return ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        finally:
+            absl_log.removeFilter(_not_read_only_notice)
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames damaged step directories to STEP.damaged (kept for a look, hidden from the
