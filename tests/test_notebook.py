@@ -1,5 +1,6 @@
 """notebooks/colab_tpu_inference.ipynb runs end to end on the CPU with the bundled model, sharded
-over 4 fake devices (as over a TPU's cores), and shows its pictures and answers inline."""
+over 4 fake devices (as over a TPU's cores), and shows its pictures and answers inline; its model
+cell plans a release checkpoint's memory as the chip it finds needs."""
 
 import base64
 import io
@@ -54,6 +55,49 @@ def test_the_colab_notebook_runs_and_shows_its_pictures(tmp_path):
     assert len(grids) == 4
     assert widgets >= 2  # tqdm.auto's progress bars rendered as notebook widgets (generation, edit)
     assert "IProgress not found" not in printed
+
+
+class _Chip:
+    """A TPU chip as the memory plan sees it: its kind and its memory limit."""
+
+    def __init__(self, gib, kind):
+        self.limit, self.device_kind, self.platform = int(gib * 2**30), kind, "tpu"
+
+    def memory_stats(self):
+        return {"bytes_limit": self.limit}
+
+
+@pytest.mark.parametrize("chip, gib, quantize", [("TPU v5 lite", 15.75, "int8"), ("TPU v6 lite", 31.25, "none")])
+def test_the_notebook_plans_a_release_checkpoint_in_bfloat16_and_takes_int8_where_it_does_not_fit(
+        tmp_path, monkeypatch, chip, gib, quantize):
+    """The model cell with MODEL_DIR set, run up to where it loads, on one Colab chip: its 4 pictures
+    at 512 px with bfloat16 weights (18.26 GiB for the 7B) do not fit a v5e, so the cell takes int8
+    and says why; a v6e keeps bfloat16. (The end-to-end run above takes the bundled model's branch,
+    on a CPU, where there is no limit to plan with.)"""
+    import json
+
+    import jax
+
+    from unitoken_jax import configs
+    from unitoken_jax.convert import orbax_io
+    from unitoken_jax.models.config import UniTokenConfig
+
+    release = tmp_path / "release"  # the 7B's config as our checkpoints keep it; no tensor is read
+    release.mkdir()
+    seven_b = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)
+    (release / orbax_io.SIDECAR).write_text(json.dumps({"config": seven_b.to_dict(),
+                                                        "param_layout": orbax_io.PARAM_LAYOUT}))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "choose_quantize" in c.source)
+    plan = cell[:cell.index("if MODEL_DIR:\n")]  # everything before the weights load
+    assert 'MODEL_DIR = ""' in plan
+    monkeypatch.setattr(jax, "local_devices", lambda *args, **kwargs: [_Chip(gib, chip)])
+    namespace = {}
+    exec(plan.replace('MODEL_DIR = ""', f"MODEL_DIR = {str(release)!r}"), namespace)
+    assert namespace["mesh"] is None and namespace["IMAGES"] == 4
+    assert namespace["QUANTIZE"] == quantize, namespace["why"]
+    said = "bfloat16 would need 18.26 GiB" if quantize == "int8" else "bfloat16 weights: 4 image(s)"
+    assert said in namespace["why"]
 
 
 def _install_cell() -> str:
