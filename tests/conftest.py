@@ -49,6 +49,17 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+class Chip:
+    """An accelerator as the decode memory plan (`unitoken_jax.inference.fit`) sees it: its kind and
+    its memory limit (what `jax.Device.memory_stats` reports as bytes_limit)."""
+
+    def __init__(self, gib, kind="TPU v5 lite"):
+        self.limit, self.device_kind = int(gib * 2**30), kind
+
+    def memory_stats(self):
+        return {"bytes_limit": self.limit}
+
+
 def pytest_sessionfinish(session, exitstatus):
     """In CI (CI=true) every test extra is installed, so nothing may skip: a skip there means a
     test silently stopped proving anything, and the run fails, listing each skip and its reason."""

@@ -255,8 +255,8 @@ MUTATIONS = (
              "unitoken_jax/train/loop.py", "self.flag = checkpointer.manager.reached_preemption(step)",
              "self.flag = self.flag", ("tests/test_train_loop.py", "-k", "one_process_of_a_pod")),
     Mutation("pod_eval_not_decoded", "a pod's evaluation draws no pictures and answers no questions (as before)",
-             "unitoken_jax/train/loop.py", "    if e.decodes:  # on a pod",
-             "    if e.decodes and jax.process_count() == 1:  #",
+             "unitoken_jax/train/loop.py", "               if e.decodes else None)",
+             "               if e.decodes and jax.process_count() == 1 else None)",
              ("tests/test_train_loop.py", "-k", "two_processes_on_gloo")),
 )
 

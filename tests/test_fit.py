@@ -7,22 +7,15 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import Chip
 from unitoken_jax import configs
 from unitoken_jax.inference.decode import DecodeLoop, Request
-from unitoken_jax.inference.fit import GIB, choose_quantize, decode_memory
+from unitoken_jax.inference.fit import choose_quantize, decode_memory
 from unitoken_jax.model import UniTokenModel
 from unitoken_jax.models.config import DecoderConfig, UniTokenConfig, VisionConfig
 from unitoken_jax.tokenizer import layout
 
 SEVEN_B = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)
-
-
-class Chip:
-    def __init__(self, gib, kind="TPU v5 lite"):
-        self.limit, self.device_kind = int(gib * GIB), kind
-
-    def memory_stats(self):
-        return {"bytes_limit": self.limit}
 
 
 def test_counts_are_the_bytes_of_the_real_arrays():

@@ -9,7 +9,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import CHEAP_COMPILES, COLLECTIVE_THREADS, PATIENT_COLLECTIVES
+from conftest import CHEAP_COMPILES, COLLECTIVE_THREADS, PATIENT_COLLECTIVES, Chip
 from unitoken_jax.world import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,16 +57,6 @@ def test_the_colab_notebook_runs_and_shows_its_pictures(tmp_path):
     assert "IProgress not found" not in printed
 
 
-class _Chip:
-    """A TPU chip as the memory plan sees it: its kind and its memory limit."""
-
-    def __init__(self, gib, kind):
-        self.limit, self.device_kind, self.platform = int(gib * 2**30), kind, "tpu"
-
-    def memory_stats(self):
-        return {"bytes_limit": self.limit}
-
-
 @pytest.mark.parametrize("chip, gib, quantize", [("TPU v5 lite", 15.75, "int8"), ("TPU v6 lite", 31.25, "none")])
 def test_the_notebook_plans_a_release_checkpoint_in_bfloat16_and_takes_int8_where_it_does_not_fit(
         tmp_path, monkeypatch, chip, gib, quantize):
@@ -91,7 +81,7 @@ def test_the_notebook_plans_a_release_checkpoint_in_bfloat16_and_takes_int8_wher
     cell = next(c.source for c in nb.cells if c.cell_type == "code" and "choose_quantize" in c.source)
     plan = cell[:cell.index("if MODEL_DIR:\n")]  # everything before the weights load
     assert 'MODEL_DIR = ""' in plan
-    monkeypatch.setattr(jax, "local_devices", lambda *args, **kwargs: [_Chip(gib, chip)])
+    monkeypatch.setattr(jax, "local_devices", lambda *args, **kwargs: [Chip(gib, chip)])
     namespace = {}
     exec(plan.replace('MODEL_DIR = ""', f"MODEL_DIR = {str(release)!r}"), namespace)
     assert namespace["mesh"] is None and namespace["IMAGES"] == 4

@@ -262,12 +262,17 @@ POD_PROMPTS = ("a red circle at the top left", "a blue square")
 POD_QUESTION = "What colour is the shape?"
 
 
-def _pod_eval(data):
+def _pod_eval(data) -> dict:
+    """The pod's `eval` settings beyond its held-out data, as EvalConfig fields."""
     picture = os.path.join(os.path.dirname(data), "pictures", "00000.png")
+    return dict(prompts=POD_PROMPTS, questions=((picture, POD_QUESTION),), tokenizer="demo", vqgan="demo", size=64,
+                max_new_tokens=6)
+
+
+def _pod_eval_flags(data):
     return ("--config.eval.every=4", f"--config.eval.sources={data}", "--config.eval.batches=1",
-            f"--config.eval.prompts={POD_PROMPTS!r}", f"--config.eval.questions={((picture, POD_QUESTION),)!r}",
-            "--config.eval.tokenizer=demo", "--config.eval.vqgan=demo", "--config.eval.size=64",
-            "--config.eval.max_new_tokens=6")
+            *(f"--config.eval.{k}={v!r}" if isinstance(v, tuple) else f"--config.eval.{k}={v}"
+              for k, v in _pod_eval(data).items()))
 
 
 @pytest.mark.slow
@@ -275,7 +280,7 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     workdir = str(tmp_path / "pod")
     # each process its own compilation cache; only the first process writes to one
     first, second = str(tmp_path / "xla-0"), str(tmp_path / "xla-1")
-    outs = _pod(workdir, data, (first, second), *_pod_eval(data))
+    outs = _pod(workdir, data, (first, second), *_pod_eval_flags(data))
     assert "over 2 devices in 2 processes" in outs[0]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     state = _raw_state(workdir, 4)
@@ -311,9 +316,7 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
     from unitoken_jax.train import evaluate
 
     config = TrainConfig.from_config_dict(_stages().stage_config(2, "tiny"))
-    eval_config = dataclasses.replace(config.eval, prompts=POD_PROMPTS, tokenizer="demo", vqgan="demo", size=64,
-                                      questions=((os.path.join(os.path.dirname(data), "pictures", "00000.png"),
-                                                  POD_QUESTION),), max_new_tokens=6)
+    eval_config = dataclasses.replace(config.eval, **_pod_eval(data))
     alone = evaluate.Samples(eval_config, config.model, final.params, None, pt.open_dataset(data)[1])
     pictures, answers = alone.run(final.params)
     grid = os.path.join(workdir, "samples", "step_4.png")

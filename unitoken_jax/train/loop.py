@@ -334,9 +334,9 @@ def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPi
                                          held_out.config.blocks))
     finally:
         getattr(it, "close", lambda: None)()
-    samples = None
-    if e.decodes:  # on a pod every process decodes the same requests with the pod's parameters
-        samples = Samples(e, program.config.model, program.abstract_params, program.mesh, pipeline.image_settings)
+    # on a pod every process decodes the same requests with the pod's parameters
+    samples = (Samples(e, program.config.model, program.abstract_params, program.mesh, pipeline.image_settings)
+               if e.decodes else None)
     log.info("eval every %d steps: %d held-out batches, %d prompts, %d questions", e.every, len(batches),
              len(e.prompts) if samples else 0, len(e.questions) if samples else 0)
     return Evaluator(e, program.config.model, batches, program.state_shardings.params, program.batch_shardings,
