@@ -164,6 +164,16 @@ def watch_cache_sizes(loop: DecodeLoop) -> set:
     return ran
 
 
+def chameleon_config(layers: int, hidden: int) -> ChameleonConfig:
+    """The benchmark model: Chameleon-shaped, 64-wide heads, the release's vocabulary of 65,536."""
+    return ChameleonConfig(vocab_size=65536, hidden_size=hidden, intermediate_size=int(hidden * 2.6875),
+                           num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                           num_key_value_heads=hidden // 64, max_position_embeddings=4096,
+                           vocabulary_map={"<image>": 8711}, attn_implementation="sdpa",
+                           vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2],
+                                          num_res_blocks=1, latent_channels=8, attn_resolutions=[], resolution=32))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
@@ -173,12 +183,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/decode.md")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    cfg = ChameleonConfig(vocab_size=65536, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                          num_key_value_heads=args.hidden // 64, max_position_embeddings=4096,
-                          vocabulary_map={"<image>": 8711}, attn_implementation="sdpa",
-                          vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 2],
-                                         num_res_blocks=1, latent_channels=8, attn_resolutions=[], resolution=32))
+    cfg = chameleon_config(args.layers, args.hidden)
     torch.manual_seed(0)
     reference = ChameleonForConditionalGeneration(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -258,6 +258,14 @@ MUTATIONS = (
              "unitoken_jax/train/loop.py", "               if e.decodes else None)",
              "               if e.decodes and jax.process_count() == 1 else None)",
              ("tests/test_train_loop.py", "-k", "two_processes_on_gloo")),
+    Mutation("filled_blocks_overlap_twice", "a scanned step's ragged last cache block counting the slots it shares "
+             "with the block before again", "unitoken_jax/models/layers.py",
+             "        seen_BTS = seen_BTS & (start + jnp.arange(block) >= j * block)\n", "",
+             ("tests/test_attention.py", "-k", "filled_cache_blocks")),
+    Mutation("filled_blocks_nearest_row", "a scanned step reading the cache blocks up to the nearest row's slot, "
+             "not the furthest", "unitoken_jax/models/chameleon.py",
+             "limit = jnp.max(cache_index_B) + x_BTD.shape[1]", "limit = jnp.min(cache_index_B) + x_BTD.shape[1]",
+             ("tests/test_inference.py", "-k", "scanned_and_unrolled")),
 )
 
 

@@ -70,9 +70,10 @@ def test_the_train_step_benchmark_runs_and_reports_a_missing_backend(tmp_path):
 def test_the_decode_benchmark_runs_at_a_tiny_shape(tmp_path):
     text = _run("decode_accel.py", "--model", "tiny", "--grid", "2", "--batch", "2", tmp_path=tmp_path)
     rows = {r[0]: r for r in _table(text)}
-    assert set(rows) == {"bfloat16", "int8"}
-    for r in rows.values():
-        assert float(r[2]) > 0 and float(r[4]) > 0
+    blocked = "int8, cache read in blocks of 256"
+    assert set(rows) == {"bfloat16", "int8", blocked}
+    for name, r in rows.items():
+        assert (r[2] == "-" if name == blocked else float(r[2]) > 0) and float(r[4]) > 0
     assert float(rows["int8"][1]) <= float(rows["bfloat16"][1])  # int8 weights take no more memory
 
 

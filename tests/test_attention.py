@@ -271,3 +271,38 @@ def test_every_backend_trains_the_same_on_one_device_and_a_mesh():
                 jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                                                      atol=2e-5 * np.abs(np.asarray(b)).max(),
                                                                      err_msg=what), grads, ref_grads)
+
+
+@pytest.mark.parametrize("b,t,n,k,s,block", [(3, 1, 4, 2, 37, 8), (2, 5, 4, 4, 64, 16), (4, 1, 2, 2, 10, 32),
+                                             (2, 3, 4, 1, 50, 7), (2, 1, 4, 2, 40, 8)],
+                         ids=["ragged-last-block", "five-queries", "one-block", "one-kv-head", "early-step"])
+def test_a_decode_step_reading_the_filled_cache_blocks_equals_the_definition(b, t, n, k, s, block):
+    """`attend_filled` (a scanned decode step's attention: the stacked cache read `block` slots at a
+    time, only the blocks below the furthest slot reached) against the NumPy softmax over the slots
+    each query sees (slot <= its index + t), for every layer of the stack. Unseen slots in a block
+    it reads hold large values (counting one shows, and so does counting a ragged last block's
+    overlap twice); the blocks past the furthest slot hold NaN, which reading one would spread."""
+    from unitoken_jax.models.layers import attend_filled
+
+    rng = np.random.default_rng(s + t)
+    h, layers = 16, 2
+    q = rng.standard_normal((b, t, n, h)).astype(np.float32)
+    kv = rng.standard_normal((2, layers, b, k, s, h)).astype(np.float32)
+    if s > 3 * block and t == 1 and b == 2:  # early in a generation: most blocks unfilled
+        index = np.array([block + 2, 3], np.int32)
+    else:
+        index = rng.integers(0, s - t + 1, b).astype(np.int32)
+        index[0] = s - t  # a row that reaches the last slot
+    top = int(index.max()) + t
+    kv[:, :, :, :, top:] = 1e4
+    kv[:, :, :, :, -(-top // block) * block:] = np.nan
+    seen_BTS = np.arange(s)[None, None] <= (index[:, None] + np.arange(t))[:, :, None]
+    for layer in range(layers):
+        keys = np.repeat(kv[0, layer].transpose(0, 2, 1, 3), n // k, axis=2).astype(np.float64)
+        values = np.repeat(kv[1, layer].transpose(0, 2, 1, 3), n // k, axis=2).astype(np.float64)
+        logits = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), np.nan_to_num(keys)) / np.sqrt(h)
+        logits = np.where(seen_BTS[:, None], logits, -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        want = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), np.nan_to_num(values))
+        got = jax.jit(attend_filled, static_argnums=6)(q, kv[0], kv[1], layer, seen_BTS, jnp.int32(top), block)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())

@@ -164,17 +164,28 @@ def test_batched_cfg_equals_per_row_cfg(pipe):
 def test_scanned_and_unrolled_layers_decode_the_same_tokens(pipe):
     """The two layer layouts run the same arithmetic: a batch of questions about pictures, guided
     pictures, an edit and a chat decodes the same tokens, and so does a batch of pictures only
-    (whose steps compute the image-code logits alone: from the unrolled copy's own code kernel)."""
+    (whose steps compute the image-code logits alone: from the unrolled copy's own code kernel).
+    Scanned, the attention reads the stacked cache in blocks, the filled ones only (a CPU's
+    default), or every slot at once: the same tokens too, with blocks of 40 slots (these caches
+    are a few hundred long: several blocks, the last one ragged)."""
     scanned = DecodeLoop(pipe.model.config, pipe.model.params, layers="scan")
+    assert scanned.cache_block == decode.CPU_CACHE_BLOCK
+    blocks = DecodeLoop(pipe.model.config, pipe.model.params, layers="scan", cache_block=40)
+    whole = DecodeLoop(pipe.model.config, pipe.model.params, layers="scan", cache_block=0)
     unrolled = DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled")
     assert unrolled.layers == "unrolled" and "layers" in scanned.params["decoder"]
     assert "layers_0" in unrolled.params["decoder"] and "prefix_kernel" in unrolled.params["decoder"]["lm_head"]
     pictures = [pipe.generate_request(p, size=(64, 64), cfg=3.0, seed=i) for i, p in enumerate(["he", "the or"])]
     for requests in (_requests(pipe), pictures):
-        for a, b in zip(scanned.generate(requests).tokens, unrolled.generate(requests).tokens):
-            np.testing.assert_array_equal(a, b)
+        want = unrolled.generate(requests).tokens
+        for loop in (scanned, blocks, whole):
+            for a, b in zip(loop.generate(requests).tokens, want):
+                np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="'auto', 'scan' or 'unrolled'"):
         DecodeLoop(pipe.model.config, pipe.model.params, layers="stacked")
+    for bad in (-1, 1.5, True, "128"):
+        with pytest.raises(ValueError, match="cache_block=.*0 = read every slot"):
+            DecodeLoop(pipe.model.config, pipe.model.params, layers="scan", cache_block=bad)
 
 
 def test_the_default_growth_takes_no_more_sizes_than_doubling_and_reads_fewer_slots():

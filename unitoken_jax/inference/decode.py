@@ -33,6 +33,10 @@ from unitoken_jax.tokenizer import layout
 
 
 PROMPT_MULTIPLE = 32  # the prefill's width is a multiple of this by default (`DecodeLoop(prompt_multiple=...)`)
+# A scanned loop's attention on a CPU reads the stacked cache this many slots at a time, the filled
+# blocks only (`DecodeLoop(cache_block=...)`): the benchmark model's 16-row step took 53 ms instead
+# of 110 (benchmarks/results/decode_blocks.md). Accelerators read every slot until measured there.
+CPU_CACHE_BLOCK = 128
 MIN_CAPACITY = 256  # doubling from here gives the number of sizes an unrolled loop's cache takes (`default_growth`)
 GROWTH_ROUND = 16  # an unrolled loop's default growth step is a multiple of this
 
@@ -425,7 +429,8 @@ class DecodeLoop:
     """Compiled prefill and decode loop for one model; call `generate(requests)`."""
 
     def __init__(self, config, params, mesh=None, cache_dtype=None, banned_ids=None, layers: str = "auto",
-                 cache_growth: int | None = None, prompt_multiple: int = PROMPT_MULTIPLE):
+                 cache_growth: int | None = None, prompt_multiple: int = PROMPT_MULTIPLE,
+                 cache_block: int | None = None):
         """`banned_ids`: ids never drawn (e.g. the image codes a small VQ-GAN's codebook lacks).
 
         `prompt_multiple`: the prefill's width (the longest prompt of a call) is padded up to a
@@ -450,7 +455,13 @@ class DecodeLoop:
         without a copy at each step (`models.unitoken.cpu_decode_params`: q/k/v kernels
         [embed, heads, head_dim], the LM head's image-code columns stored apart), so "auto" scans
         on a CPU whose free memory is under twice that copy, and for int8 weights (unrolled, XLA's
-        CPU converts every layer's int8 kernels to float together: a float copy of the weights)."""
+        CPU converts every layer's int8 kernels to float together: a float copy of the weights).
+
+        `cache_block` (scanned layers only): a step's attention reads the stacked KV cache this many
+        slots at a time, and only the blocks below the furthest slot any row has reached, with no
+        copy of a layer's slice (`models.layers.attend_filled`); 0 reads every slot, as one
+        product. None: `CPU_CACHE_BLOCK` on a CPU, 0 elsewhere (not yet measured on an accelerator,
+        where a step of 8 images with CFG and int8 weights would read more cache than weights)."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
 
@@ -463,18 +474,25 @@ class DecodeLoop:
         if not positive(prompt_multiple):
             raise ValueError(f"prompt_multiple={prompt_multiple!r}: expected a positive number of tokens "
                              "(1 = no padding)")
+        if cache_block is not None and not (isinstance(cache_block, (int, np.integer)) and not isinstance(
+                cache_block, bool) and cache_block >= 0):
+            raise ValueError(f"cache_block={cache_block!r}: expected a number of slots (0 = read every slot at "
+                             "each step), or None (the platform's default)")
         self.cache_growth = cache_growth
         self.prompt_multiple = int(prompt_multiple)
         self.config = config
         self.mesh = mesh
+        devices = mesh.devices.flat if mesh is not None else jax.devices()
+        on_cpu = all(d.platform == "cpu" for d in devices)
         if layers == "auto":
-            devices = mesh.devices.flat if mesh is not None else jax.devices()
-            on_cpu = all(d.platform == "cpu" for d in devices)
             # int8 weights scan: unrolled, XLA's CPU converts every layer's kernels to float at once
             # (a full-precision copy of the weights, what int8 is there to avoid)
             layers = "unrolled" if on_cpu and config.quantize == "none" and _copy_fits(
                 _copy_bytes(params, self._code_logits)) else "scan"
         self.layers = layers
+        if cache_block is None:  # measured on a CPU only so far (benchmarks/results/decode.md)
+            cache_block = CPU_CACHE_BLOCK if on_cpu else 0
+        self.cache_block = int(cache_block)
         self.params = params
         self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
         ok = np.ones(config.decoder.vocab_size, bool)
@@ -509,7 +527,10 @@ class DecodeLoop:
 
     @property
     def _steps(self) -> "_Steps":
-        return _steps(self.config, self.layers, self.cache_dtype, self._ok_ids.tobytes(), self.mesh)
+        config = self.config
+        if self.layers == "scan" and self.cache_block:
+            config = config.replace(decoder=dataclasses.replace(config.decoder, cache_block=self.cache_block))
+        return _steps(config, self.layers, self.cache_dtype, self._ok_ids.tobytes(), self.mesh)
 
     def _apply(self, params, *args, **kwargs):
         return self._steps._apply(params, *args, **kwargs)

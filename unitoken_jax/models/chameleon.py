@@ -30,6 +30,7 @@ from unitoken_jax.models.layers import (
     Projection,
     RMSNorm,
     attend,
+    attend_filled,
     kernel_product,
     rotary_embedding,
 )
@@ -106,16 +107,23 @@ class Attention(nn.Module):
                          "v": _replace(cache["v"], layer_index, v_BKSH)}
             else:
                 # the whole stacked cache rides the scan's carry; the layer's slice is read out of it
-                # (a copy on CPU, which is why decoding there unrolls the layers: `DecodeLoop`)
+                # (a copy on CPU, which is why decoding there unrolls the layers: `DecodeLoop`), or
+                # with `cache_block` read in blocks, the filled ones only (`attend_filled`)
                 cache = {"k": _write_rows(cache["k"], k_BKTH, cache_index_B, layer_index),
                          "v": _write_rows(cache["v"], v_BKTH, cache_index_B, layer_index)}
-                k_BKSH = jax.lax.dynamic_index_in_dim(cache["k"], layer_index, 0, keepdims=False)
-                v_BKSH = jax.lax.dynamic_index_in_dim(cache["v"], layer_index, 0, keepdims=False)
-            k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
+                if not cfg.cache_block:
+                    k_BKSH = jax.lax.dynamic_index_in_dim(cache["k"], layer_index, 0, keepdims=False)
+                    v_BKSH = jax.lax.dynamic_index_in_dim(cache["v"], layer_index, 0, keepdims=False)
+            if is_per_layer(cache) or not cfg.cache_block:
+                k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         if cache is None:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, mask, backend=self.attention,
                                         block=self.attention_block)
+        elif not is_per_layer(cache) and cfg.cache_block:
+            # slots past the furthest query of any row are seen by none
+            limit = jnp.max(cache_index_B) + x_BTD.shape[1]
+            out_BTNH = attend_filled(q_BTNH, cache["k"], cache["v"], layer_index, mask, limit, cfg.cache_block)
         else:
             out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask)
         out_BTD = proj((n, h, d), ("heads", "head_dim", "embed"), "BTNH,NHD->BTD", "o_proj")(out_BTNH)

@@ -56,6 +56,10 @@ class DecoderConfig:
     # every kernel into that order at every step). Only `DecodeLoop`'s own unrolled copy of the
     # weights on a CPU uses True (`models.unitoken.cpu_decode_params`); checkpoints never do.
     qkv_embed_first: bool = False
+    # Decoding with a stacked (scanned) KV cache: 0 reads every slot at each step; N reads the
+    # cache N slots at a time and only the blocks below the furthest slot any row has reached
+    # (`layers.attend_filled`). Set by `DecodeLoop` for its own steps; checkpoints never do.
+    cache_block: int = 0
 
     @property
     def head_dim(self) -> int:

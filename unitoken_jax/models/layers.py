@@ -122,6 +122,51 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: ja
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def attend_filled(q_BTNH: jax.Array, k_LBKSH: jax.Array, v_LBKSH: jax.Array, layer: jax.Array,
+                  mask_BTS: jax.Array, limit: jax.Array, block: int) -> jax.Array:
+    """`attend` over layer `layer` of stacked [layers, B, K, S, H] keys and values, reading them
+    `block` slots at a time and only the blocks below `limit` (traced: no query sees a slot at or
+    past it), with an online softmax across the blocks. A step early in a long generation then
+    reads the slots the rows have filled, not the whole cache, and no layer's slice of the cache is
+    copied out first. The last block starts at S - block when S is not a multiple of it; the slots
+    it shares with the block before are counted once."""
+    b, t, n, h = q_BTNH.shape
+    k, s = k_LBKSH.shape[2], k_LBKSH.shape[3]
+    block = min(block, s)
+    q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h)
+    q_BKGTH = q_BKGTH.reshape(b, k, n // k, t, h) if t == 1 else q_BKGTH.transpose(0, 2, 3, 1, 4)
+    low = jnp.finfo(jnp.float32).min
+
+    def read(cache, start):
+        return jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, b, k, block, h))[0]
+
+    def body(j, carry):
+        top_BKGT, total_BKGT, acc_BKGTH = carry
+        start = jnp.minimum(j * block, s - block)
+        k_BKSH, v_BKSH = (read(c, start).astype(q_BKGTH.dtype) for c in (k_LBKSH, v_LBKSH))
+        seen_BTS = jax.lax.dynamic_slice_in_dim(mask_BTS, start, block, axis=2)
+        seen_BTS = seen_BTS & (start + jnp.arange(block) >= j * block)
+        logits_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH) * (h**-0.5)
+        logits_BKGTS = jnp.where(seen_BTS[:, None, None], logits_BKGTS.astype(jnp.float32), low)
+        new_top = jnp.maximum(top_BKGT, logits_BKGTS.max(axis=-1))
+        # a row whose blocks so far were all unseen holds exp(0) terms here; its first seen slot's
+        # larger maximum zeroes them (exp(low - max)) before they reach the output
+        p_BKGTS = jnp.exp(logits_BKGTS - new_top[..., None])
+        fade = jnp.exp(top_BKGT - new_top)
+        acc_BKGTH = acc_BKGTH * fade[..., None] + jnp.einsum(
+            "BKGTS,BKSH->BKGTH", p_BKGTS.astype(v_BKSH.dtype), v_BKSH, preferred_element_type=jnp.float32)
+        return new_top, total_BKGT * fade + p_BKGTS.sum(axis=-1), acc_BKGTH
+
+    shape = (b, k, n // k, t)
+    init = (jnp.full(shape, low), jnp.zeros(shape), jnp.zeros((*shape, h)))
+    blocks = (jnp.minimum(limit, s) + block - 1) // block
+    _, total_BKGT, acc_BKGTH = jax.lax.fori_loop(0, blocks, body, init)
+    out_BKGTH = (acc_BKGTH / total_BKGT[..., None]).astype(q_BTNH.dtype)
+    if t == 1:
+        return out_BKGTH.reshape(b, t, n, h)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 def segment_causal_mask(segment_ids_BT: jax.Array) -> jax.Array:
     """Causal attention restricted to tokens of the same packed segment: mask[b, t, s]."""
     t = segment_ids_BT.shape[1]
