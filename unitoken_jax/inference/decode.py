@@ -490,7 +490,7 @@ class DecodeLoop:
             layers = "unrolled" if on_cpu and config.quantize == "none" and _copy_fits(
                 _copy_bytes(params, self._code_logits)) else "scan"
         self.layers = layers
-        if cache_block is None:  # measured on a CPU only so far (benchmarks/results/decode.md)
+        if cache_block is None:  # measured on a CPU only so far (benchmarks/results/decode_blocks.md)
             cache_block = CPU_CACHE_BLOCK if on_cpu else 0
         self.cache_block = int(cache_block)
         self.params = params

@@ -111,16 +111,17 @@ class Attention(nn.Module):
                 # with `cache_block` read in blocks, the filled ones only (`attend_filled`)
                 cache = {"k": _write_rows(cache["k"], k_BKTH, cache_index_B, layer_index),
                          "v": _write_rows(cache["v"], v_BKTH, cache_index_B, layer_index)}
+                k_BKSH = v_BKSH = None  # read below, by `attend_filled` or out of the stack
                 if not cfg.cache_block:
                     k_BKSH = jax.lax.dynamic_index_in_dim(cache["k"], layer_index, 0, keepdims=False)
                     v_BKSH = jax.lax.dynamic_index_in_dim(cache["v"], layer_index, 0, keepdims=False)
-            if is_per_layer(cache) or not cfg.cache_block:
+            if k_BKSH is not None:
                 k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         if cache is None:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, mask, backend=self.attention,
                                         block=self.attention_block)
-        elif not is_per_layer(cache) and cfg.cache_block:
+        elif k_BKSH is None:
             # slots past the furthest query of any row are seen by none
             limit = jnp.max(cache_index_B) + x_BTD.shape[1]
             out_BTNH = attend_filled(q_BTNH, cache["k"], cache["v"], layer_index, mask, limit, cfg.cache_block)
