@@ -174,14 +174,19 @@ def chameleon_config(layers: int, hidden: int) -> ChameleonConfig:
                                           num_res_blocks=1, latent_channels=8, attn_resolutions=[], resolution=32))
 
 
-def main():
+def model_arguments(out: str) -> argparse.ArgumentParser:
+    """The command line of the CPU decode benchmarks: the model's shape, the picture, the batch."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--grid", type=int, default=16, help="grid units a side: 16 = 512 px, 32 x 32 codes")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", default="benchmarks/results/decode.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def main():
+    args = model_arguments("benchmarks/results/decode.md").parse_args()
     torch.set_num_threads(os.cpu_count())
     cfg = chameleon_config(args.layers, args.hidden)
     torch.manual_seed(0)

@@ -9,7 +9,6 @@ The unrolled loop (a CPU's default for float weights; its cache grows instead) i
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -27,18 +26,12 @@ from transformers import ChameleonForConditionalGeneration  # noqa: E402
 import unitoken_jax  # noqa: E402
 from unitoken_jax.inference.decode import CPU_CACHE_BLOCK, DecodeLoop  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
-from decode import chameleon_config, model_only_step_seconds  # noqa: E402
+from decode import chameleon_config, model_arguments, model_only_step_seconds  # noqa: E402
 from report import write_report  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--grid", type=int, default=16, help="grid units a side: 16 = 512 px, 32 x 32 codes")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--out", default="benchmarks/results/decode_blocks.md")
-    args = parser.parse_args()
+    args = model_arguments("benchmarks/results/decode_blocks.md").parse_args()
     cfg = chameleon_config(args.layers, args.hidden)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +55,7 @@ def main():
         f"the model-only step (the cached forward and the image-code head, no sampling) averaged over the "
         f"{steps} steps of a {32 * args.grid} x {32 * args.grid} picture (`benchmarks/decode_blocks.py`).", "",
         f"| loop | {rows[0]} rows (batch 1 with CFG), ms | {rows[1]} rows (batch {args.batch}), ms | "
-        "vs every slot, 2 / 16 rows |", "|---|---|---|---|",
+        f"vs every slot, {rows[0]} / {rows[1]} rows |", "|---|---|---|---|",
         *(f"| {name} | {a:.1f} | {b:.1f} | {a / whole[0]:.2f} / {b / whole[1]:.2f} |"
           for name, (a, b) in ms.items()), ""]
     write_report(lines, args.out)

@@ -97,3 +97,18 @@ def test_the_cpu_decode_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_fi
     for label in ("2", "4"):
         bf16, int8, ratio = (float(v) for v in rows[label][1:4])
         assert bf16 >= 0 and int8 >= 0 and ratio > 0
+
+
+def test_the_cache_block_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_figures(tmp_path):
+    text = _run("decode_blocks.py", "--layers", "1", "--hidden", "64", "--grid", "1", "--batch", "2",
+                tmp_path=tmp_path)
+    assert "| 2 rows (batch 1 with CFG), ms | 4 rows (batch 2), ms | vs every slot, 2 / 4 rows |" in text
+    rows = [r for r in _table(text) if not r[0].startswith("loop")]
+    assert [r[0].split(",")[0] for r in rows] == ["scanned", "scanned", "unrolled"]
+    whole = [float(rows[0][1]), float(rows[0][2])]
+    for r in rows:
+        ms = [float(r[1]), float(r[2])]
+        ratios = [float(x) for x in r[3].split(" / ")]
+        assert all(m > 0 for m in ms)
+        # the ratios against the figures as printed: ms rounded to 0.05 either way, a ratio to 0.005
+        assert all(abs(q - m / w) <= 0.0051 + 0.051 / w + 0.051 * m / w**2 for q, m, w in zip(ratios, ms, whole)), r
