@@ -8,7 +8,8 @@
 #
 # Environment: PEAK_TFLOPS (dense bf16 peak for MFU, default 989 = H100/H200 SXM), BANDWIDTH_GBS
 # (HBM bandwidth for the decode roofline, default 4800 = H200), BACKENDS (default xla,cudnn),
-# TRAIN_LIMIT / DECODE_LIMIT (seconds, default 240 / 300).
+# TRAIN_LIMIT / DECODE_LIMIT (seconds, default 150 / 420: on an H200 the training
+# run at 4 rows took a minute; the decode run compiles an unrolled 7B loop per cache size).
 #
 # An image with JAX, flax, optax and orbax but not ml_collections: download its wheel here into a
 # git-ignored .whl/ (pip download --no-deps ml_collections==1.1.0 -d .whl), carry .whl, and this
@@ -25,7 +26,7 @@ export PYTHONUNBUFFERED=1
 python3 -c "import jax, flax, optax, orbax.checkpoint, ml_collections; print('jax', jax.__version__, jax.devices())" \
     || { echo "missing packages (see the comment at the top of $0)"; exit 2; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-timeout "${TRAIN_LIMIT:-240}" python3 benchmarks/train_accel.py --backends "${BACKENDS:-xla,cudnn}" \
+timeout "${TRAIN_LIMIT:-150}" python3 benchmarks/train_accel.py --backends "${BACKENDS:-xla,cudnn}" \
     --peak-tflops "${PEAK_TFLOPS:-989}" --out "$OUT/train_accel.md" 2>&1 | tee "$OUT/train_accel.log"
-timeout "${DECODE_LIMIT:-300}" python3 benchmarks/decode_accel.py --bandwidth-gbs "${BANDWIDTH_GBS:-4800}" \
+timeout "${DECODE_LIMIT:-420}" python3 benchmarks/decode_accel.py --bandwidth-gbs "${BANDWIDTH_GBS:-4800}" \
     --out "$OUT/decode_accel.md" 2>&1 | tee "$OUT/decode_accel.log"

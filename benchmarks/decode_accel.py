@@ -32,8 +32,6 @@ from unitoken_jax.tokenizer import layout  # noqa: E402
 from report import write_report  # noqa: E402
 
 
-BLOCK = 256
-
 
 def main():
     parser = argparse.ArgumentParser()
@@ -56,47 +54,43 @@ def main():
 
     results = {}
     model = UniTokenModel.random(base, seed=0)
-    for name in ("bfloat16", "int8"):
-        if name == "int8":
+    # each weight format with `DecodeLoop`'s own choice of layer layout (`auto_layers`: unrolled for
+    # float weights on one GPU with room for the copy, scanned for int8), and bfloat16 scanned beside
+    for name, weights, layers in (("bfloat16", "bfloat16", "auto"), ("bfloat16", "bfloat16", "scan"),
+                                  ("int8", "int8", "auto")):
+        if weights == "int8" and model.config.quantize == "none":
             model = model.quantize("int8")
         weight_bytes = sum(a.nbytes for a in jax.tree.leaves(model.params))
-        loop = DecodeLoop(model.config, model.params)
+        loop = DecodeLoop(model.config, model.params, layers=layers)
         row = {"weights_gib": weight_bytes / 2**30,
                "roofline_s": weight_bytes / (args.bandwidth_gbs * 1e9) * tokens}
         for n in (1, args.batch):
-            loop.generate(requests(n))  # compile
+            start = time.perf_counter()
+            loop.generate(requests(n))  # compiles: its programs, and one per cache size where it grows
+            row[f"first {n}"] = time.perf_counter() - start
             start = time.perf_counter()
             out = loop.generate(requests(n))
             row[n] = time.perf_counter() - start
             assert all(len(t) == tokens for t in out.tokens)
-        results[name] = row
-        print(name, row, flush=True)
+        layout_name = {"scan": "scanned", "unrolled": "unrolled"}[loop.layers]
+        results[f"{name}, {layout_name} layers" + (" (auto)" if layers == "auto" else "")] = row
+        print(name, loop.layers, row, flush=True)
         del loop
-    # the int8 loop again with its attention reading the cache in blocks, the filled ones only
-    # (`DecodeLoop(cache_block=...)`, a CPU's default): at batch 8 a step reads more cache than
-    # int8 weights, about half of it not yet filled on average
-    blocked = DecodeLoop(model.config, model.params, cache_block=BLOCK)
-    blocked.generate(requests(args.batch))  # compile
-    start = time.perf_counter()
-    out = blocked.generate(requests(args.batch))
-    results[f"int8, cache read in blocks of {BLOCK}"] = {**results["int8"], 1: float("nan"),
-                                                         args.batch: time.perf_counter() - start}
-    assert all(len(t) == tokens for t in out.tokens)
-    print("blocked", results[f"int8, cache read in blocks of {BLOCK}"], flush=True)
-    del blocked
 
     device = jax.devices()[0]
     lines = [f"# Decoding a {args.model}-shaped model on {device.device_kind}", "",
              f"{datetime.date.today()}, jax {jax.__version__}, {jax.device_count()} x {device.device_kind}; random "
-             f"weights, decoder only (bfloat16 compute and cache), {2 * args.grid * 32}px image = {tokens} tokens "
+             f"weights, decoder only (bfloat16 compute and cache), {args.grid * 32}px image = {tokens} tokens "
              f"after the prompt, CFG 3, top-k 2000. Roofline: weight bytes / {args.bandwidth_gbs:.0f} GB/s x "
-             f"{tokens} steps (`benchmarks/decode_accel.py`).", "",
-             f"| weights | GiB | s / image, batch 1 | roofline s / image | images / s, batch {args.batch} | "
-             f"roofline images / s, batch {args.batch} |", "|---|---|---|---|---|---|"]
+             f"{tokens} steps (`benchmarks/decode_accel.py`). First call: the same call's first run, its "
+             "compiles included.", "",
+             f"| weights, layers | GiB | s / image, batch 1 | roofline s / image | images / s, batch {args.batch} | "
+             f"roofline images / s, batch {args.batch} | first call, s: batch 1 / {args.batch} |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in results.items():
-        batch_1 = "-" if np.isnan(row[1]) else f"{row[1]:.2f}"
-        lines.append(f"| {name} | {row['weights_gib']:.2f} | {batch_1} | {row['roofline_s']:.2f} | "
-                     f"{args.batch / row[args.batch]:.3f} | {args.batch / row['roofline_s']:.3f} |")
+        lines.append(f"| {name} | {row['weights_gib']:.2f} | {row[1]:.2f} | {row['roofline_s']:.2f} | "
+                     f"{args.batch / row[args.batch]:.3f} | {args.batch / row['roofline_s']:.3f} | "
+                     f"{row['first 1']:.1f} / {row[f'first {args.batch}']:.1f} |")
     write_report(lines + [""], args.out)
 
 

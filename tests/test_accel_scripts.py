@@ -69,12 +69,15 @@ def test_the_train_step_benchmark_runs_and_reports_a_missing_backend(tmp_path):
 
 def test_the_decode_benchmark_runs_at_a_tiny_shape(tmp_path):
     text = _run("decode_accel.py", "--model", "tiny", "--grid", "2", "--batch", "2", tmp_path=tmp_path)
+    assert "64px image = 23 tokens" in text  # 2 grid units a side: 4 x 4 codes, 4 x 5 + 3 tokens
     rows = {r[0]: r for r in _table(text)}
-    blocked = "int8, cache read in blocks of 256"
-    assert set(rows) == {"bfloat16", "int8", blocked}
-    for name, r in rows.items():
-        assert (r[2] == "-" if name == blocked else float(r[2]) > 0) and float(r[4]) > 0
-    assert float(rows["int8"][1]) <= float(rows["bfloat16"][1])  # int8 weights take no more memory
+    # a CPU's own choice: float weights unrolled (the copy fits here), int8 scanned; bfloat16 scanned beside
+    assert list(rows) == ["bfloat16, unrolled layers (auto)", "bfloat16, scanned layers", "int8, scanned layers (auto)"]
+    for r in rows.values():
+        first_1, first_2 = (float(v) for v in r[6].split(" / "))
+        assert float(r[2]) > 0 and float(r[4]) > 0
+        assert first_1 > float(r[2]) and first_2 > 0  # a first call compiles its loop, so it takes longer
+    assert float(rows["int8, scanned layers (auto)"][1]) <= float(rows["bfloat16, scanned layers"][1])
 
 
 def test_the_cpu_decode_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_figures(tmp_path):

@@ -35,7 +35,9 @@ from unitoken_jax.tokenizer import layout
 PROMPT_MULTIPLE = 32  # the prefill's width is a multiple of this by default (`DecodeLoop(prompt_multiple=...)`)
 # A scanned loop's attention on a CPU reads the stacked cache this many slots at a time, the filled
 # blocks only (`DecodeLoop(cache_block=...)`): the benchmark model's 16-row step took 53 ms instead
-# of 110 (benchmarks/results/decode_blocks.md). Accelerators read every slot until measured there.
+# of 110 (benchmarks/results/decode_blocks.md). On an H200 it was slower than reading every slot
+# (the 7B, int8, 8 images with CFG: 0.373 against 0.520 images/s, benchmarks/results/decode_accel.md),
+# so accelerators read every slot.
 CPU_CACHE_BLOCK = 128
 MIN_CAPACITY = 256  # doubling from here gives the number of sizes an unrolled loop's cache takes (`default_growth`)
 GROWTH_ROUND = 16  # an unrolled loop's default growth step is a multiple of this
@@ -262,6 +264,36 @@ def _copy_fits(nbytes: int) -> bool:
     return 2 * nbytes <= free
 
 
+def _device_copy_fits(nbytes: int, device) -> bool:
+    """Whether a copy of `nbytes` leaves an accelerator at least as much free memory as it takes
+    (its allocator's limit less what is in use); False where the device does not say."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return False
+    return 2 * nbytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def auto_layers(config, params, devices: Sequence, copy_bytes: int | None = None) -> str:
+    """What `DecodeLoop(layers="auto")` runs on `devices` (the loop's: its mesh's, or the default
+    device alone): "unrolled" for float weights on a CPU, or on one GPU, where the loop's copy of
+    the layer weights fits (twice its size free: host memory on a CPU, the GPU's own); "scan"
+    otherwise. Measured: on a CPU a scanned step copies each layer's slice out before its dots
+    (benchmarks/results/decode.md); on an H200 the 7B's model-only step at 2 rows took 12.2 ms
+    scanned and 4.1 ms unrolled (benchmarks/results/decode_accel.md). int8 weights scan (on a CPU
+    XLA converts every unrolled layer's kernels to float at once; not measured unrolled on a GPU),
+    and so do TPUs and meshes of several devices (not measured there; the AOT fit tables are made
+    for the scanned loop)."""
+    if config.quantize != "none" or not devices:
+        return "scan"
+    nbytes = _copy_bytes(params, min(grid.CODE_LOGITS, config.decoder.vocab_size)) if copy_bytes is None \
+        else copy_bytes
+    if all(d.platform == "cpu" for d in devices):
+        return "unrolled" if _copy_fits(nbytes) else "scan"
+    if len(devices) == 1 and devices[0].platform == "gpu":
+        return "unrolled" if _device_copy_fits(nbytes, devices[0]) else "scan"
+    return "scan"
+
+
 @dataclasses.dataclass
 class _KeptCache:
     """What a `generate(reuse_cache=True)` call leaves for the next: its row's KV cache and the
@@ -448,20 +480,21 @@ class DecodeLoop:
         `layers`: how the compiled steps run the layer stack. "scan" loops over the stacked
         parameters and a stacked KV cache; "unrolled" holds a copy of each layer's parameters and
         a KV buffer per layer. On a CPU, a scanned layer's slice of the stacked weights and cache is
-        copied out before its dots read it (on an accelerator XLA reads it in place), which made a
-        16-row decode step of the 8-layer benchmark model 3x what its arithmetic costs: "auto"
-        unrolls on CPU and scans elsewhere. Unrolled, the loop keeps its own copy of the decoder's
-        (and SigLIP's) layer weights beside the model's, laid out as a CPU's dots read them
-        without a copy at each step (`models.unitoken.cpu_decode_params`: q/k/v kernels
-        [embed, heads, head_dim], the LM head's image-code columns stored apart), so "auto" scans
-        on a CPU whose free memory is under twice that copy, and for int8 weights (unrolled, XLA's
-        CPU converts every layer's int8 kernels to float together: a float copy of the weights).
+        copied out before its dots read it, which made a 16-row decode step of the 8-layer
+        benchmark model 3x what its arithmetic costs; on an H200 the 7B's scanned step was 3x its
+        unrolled one. Unrolled, the loop keeps its own copy of the decoder's (and SigLIP's) layer
+        weights beside the model's, laid out as a CPU's dots read them without a copy at each step
+        (`models.unitoken.cpu_decode_params`: q/k/v kernels [embed, heads, head_dim], the LM
+        head's image-code columns stored apart). "auto" (`auto_layers`) unrolls float weights on a
+        CPU or on one GPU where twice that copy is free, and scans otherwise: int8 weights
+        (unrolled, XLA's CPU converts every layer's int8 kernels to float together: a float copy of
+        the weights), TPUs and meshes of several devices.
 
         `cache_block` (scanned layers only): a step's attention reads the stacked KV cache this many
         slots at a time, and only the blocks below the furthest slot any row has reached, with no
         copy of a layer's slice (`models.layers.attend_filled`); 0 reads every slot, as one
-        product. None: `CPU_CACHE_BLOCK` on a CPU, 0 elsewhere (not yet measured on an accelerator,
-        where a step of 8 images with CFG and int8 weights would read more cache than weights)."""
+        product. None: `CPU_CACHE_BLOCK` on a CPU, 0 elsewhere (on an H200, blocks of 256 made the
+        7B's int8 step of 8 images with CFG slower than reading every slot)."""
         if layers not in ("auto", "scan", "unrolled"):
             raise ValueError(f"layers={layers!r}: expected 'auto', 'scan' or 'unrolled'")
 
@@ -482,15 +515,12 @@ class DecodeLoop:
         self.prompt_multiple = int(prompt_multiple)
         self.config = config
         self.mesh = mesh
-        devices = mesh.devices.flat if mesh is not None else jax.devices()
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
         on_cpu = all(d.platform == "cpu" for d in devices)
         if layers == "auto":
-            # int8 weights scan: unrolled, XLA's CPU converts every layer's kernels to float at once
-            # (a full-precision copy of the weights, what int8 is there to avoid)
-            layers = "unrolled" if on_cpu and config.quantize == "none" and _copy_fits(
-                _copy_bytes(params, self._code_logits)) else "scan"
+            layers = auto_layers(config, params, devices)
         self.layers = layers
-        if cache_block is None:  # measured on a CPU only so far (benchmarks/results/decode_blocks.md)
+        if cache_block is None:  # benchmarks/results/decode_blocks.md (CPU), decode_accel.md (H200)
             cache_block = CPU_CACHE_BLOCK if on_cpu else 0
         self.cache_block = int(cache_block)
         self.params = params
