@@ -812,6 +812,27 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert "the prompt is empty" in capsys.readouterr().err and (tmp_path / "u_1.png").exists()
     assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--cache-growth", "0", *common]) == 2
     assert "cache_growth" in capsys.readouterr().err
+    # scanned layers (what `auto` runs on a TPU) draw the same pictures as this CPU's unrolled default
+    from unitoken_jax.inference import pipeline as pipeline_module
+
+    ran = []
+
+    class Recorded(DecodeLoop):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            ran.append(self.layers)
+
+    monkeypatch.setattr(pipeline_module, "DecodeLoop", Recorded)
+    assert cli.main(["generate", "he is", "--out", str(tmp_path / "s.png"), "--n", "2", "--size", "64x32",
+                     "--layers", "scan", *common]) == 0
+    assert ran == ["scan"]
+    monkeypatch.setattr(pipeline_module, "DecodeLoop", DecodeLoop)
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"g_{i}.png")),
+                              np.asarray(Image.open(tmp_path / f"s_{i}.png")))
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--layers", "rolled", *common])
+    assert "invalid choice: 'rolled'" in capsys.readouterr().err
     assert cli.main(["edit", cat, "the", "--out", str(tmp_path / "e.png"), "--size", "32x32", *common]) == 0
     assert (tmp_path / "e.png").exists()
     monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {cat}\nthe cat\nor\n"))

@@ -144,7 +144,7 @@ def _pipeline(args):
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
         how = _how_to_load(args, os.path.join(default.DEFAULT_DIR, "model"))
-        pipe = default.pipeline(adapters=args.adapters, cache_growth=args.cache_growth, **how)
+        pipe = default.pipeline(adapters=args.adapters, cache_growth=args.cache_growth, layers=args.layers, **how)
         if args.image_prefix is not None:
             pipe.image_prefix = _ids(args.image_prefix)
         _say_placement(pipe.model)
@@ -162,7 +162,8 @@ def _pipeline(args):
     vq = VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
     _say_placement(model)
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
-                            vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth)
+                            vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth,
+                            layers=args.layers)
 
 
 def _how_to_load(args, model_dir: str) -> dict:
@@ -920,6 +921,11 @@ def _parser() -> argparse.ArgumentParser:
                             "sizes as doubling from 256 would take, evenly spaced): fewer unfilled slots read a "
                             "step (-2 to +4 %% at 16 rows, measured), more compiles the first time a batch "
                             "shape comes (benchmarks/results/decode.md)")
+        p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
+                       help="how the decode loop runs the layer stack: unrolled keeps its own copy of the layer "
+                            "weights and compiles once per cache size; on an H200 a 7B step took a third of the "
+                            "scanned one's time (benchmarks/results/decode_accel.md). auto: unrolled for float "
+                            "weights on a CPU or on one GPU with twice that copy free, scanned otherwise")
         p.add_argument("--mesh", default="auto",
                        help="the devices of this host the model runs on: 'auto' (on a host of several accelerator "
                             "chips, all of them, split the tensor-parallel way as far as the heads divide; else "

@@ -118,7 +118,7 @@ class UniTokenPipeline:
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
                  cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512), anyres_pinpoints=None,
-                 cache_block: int | None = None):
+                 cache_block: int | None = None, layers: str = "auto"):
         """`default_size`: (width, height) of a picture drawn or edited without a `size` (the bundled
         model's pipeline: its 64 x 64). Other defaults come from the model: `image_prefix` the
         reference's 16853 where the vocabulary has that id (none otherwise), `vq_size` 512 or, for a
@@ -126,7 +126,9 @@ class UniTokenPipeline:
         quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
         `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster steps at most, more compiles on the
         first call); `cache_block` too (a scanned loop's cache read in blocks, the filled ones
-        only: a CPU's default, opt-in on accelerators). `anyres_pinpoints`: the canvases AnyRes
+        only: a CPU's default, opt-in on accelerators) and `layers` ("auto", "scan" or "unrolled":
+        how the decode loop runs the layer stack; `auto` unrolls float weights on a CPU or one GPU
+        with room for its copy of them, `inference.decode.auto_layers`). `anyres_pinpoints`: the canvases AnyRes
         tiles a picture on, as the model was trained (the pre-tokenizer's `anyres_grid_pinpoints`);
         None: the reference's, scaled to the tile size."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
@@ -156,7 +158,7 @@ class UniTokenPipeline:
         # a VQ-GAN with fewer codes than the tokenizer names (small ones trained here) bans the rest
         banned = tokenizer.code_to_bpe[vq.config.n_embed:] if vq is not None else None
         self.decode_loop = DecodeLoop(model.config, model.params, model.mesh, banned_ids=banned,
-                                      cache_growth=cache_growth, cache_block=cache_block)
+                                      cache_growth=cache_growth, cache_block=cache_block, layers=layers)
 
     # --- requests -------------------------------------------------------------------------------
     @property

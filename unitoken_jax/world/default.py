@@ -64,11 +64,12 @@ def describe() -> str:
 
 
 def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantize: str | None = None,
-             adapters: str | None = None, cache_growth: int | None = None, param_dtype: str = "float32"):
+             adapters: str | None = None, cache_growth: int | None = None, param_dtype: str = "float32",
+             layers: str = "auto"):
     """The bundled model as a `UniTokenPipeline` (computing in `dtype`, its parameters held in
     `param_dtype` and sharded over `mesh` if given;
     `quantize="int8"` for int8 weights; `adapters`: LoRA adapters for it in PEFT's format, e.g. the
-    French ones of `world.finetune_demo`; `cache_growth`: see `DecodeLoop`)."""
+    French ones of `world.finetune_demo`; `cache_growth`, `layers`: see `DecodeLoop`)."""
     s = settings(path)
     logging.getLogger(__name__).info(describe())
     model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, param_dtype=param_dtype,
@@ -76,7 +77,7 @@ def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantiz
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
                             image_prefix=s["image_prefix"], cache_growth=cache_growth,
-                            default_size=tuple(s["size"]))
+                            default_size=tuple(s["size"]), layers=layers)
 
 
 if __name__ == "__main__":
