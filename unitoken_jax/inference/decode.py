@@ -611,12 +611,12 @@ class DecodeLoop:
         prefill (the first: the prefill's), up to `max_new` steps, at most `full` (default
         `prompt + max_new`; `_prepare`'s cache length).
 
-        Unrolled (on a CPU), the cache grows as the rows do, to the next multiple of a step (at most
+        Unrolled (on a CPU or one GPU), the cache grows as the rows do, to the next multiple of a step (at most
         the full length; `cache_growth`, else `default_growth`): each step's attention reads every
         slot of the cache, filled or not, and at 16 rows over a 512 x 512 picture's 1,100
         positions that reading is most of the step. Each length compiles the loop once more (4 in
         all for that picture by default), and growing holds the old and the new cache at once,
-        which is why a scanned loop (the accelerators', where AOT fit tables are made at the full
+        which is why a scanned loop (a TPU's, where AOT fit tables are made at the full
         length) keeps one full cache, except for a chat turn (`_doubling`)."""
         full = prompt + max_new if full is None else full
         ends = _chunk_ends(max_new, chunk)
@@ -726,14 +726,14 @@ class DecodeLoop:
         taken from that call's KV cache instead of being computed again (a guided request's
         unconditional partner is prefilled beside it), and this call's row's cache is kept for the
         next (on the device, until a call that does not reuse it). A turn then prefills only its
-        new messages, and compiles only where their padded width or the cache's length is new; on
-        an accelerator the cache grows by doubling as the rows need it (`_doubling`: from 256, up to
+        new messages, and compiles only where their padded width or the cache's length is new; with
+        scanned layers the cache grows by doubling as the rows need it (`_doubling`: from 256, up to
         the model's positions, whatever the budget) (benchmarks/chat_turns.py)."""
         kept, self._kept = self._kept, None  # a call that does not reuse the cache frees it
         rows, batch, params, max_new, cache_len = self._prepare(requests)
         reuse_cache = reuse_cache and len(requests) == 1  # (a guided one's partner row is not kept)
         start = self._reusable(kept, requests[0]) if reuse_cache and kept is not None else 0
-        if reuse_cache and self.layers != "unrolled":  # a chat on an accelerator: the cache doubles as rows need
+        if reuse_cache and self.layers != "unrolled":  # a scanned loop's chat: the cache doubles as rows need
             capacities = self._doubling(batch[0].shape[1], max_new, chunk, cache_len,
                                         cache_length(kept.cache) if start else MIN_CAPACITY)
         else:
