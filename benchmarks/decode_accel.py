@@ -1,7 +1,9 @@
 """Decoding on an accelerator: a 7B-shaped random model (the released config, random weights made
-on the device) in bfloat16 and int8 weights, one 512 x 512 image with CFG at batch 1 and 8,
-against the HBM roofline (weight bytes / memory bandwidth per step). Run on demand where a GPU or
-TPU is at hand; results to benchmarks/results/decode_accel.md.
+on the device) in bfloat16 and int8 weights, each with the decode loop's own layer layout
+(`inference.decode.auto_layers`), and bfloat16 with scanned layers beside; one 512 x 512 image
+with CFG at batch 1 and 8, against the HBM roofline (weight bytes / memory bandwidth per step),
+and each first call with its compiles. Run on demand where a GPU or TPU is at hand; results to
+benchmarks/results/decode_accel.md.
 
     python benchmarks/decode_accel.py --bandwidth-gbs 4800          # an H200
     python benchmarks/decode_accel.py --model tiny --grid 2         # a smoke run on a CPU
@@ -32,7 +34,6 @@ from unitoken_jax.tokenizer import layout  # noqa: E402
 from report import write_report  # noqa: E402
 
 
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="7b", help="a model preset of configs/model.py")
@@ -52,14 +53,32 @@ def main():
         return [Request(prompt, max_new_tokens=tokens, grid_hw=grid_hw, cfg_scale=3.0, image_top_k=2000,
                         stop_after_image=True, seed=i) for i in range(n)]
 
+    device = jax.devices()[0]
+    header = [f"# Decoding a {args.model}-shaped model on {device.device_kind}", "",
+              f"{datetime.date.today()}, jax {jax.__version__}, {jax.device_count()} x {device.device_kind}; random "
+              f"weights, decoder only (bfloat16 compute and cache), {args.grid * 32}px image = {tokens} tokens "
+              f"after the prompt, CFG 3, top-k 2000. Roofline: weight bytes / {args.bandwidth_gbs:.0f} GB/s x "
+              f"{tokens} steps (`benchmarks/decode_accel.py`). First call: the same call's first run, its "
+              "compiles included.", "",
+              f"| weights, layers | GiB | s / image, batch 1 | roofline s / image | images / s, batch {args.batch} | "
+              f"roofline images / s, batch {args.batch} | first call, s: batch 1 / {args.batch} |",
+              "|---|---|---|---|---|---|---|"]
+
+    def report(results, echo):
+        lines = [f"| {name} | {row['weights_gib']:.2f} | {row[1]:.2f} | {row['roofline_s']:.2f} | "
+                 f"{args.batch / row[args.batch]:.3f} | {args.batch / row['roofline_s']:.3f} | "
+                 f"{row['first 1']:.1f} / {row[f'first {args.batch}']:.1f} |" for name, row in results.items()]
+        write_report(header + lines + [""], args.out, echo=echo)
+
     results = {}
-    model = UniTokenModel.random(base, seed=0)
+    models = {"bfloat16": UniTokenModel.random(base, seed=0)}
     # each weight format with `DecodeLoop`'s own choice of layer layout (`auto_layers`: unrolled for
-    # float weights on one GPU with room for the copy, scanned for int8), and bfloat16 scanned beside
-    for name, weights, layers in (("bfloat16", "bfloat16", "auto"), ("bfloat16", "bfloat16", "scan"),
-                                  ("int8", "int8", "auto")):
-        if weights == "int8" and model.config.quantize == "none":
-            model = model.quantize("int8")
+    # float weights on one GPU with room for the copy, scanned for int8), then bfloat16 scanned; the
+    # table is written after each row, so a run stopped by its time limit still leaves the rows it ran
+    for weights, layers in (("bfloat16", "auto"), ("int8", "auto"), ("bfloat16", "scan")):
+        if weights not in models:
+            models[weights] = models["bfloat16"].quantize(weights)
+        model = models[weights]
         weight_bytes = sum(a.nbytes for a in jax.tree.leaves(model.params))
         loop = DecodeLoop(model.config, model.params, layers=layers)
         row = {"weights_gib": weight_bytes / 2**30,
@@ -73,26 +92,11 @@ def main():
             row[n] = time.perf_counter() - start
             assert all(len(t) == tokens for t in out.tokens)
         layout_name = {"scan": "scanned", "unrolled": "unrolled"}[loop.layers]
-        results[f"{name}, {layout_name} layers" + (" (auto)" if layers == "auto" else "")] = row
-        print(name, loop.layers, row, flush=True)
+        results[f"{weights}, {layout_name} layers" + (" (auto)" if layers == "auto" else "")] = row
+        print(weights, loop.layers, row, flush=True)
         del loop
-
-    device = jax.devices()[0]
-    lines = [f"# Decoding a {args.model}-shaped model on {device.device_kind}", "",
-             f"{datetime.date.today()}, jax {jax.__version__}, {jax.device_count()} x {device.device_kind}; random "
-             f"weights, decoder only (bfloat16 compute and cache), {args.grid * 32}px image = {tokens} tokens "
-             f"after the prompt, CFG 3, top-k 2000. Roofline: weight bytes / {args.bandwidth_gbs:.0f} GB/s x "
-             f"{tokens} steps (`benchmarks/decode_accel.py`). First call: the same call's first run, its "
-             "compiles included.", "",
-             f"| weights, layers | GiB | s / image, batch 1 | roofline s / image | images / s, batch {args.batch} | "
-             f"roofline images / s, batch {args.batch} | first call, s: batch 1 / {args.batch} |",
-             "|---|---|---|---|---|---|---|"]
-    for name, row in results.items():
-        lines.append(f"| {name} | {row['weights_gib']:.2f} | {row[1]:.2f} | {row['roofline_s']:.2f} | "
-                     f"{args.batch / row[args.batch]:.3f} | {args.batch / row['roofline_s']:.3f} | "
-                     f"{row['first 1']:.1f} / {row[f'first {args.batch}']:.1f} |")
-    write_report(lines + [""], args.out)
-
+        report(results, echo=False)
+    report(results, echo=True)
 
 if __name__ == "__main__":
     main()
