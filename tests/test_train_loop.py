@@ -246,7 +246,12 @@ def _pod(workdir, data, caches, *extra):
     procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(2)]  # one device each
     try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
+        outs = [p.communicate(timeout=420)[0] for p in procs]
+    except subprocess.TimeoutExpired:  # (alone it takes ~20 s) both logs say where each process stood
+        for p in procs:
+            p.kill()
+        tails = [f"process {i}:\n" + p.communicate()[0][-3000:] for i, p in enumerate(procs)]
+        pytest.fail("the pod did not finish within 420 s; its logs end:\n" + "\n".join(tails))
     finally:  # a hung pod (a planted bug) must not go on using the cores
         for p in procs:
             p.kill()
