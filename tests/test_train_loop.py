@@ -235,6 +235,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _run_together(commands, timeout: int) -> list[str]:
+    """Runs the processes of a pod at once and returns their logs. Each writes to a file, not a
+    pipe: a pipe read one process after the other filled up (64 KiB) on the process not yet read,
+    which then stopped in its write while the other waited for it in a collective (it hung once in
+    the clean-clone CI; reproduced under load). A pod that does not finish within `timeout`
+    seconds fails with the end of each log (a planted bug's hang must not go on using the cores)."""
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [open(os.path.join(tmp, f"process-{i}.log"), "w+") for i in range(len(commands))]
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=_one_device(), stdout=f, stderr=subprocess.STDOUT, text=True)
+                 for cmd, f in zip(commands, files)]
+        deadline = time.time() + timeout
+        try:
+            for p in procs:
+                p.wait(timeout=max(deadline - time.time(), 0.1))
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        logs = []
+        for f in files:
+            f.seek(0)
+            logs.append(f.read())
+            f.close()
+    if hung:
+        pytest.fail(f"the pod did not finish within {timeout} s; its logs end:\n"
+                    + "\n".join(f"process {i}:\n{log[-3000:]}" for i, log in enumerate(logs)))
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return logs
+
+
 def _pod(workdir, data, caches, *extra):
     """Two processes on gloo train the tiny stage 2 for 4 steps; `caches[i]`: process i's
     compilation cache. Returns their logs."""
@@ -243,22 +280,7 @@ def _pod(workdir, data, caches, *extra):
         workdir, data, "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=2",
         f"--config.compilation_cache={caches[i]}", f"--coordinator=localhost:{port}", "--num_processes=2",
         f"--process_id={i}", *extra)
-    procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(2)]  # one device each
-    try:
-        outs = [p.communicate(timeout=420)[0] for p in procs]
-    except subprocess.TimeoutExpired:  # (alone it takes ~20 s) both logs say where each process stood
-        for p in procs:
-            p.kill()
-        tails = [f"process {i}:\n" + p.communicate()[0][-3000:] for i, p in enumerate(procs)]
-        pytest.fail("the pod did not finish within 420 s; its logs end:\n" + "\n".join(tails))
-    finally:  # a hung pod (a planted bug) must not go on using the cores
-        for p in procs:
-            p.kill()
-            p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-    return outs
+    return _run_together([cmd(i) for i in range(2)], timeout=420)  # (alone: ~20 s a pod run)
 
 
 # evaluation at the last step, with pictures drawn and questions answered by the pod; the held-out
@@ -403,17 +425,8 @@ def test_a_pods_processes_put_in_the_features_of_their_own_pictures(data):
     block by block: in a two-process pod (gloo) the embeddings of every process's rows, and the
     held-out loss, equal what each process computes alone from its own rows (tests/pod_gather.py)."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "pod_gather.py"), f"localhost:{port}",
-                               str(i), data], cwd=ROOT, env=_one_device(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    outs = _run_together([[sys.executable, os.path.join(ROOT, "tests", "pod_gather.py"), f"localhost:{port}", str(i),
+                           data] for i in range(2)], timeout=300)
     assert all("embeddings apart by at most" in out for out in outs), outs[0][-2000:]  # it compared them
 
 
