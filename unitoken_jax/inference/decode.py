@@ -273,7 +273,7 @@ def _device_copy_fits(nbytes: int, device) -> bool:
     return 2 * nbytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def auto_layers(config, params, devices: Sequence, copy_bytes: int | None = None) -> str:
+def auto_layers(config, params, devices: Sequence) -> str:
     """What `DecodeLoop(layers="auto")` runs on `devices` (the loop's: its mesh's, or the default
     device alone): "unrolled" for float weights on a CPU, or on one GPU, where the loop's copy of
     the layer weights fits (twice its size free: host memory on a CPU, the GPU's own); "scan"
@@ -285,8 +285,7 @@ def auto_layers(config, params, devices: Sequence, copy_bytes: int | None = None
     for the scanned loop)."""
     if config.quantize != "none" or not devices:
         return "scan"
-    nbytes = _copy_bytes(params, min(grid.CODE_LOGITS, config.decoder.vocab_size)) if copy_bytes is None \
-        else copy_bytes
+    nbytes = _copy_bytes(params, min(grid.CODE_LOGITS, config.decoder.vocab_size))
     if all(d.platform == "cpu" for d in devices):
         return "unrolled" if _copy_fits(nbytes) else "scan"
     if len(devices) == 1 and devices[0].platform == "gpu":
