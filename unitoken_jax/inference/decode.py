@@ -241,6 +241,12 @@ def _initial_grid(rows) -> GridState:
                            [r.stop_after_image for r in requests])
 
 
+def code_logit_count(config) -> int:
+    """The logits a step that can only draw image codes computes (a text-only decoder's
+    vocabulary may end before the codes)."""
+    return min(grid.CODE_LOGITS, config.decoder.vocab_size)
+
+
 def _copy_bytes(params, head_prefix: int) -> int:
     """Bytes an unrolled loop's own parameters add (`cpu_decode_params`): the stacked layer weights,
     and the LM head's first `head_prefix` columns (and their int8 scales) stored apart."""
@@ -285,7 +291,7 @@ def auto_layers(config, params, devices: Sequence) -> str:
     for the scanned loop)."""
     if config.quantize != "none" or not devices:
         return "scan"
-    nbytes = _copy_bytes(params, min(grid.CODE_LOGITS, config.decoder.vocab_size))
+    nbytes = _copy_bytes(params, code_logit_count(config))
     if all(d.platform == "cpu" for d in devices):
         return "unrolled" if _copy_fits(nbytes) else "scan"
     if len(devices) == 1 and devices[0].platform == "gpu":
@@ -325,7 +331,7 @@ class _Steps:
     def __init__(self, config, layers: str, cache_dtype, ok_ids: np.ndarray, mesh):
         self.config, self.cache_dtype, self._ok_ids, self.mesh = config, cache_dtype, ok_ids, mesh
         self.module = UniToken(config.replace(scan_layers=True) if layers == "scan" else cpu_decode_config(config))
-        self._code_logits = min(grid.CODE_LOGITS, config.decoder.vocab_size)
+        self._code_logits = code_logit_count(config)
 
     def _apply(self, params, *args, **kwargs):
         return self.module.apply({"params": params}, *args, **kwargs)
@@ -539,7 +545,7 @@ class DecodeLoop:
         """Takes the model's (scanned-layout) parameters."""
         if self.layers == "unrolled":
             def layout(p):
-                return cpu_decode_params(p, self.config, head_prefix=self._code_logits)
+                return cpu_decode_params(p, self.config, head_prefix=code_logit_count(self.config))
 
             if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(params)):
                 params = jax.eval_shape(layout, params)
@@ -547,12 +553,6 @@ class DecodeLoop:
                 params = layout(params)
         self._params = params
         self._kept = None  # a cache kept for `generate(reuse_cache=True)` holds these parameters' keys
-
-    @property
-    def _code_logits(self) -> int:
-        """The logits a step that can only draw image codes computes (a text-only decoder's
-        vocabulary may end before the codes)."""
-        return min(grid.CODE_LOGITS, self.config.decoder.vocab_size)
 
     @property
     def _steps(self) -> "_Steps":

@@ -126,11 +126,12 @@ class UniTokenPipeline:
         quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
         `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster steps at most, more compiles on the
         first call); `cache_block` too (a scanned loop's cache read in blocks, the filled ones
-        only: a CPU's default, opt-in on accelerators) and `layers` ("auto", "scan" or "unrolled":
-        how the decode loop runs the layer stack; `auto` unrolls float weights on a CPU or one GPU
-        with room for its copy of them, `inference.decode.auto_layers`). `anyres_pinpoints`: the canvases AnyRes
-        tiles a picture on, as the model was trained (the pre-tokenizer's `anyres_grid_pinpoints`);
-        None: the reference's, scaled to the tile size."""
+        only: a CPU's default, opt-in on accelerators, where an H200 ran it slower) and `layers`
+        ("auto", "scan" or "unrolled": how the decode loop runs the layer stack; `auto` unrolls
+        float weights on a CPU or one GPU with room for its copy of them,
+        `inference.decode.auto_layers`). `anyres_pinpoints`: the canvases AnyRes tiles a picture
+        on, as the model was trained (the pre-tokenizer's `anyres_grid_pinpoints`); None: the
+        reference's, scaled to the tile size."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.default_size = _size_pair(default_size)
         vocab = model.config.decoder.vocab_size
