@@ -272,6 +272,13 @@ MUTATIONS = (
              'return 2 * nbytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)',
              'return nbytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)',
              ("tests/test_inference.py", "-k", "auto_unrolls_on_one_gpu")),
+    Mutation("unrolled_training_swaps_layers", "an unrolled train step (`scan_layers=False`) running the first two "
+             "decoder layers in each other's place", "unitoken_jax/train/step.py",
+             "            params = unroll_params(params, config)\n",
+             "            params = unroll_params(params, config)\n"
+             "            d = params['decoder'] = dict(params['decoder'])\n"
+             "            d['layers_0'], d['layers_1'] = d['layers_1'], d['layers_0']\n",
+             ("tests/test_train_step.py", "-k", "unrolled")),
 )
 
 

@@ -104,6 +104,42 @@ def test_vit_learning_rate_scale():
     assert vit_update(0.1) == pytest.approx(0.1 * full, rel=1e-3)
 
 
+@pytest.mark.parametrize("trainable", ["all", "vision"])
+def test_unrolled_layers_train_like_scanned_ones_from_the_same_state(trainable):
+    """`model.scan_layers=False` (faster on a CPU) trains the same state in the scanned layout:
+    the step unrolls the layers inside, so losses, metrics and the updated parameters (and Adam's
+    moments) equal the scanned step's after two steps, frozen parts included. (No dropout: the two
+    layouts split the dropout key per layer differently.)"""
+    config = OptimizerConfig(learning_rate=1e-3, total_steps=10, warmup_fraction=0.0, trainable=trainable)
+    cfg = _config()
+    cfg = cfg.replace(decoder=dataclasses.replace(cfg.decoder, dropout=0.0))
+    params = unitoken_jax.UniTokenModel.random(cfg, seed=3).params
+    tx = make_optimizer(config, params)
+    mask = trainable_mask(params, trainable)
+    out = {}
+    for scan in (True, False):
+        step = jax.jit(make_train_step(cfg.replace(scan_layers=scan), tx, mask))
+        state = init_state(params, tx, seed=5)
+        metrics = [step(state, _batch(0))]
+        metrics.append(step(metrics[0][0], _batch(1)))
+        out[scan] = metrics
+    for (s_state, s_m), (u_state, u_m) in zip(out[True], out[False]):
+        assert jax.tree.structure(u_state.params) == jax.tree.structure(s_state.params)  # scanned layout kept
+        for k in ("loss", "grad_norm", "ce_understanding", "ce_generation"):
+            np.testing.assert_allclose(float(u_m[k]), float(s_m[k]), rtol=2e-5, err_msg=k)
+        # each leaf's update and moments within 1 % of the leaf's largest, or of a thousandth of
+        # the tree's largest (Adam turns a rounding difference of a near-zero gradient into an
+        # update of up to the learning rate)
+        moved = lambda st: jax.tree.map(lambda a, b: a - b, st.params, params)  # noqa: E731
+        for unrolled, scanned in ((moved(u_state), moved(s_state)), (u_state.opt_state, s_state.opt_state)):
+            leaves = [(jax.tree_util.keystr(path), np.asarray(a, np.float64), np.asarray(b, np.float64))
+                      for a, (path, b) in zip(jax.tree.leaves(unrolled), jax.tree.leaves_with_path(scanned))]
+            floor = 1e-3 * max(np.abs(b).max() for _, _, b in leaves)
+            for name, a, b in leaves:
+                assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max() + floor, name
+    assert float(out[True][1][1]["loss"]) != float(out[True][0][1]["loss"])  # the second step saw another batch
+
+
 # --- the optimizer against AdamW written out in NumPy ------------------------------------------
 def _numpy_adamw(params, micro_grads, config: OptimizerConfig):
     """The reference's optimizer from its definition: every `accumulation_steps` micro-batches,

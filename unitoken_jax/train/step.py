@@ -17,7 +17,7 @@ from flax import struct
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.layers import lora_dropout
 from unitoken_jax.models.loss import fused_lm_loss
-from unitoken_jax.models.unitoken import UniToken
+from unitoken_jax.models.unitoken import UniToken, unroll_params
 
 
 @struct.dataclass
@@ -40,13 +40,20 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
     """`train_step(state, batch) -> (state, metrics)`; jit it with shardings and donate the state.
 
     `batch` holds tokens, labels, positions, segment_ids and optionally is_continuous,
-    feature_index, pixels and generation (see `UniTokenModel.forward`)."""
+    feature_index, pixels and generation (see `UniTokenModel.forward`).
+
+    The state's parameters are always in the scanned layout (a leading layers axis: what
+    checkpoints, shardings and the optimizer's moments are laid out for); with
+    `config.scan_layers=False` the step slices them into one tree per layer inside the compiled
+    step, and the gradient of that slicing stacks the layers' gradients back."""
     module = UniToken(config)
     head = mask["decoder"]["lm_head"]
     head_trains = bool(head["kernel"]) or bool(head.get("lora_b", False))
 
     def loss_fn(params, batch, rng):
         params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+        if not config.scan_layers:
+            params = unroll_params(params, config)
         hidden, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
                                  deterministic=False, rngs={"dropout": rng}, return_hidden=True,
