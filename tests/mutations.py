@@ -274,11 +274,16 @@ MUTATIONS = (
              ("tests/test_inference.py", "-k", "auto_unrolls_on_one_gpu")),
     Mutation("unrolled_training_swaps_layers", "an unrolled train step (`scan_layers=False`) running the first two "
              "decoder layers in each other's place", "unitoken_jax/train/step.py",
-             "            params = unroll_params(params, config)\n",
-             "            params = unroll_params(params, config)\n"
-             "            d = params['decoder'] = dict(params['decoder'])\n"
-             "            d['layers_0'], d['layers_1'] = d['layers_1'], d['layers_0']\n",
+             '        hidden, _ = module.apply({"params": run_layout(params, config)},',
+             "        params = run_layout(params, config)\n"
+             "        d = params['decoder'] = dict(params['decoder'])\n"
+             "        d['layers_0'], d['layers_1'] = d['layers_1'], d['layers_0']\n"
+             '        hidden, _ = module.apply({"params": params},',
              ("tests/test_train_step.py", "-k", "unrolled")),
+    Mutation("unrolled_eval_reads_scanned", "the in-training evaluation of an unrolled run (`scan_layers=False`) "
+             "applying the state's scanned parameters as they are", "unitoken_jax/train/evaluate.py",
+             'module.apply({"params": run_layout(params, config)}', 'module.apply({"params": params}',
+             ("tests/test_eval_in_training.py", "-k", "unrolled")),
 )
 
 

@@ -179,13 +179,12 @@ def test_eval_losses_pictures_and_answers_are_written(data, evaluated):
     assert caption.min() < 128  # the prompt is written beneath its picture
 
 
-def test_the_eval_loss_is_the_models_cross_entropy_on_the_held_out_batches(data, evaluated):
-    """Recomputed from the final model's full logits (not the fused loss) on the first two
-    batches of the loop's held-out pipeline: the step-4 evaluation measured exactly those."""
-    workdir, _ = evaluated
+def _held_out_ce(config, workdir):
+    """(tokens, mean cross-entropy) recomputed from the run's final model's full logits (not the
+    fused loss) on the first two batches of the loop's held-out pipeline."""
     model = load(os.path.join(workdir, "final"))
     total, count = 0.0, 0
-    for b in _held_out_batches(_with_samples(data), workdir, 2):
+    for b in _held_out_batches(config, workdir, 2):
         logits, _ = model.forward(b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"],
                                   is_continuous=b["is_continuous"], feature_index=b["feature_index"],
                                   pixels=b["pixels"])
@@ -197,8 +196,30 @@ def test_the_eval_loss_is_the_models_cross_entropy_on_the_held_out_batches(data,
         picked = np.take_along_axis(logits, np.maximum(targets, 0)[..., None], -1)[..., 0]
         total += float(((lse - picked) * valid).sum())
         count += int(valid.sum())
+    return count, total / count
+
+
+def test_the_eval_loss_is_the_models_cross_entropy_on_the_held_out_batches(data, evaluated):
+    """The step-4 evaluation measured exactly the first two held-out batches, on the final model."""
+    workdir, _ = evaluated
+    count, ce = _held_out_ce(_with_samples(data), workdir)
     assert _scalars(_events(workdir), "eval/tokens")[4] == count
-    np.testing.assert_allclose(_scalars(_events(workdir), "eval/ce")[4], total / count, rtol=1e-5)
+    np.testing.assert_allclose(_scalars(_events(workdir), "eval/ce")[4], ce, rtol=1e-5)
+
+
+def test_a_run_with_unrolled_layers_trains_checkpoints_and_evaluates(data, tmp_path):
+    """`model.scan_layers=False`: the train step and the evaluation unroll the layers inside; the
+    checkpoint keeps the scanned layout, and the held-out loss is the final model's."""
+    config = _config(data)
+    config.model.scan_layers = False
+    workdir = str(tmp_path / "unrolled")
+    train_and_evaluate(config, workdir)
+    state = ocp.PyTreeCheckpointer().metadata(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
+    decoder = state.item_metadata.tree["params"]["decoder"]
+    assert "layers" in decoder and "layers_0" not in decoder
+    count, ce = _held_out_ce(config, workdir)
+    assert _scalars(_events(workdir), "eval/tokens")[4] == count
+    np.testing.assert_allclose(_scalars(_events(workdir), "eval/ce")[4], ce, rtol=1e-5)
 
 
 def test_a_run_trains_the_same_with_evaluation_as_without(data, evaluated, tmp_path):

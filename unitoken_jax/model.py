@@ -35,7 +35,7 @@ from unitoken_jax.models.unitoken import (
     abstract_params,
     init_variables,
     param_shardings,
-    unroll_params,
+    run_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def _entry_point(name: str, config: UniTokenConfig):
     module = UniToken(config)
 
     def variables(params):
-        return {"params": params if config.scan_layers else unroll_params(params, config)}
+        return {"params": run_layout(params, config)}
 
     def text_logits(params, tokens):
         b, length = tokens.shape

@@ -132,6 +132,13 @@ def unroll_params(params: dict, config: UniTokenConfig) -> dict:
     return out
 
 
+def run_layout(params: dict, config: UniTokenConfig) -> dict:
+    """Scanned-layout parameters (a model's, a train state's, a checkpoint's) -> the layout
+    `UniToken(config)` applies: as they are with `scan_layers`, unrolled without (inside a jitted
+    function the unrolling is slicing, and its gradient stacks the layers' gradients back)."""
+    return params if config.scan_layers else unroll_params(params, config)
+
+
 def cpu_decode_config(config: UniTokenConfig) -> UniTokenConfig:
     """The config of the model `cpu_decode_params` lays the parameters out for."""
     decoder = dataclasses.replace(config.decoder, qkv_embed_first=True) if config.decoder is not None else None

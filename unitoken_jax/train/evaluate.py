@@ -34,7 +34,7 @@ from unitoken_jax.inference.pipeline import UniTokenPipeline
 from unitoken_jax.model import UniTokenModel
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.loss import fused_lm_loss
-from unitoken_jax.models.unitoken import UniToken
+from unitoken_jax.models.unitoken import UniToken, run_layout
 from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.train.config import EvalConfig
 from unitoken_jax.train.program import batch_shards
@@ -52,13 +52,14 @@ CAPTION_HEIGHT = 40
 
 def make_eval_loss(config: UniTokenConfig, feature_blocks: int = 1):
     """`eval_loss(params, batch) -> metrics` of `fused_lm_loss`: the train step's loss (a LoRA head's
-    adapter folded in as there), deterministic; `feature_blocks` as the train step's."""
+    adapter folded in as there), deterministic; `feature_blocks` as the train step's; `params` in
+    the scanned layout, as the train state holds them."""
     module = UniToken(config)
 
     def eval_loss(params, batch):
-        hidden, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
-                                 deterministic=True, return_hidden=True, feature_blocks=feature_blocks)
+        hidden, _ = module.apply({"params": run_layout(params, config)}, batch["tokens"], batch["positions"],
+                                 batch["segment_ids"], batch.get("is_continuous"), batch.get("feature_index"),
+                                 batch.get("pixels"), deterministic=True, return_hidden=True, feature_blocks=feature_blocks)
         _, metrics = fused_lm_loss(hidden, head_kernel(params["decoder"]["lm_head"], config), batch["labels"],
                                    batch["segment_ids"], config.z_loss_weight, batch.get("generation"),
                                    chunk=config.loss_chunk, dtype=config.dtype, kernel_grad=False)

@@ -17,7 +17,7 @@ from flax import struct
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.layers import lora_dropout
 from unitoken_jax.models.loss import fused_lm_loss
-from unitoken_jax.models.unitoken import UniToken, unroll_params
+from unitoken_jax.models.unitoken import UniToken, run_layout
 
 
 @struct.dataclass
@@ -52,9 +52,7 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
 
     def loss_fn(params, batch, rng):
         params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-        if not config.scan_layers:
-            params = unroll_params(params, config)
-        hidden, _ = module.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+        hidden, _ = module.apply({"params": run_layout(params, config)}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                  batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
                                  deterministic=False, rngs={"dropout": rng}, return_hidden=True,
                                  feature_blocks=feature_blocks)
