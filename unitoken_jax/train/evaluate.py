@@ -59,7 +59,8 @@ def make_eval_loss(config: UniTokenConfig, feature_blocks: int = 1):
     def eval_loss(params, batch):
         hidden, _ = module.apply({"params": run_layout(params, config)}, batch["tokens"], batch["positions"],
                                  batch["segment_ids"], batch.get("is_continuous"), batch.get("feature_index"),
-                                 batch.get("pixels"), deterministic=True, return_hidden=True, feature_blocks=feature_blocks)
+                                 batch.get("pixels"), deterministic=True, return_hidden=True,
+                                 feature_blocks=feature_blocks)
         _, metrics = fused_lm_loss(hidden, head_kernel(params["decoder"]["lm_head"], config), batch["labels"],
                                    batch["segment_ids"], config.z_loss_weight, batch.get("generation"),
                                    chunk=config.loss_chunk, dtype=config.dtype, kernel_grad=False)

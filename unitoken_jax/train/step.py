@@ -52,9 +52,9 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
 
     def loss_fn(params, batch, rng):
         params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-        hidden, _ = module.apply({"params": run_layout(params, config)}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 batch.get("is_continuous"), batch.get("feature_index"), batch.get("pixels"),
-                                 deterministic=False, rngs={"dropout": rng}, return_hidden=True,
+        hidden, _ = module.apply({"params": run_layout(params, config)}, batch["tokens"], batch["positions"],
+                                 batch["segment_ids"], batch.get("is_continuous"), batch.get("feature_index"),
+                                 batch.get("pixels"), deterministic=False, rngs={"dropout": rng}, return_hidden=True,
                                  feature_blocks=feature_blocks)
         # the head and the loss together, on the predicting positions only (no [B, L, V] logits)
         hidden, kernel = head_inputs(hidden, params["decoder"]["lm_head"], config, jax.random.fold_in(rng, _HEAD_RNG))
