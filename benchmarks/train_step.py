@@ -205,13 +205,14 @@ def main():
         config = TrainConfig.from_config_dict(config)
         program = build_program(config, make_mesh(config.mesh))
         params = jax.tree.map(lambda a: a.copy(), model.params)  # the step donates its state's buffers
-        holder = [create_state(params, program.tx, program.state_shardings, config.seed)]
+        state = create_state(params, program.tx, program.state_shardings, config.seed)
 
         def run(bs):
+            nonlocal state
             start = time.perf_counter()
             with program.context():
                 for b in bs:
-                    holder[0], m = program.jitted(holder[0], {k: b[k] for k in BATCH_KEYS})
+                    state, m = program.jitted(state, {k: b[k] for k in BATCH_KEYS})
                 jax.block_until_ready(m["loss"])
             return time.perf_counter() - start
 
