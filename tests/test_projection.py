@@ -52,3 +52,16 @@ def test_a_projection_reaches_xla_as_one_2d_matmul(equation):
     x_letters, out = equation.split(",")[0], equation.split("->")[1]
     n_free = sum(c in out for c in x_letters)
     assert operands[0] == f"{int(np.prod(x_shape[:n_free]))}x{int(np.prod(x_shape[n_free:]))}", dots[0]
+
+
+def test_on_a_mesh_of_several_devices_the_dot_keeps_its_dims():
+    """Sharded programs keep the N-D dot: flattened on an 8-device mesh (fsdp 4 x tensor 2, 2
+    rows), the padding token's embedding got a gradient (`test_attention.py`'s mesh test caught it)."""
+    from unitoken_jax import sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2, devices=jax.devices()[:8])
+    with sharding.mesh_context(mesh):
+        product = jax.jit(lambda a, b: _contract("BTD,DF->BTF", a, b))
+        text = product.lower(jnp.zeros((2, 5, 6)), jnp.zeros((6, 7))).as_text()
+    dots = re.findall(r"stablehlo.dot_general.*", text)
+    assert len(dots) == 1 and "tensor<2x5x6xf32>" in dots[0], dots

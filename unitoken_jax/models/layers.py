@@ -278,6 +278,12 @@ def prefix_kernels(params: dict, stop: int) -> dict:
     return out
 
 
+def _one_device() -> bool:
+    """Is the program being traced for one device (no mesh, or a mesh of one)?"""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or int(np.prod(mesh.axis_sizes)) == 1
+
+
 def _contract(equation: str, x, kernel):
     """`einsum(equation, x, kernel)` as one dot_general that contracts the kernel's dims in the
     kernel's own order. (`jnp.einsum` orders them alphabetically: o_proj's "BTNH,NHD->BTD"
@@ -287,7 +293,10 @@ def _contract(equation: str, x, kernel):
     projection of the model is, the product is one 2-D matmul of the two flattened (reshapes that
     move no data): with [batch, length, ...] kept apart, XLA on CPU wrote the MLP's gate gradient
     transposed for its weight gradient (~30 ms a layer at 8 x 512 tokens) and the train step ran
-    ~7 % slower (`benchmarks/train_step.py`)."""
+    ~7 % slower (`benchmarks/train_step.py`). Only where no mesh of several devices is active: on an
+    8-device CPU mesh (fsdp 4 x tensor 2, 2 rows) the flattened form gave the padding token's
+    embedding a gradient it does not have (`tests/test_attention.py`), so sharded programs keep the
+    N-D dot."""
     inputs, out = equation.replace(" ", "").split("->")
     x_letters, kernel_letters = inputs.split(",")
     contracted = [c for c in kernel_letters if c not in out]
@@ -296,7 +305,7 @@ def _contract(equation: str, x, kernel):
         return jnp.einsum(equation, x, kernel)
     free_x = [c for c in x_letters if c not in contracted]
     kept = [c for c in kernel_letters if c not in contracted]
-    if list(x_letters) == free_x + contracted and list(kernel_letters) == contracted + kept:
+    if _one_device() and list(x_letters) == free_x + contracted and list(kernel_letters) == contracted + kept:
         n_free, n_in = len(free_x), len(contracted)
         y = jax.lax.dot_general(x.reshape(-1, int(np.prod(x.shape[n_free:]))),
                                 kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1), (((1,), (0,)), ((), ())))
