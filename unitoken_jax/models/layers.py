@@ -293,18 +293,18 @@ def _contract(equation: str, x, kernel):
     projection of the model is, the product is one 2-D matmul of the two flattened (reshapes that
     move no data): with [batch, length, ...] kept apart, XLA on CPU wrote the MLP's gate gradient
     transposed for its weight gradient (~30 ms a layer at 8 x 512 tokens) and the train step ran
-    ~7 % slower (`benchmarks/train_step.py`). Only where no mesh of several devices is active: on an
-    8-device CPU mesh (fsdp 4 x tensor 2, 2 rows) the flattened form gave the padding token's
-    embedding a gradient it does not have (`tests/test_attention.py`), so sharded programs keep the
-    N-D dot."""
+    ~7 % slower (`benchmarks/train_step.py`). Only where no mesh of several devices is active: where
+    the batch does not divide over the mesh (2 rows over fsdp 4), XLA's partitioner gave the
+    flattened form's padding token embedding a gradient it does not have (`tests/test_attention.py`;
+    reproduced in plain JAX with one embedding lookup and one flattened matmul, exact with 4 or 8
+    rows), so sharded programs keep the N-D dot."""
     inputs, out = equation.replace(" ", "").split("->")
     x_letters, kernel_letters = inputs.split(",")
     contracted = [c for c in kernel_letters if c not in out]
-    free = [c for c in x_letters if c not in contracted] + [c for c in kernel_letters if c not in contracted]
-    if "".join(free) != out or len(set(x_letters)) != len(x_letters):
-        return jnp.einsum(equation, x, kernel)
     free_x = [c for c in x_letters if c not in contracted]
     kept = [c for c in kernel_letters if c not in contracted]
+    if "".join(free_x + kept) != out or len(set(x_letters)) != len(x_letters):
+        return jnp.einsum(equation, x, kernel)
     if _one_device() and list(x_letters) == free_x + contracted and list(kernel_letters) == contracted + kept:
         n_free, n_in = len(free_x), len(contracted)
         y = jax.lax.dot_general(x.reshape(-1, int(np.prod(x.shape[n_free:]))),
