@@ -107,12 +107,14 @@ GROWTH = (128, 64)  # the finer cache growths measured beside the default
 
 
 def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, timed_steps: int | None = None,
-                            chunk: int = 64) -> float:
+                            chunk: int = 64, read: dict | None = None) -> float:
     """Seconds a step of the same forward the decode loop runs (one token a row through the
     cached decoder, then the code logits), in compiled loops, with no sampling, no grid and no
     guidance: what a decode step costs at least. The steps run in the segments over which
     `loop.generate` keeps one cache length (its cache grows between chunks where the layers are
-    unrolled), each from a cache of that length; only the loops are timed."""
+    unrolled), each from a cache of that length; only the loops are timed. `read`, if given, gets
+    "cache": the KV cache bytes a step reads (every slot of every layer's buffers: the unrolled
+    loop's attention reads them all), averaged over the timed steps."""
     import jax
     import jax.numpy as jnp
 
@@ -145,14 +147,44 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
         return jax.lax.fori_loop(first, end, body, (cache, jnp.float32(0)))[1]
 
     run = jax.jit(run, static_argnums=(2, 3))
-    seconds = 0.0
+    seconds, cache_bytes = 0.0, 0.0
     for first, end, capacity in segments:
         _, cache = loop._prefill(loop.params, *batch, capacity)
+        cache_bytes += (end - first) * sum(x.nbytes for x in jax.tree.leaves((cache["k"], cache["v"])))
         jax.block_until_ready(run(loop.params, cache, first, end))  # compile
         start = time.perf_counter()
         jax.block_until_ready(run(loop.params, cache, first, end))
         seconds += time.perf_counter() - start
+    if read is not None:
+        read["cache"] = cache_bytes / steps
     return seconds / steps
+
+
+def weight_bytes_per_step(params: dict, head_stop: int) -> int:
+    """The weight bytes a decode step reads: every decoder weight but the embedding table (a step
+    gathers one row of it per row) and, of the LM head, the columns of the ids [0, head_stop) it
+    computes (the code logits)."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params["decoder"]):
+        name = jax.tree_util.keystr(path)
+        if "embed_tokens" in name:
+            continue
+        total += leaf.nbytes * head_stop // leaf.shape[-1] if "lm_head" in name else leaf.nbytes
+    return total
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth as XLA reaches it, bytes per second: the best of
+    `repeats` sums of a float32 array of `megabytes` (far larger than any cache)."""
+    x = jnp.ones((megabytes << 18,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(total(x))
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best
 
 
 def watch_cache_sizes(loop: DecodeLoop) -> set:
@@ -247,8 +279,14 @@ def main():
         runs_g = [timed(lambda: stepped.generate([request(i) for i in range(args.batch)])) for _ in range(3)]
         assert all((a == b).all() for _, o in runs_g for a, b in zip(o.tokens, out_g.tokens))
         by_growth[label] = first_g, float(np.median([t for t, _ in runs_g]))
-    model_1 = model_only_step_seconds(loop, prompt, 2, n_tokens)
-    model_b = model_only_step_seconds(loop, prompt, 2 * args.batch, n_tokens)
+    read_1, read_b = {}, {}
+    model_1 = model_only_step_seconds(loop, prompt, 2, n_tokens, read=read_1)
+    model_b = model_only_step_seconds(loop, prompt, 2 * args.batch, n_tokens, read=read_b)
+    # the memory floor of a model-only step: the bytes it must read (weights once, the whole KV
+    # cache) at the read bandwidth XLA reaches on this machine, measured here
+    from unitoken_jax.inference import grid as grid_ids
+    weights = weight_bytes_per_step(ours.params, grid_ids.CODE_LOGITS)
+    bandwidth = read_bandwidth()
     # the weight formats for inference: bfloat16 and int8 (bfloat16 compute), model-only steps
     by_format = {}
     for name in ("bfloat16", "int8"):
@@ -302,6 +340,19 @@ def main():
         f"| 2 (batch 1) | {1e3 * ours_1 / n_tokens:.1f} | {1e3 * model_1:.1f} | {ours_1 / n_tokens / model_1:.2f} |",
         f"| {2 * args.batch} (batch {args.batch}) | {1e3 * ours_b / n_tokens:.1f} | {1e3 * model_b:.1f} | "
         f"{ours_b / n_tokens / model_b:.2f} |", "",
+        "The memory floor of a model-only step (float32 weights and cache; a model small enough for the CPU's "
+        "caches can beat it): the bytes it reads — every "
+        f"weight once ({weights / 2**20:.3g} MiB: the layers, the final norm and the head's code columns) "
+        f"and every slot of the KV cache, averaged over the cache lengths above — at this machine's "
+        f"read bandwidth as XLA reaches it ({bandwidth / 1e9:.1f} GB/s, the best sum of a 512 MiB array):", "",
+        "| rows | model-only step, ms | read a step, MiB (weights + KV cache) | floor at that bandwidth, ms | "
+        "floor / step |", "|---|---|---|---|---|",
+        *(f"| {rows} | {1e3 * step:.3g} | {(weights + read['cache']) / 2**20:.3g} ({weights / 2**20:.3g} + "
+          f"{read['cache'] / 2**20:.3g}) | {1e3 * (weights + read['cache']) / bandwidth:.3g} | "
+          f"{(weights + read['cache']) / bandwidth / step:.2f} |"
+          for rows, step, read in ((2, model_1, read_1), (2 * args.batch, model_b, read_b))), "",
+        f"20x the reference's images per second at batch {args.batch} would take a whole step (prefill "
+        f"included) of {1e3 * ref_1 * args.batch / 20 / n_tokens:.1f} ms.", "",
         "Weight formats (the model-only step over its first 64 steps, float32 compute — XLA's CPU dots in "
         "bfloat16 are far slower than float32 at 16 rows — with the weights stored in bfloat16 or in int8 with a "
         "scale per output channel; on an accelerator int8 halves the weight bytes each step reads, on this CPU "

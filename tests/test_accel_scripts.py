@@ -5,6 +5,7 @@ that a session with a device spends its minutes measuring, not debugging. The CP
 day unnoticed."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -100,6 +101,28 @@ def test_the_cpu_decode_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_fi
     for label in ("2", "4"):
         bf16, int8, ratio = (float(v) for v in rows[label][1:4])
         assert bf16 >= 0 and int8 >= 0 and ratio > 0
+    # the memory floor: the weights a step reads, from the shape (1 layer, hidden 64, MLP 172, 1 head
+    # of 64, QK-norm per head; the head's 8,196 code columns), in float32
+    floor_text = text.split("The memory floor")[1].split("Weight formats")[0]
+    d, i = 64, int(64 * 2.6875)
+    layer = 4 * d * d + 3 * d * i + 2 * d + 2 * 2 * d  # q/k/v/o, gate/up/down, two RMSNorms, q/k norms
+    weights_mib = 4 * (layer + d + 8196 * d) / 2**20  # + the final norm and the code columns
+    assert f"every weight once ({weights_mib:.3g} MiB" in floor_text
+    bandwidth = float(floor_text.split(" GB/s")[0].rsplit("(", 1)[1]) * 1e9
+    floor = {r[0]: r for r in _table(floor_text)}
+    kv = {}
+    for label in ("2", "4"):
+        step_ms, read, floor_ms, share = floor[label][1:5]
+        total, parts = read.split(" (")
+        w, kv[label] = (float(v) for v in parts.rstrip(")").split(" + "))
+        assert w == float(f"{weights_mib:.3g}") and abs(float(total) - w - kv[label]) <= 0.01 * float(total)
+        assert abs(float(floor_ms) - float(total) * 2**20 / bandwidth * 1e3) <= 0.01 * float(floor_ms) + 1e-3
+        assert abs(float(share) - float(floor_ms) / float(step_ms)) <= 0.01 + 0.01 * float(share)
+    assert abs(kv["4"] - 2 * kv["2"]) <= 0.01 * kv["4"]  # twice the rows over the same cache lengths
+    # a step reads each row's keys and values (1 layer, 64 wide, float32) over the cache's lengths
+    lengths = [int(n) for n in re.search(r"by default to ([\d, ]+) slots", text).group(1).split(", ")]
+    per_slot_mib = 2 * 2 * d * 4 / 2**20  # 2 rows, keys and values
+    assert min(lengths) * per_slot_mib * 0.99 <= kv["2"] <= max(lengths) * per_slot_mib * 1.01
 
 
 def test_the_cache_block_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_figures(tmp_path):
