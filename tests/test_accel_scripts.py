@@ -2,7 +2,7 @@
 rare; these check on the CPU, at tiny shapes, that they still run and report what they claim, so
 that a session with a device spends its minutes measuring, not debugging. The CPU decode benchmark
 (benchmarks/decode.py, run on demand for the README's figures) too: it once stopped running for a
-day unnoticed."""
+day unnoticed; and the CPU train-step benchmark (benchmarks/train_step.py)."""
 
 import os
 import re
@@ -138,3 +138,30 @@ def test_the_cache_block_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_f
         assert all(m > 0 for m in ms)
         # the ratios against the figures as printed: ms rounded to 0.05 either way, a ratio to 0.005
         assert all(abs(q - m / w) <= 0.0051 + 0.051 / w + 0.051 * m / w**2 for q, m, w in zip(ratios, ms, whole)), r
+
+
+def test_the_cpu_train_step_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_figures(tmp_path):
+    text = _run("train_step.py", "--steps", "2", "--hidden", "64", "--layers", "1", "--rows", "2", "--length", "256",
+                "--repeats", "1", "--ref-batch", "2", tmp_path=tmp_path)
+    peaks = re.search(r"XLA (\d+) GFLOP/s, torch (\d+) GFLOP/s", text)
+    peak = {"reference": float(peaks.group(2)), "ours": float(peaks.group(1))}
+    rows = [r for r in _table(text) if r[0].startswith(("reference", "ours"))]
+    assert [r[0].split(" (")[0] for r in rows] == [
+        "reference", "ours, layers unrolled", "ours, layers scanned", "ours, layers unrolled, loss_chunk=256"]
+    ours_tokens = int(rows[1][2])
+    assert int(rows[0][2]) <= ours_tokens  # the same samples, less the reference's half-filled last batch
+    for r in rows:
+        batches, tokens, padding, seconds, tps, gflops, share = r[1:8]
+        assert r is rows[0] or int(tokens) == ours_tokens
+        assert abs(float(tps) - int(tokens) / float(seconds)) <= 0.01 * float(tps) + 0.05 * float(tps) / float(seconds)
+        side = r[0].split(",")[0].split(" ")[0]
+        assert abs(float(share.rstrip("%")) - 100 * float(gflops) / peak[side]) <= 1.0
+        if side == "ours":  # 2 timed batches of 2 x 256 positions
+            real = int(tokens) / (2 * 2 * 256)
+            assert int(batches) == 2 and abs(float(padding.rstrip("%")) - 100 * (1 - real)) <= 0.5
+    ref_tps = float(rows[0][5])
+    for r in rows[1:]:
+        ratio = float(re.search(re.escape(f"**Ours, {r[0].split(' (')[0][6:]} / reference: ") + r"([\d.]+)x",
+                                text).group(1))
+        # the ratio of the printed rates (each rounded to a token a second)
+        assert abs(ratio - float(r[5]) / ref_tps) <= 0.005 + float(r[5]) / ref_tps * (0.5 / float(r[5]) + 0.5 / ref_tps)
