@@ -114,6 +114,22 @@ def test_the_typed_training_config_refuses_unknown_keys_and_wrong_types_by_name(
     assert typed.data.sources == ("/data/meta.yaml",)
 
 
+@pytest.mark.parametrize("spec", ["stage1.py", "stage2.py", "stage3.py", "stage2.py:tiny", "stage2.py:anyres",
+                                  "finetune.py:lora"])
+def test_the_models_speed_settings_can_be_set_from_the_command_line_on_every_config(spec):
+    """`--config.model.X=...` reaches only keys the config has: `loss_chunk` once was in the model's
+    dataclass and in the README's advice, but in no config, so the override was refused."""
+    from unitoken_jax.sweep import parse_like_train
+
+    settings = dict(scan_layers=False, loss_chunk=256, attention="xla", attention_block=64)
+    flags = [f"--config.model.{k}={v}" for k, v in settings.items()]
+    typed = TrainConfig.from_config_dict(parse_like_train(configs.resolve_spec(spec), flags))  # as the train command
+    assert {k: getattr(typed.model, k) for k in settings} == settings
+    # without the flags: the model dataclass's own defaults (the 7B's attention blocks are its choice)
+    untouched = TrainConfig.from_config_dict(configs.get_config(spec)).model
+    assert untouched.loss_chunk == unitoken_jax.UniTokenConfig.loss_chunk and untouched.attention == "auto"
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("learning_rate", -1e-3, "positive"), ("learning_rate", 0.0, "positive"),
     ("learning_rate", float("nan"), "positive"),

@@ -25,7 +25,8 @@ def model_config(arg: str) -> ml_collections.ConfigDict:
     if arg in ("7b", "7b_anyres"):
         model = dict(decoder=decoder_7b(), vision=vision_so400m(), z_loss_weight=1e-5, dtype="bfloat16",
                      param_dtype="float32", scan_layers=True, remat_policy="full",
-                     attention="auto", attention_block=512)  # splash on TPU, in 512-position blocks
+                     attention="auto", attention_block=512,  # splash on TPU, in 512-position blocks
+                     loss_chunk=512)  # the fused LM head and loss, over this many predicting positions at a time
     elif arg == "tiny":
         model = dict(
             decoder=dict(vocab_size=8960, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -33,7 +34,8 @@ def model_config(arg: str) -> ml_collections.ConfigDict:
                          qk_norm_eps=1e-5, qk_norm_groups=None, swin_norm=False, dropout=0.0),
             vision=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14,
                         image_size=56, num_channels=3, layer_norm_eps=1e-6),
-            z_loss_weight=1e-5, dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none")
+            z_loss_weight=1e-5, dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none",
+            attention="auto", attention_block=128, loss_chunk=512)
     else:
         raise ValueError(f"unknown model config {arg!r}; choose 7b, 7b_anyres or tiny")
     return ml_collections.ConfigDict(model)
