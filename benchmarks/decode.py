@@ -31,6 +31,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration, Log
 from transformers import LogitsProcessorList  # noqa: E402
 
 import unitoken_jax  # noqa: E402
+from unitoken_jax.inference import grid as grid_ids  # noqa: E402
 from unitoken_jax.inference.decode import DecodeLoop, Request, prefill_width  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from report import write_report  # noqa: E402
@@ -284,7 +285,6 @@ def main():
     model_b = model_only_step_seconds(loop, prompt, 2 * args.batch, n_tokens, read=read_b)
     # the memory floor of a model-only step: the bytes it must read (weights once, the whole KV
     # cache) at the read bandwidth XLA reaches on this machine, measured here
-    from unitoken_jax.inference import grid as grid_ids
     weights = weight_bytes_per_step(ours.params, grid_ids.CODE_LOGITS)
     bandwidth = read_bandwidth()
     # the weight formats for inference: bfloat16 and int8 (bfloat16 compute), model-only steps

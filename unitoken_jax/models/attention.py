@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from unitoken_jax.models.config import ATTENTION_BACKENDS as BACKENDS
-from unitoken_jax.models.layers import dot_product_attention
+from unitoken_jax.models.layers import dot_product_attention, one_device
 
 _BY_PLATFORM = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "xla"), "cuda": ("cudnn", "xla")}
 # TPU generations Pallas' TPU compiler (Mosaic) does not target: compiled ahead of time for v2 and
@@ -281,12 +281,13 @@ def _xla_dense(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
 # --- splash (TPU Pallas) -----------------------------------------------------------------------
 
 def _splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if one_device():
         return _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret)
     from jax.sharding import PartitionSpec as P
 
     from unitoken_jax.sharding import logical_to_mesh_spec, mesh_ways
+
+    mesh = jax.sharding.get_abstract_mesh()
 
     def split(axes, size):  # mesh axes for a dim of `size`, or None where they do not divide it
         return axes if size % mesh_ways(axes, mesh) == 0 else None

@@ -278,10 +278,10 @@ def prefix_kernels(params: dict, stop: int) -> dict:
     return out
 
 
-def _one_device() -> bool:
+def one_device() -> bool:
     """Is the program being traced for one device (no mesh, or a mesh of one)?"""
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or int(np.prod(mesh.axis_sizes)) == 1
+    return mesh.empty or mesh.size == 1
 
 
 def _contract(equation: str, x, kernel):
@@ -305,7 +305,7 @@ def _contract(equation: str, x, kernel):
     kept = [c for c in kernel_letters if c not in contracted]
     if "".join(free_x + kept) != out or len(set(x_letters)) != len(x_letters):
         return jnp.einsum(equation, x, kernel)
-    if _one_device() and list(x_letters) == free_x + contracted and list(kernel_letters) == contracted + kept:
+    if one_device() and list(x_letters) == free_x + contracted and list(kernel_letters) == contracted + kept:
         n_free, n_in = len(free_x), len(contracted)
         y = jax.lax.dot_general(x.reshape(-1, int(np.prod(x.shape[n_free:]))),
                                 kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1), (((1,), (0,)), ((), ())))
