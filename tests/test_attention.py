@@ -149,6 +149,42 @@ def test_the_cudnn_call_equals_the_definition(t, monkeypatch):
     np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-5 * np.abs(want).max())
 
 
+def _every_pair_visible(t=384, b=2):
+    """`_packed`'s first row, and a second row of one sample over all but the last 10 positions:
+    a segment that spans every block makes every block pair visible for the batch."""
+    seg = _packed(t, b)
+    seg[1] = 0
+    seg[1, :t - 10] = 1
+    return seg
+
+
+@pytest.mark.parametrize("rows", ["some-pairs-skipped", "every-pair-visible"])
+def test_the_xla_paths_with_and_without_skipping_equal_the_definition(rows):
+    """The xla backend computes every block pair without conditionals when the batch sees them all
+    (`_by_visibility`), and skips the others behind one each otherwise: both runs of the same code,
+    outputs and gradients, against the definition (each layout takes the path its name says)."""
+    seg = jnp.asarray(_packed(384) if rows == "some-pairs-skipped" else _every_pair_visible(384))
+    every = bool(attention._every_pair_visible(attention.visible_blocks(seg, 128)))
+    assert every == (rows == "every-pair-visible")
+    q, k, v = _qkv(seg.shape, seed=5)
+    want = _reference(q, k, v, seg)
+    got = np.asarray(attention.causal_attention(q, k, v, seg, backend="xla", block=128))
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+    cot = jax.random.normal(jax.random.key(9), q.shape)
+
+    def dense(q, k, v):
+        return jnp.sum(dot_product_attention(q, k, v, segment_causal_mask(seg)) * cot)
+
+    def ours(q, k, v):
+        return jnp.sum(attention.causal_attention(q, k, v, seg, backend="xla", block=128) * cot)
+
+    want_g = jax.grad(dense, argnums=(0, 1, 2))(q, k, v)
+    got_g = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    for name, w, g in zip("qkv", want_g, got_g):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * np.abs(w).max(), rtol=0, err_msg=name)
+
+
 def test_xla_backward_keeps_no_score_matrix():
     """The xla path's gradient saves the output and a log-sum-exp per query, and recomputes each
     block's probabilities: its compiled temporaries stay under half of the T x T float32 scores

@@ -7,7 +7,9 @@ Every backend computes the same thing as `layers.dot_product_attention` with
 - `xla` (any platform): queries and keys in blocks; a key block is computed for a query block
   only when, in some row of the batch, a query of that block and a key of that block share a
   segment (the blocks above the diagonal never, those of other packed samples not either). The
-  softmax runs online over the computed blocks (float32 running max and sum).
+  softmax runs online over the computed blocks (float32 running max and sum). Rows of at most 4
+  blocks whose batch sees every block pair compute them all without the per-pair conditionals
+  (`_by_visibility`).
 - `splash` (TPU): Pallas splash attention (causal mask, segment ids), under `shard_map` over the
   mesh's batch and head axes when a mesh is active.
 - `cudnn` (GPU): cuDNN flash attention through `jax.nn.dot_product_attention`, the segments given
@@ -190,21 +192,57 @@ def _key_block(x_BKSH, j, block):
     return x_BKSH[:, :, j * block:(j + 1) * block]
 
 
+def _every_pair_visible(vis):
+    """Whether `visible_blocks` marks every block pair on and below the diagonal."""
+    return jnp.all(vis == jnp.tril(jnp.ones(vis.shape, jnp.bool_)))
+
+
+# Rows of at most this many blocks compute every block pair without conditionals when the batch
+# sees them all (see `_by_visibility`).
+_MAX_BLOCKS_UNCONDITIONAL = 4
+
+
+def _by_visibility(blocks_fn, vis, *operands):
+    """`blocks_fn(*operands, vis, skip)`: with `skip`, each block pair below the diagonal is
+    computed behind a conditional on `vis`; without, every pair is computed.
+
+    A conditional is a barrier that XLA can neither fuse across nor run beside other work. Short
+    rows of long samples see every pair in most batches (8 rows of 512 positions, 4 blocks, of
+    140-512 token samples: 11 batches in 12), where the conditionals only cost: there, one
+    conditional on the whole batch picks the unconditional version (the training step of
+    `benchmarks/train_step.py`, run A/B on a 2-core CPU: 0.90x the time). Longer rows always skip:
+    they rarely see every pair, and without the conditionals' order XLA keeps more pairs' scores
+    live at once (a backward's temporaries 1.6x the T x T scores at 8 blocks, against 0.4x)."""
+    nb = vis.shape[0]
+    if nb == 1 or nb > _MAX_BLOCKS_UNCONDITIONAL:
+        return blocks_fn(*operands, vis, skip=nb > 1)
+    return jax.lax.cond(_every_pair_visible(vis), functools.partial(blocks_fn, skip=False),
+                        functools.partial(blocks_fn, skip=True), *operands, vis)
+
+
+def _unchanged(carry, *_):
+    return carry
+
+
 def _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
     """(out [B, K, G, T, H], log-sum-exp [B, K, G, T] float32): an online softmax over the key
     blocks that `visible_blocks` marks, one query block at a time (`q` already scaled)."""
+    vis = visible_blocks(segment_ids_BT, block)
+    blocks_fn = functools.partial(_forward_blocks, block=block)
+    return _by_visibility(blocks_fn, vis, q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT)
+
+
+def _forward_blocks(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, vis, *, block, skip):
     b, kh, g, t, h = q_BKGTH.shape
     nb = t // block
-    vis = visible_blocks(segment_ids_BT, block)
     seg = segment_ids_BT.reshape(b, nb, block)
     outs, lses = [], []
     for i in range(nb):
         q_i = q_BKGTH[:, :, :, i * block:(i + 1) * block]
 
-        def step(carry, i=i, j=0, q_i=q_i):
+        def step(carry, k_j, v_j, mask_BTS, q_i=q_i):
             m, total, acc = carry
-            v_j = _key_block(v_BKSH, j, block)
-            s = _scores(q_i, _key_block(k_BKSH, j, block), _block_mask(seg, i, j, block))
+            s = _scores(q_i, k_j, mask_BTS)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
@@ -215,8 +253,12 @@ def _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
         carry = (jnp.full((b, kh, g, block), _LOW, jnp.float32), jnp.zeros((b, kh, g, block), jnp.float32),
                  jnp.zeros((b, kh, g, block, h), jnp.float32))
         for j in range(i + 1):  # the diagonal block always (each query sees itself), the others if visible
-            one = functools.partial(step, j=j)
-            carry = one(carry) if j == i else jax.lax.cond(vis[i, j], one, lambda c: c, carry)
+            operands = (carry, _key_block(k_BKSH, j, block), _key_block(v_BKSH, j, block),
+                        _block_mask(seg, i, j, block))
+            if skip and j < i:
+                carry = jax.lax.cond(vis[i, j], step, _unchanged, *operands)
+            else:
+                carry = step(*operands)
         m, total, acc = carry
         outs.append((acc / total[..., None]).astype(v_BKSH.dtype))
         lses.append(m + jnp.log(total))
@@ -237,9 +279,15 @@ def _flash_bwd(block, residuals, d_out_BKGTH):
     """The backward pass block by block, each visible block's probabilities recomputed from the
     saved log-sum-exp: nothing of size T x T is kept from the forward pass."""
     q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse = residuals
+    vis = visible_blocks(segment_ids_BT, block)
+    blocks_fn = functools.partial(_backward_blocks, block=block)
+    dq, dk, dv = _by_visibility(blocks_fn, vis, q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse, d_out_BKGTH)
+    return dq, dk, dv, None
+
+
+def _backward_blocks(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse, d_out_BKGTH, vis, *, block, skip):
     b, kh, g, t, h = q_BKGTH.shape
     nb = t // block
-    vis = visible_blocks(segment_ids_BT, block)
     seg = segment_ids_BT.reshape(b, nb, block)
     d_out = d_out_BKGTH.astype(jnp.float32)
     delta_BKGT = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
@@ -250,10 +298,9 @@ def _flash_bwd(block, residuals, d_out_BKGTH):
     for i in range(nb):
         q_i, do_i, lse_i, delta_i = rows(q_BKGTH, i), rows(d_out, i), rows(lse, i), rows(delta_BKGT, i)
 
-        def grads(acc, i=i, j=0, q_i=q_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
+        def grads(acc, k_j, v_j, mask_BTS, q_i=q_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
             dq_i, dk_j, dv_j = acc
-            k_j, v_j = _key_block(k_BKSH, j, block), _key_block(v_BKSH, j, block)
-            p = jnp.exp(_scores(q_i, k_j, _block_mask(seg, i, j, block)) - lse_i[..., None])
+            p = jnp.exp(_scores(q_i, k_j, mask_BTS) - lse_i[..., None])
             dv_j = dv_j + jnp.einsum("BKGTS,BKGTH->BKSH", p, do_i)
             dp = jnp.einsum("BKGTH,BKSH->BKGTS", do_i, v_j, preferred_element_type=jnp.float32)
             ds = p * (dp - delta_i[..., None])
@@ -263,12 +310,15 @@ def _flash_bwd(block, residuals, d_out_BKGTH):
 
         dq_i = jnp.zeros((b, kh, g, block, h), jnp.float32)
         for j in range(i + 1):
-            one = functools.partial(grads, j=j)
-            acc = (dq_i, dk[j], dv[j])
-            dq_i, dk[j], dv[j] = one(acc) if j == i else jax.lax.cond(vis[i, j], one, lambda a: a, acc)
+            operands = ((dq_i, dk[j], dv[j]), _key_block(k_BKSH, j, block), _key_block(v_BKSH, j, block),
+                        _block_mask(seg, i, j, block))
+            if skip and j < i:
+                dq_i, dk[j], dv[j] = jax.lax.cond(vis[i, j], grads, _unchanged, *operands)
+            else:
+                dq_i, dk[j], dv[j] = grads(*operands)
         dq.append(dq_i)
     join = lambda parts, like, axis: jnp.concatenate(parts, axis=axis).astype(like.dtype)  # noqa: E731
-    return join(dq, q_BKGTH, 3), join(dk, k_BKSH, 2), join(dv, v_BKSH, 2), None
+    return join(dq, q_BKGTH, 3), join(dk, k_BKSH, 2), join(dv, v_BKSH, 2)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
