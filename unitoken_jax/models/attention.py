@@ -213,9 +213,8 @@ def _by_visibility(blocks_fn, vis, *operands):
     `benchmarks/train_step.py`, run A/B on a 2-core CPU: 0.90x the time). Longer rows always skip:
     they rarely see every pair, and without the conditionals' order XLA keeps more pairs' scores
     live at once (a backward's temporaries 1.6x the T x T scores at 8 blocks, against 0.4x)."""
-    nb = vis.shape[0]
-    if nb == 1 or nb > _MAX_BLOCKS_UNCONDITIONAL:
-        return blocks_fn(*operands, vis, skip=nb > 1)
+    if vis.shape[0] > _MAX_BLOCKS_UNCONDITIONAL:
+        return blocks_fn(*operands, vis, skip=True)
     return jax.lax.cond(_every_pair_visible(vis), functools.partial(blocks_fn, skip=False),
                         functools.partial(blocks_fn, skip=True), *operands, vis)
 
@@ -225,11 +224,12 @@ def _unchanged(carry, *_):
 
 
 def _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
-    """(out [B, K, G, T, H], log-sum-exp [B, K, G, T] float32): an online softmax over the key
-    blocks that `visible_blocks` marks, one query block at a time (`q` already scaled)."""
+    """(out [B, K, G, T, H], log-sum-exp [B, K, G, T] float32, the visible blocks): an online
+    softmax over the key blocks that `visible_blocks` marks, one query block at a time (`q` already
+    scaled; at least two blocks, `_xla_blocked` takes one block dense)."""
     vis = visible_blocks(segment_ids_BT, block)
     blocks_fn = functools.partial(_forward_blocks, block=block)
-    return _by_visibility(blocks_fn, vis, q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT)
+    return *_by_visibility(blocks_fn, vis, q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT), vis
 
 
 def _forward_blocks(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, vis, *, block, skip):
@@ -271,15 +271,14 @@ def _flash(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
 
 
 def _flash_fwd(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block):
-    out, lse = _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block)
-    return out, (q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse)
+    out, lse, vis = _flash_forward(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, block)
+    return out, (q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse, vis)
 
 
 def _flash_bwd(block, residuals, d_out_BKGTH):
     """The backward pass block by block, each visible block's probabilities recomputed from the
     saved log-sum-exp: nothing of size T x T is kept from the forward pass."""
-    q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse = residuals
-    vis = visible_blocks(segment_ids_BT, block)
+    q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse, vis = residuals  # vis: the forward's, not recomputed
     blocks_fn = functools.partial(_backward_blocks, block=block)
     dq, dk, dv = _by_visibility(blocks_fn, vis, q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT, out, lse, d_out_BKGTH)
     return dq, dk, dv, None
