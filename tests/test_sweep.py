@@ -213,7 +213,7 @@ class Slow(subprocess.Popen):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         log = os.path.join(sys.argv[1], sweep.LOG_FILE)
-        while "ready" not in open(log).read():
+        while "ready" not in open(log).read().splitlines():  # the child's own line, not the command's text
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.5)
@@ -233,7 +233,9 @@ def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tm
     log = workdir / sweep_lib.LOG_FILE
     try:
         deadline = time.time() + 60
-        while not (log.exists() and "ready" in log.read_text()) and time.time() < deadline:
+        # the child's own "ready" line: the log's first line, the command, holds the word too, and
+        # a SIGINT sent on it could come before the child has its SIGTERM handler (it then dies unsaved)
+        while not (log.exists() and "ready" in log.read_text().splitlines()) and time.time() < deadline:
             time.sleep(0.1)
         if parent_script is PARENT:  # the other one sends its own, earlier
             os.killpg(parent.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
