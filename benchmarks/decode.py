@@ -287,21 +287,24 @@ def main():
     # cache) at the read bandwidth XLA reaches on this machine, measured here
     weights = weight_bytes_per_step(ours.params, grid_ids.CODE_LOGITS)
     bandwidth = read_bandwidth()
-    # the weight formats for inference: bfloat16 and int8 (bfloat16 compute), model-only steps
+    # the weight formats for inference: bfloat16 and int8, both computing in bfloat16 (on a CPU the
+    # weight products accumulate in float32 and attention runs in float32 from a float32 cache:
+    # `models.layers.attention_dtype`, `benchmarks/cpu_dots.py`), model-only steps over the same
+    # cache lengths as the float32 one above, and a whole batch in bfloat16
     by_format = {}
     for name in ("bfloat16", "int8"):
-        # float32 compute: XLA's CPU dots in bfloat16 with batch dims are pathologically slow (minutes
-        # for 32 steps of 16 rows), so the weights' format is what differs here
-        model = unitoken_jax.UniTokenModel(ours.config.replace(param_dtype="bfloat16"),
+        model = unitoken_jax.UniTokenModel(ours.config.replace(param_dtype="bfloat16", dtype="bfloat16"),
                                            jax.tree.map(lambda a: a.astype(jnp.bfloat16), ours.params))
         if name == "int8":
             model = model.quantize("int8")
         # both unrolled, as `auto` ran both until it began to scan int8 weights on a CPU (where unrolled
-        # layers convert all their kernels to float at once): the formats alone differ
+        # layers convert all their kernels at once): the formats alone differ
         fmt_loop = DecodeLoop(model.config, model.params, layers="unrolled")
-        # the first 64 steps timed (bfloat16 dots are slow on a CPU)
-        by_format[name] = [model_only_step_seconds(fmt_loop, prompt, rows, n_tokens, timed_steps=64)
-                           for rows in (2, 2 * args.batch)]
+        by_format[name] = [model_only_step_seconds(fmt_loop, prompt, rows, n_tokens) for rows in (2, 2 * args.batch)]
+        if name == "bfloat16":
+            fmt_loop.generate([request(i) for i in range(args.batch)])  # compile
+            bf16_b = float(np.median([timed(lambda: fmt_loop.generate([request(i) for i in range(args.batch)]))[0]
+                                      for _ in range(2)]))
     ref_1, ref_toks = timed(lambda: reference_image(reference, prompt, args.grid, 0))
     assert len(ref_toks) == n_tokens and layout.parse_image_ids([layout.IMAGE_START] + ref_toks).code_ids.shape == (
         2 * args.grid, 2 * args.grid)
@@ -353,14 +356,21 @@ def main():
           for rows, step, read in ((2, model_1, read_1), (2 * args.batch, model_b, read_b))), "",
         f"20x the reference's images per second at batch {args.batch} would take a whole step (prefill "
         f"included) of {1e3 * ref_1 * args.batch / 20 / n_tokens:.1f} ms.", "",
-        "Weight formats (the model-only step over its first 64 steps, float32 compute — XLA's CPU dots in "
-        "bfloat16 are far slower than float32 at 16 rows — with the weights stored in bfloat16 or in int8 with a "
-        "scale per output channel; on an accelerator int8 halves the weight bytes each step reads, on this CPU "
-        "the dots convert the weights first):", "",
-        "| rows | bfloat16 weights, ms | int8 weights, ms | int8 / bfloat16 |", "|---|---|---|---|",
-        *(f"| {rows} | {1e3 * by_format['bfloat16'][i]:.1f} | {1e3 * by_format['int8'][i]:.1f} | "
-          f"{by_format['int8'][i] / by_format['bfloat16'][i]:.2f} |" for i, rows in enumerate((2, 2 * args.batch))),
-        ""]
+        "Weight formats: the model-only step over the same cache lengths, computing in bfloat16 with the "
+        "weights in bfloat16 or in int8 with a scale per output channel. On a CPU the weight products of 16-bit "
+        "operands accumulate in float32 and round once, and attention runs in float32 from a float32 cache "
+        "(XLA's CPU dots run bfloat16 operands 1.6-2x faster than float32 ones when they write float32, and "
+        "~2x slower when they write bfloat16; `benchmarks/cpu_dots.py`). On an accelerator int8 halves the "
+        "weight bytes each step reads; on this CPU the int8 values are converted to bfloat16 inside the step:", "",
+        "| rows | float32, ms | bfloat16, ms | int8 weights, ms | bfloat16 / float32 | int8 / bfloat16 |",
+        "|---|---|---|---|---|---|",
+        *(f"| {rows} | {1e3 * f32:.1f} | {1e3 * by_format['bfloat16'][i]:.1f} | {1e3 * by_format['int8'][i]:.1f} | "
+          f"{by_format['bfloat16'][i] / f32:.2f} | {by_format['int8'][i] / by_format['bfloat16'][i]:.2f} |"
+          for i, (rows, f32) in enumerate(((2, model_1), (2 * args.batch, model_b)))), "",
+        f"A whole batch of {args.batch} in bfloat16 (median of 2): {args.batch / bf16_b:.3f} images per second, "
+        f"against {args.batch / ours_b:.3f} in float32 ({ours_b / bf16_b:.2f}x; the reference's algorithm was "
+        "timed in float32 only, so the table at the top compares float32 with float32).", "",
+        ]
     write_report(lines, args.out)
 
 

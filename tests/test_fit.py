@@ -29,7 +29,9 @@ def test_counts_are_the_bytes_of_the_real_arrays():
         m = model.quantize(quantize) if quantize != "none" else model
         plan = decode_memory(config, images=2, size=(64, 64), prompt_length=5, quantize=quantize)
         assert plan.weights == sum(a.nbytes for a in jax.tree.leaves(m.params))
-        loop = DecodeLoop(m.config, m.params)
+        # the plan's cache is in the model's dtype, as an accelerator holds it (a CPU's loop keeps a
+        # 16-bit model's cache in float32 unless told: `models.layers.attention_dtype`)
+        loop = DecodeLoop(m.config, m.params, cache_dtype=config.dtype)
         prompt = np.array([1, 2, 3, 4, layout.IMAGE_START])
         requests = [Request(prompt, max_new_tokens=layout.generated_image_length((2, 2)) - 1, grid_hw=(2, 2),
                             cfg_scale=3.0, seed=i) for i in range(2)]

@@ -529,7 +529,10 @@ class DecodeLoop:
             cache_block = CPU_CACHE_BLOCK if on_cpu else 0
         self.cache_block = int(cache_block)
         self.params = params
-        self.cache_dtype = cache_dtype or jnp.dtype(config.dtype)
+        # a CPU attends in float32 for 16-bit models (`models.layers.attention_dtype`): a 16-bit
+        # cache would be converted at every step
+        self.cache_dtype = jnp.dtype(cache_dtype or (jnp.float32 if on_cpu and jnp.dtype(config.dtype).itemsize == 2
+                                                     else config.dtype))
         ok = np.ones(config.decoder.vocab_size, bool)
         if banned_ids is not None and len(banned_ids):
             ok[np.asarray(banned_ids)] = False

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from unitoken_jax.models.config import ATTENTION_BACKENDS as BACKENDS
-from unitoken_jax.models.layers import dot_product_attention, one_device
+from unitoken_jax.models.layers import attention_dtype, current_device, dot_product_attention, one_device
 
 _BY_PLATFORM = {"tpu": ("splash", "xla"), "gpu": ("cudnn", "xla"), "cuda": ("cudnn", "xla")}
 # TPU generations Pallas' TPU compiler (Mosaic) does not target: compiled ahead of time for v2 and
@@ -37,13 +37,6 @@ _NO_PALLAS_TPUS = ("TPU v2", "TPU v3")
 # cuDNN's fused attention needs an Ampere or later GPU (compute capability 8.0) and 16-bit inputs
 _CUDNN_CAPABILITY = 8.0
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def current_device():
-    """The device the program is built for: the active mesh's (an AOT compile for a TPU topology
-    from a CPU machine is for a TPU), else JAX's first."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device if device is not None else jax.devices()[0]
 
 
 def _lacks(backend: str, device, dtype) -> str | None:
@@ -125,8 +118,10 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, se
         segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, pad)), constant_values=-1)
     if backend == "splash":
         out = _splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret)
-    else:
-        out = _xla_blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block)
+    else:  # float32 on a CPU for 16-bit inputs (`layers.attention_dtype`)
+        work = attention_dtype(q_BTNH.dtype)
+        out = _xla_blocked(*(x.astype(work) for x in (q_BTNH, k_BTKH, v_BTKH)), segment_ids_BT, block)
+        out = out.astype(q_BTNH.dtype)
     return out[:, :t]
 
 

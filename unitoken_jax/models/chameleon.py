@@ -30,6 +30,7 @@ from unitoken_jax.models.layers import (
     Projection,
     RMSNorm,
     attend,
+    attention_dtype,
     attend_filled,
     kernel_product,
     rotary_embedding,
@@ -116,7 +117,8 @@ class Attention(nn.Module):
                     k_BKSH = jax.lax.dynamic_index_in_dim(cache["k"], layer_index, 0, keepdims=False)
                     v_BKSH = jax.lax.dynamic_index_in_dim(cache["v"], layer_index, 0, keepdims=False)
             if k_BKSH is not None:
-                k_BKSH, v_BKSH = k_BKSH.astype(self.dtype), v_BKSH.astype(self.dtype)
+                work = attention_dtype(self.dtype)
+                k_BKSH, v_BKSH = k_BKSH.astype(work), v_BKSH.astype(work)
         q_BTNH = constrain(q_BTNH, ("act_batch", "act_length", "act_heads", None))
         if cache is None:
             out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, mask, backend=self.attention,

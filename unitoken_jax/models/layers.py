@@ -108,6 +108,8 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: ja
     the dots read them as they are, with no transposed copy of the cache."""
     b, t, n, h = q_BTNH.shape
     k = k_BKSH.shape[1]
+    out_dtype, work = q_BTNH.dtype, attention_dtype(q_BTNH.dtype)
+    q_BTNH, k_BKSH, v_BKSH = (a.astype(work) for a in (q_BTNH, k_BKSH, v_BKSH))
     # with one query a row (decoding), moving T is a reshape: no transpose for XLA to place on the
     # projections' kernels instead (on CPU it copied o_proj's whole kernel every step)
     q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h)
@@ -116,7 +118,7 @@ def attend(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: ja
     logits_BKGTS = logits_BKGTS.astype(jnp.float32)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
-    out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
+    out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH).astype(out_dtype)
     if t == 1:
         return out_BKGTH.reshape(b, t, n, h)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -133,6 +135,8 @@ def attend_filled(q_BTNH: jax.Array, k_LBKSH: jax.Array, v_LBKSH: jax.Array, lay
     b, t, n, h = q_BTNH.shape
     k, s = k_LBKSH.shape[2], k_LBKSH.shape[3]
     block = min(block, s)
+    out_dtype = q_BTNH.dtype
+    q_BTNH = q_BTNH.astype(attention_dtype(out_dtype))
     q_BKGTH = q_BTNH.reshape(b, t, k, n // k, h)
     q_BKGTH = q_BKGTH.reshape(b, k, n // k, t, h) if t == 1 else q_BKGTH.transpose(0, 2, 3, 1, 4)
     low = jnp.finfo(jnp.float32).min
@@ -161,7 +165,7 @@ def attend_filled(q_BTNH: jax.Array, k_LBKSH: jax.Array, v_LBKSH: jax.Array, lay
     init = (jnp.full(shape, low), jnp.zeros(shape), jnp.zeros((*shape, h)))
     blocks = (jnp.minimum(limit, s) + block - 1) // block
     _, total_BKGT, acc_BKGTH = jax.lax.fori_loop(0, blocks, body, init)
-    out_BKGTH = (acc_BKGTH / total_BKGT[..., None]).astype(q_BTNH.dtype)
+    out_BKGTH = (acc_BKGTH / total_BKGT[..., None]).astype(out_dtype)
     if t == 1:
         return out_BKGTH.reshape(b, t, n, h)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -284,6 +288,36 @@ def one_device() -> bool:
     return mesh.empty or mesh.size == 1
 
 
+def current_device():
+    """The device the program is built for: the active mesh's (an AOT compile for a TPU topology
+    from a CPU machine is for a TPU), else JAX's first."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device if device is not None else jax.devices()[0]
+
+
+_SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
+
+
+def attention_dtype(dtype):
+    """The type attention's scores and weighted sums are computed in for a model computing in
+    `dtype`: float32 on a CPU for 16-bit types, else `dtype`. XLA's CPU dots with batch dims in
+    bfloat16 run ~10x slower than in float32 (a decode step of 16 rows: 0.66 s against 19 ms),
+    so there queries, keys and values enter them as float32 (`benchmarks/cpu_dots.py`)."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype in _SIXTEEN_BIT and current_device().platform == "cpu" else dtype
+
+
+def _accumulation(x, kernel):
+    """The dot's output type where it is not the inputs' own: float32 for 16-bit float operands on
+    a CPU, rounded back once after. XLA's CPU dots of bfloat16 operands run 1.6-2x faster than
+    float32 ones when they accumulate into float32, and ~2x slower than float32 when they write
+    bfloat16 (`benchmarks/cpu_dots.py`). TPUs and GPUs accumulate 16-bit dots in float32 anyway:
+    their programs are left as they were."""
+    if x.dtype in _SIXTEEN_BIT and kernel.dtype in _SIXTEEN_BIT and current_device().platform == "cpu":
+        return jnp.float32
+    return None
+
+
 def _contract(equation: str, x, kernel):
     """`einsum(equation, x, kernel)` as one dot_general that contracts the kernel's dims in the
     kernel's own order. (`jnp.einsum` orders them alphabetically: o_proj's "BTNH,NHD->BTD"
@@ -303,16 +337,19 @@ def _contract(equation: str, x, kernel):
     contracted = [c for c in kernel_letters if c not in out]
     free_x = [c for c in x_letters if c not in contracted]
     kept = [c for c in kernel_letters if c not in contracted]
+    accumulate = _accumulation(x, kernel)
+    rounded = (lambda y: y) if accumulate is None else (lambda y: y.astype(jnp.result_type(x, kernel)))  # noqa: E731
     if "".join(free_x + kept) != out or len(set(x_letters)) != len(x_letters):
-        return jnp.einsum(equation, x, kernel)
+        return rounded(jnp.einsum(equation, x, kernel, preferred_element_type=accumulate))
     if one_device() and list(x_letters) == free_x + contracted and list(kernel_letters) == contracted + kept:
         n_free, n_in = len(free_x), len(contracted)
         y = jax.lax.dot_general(x.reshape(-1, int(np.prod(x.shape[n_free:]))),
-                                kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1), (((1,), (0,)), ((), ())))
-        return y.reshape(x.shape[:n_free] + kernel.shape[n_in:])
+                                kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1), (((1,), (0,)), ((), ())),
+                                preferred_element_type=accumulate)
+        return rounded(y).reshape(x.shape[:n_free] + kernel.shape[n_in:])
     dims = ((tuple(x_letters.index(c) for c in contracted), tuple(kernel_letters.index(c) for c in contracted)),
             ((), ()))
-    return jax.lax.dot_general(x, kernel, dims)
+    return rounded(jax.lax.dot_general(x, kernel, dims, preferred_element_type=accumulate))
 
 
 def _base_product(module, x, equation, shape, axes, dtype, param_dtype, quantize, init, stop):
