@@ -1,5 +1,5 @@
 """How XLA's CPU dots run 16-bit operands, next to float32 and to torch on the same shapes: the
-measurements behind the CPU rule for 16-bit models (`models.layers._accumulation`,
+measurements behind the CPU rule for 16-bit models (`models.layers.accumulation`,
 `models.layers.attention_dtype`).
 
 - Weight products (a [rows, in] activation times an [in, out] kernel): float32; bfloat16 operands

@@ -16,6 +16,8 @@ import unitoken_jax
 from unitoken_jax.configs.model import get_config
 from unitoken_jax.inference.decode import DecodeLoop, Request
 from unitoken_jax.models import layers
+from unitoken_jax.models.config import LoraConfig
+from unitoken_jax.models.loss import fused_lm_loss
 from unitoken_jax.tokenizer import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,9 +53,12 @@ def test_a_16_bit_weight_product_on_a_cpu_accumulates_in_float32_and_rounds_once
         ("f32", "f32", "f32")]
 
 
-def test_a_16_bit_models_decode_on_a_cpu_attends_in_float32_from_a_float32_cache():
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_a_16_bit_models_decode_on_a_cpu_attends_in_float32_from_a_float32_cache(lora):
     cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model).replace(dtype="bfloat16",
                                                                                  param_dtype="bfloat16")
+    if lora:  # the adapters' products too
+        cfg = cfg.replace(lora=LoraConfig(rank=4, targets=("q_proj", "v_proj", "down_proj", "lm_head")))
     model = unitoken_jax.UniTokenModel.random(cfg, seed=2)
     loop = DecodeLoop(cfg, model.params)
     assert loop.cache_dtype == jnp.float32
@@ -70,6 +75,24 @@ def test_a_16_bit_models_decode_on_a_cpu_attends_in_float32_from_a_float32_cache
         # float32 (attention): none writes bfloat16, none has float32 meet bfloat16
         assert {d for d in dots} <= {("bf16", "bf16", "f32"), ("f32", "f32", "f32")}, set(dots)
         assert ("f32", "f32", "f32") in dots and ("bf16", "bf16", "f32") in dots
+
+
+def test_the_fused_lm_loss_in_bfloat16_on_a_cpu_accumulates_its_head_products_in_float32():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((32, 100)) * 0.1, jnp.float32)
+    labels, segments = jnp.asarray(rng.integers(-1, 100, (2, 16))), jnp.ones((2, 16), jnp.int32)
+
+    def loss(hidden, kernel, dtype):
+        return fused_lm_loss(hidden, kernel, labels, segments, 1e-4, chunk=8, dtype=dtype)[0]
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    dots = _dots(grad.lower(hidden, kernel, jnp.bfloat16).as_text())
+    assert dots == [("bf16", "bf16", "f32")] * 3, dots  # logits, the hidden states' and the kernel's gradients
+    # the same loss and gradients as in float32, to bfloat16's precision
+    np.testing.assert_allclose(loss(hidden, kernel, jnp.bfloat16), loss(hidden, kernel, jnp.float32), rtol=2e-2)
+    for a, b in zip(grad(hidden, kernel, jnp.bfloat16), grad(hidden, kernel, jnp.float32)):
+        np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(np.abs(b).max()))
 
 
 def test_a_program_built_for_a_tpu_keeps_its_16_bit_dots():

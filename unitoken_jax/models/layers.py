@@ -262,8 +262,10 @@ def lora_delta(module: nn.Module, x, equation, shape, axes, lora, dtype, stop=No
     if lora.dropout > 0 and module.has_rng("dropout"):  # training: the step passes a dropout rng
         x = lora_dropout(x, lora.dropout, module.make_rng("dropout"))
     to_rank, from_rank, _ = lora_equations(equation)
-    h = jnp.einsum(to_rank, x.astype(dtype), a.astype(dtype))
-    return jnp.einsum(from_rank, h, b.astype(dtype)) * jnp.asarray(lora.scaling, dtype)
+    acc = accumulation(dtype)  # 16-bit on a CPU: accumulate in float32 (see `accumulation`)
+    h = jnp.einsum(to_rank, x.astype(dtype), a.astype(dtype), preferred_element_type=acc).astype(dtype)
+    y = jnp.einsum(from_rank, h, b.astype(dtype), preferred_element_type=acc).astype(dtype)
+    return y * jnp.asarray(lora.scaling, dtype)
 
 
 PREFIX_KERNEL = "prefix_kernel"
@@ -307,14 +309,15 @@ def attention_dtype(dtype):
     return jnp.dtype(jnp.float32) if dtype in _SIXTEEN_BIT and current_device().platform == "cpu" else dtype
 
 
-def _accumulation(x, kernel):
-    """The dot's output type where it is not the inputs' own: float32 for 16-bit float operands on
-    a CPU, rounded back once after. XLA's CPU dots of bfloat16 operands run up to 2-3x faster than
+def accumulation(*dtypes):
+    """A dot's output type where it is not its operands' own (`preferred_element_type`): float32
+    when every operand is a 16-bit float and the program is for a CPU, rounded back once after;
+    else None (the operands' type). XLA's CPU dots of bfloat16 operands run up to 2-3x faster than
     float32 ones when they accumulate into float32, and up to ~2-3x slower than float32 when they
     write bfloat16 (`benchmarks/cpu_dots.py`); float16 ones ran ~1.1-1.7x float32's time either
     way (2026-12-05). TPUs and GPUs accumulate 16-bit dots in float32 anyway: their programs are
     left as they were."""
-    if x.dtype in _SIXTEEN_BIT and kernel.dtype in _SIXTEEN_BIT and current_device().platform == "cpu":
+    if all(jnp.dtype(d) in _SIXTEEN_BIT for d in dtypes) and current_device().platform == "cpu":
         return jnp.float32
     return None
 
@@ -338,7 +341,7 @@ def _contract(equation: str, x, kernel):
     contracted = [c for c in kernel_letters if c not in out]
     free_x = [c for c in x_letters if c not in contracted]
     kept = [c for c in kernel_letters if c not in contracted]
-    accumulate = _accumulation(x, kernel)
+    accumulate = accumulation(x.dtype, kernel.dtype)
     rounded = (lambda y: y) if accumulate is None else (lambda y: y.astype(jnp.result_type(x, kernel)))  # noqa: E731
     if "".join(free_x + kept) != out or len(set(x_letters)) != len(x_letters):
         return rounded(jnp.einsum(equation, x, kernel, preferred_element_type=accumulate))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unitoken_jax.models.layers import accumulation
 from unitoken_jax.sharding import constrain, logical_to_mesh_spec, mesh_ways
 from unitoken_jax.tokenizer import layout
 
@@ -121,6 +122,7 @@ def _fused_forward(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_w
     h_sorted = jnp.pad(jnp.take_along_axis(hidden_BLD, order_BL[..., None], axis=1), ((0, 0), (0, pad), (0, 0)))
     count = jnp.maximum(jnp.sum(valid_BL), 1).astype(jnp.float32)
     kernel = kernel_DV.astype(dtype)
+    acc = accumulation(dtype)  # 16-bit on a CPU: the head's dots accumulate in float32 (faster there)
     zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("ce", "z", "ce_und", "ce_gen", "loss")}
 
     def one_chunk(carry, k):
@@ -130,7 +132,8 @@ def _fused_forward(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_w
 
         def compute(carry):
             sums, dk = carry
-            logits = jnp.einsum("BCD,DV->BCV", h_c.astype(dtype), kernel).astype(jnp.float32)
+            logits = jnp.einsum("BCD,DV->BCV", h_c.astype(dtype), kernel, preferred_element_type=acc)
+            logits = logits.astype(jnp.float32)
             logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
             lse = jax.nn.logsumexp(logits, axis=-1)
             ce = lse - jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
@@ -142,7 +145,7 @@ def _fused_forward(hidden_BLD, kernel_DV, targets_BL, valid_BL, gen_BL, z_loss_w
             g = jnp.exp(logits - lse[..., None]) * ((1 + 2 * z_loss_weight * lse) * w / count)[..., None]
             g = g - jax.nn.one_hot(t_c, v, dtype=jnp.float32) * (w / count)[..., None]
             g = g.astype(dtype)
-            dh_c = jnp.einsum("BCV,DV->BCD", g, kernel)
+            dh_c = jnp.einsum("BCV,DV->BCD", g, kernel, preferred_element_type=acc).astype(dtype)
             if kernel_grad:
                 dk = dk + jnp.einsum("BCD,BCV->DV", h_c.astype(dtype), g, preferred_element_type=jnp.float32)
                 dk = constrain(dk, ("embed", "vocab"))  # sharded as the kernel is, never whole on a chip
