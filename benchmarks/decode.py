@@ -359,8 +359,8 @@ def main():
         "Weight formats: the model-only step over the same cache lengths, computing in bfloat16 with the "
         "weights in bfloat16 or in int8 with a scale per output channel. On a CPU the weight products of 16-bit "
         "operands accumulate in float32 and round once, and attention runs in float32 from a float32 cache "
-        "(XLA's CPU dots run bfloat16 operands 1.6-2x faster than float32 ones when they write float32, and "
-        "~2x slower when they write bfloat16; `benchmarks/cpu_dots.py`). On an accelerator int8 halves the "
+        "(XLA's CPU dots of bfloat16 operands took 0.4-1.05x the float32 time when they write float32, "
+        "1.1-3.4x when they write bfloat16; `benchmarks/cpu_dots.py`). On an accelerator int8 halves the "
         "weight bytes each step reads; on this CPU the int8 values are converted to bfloat16 inside the step:", "",
         "| rows | float32, ms | bfloat16, ms | int8 weights, ms | bfloat16 / float32 | int8 / bfloat16 |",
         "|---|---|---|---|---|---|",

@@ -28,6 +28,7 @@ from unitoken_jax import sharding
 from unitoken_jax.inference import grid, sampling
 from unitoken_jax.inference.grid import GridState
 from unitoken_jax.models.chameleon import Cache, cache_length
+from unitoken_jax.models.layers import attention_dtype
 from unitoken_jax.models.unitoken import UniToken, cpu_decode_config, cpu_decode_params
 from unitoken_jax.tokenizer import layout
 
@@ -529,10 +530,9 @@ class DecodeLoop:
             cache_block = CPU_CACHE_BLOCK if on_cpu else 0
         self.cache_block = int(cache_block)
         self.params = params
-        # a CPU attends in float32 for 16-bit models (`models.layers.attention_dtype`): a 16-bit
-        # cache would be converted at every step
-        self.cache_dtype = jnp.dtype(cache_dtype or (jnp.float32 if on_cpu and jnp.dtype(config.dtype).itemsize == 2
-                                                     else config.dtype))
+        # in the type the loop attends in (float32 on a CPU for 16-bit models): no conversion a step
+        platform = "cpu" if on_cpu else devices[0].platform
+        self.cache_dtype = jnp.dtype(cache_dtype or attention_dtype(config.dtype, platform))
         ok = np.ones(config.decoder.vocab_size, bool)
         if banned_ids is not None and len(banned_ids):
             ok[np.asarray(banned_ids)] = False

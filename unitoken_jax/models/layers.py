@@ -300,13 +300,15 @@ def current_device():
 _SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
 
 
-def attention_dtype(dtype):
+def attention_dtype(dtype, platform: str | None = None):
     """The type attention's scores and weighted sums are computed in for a model computing in
-    `dtype`: float32 on a CPU for 16-bit types, else `dtype`. XLA's CPU dots with batch dims in
-    bfloat16 run ~10x slower than in float32 (a decode step of 16 rows: 0.66 s against 19 ms),
-    so there queries, keys and values enter them as float32 (`benchmarks/cpu_dots.py`)."""
+    `dtype` on `platform` (default: `current_device()`'s): float32 on a CPU for 16-bit types, else
+    `dtype`. XLA's CPU dots with batch dims in bfloat16 run ~9x slower than in float32 (a decode
+    step of 16 rows: 0.66 s against 19 ms), so there queries, keys and values enter them as
+    float32, and a decode loop keeps its cache in float32 (`benchmarks/cpu_dots.py`)."""
     dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype in _SIXTEEN_BIT and current_device().platform == "cpu" else dtype
+    platform = current_device().platform if platform is None else platform
+    return jnp.dtype(jnp.float32) if dtype in _SIXTEEN_BIT and platform == "cpu" else dtype
 
 
 def accumulation(*dtypes):
