@@ -29,11 +29,12 @@ from unitoken_jax.models.layers import (
     HeadNorm,
     Projection,
     RMSNorm,
+    apply_rope,
     attend,
     attention_dtype,
     attend_filled,
     kernel_product,
-    rotary_embedding,
+    rope_tables,
 )
 from unitoken_jax.sharding import check_names, constrain
 
@@ -61,11 +62,12 @@ class Attention(nn.Module):
     lora: Any = None  # a LoraConfig (adapters on the projections it targets), or None
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask, cache: Cache | None, layer_index, cache_index_B,
+    def __call__(self, x_BTD, rope, mask, cache: Cache | None, layer_index, cache_index_B,
                  return_kv: bool = False):
         """(output, updated cache); with `return_kv` (no cache) also this layer's keys and values
         [B, K, T, H], for a prefill to make a cache of. `mask`: with a cache, bool [B, T, S] (which
-        slots each query sees); without, the segment ids [B, T] of the packed rows."""
+        slots each query sees); without, the segment ids [B, T] of the packed rows. `rope`: the
+        positions' (cos, sin) tables, `layers.rope_tables`."""
         cfg = self.config
         n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         d = cfg.hidden_size
@@ -93,8 +95,8 @@ class Attention(nn.Module):
         k_groups = cfg.qk_norm_groups or k
         k_BTKH = HeadNorm(k_groups, cfg.qk_norm_eps, self.param_dtype, name="k_norm")(k_BTKH)
 
-        q_BTNH = rotary_embedding(q_BTNH, positions_BT, cfg.rope_theta)
-        k_BTKH = rotary_embedding(k_BTKH, positions_BT, cfg.rope_theta)
+        q_BTNH = apply_rope(q_BTNH, rope)
+        k_BTKH = apply_rope(k_BTKH, rope)
 
         if cache is not None:
             # Write this layer's new keys/values in place (one dynamic-update-slice per row: XLA
@@ -171,7 +173,7 @@ class DecoderLayer(nn.Module):
     lora: Any = None
 
     @nn.compact
-    def __call__(self, carry, layer_index, positions_BT, mask, cache_index_B, deterministic: bool,
+    def __call__(self, carry, layer_index, rope, mask, cache_index_B, deterministic: bool,
                  return_kv: bool = False):
         x_BTD, cache = carry
         cfg = self.config
@@ -184,11 +186,11 @@ class DecoderLayer(nn.Module):
 
         kv = None
         if cfg.swin_norm:  # Chameleon's post-norm variant: normalise each branch's output.
-            attn_out, cache, *kv = attn(x_BTD, positions_BT, mask, cache, layer_index, cache_index_B, return_kv)
+            attn_out, cache, *kv = attn(x_BTD, rope, mask, cache, layer_index, cache_index_B, return_kv)
             x_BTD = x_BTD + drop(norm_1(attn_out), deterministic=deterministic)
             x_BTD = x_BTD + drop(norm_2(mlp(x_BTD)), deterministic=deterministic)
         else:
-            attn_out, cache, *kv = attn(norm_1(x_BTD), positions_BT, mask, cache, layer_index, cache_index_B,
+            attn_out, cache, *kv = attn(norm_1(x_BTD), rope, mask, cache, layer_index, cache_index_B,
                                         return_kv)
             x_BTD = x_BTD + drop(attn_out, deterministic=deterministic)
             x_BTD = x_BTD + drop(mlp(norm_2(x_BTD)), deterministic=deterministic)
@@ -200,7 +202,7 @@ def _layer_class(remat_policy: str, scanned: bool):
     if remat_policy == "none":
         return DecoderLayer
     # `deterministic` and `return_kv` are Python bools: keep them static. Flax counts `self` as
-    # argument 0, so they are arguments 6 and 7 (self, carry, layer_index, positions, mask,
+    # argument 0, so they are arguments 6 and 7 (self, carry, layer_index, rope, mask,
     # cache_index, deterministic, return_kv); a negative index does not count from the end here.
     return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scanned,
                     static_argnums=(6, 7))
@@ -274,13 +276,14 @@ class ChameleonDecoder(nn.Module):
 
         carry = (x_BTD, layer_caches)
         collect = new_cache is not None
+        rope = rope_tables(positions_BT, self.config.head_dim, self.config.rope_theta)
         if self.scan_layers:
             layer_ids = jnp.arange(self.config.num_layers)
-            carry, kv = self.layers(carry, layer_ids, positions_BT, mask, index_B, deterministic, collect)
+            carry, kv = self.layers(carry, layer_ids, rope, mask, index_B, deterministic, collect)
         else:
             per_layer = []
             for i, layer in enumerate(self.layers):
-                carry, layer_kv = layer(carry, i, positions_BT, mask, index_B, deterministic, collect)
+                carry, layer_kv = layer(carry, i, rope, mask, index_B, deterministic, collect)
                 per_layer.append(layer_kv)
         x_BTD, new_layer_caches = carry
         if collect:  # the T positions' keys and values -> the first T of `length` slots
