@@ -116,9 +116,6 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     unrolled), each from a cache of that length; only the loops are timed. `read`, if given, gets
     "cache": the KV cache bytes a step reads (every slot of every layer's buffers: the unrolled
     loop's attention reads them all), averaged over the timed steps."""
-    import jax
-    import jax.numpy as jnp
-
     from unitoken_jax.inference import grid
     from unitoken_jax.models.unitoken import UniToken
 

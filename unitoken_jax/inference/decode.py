@@ -32,7 +32,6 @@ from unitoken_jax.models.layers import attention_dtype
 from unitoken_jax.models.unitoken import UniToken, cpu_decode_config, cpu_decode_params
 from unitoken_jax.tokenizer import layout
 
-
 PROMPT_MULTIPLE = 32  # the prefill's width is a multiple of this by default (`DecodeLoop(prompt_multiple=...)`)
 # A scanned loop's attention on a CPU reads the stacked cache this many slots at a time, the filled
 # blocks only (`DecodeLoop(cache_block=...)`): the benchmark model's 16-row step took 53 ms instead
