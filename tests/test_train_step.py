@@ -317,13 +317,12 @@ def test_the_compiled_step_updates_parameters_and_moments_without_copying_them()
     update and then selecting it against the old state kept both live, and XLA copied ~80 of the
     benchmark model's moments every step. (With accumulation, `optax.MultiSteps` itself computes
     the inner update every micro-batch and selects it, and its accumulator is still copied.)"""
-    accumulation = 1
-    config = OptimizerConfig(learning_rate=1e-3, total_steps=10, accumulation_steps=accumulation)
+    config = OptimizerConfig(learning_rate=1e-3, total_steps=10)  # no accumulation
     cfg = _config()
     params = unitoken_jax.UniTokenModel.random(cfg, seed=0).params
     tx = make_optimizer(config, params)
     step = jax.jit(make_train_step(cfg, tx, trainable_mask(params, config.trainable), learning_rate_schedule(config),
-                                   accumulation), donate_argnums=0)
+                                   config.accumulation_steps), donate_argnums=0)
     text = step.lower(init_state(params, tx), _batch()).compile().as_text()
     entry = text[text.index("\nENTRY"):]
     copies = [line.strip()[:160] for line in entry.splitlines()
