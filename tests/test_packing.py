@@ -90,3 +90,28 @@ def test_a_group_that_fits_the_blocks_only_in_another_order_goes_in():
         assert len(used) == 4 and ((used >= 4 * row) & (used < 4 * (row + 1))).all()
     assert sorted(batch.feature_index[batch.is_continuous].tolist()) == list(range(8))
     assert sorted(n for _, n, _ in batch.image_slots) == [1, 2, 2, 3]
+
+
+def test_a_sample_goes_to_the_fullest_row_with_room():
+    """Best fit: 6 and 7 open two rows of 10; the 3 goes where it fills a row (the 7), which leaves
+    the 4 room to go in. First fit would put the 3 after the 6 and strand the 4."""
+    packer = RowPacker(rows=2, length=10)
+    for number, n in enumerate((6, 7, 3, 4)):
+        group = [(_sample(n, 0, number), 0)]
+        assert packer.fits(group), n
+        packer.add(group, [number])
+    assert packer.finish().sample_ids == [[0, 3], [1, 2]]
+
+
+def test_stranded_counts_the_room_no_sample_of_that_length_can_use():
+    packer = RowPacker(rows=3, length=10)
+    for number, n in enumerate((6, 7)):
+        packer.add([(_sample(n, 0, number), 0)], [number])
+    # rooms 4, 3 and 10: under 4 only the 3 is stranded; under 5 the 4 too
+    assert packer.stranded(4) == 3 and packer.stranded(5) == 7
+    assert packer.stranded_after([(_sample(3, 0, 9), 0)], 4) == 0  # the 3 fills the 7's row
+    assert packer.stranded_after([(_sample(2, 0, 9), 0)], 4) == 1  # after the 7: rooms 4, 1, 10
+    assert packer.stranded_after([(_sample(2, 0, 9), 0)], 5) == 4 + 1
+    # the 5 takes the empty row, then nothing has room for the 6
+    assert packer.stranded_after([(_sample(5, 0, 9), 0), (_sample(6, 0, 8), 0)], 4) is None
+    assert packer.fill == [6, 7, 0]  # asking placed nothing

@@ -339,4 +339,11 @@ def test_lookahead_fills_rows_and_resumes_exactly_from_any_batch(tmp_path):
     assert len(ids) == len(set(ids)) and len(ids) < 80  # within the first epoch: each sample once
     in_order = InputPipeline(datasets, dataclasses.replace(config, lookahead=0)).iterator()
     fill = lambda bs: np.mean([(b["segment_ids"] > 0).mean() for b in bs])  # noqa: E731
-    assert fill(batches) > fill([next(in_order) for _ in range(9)]) + 0.05
+    strict = fill([next(in_order) for _ in range(9)])
+    assert fill(batches) > strict + 0.05
+    # the default window (here half an epoch: 20 groups) choosing the group that strands least room:
+    # 60 % -> 70 %; taking in order every later group that fits gave 66 % at any look-ahead
+    default = InputPipeline(datasets, dataclasses.replace(config, lookahead=PipelineConfig.lookahead))
+    assert default.window == 20
+    it = default.iterator()
+    assert fill([next(it) for _ in range(9)]) > strict + 0.08

@@ -71,7 +71,7 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         seed=0,
         num_threads=2 if tiny else 16,
         worker_count=0,
-        lookahead=16,  # groups a batch may take from beyond one that does not fit (fuller rows)
+        lookahead=64,  # later groups a batch may choose from besides the oldest waiting one (fuller rows)
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))  # 0: every device
     # evaluation during training (unitoken_jax/train/evaluate.py), off here: every > 0 turns it on, with

@@ -1,7 +1,7 @@
 """Packing encoded samples into fixed-length rows (host side, before the device sees them).
 
-Samples are placed whole, in order, into the first row with room (first fit over the rows still
-open in the current batch); a sample is never split, and one longer than a row is dropped and
+Samples are placed whole, in order, each into the fullest row that still has room for it (best
+fit; the first such row on ties); a sample is never split, and one longer than a row is dropped and
 counted. Each row carries `segment_ids` (1, 2, ... per sample, 0 for padding), `positions`
 restarting at 0 for every sample, and `feature_index` pointing into the batch's flat list of
 image features, where `image_slots` says each sample's features start.
@@ -41,7 +41,7 @@ class PackingStats:
 
 
 class RowPacker:
-    """Fills one batch of `rows` x `length`: whole samples, first fit, at most `max_features` image
+    """Fills one batch of `rows` x `length`: whole samples, best fit, at most `max_features` image
     features in all (the batch's pixel capacity), split into `blocks` equal blocks of rows and of
     features (see the module's doc). Add groups of samples that go in together or not at all
     (`fits` then `add`), then `finish`."""
@@ -69,23 +69,26 @@ class RowPacker:
         return not any(self.ids)
 
     def _place(self, samples) -> list[int] | None:
-        """The row of each sample (first fit: a row with room whose block has room for its features),
-        or None when the group does not go in whole. With blocks, a group that does not go in in its
-        own order is tried again with its most-featured samples first (2 blocks of 4 tiles take a
-        group of 2, 1, 3 and 2 tiles only so)."""
-        placed = self._first_fit(samples, range(len(samples)))
+        """The row of each sample (best fit: the fullest row with room whose block has room for its
+        features), or None when the group does not go in whole. With blocks, a group that does not
+        go in in its own order is tried again with its most-featured samples first (2 blocks of 4
+        tiles take a group of 2, 1, 3 and 2 tiles only so)."""
+        placed = self._best_fit(samples, range(len(samples)))
         if placed is None and self.blocks > 1 and len(samples) > 1:
-            placed = self._first_fit(samples, sorted(range(len(samples)), key=lambda i: -samples[i][1]))
+            placed = self._best_fit(samples, sorted(range(len(samples)), key=lambda i: -samples[i][1]))
         return placed
 
-    def _first_fit(self, samples, order) -> list[int] | None:
+    def _best_fit(self, samples, order) -> list[int] | None:
         fill, used = list(self.fill), list(self.block_features)
         placed = [0] * len(samples)
         for i in order:
             sample, n_features = samples[i]
-            row = next((r for r in range(self.rows) if fill[r] + len(sample) <= self.length
-                        and (self.block_capacity is None
-                             or used[r // self.rows_per_block] + n_features <= self.block_capacity)), None)
+            row, most = None, -1
+            for r in range(self.rows):
+                if most < fill[r] <= self.length - len(sample) and (
+                        self.block_capacity is None
+                        or used[r // self.rows_per_block] + n_features <= self.block_capacity):
+                    row, most = r, fill[r]
             if row is None:
                 return None
             placed[i] = row
@@ -95,6 +98,23 @@ class RowPacker:
 
     def fits(self, samples: list[tuple[EncodedConversation, int]]) -> bool:
         return self._place(samples) is not None
+
+    def stranded(self, shorter_than: int) -> int:
+        """Positions left in rows whose room is under `shorter_than` (no sample that long fits there)."""
+        return self._stranded(self.fill, shorter_than)
+
+    def _stranded(self, fill, shorter_than: int) -> int:
+        return sum(self.length - f for f in fill if 0 < self.length - f < shorter_than)
+
+    def stranded_after(self, samples: list[tuple[EncodedConversation, int]], shorter_than: int) -> int | None:
+        """`stranded(shorter_than)` once `samples` went in; None when they do not fit."""
+        rows = self._place(samples)
+        if rows is None:
+            return None
+        fill = list(self.fill)
+        for (sample, _), row in zip(samples, rows):
+            fill[row] += len(sample)
+        return self._stranded(fill, shorter_than)
 
     def add(self, samples: list[tuple[EncodedConversation, int]], numbers: list[int]) -> None:
         """Places `samples` (checked with `fits`); `numbers` name them in `sample_ids` and `image_slots`."""

@@ -116,7 +116,7 @@ class PipelineConfig:
     num_threads: int = 4
     prefetch: int = 16
     worker_count: int = 0  # > 0: preprocessing and packing in that many worker processes
-    lookahead: int = 16  # groups a batch may take from beyond one that does not fit (0: strictly in order)
+    lookahead: int = 64  # later groups a batch may choose from besides the oldest waiting one (0: strictly in order)
     holdout_fraction: float = 0.0  # samples held out by sample id (`is_held_out`); 1: all of them
     split: str = "train"  # "train": the samples not held out; "eval": only the held-out ones
 
@@ -247,6 +247,13 @@ class InputPipeline(grain.IterDataset):
                                                                prefetch_buffer_size=config.prefetch)))
         super().__init__([s for s in streams if s is not None])
         self._streams = streams
+        # the groups a batch chooses among: the oldest waiting and `lookahead` more, but at most half
+        # an epoch of this process's share of the scarcer kind (in this split), so that a small dataset
+        # does not put one sample twice into a batch from two epochs at once
+        share = config.holdout_fraction if config.split == "eval" else 1.0 - config.holdout_fraction
+        epochs = [int(self.counts[KIND_NAMES[k]] * share) // (config.mix[k] * process_count)
+                  for k in (0, 1) if config.mix[k]]
+        self.window = max(1, min(config.lookahead + 1, min(epochs) // 2))
 
     @property
     def features_per_tile(self) -> int:
@@ -267,9 +274,12 @@ class InputPipeline(grain.IterDataset):
 
 
 class _PackingIterator(grain.DatasetIterator):
-    """Packs groups into batches, looking up to `config.lookahead` groups ahead: when the next
-    group does not fit, the later ones that do go in first (the held-back group is the first one
-    tried for the next batch, so no group waits more than one batch for room).
+    """Packs groups into batches, choosing among the oldest waiting group and up to
+    `config.lookahead` later ones (`InputPipeline.window` in all): every batch starts with the
+    oldest, so no group waits more batches than the window holds groups; after it, the oldest goes
+    in when it strands no room (leaves no row with less room than the shortest sample in the
+    window); otherwise the group that strands the least room goes in, the longest on ties. A batch
+    closes when none of them fits.
 
     State: the streams' state before the oldest group read but not yet packed (the anchor), and
     which of the groups read after it were packed already (`packed_ahead`, numbered from the
@@ -344,31 +354,51 @@ class _PackingIterator(grain.DatasetIterator):
         c = self.config
         packer = RowPacker(c.rows, c.length, c.max_images * self.p.features_per_tile, c.blocks)
         samples: list[Sample] = []
-        tried = 0  # waiting groups looked at (and kept) for this batch
         while True:
-            if tried == len(self._waiting):
-                if tried > c.lookahead:
-                    break
+            while len(self._waiting) < self.p.window:
                 self._read_group()
-            number, _, group = self._waiting[tried]
-            pairs = [(s.encoded, s.num_features) for s in group]
-            if packer.fits(pairs):
-                packer.add(pairs, list(range(len(samples), len(samples) + len(group))))
-                samples.extend(group)
-                self.packed += len(group)
-                del self._waiting[tried]
-                if tried:
-                    self._ahead.add(number)
-                continue
-            if packer.empty:
-                raise ValueError(f"a group of {len(group)} samples ({[len(s.encoded) for s in group]} tokens, "
-                                 f"{sum(s.num_features for s in group) // self.p.features_per_tile} image tiles) "
-                                 f"does not fit an empty batch of {c.rows} x {c.length} with {c.max_images} "
-                                 f"image tiles{self._blocks_note()}; raise rows, length or max_images")
-            tried += 1
+            pick = self._pick(packer)
+            if pick is None:
+                if packer.empty:
+                    group = self._waiting[0][2]
+                    raise ValueError(f"a group of {len(group)} samples ({[len(s.encoded) for s in group]} tokens, "
+                                     f"{sum(s.num_features for s in group) // self.p.features_per_tile} image "
+                                     f"tiles) does not fit an empty batch of {c.rows} x {c.length} with "
+                                     f"{c.max_images} image tiles{self._blocks_note()}; raise rows, length or "
+                                     "max_images")
+                break
+            number, _, group = self._waiting.pop(pick)
+            packer.add(self._pairs(group), list(range(len(samples), len(samples) + len(group))))
+            samples.extend(group)
+            self.packed += len(group)
+            if pick:
+                self._ahead.add(number)
         oldest = self._waiting[0][0] if self._waiting else self._read
         self._ahead = {n for n in self._ahead if n > oldest}
         return self._batch(packer, samples)
+
+    @staticmethod
+    def _pairs(group: list[Sample]) -> list[tuple[Any, int]]:
+        return [(s.encoded, s.num_features) for s in group]
+
+    def _pick(self, packer: RowPacker) -> int | None:
+        """Which waiting group goes in next (an index into `_waiting`), None when none of the oldest
+        and the `lookahead` after it fits (see the class's doc)."""
+        window = self._waiting[:self.p.window]
+        if packer.empty:  # every batch starts with the oldest: no group waits longer than the window
+            return 0 if packer.fits(self._pairs(window[0][2])) else None
+        shortest = min(len(s.encoded) for _, _, group in window for s in group)
+        before = packer.stranded(shortest)
+        best = None
+        for i, (_, _, group) in enumerate(window):
+            left = packer.stranded_after(self._pairs(group), shortest)
+            if left is None:
+                continue
+            if i == 0 and left == before:
+                return 0
+            key = (left, -sum(len(s.encoded) for s in group), i)
+            best = key if best is None or key < best else best
+        return None if best is None else best[2]
 
     def _blocks_note(self) -> str:
         c = self.config

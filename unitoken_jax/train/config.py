@@ -49,7 +49,7 @@ class DataConfig:
     seed: int = 0
     num_threads: int = 2
     worker_count: int = 0
-    lookahead: int = 16  # groups a batch may take from beyond one that does not fit (0: strictly in order)
+    lookahead: int = 64  # later groups a batch may choose from besides the oldest waiting one (0: strictly in order)
 
     def validate(self) -> "DataConfig":
         for name in ("rows", "length", "max_images"):
