@@ -277,9 +277,9 @@ class _PackingIterator(grain.DatasetIterator):
     """Packs groups into batches, choosing among the oldest waiting group and up to
     `config.lookahead` later ones (`InputPipeline.window` in all): every batch starts with the
     oldest, so no group waits more batches than the window holds groups; after it, the oldest goes
-    in when it strands no room (leaves no row with less room than the shortest sample in the
-    window); otherwise the group that strands the least room goes in, the longest on ties. A batch
-    closes when none of them fits.
+    in when it strands no further room (leaves no new row with less room than the shortest sample
+    in the window); otherwise the group that strands the least room goes in, the longest on ties.
+    A batch closes when none of them fits.
 
     State: the streams' state before the oldest group read but not yet packed (the anchor), and
     which of the groups read after it were packed already (`packed_ahead`, numbered from the
@@ -382,8 +382,8 @@ class _PackingIterator(grain.DatasetIterator):
         return [(s.encoded, s.num_features) for s in group]
 
     def _pick(self, packer: RowPacker) -> int | None:
-        """Which waiting group goes in next (an index into `_waiting`), None when none of the oldest
-        and the `lookahead` after it fits (see the class's doc)."""
+        """Which waiting group goes in next (an index into `_waiting`), None when none in the window
+        fits (see the class's doc)."""
         window = self._waiting[:self.p.window]
         if packer.empty:  # every batch starts with the oldest: no group waits longer than the window
             return 0 if packer.fits(self._pairs(window[0][2])) else None
