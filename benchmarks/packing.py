@@ -85,14 +85,13 @@ def measure(data: str, tiles: int, lookahead: int, batches: int, blocks: int = 1
     config = PipelineConfig(rows=ROWS, length=LENGTH, max_images=tiles, num_threads=2, lookahead=lookahead,
                             blocks=blocks)
     it = InputPipeline([data], config).iterator()
-    fractions, samples = [], []
-    start = time.perf_counter()
-    for i in range(batches):
+    fractions, samples, done = [], [], []
+    for _ in range(batches):
         b = next(it)
+        done.append(time.perf_counter())
         fractions.append(float((b["segment_ids"] > 0).mean()))
         samples.append(len(b["kinds"]))
-        start = time.perf_counter() if i == 0 else start
-    seconds = (time.perf_counter() - start) / max(1, batches - 1)
+    seconds = (done[-1] - done[0]) / max(1, batches - 1)
     return float(np.mean(fractions)), float(np.min(fractions)), float(np.mean(samples)), seconds
 
 

@@ -347,3 +347,23 @@ def test_lookahead_fills_rows_and_resumes_exactly_from_any_batch(tmp_path):
     assert default.window == 20
     it = default.iterator()
     assert fill([next(it) for _ in range(9)]) > strict + 0.08
+
+
+def test_every_batch_starts_with_the_oldest_group_not_yet_packed(tmp_path):
+    """The choice among later groups never leaves the oldest waiting one behind for good: each
+    batch holds the first understanding sample of the stream (in the order the packer reads it)
+    that no earlier batch took, so no group waits more batches than the window holds."""
+    datasets = [_dataset(tmp_path, "v", 80, 2, varied=True)]
+    config = PipelineConfig(rows=2, length=400, max_images=8, num_threads=1, seed=5)
+    pipeline = InputPipeline(datasets, config)
+    understanding = (s for s in pipeline._streams[0] if len(s.encoded) <= config.length)
+    order = [s.id for _, s in zip(range(40), understanding)]  # one epoch: 40 understanding samples
+    it = pipeline.iterator()
+    packed, overtaken = set(), 0
+    for _ in range(9):
+        ids = {i for row in next(it)["sample_ids"] for i in row}
+        oldest = next(i for i in order if i not in packed)
+        assert oldest in ids
+        packed |= ids
+        overtaken += any(order.index(i) > order.index(oldest) + 1 for i in ids if i in order)
+    assert overtaken, "the test must see batches that took later groups"
