@@ -92,6 +92,17 @@ def test_the_cpu_decode_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_fi
     ours_b, ref_b, faster_b = (float(v.split()[0].rstrip("x")) for v in rows["images per second, batch 2"][1:4])
     assert abs(ref_b - 1 / ref_1) <= 0.0005 + 0.006 / ref_1
     assert abs(faster_b - ours_b / ref_b) <= 0.05 + 1.01 * ours_b / ref_b * (0.0005 / ours_b + 0.0005 / ref_b)
+    # bfloat16 on both sides: the same ratios, and each side's speed-up over its float32 run above
+    bf_1, bref_1, bfaster_1, bup_1, bref_up = (float(v.split()[0].rstrip("x"))
+                                                 for v in rows["bfloat16: seconds per image, batch 1"][1:6])
+    assert abs(bfaster_1 - bref_1 / bf_1) <= 0.05 + 0.011 * bref_1 / bf_1
+    assert abs(bup_1 - ours_1 / bf_1) <= 0.01 + 0.011 * ours_1 / bf_1
+    assert abs(bref_up - ref_1 / bref_1) <= 0.01 + 0.011 * ref_1 / bref_1
+    bf_b, bref_b, bfaster_b, bup_b, bref_up_b = (float(v.split()[0].rstrip("x"))
+                                                   for v in rows["bfloat16: images per second, batch 2"][1:6])
+    assert abs(bref_b - 1 / bref_1) <= 0.0005 + 0.006 / bref_1 and bref_up_b == bref_up
+    assert abs(bfaster_b - bf_b / bref_b) <= 0.05 + 1.01 * bf_b / bref_b * (0.0005 / bf_b + 0.0005 / bref_b)
+    assert abs(bup_b - bf_b / ours_b) <= 0.01 + 1.01 * bf_b / ours_b * (0.0005 / bf_b + 0.0005 / ours_b)
     growth = [r for label, r in rows.items()
               if label.startswith(("default:", "doubling:")) or "slots at a time" in label]
     assert len(growth) == 4 and all(float(r[2]) > 0 for r in growth)
