@@ -367,3 +367,27 @@ def test_every_batch_starts_with_the_oldest_group_not_yet_packed(tmp_path):
         packed |= ids
         overtaken += any(order.index(i) > order.index(oldest) + 1 for i in ids if i in order)
     assert overtaken, "the test must see batches that took later groups"
+
+
+def test_the_packing_benchmarks_whole_sample_bound_is_what_near_equal_samples_fill(tmp_path):
+    """`benchmarks/packing.py` says how full rows of whole samples can be over a long run: as many
+    samples a row as the shortest fit, times the mean length. Near-equal samples (139-147 tokens)
+    fill exactly that, two to a 400-token row and three to a 500-token one, whatever the packer
+    chooses; varied ones stay under it."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    from packing import whole_sample_bound
+
+    def fill(path, length, lookahead):
+        config = PipelineConfig(rows=2, length=length, max_images=64, num_threads=1, seed=5, lookahead=lookahead)
+        it = InputPipeline([path], config).iterator()
+        return float(np.mean([(next(it)["segment_ids"] > 0).mean() for _ in range(40)]))  # two epochs
+
+    equal = _dataset(tmp_path, "equal", 40, 3)
+    for length, per_row in ((400, 2), (500, 3)):
+        bound, n = whole_sample_bound(equal, 64, rows=2, length=length)
+        assert n == per_row and bound < 0.9
+        assert abs(fill(equal, length, 8) - bound) < 0.005
+    varied = _dataset(tmp_path, "varied", 40, 3, varied=True)
+    bound, n = whole_sample_bound(varied, 64, rows=2, length=400)
+    assert n == 2 and fill(varied, 400, 8) < bound
