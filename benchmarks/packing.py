@@ -95,30 +95,6 @@ def measure(data: str, tiles: int, lookahead: int, batches: int, blocks: int = 1
     return float(np.mean(fractions)), float(np.min(fractions)), float(np.mean(samples)), seconds
 
 
-def whole_sample_bound(path: str, tiles: int, mix=(1, 1), rows: int = ROWS, length: int = LENGTH) -> tuple[float, int]:
-    """(the most real tokens a batch can hold over a long run, the most samples a row can hold)
-    when samples are never split: every sample of the dataset is drawn in turn (kinds in `mix`),
-    a row holds at most n of them, where n is how many of the shortest fit a row, and a batch holds
-    at most `tiles` pictures. So rows are at most n x the mixed mean length full, and a batch at
-    most (samples its tiles allow) x that mean. A finite run can exceed it a little by taking the
-    longer samples first."""
-    source, settings, _ = pt.open_dataset(path)
-    per_tile = (settings.siglip_size // settings.patch) ** 2
-    lengths, pictures = {0: [], 1: []}, {0: [], 1: []}
-    for i in range(len(source)):
-        r = source[i]
-        lengths[int(r["kind"])].append(len(r["tokens"]))
-        pictures[int(r["kind"])].append(int(np.sum(r["num_features"])) / per_tile)
-    weights = {k: m for k, m in enumerate(mix) if lengths[k] and m}
-    mean = sum(w * np.mean(lengths[k]) for k, w in weights.items()) / sum(weights.values())
-    tiles_each = sum(w * np.mean(pictures[k]) for k, w in weights.items()) / sum(weights.values())
-    shortest = np.cumsum(np.sort(np.concatenate([lengths[k] for k in weights])))
-    per_row = int(np.searchsorted(shortest, length, side="right"))
-    by_rows = per_row * mean / length
-    by_tiles = tiles / tiles_each * mean / (rows * length) if tiles_each else np.inf
-    return float(min(1.0, by_rows, by_tiles)), per_row
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=6)
@@ -139,14 +115,15 @@ def main():
         source, _, _ = pt.open_dataset(path)
         lengths = [len(source[i]["tokens"]) for i in range(min(len(source), 400))]
         for tiles in budgets:
-            bound, per_row = whole_sample_bound(path, tiles)
+            fill, _ = InputPipeline([path], PipelineConfig(rows=ROWS, length=LENGTH, max_images=tiles)).fill_bound(
+                records=10**9)
             settings = [(0, 1), (args.lookahead, 1), (args.lookahead, args.blocks)]
             if tiles == budgets[-1] and args.wide > args.lookahead:
                 settings.append((args.wide, 1))
             for lookahead, blocks in settings:
                 mean, low, per_batch, seconds = measure(path, tiles, lookahead, args.batches, blocks)
                 rows.append(f"| {name} | {int(np.mean(lengths))} | {tiles} | {lookahead} | {blocks} | "
-                            f"{per_batch:.0f} | **{mean:.1%}** | {low:.1%} | {bound:.1%} ({per_row} a row) | "
+                            f"{per_batch:.0f} | **{mean:.1%}** | {low:.1%} | {fill.bound:.1%} ({fill.per_row} a row) | "
                             f"{seconds:.2f} |")
                 print(rows[-1], flush=True)
     lines = [
@@ -164,8 +141,9 @@ def main():
         "sample, the configs' earlier budget of 64 tiles filled under half of the batch; 192 leave the tokens to "
         "decide for release-sized samples. Those (~1,920 positions) go two to a 4,096-position row, so no "
         "choice of whole samples fills more than 2 x their mean / 4,096 = 93.8 % over a long run (the bound "
-        "column: a row holds at most as many samples as the shortest fit in it, a batch at most as many as its "
-        "tiles allow, and in a long run every sample is drawn in turn). A few batches can pass it by taking the "
+        "column, `data.packing.whole_sample_bound`, which the training log also states at its start: a row "
+        "holds at most as many samples as the shortest fit in it, a batch at most as many as its tiles allow, "
+        "and in a long run every sample is drawn in turn). A few batches can pass it by taking the "
         "longer samples first, as the windows do here (94.5 % from 65 groups, 95.0 % from 257, the lowest batch "
         "under 94 %): the shorter ones wait in the window and fill later batches. The 7B demo data's "
         "~855-position samples are of near-equal length and go four to a row (4 x 855 / 4,096 = 83.5 %; they "

@@ -5,7 +5,7 @@ compute is tested on the model: tests/test_unitoken_parity.py.)"""
 import numpy as np
 import pytest
 
-from unitoken_jax.data.packing import PackingStats, RowPacker, pack
+from unitoken_jax.data.packing import PackingStats, RowPacker, pack, whole_sample_bound
 from unitoken_jax.tokenizer.conversation import EncodedConversation
 
 
@@ -115,3 +115,19 @@ def test_stranded_counts_the_room_no_sample_of_that_length_can_use():
     # the 5 takes the empty row, then nothing has room for the 6
     assert packer.stranded_after([(_sample(5, 0, 9), 0), (_sample(6, 0, 8), 0)], 4) is None
     assert packer.fill == [6, 7, 0]  # asking placed nothing
+
+
+def test_the_whole_sample_bound_is_the_samples_a_row_holds_times_the_mean():
+    # lengths 3, 4, 4, 5 (understanding) and 6, 6 (generation), drawn 1 : 1: mean (4 + 6) / 2 = 5;
+    # the shortest three (3 + 4 + 4 = 11) fit a row of 12, four (16) do not: 3 x 5 / 12 = 1.25 -> 1
+    bound = whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[1, 1, 1, 1], [0, 0]], (1, 1), rows=2, length=12)
+    assert (bound.bound, bound.per_row, bound.mean, bound.shortest, bound.next_length) == (1.0, 3, 5.0, 3, 16)
+    # rows of 20: 5 of the shortest fit (3 + 4 + 4 + 5 + 6 = 22 > 20: 4): 4 x 5 / 20 = 1.0; of 21: 4 x 5 / 21
+    assert whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[0] * 4, [0] * 2], (1, 1), rows=2, length=21).bound == 20 / 21
+    # 2 tiles a batch, half a tile a sample on average: 4 samples of mean 5 in 2 x 21 positions
+    assert whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[1] * 4, [0] * 2], (1, 1), rows=2, length=21,
+                              max_tiles=2).bound == 4 * 5 / 42
+    # generation only (mix 0 : 1): two 6s fit a row of 12, mean 6: 1.0; of 13: 12 / 13
+    assert whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[0] * 4, [0] * 2], (0, 1), rows=1, length=13).bound == 12 / 13
+    with pytest.raises(ValueError, match="no samples"):
+        whole_sample_bound([[], [6]], [[], [0]], (1, 0), rows=1, length=10)

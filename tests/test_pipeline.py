@@ -369,25 +369,26 @@ def test_every_batch_starts_with_the_oldest_group_not_yet_packed(tmp_path):
     assert overtaken, "the test must see batches that took later groups"
 
 
-def test_the_packing_benchmarks_whole_sample_bound_is_what_near_equal_samples_fill(tmp_path):
-    """`benchmarks/packing.py` says how full rows of whole samples can be over a long run: as many
-    samples a row as the shortest fit, times the mean length. Near-equal samples (139-147 tokens)
-    fill exactly that, two to a 400-token row and three to a 500-token one, whatever the packer
-    chooses; varied ones stay under it."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-    from packing import whole_sample_bound
+def test_near_equal_samples_fill_exactly_the_whole_sample_bound_and_varied_ones_stay_under_it(tmp_path):
+    """`InputPipeline.fill_bound` (what the training log states at its start): as many samples a
+    row as the shortest fit, times the mean length. Near-equal samples (139-147 tokens) fill exactly
+    that, two to a 400-token row and three to a 500-token one, whatever the packer chooses; varied
+    ones stay under it."""
 
-    def fill(path, length, lookahead):
-        config = PipelineConfig(rows=2, length=length, max_images=64, num_threads=1, seed=5, lookahead=lookahead)
-        it = InputPipeline([path], config).iterator()
+    def pipeline(path, length):
+        return InputPipeline([path], PipelineConfig(rows=2, length=length, max_images=64, num_threads=1, seed=5,
+                                                    lookahead=8))
+
+    def fill(p):
+        it = p.iterator()
         return float(np.mean([(next(it)["segment_ids"] > 0).mean() for _ in range(40)]))  # two epochs
 
     equal = _dataset(tmp_path, "equal", 40, 3)
     for length, per_row in ((400, 2), (500, 3)):
-        bound, n = whole_sample_bound(equal, 64, rows=2, length=length)
-        assert n == per_row and bound < 0.9
-        assert abs(fill(equal, length, 8) - bound) < 0.005
-    varied = _dataset(tmp_path, "varied", 40, 3, varied=True)
-    bound, n = whole_sample_bound(varied, 64, rows=2, length=400)
-    assert n == 2 and fill(varied, 400, 8) < bound
+        p = pipeline(equal, length)
+        bound, read = p.fill_bound()
+        assert bound.per_row == per_row and bound.bound < 0.9 and read == 40 and 139 <= bound.shortest <= 147
+        assert abs(fill(p) - bound.bound) < 0.005
+    p = pipeline(_dataset(tmp_path, "varied", 40, 3, varied=True), 400)
+    bound, _ = p.fill_bound()
+    assert bound.per_row == 2 and fill(p) < bound.bound

@@ -9,7 +9,9 @@ and adapter; a streak of non-finite steps stops the run cleanly."""
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,9 +73,14 @@ def _raw_state(workdir, step):
                                                                 tree))
 
 
-def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data):
+def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data, caplog):
     workdir = str(tmp_path / "run")
-    train_and_evaluate(_config(2, data, total_steps=30, log_every=5), workdir)
+    with caplog.at_level(logging.INFO, logger="unitoken_jax.train.loop"):
+        train_and_evaluate(_config(2, data, total_steps=30, log_every=5), workdir)
+    # the start of the log says how full whole samples can keep the rows; the batches stay under it
+    bound = re.search(r"whole samples can fill at most ([\d.]+)% of a batch's positions \(a row of (\d+) holds at "
+                      r"most (\d+) of them", caplog.text)
+    assert bound is not None, caplog.text
     loss = [v for _, v in sorted(_scalars(workdir, "loss").items())]
     assert len(loss) == 6
     assert loss[-1] < loss[0] - 2.0, loss
@@ -84,6 +91,12 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data)
             "tokens_per_second", "real_fraction", "real_tokens"} <= set(ea.Tags()["scalars"])
     assert all(v > 0 for v in _scalars(workdir, "ce_generation").values())
     assert all(0.5 < v <= 1 for v in _scalars(workdir, "real_fraction").values())  # packed rows, little padding
+    assert np.mean(list(_scalars(workdir, "real_fraction").values())) <= float(bound.group(1)) / 100 + 0.02
+    assert int(bound.group(2)) == _config(2, data).data.length and int(bound.group(3)) >= 1
+    if float(bound.group(1)) < 90:  # and how long rows would have to be to hold one more
+        more = re.search(r"rows of (\d+) positions would hold (\d+)", caplog.text)
+        assert more is not None and int(more.group(1)) > int(bound.group(2))
+        assert int(more.group(2)) == int(bound.group(3)) + 1
     assert set(_scalars(workdir, "dropped_too_long").values()) == {0.0}  # logged: no demo sample is over a row
     model = load(os.path.join(workdir, "final"))  # the exported model loads
     assert model.config.decoder.vocab_size == 9216

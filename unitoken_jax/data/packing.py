@@ -15,7 +15,7 @@ pixels (see `UniToken.embed`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -139,6 +139,41 @@ class RowPacker:
 
     def finish(self) -> PackedBatch:
         return PackedBatch(**self.arrays, image_slots=list(self.slots), sample_ids=[list(r) for r in self.ids])
+
+
+@dataclasses.dataclass(frozen=True)
+class FillBound:
+    bound: float  # the largest share of a batch's positions whole samples can fill over a long run
+    per_row: int  # the most samples a row can hold (as many of the shortest as fit)
+    mean: float  # the mean sample length, the kinds weighted as drawn
+    shortest: int
+    next_length: int | None  # the row length that holds one more of the shortest samples (None: all fit one)
+
+
+def whole_sample_bound(lengths: Sequence[Sequence[int]], tiles: Sequence[Sequence[float]], mix: Sequence[int],
+                       rows: int, length: int, max_tiles: int | None = None) -> FillBound:
+    """How full whole samples can keep batches over a long run, for samples of each kind k with
+    `lengths[k]` positions and `tiles[k]` picture tiles, drawn `mix[k]` at a time, in batches of
+    `rows` x `length` with at most `max_tiles` tiles.
+
+    A row holds at most n samples, n being how many of the shortest fit in it; over a long run
+    every sample is drawn in turn, so rows are at most n x the mixed mean length full, and a batch
+    at most (the samples its tiles allow) x that mean. No choice of which samples go together
+    passes it for long (a few batches can, by taking the longer samples first); more would need
+    samples split across rows."""
+    kinds = [k for k, m in enumerate(mix) if m and len(lengths[k])]
+    if not kinds:
+        raise ValueError(f"no samples of the kinds mix {tuple(mix)} draws")
+    total = sum(mix[k] for k in kinds)
+    mean = sum(mix[k] * float(np.mean(lengths[k])) for k in kinds) / total
+    tiles_each = sum(mix[k] * float(np.mean(tiles[k])) for k in kinds) / total
+    ordered = np.cumsum(np.sort(np.concatenate([np.asarray(lengths[k]) for k in kinds])))
+    per_row = int(np.searchsorted(ordered, length, side="right"))
+    bound = per_row * mean / length
+    if max_tiles is not None and tiles_each > 0:
+        bound = min(bound, max_tiles / tiles_each * mean / (rows * length))
+    next_length = int(ordered[per_row]) if per_row < len(ordered) else None
+    return FillBound(float(min(1.0, bound)), per_row, mean, int(ordered[0]), next_length)
 
 
 def pack(samples: Iterable[tuple[EncodedConversation, int]], rows: int, length: int,

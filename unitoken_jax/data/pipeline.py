@@ -42,7 +42,7 @@ import numpy as np
 import yaml
 
 from unitoken_jax.data import pretokenize as pt
-from unitoken_jax.data.packing import RowPacker
+from unitoken_jax.data.packing import FillBound, RowPacker, whole_sample_bound
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.tokenizer.conversation import EncodedConversation
@@ -232,6 +232,7 @@ class InputPipeline(grain.IterDataset):
                             "dropped, counted in the training log as dropped_too_long", source.path, s.max_length,
                             config.length)
         kinds = [o[2] for o in opened]
+        self._kinds = kinds
         self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}
         streams = []
         for k in (0, 1):
@@ -258,6 +259,26 @@ class InputPipeline(grain.IterDataset):
     @property
     def features_per_tile(self) -> int:
         return (self.siglip_size // self.patch) ** 2
+
+    def fill_bound(self, records: int = 1000) -> tuple[FillBound, int]:
+        """How full whole samples can keep this pipeline's batches over a long run
+        (`packing.whole_sample_bound`), from up to `records` records of each kind of each dataset
+        drawn from, spread evenly over it; and how many records that read."""
+        c = self.config
+        lengths, tiles = ([], []), ([], [])
+        for source, ks in zip(self.sources, self._kinds):
+            if source.ratio <= 0:
+                continue
+            data, settings, _ = pt.open_dataset(source.path)
+            per_tile = (settings.siglip_size // settings.patch) ** 2
+            for k in (0, 1):
+                idx = np.flatnonzero(ks == k)
+                for i in idx[np.linspace(0, len(idx) - 1, min(len(idx), records)).astype(int)] if len(idx) else ():
+                    r = data[int(i)]
+                    lengths[k].append(len(r["tokens"]))
+                    tiles[k].append(int(np.sum(r["num_features"])) / per_tile)
+        bound = whole_sample_bound(lengths, tiles, c.mix, c.rows, c.length, c.max_images)
+        return bound, sum(len(lengths[k]) for k in (0, 1) if c.mix[k])
 
     def __iter__(self):
         return _PackingIterator(self, [p.__iter__() for p in self.parents])

@@ -271,6 +271,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
     program = build_program(config, mesh)
     pipeline, held_out = input_pipelines(config, workdir, mesh)
+    fill, read = pipeline.fill_bound()
+    more = (f"; rows of {fill.next_length} positions would hold {fill.per_row + 1} of the shortest"
+            if fill.next_length is not None and fill.bound < 0.9 else "")
+    log.info("packing: over a long run whole samples can fill at most %.1f%% of a batch's positions (a row of %d "
+             "holds at most %d of them, the shortest %d; mean %.0f; from %d records%s); real_fraction in the log "
+             "says how full the batches are", 100 * fill.bound, config.data.length, fill.per_row, fill.shortest,
+             fill.mean, read, more)
     evaluator = _evaluator(program, pipeline, held_out, workdir) if held_out is not None else None
     data_iter = pipeline.iterator()
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
