@@ -107,3 +107,24 @@ def test_a_program_built_for_a_tpu_keeps_its_16_bit_dots():
     for lowered in (prefill, loop):
         dots = _dots(lowered.as_text())
         assert dots and all(d == ("bf16", "bf16", "bf16") for d in dots), set(dots)
+
+
+def test_a_16_bit_models_logits_enter_guidance_and_sampling_as_float32():
+    """As transformers' `generate` hands its logits processors float32 (the reference's CFG works
+    in float32), and as the continuous server's slots hold them: a bfloat16 model's logits are its
+    own bfloat16 values, converted, and the decode loop's state keeps them in float32, so
+    u + scale * (c - u) is not rounded to bfloat16 again."""
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model).replace(dtype="bfloat16",
+                                                                                 param_dtype="bfloat16")
+    model = unitoken_jax.UniTokenModel.random(cfg, seed=3)
+    loop = DecodeLoop(cfg, model.params)
+    prompt = np.array([0, 9000, 9001, layout.END_OF_TURN, layout.IMAGE_START])
+    requests = [Request(prompt, max_new_tokens=layout.generated_image_length((1, 2)) - 1, grid_hw=(1, 2),
+                        cfg_scale=2.0, seed=0)]
+    _, batch, _, _, cache_len = loop._prepare(requests)
+    logits, _ = loop._prefill(loop.params, *batch, cache_len)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, logits.astype(jnp.bfloat16).astype(jnp.float32))  # the model's values
+    _, run = loop.lower(requests)
+    state_logits = [a for a in jax.tree.leaves(run.args_info) if a.shape == logits.shape]
+    assert state_logits and all(a.dtype == jnp.float32 for a in state_logits)

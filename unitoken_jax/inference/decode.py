@@ -3,7 +3,9 @@ own parameters, grid state machine and random key.
 
 Classifier-free guidance puts each guided row's unconditional partner in the same batch: one
 weight read per step serves both. The partner is fed the tokens its row samples; its logits only
-ever enter through the guidance formula.
+ever enter through the guidance formula. Logits enter guidance and sampling as float32 whatever
+the model computes in, as transformers' `generate` (the reference's decoding) hands them to its
+logits processors.
 
 The loop runs `chunk` steps at a time inside one `lax.while_loop` and returns to Python only
 between chunks (to report progress), never per token.
