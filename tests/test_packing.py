@@ -125,8 +125,9 @@ def test_the_whole_sample_bound_is_the_samples_a_row_holds_times_the_mean():
     # rows of 20: 5 of the shortest fit (3 + 4 + 4 + 5 + 6 = 22 > 20: 4): 4 x 5 / 20 = 1.0; of 21: 4 x 5 / 21
     assert whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[0] * 4, [0] * 2], (1, 1), rows=2, length=21).bound == 20 / 21
     # 2 tiles a batch, half a tile a sample on average: 4 samples of mean 5 in 2 x 21 positions
-    assert whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[1] * 4, [0] * 2], (1, 1), rows=2, length=21,
-                              max_tiles=2).bound == 4 * 5 / 42
+    tiles = whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[1] * 4, [0] * 2], (1, 1), rows=2, length=21, max_tiles=2)
+    assert (tiles.bound, tiles.by_tiles, tiles.by_rows, tiles.tiles_each) == (4 * 5 / 42, 4 * 5 / 42, 20 / 21, 0.5)
+    assert whole_sample_bound([[3, 4], [6]], [[1, 1], [0]], (1, 1), rows=2, length=21).by_tiles == np.inf
     # generation only (mix 0 : 1): two 6s fit a row of 12, mean 6: 1.0; of 13: 12 / 13
     assert whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[0] * 4, [0] * 2], (0, 1), rows=1, length=13).bound == 12 / 13
     with pytest.raises(ValueError, match="no samples"):

@@ -97,6 +97,9 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
         more = re.search(r"rows of (\d+) positions would hold (\d+)", caplog.text)
         assert more is not None and int(more.group(1)) > int(bound.group(2))
         assert int(more.group(2)) == int(bound.group(3)) + 1
+        # the tiny configs' 8 tiles a batch hold 8 one-picture samples too: both limits are named
+        tiles = "the batch's 8 picture tiles (data.max_images) take at most 8 samples (1 a sample on average)"
+        assert tiles in caplog.text
     assert set(_scalars(workdir, "dropped_too_long").values()) == {0.0}  # logged: no demo sample is over a row
     model = load(os.path.join(workdir, "final"))  # the exported model loads
     assert model.config.decoder.vocab_size == 9216

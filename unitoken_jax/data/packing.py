@@ -148,6 +148,9 @@ class FillBound:
     mean: float  # the mean sample length, the kinds weighted as drawn
     shortest: int
     next_length: int | None  # the row length that holds one more of the shortest samples (None: all fit one)
+    by_rows: float  # per_row x mean / length: what the rows' length allows
+    by_tiles: float  # what the batch's tiles allow (inf: no tile budget, or no pictures)
+    tiles_each: float  # picture tiles a sample, the kinds weighted as drawn
 
 
 def whole_sample_bound(lengths: Sequence[Sequence[int]], tiles: Sequence[Sequence[float]], mix: Sequence[int],
@@ -169,11 +172,11 @@ def whole_sample_bound(lengths: Sequence[Sequence[int]], tiles: Sequence[Sequenc
     tiles_each = sum(mix[k] * float(np.mean(tiles[k])) for k in kinds) / total
     ordered = np.cumsum(np.sort(np.concatenate([np.asarray(lengths[k]) for k in kinds])))
     per_row = int(np.searchsorted(ordered, length, side="right"))
-    bound = per_row * mean / length
-    if max_tiles is not None and tiles_each > 0:
-        bound = min(bound, max_tiles / tiles_each * mean / (rows * length))
+    by_rows = per_row * mean / length
+    by_tiles = max_tiles / tiles_each * mean / (rows * length) if max_tiles is not None and tiles_each > 0 else np.inf
     next_length = int(ordered[per_row]) if per_row < len(ordered) else None
-    return FillBound(float(min(1.0, bound)), per_row, mean, int(ordered[0]), next_length)
+    return FillBound(float(min(1.0, by_rows, by_tiles)), per_row, mean, int(ordered[0]), next_length, float(by_rows),
+                     float(by_tiles), tiles_each)
 
 
 def pack(samples: Iterable[tuple[EncodedConversation, int]], rows: int, length: int,

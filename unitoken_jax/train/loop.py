@@ -272,8 +272,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     program = build_program(config, mesh)
     pipeline, held_out = input_pipelines(config, workdir, mesh)
     fill, read = pipeline.fill_bound()
-    more = (f"; rows of {fill.next_length} positions would hold {fill.per_row + 1} of the shortest"
-            if fill.next_length is not None and fill.bound < 0.9 else "")
+    more, binds = "", lambda part: fill.bound < 0.9 and part <= fill.bound * (1 + 1e-9)  # noqa: E731
+    if binds(fill.by_rows) and fill.next_length is not None:
+        more += f"; rows of {fill.next_length} positions would hold {fill.per_row + 1} of the shortest"
+    if binds(fill.by_tiles):
+        more += (f"; the batch's {config.data.max_images} picture tiles (data.max_images) take at most "
+                 f"{config.data.max_images / fill.tiles_each:.0f} samples ({fill.tiles_each:.2g} a sample on average)")
     log.info("packing: over a long run whole samples can fill at most %.1f%% of a batch's positions (a row of %d "
              "holds at most %d of them, the shortest %d; mean %.0f; from %d records%s); real_fraction in the log "
              "says how full the batches are", 100 * fill.bound, config.data.length, fill.per_row, fill.shortest,
