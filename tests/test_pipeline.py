@@ -392,3 +392,12 @@ def test_near_equal_samples_fill_exactly_the_whole_sample_bound_and_varied_ones_
     p = pipeline(_dataset(tmp_path, "varied", 40, 3, varied=True), 400)
     bound, _ = p.fill_bound()
     assert bound.per_row == 2 and fill(p) < bound.bound
+
+
+def test_the_fill_bound_reads_a_share_of_its_records_from_each_dataset(datasets):
+    config = PipelineConfig(rows=2, length=400, max_images=8, num_threads=1)
+    whole, read_all = InputPipeline(list(datasets), config).fill_bound()
+    assert read_all == 80  # 20 of each kind in each of the two datasets: all of them
+    part, read = InputPipeline(list(datasets), config).fill_bound(records=10)
+    assert read == 20  # 10 of each kind, 5 from each dataset
+    assert part.per_row == whole.per_row and abs(part.mean - whole.mean) < 0.05 * whole.mean

@@ -262,18 +262,20 @@ class InputPipeline(grain.IterDataset):
 
     def fill_bound(self, records: int = 1000) -> tuple[FillBound, int]:
         """How full whole samples can keep this pipeline's batches over a long run
-        (`packing.whole_sample_bound`), from up to `records` records of each kind of each dataset
-        drawn from, spread evenly over it; and how many records that read."""
+        (`packing.whole_sample_bound`), from about `records` records of each kind in all, shared
+        among the datasets drawn from by their numbers of that kind (at least one each) and spread
+        evenly over each; and how many records that read."""
         c = self.config
         lengths, tiles = ([], []), ([], [])
-        for source, ks in zip(self.sources, self._kinds):
-            if source.ratio <= 0:
-                continue
+        drawn = [(source, ks) for source, ks in zip(self.sources, self._kinds) if source.ratio > 0]
+        totals = [sum(int((ks == k).sum()) for _, ks in drawn) for k in (0, 1)]
+        for source, ks in drawn:
             data, settings, _ = pt.open_dataset(source.path)
             per_tile = (settings.siglip_size // settings.patch) ** 2
             for k in (0, 1):
                 idx = np.flatnonzero(ks == k)
-                for i in idx[np.linspace(0, len(idx) - 1, min(len(idx), records)).astype(int)] if len(idx) else ():
+                share = min(len(idx), max(1, round(records * len(idx) / max(totals[k], 1))))
+                for i in idx[np.linspace(0, len(idx) - 1, share).astype(int)] if len(idx) else ():
                     r = data[int(i)]
                     lengths[k].append(len(r["tokens"]))
                     tiles[k].append(int(np.sum(r["num_features"])) / per_tile)

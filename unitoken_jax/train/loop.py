@@ -271,17 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
     program = build_program(config, mesh)
     pipeline, held_out = input_pipelines(config, workdir, mesh)
-    fill, read = pipeline.fill_bound()
-    more, binds = "", lambda part: fill.bound < 0.9 and part <= fill.bound * (1 + 1e-9)  # noqa: E731
-    if binds(fill.by_rows) and fill.next_length is not None:
-        more += f"; rows of {fill.next_length} positions would hold {fill.per_row + 1} of the shortest"
-    if binds(fill.by_tiles):
-        more += (f"; the batch's {config.data.max_images} picture tiles (data.max_images) take at most "
-                 f"{config.data.max_images / fill.tiles_each:.0f} samples ({fill.tiles_each:.2g} a sample on average)")
-    log.info("packing: over a long run whole samples can fill at most %.1f%% of a batch's positions (a row of %d "
-             "holds at most %d of them, the shortest %d; mean %.0f; from %d records%s); real_fraction in the log "
-             "says how full the batches are", 100 * fill.bound, config.data.length, fill.per_row, fill.shortest,
-             fill.mean, read, more)
+    if jax.process_index() == 0:  # the bound is the datasets', the same for every process: one reads them
+        _log_fill_bound(pipeline, config)
     evaluator = _evaluator(program, pipeline, held_out, workdir) if held_out is not None else None
     data_iter = pipeline.iterator()
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
@@ -305,6 +296,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
                     batch_transform, evaluator)
     checkpointer.close()
     return last
+
+
+def _log_fill_bound(pipeline: InputPipeline, config: TrainConfig) -> None:
+    """Logs how full whole samples can keep the rows (`InputPipeline.fill_bound`) and, under 90 %,
+    what holds it there: the rows' length, the batch's picture tiles, or both."""
+    fill, read = pipeline.fill_bound()
+    more, binds = "", lambda part: fill.bound < 0.9 and part <= fill.bound * (1 + 1e-9)  # noqa: E731
+    if binds(fill.by_rows) and fill.next_length is not None:
+        more += f"; rows of {fill.next_length} positions would hold {fill.per_row + 1} of the shortest"
+    if binds(fill.by_tiles):
+        more += (f"; the batch's {config.data.max_images} picture tiles (data.max_images) take at most "
+                 f"{config.data.max_images / fill.tiles_each:.0f} samples ({fill.tiles_each:.2g} a sample on average)")
+    log.info("packing: over a long run whole samples can fill at most %.1f%% of a batch's positions (a row of %d "
+             "holds at most %d of them, the shortest %d; mean %.0f; from %d records%s); real_fraction in the log "
+             "says how full the batches are", 100 * fill.bound, config.data.length, fill.per_row, fill.shortest,
+             fill.mean, read, more)
 
 
 def record_config(workdir: str, config: dict) -> None:
