@@ -109,11 +109,16 @@ def test_stranded_counts_the_room_no_sample_of_that_length_can_use():
         packer.add([(_sample(n, 0, number), 0)], [number])
     # rooms 4, 3 and 10: under 4 only the 3 is stranded; under 5 the 4 too
     assert packer.stranded(4) == 3 and packer.stranded(5) == 7
-    assert packer.stranded_after([(_sample(3, 0, 9), 0)], 4) == 0  # the 3 fills the 7's row
-    assert packer.stranded_after([(_sample(2, 0, 9), 0)], 4) == 1  # after the 7: rooms 4, 1, 10
-    assert packer.stranded_after([(_sample(2, 0, 9), 0)], 5) == 4 + 1
+
+    def after(group, shorter_than):
+        rows = packer.place(group)
+        return None if rows is None else packer.stranded(shorter_than, group, rows)
+
+    assert after([(_sample(3, 0, 9), 0)], 4) == 0  # the 3 fills the 7's row
+    assert after([(_sample(2, 0, 9), 0)], 4) == 1  # after the 7: rooms 4, 1, 10
+    assert after([(_sample(2, 0, 9), 0)], 5) == 4 + 1
     # the 5 takes the empty row, then nothing has room for the 6
-    assert packer.stranded_after([(_sample(5, 0, 9), 0), (_sample(6, 0, 8), 0)], 4) is None
+    assert after([(_sample(5, 0, 9), 0), (_sample(6, 0, 8), 0)], 4) is None
     assert packer.fill == [6, 7, 0]  # asking placed nothing
 
 

@@ -44,7 +44,7 @@ class RowPacker:
     """Fills one batch of `rows` x `length`: whole samples, best fit, at most `max_features` image
     features in all (the batch's pixel capacity), split into `blocks` equal blocks of rows and of
     features (see the module's doc). Add groups of samples that go in together or not at all
-    (`fits` then `add`), then `finish`."""
+    (`place`, or `fits`, then `add`), then `finish`."""
 
     def __init__(self, rows: int, length: int, max_features: int | None = None, blocks: int = 1):
         if blocks < 1 or rows % blocks or (max_features is not None and max_features % blocks):
@@ -68,7 +68,7 @@ class RowPacker:
     def empty(self) -> bool:
         return not any(self.ids)
 
-    def _place(self, samples) -> list[int] | None:
+    def place(self, samples) -> list[int] | None:
         """The row of each sample (best fit: the fullest row with room whose block has room for its
         features), or None when the group does not go in whole. With blocks, a group that does not
         go in in its own order is tried again with its most-featured samples first (2 blocks of 4
@@ -97,28 +97,21 @@ class RowPacker:
         return placed
 
     def fits(self, samples: list[tuple[EncodedConversation, int]]) -> bool:
-        return self._place(samples) is not None
+        return self.place(samples) is not None
 
-    def stranded(self, shorter_than: int) -> int:
-        """Positions left in rows whose room is under `shorter_than` (no sample that long fits there)."""
-        return self._stranded(self.fill, shorter_than)
-
-    def _stranded(self, fill, shorter_than: int) -> int:
-        return sum(self.length - f for f in fill if 0 < self.length - f < shorter_than)
-
-    def stranded_after(self, samples: list[tuple[EncodedConversation, int]], shorter_than: int) -> int | None:
-        """`stranded(shorter_than)` once `samples` went in; None when they do not fit."""
-        rows = self._place(samples)
-        if rows is None:
-            return None
+    def stranded(self, shorter_than: int, samples=(), rows=()) -> int:
+        """Positions left in rows whose room is under `shorter_than` (no sample that long fits
+        there), now or once `samples` went into `rows` (as `place` gives them)."""
         fill = list(self.fill)
         for (sample, _), row in zip(samples, rows):
             fill[row] += len(sample)
-        return self._stranded(fill, shorter_than)
+        return sum(self.length - f for f in fill if 0 < self.length - f < shorter_than)
 
-    def add(self, samples: list[tuple[EncodedConversation, int]], numbers: list[int]) -> None:
-        """Places `samples` (checked with `fits`); `numbers` name them in `sample_ids` and `image_slots`."""
-        rows = self._place(samples)
+    def add(self, samples: list[tuple[EncodedConversation, int]], numbers: list[int],
+            rows: list[int] | None = None) -> None:
+        """Places `samples` (checked with `fits`) in `rows` (default: `place`'s); `numbers` name them
+        in `sample_ids` and `image_slots`."""
+        rows = self.place(samples) if rows is None else rows
         assert rows is not None, "add() a group that does not fit"
         a = self.arrays
         for (sample, n_features), row, number in zip(samples, rows, numbers):
@@ -143,7 +136,6 @@ class RowPacker:
 
 @dataclasses.dataclass(frozen=True)
 class FillBound:
-    bound: float  # the largest share of a batch's positions whole samples can fill over a long run
     per_row: int  # the most samples a row can hold (as many of the shortest as fit)
     mean: float  # the mean sample length, the kinds weighted as drawn
     shortest: int
@@ -151,6 +143,11 @@ class FillBound:
     by_rows: float  # per_row x mean / length: what the rows' length allows
     by_tiles: float  # what the batch's tiles allow (inf: no tile budget, or no pictures)
     tiles_each: float  # picture tiles a sample, the kinds weighted as drawn
+
+    @property
+    def bound(self) -> float:
+        """The largest share of a batch's positions whole samples can fill over a long run."""
+        return min(1.0, self.by_rows, self.by_tiles)
 
 
 def whole_sample_bound(lengths: Sequence[Sequence[int]], tiles: Sequence[Sequence[float]], mix: Sequence[int],
@@ -175,8 +172,7 @@ def whole_sample_bound(lengths: Sequence[Sequence[int]], tiles: Sequence[Sequenc
     by_rows = per_row * mean / length
     by_tiles = max_tiles / tiles_each * mean / (rows * length) if max_tiles is not None and tiles_each > 0 else np.inf
     next_length = int(ordered[per_row]) if per_row < len(ordered) else None
-    return FillBound(float(min(1.0, by_rows, by_tiles)), per_row, mean, int(ordered[0]), next_length, float(by_rows),
-                     float(by_tiles), tiles_each)
+    return FillBound(per_row, mean, int(ordered[0]), next_length, float(by_rows), float(by_tiles), tiles_each)
 
 
 def pack(samples: Iterable[tuple[EncodedConversation, int]], rows: int, length: int,

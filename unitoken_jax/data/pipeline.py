@@ -275,7 +275,7 @@ class InputPipeline(grain.IterDataset):
             for k in (0, 1):
                 idx = np.flatnonzero(ks == k)
                 share = min(len(idx), max(1, round(records * len(idx) / max(totals[k], 1))))
-                for i in idx[np.linspace(0, len(idx) - 1, share).astype(int)] if len(idx) else ():
+                for i in idx[np.linspace(0, len(idx) - 1, share).astype(int)]:  # (none where share is 0)
                     r = data[int(i)]
                     lengths[k].append(len(r["tokens"]))
                     tiles[k].append(int(np.sum(r["num_features"])) / per_tile)
@@ -380,7 +380,7 @@ class _PackingIterator(grain.DatasetIterator):
         while True:
             while len(self._waiting) < self.p.window:
                 self._read_group()
-            pick = self._pick(packer)
+            pick, rows = self._pick(packer)
             if pick is None:
                 if packer.empty:
                     group = self._waiting[0][2]
@@ -391,7 +391,7 @@ class _PackingIterator(grain.DatasetIterator):
                                      "max_images")
                 break
             number, _, group = self._waiting.pop(pick)
-            packer.add(self._pairs(group), list(range(len(samples), len(samples) + len(group))))
+            packer.add(self._pairs(group), list(range(len(samples), len(samples) + len(group))), rows)
             samples.extend(group)
             self.packed += len(group)
             if pick:
@@ -404,24 +404,28 @@ class _PackingIterator(grain.DatasetIterator):
     def _pairs(group: list[Sample]) -> list[tuple[Any, int]]:
         return [(s.encoded, s.num_features) for s in group]
 
-    def _pick(self, packer: RowPacker) -> int | None:
-        """Which waiting group goes in next (an index into `_waiting`), None when none in the window
-        fits (see the class's doc)."""
+    def _pick(self, packer: RowPacker) -> tuple[int | None, list[int] | None]:
+        """Which waiting group goes in next (an index into `_waiting`) and its samples' rows, or
+        (None, None) when none in the window fits (see the class's doc)."""
         window = self._waiting[:self.p.window]
         if packer.empty:  # every batch starts with the oldest: no group waits longer than the window
-            return 0 if packer.fits(self._pairs(window[0][2])) else None
+            rows = packer.place(self._pairs(window[0][2]))
+            return (None, None) if rows is None else (0, rows)
         shortest = min(len(s.encoded) for _, _, group in window for s in group)
         before = packer.stranded(shortest)
-        best = None
+        best, best_rows = None, None
         for i, (_, _, group) in enumerate(window):
-            left = packer.stranded_after(self._pairs(group), shortest)
-            if left is None:
+            pairs = self._pairs(group)
+            rows = packer.place(pairs)
+            if rows is None:
                 continue
+            left = packer.stranded(shortest, pairs, rows)
             if i == 0 and left == before:
-                return 0
+                return 0, rows
             key = (left, -sum(len(s.encoded) for s in group), i)
-            best = key if best is None or key < best else best
-        return None if best is None else best[2]
+            if best is None or key < best:
+                best, best_rows = key, rows
+        return (None, None) if best is None else (best[2], best_rows)
 
     def _blocks_note(self) -> str:
         c = self.config
