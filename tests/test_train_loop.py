@@ -24,6 +24,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CHEAP_COMPILES
+from unitoken_jax.data import pretokenize
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.configs import stages
 from unitoken_jax.model import UniTokenModel, load
@@ -91,18 +92,36 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
             "tokens_per_second", "real_fraction", "real_tokens"} <= set(ea.Tags()["scalars"])
     assert all(v > 0 for v in _scalars(workdir, "ce_generation").values())
     assert all(0.5 < v <= 1 for v in _scalars(workdir, "real_fraction").values())  # packed rows, little padding
-    assert np.mean(list(_scalars(workdir, "real_fraction").values())) <= float(bound.group(1)) / 100 + 0.02
-    assert int(bound.group(2)) == _config(2, data).data.length and int(bound.group(3)) >= 1
-    if float(bound.group(1)) < 90:  # and how long rows would have to be to hold one more
-        more = re.search(r"rows of (\d+) positions would hold (\d+)", caplog.text)
-        assert more is not None and int(more.group(1)) > int(bound.group(2))
-        assert int(more.group(2)) == int(bound.group(3)) + 1
-        # the tiny configs' 8 tiles a batch hold 8 one-picture samples too: both limits are named
-        tiles = "the batch's 8 picture tiles (data.max_images) take at most 8 samples (1 a sample on average)"
-        assert tiles in caplog.text
+    real = np.mean(list(_scalars(workdir, "real_fraction").values()))
+    assert real <= float(bound.group(1)) / 100 + 0.02
+    assert int(bound.group(2)) == _config(2, data).data.length
+    # the tiny configs' rows hold two ~142-token demo samples (rows of 256 held one: 55.6 % at most),
+    # and the batch's picture tiles take both
+    assert int(bound.group(3)) == 2 and float(bound.group(1)) > 95 and real > 0.95, (bound.group(0), real)
     assert set(_scalars(workdir, "dropped_too_long").values()) == {0.0}  # logged: no demo sample is over a row
     model = load(os.path.join(workdir, "final"))  # the exported model loads
     assert model.config.decoder.vocab_size == 9216
+
+
+def test_under_90_percent_the_log_names_the_row_length_and_the_tiles_that_hold_the_fill_there(data, caplog):
+    """Rows of 256 and 8 tiles a batch (the tiny configs until 2026-12-05) hold one ~142-token demo
+    sample a row: the start of the log names the length that holds two, and the tiles."""
+    from unitoken_jax.train import loop
+
+    config = TrainConfig.from_config_dict(_config(2, data, **{"data.length": 256, "data.max_images": 8}))
+    pipeline, _ = loop.input_pipelines(config, "/nonexistent", loop.make_mesh(config.mesh))
+    with caplog.at_level(logging.INFO, logger="unitoken_jax.train.loop"):
+        loop._log_fill_bound(pipeline, config)
+    bound = re.search(r"fill at most ([\d.]+)% .*a row of 256 holds at most 1 of them, the shortest (\d+)", caplog.text)
+    assert bound is not None, caplog.text
+    shortest = int(bound.group(2))
+    records, _, _ = pretokenize.open_dataset(data)
+    lengths = [len(records[i]["tokens"]) for i in range(len(records))]
+    assert shortest == min(lengths) and abs(float(bound.group(1)) / 100 - np.mean(lengths) / 256) < 0.01
+    more = re.search(r"rows of (\d+) positions would hold 2 of the shortest", caplog.text)
+    assert more is not None and int(more.group(1)) == 2 * shortest, caplog.text
+    tiles = "the batch's 8 picture tiles (data.max_images) take at most 8 samples (1 a sample on average)"
+    assert tiles in caplog.text
 
 
 def _train_command(workdir, data, *extra):

@@ -56,7 +56,8 @@ def stage_config(stage: int, data: str, steps: int, init_from: str | None = None
     c.model = ml_collections.ConfigDict(model_config())
     c.init_from.update(kind="stage" if init_from else "random", paths=(init_from,) if init_from else ())
     c.optimizer.update(learning_rate=3e-3 if stage == 1 else 2e-3, vit_lr_scale=1.0, warmup_fraction=0.05)
-    c.data.update(sources=(data,), demo=False, max_images=32, seed=stage)
+    # rows of 256 (the tiny configs' length until 2026-12-05): the world's samples are short, many a row
+    c.data.update(sources=(data,), demo=False, length=256, max_images=32, seed=stage)
     c.mesh.num_devices = 1
     c.update(total_steps=steps, log_every=50, checkpoint_every=max(steps, 1), keep_checkpoints=1,
              log_sample_ids=False)
