@@ -394,7 +394,35 @@ def test_near_equal_samples_fill_exactly_the_whole_sample_bound_and_varied_ones_
     assert bound.per_row == 2 and fill(p) < bound.bound
 
 
-def test_the_fill_bound_reads_a_share_of_its_records_from_each_dataset(datasets):
+def test_the_fill_bound_takes_every_records_size_from_the_dataset_and_reads_no_record(datasets, monkeypatch):
+    """Datasets pre-tokenized since 2026-12-05 hold every record's size (sizes.npy): the bound
+    counts them all and reads no record; it equals the bound read from every record."""
+    config = PipelineConfig(rows=2, length=400, max_images=8, num_threads=1)
+    pipeline = InputPipeline(list(datasets), config)
+    opened = pt.open_dataset
+
+    class Unreadable:
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, i):
+            raise AssertionError("fill_bound read a record")
+
+    monkeypatch.setattr(pt, "open_dataset", lambda path, split=None: (Unreadable(opened(path)[0]), *opened(path)[1:]))
+    from_sizes, counted = pipeline.fill_bound(records=10)
+    assert counted == 80  # every record of both datasets, whatever `records` asks to read
+    monkeypatch.setattr(pt, "open_dataset", opened)
+    monkeypatch.setattr(pt, "record_sizes", lambda path: None)
+    from_records, read = pipeline.fill_bound()
+    assert read == 80 and from_sizes == from_records
+
+
+def test_the_fill_bound_reads_a_share_of_its_records_from_each_dataset(datasets, monkeypatch):
+    """Datasets pre-tokenized before their sizes were recorded: the bound reads a share of each."""
+    monkeypatch.setattr(pt, "record_sizes", lambda path: None)
     config = PipelineConfig(rows=2, length=400, max_images=8, num_threads=1)
     whole, read_all = InputPipeline(list(datasets), config).fill_bound()
     assert read_all == 80  # 20 of each kind in each of the two datasets: all of them

@@ -116,9 +116,38 @@ def test_a_killed_run_resumes_to_the_same_dataset(tmp_path, items_path, tokenize
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
     np.testing.assert_array_equal(ka, kb)
+    # every record's size, in order, for the packing bound (read here from the records themselves)
+    for path, records in ((tmp_path / "whole", a), (tmp_path / "cut", b)):
+        assert pt.record_sizes(str(path)).tolist() == [[len(r["tokens"]), int(np.sum(r["num_features"]))]
+                                                       for r in records]
 
     with pytest.raises(ValueError, match="other settings"):
         pt.pretokenize(items_path, str(tmp_path / "cut"), text, vq, SETTINGS.__class__(vq_size=64), progress=False)
+
+
+def test_a_job_resumed_from_chunks_without_sizes_writes_none_and_the_packing_bound_reads_records(
+        tmp_path, items_path, tokenizers, monkeypatch):
+    """A chunk written before the markers recorded sizes (2026-12-05) leaves the finished dataset
+    without sizes.npy (never sizes for only some records); the packing bound then reads records."""
+    from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig
+
+    text, vq = tokenizers
+    out = str(tmp_path / "ds")
+    pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False, max_chunks=1)
+    marker = pt._marker(os.path.join(out, pt._PARTIAL), 0)  # the first chunk's, the one done
+    old = json.load(open(marker))
+    del old["sizes"]
+    json.dump(old, open(marker, "w"))
+    pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False)
+    assert pt.record_sizes(out) is None and not os.path.exists(os.path.join(out, pt.SIZES_FILE))
+    records, _ = _records(out)
+    source, _, _ = pt.open_dataset(out)
+    reads = []
+    monkeypatch.setattr(type(source), "__getitem__",
+                        lambda self, i, get=type(source).__getitem__: reads.append(i) or get(self, i))
+    bound, counted = InputPipeline([out], PipelineConfig(rows=2, length=400, max_images=8, num_threads=1)).fill_bound()
+    assert counted == len(records) and sorted(set(reads)) == list(range(len(records)))
+    assert bound.shortest == min(len(r["tokens"]) for r in records)
 
 
 def test_a_rerun_of_a_finished_job_does_no_work_and_changes_nothing(tmp_path, items_path, tokenizers, monkeypatch):

@@ -262,16 +262,23 @@ class InputPipeline(grain.IterDataset):
 
     def fill_bound(self, records: int = 1000) -> tuple[FillBound, int]:
         """How full whole samples can keep this pipeline's batches over a long run
-        (`packing.whole_sample_bound`), from about `records` records of each kind in all, shared
-        among the datasets drawn from by their numbers of that kind (at least one each) and spread
-        evenly over each; and how many records that read."""
+        (`packing.whole_sample_bound`), and from how many records. A dataset whose pre-tokenization
+        recorded every record's size (`pretokenize.record_sizes`) gives them all, reading no record;
+        from one written before, about `records` records of each kind in all are read, shared among
+        such datasets by their numbers of that kind (at least one each) and spread evenly over each."""
         c = self.config
         lengths, tiles = ([], []), ([], [])
         drawn = [(source, ks) for source, ks in zip(self.sources, self._kinds) if source.ratio > 0]
-        totals = [sum(int((ks == k).sum()) for _, ks in drawn) for k in (0, 1)]
-        for source, ks in drawn:
+        sizes = [pt.record_sizes(source.path) for source, _ in drawn]
+        totals = [sum(int((ks == k).sum()) for (_, ks), sz in zip(drawn, sizes) if sz is None) for k in (0, 1)]
+        for (source, ks), sz in zip(drawn, sizes):
             data, settings, _ = pt.open_dataset(source.path)
             per_tile = (settings.siglip_size // settings.patch) ** 2
+            if sz is not None:
+                for k in (0, 1):
+                    lengths[k].extend(sz[ks == k, 0].tolist())
+                    tiles[k].extend((sz[ks == k, 1] / per_tile).tolist())
+                continue
             for k in (0, 1):
                 idx = np.flatnonzero(ks == k)
                 share = min(len(idx), max(1, round(records * len(idx) / max(totals[k], 1))))

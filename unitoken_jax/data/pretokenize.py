@@ -44,6 +44,8 @@ KINDS = ("understanding", "generation")
 SETTINGS_FILE = "unitoken_pretokenize.json"
 BAD_ITEMS_FILE = "bad_items.jsonl"
 KINDS_FILE = "kinds.npy"  # the kind of every record, in order: the pipeline splits by kind without reading records
+# every record's (tokens, image features), in order: the packing bound at a run's start reads no records
+SIZES_FILE = "sizes.npy"
 _PARTIAL = ".partial"
 _FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
@@ -172,9 +174,9 @@ class _Chunk:
             out.extend(self.vq.encode(batch)[:n])
         return out
 
-    def run(self, items: Sequence[tuple[int, dict]]) -> tuple[list[bytes], list[int], list[dict]]:
-        """(serialized records, their kinds, bad items)."""
-        loaded, bad, kinds = [], [], []
+    def run(self, items: Sequence[tuple[int, dict]]) -> tuple[list[bytes], list[int], list[list[int]], list[dict]]:
+        """(serialized records, their kinds, their [tokens, image features], bad items)."""
+        loaded, bad, kinds, sizes = [], [], [], []
 
         def fail(index, item, reason):
             bad.append({"index": index, "id": _item_id(item, self.source, index), "reason": reason})
@@ -212,11 +214,12 @@ class _Chunk:
                 continue
             kind = 1 if any(enc.image_predicted) else 0
             kinds.append(kind)
+            sizes.append([len(enc.tokens), sum(i.num_features for i in inputs)])
             records.append(features.serialize_example({
                 "id": _item_id(item, self.source, index), "kind": kind, "tokens": enc.tokens, "labels": enc.labels,
                 "is_continuous": enc.is_continuous, "feature_index": enc.feature_index, "image_bytes": raw,
                 "num_features": np.array([i.num_features for i in inputs], np.int32)}))
-        return records, kinds, sorted(bad, key=lambda b: b["index"])
+        return records, kinds, sizes, sorted(bad, key=lambda b: b["index"])
 
 
 def _item_id(item, source: str, index: int) -> str:
@@ -264,14 +267,14 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
             break
         start = c * settings.chunk_size
         chunk = [(i, items[i]) for i in range(start, min(start + settings.chunk_size, len(items)))]
-        records, kinds, bad = worker.run(chunk)
+        records, kinds, sizes, bad = worker.run(chunk)
         tmp = _shard_path(partial, settings, c, n_chunks) + ".tmp"
         writer = ArrayRecordWriter(tmp, "group_size:1")
         for r in records:
             writer.write(r)
         writer.close()
         os.replace(tmp, _shard_path(partial, settings, c, n_chunks))
-        _write_json(_marker(partial, c), {"written": len(records), "kinds": kinds, "bad": bad})  # the marker last: the chunk is done
+        _write_json(_marker(partial, c), {"written": len(records), "kinds": kinds, "sizes": sizes, "bad": bad})  # the marker last: the chunk is done
         for b in bad:
             log.warning("skipped item %s (%s)", b["id"], b["reason"])
         bar.update(len(chunk))
@@ -377,12 +380,15 @@ def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, marker
 
     import tensorflow_datasets as tfds
 
-    lengths, bad, kinds = [], [], []
+    lengths, bad, kinds, sizes = [], [], [], []
     for c in range(n_chunks):
         with open(markers[c]) as f:
             marker = json.load(f)
         lengths.append(marker["written"])
         kinds.extend(marker["kinds"])
+        # (a chunk written before 2026-12-05 has no sizes: then the dataset has none, and the packing
+        # bound reads records instead)
+        sizes = None if sizes is None or "sizes" not in marker else sizes + marker["sizes"]
         bad.extend(marker["bad"])
         moved = _shard_path(out_dir, settings, c, n_chunks)
         if not os.path.exists(moved):  # a finalize that died half-way moved some already
@@ -391,6 +397,8 @@ def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, marker
         for b in bad:
             f.write(json.dumps(b) + "\n")
     np.save(os.path.join(out_dir, KINDS_FILE), np.array(kinds, np.int8))
+    if sizes is not None:
+        np.save(os.path.join(out_dir, SIZES_FILE), np.array(sizes, np.int32).reshape(-1, 2))
     _write_json(os.path.join(out_dir, SETTINGS_FILE), settings.to_json())
     template = tfds.core.ShardedFileTemplate(data_dir=out_dir, template=_FILE_TEMPLATE, dataset_name=settings.name,
                                              split=settings.split, filetype_suffix="array_record")
@@ -410,6 +418,13 @@ def summary(out_dir: str) -> dict[str, Any]:
         bad = [json.loads(line) for line in f]
     return {"complete": True, "written": builder.info.splits.total_num_examples, "skipped": len(bad),
             "bad_items": os.path.join(out_dir, BAD_ITEMS_FILE)}
+
+
+def record_sizes(path: str) -> np.ndarray | None:
+    """[records, 2]: every record's (tokens, image features), in order, of a finished pre-tokenized
+    dataset; None for one written before its pre-tokenization recorded them (2026-12-05)."""
+    sizes_path = os.path.join(path, SIZES_FILE)
+    return np.load(sizes_path) if os.path.exists(sizes_path) else None
 
 
 def open_dataset(path: str, split: str | None = None):
