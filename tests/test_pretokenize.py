@@ -128,7 +128,8 @@ def test_a_killed_run_resumes_to_the_same_dataset(tmp_path, items_path, tokenize
 def test_a_job_resumed_from_chunks_without_sizes_writes_none_and_the_packing_bound_reads_records(
         tmp_path, items_path, tokenizers, monkeypatch):
     """A chunk written before the markers recorded sizes (2026-12-05) leaves the finished dataset
-    without sizes.npy (never sizes for only some records); the packing bound then reads records."""
+    without sizes.npy (never sizes for only some records, nor a stale file's); the packing bound
+    then reads records."""
     from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig
 
     text, vq = tokenizers
@@ -138,6 +139,7 @@ def test_a_job_resumed_from_chunks_without_sizes_writes_none_and_the_packing_bou
     old = json.load(open(marker))
     del old["sizes"]
     json.dump(old, open(marker, "w"))
+    np.save(os.path.join(out, pt.SIZES_FILE), np.ones((3, 2), np.int32))  # a stale file is not kept either
     pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False)
     assert pt.record_sizes(out) is None and not os.path.exists(os.path.join(out, pt.SIZES_FILE))
     records, _ = _records(out)

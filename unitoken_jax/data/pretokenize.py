@@ -274,7 +274,8 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
             writer.write(r)
         writer.close()
         os.replace(tmp, _shard_path(partial, settings, c, n_chunks))
-        _write_json(_marker(partial, c), {"written": len(records), "kinds": kinds, "sizes": sizes, "bad": bad})  # the marker last: the chunk is done
+        # the marker last: the chunk is done
+        _write_json(_marker(partial, c), {"written": len(records), "kinds": kinds, "sizes": sizes, "bad": bad})
         for b in bad:
             log.warning("skipped item %s (%s)", b["id"], b["reason"])
         bar.update(len(chunk))
@@ -388,7 +389,10 @@ def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, marker
         kinds.extend(marker["kinds"])
         # (a chunk written before 2026-12-05 has no sizes: then the dataset has none, and the packing
         # bound reads records instead)
-        sizes = None if sizes is None or "sizes" not in marker else sizes + marker["sizes"]
+        if sizes is not None and "sizes" in marker:
+            sizes.extend(marker["sizes"])
+        else:
+            sizes = None
         bad.extend(marker["bad"])
         moved = _shard_path(out_dir, settings, c, n_chunks)
         if not os.path.exists(moved):  # a finalize that died half-way moved some already
@@ -399,6 +403,8 @@ def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, marker
     np.save(os.path.join(out_dir, KINDS_FILE), np.array(kinds, np.int8))
     if sizes is not None:
         np.save(os.path.join(out_dir, SIZES_FILE), np.array(sizes, np.int32).reshape(-1, 2))
+    elif os.path.exists(os.path.join(out_dir, SIZES_FILE)):  # never another dataset's sizes beside these records
+        os.remove(os.path.join(out_dir, SIZES_FILE))
     _write_json(os.path.join(out_dir, SETTINGS_FILE), settings.to_json())
     template = tfds.core.ShardedFileTemplate(data_dir=out_dir, template=_FILE_TEMPLATE, dataset_name=settings.name,
                                              split=settings.split, filetype_suffix="array_record")
