@@ -127,7 +127,7 @@ def test_the_whole_sample_bound_is_the_samples_a_row_holds_times_the_mean():
     # the shortest three (3 + 4 + 4 = 11) fit a row of 12, four (16) do not: 3 x 5 / 12 = 1.25 -> 1
     bound = whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[1, 1, 1, 1], [0, 0]], (1, 1), rows=2, length=12)
     assert (bound.bound, bound.per_row, bound.mean, bound.shortest, bound.next_length) == (1.0, 3, 5.0, 3, 16)
-    # rows of 20: 5 of the shortest fit (3 + 4 + 4 + 5 + 6 = 22 > 20: 4): 4 x 5 / 20 = 1.0; of 21: 4 x 5 / 21
+    # rows of 20 hold 4 of the shortest (3 + 4 + 4 + 5 = 16; a fifth makes 22): 4 x 5 / 20 = 1.0; of 21: 4 x 5 / 21
     assert whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[0] * 4, [0] * 2], (1, 1), rows=2, length=21).bound == 20 / 21
     # 2 tiles a batch, half a tile a sample on average: 4 samples of mean 5 in 2 x 21 positions
     tiles = whole_sample_bound([[3, 4, 4, 5], [6, 6]], [[1] * 4, [0] * 2], (1, 1), rows=2, length=21, max_tiles=2)

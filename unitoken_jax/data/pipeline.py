@@ -271,14 +271,14 @@ class InputPipeline(grain.IterDataset):
         drawn = [(source, ks) for source, ks in zip(self.sources, self._kinds) if source.ratio > 0]
         sizes = [pt.record_sizes(source.path) for source, _ in drawn]
         totals = [sum(int((ks == k).sum()) for (_, ks), sz in zip(drawn, sizes) if sz is None) for k in (0, 1)]
+        per_tile = self.features_per_tile  # (every dataset's: one batch has one tile size)
         for (source, ks), sz in zip(drawn, sizes):
-            data, settings, _ = pt.open_dataset(source.path)
-            per_tile = (settings.siglip_size // settings.patch) ** 2
             if sz is not None:
                 for k in (0, 1):
                     lengths[k].extend(sz[ks == k, 0].tolist())
                     tiles[k].extend((sz[ks == k, 1] / per_tile).tolist())
                 continue
+            data, _, _ = pt.open_dataset(source.path)
             for k in (0, 1):
                 idx = np.flatnonzero(ks == k)
                 share = min(len(idx), max(1, round(records * len(idx) / max(totals[k], 1))))

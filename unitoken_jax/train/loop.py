@@ -301,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
 def _log_fill_bound(pipeline: InputPipeline, config: TrainConfig) -> None:
     """Logs how full whole samples can keep the rows (`InputPipeline.fill_bound`) and, under 90 %,
     what holds it there: the rows' length, the batch's picture tiles, or both."""
-    fill, read = pipeline.fill_bound()
+    fill, counted = pipeline.fill_bound()
     more, binds = "", lambda part: fill.bound < 0.9 and part <= fill.bound * (1 + 1e-9)  # noqa: E731
     if binds(fill.by_rows) and fill.next_length is not None:
         more += f"; rows of {fill.next_length} positions would hold {fill.per_row + 1} of the shortest"
@@ -311,7 +311,7 @@ def _log_fill_bound(pipeline: InputPipeline, config: TrainConfig) -> None:
     log.info("packing: over a long run whole samples can fill at most %.1f%% of a batch's positions (a row of %d "
              "holds at most %d of them, the shortest %d; mean %.0f; from %d records%s); real_fraction in the log "
              "says how full the batches are", 100 * fill.bound, config.data.length, fill.per_row, fill.shortest,
-             fill.mean, read, more)
+             fill.mean, counted, more)
 
 
 def record_config(workdir: str, config: dict) -> None:
