@@ -183,8 +183,8 @@ def main():
     # the decode benchmark's step (8 layers: q, k, v, o 512 x 512, gate and up 512 x 1376, down
     # 1376 x 512; the code head 512 x 8192) from these products, by rows
     per_layer = {(512, 512): 4, (512, 1376): 2, (1376, 512): 1}
-    step_ms = {r: sum(8 * per_layer.get((i, o), 0) * x + (x if (i, o) == (512, 8192) else 0)
-                      for i, o, rr, x, _ in streamed if rr == r) for r in STREAMED_ROWS}
+    step_ms = {r: [sum(8 * per_layer.get((i, o), 0) * t[j] + (t[j] if (i, o) == (512, 8192) else 0)
+                       for i, o, rr, *t in streamed if rr == r) for j in (0, 1)] for r in STREAMED_ROWS}
 
     lines = [
         "# XLA's CPU dots with 16-bit operands", "",
@@ -213,8 +213,10 @@ def main():
         *(f"| {i} x {o} | {r} | {1e3 * x:.0f} | {i * o * 4 / 2**30 / (x / 1e3):.1f} | "
           f"{2 * r * i * o / (x / 1e3) / 1e9:.0f} | {1e3 * t:.0f} | {i * o * 4 / 2**30 / (t / 1e3):.1f} |"
           for i, o, r, x, t in streamed), "",
-        "The decode benchmark's weight products a step (8 layers and the code head, 113 MiB) from these times: "
-        + ", ".join(f"{step_ms[r]:.1f} ms at {r} row{'s' if r > 1 else ''}" for r in STREAMED_ROWS) + ".", "",
+        "The decode benchmark's weight products a step (8 layers and the code head, 113 MiB) from these times, "
+        "XLA's against torch's (the reference's `nn.Linear`, its kernels [out, in]): "
+        + ", ".join(f"{step_ms[r][0]:.1f} against {step_ms[r][1]:.1f} ms at {r} row{'s' if r > 1 else ''}"
+                    for r in STREAMED_ROWS) + ".", "",
         f"Attention's dots at a decode step by cache length ({b} rows, {k} heads of {h}, float32), ms and the "
         "keys' and values' bytes read a second" + (", on both cores and with the process on one (`taskset -c 0`)"
                                                    if one_core else "") + ":", "",

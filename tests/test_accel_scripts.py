@@ -181,21 +181,24 @@ def test_the_cpu_train_step_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_it
 def test_the_cpu_dots_benchmark_runs_at_a_tiny_shape_and_its_step_estimate_is_its_products(tmp_path):
     """benchmarks/cpu_dots.py: the streamed products' rates are their shapes over their times, and
     the decode step's weight products are 8 layers (4 of 512 x 512, 2 of 512 x 1376, one
-    1376 x 512) and the code head, summed from the table's own times."""
+    1376 x 512) and the code head, summed from the table's own times, XLA's and torch's."""
     text = _run("cpu_dots.py", "--quick", tmp_path=tmp_path)
     rows = [r for r in _table(text) if len(r) == 7 and " x " in r[0] and r[1].isdigit()]
     assert len(rows) == 4 * 2, text  # four kernel shapes at 1 and 2 rows
-    us = {}
+    us, torch = {}, {}
     for shape, n, xla_us, xla_gib, xla_gflops, torch_us, torch_gib in rows:
         d_in, d_out = map(int, shape.split(" x "))
-        us[(d_in, d_out, int(n))] = float(xla_us)
+        us[(d_in, d_out, int(n))], torch[(d_in, d_out, int(n))] = float(xla_us), float(torch_us)
         assert abs(d_in * d_out * 4 / 2**30 / (float(xla_us) / 1e6) - float(xla_gib)) <= 0.06 * float(xla_gib) + 0.1
         assert abs(2 * int(n) * d_in * d_out / (float(xla_us) / 1e6) / 1e9 - float(xla_gflops)) <= (
             0.06 * float(xla_gflops) + 1)
         assert float(torch_us) > 0 and float(torch_gib) > 0
-    step = dict((int(n), float(ms)) for ms, n in re.findall(r"([\d.]+) ms at (\d+) rows?", text))
+    sums = re.findall(r"([\d.]+) against ([\d.]+) ms at (\d+) rows?", text)
+    step = {int(n): (float(a), float(b)) for a, b, n in sums}
+    assert sorted(step) == [1, 2], text
     for n in (1, 2):
-        expected = 8 * (4 * us[(512, 512, n)] + 2 * us[(512, 1376, n)] + us[(1376, 512, n)]) + us[(512, 8192, n)]
-        assert abs(step[n] - expected / 1e3) <= 0.02 * expected / 1e3 + 0.1, (step, expected)
+        for side, t in enumerate((us, torch)):
+            expected = 8 * (4 * t[(512, 512, n)] + 2 * t[(512, 1376, n)] + t[(1376, 512, n)]) + t[(512, 8192, n)]
+            assert abs(step[n][side] - expected / 1e3) <= 0.02 * expected / 1e3 + 0.1, (step, expected)
     slots = [r for r in _table(text) if r[0] in ("16", "32")]
     assert len(slots) == 2 and all(float(c) > 0 for r in slots for c in r[1:]), text
