@@ -812,6 +812,9 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert "the prompt is empty" in capsys.readouterr().err and (tmp_path / "u_1.png").exists()
     assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--cache-growth", "0", *common]) == 2
     assert "cache_growth" in capsys.readouterr().err
+    # a --model that is no model directory is what the error names, not the tokenizer left out
+    assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--model", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none'} is not a directory" in capsys.readouterr().err
     # scanned layers (what `auto` runs on a TPU) draw the same pictures as this CPU's unrolled default
     from unitoken_jax.inference import pipeline as pipeline_module
 

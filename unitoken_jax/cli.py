@@ -156,7 +156,8 @@ def _pipeline(args):
         paths[name] = getattr(args, name) or os.environ.get(env)
         if not paths[name]:
             raise ValueError(f"no --{name} given and ${env} is not set")
-    how = _how_to_load(args, paths["model"])
+        if name == "model":  # a --model that is no model is named before what else is missing
+            how = _how_to_load(args, paths["model"])
     model = unitoken_jax.load(paths["model"], progress=False, adapters=args.adapters, **how)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
