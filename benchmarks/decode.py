@@ -211,6 +211,8 @@ def model_arguments(out: str) -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--grid", type=int, default=16, help="grid units a side: 16 = 512 px, 32 x 32 codes")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of ours at batch 1, ours at the batch and the reference's image, in turn")
     parser.add_argument("--out", default=out)
     return parser
 
@@ -237,15 +239,37 @@ def main():
         result = fn()
         return time.perf_counter() - start, result
 
+    def in_turn(decode_loop, ref_model):
+        """`args.rounds` rounds of (ours at batch 1, ours at the batch, the reference's image): this
+        machine's own speed drifts by a quarter within a day, so each side is timed beside the other
+        and each round's ratios are its own. Returns the three lists of seconds."""
+        times = ([], [], [])
+        for _ in range(args.rounds):
+            t1, toks = timed(lambda: decode_loop.generate([request(1)]))
+            assert len(toks.tokens[0]) == n_tokens
+            tb, _ = timed(lambda: decode_loop.generate([request(i) for i in range(args.batch)]))
+            tr, ref_toks = timed(lambda: reference_image(ref_model, prompt, args.grid, 0))
+            assert len(ref_toks) == n_tokens and layout.parse_image_ids(
+                [layout.IMAGE_START] + ref_toks).code_ids.shape == (2 * args.grid, 2 * args.grid)
+            for kept, t in zip(times, (t1, tb, tr)):
+                kept.append(t)
+        return times
+
+    def speedups(times):
+        """The medians' ratios (batch 1: the reference's seconds over ours; at the batch: our images a
+        second over the reference's) and the range of each round's own."""
+        t1, tb, tr = (np.asarray(t) for t in times)
+        one, many = tr / t1, args.batch * tr / tb
+        med = [float(np.median(t)) for t in (t1, tb, tr)]
+        return (f"{med[2] / med[0]:.1f}x (rounds {one.min():.1f}-{one.max():.1f}x)",
+                f"{args.batch * med[2] / med[1]:.1f}x (rounds {many.min():.1f}-{many.max():.1f}x)")
+
     ran_default = watch_cache_sizes(loop)
     loop.generate([request(0)])  # compile batch 1
     first_b, _ = timed(lambda: loop.generate([request(i) for i in range(args.batch)]))  # compile batch 8
-    # the median of three runs each (one run of a whole generation varied by ~15 % on this CPU)
-    runs_1 = [timed(lambda: loop.generate([request(1)])) for _ in range(3)]
-    assert all(len(toks.tokens[0]) == n_tokens for _, toks in runs_1)
-    ours_1 = float(np.median([t for t, _ in runs_1]))
-    ours_b = float(np.median([timed(lambda: loop.generate([request(i) for i in range(args.batch)]))[0]
-                              for _ in range(3)]))
+    f32_times = in_turn(loop, reference)
+    ours_1, ours_b, ref_1 = (float(np.median(t)) for t in f32_times)
+    f32_speedups = speedups(f32_times)
     # the cache grown GROWTH slots at a time (`DecodeLoop(cache_growth=...)`): fewer unfilled slots
     # read a step, more compiles (what the first call of a fresh loop shows)
     by_growth = {}
@@ -301,16 +325,11 @@ def main():
         if name == "bfloat16":
             fmt_loop.generate([request(0)])  # compile batch 1
             fmt_loop.generate([request(i) for i in range(args.batch)])  # compile batch 8
-            bf16_1 = float(np.median([timed(lambda: fmt_loop.generate([request(1)]))[0] for _ in range(2)]))
-            bf16_b = float(np.median([timed(lambda: fmt_loop.generate([request(i) for i in range(args.batch)]))[0]
-                                      for _ in range(2)]))
-    ref_1, ref_toks = timed(lambda: reference_image(reference, prompt, args.grid, 0))
-    assert len(ref_toks) == n_tokens and layout.parse_image_ids([layout.IMAGE_START] + ref_toks).code_ids.shape == (
-        2 * args.grid, 2 * args.grid)
-    # the reference's algorithm on the same weights in bfloat16 (torch computes its bfloat16 products
-    # with this CPU's bfloat16 instructions where it has them): the comparison for a bfloat16 model
-    ref_bf16, ref_toks = timed(lambda: reference_image(reference.to(torch.bfloat16), prompt, args.grid, 0))
-    assert len(ref_toks) == n_tokens
+            # against the reference's algorithm on the same weights in bfloat16 (torch computes its
+            # bfloat16 products with this CPU's bfloat16 instructions where it has them), in turn
+            bf16_times = in_turn(fmt_loop, reference.to(torch.bfloat16))  # (the float32 runs are done)
+            bf16_1, bf16_b, ref_bf16 = (float(np.median(t)) for t in bf16_times)
+            bf16_speedups = speedups(bf16_times)
 
     lines = [
         f"# Decoding speed: one {32 * args.grid} x {32 * args.grid} image (CFG 3, top-k 2000), ours vs the "
@@ -320,13 +339,16 @@ def main():
         f"vocab 65,536, random weights (the same in both); {2 * args.grid}x{2 * args.grid} codes = "
         f"{n_tokens} generated tokens per image.", "",
         "| | ours (JAX) | reference algorithm (PyTorch) | ours faster by |", "|---|---|---|---|",
-        f"| seconds per image, batch 1 | {ours_1:.3g} | {ref_1:.3g} | {ref_1 / ours_1:.1f}x |",
+        f"| seconds per image, batch 1 | {ours_1:.3g} | {ref_1:.3g} | {f32_speedups[0]} |",
         f"| images per second, batch {args.batch} | {args.batch / ours_b:.3f} | {1 / ref_1:.3f} "
-        f"(cannot batch: {args.batch} runs) | {(args.batch / ours_b) / (1 / ref_1):.1f}x |", "",
+        f"(cannot batch: {args.batch} runs) | {f32_speedups[1]} |", "",
         "Ours: cond and uncond rows in one batch, one compiled loop (`unitoken_jax.inference.decode`). "
         "Reference: transformers `generate` with a CFG processor that runs its own second forward each step, "
         "the grid processor and top-k (see `benchmarks/decode.py`). Compile time is excluded (measured after a "
-        "warm-up run of each batch size); each of ours is the median of three runs.", "",
+        f"warm-up run of each batch size). Each side is the median of {args.rounds} runs, timed in turn: "
+        f"{args.rounds} rounds of ours at batch 1, ours at batch {args.batch} and the reference's image, "
+        "because this machine's own speed moves by up to a quarter within a day; beside each ratio, the range "
+        "of the rounds' own ratios.", "",
         "How close a step is to the model: a whole generation (prefill included) divided by its steps, against "
         "the same cached forward and code head in compiled loops with no sampling, grid or guidance, over the "
         "same cache lengths (on this CPU the loop's cache grows between chunks, by default to "
@@ -370,14 +392,14 @@ def main():
         *(f"| {rows} | {1e3 * f32:.1f} | {1e3 * by_format['bfloat16'][i]:.1f} | {1e3 * by_format['int8'][i]:.1f} | "
           f"{by_format['bfloat16'][i] / f32:.2f} | {by_format['int8'][i] / by_format['bfloat16'][i]:.2f} |"
           for i, (rows, f32) in enumerate(((2, model_1), (2 * args.batch, model_b)))), "",
-        "Whole generations in bfloat16 (weights and compute; each of ours the median of 2), against the "
-        "reference's algorithm on the same weights in bfloat16:", "",
+        "Whole generations in bfloat16 (weights and compute), against the reference's algorithm on the same "
+        f"weights in bfloat16, in {args.rounds} rounds as above (medians; the rounds' own ratios in parentheses):", "",
         "| | ours, bfloat16 | reference algorithm, bfloat16 | ours faster by | bfloat16 over float32, ours | "
         "bfloat16 over float32, reference |", "|---|---|---|---|---|---|",
-        f"| bfloat16: seconds per image, batch 1 | {bf16_1:.3g} | {ref_bf16:.3g} | {ref_bf16 / bf16_1:.1f}x | "
+        f"| bfloat16: seconds per image, batch 1 | {bf16_1:.3g} | {ref_bf16:.3g} | {bf16_speedups[0]} | "
         f"{ours_1 / bf16_1:.2f}x | {ref_1 / ref_bf16:.2f}x |",
         f"| bfloat16: images per second, batch {args.batch} | {args.batch / bf16_b:.3f} | {1 / ref_bf16:.3f} "
-        f"({args.batch} runs) | {(args.batch / bf16_b) / (1 / ref_bf16):.1f}x | {ours_b / bf16_b:.2f}x | "
+        f"({args.batch} runs) | {bf16_speedups[1]} | {ours_b / bf16_b:.2f}x | "
         f"{ref_1 / ref_bf16:.2f}x |", "",
         ]
     write_report(lines, args.out)

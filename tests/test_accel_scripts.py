@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -202,3 +203,22 @@ def test_the_cpu_dots_benchmark_runs_at_a_tiny_shape_and_its_step_estimate_is_it
             assert abs(step[n][side] - expected / 1e3) <= 0.02 * expected / 1e3 + 0.1, (step, expected)
     slots = [r for r in _table(text) if r[0] in ("16", "32")]
     assert len(slots) == 2 and all(float(c) > 0 for r in slots for c in r[1:]), text
+
+
+@pytest.mark.slow
+def test_the_decode_benchmark_times_both_sides_in_turn_and_its_ratios_are_its_medians(tmp_path):
+    """benchmarks/decode.py at a tiny shape, two rounds: each "faster by" is the ratio of the
+    medians of the table's own seconds, and it lies within the range of the rounds' own ratios it
+    states beside it (for float32 and for bfloat16, at batch 1 and at the batch)."""
+    text = _run("decode.py", "--layers", "2", "--hidden", "64", "--grid", "2", "--batch", "2", "--rounds", "2",
+                tmp_path=tmp_path)
+    assert "Each side is the median of 2 runs, timed in turn" in text
+    rows = {r[0]: r for r in _table(text) if "batch" in r[0] and len(r) >= 4 and "x (rounds" in r[3]}
+    assert sorted(rows) == ["bfloat16: images per second, batch 2", "bfloat16: seconds per image, batch 1",
+                            "images per second, batch 2", "seconds per image, batch 1"], text
+    for name, row in rows.items():
+        ours, ref = float(row[1]), float(row[2].split()[0])
+        expected = ref / ours if "seconds per image" in name else ours / ref
+        said, low, high = map(float, re.match(r"([\d.]+)x \(rounds ([\d.]+)-([\d.]+)x\)", row[3]).groups())
+        assert abs(said - expected) <= 0.03 * expected + 0.1, (name, said, expected)
+        assert low - 0.05 <= said <= high + 0.05, (name, said, low, high)
