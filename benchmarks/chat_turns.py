@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +117,7 @@ def main():
     from unitoken_jax.world import default, shapes
 
     lines = [f"# Chat turns with and without the kept KV cache ({datetime.date.today()}, "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__})", ""]
+             f"{cpu_name()}, {os.cpu_count()} CPU cores, jax {jax.__version__})", ""]
 
     # 1. the bundled model, as `unitoken chat` runs it
     picture = shapes.draw([shapes.Thing("green", "square", "bottom right")])

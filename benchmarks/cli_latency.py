@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +70,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     lines = [
         "# The README's commands from a fresh process, with and without the compilation cache", "",
-        f"{datetime.date.today()}, {platform.machine()} CPU with {os.cpu_count()} cores, the bundled model, "
+        f"{datetime.date.today()}, {cpu_name()} with {os.cpu_count()} cores, the bundled model, "
         f"`python benchmarks/cli_latency.py --runs {args.runs}`: wall time of the whole process (imports, loading, "
         "compiling, decoding, writing), the median of the runs; 'first' fills a fresh cache directory. 'Other "
         "prompts' then runs the verb once each with captions / questions of other lengths, on the filled cache.", "",

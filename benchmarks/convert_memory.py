@@ -21,7 +21,7 @@ import tempfile
 
 import numpy as np
 
-from report import write_report
+from report import cpu_name, write_report
 
 STEPS = {
     "import only (ours)": "import unitoken_jax",
@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/convert_memory.md")
     args = parser.parse_args()
     lines = ["# Peak host memory: reading and converting bfloat16 checkpoints", "",
-             f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+             f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
              f"Chameleon-shaped decoders with hidden {args.hidden} and vocab {args.vocab}. Peak anonymous memory "
              "(sampled every 10 ms) above a process that only imports the same libraries.", "",
              "transformers' `from_pretrained` leaves the weights on the memory-mapped file (page cache, "

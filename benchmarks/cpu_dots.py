@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 PRODUCTS = ((2, 512, 8192), (16, 512, 512), (16, 512, 8192), (16, 256, 9216), (256, 512, 1376),
             (2048, 256, 768), (2048, 256, 9216))
@@ -188,7 +187,7 @@ def main():
 
     lines = [
         "# XLA's CPU dots with 16-bit operands", "",
-        f"{datetime.date.today()}, {platform.machine()} CPU, {os.cpu_count()} cores; jax {jax.__version__}, "
+        f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
         f"torch {torch.__version__}. Best of 5 loops of calls, compiled first (`benchmarks/cpu_dots.py`).", "",
         "Weight products, [rows, in] x [in, out], ms:", "",
         "| rows x in x out | XLA float32 | XLA bfloat16, writing bfloat16 | XLA bfloat16, accumulating in float32 "

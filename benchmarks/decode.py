@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import unitoken_jax  # noqa: E402
 from unitoken_jax.inference import grid as grid_ids  # noqa: E402
 from unitoken_jax.inference.decode import DecodeLoop, Request, prefill_width  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 CFG, TOP_K = 3.0, 2000
 
@@ -334,7 +333,7 @@ def main():
     lines = [
         f"# Decoding speed: one {32 * args.grid} x {32 * args.grid} image (CFG 3, top-k 2000), ours vs the "
         "reference's algorithm", "",
-        f"{datetime.date.today()}, {platform.machine()} CPU, {os.cpu_count()} cores; jax {__import__('jax').__version__}, "
+        f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores; jax {__import__('jax').__version__}, "
         f"torch {torch.__version__}. Model: Chameleon-shaped, {args.layers} layers, hidden {args.hidden}, "
         f"vocab 65,536, random weights (the same in both); {2 * args.grid}x{2 * args.grid} codes = "
         f"{n_tokens} generated tokens per image.", "",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import sys
 import tempfile
 
@@ -27,7 +26,7 @@ import unitoken_jax  # noqa: E402
 from unitoken_jax.inference.decode import CPU_CACHE_BLOCK, DecodeLoop  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from decode import chameleon_config, model_arguments, model_only_step_seconds  # noqa: E402
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 
 def main():
@@ -50,7 +49,7 @@ def main():
     whole = ms["scanned, every slot (`cache_block=0`)"]
     lines = [
         "# Decoding with a scanned loop: the KV cache read in filled blocks, or every slot", "",
-        f"{datetime.date.today()}, {platform.machine()} CPU, {os.cpu_count()} cores; jax {jax.__version__}. Model: "
+        f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}. Model: "
         f"Chameleon-shaped, {args.layers} layers, hidden {args.hidden}, vocab 65,536, random float32 weights; "
         f"the model-only step (the cached forward and the image-code head, no sampling) averaged over the "
         f"{steps} steps of a {32 * args.grid} x {32 * args.grid} picture (`benchmarks/decode_blocks.py`).", "",

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from unitoken_jax.tokenizer.text import TextTokenizer  # noqa: E402
 from unitoken_jax.vq_tokenizer import VQTokenizer  # noqa: E402
 from unitoken_jax.world import shapes  # noqa: E402
 from unitoken_jax.world.default import DEFAULT_DIR  # noqa: E402
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 ROWS, LENGTH = 64, 4096
 
@@ -126,7 +125,7 @@ def main():
                 print(rows[-1], flush=True)
     lines = [
         "# Packing: real tokens in a batch at the stage configs' shape", "",
-        f"{datetime.date.today().isoformat()}, {platform.machine()} CPU ({os.cpu_count()} cores); "
+        f"{datetime.date.today().isoformat()}, {cpu_name()}, {os.cpu_count()} cores; "
         f"{ROWS} rows x {LENGTH} positions a batch, understanding : generation 1 : 1, {args.batches} batches each.", "",
         "| data | mean sample (tokens, the kinds 1 : 1) | tiles a batch (`max_images`) | `lookahead` | blocks | "
         "samples a batch | "

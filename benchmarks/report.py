@@ -3,6 +3,30 @@
 from __future__ import annotations
 
 import os
+import platform
+
+# the instruction sets that decide this project's CPU numbers (XLA's and torch's kernels differ on them)
+_FEATURES = (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX"))
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """This machine's processor as a results file names it: the model, the architecture and the
+    vector features that move the numbers, e.g. "Intel(R) Xeon(R) Processor (x86_64; AVX-512,
+    AVX-512 BF16, AMX)". Sessions land on different machines, and their speeds differ by 2x."""
+    model, flags = "", set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    model = model or platform.processor() or "CPU"
+    features = [name for flag, name in _FEATURES if flag in flags]
+    return f"{model} ({platform.machine()}" + (f"; {', '.join(features)})" if features else ")")
 
 
 def write_report(lines: list[str], out: str, echo: bool = True) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import socket
 import sys
 import threading
@@ -24,7 +23,7 @@ import uvicorn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
@@ -138,7 +137,7 @@ def main():
             thread.join(30)
     lines = [
         "# `unitoken serve` under load: the bundled model on this CPU", "",
-        f"{datetime.date.today()}, {platform.machine()} CPU with {os.cpu_count()} cores, "
+        f"{datetime.date.today()}, {cpu_name()} with {os.cpu_count()} cores, "
         f"`python benchmarks/serve.py --clients {args.clients} --rounds {args.rounds}`: {args.clients} calls, half "
         "questions about a picture (greedy, at most 32 tokens), half guided 64 x 64 pictures (CFG 3), each client a "
         "thread with the official `openai` client; the best of the rounds after two warm-up rounds. Latency is "

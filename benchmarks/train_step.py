@@ -52,7 +52,7 @@ from unitoken_jax.train.metrics import FlopCounter  # noqa: E402
 from unitoken_jax.train.optimizer import trainable_mask  # noqa: E402
 from unitoken_jax.train.program import BATCH_KEYS, build_program, make_mesh  # noqa: E402
 from unitoken_jax.train.state import create_state  # noqa: E402
-from report import write_report  # noqa: E402
+from report import cpu_name, write_report  # noqa: E402
 
 LR, Z_LOSS = 1e-4, 1e-5
 
@@ -285,7 +285,7 @@ def main():
     date = datetime.date.today().isoformat()
     lines = [
         "# Training throughput: ours vs the reference's step (PyTorch)", "",
-        f"{date}, {platform.machine()} CPU ({os.cpu_count()} cores), {platform.python_version()}, "
+        f"{date}, {cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}, "
         f"jax {jax.__version__}, torch {torch.__version__}, float32.", "",
         f"Model: decoder {args.layers} layers x {args.hidden} hidden, vocab 9216; SigLIP-style tower 2 x 64 at 56 px; "
         f"{n_params / 1e6:.1f} M parameters, same weights on both sides.",

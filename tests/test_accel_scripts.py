@@ -222,3 +222,20 @@ def test_the_decode_benchmark_times_both_sides_in_turn_and_its_ratios_are_its_me
         said, low, high = map(float, re.match(r"([\d.]+)x \(rounds ([\d.]+)-([\d.]+)x\)", row[3]).groups())
         assert abs(said - expected) <= 0.03 * expected + 0.1, (name, said, expected)
         assert low - 0.05 <= said <= high + 0.05, (name, said, low, high)
+
+
+def test_results_files_name_the_processor_and_the_vector_features_that_move_their_numbers(tmp_path):
+    """benchmarks/report.cpu_name: the first processor's model name and, of its flags, AVX-512,
+    AVX-512 BF16 and AMX (sessions land on AMD and Intel machines whose kernels differ)."""
+    import platform
+
+    import report
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu amx_bf16\n")
+    assert report.cpu_name(str(info)) == f"AMD EPYC 9R14 ({platform.machine()}; AVX-512, AVX-512 BF16)"
+    info.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert report.cpu_name(str(info)) == (
+        f"Intel(R) Xeon(R) Processor ({platform.machine()}; AVX-512, AVX-512 BF16, AMX)")
+    assert report.cpu_name(str(tmp_path / "none")).endswith(f"({platform.machine()})")
