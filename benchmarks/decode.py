@@ -7,7 +7,10 @@ forward with its own KV cache inside the processor; the grid constraint (grid to
 codes only inside a row, newline at row end, <eoss> after the last row); and top-k chosen by
 image/text. Its processors read row 0 only, so it cannot batch: its batch of 8 is 8 runs.
 
-    python benchmarks/decode.py [--layers 8 --hidden 512 --grid 16] [--out benchmarks/results/decode.md]
+The two sides are timed in turn, `--rounds` times (ours at batch 1, ours at the batch, the
+reference's image), and each ratio is the medians' with the range of the rounds' own beside it.
+
+    python benchmarks/decode.py [--layers 8 --hidden 512 --grid 16 --rounds 3] [--out benchmarks/results/decode.md]
 """
 
 from __future__ import annotations
