@@ -106,6 +106,39 @@ def reference_image(model, prompt, grid, seed):
     return out[0, len(prompt):].tolist()
 
 
+def reference_split(model, prompt, grid) -> dict[str, float]:
+    """Seconds a generated token of the reference's algorithm spends in its decoder layers, its LM
+    head (all 65,536 columns), the rest of its model's forwards (embeddings, final norm, the HF
+    wrapper) and the rest of the step (`generate`, the processors, sampling), and in all: one more
+    image, every forward of the model and its modules timed by a wrapper (the conditional and the
+    CFG processor's unconditional ones alike)."""
+    spent = {"layers": 0.0, "head": 0.0, "forward": 0.0}
+    wrapped = [(model, "forward"), (model.lm_head, "head"), *((layer, "layers") for layer in model.model.layers)]
+
+    def timing(fn, part):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - start
+        return run
+
+    for module, part in wrapped:
+        module.forward = timing(module.forward, part)
+    try:
+        start = time.perf_counter()
+        tokens = reference_image(model, prompt, grid, 0)
+        total = time.perf_counter() - start
+    finally:
+        for module, _ in wrapped:
+            del module.forward  # the instance attribute: the class's forward again
+    n = len(tokens)
+    return {"decoder layers": spent["layers"] / n, "LM head": spent["head"] / n,
+            "rest of the forwards": (spent["forward"] - spent["layers"] - spent["head"]) / n,
+            "`generate`, processors, sampling": (total - spent["forward"]) / n, "a token in all": total / n}
+
+
 GROWTH = (128, 64)  # the finer cache growths measured beside the default
 
 
@@ -272,6 +305,7 @@ def main():
     f32_times = in_turn(loop, reference)
     ours_1, ours_b, ref_1 = (float(np.median(t)) for t in f32_times)
     f32_speedups = speedups(f32_times)
+    ref_split = reference_split(reference, prompt, args.grid)  # one more image, its parts timed
     # the cache grown GROWTH slots at a time (`DecodeLoop(cache_growth=...)`): fewer unfilled slots
     # read a step, more compiles (what the first call of a fresh loop shows)
     by_growth = {}
@@ -351,6 +385,11 @@ def main():
         f"{args.rounds} rounds of ours at batch 1, ours at batch {args.batch} and the reference's image, "
         "because this machine's own speed moves by up to a quarter within a day; beside each ratio, the range "
         "of the rounds' own ratios.", "",
+        "Where the reference's step goes (float32, one more image, every forward of its model and modules "
+        "timed by a wrapper; its two one-row forwards a step, the conditional and the CFG processor's), ms a "
+        "generated token:", "",
+        "| " + " | ".join(ref_split) + " |", "|" + "---|" * len(ref_split),
+        "| " + " | ".join(f"{1e3 * v:.2f}" for v in ref_split.values()) + " |", "",
         "How close a step is to the model: a whole generation (prefill included) divided by its steps, against "
         "the same cached forward and code head in compiled loops with no sampling, grid or guidance, over the "
         "same cache lengths (on this CPU the loop's cache grows between chunks, by default to "

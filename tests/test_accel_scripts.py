@@ -89,6 +89,13 @@ def test_the_cpu_decode_benchmark_runs_at_a_tiny_shape_and_its_ratios_are_its_fi
     # ours and the reference timed in turn, each ratio (checked below against the medians printed)
     # within the range of the rounds' own ratios stated beside it
     assert "Each side is the median of 2 runs, timed in turn" in text
+    # where the reference's step goes: its parts, each timed, add up to the whole token
+    split = text.split("Where the reference's step goes")[1].split("How close a step is")[0]
+    header, values = [r for r in _table(split) if r[0] != "---"][:2]
+    assert header[0] == "decoder layers" and header[-1] == "a token in all", split
+    parts = [float(v) for v in values]
+    assert all(v >= 0 for v in parts) and parts[0] > 0 and parts[1] > 0, split
+    assert abs(sum(parts[:-1]) - parts[-1]) <= 0.02 + 0.01 * parts[-1], split
     for name in ("seconds per image, batch 1", "images per second, batch 2", "bfloat16: seconds per image, batch 1",
                  "bfloat16: images per second, batch 2"):
         said, low, high = map(float, re.match(r"([\d.]+)x \(rounds ([\d.]+)-([\d.]+)x\)", rows[name][3]).groups())
