@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import subprocess
@@ -133,7 +134,7 @@ def main():
         global PRODUCTS, ATTENTION, STREAMED_ROWS, KERNELS, CACHE_SLOTS
         PRODUCTS, ATTENTION, STREAMED_ROWS, KERNELS, CACHE_SLOTS = ((2, 64, 128),), (2, 2, 32, 16), (1, 2), 2, (16, 32)
     if args.attention_by_length:
-        print(repr(attention_by_length(np.random.default_rng(1))))
+        print(json.dumps(attention_by_length(np.random.default_rng(1))))
         return
     rng = np.random.default_rng(0)
     bf16 = jnp.bfloat16
@@ -177,7 +178,7 @@ def main():
     if shutil.which("taskset") and os.cpu_count() > 1:  # the same measurement with the process on one core
         run = subprocess.run(["taskset", "-c", "0", sys.executable, os.path.abspath(__file__), "--attention-by-length",
                               *(["--quick"] if args.quick else [])], capture_output=True, text=True, check=True)
-        one_core = dict(eval(run.stdout.strip().splitlines()[-1]))
+        one_core = dict(json.loads(run.stdout.strip().splitlines()[-1]))
     kv_gib = {s: 2 * b * k * s * h * 4 / 2**30 for s, _ in by_length}  # keys and values read
     # the decode benchmark's step (8 layers: q, k, v, o 512 x 512, gate and up 512 x 1376, down
     # 1376 x 512; the code head 512 x 8192) from these products, by rows

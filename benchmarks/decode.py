@@ -370,7 +370,7 @@ def main():
     lines = [
         f"# Decoding speed: one {32 * args.grid} x {32 * args.grid} image (CFG 3, top-k 2000), ours vs the "
         "reference's algorithm", "",
-        f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores; jax {__import__('jax').__version__}, "
+        f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, "
         f"torch {torch.__version__}. Model: Chameleon-shaped, {args.layers} layers, hidden {args.hidden}, "
         f"vocab 65,536, random weights (the same in both); {2 * args.grid}x{2 * args.grid} codes = "
         f"{n_tokens} generated tokens per image.", "",

@@ -151,13 +151,15 @@ def _pipeline(args):
         return pipe
     if getattr(args, "size", None) is None:
         args.size = "512x512"
-    paths = {}
-    for name, env in (("model", "UNITOKEN_MODEL"), ("tokenizer", "UNITOKEN_TOKENIZER"), ("vqgan", "UNITOKEN_VQGAN")):
-        paths[name] = getattr(args, name) or os.environ.get(env)
-        if not paths[name]:
+    def given(name, env):
+        path = getattr(args, name) or os.environ.get(env)
+        if not path:
             raise ValueError(f"no --{name} given and ${env} is not set")
-        if name == "model":  # a --model that is no model is named before what else is missing
-            how = _how_to_load(args, paths["model"])
+        return path
+
+    paths = {"model": given("model", "UNITOKEN_MODEL")}
+    how = _how_to_load(args, paths["model"])  # a --model that is no model is named before what else is missing
+    paths.update(tokenizer=given("tokenizer", "UNITOKEN_TOKENIZER"), vqgan=given("vqgan", "UNITOKEN_VQGAN"))
     model = unitoken_jax.load(paths["model"], progress=False, adapters=args.adapters, **how)
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
