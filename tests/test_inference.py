@@ -378,6 +378,29 @@ def test_an_answer_cut_by_its_budget_or_the_models_end_is_said(pipe):
         pipe.run([cut, ends, last])
 
 
+def test_a_picture_cut_by_its_budget_is_completed_and_said_and_the_batchs_other_answers_kept(pipe):
+    """`run` repairs by default: a picture cut off by `max_new_tokens` comes back completed with a
+    `PictureRepaired` warning beside the batch's other answers (it had raised MalformedImageTokens
+    after the whole batch decoded, losing every answer); `repair=False` still raises."""
+    from unitoken_jax.inference.pipeline import AnswerCut, PictureRepaired
+    from unitoken_jax.tokenizer.layout import MalformedImageTokens
+
+    text = pipe.understand_request([], "he is", max_new_tokens=3)
+    # a picture whose size the model chooses (as a chat's): no size is checked against the budget
+    short = dataclasses.replace(pipe.generate_request("he is the", size=(64, 32), seed=2), grid_hw=None, max_grid=2,
+                                max_new_tokens=6)
+    with pytest.warns(AnswerCut):
+        alone = pipe.run([text])
+    with pytest.warns(AnswerCut), pytest.warns(PictureRepaired, match=r"answer 1: its \d+x\d+ picture did not "
+                                                                       "finish within max_new_tokens=6"):
+        answers = pipe.run([text, short])
+    assert answers[0] == alone[0]
+    (picture,) = answers[1]
+    assert isinstance(picture, Image.Image)
+    with pytest.raises(MalformedImageTokens):
+        pipe.run([text, short], repair=False)
+
+
 def test_a_chat_streams_its_text_while_it_is_generated(pipe):
     """`stream` gets the answer's text chunk by chunk while it is generated (a 150-token answer:
     three chunks of the loop's 64 steps), the pieces make the start of the finished answer, and
@@ -991,6 +1014,33 @@ def test_the_python_api_refuses_what_is_not_a_prompt_or_a_size_and_runs_an_empty
     for messages in ([], "hello", {"from": "human", "value": "hi"}):
         with pytest.raises(ValueError, match="messages must be a list of turns"):
             pipe.chat(messages)
+    # the mark of a picture's place is not text: it had been read as a picture (or failed later as
+    # "1 <|image|> placeholders but 0 images")
+    cat = str(pipe.image_dir / "cat.png")
+    for call, what in ((lambda: pipe.understand([cat], 'is this a <|image|> tag?'), "question"),
+                       (lambda: pipe.generate_image("a sign that reads <|image|>", size=(32, 32)), "prompt"),
+                       (lambda: pipe.edit(cat, "write <|image|> on it", size=(32, 32)), "instruction")):
+        with pytest.raises(ValueError, match=f"the {what} contains '<\\|image\\|>', the mark of where a picture"):
+            call()
+
+
+def test_a_picture_requests_sampling_options_are_the_codes_and_a_negative_prompt_needs_guidance(pipe):
+    """`temperature`, `top_k` and `top_p` given to a picture request set its code sampling (they
+    had set the text sampling a picture never does, silently); with their `image_` names as well
+    it is an error, and so is a negative prompt where cfg=1 turns guidance off."""
+    from unitoken_jax.inference.pipeline import NegativePromptError
+
+    for name, value in (("temperature", 0.5), ("top_k", 7), ("top_p", 0.5)):
+        request = pipe.generate_request("he is", size=(32, 32), **{name: value})
+        assert getattr(request, "image_" + name) == value and getattr(request, name) == getattr(Request, name)
+        with pytest.raises(ValueError, match=f"{name} and image_{name} both given"):
+            pipe.edit_request(str(pipe.image_dir / "cat.png"), "he", size=(32, 32), **{name: value,
+                                                                                        "image_" + name: value})
+    greedy = pipe.generate_image("he is", size=(64, 32), temperature=0, progress=False)
+    assert np.array_equal(np.asarray(greedy[0]), np.asarray(
+        pipe.generate_image("he is", size=(64, 32), image_temperature=0, seed=9, progress=False)[0]))
+    with pytest.raises(NegativePromptError, match="cfg=1 is none"):
+        pipe.generate_request("he is", size=(32, 32), cfg=1, negative_prompt="or")
 
 
 @pytest.mark.parametrize("field,value", [

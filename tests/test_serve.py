@@ -677,6 +677,10 @@ def test_a_negative_prompt_the_model_cannot_take_is_refused_by_its_own_name(serv
                     "context_length_exceeded")
     assert "64x64 picture need" in beside["message"]
     assert _post(server, images, json={**draw, "negative_prompt": "cat " * (words - 1)}).status_code == 200
+    # guidance 1 is none, so a negative prompt would change nothing: said, not dropped
+    off = _error(_post(server, images, json={**draw, "negative_prompt": "cat", "guidance_scale": 1}), 400,
+                 "negative_prompt")
+    assert "guidance_scale 1 is none" in off["message"]
 
 
 def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from unitoken_jax.inference.decode import DecodeLoop, Request
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import ConversationError, TextStream, decode, encode_item
+from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationError, TextStream, decode, encode_item
 
 GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
@@ -85,6 +85,18 @@ def _texts(values, what: str) -> list[str]:
     if wrong:
         raise TypeError(f"each {what} must be a string, got {wrong[0]!r:.80}")
     return values
+
+
+def _plain(text: str, what: str) -> str:
+    """`text`, refused when it holds the mark of a picture's place (it would be read as one)."""
+    if IMAGE_PLACEHOLDER in text:
+        raise ValueError(f"the {what} contains {IMAGE_PLACEHOLDER!r}, the mark of where a picture goes: pass "
+                         f"pictures as images, and write the text without the mark ({text!r:.80})")
+    return text
+
+
+# what the text options mean in a picture request: the code sampling's (a picture draws no text)
+_IMAGE_SAMPLING = {"temperature": "image_temperature", "top_k": "image_top_k", "top_p": "image_top_p"}
 
 
 def _size_pair(size) -> tuple[int, int]:
@@ -190,11 +202,20 @@ class UniTokenPipeline:
 
     def understand_request(self, images, question: str, **options) -> Request:
         images = _listify(images)
-        value = "".join("<|image|>" for _ in images) + ("\n" if images else "") + question
+        value = "".join(IMAGE_PLACEHOLDER for _ in images) + ("\n" if images else "") + _plain(question, "question")
         item = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": None}], "image": images}
         return Request(**self._encode(item), **{"max_new_tokens": 256, **options})
 
     def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
+        for text_option, image_option in _IMAGE_SAMPLING.items():
+            if text_option in options:
+                if image_option in options:
+                    raise ValueError(f"{text_option} and {image_option} both given: a picture request samples "
+                                     f"codes only, and {text_option} is {image_option}'s other name there")
+                options[image_option] = options.pop(text_option)
+        if negative_prompt is not None and cfg == 1:
+            raise NegativePromptError("a negative prompt acts only through guidance, and cfg=1 is none: give cfg "
+                                      "other than 1 (3 by default) or leave the negative prompt out")
         w, h = _size_pair(self.default_size if size is None else size)
         unit = layout.PIXELS_PER_GRID
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (w, h)) \
@@ -234,13 +255,14 @@ class UniTokenPipeline:
         """`size`: (width, height) in pixels, multiples of 32; None: the pipeline's `default_size`."""
         _texts([prompt], "prompt")
         w, h = _size_pair(self.default_size if size is None else size)
-        text = self.generate_template.format(w=w, h=h, prompt=prompt)
+        text = self.generate_template.format(w=w, h=h, prompt=_plain(prompt, "prompt"))
         item = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": None}]}
         return self._image_request(item, (w, h), cfg, negative_prompt, **options)
 
     def edit_request(self, image, instruction: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                      **options) -> Request:
-        item = {"conversations": [{"from": "human", "value": f"<|image|>\n{instruction}"},
+        value = f"{IMAGE_PLACEHOLDER}\n{_plain(instruction, 'instruction')}"
+        item = {"conversations": [{"from": "human", "value": value},
                                   {"from": "gpt", "value": None}], "image": [image]}
         return self._image_request(item, size, cfg, negative_prompt, **options)
 
@@ -253,14 +275,16 @@ class UniTokenPipeline:
                                                 **options})
 
     # --- running --------------------------------------------------------------------------------
-    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,
+    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = True,
             reuse_cache: bool = False, stream: Callable[[int, str], None] | None = None) -> list[list]:
         """Generates all requests as one batch; each result is [text, picture, ...]. `reuse_cache`:
         see `DecodeLoop.generate` (what `chat` does). `stream(i, text)` gets request i's new text
         while it is generated, after every chunk of decoding steps: the text before its first
         picture, as `TextStream` settles it (the finished first part starts with all of it). An
-        answer cut by its budget or the model's end warns (`AnswerCut`, `PictureRepaired`). No
-        requests: no results (nothing runs)."""
+        answer cut by its budget or the model's end warns (`AnswerCut`; a picture it cut is completed
+        by the repair rules of `layout.parse_image_ids` and warns `PictureRepaired`). With
+        `repair=False` a malformed picture raises `MalformedImageTokens` instead, which loses the
+        whole batch's results. No requests: no results (nothing runs)."""
         if not requests:
             return []
         results, cut, repaired = self._run_batch(requests, progress=progress, repair=repair, reuse_cache=reuse_cache,
@@ -268,7 +292,7 @@ class UniTokenPipeline:
         self._warn_cut(cut, repaired, single=len(requests) == 1)
         return results
 
-    def _run_batch(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,
+    def _run_batch(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = True,
                    reuse_cache: bool = False, stream: Callable[[int, str], None] | None = None, first: int = 0):
         """`run`'s work for one batch, whose requests are numbered from `first`: (results, the
         answers cut [(number, by its budget (else the model's end), budget)], the pictures

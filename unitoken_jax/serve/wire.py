@@ -366,11 +366,14 @@ def parse_images(body: dict, model_name: str, limits: Limits, *, default_size: t
     output_format = _text(body, "output_format", "png")
     if output_format not in PICTURE_FORMATS:
         raise bad(f"output_format {output_format!r}: one of {', '.join(PICTURE_FORMATS)}", "output_format")
+    guidance, negative = _number(body, "guidance_scale", default_guidance, 0), _text(body, "negative_prompt")
+    if negative is not None and guidance == 1:
+        raise bad("negative_prompt acts only through guidance, and guidance_scale 1 is none: give another "
+                  "guidance_scale or leave negative_prompt out", "negative_prompt")
     return ImageCall(prompt=_text(body, "prompt", required=True),
                      n=_number(body, "n", 1, 1, limits.max_n, integer=True),
                      size=parse_size(body.get("size"), default_size, sizes), output_format=output_format,
-                     guidance_scale=_number(body, "guidance_scale", default_guidance, 0),
-                     negative_prompt=_text(body, "negative_prompt"),
+                     guidance_scale=guidance, negative_prompt=negative,
                      seed=_number(body, "seed", None, 0, SEED_LIMIT - 1, integer=True))
 
 
