@@ -151,10 +151,12 @@ def _oracle_cfg_greedy(model, cond, uncond, scale, grid_hw):
 
 def test_batched_cfg_equals_per_row_cfg(pipe):
     model = pipe.model
-    # greedy codes; the text temperature (hot here) must not touch image rows
-    requests = [pipe.generate_request("he", size=(64, 32), cfg=3.0, image_temperature=0.0, temperature=100.0),
-                pipe.generate_request("the or", size=(32, 32), cfg=1.5, image_temperature=0.0, temperature=100.0,
-                                      negative_prompt="not")]
+    # greedy codes; the requests' text temperature (hot here) must not touch image rows (set on the
+    # requests: the pipeline reads a picture request's `temperature` as its codes')
+    requests = [dataclasses.replace(pipe.generate_request("he", size=(64, 32), cfg=3.0, image_temperature=0.0),
+                                    temperature=100.0),
+                dataclasses.replace(pipe.generate_request("the or", size=(32, 32), cfg=1.5, image_temperature=0.0,
+                                                          negative_prompt="not"), temperature=100.0)]
     batched = pipe.decode_loop.generate(requests).tokens
     for request, tokens in zip(requests, batched):
         expected = _oracle_cfg_greedy(model, request.tokens, request.uncond_tokens, request.cfg_scale, request.grid_hw)

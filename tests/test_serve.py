@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -495,6 +496,77 @@ def test_a_failed_chunk_fails_its_calls_and_the_continuous_worker_serves_the_nex
         scheduler.stop()
 
 
+def _run_job(scheduler, requests, timeout=120):
+    done, got = threading.Event(), []
+    scheduler.submit(Job(requests, on_finish=lambda out: (got.append(out), done.set())))
+    assert done.wait(timeout), "the call never finished"
+    return got[0]
+
+
+def test_a_call_dropped_while_a_batch_gathers_leaves_the_worker_serving(pipe):
+    """With `batch_wait`, the worker waits for more calls before a batch; the only one waiting may
+    be dropped meanwhile (its client gone). The worker had then sized a batch of nothing, died,
+    and every later call waited for its timeout."""
+    question = pipe.understand_request([shapes.draw([Thing("red", "circle", "top left")])],
+                                       "What colour is the shape?", max_new_tokens=8)
+    scheduler = Scheduler(PipelineEngine(pipe, max_rows=4), max_rows=4, queue_limit=4, batch_wait=0.5)
+    scheduler.start()
+    try:
+        _run_job(scheduler, [question])  # compiled: the next batch's gathering is the only wait
+        scheduler.submit(Job([question], on_finish=lambda out: pytest.fail("a dropped call was answered")))
+        time.sleep(0.1)  # the worker is gathering
+        assert scheduler.cancel(scheduler._waiting[0]) and scheduler.queue_length == 0
+        time.sleep(0.6)  # its wait ends on an empty queue
+        assert scheduler.alive
+        (answer,) = _run_job(scheduler, [question], timeout=60)
+        assert "".join(answer.parts) == "red"
+    finally:
+        scheduler.stop()
+    assert not scheduler.alive
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_chat_picture_cut_after_its_size_is_completed_and_the_worker_serves_on(pipe, batching):
+    """A chat answer cut by max_tokens right after its picture's size tokens has no code to repeat:
+    the grid was filled with the lowest code id, which is code 4150 to the bundled tokenizer and no
+    code of its 256-code VQ-GAN, so reading it back raised. That failed every call of a static
+    batch, and killed the continuous worker (every later call then waited for its timeout). The
+    grid is now filled with code 0; and an answer that still cannot be read fails its own call."""
+    draw = pipe.chat_request([{"from": "human", "value": pipe.generate_template.format(
+        w=64, h=64, prompt="a blue square at the bottom right")}], max_new_tokens=3, seed=3)
+    question = pipe.understand_request([shapes.draw([Thing("red", "circle", "top left")])],
+                                       "What colour is the shape?", max_new_tokens=8)
+    engine = PipelineEngine(pipe, max_rows=4, chunk=8)
+    scheduler = (Scheduler(engine, max_rows=4, queue_limit=4) if batching == "static" else
+                 ContinuousScheduler(engine, slots=4, length=512, queue_limit=4))
+    scheduler.start()
+    try:
+        drawn, answered = _run_job(scheduler, [draw, question])
+        assert drawn.ids[0] == layout.IMAGE_START and len(drawn.ids) == 3 and drawn.finish_reason == "length"
+        (picture,) = drawn.parts
+        assert isinstance(picture, Image.Image) and picture.size == (64, 64)
+        assert "".join(answered.parts) == "red"
+        with mock.patch.object(engine, "_output", side_effect=ValueError("unreadable")):
+            failed = _run_job(scheduler, [question])
+        assert isinstance(failed, ValueError) and scheduler.alive
+        (again,) = _run_job(scheduler, [question])
+        assert "".join(again.parts) == "red"
+    finally:
+        scheduler.stop()
+
+
+def test_health_says_when_the_decoding_worker_has_stopped(pipe):
+    running = _Running(create_app(pipe, ServeSettings(model_name=MODEL, default_size=(64, 64))))
+    try:
+        health = requests_http.get(running.url + "/health")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        running.scheduler.stop()
+        health = requests_http.get(running.url + "/health")
+        assert health.status_code == 503 and "worker has stopped" in health.json()["status"]
+    finally:
+        running.stop()
+
+
 def test_a_stop_that_outlasts_its_timeout_tells_each_continuous_call_once(pipe, monkeypatch):
     """`stop(timeout)` returns while a chunk still runs (a long compile): each call is told exactly
     once, the one that chunk finishes its answer and the one it does not that the server is
@@ -638,6 +710,11 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     _error(_post(server, chat, json={**good, "max_tokens": 100000}), 400, "max_tokens", "context_length_exceeded")
     _error(_post(server, chat, json={**good, "tools": [{"type": "function"}]}), 400, "tools")
     _error(_post(server, chat, json={**good, "bogus": 1}), 400, "bogus")
+    for field in ("seed", "n", "max_tokens", "temperature", "top_k"):  # no float holds them: a 500 before
+        _error(_post(server, chat, json={**good, field: 10 ** 400}), 400, field, "invalid_value")
+    # a lone surrogate is valid JSON but no UTF-8: echoed back in the error, it had made a 500
+    assert "x\ud800" in _error(_post(server, chat, json={**good, "model": "x\ud800"}), 404, "model")["message"]
+    _error(_post(server, chat, json={**good, "x\ud800": 1}), 400, "x\ud800", "unknown_parameter")
     _error(_post(server, chat, json={**good, "stream": True, "stream_options": {"include_usage": "no"}}), 400,
            "stream_options")  # read as true before
     draw = {"model": MODEL, "prompt": "a red circle at the top left", "size": SIZE}
@@ -647,6 +724,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     _error(_post(server, images, json={**draw, "response_format": "url"}), 400, "response_format")
     _error(_post(server, images, json={**draw, "guidance_scale": -1}), 400, "guidance_scale")
     _error(_post(server, "/v1/images/edits", data={"prompt": "make it blue"}), 400, "image")
+    _error(_post(server, "/v1/images/edits", files={"image": ("x.png", _png(picture), "image/png")},
+                 data={"prompt": "make it blue", "n": "9" * 5000}), 400, "n")  # more digits than Python reads
     _error(_post(server, "/v1/images/edits", files={"image": ("x.png", b"not a picture", "image/png")},
                  data={"prompt": "make it blue"}), 400, "image", "invalid_image")
     _error(requests_http.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404)

@@ -5,7 +5,7 @@
     POST /v1/images/generations prompt -> n pictures (b64_json); guidance_scale, negative_prompt, seed
     POST /v1/images/edits       multipart: one picture and an instruction -> n pictures
     GET  /v1/models             the one model served
-    GET  /health                {"status": "ok"}; never needs the API key
+    GET  /health                {"status": "ok"} (503 if the decoding worker has stopped); never needs the API key
     GET  /metrics               Prometheus text: requests, queue, rows in use, tokens/s
 
 A handler checks and encodes its call (tokenizing, reading pictures: in a thread, beside the
@@ -244,6 +244,8 @@ class _Server:
         return HTMLResponse(html.replace("__SIZE__", json.dumps(list(self.settings.default_size))))
 
     async def health(self, request: Request) -> Response:
+        if not self.scheduler.alive:  # (a load balancer then takes this server out)
+            return JSONResponse({"status": "the decoding worker has stopped; see the server's log"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics(self, request: Request) -> Response:
@@ -479,8 +481,11 @@ class _Guard:
         return limited_receive
 
 
-def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def _error_response(error: APIError) -> Response:
+    # ASCII JSON: a message that echoes the caller's text (a model's name, a field's) may hold a lone
+    # surrogate, which JSON escapes but UTF-8 cannot encode
+    return Response(json.dumps(error.body()), status_code=error.status, headers=error.headers,
+                    media_type="application/json")
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:

@@ -32,6 +32,7 @@ such batches. The continuous-batching loop (fixed slots, no per-batch shapes) re
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,6 +40,8 @@ import numpy as np
 from unitoken_jax.inference.decode import Request
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import decode
+
+log = logging.getLogger(__name__)
 
 MIN_BUCKET = 32
 
@@ -143,7 +146,8 @@ class PipelineEngine:
             progress: Callable[[list[np.ndarray]], Sequence[int] | None] | None = None) -> list[Output]:
         """Generates `requests` as one batch; `progress(ids)` gets the ids each request has
         generated so far (cut to its max_new_tokens), after every chunk of decoding steps, and may
-        return the indices of requests to end there (`DecodeLoop.generate`)."""
+        return the indices of requests to end there (`DecodeLoop.generate`). An answer that cannot
+        be read back is its exception in the list."""
         padded = self.pad(requests)
         self.shapes_seen.add(shape_of(padded))
         n = len(requests)
@@ -153,7 +157,14 @@ class PipelineEngine:
                              for i, r in enumerate(requests)])
         generation = self.pipe.decode_loop.generate(padded, chunk=self.chunk,
                                                     progress=None if progress is None else callback)
-        return [self._output(r, ids) for r, ids in zip(requests, generation.tokens[:n])]
+        outputs: list[Output | Exception] = []
+        for r, ids in zip(requests, generation.tokens[:n]):
+            try:
+                outputs.append(self._output(r, ids))
+            except Exception as e:  # that request's call fails, not the batch's others (`Scheduler._run`)
+                log.exception("reading an answer back failed")
+                outputs.append(e)
+        return outputs
 
     def _output(self, request: Request, ids: np.ndarray) -> Output:
         cut = len(ids) > request.max_new_tokens

@@ -107,7 +107,13 @@ class Scheduler:
 
     # --- the callers' side ------------------------------------------------------------------------
     def rows(self, jobs: Sequence[Job]) -> int:
-        return self.engine.rows([r for j in jobs for r in j.requests])
+        requests = [r for j in jobs for r in j.requests]
+        return self.engine.rows(requests) if requests else 0
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (what /health reports)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def fits(self, jobs: Sequence[Job]) -> bool:
         return self.rows(jobs) <= self.max_rows
@@ -169,7 +175,8 @@ class Scheduler:
         """Under the lock: waits until no call has arrived for `batch_wait` seconds (at most ten
         times that), or the waiting calls fill a batch."""
         end = time.monotonic() + 10 * self.batch_wait
-        while not self._stopping and time.monotonic() < end and self.fits(self._waiting):
+        # (a call dropped meanwhile, its client gone, can leave the queue empty: then there is nothing to gather)
+        while self._waiting and not self._stopping and time.monotonic() < end and self.fits(self._waiting):
             count = len(self._waiting)
             self._cond.wait(min(self.batch_wait, max(0.0, end - time.monotonic())))
             if len(self._waiting) == count:
@@ -237,13 +244,16 @@ class Scheduler:
             self.batches += 1
             self.busy_seconds += seconds
             if outputs is not None:
-                tokens = sum(len(o.ids) for o in outputs)
+                tokens = sum(len(o.ids) for o in outputs if not isinstance(o, Exception))
                 self.generated_tokens += tokens
                 self.tokens_per_second = tokens / seconds if seconds > 0 else 0.0
         for job, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
             job.state = "done"
             if not job.abandoned:
-                job.on_finish(outputs[lo:hi] if outputs is not None else failure)
+                # an answer that could not be read back (`PipelineEngine.run`) fails its own call only
+                own = outputs[lo:hi] if outputs is not None else None
+                error = failure if own is None else next((o for o in own if isinstance(o, Exception)), None)
+                job.on_finish(own if error is None else error)
 
 
 class ContinuousScheduler(Scheduler):
@@ -370,6 +380,22 @@ class ContinuousScheduler(Scheduler):
             job.state = "done"
             job.on_finish(error)
 
+    def _output(self, key: int, i: int, ids) -> None:
+        """Reads request i of running call `key` back into its answer; if that fails (a picture the
+        VQ-GAN cannot decode, say), that call fails and leaves its slots, and the worker goes on."""
+        job, outputs = self._running[key]
+        try:
+            outputs[i] = self.engine._output(job.requests[i], ids)
+        except Exception as e:
+            log.exception("reading an answer back failed")
+            for j in range(len(job.requests)):
+                if (key, j) in self.decoder.running:
+                    self.decoder.cancel((key, j))
+            del self._running[key]
+            job.state = "done"
+            if not job.abandoned:
+                job.on_finish(e)
+
     def _account(self, finished: dict, tokens: int, seconds: float) -> None:
         """Metrics of one chunk (`tokens` generated in it), and the calls that finished or moved on."""
         with self._cond:
@@ -378,8 +404,8 @@ class ContinuousScheduler(Scheduler):
             self.generated_tokens += tokens
             self.tokens_per_second = tokens / seconds if seconds else 0.0
         for (key, i), ids in finished.items():
-            job, outputs = self._running[key]
-            outputs[i] = self.engine._output(job.requests[i], ids)
+            if key in self._running:  # (not if reading an earlier request's answer failed the call)
+                self._output(key, i, ids)
         so_far = None  # every row's ids, fetched once a chunk if a call streams or may end early
 
         def ids_so_far(key, i, request):
@@ -394,9 +420,11 @@ class ContinuousScheduler(Scheduler):
                 left = [i for i, o in enumerate(outputs) if o is None]
                 ids = [ids_so_far(key, i, job.requests[i]) for i in left]
                 for i, x, over in zip(left, ids, job.ended(ids)):
-                    if over:  # a stop string: its rows are freed now
+                    if over and key in self._running:  # a stop string: its rows are freed now
                         self.decoder.cancel((key, i))
-                        outputs[i] = self.engine._output(job.requests[i], x)
+                        self._output(key, i, x)
+                if key not in self._running:
+                    continue
             if all(o is not None for o in outputs):
                 del self._running[key]
                 job.state = "done"

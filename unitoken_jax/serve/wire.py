@@ -78,13 +78,16 @@ def _number(body: dict, name: str, default, low: float, high: float = math.inf, 
     value = body.get(name)
     if value is None:
         return default
+    show = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")
+    bounds = (f"{'greater than' if low_open else 'at least'} {show(low)}" if high == math.inf else
+              f"in {'(' if low_open else '['}{show(low)}, {show(high)}]")
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        # (no float holds it, and its digits may pass what Python will print)
+        raise bad(f"'{name}' is an integer of {value.bit_length()} bits; it must be {bounds}", name, "invalid_value")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (integer and not float(value).is_integer()):
         raise bad(f"'{name}' must be a finite {'integer' if integer else 'number'}, got {value!r}", name)
     if value < low or (low_open and value == low) or value > high:
-        show = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")
-        bounds = (f"{'greater than' if low_open else 'at least'} {show(low)}" if high == math.inf else
-                  f"in {'(' if low_open else '['}{show(low)}, {show(high)}]")
         raise bad(f"'{name}' is {value!r}; it must be {bounds}", name, "invalid_value")
     return int(value) if integer else float(value)
 
@@ -385,7 +388,10 @@ def form_fields(form: dict[str, str]) -> dict[str, Any]:
         if name == "stream" and value.strip().lower() in ("true", "false"):
             out[name] = value.strip().lower() == "true"
         elif name in ("n", "seed", "partial_images"):
-            out[name] = int(value) if re.fullmatch(r"-?\d+", value.strip()) else value
+            try:
+                out[name] = int(value) if re.fullmatch(r"-?\d+", value.strip()) else value
+            except ValueError:  # more digits than Python reads: left a string, refused by name
+                out[name] = value
         elif name in ("guidance_scale", "output_compression"):
             try:
                 out[name] = float(value)

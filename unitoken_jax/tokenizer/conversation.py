@@ -206,7 +206,9 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
         flush()
         end = _picture_end(ids, i)
         try:
-            parsed = layout.parse_image_ids(ids[i:end], repair=repair)
+            # (a picture cut before its first code is filled with code 0, which every VQ-GAN has)
+            parsed = layout.parse_image_ids(ids[i:end], repair=repair,
+                                            filler_id=int(tokenizer.codes_to_ids([0])[0]) if repair else None)
         except layout.MalformedImageTokens:
             if not repair:
                 raise

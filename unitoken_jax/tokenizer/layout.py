@@ -83,9 +83,10 @@ def parse_image_ids(ids, *, repair: bool = False, filler_id: int | None = None) 
     """Reads `<racm3:break> H W rows... [<eoss>]` back into a code grid.
 
     Without `repair` any deviation is a `MalformedImageTokens`. With it, rows are cut or padded
-    (with `filler_id`, by default the last code seen) to the declared width, stray ids inside a
-    row are replaced by the filler, missing rows are filled and a missing <eoss> is accepted;
-    every change is listed in `repairs`.
+    to the declared width with a filler (the last code seen; where none was, `filler_id`, by
+    default the lowest code id: give the id of a code the VQ-GAN has), stray ids inside a row are
+    replaced by the filler, missing rows are filled and a missing <eoss> is accepted; every change
+    is listed in `repairs`.
     """
     ids = [int(i) for i in ids]
     repairs: list[str] = []
@@ -136,7 +137,7 @@ def parse_image_ids(ids, *, repair: bool = False, filler_id: int | None = None) 
         return ParsedImage(np.array(rows, np.int32).reshape(h, w), repairs)
 
     seen = [i for row in rows for i in row if lo <= i < hi]
-    filler = filler_id if filler_id is not None else (seen[-1] if seen else lo)
+    filler = seen[-1] if seen else (filler_id if filler_id is not None else lo)
     fixed = []
     for r, row in enumerate(rows[:h]):
         stray = sum(1 for i in row if not lo <= i < hi)
