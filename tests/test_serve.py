@@ -1005,6 +1005,21 @@ def test_a_call_cut_off_by_a_shutdown_gets_503_not_a_timeout(gated):
     assert answers["running"].json()["choices"][0]["message"]["content"] == "ok"
 
 
+def test_a_stop_while_a_batch_gathers_starts_no_batch(pipe):
+    """A server stopping while its worker waits for more calls (`batch_wait`) tells the waiting
+    call it is shutting down; the worker had gone on to run it as a new batch, which held up the
+    shutdown for as long as that batch took."""
+    engine, outcome = GatedEngine(), threading.Event()
+    got = []
+    scheduler = Scheduler(engine, max_rows=4, queue_limit=4, batch_wait=2.0)
+    scheduler.start()
+    scheduler.submit(Job([pipe.understand_request([], "hi")], on_finish=lambda out: (got.append(out), outcome.set())))
+    time.sleep(0.2)  # gathering
+    scheduler.stop(timeout=5.0)
+    assert outcome.wait(1) and isinstance(got[0], ShuttingDown) and not scheduler.alive
+    engine.gate.set()
+
+
 @pytest.mark.parametrize("gated", [1.5], indirect=True)
 def test_a_call_past_its_timeout_gets_504_and_leaves_the_queue(gated):
     answers, threads = _running_and_waiting(gated)

@@ -190,6 +190,8 @@ class Scheduler:
                 return None
             if self.batch_wait > 0:
                 self._gather()
+                if self._stopping:  # stopped while gathering: no new batch (`stop` tells the waiting calls)
+                    return None
             now = time.monotonic()
             expired = [j for j in self._waiting if j.deadline is not None and j.deadline <= now]
             for job in expired:
