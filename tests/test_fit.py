@@ -79,6 +79,9 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     assert cli._quantize(args("generate", n=1), SEVEN_B, v5e, "bfloat16") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("generate", n=4, batch_size=1), SEVEN_B, v5e, "bfloat16") is None
+    # any cfg but 1 guides, a row more a picture (a cfg under 1 was planned as unguided)
+    assert [cli._plan(args(c, cfg=g), SEVEN_B)[2]["cfg"] for c in ("generate", "edit") for g in (0.5, 1, 3)] == \
+        [True, False, True] * 2
     assert cli._quantize(args("generate", prompts_file="p.txt"), SEVEN_B, [Chip(15.75)] * 8, "bfloat16") is None
     assert cli._quantize(args("understand"), SEVEN_B, v5e, "bfloat16") is None  # 1 row of 2,110 positions
     # --anyres: a square picture takes the base tile and 2 x 2 tiles' features, 54 rows of 54 and a

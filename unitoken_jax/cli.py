@@ -230,9 +230,9 @@ def _plan(args, config) -> tuple[int, str, dict]:
     picture = picture_prompt_length(config, getattr(args, "vq_size", None) or 512, getattr(args, "anyres", False))
     if args.command == "generate":
         n = args.batch_size or (16 if args.prompts_file else args.n)
-        return n, f"{n} picture(s) (--n / --batch-size)", dict(size=size, cfg=args.cfg > 1)
+        return n, f"{n} picture(s) (--n / --batch-size)", dict(size=size, cfg=args.cfg != 1)
     if args.command == "edit":
-        return 1, "an edit of a picture", dict(size=size, cfg=args.cfg > 1, prompt_length=64 + picture)
+        return 1, "an edit of a picture", dict(size=size, cfg=args.cfg != 1, prompt_length=64 + picture)
     if args.command == "serve" and args.batching == "continuous":  # every slot holds its whole cache
         length = args.slot_length or decoder_positions(config, getattr(args, "anyres", False))
         return 1, f"{args.max_batch} rows of {length} positions (--max-batch, --slot-length)", \
