@@ -313,6 +313,21 @@ MUTATIONS = (
              "applying the state's scanned parameters as they are", "unitoken_jax/train/evaluate.py",
              'module.apply({"params": run_layout(params, config)}', 'module.apply({"params": params}',
              ("tests/test_eval_in_training.py", "-k", "unrolled")),
+    Mutation("gather_sizes_an_empty_queue", "the serving worker sizing a batch of an emptied queue (a call dropped "
+             "while it gathers) and dying", "unitoken_jax/serve/scheduler.py",
+             "        while self._waiting and not self._stopping and time.monotonic() < end",
+             "        while not self._stopping and time.monotonic() < end",
+             ("tests/test_serve.py", "-k", "gathers")),
+    Mutation("repair_fills_the_lowest_code_id", "a picture cut before its first code filled with the lowest code id "
+             "(no code of a small VQ-GAN)", "unitoken_jax/tokenizer/layout.py",
+             "filler = seen[-1] if seen else (filler_id if filler_id is not None else lo)",
+             "filler = seen[-1] if seen else lo",
+             ("tests/test_serve.py", "-k", "cut_after_its_size and static")),
+    Mutation("run_raises_on_a_cut_picture", "`pipe.run` raising on a cut picture and losing the batch's answers",
+             "unitoken_jax/inference/pipeline.py",
+             "    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = True,",
+             "    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,",
+             ("tests/test_inference.py", "-k", "cut_by_its_budget_is_completed")),
 )
 
 

@@ -107,8 +107,7 @@ class Scheduler:
 
     # --- the callers' side ------------------------------------------------------------------------
     def rows(self, jobs: Sequence[Job]) -> int:
-        requests = [r for j in jobs for r in j.requests]
-        return self.engine.rows(requests) if requests else 0
+        return self.engine.rows([r for j in jobs for r in j.requests])
 
     @property
     def alive(self) -> bool:
