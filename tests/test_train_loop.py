@@ -124,6 +124,24 @@ def test_under_90_percent_the_log_names_the_row_length_and_the_tiles_that_hold_t
     assert tiles in caplog.text
 
 
+def test_data_laid_out_for_another_tile_or_patch_than_the_models_vit_is_refused(data, tmp_path):
+    """The places of a row's picture features follow the data's SigLIP layout; a ViT of another
+    patch makes another number of features a tile, and the gather (which clips) had quietly taken
+    other pictures' features. The demo data is now drawn for the model's patch."""
+    from unitoken_jax.train import loop
+
+    for key, value, says in (("model.vision.patch_size", 7, "56px SigLIP tiles of 14px patches; the model's ViT takes "
+                                                           "56px tiles of 7px patches"),
+                             ("model.vision.image_size", 112, "the model's ViT takes 112px tiles of 14px patches")):
+        config = TrainConfig.from_config_dict(_config(2, data, **{key: value}))
+        with pytest.raises(ValueError, match=says):
+            loop.input_pipelines(config, "/nonexistent", loop.make_mesh(config.mesh))
+    demo = _config(2, data, **{"model.vision.patch_size": 7, "data.demo": True, "data.sources": ()})
+    demo = TrainConfig.from_config_dict(demo)
+    pipeline, _ = loop.input_pipelines(demo, str(tmp_path), loop.make_mesh(demo.mesh))
+    assert (pipeline.siglip_size, pipeline.patch) == (56, 7) and pipeline.features_per_tile == 64
+
+
 def _train_command(workdir, data, *extra):
     """The tiny stage 2 from the command line, on the drawn demo data."""
     return [sys.executable, "-m", "unitoken_jax.train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"),

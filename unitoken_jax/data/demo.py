@@ -55,7 +55,7 @@ def demo_tokenizers(seed: int = 0):
     return TextTokenizer(small.build(seed)), VQTokenizer.random(VQGANConfig(**DEMO_VQGAN), seed=seed)
 
 
-def build_demo_dataset(directory: str, n: int = 256, *, siglip_size: int = 56, vq_size: int = 32,
+def build_demo_dataset(directory: str, n: int = 256, *, siglip_size: int = 56, vq_size: int = 32, patch: int = 14,
                        seed: int = 0, progress: bool = False) -> str:
     """Draws the demo pictures and pre-tokenizes them into `directory/dataset` (once; a finished
     dataset is reused). Returns the dataset path."""
@@ -64,7 +64,7 @@ def build_demo_dataset(directory: str, n: int = 256, *, siglip_size: int = 56, v
         return out
     items = write_demo_items(os.path.join(directory, "pictures"), n, seed)
     text, vq = demo_tokenizers(seed)
-    settings = pt.PretokenizeSettings(name="demo", vq_size=vq_size, siglip_size=siglip_size, max_length=None,
-                                      chunk_size=128, vq_batch=64)
+    settings = pt.PretokenizeSettings(name="demo", vq_size=vq_size, siglip_size=siglip_size, patch=patch,
+                                      max_length=None, chunk_size=128, vq_batch=64)
     pt.pretokenize(items, out, text, vq, settings, progress=progress)
     return out

@@ -131,7 +131,8 @@ def _training_sources(config: TrainConfig, workdir: str) -> list:
     if d.demo:
         demo_dir = os.path.join(workdir, "demo_data")
         if jax.process_index() == 0:
-            build_demo_dataset(demo_dir, siglip_size=config.model.vision.image_size)
+            build_demo_dataset(demo_dir, siglip_size=config.model.vision.image_size,
+                               patch=config.model.vision.patch_size)
         multihost_utils.sync_global_devices("demo dataset")
         sources.append(os.path.join(demo_dir, "dataset"))
     if not sources:
@@ -157,10 +158,12 @@ def _input_pipeline(sources, config: TrainConfig, mesh, **split) -> InputPipelin
                         seed=d.seed, num_threads=d.num_threads, worker_count=d.worker_count,
                         lookahead=d.lookahead, **split)
     pipeline = InputPipeline(sources, pc, process_index=jax.process_index(), process_count=n)
-    side = config.model.vision.image_size
-    if pipeline.siglip_size != side:
-        raise ValueError(f"the data was pre-tokenized for {pipeline.siglip_size}px SigLIP tiles; the model's ViT takes "
-                         f"{side}px")
+    side, patch = config.model.vision.image_size, config.model.vision.patch_size
+    if (pipeline.siglip_size, pipeline.patch) != (side, patch):
+        # (the features' places in the rows follow the data's layout: another patch would gather
+        # other pictures' features, silently)
+        raise ValueError(f"the data was pre-tokenized for {pipeline.siglip_size}px SigLIP tiles of {pipeline.patch}px "
+                         f"patches; the model's ViT takes {side}px tiles of {patch}px patches")
     return pipeline
 
 
