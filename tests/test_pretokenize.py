@@ -301,11 +301,15 @@ def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_pa
            {"id": "image-number", "image": 5, "conversations": [{"from": "human", "value": "<|image|>hi"},
                                                                  {"from": "gpt", "value": "x"}]},
            {"id": "image-list-of-numbers", "image": [1, 2],
-            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}]
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+           # the pipeline's prompt form: it had been written as a sample that teaches answering nothing
+           {"id": "unanswered", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]}]
     path = tmp_path / "items.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in [ok, *bad]) + "\n")
     result = pt.pretokenize(str(path), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
-    assert result["written"] == 1 and result["skipped"] == 4
+    assert result["written"] == 1 and result["skipped"] == 5
+    assert "turn 1 has no text (value null)" in json.loads(open(tmp_path / "ds" / pt.BAD_ITEMS_FILE).readlines()[4])[
+        "reason"]
     listed = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
     assert [b["id"] for b in listed] == [b["id"] for b in bad]
     assert all("ConversationError" in b["reason"] for b in listed)

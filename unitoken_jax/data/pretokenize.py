@@ -185,6 +185,12 @@ class _Chunk:
             try:
                 if not isinstance(item, dict):
                     raise ConversationError(f"an item must be a JSON object, not {type(item).__name__}")
+                turns = item.get("conversations")
+                empty = [i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("value") is None] \
+                    if isinstance(turns, list) else []
+                if empty:  # (the pipeline's prompt form: an answer to write, not one to learn: one <eot> labelled)
+                    raise ConversationError(f"turn {empty[0]} has no text (value null): a training item needs every "
+                                            "turn written out")
                 paths = [str(p) for p in image_list(item)]
                 raw = []
                 for p in paths:
