@@ -608,6 +608,15 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
     out = window.flush(12, flops=None, devices=1)
     assert out["ce_understanding"] == pytest.approx((1.0 * 10 + 3.0 * 30) / 40) and "ce_generation" not in out
 
+    # a skipped (non-finite) step's NaN loss had made the window's loss NaN; the steps that counted
+    # give it (a window of skipped steps only still shows the NaN)
+    for loss, skipped in ((1.0, 0), (np.nan, 1), (3.0, 0)):
+        window.add_metrics({"loss": np.float32(loss), "skipped": np.int32(skipped)})
+    out = window.flush(13, flops=None, devices=1)
+    assert out["loss"] == 2.0 and out["skipped"] == 1
+    window.add_metrics({"loss": np.float32(np.nan), "skipped": np.int32(1)})
+    assert np.isnan(window.flush(14, flops=None, devices=1)["loss"])
+
     # accumulating: grad_norm is the completed updates' (the partial means between are not), and a
     # window in which no update completed logs none; the micro-batches' own norms average over all
     def micro(grad_norm, micro_norm, updates):

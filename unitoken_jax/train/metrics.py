@@ -129,7 +129,10 @@ class Window:
                 if count.sum():
                     out[k] = float(np.where(count > 0, values * count, 0.0).sum() / count.sum())
             else:
-                out[k] = float(values.mean())
+                # a skipped (non-finite) step's loss is NaN: averaged over the steps that counted
+                # (all of them if none did, so a window of skipped steps still shows it)
+                kept = np.array([float(m["skipped"]) == 0 for m in fetched]) if "skipped" in fetched[0] else None
+                out[k] = float(values[kept].mean() if kept is not None and kept.any() else values.mean())
         # each process counted its own rows: on a pod the window's figures are the sums over processes
         tokens, positions, work = sum_over_processes(
             self.tokens, self.positions, sum(flops.per_step(*x) for x in self.flop_inputs))
