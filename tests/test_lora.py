@@ -172,7 +172,11 @@ def test_adapters_peft_saved_load_here(tmp_path):
     dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]),  # layer 1 left as it is
     dict(target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.1.self_attn.v_proj"]),
     dict(target_modules=["q_proj"], lora_alpha=None),  # a config without lora_alpha: PEFT's default, 8
-], ids=["lm_head", "layers_to_transform", "exclude_modules", "default_alpha"])
+    # modules picked by a regular expression or by their whole names (refused as "made for a model
+    # with fewer layers" before)
+    dict(target_modules=r"model\.layers\.0\.self_attn\.q_proj"),
+    dict(target_modules=["model.layers.1.self_attn.v_proj", "o_proj"]),
+], ids=["lm_head", "layers_to_transform", "exclude_modules", "default_alpha", "regex", "whole_names"])
 def test_peft_adapters_of_every_plain_lora_shape_load_with_peft_s_numbers(tmp_path, options):
     import peft
 
@@ -313,6 +317,19 @@ def test_adapters_for_another_model_are_refused(tmp_path):
                                                   num_heads=4, num_kv_heads=2), vision=None)
     with pytest.raises(CheckpointError, match="not layer 2 of decoder/layers/self_attn/q_proj"):
         UniTokenModel.random(deeper).with_adapters(str(tmp_path / "a"))
+    # the same with PEFT's target_modules as a regular expression that picks every layer's q_proj;
+    # whole module names that pick layers 0 and 1 only leave layer 2 as it is
+    config_path = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    for targets, refused in ((r"model\.layers\.\d+\.self_attn\.q_proj", True),
+                             (["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"], False)):
+        config_path.write_text(json.dumps({**saved, "target_modules": targets}))
+        if refused:
+            with pytest.raises(CheckpointError, match="not layer 2 of decoder/layers/self_attn/q_proj"):
+                UniTokenModel.random(deeper).with_adapters(str(tmp_path / "a"))
+        else:
+            UniTokenModel.random(deeper).with_adapters(str(tmp_path / "a"))
+    config_path.write_text(json.dumps(saved))
     shallow = UniTokenConfig(decoder=DecoderConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=1,
                                                    num_heads=4, num_kv_heads=2), vision=None)
     with pytest.raises(CheckpointError, match="model.layers.1.self_attn.q_proj, which the model does not have"):

@@ -172,7 +172,8 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
             one[...] = t.T.reshape(one.shape)  # [r, in] -> [in..., r]; [out, r] -> [r, out...]
         covered.add((kernel, layer))
     adapted = set(lora_lib.adapter_kernels(lora_config))  # (not every kernel a target names: the ViT's patch conv)
-    missing = sorted(key for key in by_name.values() if key[0] in adapted and key not in covered)
+    chosen = _chosen_by(pc.get("target_modules"))
+    missing = sorted(key for name, key in by_name.items() if key[0] in adapted and key not in covered and chosen(name))
     partial = [k for k in ("layers_to_transform", "exclude_modules") if pc.get(k) not in (None, [], "")]
     if missing and not partial:  # (PEFT adapts every module its targets name unless told otherwise)
         kernel, layer = missing[0]
@@ -181,6 +182,17 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
                               "exclude_modules (made for a model with fewer layers?)")
     # with them, a module left out keeps zero factors: the base model's kernel, as in PEFT
     return lora, traverse_util.unflatten_dict(out)
+
+
+def _chosen_by(target_modules):
+    """Whether PEFT's `target_modules` picks a module by its name: a string is a regular expression
+    the whole name matches (but "all-linear", every linear layer), a list names modules by a last
+    part of their dotted names (`q_proj`, or `model.layers.1.self_attn.v_proj` for one module)."""
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        return lambda name: re.fullmatch(target_modules, name) is not None
+    if isinstance(target_modules, (list, tuple)):
+        return lambda name: any(name == t or name.endswith("." + t) for t in target_modules)
+    return lambda name: True
 
 
 def _target_of(kernel: tuple[str, ...]) -> str:
