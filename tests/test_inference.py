@@ -1109,6 +1109,27 @@ def test_every_vqgan_format_loads_through_one_entry(pipe, tmp_path):
     save_vqgan(str(tmp_path / "ours"), pipe.vq.config, pipe.vq.params)
     vq = VQTokenizer.load(str(tmp_path / "ours"))
     assert vq.config == pipe.vq.config
+    # our format damaged: a bare SafetensorError (the file unnamed) or a mismatch naming no tensor before
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from unitoken_jax.convert.files import CheckpointError
+
+    weights = next((tmp_path / "ours").glob("*.safetensors"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "ours", damaged)
+    (damaged / weights.name).write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"cannot read {re.escape(str(damaged / weights.name))}"):
+        VQTokenizer.load(str(damaged))
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != first}, str(damaged / weights.name))
+    with pytest.raises(CheckpointError, match=f"missing {re.escape(first)}; 1 missing, 0 unknown"):
+        VQTokenizer.load(str(damaged))
+    (damaged / weights.name).unlink()
+    with pytest.raises(CheckpointError, match=f"has no {weights.name}"):
+        VQTokenizer.load(str(damaged))
     with pytest.raises(FileNotFoundError):
         VQTokenizer.load(str(tmp_path / "nothing.ckpt"))
     (tmp_path / "empty").mkdir()

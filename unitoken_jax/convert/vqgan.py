@@ -15,8 +15,9 @@ import re
 from typing import Any, Mapping
 
 import jax
+from flax import traverse_util
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 import yaml
 
 from unitoken_jax.convert.files import (
@@ -184,18 +185,21 @@ def load_vqgan(path: str) -> tuple[VQGANConfig, dict]:
         config = VQGANConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)} is not a VQ-GAN config: {e}") from None
-    params: dict = {}
-    for key, value in load_file(os.path.join(path, WEIGHTS_FILE)).items():
-        node = params
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    expected = abstract_params(config)
-    if jax.tree.structure(params) != jax.tree.structure(expected) or any(
-            a.shape != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))):
-        raise CheckpointError(f"{path}: the VQ-GAN tensors do not match its config")
-    return config, params
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.exists(weights):
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILE} beside its {CONFIG_FILE}")
+    with open_safetensors(weights) as f:  # (a truncated file is a CheckpointError naming it)
+        flat = {tuple(key.split("/")): f.get_tensor(key) for key in f.keys()}
+    want = traverse_util.flatten_dict(abstract_params(config))
+    missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
+    wrong = [k for k in want if k in flat and flat[k].shape != want[k].shape]
+    if missing or extra or wrong:
+        said = ([f"missing {'/'.join(missing[0])}"] if missing else []) + \
+            ([f"unknown {'/'.join(extra[0])}"] if extra else []) + \
+            [f"{'/'.join(k)} is {list(flat[k].shape)}, the config needs {list(want[k].shape)}" for k in wrong[:1]]
+        raise CheckpointError(f"{weights}: the VQ-GAN tensors do not match its config ({'; '.join(said)}; "
+                              f"{len(missing)} missing, {len(extra)} unknown, {len(wrong)} of another shape)")
+    return config, traverse_util.unflatten_dict(flat)
 
 
 __all__ = ["config_from_hf", "config_from_yaml", "get_path", "has_decoder", "params_from_state_dict",
