@@ -92,6 +92,42 @@ def test_round_trip_is_bit_exact(release_dir, tmp_path):
         np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
 
 
+def test_a_checkpoint_of_mixed_dtypes_round_trips_tensor_by_tensor(release_dir, tmp_path, capsys):
+    """float32 norms beside bfloat16 matrices (what some trainers save): every tensor was written
+    back in the dtype of most elements, and `param_dtype=None` (documented as lossless) rounded the
+    norms to bfloat16 as it read them. Each tensor now goes back in its own dtype, through our
+    Orbax format too, and `param_dtype=None` reads such a checkpoint in float32."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in os.listdir(release_dir):
+        if not name.endswith(".safetensors"):
+            (mixed / name).write_bytes((release_dir / name).read_bytes())
+    original = {k: (v.float() + 1e-3) if "norm" in k else v for k, v in _tensors(release_dir).items()}
+    assert any(v.dtype == torch.float32 for v in original.values())
+    save_file(original, mixed / "model.safetensors")
+
+    def same_as_original(path):
+        written = _tensors(path)
+        assert sorted(written) == sorted(original)
+        for k in original:
+            assert written[k].dtype == original[k].dtype and torch.equal(written[k], original[k]), k
+
+    model = unitoken_jax.load(str(mixed))
+    model.save_hf(str(tmp_path / "out"))
+    same_as_original(tmp_path / "out")
+    exact = unitoken_jax.load(str(mixed), param_dtype=None)
+    assert exact.config.param_dtype == "float32"
+    norms = [k for k in original if k.startswith("model.") and "norm" in k and "vqmodel" not in k]
+    assert norms and np.asarray(exact.params["decoder"]["norm"]["scale"]).tolist() == \
+        original["model.norm.weight"].tolist()
+    assert cli.main(["convert", "--from", str(mixed), "--to", str(tmp_path / "orbax")]) == 0
+    assert "bfloat16, " in capsys.readouterr().out  # the dtypes said: "bfloat16, N tensor(s) in float32"
+    assert cli.main(["convert", "--from", str(tmp_path / "orbax"), "--to", str(tmp_path / "back")]) == 0
+    same_as_original(tmp_path / "back")
+    unitoken_jax.load(str(tmp_path / "orbax")).save_hf(str(tmp_path / "again"))
+    same_as_original(tmp_path / "again")
+
+
 def _flatten(tree, prefix=""):
     out = {}
     for k, v in tree.items():

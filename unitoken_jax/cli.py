@@ -44,7 +44,7 @@ def _convert(args) -> int:
         dtype = args.dtype or sidecar.get("hf_dtype", "float32")
         hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype,
                        shard_bytes=int(args.max_shard_gb * 1024**3), progress=True)
-        print(f"wrote the HF layout ({dtype}) to {args.dst}")
+        print(f"wrote the HF layout ({hf_io.dtype_name(dtype)}) to {args.dst}")
     else:
         import jax
 
@@ -54,7 +54,8 @@ def _convert(args) -> int:
         orbax_io.save(args.dst, ckpt.config, ckpt.params, ckpt.passthrough,
                       {"hf_config": ckpt.hf_config, "hf_dtype": ckpt.dtype})
         layout = f", QK-norm layout {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else ""
-        print(f"read a {ckpt.kind} checkpoint ({ckpt.dtype}{layout}); wrote our Orbax checkpoint to {args.dst}")
+        print(f"read a {ckpt.kind} checkpoint ({hf_io.dtype_name(ckpt.dtype)}{layout}); wrote our Orbax checkpoint "
+              f"to {args.dst}")
     return 0
 
 

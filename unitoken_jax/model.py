@@ -49,7 +49,8 @@ class UniTokenModel:
     """
 
     def __init__(self, config: UniTokenConfig, params: dict, passthrough: dict[str, np.ndarray] | None = None,
-                 hf_config: dict[str, Any] | None = None, hf_dtype: str = "float32", source: str | None = None):
+                 hf_config: dict[str, Any] | None = None, hf_dtype: str | dict = "float32",
+                 source: str | None = None):
         self.config = config
         self.params = params
         self.passthrough = dict(passthrough or {})
@@ -180,7 +181,7 @@ class UniTokenModel:
     # --- saving -----------------------------------------------------------------------------
     def save_hf(self, path: str, dtype: str | None = None, progress: bool = False) -> None:
         """Writes the release's HF layout (safetensors + config.json), by default in the dtype it was
-        read in. A LoRA model is written merged (each adapter folded into its kernel); its adapters
+        read in (each tensor in its own where they differed: `convert.hf.saved_dtype`). A LoRA model is written merged (each adapter folded into its kernel); its adapters
         alone go out with `save_adapters`."""
         if self.config.quantize != "none":
             raise ValueError(f"this model holds {self.config.quantize} weights, which the HF layout cannot carry; "

@@ -227,7 +227,7 @@ class HFCheckpoint:
     hf_config: dict[str, Any]
     kind: str  # "unitoken" | "chameleon" | "siglip"
     qk_norm_layout: str | None  # "per-head (transformers)" | "per-shard (Lumina-mGPT, N rows)"
-    dtype: str  # the most common floating dtype of the files
+    dtype: str | dict  # the dtype the files were saved in (`saved_dtype`)
     skipped: list[str]
 
 
@@ -354,6 +354,24 @@ def _main_dtype(headers) -> str:
     return _DTYPE_NAMES.get(max(sizes, key=sizes.get), "float32")
 
 
+def saved_dtype(headers, keys) -> str | dict:
+    """The dtype the model tensors `keys` were saved in: its name, or, where they differ (float32
+    norms beside bfloat16 matrices, say), {"default": the dtype of most elements, "tensors": {key:
+    dtype} for the others}, which `write_hf` writes back as it was."""
+    main = _main_dtype({k: headers[k] for k in keys} or headers)
+    other = {k: _DTYPE_NAMES.get(headers[k][2], headers[k][2]) for k in sorted(keys)
+             if _DTYPE_NAMES.get(headers[k][2], headers[k][2]) != main}
+    return {"default": main, "tensors": other} if other else main
+
+
+def dtype_name(dtype: str | dict) -> str:
+    """`saved_dtype`'s value in words."""
+    if isinstance(dtype, str):
+        return dtype
+    kinds = sorted(set(dtype["tensors"].values()))
+    return f"{dtype['default']}, {len(dtype['tensors'])} tensor(s) in {'/'.join(kinds)}"
+
+
 def _passthrough_keys(headers, spec_keys) -> list[str]:
     return [k for k in headers if k not in spec_keys and any(p.match(k) for p in _PASSTHROUGH)]
 
@@ -368,7 +386,7 @@ def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict, str]:
     for file in sorted({headers[k][0] for k in keys}):
         with open_safetensors(file) as f:
             passthrough.update({k: f.get_tensor(k) for k in keys if headers[k][0] == file})
-    return passthrough, hf_config, _main_dtype(headers)
+    return passthrough, hf_config, saved_dtype(headers, [s.hf_key for s in tensor_specs(config, prefix)])
 
 
 def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False,
@@ -380,12 +398,13 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     at once, with the model's config: `load` puts it on the devices there, so the host never holds
     the whole model twice.
     Without `place` the parameters stay numpy arrays. `param_dtype=None` keeps the checkpoint's
-    own (most common) dtype: a lossless conversion.
+    own dtype, or float32 where its tensors' dtypes differ: a lossless conversion.
     """
     hf_config, headers, kind, prefix = _read_header(path)
     config, layout = _checked_build_config(path, hf_config, kind, prefix, headers)
-    main_dtype = _main_dtype(headers)
-    config = config.replace(param_dtype=param_dtype or main_dtype)
+    specs = tensor_specs(config, prefix)
+    main_dtype = saved_dtype(headers, [s.hf_key for s in specs if s.hf_key in headers])
+    config = config.replace(param_dtype=param_dtype or (main_dtype if isinstance(main_dtype, str) else "float32"))
     specs = tensor_specs(config, prefix)
 
     spec_keys = {s.hf_key for s in specs}
@@ -477,15 +496,18 @@ def hf_config_for(config: UniTokenConfig, base: dict[str, Any] | None) -> tuple[
 
 
 def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.ndarray] | None = None,
-             base_config: dict[str, Any] | None = None, dtype: str = "float32",
+             base_config: dict[str, Any] | None = None, dtype: str | dict = "float32",
              shard_bytes: int = SHARD_BYTES, progress: bool = False) -> None:
     """Writes safetensors shards (+ index when more than one) and config.json. The shards are
     written under names no reader takes (`.model-N.safetensors.partial`) and renamed once all are
     written: a write that fails leaves what the directory held."""
-    out_dtype = np.dtype(jnp.dtype(dtype))
-    if not jnp.issubdtype(out_dtype, jnp.floating):  # astype(int8) would truncate every weight to ~0
-        raise ValueError(f"dtype={dtype!r}: an HF checkpoint's weights are floating point (float32, bfloat16, "
-                         "float16); for int8, quantize as the model loads (load(path, quantize='int8'))")
+    # one dtype, or `saved_dtype`'s dtypes by tensor
+    default, by_key = (dtype, {}) if isinstance(dtype, str) else (dtype["default"], dtype["tensors"])
+    out_dtypes = {name: np.dtype(jnp.dtype(name)) for name in {default, *by_key.values()}}
+    for name, out_dtype in out_dtypes.items():
+        if not jnp.issubdtype(out_dtype, jnp.floating):  # astype(int8) would truncate every weight to ~0
+            raise ValueError(f"dtype={name!r}: an HF checkpoint's weights are floating point (float32, bfloat16, "
+                             "float16); for int8, quantize as the model loads (load(path, quantize='int8'))")
     os.makedirs(path, exist_ok=True)
     hf_config, prefix = hf_config_for(config, base_config)
     specs = tensor_specs(config, prefix)
@@ -494,6 +516,7 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
         for spec in specs:
             value = np.asarray(jax.device_get(get_path(params, spec.path)) if spec.layer is None
                                else jax.device_get(get_path(params, spec.path)[spec.layer]))
+            out_dtype = out_dtypes[by_key.get(spec.hf_key, default)]
             yield spec.hf_key, np.ascontiguousarray(spec.layout.to_hf(value).astype(out_dtype))
         for key, value in (passthrough or {}).items():
             yield key, np.ascontiguousarray(value)
