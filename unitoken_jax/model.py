@@ -181,8 +181,9 @@ class UniTokenModel:
     # --- saving -----------------------------------------------------------------------------
     def save_hf(self, path: str, dtype: str | None = None, progress: bool = False) -> None:
         """Writes the release's HF layout (safetensors + config.json), by default in the dtype it was
-        read in (each tensor in its own where they differed: `convert.hf.saved_dtype`). A LoRA model is written merged (each adapter folded into its kernel); its adapters
-        alone go out with `save_adapters`."""
+        read in (each tensor in its own where they differed: `convert.hf.saved_dtype`). A LoRA model
+        is written merged (each adapter folded into its kernel); its adapters alone go out with
+        `save_adapters`."""
         if self.config.quantize != "none":
             raise ValueError(f"this model holds {self.config.quantize} weights, which the HF layout cannot carry; "
                              "save() it in our Orbax format, or write the float checkpoint it came from")
