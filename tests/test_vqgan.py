@@ -98,8 +98,11 @@ def test_a_valid_view_record_and_damaged_files(tmp_path):
     torch.save({"a": torch.randn(3)}, tmp_path / "x.ckpt")
     raw = (tmp_path / "x.ckpt").read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(CheckpointError, match="cut.ckpt"):
-        load_torch_file(str(tmp_path / "cut.ckpt"))
+    with pytest.raises(CheckpointError, match="cut.ckpt is a zip archive without its end: truncated"):
+        load_torch_file(str(tmp_path / "cut.ckpt"))  # (it had been called a file of torch < 1.6)
+    (tmp_path / "old.ckpt").write_bytes(b"\x80\x02" + raw[4:100])  # a legacy (non-zip) pickle's start
+    with pytest.raises(CheckpointError, match="not a PyTorch zip checkpoint .files from torch < 1.6"):
+        load_torch_file(str(tmp_path / "old.ckpt"))
 
 
 def test_meta_checkpoint_encodes_and_decodes_like_taming(tmp_path):

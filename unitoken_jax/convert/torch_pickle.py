@@ -116,8 +116,12 @@ class _Unpickler(pickle.Unpickler):
 def load_torch_file(path: str) -> Any:
     """The object saved by `torch.save`, with tensors as numpy arrays."""
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip archive that lost its end (its directory): cut short
+                raise CheckpointError(f"{path} is a zip archive without its end: truncated (an interrupted "
+                                      "download or copy?)")
         raise CheckpointError(f"{path} is not a PyTorch zip checkpoint (files from torch < 1.6 are not supported; "
-                         "re-save them with a current torch)")
+                              "re-save them with a current torch)")
     with zipfile.ZipFile(path) as archive:
         pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         if len(pkl) != 1:
