@@ -4,6 +4,8 @@ answers, 70 % of the pictures): every held-out combination, one picture to answe
 drawings each. The expected answers come from the world (`shapes`), the pictures are judged by the
 model-free pixel checker."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -169,6 +171,16 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     assert [item["conversations"] for item in again] == [item["conversations"] for item in items]
     assert main(["caption", str(folder / "0.png"), "--out", str(lines)]) == 0
     assert "holds the captions of all 1 pictures already" in capsys.readouterr().out
+    # the folder's pictures left are unreadable ones: the job is done (it had exited 2, "no picture")
+    assert main(["caption", str(folder), "--out", str(lines)]) == 0
+    said = capsys.readouterr()
+    assert "broken.png" in said.err and "holds the captions of all 3 readable pictures already; 1 left out" \
+        in said.out
+    # a picture named twice (itself and through its folder, or as ./x) is captioned once
+    twice = tmp_path / "twice.json"
+    assert main(["caption", str(folder / "more"), str(folder / "more" / "2.png"),
+                 os.path.join(str(folder), ".", "more", "2.png"), "--out", str(twice)]) == 0
+    assert [item["image"] for item in json.loads(twice.read_text())] == [["pictures/more/2.png"]]
     with open(lines, "a") as f:  # a stop in the middle of a line: the line is dropped, its picture done again
         f.write('{"id": "pictures/more/x", "ima')
     assert main(["caption", str(folder / "more"), "--out", str(lines)]) == 0
@@ -237,6 +249,18 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
         assert "either a prompt or --prompts-file" in capsys.readouterr().err
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "none")]) == 2
     assert "is a directory (create it first)" in capsys.readouterr().err
+    # a prompt the model cannot take is named with its line before any picture is drawn (it had stopped
+    # the job at its batch, and every rerun there); a BOM (Notepad's) is not part of the first prompt
+    long = tmp_path / "long.txt"
+    long.write_text("\ufeff" + f"{things[0].text}\n{'a red circle ' * 400}\n{things[1].text}\n", encoding="utf-8")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert main(["generate", "--prompts-file", str(long), "--out", str(fresh)]) == 2
+    assert "cannot take the prompt(s) on line(s) 2 (" in capsys.readouterr().err and not list(fresh.iterdir())
+    long.write_text("\ufeff" + f"{things[0].text}\n", encoding="utf-8")
+    assert main(["generate", "--prompts-file", str(long), "--out", str(fresh)]) == 0
+    capsys.readouterr()
+    assert json.loads((fresh / "index.json").read_text())[0]["prompt"] == things[0].text
 
 
 

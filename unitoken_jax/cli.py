@@ -471,6 +471,8 @@ def _caption(args) -> int:
             paths += found
         else:
             paths.append(given)
+    seen = set()  # a picture named twice (itself and through its folder, or as ./x) is captioned once
+    paths = [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
     paths = _share(paths, args, "pictures")
     done = set()
     if kind == ".jsonl" and os.path.exists(args.out):  # a rerun goes on where the last one stopped
@@ -497,6 +499,10 @@ def _caption(args) -> int:
             readable.append(path)
     if not todo and done:
         print(f"{args.out} holds the captions of all {len(paths)} pictures already")
+        return 0
+    if not readable and done:  # (a rerun whose pictures left are unreadable: said above, the job is done)
+        print(f"{args.out} holds the captions of all {len(paths) - len(todo)} readable pictures already; "
+              f"{len(todo)} left out")
         return 0
     if not readable:
         raise ValueError("no picture to caption: give picture files or folders that hold some")
@@ -583,7 +589,7 @@ def _generate_many(args) -> int:
     from tqdm.auto import tqdm
 
     try:
-        with open(args.prompts_file, encoding="utf-8") as f:
+        with open(args.prompts_file, encoding="utf-8-sig") as f:  # (-sig: a BOM, as Notepad writes, is no text)
             prompts = [line.strip() for line in f]
     except OSError as e:  # missing, a directory, unreadable: said before the model loads
         raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror or e}") from e
@@ -608,6 +614,18 @@ def _generate_many(args) -> int:
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
                    image_top_k=args.top_k, image_temperature=args.temperature, negative_prompt=args.negative_prompt,
                    progress=False)
+    # every prompt the model cannot take, said before the first picture (it had stopped the job at its
+    # batch, and a rerun at the same line, so the prompts after it were never drawn)
+    refused = []
+    for k in todo:
+        try:
+            pipe.generate_request(prompts[k], size=options["size"], cfg=args.cfg, negative_prompt=args.negative_prompt)
+        except ValueError as e:
+            refused.append((line[k] + 1, e))
+    if refused:
+        lines = ", ".join(str(n) for n, _ in refused[:10]) + (" ..." if len(refused) > 10 else "")
+        raise ValueError(f"--prompts-file {args.prompts_file}: the model cannot take the prompt(s) on line(s) "
+                         f"{lines} ({refused[0][1]}); shorten or remove them")
     per_batch = max(1, batch_size // args.n)  # whole prompts a batch: --n pictures each
     with tqdm(total=len(todo) * args.n, desc="pictures", unit="picture") as bar:
         for first in range(0, len(todo), per_batch):
