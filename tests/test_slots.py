@@ -73,6 +73,27 @@ def test_requests_admitted_mid_run_equal_their_runs_alone_and_slots_are_reused(p
     assert decoder.free_slots == 2 and not decoder.busy
 
 
+def test_a_slot_stops_and_refuses_where_a_generation_alone_does(pipe):
+    """A slot longer than the model's positions let a row decode past the model's last position
+    (more tokens than alone, at positions the model never saw), and a picture whose budget cannot
+    hold it was drawn cut short where `generate` refuses it."""
+    from unitoken_jax.inference.decode import Request
+
+    positions = pipe.decode_loop.config.decoder.max_position_embeddings
+    tokens = np.random.default_rng(0).integers(10, 4000, size=positions - 8).astype(np.int32)
+    near_the_end = Request(tokens, max_new_tokens=40, stop_tokens=())
+    alone = pipe.decode_loop.generate([near_the_end]).tokens[0]
+    assert len(alone) == 8
+    decoder = SlotDecoder(pipe.decode_loop, slots=2, length=positions + 64, chunk=16)
+    np.testing.assert_array_equal(decoder.run_all({"end": near_the_end})["end"], alone)
+    short = pipe.generate_request("a red circle at the top left", size=(64, 64), max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_new_tokens=5 cannot hold a 64x64 image"):
+        pipe.decode_loop.generate([short])
+    with pytest.raises(ValueError, match="max_new_tokens=5 cannot hold a 64x64 image"):
+        decoder.admit("short", short)
+    assert decoder.free_slots == 2
+
+
 def test_a_conversations_next_turn_continues_in_the_slot_that_holds_it(pipe):
     """A free slot keeps what its last request left in the cache. A chat's next turn (the history
     sent again, as an OpenAI client does), admitted while another request runs, goes into the slot

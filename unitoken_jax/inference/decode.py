@@ -213,6 +213,24 @@ class SamplingState:
     step: jax.Array  # [] steps run
 
 
+def check_room(r: Request, positions: int, which: str = "the") -> None:
+    """A ValueError unless the model's `positions` leave `r` room for an answer, and a fixed-size
+    picture's budget (and that room) holds the whole picture (`which` names the request)."""
+    longest = r.longest_prompt
+    whose = "prompt" if longest == len(r.tokens) else "unconditional context (uncond_tokens)"
+    room = positions - longest
+    if room < 1:
+        raise ValueError(f"{which} {whose} takes {longest} positions: none of the model's {positions} is left for "
+                         "an answer")
+    if r.grid_hw is not None:
+        need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
+        if min(r.max_new_tokens, room) < need:
+            held = (f"max_new_tokens={r.max_new_tokens}" if r.max_new_tokens < need else
+                    f"the {room} positions the model has after the {whose}'s {longest}")
+            raise ValueError(f"{held} cannot hold a {r.grid_hw[0] * 32}x{r.grid_hw[1] * 32} image ({need} "
+                             "tokens after <racm3:break>)")
+
+
 def _row_params(rows, primary, uncond_row, prompt_len, positions: int | None = None) -> RowParams:
     """Each row's parameters; a row stops at `max_new_tokens` or, given the model's `positions`,
     at its last position after the request's prompt, whichever comes first (a guided request's
@@ -580,19 +598,7 @@ class DecodeLoop:
                              self.prompt_multiple)
         positions = self.config.decoder.max_position_embeddings
         for i, r in enumerate(requests):
-            longest = r.longest_prompt
-            whose = "prompt" if longest == len(r.tokens) else "unconditional context (uncond_tokens)"
-            room = positions - longest
-            if room < 1:
-                raise ValueError(f"prompt {i}'s {whose} takes {longest} positions: none of the model's {positions} "
-                                 "is left for an answer")
-            if r.grid_hw is not None:
-                need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
-                if min(r.max_new_tokens, room) < need:
-                    held = (f"max_new_tokens={r.max_new_tokens}" if r.max_new_tokens < need else
-                            f"the {room} positions the model has after the {whose}'s {longest}")
-                    raise ValueError(f"{held} cannot hold a {r.grid_hw[0] * 32}x{r.grid_hw[1] * 32} image ({need} "
-                                     "tokens after <racm3:break>)")
+            check_room(r, positions, f"prompt {i}'s")
         *prefill_batch, prompt_len = batch
         params = _row_params(rows, primary, uncond_row, prompt_len, positions)
         # the buffers' sizes depend on the requests' budgets and the model, not on where a row's

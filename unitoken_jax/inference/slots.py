@@ -50,6 +50,7 @@ from unitoken_jax.inference.decode import (
     _KeptCache,
     _row_params,
     _rows,
+    check_room,
 )
 from unitoken_jax.inference.grid import DONE, GridState
 from unitoken_jax.models.chameleon import init_cache
@@ -176,6 +177,8 @@ class SlotDecoder:
             if request.longest_prompt + request.max_new_tokens > self.length:
                 raise ValueError(f"a prompt of {request.longest_prompt} positions and {request.max_new_tokens} new "
                                  f"tokens do not fit a slot of {self.length} positions")
+            # as `DecodeLoop.generate` refuses them: no room for an answer, or a picture cut by its budget
+            check_room(request, self.loop.config.decoder.max_position_embeddings, f"{name!r}:")
             placed[name] = (request, rows, uncond)
         out, extends = {}, []
         for name, (request, rows, uncond) in placed.items():
@@ -250,8 +253,9 @@ class SlotDecoder:
         primary = slots[0]
         p = self._params
         for j, (slot, (r, toks, *_)) in enumerate(zip(slots, rows)):
+            # (a row stops at the model's last position, as in `DecodeLoop.generate`, whatever the slot's length)
             one = _row_params([(r, toks, None, None, None)], np.zeros(1, np.int32), np.full(1, -1, np.int32),
-                              np.array([len(toks)], np.int32))
+                              np.array([len(toks)], np.int32), self.loop.config.decoder.max_position_embeddings)
             for key in p:
                 if key not in ("primary", "uncond_row"):
                     p[key][slot] = np.asarray(getattr(one, key))[0]
