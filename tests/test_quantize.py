@@ -186,3 +186,24 @@ def test_an_int8_decode_loop_on_a_cpu_makes_no_float_copy_of_the_weights():
     for program in loop.lower([Request(tokens=np.arange(1, 20), max_new_tokens=16)]):
         temporaries = program.compile().memory_analysis().temp_size_in_bytes
         assert temporaries < float_copy / 2, (temporaries, float_copy)
+
+
+def test_the_host_and_device_quantizers_agree_on_zero_and_denormal_channels():
+    """One scale a column, values round(w * 127 / max |w|): a column of zeros, or of denormals
+    (which a device flushes to zero), is all zeros with scale 1 on both sides. The host's 127 / a
+    denormal had overflowed, giving +-127 for the denormals and NaN cast to int8 for the zeros."""
+    import jax.numpy as jnp
+
+    from unitoken_jax.models.layers import quantize_int8
+
+    w = np.zeros((4, 3), np.float32)
+    w[:, 0] = [1e-38, 5e-39, 0, -2e-39]
+    w[:, 1] = [1.0, 0.5, 0.0, -0.25]
+    host, host_scale = quantize_int8(w, (1, 3))
+    device, device_scale = (np.asarray(a) for a in quantize_int8(jnp.asarray(w), (1, 3)))
+    np.testing.assert_array_equal(host, device)
+    np.testing.assert_array_equal(host_scale, device_scale)
+    np.testing.assert_array_equal(host[:, 0], 0)
+    np.testing.assert_array_equal(host[:, 2], 0)
+    np.testing.assert_array_equal(host[:, 1], np.round(w[:, 1] * 127))
+    np.testing.assert_allclose(host_scale[0], [1.0, 1 / 127, 1.0], rtol=1e-7)

@@ -396,7 +396,9 @@ def quantize_int8(kernel, shape_of_scale: tuple[int, ...]):
     w = xp.asarray(kernel, xp.float32)
     axes = tuple(i for i, (n, m) in enumerate(zip(shape_of_scale, w.shape)) if n == 1 and m != 1)
     amax = xp.max(xp.abs(w), axis=axes, keepdims=True) if axes else xp.abs(w)
-    amax = xp.where(amax > 0, amax, 127.0).astype(xp.float32)
+    # a channel of denormals at most is a zero channel (a device flushes them to zero; on the host
+    # 127 / amax would overflow)
+    amax = xp.where(amax >= np.finfo(np.float32).tiny, amax, 127.0).astype(xp.float32)
     # w * (127 / amax), not w / (amax / 127): XLA turns a division by a broadcast into that product
     # anyway, and the host (NumPy) and device quantizers must round exactly alike.
     values = xp.clip(xp.round(w * (xp.float32(127.0) / amax)), -127, 127).astype(xp.int8)
