@@ -186,6 +186,15 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     assert main(["caption", str(folder / "more"), "--out", str(lines)]) == 0
     said = capsys.readouterr()
     assert "1 damaged line(s)" in said.err and "holds the captions of all 1 pictures already" in said.out
+    # a last line without its newline (an editor's): the next item goes on a line of its own
+    lines.write_text(lines.read_text().rstrip("\n"))
+    (folder / "more" / "3.png").write_bytes((folder / "more" / "2.png").read_bytes())
+    assert main(["caption", str(folder / "more"), "--out", str(lines)]) == 0
+    capsys.readouterr()
+    assert [json.loads(line)["image"] for line in lines.read_text().splitlines()][-2:] == \
+        [["pictures/more/2.png"], ["pictures/more/3.png"]]
+    lines.write_text("".join(lines.read_text().splitlines(keepends=True)[:-1]))
+    (folder / "more" / "3.png").unlink()
     assert [json.loads(line)["image"] for line in lines.read_text().splitlines()] == [i["image"] for i in items]
     # a pod's hosts split a folder: process 1 of 2 takes every other picture from the second
     share = tmp_path / "share1.json"
@@ -238,6 +247,19 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     (out / "00001_1.png").unlink()
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
     assert "wrote 2 pictures for 1 prompts" in capsys.readouterr().out and (out / "00001_1.png").exists()
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
+    assert "wrote 0 pictures for 0 prompts" in capsys.readouterr().out
+    # the pictures there were drawn with other settings, or from another prompt: refused, not listed as
+    # the new run's (index.json had described pictures it did not make)
+    (out / "00001_1.png").unlink()
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2", "--cfg", "5"]) == 2
+    assert "holds 00000_0.png drawn with cfg=3.0, not 5.0" in capsys.readouterr().err
+    edited = tmp_path / "edited.txt"
+    edited.write_text(f"{things[2].text}\n{things[1].text}\n\n{things[2].text}\n")
+    assert main(["generate", "--prompts-file", str(edited), "--out", str(out), "--n", "2"]) == 2
+    assert f"holds 00000_0.png drawn with prompt={things[0].text!r}" in capsys.readouterr().err
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
+    capsys.readouterr()
     shared = tmp_path / "shared"  # process 0 of 2 draws prompts 0 and 2 (lines 0 and 3); the index names all three
     shared.mkdir()
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(shared), "--process-count", "2"]) == 0

@@ -486,6 +486,8 @@ def _caption(args) -> int:
                     damaged += line.strip() != ""
         if damaged:  # e.g. a line cut by a stop mid-write: dropped, its picture captioned again
             print(f"caption: {damaged} damaged line(s) of {args.out} dropped", file=sys.stderr)
+        # (a last line without its newline, as an editor may leave it, would run into the next item)
+        if damaged or (kept and not kept[-1].endswith("\n")):
             with open(args.out, "w", encoding="utf-8") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
     todo = [p for p in paths if (os.path.relpath(p, directory),) not in done]
@@ -608,9 +610,13 @@ def _generate_many(args) -> int:
     if batch_size < 1 or args.n < 1:
         raise ValueError(f"--batch-size and --n must be at least 1, got {batch_size} and {args.n}")
     names = [[f"{line[k]:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
-    todo = [k for k in _share(list(range(len(prompts))), args, "prompts")
-            if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
+    mine = _share(list(range(len(prompts))), args, "prompts")
+    todo = [k for k in mine if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
     pipe = _pipeline(args) if todo else None  # (sets --size's default)
+    drawn_with = dict(size=args.size, cfg=args.cfg, top_k=args.top_k, temperature=args.temperature,
+                      negative_prompt=args.negative_prompt)
+    before = _same_as_before(os.path.join(args.out, "index.json"), {names[k][0]: (prompts[k], args.seed)
+                                                                     for k in mine if k not in todo}, drawn_with)
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
                    image_top_k=args.top_k, image_temperature=args.temperature, negative_prompt=args.negative_prompt,
                    progress=False)
@@ -636,13 +642,47 @@ def _generate_many(args) -> int:
                     _save(picture, os.path.join(args.out, name))
             bar.update(len(chosen) * args.n)
     index = [{"prompt": prompt, "line": line[k] + 1, "pictures": names[k],
-              "seeds": [args.seed + j for j in range(args.n)]} for k, prompt in enumerate(prompts)]
+              "seeds": [args.seed + j for j in range(args.n)],
+              # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
+              **{key: before.get(names[k][0], {}).get(key, value) if k not in todo else value
+                 for key, value in drawn_with.items()}} for k, prompt in enumerate(prompts)]
     with open(os.path.join(args.out, "index.json"), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)
     there = len(prompts[args.process_index::args.process_count]) - len(todo)
     print(f"wrote {len(todo) * args.n} pictures for {len(todo)} prompts to {args.out} (index.json lists them)"
           + (f"; {there} prompts' pictures were there from an earlier run" if there else ""))
     return 0
+
+
+def _same_as_before(index_path: str, kept: dict[str, tuple[str, int]], drawn_with: dict) -> dict:
+    """A rerun keeps the pictures already there (`kept`: first picture's name -> (prompt, seed)):
+    refused if the earlier run's index.json says they were drawn from another prompt or with other
+    settings, so that the new index.json does not describe pictures it did not make. Returns the
+    earlier index's entries by first picture's name."""
+    import json
+
+    if not kept or not os.path.exists(index_path):
+        return {}
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            before = {entry["pictures"][0]: entry for entry in json.load(f)}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}  # (an index.json of another kind: nothing to compare with)
+    for name, (prompt, seed) in kept.items():
+        entry = before.get(name)
+        if entry is None:
+            continue
+        was = {"prompt": entry.get("prompt"), "seed": (entry.get("seeds") or [None])[0],
+               **{k: entry[k] for k in drawn_with if k in entry}}
+        # (--size unset and nothing to draw: no model loaded to give its default, nothing to compare)
+        now = {"prompt": prompt, "seed": seed, **{k: v for k, v in drawn_with.items() if k in entry
+                                                   and not (k == "size" and v is None)}}
+        changed = [k for k in now if was[k] != now[k]]
+        if changed:
+            raise ValueError(f"{os.path.dirname(index_path)} holds {name} drawn with {changed[0]}={was[changed[0]]!r}, "
+                             f"not {now[changed[0]]!r}: draw into another folder, or delete the pictures to draw "
+                             "them again")
+    return before
 
 
 def _readable(paths) -> None:
