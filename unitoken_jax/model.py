@@ -298,7 +298,7 @@ def _entry_point(name: str, config: UniTokenConfig):
     return jax.jit(fn)
 
 
-def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str]:
+def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None, str | dict]:
     """(tensors carried through, HF config, HF dtype) of a checkpoint, ours or HF, without its
     parameters: what a release brings besides the weights (the VQ-GAN's tensors, its config.json,
     bfloat16), which `save_hf` writes back."""

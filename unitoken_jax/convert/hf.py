@@ -359,8 +359,8 @@ def saved_dtype(headers, keys) -> str | dict:
     norms beside bfloat16 matrices, say), {"default": the dtype of most elements, "tensors": {key:
     dtype} for the others}, which `write_hf` writes back as it was."""
     main = _main_dtype({k: headers[k] for k in keys} or headers)
-    other = {k: _DTYPE_NAMES.get(headers[k][2], headers[k][2]) for k in sorted(keys)
-             if _DTYPE_NAMES.get(headers[k][2], headers[k][2]) != main}
+    names = {k: _DTYPE_NAMES.get(headers[k][2], headers[k][2]) for k in sorted(keys)}
+    other = {k: name for k, name in names.items() if name != main}
     return {"default": main, "tensors": other} if other else main
 
 
@@ -376,7 +376,7 @@ def _passthrough_keys(headers, spec_keys) -> list[str]:
     return [k for k in headers if k not in spec_keys and any(p.match(k) for p in _PASSTHROUGH)]
 
 
-def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict, str]:
+def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict, str | dict]:
     """What an HF-format directory holds besides the model's parameters, without reading those:
     (the tensors carried through unchanged, config.json, the dtype it was saved in)."""
     hf_config, headers, kind, prefix = _read_header(path)
@@ -405,7 +405,6 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     specs = tensor_specs(config, prefix)
     main_dtype = saved_dtype(headers, [s.hf_key for s in specs if s.hf_key in headers])
     config = config.replace(param_dtype=param_dtype or (main_dtype if isinstance(main_dtype, str) else "float32"))
-    specs = tensor_specs(config, prefix)
 
     spec_keys = {s.hf_key for s in specs}
     passthrough_keys = _passthrough_keys(headers, spec_keys)

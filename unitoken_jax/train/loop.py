@@ -73,7 +73,7 @@ def init_model_paths(init) -> list[str]:
     return [os.path.join(p, "final") if init.kind == "stage" else p for p in init.paths]
 
 
-def init_extras(init) -> tuple[dict, dict | None, str]:
+def init_extras(init) -> tuple[dict, dict | None, str | dict]:
     """(passthrough tensors, HF config, HF dtype) of the first `init_from` model that has them, for
     final/ to carry (so that `unitoken convert` writes a trained release back as the release was:
     its VQ-GAN tensors, its config.json's other fields, bfloat16). Read again at the export: a
