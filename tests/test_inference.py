@@ -163,6 +163,34 @@ def test_batched_cfg_equals_per_row_cfg(pipe):
         assert tokens.tolist() == expected
 
 
+def test_every_picture_a_guided_answer_draws_is_guided_from_its_own_break(pipe):
+    """The reference's CFG starts its unconditional context again at each <racm3:break>, so a
+    guided answer that draws several pictures guides each one alone. With every text id but
+    <racm3:break> banned, a guided chat answer draws picture after picture; each equals the
+    picture a guided request draws whose prompt is the chat prompt plus the answer up to that
+    picture's <racm3:break> (greedy codes), which guidance changes. The slot decoder, with another
+    request beside it, gives the same answer."""
+    from unitoken_jax.inference.slots import SlotDecoder
+
+    model = pipe.model
+    ids = np.arange(model.config.decoder.vocab_size)
+    loop = DecodeLoop(model.config, model.params, banned_ids=ids[~layout.is_image_id(ids, np)])
+    picture = dict(grid_hw=(1, 1), image_temperature=0.0)  # <racm3:break>, 2 sizes, 2 x 3 body, <eoss>
+    chat = pipe.chat_request([{"from": "human", "value": "the or"}], cfg_scale=3.0, max_new_tokens=30, **picture)
+    answer = loop.generate([chat]).tokens[0]
+    starts = np.flatnonzero(answer == layout.IMAGE_START)
+    assert starts.tolist() == [0, 10, 20], answer
+    for start in starts:
+        prompt = np.concatenate([chat.tokens, answer[:start + 1]])
+        alone = [loop.generate([Request(prompt, max_new_tokens=9, cfg_scale=cfg, stop_after_image=True,
+                                        **picture)]).tokens[0] for cfg in (3.0, 1.0)]
+        np.testing.assert_array_equal(answer[start + 1:start + 10], alone[0], err_msg=f"picture at {start}")
+        assert not np.array_equal(alone[0], alone[1]), "guidance changed nothing: the test cannot tell"
+    other = pipe.chat_request([{"from": "human", "value": "he is"}], max_new_tokens=6)
+    out = SlotDecoder(loop, slots=4, length=128, chunk=4).run_all({"q": other, "chat": chat})
+    np.testing.assert_array_equal(out["chat"], answer)
+
+
 def test_scanned_and_unrolled_layers_decode_the_same_tokens(pipe):
     """The two layer layouts run the same arithmetic: a batch of questions about pictures, guided
     pictures, an edit and a chat decodes the same tokens, and so does a batch of pictures only

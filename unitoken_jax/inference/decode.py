@@ -383,10 +383,8 @@ class _Steps:
                 g = jax.tree.map(lambda a: a[:n_requests], s.grid)
                 q = jax.tree.map(lambda a: a[:n_requests], p)
                 in_img = grid.in_image(g)
-                # a partner guides its row's first picture only (it does not restart for a second)
-                fresh = jnp.take(s.grid.images_done, jnp.maximum(q.uncond_row, 0)) == 0
                 lg = sampling.classifier_free_guidance(s.logits[:, :width], q.uncond_row, q.cfg_scale,
-                                                       (g.mode == grid.BODY) & fresh)
+                                                       g.mode == grid.BODY)
                 lg = jnp.where(grid.allowed(g, width) & jnp.asarray(self._ok_ids[:width])[None], lg, sampling.NEG_INF)
                 temp = jnp.where(in_img, q.image_temperature, q.temperature)
                 row_keys = jax.vmap(jax.random.fold_in)(q.key, s.n_out[:n_requests])
@@ -399,17 +397,25 @@ class _Steps:
                 tok = jax.lax.cond(grid.codes_only(jax.tree.map(lambda a: a[:n_requests], g)),
                                    lambda: draw(s, codes), lambda: draw(s, vocab))
                 tok = jnp.take(tok, p.primary)  # unconditional rows follow their row's choice
-                forced = grid.forced_token(g)
-                tok = jnp.where(forced >= 0, forced, tok)
                 r = jnp.arange(tok.shape[0])
                 # an unconditional partner's context starts at <racm3:break>: it waits (no token, no
                 # cache write, its logits kept) while its row is outside an image, e.g. while a
                 # chat answer writes text before it draws
                 waiting = (p.primary != r) & ~jnp.take(grid.in_image(g), p.primary)
                 active = ~s.done & ~waiting
-                slot = jnp.where(active, s.n_out, s.out.shape[1])  # finished rows write nowhere
+                # a partner that wakes after a picture (its own grid back in text) starts again from
+                # its own prompt, as the reference's CFG does at each <racm3:break>: its next token
+                # goes to the slot after that prompt (the last picture's slots are masked, then
+                # overwritten) and it follows the new picture's grid (its forced tokens too)
+                restart = active & (p.primary != r) & (g.mode == grid.TEXT)
+                g = g.replace(mode=jnp.where(restart, grid.HEIGHT, g.mode))
+                cache = {**s.cache, "index": jnp.where(restart, p.prompt_len, s.cache["index"])}
+                forced = grid.forced_token(g)
+                tok = jnp.where(forced >= 0, forced, tok)
+                n_out = jnp.where(restart, 0, s.n_out)
+                slot = jnp.where(active, n_out, s.out.shape[1])  # finished rows write nowhere
                 out = s.out.at[r, slot].set(tok, mode="drop")
-                n_out = s.n_out + active
+                n_out = n_out + active
                 stop = jnp.any(tok[:, None] == p.stop_tokens, axis=1)
                 new_grid = grid.advance(g, tok, stop)
                 g = jax.tree.map(lambda a, b: jnp.where(active, a, b), new_grid, g)
@@ -418,7 +424,7 @@ class _Steps:
                 feed = active & ~done
                 positions = (p.prompt_len + n_out - 1)[:, None]
                 hidden, cache = self._apply(params, tok[:, None], positions, feed[:, None].astype(jnp.int32),
-                                            cache=s.cache, return_hidden=True)
+                                            cache=cache, return_hidden=True)
 
                 def code_logits(h):  # only image codes can be drawn next: 1/8 of the projection
                     part = self._apply(params, h, codes, method=UniToken.head)

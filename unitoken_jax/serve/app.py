@@ -18,9 +18,9 @@ draws one.
 
 A chat call may carry `guidance_scale` (an extra field, default 1 = off): classifier-free guidance
 for a picture its answer draws, from the answer's own <racm3:break> on (the unconditional row waits
-while the answer writes text); it takes a second row for the whole call, and guides the answer's
-first picture only. The web page's drawings send the images endpoint's default
-(`ServeSettings.default_guidance`, 3).
+while the answer writes text); it takes a second row for the whole call, and starts again at each
+picture's own <racm3:break>, as the reference's guidance does. The web page's drawings send the
+images endpoint's default (`ServeSettings.default_guidance`, 3).
 
 Defaults that differ from OpenAI's: `temperature` 0 (greedy, how the small models answer best;
 OpenAI's is 1), and without `max_tokens` an answer may take every position the model has left.
