@@ -248,6 +248,18 @@ def test_backend_choice_and_errors():
             attention.resolve("cudnn", abstract, jnp.bfloat16)
     with pytest.raises(ValueError, match="takes bfloat16 or float16, the compute dtype is float32"):
         attention.resolve("cudnn", gpu("NVIDIA H100", "9.0"), jnp.float32)
+    # head sizes cuDNN's kernel takes (JAX raises NotImplementedError at trace time for the others):
+    # multiples of 8, up to 256 on Hopper and 128 before; auto falls back to xla
+    assert attention.resolve("auto", gpu("NVIDIA H100", "9.0"), jnp.bfloat16, head_dim=256) == "cudnn"
+    for cc, head_dim in (("9.0", 12), ("9.0", 264), ("8.0", 256)):
+        assert attention.resolve("auto", gpu("NVIDIA GPU", cc), jnp.bfloat16, head_dim=head_dim) == "xla"
+        with pytest.raises(ValueError, match=f"multiples of 8 up to .*, this one is {head_dim}"):
+            attention.resolve("cudnn", gpu("NVIDIA GPU", cc), jnp.bfloat16, head_dim=head_dim)
+    # a block of no positions is refused by name (it divided by zero)
+    q = jnp.zeros((1, 8, 2, 4))
+    for block in (0, -4):
+        with pytest.raises(ValueError, match=f"block of {block} positions"):
+            attention.causal_attention(q, q, q, jnp.ones((1, 8), jnp.int32), block=block)
 
 
 def _packed_batch(rng, length=256):

@@ -14,8 +14,8 @@ Every backend computes the same thing as `layers.dot_product_attention` with
   mesh's batch and head axes when a mesh is active.
 - `cudnn` (GPU): cuDNN flash attention through `jax.nn.dot_product_attention`, the segments given
   as its boolean mask and causality as its mask type (so the kernel skips the upper tiles).
-- `auto`: splash on TPU v4 and later, cudnn on Ampere and later GPUs for 16-bit inputs, xla
-  elsewhere (TPU v2 / v3, older GPUs, float32 on a GPU, CPU).
+- `auto`: splash on TPU v4 and later, cudnn on Ampere and later GPUs for 16-bit inputs (head sizes
+  cuDNN takes), xla elsewhere (TPU v2 / v3, older GPUs, float32 on a GPU, CPU).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ _CUDNN_CAPABILITY = 8.0
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def _lacks(backend: str, device, dtype) -> str | None:
+def _lacks(backend: str, device, dtype, head_dim: int | None = None) -> str | None:
     """Why `backend` cannot run on `device` (an object with `platform` and `device_kind`, or a
-    platform name) for `dtype` inputs; None when it can."""
+    platform name) for `dtype` inputs of `head_dim` features a head; None when it can."""
     kind = getattr(device, "device_kind", "") or ""
     if backend == "splash" and kind.startswith(_NO_PALLAS_TPUS):
         return f"Pallas' TPU kernels need TPU v4 or later, this is {kind}"
@@ -57,29 +57,34 @@ def _lacks(backend: str, device, dtype) -> str | None:
         if dtype is not None and jnp.dtype(dtype) not in _CUDNN_DTYPES:
             return (f"cuDNN's fused attention takes bfloat16 or float16, the compute dtype is {jnp.dtype(dtype)} "
                     "(set the model's dtype to bfloat16)")
+        # (JAX's own check: up to 256 on Hopper and later, 128 before; where the GPU is not known, 128)
+        most = 256 if capability is not None and float(capability) >= 9.0 else 128
+        if head_dim is not None and (head_dim % 8 or head_dim > most):
+            return (f"cuDNN's fused attention takes head sizes that are multiples of 8 up to {most}, "
+                    f"this one is {head_dim}")
     return None
 
 
-def available(device=None, dtype=None) -> tuple[str, ...]:
+def available(device=None, dtype=None, head_dim: int | None = None) -> tuple[str, ...]:
     """The backends that run on `device` (a device, or a platform name; default: `current_device()`)
-    for inputs of `dtype` (None: any), fastest first."""
+    for inputs of `dtype` with `head_dim` features a head (None: any), fastest first."""
     device = current_device() if device is None else device
     platform = (device if isinstance(device, str) else device.platform).lower()
-    return tuple(b for b in _BY_PLATFORM.get(platform, ("xla",)) if _lacks(b, device, dtype) is None)
+    return tuple(b for b in _BY_PLATFORM.get(platform, ("xla",)) if _lacks(b, device, dtype, head_dim) is None)
 
 
-def resolve(backend: str, device=None, dtype=None) -> str:
+def resolve(backend: str, device=None, dtype=None, head_dim: int | None = None) -> str:
     """The backend to run: `auto` picks the fastest that runs on `device` (see `available`) for
-    `dtype`; one that does not is an error saying why."""
+    `dtype` and `head_dim`; one that does not is an error saying why."""
     if backend not in BACKENDS:
         raise ValueError(f"attention={backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     device = current_device() if device is None else device
-    have = available(device, dtype)
+    have = available(device, dtype, head_dim)
     if backend == "auto":
         return have[0]
     if backend not in have:
         platform = device if isinstance(device, str) else device.platform
-        why = _lacks(backend, device, dtype) if backend in _BY_PLATFORM.get(platform.lower(), ()) else None
+        why = _lacks(backend, device, dtype, head_dim) if backend in _BY_PLATFORM.get(platform.lower(), ()) else None
         raise ValueError(f"attention={backend!r} does not run on {platform}" + (f" ({why})" if why else "")
                          + f"; available there: {', '.join(('auto',) + have)}")
     return backend
@@ -104,8 +109,11 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, se
     """Causal attention within segments for full rows (no cache): [B, T, N, H] out.
     `block` is the query / key block of the xla and splash backends; `interpret` runs the splash
     kernel in Pallas' interpreter (how it is tested off a TPU)."""
+    if block < 1:
+        raise ValueError(f"an attention block of {block} positions: it must be at least 1")
     interpret = interpret or (backend == "splash" and _SPLASH_INTERPRETER[-1])
-    backend = "splash" if backend == "splash" and interpret else resolve(backend, dtype=q_BTNH.dtype)
+    backend = ("splash" if backend == "splash" and interpret
+               else resolve(backend, dtype=q_BTNH.dtype, head_dim=q_BTNH.shape[-1]))
     if backend == "cudnn":
         return _cudnn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     t = q_BTNH.shape[1]
