@@ -36,6 +36,7 @@ requests_http = pytest.importorskip("requests")
 
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
 from unitoken_jax.serve import app as app_module  # noqa: E402
+from unitoken_jax.serve.app import server_class  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler, ShuttingDown  # noqa: E402
 from unitoken_jax.serve.wire import Limits, apply_stop  # noqa: E402
@@ -78,7 +79,7 @@ class _Running:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = server_class(uvicorn)(uvicorn.Config(app, log_level="warning", lifespan="on"), app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -1003,6 +1004,25 @@ def test_a_call_cut_off_by_a_shutdown_gets_503_not_a_timeout(gated):
     gated.engine.gate.set()
     threads[0].join(30)
     assert answers["running"].json()["choices"][0]["message"]["content"] == "ok"
+
+
+def test_a_server_told_to_exit_answers_its_waiting_call_503_before_it_closes_its_connections(gated, pipe):
+    """What Ctrl-C does (uvicorn's signal handler sets `should_exit`): the server stops its
+    scheduler before it closes its connections, so a call waiting in the queue gets 503
+    `shutting_down` as OpenAI's error JSON. In uvicorn's own order (connections, then the app's
+    lifespan) `unitoken serve` cut it after its graceful timeout: a plain-text 500, or a stream
+    ended mid-way. A call submitted once the scheduler has stopped is refused the same way, not
+    left waiting for a worker that takes no more batches."""
+    answers, threads = _running_and_waiting(gated)
+    _until(lambda: gated.scheduler.queue_length == 1)
+    gated.server.should_exit = True
+    threads[1].join(30)
+    error = _error(answers["waiting"], 503, code="shutting_down")
+    assert "shutting down" in error["message"]
+    with pytest.raises(ShuttingDown):
+        gated.scheduler.submit(Job([pipe.understand_request([], "hi")], on_finish=lambda out: None))
+    gated.engine.gate.set()
+    threads[0].join(30)
 
 
 def test_a_stop_while_a_batch_gathers_starts_no_batch(pipe):

@@ -201,6 +201,8 @@ class _Server:
                            headers={"Retry-After": "1"}) from None
         except DoesNotFit as e:
             raise bad(str(e), None, "context_length_exceeded") from None
+        except ShuttingDown as e:
+            self._outcome(e)
         except ValueError as e:
             raise bad(str(e), "n") from None
         return job, ticket
@@ -536,4 +538,25 @@ def run(pipe, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(--api-key or $UNITOKEN_API_KEY)", host)
-    uvicorn.run(create_app(pipe, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    app = create_app(pipe, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server_class(uvicorn)(config, app).run()
+
+
+def server_class(uvicorn):
+    """uvicorn's `Server`, told to stop the app's scheduler before it closes its connections.
+    uvicorn's own order (connections, then the app's lifespan) left the calls waiting in the queue
+    to be cut after its graceful timeout (a plain 500, a stream ended mid-way); stopped first, the
+    scheduler answers each of them 503 `shutting_down` while its connection is still open, and a
+    running batch goes on to its end within that timeout."""
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, app):
+            super().__init__(config)
+            self.app_scheduler = app.state.server.scheduler
+
+        async def shutdown(self, sockets=None):
+            await run_in_threadpool(self.app_scheduler.stop, 0.0)
+            await super().shutdown(sockets)
+
+    return Server

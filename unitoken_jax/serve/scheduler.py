@@ -124,6 +124,8 @@ class Scheduler:
             raise ValueError(f"the call needs {self.rows([job])} batch rows (a guided picture takes two; static "
                              f"batches are padded to powers of two); this server's --max-batch is {self.max_rows}")
         with self._cond:
+            if self._stopping:  # (it would wait for a worker that takes no more batches)
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.queue_limit:
                 raise QueueFull(f"{len(self._waiting)} calls are waiting already (--queue-limit {self.queue_limit})")
             self._waiting.append(job)
