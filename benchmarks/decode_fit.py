@@ -110,7 +110,12 @@ def main():
         "variant with 11,264 columns, v5e-4, bfloat16, 1 image: 0.13 GiB of loop temporaries instead of 1.50; "
         "2026-12-02). The copy is made once a call of the loop program, before its step loop (the compiled HLO "
         "copies the two kernels in its entry computation and hands them to the while loop), so it costs memory, "
-        "not time a step.", "",
+        "not time a step. From about 74 rows the down kernel's share is relaid too: v5e-4, bfloat16, the loop "
+        "needed 1.31-1.34 GiB a chip more than its weights and cache up to 34 images, 2.00 GiB at 37, 39 and 40 "
+        "(2026-12-05, `launch/aot_check.py decode --topology v5e:2x2 --images N`). "
+        "`unitoken_jax.inference.fit.choose_quantize` counts all three shares on TPU chips "
+        "(`relaid_mlp_bytes`): on a v5e-4 it takes int8 from 38 images, where 39 no longer compiles in "
+        "bfloat16 (it had taken bfloat16 up to 44).", "",
         "The programs' arguments are the weights they read: the SigLIP tower (0.77 GiB in bfloat16, 0.39 GiB in "
         "int8, split over the chips) is resident too when the model is loaded whole but no picture is read; "
         "`unitoken_jax.inference.fit.choose_quantize` counts it.", ""]

@@ -3,6 +3,8 @@ arrays a generation holds, and it picks int8 exactly where bfloat16 does not fit
 numbers below are the ones the AOT compiles for one v5e / v6e chip confirm
 (benchmarks/results/decode_fit.md)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from conftest import Chip
 from unitoken_jax import configs
 from unitoken_jax.inference.decode import DecodeLoop, Request
-from unitoken_jax.inference.fit import choose_quantize, decode_memory
+from unitoken_jax.inference.fit import choose_quantize, decode_memory, relaid_mlp_bytes
 from unitoken_jax.model import UniTokenModel
 from unitoken_jax.models.config import DecoderConfig, UniTokenConfig, VisionConfig
 from unitoken_jax.tokenizer import layout
@@ -48,6 +50,22 @@ def test_int8_only_where_bfloat16_does_not_fit():
     assert quantize == "int8" and "18.26" in why and "11.58" in why
     assert choose_quantize(SEVEN_B, 4, v6e)[0] == "none"
     assert choose_quantize(SEVEN_B, 8, v5e * 4)[0] == "none"  # a v5e-4 shares the weights and the cache
+    # split 4 ways, 11,008 MLP columns are not whole 128-lane tiles a chip: the loop holds a relaid copy
+    # of the MLP kernels' shares. AOT for v5e:2x2 in bfloat16 (launch/aot_check.py decode, 2026-12-05):
+    # 37 pictures compile at 15.61 GiB a chip, 39 and 40 need 16.16 and 16.43; the plan had taken
+    # bfloat16 up to 44 (weights and cache alone: 14.43 GiB at 40)
+    assert relaid_mlp_bytes(SEVEN_B, 4) == 3 * 32 * 4096 * 2752 * 2
+    assert relaid_mlp_bytes(SEVEN_B, 4, "int8") == 3 * 32 * 4096 * 2752
+    assert relaid_mlp_bytes(SEVEN_B, 1) == 0
+    tiled = SEVEN_B.replace(decoder=dataclasses.replace(SEVEN_B.decoder, intermediate_size=11264))
+    assert relaid_mlp_bytes(tiled, 4) == 0  # 2,816 a chip: 22 tiles
+    assert choose_quantize(SEVEN_B, 37, v5e * 4)[0] == "none"
+    quantize, why = choose_quantize(SEVEN_B, 38, v5e * 4)
+    assert quantize == "int8" and "15.90" in why, why
+    assert choose_quantize(SEVEN_B, 40, v5e * 4)[0] == "int8"
+    assert choose_quantize(SEVEN_B, 40, v5e * 4, tensor=1)[0] == "none"  # split over fsdp: no relaid copy
+    assert choose_quantize(tiled, 40, v5e * 4)[0] == "none"
+    assert choose_quantize(SEVEN_B, 40, [Chip(15.75, "NVIDIA H100")] * 4)[0] == "none"  # the tiles are a TPU's
     with pytest.raises(ValueError, match="16 image.s. at once do not fit .* ask for fewer at once"):
         choose_quantize(SEVEN_B, 16, v5e)
     with pytest.raises(ValueError, match="at least 1"):

@@ -179,7 +179,7 @@ def _how_to_load(args, model_dir: str) -> dict:
     config = unitoken_jax.read_config(model_dir)
     dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
     mesh = _mesh(args.mesh, config)
-    quantize = _quantize(args, config, mesh_devices(mesh), param_dtype)
+    quantize = _quantize(args, config, mesh_devices(mesh), param_dtype, mesh.shape["tensor"] if mesh else 1)
     return dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, quantize=quantize)
 
 
@@ -248,7 +248,7 @@ def _plan(args, config) -> tuple[int, str, dict]:
     return 1, f"{rows} answer row(s) of {positions} positions", dict(rows=rows, positions=positions)
 
 
-def _quantize(args, config, devices, param_dtype: str) -> str | None:
+def _quantize(args, config, devices, param_dtype: str, tensor: int | None = None) -> str | None:
     """--quantize: 'auto' keeps a checkpoint stored quantized as it is, and otherwise takes int8
     only where bfloat16 weights and the KV cache of what this command decodes at once do not fit
     the devices (`inference.fit.choose_quantize`; a CPU has no limit to plan with, so floats
@@ -260,7 +260,7 @@ def _quantize(args, config, devices, param_dtype: str) -> str | None:
     from unitoken_jax.inference.fit import choose_quantize
 
     images, what, memory = _plan(args, config)
-    quantize, why = choose_quantize(config, images, devices, what=what, **memory)
+    quantize, why = choose_quantize(config, images, devices, what=what, tensor=tensor, **memory)
     _LOG.info("--quantize auto: %s", why)
     return None if quantize == "none" else quantize
 

@@ -101,12 +101,36 @@ def mesh_devices(mesh) -> list:
     return list(mesh.devices.flat) if mesh is not None else jax.local_devices()[:1]
 
 
+TPU_LANES = 128
+
+
+def relaid_mlp_bytes(config: UniTokenConfig, tensor: int, quantize: str = "none", dtype: str = "bfloat16") -> int:
+    """Bytes a TPU chip's decode loop holds beside its weights and cache when the model is split
+    `tensor` ways and each chip's share of the MLP's columns is not a whole number of 128-lane
+    tiles (the release's 11,008 over 4 or 8 chips): XLA relays each chip's share of the MLP
+    kernels into a copy. AOT for the release on v5e-4 in bfloat16 (benchmarks/results/decode_fit.md):
+    the loop needed 1.31-1.34 GiB more than the plan (gate and up) up to 34 pictures with CFG, and
+    2.00 GiB from 37 on (down too), to 0.01 GiB of the compiled sizes at 37 and 39 (this counts
+    all three)."""
+    d = config.decoder
+    if tensor <= 1 or (d.intermediate_size % tensor == 0 and d.intermediate_size // tensor % TPU_LANES == 0):
+        return 0
+    itemsize = 1 if quantize == "int8" else np.dtype(dtype).itemsize
+    return 3 * d.num_layers * d.hidden_size * -(-d.intermediate_size // tensor) * itemsize
+
+
+def _on_tpu(device) -> bool:
+    return getattr(device, "platform", None) == "tpu" or str(getattr(device, "device_kind", "")).startswith("TPU")
+
+
 def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | None = None, *, what: str | None = None,
-                    **kwargs) -> tuple[str, str]:
+                    tensor: int | None = None, **kwargs) -> tuple[str, str]:
     """("none" | "int8", a sentence saying why) for decoding `images` pictures at once on
-    `devices` (default: all), the weights and the cache split evenly over them. bfloat16 weights
-    when they fit, else int8; a ValueError when neither does. `kwargs` go to `decode_memory`;
-    `what` names the load in the sentence (default: the images)."""
+    `devices` (default: all), the weights and the cache split evenly over them, and on TPU chips
+    split `tensor` ways (default: as `choose_mesh` splits them) the relaid MLP shares
+    (`relaid_mlp_bytes`). bfloat16 weights when they fit, else int8; a ValueError when neither
+    does. `kwargs` go to `decode_memory`; `what` names the load in the sentence (default: the
+    images)."""
     devices = list(devices if devices is not None else jax.devices())
     limits = [device_memory(d) for d in devices]
     kind = devices[0].device_kind
@@ -114,16 +138,29 @@ def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | Non
         return "none", f"{kind}: no device memory limit to plan with; the weights stay unquantized"
     limit, n = min(limits), len(devices)
     what = what or f"{images} image(s)"
-    bf16 = decode_memory(config, images, **kwargs).peak / n
+    if tensor is None:
+        tensor = math.gcd(n, *_heads(config))
+    tensor = tensor if _on_tpu(devices[0]) else 1
+    dtype = kwargs.get("dtype", "bfloat16")
+    bf16 = decode_memory(config, images, **kwargs).peak / n + relaid_mlp_bytes(config, tensor, "none", dtype)
     if bf16 <= limit:
         return "none", (f"bfloat16 weights: {what} need {bf16 / GIB:.2f} GiB a device, "
                         f"{n} x {kind} have {limit / GIB:.2f} GiB each")
-    int8 = decode_memory(config, images, quantize="int8", **kwargs).peak / n
+    int8 = decode_memory(config, images, quantize="int8", **kwargs).peak / n + relaid_mlp_bytes(config, tensor,
+                                                                                                 "int8", dtype)
     if int8 <= limit:
         return "int8", (f"int8 weights: bfloat16 would need {bf16 / GIB:.2f} GiB a device for {what}, "
                         f"{n} x {kind} have {limit / GIB:.2f} GiB each; int8 needs {int8 / GIB:.2f} GiB")
     raise ValueError(f"{what} at once do not fit {n} x {kind} ({limit / GIB:.2f} GiB each) even with "
                      f"int8 weights ({int8 / GIB:.2f} GiB a device); ask for fewer at once or use more devices")
+
+
+def _heads(config: UniTokenConfig) -> list[int]:
+    """The head counts a tensor-parallel split must divide."""
+    heads = [config.decoder.num_heads, config.decoder.num_kv_heads]
+    if config.vision is not None:
+        heads.append(config.vision.num_heads)
+    return heads
 
 
 def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
@@ -140,9 +177,7 @@ def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     devices = list(devices if devices is not None else jax.local_devices())
     if len(devices) == 1:
         return None
-    heads = [config.decoder.num_heads, config.decoder.num_kv_heads]
-    if config.vision is not None:
-        heads.append(config.vision.num_heads)
+    heads = _heads(config)
     params = traverse_util.flatten_dict(abstract_params(config))
     specs = [(params[path].shape, sharding.logical_to_mesh_spec(tuple(spec)))
              for path, spec in traverse_util.flatten_dict(param_logical_specs(config)).items()]
