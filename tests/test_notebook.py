@@ -57,13 +57,17 @@ def test_the_colab_notebook_runs_and_shows_its_pictures(tmp_path):
     assert "IProgress not found" not in printed
 
 
-@pytest.mark.parametrize("chip, gib, quantize", [("TPU v5 lite", 15.75, "int8"), ("TPU v6 lite", 31.25, "none")])
+@pytest.mark.parametrize("chip, gib, stored, quantize", [("TPU v5 lite", 15.75, "none", "int8"),
+                                                         ("TPU v6 lite", 31.25, "none", "none"),
+                                                         ("TPU v6 lite", 31.25, "int8", "int8")])
 def test_the_notebook_plans_a_release_checkpoint_in_bfloat16_and_takes_int8_where_it_does_not_fit(
-        tmp_path, monkeypatch, chip, gib, quantize):
+        tmp_path, monkeypatch, chip, gib, stored, quantize):
     """The model cell with MODEL_DIR set, run up to where it loads, on one Colab chip: its 4 pictures
     at 512 px with bfloat16 weights (18.26 GiB for the 7B) do not fit a v5e, so the cell takes int8
-    and says why; a v6e keeps bfloat16. (The end-to-end run above takes the bundled model's branch,
-    on a CPU, where there is no limit to plan with.)"""
+    and says why; a v6e keeps bfloat16. A checkpoint stored in int8 (`unitoken convert --quantize
+    int8`) loads as it is: the plan had taken bfloat16 for it, which `load` refuses for int8
+    weights. (The end-to-end run above takes the bundled model's branch, on a CPU, where there is
+    no limit to plan with.)"""
     import json
 
     import jax
@@ -74,7 +78,7 @@ def test_the_notebook_plans_a_release_checkpoint_in_bfloat16_and_takes_int8_wher
 
     release = tmp_path / "release"  # the 7B's config as our checkpoints keep it; no tensor is read
     release.mkdir()
-    seven_b = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)
+    seven_b = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model).replace(quantize=stored)
     (release / orbax_io.SIDECAR).write_text(json.dumps({"config": seven_b.to_dict(),
                                                         "param_layout": orbax_io.PARAM_LAYOUT}))
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -86,7 +90,8 @@ def test_the_notebook_plans_a_release_checkpoint_in_bfloat16_and_takes_int8_wher
     exec(plan.replace('MODEL_DIR = ""', f"MODEL_DIR = {str(release)!r}"), namespace)
     assert namespace["mesh"] is None and namespace["IMAGES"] == 4
     assert namespace["QUANTIZE"] == quantize, namespace["why"]
-    said = "bfloat16 would need 18.26 GiB" if quantize == "int8" else "bfloat16 weights: 4 image(s)"
+    said = {"none": "bfloat16 would need 18.26 GiB" if quantize == "int8" else "bfloat16 weights: 4 image(s)",
+            "int8": "the checkpoint holds int8 weights: loaded as they are"}[stored]
     assert said in namespace["why"]
 
 
