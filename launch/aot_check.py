@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
+import re
 import sys
 import time
 
@@ -42,17 +44,56 @@ from unitoken_jax.train.config import TrainConfig  # noqa: E402
 from unitoken_jax.train.program import TrainProgram, build_program  # noqa: E402
 
 
+TOPOLOGY = re.compile(r"v\d[a-z]*:\d+(x\d+){1,2}")
+
+
+def check_topology(topology: str) -> None:
+    """A TPU topology name as libtpu takes it ('v5e:2x2', 'v5p:4x4x4'), or a ValueError saying so."""
+    if not TOPOLOGY.fullmatch(topology):
+        raise ValueError(f"--topology {topology!r}: give the TPU generation and its chips' grid, e.g. v5e:1x1, "
+                         "v5e:2x2 (a v5e-4), v5p:4x4x4 (64 chips), v4:2x2x1, v2:2x2 (a v2-8)")
+
+
 def topology_devices(topology: str) -> np.ndarray:
-    """The chips of a TPU topology (no TPU needed); a one-chip one ('v5e:1x1') as one host's."""
+    """The devices of a TPU topology (no TPU needed); a one-chip one ('v5e:1x1') as one host's. A
+    device is a chip, except on v2, v3 and v4, whose chips' two TensorCores are a device each."""
+    check_topology(topology)
     one_chip = all(int(n) == 1 for n in topology.split(":")[1].split("x"))
     kwargs = {"chips_per_host_bounds": (1, 1, 1)} if one_chip else {}
     return np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
 
 
-# HBM a program may use on one device (a chip; a core on v2/v3). v5e and v6e: the limit XLA's
-# out-of-memory refusals state; the others: the nominal HBM (a little more than XLA allows).
-USABLE_HBM_GIB = {"v2": 8.0, "v3": 16.0, "v4": 32.0, "v5 lite": 15.75, "v5e": 15.75, "v5p": 95.0, "v5": 95.0,
+# HBM a program may use on one device (a chip; a TensorCore on v2, v3 and v4, whose topologies
+# give each core as a device). v4, v5e and v6e: the limit XLA's out-of-memory refusals state;
+# the others: the nominal HBM (a little more than XLA allows).
+USABLE_HBM_GIB = {"v2": 8.0, "v3": 16.0, "v4": 15.25, "v5 lite": 15.75, "v5e": 15.75, "v5p": 95.0, "v5": 95.0,
                   "v6 lite": 31.25, "v6e": 31.25}
+
+
+def devices_in_words(topology: str, devices) -> str:
+    """'4 chips' or, where each chip is two devices, '8 devices (4 chips x 2 TensorCores)'."""
+    n, chips = np.size(devices), math.prod(int(x) for x in topology.split(":")[1].split("x"))
+    if chips and n > chips and n % chips == 0:
+        return f"{n} devices ({chips} chips x {n // chips} TensorCores)"
+    return f"{n} chips"
+
+
+def mesh_shape(text: str, n_devices: int) -> tuple[int, int, int]:
+    """--mesh DATA,FSDP,TENSOR over `n_devices` (one axis may be -1 for the rest), or a ValueError
+    saying what is wrong."""
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or any(v == 0 or v < -1 for v in shape) or shape.count(-1) > 1:
+        raise ValueError(f"--mesh {text!r}: give DATA,FSDP,TENSOR, whole numbers of devices (one may be -1 for the "
+                         "rest), e.g. 1,64,1")
+    known = math.prod(v for v in shape if v != -1)
+    if -1 in shape:
+        if n_devices % known:
+            raise ValueError(f"--mesh {text}: {n_devices} devices do not split into {known} for the other axes")
+        shape[shape.index(-1)] = n_devices // known
+    return tuple(shape)
 
 
 def hbm_bytes(device) -> int:
@@ -68,8 +109,8 @@ def topology_mesh(topology: str, mesh_shape) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over the chips of a TPU topology (no TPU needed)."""
     devices = topology_devices(topology)
     if int(np.prod(mesh_shape)) != devices.size:
-        raise ValueError(f"mesh {tuple(mesh_shape)} needs {int(np.prod(mesh_shape))} chips, {topology} has "
-                         f"{devices.size}")
+        raise ValueError(f"mesh {tuple(mesh_shape)} needs {int(np.prod(mesh_shape))} devices, {topology} has "
+                         f"{devices_in_words(topology, devices)}")
     return Mesh(devices.reshape(mesh_shape), sharding.MESH_AXES)
 
 
@@ -135,15 +176,27 @@ def decode_main(argv) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight format (int8: weight-only)")
     args = parser.parse_args(argv)
-    devices = topology_devices(args.topology)
-    shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else decode_mesh_shape(args.model, args.topology)
-    mesh = topology_mesh(args.topology, shape)
+    if args.images < 1:
+        parser.error(f"--images {args.images}: at least 1")
+    if args.size < layout.PIXELS_PER_GRID or args.size % layout.PIXELS_PER_GRID:
+        parser.error(f"--size {args.size}: pictures are drawn in whole grid units of {layout.PIXELS_PER_GRID} "
+                     "pixels (e.g. 512)")
+    try:
+        devices = topology_devices(args.topology)
+        shape = mesh_shape(args.mesh, devices.size) if args.mesh else decode_mesh_shape(args.model, args.topology)
+        mesh = topology_mesh(args.topology, shape)
+    except ValueError as e:
+        parser.error(str(e))
     start = time.time()
-    config, (prefill, loop) = decode_lowered(args.model, mesh, args.images, args.size, dtype=args.dtype,
-                                             quantize=args.quantize)
+    try:
+        config, (prefill, loop) = decode_lowered(args.model, mesh, args.images, args.size, dtype=args.dtype,
+                                                 quantize=args.quantize)
+    except ValueError as e:  # e.g. a picture larger than the model's positions hold
+        parser.error(f"{args.model}, {args.images} x {args.size}px: {e}")
     weights = f"{args.dtype}" + (f", {args.quantize} weights" if args.quantize != "none" else "")
     hbm = hbm_bytes(devices.flat[0])
-    print(f"{args.topology}: {mesh.size} chips ({hbm / 2**30:.2f} GiB usable each), mesh {shape}; {args.model} in "
+    print(f"{args.topology}: {devices_in_words(args.topology, devices)} ({hbm / 2**30:.2f} GiB usable each), mesh "
+          f"{shape}; {args.model} in "
           f"{weights}, {args.images} x {args.size}px with CFG ({2 * args.images} rows)")
     for name, lowered in (("prefill", prefill), ("decode loop", loop)):
         try:
@@ -154,7 +207,8 @@ def decode_main(argv) -> None:
         total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
             mem.temp_size_in_bytes
         verdict = "fits" if total <= hbm else "does NOT fit"
-        print(f"{name}: {total / 2**30:.2f} GiB a chip, {verdict} (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
+        print(f"{name}: {total / 2**30:.2f} GiB a device, {verdict} "
+              f"(arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
               f"temporaries {mem.temp_size_in_bytes / 2**30:.2f}, outputs {mem.output_size_in_bytes / 2**30:.2f}, "
               f"aliased {mem.alias_size_in_bytes / 2**30:.2f})")
     print(f"compiled in {time.time() - start:.0f} s")
@@ -172,7 +226,7 @@ def fit_line(compiled, mesh: Mesh) -> str:
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     hbm = hbm_bytes(mesh.devices.flat[0])
-    return f"fits: {per_chip / 2**30:.2f} of {hbm / 2**30:.2f} GiB a chip ({per_chip / hbm:.0%})"
+    return f"fits: {per_chip / 2**30:.2f} of {hbm / 2**30:.2f} GiB a device ({per_chip / hbm:.0%})"
 
 
 def main(argv=None):
@@ -199,8 +253,12 @@ def main(argv=None):
         overrides[key] = _value(text)
     config = stage_config(args.config, batch=args.batch, seq=args.seq, images=args.images, remat=args.remat,
                           overrides=overrides)
-    mesh_shape = tuple(int(x) for x in args.mesh.split(","))
-    mesh = topology_mesh(args.topology, mesh_shape)
+    try:
+        devices = topology_devices(args.topology)
+        shape = mesh_shape(args.mesh, devices.size)
+        mesh = topology_mesh(args.topology, shape)
+    except ValueError as e:
+        parser.error(str(e))
     program, compiled, seconds = compile_program(config, mesh)
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
@@ -208,7 +266,8 @@ def main(argv=None):
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(program.abstract_params))
     flops = program.model_flops_per_step()
     d = config.data
-    print(f"{args.topology}: {mesh.size} chips, mesh data,fsdp,tensor = {mesh_shape}; {args.config}: batch "
+    print(f"{args.topology}: {devices_in_words(args.topology, devices)}, mesh data,fsdp,tensor = {shape}; "
+          f"{args.config}: batch "
           f"{d.rows} x {d.length}, {d.max_images} images, remat {config.model.remat_policy}, dropout "
           f"{config.model.decoder.dropout}, trainable {config.optimizer.trainable}; compiled in {seconds:.0f} s")
     print(f"parameters: {n_params / 1e9:.3f} B")

@@ -87,6 +87,36 @@ def test_the_check_s_flags_and_its_set_overrides_never_drop_one_another():
             aot.stage_config("stage2.py:tiny", overrides={key: 2}, **kw)
 
 
+def test_the_check_refuses_malformed_flags_by_name_and_counts_a_v4_chips_cores(capsys):
+    """Malformed input is an argparse error naming the flag and the form it takes (it was an
+    IndexError for Google's slice name `v5e-4`, JAX's ndim error for a 2-entry mesh, "needs -1 chips",
+    `max()` of an empty sequence for --images 0, and --size 100 compiled 96 px). A v4 topology's
+    devices are TensorCores (two a chip) with XLA's 15.25 GiB each, where the check said "chips" of
+    32 GiB; and a mesh's sizes that are no number of devices are refused by `make_mesh` itself."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'); CI installs it")
+    from unitoken_jax import sharding
+
+    aot = _aot_module()
+    for argv, says in ((["decode", "--topology", "v5e-4"], "--topology 'v5e-4': give the TPU generation"),
+                       (["decode", "--mesh", "1,4"], "--mesh '1,4': give DATA,FSDP,TENSOR"),
+                       (["decode", "--images", "0"], "--images 0: at least 1"),
+                       (["decode", "--size", "100"], "--size 100: pictures are drawn in whole grid units of 32"),
+                       (["decode", "--model", "tiny"], "tiny, 1 x 512px: the 448 positions"),
+                       (["--topology", "v4:2x2x1", "--mesh", "1,4,1"],
+                        "needs 4 devices, v4:2x2x1 has 8 devices .4 chips x 2 TensorCores.")):
+        with pytest.raises(SystemExit) as stopped:
+            aot.main(argv)
+        assert stopped.value.code == 2 and re.search(says, capsys.readouterr().err), argv
+    assert aot.mesh_shape("1,-1,1", 8) == (1, 8, 1)
+    devices = aot.topology_devices("v4:1x1x1")
+    assert devices.size == 2 and aot.hbm_bytes(devices.flat[0]) == int(15.25 * 2**30)
+    assert aot.devices_in_words("v5e:2x2", aot.topology_devices("v5e:2x2")) == "4 chips"
+    for bad in (dict(data=0), dict(fsdp=-2), dict(tensor=1.5)):
+        with pytest.raises(ValueError, match="each axis is a whole number of devices"):
+            sharding.make_mesh(**bad, devices=jax.devices()[:1])
+
+
 def test_the_decode_loop_lowers_for_a_one_chip_topology():
     """`aot_check.py decode` compiles the prefill and decode loop of `DecodeLoop.generate` for one
     v5e chip (the tiny model; the 7B figures are in the README)."""
@@ -145,7 +175,7 @@ def test_the_lora_step_holds_a_fraction_of_the_full_steps_state():
     # or a float32 base would put the LoRA step near the full one
     assert lora_args < 0.4 * full_args, (lora_args, full_args)
     line = aot.fit_line(lora_compiled, mesh)  # what the command prints after its memory line
-    assert re.fullmatch(r"fits: [\d.]+ of 15\.75 GiB a chip \(\d+%\)", line), line
+    assert re.fullmatch(r"fits: [\d.]+ of 15\.75 GiB a device \(\d+%\)", line), line
 
 
 def test_decoding_compiles_for_the_tpus_pallas_does_not_target_and_tensor_parallel_is_chosen():

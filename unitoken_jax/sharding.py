@@ -68,6 +68,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
     """A `('data', 'fsdp', 'tensor')` mesh; one axis may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = [data, fsdp, tensor]
+    bad = [f"{name}={size!r}" for name, size in zip(MESH_AXES, shape)
+           if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1)]
+    if bad:
+        raise ValueError(f"mesh {', '.join(bad)}: each axis is a whole number of devices, at least 1, or -1 for "
+                         "the rest of them")
     if shape.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
     known = int(np.prod([s for s in shape if s != -1]))
