@@ -230,6 +230,26 @@ def test_animated_gif_gives_its_first_frame(tmp_path):
     assert to_rgb(image).getpixel((3, 3)) == (255, 0, 0)
 
 
+@pytest.mark.parametrize("orientation, turn", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_a_photo_is_turned_as_its_exif_orientation_says_it_is_shown(tmp_path, orientation, turn):
+    """A phone stores its photos as the sensor saw them and tags how to show them (EXIF
+    Orientation: 6 = turn a quarter clockwise, 8 = counter-clockwise, 3 = half a turn). The
+    picture read is the one shown, from a path or from bytes (what the server gets), here
+    against numpy's rotation of the stored pixels; a PIL image given is taken as it is."""
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:, :32] = (255, 0, 0)  # left half red, right half blue
+    stored[:, 32:] = (0, 0, 255)
+    stored[:8, :8] = (0, 255, 0)  # and a green corner, so that no turn looks like another
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif.tobytes())
+    shown = np.rot90(stored, k=turn)
+    for source in (tmp_path / "photo.png", (tmp_path / "photo.png").read_bytes()):
+        np.testing.assert_array_equal(np.asarray(load_image(source)), shown)
+    opened = Image.open(tmp_path / "photo.png")
+    assert load_image(opened).size == (64, 48)
+
+
 @pytest.mark.parametrize("size", [(1, 1), (1, 2000), (3000, 2), (5, 700)])
 def test_tiny_and_extreme_aspect_ratios(size):
     image = Image.new("RGB", size, (10, 200, 30))

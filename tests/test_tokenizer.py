@@ -1,5 +1,7 @@
 """Text tokenizer, code <-> BPE translation, the image token layout and the conversation format."""
 
+import pathlib
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -147,8 +149,12 @@ def test_placeholder_count_must_match(tok):
 
 
 def test_bad_turns(tok):
-    with pytest.raises(ConversationError, match="alternate"):
+    with pytest.raises(ConversationError, match="message 0 is from 'gpt', where a turn from 'human' or 'user' goes"):
         encode_conversation({"conversations": [{"from": "gpt", "value": "x"}]}, [], tok)
+    # speakers' names in any case, as the reference lower-cases them ("Human" / "GPT" datasets)
+    lower = {"conversations": [{"from": "human", "value": "the"}, {"from": "gpt", "value": "he"}]}
+    upper = {"conversations": [{"from": "Human", "value": "the"}, {"from": "GPT", "value": "he"}]}
+    assert encode_conversation(upper, [], tok).tokens.tolist() == encode_conversation(lower, [], tok).tokens.tolist()
     with pytest.raises(ConversationError, match="no 'conversations'"):
         encode_conversation({"image": []}, [], tok)
     with pytest.raises(ConversationError, match="message 0 has 'role' and 'content' \\(OpenAI's format\\)"):
@@ -240,6 +246,9 @@ def test_a_picture_without_its_eoss_keeps_the_text_and_picture_after_it(tok):
     (lambda s: s[:-1], "no <eoss>"),
     (lambda s: s[:4] + s[5:], "row 0 has 5 ids"),
     (lambda s: s[:4] + [9000] + s[5:], "non-code ids \\[9000\\]"),
+    # a SEP inside the rows is a stray id (it was read as the training layout's continuous block,
+    # so the rows after it were thrown away and filled)
+    (lambda s: s[:4] + [SEP] + s[5:], "non-code ids \\[8198\\]"),
     (lambda s: s[:3 + 7] + s[3 + 14:], "3 rows"),
     (lambda s: [BREAK, 9000, 8806] + s[3:], "grid tokens"),
 ])
@@ -270,6 +279,10 @@ def test_encode_item_from_files(tok, tmp_path):
             "image": ["coffee.png", "camera.png"]}
     for anyres in (False, True):
         enc, pixels = encode_item(item, tok, vq, image_root=str(tmp_path), anyres=anyres, vq_size=64)
+        if not anyres:  # a relative pathlib path is found under image_root too (it was opened from the cwd)
+            paths = {**item, "image": [pathlib.Path(p) for p in item["image"]]}
+            same, _ = encode_item(paths, tok, vq, image_root=str(tmp_path), vq_size=64)
+            assert same.tokens.tolist() == enc.tokens.tolist()
         codes = vq.encode_images([Image.open(tmp_path / "coffee.png"), Image.open(tmp_path / "camera.png")], size=64)
         start, _ = enc.image_spans[0]
         assert enc.tokens[start:start + 3].tolist() == [BREAK, 8812, 8812]  # 16x16 codes = 8 grid units

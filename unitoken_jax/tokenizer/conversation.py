@@ -80,8 +80,10 @@ def _messages(item: dict[str, Any]) -> list[tuple[bool, str | None]]:
             raise ConversationError(f"message {i} has 'role' and 'content' (OpenAI's format); messages here are "
                                     "{'from': 'human' or 'gpt', 'value': text}, with '<|image|>' where each picture "
                                     "goes ('unitoken serve' takes OpenAI's format)")
+        who = who.lower() if isinstance(who, str) else who  # ("Human", "GPT": the reference lower-cases them too)
         if who not in expected:
-            raise ConversationError(f"message {i} is from {who!r}; turns must alternate human, gpt, human, ...")
+            raise ConversationError(f"message {i} is from {msg.get('from')!r}, where a turn from "
+                                    f"{' or '.join(map(repr, expected))} goes; turns alternate human, gpt, human, ...")
         value = msg.get("value")
         if value is None and not (i == len(conv) - 1 and who in _ASSISTANT):
             raise ConversationError(f"message {i} has no value (only a last assistant turn may be empty: "
@@ -328,8 +330,8 @@ def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_roo
     `features(pixels).reshape(-1, D)`.
     """
     paths = image_list(item)
-    pictures_ = [load_image(os.path.join(image_root, p) if isinstance(p, str) and not os.path.isabs(p) else p)
-                 for p in paths]  # paths, or PIL images / bytes / file objects as they are
+    pictures_ = [load_image(os.path.join(image_root, p) if isinstance(p, (str, os.PathLike)) and not os.path.isabs(p)
+                            else p) for p in paths]  # paths, or PIL images / bytes / file objects as they are
     side = siglip_size // patch
     codes = vq.encode_images(pictures_, size=vq_size) if pictures_ else []
     inputs, pixels = [], []

@@ -16,7 +16,7 @@ import os
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError, ImageFont
+from PIL import Image, ImageFont, ImageOps, UnidentifiedImageError
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
@@ -82,9 +82,20 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
             image.load()
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
+        image = _upright(image)
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{what}: the image has no pixels ({image.width}x{image.height})")
     return _standard_mode(image)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """A file's picture turned as its EXIF orientation says it is shown (a phone's photos are
+    stored sideways with a tag), as transformers' `load_image` does; the reference read them as
+    stored. A tag PIL cannot apply leaves the picture as it is."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        return image
 
 
 def _from_array(array: np.ndarray, what: str) -> Image.Image:

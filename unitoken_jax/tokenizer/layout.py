@@ -98,9 +98,12 @@ def parse_image_ids(ids, *, repair: bool = False, filler_id: int | None = None) 
                                    f"{GRID_BASE + MAX_GRID})")
     h, w = h_grid * CODES_PER_GRID, w_grid * CODES_PER_GRID
     body = ids[3:]
-    if SEP in body:  # a training-layout stream: drop SEP and what follows it up to <eoss>
-        end = body.index(IMAGE_END) if IMAGE_END in body else len(body)
-        body = body[:body.index(SEP)] + body[end:]
+    # a training-layout stream: SEP after the declared rows, then the continuous block up to <eoss>
+    # (dropped); a SEP inside the rows is a stray id like any other
+    seps = [k for k, i in enumerate(body) if i == SEP and body[:k].count(NEWLINE) >= h]
+    if seps:
+        end = body.index(IMAGE_END, seps[0]) if IMAGE_END in body[seps[0]:] else len(body)
+        body = body[:seps[0]] + body[end:]
     if IMAGE_END in body:
         extra = len(body) - body.index(IMAGE_END) - 1
         if extra:
