@@ -146,3 +146,118 @@ def test_the_page_needs_no_key_but_its_calls_do(page):
     server, _ = page
     assert requests.get(server.url + "/").status_code == 200
     assert requests.get(server.url + "/v1/models").status_code == 401
+
+
+def _ask_page(browser, question, picture=None, clicks=1):
+    """Types a question (and attaches a picture) and clicks Send `clicks` times at once (as a
+    double click does: both before the page has read the picture)."""
+    from selenium.webdriver.common.by import By
+
+    if picture is not None:
+        browser.find_element(By.ID, "picture").send_keys(str(picture))
+    browser.find_element(By.ID, "question").send_keys(question)
+    browser.execute_script("for (let i = 0; i < arguments[1]; i++) arguments[0].click();",
+                           browser.find_element(By.ID, "send"), clicks)
+
+
+def _answers(browser):
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+            if "streaming" not in e.get_attribute("class")]
+
+
+def _fresh(browser):
+    from selenium.webdriver.common.by import By
+
+    key = browser.find_element(By.ID, "key")
+    key.clear()
+    key.send_keys(KEY)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    browser.find_element(By.ID, "new-chat").click()
+
+
+def test_a_double_click_asks_once_and_a_new_chat_drops_the_answer_still_coming(page, tmp_path, monkeypatch):
+    """Send clicked twice with a picture attached sent the question twice (the button was disabled
+    only after the picture was read) and put both answers in the history. "New chat" pressed while
+    an answer is coming (the link slowed to 1.5 s each way) put that answer into the new
+    conversation, with the old question in the next call's history."""
+    from selenium.webdriver.common.by import By
+
+    from unitoken_jax.serve import wire
+
+    server, browser = page
+    sent, parse = [], wire.parse_chat
+    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (sent.append(body["messages"]), parse(body, *a))[1])
+    _fresh(browser)
+    picture = tmp_path / "red.png"
+    shapes.draw([Thing("red", "circle", "top left")]).save(picture)
+    _ask_page(browser, "What colour is the shape?", picture, clicks=2)
+    assert _wait(browser, lambda b: _answers(b) or None) == ["red"]
+    _ask_page(browser, "What colour is the shape?")
+    _wait(browser, lambda b: len(_answers(b)) == 2)
+    assert len(sent) == 2 and [m["role"] for m in sent[-1]] == ["user", "assistant", "user"], sent
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
+
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 1500,
+                                                                 "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        _ask_page(browser, "What colour is the shape?")
+        browser.find_element(By.ID, "new-chat").click()
+        import time
+
+        time.sleep(4)  # the call's answer would have come back by now
+        assert browser.find_element(By.ID, "log").text == ""
+        assert browser.find_element(By.ID, "send").is_enabled()
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                                     "downloadThroughput": -1, "uploadThroughput": -1})
+    before = len(sent)
+    _ask_page(browser, "What colour is the shape?")
+    _wait(browser, lambda b: len(_answers(b)) == 1)
+    assert [m["role"] for m in sent[before:][-1]] == ["user"]
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+
+def test_a_conversation_that_outgrows_the_server_leaves_out_its_oldest_turns_and_says_so(page, tmp_path,
+                                                                                          monkeypatch):
+    """Past the server's pictures a call (2 here), every question failed until "New chat": the page
+    now leaves the oldest turns out and says so. An answer cut by its budget is marked as cut (it
+    was shown as if complete). A server restarted under another model name is asked its name again
+    (every call failed until the page was reloaded)."""
+    from selenium.webdriver.common.by import By
+
+    from unitoken_jax.serve import wire
+
+    server, browser = page
+    settings = server.app.state.server.settings
+    monkeypatch.setattr(settings, "limits", wire.Limits(max_images=2))
+    _fresh(browser)
+    pictures = []
+    for i, colour in enumerate(("red", "green", "blue")):
+        pictures.append(tmp_path / f"{colour}.png")
+        shapes.draw([Thing(colour, "square", "top left")]).save(pictures[-1])
+    for i, (colour, picture) in enumerate(zip(("red", "green", "blue"), pictures)):
+        _ask_page(browser, "What colour is the shape?", picture)
+        assert _wait(browser, lambda b: _answers(b)[i:] or None) == [colour]
+    notes = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.note")]
+    assert notes == ["(the 1 oldest question and answer was left out: the conversation no longer fits the model)"]
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+    sent, parse = [], wire.parse_chat
+
+    def short(body, *a):  # every answer gets one token
+        sent.append(body)
+        return parse({**body, "max_tokens": 1}, *a)
+
+    monkeypatch.setattr(wire, "parse_chat", short)
+    _fresh(browser)  # (the page asks the model's name as the key is typed: renamed after that)
+    _wait(browser, lambda b: b.find_element(By.ID, "model").text == MODEL)
+    monkeypatch.setattr(settings, "model_name", "shapes-renamed")
+    _ask_page(browser, "Describe the picture.", pictures[0])
+    answer = _wait(browser, lambda b: _answers(b) or None)[0]
+    assert answer.endswith("(the answer was cut off here: it reached its length limit)"), answer
+    assert sent[-1]["model"] == "shapes-renamed"
+    assert browser.find_element(By.ID, "model").text == "shapes-renamed"
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
