@@ -237,6 +237,7 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     assert "1 empty line(s)" in said.err and "wrote 6 pictures for 3 prompts" in said.out
     index = json.loads((out / "index.json").read_text())
     assert [entry["prompt"] for entry in index] == [t.text for t in things]
+    assert not list(out.glob("*.tmp"))  # (written whole, then renamed, as hosts sharing the folder need)
     # named by the file's line (from 0, the blank line counted), which index.json gives from 1
     assert [entry["pictures"] for entry in index] == [[f"{k:05d}_{j}.png" for j in range(2)] for k in (0, 1, 3)]
     assert [entry["line"] for entry in index] == [1, 2, 4]

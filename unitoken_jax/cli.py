@@ -646,8 +646,11 @@ def _generate_many(args) -> int:
               # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
               **{key: before.get(names[k][0], {}).get(key, value) if k not in todo else value
                  for key, value in drawn_with.items()}} for k, prompt in enumerate(prompts)]
-    with open(os.path.join(args.out, "index.json"), "w", encoding="utf-8") as f:
+    # (written whole, then renamed: the hosts of a pod that share the folder each write it)
+    partial = os.path.join(args.out, f"index.json.{os.getpid()}.tmp")
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)
+    os.replace(partial, os.path.join(args.out, "index.json"))
     there = len(prompts[args.process_index::args.process_count]) - len(todo)
     print(f"wrote {len(todo) * args.n} pictures for {len(todo)} prompts to {args.out} (index.json lists them)"
           + (f"; {there} prompts' pictures were there from an earlier run" if there else ""))
