@@ -134,3 +134,34 @@ def test_the_count_question_pairs_a_held_out_shape_with_any_training_shape(monke
     held_out = {(t.colour, t.shape, t.place) for t in shapes.held_out_things()}
     assert all((t.colour, t.shape, t.place) not in held_out for t in seconds)
     assert {t.colour for t in seconds} == set(shapes.COLOURS)  # every colour comes up (yellow did not)
+
+
+def test_an_export_writes_the_bundled_layout_and_replaces_only_an_earlier_export(tmp_path):
+    """`python -m unitoken_jax.world.default --to DEST` deleted DEST whole before writing: a build's
+    workdir given as DEST (its stages, its VQ-GAN, the user's notes) went, and the export then
+    failed for the VQ-GAN it had just deleted. Now a folder holding anything an export does not
+    write is refused untouched, and an earlier export (even the one the sources are in) is replaced
+    only once the new one is written."""
+    import os
+    import shutil
+
+    import pytest
+
+    from unitoken_jax.world import default
+
+    source = tmp_path / "source"
+    shutil.copytree(default.DEFAULT_DIR, source)
+    dest = tmp_path / "dest"
+    default.export(str(source / "model"), str(source / "vqgan"), str(dest), {"note": 1})
+    assert sorted(os.listdir(dest)) == sorted(default.EXPORTED) and default.settings(str(dest))["results"] == {"note": 1}
+    # onto itself: the sources are read before the folder is replaced
+    default.export(str(source / "model"), str(source / "vqgan"), str(source))
+    assert sorted(os.listdir(source)) == sorted(default.EXPORTED) and default.available(str(source))
+    assert default.pipeline(str(source)).understand([[]], [shapes.QUESTIONS["colour"]])[0] != ""
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds notes.txt, which an export does not write"):
+        default.export(str(source / "model"), str(source / "vqgan"), str(workdir))
+    assert (workdir / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["dest", "source",
+                                                                                             "workdir"]

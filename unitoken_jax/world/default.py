@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import unitoken_jax
 from unitoken_jax.inference.pipeline import UniTokenPipeline
@@ -37,17 +38,42 @@ def settings(path: str = DEFAULT_DIR) -> dict:
         return json.load(f)
 
 
+EXPORTED = ("model", "vqgan", "tokenizer.json", "world.json")  # what an export writes, and all it replaces
+
+
 def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict | None = None) -> None:
-    model = unitoken_jax.load(model_dir, progress=False)
+    """Writes the model (bfloat16, HF layout), its VQ-GAN, the tokenizer and world.json to `dest`:
+    a new or empty folder, or an earlier export, which is replaced only once the new one is
+    written whole (so `dest` may hold the sources). A folder holding anything else is refused
+    (it had been deleted whole, a build's workdir with it)."""
     if os.path.exists(dest):
-        shutil.rmtree(dest)
-    model.save_hf(os.path.join(dest, "model"), dtype="bfloat16")
-    shutil.copytree(vq_dir, os.path.join(dest, "vqgan"), ignore=shutil.ignore_patterns("history.json"))
-    with open(os.path.join(dest, "tokenizer.json"), "w") as f:
-        f.write(tokenizer_json())
-    with open(os.path.join(dest, "world.json"), "w") as f:
-        json.dump({"vq_size": VQ_SIZE, "size": list(GEN_SIZE), "image_prefix": [], "results": results or {}}, f,
-                  indent=1)
+        if not os.path.isdir(dest):
+            raise ValueError(f"--to {dest} is a file; give a folder")
+        foreign = sorted(set(os.listdir(dest)) - set(EXPORTED))
+        if foreign:
+            raise ValueError(f"--to {dest} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
+                             "an export does not write: give a new or empty folder, or an earlier export's")
+    model = unitoken_jax.load(model_dir, progress=False)
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        model.save_hf(os.path.join(staging, "model"), dtype="bfloat16")
+        shutil.copytree(vq_dir, os.path.join(staging, "vqgan"), ignore=shutil.ignore_patterns("history.json"))
+        with open(os.path.join(staging, "tokenizer.json"), "w") as f:
+            f.write(tokenizer_json())
+        with open(os.path.join(staging, "world.json"), "w") as f:
+            json.dump({"vq_size": VQ_SIZE, "size": list(GEN_SIZE), "image_prefix": [], "results": results or {}},
+                      f, indent=1)
+        if os.path.exists(dest):
+            old = staging + ".old"
+            os.replace(dest, old)
+            os.replace(staging, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def describe() -> str:
@@ -95,5 +121,8 @@ if __name__ == "__main__":
         a.results = a.results or (found if os.path.exists(found) else None)
     if not (a.model and a.vqgan):
         parser.error("give --workdir, or --model and --vqgan")
-    export(a.model, a.vqgan, a.to, json.load(open(a.results)) if a.results else None)
+    try:
+        export(a.model, a.vqgan, a.to, json.load(open(a.results)) if a.results else None)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"wrote {a.to}")
