@@ -26,6 +26,16 @@ def test_the_checker_reads_every_clean_picture_and_refuses_an_empty_one():
     assert empty.colour is None and not empty.matches(shapes.Thing("red", "circle", "top left"))
     wrong = shapes.check_picture(shapes.draw([shapes.Thing("blue", "square", "top left")]))
     assert not wrong.matches(shapes.Thing("blue", "circle", "top left"))
+    # a picture that is not one shape reads as nothing (it read as one of its shapes, a canvas of one
+    # colour as a square at the top left: a drawing of several shapes or a flood counted as right)
+    import itertools
+
+    for scene in itertools.chain(itertools.combinations(shapes.all_things(), 2),
+                                 itertools.combinations(shapes.all_things(), 3)):
+        if len({t.place for t in scene}) == len(scene):
+            assert shapes.check_picture(shapes.draw(list(scene))).colour is None, scene
+    for colour in shapes.COLOURS.values():
+        assert shapes.check_picture(Image.new("RGB", (64, 64), colour)).colour is None
 
 
 def test_held_out_combinations_never_reach_training_items(tmp_path):
@@ -165,3 +175,22 @@ def test_an_export_writes_the_bundled_layout_and_replaces_only_an_earlier_export
         default.export(str(source / "model"), str(source / "vqgan"), str(workdir))
     assert (workdir / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["dest", "source",
                                                                                              "workdir"]
+
+
+def test_the_chance_of_each_question_is_a_uniform_guess_among_the_worlds_answers():
+    """The evaluation's chance column: one over the answers the world has for each question, counted
+    from the world's own scenes (the count question's was 1/2; the world has three counts)."""
+    import itertools
+
+    from unitoken_jax.world.evaluate import CHANCE
+
+    things = shapes.all_things()
+    scenes = [[t] for t in things] + [list(p) for n in (2, 3) for p in itertools.combinations(things, n)
+                                      if len({t.place for t in p}) == n]
+    per_kind = {}
+    for scene in scenes:
+        for kind, answer in shapes.answers(scene).items():
+            if kind == "caption" and len(scene) > 1:
+                continue  # (the evaluation's captions are of one held-out shape)
+            per_kind.setdefault(kind, set()).add(answer)
+    assert {kind: 1 / len(answers) for kind, answers in per_kind.items()} == CHANCE

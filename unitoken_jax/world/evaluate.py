@@ -29,8 +29,10 @@ from unitoken_jax.vq_tokenizer import VQTokenizer
 from unitoken_jax.world import shapes
 from unitoken_jax.world.shapes import GEN_SIZE, VQ_SIZE, tokenizer_json
 
+# a uniform guess among the world's answers to each question (the count's: one, two or three; it
+# said 1/2). Not the majority baseline: two thirds of the count cases show one shape
 CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "place": 1 / len(shapes.PLACES),
-          "count": 1 / 2, "caption": 1 / (len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.PLACES))}
+          "count": 1 / len(shapes.COUNTS), "caption": 1 / (len(shapes.COLOURS) * len(shapes.SHAPES) * len(shapes.PLACES))}
 
 
 def world_pipeline(model_dir: str, vq_dir: str, continuous: bool = True):

@@ -199,16 +199,32 @@ class Reading:
         return (self.colour, self.shape, self.place) == (thing.colour, thing.shape, thing.place)
 
 
+SPECK = 8  # foreground pieces this small (a decoder's stray pixels) are no shape
+MOST_SIDE = 40  # a shape's bounding box at most (drawn: 23 to 29 px a side, within its quarter)
+
+
 def check_picture(image: Image.Image) -> Reading:
-    """Colour, shape and place of the one shape in `image`, from pixel statistics alone."""
+    """Colour, shape and place of the one shape in `image`, from pixel statistics alone. A picture
+    whose foreground is not one shape — several pieces, one larger than a shape can be, or most
+    of its pixels far from any one colour — reads as nothing (colour, shape and place None)."""
+    from scipy import ndimage
+
     x = np.asarray(image.convert("RGB").resize((SIZE, SIZE)), np.float32)
     fg = np.abs(x - np.array(BACKGROUND, np.float32)).sum(-1) > 120
     n = int(fg.sum())
     if n < 30:
         return Reading(None, None, None, n)
+    pieces, count = ndimage.label(fg, structure=np.ones((3, 3)))
+    sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
+    if int((sizes >= SPECK).sum()) != 1:
+        return Reading(None, None, None, n)
+    fg = pieces == 1 + int(np.argmax(sizes))
     mean = x[fg].mean(0)
     colour = min(COLOURS, key=lambda c: float(np.sum((np.array(COLOURS[c]) - mean) ** 2)))
+    near = np.abs(x[fg] - np.array(COLOURS[colour], np.float32)).sum(-1) < 150
     ys, xs = np.nonzero(fg)
+    if near.mean() < 0.6 or ys.max() - ys.min() >= MOST_SIDE or xs.max() - xs.min() >= MOST_SIDE:
+        return Reading(None, None, None, n)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     inside = fg[y0:y1, x0:x1]
     ch, cw = max(1, round(0.3 * (y1 - y0))), max(1, round(0.3 * (x1 - x0)))
