@@ -106,8 +106,47 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog)
         shapes.Thing("green", "triangle", "top right"))
     monkeypatch.setattr("sys.stdin", io.StringIO("/draw a green triangle at the top right\n"))
     assert main(["chat", "--out-dir", str(tmp_path / "cut"), "--max-new-tokens", "12"]) == 0
-    assert ("the 64x64 picture did not finish within max_new_tokens=12 or the model's 512 positions (a picture "
+    assert ("the 64x64 picture did not finish before max_new_tokens=12 (a picture "
             "that size takes 24 tokens)") in capsys.readouterr().err
+
+
+def test_a_chat_keeps_its_pictures_as_they_were_and_takes_what_a_terminal_sends(tmp_path, capsys, monkeypatch):
+    """`unitoken chat` kept the paths of its pictures and read them again every turn: a file
+    overwritten after '/image' changed the conversation's first picture (a deleted one failed every
+    later turn). A picture drawn was saved over one another chat had written meanwhile (its number
+    was chosen when the chat began). '/reset' dropped an attached picture without a word; a
+    --seed near the largest failed every turn; and Windows line ends (\\r\\n) made every command
+    unknown and sent the ending blank line as a message."""
+    import io
+
+    from unitoken_jax.cli import main
+
+    shot = tmp_path / "shot.png"
+    shapes.draw([shapes.Thing("green", "square", "top right")]).save(shot)
+
+    class Lines:  # the second question comes after the picture's file was overwritten
+        def __iter__(self):
+            yield f"/image {shot}\n"
+            yield "What colour is the shape?\n"
+            shapes.draw([shapes.Thing("red", "circle", "bottom left")]).save(shot)
+            yield "What colour is the shape?\n"
+            (tmp_path / "chat_0.png").write_bytes(b"another chat's")  # written while this chat ran
+            yield "/draw a blue triangle at the top left\n"
+
+    monkeypatch.setattr("sys.stdin", Lines())
+    assert main(["chat", "--out-dir", str(tmp_path), "--seed", str(2**32 - 1)]) == 0
+    said = capsys.readouterr()
+    answers = [line for line in said.out.splitlines() if line.startswith("assistant: ")]
+    assert answers[:2] == ["assistant: green", "assistant: green"], said
+    assert answers[2] == f"assistant: [picture: {tmp_path / 'chat_1.png'}]" and "left out" not in said.err
+    assert (tmp_path / "chat_0.png").read_bytes() == b"another chat's"
+    # \r\n line ends; '/reset' keeps the picture attached for the next message, and says so
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {shot}\r\n/reset\r\n/help\r\nWhat colour is the "
+                                                 "shape?\r\n\r\nnot sent\r\n"))
+    assert main(["chat", "--out-dir", str(tmp_path)]) == 0
+    said = capsys.readouterr()
+    assert "unknown command" not in said.err and "1 attached picture(s) go with its first message" in said.err
+    assert [line for line in said.out.splitlines() if line.startswith("assistant: ")] == ["assistant: red"]
 
 
 def test_int8_answers_word_for_word_like_the_float_model():

@@ -422,13 +422,21 @@ def test_a_picture_cut_by_its_budget_is_completed_and_said_and_the_batchs_other_
     with pytest.warns(AnswerCut):
         alone = pipe.run([text])
     with pytest.warns(AnswerCut), pytest.warns(PictureRepaired, match=r"answer 1: its \d+x\d+ picture did not "
-                                                                       "finish within max_new_tokens=6"):
+                                                                       "finish before max_new_tokens=6"):
         answers = pipe.run([text, short])
     assert answers[0] == alone[0]
     (picture,) = answers[1]
     assert isinstance(picture, Image.Image)
     with pytest.raises(MalformedImageTokens):
         pipe.run([text, short], repair=False)
+    # cut by the model's last position, not its budget: said so (it said "max_new_tokens=N or the
+    # model's positions", and the CLI's hint to raise --max-new-tokens did nothing)
+    positions = pipe.model.config.decoder.max_position_embeddings
+    prompt = np.concatenate([np.full(positions - 6, short.tokens[0]), short.tokens[-1:]])  # (ends at <racm3:break>)
+    late = dataclasses.replace(short, tokens=prompt, max_new_tokens=100)
+    with pytest.warns(PictureRepaired, match=re.escape(f"picture did not finish before the model's last position "
+                                                       f"({positions})")):
+        pipe.run([late])
 
 
 def test_a_chat_streams_its_text_while_it_is_generated(pipe):

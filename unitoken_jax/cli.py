@@ -420,7 +420,10 @@ def _say_notes(verb: str, caught) -> None:
     for warning in caught:
         if issubclass(warning.category, AnswerCut):
             said = str(warning.message).replace("answer 0: its", "the")
-            print(f"{verb}: {said}; --max-new-tokens sets the budget", file=sys.stderr, flush=True)
+            # the hint that fits what stopped it (a chat fills the model's positions: more budget does nothing)
+            hint = ("; --max-new-tokens sets the budget" if "max_new_tokens=" in said else
+                    "; '/reset' starts a new conversation" if verb == "chat" else "")
+            print(f"{verb}: {said}{hint}", file=sys.stderr, flush=True)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
@@ -727,6 +730,7 @@ def _chat(args) -> int:
 
     from unitoken_jax.inference.decode import Request
     from unitoken_jax.tokenizer import layout
+    from unitoken_jax.tokenizer.conversation import SequenceTooLong
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
@@ -737,9 +741,12 @@ def _chat(args) -> int:
     if width % layout.PIXELS_PER_GRID or height % layout.PIXELS_PER_GRID:
         raise ValueError(f"--size {args.size}: '/draw' asks for sizes in multiples of {layout.PIXELS_PER_GRID} "
                          "pixels each way")
+    # a picture is kept as it was read or drawn (a file changed or moved later does not change the
+    # conversation); `pending`: (path, picture) attached for the next message
     messages, images, pending = [], [], []
     os.makedirs(args.out_dir, exist_ok=True)
-    # pictures are numbered on from an earlier chat's in the folder, never written over them
+    # pictures are numbered on from an earlier chat's in the folder, never written over them (nor
+    # over those of another chat writing there at the same time: each name is taken as it is written)
     earlier = [f[len("chat_"):-len(".png")] for f in os.listdir(args.out_dir) if f.startswith("chat_")
                and f.endswith(".png")]
     drawn = max((int(n) + 1 for n in earlier if n.isdigit()), default=0)
@@ -748,7 +755,7 @@ def _chat(args) -> int:
                  "message that starts with '/' is typed '//...'; an empty line or EOF ends.")
     print(help_text, file=sys.stderr)
     for line in sys.stdin:
-        line = line.rstrip("\n")
+        line = line.rstrip("\r\n")  # (a file written on Windows ends its lines with \r\n)
         if not line:
             break
         command, _, rest = line.partition(" ")
@@ -758,18 +765,17 @@ def _chat(args) -> int:
                 print("chat: '/image' needs the path of a picture", file=sys.stderr, flush=True)
                 continue
             try:
-                load_image(path)
+                pending.append((path, load_image(path)))
             except ImageError as e:
                 print(f"chat: not attached: {e}", file=sys.stderr, flush=True)
-            else:
-                pending.append(path)
             continue
         if command == "/help":
             print(help_text, file=sys.stderr, flush=True)
             continue
-        if command == "/reset":  # the model stays loaded (and its programs compiled)
-            messages, images, pending = [], [], []
-            print("chat: a new conversation", file=sys.stderr, flush=True)
+        if command == "/reset":  # the model stays loaded (and its programs compiled); attached pictures stay
+            messages, images = [], []
+            kept = f"; {len(pending)} attached picture(s) go with its first message" if pending else ""
+            print(f"chat: a new conversation{kept}", file=sys.stderr, flush=True)
             continue
         if command == "/draw":
             if not rest.strip():
@@ -783,13 +789,17 @@ def _chat(args) -> int:
         else:
             line = line[1:] if line.startswith("//") else line
         messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
-        images += pending
+        images += [picture for _, picture in pending]
         shown = _Streamed("assistant: ")
         try:
-            with _budget_notes() as caught:
-                parts = pipe.chat(messages, images, seed=args.seed + len(messages), stream=shown, **options)
+            with _budget_notes() as caught:  # (each turn's seed from --seed, which may be the largest there is)
+                parts = pipe.chat(messages, images, seed=(args.seed + len(messages)) % 2**32, stream=shown,
+                                  **options)
         except ValueError as e:
-            print(f"chat: that turn is left out: {e}", file=sys.stderr, flush=True)
+            dropped = f" with its {len(pending)} attached picture(s)" if pending else ""
+            full = ("; '/reset' starts a new conversation" if len(messages) > 1 and (
+                isinstance(e, SequenceTooLong) or "left for an answer" in str(e)) else "")
+            print(f"chat: that turn is left out{dropped}: {e}{full}", file=sys.stderr, flush=True)
             messages.pop()
             del images[len(images) - len(pending):]
             pending = []
@@ -801,18 +811,24 @@ def _chat(args) -> int:
                 said.append(part)
                 reply.append(part)
             elif isinstance(part, Image.Image):
-                path = os.path.join(args.out_dir, f"chat_{drawn}.png")
-                part.save(path)
-                drawn += 1
+                while True:
+                    path = os.path.join(args.out_dir, f"chat_{drawn}.png")
+                    drawn += 1
+                    try:
+                        with open(path, "xb") as f:
+                            part.save(f, format="PNG")
+                        break
+                    except FileExistsError:
+                        continue
                 said.append(f"[picture: {path}]")
                 reply.append("<|image|>")
-                images.append(path)
+                images.append(part)
         shown.end("".join(said))
         _say_notes("chat", caught)
         messages.append({"from": "gpt", "value": "".join(reply)})
     if pending:
-        print(f"chat: ended with {len(pending)} attached picture(s) no message took: {', '.join(pending)}",
-              file=sys.stderr, flush=True)
+        print(f"chat: ended with {len(pending)} attached picture(s) no message took: "
+              f"{', '.join(path for path, _ in pending)}", file=sys.stderr, flush=True)
     return 0
 
 

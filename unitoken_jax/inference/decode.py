@@ -604,7 +604,7 @@ class DecodeLoop:
                              self.prompt_multiple)
         positions = self.config.decoder.max_position_embeddings
         for i, r in enumerate(requests):
-            check_room(r, positions, f"prompt {i}'s")
+            check_room(r, positions, f"request {i}'s")
         *prefill_batch, prompt_len = batch
         params = _row_params(rows, primary, uncond_row, prompt_len, positions)
         # the buffers' sizes depend on the requests' budgets and the model, not on where a row's

@@ -334,28 +334,30 @@ class UniTokenPipeline:
             ids = np.concatenate([[layout.IMAGE_START], drawn]) if request.starts_in_picture else drawn
             repairs = []
             results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs))
-            repaired += [(first + i, request, shape, changes) for shape, changes in repairs]
+            by_budget = len(drawn) >= request.max_new_tokens
+            repaired += [(first + i, request, shape, changes, by_budget) for shape, changes in repairs]
             last = int(drawn[-1]) if len(drawn) else None
             if not repairs and last not in request.stop_tokens and not (request.stop_after_image and
                                                                          last == layout.IMAGE_END):
-                cut.append((first + i, len(drawn) >= request.max_new_tokens, request.max_new_tokens))
+                cut.append((first + i, by_budget, request.max_new_tokens))
         return results, cut, repaired
 
     def _warn_cut(self, cut, repaired, *, single: bool) -> None:
         """Never silently: a picture that is not what the model drew, and answers that stopped early."""
-        for i, request, shape, changes in repaired:
+        for i, request, shape, changes, by_budget in repaired:
+            # (what stopped it: its budget, else the model's last position)
+            limit = (f"max_new_tokens={request.max_new_tokens}" if by_budget else
+                     f"the model's last position ({self.max_length})")
             if shape is None:  # nothing to complete
-                warnings.warn(f"answer {i}: the picture it started was {changes[0]} (max_new_tokens="
-                              f"{request.max_new_tokens}, the model's {self.max_length} positions)", PictureRepaired,
-                              stacklevel=4)
+                warnings.warn(f"answer {i}: the picture it started was {changes[0]} (stopped at {limit})",
+                              PictureRepaired, stacklevel=4)
                 continue
             h, w = shape
             grid = (h // layout.CODES_PER_GRID, w // layout.CODES_PER_GRID)
             size = f"{grid[1] * layout.PIXELS_PER_GRID}x{grid[0] * layout.PIXELS_PER_GRID}"
-            warnings.warn(f"answer {i}: its {size} picture did not finish within max_new_tokens="
-                          f"{request.max_new_tokens} or the model's {self.max_length} positions (a picture that "
-                          f"size takes {layout.generated_image_length(grid)} tokens) and was completed: "
-                          f"{'; '.join(changes)}", PictureRepaired, stacklevel=4)
+            warnings.warn(f"answer {i}: its {size} picture did not finish before {limit} (a picture that size takes "
+                          f"{layout.generated_image_length(grid)} tokens) and was completed: {'; '.join(changes)}",
+                          PictureRepaired, stacklevel=4)
         if cut:
             where = [f"max_new_tokens={budget}" if by_budget else f"the model's last position ({self.max_length})"
                      for _, by_budget, budget in cut]
