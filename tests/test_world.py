@@ -194,3 +194,40 @@ def test_the_chance_of_each_question_is_a_uniform_guess_among_the_worlds_answers
                 continue  # (the evaluation's captions are of one held-out shape)
             per_kind.setdefault(kind, set()).add(answer)
     assert {kind: 1 / len(answers) for kind, answers in per_kind.items()} == CHANCE
+
+
+def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps_its_timings(tmp_path, capsys):
+    """`world.build` reused every step it found done whatever the flags (a rerun with --vq-steps
+    1500 after a run with 0 kept the untrained VQ-GAN), accepted counts below 1 (failing steps
+    later, or training nothing), and a rerun that reused every step wrote ~0 s over its timings."""
+    import os
+
+    import pytest
+
+    from unitoken_jax.data import pretokenize as pt
+    from unitoken_jax.world import build
+
+    flags = dict(vq_steps=1500, pictures=4000, stage1_steps=100, stage2_steps=1500)
+    made = {"vqgan": {"steps": 1500, "pictures": 3000}, "data": {"pictures": 4000}, "stage1": {"steps": 100},
+            "stage2": {"steps": 1500}}
+    for step, settings in made.items():  # every step done, as an earlier run left them
+        os.makedirs(tmp_path / step / ("final" if step.startswith("stage") else ""), exist_ok=True)
+        (tmp_path / step / build.SETTINGS).write_text(json.dumps(settings))
+    (tmp_path / "vqgan" / "vqgan.safetensors").write_bytes(b"")
+    (tmp_path / "data" / pt.SETTINGS_FILE).write_text("{}")
+    timings = {"vqgan": 494.0, "pretokenize": 15.0, "stage1": 30.0, "stage2": 607.0}
+    (tmp_path / "timings.json").write_text(json.dumps(timings))
+    assert build.build(str(tmp_path), **flags) == str(tmp_path / "stage2" / "final")
+    assert json.loads((tmp_path / "timings.json").read_text()) == timings
+    with pytest.raises(build.SettingsError, match="stage2 was made with steps 1500 .now 300.; delete it"):
+        build.build(str(tmp_path), **{**flags, "stage2_steps": 300})
+    with pytest.raises(build.SettingsError, match="vqgan was made with steps 1500 .now 20."):
+        build.build(str(tmp_path), **{**flags, "vq_steps": 20})
+    with pytest.raises(SystemExit):
+        build.main(["--workdir", str(tmp_path / "new"), "--vq-steps", "0"])
+    assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="VQTrainConfig.restart_every=0"):
+        VQTrainConfig(restart_every=0)
+    with pytest.raises(ValueError, match="3 pictures cannot fill a batch of 32"):
+        train_vqgan(shapes.VQ_CONFIG, np.zeros((3, 64, 64, 3), np.float32), VQTrainConfig(steps=1))

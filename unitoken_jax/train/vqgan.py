@@ -36,11 +36,19 @@ class VQTrainConfig:
     restart_every: int = 100
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("steps", "batch", "restart_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"VQTrainConfig.{name}={value!r}: a whole number, at least 1")
+
 
 def train_vqgan(config: VQGANConfig, pixels: np.ndarray, tc: VQTrainConfig = VQTrainConfig(), *,
                 progress: bool = True):
     """`pixels`: [N, H, W, 3] in [-1, 1]. Returns (params, history of (step, loss, reconstruction L1,
     codes used since the last restart)), logged at the first step, every restart and the last step."""
+    if len(pixels) < tc.batch:  # (each batch draws its pictures without replacement)
+        raise ValueError(f"{len(pixels)} pictures cannot fill a batch of {tc.batch}: give at least {tc.batch}")
     rng = np.random.default_rng(tc.seed)
     params = init_params(config, jax.random.key(tc.seed), pixels.shape[1])
     model = VQGAN(config)

@@ -5,7 +5,9 @@
     python -m unitoken_jax.world.build --workdir /tmp/world            # everything (cached per step)
     python -m unitoken_jax.world.build --workdir /tmp/world --discrete-only   # the ablation's model
 
-Each step's output is kept under WORKDIR and reused by a later run.
+Each step's output is kept under WORKDIR with the settings it was made with, and reused by a later
+run with the same settings (one with other flags is refused, naming them: delete the step's folder
+to make it again).
 """
 
 from __future__ import annotations
@@ -64,10 +66,45 @@ def stage_config(stage: int, data: str, steps: int, init_from: str | None = None
     return c
 
 
-def train_vq(workdir: str, steps: int, pictures: int = 3000) -> str:
+SETTINGS = "build_settings.json"  # beside each step's output: what it was made with
+
+
+class SettingsError(ValueError):
+    """A build's flags that cannot be used, or that differ from those a step it would reuse was made with."""
+
+
+def _reuse(out: str, done: bool, settings: dict) -> bool:
+    """Whether the step whose output is `out` is done (`done`) with these `settings`: a step done
+    with other settings is an error naming them (a rerun with new flags reused it silently, even
+    an untrained VQ-GAN); one done before its settings were recorded is reused, and the log says so."""
+    if not done:
+        return False
+    path = os.path.join(out, SETTINGS)
+    if not os.path.exists(path):
+        log.warning("reusing %s, made before its settings were recorded (delete it to make it again)", out)
+        return True
+    with open(path) as f:
+        before = json.load(f)
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed:
+        said = ", ".join(f"{k} {was} (now {now})" for k, (was, now) in changed.items())
+        raise SettingsError(f"{out} was made with {said}; delete it to make it again, or use another --workdir")
+    log.info("reusing %s (%s)", out, ", ".join(f"{k} {v}" for k, v in settings.items()))
+    return True
+
+
+def _record(out: str, settings: dict) -> None:
+    with open(os.path.join(out, SETTINGS), "w") as f:
+        json.dump(settings, f)
+
+
+def train_vq(workdir: str, steps: int, pictures: int = 3000, ran: dict | None = None) -> str:
+    """Trains the world's VQ-GAN (unless done); `ran` gets the seconds it took."""
     out = os.path.join(workdir, "vqgan")
-    if os.path.exists(os.path.join(out, "vqgan.safetensors")):
+    settings = {"steps": steps, "pictures": pictures}
+    if _reuse(out, os.path.exists(os.path.join(out, "vqgan.safetensors")), settings):
         return out
+    start = time.time()
     rng = np.random.default_rng(0)
     pool = shapes.train_things()
     pixels = np.stack([image_io.vq_pixels(image_io.vq_crop(shapes.draw(shapes.scene(rng, pool), rng), VQ_SIZE))
@@ -76,18 +113,25 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000) -> str:
     save_vqgan(out, VQ_CONFIG, params)
     with open(os.path.join(out, "history.json"), "w") as f:
         json.dump(history, f)
+    _record(out, settings)
+    if ran is not None:
+        ran["vqgan"] = time.time() - start
     return out
 
 
-def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool) -> str:
-
+def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool, ran: dict | None = None) -> str:
+    """Writes and pre-tokenizes the training items (unless done); `ran` gets the seconds it took."""
     out = os.path.join(workdir, "data" if continuous else "data_discrete")
-    if os.path.exists(os.path.join(out, pt.SETTINGS_FILE)):
+    if _reuse(out, os.path.exists(os.path.join(out, pt.SETTINGS_FILE)), {"pictures": pictures}):
         return out
+    start = time.time()
     items = shapes.write_items(os.path.join(workdir, "items"), pictures, seed=0)
     settings = pt.PretokenizeSettings(name="shapes", vq_size=VQ_SIZE, siglip_size=SIGLIP_SIZE, patch=PATCH,
                                       max_length=None, chunk_size=1024, vq_batch=256, continuous=continuous)
     pt.pretokenize(items, out, TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(vq_dir), settings)
+    _record(out, {"pictures": pictures})
+    if ran is not None:
+        ran["pretokenize"] = time.time() - start
     return out
 
 
@@ -95,25 +139,33 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
           continuous: bool = True) -> str:
     """Runs every step not done yet; returns the stage-II model directory."""
 
+    for name, value in (("vq_steps", vq_steps), ("pictures", pictures), ("stage1_steps", stage1_steps),
+                        ("stage2_steps", stage2_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SettingsError(f"{name}={value!r}: a whole number, at least 1")
     os.makedirs(workdir, exist_ok=True)
-    timings = {}
-    t = time.time()
-    vq_dir = train_vq(workdir, vq_steps)
-    timings["vqgan"] = time.time() - t
-    t = time.time()
-    data = make_data(workdir, vq_dir, pictures, continuous)
-    timings["pretokenize"] = time.time() - t
     suffix = "" if continuous else "_discrete"
+    timings_path = os.path.join(workdir, f"timings{suffix}.json")
+    timings = {}
+    if os.path.exists(timings_path):  # a step reused keeps the time it took when it ran
+        with open(timings_path) as f:
+            timings = json.load(f)
+    ran = {}  # the seconds of each step that ran (not reused)
+    vq_dir = train_vq(workdir, vq_steps, ran=ran)
+    data = make_data(workdir, vq_dir, pictures, continuous, ran=ran)
     stage1, stage2 = os.path.join(workdir, "stage1" + suffix), os.path.join(workdir, "stage2" + suffix)
     t = time.time()
-    if continuous and not os.path.isdir(os.path.join(stage1, "final")):
+    if continuous and not _reuse(stage1, os.path.isdir(os.path.join(stage1, "final")), {"steps": stage1_steps}):
         train_and_evaluate(stage_config(1, data, stage1_steps), stage1)
-    timings["stage1"] = time.time() - t
+        _record(stage1, {"steps": stage1_steps})
+        ran["stage1"] = time.time() - t
     t = time.time()
-    if not os.path.isdir(os.path.join(stage2, "final")):
+    if not _reuse(stage2, os.path.isdir(os.path.join(stage2, "final")), {"steps": stage2_steps}):
         train_and_evaluate(stage_config(2, data, stage2_steps, stage1 if continuous else None), stage2)
-    timings["stage2"] = time.time() - t
-    with open(os.path.join(workdir, f"timings{suffix}.json"), "w") as f:
+        _record(stage2, {"steps": stage2_steps})
+        ran["stage2"] = time.time() - t
+    timings.update(ran)
+    with open(timings_path, "w") as f:
         json.dump(timings, f, indent=1)
     log.info("timings (s): %s", timings)
     return os.path.join(stage2, "final")
@@ -122,16 +174,24 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--vq-steps", type=int, default=1500)
-    parser.add_argument("--pictures", type=int, default=4000)
-    parser.add_argument("--stage1-steps", type=int, default=100)
-    parser.add_argument("--stage2-steps", type=int, default=1500)
+    def count(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+        return int(text)
+
+    parser.add_argument("--vq-steps", type=count, default=1500)
+    parser.add_argument("--pictures", type=count, default=4000)
+    parser.add_argument("--stage1-steps", type=count, default=100)
+    parser.add_argument("--stage2-steps", type=count, default=1500)
     parser.add_argument("--discrete-only", action="store_true", help="images without SigLIP features (the ablation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)  # absl may have configured the root logger already
-    model = build(args.workdir, vq_steps=args.vq_steps, pictures=args.pictures, stage1_steps=args.stage1_steps,
-                  stage2_steps=args.stage2_steps, continuous=not args.discrete_only)
+    try:
+        model = build(args.workdir, vq_steps=args.vq_steps, pictures=args.pictures, stage1_steps=args.stage1_steps,
+                      stage2_steps=args.stage2_steps, continuous=not args.discrete_only)
+    except SettingsError as e:
+        parser.error(str(e))
     print(f"model: {model}")
 
 

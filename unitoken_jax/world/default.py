@@ -59,7 +59,8 @@ def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict |
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         model.save_hf(os.path.join(staging, "model"), dtype="bfloat16")
-        shutil.copytree(vq_dir, os.path.join(staging, "vqgan"), ignore=shutil.ignore_patterns("history.json"))
+        shutil.copytree(vq_dir, os.path.join(staging, "vqgan"),
+                        ignore=shutil.ignore_patterns("history.json", "build_settings.json"))
         with open(os.path.join(staging, "tokenizer.json"), "w") as f:
             f.write(tokenizer_json())
         with open(os.path.join(staging, "world.json"), "w") as f:
