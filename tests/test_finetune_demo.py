@@ -6,6 +6,7 @@ table and picture grid. (Its accuracy figures come from the full run, quoted in 
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from unitoken_jax.world import finetune_demo, shapes
@@ -79,3 +80,11 @@ def test_a_short_demo_run_writes_results_table_and_grid(tmp_path):
     assert "French answers" in table and "English drawings" in table
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size[1] >= 8 * shapes.SIZE and np.asarray(grid).std() > 0
+    # a rerun with other settings is refused by name (it reused the adapters trained for 6 steps at
+    # rank 4 and wrote steps 8, rank 8 into results.json)
+    from unitoken_jax.world import build
+
+    with pytest.raises(build.SettingsError, match="lora was made with steps 6 .now 8., rank 4 .now 8.; delete it"):
+        finetune_demo.run(str(tmp_path), pictures=40, english_pictures=16, steps=8, rank=8, per_thing=1)
+    with pytest.raises(build.SettingsError, match="data_fr was made with pictures 40 .now 80."):
+        finetune_demo.run(str(tmp_path), pictures=80, english_pictures=16, steps=6, rank=4, per_thing=1)

@@ -73,7 +73,7 @@ class SettingsError(ValueError):
     """A build's flags that cannot be used, or that differ from those a step it would reuse was made with."""
 
 
-def _reuse(out: str, done: bool, settings: dict) -> bool:
+def reuse(out: str, done: bool, settings: dict) -> bool:
     """Whether the step whose output is `out` is done (`done`) with these `settings`: a step done
     with other settings is an error naming them (a rerun with new flags reused it silently, even
     an untrained VQ-GAN); one done before its settings were recorded is reused, and the log says so."""
@@ -93,7 +93,7 @@ def _reuse(out: str, done: bool, settings: dict) -> bool:
     return True
 
 
-def _record(out: str, settings: dict) -> None:
+def record(out: str, settings: dict) -> None:
     with open(os.path.join(out, SETTINGS), "w") as f:
         json.dump(settings, f)
 
@@ -102,7 +102,7 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000, ran: dict | None = 
     """Trains the world's VQ-GAN (unless done); `ran` gets the seconds it took."""
     out = os.path.join(workdir, "vqgan")
     settings = {"steps": steps, "pictures": pictures}
-    if _reuse(out, os.path.exists(os.path.join(out, "vqgan.safetensors")), settings):
+    if reuse(out, os.path.exists(os.path.join(out, "vqgan.safetensors")), settings):
         return out
     start = time.time()
     rng = np.random.default_rng(0)
@@ -113,7 +113,7 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000, ran: dict | None = 
     save_vqgan(out, VQ_CONFIG, params)
     with open(os.path.join(out, "history.json"), "w") as f:
         json.dump(history, f)
-    _record(out, settings)
+    record(out, settings)
     if ran is not None:
         ran["vqgan"] = time.time() - start
     return out
@@ -122,14 +122,14 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000, ran: dict | None = 
 def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool, ran: dict | None = None) -> str:
     """Writes and pre-tokenizes the training items (unless done); `ran` gets the seconds it took."""
     out = os.path.join(workdir, "data" if continuous else "data_discrete")
-    if _reuse(out, os.path.exists(os.path.join(out, pt.SETTINGS_FILE)), {"pictures": pictures}):
+    if reuse(out, os.path.exists(os.path.join(out, pt.SETTINGS_FILE)), {"pictures": pictures}):
         return out
     start = time.time()
     items = shapes.write_items(os.path.join(workdir, "items"), pictures, seed=0)
     settings = pt.PretokenizeSettings(name="shapes", vq_size=VQ_SIZE, siglip_size=SIGLIP_SIZE, patch=PATCH,
                                       max_length=None, chunk_size=1024, vq_batch=256, continuous=continuous)
     pt.pretokenize(items, out, TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(vq_dir), settings)
-    _record(out, {"pictures": pictures})
+    record(out, {"pictures": pictures})
     if ran is not None:
         ran["pretokenize"] = time.time() - start
     return out
@@ -155,14 +155,14 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
     data = make_data(workdir, vq_dir, pictures, continuous, ran=ran)
     stage1, stage2 = os.path.join(workdir, "stage1" + suffix), os.path.join(workdir, "stage2" + suffix)
     t = time.time()
-    if continuous and not _reuse(stage1, os.path.isdir(os.path.join(stage1, "final")), {"steps": stage1_steps}):
+    if continuous and not reuse(stage1, os.path.isdir(os.path.join(stage1, "final")), {"steps": stage1_steps}):
         train_and_evaluate(stage_config(1, data, stage1_steps), stage1)
-        _record(stage1, {"steps": stage1_steps})
+        record(stage1, {"steps": stage1_steps})
         ran["stage1"] = time.time() - t
     t = time.time()
-    if not _reuse(stage2, os.path.isdir(os.path.join(stage2, "final")), {"steps": stage2_steps}):
+    if not reuse(stage2, os.path.isdir(os.path.join(stage2, "final")), {"steps": stage2_steps}):
         train_and_evaluate(stage_config(2, data, stage2_steps, stage1 if continuous else None), stage2)
-        _record(stage2, {"steps": stage2_steps})
+        record(stage2, {"steps": stage2_steps})
         ran["stage2"] = time.time() - t
     timings.update(ran)
     with open(timings_path, "w") as f:

@@ -41,7 +41,7 @@ from unitoken_jax.inference.pipeline import UniTokenPipeline
 from unitoken_jax.tokenizer.text import TextTokenizer
 from unitoken_jax.train.loop import train_and_evaluate
 from unitoken_jax.vq_tokenizer import VQTokenizer
-from unitoken_jax.world import default, shapes
+from unitoken_jax.world import build, default, shapes
 from unitoken_jax.world import evaluate as world_eval
 from unitoken_jax.world.shapes import PATCH, SIGLIP_SIZE, VQ_SIZE, Language
 
@@ -69,7 +69,8 @@ def make_data(workdir: str, model_dir: str, pictures: int, language: Language = 
     """`pictures` training scenes worded in `language`, pre-tokenized with the model's tokenizer and
     VQ-GAN into WORKDIR/data_{code}."""
     out = os.path.join(workdir, f"data_{code}")
-    if os.path.exists(os.path.join(out, pt.SETTINGS_FILE)):
+    made_with = {"pictures": pictures, "seed": seed}
+    if build.reuse(out, os.path.exists(os.path.join(out, pt.SETTINGS_FILE)), made_with):
         return out
     items = shapes.write_items(os.path.join(workdir, f"items_{code}"), pictures, seed=seed, language=language,
                                id_prefix=code)
@@ -77,6 +78,7 @@ def make_data(workdir: str, model_dir: str, pictures: int, language: Language = 
                                       max_length=None, chunk_size=1024, vq_batch=256)
     pt.pretokenize(items, out, TextTokenizer.from_file(os.path.join(model_dir, "tokenizer.json")),
                    VQTokenizer.from_dir(os.path.join(model_dir, "vqgan")), settings, progress=False)
+    build.record(out, made_with)
     return out
 
 
@@ -173,8 +175,12 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
 
     run_dir = os.path.join(workdir, "lora")
     t = time.time()
-    if not os.path.isdir(os.path.join(run_dir, "adapters")):
+    # (adapters trained with other settings are refused, not reported as these: delete lora/ to train again)
+    trained_with = {"steps": steps, "rank": rank, "learning_rate": learning_rate, "pictures": pictures,
+                    "english_pictures": english_pictures}
+    if not build.reuse(run_dir, os.path.isdir(os.path.join(run_dir, "adapters")), trained_with):
         train_and_evaluate(lora_config(data, base, steps, rank, learning_rate, eval_questions(workdir)), run_dir)
+        build.record(run_dir, trained_with)
     timings["lora_training"] = time.time() - t
 
     t = time.time()
@@ -208,9 +214,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)
-    results = run(args.workdir, pictures=args.pictures, english_pictures=args.english_pictures, steps=args.steps,
-                  rank=args.rank,
-                  learning_rate=args.learning_rate)
+    try:
+        results = run(args.workdir, pictures=args.pictures, english_pictures=args.english_pictures, steps=args.steps,
+                      rank=args.rank, learning_rate=args.learning_rate)
+    except build.SettingsError as e:
+        parser.error(str(e))
     print(table(results["before"], results["after"]))
     print(f"results: {os.path.join(args.workdir, 'results.json')}, pictures: {os.path.join(args.workdir, 'grid.png')}")
 
