@@ -309,8 +309,12 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     for wrong in (["a red circle", "--prompts-file", str(prompts), "--out", str(out)], ["--out", str(out)]):
         assert main(["generate", *wrong]) == 2
         assert "either a prompt or --prompts-file" in capsys.readouterr().err
-    assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "none")]) == 2
-    assert "is a directory (create it first)" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")  # a folder that is not there is made (the README's command failed)
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file: with --prompts-file, --out is the folder" in capsys.readouterr().err
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "new"), "--n", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "new").glob("*.png")) == ["00000_0.png", "00001_0.png", "00003_0.png"]
+    capsys.readouterr()
     # a prompt the model cannot take is named with its line before any picture is drawn (it had stopped
     # the job at its batch, and every rerun there); a BOM (Notepad's) is not part of the first prompt
     long = tmp_path / "long.txt"

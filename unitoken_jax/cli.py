@@ -607,11 +607,12 @@ def _generate_many(args) -> int:
     prompts = [p for p in prompts if p]
     if blank:
         print(f"generate: {len(blank)} empty line(s) of {args.prompts_file} skipped", file=sys.stderr)
-    if not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: with --prompts-file, --out is a directory (create it first)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: with --prompts-file, --out is the folder the pictures go to")
     batch_size = args.batch_size or 16
     if batch_size < 1 or args.n < 1:
         raise ValueError(f"--batch-size and --n must be at least 1, got {batch_size} and {args.n}")
+    os.makedirs(args.out, exist_ok=True)  # (as chat's --out-dir)
     names = [[f"{line[k]:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
     mine = _share(list(range(len(prompts))), args, "prompts")
     todo = [k for k in mine if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
