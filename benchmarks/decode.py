@@ -33,10 +33,10 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration, Log
 from transformers import LogitsProcessorList  # noqa: E402
 
 import unitoken_jax  # noqa: E402
-from unitoken_jax.inference import grid as grid_ids  # noqa: E402
+from unitoken_jax.inference import decode as decode_lib, grid as grid_ids  # noqa: E402
 from unitoken_jax.inference.decode import DecodeLoop, Request, prefill_width  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
-from report import cpu_name, write_report  # noqa: E402
+from report import cpu_name, weight_bytes_per_step, write_report  # noqa: E402
 
 CFG, TOP_K = 3.0, 2000
 
@@ -193,19 +193,6 @@ def model_only_step_seconds(loop: DecodeLoop, prompt, rows: int, steps: int, tim
     return seconds / steps
 
 
-def weight_bytes_per_step(params: dict, head_stop: int) -> int:
-    """The weight bytes a decode step reads: every decoder weight but the embedding table (a step
-    gathers one row of it per row) and, of the LM head, the columns of the ids [0, head_stop) it
-    computes (the code logits)."""
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params["decoder"]):
-        name = jax.tree_util.keystr(path)
-        if "embed_tokens" in name:
-            continue
-        total += leaf.nbytes * head_stop // leaf.shape[-1] if "lm_head" in name else leaf.nbytes
-    return total
-
-
 def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """This machine's memory read bandwidth as XLA reaches it, bytes per second: the best of
     `repeats` sums of a float32 array of `megabytes` (far larger than any cache)."""
@@ -325,6 +312,11 @@ def main():
     assert listed(ran_default) == default_growth_sizes, (sorted(ran_default), default_growth_sizes)
     for label, cache_growth in [(f"doubling: {sizes(doubling)}", "doubling"),
                                 *((f"{g} slots at a time", g) for g in GROWTH)]:
+        # a fresh loop compiles its own programs: loops of one config share them in a process
+        # (`decode._steps`), and jax's caches hold the compiled ones (until 2026-12-05 a variant's first
+        # call reused the default loop's prefill and its loop at the full cache: understated)
+        decode_lib._steps.cache_clear()
+        jax.clear_caches()
         stepped = DecodeLoop(ours.config, ours.params,
                              cache_growth=None if cache_growth == "doubling" else cache_growth)
         if cache_growth == "doubling":

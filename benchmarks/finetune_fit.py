@@ -98,7 +98,8 @@ def main():
     lines = [
         "# Fine-tuning the released 7B on one host: memory a chip, from AOT compiles", "",
         f"{datetime.date.today()}, compiled on this CPU machine for each TPU topology (jax {jax.__version__}, libtpu "
-        f"topologies; `python benchmarks/finetune_fit.py`; the fitting compiles took "
+        f"topologies; `{' '.join(['python benchmarks/finetune_fit.py', *sys.argv[1:]])}`; the "
+        f"fitting compiles, this run's and those it reused from the cache file of earlier runs, took "
         f"{sum(r.get('seconds', 0) for r in cache.values()):.0f} s). The step is the training "
         "loop's own (`configs/finetune.py`: `lora` trains rank-16 adapters on every decoder projection beside a "
         "frozen bfloat16 base; `full` trains every weight with float32 master weights and AdamW moments), "

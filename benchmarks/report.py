@@ -37,3 +37,19 @@ def write_report(lines: list[str], out: str, echo: bool = True) -> str:
     if echo:
         print(text)
     return text
+
+
+def weight_bytes_per_step(params: dict, head_stop: int) -> int:
+    """The weight bytes a decode step reads: every decoder weight but the embedding table (a step
+    gathers one row of it per row) and, of the LM head, the columns of the ids [0, head_stop) it
+    computes (the code logits, while every row draws a picture's codes); nothing of the SigLIP
+    tower or its adapter (a prompt's pictures are read in the prefill)."""
+    import jax
+
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params["decoder"]):
+        name = jax.tree_util.keystr(path)
+        if "embed_tokens" in name:
+            continue
+        total += leaf.nbytes * head_stop // leaf.shape[-1] if "lm_head" in name else leaf.nbytes
+    return total

@@ -71,7 +71,9 @@ def train_config(args, backend: str) -> TrainConfig:
     model.dtype, model.param_dtype = ("float32" if args.smoke else "bfloat16"), "float32"
     model.remat_policy, model.scan_layers = args.remat, True
     model.attention, model.attention_block = backend, args.block
-    config.data.rows, config.data.length, config.data.max_images = args.rows, args.length, 1
+    # a SigLIP tile for each data-parallel device (one tile cannot be split over several)
+    config.data.rows, config.data.length = args.rows, args.length
+    config.data.max_images = args.devices or jax.device_count()
     config.optimizer.warmup_fraction = 0.0
     config.total_steps, config.mesh.num_devices = 1000, args.devices
     return TrainConfig.from_config_dict(config)
@@ -102,7 +104,9 @@ def measure(args, backend: str) -> dict:
     flops = program.flop_counter.per_step(tokens, context, config.data.max_images
                                           * config.model.vision.features_per_image())
     return dict(step_s=seconds, tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12,
-                mfu=flops / seconds / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+                # (the step's FLOPs over all its devices' peak: --peak-tflops is one device's)
+                mfu=flops / seconds / (args.peak_tflops * 1e12 * program.mesh.devices.size) if args.peak_tflops
+                else None,
                 compile_s=compile_s, loss=loss, temp_gib=temp_bytes / 2**30 if temp_bytes is not None else None)
 
 
