@@ -226,15 +226,17 @@ def chameleon_config(layers: int, hidden: int) -> ChameleonConfig:
                                           num_res_blocks=1, latent_channels=8, attn_resolutions=[], resolution=32))
 
 
-def model_arguments(out: str) -> argparse.ArgumentParser:
-    """The command line of the CPU decode benchmarks: the model's shape, the picture, the batch."""
+def model_arguments(out: str, rounds: bool = True) -> argparse.ArgumentParser:
+    """The command line of the CPU decode benchmarks: the model's shape, the picture, the batch
+    (and `rounds` of the timings against the reference, where the benchmark has them)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--grid", type=int, default=16, help="grid units a side: 16 = 512 px, 32 x 32 codes")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of ours at batch 1, ours at the batch and the reference's image, in turn")
+    if rounds:
+        parser.add_argument("--rounds", type=int, default=3,
+                            help="rounds of ours at batch 1, ours at the batch and the reference's image, in turn")
     parser.add_argument("--out", default=out)
     return parser
 
