@@ -78,24 +78,6 @@ def devices_in_words(topology: str, devices) -> str:
     return f"{n} chips"
 
 
-def mesh_shape(text: str, n_devices: int) -> tuple[int, int, int]:
-    """--mesh DATA,FSDP,TENSOR over `n_devices` (one axis may be -1 for the rest), or a ValueError
-    saying what is wrong."""
-    try:
-        shape = [int(v) for v in text.split(",")]
-    except ValueError:
-        shape = []
-    if len(shape) != 3 or any(v == 0 or v < -1 for v in shape) or shape.count(-1) > 1:
-        raise ValueError(f"--mesh {text!r}: give DATA,FSDP,TENSOR, whole numbers of devices (one may be -1 for the "
-                         "rest), e.g. 1,64,1")
-    known = math.prod(v for v in shape if v != -1)
-    if -1 in shape:
-        if n_devices % known:
-            raise ValueError(f"--mesh {text}: {n_devices} devices do not split into {known} for the other axes")
-        shape[shape.index(-1)] = n_devices // known
-    return tuple(shape)
-
-
 def hbm_bytes(device) -> int:
     """Usable HBM of one device of a topology, by its kind ('TPU v5 lite' -> 15.75 GiB)."""
     kind = device.device_kind.lower().replace("tpu", "").strip()
@@ -183,7 +165,8 @@ def decode_main(argv) -> None:
                      "pixels (e.g. 512)")
     try:
         devices = topology_devices(args.topology)
-        shape = mesh_shape(args.mesh, devices.size) if args.mesh else decode_mesh_shape(args.model, args.topology)
+        shape = (sharding.parse_mesh_shape(args.mesh, devices.size) if args.mesh
+                 else decode_mesh_shape(args.model, args.topology))
         mesh = topology_mesh(args.topology, shape)
     except ValueError as e:
         parser.error(str(e))
@@ -255,7 +238,7 @@ def main(argv=None):
                           overrides=overrides)
     try:
         devices = topology_devices(args.topology)
-        shape = mesh_shape(args.mesh, devices.size)
+        shape = sharding.parse_mesh_shape(args.mesh, devices.size)
         mesh = topology_mesh(args.topology, shape)
     except ValueError as e:
         parser.error(str(e))

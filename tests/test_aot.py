@@ -108,7 +108,7 @@ def test_the_check_refuses_malformed_flags_by_name_and_counts_a_v4_chips_cores(c
         with pytest.raises(SystemExit) as stopped:
             aot.main(argv)
         assert stopped.value.code == 2 and re.search(says, capsys.readouterr().err), argv
-    assert aot.mesh_shape("1,-1,1", 8) == (1, 8, 1)
+    assert sharding.parse_mesh_shape("1,-1,1", 8) == (1, 8, 1)
     devices = aot.topology_devices("v4:1x1x1")
     assert devices.size == 2 and aot.hbm_bytes(devices.flat[0]) == int(15.25 * 2**30)
     assert aot.devices_in_words("v5e:2x2", aot.topology_devices("v5e:2x2")) == "4 chips"

@@ -199,21 +199,10 @@ def _mesh(text: str, config):
         if mesh is None:
             _LOG.info("mesh: one device (%s)", devices[0])
             return None
-    else:
-        try:
-            shape = [int(v) for v in text.split(",")]
-        except ValueError:
-            shape = []
-        if len(shape) != 3 or any(v == 0 or v < -1 for v in shape) or shape.count(-1) > 1:
-            raise ValueError(f"--mesh must be 'auto', 'one' or DATA,FSDP,TENSOR (e.g. 1,4,2; one of them may be -1 "
-                             f"for the rest of this host's devices), got {text!r}")
-        used = math.prod(v for v in shape if v != -1)
-        if used > len(devices) or (-1 in shape and len(devices) % used):
-            raise ValueError(f"--mesh {text} does not fit this host's {len(devices)} device(s) "
-                             f"({devices[0].platform})")
-        if -1 not in shape:
-            devices = devices[:used]
-        mesh = sharding.make_mesh(*shape, devices=devices)
+    else:  # ('auto' and 'one' are the flag's other forms)
+        shape = sharding.parse_mesh_shape(text, len(devices),
+                                          devices_said=f"this host's {len(devices)} device(s) ({devices[0].platform})")
+        mesh = sharding.make_mesh(*shape, devices=devices[:math.prod(shape)])
     _LOG.info("mesh: %s over %d %s device(s) of this host's %d", dict(mesh.shape), mesh.devices.size,
               devices[0].platform, len(jax.local_devices()))
     return mesh
@@ -798,8 +787,8 @@ def _chat(args) -> int:
                                   **options)
         except ValueError as e:
             dropped = f" with its {len(pending)} attached picture(s)" if pending else ""
-            full = ("; '/reset' starts a new conversation" if len(messages) > 1 and (
-                isinstance(e, SequenceTooLong) or "left for an answer" in str(e)) else "")
+            full = ("; '/reset' starts a new conversation" if len(messages) > 1 and isinstance(e, SequenceTooLong)
+                    else "")
             print(f"chat: that turn is left out{dropped}: {e}{full}", file=sys.stderr, flush=True)
             messages.pop()
             del images[len(images) - len(pending):]

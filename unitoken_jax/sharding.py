@@ -64,6 +64,26 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+def parse_mesh_shape(text: str, n_devices: int, flag: str = "--mesh", devices_said: str | None = None
+                     ) -> tuple[int, int, int]:
+    """A `DATA,FSDP,TENSOR` flag over `n_devices` devices, one axis possibly -1 (the rest of
+    them, resolved here); a ValueError naming the flag and its form otherwise (`devices_said`:
+    the devices in words, for the message)."""
+    try:
+        shape = [int(v) for v in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or any(v == 0 or v < -1 for v in shape) or shape.count(-1) > 1:
+        raise ValueError(f"{flag} {text!r}: give DATA,FSDP,TENSOR, whole numbers of devices (one may be -1 for the "
+                         "rest), e.g. 1,4,2")
+    known = int(np.prod([v for v in shape if v != -1]))
+    if known > n_devices or (-1 in shape and n_devices % known):
+        raise ValueError(f"{flag} {text} does not fit {devices_said or f'{n_devices} device(s)'}")
+    if -1 in shape:
+        shape[shape.index(-1)] = n_devices // known
+    return tuple(shape)
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `('data', 'fsdp', 'tensor')` mesh; one axis may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)

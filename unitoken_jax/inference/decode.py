@@ -33,6 +33,7 @@ from unitoken_jax.models.chameleon import Cache, cache_length
 from unitoken_jax.models.layers import attention_dtype
 from unitoken_jax.models.unitoken import UniToken, cpu_decode_config, cpu_decode_params
 from unitoken_jax.tokenizer import layout
+from unitoken_jax.tokenizer.conversation import SequenceTooLong
 
 PROMPT_MULTIPLE = 32  # the prefill's width is a multiple of this by default (`DecodeLoop(prompt_multiple=...)`)
 # A scanned loop's attention on a CPU reads the stacked cache this many slots at a time, the filled
@@ -219,9 +220,9 @@ def check_room(r: Request, positions: int, which: str = "the") -> None:
     longest = r.longest_prompt
     whose = "prompt" if longest == len(r.tokens) else "unconditional context (uncond_tokens)"
     room = positions - longest
-    if room < 1:
-        raise ValueError(f"{which} {whose} takes {longest} positions: none of the model's {positions} is left for "
-                         "an answer")
+    if room < 1:  # (a conversation that fills the model: the error its encoding raises past the length)
+        raise SequenceTooLong(f"{which} {whose} takes {longest} positions: none of the model's {positions} is left "
+                              "for an answer")
     if r.grid_hw is not None:
         need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
         if min(r.max_new_tokens, room) < need:
