@@ -92,6 +92,29 @@ def test_round_trip_is_bit_exact(release_dir, tmp_path):
         np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_changed_decoder_fields_survive_save_hf_whether_config_json_nests_them_or_not(release_dir, tmp_path, nested):
+    """A config.json may keep the decoder's fields under `text_config` (the reader prefers it); the
+    writer replaced only the top-level keys, so a stage that changed e.g. the positions exported a
+    model that read back with the old ones."""
+    import dataclasses
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(release_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    if nested:
+        top = {k: config.pop(k) for k in list(config) if k.startswith("unitoken_") or k.endswith("_config")}
+        (src / "config.json").write_text(json.dumps({**top, "model_type": "chameleon", "text_config": config}))
+    model = unitoken_jax.load(str(src))
+    changed = dataclasses.replace(model.config.decoder, max_position_embeddings=512, rope_theta=5e5, dropout=0.1)
+    model.config = model.config.replace(decoder=changed)
+    model.save_hf(str(tmp_path / "out"))
+    assert unitoken_jax.load(str(tmp_path / "out")).config.decoder == changed
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert ("text_config" in written) == nested and "text_config" not in written.get("text_config", {})
+
+
 def test_a_checkpoint_of_mixed_dtypes_round_trips_tensor_by_tensor(release_dir, tmp_path, capsys):
     """float32 norms beside bfloat16 matrices (what some trainers save): every tensor was written
     back in the dtype of most elements, and `param_dtype=None` (documented as lossless) rounded the
@@ -277,6 +300,25 @@ def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):
     assert sorted(original) == sorted(back)
     for k in original:
         assert torch.equal(original[k], back[k]), k
+
+
+def test_a_home_relative_path_the_shell_left_as_written_is_the_users_home(release_dir, tmp_path, monkeypatch, capsys):
+    """`--from=~/m` and a quoted `~` in $UNITOKEN_MODEL reach us unexpanded: load() said the
+    directory that exists was none."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(release_dir, tmp_path / "m")
+    assert unitoken_jax.read_config("~/m") == unitoken_jax.read_config(str(release_dir))
+    assert unitoken_jax.load("~/m").config == unitoken_jax.load(str(release_dir)).config
+    assert cli.main(["convert", "--from=~/m", "--to=~/ours"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "ours" / "unitoken_config.json").is_file() and not os.path.exists("~")
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.world import default
+
+    if default.available():
+        shutil.copy(os.path.join(default.DEFAULT_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
+        assert TextTokenizer.from_file("~/tokenizer.json").num_codes > 0
 
 
 def test_cli_convert_quantizes_once(release_dir, tmp_path, capsys):

@@ -156,7 +156,7 @@ def _pipeline(args):
         path = getattr(args, name) or os.environ.get(env)
         if not path:
             raise ValueError(f"no --{name} given and ${env} is not set")
-        return path
+        return os.path.expanduser(path)
 
     paths = {"model": given("model", "UNITOKEN_MODEL")}
     how = _how_to_load(args, paths["model"])  # a --model that is no model is named before what else is missing
@@ -1181,6 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
         return _train(argparse.Namespace(absl_flags=argv[1:]))
     args = parser.parse_args(argv)
+    _expand_home(args)
     # this package's INFO lines (what the bundled model knows, where the compilation cache is) and the
     # libraries' warnings. The level is set on our logger, not the root: importing orbax already logged
     # through absl, which gave the root a handler, so this basicConfig is often a no-op (and a root
@@ -1202,6 +1203,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unitoken {args.command}: error: out of device memory ({str(e).splitlines()[0][:300]}). "
               f"{_MEMORY_ADVICE}", file=sys.stderr)
         return 1
+
+
+# arguments that name files or directories: a `~` the shell left as written (`--model=~/m`, a quoted
+# value) is the user's home, as it would be unquoted
+_PATH_ARGS = ("adapters", "compilation_cache", "config", "dst", "image", "image_root", "model", "out", "out_dir",
+              "prompts_file", "root", "src", "tokenizer", "vqgan")
+
+
+def _expand_home(args: argparse.Namespace) -> None:
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+    if getattr(args, "inputs", None):  # pictures (and understand's question, left alone unless it is a path)
+        args.inputs = [os.path.expanduser(v) if v.startswith("~") and os.path.exists(os.path.expanduser(v)) else v
+                       for v in args.inputs]
 
 
 _RESUMES = {"caption": "with a .jsonl --out, a rerun goes on where this one stopped",

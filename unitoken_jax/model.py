@@ -382,6 +382,7 @@ def _placement(config: UniTokenConfig, mesh: Mesh | None):
 def read_config(path: str) -> UniTokenConfig:
     """The model config of a checkpoint (HF-format or ours), reading no tensor: what to plan
     memory with before loading (see `unitoken_jax.inference.fit`)."""
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     if orbax_io.is_orbax_checkpoint(path):
@@ -431,6 +432,8 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
     if param_dtype is not None and param_dtype not in FLOAT_DTYPES:  # (before anything is read)
         raise ValueError(f"param_dtype={param_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}, 'auto' or None (the "
                          "checkpoint's own)")
+    path = os.path.expanduser(os.fspath(path))
+    adapters = None if adapters is None else os.path.expanduser(os.fspath(adapters))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     orbax = orbax_io.is_orbax_checkpoint(path)

@@ -62,6 +62,7 @@ class VQTokenizer:
         """Any VQ-GAN format the package reads, by what `path` is: Meta's `vqgan.ckpt` (its
         `vqgan.yaml` beside it), a directory written by `save_vqgan` (`vqgan_config.json`), or an HF
         Chameleon / UniToken checkpoint directory (its `model.vqmodel.*` encoder)."""
+        path = os.path.expanduser(os.fspath(path))
         if os.path.isdir(path):
             if os.path.exists(os.path.join(path, vq_io.CONFIG_FILE)):
                 return cls.from_dir(path, mesh)

@@ -165,17 +165,22 @@ def decoder_config_from_hf(hf: dict[str, Any], qk_norm_rows: int) -> DecoderConf
 
 
 def decoder_config_to_hf(cfg: DecoderConfig, base: dict[str, Any] | None) -> dict[str, Any]:
+    """`base` (the config.json read) with the decoder's fields replaced; where the decoder's fields
+    are nested under `text_config`, which the reader prefers, they are replaced there."""
     hf = dict(base or {"model_type": "chameleon", "architectures": ["ChameleonForConditionalGeneration"],
                        "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False})
-    hf.update(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-              num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
-              max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-              swin_norm=cfg.swin_norm, dropout=cfg.dropout)
-    if "rope_parameters" in hf:
-        hf["rope_parameters"] = {**hf["rope_parameters"], "rope_theta": cfg.rope_theta}
+    text = hf
+    if "text_config" in hf:
+        text = hf["text_config"] = dict(hf["text_config"])
+    text.update(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
+                max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+                swin_norm=cfg.swin_norm, dropout=cfg.dropout)
+    if "rope_parameters" in text:
+        text["rope_parameters"] = {**text["rope_parameters"], "rope_theta": cfg.rope_theta}
     if cfg.qk_norm_groups is not None:
-        hf["model_parallel_size"] = cfg.qk_norm_groups
+        text["model_parallel_size"] = cfg.qk_norm_groups
     return hf
 
 

@@ -9,6 +9,7 @@ is spelled out in ordinary pieces and never becomes a control id. Control ids co
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Iterable
 
@@ -69,7 +70,7 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "TextTokenizer":
-        with open(path, encoding="utf-8") as f:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
             return cls(f.read())
 
     @property
