@@ -15,7 +15,8 @@ import pytest
 
 from unitoken_jax.data import demo
 from unitoken_jax.data import pretokenize as pt
-from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, Source, read_meta, sources_from
+from unitoken_jax.data.pipeline import (InputPipeline, PipelineConfig, Source, dropped_too_long, read_meta,
+                                        sources_from)
 from unitoken_jax.tokenizer import images as image_io
 
 SETTINGS = pt.PretokenizeSettings(name="demo", vq_size=32, siglip_size=56, max_length=None, chunk_size=64,
@@ -182,6 +183,45 @@ def test_too_long_samples_are_dropped_and_counted(datasets, tmp_path, caplog):
     assert f"holds samples of up to 4096 positions, rows are {limit} (data.length)" in caplog.text
     with pytest.raises(ValueError, match="does not fit an empty batch"):
         next(InputPipeline([datasets[0]], PipelineConfig(rows=1, length=300, mix=(2, 2), max_images=1)).iterator())
+
+
+def test_samples_dropped_in_worker_processes_are_counted_and_the_fill_bound_leaves_them_out(datasets):
+    """With worker processes the count of dropped samples was never reported (the training log had
+    no dropped_too_long, and no warning); the packing bound counted samples that are dropped, so
+    it promised rows fuller than whole samples can make them."""
+    from unitoken_jax.data.packing import whole_sample_bound
+
+    records = _by_id(datasets[0])
+    understanding = [r for r in records.values() if int(r["kind"]) == 0]
+    limit = sorted(len(r["tokens"]) for r in understanding)[len(understanding) // 2]
+    config = PipelineConfig(rows=2, length=limit, mix=(1, 0), max_images=8, num_threads=1)
+    alone = InputPipeline([datasets[0]], config).iterator()
+    workers = InputPipeline([datasets[0]], dataclasses.replace(config, worker_count=1)).iterator()
+    try:
+        for _ in range(4):
+            assert next(workers)["sample_ids"] == next(alone)["sample_ids"]
+        assert dropped_too_long(workers) == dropped_too_long(alone) == alone.get_state()["dropped_too_long"] > 0
+    finally:
+        workers.close()
+    fit = [r for r in understanding if len(r["tokens"]) <= limit]
+    per_tile = (SETTINGS.siglip_size // SETTINGS.patch) ** 2
+    expect = whole_sample_bound(([len(r["tokens"]) for r in fit], []),
+                                ([int(np.sum(r["num_features"])) / per_tile for r in fit], []), (1, 0), 2, limit, 8)
+    assert InputPipeline([datasets[0]], config).fill_bound() == (expect, len(fit))
+
+
+def test_any_whole_seed_draws_and_a_dataset_never_drawn_does_not_widen_the_window(datasets):
+    """The shuffle seed was seed * 1000 + ..., which Grain refused past 2**32 for seeds from
+    4,294,968 (a date such as 20261205) with a number the user never gave. A source of ratio 0
+    (kept for its kinds, never drawn) counted in the epoch that bounds the packing window."""
+    config = PipelineConfig(rows=2, length=300, max_images=4, num_threads=1, seed=20261205)
+    assert next(InputPipeline(list(datasets), config).iterator())["sample_ids"]
+    with pytest.raises(ValueError, match="seed=-1 must be a whole number of at least 0"):
+        InputPipeline(list(datasets), dataclasses.replace(config, seed=-1))
+    config = dataclasses.replace(config, lookahead=1000)
+    alone = InputPipeline([datasets[0]], config).window
+    assert InputPipeline([Source(datasets[0]), Source(datasets[1], ratio=0.0)], config).window == alone
+    assert InputPipeline(list(datasets), config).window > alone
 
 
 def test_a_packed_row_gives_each_sample_its_own_loss(datasets):

@@ -256,10 +256,13 @@ def test_an_items_file_edited_between_a_kill_and_the_restart_is_refused(tmp_path
     assert pt.pretokenize(str(path), out, text, vq, SETTINGS, progress=False, image_root=image_root)["complete"]
 
 
-def test_a_finalize_that_died_is_finished_by_a_rerun(tmp_path, items_path, tokenizers, monkeypatch):
+@pytest.mark.parametrize("holder", ["gone", "this process"])
+def test_a_finalize_that_died_is_finished_by_a_rerun(tmp_path, items_path, tokenizers, monkeypatch, holder):
     """A crash while writing the metadata left the lock behind, and every rerun said another
     process was finishing (issue 15, item 4): an exception now releases the lock, a lock whose
-    holder is gone is taken over, and shards moved before the crash are not moved again."""
+    holder is gone is taken over, and shards moved before the crash are not moved again. A lock
+    naming the rerun's own pid (a container restarted with the same host name and pid: PID 1 in
+    Kubernetes) was waited on forever."""
     import socket
     import subprocess
 
@@ -281,12 +284,51 @@ def test_a_finalize_that_died_is_finished_by_a_rerun(tmp_path, items_path, token
     gone = subprocess.Popen(["true"])
     gone.wait()  # a hard kill: the lock stays, naming a process that no longer exists
     with open(lock, "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": gone.pid}, f)
+        json.dump({"host": socket.gethostname(), "pid": gone.pid if holder == "gone" else os.getpid()}, f)
     done = pt.pretokenize(items_path, out, text, vq, SETTINGS, progress=False)
     assert done["complete"] and done["written"] == whole["written"] and done["skipped"] == whole["skipped"]
     a, _ = _records(str(tmp_path / "whole"))
     b, _ = _records(out)
     assert [r["id"] for r in a] == [r["id"] for r in b]
+
+
+_WRITE_JOB_JSON = """
+import os, sys, time
+from unitoken_jax.data import pretokenize as pt
+path, ready, go = sys.argv[1:]
+open(ready, "w").close()
+while not os.path.exists(go):  # all write at once
+    time.sleep(0.01)
+for i in range(1000):
+    pt._write_json(path, {"i": i})
+"""
+
+
+def test_the_hosts_of_a_pod_writing_job_json_at_once_do_not_crash_each_other(tmp_path):
+    """Every process wrote through one `job.json.tmp`: a host whose file another had already moved
+    crashed with FileNotFoundError when the hosts started together, as the README says to."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "out").mkdir()
+    go = tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", _WRITE_JOB_JSON, str(tmp_path / "out" / "job.json"),
+                                   str(tmp_path / f"ready{i}"), str(go)], stderr=subprocess.PIPE, text=True)
+                 for i in range(4)]
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and all(p.poll() is None for p in processes):
+        time.sleep(0.05)
+    go.touch()
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0] * 4, "\n".join(errors)
+    assert os.listdir(tmp_path / "out") == ["job.json"]
+
+
+def test_anyres_pinpoints_that_are_not_whole_tiles_are_refused_when_the_settings_are_made():
+    """They were written into the dataset, and training failed on its first batch."""
+    with pytest.raises(ValueError, match=re.escape("pinpoints [(56, 100)] are not whole multiples of the 56-px")):
+        pt.PretokenizeSettings(siglip_size=56, anyres=True, anyres_grid_pinpoints=((56, 100), (112, 56)))
+    assert pt.PretokenizeSettings(siglip_size=56, anyres=True, anyres_grid_pinpoints=((56, 112), (112, 56)))
 
 
 def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_path, tokenizers, capsys):

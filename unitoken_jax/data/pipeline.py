@@ -128,6 +128,8 @@ class PipelineConfig:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in [0, 1]")
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r}; choose one of {', '.join(SPLITS)}")
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a whole number of at least 0")
         if self.split == "eval" and self.holdout_fraction == 0:
             raise ValueError("split='eval' with holdout_fraction=0 holds out nothing: set a fraction of the sources "
                              "to hold out (1.0 for sources kept for evaluation alone)")
@@ -206,7 +208,9 @@ def _kind_stream(sources: list[Source], kinds_per_source, kind: int, seed: int):
         if len(idx) == 0 or source.ratio <= 0:
             continue
         refs = np.stack([np.full(len(idx), d), idx], axis=1)
-        parts.append(grain.MapDataset.source(refs).shuffle(seed=seed * 1000 + d * 2 + kind).repeat())
+        # (one 32-bit seed for each dataset and kind from the user's: Grain takes seeds below 2**32)
+        stream_seed = int(np.random.SeedSequence([seed, d, kind]).generate_state(1)[0])
+        parts.append(grain.MapDataset.source(refs).shuffle(seed=stream_seed).repeat())
         weights.append(len(idx) * source.ratio)
     if not parts:
         return None
@@ -252,8 +256,8 @@ class InputPipeline(grain.IterDataset):
         # an epoch of this process's share of the scarcer kind (in this split), so that a small dataset
         # does not put one sample twice into a batch from two epochs at once
         share = config.holdout_fraction if config.split == "eval" else 1.0 - config.holdout_fraction
-        epochs = [int(self.counts[KIND_NAMES[k]] * share) // (config.mix[k] * process_count)
-                  for k in (0, 1) if config.mix[k]]
+        drawn = [int(sum((ks == k).sum() for ks, src in zip(kinds, self.sources) if src.ratio > 0)) for k in (0, 1)]
+        epochs = [int(drawn[k] * share) // (config.mix[k] * process_count) for k in (0, 1) if config.mix[k]]
         self.window = max(1, min(config.lookahead + 1, min(epochs) // 2))
 
     @property
@@ -286,6 +290,14 @@ class InputPipeline(grain.IterDataset):
                     r = data[int(i)]
                     lengths[k].append(len(r["tokens"]))
                     tiles[k].append(int(np.sum(r["num_features"])) / per_tile)
+        # samples longer than a row are dropped, not packed: the bound is of those that are
+        fit = [[i for i, n in enumerate(lengths[k]) if n <= c.length] for k in (0, 1)]
+        dropped = sum(len(lengths[k]) - len(fit[k]) for k in (0, 1) if c.mix[k])
+        if dropped:
+            log.info("%d of the %d records sized are longer than a row (%d positions) and are dropped: the packing "
+                     "bound is of the others", dropped, sum(len(lengths[k]) for k in (0, 1) if c.mix[k]), c.length)
+        lengths = tuple([lengths[k][i] for i in fit[k]] for k in (0, 1))
+        tiles = tuple([tiles[k][i] for i in fit[k]] for k in (0, 1))
         bound = whole_sample_bound(lengths, tiles, c.mix, c.rows, c.length, c.max_images)
         return bound, sum(len(lengths[k]) for k in (0, 1) if c.mix[k])
 
@@ -301,6 +313,19 @@ class InputPipeline(grain.IterDataset):
                 flags.FLAGS.mark_as_parsed()
             return self.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.config.worker_count)).__iter__()
         return self.__iter__()
+
+
+def dropped_too_long(iterator) -> int:
+    """The samples `iterator` (an `InputPipeline.iterator()`) dropped for being longer than a row,
+    as its state counts them (up to the oldest group read but not yet packed: what a resume goes
+    on from), the same whether it packs here or in worker processes (summed over theirs)."""
+
+    def total(state) -> int:
+        if isinstance(state, dict):
+            return sum(int(v) if k == "dropped_too_long" else total(v) for k, v in state.items())
+        return sum(total(v) for v in state) if isinstance(state, (list, tuple)) else 0
+
+    return total(iterator.get_state())
 
 
 class _PackingIterator(grain.DatasetIterator):

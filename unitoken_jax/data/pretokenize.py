@@ -72,15 +72,21 @@ class PretokenizeSettings:
     vq_batch: int = 32  # images per VQ-GAN call (a fixed shape: one compilation)
 
     def __post_init__(self):
-        if self.max_length == "auto":
-            extra = anyres_lib.max_block(self.siglip_size, self.patch, self.pinpoints()) \
-                if self.anyres and self.continuous and self.siglip_size >= self.patch > 0 else 0
-            object.__setattr__(self, "max_length", DISCRETE_LENGTH + extra)
         for name in ("vq_size", "siglip_size", "patch", "chunk_size", "vq_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number of at least 1")
         if self.siglip_size < self.patch:
             raise ValueError(f"siglip_size={self.siglip_size} is smaller than one patch ({self.patch} px)")
+        # (checked here, not when the first batch is read: the pictures' tiles are cut in training)
+        bad = [p for p in self.pinpoints() if len(p) != 2 or p[0] < 1 or p[1] < 1 or p[0] % self.siglip_size
+               or p[1] % self.siglip_size]
+        if self.anyres and bad:
+            raise ValueError(f"AnyRes pinpoints {bad} are not whole multiples of the {self.siglip_size}-px tile "
+                             "(siglip_size)")
+        if self.max_length == "auto":
+            extra = anyres_lib.max_block(self.siglip_size, self.patch, self.pinpoints()) \
+                if self.anyres and self.continuous else 0
+            object.__setattr__(self, "max_length", DISCRETE_LENGTH + extra)
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
             raise ValueError(f"max_length={self.max_length!r} must be a whole number of at least 1 (None: no limit)")
 
@@ -302,9 +308,11 @@ def _shard_path(directory: str, settings: PretokenizeSettings, c: int, n: int) -
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
+    # a temporary name of this process's own: the hosts of a pod write job.json at once
+    partial = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:
         json.dump(obj, f)
-    os.replace(path + ".tmp", path)
+    os.replace(partial, path)
 
 
 def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int) -> None:
@@ -347,7 +355,9 @@ def _take_finalize_lock(path: str) -> bool:
                     holder = json.load(f)
             except (OSError, ValueError):
                 holder = {}  # written by a process that died before it wrote its name, or an older version
-            alive = holder.get("host") == me["host"] and pid_alive(holder.get("pid"))
+            # a lock naming this very process is not held: a container restarted with the same host
+            # name and pid (PID 1 in Kubernetes) would otherwise wait on itself forever
+            alive = holder.get("host") == me["host"] and holder.get("pid") != me["pid"] and pid_alive(holder.get("pid"))
             other_host = holder.get("host") not in (None, me["host"])
             if alive or other_host:
                 if other_host:
