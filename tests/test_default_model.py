@@ -300,12 +300,21 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     assert f"holds 00000_0.png drawn with prompt={things[0].text!r}" in capsys.readouterr().err
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
     capsys.readouterr()
-    shared = tmp_path / "shared"  # process 0 of 2 draws prompts 0 and 2 (lines 0 and 3); the index names all three
+    # process 0 of 2 draws prompts 0 and 2 (lines 0 and 3); the index names the pictures there (it had
+    # listed process 1's too, not drawn yet, or never if that host failed)
+    shared = tmp_path / "shared"
     shared.mkdir()
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(shared), "--process-count", "2"]) == 0
     assert "wrote 2 pictures for 2 prompts" in capsys.readouterr().out
     assert sorted(p.name for p in shared.glob("*.png")) == ["00000_0.png", "00003_0.png"]
-    assert len(json.loads((shared / "index.json").read_text())) == 3
+    assert [entry["line"] for entry in json.loads((shared / "index.json").read_text())] == [1, 4]
+    # process 1 with other settings: refused (its index would have said process 0's were drawn with them)
+    host1 = ["generate", "--prompts-file", str(prompts), "--out", str(shared), "--process-count", "2",
+             "--process-index", "1"]
+    assert main([*host1, "--cfg", "5"]) == 2
+    assert "holds 00000_0.png drawn with cfg=3.0, not 5.0" in capsys.readouterr().err
+    assert main(host1) == 0 and "wrote 1 pictures for 1 prompts" in capsys.readouterr().out
+    assert [entry["line"] for entry in json.loads((shared / "index.json").read_text())] == [1, 2, 4]
     for wrong in (["a red circle", "--prompts-file", str(prompts), "--out", str(out)], ["--out", str(out)]):
         assert main(["generate", *wrong]) == 2
         assert "either a prompt or --prompts-file" in capsys.readouterr().err

@@ -246,6 +246,40 @@ def test_a_run_trains_the_same_with_evaluation_as_without(data, evaluated, tmp_p
     assert read(workdir) == read(plain)
 
 
+def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkeypatch):
+    """A SIGTERM during an evaluation was saved one step late (the run trained a batch more); one
+    at a step whose evaluation was due put it off for good (the resumed run starts after that step).
+    Now the first saves the evaluated step, and the second's evaluation runs first on resume."""
+    import signal
+
+    workdir = str(tmp_path / "run")
+    config = _config(data, batches=1)
+    config.total_steps = 6
+    real_run = evaluate.Evaluator.run
+
+    def sigterm_in_the_evaluation(self, step, *args):
+        out = real_run(self, step, *args)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate.Evaluator, "run", sigterm_in_the_evaluation)
+        train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+    def sigterm_before_step_4(step, batch):
+        if step == 3:  # the batch of step 4, at which an evaluation is due
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    train_and_evaluate(config, workdir, batch_transform=sigterm_before_step_4)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    assert sorted(_scalars(_events(workdir), "eval/loss")) == [2]
+    train_and_evaluate(config, workdir)
+    assert sorted(_scalars(_events(workdir), "eval/loss")) == [2, 4, 6]
+
+
 # --- the config ------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, match", [
     (dict(every=-1), "eval.every must be 0"),

@@ -136,6 +136,14 @@ def test_unsupported_modes_are_clear_errors(tmp_path, bf16_model):
     q.save(str(tmp_path / "q"))
     with pytest.raises(ValueError, match="float checkpoint"):
         unitoken_jax.load(str(tmp_path / "q"), quantize="none", progress=False)
+    # unmerged adapters: quantize_params kept them in float beside the int8 kernels (neither model)
+    from unitoken_jax.models.config import LoraConfig
+    from unitoken_jax.models.quantize import quantize_params
+
+    adapted = UniTokenModel.random(BF16.replace(lora=LoraConfig(rank=2, targets=("q_proj",))), seed=0)
+    with pytest.raises(ValueError, match="LoRA adapters beside the kernels: fold them in first"):
+        quantize_params(adapted.params, adapted.config)
+    assert adapted.quantize("int8").config.lora is None  # (the model's quantize folds them in)
 
 
 def test_training_refuses_int8(tmp_path):

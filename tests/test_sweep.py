@@ -54,6 +54,38 @@ def sweep(add):
 ''' + extra)
 
 
+def test_a_runs_config_json_is_the_loops_record_and_a_real_change_is_named_when_it_resumes(tmp_path, caplog):
+    """The sweep wrote config.json in another form than the training loop records (4 keys fewer),
+    so every start of a run warned of a change that was none and kept a config.previousN.json; and
+    it rewrote a started run's config.json with the edited config, so the loop named no real change
+    when the run resumed from checkpoints trained with the old one."""
+    import logging
+
+    from unitoken_jax.train.config import TrainConfig
+    from unitoken_jax.train.loop import record_config
+
+    root = str(tmp_path / "root")
+    path = _grid_file(tmp_path)
+    sweep = sweep_lib.expand(path, root, check=TrainConfig.from_config_dict)
+    sweep_lib.write_records(sweep)
+    run = sweep.runs[0]
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        record_config(run.workdir, TrainConfig.from_config_dict(run.config).to_dict())  # the run starts
+    assert "differs" not in caplog.text and not os.path.exists(os.path.join(run.workdir, "config.previous1.json"))
+    os.makedirs(os.path.join(run.workdir, "checkpoints", "5"))  # it trained, and stopped
+    with open(path) as f:
+        edited = f.read().replace("c.total_steps = 10", "c.total_steps = 10\n    c.data.rows = 4")
+    with open(path, "w") as f:
+        f.write(edited)
+    sweep = sweep_lib.expand(path, root, check=TrainConfig.from_config_dict)
+    sweep_lib.write_records(sweep)
+    assert json.load(open(os.path.join(sweep.runs[1].workdir, "config.json")))["data"]["rows"] == 4  # not started
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        record_config(run.workdir, TrainConfig.from_config_dict(sweep.runs[0].config).to_dict())  # it resumes
+    assert "data.rows: 8 -> 4" in caplog.text
+    assert json.load(open(os.path.join(run.workdir, "config.previous1.json")))["data"]["rows"] == 8
+
+
 def test_a_2x2_grid_expands_into_four_runs_with_their_own_workdirs_and_records(tmp_path):
     root = str(tmp_path / "root")
     sweep = sweep_lib.expand(_grid_file(tmp_path) + ":big", root)
@@ -222,13 +254,12 @@ sweep._run_one([sys.executable, "-c", sys.argv[2], sys.argv[1]], sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("parent_script", [PARENT, PARENT_CTRL_C_WHILE_STARTING], ids=["running", "starting"])
-def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tmp_path, parent_script):
-    """Ctrl-C goes to the terminal's whole process group: the run's process got the SIGINT itself
-    (a KeyboardInterrupt, no checkpoint) instead of the SIGTERM the sweep sends it; and a Ctrl-C
-    while the run's process was being started left it running, unrecorded."""
+@contextlib.contextmanager
+def _local_run(tmp_path, parent_script, child):
+    """A sweep's local run of `child` by `parent_script`, once the child has said it is ready;
+    the child is killed at the end if it was left going."""
     workdir = tmp_path / "run"
-    parent = subprocess.Popen([sys.executable, "-c", parent_script, str(workdir), CHILD], cwd=REPO,
+    parent = subprocess.Popen([sys.executable, "-c", parent_script, str(workdir), child], cwd=REPO,
                               start_new_session=True)
     log = workdir / sweep_lib.LOG_FILE
     try:
@@ -237,6 +268,21 @@ def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tm
         # a SIGINT sent on it could come before the child has its SIGTERM handler (it then dies unsaved)
         while not (log.exists() and "ready" in log.read_text().splitlines()) and time.time() < deadline:
             time.sleep(0.1)
+        yield workdir, parent, log
+    finally:
+        parent.kill()
+        parent.wait()
+        if (workdir / "pid").exists() and not (workdir / "saved").exists():  # the run left going
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int((workdir / "pid").read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("parent_script", [PARENT, PARENT_CTRL_C_WHILE_STARTING], ids=["running", "starting"])
+def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tmp_path, parent_script):
+    """Ctrl-C goes to the terminal's whole process group: the run's process got the SIGINT itself
+    (a KeyboardInterrupt, no checkpoint) instead of the SIGTERM the sweep sends it; and a Ctrl-C
+    while the run's process was being started left it running, unrecorded."""
+    with _local_run(tmp_path, parent_script, CHILD) as (workdir, parent, log):
         if parent_script is PARENT:  # the other one sends its own, earlier
             os.killpg(parent.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         parent.wait(timeout=60)
@@ -244,12 +290,29 @@ def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tm
         with open(workdir / sweep_lib.STATUS_FILE) as f:
             record = json.load(f)
         assert (record["state"], record["exit_code"]) == ("exited", 0)
-    finally:
-        parent.kill()
-        parent.wait()
-        if (workdir / "pid").exists() and not (workdir / "saved").exists():  # the run left going
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int((workdir / "pid").read_text()), signal.SIGKILL)
+
+
+CHILD_STARTING = """
+import os, sys, time
+open(os.path.join(sys.argv[1], "pid"), "w").write(str(os.getpid()))
+print("ready", flush=True)  # still importing: no SIGTERM handler yet
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_while_the_run_is_still_starting_is_stopped_not_failed(tmp_path):
+    """A run's process killed by the sweep's SIGTERM before the training loop's handler was there
+    (imports, pipeline, restore, compile: minutes for the 7B) was reported failed, and the summary
+    exited 1; it is stopped, as a Ctrl-C later is."""
+    with _local_run(tmp_path, PARENT, CHILD_STARTING) as (workdir, parent, _):
+        os.killpg(parent.pid, signal.SIGINT)
+        parent.wait(timeout=60)
+        record = json.loads((workdir / sweep_lib.STATUS_FILE).read_text())
+        assert (record["state"], record["exit_code"]) == ("exited", -signal.SIGTERM)
+        assert sweep_lib.run_status(str(workdir))["status"] == "stopped"
+        # a run that dies of a SIGTERM the sweep did not send failed
+        (workdir / sweep_lib.STATUS_FILE).write_text(json.dumps({**record, "terminated": False}))
+        assert sweep_lib.run_status(str(workdir))["status"] == "failed"
 
 
 def test_the_stage_configs_sweep_learning_rate_times_seed():

@@ -254,11 +254,15 @@ def test_eight_devices_give_the_loss_of_one(tmp_path, data, monkeypatch):
         np.testing.assert_allclose(losses[8][step], losses[1][step], rtol=2e-5)
 
 
-@pytest.mark.parametrize("data_ways,fsdp,processes", [(1, 8, 1), (2, 4, 2), (1, 2, 4), (1, 4, 6), (2, 2, 1)])
+@pytest.mark.parametrize("data_ways,fsdp,processes", [(1, 8, 1), (2, 4, 2), (1, 2, 4), (1, 4, 6), (2, 2, 1),
+                                                      (4, 2, 4), (2, 6, 4)])
 def test_each_process_packs_in_blocks_that_stay_inside_one_shard(data, monkeypatch, data_ways, fsdp, processes):
     """The step gathers each data-parallel shard's image features from its own pixels, so a
     process's pipeline must pack in blocks of rows (and tiles) none of which straddles two shards'
-    parts of the global batch: the fewest such blocks, found here by trying every count."""
+    parts of the global batch: the fewest such blocks, found here by trying every count. Processes
+    sharing a shard (fewer shards than processes, or shards that do not split evenly among them)
+    are refused by name: each read rows of its own, and the global batch came out with fewer rows
+    than the step was compiled for, or with copies of one shard that differed."""
     from unitoken_jax.train import loop
     from unitoken_jax.train.program import make_mesh
 
@@ -278,6 +282,10 @@ def test_each_process_packs_in_blocks_that_stay_inside_one_shard(data, monkeypat
     for process in range(processes):
         monkeypatch.setattr(loop.jax, "process_count", lambda: processes)
         monkeypatch.setattr(loop.jax, "process_index", lambda: process)
+        if shards % processes:
+            with pytest.raises(ValueError, match=f"{shards} data-parallel shards .* over {processes} processes"):
+                loop._input_pipeline([data], config, mesh)
+            continue
         pipeline = loop._input_pipeline([data], config, mesh)
         assert (pipeline.config.rows, pipeline.config.blocks) == (local, expect)
 
@@ -532,6 +540,66 @@ def test_a_non_finite_streak_stops_the_run_and_checkpoints_stay_finite(tmp_path,
     config = _config(2, data, total_steps=20, checkpoint_every=100, log_every=100, max_nonfinite_in_a_row=2)
     with pytest.raises(TrainingDiverged, match="none was written yet"):
         train_and_evaluate(config, str(tmp_path / "early"), batch_transform=lambda step, b: poison(step + 4, b))
+
+
+def test_a_finished_run_resumed_to_go_further_sets_its_old_final_aside_and_says_what_skipped_steps_cost(
+        tmp_path, data, caplog):
+    """Raising total_steps of a finished run left the old final/ in place while the run went on:
+    a sweep called the run finished and the next stage's init_from read the old model. And a run
+    whose skipped (non-finite) steps left it with fewer updates ended without a word."""
+    import logging
+
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(_config(2, data, total_steps=2, log_every=100), workdir)
+    assert os.path.isdir(os.path.join(workdir, "final"))
+
+    def poison(step, batch):  # one non-finite step of the four
+        return dict(batch, pixels=np.full_like(batch["pixels"], np.nan)) if step == 2 else batch
+
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        train_and_evaluate(_config(2, data, total_steps=4, log_every=100, stop_after=3), workdir,
+                           batch_transform=poison)
+    assert not os.path.exists(os.path.join(workdir, "final"))
+    assert os.path.isdir(os.path.join(workdir, "final.previous1"))
+    assert "kept as final.previous1" in caplog.text
+    # a stop_after the run has passed was ignored: the run trained to its end
+    with pytest.raises(ValueError, match="stop_after=2, but the run resumes after step 3"):
+        train_and_evaluate(_config(2, data, total_steps=4, log_every=100, stop_after=2), workdir)
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        train_and_evaluate(_config(2, data, total_steps=4, log_every=100), workdir)
+    assert os.path.isdir(os.path.join(workdir, "final"))
+    assert "1 of the 4 steps were skipped (non-finite loss or gradient), so the model had 3 updates" in caplog.text
+
+
+def test_a_workdir_holding_another_stages_checkpoints_is_refused(tmp_path, data):
+    """Stage 3 pointed at stage 2's finished workdir resumed from its last step, trained nothing,
+    and exported stage 2's model as its own final/."""
+    workdir = tmp_path / "stage2"
+    (workdir / "checkpoints" / "40").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(_config(2, data).to_dict()))
+    with pytest.raises(ValueError, match="holds the checkpoints of a stage-2 run .* this run is stage 3"):
+        train_and_evaluate(_config(3, data), str(workdir))
+
+
+def test_a_sigterm_while_the_run_starts_stops_it_before_its_first_step(tmp_path, data, monkeypatch):
+    """The SIGTERM handler came only with the first step: a preemption (or a sweep's Ctrl-C) while
+    the run built its step and pipeline, restored and compiled killed it as a failure."""
+    import signal
+
+    from unitoken_jax.train import loop
+
+    real = loop.build_program
+
+    def preempted_while_building(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_program", preempted_while_building)
+    workdir = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    assert train_and_evaluate(_config(2, data, total_steps=2), str(workdir)) == {}
+    assert not os.listdir(workdir / "checkpoints") and not (workdir / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data, monkeypatch):

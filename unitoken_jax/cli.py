@@ -604,12 +604,19 @@ def _generate_many(args) -> int:
     os.makedirs(args.out, exist_ok=True)  # (as chat's --out-dir)
     names = [[f"{line[k]:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
     mine = _share(list(range(len(prompts))), args, "prompts")
-    todo = [k for k in mine if not all(os.path.exists(os.path.join(args.out, m)) for m in names[k])]
+
+    def on_disk(k):
+        return all(os.path.exists(os.path.join(args.out, m)) for m in names[k])
+
+    todo = [k for k in mine if not on_disk(k)]
     pipe = _pipeline(args) if todo else None  # (sets --size's default)
     drawn_with = dict(size=args.size, cfg=args.cfg, top_k=args.top_k, temperature=args.temperature,
                       negative_prompt=args.negative_prompt)
+    # every picture in the folder, this host's and the other hosts' of a pod: one drawn otherwise is
+    # refused, as the index would say it was drawn with this run's settings
     before = _same_as_before(os.path.join(args.out, "index.json"), {names[k][0]: (prompts[k], args.seed)
-                                                                     for k in mine if k not in todo}, drawn_with)
+                                                                     for k in range(len(prompts))
+                                                                     if k not in todo and on_disk(k)}, drawn_with)
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
                    image_top_k=args.top_k, image_temperature=args.temperature, negative_prompt=args.negative_prompt,
                    progress=False)
@@ -634,11 +641,13 @@ def _generate_many(args) -> int:
                 for name, picture in zip(names[k], pictures):
                     _save(picture, os.path.join(args.out, name))
             bar.update(len(chosen) * args.n)
+    # the pictures in the folder now: another host's prompts not drawn yet (or never: a host that
+    # failed) are left out, and listed by the host that writes the index after them
     index = [{"prompt": prompt, "line": line[k] + 1, "pictures": names[k],
               "seeds": [args.seed + j for j in range(args.n)],
               # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
               **{key: before.get(names[k][0], {}).get(key, value) if k not in todo else value
-                 for key, value in drawn_with.items()}} for k, prompt in enumerate(prompts)]
+                 for key, value in drawn_with.items()}} for k, prompt in enumerate(prompts) if on_disk(k)]
     # (written whole, then renamed: the hosts of a pod that share the folder each write it)
     partial = os.path.join(args.out, f"index.json.{os.getpid()}.tmp")
     with open(partial, "w", encoding="utf-8") as f:

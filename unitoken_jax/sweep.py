@@ -22,7 +22,7 @@ a value that would not survive the command line is an error now, not a surprise 
 
     ROOT/sweep.json                    the config, the fixed `--set` overrides and every run
     ROOT/<run>/overrides.json          that run's overrides
-    ROOT/<run>/config.json             its whole config (the training loop rewrites the same)
+    ROOT/<run>/config.json             its whole config, as the training loop records it
     ROOT/<run>/sweep_status.json       runs started here: pid, host, exit code, seconds
     ROOT/<run>/train.log               runs started here: their output
 
@@ -85,6 +85,8 @@ class Run:
     config: ml_collections.ConfigDict  # the base config with the fixed and the run's overrides applied
     flags: tuple[str, ...]  # --config.k=v, the fixed ones first
     workdir: str
+    # the config as the train command records it in WORKDIR/config.json (see `expand`'s `check`)
+    record: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +103,10 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
     """The runs of `config_spec`'s sweep; `fixed` ({dotted key: command-line text}) applies to all.
     A spec naming no existing file resolves to the packaged config of that name (`configs.resolve_spec`);
     the commands keep the spec as given (the train command resolves it on its own host).
-    `check(config)` raises ValueError for a run's config the train command would stop at once (the
-    CLI passes `TrainConfig.from_config_dict`: this module does not import the training code)."""
+    `check(config)` raises ValueError for a run's config the train command would stop at once, and
+    returns the config as the train command reads it (the CLI passes `TrainConfig.from_config_dict`:
+    this module does not import the training code); its `to_dict()` is what the run's config.json
+    holds, the record the training loop compares a resumed run's config with."""
     given, config_spec = config_spec, configs.resolve_spec(config_spec)
     module, arg = configs.load_module(config_spec)
     if not callable(getattr(module, "sweep", None)):
@@ -142,12 +146,14 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
         seen[same] = i
         flags = fixed_flags + tuple(f"--config.{key}={_flag_text(key, value)}" for key, value in overrides.items())
         _check_round_trip(config_spec, flags, config, name)
+        record = None
         if check is not None:
             try:
-                check(config)
+                checked = check(config)
             except ValueError as e:
                 raise SweepError(f"run {name}: the train command would stop at once: {e}") from e
-        runs.append(Run(i, name, overrides, config, flags, os.path.join(root, name)))
+            record = checked.to_dict() if hasattr(checked, "to_dict") else None
+        runs.append(Run(i, name, overrides, config, flags, os.path.join(root, name), record))
     return Sweep(given, root, fixed_flags, runs)
 
 
@@ -308,8 +314,19 @@ def write_records(sweep: Sweep) -> None:
             continue
         os.makedirs(run.workdir, exist_ok=True)
         _write_json(os.path.join(run.workdir, "overrides.json"), run.overrides)
-        with open(os.path.join(run.workdir, "config.json"), "w") as f:
-            f.write(run.config.to_json_best_effort(indent=2))
+        config_json = os.path.join(run.workdir, "config.json")
+        if os.path.exists(config_json) and _has_checkpoints(run.workdir):
+            # what its checkpoints were trained with: the training loop compares the run's config with
+            # it when the run resumes, and names what changed (keeping it as config.previousN.json)
+            continue
+        record = run.record if run.record is not None else json.loads(run.config.to_json_best_effort())
+        with open(config_json, "w") as f:
+            json.dump(record, f, indent=2, default=repr)
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    checkpoints = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
 
 
 def _spec_key(spec: str) -> str:
@@ -400,13 +417,16 @@ def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
                 raise KeyboardInterrupt
             exit_code = proc.wait()
         finally:  # Ctrl-C: the training loop saves on SIGTERM, then the record says how it ended
-            if proc.poll() is None:
+            terminated = proc.poll() is None
+            if terminated:
                 proc.terminate()
                 proc.wait()
             exit_code = proc.returncode
             seconds = time.time() - t0
+            # (a run still importing, before the loop's SIGTERM handler, dies of the signal: stopped
+            # by the Ctrl-C as a saved one is, not failed)
             _write_json(record_path, {**record, "pid": proc.pid, "state": "exited", "exit_code": exit_code,
-                                      "seconds": round(seconds, 1)})
+                                      "seconds": round(seconds, 1), "terminated": terminated})
     return exit_code, seconds
 
 
@@ -423,7 +443,8 @@ def run_status(workdir: str) -> dict[str, Any]:
             return {"status": "running", "exit_code": exit_code, "host": record.get("host")}
         status = "running" if pid_alive(record["pid"]) else "stopped"
     elif record.get("state") == "exited":
-        status = "failed" if exit_code else "stopped"
+        by_us = record.get("terminated") and exit_code == -signal.SIGTERM  # the sweep's Ctrl-C stopped it
+        status = "failed" if exit_code and not by_us else "stopped"
     elif any(os.path.isdir(os.path.join(workdir, d)) for d in ("checkpoints", "tensorboard")):
         status = "started"
     else:

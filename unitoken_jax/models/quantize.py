@@ -42,6 +42,9 @@ class LeafQuantizer:
             raise ValueError("LeafQuantizer needs a quantized mode ('int8')")
         if config.quantize != "none":
             raise ValueError(f"the parameters are already quantized ({config.quantize})")
+        if config.lora is not None:  # (int8 kernels beside float adapters would compute neither model)
+            raise ValueError("the parameters hold LoRA adapters beside the kernels: fold them in first "
+                             "(UniTokenModel.merge_adapters; UniTokenModel.quantize does it)")
         self.config = config.replace(quantize=mode)
         self.int8 = traverse_util.flatten_dict(abstract_params(self.config))
 

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 
 from unitoken_jax import configs
 from unitoken_jax.data.demo import build_demo_dataset
-from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, sources_from
+from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, dropped_too_long, sources_from
 from unitoken_jax.inference.compilation_cache import count_cache_hits
 from unitoken_jax.model import UniTokenModel, load, read_extras
 from unitoken_jax.models import lora as lora_lib
@@ -147,6 +147,10 @@ def _input_pipeline(sources, config: TrainConfig, mesh, **split) -> InputPipelin
     d = config.data
     n = jax.process_count()
     shards = batch_shards(mesh)
+    if shards % n:  # (each process reads rows of its own: processes sharing a shard would give it different rows)
+        raise ValueError(f"the mesh splits the batch into {shards} data-parallel shards (data x fsdp) over {n} "
+                         "processes; each process needs shards of its own: make data x fsdp a multiple of the "
+                         "process count (tensor parallelism within a host)")
     for what, value in (("rows", d.rows), ("max_images", d.max_images)):
         if value % shards or value % n:
             raise ValueError(f"data.{what}={value} must split evenly over the {shards} data-parallel shards and "
@@ -265,6 +269,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     _check_workdir(workdir)
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_config_dict(config)
+    # from the start: a SIGTERM while the run builds, restores and compiles (minutes for the 7B)
+    # stops it before its first step as one during training does, not as a failure
+    preempted = _PreemptionFlag()
+    try:
+        return _train(config, workdir, batch_transform, preempted)
+    finally:
+        preempted.restore()
+
+
+def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_PreemptionFlag") -> dict[str, Any]:
+    _check_same_stage(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(config.mesh)
     if jax.process_index() == 0:
@@ -281,10 +296,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
 
     resumed = checkpointer.restore_latest_complete(program.abstract_state)
+    eval_pending = False
     if resumed is not None:
         start_step, state, data_state = resumed
         data_iter.set_state(_my_data_state(data_state, config.data.worker_count))
+        eval_pending = bool(data_state.get("eval_pending"))  # due when the run was preempted
         log.info("resumed from step %d", start_step)
+        end = config.total_steps * config.optimizer.accumulation_steps
+        if 0 < config.stop_after <= start_step < end:  # (it was passed by, and the run trained to its end)
+            checkpointer.close()
+            raise ValueError(f"stop_after={config.stop_after}, but the run resumes after step {start_step}: give a "
+                             "later step to stop at, or 0 to train to the end")
+        if start_step < end:
+            _set_aside_stale_exports(workdir, start_step)
     else:
         params = initial_params(config, mesh)
         state = create_state(params, program.tx, program.state_shardings, config.seed)
@@ -294,11 +318,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     with count_cache_hits() as hits:
         compiled = program.compile()
     _log_memory(compiled, time.time() - t0, "loaded from the compilation cache" if hits[0] else "compiled")
+    if preempted.flag:
+        getattr(data_iter, "close", lambda: None)()
+        checkpointer.close()
+        log.warning("preempted before the first step (SIGTERM): nothing new to save, stopping at step %d", start_step)
+        return {}
     with program.context():
         last = _run(program, compiled, state, pipeline, data_iter, checkpointer, workdir, start_step,
-                    batch_transform, evaluator)
+                    batch_transform, evaluator, preempted, eval_pending)
     checkpointer.close()
     return last
+
+
+def _check_same_stage(workdir: str, config: TrainConfig) -> None:
+    """A workdir whose checkpoints are another stage's is refused: resumed from them, the run
+    trained nothing (their step was already its end) and exported that stage's model as its own."""
+    path = os.path.join(workdir, "config.json")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not (os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return  # (record_config says what differs)
+    if recorded is not None and recorded != config.stage:
+        raise ValueError(f"{workdir} holds the checkpoints of a stage-{recorded} run (its config.json); this run is "
+                         f"stage {config.stage} and would resume from them. Give this stage a workdir of its own "
+                         f"(to start from that run's model: --config.init_from.kind=stage "
+                         f"--config.init_from.paths={workdir})")
+
+
+def _set_aside_stale_exports(workdir: str, step: int) -> None:
+    """A finished run resumed to go further (a larger total_steps): its final/ (and LoRA adapters/)
+    are of the step it ended at, and would pass for this run's end to a sweep and to the next
+    stage's init_from until the run finishes again; they are kept as final.previousN."""
+    if jax.process_index() == 0:
+        for name in ("final", "adapters"):
+            old = os.path.join(workdir, name)
+            if os.path.isdir(old):
+                n = 1
+                while os.path.exists(f"{old}.previous{n}"):
+                    n += 1
+                os.replace(old, f"{old}.previous{n}")
+                log.warning("%s was exported at an earlier end (step %d); the run goes on, so it is kept as %s", old,
+                            step, os.path.basename(f"{old}.previous{n}"))
+    _sync("stale exports set aside")
 
 
 def _log_fill_bound(pipeline: InputPipeline, config: TrainConfig) -> None:
@@ -365,12 +430,12 @@ def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPi
 
 
 def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_iter, checkpointer: Checkpointer,
-         workdir: str, start_step: int, batch_transform, evaluator: Evaluator | None = None) -> dict[str, Any]:
+         workdir: str, start_step: int, batch_transform, evaluator: Evaluator | None, preempted: "_PreemptionFlag",
+         eval_pending: bool = False) -> dict[str, Any]:
     config, mesh = program.config, program.mesh
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=primary)
     samples_log = _SamplesLog(workdir, start_step, enabled=config.log_sample_ids)
-    preempted = _PreemptionFlag()
     features_per_process = pipeline.config.max_images * pipeline.features_per_tile
     total = config.total_steps * config.optimizer.accumulation_steps
     window = metrics_lib.Window()
@@ -380,6 +445,8 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     pending_skips = None
     dropped_warned = 0
     try:
+        if eval_pending and evaluator is not None:  # the evaluation a preemption put off, of the saved step
+            last_eval = evaluator.run(step, state.params, writer)
         while step < total:
             host = next(data_iter)
             if batch_transform is not None:
@@ -398,26 +465,30 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
                 last = window.flush(step, program.flop_counter, mesh.size, total)
                 dropped = _dropped_too_long(data_iter)
-                if dropped is not None:
-                    last["dropped_too_long"] = dropped
-                    if dropped > dropped_warned:
-                        log.warning("%d samples so far were longer than a row (data.length=%d) and were dropped",
-                                    dropped, pipeline.config.length)
-                        dropped_warned = dropped
+                last["dropped_too_long"] = dropped
+                if dropped > dropped_warned:
+                    log.warning("%d samples so far were longer than a row (data.length=%d) and were dropped",
+                                dropped, pipeline.config.length)
+                    dropped_warned = dropped
                 writer.write(step, last)
             # asked at every step (on a pod the processes agree on the step to stop at only when each
             # asks at that very step), and before the evaluation: when preempted the save comes first
             preempting = preempted.now(checkpointer, step)
-            if evaluator is not None and evaluator.due(step, total) and not preempting:
+            eval_due = evaluator is not None and evaluator.due(step, total)
+            if eval_due and not preempting:
                 jax.block_until_ready(state.params)  # the step still running counts as training time
                 started = time.time()
                 last_eval = evaluator.run(step, state.params, writer)
                 window.exclude(time.time() - started)
+                eval_due = False
+                preempting = preempted.signalled_here()  # a SIGTERM during the evaluation: save this step
             stop_here = step == config.stop_after
             if step % config.checkpoint_every == 0 or step == total or stop_here or preempting:
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
-                checkpointer.save(step, state, _gather_data_state(data_iter.get_state(), config.data.worker_count),
-                                force=True)
+                data_state = _gather_data_state(data_iter.get_state(), config.data.worker_count)
+                if eval_due:  # put off by the preemption: the resumed run evaluates this step first
+                    data_state["eval_pending"] = True
+                checkpointer.save(step, state, data_state, force=True)
                 samples_log.sync()
                 if preempted.flag or stop_here:
                     log.warning("%s: saved step %d, stopping", "preempted" if preempted.flag else "stop_after", step)
@@ -427,9 +498,15 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
         checkpointer.wait()
         writer.close()
         samples_log.close()
-        preempted.restore()
 
     if step >= total:
+        skipped = int(jax.device_get(state.nonfinite_total))
+        if skipped:  # (a skipped step is a step: the run still ends at `total`)
+            n = config.optimizer.accumulation_steps
+            log.warning("%d of the %d steps were skipped (non-finite loss or gradient), so the model had %d updates "
+                        "of total_steps=%d%s", skipped, total, (total - skipped) // n, config.total_steps,
+                        f" ({(total - skipped) % n} micro-batches of an unfinished window were not applied)"
+                        if (total - skipped) % n else "")
         final = os.path.join(workdir, "final")
         export_final(UniTokenModel(config.model, state.params, *init_extras(config.init_from)), final)
         if config.model.lora is not None:  # the adapters alone, in PEFT's format (gathered; process 0 writes)
@@ -476,11 +553,9 @@ def _check_nonfinite(in_a_row, limit: int, checkpointer: Checkpointer, step: int
             "(samples.jsonl), or raise the limit.")
 
 
-def _dropped_too_long(data_iter) -> float | None:
-    """The samples dropped so far for being longer than a row, summed over processes (a collective);
-    None where the iterator runs in worker processes, which keep the count."""
-    dropped = getattr(data_iter, "dropped_too_long", None)
-    return None if dropped is None else metrics_lib.sum_over_processes(dropped)[0]
+def _dropped_too_long(data_iter) -> float:
+    """The samples dropped so far for being longer than a row, summed over processes (a collective)."""
+    return metrics_lib.sum_over_processes(dropped_too_long(data_iter))[0]
 
 
 def _log_memory(compiled, seconds: float, how: str) -> None:
@@ -561,6 +636,11 @@ class _PreemptionFlag:
         if jax.process_count() > 1:  # every process must agree on the step to save at
             self.flag = checkpointer.manager.reached_preemption(step)
         return self.flag
+
+    def signalled_here(self) -> bool:
+        """Has this single process had a SIGTERM? (On a pod the processes agree on the step at the
+        next `now`.)"""
+        return self.flag and jax.process_count() == 1
 
     def restore(self):
         if self._old is not None:
