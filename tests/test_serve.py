@@ -39,7 +39,7 @@ from unitoken_jax.serve import app as app_module  # noqa: E402
 from unitoken_jax.serve.app import server_class  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler, ShuttingDown  # noqa: E402
-from unitoken_jax.serve.wire import Limits, apply_stop  # noqa: E402
+from unitoken_jax.serve.wire import Limits, apply_stop, parse_chat  # noqa: E402
 from unitoken_jax.tokenizer.conversation import TextStream  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
@@ -49,6 +49,7 @@ pytestmark = pytest.mark.skipif(not default.available(), reason="no bundled mode
 
 KEY = "test-key-17"
 MODEL = "unitoken-shapes"
+PAGE = "http://localhost:3000"  # a web page's origin the server lets call it (CORS)
 SIZE = "64x64"
 
 
@@ -107,7 +108,8 @@ def pipe():
 @pytest.fixture(scope="module")
 def server(pipe):
     settings = ServeSettings(model_name=MODEL, api_key=KEY, max_batch=32, batch_wait=0.03, default_size=(64, 64),
-                             sizes=((64, 64),), max_body_bytes=16 * 1024 * 1024, limits=Limits(max_n=8))
+                             sizes=((64, 64),), max_body_bytes=16 * 1024 * 1024, limits=Limits(max_n=8),
+                             cors_origins=(PAGE,))
     running = _Running(create_app(pipe, settings))
     yield running
     running.stop()
@@ -788,6 +790,75 @@ def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):
                                                              "image/png"),
                                          prompt="make it blue", size=SIZE, stream=False, partial_images=0)
     assert len(edited.data) == 1
+
+
+def test_message_orders_openai_takes_are_taken(server):
+    """Two user messages in a row, a system message after the first turn, an assistant message with
+    no content (tool calls only): OpenAI answers them, LangChain and agents send them, and this
+    server refused each with a 400. Consecutive messages of one role are one turn; a later system
+    message goes before the next user message (or after the last)."""
+    def conversation(*messages):
+        return parse_chat({"model": MODEL, "messages": list(messages)}, MODEL, Limits()).conversation
+
+    user, assistant = ({"role": r, "content": c} for r, c in (("user", "hi"), ("assistant", "hello")))
+    assert conversation(user, {"role": "user", "content": "there"}) == [{"from": "human", "value": "hi\nthere"}]
+    assert conversation(user, assistant, {"role": "system", "content": "be brief"}, user) == [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}, {"from": "human", "value": "be brief\nhi"}]
+    assert conversation(user, {"role": "system", "content": "be brief"}) == [{"from": "human", "value": "hi\nbe brief"}]
+    assert conversation(user, {"role": "assistant", "content": None}, user)[1] == {"from": "gpt", "value": ""}
+    for refused in ([{"role": "system", "content": "be brief"}], [assistant, user], [user, assistant]):
+        with pytest.raises(Exception, match="user"):
+            conversation(*refused)
+    # through the wire: a picture and its question in two user messages are the one message they make
+    picture = shapes.draw([Thing("red", "circle", "top left")])
+    (image, question) = _question(picture, "What colour is the shape?")[0]["content"]
+    answer = server.client().chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": [image]}, {"role": "user", "content": question["text"]}])
+    assert answer.choices[0].message.content == "red"
+
+
+def test_modalities_say_whether_the_answer_may_draw_and_seeds_are_any_integer(server):
+    """`modalities: ["text"]` (text only) still drew a picture, and ["text", "image"], which is what
+    the server answers with, was refused; a seed past 2**32 or below 0 (OpenAI types it as any
+    integer) was refused, and is now folded into the decode loop's 32 bits."""
+    draw = [{"role": "user", "content": shapes.generate_prompt(Thing("blue", "square", "bottom right"))}]
+    text_only = server.client().chat.completions.create(model=MODEL, seed=3, messages=draw, modalities=["text"])
+    assert isinstance(text_only.choices[0].message.content, str)
+    drawn = server.client().chat.completions.create(model=MODEL, seed=3, messages=draw,
+                                                    extra_body={"modalities": ["text", "image"]})
+    assert any(p["type"] == "image_url" for p in drawn.choices[0].message.content)
+    _error(_post(server, "/v1/chat/completions", json={"model": MODEL, "messages": draw, "modalities": ["image"]}),
+           400, "modalities", "unsupported_parameter")
+    question = _question(shapes.draw([Thing("red", "circle", "top left")]), "What is in the picture?")
+
+    def sampled(seed):
+        return server.client().chat.completions.create(model=MODEL, messages=question, temperature=1.5,
+                                                       max_tokens=12, seed=seed).choices[0].message.content
+
+    assert sampled(-1) == sampled(2 ** 32 - 1) and sampled(2 ** 63 - 1) == sampled(2 ** 32 - 1)
+    # the error names the length field the caller sent (LangChain sends max_completion_tokens)
+    _error(_post(server, "/v1/chat/completions", json={"model": MODEL, "messages": question,
+                                                       "max_completion_tokens": 100000}),
+           400, "max_completion_tokens", "context_length_exceeded")
+
+
+def test_a_web_page_of_an_allowed_origin_may_call_the_api_from_a_browser(server):
+    """No CORS: a browser's preflight got 405 (401 with a key), and no answer let a page of another
+    origin read it. `--cors-origin` names the pages that may."""
+    preflight = requests_http.options(server.url + "/v1/chat/completions", headers={
+        "Origin": PAGE, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == PAGE
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    answer = requests_http.get(server.url + "/v1/models", headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
+    other = requests_http.get(server.url + "/v1/models", headers={"Origin": "http://elsewhere.example",
+                                                                  "Authorization": f"Bearer {KEY}"})
+    assert "access-control-allow-origin" not in other.headers
+    _error(requests_http.get(server.url + "/v1/models", headers={"Origin": PAGE}), 401)  # the key is still needed
+    with pytest.raises(ValueError, match="no path"):
+        ServeSettings(cors_origins=("http://localhost:3000/app",))
 
 
 def test_the_api_key_guards_every_endpoint_but_health(server):

@@ -840,7 +840,8 @@ def _serve(args) -> int:
                              max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
                              batch_wait=args.batch_wait, max_body_bytes=int(body) if math.isfinite(body) else body,
                              batching=args.batching, slot_length=args.slot_length, chunk=args.chunk,
-                             slot_chunk=args.slot_chunk)  # (checked as it is made: before the model loads)
+                             slot_chunk=args.slot_chunk, cors_origins=tuple(args.cors_origin))
+    # (checked as it is made: before the model loads)
     pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
     size = _size(args.size)
     name = args.model_name or ("unitoken-shapes" if bundled else
@@ -1093,6 +1094,9 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=_whole(1, 65535), default=8000)
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
                                                      "/health (default $UNITOKEN_API_KEY; none: open)")
+    srv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                     help="let web pages from ORIGIN (e.g. http://localhost:3000; '*': any) call the API from a "
+                          "browser; repeat for several (default: none, the server's own page needs none)")
     srv.add_argument("--model-name", default=None, help="the model's id in /v1/models and requests (default: "
                                                         "unitoken-shapes for the bundled model, else the --model "
                                                         "directory's name)")

@@ -43,6 +43,7 @@ import hmac
 from importlib import resources
 import json
 import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -89,6 +90,9 @@ class ServeSettings:
     batching: str = "static"
     slot_chunk: int = 16
     slot_length: int | None = None  # positions a slot holds (prompt + answer); None: all the model has
+    # origins whose web pages may call the API from a browser (CORS; "*": any); none: only this
+    # server's own page, which needs none
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.validate()  # as they are made; the server checks them again with its model's positions
@@ -110,6 +114,10 @@ class ServeSettings:
         if key and (key != key.strip() or not key.isascii() or not key.isprintable()):  # (the key is not echoed)
             raise ValueError("api_key: a key with spaces at either end, or characters other than printable ASCII, "
                              "could never match the 'Authorization: Bearer KEY' header clients send")
+        bad_origins = [o for o in self.cors_origins if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o)]
+        if bad_origins:  # (a browser sends its page's origin as scheme://host[:port], no path)
+            raise ValueError(f"cors_origins {bad_origins}: an origin is scheme://host[:port] with no path, e.g. "
+                             "http://localhost:3000, or '*' for any")
         if min(self.chunk, self.slot_chunk) < 1:
             raise ValueError(f"chunk={self.chunk}, slot_chunk={self.slot_chunk}: each must be at least 1 step")
         if self.slot_length is not None and not 2 <= self.slot_length <= (positions or self.slot_length):
@@ -265,7 +273,7 @@ class _Server:
         try:
             request = self.pipe.chat_request(call.conversation, call.images, max_new_tokens=1, seed=0,
                                              temperature=call.temperature, top_p=call.top_p, top_k=call.top_k,
-                                             cfg_scale=call.guidance_scale)
+                                             cfg_scale=call.guidance_scale, allow_images=call.allow_images)
         except ConversationError as e:
             raise bad(str(e), "messages", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
                 from None
@@ -277,9 +285,9 @@ class _Server:
         prompt = len(request.tokens)
         room = length - prompt
         if room < 1 or (call.max_tokens or 0) > room:
-            asked = f"max_tokens={call.max_tokens} does not fit: " if call.max_tokens else ""
+            asked = f"{call.length_field}={call.max_tokens} does not fit: " if call.max_tokens else ""
             raise bad(f"{asked}the conversation takes {prompt} of {whose} {length} positions, leaving {room} "
-                      "for the answer", "max_tokens" if asked else "messages", "context_length_exceeded")
+                      "for the answer", call.length_field if asked else "messages", "context_length_exceeded")
         return dataclasses.replace(request, max_new_tokens=call.max_tokens or room)
 
     def _generated(self, prompt, outputs, stop: list[str]) -> int:
@@ -521,8 +529,13 @@ def create_app(pipe, settings: ServeSettings | None = None, *, engine=None) -> S
         Route("/v1/images/generations", server.images_generations, methods=["POST"]),
         Route("/v1/images/edits", server.images_edits, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=server.lifespan,
-                    middleware=[Middleware(_Guard, settings=settings, counter=server.requests)],
+    middleware = [Middleware(_Guard, settings=settings, counter=server.requests)]
+    if settings.cors_origins:  # outside the guard: a browser's preflight carries no key
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                        allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+    app = Starlette(routes=routes, lifespan=server.lifespan, middleware=middleware,
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.server = server
     return app

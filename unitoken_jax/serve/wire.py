@@ -92,6 +92,13 @@ def _number(body: dict, name: str, default, low: float, high: float = math.inf, 
     return int(value) if integer else float(value)
 
 
+def _seed(body: dict) -> int | None:
+    """Any integer (OpenAI types `seed` as one; clients send 64-bit and negative ones), folded into
+    the decode loop's uint32 seeds."""
+    seed = _number(body, "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True)
+    return None if seed is None else seed % SEED_LIMIT
+
+
 def _text(body: dict, name: str, default=None, *, required: bool = False) -> str | None:
     value = body.get(name)
     if value is None:
@@ -183,17 +190,19 @@ class ChatCall:
     stream: bool
     include_usage: bool
     guidance_scale: float  # CFG for a picture the answer draws (1 = off; a guided call takes two rows)
+    allow_images: bool = True  # False: `modalities: ["text"]`, an answer in text alone
+    length_field: str = "max_tokens"  # the length limit as the request spelt it (max_completion_tokens)
 
 
 _CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
                 "n", "stop", "stream", "stream_options", "guidance_scale", "user", "metadata", "service_tier",
-                "safety_identifier", "prompt_cache_key"}
+                "safety_identifier", "prompt_cache_key", "modalities"}
 _CHAT_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
                  "presence_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
                  "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
                  "response_format": (None, {"type": "text"}), "store": (None, False),
                  # OpenAI's fields for what this model does not do: absent, null or their plain-text value
-                 "modalities": (None, ["text"]), "audio": (None,), "functions": (None, []), "function_call": (None,),
+                 "audio": (None,), "functions": (None, []), "function_call": (None,),
                  "reasoning_effort": (None,), "prediction": (None,), "web_search_options": (None,),
                  "verbosity": (None,)}
 
@@ -245,9 +254,12 @@ def _content(content: Any, where: str, images: list | None, limits: Limits) -> s
 
 
 def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
-    """A chat completion request -> a `ChatCall`. System (and developer) messages go before the
-    first user message's text, a newline between: the models have no system turn of their own.
-    The turns must then alternate user, assistant, ..., and end with the user's."""
+    """A chat completion request -> a `ChatCall`. The models have no system turn of their own:
+    system (and developer) messages before the first user message go before its text, later ones
+    before the next user message's (or after the last one's), a newline between. Consecutive
+    messages of one role are one turn (their contents joined by a newline), an assistant message
+    with no content (tool calls only) is an empty turn; the conversation starts and ends with the
+    user, whom the model answers."""
     check_model(body, model_name)
     _refuse_unknown(body, _CHAT_FIELDS, _CHAT_NEUTRAL, "chat completions")
     messages = body.get("messages")
@@ -260,24 +272,32 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
             raise bad(f"{where} must be an object with 'role' and 'content'", where)
         role = message.get("role")
         if role in ("system", "developer"):
-            if turns:
-                raise bad(f"{where}: a {role} message must come before the conversation's first user message", where)
             system.append(_content(message.get("content"), where, None, limits))
         elif role in ("user", "assistant"):
-            expected = "user" if len(turns) % 2 == 0 else "assistant"
-            if role != expected:
-                raise bad(f"{where} is from the {role}; after the system messages the turns must alternate user, "
-                          f"assistant, user, ... (expected the {expected})", where)
-            if message.get("content") is None:
+            content = message.get("content")
+            if content is None and role == "user":
                 raise bad(f"{where} has no content", f"{where}.content")
-            turns.append({"from": "human" if role == "user" else "gpt",
-                          "value": _content(message["content"], where, images, limits)})
+            if not turns and role == "assistant":
+                raise bad(f"{where} is from the assistant; the conversation must start with a user message", where)
+            value = "" if content is None else _content(content, where, images, limits)
+            speaker = "human" if role == "user" else "gpt"
+            if speaker == "human" and system:
+                value, system = "\n".join(system + [value]), []
+            if turns and turns[-1]["from"] == speaker:
+                turns[-1]["value"] += "\n" + value
+            else:
+                turns.append({"from": speaker, "value": value})
         else:
             raise bad(f"{where}: role {role!r} is not supported (system, developer, user, assistant)", f"{where}.role")
-    if not turns or len(turns) % 2 == 0:
+    if not turns or turns[-1]["from"] != "human":
         raise bad("the last message must be the user's: the model answers it", "messages")
-    if system:
-        turns[0]["value"] = "\n".join(system + [turns[0]["value"]])
+    if system:  # after the last user message
+        turns[-1]["value"] = "\n".join([turns[-1]["value"]] + system)
+    modalities = body.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or "text" not in modalities
+                                   or not set(modalities) <= {"text", "image"}):
+        raise bad(f"'modalities' is {modalities!r}: this model answers in text, with pictures "
+                  "(['text', 'image']) or without (['text'])", "modalities", "unsupported_parameter")
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
     length_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -303,10 +323,11 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
         temperature=_number(body, "temperature", 0.0, 0),  # greedy unless asked: the models answer best so
         top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
         top_k=_number(body, "top_k", 0, 0, 2 ** 31 - 1, integer=True),
-        seed=_number(body, "seed", None, 0, SEED_LIMIT - 1, integer=True),
+        seed=_seed(body),
         n=_number(body, "n", 1, 1, limits.max_n, integer=True),
         stop=stop or [], stream=stream, include_usage=bool((options or {}).get("include_usage")),
-        guidance_scale=_number(body, "guidance_scale", 1.0, 0))
+        guidance_scale=_number(body, "guidance_scale", 1.0, 0),
+        allow_images=modalities is None or "image" in modalities, length_field=length_field)
 
 
 def apply_stop(parts: list, stop: list[str]) -> tuple[list, bool]:
@@ -377,7 +398,7 @@ def parse_images(body: dict, model_name: str, limits: Limits, *, default_size: t
                      n=_number(body, "n", 1, 1, limits.max_n, integer=True),
                      size=parse_size(body.get("size"), default_size, sizes), output_format=output_format,
                      guidance_scale=guidance, negative_prompt=negative,
-                     seed=_number(body, "seed", None, 0, SEED_LIMIT - 1, integer=True))
+                     seed=_seed(body))
 
 
 def form_fields(form: dict[str, str]) -> dict[str, Any]:
