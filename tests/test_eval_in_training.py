@@ -276,8 +276,13 @@ def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkey
     train_and_evaluate(config, workdir, batch_transform=sigterm_before_step_4)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
     assert sorted(_scalars(_events(workdir), "eval/loss")) == [2]
+    from unitoken_jax.train import metrics as metrics_lib
+
+    excluded = []  # evaluations' time, left out of tokens/s and MFU: the one put off too
+    real_exclude = metrics_lib.Window.exclude
+    monkeypatch.setattr(metrics_lib.Window, "exclude", lambda self, s: excluded.append(s) or real_exclude(self, s))
     train_and_evaluate(config, workdir)
-    assert sorted(_scalars(_events(workdir), "eval/loss")) == [2, 4, 6]
+    assert sorted(_scalars(_events(workdir), "eval/loss")) == [2, 4, 6] and len(excluded) == 2
 
 
 # --- the config ------------------------------------------------------------------------------

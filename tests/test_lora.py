@@ -104,6 +104,28 @@ def test_save_hf_of_a_lora_model_writes_the_merged_model(tmp_path):
     np.testing.assert_allclose(logits(back, batch), logits(tuned, batch), atol=2e-5, rtol=0)
 
 
+def test_adapters_trained_on_a_lora_runs_final_model_apply_to_it(tmp_path):
+    """A LoRA run started from another LoRA run's final/ names that model (which has adapters of its
+    own) as its adapters' base; load(base, adapters=...) refused it ("merge_adapters() it first"),
+    and so did the inference verbs' --adapters. The base's own adapters are folded in first: the
+    model the second run trained on."""
+    first_cfg = small_config(rank=2, targets=("q_proj", "up_proj"))
+    first = UniTokenModel(first_cfg, randomize_b(lora_lib.with_adapters(UniTokenModel.random(small_config()).params,
+                                                                        first_cfg), seed=1))
+    first.save(str(tmp_path / "first_final"))
+    second_cfg = small_config(rank=3, targets=("v_proj", "down_proj"))
+    second = UniTokenModel(second_cfg, randomize_b(lora_lib.with_adapters(first.merge_adapters().params, second_cfg),
+                                                   seed=2))
+    second.save_adapters(str(tmp_path / "second"), base_model=str(tmp_path / "first_final"))
+    batch = image_batch(second_cfg, seed=4)
+    want = logits(second, batch)
+    for merge in (True, False):
+        loaded = unitoken_jax.load(str(tmp_path / "first_final"), adapters=str(tmp_path / "second"),
+                                   merge_adapters=merge)
+        np.testing.assert_allclose(logits(loaded, batch), want, atol=2e-5, rtol=0)
+    assert np.abs(logits(first.merge_adapters(), batch) - want).max() > 0.05  # (the second adapters do something)
+
+
 # --- PEFT -------------------------------------------------------------------------------------
 
 def test_our_adapters_load_in_peft_onto_transformers_chameleon(tmp_path):

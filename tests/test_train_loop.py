@@ -682,6 +682,11 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
         window.add_metrics({"loss": np.float32(loss), "skipped": np.int32(skipped)})
     out = window.flush(13, flops=None, devices=1)
     assert out["loss"] == 2.0 and out["skipped"] == 1
+    # ... and the split losses, weighted by their tokens, which a skipped step counted too
+    for ce, skipped in ((1.0, 0), (np.nan, 1), (3.0, 0)):
+        window.add_metrics({"ce_understanding": np.float32(ce), "tokens_understanding": np.float32(10),
+                            "skipped": np.int32(skipped)})
+    assert window.flush(13, flops=None, devices=1)["ce_understanding"] == 2.0
     window.add_metrics({"loss": np.float32(np.nan), "skipped": np.int32(1)})
     assert np.isnan(window.flush(14, flops=None, devices=1)["loss"])
 

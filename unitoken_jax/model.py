@@ -219,12 +219,15 @@ class UniTokenModel:
 
     def with_adapters(self, path: str, merge: bool = True) -> "UniTokenModel":
         """This (float) model with the PEFT-format adapters in `path` applied: folded into the
-        kernels (`merge`, what inference wants), or kept beside them as a LoRA model."""
-        if self.config.lora is not None:
-            raise ValueError("this model has adapters already; merge_adapters() it first")
+        kernels (`merge`, what inference wants), or kept beside them as a LoRA model. A model with
+        adapters of its own (the final/ of a LoRA run that the adapters' run started from) has them
+        folded in first: that sum is the base the new adapters were trained on."""
         if self.config.quantize != "none":
             raise ValueError(f"adapters cannot be applied to {self.config.quantize} weights; load the float model, "
                              "apply them, then quantize")
+        if self.config.lora is not None:
+            log.info("folding the model's own adapters into its kernels before applying %s", path)
+            return self.merge_adapters().with_adapters(path, merge)
         lora, adapters = peft_io.read_adapters(path, self.config)
         config = self.config.replace(lora=lora)
         if self.mesh is not None:

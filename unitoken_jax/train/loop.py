@@ -446,7 +446,9 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     dropped_warned = 0
     try:
         if eval_pending and evaluator is not None:  # the evaluation a preemption put off, of the saved step
+            started = time.time()
             last_eval = evaluator.run(step, state.params, writer)
+            window.exclude(time.time() - started)
         while step < total:
             host = next(data_iter)
             if batch_transform is not None:

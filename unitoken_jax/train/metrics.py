@@ -133,6 +133,8 @@ class Window:
             elif (by := _weighted_by(k, fetched[0])) is not None:
                 # nothing counted: not logged; a value counted 0 (a skipped micro-batch's NaN) stays out
                 count = np.array([float(m[by]) for m in fetched])
+                if "skipped" in fetched[0]:  # (a skipped step's tokens were counted, its loss is NaN)
+                    count = np.where(np.array([float(m["skipped"]) for m in fetched]) == 0, count, 0.0)
                 if count.sum():
                     out[k] = float(np.where(count > 0, values * count, 0.0).sum() / count.sum())
             else:

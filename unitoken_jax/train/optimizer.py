@@ -92,14 +92,34 @@ def make_optimizer(config: OptimizerConfig, params) -> optax.GradientTransformat
         return optax.adamw(lambda step: schedule(step) * scale, b1=config.b1, b2=config.b2,
                            weight_decay=config.weight_decay)
 
-    tx = optax.chain(
+    labels = param_labels(params, config.trainable)
+    if config.accumulation_steps == 1:
+        return optax.chain(
+            optax.clip_by_global_norm(config.grad_clip),
+            optax.multi_transform({"train": adamw(1.0), "vit": adamw(config.vit_lr_scale),
+                                   "frozen": optax.set_to_zero()}, labels))
+    # Accumulation wraps the trainable leaves alone: `optax.MultiSteps` keeps a float32 running mean
+    # of every gradient it is given, which around the whole chain was a copy of the frozen base too
+    # (28 GiB for the 7B LoRA config at accumulation_steps=4, against 0.3 GiB of adapter moments).
+    # Frozen gradients are zero (`stop_gradient`), so clipping the trainable ones alone is the same.
+    update = optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
-        optax.multi_transform({"train": adamw(1.0), "vit": adamw(config.vit_lr_scale), "frozen": optax.set_to_zero()},
-                              param_labels(params, config.trainable)),
-    )
-    if config.accumulation_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.accumulation_steps)
-    return tx
+        optax.multi_transform({"train": adamw(1.0), "vit": adamw(config.vit_lr_scale)},
+                              lambda trainable: param_labels(trainable, config.trainable)))
+    return optax.multi_transform(
+        {"trainable": optax.MultiSteps(update, every_k_schedule=config.accumulation_steps),
+         "frozen": optax.set_to_zero()},
+        jax.tree.map(lambda label: "frozen" if label == "frozen" else "trainable", labels))
+
+
+def accumulation_state(opt_state) -> optax.MultiStepsState:
+    """The `optax.MultiSteps` state inside the optimizer state `make_optimizer` made with
+    accumulation (its running mean covers the trainable leaves)."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+             if isinstance(s, optax.MultiStepsState)]
+    if len(found) != 1:
+        raise ValueError("the optimizer state holds no gradient accumulation (optimizer.accumulation_steps=1)")
+    return found[0]
 
 
 def trainable_mask(params, trainable: str = "all"):

@@ -18,6 +18,7 @@ from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.layers import lora_dropout
 from unitoken_jax.models.loss import fused_lm_loss
 from unitoken_jax.models.unitoken import UniToken, run_layout
+from unitoken_jax.train.optimizer import accumulation_state
 
 
 @struct.dataclass
@@ -86,7 +87,9 @@ def make_train_step(config: UniTokenConfig, tx: optax.GradientTransformation, ma
                               nonfinite_total=state.nonfinite_total + bad)
         metrics = {**metrics, "grad_norm": grad_norm, "skipped": bad, "nonfinite_in_a_row": state.nonfinite_in_a_row}
         if accumulation_steps > 1:
-            metrics.update(accumulated_grad_norm(grads, old_opt_state, accumulation_steps, ok))
+            trainable = jax.tree.map(lambda g, m: g if m else optax.MaskedNode(), grads, mask)
+            metrics.update(accumulated_grad_norm(trainable, accumulation_state(old_opt_state), accumulation_steps,
+                                                 ok))
         if schedule is not None:
             metrics["learning_rate"] = schedule(update)  # the rate that update applies
         return state, metrics
@@ -104,7 +107,8 @@ def accumulated_grad_norm(grads, opt_state: optax.MultiStepsState, k: int, ok) -
     computes it once, and the compiled step's memory and FLOPs on CPU are those without it):
     "grad_norm" is its norm at the micro-batch that completes an update and "updates" 1 there (0
     elsewhere, and for a skipped micro-batch), which the logging window averages over
-    (`metrics.Window.flush`); "micro_batch_grad_norm" is each micro-batch's own."""
+    (`metrics.Window.flush`); "micro_batch_grad_norm" is each micro-batch's own. `grads`: the
+    trainable leaves' (what the accumulation holds; the frozen ones' gradients are zero)."""
     n = opt_state.mini_step
     mean = jax.tree.map(lambda g, acc: acc + (g.astype(acc.dtype) - acc) / (n + 1), grads, opt_state.acc_grads)
     completes = (n == k - 1) & ok
