@@ -115,6 +115,23 @@ def test_changed_decoder_fields_survive_save_hf_whether_config_json_nests_them_o
     assert ("text_config" in written) == nested and "text_config" not in written.get("text_config", {})
 
 
+def test_a_model_made_here_saved_as_hf_loads_in_transformers_with_our_logits(tmp_path):
+    """A model that did not come from a release (`unitoken init`, a trained shapes model) had no
+    `vocabulary_map` in its config.json, which transformers' Chameleon reads as it loads: it failed
+    with "'NoneType' object has no attribute 'get'"."""
+    import transformers
+
+    from unitoken_jax.configs.model import get_config
+
+    model = unitoken_jax.UniTokenModel.random(unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model), seed=3)
+    model.save_hf(str(tmp_path / "hf"))
+    theirs = transformers.ChameleonForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+    tokens = np.arange(12)[None] + 8900
+    with torch.no_grad():
+        want = theirs(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model.text_logits(tokens)), want, atol=2e-4, rtol=0)
+
+
 def test_a_checkpoint_of_mixed_dtypes_round_trips_tensor_by_tensor(release_dir, tmp_path, capsys):
     """float32 norms beside bfloat16 matrices (what some trainers save): every tensor was written
     back in the dtype of most elements, and `param_dtype=None` (documented as lossless) rounded the

@@ -661,12 +661,13 @@ def test_the_training_log_says_how_far_the_run_is_and_the_time_left(caplog):
 
     window = metrics_lib.Window()
     window.start = time.time() - 10.0  # the window began 10 s ago
-    for _ in range(5):
-        window.add_metrics({"loss": np.float32(2.0)})
+    for rate in range(5):
+        window.add_metrics({"loss": np.float32(2.0), "learning_rate": np.float32(rate)})
     with caplog.at_level(logging.INFO, logger=metrics_lib.log.name):
         out = window.flush(10, flops=None, devices=1, total=40)
     assert out["loss"] == 2.0
-    assert "step 10/40 (25%, 0:01:00 left): loss=2" in caplog.text
+    assert out["learning_rate"] == 4.0  # the rate at the logged step (the window's mean lagged in warm-up)
+    assert "step 10/40 (25%, 0:01:00 left): learning_rate=4 loss=2" in caplog.text
 
     # a split with no tokens in the window (stage I's generation) is left out, not logged as NaN
     for tokens in (10.0, 30.0):

@@ -485,6 +485,9 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
 
 # --- writing ------------------------------------------------------------------------------------
 
+_CHAMELEON_IMAGE_TOKEN = 8711  # "<image>" in Chameleon's vocabulary: transformers' picture placeholder
+
+
 def hf_config_for(config: UniTokenConfig, base: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
     """config.json for our config (built on the one we loaded, if any) and the vision prefix."""
     if config.decoder is None:
@@ -493,6 +496,10 @@ def hf_config_for(config: UniTokenConfig, base: dict[str, Any] | None) -> tuple[
         hf["architectures"] = ["SiglipVisionModel"]
         return hf, "vision_model."
     hf = decoder_config_to_hf(config.decoder, base)
+    # transformers' Chameleon reads the vocabulary map as it loads; a release's config.json has the
+    # tokenizer's whole map, a model made here only the placeholder its processor needs (the names
+    # of the picture codes are the tokenizer's, which the model does not know)
+    hf.setdefault("vocabulary_map", {"<image>": _CHAMELEON_IMAGE_TOKEN})
     if config.vision is not None:
         hf["unitoken_vision_config"] = vision_config_to_hf(config.vision)
         hf["z_loss_weight"] = config.z_loss_weight

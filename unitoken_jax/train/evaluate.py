@@ -2,8 +2,9 @@
 last step, after the step's metrics and before its checkpoint:
 
     eval/loss, eval/ce, eval/z_loss     the loss on `eval.batches` held-out batches (token-weighted)
-    eval/ce_understanding               ... on the tokens of understanding samples
-    eval/ce_generation                  ... on the tokens of generation samples (picture codes)
+    eval/ce_understanding               ... on the text targets (of every sample: a generation
+                                        sample's closing tokens too; `models.loss`)
+    eval/ce_generation                  ... on the picture codes
     eval/tokens                         the predicted tokens those averages cover
     eval/pictures/<i>                   the picture drawn for `eval.prompts[i]` (an image summary)
     eval/answers/<i>                    the answer to `eval.questions[i]` (a text summary)

@@ -126,7 +126,7 @@ class Window:
         out = {}
         for k in fetched[0]:
             values = np.array([float(m[k]) for m in fetched])
-            if k == "nonfinite_in_a_row":
+            if k in ("nonfinite_in_a_row", "learning_rate"):  # as at the window's last step
                 out[k] = float(values[-1])
             elif k.startswith("tokens") or k in ("skipped", "updates"):
                 out[k] = float(values.sum())
