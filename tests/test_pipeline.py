@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -222,6 +223,22 @@ def test_any_whole_seed_draws_and_a_dataset_never_drawn_does_not_widen_the_windo
     alone = InputPipeline([datasets[0]], config).window
     assert InputPipeline([Source(datasets[0]), Source(datasets[1], ratio=0.0)], config).window == alone
     assert InputPipeline(list(datasets), config).window > alone
+
+
+@pytest.mark.parametrize("entry,says", [
+    ({"ratio": 2}, "META entry 0 must be a mapping with a 'path'"),  # a KeyError with a traceback
+    ("data/a", "META entry 0 must be a mapping with a 'path'"),  # a TypeError
+    ({"path": "a", "ratio": None}, "ratio=None must be a number"),
+    ({"path": "a", "ratio": "half"}, "META entry 0 (a): ratio='half' must be a number"),  # the file was not named
+    ({"path": "a", "ratio": -1}, "ratio=-1 must be a number of at least 0"),  # the dataset was dropped silently
+])
+def test_a_data_meta_file_with_a_bad_entry_names_it(tmp_path, entry, says):
+    import yaml
+
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(yaml.safe_dump({"META": [entry]}))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        read_meta(str(meta))
 
 
 def test_a_packed_row_gives_each_sample_its_own_loss(datasets):

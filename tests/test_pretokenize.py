@@ -345,11 +345,20 @@ def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_pa
            {"id": "image-list-of-numbers", "image": [1, 2],
             "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
            # the pipeline's prompt form: it had been written as a sample that teaches answering nothing
-           {"id": "unanswered", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]}]
+           {"id": "unanswered", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]},
+           # LLaVA-style questions whose pictures are not under 'image' were trained as text, about no picture
+           {"id": "images-plural", "images": ["a.png"], "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                                          {"from": "gpt", "value": "x"}]},
+           {"id": "no-picture", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                  {"from": "gpt", "value": "red"}]},
+           # OpenAI's messages, and 'content' for 'value': named, not "turn 0 has no text (value null)"
+           {"id": "openai", "conversations": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "x"}]},
+           {"id": "content", "conversations": [{"from": "human", "content": "hi"}, {"from": "gpt", "content": "x"}]}]
     path = tmp_path / "items.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in [ok, *bad]) + "\n")
     result = pt.pretokenize(str(path), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
-    assert result["written"] == 1 and result["skipped"] == 5
+    assert result["written"] == 1 and result["skipped"] == 9
     assert "turn 1 has no text (value null)" in json.loads(open(tmp_path / "ds" / pt.BAD_ITEMS_FILE).readlines()[4])[
         "reason"]
     listed = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
@@ -357,6 +366,12 @@ def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_pa
     assert all("ConversationError" in b["reason"] for b in listed)
     assert "'image' must be a file name or a list of them (from Python also pictures: PIL images, uint8 arrays" \
         in listed[2]["reason"]  # what encode_item takes: the message once named file names only
+    assert "pictures are under 'images'; they go under 'image'" in listed[5]["reason"]
+    assert "holds '<image>' (LLaVA's picture placeholder) but the item names no picture" in listed[6]["reason"]
+    assert "OpenAI's format" in listed[7]["reason"]
+    assert "has no 'value' (its keys: from, content)" in listed[8]["reason"]
+    with pytest.raises(ValueError, match="image_root /no/such/dir: no such directory"):  # every picture item skipped
+        pt.pretokenize(str(path), str(tmp_path / "ds2"), text, vq, SETTINGS, progress=False, image_root="/no/such/dir")
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(ok) + "\n" + '{"id": "x", "conversations": [\n')

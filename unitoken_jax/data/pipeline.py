@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -80,7 +81,18 @@ def read_meta(path: str) -> list[Source]:
     entries = meta.get("META") if isinstance(meta, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a 'META' list of {{path, ratio}} entries")
-    return [Source(str(e["path"]), float(e.get("ratio", 1.0))) for e in entries]
+    sources = []
+    for i, e in enumerate(entries):
+        where = f"{path}: META entry {i}"
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or not e["path"]:
+            raise ValueError(f"{where} must be a mapping with a 'path' (a pre-tokenized dataset directory), "
+                             f"got {e!r}")
+        ratio = e.get("ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < math.inf:
+            raise ValueError(f"{where} ({e['path']}): ratio={ratio!r} must be a number of at least 0 (the share "
+                             "of its records drawn; 0: none)")
+        sources.append(Source(e["path"], float(ratio)))
+    return sources
 
 
 def _is_meta(path) -> bool:

@@ -192,12 +192,17 @@ class _Chunk:
                 if not isinstance(item, dict):
                     raise ConversationError(f"an item must be a JSON object, not {type(item).__name__}")
                 turns = item.get("conversations")
-                empty = [i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("value") is None] \
-                    if isinstance(turns, list) else []
+                listed = turns if isinstance(turns, list) else []
+                empty = [i for i, t in enumerate(listed) if isinstance(t, dict) and "value" in t and t["value"] is None]
                 if empty:  # (the pipeline's prompt form: an answer to write, not one to learn: one <eot> labelled)
                     raise ConversationError(f"turn {empty[0]} has no text (value null): a training item needs every "
                                             "turn written out")
                 paths = [str(p) for p in image_list(item)]
+                if not paths and isinstance(turns, list) and any(
+                        isinstance(t, dict) and isinstance(t.get("value"), str) and "<image>" in t["value"]
+                        for t in turns):  # (trained as text, the question would be about no picture)
+                    raise ConversationError("a turn holds '<image>' (LLaVA's picture placeholder) but the item "
+                                            "names no picture: give its file under 'image'")
                 raw = []
                 for p in paths:
                     with open(self._path(p), "rb") as f:
@@ -257,6 +262,8 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
     items = read_items(items_path)
     if not items:
         raise ValueError(f"{items_path} holds no items")
+    if image_root is not None and not os.path.isdir(image_root):  # (else every picture item is skipped)
+        raise ValueError(f"image_root {image_root}: no such directory")
     image_root = os.path.dirname(os.path.abspath(items_path)) if image_root is None else image_root
     n_chunks = max(1, -(-len(items) // settings.chunk_size))
     partial = os.path.join(out_dir, _PARTIAL)

@@ -84,6 +84,9 @@ def _messages(item: dict[str, Any]) -> list[tuple[bool, str | None]]:
         if who not in expected:
             raise ConversationError(f"message {i} is from {msg.get('from')!r}, where a turn from "
                                     f"{' or '.join(map(repr, expected))} goes; turns alternate human, gpt, human, ...")
+        if "value" not in msg:
+            raise ConversationError(f"message {i} has no 'value' (its keys: {', '.join(map(str, msg))}); messages "
+                                    "are {'from': 'human' or 'gpt', 'value': text}")
         value = msg.get("value")
         if value is None and not (i == len(conv) - 1 and who in _ASSISTANT):
             raise ConversationError(f"message {i} has no value (only a last assistant turn may be empty: "
@@ -95,6 +98,9 @@ def _messages(item: dict[str, Any]) -> list[tuple[bool, str | None]]:
 
 
 def image_list(item: dict[str, Any]) -> list:
+    if "image" not in item and "images" in item:  # (read as none, its questions were trained as text)
+        raise ConversationError("the item's pictures are under 'images'; they go under 'image' (a file name or a "
+                                "list of them)")
     images = item.get("image", [])
     if images is None:
         return []
