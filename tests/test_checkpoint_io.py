@@ -284,7 +284,21 @@ def test_load_and_text_logits_refuse_what_would_run_wrong(release_dir):
                       (np.array([[-1, 3]]), re.escape(f"must be in [0, {vocab}), got -1 to 3"))):
         with pytest.raises(ValueError, match=says):
             model.text_logits(ids)
+        with pytest.raises(ValueError, match=says):  # forward had none of these checks (NaN logits for vocab)
+            model.forward(ids)
     assert model.text_logits(np.array([[0, vocab - 1]])).shape == (1, 2, vocab)  # the ends are in range
+    # config overrides were checked only after the whole checkpoint was read (minutes for a release)
+    import unitoken_jax.model as model_module
+
+    real = model_module._load_hf
+    model_module._load_hf = lambda *a, **k: pytest.fail("the checkpoint was read before the overrides were checked")
+    try:
+        with pytest.raises(ValueError, match="dtype='fp16'"):
+            unitoken_jax.load(str(release_dir), dtype="fp16")
+        with pytest.raises(TypeError, match="dtyp"):
+            unitoken_jax.load(str(release_dir), dtyp="bfloat16")
+    finally:
+        model_module._load_hf = real
 
 
 def test_sharded_write_has_an_index(release_dir, tmp_path):

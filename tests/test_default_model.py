@@ -55,6 +55,49 @@ def test_it_draws_held_out_prompts(pipe):
                                                        progress=False)))
 
 
+def test_the_python_api_takes_what_users_pass_it():
+    """NumPy integers and whole floats passed the option checks, then failed inside the decode loop;
+    `edit` read a list of instructions as one (its Python text) and a list of pictures as a JSON key;
+    `chat(images=picture)` took one picture apart (a path into characters, an array into rows); with
+    `batch_size`, a prompt too long for the model was refused after earlier batches were drawn (and
+    lost); a valid seed near 2**32 - 1 with n > 1 was refused as one the caller never passed."""
+    import warnings
+
+    from unitoken_jax.inference.decode import SequenceTooLong
+
+    pipe = default.pipeline()
+    red, blue = shapes.Thing("red", "circle", "top left"), shapes.Thing("blue", "square", "bottom right")
+    pictures = [shapes.draw([red]), shapes.draw([blue])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = pipe.generate_image(red.text, size=(64, 64), progress=False)[0]
+        for size in ((np.int64(64), np.int64(64)), np.array([64, 64])):
+            assert np.array_equal(np.asarray(pipe.generate_image(red.text, size=size, progress=False)[0]),
+                                  np.asarray(same))
+        for budget in (np.int64(5), 5.0):
+            assert pipe.understand([pictures[0]], "What colour is the shape?", max_new_tokens=budget) == "red"
+    edits = pipe.edit(pictures, ["make it green", "make it yellow"], progress=False)
+    alone = [pipe.edit(p, i, progress=False) for p, i in zip(pictures, ["make it green", "make it yellow"])]
+    assert [np.asarray(e).tolist() for e in edits] == [np.asarray(a).tolist() for a in alone]
+    with pytest.raises(TypeError, match="instruction must be a string or a list of strings"):
+        pipe.edit(pictures[0], None)
+    question = [{"from": "human", "value": "<|image|>What colour is the shape?"}]
+    answers = {str(pipe.chat(question, images=one)[0]) for one in (pictures[0], np.asarray(pictures[0]))}
+    assert answers == {str(pipe.chat(question, images=[pictures[0]])[0])} == {"red"}
+    drawn_batches = []
+    real_run = pipe._run_batch
+    pipe._run_batch = lambda *a, **k: drawn_batches.append(1) or real_run(*a, **k)
+    try:
+        with pytest.raises(SequenceTooLong):
+            pipe.generate_image([red.text] * 2 + ["a red circle " * 400], size=(64, 64), batch_size=1, progress=False)
+    finally:
+        del pipe._run_batch
+    assert not drawn_batches
+    top = pipe.generate_image(red.text, size=(64, 64), seed=2 ** 32 - 1, n=2, progress=False)
+    assert np.array_equal(np.asarray(top[1]), np.asarray(pipe.generate_image(red.text, size=(64, 64), seed=0,
+                                                                             progress=False)[0]))
+
+
 def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog):
     from PIL import Image
 

@@ -110,20 +110,26 @@ class UniTokenModel:
     def text_logits(self, token_ids) -> jax.Array:
         """float32 logits [B, L, vocab] of the decoder for int token ids [B, L] (one sample a row)."""
         self._need("decoder")
+        return self._run("text_logits", self._checked_ids(token_ids, "token_ids"))
+
+    def _checked_ids(self, token_ids, name: str, rows_of_positions: bool = True) -> jax.Array:
+        """Token ids [B, L] as int32, or a ValueError naming `name`: ids out of the vocabulary (an id
+        equal to its size gave NaN logits, a negative one another row), floats (1.5 read as 1), and,
+        with `rows_of_positions` (positions 0..L-1), rows longer than the model's positions."""
         if isinstance(token_ids, jax.Array) and not token_ids.is_fully_addressable:
             ids, values = token_ids, None  # a multi-host array: its values are not all on this host to check
         else:
             ids = values = np.asarray(token_ids)
         if ids.ndim != 2:
-            raise ValueError(f"token_ids must be [batch, length], got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):  # (1.5 was read as 1)
-            raise ValueError(f"token_ids must be integers, got {ids.dtype}")
+            raise ValueError(f"{name} must be [batch, length], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"{name} must be integers, got {ids.dtype}")
         vocab, positions = self.config.decoder.vocab_size, self.config.decoder.max_position_embeddings
-        if ids.shape[1] == 0 or ids.shape[1] > positions:  # (past its positions: no error, and garbage)
-            raise ValueError(f"token_ids has {ids.shape[1]} tokens a row; the model takes 1 to {positions}")
-        if values is not None and (values.min() < 0 or values.max() >= vocab):  # (silently another embedding row)
-            raise ValueError(f"token ids must be in [0, {vocab}), got {values.min()} to {values.max()}")
-        return self._run("text_logits", jnp.asarray(ids, jnp.int32))
+        if ids.shape[1] == 0 or (rows_of_positions and ids.shape[1] > positions):  # (past them: garbage)
+            raise ValueError(f"{name} has {ids.shape[1]} tokens a row; the model takes 1 to {positions}")
+        if values is not None and (values.min() < 0 or values.max() >= vocab):
+            raise ValueError(f"{name}: token ids must be in [0, {vocab}), got {values.min()} to {values.max()}")
+        return jnp.asarray(ids, jnp.int32)
 
     def _pixels(self, pixel_values):
         pixels = jnp.asarray(pixel_values, jnp.float32)
@@ -152,7 +158,7 @@ class UniTokenModel:
         predicted) give the loss; see `unitoken_jax.models.loss`.
         """
         self._need("decoder")
-        tokens = jnp.asarray(tokens, jnp.int32)
+        tokens = self._checked_ids(tokens, "tokens", rows_of_positions=positions is None)
         b, length = tokens.shape
         batch = {"tokens": tokens,
                  "segment_ids": jnp.ones_like(tokens) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)}
@@ -439,6 +445,8 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
     adapters = None if adapters is None else os.path.expanduser(os.fspath(adapters))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
+    if config_overrides:  # refused before the checkpoint is read (minutes for a release), not after
+        read_config(path).replace(**config_overrides)
     orbax = orbax_io.is_orbax_checkpoint(path)
     fold = None
     if adapters is not None and not orbax and (merge_adapters or quantize not in (None, "none")):

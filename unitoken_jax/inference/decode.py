@@ -138,6 +138,11 @@ class Request:
                                                  for g in self.grid_hw):
                 raise ValueError(f"grid_hw={self.grid_hw!r} must be two whole numbers of grid units in "
                                  f"[1, {self.max_grid}] ({layout.PIXELS_PER_GRID} px each)")
+            self.grid_hw = tuple(int(g) for g in self.grid_hw)
+        # as Python numbers: a NumPy integer or a whole float passed the checks and then failed in the
+        # host-side arithmetic of the decode loop (`int.bit_length`, `range`)
+        for name in ("max_new_tokens", "seed", "top_k", "image_top_k", "max_grid"):
+            setattr(self, name, int(getattr(self, name)))
 
 
 def _rows(requests: Sequence[Request]):

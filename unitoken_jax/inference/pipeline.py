@@ -6,14 +6,16 @@
     pipe.edit("cat.jpg", "make it a watercolour")                      # -> PIL
     pipe.chat([{"from": "human", "value": "<|image|> and this?"}], images=["dog.png"])
 
-Every method takes lists as well as single values and runs them as one batch; `run` takes any
-mix of requests (`*_request` methods) and returns each one's decoded parts.
+`understand`, `generate_image` and `edit` take lists as well as single values and run them as one
+batch (`chat` is one conversation); `run` takes any mix of requests (`*_request` methods) and
+returns each one's decoded parts.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Sequence
@@ -76,6 +78,25 @@ def _listify(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _pictures(images) -> list:
+    """A list of pictures from one picture (a path, bytes, a PIL image, an array) or a list of them:
+    one passed alone was taken apart (a path into characters, an array into rows)."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
+
+
+def _paired(text, what: str, inputs, listed: Callable, inputs_are: str, rule: str) -> tuple[bool, list, list]:
+    """(single, texts, inputs): one text with its input, or a list of texts with `listed(inputs)`,
+    as many."""
+    if isinstance(text, str):
+        return True, [text], [inputs]
+    texts, given = _texts(text, what), listed(inputs)
+    if len(given) != len(texts):
+        raise ValueError(f"{len(texts)} {what}s and {len(given)} {inputs_are}: give {rule}")
+    return False, texts, given
+
+
 def _texts(values, what: str) -> list[str]:
     """A list of strings, or a clear error naming `what` (a prompt of None or a number is no text)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
@@ -103,6 +124,8 @@ def _size_pair(size) -> tuple[int, int]:
     """(width, height) in pixels, as a pair; "512x512" and other shapes are refused by name."""
     if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
         raise ValueError(f"size must be (width, height) in pixels, e.g. (512, 512); got {size!r}")
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in size):
+        return tuple(int(v) for v in size)  # (NumPy integers as Python's: the loop's arithmetic takes those)
     return tuple(size)
 
 
@@ -261,6 +284,7 @@ class UniTokenPipeline:
 
     def edit_request(self, image, instruction: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                      **options) -> Request:
+        _texts([instruction], "instruction")
         value = f"{IMAGE_PLACEHOLDER}\n{_plain(instruction, 'instruction')}"
         item = {"conversations": [{"from": "human", "value": value},
                                   {"from": "gpt", "value": None}], "image": [image]}
@@ -270,7 +294,7 @@ class UniTokenPipeline:
         if isinstance(messages, (str, dict)) or not len(messages):
             raise ValueError(f"messages must be a list of turns ({{'from': 'human', 'value': ...}} first), got "
                              f"{messages!r:.80}")
-        item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": list(images)}
+        item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": _pictures(images)}
         return Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
                                                 **options})
 
@@ -396,12 +420,8 @@ class UniTokenPipeline:
         runs: captioning a folder of thousands). `stream` gets the text as it is generated:
         `stream(text)` for one question, `stream(i, text)` for a list (as the answer is a string
         or a list)."""
-        single = isinstance(question, str)
-        questions = [question] if single else _texts(question, "question")
-        image_sets = [images] if single else list(images)
-        if len(image_sets) != len(questions):
-            raise ValueError(f"{len(questions)} questions and {len(image_sets)} lists of pictures: give one list of "
-                             "pictures (maybe empty) a question")
+        single, questions, image_sets = _paired(question, "question", images, list, "lists of pictures",
+                                                "one list of pictures (maybe empty) a question")
         if stream is not None and single:
             send = stream
             stream = lambda _, text: send(text)  # noqa: E731 (one question: its text alone)
@@ -414,25 +434,38 @@ class UniTokenPipeline:
     def generate_image(self, prompt, *, size=None, cfg: float = 3.0, n: int = 1, seed: int = 0,
                        progress: bool = True, batch_size: int | None = None,
                        **options) -> list[Image.Image] | list[list[Image.Image]]:
-        """n pictures per prompt (seeds seed, seed+1, ...); a list of prompts gives a list of lists.
+        """n pictures per prompt (seeds seed, seed+1, ..., modulo 2**32); a list of prompts gives a list of lists.
         All pictures are drawn as one batch (a bar counts image rows), or `batch_size` pictures at
         a time (a bar counts pictures)."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
         single = isinstance(prompt, str)
         prompts = [prompt] if single else _texts(prompt, "prompt")
-        results = self._in_batches(len(prompts) * n, lambda k: self.generate_request(
-            prompts[k // n], size=size, cfg=cfg, seed=seed + k % n, **options), batch_size, what="pictures",
-            bar=progress, progress=progress)
+        valid = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2 ** 32
+
+        def seed_of(j):  # past 2**32 - 1 the seeds wrap (one out of range is refused by its request)
+            return (int(seed) + j) % 2 ** 32 if valid else seed
+
+        # every request made before the first batch runs (they hold no picture: cheap), so that a prompt
+        # the model cannot take is refused before anything is drawn
+        requests = [self.generate_request(prompts[k // n], size=size, cfg=cfg, seed=seed_of(k % n), **options)
+                    for k in range(len(prompts) * n)]
+        results = self._in_batches(len(requests), requests.__getitem__, batch_size, what="pictures",
+                                   bar=progress, progress=progress)
         pics = [[x for x in r if not isinstance(x, str)][0] for r in results]
         grouped = [pics[i * n:(i + 1) * n] for i in range(len(prompts))]
         return grouped[0] if single else grouped
 
-    def edit(self, image, instruction: str, *, size=None, cfg: float = 3.0, seed: int = 0,
+    def edit(self, image, instruction, *, size=None, cfg: float = 3.0, seed: int = 0,
              progress: bool = True, **options):
-        (result,) = self.run([self.edit_request(image, instruction, size=size, cfg=cfg, seed=seed, **options)],
-                             progress=progress)
-        return [x for x in result if not isinstance(x, str)][0]
+        """The edited picture; a list of instructions with a list of pictures (one each) gives a
+        list of pictures, drawn as one batch."""
+        single, instructions, pictures = _paired(instruction, "instruction", image, _pictures, "pictures",
+                                                 "one picture an instruction")
+        results = self.run([self.edit_request(p, i, size=size, cfg=cfg, seed=seed, **options)
+                            for p, i in zip(pictures, instructions)], progress=progress)
+        edited = [[x for x in result if not isinstance(x, str)][0] for result in results]
+        return edited[0] if single else edited
 
     def chat(self, messages, images=(), *, stream: Callable[[str], None] | None = None, **options) -> list:
         """The next assistant turn of a conversation: [text, picture, ...]. A picture the model
