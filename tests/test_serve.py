@@ -810,8 +810,11 @@ def test_message_orders_openai_takes_are_taken(server):
         with pytest.raises(Exception, match="user"):
             conversation(*refused)
     # through the wire: a picture and its question in two user messages are the one message they make
+    # (the picture's base64 broken into MIME's lines of 76, which was refused as malformed)
     picture = shapes.draw([Thing("red", "circle", "top left")])
     (image, question) = _question(picture, "What colour is the shape?")[0]["content"]
+    head, data = image["image_url"]["url"].split(",", 1)
+    image["image_url"]["url"] = head + "," + "\r\n".join(data[i:i + 76] for i in range(0, len(data), 76))
     answer = server.client().chat.completions.create(model=MODEL, messages=[
         {"role": "user", "content": [image]}, {"role": "user", "content": question["text"]}])
     assert answer.choices[0].message.content == "red"

@@ -165,6 +165,8 @@ def read_data_url(url: Any, what: str, limits: Limits) -> Image.Image:
     if not match["b64"]:
         raise bad(f"{what}: the data URL must be base64 encoded (data:image/png;base64,...)", what, "invalid_image_url")
     data = url[match.end():]
+    if any(c in data for c in " \t\r\n"):  # MIME's base64 breaks its lines every 76 characters
+        data = "".join(data.split())
     if len(data) * 3 // 4 > limits.max_image_bytes + 3:
         raise bad(f"{what}: the picture is about {len(data) * 3 // 4} bytes; this server takes at most "
                   f"{limits.max_image_bytes}", what, "image_too_large")
