@@ -98,6 +98,56 @@ def test_the_python_api_takes_what_users_pass_it():
                                                                              progress=False)[0]))
 
 
+def test_cli_slips_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Each of these did its work (or loaded the model) first, or did something else than asked:
+    an --out format PIL reads but cannot write crashed after the drawing; a caption rerun with
+    another question appended its answers to the other question's; --process-index without
+    --prompts-file (even -3) was ignored; --prompts-file with --out pics.png made a folder of that
+    name; a bad --size or --image-prefix with --model was found after the model loaded; --vq-size -5
+    reached PIL; a closed stdout pipe was reported as bad input (exit 2)."""
+    import json
+
+    import unitoken_jax
+    from unitoken_jax import cli
+
+    picture = tmp_path / "red.png"
+    shapes.draw([shapes.Thing("red", "circle", "top left")]).save(picture)
+    monkeypatch.setattr(unitoken_jax, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(default, "pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+
+    def refused(argv, says):
+        assert cli.main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+
+    refused(["reconstruct", str(picture), "--out", str(tmp_path / "out.psd")], "not a picture format PIL writes")
+    refused(["generate", "a red circle", "--out", str(tmp_path / "g.png"), "--process-index", "1",
+             "--process-count", "2"], "split a --prompts-file")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "a red circle", "--out", str(tmp_path / "g.png"), "--process-index", "-3"])
+    capsys.readouterr()
+    (tmp_path / "prompts.txt").write_text("a red circle at the top left\n")
+    refused(["generate", "--prompts-file", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "pics.png")],
+            "names a picture")
+    assert not (tmp_path / "pics.png").exists()
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "red", "image": ["red.png"], "conversations": [
+        {"from": "human", "value": "<|image|>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]}) + "\n")
+    refused(["caption", str(picture), "--out", str(items), "--question", "Where is the shape?"],
+            "holds answers to another question ('What colour is it?')")
+    files = [f"--model={default.DEFAULT_DIR}/model", f"--tokenizer={default.DEFAULT_DIR}/tokenizer.json",
+             f"--vqgan={default.DEFAULT_DIR}/vqgan"]
+    refused(["generate", "a red circle", "--out", str(tmp_path / "g.png"), "--size", "abc", *files],
+            "--size must look like 512x512")
+    refused(["generate", "a red circle", "--out", str(tmp_path / "g.png"), "--size", "50x50", *files],
+            "multiple of 32")
+    refused(["understand", str(picture), "What colour?", "--image-prefix", "abc", *files], "--image-prefix must be")
+    with pytest.raises(SystemExit):
+        cli.main(["understand", str(picture), "What colour?", "--vq-size", "-5", *files])
+    assert "--vq-size: -5 is out of range" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_understand", lambda args: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
+    assert cli.main(["understand", str(picture), "What colour?"]) == 141 and "error" not in capsys.readouterr().err
+
+
 def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog):
     from PIL import Image
 

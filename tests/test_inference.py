@@ -946,7 +946,7 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
                       "value": "Generate an image of 64x32 according to the following prompt:\na red cat"}]
     assert "'/draw' needs a caption (nothing sent)" in capsys.readouterr().err
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--size", "50x64", *common]) == 2
-    assert "multiples of 32" in capsys.readouterr().err
+    assert "multiple of 32" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
     assert "cfg_scale" in capsys.readouterr().err

@@ -896,6 +896,11 @@ def test_unitoken_serve_serves_the_bundled_model_with_the_key_from_the_environme
                                 ("--timeout", "nan", "timeout=nan must be positive")):
         assert cli.main(["serve", option, value, "--model", str(tmp_path / "no-model")]) == 2, option
         assert said in capsys.readouterr().err, option
+    # an option of the other batching was read by nothing
+    for argv, said in ((["--slot-length", "100"], "--slot-length is for --batching continuous, not static"),
+                       (["--batching", "continuous", "--chunk", "8"], "--chunk is for --batching static")):
+        assert cli.main(["serve", *argv, "--model", str(tmp_path / "no-model")]) == 2, argv
+        assert said in capsys.readouterr().err, argv
     # a slot longer than the model's positions, refused before the server says it serves
     assert cli.main(["serve", "--batching", "continuous", "--slot-length", "100000"]) == 2
     out, err = capsys.readouterr()

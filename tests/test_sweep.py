@@ -486,6 +486,9 @@ def test_statuses_and_last_metrics_are_read_from_the_workdirs(tmp_path, capsys):
     os.remove(os.path.join(runs[3].workdir, "sweep_status.json"))
     os.makedirs(os.path.join(runs[3].workdir, "checkpoints"))
 
+    for extra in (["other.py"], ["--set", "total_steps=5"], ["--launcher", "echo"]):  # read by nothing
+        assert cli.main(["sweep", *extra, "--root", root, "--summary-only"]) == 2, extra
+        assert "--summary-only reads what" in capsys.readouterr().err
     assert cli.main(["sweep", "--root", root, "--summary-only", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["status"] for row in rows] == ["stopped", "finished", "running", "started"]

@@ -144,14 +144,19 @@ def _pipeline(args):
                              f"--size {args.size} (it never saw another size: other sizes come out as noise)")
         args.size = args.size if getattr(args, "size", None) else "x".join(str(v) for v in world["size"])
         _LOG.info("no --model: using the bundled shapes-world model (%s)", default.DEFAULT_DIR)
+        prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # (before the model loads)
         how = _how_to_load(args, os.path.join(default.DEFAULT_DIR, "model"))
         pipe = default.pipeline(adapters=args.adapters, cache_growth=args.cache_growth, layers=args.layers, **how)
-        if args.image_prefix is not None:
-            pipe.image_prefix = _ids(args.image_prefix)
+        if prefix is not None:
+            pipe.image_prefix = prefix
         _say_placement(pipe.model)
         return pipe
     if getattr(args, "size", None) is None:
         args.size = "512x512"
+    if any(v % 32 for v in _size(args.size)):  # refused before the model loads (minutes for a release)
+        raise ValueError(f"--size {args.size}: each side must be a multiple of 32 pixels")
+    prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
+
     def given(name, env):
         path = getattr(args, name) or os.environ.get(env)
         if not path:
@@ -162,7 +167,6 @@ def _pipeline(args):
     how = _how_to_load(args, paths["model"])  # a --model that is no model is named before what else is missing
     paths.update(tokenizer=given("tokenizer", "UNITOKEN_TOKENIZER"), vqgan=given("vqgan", "UNITOKEN_VQGAN"))
     model = unitoken_jax.load(paths["model"], progress=False, adapters=args.adapters, **how)
-    prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
     vq = VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
     _say_placement(model)
     return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
@@ -468,14 +472,20 @@ def _caption(args) -> int:
     paths = _share(paths, args, "pictures")
     done = set()
     if kind == ".jsonl" and os.path.exists(args.out):  # a rerun goes on where the last one stopped
-        kept, damaged = [], 0
+        kept, damaged, asked = [], 0, set()
         with open(args.out, encoding="utf-8") as f:
             for line in f:
                 try:
-                    done.add(tuple(json.loads(line)["image"]))
+                    item = json.loads(line)
+                    done.add(tuple(item["image"]))
+                    asked.add(item["conversations"][0]["value"])
                     kept.append(line)
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, IndexError):
                     damaged += line.strip() != ""
+        other = sorted(q for q in asked if q != f"<|image|>\n{args.question}")
+        if other:  # (kept, the file would mix two questions' answers under one set of pictures)
+            raise ValueError(f"{args.out} holds answers to another question ({other[0].split(chr(10), 1)[-1]!r}); "
+                             "give that --question to go on, or another --out")
         if damaged:  # e.g. a line cut by a stop mid-write: dropped, its picture captioned again
             print(f"caption: {damaged} damaged line(s) of {args.out} dropped", file=sys.stderr)
         # (a last line without its newline, as an editor may leave it, would run into the next item)
@@ -548,7 +558,8 @@ def _check_out(path: str) -> None:
     from PIL import Image
 
     extension = os.path.splitext(path)[1].lower()
-    if extension not in Image.registered_extensions():  # found after drawing, the picture would be lost
+    # found after drawing, the picture would be lost (PIL reads some formats it cannot write: .psd, .pcd)
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
         raise ValueError(f"--out {path}: {extension or 'no extension'} is not a picture format PIL writes; "
                          f"use .png (or .jpg, .webp, ...)")
 
@@ -558,6 +569,9 @@ def _generate(args) -> int:
         raise ValueError("give either a prompt or --prompts-file (one prompt a line)")
     if args.prompts_file is not None:
         return _generate_many(args)
+    if (args.process_index, args.process_count) != (0, 1):
+        raise ValueError("--process-index and --process-count split a --prompts-file over a pod's hosts; one prompt "
+                         "is drawn by one process")
     _check_out(args.out)
     if not args.prompt.strip():  # allowed (a picture from the model's own prior), but likely a slip
         print("generate: the prompt is empty: the pictures are drawn without a caption", file=sys.stderr)
@@ -598,6 +612,11 @@ def _generate_many(args) -> int:
         print(f"generate: {len(blank)} empty line(s) of {args.prompts_file} skipped", file=sys.stderr)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file: with --prompts-file, --out is the folder the pictures go to")
+    from PIL import Image
+
+    if not os.path.isdir(args.out) and os.path.splitext(args.out)[1].lower() in Image.registered_extensions():
+        raise ValueError(f"--out {args.out} names a picture: with --prompts-file, --out is the folder the pictures "
+                         "go to (made if it is not there)")
     batch_size = args.batch_size or 16
     if batch_size < 1 or args.n < 1:
         raise ValueError(f"--batch-size and --n must be at least 1, got {batch_size} and {args.n}")
@@ -835,6 +854,14 @@ def _serve(args) -> int:
     from unitoken_jax.serve import ServeSettings, run
 
     bundled = not (args.model or os.environ.get("UNITOKEN_MODEL"))
+    # an option of the other batching was read by nothing (said, not ignored)
+    other = {"static": ("--slot-length", "--slot-chunk"), "continuous": ("--chunk",)}[args.batching]
+    given = [flag for flag in other if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --batching "
+                         f"{'continuous' if args.batching == 'static' else 'static'}, not {args.batching}")
+    args.chunk = 64 if args.chunk is None else args.chunk
+    args.slot_chunk = 16 if args.slot_chunk is None else args.slot_chunk
     body = args.max_body_mb * 1024 * 1024
     settings = ServeSettings(api_key=args.api_key or os.environ.get("UNITOKEN_API_KEY") or None,
                              max_batch=args.max_batch, queue_limit=args.queue_limit, timeout=args.timeout,
@@ -954,12 +981,14 @@ def _parser() -> argparse.ArgumentParser:
     init.set_defaults(func=_init)
     recon = add_parser("reconstruct", help="image -> VQ codes -> image: the tokenizer at work on a photo")
     recon.add_argument("image")
-    recon.add_argument("--out", required=True, help="where to write the reconstruction (PNG)")
+    recon.add_argument("--out", required=True, help="where to write the reconstruction (its extension picks the "
+                                                    "format: .png, .jpg, .webp, ...)")
     recon.add_argument("--vqgan", default=None, help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this "
                                                      "package wrote, or an HF Chameleon / UniToken dir; default "
                                                      "$UNITOKEN_VQGAN, else the bundled shapes-world VQ-GAN")
     recon.add_argument("--size", type=_whole(1), default=None,
-                       help="crop side in pixels (a multiple of 32; default 512, 64 with the bundled VQ-GAN)")
+                       help="crop side in pixels (a multiple of the VQ-GAN's downsampling, 16 for Chameleon's; "
+                            "default 512, 64 with the bundled VQ-GAN)")
     recon.add_argument("--side-by-side", action="store_true", help="write the crop and its reconstruction together")
     recon.set_defaults(func=_reconstruct)
 
@@ -978,8 +1007,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this package "
                                        "wrote, or an HF Chameleon / UniToken dir (default $UNITOKEN_VQGAN)")
         p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
-        p.add_argument("--vq-size", type=int, default=None, help="side of the VQ crop of input pictures (default: 512, "
-                                                                  "or less for a model too short for 512 px of codes)")
+        p.add_argument("--vq-size", type=_whole(1), default=None,
+                       help="side of the VQ crop of input pictures (default: 512, or less for a model too short "
+                            "for 512 px of codes)")
         p.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="compute dtype (auto: bfloat16 on a TPU or GPU, float32 on a CPU)")
         p.add_argument("--param-dtype", default="auto", choices=DTYPES,
@@ -1041,8 +1071,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="a text file of prompts, one a line: --n pictures each, into the directory --out "
                           "(NNNNN_J.png and index.json)")
     share_help = "with --process-count N: this process's share (every N-th {}, from this one), one process a host"
-    gen.add_argument("--process-index", type=int, default=0, help=share_help.format("prompt of --prompts-file"))
-    gen.add_argument("--process-count", type=int, default=1)
+    gen.add_argument("--process-index", type=_whole(0), default=0, help=share_help.format("prompt of --prompts-file"))
+    gen.add_argument("--process-count", type=_whole(1), default=1)
     gen.add_argument("--batch-size", type=_whole(1), default=None,
                      help="pictures a batch (default: all of one prompt's at once; 16 with --prompts-file)")
     gen.add_argument("--negative-prompt", default=None,
@@ -1060,9 +1090,9 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--out", required=True, help="the .json file to write, or a .jsonl file to add to (resumable)")
     cap.add_argument("--question", default="Describe the picture.", help="asked about every picture")
     cap.add_argument("--batch-size", type=_whole(1), default=16, help="pictures a batch")
-    cap.add_argument("--process-index", type=int, default=0,
+    cap.add_argument("--process-index", type=_whole(0), default=0,
                      help=share_help.format("picture") + " and its own --out")
-    cap.add_argument("--process-count", type=int, default=1)
+    cap.add_argument("--process-count", type=_whole(1), default=1)
     model_args(cap)
     cap.set_defaults(func=_caption)
     edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
@@ -1109,11 +1139,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--slot-length", type=int, default=None,
                      help="with --batching continuous: positions each row's cache holds, prompt and answer "
                           "(default: all the model has; shorter is faster, and longer calls are refused)")
-    srv.add_argument("--chunk", type=int, default=64,
+    srv.add_argument("--chunk", type=int, default=None,
                      help="with --batching static: decoding steps between the loop's returns to the host, when "
-                          "streams get their new text (fewer: smoother streams, a little more overhead)")
-    srv.add_argument("--slot-chunk", type=int, default=16,
-                     help="with --batching continuous: steps between admitting calls and streaming new text")
+                          "streams get their new text (fewer: smoother streams, a little more overhead; default 64)")
+    srv.add_argument("--slot-chunk", type=int, default=None,
+                     help="with --batching continuous: steps between admitting calls and streaming new text "
+                          "(default 16)")
     srv.add_argument("--queue-limit", type=int, default=64, help="calls that may wait; one more gets 429")
     srv.add_argument("--timeout", type=float, default=600.0, help="seconds a call may take, waiting included; "
                                                                   "then 504")
@@ -1203,6 +1234,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("unitoken_jax").setLevel(logging.INFO)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing to say to it
+        with contextlib.suppress(OSError, ValueError):  # (Python's own flush at exit would fail again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be read or written: one line
         print(f"unitoken {args.command}: error: {e}", file=sys.stderr)
         return 2

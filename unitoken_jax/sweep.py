@@ -522,7 +522,12 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
     if "://" in root:  # the runs write through the file system (the training loop refuses URLs too)
         raise SweepError(f"--root {root} is a URL; give a directory every run's hosts see, e.g. a bucket mounted "
                          "with Cloud Storage FUSE (launch/tpu_install.sh --bucket): /mnt/BUCKET/sweeps/...")
-    if mode != "summary":
+    if mode == "summary":  # (it reads the root's own records: these would be taken as said and not used)
+        given = [name for name, value in (("a config", config_spec), ("--set", fixed), ("--launcher", launcher))
+                 if value]
+        if given:
+            raise SweepError(f"--summary-only reads what {root} holds and takes no {', '.join(given)}")
+    else:
         if not config_spec:
             raise SweepError("give the config file (FILE.py[:ARG]) whose sweep(add) to expand")
         pairs = {}
