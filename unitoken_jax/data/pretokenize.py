@@ -77,12 +77,8 @@ class PretokenizeSettings:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number of at least 1")
         if self.siglip_size < self.patch:
             raise ValueError(f"siglip_size={self.siglip_size} is smaller than one patch ({self.patch} px)")
-        # (checked here, not when the first batch is read: the pictures' tiles are cut in training)
-        bad = [p for p in self.pinpoints() if len(p) != 2 or p[0] < 1 or p[1] < 1 or p[0] % self.siglip_size
-               or p[1] % self.siglip_size]
-        if self.anyres and bad:
-            raise ValueError(f"AnyRes pinpoints {bad} are not whole multiples of the {self.siglip_size}-px tile "
-                             "(siglip_size)")
+        if self.anyres:  # (checked here, not when the first batch is read: the pictures' tiles are cut in training)
+            anyres_lib.check_pinpoints(self.pinpoints(), self.siglip_size)
         if self.max_length == "auto":
             extra = anyres_lib.max_block(self.siglip_size, self.patch, self.pinpoints()) \
                 if self.anyres and self.continuous else 0

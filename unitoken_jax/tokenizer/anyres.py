@@ -80,12 +80,18 @@ class AnyResImage:
         return len(self.entries)
 
 
+def check_pinpoints(pinpoints, tile: int):
+    """`pinpoints`, or a ValueError naming those that are not whole tiles: tiles cut past a canvas's
+    edge would not be the tiles `anyres_entries` counts."""
+    bad = [p for p in pinpoints if len(p) != 2 or min(p) < 1 or p[0] % tile or p[1] % tile]
+    if bad:
+        raise ValueError(f"AnyRes pinpoints {bad} are not whole multiples of the {tile}-px tile")
+    return pinpoints
+
+
 def anyres_image(image: Image.Image, tile: int = 384, patch: int = 14, pinpoints=None) -> AnyResImage:
     """`pinpoints`: (width, height) canvases, multiples of `tile`; None: `default_pinpoints(tile)`."""
-    pinpoints = default_pinpoints(tile) if pinpoints is None else pinpoints
-    bad = [p for p in pinpoints if p[0] % tile or p[1] % tile]
-    if bad:  # tiles cut past a canvas's edge would not be the tiles `anyres_entries` counts
-        raise ValueError(f"AnyRes pinpoints {bad} are not whole multiples of the {tile}-px tile")
+    pinpoints = check_pinpoints(default_pinpoints(tile) if pinpoints is None else pinpoints, tile)
     image = to_rgb(image)
     best = select_best_resolution(image.size, pinpoints)
     padded = resize_and_pad(image, best)
