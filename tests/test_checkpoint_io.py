@@ -263,6 +263,10 @@ def test_convert_and_init_refuse_what_they_could_not_write_before_reading_anythi
     out, err = capsys.readouterr()
     assert f"--to {tmp_path / 'a-file'} is a file; give a directory" in err and "read a" not in out
     assert not (tmp_path / "out").exists()
+    # a shard size for an Orbax output (HF -> ours) was silently not used
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "out"), "--max-shard-gb", "1"]) == 2
+    assert "--max-shard-gb sizes the HF layout's safetensors files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_and_text_logits_refuse_what_would_run_wrong(release_dir):

@@ -179,6 +179,11 @@ def test_the_cli_needs_no_model_arguments(tmp_path, capsys, monkeypatch, caplog)
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["understand", str(tmp_path / "picture.png"), "What shape is this?", "--quantize", "int4"])
     assert "'none', 'int8'" in capsys.readouterr().err
+    # a release's tokenizer named in the environment without its model is said, not silently passed over
+    monkeypatch.setenv("UNITOKEN_TOKENIZER", str(tmp_path / "release" / "tokenizer.json"))
+    assert main(["understand", str(tmp_path / "picture.png"), "What colour is the shape?"]) == 0
+    assert "$UNITOKEN_TOKENIZER set but $UNITOKEN_MODEL is not" in caplog.text
+    monkeypatch.delenv("UNITOKEN_TOKENIZER")
     # reconstruct, too, falls back to the bundled VQ-GAN (it asked for --vqgan), at the world's 64 px
     thing = shapes.Thing("blue", "square", "top right")
     shapes.draw([thing]).save(tmp_path / "square.png")

@@ -832,6 +832,9 @@ def test_modalities_say_whether_the_answer_may_draw_and_seeds_are_any_integer(se
     assert any(p["type"] == "image_url" for p in drawn.choices[0].message.content)
     _error(_post(server, "/v1/chat/completions", json={"model": MODEL, "messages": draw, "modalities": ["image"]}),
            400, "modalities", "unsupported_parameter")
+    for odd in ([{"type": "text"}, "text"], [["text"]]):  # not a string: was a 500 (an unhashable set member)
+        _error(_post(server, "/v1/chat/completions", json={"model": MODEL, "messages": draw, "modalities": odd}),
+               400, "modalities", "unsupported_parameter")
     question = _question(shapes.draw([Thing("red", "circle", "top left")]), "What is in the picture?")
 
     def sampled(seed):

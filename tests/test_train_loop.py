@@ -199,22 +199,29 @@ def _start_cli(workdir, data, *extra):
                             text=True, start_new_session=True)
 
 
+def _read_until(proc, text, seconds):
+    """The child's output up to the line that holds `text` (a failure if it ends or takes longer)."""
+    import time
+
+    seen, deadline = "", time.time() + seconds
+    while text not in seen:
+        line = proc.stdout.readline()
+        assert line and time.time() < deadline, seen[-3000:]
+        seen += line
+    return seen
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_stops_and_the_resumed_run_is_bit_exact_with_worker_processes(tmp_path, data):
     """SIGTERM (a preempted VM: every process of the run gets it, the data's worker processes too)
     makes the run save at the end of the step it is in and stop with exit status 0; the resumed
     run, in a new process, ends where the uninterrupted one does, bit for bit."""
     import signal
-    import time
 
     stopped, whole = str(tmp_path / "stopped"), str(tmp_path / "whole")
     run = ("--config.total_steps=200", "--config.stop_after=8", "--config.data.worker_count=1")
     first, other = _start_cli(stopped, data, *run), _start_cli(whole, data, *run)
-    seen, deadline = "", time.time() + 400
-    while "step 3/200" not in seen:  # the third step is logged: signal it
-        line = first.stdout.readline()
-        assert line and time.time() < deadline, seen[-3000:]
-        seen += line
+    seen = _read_until(first, "step 3/200", 400)  # the third step is logged: signal it
     os.killpg(first.pid, signal.SIGTERM)
     seen += first.communicate(timeout=300)[0]
     assert first.returncode == 0, seen[-3000:]
@@ -229,6 +236,19 @@ def test_sigterm_saves_and_stops_and_the_resumed_run_is_bit_exact_with_worker_pr
     assert again.returncode == 0 and f"resumed from step {saved}" in out, out[-3000:]
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                  _raw_state(stopped, 8), _raw_state(whole, 8))
+
+
+def test_ctrl_c_stops_the_run_with_a_line_and_status_130_not_a_traceback(tmp_path, data):
+    """Ctrl-C (SIGINT to the terminal's process group) ended training with a KeyboardInterrupt
+    traceback; the README promises every verb a line and exit status 130."""
+    import signal
+
+    run = _start_cli(str(tmp_path / "run"), data, "--config.total_steps=200")
+    seen = _read_until(run, "compilation cache: off", 300)  # under way (its pipeline, restore, compile next)
+    os.killpg(run.pid, signal.SIGINT)
+    seen += run.communicate(timeout=300)[0]
+    assert run.returncode == 130, seen[-3000:]
+    assert "stopped (Ctrl-C)" in seen and "Traceback" not in seen, seen[-3000:]
 
 
 def test_eight_devices_give_the_loss_of_one(tmp_path, data, monkeypatch):

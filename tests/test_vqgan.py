@@ -44,6 +44,40 @@ def test_torch_file_reader_matches_torch_load(tmp_path):
         load_torch_file(str(tmp_path / "bad.ckpt"))
 
 
+class _HParams(dict):  # a Lightning checkpoint's AttributeDict of hyperparameters
+    pass
+
+
+class _Steps(list):
+    pass
+
+
+def test_dict_and_list_subclasses_and_tensors_with_attributes_are_read_as_torch_load_reads_them(tmp_path):
+    """A dict or list subclass anywhere in the pickle (Lightning's hyperparameters, a defaultdict)
+    made the whole file unreadable ("... does not support item assignment"); a tensor carrying a
+    Python attribute (pickled through torch._tensor._rebuild_from_type_v2) came back as a
+    placeholder, and the VQ-GAN reader failed on it with an AttributeError traceback."""
+    import collections
+
+    tagged = torch.randn(2, 3)
+    tagged.note = "an attribute of its own"
+    param = torch.nn.Parameter(torch.randn(4))
+    param.note = "a parameter's too"
+    saved = {"state_dict": {"w": tagged, "p": param, "plain": torch.arange(3)},
+             "hyper_parameters": _HParams(lr=1e-4, sizes=[1, 2]), "counts": collections.defaultdict(int, a=2),
+             "steps": _Steps([3, 4])}
+    torch.save(saved, tmp_path / "x.ckpt")
+    ours = load_torch_file(str(tmp_path / "x.ckpt"))
+    for key in ("w", "p", "plain"):
+        np.testing.assert_array_equal(ours["state_dict"][key], saved["state_dict"][key].detach().numpy())
+    assert ours["hyper_parameters"].items == {"lr": 1e-4, "sizes": [1, 2]}  # kept, inert
+    assert ours["steps"].values == [3, 4]
+    legacy = tmp_path / "legacy.ckpt"  # a current torch's old format: what to do is said
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"_use_new_zipfile_serialization=False\) is not read; re-save it"):
+        load_torch_file(str(legacy))
+
+
 def _crafted_checkpoint(path, offset, size, stride, numel=4, data=np.arange(4, dtype=np.float32)):
     """A torch zip file whose one tensor record says (offset, size, stride) over a storage of
     `numel` float32 elements holding `data` — what a crafted checkpoint can claim."""
@@ -164,6 +198,15 @@ def test_bad_vq_checkpoints(tmp_path):
         vq_io.params_from_state_dict(vq_io.config_from_yaml(str(tmp_path / "vqgan.yaml")),
                                      {k: v for k, v in sd.items() if not k.startswith("loss.")},
                                      require_decoder=True, source="test")
+    config = vq_io.config_from_yaml(str(tmp_path / "vqgan.yaml"))
+    sd = {k: v for k, v in load_torch_file(str(tmp_path / "vqgan.ckpt"))["state_dict"].items()
+          if not k.startswith("loss.")}
+    with pytest.raises(CheckpointError, match="test: encoder.conv_in.weight is str, not a tensor"):
+        vq_io.params_from_state_dict(config, {**sd, "encoder.conv_in.weight": "?"}, require_decoder=True, source="test")
+    vq = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
+    for channels in (1, 4):  # it was Flax's ScopeParamShapeError from inside the encoder
+        with pytest.raises(ValueError, match=r"pixels must be \[N, H, W, 3\]"):
+            vq.encode(np.zeros((1, 32, 32, channels), np.float32))
     os.remove(tmp_path / "vqgan.yaml")
     with pytest.raises(CheckpointError, match="vqgan.yaml"):
         VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
@@ -201,6 +244,14 @@ def test_cli_reconstruct_writes_the_picture_and_says_the_grid(tmp_path, capsys):
                      "--vqgan", str(tmp_path / "vqgan.ckpt"), "--side-by-side"]) == 0
     assert "16x16 codes (256 tokens" in capsys.readouterr().out
     assert Image.open(out).size == (128, 64)
+    # the left half is what the VQ-GAN was given: a transparent picture on white (it showed black)
+    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    clear.paste((200, 30, 30, 255), (16, 16, 48, 48))
+    clear.save(tmp_path / "clear.png")
+    assert cli.main(["reconstruct", str(tmp_path / "clear.png"), "--out", str(out), "--size", "64",
+                     "--vqgan", str(tmp_path / "vqgan.ckpt"), "--side-by-side"]) == 0
+    left = np.asarray(Image.open(out).convert("RGB"))[:, :64]
+    assert (left[2, 2] == 255).all() and tuple(left[32, 32]) == (200, 30, 30)
     assert cli.main(["reconstruct", str(tmp_path / "missing.png"), "--out", str(out),
                      "--vqgan", str(tmp_path / "vqgan.ckpt")]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -25,6 +25,10 @@ def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
 
     _directory_option("--to", args.dst)  # (was 'File exists', after reading the source)
+    writes_hf = orbax_io.is_orbax_checkpoint(args.src) and args.quantize in (None, "none")
+    if args.max_shard_gb is not None and not writes_hf:  # (it was silently not used)
+        raise ValueError(f"--max-shard-gb sizes the HF layout's safetensors files; this conversion writes our Orbax "
+                         f"checkpoint ({'--quantize' if args.quantize not in (None, 'none') else '--from is HF'})")
     if args.quantize not in (None, "none"):  # quantize once: HF or float Orbax -> an int8 Orbax checkpoint
         import unitoken_jax
 
@@ -43,7 +47,7 @@ def _convert(args) -> int:
         params, config = lora_lib.merge(params, config)  # a LoRA model is written merged, as save_hf writes it
         dtype = args.dtype or sidecar.get("hf_dtype", "float32")
         hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype,
-                       shard_bytes=int(args.max_shard_gb * 1024**3), progress=True)
+                       shard_bytes=int((args.max_shard_gb or SHARD_BYTES / 1024**3) * 1024**3), progress=True)
         print(f"wrote the HF layout ({hf_io.dtype_name(dtype)}) to {args.dst}")
     else:
         import jax
@@ -81,7 +85,7 @@ def _init(args) -> int:
 
 
 def _reconstruct(args) -> int:
-    from unitoken_jax.tokenizer.images import load_image, vq_crop
+    from unitoken_jax.tokenizer.images import load_image, vq_crop, whiten
     from unitoken_jax.vq_tokenizer import VQTokenizer
 
     from unitoken_jax.world import default
@@ -108,7 +112,7 @@ def _reconstruct(args) -> int:
     if args.side_by_side:
         from PIL import Image
 
-        crop = vq_crop(image, args.size).convert("RGB")
+        crop = whiten(vq_crop(image, args.size))  # what the VQ-GAN was given: transparency on white
         both = Image.new("RGB", (2 * args.size, args.size))
         both.paste(crop, (0, 0))
         both.paste(picture, (args.size, 0))
@@ -138,6 +142,10 @@ def _pipeline(args):
         if ignored:  # the bundled model comes with its own (they were silently not used)
             raise ValueError(f"{', '.join(ignored)} given without --model: the bundled model brings its own tokenizer, "
                              "VQ-GAN and picture settings; name the model they go with (--model or $UNITOKEN_MODEL)")
+        unused = [f"${env}" for env in ("UNITOKEN_TOKENIZER", "UNITOKEN_VQGAN") if os.environ.get(env)]
+        if unused:  # a shell profile's settings for a release: said, not silently passed over
+            _LOG.warning("%s set but $UNITOKEN_MODEL is not: the bundled model uses its own tokenizer and VQ-GAN, "
+                         "not %s", " and ".join(unused), "these")
         world = default.settings()
         if getattr(args, "size", None) and _size(args.size) != tuple(world["size"]):  # before loading anything
             raise ValueError(f"the bundled model draws only {world['size'][0]}x{world['size'][1]} pictures, not "
@@ -153,8 +161,9 @@ def _pipeline(args):
         return pipe
     if getattr(args, "size", None) is None:
         args.size = "512x512"
-    if any(v % 32 for v in _size(args.size)):  # refused before the model loads (minutes for a release)
-        raise ValueError(f"--size {args.size}: each side must be a multiple of 32 pixels")
+    from unitoken_jax.tokenizer import layout  # (light: constants)
+    if any(v % layout.PIXELS_PER_GRID for v in _size(args.size)):  # refused before the model loads (minutes)
+        raise ValueError(f"--size {args.size}: each side must be a multiple of {layout.PIXELS_PER_GRID} pixels")
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
 
     def given(name, env):
@@ -966,8 +975,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                          help="int8: store weight-only int8 (our Orbax format only), so later loads need no "
                               "quantizing")
-    convert.add_argument("--max-shard-gb", type=_more_than_zero, default=SHARD_BYTES / 1024**3,
-                         help="largest safetensors file written (and held in memory) when writing the HF layout")
+    convert.add_argument("--max-shard-gb", type=_more_than_zero, default=None,
+                         help="largest safetensors file written (and held in memory) when writing the HF layout "
+                              f"(Orbax -> HF; default {SHARD_BYTES / 1024**3:g})")
     convert.set_defaults(func=_convert)
     init = add_parser("init", help="write a randomly initialised model in the HF layout")
     init.add_argument("--config", default="tiny",

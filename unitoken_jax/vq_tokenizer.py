@@ -106,8 +106,9 @@ class VQTokenizer:
         """Code indices [N, h, w] for pixels in [-1, 1]; h, w = H, W / downsample factor."""
         pixels = np.asarray(pixels_NHWC, np.float32)
         f = self.config.downsample_factor
-        if pixels.ndim != 4 or pixels.shape[1] % f or pixels.shape[2] % f:
-            raise ValueError(f"pixels must be [N, H, W, 3] with H and W multiples of {f}, got {pixels.shape}")
+        c = self.config.in_channels
+        if pixels.ndim != 4 or pixels.shape[1] % f or pixels.shape[2] % f or pixels.shape[3] != c:
+            raise ValueError(f"pixels must be [N, H, W, {c}] with H and W multiples of {f}, got {pixels.shape}")
         x, n = self._batch(pixels)
         return np.asarray(self._encode(self.params, x))[:n]
 

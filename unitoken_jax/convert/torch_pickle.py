@@ -25,13 +25,25 @@ _STORAGE_DTYPES = {
 
 
 class Placeholder:
-    """Stands for any object in the pickle that is not a tensor or a plain container."""
+    """Stands for any object in the pickle that is not a tensor or a plain container. What the
+    pickle puts in it is kept, inert: its state, and the items of a dict or list subclass (a
+    Lightning checkpoint's AttributeDict of hyperparameters, a defaultdict), which pickle fills
+    with `obj[key] = value` and `obj.append` / `obj.extend`."""
 
     def __init__(self, *args, **kwargs):
         self.args = args
 
     def __setstate__(self, state):
         self.state = state
+
+    def __setitem__(self, key, value):
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value):
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values):
+        self.__dict__.setdefault("values", []).extend(values)
 
     def __repr__(self):
         return f"<{type(self).__qualname__}>"
@@ -77,6 +89,12 @@ def _rebuild_parameter(data, *_unused):
     return data
 
 
+def _rebuild_from_type(func, _new_type, args, _state):
+    """A tensor saved with Python attributes of its own (or of a Tensor subclass): the tensor, as
+    `func` rebuilds it; the attributes and the subclass are not kept."""
+    return func(*args)
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
         super().__init__(file)
@@ -86,8 +104,10 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
             return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
+        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
             return _rebuild_parameter
+        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+            return _rebuild_from_type
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
         if module == "collections" and name == "OrderedDict":
@@ -120,8 +140,9 @@ def load_torch_file(path: str) -> Any:
             if f.read(4) == b"PK\x03\x04":  # a zip archive that lost its end (its directory): cut short
                 raise CheckpointError(f"{path} is a zip archive without its end: truncated (an interrupted "
                                       "download or copy?)")
-        raise CheckpointError(f"{path} is not a PyTorch zip checkpoint (files from torch < 1.6 are not supported; "
-                              "re-save them with a current torch)")
+        raise CheckpointError(f"{path} is not a PyTorch zip checkpoint: the legacy format (torch < 1.6, or "
+                              "_use_new_zipfile_serialization=False) is not read; re-save it with "
+                              "torch.save(obj, path) and its default zip format")
     with zipfile.ZipFile(path) as archive:
         pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         if len(pkl) != 1:

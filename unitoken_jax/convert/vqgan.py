@@ -118,6 +118,8 @@ def params_from_state_dict(config: VQGANConfig, tensors: Mapping[str, np.ndarray
                               f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
     params: dict = {}
     for key, (path, shape) in wanted.items():
+        if not isinstance(tensors[key], np.ndarray):  # (np.asarray would make a 0-d object array of it)
+            raise CheckpointError(f"{source}: {key} is {type(tensors[key]).__name__}, not a tensor")
         value = np.asarray(tensors[key])
         if value.ndim == 4:
             value = value.transpose(2, 3, 1, 0)

@@ -297,7 +297,7 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
         turns[-1]["value"] = "\n".join([turns[-1]["value"]] + system)
     modalities = body.get("modalities")
     if modalities is not None and (not isinstance(modalities, list) or "text" not in modalities
-                                   or not set(modalities) <= {"text", "image"}):
+                                   or not all(m in ("text", "image") for m in modalities)):
         raise bad(f"'modalities' is {modalities!r}: this model answers in text, with pictures "
                   "(['text', 'image']) or without (['text'])", "modalities", "unsupported_parameter")
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:

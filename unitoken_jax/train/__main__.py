@@ -99,7 +99,12 @@ def run(argv=None) -> None:
         argv = configs.resolve_argv(argv)
     except FileNotFoundError as e:
         sys.exit(f"{argv[0]}: {e}")
-    app.run(main, argv=argv, flags_parser=_parse_flags)
+    try:
+        app.run(main, argv=argv, flags_parser=_parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the checkpoints written stay
+        print(f"\n{argv[0]}: stopped (Ctrl-C); a rerun with the same --workdir resumes from its last checkpoint "
+              "(a SIGTERM instead saves the step it is at first)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

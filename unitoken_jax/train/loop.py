@@ -349,6 +349,16 @@ def _check_same_stage(workdir: str, config: TrainConfig) -> None:
                          f"--config.init_from.paths={workdir})")
 
 
+def _set_aside(path: str, before: str, after: str = "") -> str:
+    """Renames `path` to before + N + after, N the first free number from 1 (what is kept is never
+    written over); returns the new name."""
+    n = 1
+    while os.path.exists(f"{before}{n}{after}"):
+        n += 1
+    os.replace(path, f"{before}{n}{after}")
+    return f"{before}{n}{after}"
+
+
 def _set_aside_stale_exports(workdir: str, step: int) -> None:
     """A finished run resumed to go further (a larger total_steps): its final/ (and LoRA adapters/)
     are of the step it ended at, and would pass for this run's end to a sweep and to the next
@@ -357,12 +367,9 @@ def _set_aside_stale_exports(workdir: str, step: int) -> None:
         for name in ("final", "adapters"):
             old = os.path.join(workdir, name)
             if os.path.isdir(old):
-                n = 1
-                while os.path.exists(f"{old}.previous{n}"):
-                    n += 1
-                os.replace(old, f"{old}.previous{n}")
+                kept = _set_aside(old, f"{old}.previous")
                 log.warning("%s was exported at an earlier end (step %d); the run goes on, so it is kept as %s", old,
-                            step, os.path.basename(f"{old}.previous{n}"))
+                            step, os.path.basename(kept))
     _sync("stale exports set aside")
 
 
@@ -396,11 +403,7 @@ def record_config(workdir: str, config: dict) -> None:
         was, now = configs.flat_dict(old), configs.flat_dict(new)
         changed = [f"{k}: {was.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}"
                    for k in sorted(set(was) | set(now)) if was.get(k, "(none)") != now.get(k, "(none)")]
-        n = 1
-        while os.path.exists(os.path.join(workdir, f"config.previous{n}.json")):
-            n += 1
-        kept = os.path.join(workdir, f"config.previous{n}.json")
-        os.replace(path, kept)
+        kept = _set_aside(path, os.path.join(workdir, "config.previous"), ".json")
         log.warning("this run's config differs from the one %s was last run with (kept as %s): %s", workdir,
                     os.path.basename(kept), "; ".join(changed))
     with open(path, "w") as f:
