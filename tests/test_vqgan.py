@@ -135,7 +135,7 @@ def test_a_valid_view_record_and_damaged_files(tmp_path):
     with pytest.raises(CheckpointError, match="cut.ckpt is a zip archive without its end: truncated"):
         load_torch_file(str(tmp_path / "cut.ckpt"))  # (it had been called a file of torch < 1.6)
     (tmp_path / "old.ckpt").write_bytes(b"\x80\x02" + raw[4:100])  # a legacy (non-zip) pickle's start
-    with pytest.raises(CheckpointError, match="not a PyTorch zip checkpoint .files from torch < 1.6"):
+    with pytest.raises(CheckpointError, match="not a PyTorch zip checkpoint: the legacy format .torch < 1.6"):
         load_torch_file(str(tmp_path / "old.ckpt"))
 
 
@@ -207,6 +207,11 @@ def test_bad_vq_checkpoints(tmp_path):
     for channels in (1, 4):  # it was Flax's ScopeParamShapeError from inside the encoder
         with pytest.raises(ValueError, match=r"pixels must be \[N, H, W, 3\]"):
             vq.encode(np.zeros((1, 32, 32, channels), np.float32))
+    # codes were cast to int32 first: 3.7 drew code 3, and 2**32 + 5 wrapped to code 5
+    with pytest.raises(ValueError, match="codes must be integers, got float64"):
+        vq.decode(np.full((1, 2, 2), 3.7))
+    with pytest.raises(ValueError, match="codes must lie in 0.."):
+        vq.decode(np.full((1, 2, 2), 2 ** 32 + 5))
     os.remove(tmp_path / "vqgan.yaml")
     with pytest.raises(CheckpointError, match="vqgan.yaml"):
         VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))

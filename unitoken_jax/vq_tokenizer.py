@@ -117,12 +117,14 @@ class VQTokenizer:
         if not self.has_decoder:
             raise ValueError("this VQ-GAN has no decoder (HF Chameleon checkpoints keep only the encoder); "
                              "load Meta's vqgan.ckpt with VQTokenizer.from_meta to draw pictures")
-        codes = np.asarray(codes_Nhw, np.int32)
+        codes = np.asarray(codes_Nhw)
+        if codes.size and not np.issubdtype(codes.dtype, np.integer):  # (a cast would cut 3.7 to 3)
+            raise ValueError(f"codes must be integers, got {codes.dtype}")
         if codes.ndim != 3:
             raise ValueError(f"codes must be [N, h, w], got shape {codes.shape}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.config.n_embed):
             raise ValueError(f"codes must lie in 0..{self.config.n_embed - 1}")
-        x, n = self._batch(codes)
+        x, n = self._batch(codes.astype(np.int32))  # (in range: the cast cannot wrap)
         return np.asarray(self._decode(self.params, x))[:n]
 
     def encode_images(self, images: Sequence[Image.Image], size: int = 512, seed: int | None = None) -> np.ndarray:

@@ -135,9 +135,11 @@ def params_from_state_dict(config: VQGANConfig, tensors: Mapping[str, np.ndarray
 
 def read_meta_checkpoint(ckpt_path: str, yaml_path: str | None = None) -> tuple[VQGANConfig, dict]:
     """Meta's `vqgan.ckpt` (+ `vqgan.yaml`, by default next to it)."""
-    yaml_path = yaml_path or os.path.join(os.path.dirname(ckpt_path), "vqgan.yaml")
+    ckpt_path = os.path.expanduser(ckpt_path)
+    yaml_path = os.path.expanduser(yaml_path or os.path.join(os.path.dirname(ckpt_path), "vqgan.yaml"))
     if not os.path.exists(yaml_path):
-        raise CheckpointError(f"no VQ-GAN config {yaml_path}; pass the vqgan.yaml that came with {ckpt_path}")
+        raise CheckpointError(f"no VQ-GAN config {yaml_path}; put the vqgan.yaml that came with {ckpt_path} beside "
+                              "it under that name (or pass its path as yaml_path)")
     config = config_from_yaml(yaml_path)
     raw = load_torch_file(ckpt_path)
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
