@@ -238,6 +238,32 @@ def test_a_failing_picture_step_skips_its_item_not_the_run(tmp_path, tokenizers,
     assert [b["id"] for b in bad] == ["odd"] and "MemoryError" in bad[0]["reason"]
 
 
+def test_a_llava_items_image_placeholder_is_written_as_the_tokenizers_image_token(tmp_path, tokenizers):
+    """A LLaVA-style item (`<image>` in the question, the picture under 'image') is written as the
+    reference's data carry it: the picture in front and `<image>` as the tokenizer's own token."""
+    from unitoken_jax.tokenizer import small
+    from unitoken_jax.tokenizer.text import TextTokenizer
+
+    _, vq = tokenizers
+    spec = json.loads(small.build())
+    for entry in spec["added_tokens"]:  # as transformers' Chameleon tokenizer names id 8711
+        if entry["id"] == 8711:
+            entry["content"] = "<image>"
+    spec["model"]["vocab"]["<image>"] = spec["model"]["vocab"].pop("<reserved08707>")
+    (tmp_path / "items").mkdir()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "items" / "red.png")
+    item = {"id": "llava", "image": "red.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                                 {"from": "gpt", "value": "red"}]}
+    (tmp_path / "items" / "items.json").write_text(json.dumps([item]))
+    result = pt.pretokenize(str(tmp_path / "items" / "items.json"), str(tmp_path / "ds"),
+                            TextTokenizer(json.dumps(spec)), vq, SETTINGS, progress=False)
+    assert result["written"] == 1
+    (record,), _ = _records(str(tmp_path / "ds"))
+    tokens = record["tokens"].tolist()
+    assert tokens.count(8711) == 1 and tokens[tokens.index(8196) + 1:tokens.index(8711)] == [
+        TextTokenizer(json.dumps(spec)).encode_text(" ")[0]]  # picture, a space, <image>, the question
+
+
 def test_an_items_file_edited_between_a_kill_and_the_restart_is_refused(tmp_path, items_path, tokenizers):
     """Same path and count, other order: the resume check compared only those and resumed into
     duplicated and lost records (issue 15, item 5); the job now fingerprints the content."""

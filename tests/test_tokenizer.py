@@ -141,6 +141,36 @@ def test_images_without_placeholders_go_first_like_the_reference(tok):
     assert enc.tokens[end:end + len(tok.encode_text(" what"))].tolist() == tok.encode_text(" what")
 
 
+def test_llavas_image_placeholder_in_training_data_is_the_tokenizers_own_image_token(tok, spec):
+    """The reference encodes its training items with the tokenizer's added tokens active, so a
+    LLaVA-style `<image>` beside the picture (which goes in front) is Chameleon's `<image>` token
+    (8711 in the HF tokenizer); it was encoded as plain text here. Outside training data, and with
+    a tokenizer that has no such token, it stays plain text."""
+    import json
+
+    hf = json.loads(spec)  # as transformers' Chameleon conversion names it: <reserved08707> -> <image>
+    for entry in hf["added_tokens"]:
+        if entry["id"] == 8711:
+            entry["content"] = "<image>"
+    hf["model"]["vocab"]["<image>"] = hf["model"]["vocab"].pop("<reserved08707>")
+    hf_tok = TextTokenizer(json.dumps(hf))
+    assert hf_tok.llava_image_id == 8711 and tok.llava_image_id is None
+    item = {"conversations": [{"from": "human", "value": "<image>\nWhat is <image> here?"},
+                              {"from": "gpt", "value": "the <image>"}], "image": ["a"]}
+    enc = encode_conversation(item, [_image(np.zeros((2, 2), int), 1)], hf_tok, llava_image=True)
+    _, end = enc.image_spans[0]
+    oracle = Tokenizer.from_str(json.dumps(hf))  # the tokenizers library, its added tokens active
+    question = oracle.encode(" <image>\nWhat is <image> here?", add_special_tokens=False).ids
+    answer = oracle.encode("the <image>", add_special_tokens=False).ids
+    assert question.count(8711) == 2 and answer.count(8711) == 1
+    assert enc.tokens[end:].tolist() == question + [EOT] + answer + [EOT]
+    assert enc.labels[end + len(question) + 1:].tolist() == answer + [EOT]
+    plain = encode_conversation(item, [_image(np.zeros((2, 2), int), 1)], hf_tok)  # not training data: plain text
+    assert 8711 not in plain.tokens.tolist()
+    assert 8711 not in encode_conversation(item, [_image(np.zeros((2, 2), int), 1)], tok,
+                                           llava_image=True).tokens.tolist()
+
+
 def test_placeholder_count_must_match(tok):
     item = {"conversations": [{"from": "human", "value": "<|image|> and <|image|> and <|image|>"},
                               {"from": "gpt", "value": "ok"}]}

@@ -221,7 +221,8 @@ class _Chunk:
         for index, item, raw, crops, layouts in loaded:
             inputs = [ImageInput(next(codes), entries, n) for entries, n in layouts]
             try:
-                enc = encode_conversation(item, inputs, self.tokenizer, max_length=self.settings.max_length)
+                enc = encode_conversation(item, inputs, self.tokenizer, max_length=self.settings.max_length,
+                                          llava_image=True)
             except (ConversationError, ValueError) as e:
                 fail(index, item, f"{type(e).__name__}: {e}")
                 continue

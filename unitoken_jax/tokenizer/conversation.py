@@ -113,8 +113,22 @@ def image_list(item: dict[str, Any]) -> list:
 
 
 def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], tokenizer: TextTokenizer,
-                        max_length: int | None = None) -> EncodedConversation:
+                        max_length: int | None = None, *, llava_image: bool = False) -> EncodedConversation:
+    """An item's ids, labels and continuous positions. `llava_image` (training data): a literal
+    `<image>`, LLaVA's placeholder, is the tokenizer's own `<image>` token where it has one, as the
+    reference's data carry it (the pictures themselves go where `<|image|>` says, or in front);
+    elsewhere all text is plain."""
     messages = _messages(item)
+    llava_id = tokenizer.llava_image_id if llava_image else None
+
+    def encode_text(piece: str) -> list[int]:
+        if llava_id is None:
+            return tokenizer.encode_text(piece)
+        ids: list[int] = []
+        for j, word in enumerate(piece.split("<image>")):  # tokenized apart, as at a tokenizer's added token
+            ids.extend(([llava_id] if j else []) + (tokenizer.encode_text(word) if word else []))
+        return ids
+
     n_placeholders = sum(v.count(IMAGE_PLACEHOLDER) for _, v in messages if v is not None)
     if n_placeholders == 0 and images:
         predicted, first = messages[0]
@@ -139,7 +153,7 @@ def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], toke
         pieces = value.split(IMAGE_PLACEHOLDER)
         for j, piece in enumerate(pieces):
             if piece:
-                add(tokenizer.encode_text(piece), predicted)
+                add(encode_text(piece), predicted)
             if j == len(pieces) - 1:
                 break
             image = next(image_iter)

@@ -67,6 +67,10 @@ class TextTokenizer:
             raise TokenizerError(f"image-code ids span {self.code_to_bpe.min()}..{self.code_to_bpe.max()}, "
                                  f"outside {lo}..{hi - 1}")
         self._control = set(layout.CONTROL_TOKENS.values()) | set(self.code_to_bpe.tolist())
+        # LLaVA's picture placeholder as the tokenizer's own added token (Chameleon's HF tokenizer: 8711),
+        # or None: what the reference's training data holds where LLaVA-style items write `<image>`
+        self.llava_image_id = next((t["id"] for t in spec.get("added_tokens", []) if t.get("content") == "<image>"),
+                                   None)
 
     @classmethod
     def from_file(cls, path: str) -> "TextTokenizer":
