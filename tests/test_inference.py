@@ -942,8 +942,8 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(UniTokenPipeline, "chat", lambda self, m, i, **options: asked.append(m[-1]) or ["ok"])
     monkeypatch.setattr("sys.stdin", io.StringIO("/draw\n/draw  a red cat \n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--size", "64x32", *common]) == 0
-    assert asked == [{"from": "human",
-                      "value": "Generate an image of 64x32 according to the following prompt:\na red cat"}]
+    assert asked == [{"from": "human",  # the reference's own prompt for its released models
+                      "value": "Generate an image according to the following prompt:\na red cat"}]
     assert "'/draw' needs a caption (nothing sent)" in capsys.readouterr().err
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--size", "50x64", *common]) == 2
     assert "multiple of 32" in capsys.readouterr().err

@@ -15,8 +15,8 @@ import requests
 from PIL import Image
 from test_serve import KEY, MODEL, _Running
 
-from unitoken_jax.inference.pipeline import GENERATE_TEMPLATE
 from unitoken_jax.serve import ServeSettings, create_app
+from unitoken_jax.world.shapes import GENERATE_TEMPLATE  # (the bundled model was trained with it)
 from unitoken_jax.world import default, shapes
 from unitoken_jax.world.shapes import Thing
 
@@ -261,3 +261,77 @@ def test_a_conversation_that_outgrows_the_server_leaves_out_its_oldest_turns_and
     assert sent[-1]["model"] == "shapes-renamed"
     assert browser.find_element(By.ID, "model").text == "shapes-renamed"
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+
+def _under_prefix(app, prefix):
+    """`app` as a proxy's path prefix serves it (nginx `location /p/ { proxy_pass http://app/; }`):
+    PREFIX/x reaches the app as /x; anything else is not found."""
+
+    async def proxied(scope, receive, send):
+        if scope["type"] == "http" and not scope["path"].startswith(prefix + "/"):
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b"outside the prefix"})
+            return
+        if scope["type"] == "http":
+            path = scope["path"][len(prefix):]
+            scope = dict(scope, path=path, raw_path=path.encode())
+        await app(scope, receive, send)
+
+    proxied.state = app.state  # (what the test server reads to stop the app's scheduler first)
+    return proxied
+
+
+def test_the_page_works_under_a_path_prefix_folds_big_seeds_as_the_server_does_and_a_new_chat_stops_a_drawing(
+        monkeypatch):
+    """Behind a proxy's path prefix the page called /v1/... outside it (404 for everything); a seed
+    past 2**53 typed into the page was rounded to another before it was sent (and 2**64 - 1 was
+    refused); "New chat" left a drawing going, and its picture landed in the new chat; a key no
+    HTTP header can carry left the old status and an uncaught error."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    from unitoken_jax.serve import wire
+
+    settings = ServeSettings(model_name=MODEL, api_key=KEY, default_size=(64, 64), sizes=((64, 64),))
+    app = create_app(default.pipeline(), settings)
+    server, browser = _Running(_under_prefix(app, "/unitoken")), _browser()
+    seeds, parse = [], wire.parse_chat
+    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (seeds.append(body.get("seed")), parse(body, *a))[1])
+    try:
+        browser.get(server.url + "/unitoken/")
+        key = browser.find_element(By.ID, "key")
+        key.send_keys("clé")
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        _wait(browser, lambda b: "an HTTP header cannot carry" in b.find_element(By.ID, "status").text, 30)
+        key.clear()
+        key.send_keys(KEY)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+        _wait(browser, lambda b: b.find_element(By.ID, "model").text == MODEL, 60)
+        assert browser.find_element(By.ID, "status").text == ""
+
+        for typed, folded in (("4294967303", 7), ("9007199254740993", 1), ("18446744073709551615", 2 ** 32 - 1)):
+            seed = browser.find_element(By.ID, "seed")
+            seed.clear()
+            seed.send_keys(typed)
+            browser.find_element(By.ID, "prompt").send_keys("a red circle at the top left")
+            n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant img.drawn")) + 1
+            browser.find_element(By.ID, "draw-button").click()
+            _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant img.drawn")) == n
+                  or b.find_elements(By.CSS_SELECTOR, ".msg.error"))
+            assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error"), browser.find_element(By.ID, "log").text
+            assert seeds[-1] == folded, (typed, seeds)
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 1500,
+                                                                     "downloadThroughput": -1, "uploadThroughput": -1})
+        browser.find_element(By.ID, "prompt").send_keys("a blue square at the top right")
+        browser.find_element(By.ID, "draw-button").click()
+        browser.find_element(By.ID, "new-chat").click()
+        time.sleep(6)  # the drawing would have come back by now
+        assert browser.find_element(By.ID, "log").text == "" and not browser.find_elements(By.CSS_SELECTOR, ".msg")
+        assert browser.find_element(By.ID, "draw-button").is_enabled()
+    finally:
+        browser.quit()
+        server.stop()

@@ -29,7 +29,12 @@ from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationError, TextStream, decode, encode_item
 
-GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+# How the reference asks UniToken's released models for a picture (its README's example and its
+# demos/inference.py). The size-naming form below is Lumina-mGPT's, which the reference's scripts
+# inherited from it use and the shapes world was trained with; `{w}` and `{h}` are filled in where a
+# template names them.
+GENERATE_TEMPLATE = "Generate an image according to the following prompt:\n{prompt}"
+SIZED_GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
 REFERENCE_IMAGE_PREFIX = (16853,)
 # a chat answer's default budget: the reference's free-form demo's, room for a 512 x 512 picture

@@ -251,6 +251,9 @@ class _Server:
         the page); the page itself needs no key."""
         html = (resources.files("unitoken_jax.serve") / "static" / "index.html").read_text(encoding="utf-8")
         html = html.replace("__GUIDANCE__", json.dumps(self.settings.default_guidance))
+        # the prompt the model was trained to draw from (the page fills in its {w}, {h}, {prompt}); "</"
+        # escaped, so no template can end the page's script
+        html = html.replace("__TEMPLATE__", json.dumps(self.pipe.generate_template).replace("</", "<\\/"))
         return HTMLResponse(html.replace("__SIZE__", json.dumps(list(self.settings.default_size))))
 
     async def health(self, request: Request) -> Response:

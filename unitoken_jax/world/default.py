@@ -21,7 +21,7 @@ import unitoken_jax
 from unitoken_jax.inference.pipeline import UniTokenPipeline
 from unitoken_jax.tokenizer.text import TextTokenizer
 from unitoken_jax.vq_tokenizer import VQTokenizer
-from unitoken_jax.world.shapes import GEN_SIZE, VQ_SIZE, tokenizer_json
+from unitoken_jax.world.shapes import GEN_SIZE, GENERATE_TEMPLATE, VQ_SIZE, tokenizer_json
 
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes")
 
@@ -104,7 +104,8 @@ def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantiz
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
                             image_prefix=s["image_prefix"], cache_growth=cache_growth,
-                            default_size=tuple(s["size"]), layers=layers)
+                            default_size=tuple(s["size"]), layers=layers,
+                            generate_template=GENERATE_TEMPLATE)  # (what it was trained to draw from)
 
 
 if __name__ == "__main__":

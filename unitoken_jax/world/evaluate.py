@@ -38,7 +38,7 @@ CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "p
 def world_pipeline(model_dir: str, vq_dir: str, continuous: bool = True):
     model = unitoken_jax.load(model_dir, progress=False)
     return UniTokenPipeline(model, TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(vq_dir), vq_size=VQ_SIZE,
-                            image_prefix=(), continuous=continuous)
+                            image_prefix=(), continuous=continuous, generate_template=shapes.GENERATE_TEMPLATE)
 
 
 def understanding(pipe, per_thing: int = 4, seed: int = 1, batch: int = 64,

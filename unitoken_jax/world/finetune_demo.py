@@ -125,7 +125,7 @@ def pipeline(model) -> UniTokenPipeline:
     s = default.settings()
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(default.DEFAULT_DIR, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(default.DEFAULT_DIR, "vqgan")), vq_size=s["vq_size"],
-                            image_prefix=s["image_prefix"])
+                            image_prefix=s["image_prefix"], generate_template=shapes.GENERATE_TEMPLATE)
 
 
 def measure(model, english: bool, per_thing: int = 4) -> dict:

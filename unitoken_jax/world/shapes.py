@@ -49,7 +49,7 @@ SCENE_SIZES = {1: 0.4, 2: 0.35, 3: 0.25}  # how many shapes a training picture h
 HELD_OUT = (("red", "triangle", "bottom right"), ("green", "circle", "top left"), ("blue", "square", "top right"),
             ("yellow", "triangle", "bottom left"), ("red", "square", "top left"), ("green", "square", "bottom right"),
             ("blue", "circle", "bottom left"), ("yellow", "circle", "top right"))
-GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"  # (Lumina-mGPT's)
 QUESTIONS = {
     "colour": "What colour is the shape?",
     "shape": "What shape is this?",
