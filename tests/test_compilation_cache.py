@@ -24,6 +24,8 @@ def jax_settings(monkeypatch):
     for name in (cc.ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_COMPILATION_CACHE_MAX_SIZE"):
         monkeypatch.delenv(name, raising=False)
     jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # JAX's defaults
+    jax.config.update("jax_compilation_cache_max_size", -1)
     yield
     for k, v in saved.items():
         jax.config.update(k, v)
@@ -57,6 +59,19 @@ def test_where_the_cache_goes(jax_settings, monkeypatch, tmp_path):
     assert jax.config.jax_compilation_cache_dir is None
     with pytest.raises(ValueError, match="directory or 'off'"):
         cc.enable_compilation_cache("  ")
+    # set but empty: unset (every verb stopped with "not ''"), as JAX reads its own variables
+    monkeypatch.setenv(cc.ENV, "")
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert cc.enable_compilation_cache() == str(tmp_path / "xdg" / "unitoken_jax" / "xla")
+
+
+def test_a_url_goes_to_jax_as_it_is(jax_settings, monkeypatch, tmp_path):
+    """gs://bucket/xla (JAX's own setting, or ours) became a local folder 'gs:/bucket/xla' under the
+    working directory, silently: each host of a pod got a cache of its own."""
+    monkeypatch.chdir(tmp_path)
+    assert cc.enable_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
+    assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
+    assert os.listdir(tmp_path) == []
 
 
 def test_the_users_own_jax_thresholds_are_kept(jax_settings, monkeypatch, tmp_path):
@@ -67,6 +82,14 @@ def test_the_users_own_jax_thresholds_are_kept(jax_settings, monkeypatch, tmp_pa
     cc.enable_compilation_cache(str(tmp_path))
     assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
     assert jax.config.jax_compilation_cache_max_size == -1
+    # and made in Python (a notebook's jax.config.update): they were overwritten
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 5.0)
+    jax.config.update("jax_compilation_cache_max_size", 2**20)
+    cc.enable_compilation_cache(str(tmp_path))
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 5.0
+    assert jax.config.jax_compilation_cache_max_size == 2**20
 
 
 def test_a_new_directory_takes_effect_after_programs_compiled_into_the_old_one(jax_settings, tmp_path):
@@ -82,6 +105,7 @@ def test_a_new_directory_takes_effect_after_programs_compiled_into_the_old_one(j
 
 def test_a_directory_that_cannot_be_made_means_no_cache_and_a_warning(jax_settings, tmp_path, caplog):
     (tmp_path / "file").write_text("x")
+    cc.enable_compilation_cache(str(tmp_path / "earlier"))  # (it went on being written: now off too)
     with caplog.at_level("WARNING"):
         assert cc.enable_compilation_cache(str(tmp_path / "file" / "xla")) is None
     assert "no compilation cache" in caplog.text

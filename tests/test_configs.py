@@ -169,6 +169,8 @@ def test_optimizer_settings_out_of_range_are_refused_by_name(field, value, messa
     ("--config.model_name=7b", "--config.model_name would only relabel the run: the model is built from the config's "
                                "argument (stage2.py:tiny, stage2.py:anyres; none: the 7B) or set field by field "
                                "(--config.model.decoder.num_layers=...)"),
+    # a blank cache setting: a traceback before
+    ("--config.compilation_cache= ", "config.compilation_cache: a compilation cache is a directory or 'off', not ' '"),
 ])
 def test_the_training_command_says_a_bad_setting_in_one_line(tmp_path, flag, said):
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -278,11 +278,36 @@ def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkey
     assert sorted(_scalars(_events(workdir), "eval/loss")) == [2]
     from unitoken_jax.train import metrics as metrics_lib
 
+    # a SIGTERM during the evaluation the resumed run owes: step 4 is saved already, nothing is trained
+    # (it trained and saved step 5)
+    trained = []
+
+    def sigterm_in_the_owed_evaluation(self, step, *args):
+        out = real_run(self, step, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(evaluate.Evaluator, "run", sigterm_in_the_owed_evaluation)
+        train_and_evaluate(config, workdir, batch_transform=lambda step, batch: trained.append(step) or batch)
+    assert trained == [] and sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+    def sigterm_before_the_last_step(step, batch):
+        if step == 5:  # the batch of step 6, the last, at which an evaluation is due
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    # preempted at the end: no final/ (it was exported, and a sweep called the run finished and never
+    # resumed it, so the last evaluation never ran)
+    train_and_evaluate(config, workdir, batch_transform=sigterm_before_the_last_step)
+    assert sorted(_scalars(_events(workdir), "eval/loss")) == [2, 4] and not os.path.exists(
+        os.path.join(workdir, "final"))
     excluded = []  # evaluations' time, left out of tokens/s and MFU: the one put off too
     real_exclude = metrics_lib.Window.exclude
     monkeypatch.setattr(metrics_lib.Window, "exclude", lambda self, s: excluded.append(s) or real_exclude(self, s))
     train_and_evaluate(config, workdir)
-    assert sorted(_scalars(_events(workdir), "eval/loss")) == [2, 4, 6] and len(excluded) == 2
+    assert sorted(_scalars(_events(workdir), "eval/loss")) == [2, 4, 6] and len(excluded) == 1
+    assert os.path.isdir(os.path.join(workdir, "final"))
 
 
 # --- the config ------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ XLA:CPU refuses an entry compiled for a CPU with other features.
 Where the cache lives, first match wins: the `path` argument (the CLI's `--compilation-cache`),
 $UNITOKEN_COMPILATION_CACHE, JAX's own setting ($JAX_COMPILATION_CACHE_DIR or
 `jax.config.update("jax_compilation_cache_dir", ...)`), else `~/.cache/unitoken_jax/xla`
-($XDG_CACHE_HOME respected), kept under 4 GiB. "off" turns it off.
+($XDG_CACHE_HOME respected), kept under 4 GiB. "off" turns it off; an empty variable counts as
+unset. A URL (`gs://bucket/xla`) goes to JAX as it is (JAX reads and writes it through etils'
+epath, which needs its GCS extra installed), so the hosts of a pod share one cache.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ _MIN_COMPILE_SECONDS = 0.0
 # so two calls at once cannot read a half-written entry); unbounded by default
 MAX_BYTES = 4 * 1024**3
 _LOG = logging.getLogger(__name__)
+# JAX's own defaults of the two settings tuned here: another value was set by the user (in Python,
+# `jax.config.update`, or by an earlier call here) and is left as it is
+_JAX_DEFAULTS = {"jax_persistent_cache_min_compile_time_secs": (1.0, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"),
+                 "jax_compilation_cache_max_size": (-1, "JAX_COMPILATION_CACHE_MAX_SIZE")}
 
 
 def default_dir() -> str:
@@ -42,32 +48,38 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache; returns its directory, or None when it is off
     (asked for, or the directory cannot be made: then a warning, and the call runs without it)."""
     if path is None:
-        path = os.environ.get(ENV)
+        path = os.environ.get(ENV) or None  # (set but empty: unset, as JAX reads its own variables)
     if path is None:
         own = jax.config.jax_compilation_cache_dir
         path = own if own else default_dir()
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"a compilation cache is a directory or {OFF!r}, not {path!r}")
     if path.strip().lower() == OFF:  # off, JAX's own setting too
-        jax.config.update("jax_compilation_cache_dir", None)
-        jax_cache.reset_cache()
+        _off()
         return None
-    path = os.path.abspath(os.path.expanduser(path))
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        _LOG.warning("no compilation cache (%s): every program compiles afresh", e)
-        return None
+    if "://" not in path:  # (a URL is JAX's to open: made local, gs://b became a folder 'gs:' here)
+        path = os.path.abspath(os.path.expanduser(path))
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            _LOG.warning("no compilation cache (%s): every program compiles afresh", e)
+            _off()  # (JAX's earlier directory would have gone on being written)
+            return None
     jax.config.update("jax_compilation_cache_dir", path)
-    # the user's own JAX settings win
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    for name, value in (("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS),
+                        ("jax_compilation_cache_max_size", MAX_BYTES)):
+        default, env = _JAX_DEFAULTS[name]
+        if env not in os.environ and getattr(jax.config, name) == default:  # the user's own settings win
+            jax.config.update(name, value)
     # JAX opens its cache at the first compile with a directory set and keeps writing there: a new
     # directory (a notebook's later cell) needs a reset to count
     jax_cache.reset_cache()
     return path
+
+
+def _off() -> None:
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax_cache.reset_cache()
 
 
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"

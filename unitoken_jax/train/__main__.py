@@ -55,7 +55,10 @@ def main(argv):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     # the first process writes what it compiles; every process reads
-    where = enable_compilation_cache(_CONFIG.value.get("compilation_cache") or None)
+    try:
+        where = enable_compilation_cache(_CONFIG.value.get("compilation_cache") or None)
+    except ValueError as e:  # (a blank setting: one line, as the config's other errors)
+        sys.exit(f"unitoken_jax.train: config.compilation_cache: {e}")
     logging.getLogger("unitoken_jax.train").info("compilation cache: %s", where or "off")
     try:
         train_and_evaluate(config, _WORKDIR.value)

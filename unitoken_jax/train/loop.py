@@ -452,6 +452,9 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
             started = time.time()
             last_eval = evaluator.run(step, state.params, writer)
             window.exclude(time.time() - started)
+            if preempted.signalled_here():  # during it: this step is saved already, nothing to train
+                log.warning("preempted during the evaluation of step %d, which was saved: stopping", step)
+                total = step  # (and no export below: the flag is set)
         while step < total:
             host = next(data_iter)
             if batch_transform is not None:
@@ -504,7 +507,8 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
         writer.close()
         samples_log.close()
 
-    if step >= total:
+    if step >= total and not preempted.flag:  # (preempted at the end: the resumed run evaluates if it owes
+        # that, and exports; the grace period goes to the checkpoint, and a sweep sees no final/ yet)
         skipped = int(jax.device_get(state.nonfinite_total))
         if skipped:  # (a skipped step is a step: the run still ends at `total`)
             n = config.optimizer.accumulation_steps
