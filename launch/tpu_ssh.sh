@@ -9,7 +9,9 @@ usage() {
 Usage: $PROG --name NAME --zone ZONE --project PROJECT [--worker N|all] -- COMMAND ...
 
 Runs COMMAND in the home directory of every worker at once (gcloud compute tpus tpu-vm ssh
---worker=all --command=...), e.g. to copy checkpoints or data to each worker's disk:
+--worker=all --command=...), e.g. to copy checkpoints or data to each worker's disk. COMMAND is a
+line for the worker's shell: several words are joined with spaces, as ssh joins them, so quote a
+path with spaces inside the line ('ls "/mnt/my bucket"'), not only for this shell:
 
   $PROG --name unitoken-v5p --zone us-east5-a --project my-project -- \\
       'mkdir -p /tmp/unitoken && gcloud storage cp -r gs://my-bucket/UniToken-base-StageI /tmp/unitoken/'

@@ -93,5 +93,8 @@ remote="$remote; if [ \"\$(df -P \"\$d\" | awk 'NR == 2 {print \$6}')\" = / ]; t
 remote="$remote; cd $code"
 remote="$remote; { echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) \$(hostname)\"; printf '%s\\n' $(shell_quote "$started"); } >> $logs/train.log"
 remote="$remote; $start >> $logs/train.log 2>&1 < /dev/null & echo \$! > $logs/train.pid"
-remote="$remote; echo \"\$(hostname): started pid \$!, log ~/$LOG_DIR/train.log\""
+shown=$LOG_DIR
+# shellcheck disable=SC2088  # (a ~ to show, as the worker's user reads it)
+[[ $shown == /* ]] || shown="~/$shown"  # (an absolute --log-dir is shown as it is, not as ~//var/...)
+remote="$remote; echo \"\$(hostname): started pid \$!, log $shown/train.log\""
 run "${ssh_all[@]}" "--command=$remote"

@@ -622,6 +622,23 @@ def test_slurm_job_script(env):
     assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12", "/opt/venv/bin/python"]
 
 
+@pytest.mark.parametrize("stop", [[], ["--config.stop_after=5"], ["--config.stop_after=5", "--config.stop_after=0"]])
+def test_slurm_requeues_a_run_stopped_by_its_time_limit_not_one_stopped_at_its_stop_after(env, tmp_path, stop):
+    """A run ended by stop_after was requeued, and the requeued job (after waiting for its nodes) was
+    refused: the run resumes past that step. Only a stop before the end without one is requeued."""
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    _write_exec(bin_dir / "srun", "#!/bin/sh\nexit 0\n")  # the step ends well, before the end (no final/)
+    _write_exec(bin_dir / "scontrol", f'#!/bin/sh\necho "$*" >> {tmp_path / "scontrol.log"}\n')
+    job = dict(env, SLURM_JOB_ID="42", SLURM_JOB_NODELIST="n1")
+    r = run_script("slurm_train.sbatch", "--config", "c.py", "--workdir", str(tmp_path / "run"), *stop, env=job)
+    assert r.returncode == 0, r.stderr
+    requeued = (tmp_path / "scontrol.log").read_text().splitlines() if (tmp_path / "scontrol.log").exists() else []
+    if stop[-1:] == ["--config.stop_after=5"]:
+        assert requeued == [] and "stopped at --config.stop_after=5, as asked: not requeueing" in r.stderr
+    else:
+        assert requeued == ["requeue 42"] and "requeueing job 42" in r.stderr
+
+
 def test_slurm_job_script_outside_slurm_fails_clearly(env):
     r = run_script("slurm_train.sbatch", *TRAIN, env=env)
     assert r.returncode == 2 and "not inside a SLURM job" in r.stderr
