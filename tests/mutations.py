@@ -369,6 +369,28 @@ MUTATIONS = (
              "    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = True,",
              "    def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = False,",
              ("tests/test_inference.py", "-k", "cut_by_its_budget_is_completed")),
+    Mutation("llava_image_as_text", "LLaVA's `<image>` in a training item written as plain text, not the tokenizer's "
+             "own token", "unitoken_jax/data/pretokenize.py",
+             "max_length=self.settings.max_length,\n                                          llava_image=True)",
+             "max_length=self.settings.max_length,\n                                          llava_image=False)",
+             ("tests/test_pretokenize.py", "-k", "llava")),
+    Mutation("release_prompt_names_the_size", "a released model asked for a picture with Lumina-mGPT's size-naming "
+             "prompt, not the reference's own", "unitoken_jax/inference/pipeline.py",
+             'GENERATE_TEMPLATE = "Generate an image according to the following prompt:\\n{prompt}"',
+             'GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\\n{prompt}"',
+             ("tests/test_inference.py", "-k", "chat")),
+    Mutation("preempted_last_step_exports", "a run preempted at its last step exporting final/ (a sweep calls it "
+             "finished; its last evaluation never runs)", "unitoken_jax/train/loop.py",
+             "if step >= total and not preempted.flag:", "if step >= total:",
+             ("tests/test_eval_in_training.py", "-k", "preemptions")),
+    Mutation("pickle_subclass_unreadable", "a dict subclass in a torch pickle (Lightning's hyperparameters) making "
+             "the file unreadable", "unitoken_jax/convert/torch_pickle.py",
+             '    def __setitem__(self, key, value):\n        self.__dict__.setdefault("items", {})[key] = value\n', "",
+             ("tests/test_vqgan.py", "-k", "subclasses")),
+    Mutation("page_absolute_urls", "the web page calling /v1/... outside a proxy's path prefix",
+             "unitoken_jax/serve/static/index.html",
+             'r = await fetch("v1/models", {headers: headers()});', 'r = await fetch("/v1/models", {headers: headers()});',
+             ("tests/test_web_page.py", "-k", "prefix")),
 )
 
 
