@@ -378,7 +378,7 @@ MUTATIONS = (
              "prompt, not the reference's own", "unitoken_jax/inference/pipeline.py",
              'GENERATE_TEMPLATE = "Generate an image according to the following prompt:\\n{prompt}"',
              'GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\\n{prompt}"',
-             ("tests/test_inference.py", "-k", "chat")),
+             ("tests/test_inference.py", "-k", "cli_verbs")),
     Mutation("preempted_last_step_exports", "a run preempted at its last step exporting final/ (a sweep calls it "
              "finished; its last evaluation never runs)", "unitoken_jax/train/loop.py",
              "if step >= total and not preempted.flag:", "if step >= total:",
