@@ -788,8 +788,25 @@ def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):
     edited = server.client().images.edit(model=MODEL, image=("red.png", _png(shapes.draw([Thing("red", "circle",
                                                                                              "top left")])),
                                                              "image/png"),
-                                         prompt="make it blue", size=SIZE, stream=False, partial_images=0)
+                                         prompt="make it blue", size=SIZE, stream=False, partial_images=0,
+                                         input_fidelity="low", extra_body={"safety_identifier": "user-7"})
     assert len(edited.data) == 1
+    red = ("red.png", _png(shapes.draw([Thing("red", "circle", "top left")])), "image/png")
+    with pytest.raises(openai.BadRequestError) as refused:  # (named: it was "image", as if the picture were wrong)
+        server.client().images.edit(model=MODEL, image=red, prompt="x", size=SIZE, markup=red)
+    assert refused.value.body["param"] == "markup"
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.client().images.edit(model=MODEL, image=red, prompt="x", size=SIZE, input_fidelity="high")
+    assert refused.value.body["param"] == "input_fidelity"
+    # output_compression is 100 (the least) unless asked: PIL's defaults wrote JPEG at 75 and lossy WebP
+    for fmt in ("jpeg", "webp"):
+        drawn = server.client().images.generate(model=MODEL, prompt="a red circle at the top left", size=SIZE,
+                                                output_format=fmt, output_compression=100, extra_body={"seed": 1})
+        raw = base64.b64decode(drawn.data[0].b64_json)
+        if fmt == "jpeg":  # quality 100: every quantization step 1
+            assert set(Image.open(io.BytesIO(raw)).quantization[0]) == {1}
+        else:  # a lossless WebP's chunk
+            assert raw[12:16] == b"VP8L", raw[:16]
 
 
 def test_message_orders_openai_takes_are_taken(server):

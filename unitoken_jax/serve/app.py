@@ -426,8 +426,10 @@ class _Server:
         raw = await uploads[0].read(limits.max_image_bytes + 1)
         picture = await run_in_threadpool(wire.read_picture, raw, "image", limits)
         fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
-        if any(not isinstance(v, str) for v in fields.values()):
-            raise bad("only 'image' may be a file part of the form", "image")
+        files = [k for k, v in fields.items() if not isinstance(v, str)]
+        if files:  # (named: a `markup` file was refused as if the picture were wrong)
+            raise bad(f"only 'image' may be a file part of the form, not {files[0]!r}", files[0],
+                      "unsupported_parameter")
         return await self._draw(request, self._parse_images(wire.form_fields(fields)), picture)
 
 

@@ -358,10 +358,11 @@ class ImageCall:
 
 
 _IMAGE_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "guidance_scale",
-                 "negative_prompt", "seed", "user"}
+                 "negative_prompt", "seed", "user", "safety_identifier"}
+# output_compression 100 (OpenAI's default, the least compression) is what `picture_bytes` writes
 _IMAGE_NEUTRAL = {"quality": (None, "auto"), "style": (None,), "background": (None, "auto", "opaque"),
                   "moderation": (None, "auto"), "output_compression": (None, 100), "stream": (None, False),
-                  "partial_images": (None, 0)}
+                  "partial_images": (None, 0), "input_fidelity": (None, "low")}
 
 
 def parse_size(value: Any, default: tuple[int, int], sizes: tuple[tuple[int, int], ...] | None) -> tuple[int, int]:
@@ -427,8 +428,12 @@ def form_fields(form: dict[str, str]) -> dict[str, Any]:
 
 # --- responses ------------------------------------------------------------------------------------
 def picture_bytes(picture: Image.Image, output_format: str = "png") -> bytes:
+    """The picture in `output_format`, with the least compression (OpenAI's output_compression 100,
+    its default): JPEG at quality 100 without chroma subsampling, WebP lossless (PIL's defaults were
+    JPEG 75 and lossy WebP 80)."""
     buffer = io.BytesIO()
-    picture.save(buffer, format=PICTURE_FORMATS[output_format])
+    options = {"jpeg": {"quality": 100, "subsampling": 0}, "webp": {"lossless": True}}.get(output_format, {})
+    picture.save(buffer, format=PICTURE_FORMATS[output_format], **options)
     return buffer.getvalue()
 
 
