@@ -272,6 +272,10 @@ def test_images_edit_takes_a_picture_and_an_instruction(server):
     first = edit(1)
     assert _picture(first).size == (64, 64)  # the bundled model was not taught edits: any picture
     assert edit(1) == first != edit(2)  # the seed travels in the multipart form
+    # a JSON body is said to be one (it read as an empty form: "send exactly one picture ... (got 0)")
+    said = _error(_post(server, "/v1/images/edits", json={"model": MODEL, "prompt": "make it blue"}), 400, None,
+                  "invalid_form")
+    assert "takes a multipart form" in said["message"] and "application/json" in said["message"]
 
 
 def test_models_lists_the_one_model(server):

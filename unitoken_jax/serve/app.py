@@ -410,6 +410,11 @@ class _Server:
 
     async def images_edits(self, request: Request) -> Response:
         limits = self.settings.limits
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":  # (a JSON body read as an empty form: "got 0 pictures")
+            sent = kind or "a body without a content type"
+            raise bad(f"this endpoint takes a multipart form (the picture as its 'image' file part), not {sent}",
+                      code="invalid_form")
         try:
             form = await request.form(max_files=4, max_fields=32)
         except APIError:
