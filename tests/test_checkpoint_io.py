@@ -299,10 +299,50 @@ def test_load_and_text_logits_refuse_what_would_run_wrong(release_dir):
     try:
         with pytest.raises(ValueError, match="dtype='fp16'"):
             unitoken_jax.load(str(release_dir), dtype="fp16")
-        with pytest.raises(TypeError, match="dtyp"):
+        with pytest.raises(ValueError, match=r"unknown key\(s\) load\(\).dtyp"):
             unitoken_jax.load(str(release_dir), dtyp="bfloat16")
+        # checked as a config file's values are: each was taken, and the model saved a checkpoint
+        # that would not load ('no' read as True, a float block size, a NumPy float in the JSON)
+        for override, says in ((dict(scan_layers="no"), "load().scan_layers must be bool, got str 'no'"),
+                               (dict(attention_block=64.0), "load().attention_block must be int, got float"),
+                               (dict(z_loss_weight=np.float32(1e-4)), "load().z_loss_weight must be float"),
+                               (dict(vision=None), "load(..., vision=...) would not change the parameters"),
+                               (dict(lora=None), "load(..., lora=...) would not change the parameters")):
+            with pytest.raises(ValueError, match=re.escape(says)):
+                unitoken_jax.load(str(release_dir), **override)
+        with pytest.raises(ValueError, match="param_dtype=dtype"):  # (== "float16", and no JSON can hold it)
+            unitoken_jax.load(str(release_dir), param_dtype=np.dtype("float16"))
     finally:
         model_module._load_hf = real
+    for labels, says in ((np.array([[1, vocab]]), f"labels hold {vocab}, past the vocabulary"),
+                         (np.array([[1.7, 2.0]]), "labels must be integers, got float64"),
+                         (np.array([[1, 2, 3]]), "labels have shape")):  # (NaN or a wrong loss, silently)
+        with pytest.raises(ValueError, match=re.escape(says)):
+            model.forward(np.array([[1, 2]]), labels=labels)
+
+
+def test_saves_read_a_tilde_as_load_does_and_a_failed_save_leaves_the_earlier_checkpoint(release_dir, tmp_path,
+                                                                                           monkeypatch):
+    """load('~/m') read the home directory's m, but save('~/m') and save_hf('~/m') wrote a folder named
+    '~' in the working directory; a save whose config could not be written as JSON had already
+    written over an earlier checkpoint's parameters, and left its config half written."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = unitoken_jax.load(str(release_dir))
+    model.save("~/orbax")
+    model.save_hf("~/hf")
+    assert not (tmp_path / "~").exists()
+    for saved in ("~/orbax", "~/hf"):
+        for a, b in zip(jax.tree.leaves(unitoken_jax.load(saved).params), jax.tree.leaves(model.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    broken = model._like(model.config, model.params)
+    monkeypatch.setattr(type(broken.config), "to_dict", lambda self: {"odd": np.float32(1)})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        broken.save("~/orbax")
+    monkeypatch.undo()
+    for a, b in zip(jax.tree.leaves(unitoken_jax.load(str(tmp_path / "home" / "orbax")).params),
+                    jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sharded_write_has_an_index(release_dir, tmp_path):

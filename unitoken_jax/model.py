@@ -178,7 +178,16 @@ class UniTokenModel:
                                  f"({batch['pixels'].shape[0]} images)")
         elif is_continuous is not None and np.asarray(is_continuous).any():
             raise ValueError("is_continuous marks positions but no pixels were given")
-        if labels is not None:
+        if labels is not None:  # negative: not predicted; else a token id, checked as the tokens are
+            labels = np.asarray(labels)
+            if labels.size and not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"labels must be integers, got {labels.dtype}")
+            if labels.shape != np.shape(tokens):
+                raise ValueError(f"labels have shape {labels.shape}, the tokens {np.shape(tokens)}")
+            vocab = self.config.decoder.vocab_size
+            if labels.size and labels.max() >= vocab:
+                raise ValueError(f"labels hold {labels.max()}, past the vocabulary (0..{vocab - 1}; negative: not "
+                                 "predicted)")
             batch["labels"] = jnp.asarray(labels, jnp.int32)
         if generation is not None:
             batch["generation"] = jnp.asarray(generation, bool)
@@ -194,6 +203,7 @@ class UniTokenModel:
             raise ValueError(f"this model holds {self.config.quantize} weights, which the HF layout cannot carry; "
                              "save() it in our Orbax format, or write the float checkpoint it came from")
         model = self.merge_adapters()
+        path = os.path.expanduser(os.fspath(path))  # (as load reads it: '~/m' was a folder named '~')
         hf_io.write_hf(path, model.config, model.params, model.passthrough, model.hf_config, dtype or self.hf_dtype,
                        progress=progress)
 
@@ -221,7 +231,8 @@ class UniTokenModel:
             adapters = jax.device_get(adapters)
         if jax.process_index() != 0:
             return peft_io.adapted_modules(self.config)
-        return peft_io.save_adapters(path, self.config, adapters, base_model or self.source)
+        return peft_io.save_adapters(os.path.expanduser(os.fspath(path)), self.config, adapters,
+                                     base_model or self.source)
 
     def with_adapters(self, path: str, merge: bool = True) -> "UniTokenModel":
         """This (float) model with the PEFT-format adapters in `path` applied: folded into the
@@ -234,6 +245,7 @@ class UniTokenModel:
         if self.config.lora is not None:
             log.info("folding the model's own adapters into its kernels before applying %s", path)
             return self.merge_adapters().with_adapters(path, merge)
+        path = os.path.expanduser(os.fspath(path))
         lora, adapters = peft_io.read_adapters(path, self.config)
         config = self.config.replace(lora=lora)
         if self.mesh is not None:
@@ -268,7 +280,7 @@ class UniTokenModel:
     def save(self, path: str) -> None:
         """Writes our Orbax checkpoint (see `unitoken_jax.convert.orbax_io`); a quantized model is
         stored quantized, and loads back so."""
-        orbax_io.save(path, self.config, self.params, self.passthrough,
+        orbax_io.save(os.path.expanduser(os.fspath(path)), self.config, self.params, self.passthrough,
                       {"hf_config": self.hf_config, "hf_dtype": self.hf_dtype})
 
 
@@ -438,7 +450,8 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
             config_overrides["dtype"] = auto_dtype(platform)
     if quantize is not None:
         check_quantize(quantize)
-    if param_dtype is not None and param_dtype not in FLOAT_DTYPES:  # (before anything is read)
+    if param_dtype is not None and (not isinstance(param_dtype, str) or param_dtype not in FLOAT_DTYPES):
+        # (before anything is read; a name: np.dtype("float16") == "float16", and it is not JSON)
         raise ValueError(f"param_dtype={param_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}, 'auto' or None (the "
                          "checkpoint's own)")
     path = os.path.expanduser(os.fspath(path))
@@ -446,7 +459,7 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
     if config_overrides:  # refused before the checkpoint is read (minutes for a release), not after
-        read_config(path).replace(**config_overrides)
+        _overridden(read_config(path), config_overrides)
     orbax = orbax_io.is_orbax_checkpoint(path)
     fold = None
     if adapters is not None and not orbax and (merge_adapters or quantize not in (None, "none")):
@@ -469,5 +482,22 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
         if late_quantize:
             model = model.quantize(late_quantize)
     if config_overrides:
-        model.config = model.config.replace(**config_overrides)
+        model.config = _overridden(model.config, config_overrides)
     return model
+
+
+# what says which parameters a model has, and their form: set by the checkpoint (and load's own
+# `param_dtype`, `quantize` and `adapters`), never by an override
+_STRUCTURE = ("decoder", "vision", "lora", "quantize", "param_dtype")
+
+
+def _overridden(config: UniTokenConfig, overrides: dict) -> UniTokenConfig:
+    """`config` with `load`'s keyword overrides, each checked as a config file's value is (its type:
+    'no' was taken for True, 64.0 for a block size, and the model then saved a checkpoint that
+    would not load)."""
+    fixed = sorted(set(overrides) & set(_STRUCTURE))
+    if fixed:
+        raise ValueError(f"load(..., {fixed[0]}=...) would not change the parameters the checkpoint holds, only "
+                         "what the model expects of them; the parameters' form comes from the checkpoint "
+                         "(param_dtype, quantize and adapters are load's own arguments)")
+    return UniTokenConfig.from_dict({**config.to_dict(), **overrides}, where="load()")

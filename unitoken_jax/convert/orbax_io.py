@@ -75,6 +75,10 @@ SAVE_CONCURRENT_GB = 1
 def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.ndarray] | None = None,
          extra: dict[str, Any] | None = None) -> None:
     path = os.path.abspath(path)
+    # the sidecar made first: a config that cannot be written fails before an earlier checkpoint
+    # there is touched, and it is replaced whole (renamed over), never left half written
+    sidecar = json.dumps({"config": config.to_dict(), "param_layout": PARAM_LAYOUT, **(extra or {})}, indent=2,
+                         sort_keys=True)
     os.makedirs(path, exist_ok=True)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)) as ckpt:
         ckpt.save(os.path.join(path, "params"), params, force=True)
@@ -82,9 +86,9 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
             ckpt.save(os.path.join(path, "passthrough"), _nest(passthrough), force=True)
         elif os.path.exists(os.path.join(path, "passthrough")):  # an earlier save's: it would be restored
             shutil.rmtree(os.path.join(path, "passthrough"))
-    with open(os.path.join(path, SIDECAR), "w") as f:
-        json.dump({"config": config.to_dict(), "param_layout": PARAM_LAYOUT, **(extra or {})}, f, indent=2,
-                  sort_keys=True)
+    with open(os.path.join(path, SIDECAR + ".partial"), "w") as f:
+        f.write(sidecar)
+    os.replace(os.path.join(path, SIDECAR + ".partial"), os.path.join(path, SIDECAR))
 
 
 def read_sidecar(path: str) -> dict[str, Any]:

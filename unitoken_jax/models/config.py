@@ -196,7 +196,7 @@ class UniTokenConfig:
         if self.vision is not None:
             self.vision.validate()
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in FLOAT_DTYPES:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in FLOAT_DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype the model runs in; choose one of "
                                  f"{', '.join(FLOAT_DTYPES)}")
         if self.remat_policy not in REMAT_POLICIES:

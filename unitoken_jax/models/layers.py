@@ -399,10 +399,11 @@ def quantize_int8(kernel, shape_of_scale: tuple[int, ...]):
     # a channel of denormals at most is a zero channel (a device flushes them to zero; on the host
     # 127 / amax would overflow)
     amax = xp.where(amax >= np.finfo(np.float32).tiny, amax, 127.0).astype(xp.float32)
-    # w * (127 / amax), not w / (amax / 127): XLA turns a division by a broadcast into that product
-    # anyway, and the host (NumPy) and device quantizers must round exactly alike.
+    # w * (127 / amax), not w / (amax / 127), and the scale amax * (1 / 127), not amax / 127: XLA turns
+    # a division by a broadcast or a constant into a product, and the host (NumPy) and device
+    # quantizers must round exactly alike (the scale was an ulp apart)
     values = xp.clip(xp.round(w * (xp.float32(127.0) / amax)), -127, 127).astype(xp.int8)
-    return values, (amax / xp.float32(127.0)).reshape(shape_of_scale)
+    return values, (amax * xp.float32(1.0 / 127.0)).reshape(shape_of_scale)
 
 
 class Projection(nn.Module):
