@@ -345,6 +345,21 @@ def test_saves_read_a_tilde_as_load_does_and_a_failed_save_leaves_the_earlier_ch
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_weights_are_as_readable_as_the_umask_makes_files(release_dir, tmp_path, umask):
+    """safetensors 0.8 writes owner-only files (0600): a model saved into a lab's shared directory
+    could not be read by anyone else, while its config.json could."""
+    model = unitoken_jax.load(str(release_dir))
+    old = os.umask(umask)
+    try:
+        model.save_hf(str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    modes = {f: os.stat(tmp_path / "hf" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "hf")}
+    assert any(f.endswith(".safetensors") for f in modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
 def test_sharded_write_has_an_index(release_dir, tmp_path):
     from unitoken_jax.convert import hf as hf_io
 

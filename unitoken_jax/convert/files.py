@@ -68,3 +68,26 @@ def get_path(tree, path):
     for p in path:
         tree = tree[p]
     return tree
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask sets it, racing other threads'
+    file creation); 0o022 where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def save_safetensors(tensors: dict, file: str, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, with the file's permissions the umask's, as every other file here:
+    safetensors 0.8 makes it owner-only (0600), so a model written to a shared directory could not
+    be read by the lab's other users."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, file, metadata=metadata)
+    os.chmod(file, 0o666 & ~_umask())

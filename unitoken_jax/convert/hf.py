@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from unitoken_jax.convert import orbax_io
@@ -37,6 +36,7 @@ from unitoken_jax.convert.files import (
     get_path,
     open_safetensors,
     read_json_object,
+    save_safetensors,
 )
 from unitoken_jax.models.config import DecoderConfig, UniTokenConfig, VisionConfig
 from unitoken_jax.models.unitoken import abstract_params
@@ -541,7 +541,7 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
     def flush():
         name = f".model-{len(written) + 1:05d}.safetensors.partial"
         tmp_names.append(name)
-        save_file(shards[-1], os.path.join(path, name), metadata={"format": "pt"})
+        save_safetensors(shards[-1], os.path.join(path, name), metadata={"format": "pt"})
         written.append((name, list(shards[-1])))
         shards[-1] = {}
         sizes[-1] = 0

@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
-from unitoken_jax.convert.files import CheckpointError, open_safetensors, read_json_object
+from unitoken_jax.convert.files import CheckpointError, open_safetensors, read_json_object, save_safetensors
 from unitoken_jax.convert.hf import tensor_specs
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.models.config import DECODER_LORA_TARGETS, LoraConfig, UniTokenConfig
@@ -92,7 +91,7 @@ def save_adapters(path: str, config: UniTokenConfig, params: dict, base_model: s
             tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_l.reshape(lora.rank, -1).T)
             names.append(name)
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,

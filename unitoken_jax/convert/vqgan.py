@@ -17,7 +17,6 @@ from typing import Any, Mapping
 import jax
 from flax import traverse_util
 import numpy as np
-from safetensors.numpy import save_file
 import yaml
 
 from unitoken_jax.convert.files import (
@@ -26,6 +25,7 @@ from unitoken_jax.convert.files import (
     get_path,
     open_safetensors,
     read_json_object,
+    save_safetensors,
 )
 from unitoken_jax.convert.torch_pickle import load_torch_file
 from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
@@ -177,7 +177,7 @@ def save_vqgan(path: str, config: VQGANConfig, params) -> None:
     os.makedirs(path, exist_ok=True)
     flat = {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v, np.float32)
             for kp, v in jax.tree_util.tree_leaves_with_path(params)}
-    save_file(flat, os.path.join(path, WEIGHTS_FILE))
+    save_safetensors(flat, os.path.join(path, WEIGHTS_FILE))
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=1)
 
