@@ -312,6 +312,9 @@ def test_load_and_text_logits_refuse_what_would_run_wrong(release_dir):
                 unitoken_jax.load(str(release_dir), **override)
         with pytest.raises(ValueError, match="param_dtype=dtype"):  # (== "float16", and no JSON can hold it)
             unitoken_jax.load(str(release_dir), param_dtype=np.dtype("float16"))
+        for asked in (dict(param_dtype="float64"), dict(dtype="float64")):  # (float32 arrays, a float64 config)
+            with pytest.raises(ValueError, match="float64 needs JAX's 64-bit mode"):
+                unitoken_jax.load(str(release_dir), **asked)
     finally:
         model_module._load_hf = real
     for labels, says in ((np.array([[1, vocab]]), f"labels hold {vocab}, past the vocabulary"),

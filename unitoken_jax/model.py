@@ -450,6 +450,9 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
             config_overrides["dtype"] = auto_dtype(platform)
     if quantize is not None:
         check_quantize(quantize)
+    if "float64" in (param_dtype, config_overrides.get("dtype")) and not jax.config.jax_enable_x64:
+        # (JAX would hand out float32 arrays under a config that says float64)
+        raise ValueError("float64 needs JAX's 64-bit mode: jax.config.update('jax_enable_x64', True) before loading")
     if param_dtype is not None and (not isinstance(param_dtype, str) or param_dtype not in FLOAT_DTYPES):
         # (before anything is read; a name: np.dtype("float16") == "float16", and it is not JSON)
         raise ValueError(f"param_dtype={param_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}, 'auto' or None (the "
