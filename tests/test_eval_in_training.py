@@ -310,6 +310,29 @@ def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkey
     assert os.path.isdir(os.path.join(workdir, "final"))
 
 
+def test_the_prompts_are_drawn_with_the_configs_template(data, tmp_path, monkeypatch):
+    """`eval.template` is the prompts' drawing template (a model trained with another than the
+    reference's); "" leaves the pipeline's."""
+    from unitoken_jax.train import evaluate as evaluate_module
+
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def recording(*args, **kwargs):
+        made.append(kwargs.get("generate_template"))
+        raise Stop
+
+    monkeypatch.setattr(evaluate_module, "UniTokenPipeline", recording)
+    for template in ("Draw {w}x{h}: {prompt}", ""):
+        config = _with_samples(data)
+        config.eval.template = template
+        with pytest.raises(Stop):
+            train_and_evaluate(config, str(tmp_path / f"run{len(made)}"))
+    assert made == ["Draw {w}x{h}: {prompt}", None]
+
+
 # --- the config ------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, match", [
     (dict(every=-1), "eval.every must be 0"),
@@ -319,6 +342,8 @@ def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkey
     (dict(sources=("/data/held_out",)), "eval.sources and eval.holdout_fraction are both set"),
     (dict(batches=0), "eval.batches must be at least 1"),
     (dict(prompts=("a red circle",)), "eval.prompts needs eval.tokenizer and eval.vqgan"),
+    (dict(template="Draw a {thing}"), "eval.template: a drawing template needs {prompt}"),
+    (dict(template="{prompt} at {size}"), "eval.template: a drawing template may name only {prompt}, {w} and {h}"),
     (dict(questions=(("", "What is it?"),), tokenizer="tokenizer.json"), "eval.questions needs eval.tokenizer"),
     (dict(tokenizer="demo", vqgan="/models/vqgan"), "eval.tokenizer='demo' and eval.vqgan='demo' go together"),
     (dict(size=100), "eval.size=100 must be a multiple of 32"),

@@ -80,7 +80,7 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
     # prompts to draw / (picture, question) pairs to answer, which need the data's tokenizers
     c.eval = ml_collections.ConfigDict(dict(
         every=0, sources=(), holdout_fraction=0.0, batches=2, seed=0, prompts=(), questions=(),
-        tokenizer="", vqgan="", size=128 if tiny else 512, cfg=3.0, max_new_tokens=64))
+        tokenizer="", vqgan="", size=128 if tiny else 512, cfg=3.0, max_new_tokens=64, template=""))
     c.total_steps = 40 if tiny else (5000 if stage == 1 else 20000)
     c.log_every = 5 if tiny else 50
     c.checkpoint_every = 20 if tiny else 1000

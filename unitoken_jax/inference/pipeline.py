@@ -35,6 +35,20 @@ from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationE
 # template names them.
 GENERATE_TEMPLATE = "Generate an image according to the following prompt:\n{prompt}"
 SIZED_GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+
+
+def check_template(template: str) -> str:
+    """A drawing prompt's template: text with `{prompt}` (and optionally `{w}`, `{h}`), as
+    `str.format` fills it. Anything else is refused here, not met as a KeyError mid-batch or a
+    prompt silently left out."""
+    if not isinstance(template, str) or "{prompt}" not in template:
+        raise ValueError(f"a drawing template needs {{prompt}} (and may name {{w}} and {{h}}), got {template!r}")
+    try:
+        template.format(w=1, h=1, prompt="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"a drawing template may name only {{prompt}}, {{w}} and {{h}} (write a brace as {{{{ or "
+                         f"}}}}); {template!r}: {type(e).__name__} {e}") from None
+    return template
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
 REFERENCE_IMAGE_PREFIX = (16853,)
 # a chat answer's default budget: the reference's free-form demo's, room for a 512 x 512 picture
@@ -189,7 +203,7 @@ class UniTokenPipeline:
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
         self.patch = vision.patch_size if vision is not None else 14
         self.image_prefix = image_prefix
-        self.generate_template = generate_template
+        self.generate_template = check_template(generate_template)
         if anyres and continuous and vision is not None:
             # the reference spends the model's positions on a conversation's discrete tokens and puts an
             # AnyRes picture's SigLIP block on top (`anyres.max_block`): the decoder's limit here does too

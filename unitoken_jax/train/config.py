@@ -85,6 +85,9 @@ class EvalConfig:
     size: int = 512  # side of the drawn pictures, in the layout's pixels (a multiple of 32)
     cfg: float = 3.0  # classifier-free guidance of the drawn pictures (1: none)
     max_new_tokens: int = 64  # the longest answer
+    # the prompts' drawing template ({prompt}, and {w} {h} if it names the size); "": the reference's,
+    # `inference.pipeline.GENERATE_TEMPLATE` (the shapes world's is `world.shapes.GENERATE_TEMPLATE`)
+    template: str = ""
 
     def validate(self) -> "EvalConfig":
         for name in ("every", "holdout_fraction"):
@@ -112,6 +115,13 @@ class EvalConfig:
                                  "pre-tokenized with; 'demo' and 'demo' for the demo data)")
         if (self.tokenizer == "demo") != (self.vqgan == "demo"):
             raise ValueError("eval.tokenizer='demo' and eval.vqgan='demo' go together (the demo's small tokenizers)")
+        if self.template:
+            from unitoken_jax.inference.pipeline import check_template
+
+            try:
+                check_template(self.template)
+            except ValueError as e:
+                raise ValueError(f"eval.template: {e}") from None
         for i, (_, question) in enumerate(self.questions):
             if not question.strip():
                 raise ValueError(f"eval.questions[{i}] has an empty question")

@@ -110,7 +110,8 @@ class Samples:
         s = image_settings
         self.pipeline = UniTokenPipeline(model, text, vq, anyres=s.anyres, vq_size=s.vq_size,
                                          siglip_size=s.siglip_size, image_prefix=(), continuous=s.continuous,
-                                         anyres_pinpoints=s.pinpoints())
+                                         anyres_pinpoints=s.pinpoints(),
+                                         **({"generate_template": config.template} if config.template else {}))
         size = (config.size, config.size)
         try:
             self.requests = [self.pipeline.generate_request(p, size=size, cfg=config.cfg, seed=config.seed + i)
