@@ -223,7 +223,7 @@ def test_a_save_that_fails_part_way_leaves_the_checkpoint_there_as_it_was(releas
     out = tmp_path / "out"
     model.save_hf(str(out))
     before = sorted(os.listdir(out))
-    real_save, calls = hf_io.save_file, []
+    real_save, calls = hf_io.save_safetensors, []
 
     def full_disk(*args, **kwargs):
         calls.append(1)
@@ -232,7 +232,7 @@ def test_a_save_that_fails_part_way_leaves_the_checkpoint_there_as_it_was(releas
         return real_save(*args, **kwargs)
 
     other = unitoken_jax.UniTokenModel.random(model.config, seed=1)
-    monkeypatch.setattr(hf_io, "save_file", full_disk)
+    monkeypatch.setattr(hf_io, "save_safetensors", full_disk)
     with pytest.raises(OSError, match="No space left"):
         hf_io.write_hf(str(out), other.config, other.params, model.passthrough, model.hf_config, "float32",
                        shard_bytes=200_000)
