@@ -863,6 +863,12 @@ def test_modalities_say_whether_the_answer_may_draw_and_seeds_are_any_integer(se
                                                        max_tokens=12, seed=seed).choices[0].message.content
 
     assert sampled(-1) == sampled(2 ** 32 - 1) and sampled(2 ** 63 - 1) == sampled(2 ** 32 - 1)
+    # top_p 0, which OpenAI takes (it was refused): the most likely token alone, whatever the temperature
+    greedy = server.client().chat.completions.create(model=MODEL, messages=question, max_tokens=12, temperature=0)
+    for seed in (1, 2):
+        hot = server.client().chat.completions.create(model=MODEL, messages=question, temperature=1.5, top_p=0,
+                                                      max_tokens=12, seed=seed)
+        assert hot.choices[0].message.content == greedy.choices[0].message.content
     # the error names the length field the caller sent (LangChain sends max_completion_tokens)
     _error(_post(server, "/v1/chat/completions", json={"model": MODEL, "messages": question,
                                                        "max_completion_tokens": 100000}),

@@ -323,7 +323,9 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
         conversation=turns, images=images,
         max_tokens=_number(body, length_field, None, 1, integer=True),
         temperature=_number(body, "temperature", 0.0, 0),  # greedy unless asked: the models answer best so
-        top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
+        # OpenAI takes 0 too: the most likely token alone (the sampler keeps the token that reaches p;
+        # 2**-126 is float32's smallest normal number, which the top token's probability always reaches)
+        top_p=_number(body, "top_p", 1.0, 0, 1) or 2.0 ** -126,
         top_k=_number(body, "top_k", 0, 0, 2 ** 31 - 1, integer=True),
         seed=_seed(body),
         n=_number(body, "n", 1, 1, limits.max_n, integer=True),
