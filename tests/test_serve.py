@@ -731,6 +731,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     _error(_post(server, images, json={**draw, "response_format": "url"}), 400, "response_format")
     _error(_post(server, images, json={**draw, "guidance_scale": -1}), 400, "guidance_scale")
     _error(_post(server, "/v1/images/edits", data={"prompt": "make it blue"}), 400, None, "invalid_form")
+    _error(_post(server, "/v1/images/edits", files=[("image", ("x.png", _png(picture), "image/png")),
+                                                    ("prompt", (None, "make it blue")), ("n", (None, "1")),
+                                                    ("n", (None, "2"))]), 400, "n")  # (the last was used)
     _error(_post(server, "/v1/images/edits", files={"image": ("x.png", _png(picture), "image/png")},
                  data={"prompt": "make it blue", "n": "9" * 5000}), 400, "n")  # more digits than Python reads
     _error(_post(server, "/v1/images/edits", files={"image": ("x.png", b"not a picture", "image/png")},

@@ -430,7 +430,11 @@ class _Server:
             raise bad("'image' must be a file part of the form, not a text field", "image")
         raw = await uploads[0].read(limits.max_image_bytes + 1)
         picture = await run_in_threadpool(wire.read_picture, raw, "image", limits)
-        fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]")}
+        items = [(k, v) for k, v in form.multi_items() if k not in ("image", "image[]")]
+        twice = sorted({k for k, _ in items if sum(1 for j, _ in items if j == k) > 1})
+        if twice:  # (the last one was used, silently)
+            raise bad(f"the form gives {twice[0]!r} more than once", twice[0])
+        fields = dict(items)
         files = [k for k, v in fields.items() if not isinstance(v, str)]
         if files:  # (named: a `markup` file was refused as if the picture were wrong)
             raise bad(f"only 'image' may be a file part of the form, not {files[0]!r}", files[0],
