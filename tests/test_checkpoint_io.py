@@ -313,7 +313,7 @@ def test_load_and_text_logits_refuse_what_would_run_wrong(release_dir):
         with pytest.raises(ValueError, match="param_dtype=dtype"):  # (== "float16", and no JSON can hold it)
             unitoken_jax.load(str(release_dir), param_dtype=np.dtype("float16"))
         for asked in (dict(param_dtype="float64"), dict(dtype="float64")):  # (float32 arrays, a float64 config)
-            with pytest.raises(ValueError, match="float64 needs JAX's 64-bit mode"):
+            with pytest.raises(ValueError, match="float64 weights or compute need JAX's 64-bit mode"):
                 unitoken_jax.load(str(release_dir), **asked)
     finally:
         model_module._load_hf = real
@@ -361,6 +361,43 @@ def test_written_weights_are_as_readable_as_the_umask_makes_files(release_dir, t
     modes = {f: os.stat(tmp_path / "hf" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "hf")}
     assert any(f.endswith(".safetensors") for f in modes)
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_filesystem_without_permissions_or_an_unknown_umask_still_saves(release_dir, tmp_path, monkeypatch):
+    """A chmod the filesystem refuses (vfat, some FUSE mounts) failed the whole save, half written;
+    an umask /proc does not tell widened a private file to 0644."""
+    from unitoken_jax.convert import files
+
+    model = unitoken_jax.load(str(release_dir))
+
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refused)
+    model.save_hf(str(tmp_path / "no-chmod"))
+    assert unitoken_jax.load(str(tmp_path / "no-chmod")).config == model.config
+    monkeypatch.undo()
+    monkeypatch.setattr(files, "_umask", lambda: None)
+    old = os.umask(0o077)
+    try:
+        model.save_hf(str(tmp_path / "private"))
+    finally:
+        os.umask(old)
+    assert {os.stat(tmp_path / "private" / f).st_mode & 0o077 for f in os.listdir(tmp_path / "private")} == {0}
+
+
+def test_a_float64_checkpoint_is_refused_without_jax_64_bit_mode(release_dir, tmp_path):
+    """Its own float64 (not asked for in load's arguments) gave float32 arrays under a float64 config."""
+    import json
+
+    unitoken_jax.load(str(release_dir)).save(str(tmp_path / "ours"))
+    sidecar = tmp_path / "ours" / "unitoken_config.json"
+    record = json.loads(sidecar.read_text())
+    record["config"]["param_dtype"] = "float64"
+    sidecar.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="float64 weights or compute need JAX's 64-bit mode"):
+        unitoken_jax.load(str(tmp_path / "ours"), param_dtype=None)  # (None: the checkpoint's own)
+    assert unitoken_jax.load(str(tmp_path / "ours")).config.param_dtype == "float32"  # the default, float32
 
 
 def test_sharded_write_has_an_index(release_dir, tmp_path):

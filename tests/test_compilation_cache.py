@@ -72,6 +72,11 @@ def test_a_url_goes_to_jax_as_it_is(jax_settings, monkeypatch, tmp_path):
     assert cc.enable_compilation_cache("gs://bucket/xla") == "gs://bucket/xla"
     assert jax.config.jax_compilation_cache_dir == "gs://bucket/xla"
     assert os.listdir(tmp_path) == []
+    # file:// is a local directory; another scheme (or GS://) failed at the first compile, inside JAX
+    assert cc.enable_compilation_cache(f"file://{tmp_path}/local") == str(tmp_path / "local")
+    for url in ("GS://bucket/xla", "http://host/xla"):
+        with pytest.raises(ValueError, match="a compilation cache URL is gs://... or s3://..."):
+            cc.enable_compilation_cache(url)
 
 
 def test_the_users_own_jax_thresholds_are_kept(jax_settings, monkeypatch, tmp_path):

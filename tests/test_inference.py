@@ -1186,12 +1186,15 @@ def test_every_vqgan_format_loads_through_one_entry(pipe, tmp_path):
 def test_a_drawing_template_without_its_prompt_or_with_other_fields_is_refused(pipe):
     """A template without {prompt} drew from the template alone, silently; one naming another field
     failed with a KeyError at the first picture."""
-    for template, says in (("Draw something nice", "needs {prompt}"), ("{prompt} in {style}", "may name only")):
+    for template, says in (("Draw something nice", "needs {prompt}"), ("{prompt} in {style}", "may name only"),
+                           ("Draw {{prompt}}", "needs {prompt}")):  # (a literal '{prompt}': the prompt left out)
         with pytest.raises(ValueError, match=re.escape(says)):
             UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq, vq_size=32, image_prefix=(),
                              generate_template=template)
     sized = UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq, vq_size=32, image_prefix=(),
                              generate_template="{{draw}} {w}x{h}: {prompt}")  # (a brace written doubled)
+    assert UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq, vq_size=32, image_prefix=(),
+                            generate_template="Draw {prompt!s}").generate_template == "Draw {prompt!s}"
     text = pipe.tokenizer.encode_text("{draw} 64x32: a cat")
     tokens = sized.generate_request("a cat", size=(64, 32)).tokens.tolist()
     assert tokens[1:len(text) + 2] == text + [8710]  # BOS, the filled template, the end of the turn

@@ -622,10 +622,16 @@ def test_slurm_job_script(env):
     assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=12", "/opt/venv/bin/python"]
 
 
-@pytest.mark.parametrize("stop", [[], ["--config.stop_after=5"], ["--config.stop_after=5", "--config.stop_after=0"]])
-def test_slurm_requeues_a_run_stopped_by_its_time_limit_not_one_stopped_at_its_stop_after(env, tmp_path, stop):
+@pytest.mark.parametrize("stop, reached", [([], False), (["--config.stop_after=5"], True),
+                                          (["--config.stop_after=5"], False),
+                                          (["--config.stop_after=5", "--config.stop_after=0"], False)])
+def test_slurm_requeues_a_run_stopped_by_its_time_limit_not_one_stopped_at_its_stop_after(env, tmp_path, stop,
+                                                                                          reached):
     """A run ended by stop_after was requeued, and the requeued job (after waiting for its nodes) was
-    refused: the run resumes past that step. Only a stop before the end without one is requeued."""
+    refused: the run resumes past that step. A run the time limit stopped before its stop_after is
+    requeued, as one without."""
+    if reached:
+        (tmp_path / "run" / "checkpoints" / "5").mkdir(parents=True)
     bin_dir = Path(env["PATH"].split(os.pathsep)[0])
     _write_exec(bin_dir / "srun", "#!/bin/sh\nexit 0\n")  # the step ends well, before the end (no final/)
     _write_exec(bin_dir / "scontrol", f'#!/bin/sh\necho "$*" >> {tmp_path / "scontrol.log"}\n')
@@ -633,7 +639,7 @@ def test_slurm_requeues_a_run_stopped_by_its_time_limit_not_one_stopped_at_its_s
     r = run_script("slurm_train.sbatch", "--config", "c.py", "--workdir", str(tmp_path / "run"), *stop, env=job)
     assert r.returncode == 0, r.stderr
     requeued = (tmp_path / "scontrol.log").read_text().splitlines() if (tmp_path / "scontrol.log").exists() else []
-    if stop[-1:] == ["--config.stop_after=5"]:
+    if reached:
         assert requeued == [] and "stopped at --config.stop_after=5, as asked: not requeueing" in r.stderr
     else:
         assert requeued == ["requeue 42"] and "requeueing job 42" in r.stderr

@@ -1163,3 +1163,16 @@ def test_a_call_past_its_timeout_gets_504_and_leaves_the_queue(gated):
     gated.engine.gate.set()
     _until(lambda: gated.scheduler.rows_in_use == 0)
     assert requests_http.post(gated.url + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
+
+
+def test_the_page_gets_the_drawing_prompt_filled_as_str_format_fills_it(server, monkeypatch):
+    """The page filled {w}, {h} and {prompt} with a regular expression of its own: a doubled brace
+    stayed doubled and a format spec was not filled. It now gets the template filled here, at its
+    size, around the place of the prompt."""
+    import json as json_lib
+
+    monkeypatch.setattr(server.app.state.server.pipe, "generate_template", "Draw {{it}} {w}x{h}: {prompt!s}.")
+    html = requests_http.get(server.url + "/", timeout=60).text
+    (parts,) = re.findall(r"const TEMPLATE = (\[.*?\]);", html)
+    assert json_lib.loads(parts) == ["Draw {it} 64x64: ", "."]
+    assert "a cat".join(json_lib.loads(parts)) == "Draw {{it}} {w}x{h}: {prompt!s}.".format(w=64, h=64, prompt="a cat")

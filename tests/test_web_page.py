@@ -310,7 +310,8 @@ def test_the_page_works_under_a_path_prefix_folds_big_seeds_as_the_server_does_a
         _wait(browser, lambda b: b.find_element(By.ID, "model").text == MODEL, 60)
         assert browser.find_element(By.ID, "status").text == ""
 
-        for typed, folded in (("4294967303", 7), ("9007199254740993", 1), ("18446744073709551615", 2 ** 32 - 1)):
+        for typed, folded in (("4294967303", 7), ("9007199254740993", 1), ("18446744073709551615", 2 ** 32 - 1),
+                              ("1e3", 1000)):  # (as a number input takes it)
             seed = browser.find_element(By.ID, "seed")
             seed.clear()
             seed.send_keys(typed)

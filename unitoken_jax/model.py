@@ -450,9 +450,6 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
             config_overrides["dtype"] = auto_dtype(platform)
     if quantize is not None:
         check_quantize(quantize)
-    if "float64" in (param_dtype, config_overrides.get("dtype")) and not jax.config.jax_enable_x64:
-        # (JAX would hand out float32 arrays under a config that says float64)
-        raise ValueError("float64 needs JAX's 64-bit mode: jax.config.update('jax_enable_x64', True) before loading")
     if param_dtype is not None and (not isinstance(param_dtype, str) or param_dtype not in FLOAT_DTYPES):
         # (before anything is read; a name: np.dtype("float16") == "float16", and it is not JSON)
         raise ValueError(f"param_dtype={param_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}, 'auto' or None (the "
@@ -461,6 +458,11 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
     adapters = None if adapters is None else os.path.expanduser(os.fspath(adapters))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
+    if not jax.config.jax_enable_x64:  # (JAX would hand out float32 arrays under a config that says float64)
+        own = read_config(path) if param_dtype is None or config_overrides.get("dtype") is None else None
+        if "float64" in (param_dtype or own.param_dtype, config_overrides.get("dtype") or own.dtype):
+            raise ValueError("float64 weights or compute need JAX's 64-bit mode: jax.config.update("
+                             "'jax_enable_x64', True) before loading (or param_dtype= / dtype= another)")
     if config_overrides:  # refused before the checkpoint is read (minutes for a release), not after
         _overridden(read_config(path), config_overrides)
     orbax = orbax_io.is_orbax_checkpoint(path)

@@ -70,17 +70,17 @@ def get_path(tree, path):
     return tree
 
 
-def _umask() -> int:
+def _umask() -> int | None:
     """This process's umask, read without changing it (os.umask sets it, racing other threads'
-    file creation); 0o022 where /proc does not say."""
+    file creation); None where /proc does not say."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         pass
-    return 0o022
+    return None
 
 
 def save_safetensors(tensors: dict, file: str, metadata: dict | None = None) -> None:
@@ -90,4 +90,9 @@ def save_safetensors(tensors: dict, file: str, metadata: dict | None = None) -> 
     from safetensors.numpy import save_file
 
     save_file(tensors, file, metadata=metadata)
-    os.chmod(file, 0o666 & ~_umask())
+    umask = _umask()
+    if umask is not None:  # (unknown: the file stays as safetensors made it, never wider)
+        try:
+            os.chmod(file, 0o666 & ~umask)
+        except OSError:  # a filesystem without permissions (vfat, some FUSE mounts): written all the same
+            pass

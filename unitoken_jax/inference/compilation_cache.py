@@ -10,8 +10,9 @@ Where the cache lives, first match wins: the `path` argument (the CLI's `--compi
 $UNITOKEN_COMPILATION_CACHE, JAX's own setting ($JAX_COMPILATION_CACHE_DIR or
 `jax.config.update("jax_compilation_cache_dir", ...)`), else `~/.cache/unitoken_jax/xla`
 ($XDG_CACHE_HOME respected), kept under 4 GiB. "off" turns it off; an empty variable counts as
-unset. A URL (`gs://bucket/xla`) goes to JAX as it is (JAX reads and writes it through etils'
-epath, which needs its GCS extra installed), so the hosts of a pod share one cache.
+unset. A `gs://` or `s3://` URL goes to JAX as it is (JAX reads and writes it through etils'
+epath, which needs the store's extra installed), so the hosts of a pod share one cache; `file://`
+is a local directory.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     if path.strip().lower() == OFF:  # off, JAX's own setting too
         _off()
         return None
-    if "://" not in path:  # (a URL is JAX's to open: made local, gs://b became a folder 'gs:' here)
+    if "://" in path:  # (a URL is JAX's to open: made local, gs://b became a folder 'gs:' here)
+        scheme = path.split("://", 1)[0]
+        if scheme == "file":
+            path = path[len("file://"):]
+        elif scheme not in ("gs", "s3"):  # what JAX's epath opens; another failed at the first compile
+            raise ValueError(f"a compilation cache URL is gs://... or s3://... (lower case), not {path!r}")
+    if "://" not in path:
         path = os.path.abspath(os.path.expanduser(path))
         try:
             os.makedirs(path, exist_ok=True)

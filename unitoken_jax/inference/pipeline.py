@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import string
 import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Sequence
@@ -41,13 +42,14 @@ def check_template(template: str) -> str:
     """A drawing prompt's template: text with `{prompt}` (and optionally `{w}`, `{h}`), as
     `str.format` fills it. Anything else is refused here, not met as a KeyError mid-batch or a
     prompt silently left out."""
-    if not isinstance(template, str) or "{prompt}" not in template:
-        raise ValueError(f"a drawing template needs {{prompt}} (and may name {{w}} and {{h}}), got {template!r}")
     try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         template.format(w=1, h=1, prompt="")
-    except (KeyError, IndexError, ValueError) as e:
+    except (AttributeError, KeyError, IndexError, ValueError, TypeError) as e:
         raise ValueError(f"a drawing template may name only {{prompt}}, {{w}} and {{h}} (write a brace as {{{{ or "
                          f"}}}}); {template!r}: {type(e).__name__} {e}") from None
+    if "prompt" not in fields:  # ('{{prompt}}' is a literal '{prompt}': the prompt would be left out)
+        raise ValueError(f"a drawing template needs {{prompt}} (and may name {{w}} and {{h}}), got {template!r}")
     return template
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
 REFERENCE_IMAGE_PREFIX = (16853,)

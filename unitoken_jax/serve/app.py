@@ -46,6 +46,7 @@ import logging
 import re
 import secrets
 import time
+import uuid
 from typing import Any
 
 from starlette.applications import Starlette
@@ -251,9 +252,13 @@ class _Server:
         the page); the page itself needs no key."""
         html = (resources.files("unitoken_jax.serve") / "static" / "index.html").read_text(encoding="utf-8")
         html = html.replace("__GUIDANCE__", json.dumps(self.settings.default_guidance))
-        # the prompt the model was trained to draw from (the page fills in its {w}, {h}, {prompt}); "</"
+        # the prompt the model was trained to draw from, filled in here at the page's size as str.format
+        # fills it (doubled braces, format specs), the typed prompt to go between its parts; "</"
         # escaped, so no template can end the page's script
-        html = html.replace("__TEMPLATE__", json.dumps(self.pipe.generate_template).replace("</", "<\\/"))
+        marker = f"PROMPT{uuid.uuid4().hex}"
+        w, h = self.settings.default_size
+        parts = self.pipe.generate_template.format(w=w, h=h, prompt=marker).split(marker)
+        html = html.replace("__TEMPLATE__", json.dumps(parts).replace("</", "<\\/"))
         return HTMLResponse(html.replace("__SIZE__", json.dumps(list(self.settings.default_size))))
 
     async def health(self, request: Request) -> Response:

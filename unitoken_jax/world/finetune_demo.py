@@ -117,7 +117,8 @@ def lora_config(data: tuple[str, ...], base: str, steps: int, rank: int, learnin
     c.eval.update(every=100, holdout_fraction=0.05, batches=2,
                   prompts=tuple(FRENCH.text(t) for t in shapes.held_out_things()[:4]), questions=questions,
                   tokenizer=os.path.join(default.DEFAULT_DIR, "tokenizer.json"),
-                  vqgan=os.path.join(default.DEFAULT_DIR, "vqgan"), size=shapes.SIZE, max_new_tokens=ANSWER_TOKENS)
+                  vqgan=os.path.join(default.DEFAULT_DIR, "vqgan"), size=shapes.SIZE, max_new_tokens=ANSWER_TOKENS,
+                  template=shapes.GENERATE_TEMPLATE)  # (the prompt the model learned to draw from)
     return c
 
 
