@@ -391,6 +391,15 @@ MUTATIONS = (
              "unitoken_jax/serve/static/index.html",
              'r = await fetch("v1/models", {headers: headers()});', 'r = await fetch("/v1/models", {headers: headers()});',
              ("tests/test_web_page.py", "-k", "prefix")),
+    Mutation("slurm_keeps_a_time_limited_run_queued_out", "slurm not requeueing a run its time limit stopped before "
+             "its stop_after", "launch/slurm_train.sbatch",
+             "elif [[ $stop_after != 0 && -d $WORKDIR/checkpoints/$stop_after ]]; then",
+             "elif [[ $stop_after != 0 ]]; then",
+             ("tests/test_launch.py", "-k", "requeues")),
+    Mutation("template_takes_a_literal_prompt", "a drawing template whose '{{prompt}}' is a literal taken (the prompt "
+             "left out)", "unitoken_jax/inference/pipeline.py",
+             'if "prompt" not in fields:', 'if "{prompt}" not in template:',
+             ("tests/test_inference.py", "-k", "drawing_template")),
 )
 
 

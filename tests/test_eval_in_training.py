@@ -342,7 +342,7 @@ def test_the_prompts_are_drawn_with_the_configs_template(data, tmp_path, monkeyp
     (dict(sources=("/data/held_out",)), "eval.sources and eval.holdout_fraction are both set"),
     (dict(batches=0), "eval.batches must be at least 1"),
     (dict(prompts=("a red circle",)), "eval.prompts needs eval.tokenizer and eval.vqgan"),
-    (dict(template="Draw a {thing}"), "eval.template: a drawing template needs {prompt}"),
+    (dict(template="Draw a nice picture"), "eval.template: a drawing template needs {prompt}"),
     (dict(template="{prompt} at {size}"), "eval.template: a drawing template may name only {prompt}, {w} and {h}"),
     (dict(questions=(("", "What is it?"),), tokenizer="tokenizer.json"), "eval.questions needs eval.tokenizer"),
     (dict(tokenizer="demo", vqgan="/models/vqgan"), "eval.tokenizer='demo' and eval.vqgan='demo' go together"),
