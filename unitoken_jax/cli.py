@@ -47,7 +47,8 @@ def _convert(args) -> int:
         params, config = lora_lib.merge(params, config)  # a LoRA model is written merged, as save_hf writes it
         dtype = args.dtype or sidecar.get("hf_dtype", "float32")
         hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype,
-                       shard_bytes=int((args.max_shard_gb or SHARD_BYTES / 1024**3) * 1024**3), progress=True)
+                       shard_bytes=int(args.max_shard_gb * 1024**3) if args.max_shard_gb else SHARD_BYTES,
+                       progress=True)
         print(f"wrote the HF layout ({hf_io.dtype_name(dtype)}) to {args.dst}")
     else:
         import jax
@@ -455,6 +456,7 @@ def _caption(args) -> int:
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
     kind = os.path.splitext(args.out)[1].lower()
+    question = f"<|image|>\n{args.question}"  # the item's first turn, as written below and checked on a rerun
     if kind not in (".json", ".jsonl"):
         raise ValueError(f"--out {args.out}: captions are written as a .json list or a .jsonl file of items")
     directory = os.path.dirname(os.path.abspath(args.out))
@@ -491,7 +493,7 @@ def _caption(args) -> int:
                     kept.append(line)
                 except (ValueError, KeyError, TypeError, IndexError):
                     damaged += line.strip() != ""
-        other = sorted(q for q in asked if q != f"<|image|>\n{args.question}")
+        other = sorted(q for q in asked if q != question)
         if other:  # (kept, the file would mix two questions' answers under one set of pictures)
             raise ValueError(f"{args.out} holds answers to another question ({other[0].split(chr(10), 1)[-1]!r}); "
                              "give that --question to go on, or another --out")
@@ -524,7 +526,7 @@ def _caption(args) -> int:
     def items(batch, answers):
         return [{"id": os.path.splitext(os.path.relpath(path, directory))[0],
                  "image": [os.path.relpath(path, directory)],
-                 "conversations": [{"from": "human", "value": f"<|image|>\n{args.question}"},
+                 "conversations": [{"from": "human", "value": question},
                                    {"from": "gpt", "value": answer.strip()}]} for path, answer in zip(batch, answers)]
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

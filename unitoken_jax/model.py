@@ -458,18 +458,19 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
     adapters = None if adapters is None else os.path.expanduser(os.fspath(adapters))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
-    if not jax.config.jax_enable_x64:  # (JAX would hand out float32 arrays under a config that says float64)
-        own = read_config(path) if param_dtype is None or config_overrides.get("dtype") is None else None
-        if "float64" in (param_dtype or own.param_dtype, config_overrides.get("dtype") or own.dtype):
-            raise ValueError("float64 weights or compute need JAX's 64-bit mode: jax.config.update("
-                             "'jax_enable_x64', True) before loading (or param_dtype= / dtype= another)")
-    if config_overrides:  # refused before the checkpoint is read (minutes for a release), not after
-        _overridden(read_config(path), config_overrides)
+    # what is refused is refused before any tensor is read (minutes for a release), not after
+    own = read_config(path)
+    wanted = (param_dtype or own.param_dtype, config_overrides.get("dtype") or own.dtype)
+    if "float64" in wanted and not jax.config.jax_enable_x64:  # (JAX would give float32 arrays, float64 config)
+        raise ValueError("float64 weights or compute need JAX's 64-bit mode: jax.config.update('jax_enable_x64', "
+                         "True) before loading (or param_dtype= / dtype= another)")
+    if config_overrides:
+        _overridden(own, config_overrides)
     orbax = orbax_io.is_orbax_checkpoint(path)
     fold = None
     if adapters is not None and not orbax and (merge_adapters or quantize not in (None, "none")):
         # folded into each kernel as it is read (and then quantized): the float model is never whole
-        base_config = read_config(path)
+        base_config = own
         lora, factors = peft_io.read_adapters(adapters, base_config)
         fold = lora_lib.LeafMerger(factors, base_config.replace(lora=lora))
         log.info("folding %s adapters (rank %d, targets %s) into the kernels as they load", adapters, lora.rank,

@@ -31,11 +31,15 @@ from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationError, TextStream, decode, encode_item
 
 # How the reference asks UniToken's released models for a picture (its README's example and its
-# demos/inference.py). The size-naming form below is Lumina-mGPT's, which the reference's scripts
-# inherited from it use and the shapes world was trained with; `{w}` and `{h}` are filled in where a
-# template names them.
+# demos/inference.py). Lumina-mGPT's form, which the reference's inherited scripts use, names the size
+# (`world.shapes.GENERATE_TEMPLATE`, what the shapes world was trained with); `{w}` and `{h}` are
+# filled in where a template names them.
 GENERATE_TEMPLATE = "Generate an image according to the following prompt:\n{prompt}"
-SIZED_GENERATE_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
+# The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
+REFERENCE_IMAGE_PREFIX = (16853,)
+# a chat answer's default budget: the reference's free-form demo's, room for a 512 x 512 picture
+# (1,060 tokens) and its text; a row also stops at the model's last position
+CHAT_MAX_NEW_TOKENS = 2048
 
 
 def check_template(template: str) -> str:
@@ -51,11 +55,6 @@ def check_template(template: str) -> str:
     if "prompt" not in fields:  # ('{{prompt}}' is a literal '{prompt}': the prompt would be left out)
         raise ValueError(f"a drawing template needs {{prompt}} (and may name {{w}} and {{h}}), got {template!r}")
     return template
-# The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
-REFERENCE_IMAGE_PREFIX = (16853,)
-# a chat answer's default budget: the reference's free-form demo's, room for a 512 x 512 picture
-# (1,060 tokens) and its text; a row also stops at the model's last position
-CHAT_MAX_NEW_TOKENS = 2048
 
 
 class AnswerCut(UserWarning):

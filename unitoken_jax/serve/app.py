@@ -37,6 +37,7 @@ rest of each answer: its pictures, each a chunk, and any text after them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hmac
@@ -436,7 +437,7 @@ class _Server:
         raw = await uploads[0].read(limits.max_image_bytes + 1)
         picture = await run_in_threadpool(wire.read_picture, raw, "image", limits)
         items = [(k, v) for k, v in form.multi_items() if k not in ("image", "image[]")]
-        twice = sorted({k for k, _ in items if sum(1 for j, _ in items if j == k) > 1})
+        twice = sorted(k for k, n in collections.Counter(k for k, _ in items).items() if n > 1)
         if twice:  # (the last one was used, silently)
             raise bad(f"the form gives {twice[0]!r} more than once", twice[0])
         fields = dict(items)

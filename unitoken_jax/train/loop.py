@@ -447,6 +447,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     step = start_step
     pending_skips = None
     dropped_warned = 0
+    stopped = False  # preempted during the evaluation a resumed run owes: nothing to train
     try:
         if eval_pending and evaluator is not None:  # the evaluation a preemption put off, of the saved step
             started = time.time()
@@ -454,8 +455,8 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
             window.exclude(time.time() - started)
             if preempted.signalled_here():  # during it: this step is saved already, nothing to train
                 log.warning("preempted during the evaluation of step %d, which was saved: stopping", step)
-                total = step  # (and no export below: the flag is set)
-        while step < total:
+                stopped = True
+        while step < total and not stopped:
             host = next(data_iter)
             if batch_transform is not None:
                 host = batch_transform(step, host)
