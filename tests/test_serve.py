@@ -820,7 +820,8 @@ def test_message_orders_openai_takes_are_taken(server):
     """Two user messages in a row, a system message after the first turn, an assistant message with
     no content (tool calls only): OpenAI answers them, LangChain and agents send them, and this
     server refused each with a 400. Consecutive messages of one role are one turn; a later system
-    message goes before the next user message (or after the last)."""
+    message goes before the next user message (or after the last); system messages alone are the
+    user's turn."""
     def conversation(*messages):
         return parse_chat({"model": MODEL, "messages": list(messages)}, MODEL, Limits()).conversation
 
@@ -830,7 +831,10 @@ def test_message_orders_openai_takes_are_taken(server):
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}, {"from": "human", "value": "be brief\nhi"}]
     assert conversation(user, {"role": "system", "content": "be brief"}) == [{"from": "human", "value": "hi\nbe brief"}]
     assert conversation(user, {"role": "assistant", "content": None}, user)[1] == {"from": "gpt", "value": ""}
-    for refused in ([{"role": "system", "content": "be brief"}], [assistant, user], [user, assistant]):
+    # system messages alone (OpenAI answers them): the models have no system turn, so they are the question
+    assert conversation({"role": "system", "content": "be"}, {"role": "developer", "content": "brief"}) == [
+        {"from": "human", "value": "be\nbrief"}]
+    for refused in ([{"role": "system", "content": "be brief"}, assistant], [assistant, user], [user, assistant]):
         with pytest.raises(Exception, match="user"):
             conversation(*refused)
     # through the wire: a picture and its question in two user messages are the one message they make

@@ -349,3 +349,36 @@ def test_the_compiled_step_updates_parameters_and_moments_without_copying_them()
     copies = [line.strip()[:160] for line in entry.splitlines()
               if re.search(r"= [a-z0-9]+\[[0-9,]+\]\S* copy\(%state_", line)]  # non-scalar state arrays
     assert not copies, copies
+
+
+def test_vision_adapters_learn_at_the_vit_rate():
+    """With `trainable="lora"`, adapters on the SigLIP tower (lora.targets "vision") take
+    `vit_lr_scale` as its own weights do; the decoder's adapters keep the full rate. One Adam step
+    from fresh adapters (B zero, so only B moves, each entry by about the rate)."""
+    from flax import traverse_util
+
+    from unitoken_jax.models.config import LoraConfig
+
+    def b_updates(scale):
+        cfg = _config().replace(lora=LoraConfig(rank=4, alpha=8, targets=("q_proj", "vision")))
+        params = unitoken_jax.UniTokenModel.random(cfg, seed=0).params
+        opt = OptimizerConfig(learning_rate=1e-3, vit_lr_scale=scale, total_steps=10, warmup_fraction=0.0,
+                              weight_decay=0.0, trainable="lora")
+        tx = make_optimizer(opt, params)
+        step = jax.jit(make_train_step(cfg, tx, trainable_mask(params, "lora"), learning_rate_schedule(opt)))
+        new, _ = step(init_state(params, tx), _batch())
+        moved = {}
+        for path, b in traverse_util.flatten_dict(new.params).items():
+            if path[-1] == "lora_b":
+                before = traverse_util.flatten_dict(params)[path]
+                moved.setdefault(path[0], []).append(float(jnp.abs(b - before).mean()))
+        return {k: float(np.mean(v)) for k, v in moved.items()}
+
+    labels = traverse_util.flatten_dict(param_labels(unitoken_jax.UniTokenModel.random(
+        _config().replace(lora=LoraConfig(rank=4, alpha=8, targets=("q_proj", "vision"))), seed=0).params, "lora"))
+    assert {p[0] for p, l in labels.items() if l == "vit"} == {"vit"}
+    assert all(l == "vit" for p, l in labels.items() if p[0] == "vit" and p[-1] in ("lora_a", "lora_b"))
+    full, tenth = b_updates(1.0), b_updates(0.1)
+    assert set(full) == {"decoder", "vit"} and full["vit"] > 1e-4 and full["decoder"] > 1e-4
+    assert tenth["vit"] == pytest.approx(0.1 * full["vit"], rel=1e-2)
+    assert tenth["decoder"] == pytest.approx(full["decoder"], rel=1e-6)

@@ -261,7 +261,7 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
     before the next user message's (or after the last one's), a newline between. Consecutive
     messages of one role are one turn (their contents joined by a newline), an assistant message
     with no content (tool calls only) is an empty turn; the conversation starts and ends with the
-    user, whom the model answers."""
+    user, whom the model answers (system messages alone are the user's turn)."""
     check_model(body, model_name)
     _refuse_unknown(body, _CHAT_FIELDS, _CHAT_NEUTRAL, "chat completions")
     messages = body.get("messages")
@@ -291,6 +291,8 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
                 turns.append({"from": speaker, "value": value})
         else:
             raise bad(f"{where}: role {role!r} is not supported (system, developer, user, assistant)", f"{where}.role")
+    if not turns and system:  # system messages alone (OpenAI answers them): the models read them as the question
+        turns, system = [{"from": "human", "value": "\n".join(system)}], []
     if not turns or turns[-1]["from"] != "human":
         raise bad("the last message must be the user's: the model answers it", "messages")
     if system:  # after the last user message

@@ -7,7 +7,8 @@ linear warm-up then half-cosine to 0, global-norm clipping, and gradient accumul
 Which parameters train is a label per leaf: "train", "vit" (trained with lr * vit_lr_scale) or
 "frozen". As in the reference, the ViT's patch and position embeddings are always frozen. With
 `trainable="lora"` only the low-rank adapters train (`unitoken_jax.models.lora`): every base
-weight is frozen, so Adam keeps moments for the adapters alone.
+weight is frozen, so Adam keeps moments for the adapters alone; those on the ViT (`lora.targets`
+"vision") are "vit", at lr * vit_lr_scale like the tower's own weights.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def param_labels(params, trainable: str = "all"):
     """A tree of "train" / "vit" / "frozen" labels shaped like `params`."""
     def label(path, _):
         keys = tuple(getattr(k, "key", str(k)) for k in path)
-        if trainable == "lora":
-            return "train" if is_adapter(keys) else "frozen"
+        if trainable == "lora":  # the tower's adapters (lora.targets "vision") learn at the ViT's rate
+            return "frozen" if not is_adapter(keys) else "vit" if keys[0] == "vit" else "train"
         if any(keys[:len(f)] == f for f in _ALWAYS_FROZEN):
             return "frozen"
         if keys[0] == "vit":
