@@ -816,6 +816,20 @@ def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):
             assert raw[12:16] == b"VP8L", raw[:16]
 
 
+def test_a_neutral_field_s_value_must_be_of_its_type():
+    """`logprobs: false` and `frequency_penalty: 0.0` are neutral; `logprobs: 0` and
+    `frequency_penalty: false` are wrong types (equal in Python, 0 == False), refused by name."""
+    def call(**fields):
+        return parse_chat({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}, MODEL, Limits())
+
+    for fine in (dict(logprobs=False), dict(frequency_penalty=0.0), dict(top_logprobs=0), dict(parallel_tool_calls=True)):
+        assert call(**fine).conversation == [{"from": "human", "value": "hi"}]
+    for wrong in (dict(logprobs=0), dict(frequency_penalty=False), dict(top_logprobs=False),
+                  dict(parallel_tool_calls=1)):
+        with pytest.raises(Exception, match=next(iter(wrong))):
+            call(**wrong)
+
+
 def test_message_orders_openai_takes_are_taken(server):
     """Two user messages in a row, a system message after the first turn, an assistant message with
     no content (tool calls only): OpenAI answers them, LangChain and agents send them, and this

@@ -119,7 +119,8 @@ def _refuse_unknown(body: dict, known: set[str], neutral: dict[str, tuple], wher
         if name in known:
             continue
         if name in neutral:
-            if value not in neutral[name]:
+            # (a bool is not its number: logprobs=0 or frequency_penalty=false is a wrong type, not neutral)
+            if not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral[name]):
                 raise bad(f"'{name}'={value!r} is not supported by this server ({where})", name,
                           "unsupported_parameter")
             continue
