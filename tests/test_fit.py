@@ -68,6 +68,13 @@ def test_int8_only_where_bfloat16_does_not_fit():
     assert choose_quantize(SEVEN_B, 40, [Chip(15.75, "NVIDIA H100")] * 4)[0] == "none"  # the tiles are a TPU's
     with pytest.raises(ValueError, match="16 image.s. at once do not fit .* ask for fewer at once"):
         choose_quantize(SEVEN_B, 16, v5e)
+    # a checkpoint stored as int8 stays int8, even where bfloat16 would fit; still refused where it does not fit
+    stored = SEVEN_B.replace(quantize="int8")
+    quantize, why = choose_quantize(stored, 1, v5e)
+    assert quantize == "int8" and "holds int8 weights" in why, why
+    assert choose_quantize(stored, 1, jax.devices()[:1])[0] == "int8"  # a CPU: no limit to plan with
+    with pytest.raises(ValueError, match="16 image.s. at once do not fit"):
+        choose_quantize(stored, 16, v5e)
     with pytest.raises(ValueError, match="at least 1"):
         decode_memory(SEVEN_B, 0)
     assert choose_quantize(SEVEN_B, 4, jax.devices("cpu"))[0] == "none"  # no limit to plan with

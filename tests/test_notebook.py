@@ -91,7 +91,7 @@ def test_the_notebook_plans_a_release_checkpoint_in_bfloat16_and_takes_int8_wher
     assert namespace["mesh"] is None and namespace["IMAGES"] == 4
     assert namespace["QUANTIZE"] == quantize, namespace["why"]
     said = {"none": "bfloat16 would need 18.26 GiB" if quantize == "int8" else "bfloat16 weights: 4 image(s)",
-            "int8": "the checkpoint holds int8 weights: loaded as they are"}[stored]
+            "int8": "the checkpoint holds int8 weights, loaded as they are: 4 image(s) need"}[stored]
     assert said in namespace["why"]
 
 

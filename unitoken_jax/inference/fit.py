@@ -129,26 +129,34 @@ def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | Non
     `devices` (default: all), the weights and the cache split evenly over them, and on TPU chips
     split `tensor` ways (default: as `choose_mesh` splits them) the relaid MLP shares
     (`relaid_mlp_bytes`). bfloat16 weights when they fit, else int8; a ValueError when neither
-    does. `kwargs` go to `decode_memory`; `what` names the load in the sentence (default: the
+    does. A checkpoint stored as int8 (`config.quantize`) stays int8: only whether it fits is
+    checked. `kwargs` go to `decode_memory`; `what` names the load in the sentence (default: the
     images)."""
     devices = list(devices if devices is not None else jax.devices())
     limits = [device_memory(d) for d in devices]
     kind = devices[0].device_kind
+    stored = f"the checkpoint holds {config.quantize} weights, loaded as they are" \
+        if config.quantize != "none" else None
     if any(limit is None for limit in limits):
-        return "none", f"{kind}: no device memory limit to plan with; the weights stay unquantized"
+        return ("none", f"{kind}: no device memory limit to plan with; the weights stay unquantized") \
+            if stored is None else (config.quantize, f"{kind}: {stored}")
     limit, n = min(limits), len(devices)
     what = what or f"{images} image(s)"
     if tensor is None:
         tensor = math.gcd(n, *_heads(config))
     tensor = tensor if _on_tpu(devices[0]) else 1
     dtype = kwargs.get("dtype", "bfloat16")
-    bf16 = decode_memory(config, images, **kwargs).peak / n + relaid_mlp_bytes(config, tensor, "none", dtype)
-    if bf16 <= limit:
-        return "none", (f"bfloat16 weights: {what} need {bf16 / GIB:.2f} GiB a device, "
-                        f"{n} x {kind} have {limit / GIB:.2f} GiB each")
+    if stored is None:
+        bf16 = decode_memory(config, images, **kwargs).peak / n + relaid_mlp_bytes(config, tensor, "none", dtype)
+        if bf16 <= limit:
+            return "none", (f"bfloat16 weights: {what} need {bf16 / GIB:.2f} GiB a device, "
+                            f"{n} x {kind} have {limit / GIB:.2f} GiB each")
     int8 = decode_memory(config, images, quantize="int8", **kwargs).peak / n + relaid_mlp_bytes(config, tensor,
                                                                                                  "int8", dtype)
     if int8 <= limit:
+        if stored is not None:
+            return "int8", (f"{stored}: {what} need {int8 / GIB:.2f} GiB a device, {n} x {kind} have "
+                            f"{limit / GIB:.2f} GiB each")
         return "int8", (f"int8 weights: bfloat16 would need {bf16 / GIB:.2f} GiB a device for {what}, "
                         f"{n} x {kind} have {limit / GIB:.2f} GiB each; int8 needs {int8 / GIB:.2f} GiB")
     raise ValueError(f"{what} at once do not fit {n} x {kind} ({limit / GIB:.2f} GiB each) even with "
