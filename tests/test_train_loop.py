@@ -583,8 +583,11 @@ def test_a_finished_run_resumed_to_go_further_sets_its_old_final_aside_and_says_
     assert os.path.isdir(os.path.join(workdir, "final.previous1"))
     assert "kept as final.previous1" in caplog.text
     # a stop_after the run has passed was ignored: the run trained to its end
+    record = open(os.path.join(workdir, "config.json")).read()
     with pytest.raises(ValueError, match="stop_after=2, but the run resumes after step 3"):
         train_and_evaluate(_config(2, data, total_steps=4, log_every=100, stop_after=2), workdir)
+    # the refused run left the record of what the checkpoints were trained with as it was
+    assert open(os.path.join(workdir, "config.json")).read() == record
     with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
         train_and_evaluate(_config(2, data, total_steps=4, log_every=100), workdir)
     assert os.path.isdir(os.path.join(workdir, "final"))

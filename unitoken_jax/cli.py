@@ -217,6 +217,12 @@ def _mesh(text: str, config):
         shape = sharding.parse_mesh_shape(text, len(devices),
                                           devices_said=f"this host's {len(devices)} device(s) ({devices[0].platform})")
         mesh = sharding.make_mesh(*shape, devices=devices[:math.prod(shape)])
+        from unitoken_jax.inference.fit import uneven_split
+
+        uneven = uneven_split(config, mesh)
+        if uneven:
+            raise ValueError(f"--mesh {text} ({dict(mesh.shape)}) does not split the model's weights evenly: "
+                             f"{uneven}; give axis sizes that divide it, or --mesh auto")
     _LOG.info("mesh: %s over %d %s device(s) of this host's %d", dict(mesh.shape), mesh.devices.size,
               devices[0].platform, len(jax.local_devices()))
     return mesh
@@ -298,6 +304,14 @@ def _compilation_cache(args) -> None:
 
     where = enable_compilation_cache(args.compilation_cache)
     _LOG.info("compilation cache: %s", where or "off")
+
+
+class _AfterPictures(argparse.Action):
+    """understand's QUESTION, which also sets `inputs`: its pictures, then it (what the verb reads)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.inputs = [*namespace.images, values]
 
 
 def _whole(least: int, most: int | None = None):
@@ -1072,7 +1086,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
     und = add_parser("understand", help="answer a question about pictures")
-    und.add_argument("inputs", nargs="+", metavar="IMAGE... QUESTION")
+    # two positionals, not one list: the usage line reads IMAGE [IMAGE ...] QUESTION (one list's read as
+    # several image-and-question pairs), and an option may come between one picture and the question
+    und.add_argument("images", nargs="+", metavar="IMAGE", help="picture files, all asked about in the one question")
+    und.add_argument("question", metavar="QUESTION", help="the question, after the pictures", action=_AfterPictures)
     model_args(und)
     und.set_defaults(func=_understand)
     gen = add_parser("generate", help="draw pictures from a text prompt")
@@ -1231,8 +1248,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_now(code: int) -> None:
+    """Ends the process with `code` at once, its output flushed, skipping the interpreter's teardown:
+    after a Ctrl-C that landed while XLA compiled, that teardown crashed (exit 139, not 130). What
+    the program wrote is closed by then: the KeyboardInterrupt unwound its `with` blocks."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    as_program = argv is None  # the `unitoken` command, not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
         return _train(argparse.Namespace(absl_flags=argv[1:]))
@@ -1255,6 +1283,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (what is written stays: reruns go on from it)
         print(f"\nunitoken {args.command}: stopped ({_RESUMES.get(args.command, 'Ctrl-C')})", file=sys.stderr)
+        if as_program:
+            exit_now(130)
         return 130
     except Exception as e:  # XLA refusing a program or an allocation for the devices' memory
         jax = sys.modules.get("jax")  # imported by whatever raised it, if it is XLA's

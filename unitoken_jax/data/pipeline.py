@@ -245,8 +245,8 @@ class InputPipeline(grain.IterDataset):
         for source, (_, s, *_) in zip(self.sources, opened):
             if s.max_length is not None and s.max_length > config.length:
                 log.warning("%s holds samples of up to %d positions, rows are %d (data.length): longer samples are "
-                            "dropped, counted in the training log as dropped_too_long", source.path, s.max_length,
-                            config.length)
+                            "dropped and counted (dropped_too_long in TensorBoard, a warning in the training log)",
+                            source.path, s.max_length, config.length)
         kinds = [o[2] for o in opened]
         self._kinds = kinds
         self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -171,6 +171,25 @@ def _heads(config: UniTokenConfig) -> list[int]:
     return heads
 
 
+def _weight_specs(config: UniTokenConfig) -> list[tuple[tuple[str, ...], tuple[int, ...], Any]]:
+    """(path, shape, mesh spec) of every weight of `config`'s model."""
+    params = traverse_util.flatten_dict(abstract_params(config))
+    return [(path, params[path].shape, sharding.logical_to_mesh_spec(tuple(spec)))
+            for path, spec in traverse_util.flatten_dict(param_logical_specs(config)).items()]
+
+
+def uneven_split(config: UniTokenConfig, mesh, specs=None) -> str | None:
+    """None when `mesh` splits every weight of `config`'s model evenly, else a sentence naming the
+    first that it does not (such a mesh does not compile)."""
+    for path, shape, spec in specs if specs is not None else _weight_specs(config):
+        for dim, axes in zip(shape, spec):
+            ways = sharding.mesh_ways(axes, mesh)
+            if dim % ways:
+                return (f"{'/'.join(path)} {tuple(shape)}: its {dim}-wide dimension does not split {ways} ways "
+                        f"(mesh axes {axes})")
+    return None
+
+
 def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     """The mesh to decode on over `devices` (default: this process's own): None for a single
     device; else all of them, split the tensor-parallel way (`tensor` axis: each chip holds its
@@ -186,15 +205,13 @@ def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     if len(devices) == 1:
         return None
     heads = _heads(config)
-    params = traverse_util.flatten_dict(abstract_params(config))
-    specs = [(params[path].shape, sharding.logical_to_mesh_spec(tuple(spec)))
-             for path, spec in traverse_util.flatten_dict(param_logical_specs(config)).items()]
+    specs = _weight_specs(config)
     # the most devices whose mesh splits every weight evenly (6 chips would put 3 ways of fsdp on a
     # 4,096-wide dimension, which does not compile): the rest stay idle, and the log says so
     for n in range(len(devices), 1, -1):
         tensor = math.gcd(n, *heads)
         mesh = sharding.make_mesh(fsdp=n // tensor, tensor=tensor, devices=devices[:n])
-        if all(dim % sharding.mesh_ways(axes, mesh) == 0 for shape, spec in specs for dim, axes in zip(shape, spec)):
+        if uneven_split(config, mesh, specs) is None:
             if n < len(devices):
                 log.warning("decoding on %d of the %d devices: the model's weights do not split evenly over more",
                             n, len(devices))

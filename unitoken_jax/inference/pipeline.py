@@ -250,12 +250,14 @@ class UniTokenPipeline:
         return Request(**self._encode(item), **{"max_new_tokens": 256, **options})
 
     def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
+        called = {"cfg_scale": "cfg"}  # the Request's names of options -> the caller's
         for text_option, image_option in _IMAGE_SAMPLING.items():
             if text_option in options:
                 if image_option in options:
                     raise ValueError(f"{text_option} and {image_option} both given: a picture request samples "
                                      f"codes only, and {text_option} is {image_option}'s other name there")
                 options[image_option] = options.pop(text_option)
+                called[image_option] = text_option
         if negative_prompt is not None and cfg == 1:
             raise NegativePromptError("a negative prompt acts only through guidance, and cfg=1 is none: give cfg "
                                       "other than 1 (3 by default) or leave the negative prompt out")
@@ -291,7 +293,13 @@ class UniTokenPipeline:
         defaults = {"image_temperature": 1.0, "image_top_k": 2000,
                     "max_new_tokens": layout.generated_image_length(grid_hw) - 1,  # the prompt has <racm3:break>
                     "stop_after_image": True}
-        return Request(**encoded, grid_hw=grid_hw, cfg_scale=cfg, uncond_tokens=uncond, **{**defaults, **options})
+        try:
+            return Request(**encoded, grid_hw=grid_hw, cfg_scale=cfg, uncond_tokens=uncond, **{**defaults, **options})
+        except ValueError as e:  # a refused value, by the name the caller gave it (cfg=-1, not cfg_scale=-1)
+            name = str(e).split("=", 1)[0].split(" ", 1)[0]
+            if name not in called:
+                raise
+            raise ValueError(called[name] + str(e)[len(name):]) from None
 
     def generate_request(self, prompt: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                          **options) -> Request:

@@ -107,7 +107,9 @@ def run(argv=None) -> None:
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the checkpoints written stay
         print(f"\n{argv[0]}: stopped (Ctrl-C); a rerun with the same --workdir resumes from its last checkpoint "
               "(a SIGTERM instead saves the step it is at first)", file=sys.stderr)
-        sys.exit(130)
+        from unitoken_jax.cli import exit_now
+
+        exit_now(130)  # (the loop has closed its checkpointer and writers by now)
 
 
 if __name__ == "__main__":

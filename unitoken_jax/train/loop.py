@@ -282,8 +282,6 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
     _check_same_stage(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(config.mesh)
-    if jax.process_index() == 0:
-        record_config(workdir, config.to_dict())
     log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
     log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
@@ -313,6 +311,10 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
         params = initial_params(config, mesh)
         state = create_state(params, program.tx, program.state_shardings, config.seed)
         start_step = 0
+    # recorded once the run is taken: a resume refused above (another worker_count, a passed
+    # stop_after) had overwritten the record of what the checkpoints were trained with
+    if jax.process_index() == 0:
+        record_config(workdir, config.to_dict())
 
     t0 = time.time()
     with count_cache_hits() as hits:
