@@ -950,7 +950,9 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert "multiple of 32" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
-    assert "cfg_scale" in capsys.readouterr().err
+    assert "--cfg=-2.0 is out of range" in capsys.readouterr().err  # (it said cfg_scale, which no flag is)
+    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--temperature", "-1", *common]) == 2
+    assert "--temperature=-1.0 is out of range" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")  # said before a model loads (no model is there), not as "File exists"
     assert cli.main(["chat", "--out-dir", str(tmp_path / "a-file"), "--model", str(tmp_path / "no-model")]) == 2
     assert f"--out-dir {tmp_path / 'a-file'} is a file" in capsys.readouterr().err

@@ -777,7 +777,11 @@ def _chat(args) -> int:
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
-    Request(np.zeros(1, np.int32), **options)  # bad options end the chat before it starts
+    try:  # bad options end the chat before it starts, named as the flags are
+        Request(np.zeros(1, np.int32), **options)
+    except ValueError as e:
+        name = str(e).split("=", 1)[0].split(" ", 1)[0]
+        raise ValueError("--" + {"cfg_scale": "cfg"}.get(name, name).replace("_", "-") + str(e)[len(name):]) from None
     _directory_option("--out-dir", args.out_dir)  # (before the model loads)
     pipe = _pipeline(args)
     width, height = _size(args.size)
