@@ -800,3 +800,21 @@ def test_a_batch_not_packed_in_the_steps_blocks_is_refused():
     index[1, 1:3] = [3, 4]  # row 1 (block 1: features 4-7) reads feature 3, block 0's
     with pytest.raises(ValueError, match="row 1 of this process's batch uses image features outside its block"):
         loop._global_batch({"is_continuous": cont, "feature_index": index}, None, 8, 2)
+
+
+def test_demo_data_beside_a_user_s_sources_is_said(tmp_path, data, caplog):
+    """The tiny configs keep data.demo=True: `--config.data.sources=mine` on one trained on the
+    demo data too, and nothing said so."""
+    import logging
+
+    from unitoken_jax.train import loop
+
+    config = TrainConfig.from_config_dict(_config(2, data, **{"data.demo": True}))
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        sources = loop._training_sources(config, str(tmp_path))
+    assert len(sources) == 2 and "--config.data.demo=False trains on yours alone" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        alone = loop._training_sources(TrainConfig.from_config_dict(_config(2, data)), str(tmp_path))
+    assert [s.path for s in alone] == [data]
+    assert not caplog.text

@@ -134,6 +134,9 @@ def _training_sources(config: TrainConfig, workdir: str) -> list:
             build_demo_dataset(demo_dir, siglip_size=config.model.vision.image_size,
                                patch=config.model.vision.patch_size)
         multihost_utils.sync_global_devices("demo dataset")
+        if sources:  # (the tiny configs keep demo=True: a user's own sources would be mixed with it unawares)
+            log.warning("data.demo=True: the drawn demo data is trained on beside data.sources; "
+                        "--config.data.demo=False trains on yours alone")
         sources.append(os.path.join(demo_dir, "dataset"))
     if not sources:
         raise ValueError("config.data.sources is empty: give pre-tokenized dataset directories or a YAML meta file "
