@@ -107,3 +107,37 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_complete_one(tmp
         shutil.rmtree(os.path.join(directory, s, "data"))
     with pytest.raises(CheckpointError, match="no checkpoint .* can be resumed"):
         Checkpointer(directory).restore_latest_complete(abstract)
+
+
+def test_a_checkpoint_of_another_optimizer_layout_is_refused_by_name_not_resumed(tmp_path, monkeypatch):
+    """LoRA adapters on the vision tower were labelled "train" until they took the ViT's rate
+    ("vit"); Orbax restored such a checkpoint in its own layout (it does not enforce the target's
+    tree where a label's whole state was empty), the run said "resumed" and failed at its first
+    step with a pytree mismatch. The restore names the difference; nothing is set aside."""
+    import os
+
+    import pytest
+
+    from test_train_step import _config
+    from unitoken_jax.convert.files import CheckpointError
+    from unitoken_jax.model import UniTokenModel
+    from unitoken_jax.models import lora
+    from unitoken_jax.models.config import LoraConfig
+    from unitoken_jax.train import optimizer
+    from unitoken_jax.train.step import init_state
+
+    params = UniTokenModel.random(_config().replace(lora=LoraConfig(rank=4, targets=("q_proj", "vision"))), 0).params
+    config = OptimizerConfig(learning_rate=1e-3, total_steps=20, trainable="lora")
+    labels = optimizer.param_labels
+    monkeypatch.setattr(optimizer, "param_labels", lambda tree, trainable="all": jax.tree_util.tree_map_with_path(
+        lambda p, _: "train" if lora.is_adapter(p) else "frozen", tree))  # the labels before 2026-12-06
+    tx = optimizer.make_optimizer(config, params)
+    saved = init_state(params, tx)
+    monkeypatch.setattr(optimizer, "param_labels", labels)
+    directory = str(tmp_path / "ckpt")
+    Checkpointer(directory, async_save=False).save(1, saved, data_state={"next_index": 1})
+    now = init_state(params, optimizer.make_optimizer(config, params))
+    with pytest.raises(CheckpointError, match="laid out differently from this run.s.*vision tower.* only in this run"):
+        Checkpointer(directory).restore_latest_complete(jax.tree.map(  # placed, as a run's abstract state is
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), now))
+    assert os.listdir(directory) == ["1"]

@@ -962,7 +962,7 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     # (issue 15: a negative temperature ran greedy, a negative top-k ran without one, and so on)
     out = ["--out", str(tmp_path / "y.png"), "--size", "32x32"]
     # (counts and seeds: argparse, below)
-    for extra, says in [(["--temperature", "-1"], "temperature"), (["--cfg", "-1"], "cfg=-1.0 is out of range"),
+    for extra, says in [(["--temperature", "-1"], " temperature=-1.0"), (["--cfg", "-1"], "cfg=-1.0 is out of range"),
                         (["--size", "0x0"], "positive"), (["--size=-64x64"], "positive"),
                         (["--image-prefix", "99999999"], "vocabulary"), (["--image-prefix", "abc"], "token ids"),
                         (["--size", "3200x3200"], "positions")]:

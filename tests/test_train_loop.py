@@ -818,3 +818,20 @@ def test_demo_data_beside_a_user_s_sources_is_said(tmp_path, data, caplog):
         alone = loop._training_sources(TrainConfig.from_config_dict(_config(2, data)), str(tmp_path))
     assert [s.path for s in alone] == [data]
     assert not caplog.text
+
+
+def test_ctrl_c_in_a_training_called_from_python_leaves_the_caller_running(tmp_path, monkeypatch, capsys):
+    """The `unitoken` command ends at once on Ctrl-C (no interpreter teardown to crash in); a call
+    of `cli.main(["train", ...])` from Python (a notebook, a script) gets SystemExit(130) instead of
+    losing its interpreter."""
+    from unitoken_jax import cli
+    from unitoken_jax.train import __main__ as train_main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_main, "train_and_evaluate", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"), "--workdir",
+                  str(tmp_path / "run")])
+    assert stop.value.code == 130 and "stopped (Ctrl-C)" in capsys.readouterr().err

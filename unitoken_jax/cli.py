@@ -602,7 +602,7 @@ def _generate(args) -> int:
         print("generate: the prompt is empty: the pictures are drawn without a caption", file=sys.stderr)
     pipe = _pipeline(args)
     pictures = pipe.generate_image(args.prompt, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
-                                   image_top_k=args.top_k, image_temperature=args.temperature,
+                                   top_k=args.top_k, temperature=args.temperature,
                                    negative_prompt=args.negative_prompt, batch_size=args.batch_size)
     for i, picture in enumerate(pictures):
         path = _numbered(args.out, i, len(pictures))
@@ -662,7 +662,7 @@ def _generate_many(args) -> int:
                                                                      for k in range(len(prompts))
                                                                      if k not in todo and on_disk(k)}, drawn_with)
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
-                   image_top_k=args.top_k, image_temperature=args.temperature, negative_prompt=args.negative_prompt,
+                   top_k=args.top_k, temperature=args.temperature, negative_prompt=args.negative_prompt,
                    progress=False)
     # every prompt the model cannot take, said before the first picture (it had stopped the job at its
     # batch, and a rerun at the same line, so the prompts after it were never drawn)
@@ -748,7 +748,7 @@ def _edit(args) -> int:
     _readable([args.image])
     pipe = _pipeline(args)
     picture = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
-                        image_top_k=args.top_k, image_temperature=args.temperature)
+                        top_k=args.top_k, temperature=args.temperature)
     _save(picture, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -958,7 +958,7 @@ def _pretokenize(args) -> int:
 def _train(args) -> int:
     from unitoken_jax.train.__main__ import run
 
-    run(["unitoken train", *args.absl_flags])
+    run(["unitoken train", *args.absl_flags], as_program=getattr(args, "as_program", False))
     return 0
 
 
@@ -1267,7 +1267,7 @@ def main(argv: list[str] | None = None) -> int:
     as_program = argv is None  # the `unitoken` command, not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
-        return _train(argparse.Namespace(absl_flags=argv[1:]))
+        return _train(argparse.Namespace(absl_flags=argv[1:], as_program=as_program))
     args = parser.parse_args(argv)
     _expand_home(args)
     # this package's INFO lines (what the bundled model knows, where the compilation cache is) and the

@@ -16,8 +16,8 @@
 
 A dataset's weight is its number of records of that kind times its `ratio`, so `ratio: 1.0` for
 every dataset samples them as one concatenated dataset would (the reference's data config, whose
-`ratio` subsamples a dataset). A sample longer than a row is dropped and counted (the training log's
-`dropped_too_long`), never cut.
+`ratio` subsamples a dataset). A sample longer than a row is dropped and counted (`dropped_too_long` in
+TensorBoard, a warning in the training log), never cut.
 
 Held-out split: with `holdout_fraction` f > 0, a sample is held out when a hash of its sample id
 falls below f (`is_held_out`: the same answer on every host, in every run and on resume, and for

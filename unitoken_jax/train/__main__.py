@@ -95,8 +95,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint}" if hint else ""))
 
 
-def run(argv=None) -> None:
-    """Parses `argv` (default: sys.argv) with `--config` resolved, then trains."""
+def run(argv=None, *, as_program: bool | None = None) -> None:
+    """Parses `argv` (default: sys.argv) with `--config` resolved, then trains. `as_program` (default:
+    whether `argv` is None) ends the process at once on Ctrl-C (`cli.exit_now`); a call from Python
+    gets SystemExit(130) instead."""
+    as_program = argv is None if as_program is None else as_program
     argv = sys.argv if argv is None else argv
     try:
         argv = configs.resolve_argv(argv)
@@ -107,9 +110,11 @@ def run(argv=None) -> None:
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the checkpoints written stay
         print(f"\n{argv[0]}: stopped (Ctrl-C); a rerun with the same --workdir resumes from its last checkpoint "
               "(a SIGTERM instead saves the step it is at first)", file=sys.stderr)
-        from unitoken_jax.cli import exit_now
+        if as_program:
+            from unitoken_jax.cli import exit_now
 
-        exit_now(130)  # (the loop has closed its checkpointer and writers by now)
+            exit_now(130)  # (the loop has closed its checkpointer and writers by now)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

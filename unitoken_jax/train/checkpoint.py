@@ -24,6 +24,20 @@ from unitoken_jax.train.step import TrainState
 log = logging.getLogger(__name__)
 
 
+def _check_layout(restored, target) -> None:
+    """A ValueError naming the entries of a train state that Orbax restored in the checkpoint's own
+    layout where it differs from this run's (it does not enforce the target's tree: the run then
+    failed at its first step, "Function compiled with input pytree does not match")."""
+    if jax.tree.structure(restored) == jax.tree.structure(target):
+        return
+    paths = [{jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(t)} for t in (restored, target)]
+    saved, wanted = sorted(paths[0] - paths[1]), sorted(paths[1] - paths[0])
+    raise ValueError("its train state is laid out differently from this run's: another optimizer.trainable or "
+                     "model.lora, or LoRA on the vision tower saved before 2026-12-06 (those adapters' moments moved "
+                     f"from 'train' to 'vit'); {len(saved)} entries only in the checkpoint, {len(wanted)} only in this "
+                     f"run, e.g. {(saved or wanted)[0]}")
+
+
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Given directory is read only")
 
@@ -70,6 +84,7 @@ class Checkpointer:
             items["data"] = ocp.args.JsonRestore()
         restored = manager.restore(step, args=ocp.args.Composite(**items))
         state = restored["state"]
+        _check_layout(state, target)
         state = state.replace(rng=jax.random.wrap_key_data(state.rng))
         return state, restored.get("data")
 
