@@ -1032,14 +1032,15 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
 
 def test_understand_s_usage_is_pictures_then_one_question(monkeypatch, capsys):
     """Its usage read `IMAGE... QUESTION [IMAGE... QUESTION ...]`, as if it took several pairs
-    (refused: one question), and an option between a picture and the question was refused."""
+    (refused: one question), and an option between the pictures and the question was refused."""
     from unitoken_jax import cli
 
     seen = []
     monkeypatch.setattr(cli, "_understand", lambda args: seen.append(args.inputs) or 0)
     assert cli.main(["understand", "a.png", "--seed", "3", "What is it?"]) == 0
     assert cli.main(["understand", "a.png", "b.png", "What is it?", "--seed", "3"]) == 0
-    assert seen == [["a.png", "What is it?"], ["a.png", "b.png", "What is it?"]]
+    assert cli.main(["understand", "a.png", "b.png", "--seed", "3", "What is it?"]) == 0
+    assert seen == [["a.png", "What is it?"]] + [["a.png", "b.png", "What is it?"]] * 2
     with pytest.raises(SystemExit):
         cli.main(["understand", "--help"])
     usage = " ".join(capsys.readouterr().out.split())

@@ -1091,7 +1091,7 @@ def _parser() -> argparse.ArgumentParser:
 
     und = add_parser("understand", help="answer a question about pictures")
     # two positionals, not one list: the usage line reads IMAGE [IMAGE ...] QUESTION (one list's read as
-    # several image-and-question pairs), and an option may come between one picture and the question
+    # several image-and-question pairs); `main` parses them intermixed with the options
     und.add_argument("images", nargs="+", metavar="IMAGE", help="picture files, all asked about in the one question")
     und.add_argument("question", metavar="QUESTION", help="the question, after the pictures", action=_AfterPictures)
     model_args(und)
@@ -1268,7 +1268,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
         return _train(argparse.Namespace(absl_flags=argv[1:], as_program=as_program))
-    args = parser.parse_args(argv)
+    if argv[:1] == ["understand"]:  # options anywhere among its pictures and question (argparse's
+        # intermixed parse, which a parser with subcommands cannot do, gave the second of two pictures
+        # before an option to QUESTION)
+        verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        args = verbs.choices["understand"].parse_intermixed_args(argv[1:])
+        args.command = "understand"
+    else:
+        args = parser.parse_args(argv)
     _expand_home(args)
     # this package's INFO lines (what the bundled model knows, where the compilation cache is) and the
     # libraries' warnings. The level is set on our logger, not the root: importing orbax already logged
