@@ -16,6 +16,7 @@ from unitoken_jax import configs
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
 from unitoken_jax.models.config import QUANTIZE_MODES
+from unitoken_jax.shutdown import exit_now
 
 _LOG = logging.getLogger("unitoken_jax.cli")  # by name: run as `python -m unitoken_jax.cli` it is __main__
 CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings JAX into `--help`)
@@ -1250,16 +1251,6 @@ def _parser() -> argparse.ArgumentParser:
     swe.add_argument("--json", action="store_true", help="print JSON instead of a table or command lines")
     swe.set_defaults(func=_sweep)
     return parser
-
-
-def exit_now(code: int) -> None:
-    """Ends the process with `code` at once, its output flushed, skipping the interpreter's teardown:
-    after a Ctrl-C that landed while XLA compiled, that teardown crashed (exit 139, not 130). What
-    the program wrote is closed by then: the KeyboardInterrupt unwound its `with` blocks."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationE
 # filled in where a template names them.
 GENERATE_TEMPLATE = "Generate an image according to the following prompt:\n{prompt}"
 # The reference appends id 16853 before <racm3:break> when it asks the released model for an image.
-REFERENCE_IMAGE_PREFIX = (16853,)
+REFERENCE_IMAGE_PREFIX = layout.REFERENCE_IMAGE_PREFIX
 # a chat answer's default budget: the reference's free-form demo's, room for a 512 x 512 picture
 # (1,060 tokens) and its text; a row also stops at the model's last position
 CHAT_MAX_NEW_TOKENS = 2048

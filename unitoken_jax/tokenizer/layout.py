@@ -155,3 +155,7 @@ def parse_image_ids(ids, *, repair: bool = False, filler_id: int | None = None) 
         repairs.append(f"{len(rows)} rows, {'cut' if len(rows) > h else 'padded'} to {h}")
         fixed += [[filler] * w] * (h - len(fixed))
     return ParsedImage(np.array(fixed, np.int32).reshape(h, w), repairs)
+
+# the token the reference puts before <racm3:break> when it asks a released model for a picture
+# (`inference.pipeline` adds it where the vocabulary has it)
+REFERENCE_IMAGE_PREFIX = (16853,)

@@ -111,7 +111,7 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
         print(f"\n{argv[0]}: stopped (Ctrl-C); a rerun with the same --workdir resumes from its last checkpoint "
               "(a SIGTERM instead saves the step it is at first)", file=sys.stderr)
         if as_program:
-            from unitoken_jax.cli import exit_now
+            from unitoken_jax.shutdown import exit_now
 
             exit_now(130)  # (the loop has closed its checkpointer and writers by now)
         sys.exit(130)
