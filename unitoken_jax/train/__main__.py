@@ -97,7 +97,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run(argv=None, *, as_program: bool | None = None) -> None:
     """Parses `argv` (default: sys.argv) with `--config` resolved, then trains. `as_program` (default:
-    whether `argv` is None) ends the process at once on Ctrl-C (`cli.exit_now`); a call from Python
+    whether `argv` is None) ends the process at once on Ctrl-C (`shutdown.exit_now`); a call from Python
     gets SystemExit(130) instead."""
     as_program = argv is None if as_program is None else as_program
     argv = sys.argv if argv is None else argv
