@@ -446,6 +446,12 @@ MUTATIONS = (
     Mutation("train_call_exits_the_caller", "Ctrl-C in a training called from Python ending the caller's process",
              "unitoken_jax/train/__main__.py", "as_program = argv is None if as_program is None else as_program",
              "as_program = True", ("tests/test_train_loop.py", "-k", "called_from_python")),
+    Mutation("stream_stops_at_an_unasked_end_of_turn", "a text stream ending at an end of turn the request did not "
+             "stop at (stop_tokens=()): its answer's text after it never streamed",
+             "unitoken_jax/tokenizer/conversation.py",
+             "            if i == layout.IMAGE_START:\n",
+             "            if i in (layout.IMAGE_START, layout.END_OF_TURN):\n",
+             ("tests/test_serve.py", "-k", "text_stream_sends")),
 )
 
 

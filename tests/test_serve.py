@@ -40,7 +40,7 @@ from unitoken_jax.serve.app import server_class  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler, ShuttingDown  # noqa: E402
 from unitoken_jax.serve.wire import Limits, apply_stop, parse_chat  # noqa: E402
-from unitoken_jax.tokenizer.conversation import TextStream  # noqa: E402
+from unitoken_jax.tokenizer.conversation import TextStream, decode  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
 from unitoken_jax.world.shapes import Thing  # noqa: E402
@@ -224,6 +224,12 @@ def test_a_text_stream_sends_settled_text_and_stops_at_a_stop_string(pipe):
     assert TextStream(tok, [], starts_in_picture=True).update(ids) == ""
     with pytest.raises(ValueError, match="not how the answer begins"):
         stream.rest(["something else"])
+    # an end of turn the request did not stop at (stop_tokens=()): the answer's text goes on past it, as
+    # `decode` reads it, and so does the stream (it stopped there, and the rest was never streamed)
+    more = list(ids) + [layout.END_OF_TURN] + list(tok.encode_text(" and more"))
+    stream = TextStream(tok, [])
+    sent = "".join(stream.update(more[:i]) for i in range(len(more) + 1))
+    assert sent == decode(more, tok)[0] == text + " and more"
 
 
 def test_images_generate_draws_what_was_asked(server):

@@ -288,7 +288,8 @@ def tokens_to_stop(ids: Sequence[int], tokenizer: TextTokenizer, stop: Sequence[
 
 class TextStream:
     """The text an answer has so far, as it may be streamed: the text before the answer's first
-    picture or its end of turn, decoded from the ids generated so far.
+    picture, decoded from the ids generated so far (an end of turn the request did not stop at,
+    `stop_tokens=()`, is left out as `decode` leaves it out: the text after it was not streamed).
 
     `update(ids)` returns the text not yet sent that is settled: it holds back a last character
     that is only part of a multi-byte character (U+FFFD while its bytes are incomplete) and, while
@@ -309,10 +310,10 @@ class TextStream:
             return ""
         text_ids, complete = [], False
         for i in (int(i) for i in ids):
-            if i in (layout.IMAGE_START, layout.END_OF_TURN):
+            if i == layout.IMAGE_START:
                 complete = True
                 break
-            if i != self.tokenizer.bos_id:
+            if i not in (self.tokenizer.bos_id, layout.END_OF_TURN):
                 text_ids.append(i)
         text = self.tokenizer.decode_text(text_ids) if text_ids else ""
         cut = first_stop(text, self.stop)
