@@ -427,7 +427,7 @@ MUTATIONS = (
              "unitoken_jax/cli.py", "        if as_program:\n            exit_now(130)\n", "",
              ("tests/test_inference.py", "-k", "first_call_compiles")),
     Mutation("picture_option_internal_name", "a bad picture option refused as cfg_scale / image_temperature",
-             "unitoken_jax/inference/pipeline.py", "            if name not in called:\n                raise\n",
+             "unitoken_jax/inference/pipeline.py", "            if e.option not in called:\n                raise\n",
              "            raise\n", ("tests/test_inference.py", "-k", "caller_gave")),
     Mutation("uneven_mesh_let_through", "an explicit --mesh that does not split the weights left to JAX's traceback",
              "unitoken_jax/cli.py", "        if uneven:\n", "        if False:\n",

@@ -772,7 +772,7 @@ def _chat(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from unitoken_jax.inference.decode import Request
+    from unitoken_jax.inference.decode import OptionError, Request
     from unitoken_jax.tokenizer import layout
     from unitoken_jax.tokenizer.conversation import SequenceTooLong
     from unitoken_jax.tokenizer.images import ImageError, load_image
@@ -780,9 +780,8 @@ def _chat(args) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
     try:  # bad options end the chat before it starts, named as the flags are
         Request(np.zeros(1, np.int32), **options)
-    except ValueError as e:
-        name = str(e).split("=", 1)[0].split(" ", 1)[0]
-        raise ValueError("--" + {"cfg_scale": "cfg"}.get(name, name).replace("_", "-") + str(e)[len(name):]) from None
+    except OptionError as e:
+        raise e.renamed("--" + {"cfg_scale": "cfg"}.get(e.option, e.option).replace("_", "-")) from None
     _directory_option("--out-dir", args.out_dir)  # (before the model loads)
     pipe = _pipeline(args)
     width, height = _size(args.size)

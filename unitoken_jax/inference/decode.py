@@ -65,6 +65,18 @@ def default_growth(first_need: int, full: int) -> int:
     return -(-full // (sizes * GROWTH_ROUND)) * GROWTH_ROUND
 
 
+class OptionError(ValueError):
+    """A request option refused: `option` is its name, the message that name and `rest`. Callers
+    that take the option under another name say it by theirs (`renamed`)."""
+
+    def __init__(self, option: str, rest: str):
+        super().__init__(option + rest)
+        self.option, self.rest = option, rest
+
+    def renamed(self, name: str) -> "OptionError":
+        return OptionError(name, self.rest)
+
+
 @dataclasses.dataclass
 class Request:
     """One prompt to continue. `feature_index` points into this request's own `pixels`' features."""
@@ -118,12 +130,12 @@ class Request:
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not math.isfinite(value) or (integer and not float(value).is_integer()):
-                raise ValueError(f"{name} must be a finite {'integer' if integer else 'number'}, got {value!r}")
+                raise OptionError(name, f" must be a finite {'integer' if integer else 'number'}, got {value!r}")
             if value < low or (low_open and value == low) or value > high:
                 show = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")  # 4294967295, not 4.29497e+09
                 bounds = (f"{'(' if low_open else '['}{show(low)}, {show(high)}]" if high != math.inf
                           else f"{'greater than' if low_open else 'at least'} {show(low)}")
-                raise ValueError(f"{name}={value!r} is out of range: it must be {bounds}")
+                raise OptionError(name, f"={value!r} is out of range: it must be {bounds}")
 
         number("max_new_tokens", 1, integer=True)
         number("seed", 0, 2 ** 32 - 1, integer=True)

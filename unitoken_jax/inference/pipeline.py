@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unitoken_jax.inference.decode import DecodeLoop, Request
+from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationError, TextStream, decode, encode_item
@@ -295,11 +295,10 @@ class UniTokenPipeline:
                     "stop_after_image": True}
         try:
             return Request(**encoded, grid_hw=grid_hw, cfg_scale=cfg, uncond_tokens=uncond, **{**defaults, **options})
-        except ValueError as e:  # a refused value, by the name the caller gave it (cfg=-1, not cfg_scale=-1)
-            name = str(e).split("=", 1)[0].split(" ", 1)[0]
-            if name not in called:
+        except OptionError as e:  # a refused value, by the name the caller gave it (cfg=-1, not cfg_scale=-1)
+            if e.option not in called:
                 raise
-            raise ValueError(called[name] + str(e)[len(name):]) from None
+            raise e.renamed(called[e.option]) from None
 
     def generate_request(self, prompt: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                          **options) -> Request:
