@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -386,6 +387,26 @@ def test_a_filesystem_without_permissions_or_an_unknown_umask_still_saves(releas
     assert {os.stat(tmp_path / "private" / f).st_mode & 0o077 for f in os.listdir(tmp_path / "private")} == {0}
 
 
+def test_on_a_pod_only_the_first_process_writes_what_is_not_sharded(release_dir, tmp_path, monkeypatch):
+    """Every process of a pod wrote the sidecar to one .partial file and renamed it over: one found it
+    gone (FileNotFoundError in the pod's final export, which then hung 300 s at the shutdown barrier)."""
+    import types
+
+    from unitoken_jax.convert import orbax_io
+
+    model = unitoken_jax.load(str(release_dir))
+    model.save(str(tmp_path / "ours"))
+    sidecar = tmp_path / "ours" / "unitoken_config.json"
+    sidecar.write_text(sidecar.read_text().replace('"config"', '"first": "process 0 wrote this", "config"', 1))
+    was = sidecar.read_text()
+    (tmp_path / "ours" / "passthrough" / "kept").write_text("process 0 removes an earlier save's passthrough")
+    monkeypatch.setattr(orbax_io, "jax", types.SimpleNamespace(process_index=lambda: 1, tree=jax.tree))
+    unitoken_jax.UniTokenModel(model.config, model.params).save(str(tmp_path / "ours"))  # (without passthrough)
+    assert sidecar.read_text() == was
+    assert not os.path.exists(str(sidecar) + ".partial")
+    assert (tmp_path / "ours" / "passthrough" / "kept").exists()
+
+
 def test_a_float64_checkpoint_is_refused_without_jax_64_bit_mode(release_dir, tmp_path):
     """Its own float64 (not asked for in load's arguments) gave float32 arrays under a float64 config."""
     import json
@@ -397,7 +418,11 @@ def test_a_float64_checkpoint_is_refused_without_jax_64_bit_mode(release_dir, tm
     sidecar.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="float64 weights or compute need JAX's 64-bit mode"):
         unitoken_jax.load(str(tmp_path / "ours"), param_dtype=None)  # (None: the checkpoint's own)
-    assert unitoken_jax.load(str(tmp_path / "ours")).config.param_dtype == "float32"  # the default, float32
+    # the default, float32: without a warning from JAX for each parameter that float64 is not available
+    # (the check of the stored shapes built the checkpoint's own float64 parameters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert unitoken_jax.load(str(tmp_path / "ours")).config.param_dtype == "float32"
 
 
 def test_sharded_write_has_an_index(release_dir, tmp_path):
@@ -413,6 +438,66 @@ def test_sharded_write_has_an_index(release_dir, tmp_path):
     reloaded = unitoken_jax.load(str(tmp_path))
     tokens = np.arange(10)[None] + 8900
     np.testing.assert_array_equal(np.asarray(reloaded.text_logits(tokens)), np.asarray(model.text_logits(tokens)))
+
+
+def test_an_index_that_names_a_tensor_its_shard_lacks_is_refused_and_other_mismatches_are_told(
+        release_dir, tmp_path, caplog):
+    """The index was read for its file names only: a tensor it named that no shard held (a shard
+    from another save) loaded without it, unsaid, and a conversion wrote a checkpoint without it."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from unitoken_jax.convert import hf as hf_io, vqgan as vqgan_io
+    from unitoken_jax.convert.files import CheckpointError
+
+    model = unitoken_jax.load(str(release_dir))
+    sharded = tmp_path / "sharded"
+    hf_io.write_hf(str(sharded), model.config, model.params, model.passthrough, model.hf_config, "bfloat16",
+                   shard_bytes=200_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = next(k for k in index if k.startswith("model.vqmodel."))  # (passthrough: not a model parameter)
+    lacking = tmp_path / "lacking"
+    shutil.copytree(sharded, lacking)
+    tensors = load_file(str(lacking / index[victim]))
+    del tensors[victim]
+    save_file(tensors, str(lacking / index[victim]), metadata={"format": "pt"})
+    for read in (unitoken_jax.load, hf_io.read_hf, vqgan_io.read_hf_vqmodel):
+        with pytest.raises(CheckpointError, match=re.escape(f"names 1 tensors that its shards do not hold: {victim} "
+                                                            f"(in {index[victim]})")):
+            read(str(lacking))
+
+    # the same tensors in another shard than named, and one the index does not name: read, and said
+    moved = tmp_path / "moved"
+    shutil.copytree(sharded, moved)
+    files = sorted(set(index.values()))
+    other = next(f for f in files if f != index[victim])
+    into = load_file(str(moved / other))
+    out = load_file(str(moved / index[victim]))
+    into[victim] = out.pop(victim)
+    save_file(into, str(moved / other), metadata={"format": "pt"})
+    save_file(out, str(moved / index[victim]), metadata={"format": "pt"})
+    record = json.loads((moved / "model.safetensors.index.json").read_text())
+    unnamed = sorted(record["weight_map"])[0]
+    del record["weight_map"][unnamed]
+    (moved / "model.safetensors.index.json").write_text(json.dumps(record))
+    with caplog.at_level("WARNING"):
+        back = hf_io.read_hf(str(moved))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{victim} (named in {index[victim]}, found in {other})" in said
+    assert f"1 tensors are not in the index: {unnamed}" in said
+    np.testing.assert_array_equal(back.passthrough[victim], model.passthrough[victim])
+
+
+def test_a_directory_of_pytorch_weights_is_refused_by_what_it_holds(tmp_path):
+    """A transformers save with safe_serialization=False was refused as 'no .safetensors files'."""
+    from unitoken_jax.convert.files import CheckpointError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chameleon"}))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"holds PyTorch weights \(pytorch_model.bin\), not safetensors.*"
+                                              r"save_pretrained"):
+        unitoken_jax.load(str(tmp_path))
 
 
 def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):

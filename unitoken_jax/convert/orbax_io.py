@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -80,15 +81,19 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
     sidecar = json.dumps({"config": config.to_dict(), "param_layout": PARAM_LAYOUT, **(extra or {})}, indent=2,
                          sort_keys=True)
     os.makedirs(path, exist_ok=True)
+    # on a pod every process saves its shards of the arrays (Orbax's save is collective) and the
+    # first writes the rest: two processes renaming one sidecar.partial over, one found it gone
+    primary = jax.process_index() == 0
     with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)) as ckpt:
         ckpt.save(os.path.join(path, "params"), params, force=True)
         if passthrough:
             ckpt.save(os.path.join(path, "passthrough"), _nest(passthrough), force=True)
-        elif os.path.exists(os.path.join(path, "passthrough")):  # an earlier save's: it would be restored
+        elif primary and os.path.exists(os.path.join(path, "passthrough")):  # an earlier save's: it would be restored
             shutil.rmtree(os.path.join(path, "passthrough"))
-    with open(os.path.join(path, SIDECAR + ".partial"), "w") as f:
-        f.write(sidecar)
-    os.replace(os.path.join(path, SIDECAR + ".partial"), os.path.join(path, SIDECAR))
+    if primary:
+        with open(os.path.join(path, SIDECAR + ".partial"), "w") as f:
+            f.write(sidecar)
+        os.replace(os.path.join(path, SIDECAR + ".partial"), os.path.join(path, SIDECAR))
 
 
 def read_sidecar(path: str) -> dict[str, Any]:
@@ -144,7 +149,10 @@ def check_shapes(path: str, config: UniTokenConfig) -> None:
                                   "_METADATA) cannot be read; the checkpoint is damaged or incomplete: write it "
                                   "again from its source")
         stored = traverse_util.flatten_dict(metadata.item_metadata.tree)
-    wanted = traverse_util.flatten_dict(abstract_params(config))
+    # shapes only: a float64 checkpoint read without JAX's 64-bit mode (into float32) is checked
+    # without JAX warning, for each parameter it inits, that float64 is not available
+    shapes = dataclasses.replace(config, param_dtype="float32", dtype="float32")
+    wanted = traverse_util.flatten_dict(abstract_params(shapes))
     problems = [f"{'/'.join(k)}: missing" for k in wanted if k not in stored]
     problems += [f"{'/'.join(k)}: not in the config" for k in stored if k not in wanted]
     problems += [f"{'/'.join(k)}: stored {tuple(stored[k].shape)}, the config needs {tuple(w.shape)}"
