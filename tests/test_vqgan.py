@@ -166,6 +166,26 @@ def test_meta_checkpoint_encodes_and_decodes_like_taming(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
 
 
+def test_what_a_lightning_checkpoint_holds_beside_the_model_is_said_not_dropped_unsaid(tmp_path, caplog):
+    """EMA weights (taming's `model_ema.*`) beside the live ones were skipped without a word: a user
+    who trained with EMA may have meant them. The loss's tensors are said at INFO, the rest warned."""
+    _meta_checkpoint(tmp_path)
+    ckpt = torch.load(tmp_path / "vqgan.ckpt", weights_only=False)
+    live = [k for k in ckpt["state_dict"] if not k.startswith("loss.")]
+    for k in live:  # (LitEma's names: the dots taken out)
+        ckpt["state_dict"]["model_ema." + k.replace(".", "")] = ckpt["state_dict"][k] + 1
+    torch.save(ckpt, tmp_path / "vqgan.ckpt")
+    with caplog.at_level("INFO", logger="unitoken_jax.convert.vqgan"):
+        config, params = vq_io.read_meta_checkpoint(str(tmp_path / "vqgan.ckpt"))
+    said = {r.levelname: r.getMessage() for r in caplog.records if r.name == "unitoken_jax.convert.vqgan"}
+    assert "1 tensors of the training loss (loss.*" in said["INFO"]
+    assert f"{len(live)} entries of its state_dict are not the VQ-GAN's (model_ema.) and were skipped" in \
+        said["WARNING"]
+    # and the live weights are what was read
+    np.testing.assert_array_equal(params["codebook"],
+                                  ckpt["state_dict"]["quantize.embedding.weight"].numpy())
+
+
 def test_hf_chameleon_vqmodel_gives_transformers_codes(tmp_path):
     hf = oracles.make_chameleon(seed=5)
     hf.save_pretrained(tmp_path)

@@ -40,21 +40,64 @@ def read_json_object(path: str) -> dict:
     return value
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def weight_map(path: str) -> dict[str, str] | None:
+    """The sharded checkpoint's index (tensor name -> file name), None where there is none."""
+    index = os.path.join(path, INDEX)
+    if not os.path.exists(index):
+        return None
+    names = read_json_object(index).get("weight_map")
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise CheckpointError(f"{index} has no 'weight_map' object of tensor name -> file name")
+    return names
+
+
 def checkpoint_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index} has no 'weight_map' object of tensor name -> file name")
-        files = sorted(set(weight_map.values()))
+    names = weight_map(path)
+    if names is not None:
+        files = sorted(set(names.values()))
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
+        torch_files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+        if torch_files:  # (transformers' save_pretrained(safe_serialization=False), older releases)
+            raise CheckpointError(
+                f"{path} holds PyTorch weights ({', '.join(torch_files[:3])}{' ...' if len(torch_files) > 3 else ''})"
+                ", not safetensors, which is what this loader reads; convert them once with transformers: "
+                "AutoModel.from_pretrained(path).save_pretrained(out) writes safetensors")
         raise CheckpointError(f"no .safetensors files in {path}")
     for name in files:
         if not os.path.exists(os.path.join(path, name)):
             raise CheckpointError(f"{path}: the index names {name}, which is missing")
     return [os.path.join(path, f) for f in files]
+
+
+def check_weight_map(path: str, found: dict[str, str]) -> list[str]:
+    """The index of a sharded checkpoint against what its shards hold (`found`: tensor name -> the
+    file holding it): a tensor it names that its shard lacks is a CheckpointError (the tensor would
+    be missing from the model unsaid); returns what else disagrees (a tensor in another shard than
+    named, one the index does not name: read all the same), for the caller to tell."""
+    names = weight_map(path)
+    if names is None:
+        return []
+    missing = [f"{k} (in {v})" for k, v in names.items() if k not in found]
+    if missing:
+        raise CheckpointError(f"{os.path.join(path, INDEX)} names {len(missing)} tensors that its shards do not hold: "
+                              + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                              + "; the checkpoint is incomplete (a shard from another save?)")
+    elsewhere = [f"{k} (named in {names[k]}, found in {os.path.basename(f)})" for k, f in found.items()
+                 if k in names and names[k] != os.path.basename(f)]
+    unnamed = [f"{k} (in {os.path.basename(f)})" for k, f in found.items() if k not in names]
+    notes = []
+    if elsewhere:
+        notes.append(f"{len(elsewhere)} tensors are in another shard than the index says: "
+                     + ", ".join(elsewhere[:3]) + (" ..." if len(elsewhere) > 3 else ""))
+    if unnamed:
+        notes.append(f"{len(unnamed)} tensors are not in the index: "
+                     + ", ".join(unnamed[:3]) + (" ..." if len(unnamed) > 3 else ""))
+    return notes
 
 
 def open_safetensors(file: str):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.files import (
     CheckpointError,
+    check_weight_map,
     checkpoint_files,
     get_path,
     open_safetensors,
@@ -303,6 +304,8 @@ def _read_header(path: str):
         raise CheckpointError(f"{path} has no config.json (is it an HF checkpoint directory, or still being written?)")
     hf_config = read_json_object(config_path)
     headers = _scan_headers(checkpoint_files(path))
+    for note in check_weight_map(path, {k: v[0] for k, v in headers.items()}):
+        log.warning("%s: the index does not match the shards (read as the shards hold them): %s", path, note)
     kind, prefix = _detect_kind(hf_config, headers)
     return hf_config, headers, kind, prefix
 

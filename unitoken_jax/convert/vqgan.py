@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from typing import Any, Mapping
@@ -21,6 +22,7 @@ import yaml
 
 from unitoken_jax.convert.files import (
     CheckpointError,
+    check_weight_map,
     checkpoint_files,
     get_path,
     open_safetensors,
@@ -29,6 +31,8 @@ from unitoken_jax.convert.files import (
 )
 from unitoken_jax.convert.torch_pickle import load_torch_file
 from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
+
+log = logging.getLogger(__name__)
 
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 
@@ -146,19 +150,38 @@ def read_meta_checkpoint(ckpt_path: str, yaml_path: str | None = None) -> tuple[
     if not isinstance(state, dict):
         raise CheckpointError(f"{ckpt_path}: no state_dict in the checkpoint")
     tensors = {k: v for k, v in state.items() if k.startswith(_MODEL_PREFIXES)}
+    _tell_skipped(ckpt_path, [k for k in state if not k.startswith(_MODEL_PREFIXES)])
     return config, params_from_state_dict(config, tensors, require_decoder=True, source=ckpt_path)
+
+
+def _tell_skipped(source: str, keys: list[str]) -> None:
+    """What a Lightning checkpoint holds beside the model: the training loss's tensors (the
+    discriminator, LPIPS) are said at INFO; anything else (EMA weights: taming's `model_ema.*`,
+    another model) is a warning, since a user may have meant it."""
+    loss = [k for k in keys if k.startswith("loss.")]
+    other = [k for k in keys if not k.startswith("loss.")]
+    if loss:
+        log.info("%s: %d tensors of the training loss (loss.*: the discriminator, LPIPS) are not the model's; "
+                 "skipped", source, len(loss))
+    if other:
+        groups = sorted({k.split(".")[0] + "." if "." in k else k for k in other})
+        log.warning("%s: %d entries of its state_dict are not the VQ-GAN's (%s) and were skipped: %s%s; the model is "
+                    "read from %s", source, len(other), ", ".join(groups[:5]), ", ".join(other[:3]),
+                    " ..." if len(other) > 3 else "", ", ".join(p + "*" for p in _MODEL_PREFIXES))
 
 
 def read_hf_vqmodel(path: str) -> tuple[VQGANConfig, dict]:
     """The `model.vqmodel.*` tensors of an HF Chameleon / UniToken directory (encoder only)."""
     hf_config = read_json_object(os.path.join(path, "config.json"))
     config = config_from_hf(hf_config.get("vq_config") or {})
-    tensors = {}
+    tensors, found = {}, {}
     for file in checkpoint_files(path):
         with open_safetensors(file) as f:
             for key in f.keys():
+                found[key] = file
                 if key.startswith("model.vqmodel."):
                     tensors[key[len("model.vqmodel."):]] = f.get_tensor(key)
+    check_weight_map(path, found)  # (a tensor the index names and no shard holds; read_hf tells the rest)
     if not tensors:
         raise CheckpointError(f"{path} holds no model.vqmodel.* tensors")
     return config, params_from_state_dict(config, tensors, require_decoder=False, source=path)
