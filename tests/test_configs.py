@@ -159,6 +159,10 @@ def test_optimizer_settings_out_of_range_are_refused_by_name(field, value, messa
     # a field the config lacks, said by absl's parser as an AttributeError's traceback before
     ("--config.data.sourcez=x", "--config.data.sourcez: the config has no field 'sourcez'; "
                                 'did you mean "sources" instead of "sourcez"?'),
+    # int8, which load / convert take, is for inference only: said so, not only that the field is missing
+    ("--config.model.quantize=int8", "--config.model.quantize: the config has no field 'quantize'; int8 weights are "
+                                     "for inference only: train in float, then quantize the result (unitoken convert "
+                                     "--from final --to final-int8 --quantize int8)"),
     # data that is not there: the traceback of an open() before
     ("--config.data.sources=/no/such/meta.yaml",
      "/no/such/meta.yaml: no such data meta file (YAML with a 'META' list of {path, ratio})"),

@@ -130,9 +130,18 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
         cli._quantize(args("serve"), SEVEN_B, v5e, "bfloat16")
     assert cli._quantize(args("serve", max_batch=8), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("generate", n=4), SEVEN_B.replace(quantize="int8"), v5e, "bfloat16") is None
+    # stored int8 is kept, and still checked: 16 guided pictures do not fit one v5e even so (it was
+    # loaded unchecked, to fail in the compile)
+    with pytest.raises(ValueError, match="16 picture.s. .--n / --batch-size. at once do not fit 1 x TPU v5 lite"):
+        cli._quantize(args("generate", n=16), SEVEN_B.replace(quantize="int8"), v5e, "bfloat16")
+    # the cache is in the compute dtype: bfloat16 weights computing in float32 hold one picture's cache
+    # in float32 (13.87 + 2.19 GiB, over the chip's 15.75: int8); planned as a bfloat16 cache, it fit
+    assert cli._quantize(args("generate", n=1), SEVEN_B, v5e, "bfloat16", 1, "float32") == "int8"
     assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "float32") is None
     assert cli._quantize(args("generate", n=4), SEVEN_B, jax.devices("cpu")[:1], "bfloat16") is None
     assert cli._quantize(args("generate", n=4, quantize="none"), SEVEN_B, v5e, "bfloat16") == "none"
+    with pytest.raises(ValueError, match="--quantize none: the checkpoint holds int8 weights, which cannot be made"):
+        cli._quantize(args("generate", quantize="none"), SEVEN_B.replace(quantize="int8"), v5e, "bfloat16")
 
 
 def test_the_decoding_mesh_splits_every_weight_evenly_or_uses_fewer_devices():

@@ -144,6 +144,47 @@ def test_unsupported_modes_are_clear_errors(tmp_path, bf16_model):
     assert adapted.quantize("int8").config.lora is None  # (the model's quantize folds them in)
 
 
+def test_what_an_int8_checkpoint_cannot_do_is_refused_before_a_tensor_is_read(tmp_path, bf16_model, monkeypatch):
+    """Adapters on a stored int8 checkpoint, its conversion to the HF layout and a training started
+    from it were refused only after the whole model was read (about 7 GiB for the release)."""
+    from unitoken_jax import cli
+    from unitoken_jax.convert import orbax_io
+    from unitoken_jax.models.config import LoraConfig
+    from unitoken_jax.train import loop
+    from unitoken_jax.train.config import TrainConfig
+
+    bf16_model.quantize("int8").save(str(tmp_path / "q"))
+    lora = UniTokenModel.random(BF16.replace(lora=LoraConfig(rank=2, targets=("q_proj",))), seed=1)
+    lora.save_adapters(str(tmp_path / "adapters"))
+
+    def read(*_, **__):
+        raise AssertionError("a tensor was read")
+    monkeypatch.setattr(orbax_io, "restore", read)
+    monkeypatch.setattr(orbax_io, "restore_leaves", read)
+    for quantize in (None, "int8"):
+        with pytest.raises(ValueError, match="holds int8 weights: adapters cannot be applied to them; load the float"):
+            unitoken_jax.load(str(tmp_path / "q"), adapters=str(tmp_path / "adapters"), quantize=quantize)
+    assert cli.main(["convert", "--from", str(tmp_path / "q"), "--to", str(tmp_path / "hf")]) == 2
+    from unitoken_jax import configs
+
+    config = configs.get_config("stage2.py:tiny")
+    config.init_from.kind, config.init_from.paths = "checkpoint", (str(tmp_path / "q"),)
+    with pytest.raises(ValueError, match="holds int8 weights, which are for inference only"):
+        loop.initial_params(TrainConfig.from_config_dict(config), None)
+
+
+def test_a_random_int8_model_is_a_quantized_random_model_not_zeros():
+    """An int8 layer initialises its kernel as zeros (a checkpoint fills it): a random int8 model
+    computed nothing."""
+    q = UniTokenModel.random(BF16.replace(quantize="int8"), seed=3)
+    expected = _flat(UniTokenModel.random(BF16, seed=3).quantize("int8").params)
+    got = _flat(q.params)
+    assert set(got) == set(expected) and q.config.quantize == "int8"
+    for k, v in expected.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    assert any(v.dtype == np.int8 and np.abs(v).max() > 0 for v in got.values())
+
+
 def test_training_refuses_int8(tmp_path):
     from unitoken_jax import configs
     from unitoken_jax.train.config import TrainConfig

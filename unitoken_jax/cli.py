@@ -15,7 +15,7 @@ import warnings
 from unitoken_jax import configs
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
-from unitoken_jax.models.config import QUANTIZE_MODES
+from unitoken_jax.models.config import QUANTIZE_MODES, UniTokenConfig
 from unitoken_jax.shutdown import exit_now
 
 _LOG = logging.getLogger("unitoken_jax.cli")  # by name: run as `python -m unitoken_jax.cli` it is __main__
@@ -41,10 +41,11 @@ def _convert(args) -> int:
     if orbax_io.is_orbax_checkpoint(args.src):
         from unitoken_jax.models import lora as lora_lib
 
-        config, params, passthrough, sidecar = orbax_io.restore(args.src)
-        if config.quantize != "none":  # (its int8 codes would be written as weights, its scales dropped)
-            raise ValueError(f"--from {args.src} holds {config.quantize} weights, which the HF layout cannot carry; "
+        stored = UniTokenConfig.from_dict(orbax_io.read_sidecar(args.src)["config"]).quantize
+        if stored != "none":  # (its int8 codes would be written as weights, its scales dropped; said before reading)
+            raise ValueError(f"--from {args.src} holds {stored} weights, which the HF layout cannot carry; "
                              "convert the float checkpoint it was made from")
+        config, params, passthrough, sidecar = orbax_io.restore(args.src)
         params, config = lora_lib.merge(params, config)  # a LoRA model is written merged, as save_hf writes it
         dtype = args.dtype or sidecar.get("hf_dtype", "float32")
         hf_io.write_hf(args.dst, config, params, passthrough, sidecar.get("hf_config"), dtype,
@@ -67,7 +68,6 @@ def _convert(args) -> int:
 
 def _init(args) -> int:
     from unitoken_jax.model import UniTokenModel
-    from unitoken_jax.models.config import UniTokenConfig
 
     _directory_option("--to", args.dst)
     held = sorted(f for f in os.listdir(args.dst) if f == "config.json" or f.endswith(".safetensors")) \
@@ -194,7 +194,7 @@ def _how_to_load(args, model_dir: str) -> dict:
     config = unitoken_jax.read_config(model_dir)
     dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
     mesh = _mesh(args.mesh, config)
-    quantize = _quantize(args, config, mesh_devices(mesh), param_dtype, mesh.shape["tensor"] if mesh else 1)
+    quantize = _quantize(args, config, mesh_devices(mesh), param_dtype, mesh.shape["tensor"] if mesh else 1, dtype)
     return dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, quantize=quantize)
 
 
@@ -258,21 +258,26 @@ def _plan(args, config) -> tuple[int, str, dict]:
     return 1, f"{rows} answer row(s) of {positions} positions", dict(rows=rows, positions=positions)
 
 
-def _quantize(args, config, devices, param_dtype: str, tensor: int | None = None) -> str | None:
-    """--quantize: 'auto' keeps a checkpoint stored quantized as it is, and otherwise takes int8
-    only where bfloat16 weights and the KV cache of what this command decodes at once do not fit
-    the devices (`inference.fit.choose_quantize`; a CPU has no limit to plan with, so floats
-    there). None: the checkpoint's own format."""
+def _quantize(args, config, devices, param_dtype: str, tensor: int | None = None,
+              dtype: str = "bfloat16") -> str | None:
+    """--quantize: 'auto' keeps a checkpoint stored quantized as it is (and checks that it fits),
+    and otherwise takes int8 only where bfloat16 weights and the KV cache (in the compute `dtype`)
+    of what this command decodes at once do not fit the devices (`inference.fit.choose_quantize`;
+    a CPU has no limit to plan with, so floats there). None: the checkpoint's own format."""
+    if args.quantize == "none" and config.quantize != "none":  # (load's message names its own quantize='none')
+        raise ValueError(f"--quantize none: the checkpoint holds {config.quantize} weights, which cannot be made float "
+                         "again; load the float checkpoint it was made from (or leave --quantize auto)")
     if args.quantize != "auto":
         return args.quantize
-    if config.quantize != "none" or param_dtype != "bfloat16":  # stored int8; or float32 asked for
+    if config.quantize == "none" and param_dtype != "bfloat16":  # float32 weights asked for
         return None
     from unitoken_jax.inference.fit import choose_quantize
 
     images, what, memory = _plan(args, config)
-    quantize, why = choose_quantize(config, images, devices, what=what, tensor=tensor, **memory)
+    quantize, why = choose_quantize(config, images, devices, what=what, tensor=tensor, dtype=param_dtype,
+                                    cache_dtype=dtype, **memory)
     _LOG.info("--quantize auto: %s", why)
-    return None if quantize == "none" else quantize
+    return None if quantize == "none" or config.quantize != "none" else quantize
 
 
 def _dtypes(dtype: str, param_dtype: str, platform: str | None = None) -> tuple[str, str]:

@@ -74,6 +74,10 @@ class UniTokenModel:
     def random(cls, config: UniTokenConfig, seed: int = 0, mesh: Mesh | None = None) -> "UniTokenModel":
         """Freshly initialised parameters; with `mesh` they are created already sharded
         (eval_shape -> shardings -> jit(init, out_shardings)), never whole on one device."""
+        if config.quantize != "none":  # (an int8 layer's own init is zeros: it holds what a checkpoint gives)
+            model = cls.random(config.replace(quantize="none"), seed, mesh).quantize(config.quantize)
+            model.source = f"random(seed={seed})"
+            return model
         scanned = config.replace(scan_layers=True)
         init = lambda: nn.meta.unbox(init_variables(scanned, jax.random.key(seed)))["params"]  # noqa: E731
         if mesh is None:
@@ -466,6 +470,9 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
                          "True) before loading (or param_dtype= / dtype= another)")
     if config_overrides:
         _overridden(own, config_overrides)
+    if adapters is not None and own.quantize != "none":  # (with_adapters refuses it, after the whole model)
+        raise ValueError(f"{path} holds {own.quantize} weights: adapters cannot be applied to them; load the float "
+                         "model it was made from with the adapters (and quantize='int8' to quantize the sum)")
     orbax = orbax_io.is_orbax_checkpoint(path)
     fold = None
     if adapters is not None and not orbax and (merge_adapters or quantize not in (None, "none")):

@@ -45,12 +45,13 @@ class DecodeMemory:
 
 def decode_memory(config: UniTokenConfig, images: int, *, size: tuple[int, int] = (512, 512), cfg: bool = True,
                   prompt_length: int = 64, quantize: str = "none", dtype: str = "bfloat16", rows: int | None = None,
-                  positions: int | None = None) -> DecodeMemory:
+                  positions: int | None = None, cache_dtype: str | None = None) -> DecodeMemory:
     """Bytes of the weights (`dtype`, matmul kernels int8 with `quantize="int8"`) and of the KV
-    cache (in `dtype`) for `images` generated pictures of `size` pixels after a prompt of
-    `prompt_length` tokens (its last the image's <racm3:break>), which the decode loop pads up to
-    a multiple of `decode.PROMPT_MULTIPLE`. `rows` and `positions` give the cache's shape instead
-    (answers, a server's slots): that many rows of that many positions."""
+    cache (in `cache_dtype`, the compute dtype; default `dtype`) for `images` generated pictures of
+    `size` pixels after a prompt of `prompt_length` tokens (its last the image's <racm3:break>),
+    which the decode loop pads up to a multiple of `decode.PROMPT_MULTIPLE`. `rows` and
+    `positions` give the cache's shape instead (answers, a server's slots): that many rows of that
+    many positions."""
     if images < 1:
         raise ValueError(f"images must be at least 1, got {images}")
     params = abstract_params(config.replace(param_dtype=dtype, quantize=quantize))
@@ -61,7 +62,7 @@ def decode_memory(config: UniTokenConfig, images: int, *, size: tuple[int, int] 
         positions = prefill_width(prompt_length, PROMPT_MULTIPLE) + layout.generated_image_length(grid_hw) - 1
     if rows is None:
         rows = images * (2 if cfg else 1)
-    cache = 2 * d.num_layers * rows * d.num_kv_heads * positions * d.head_dim * np.dtype(dtype).itemsize
+    cache = 2 * d.num_layers * rows * d.num_kv_heads * positions * d.head_dim * np.dtype(cache_dtype or dtype).itemsize
     return DecodeMemory(weights, cache)
 
 

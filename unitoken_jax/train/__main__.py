@@ -92,6 +92,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if flag is None:  # not an override's: not ours to explain
             raise
         key, hint = unknown
+        if key == "quantize" and not hint:  # (a model's field, left out of the training configs on purpose)
+            hint = ("int8 weights are for inference only: train in float, then quantize the result "
+                    "(unitoken convert --from final --to final-int8 --quantize int8)")
         sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint}" if hint else ""))
 
 

@@ -38,7 +38,7 @@ from unitoken_jax import configs
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, dropped_too_long, sources_from
 from unitoken_jax.inference.compilation_cache import count_cache_hits
-from unitoken_jax.model import UniTokenModel, load, read_extras
+from unitoken_jax.model import UniTokenModel, load, read_config, read_extras
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.train import metrics as metrics_lib
 from unitoken_jax.train.checkpoint import Checkpointer
@@ -105,10 +105,11 @@ def initial_params(config: TrainConfig, mesh):
         if init.kind == "stage" and not os.path.isdir(path):
             raise FileNotFoundError(f"{os.path.dirname(path)} has no finished stage (no {path}); finish that stage "
                                     "first")
-        loaded = load(path, mesh=mesh, progress=jax.process_index() == 0, param_dtype=config.model.param_dtype)
-        if loaded.config.quantize != "none":
-            raise ValueError(f"{path} holds {loaded.config.quantize} weights, which are for inference only; "
+        stored = read_config(path).quantize  # (refused before the whole model is read)
+        if stored != "none":
+            raise ValueError(f"{path} holds {stored} weights, which are for inference only; "
                              "initialise training from the float checkpoint (quantize='none')")
+        loaded = load(path, mesh=mesh, progress=jax.process_index() == 0, param_dtype=config.model.param_dtype)
         loaded = loaded.merge_adapters()
         for part, value in loaded.params.items():
             mine = params.get(part)
