@@ -452,6 +452,29 @@ MUTATIONS = (
              "            if i == layout.IMAGE_START:\n",
              "            if i in (layout.IMAGE_START, layout.END_OF_TURN):\n",
              ("tests/test_serve.py", "-k", "text_stream_sends")),
+    Mutation("every_pod_process_writes_the_sidecar", "every process of a pod writing a saved model's sidecar "
+             "(one rename finds it gone; the pod hangs at the shutdown barrier)", "unitoken_jax/convert/orbax_io.py",
+             "    if primary:\n        with open(", "    if True:\n        with open(",
+             ("tests/test_checkpoint_io.py", "-k", "only_the_first_process")),
+    Mutation("index_names_a_missing_tensor", "a sharded index naming a tensor no shard holds, loaded without it",
+             "unitoken_jax/convert/files.py", "    if missing:\n        raise", "    if False:\n        raise",
+             ("tests/test_checkpoint_io.py", "-k", "index_that_names")),
+    Mutation("vq_checkpoint_extras_unsaid", "a Lightning VQ-GAN checkpoint's EMA weights skipped unsaid",
+             "unitoken_jax/convert/vqgan.py", "    if other:\n        groups", "    if False:\n        groups",
+             ("tests/test_vqgan.py", "-k", "beside_the_model")),
+    Mutation("stored_int8_unchecked_by_auto", "--quantize auto loading a stored int8 checkpoint unchecked",
+             "unitoken_jax/cli.py", '    if config.quantize == "none" and param_dtype != "bfloat16":',
+             '    if config.quantize != "none" or param_dtype != "bfloat16":',
+             ("tests/test_fit.py", "-k", "quantizes_by_itself")),
+    Mutation("cache_planned_in_the_weights_dtype", "--quantize auto planning the KV cache in the weights' dtype, "
+             "not the compute dtype", "unitoken_jax/inference/fit.py", "np.dtype(cache_dtype or dtype).itemsize",
+             "np.dtype(dtype).itemsize", ("tests/test_fit.py", "-k", "quantizes_by_itself")),
+    Mutation("int8_adapters_refused_after_reading", "adapters on a stored int8 checkpoint refused only after the "
+             "whole model is read", "unitoken_jax/model.py", '    if adapters is not None and own.quantize != "none":',
+             "    if False:", ("tests/test_quantize.py", "-k", "refused_before")),
+    Mutation("random_int8_is_zeros", "a random int8 model with every kernel zero", "unitoken_jax/model.py",
+             '        if config.quantize != "none":  # (an int8', "        if False:  # (an int8",
+             ("tests/test_quantize.py", "-k", "random_int8")),
 )
 
 
