@@ -437,6 +437,39 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
 
 
 
+def test_hosts_sharing_a_folder_leave_an_index_of_every_picture_whoever_renames_last(tmp_path, capsys, monkeypatch):
+    """Two hosts drawing into one folder: the index renamed last was the one that counted, and a
+    host that finished drawing first could rename last (listing only what it had seen); and the
+    hosts' temporary index files were named by PID alone (PID 1 on every host in a container)."""
+    import json
+    import shutil
+
+    from unitoken_jax import cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle at the top left\na blue square\na yellow triangle\na green circle\n")
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    # what host 1 draws, made beforehand in a folder of its own
+    assert cli.main(["generate", "--prompts-file", str(prompts), "--out", str(other), "--process-count", "2",
+                     "--process-index", "1"]) == 0
+    real, renames = os.replace, []
+
+    def replace(src, dst):  # host 1 finishes its pictures and its index while host 0 renames its own
+        if os.path.basename(dst) != "index.json":
+            return real(src, dst)
+        renames.append(os.path.basename(src))
+        if len(renames) == 1:
+            for name in ("00001_0.png", "00003_0.png"):
+                shutil.copy(other / name, shared / name)
+        return real(src, dst)
+    monkeypatch.setattr(cli.os, "replace", replace)
+    monkeypatch.setattr(cli.os, "getpid", lambda: 1)
+    assert cli.main(["generate", "--prompts-file", str(prompts), "--out", str(shared), "--process-count", "2"]) == 0
+    capsys.readouterr()
+    assert [entry["line"] for entry in json.loads((shared / "index.json").read_text())] == [1, 2, 3, 4]
+    assert renames[0] != "index.json.1.tmp" and ".0." in renames[0]  # (the host's own: host 1's says .1.)
+
+
 def test_the_cli_runs_on_a_mesh_of_this_hosts_devices(tmp_path, capsys, caplog):
     """`--mesh DATA,FSDP,TENSOR` splits the model over this host's devices (on the fake CPU ones
     here); the answers and drawings are the one-device model's. `auto` splits only over accelerator

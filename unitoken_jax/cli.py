@@ -624,6 +624,7 @@ def _generate_many(args) -> int:
     pictures are written batch by batch; a rerun draws only the prompts whose pictures are not
     all there."""
     import json
+    import socket
 
     from tqdm.auto import tqdm
 
@@ -692,17 +693,26 @@ def _generate_many(args) -> int:
                     _save(picture, os.path.join(args.out, name))
             bar.update(len(chosen) * args.n)
     # the pictures in the folder now: another host's prompts not drawn yet (or never: a host that
-    # failed) are left out, and listed by the host that writes the index after them
-    index = [{"prompt": prompt, "line": line[k] + 1, "pictures": names[k],
-              "seeds": [args.seed + j for j in range(args.n)],
-              # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
-              **{key: before.get(names[k][0], {}).get(key, value) if k not in todo else value
-                 for key, value in drawn_with.items()}} for k, prompt in enumerate(prompts) if on_disk(k)]
-    # (written whole, then renamed: the hosts of a pod that share the folder each write it)
-    partial = os.path.join(args.out, f"index.json.{os.getpid()}.tmp")
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=1, ensure_ascii=False)
-    os.replace(partial, os.path.join(args.out, "index.json"))
+    # failed) are left out, and listed by the host that writes the index after them. Written whole,
+    # then renamed (the hosts of a pod that share the folder each write it; the temporary name is
+    # the host's own: PIDs repeat across hosts, 1 in a container), then the folder is listed again:
+    # a host whose index landed after another's that had listed more (it had drawn its last
+    # pictures meanwhile) writes it again, so the index written last lists every picture drawn
+    written = None
+    while True:
+        present = [k for k in range(len(prompts)) if on_disk(k)]
+        if present == written:
+            break
+        index = [{"prompt": prompts[k], "line": line[k] + 1, "pictures": names[k],
+                  "seeds": [args.seed + j for j in range(args.n)],
+                  # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
+                  **{key: before.get(names[k][0], {}).get(key, value) if k not in todo else value
+                     for key, value in drawn_with.items()}} for k in present]
+        partial = os.path.join(args.out, f"index.json.{socket.gethostname()}.{args.process_index}.{os.getpid()}.tmp")
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1, ensure_ascii=False)
+        os.replace(partial, os.path.join(args.out, "index.json"))
+        written = present
     there = len(prompts[args.process_index::args.process_count]) - len(todo)
     print(f"wrote {len(todo) * args.n} pictures for {len(todo)} prompts to {args.out} (index.json lists them)"
           + (f"; {there} prompts' pictures were there from an earlier run" if there else ""))
