@@ -465,6 +465,45 @@ def test_two_processes_on_gloo_train_and_save_one_checkpoint(tmp_path, data):
 
 
 @pytest.mark.slow
+def test_a_process_that_fails_alone_stops_the_whole_pod_at_once_saying_why(tmp_path, data):
+    """Process 1 fails alone at its third batch (its own data or file system) with one of the
+    package's errors: it said it in one line and waited at JAX's shutdown barrier while process 0
+    waited for it in the step's collective, until the barrier's 300 s ran out and both aborted
+    (-6) with a coordination-service error. Now both end at once, with exit status 1, process 0
+    saying which process failed and why."""
+    import time
+
+    workdir, port = str(tmp_path / "pod"), _free_port()
+    cmd = lambda i: [sys.executable, os.path.join(ROOT, "tests", "pod_fails_alone.py"),  # noqa: E731
+                     *_train_command(workdir, data, "--config.total_steps=40", "--config.checkpoint_every=1000",
+                                     "--config.log_every=1", "--config.compilation_cache=off",
+                                     f"--coordinator=localhost:{port}", "--num_processes=2",
+                                     f"--process_id={i}")[3:]]
+    files = [open(tmp_path / f"process-{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=_one_device(), stdout=f, stderr=subprocess.STDOUT, text=True)
+             for i, f in enumerate(files)]
+    try:
+        ended = [None, None]
+        deadline = time.time() + 400
+        while None in ended and time.time() < deadline:
+            for i, p in enumerate(procs):
+                if ended[i] is None and p.poll() is not None:
+                    ended[i] = time.time()
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    logs = [open(tmp_path / f"process-{i}.log").read() for i in range(2)]
+    said = "unitoken_jax.train: workdir 'gs://bucket/run' is a URL"
+    assert [p.returncode for p in procs] == [1, 1], [log[-3000:] for log in logs]
+    assert said in logs[1]
+    assert f"stopping, as another process of the pod failed: process 1: {said}" in logs[0], logs[0][-3000:]
+    assert abs(ended[0] - ended[1]) < 30, ended  # (the barrier's timeout is 300 s; a poll is 1 s)
+
+
+@pytest.mark.slow
 def test_a_sigterm_to_one_process_of_a_pod_stops_every_process_at_one_saved_step(tmp_path, data):
     """A pod's hosts are preempted one by one: the process that gets SIGTERM and the others agree
     (JAX's preemption sync point) on one step, each saves its part of it, and all stop with exit

@@ -8,9 +8,12 @@ On a TPU pod slice or a SLURM cluster, every worker runs the same command with -
 --process_id. On CPU the processes talk through gloo.
 """
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 
 import jax
 from absl import app, flags
@@ -18,6 +21,7 @@ from ml_collections import config_flags
 
 from unitoken_jax import configs
 from unitoken_jax.inference.compilation_cache import enable_compilation_cache
+from unitoken_jax.shutdown import exit_now
 from unitoken_jax.train.config import TrainConfig
 from unitoken_jax.train.loop import train_and_evaluate
 
@@ -54,6 +58,7 @@ def main(argv):
         # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        _watch_the_pod()
     # the first process writes what it compiles; every process reads
     try:
         where = enable_compilation_cache(_CONFIG.value.get("compilation_cache") or None)
@@ -65,7 +70,74 @@ def main(argv):
     except (ValueError, OSError) as e:  # e.g. a dataset that is not there, rows that do not split over the mesh
         if not _raised_by_this_package(e):  # (JAX's, a library's: a fault to read with its traceback)
             raise
+        if jax.process_count() > 1:
+            _stop_the_pod(f"unitoken_jax.train: {e}")
         sys.exit(f"unitoken_jax.train: {e}")
+
+
+# --- a pod whose process fails alone --------------------------------------------------------------
+# A process that failed alone (its own data, its own file system) ended at JAX's shutdown barrier,
+# while the others waited in the step's collective for it: the whole pod hung for the barrier's
+# 300 s, then aborted with a coordination-service error. It now writes what failed into the
+# coordination service's key-value store, where every process looks twice a second, and each ends at
+# once saying which process failed and why.
+_FAILED_KEY = "unitoken_jax.train/failed"
+_POLL_S = 0.5
+_ACK_TIMEOUT_S = 15.0  # (how long the failed process waits for the others to have read it)
+_HOST_LINGER_S = 2.0  # (process 0 holds the store: the others end first, or JAX aborts them)
+
+
+def _pod_client():
+    """The coordination service's client of this process, None where JAX has none (or hides it)."""
+    from jax._src import distributed
+
+    return getattr(distributed.global_state, "client", None)
+
+
+def _watch_the_pod() -> None:
+    client, me = _pod_client(), jax.process_index()
+    if client is None:
+        return
+
+    def watch():
+        while True:
+            time.sleep(_POLL_S)
+            if _pod_client() is None:  # (shut down: the run is over)
+                return
+            try:
+                said = client.key_value_try_get(_FAILED_KEY)
+            except Exception:  # noqa: BLE001 - not there (NOT_FOUND), or the service going away
+                continue
+            if not said or said.startswith(f"process {me}:"):
+                continue
+            print(f"unitoken_jax.train: stopping, as another process of the pod failed: {said}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                client.key_value_set(f"{_FAILED_KEY}/read/{me}", "1")
+            if me == 0:
+                time.sleep(_HOST_LINGER_S)
+            exit_now(1)
+
+    threading.Thread(target=watch, name="unitoken-pod-watch", daemon=True).start()
+
+
+def _stop_the_pod(message: str, code: int = 1) -> None:
+    """Says `message`, tells the pod's other processes (`_watch_the_pod`), waits until they have
+    read it and ends this process without JAX's shutdown barrier, which the others, waiting in a
+    collective, would never reach."""
+    print(message, file=sys.stderr)
+    client = _pod_client()
+    if client is not None:
+        with contextlib.suppress(Exception):  # (another process's failure there first: ALREADY_EXISTS)
+            client.key_value_set(_FAILED_KEY, f"process {jax.process_index()}: {message}")
+        others = set(range(jax.process_count())) - {jax.process_index()}
+        deadline = time.time() + _ACK_TIMEOUT_S
+        while others and time.time() < deadline:
+            for i in list(others):
+                with contextlib.suppress(Exception):
+                    if client.key_value_try_get(f"{_FAILED_KEY}/read/{i}"):
+                        others.discard(i)
+            time.sleep(0.1)
+    exit_now(code)
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,12 +182,18 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
         sys.exit(f"{argv[0]}: {e}")
     try:
         app.run(main, argv=argv, flags_parser=_parse_flags)
+    except Exception as e:  # noqa: BLE001 - JAX's, a library's: its traceback, and on a pod the others told
+        if jax.process_count() <= 1 or _pod_client() is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        _stop_the_pod(f"unitoken_jax.train: {type(e).__name__}: {first}")
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the checkpoints written stay
         print(f"\n{argv[0]}: stopped (Ctrl-C); a rerun with the same --workdir resumes from its last checkpoint "
               "(a SIGTERM instead saves the step it is at first)", file=sys.stderr)
         if as_program:
-            from unitoken_jax.shutdown import exit_now
-
             exit_now(130)  # (the loop has closed its checkpointer and writers by now)
         sys.exit(130)
 
