@@ -350,6 +350,61 @@ def test_the_hosts_of_a_pod_writing_job_json_at_once_do_not_crash_each_other(tmp
     assert os.listdir(tmp_path / "out") == ["job.json"]
 
 
+def test_two_hosts_started_at_once_with_other_settings_make_no_dataset_of_both(tmp_path, items_path, monkeypatch):
+    """Each host looked for job.json, found none and wrote its own: started together with other
+    settings (another --vq-size), both passed, and one dataset held records of both. The second
+    host's check runs here inside the first one's write (where the window was) or after it."""
+    import dataclasses
+
+    out = tmp_path / "ds"
+    os.makedirs(out / pt._PARTIAL)
+    other = dataclasses.replace(SETTINGS, vq_size=48)
+    real, outcome = os.replace, []
+
+    def second_host():
+        outcome.append("started")
+        try:
+            pt._check_settings(str(out), other, items_path, 8)
+            outcome[-1] = "passed"
+        except ValueError as e:
+            outcome[-1] = str(e)
+
+    def replace(src, dst):  # the first host's write of job.json, with the second host's check inside it
+        if os.path.basename(dst) == "job.json" and not outcome:
+            second_host()
+        return real(src, dst)
+    monkeypatch.setattr(pt.os, "replace", replace)
+    pt._check_settings(str(out), SETTINGS, items_path, 8)
+    if not outcome:
+        second_host()
+    assert len(outcome) == 1 and "holds a pre-tokenization started with other settings" in outcome[0], outcome
+    assert json.loads((out / pt._PARTIAL / "job.json").read_text())["settings"] == SETTINGS.to_json()
+
+
+def test_a_lock_found_empty_is_waited_for_not_taken_over_while_its_maker_writes_its_name(tmp_path):
+    """An empty finalize lock was taken for a dead process's: on a file system that shows a file's
+    contents at close (NFS, a mounted bucket), another host's live lock reads empty for a while, and
+    both hosts finalized (one crashed, its markers removed by the other)."""
+    import threading
+    import time
+
+    lock = tmp_path / "finalize.lock"
+    lock.write_text("")  # another host made it and is writing its name
+
+    def name_it():
+        time.sleep(1.0)
+        lock.write_text(json.dumps({"host": "another-host", "pid": 4242}))
+    threading.Thread(target=name_it).start()
+    assert pt._take_finalize_lock(str(lock)) is False
+    assert json.loads(lock.read_text())["host"] == "another-host"
+    # and one left empty (its maker died before naming itself) is taken over once it is old
+    lock.write_text("")
+    old = time.time() - 2 * pt._SETTLE_S
+    os.utime(lock, (old, old))
+    assert pt._take_finalize_lock(str(lock)) is True
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
 def test_anyres_pinpoints_that_are_not_whole_tiles_are_refused_when_the_settings_are_made():
     """They were written into the dataset, and training failed on its first batch."""
     with pytest.raises(ValueError, match=re.escape("pinpoints [(56, 100)] are not whole multiples of the 56-px")):

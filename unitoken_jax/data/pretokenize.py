@@ -20,6 +20,7 @@ TFDS metadata (`dataset_info.json`, `features.json`); the dataset then opens wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -319,6 +321,58 @@ def _write_json(path: str, obj) -> None:
     os.replace(partial, path)
 
 
+def _create_once(path: str, obj) -> bool:
+    """Writes `obj` as JSON to `path` only if no process has made `path` yet; True if this one did.
+    The file appears whole (written under a name of this process's own, then hard-linked, which
+    fails where the name exists): a host reading it never finds it empty, as it could between
+    another's exclusive create and its write (and took an empty lock for a dead one's). Where the
+    file system has no hard links (a bucket mounted with Cloud Storage FUSE), an exclusive create
+    and then the write; `_read_settled` waits out that window."""
+    partial = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:
+        json.dump(obj, f)
+    try:
+        os.link(partial, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+
+
+_SETTLE_S = 60.0  # how long a file made by `_create_once` may be seen empty before it counts as abandoned
+
+
+def _read_settled(path: str) -> dict | None:
+    """The JSON object in a file `_create_once` made, waiting while it is empty or half written and
+    younger than `_SETTLE_S` (its maker between its create and its write); None if it stays
+    unreadable (its maker died there) or is gone."""
+    while True:
+        try:
+            with open(path) as f:
+                value = json.load(f)
+            return value if isinstance(value, dict) else None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            try:
+                young = time.time() - os.path.getmtime(path) < _SETTLE_S
+            except OSError:
+                return None
+            if not young:
+                return None
+            time.sleep(0.5)
+
+
 def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int) -> None:
     """A resumed run must be the same job; mixing settings in one dataset would corrupt it. The
     items file is fingerprinted by content: one edited between a kill and the restart (same path,
@@ -330,11 +384,13 @@ def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str
             digest.update(block)
     job = {"settings": settings.to_json(), "items": os.path.abspath(items_path), "num_items": n_items,
            "items_sha256": digest.hexdigest()}
-    if not os.path.exists(path):
-        _write_json(path, job)
+    # made at once by the first host (hosts started together each found none and wrote their own:
+    # with other settings, both passed and made one dataset of two kinds of records)
+    if _create_once(path, job):
         return
-    with open(path) as f:
-        old = json.load(f)
+    old = _read_settled(path)
+    if old is None:
+        raise ValueError(f"{path} cannot be read (empty or damaged: a run killed as it started?); delete it and rerun")
     same_job = {k: v for k, v in old.items() if k != "items_sha256"} == {k: v for k, v in job.items()
                                                                            if k != "items_sha256"}
     if same_job and old.get("items_sha256", job["items_sha256"]) != job["items_sha256"]:
@@ -351,14 +407,10 @@ def _take_finalize_lock(path: str) -> bool:
     holder on this host is gone (a finalize that crashed) is taken over, so a rerun finishes the job."""
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                holder = {}  # written by a process that died before it wrote its name, or an older version
+        if not _create_once(path, me):
+            # empty: made by a process that died before it wrote its name, or an older version (a young
+            # one is waited for: its maker may be writing its name now, on a file system without links)
+            holder = _read_settled(path) or {}
             # a lock naming this very process is not held: a container restarted with the same host
             # name and pid (PID 1 in Kubernetes) would otherwise wait on itself forever
             alive = holder.get("host") == me["host"] and holder.get("pid") != me["pid"] and pid_alive(holder.get("pid"))
@@ -369,10 +421,9 @@ def _take_finalize_lock(path: str) -> bool:
                                 "rerun", path, holder.get("pid"), holder.get("host"))
                 return False
             log.warning("taking over %s from a finalize that did not finish (%s)", path, holder or "no holder named")
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         return True
     return False
 
