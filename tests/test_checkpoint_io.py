@@ -46,7 +46,7 @@ def release_dir(tmp_path_factory):
 def test_a_stage_trained_from_the_release_exports_what_the_release_brought(release_dir, tmp_path):
     """final/ was built from the trained parameters alone: converted to HF it lost the release's
     VQ-GAN tensors and config.json fields and came out in float32. The export now carries what the
-    init_from model had (read again at the end: a resumed run never loads it)."""
+    init_from model had (read when the run starts, a resumed run too, which loads no init model)."""
     from unitoken_jax.model import UniTokenModel
     from unitoken_jax.train.config import InitConfig
     from unitoken_jax.train.loop import export_final, init_extras

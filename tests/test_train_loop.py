@@ -560,6 +560,31 @@ def test_a_pods_processes_put_in_the_features_of_their_own_pictures(data):
     assert all("embeddings apart by at most" in out for out in outs), outs[0][-2000:]  # it compared them
 
 
+def test_what_the_init_model_brought_besides_its_weights_is_read_at_the_start_and_exported(tmp_path, data):
+    """It was read again at the export: an init model moved meanwhile (its stage resumed, exported
+    again) gave a final/ without it, and on a pod the run died there, one process failing while the
+    others entered Orbax's collective read, without final/."""
+    import shutil
+
+    config = _config(2, data, total_steps=2, log_every=2, **{"init_from.kind": "checkpoint",
+                                                              "init_from.paths": (str(tmp_path / "start"),)})
+    model_config = UniTokenConfig.from_dict(config.model.to_dict())
+    start = UniTokenModel(model_config, UniTokenModel.random(model_config, seed=0).params,
+                          {"model.vqmodel.quantize.embedding.weight": np.arange(12, dtype=np.float32).reshape(3, 4)},
+                          {"model_type": "chameleon", "vq_config": {"embed_dim": 4}}, "bfloat16")
+    start.save(str(tmp_path / "start"))
+
+    def moved_away(step, batch):  # once the run has started
+        if step == 0:
+            shutil.move(str(tmp_path / "start"), str(tmp_path / "start.previous1"))
+        return batch
+    train_and_evaluate(config, str(tmp_path / "run"), batch_transform=moved_away)
+    final = load(str(tmp_path / "run" / "final"))
+    np.testing.assert_array_equal(final.passthrough["model.vqmodel.quantize.embedding.weight"],
+                                  np.arange(12, dtype=np.float32).reshape(3, 4))
+    assert final.hf_config["vq_config"] == {"embed_dim": 4} and final.hf_dtype == "bfloat16"
+
+
 def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data):
     stage1 = str(tmp_path / "stage1")
     config = _config(1, data, total_steps=3, log_every=3)

@@ -76,13 +76,15 @@ def init_model_paths(init) -> list[str]:
 def init_extras(init) -> tuple[dict, dict | None, str | dict]:
     """(passthrough tensors, HF config, HF dtype) of the first `init_from` model that has them, for
     final/ to carry (so that `unitoken convert` writes a trained release back as the release was:
-    its VQ-GAN tensors, its config.json's other fields, bfloat16). Read again at the export: a
-    resumed run never loads its init_from models."""
+    its VQ-GAN tensors, its config.json's other fields, bfloat16). Read when the run starts (a
+    resumed run too, which loads no init_from model), before its first step, and kept for the
+    export: read at the export, on a pod, a model moved meanwhile failed in one process while the
+    others entered Orbax's collective read, and the run died there without final/."""
     if init.kind != "random":
         for path in init_model_paths(init):
             try:
                 passthrough, hf_config, dtype = read_extras(path)
-            except (OSError, ValueError) as e:  # (moved since the start: the trained model still gets out)
+            except (OSError, ValueError) as e:  # (moved since: the trained model still gets out)
                 log.warning("cannot read what %s holds besides its weights (%s); final/ goes without it", path, e)
                 continue
             if passthrough or hf_config is not None:
@@ -329,9 +331,10 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
         checkpointer.close()
         log.warning("preempted before the first step (SIGTERM): nothing new to save, stopping at step %d", start_step)
         return {}
+    extras = init_extras(config.init_from)  # (for final/)
     with program.context():
         last = _run(program, compiled, state, pipeline, data_iter, checkpointer, workdir, start_step,
-                    batch_transform, evaluator, preempted, eval_pending)
+                    batch_transform, evaluator, preempted, eval_pending, extras)
     checkpointer.close()
     return last
 
@@ -440,7 +443,7 @@ def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPi
 
 def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_iter, checkpointer: Checkpointer,
          workdir: str, start_step: int, batch_transform, evaluator: Evaluator | None, preempted: "_PreemptionFlag",
-         eval_pending: bool = False) -> dict[str, Any]:
+         eval_pending: bool = False, extras: tuple = ({}, None, "float32")) -> dict[str, Any]:
     config, mesh = program.config, program.mesh
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=primary)
@@ -524,7 +527,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                         f" ({(total - skipped) % n} micro-batches of an unfinished window were not applied)"
                         if (total - skipped) % n else "")
         final = os.path.join(workdir, "final")
-        export_final(UniTokenModel(config.model, state.params, *init_extras(config.init_from)), final)
+        export_final(UniTokenModel(config.model, state.params, *extras), final)
         if config.model.lora is not None:  # the adapters alone, in PEFT's format (gathered; process 0 writes)
             base = ",".join(init_model_paths(config.init_from)) or None  # the model they adapt
             UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"), base_model=base)
