@@ -279,6 +279,71 @@ def test_a_packed_row_gives_each_sample_its_own_loss(datasets):
     assert checked >= 3
 
 
+def test_a_packed_row_trains_each_sample_as_it_trains_alone(datasets):
+    """The test above compares forward losses; this one the gradients, through the train step
+    itself (the fused loss, the feature gather, the segment mask): the packed batch with one
+    sample's labels kept updates the parameters as that sample alone in a row of its own does,
+    and what the padding holds changes nothing. An update of plain SGD at rate 1 is the gradient."""
+    import optax
+
+    from unitoken_jax.configs import stages
+    from unitoken_jax.model import UniTokenModel
+    from unitoken_jax.models.config import UniTokenConfig
+    from unitoken_jax.train.step import init_state, make_train_step
+
+    config = UniTokenConfig.from_dict(stages.stage_config(2, "tiny").model.to_dict())
+    config = config.replace(decoder=dataclasses.replace(config.decoder, dropout=0.0), z_loss_weight=1e-2)
+    params = UniTokenModel.random(config, seed=1).params
+    tx = optax.sgd(1.0)
+    step = jax.jit(make_train_step(config, tx, jax.tree.map(lambda _: True, params)))
+    keys = ("tokens", "labels", "positions", "segment_ids", "is_continuous", "feature_index", "pixels")
+    b = next(InputPipeline([datasets[0]], PipelineConfig(rows=2, length=300, max_images=8, num_threads=1)).iterator())
+
+    def update(batch):
+        start = init_state(params, tx)
+        state, metrics = step(start, {k: np.asarray(batch[k]) for k in keys})
+        return float(metrics["loss"]), jax.tree.map(lambda a, c: np.asarray(a) - np.asarray(c), start.params,
+                                                    state.params)
+
+    def apart(a, c):
+        return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+    checked = 0
+    for row, ids in enumerate(b["sample_ids"]):
+        for j in range(len(ids)):
+            where = np.flatnonzero(b["segment_ids"][row] == j + 1)
+            labels = np.full_like(b["labels"], -100)
+            labels[row, where] = b["labels"][row, where]
+            if (labels >= 0).sum() == 0:
+                continue
+            mine = dict(b, labels=labels)
+            cont = b["is_continuous"][row, where]
+            tiles = np.unique(b["feature_index"][row, where][cont] // 16) if cont.any() else np.zeros(0, int)
+            alone = {k: np.zeros((2, 300), b[k].dtype) for k in keys[:-1]}
+            alone["labels"][:] = -100
+            for k in keys[:-1]:  # its tokens at the start of a row of its own, its tiles first
+                alone[k][0, :len(where)] = b[k][row, where]
+            alone["feature_index"][0, :len(where)] -= tiles.min() * 16 if len(tiles) else 0
+            alone["feature_index"][0, :len(where)] *= cont
+            alone["pixels"] = np.zeros_like(b["pixels"])
+            alone["pixels"][:len(tiles)] = b["pixels"][tiles]
+            (packed_loss, packed), (alone_loss, by_itself) = update(mine), update(alone)
+            scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(by_itself))
+            assert abs(packed_loss - alone_loss) < 1e-5 * max(1.0, alone_loss), (row, j)
+            assert apart(packed, by_itself) < 1e-4 * scale, (row, j, apart(packed, by_itself), scale)
+            checked += 1
+    assert checked >= 3
+    # what the padding holds (tokens, positions, pictures' flags and indices) changes nothing
+    loss, grads = update(b)
+    pad = b["segment_ids"] == 0
+    assert pad.any()
+    scrambled = dict(b, tokens=np.where(pad, 5, b["tokens"]), positions=np.where(pad, 7, b["positions"]),
+                     is_continuous=np.where(pad, True, b["is_continuous"]),
+                     feature_index=np.where(pad, 3, b["feature_index"]))
+    loss2, grads2 = update(scrambled)
+    assert loss2 == loss and apart(grads, grads2) == 0
+
+
 def test_anyres_datasets_bring_their_tiles_and_newlines(tmp_path):
     from unitoken_jax.tokenizer import anyres as anyres_lib
 
