@@ -475,6 +475,26 @@ MUTATIONS = (
     Mutation("random_int8_is_zeros", "a random int8 model with every kernel zero", "unitoken_jax/model.py",
              '        if config.quantize != "none":  # (an int8', "        if False:  # (an int8",
              ("tests/test_quantize.py", "-k", "random_int8")),
+    Mutation("generate_index_written_once", "hosts sharing a folder: an index renamed last that listed fewer "
+             "pictures than were drawn", "unitoken_jax/cli.py", "        if present == written:\n            break\n",
+             "        if written is not None:\n            break\n",
+             ("tests/test_default_model.py", "-k", "whoever_renames_last")),
+    Mutation("pretokenize_job_overwritten", "two pretokenize hosts started at once with other settings both passing",
+             "unitoken_jax/data/pretokenize.py", "        os.link(partial, path)\n        return True",
+             "        os.replace(partial, path)\n        return True",
+             ("tests/test_pretokenize.py", "-k", "other_settings_make_no")),
+    Mutation("empty_lock_taken_at_once", "a finalize lock read empty taken over while its maker writes its name",
+             "unitoken_jax/data/pretokenize.py", "            if not young:\n                return None",
+             "            if True:\n                return None", ("tests/test_pretokenize.py", "-k", "lock_found_empty")),
+    Mutation("init_extras_read_at_export", "what the init model brought besides its weights read again at the export",
+             "unitoken_jax/train/loop.py", "UniTokenModel(config.model, state.params, *extras), final)",
+             "UniTokenModel(config.model, state.params, *init_extras(config.init_from)), final)",
+             ("tests/test_train_loop.py", "-k", "read_at_the_start")),
+    Mutation("packed_rows_attend_across_samples", "packed samples attending to each other in the xla attention",
+             "unitoken_jax/models/attention.py",
+             "(x.astype(work) for x in (q_BTNH, k_BTKH, v_BTKH)), segment_ids_BT, block)",
+             "(x.astype(work) for x in (q_BTNH, k_BTKH, v_BTKH)), jnp.minimum(segment_ids_BT, 1), block)",
+             ("tests/test_pipeline.py", "-k", "trains_each_sample")),
 )
 
 
