@@ -88,10 +88,14 @@ _HOST_LINGER_S = 2.0  # (process 0 holds the store: the others end first, or JAX
 
 
 def _pod_client():
-    """The coordination service's client of this process, None where JAX has none (or hides it)."""
-    from jax._src import distributed
+    """The coordination service's client of this process, None where JAX has none (or hides it: a
+    JAX without this private path runs as before, the pod ending at the shutdown barrier)."""
+    try:
+        from jax._src import distributed
 
-    return getattr(distributed.global_state, "client", None)
+        return getattr(distributed.global_state, "client", None)
+    except (ImportError, AttributeError):
+        return None
 
 
 def _watch_the_pod() -> None:
