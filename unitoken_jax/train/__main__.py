@@ -79,10 +79,10 @@ def main(argv):
 # A process that failed alone (its own data, its own file system) ended at JAX's shutdown barrier,
 # while the others waited in the step's collective for it: the whole pod hung for the barrier's
 # 300 s, then aborted with a coordination-service error. It now writes what failed into the
-# coordination service's key-value store, where every process looks twice a second, and each ends at
+# coordination service's key-value store, where every process looks each second, and each ends at
 # once saying which process failed and why.
 _FAILED_KEY = "unitoken_jax.train/failed"
-_POLL_S = 0.5
+_POLL_S = 1.0  # (a key-value read a second a process: light for the coordinator of a 256-host pod)
 _ACK_TIMEOUT_S = 15.0  # (how long the failed process waits for the others to have read it)
 _HOST_LINGER_S = 2.0  # (process 0 holds the store: the others end first, or JAX aborts them)
 
