@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import logging
 import os
 import re
 import signal
@@ -75,12 +76,13 @@ def _picture(b64: str) -> Image.Image:
 class _Running:
     """A uvicorn server for `app` on a free port of 127.0.0.1, in a thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, graceful: float | None = None):
         self.app = app
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = server_class(uvicorn)(uvicorn.Config(app, log_level="warning", lifespan="on"), app)
+        self.server = server_class(uvicorn)(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                           timeout_graceful_shutdown=graceful), app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -1159,6 +1161,76 @@ def test_a_server_told_to_exit_answers_its_waiting_call_503_before_it_closes_its
         gated.scheduler.submit(Job([pipe.understand_request([], "hi")], on_finish=lambda out: None))
     gated.engine.gate.set()
     threads[0].join(30)
+
+
+def test_a_static_batch_still_running_when_the_server_closes_its_connections_is_answered_503(pipe):
+    """`unitoken serve` gave a running static batch uvicorn's graceful timeout (5 s) to finish, and
+    then its calls got a plain-text 500 (a stream ended mid-way) and the log tracebacks: a picture
+    of the release takes longer. Now they are answered 503 `shutting_down`, as OpenAI's error JSON,
+    a second before the connections close."""
+    engine = GatedEngine()  # (its gate never opens: the batch runs past the timeout)
+    settings = ServeSettings(model_name=MODEL, max_batch=1, default_size=(64, 64), sizes=((64, 64),))
+    running = _Running(create_app(pipe, settings, engine=engine), graceful=2.0)
+    answers = {}
+
+    def call():
+        answers["running"] = requests_http.post(running.url + "/v1/chat/completions", json=CHAT, timeout=60)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    _until(lambda: running.scheduler.rows_in_use == 1)
+    started = time.monotonic()
+    running.server.should_exit = True
+    thread.join(30)
+    error = _error(answers["running"], 503, code="shutting_down")
+    assert "shutting down" in error["message"] and time.monotonic() - started < 10
+    engine.gate.set()
+    running.thread.join(30)
+
+
+def test_a_continuous_server_s_gauges_fall_to_zero_when_its_calls_end(pipe):
+    """`unitoken_rows_in_use` / `unitoken_batch_rows` were set when calls were admitted and never
+    after the chunk that ended them: an idle server read as full to a monitor or an autoscaler."""
+    settings = ServeSettings(model_name=MODEL, api_key=KEY, max_batch=4, batching="continuous",
+                             default_size=(64, 64), sizes=((64, 64),))
+    running = _Running(create_app(pipe, settings))
+    try:
+        client = running.client()
+        for _ in range(2):
+            client.chat.completions.create(model=MODEL, max_tokens=8,
+                                           messages=[{"role": "user", "content": "What shape is red?"}])
+        _until(lambda: _metric(running, "unitoken_queue_length") == 0, 10)
+        time.sleep(0.5)
+        assert _metric(running, "unitoken_rows_in_use") == 0 and _metric(running, "unitoken_batch_rows") == 0
+    finally:
+        running.stop()
+
+
+def test_a_stream_its_client_closes_leaves_no_pending_task_behind(pipe, caplog):
+    """Its progress task was cancelled only when the result came first: a stream closed by its
+    client left one pending, logged as "Task was destroyed but it is pending!"."""
+    import gc
+
+    settings = ServeSettings(model_name=MODEL, api_key=KEY, max_batch=4, batching="continuous",
+                             default_size=(64, 64), sizes=((64, 64),))
+    running = _Running(create_app(pipe, settings))
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for _ in range(6):
+                with requests_http.post(running.url + "/v1/chat/completions", stream=True, timeout=60,
+                                        headers={"Authorization": f"Bearer {KEY}"},
+                                        json={"model": MODEL, "stream": True, "max_tokens": 400,
+                                              "messages": [{"role": "user", "content": "Describe it."}]}) as r:
+                    next(r.iter_lines())  # the role chunk, then the client goes away
+            _until(lambda: _metric(running, "unitoken_queue_length") == 0, 30)
+            for _ in range(20):  # later calls: the loop runs on, and collects what was left
+                running.client().chat.completions.create(model=MODEL, max_tokens=2,
+                                                         messages=[{"role": "user", "content": "Hi"}])
+            gc.collect()
+            time.sleep(0.5)
+        assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+    finally:
+        running.stop()
 
 
 def test_a_stop_while_a_batch_gathers_starts_no_batch(pipe):

@@ -70,6 +70,10 @@ from unitoken_jax.tokenizer.conversation import (ConversationError, SequenceTooL
 
 log = logging.getLogger(__name__)
 KEEPALIVE_SECONDS = 5.0
+# on Ctrl-C / SIGTERM: how long a running static batch may go on to its end (a picture of the release
+# takes many seconds; uvicorn cuts what is left after it), and how long before that its calls are
+# answered 503 `shutting_down` instead (under the 30 s a Kubernetes pod is given by default)
+GRACEFUL_SHUTDOWN_SECONDS, TELL_BEFORE_SECONDS = 25.0, 1.0
 CLIENT_GONE = 499  # nginx's "client closed request": what the metrics count a dropped call as
 
 
@@ -348,18 +352,20 @@ class _Server:
                     yield _sse(self._timeout_error().body())
                     return
                 report = asyncio.ensure_future(ticket.progress.get())
-                done, _ = await asyncio.wait({ticket.result, report}, timeout=min(KEEPALIVE_SECONDS, left),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    done, _ = await asyncio.wait({ticket.result, report}, timeout=min(KEEPALIVE_SECONDS, left),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (its client gone, this generator is cancelled here: a pending task left behind
+                    if not report.done():  # was logged as "Task was destroyed but it is pending!")
+                        report.cancel()
                 if report in done:
                     ids = report.result()
                     yield f": generated {[len(x) for x in ids]}\n\n"
                     for i, (text, x) in enumerate(zip(texts, ids)):
                         if delta := await run_in_threadpool(text.update, x):
                             yield _sse(wire.chat_chunk(call_id, model, created, i, {"content": delta}))
-                else:
-                    report.cancel()
-                    if not done:
-                        yield ": waiting\n\n"  # keeps proxies from closing an idle stream
+                elif not done:
+                    yield ": waiting\n\n"  # keeps proxies from closing an idle stream
             try:
                 outputs = self._outcome(ticket.result.result())
             except APIError as e:
@@ -572,7 +578,8 @@ def run(pipe, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(--api-key or $UNITOKEN_API_KEY)", host)
     app = create_app(pipe, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     server_class(uvicorn)(config, app).run()
 
 
@@ -590,6 +597,16 @@ def server_class(uvicorn):
 
         async def shutdown(self, sockets=None):
             await run_in_threadpool(self.app_scheduler.stop, 0.0)
-            await super().shutdown(sockets)
+            graceful, told = self.config.timeout_graceful_shutdown, None
+            if graceful is not None and hasattr(self.app_scheduler, "tell_running"):
+                # a static batch still running then is answered 503 before uvicorn cuts its
+                # connections (a plain-text 500, a stream ended mid-way)
+                told = asyncio.get_running_loop().call_later(max(graceful - TELL_BEFORE_SECONDS, 0.0),
+                                                             self.app_scheduler.tell_running)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if told is not None:
+                    told.cancel()
 
     return Server

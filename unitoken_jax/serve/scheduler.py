@@ -95,6 +95,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         # read by /metrics
+        self._batch: list[Job] = []  # the static batch running now
         self.rows_in_use = 0  # the running batch's requests' rows (padding not counted)
         self.batch_rows = 0  # the running batch's rows, padding included
         self.batches = 0
@@ -220,7 +221,19 @@ class Scheduler:
             if batch:
                 self._run(batch)
 
+    def tell_running(self) -> None:
+        """Answers the calls of the batch still running `ShuttingDown` now (the server is about to
+        close their connections: a plain 500 or a stream cut mid-way otherwise); what the batch
+        gives them later goes nowhere."""
+        with self._cond:
+            for job in self._batch:
+                if not job.abandoned:
+                    job.abandoned = True
+                    job.on_finish(ShuttingDown("the server is shutting down"))
+
     def _run(self, batch: list[Job]) -> None:
+        with self._cond:
+            self._batch = batch
         requests = [r for j in batch for r in j.requests]
         bounds = np.cumsum([0] + [len(j.requests) for j in batch])
 
@@ -250,13 +263,15 @@ class Scheduler:
                 tokens = sum(len(o.ids) for o in outputs if not isinstance(o, Exception))
                 self.generated_tokens += tokens
                 self.tokens_per_second = tokens / seconds if seconds > 0 else 0.0
-        for job, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
-            job.state = "done"
-            if not job.abandoned:
-                # an answer that could not be read back (`PipelineEngine.run`) fails its own call only
-                own = outputs[lo:hi] if outputs is not None else None
-                error = failure if own is None else next((o for o in own if isinstance(o, Exception)), None)
-                job.on_finish(own if error is None else error)
+        with self._cond:  # (`tell_running` may answer them at the same time: each call is answered once)
+            self._batch = []
+            for job, lo, hi in zip(batch, bounds[:-1], bounds[1:]):
+                job.state = "done"
+                if not job.abandoned:
+                    # an answer that could not be read back (`PipelineEngine.run`) fails its own call only
+                    own = outputs[lo:hi] if outputs is not None else None
+                    error = failure if own is None else next((o for o in own if isinstance(o, Exception)), None)
+                    job.on_finish(own if error is None else error)
 
 
 class ContinuousScheduler(Scheduler):
@@ -291,7 +306,7 @@ class ContinuousScheduler(Scheduler):
         tells its running calls itself when it stops, so that a chunk still running after `timeout`
         (a long compile) cannot answer a call that has been told already."""
         super().stop(timeout)
-        if self._thread is not None and self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive() and self._running:
             log.warning("the decoding worker is still running after %g s; its %d call(s) are told when its chunk "
                         "ends", timeout, len(self._running))
 
@@ -354,6 +369,8 @@ class ContinuousScheduler(Scheduler):
                     del self._running[key]
                     job.state = "done"
             if not self.decoder.busy:
+                with self._cond:  # (the rows the cancels freed)
+                    self.rows_in_use = self.batch_rows = self.decoder.rows_in_use()
                 continue
             start = time.monotonic()
             # tokens are counted on each request's own row, not on a guided picture's partner
@@ -367,6 +384,8 @@ class ContinuousScheduler(Scheduler):
                 continue
             seconds = time.monotonic() - start
             self._account(finished, int(np.asarray(self.decoder.state.n_out)[rows].sum()) - before, seconds)
+            with self._cond:  # the rows the chunk's finished calls left (0 once idle: the worker then waits)
+                self.rows_in_use = self.batch_rows = self.decoder.rows_in_use()
 
     def _fail(self, error: Exception) -> None:
         """After a failed admission or chunk: every running call of which the decoder lost a
