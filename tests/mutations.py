@@ -496,6 +496,17 @@ MUTATIONS = (
              "(x.astype(work) for x in (q_BTNH, k_BTKH, v_BTKH)), segment_ids_BT, block)",
              "(x.astype(work) for x in (q_BTNH, k_BTKH, v_BTKH)), jnp.minimum(segment_ids_BT, 1), block)",
              ("tests/test_pipeline.py", "-k", "trains_each_sample")),
+    Mutation("static_batch_cut_at_shutdown", "a static batch still running at shutdown cut with a plain 500",
+             "unitoken_jax/serve/app.py", "                                                             "
+             "self.app_scheduler.tell_running)", "                                                             "
+             "lambda: None)", ("tests/test_serve.py", "-k", "still_running_when_the_server")),
+    Mutation("continuous_gauges_stale", "a continuous server's row gauges left at their last admission",
+             "unitoken_jax/serve/scheduler.py",
+             "            with self._cond:  # the rows the chunk's finished calls left", "            if False:  # x",
+             ("tests/test_serve.py", "-k", "gauges_fall")),
+    Mutation("stream_progress_task_left", "a stream closed by its client leaving its progress task pending",
+             "unitoken_jax/serve/app.py", "                    if not report.done():", "                    if False:",
+             ("tests/test_serve.py", "-k", "no_pending_task")),
 )
 
 
