@@ -400,7 +400,8 @@ def test_on_a_pod_only_the_first_process_writes_what_is_not_sharded(release_dir,
     sidecar.write_text(sidecar.read_text().replace('"config"', '"first": "process 0 wrote this", "config"', 1))
     was = sidecar.read_text()
     (tmp_path / "ours" / "passthrough" / "kept").write_text("process 0 removes an earlier save's passthrough")
-    monkeypatch.setattr(orbax_io, "jax", types.SimpleNamespace(process_index=lambda: 1, tree=jax.tree))
+    monkeypatch.setattr(orbax_io, "jax", types.SimpleNamespace(process_index=lambda: 1, process_count=lambda: 1,
+                                                               tree=jax.tree))
     unitoken_jax.UniTokenModel(model.config, model.params).save(str(tmp_path / "ours"))  # (without passthrough)
     assert sidecar.read_text() == was
     assert not os.path.exists(str(sidecar) + ".partial")

@@ -94,6 +94,10 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
         with open(os.path.join(path, SIDECAR + ".partial"), "w") as f:
             f.write(sidecar)
         os.replace(os.path.join(path, SIDECAR + ".partial"), os.path.join(path, SIDECAR))
+    if jax.process_count() > 1:  # every process returns with the checkpoint whole (a read after it found no sidecar)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("unitoken_jax orbax_io.save: sidecar written")
 
 
 def read_sidecar(path: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def main(argv):
     except (ValueError, OSError) as e:  # e.g. a dataset that is not there, rows that do not split over the mesh
         if not _raised_by_this_package(e):  # (JAX's, a library's: a fault to read with its traceback)
             raise
-        if jax.process_count() > 1:
+        if _pod_client() is not None:
             _stop_the_pod(f"unitoken_jax.train: {e}")
         sys.exit(f"unitoken_jax.train: {e}")
 
@@ -85,6 +85,7 @@ _FAILED_KEY = "unitoken_jax.train/failed"
 _POLL_S = 1.0  # (a key-value read a second a process: light for the coordinator of a 256-host pod)
 _ACK_TIMEOUT_S = 15.0  # (how long the failed process waits for the others to have read it)
 _HOST_LINGER_S = 2.0  # (process 0 holds the store: the others end first, or JAX aborts them)
+_TOLD = threading.Event()  # another process's failure was read: the watcher ends this one
 
 
 def _pod_client():
@@ -114,6 +115,7 @@ def _watch_the_pod() -> None:
                 continue
             if not said or said.startswith(f"process {me}:"):
                 continue
+            _TOLD.set()  # (this process's own collective fails next, its peer gone: that is not news)
             print(f"unitoken_jax.train: stopping, as another process of the pod failed: {said}", file=sys.stderr)
             with contextlib.suppress(Exception):
                 client.key_value_set(f"{_FAILED_KEY}/read/{me}", "1")
@@ -127,7 +129,10 @@ def _watch_the_pod() -> None:
 def _stop_the_pod(message: str, code: int = 1) -> None:
     """Says `message`, tells the pod's other processes (`_watch_the_pod`), waits until they have
     read it and ends this process without JAX's shutdown barrier, which the others, waiting in a
-    collective, would never reach."""
+    collective, would never reach. A process the watcher is ending already only waits for that."""
+    if _TOLD.is_set():
+        time.sleep(_HOST_LINGER_S + 10)
+        exit_now(code)
     print(message, file=sys.stderr)
     client = _pod_client()
     if client is not None:
@@ -187,11 +192,12 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
     try:
         app.run(main, argv=argv, flags_parser=_parse_flags)
     except Exception as e:  # noqa: BLE001 - JAX's, a library's: its traceback, and on a pod the others told
-        if jax.process_count() <= 1 or _pod_client() is None:
+        if _pod_client() is None:  # (first: a process count would start a backend that may be what failed)
             raise
-        import traceback
+        if not _TOLD.is_set():
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0]
         _stop_the_pod(f"unitoken_jax.train: {type(e).__name__}: {first}")
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the checkpoints written stay
