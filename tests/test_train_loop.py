@@ -31,6 +31,7 @@ from unitoken_jax.configs import stages
 from unitoken_jax.model import UniTokenModel, load
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.train.config import TrainConfig
+from unitoken_jax.train import loop
 from unitoken_jax.train.loop import TrainingDiverged, initial_params, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -583,6 +584,25 @@ def test_what_the_init_model_brought_besides_its_weights_is_read_at_the_start_an
     np.testing.assert_array_equal(final.passthrough["model.vqmodel.quantize.embedding.weight"],
                                   np.arange(12, dtype=np.float32).reshape(3, 4))
     assert final.hf_config["vq_config"] == {"embed_dim": 4} and final.hf_dtype == "bfloat16"
+
+
+def test_an_init_model_only_some_processes_of_a_pod_see_is_read_by_none(tmp_path, monkeypatch, caplog):
+    """A path on one host's own disk: the other processes' reads of what it holds besides its
+    weights failed while that host's read waited for them in Orbax's collective (the pod crashed
+    at its start). The processes now count who sees it first; unless all do, none reads it."""
+    from unitoken_jax.train.config import InitConfig
+
+    (tmp_path / "start").mkdir()
+    monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(loop.metrics_lib, "sum_over_processes", lambda *v: (1.0,))  # this process sees it, one of 2
+
+    def read(path):
+        raise AssertionError("read where not every process sees it")
+    monkeypatch.setattr(loop, "read_extras", read)
+    with caplog.at_level(logging.WARNING):
+        assert loop.init_extras(InitConfig(kind="checkpoint", paths=(str(tmp_path / "start"),))) == \
+            ({}, None, "float32")
+    assert "is there for 1 of the pod's 2 processes" in caplog.text
 
 
 def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data):

@@ -82,6 +82,13 @@ def init_extras(init) -> tuple[dict, dict | None, str | dict]:
     others entered Orbax's collective read, and the run died there without final/."""
     if init.kind != "random":
         for path in init_model_paths(init):
+            # on a pod, read only where every process sees the model (a path on one host's own disk:
+            # the others' reads failed while its read waited for them in Orbax's collective)
+            there = sum(metrics_lib.sum_over_processes(float(os.path.isdir(path))))
+            if 0 < there < jax.process_count():
+                log.warning("%s is there for %d of the pod's %d processes; final/ goes without what it holds besides "
+                            "its weights", path, there, jax.process_count())
+                continue
             try:
                 passthrough, hf_config, dtype = read_extras(path)
             except (OSError, ValueError) as e:  # (moved since: the trained model still gets out)
