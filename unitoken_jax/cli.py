@@ -15,7 +15,7 @@ import warnings
 from unitoken_jax import configs
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
-from unitoken_jax.models.config import QUANTIZE_MODES, UniTokenConfig
+from unitoken_jax.models.config import QUANTIZE_MODES
 from unitoken_jax.shutdown import exit_now
 
 _LOG = logging.getLogger("unitoken_jax.cli")  # by name: run as `python -m unitoken_jax.cli` it is __main__
@@ -41,7 +41,9 @@ def _convert(args) -> int:
     if orbax_io.is_orbax_checkpoint(args.src):
         from unitoken_jax.models import lora as lora_lib
 
-        stored = UniTokenConfig.from_dict(orbax_io.read_sidecar(args.src)["config"]).quantize
+        from unitoken_jax.model import read_config
+
+        stored = read_config(args.src).quantize
         if stored != "none":  # (its int8 codes would be written as weights, its scales dropped; said before reading)
             raise ValueError(f"--from {args.src} holds {stored} weights, which the HF layout cannot carry; "
                              "convert the float checkpoint it was made from")
@@ -68,6 +70,7 @@ def _convert(args) -> int:
 
 def _init(args) -> int:
     from unitoken_jax.model import UniTokenModel
+    from unitoken_jax.models.config import UniTokenConfig
 
     _directory_option("--to", args.dst)
     held = sorted(f for f in os.listdir(args.dst) if f == "config.json" or f.endswith(".safetensors")) \

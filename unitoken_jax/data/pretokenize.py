@@ -313,9 +313,13 @@ def _shard_path(directory: str, settings: PretokenizeSettings, c: int, n: int) -
     return os.path.join(directory, f"{settings.name}-{settings.split}.array_record-{c:05d}-of-{n:05d}")
 
 
+def _own_name(path: str) -> str:
+    """A temporary name for `path` of this process's own: the hosts of a pod write one file at once."""
+    return f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
 def _write_json(path: str, obj) -> None:
-    # a temporary name of this process's own: the hosts of a pod write job.json at once
-    partial = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    partial = _own_name(path)
     with open(partial, "w") as f:
         json.dump(obj, f)
     os.replace(partial, path)
@@ -328,7 +332,7 @@ def _create_once(path: str, obj) -> bool:
     another's exclusive create and its write (and took an empty lock for a dead one's). Where the
     file system has no hard links (a bucket mounted with Cloud Storage FUSE), an exclusive create
     and then the write; `_read_settled` waits out that window."""
-    partial = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    partial = _own_name(path)
     with open(partial, "w") as f:
         json.dump(obj, f)
     try:

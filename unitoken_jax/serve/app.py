@@ -598,7 +598,7 @@ def server_class(uvicorn):
         async def shutdown(self, sockets=None):
             await run_in_threadpool(self.app_scheduler.stop, 0.0)
             graceful, told = self.config.timeout_graceful_shutdown, None
-            if graceful is not None and hasattr(self.app_scheduler, "tell_running"):
+            if graceful is not None:
                 # a static batch still running then is answered 503 before uvicorn cuts its
                 # connections (a plain-text 500, a stream ended mid-way)
                 told = asyncio.get_running_loop().call_later(max(graceful - TELL_BEFORE_SECONDS, 0.0),

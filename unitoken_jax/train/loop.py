@@ -551,8 +551,7 @@ def export_final(model: UniTokenModel, final: str) -> None:
     if primary and os.path.exists(partial):
         shutil.rmtree(partial)
     _sync("final export starts")
-    model.save(partial)
-    _sync("final export written")
+    model.save(partial)  # (it returns on every process once the save is whole)
     if primary:
         if os.path.exists(final):  # a rerun of a finished run exports again
             shutil.rmtree(final)
