@@ -1188,6 +1188,42 @@ def test_a_static_batch_still_running_when_the_server_closes_its_connections_is_
     running.thread.join(30)
 
 
+def test_a_continuous_chunk_still_running_when_the_server_closes_its_connections_is_answered_503(pipe):
+    """The continuous worker told its running calls only when its chunk ended: a chunk that ran
+    past uvicorn's graceful timeout (a first compile of a new shape, a long prefill) had them cut
+    (a plain-text 500, a stream ended mid-way), as a static batch's were. They are answered 503
+    `shutting_down` a second before the connections close."""
+    settings = ServeSettings(model_name=MODEL, max_batch=2, batching="continuous", default_size=(64, 64),
+                             sizes=((64, 64),))
+    running = _Running(create_app(pipe, settings), graceful=2.0)
+    decoder, gate = running.scheduler.decoder, threading.Event()
+    real_step = decoder.step
+
+    def held_step():  # a chunk that runs past the graceful timeout
+        assert gate.wait(60)
+        return real_step()
+
+    decoder.step = held_step
+    answers = {}
+
+    def call():
+        answers["running"] = requests_http.post(running.url + "/v1/chat/completions", json=CHAT, timeout=60)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    try:
+        _until(lambda: running.scheduler.rows_in_use >= 1, 60)
+        started = time.monotonic()
+        running.server.should_exit = True
+        thread.join(30)
+        error = _error(answers["running"], 503, code="shutting_down")
+        assert "shutting down" in error["message"] and time.monotonic() - started < 10
+    finally:
+        gate.set()
+        thread.join(30)
+        running.thread.join(30)
+
+
 def test_a_continuous_server_s_gauges_fall_to_zero_when_its_calls_end(pipe):
     """`unitoken_rows_in_use` / `unitoken_batch_rows` were set when calls were admitted and never
     after the chunk that ended them: an idle server read as full to a monitor or an autoscaler."""

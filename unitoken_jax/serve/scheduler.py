@@ -310,6 +310,16 @@ class ContinuousScheduler(Scheduler):
             log.warning("the decoding worker is still running after %g s; its %d call(s) are told when its chunk "
                         "ends", timeout, len(self._running))
 
+    def tell_running(self) -> None:
+        """Answers the running calls `ShuttingDown` now, the chunk still running (a first compile, a
+        long prefill): the server is about to close their connections. Their rows are freed at
+        the next chunk, if there is one."""
+        with self._cond:
+            for job, _ in list(self._running.values()):  # (the worker's deletions: the copy is one C call)
+                if not job.abandoned:
+                    job.abandoned = True
+                    job.on_finish(ShuttingDown("the server is shutting down"))
+
     def _shut(self) -> None:
         """The worker's last act: its running calls are told the server is shutting down."""
         for key, (job, _) in list(self._running.items()):
