@@ -221,6 +221,62 @@ def test_peft_adapters_of_every_plain_lora_shape_load_with_peft_s_numbers(tmp_pa
     np.testing.assert_allclose(np.asarray(ours.text_logits(ids.numpy())), theirs, atol=2e-4, rtol=0)
 
 
+def test_peft_adapters_that_rewrite_their_base_are_refused_and_their_converted_save_loads(tmp_path):
+    """PiSSA / OLoRA adapters as PEFT saves them by default: PEFT subtracts the initial factors from
+    the base weights at every load, which plain factors on the original weights leave out (logits 1.4-2.1
+    off, unsaid). Refused by name now; PEFT's converted save (plain factors of the original weights)
+    loads with PEFT's numbers."""
+    import copy
+
+    import peft
+
+    hf = oracles.make_chameleon(seed=8)
+    oracles.write_chameleon(tmp_path / "base", hf)
+    ids = torch.randint(0, oracles.VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    for init in ("pissa", "olora"):
+        model = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=init,
+                                                                       target_modules=["q_proj", "v_proj"])).eval()
+        model.save_pretrained(str(tmp_path / init / "initial"))
+        with torch.no_grad():  # trained: the factors moved from their start
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        model.save_pretrained(str(tmp_path / init / "plain"))
+        model.save_pretrained(str(tmp_path / init / "converted"),
+                              path_initial_model_for_weight_conversion=str(tmp_path / init / "initial"))
+        theirs = oracles.hf_logits(model.base_model.model, input_ids=ids)
+        with pytest.raises(CheckpointError, match=f"init_lora_weights='{init}': PEFT rewrites the base"):
+            unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / init / "plain"), progress=False)
+        ours = unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / init / "converted"),
+                                 progress=False)
+        np.testing.assert_allclose(np.asarray(ours.text_logits(ids.numpy())), theirs, atol=2e-4, rtol=0)
+
+
+def test_bad_peft_adapter_files_are_said_for_what_they_are(tmp_path):
+    """An embedding's LoRA was said to be "not a LoRA factor" (naming the base copy PEFT saves
+    beside it), factors of another rank than `r` blamed the model's sizes, and a null lora_alpha
+    or lora_dropout raised float()'s TypeError."""
+    import peft
+
+    hf = oracles.make_chameleon(seed=9)
+    oracles.write_chameleon(tmp_path / "base", hf)
+    base = str(tmp_path / "base")
+    embed = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    embed.save_pretrained(str(tmp_path / "embed"))
+    with pytest.raises(CheckpointError, match="adapts the embedding model.embed_tokens: LoRA on embeddings is not"):
+        unitoken_jax.load(base, adapters=str(tmp_path / "embed"), progress=False)
+    plain = peft.get_peft_model(oracles.make_chameleon(seed=9), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    plain.save_pretrained(str(tmp_path / "plain"))
+    config_path = tmp_path / "plain" / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    for change, said in (({"r": 4}, r"is \[2, 64\], of rank 2, but adapter_config.json says r=4"),
+                         ({"lora_alpha": None}, "lora_alpha=None; it must be a number"),
+                         ({"lora_dropout": None}, "lora_dropout=None; it must be a number")):
+        config_path.write_text(json.dumps({**saved, **change}))
+        with pytest.raises(CheckpointError, match=said):
+            unitoken_jax.load(base, adapters=str(tmp_path / "plain"), progress=False)
+
+
 def test_lora_dropout_reaches_a_head_adapter_in_training():
     """The head's adapter is fed dropped-out hidden states in training, as every other adapter is
     (it had been folded into the head's kernel, where no dropout can act): each draw differs, their

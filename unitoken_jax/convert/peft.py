@@ -41,6 +41,16 @@ _FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>
 # (`save_embedding_layers="auto"`): a copy of what the base model has, not part of the adapter
 _BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 PEFT_DEFAULT_ALPHA = 8  # `peft.LoraConfig.lora_alpha`'s default, for a config that leaves it out
+_EMBEDDING_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
+# initialisations after which PEFT subtracts the initial factors from the base weights at every load
+_REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _number(pc: dict, cfg_path: str, key: str, default: float) -> float:
+    value = pc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{cfg_path}: {key}={value!r}; it must be a number")
+    return float(value)
 
 
 def _modules(config: UniTokenConfig) -> dict[tuple[tuple[str, ...], int | None], str]:
@@ -109,7 +119,8 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
     """(the adapters' LoraConfig, their parameters in our tree) for a model of `config` (without
     adapters), from a PEFT directory — ours or one PEFT wrote. Every factor must belong to a kernel
     of the model and have its shape; a PEFT option we do not model (DoRA, rsLoRA, aLoRA, per-module
-    ranks, biases) is refused by name. Modules that `layers_to_transform` or `exclude_modules` leave
+    ranks, biases, LoRA on embeddings, an initialisation that PEFT subtracts from the base weights at
+    each load) is refused by name. Modules that `layers_to_transform` or `exclude_modules` leave
     out keep zero factors (their base kernels)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapters: {path} is not a directory")
@@ -125,16 +136,30 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
         if pc.get(key, off) not in (off, None, [], {}, "none", False):
             raise CheckpointError(f"{cfg_path}: {key}={pc[key]!r} is not supported (only plain LoRA: "
                                   f"{key}={off!r})")
+    init = pc.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
+        raise CheckpointError(
+            f"{cfg_path}: init_lora_weights={init!r}: PEFT rewrites the base model's weights when it loads these "
+            "adapters (base minus the initial factors), which plain LoRA factors on the original weights do not "
+            "do; save them again with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=DIR) "
+            "(PiSSA, OLoRA, CorDA: plain LoRA factors of the original weights), or merge them in PEFT "
+            "(merge_and_unload) and convert the merged model")
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.exists(weights):
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
     rank = pc.get("r")
     if not isinstance(rank, int) or rank < 1:
         raise CheckpointError(f"{cfg_path}: r={rank!r}; the rank must be a positive integer")
+    alpha, dropout = (_number(pc, cfg_path, key, default)
+                      for key, default in (("lora_alpha", PEFT_DEFAULT_ALPHA), ("lora_dropout", 0.0)))
 
     by_name = {name: key for key, name in _modules(config).items()}
     found: dict[str, dict[str, np.ndarray]] = {}
     with open_safetensors(weights) as f:
+        for key in f.keys():
+            if (embedding := _EMBEDDING_FACTOR.match(key)) is not None:
+                raise CheckpointError(f"{weights}: {key!r} adapts the embedding {embedding['module']}: LoRA on "
+                                      "embeddings is not supported (only on linear layers)")
         for key in f.keys():
             if (copy := _BASE_COPY.match(key)) is not None and copy["module"] in by_name:
                 continue
@@ -147,8 +172,7 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
         raise CheckpointError(f"{weights}: adapters for {', '.join(unknown[:4])}, which the model does not have "
                               f"(its kernels are e.g. {', '.join(sorted(by_name)[:3])})")
     targets = _targets_of(found, by_name)
-    lora = LoraConfig(rank=rank, alpha=float(pc.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
-                      dropout=float(pc.get("lora_dropout", 0.0)), targets=targets)
+    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     lora_config = config.replace(lora=lora.validate())
     want = traverse_util.flatten_dict(_abstract_adapters(lora_config))
     out = {p: np.zeros(s.shape, np.float32) for p, s in want.items()}
@@ -163,6 +187,9 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
             target = out[owner + (ours,)]
             one = target[layer] if layer is not None else target
             t = factors[factor].astype(np.float32)
+            if t.ndim == 2 and t.shape[0 if factor == "A" else 1] != rank:
+                raise CheckpointError(f"{weights}: {PREFIX}{name}.lora_{factor}.weight is {list(t.shape)}, of rank "
+                                      f"{t.shape[0 if factor == 'A' else 1]}, but {CONFIG_FILE} says r={rank}")
             shape = (rank, int(np.prod(one.shape[:-1]))) if factor == "A" else (int(np.prod(one.shape[1:])), rank)
             if t.shape != shape:
                 raise CheckpointError(f"{weights}: {PREFIX}{name}.lora_{factor}.weight is {list(t.shape)}, the model "
