@@ -60,7 +60,12 @@ def topology_devices(topology: str) -> np.ndarray:
     check_topology(topology)
     one_chip = all(int(n) == 1 for n in topology.split(":")[1].split("x"))
     kwargs = {"chips_per_host_bounds": (1, 1, 1)} if one_chip else {}
-    return np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
+    try:
+        return np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices)
+    except jax.errors.JaxRuntimeError as e:  # a generation or grid libtpu does not know ('v9:2x2', 'v5e:3x3')
+        said = (str(e).strip().splitlines() or [""])[0].removeprefix("INVALID_ARGUMENT: ")
+        raise ValueError(f"--topology {topology!r}: libtpu has no such slice ({said}); e.g. v5e:1x1, v5e:2x2, "
+                         "v6e:2x2, v5p:4x4x4, v4:2x2x1, v2:2x2") from None
 
 
 # HBM a program may use on one device (a chip; a TensorCore on v2, v3 and v4, whose topologies
@@ -234,13 +239,13 @@ def main(argv=None):
         if not eq:
             parser.error(f"--set {item!r}: use KEY=VALUE")
         overrides[key] = _value(text)
-    config = stage_config(args.config, batch=args.batch, seq=args.seq, images=args.images, remat=args.remat,
-                          overrides=overrides)
     try:
+        config = stage_config(args.config, batch=args.batch, seq=args.seq, images=args.images, remat=args.remat,
+                              overrides=overrides)
         devices = topology_devices(args.topology)
         shape = sharding.parse_mesh_shape(args.mesh, devices.size)
         mesh = topology_mesh(args.topology, shape)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # (a config key, value or file; the slice)
         parser.error(str(e))
     program, compiled, seconds = compile_program(config, mesh)
     mem = compiled.memory_analysis()

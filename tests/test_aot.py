@@ -104,7 +104,13 @@ def test_the_check_refuses_malformed_flags_by_name_and_counts_a_v4_chips_cores(c
                        (["decode", "--size", "100"], "--size 100: pictures are drawn in whole grid units of 32"),
                        (["decode", "--model", "tiny"], "tiny, 1 x 512px: the 448 positions"),
                        (["--topology", "v4:2x2x1", "--mesh", "1,4,1"],
-                        "needs 4 devices, v4:2x2x1 has 8 devices .4 chips x 2 TensorCores.")):
+                        "needs 4 devices, v4:2x2x1 has 8 devices .4 chips x 2 TensorCores."),
+                       # (these were tracebacks: a config's key, file or value, and a slice libtpu lacks)
+                       (["--set", "optimizer.learnin_rate=1e-3"], "unknown config key 'optimizer.learnin_rate'"),
+                       (["--config", "nofile.py"], "no config file 'nofile.py'"),
+                       (["--batch", "0"], "data.rows must be at least 1"),
+                       (["--topology", "v9:2x2"], "--topology 'v9:2x2': libtpu has no such slice"),
+                       (["decode", "--topology", "v5e:3x3"], "--topology 'v5e:3x3': libtpu has no such slice")):
         with pytest.raises(SystemExit) as stopped:
             aot.main(argv)
         assert stopped.value.code == 2 and re.search(says, capsys.readouterr().err), argv

@@ -726,6 +726,19 @@ def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data, mon
     assert not os.path.exists(tmp_path / "gs:")  # no local stand-in directory either
 
 
+def test_a_workdir_that_is_a_file_and_pod_flags_without_a_coordinator_are_refused_in_one_line(tmp_path, data):
+    """A file as --workdir ended in os.makedirs' FileExistsError traceback; --num_processes and
+    --process_id without --coordinator were ignored, unsaid: each "process" of a would-be pod
+    trained alone, into the same workdir."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="workdir .*afile' is a file: give a directory"):
+        train_and_evaluate(_config(2, data, total_steps=1), str(tmp_path / "afile"))
+    r = _run_cli(str(tmp_path / "run"), data, "--num_processes=2", "--process_id=1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "--num_processes and --process_id act only with --coordinator (or --distributed)" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_torn_samples_log_line_does_not_block_the_resume(tmp_path, caplog):
     """A kill mid-write leaves a torn last line in samples.jsonl; resuming raised JSONDecodeError
     (issue 15). The damaged line is dropped with a warning; the complete ones the checkpoint covers stay."""

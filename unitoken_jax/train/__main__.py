@@ -54,6 +54,11 @@ def main(argv):
         config = TrainConfig.from_config_dict(_CONFIG.value)
     except ValueError as e:
         sys.exit(f"unitoken_jax.train: {e}")
+    if not (_DISTRIBUTED.value or _COORDINATOR.value):
+        given = [f"--{f.name}" for f in (_NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
+        if given:  # (without them, every "process" of a would-be pod trained alone into one workdir)
+            sys.exit(f"unitoken_jax.train: {' and '.join(given)} act only with --coordinator (or --distributed); "
+                     "give it, or leave them out to train in one process")
     if _DISTRIBUTED.value or _COORDINATOR.value:
         # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

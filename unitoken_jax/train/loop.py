@@ -65,6 +65,8 @@ def _check_workdir(workdir: str) -> None:
             f"workdir {workdir!r} is a URL; the loop writes through the file system. Mount the bucket on every "
             "host with Cloud Storage FUSE (launch/tpu_install.sh --bucket BUCKET mounts it at /mnt/BUCKET) and "
             "give the mounted path, e.g. --workdir /mnt/BUCKET/unitoken/stage2")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir!r} is a file: give a directory (a new one, or a run's to resume it)")
 
 
 # --- parameters at the start of a stage --------------------------------------------------------
