@@ -100,7 +100,8 @@ def test_the_python_api_takes_what_users_pass_it():
 
 def test_cli_slips_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """Each of these did its work (or loaded the model) first, or did something else than asked:
-    an --out format PIL reads but cannot write crashed after the drawing; a caption rerun with
+    an --out format PIL reads but cannot write (or writes only in 1 bit: .xbm) crashed after the
+    drawing; a caption rerun with
     another question appended its answers to the other question's; --process-index without
     --prompts-file (even -3) was ignored; --prompts-file with --out pics.png made a folder of that
     name; a bad --size or --image-prefix with --model was found after the model loaded; --vq-size -5
@@ -119,7 +120,9 @@ def test_cli_slips_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
         assert cli.main(argv) == 2, argv
         assert says in capsys.readouterr().err, argv
 
-    refused(["reconstruct", str(picture), "--out", str(tmp_path / "out.psd")], "not a picture format PIL writes")
+    refused(["reconstruct", str(picture), "--out", str(tmp_path / "out.psd")], "not a format PIL writes colour")
+    for extension in (".xbm", ".msp", ".h5"):  # writers that take no colour picture, or need a plugin
+        refused(["generate", "a red circle", "--out", str(tmp_path / f"g{extension}")], "not a format PIL writes")
     refused(["generate", "a red circle", "--out", str(tmp_path / "g.png"), "--process-index", "1",
              "--process-count", "2"], "split a --prompts-file")
     with pytest.raises(SystemExit):
@@ -430,6 +433,11 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     fresh.mkdir()
     assert main(["generate", "--prompts-file", str(long), "--out", str(fresh)]) == 2
     assert "cannot take the prompt(s) on line(s) 2 (" in capsys.readouterr().err and not list(fresh.iterdir())
+    # options the model cannot take are said as they are, not blamed on every line
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(fresh), "--negative-prompt", "blue",
+                 "--cfg", "1"]) == 2
+    said = capsys.readouterr().err
+    assert "negative prompt" in said and "cannot take the prompt(s)" not in said and not list(fresh.iterdir())
     long.write_text("\ufeff" + f"{things[0].text}\n", encoding="utf-8")
     assert main(["generate", "--prompts-file", str(long), "--out", str(fresh)]) == 0
     capsys.readouterr()

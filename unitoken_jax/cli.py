@@ -589,13 +589,21 @@ def _check_out(path: str) -> None:
         raise ValueError(f"--out {path}: the directory {directory} does not exist (create it first)")
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a directory; give a file name such as {os.path.join(path, 'picture.png')}")
+    import io
+
     from PIL import Image
 
     extension = os.path.splitext(path)[1].lower()
-    # found after drawing, the picture would be lost (PIL reads some formats it cannot write: .psd, .pcd)
-    if Image.registered_extensions().get(extension) not in Image.SAVE:
-        raise ValueError(f"--out {path}: {extension or 'no extension'} is not a picture format PIL writes; "
-                         f"use .png (or .jpg, .webp, ...)")
+    # found after drawing, the picture would be lost: PIL reads some formats it cannot write (.psd,
+    # .pcd), and has writers that take no colour picture (.xbm, .msp: 1-bit) or need a plugin (.h5)
+    kind = Image.registered_extensions().get(extension)
+    try:
+        if kind not in Image.SAVE:
+            raise OSError("no writer")
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=kind)
+    except Exception:  # noqa: BLE001 - whatever the writer raises, the picture could not be written
+        raise ValueError(f"--out {path}: {extension or 'no extension'} is not a format PIL writes colour pictures "
+                         "in; use .png (or .jpg, .webp, ...)") from None
 
 
 def _generate(args) -> int:
@@ -677,6 +685,8 @@ def _generate_many(args) -> int:
     # every prompt the model cannot take, said before the first picture (it had stopped the job at its
     # batch, and a rerun at the same line, so the prompts after it were never drawn)
     refused = []
+    if todo:  # the options first, with an empty prompt: an error then is theirs, not every line's
+        pipe.generate_request("", size=options["size"], cfg=args.cfg, negative_prompt=args.negative_prompt)
     for k in todo:
         try:
             pipe.generate_request(prompts[k], size=options["size"], cfg=args.cfg, negative_prompt=args.negative_prompt)
