@@ -281,6 +281,9 @@ def test_an_unrolled_loops_cache_grows_as_its_rows_do(pipe):
     for bad in (0, -96, 1.5, "96", True):
         with pytest.raises(ValueError, match="cache_growth"):
             DecodeLoop(pipe.model.config, pipe.model.params, layers="unrolled", cache_growth=bad)
+    # scanned layers keep one full-length cache: a growth there was taken and did nothing
+    with pytest.raises(ValueError, match="cache_growth=96 acts on unrolled layers only"):
+        DecodeLoop(pipe.model.config, pipe.model.params, layers="scan", cache_growth=96)
 
 
 def test_prompts_a_few_tokens_apart_share_one_compiled_prefill_and_loop(pipe, fresh_programs):

@@ -1089,7 +1089,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="on a CPU: grow the KV cache this many slots at a time (e.g. 128; default: as many "
                             "sizes as doubling from 256 would take, evenly spaced): fewer unfilled slots read a "
                             "step (-2 to +4 %% at 16 rows, measured), more compiles the first time a batch "
-                            "shape comes (benchmarks/results/decode.md)")
+                            "shape comes (benchmarks/results/decode.md); unrolled layers only")
         p.add_argument("--layers", choices=("auto", "scan", "unrolled"), default="auto",
                        help="how the decode loop runs the layer stack: unrolled keeps its own copy of the layer "
                             "weights and compiles once per cache size; on an H200 a 7B step took a third of the "

@@ -568,6 +568,10 @@ class DecodeLoop:
         on_cpu = all(d.platform == "cpu" for d in devices)
         if layers == "auto":
             layers = auto_layers(config, params, devices)
+        if cache_growth is not None and layers != "unrolled":  # (it was taken and did nothing)
+            raise ValueError(f"cache_growth={cache_growth} acts on unrolled layers only; these run scanned (a TPU's, a "
+                             "mesh's or layers='scan'), whose loop keeps one full-length cache: leave it out, or "
+                             "unroll the layers (layers='unrolled', --layers unrolled)")
         self.layers = layers
         if cache_block is None:  # benchmarks/results/decode_blocks.md (CPU), decode_accel.md (H200)
             cache_block = CPU_CACHE_BLOCK if on_cpu else 0
