@@ -945,6 +945,19 @@ def test_unitoken_serve_serves_the_bundled_model_with_the_key_from_the_environme
     assert stop.value.code == 2
     with pytest.raises(ValueError, match=re.escape("port must be a whole number in [1, 65535], got 99999")):
         app_module.run(None, ServeSettings(), port=99999)
+    # a port in use or a host that is not there is said before the model loads (it loaded, said it
+    # served there, and then uvicorn's own error ended it with exit status 3)
+    with socket.socket() as taken, pytest.MonkeyPatch.context() as m:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        m.setattr(default, "pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert cli.main(["serve", "--port", str(port)]) == 2
+        said = capsys.readouterr()
+        assert f"cannot listen on 127.0.0.1:{port}" in said.err and "give another --port" in said.err
+        assert "serving" not in said.out
+        assert cli.main(["serve", "--host", "no.such.host.invalid"]) == 2
+        assert "--host no.such.host.invalid: no address of that name" in capsys.readouterr().err
     # settings that would turn every call away (a body limit of 0) or make no sense are refused too
     # (before the model loads: the one named does not exist)
     for option, value, said in (("--max-batch", "0", "max_batch=0 must be at least 1"),

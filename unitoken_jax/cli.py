@@ -908,7 +908,7 @@ def _chat(args) -> int:
 
 
 def _serve(args) -> int:
-    from unitoken_jax.serve import ServeSettings, run
+    from unitoken_jax.serve import ServeSettings, bind, run
 
     bundled = not (args.model or os.environ.get("UNITOKEN_MODEL"))
     # an option of the other batching was read by nothing (said, not ignored)
@@ -925,16 +925,22 @@ def _serve(args) -> int:
                              batch_wait=args.batch_wait, max_body_bytes=int(body) if math.isfinite(body) else body,
                              batching=args.batching, slot_length=args.slot_length, chunk=args.chunk,
                              slot_chunk=args.slot_chunk, cors_origins=tuple(args.cors_origin))
-    # (checked as it is made: before the model loads)
-    pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
-    size = _size(args.size)
-    name = args.model_name or ("unitoken-shapes" if bundled else
-                               os.path.basename(os.path.normpath(args.model or os.environ["UNITOKEN_MODEL"])))
-    settings = dataclasses.replace(settings, model_name=name, default_size=size, sizes=(size,) if bundled else None)
-    settings.validate(pipe.model.config.decoder.max_position_embeddings)  # (before it says it serves)
+    # (checked as it is made: before the model loads; and so is the address, bound here)
+    sock = bind(args.host, args.port)
+    try:
+        pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
+        size = _size(args.size)
+        name = args.model_name or ("unitoken-shapes" if bundled else
+                                   os.path.basename(os.path.normpath(args.model or os.environ["UNITOKEN_MODEL"])))
+        settings = dataclasses.replace(settings, model_name=name, default_size=size,
+                                       sizes=(size,) if bundled else None)
+        settings.validate(pipe.model.config.decoder.max_position_embeddings)  # (before it says it serves)
+    except BaseException:
+        sock.close()
+        raise
     key = "API key required" if settings.api_key else "no API key"
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({key})", flush=True)
-    run(pipe, settings, host=args.host, port=args.port)
+    run(pipe, settings, host=args.host, port=args.port, sock=sock)
     return 0
 
 

@@ -7,4 +7,4 @@
 batches calls, `engine` the padded batches it runs, `metrics` the Prometheus text.
 """
 
-from unitoken_jax.serve.app import ServeSettings, create_app, run  # noqa: F401
+from unitoken_jax.serve.app import ServeSettings, bind, create_app, run  # noqa: F401

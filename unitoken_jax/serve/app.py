@@ -40,12 +40,14 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import hmac
 from importlib import resources
 import json
 import logging
 import re
 import secrets
+import socket
 import time
 import uuid
 from typing import Any
@@ -567,20 +569,44 @@ def create_app(pipe, settings: ServeSettings | None = None, *, engine=None) -> S
     return app
 
 
-def run(pipe, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serves until interrupted (Ctrl-C)."""
-    import uvicorn
-
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` for `run` to listen on, or a ValueError saying why not (a port
+    in use, a host that is not this machine's): bound before a model loads, the server neither
+    loads it in vain nor says it serves where it cannot."""
     # asyncio takes a port past 65535 modulo 65536 (99999 listened on 34463 while the log said 99999)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port must be a whole number in [1, 65535], got {port!r}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: no address of that name ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = "; another program listens there: give another --port" if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}){hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(pipe, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+        sock: socket.socket | None = None) -> None:
+    """Serves until interrupted (Ctrl-C), on `sock` (`bind(host, port)`'s; made here if None)."""
+    import uvicorn
+
+    sock = bind(host, port) if sock is None else sock
     if not settings.api_key and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
                     "(--api-key or $UNITOKEN_API_KEY)", host)
     app = create_app(pipe, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
-    server_class(uvicorn)(config, app).run()
+    with sock:
+        server_class(uvicorn)(config, app).run(sockets=[sock])
 
 
 def server_class(uvicorn):
