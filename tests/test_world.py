@@ -227,6 +227,18 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
         build.main(["--workdir", str(tmp_path / "new"), "--vq-steps", "0"])
     assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    # the fine-tuning demo's counts too (each was a ValueError traceback, --steps 0 after building its data)
+    from unitoken_jax.world import finetune_demo
+
+    for flag, value, said in (("--steps", "0", "'0' is not a whole number of at least 1"),
+                              ("--pictures", "0", "'0' is not a whole number of at least 1"),
+                              ("--rank", "0", "'0' is not a whole number of at least 1"),
+                              ("--english-pictures", "-1", "'-1' is not a whole number of at least 0"),
+                              ("--learning-rate", "nan", "'nan' is not a number above 0")):
+        with pytest.raises(SystemExit):
+            finetune_demo.main(["--workdir", str(tmp_path / "new"), flag, value])
+        assert said in capsys.readouterr().err, flag
+    assert not (tmp_path / "new").exists()
     with pytest.raises(ValueError, match="VQTrainConfig.restart_every=0"):
         VQTrainConfig(restart_every=0)
     with pytest.raises(ValueError, match="3 pictures cannot fill a batch of 32"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 
@@ -171,18 +172,33 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
     return os.path.join(stage2, "final")
 
 
+def count(least: int = 1):
+    """An argparse type: a whole number of at least `least` (said before any work is done)."""
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {least}")
+        return int(text)
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    def count(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-        return int(text)
-
-    parser.add_argument("--vq-steps", type=count, default=1500)
-    parser.add_argument("--pictures", type=count, default=4000)
-    parser.add_argument("--stage1-steps", type=count, default=100)
-    parser.add_argument("--stage2-steps", type=count, default=1500)
+    parser.add_argument("--vq-steps", type=count(), default=1500)
+    parser.add_argument("--pictures", type=count(), default=4000)
+    parser.add_argument("--stage1-steps", type=count(), default=100)
+    parser.add_argument("--stage2-steps", type=count(), default=1500)
     parser.add_argument("--discrete-only", action="store_true", help="images without SigLIP features (the ablation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

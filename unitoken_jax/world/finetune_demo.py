@@ -206,12 +206,13 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--pictures", type=int, default=2000, help="French training pictures (two items each)")
-    parser.add_argument("--english-pictures", type=int, default=600,
+    parser.add_argument("--pictures", type=build.count(), default=2000,
+                        help="French training pictures (two items each)")
+    parser.add_argument("--english-pictures", type=build.count(0), default=600,
                         help="English training pictures mixed in (replay: English stays as it was)")
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--steps", type=build.count(), default=700)
+    parser.add_argument("--rank", type=build.count(), default=16)
+    parser.add_argument("--learning-rate", type=build.positive, default=3e-3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)
