@@ -148,6 +148,53 @@ def test_processes_read_disjoint_parts(datasets):
     assert not seen[0] & seen[1]
 
 
+def test_each_process_mixes_the_datasets_by_weight(datasets):
+    """Grain mixes datasets in a fixed pattern (a, b, a, b, ... at 1 : 1) and the stream was cut
+    [i::n] between processes after it: process 0 of 2 read only dataset a, process 1 only b (and
+    worker processes, cut the same way, gave batches of one dataset each in turn)."""
+    config = PipelineConfig(rows=4, length=300, mix=(1, 1), max_images=16, num_threads=1)
+    for p in range(2):
+        it = InputPipeline(list(datasets), config, process_index=p, process_count=2).iterator()
+        ids = [i for _ in range(12) for row in next(it)["sample_ids"] for i in row]
+        share_b = sum(i.startswith("b-") for i in ids) / len(ids)
+        assert len(ids) > 60 and 0.3 < share_b < 0.7, (p, share_b)
+
+
+def test_no_batch_holds_a_record_twice(tmp_path):
+    """The look-ahead window reaches into the next epoch, reshuffled, on a small dataset: one record
+    went twice into a batch (5 batches of 80 here). A group holding one the batch has waits."""
+    varied = _dataset(tmp_path, "v", 60, 2, varied=True)
+    for seed in (5, 6):
+        it = InputPipeline([varied], PipelineConfig(rows=4, length=400, max_images=8, num_threads=1, seed=seed,
+                                                    lookahead=64)).iterator()
+        for _ in range(80):
+            ids = [i for row in next(it)["sample_ids"] for i in row]
+            assert len(ids) == len(set(ids)), sorted(ids)
+
+
+def test_a_dataset_whose_every_item_was_skipped_is_named_as_empty(datasets, tmp_path, caplog):
+    """Every item skipped (a wrong image root): pre-tokenization finished with no record, and a
+    training run over it, alone or beside another dataset, failed in array_record with "Paths
+    sequence can not be of 0 length", naming nothing."""
+    import logging
+
+    items = tmp_path / "items.json"
+    items.write_text(json.dumps([{"id": "e-1", "image": ["nope.png"], "conversations": [
+        {"from": "human", "value": "<|image|>What is it?"}, {"from": "gpt", "value": "a shape"}]}]))
+    text, vq = demo.demo_tokenizers()
+    with caplog.at_level(logging.WARNING):
+        done = pt.pretokenize(str(items), str(tmp_path / "empty"), text, vq, SETTINGS, progress=False)
+    assert done["written"] == 0 and "no item was written, all 1 were skipped" in caplog.text
+    for sources in ([str(tmp_path / "empty")], [str(tmp_path / "empty"), datasets[0]]):
+        with pytest.raises(ValueError, match="empty holds no records: pre-tokenization skipped every item"):
+            InputPipeline(sources, PipelineConfig(rows=2, length=300, max_images=4, num_threads=1))
+    # (and a dataset weighted 0 is not one that has no samples, nor is a weight of NaN a count's error)
+    with pytest.raises(ValueError, match="samples but every dataset that has them has ratio 0"):
+        InputPipeline([Source(datasets[0], 0.0)], PipelineConfig(rows=2, length=300, max_images=4, num_threads=1))
+    with pytest.raises(ValueError, match="ratio nan; a weight is a finite number, 0 or more"):
+        sources_from([{"path": datasets[0], "ratio": float("nan")}])
+
+
 def test_dataset_weights_follow_ratio_and_yaml_meta(datasets, tmp_path):
     meta = tmp_path / "meta.yaml"
     meta.write_text(f"META:\n  - path: '{datasets[0]}'\n    ratio: 1.0\n  - path: '{datasets[1]}'\n    ratio: 3.0\n")

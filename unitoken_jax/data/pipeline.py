@@ -70,6 +70,10 @@ class Source:
     path: str  # a pre-tokenized dataset directory (`unitoken pretokenize`)
     ratio: float = 1.0  # weight = records x ratio
 
+    def __post_init__(self):
+        if not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < math.inf):
+            raise ValueError(f"{self.path}: ratio {self.ratio!r}; a weight is a finite number, 0 or more")
+
 
 def read_meta(path: str) -> list[Source]:
     """The reference's data config: YAML with `META: [{path: ..., ratio: ...}, ...]` (paths here
@@ -166,6 +170,7 @@ class Sample:
     encoded: EncodedConversation
     pixels: np.ndarray  # [tiles, S, S, 3] float32
     num_features: int
+    record: tuple[int, int] = (-1, -1)  # (dataset number, record index): which record, whatever its id
 
 
 class _Records:
@@ -209,7 +214,10 @@ class _Records:
         size = settings.siglip_size
         stacked = np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.float32)
         enc = EncodedConversation(r["tokens"], r["labels"], r["is_continuous"], r["feature_index"], [], [])
-        return Sample(ident, int(r["kind"]), enc, stacked, features)
+        return Sample(ident, int(r["kind"]), enc, stacked, features, (dataset, index))
+
+
+_MIX_WINDOW = 4096  # records of the mixed stream shuffled together (`_kind_stream`)
 
 
 def _kind_stream(sources: list[Source], kinds_per_source, kind: int, seed: int):
@@ -226,7 +234,16 @@ def _kind_stream(sources: list[Source], kinds_per_source, kind: int, seed: int):
         weights.append(len(idx) * source.ratio)
     if not parts:
         return None
-    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    if len(parts) == 1:
+        return parts[0]
+    # Grain mixes in a fixed repeating pattern (a, b, a, b, ... at 1 : 1), and the stream is then cut
+    # [i::n] between a pod's processes and between worker processes: at 1 : 1 over 2 processes one
+    # saw only dataset a, and with 2 workers whole batches alternated between the datasets. Shuffled
+    # within windows (a one-to-one map of the indices: the same records, as often) each cut mixes by
+    # weight. (A seed below 2**31: Grain adds the window's number to it.)
+    mixed = grain.MapDataset.mix(parts, weights)
+    window_seed = int(np.random.SeedSequence([seed, kind, len(parts)]).generate_state(1)[0]) >> 1
+    return grain.experimental.WindowShuffleMapDataset(mixed, window_size=_MIX_WINDOW, seed=window_seed)
 
 
 class InputPipeline(grain.IterDataset):
@@ -257,16 +274,19 @@ class InputPipeline(grain.IterDataset):
                 continue
             s = _kind_stream(self.sources, kinds, k, config.seed)
             if s is None:
-                raise ValueError(f"mix {config.mix} asks for {KIND_NAMES[k]} samples but no dataset has any "
-                                 f"(counts: {self.counts})")
+                weighted = self.counts[KIND_NAMES[k]] and all(src.ratio <= 0 for src, ks in zip(self.sources, kinds)
+                                                              if (ks == k).any())
+                raise ValueError(f"mix {config.mix} asks for {KIND_NAMES[k]} samples but "
+                                 + ("every dataset that has them has ratio 0" if weighted else "no dataset has any")
+                                 + f" (counts: {self.counts})")
             s = s[process_index::process_count].map(_Records([src.path for src in self.sources], config))
             streams.append(s.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
                                                                prefetch_buffer_size=config.prefetch)))
         super().__init__([s for s in streams if s is not None])
         self._streams = streams
         # the groups a batch chooses among: the oldest waiting and `lookahead` more, but at most half
-        # an epoch of this process's share of the scarcer kind (in this split), so that a small dataset
-        # does not put one sample twice into a batch from two epochs at once
+        # an epoch of this process's share of the scarcer kind (in this split): a small dataset's
+        # window would hold a record from two epochs at once, which `_pick` then keeps waiting
         share = config.holdout_fraction if config.split == "eval" else 1.0 - config.holdout_fraction
         drawn = [int(sum((ks == k).sum() for ks, src in zip(kinds, self.sources) if src.ratio > 0)) for k in (0, 1)]
         epochs = [int(drawn[k] * share) // (config.mix[k] * process_count) for k in (0, 1) if config.mix[k]]
@@ -424,7 +444,7 @@ class _PackingIterator(grain.DatasetIterator):
         while True:
             while len(self._waiting) < self.p.window:
                 self._read_group()
-            pick, rows = self._pick(packer)
+            pick, rows = self._pick(packer, {s.record for s in samples})
             if pick is None:
                 if packer.empty:
                     group = self._waiting[0][2]
@@ -448,9 +468,11 @@ class _PackingIterator(grain.DatasetIterator):
     def _pairs(group: list[Sample]) -> list[tuple[Any, int]]:
         return [(s.encoded, s.num_features) for s in group]
 
-    def _pick(self, packer: RowPacker) -> tuple[int | None, list[int] | None]:
+    def _pick(self, packer: RowPacker, packed: set[tuple[int, int]]) -> tuple[int | None, list[int] | None]:
         """Which waiting group goes in next (an index into `_waiting`) and its samples' rows, or
-        (None, None) when none in the window fits (see the class's doc)."""
+        (None, None) when none in the window fits (see the class's doc). A group holding a record
+        the batch has (`packed`) waits: a window reaching into the next epoch (reshuffled) or a
+        dataset drawn many times its size can hold one record twice."""
         window = self._waiting[:self.p.window]
         if packer.empty:  # every batch starts with the oldest: no group waits longer than the window
             rows = packer.place(self._pairs(window[0][2]))
@@ -459,6 +481,8 @@ class _PackingIterator(grain.DatasetIterator):
         before = packer.stranded(shortest)
         best, best_rows = None, None
         for i, (_, _, group) in enumerate(window):
+            if any(s.record in packed for s in group):
+                continue
             pairs = self._pairs(group)
             rows = packer.place(pairs)
             if rows is None:

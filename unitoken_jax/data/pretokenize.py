@@ -475,6 +475,9 @@ def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, marker
     with open(os.path.join(out_dir, BAD_ITEMS_FILE), "w") as f:
         for b in bad:
             f.write(json.dumps(b) + "\n")
+    if not kinds:
+        log.warning("%s: no item was written, all %d were skipped (%s says why): training cannot read it",
+                    out_dir, len(bad), BAD_ITEMS_FILE)
     np.save(os.path.join(out_dir, KINDS_FILE), np.array(kinds, np.int8))
     if sizes is not None:
         np.save(os.path.join(out_dir, SIZES_FILE), np.array(sizes, np.int32).reshape(-1, 2))
@@ -520,6 +523,9 @@ def open_dataset(path: str, split: str | None = None):
         raise FileNotFoundError(f"{path} is not a finished pre-tokenized dataset{hint}")
     with open(settings_path) as f:
         settings = PretokenizeSettings.from_json(json.load(f))
-    builder = tfds.builder_from_directory(path)
     kinds = np.load(os.path.join(path, KINDS_FILE))
+    if len(kinds) == 0:  # (array_record's "Paths sequence can not be of 0 length" otherwise, naming nothing)
+        raise ValueError(f"{path} holds no records: pre-tokenization skipped every item (why, item by item: "
+                         f"{os.path.join(path, BAD_ITEMS_FILE)}; a wrong --image-root skips every picture item)")
+    builder = tfds.builder_from_directory(path)
     return builder.as_data_source(split=split or settings.split), settings, kinds
