@@ -543,6 +543,13 @@ def test_out_of_device_memory_is_said_with_what_would_fit(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert f"unitoken generate: error: out of device memory ({said})" in err
     assert "--quantize int8" in err and "--batch-size" in err and "--mesh" in err and "more detail" not in err
+    # reconstruct's VQ-GAN has no int8, batch or mesh: it is told what it can change
+    monkeypatch.setattr(cli, "_reconstruct", refused(said))
+    picture = tmp_path / "p.png"
+    shapes.draw([shapes.Thing("red", "circle", "top left")]).save(picture)
+    assert cli.main(["reconstruct", str(picture), "--out", str(tmp_path / "r.png")]) == 1
+    err = capsys.readouterr().err
+    assert "A smaller picture would fit (--size)" in err and "--quantize" not in err and "--mesh" not in err
     monkeypatch.setattr(cli, "_pipeline", refused("INTERNAL: something else"))
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
         cli.main(["generate", "a red circle", "--out", str(tmp_path / "x.png")])

@@ -345,6 +345,14 @@ def sweep(add):
 ''')
     with pytest.raises(sweep_lib.SweepError, match=r"data\.seed='zero'"):
         sweep_lib.expand(wrong_type, str(tmp_path / "root"))
+    # a key given twice on the command line: the last had won, unsaid
+    fine = _write(tmp_path, "fine.py", SMALL_CONFIG + '''
+def sweep(add):
+    add(**{"optimizer.learning_rate": 0.1})
+''')
+    with pytest.raises(sweep_lib.SweepError, match=r"--set total_steps given twice \(5 and 6\)"):
+        sweep_lib.main(fine, str(tmp_path / "root2"), fixed=["total_steps=5", "config.total_steps=6"],
+                       out=io.StringIO(), log=io.StringIO())
 
 
 def test_a_run_the_train_command_would_stop_at_once_is_refused_when_the_sweep_expands(tmp_path, capsys):
@@ -486,9 +494,10 @@ def test_statuses_and_last_metrics_are_read_from_the_workdirs(tmp_path, capsys):
     os.remove(os.path.join(runs[3].workdir, "sweep_status.json"))
     os.makedirs(os.path.join(runs[3].workdir, "checkpoints"))
 
-    for extra in (["other.py"], ["--set", "total_steps=5"], ["--launcher", "echo"]):  # read by nothing
+    for extra, name in ((["other.py"], "config file"), (["--set", "total_steps=5"], "--set"),
+                        (["--launcher", "echo"], "--launcher")):  # read by nothing
         assert cli.main(["sweep", *extra, "--root", root, "--summary-only"]) == 2, extra
-        assert "--summary-only reads what" in capsys.readouterr().err
+        assert f"--summary-only reads what {root} holds and takes no {name}\n" in capsys.readouterr().err
     assert cli.main(["sweep", "--root", root, "--summary-only", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [row["status"] for row in rows] == ["stopped", "finished", "running", "started"]

@@ -1326,7 +1326,7 @@ def main(argv: list[str] | None = None) -> int:
         if jax is None or not isinstance(e, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(e):
             raise
         print(f"unitoken {args.command}: error: out of device memory ({str(e).splitlines()[0][:300]}). "
-              f"{_MEMORY_ADVICE}", file=sys.stderr)
+              f"{_memory_advice(args)}", file=sys.stderr)
         return 1
 
 
@@ -1350,10 +1350,22 @@ _RESUMES = {"caption": "with a .jsonl --out, a rerun goes on where this one stop
             "generate": "with --prompts-file, a rerun draws only the prompts whose pictures are missing",
             "pretokenize": "a rerun into the same directory keeps the chunks it finished"}
 
-_MEMORY_ADVICE = ("Less would fit with --quantize int8 (the matmul weights in half the bytes of bfloat16), fewer "
-                  "pictures or questions at once (--n, --batch-size; serve: --max-batch), or the model split over "
-                  "more chips (--mesh); `python launch/aot_check.py decode --topology v5e:1x1 --images 4 --quantize "
-                  "int8` compiles a release for a chip and says what fits, without one")
+def _memory_advice(args: argparse.Namespace) -> str:
+    """What would fit on the devices, in the flags this command has (reconstruct's VQ-GAN has no
+    int8, no batch and no mesh: its picture's size is what it can change)."""
+    if not hasattr(args, "quantize"):
+        return ("A smaller picture would fit (--size), or a machine with more memory"
+                if hasattr(args, "size") else "A machine with more memory would fit it")
+    at_once = [f for f, name in (("--n", "n"), ("--batch-size", "batch_size"), ("--max-batch", "max_batch"))
+               if hasattr(args, name)]
+    ways = ["--quantize int8 (the matmul weights in half the bytes of bfloat16)"]
+    if at_once:
+        ways.append(f"fewer pictures or questions at once ({', '.join(at_once)})")
+    if hasattr(args, "mesh"):
+        ways.append("the model split over more chips (--mesh)")
+    return (f"Less would fit with {', '.join(ways[:-1]) + ', or ' + ways[-1] if len(ways) > 1 else ways[0]}; "
+            "`python launch/aot_check.py decode --topology v5e:1x1 --images 4 --quantize int8` compiles a release "
+            "for a chip and says what fits, without one")
 
 
 if __name__ == "__main__":

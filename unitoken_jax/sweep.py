@@ -523,7 +523,7 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
         raise SweepError(f"--root {root} is a URL; give a directory every run's hosts see, e.g. a bucket mounted "
                          "with Cloud Storage FUSE (launch/tpu_install.sh --bucket): /mnt/BUCKET/sweeps/...")
     if mode == "summary":  # (it reads the root's own records: these would be taken as said and not used)
-        given = [name for name, value in (("a config", config_spec), ("--set", fixed), ("--launcher", launcher))
+        given = [name for name, value in (("config file", config_spec), ("--set", fixed), ("--launcher", launcher))
                  if value]
         if given:
             raise SweepError(f"--summary-only reads what {root} holds and takes no {', '.join(given)}")
@@ -535,7 +535,11 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
             key, eq, text = item.partition("=")
             if not eq:
                 raise SweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set init_from.paths=/ckpt/stage1")
-            pairs[key.removeprefix("config.")] = text
+            key = key.removeprefix("config.")
+            if key in pairs:  # (the last had won, unsaid)
+                raise SweepError(f"--set {key} given twice ({pairs[key]} and {text}): give one; a sweep over values "
+                                 "is the config's sweep(add)")
+            pairs[key] = text
         sweep = expand(config_spec, root, pairs, check)
         write_records(sweep)
         if mode == "print":
