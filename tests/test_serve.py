@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import logging
 import os
 import re
@@ -797,8 +798,21 @@ def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "red"
     _error(_post(server, chat, json={**good, "modalities": ["text", "audio"]}), 400, "modalities",
            "unsupported_parameter")
-    _error(_post(server, chat, json={**good, "stream": True, "stream_options": {"include_obfuscation": True}}), 400,
-           "stream_options")
+    # OpenAI's own defaults are its plain values too (they were refused), and its bounds hold here
+    streamed = _post(server, chat, json={**good, "verbosity": "medium", "stream": True,
+                                         "stream_options": {"include_obfuscation": True, "include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert streamed.status_code == 200 and len(chunks) >= 3, streamed.text
+    # with include_usage every chunk has `usage`, null but in the last (OpenAI's stream); every
+    # object has `system_fingerprint`, null here
+    assert all("usage" in c and c["system_fingerprint"] is None for c in chunks)
+    assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert answer.json()["system_fingerprint"] is None
+    _error(_post(server, chat, json={**good, "stream": True, "stream_options": {"include_obfuscation": "yes"}}),
+           400, "stream_options")
+    _error(_post(server, chat, json={**good, "temperature": 2.5}), 400, "temperature")
+    _error(_post(server, chat, json={**good, "user": 123}), 400, "user")
     _error(_post(server, chat, json={**good, "top_k": 3_000_000_000}), 400, "top_k", "invalid_value")
     edited = server.client().images.edit(model=MODEL, image=("red.png", _png(shapes.draw([Thing("red", "circle",
                                                                                              "top left")])),

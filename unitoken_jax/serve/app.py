@@ -41,6 +41,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import hmac
 from importlib import resources
 import json
@@ -344,9 +345,10 @@ class _Server:
         starts_in_picture = job.requests[0].starts_in_picture
         texts = [TextStream(self.pipe.tokenizer, call.stop, starts_in_picture=starts_in_picture)
                  for _ in range(call.n)]
+        chunk = functools.partial(wire.chat_chunk, call_id, model, created, include_usage=call.include_usage)
         try:
             for i in range(call.n):
-                yield _sse(wire.chat_chunk(call_id, model, created, i, {"role": "assistant", "content": ""}))
+                yield _sse(chunk(i, {"role": "assistant", "content": ""}))
             while not ticket.result.done():
                 left = job.deadline - time.monotonic()
                 if left <= 0:
@@ -365,7 +367,7 @@ class _Server:
                     yield f": generated {[len(x) for x in ids]}\n\n"
                     for i, (text, x) in enumerate(zip(texts, ids)):
                         if delta := await run_in_threadpool(text.update, x):
-                            yield _sse(wire.chat_chunk(call_id, model, created, i, {"content": delta}))
+                            yield _sse(chunk(i, {"content": delta}))
                 elif not done:
                     yield ": waiting\n\n"  # keeps proxies from closing an idle stream
             try:
@@ -376,13 +378,12 @@ class _Server:
             for i, out in enumerate(outputs):
                 parts, stopped = wire.apply_stop(out.parts, call.stop)
                 for delta in await run_in_threadpool(wire.chunk_deltas, texts[i].rest(parts)):
-                    yield _sse(wire.chat_chunk(call_id, model, created, i, delta))
-                yield _sse(wire.chat_chunk(call_id, model, created, i, {},
-                                           finish_reason="stop" if stopped else out.finish_reason))
+                    yield _sse(chunk(i, delta))
+                yield _sse(chunk(i, {}, finish_reason="stop" if stopped else out.finish_reason))
             if call.include_usage:
                 generated = await run_in_threadpool(self._generated, job.requests[0], outputs, call.stop)
                 usage = wire.usage(prompt_tokens, generated)
-                yield _sse(wire.chat_chunk(call_id, model, created, None, usage=usage))
+                yield _sse(chunk(None, usage=usage))
             yield "data: [DONE]\n\n"
         finally:
             if not ticket.result.done():

@@ -207,7 +207,7 @@ _CHAT_NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequenc
                  # OpenAI's fields for what this model does not do: absent, null or their plain-text value
                  "audio": (None,), "functions": (None, []), "function_call": (None,),
                  "reasoning_effort": (None,), "prediction": (None,), "web_search_options": (None,),
-                 "verbosity": (None,)}
+                 "verbosity": (None, "medium")}
 
 
 def _content(content: Any, where: str, images: list | None, limits: Limits) -> str:
@@ -265,6 +265,7 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
     user, whom the model answers (system messages alone are the user's turn)."""
     check_model(body, model_name)
     _refuse_unknown(body, _CHAT_FIELDS, _CHAT_NEUTRAL, "chat completions")
+    _text(body, "user")  # (OpenAI's: a string naming the end user; read by nothing here)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of messages", "messages", "missing_required_parameter")
@@ -317,15 +318,16 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)
                                 or set(options) - {"include_usage", "include_obfuscation"}
-                                or not isinstance(options.get("include_usage"), (bool, type(None)))
-                                or options.get("include_obfuscation") not in (None, False)):
-        # a bool, as OpenAI types it: a string "no" would have read as true. No obfuscation padding is sent.
-        raise bad("'stream_options' is {'include_usage': bool, 'include_obfuscation': false}, and only with "
+                                or not all(isinstance(options.get(k), (bool, type(None)))
+                                           for k in ("include_usage", "include_obfuscation"))):
+        # bools, as OpenAI types them: a string "no" would have read as true. No obfuscation padding is
+        # sent (OpenAI's default, true, pads chunks against a side channel of their sizes)
+        raise bad("'stream_options' is {'include_usage': bool, 'include_obfuscation': bool}, and only with "
                   "'stream': true", "stream_options")
     return ChatCall(
         conversation=turns, images=images,
         max_tokens=_number(body, length_field, None, 1, integer=True),
-        temperature=_number(body, "temperature", 0.0, 0),  # greedy unless asked: the models answer best so
+        temperature=_number(body, "temperature", 0.0, 0, 2),  # greedy unless asked: the models answer best so
         # OpenAI takes 0 too: the most likely token alone (the sampler keeps the token that reaches p;
         # 2**-126 is float32's smallest normal number, which the top token's probability always reaches)
         top_p=_number(body, "top_p", 1.0, 0, 1) or 2.0 ** -126,
@@ -392,6 +394,7 @@ def parse_images(body: dict, model_name: str, limits: Limits, *, default_size: t
     server's own fields (the client's `extra_body`)."""
     check_model(body, model_name)
     _refuse_unknown(body, _IMAGE_FIELDS, _IMAGE_NEUTRAL, "images")
+    _text(body, "user")
     if body.get("response_format") not in (None, "b64_json"):
         raise bad(f"response_format {body['response_format']!r}: this server returns pictures inline only "
                   "('b64_json')", "response_format", "unsupported_parameter")
@@ -461,18 +464,23 @@ def completion_id() -> str:
 def chat_completion(call_id: str, model: str, choices: list[tuple[list, str]], usage: dict) -> dict[str, Any]:
     """`choices`: (parts, finish_reason) of each."""
     return {"id": call_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None,
             "choices": [{"index": i, "message": {"role": "assistant", "content": message_content(parts)},
                          "logprobs": None, "finish_reason": finish} for i, (parts, finish) in enumerate(choices)],
             "usage": usage}
 
 
 def chat_chunk(call_id: str, model: str, created: int, index: int | None, delta: dict | None = None,
-               finish_reason: str | None = None, usage: dict | None = None) -> dict[str, Any]:
-    """One `chat.completion.chunk`; `index=None` gives the closing usage chunk (no choices)."""
+               finish_reason: str | None = None, usage: dict | None = None, *,
+               include_usage: bool = False) -> dict[str, Any]:
+    """One `chat.completion.chunk`; `index=None` gives the closing usage chunk (no choices). With
+    `include_usage` (the call's `stream_options`) every chunk has a `usage` field, null but in the
+    last, as OpenAI sends them."""
     chunk = {"id": call_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "system_fingerprint": None,
              "choices": [] if index is None else [{"index": index, "delta": delta or {}, "logprobs": None,
                                                    "finish_reason": finish_reason}]}
-    if usage is not None:
+    if usage is not None or include_usage:
         chunk["usage"] = usage
     return chunk
 
