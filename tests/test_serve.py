@@ -870,9 +870,19 @@ def test_message_orders_openai_takes_are_taken(server):
     # system messages alone (OpenAI answers them): the models have no system turn, so they are the question
     assert conversation({"role": "system", "content": "be"}, {"role": "developer", "content": "brief"}) == [
         {"from": "human", "value": "be\nbrief"}]
-    for refused in ([{"role": "system", "content": "be brief"}, assistant], [assistant, user], [user, assistant]):
-        with pytest.raises(Exception, match="user"):
+    # an assistant's greeting first (chat UIs open so; it was refused): an empty user turn before it,
+    # holding the system messages' text
+    assert conversation(assistant, user) == [{"from": "human", "value": ""}, {"from": "gpt", "value": "hello"},
+                                             {"from": "human", "value": "hi"}]
+    assert conversation({"role": "system", "content": "be brief"}, assistant, user)[0] == {
+        "from": "human", "value": "be brief"}
+    for refused in ([{"role": "system", "content": "be brief"}, assistant], [user, assistant]):
+        with pytest.raises(Exception, match="the last message must be the user's"):
             conversation(*refused)
+    greeted = server.client().chat.completions.create(model=MODEL, messages=[
+        {"role": "assistant", "content": "Hello! Send me a picture."},
+        *_question(shapes.draw([Thing("red", "circle", "top left")]), "What colour is the shape?")])
+    assert greeted.choices[0].message.content == "red"
     # through the wire: a picture and its question in two user messages are the one message they make
     # (the picture's base64 broken into MIME's lines of 76, which was refused as malformed)
     picture = shapes.draw([Thing("red", "circle", "top left")])

@@ -261,8 +261,9 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
     system (and developer) messages before the first user message go before its text, later ones
     before the next user message's (or after the last one's), a newline between. Consecutive
     messages of one role are one turn (their contents joined by a newline), an assistant message
-    with no content (tool calls only) is an empty turn; the conversation starts and ends with the
-    user, whom the model answers (system messages alone are the user's turn)."""
+    with no content (tool calls only) is an empty turn; a conversation opening with the assistant (a
+    greeting) gets an empty user turn before it (holding the system messages' text), and it ends
+    with the user, whom the model answers (system messages alone are the user's turn)."""
     check_model(body, model_name)
     _refuse_unknown(body, _CHAT_FIELDS, _CHAT_NEUTRAL, "chat completions")
     _text(body, "user")  # (OpenAI's: a string naming the end user; read by nothing here)
@@ -281,8 +282,9 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
             content = message.get("content")
             if content is None and role == "user":
                 raise bad(f"{where} has no content", f"{where}.content")
-            if not turns and role == "assistant":
-                raise bad(f"{where} is from the assistant; the conversation must start with a user message", where)
+            if not turns and role == "assistant":  # a greeting first (chat UIs open so): an empty user turn
+                turns.append({"from": "human", "value": "\n".join(system)})  # before it, with the system's text
+                system = []
             value = "" if content is None else _content(content, where, images, limits)
             speaker = "human" if role == "user" else "gpt"
             if speaker == "human" and system:
