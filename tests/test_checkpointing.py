@@ -141,3 +141,27 @@ def test_a_checkpoint_of_another_optimizer_layout_is_refused_by_name_not_resumed
         Checkpointer(directory).restore_latest_complete(jax.tree.map(  # placed, as a run's abstract state is
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), now))
     assert os.listdir(directory) == ["1"]
+
+
+def test_checkpoints_of_a_model_of_other_sizes_are_refused_before_any_restore(tmp_path, monkeypatch):
+    """A workdir resumed with another model config (intermediate_size 128 -> 256): every step's
+    restore was tried and taken for damage, each failing after Orbax had started its reads, and
+    the one line saying why came among 2,000 lines of their abandoned coroutines. The sizes are
+    compared first, from the checkpoint's metadata, and nothing is restored or set aside."""
+    import os
+
+    import pytest
+
+    state, step = _setup(OPT)
+    directory = str(tmp_path / "ckpt")
+    Checkpointer(directory, async_save=False).save(1, state, data_state={"next_index": 1})
+    abstract = jax.eval_shape(lambda: state)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct((*x.shape[:-1], 2 * x.shape[-1]), x.dtype)
+        if "up_proj" in jax.tree_util.keystr(p) else x, abstract.params)
+    restores = []
+    monkeypatch.setattr(Checkpointer, "restore", lambda *a, **k: restores.append(1))
+    with pytest.raises(ValueError, match=r"are of a model of other sizes than this run's: "
+                                         r"params\['decoder'\]\['layers'\]\['mlp'\]\['up_proj'\]\['kernel'\] is "):
+        Checkpointer(directory).restore_latest_complete(abstract.replace(params=params))
+    assert not restores and os.listdir(directory) == ["1"]

@@ -187,10 +187,11 @@ def test_stop_and_resume_in_a_new_process_is_bit_exact(tmp_path, data):
     read = lambda w: [json.loads(line) for line in open(os.path.join(w, "samples.jsonl"))]  # noqa: E731
     assert [r["step"] for r in read(interrupted)] == list(range(8))
     assert read(interrupted) == read(whole)
-    # logged losses too, except step 4's window, which after the resume averages step 4 alone
-    resumed_loss, whole_loss = _scalars(interrupted, "loss"), _scalars(whole, "loss")
-    assert sorted(resumed_loss) == sorted(whole_loss) == [2, 4, 6, 8]
-    assert all(resumed_loss[s] == whole_loss[s] for s in (2, 6, 8))
+    # and what was logged: step 4's window, which after the resume had averaged step 4 alone (and counted
+    # its tokens alone), takes up step 3, which the stopped run had summed and saved with its checkpoint
+    for tag in ("loss", "real_tokens", "real_fraction", "grad_norm"):
+        resumed, uninterrupted = _scalars(interrupted, tag), _scalars(whole, tag)
+        assert sorted(resumed) == [2, 4, 6, 8] and resumed == uninterrupted, tag
 
 
 def _start_cli(workdir, data, *extra):
@@ -682,6 +683,10 @@ def test_a_finished_run_resumed_to_go_further_sets_its_old_final_aside_and_says_
         train_and_evaluate(_config(2, data, total_steps=4, log_every=100, stop_after=2), workdir)
     # the refused run left the record of what the checkpoints were trained with as it was
     assert open(os.path.join(workdir, "config.json")).read() == record
+    # a total_steps below the step reached: the mid-schedule model was exported as a finished shorter run
+    with pytest.raises(ValueError, match="is at step 3, past total_steps=2: give total_steps=3 or more"):
+        train_and_evaluate(_config(2, data, total_steps=2, log_every=100), workdir)
+    assert not os.path.exists(os.path.join(workdir, "final"))
     with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
         train_and_evaluate(_config(2, data, total_steps=4, log_every=100), workdir)
     assert os.path.isdir(os.path.join(workdir, "final"))

@@ -110,6 +110,7 @@ class Checkpointer:
                 reader.close()
 
     def _first_restorable(self, abstract_state, steps: list[int], reader) -> tuple[int, TrainState, dict]:
+        self._check_sizes(abstract_state, steps[0], reader)
         problems = []
         for step in steps:
             reason, state, data = None, None, None
@@ -141,6 +142,27 @@ class Checkpointer:
                               + ". If they were written for another model or config, resume with that config (a "
                               "shape that differs says so above); only if they are damaged, move the step "
                               "directories away to start over.")
+
+    def _check_sizes(self, abstract_state, step: int, reader) -> None:
+        """A ValueError, before any restore, where the newest checkpoint's parameters have other
+        shapes than this run's model (another model config): each step's restore had been tried and
+        taken for damage, every one failing after Orbax had started its reads (2,000 lines of their
+        abandoned coroutines around the one line saying why). Metadata that cannot be read is left
+        to the restore, which says what is damaged."""
+        try:
+            saved = reader.item_metadata(step)["state"]["params"]
+        except Exception:  # noqa: BLE001 - damage: the restore's to report
+            return
+        shapes = [{jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in
+                   jax.tree_util.tree_leaves_with_path(tree)} for tree in (saved, abstract_state.params)]
+        differ = [k for k in shapes[1] if k in shapes[0] and shapes[0][k] != shapes[1][k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"the checkpoints in {self.directory} are of a model of other sizes than this run's: "
+                             f"params{k} is {list(shapes[0][k])} there, {list(shapes[1][k])} here"
+                             + (f" ({len(differ) - 1} more differ)" if len(differ) > 1 else "")
+                             + "; resume with the model config they were trained with (the workdir's config.json), "
+                             "or give another workdir")
 
     def _reader(self) -> ocp.CheckpointManager:
         """What restores: on a pod, a read-only manager of this process alone (no barrier inside

@@ -227,6 +227,9 @@ def _global_batch(local: dict, shardings, features_per_process: int, blocks: int
 
 
 # --- data-iterator state of every process --------------------------------------------------
+_LOG_WINDOW = "unitoken_log_window"  # a process's data state's entry for its open logging window
+
+
 def _gather_data_state(state: dict, worker_count: int) -> dict:
     """Every process's iterator state, and the `data.worker_count` that wrote them (`_my_data_state`)."""
     if jax.process_count() == 1:
@@ -309,10 +312,12 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
 
     resumed = checkpointer.restore_latest_complete(program.abstract_state)
-    eval_pending = False
+    eval_pending, open_window = False, None
     if resumed is not None:
         start_step, state, data_state = resumed
-        data_iter.set_state(_my_data_state(data_state, config.data.worker_count))
+        mine = dict(_my_data_state(data_state, config.data.worker_count))
+        open_window = mine.pop(_LOG_WINDOW, None)  # (a checkpoint between two logging steps)
+        data_iter.set_state(mine)
         eval_pending = bool(data_state.get("eval_pending"))  # due when the run was preempted
         log.info("resumed from step %d", start_step)
         end = config.total_steps * config.optimizer.accumulation_steps
@@ -320,6 +325,11 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
             checkpointer.close()
             raise ValueError(f"stop_after={config.stop_after}, but the run resumes after step {start_step}: give a "
                              "later step to stop at, or 0 to train to the end")
+        if start_step > end:  # (it exported the model mid-schedule as a finished run of total_steps)
+            checkpointer.close()
+            at = start_step // config.optimizer.accumulation_steps
+            raise ValueError(f"the run in {workdir} is at step {at}, past total_steps={config.total_steps}: give "
+                             f"total_steps={at} or more to go on with it, or another workdir for a shorter run")
         if start_step < end:
             _set_aside_stale_exports(workdir, start_step)
     else:
@@ -343,7 +353,7 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
     extras = init_extras(config.init_from)  # (for final/)
     with program.context():
         last = _run(program, compiled, state, pipeline, data_iter, checkpointer, workdir, start_step,
-                    batch_transform, evaluator, preempted, eval_pending, extras)
+                    batch_transform, evaluator, preempted, eval_pending, extras, open_window)
     checkpointer.close()
     return last
 
@@ -452,7 +462,8 @@ def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPi
 
 def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_iter, checkpointer: Checkpointer,
          workdir: str, start_step: int, batch_transform, evaluator: Evaluator | None, preempted: "_PreemptionFlag",
-         eval_pending: bool = False, extras: tuple = ({}, None, "float32")) -> dict[str, Any]:
+         eval_pending: bool = False, extras: tuple = ({}, None, "float32"),
+         open_window: dict | None = None) -> dict[str, Any]:
     config, mesh = program.config, program.mesh
     primary = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=primary)
@@ -460,6 +471,8 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     features_per_process = pipeline.config.max_images * pipeline.features_per_tile
     total = config.total_steps * config.optimizer.accumulation_steps
     window = metrics_lib.Window()
+    if open_window is not None:
+        window.restore(open_window)
     last: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
     step = start_step
@@ -512,7 +525,10 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
             stop_here = step == config.stop_after
             if step % config.checkpoint_every == 0 or step == total or stop_here or preempting:
                 _check_nonfinite(pending_skips, config.max_nonfinite_in_a_row, checkpointer, step)
-                data_state = _gather_data_state(data_iter.get_state(), config.data.worker_count)
+                own = data_iter.get_state()
+                if window.steps:  # this process's unlogged steps, taken up again by a resumed run
+                    own = {**own, _LOG_WINDOW: window.state()}
+                data_state = _gather_data_state(own, config.data.worker_count)
                 if eval_due:  # put off by the preemption: the resumed run evaluates this step first
                     data_state["eval_pending"] = True
                 checkpointer.save(step, state, data_state, force=True)

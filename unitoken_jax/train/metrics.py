@@ -114,6 +114,20 @@ class Window:
         self.metrics.append(metrics)
         self.steps += 1
 
+    def state(self) -> dict:
+        """What the window has summed since its last flush, for a checkpoint (JSON): a run stopped
+        between two logging steps and resumed logs the same window as a run that went on."""
+        return {"metrics": [{k: float(v) for k, v in m.items()} for m in jax.device_get(self.metrics)],
+                "tokens": self.tokens, "positions": self.positions, "steps": self.steps,
+                "flop_inputs": [list(x) for x in self.flop_inputs], "seconds": time.time() - self.start}
+
+    def restore(self, state: dict) -> None:
+        """Takes up a window `state` gave (its seconds count toward the rate: they were training)."""
+        self.metrics, self.steps = list(state["metrics"]), int(state["steps"])
+        self.tokens, self.positions = int(state["tokens"]), int(state["positions"])
+        self.flop_inputs = [tuple(x) for x in state["flop_inputs"]]
+        self.start = time.time() - float(state["seconds"])
+
     def exclude(self, seconds: float) -> None:
         """Leaves time spent on something other than training (an evaluation) out of tokens/s and MFU."""
         self.start += seconds
