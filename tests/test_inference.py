@@ -989,7 +989,8 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert cli.main(["generate", "x", "--out", str(tmp_path / "missing" / "x.png"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--out", str(tmp_path / "x.txt"), *common]) == 2  # before drawing
-    assert "not a picture format" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
+    said = capsys.readouterr().err
+    assert "is not a format PIL writes colour pictures in" in said and not (tmp_path / "x.txt").exists()
     # counts and seeds out of range stop the command before a model loads (this one does not exist)
     for option, value, said in (("--n", "0", "at least 1"), ("--seed", "-1", "in [0, 4294967295]"),
                                 ("--seed", str(2 ** 32), "4294967296 is out of range"),
