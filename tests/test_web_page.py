@@ -244,6 +244,23 @@ def test_a_conversation_that_outgrows_the_server_leaves_out_its_oldest_turns_and
     notes = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.note")]
     assert notes == ["(the 1 oldest question and answer was left out: the conversation no longer fits the model)"]
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    # the server's body limit too (every earlier picture is sent again): a third picture had been
+    # refused with 413, and every one after it, until "New chat"
+    monkeypatch.setattr(settings, "limits", wire.Limits())
+    noise = []
+    for i in range(3):
+        noise.append(tmp_path / f"noise{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), np.uint8)).save(noise[-1])
+    one = len(base64.b64encode(noise[0].read_bytes()))
+    monkeypatch.setattr(settings, "max_body_bytes", int(2.5 * one))  # two pictures a call, not three
+    _fresh(browser)
+    for i, picture in enumerate(noise):
+        _ask_page(browser, "What colour is the shape?", picture)
+        _wait(browser, lambda b: len(_answers(b)) == i + 1 or b.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error"), browser.find_element(By.ID, "log").text
+    notes = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.note")]
+    assert notes == ["(the 1 oldest question and answer was left out: the conversation no longer fits the model)"]
+    monkeypatch.setattr(settings, "max_body_bytes", 32 * 1024 * 1024)
 
     sent, parse = [], wire.parse_chat
 
@@ -268,6 +285,8 @@ def _under_prefix(app, prefix):
     PREFIX/x reaches the app as /x; anything else is not found."""
 
     async def proxied(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == prefix:  # (as Traefik's StripPrefix passes it on)
+            scope = dict(scope, path=prefix + "/")
         if scope["type"] == "http" and not scope["path"].startswith(prefix + "/"):
             await send({"type": "http.response.start", "status": 404, "headers": []})
             await send({"type": "http.response.body", "body": b"outside the prefix"})
@@ -333,6 +352,46 @@ def test_the_page_works_under_a_path_prefix_folds_big_seeds_as_the_server_does_a
         time.sleep(6)  # the drawing would have come back by now
         assert browser.find_element(By.ID, "log").text == "" and not browser.find_elements(By.CSS_SELECTOR, ".msg")
         assert browser.find_element(By.ID, "draw-button").is_enabled()
+        # opened without the prefix's slash, its relative URLs had left the prefix (404 for everything)
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                                     "downloadThroughput": -1, "uploadThroughput": -1})
+        browser.get(server.url + "/unitoken")
+        _wait(browser, lambda b: b.find_element(By.ID, "model").text == MODEL, 60)
+        assert browser.find_element(By.ID, "status").text == ""
+    finally:
+        browser.quit()
+        server.stop()
+
+
+def test_a_stream_cut_before_its_end_is_an_error_not_an_answer():
+    """A stream that ended without its finish_reason (a proxy's read timeout, a server gone) was
+    shown as a finished answer ("a red"), kept in the conversation and sent back as the
+    assistant's turn; a cut drawing left an empty bubble."""
+    from selenium.webdriver.common.by import By
+
+    settings = ServeSettings(model_name=MODEL, default_size=(64, 64), sizes=((64, 64),))
+    app = create_app(default.pipeline(), settings)
+
+    async def cutting(scope, receive, send):  # the answer's first words, then the connection ends
+        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions":
+            chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a red"},
+                                  "finish_reason": None}]}
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode()})
+            return
+        await app(scope, receive, send)
+
+    cutting.state = app.state
+    server, browser = _Running(cutting), _browser()
+    try:
+        browser.get(server.url + "/")
+        _wait(browser, lambda b: b.find_element(By.ID, "model").text == MODEL, 60)
+        _ask_page(browser, "What colour is the shape?")
+        error = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.error"), 60)
+        assert "stopped before its end" in error[0].text and _answers(browser) == []
+        assert browser.execute_script("return turns.length") == 0  # nothing kept to send back
     finally:
         browser.quit()
         server.stop()
