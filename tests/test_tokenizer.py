@@ -47,6 +47,22 @@ def test_wrong_control_ids_are_refused(spec):
         TextTokenizer(bad)
 
 
+def test_a_tokenizer_file_s_truncation_or_padding_never_reaches_the_text(tok, spec):
+    """A tokenizer.json saved after a call that truncated or padded keeps those settings, and ours
+    applied them: an answer cut to 8 ids, unsaid, or 14 pad ids inside a user turn. The reference
+    encodes with truncation=False through transformers, which applies neither."""
+    import json
+
+    text = "the cat is on the mat and the dog is here"
+    whole = tok.encode_text(text)
+    assert len(whole) > 8
+    for setting in ({"truncation": {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}},
+                    {"padding": {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                                 "pad_id": 1, "pad_type_id": 0, "pad_token": "<pad>"}}):
+        saved = TextTokenizer(json.dumps({**json.loads(spec), **setting}))
+        assert saved.encode_text(text) == whole, setting
+
+
 @pytest.mark.parametrize("text,special_in_hf", [
     ("<racm3:break>", True), ("<eoss>", True), ("<reserved08799>", True), ("<reserved08706>", True),
     ("<sentinel:0> and <s>", True), ("a <|Image|> b", False), ("<|image |>", False)])

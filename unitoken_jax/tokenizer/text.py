@@ -38,8 +38,12 @@ class TextTokenizer:
         """`tokenizer_json`: the contents (not the path) of a tokenizer.json."""
         spec = json.loads(tokenizer_json)
         self._full = Tokenizer.from_str(tokenizer_json)
-        plain = dict(spec, added_tokens=[])
+        # a file saved after a call that truncated or padded keeps those settings: the reference's
+        # encode (truncation=False through transformers) applies neither, and text is never cut here
+        plain = dict(spec, added_tokens=[], truncation=None, padding=None)
         self._plain = Tokenizer.from_str(json.dumps(plain))
+        self._full.no_truncation()
+        self._full.no_padding()
         vocab = self._full.get_vocab(with_added_tokens=True)
         self.vocab_size = self._full.get_vocab_size(with_added_tokens=True)
 
