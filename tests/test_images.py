@@ -138,6 +138,15 @@ def test_anyres_at_a_smaller_tile_cuts_the_tiles_its_entries_count():
     assert result.entries.max() < len(result.pixels) * 16
     with pytest.raises(ValueError, match=r"pinpoints \[\(100, 56\)\] are not whole multiples of the 56-px tile"):
         anyres.anyres_image(image, 56, 14, [(112, 56), (100, 56)])
+    # an empty list is the defaults everywhere (the picture went on None, a TypeError, while the
+    # positions were sized for the defaults), and a flat pair or a float canvas is said as such
+    assert anyres.anyres_image(image, 56, 14, []).grid_wh == (2, 2)
+    assert anyres.max_block(56, 14, []) == anyres.max_block(56, 14, None)
+    for bad in ([112, 56], [(112.0, 56)], [(112, 56, 1)], [(True, 56)]):
+        with pytest.raises(ValueError, match="give .width, height. pairs of whole pixels"):
+            anyres.anyres_image(image, 56, 14, bad)
+        with pytest.raises(ValueError, match="give .width, height. pairs of whole pixels"):
+            anyres.max_block(56, 14, bad)
 
     from unitoken_jax.world import default
 

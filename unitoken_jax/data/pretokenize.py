@@ -89,9 +89,7 @@ class PretokenizeSettings:
             raise ValueError(f"max_length={self.max_length!r} must be a whole number of at least 1 (None: no limit)")
 
     def pinpoints(self) -> tuple[tuple[int, int], ...]:
-        if self.anyres_grid_pinpoints:
-            return tuple(tuple(p) for p in self.anyres_grid_pinpoints)
-        return anyres_lib.default_pinpoints(self.siglip_size)
+        return anyres_lib.check_pinpoints(self.anyres_grid_pinpoints, self.siglip_size)  # (empty: the defaults)
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), anyres_grid_pinpoints=[list(p) for p in self.pinpoints()])

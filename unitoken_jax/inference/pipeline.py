@@ -199,10 +199,12 @@ class UniTokenPipeline:
         if vq_size is None:
             vq_size = default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
-        self.anyres_pinpoints = None if anyres_pinpoints is None else tuple(tuple(p) for p in anyres_pinpoints)
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
         self.patch = vision.patch_size if vision is not None else 14
+        # (checked now, not at the first request; None or empty: the defaults)
+        self.anyres_pinpoints = (None if anyres_pinpoints is None or len(anyres_pinpoints) == 0
+                                 else anyres_lib.check_pinpoints(anyres_pinpoints, self.siglip_size))
         self.image_prefix = image_prefix
         self.generate_template = check_template(generate_template)
         if anyres and continuous and vision is not None:

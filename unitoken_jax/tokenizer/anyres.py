@@ -80,18 +80,30 @@ class AnyResImage:
         return len(self.entries)
 
 
-def check_pinpoints(pinpoints, tile: int):
-    """`pinpoints`, or a ValueError naming those that are not whole tiles: tiles cut past a canvas's
-    edge would not be the tiles `anyres_entries` counts."""
-    bad = [p for p in pinpoints if len(p) != 2 or min(p) < 1 or p[0] % tile or p[1] % tile]
+def check_pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:
+    """`pinpoints` as (width, height) pairs of whole pixels (None or empty: `default_pinpoints(tile)`,
+    as everywhere that takes them), or a ValueError naming the first that is not a pair of positive
+    whole numbers, or those that are not whole tiles (tiles cut past a canvas's edge would not be
+    the tiles `anyres_entries` counts)."""
+    if pinpoints is None or len(pinpoints) == 0:
+        return default_pinpoints(tile)
+
+    def whole(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+    for p in pinpoints:
+        if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(whole(v) for v in p)):
+            raise ValueError(f"AnyRes pinpoint {p!r}: give (width, height) pairs of whole pixels, e.g. "
+                             f"(({tile}, {2 * tile}), ({2 * tile}, {tile}))")
+    bad = [tuple(p) for p in pinpoints if p[0] % tile or p[1] % tile]
     if bad:
         raise ValueError(f"AnyRes pinpoints {bad} are not whole multiples of the {tile}-px tile")
-    return pinpoints
+    return tuple((int(w), int(h)) for w, h in pinpoints)
 
 
 def anyres_image(image: Image.Image, tile: int = 384, patch: int = 14, pinpoints=None) -> AnyResImage:
-    """`pinpoints`: (width, height) canvases, multiples of `tile`; None: `default_pinpoints(tile)`."""
-    pinpoints = check_pinpoints(default_pinpoints(tile) if pinpoints is None else pinpoints, tile)
+    """`pinpoints`: (width, height) canvases, multiples of `tile`; None or empty: `default_pinpoints(tile)`."""
+    pinpoints = check_pinpoints(pinpoints, tile)
     image = to_rgb(image)
     best = select_best_resolution(image.size, pinpoints)
     padded = resize_and_pad(image, best)
@@ -123,7 +135,7 @@ def max_block(tile: int = 384, patch: int = 14, pinpoints=None) -> int:
     the released model. The reference caps the discrete tokens of a sample at the model's 4,096
     positions and puts this block on top, so an AnyRes sample is up to 4,096 + 3,700 long."""
     side = tile // patch
-    grids = [(pw // tile, ph // tile) for pw, ph in (pinpoints or default_pinpoints(tile))]
+    grids = [(pw // tile, ph // tile) for pw, ph in check_pinpoints(pinpoints, tile)]
     return 1 + side * side + max((down * side) * (across * side + 1) for across, down in grids)
 
 
