@@ -744,6 +744,19 @@ def test_a_workdir_that_is_a_file_and_pod_flags_without_a_coordinator_are_refuse
     assert not (tmp_path / "run").exists()
 
 
+def test_a_mesh_that_does_not_split_the_weights_is_refused_naming_the_weight(data):
+    """tensor=8 over the tiny model's 4 heads: JAX's IndivisibleError at the first compile named a
+    sharding and a shape, neither the weight nor the setting; the inference CLI's --mesh already
+    said which weight does not split (`fit.uneven_split`)."""
+    from unitoken_jax.train.program import build_program, make_mesh
+
+    config = TrainConfig.from_config_dict(_config(2, data, **{"mesh.num_devices": 8, "mesh.fsdp": 1,
+                                                              "mesh.tensor": 8}))
+    with pytest.raises(ValueError, match=r"does not split the model's weights evenly: decoder/layers/self_attn/"
+                                         r"\w+/kernel .*set mesh.data / mesh.fsdp / mesh.tensor"):
+        build_program(config, make_mesh(config.mesh))
+
+
 def test_a_torn_samples_log_line_does_not_block_the_resume(tmp_path, caplog):
     """A kill mid-write leaves a torn last line in samples.jsonl; resuming raised JSONDecodeError
     (issue 15). The damaged line is dropped with a warning; the complete ones the checkpoint covers stay."""

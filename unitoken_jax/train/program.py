@@ -115,6 +115,12 @@ def build_program(config: TrainConfig, mesh: Mesh) -> TrainProgram:
     if model.lora is not None and not lora_run:
         raise ValueError(f"model.lora is set but optimizer.trainable={config.optimizer.trainable!r}; LoRA trains the "
                          "adapters alone: set optimizer.trainable='lora' (or drop model.lora for full training)")
+    from unitoken_jax.inference.fit import uneven_split
+
+    uneven = uneven_split(model, mesh)
+    if uneven:  # (JAX's IndivisibleError at the first compile named neither the weight nor the setting)
+        raise ValueError(f"the mesh {dict(mesh.shape)} does not split the model's weights evenly: {uneven}; set "
+                         "mesh.data / mesh.fsdp / mesh.tensor to sizes that divide it (heads, kv heads, widths)")
     param_sh = param_shardings(model, mesh)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(model),
                           param_sh)
