@@ -395,7 +395,8 @@ MUTATIONS = (
              ("tests/test_vqgan.py", "-k", "subclasses")),
     Mutation("page_absolute_urls", "the web page calling /v1/... outside a proxy's path prefix",
              "unitoken_jax/serve/static/index.html",
-             'r = await fetch("v1/models", {headers: headers()});', 'r = await fetch("/v1/models", {headers: headers()});',
+             'location.pathname.slice(location.pathname.lastIndexOf("/") + 1) + "/") + "v1/";',
+             'location.pathname.slice(location.pathname.lastIndexOf("/") + 1) + "/") + "/v1/";',
              ("tests/test_web_page.py", "-k", "prefix")),
     Mutation("slurm_keeps_a_time_limited_run_queued_out", "slurm not requeueing a run its time limit stopped before "
              "its stop_after", "launch/slurm_train.sbatch",
