@@ -577,15 +577,14 @@ def bind(host: str, port: int) -> socket.socket:
     # asyncio takes a port past 65535 modulo 65536 (99999 listened on 34463 while the log said 99999)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port must be a whole number in [1, 65535], got {port!r}")
+    # as uvicorn binds (`Config.bind_socket`): IPv6 only for a host with a colon, so `localhost` is 127.0.0.1
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        sock.bind((host, port))
     except socket.gaierror as e:
+        sock.close()
         raise ValueError(f"--host {host}: no address of that name ({e.strerror})") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as uvicorn binds)
-    try:
-        sock.bind(address)
     except OSError as e:
         sock.close()
         hint = "; another program listens there: give another --port" if e.errno == errno.EADDRINUSE else ""
