@@ -170,7 +170,7 @@ class Sample:
     encoded: EncodedConversation
     pixels: np.ndarray  # [tiles, S, S, 3] float32
     num_features: int
-    record: tuple[int, int] = (-1, -1)  # (dataset number, record index): which record, whatever its id
+    record: tuple[int, int]  # (dataset number, record index): which record, whatever its id (`_pick` compares them)
 
 
 class _Records:
