@@ -521,7 +521,7 @@ MUTATIONS = (
              "    return grain.experimental.WindowShuffleMapDataset(mixed, window_size=_MIX_WINDOW, seed=window_seed)",
              "    return mixed", ("tests/test_pipeline.py", "-k", "mixes_the_datasets")),
     Mutation("record_twice_in_a_batch", "one record packed twice into a batch from the look-ahead window",
-             "unitoken_jax/data/pipeline.py", "            if any(s.record in packed for s in group):",
+             "unitoken_jax/data/pipeline.py", "            if i and any(s.record in packed for s in group):",
              "            if False:", ("tests/test_pipeline.py", "-k", "record_twice")),
     Mutation("empty_dataset_unnamed", "a dataset of no records failing in array_record, unnamed",
              "unitoken_jax/data/pretokenize.py", "    if len(kinds) == 0:  # (array_record's", "    if False:  # (",

@@ -470,9 +470,10 @@ class _PackingIterator(grain.DatasetIterator):
 
     def _pick(self, packer: RowPacker, packed: set[tuple[int, int]]) -> tuple[int | None, list[int] | None]:
         """Which waiting group goes in next (an index into `_waiting`) and its samples' rows, or
-        (None, None) when none in the window fits (see the class's doc). A group holding a record
-        the batch has (`packed`) waits: a window reaching into the next epoch (reshuffled) or a
-        dataset drawn many times its size can hold one record twice."""
+        (None, None) when none in the window fits (see the class's doc). A later group holding a
+        record the batch has (`packed`) waits: a window reaching into the next epoch (reshuffled) or
+        a dataset drawn many times its size can hold one record twice. The oldest does not: a batch
+        of more samples than an epoch holds repeats in any order."""
         window = self._waiting[:self.p.window]
         if packer.empty:  # every batch starts with the oldest: no group waits longer than the window
             rows = packer.place(self._pairs(window[0][2]))
@@ -481,8 +482,8 @@ class _PackingIterator(grain.DatasetIterator):
         before = packer.stranded(shortest)
         best, best_rows = None, None
         for i, (_, _, group) in enumerate(window):
-            if any(s.record in packed for s in group):
-                continue
+            if i and any(s.record in packed for s in group):  # (the oldest goes in: a batch longer than an
+                continue  # epoch holds records twice, as it must; the window's reach must not add more)
             pairs = self._pairs(group)
             rows = packer.place(pairs)
             if rows is None:
