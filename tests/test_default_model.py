@@ -121,6 +121,12 @@ def test_cli_slips_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
         assert says in capsys.readouterr().err, argv
 
     refused(["reconstruct", str(picture), "--out", str(tmp_path / "out.psd")], "not a format PIL writes colour")
+    # a place no file can be made in was found at the save, after the drawing (the picture lost)
+    refused(["edit", str(picture), "make it blue", "--out", "/proc/unitoken_edit.png"], "cannot be written")
+    (tmp_path / "kept.png").write_bytes(b"earlier")  # the check leaves an existing file as it was, and makes none
+    cli._check_out(str(tmp_path / "kept.png"))
+    cli._check_out(str(tmp_path / "new.png"))
+    assert (tmp_path / "kept.png").read_bytes() == b"earlier" and not (tmp_path / "new.png").exists()
     for extension in (".xbm", ".msp", ".h5"):  # writers that take no colour picture, or need a plugin
         refused(["generate", "a red circle", "--out", str(tmp_path / f"g{extension}")], "not a format PIL writes")
     refused(["generate", "a red circle", "--out", str(tmp_path / "g.png"), "--process-index", "1",

@@ -802,6 +802,12 @@ def test_pipelines_draw_pictures_edit_and_chat(pipe):
     np.testing.assert_array_equal(np.asarray(drawn), np.asarray(pictures[0]))
     edited = pipe.edit(cat, "the", size=(32, 32), progress=False)
     assert edited.size == (8, 8)
+    # the edit prompt is the reference's (its image-to-image demo: `prompt + " <|image|>"`): the
+    # instruction's words, then the picture; none of them after it
+    tokens = pipe.edit_request(cat, "he is the", size=(32, 32)).tokens.tolist()
+    start, end = tokens.index(layout.IMAGE_START), tokens.index(layout.IMAGE_END)
+    assert tokens[0] == pipe.tokenizer.bos_id and pipe.tokenizer.decode_text(tokens[1:start]).strip() == "he is the"
+    assert "he" not in pipe.tokenizer.decode_text(tokens[end + 1:])
     parts = pipe.chat([{"from": "human", "value": "the"}], max_new_tokens=4)
     assert parts and all(isinstance(p, (str, Image.Image)) for p in parts)
     assert any(isinstance(p, Image.Image) or p.strip() for p in parts)
@@ -907,6 +913,8 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert "invalid choice: 'rolled'" in capsys.readouterr().err
     assert cli.main(["edit", cat, "the", "--out", str(tmp_path / "e.png"), "--size", "32x32", *common]) == 0
     assert (tmp_path / "e.png").exists()
+    assert cli.main(["edit", cat, " ", "--out", str(tmp_path / "f.png"), "--size", "32x32", *common]) == 0
+    assert "the instruction is empty" in capsys.readouterr().err and (tmp_path / "f.png").exists()
     monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {cat}\nthe cat\nor\n"))
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--max-new-tokens", "4", *common]) == 0
     assert capsys.readouterr().out.count("assistant:") == 2

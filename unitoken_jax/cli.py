@@ -339,9 +339,30 @@ def _whole(least: int, most: int | None = None):
 
 
 def _directory_option(option: str, path: str) -> None:
-    """A directory option (written into, made if missing) that names a file is refused before any work."""
+    """A directory option (written into, made if missing) that names a file, or a place where no
+    directory or file can be made (/proc, a read-only mount), is refused before any work: found at
+    the write, it came after reading a whole checkpoint, and named no option."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{option} {path} is a file; give a directory")
+    path = os.path.abspath(path)
+    made = []  # the directories this check makes, removed again (the work makes them when it writes)
+    try:
+        parent = path
+        while not os.path.exists(parent):
+            made.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(path, exist_ok=True)
+        import tempfile
+
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".unitoken-write-check-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{option} {path} cannot be written: {e.strerror or e}") from None
+    finally:
+        for directory in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 def _more_than_zero(text: str) -> float:
@@ -583,7 +604,8 @@ def _caption(args) -> int:
 
 
 def _check_out(path: str) -> None:
-    """Before any drawing: the output's directory exists and the path is not a directory."""
+    """Before any drawing: the output's directory exists, the path is not a directory, PIL writes its format,
+    and a file can be made there."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"--out {path}: the directory {directory} does not exist (create it first)")
@@ -604,6 +626,14 @@ def _check_out(path: str) -> None:
     except Exception:  # noqa: BLE001 - whatever the writer raises, the picture could not be written
         raise ValueError(f"--out {path}: {extension or 'no extension'} is not a format PIL writes colour pictures "
                          "in; use .png (or .jpg, .webp, ...)") from None
+    existed = os.path.exists(path)
+    try:  # a place that cannot take a file (/proc, a read-only mount, no permission) is found before the drawing
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {path} cannot be written: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
 
 
 def _generate(args) -> int:
@@ -775,6 +805,8 @@ def _readable(paths) -> None:
 def _edit(args) -> int:
     _check_out(args.out)
     _readable([args.image])
+    if not args.instruction.strip():  # allowed (the picture redrawn as the model sees fit), but likely a slip
+        print("edit: the instruction is empty: the picture is redrawn without one", file=sys.stderr)
     pipe = _pipeline(args)
     picture = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
                         top_k=args.top_k, temperature=args.temperature)

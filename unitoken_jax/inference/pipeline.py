@@ -314,7 +314,8 @@ class UniTokenPipeline:
     def edit_request(self, image, instruction: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                      **options) -> Request:
         _texts([instruction], "instruction")
-        value = f"{IMAGE_PLACEHOLDER}\n{_plain(instruction, 'instruction')}"
+        # the reference's order (its image-to-image demo and TRAIN.md's examples): the instruction, then the picture
+        value = f"{_plain(instruction, 'instruction')} {IMAGE_PLACEHOLDER}"
         item = {"conversations": [{"from": "human", "value": value},
                                   {"from": "gpt", "value": None}], "image": [image]}
         return self._image_request(item, size, cfg, negative_prompt, **options)
