@@ -70,7 +70,7 @@ def test_a_stage_trained_from_the_release_exports_what_the_release_brought(relea
     config, written_config = (json.loads((d / "config.json").read_text()) for d in (release_dir, tmp_path / "hf"))
     for key, value in config.items():  # every field the release's config.json has, kept (save_hf adds some)
         kept = written_config[key]
-        assert (value.items() <= kept.items() if isinstance(value, dict) else kept == value), key
+        assert (value.items() <= kept.items() if isinstance(value, dict) else kept == value), (key, value, kept)
 
 
 def test_round_trip_is_bit_exact(release_dir, tmp_path):
@@ -167,6 +167,13 @@ def test_a_checkpoint_of_mixed_dtypes_round_trips_tensor_by_tensor(release_dir, 
     same_as_original(tmp_path / "back")
     unitoken_jax.load(str(tmp_path / "orbax")).save_hf(str(tmp_path / "again"))
     same_as_original(tmp_path / "again")
+    # config.json names the main dtype in a word: a {"default", "tensors"} map there made transformers'
+    # `torch_dtype="auto"` load the model in float32, twice the memory
+    import transformers
+
+    for out in ("out", "back", "again"):
+        assert json.loads((tmp_path / out / "config.json").read_text())["torch_dtype"] == "bfloat16", out
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "back")).dtype == torch.bfloat16
 
 
 def _flatten(tree, prefix=""):
@@ -264,6 +271,16 @@ def test_convert_and_init_refuse_what_they_could_not_write_before_reading_anythi
     out, err = capsys.readouterr()
     assert f"--to {tmp_path / 'a-file'} is a file; give a directory" in err and "read a" not in out
     assert not (tmp_path / "out").exists()
+    # a place no directory can be made in (/proc here; a read-only mount) was found after reading the
+    # whole source, as a bare "[Errno 2]"; the check makes nothing where it passes
+    assert cli.main(["convert", "--from", str(release_dir), "--to", "/proc/unitoken/out"]) == 2
+    out, err = capsys.readouterr()
+    assert "--to /proc/unitoken/out cannot be written" in err and "read a" not in out
+    assert cli.main(["convert", "--from", str(release_dir), "--to", "/proc"]) == 2  # there, but takes no file
+    assert "--to /proc cannot be written" in capsys.readouterr().err
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "new" / "out"),
+                     "--max-shard-gb", "1"]) == 2  # (refused after the check, before any reading)
+    assert not (tmp_path / "new").exists()
     # a shard size for an Orbax output (HF -> ours) was silently not used
     assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "out"), "--max-shard-gb", "1"]) == 2
     assert "--max-shard-gb sizes the HF layout's safetensors files" in capsys.readouterr().err

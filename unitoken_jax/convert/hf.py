@@ -585,6 +585,10 @@ def write_hf(path: str, config: UniTokenConfig, params, passthrough: dict[str, n
     if total > 1:
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    hf_config["torch_dtype"] = dtype
+    # a dtype word, as transformers reads it (a checkpoint of several dtypes: the main one; each tensor's
+    # own is in its file); transformers 5 writes and prefers "dtype", so a source's set one is kept in step
+    hf_config["torch_dtype"] = dtype if isinstance(dtype, str) else dtype["default"]
+    if hf_config.get("dtype") is not None:
+        hf_config["dtype"] = hf_config["torch_dtype"]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
