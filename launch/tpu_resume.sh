@@ -16,6 +16,11 @@ workers (tpu_install.sh --bucket) and starts the same run again (tpu_train.sh), 
 the latest checkpoint in --workdir. ACTIVE or still queued/provisioning: nothing to do.
 SUSPENDING/DELETING: waits until that is over, then recovers.
 
+Under --watch, a slice this watch has seen that is then DELETING or gone was deleted on purpose
+(a preempted Spot slice ends SUSPENDED, never absent): the watch ends there and creates nothing.
+A recovery that stopped after its slice came up (an install or the run's start failed) is taken
+up again at the next check: the slice is ACTIVE, but its run is still owed.
+
 --bucket is required: the new slice has fresh disks, so the bucket holding --workdir must be
 mounted again, and --workdir must lie under its mount (default /mnt/BUCKET). (With no bucket,
 give --setup a command that mounts the shared file system holding --workdir.)
@@ -59,6 +64,9 @@ fi
 dry=()
 ((!DRY_RUN)) || dry=(--dry-run)
 
+SEEN=0          # this watch has seen the slice (gone after that: deleted on purpose)
+RESTART_OWED=0  # a recovery's slice came up, but its install or the run's start failed
+
 # Each step stops the recovery when it fails (under --watch this runs where `set -e` does not act).
 recover() {  # recover STATE
   note "$NAME is $1: deleting it, creating it again, reinstalling," \
@@ -68,22 +76,41 @@ recover() {  # recover STATE
   fi
   "$LAUNCH_DIR/tpu_create.sh" "${FORWARD_TPU[@]}" ${FORWARD_CREATE[@]+"${FORWARD_CREATE[@]}"} \
     ${dry[@]+"${dry[@]}"} || return 1
+  SEEN=1
+  RESTART_OWED=1
+  restart
+}
+
+restart() {  # the install (and the bucket's mount) and the run's start on the slice that is up
   "$LAUNCH_DIR/tpu_install.sh" "${FORWARD_TPU[@]}" ${FORWARD_INSTALL[@]+"${FORWARD_INSTALL[@]}"} \
     ${dry[@]+"${dry[@]}"} || return 1
   "$LAUNCH_DIR/tpu_train.sh" "${FORWARD_TPU[@]}" "${FORWARD_TRAIN[@]}" ${dry[@]+"${dry[@]}"} || return 1
+  RESTART_OWED=0
   note "$NAME is back and the run restarted; follow it with launch/tpu_logs.sh"
 }
 
 check_once() {
   local state
   state=$(qr_state) || { note "could not read the state of $NAME"; return 1; }
+  if ((WATCH_SECONDS && SEEN)) && [[ $state == DELETING || $state == ABSENT ]]; then
+    note "$NAME is $state: it was deleted, not preempted (a preempted Spot slice ends SUSPENDED), so the" \
+      "watch ends here and creates nothing; launch/tpu_resume.sh without --watch creates it again"
+    exit 0
+  fi
   while [[ $state == SUSPENDING || $state == DELETING ]]; do
     note "$NAME is $state; waiting until that is over"
     sleep "$POLL_SECONDS"
     state=$(qr_state) || { note "could not read the state of $NAME"; return 1; }
   done
+  [[ $state == ABSENT ]] || SEEN=1
   case $state in
-    ACTIVE) note "$NAME is ACTIVE; nothing to do" ;;
+    ACTIVE)
+      if ((RESTART_OWED)); then
+        note "$NAME is ACTIVE, but the last recovery stopped before the run restarted: reinstalling and restarting it"
+        restart
+      else
+        note "$NAME is ACTIVE; nothing to do"
+      fi ;;
     WAITING_FOR_RESOURCES | ACCEPTED | CREATING | PROVISIONING) note "$NAME is $state (on its way up); nothing to do" ;;
     SUSPENDED | FAILED | ABSENT) recover "$state" ;;
     *) note "$NAME is in a state this script does not know: $state"; return 1 ;;

@@ -4,6 +4,8 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+STOP_WAIT_SECONDS=1800  # a 7B's checkpoint through gcsfuse takes minutes
+
 usage() {
   cat <<EOF
 Usage: $PROG --name NAME --zone ZONE --project PROJECT --config CONFIG --workdir WORKDIR [--config.KEY=VALUE ...]
@@ -30,7 +32,9 @@ same command on a new slice goes on where the run stopped (tpu_resume.sh does th
   --config.KEY=VALUE     config overrides, passed on as they are (repeatable)
   --env NAME=VALUE       an environment variable for the run, e.g. --env LIBTPU_INIT_ARGS=... (repeatable)
   --stop                 send SIGTERM to the run on every worker: JAX's preemption notice makes all
-                         workers save a checkpoint at the same step, then the run stops
+                         workers save a checkpoint at the same step, then the run stops; waits
+                         until it has exited on every worker (at most ${STOP_WAIT_SECONDS}s), so
+                         that the same command started again right after finds no run going
   --name NAME            the queued resource's name (required)
   --node-id ID           the TPU node's name (default: NAME)
   --zone ZONE            (default: \$CLOUDSDK_COMPUTE_ZONE)
@@ -66,7 +70,14 @@ if ((STOP)); then
   if [[ -n $CONFIG || -n $WORKDIR || -n ${OVERRIDES[*]+x} ]]; then
     die "--stop takes no --config, --workdir or overrides"
   fi
-  stop="kill -TERM \$pid && echo \"\$(hostname): sent SIGTERM to the run (pid \$pid)\""
+  # then waits until the run has saved and exited on this worker (a restart right after --stop found
+  # it still saving on some workers and started on the others alone); a zombie has no cmdline, so
+  # `running` is false for a run that has exited
+  stop="kill -TERM \$pid && echo \"\$(hostname): sent SIGTERM to the run (pid \$pid); waiting for it to save and exit\""
+  stop="$stop; i=0; while $running && [ \$i -lt $STOP_WAIT_SECONDS ]; do sleep 1; i=\$((i+1)); done"
+  stop="$stop; if $running; then echo \"\$(hostname): the run (pid \$pid) is still going after"
+  stop="$stop ${STOP_WAIT_SECONDS}s; see its log (launch/tpu_logs.sh)\" >&2; exit 1; fi"
+  stop="$stop; echo \"\$(hostname): the run has exited\""
   run "${ssh_all[@]}" "--command=if $running; then $stop; else echo \"\$(hostname): no run going\"; fi"
   exit 0
 fi

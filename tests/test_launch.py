@@ -39,6 +39,10 @@ with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
     f.write(json.dumps(args) + "\\n")
 if os.environ.get("FAKE_GCLOUD_FAIL") and os.environ["FAKE_GCLOUD_FAIL"] in args:
     sys.exit("ERROR: (gcloud) quota exceeded")
+once = os.environ.get("FAKE_GCLOUD_FAIL_ONCE")  # the first call with an argument holding this fails
+if once and any(once in a for a in args) and not os.path.exists(os.environ["FAKE_GCLOUD_LOG"] + ".failed"):
+    open(os.environ["FAKE_GCLOUD_LOG"] + ".failed", "w").close()
+    sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.ssh) connection closed")
 if args[:4] == ["compute", "tpus", "queued-resources", "describe"]:
     path = os.environ["FAKE_GCLOUD_STATES"]
     states = open(path).read().split()
@@ -381,7 +385,7 @@ def test_tpu_train_remote_command_detaches_logs_and_refuses_a_second_run(env, tm
     (home / "unitoken-jax").mkdir(parents=True)
     (home / "unitoken-venv" / "bin").mkdir(parents=True)
     _write_exec(home / "unitoken-venv" / "bin" / "python",
-                '#!/bin/sh\necho "fake python: $*"\ntrap \'echo "got SIGTERM"; exit 0\' TERM\n'
+                '#!/bin/sh\necho "fake python: $*"\ntrap \'echo "got SIGTERM"; sleep 1; echo "saved"; exit 0\' TERM\n'
                 "i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n")
     (ssh,) = dry_run("tpu_train.sh", *TPU, *TRAIN, env=env)
     (stop,) = dry_run("tpu_train.sh", *TPU, "--stop", env=env)
@@ -406,6 +410,12 @@ def test_tpu_train_remote_command_detaches_logs_and_refuses_a_second_run(env, tm
         assert second.returncode == 1 and f"a run is still going here (pid {pid})" in second.stderr
         stopped = subprocess.run(["bash", "-c", stop_command], capture_output=True, text=True, env=worker, timeout=20)
         assert f"sent SIGTERM to the run (pid {pid})" in stopped.stdout
+        # --stop returns once the run has saved and exited (a restart right after it found the run
+        # still saving on some workers, and started on the others alone)
+        assert "saved" in (logs / "train.log").read_text() and "the run has exited" in stopped.stdout
+        again = subprocess.run(["bash", "-c", start_command], capture_output=True, text=True, env=worker, timeout=20)
+        assert again.returncode == 0, again.stderr
+        pid = int((logs / "train.pid").read_text())
         for _ in range(50):
             if "got SIGTERM" in (logs / "train.log").read_text():
                 break
@@ -535,6 +545,45 @@ def test_tpu_resume_watch_stops_a_recovery_at_its_failed_step(env, tmp_path):
     assert "this check failed" in text, text
     assert "restarted" not in text
     assert not [c for c in gcloud_calls(env) if c[:3] == ["compute", "tpus", "tpu-vm"]]
+
+
+def _watch(env, tmp_path, until, extra_env=None, seconds=60) -> str:
+    """tpu_resume.sh --watch 1 until its output holds `until` (or it exits, or `seconds` pass)."""
+    out = tmp_path / "watch.err"
+    with open(out, "w") as f:
+        proc = subprocess.Popen(["bash", str(LAUNCH / "tpu_resume.sh"), *RESUME, "--watch", "1"], stdout=f, stderr=f,
+                                env={**env, **(extra_env or {})}, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.time() + seconds
+        while until not in out.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return out.read_text()
+
+
+def test_tpu_resume_watch_ends_when_the_slice_it_watched_is_deleted(env, tmp_path):
+    """Deleting the queued resource when the stage is done (the README's last step) with the
+    watcher still running made it create a new slice, which then kept billing."""
+    set_states(env, "ACTIVE", "DELETING", "ABSENT")
+    text = _watch(env, tmp_path, "the watch ends here", seconds=30)
+    assert "it was deleted, not preempted" in text, text
+    assert [c[3] for c in gcloud_calls(env)] == ["describe", "describe"]
+
+
+def test_tpu_resume_watch_takes_up_a_recovery_that_stopped_after_its_slice_came_up(env, tmp_path):
+    """The run's start failing after the new slice came up left it ACTIVE and idle: every later
+    check said "nothing to do". The next check installs and starts the run again."""
+    set_states(env, "SUSPENDED", "PROVISIONING", "ACTIVE")
+    text = _watch(env, tmp_path, "is back and the run restarted",
+                  extra_env={"FAKE_GCLOUD_FAIL_ONCE": "unitoken_jax.train"})
+    assert "this check failed" in text and "the last recovery stopped before the run restarted" in text, text
+    assert "is back and the run restarted" in text, text
+    calls = gcloud_calls(env)
+    assert [c[3] for c in calls].count("create") == 1 and [c[3] for c in calls].count("ssh") == 6
+    assert "unitoken_jax.train" in remote_command(calls[-1])
 
 
 @pytest.mark.parametrize("state", ["ACTIVE", "WAITING_FOR_RESOURCES", "PROVISIONING"])
