@@ -142,6 +142,10 @@ parse_args() {
     if [[ $opt == --* && $opt == *=* && $opt != --config.* ]]; then
       has_inline=1 inline=${opt#*=} opt=${opt%%=*}
     fi
+    case $opt in  # an on/off flag given a value (--stop=no) was read as the flag itself
+      -h | --help | --dry-run | --spot | --reserved | --no-wait | --stop | --no-follow | --single-process)
+        ((!has_inline)) || die "$opt takes no value (got '$opt=$inline')" ;;
+    esac
     case $opt in
       -h | --help) usage; exit 0 ;;
       --dry-run) DRY_RUN=1 ;;
@@ -367,6 +371,17 @@ make_train_command() {  # make_train_command PYTHON [FLAG ...]: FLAGs are the di
 }
 
 # --- queued resources ---------------------------------------------------------------------
+# The accelerator type's form, and a TPU software version for it (given, or the known default):
+# tpu_resume.sh checks them before it deletes a slice, not at the create after it.
+check_accelerator_type() {
+  [[ $ACCELERATOR_TYPE =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] ||
+    die "--accelerator-type looks like v5p-64, v5litepod-16, v6e-16 or v4-32 (got '$ACCELERATOR_TYPE')"
+  if [[ -z $RUNTIME_VERSION ]]; then
+    RUNTIME_VERSION=$(default_runtime_version "$ACCELERATOR_TYPE") ||
+      die "no default TPU software version for $ACCELERATOR_TYPE; give --runtime-version"
+  fi
+}
+
 # The TPU software version Google documents for JAX on each TPU generation.
 default_runtime_version() {  # default_runtime_version ACCELERATOR_TYPE
   case $1 in

@@ -8,7 +8,8 @@ usage() {
   cat <<EOF
 Usage: $PROG --config CONFIG --workdir WORKDIR [--gpus N] [--single-process] [--config.KEY=VALUE ...]
 
-Starts, on this machine, N processes (N = the GPUs nvidia-smi lists, or --gpus), one per GPU:
+Starts, on this machine, N processes (N = the GPUs CUDA_VISIBLE_DEVICES names, else the GPUs
+nvidia-smi lists, or --gpus), one per GPU:
 
   env JAX_LOCAL_DEVICE_IDS=i PYTHON -m unitoken_jax.train --config CONFIG --workdir WORKDIR \\
       --coordinator localhost:PORT --num_processes N --process_id i [--config.KEY=VALUE ...]
@@ -27,7 +28,7 @@ command again resumes from the latest checkpoint in WORKDIR.
   --workdir WORKDIR    checkpoints, metrics and the final model: a directory (not a gs:// URL;
                        a bucket mounted with Cloud Storage FUSE is fine)
   --config.KEY=VALUE   config overrides, passed on as they are (repeatable)
-  --gpus N             how many GPUs (default: count them with nvidia-smi -L)
+  --gpus N             how many GPUs (default: those CUDA_VISIBLE_DEVICES names, else nvidia-smi -L's)
   --single-process     one process for all GPUs
   --port PORT          the coordinator's port on localhost (default $PORT)
   --python PYTHON      the Python with unitoken_jax and jax[cuda12] installed (default: $PYTHON)
@@ -41,7 +42,16 @@ EOF
 parse_args "train gpu" "$@"
 check_train_options
 require_int "$PORT" --port
-if [[ -z $GPUS ]]; then
+if ((SINGLE_PROCESS)) && [[ -n $GPUS ]]; then  # (it was ignored: the one process drives every visible GPU)
+  die "--gpus has no use with --single-process, whose one process drives every visible GPU;" \
+    "choose them with CUDA_VISIBLE_DEVICES"
+fi
+if [[ -z $GPUS && -n ${CUDA_VISIBLE_DEVICES+x} ]]; then
+  # the GPUs the processes can see (nvidia-smi lists every GPU of the machine; JAX numbers the
+  # visible ones from 0, which JAX_LOCAL_DEVICE_IDS below counts in)
+  IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+  GPUS=${#visible[@]}
+elif [[ -z $GPUS ]]; then
   command -v nvidia-smi >/dev/null 2>&1 || die "nvidia-smi not found; give --gpus N"
   GPUS=$(nvidia-smi -L | grep -c '^GPU ') || true
 fi

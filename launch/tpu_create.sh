@@ -37,12 +37,7 @@ EOF
 parse_args "tpu create" "$@"
 check_tpu_options
 require "$ACCELERATOR_TYPE" --accelerator-type "e.g. --accelerator-type v5p-64"
-[[ $ACCELERATOR_TYPE =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] ||
-  die "--accelerator-type looks like v5p-64, v5litepod-16, v6e-16 or v4-32 (got '$ACCELERATOR_TYPE')"
-if [[ -z $RUNTIME_VERSION ]]; then
-  RUNTIME_VERSION=$(default_runtime_version "$ACCELERATOR_TYPE") ||
-    die "no default TPU software version for $ACCELERATOR_TYPE; give --runtime-version"
-fi
+check_accelerator_type
 require_int "$POLL_SECONDS" --poll-seconds
 
 create=(gcloud compute tpus queued-resources create "$NAME" "--node-id=$NODE_ID" "${WHERE[@]}"

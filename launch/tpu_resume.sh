@@ -50,6 +50,7 @@ check_tpu_options
 require_int "$WATCH_SECONDS" --watch
 # fail now, not after the slice has been deleted
 require "$ACCELERATOR_TYPE" --accelerator-type "what to create again, e.g. v5p-64"
+check_accelerator_type
 check_train_options
 check_tpu_workdir
 check_bucket_options

@@ -612,6 +612,15 @@ MUTATIONS = (
              "launch/tpu_train.sh", "while $running && [ \\$i -lt $STOP_WAIT_SECONDS ]",
              "while false && [ \\$i -lt $STOP_WAIT_SECONDS ]",
              ("tests/test_launch.py", "-k", "detaches_logs")),
+    Mutation("flag_value_read_as_the_flag", "a launch script's on/off flag given a value (--stop=no) read as the flag",
+             "launch/common.sh", """        ((!has_inline)) || die "$opt takes no value (got '$opt=$inline')" ;;""",
+             "        : ;;", ("tests/test_launch.py", "-k", "bad_input")),
+    Mutation("gpus_counted_past_cuda_visible_devices", "gpu_host.sh counting every GPU of the machine, not the visible",
+             "launch/gpu_host.sh", 'if [[ -z $GPUS && -n ${CUDA_VISIBLE_DEVICES+x} ]]; then',
+             'if false; then', ("tests/test_launch.py", "-k", "one_process_per_gpu")),
+    Mutation("accelerator_checked_after_the_delete", "tpu_resume.sh finding a bad accelerator type after the delete",
+             "launch/tpu_resume.sh", '"what to create again, e.g. v5p-64"\ncheck_accelerator_type\n',
+             '"what to create again, e.g. v5p-64"\n', ("tests/test_launch.py", "-k", "bad_input")),
 )
 
 

@@ -117,7 +117,8 @@ def env(tmp_path):
     bin_dir.mkdir()
     _write_exec(bin_dir / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
     _write_exec(bin_dir / "nvidia-smi", FAKE_NVIDIA_SMI)
-    e = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDSDK_") and not k.startswith("SLURM_")}
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("CLOUDSDK_", "SLURM_")) and k != "CUDA_VISIBLE_DEVICES"}
     e["PATH"] = f"{bin_dir}{os.pathsep}{e['PATH']}"
     e["FAKE_GCLOUD_LOG"] = str(tmp_path / "gcloud.log")
     e["FAKE_GCLOUD_STATES"] = str(tmp_path / "states")
@@ -605,13 +606,16 @@ def test_gpu_host_dry_run_one_process_per_gpu(env):
         assert words[3:] == ["-m", "unitoken_jax.train", "--config", "configs/stage2.py:tiny", "--workdir", "/tmp/w",
                              "--coordinator", "localhost:9999", "--num_processes", "4", "--process_id", str(i),
                              "--config.total_steps=3"]
-    # without --gpus it counts them with nvidia-smi (the fake lists 8)
+    # without --gpus it counts them with nvidia-smi (the fake lists 8), or those CUDA_VISIBLE_DEVICES
+    # names (nvidia-smi lists every GPU of the machine: 8 processes for 2 GPUs, 6 of them failing)
     assert len(dry_run("gpu_host.sh", "--config", "c.py", "--workdir", "/tmp/w", env=env)) == 8
+    lines = dry_run("gpu_host.sh", "--config", "c.py", "--workdir", "/tmp/w",
+                    env={**env, "CUDA_VISIBLE_DEVICES": "2,3"})
+    assert [words[1] for words in lines] == ["JAX_LOCAL_DEVICE_IDS=0", "JAX_LOCAL_DEVICE_IDS=1"]
 
 
 def test_gpu_host_dry_run_single_process(env):
-    (words,) = dry_run("gpu_host.sh", "--config", "c.py", "--workdir", "/tmp/w", "--gpus", "4", "--single-process",
-                       env=env)
+    (words,) = dry_run("gpu_host.sh", "--config", "c.py", "--workdir", "/tmp/w", "--single-process", env=env)
     assert words == ["env", "python", "-m", "unitoken_jax.train", "--config", "c.py", "--workdir", "/tmp/w"]
 
 
@@ -734,6 +738,16 @@ BAD_INPUT = [
     ("gpu_host.sh", ["--config", "c.py", "--workdir", "gs://b/r", "--gpus", "2"], "is a URL"),
     ("slurm_train.sbatch", ["--config", "c.py", "--workdir", "gs://b/r"], "is a URL"),
     ("tpu_train.sh", [*TPU, "--stop", "--config", "c.py"], "--stop takes no"),
+    # an on/off flag given a value was read as the flag (--stop=no stopped the run)
+    ("tpu_train.sh", [*TPU, "--stop=no"], "--stop takes no value (got '--stop=no')"),
+    ("gpu_host.sh", ["--config", "c.py", "--workdir", "/w", "--single-process=false"], "--single-process takes no"),
+    ("tpu_create.sh", [*TPU, "--accelerator-type", "v5p-8", "--no-wait=1"], "--no-wait takes no value"),
+    # a bad accelerator type, found by tpu_resume.sh before the slice is deleted (the describe and the
+    # delete ran first, and under --watch the failing create was repeated at every check)
+    ("tpu_resume.sh", [*TPU, "--accelerator-type", "v5e-16", "--bucket", "bucket", *TRAIN], "no default TPU software"),
+    ("tpu_resume.sh", [*TPU, "--accelerator-type", "v5p64", "--bucket", "bucket", *TRAIN], "looks like v5p-64"),
+    ("gpu_host.sh", ["--config", "c.py", "--workdir", "/w", "--gpus", "2", "--single-process"],
+     "--gpus has no use with --single-process"),  # (it was ignored: the one process drives every GPU)
     ("tpu_create.sh", [*TPU, "--accelerator-type", "v5p-32", "--spot", "--reserved"], "not both"),
     ("tpu_create.sh", [*TPU, "--accelerator-type", "v5p"], "--accelerator-type looks like"),
     ("tpu_create.sh", [*TPU, "--accelerator-type", "v5p-32", "--zone"], "--zone needs a value"),
