@@ -81,10 +81,13 @@ stopping=0
 stop_all() {  # stop_all WHY
   ((stopping)) && return 0
   stopping=1
-  note "$1: SIGTERM to every process"
   kill -TERM "${pids[@]}" 2>/dev/null || true
+  note "$1: SIGTERM to every process" || true  # (a closed terminal takes no more lines)
 }
 trap 'stop_all "interrupted (the processes save a checkpoint, then stop)"' INT TERM
+# a closed terminal or ssh session: the processes (in sessions of their own) would train on
+# unwatched, one failing leaving the others waiting in a collective; run this in tmux to keep it going
+trap 'stop_all "the terminal closed (SIGHUP): the processes save a checkpoint, then stop"' HUP
 alive() {  # a process that has not exited (an exited, unreaped child shows as a zombie, Z)
   local stat
   stat=$(ps -o stat= -p "$1" 2>/dev/null) || return 1

@@ -621,6 +621,9 @@ MUTATIONS = (
     Mutation("accelerator_checked_after_the_delete", "tpu_resume.sh finding a bad accelerator type after the delete",
              "launch/tpu_resume.sh", '"what to create again, e.g. v5p-64"\ncheck_accelerator_type\n',
              '"what to create again, e.g. v5p-64"\n', ("tests/test_launch.py", "-k", "bad_input")),
+    Mutation("gpu_host_dies_on_sighup", "gpu_host.sh killed by a closed terminal, its processes training on unwatched",
+             "launch/gpu_host.sh", """trap 'stop_all "the terminal closed (SIGHUP)""", """trap - HUP; : '("the terminal closed (SIGHUP)""",
+             ("tests/test_launch.py", "-k", "sigterm")),
 )
 
 

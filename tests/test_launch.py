@@ -634,7 +634,10 @@ def test_gpu_host_starts_the_processes_and_reports_a_failure(env, tmp_path):
                               f"--coordinator localhost:8476 --num_processes 3 --process_id {i} --config.total_steps=3")
 
 
-def test_gpu_host_passes_sigterm_on_to_every_process(env, tmp_path):
+@pytest.mark.parametrize("sent, said", [(signal.SIGTERM, "interrupted"), (signal.SIGHUP, "the terminal closed")])
+def test_gpu_host_passes_sigterm_on_to_every_process(env, tmp_path, sent, said):
+    """SIGTERM (and Ctrl-C) reach every process as SIGTERM; so does a closed terminal's SIGHUP, which
+    killed the script and left the processes training on unwatched."""
     fake = tmp_path / "python"
     _write_exec(fake, '#!/bin/sh\necho "gpu $JAX_LOCAL_DEVICE_IDS started"\n'
                       'trap \'echo "gpu $JAX_LOCAL_DEVICE_IDS got SIGTERM"; exit 0\' TERM\n'
@@ -649,12 +652,12 @@ def test_gpu_host_passes_sigterm_on_to_every_process(env, tmp_path):
                    for i in range(2)):
                 break
             time.sleep(0.1)
-        host.send_signal(signal.SIGTERM)
+        host.send_signal(sent)
         _, err = host.communicate(timeout=20)
     finally:
         host.kill()
     assert host.returncode == 0, err
-    assert "interrupted" in err and "all 2 processes finished" in err
+    assert said in err and "all 2 processes finished" in err
     for i in range(2):
         assert f"gpu {i} got SIGTERM" in (logs / f"process-{i}.log").read_text()
 
