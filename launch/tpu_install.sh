@@ -47,7 +47,7 @@ Where the code comes from (one of):
   -h, --help         this text
 
 Example (the run's workdir is then e.g. /mnt/my-bucket/unitoken/stage2):
-  $PROG --name unitoken-v5p --zone us-east5-a --project my-project --ref main --bucket my-bucket
+  $PROG --name unitoken-v5p --zone us-east5-a --project my-project --ref \$(git rev-parse HEAD) --bucket my-bucket
 EOF
 }
 
@@ -74,7 +74,15 @@ if [[ -n $REPO_URL ]]; then
 else
   if [[ -z $TARBALL ]]; then
     ref=${GIT_REF:-HEAD}
-    TARBALL="${TMPDIR:-/tmp}/unitoken-jax-src.tar.gz"
+    # a directory of this install's own: two installs at once (two slices, two watchers) wrote one
+    # archive path, each copying what the other had packed
+    if ((DRY_RUN)); then
+      TARBALL="${TMPDIR:-/tmp}/unitoken-jax-src.XXXXXX/src.tar.gz"
+    else
+      pack_dir=$(mktemp -d "${TMPDIR:-/tmp}/unitoken-jax-src.XXXXXX")
+      trap 'rm -rf "$pack_dir"' EXIT
+      TARBALL="$pack_dir/src.tar.gz"
+    fi
     if ((!DRY_RUN)) && [[ $ref == HEAD && -n $(git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
       note "warning: $REPO_ROOT has uncommitted changes; only the committed HEAD is copied"
     fi

@@ -27,6 +27,9 @@ give --setup a command that mounts the shared file system holding --workdir.)
 
   --watch SECONDS   check every SECONDS seconds until interrupted (default: check once)
 
+Give --ref a commit, not a branch: each recovery installs --ref as it then is, so a branch that
+moved on would bring other code to the recreated slice than the run started with.
+
 Give it the flags you gave tpu_create.sh, tpu_install.sh and tpu_train.sh, all together; each is
 passed on to the script it belongs to:
   tpu:      --name --node-id --zone --project
@@ -39,7 +42,7 @@ passed on to the script it belongs to:
 
 Example (checks every 10 minutes):
   $PROG --watch 600 --name unitoken-v5p --zone us-east5-a --project my-project \\
-      --accelerator-type v5p-64 --spot --ref main --bucket my-bucket \\
+      --accelerator-type v5p-64 --spot --ref "\$(git rev-parse HEAD)" --bucket my-bucket \\
       --config configs/stage2.py --workdir /mnt/my-bucket/unitoken/stage2 \\
       --config.data.sources=/mnt/my-bucket/data/stage2.yaml
 EOF

@@ -624,6 +624,10 @@ MUTATIONS = (
     Mutation("gpu_host_dies_on_sighup", "gpu_host.sh killed by a closed terminal, its processes training on unwatched",
              "launch/gpu_host.sh", """trap 'stop_all "the terminal closed (SIGHUP)""", """trap - HUP; : '("the terminal closed (SIGHUP)""",
              ("tests/test_launch.py", "-k", "sigterm")),
+    Mutation("install_archive_at_one_path", "two TPU installs at once packing the code into one archive path",
+             "launch/tpu_install.sh", 'pack_dir=$(mktemp -d "${TMPDIR:-/tmp}/unitoken-jax-src.XXXXXX")',
+             'pack_dir="${TMPDIR:-/tmp}/unitoken-jax-src.shared" && mkdir -p "$pack_dir"',
+             ("tests/test_launch.py", "-k", "directory_of_its_own")),
 )
 
 

@@ -280,6 +280,18 @@ def test_tpu_install_remote_command_can_be_retried_after_a_failure_past_the_extr
     assert (home / "unitoken-jax" / ".git").is_dir()
 
 
+def test_tpu_install_packs_the_code_in_a_directory_of_its_own(env, tmp_path):
+    """Two installs at once (two slices, two watchers) packed into one archive path, each copying
+    what the other had packed; the archive goes once it is copied."""
+    for _ in range(2):
+        r = run_script("tpu_install.sh", *TPU, "--ref", "HEAD", env={**env, "TMPDIR": str(tmp_path)})
+        assert r.returncode == 0, r.stderr
+    sources = [c[4] for c in gcloud_calls(env) if c[:4] == ["compute", "tpus", "tpu-vm", "scp"]]
+    assert len(sources) == 2 and sources[0] != sources[1], sources
+    assert all(s.startswith(str(tmp_path)) and s.endswith(".tar.gz") for s in sources), sources
+    assert not list(tmp_path.glob("unitoken-jax-src*"))
+
+
 def test_tpu_install_dry_run_clones_and_runs_setup(env):
     setup = "mkdir -p /tmp/unitoken && gcloud storage cp -r gs://b/data /tmp/unitoken/"
     install, then = dry_run("tpu_install.sh", *TPU, "--repo", "https://example.com/u.git", "--ref", "v1.2",
