@@ -628,6 +628,10 @@ MUTATIONS = (
              "launch/tpu_install.sh", 'pack_dir=$(mktemp -d "${TMPDIR:-/tmp}/unitoken-jax-src.XXXXXX")',
              'pack_dir="${TMPDIR:-/tmp}/unitoken-jax-src.shared" && mkdir -p "$pack_dir"',
              ("tests/test_launch.py", "-k", "directory_of_its_own")),
+    Mutation("slurm_requeues_a_users_stop",
+             "a SLURM job stopped with scancel --signal=TERM requeued as at its time limit",
+             "launch/slurm_train.sbatch", "elif left=$(time_left) && [[ -n $left ]] && ((left > 900)); then",
+             "elif false; then", ("tests/test_launch.py", "-k", "long_before")),
 )
 
 

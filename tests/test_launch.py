@@ -713,6 +713,24 @@ def test_slurm_requeues_a_run_stopped_by_its_time_limit_not_one_stopped_at_its_s
         assert requeued == ["requeue 42"] and "requeueing job 42" in r.stderr
 
 
+@pytest.mark.parametrize("left, requeued", [("1-02:00:00", False), ("45:00", False), ("UNLIMITED", False),
+                                            ("8:20", True), ("00:09:59", True), ("", True)])
+def test_slurm_does_not_requeue_a_stop_sent_long_before_the_time_limit(env, tmp_path, left, requeued):
+    """`scancel --signal=TERM` (a stop with a save) ended the run as the time limit's signal does,
+    and the job was requeued: a clean stop with more than 15 minutes of the job left is not (squeue's
+    time left; where it says nothing the job is requeued, as before)."""
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    _write_exec(bin_dir / "srun", "#!/bin/sh\nexit 0\n")
+    _write_exec(bin_dir / "scontrol", f'#!/bin/sh\necho "$*" >> {tmp_path / "scontrol.log"}\n')
+    _write_exec(bin_dir / "squeue", f'#!/bin/sh\n[ "$*" = "-h -j 42 -o %L" ] && echo "{left}"\n')
+    job = dict(env, SLURM_JOB_ID="42", SLURM_JOB_NODELIST="n1")
+    r = run_script("slurm_train.sbatch", "--config", "c.py", "--workdir", str(tmp_path / "run"), env=job)
+    assert r.returncode == 0, r.stderr
+    log = tmp_path / "scontrol.log"
+    assert (log.read_text().splitlines() if log.exists() else []) == (["requeue 42"] if requeued else []), r.stderr
+    assert ("a stop you sent" in r.stderr) != requeued
+
+
 def test_slurm_job_script_outside_slurm_fails_clearly(env):
     r = run_script("slurm_train.sbatch", *TRAIN, env=env)
     assert r.returncode == 2 and "not inside a SLURM job" in r.stderr
