@@ -460,13 +460,13 @@ def test_a_resume_with_another_worker_count_is_refused_by_name(datasets):
         return state
 
     with_workers, without = state_after_a_batch(2), state_after_a_batch(0)
-    saved = json.loads(json.dumps(_gather_data_state(with_workers, 2)))
+    saved = json.loads(json.dumps(_gather_data_state(with_workers, 2, {})))
     assert _my_data_state(saved, 2) == with_workers
     for count in (0, 3):
         with pytest.raises(ValueError, match=f"data.worker_count=2 and this run has {count}.*worker_count=2"):
             _my_data_state(saved, count)
     with pytest.raises(ValueError, match="data.worker_count=0 and this run has 2"):
-        _my_data_state(_gather_data_state(without, 0), 2)
+        _my_data_state(_gather_data_state(without, 0, {}), 2)
     # written before the count was recorded
     assert _my_data_state({"processes": [without]}, 0) == without
     assert _my_data_state({"processes": [with_workers]}, 2) == with_workers

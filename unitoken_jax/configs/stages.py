@@ -73,6 +73,7 @@ def stage_config(stage: int, arg: str = "") -> ml_collections.ConfigDict:
         num_threads=2 if tiny else 16,
         worker_count=0,
         lookahead=64,  # later groups a batch may choose from besides the oldest waiting one (fuller rows)
+        new_order=False,  # resuming on changed data (or its order's settings): refused; True starts the order anew
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))  # 0: every device
     # evaluation during training (unitoken_jax/train/evaluate.py), off here: every > 0 turns it on, with

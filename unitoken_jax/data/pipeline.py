@@ -156,6 +156,26 @@ class PipelineConfig:
         return is_held_out(sample_id, self.holdout_fraction) == (self.split == "eval")
 
 
+def order_changes(saved: dict | None, now: dict) -> list[str]:
+    """What differs between two pipelines' `order` (a checkpoint's and this run's), in words; none
+    for a checkpoint written before the order was recorded."""
+    if saved is None:
+        return []
+    changes = [f"{name} {saved[key]} -> {now[key]}" for key, name in
+               (("seed", "data.seed"), ("mix", "data.mix"), ("holdout_fraction", "eval.holdout_fraction"))
+               if saved.get(key) != now[key]]
+    before, after = saved.get("datasets", []), now["datasets"]
+    if len(before) != len(after):
+        changes.append(f"{len(before)} dataset(s), now {len(after)} ({', '.join(d['path'] for d in after)})")
+    else:
+        for i, (a, b) in enumerate(zip(before, after)):
+            differ = [f"{key} {a.get(key)} -> {b[key]}" for key in ("understanding", "generation", "ratio")
+                      if a.get(key) != b[key]]
+            if differ:
+                changes.append(f"dataset {i + 1} ({b['path']}): {', '.join(differ)}")
+    return changes
+
+
 @dataclasses.dataclass(frozen=True)
 class OtherSplit:
     """What the record reader gives for a sample of the other split: its id, nothing decoded."""
@@ -266,6 +286,13 @@ class InputPipeline(grain.IterDataset):
                             source.path, s.max_length, config.length)
         kinds = [o[2] for o in opened]
         self._kinds = kinds
+        # what the sample order follows from (a resume compares it with the checkpoint's: read
+        # positions of another order train some samples twice and skip others); paths only to name them
+        self.order = {"datasets": [{"path": src.path, "understanding": int((ks == 0).sum()),
+                                    "generation": int((ks == 1).sum()), "ratio": float(src.ratio)}
+                                   for src, ks in zip(self.sources, kinds)],
+                      "mix": [int(m) for m in config.mix], "seed": int(config.seed),
+                      "holdout_fraction": float(config.holdout_fraction)}
         self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}
         streams = []
         for k in (0, 1):

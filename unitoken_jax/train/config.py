@@ -50,6 +50,9 @@ class DataConfig:
     num_threads: int = 2
     worker_count: int = 0
     lookahead: int = 64  # later groups a batch may choose from besides the oldest waiting one (0: strictly in order)
+    # a resume on data whose order differs from the checkpoint's (datasets, counts, ratios, mix, seed,
+    # holdout): refused, or with True the order starts anew on this data (the model and optimizer go on)
+    new_order: bool = False
 
     def validate(self) -> "DataConfig":
         for name in ("rows", "length", "max_images"):

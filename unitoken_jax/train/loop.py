@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 
 from unitoken_jax import configs
 from unitoken_jax.data.demo import build_demo_dataset
-from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, dropped_too_long, sources_from
+from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, dropped_too_long, order_changes, sources_from
 from unitoken_jax.inference.compilation_cache import count_cache_hits
 from unitoken_jax.model import UniTokenModel, load, read_config, read_extras
 from unitoken_jax.models import lora as lora_lib
@@ -230,17 +230,18 @@ def _global_batch(local: dict, shardings, features_per_process: int, blocks: int
 _LOG_WINDOW = "unitoken_log_window"  # a process's data state's entry for its open logging window
 
 
-def _gather_data_state(state: dict, worker_count: int) -> dict:
-    """Every process's iterator state, and the `data.worker_count` that wrote them (`_my_data_state`)."""
+def _gather_data_state(state: dict, worker_count: int, order: dict) -> dict:
+    """Every process's iterator state, the `data.worker_count` that wrote them (`_my_data_state`)
+    and what the sample order follows from (`InputPipeline.order`: a resume compares it)."""
     if jax.process_count() == 1:
-        return {"processes": [state], "worker_count": worker_count}
+        return {"processes": [state], "worker_count": worker_count, "order": order}
     raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
     length = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
     padded = np.zeros(length, np.uint8)
     padded[:raw.size] = raw
     everyone = multihost_utils.process_allgather(padded)
     return {"processes": [json.loads(bytes(row).rstrip(b"\0").decode()) for row in everyone],
-            "worker_count": worker_count}
+            "worker_count": worker_count, "order": order}
 
 
 def _my_data_state(saved: dict, worker_count: int) -> dict:
@@ -317,7 +318,18 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
         start_step, state, data_state = resumed
         mine = dict(_my_data_state(data_state, config.data.worker_count))
         open_window = mine.pop(_LOG_WINDOW, None)  # (a checkpoint between two logging steps)
-        data_iter.set_state(mine)
+        changes = order_changes(data_state.get("order"), pipeline.order)
+        if changes and not config.data.new_order:  # (it resumed silently at the old read positions)
+            checkpointer.close()
+            raise ValueError(f"the data changed since the checkpoint at step {start_step}: {'; '.join(changes)}. Its "
+                             "read positions belong to the old sample order: on this data they would train some "
+                             "samples again and skip others. Resume with the data as it was, or start the order "
+                             "anew on this data with --config.data.new_order=True (the model and optimizer go on)")
+        if changes:
+            log.warning("the data changed since the checkpoint at step %d (%s): the sample order starts anew "
+                        "(data.new_order)", start_step, "; ".join(changes))
+        else:
+            data_iter.set_state(mine)
         eval_pending = bool(data_state.get("eval_pending"))  # due when the run was preempted
         log.info("resumed from step %d", start_step)
         end = config.total_steps * config.optimizer.accumulation_steps
@@ -528,7 +540,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                 own = data_iter.get_state()
                 if window.steps:  # this process's unlogged steps, taken up again by a resumed run
                     own = {**own, _LOG_WINDOW: window.state()}
-                data_state = _gather_data_state(own, config.data.worker_count)
+                data_state = _gather_data_state(own, config.data.worker_count, pipeline.order)
                 if eval_due:  # put off by the preemption: the resumed run evaluates this step first
                     data_state["eval_pending"] = True
                 checkpointer.save(step, state, data_state, force=True)
