@@ -86,6 +86,30 @@ def test_records_equal_the_single_item_encoder_and_bad_items_are_listed(tmp_path
     assert kinds.tolist().count(1) == 5  # the demo alternates understanding / generation
 
 
+def test_a_run_resumed_or_rerun_with_another_tokenizer_or_vqgan_is_refused(tmp_path, items_path, tokenizers):
+    """A killed run resumed with another VQ-GAN finished with records of two VQ-GANs in one dataset
+    (its first chunks' codes from one, the rest from the other), and a finished one rerun with another
+    tokenizer said "nothing to do", keeping the old records: job.json named neither."""
+    from unitoken_jax.models.vqgan import VQGANConfig
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.vq_tokenizer import VQTokenizer
+
+    text, vq = tokenizers
+    other_vq = VQTokenizer.random(VQGANConfig(**demo.DEMO_VQGAN), seed=1)
+    other_text = TextTokenizer(demo.small.build(1))
+    cut = str(tmp_path / "cut")
+    pt.pretokenize(items_path, cut, text, vq, SETTINGS, progress=False, max_chunks=1)
+    with pytest.raises(ValueError, match="started with another VQ-GAN"):
+        pt.pretokenize(items_path, cut, text, other_vq, SETTINGS, progress=False)
+    whole = str(tmp_path / "whole")
+    assert pt.pretokenize(items_path, whole, text, vq, SETTINGS, progress=False)["complete"]
+    with pytest.raises(ValueError, match="started with another text tokenizer"):
+        pt.pretokenize(items_path, whole, other_text, vq, SETTINGS, progress=False)
+    # the same tokenizer and VQ-GAN (other objects, the same files) resume as before
+    same_text, same_vq = demo.demo_tokenizers()
+    assert pt.pretokenize(items_path, cut, same_text, same_vq, SETTINGS, progress=False)["complete"]
+
+
 def test_a_killed_run_resumes_to_the_same_dataset(tmp_path, items_path, tokenizers, monkeypatch):
     text, vq = tokenizers
     reference, _ = (pt.pretokenize(items_path, str(tmp_path / "whole"), text, vq, SETTINGS, progress=False),

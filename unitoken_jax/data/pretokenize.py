@@ -265,7 +265,7 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
     n_chunks = max(1, -(-len(items) // settings.chunk_size))
     partial = os.path.join(out_dir, _PARTIAL)
     os.makedirs(partial, exist_ok=True)
-    _check_settings(out_dir, settings, items_path, len(items))
+    _check_settings(out_dir, settings, items_path, len(items), tokenizer=tokenizer, vq=vq)
     if os.path.exists(os.path.join(out_dir, "dataset_info.json")):  # its chunks' markers are gone: not redone
         log.info("%s is complete already (the same job): nothing to do", out_dir)
         return summary(out_dir)
@@ -375,17 +375,35 @@ def _read_settled(path: str) -> dict | None:
             time.sleep(0.5)
 
 
-def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int) -> None:
+def _fingerprints(tokenizer, vq) -> dict[str, str]:
+    """sha256 of the text tokenizer (its whole tokenizer.json) and of the VQ-GAN (config and weights):
+    a job resumed with another tokenizer or VQ-GAN wrote records of two kinds into one dataset."""
+    out = {}
+    if tokenizer is not None and hasattr(tokenizer, "_full"):
+        out["tokenizer_sha256"] = hashlib.sha256(tokenizer._full.to_str().encode()).hexdigest()
+    if vq is not None and hasattr(vq, "params"):
+        import jax
+
+        digest = hashlib.sha256(repr(vq.config).encode())
+        for leaf in jax.tree.leaves(vq.params):
+            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        out["vqgan_sha256"] = digest.hexdigest()
+    return out
+
+
+def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int, *,
+                    tokenizer=None, vq=None) -> None:
     """A resumed run must be the same job; mixing settings in one dataset would corrupt it. The
     items file is fingerprinted by content: one edited between a kill and the restart (same path,
-    same count) would otherwise resume into duplicated and lost records."""
+    same count) would otherwise resume into duplicated and lost records; so are the tokenizer and
+    the VQ-GAN (a job.json written before they were has none, and is not held to them)."""
     path = os.path.join(out_dir, _PARTIAL, "job.json")
     digest = hashlib.sha256()
     with open(items_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     job = {"settings": settings.to_json(), "items": os.path.abspath(items_path), "num_items": n_items,
-           "items_sha256": digest.hexdigest()}
+           "items_sha256": digest.hexdigest(), **_fingerprints(tokenizer, vq)}
     # made at once by the first host (hosts started together each found none and wrote their own:
     # with other settings, both passed and made one dataset of two kinds of records)
     if _create_once(path, job):
@@ -393,15 +411,21 @@ def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str
     old = _read_settled(path)
     if old is None:
         raise ValueError(f"{path} cannot be read (empty or damaged: a run killed as it started?); delete it and rerun")
-    same_job = {k: v for k, v in old.items() if k != "items_sha256"} == {k: v for k, v in job.items()
-                                                                           if k != "items_sha256"}
+    digests = ("items_sha256", "tokenizer_sha256", "vqgan_sha256")
+    same_job = {k: v for k, v in old.items() if k not in digests} == {k: v for k, v in job.items() if k not in digests}
     if same_job and old.get("items_sha256", job["items_sha256"]) != job["items_sha256"]:
         raise ValueError(f"{items_path} changed since the pre-tokenization in {out_dir} started (same path and "
                          "count, other content: resuming would duplicate some items and lose others); restore "
                          "the file, or use another directory")
+    for key, what in (("tokenizer_sha256", "text tokenizer"), ("vqgan_sha256", "VQ-GAN")):
+        if key in old and key in job and old[key] != job[key]:
+            raise ValueError(f"{out_dir} holds a pre-tokenization started with another {what} (its records "
+                             f"would be of two kinds in one dataset): give the {what} it was started with, or "
+                             "use another directory")
     if not same_job:
-        raise ValueError(f"{out_dir} holds a pre-tokenization started with other settings or items:\n"
-                         f"  there: {old}\n  now:   {job}\nuse another directory or delete it")
+        differ = [k for k in ("settings", "items", "num_items") if old.get(k) != job.get(k)]
+        raise ValueError(f"{out_dir} holds a pre-tokenization started with other {' and '.join(differ) or 'settings'}:"
+                         f"\n  there: {old}\n  now:   {job}\nuse another directory or delete it")
 
 
 def _take_finalize_lock(path: str) -> bool:
