@@ -632,6 +632,12 @@ MUTATIONS = (
              "a SLURM job stopped with scancel --signal=TERM requeued as at its time limit",
              "launch/slurm_train.sbatch", "elif left=$(time_left) && [[ -n $left ]] && ((left > 900)); then",
              "elif false; then", ("tests/test_launch.py", "-k", "long_before")),
+    Mutation("resume_on_changed_data_unchecked", "a resume on changed data going on at the old read positions",
+             "unitoken_jax/train/loop.py", "        if changes and not config.data.new_order:",
+             "        if False:", ("tests/test_train_loop.py", "-k", "changed_data")),
+    Mutation("pretokenize_mixes_vqgans", "a pre-tokenization resumed with another VQ-GAN or tokenizer, mixed",
+             "unitoken_jax/data/pretokenize.py", "        if key in old and key in job and old[key] != job[key]:",
+             "        if False:", ("tests/test_pretokenize.py", "-k", "another_tokenizer_or_vqgan")),
 )
 
 
