@@ -143,6 +143,26 @@ def test_a_checkpoint_of_another_optimizer_layout_is_refused_by_name_not_resumed
     assert os.listdir(directory) == ["1"]
 
 
+def test_checkpoints_of_another_optimizer_layout_are_refused_as_such_not_taken_for_damage(tmp_path, monkeypatch):
+    """A resume with accumulation_steps 1 -> 2 (or LoRA turned on): Orbax refused each step's tree,
+    which was taken for damage: every checkpoint was named unreadable, inviting their deletion."""
+    import dataclasses
+    import os
+
+    import pytest
+
+    state, _ = _setup(OPT)
+    directory = str(tmp_path / "ckpt")
+    Checkpointer(directory, async_save=False).save(1, state, data_state={"next_index": 1})
+    other, _ = _setup(dataclasses.replace(OPT, accumulation_steps=2))
+    restores = []
+    monkeypatch.setattr(Checkpointer, "restore", lambda *a, **k: restores.append(1))
+    with pytest.raises(ValueError, match=r"laid out differently from this run's \(opt_state: \d+ arrays there, "
+                                         r"\d+ here\): .*optimizer.accumulation_steps"):
+        Checkpointer(directory).restore_latest_complete(jax.eval_shape(lambda: other))
+    assert not restores and os.listdir(directory) == ["1"]
+
+
 def test_checkpoints_of_a_model_of_other_sizes_are_refused_before_any_restore(tmp_path, monkeypatch):
     """A workdir resumed with another model config (intermediate_size 128 -> 256): every step's
     restore was tried and taken for damage, each failing after Orbax had started its reads, and

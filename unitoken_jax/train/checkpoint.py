@@ -150,9 +150,22 @@ class Checkpointer:
         abandoned coroutines around the one line saying why). Metadata that cannot be read is left
         to the restore, which says what is damaged."""
         try:
-            saved = reader.item_metadata(step)["state"]["params"]
+            saved_state = reader.item_metadata(step)["state"]
+            saved = saved_state["params"]
+            counts = {part: (len(jax.tree_util.tree_leaves(saved_state[part])),
+                             len(jax.tree_util.tree_leaves(getattr(abstract_state, part))))
+                      for part in ("params", "opt_state")}
         except Exception:  # noqa: BLE001 - damage: the restore's to report
             return
+        # other parts (LoRA factors, trainable parts, accumulation's state): Orbax refused each step's
+        # tree, which was taken for damage and named every checkpoint unreadable
+        other = [f"{part}: {there} arrays there, {here} here" for part, (there, here) in counts.items()
+                 if there != here]
+        if other:
+            raise ValueError(f"the checkpoints in {self.directory} hold a train state laid out differently from this "
+                             f"run's ({'; '.join(other)}): another model.lora, optimizer.trainable or "
+                             "optimizer.accumulation_steps than they were trained with; resume with the settings "
+                             "they were trained with (the workdir's config.json), or give another workdir")
         shapes = [{jax.tree_util.keystr(p): tuple(getattr(x, "shape", ())) for p, x in
                    jax.tree_util.tree_leaves_with_path(tree)} for tree in (saved, abstract_state.params)]
         differ = [k for k in shapes[1] if k in shapes[0] and shapes[0][k] != shapes[1][k]]
