@@ -638,6 +638,9 @@ MUTATIONS = (
     Mutation("pretokenize_mixes_vqgans", "a pre-tokenization resumed with another VQ-GAN or tokenizer, mixed",
              "unitoken_jax/data/pretokenize.py", "        if key in old and key in job and old[key] != job[key]:",
              "        if False:", ("tests/test_pretokenize.py", "-k", "another_tokenizer_or_vqgan")),
+    Mutation("other_layout_taken_for_damage", "a checkpoint of another optimizer layout taken for a damaged one",
+             "unitoken_jax/train/checkpoint.py", "        if other:\n", "        if False:\n",
+             ("tests/test_checkpointing.py", "-k", "optimizer_layout")),
 )
 
 
