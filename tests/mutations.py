@@ -641,6 +641,9 @@ MUTATIONS = (
     Mutation("other_layout_taken_for_damage", "a checkpoint of another optimizer layout taken for a damaged one",
              "unitoken_jax/train/checkpoint.py", "        if other:\n", "        if False:\n",
              ("tests/test_checkpointing.py", "-k", "optimizer_layout")),
+    Mutation("world_build_workdir_a_file", "world.build --workdir naming a file left to makedirs' traceback",
+             "unitoken_jax/world/build.py", "    if os.path.exists(workdir) and not os.path.isdir(workdir):",
+             "    if False:", ("tests/test_world.py", "-k", "reuses_a_step")),
 )
 
 

@@ -227,6 +227,10 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
         build.main(["--workdir", str(tmp_path / "new"), "--vq-steps", "0"])
     assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    (tmp_path / "a-file").write_text("")  # (a FileExistsError traceback)
+    with pytest.raises(SystemExit):
+        build.main(["--workdir", str(tmp_path / "a-file"), "--vq-steps", "2"])
+    assert "--workdir " + str(tmp_path / "a-file") + " is a file; give a directory" in capsys.readouterr().err
     # the fine-tuning demo's counts too (each was a ValueError traceback, --steps 0 after building its data)
     from unitoken_jax.world import finetune_demo
 

@@ -144,6 +144,8 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
                         ("stage2_steps", stage2_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingsError(f"{name}={value!r}: a whole number, at least 1")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):  # (makedirs' FileExistsError traceback)
+        raise SettingsError(f"--workdir {workdir} is a file; give a directory")
     os.makedirs(workdir, exist_ok=True)
     suffix = "" if continuous else "_discrete"
     timings_path = os.path.join(workdir, f"timings{suffix}.json")
@@ -203,6 +205,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)  # absl may have configured the root logger already
+    logging.getLogger("absl").setLevel(logging.WARNING)  # (Orbax's checkpoint chatter: 200 of 245 lines)
     try:
         model = build(args.workdir, vq_steps=args.vq_steps, pictures=args.pictures, stage1_steps=args.stage1_steps,
                       stage2_steps=args.stage2_steps, continuous=not args.discrete_only)
