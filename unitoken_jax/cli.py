@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import warnings
 
 from unitoken_jax import configs
@@ -352,8 +353,6 @@ def _directory_option(option: str, path: str) -> None:
             made.append(parent)
             parent = os.path.dirname(parent)
         os.makedirs(path, exist_ok=True)
-        import tempfile
-
         handle, probe = tempfile.mkstemp(dir=path, prefix=".unitoken-write-check-")
         os.close(handle)
         os.remove(probe)

@@ -11,6 +11,7 @@ It sits beside `unitoken_jax.model` (the user-facing objects that read checkpoin
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from typing import Sequence
 
@@ -39,6 +40,13 @@ class VQTokenizer:
         self.params = params
         self.mesh = mesh
         self.has_decoder = vq_io.has_decoder(params)
+
+    def fingerprint(self) -> str:
+        """sha256 of the config and every weight: what a pre-tokenized dataset's codes were made with."""
+        digest = hashlib.sha256(repr(self.config).encode())
+        for leaf in jax.tree.leaves(self.params):
+            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        return digest.hexdigest()
 
     @classmethod
     def from_meta(cls, ckpt_path: str, yaml_path: str | None = None, mesh: Mesh | None = None) -> "VQTokenizer":

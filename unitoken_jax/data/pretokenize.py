@@ -378,17 +378,8 @@ def _read_settled(path: str) -> dict | None:
 def _fingerprints(tokenizer, vq) -> dict[str, str]:
     """sha256 of the text tokenizer (its whole tokenizer.json) and of the VQ-GAN (config and weights):
     a job resumed with another tokenizer or VQ-GAN wrote records of two kinds into one dataset."""
-    out = {}
-    if tokenizer is not None and hasattr(tokenizer, "_full"):
-        out["tokenizer_sha256"] = hashlib.sha256(tokenizer._full.to_str().encode()).hexdigest()
-    if vq is not None and hasattr(vq, "params"):
-        import jax
-
-        digest = hashlib.sha256(repr(vq.config).encode())
-        for leaf in jax.tree.leaves(vq.params):
-            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-        out["vqgan_sha256"] = digest.hexdigest()
-    return out
+    return {key: part.fingerprint() for key, part in (("tokenizer_sha256", tokenizer), ("vqgan_sha256", vq))
+            if hasattr(part, "fingerprint")}
 
 
 def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int, *,

@@ -8,6 +8,7 @@ is spelled out in ordinary pieces and never becomes a control id. Control ids co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -80,6 +81,11 @@ class TextTokenizer:
     def from_file(cls, path: str) -> "TextTokenizer":
         with open(os.path.expanduser(path), encoding="utf-8") as f:
             return cls(f.read())
+
+    def fingerprint(self) -> str:
+        """sha256 of the whole tokenizer (its tokenizer.json as the library writes it): what a
+        pre-tokenized dataset was made with."""
+        return hashlib.sha256(self._full.to_str().encode()).hexdigest()
 
     @property
     def num_codes(self) -> int:

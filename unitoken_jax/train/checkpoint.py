@@ -144,8 +144,9 @@ class Checkpointer:
                               "directories away to start over.")
 
     def _check_sizes(self, abstract_state, step: int, reader) -> None:
-        """A ValueError, before any restore, where the newest checkpoint's parameters have other
-        shapes than this run's model (another model config): each step's restore had been tried and
+        """A ValueError, before any restore, where the newest checkpoint's train state has other
+        parts (counted arrays: LoRA, trainable parts, accumulation) or its parameters other shapes
+        than this run's (another model config): each step's restore had been tried and
         taken for damage, every one failing after Orbax had started its reads (2,000 lines of their
         abandoned coroutines around the one line saying why). Metadata that cannot be read is left
         to the restore, which says what is damaged."""
