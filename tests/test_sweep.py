@@ -162,6 +162,39 @@ def test_a_root_holds_one_sweep_and_a_sweep_needing_its_argument_says_so(tmp_pat
     with open(os.path.join(root, "sweep.json")) as f:
         assert json.load(f)["fixed"] == ["--config.total_steps=7"]  # left as it was
 
+    # the same file and fixed overrides, spelt otherwise: relative from another directory, the
+    # flags in another order (both were refused, advising a new root: every run from scratch)
+    assert cli.main(["sweep", path, "--root", root, "--set", "total_steps=7", "--set", "log_every=1"]) == 2
+    capsys.readouterr()
+    other = str(tmp_path / "other_root")
+    assert cli.main(["sweep", path, "--root", other, "--set", "total_steps=7", "--set", "log_every=1"]) == 0
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert cli.main(["sweep", "grid.py", "--root", other, "--set", "log_every=1", "--set", "total_steps=7"]) == 0
+        os.makedirs("sub", exist_ok=True)
+        os.chdir("sub")
+        assert cli.main(["sweep", "../grid.py", "--root", other, "--set", "log_every=1", "--set",
+                         "total_steps=7"]) == 0, capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    capsys.readouterr()
+
+    # sweep(add) edited so a run keeps its name with other settings (a swept key renamed): its
+    # workdir's checkpoints or final results were taken for the new settings' run
+    renamed = _write(tmp_path, "grid.py", SMALL_CONFIG + '''
+def sweep(add):
+    for lr in (0.1, 0.01):
+        for seed in (0, 1):
+            add(**{"optimizer.learning_rate": lr, "seed": seed})
+''')
+    assert renamed == path and sweep_lib.expand(path, root).runs[0].name == "learning_rate=0.1,seed=0"
+    assert cli.main(["sweep", path, "--root", root, "--set", "total_steps=7"]) == 2
+    err = capsys.readouterr().err
+    assert "run learning_rate=0.1,seed=0 of" in err and "{'optimizer.learning_rate': 0.1, 'data.seed': 0}" in err \
+        and "is now {'optimizer.learning_rate': 0.1, 'seed': 0}" in err and "give another --root" in err
+    _grid_file(tmp_path)  # as it was
+
     needs_arg = _write(tmp_path, "needs_arg.py", SMALL_CONFIG + '''
 def sweep(add, arg):
     add(**{"data.seed": len(arg)})
@@ -195,12 +228,26 @@ def test_a_run_is_not_printed_again_while_its_process_runs_here(tmp_path, capsys
     sweep = sweep_lib.expand(path, root)
     sweep_lib.write_records(sweep)
     busy = sweep.runs[1].workdir
-    with open(os.path.join(busy, sweep_lib.STATUS_FILE), "w") as f:
-        json.dump({"state": "running", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, f)
-    assert cli.main(["sweep", path, "--root", root]) == 0
-    out, err = capsys.readouterr()
-    assert [shlex.split(line)[6] for line in out.splitlines()] == [r.workdir for r in sweep.runs if r.workdir != busy]
-    assert "1 of 4 runs running already; not listed" in err
+    run = subprocess.Popen(["sleep", "60"])  # the run's process, started when its record says
+    try:
+        record = {"state": "running", "host": socket.gethostname(), "pid": run.pid, "started": time.time()}
+        with open(os.path.join(busy, sweep_lib.STATUS_FILE), "w") as f:
+            json.dump(record, f)
+        assert cli.main(["sweep", path, "--root", root]) == 0
+        out, err = capsys.readouterr()
+        assert [shlex.split(line)[6] for line in out.splitlines()] == [
+            r.workdir for r in sweep.runs if r.workdir != busy]
+        assert "1 of 4 runs running already; not listed" in err
+        # the same process number an hour after the record: another process (the host or container
+        # restarted, the number reused): the run was "running" forever, never listed again
+        with open(os.path.join(busy, sweep_lib.STATUS_FILE), "w") as f:
+            json.dump({**record, "started": record["started"] - 3600}, f)
+        assert sweep_lib.run_status(busy)["status"] == "stopped"
+        assert cli.main(["sweep", path, "--root", root]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 4
+    finally:
+        run.kill()
+        run.wait()
 
 
 def test_a_run_started_on_another_host_is_skipped_with_how_to_run_it_again(tmp_path):
@@ -292,6 +339,20 @@ def test_ctrl_c_during_run_locally_stops_the_run_with_the_sigterm_it_saves_on(tm
         assert (record["state"], record["exit_code"]) == ("exited", 0)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_kill_or_closed_terminal_stops_the_sweep_and_its_run_with_a_save(tmp_path, signum):
+    """`kill`, `timeout`, a job manager (SIGTERM) or a closed ssh session (SIGHUP) ended the sweep
+    alone: its run, in a session of its own, trained on unseen, and the sweep's other runs never
+    came. Each now stops the run as a Ctrl-C does: it gets its SIGTERM, saves and is recorded."""
+    with _local_run(tmp_path, PARENT, CHILD) as (workdir, parent, log):
+        os.kill(parent.pid, signum)  # the sweep's process alone, as `kill PID` or `timeout` sends it
+        parent.wait(timeout=60)
+        assert (workdir / "saved").exists(), log.read_text()
+        record = json.loads((workdir / sweep_lib.STATUS_FILE).read_text())
+        assert (record["state"], record["exit_code"], record["terminated"]) == ("exited", 0, True)
+        assert sweep_lib.run_status(str(workdir))["status"] == "stopped"
+
+
 CHILD_STARTING = """
 import os, sys, time
 open(os.path.join(sys.argv[1], "pid"), "w").write(str(os.getpid()))
@@ -372,7 +433,16 @@ def test_a_run_the_train_command_would_stop_at_once_is_refused_when_the_sweep_ex
     assert cli.main(["sweep", spec, "--root", root, "--set", "optimizer.learning_rate=0.01"]) == 2
     assert "--set optimizer.learning_rate=0.01: the sweep sets optimizer.learning_rate itself (0.0015, 0.003, " \
         "0.006)" in capsys.readouterr().err
+    # the full config starts from the stage before: without its path every run stopped once started
+    # (on a TPU slice: after the slice was made and the 7B initialised)
+    full = os.path.join(REPO, "configs", "stage2.py")
+    assert cli.main(["sweep", full, "--root", root, "--set", "data.sources=/data/s2.yaml"]) == 2
+    assert "init_from.kind='stage' needs init_from.paths: give --set init_from.paths=DIR" in capsys.readouterr().err
     assert not os.path.exists(root)
+    assert cli.main(["sweep", full, "--root", root, "--set", "data.sources=/data/s2.yaml", "--set",
+                     "init_from.paths=/ckpt/stage1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+    root = str(tmp_path / "root2")
     assert cli.main(["sweep", spec, "--root", root]) == 0  # the config's own runs pass the check
     assert len(capsys.readouterr().out.splitlines()) == len(sweep_lib.expand(spec, root).runs)
 
@@ -498,8 +568,12 @@ def test_statuses_and_last_metrics_are_read_from_the_workdirs(tmp_path, capsys):
                         (["--launcher", "echo"], "--launcher")):  # read by nothing
         assert cli.main(["sweep", *extra, "--root", root, "--summary-only"]) == 2, extra
         assert f"--summary-only reads what {root} holds and takes no {name}\n" in capsys.readouterr().err
+    # a logging window whose every step was skipped logs a NaN loss: JSON's null, not a bare NaN
+    _events(os.path.join(runs[3].workdir, "tensorboard"), [(1, {"loss": float("nan"),
+                                                                "ce_generation": float("inf")})])
     assert cli.main(["sweep", "--root", root, "--summary-only", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert rows[3]["metrics"] == {"loss": None, "ce_generation": None}
     assert [row["status"] for row in rows] == ["stopped", "finished", "running", "started"]
     assert rows[1]["metrics"] == {"loss": 7.0, "ce_understanding": 7.5, "ce_generation": 6.5}
     assert (rows[1]["step"], rows[1]["total_steps"]) == (2, 10)

@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import shlex
@@ -153,6 +154,11 @@ def expand(config_spec: str, root: str, fixed: dict[str, str] | None = None,
             except ValueError as e:
                 raise SweepError(f"run {name}: the train command would stop at once: {e}") from e
             record = checked.to_dict() if hasattr(checked, "to_dict") else None
+            init = config.get("init_from")
+            if init is not None and init.get("kind") in ("stage", "checkpoint") and not init.get("paths"):
+                # (the train command checks it once it starts: after a slice is made and a 7B initialised)
+                raise SweepError(f"run {name}: init_from.kind={init.kind!r} needs init_from.paths: give "
+                                 "--set init_from.paths=DIR (the checkpoint the runs start from)")
         runs.append(Run(i, name, overrides, config, flags, os.path.join(root, name), record))
     return Sweep(given, root, fixed_flags, runs)
 
@@ -296,19 +302,31 @@ def write_records(sweep: Sweep) -> None:
     unfinished run's overrides.json and config.json. An earlier expansion of another config, or with
     other fixed overrides, is refused: its runs' checkpoints are in the same workdirs."""
     earlier = _read_json(os.path.join(sweep.root, SWEEP_FILE)) or {}
+    # the config file as an absolute path (a relative one typed elsewhere names the same file); older
+    # records have only the spec as typed, read from here
+    now = _spec_key(sweep.config_spec)
     if earlier:
-        was, now = _spec_key(earlier.get("config", "")), _spec_key(sweep.config_spec)
-        if was != now or list(earlier.get("fixed", [])) != list(sweep.fixed_flags):
+        was = earlier.get("config_file") or _spec_key(earlier.get("config", ""))
+        if was != now or sorted(earlier.get("fixed", [])) != sorted(sweep.fixed_flags):
             raise SweepError(
                 f"{sweep.root} holds a sweep of {earlier.get('config')} with {earlier.get('fixed') or 'no'} fixed "
                 f"overrides; this one is {sweep.config_spec} with {list(sweep.fixed_flags) or 'no'} fixed overrides, "
                 "and its runs would resume from that sweep's checkpoints: give another --root")
+        # an edited sweep(add) whose run keeps its name but not its settings (a swept key renamed)
+        # would take that run's checkpoints, or its final results, for its own
+        before = {r["name"]: r.get("overrides") for r in earlier.get("runs", [])}
+        for run in sweep.runs:
+            overrides = json.loads(json.dumps(run.overrides, default=repr))
+            if run.name in before and before[run.name] != overrides:
+                raise SweepError(
+                    f"run {run.name} of {sweep.root} was {before[run.name]} and is now {overrides} (sweep(add) "
+                    f"edited?): its workdir holds the other settings' checkpoints and results; give another --root")
     os.makedirs(sweep.root, exist_ok=True)
     listed = [{"name": r.name, "overrides": r.overrides, "command": command(sweep, r)} for r in sweep.runs]
     names = {r.name for r in sweep.runs}
     listed += [r for r in earlier.get("runs", []) if r["name"] not in names]
     _write_json(os.path.join(sweep.root, SWEEP_FILE),
-                {"config": sweep.config_spec, "fixed": list(sweep.fixed_flags), "runs": listed})
+                {"config": sweep.config_spec, "config_file": now, "fixed": list(sweep.fixed_flags), "runs": listed})
     for run in sweep.runs:
         if os.path.isdir(os.path.join(run.workdir, "final")):
             continue
@@ -383,19 +401,32 @@ def run_locally(sweep: Sweep, launcher: str | None = None, log: TextIO | None = 
     return statuses
 
 
+# what stops a local run: Ctrl-C, and the signals a `kill`, `timeout`, a job manager or a closed
+# terminal send; each stops the sweep and its current run as a Ctrl-C does (the run saves)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def _sigint_held():
-    """Inside, a SIGINT is recorded in the yielded list instead of raised (main thread only: Python
-    delivers signals there); handlers do not survive exec, so a child started inside keeps its own."""
+def _stop_signals(hold: bool):
+    """Inside, each of STOP_SIGNALS raises KeyboardInterrupt, or with `hold` is recorded in the
+    yielded list instead (main thread only: Python delivers signals there); handlers do not survive
+    exec, so a child started inside keeps its own."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield got
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+
+    def handler(signum, frame):
+        if not hold:
+            raise KeyboardInterrupt
+        got.append(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield got
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, was in previous.items():
+            signal.signal(signum, was)
 
 
 def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
@@ -407,26 +438,30 @@ def _run_one(argv: list[str], workdir: str) -> tuple[int, float]:
         out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
         out.flush()
         # a session of its own: a Ctrl-C here must not reach it as a SIGINT (no save), but as the
-        # SIGTERM below, on which the training loop saves a checkpoint. A Ctrl-C while it is being
+        # SIGTERM below, on which the training loop saves a checkpoint. A stop while it is being
         # started is held until then: raised inside Popen, it would leave the run going unrecorded.
-        with _sigint_held() as interrupted:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-            _write_json(record_path, {**record, "pid": proc.pid})
-        try:
-            if interrupted:
-                raise KeyboardInterrupt
-            exit_code = proc.wait()
-        finally:  # Ctrl-C: the training loop saves on SIGTERM, then the record says how it ended
-            terminated = proc.poll() is None
-            if terminated:
-                proc.terminate()
-                proc.wait()
-            exit_code = proc.returncode
-            seconds = time.time() - t0
-            # (a run still importing, before the loop's SIGTERM handler, dies of the signal: stopped
-            # by the Ctrl-C as a saved one is, not failed)
-            _write_json(record_path, {**record, "pid": proc.pid, "state": "exited", "exit_code": exit_code,
-                                      "seconds": round(seconds, 1), "terminated": terminated})
+        # A SIGTERM or SIGHUP to the sweep stops it so too (by default they ended the sweep alone,
+        # its run training on unseen).
+        with _stop_signals(hold=False):
+            with _stop_signals(hold=True) as interrupted:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                _write_json(record_path, {**record, "pid": proc.pid})
+            try:
+                if interrupted:
+                    raise KeyboardInterrupt
+                exit_code = proc.wait()
+            finally:  # stopped: the training loop saves on SIGTERM, then the record says how it ended
+                # (a second stop here leaves the run to finish the save its SIGTERM began)
+                terminated = proc.poll() is None
+                if terminated:
+                    proc.terminate()
+                    proc.wait()
+                exit_code = proc.returncode
+                seconds = time.time() - t0
+                # (a run still importing, before the loop's SIGTERM handler, dies of the signal:
+                # stopped as a saved one is, not failed)
+                _write_json(record_path, {**record, "pid": proc.pid, "state": "exited", "exit_code": exit_code,
+                                          "seconds": round(seconds, 1), "terminated": terminated})
     return exit_code, seconds
 
 
@@ -441,7 +476,8 @@ def run_status(workdir: str) -> dict[str, Any]:
     if record.get("state") == "running":
         if record.get("host") != socket.gethostname():  # its process cannot be asked from here
             return {"status": "running", "exit_code": exit_code, "host": record.get("host")}
-        status = "running" if pid_alive(record["pid"]) else "stopped"
+        status = "running" if pid_alive(record["pid"]) and _started_near(record["pid"], record.get("started")) \
+            else "stopped"
     elif record.get("state") == "exited":
         by_us = record.get("terminated") and exit_code == -signal.SIGTERM  # the sweep's Ctrl-C stopped it
         status = "failed" if exit_code and not by_us else "stopped"
@@ -450,6 +486,20 @@ def run_status(workdir: str) -> dict[str, Any]:
     else:
         status = "not started"
     return {"status": status, "exit_code": exit_code}
+
+
+def _started_near(pid: int, started, slack: float = 120.0) -> bool:
+    """Did process `pid` start within `slack` seconds of `started` (the record's time)? After a
+    restart of the host or container its number may be another process's. True where this cannot
+    be read (no /proc: the number alone decides, as before)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22, starttime (ticks since boot)
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return abs(boot + ticks / os.sysconf("SC_CLK_TCK") - float(started)) <= slack
+    except (OSError, ValueError, IndexError, StopIteration, TypeError):
+        return True
 
 
 def final_metrics(workdir: str) -> dict[str, float]:
@@ -559,8 +609,10 @@ def main(config_spec: str | None, root: str, *, mode: str = "print", launcher: s
             return 0
         run_locally(sweep, launcher, log)
     rows = summarize(root)
-    if as_json:
-        json.dump(rows, out, indent=2)
+    if as_json:  # (a NaN or infinite loss is null: JSON has no word for them, strict readers refuse NaN)
+        for row in rows:
+            row["metrics"] = {k: v if math.isfinite(v) else None for k, v in row["metrics"].items()}
+        json.dump(rows, out, indent=2, allow_nan=False)
         out.write("\n")
     else:
         print(format_table(rows), file=out)
