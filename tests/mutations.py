@@ -666,6 +666,9 @@ MUTATIONS = (
              "unitoken_jax/sweep.py",
              '            if init is not None and init.get("kind") in ("stage", "checkpoint") and not init.get("paths"):',
              "            if False:", ("tests/test_sweep.py", "-k", "would_stop_at_once")),
+    Mutation("eval_repeats_unsaid", "eval batches repeating held-out samples, unsaid", "unitoken_jax/train/loop.py",
+             "    if counts and max(counts.values()) > 1:", "    if False:",
+             ("tests/test_eval_in_training.py", "-k", "unrolled")),
 )
 
 

@@ -6,6 +6,7 @@ without; bad eval settings are errors that name the key; the sweep summary shows
 
 import io
 import json
+import logging
 import os
 
 import jax
@@ -207,13 +208,31 @@ def test_the_eval_loss_is_the_models_cross_entropy_on_the_held_out_batches(data,
     np.testing.assert_allclose(_scalars(_events(workdir), "eval/ce")[4], ce, rtol=1e-5)
 
 
-def test_a_run_with_unrolled_layers_trains_checkpoints_and_evaluates(data, tmp_path):
+def _repeats(config, workdir, n):
+    """(slots, distinct samples) of the first `n` held-out batches, counted here."""
+    ids = [i for b in _held_out_batches(config, workdir, n) for row in b["sample_ids"] for i in row]
+    return len(ids), len(set(ids))
+
+
+def _repeat_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "held-out batches hold" in r.getMessage()]
+
+
+def test_a_run_with_unrolled_layers_trains_checkpoints_and_evaluates(data, tmp_path, caplog):
     """`model.scan_layers=False`: the train step and the evaluation unroll the layers inside; the
-    checkpoint keeps the scanned layout, and the held-out loss is the final model's."""
+    checkpoint keeps the scanned layout, and the held-out loss is the final model's. Its 2 held-out
+    batches are more than the 24 held-out samples fill: the held-out stream repeats, and some
+    samples count twice in eval/loss, which was unsaid."""
     config = _config(data)
     config.model.scan_layers = False
     workdir = str(tmp_path / "unrolled")
-    train_and_evaluate(config, workdir)
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax"):
+        train_and_evaluate(config, workdir)
+    slots, distinct = _repeats(config, workdir, 2)
+    assert distinct < slots
+    assert _repeat_warnings(caplog) == [
+        f"eval: the 2 held-out batches hold {slots} samples but only {distinct} distinct ones (each up to 2 times, "
+        "weighted unevenly in eval/loss): lower eval.batches or hold more out (eval.holdout_fraction, eval.sources)"]
     state = ocp.PyTreeCheckpointer().metadata(os.path.join(workdir, "checkpoints", str(STEPS), "state"))
     decoder = state.item_metadata.tree["params"]["decoder"]
     assert "layers" in decoder and "layers_0" not in decoder
@@ -246,7 +265,7 @@ def test_a_run_trains_the_same_with_evaluation_as_without(data, evaluated, tmp_p
     assert read(workdir) == read(plain)
 
 
-def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkeypatch):
+def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkeypatch, caplog):
     """A SIGTERM during an evaluation was saved one step late (the run trained a batch more); one
     at a step whose evaluation was due put it off for good (the resumed run starts after that step).
     Now the first saves the evaluated step, and the second's evaluation runs first on resume."""
@@ -263,10 +282,12 @@ def test_preemptions_around_evaluations_lose_none_of_them(data, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="unitoken_jax"):
         m.setattr(evaluate.Evaluator, "run", sigterm_in_the_evaluation)
         train_and_evaluate(config, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    slots, distinct = _repeats(config, workdir, 1)
+    assert slots == distinct and not _repeat_warnings(caplog)  # one batch: every held-out sample once
 
     def sigterm_before_step_4(step, batch):
         if step == 3:  # the batch of step 4, at which an evaluation is due

@@ -18,6 +18,7 @@ leaving the last checkpoint, saved before the streak, as it was.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -455,14 +456,21 @@ def _evaluator(program: TrainProgram, pipeline: InputPipeline, held_out: InputPi
     the held-out pipeline, the same at every evaluation) and its prompts encoded."""
     e = program.config.eval
     features_per_process = held_out.config.max_images * held_out.features_per_tile
-    batches = []
+    batches, ids = [], []
     it = held_out.iterator()
     try:
         for _ in range(e.batches):
-            batches.append(_global_batch(next(it), program.batch_shardings, features_per_process,
+            batch = next(it)
+            ids += [i for row in batch.get("sample_ids", ()) for i in row]
+            batches.append(_global_batch(batch, program.batch_shardings, features_per_process,
                                          held_out.config.blocks))
     finally:
         getattr(it, "close", lambda: None)()
+    counts = collections.Counter(ids)
+    if counts and max(counts.values()) > 1:  # the held-out stream repeats: a small held-out set
+        log.warning("eval: the %d held-out batches hold %d samples but only %d distinct ones (each up to %d times, "
+                    "weighted unevenly in eval/loss): lower eval.batches or hold more out (eval.holdout_fraction, "
+                    "eval.sources)", e.batches, len(ids), len(counts), max(counts.values()))
     # on a pod every process decodes the same requests with the pod's parameters
     samples = (Samples(e, program.config.model, program.abstract_params, program.mesh, pipeline.image_settings)
                if e.decodes else None)
