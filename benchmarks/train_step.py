@@ -180,6 +180,8 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--max-images", type=int, default=32,
+                        help="pictures a packed batch may hold (its pixel capacity), whatever its rows x length")
     parser.add_argument("--ref-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (the median is reported)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step.md"))
@@ -189,7 +191,7 @@ def main():
     chameleon, siglip, adapter, path = build_models(tmp, args.hidden, args.layers, 64)
     data = build_data(tmp, 400)
 
-    pipeline = InputPipeline([data], PipelineConfig(rows=args.rows, length=args.length, max_images=4 * args.rows,
+    pipeline = InputPipeline([data], PipelineConfig(rows=args.rows, length=args.length, max_images=args.max_images,
                                                     num_threads=1))
     it = pipeline.iterator()
     batches = [next(it) for _ in range(args.steps + 2)]
@@ -213,7 +215,7 @@ def main():
         config.model.scan_layers = scan_layers
         if loss_chunk is not None:
             config.model.loss_chunk = loss_chunk
-        config.data.rows, config.data.length, config.data.max_images = args.rows, args.length, 4 * args.rows
+        config.data.rows, config.data.length, config.data.max_images = args.rows, args.length, args.max_images
         config.optimizer.learning_rate, config.optimizer.warmup_fraction = LR, 0.0
         config.total_steps, config.mesh.num_devices = 1000, 1
         config = TrainConfig.from_config_dict(config)
