@@ -353,6 +353,39 @@ def test_a_kill_or_closed_terminal_stops_the_sweep_and_its_run_with_a_save(tmp_p
         assert sweep_lib.run_status(str(workdir))["status"] == "stopped"
 
 
+def test_unitoken_sweep_killed_says_its_run_saved_and_starts_no_other(tmp_path):
+    """The whole verb: `kill` of `unitoken sweep --run-locally` stops its run with a save, says so,
+    exits 130 and starts none of the sweep's other runs."""
+    path, root = _grid_file(tmp_path), tmp_path / "root"
+    child = tmp_path / "child.py"  # the launcher stands in for the training: saves on SIGTERM
+    child.write_text(textwrap.dedent('''
+        import signal, sys, time
+        def save(*_):
+            open(sys.argv[1], "w").write("saved")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, save)
+        print("ready", flush=True)
+        time.sleep(60)
+    '''))
+    launcher = f"{shlex.quote(sys.executable)} {shlex.quote(str(child))} {shlex.quote(str(tmp_path))}/saved{{i}}"
+    sweep = subprocess.Popen([sys.executable, "-c", "import sys; from unitoken_jax import cli; sys.exit(cli.main())",
+                              "sweep", path, "--root", str(root), "--run-locally", "--launcher", launcher],
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        logs = lambda: [p.read_text() for p in root.glob("*/" + sweep_lib.LOG_FILE)]  # noqa: E731
+        deadline = time.time() + 120
+        while not any("ready" in log.splitlines() for log in logs()) and time.time() < deadline:
+            time.sleep(0.1)
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=60)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130, err
+    assert "unitoken sweep: stopped (its current run got a SIGTERM and saved; run the sweep again to resume it)" in err
+    assert [p.name for p in tmp_path.glob("saved*")] == ["saved0"]
+    assert len(logs()) == 1  # no other run started
+
+
 CHILD_STARTING = """
 import os, sys, time
 open(os.path.join(sys.argv[1], "pid"), "w").write(str(os.getpid()))

@@ -1379,7 +1379,8 @@ def _expand_home(args: argparse.Namespace) -> None:
 
 _RESUMES = {"caption": "with a .jsonl --out, a rerun goes on where this one stopped",
             "generate": "with --prompts-file, a rerun draws only the prompts whose pictures are missing",
-            "pretokenize": "a rerun into the same directory keeps the chunks it finished"}
+            "pretokenize": "a rerun into the same directory keeps the chunks it finished",
+            "sweep": "its current run got a SIGTERM and saved; run the sweep again to resume it"}
 
 def _memory_advice(args: argparse.Namespace) -> str:
     """What would fit on the devices, in the flags this command has (reconstruct's VQ-GAN has no
