@@ -669,6 +669,12 @@ MUTATIONS = (
     Mutation("eval_repeats_unsaid", "eval batches repeating held-out samples, unsaid", "unitoken_jax/train/loop.py",
              "    if counts and max(counts.values()) > 1:", "    if False:",
              ("tests/test_eval_in_training.py", "-k", "unrolled")),
+    Mutation("serve_negative_room_blames_max_tokens", "messages alone past a slot blamed on max_tokens, 'leaving -81'",
+             "unitoken_jax/serve/app.py", "        if room < 1:  # the messages alone", "        if False:  # the messages alone",
+             ("tests/test_serve.py", "-k", "slot_length_bounds")),
+    Mutation("serve_data_url_case", "a data URL's scheme read case-sensitively (DATA:IMAGE/PNG;BASE64, refused)",
+             "unitoken_jax/serve/wire.py", "re.ASCII | re.IGNORECASE)", "re.ASCII)",
+             ("tests/test_serve.py", "-k", "data_url_is_read")),
 )
 
 

@@ -41,7 +41,7 @@ from unitoken_jax.serve import app as app_module  # noqa: E402
 from unitoken_jax.serve.app import server_class  # noqa: E402
 from unitoken_jax.serve.engine import Output, PipelineEngine, shape_of  # noqa: E402
 from unitoken_jax.serve.scheduler import ContinuousScheduler, Job, Scheduler, ShuttingDown  # noqa: E402
-from unitoken_jax.serve.wire import Limits, apply_stop, parse_chat  # noqa: E402
+from unitoken_jax.serve.wire import Limits, apply_stop, parse_chat, read_data_url  # noqa: E402
 from unitoken_jax.tokenizer.conversation import TextStream, decode  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
@@ -420,6 +420,14 @@ def test_a_continuous_servers_slot_length_bounds_its_calls(pipe):
                                                                    "max_tokens": 100}),
                        400, "max_tokens", "context_length_exceeded")
         assert "(--slot-length) 64 positions" in error["message"]
+        # messages that alone fill the slot: they are what to shorten, whatever max_tokens asks (the
+        # error named max_tokens and "leaving -81 for the answer")
+        long = [{"role": "user", "content": "a red circle at the top left " * 12}]
+        for extra in ({}, {"max_tokens": 8}):
+            error = _error(_post(server, "/v1/chat/completions", json={"model": MODEL, "messages": long, **extra}),
+                           400, "messages", "context_length_exceeded")
+            assert re.search(r"the conversation takes \d+ positions, more than this server's \(--slot-length\) 64 "
+                             r"leave room for an answer in", error["message"]), error["message"]
         # a 128x128 picture needs 100 positions with its prompt: the model has them, a slot does not
         error = _error(_post(server, "/v1/images/generations", json={"model": MODEL, "prompt": "a red circle",
                                                                      "size": "128x128"}),
@@ -698,6 +706,16 @@ def test_an_api_key_no_header_could_carry_is_refused_without_showing_it(key):
     with pytest.raises(ValueError, match="api_key: a key with spaces") as refused:
         ServeSettings(api_key=key)
     assert key.strip() not in str(refused.value) or not key.strip()
+
+
+def test_a_data_url_is_read_whatever_the_case_of_its_scheme_type_and_base64():
+    """RFC 2397 / 3986: a scheme, a MIME type and the "base64" word have no case; `DATA:IMAGE/PNG;BASE64,`
+    was refused as "not a data URL"."""
+    picture = shapes.draw([Thing("red", "circle", "top left")])
+    data = base64.b64encode(_png(picture)).decode()
+    for head in ("data:image/png;base64,", "DATA:IMAGE/PNG;BASE64,", "Data:Image/Png;Base64,"):
+        read = read_data_url(head + data, "messages[0].content[0].image_url", Limits())
+        assert np.array_equal(np.asarray(read.convert("RGB")), np.asarray(picture.convert("RGB"))), head
 
 
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):

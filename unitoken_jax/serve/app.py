@@ -300,10 +300,13 @@ class _Server:
         whose = "the model's" if length == self.pipe.max_length else "this server's (--slot-length)"
         prompt = len(request.tokens)
         room = length - prompt
-        if room < 1 or (call.max_tokens or 0) > room:
-            asked = f"{call.length_field}={call.max_tokens} does not fit: " if call.max_tokens else ""
-            raise bad(f"{asked}the conversation takes {prompt} of {whose} {length} positions, leaving {room} "
-                      "for the answer", call.length_field if asked else "messages", "context_length_exceeded")
+        if room < 1:  # the messages alone: whatever max_tokens says, they are what to shorten
+            raise bad(f"the conversation takes {prompt} positions, more than {whose} {length} leave room for an "
+                      "answer in", "messages", "context_length_exceeded")
+        if (call.max_tokens or 0) > room:
+            raise bad(f"{call.length_field}={call.max_tokens} does not fit: the conversation takes {prompt} of "
+                      f"{whose} {length} positions, leaving {room} for the answer", call.length_field,
+                      "context_length_exceeded")
         return dataclasses.replace(request, max_new_tokens=call.max_tokens or room)
 
     def _generated(self, prompt, outputs, stop: list[str]) -> int:

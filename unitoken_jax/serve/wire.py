@@ -152,7 +152,7 @@ def read_picture(raw: bytes, what: str, limits: Limits) -> Image.Image:
 
 
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
-                       re.ASCII)
+                       re.ASCII | re.IGNORECASE)  # (a URL's scheme, a MIME type and "base64" have no case)
 
 
 def read_data_url(url: Any, what: str, limits: Limits) -> Image.Image:
