@@ -676,6 +676,18 @@ MUTATIONS = (
     Mutation("serve_data_url_case", "a data URL's scheme read case-sensitively (DATA:IMAGE/PNG;BASE64, refused)",
              "unitoken_jax/serve/wire.py", "re.ASCII | re.IGNORECASE)", "re.ASCII)",
              ("tests/test_serve.py", "-k", "data_url_is_read")),
+    Mutation("convert_over_a_checkpoint", "convert --quantize int8 writing over the float checkpoint at --to, unsaid",
+             "unitoken_jax/cli.py", "    _refuse_held_checkpoint(args.dst, args.overwrite)  # (it was replaced unsaid",
+             "    pass  # (", ("tests/test_checkpoint_io.py", "-k", "quantizes_once")),
+    Mutation("convert_in_place", "convert --to the --from directory (int8 in place, for good)", "unitoken_jax/cli.py",
+             "    if os.path.realpath(args.src) == os.path.realpath(args.dst):", "    if False:",
+             ("tests/test_checkpoint_io.py", "-k", "quantizes_once")),
+    Mutation("int8_nan_channel_zeroed", "a NaN weight's channel quantized to zeros with scale 1, unsaid",
+             "unitoken_jax/models/quantize.py", "        if not finite:  # (on the host", "        if False:  # (",
+             ("tests/test_quantize.py", "-k", "nan_or_infinite")),
+    Mutation("int8_tiny_channel_overflow", "a channel under ~1.5e-36 overflowing 127 / max on the host",
+             "unitoken_jax/models/layers.py", "    smallest = np.float32(127.0) * np.finfo(np.float32).tiny",
+             "    smallest = np.finfo(np.float32).tiny", ("tests/test_quantize.py", "-k", "denormal_channels")),
 )
 
 

@@ -572,6 +572,25 @@ def test_cli_convert_quantizes_once(release_dir, tmp_path, capsys):
     assert "holds int8 weights, which the HF layout cannot carry" in capsys.readouterr().err
     assert not (tmp_path / "hf8" / "config.json").exists()
 
+    # over a checkpoint: refused without --overwrite (an int8 conversion over the float weights, or
+    # into the release's own folder, where ours shadows its files, cannot be undone); never in place
+    float_orbax = tmp_path / "f32"
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(float_orbax)]) == 0
+    capsys.readouterr()
+    for src, dst in ((float_orbax, float_orbax), (release_dir, release_dir)):
+        assert cli.main(["convert", "--from", str(src), "--to", str(dst), "--quantize", "int8", "--overwrite"]) == 2
+        assert f"--to {dst} is --from: a conversion writes a new checkpoint" in capsys.readouterr().err
+    assert not (release_dir / "unitoken_config.json").exists()
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(float_orbax), "--quantize", "int8"]) == 2
+    assert f"--to {float_orbax} holds a checkpoint already (our Orbax checkpoint); give a new directory, or " \
+        "--overwrite to replace it" in capsys.readouterr().err
+    assert unitoken_jax.load(str(float_orbax)).config.quantize == "none"
+    assert cli.main(["convert", "--from", str(tmp_path / "q8"), "--to", str(release_dir)]) == 2
+    assert "holds a checkpoint already (config.json, model.safetensors" in capsys.readouterr().err
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(float_orbax), "--quantize", "int8",
+                     "--overwrite"]) == 0
+    assert unitoken_jax.load(str(float_orbax)).config.quantize == "int8"
+
     sidecar = tmp_path / "q8" / "unitoken_config.json"
     meta = json.loads(sidecar.read_text())
     del meta["param_layout"]  # what a checkpoint written before the heads-first q/k/v kernels has

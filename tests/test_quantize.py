@@ -254,9 +254,38 @@ def test_the_host_and_device_quantizers_agree_on_zero_and_denormal_channels():
     np.testing.assert_array_equal(host[:, 2], 0)
     np.testing.assert_array_equal(host[:, 1], np.round(w[:, 1] * 127))
     np.testing.assert_allclose(host_scale[0], [1.0, 1 / 127, 1.0], rtol=1e-7)
+    # a column whose scale max |w| / 127 is no normal float32 (max below ~1.5e-36, past the
+    # denormals): zeros with scale 1 too, alike on both sides (the host's 127 / max had overflowed:
+    # a 5e-38 became 127; its scale was a denormal where the device's was 0); one above keeps its values
+    w = np.zeros((2, 3), np.float32)
+    w[:, 0], w[:, 1], w[:, 2] = [1e-36, -4e-37], [5e-38, 0], [3e-36, -1.5e-36]
+    with np.errstate(over="raise", invalid="raise"):  # (no overflow, no invalid cast)
+        host, host_scale = quantize_int8(w, (1, 3))
+    device, device_scale = (np.asarray(a) for a in quantize_int8(jnp.asarray(w), (1, 3)))
+    np.testing.assert_array_equal(host, device)
+    np.testing.assert_array_equal(host_scale, device_scale)
+    np.testing.assert_array_equal(host[:, :2], 0)
+    np.testing.assert_array_equal(host_scale[0, :2], 1.0)
+    np.testing.assert_array_equal(host[:, 2], [127, -64])
     rng = np.random.default_rng(0)  # and ordinary kernels: the same values and scales, to the bit
     w = rng.normal(size=(64, 48)).astype(np.float32) * rng.uniform(0.01, 3, size=48).astype(np.float32)
     host, host_scale = quantize_int8(w, (1, 48))
     device, device_scale = (np.asarray(a) for a in jax.jit(quantize_int8, static_argnums=1)(jnp.asarray(w), (1, 48)))
     np.testing.assert_array_equal(host, device)
     np.testing.assert_array_equal(host_scale, device_scale)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("where", ["host", "device"])
+def test_a_nan_or_infinite_weight_is_refused_by_name_not_quantized_away(bf16_model, bad, where):
+    """A NaN weight made its whole output channel zeros with scale 1 (the float model's logits all
+    NaN, the int8 model's finite: the damage hidden); an infinity gave NaN after dequantizing."""
+    from unitoken_jax.models.quantize import quantize_params
+
+    params = jax.tree.map(np.asarray, bf16_model.params)
+    kernel = np.array(params["decoder"]["layers"]["self_attn"]["k_proj"]["kernel"], np.float32)
+    kernel[0, 1, 2, 3] = bad
+    params["decoder"]["layers"]["self_attn"]["k_proj"]["kernel"] = jnp.asarray(kernel) if where == "device" else kernel
+    with pytest.raises(ValueError, match="^decoder/layers/self_attn/k_proj/kernel holds NaN or infinite weights, "
+                                         "which int8 cannot carry"):
+        quantize_params(params, bf16_model.config.replace(param_dtype="float32"))

@@ -27,6 +27,9 @@ def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
 
     _directory_option("--to", args.dst)  # (was 'File exists', after reading the source)
+    if os.path.realpath(args.src) == os.path.realpath(args.dst):  # (int8 over the float weights, for good)
+        raise ValueError(f"--to {args.dst} is --from: a conversion writes a new checkpoint; give another directory")
+    _refuse_held_checkpoint(args.dst, args.overwrite)  # (it was replaced unsaid: an int8 one for good)
     writes_hf = orbax_io.is_orbax_checkpoint(args.src) and args.quantize in (None, "none")
     if args.max_shard_gb is not None and not writes_hf:  # (it was silently not used)
         raise ValueError(f"--max-shard-gb sizes the HF layout's safetensors files; this conversion writes our Orbax "
@@ -69,17 +72,22 @@ def _convert(args) -> int:
     return 0
 
 
+def _refuse_held_checkpoint(path: str, overwrite: bool) -> None:
+    """A ValueError when `path` holds a checkpoint (HF files or ours) and `overwrite` is not given."""
+    held = sorted(f for f in os.listdir(path) if f == "config.json" or f.endswith(".safetensors")) \
+        if os.path.isdir(path) else []
+    held += ["our Orbax checkpoint"] if orbax_io.is_orbax_checkpoint(path) else []
+    if held and not overwrite:
+        raise ValueError(f"--to {path} holds a checkpoint already ({', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}); give a new directory, or --overwrite to replace it")
+
+
 def _init(args) -> int:
     from unitoken_jax.model import UniTokenModel
     from unitoken_jax.models.config import UniTokenConfig
 
     _directory_option("--to", args.dst)
-    held = sorted(f for f in os.listdir(args.dst) if f == "config.json" or f.endswith(".safetensors")) \
-        if os.path.isdir(args.dst) else []
-    held += ["our Orbax checkpoint"] if orbax_io.is_orbax_checkpoint(args.dst) else []
-    if held and not args.overwrite:  # random weights over a real model's, perhaps the release's
-        raise ValueError(f"--to {args.dst} holds a checkpoint already ({', '.join(held[:3])}"
-                         f"{', ...' if len(held) > 3 else ''}); give a new directory, or --overwrite to replace it")
+    _refuse_held_checkpoint(args.dst, args.overwrite)  # random weights over a real model's, perhaps the release's
     spec = args.config
     if ":" not in spec and not spec.endswith(".py") and not os.path.isfile(spec):
         spec = f"model.py:{spec}"  # a bare name: one of the packaged model presets (configs/model.py)
@@ -1060,6 +1068,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                          help="int8: store weight-only int8 (our Orbax format only), so later loads need no "
                               "quantizing")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace the checkpoint --to holds (refused without it: an int8 conversion over the "
+                              "float weights cannot be undone)")
     convert.add_argument("--max-shard-gb", type=_more_than_zero, default=None,
                          help="largest safetensors file written (and held in memory) when writing the HF layout "
                               f"(Orbax -> HF; default {SHARD_BYTES / 1024**3:g})")

@@ -396,13 +396,17 @@ def quantize_int8(kernel, shape_of_scale: tuple[int, ...]):
     w = xp.asarray(kernel, xp.float32)
     axes = tuple(i for i, (n, m) in enumerate(zip(shape_of_scale, w.shape)) if n == 1 and m != 1)
     amax = xp.max(xp.abs(w), axis=axes, keepdims=True) if axes else xp.abs(w)
-    # a channel of denormals at most is a zero channel (a device flushes them to zero; on the host
-    # 127 / amax would overflow)
-    amax = xp.where(amax >= np.finfo(np.float32).tiny, amax, 127.0).astype(xp.float32)
+    # a channel whose scale amax / 127 would not be a normal float32 (amax under ~1.5e-36: denormals,
+    # which a device flushes to zero, and the host's 127 / amax overflowing, among them) is a zero
+    # channel; a NaN or infinite amax is kept where the max propagates it (`LeafQuantizer` refuses such
+    # a tensor by name: a NaN channel had become zeros with scale 1, unsaid)
+    smallest = np.float32(127.0) * np.finfo(np.float32).tiny
+    amax = xp.where(amax < smallest, np.float32(127.0), amax).astype(xp.float32)
     # w * (127 / amax), not w / (amax / 127), and the scale amax * (1 / 127), not amax / 127: XLA turns
     # a division by a broadcast or a constant into a product, and the host (NumPy) and device
     # quantizers must round exactly alike (the scale was an ulp apart)
-    values = xp.clip(xp.round(w * (xp.float32(127.0) / amax)), -127, 127).astype(xp.int8)
+    values = xp.clip(xp.round(w * (xp.float32(127.0) / amax)), -127, 127)
+    values = xp.where(xp.isfinite(values), values, 0).astype(xp.int8)  # (a NaN's cast to int8 is undefined)
     return values, (amax * xp.float32(1.0 / 127.0)).reshape(shape_of_scale)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -65,9 +66,21 @@ class LeafQuantizer:
             return array, None
         scale_shape = self.scale_struct(path).shape
         if isinstance(array, jax.Array):  # on devices already: one jitted pass, sharding kept
-            return _quantize_on_device(array, scale_shape)
-        array = np.asarray(array)
-        if array.ndim >= 3 and scale_shape[0] == array.shape[0] and array.shape[0] > 1:
+            values, scale = _quantize_on_device(array, scale_shape)
+            finite = bool(jnp.all(jnp.isfinite(array)))  # (XLA's max need not propagate a NaN to the scale)
+        else:
+            array = np.asarray(array)
+            with np.errstate(invalid="ignore"):  # (an infinity times 0: refused below, by name)
+                values, scale = self._on_host(array, scale_shape)
+            finite = bool(np.isfinite(scale).all())
+        if not finite:  # (on the host a scale is NaN or infinite where its channel holds a NaN or infinity)
+            raise ValueError(f"{'/'.join(path)} holds NaN or infinite weights, which int8 cannot carry (the float "
+                             "model computes NaN from them too): the checkpoint is damaged")
+        return values, scale
+
+    @staticmethod
+    def _on_host(array: np.ndarray, scale_shape: tuple[int, ...]):
+        if array.ndim >= 3 and scale_shape[0] == array.shape[0] and array.shape[0] > 1:  # a layer at a time
             values = np.empty(array.shape, np.int8)
             scale = np.empty(scale_shape, np.float32)
             for i in range(array.shape[0]):
