@@ -688,6 +688,14 @@ MUTATIONS = (
     Mutation("int8_tiny_channel_overflow", "a channel under ~1.5e-36 overflowing 127 / max on the host",
              "unitoken_jax/models/layers.py", "    smallest = np.float32(127.0) * np.finfo(np.float32).tiny",
              "    smallest = np.finfo(np.float32).tiny", ("tests/test_quantize.py", "-k", "denormal_channels")),
+    Mutation("notebook_tokenizers_after_model", "the notebook reading a release's tokenizers after its model",
+             "notebooks/colab_tpu_inference.ipynb",
+             '    \"    vqgan = setting(\\\"VQGAN\\\", lambda path: VQTokenizer.load(path, mesh=mesh))\\n\",\n',
+             "", ("tests/test_notebook.py", "-k", "checks_the_tokenizers")),
+    Mutation("fit_plan_names_bfloat16", "the weight plan naming bfloat16 for float32 weights, a small need 0.00 GiB",
+             "unitoken_jax/inference/fit.py", 'return "none", (f"{dtype} weights: {what} need {_size(floats)} a device, "',
+             'return "none", (f"bfloat16 weights: {what} need {floats / GIB:.2f} GiB a device, "',
+             ("tests/test_fit.py", "-k", "int8_only_where")),
 )
 
 

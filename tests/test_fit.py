@@ -68,6 +68,15 @@ def test_int8_only_where_bfloat16_does_not_fit():
     assert choose_quantize(SEVEN_B, 40, [Chip(15.75, "NVIDIA H100")] * 4)[0] == "none"  # the tiles are a TPU's
     with pytest.raises(ValueError, match="16 image.s. at once do not fit .* ask for fewer at once"):
         choose_quantize(SEVEN_B, 16, v5e)
+    # the float dtype planned is the one named (a float32 plan said "bfloat16 weights"), and a small
+    # model's need in MiB (it said "0.00 GiB")
+    small = SEVEN_B.replace(decoder=dataclasses.replace(SEVEN_B.decoder, num_layers=1, hidden_size=128,
+                                                        intermediate_size=256, num_heads=2, num_kv_heads=2,
+                                                        vocab_size=9216), vision=None)
+    quantize, why = choose_quantize(small, 12, v5e, dtype="float32", size=(64, 64))
+    plan = decode_memory(small, 12, dtype="float32", size=(64, 64)).peak
+    assert quantize == "none" and why == f"float32 weights: 12 image(s) need {plan / 2**20:.1f} MiB a device, " \
+        "1 x TPU v5 lite have 15.75 GiB each", why
     # a checkpoint stored as int8 stays int8, even where bfloat16 would fit; still refused where it does not fit
     stored = SEVEN_B.replace(quantize="int8")
     quantize, why = choose_quantize(stored, 1, v5e)

@@ -137,3 +137,81 @@ def test_the_install_cell_gives_pip_a_requirement_it_takes(tmp_path, monkeypatch
 
     report = json.loads((tmp_path / "report.json").read_text())
     assert [i["metadata"]["name"] for i in report["install"]] == ["unitoken-jax"]
+
+
+def test_the_install_cell_says_what_to_set_and_mounts_drive_for_a_folder_there(monkeypatch):
+    """Its placeholder URL (YOUR-ORG) made pip fail on Colab with a git credentials prompt; a Drive
+    folder given before Drive was mounted was not there."""
+    import importlib.util
+    import subprocess
+    import sys
+    import types
+
+    source = _install_cell()
+    line = next(x for x in source.splitlines() if x.startswith("REPO = "))
+    asked, mounted = [], []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: asked.append(argv))
+    with pytest.raises(ValueError, match="set REPO in this cell to where your copy of unitoken-jax is"):
+        exec(source, {})
+    assert not asked
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=mounted.append)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    exec(source.replace(line, 'REPO = "/content/drive/MyDrive/unitoken-jax"'), {})
+    assert mounted == ["/content/drive"] and asked[-1][-1] == "/content/drive/MyDrive/unitoken-jax[tpu]"
+
+
+def _model_cell(**settings) -> str:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "choose_quantize" in c.source)
+    for name, value in settings.items():
+        line = next(x for x in cell.splitlines() if x.startswith(f"{name} = "))
+        cell = cell.replace(line, f"{name} = {value!r}")
+    return cell
+
+
+def test_the_model_cell_checks_the_tokenizers_before_loading_a_release_and_mounts_drive_for_its_cache(
+        tmp_path, monkeypatch):
+    """A wrong or empty TOKENIZER or VQGAN was found after the model had loaded (minutes for the 7B),
+    as "[Errno 2] ... ''" or a VQ-GAN yaml message with the path left out; a VQ-GAN directory, which
+    the CLI takes, was refused. A cache folder on Drive, not mounted yet, was made on the local disk,
+    where it stops Drive from mounting."""
+    import sys
+    import types
+
+    import jax
+
+    import unitoken_jax
+    from unitoken_jax.world import default
+
+    if not default.available():
+        pytest.skip("the install has no bundled model")
+    monkeypatch.setattr(jax, "local_devices", lambda *args, **kwargs: [Chip(31.25, "TPU v6 lite")])
+    monkeypatch.setattr(unitoken_jax, "load", lambda *a, **k: pytest.fail("the model loaded first"))
+    release = os.path.join(default.DEFAULT_DIR, "model")  # a config to plan with; no tensor is read
+    tokenizer = os.path.join(default.DEFAULT_DIR, "tokenizer.json")
+    for settings, said in (
+            (dict(TOKENIZER=""), "TOKENIZER is empty: a released model needs Chameleon's tokenizer files"),
+            (dict(TOKENIZER=str(tmp_path / "nope.json")), f"TOKENIZER = '{tmp_path}/nope.json': "),
+            (dict(TOKENIZER=tokenizer, VQGAN=""), "VQGAN is empty"),
+            (dict(TOKENIZER=tokenizer, VQGAN=str(tmp_path / "vqgan.ckpt")),
+             f"VQGAN = '{tmp_path}/vqgan.ckpt': {tmp_path}/vqgan.ckpt: no such VQ-GAN file or directory")):
+        with pytest.raises(ValueError) as refused:
+            exec(_model_cell(MODEL_DIR=release, **settings), {})
+        assert said in str(refused.value), str(refused.value)
+
+    class Mounted(Exception):
+        pass
+
+    def mount(path):
+        assert path == "/content/drive"
+        raise Mounted  # (nothing is made here under /content)
+
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=mount)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    with pytest.raises(Mounted):
+        exec(_model_cell(COMPILATION_CACHE="/content/drive/MyDrive/unitoken-xla"), {})

@@ -146,22 +146,26 @@ def choose_quantize(config: UniTokenConfig, images: int, devices: Sequence | Non
     if tensor is None:
         tensor = math.gcd(n, *_heads(config))
     tensor = tensor if _on_tpu(devices[0]) else 1
-    dtype = kwargs.get("dtype", "bfloat16")
+    dtype = kwargs.get("dtype", "bfloat16")  # (the float weights' dtype, named as planned: float32 for a small model)
     if stored is None:
-        bf16 = decode_memory(config, images, **kwargs).peak / n + relaid_mlp_bytes(config, tensor, "none", dtype)
-        if bf16 <= limit:
-            return "none", (f"bfloat16 weights: {what} need {bf16 / GIB:.2f} GiB a device, "
-                            f"{n} x {kind} have {limit / GIB:.2f} GiB each")
+        floats = decode_memory(config, images, **kwargs).peak / n + relaid_mlp_bytes(config, tensor, "none", dtype)
+        if floats <= limit:
+            return "none", (f"{dtype} weights: {what} need {_size(floats)} a device, "
+                            f"{n} x {kind} have {_size(limit)} each")
     int8 = decode_memory(config, images, quantize="int8", **kwargs).peak / n + relaid_mlp_bytes(config, tensor,
                                                                                                  "int8", dtype)
     if int8 <= limit:
         if stored is not None:
-            return "int8", (f"{stored}: {what} need {int8 / GIB:.2f} GiB a device, {n} x {kind} have "
-                            f"{limit / GIB:.2f} GiB each")
-        return "int8", (f"int8 weights: bfloat16 would need {bf16 / GIB:.2f} GiB a device for {what}, "
-                        f"{n} x {kind} have {limit / GIB:.2f} GiB each; int8 needs {int8 / GIB:.2f} GiB")
-    raise ValueError(f"{what} at once do not fit {n} x {kind} ({limit / GIB:.2f} GiB each) even with "
-                     f"int8 weights ({int8 / GIB:.2f} GiB a device); ask for fewer at once or use more devices")
+            return "int8", (f"{stored}: {what} need {_size(int8)} a device, {n} x {kind} have {_size(limit)} each")
+        return "int8", (f"int8 weights: {dtype} would need {_size(floats)} a device for {what}, "
+                        f"{n} x {kind} have {_size(limit)} each; int8 needs {_size(int8)}")
+    raise ValueError(f"{what} at once do not fit {n} x {kind} ({_size(limit)} each) even with "
+                     f"int8 weights ({_size(int8)} a device); ask for fewer at once or use more devices")
+
+
+def _size(nbytes: float) -> str:
+    """GiB to 2 decimals, or MiB where that would read 0.0x GiB (a small model's plan said "0.00 GiB")."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _heads(config: UniTokenConfig) -> list[int]:
