@@ -215,3 +215,18 @@ def test_the_model_cell_checks_the_tokenizers_before_loading_a_release_and_mount
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     with pytest.raises(Mounted):
         exec(_model_cell(COMPILATION_CACHE="/content/drive/MyDrive/unitoken-xla"), {})
+
+
+def test_a_users_picture_is_shown_with_its_shape_kept():
+    """A non-square picture of the user's was shown squashed to 192 x 192."""
+    import ast
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "def shown(" in c.source)
+    tree = ast.parse(cell)
+    namespace = {"Image": Image}
+    exec(compile(ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef)], []), "cell", "exec"), namespace)
+    shown = namespace["shown"]
+    assert shown(Image.new("RGB", (300, 100)), 192).size == (192, 64)
+    assert shown(Image.new("RGB", (64, 64)), 192).size == (192, 192)
+    assert shown(Image.new("RGB", (1000, 1)), 128).size == (128, 1)
