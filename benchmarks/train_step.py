@@ -10,8 +10,9 @@ same samples whole into fixed rows (understanding and generation mixed 1:1) and 
 step of `unitoken_jax.train.step`. Tokens/s counts real tokens only (no padding).
 
 Each side's speed is also given as a fraction of this machine's matmul peak, measured in the same
-run (a large float32 matmul in XLA and in torch): the model FLOPs of the real tokens (the training
-log's analytic count, `train.metrics.FlopCounter`) per second, over that peak. The two steps are
+run (a large float32 matmul in XLA and in torch): the model FLOPs of the real tokens (the analytic
+count of `train.metrics.FlopCounter`, with the LM head at every real token on both sides) per second,
+over that peak. The two steps are
 timed `--repeats` times, alternating; the table gives the median run of each.
 
 The samples are the drawn demo items with answers of varied length (1 to 12 sentences), so
@@ -48,7 +49,7 @@ from unitoken_jax.data import pretokenize as pt  # noqa: E402
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig  # noqa: E402
 from unitoken_jax.configs import stages  # noqa: E402
 from unitoken_jax.train.config import TrainConfig  # noqa: E402
-from unitoken_jax.train.metrics import FlopCounter  # noqa: E402
+from unitoken_jax.train.metrics import FlopCounter, predicting_positions  # noqa: E402
 from unitoken_jax.train.optimizer import trainable_mask  # noqa: E402
 from unitoken_jax.train.program import BATCH_KEYS, build_program, make_mesh  # noqa: E402
 from unitoken_jax.train.state import create_state  # noqa: E402
@@ -275,7 +276,8 @@ def main():
     ref_tokens = {k: sum(len(s["tokens"]) for b in bs for s in b) for k, bs in refs.items()}
     ref_slots = {k: sum(len(b) * max(len(s["tokens"]) for s in b) for b in bs) for k, bs in refs.items()}
 
-    # model FLOPs of the real tokens each side trained on (the training log's count)
+    # model FLOPs of the real tokens each side trained on (the same count on both sides: the head at
+    # every real token, which the reference runs; the training log counts it where a token is predicted)
     counter = FlopCounter(model.config, model.params, trainable_mask(model.params, "all"))
     features = 16  # 56 px tiles, 14 px patches
     ours_flops = sum(counter.per_step(int((b["segment_ids"] > 0).sum()),
@@ -291,12 +293,8 @@ def main():
     embedding = 6 * model.config.decoder.vocab_size * model.config.decoder.hidden_size * ours_tokens / ours_flops
     # the head's work ours skips: the LM head (D x V, trained: 6 FLOPs a weight and token) on real
     # positions that predict nothing (the next token is unlabelled or of another sample)
-    def predicting(b):
-        seg, labels = b["segment_ids"], b["labels"]
-        return int(((labels[:, 1:] >= 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).sum())
-
     head_weights = model.config.decoder.hidden_size * model.config.decoder.vocab_size
-    ours_predicting = sum(predicting(b) for b in timed)
+    ours_predicting = sum(predicting_positions(b) for b in timed)
     ours_done = ours_flops - 6 * head_weights * (ours_tokens - ours_predicting)
     peak_xla, peak_torch = matmul_peak()
     ref_tps = {k: ref_tokens[k] / ref_s[k] for k in refs}
@@ -337,11 +335,12 @@ def main():
         "instead of the default 512 (the TPU configs' AOT figures are made at 512).", "",
         "The reference drops the samples left in a half-filled batch at the end; both count only the tokens they "
         "trained on. The model GFLOP/s column counts the same analytic FLOPs on both sides, with the LM head on every "
-        "real token (the training log's count); ours runs the head only where a token is predicted (each device's "
+        "real token (the reference runs it there); ours runs the head only where a token is predicted (each device's "
         "predicting positions gathered into chunks, `models.loss.fused_lm_loss`): "
         f"{ours_predicting} of its {ours_tokens} real positions, so the FLOPs it ran are about "
         f"{ours_done / ours_flops:.0%} of its count ({ours_done / ours_s['unrolled'] / 1e9:.1f} GFLOP/s unrolled, "
-        f"{ours_done / ours_s['unrolled'] / peak_xla:.0%} of its peak). The count (the training log's MFU) includes "
+        f"{ours_done / ours_s['unrolled'] / peak_xla:.0%} of its peak; the training log's MFU counts so). "
+        "The count includes "
         f"the input embedding table, whose lookup multiplies nothing: {embedding:.0%} of it at this small width "
         "(about 4 % at the 7B's); an MFU without it (PaLM's and MaxText's convention) is that much lower on both "
         "sides. CPU timings show the ratio on this machine, "

@@ -696,6 +696,9 @@ MUTATIONS = (
              "unitoken_jax/inference/fit.py", 'return "none", (f"{dtype} weights: {what} need {_size(floats)} a device, "',
              'return "none", (f"bfloat16 weights: {what} need {floats / GIB:.2f} GiB a device, "',
              ("tests/test_fit.py", "-k", "int8_only_where")),
+    Mutation("mfu_head_every_token", "the MFU's count charging the LM head at every real token, not the predicting ones",
+             "unitoken_jax/train/metrics.py", "        if predicting is not None:  # the head's work",
+             "        if False:  # the head's work", ("tests/test_train_loop.py", "-k", "flop_count")),
 )
 
 

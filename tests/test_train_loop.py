@@ -984,3 +984,41 @@ def test_ctrl_c_in_a_training_called_from_python_leaves_the_caller_running(tmp_p
         cli.main(["train", "--config", os.path.join(ROOT, "configs", "stage2.py:tiny"), "--workdir",
                   str(tmp_path / "run")])
     assert stop.value.code == 130 and "stopped (Ctrl-C)" in capsys.readouterr().err
+
+
+def test_the_flop_count_takes_the_lm_head_where_a_token_is_predicted(caplog):
+    """The MFU's analytic count had charged the LM head at every real token, though the step runs
+    it only where a token is predicted (`fused_lm_loss`): the tiny config's count read ~29 % high.
+    Hand count: 6 x parameters x tokens + 12 x layers x hidden x context x tokens, less the head's
+    6 x hidden x vocab at each real position that predicts nothing."""
+    import logging
+
+    from unitoken_jax.models.config import UniTokenConfig
+    from unitoken_jax.models.unitoken import abstract_params
+    from unitoken_jax.train import metrics as metrics_lib
+    from unitoken_jax.train.optimizer import trainable_mask
+
+    config = UniTokenConfig.from_dict(stages.stage_config(2, "tiny").model.to_dict())
+    params = abstract_params(config)
+    counter = metrics_lib.FlopCounter(config, params, trainable_mask(params, "all"))
+    # row 0: two samples then padding; position t predicts the label at t + 1 of its own sample
+    seg = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [1] * 8])
+    labels = np.array([[-100, -100, 5, -100, 7, -100, 9, -100], [-100, 1, 2, 3, -100, -100, -100, -100]])
+    predicting = 2 + 3  # row 0: t = 1, 3 (t = 5 is padding); row 1: t = 0, 1, 2
+    positions = np.array([[0, 1, 2, 0, 1, 0, 0, 0], list(range(8))])
+    batch = dict(segment_ids=seg, labels=labels, positions=positions, pixels=np.zeros((0, 8, 8, 3), np.float32))
+    window = metrics_lib.Window()
+    window.add_batch(batch, features_per_tile=16)
+    tokens, context = 13, (0 + 1 + 2 + 0 + 1 + sum(range(8))) / 13 + 1
+    assert window.flop_inputs == [(tokens, pytest.approx(context), 0, predicting)]
+    d = config.decoder
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params["decoder"]))
+    expected = 6 * n * tokens + 12 * d.num_layers * d.hidden_size * context * tokens \
+        - 6 * d.hidden_size * d.vocab_size * (tokens - predicting)
+    assert counter.per_step(*window.flop_inputs[0]) == pytest.approx(expected, rel=1e-12)
+    assert counter.per_step(tokens, context, 0) == pytest.approx(expected + 6 * d.hidden_size * d.vocab_size * 8)
+    # the loss's own count is of the predicted tokens: named so in the log, not a bare "tokens"
+    window.add_metrics({"loss": np.float32(2.0), "tokens": np.float32(predicting)})
+    with caplog.at_level(logging.INFO, logger=metrics_lib.log.name):
+        window.flush(1, counter, devices=1)
+    assert "predicted=5 " in caplog.text and " tokens=" not in caplog.text

@@ -43,7 +43,10 @@ class FlopCounter:
     plus the attention's scores and values (12 x layers x hidden x context a token). Every
     parameter counts, the input embedding table's too, though a lookup does no multiply: a count
     that leaves them out (PaLM's and MaxText's convention) reads lower (the 1B shape of
-    benchmarks/train_accel.py: ~12 % of its step)."""
+    benchmarks/train_accel.py: ~12 % of its step). The LM head counts at the positions that
+    predict a token (`predicting`), where the step runs it (`models.loss.fused_lm_loss`): at
+    every real token it had made a stage's MFU read high where few tokens are labelled (the tiny
+    config's count was ~29 % high; the 7B's ~1.5-2 %)."""
 
     def __init__(self, model_config, abstract_params, trainable_mask):
         def count(part, trainable_only=False):
@@ -54,18 +57,32 @@ class FlopCounter:
 
         self.config = model_config
         self.decoder = (count("decoder"), count("decoder", True))
+        head = abstract_params.get("decoder", {}).get("lm_head", {})
+        head_mask = trainable_mask.get("decoder", {}).get("lm_head", {})
+        self.head = (sum(int(np.prod(a.shape)) for a in jax.tree.leaves(head)),
+                     sum(int(np.prod(a.shape)) for a, m in zip(jax.tree.leaves(head), jax.tree.leaves(head_mask)) if m))
         vision = ("vit", "adapter")
         self.vision = (sum(count(p) for p in vision), sum(count(p, True) for p in vision))
 
-    def per_step(self, tokens: int, context: int, patches: int) -> float:
+    def per_step(self, tokens: int, context: int, patches: int, predicting: int | None = None) -> float:
+        """`predicting`: the real positions that predict a token (None: all `tokens`)."""
         d, v = self.config.decoder, self.config.vision
         flops = (4 * self.decoder[0] + 2 * self.decoder[1]) * tokens
+        if predicting is not None:  # the head's work where nothing is predicted is not done
+            flops -= (4 * self.head[0] + 2 * self.head[1]) * (tokens - predicting)
         flops += 12 * d.num_layers * d.hidden_size * context * tokens
         if v is not None and patches:
             side = v.features_per_image()
             flops += (4 * self.vision[0] + 2 * self.vision[1]) * patches
             flops += 12 * v.num_layers * v.hidden_size * side * patches
         return float(flops)
+
+
+def predicting_positions(batch) -> int:
+    """The positions whose next token is a label of the same sample: where the LM head and the loss
+    run (`models.loss`: position t predicts the label at t + 1)."""
+    seg, labels = batch["segment_ids"], batch["labels"]
+    return int(((labels[:, 1:] >= 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).sum())
 
 
 def sum_over_processes(*values: float) -> tuple[float, ...]:
@@ -108,7 +125,7 @@ class Window:
         tiles = int(np.any(batch["pixels"] != 0, axis=(1, 2, 3)).sum())
         self.tokens += tokens
         self.positions += real.size
-        self.flop_inputs.append((tokens, context, tiles * features_per_tile))
+        self.flop_inputs.append((tokens, context, tiles * features_per_tile, predicting_positions(batch)))
 
     def add_metrics(self, metrics):
         self.metrics.append(metrics)
@@ -166,7 +183,9 @@ class Window:
         if peak is not None:
             out["mfu"] = work / seconds / (peak * devices)
         out["step"] = step
-        shown = " ".join(f"{k}={v:.4g}" for k, v in out.items() if k not in ("step",) and not k.startswith("tokens_"))
+        # ("tokens", the loss's count, are the predicted ones, not the real_tokens tokens/s counts)
+        shown = " ".join(f"{'predicted' if k == 'tokens' else k}={v:.4g}" for k, v in out.items()
+                         if k not in ("step",) and not k.startswith("tokens_"))
         progress = ""
         if total:
             left = (total - step) * seconds / max(self.steps, 1)
