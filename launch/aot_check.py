@@ -69,9 +69,9 @@ def topology_devices(topology: str) -> np.ndarray:
 
 
 # HBM a program may use on one device (a chip; a TensorCore on v2, v3 and v4, whose topologies
-# give each core as a device). v4, v5e and v6e: the limit XLA's out-of-memory refusals state;
-# the others: the nominal HBM (a little more than XLA allows).
-USABLE_HBM_GIB = {"v2": 8.0, "v3": 16.0, "v4": 15.25, "v5 lite": 15.75, "v5e": 15.75, "v5p": 95.0, "v5": 95.0,
+# give each core as a device): the limit XLA's out-of-memory refusals state for each generation
+# (the nominal 8, 16 and 95 GiB of v2, v3 and v5p had overstated v2's and v3's, understated v5p's)
+USABLE_HBM_GIB = {"v2": 7.48, "v3": 15.48, "v4": 15.25, "v5 lite": 15.75, "v5e": 15.75, "v5p": 95.74, "v5": 95.74,
                   "v6 lite": 31.25, "v6e": 31.25}
 
 
@@ -80,7 +80,7 @@ def devices_in_words(topology: str, devices) -> str:
     n, chips = np.size(devices), math.prod(int(x) for x in topology.split(":")[1].split("x"))
     if chips and n > chips and n % chips == 0:
         return f"{n} devices ({chips} chips x {n // chips} TensorCores)"
-    return f"{n} chips"
+    return f"{n} chip{'s' if n != 1 else ''}"
 
 
 def hbm_bytes(device) -> int:
@@ -92,9 +92,12 @@ def hbm_bytes(device) -> int:
     raise ValueError(f"no HBM size known for {device.device_kind!r}; add it to USABLE_HBM_GIB")
 
 
-def topology_mesh(topology: str, mesh_shape) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over the chips of a TPU topology (no TPU needed)."""
+def topology_mesh(topology: str, mesh_shape, some: bool = False) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over the chips of a TPU topology (no TPU needed); with
+    `some`, over the first of them when it takes fewer (the others idle, as the CLI leaves them)."""
     devices = topology_devices(topology)
+    if some and int(np.prod(mesh_shape)) < devices.size:
+        devices = devices.flat[:int(np.prod(mesh_shape))]
     if int(np.prod(mesh_shape)) != devices.size:
         raise ValueError(f"mesh {tuple(mesh_shape)} needs {int(np.prod(mesh_shape))} devices, {topology} has "
                          f"{devices_in_words(topology, devices)}")
@@ -172,7 +175,8 @@ def decode_main(argv) -> None:
         devices = topology_devices(args.topology)
         shape = (sharding.parse_mesh_shape(args.mesh, devices.size) if args.mesh
                  else decode_mesh_shape(args.model, args.topology))
-        mesh = topology_mesh(args.topology, shape)
+        # choose_mesh may leave chips idle (the weights split evenly over 8 of a v5p-24's 12)
+        mesh = topology_mesh(args.topology, shape, some=not args.mesh)
     except ValueError as e:
         parser.error(str(e))
     start = time.time()
@@ -183,23 +187,42 @@ def decode_main(argv) -> None:
         parser.error(f"{args.model}, {args.images} x {args.size}px: {e}")
     weights = f"{args.dtype}" + (f", {args.quantize} weights" if args.quantize != "none" else "")
     hbm = hbm_bytes(devices.flat[0])
-    print(f"{args.topology}: {devices_in_words(args.topology, devices)} ({hbm / 2**30:.2f} GiB usable each), mesh "
-          f"{shape}; {args.model} in "
-          f"{weights}, {args.images} x {args.size}px with CFG ({2 * args.images} rows)")
+    idle = f" ({devices.size - mesh.size} idle)" if mesh.size < devices.size else ""
+    # the SigLIP tower and adapter stay on the devices beside what these programs hold (a loaded
+    # model's; split over the mesh as evenly as their shapes allow: an estimate)
+    resident = resident_vision_bytes(config) / mesh.size
+    print(f"{args.topology}: {devices_in_words(args.topology, devices)}{idle} ({hbm / 2**30:.2f} GiB usable each), "
+          f"mesh {shape}; {args.model} in {weights}, {args.images} x {args.size}px with CFG ({2 * args.images} rows); "
+          f"the SigLIP tower and adapter, resident beside the programs: ~{resident / 2**30:.2f} GiB a device")
+    failed = False
     for name, lowered in (("prefill", prefill), ("decode loop", loop)):
         try:
             mem = lowered.compile().memory_analysis()
-        except Exception as e:  # XLA's out-of-memory refusal names the size it needed
+        except jax.errors.JaxRuntimeError as e:  # XLA's out-of-memory refusal names the size it needed
             print(f"{name}: does not compile: {str(e).splitlines()[0][:300]}")
+            failed = True
             continue
         total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
             mem.temp_size_in_bytes
-        verdict = "fits" if total <= hbm else "does NOT fit"
-        print(f"{name}: {total / 2**30:.2f} GiB a device, {verdict} "
+        fits = total + resident <= hbm
+        failed |= not fits
+        print(f"{name}: {total / 2**30:.2f} GiB a device, {(total + resident) / 2**30:.2f} with the tower, "
+              f"{'fits' if fits else 'does NOT fit'} "
               f"(arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
               f"temporaries {mem.temp_size_in_bytes / 2**30:.2f}, outputs {mem.output_size_in_bytes / 2**30:.2f}, "
               f"aliased {mem.alias_size_in_bytes / 2**30:.2f})")
     print(f"compiled in {time.time() - start:.0f} s")
+    return 1 if failed else 0
+
+
+def resident_vision_bytes(config) -> int:
+    """Bytes of the model's parameters outside the decoder (the SigLIP tower and the adapter), in
+    the config's parameter dtype and weight format: on the devices while the decoder's programs run."""
+    from unitoken_jax.models.unitoken import abstract_params
+
+    params = abstract_params(config)
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for part, tree in params.items() if part != "decoder" for a in jax.tree.leaves(tree))
 
 
 def _value(text: str):
@@ -214,7 +237,8 @@ def fit_line(compiled, mesh: Mesh) -> str:
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     hbm = hbm_bytes(mesh.devices.flat[0])
-    return f"fits: {per_chip / 2**30:.2f} of {hbm / 2**30:.2f} GiB a device ({per_chip / hbm:.0%})"
+    return f"{'fits' if per_chip <= hbm else 'does NOT fit'}: {per_chip / 2**30:.2f} of {hbm / 2**30:.2f} GiB a " \
+        f"device ({per_chip / hbm:.0%})"
 
 
 def main(argv=None):
@@ -247,7 +271,14 @@ def main(argv=None):
         mesh = topology_mesh(args.topology, shape)
     except (ValueError, FileNotFoundError) as e:  # (a config key, value or file; the slice)
         parser.error(str(e))
-    program, compiled, seconds = compile_program(config, mesh)
+    try:
+        program, compiled, seconds = compile_program(config, mesh)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # (a traceback, for the check's most common answer)
+        print(f"{args.topology}, mesh {shape}, {args.config}: does NOT fit: {str(e).splitlines()[0][:300]}")
+        return 1
     mem = compiled.memory_analysis()
     per_chip = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + \
         mem.temp_size_in_bytes
@@ -264,7 +295,8 @@ def main(argv=None):
           f"aliased {mem.alias_size_in_bytes / 2**30:.2f})")
     print(f"model FLOPs per step: {flops:.3e} ({flops / mesh.size:.3e} per chip)")
     print(fit_line(compiled, mesh))
+    return 0 if per_chip <= hbm_bytes(mesh.devices.flat[0]) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

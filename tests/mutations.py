@@ -699,6 +699,15 @@ MUTATIONS = (
     Mutation("mfu_head_every_token", "the MFU's count charging the LM head at every real token, not the predicting ones",
              "unitoken_jax/train/metrics.py", "        if predicting is not None:  # the head's work",
              "        if False:  # the head's work", ("tests/test_train_loop.py", "-k", "flop_count")),
+    Mutation("aot_train_oom_traceback", "aot_check's train step that does not fit as a traceback, not a line",
+             "launch/aot_check.py", '        if "RESOURCE_EXHAUSTED" not in str(e):', "        if True:",
+             ("tests/test_aot.py", "-k", "says_what_does_not_fit")),
+    Mutation("aot_idle_chips_refused", "aot_check decode refusing a slice whose chips choose_mesh leaves idle",
+             "launch/aot_check.py", "some=not args.mesh)", "some=False)",
+             ("tests/test_aot.py", "-k", "says_what_does_not_fit")),
+    Mutation("aot_nominal_hbm", "aot_check's v5p limit the nominal 95 GiB, not XLA's 95.74",
+             "launch/aot_check.py", '"v5p": 95.74, "v5": 95.74,', '"v5p": 95.0, "v5": 95.0,',
+             ("tests/test_aot.py", "-k", "says_what_does_not_fit")),
 )
 
 

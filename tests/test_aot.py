@@ -184,6 +184,40 @@ def test_the_lora_step_holds_a_fraction_of_the_full_steps_state():
     assert re.fullmatch(r"fits: [\d.]+ of 15\.75 GiB a device \(\d+%\)", line), line
 
 
+def test_the_check_says_what_does_not_fit_in_a_line_with_its_exit_status_and_counts_the_tower(capsys):
+    """A train step that does not fit was a 49-line traceback; decode printed "does not compile"
+    and exited 0; its "fits" left out the SigLIP tower and adapter a loaded model holds (the 7B's
+    2 pictures in bfloat16 on a v5e: 15.34 GiB "fits", 16.15 with the tower); a slice whose chips
+    choose_mesh does not all use (a v5p-24) was refused ("mesh (1, 4, 2) needs 8 devices"); XLA's
+    limits for v2, v3 and v5p (7.48, 15.48, 95.74 GiB) were the nominal 8, 16 and 95."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]'); CI installs it")
+    from unitoken_jax import configs
+    from unitoken_jax.models.config import UniTokenConfig
+    from unitoken_jax.models.unitoken import abstract_params
+
+    aot = _aot_module()
+    assert aot.main(["--config", "stage2.py:tiny", "--topology", "v5e:1x1", "--mesh", "1,1,1", "--batch", "65536",
+                     "--seq", "512"]) == 1
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"v5e:1x1, mesh \(1, 1, 1\), stage2.py:tiny: does NOT fit: RESOURCE_EXHAUSTED: .*\n", out), out
+    assert aot.main(["decode", "--model", "tiny", "--size", "128", "--topology", "v5p:2x2x3"]) == 0
+    out = capsys.readouterr().out
+    assert "12 chips (4 idle) (95.74 GiB usable each), mesh (1, 4, 2)" in out
+    assert re.search(r"decode loop: [\d.]+ GiB a device, [\d.]+ with the tower, fits", out), out
+    for generation, gib in (("v2:2x2", 7.48), ("v3:2x2", 15.48), ("v5p:2x2x1", 95.74), ("v5e:1x1", 15.75)):
+        assert aot.hbm_bytes(aot.topology_devices(generation).flat[0]) == int(gib * 2**30), generation
+    # the tower's bytes, counted independently: the 7B's SigLIP and adapter in bfloat16 and in int8
+    seven_b = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model).replace(param_dtype="bfloat16")
+    v = seven_b.vision
+    per_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
+    # (its layers' weights; the embeddings, norms and the adapter add ~6 %)
+    assert 1.0 < aot.resident_vision_bytes(seven_b) / (2 * v.num_layers * per_layer) < 1.1
+    int8 = aot.resident_vision_bytes(seven_b.replace(quantize="int8"))
+    assert 0.45 < int8 / aot.resident_vision_bytes(seven_b) < 0.6
+    assert abstract_params(seven_b)["decoder"]  # (and the decoder is not among them)
+
+
 def test_decoding_compiles_for_the_tpus_pallas_does_not_target_and_tensor_parallel_is_chosen():
     """TPU v2 and v3 (Colab's v2-8) have no Pallas kernels: the splash attention the prefill used on
     every TPU failed to compile there ("Unsupported matmul RHS type"); `auto` now takes the xla path
