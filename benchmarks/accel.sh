@@ -15,6 +15,11 @@
 # git-ignored .whl/ (pip download --no-deps ml_collections==1.1.0 -d .whl), carry .whl, and this
 # script installs it into /tmp/site first.
 set -u
+case "${1:-}" in
+    # (--help was taken as OUT, and the benchmarks ran)
+    -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "$0: unknown option $1 (usage: bash benchmarks/accel.sh [OUT])" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.." || exit 2
 OUT=${1:-benchmarks/results}
 mkdir -p "$OUT"

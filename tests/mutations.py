@@ -708,6 +708,9 @@ MUTATIONS = (
     Mutation("aot_nominal_hbm", "aot_check's v5p limit the nominal 95 GiB, not XLA's 95.74",
              "launch/aot_check.py", '"v5p": 95.74, "v5": 95.74,', '"v5p": 95.0, "v5": 95.0,',
              ("tests/test_aot.py", "-k", "says_what_does_not_fit")),
+    Mutation("accel_sh_help_runs", "bash benchmarks/accel.sh --help taking --help as OUT and running",
+             "benchmarks/accel.sh", "    -h | --help) sed -n", "    -h | --hel_p) sed -n",
+             ("tests/test_accel_scripts.py", "-k", "help_shows")),
 )
 
 

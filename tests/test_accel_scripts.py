@@ -253,3 +253,13 @@ def test_results_files_name_the_processor_and_the_vector_features_that_move_thei
     assert report.cpu_name(str(info)) == (
         f"Intel(R) Xeon(R) Processor ({platform.machine()}; AVX-512, AVX-512 BF16, AMX)")
     assert report.cpu_name(str(tmp_path / "none")).endswith(f"({platform.machine()})")
+
+
+def test_accel_sh_help_shows_its_usage_and_runs_nothing(tmp_path):
+    """`bash benchmarks/accel.sh --help` took --help as its OUT folder and started the benchmarks."""
+    script = os.path.join(ROOT, "benchmarks", "accel.sh")
+    r = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and "bash benchmarks/accel.sh [OUT]" in r.stdout and "jax" not in r.stderr, r
+    assert not os.path.exists(os.path.join(ROOT, "--help")) and not os.listdir(tmp_path)
+    r = subprocess.run(["bash", script, "--out=x"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "unknown option --out=x" in r.stderr

@@ -1230,7 +1230,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "edits), batching concurrent calls")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (another than 127.0.0.1 opens the "
                                                          "server to the network: set an API key)")
-    srv.add_argument("--port", type=_whole(1, 65535), default=8000)
+    srv.add_argument("--port", type=_whole(1, 65535), default=8000, help="the port to listen on")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but "
                                                      "/health (default $UNITOKEN_API_KEY; none: open)")
     srv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
