@@ -211,7 +211,8 @@ def test_a_printed_tpu_line_is_one_launch_tpu_train_sh_accepts(tmp_path, monkeyp
     this machine's absolute path, which the workers do not have."""
     monkeypatch.chdir(tmp_path)  # no configs/ here: stage2.py:tiny is the packaged config
     launcher = f"bash {REPO}/launch/tpu_train.sh --name s2-{{i}} --zone Z --project P {{args}} --dry-run"
-    assert cli.main(["sweep", "stage2.py:tiny", "--root", "/mnt/bucket/s2", "--launcher", launcher]) == 0
+    root = str(tmp_path / "bucket" / "s2")  # (it was /mnt/bucket/s2 on the machine running the tests)
+    assert cli.main(["sweep", "stage2.py:tiny", "--root", root, "--launcher", launcher]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6
     for line in lines:
@@ -220,7 +221,10 @@ def test_a_printed_tpu_line_is_one_launch_tpu_train_sh_accepts(tmp_path, monkeyp
         words = shlex.split(r.stdout.splitlines()[-1])
         command = next(w for w in words if w.startswith("--command="))
         assert "-m unitoken_jax.train --config stage2.py:tiny --workdir " in command
-        assert re.search(r"--workdir /mnt/bucket/s2/learning_rate=[0-9.]+,seed=[01] ", command), command
+        assert re.search(rf"--workdir {re.escape(root)}/learning_rate=[0-9.]+,seed=[01] ", command), command
+    # a packaged config is the same sweep from another install of the package (a record names it so)
+    with open(os.path.join(root, "sweep.json")) as f:
+        assert json.load(f)["config_file"] == "stage2.py:tiny"
 
 
 def test_a_run_is_not_printed_again_while_its_process_runs_here(tmp_path, capsys):

@@ -302,12 +302,12 @@ def write_records(sweep: Sweep) -> None:
     unfinished run's overrides.json and config.json. An earlier expansion of another config, or with
     other fixed overrides, is refused: its runs' checkpoints are in the same workdirs."""
     earlier = _read_json(os.path.join(sweep.root, SWEEP_FILE)) or {}
-    # the config file as an absolute path (a relative one typed elsewhere names the same file); older
-    # records have only the spec as typed, read from here
-    now = _spec_key(sweep.config_spec)
+    now = _record_key(sweep.config_spec)
     if earlier:
-        was = earlier.get("config_file") or _spec_key(earlier.get("config", ""))
-        if was != now or sorted(earlier.get("fixed", [])) != sorted(sweep.fixed_flags):
+        # (older records have only the spec as typed, compared as both resolve from here)
+        was, now_key = ((earlier["config_file"], now) if "config_file" in earlier
+                        else (_spec_key(earlier.get("config", "")), _spec_key(sweep.config_spec)))
+        if was != now_key or sorted(earlier.get("fixed", [])) != sorted(sweep.fixed_flags):
             raise SweepError(
                 f"{sweep.root} holds a sweep of {earlier.get('config')} with {earlier.get('fixed') or 'no'} fixed "
                 f"overrides; this one is {sweep.config_spec} with {list(sweep.fixed_flags) or 'no'} fixed overrides, "
@@ -345,6 +345,16 @@ def write_records(sweep: Sweep) -> None:
 def _has_checkpoints(workdir: str) -> bool:
     checkpoints = os.path.join(workdir, "checkpoints")
     return os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+
+
+def _record_key(spec: str) -> str:
+    """What names a sweep's config in its record: a file of the user's by its absolute path (a
+    relative path typed from another directory names the same file), a packaged config by its name
+    (the same config wherever the package is installed)."""
+    file, colon, arg = spec.partition(":")
+    if os.path.isfile(os.path.expanduser(file)):
+        return os.path.realpath(os.path.expanduser(file)) + colon + arg
+    return spec
 
 
 def _spec_key(spec: str) -> str:
