@@ -711,6 +711,19 @@ MUTATIONS = (
     Mutation("accel_sh_help_runs", "bash benchmarks/accel.sh --help taking --help as OUT and running",
              "benchmarks/accel.sh", "    -h | --help) sed -n", "    -h | --hel_p) sed -n",
              ("tests/test_accel_scripts.py", "-k", "help_shows")),
+    Mutation("pretokenize_name_unchecked", "a pre-tokenization name with '-' taken (its shards unfindable at the end)",
+             "unitoken_jax/data/pretokenize.py", 'not re.fullmatch(r"[A-Za-z0-9_]+", self.name)',
+             'not re.fullmatch(r"[A-Za-z0-9_.\\- ]*", self.name)',
+             ("tests/test_pretokenize.py", "-k", "refused_as_they_are_made")),
+    Mutation("pretokenize_image_root_not_in_job", "a rerun with another --image-root taken as the same job",
+             "unitoken_jax/data/pretokenize.py", '        job["image_root"] = os.path.abspath(image_root)',
+             "        pass", ("tests/test_pretokenize.py", "-k", "picture_folder")),
+    Mutation("pretokenize_empty_answer_written", "an empty answer written as a sample that teaches <eot> alone",
+             "unitoken_jax/data/pretokenize.py", 'and isinstance(t.get("value"), str) and not t["value"].strip()]',
+             'and isinstance(t.get("value"), str) and False]', ("tests/test_pretokenize.py", "-k", "odd_items")),
+    Mutation("meta_unknown_key_ignored", "a misspelt key of a data meta entry (`ration`) ignored: ratio 1",
+             "unitoken_jax/data/pipeline.py", "        if unknown:  # (a misspelt", "        if False:  # (a misspelt",
+             ("tests/test_pipeline.py", "-k", "bad_entry_names_it")),
 )
 
 

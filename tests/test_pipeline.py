@@ -278,6 +278,7 @@ def test_any_whole_seed_draws_and_a_dataset_never_drawn_does_not_widen_the_windo
     ({"path": "a", "ratio": None}, "ratio=None must be a number"),
     ({"path": "a", "ratio": "half"}, "META entry 0 (a): ratio='half' must be a number"),  # the file was not named
     ({"path": "a", "ratio": -1}, "ratio=-1 must be a number of at least 0"),  # the dataset was dropped silently
+    ({"path": "a", "ration": 0.1}, "META entry 0 (a): unknown key(s) 'ration'; an entry takes path, ratio, type"),
 ])
 def test_a_data_meta_file_with_a_bad_entry_names_it(tmp_path, entry, says):
     import yaml
@@ -285,6 +286,17 @@ def test_a_data_meta_file_with_a_bad_entry_names_it(tmp_path, entry, says):
     meta = tmp_path / "meta.yaml"
     meta.write_text(yaml.safe_dump({"META": [entry]}))
     with pytest.raises(ValueError, match=re.escape(says)):
+        read_meta(str(meta))
+
+
+def test_a_data_meta_files_exponent_ratios_type_and_encoding(tmp_path):
+    """YAML reads `1e-3` (no '.') as a string: it was refused as "not a number"; the reference's
+    `type` key is taken; a file not in UTF-8 was a bare UnicodeDecodeError naming no file."""
+    meta = tmp_path / "meta.yaml"
+    meta.write_text("META:\n  - path: a\n    ratio: 1e-3\n    type: caption\n  - path: b\n")
+    assert read_meta(str(meta)) == [Source("a", 0.001), Source("b", 1.0)]
+    meta.write_bytes("META:\n  - path: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"meta\.yaml is not UTF-8 text"):
         read_meta(str(meta))
 
 

@@ -502,6 +502,10 @@ def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_pa
     ("siglip_size", -1, "siglip_size=-1 must be"),  # was written, with tiles of -1 px
     ("siglip_size", 10, "siglip_size=10 is smaller than one patch (14 px)"),
     ("max_length", -5, "max_length=-5 must be"),  # skipped every item
+    # TFDS finds shards by NAME-SPLIT...: these wrote every chunk, then failed at the end, on every rerun
+    ("name", "my-data", "name='my-data': a dataset name takes letters, digits and '_' only"),
+    ("name", "my.data", "name='my.data'"), ("name", "my data", "name='my data'"), ("name", "", "name=''"),
+    ("split", "dev.1", "split='dev.1': a split name takes"),
 ])
 def test_settings_that_cannot_pretokenize_are_refused_as_they_are_made(field, value, says):
     with pytest.raises(ValueError, match=re.escape(says)):
@@ -530,9 +534,68 @@ def test_a_missing_or_empty_items_file_and_an_impossible_crop_are_refused_before
     # the command refuses the same numbers by option, before its tokenizers load
     for option, value in (("--chunk-size", "0"), ("--vq-batch", "0"), ("--patch", "0"), ("--siglip-size", "-1"),
                           ("--max-length", "-5"), ("--vq-size", "0"), ("--process-count", "0"),
-                          ("--process-index", "-1")):
+                          ("--process-index", "-1"), ("--name", "my-data"), ("--split", "dev.1")):
         with pytest.raises(SystemExit):
             cli.main(["pretokenize", items_path, "--out", str(tmp_path / "ds"), "--tokenizer", "demo",
                       "--vqgan", "demo", option, value])
-        assert f"argument {option}: {value} is out of range" in capsys.readouterr().err, option
+        err = capsys.readouterr().err
+        assert f"argument {option}: {value} is out of range" in err or f"argument {option}: {value!r}: a" in err, err
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_users_odd_items_are_skipped_by_reason_and_odd_files_named(tmp_path, tokenizers):
+    """An empty answer was written as a sample that teaches <eot> alone (null is refused for just
+    that); an empty picture name was "IsADirectoryError"; a .JSONL file was read as one JSON list;
+    a file not in UTF-8 was a bare UnicodeDecodeError naming no file."""
+    text, vq = tokenizers
+    ok = {"id": "ok", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    odd = [{"id": "empty-answer", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]},
+           {"id": "blank-answer", "conversations": [{"from": "human", "value": "hi"},
+                                                    {"from": "gpt", "value": "hello"},
+                                                    {"from": "human", "value": "and?"},
+                                                    {"from": "assistant", "value": " \n"}]},
+           {"id": "empty-name", "image": [""], "conversations": [{"from": "human", "value": "<|image|>hi"},
+                                                                {"from": "gpt", "value": "x"}]}]
+    path = tmp_path / "ITEMS.JSONL"
+    path.write_text("\n".join(json.dumps(x) for x in [ok, *odd]) + "\n")
+    result = pt.pretokenize(str(path), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    assert (result["written"], result["skipped"]) == (1, 3)
+    listed = {b["id"]: b["reason"] for b in map(json.loads, open(tmp_path / "ds" / pt.BAD_ITEMS_FILE))}
+    assert "turn 1 is an empty answer" in listed["empty-answer"]
+    assert "turn 3 is an empty answer" in listed["blank-answer"]
+    assert "an empty picture name under 'image'" in listed["empty-name"]
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"id": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.json is not UTF-8 text \(invalid continuation byte\)"):
+        pt.read_items(str(latin))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"a relative path is taken from the current directory, "
+                                                          f"{os.getcwd()}")):
+        pt.open_dataset("no/such/dataset")
+
+
+def test_a_rerun_with_another_picture_folder_or_setting_is_refused_naming_what_differs(tmp_path, tokenizers):
+    """A first run with the wrong --image-root skipped every picture item; the rerun with the right
+    one said "complete already", and one fixed mid-way mixed both (the folder was no part of the job).
+    A refusal printed both whole records, naming no setting."""
+    text, vq = tokenizers
+    items_dir = tmp_path / "items"
+    items_dir.mkdir()
+    path = demo.write_demo_items(str(tmp_path), 6)  # pictures beside the items file, in tmp_path
+    moved = items_dir / "items.json"
+    os.replace(path, moved)
+    first = pt.pretokenize(str(moved), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False, max_chunks=1)
+    assert not first.get("complete")
+    with pytest.raises(ValueError, match=re.escape(f"picture folder (--image-root): {str(items_dir)!r} there, "
+                                                   f"{str(tmp_path)!r} now")):
+        pt.pretokenize(str(moved), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False,
+                       image_root=str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape("vq_size: 32 there, 64 now")):
+        pt.pretokenize(str(moved), str(tmp_path / "ds"), text, vq, dataclasses.replace(SETTINGS, vq_size=64),
+                       progress=False)
+    # a job.json written before the folder was recorded is not held to it
+    job_path = tmp_path / "ds" / pt._PARTIAL / "job.json"
+    job = json.load(open(job_path))
+    del job["image_root"]
+    job_path.write_text(json.dumps(job))
+    done = pt.pretokenize(str(moved), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    assert done["complete"]

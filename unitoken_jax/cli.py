@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -344,6 +345,15 @@ def _whole(least: int, most: int | None = None):
             raise argparse.ArgumentTypeError(f"{value} is out of range: it must be "
                                              + (f"at least {least}" if most is None else f"in [{least}, {most}]"))
         return value
+    return parse
+
+
+def _named(pattern: str, what: str):
+    """An argparse type: a name that matches `pattern` (`what` says which characters it takes)."""
+    def parse(text: str) -> str:
+        if not re.fullmatch(pattern, text):
+            raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+        return text
     return parse
 
 
@@ -1271,8 +1281,11 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--vqgan", help="Meta's vqgan.ckpt, a VQ-GAN directory this package wrote, or an HF Chameleon / "
                                      "UniToken dir ('demo': the demo VQ-GAN)")
     pre.add_argument("--image-root", default=None, help="where relative image paths start (default: the items' dir)")
-    pre.add_argument("--name", default="unitoken")
-    pre.add_argument("--split", default="train")
+    # (TFDS finds the shards by their file names, NAME-SPLIT.array_record-...)
+    pre.add_argument("--name", default="unitoken",
+                     type=_named(r"[A-Za-z0-9_]+", "a dataset name takes letters, digits and '_' only"))
+    pre.add_argument("--split", default="train",
+                     type=_named(r"[A-Za-z0-9_-]+", "a split name takes letters, digits, '_' and '-' only"))
     pre.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
     pre.add_argument("--vq-size", type=_whole(1), default=None,
                      help="side of the VQ crop (512; with the demo tokenizers 32)")

@@ -31,6 +31,7 @@ order, so a resumed run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -75,13 +76,20 @@ class Source:
             raise ValueError(f"{self.path}: ratio {self.ratio!r}; a weight is a finite number, 0 or more")
 
 
+META_KEYS = ("path", "ratio", "type")  # the reference's; its `type` groups its length sampler's batches: unused here
+
+
 def read_meta(path: str) -> list[Source]:
     """The reference's data config: YAML with `META: [{path: ..., ratio: ...}, ...]` (paths here
-    are pre-tokenized dataset directories)."""
+    are pre-tokenized dataset directories; a relative one is taken from the current directory, as
+    the reference takes its paths; `type` is read and not used: the packing groups by kind)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data meta file (YAML with a 'META' list of {{path, ratio}})")
-    with open(path) as f:
-        meta = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
     entries = meta.get("META") if isinstance(meta, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: expected a 'META' list of {{path, ratio}} entries")
@@ -91,7 +99,14 @@ def read_meta(path: str) -> list[Source]:
         if not isinstance(e, dict) or not isinstance(e.get("path"), str) or not e["path"]:
             raise ValueError(f"{where} must be a mapping with a 'path' (a pre-tokenized dataset directory), "
                              f"got {e!r}")
+        unknown = sorted(str(k) for k in e if k not in META_KEYS)
+        if unknown:  # (a misspelt `ration: 0.1` was a ratio of 1, unsaid)
+            raise ValueError(f"{where} ({e['path']}): unknown key(s) {', '.join(map(repr, unknown))}; an entry takes "
+                             f"{', '.join(META_KEYS)}")
         ratio = e.get("ratio", 1.0)
+        if isinstance(ratio, str):  # YAML reads `1e-3` (no '.') as a string
+            with contextlib.suppress(ValueError):
+                ratio = float(ratio)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < math.inf:
             raise ValueError(f"{where} ({e['path']}): ratio={ratio!r} must be a number of at least 0 (the share "
                              "of its records drawn; 0: none)")

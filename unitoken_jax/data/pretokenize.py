@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any, Sequence
@@ -37,7 +38,8 @@ from tqdm.auto import tqdm
 from unitoken_jax.convert.files import pid_alive
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import images as image_io
-from unitoken_jax.tokenizer.conversation import ConversationError, ImageInput, encode_conversation, image_list
+from unitoken_jax.tokenizer.conversation import (ASSISTANT_ROLES, ConversationError, ImageInput, encode_conversation,
+                                                 image_list)
 from unitoken_jax.tokenizer.text import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,13 @@ class PretokenizeSettings:
     vq_batch: int = 32  # images per VQ-GAN call (a fixed shape: one compilation)
 
     def __post_init__(self):
+        # TFDS finds the shards again by their file names, `{name}-{split}.array_record-...`: a name with
+        # '-', '.' or a space wrote every chunk and then failed at the end, on every rerun too
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
+            raise ValueError(f"name={self.name!r}: a dataset name takes letters, digits and '_' only (its shard "
+                             "files are named NAME-SPLIT...)")
+        if not isinstance(self.split, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", self.split):
+            raise ValueError(f"split={self.split!r}: a split name takes letters, digits, '_' and '-' only")
         for name in ("vq_size", "siglip_size", "patch", "chunk_size", "vq_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number of at least 1")
@@ -123,21 +132,28 @@ def read_items(path: str) -> list[dict[str, Any]]:
         raise ValueError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'} (the items: "
                          "a .json list or a .jsonl file)")
     with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            items = []
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
-        else:
+        try:
+            return _parse_items(path, f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+
+
+def _parse_items(path: str, f) -> list[dict[str, Any]]:
+    if path.lower().endswith(".jsonl"):
+        items = []
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                items = json.load(f)
+                items.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                                 "a .jsonl file takes one item per line") from None
+                raise ValueError(f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        try:
+            items = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                             "a .jsonl file takes one item per line") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a list of items, got {type(items).__name__}")
     return items
@@ -163,6 +179,8 @@ class _Chunk:
         self.image_root, self.source = image_root, source
 
     def _path(self, p: str) -> str:
+        if not p.strip():  # (else the image root itself: "IsADirectoryError")
+            raise ValueError("an empty picture name under 'image'")
         return p if os.path.isabs(p) else os.path.join(self.image_root, p)
 
     def _codes(self, crops) -> list[np.ndarray]:
@@ -193,6 +211,12 @@ class _Chunk:
                 if empty:  # (the pipeline's prompt form: an answer to write, not one to learn: one <eot> labelled)
                     raise ConversationError(f"turn {empty[0]} has no text (value null): a training item needs every "
                                             "turn written out")
+                # an empty answer, the same record as null's: its turn teaches <eot> alone
+                empty = [i for i, t in enumerate(listed) if isinstance(t, dict) and t.get("from") in ASSISTANT_ROLES
+                         and isinstance(t.get("value"), str) and not t["value"].strip()]
+                if empty:
+                    raise ConversationError(f"turn {empty[0]} is an empty answer: a training item needs every answer "
+                                            "written out")
                 paths = [str(p) for p in image_list(item)]
                 if not paths and isinstance(turns, list) and any(
                         isinstance(t, dict) and isinstance(t.get("value"), str) and "<image>" in t["value"]
@@ -265,7 +289,7 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
     n_chunks = max(1, -(-len(items) // settings.chunk_size))
     partial = os.path.join(out_dir, _PARTIAL)
     os.makedirs(partial, exist_ok=True)
-    _check_settings(out_dir, settings, items_path, len(items), tokenizer=tokenizer, vq=vq)
+    _check_settings(out_dir, settings, items_path, len(items), tokenizer=tokenizer, vq=vq, image_root=image_root)
     if os.path.exists(os.path.join(out_dir, "dataset_info.json")):  # its chunks' markers are gone: not redone
         log.info("%s is complete already (the same job): nothing to do", out_dir)
         return summary(out_dir)
@@ -383,11 +407,13 @@ def _fingerprints(tokenizer, vq) -> dict[str, str]:
 
 
 def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str, n_items: int, *,
-                    tokenizer=None, vq=None) -> None:
+                    tokenizer=None, vq=None, image_root: str | None = None) -> None:
     """A resumed run must be the same job; mixing settings in one dataset would corrupt it. The
     items file is fingerprinted by content: one edited between a kill and the restart (same path,
     same count) would otherwise resume into duplicated and lost records; so are the tokenizer and
-    the VQ-GAN (a job.json written before they were has none, and is not held to them)."""
+    the VQ-GAN (a job.json written before they were has none, and is not held to them), and the
+    folder the pictures are read from (a rerun with `--image-root` fixed after a first run that
+    skipped every picture item reported that run's dataset as complete, or mixed both mid-way)."""
     path = os.path.join(out_dir, _PARTIAL, "job.json")
     digest = hashlib.sha256()
     with open(items_path, "rb") as f:
@@ -395,6 +421,8 @@ def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str
             digest.update(block)
     job = {"settings": settings.to_json(), "items": os.path.abspath(items_path), "num_items": n_items,
            "items_sha256": digest.hexdigest(), **_fingerprints(tokenizer, vq)}
+    if image_root is not None:
+        job["image_root"] = os.path.abspath(image_root)
     # made at once by the first host (hosts started together each found none and wrote their own:
     # with other settings, both passed and made one dataset of two kinds of records)
     if _create_once(path, job):
@@ -403,6 +431,8 @@ def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str
     if old is None:
         raise ValueError(f"{path} cannot be read (empty or damaged: a run killed as it started?); delete it and rerun")
     digests = ("items_sha256", "tokenizer_sha256", "vqgan_sha256")
+    if "image_root" not in old:  # (a job.json written before 2026-12-06 (night) has none)
+        job.pop("image_root", None)
     same_job = {k: v for k, v in old.items() if k not in digests} == {k: v for k, v in job.items() if k not in digests}
     if same_job and old.get("items_sha256", job["items_sha256"]) != job["items_sha256"]:
         raise ValueError(f"{items_path} changed since the pre-tokenization in {out_dir} started (same path and "
@@ -414,9 +444,21 @@ def _check_settings(out_dir: str, settings: PretokenizeSettings, items_path: str
                              f"would be of two kinds in one dataset): give the {what} it was started with, or "
                              "use another directory")
     if not same_job:
-        differ = [k for k in ("settings", "items", "num_items") if old.get(k) != job.get(k)]
-        raise ValueError(f"{out_dir} holds a pre-tokenization started with other {' and '.join(differ) or 'settings'}:"
-                         f"\n  there: {old}\n  now:   {job}\nuse another directory or delete it")
+        names = {"settings": "settings", "items": "items file", "num_items": "number of items",
+                 "image_root": "picture folder (--image-root)"}
+        differ = []
+        for key, what in names.items():
+            there, now = old.get(key), job.get(key)
+            if there == now:
+                continue
+            if key == "settings" and isinstance(there, dict):  # the settings that differ, by name
+                differ += [f"{k}: {there.get(k)!r} there, {now.get(k)!r} now" for k in sorted({*there, *now})
+                           if there.get(k) != now.get(k)]
+            else:
+                differ.append(f"{what}: {there!r} there, {now!r} now")
+        raise ValueError(f"{out_dir} holds a pre-tokenization started with other settings ("
+                         f"{'; '.join(differ) or 'see its .partial/job.json'}): use the same ones, another "
+                         "directory, or delete it")
 
 
 def _take_finalize_lock(path: str) -> bool:
@@ -532,7 +574,9 @@ def open_dataset(path: str, split: str | None = None):
     settings_path = os.path.join(path, SETTINGS_FILE)
     if not os.path.exists(settings_path):
         hint = (" (it is still being written: a pre-tokenization has unfinished chunks)"
-                if glob.glob(os.path.join(path, _PARTIAL, "*")) else "")
+                if glob.glob(os.path.join(path, _PARTIAL, "*")) else
+                f" (nothing there: a relative path is taken from the current directory, {os.getcwd()})"
+                if not os.path.exists(path) and not os.path.isabs(path) else "")
         raise FileNotFoundError(f"{path} is not a finished pre-tokenized dataset{hint}")
     with open(settings_path) as f:
         settings = PretokenizeSettings.from_json(json.load(f))

@@ -34,6 +34,7 @@ IMAGE_PLACEHOLDER = "<|image|>"
 IGNORE = -100
 _HUMAN = ("human", "user")
 _ASSISTANT = ("gpt", "assistant")
+ASSISTANT_ROLES = _ASSISTANT  # the "from" of an answer
 
 
 class ConversationError(ValueError):
