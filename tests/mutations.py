@@ -724,6 +724,18 @@ MUTATIONS = (
     Mutation("meta_unknown_key_ignored", "a misspelt key of a data meta entry (`ration`) ignored: ratio 1",
              "unitoken_jax/data/pipeline.py", "        if unknown:  # (a misspelt", "        if False:  # (a misspelt",
              ("tests/test_pipeline.py", "-k", "bad_entry_names_it")),
+    Mutation("cut_warning_once_a_place",
+             "a cut answer's warning kept in its module's registry: a loop's later cuts silent",
+             "unitoken_jax/inference/pipeline.py", "registry=None, module_globals=frame.f_globals)",
+             'registry=frame.f_globals.setdefault("__warningregistry__", {}), module_globals=frame.f_globals)',
+             ("tests/test_inference.py", "-k", "callers_own_line")),
+    Mutation("whole_float_refused", "a whole float (n=2.0, size 32.0) refused as not a whole number",
+             "unitoken_jax/inference/pipeline.py",
+             "    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():",
+             "    if False:", ("tests/test_inference.py", "-k", "numbers_and_odd")),
+    Mutation("bundled_other_size_unsaid", "the bundled model drawing another size than 64x64 from Python unsaid",
+             "unitoken_jax/world/default.py", "trained_sizes=[tuple(s[\"size\"])], ", "",
+             ("tests/test_default_model.py", "-k", "another_size")),
 )
 
 

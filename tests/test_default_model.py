@@ -559,3 +559,17 @@ def test_out_of_device_memory_is_said_with_what_would_fit(tmp_path, capsys, monk
     monkeypatch.setattr(cli, "_pipeline", refused("INTERNAL: something else"))
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
         cli.main(["generate", "a red circle", "--out", str(tmp_path / "x.png")])
+
+
+def test_another_size_than_it_was_trained_on_warns_in_python(pipe):
+    """The CLI refuses a size other than 64 x 64 for the bundled model; from Python one was drawn,
+    as noise, unsaid."""
+    from unitoken_jax.inference.pipeline import UntrainedSize
+
+    with pytest.warns(UntrainedSize, match="trained to draw 64x64 pictures only, not 128x128"):
+        pipe.generate_request("a red circle at the top left", size=(128, 128))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedSize)
+        pipe.generate_request("a red circle at the top left")  # its own size: no warning

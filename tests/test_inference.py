@@ -1197,7 +1197,7 @@ def test_pipeline_refuses_bad_sizes_counts_and_prefixes(pipe):
         pipe.image_prefix = [99999999]
     with pytest.raises(ValueError, match="integers"):
         pipe.image_prefix = ["16853"]
-    for size in [(0, 0), (-64, 64), (32.0, 32)]:
+    for size in [(0, 0), (-64, 64), (32.5, 32), (float("nan"), 32)]:  # (a whole float is its number)
         with pytest.raises(ValueError, match="positive"):
             pipe.generate_request("x", size=size)
     with pytest.raises(ValueError, match="positions"):
@@ -1281,3 +1281,75 @@ def test_a_drawing_template_without_its_prompt_or_with_other_fields_is_refused(p
     text = pipe.tokenizer.encode_text("{draw} 64x32: a cat")
     tokens = sized.generate_request("a cat", size=(64, 32)).tokens.tolist()
     assert tokens[1:len(text) + 2] == text + [8710]  # BOS, the filled template, the end of the turn
+
+
+def test_every_cut_answer_warns_at_the_callers_own_line(pipe):
+    """A cut answer's warning blamed a line inside the library for `understand` (a fixed stack
+    level; `run` called directly blamed the frame above the caller's), and Python's default filter
+    shows a warning once a place: from the second call on, cut answers were silent. Here, with
+    only the package's own filters (as in a fresh session), each of three cut answers from one
+    line warns, at that line, through `understand`, its batches and `run`; a caller's "once" filter
+    still shows it once."""
+    import warnings
+
+    from unitoken_jax.inference.pipeline import AnswerCut
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # no filter: Python's default action, which shows a warning once a place
+        calls = (lambda: pipe.understand([], "he is", max_new_tokens=2, stop_tokens=()),
+                 lambda: pipe.understand([[], []], ["he is", "she is"], max_new_tokens=2, stop_tokens=(),
+                                         batch_size=1, progress=False),
+                 lambda: pipe.run([pipe.understand_request([], "he is", max_new_tokens=2, stop_tokens=())]))
+        for call in calls:
+            for _ in range(3):
+                call()
+    cut = [w for w in caught if issubclass(w.category, AnswerCut)]
+    assert len(cut) == 9, [str(w.message) for w in caught]
+    assert {(w.filename, w.lineno) for w in cut} == {(__file__, calls[0].__code__.co_firstlineno + i)
+                                                     for i in (0, 1, 3)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("once", AnswerCut)
+        for _ in range(3):
+            calls[0]()
+    assert len([w for w in caught if issubclass(w.category, AnswerCut)]) == 1
+
+
+def test_the_pipelines_numbers_and_odd_calls(pipe):
+    """Whole floats were refused for n, size and batch_size (the README: "NumPy integers and whole
+    floats are taken as the numbers they are"); an unknown keyword was a TypeError naming
+    `Request.__init__`; a path with a list of questions was taken apart into characters ("2
+    questions and 26 lists of pictures"); `edit` of one instruction refused its picture in a list
+    of one; `understand` had no `progress`."""
+    cat = pipe.understand_request
+    assert pipe.generate_request("a cat", size=(32.0, np.int64(64))).grid_hw == (2, 1)
+    drawn = pipe.generate_image("a cat", size=(32, 32), n=2.0, batch_size=1.0, progress=False)
+    assert len(drawn) == 2 and all(isinstance(p, Image.Image) for p in drawn)
+    for call, says in ((lambda: pipe.understand([], "hi", max_new_tokens=2, colour=1), "unexpected keyword argument "
+                        "'colour'; the options a request takes: max_new_tokens, seed, temperature"),
+                       (lambda: pipe.generate_image("a cat", stream=print), "unexpected keyword argument 'stream'"),
+                       (lambda: pipe.generate_image("a cat", cfg_scale=2), "cfg_scale is set by cfg= here")):
+        with pytest.raises(TypeError, match=re.escape(says)):
+            call()
+    with pytest.raises(ValueError, match=re.escape("2 questions and one picture (str): give one list of pictures")):
+        pipe.understand("cat.png", ["q1", "q2"])
+    picture = Image.new("RGB", (40, 40), (200, 30, 30))
+    one = pipe.edit(picture, "make it blue", size=(32, 32), progress=False)
+    assert np.array_equal(np.asarray(pipe.edit([picture], "make it blue", size=(32, 32), progress=False)),
+                          np.asarray(one))
+    with pytest.raises(ValueError, match="one instruction and 2 pictures: an edit takes one picture"):
+        pipe.edit([picture, picture], "make it blue", size=(32, 32))
+    assert pipe.understand([], "hi", max_new_tokens=2, progress=False) == pipe.understand([], "hi", max_new_tokens=2)
+    assert cat([], "hi").max_new_tokens == 256
+
+
+def test_a_picture_grid_takes_arrays_and_refuses_no_columns():
+    from unitoken_jax.inference.pipeline import picture_grid
+
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    grid_ = picture_grid([red, Image.new("RGB", (8, 8), (0, 0, 255))], gap=0)
+    assert grid_.size == (16, 8) and grid_.getpixel((0, 0)) == (255, 0, 0) and grid_.getpixel((15, 0)) == (0, 0, 255)
+    assert picture_grid([red] * 4, columns=2.0, gap=0).size == (16, 16)
+    with pytest.raises(ValueError, match="columns must be a whole number, at least 1"):
+        picture_grid([red], columns=0)

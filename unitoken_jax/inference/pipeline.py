@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import string
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Sequence
@@ -72,6 +74,10 @@ class PictureRepaired(AnswerCut):
     malformed, and was completed by `layout.parse_image_ids`'s repair rules."""
 
 
+class UntrainedSize(UserWarning):
+    """A picture size the model was not trained to draw (the bundled model: 64 x 64 only)."""
+
+
 class NegativePromptError(ValueError):
     """A negative prompt that the model cannot take beside the picture: too long by itself, or too
     long to leave its row the picture's positions."""
@@ -80,12 +86,15 @@ class NegativePromptError(ValueError):
 def picture_grid(pictures, columns: int | None = None, side: int | None = None, gap: int = 4) -> Image.Image:
     """Pictures side by side (`columns` a row; all of them by default), each scaled to `side`
     pixels (the largest one's size by default; NEAREST, so small pictures stay crisp): one image
-    to show in a notebook or save."""
+    to show in a notebook or save. A picture may also be a uint8 array ([H, W] or [H, W, 3 or 4])."""
     pictures = [p for row in pictures for p in (row if isinstance(row, (list, tuple)) else [row])]
     if not pictures:
         raise ValueError("no pictures to put in a grid")
+    pictures = [Image.fromarray(np.asarray(p)) if isinstance(p, np.ndarray) else p for p in pictures]
+    if columns is not None and (isinstance(columns, bool) or _whole(columns) != columns or columns < 1):
+        raise ValueError(f"columns must be a whole number, at least 1 (None: all in one row); got {columns!r}")
     side = side or max(max(p.size) for p in pictures)
-    columns = columns or len(pictures)
+    columns = int(columns or len(pictures))
     rows = -(-len(pictures) // columns)
     grid = Image.new("RGB", (columns * (side + gap) - gap, rows * (side + gap) - gap), (255, 255, 255))
     for i, p in enumerate(pictures):
@@ -96,6 +105,55 @@ def picture_grid(pictures, columns: int | None = None, side: int | None = None, 
 
 def _listify(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _say(warning: Warning) -> None:
+    """Warns at the first frame outside this package (the caller's own line, however deep the
+    library's calls went), every time: a fixed stack level blamed a line inside the library for
+    `understand`, and Python's default filter shows a warning once a place, so from the second
+    call on cut answers were silent. The caller's own filters ("ignore", "error", "once") apply."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+    if frame is None:  # (called from the package alone)
+        warnings.warn(warning, stacklevel=2)
+        return
+    # no registry (`warn` keeps one a module, which the default action fills; "once" keeps its own)
+    warnings.warn_explicit(warning, type(warning), frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals)
+
+
+def _whole(value):
+    """A NumPy integer or a whole float (2.0) as Python's int; anything else as it is, for the
+    caller's check to refuse."""
+    if isinstance(value, (bool, np.bool_)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return value
+
+
+# the options a request takes from a caller (the rest of `Request` is made from the call's own arguments)
+_REQUEST_OPTIONS = tuple(f.name for f in dataclasses.fields(Request)
+                         if f.name not in ("tokens", "is_continuous", "feature_index", "pixels", "uncond_tokens"))
+
+
+def _check_options(options: dict, own: dict[str, str] | None = None) -> None:
+    """An unknown keyword is a TypeError naming the options there are (it was one naming
+    `Request.__init__`, a class the caller never called); `own`: the request's fields this call
+    sets from arguments of its own (field -> the argument's name)."""
+    own = own or {}
+    for k in options:
+        if k in own:
+            raise TypeError(f"{k} is set by {own[k]}= here")
+        if k not in _REQUEST_OPTIONS:
+            options_ = [own.get(o, o) for o in _REQUEST_OPTIONS]
+            raise TypeError(f"unexpected keyword argument {k!r}; the options a request takes: {', '.join(options_)}")
 
 
 def _pictures(images) -> list:
@@ -111,7 +169,10 @@ def _paired(text, what: str, inputs, listed: Callable, inputs_are: str, rule: st
     as many."""
     if isinstance(text, str):
         return True, [text], [inputs]
-    texts, given = _texts(text, what), listed(inputs)
+    texts = _texts(text, what)
+    if isinstance(inputs, (str, bytes, os.PathLike, Image.Image)):  # (a path was taken apart into characters)
+        raise ValueError(f"{len(texts)} {what}s and one picture ({type(inputs).__name__}): give {rule}")
+    given = listed(inputs)
     if len(given) != len(texts):
         raise ValueError(f"{len(texts)} {what}s and {len(given)} {inputs_are}: give {rule}")
     return False, texts, given
@@ -144,9 +205,8 @@ def _size_pair(size) -> tuple[int, int]:
     """(width, height) in pixels, as a pair; "512x512" and other shapes are refused by name."""
     if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
         raise ValueError(f"size must be (width, height) in pixels, e.g. (512, 512); got {size!r}")
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in size):
-        return tuple(int(v) for v in size)  # (NumPy integers as Python's: the loop's arithmetic takes those)
-    return tuple(size)
+    # (NumPy integers and whole floats as Python's ints: the loop's arithmetic takes those)
+    return tuple(_whole(v) for v in size)
 
 
 def default_vq_size(max_length: int, vq) -> int:
@@ -173,10 +233,12 @@ class UniTokenPipeline:
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
                  cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512), anyres_pinpoints=None,
-                 cache_block: int | None = None, layers: str = "auto"):
+                 cache_block: int | None = None, layers: str = "auto", trained_sizes=None):
         """`default_size`: (width, height) of a picture drawn or edited without a `size` (the bundled
-        model's pipeline: its 64 x 64). Other defaults come from the model: `image_prefix` the
-        reference's 16853 where the vocabulary has that id (none otherwise), `vq_size` 512 or, for a
+        model's pipeline: its 64 x 64); `trained_sizes`: the (width, height)s the model was trained to
+        draw, if it is known to draw no other (the bundled model's: 64 x 64): another warns
+        `UntrainedSize` (its pictures come out as noise); None: any. Other defaults come from the
+        model: `image_prefix` the reference's 16853 where the vocabulary has that id (none otherwise), `vq_size` 512 or, for a
         model too short for 512 px of codes, the largest halving whose code grid takes at most a
         quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
         `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster steps at most, more compiles on the
@@ -189,6 +251,7 @@ class UniTokenPipeline:
         reference's, scaled to the tile size."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.default_size = _size_pair(default_size)
+        self.trained_sizes = None if trained_sizes is None else [_size_pair(x) for x in trained_sizes]
         vocab = model.config.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
@@ -249,9 +312,11 @@ class UniTokenPipeline:
         images = _listify(images)
         value = "".join(IMAGE_PLACEHOLDER for _ in images) + ("\n" if images else "") + _plain(question, "question")
         item = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": None}], "image": images}
+        _check_options(options)
         return Request(**self._encode(item), **{"max_new_tokens": 256, **options})
 
     def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
+        _check_options(options, {"cfg_scale": "cfg", "grid_hw": "size"})
         called = {"cfg_scale": "cfg"}  # the Request's names of options -> the caller's
         for text_option, image_option in _IMAGE_SAMPLING.items():
             if text_option in options:
@@ -269,6 +334,10 @@ class UniTokenPipeline:
                 or w % unit or h % unit:
             raise ValueError(f"image size {w}x{h} must be positive and a multiple of {unit} pixels each way")
         grid_hw = (h // unit, w // unit)
+        if self.trained_sizes is not None and (w, h) not in self.trained_sizes:
+            known = " or ".join(f"{a}x{b}" for a, b in self.trained_sizes)
+            _say(UntrainedSize(f"this model was trained to draw {known} pictures only, not {w}x{h}: it never saw "
+                               "that size, and its pictures come out as noise"))
         encoded = self._encode(item)
         needed = len(encoded["tokens"]) + len(self.image_prefix) + layout.generated_image_length(grid_hw)
         if needed > self.max_length:
@@ -325,6 +394,7 @@ class UniTokenPipeline:
             raise ValueError(f"messages must be a list of turns ({{'from': 'human', 'value': ...}} first), got "
                              f"{messages!r:.80}")
         item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": _pictures(images)}
+        _check_options(options)
         return Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
                                                 **options})
 
@@ -403,27 +473,27 @@ class UniTokenPipeline:
             limit = (f"max_new_tokens={request.max_new_tokens}" if by_budget else
                      f"the model's last position ({self.max_length})")
             if shape is None:  # nothing to complete
-                warnings.warn(f"answer {i}: the picture it started was {changes[0]} (stopped at {limit})",
-                              PictureRepaired, stacklevel=4)
+                _say(PictureRepaired(f"answer {i}: the picture it started was {changes[0]} (stopped at {limit})"))
                 continue
             h, w = shape
             grid = (h // layout.CODES_PER_GRID, w // layout.CODES_PER_GRID)
             size = f"{grid[1] * layout.PIXELS_PER_GRID}x{grid[0] * layout.PIXELS_PER_GRID}"
-            warnings.warn(f"answer {i}: its {size} picture did not finish before {limit} (a picture that size takes "
-                          f"{layout.generated_image_length(grid)} tokens) and was completed: {'; '.join(changes)}",
-                          PictureRepaired, stacklevel=4)
+            _say(PictureRepaired(f"answer {i}: its {size} picture did not finish before {limit} (a picture that size "
+                                 f"takes {layout.generated_image_length(grid)} tokens) and was completed: "
+                                 f"{'; '.join(changes)}"))
         if cut:
             where = [f"max_new_tokens={budget}" if by_budget else f"the model's last position ({self.max_length})"
                      for _, by_budget, budget in cut]
             said = (f"the answer stopped at {where[0]} before its end" if single else
                     "answers stopped before their end: " + ", ".join(f"{i} at {w}" for (i, *_), w in zip(cut, where)))
-            warnings.warn(AnswerCut(said, [(i, w) for (i, *_), w in zip(cut, where)]), stacklevel=4)
+            _say(AnswerCut(said, [(i, w) for (i, *_), w in zip(cut, where)]))
 
     def _in_batches(self, n: int, make: Callable[[int], Request], batch_size: int | None, *, what: str,
                     stream=None, bar: bool = True, **run_options) -> list[list]:
         """`run` over requests `make(0)`, ..., `make(n - 1)`, `batch_size` at a time (None: all at
         once), each batch's requests made just before it runs (a batch's pictures are read then),
         with a bar over the batches' `what`; one warning for every cut answer of all batches."""
+        batch_size = _whole(batch_size)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a whole number, at least 1; got {batch_size!r}")
@@ -444,10 +514,10 @@ class UniTokenPipeline:
         return results
 
     def understand(self, images, question, *, stream: Callable | None = None, batch_size: int | None = None,
-                   **options):
+                   progress: bool = True, **options):
         """Answers; a list of questions (with a list of image lists) runs as one batch, or
-        `batch_size` at a time (a bar counts the answers; each batch's pictures are read when it
-        runs: captioning a folder of thousands). `stream` gets the text as it is generated:
+        `batch_size` at a time (a bar counts the answers, `progress=False`: none; each batch's
+        pictures are read when it runs: captioning a folder of thousands). `stream` gets the text as it is generated:
         `stream(text)` for one question, `stream(i, text)` for a list (as the answer is a string
         or a list)."""
         single, questions, image_sets = _paired(question, "question", images, list, "lists of pictures",
@@ -457,7 +527,7 @@ class UniTokenPipeline:
             stream = lambda _, text: send(text)  # noqa: E731 (one question: its text alone)
         results = self._in_batches(len(questions), lambda i: self.understand_request(image_sets[i], questions[i],
                                                                                      **options),
-                                   batch_size, what="answers", stream=stream)
+                                   batch_size, what="answers", stream=stream, bar=progress)
         texts = ["".join(p for p in parts if isinstance(p, str)) for parts in results]
         return texts[0] if single else texts
 
@@ -467,6 +537,7 @@ class UniTokenPipeline:
         """n pictures per prompt (seeds seed, seed+1, ..., modulo 2**32); a list of prompts gives a list of lists.
         All pictures are drawn as one batch (a bar counts image rows), or `batch_size` pictures at
         a time (a bar counts pictures)."""
+        n = _whole(n)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
         single = isinstance(prompt, str)
@@ -492,6 +563,11 @@ class UniTokenPipeline:
         list of pictures, drawn as one batch."""
         single, instructions, pictures = _paired(instruction, "instruction", image, _pictures, "pictures",
                                                  "one picture an instruction")
+        if single and isinstance(image, (list, tuple)):  # one instruction: its picture, or a list of just it
+            if len(image) != 1:
+                raise ValueError(f"one instruction and {len(image)} pictures: an edit takes one picture (for "
+                                 "several edits, give a list of instructions, one a picture)")
+            pictures = [image[0]]
         results = self.run([self.edit_request(p, i, size=size, cfg=cfg, seed=seed, **options)
                             for p, i in zip(pictures, instructions)], progress=progress)
         edited = [[x for x in result if not isinstance(x, str)][0] for result in results]

@@ -104,7 +104,7 @@ def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantiz
     return UniTokenPipeline(model, TextTokenizer.from_file(os.path.join(path, "tokenizer.json")),
                             VQTokenizer.from_dir(os.path.join(path, "vqgan")), vq_size=s["vq_size"],
                             image_prefix=s["image_prefix"], cache_growth=cache_growth,
-                            default_size=tuple(s["size"]), layers=layers,
+                            default_size=tuple(s["size"]), trained_sizes=[tuple(s["size"])], layers=layers,
                             generate_template=GENERATE_TEMPLATE)  # (what it was trained to draw from)
 
 
