@@ -238,9 +238,9 @@ class UniTokenPipeline:
         model's pipeline: its 64 x 64); `trained_sizes`: the (width, height)s the model was trained to
         draw, if it is known to draw no other (the bundled model's: 64 x 64): another warns
         `UntrainedSize` (its pictures come out as noise); None: any. Other defaults come from the
-        model: `image_prefix` the reference's 16853 where the vocabulary has that id (none otherwise), `vq_size` 512 or, for a
-        model too short for 512 px of codes, the largest halving whose code grid takes at most a
-        quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
+        model: `image_prefix` the reference's 16853 where the vocabulary has that id (none
+        otherwise), `vq_size` 512 or, for a model too short for 512 px of codes, the largest
+        halving whose code grid takes at most a quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
         `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster steps at most, more compiles on the
         first call); `cache_block` too (a scanned loop's cache read in blocks, the filled ones
         only: a CPU's default, opt-in on accelerators, where an H200 ran it slower) and `layers`
