@@ -234,21 +234,21 @@ class UniTokenPipeline:
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
                  cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512), anyres_pinpoints=None,
                  cache_block: int | None = None, layers: str = "auto", trained_sizes=None):
-        """`default_size`: (width, height) of a picture drawn or edited without a `size` (the bundled
-        model's pipeline: its 64 x 64); `trained_sizes`: the (width, height)s the model was trained to
-        draw, if it is known to draw no other (the bundled model's: 64 x 64): another warns
-        `UntrainedSize` (its pictures come out as noise); None: any. Other defaults come from the
-        model: `image_prefix` the reference's 16853 where the vocabulary has that id (none
-        otherwise), `vq_size` 512 or, for a model too short for 512 px of codes, the largest
-        halving whose code grid takes at most a quarter of its length, `siglip_size` and the patch from its vision tower. `cache_growth`: see
-        `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster steps at most, more compiles on the
-        first call); `cache_block` too (a scanned loop's cache read in blocks, the filled ones
-        only: a CPU's default, opt-in on accelerators, where an H200 ran it slower) and `layers`
-        ("auto", "scan" or "unrolled": how the decode loop runs the layer stack; `auto` unrolls
-        float weights on a CPU or one GPU with room for its copy of them,
-        `inference.decode.auto_layers`). `anyres_pinpoints`: the canvases AnyRes tiles a picture
-        on, as the model was trained (the pre-tokenizer's `anyres_grid_pinpoints`); None: the
-        reference's, scaled to the tile size."""
+        """`default_size`: (width, height) of a picture drawn or edited without a `size` (the
+        bundled model's pipeline: its 64 x 64); `trained_sizes`: the (width, height)s the model was
+        trained to draw, if it is known to draw no other (the bundled model's: 64 x 64): another
+        warns `UntrainedSize` (its pictures come out as noise); None: any. Other defaults come from
+        the model: `image_prefix` the reference's 16853 where the vocabulary has that id (none
+        otherwise), `vq_size` 512 or, for a model too short for 512 px of codes, the largest halving
+        whose code grid takes at most a quarter of its length, `siglip_size` and the patch from its
+        vision tower. `cache_growth`: see `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster
+        steps at most, more compiles on the first call); `cache_block` too (a scanned loop's cache
+        read in blocks, the filled ones only: a CPU's default, opt-in on accelerators, where an H200
+        ran it slower) and `layers` ("auto", "scan" or "unrolled": how the decode loop runs the
+        layer stack; `auto` unrolls float weights on a CPU or one GPU with room for its copy of
+        them, `inference.decode.auto_layers`). `anyres_pinpoints`: the canvases AnyRes tiles a
+        picture on, as the model was trained (the pre-tokenizer's `anyres_grid_pinpoints`); None:
+        the reference's, scaled to the tile size."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.default_size = _size_pair(default_size)
         self.trained_sizes = None if trained_sizes is None else [_size_pair(x) for x in trained_sizes]
