@@ -736,6 +736,13 @@ MUTATIONS = (
     Mutation("bundled_other_size_unsaid", "the bundled model drawing another size than 64x64 from Python unsaid",
              "unitoken_jax/world/default.py", "trained_sizes=[tuple(s[\"size\"])], ", "",
              ("tests/test_default_model.py", "-k", "another_size")),
+    Mutation("checkpoint_failure_found_at_next_save",
+             "a save that failed in the background noticed only at the next save",
+             "unitoken_jax/train/loop.py", "            checkpointer.check()  # a save that failed",
+             "            pass  # a save that failed", ("tests/test_train_loop.py", "-k", "cannot_be_saved")),
+    Mutation("checkpoint_dir_unprobed", "checkpoints that cannot be written found only at the first save",
+             "unitoken_jax/train/checkpoint.py", "        _check_writable(self.directory)\n", "",
+             ("tests/test_train_loop.py", "-k", "cannot_be_saved")),
 )
 
 

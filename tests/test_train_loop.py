@@ -1022,3 +1022,55 @@ def test_the_flop_count_takes_the_lm_head_where_a_token_is_predicted(caplog):
     with caplog.at_level(logging.INFO, logger=metrics_lib.log.name):
         window.flush(1, counter, devices=1)
     assert "predicted=5 " in caplog.text and " tokens=" not in caplog.text
+
+
+def test_checkpoints_that_cannot_be_saved_stop_the_run_at_once_and_are_never_said_saved(tmp_path, data, monkeypatch):
+    """A checkpoints/ that is a file, or a place that refuses writes, trained on until the first
+    save failed; a save that failed in the background (the storage full) was noticed only at the
+    next save, `checkpoint_every` steps later, and `stop_after` said "saved step N" of a save that
+    then failed. Now: refused before any step; the run stops the step after the failed save; and
+    "saved" comes only after the save finished."""
+    import errno
+    import time
+
+    from unitoken_jax.convert.files import CheckpointError
+    from unitoken_jax.train import checkpoint as ckpt_lib
+
+    trained = []
+
+    def record(step, batch):
+        trained.append(step)
+        if step == 4:  # just after the save at step 4 began: time for it to fail in the background
+            time.sleep(1.0)
+        return batch
+
+    workdir = tmp_path / "file"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("not a directory")
+    with pytest.raises(ValueError, match="checkpoints is a file: the checkpoints go in a directory"):
+        train_and_evaluate(_config(2, data, total_steps=4, log_every=100), str(workdir), batch_transform=record)
+    assert not trained
+    with pytest.raises(ValueError, match="checkpoints cannot be written in /proc/unitoken-none/checkpoints: "):
+        ckpt_lib.Checkpointer("/proc/unitoken-none/checkpoints")  # a file system that refuses a new directory
+
+    class Full:  # a storage write that fails as a full disk's does
+        def result(self, timeout=None):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    save = ocp.StandardCheckpointHandler.async_save
+
+    async def failing_save(self, directory, *args, **kwargs):  # writes, then one write fails
+        return [*(await save(self, directory, *args, **kwargs) or []), Full()]
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing_save)
+    with pytest.raises(CheckpointError, match=r"could not be saved in .*full.*No space left on device"):
+        train_and_evaluate(_config(2, data, total_steps=8, checkpoint_every=4, log_every=100), str(tmp_path / "full"),
+                           batch_transform=record)
+    assert 4 <= max(trained) <= 5, trained  # not on to the next save's step 8
+    trained.clear()
+    logs = []
+    monkeypatch.setattr(loop.log, "warning", lambda msg, *a: logs.append(msg % a))
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        train_and_evaluate(_config(2, data, total_steps=8, stop_after=2, log_every=100), str(tmp_path / "stop"),
+                           batch_transform=record)
+    assert not [m for m in logs if "saved step" in m], logs

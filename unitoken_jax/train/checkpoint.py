@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 import jax
@@ -46,12 +47,34 @@ def _to_saveable(state: TrainState):
     return state.replace(rng=jax.random.key_data(state.rng))
 
 
+def _check_writable(directory: str) -> None:
+    """A ValueError, before training, where checkpoints cannot be written: a directory that is a
+    file, or on a file system that refuses writes (read-only, full, no permission). The run had
+    trained on until its first save failed, said "saved" and then waited out Orbax's 300 s
+    coordination timeout before exiting."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory} is a file: the checkpoints go in a directory of that name (move the file away)")
+    probe = os.path.join(directory, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"checkpoints cannot be written in {directory}: {e.strerror or e}") from None
+
+
 class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
                  async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                               enable_async_checkpointing=async_save)
+        _check_writable(self.directory)
+        # a save's directories are made before `save` returns: a failure to make them (the file system
+        # turned read-only, or full) raises there, where Orbax's background creation left its threads
+        # waiting out a 300 s timeout at exit
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
+            async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
 
     def save(self, step: int, state: TrainState, data_state: dict[str, Any] | None = None, *,
@@ -61,7 +84,9 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(_to_saveable(state))}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        started = []
+        self._said(lambda: started.append(self.manager.save(step, args=ocp.args.Composite(**items), force=force)))
+        return started[0]
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -214,7 +239,24 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Until the save in the background has finished; a CheckpointError if it failed."""
+        self._said(self.manager.wait_until_finished)
+
+    def check(self) -> None:
+        """A CheckpointError now if a save that finished in the background failed (Orbax says so
+        only at the next save, `checkpoint_every` steps of training later that none could save).
+        Never waits: a save still running is asked about at a later step."""
+        if not self.manager.is_saving_in_progress():  # (a local read; then the wait returns at once)
+            self._said(self.manager.wait_until_finished)
+
+    def _said(self, call) -> None:
+        """`call()`, a storage error from it raised as a CheckpointError saying where and why."""
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - whatever the storage raised
+            raise CheckpointError(f"a checkpoint could not be saved in {self.directory}: {storage_reason(e)}; "
+                                  "free the space or fix the storage, then rerun to resume from the last one "
+                                  "saved") from e
 
     def close(self):
         self.manager.close()

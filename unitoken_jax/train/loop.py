@@ -68,6 +68,10 @@ def _check_workdir(workdir: str) -> None:
             "give the mounted path, e.g. --workdir /mnt/BUCKET/unitoken/stage2")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"workdir {workdir!r} is a file: give a directory (a new one, or a run's to resume it)")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):  # (before the program is built: minutes)
+        raise ValueError(f"{checkpoints} is a file: the checkpoints go in a directory of that name (move the file "
+                         "away)")
 
 
 # --- parameters at the start of a stage --------------------------------------------------------
@@ -554,8 +558,10 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                 checkpointer.save(step, state, data_state, force=True)
                 samples_log.sync()
                 if preempted.flag or stop_here:
+                    checkpointer.wait()  # saved, not only begun, before it is said (a failed save raises)
                     log.warning("%s: saved step %d, stopping", "preempted" if preempted.flag else "stop_after", step)
                     break
+            checkpointer.check()  # a save that failed in the background stops the run now
     finally:
         getattr(data_iter, "close", lambda: None)()
         checkpointer.wait()
