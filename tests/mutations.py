@@ -743,6 +743,12 @@ MUTATIONS = (
     Mutation("checkpoint_dir_unprobed", "checkpoints that cannot be written found only at the first save",
              "unitoken_jax/train/checkpoint.py", "        _check_writable(self.directory)\n", "",
              ("tests/test_train_loop.py", "-k", "cannot_be_saved")),
+    Mutation("prompts_index_only_at_the_end", "a stopped --prompts-file run leaving no index.json for a rerun to check",
+             "unitoken_jax/cli.py", "            write_index()\n", "",
+             ("tests/test_default_model.py", "-k", "stopped_prompts_file")),
+    Mutation("caption_symlinked_folders_skipped", "caption passing over symlinked sub-folders unsaid",
+             "unitoken_jax/cli.py", "os.walk(folder, followlinks=True)", "os.walk(folder)",
+             ("tests/test_default_model.py", "-k", "stopped_prompts_file")),
 )
 
 

@@ -573,3 +573,68 @@ def test_another_size_than_it_was_trained_on_warns_in_python(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedSize)
         pipe.generate_request("a red circle at the top left")  # its own size: no warning
+
+
+def test_a_stopped_prompts_file_run_leaves_its_index_and_the_batch_verbs_take_odd_files(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A `generate --prompts-file` run stopped before its end left pictures and no index.json, so a
+    rerun with other prompts or settings kept them and described them as its own; index.json's seeds
+    ran past 2**32 - 1 where the pictures' wrap; a prompts file not in UTF-8 was blamed on a byte
+    counted from the decoder's chunk; `caption` stopped on a .jsonl whose last line a stop cut
+    inside a character, and passed over symlinked sub-folders unsaid."""
+    import json
+
+    from unitoken_jax.cli import main
+    from unitoken_jax.inference.pipeline import UniTokenPipeline
+
+    things = [shapes.Thing("red", "circle", "top left"), shapes.Thing("blue", "square", "bottom right")]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(t.text + "\n" for t in things))
+    out = tmp_path / "drawn"
+    draw, calls = UniTokenPipeline.generate_image, []
+
+    def stops_at_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(UniTokenPipeline, "generate_image", stops_at_the_second_batch)
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--batch-size", "1"]) == 130
+    monkeypatch.setattr(UniTokenPipeline, "generate_image", draw)
+    capsys.readouterr()
+    assert [e["pictures"] for e in json.loads((out / "index.json").read_text())] == [["00000_0.png"]]
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("".join(t.text + "\n" for t in reversed(things)))
+    assert main(["generate", "--prompts-file", str(swapped), "--out", str(out)]) == 2
+    assert f"holds 00000_0.png drawn with prompt={things[0].text!r}" in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text(things[0].text + "\n")
+    assert main(["generate", "--prompts-file", str(one), "--out", str(tmp_path / "wrap"), "--n", "2",
+                 "--seed", str(2**32 - 1)]) == 0
+    assert json.loads((tmp_path / "wrap" / "index.json").read_text())[0]["seeds"] == [2**32 - 1, 0]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(("a red circle\n" * 1200 + "un cercle rouge \u00e9\n").encode("latin-1"))
+    capsys.readouterr()
+    assert main(["generate", "--prompts-file", str(latin), "--out", str(tmp_path / "none")]) == 2
+    assert "is not UTF-8 text (invalid continuation byte on line 1201)" in capsys.readouterr().err
+
+    folder, elsewhere = tmp_path / "pictures", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    shapes.draw([things[0]]).save(folder / "0.png")
+    shapes.draw([things[1]]).save(elsewhere / "1.png")
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(folder, target_is_directory=True)  # a link back: walked once
+    lines = tmp_path / "items.jsonl"
+    question = "D\u00e9cris l'image."
+    assert main(["caption", str(folder), "--out", str(lines), "--question", question, "--batch-size", "1"]) == 0
+    assert "wrote 2 captions" in capsys.readouterr().out
+    assert [json.loads(x)["image"] for x in lines.read_text().splitlines()] == [["pictures/0.png"],
+                                                                               ["pictures/linked/1.png"]]
+    whole = lines.read_bytes()
+    lines.write_bytes(whole[:whole.rindex("\u00e9".encode()) + 1])  # cut inside the last line's é
+    assert main(["caption", str(folder), "--out", str(lines), "--question", question]) == 0
+    said = capsys.readouterr()
+    assert "1 damaged line(s)" in said.err and "wrote 1 captions" in said.out
+    assert lines.read_bytes() == whole

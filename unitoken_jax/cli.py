@@ -532,7 +532,7 @@ def _caption(args) -> int:
     paths = []
     for given in args.inputs:
         if os.path.isdir(given):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(given) for name in names
+            found = sorted(os.path.join(root, name) for root, names in _walk(given) for name in names
                            if os.path.splitext(name)[1].lower() in pictures)
             if not found:
                 print(f"caption: {given} holds no picture files", file=sys.stderr)
@@ -545,15 +545,16 @@ def _caption(args) -> int:
     done = set()
     if kind == ".jsonl" and os.path.exists(args.out):  # a rerun goes on where the last one stopped
         kept, damaged, asked = [], 0, set()
-        with open(args.out, encoding="utf-8") as f:
-            for line in f:
+        with open(args.out, "rb") as f:  # (a line cut inside a character is damaged, not the whole file)
+            for raw in f:
                 try:
+                    line = raw.decode("utf-8")
                     item = json.loads(line)
                     done.add(tuple(item["image"]))
                     asked.add(item["conversations"][0]["value"])
                     kept.append(line)
-                except (ValueError, KeyError, TypeError, IndexError):
-                    damaged += line.strip() != ""
+                except (ValueError, KeyError, TypeError, IndexError):  # (UnicodeDecodeError is a ValueError)
+                    damaged += raw.strip() != b""
         other = sorted(q for q in asked if q != question)
         if other:  # (kept, the file would mix two questions' answers under one set of pictures)
             raise ValueError(f"{args.out} holds answers to another question ({other[0].split(chr(10), 1)[-1]!r}); "
@@ -561,9 +562,11 @@ def _caption(args) -> int:
         if damaged:  # e.g. a line cut by a stop mid-write: dropped, its picture captioned again
             print(f"caption: {damaged} damaged line(s) of {args.out} dropped", file=sys.stderr)
         # (a last line without its newline, as an editor may leave it, would run into the next item)
-        if damaged or (kept and not kept[-1].endswith("\n")):
-            with open(args.out, "w", encoding="utf-8") as f:
+        if damaged or (kept and not kept[-1].endswith("\n")):  # written whole, then renamed: a stop keeps them
+            partial = f"{args.out}.{os.getpid()}.tmp"
+            with open(partial, "w", encoding="utf-8") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+            os.replace(partial, args.out)
     todo = [p for p in paths if (os.path.relpath(p, directory),) not in done]
     readable = []
     for path in todo:
@@ -675,6 +678,30 @@ def _generate(args) -> int:
     return 0
 
 
+def _walk(folder: str):
+    """(folder, file names) of `folder` and every folder under it, symlinked ones too (os.walk's
+    default passed them over unsaid), each real folder once (a link to a parent loops no more)."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield root, names
+
+
+def _first_undecodable_line(path: str) -> int:
+    """The number (from 1) of the first line of `path` that is not UTF-8."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
 def _generate_many(args) -> int:
     """--prompts-file: --n pictures for every line of the file into the directory --out
     (NNNNN_J.png, line N of the file from 0, blank lines counted; picture J), with index.json
@@ -691,8 +718,9 @@ def _generate_many(args) -> int:
             prompts = [line.strip() for line in f]
     except OSError as e:  # missing, a directory, unreadable: said before the model loads
         raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except UnicodeDecodeError as e:  # (its offset counts from the decoder's chunk: the line is found here)
+        raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({e.reason} on line "
+                         f"{_first_undecodable_line(args.prompts_file)})") from None
     if not any(prompts):
         raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt (one prompt a line)")
     blank = [i for i, p in enumerate(prompts) if not p]
@@ -743,6 +771,23 @@ def _generate_many(args) -> int:
         lines = ", ".join(str(n) for n, _ in refused[:10]) + (" ..." if len(refused) > 10 else "")
         raise ValueError(f"--prompts-file {args.prompts_file}: the model cannot take the prompt(s) on line(s) "
                          f"{lines} ({refused[0][1]}); shorten or remove them")
+    def write_index() -> list[int]:
+        """index.json of the pictures in the folder now (another host's prompts not drawn yet, or
+        never: a host that failed, are left out, and listed by the host that writes the index after
+        them), written whole, then renamed (the hosts of a pod that share the folder each write it;
+        the temporary name is the host's own: PIDs repeat across hosts, 1 in a container)."""
+        present = [k for k in range(len(prompts)) if on_disk(k)]
+        index = [{"prompt": prompts[k], "line": line[k] + 1, "pictures": names[k],
+                  "seeds": [(args.seed + j) % 2**32 for j in range(args.n)],  # (as the pipeline wraps them)
+                  # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
+                  **{key: before.get(names[k][0], {}).get(key, value) if k not in todo else value
+                     for key, value in drawn_with.items()}} for k in present]
+        partial = os.path.join(args.out, f"index.json.{socket.gethostname()}.{args.process_index}.{os.getpid()}.tmp")
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1, ensure_ascii=False)
+        os.replace(partial, os.path.join(args.out, "index.json"))
+        return present
+
     per_batch = max(1, batch_size // args.n)  # whole prompts a batch: --n pictures each
     with tqdm(total=len(todo) * args.n, desc="pictures", unit="picture") as bar:
         for first in range(0, len(todo), per_batch):
@@ -752,27 +797,18 @@ def _generate_many(args) -> int:
                 for name, picture in zip(names[k], pictures):
                     _save(picture, os.path.join(args.out, name))
             bar.update(len(chosen) * args.n)
-    # the pictures in the folder now: another host's prompts not drawn yet (or never: a host that
-    # failed) are left out, and listed by the host that writes the index after them. Written whole,
-    # then renamed (the hosts of a pod that share the folder each write it; the temporary name is
-    # the host's own: PIDs repeat across hosts, 1 in a container), then the folder is listed again:
-    # a host whose index landed after another's that had listed more (it had drawn its last
-    # pictures meanwhile) writes it again, so the index written last lists every picture drawn
+            # after each batch: a stopped run's pictures are listed with what they were drawn from, so
+            # a rerun with other prompts or settings is refused (there was no index.json to compare with)
+            write_index()
+    # then the folder is listed again: a host whose index landed after another's that had listed more
+    # (it had drawn its last pictures meanwhile) writes it again, so the index written last lists every
+    # picture drawn
     written = None
     while True:
         present = [k for k in range(len(prompts)) if on_disk(k)]
         if present == written:
             break
-        index = [{"prompt": prompts[k], "line": line[k] + 1, "pictures": names[k],
-                  "seeds": [args.seed + j for j in range(args.n)],
-                  # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
-                  **{key: before.get(names[k][0], {}).get(key, value) if k not in todo else value
-                     for key, value in drawn_with.items()}} for k in present]
-        partial = os.path.join(args.out, f"index.json.{socket.gethostname()}.{args.process_index}.{os.getpid()}.tmp")
-        with open(partial, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=1, ensure_ascii=False)
-        os.replace(partial, os.path.join(args.out, "index.json"))
-        written = present
+        written = write_index()
     there = len(prompts[args.process_index::args.process_count]) - len(todo)
     print(f"wrote {len(todo) * args.n} pictures for {len(todo)} prompts to {args.out} (index.json lists them)"
           + (f"; {there} prompts' pictures were there from an earlier run" if there else ""))
@@ -838,7 +874,18 @@ def _save(picture, path):
 
     if not isinstance(picture, Image.Image):
         raise ValueError(f"the VQ-GAN could not draw the codes (shape {np.shape(picture)}): it has no decoder")
-    picture.save(path)
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if kind is None:  # (PIL's own error names the extension)
+        picture.save(path)
+        return
+    # written whole, then renamed: a stop mid-write leaves no cut picture that a rerun counts as drawn
+    partial = f"{path}.{os.getpid()}.tmp"
+    try:
+        picture.save(partial, format=kind)
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
 
 
 def _chat(args) -> int:
