@@ -749,6 +749,17 @@ MUTATIONS = (
     Mutation("caption_symlinked_folders_skipped", "caption passing over symlinked sub-folders unsaid",
              "unitoken_jax/cli.py", "os.walk(folder, followlinks=True)", "os.walk(folder)",
              ("tests/test_default_model.py", "-k", "stopped_prompts_file")),
+    Mutation("model_sizes_unchecked", "a model config of 0 layers or heads, or a negative z-loss weight, taken",
+             "unitoken_jax/models/config.py",
+             "    if isinstance(value, bool) or not isinstance(value, int) or value < 1:",
+             "    if isinstance(value, bool) or not isinstance(value, int):",
+             ("tests/test_configs.py", "-k", "out_of_range_are_refused_by_their_key")),
+    Mutation("train_vocab_unchecked", "data past the model's vocabulary trained as non-finite steps, not named",
+             "unitoken_jax/train/loop.py", "            if vocab is not None and top >= vocab:",
+             "            if False:", ("tests/test_train_loop.py", "-k", "past_the_vocabulary")),
+    Mutation("num_devices_over_unsaid", "mesh.num_devices above the devices there are passed over unsaid",
+             "unitoken_jax/train/program.py", "        if config.num_devices > len(jax.devices()):",
+             "        if False:", ("tests/test_configs.py", "-k", "not_a_stages")),
 )
 
 

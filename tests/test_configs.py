@@ -96,15 +96,8 @@ def test_the_typed_training_config_refuses_unknown_keys_and_wrong_types_by_name(
                                 ("data.mix", (1, 1, 1), r"config\.data\.mix must have 2 entries"),
                                 ("model.decoder.hidden_size", 64.5, r"config\.model\.decoder\.hidden_size must be int"),
                                 ("optimizer.trainable", "decoder", r"trainable='decoder'")):
-        wrong = base.copy_and_resolve_references()
-        parent, _, leaf = key.rpartition(".")
-        node = wrong
-        for part in filter(None, parent.split(".")):
-            node = node[part]
-        with node.ignore_type():
-            node[leaf] = value
         with pytest.raises(ValueError, match=message):
-            TrainConfig.from_config_dict(wrong)
+            TrainConfig.from_config_dict(_set(base.copy_and_resolve_references(), key, value))
     # ints are floats, a single path is a tuple of one
     loose = base.copy_and_resolve_references()
     with loose.ignore_type():
@@ -237,3 +230,64 @@ def test_a_skip_fails_the_run_in_ci_and_only_there(tmp_path):
     ci = subprocess.run(run, cwd=tmp_path, env={**base, "CI": "true"}, capture_output=True, text=True)
     assert here.returncode == 0, here.stdout + here.stderr
     assert ci.returncode == 1 and "test_skips.py::test_a: no oracle here" in ci.stderr, ci.stdout + ci.stderr
+
+
+@pytest.mark.parametrize("key,value,says", [
+    # out of range: a ZeroDivisionError's traceback, a run that "finished" with every step skipped
+    # (rope_theta), or one that trained on (0 layers until the save, a negative z-loss, dropout 1.5)
+    ("model.decoder.num_layers", 0, "decoder.num_layers=0 must be a whole number of at least 1"),
+    ("model.decoder.num_heads", 0, "decoder.num_heads=0 must be"),
+    ("model.decoder.num_kv_heads", 0, "decoder.num_kv_heads=0 must be"),
+    ("model.decoder.rope_theta", -1.0, "decoder.rope_theta=-1.0 must be a positive number"),
+    ("model.decoder.dropout", 1.5, "decoder.dropout=1.5 must be in [0, 1)"),
+    ("model.vision.patch_size", 0, "vision.patch_size=0 must be"),
+    ("model.z_loss_weight", -1.0, "model.z_loss_weight=-1.0 must be 0 or more"),
+    ("model.z_loss_weight", float("nan"), "model.z_loss_weight=nan must be 0 or more"),
+    # -1 workers trained as 0 and then locked the workdir's resume to -1; -1 threads was Grain's traceback
+    ("data.worker_count", -1, "data.worker_count must be 0 or more, got -1"),
+    ("data.num_threads", -1, "data.num_threads must be 0 or more, got -1"),
+    ("data.sources", ("",), "data.sources=('',) holds an empty path"),  # "  is not a finished ... dataset"
+    ("mesh.num_devices", -1, "mesh.num_devices=-1 must be 0 (every device) or the number to use"),
+    ("total_steps", -5, "total_steps must be at least 1, got -5"),  # had named accumulation_steps too
+    ("optimizer.trainable", "none", "optimizer.trainable='none'"),
+])
+def test_values_out_of_range_are_refused_by_their_key(key, value, says):
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        TrainConfig.from_config_dict(_set(configs.get_config("stage2.py:tiny"), key, value))
+
+
+def _set(config, key: str, value):
+    """`config` with the dotted `key` set to `value`, whatever its type."""
+    parent, _, leaf = key.rpartition(".")
+    node = config
+    for part in filter(None, parent.split(".")):
+        node = node[part]
+    with node.ignore_type():
+        node[leaf] = value
+    return config
+
+
+def test_a_config_that_is_not_a_stages_a_missing_variant_and_too_many_devices_are_one_line(tmp_path):
+    """`--config stage2.py:tinyy` printed absl's flags error around a traceback, `stages.py:tiny` an
+    AttributeError's; `mesh.num_devices` above the devices there are was passed over (every device
+    used, unsaid); a comma list of datasets was one path named "a,b"."""
+    from unitoken_jax.data.pipeline import Source, sources_from
+    from unitoken_jax.train import __main__ as train_main
+    from unitoken_jax.train.config import MeshConfig
+    from unitoken_jax.train.program import make_mesh
+
+    for spec, says in (("stage2.py:tinyy", "unknown variant 'tinyy'; use '' (7B), 'anyres' (7B AnyRes) or 'tiny'"),
+                       ("stages.py:tiny", "stages.py is not a training config; give one of stage1.py"),
+                       ("model.py:tiny", "model.py is not a training config")):
+        with pytest.raises(SystemExit) as stop:
+            train_main.run(["train", "--config", spec, "--workdir", str(tmp_path / "w")])
+        assert says in str(stop.value.code) and "Traceback" not in str(stop.value.code)
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match=f"mesh.num_devices={len(jax.devices()) + 1}, but this job has "
+                                         f"{len(jax.devices())} device"):
+        make_mesh(MeshConfig(num_devices=len(jax.devices()) + 1))
+    assert sources_from(("a, b",)) == [Source("a"), Source("b")]
+    (tmp_path / "x,y").mkdir()  # a directory whose name holds a comma is itself
+    assert sources_from((str(tmp_path / "x,y"),)) == [Source(str(tmp_path / "x,y"))]

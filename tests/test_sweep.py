@@ -462,7 +462,7 @@ def test_a_run_the_train_command_would_stop_at_once_is_refused_when_the_sweep_ex
         "--config.total_step=3: the config has no field 'total_step'; did you mean \"total_steps\" instead of "
         "\"total_step\"?")
     assert cli.main(["sweep", spec, "--root", root, "--set", "total_steps=-1"]) == 2
-    assert "the train command would stop at once: total_steps and accumulation_steps must be at least 1" in \
+    assert "the train command would stop at once: total_steps must be at least 1, got -1" in \
         capsys.readouterr().err
     # a --set of a key the sweep varies was dropped: each run's own value came later and won
     assert cli.main(["sweep", spec, "--root", root, "--set", "model_name=7b"]) == 2  # a label: nothing built from it

@@ -1074,3 +1074,16 @@ def test_checkpoints_that_cannot_be_saved_stop_the_run_at_once_and_are_never_sai
         train_and_evaluate(_config(2, data, total_steps=8, stop_after=2, log_every=100), str(tmp_path / "stop"),
                            batch_transform=record)
     assert not [m for m in logs if "saved step" in m], logs
+
+
+def test_data_past_the_vocabulary_is_named_and_unused_eval_keys_are_said(tmp_path, data, caplog):
+    """A vocab_size below the data's tokenizer made every step non-finite, ending in "lower the
+    learning rate" (or, with the default streak, a run that "finished" without an update); eval keys
+    with eval.every=0 were passed over unsaid."""
+    config = _config(2, data, total_steps=2, log_every=100, **{
+        "model.decoder.vocab_size": 100, "eval.prompts": ("a red circle",), "eval.tokenizer": "demo",
+        "eval.vqgan": "demo"})
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        with pytest.raises(ValueError, match=r"the data holds token id \d+, past model.decoder.vocab_size=100"):
+            train_and_evaluate(config, str(tmp_path / "run"))
+    assert "eval.prompts, eval.tokenizer, eval.vqgan set, but eval.every=0: nothing is evaluated" in caplog.text

@@ -21,6 +21,7 @@ import sys
 from typing import Sequence
 
 PACKAGED = ("model", "stages", "stage1", "stage2", "stage3", "finetune")
+TRAINING = ("stage1", "stage2", "stage3", "finetune")  # the packaged configs a training run takes
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -125,7 +125,9 @@ def sources_from(spec) -> list[Source]:
         spec = [spec]
     out = []
     for s in spec:
-        if isinstance(s, Source):
+        if isinstance(s, str) and "," in s and not os.path.exists(s):  # a command line's list, `a,b`
+            out.extend(sources_from([part.strip() for part in s.split(",") if part.strip()]))
+        elif isinstance(s, Source):
             out.append(s)
         elif _is_meta(s):
             out.extend(read_meta(s))

@@ -8,6 +8,7 @@ once and the modules can take the config as a (hashable) attribute.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping
@@ -29,6 +30,21 @@ def check_quantize(mode: str) -> str:
         raise ValueError(f"quantize={mode!r} is not supported; the supported modes are "
                          f"{', '.join(repr(m) for m in QUANTIZE_MODES)}")
     return mode
+
+
+def _at_least_1(part: str, config, names) -> None:
+    """A ValueError naming `part.name` where a size is not a whole number of at least 1 (0 heads or
+    patches had been a ZeroDivisionError's traceback, 0 layers a model that trained as nothing)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{part}.{name}={value!r} must be a whole number of at least 1")
+
+
+def _in_range(part: str, config, name: str, ok, what: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{part}.{name}={value!r} must be {what}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +82,14 @@ class DecoderConfig:
         return self.hidden_size // self.num_heads
 
     def validate(self) -> None:
+        _at_least_1("decoder", self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                      "num_kv_heads", "max_position_embeddings"))
+        # (a rope_theta of 0 or less made every position NaN: every step skipped, the run "finished")
+        for name, ok, what in (("rope_theta", lambda v: 0 < v < math.inf, "a positive number"),
+                               ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+                               ("rms_norm_eps", lambda v: 0 < v < math.inf, "a positive number"),
+                               ("qk_norm_eps", lambda v: 0 < v < math.inf, "a positive number")):
+            _in_range("decoder", self, name, ok, what)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -104,6 +128,11 @@ class VisionConfig:
         return (h // self.patch_size) * (w // self.patch_size)
 
     def validate(self) -> None:
+        _at_least_1("vision", self, ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size",
+                                     "image_size", "num_channels"))
+        _in_range("vision", self, "layer_norm_eps", lambda v: 0 < v < math.inf, "a positive number")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision.image_size={self.image_size} is smaller than one patch ({self.patch_size})")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -195,6 +224,8 @@ class UniTokenConfig:
             self.decoder.validate()
         if self.vision is not None:
             self.vision.validate()
+        # (a negative weight rewards large logits: the loss fell below 0 and the run trained on)
+        _in_range("model", self, "z_loss_weight", lambda v: 0 <= v < math.inf, "0 or more")
         for name in ("dtype", "param_dtype"):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in FLOAT_DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype the model runs in; choose one of "

@@ -184,6 +184,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint}" if hint else ""))
 
 
+def _check_config(argv: list[str]) -> None:
+    """A ValueError in one line where `--config` names a packaged config that is not a stage's (the
+    model presets, the stages' builder) or a variant its file does not have (absl printed the
+    config's own error inside a traceback, as a flags parsing error)."""
+    spec = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None) \
+        or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return
+    file = spec.partition(":")[0]
+    name = os.path.basename(file)[:-3]
+    if os.path.dirname(os.path.abspath(file)) == os.path.dirname(os.path.abspath(configs.__file__)) \
+            and name in configs.PACKAGED and name not in configs.TRAINING:
+        raise ValueError(f"--config {spec}: {name}.py is not a training config; give one of "
+                         f"{', '.join(t + '.py' for t in configs.TRAINING)} (e.g. stage2.py:tiny)")
+    try:
+        configs.get_config(spec)
+    except ValueError as e:
+        if not _raised_by_this_package(e):  # (a user's own config file's error: absl's traceback says where)
+            return
+        raise ValueError(f"--config {spec}: {e}") from None
+
+
 def run(argv=None, *, as_program: bool | None = None) -> None:
     """Parses `argv` (default: sys.argv) with `--config` resolved, then trains. `as_program` (default:
     whether `argv` is None) ends the process at once on Ctrl-C (`shutdown.exit_now`); a call from Python
@@ -192,7 +214,8 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
     argv = sys.argv if argv is None else argv
     try:
         argv = configs.resolve_argv(argv)
-    except FileNotFoundError as e:
+        _check_config(argv)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"{argv[0]}: {e}")
     try:
         app.run(main, argv=argv, flags_parser=_parse_flags)

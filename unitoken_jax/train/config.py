@@ -60,8 +60,12 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be at least 1, got {getattr(self, name)}")
         if min(self.mix) < 0 or sum(self.mix) < 1:
             raise ValueError(f"data.mix={self.mix} needs non-negative parts, not both 0")
-        if self.lookahead < 0:
-            raise ValueError(f"data.lookahead must be 0 or more, got {self.lookahead}")
+        for name in ("lookahead", "worker_count", "num_threads"):  # (-1 workers read as 0, then locked the resume)
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be 0 or more, got {getattr(self, name)}")
+        if any(not str(s).strip() for s in self.sources):
+            raise ValueError(f"data.sources={self.sources!r} holds an empty path (`--config.data.sources=` gives "
+                             "one): give dataset directories or a YAML meta file, comma-separated, or leave it out")
         return self
 
 
@@ -144,6 +148,11 @@ class MeshConfig:
     tensor: int = 1
     num_devices: int = 0  # 0: every device; n: the first n
 
+    def validate(self) -> "MeshConfig":
+        if self.num_devices < 0:
+            raise ValueError(f"mesh.num_devices={self.num_devices} must be 0 (every device) or the number to use")
+        return self
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -187,6 +196,7 @@ class TrainConfig:
         self.optimizer.validate()
         self.data.validate()
         self.eval.validate()
+        self.mesh.validate()
         self.model.validate()
         if self.model.quantize != "none":
             raise ValueError(f"model.quantize={self.model.quantize!r}: quantized weights are for inference only; "

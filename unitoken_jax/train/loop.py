@@ -200,6 +200,11 @@ def input_pipelines(config: TrainConfig, workdir: str, mesh) -> tuple[InputPipel
     sources = _training_sources(config, workdir)
     train = _input_pipeline(sources, config, mesh, holdout_fraction=e.holdout_fraction, split="train")
     if not e.every:
+        unused = [f"eval.{name}" for name in ("sources", "prompts", "questions", "tokenizer", "vqgan")
+                  if getattr(e, name)]
+        if unused:  # (said: a user who set them expects an evaluation)
+            log.warning("%s set, but eval.every=0: nothing is evaluated (set eval.every to evaluate)",
+                        ", ".join(unused))
         return train, None
     held_out = (e.sources, 1.0) if e.sources else (sources, e.holdout_fraction)
     try:
@@ -511,8 +516,14 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
             if preempted.signalled_here():  # during it: this step is saved already, nothing to train
                 log.warning("preempted during the evaluation of step %d, which was saved: stopping", step)
                 stopped = True
+        vocab = config.model.decoder.vocab_size if config.model.decoder is not None else None
         while step < total and not stopped:
             host = next(data_iter)
+            top = int(host["tokens"].max())
+            # (each such step had been skipped as non-finite, ending in "lower the learning rate")
+            if vocab is not None and top >= vocab:
+                raise ValueError(f"the data holds token id {top}, past model.decoder.vocab_size={vocab}: the data was "
+                                 "pre-tokenized with a larger tokenizer than the model's vocabulary")
             if batch_transform is not None:
                 host = batch_transform(step, host)
             samples_log.write(step, host["sample_ids"])

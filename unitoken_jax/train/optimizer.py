@@ -41,9 +41,11 @@ class OptimizerConfig:
 
     def validate(self) -> "OptimizerConfig":
         if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable={self.trainable!r}; choose one of {TRAINABLE}")
-        if self.total_steps < 1 or self.accumulation_steps < 1:
-            raise ValueError("total_steps and accumulation_steps must be at least 1")
+            raise ValueError(f"optimizer.trainable={self.trainable!r}; choose one of {TRAINABLE}")
+        for name in ("total_steps", "accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{'' if name == 'total_steps' else 'optimizer.'}{name} must be at least 1, got "
+                                 f"{getattr(self, name)}")
         # a value outside its range would train, wrongly and quietly: a negative rate climbs the loss, a
         # clip of 0 zeroes every update, b2 = 1 never updates Adam's second moment (NaN fails every test)
         for name, ok, what in (("learning_rate", lambda v: 0 < v < math.inf, "positive"),

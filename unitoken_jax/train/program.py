@@ -41,6 +41,9 @@ BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids", "is_continuous", "
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     """The config's mesh over `devices` (default: the first `num_devices` of this job, or all)."""
     if devices is None:
+        if config.num_devices > len(jax.devices()):  # (it had used every device there was, unsaid)
+            raise ValueError(f"mesh.num_devices={config.num_devices}, but this job has {len(jax.devices())} "
+                             "device(s): give at most that, or 0 for every device")
         devices = jax.devices()[:config.num_devices] if config.num_devices else jax.devices()
     return sharding.make_mesh(data=config.data, fsdp=config.fsdp, tensor=config.tensor, devices=devices)
 
