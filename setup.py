@@ -1,9 +1,16 @@
+import os
+
 from setuptools import find_packages, setup
+
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
+    README = f.read()
 
 setup(
     name="unitoken-jax",
     version="0.1.0",
     description="UniToken (unified discrete + continuous visual encoding) in JAX/Flax",
+    long_description=README,
+    long_description_content_type="text/markdown",
     packages=find_packages(include=["unitoken_jax", "unitoken_jax.*"]),
     # the bundled shapes-world model (unitoken_jax/world/default.py) and the web page of unitoken serve
     package_data={"unitoken_jax": ["assets/shapes/*", "assets/shapes/*/*", "serve/static/*"]},
@@ -15,6 +22,7 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "ml_collections>=1.1.0",
         "numpy>=2.0",
+        "scipy>=1.17.1",  # the shapes world's pixel checker (world/shapes.py); jax needs it too
         "ml_dtypes>=0.6.0",
         "safetensors>=0.8.0",
         "tqdm>=4.70.1",

@@ -760,6 +760,9 @@ MUTATIONS = (
     Mutation("num_devices_over_unsaid", "mesh.num_devices above the devices there are passed over unsaid",
              "unitoken_jax/train/program.py", "        if config.num_devices > len(jax.devices()):",
              "        if False:", ("tests/test_configs.py", "-k", "not_a_stages")),
+    Mutation("sdist_without_test_helpers", "the sdist shipping the tests without the helpers they import",
+             "MANIFEST.in", "recursive-include tests *.py\n", "",
+             ("tests/test_installed.py", "-k", "source_distribution")),
 )
 
 

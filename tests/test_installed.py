@@ -52,3 +52,23 @@ def test_the_readme_commands_work_from_an_installed_package_outside_the_checkout
     _run([*unitoken, "generate", "a red circle at the top left", "--out", str(tmp_path / "red.png")],
          str(tmp_path), env)
     assert Image.open(tmp_path / "red.png").size == (64, 64)
+
+
+def test_the_source_distribution_holds_its_tests_helpers_and_the_readme(tmp_path):
+    """The sdist shipped the test files (setuptools' default) without the helpers 13 of them import,
+    nor pytest.ini or the configs the README names; its metadata had no description."""
+    import tarfile
+
+    # (a file list of its own: an earlier build's egg-info in the checkout would be read back)
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d",
+                    str(tmp_path)], cwd=ROOT, check=True, capture_output=True)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
+    helpers = {f"tests/{f}" for f in os.listdir(os.path.join(ROOT, "tests")) if f.endswith(".py")}
+    assert helpers <= names, sorted(helpers - names)
+    assert {"pytest.ini", "configs/stage2.py", "launch/aot_check.py", "README.md"} <= names
+    assert "Requires-Dist: scipy" in info and "unitoken-jax" in info
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert f.readline().strip() in info  # the README is the long description
