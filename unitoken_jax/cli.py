@@ -569,11 +569,12 @@ def _caption(args) -> int:
             os.replace(partial, args.out)
     todo = [p for p in paths if (os.path.relpath(p, directory),) not in done]
     readable = []
-    for path in todo:
+    # each picture read once before the model loads (a folder of thousands took minutes unsaid)
+    for path in tqdm(todo, desc="reading pictures", unit="picture", leave=False, disable=len(todo) < 100):
         try:
             load_image(path)
         except ImageError as e:
-            print(f"caption: left out: {e}", file=sys.stderr)
+            tqdm.write(f"caption: left out: {e}", file=sys.stderr)
         else:
             readable.append(path)
     if not todo and done:
