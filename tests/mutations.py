@@ -763,6 +763,14 @@ MUTATIONS = (
     Mutation("sdist_without_test_helpers", "the sdist shipping the tests without the helpers they import",
              "MANIFEST.in", "recursive-include tests *.py\n", "",
              ("tests/test_installed.py", "-k", "source_distribution")),
+    Mutation("chat_reset_restarts_seeds", "a chat's /reset starting the seeds over (the same picture drawn again)",
+             "unitoken_jax/cli.py", "            earlier_turns += len(messages)\n", "",
+             ("tests/test_default_model.py", "-k", "typed_paths")),
+    Mutation("chat_typed_path_literal", "a chat's '/image ~/x.png' taken with the ~ as part of the name",
+             "unitoken_jax/cli.py",
+             "        path = path.replace(\"\\\\ \", \" \")\n    return os.path.expanduser(path)\n",
+             "        path = path.replace(\"\\\\ \", \" \")\n    return path\n",
+             ("tests/test_default_model.py", "-k", "typed_paths")),
 )
 
 

@@ -638,3 +638,49 @@ def test_a_stopped_prompts_file_run_leaves_its_index_and_the_batch_verbs_take_od
     said = capsys.readouterr()
     assert "1 damaged line(s)" in said.err and "wrote 1 captions" in said.out
     assert lines.read_bytes() == whole
+
+
+def test_a_chat_takes_typed_paths_goes_on_past_a_picture_it_cannot_save_and_draws_anew_after_a_reset(
+        tmp_path, capsys, monkeypatch):
+    """'/image' took `~`, quotes and backslash-escaped spaces (what a drag into a terminal pastes) as
+    part of the name; a Notepad file's byte-order mark and a tab after the command made '/image' a
+    message or unknown; a line of spaces was sent; '/reset' started the seeds over (the same picture
+    again); a drawn picture that could not be saved ended the chat (and a full disk left it cut)."""
+    import hashlib
+    import shutil
+
+    from unitoken_jax.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    shapes.draw([shapes.Thing("green", "square", "top right")]).save(home / "my pic.png")
+    out = tmp_path / "out"
+    drawn = []
+
+    class Lines:
+        def __iter__(self):
+            yield "\ufeff/image\t\"~/my pic.png\"\n"
+            yield "What colour is the shape?\n"
+            yield "/image ~/my\\ pic.png\n"
+            yield "   \n"
+            yield "What colour is the shape?\n"
+            yield "/reset\n"
+            yield "/draw a red circle at the top left\n"
+            yield "/reset\n"
+            yield "/draw a red circle at the top left\n"
+            drawn.extend(hashlib.sha256((out / f"chat_{n}.png").read_bytes()).hexdigest() for n in (0, 1))
+            shutil.rmtree(out)  # the folder gone: that picture cannot be saved
+            yield "/draw a red circle at the top left\n"
+            yield "What shape is this?\n"
+
+    monkeypatch.setattr("sys.stdin", Lines())
+    assert main(["chat", "--out-dir", str(out)]) == 0
+    said = capsys.readouterr()
+    answers = [line for line in said.out.splitlines() if line.startswith("assistant: ")]
+    assert "not attached" not in said.err and answers[:2] == ["assistant: green"] * 2, said
+    assert "a line of spaces alone is not sent" in said.err
+    assert f"chat: the picture was not saved: {out / 'chat_2.png'}" in said.err
+    assert answers[4] == "assistant: [picture: not saved]" and len(answers) == 6, answers
+    assert answers[2:4] == [f"assistant: [picture: {out / f'chat_{n}.png'}]" for n in (0, 1)]
+    assert drawn[0] != drawn[1]  # a new sample after the reset, not the same seed's picture again

@@ -926,13 +926,19 @@ def _chat(args) -> int:
                  f"a {width}x{height} picture of it; '/reset' starts a new conversation; '/help' shows this; a "
                  "message that starts with '/' is typed '//...'; an empty line or EOF ends.")
     print(help_text, file=sys.stderr)
-    for line in sys.stdin:
+    earlier_turns = 0  # messages of conversations before a /reset: the seeds go on (a reset redrew the same picture)
+    for number, line in enumerate(sys.stdin):
         line = line.rstrip("\r\n")  # (a file written on Windows ends its lines with \r\n)
+        if number == 0:
+            line = line.removeprefix("\ufeff")  # (and Notepad starts it with a byte-order mark)
         if not line:
             break
-        command, _, rest = line.partition(" ")
+        if not line.strip():  # (spaces alone: likely a slip, not a message, nor the end)
+            print("chat: a line of spaces alone is not sent (an empty line ends)", file=sys.stderr, flush=True)
+            continue
+        command, rest = (line.split(None, 1) + [""])[:2] if line.startswith("/") else (line, "")
         if command == "/image":
-            path = rest.strip()
+            path = _typed_path(rest.strip())
             if not path:
                 print("chat: '/image' needs the path of a picture", file=sys.stderr, flush=True)
                 continue
@@ -945,6 +951,7 @@ def _chat(args) -> int:
             print(help_text, file=sys.stderr, flush=True)
             continue
         if command == "/reset":  # the model stays loaded (and its programs compiled); attached pictures stay
+            earlier_turns += len(messages)
             messages, images = [], []
             kept = f"; {len(pending)} attached picture(s) go with its first message" if pending else ""
             print(f"chat: a new conversation{kept}", file=sys.stderr, flush=True)
@@ -965,7 +972,8 @@ def _chat(args) -> int:
         shown = _Streamed("assistant: ")
         try:
             with _budget_notes() as caught:  # (each turn's seed from --seed, which may be the largest there is)
-                parts = pipe.chat(messages, images, seed=(args.seed + len(messages)) % 2**32, stream=shown,
+                parts = pipe.chat(messages, images, seed=(args.seed + earlier_turns + len(messages)) % 2**32,
+                                  stream=shown,
                                   **options)
         except ValueError as e:
             dropped = f" with its {len(pending)} attached picture(s)" if pending else ""
@@ -983,16 +991,8 @@ def _chat(args) -> int:
                 said.append(part)
                 reply.append(part)
             elif isinstance(part, Image.Image):
-                while True:
-                    path = os.path.join(args.out_dir, f"chat_{drawn}.png")
-                    drawn += 1
-                    try:
-                        with open(path, "xb") as f:
-                            part.save(f, format="PNG")
-                        break
-                    except FileExistsError:
-                        continue
-                said.append(f"[picture: {path}]")
+                path, drawn = _save_drawn(part, args.out_dir, drawn)
+                said.append(f"[picture: {path}]" if path else "[picture: not saved]")
                 reply.append("<|image|>")
                 images.append(part)
         shown.end("".join(said))
@@ -1002,6 +1002,45 @@ def _chat(args) -> int:
         print(f"chat: ended with {len(pending)} attached picture(s) no message took: "
               f"{', '.join(path for path, _ in pending)}", file=sys.stderr, flush=True)
     return 0
+
+
+def _typed_path(path: str) -> str:
+    """A path as a person types or drags it into a terminal: in quotes, with backslash-escaped
+    spaces, or from ~ (the command line's arguments had these undone by the shell; a chat line not)."""
+    if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"":
+        path = path[1:-1]
+    elif "\\ " in path:
+        path = path.replace("\\ ", " ")
+    return os.path.expanduser(path)
+
+
+def _save_drawn(picture, folder: str, drawn: int) -> tuple[str | None, int]:
+    """(path, next number): a chat's drawn picture saved as FOLDER/chat_N.png, N from `drawn` on,
+    never over another's (each name taken as it is made), written whole then renamed (a full disk
+    had left a cut picture under the name); a picture that cannot be saved is said, and the chat
+    goes on (None), where any error had ended it."""
+    while True:
+        path = os.path.join(folder, f"chat_{drawn}.png")
+        drawn += 1
+        partial = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(path, "xb"):  # the name, taken
+                pass
+        except FileExistsError:
+            continue
+        except OSError as e:
+            print(f"chat: the picture was not saved: {path}: {e.strerror or e}", file=sys.stderr, flush=True)
+            return None, drawn
+        try:
+            picture.save(partial, format="PNG")
+            os.replace(partial, path)
+            return path, drawn
+        except OSError as e:
+            for leftover in (partial, path):
+                with contextlib.suppress(OSError):
+                    os.remove(leftover)
+            print(f"chat: the picture was not saved: {path}: {e.strerror or e}", file=sys.stderr, flush=True)
+            return None, drawn
 
 
 def _serve(args) -> int:
