@@ -640,12 +640,11 @@ def test_a_stopped_prompts_file_run_leaves_its_index_and_the_batch_verbs_take_od
     assert lines.read_bytes() == whole
 
 
-def test_a_chat_takes_typed_paths_goes_on_past_a_picture_it_cannot_save_and_draws_anew_after_a_reset(
-        tmp_path, capsys, monkeypatch):
+def test_a_chat_takes_typed_paths_and_goes_on_past_a_picture_it_cannot_save(tmp_path, capsys, monkeypatch):
     """'/image' took `~`, quotes and backslash-escaped spaces (what a drag into a terminal pastes) as
     part of the name; a Notepad file's byte-order mark and a tab after the command made '/image' a
-    message or unknown; a line of spaces was sent; '/reset' started the seeds over (the same picture
-    again); a drawn picture that could not be saved ended the chat (and a full disk left it cut)."""
+    message or unknown; a line of spaces was sent; a drawn picture that could not be saved ended the
+    chat (and a full disk left it cut). '/reset' starts over, seeds too: the same picture again."""
     import hashlib
     import shutil
 
@@ -683,4 +682,4 @@ def test_a_chat_takes_typed_paths_goes_on_past_a_picture_it_cannot_save_and_draw
     assert f"chat: the picture was not saved: {out / 'chat_2.png'}" in said.err
     assert answers[4] == "assistant: [picture: not saved]" and len(answers) == 6, answers
     assert answers[2:4] == [f"assistant: [picture: {out / f'chat_{n}.png'}]" for n in (0, 1)]
-    assert drawn[0] != drawn[1]  # a new sample after the reset, not the same seed's picture again
+    assert drawn[0] == drawn[1]  # a reset starts over: a conversation's seeds follow its length

@@ -926,7 +926,6 @@ def _chat(args) -> int:
                  f"a {width}x{height} picture of it; '/reset' starts a new conversation; '/help' shows this; a "
                  "message that starts with '/' is typed '//...'; an empty line or EOF ends.")
     print(help_text, file=sys.stderr)
-    earlier_turns = 0  # messages of conversations before a /reset: the seeds go on (a reset redrew the same picture)
     for number, line in enumerate(sys.stdin):
         line = line.rstrip("\r\n")  # (a file written on Windows ends its lines with \r\n)
         if number == 0:
@@ -951,7 +950,6 @@ def _chat(args) -> int:
             print(help_text, file=sys.stderr, flush=True)
             continue
         if command == "/reset":  # the model stays loaded (and its programs compiled); attached pictures stay
-            earlier_turns += len(messages)
             messages, images = [], []
             kept = f"; {len(pending)} attached picture(s) go with its first message" if pending else ""
             print(f"chat: a new conversation{kept}", file=sys.stderr, flush=True)
@@ -972,8 +970,7 @@ def _chat(args) -> int:
         shown = _Streamed("assistant: ")
         try:
             with _budget_notes() as caught:  # (each turn's seed from --seed, which may be the largest there is)
-                parts = pipe.chat(messages, images, seed=(args.seed + earlier_turns + len(messages)) % 2**32,
-                                  stream=shown,
+                parts = pipe.chat(messages, images, seed=(args.seed + len(messages)) % 2**32, stream=shown,
                                   **options)
         except ValueError as e:
             dropped = f" with its {len(pending)} attached picture(s)" if pending else ""

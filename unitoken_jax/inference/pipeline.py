@@ -116,7 +116,8 @@ def _say(warning: Warning) -> None:
     `understand`, and Python's default filter shows a warning once a place, so from the second
     call on cut answers were silent. The caller's own filters ("ignore", "error", "once") apply."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    # (normalised: a script that put `its_folder/..` on sys.path imports the package by such a path)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame = frame.f_back
     if frame is None:  # (called from the package alone)
         warnings.warn(warning, stacklevel=2)
