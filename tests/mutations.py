@@ -730,7 +730,7 @@ MUTATIONS = (
              'registry=frame.f_globals.setdefault("__warningregistry__", {}), module_globals=frame.f_globals)',
              ("tests/test_inference.py", "-k", "callers_own_line")),
     Mutation("whole_float_refused", "a whole float (n=2.0, size 32.0) refused as not a whole number",
-             "unitoken_jax/inference/pipeline.py",
+             "unitoken_jax/inference/decode.py",
              "    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():",
              "    if False:", ("tests/test_inference.py", "-k", "numbers_and_odd")),
     Mutation("bundled_other_size_unsaid", "the bundled model drawing another size than 64x64 from Python unsaid",

@@ -534,12 +534,18 @@ def test_a_missing_or_empty_items_file_and_an_impossible_crop_are_refused_before
     # the command refuses the same numbers by option, before its tokenizers load
     for option, value in (("--chunk-size", "0"), ("--vq-batch", "0"), ("--patch", "0"), ("--siglip-size", "-1"),
                           ("--max-length", "-5"), ("--vq-size", "0"), ("--process-count", "0"),
-                          ("--process-index", "-1"), ("--name", "my-data"), ("--split", "dev.1")):
+                          ("--process-index", "-1")):
         with pytest.raises(SystemExit):
             cli.main(["pretokenize", items_path, "--out", str(tmp_path / "ds"), "--tokenizer", "demo",
                       "--vqgan", "demo", option, value])
         err = capsys.readouterr().err
-        assert f"argument {option}: {value} is out of range" in err or f"argument {option}: {value!r}: a" in err, err
+        assert f"argument {option}: {value} is out of range" in err, err
+    # a name TFDS cannot find again is refused by the settings, before the tokenizers load
+    for option, value, says in (("--name", "my-data", "name='my-data': a dataset name takes letters, digits"),
+                                ("--split", "dev.1", "split='dev.1': a split name takes letters, digits")):
+        assert cli.main(["pretokenize", items_path, "--out", str(tmp_path / "ds"), "--tokenizer", "demo",
+                         "--vqgan", "demo", option, value]) == 2
+        assert says in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
 
 

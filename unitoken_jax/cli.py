@@ -9,7 +9,6 @@ import functools
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -345,15 +344,6 @@ def _whole(least: int, most: int | None = None):
             raise argparse.ArgumentTypeError(f"{value} is out of range: it must be "
                                              + (f"at least {least}" if most is None else f"in [{least}, {most}]"))
         return value
-    return parse
-
-
-def _named(pattern: str, what: str):
-    """An argparse type: a name that matches `pattern` (`what` says which characters it takes)."""
-    def parse(text: str) -> str:
-        if not re.fullmatch(pattern, text):
-            raise argparse.ArgumentTypeError(f"{text!r}: {what}")
-        return text
     return parse
 
 
@@ -1019,7 +1009,6 @@ def _save_drawn(picture, folder: str, drawn: int) -> tuple[str | None, int]:
     while True:
         path = os.path.join(folder, f"chat_{drawn}.png")
         drawn += 1
-        partial = f"{path}.{os.getpid()}.tmp"
         try:
             with open(path, "xb"):  # the name, taken
                 pass
@@ -1029,13 +1018,11 @@ def _save_drawn(picture, folder: str, drawn: int) -> tuple[str | None, int]:
             print(f"chat: the picture was not saved: {path}: {e.strerror or e}", file=sys.stderr, flush=True)
             return None, drawn
         try:
-            picture.save(partial, format="PNG")
-            os.replace(partial, path)
+            _save(picture, path)  # (whole, then renamed over the name taken)
             return path, drawn
         except OSError as e:
-            for leftover in (partial, path):
-                with contextlib.suppress(OSError):
-                    os.remove(leftover)
+            with contextlib.suppress(OSError):
+                os.remove(path)
             print(f"chat: the picture was not saved: {path}: {e.strerror or e}", file=sys.stderr, flush=True)
             return None, drawn
 
@@ -1080,6 +1067,15 @@ def _serve(args) -> int:
 def _pretokenize(args) -> int:
     from unitoken_jax.data import pretokenize as pt
 
+    # the settings first: a name or size they refuse is said before the tokenizers load
+    demo = args.tokenizer == "demo"  # the demo's small VQ-GAN and tiles, unless sizes are given
+    settings = pt.PretokenizeSettings(name=args.name, split=args.split,
+                                      vq_size=args.vq_size or (32 if demo else 512),
+                                      siglip_size=args.siglip_size or (56 if demo else 384), patch=args.patch,
+                                      anyres=args.anyres,
+                                      max_length="auto" if args.max_length is None else args.max_length or None,
+                                      chunk_size=args.chunk_size,
+                                      vq_batch=args.vq_batch)
     if args.tokenizer == "demo" or args.vqgan == "demo":
         if not (args.tokenizer == args.vqgan == "demo"):
             raise ValueError("--tokenizer demo and --vqgan demo go together (the demo's small tokenizers)")
@@ -1095,14 +1091,6 @@ def _pretokenize(args) -> int:
                              "Chameleon/UniToken directory)")
         text = TextTokenizer.from_file(args.tokenizer)
         vq = VQTokenizer.load(args.vqgan)
-    demo = args.tokenizer == "demo"  # the demo's small VQ-GAN and tiles, unless sizes are given
-    settings = pt.PretokenizeSettings(name=args.name, split=args.split,
-                                      vq_size=args.vq_size or (32 if demo else 512),
-                                      siglip_size=args.siglip_size or (56 if demo else 384), patch=args.patch,
-                                      anyres=args.anyres,
-                                      max_length="auto" if args.max_length is None else args.max_length or None,
-                                      chunk_size=args.chunk_size,
-                                      vq_batch=args.vq_batch)
     result = pt.pretokenize(args.items, args.out, text, vq, settings, image_root=args.image_root,
                             process_index=args.process_index, process_count=args.process_count)
     if result["complete"]:
@@ -1366,10 +1354,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "UniToken dir ('demo': the demo VQ-GAN)")
     pre.add_argument("--image-root", default=None, help="where relative image paths start (default: the items' dir)")
     # (TFDS finds the shards by their file names, NAME-SPLIT.array_record-...)
-    pre.add_argument("--name", default="unitoken",
-                     type=_named(r"[A-Za-z0-9_]+", "a dataset name takes letters, digits and '_' only"))
-    pre.add_argument("--split", default="train",
-                     type=_named(r"[A-Za-z0-9_-]+", "a split name takes letters, digits, '_' and '-' only"))
+    pre.add_argument("--name", default="unitoken", help="the dataset's name: letters, digits and '_'")
+    pre.add_argument("--split", default="train", help="the split's name: letters, digits, '_' and '-'")
     pre.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
     pre.add_argument("--vq-size", type=_whole(1), default=None,
                      help="side of the VQ crop (512; with the demo tokenizers 32)")

@@ -77,6 +77,18 @@ class OptionError(ValueError):
         return OptionError(name, self.rest)
 
 
+def whole_number(value) -> int | None:
+    """A whole number (a Python or NumPy integer, or a finite whole float such as 2.0; never a
+    bool) as Python's int, else None: the rule every count and seed is read by."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
 @dataclasses.dataclass
 class Request:
     """One prompt to continue. `feature_index` points into this request's own `pixels`' features."""
@@ -129,7 +141,7 @@ class Request:
         def number(name, low, high=math.inf, *, integer=False, low_open=False):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(value) or (integer and not float(value).is_integer()):
+                    or not math.isfinite(value) or (integer and whole_number(value) is None):
                 raise OptionError(name, f" must be a finite {'integer' if integer else 'number'}, got {value!r}")
             if value < low or (low_open and value == low) or value > high:
                 show = (lambda v: str(int(v))) if integer else (lambda v: f"{v:g}")  # 4294967295, not 4.29497e+09

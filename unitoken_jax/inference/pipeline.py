@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import string
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request
+from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request, whole_number
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationError, TextStream, decode, encode_item
@@ -128,15 +127,10 @@ def _say(warning: Warning) -> None:
 
 
 def _whole(value):
-    """A NumPy integer or a whole float (2.0) as Python's int; anything else as it is, for the
+    """A whole number (a NumPy integer, 2.0) as Python's int; anything else as it is, for the
     caller's check to refuse."""
-    if isinstance(value, (bool, np.bool_)):
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        return int(value)
-    return value
+    whole = whole_number(value)
+    return value if whole is None else whole
 
 
 # the options a request takes from a caller (the rest of `Request` is made from the call's own arguments)

@@ -84,9 +84,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(_to_saveable(state))}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
-        started = []
-        self._said(lambda: started.append(self.manager.save(step, args=ocp.args.Composite(**items), force=force)))
-        return started[0]
+        return self._said(lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=force))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -249,10 +247,10 @@ class Checkpointer:
         if not self.manager.is_saving_in_progress():  # (a local read; then the wait returns at once)
             self._said(self.manager.wait_until_finished)
 
-    def _said(self, call) -> None:
-        """`call()`, a storage error from it raised as a CheckpointError saying where and why."""
+    def _said(self, call):
+        """`call()`'s value, a storage error from it raised as a CheckpointError saying where and why."""
         try:
-            call()
+            return call()
         except Exception as e:  # noqa: BLE001 - whatever the storage raised
             raise CheckpointError(f"a checkpoint could not be saved in {self.directory}: {storage_reason(e)}; "
                                   "free the space or fix the storage, then rerun to resume from the last one "
