@@ -78,8 +78,12 @@ def _raw_state(workdir, step):
 
 def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data, caplog):
     workdir = str(tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger="unitoken_jax.train.loop"):
+    with caplog.at_level(logging.INFO, logger="unitoken_jax.train.loop"), \
+            caplog.at_level(logging.INFO, logger="unitoken_jax.train.checkpoint"):
         train_and_evaluate(_config(2, data, total_steps=30, log_every=5), workdir)
+    # each save is said once it has finished (checkpoint_every=20: the routine one at 20, the last at 30)
+    saved = re.findall(r"checkpoint of step (\d+) saved in (\S+)", caplog.text)
+    assert saved == [("20", os.path.join(workdir, "checkpoints")), ("30", os.path.join(workdir, "checkpoints"))], saved
     # the start of the log says how full whole samples can keep the rows; the batches stay under it
     bound = re.search(r"whole samples can fill at most ([\d.]+)% of a batch's positions \(a row of (\d+) holds at "
                       r"most (\d+) of them", caplog.text)

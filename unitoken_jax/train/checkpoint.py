@@ -76,6 +76,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
             async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        self._unsaid: int | None = None  # the step of a save begun and not yet said to have finished
 
     def save(self, step: int, state: TrainState, data_state: dict[str, Any] | None = None, *,
              force: bool = False) -> bool:
@@ -84,7 +85,10 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(_to_saveable(state))}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
-        return self._said(lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=force))
+        started = self._said(lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=force))
+        if started:
+            self._unsaid = step
+        return started
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -239,6 +243,7 @@ class Checkpointer:
     def wait(self):
         """Until the save in the background has finished; a CheckpointError if it failed."""
         self._said(self.manager.wait_until_finished)
+        self._say_saved()
 
     def check(self) -> None:
         """A CheckpointError now if a save that finished in the background failed (Orbax says so
@@ -246,6 +251,14 @@ class Checkpointer:
         Never waits: a save still running is asked about at a later step."""
         if not self.manager.is_saving_in_progress():  # (a local read; then the wait returns at once)
             self._said(self.manager.wait_until_finished)
+            self._say_saved()
+
+    def _say_saved(self) -> None:
+        """A finished save said once, when it has finished (a routine save had logged nothing, so a
+        log did not tell where a stopped run would resume from)."""
+        if self._unsaid is not None:
+            log.info("checkpoint of step %d saved in %s", self._unsaid, self.directory)
+            self._unsaid = None
 
     def _said(self, call):
         """`call()`'s value, a storage error from it raised as a CheckpointError saying where and why."""
