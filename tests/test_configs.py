@@ -156,6 +156,10 @@ def test_optimizer_settings_out_of_range_are_refused_by_name(field, value, messa
     ("--config.model.quantize=int8", "--config.model.quantize: the config has no field 'quantize'; int8 weights are "
                                      "for inference only: train in float, then quantize the result (unitoken convert "
                                      "--from final --to final-int8 --quantize int8)"),
+    # LoRA on a stage config: the field is the fine-tuning config's (said where it is)
+    ("--config.model.lora.rank=8", "--config.model.lora.rank: the config has no field 'lora'; LoRA adapters are "
+                                   "trained by the fine-tuning config: --config finetune.py:lora (then "
+                                   "--config.model.lora.rank=...)"),
     # data that is not there: the traceback of an open() before
     ("--config.data.sources=/no/such/meta.yaml",
      "/no/such/meta.yaml: no such data meta file (YAML with a 'META' list of {path, ratio})"),

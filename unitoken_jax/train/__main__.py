@@ -181,6 +181,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if key == "quantize" and not hint:  # (a model's field, left out of the training configs on purpose)
             hint = ("int8 weights are for inference only: train in float, then quantize the result "
                     "(unitoken convert --from final --to final-int8 --quantize int8)")
+        if key == "lora" and not hint:  # (the stage configs train whole weights; the fine-tuning ones adapters)
+            hint = ("LoRA adapters are trained by the fine-tuning config: --config finetune.py:lora "
+                    "(then --config.model.lora.rank=...)")
         sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint}" if hint else ""))
 
 
