@@ -744,7 +744,7 @@ MUTATIONS = (
              "unitoken_jax/train/checkpoint.py", "        _check_writable(self.directory)\n", "",
              ("tests/test_train_loop.py", "-k", "cannot_be_saved")),
     Mutation("prompts_index_only_at_the_end", "a stopped --prompts-file run leaving no index.json for a rerun to check",
-             "unitoken_jax/cli.py", "            write_index()\n", "",
+             "unitoken_jax/cli.py", "compare with)\n                write_index()\n", "compare with)\n",
              ("tests/test_default_model.py", "-k", "stopped_prompts_file")),
     Mutation("caption_symlinked_folders_skipped", "caption passing over symlinked sub-folders unsaid",
              "unitoken_jax/cli.py", "os.walk(folder, followlinks=True)", "os.walk(folder)",
@@ -768,6 +768,10 @@ MUTATIONS = (
              "        path = path.replace(\"\\\\ \", \" \")\n    return os.path.expanduser(path)\n",
              "        path = path.replace(\"\\\\ \", \" \")\n    return path\n",
              ("tests/test_default_model.py", "-k", "typed_paths")),
+    Mutation("unlisted_pictures_kept", "pictures a stopped run saved but never listed in index.json kept by a rerun "
+             "and listed with its settings", "unitoken_jax/cli.py",
+             "    unlisted = [k for k in mine if on_disk(k) and names[k][0] not in listed]\n", "    unlisted = []\n",
+             ("tests/test_default_model.py", "-k", "did_not_list")),
 )
 
 

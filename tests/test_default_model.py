@@ -575,6 +575,48 @@ def test_another_size_than_it_was_trained_on_warns_in_python(pipe):
         pipe.generate_request("a red circle at the top left")  # its own size: no warning
 
 
+def test_pictures_a_stopped_prompts_file_run_saved_but_did_not_list_are_drawn_again(tmp_path, capsys, monkeypatch):
+    """A stop between a batch's saves and its index.json left pictures the index did not name, and
+    a rerun with other settings kept them and listed them with its own (a Ctrl-C, or a kill)."""
+    import json
+
+    from unitoken_jax import cli
+
+    things = [shapes.Thing("red", "circle", "top left"), shapes.Thing("blue", "square", "bottom right")]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(t.text + "\n" for t in things))
+    save, saved = cli._save, []
+
+    def stop_after_the_second_picture(stop):
+        def saving(picture, path):
+            save(picture, path)
+            saved.append(path)
+            if len(saved) == 2:
+                raise stop
+        return saving
+
+    command = ["generate", "--prompts-file", str(prompts), "--batch-size", "2", "--cfg"]
+    # Ctrl-C after the second prompt's picture: the first prompt listed, the second drawn again
+    monkeypatch.setattr(cli, "_save", stop_after_the_second_picture(KeyboardInterrupt()))
+    assert cli.main([*command, "3", "--out", str(tmp_path / "a")]) == 130
+    monkeypatch.setattr(cli, "_save", save)
+    assert [e["pictures"] for e in json.loads((tmp_path / "a" / "index.json").read_text())] == [["00000_0.png"]]
+    capsys.readouterr()
+    assert cli.main([*command, "3", "--out", str(tmp_path / "a")]) == 0
+    said = capsys.readouterr()
+    assert "1 prompt(s)' pictures in" in said.err and "wrote 1 pictures for 1 prompts" in said.out, said
+    # killed there (no index.json at all): a rerun with another --cfg draws both again, as it lists them
+    saved.clear()
+    monkeypatch.setattr(cli, "_save", stop_after_the_second_picture(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.main([*command, "3", "--out", str(tmp_path / "b")])
+    monkeypatch.setattr(cli, "_save", save)
+    assert not (tmp_path / "b" / "index.json").exists()
+    assert cli.main([*command, "5", "--out", str(tmp_path / "b")]) == 0
+    assert "wrote 2 pictures for 2 prompts" in capsys.readouterr().out
+    assert [e["cfg"] for e in json.loads((tmp_path / "b" / "index.json").read_text())] == [5.0, 5.0]
+
+
 def test_a_stopped_prompts_file_run_leaves_its_index_and_the_batch_verbs_take_odd_files(tmp_path, capsys,
                                                                                            monkeypatch):
     """A `generate --prompts-file` run stopped before its end left pictures and no index.json, so a
@@ -593,14 +635,15 @@ def test_a_stopped_prompts_file_run_leaves_its_index_and_the_batch_verbs_take_od
     out = tmp_path / "drawn"
     draw, calls = UniTokenPipeline.generate_image, []
 
-    def stops_at_the_second_batch(self, *args, **kwargs):
+    def stops_at_the_second_batch(self, *args, **kwargs):  # (as a kill: nothing after it runs)
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise RuntimeError("killed")
         return draw(self, *args, **kwargs)
 
     monkeypatch.setattr(UniTokenPipeline, "generate_image", stops_at_the_second_batch)
-    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--batch-size", "1"]) == 130
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--batch-size", "1"])
     monkeypatch.setattr(UniTokenPipeline, "generate_image", draw)
     capsys.readouterr()
     assert [e["pictures"] for e in json.loads((out / "index.json").read_text())] == [["00000_0.png"]]

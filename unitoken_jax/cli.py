@@ -736,15 +736,23 @@ def _generate_many(args) -> int:
     def on_disk(k):
         return all(os.path.exists(os.path.join(args.out, m)) for m in names[k])
 
-    todo = [k for k in mine if not on_disk(k)]
+    index_path = os.path.join(args.out, "index.json")
+    listed = _read_index(index_path)
+    # a prompt of this host's whose pictures are there but not in index.json was saved by a run stopped
+    # before it listed them (killed between a batch's saves and its index): what they were drawn with is
+    # not known, so they are drawn again (kept, they had been listed with this run's settings)
+    unlisted = [k for k in mine if on_disk(k) and names[k][0] not in listed]
+    if unlisted:
+        print(f"generate: {len(unlisted)} prompt(s)' pictures in {args.out} are not in its index.json (a stopped "
+              "run saved them before it listed them): drawn again", file=sys.stderr)
+    todo = [k for k in mine if not on_disk(k) or k in unlisted]
     pipe = _pipeline(args) if todo else None  # (sets --size's default)
     drawn_with = dict(size=args.size, cfg=args.cfg, top_k=args.top_k, temperature=args.temperature,
                       negative_prompt=args.negative_prompt)
     # every picture in the folder, this host's and the other hosts' of a pod: one drawn otherwise is
     # refused, as the index would say it was drawn with this run's settings
-    before = _same_as_before(os.path.join(args.out, "index.json"), {names[k][0]: (prompts[k], args.seed)
-                                                                     for k in range(len(prompts))
-                                                                     if k not in todo and on_disk(k)}, drawn_with)
+    before = _same_as_before(listed, args.out, {names[k][0]: (prompts[k], args.seed) for k in range(len(prompts))
+                                                if k not in todo and on_disk(k)}, drawn_with)
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
                    top_k=args.top_k, temperature=args.temperature, negative_prompt=args.negative_prompt,
                    progress=False)
@@ -767,7 +775,7 @@ def _generate_many(args) -> int:
         never: a host that failed, are left out, and listed by the host that writes the index after
         them), written whole, then renamed (the hosts of a pod that share the folder each write it;
         the temporary name is the host's own: PIDs repeat across hosts, 1 in a container)."""
-        present = [k for k in range(len(prompts)) if on_disk(k)]
+        present = [k for k in range(len(prompts)) if on_disk(k) and (k not in waiting or k in drawn_now)]
         index = [{"prompt": prompts[k], "line": line[k] + 1, "pictures": names[k],
                   "seeds": [(args.seed + j) % 2**32 for j in range(args.n)],  # (as the pipeline wraps them)
                   # pictures kept from an earlier run: as that run drew them (its --size if this one loaded no model)
@@ -780,23 +788,31 @@ def _generate_many(args) -> int:
         return present
 
     per_batch = max(1, batch_size // args.n)  # whole prompts a batch: --n pictures each
+    # this run's prompts are listed once this run has drawn them (an unlisted one on disk is not yet)
+    waiting, drawn_now = set(todo), set()
     with tqdm(total=len(todo) * args.n, desc="pictures", unit="picture") as bar:
-        for first in range(0, len(todo), per_batch):
-            chosen = todo[first:first + per_batch]
-            drawn = pipe.generate_image([prompts[k] for k in chosen], batch_size=batch_size, **options)
-            for k, pictures in zip(chosen, drawn):
-                for name, picture in zip(names[k], pictures):
-                    _save(picture, os.path.join(args.out, name))
-            bar.update(len(chosen) * args.n)
-            # after each batch: a stopped run's pictures are listed with what they were drawn from, so
-            # a rerun with other prompts or settings is refused (there was no index.json to compare with)
-            write_index()
+        try:
+            for first in range(0, len(todo), per_batch):
+                chosen = todo[first:first + per_batch]
+                drawn = pipe.generate_image([prompts[k] for k in chosen], batch_size=batch_size, **options)
+                for k, pictures in zip(chosen, drawn):
+                    for name, picture in zip(names[k], pictures):
+                        _save(picture, os.path.join(args.out, name))
+                    drawn_now.add(k)
+                bar.update(len(chosen) * args.n)
+                # after each batch: a stopped run's pictures are listed with what they were drawn from, so
+                # a rerun with other prompts or settings is refused (there was no index.json to compare with)
+                write_index()
+        except KeyboardInterrupt:  # the prompts of the stopped batch saved so far, listed (not drawn again)
+            with contextlib.suppress(OSError):
+                write_index()
+            raise
     # then the folder is listed again: a host whose index landed after another's that had listed more
     # (it had drawn its last pictures meanwhile) writes it again, so the index written last lists every
     # picture drawn
     written = None
     while True:
-        present = [k for k in range(len(prompts)) if on_disk(k)]
+        present = [k for k in range(len(prompts)) if on_disk(k) and (k not in waiting or k in drawn_now)]
         if present == written:
             break
         written = write_index()
@@ -806,20 +822,25 @@ def _generate_many(args) -> int:
     return 0
 
 
-def _same_as_before(index_path: str, kept: dict[str, tuple[str, int]], drawn_with: dict) -> dict:
-    """A rerun keeps the pictures already there (`kept`: first picture's name -> (prompt, seed)):
-    refused if the earlier run's index.json says they were drawn from another prompt or with other
-    settings, so that the new index.json does not describe pictures it did not make. Returns the
-    earlier index's entries by first picture's name."""
+def _read_index(index_path: str) -> dict:
+    """An earlier run's index.json by first picture's name ({} when there is none, or one of another
+    kind: nothing to compare with)."""
     import json
 
-    if not kept or not os.path.exists(index_path):
+    if not os.path.exists(index_path):
         return {}
     try:
         with open(index_path, encoding="utf-8") as f:
-            before = {entry["pictures"][0]: entry for entry in json.load(f)}
+            return {entry["pictures"][0]: entry for entry in json.load(f)}
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return {}  # (an index.json of another kind: nothing to compare with)
+        return {}
+
+
+def _same_as_before(before: dict, folder: str, kept: dict[str, tuple[str, int]], drawn_with: dict) -> dict:
+    """A rerun keeps the pictures already there (`kept`: first picture's name -> (prompt, seed)):
+    refused if the earlier run's index (`before`, by first picture's name) says they were drawn from
+    another prompt or with other settings, so that the new index.json does not describe pictures it
+    did not make. Returns `before`."""
     for name, (prompt, seed) in kept.items():
         entry = before.get(name)
         if entry is None:
@@ -831,7 +852,7 @@ def _same_as_before(index_path: str, kept: dict[str, tuple[str, int]], drawn_wit
                                                    and not (k == "size" and v is None)}}
         changed = [k for k in now if was[k] != now[k]]
         if changed:
-            raise ValueError(f"{os.path.dirname(index_path)} holds {name} drawn with {changed[0]}={was[changed[0]]!r}, "
+            raise ValueError(f"{folder} holds {name} drawn with {changed[0]}={was[changed[0]]!r}, "
                              f"not {now[changed[0]]!r}: draw into another folder, or delete the pictures to draw "
                              "them again")
     return before
