@@ -772,6 +772,9 @@ MUTATIONS = (
              "and listed with its settings", "unitoken_jax/cli.py",
              "    unlisted = [k for k in mine if on_disk(k) and names[k][0] not in listed]\n", "    unlisted = []\n",
              ("tests/test_default_model.py", "-k", "did_not_list")),
+    Mutation("checkpoint_saved_in_place", "a save over an earlier checkpoint written in its place: stopped part way, "
+             "it left neither", "unitoken_jax/convert/orbax_io.py", 'ckpt.save(os.path.join(path, sub + _NEW), tree',
+             'ckpt.save(os.path.join(path, sub), tree', ("tests/test_checkpoint_io.py", "-k", "stopped_part_way")),
 )
 
 

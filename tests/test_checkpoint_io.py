@@ -366,6 +366,37 @@ def test_saves_read_a_tilde_as_load_does_and_a_failed_save_leaves_the_earlier_ch
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_save_over_a_checkpoint_stopped_part_way_leaves_the_earlier_one_whole(release_dir, tmp_path, monkeypatch):
+    """Orbax's forced save deletes the directory it writes first: `convert --overwrite` (or
+    model.save) over an earlier checkpoint stopped by Ctrl-C left neither ("damaged or incomplete")."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    model = unitoken_jax.load(str(release_dir))
+    path = tmp_path / "ours"
+    model.save(str(path))
+    doubled = jax.tree.map(lambda a: np.asarray(a) * 2, model.params)
+    real_save = ocp.Checkpointer.save
+
+    def stopped(self, directory, *args, **kwargs):  # as far as a forced save gets before the stop
+        if os.path.exists(directory):
+            shutil.rmtree(directory)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        unitoken_jax.UniTokenModel(model.config, doubled).save(str(path))
+    monkeypatch.setattr(ocp.Checkpointer, "save", real_save)
+    for a, b in zip(jax.tree.leaves(unitoken_jax.load(str(path)).params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the next save replaces it whole, and leaves nothing of either beside it
+    unitoken_jax.UniTokenModel(model.config, doubled).save(str(path))
+    for a, b in zip(jax.tree.leaves(unitoken_jax.load(str(path)).params), jax.tree.leaves(doubled)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sorted(os.listdir(path)) == ["params", "unitoken_config.json"], os.listdir(path)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_weights_are_as_readable_as_the_umask_makes_files(release_dir, tmp_path, umask):
     """safetensors 0.8 writes owner-only files (0600): a model saved into a lab's shared directory

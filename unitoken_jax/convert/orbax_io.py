@@ -39,10 +39,17 @@ def remove(path: str) -> bool:
     if not is_orbax_checkpoint(path):
         return False
     for sub in ("params", "passthrough"):
-        if os.path.isdir(os.path.join(path, sub)):
-            shutil.rmtree(os.path.join(path, sub))
+        for name in (sub, sub + _NEW, sub + _OLD):
+            if os.path.isdir(os.path.join(path, name)):
+                shutil.rmtree(os.path.join(path, name))
     os.remove(os.path.join(path, SIDECAR))
     return True
+
+
+# a save writes beside the checkpoint there and then renames over it: Orbax's `force` deletes the
+# directory it saves to first, so a save over an earlier checkpoint that was stopped part way (Ctrl-C,
+# a full disk) had left neither
+_NEW, _OLD = ".partial", ".replaced"
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict:
@@ -84,16 +91,26 @@ def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.nd
     # on a pod every process saves its shards of the arrays (Orbax's save is collective) and the
     # first writes the rest: two processes renaming one sidecar.partial over, one found it gone
     primary = jax.process_index() == 0
+    trees = {"params": params, **({"passthrough": _nest(passthrough)} if passthrough else {})}
     with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)) as ckpt:
-        ckpt.save(os.path.join(path, "params"), params, force=True)
-        if passthrough:
-            ckpt.save(os.path.join(path, "passthrough"), _nest(passthrough), force=True)
-        elif primary and os.path.exists(os.path.join(path, "passthrough")):  # an earlier save's: it would be restored
-            shutil.rmtree(os.path.join(path, "passthrough"))
+        for sub, tree in trees.items():  # (what a stopped save left under these names is written over)
+            ckpt.save(os.path.join(path, sub + _NEW), tree, force=True)
     if primary:
         with open(os.path.join(path, SIDECAR + ".partial"), "w") as f:
             f.write(sidecar)
+        # the swap: renames, each whole; the earlier checkpoint's trees are deleted after it (an earlier
+        # passthrough the new model has none of goes too: it would be restored)
+        for sub in ("params", "passthrough"):
+            here, old = os.path.join(path, sub), os.path.join(path, sub + _OLD)
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            if os.path.isdir(here):
+                os.replace(here, old)
+            if sub in trees:
+                os.replace(here + _NEW, here)
         os.replace(os.path.join(path, SIDECAR + ".partial"), os.path.join(path, SIDECAR))
+        for sub in ("params", "passthrough"):
+            shutil.rmtree(os.path.join(path, sub + _OLD), ignore_errors=True)
     if jax.process_count() > 1:  # every process returns with the checkpoint whole (a read after it found no sidecar)
         from jax.experimental import multihost_utils
 
