@@ -775,6 +775,13 @@ MUTATIONS = (
     Mutation("checkpoint_saved_in_place", "a save over an earlier checkpoint written in its place: stopped part way, "
              "it left neither", "unitoken_jax/convert/orbax_io.py", 'ckpt.save(os.path.join(path, sub + _NEW), tree',
              'ckpt.save(os.path.join(path, sub), tree', ("tests/test_checkpoint_io.py", "-k", "stopped_part_way")),
+    Mutation("world_training_stop_unsaid", "a world script going on after its training was stopped part way (a "
+             "SIGTERM), to adapters never written", "unitoken_jax/world/build.py",
+             '    if not os.path.isdir(os.path.join(run_dir, "final")):\n', "    if False:\n",
+             ("tests/test_finetune_demo.py", "-k", "short_demo")),
+    Mutation("world_training_saved_at_its_end_only", "the French demo saving its training only at its end (a Ctrl-C "
+             "lost it all)", "unitoken_jax/world/finetune_demo.py",
+             "checkpoint_every=min(steps, build.CHECKPOINT_EVERY)", "checkpoint_every=steps", ("tests/test_world.py", "-k", "reuses_a_step")),
 )
 
 

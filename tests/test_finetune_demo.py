@@ -4,6 +4,7 @@ the held-out combinations never reach them; and a short run of the whole demo wr
 table and picture grid. (Its accuracy figures come from the full run, quoted in the README.)"""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -63,8 +64,20 @@ def test_french_items_answer_in_french_and_leave_out_the_held_out_combinations(t
     assert asked > 300
 
 
-def test_a_short_demo_run_writes_results_table_and_grid(tmp_path):
-    results = finetune_demo.run(str(tmp_path), pictures=40, english_pictures=16, steps=6, rank=4, per_thing=1)
+def test_a_short_demo_run_writes_results_table_and_grid(tmp_path, monkeypatch, caplog):
+    from unitoken_jax.world import build
+
+    # a run stopped part way (stop_after as a SIGTERM would: its step saved, and the loop returns as
+    # at its end) is said as stopped; it had recorded its settings and failed on adapters never written
+    make_config = finetune_demo.lora_config
+    monkeypatch.setattr(finetune_demo, "lora_config", lambda *a, **k: _stopping_at(make_config(*a, **k), 3))
+    with pytest.raises(build.Stopped, match="stopped before its end .* run the same command again"):
+        finetune_demo.run(str(tmp_path), pictures=40, english_pictures=16, steps=6, rank=4, per_thing=1)
+    assert not (tmp_path / "lora" / build.SETTINGS).exists() and (tmp_path / "lora" / "checkpoints" / "3").is_dir()
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="unitoken_jax.train.loop"):  # and the same run goes on from step 3
+        results = finetune_demo.run(str(tmp_path), pictures=40, english_pictures=16, steps=6, rank=4, per_thing=1)
+    assert "resumed from step 3" in caplog.text, caplog.text
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["settings"]["steps"] == 6
     for when in ("before", "after"):
@@ -82,9 +95,16 @@ def test_a_short_demo_run_writes_results_table_and_grid(tmp_path):
     assert grid.size[1] >= 8 * shapes.SIZE and np.asarray(grid).std() > 0
     # a rerun with other settings is refused by name (it reused the adapters trained for 6 steps at
     # rank 4 and wrote steps 8, rank 8 into results.json)
-    from unitoken_jax.world import build
+    def not_yet(*args, **kwargs):
+        raise AssertionError("measured before the settings were checked")
 
+    monkeypatch.setattr(finetune_demo, "measure", not_yet)  # (a minute of the bundled model's answers first)
     with pytest.raises(build.SettingsError, match="lora was made with steps 6 .now 8., rank 4 .now 8.; delete it"):
         finetune_demo.run(str(tmp_path), pictures=40, english_pictures=16, steps=8, rank=8, per_thing=1)
     with pytest.raises(build.SettingsError, match="data_fr was made with pictures 40 .now 80."):
         finetune_demo.run(str(tmp_path), pictures=80, english_pictures=16, steps=6, rank=4, per_thing=1)
+
+
+def _stopping_at(config, step):
+    config.stop_after = step
+    return config

@@ -243,6 +243,23 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
             finetune_demo.main(["--workdir", str(tmp_path / "new"), flag, value])
         assert said in capsys.readouterr().err, flag
     assert not (tmp_path / "new").exists()
+    # a stop is one line and an exit status, not a traceback (the training saves often enough to go on from)
+    import argparse
+
+    from unitoken_jax.world import default
+
+    parser = argparse.ArgumentParser(prog="world.build")
+    for stop, code, said in ((build.Stopped("the training in X stopped before its end"), 143,
+                              "world.build: the training in X stopped before its end"),
+                             (KeyboardInterrupt(), 130, "world.build: stopped (Ctrl-C): run the same command again")):
+        def stopped():
+            raise stop
+        with pytest.raises(SystemExit) as exited:
+            build.script(parser, False, stopped)
+        assert exited.value.code == code and said in capsys.readouterr().err
+    assert build.stage_config(2, "data", 1500).checkpoint_every == 100  # (they had saved only at their end)
+    assert finetune_demo.lora_config(("data",), default.DEFAULT_DIR + "/model", 700, 16,
+                                     3e-3).checkpoint_every == 100
     with pytest.raises(ValueError, match="VQTrainConfig.restart_every=0"):
         VQTrainConfig(restart_every=0)
     with pytest.raises(ValueError, match="3 pictures cannot fill a batch of 32"):

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import ml_collections
@@ -27,6 +28,7 @@ from unitoken_jax.convert.vqgan import save_vqgan
 from unitoken_jax.data import pretokenize as pt
 from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.tokenizer.text import TextTokenizer
+from unitoken_jax.shutdown import exit_now
 from unitoken_jax.train.loop import train_and_evaluate
 from unitoken_jax.train.vqgan import VQTrainConfig, train_vqgan
 from unitoken_jax.vq_tokenizer import VQTokenizer
@@ -62,9 +64,13 @@ def stage_config(stage: int, data: str, steps: int, init_from: str | None = None
     # rows of 256 (the tiny configs' length until 2026-12-05): the world's samples are short, many a row
     c.data.update(sources=(data,), demo=False, length=256, max_images=32, seed=stage)
     c.mesh.num_devices = 1
-    c.update(total_steps=steps, log_every=50, checkpoint_every=max(steps, 1), keep_checkpoints=1,
-             log_sample_ids=False)
+    # (saved every CHECKPOINT_EVERY steps: a stop goes on from there when the build runs again)
+    c.update(total_steps=steps, log_every=50, checkpoint_every=min(max(steps, 1), CHECKPOINT_EVERY),
+             keep_checkpoints=1, log_sample_ids=False)
     return c
+
+
+CHECKPOINT_EVERY = 100  # the world's training runs save this often (they had saved only at their end)
 
 
 SETTINGS = "build_settings.json"  # beside each step's output: what it was made with
@@ -72,6 +78,38 @@ SETTINGS = "build_settings.json"  # beside each step's output: what it was made 
 
 class SettingsError(ValueError):
     """A build's flags that cannot be used, or that differ from those a step it would reuse was made with."""
+
+
+class Stopped(Exception):
+    """A training run of a world script that ended before its last step (a SIGTERM: its step saved)."""
+
+
+def train(config: ml_collections.ConfigDict, run_dir: str) -> None:
+    """`train_and_evaluate`, and a `Stopped` if it ended early: a preempted run returns as a finished
+    one does, and the script went on to what the run had not made (recording its settings, then a
+    FileNotFoundError for the adapters or model it had not written)."""
+    train_and_evaluate(config, run_dir)
+    if not os.path.isdir(os.path.join(run_dir, "final")):
+        raise Stopped(f"the training in {run_dir} stopped before its end (SIGTERM; its last step is saved): run the "
+                      "same command again to go on from it")
+
+
+def script(parser: argparse.ArgumentParser, as_program: bool, work):
+    """`work()`'s value; a settings error as argparse's, and a stop (SIGTERM, Ctrl-C) as one line
+    and exit status 143 / 130, not a traceback. Each finished step and the training's checkpoints
+    stay, and the same command goes on from them."""
+    try:
+        return work()
+    except SettingsError as e:
+        parser.error(str(e))
+    except (Stopped, KeyboardInterrupt) as e:
+        said, code = (str(e), 143) if isinstance(e, Stopped) else (
+            "stopped (Ctrl-C): run the same command again to go on from its finished steps and its last "
+            "checkpoint", 130)
+        print(f"\n{parser.prog}: {said}", file=sys.stderr)
+        if as_program:
+            exit_now(code)  # (the interpreter's teardown after a Ctrl-C in XLA could crash)
+        raise SystemExit(code) from None
 
 
 def reuse(out: str, done: bool, settings: dict) -> bool:
@@ -159,12 +197,12 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
     stage1, stage2 = os.path.join(workdir, "stage1" + suffix), os.path.join(workdir, "stage2" + suffix)
     t = time.time()
     if continuous and not reuse(stage1, os.path.isdir(os.path.join(stage1, "final")), {"steps": stage1_steps}):
-        train_and_evaluate(stage_config(1, data, stage1_steps), stage1)
+        train(stage_config(1, data, stage1_steps), stage1)
         record(stage1, {"steps": stage1_steps})
         ran["stage1"] = time.time() - t
     t = time.time()
     if not reuse(stage2, os.path.isdir(os.path.join(stage2, "final")), {"steps": stage2_steps}):
-        train_and_evaluate(stage_config(2, data, stage2_steps, stage1 if continuous else None), stage2)
+        train(stage_config(2, data, stage2_steps, stage1 if continuous else None), stage2)
         record(stage2, {"steps": stage2_steps})
         ran["stage2"] = time.time() - t
     timings.update(ran)
@@ -195,7 +233,8 @@ def positive(text: str) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m unitoken_jax.world.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--vq-steps", type=count(), default=1500)
     parser.add_argument("--pictures", type=count(), default=4000)
@@ -206,11 +245,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)  # absl may have configured the root logger already
     logging.getLogger("absl").setLevel(logging.WARNING)  # (Orbax's checkpoint chatter: 200 of 245 lines)
-    try:
-        model = build(args.workdir, vq_steps=args.vq_steps, pictures=args.pictures, stage1_steps=args.stage1_steps,
-                      stage2_steps=args.stage2_steps, continuous=not args.discrete_only)
-    except SettingsError as e:
-        parser.error(str(e))
+    model = script(parser, argv is None, lambda: build(
+        args.workdir, vq_steps=args.vq_steps, pictures=args.pictures, stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps, continuous=not args.discrete_only))
     print(f"model: {model}")
 
 

@@ -136,7 +136,8 @@ def table(runs: dict[str, dict]) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m unitoken_jax.world.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None,
                         help="a `world.build` workdir: evaluates its model and, if built, the discrete-only one")
     parser.add_argument("--model", default=None, help="one model directory (instead of --workdir)")

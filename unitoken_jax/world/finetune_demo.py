@@ -39,7 +39,6 @@ from unitoken_jax.configs import finetune
 from unitoken_jax.data import pretokenize as pt
 from unitoken_jax.inference.pipeline import UniTokenPipeline
 from unitoken_jax.tokenizer.text import TextTokenizer
-from unitoken_jax.train.loop import train_and_evaluate
 from unitoken_jax.vq_tokenizer import VQTokenizer
 from unitoken_jax.world import build, default, shapes
 from unitoken_jax.world import evaluate as world_eval
@@ -113,7 +112,8 @@ def lora_config(data: tuple[str, ...], base: str, steps: int, rank: int, learnin
     c.optimizer.update(learning_rate=learning_rate, warmup_fraction=0.05)
     c.data.update(sources=tuple(data), demo=False, max_images=32, seed=0, num_threads=2)
     c.mesh.num_devices = 1
-    c.update(total_steps=steps, log_every=25, checkpoint_every=steps, keep_checkpoints=1, log_sample_ids=False)
+    c.update(total_steps=steps, log_every=25, checkpoint_every=min(steps, build.CHECKPOINT_EVERY), keep_checkpoints=1,
+             log_sample_ids=False)
     c.eval.update(every=100, holdout_fraction=0.05, batches=2,
                   prompts=tuple(FRENCH.text(t) for t in shapes.held_out_things()[:4]), questions=questions,
                   tokenizer=os.path.join(default.DEFAULT_DIR, "tokenizer.json"),
@@ -168,19 +168,22 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
         data.append(make_data(workdir, default.DEFAULT_DIR, english_pictures, shapes.ENGLISH, "en", seed=11))
     timings["french_data"] = time.time() - t
 
+    run_dir = os.path.join(workdir, "lora")
+    # (adapters trained with other settings are refused, not reported as these: delete lora/ to train again;
+    # said before the measurements, not a minute into them)
+    trained_with = {"steps": steps, "rank": rank, "learning_rate": learning_rate, "pictures": pictures,
+                    "english_pictures": english_pictures}
+    trained = build.reuse(run_dir, os.path.isdir(os.path.join(run_dir, "adapters")), trained_with)
+
     t = time.time()
     before = measure(unitoken_jax.load(base, progress=False), english=True, per_thing=per_thing)
     timings["measure_before"] = time.time() - t
     log.info("before: French answers %.0f%%, drawings %.0f%%", 100 * before["french"]["understanding"]["accuracy"],
              100 * before["french"]["generation"]["accuracy"])
 
-    run_dir = os.path.join(workdir, "lora")
     t = time.time()
-    # (adapters trained with other settings are refused, not reported as these: delete lora/ to train again)
-    trained_with = {"steps": steps, "rank": rank, "learning_rate": learning_rate, "pictures": pictures,
-                    "english_pictures": english_pictures}
-    if not build.reuse(run_dir, os.path.isdir(os.path.join(run_dir, "adapters")), trained_with):
-        train_and_evaluate(lora_config(data, base, steps, rank, learning_rate, eval_questions(workdir)), run_dir)
+    if not trained:
+        build.train(lora_config(data, base, steps, rank, learning_rate, eval_questions(workdir)), run_dir)
         build.record(run_dir, trained_with)
     timings["lora_training"] = time.time() - t
 
@@ -204,7 +207,8 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m unitoken_jax.world.finetune_demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--pictures", type=build.count(), default=2000,
                         help="French training pictures (two items each)")
@@ -216,11 +220,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.INFO)
-    try:
-        results = run(args.workdir, pictures=args.pictures, english_pictures=args.english_pictures, steps=args.steps,
-                      rank=args.rank, learning_rate=args.learning_rate)
-    except build.SettingsError as e:
-        parser.error(str(e))
+    logging.getLogger("absl").setLevel(logging.WARNING)  # (Orbax's checkpoint chatter: 235 of 261 lines)
+    results = build.script(parser, argv is None, lambda: run(
+        args.workdir, pictures=args.pictures, english_pictures=args.english_pictures, steps=args.steps,
+        rank=args.rank, learning_rate=args.learning_rate))
     print(table(results["before"], results["after"]))
     print(f"results: {os.path.join(args.workdir, 'results.json')}, pictures: {os.path.join(args.workdir, 'grid.png')}")
 
