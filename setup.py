@@ -55,5 +55,5 @@ setup(
         "notebook": ["ipywidgets>=8.1.9"],  # progress bars as notebook widgets (Colab has it already)
         "tpu": ["jax[tpu]>=0.10.2"],
     },
-    entry_points={"console_scripts": ["unitoken=unitoken_jax.cli:main"]},
+    entry_points={"console_scripts": ["unitoken=unitoken_jax.console:main"]},
 )

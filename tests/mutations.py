@@ -782,6 +782,13 @@ MUTATIONS = (
     Mutation("world_training_saved_at_its_end_only", "the French demo saving its training only at its end (a Ctrl-C "
              "lost it all)", "unitoken_jax/world/finetune_demo.py",
              "checkpoint_every=min(steps, build.CHECKPOINT_EVERY)", "checkpoint_every=steps", ("tests/test_world.py", "-k", "reuses_a_step")),
+    Mutation("ctrl_c_lost_in_gc_callback", "a Ctrl-C in a command's first second raised in JAX's garbage-collector "
+             "callback, printed as ignored, and the job run to its end", "unitoken_jax/shutdown.py",
+             "        if _in_gc_callback(frame):\n", "        if False:\n",
+             ("tests/test_inference.py", "-k", "first_second")),
+    Mutation("sigterm_kills_verbs_unsaid", "a SIGTERM killing a verb on the spot: no line, a temporary file left",
+             "unitoken_jax/cli.py", 'stop_on_signals(sigterm=args.command not in ("serve", "sweep"))',
+             "stop_on_signals(sigterm=False)", ("tests/test_inference.py", "-k", "first_second")),
 )
 
 

@@ -17,7 +17,7 @@ from unitoken_jax import configs
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
 from unitoken_jax.models.config import QUANTIZE_MODES
-from unitoken_jax.shutdown import exit_now
+from unitoken_jax.shutdown import Terminated, exit_now, stop_on_signals
 
 _LOG = logging.getLogger("unitoken_jax.cli")  # by name: run as `python -m unitoken_jax.cli` it is __main__
 CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings JAX into `--help`)
@@ -1453,6 +1453,8 @@ def main(argv: list[str] | None = None) -> int:
     # level set here was, which hid those lines)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("unitoken_jax").setLevel(logging.INFO)
+    if as_program:  # (the sweep sets its own while it runs; the server's lets a running batch finish)
+        stop_on_signals(sigterm=args.command not in ("serve", "sweep"))
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing to say to it
@@ -1462,11 +1464,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be read or written: one line
         print(f"unitoken {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (what is written stays: reruns go on from it)
-        print(f"\nunitoken {args.command}: stopped ({_RESUMES.get(args.command, 'Ctrl-C')})", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, a SIGTERM: a line, not a traceback (what is written stays)
+        why, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        resumes = _RESUMES.get(args.command)
+        # (the sweep's own handler raises KeyboardInterrupt at any of its stop signals: it says the run's end)
+        said = resumes if args.command == "sweep" else why + (f"; {resumes}" if resumes else "")
+        print(f"\nunitoken {args.command}: stopped ({said})", file=sys.stderr)
         if as_program:
-            exit_now(130)
-        return 130
+            exit_now(code)
+        return code
     except Exception as e:  # XLA refusing a program or an allocation for the devices' memory
         jax = sys.modules.get("jax")  # imported by whatever raised it, if it is XLA's
         if jax is None or not isinstance(e, jax.errors.JaxRuntimeError) or "RESOURCE_EXHAUSTED" not in str(e):

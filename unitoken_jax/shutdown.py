@@ -15,3 +15,47 @@ def exit_now(code: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a `kill`, `timeout`, a job manager) to a command: it stops as at a Ctrl-C, with
+    the same clean-up (a rerun goes on as after one), said as a SIGTERM, exit status 143. (Before,
+    the commands died of it at once: no line, and a picture's temporary file left behind.)"""
+
+
+def _in_gc_callback(frame) -> bool:
+    import gc
+
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _stop(error: type[KeyboardInterrupt]):
+    def handler(signum, frame):
+        if _in_gc_callback(frame):
+            # raised in a garbage collector's callback (JAX's runs at every collection, and imports
+            # collect often), Python prints the exception as ignored and goes on: a Ctrl-C in a
+            # command's first seconds was lost, and the whole job ran. The signal comes again a moment
+            # later, outside it
+            import threading
+
+            threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+            return
+        raise error
+    return handler
+
+
+def stop_on_signals(*, sigterm: bool) -> None:
+    """A command's Ctrl-C as KeyboardInterrupt, never lost in a garbage collector's callback, and
+    with `sigterm` a SIGTERM as `Terminated` (not for training, which saves on its own SIGTERM
+    handler, nor the server, whose own lets a running batch finish). For programs only: a Python
+    caller's own handlers are not replaced."""
+    import signal
+
+    signal.signal(signal.SIGINT, _stop(KeyboardInterrupt))
+    if sigterm:
+        signal.signal(signal.SIGTERM, _stop(Terminated))
