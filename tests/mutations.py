@@ -789,6 +789,15 @@ MUTATIONS = (
     Mutation("sigterm_kills_verbs_unsaid", "a SIGTERM killing a verb on the spot: no line, a temporary file left",
              "unitoken_jax/cli.py", 'stop_on_signals(sigterm=args.command not in ("serve", "sweep"))',
              "stop_on_signals(sigterm=False)", ("tests/test_inference.py", "-k", "first_second")),
+    Mutation("edit_second_picture_as_instruction", "unitoken edit A.png B.png editing A with the instruction 'B.png'",
+             "unitoken_jax/cli.py", "    files = [x for x in (args.instruction, *args.more) if os.path.isfile(x)]\n",
+             "    files = []\n", ("tests/test_default_model.py", "-k", "several_pictures")),
+    Mutation("chat_typed_mark_as_a_picture", "a chat line's typed <|image|> counted as a picture's place, the turn and "
+             "its pictures dropped", "unitoken_jax/cli.py", "        if IMAGE_PLACEHOLDER in line:  # (counted",
+             "        if False:  # (counted", ("tests/test_default_model.py", "-k", "several_pictures")),
+    Mutation("batch_too_long_unnamed", "a conversation of a batch too long with its pictures refused naming none",
+             "unitoken_jax/inference/pipeline.py", "        if n > 1:  # which of the batch",
+             "        if False:  # which of the batch", ("tests/test_default_model.py", "-k", "several_pictures")),
 )
 
 

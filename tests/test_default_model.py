@@ -683,6 +683,42 @@ def test_a_stopped_prompts_file_run_leaves_its_index_and_the_batch_verbs_take_od
     assert lines.read_bytes() == whole
 
 
+def test_mistakes_with_several_pictures_are_said_by_which_and_lose_nothing(tmp_path, capsys, monkeypatch):
+    """`unitoken edit red.png blue.png` edited red.png with the instruction "blue.png"; a chat line
+    that held a typed `<|image|>` counted it as a picture's place, so the turn was refused in terms
+    of counts the user never wrote and its attached pictures were dropped; a question of a batch
+    too long with its pictures was refused naming none of them."""
+    from unitoken_jax.cli import main
+    from unitoken_jax.tokenizer.conversation import SequenceTooLong
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    shapes.draw([shapes.Thing("red", "circle", "top left")]).save(red)
+    shapes.draw([shapes.Thing("blue", "square", "top left")]).save(blue)
+    for extra, said in (([str(blue)], f"an edit takes one picture, then its instruction: {str(blue)!r} is a file"),
+                        ([str(blue), "make it red"], f"{str(blue)!r} is a file"),
+                        (["make", "it", "red"], 'the instruction is one argument: quote it (unitoken edit')):
+        assert main(["edit", str(red), *extra, "--out", str(tmp_path / "e.png")]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "e.png").exists()
+
+    class Lines:
+        def __iter__(self):
+            yield f"/image {red}\n"
+            yield "What is <|image|> here?\n"
+            yield "What colour is the shape?\n"
+
+    monkeypatch.setattr("sys.stdin", Lines())
+    assert main(["chat", "--out-dir", str(tmp_path / "chat")]) == 0
+    said = capsys.readouterr()
+    assert "a message cannot hold '<|image|>', the mark of a picture's place" in said.err, said.err
+    assert "the 1 attached picture(s) stay attached" in said.err
+    assert [x for x in said.out.splitlines() if x.startswith("assistant: ")] == ["assistant: red"], said
+    pipe = default.pipeline()
+    picture = shapes.draw([shapes.Thing("red", "circle", "top left")])
+    with pytest.raises(SequenceTooLong, match="^request 1: the conversation takes 542 positions"):
+        pipe.understand([[picture], [picture] * 13], ["What colour is the shape?"] * 2, progress=False)
+
+
 def test_a_chat_takes_typed_paths_and_goes_on_past_a_picture_it_cannot_save(tmp_path, capsys, monkeypatch):
     """'/image' took `~`, quotes and backslash-escaped spaces (what a drag into a terminal pastes) as
     part of the name; a Notepad file's byte-order mark and a tab after the command made '/image' a

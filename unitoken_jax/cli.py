@@ -868,6 +868,14 @@ def _readable(paths) -> None:
 
 
 def _edit(args) -> int:
+    # a second picture had been taken as the instruction ("blue.png"), or refused as "unrecognized arguments"
+    files = [x for x in (args.instruction, *args.more) if os.path.isfile(x)]
+    if files:
+        raise ValueError(f"an edit takes one picture, then its instruction: {files[0]!r} is a file (unitoken edit "
+                         "IMAGE INSTRUCTION)")
+    if args.more:
+        raise ValueError(f"the instruction is one argument: quote it (unitoken edit {args.image} "
+                         f"\"{' '.join((args.instruction, *args.more))}\")")
     _check_out(args.out)
     _readable([args.image])
     if not args.instruction.strip():  # allowed (the picture redrawn as the model sees fit), but likely a slip
@@ -910,7 +918,7 @@ def _chat(args) -> int:
 
     from unitoken_jax.inference.decode import OptionError, Request
     from unitoken_jax.tokenizer import layout
-    from unitoken_jax.tokenizer.conversation import SequenceTooLong
+    from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, SequenceTooLong
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
@@ -976,7 +984,12 @@ def _chat(args) -> int:
             continue
         else:
             line = line[1:] if line.startswith("//") else line
-        messages.append({"from": "human", "value": "<|image|>" * len(pending) + line})
+        if IMAGE_PLACEHOLDER in line:  # (counted as a picture's place: the turn was refused, its pictures dropped)
+            kept = f"; the {len(pending)} attached picture(s) stay attached" if pending else ""
+            print(f"chat: a message cannot hold {IMAGE_PLACEHOLDER!r}, the mark of a picture's place (attach "
+                  f"pictures with '/image PATH'): nothing sent{kept}", file=sys.stderr, flush=True)
+            continue
+        messages.append({"from": "human", "value": IMAGE_PLACEHOLDER * len(pending) + line})
         images += [picture for _, picture in pending]
         shown = _Streamed("assistant: ")
         try:
@@ -1310,6 +1323,7 @@ def _parser() -> argparse.ArgumentParser:
     edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
     edi.add_argument("image")
     edi.add_argument("instruction")
+    edi.add_argument("more", nargs="*", help=argparse.SUPPRESS)  # (refused by name: a second picture, unquoted words)
     edi.add_argument("--out", required=True)
     model_args(edi, image_out=True)
     edi.set_defaults(func=_edit)

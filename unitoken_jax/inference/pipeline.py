@@ -492,6 +492,14 @@ class UniTokenPipeline:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a whole number, at least 1; got {batch_size!r}")
+        if n > 1:  # which of the batch a conversation the model cannot take is (it had named none)
+            make_one = make
+
+            def make(i):
+                try:
+                    return make_one(i)
+                except ConversationError as e:
+                    raise type(e)(f"request {i}: {e}") from None
         if batch_size is None or n <= batch_size:
             requests = [make(i) for i in range(n)]
             return self.run(requests, stream=stream, **run_options)
