@@ -317,8 +317,12 @@ def test_load_and_text_logits_refuse_what_would_run_wrong(release_dir):
     try:
         with pytest.raises(ValueError, match="dtype='fp16'"):
             unitoken_jax.load(str(release_dir), dtype="fp16")
-        with pytest.raises(ValueError, match=r"unknown key\(s\) load\(\).dtyp"):
+        # an unknown option lists those load takes (the config's error listed decoder, lora, ..., which
+        # it then refused)
+        with pytest.raises(ValueError, match=r"load\(\) takes no option 'dtyp': besides its own") as said:
             unitoken_jax.load(str(release_dir), dtyp="bfloat16")
+        fields = str(said.value).split("config fields ")[1].split(", ")
+        assert "dtype" in fields and not {"decoder", "vision", "lora", "quantize", "param_dtype"} & set(fields)
         # checked as a config file's values are: each was taken, and the model saved a checkpoint
         # that would not load ('no' read as True, a float block size, a NumPy float in the JSON)
         for override, says in ((dict(scan_layers="no"), "load().scan_layers must be bool, got str 'no'"),

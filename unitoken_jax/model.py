@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -62,6 +63,7 @@ class UniTokenModel:
         self.qk_norm_layout: str | None = None  # which QK-norm layout an HF load found
 
     def num_params(self) -> int:
+        """How many numbers the parameters hold (an int8 weight's scales counted too)."""
         return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
 
     def __repr__(self):
@@ -159,7 +161,9 @@ class UniTokenModel:
         flat image-feature list (all images in `pixels [N, H, W, 3]`, T features each, image i's
         feature j at index i*T + j) at continuous positions. segment_ids (default: all 1) and
         positions (default: 0..L-1 per row) describe packed rows. labels [B, L] (negative = not
-        predicted) give the loss; see `unitoken_jax.models.loss`.
+        predicted) give the loss; see `unitoken_jax.models.loss`. generation [B, L] bool (default:
+        each target's id decides) says which predicted tokens the metrics count as
+        `ce_generation` rather than `ce_understanding`.
         """
         self._need("decoder")
         tokens = self._checked_ids(tokens, "tokens", rows_of_positions=positions is None)
@@ -445,7 +449,7 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
 
     `param_dtype="auto"` / `dtype="auto"`: bfloat16 on a TPU or GPU, float32 on a CPU
     (`auto_dtype`, what the CLI's --param-dtype / --dtype auto take), by the devices of `mesh`,
-    else of this host."""
+    else of this host. `progress`: a bar over the tensors as they are read."""
     if "auto" in (param_dtype, config_overrides.get("dtype")):
         platform = _platform(mesh)
         if param_dtype == "auto":
@@ -508,6 +512,12 @@ def _overridden(config: UniTokenConfig, overrides: dict) -> UniTokenConfig:
     """`config` with `load`'s keyword overrides, each checked as a config file's value is (its type:
     'no' was taken for True, 64.0 for a block size, and the model then saved a checkpoint that
     would not load)."""
+    settable = sorted({f.name for f in dataclasses.fields(UniTokenConfig)} - set(_STRUCTURE))
+    unknown = sorted(set(overrides) - set(settable) - set(_STRUCTURE))
+    if unknown:  # (the config's own error listed every field, those refused just below too)
+        raise ValueError(f"load() takes no option {', '.join(map(repr, unknown))}: besides its own (param_dtype, mesh, "
+                         f"progress, quantize, adapters, merge_adapters) it takes the config fields "
+                         f"{', '.join(settable)}")
     fixed = sorted(set(overrides) & set(_STRUCTURE))
     if fixed:
         raise ValueError(f"load(..., {fixed[0]}=...) would not change the parameters the checkpoint holds, only "

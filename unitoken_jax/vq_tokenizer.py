@@ -141,4 +141,5 @@ class VQTokenizer:
         return self.encode(pixels)
 
     def decode_to_pil(self, codes_Nhw) -> list[Image.Image]:
+        """`decode`'s pictures [N, h, w] codes -> N RGB PIL images."""
         return [image_io.pil_from_pixels(p) for p in self.decode(codes_Nhw)]

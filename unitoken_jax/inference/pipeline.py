@@ -224,6 +224,11 @@ def with_positions(model, positions: int):
 
 
 class UniTokenPipeline:
+    """A model with its text tokenizer and VQ-GAN, for inference: `understand` (answers about
+    pictures), `generate_image`, `edit`, `chat`, and `run` over any mix of the requests the
+    `*_request` methods make, in one batch (`unitoken_jax.world.default.pipeline()`: the bundled
+    model's)."""
+
     def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int | None = None,
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
@@ -243,7 +248,11 @@ class UniTokenPipeline:
         layer stack; `auto` unrolls float weights on a CPU or one GPU with room for its copy of
         them, `inference.decode.auto_layers`). `anyres_pinpoints`: the canvases AnyRes tiles a
         picture on, as the model was trained (the pre-tokenizer's `anyres_grid_pinpoints`); None:
-        the reference's, scaled to the tile size."""
+        the reference's, scaled to the tile size. `anyres`: pictures' SigLIP features laid out the
+        AnyRes way (a model trained so); `generate_template`: the prompt a picture is asked for with
+        ({w}, {h}, {prompt}; the reference's by default); `max_length`: the longest sequence a
+        request may be (default: the model's positions); `continuous=False`: pictures as VQ codes
+        only, no SigLIP features (a model trained without them)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.default_size = _size_pair(default_size)
         self.trained_sizes = None if trained_sizes is None else [_size_pair(x) for x in trained_sizes]
@@ -304,6 +313,8 @@ class UniTokenPipeline:
                     feature_index=enc.feature_index if has_images else None, pixels=pixels if has_images else None)
 
     def understand_request(self, images, question: str, **options) -> Request:
+        """The request `understand` runs for one question about `images` (one picture or a list),
+        for `run`; `options`: `Request`'s sampling fields (max_new_tokens 256 by default)."""
         images = _listify(images)
         value = "".join(IMAGE_PLACEHOLDER for _ in images) + ("\n" if images else "") + _plain(question, "question")
         item = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": None}], "image": images}
@@ -368,7 +379,11 @@ class UniTokenPipeline:
 
     def generate_request(self, prompt: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                          **options) -> Request:
-        """`size`: (width, height) in pixels, multiples of 32; None: the pipeline's `default_size`."""
+        """The request for one picture of `prompt`, for `run`. `size`: (width, height) in pixels,
+        multiples of 32; None: the pipeline's `default_size`. `cfg`: classifier-free guidance's
+        scale (1: none); `negative_prompt`: the unconditional row's text (needs cfg != 1);
+        `options`: `Request`'s sampling fields, where temperature / top_k / top_p set the image
+        codes' sampling."""
         _texts([prompt], "prompt")
         w, h = _size_pair(self.default_size if size is None else size)
         text = self.generate_template.format(w=w, h=h, prompt=_plain(prompt, "prompt"))
@@ -377,6 +392,8 @@ class UniTokenPipeline:
 
     def edit_request(self, image, instruction: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                      **options) -> Request:
+        """The request `edit` runs for one picture and instruction, for `run` (the size, CFG and
+        options as `generate_request` takes them)."""
         _texts([instruction], "instruction")
         # the reference's order (its image-to-image demo and TRAIN.md's examples): the instruction, then the picture
         value = f"{_plain(instruction, 'instruction')} {IMAGE_PLACEHOLDER}"
@@ -385,6 +402,8 @@ class UniTokenPipeline:
         return self._image_request(item, size, cfg, negative_prompt, **options)
 
     def chat_request(self, messages: list[dict[str, Any]], images=(), **options) -> Request:
+        """The request `chat` runs for a conversation (`messages` as `chat` takes them), for `run`;
+        its answer may hold text and pictures."""
         if isinstance(messages, (str, dict)) or not len(messages):
             raise ValueError(f"messages must be a list of turns ({{'from': 'human', 'value': ...}} first), got "
                              f"{messages!r:.80}")
@@ -539,7 +558,8 @@ class UniTokenPipeline:
                        **options) -> list[Image.Image] | list[list[Image.Image]]:
         """n pictures per prompt (seeds seed, seed+1, ..., modulo 2**32); a list of prompts gives a list of lists.
         All pictures are drawn as one batch (a bar counts image rows), or `batch_size` pictures at
-        a time (a bar counts pictures)."""
+        a time (a bar counts pictures). `size`, `cfg`, `negative_prompt` and the sampling options
+        as `generate_request` takes them; `progress=False`: no bar."""
         n = _whole(n)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
@@ -563,7 +583,9 @@ class UniTokenPipeline:
     def edit(self, image, instruction, *, size=None, cfg: float = 3.0, seed: int = 0,
              progress: bool = True, **options):
         """The edited picture; a list of instructions with a list of pictures (one each) gives a
-        list of pictures, drawn as one batch."""
+        list of pictures, drawn as one batch. `size` (default: the pipeline's `default_size`),
+        `cfg`, `seed`, `negative_prompt` and the sampling options (temperature / top_k / top_p: the
+        image codes') as `generate_image` takes them; `progress=False`: no bar."""
         single, instructions, pictures = _paired(instruction, "instruction", image, _pictures, "pictures",
                                                  "one picture an instruction")
         if single and isinstance(image, (list, tuple)):  # one instruction: its picture, or a list of just it

@@ -200,7 +200,7 @@ class UniTokenConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     # Weight format for inference: "none" (param_dtype everywhere) or "int8" (every matmul kernel
-    # int8 with a float32 scale per output channel; see `unitoken_jax.quantize`).
+    # int8 with a float32 scale per output channel; see `unitoken_jax.models.quantize`).
     quantize: str = "none"
     # Training / prefill attention (`unitoken_jax.models.attention`): "auto" (splash on TPU v4 and
     # later, cudnn on Ampere and later GPUs in 16-bit, xla elsewhere), "splash", "cudnn" or "xla";
@@ -245,9 +245,11 @@ class UniTokenConfig:
         return self
 
     def replace(self, **changes: Any) -> "UniTokenConfig":
+        """This config with `changes` (top-level fields), checked."""
         return dataclasses.replace(self, **changes).validate()
 
     def to_dict(self) -> dict[str, Any]:
+        """Nested dicts of the fields (what `from_dict` and the checkpoints' JSON take)."""
         return dataclasses.asdict(self)
 
     @classmethod

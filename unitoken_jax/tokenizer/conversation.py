@@ -339,6 +339,7 @@ class TextStream:
 
 
 def pictures(parts: list) -> list[Image.Image]:
+    """The pictures of `decode`'s parts (its text left out)."""
     return [p for p in parts if isinstance(p, Image.Image)]
 
 

@@ -79,6 +79,7 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "TextTokenizer":
+        """A tokenizer from a `tokenizers` JSON file (Chameleon's text_tokenizer.json, or the bundled model's)."""
         with open(os.path.expanduser(path), encoding="utf-8") as f:
             return cls(f.read())
 

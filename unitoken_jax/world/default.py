@@ -27,10 +27,12 @@ DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def available(path: str = DEFAULT_DIR) -> bool:
+    """Whether `path` holds a bundled model (the package's own, unless the install left it out)."""
     return os.path.exists(os.path.join(path, "world.json"))
 
 
 def settings(path: str = DEFAULT_DIR) -> dict:
+    """The bundled model's `world.json`: its picture size, vq_size, image prefix and what it was built with."""
     if not available(path):
         raise FileNotFoundError(f"no bundled model in {path} (build one: python -m unitoken_jax.world.build, then "
                                 "python -m unitoken_jax.world.default --model ... --vqgan ...)")
@@ -96,7 +98,8 @@ def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantiz
     """The bundled model as a `UniTokenPipeline` (computing in `dtype`, its parameters held in
     `param_dtype` and sharded over `mesh` if given;
     `quantize="int8"` for int8 weights; `adapters`: LoRA adapters for it in PEFT's format, e.g. the
-    French ones of `world.finetune_demo`; `cache_growth`, `layers`: see `DecodeLoop`)."""
+    French ones of `world.finetune_demo`; `cache_growth`, `layers`: see `DecodeLoop`). `path`: a
+    folder laid out as the bundled one (`python -m unitoken_jax.world.default` writes one)."""
     s = settings(path)
     logging.getLogger(__name__).info(describe())
     model = unitoken_jax.load(os.path.join(path, "model"), progress=False, dtype=dtype, param_dtype=param_dtype,
