@@ -424,7 +424,7 @@ MUTATIONS = (
              "unitoken_jax/inference/fit.py", '        if config.quantize != "none" else None',
              "        if False else None", ("tests/test_fit.py", "-k", "int8_only")),
     Mutation("ctrl_c_through_the_teardown", "Ctrl-C during a compile left to the interpreter's teardown (exit 139)",
-             "unitoken_jax/cli.py", "        if as_program:\n            exit_now(130)\n", "",
+             "unitoken_jax/cli.py", "        if as_program:\n            exit_now(code)\n", "",
              ("tests/test_inference.py", "-k", "first_call_compiles")),
     Mutation("picture_option_internal_name", "a bad picture option refused as cfg_scale / image_temperature",
              "unitoken_jax/inference/pipeline.py", "            if e.option not in called:\n                raise\n",
@@ -798,6 +798,18 @@ MUTATIONS = (
     Mutation("batch_too_long_unnamed", "a conversation of a batch too long with its pictures refused naming none",
              "unitoken_jax/inference/pipeline.py", "        if n > 1:  # which of the batch",
              "        if False:  # which of the batch", ("tests/test_default_model.py", "-k", "several_pictures")),
+    Mutation("lone_surrogate_unnamed",
+             "a lone surrogate in a prompt said as the tokenizer's 'the text holds ...', no field named", "unitoken_jax/inference/pipeline.py", '        text.encode("utf-8")\n', "        pass\n",
+             ("tests/test_default_model.py", "-k", "not_plain")),
+    Mutation("long_prompt_blamed_on_size", "a prompt too long beside its picture blamed on the picture's size",
+             "unitoken_jax/inference/pipeline.py", 'raise SequenceTooLong(f"the prompt takes',
+             'raise ValueError(f"the prompt takes', ("tests/test_serve.py", "-k", "not_plain")),
+    Mutation("list_prompt_unnamed", "a list's prompt the model cannot take refused naming none",
+             "unitoken_jax/inference/pipeline.py", 'None if single else f"prompt {k // n}"', "None",
+             ("tests/test_default_model.py", "-k", "not_plain")),
+    Mutation("chat_surrogate_unnamed", "a lone surrogate in a chat message refused naming no field",
+             "unitoken_jax/serve/wire.py", "            text = _unicode(value, at, at)\n", "            text = value\n",
+             ("tests/test_serve.py", "-k", "not_plain")),
 )
 
 

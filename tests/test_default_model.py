@@ -719,6 +719,35 @@ def test_mistakes_with_several_pictures_are_said_by_which_and_lose_nothing(tmp_p
         pipe.understand([[picture], [picture] * 13], ["What colour is the shape?"] * 2, progress=False)
 
 
+def test_text_that_is_not_plain_is_named_by_its_field_and_its_place_in_a_list():
+    """A lone surrogate was the tokenizer's "the text holds..." with the template's words around it,
+    naming no field (and a negative prompt's was no NegativePromptError); a list's bad prompt or
+    instruction was refused naming none of them; a prompt too long beside its picture was blamed on
+    the picture's size ("ask for a smaller size", which the bundled model cannot draw)."""
+    from unitoken_jax.inference.pipeline import NegativePromptError
+    from unitoken_jax.tokenizer.conversation import ConversationError, SequenceTooLong
+
+    pipe = default.pipeline()
+    picture = shapes.draw([shapes.Thing("red", "circle", "top left")])
+    with pytest.raises(ConversationError, match="^the prompt holds a character that is not valid Unicode"):
+        pipe.generate_image("a red \ud800 circle", progress=False)
+    with pytest.raises(NegativePromptError, match="^the negative prompt holds a character that is not valid"):
+        pipe.generate_image("a red circle", negative_prompt="\udfff", progress=False)
+    with pytest.raises(NegativePromptError, match="^the negative prompt contains '<|image|>'"):
+        pipe.generate_image("a red circle", negative_prompt="<|image|>", progress=False)
+    with pytest.raises(ConversationError, match="^the question holds a character that is not valid Unicode"):
+        pipe.understand(picture, "What \ud800?", progress=False)
+    with pytest.raises(SequenceTooLong, match="^prompt 2: "):
+        pipe.generate_image(["a red circle", "a blue square", "x " * 600], progress=False)
+    with pytest.raises(ConversationError, match="^instruction 1: the instruction contains"):
+        pipe.edit([picture, picture], ["make it blue", "<|image|> blue"], progress=False)
+    with pytest.raises(ConversationError, match="^request 1: the question contains"):
+        pipe.understand([[picture], [picture]], ["What colour is the shape?", "<|image|>?"], progress=False)
+    with pytest.raises(SequenceTooLong, match=r"^the prompt takes \d+ positions and a 64x64 picture \d+: \d+ in all, "
+                                              r"more than the model's 512 \(shorten the prompt"):
+        pipe.generate_image(" a" * 473, progress=False)
+
+
 def test_a_chat_takes_typed_paths_and_goes_on_past_a_picture_it_cannot_save(tmp_path, capsys, monkeypatch):
     """'/image' took `~`, quotes and backslash-escaped spaces (what a drag into a terminal pastes) as
     part of the name; a Notepad file's byte-order mark and a tab after the command made '/image' a

@@ -799,6 +799,34 @@ def test_a_negative_prompt_the_model_cannot_take_is_refused_by_its_own_name(serv
     assert "guidance_scale 1 is none" in off["message"]
 
 
+def test_text_that_is_not_plain_is_refused_by_the_field_it_came_in(server):
+    """A picture's mark or a lone surrogate in an image call's prompt was refused as the size's fault
+    (param 'size', code invalid_size), one in its negative prompt as too long; a lone surrogate in a
+    chat message named no field, and one in a stop string was taken though it can never match."""
+    import json
+
+    draw = {"model": MODEL, "prompt": "a red circle at the top left", "size": SIZE}
+    images, chat = "/v1/images/generations", "/v1/chat/completions"
+
+    def post(path, body):  # (JSON's own escapes: a lone surrogate cannot be sent as UTF-8)
+        return _post(server, path, data=json.dumps(body))
+
+    for body, param, says in (({**draw, "prompt": "<|image|>"}, "prompt", "the prompt contains '<|image|>'"),
+                              ({**draw, "prompt": "a \ud800"}, "prompt", "not valid Unicode"),
+                              ({**draw, "negative_prompt": "<|image|>"}, "negative_prompt",
+                               "the negative prompt contains '<|image|>'"),
+                              ({**draw, "negative_prompt": "\udfff"}, "negative_prompt", "not valid Unicode")):
+        error = _error(post(images, body), 400, param)
+        assert error["code"] not in ("invalid_size", "context_length_exceeded") and says in error["message"], error
+    # a prompt too long beside its picture is the prompt's, not the size's
+    error = _error(post(images, {**draw, "prompt": " a" * 473}), 400, "prompt", "context_length_exceeded")
+    assert "the prompt takes" in error["message"], error
+    question = {"model": MODEL, "messages": [{"role": "user", "content": "What is it? \ud800"}]}
+    assert "not valid Unicode" in _error(post(chat, question), 400, "messages[0].content")["message"]
+    plain = {"model": MODEL, "messages": [{"role": "user", "content": "What is it?"}]}
+    _error(post(chat, {**plain, "stop": ["\ud800"]}), 400, "stop")
+
+
 def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):
     """Clients that send every field (null when unset), and the official client's own stream and
     edit options at their neutral values, are served; a value this server cannot honour is still

@@ -882,7 +882,7 @@ def _edit(args) -> int:
         print("edit: the instruction is empty: the picture is redrawn without one", file=sys.stderr)
     pipe = _pipeline(args)
     picture = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
-                        top_k=args.top_k, temperature=args.temperature)
+                        top_k=args.top_k, temperature=args.temperature, negative_prompt=args.negative_prompt)
     _save(picture, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -1324,6 +1324,8 @@ def _parser() -> argparse.ArgumentParser:
     edi.add_argument("image")
     edi.add_argument("instruction")
     edi.add_argument("more", nargs="*", help=argparse.SUPPRESS)  # (refused by name: a second picture, unquoted words)
+    edi.add_argument("--negative-prompt", default=None,
+                     help="text guidance steers away from (as generate's; Python's edit and the server's take it)")
     edi.add_argument("--out", required=True)
     model_args(edi, image_out=True)
     edi.set_defaults(func=_edit)

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request, whole_number
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, ConversationError, TextStream, decode, encode_item
+from unitoken_jax.tokenizer.conversation import (IMAGE_PLACEHOLDER, ConversationError, SequenceTooLong, TextStream,
+                                                decode, encode_item)
 
 # How the reference asks UniToken's released models for a picture (its README's example and its
 # demos/inference.py). Lumina-mGPT's form, which the reference's inherited scripts use, names the size
@@ -78,8 +79,12 @@ class UntrainedSize(UserWarning):
 
 
 class NegativePromptError(ValueError):
-    """A negative prompt that the model cannot take beside the picture: too long by itself, or too
-    long to leave its row the picture's positions."""
+    """A negative prompt the request cannot take: with cfg=1 (no guidance), text that is not plain
+    (a picture's mark, a character that is not valid Unicode), or too long (`NegativePromptTooLong`)."""
+
+
+class NegativePromptTooLong(NegativePromptError):
+    """A negative prompt too long by itself, or too long to leave its row the picture's positions."""
 
 
 def picture_grid(pictures, columns: int | None = None, side: int | None = None, gap: int = 4) -> Image.Image:
@@ -184,11 +189,29 @@ def _texts(values, what: str) -> list[str]:
     return values
 
 
+def _naming(make: Callable, which: str | None):
+    """`make()`; a conversation it cannot make (too long, a picture's mark in the text) says
+    `which` of a list it was (a batch's error had named none of its items)."""
+    try:
+        return make()
+    except ConversationError as e:
+        if which is None:
+            raise
+        raise type(e)(f"{which}: {e}") from None
+
+
 def _plain(text: str, what: str) -> str:
-    """`text`, refused when it holds the mark of a picture's place (it would be read as one)."""
+    """`text`, refused (a `ConversationError` naming `what`) when it holds the mark of a picture's
+    place (it would be read as one) or a character that is not valid Unicode (a lone surrogate:
+    the tokenizer's error named only "the text", with the template's words around it)."""
     if IMAGE_PLACEHOLDER in text:
-        raise ValueError(f"the {what} contains {IMAGE_PLACEHOLDER!r}, the mark of where a picture goes: pass "
-                         f"pictures as images, and write the text without the mark ({text!r:.80})")
+        raise ConversationError(f"the {what} contains {IMAGE_PLACEHOLDER!r}, the mark of where a picture goes: "
+                                f"pass pictures as images, and write the text without the mark ({text!r:.80})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConversationError(f"the {what} holds a character that is not valid Unicode ({e.reason}: "
+                                f"{e.object[e.start:e.end]!r} at character {e.start})") from None
     return text
 
 
@@ -345,10 +368,14 @@ class UniTokenPipeline:
             _say(UntrainedSize(f"this model was trained to draw {known} pictures only, not {w}x{h}: it never saw "
                                "that size, and its pictures come out as noise"))
         encoded = self._encode(item)
-        needed = len(encoded["tokens"]) + len(self.image_prefix) + layout.generated_image_length(grid_hw)
-        if needed > self.max_length:
-            raise ValueError(f"a {w}x{h} picture needs {needed} positions with its prompt; the model takes "
-                             f"{self.max_length} (ask for a smaller size)")
+        prompt = len(encoded["tokens"]) + len(self.image_prefix)
+        needed = prompt + layout.generated_image_length(grid_hw)
+        if needed > self.max_length:  # (said as the size's fault alone before, though it was the prompt's)
+            smaller = prompt + layout.generated_image_length((1, 1)) <= self.max_length and grid_hw != (1, 1)
+            advice = "shorten the prompt, or ask for a smaller size" if smaller else "shorten the prompt"
+            raise SequenceTooLong(f"the prompt takes {prompt} positions and a {w}x{h} picture "
+                                  f"{needed - prompt}: {needed} in all, more than the model's {self.max_length} "
+                                  f"({advice})")
         encoded["tokens"] = np.concatenate([encoded["tokens"], self.image_prefix + [layout.IMAGE_START]]).astype(np.int32)
         if encoded["is_continuous"] is not None:
             pad = len(self.image_prefix) + 1
@@ -356,15 +383,20 @@ class UniTokenPipeline:
             encoded["feature_index"] = np.concatenate([encoded["feature_index"], np.zeros(pad, np.int32)])
         uncond = None
         if negative_prompt is not None:
-            neg = {"conversations": [{"from": "human", "value": negative_prompt}, {"from": "gpt", "value": None}]}
+            try:
+                neg = {"conversations": [{"from": "human", "value": _plain(negative_prompt, "negative prompt")},
+                                         {"from": "gpt", "value": None}]}
+            except ConversationError as e:
+                raise NegativePromptError(str(e)) from None
             try:
                 neg_tokens = self._encode(neg)["tokens"]
             except ConversationError as e:
-                raise NegativePromptError(f"the negative prompt: {e}") from None
+                raise (NegativePromptTooLong if isinstance(e, SequenceTooLong) else NegativePromptError)(
+                    f"the negative prompt: {e}") from None
             uncond = np.concatenate([neg_tokens, self.image_prefix + [layout.IMAGE_START]])
             needed = len(uncond) - 1 + layout.generated_image_length(grid_hw)  # its row runs beside the prompt's
             if needed > self.max_length:
-                raise NegativePromptError(f"the negative prompt and a {w}x{h} picture need {needed} positions; the "
+                raise NegativePromptTooLong(f"the negative prompt and a {w}x{h} picture need {needed} positions; the "
                                           f"model takes {self.max_length} (a shorter negative prompt or a smaller "
                                           "size)")
         defaults = {"image_temperature": 1.0, "image_top_k": 2000,
@@ -515,10 +547,7 @@ class UniTokenPipeline:
             make_one = make
 
             def make(i):
-                try:
-                    return make_one(i)
-                except ConversationError as e:
-                    raise type(e)(f"request {i}: {e}") from None
+                return _naming(lambda: make_one(i), f"request {i}")
         if batch_size is None or n <= batch_size:
             requests = [make(i) for i in range(n)]
             return self.run(requests, stream=stream, **run_options)
@@ -572,7 +601,8 @@ class UniTokenPipeline:
 
         # every request made before the first batch runs (they hold no picture: cheap), so that a prompt
         # the model cannot take is refused before anything is drawn
-        requests = [self.generate_request(prompts[k // n], size=size, cfg=cfg, seed=seed_of(k % n), **options)
+        requests = [_naming(lambda: self.generate_request(prompts[k // n], size=size, cfg=cfg, seed=seed_of(k % n),
+                                                          **options), None if single else f"prompt {k // n}")
                     for k in range(len(prompts) * n)]
         results = self._in_batches(len(requests), requests.__getitem__, batch_size, what="pictures",
                                    bar=progress, progress=progress)
@@ -593,8 +623,9 @@ class UniTokenPipeline:
                 raise ValueError(f"one instruction and {len(image)} pictures: an edit takes one picture (for "
                                  "several edits, give a list of instructions, one a picture)")
             pictures = [image[0]]
-        results = self.run([self.edit_request(p, i, size=size, cfg=cfg, seed=seed, **options)
-                            for p, i in zip(pictures, instructions)], progress=progress)
+        results = self.run([_naming(lambda: self.edit_request(p, i, size=size, cfg=cfg, seed=seed, **options),
+                                    None if single else f"instruction {k}")
+                            for k, (p, i) in enumerate(zip(pictures, instructions))], progress=progress)
         edited = [[x for x in result if not isinstance(x, str)][0] for result in results]
         return edited[0] if single else edited
 

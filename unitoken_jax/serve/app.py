@@ -62,7 +62,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from unitoken_jax.inference.pipeline import NegativePromptError
+from unitoken_jax.inference.pipeline import NegativePromptError, NegativePromptTooLong
 from unitoken_jax.serve import metrics, wire
 from unitoken_jax.serve.engine import PipelineEngine
 from unitoken_jax.serve.scheduler import (ContinuousScheduler, DoesNotFit, Expired, Job, QueueFull, Scheduler,
@@ -399,10 +399,13 @@ class _Server:
                 base = self.pipe.generate_request(call.prompt, **options)
             else:
                 base = self.pipe.edit_request(picture, call.prompt, **options)
-        except NegativePromptError as e:  # too long for the model, or for the picture beside it
+        except NegativePromptTooLong as e:  # too long for the model, or for the picture beside it
             raise bad(str(e), "negative_prompt", "context_length_exceeded") from None
-        except ConversationError as e:  # the prompt itself (e.g. too long for the model)
-            raise bad(str(e), "prompt") from None
+        except NegativePromptError as e:  # not plain text
+            raise bad(str(e), "negative_prompt") from None
+        except ConversationError as e:  # the prompt itself (too long with its picture, not plain text)
+            raise bad(str(e), "prompt", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
+                from None
         except ValueError as e:  # the pipeline's size checks: a multiple of 32 px, room in the model
             raise bad(str(e), "size", "invalid_size") from None
         return [dataclasses.replace(base, seed=s) for s in self._seeds(call.seed, call.n)]

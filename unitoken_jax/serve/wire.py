@@ -109,6 +109,17 @@ def _text(body: dict, name: str, default=None, *, required: bool = False) -> str
         raise bad(f"'{name}' must be a string, got {type(value).__name__}", name)
     if required and not value.strip():
         raise bad(f"'{name}' is empty", name)
+    return _unicode(value, f"'{name}'", name)
+
+
+def _unicode(value: str, what: str, param: str) -> str:
+    """`value`, refused by name when it holds a lone surrogate (JSON's "\\ud800"): the tokenizer's
+    error had named no field, and a stop string of one could never match."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(f"{what} holds a character that is not valid Unicode ({e.reason}: {e.object[e.start:e.end]!r} at "
+                  f"character {e.start})", param) from None
     return value
 
 
@@ -241,7 +252,7 @@ def _content(content: Any, where: str, images: list | None, limits: Limits) -> s
             if IMAGE_PLACEHOLDER in value:
                 raise bad(f"{at} contains {IMAGE_PLACEHOLDER}, which marks a picture for the model; send "
                           "pictures as image_url parts", at)
-            text = value
+            text = _unicode(value, at, at)
         else:
             if images is None:
                 raise bad(f"{at}: a system message takes text only", at)
@@ -314,6 +325,8 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatCall:
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(s, str) and s for s in stop)):
         raise bad("'stop' must be a non-empty string or a list of at most 4 of them", "stop")
+    for s in stop or ():
+        _unicode(s, "'stop'", "stop")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
