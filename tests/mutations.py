@@ -811,6 +811,13 @@ MUTATIONS = (
     Mutation("chat_surrogate_unnamed", "a lone surrogate in a chat message refused naming no field",
              "unitoken_jax/serve/wire.py", "            text = _unicode(value, at, at)\n", "            text = value\n",
              ("tests/test_serve.py", "-k", "not_plain")),
+    Mutation("chat_question_without_newline", "unitoken chat writing '<|image|>QUESTION', another prompt than "
+             "understand's '<|image|>\\nQUESTION'", "unitoken_jax/cli.py", '("\\n" if pending else "")', '""',
+             ("tests/test_default_model.py", "-k", "understands_prompt_and_seed")),
+    Mutation("chat_first_turn_seed_plus_one", "unitoken chat drawing its first turn with --seed + 1",
+             "unitoken_jax/cli.py", "seed=(args.seed + len(messages) - 1) % 2**32",
+             "seed=(args.seed + len(messages)) % 2**32",
+             ("tests/test_default_model.py", "-k", "understands_prompt_and_seed")),
 )
 
 

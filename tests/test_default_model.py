@@ -719,6 +719,33 @@ def test_mistakes_with_several_pictures_are_said_by_which_and_lose_nothing(tmp_p
         pipe.understand([[picture], [picture] * 13], ["What colour is the shape?"] * 2, progress=False)
 
 
+def test_a_chat_question_about_a_picture_is_understands_prompt_and_seed(tmp_path, capsys, monkeypatch):
+    """`unitoken chat` wrote '<|image|>QUESTION' where understand, the Python API and the server
+    write '<|image|>\\nQUESTION', and drew its first turn with --seed + 1: the same question with
+    the same seed sampled another answer than `unitoken understand`."""
+    from unitoken_jax.cli import main
+
+    picture = tmp_path / "p.png"
+    shapes.draw([shapes.Thing("green", "square", "bottom right")]).save(picture)
+    question = "Describe the picture."
+
+    class Lines:
+        def __iter__(self):
+            yield f"/image {picture}\n"
+            yield question + "\n"
+
+    pipe = default.pipeline()
+    answers = set()
+    for seed in (1, 2, 3):
+        monkeypatch.setattr("sys.stdin", Lines())
+        assert main(["chat", "--out-dir", str(tmp_path / "c"), "--seed", str(seed), "--temperature", "2"]) == 0
+        said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("assistant: ")]
+        alone = pipe.understand(str(picture), question, seed=seed, temperature=2.0, progress=False)
+        assert said == [f"assistant: {alone}"], (seed, said, alone)
+        answers.add(alone)
+    assert len(answers) > 1  # (sampled: a different seed, another answer, so the seeds are compared)
+
+
 def test_text_that_is_not_plain_is_named_by_its_field_and_its_place_in_a_list():
     """A lone surrogate was the tokenizer's "the text holds..." with the template's words around it,
     naming no field (and a negative prompt's was no NegativePromptError); a list's bad prompt or

@@ -989,12 +989,15 @@ def _chat(args) -> int:
             print(f"chat: a message cannot hold {IMAGE_PLACEHOLDER!r}, the mark of a picture's place (attach "
                   f"pictures with '/image PATH'): nothing sent{kept}", file=sys.stderr, flush=True)
             continue
-        messages.append({"from": "human", "value": IMAGE_PLACEHOLDER * len(pending) + line})
+        # the pictures, a newline, the text: as `understand` and the server write a question about pictures
+        # (without the newline the same question was another prompt, and drew another answer)
+        messages.append({"from": "human", "value": IMAGE_PLACEHOLDER * len(pending) + ("\n" if pending else "") + line})
         images += [picture for _, picture in pending]
         shown = _Streamed("assistant: ")
         try:
-            with _budget_notes() as caught:  # (each turn's seed from --seed, which may be the largest there is)
-                parts = pipe.chat(messages, images, seed=(args.seed + len(messages)) % 2**32, stream=shown,
+            # (a turn's seed: --seed plus the messages before it, wrapped; the first turn's is --seed, as understand's)
+            with _budget_notes() as caught:
+                parts = pipe.chat(messages, images, seed=(args.seed + len(messages) - 1) % 2**32, stream=shown,
                                   **options)
         except ValueError as e:
             dropped = f" with its {len(pending)} attached picture(s)" if pending else ""
