@@ -155,16 +155,19 @@ def decode_mesh_shape(model: str, topology: str) -> tuple[int, int, int]:
 
 
 def decode_main(argv) -> None:
-    parser = argparse.ArgumentParser(prog="aot_check.py decode", description="compile the prefill and decode loop")
-    parser.add_argument("--topology", default="v5e:1x1")
+    parser = argparse.ArgumentParser(prog="aot_check.py decode", description="compile the prefill and decode loop",
+                                     allow_abbrev=False)
+    parser.add_argument("--topology", default="v5e:1x1", help="the TPU slice (default: v5e:1x1, one v5e chip)")
     parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: choose_mesh's, as the CLI and the "
                                                        "notebook split a model: tensor-parallel as far as the heads "
                                                        "divide)")
-    parser.add_argument("--model", default="7b", help="a model preset (configs/model.py): 7b, 7b_anyres, tiny")
-    parser.add_argument("--images", type=int, default=1)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES, help="weight format (int8: weight-only)")
+    parser.add_argument("--model", default="7b", help="a model preset (configs/model.py): 7b, 7b_anyres, tiny "
+                                                      "(default: 7b)")
+    parser.add_argument("--images", type=int, default=1, help="pictures drawn at once, with CFG (default: 1)")
+    parser.add_argument("--size", type=int, default=512, help="their side in pixels (default: 512)")
+    parser.add_argument("--dtype", default="bfloat16", help="what the model computes in (default: bfloat16)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                        help="weight format (int8: weight-only; default: none)")
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error(f"--images {args.images}: at least 1")
@@ -245,11 +248,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["decode"]:
         return decode_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--config", default="stage2.py", help="a stage config spec (default: the packaged stage 2, "
                                                               "7B); e.g. stage1.py, stage2.py:anyres")
-    parser.add_argument("--topology", default="v5p:4x4x4")
-    parser.add_argument("--mesh", default="1,64,1", help="data,fsdp,tensor")
+    parser.add_argument("--topology", default="v5p:4x4x4", help="the TPU slice (default: v5p:4x4x4)")
+    parser.add_argument("--mesh", default="1,64,1", help="data,fsdp,tensor (default: 1,64,1)")
     parser.add_argument("--batch", type=int, default=None, help="global rows (default: the config's data.rows)")
     parser.add_argument("--seq", type=int, default=None, help="row length (default: the config's data.length)")
     parser.add_argument("--images", type=int, default=None, help="SigLIP tiles a batch (default: one a row)")

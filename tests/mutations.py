@@ -818,6 +818,20 @@ MUTATIONS = (
              "unitoken_jax/cli.py", "seed=(args.seed + len(messages) - 1) % 2**32",
              "seed=(args.seed + len(messages)) % 2**32",
              ("tests/test_default_model.py", "-k", "understands_prompt_and_seed")),
+    Mutation("temperature_refused_after_load",
+             "a --temperature of -1 refused after the model loaded, as temperature=-1.0",
+             "unitoken_jax/cli.py", 'p.add_argument("--temperature", type=_finite(0), default=0.0,',
+             'p.add_argument("--temperature", type=float, default=0.0,',
+             ("tests/test_inference.py", "-k", "by_option_before_any_model")),
+    Mutation("negative_prompt_cfg1_after_load", "--negative-prompt with --cfg 1 refused after the model loaded",
+             "unitoken_jax/cli.py", "    _guided(args)\n    if (args.prompt is None)", "    if (args.prompt is None)",
+             ("tests/test_inference.py", "-k", "by_option_before_any_model")),
+    Mutation("single_prompt_resume_hint", "a single prompt's Ctrl-C hinting at --prompts-file",
+             "unitoken_jax/cli.py", 'if args.command != "generate" or args.prompts_file else None', "if True else None",
+             ("tests/test_inference.py", "-k", "by_option_before_any_model")),
+    Mutation("train_help_first_only", "unitoken train --config X --help printing absl's empty stub",
+             "unitoken_jax/cli.py", 'set(argv[1:]) & {"-h", "--help", "--helpshort", "--helpfull"}',
+             'set(argv[1:2]) & {"-h", "--help"}', ("tests/test_inference.py", "-k", "by_option_before_any_model")),
 )
 
 

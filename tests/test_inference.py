@@ -1071,6 +1071,49 @@ def test_ctrl_c_stops_a_verb_with_a_line_and_exit_130(monkeypatch, capsys):
     assert "unitoken caption: stopped (Ctrl-C; with a .jsonl --out, a rerun goes on" in err and "Traceback" not in err
 
 
+def test_the_command_lines_say_bad_values_by_option_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """A temperature of -1, --cache-growth 0 and a negative prompt with --cfg 1 were refused after the
+    model loaded, by Python's names (temperature=-1.0, cfg=1); serve's --max-body-mb 0 as
+    max_body_bytes; a single prompt's Ctrl-C hinted at --prompts-file; `unitoken train --config X
+    --help` printed absl's empty stub (exit 1); the world scripts gave tracebacks for a --workdir
+    that is a file and a --model that is not there, and took abbreviated options."""
+    from unitoken_jax import cli
+    from unitoken_jax.world import build, evaluate, finetune_demo
+
+    monkeypatch.setattr(cli, "_pipeline", lambda args: pytest.fail("the model was loaded"))
+    for argv, says in ((["understand", "a.png", "q", "--temperature", "-1"],
+                        "argument --temperature: -1 is out of range"),
+                       (["understand", "a.png", "q", "--cache-growth", "0"], "argument --cache-growth: 0 is out of"),
+                       (["generate", "x", "--out", "x.png", "--cfg", "nan"], "argument --cfg: nan is out of range"),
+                       (["serve", "--max-body-mb", "0"], "argument --max-body-mb: 0 is out of range"),
+                       (["serve", "--max-batch", "0"], "argument --max-batch: 0 is out of range")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2 and says in capsys.readouterr().err, argv
+    out = str(tmp_path / "x.png")
+    for argv in (["generate", "x", "--out", out, "--negative-prompt", "blue", "--cfg", "1"],
+                 ["edit", "a.png", "make it red", "--out", out, "--negative-prompt", "blue", "--cfg", "1"]):
+        assert cli.main(argv) == 2
+        assert "--negative-prompt acts only through guidance, and --cfg 1 is none" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_pipeline", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["generate", "a red circle", "--out", out]) == 130
+    said = capsys.readouterr().err
+    assert "unitoken generate: stopped (Ctrl-C)" in said and "--prompts-file" not in said, said
+    assert cli.main(["train", "--config", "stage2.py:tiny", "--help"]) == 0
+    assert "Runs one training stage" in capsys.readouterr().out
+    (tmp_path / "a-file").write_text("")
+    for main, argv, says in ((finetune_demo.main, ["--workdir", str(tmp_path / "a-file")],
+                              "is a file; give a directory"),
+                             (evaluate.main, ["--model", str(tmp_path / "none"), "--vqgan", str(tmp_path / "none")],
+                              "--model " + str(tmp_path / "none") + ": no such directory"),
+                             (build.main, ["--workdir", str(tmp_path / "w"), "--vq", "5"],
+                              "unrecognized arguments: --vq")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert says in capsys.readouterr().err, argv
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_the_first_call_compiles_exits_130(tmp_path):
     """The `unitoken` command stopped by Ctrl-C while XLA compiled or ran its first call printed its

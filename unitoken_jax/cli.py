@@ -347,6 +347,22 @@ def _whole(least: int, most: int | None = None):
     return parse
 
 
+def _finite(least: float, *, above: bool = False):
+    """An argparse type: a finite number of at least `least` (above it, with `above`), refused by its
+    option before any model loads (a temperature of -1 had been refused as "temperature=-1.0" after
+    the load)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < least or (above and value == least):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be a finite number "
+                                             f"{'above' if above else 'of at least'} {least:g}")
+        return value
+    return parse
+
+
 def _directory_option(option: str, path: str) -> None:
     """A directory option (written into, made if missing) that names a file, or a place where no
     directory or file can be made (/proc, a read-only mount), is refused before any work: found at
@@ -647,7 +663,15 @@ def _check_out(path: str) -> None:
         os.remove(path)
 
 
+def _guided(args) -> None:
+    """A negative prompt with --cfg 1 refused before the model loads (it was after, as "cfg=1")."""
+    if args.negative_prompt is not None and args.cfg == 1:
+        raise ValueError("--negative-prompt acts only through guidance, and --cfg 1 is none: give another --cfg "
+                         "(3 by default) or leave the negative prompt out")
+
+
 def _generate(args) -> int:
+    _guided(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give either a prompt or --prompts-file (one prompt a line)")
     if args.prompts_file is not None:
@@ -876,6 +900,7 @@ def _edit(args) -> int:
     if args.more:
         raise ValueError(f"the instruction is one argument: quote it (unitoken edit {args.image} "
                          f"\"{' '.join((args.instruction, *args.more))}\")")
+    _guided(args)
     _check_out(args.out)
     _readable([args.image])
     if not args.instruction.strip():  # allowed (the picture redrawn as the model sees fit), but likely a slip
@@ -1252,7 +1277,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated ids put before <racm3:break> when asking for a picture "
                             "(default: the reference's 16853 where the model's vocabulary has it, else none; '' for "
                             "none)")
-        p.add_argument("--cache-growth", type=int, default=None,
+        p.add_argument("--cache-growth", type=_whole(1), default=None,
                        help="on a CPU: grow the KV cache this many slots at a time (e.g. 128; default: as many "
                             "sizes as doubling from 256 would take, evenly spaced): fewer unfilled slots read a "
                             "step (-2 to +4 %% at 16 rows, measured), more compiles the first time a batch "
@@ -1275,14 +1300,14 @@ def _parser() -> argparse.ArgumentParser:
         if image_out:
             p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 32 (512x512; the "
                                                         "bundled model: 64x64)")
-            p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+            p.add_argument("--cfg", type=_finite(0), default=3.0, help="classifier-free guidance scale (1 = off)")
             p.add_argument("--top-k", type=_whole(0, 2**31 - 1), default=2000,
                            help="each image code is drawn from the k likeliest (0: from all)")
-            p.add_argument("--temperature", type=float, default=1.0,
+            p.add_argument("--temperature", type=_finite(0), default=1.0,
                            help="image-code sampling temperature (0: the likeliest code, greedy)")
         else:
             p.add_argument("--max-new-tokens", type=_whole(1), default=256, help="the longest answer, in tokens")
-            p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+            p.add_argument("--temperature", type=_finite(0), default=0.0, help="0 = greedy")
 
     und = add_parser("understand", help="answer a question about pictures")
     # two positionals, not one list: the usage line reads IMAGE [IMAGE ...] QUESTION (one list's read as
@@ -1342,7 +1367,7 @@ def _parser() -> argparse.ArgumentParser:
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
     cha.add_argument("--size", default=None, help="WIDTHxHEIGHT that '/draw' asks for (512x512; the bundled "
                                                   "model: 64x64)")
-    cha.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance for a picture an answer "
+    cha.add_argument("--cfg", type=_finite(0), default=3.0, help="classifier-free guidance for a picture an answer "
                                                             "draws, from its <racm3:break> on (1 = off)")
     model_args(cha)
     # the pipeline's chat budget (room for a 512 x 512 picture): with the bundled model's 512 positions
@@ -1361,27 +1386,27 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", default=None, help="the model's id in /v1/models and requests (default: "
                                                         "unitoken-shapes for the bundled model, else the --model "
                                                         "directory's name)")
-    srv.add_argument("--max-batch", type=int, default=16, help="rows decoding at once (a guided picture takes two; "
-                                                               "with --batching static, batches are padded to "
-                                                               "powers of two)")
+    srv.add_argument("--max-batch", type=_whole(1), default=16,
+                     help="rows decoding at once (a guided picture takes two; with --batching static, batches "
+                          "are padded to powers of two)")
     srv.add_argument("--batching", choices=("static", "continuous"), default="static",
                      help="static: waiting calls run together, a batch to its end; continuous: calls join and leave "
                           "the running rows between chunks of steps (a question does not wait for a long answer)")
-    srv.add_argument("--slot-length", type=int, default=None,
+    srv.add_argument("--slot-length", type=_whole(2), default=None,
                      help="with --batching continuous: positions each row's cache holds, prompt and answer "
                           "(default: all the model has; shorter is faster, and longer calls are refused)")
-    srv.add_argument("--chunk", type=int, default=None,
+    srv.add_argument("--chunk", type=_whole(1), default=None,
                      help="with --batching static: decoding steps between the loop's returns to the host, when "
                           "streams get their new text (fewer: smoother streams, a little more overhead; default 64)")
-    srv.add_argument("--slot-chunk", type=int, default=None,
+    srv.add_argument("--slot-chunk", type=_whole(1), default=None,
                      help="with --batching continuous: steps between admitting calls and streaming new text "
                           "(default 16)")
-    srv.add_argument("--queue-limit", type=int, default=64, help="calls that may wait; one more gets 429")
-    srv.add_argument("--timeout", type=float, default=600.0, help="seconds a call may take, waiting included; "
-                                                                  "then 504")
-    srv.add_argument("--batch-wait", type=float, default=0.0,
+    srv.add_argument("--queue-limit", type=_whole(1), default=64, help="calls that may wait; one more gets 429")
+    srv.add_argument("--timeout", type=_finite(0, above=True), default=600.0,
+                     help="seconds a call may take, waiting included; then 504")
+    srv.add_argument("--batch-wait", type=_finite(0), default=0.0,
                      help="seconds without a new call before a batch starts (lets a burst run as one batch)")
-    srv.add_argument("--max-body-mb", type=float, default=32.0, help="larger request bodies get 413")
+    srv.add_argument("--max-body-mb", type=_finite(0, above=True), default=32.0, help="larger request bodies get 413")
     srv.add_argument("--size", default=None, help="pictures' size when a call asks for 'auto' (default: the bundled "
                                                   "model's 64x64, the only size it draws; else 512x512)")
     model_args(srv, per_request=False)
@@ -1455,8 +1480,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     as_program = argv is None  # the `unitoken` command, not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"] and not set(argv[1:2]) & {"-h", "--help"}:  # absl parses the rest
-        return _train(argparse.Namespace(absl_flags=argv[1:], as_program=as_program))
+    if argv[:1] == ["train"]:
+        if set(argv[1:]) & {"-h", "--help", "--helpshort", "--helpfull"}:  # (anywhere: absl's help listed no flag)
+            verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            verbs.choices["train"].print_help()
+            return 0
+        return _train(argparse.Namespace(absl_flags=argv[1:], as_program=as_program))  # absl parses the rest
     if argv[:1] == ["understand"]:  # options anywhere among its pictures and question (argparse's
         # intermixed parse, which a parser with subcommands cannot do, gave the second of two pictures
         # before an option to QUESTION)
@@ -1485,7 +1514,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, a SIGTERM: a line, not a traceback (what is written stays)
         why, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
-        resumes = _RESUMES.get(args.command)
+        resumes = _RESUMES.get(args.command) if args.command != "generate" or args.prompts_file else None
         # (the sweep's own handler raises KeyboardInterrupt at any of its stop signals: it says the run's end)
         said = resumes if args.command == "sweep" else why + (f"; {resumes}" if resumes else "")
         print(f"\nunitoken {args.command}: stopped ({said})", file=sys.stderr)

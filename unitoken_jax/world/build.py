@@ -234,12 +234,12 @@ def positive(text: str) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m unitoken_jax.world.build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--vq-steps", type=count(), default=1500)
-    parser.add_argument("--pictures", type=count(), default=4000)
-    parser.add_argument("--stage1-steps", type=count(), default=100)
-    parser.add_argument("--stage2-steps", type=count(), default=1500)
+    parser.add_argument("--vq-steps", type=count(), default=1500, help="VQ-GAN training steps (default: 1500)")
+    parser.add_argument("--pictures", type=count(), default=4000, help="training scenes (default: 4000)")
+    parser.add_argument("--stage1-steps", type=count(), default=100, help="stage I steps (default: 100)")
+    parser.add_argument("--stage2-steps", type=count(), default=1500, help="stage II steps (default: 1500)")
     parser.add_argument("--discrete-only", action="store_true", help="images without SigLIP features (the ablation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

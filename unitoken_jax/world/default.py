@@ -112,12 +112,14 @@ def pipeline(path: str = DEFAULT_DIR, dtype: str = "float32", mesh=None, quantiz
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="export a trained shapes-world model as the bundled default")
+    parser = argparse.ArgumentParser(prog="python -m unitoken_jax.world.default", allow_abbrev=False,
+                                     description="export a trained shapes-world model as the bundled default")
     parser.add_argument("--workdir", default=None, help="a world.build workdir (its stage2/final, vqgan, results.json)")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--vqgan", default=None)
+    parser.add_argument("--model", default=None, help="the model directory (default: WORKDIR/stage2/final)")
+    parser.add_argument("--vqgan", default=None, help="its VQ-GAN directory (default: WORKDIR/vqgan)")
     parser.add_argument("--results", default=None, help="the evaluation's results JSON, kept in world.json")
-    parser.add_argument("--to", default=DEFAULT_DIR)
+    parser.add_argument("--to", default=DEFAULT_DIR, help="where to write it (default: this install's own bundled "
+                                                          f"model, which it replaces: {DEFAULT_DIR})")
     a = parser.parse_args()
     if a.workdir:
         a.model = a.model or os.path.join(a.workdir, "stage2", "final")
@@ -128,6 +130,6 @@ if __name__ == "__main__":
         parser.error("give --workdir, or --model and --vqgan")
     try:
         export(a.model, a.vqgan, a.to, json.load(open(a.results)) if a.results else None)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # (a missing --workdir's model was a FileNotFoundError traceback)
         parser.error(str(e))
     print(f"wrote {a.to}")

@@ -137,7 +137,7 @@ def table(runs: dict[str, dict]) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m unitoken_jax.world.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--workdir", default=None,
                         help="a `world.build` workdir: evaluates its model and, if built, the discrete-only one")
     parser.add_argument("--model", default=None, help="one model directory (instead of --workdir)")
@@ -161,6 +161,9 @@ def main(argv=None):
     else:
         vq, models = args.vqgan, {"model": (args.model, not args.discrete_only)}
         out, grid = args.out, args.grid
+        for flag, path in (("--model", args.model), ("--vqgan", args.vqgan)):  # (a traceback from the loader)
+            if not os.path.isdir(path):
+                parser.error(f"{flag} {path}: no such directory")
     runs = {}
     for i, (name, (model, continuous)) in enumerate(models.items()):
         runs[name] = evaluate(model, vq, continuous=continuous, grid=grid if i == 0 else None)

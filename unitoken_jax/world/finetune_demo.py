@@ -159,6 +159,8 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
         learning_rate: float = 3e-3, per_thing: int = 4) -> dict:
     """The whole demo (each step reused when WORKDIR has it); returns the results. `per_thing`:
     evaluation pictures per held-out combination (questions; twice as many drawings)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):  # (makedirs' FileExistsError traceback)
+        raise build.SettingsError(f"--workdir {workdir} is a file; give a directory")
     os.makedirs(workdir, exist_ok=True)
     base = os.path.join(default.DEFAULT_DIR, "model")
     timings = {}
@@ -208,7 +210,7 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m unitoken_jax.world.finetune_demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--pictures", type=build.count(), default=2000,
                         help="French training pictures (two items each)")
