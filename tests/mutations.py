@@ -832,6 +832,10 @@ MUTATIONS = (
     Mutation("train_help_first_only", "unitoken train --config X --help printing absl's empty stub",
              "unitoken_jax/cli.py", 'set(argv[1:]) & {"-h", "--help", "--helpshort", "--helpfull"}',
              'set(argv[1:2]) & {"-h", "--help"}', ("tests/test_inference.py", "-k", "by_option_before_any_model")),
+    Mutation("trained_crop_forgotten", "a trained model's pictures cut at the default rule's crop, not its data's",
+             "unitoken_jax/inference/pipeline.py",
+             "vq_size = trained_vq_size(model) or default_vq_size(", "vq_size = default_vq_size(",
+             ("tests/test_train_loop.py", "-k", "loss_falls_steadily")),
 )
 
 

@@ -107,6 +107,15 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
     assert set(_scalars(workdir, "dropped_too_long").values()) == {0.0}  # logged: no demo sample is over a row
     model = load(os.path.join(workdir, "final"))  # the exported model loads
     assert model.config.decoder.vocab_size == 9216
+    # and cuts pictures as its data did: the default rule for a model of its length picks another crop,
+    # and a model trained on 32 px crops answered about its own training pictures wrongly at 256
+    from unitoken_jax.data.demo import demo_tokenizers
+    from unitoken_jax.inference.pipeline import UniTokenPipeline, default_vq_size
+
+    _, settings, *_ = pretokenize.open_dataset(data)
+    text, vq = demo_tokenizers()
+    assert default_vq_size(model.config.decoder.max_position_embeddings, vq) != settings.vq_size
+    assert UniTokenPipeline(model, text, vq).vq_size == settings.vq_size
 
 
 def test_under_90_percent_the_log_names_the_row_length_and_the_tiles_that_hold_the_fill_there(data, caplog):

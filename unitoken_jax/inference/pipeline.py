@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import string
 import sys
@@ -227,6 +228,26 @@ def _size_pair(size) -> tuple[int, int]:
     return tuple(_whole(v) for v in size)
 
 
+# beside a trained model (training's final/): how its data laid out pictures, so that inference cuts them
+# as training did (the default rule below picked 256 px for a small model trained on 64 px crops, and it
+# answered about its own training pictures wrongly, unsaid)
+TRAINED_PICTURES = "trained_pictures.json"
+
+
+def trained_vq_size(model) -> int | None:
+    """The VQ crop `model`'s training data was cut at, if its directory records it (`TRAINED_PICTURES`)."""
+    source = getattr(model, "source", None)
+    path = os.path.join(source, TRAINED_PICTURES) if isinstance(source, str) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            size = json.load(f).get("vq_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def default_vq_size(max_length: int, vq) -> int:
     """512 px (the release's crop), halved while its code grid would take more than a quarter of
     a model `max_length` long (a small model's picture must leave room for the conversation)."""
@@ -287,7 +308,7 @@ class UniTokenPipeline:
         if image_prefix is None:
             image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
         if vq_size is None:
-            vq_size = default_vq_size(model.config.decoder.max_position_embeddings, vq)
+            vq_size = trained_vq_size(model) or default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)

@@ -39,6 +39,7 @@ from unitoken_jax import configs
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, dropped_too_long, order_changes, sources_from
 from unitoken_jax.inference.compilation_cache import count_cache_hits
+from unitoken_jax.inference.pipeline import TRAINED_PICTURES
 from unitoken_jax.model import UniTokenModel, load, read_config, read_extras
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.train import metrics as metrics_lib
@@ -589,7 +590,7 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
                         f" ({(total - skipped) % n} micro-batches of an unfinished window were not applied)"
                         if (total - skipped) % n else "")
         final = os.path.join(workdir, "final")
-        export_final(UniTokenModel(config.model, state.params, *extras), final)
+        export_final(UniTokenModel(config.model, state.params, *extras), final, pictures=_pictures_of(pipeline))
         if config.model.lora is not None:  # the adapters alone, in PEFT's format (gathered; process 0 writes)
             base = ",".join(init_model_paths(config.init_from)) or None  # the model they adapt
             UniTokenModel(config.model, state.params).save_adapters(os.path.join(workdir, "adapters"), base_model=base)
@@ -597,10 +598,19 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
     return {**last, **last_eval}
 
 
-def export_final(model: UniTokenModel, final: str) -> None:
+def _pictures_of(pipeline: InputPipeline) -> dict:
+    """How the training data laid out its pictures (the first dataset's), for inference to do the same."""
+    s = pipeline.image_settings
+    return {"vq_size": s.vq_size, "siglip_size": s.siglip_size, "patch": s.patch, "anyres": s.anyres,
+            "continuous": s.continuous}
+
+
+def export_final(model: UniTokenModel, final: str, pictures: dict | None = None) -> None:
     """Saves `model` as FINAL, whole or not at all: it is written to FINAL.partial and renamed, so a
     run killed during the export (tens of GB for the 7B) leaves no FINAL that looks finished to a
-    sweep, to the next stage's `init_from`, or to a rerun (which exports again)."""
+    sweep, to the next stage's `init_from`, or to a rerun (which exports again). `pictures`: how the
+    data laid out pictures, kept beside it (`inference.pipeline.TRAINED_PICTURES`: its VQ crop is
+    then inference's default)."""
     partial = final + ".partial"
     primary = jax.process_index() == 0
     if primary and os.path.exists(partial):
@@ -608,6 +618,9 @@ def export_final(model: UniTokenModel, final: str) -> None:
     _sync("final export starts")
     model.save(partial)  # (it returns on every process once the save is whole)
     if primary:
+        if pictures is not None:
+            with open(os.path.join(partial, TRAINED_PICTURES), "w") as f:
+                json.dump(pictures, f, indent=1)
         if os.path.exists(final):  # a rerun of a finished run exports again
             shutil.rmtree(final)
         os.replace(partial, final)
