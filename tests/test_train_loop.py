@@ -116,6 +116,15 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
     text, vq = demo_tokenizers()
     assert default_vq_size(model.config.decoder.max_position_embeddings, vq) != settings.vq_size
     assert UniTokenPipeline(model, text, vq).vq_size == settings.vq_size
+    # the command line takes the demo's tokenizers for it, as pretokenize does (it took 'demo' for a path)
+    from PIL import Image
+
+    from unitoken_jax import cli
+
+    Image.new("RGB", (48, 48), "red").save(tmp_path / "red.png")
+    assert cli.main(["understand", str(tmp_path / "red.png"), "What colour is it?", "--model",
+                     os.path.join(workdir, "final"), "--tokenizer", "demo", "--vqgan", "demo",
+                     "--max-new-tokens", "4"]) == 0
 
 
 def test_under_90_percent_the_log_names_the_row_length_and_the_tiles_that_hold_the_fill_there(data, caplog):

@@ -189,10 +189,18 @@ def _pipeline(args):
     paths = {"model": given("model", "UNITOKEN_MODEL")}
     how = _how_to_load(args, paths["model"])  # a --model that is no model is named before what else is missing
     paths.update(tokenizer=given("tokenizer", "UNITOKEN_TOKENIZER"), vqgan=given("vqgan", "UNITOKEN_VQGAN"))
+    demo = [paths[k] == "demo" for k in ("tokenizer", "vqgan")]
+    if any(demo) and not all(demo):  # (as pretokenize takes them: a model trained on the demo data)
+        raise ValueError("--tokenizer demo and --vqgan demo go together (the demo's small tokenizers)")
     model = unitoken_jax.load(paths["model"], progress=False, adapters=args.adapters, **how)
-    vq = VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
+    if all(demo):  # (a model trained on the demo data: `unitoken pretokenize --tokenizer demo --vqgan demo`)
+        from unitoken_jax.data.demo import demo_tokenizers
+
+        text, vq = demo_tokenizers()
+    else:
+        text, vq = TextTokenizer.from_file(paths["tokenizer"]), VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
     _say_placement(model)
-    return UniTokenPipeline(model, TextTokenizer.from_file(paths["tokenizer"]), vq, anyres=args.anyres,
+    return UniTokenPipeline(model, text, vq, anyres=args.anyres,
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth,
                             layers=args.layers)
 
@@ -1253,13 +1261,16 @@ def _parser() -> argparse.ArgumentParser:
     def model_args(p, image_out=False, per_request=True):
         p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "
                                        "shapes-world model)")
-        p.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json (default $UNITOKEN_TOKENIZER)")
+        p.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json (default $UNITOKEN_TOKENIZER; 'demo': "
+                                           "the demo's, with --vqgan demo, for a model trained on demo data)")
         p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this package "
-                                       "wrote, or an HF Chameleon / UniToken dir (default $UNITOKEN_VQGAN)")
+                                       "wrote, or an HF Chameleon / UniToken dir (default $UNITOKEN_VQGAN; 'demo': "
+                                       "the demo's)")
         p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
         p.add_argument("--vq-size", type=_whole(1), default=None,
-                       help="side of the VQ crop of input pictures (default: 512, or less for a model too short "
-                            "for 512 px of codes)")
+                       help="side of the VQ crop of input pictures (default: the crop a trained model's data "
+                            "used, where its final/ records it; else 512, or less for a model too short for 512 px of "
+                            "codes)")
         p.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="compute dtype (auto: bfloat16 on a TPU or GPU, float32 on a CPU)")
         p.add_argument("--param-dtype", default="auto", choices=DTYPES,
