@@ -105,3 +105,17 @@ def test_only_the_layout_module_spells_the_image_token_ids():
                 if tok.type == tokenize.NUMBER and tok.string in _LAYOUT_IDS:
                     found.append(f"unitoken_jax/{rel}:{tok.start[0]}: {tok.line.strip()}")
     assert not found, "layout ids outside tokenizer/layout.py:\n" + "\n".join(found)
+
+
+def test_importing_the_package_loads_no_jax():
+    """The `unitoken` command sets up its Ctrl-C handling before JAX loads (a Ctrl-C during JAX's
+    import was lost in its garbage-collector callback): that needs a package whose import is light,
+    its names loaded when first used."""
+    import subprocess
+
+    code = ("import sys, unitoken_jax, unitoken_jax.console, unitoken_jax.shutdown; "
+            "assert 'jax' not in sys.modules, 'jax imported'; "
+            "assert unitoken_jax.load.__module__ == 'unitoken_jax.model' and 'jax' in sys.modules")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert ran.returncode == 0, ran.stderr[-2000:]
