@@ -841,6 +841,9 @@ MUTATIONS = (
              "    if all(demo):  # (a model trained on the demo data",
              "    if False:  # (a model trained on the demo data",
              ("tests/test_train_loop.py", "-k", "loss_falls_steadily")),
+    Mutation("data_longest_from_the_limit", "a dataset's samples said to run to the pre-tokenizer's limit (4096), not "
+             "to its longest", "unitoken_jax/data/pipeline.py",
+             "                sizes = pt.record_sizes(source.path)\n", "                sizes = None\n", ("tests/test_pipeline.py", "-k", "too_long_samples_are_dropped")),
 )
 
 

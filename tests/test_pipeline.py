@@ -228,6 +228,18 @@ def test_too_long_samples_are_dropped_and_counted(datasets, tmp_path, caplog):
     (longer / pt.SETTINGS_FILE).write_text(json.dumps({**settings, "max_length": 4096}))
     with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
         InputPipeline([str(longer)], PipelineConfig(rows=2, length=limit, mix=(1, 0), max_images=8))
+    # (what the data holds, from its recorded sizes: it had said "up to 4096", the pre-tokenizer's limit)
+    every = [len(r["tokens"]) for r in records.values()]
+    over = sum(n > limit for n in every)
+    assert (f"{over} of the {len(every)} samples of {longer} are longer than a row (up to {max(every)} positions, "
+            f"rows are {limit}: data.length)") in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):  # none longer than a row: nothing
+        InputPipeline([str(longer)], PipelineConfig(rows=2, length=max(every), mix=(1, 0), max_images=8))
+    assert "longer than a row" not in caplog.text
+    os.remove(longer / pt.SIZES_FILE)  # a dataset written before its sizes were recorded: the limit, as before
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
+        InputPipeline([str(longer)], PipelineConfig(rows=2, length=limit, mix=(1, 0), max_images=8))
     assert f"holds samples of up to 4096 positions, rows are {limit} (data.length)" in caplog.text
     with pytest.raises(ValueError, match="does not fit an empty batch"):
         next(InputPipeline([datasets[0]], PipelineConfig(rows=1, length=300, mix=(2, 2), max_images=1)).iterator())

@@ -298,6 +298,15 @@ class InputPipeline(grain.IterDataset):
         self.image_settings: pt.PretokenizeSettings = opened[0][1]  # how the (first) dataset laid out its pictures
         for source, (_, s, *_) in zip(self.sources, opened):
             if s.max_length is not None and s.max_length > config.length:
+                sizes = pt.record_sizes(source.path)
+                if sizes is not None:  # what the data holds (it had said the pre-tokenizer's limit: 4096)
+                    over = int((sizes[:, 0] > config.length).sum())
+                    if over:
+                        log.warning("%d of the %d samples of %s are longer than a row (up to %d positions, rows are "
+                                    "%d: data.length): they are dropped and counted (dropped_too_long in "
+                                    "TensorBoard, a warning in the training log)", over, len(sizes), source.path,
+                                    int(sizes[:, 0].max()), config.length)
+                    continue
                 log.warning("%s holds samples of up to %d positions, rows are %d (data.length): longer samples are "
                             "dropped and counted (dropped_too_long in TensorBoard, a warning in the training log)",
                             source.path, s.max_length, config.length)
