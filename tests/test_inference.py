@@ -885,8 +885,9 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     # an empty prompt draws (unconditionally), and says so
     assert cli.main(["generate", " ", "--out", str(tmp_path / "u.png"), "--n", "2", "--size", "64x32", *common]) == 0
     assert "the prompt is empty" in capsys.readouterr().err and (tmp_path / "u_1.png").exists()
-    assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--cache-growth", "0", *common]) == 2
-    assert "cache_growth" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # (by its option, before the model loads)
+        cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--cache-growth", "0", *common])
+    assert stop.value.code == 2 and "argument --cache-growth: 0 is out of range" in capsys.readouterr().err
     # a --model that is no model directory is what the error names, not the tokenizer left out
     assert cli.main(["generate", "x", "--out", str(tmp_path / "z.png"), "--model", str(tmp_path / "none")]) == 2
     assert f"{tmp_path / 'none'} is not a directory" in capsys.readouterr().err
@@ -960,10 +961,11 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--size", "50x64", *common]) == 2
     assert "multiple of 32" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat\n"))
-    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--cfg", "-2", *common]) == 2
-    assert "--cfg=-2.0 is out of range" in capsys.readouterr().err  # (it said cfg_scale, which no flag is)
-    assert cli.main(["chat", "--out-dir", str(tmp_path / "chat"), "--temperature", "-1", *common]) == 2
-    assert "--temperature=-1.0 is out of range" in capsys.readouterr().err
+    # by their options (it said cfg_scale, which no flag is), before the model loads
+    for option, value in (("--cfg", "-2"), ("--temperature", "-1")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["chat", "--out-dir", str(tmp_path / "chat"), option, value, *common])
+        assert stop.value.code == 2 and f"argument {option}: {value} is out of range" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")  # said before a model loads (no model is there), not as "File exists"
     assert cli.main(["chat", "--out-dir", str(tmp_path / "a-file"), "--model", str(tmp_path / "no-model")]) == 2
     assert f"--out-dir {tmp_path / 'a-file'} is a file" in capsys.readouterr().err
@@ -973,16 +975,17 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     # (issue 15: a negative temperature ran greedy, a negative top-k ran without one, and so on)
     out = ["--out", str(tmp_path / "y.png"), "--size", "32x32"]
     # (counts and seeds: argparse, below)
-    for extra, says in [(["--temperature", "-1"], " temperature=-1.0"), (["--cfg", "-1"], "cfg=-1.0 is out of range"),
-                        (["--size", "0x0"], "positive"), (["--size=-64x64"], "positive"),
+    for extra, says in [(["--size", "0x0"], "positive"), (["--size=-64x64"], "positive"),
                         (["--image-prefix", "99999999"], "vocabulary"), (["--image-prefix", "abc"], "token ids"),
                         (["--size", "3200x3200"], "positions")]:
         assert cli.main(["generate", "x", *out, *common, *extra]) == 2, extra
         assert says in capsys.readouterr().err, extra
     assert not (tmp_path / "y.png").exists()
-    for extra, says in [(["--temperature", "nan"], "temperature")]:
-        assert cli.main(["understand", cat, "q", *common, *extra]) == 2, extra
-        assert says in capsys.readouterr().err, extra
+    for verb, extra in ((["generate", "x", *out], ["--temperature", "-1"]), (["generate", "x", *out], ["--cfg", "-1"]),
+                        (["understand", cat, "q"], ["--temperature", "nan"])):  # (by option, before the model loads)
+        with pytest.raises(SystemExit) as stop:
+            cli.main([*verb, *common, *extra])
+        assert stop.value.code == 2 and f"argument {extra[0]}: {extra[1]} is out of range" in capsys.readouterr().err
     # a question is required after the pictures; one question per call; outputs checked before drawing
     with pytest.raises(SystemExit) as stop:
         cli.main(["understand", cat, *common])
