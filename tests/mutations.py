@@ -800,7 +800,7 @@ MUTATIONS = (
              "        if False:  # which of the batch", ("tests/test_default_model.py", "-k", "several_pictures")),
     Mutation("lone_surrogate_unnamed",
              "a lone surrogate in a prompt said as the tokenizer's 'the text holds ...', no field named",
-             "unitoken_jax/inference/pipeline.py", '        text.encode("utf-8")\n', "        pass\n",
+             "unitoken_jax/inference/pipeline.py", "    why = not_unicode(text)\n", "    why = None\n",
              ("tests/test_default_model.py", "-k", "not_plain")),
     Mutation("long_prompt_blamed_on_size", "a prompt too long beside its picture blamed on the picture's size",
              "unitoken_jax/inference/pipeline.py", 'raise SequenceTooLong(f"the prompt takes',

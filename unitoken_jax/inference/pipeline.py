@@ -32,6 +32,7 @@ from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import (IMAGE_PLACEHOLDER, ConversationError, SequenceTooLong, TextStream,
                                                 decode, encode_item)
+from unitoken_jax.tokenizer.text import not_unicode
 
 # How the reference asks UniToken's released models for a picture (its README's example and its
 # demos/inference.py). Lumina-mGPT's form, which the reference's inherited scripts use, names the size
@@ -208,11 +209,9 @@ def _plain(text: str, what: str) -> str:
     if IMAGE_PLACEHOLDER in text:
         raise ConversationError(f"the {what} contains {IMAGE_PLACEHOLDER!r}, the mark of where a picture goes: "
                                 f"pass pictures as images, and write the text without the mark ({text!r:.80})")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ConversationError(f"the {what} holds a character that is not valid Unicode ({e.reason}: "
-                                f"{e.object[e.start:e.end]!r} at character {e.start})") from None
+    why = not_unicode(text)
+    if why:
+        raise ConversationError(f"the {what} holds a character that is not valid Unicode ({why})")
     return text
 
 

@@ -37,6 +37,7 @@ from PIL import Image
 
 from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, first_stop
 from unitoken_jax.tokenizer.images import ImageError, load_image
+from unitoken_jax.tokenizer.text import not_unicode
 
 SEED_LIMIT = 2 ** 32  # seeds are uint32, as the decode loop's keys take them
 PICTURE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -115,11 +116,9 @@ def _text(body: dict, name: str, default=None, *, required: bool = False) -> str
 def _unicode(value: str, what: str, param: str) -> str:
     """`value`, refused by name when it holds a lone surrogate (JSON's "\\ud800"): the tokenizer's
     error had named no field, and a stop string of one could never match."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise bad(f"{what} holds a character that is not valid Unicode ({e.reason}: {e.object[e.start:e.end]!r} at "
-                  f"character {e.start})", param) from None
+    why = not_unicode(value)
+    if why:
+        raise bad(f"{what} holds a character that is not valid Unicode ({why})", param)
     return value
 
 

@@ -34,6 +34,16 @@ def _image_code(name: str) -> int | None:
     return int("".join(str(ord(c) - ord("A")) for c in m.group(1)))
 
 
+def not_unicode(text: str) -> str | None:
+    """Why `text` is not valid Unicode (a lone surrogate: a badly decoded file or argument, JSON's
+    "\\ud800"), where it is; None when it is. Every door that takes text names its field with it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason}: {e.object[e.start:e.end]!r} at character {e.start}"
+    return None
+
+
 class TextTokenizer:
     def __init__(self, tokenizer_json: str):
         """`tokenizer_json`: the contents (not the path) of a tokenizer.json."""
@@ -96,11 +106,10 @@ class TextTokenizer:
         """Plain text -> ids; no special token is ever matched in `text`."""
         if not isinstance(text, str):
             raise TokenizerError(f"text must be a string, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate (e.g. from a badly decoded file or argument)
-            raise TokenizerError(f"the text holds a character that is not valid Unicode ({text[max(0, e.start - 10):e.end + 10]!r}): "
-                                 "fix the input's encoding") from None
+        why = not_unicode(text)
+        if why:
+            raise TokenizerError(f"the text holds a character that is not valid Unicode ({why}): fix the input's "
+                                 "encoding")
         ids = self._plain.encode(text, add_special_tokens=False).ids
         bad = [i for i in ids if i in self._control]
         if bad:  # only possible with a tokenizer whose BPE merges build control tokens
