@@ -119,3 +119,22 @@ def test_importing_the_package_loads_no_jax():
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert ran.returncode == 0, ran.stderr[-2000:]
+
+
+def test_a_ctrl_c_inside_an_extensions_initialisation_is_said_as_a_stop(monkeypatch, capsys):
+    """A Ctrl-C that landed while jaxlib's extension initialised came out as an ImportError with no
+    KeyboardInterrupt chained ("Encountered an error while initializing the extension"): exit 1
+    and a traceback, where the command says it stopped (130). Another ImportError stays one."""
+    from unitoken_jax import console, shutdown
+
+    monkeypatch.setattr(console, "stop_on_signals", lambda **_: None)
+    monkeypatch.setattr(console, "exit_now", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setitem(sys.modules, "unitoken_jax.cli", None)  # (its import raises ImportError)
+    monkeypatch.delattr("unitoken_jax.cli", raising=False)
+    with pytest.raises(ImportError):
+        console.main()
+    monkeypatch.setattr(shutdown, "STOPS", [KeyboardInterrupt])
+    monkeypatch.setattr(console, "STOPS", shutdown.STOPS)
+    with pytest.raises(SystemExit) as stop:
+        console.main()
+    assert stop.value.code == 130 and "unitoken: stopped (Ctrl-C) while starting" in capsys.readouterr().err

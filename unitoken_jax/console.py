@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from unitoken_jax.shutdown import Terminated, exit_now, stop_on_signals
+from unitoken_jax.shutdown import STOPS, Terminated, exit_now, stop_on_signals
 
 
 def main() -> int:
@@ -16,9 +16,9 @@ def main() -> int:
         from unitoken_jax import cli
     except KeyboardInterrupt as e:
         return _stopped_while_starting(e)
-    except ImportError as e:  # a Ctrl-C inside an extension's initialisation comes out as this
-        if isinstance(e.__context__, KeyboardInterrupt) or isinstance(e.__cause__, KeyboardInterrupt):
-            return _stopped_while_starting(e.__context__ or e.__cause__)
+    except ImportError:  # a Ctrl-C inside an extension's initialisation (jaxlib's) comes out as this, unchained
+        if STOPS:
+            return _stopped_while_starting(STOPS[-1]())
         raise
     code = cli.main()
     # the work is done: a Ctrl-C in the interpreter's teardown would only print an ignored exception

@@ -23,6 +23,10 @@ class Terminated(KeyboardInterrupt):
     the commands died of it at once: no line, and a picture's temporary file left behind.)"""
 
 
+# the stops raised by `stop_on_signals`' handlers, in order
+STOPS: list[type[KeyboardInterrupt]] = []
+
+
 def _in_gc_callback(frame) -> bool:
     import gc
 
@@ -45,6 +49,7 @@ def _stop(error: type[KeyboardInterrupt]):
 
             threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
             return
+        STOPS.append(error)  # (raised inside an extension's initialisation, it comes out as an ImportError)
         raise error
     return handler
 
