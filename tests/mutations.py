@@ -844,6 +844,16 @@ MUTATIONS = (
     Mutation("data_longest_from_the_limit", "a dataset's samples said to run to the pre-tokenizer's limit (4096), not "
              "to its longest", "unitoken_jax/data/pipeline.py",
              "                sizes = pt.record_sizes(source.path)\n", "                sizes = None\n", ("tests/test_pipeline.py", "-k", "too_long_samples_are_dropped")),
+    Mutation("datasets_of_two_tokenizers", "datasets pre-tokenized with different text tokenizers trained as one",
+             "unitoken_jax/data/pipeline.py", "        if len(found) > 1:\n", "        if False:\n",
+             ("tests/test_pipeline.py", "-k", "other_tokenizers")),
+    Mutation("made_with_from_the_job_only", "a dataset's tokenizer read from its pre-tokenization's job file only "
+             "(not the finished dataset's record)", "unitoken_jax/data/pretokenize.py",
+             "    for where in (os.path.join(path, MADE_WITH_FILE), ", "    for where in (",
+             ("tests/test_pipeline.py", "-k", "other_tokenizers")),
+    Mutation("other_tokenizer_unsaid", "a trained model asked with another tokenizer than its data's, unsaid",
+             "unitoken_jax/inference/pipeline.py", "        check_trained_tokenizer(model, tokenizer)\n", "",
+             ("tests/test_train_loop.py", "-k", "loss_falls_steadily")),
 )
 
 

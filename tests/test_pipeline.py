@@ -195,6 +195,40 @@ def test_a_dataset_whose_every_item_was_skipped_is_named_as_empty(datasets, tmp_
         sources_from([{"path": datasets[0], "ratio": float("nan")}])
 
 
+def test_datasets_made_with_other_tokenizers_are_refused_by_name_and_other_crops_said(datasets, tmp_path, caplog):
+    """Datasets pre-tokenized with different text tokenizers trained as one (the same id two words),
+    unsaid; so did datasets cut at different VQ crops, and the trained model records only one."""
+    from unitoken_jax.tokenizer.text import TextTokenizer
+
+    text, vq = demo.demo_tokenizers()
+    spec = json.loads(text._full.to_str())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]  # another tokenizer: one merge fewer
+    items = demo.write_demo_items(str(tmp_path / "items"), 6, seed=5)
+    pt.pretokenize(items, str(tmp_path / "other"), TextTokenizer(json.dumps(spec)), vq, SETTINGS, progress=False)
+    config = PipelineConfig(rows=2, length=300, max_images=4, num_threads=1)
+    other = tmp_path / "other"
+    # the dataset's record says it; without its pre-tokenization's leftovers (.partial) too; and for
+    # one finished before the record was written (2026-12-07), the job file in them says it
+    for finished in ("now", "now, .partial deleted", "before made_with.json"):
+        if finished == "now, .partial deleted":
+            os.rename(other / ".partial", tmp_path / "partial")
+        elif finished == "before made_with.json":
+            os.rename(tmp_path / "partial", other / ".partial")
+            os.remove(other / pt.MADE_WITH_FILE)
+        with pytest.raises(ValueError, match="pre-tokenized with different text tokenizers") as e:
+            InputPipeline([datasets[0], datasets[1], str(other)], config)
+        assert f"{datasets[0]}, {datasets[1]}" in str(e.value) and str(other) in str(e.value), finished
+    shutil.rmtree(other / ".partial")  # a dataset that recorded nothing is not held to it
+    assert InputPipeline([datasets[0], str(other)], config).made_with == pt.made_with(datasets[0])
+    assert pt.made_with(datasets[0]) == {"tokenizer_sha256": text.fingerprint(), "vqgan_sha256": vq.fingerprint()}
+    # pictures cut at another crop: said, naming each dataset's
+    pt.pretokenize(items, str(tmp_path / "small"), text, vq, dataclasses.replace(SETTINGS, vq_size=16),
+                   progress=False)
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
+        InputPipeline([datasets[0], str(tmp_path / "small")], config)
+    assert f"at 16 and 32 px ({datasets[0]}: 32, {tmp_path / 'small'}: 16)" in caplog.text, caplog.text
+
+
 def test_dataset_weights_follow_ratio_and_yaml_meta(datasets, tmp_path):
     meta = tmp_path / "meta.yaml"
     meta.write_text(f"META:\n  - path: '{datasets[0]}'\n    ratio: 1.0\n  - path: '{datasets[1]}'\n    ratio: 3.0\n")

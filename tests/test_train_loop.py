@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -110,12 +111,20 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
     # and cuts pictures as its data did: the default rule for a model of its length picks another crop,
     # and a model trained on 32 px crops answered about its own training pictures wrongly at 256
     from unitoken_jax.data.demo import demo_tokenizers
-    from unitoken_jax.inference.pipeline import UniTokenPipeline, default_vq_size
+    from unitoken_jax.inference.pipeline import OtherTokenizer, UniTokenPipeline, default_vq_size
+    from unitoken_jax.tokenizer.text import TextTokenizer
 
     _, settings, *_ = pretokenize.open_dataset(data)
     text, vq = demo_tokenizers()
     assert default_vq_size(model.config.decoder.max_position_embeddings, vq) != settings.vq_size
-    assert UniTokenPipeline(model, text, vq).vq_size == settings.vq_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OtherTokenizer)
+        assert UniTokenPipeline(model, text, vq).vq_size == settings.vq_size
+    # asked with another text tokenizer than its data's (the same ids, other words): said
+    spec = json.loads(text._full.to_str())
+    spec["model"]["merges"] = spec["model"]["merges"][:-1]
+    with pytest.warns(OtherTokenizer, match="trained on data pre-tokenized with another text tokenizer"):
+        UniTokenPipeline(model, TextTokenizer(json.dumps(spec)), vq)
     # the command line takes the demo's tokenizers for it, as pretokenize does (it took 'demo' for a path)
     from PIL import Image
 

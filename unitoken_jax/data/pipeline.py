@@ -257,6 +257,23 @@ class _Records:
 _MIX_WINDOW = 4096  # records of the mixed stream shuffled together (`_kind_stream`)
 
 
+def _same_makers(sources: list[Source]) -> dict[str, str]:
+    """The tokenizer and VQ-GAN fingerprints the datasets share (`pretokenize.made_with`); datasets
+    made with different ones are refused, by name: the same token id or code would mean two things
+    in one run. A dataset that recorded none is not held to them."""
+    made = [pt.made_with(src.path) for src in sources]
+    shared = {}
+    for key, what in pt.FINGERPRINTS.items():
+        found = {m[key] for m in made if key in m}
+        if len(found) > 1:
+            groups = [", ".join(src.path for src, m in zip(sources, made) if m.get(key) == f) for f in sorted(found)]
+            raise ValueError(f"the datasets were pre-tokenized with different {what}s ({'; '.join(groups)}: one "
+                             f"{what} each): one run trains on one; pre-tokenize them again with the same {what}")
+        if found:
+            shared[key] = found.pop()
+    return shared
+
+
 def _kind_stream(sources: list[Source], kinds_per_source, kind: int, seed: int):
     """Infinite MapDataset of (dataset number, record index) for `kind`, mixed by weight."""
     parts, weights = [], []
@@ -295,7 +312,14 @@ class InputPipeline(grain.IterDataset):
             raise ValueError(f"the datasets were pre-tokenized for different SigLIP inputs {sorted(settings)}; "
                              "one batch needs one tile size")
         self.siglip_size, self.patch = settings.pop()
+        self.made_with = _same_makers(self.sources)
         self.image_settings: pt.PretokenizeSettings = opened[0][1]  # how the (first) dataset laid out its pictures
+        crops = {s.vq_size for _, s, *_ in opened}
+        if len(crops) > 1:
+            log.warning("the datasets cut their pictures for the VQ-GAN at %s px (%s): the trained model records "
+                        "the first's, %d px, as inference's default crop", " and ".join(map(str, sorted(crops))),
+                        ", ".join(f"{src.path}: {s.vq_size}" for src, (_, s, *_) in zip(self.sources, opened)),
+                        opened[0][1].vq_size)
         for source, (_, s, *_) in zip(self.sources, opened):
             if s.max_length is not None and s.max_length > config.length:
                 sizes = pt.record_sizes(source.path)

@@ -50,6 +50,10 @@ BAD_ITEMS_FILE = "bad_items.jsonl"
 KINDS_FILE = "kinds.npy"  # the kind of every record, in order: the pipeline splits by kind without reading records
 # every record's (tokens, image features), in order: the packing bound at a run's start reads no records
 SIZES_FILE = "sizes.npy"
+# the text tokenizer's and the VQ-GAN's fingerprints (sha256) a dataset was made with: training refuses
+# to mix datasets whose token ids or codes mean different things (`made_with`)
+MADE_WITH_FILE = "made_with.json"
+FINGERPRINTS = {"tokenizer_sha256": "text tokenizer", "vqgan_sha256": "VQ-GAN"}
 _PARTIAL = ".partial"
 _FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
@@ -538,6 +542,8 @@ def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, marker
         np.save(os.path.join(out_dir, SIZES_FILE), np.array(sizes, np.int32).reshape(-1, 2))
     elif os.path.exists(os.path.join(out_dir, SIZES_FILE)):  # never another dataset's sizes beside these records
         os.remove(os.path.join(out_dir, SIZES_FILE))
+    job = _read_settled(os.path.join(partial, "job.json")) or {}
+    _write_json(os.path.join(out_dir, MADE_WITH_FILE), {k: job[k] for k in FINGERPRINTS if k in job})
     _write_json(os.path.join(out_dir, SETTINGS_FILE), settings.to_json())
     template = tfds.core.ShardedFileTemplate(data_dir=out_dir, template=_FILE_TEMPLATE, dataset_name=settings.name,
                                              split=settings.split, filetype_suffix="array_record")
@@ -564,6 +570,21 @@ def record_sizes(path: str) -> np.ndarray | None:
     dataset; None for one written before its pre-tokenization recorded them (2026-12-05)."""
     sizes_path = os.path.join(path, SIZES_FILE)
     return np.load(sizes_path) if os.path.exists(sizes_path) else None
+
+
+def made_with(path: str) -> dict[str, str]:
+    """The fingerprints (`FINGERPRINTS`) of the text tokenizer and VQ-GAN a finished dataset was
+    made with, as far as it recorded them: its `MADE_WITH_FILE`, or for one finished before
+    2026-12-07 its pre-tokenization's job file; {} where neither holds any."""
+    for where in (os.path.join(path, MADE_WITH_FILE), os.path.join(path, _PARTIAL, "job.json")):
+        try:
+            with open(where) as f:
+                found = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(found, dict):
+            return {k: v for k, v in found.items() if k in FINGERPRINTS and isinstance(v, str)}
+    return {}
 
 
 def open_dataset(path: str, split: str | None = None):

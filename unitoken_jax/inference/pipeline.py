@@ -233,18 +233,40 @@ def _size_pair(size) -> tuple[int, int]:
 TRAINED_PICTURES = "trained_pictures.json"
 
 
-def trained_vq_size(model) -> int | None:
-    """The VQ crop `model`'s training data was cut at, if its directory records it (`TRAINED_PICTURES`)."""
+def trained_record(model) -> dict:
+    """What `model`'s directory records of its training data (`TRAINED_PICTURES`: the data's VQ crop,
+    tile, AnyRes and continuous settings, the text tokenizer's and VQ-GAN's fingerprints); {} if none."""
     source = getattr(model, "source", None)
     path = os.path.join(source, TRAINED_PICTURES) if isinstance(source, str) else None
     if path is None or not os.path.isfile(path):
-        return None
+        return {}
     try:
         with open(path) as f:
-            size = json.load(f).get("vq_size")
-    except (OSError, ValueError, AttributeError):
-        return None
+            found = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def trained_vq_size(model) -> int | None:
+    """The VQ crop `model`'s training data was cut at, if its directory records it (`TRAINED_PICTURES`)."""
+    size = trained_record(model).get("vq_size")
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+class OtherTokenizer(UserWarning):
+    """The text tokenizer given is not the one the model's training data was made with (its
+    fingerprint differs from the one `TRAINED_PICTURES` records): the model's ids mean other words."""
+
+
+def check_trained_tokenizer(model, tokenizer) -> None:
+    """Warns `OtherTokenizer` where `model` records its data's tokenizer and `tokenizer` is another."""
+    trained = trained_record(model).get("tokenizer_sha256")
+    if isinstance(trained, str) and hasattr(tokenizer, "fingerprint") and tokenizer.fingerprint() != trained:
+        warnings.warn(OtherTokenizer(
+            f"{model.source} was trained on data pre-tokenized with another text tokenizer (sha256 {trained[:12]}..., "
+            f"this one's {tokenizer.fingerprint()[:12]}...): its answers and pictures would read ids as other "
+            "words. Give the tokenizer its data was pre-tokenized with"), stacklevel=3)
 
 
 def default_vq_size(max_length: int, vq) -> int:
@@ -306,6 +328,7 @@ class UniTokenPipeline:
                              "tokenizer the model was trained with")
         if image_prefix is None:
             image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
+        check_trained_tokenizer(model, tokenizer)
         if vq_size is None:
             vq_size = trained_vq_size(model) or default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous

@@ -599,10 +599,12 @@ def _run(program: TrainProgram, compiled, state, pipeline: InputPipeline, data_i
 
 
 def _pictures_of(pipeline: InputPipeline) -> dict:
-    """How the training data laid out its pictures (the first dataset's), for inference to do the same."""
+    """How the training data laid out its pictures (the first dataset's), and the fingerprints of the
+    tokenizer and VQ-GAN it was made with (all datasets': `data.pipeline` refuses a mix), for
+    inference to do the same."""
     s = pipeline.image_settings
     return {"vq_size": s.vq_size, "siglip_size": s.siglip_size, "patch": s.patch, "anyres": s.anyres,
-            "continuous": s.continuous}
+            "continuous": s.continuous, **pipeline.made_with}
 
 
 def export_final(model: UniTokenModel, final: str, pictures: dict | None = None) -> None:
