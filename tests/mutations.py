@@ -854,6 +854,12 @@ MUTATIONS = (
     Mutation("other_tokenizer_unsaid", "a trained model asked with another tokenizer than its data's, unsaid",
              "unitoken_jax/inference/pipeline.py", "        check_trained_tokenizer(model, tokenizer)\n", "",
              ("tests/test_train_loop.py", "-k", "loss_falls_steadily")),
+    Mutation("cut_answer_half_character_pipeline", "an answer cut between a character's bytes ending in U+FFFD "
+             "(Python API)", "unitoken_jax/inference/pipeline.py", "repairs=repairs, unfinished=not ended)",
+             "repairs=repairs, unfinished=False)", ("tests/test_serve.py", "-k", "cut_inside_a_character")),
+    Mutation("cut_answer_half_character_server", "an answer cut between a character's bytes ending in U+FFFD "
+             "(server)", "unitoken_jax/serve/engine.py", "unfinished=not ended or cut)", "unfinished=False)",
+             ("tests/test_serve.py", "-k", "cut_inside_a_character")),
 )
 
 

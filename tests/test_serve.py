@@ -201,6 +201,30 @@ def test_text_streams_while_it_is_generated(pipe, batching):
         server.stop()
 
 
+def test_an_answer_cut_inside_a_character_ends_before_it_through_every_door(pipe, monkeypatch):
+    """An answer cut by its budget between the bytes of one character ended in U+FFFD (the stream
+    had held that back, and the finished answer sent it at its end)."""
+    from types import SimpleNamespace
+
+    from unitoken_jax.inference.decode import Request
+
+    tok = pipe.tokenizer
+    ids = [int(i) for i in tok.encode_text("a café near")]
+    half = next(ids[:i] for i in range(len(ids), 0, -1) if tok.decode_text(ids[:i]).endswith("\ufffd"))
+    assert decode(half, tok) == ["a caf\ufffd"] and decode(half, tok, unfinished=True) == ["a caf"]
+    # an answer that ended there (its end of turn) keeps what the model wrote, said as it is
+    assert decode(half + [layout.END_OF_TURN], tok, unfinished=False) == ["a caf\ufffd"]
+    engine = PipelineEngine(pipe, max_rows=4)
+    out = engine._output(Request(tokens=np.array([1]), max_new_tokens=len(half)), np.array(half))
+    assert out.parts == ["a caf"] and out.finish_reason == "length"
+    out = engine._output(Request(tokens=np.array([1]), max_new_tokens=8), np.array(half + [layout.END_OF_TURN]))
+    assert out.parts == ["a caf\ufffd"] and out.finish_reason == "stop"
+    monkeypatch.setattr(pipe.decode_loop, "generate", lambda requests, **_: SimpleNamespace(
+        tokens=[np.array(half, np.int32) for _ in requests]))
+    picture = shapes.draw([Thing("red", "circle", "top left")])
+    assert pipe.understand(picture, "What colour is the shape?", max_new_tokens=len(half)) == "a caf"
+
+
 def test_a_text_stream_sends_settled_text_and_stops_at_a_stop_string(pipe):
     """`TextStream` on the bundled byte-level tokenizer, fed the ids one at a time: never half a
     character, never a stop string or anything past it, and the finished answer's rest completes it."""

@@ -546,12 +546,12 @@ class UniTokenPipeline:
         for i, (request, drawn) in enumerate(zip(requests, out.tokens)):
             ids = np.concatenate([[layout.IMAGE_START], drawn]) if request.starts_in_picture else drawn
             repairs = []
-            results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs))
+            last = int(drawn[-1]) if len(drawn) else None
+            ended = last in request.stop_tokens or (request.stop_after_image and last == layout.IMAGE_END)
+            results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs, unfinished=not ended))
             by_budget = len(drawn) >= request.max_new_tokens
             repaired += [(first + i, request, shape, changes, by_budget) for shape, changes in repairs]
-            last = int(drawn[-1]) if len(drawn) else None
-            if not repairs and last not in request.stop_tokens and not (request.stop_after_image and
-                                                                         last == layout.IMAGE_END):
+            if not repairs and not ended:
                 cut.append((first + i, by_budget, request.max_new_tokens))
         return results, cut, repaired
 

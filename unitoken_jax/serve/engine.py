@@ -173,5 +173,6 @@ class PipelineEngine:
         ended = last == layout.END_OF_TURN or (request.stop_after_image and last == layout.IMAGE_END)
         full = np.concatenate([[layout.IMAGE_START], ids]) if request.starts_in_picture else ids
         # a chat's picture that max_tokens cut off is completed, as UniTokenPipeline.chat does
-        parts = decode(full, self.pipe.tokenizer, self.pipe.vq, repair=request.allow_images)
+        parts = decode(full, self.pipe.tokenizer, self.pipe.vq, repair=request.allow_images,
+                       unfinished=not ended or cut)
         return Output(ids=ids, parts=parts, finish_reason="stop" if ended and not cut else "length")

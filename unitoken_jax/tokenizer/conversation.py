@@ -204,12 +204,14 @@ def _picture_end(ids: list[int], i: int) -> int:
 
 
 def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: bool = False,
-           repairs: list | None = None) -> list:
+           repairs: list | None = None, unfinished: bool = False) -> list:
     """Generated ids -> [text, picture, text, ...]. Pictures are PIL images when `vq` can decode,
     else code grids [h, w]. BOS and end-of-turn tokens are dropped from the text. With `repair`, a
     malformed or unfinished picture is completed (`layout.parse_image_ids`), and `repairs` (a list)
     gets `((h, w) code grid, [what was changed])` for each picture that needed it; one cut off
-    before its size tokens is dropped (`(None, [...])` in `repairs`)."""
+    before its size tokens is dropped (`(None, [...])` in `repairs`). `unfinished`: the answer was
+    cut before its end; the bytes of a last character that never came (U+FFFD) are left out, as a
+    stream leaves them out (`TextStream`)."""
     ids = [int(i) for i in ids]
     parts: list = []
     text: list[int] = []
@@ -247,6 +249,10 @@ def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: boo
         parts.append(vq.decode_to_pil(codes[None])[0] if vq is not None and vq.has_decoder else codes)
         i = end
     flush()
+    if unfinished and parts and isinstance(parts[-1], str):
+        parts[-1] = parts[-1].rstrip("\ufffd")
+        if not parts[-1]:
+            parts.pop()
     return parts
 
 
