@@ -3,6 +3,7 @@ and greedy parity with transformers' generate."""
 
 import dataclasses
 import gc
+import importlib.metadata
 import os
 import time
 import re
@@ -1035,6 +1036,11 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     # without --image-prefix / --vq-size: the defaults come from the model, not the 7B release
     own = [a for a in common if a not in ("--image-prefix", "", "--vq-size", "32")]
     assert cli.main(["understand", cat, "the cat is", "--max-new-tokens", "2", *own]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # the installed distribution's version (there was no --version)
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"unitoken-jax {importlib.metadata.version('unitoken-jax')}"
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     page = capsys.readouterr().out

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import warnings
 
-from unitoken_jax import configs
+from unitoken_jax import __version__, configs
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.hf import SHARD_BYTES
 from unitoken_jax.models.config import QUANTIZE_MODES
@@ -1208,6 +1208,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unitoken", description="UniToken in JAX/Flax")
+    parser.add_argument("--version", action="version", version=f"unitoken-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     # every page shows its defaults; no abbreviated options (`chat --image x` would be taken for
     # --image-prefix)
