@@ -860,6 +860,9 @@ MUTATIONS = (
     Mutation("cut_answer_half_character_server", "an answer cut between a character's bytes ending in U+FFFD "
              "(server)", "unitoken_jax/serve/engine.py", "unfinished=not ended or cut)", "unfinished=False)",
              ("tests/test_serve.py", "-k", "cut_inside_a_character")),
+    Mutation("cache_orphans_unmended", "a compilation cache entry without its access time stopping every later save",
+             "unitoken_jax/inference/compilation_cache.py", "        _mend_orphans(path)\n", "",
+             ("tests/test_compilation_cache.py", "-k", "access_time")),
 )
 
 

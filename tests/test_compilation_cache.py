@@ -108,6 +108,24 @@ def test_a_new_directory_takes_effect_after_programs_compiled_into_the_old_one(j
     assert any(p.endswith("-cache") for p in os.listdir(tmp_path / "b"))
 
 
+def test_an_entry_left_without_its_access_time_does_not_stop_the_cache_growing(jax_settings, tmp_path):
+    """A process stopped between JAX's two writes of an entry (its program, then its access time)
+    left a `-cache` file alone, and every later write failed with a warning: the cache kept its
+    old programs and saved no new one."""
+    import warnings
+
+    where = tmp_path / "xla"
+    where.mkdir()
+    (where / "jit_stopped-0123abcd-cache").write_bytes(b"a program whose access time was never written")
+    cc.enable_compilation_cache(str(where))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.jit(lambda x: x * 11 - 4)(jax.numpy.ones(5)).block_until_ready()
+    assert not [w for w in caught if "persistent compilation cache" in str(w.message)], [str(w.message) for w in caught]
+    saved = [p for p in os.listdir(where) if p.endswith("-cache") and "stopped" not in p]
+    assert saved and all((where / (p[:-len("-cache")] + "-atime")).exists() for p in saved)
+
+
 def test_a_directory_that_cannot_be_made_means_no_cache_and_a_warning(jax_settings, tmp_path, caplog):
     (tmp_path / "file").write_text("x")
     cc.enable_compilation_cache(str(tmp_path / "earlier"))  # (it went on being written: now off too)

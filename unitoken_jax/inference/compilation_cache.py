@@ -33,6 +33,7 @@ _MIN_COMPILE_SECONDS = 0.0
 # JAX evicts the least recently used entries past this (and then locks the directory while it writes,
 # so two calls at once cannot read a half-written entry); unbounded by default
 MAX_BYTES = 4 * 1024**3
+_CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"  # an entry's two files in JAX's cache directory
 _LOG = logging.getLogger(__name__)
 # JAX's own defaults of the two settings tuned here: another value was set by the user (in Python,
 # `jax.config.update`, or by an earlier call here) and is left as it is
@@ -72,6 +73,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
             _LOG.warning("no compilation cache (%s): every program compiles afresh", e)
             _off()  # (JAX's earlier directory would have gone on being written)
             return None
+        _mend_orphans(path)
     jax.config.update("jax_compilation_cache_dir", path)
     for name, value in (("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS),
                         ("jax_compilation_cache_max_size", MAX_BYTES)):
@@ -82,6 +84,24 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     # directory (a notebook's later cell) needs a reset to count
     jax_cache.reset_cache()
     return path
+
+
+def _mend_orphans(path: str) -> None:
+    """Gives every entry of a local cache that has its program (`KEY-cache`) but no access time
+    (`KEY-atime`) the oldest one, 0: evicted first. JAX writes the two files one after the other, so
+    a process stopped between them (a Ctrl-C during a compile's save) leaves such an entry, and JAX
+    0.10's size-bounded cache then fails every later write ("Error writing persistent compilation
+    cache entry ... -atime", a warning a compile) while its reads go on: the cache stopped growing
+    for good (jax-ml/jax#39880, mended upstream in #39883 the same way)."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return
+    for name in names:
+        if name.endswith(_CACHE_SUFFIX) and name[:-len(_CACHE_SUFFIX)] + _ATIME_SUFFIX not in names:
+            with contextlib.suppress(OSError), open(os.path.join(path, name[:-len(_CACHE_SUFFIX)] + _ATIME_SUFFIX),
+                                                    "xb") as f:
+                f.write((0).to_bytes(8, "little"))
 
 
 def _off() -> None:
