@@ -113,19 +113,28 @@ def test_importing_the_package_loads_no_jax():
     its names loaded when first used."""
     import subprocess
 
-    code = ("import sys, unitoken_jax, unitoken_jax.console, unitoken_jax.shutdown; "
+    code = ("import sys, unitoken_jax, unitoken_jax.console, unitoken_jax.shutdown, unitoken_jax.cli; "
             "assert 'jax' not in sys.modules, 'jax imported'; "
             "assert unitoken_jax.load.__module__ == 'unitoken_jax.model' and 'jax' in sys.modules")
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert ran.returncode == 0, ran.stderr[-2000:]
+    # nor do the command's help pages, its version and its usage errors (1.6 s of JAX and Orbax each)
+    code = ("import sys; from unitoken_jax import cli\n"
+            "for argv in (['--version'], ['generate', '--help'], ['convert', '--help'], ['generate', '--n', 'x']):\n"
+            "    try: cli.main(argv)\n"
+            "    except SystemExit: pass\n"
+            "assert 'jax' not in sys.modules and 'orbax.checkpoint' not in sys.modules, 'jax imported'")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert ran.returncode == 0 and "usage: unitoken generate" in ran.stdout, ran.stderr[-2000:]
 
 
 def test_a_ctrl_c_inside_an_extensions_initialisation_is_said_as_a_stop(monkeypatch, capsys):
     """A Ctrl-C that landed while jaxlib's extension initialised came out as an ImportError with no
     KeyboardInterrupt chained ("Encountered an error while initializing the extension"): exit 1
     and a traceback, where the command says it stopped (130). Another ImportError stays one."""
-    from unitoken_jax import console, shutdown
+    from unitoken_jax import cli, console, shutdown
 
     monkeypatch.setattr(console, "stop_on_signals", lambda **_: None)
     monkeypatch.setattr(console, "exit_now", lambda code: (_ for _ in ()).throw(SystemExit(code)))
@@ -138,3 +147,14 @@ def test_a_ctrl_c_inside_an_extensions_initialisation_is_said_as_a_stop(monkeypa
     with pytest.raises(SystemExit) as stop:
         console.main()
     assert stop.value.code == 130 and "unitoken: stopped (Ctrl-C) while starting" in capsys.readouterr().err
+    # the same inside a verb, which imports JAX itself (the command's import of its verbs loads none)
+    def importing_jax(args):
+        raise ImportError("Encountered an error while initializing the extension.")
+
+    monkeypatch.setattr(cli, "_init", importing_jax)
+    monkeypatch.setattr(cli, "STOPS", [])  # no stop came: the ImportError is one
+    with pytest.raises(ImportError):
+        cli.main(["init", "--to", "/nonexistent/x"])
+    monkeypatch.setattr(cli, "STOPS", [shutdown.Terminated])
+    assert cli.main(["init", "--to", "/nonexistent/x"]) == 143
+    assert "unitoken init: stopped (SIGTERM)" in capsys.readouterr().err

@@ -14,10 +14,9 @@ import tempfile
 import warnings
 
 from unitoken_jax import __version__, configs
-from unitoken_jax.convert import orbax_io
-from unitoken_jax.convert.hf import SHARD_BYTES
+from unitoken_jax.convert.files import SHARD_BYTES
 from unitoken_jax.models.config import QUANTIZE_MODES
-from unitoken_jax.shutdown import Terminated, exit_now, stop_on_signals
+from unitoken_jax.shutdown import STOPS, Terminated, exit_now, stop_on_signals
 
 _LOG = logging.getLogger("unitoken_jax.cli")  # by name: run as `python -m unitoken_jax.cli` it is __main__
 CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings JAX into `--help`)
@@ -25,6 +24,7 @@ CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings
 
 def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
+    from unitoken_jax.convert import orbax_io
 
     _directory_option("--to", args.dst)  # (was 'File exists', after reading the source)
     if os.path.realpath(args.src) == os.path.realpath(args.dst):  # (int8 over the float weights, for good)
@@ -74,6 +74,8 @@ def _convert(args) -> int:
 
 def _refuse_held_checkpoint(path: str, overwrite: bool) -> None:
     """A ValueError when `path` holds a checkpoint (HF files or ours) and `overwrite` is not given."""
+    from unitoken_jax.convert import orbax_io
+
     held = sorted(f for f in os.listdir(path) if f == "config.json" or f.endswith(".safetensors")) \
         if os.path.isdir(path) else []
     held += ["our Orbax checkpoint"] if orbax_io.is_orbax_checkpoint(path) else []
@@ -1524,7 +1526,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input, or a file that cannot be read or written: one line
         print(f"unitoken {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, a SIGTERM: a line, not a traceback (what is written stays)
+    except (KeyboardInterrupt, ImportError) as e:  # Ctrl-C, a SIGTERM: a line, not a traceback
+        if isinstance(e, ImportError):  # a stop inside an extension's initialisation (jaxlib's, as a verb
+            if not STOPS:  # imports JAX) comes out as an unchained ImportError (`console.main`)
+                raise
+            e = STOPS[-1]()
         why, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
         resumes = _RESUMES.get(args.command) if args.command != "generate" or args.prompts_file else None
         # (the sweep's own handler raises KeyboardInterrupt at any of its stop signals: it says the run's end)

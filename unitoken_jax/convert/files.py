@@ -8,6 +8,8 @@ import os
 
 from safetensors import SafetensorError, safe_open
 
+SHARD_BYTES = 2 * 1024**3  # the largest safetensors file `hf.write_hf` makes (and holds in memory)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match what the model needs."""

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert.files import (
+    SHARD_BYTES,
     CheckpointError,
     check_weight_map,
     checkpoint_files,
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 _FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
 _PASSTHROUGH = (re.compile(r"^model\.vqmodel\."), re.compile(r"^(vit\.|vision_model\.|)head\."))
 _SKIPPED = (re.compile(r"^text_model\."), re.compile(r"^logit_(scale|bias)$"))
-SHARD_BYTES = 2 * 1024**3  # the largest safetensors file write_hf makes (and holds in memory)
 
 
 # --- one tensor: how its HF shape maps to ours -------------------------------------------------
