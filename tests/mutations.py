@@ -863,6 +863,13 @@ MUTATIONS = (
     Mutation("cache_orphans_unmended", "a compilation cache entry without its access time stopping every later save",
              "unitoken_jax/inference/compilation_cache.py", "        _mend_orphans(path)\n", "",
              ("tests/test_compilation_cache.py", "-k", "access_time")),
+    Mutation("cli_help_loads_jax", "the unitoken command's help pages and --version loading JAX (1.6 s)",
+             "unitoken_jax/cli.py", "from unitoken_jax.convert.files import SHARD_BYTES\n",
+             "from unitoken_jax.convert.hf import SHARD_BYTES\n",
+             ("tests/test_layering.py", "-k", "loads_no_jax")),
+    Mutation("verb_import_stop_traceback", "a Ctrl-C inside jaxlib's initialisation in a verb ending in a traceback",
+             "unitoken_jax/cli.py", "            if not STOPS:  # imports JAX)", "            if True:  # imports JAX)",
+             ("tests/test_layering.py", "-k", "extensions_initialisation")),
 )
 
 
