@@ -863,6 +863,13 @@ MUTATIONS = (
     Mutation("cache_orphans_unmended", "a compilation cache entry without its access time stopping every later save",
              "unitoken_jax/inference/compilation_cache.py", "        _mend_orphans(path)\n", "",
              ("tests/test_compilation_cache.py", "-k", "access_time")),
+    Mutation("cache_through_symlink", "a compilation cache reached through a symlink compiling and storing every "
+             "program again", "unitoken_jax/inference/compilation_cache.py",
+             "path = os.path.realpath(os.path.expanduser(path))", "path = os.path.abspath(os.path.expanduser(path))",
+             ("tests/test_compilation_cache.py", "-k", "symlink")),
+    Mutation("cache_read_only_unseen", "a read-only compilation cache warning twice a program and never hit",
+             "unitoken_jax/inference/compilation_cache.py", "writable = os.access(path, os.W_OK)", "writable = True",
+             ("tests/test_compilation_cache.py", "-k", "cannot_be_written")),
     Mutation("cli_help_loads_jax", "the unitoken command's help pages and --version loading JAX (1.6 s)",
              "unitoken_jax/cli.py", "from unitoken_jax.convert.files import SHARD_BYTES\n",
              "from unitoken_jax.convert.hf import SHARD_BYTES\n",

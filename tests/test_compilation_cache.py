@@ -126,6 +126,41 @@ def test_an_entry_left_without_its_access_time_does_not_stop_the_cache_growing(j
     assert saved and all((where / (p[:-len("-cache")] + "-atime")).exists() for p in saved)
 
 
+def test_a_cache_reached_through_a_symlink_is_the_same_cache(jax_settings, tmp_path):
+    """JAX's key holds the cache's directory: through a symlink every program compiled and was
+    stored again (twice the entries, no hit)."""
+    real = tmp_path / "real"
+    cc.enable_compilation_cache(str(real))
+    jax.jit(lambda x: x * 13 + 2)(jax.numpy.ones(3)).block_until_ready()
+    entries = sorted(os.listdir(real))
+    os.symlink(real, tmp_path / "link")
+    assert cc.enable_compilation_cache(str(tmp_path / "link")) == str(real)
+    with cc.count_cache_hits() as hits:
+        jax.jit(lambda x: x * 13 + 2)(jax.numpy.ones(3)).block_until_ready()
+    assert hits[0] >= 1 and sorted(os.listdir(real)) == entries
+
+
+def test_a_directory_that_cannot_be_written_is_read_and_never_written(jax_settings, tmp_path, monkeypatch, caplog):
+    """A read-only cache (a shared, warmed one) gave two warnings a program ('Read-only file system:
+    .lockfile', the size bound's lock taken to read) and no hit."""
+    where = tmp_path / "xla"
+    cc.enable_compilation_cache(str(where))
+    jax.jit(lambda x: x * 17 - 5)(jax.numpy.ones(3)).block_until_ready()
+    entries = sorted(os.listdir(where))
+    monkeypatch.setattr(cc.os, "access", lambda path, mode: False)  # (root writes anywhere: said so here)
+    with caplog.at_level("WARNING"):
+        cc.enable_compilation_cache(str(where))
+    assert "cannot be written: its programs are read, none is saved" in caplog.text
+    assert jax.config.jax_compilation_cache_max_size == -1  # no bound: no lock file to take
+    with cc.count_cache_hits() as hits:
+        jax.jit(lambda x: x * 17 - 5)(jax.numpy.ones(3)).block_until_ready()
+        jax.jit(lambda x: x * 19 + 7)(jax.numpy.ones(3)).block_until_ready()  # new: not saved
+    assert hits[0] >= 1 and sorted(os.listdir(where)) == entries
+    monkeypatch.undo()
+    cc.enable_compilation_cache(str(where))  # writable again: the settings made for a read-only one go
+    assert jax.config.jax_compilation_cache_max_size == cc.MAX_BYTES
+
+
 def test_a_directory_that_cannot_be_made_means_no_cache_and_a_warning(jax_settings, tmp_path, caplog):
     (tmp_path / "file").write_text("x")
     cc.enable_compilation_cache(str(tmp_path / "earlier"))  # (it went on being written: now off too)

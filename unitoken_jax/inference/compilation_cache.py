@@ -12,7 +12,8 @@ $UNITOKEN_COMPILATION_CACHE, JAX's own setting ($JAX_COMPILATION_CACHE_DIR or
 ($XDG_CACHE_HOME respected), kept under 4 GiB. "off" turns it off; an empty variable counts as
 unset. A `gs://` or `s3://` URL goes to JAX as it is (JAX reads and writes it through etils'
 epath, which needs the store's extra installed), so the hosts of a pod share one cache; `file://`
-is a local directory.
+is a local directory, taken by its real path (one reached through a symlink is the same cache). A
+directory this process cannot write is used read only: its programs load, no new one is saved.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ _MIN_COMPILE_SECONDS = 0.0
 # so two calls at once cannot read a half-written entry); unbounded by default
 MAX_BYTES = 4 * 1024**3
 _CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"  # an entry's two files in JAX's cache directory
+_NEVER_SAVED_SECONDS = 1e9  # a read-only cache's compile-time threshold: no program is saved
+_SET: dict = {}  # the values set here last (a later call may change them: they are not the user's)
 _LOG = logging.getLogger(__name__)
 # JAX's own defaults of the two settings tuned here: another value was set by the user (in Python,
 # `jax.config.update`, or by an earlier call here) and is left as it is
@@ -65,21 +68,30 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
             path = path[len("file://"):]
         elif scheme not in ("gs", "s3"):  # what JAX's epath opens; another failed at the first compile
             raise ValueError(f"a compilation cache URL is gs://... or s3://... (lower case), not {path!r}")
+    writable = True
     if "://" not in path:
-        path = os.path.abspath(os.path.expanduser(path))
+        # the real path: JAX's key holds the directory (its GPU autotuning cache's place), and one cache
+        # reached through a symlink had its every program compiled and stored again
+        path = os.path.realpath(os.path.expanduser(path))
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
             _LOG.warning("no compilation cache (%s): every program compiles afresh", e)
             _off()  # (JAX's earlier directory would have gone on being written)
             return None
-        _mend_orphans(path)
+        writable = os.access(path, os.W_OK)
+        if writable:
+            _mend_orphans(path)
+        else:  # (a size-bounded cache takes a lock file to read: two warnings a program, and no hit)
+            _LOG.warning("compilation cache %s cannot be written: its programs are read, none is saved", path)
     jax.config.update("jax_compilation_cache_dir", path)
-    for name, value in (("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS),
-                        ("jax_compilation_cache_max_size", MAX_BYTES)):
+    tuned = ((_MIN_COMPILE_SECONDS, MAX_BYTES) if writable else
+             (_NEVER_SAVED_SECONDS, -1))  # read only: no compile is long enough to save; no bound, no lock
+    for name, value in zip(("jax_persistent_cache_min_compile_time_secs", "jax_compilation_cache_max_size"), tuned):
         default, env = _JAX_DEFAULTS[name]
-        if env not in os.environ and getattr(jax.config, name) == default:  # the user's own settings win
+        if env not in os.environ and getattr(jax.config, name) in (default, _SET.get(name)):  # the user's own win
             jax.config.update(name, value)
+            _SET[name] = value
     # JAX opens its cache at the first compile with a directory set and keeps writing there: a new
     # directory (a notebook's later cell) needs a reset to count
     jax_cache.reset_cache()
