@@ -126,6 +126,41 @@ def test_an_entry_left_without_its_access_time_does_not_stop_the_cache_growing(j
     assert saved and all((where / (p[:-len("-cache")] + "-atime")).exists() for p in saved)
 
 
+def test_a_program_cut_short_is_deleted_once_and_compiled_again(jax_settings, tmp_path, caplog):
+    """An entry cut short (a full disk, a killed write) warned "Error reading persistent compilation
+    cache entry" and recompiled on every call, never replaced (JAX writes only keys it lacks)."""
+    import time
+    import warnings
+
+    where = tmp_path / "xla"
+    cc.enable_compilation_cache(str(where))
+    ones = jax.numpy.ones(3)
+    saved = []
+    for f in (lambda x: x * 23 + 1, lambda x: x * 29 - 1):
+        before = set(os.listdir(where))
+        jax.jit(f)(ones).block_until_ready()
+        (new,) = [p for p in set(os.listdir(where)) - before if p.endswith("-cache")]
+        saved.append(new)
+    cut, whole = saved
+    (where / cut).write_bytes((where / cut).read_bytes()[:40])
+    a_while_ago = time.time() - 600  # (an entry younger than a minute may be being written: left)
+    for entry in os.listdir(where):
+        os.utime(where / entry, (a_while_ago, a_while_ago))
+    with caplog.at_level("WARNING"):
+        cc.enable_compilation_cache(str(where))
+    assert "1 damaged program(s) deleted" in caplog.text
+    assert not (where / cut).exists() and (where / whole).exists()
+    jax.jit(lambda x: x * 23 + 1)(ones).block_until_ready()  # compiled again and saved
+    caplog.clear()
+    cc.enable_compilation_cache(str(where))  # (the next call reads only what is new since: nothing to say)
+    assert "damaged" not in caplog.text
+    with warnings.catch_warnings(record=True) as caught, cc.count_cache_hits() as hits:
+        warnings.simplefilter("always")
+        jax.jit(lambda x: x * 23 + 1)(ones).block_until_ready()
+        jax.jit(lambda x: x * 29 - 1)(ones).block_until_ready()
+    assert hits[0] == 2 and not [w for w in caught if "compilation cache" in str(w.message)]
+
+
 def test_a_cache_reached_through_a_symlink_is_the_same_cache(jax_settings, tmp_path):
     """JAX's key holds the cache's directory: through a symlink every program compiled and was
     stored again (twice the entries, no hit)."""

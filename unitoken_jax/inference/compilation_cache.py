@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
@@ -36,6 +37,7 @@ _MIN_COMPILE_SECONDS = 0.0
 MAX_BYTES = 4 * 1024**3
 _CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"  # an entry's two files in JAX's cache directory
 _NEVER_SAVED_SECONDS = 1e9  # a read-only cache's compile-time threshold: no program is saved
+_CHECKED = ".unitoken_checked"  # its time: the entries written before it have been read whole (`_drop_damaged`)
 _SET: dict = {}  # the values set here last (a later call may change them: they are not the user's)
 _LOG = logging.getLogger(__name__)
 # JAX's own defaults of the two settings tuned here: another value was set by the user (in Python,
@@ -82,6 +84,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
         writable = os.access(path, os.W_OK)
         if writable:
             _mend_orphans(path)
+            _drop_damaged(path)
         else:  # (a size-bounded cache takes a lock file to read: two warnings a program, and no hit)
             _LOG.warning("compilation cache %s cannot be written: its programs are read, none is saved", path)
     jax.config.update("jax_compilation_cache_dir", path)
@@ -114,6 +117,47 @@ def _mend_orphans(path: str) -> None:
             with contextlib.suppress(OSError), open(os.path.join(path, name[:-len(_CACHE_SUFFIX)] + _ATIME_SUFFIX),
                                                     "xb") as f:
                 f.write((0).to_bytes(8, "little"))
+
+
+def _drop_damaged(path: str) -> None:
+    """Deletes the entries of a local cache whose program cannot be decompressed (cut short by a full
+    disk or a killed write): JAX warns of such an entry ("Error reading persistent compilation cache
+    entry ... truncated stream") and compiles the program again on every call, never replacing the
+    file, since it only writes keys it does not have. Each entry is read once, by the first call
+    after it was written (the entries since `_CHECKED`'s time; one younger than a minute, which may
+    be being written now, is left to the next call)."""
+    try:
+        from jax._src.compilation_cache import decompress_executable  # (JAX's own format: zstd or zlib)
+    except ImportError:  # another JAX: left as it is
+        return
+    marker = os.path.join(path, _CHECKED)
+    started = time.time()
+    try:
+        since = os.path.getmtime(marker)
+    except OSError:
+        since = 0.0
+    dropped = []
+    for name in os.listdir(path):
+        entry = os.path.join(path, name)
+        try:
+            if not name.endswith(_CACHE_SUFFIX) or not since <= os.path.getmtime(entry) < started - 60.0:
+                continue
+            with open(entry, "rb") as f:
+                decompress_executable(f.read())
+        except OSError:
+            continue
+        except Exception:  # (zlib.error, zstd's ZstdError: the stream is cut or damaged)
+            dropped.append(name)
+            for gone in (entry, entry[:-len(_CACHE_SUFFIX)] + _ATIME_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.remove(gone)
+    with contextlib.suppress(OSError), open(marker, "w"):
+        pass
+    with contextlib.suppress(OSError):
+        os.utime(marker, (started - 60.0, started - 60.0))
+    if dropped:
+        _LOG.warning("compilation cache %s: %d damaged program(s) deleted (cut short: a full disk or a stopped "
+                     "write); they compile again", path, len(dropped))
 
 
 def _off() -> None:
