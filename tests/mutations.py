@@ -870,6 +870,10 @@ MUTATIONS = (
     Mutation("cache_cut_entries_kept", "a compilation cache entry cut short warning and recompiling on every call",
              "unitoken_jax/inference/compilation_cache.py", "            _drop_damaged(path)\n", "",
              ("tests/test_compilation_cache.py", "-k", "cut_short")),
+    Mutation("trained_layout_forgotten", "a trained model's recorded AnyRes and continuous layout not used as "
+             "inference's defaults", "unitoken_jax/inference/pipeline.py",
+             '            anyres = trained.get("anyres") is True\n', "            anyres = False\n",
+             ("tests/test_train_loop.py", "-k", "loss_falls_steadily")),
     Mutation("cache_read_only_unseen", "a read-only compilation cache warning twice a program and never hit",
              "unitoken_jax/inference/compilation_cache.py", "writable = os.access(path, os.W_OK)", "writable = True",
              ("tests/test_compilation_cache.py", "-k", "cannot_be_written")),

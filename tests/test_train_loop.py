@@ -125,6 +125,19 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
     spec["model"]["merges"] = spec["model"]["merges"][:-1]
     with pytest.warns(OtherTokenizer, match="trained on data pre-tokenized with another text tokenizer"):
         UniTokenPipeline(model, TextTokenizer(json.dumps(spec)), vq)
+    # the layout of its data's pictures is inference's default too (AnyRes, continuous features),
+    # recorded as the data's settings say; given ones win
+    record = os.path.join(workdir, "final", "trained_pictures.json")
+    trained = json.load(open(record))
+    assert (trained["anyres"], trained["continuous"]) == (settings.anyres, settings.continuous) == (False, True)
+    pipe = UniTokenPipeline(model, text, vq)
+    assert (pipe.anyres, pipe.continuous) == (False, True)
+    json.dump({**trained, "anyres": True, "continuous": False}, open(record, "w"))
+    pipe = UniTokenPipeline(model, text, vq)
+    assert (pipe.anyres, pipe.continuous) == (True, False)
+    pipe = UniTokenPipeline(model, text, vq, anyres=False, continuous=True)
+    assert (pipe.anyres, pipe.continuous) == (False, True)
+    json.dump(trained, open(record, "w"))
     # the command line takes the demo's tokenizers for it, as pretokenize does (it took 'demo' for a path)
     from PIL import Image
 

@@ -1269,7 +1269,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this package "
                                        "wrote, or an HF Chameleon / UniToken dir (default $UNITOKEN_VQGAN; 'demo': "
                                        "the demo's)")
-        p.add_argument("--anyres", action="store_true", help="lay out SigLIP features the AnyRes way")
+        p.add_argument("--anyres", action="store_true", default=None,
+                       help="lay out SigLIP features the AnyRes way (default: as a trained model's data did, where its "
+                            "final/ records it; else not)")
         p.add_argument("--vq-size", type=_whole(1), default=None,
                        help="side of the VQ crop of input pictures (default: the crop a trained model's data "
                             "used, where its final/ records it; else 512, or less for a model too short for 512 px of "

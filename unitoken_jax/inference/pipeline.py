@@ -294,9 +294,10 @@ class UniTokenPipeline:
     `*_request` methods make, in one batch (`unitoken_jax.world.default.pipeline()`: the bundled
     model's)."""
 
-    def __init__(self, model, tokenizer, vq, *, anyres: bool = False, vq_size: int | None = None,
+    def __init__(self, model, tokenizer, vq, *, anyres: bool | None = None, vq_size: int | None = None,
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
-                 generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None, continuous: bool = True,
+                 generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None,
+                 continuous: bool | None = None,
                  cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512), anyres_pinpoints=None,
                  cache_block: int | None = None, layers: str = "auto", trained_sizes=None):
         """`default_size`: (width, height) of a picture drawn or edited without a `size` (the
@@ -317,7 +318,9 @@ class UniTokenPipeline:
         AnyRes way (a model trained so); `generate_template`: the prompt a picture is asked for with
         ({w}, {h}, {prompt}; the reference's by default); `max_length`: the longest sequence a
         request may be (default: the model's positions); `continuous=False`: pictures as VQ codes
-        only, no SigLIP features (a model trained without them)."""
+        only, no SigLIP features (a model trained without them). `anyres` and `continuous` default
+        to what a model trained here records of its data (`TRAINED_PICTURES`), else False and True
+        (the base release's layout)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
         self.default_size = _size_pair(default_size)
         self.trained_sizes = None if trained_sizes is None else [_size_pair(x) for x in trained_sizes]
@@ -329,6 +332,11 @@ class UniTokenPipeline:
         if image_prefix is None:
             image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
         check_trained_tokenizer(model, tokenizer)
+        trained = trained_record(model)
+        if anyres is None:
+            anyres = trained.get("anyres") is True
+        if continuous is None:
+            continuous = trained.get("continuous") is not False
         if vq_size is None:
             vq_size = trained_vq_size(model) or default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
