@@ -1080,6 +1080,35 @@ def test_ctrl_c_stops_a_verb_with_a_line_and_exit_130(monkeypatch, capsys):
     assert "unitoken caption: stopped (Ctrl-C; with a .jsonl --out, a rerun goes on" in err and "Traceback" not in err
 
 
+def test_the_drawing_verbs_take_the_prompts_template_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """A model trained with another drawing prompt than the reference's could not be asked for
+    pictures in its own wording from the command line (only `UniTokenPipeline(generate_template=)`)."""
+    from PIL import Image
+
+    from unitoken_jax import cli
+    from unitoken_jax.inference.pipeline import UniTokenPipeline
+    from unitoken_jax.world import default
+
+    out = str(tmp_path / "x.png")
+    with monkeypatch.context() as m:  # a bad one is refused by its option, before the model loads
+        m.setattr(default, "pipeline", lambda **_: pytest.fail("the model was loaded"))
+        assert cli.main(["generate", "x", "--out", out, "--template", "Draw {promt}"]) == 2
+        assert "error: --template: a drawing template may name only {prompt}" in capsys.readouterr().err
+    asked = []
+
+    def draw(self, prompt, **options):
+        asked.append(self.generate_template.format(w=64, h=64, prompt=prompt))
+        return [Image.new("RGB", (64, 64))]
+
+    monkeypatch.setattr(UniTokenPipeline, "generate_image", draw)
+    assert cli.main(["generate", "a red circle", "--out", out, "--template", "Draw this ({w}x{h}): {prompt}"]) == 0
+    assert asked == ["Draw this (64x64): a red circle"]
+    for verb in ("chat", "serve"):
+        with pytest.raises(SystemExit):
+            cli.main([verb, "--help"])
+        assert "--template TEMPLATE" in capsys.readouterr().out, verb
+
+
 def test_the_command_lines_say_bad_values_by_option_before_any_model_loads(tmp_path, monkeypatch, capsys):
     """A temperature of -1, --cache-growth 0 and a negative prompt with --cfg 1 were refused after the
     model loaded, by Python's names (temperature=-1.0, cfg=1); serve's --max-body-mb 0 as

@@ -148,6 +148,14 @@ def _pipeline(args):
     from unitoken_jax.world import default
 
     _compilation_cache(args)
+    template = getattr(args, "template", None)
+    if template is not None:  # (refused before the model loads)
+        from unitoken_jax.inference.pipeline import check_template
+
+        try:
+            check_template(template)
+        except ValueError as e:
+            raise ValueError(f"--template: {e}") from None
     if not (args.model or os.environ.get("UNITOKEN_MODEL")):
         if not default.available():
             raise ValueError("no --model given, $UNITOKEN_MODEL is not set, and this install has no bundled model")
@@ -173,6 +181,8 @@ def _pipeline(args):
         pipe = default.pipeline(adapters=args.adapters, cache_growth=args.cache_growth, layers=args.layers, **how)
         if prefix is not None:
             pipe.image_prefix = prefix
+        if template is not None:
+            pipe.generate_template = template
         _say_placement(pipe.model)
         return pipe
     if getattr(args, "size", None) is None:
@@ -204,7 +214,7 @@ def _pipeline(args):
     _say_placement(model)
     return UniTokenPipeline(model, text, vq, anyres=args.anyres,
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth,
-                            layers=args.layers)
+                            layers=args.layers, **({} if template is None else {"generate_template": template}))
 
 
 def _how_to_load(args, model_dir: str) -> dict:
@@ -1261,6 +1271,12 @@ def _parser() -> argparse.ArgumentParser:
 
     cache_arg(recon)
 
+    def template_arg(p):
+        p.add_argument("--template", default=None,
+                       help="the prompt a picture is asked for with: {prompt}, and optionally {w} and {h} (its "
+                            "width and height), filled in (default: the reference's; the bundled model: its own). "
+                            "A model trained with another wording needs it")
+
     def model_args(p, image_out=False, per_request=True):
         p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "
                                        "shapes-world model)")
@@ -1348,6 +1364,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="text guidance steers away from: the unguided row's prompt (default: no text, as "
                           "the reference's)")
     model_args(gen, image_out=True)
+    template_arg(gen)
     gen.set_defaults(func=_generate)
     cap = add_parser("caption", help="answer one question about every picture of files and folders, in batches",
                      description="Answers --question about each picture (folders are searched for picture files) "
@@ -1386,6 +1403,7 @@ def _parser() -> argparse.ArgumentParser:
     cha.add_argument("--cfg", type=_finite(0), default=3.0, help="classifier-free guidance for a picture an answer "
                                                             "draws, from its <racm3:break> on (1 = off)")
     model_args(cha)
+    template_arg(cha)
     # the pipeline's chat budget (room for a 512 x 512 picture): with the bundled model's 512 positions
     # every turn then ends at the model's last position, so turns share the decode loop's shapes (README)
     cha.set_defaults(func=_chat, max_new_tokens=CHAT_MAX_NEW_TOKENS)
@@ -1426,6 +1444,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--size", default=None, help="pictures' size when a call asks for 'auto' (default: the bundled "
                                                   "model's 64x64, the only size it draws; else 512x512)")
     model_args(srv, per_request=False)
+    template_arg(srv)
     srv.set_defaults(func=_serve)
     pre = add_parser("pretokenize", help="conversations (reference JSON) + images -> a TFDS ArrayRecord dataset")
     pre.add_argument("items", help="a .json list or .jsonl file of items in the reference's conversation format")
