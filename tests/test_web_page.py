@@ -280,6 +280,83 @@ def test_a_conversation_that_outgrows_the_server_leaves_out_its_oldest_turns_and
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
 
 
+def test_several_pictures_a_question_drawings_asked_about_and_files_refused_before_they_are_sent(page, tmp_path,
+                                                                                                  monkeypatch):
+    """The page took one picture a question (the API takes several); a picture once chosen could
+    not be left out; a question after a drawing went without the drawing (answered about an older
+    picture); a file the server refuses was sent whole (twice, when too big) and refused by the API's
+    field path; the Send button kept the focus from the question; a narrow window cut the gallery."""
+    from selenium.webdriver.common.by import By
+
+    from unitoken_jax.serve import wire
+
+    server, browser = page
+    sent, parse = [], wire.parse_chat
+    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (sent.append(body["messages"]), parse(body, *a))[1])
+    _fresh(browser)
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    shapes.draw([Thing("red", "circle", "top left")]).save(red)
+    shapes.draw([Thing("blue", "square", "bottom right")]).save(blue)
+    browser.find_element(By.ID, "picture").send_keys(f"{red}\n{blue}")
+    assert browser.find_element(By.ID, "attached-names").text == "red.png, blue.png"
+    _ask_page(browser, "How many shapes are there?")
+    _wait(browser, lambda b: _answers(b) or None)
+    assert [part["type"] for part in sent[-1][-1]["content"]] == ["image_url", "image_url", "text"]
+    assert [base64.b64decode(part["image_url"]["url"].split(",", 1)[1]) for part in sent[-1][-1]["content"][:2]] == \
+        [red.read_bytes(), blue.read_bytes()]  # in the order chosen
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].find_elements(By.TAG_NAME, "img")) == 2
+    assert browser.switch_to.active_element.get_attribute("id") == "question"  # ready for the next question
+    # a picture chosen, then removed: the question goes without it
+    browser.find_element(By.ID, "new-chat").click()
+    browser.find_element(By.ID, "picture").send_keys(str(red))
+    browser.find_element(By.ID, "detach").click()
+    assert not browser.find_element(By.ID, "attached").is_displayed()
+    _ask_page(browser, "What colour is the shape?")
+    _wait(browser, lambda b: _answers(b) or None)
+    assert [part["type"] for part in sent[-1][-1]["content"]] == ["text"]
+    # a drawing is part of the conversation: the question after it goes with it
+    browser.find_element(By.ID, "new-chat").click()
+    browser.find_element(By.ID, "prompt").send_keys("a blue square at the bottom right")
+    browser.find_element(By.ID, "seed").clear()
+    browser.find_element(By.ID, "seed").send_keys("7")  # (the first test's drawing: a blue square there)
+    browser.find_element(By.ID, "draw-button").click()
+    url = _wait(browser, lambda b: [e.get_attribute("src") for e in
+                                    b.find_elements(By.CSS_SELECTOR, ".msg.assistant img.drawn")] or None)[0]
+    _ask_page(browser, "What colour is the shape?")
+    _wait(browser, lambda b: len(_answers(b)) == 2)
+    drawn = sent[-1]
+    assert [m["role"] for m in drawn] == ["user", "assistant", "user"], drawn
+    assert drawn[0]["content"][0]["text"].endswith("a blue square at the bottom right")
+    assert [part["image_url"]["url"] for part in drawn[1]["content"]] == [url]
+    reading = shapes.check_picture(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    assert reading.colour is not None and _answers(browser)[-1] == reading.colour  # about the drawing
+    # files the server would refuse are said by name, and nothing is sent
+    calls = len(sent)
+    (tmp_path / "notes.txt").write_text("not a picture")
+    _ask_page(browser, "What is this?", tmp_path / "notes.txt")
+    error = _wait(browser, lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.error")] or None)
+    assert error == ["notes.txt is not a PNG, JPEG, WebP or GIF picture"] and len(sent) == calls
+    settings = server.app.state.server.settings
+    monkeypatch.setattr(settings, "limits", wire.Limits(max_image_bytes=100))  # (the page says it as it loads)
+    browser.refresh()
+    _fresh(browser)
+    _ask_page(browser, "What colour is the shape?", red)
+    error = _wait(browser, lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.error")] or None)
+    assert error == [f"red.png is {red.stat().st_size} bytes; this server takes pictures of at most 100"]
+    assert len(sent) == calls
+    # a phone's width: the gallery goes below the chat, as wide as it
+    size = browser.get_window_size()
+    try:
+        browser.set_window_size(375, 800)
+        chat, gallery = (browser.find_element(By.TAG_NAME, tag).rect for tag in ("main", "aside"))
+        assert gallery["y"] >= chat["y"] + chat["height"] - 1 and gallery["width"] >= 0.9 * chat["width"], \
+            (chat, gallery)
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+    monkeypatch.undo()
+    browser.refresh()
+
+
 def _under_prefix(app, prefix):
     """`app` as a proxy's path prefix serves it (nginx `location /p/ { proxy_pass http://app/; }`):
     PREFIX/x reaches the app as /x; anything else is not found."""

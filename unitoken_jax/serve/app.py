@@ -260,6 +260,7 @@ class _Server:
         the page); the page itself needs no key."""
         html = (resources.files("unitoken_jax.serve") / "static" / "index.html").read_text(encoding="utf-8")
         html = html.replace("__GUIDANCE__", json.dumps(self.settings.default_guidance))
+        html = html.replace("__MAX_PICTURE_BYTES__", json.dumps(self.settings.limits.max_image_bytes))
         # the prompt the model was trained to draw from, filled in here at the page's size as str.format
         # fills it (doubled braces, format specs), the typed prompt to go between its parts; "</"
         # escaped, so no template can end the page's script
