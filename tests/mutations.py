@@ -784,8 +784,8 @@ MUTATIONS = (
              "checkpoint_every=min(steps, build.CHECKPOINT_EVERY)", "checkpoint_every=steps", ("tests/test_world.py", "-k", "reuses_a_step")),
     Mutation("ctrl_c_lost_in_gc_callback", "a Ctrl-C in a command's first second raised in JAX's garbage-collector "
              "callback, printed as ignored, and the job run to its end", "unitoken_jax/shutdown.py",
-             "        if _in_gc_callback(frame):\n", "        if False:\n",
-             ("tests/test_inference.py", "-k", "first_second")),
+             "        if _in_gc_callback(frame) or _in_extension_init(frame):\n", "        if _in_extension_init(frame):\n",
+             ("tests/test_layering.py", "-k", "comes_again")),
     Mutation("sigterm_kills_verbs_unsaid", "a SIGTERM killing a verb on the spot: no line, a temporary file left",
              "unitoken_jax/cli.py", 'stop_on_signals(sigterm=args.command not in ("serve", "sweep"))',
              "stop_on_signals(sigterm=False)", ("tests/test_inference.py", "-k", "first_second")),
@@ -887,6 +887,10 @@ MUTATIONS = (
     Mutation("page_sends_refused_files", "the web page sending a file the server refuses",
              "unitoken_jax/serve/static/index.html", "  if (refused.length) {", "  if (false) {",
              ("tests/test_web_page.py", "-k", "several_pictures")),
+    Mutation("stop_inside_extension_init", "a Ctrl-C raised inside an extension's initialisation (a traceback "
+             "printed there)", "unitoken_jax/shutdown.py",
+             "or _in_extension_init(frame):", ":",
+             ("tests/test_layering.py", "-k", "comes_again")),
     Mutation("cache_read_only_unseen", "a read-only compilation cache warning twice a program and never hit",
              "unitoken_jax/inference/compilation_cache.py", "writable = os.access(path, os.W_OK)", "writable = True",
              ("tests/test_compilation_cache.py", "-k", "cannot_be_written")),

@@ -130,6 +130,49 @@ def test_importing_the_package_loads_no_jax():
     assert ran.returncode == 0 and "usage: unitoken generate" in ran.stdout, ran.stderr[-2000:]
 
 
+def test_a_ctrl_c_inside_an_extensions_initialisation_comes_again_after_it(monkeypatch):
+    """A Ctrl-C that lands while a compiled extension initialises (jaxlib's, ml_dtypes' importing
+    NumPy) is printed there as a traceback by NumPy's C API, and the import fails as an ImportError
+    (a clean-clone CI met it: a traceback before "stopped (Ctrl-C)"). The handler now sends the
+    signal again a moment later, once outside it; elsewhere it stops at once."""
+    from unitoken_jax import shutdown
+
+    scope = {}  # a frame as importlib's extension loader makes it (its C init calls back into Python)
+    exec(compile("def create_module(spec):\n    return spec()\n", "<frozen importlib._bootstrap_external>",
+                 "exec"), scope)
+    resent = []
+    monkeypatch.setattr("threading.Timer", lambda delay, kill, args: type(
+        "T", (), {"start": lambda self: resent.append((kill, args[1]))})())
+    monkeypatch.setattr(shutdown, "STOPS", [])
+    handler = shutdown._stop(KeyboardInterrupt)
+    def inside():
+        try:
+            handler(2, sys._getframe())
+        except KeyboardInterrupt:
+            return "stopped inside the extension's initialisation"
+        return "not stopped there"
+
+    assert scope["create_module"](inside) == "not stopped there" and resent == [(os.kill, 2)]  # sent again
+    # the same in a garbage collector's callback (JAX's runs at every collection), where Python prints
+    # an exception as ignored and goes on: a Ctrl-C in a command's first seconds had been lost
+    import gc
+
+    said = []
+
+    def callback(phase, info):
+        if phase == "start" and not said:
+            said.append(inside())
+
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+    assert said == ["not stopped there"] and resent == [(os.kill, 2)] * 2
+    with pytest.raises(KeyboardInterrupt):
+        handler(2, sys._getframe())
+
+
 def test_a_ctrl_c_inside_an_extensions_initialisation_is_said_as_a_stop(monkeypatch, capsys):
     """A Ctrl-C that landed while jaxlib's extension initialised came out as an ImportError with no
     KeyboardInterrupt chained ("Encountered an error while initializing the extension"): exit 1

@@ -38,13 +38,25 @@ def _in_gc_callback(frame) -> bool:
     return False
 
 
+def _in_extension_init(frame) -> bool:
+    """Inside a compiled extension's initialisation (importlib's `create_module` of an extension,
+    whose C code imports further modules, NumPy's among them)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "create_module" and code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _stop(error: type[KeyboardInterrupt]):
     def handler(signum, frame):
-        if _in_gc_callback(frame):
+        if _in_gc_callback(frame) or _in_extension_init(frame):
             # raised in a garbage collector's callback (JAX's runs at every collection, and imports
             # collect often), Python prints the exception as ignored and goes on: a Ctrl-C in a
-            # command's first seconds was lost, and the whole job ran. The signal comes again a moment
-            # later, outside it
+            # command's first seconds was lost, and the whole job ran. Raised inside an extension's
+            # initialisation (jaxlib's, ml_dtypes' importing NumPy), it is printed there as a traceback
+            # and comes out as an ImportError. The signal comes again a moment later, outside them
             import threading
 
             threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
