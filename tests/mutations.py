@@ -784,7 +784,8 @@ MUTATIONS = (
              "checkpoint_every=min(steps, build.CHECKPOINT_EVERY)", "checkpoint_every=steps", ("tests/test_world.py", "-k", "reuses_a_step")),
     Mutation("ctrl_c_lost_in_gc_callback", "a Ctrl-C in a command's first second raised in JAX's garbage-collector "
              "callback, printed as ignored, and the job run to its end", "unitoken_jax/shutdown.py",
-             "        if _in_gc_callback(frame) or _in_extension_init(frame):\n", "        if _in_extension_init(frame):\n",
+             "        if _in_gc_callback(frame) or _in_extension_init(frame):\n",
+             "        if _in_extension_init(frame):\n",
              ("tests/test_layering.py", "-k", "comes_again")),
     Mutation("sigterm_kills_verbs_unsaid", "a SIGTERM killing a verb on the spot: no line, a temporary file left",
              "unitoken_jax/cli.py", 'stop_on_signals(sigterm=args.command not in ("serve", "sweep"))',
