@@ -39,11 +39,12 @@ def _in_gc_callback(frame) -> bool:
 
 
 def _in_extension_init(frame) -> bool:
-    """Inside a compiled extension's initialisation (importlib's `create_module` of an extension,
-    whose C code imports further modules, NumPy's among them)."""
+    """Inside a compiled extension's initialisation (importlib's extension loader creating or
+    executing it: its C code imports further modules, NumPy's among them)."""
     while frame is not None:
         code = frame.f_code
-        if code.co_name == "create_module" and code.co_filename.startswith("<frozen importlib"):
+        if (code.co_name in ("create_module", "exec_module") and code.co_filename.startswith("<frozen importlib")
+                and type(frame.f_locals.get("self")).__name__ == "ExtensionFileLoader"):
             return True
         frame = frame.f_back
     return False
