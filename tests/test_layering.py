@@ -137,10 +137,14 @@ def test_a_ctrl_c_inside_an_extensions_initialisation_comes_again_after_it(monke
     signal again a moment later, once outside it; elsewhere it stops at once."""
     from unitoken_jax import shutdown
 
-    scope = {}  # frames as importlib's extension loader makes them (its C init calls back into Python)
-    exec(compile("class ExtensionFileLoader:\n    def create_module(self, spec):\n        return spec()\n"
+    from importlib import machinery
+
+    # frames as importlib's extension loader makes them (its C init calls back into Python): its
+    # methods, with the extension's initialisation in place of the C code, and a Python module's loader's
+    scope = {"ExtensionFileLoader": machinery.ExtensionFileLoader, "SourceFileLoader": machinery.SourceFileLoader}
+    exec(compile("class Extension(ExtensionFileLoader):\n    def create_module(self, spec):\n        return spec()\n"
                  "    def exec_module(self, module):\n        return module()\n"
-                 "class SourceFileLoader(ExtensionFileLoader):\n    pass\n",
+                 "class Source(SourceFileLoader):\n    def exec_module(self, module):\n        return module()\n",
                  "<frozen importlib._bootstrap_external>", "exec"), scope)
     resent = []
     monkeypatch.setattr("threading.Timer", lambda delay, kill, args: type(
@@ -154,11 +158,12 @@ def test_a_ctrl_c_inside_an_extensions_initialisation_comes_again_after_it(monke
             return "stopped inside the extension's initialisation"
         return "not stopped there"
 
-    extension = scope["ExtensionFileLoader"]()
+    extension = scope["Extension"]("example", "example.so")
     assert extension.create_module(inside) == "not stopped there" and resent == [(os.kill, 2)]  # sent again
     assert extension.exec_module(inside) == "not stopped there" and len(resent) == 2  # (multi-phase init)
     # a Python module's import is not held up (a lazy import inside a long job)
-    assert scope["SourceFileLoader"]().exec_module(inside) == "stopped inside the extension's initialisation"
+    source = scope["Source"]("example", "example.py")
+    assert source.exec_module(inside) == "stopped inside the extension's initialisation"
     # the same in a garbage collector's callback (JAX's runs at every collection), where Python prints
     # an exception as ignored and goes on: a Ctrl-C in a command's first seconds had been lost
     import gc

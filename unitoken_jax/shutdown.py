@@ -27,24 +27,20 @@ class Terminated(KeyboardInterrupt):
 STOPS: list[type[KeyboardInterrupt]] = []
 
 
-def _in_gc_callback(frame) -> bool:
+def _held_back(frame) -> bool:
+    """Whether a signal landed where raising would not stop the program as it should: inside a
+    garbage collector's callback, or a compiled extension's initialisation (importlib's extension
+    loader creating or executing it: its C code imports further modules, NumPy's among them)."""
     import gc
+    from importlib.machinery import ExtensionFileLoader
 
-    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _in_extension_init(frame) -> bool:
-    """Inside a compiled extension's initialisation (importlib's extension loader creating or
-    executing it: its C code imports further modules, NumPy's among them)."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
     while frame is not None:
         code = frame.f_code
+        if code in callbacks:
+            return True
         if (code.co_name in ("create_module", "exec_module") and code.co_filename.startswith("<frozen importlib")
-                and type(frame.f_locals.get("self")).__name__ == "ExtensionFileLoader"):
+                and isinstance(frame.f_locals.get("self"), ExtensionFileLoader)):
             return True
         frame = frame.f_back
     return False
@@ -52,7 +48,7 @@ def _in_extension_init(frame) -> bool:
 
 def _stop(error: type[KeyboardInterrupt]):
     def handler(signum, frame):
-        if _in_gc_callback(frame) or _in_extension_init(frame):
+        if _held_back(frame):
             # raised in a garbage collector's callback (JAX's runs at every collection, and imports
             # collect often), Python prints the exception as ignored and goes on: a Ctrl-C in a
             # command's first seconds was lost, and the whole job ran. Raised inside an extension's

@@ -31,7 +31,7 @@ from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request, whol
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.conversation import (IMAGE_PLACEHOLDER, ConversationError, SequenceTooLong, TextStream,
-                                                decode, encode_item)
+                                                decode, encode_item, ended)
 from unitoken_jax.tokenizer.text import not_unicode
 
 # How the reference asks UniToken's released models for a picture (its README's example and its
@@ -248,9 +248,9 @@ def trained_record(model) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def trained_vq_size(model) -> int | None:
-    """The VQ crop `model`'s training data was cut at, if its directory records it (`TRAINED_PICTURES`)."""
-    size = trained_record(model).get("vq_size")
+def trained_vq_size(record: dict) -> int | None:
+    """The VQ crop a model's training data was cut at, if its `trained_record` says."""
+    size = record.get("vq_size")
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
@@ -259,9 +259,10 @@ class OtherTokenizer(UserWarning):
     fingerprint differs from the one `TRAINED_PICTURES` records): the model's ids mean other words."""
 
 
-def check_trained_tokenizer(model, tokenizer) -> None:
-    """Warns `OtherTokenizer` where `model` records its data's tokenizer and `tokenizer` is another."""
-    trained = trained_record(model).get("tokenizer_sha256")
+def check_trained_tokenizer(model, record: dict, tokenizer) -> None:
+    """Warns `OtherTokenizer` where `model`'s `trained_record` names its data's tokenizer and
+    `tokenizer` is another."""
+    trained = record.get("tokenizer_sha256")
     if isinstance(trained, str) and hasattr(tokenizer, "fingerprint") and tokenizer.fingerprint() != trained:
         warnings.warn(OtherTokenizer(
             f"{model.source} was trained on data pre-tokenized with another text tokenizer (sha256 {trained[:12]}..., "
@@ -331,14 +332,14 @@ class UniTokenPipeline:
                              "tokenizer the model was trained with")
         if image_prefix is None:
             image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
-        check_trained_tokenizer(model, tokenizer)
-        trained = trained_record(model)
+        trained = trained_record(model)  # (read once: the three defaults below come from it)
+        check_trained_tokenizer(model, trained, tokenizer)
         if anyres is None:
             anyres = trained.get("anyres") is True
         if continuous is None:
             continuous = trained.get("continuous") is not False
         if vq_size is None:
-            vq_size = trained_vq_size(model) or default_vq_size(model.config.decoder.max_position_embeddings, vq)
+            vq_size = trained_vq_size(trained) or default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
@@ -554,12 +555,12 @@ class UniTokenPipeline:
         for i, (request, drawn) in enumerate(zip(requests, out.tokens)):
             ids = np.concatenate([[layout.IMAGE_START], drawn]) if request.starts_in_picture else drawn
             repairs = []
-            last = int(drawn[-1]) if len(drawn) else None
-            ended = last in request.stop_tokens or (request.stop_after_image and last == layout.IMAGE_END)
-            results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs, unfinished=not ended))
+            finished = ended(drawn, request.stop_tokens, stop_after_image=request.stop_after_image)
+            results.append(decode(ids, self.tokenizer, self.vq, repair=repair, repairs=repairs,
+                                  unfinished=not finished))
             by_budget = len(drawn) >= request.max_new_tokens
             repaired += [(first + i, request, shape, changes, by_budget) for shape, changes in repairs]
-            if not repairs and not ended:
+            if not repairs and not finished:
                 cut.append((first + i, by_budget, request.max_new_tokens))
         return results, cut, repaired
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from unitoken_jax.inference.decode import Request
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import decode
+from unitoken_jax.tokenizer.conversation import decode, ended
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,9 @@ class PipelineEngine:
     def _output(self, request: Request, ids: np.ndarray) -> Output:
         cut = len(ids) > request.max_new_tokens
         ids = np.asarray(ids[:request.max_new_tokens])
-        last = ids[-1] if len(ids) else None
-        ended = last == layout.END_OF_TURN or (request.stop_after_image and last == layout.IMAGE_END)
+        finished = ended(ids, stop_after_image=request.stop_after_image)
         full = np.concatenate([[layout.IMAGE_START], ids]) if request.starts_in_picture else ids
         # a chat's picture that max_tokens cut off is completed, as UniTokenPipeline.chat does
         parts = decode(full, self.pipe.tokenizer, self.pipe.vq, repair=request.allow_images,
-                       unfinished=not ended or cut)
-        return Output(ids=ids, parts=parts, finish_reason="stop" if ended and not cut else "length")
+                       unfinished=not finished or cut)
+        return Output(ids=ids, parts=parts, finish_reason="stop" if finished and not cut else "length")

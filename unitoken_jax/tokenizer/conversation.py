@@ -203,6 +203,14 @@ def _picture_end(ids: list[int], i: int) -> int:
     return stop
 
 
+def ended(ids: Sequence[int], stop_tokens: Sequence[int] = (layout.END_OF_TURN,), *,
+          stop_after_image: bool = False) -> bool:
+    """Whether generated `ids` end as an answer ends (a stop token, or a picture's end where the
+    request stops after one), not cut by a budget: `decode`'s `unfinished` is its negation."""
+    last = int(ids[-1]) if len(ids) else None
+    return last in stop_tokens or (stop_after_image and last == layout.IMAGE_END)
+
+
 def decode(ids: Sequence[int], tokenizer: TextTokenizer, vq=None, *, repair: bool = False,
            repairs: list | None = None, unfinished: bool = False) -> list:
     """Generated ids -> [text, picture, text, ...]. Pictures are PIL images when `vq` can decode,
