@@ -236,8 +236,8 @@ MUTATIONS = (
              "unitoken_jax/cli.py", "n = args.batch_size or (16 if args.prompts_file else args.n)", "n = 1",
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
     Mutation("quantize_auto_forgets_the_input_picture", "--quantize auto planning an answer or an edit without the "
-             "pictures its prompt holds", "unitoken_jax/cli.py", "picture = picture_prompt_length(config, "
-             "getattr(args, \"vq_size\", None) or 512, ", "picture = 0 + (",
+             "pictures its prompt holds", "unitoken_jax/cli.py",
+             "picture = picture_prompt_length(config, vq_size, anyres)", "picture = 0",
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
     Mutation("programs_per_loop", "each decode loop compiling its own programs again (a second model of the same config)",
              "unitoken_jax/inference/decode.py",
@@ -245,7 +245,8 @@ MUTATIONS = (
              "return _Steps(config, self.layers, self.cache_dtype, self._ok_ids, ",
              ("tests/test_inference.py", "-k", "second_model")),
     Mutation("quantize_auto_plans_one_tile", "--quantize auto planning one SigLIP tile a picture under --anyres",
-             "unitoken_jax/cli.py", 'or 512, getattr(args, "anyres", False))', "or 512, False)",
+             "unitoken_jax/cli.py", 'anyres = trained.get("anyres") is True if anyres is None else anyres',
+             'anyres = trained.get("anyres") is True',
              ("tests/test_fit.py", "-k", "quantizes_by_itself")),
     Mutation("train_cache_off_by_default", "training with no compilation cache unless its config names one (a "
              "sweep's runs each compiling their step)", "unitoken_jax/train/__main__.py",
@@ -901,6 +902,10 @@ MUTATIONS = (
     Mutation("verb_import_stop_traceback", "a Ctrl-C inside jaxlib's initialisation in a verb ending in a traceback",
              "unitoken_jax/cli.py", "            if not STOPS:  # imports JAX)", "            if True:  # imports JAX)",
              ("tests/test_layering.py", "-k", "extensions_initialisation")),
+    Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
+             "pictures for one tile a picture", "unitoken_jax/cli.py",
+             'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",
+             ("tests/test_fit.py", "-k", "quantizes_by_itself")),
 )
 
 

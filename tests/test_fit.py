@@ -126,6 +126,13 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     assert len(anyres_image(Image.new("RGB", (900, 900))).entries) == 729 + 54 * 55
     assert picture_prompt_length(SEVEN_B, anyres=True) == 1 + 1060 + 729 + 54 * 55
     assert cli._quantize(args("understand", anyres=True), SEVEN_B, v5e, "bfloat16") == "int8"
+    # a model trained here with AnyRes pictures (its final/ records it) is planned so without the flag,
+    # as the pipeline lays its pictures out (it was planned one tile a picture: bfloat16, not fitting)
+    assert cli._quantize(args("understand"), SEVEN_B, v5e, "bfloat16", trained={"anyres": True}) == "int8"
+    assert cli._quantize(args("understand"), SEVEN_B, v5e, "bfloat16", trained={"anyres": False}) is None
+    asked = args("understand")
+    assert cli._plan(asked, SEVEN_B, {"vq_size": 256})[2]["positions"] == \
+        64 + picture_prompt_length(SEVEN_B, 256) + asked.max_new_tokens  # (its recorded crop: no --vq-size)
     assert cli._quantize(args("edit"), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("caption", batch_size=4), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("chat"), SEVEN_B, v5e, "bfloat16") == "int8"  # a picture and 2,048 tokens, guided

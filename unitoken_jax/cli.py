@@ -226,7 +226,10 @@ def _how_to_load(args, model_dir: str) -> dict:
     config = unitoken_jax.read_config(model_dir)
     dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
     mesh = _mesh(args.mesh, config)
-    quantize = _quantize(args, config, mesh_devices(mesh), param_dtype, mesh.shape["tensor"] if mesh else 1, dtype)
+    from unitoken_jax.inference.pipeline import trained_record
+
+    quantize = _quantize(args, config, mesh_devices(mesh), param_dtype, mesh.shape["tensor"] if mesh else 1, dtype,
+                         trained=trained_record(model_dir))
     return dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, quantize=quantize)
 
 
@@ -264,20 +267,27 @@ def _mesh(text: str, config):
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _plan(args, config) -> tuple[int, str, dict]:
+def _plan(args, config, trained: dict | None = None) -> tuple[int, str, dict]:
     """What --quantize auto plans the memory for: (pictures at once, the load in words, keywords of
-    `inference.fit.decode_memory` for its KV cache), the command's most at once by its own flags."""
+    `inference.fit.decode_memory` for its KV cache), the command's most at once by its own flags;
+    the picture layout as the pipeline will take it: the flags', else what a trained model records
+    of its data (`trained`, `inference.pipeline.trained_record`)."""
     from unitoken_jax.inference.fit import decoder_positions, picture_prompt_length
+    from unitoken_jax.inference.pipeline import trained_vq_size
 
+    trained = trained or {}
     size = _size(args.size) if getattr(args, "size", None) else (512, 512)
-    picture = picture_prompt_length(config, getattr(args, "vq_size", None) or 512, getattr(args, "anyres", False))
+    anyres = getattr(args, "anyres", None)
+    anyres = trained.get("anyres") is True if anyres is None else anyres
+    vq_size = getattr(args, "vq_size", None) or trained_vq_size(trained) or 512
+    picture = picture_prompt_length(config, vq_size, anyres)
     if args.command == "generate":
         n = args.batch_size or (16 if args.prompts_file else args.n)
         return n, f"{n} picture(s) (--n / --batch-size)", dict(size=size, cfg=args.cfg != 1)
     if args.command == "edit":
         return 1, "an edit of a picture", dict(size=size, cfg=args.cfg != 1, prompt_length=64 + picture)
     if args.command == "serve" and args.batching == "continuous":  # every slot holds its whole cache
-        length = args.slot_length or decoder_positions(config, getattr(args, "anyres", False))
+        length = args.slot_length or decoder_positions(config, anyres)
         return 1, f"{args.max_batch} rows of {length} positions (--max-batch, --slot-length)", \
             dict(rows=args.max_batch, positions=length)
     if args.command == "serve":  # a batch of guided pictures, the heaviest load of the usual calls
@@ -291,7 +301,7 @@ def _plan(args, config) -> tuple[int, str, dict]:
 
 
 def _quantize(args, config, devices, param_dtype: str, tensor: int | None = None,
-              dtype: str = "bfloat16") -> str | None:
+              dtype: str = "bfloat16", trained: dict | None = None) -> str | None:
     """--quantize: 'auto' keeps a checkpoint stored quantized as it is (and checks that it fits),
     and otherwise takes int8 only where bfloat16 weights and the KV cache (in the compute `dtype`)
     of what this command decodes at once do not fit the devices (`inference.fit.choose_quantize`;
@@ -305,7 +315,7 @@ def _quantize(args, config, devices, param_dtype: str, tensor: int | None = None
         return None
     from unitoken_jax.inference.fit import choose_quantize
 
-    images, what, memory = _plan(args, config)
+    images, what, memory = _plan(args, config, trained)
     quantize, why = choose_quantize(config, images, devices, what=what, tensor=tensor, dtype=param_dtype,
                                     cache_dtype=dtype, **memory)
     _LOG.info("--quantize auto: %s", why)

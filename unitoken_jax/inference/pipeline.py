@@ -234,9 +234,10 @@ TRAINED_PICTURES = "trained_pictures.json"
 
 
 def trained_record(model) -> dict:
-    """What `model`'s directory records of its training data (`TRAINED_PICTURES`: the data's VQ crop,
-    tile, AnyRes and continuous settings, the text tokenizer's and VQ-GAN's fingerprints); {} if none."""
-    source = getattr(model, "source", None)
+    """What `model`'s directory (or the directory `model` names) records of its training data
+    (`TRAINED_PICTURES`: the data's VQ crop, tile, AnyRes and continuous settings, the text
+    tokenizer's and VQ-GAN's fingerprints); {} if none."""
+    source = model if isinstance(model, str) else getattr(model, "source", None)
     path = os.path.join(source, TRAINED_PICTURES) if isinstance(source, str) else None
     if path is None or not os.path.isfile(path):
         return {}
