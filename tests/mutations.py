@@ -902,6 +902,12 @@ MUTATIONS = (
     Mutation("verb_import_stop_traceback", "a Ctrl-C inside jaxlib's initialisation in a verb ending in a traceback",
              "unitoken_jax/cli.py", "            if not STOPS:  # imports JAX)", "            if True:  # imports JAX)",
              ("tests/test_layering.py", "-k", "extensions_initialisation")),
+    Mutation("page_shift_enter_sends", "the web page's question box sending at Shift+Enter (no question of several "
+             "lines)", "unitoken_jax/serve/static/index.html", 'e.key === "Enter" && !e.shiftKey &&',
+             'e.key === "Enter" &&', ("tests/test_web_page.py", "-k", "several_lines")),
+    Mutation("page_reload_loses_conversation", "a reload of the web page losing the conversation",
+             "unitoken_jax/serve/static/index.html", "restore();\nloadModel();", "loadModel();",
+             ("tests/test_web_page.py", "-k", "several_lines")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

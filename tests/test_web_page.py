@@ -15,7 +15,7 @@ import requests
 from PIL import Image
 from test_serve import KEY, MODEL, _Running
 
-from unitoken_jax.serve import ServeSettings, create_app
+from unitoken_jax.serve import ServeSettings, create_app, wire
 from unitoken_jax.world.shapes import GENERATE_TEMPLATE  # (the bundled model was trained with it)
 from unitoken_jax.world import default, shapes
 from unitoken_jax.world.shapes import Thing
@@ -48,6 +48,13 @@ def page():
     finally:
         browser.quit()
         server.stop()
+
+
+def _sent_messages(monkeypatch) -> list:
+    """The messages of each chat call the server parses from now on (the page's calls), in order."""
+    sent, parse = [], wire.parse_chat
+    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (sent.append(body["messages"]), parse(body, *a))[1])
+    return sent
 
 
 def _wait(browser, condition, seconds=120):
@@ -108,11 +115,8 @@ def test_the_page_sends_the_conversation_so_far_until_a_new_chat(page, tmp_path,
     does; "New chat" starts again from nothing. The server's parser records what the page sent."""
     from selenium.webdriver.common.by import By
 
-    from unitoken_jax.serve import wire
-
     server, browser = page
-    sent, parse = [], wire.parse_chat
-    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (sent.append(body["messages"]), parse(body, *a))[1])
+    sent = _sent_messages(monkeypatch)
     key = browser.find_element(By.ID, "key")
     key.clear()
     key.send_keys(KEY)
@@ -184,11 +188,8 @@ def test_a_double_click_asks_once_and_a_new_chat_drops_the_answer_still_coming(p
     conversation, with the old question in the next call's history."""
     from selenium.webdriver.common.by import By
 
-    from unitoken_jax.serve import wire
-
     server, browser = page
-    sent, parse = [], wire.parse_chat
-    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (sent.append(body["messages"]), parse(body, *a))[1])
+    sent = _sent_messages(monkeypatch)
     _fresh(browser)
     picture = tmp_path / "red.png"
     shapes.draw([Thing("red", "circle", "top left")]).save(picture)
@@ -227,8 +228,6 @@ def test_a_conversation_that_outgrows_the_server_leaves_out_its_oldest_turns_and
     was shown as if complete). A server restarted under another model name is asked its name again
     (every call failed until the page was reloaded)."""
     from selenium.webdriver.common.by import By
-
-    from unitoken_jax.serve import wire
 
     server, browser = page
     settings = server.app.state.server.settings
@@ -288,11 +287,8 @@ def test_several_pictures_a_question_drawings_asked_about_and_files_refused_befo
     field path; the Send button kept the focus from the question; a narrow window cut the gallery."""
     from selenium.webdriver.common.by import By
 
-    from unitoken_jax.serve import wire
-
     server, browser = page
-    sent, parse = [], wire.parse_chat
-    monkeypatch.setattr(wire, "parse_chat", lambda body, *a: (sent.append(body["messages"]), parse(body, *a))[1])
+    sent = _sent_messages(monkeypatch)
     _fresh(browser)
     red, blue = tmp_path / "red.png", tmp_path / "blue.png"
     shapes.draw([Thing("red", "circle", "top left")]).save(red)
@@ -357,6 +353,46 @@ def test_several_pictures_a_question_drawings_asked_about_and_files_refused_befo
     browser.refresh()
 
 
+def test_a_question_of_several_lines_and_a_conversation_that_survives_a_reload(page, tmp_path, monkeypatch):
+    """The question box was a one-line input (no question of several lines; Shift+Enter sent) and a
+    reload lost the conversation: now Shift+Enter starts a line and Enter sends, and the tab keeps
+    the conversation (what the log showed and the turns a follow-up goes with) until "New chat"."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    server, browser = page
+    sent = _sent_messages(monkeypatch)
+    _fresh(browser)
+    picture = tmp_path / "green.png"
+    shapes.draw([Thing("green", "square", "top right")]).save(picture)
+    browser.find_element(By.ID, "picture").send_keys(str(picture))
+    box = browser.find_element(By.ID, "question")
+    box.send_keys("What colour", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "is the shape?")
+    assert not sent and box.get_attribute("value") == "What colour\nis the shape?"  # (not sent yet)
+    one_line = box.size["height"]
+    box.send_keys(Keys.ENTER)
+    first = _wait(browser, lambda b: _answers(b) or None)
+    assert sent[-1][0]["content"][-1] == {"type": "text", "text": "What colour\nis the shape?"}
+    assert box.get_attribute("value") == "" and box.size["height"] <= one_line
+    log = browser.find_element(By.ID, "log").text
+
+    browser.refresh()
+    _wait(browser, lambda b: b.find_element(By.ID, "log").text == log or None, seconds=30)
+    assert _answers(browser) == first and browser.find_elements(By.CSS_SELECTOR, ".msg.user img.sent")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery img")) == 0  # (nothing was drawn)
+    browser.find_element(By.ID, "question").send_keys("And its shape?", Keys.ENTER)
+    _wait(browser, lambda b: len(_answers(b)) == 2 or None)
+    follow_up = sent[-1]
+    assert [m["role"] for m in follow_up] == ["user", "assistant", "user"]
+    assert follow_up[0] == sent[-2][0] and follow_up[0]["content"][0]["type"] == "image_url"
+    assert follow_up[1]["content"] == [{"type": "text", "text": first[0]}]
+    browser.find_element(By.ID, "new-chat").click()
+    browser.refresh()
+    _wait(browser, lambda b: b.find_element(By.ID, "model").text == MODEL or None, seconds=30)
+    assert browser.find_element(By.ID, "log").text == ""
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+
 def _under_prefix(app, prefix):
     """`app` as a proxy's path prefix serves it (nginx `location /p/ { proxy_pass http://app/; }`):
     PREFIX/x reaches the app as /x; anything else is not found."""
@@ -386,8 +422,6 @@ def test_the_page_works_under_a_path_prefix_folds_big_seeds_as_the_server_does_a
     import time
 
     from selenium.webdriver.common.by import By
-
-    from unitoken_jax.serve import wire
 
     settings = ServeSettings(model_name=MODEL, api_key=KEY, default_size=(64, 64), sizes=((64, 64),))
     app = create_app(default.pipeline(), settings)
