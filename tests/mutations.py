@@ -908,6 +908,10 @@ MUTATIONS = (
     Mutation("page_reload_loses_conversation", "a reload of the web page losing the conversation",
              "unitoken_jax/serve/static/index.html", "restore();\nloadModel();", "loadModel();",
              ("tests/test_web_page.py", "-k", "several_lines")),
+    Mutation("page_refusal_by_field_path", "the web page saying a picture the server refused by the API's field path",
+             "unitoken_jax/serve/static/index.html",
+             "const file = at && Number(at[1]) === turn ? files[Number(at[2])] : undefined;",
+             "const file = undefined;", ("tests/test_web_page.py", "-k", "several_pictures")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -332,6 +332,14 @@ def test_several_pictures_a_question_drawings_asked_about_and_files_refused_befo
     _ask_page(browser, "What is this?", tmp_path / "notes.txt")
     error = _wait(browser, lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.error")] or None)
     assert error == ["notes.txt is not a PNG, JPEG, WebP or GIF picture"] and len(sent) == calls
+    # one the page cannot tell (a .png that is not one) is refused by the server: said with its name,
+    # not the API's field path (messages[0].content[0].image_url)
+    (tmp_path / "fake.png").write_bytes(b"not a picture")
+    browser.find_element(By.ID, "detach").click()  # (the refused choice stays, to be removed)
+    _ask_page(browser, "What is this?", tmp_path / "fake.png")
+    error = _wait(browser, lambda b: [e.text for e in b.find_elements(By.CSS_SELECTOR, ".msg.error")][1:] or None)
+    assert error == ["fake.png: not a picture (PNG, JPEG, WebP or GIF)"] and len(sent) == calls + 1
+    calls = len(sent)
     settings = server.app.state.server.settings
     monkeypatch.setattr(settings, "limits", wire.Limits(max_image_bytes=100))  # (the page says it as it loads)
     browser.refresh()
