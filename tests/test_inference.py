@@ -1139,6 +1139,17 @@ def test_the_command_lines_say_bad_values_by_option_before_any_model_loads(tmp_p
     assert "unitoken generate: stopped (Ctrl-C)" in said and "--prompts-file" not in said, said
     assert cli.main(["train", "--config", "stage2.py:tiny", "--help"]) == 0
     assert "Runs one training stage" in capsys.readouterr().out
+    # its usage errors as the other verbs' (absl's "FATAL Flags parsing error", exit 1), and under its
+    # own name (some of its lines said "unitoken_jax.train")
+    for argv, says in ((["train", "--bogus"], "unitoken train: error: Unknown command line flag 'bogus' (--help "
+                                              "lists the flags)"),
+                       (["train"], "unitoken train: error: --config is required; --workdir is required"),
+                       (["train", "--config", "stage2.py:tiny", "--workdir", str(tmp_path / "w"), "--process_id=1"],
+                        "unitoken train: --process_id act only with --coordinator")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        said = (capsys.readouterr().err + str(stop.value.code)).strip()
+        assert (stop.value.code == 2 or isinstance(stop.value.code, str)) and said.startswith(says), (argv, said)
     (tmp_path / "a-file").write_text("")
     for main, argv, says in ((finetune_demo.main, ["--workdir", str(tmp_path / "a-file")],
                               "is a file; give a directory"),

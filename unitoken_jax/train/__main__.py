@@ -53,11 +53,11 @@ def main(argv):
         configs.check_no_label_overrides(config_flags.get_override_values(flags.FLAGS["config"]))
         config = TrainConfig.from_config_dict(_CONFIG.value)
     except ValueError as e:
-        sys.exit(f"unitoken_jax.train: {e}")
+        sys.exit(f"{_PROG}: {e}")
     if not (_DISTRIBUTED.value or _COORDINATOR.value):
         given = [f"--{f.name}" for f in (_NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
         if given:  # (without them, every "process" of a would-be pod trained alone into one workdir)
-            sys.exit(f"unitoken_jax.train: {' and '.join(given)} act only with --coordinator (or --distributed); "
+            sys.exit(f"{_PROG}: {' and '.join(given)} act only with --coordinator (or --distributed); "
                      "give it, or leave them out to train in one process")
     if _DISTRIBUTED.value or _COORDINATOR.value:
         # CPU collectives between processes go through gloo (no effect on TPU / GPU collectives)
@@ -68,7 +68,7 @@ def main(argv):
     try:
         where = enable_compilation_cache(_CONFIG.value.get("compilation_cache") or None)
     except ValueError as e:  # (a blank setting: one line, as the config's other errors)
-        sys.exit(f"unitoken_jax.train: config.compilation_cache: {e}")
+        sys.exit(f"{_PROG}: config.compilation_cache: {e}")
     logging.getLogger("unitoken_jax.train").info("compilation cache: %s", where or "off")
     try:
         train_and_evaluate(config, _WORKDIR.value)
@@ -76,8 +76,8 @@ def main(argv):
         if not _raised_by_this_package(e):  # (JAX's, a library's: a fault to read with its traceback)
             raise
         if _pod_client() is not None:
-            _stop_the_pod(f"unitoken_jax.train: {e}")
-        sys.exit(f"unitoken_jax.train: {e}")
+            _stop_the_pod(f"{_PROG}: {e}")
+        sys.exit(f"{_PROG}: {e}")
 
 
 # --- a pod whose process fails alone --------------------------------------------------------------
@@ -121,7 +121,7 @@ def _watch_the_pod() -> None:
             if not said or said.startswith(f"process {me}:"):
                 continue
             _TOLD.set()  # (this process's own collective fails next, its peer gone: that is not news)
-            print(f"unitoken_jax.train: stopping, as another process of the pod failed: {said}", file=sys.stderr)
+            print(f"{_PROG}: stopping, as another process of the pod failed: {said}", file=sys.stderr)
             with contextlib.suppress(Exception):
                 client.key_value_set(f"{_FAILED_KEY}/read/{me}", "1")
             if me == 0:
@@ -166,11 +166,31 @@ def _raised_by_this_package(error: BaseException) -> bool:
     return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE + os.sep)
 
 
+# what the command is called where its messages say so: `unitoken train` or `python -m unitoken_jax.train`
+# (`run` sets it; the first said "unitoken_jax.train" in some lines and its own name in others)
+_PROG = "unitoken_jax.train"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a `--config.KEY` the config does not have said in one line (ml_collections
-    raises it as an AttributeError, with a did-you-mean, from inside the parser)."""
+    raises it as an AttributeError, with a did-you-mean, from inside the parser), and a flag that is
+    not one (or missing) said as the other verbs' usage errors are: one line, exit status 2 (absl's
+    "FATAL Flags parsing error", exit 1)."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        import re
+        import textwrap
+
+        said = str(e).strip()
+        if "Traceback" in said:  # a user's own config file failed: its traceback says where, as absl showed it
+            said = "\n" + textwrap.indent(said, "  ")
+        else:  # (absl's "flag --config=None: Flag --config must have a value other than None.", each a line)
+            said = "; ".join(re.sub(r"^flag --(\S+)=None: Flag --\1 must have a value other than None\.$",
+                                    r"--\1 is required", line.strip()) for line in said.splitlines() if line.strip())
+            said += " (--help lists the flags)"
+        print(f"{_PROG}: error: {said}", file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError) as e:
         unknown = configs.unknown_field(e)
         flag = unknown and next((a.split("=")[0] for a in argv if a.startswith("--config.")
@@ -184,7 +204,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         if key == "lora" and not hint:  # (the stage configs train whole weights; the fine-tuning ones adapters)
             hint = ("LoRA adapters are trained by the fine-tuning config: --config finetune.py:lora "
                     "(then --config.model.lora.rank=...)")
-        sys.exit(f"unitoken_jax.train: {flag}: the config has no field {key!r}" + (f"; {hint}" if hint else ""))
+        sys.exit(f"{_PROG}: {flag}: the config has no field {key!r}" + (f"; {hint}" if hint else ""))
 
 
 def _check_config(argv: list[str]) -> None:
@@ -213,13 +233,15 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
     """Parses `argv` (default: sys.argv) with `--config` resolved, then trains. `as_program` (default:
     whether `argv` is None) ends the process at once on Ctrl-C (`shutdown.exit_now`); a call from Python
     gets SystemExit(130) instead."""
+    global _PROG
     as_program = argv is None if as_program is None else as_program
     argv = sys.argv if argv is None else argv
+    _PROG = "unitoken train" if argv[:1] == ["unitoken train"] else "unitoken_jax.train"
     try:
         argv = configs.resolve_argv(argv)
         _check_config(argv)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"{argv[0]}: {e}")
+        sys.exit(f"{_PROG}: {e}")
     try:
         app.run(main, argv=argv, flags_parser=_parse_flags)
     except Exception as e:  # noqa: BLE001 - JAX's, a library's: its traceback, and on a pod the others told
@@ -230,9 +252,9 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
 
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0]
-        _stop_the_pod(f"unitoken_jax.train: {type(e).__name__}: {first}")
+        _stop_the_pod(f"{_PROG}: {type(e).__name__}: {first}")
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the checkpoints written stay
-        print(f"\n{argv[0]}: stopped (Ctrl-C); a rerun with the same --workdir resumes from its last checkpoint "
+        print(f"\n{_PROG}: stopped (Ctrl-C); a rerun with the same --workdir resumes from its last checkpoint "
               "(a SIGTERM instead saves the step it is at first)", file=sys.stderr)
         if as_program:
             exit_now(130)  # (the loop has closed its checkpointer and writers by now)
