@@ -1485,3 +1485,32 @@ def test_a_picture_grid_takes_arrays_and_refuses_no_columns():
     assert picture_grid([red] * 4, columns=2.0, gap=0).size == (16, 16)
     with pytest.raises(ValueError, match="columns must be a whole number, at least 1"):
         picture_grid([red], columns=0)
+
+
+def test_a_chats_picture_that_cannot_be_saved_is_said_once_and_leaves_no_file(tmp_path, monkeypatch, capsys):
+    """`unitoken chat` saves each picture drawn as chat_N.png, numbered past those there; one that
+    cannot be saved (no such folder, a full disk) is said in one line and the chat goes on, leaving
+    no empty or cut file under the name it had taken."""
+    import errno
+
+    from PIL import Image
+
+    from unitoken_jax import cli
+
+    picture = Image.new("RGB", (4, 4), "red")
+    (tmp_path / "chat_0.png").write_bytes(b"another chat's")
+    assert cli._save_drawn(picture, str(tmp_path), 0) == (str(tmp_path / "chat_1.png"), 2)
+    assert Image.open(tmp_path / "chat_1.png").size == (4, 4)
+    assert (tmp_path / "chat_0.png").read_bytes() == b"another chat's"
+    assert cli._save_drawn(picture, str(tmp_path / "gone"), 2) == (None, 3)
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"chat: the picture was not saved: {tmp_path / 'gone' / 'chat_2.png'}: No such file or directory"]
+
+    def full(picture, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli, "_save", full)
+    assert cli._save_drawn(picture, str(tmp_path), 3) == (None, 4)
+    assert capsys.readouterr().err.splitlines() == [
+        f"chat: the picture was not saved: {tmp_path / 'chat_3.png'}: No space left on device"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat_0.png", "chat_1.png"]  # (chat_3.png not left empty)

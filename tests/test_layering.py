@@ -212,3 +212,4 @@ def test_a_ctrl_c_inside_an_extensions_initialisation_is_said_as_a_stop(monkeypa
     monkeypatch.setattr(cli, "STOPS", [shutdown.Terminated])
     assert cli.main(["init", "--to", "/nonexistent/x"]) == 143
     assert "unitoken init: stopped (SIGTERM)" in capsys.readouterr().err
+

@@ -1101,20 +1101,18 @@ def _save_drawn(picture, folder: str, drawn: int) -> tuple[str | None, int]:
     while True:
         path = os.path.join(folder, f"chat_{drawn}.png")
         drawn += 1
+        taken = False
         try:
             with open(path, "xb"):  # the name, taken
-                pass
-        except FileExistsError:
-            continue
-        except OSError as e:
-            print(f"chat: the picture was not saved: {path}: {e.strerror or e}", file=sys.stderr, flush=True)
-            return None, drawn
-        try:
+                taken = True
             _save(picture, path)  # (whole, then renamed over the name taken)
             return path, drawn
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+            if not taken and isinstance(e, FileExistsError):  # another's: the next number
+                continue
+            if taken:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
             print(f"chat: the picture was not saved: {path}: {e.strerror or e}", file=sys.stderr, flush=True)
             return None, drawn
 
