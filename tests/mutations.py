@@ -922,8 +922,8 @@ MUTATIONS = (
              '_PROG = "unitoken_jax.train"', ("tests/test_inference.py", "-k", "by_option_before")),
     Mutation("chat_unsaved_picture_left_empty", "a chat's picture that could not be saved leaving an empty file under "
              "its name", "unitoken_jax/cli.py",
-             "            if taken:\n                with contextlib.suppress(OSError):\n                    os.remove(path)\n",
-             "", ("tests/test_inference.py", "-k", "cannot_be_saved")),
+             "            if taken:\n                with contextlib.suppress(OSError):\n"
+             "                    os.remove(path)\n", "", ("tests/test_inference.py", "-k", "cannot_be_saved")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",
