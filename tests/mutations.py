@@ -924,6 +924,13 @@ MUTATIONS = (
              "its name", "unitoken_jax/cli.py",
              "            if taken:\n                with contextlib.suppress(OSError):\n"
              "                    os.remove(path)\n", "", ("tests/test_inference.py", "-k", "cannot_be_saved")),
+    Mutation("peft_bdlora_blamed_on_rank", "PEFT's BD-LoRA adapters refused as a rank that does not match r",
+             "unitoken_jax/convert/peft.py", '("use_bdlora", None), ', "",
+             ("tests/test_lora.py", "-k", "variants_whose")),
+    Mutation("french_demo_too_few_pictures_late", "the French demo with too few pictures to hold a question out "
+             "failing a minute in, with a traceback", "unitoken_jax/world/finetune_demo.py",
+             "    check_held_out(pictures, english_pictures)\n", "",
+             ("tests/test_inference.py", "-k", "by_option_before")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -1151,8 +1151,18 @@ def test_the_command_lines_say_bad_values_by_option_before_any_model_loads(tmp_p
         said = (capsys.readouterr().err + str(stop.value.code)).strip()
         assert (stop.value.code == 2 or isinstance(stop.value.code, str)) and said.startswith(says), (argv, said)
     (tmp_path / "a-file").write_text("")
+    # (34: the demo's question ids are fru0, fru1, ...; fru33 is the first whose BLAKE2b falls in the 5 % held out)
+    import hashlib
+
+    assert next(i for i in range(1000) if int.from_bytes(hashlib.blake2b(f"fru{i}".encode(), digest_size=8).digest(),
+                                                         "big") < 0.05 * 2**64) == 33
     for main, argv, says in ((finetune_demo.main, ["--workdir", str(tmp_path / "a-file")],
                               "is a file; give a directory"),
+                             # (too few pictures to hold any question out: a traceback a minute in)
+                             (finetune_demo.main, ["--workdir", str(tmp_path / "w"), "--pictures", "20",
+                                                   "--english-pictures", "0"],
+                              "--pictures 20 with --english-pictures 0 hold out no question for the run's evaluation "
+                              "(5% of the samples, by sample id); give --pictures 34 or more"),
                              (evaluate.main, ["--model", str(tmp_path / "none"), "--vqgan", str(tmp_path / "none")],
                               "--model " + str(tmp_path / "none") + ": no such directory"),
                              (build.main, ["--workdir", str(tmp_path / "w"), "--vq", "5"],

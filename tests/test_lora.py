@@ -277,6 +277,26 @@ def test_bad_peft_adapter_files_are_said_for_what_they_are(tmp_path):
             unitoken_jax.load(base, adapters=str(tmp_path / "plain"), progress=False)
 
 
+def test_peft_lora_variants_whose_factors_are_not_plain_are_refused_by_name(tmp_path):
+    """BD-LoRA adapters (block-diagonal factors, stored compact) were refused as a rank that did not
+    match `r`, as if the file were damaged, and KaSA's and MonteCLoRA's as "not a LoRA factor": each
+    is a PEFT option we do not model, now named as DoRA and rsLoRA are. Made by PEFT itself."""
+    import peft
+    from peft.tuners.lora import config as lora_config
+
+    hf = oracles.make_chameleon(seed=9)
+    oracles.write_chameleon(tmp_path / "base", hf)
+    variants = {"use_bdlora": dict(target_modules=["q_proj", "o_proj"], use_bdlora=lora_config.BdLoraConfig(
+                    target_modules_bd_a=["q_proj"], target_modules_bd_b=["o_proj"], nblocks=2)),
+                "kasa_config": dict(target_modules=["q_proj"], kasa_config=lora_config.KasaConfig()),
+                "monteclora_config": dict(target_modules=["q_proj"], monteclora_config=lora_config.MontecloraConfig())}
+    for option, settings in variants.items():
+        model = peft.get_peft_model(oracles.make_chameleon(seed=9), peft.LoraConfig(r=4, lora_alpha=8, **settings))
+        model.save_pretrained(str(tmp_path / option))
+        with pytest.raises(CheckpointError, match=f"{option}=.* is not supported .only plain LoRA: {option}="):
+            unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / option), progress=False)
+
+
 def test_lora_dropout_reaches_a_head_adapter_in_training():
     """The head's adapter is fed dropped-out hidden states in training, as every other adapter is
     (it had been folded into the head's kernel, where no dropout can act): each draw differs, their

@@ -118,10 +118,11 @@ def save_adapters(path: str, config: UniTokenConfig, params: dict, base_model: s
 def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
     """(the adapters' LoraConfig, their parameters in our tree) for a model of `config` (without
     adapters), from a PEFT directory — ours or one PEFT wrote. Every factor must belong to a kernel
-    of the model and have its shape; a PEFT option we do not model (DoRA, rsLoRA, aLoRA, per-module
-    ranks, biases, LoRA on embeddings, an initialisation that PEFT subtracts from the base weights at
-    each load) is refused by name. Modules that `layers_to_transform` or `exclude_modules` leave
-    out keep zero factors (their base kernels)."""
+    of the model and have its shape; a PEFT option we do not model (DoRA, rsLoRA, aLoRA, BD-LoRA,
+    KaSA, MonteCLoRA, QA-LoRA, Arrow routing, per-module ranks, biases, LoRA on embeddings, an
+    initialisation that PEFT subtracts from the base weights at each load) is refused by name.
+    Modules that `layers_to_transform` or `exclude_modules` leave out keep zero factors (their base
+    kernels)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"adapters: {path} is not a directory")
     cfg_path = os.path.join(path, CONFIG_FILE)
@@ -132,7 +133,11 @@ def read_adapters(path: str, config: UniTokenConfig) -> tuple[LoraConfig, dict]:
         raise CheckpointError(f"{cfg_path}: peft_type {pc.get('peft_type')!r}; only LORA adapters are supported")
     for key, off in (("use_dora", False), ("use_rslora", False), ("rank_pattern", {}), ("alpha_pattern", {}),
                      ("bias", "none"), ("modules_to_save", None), ("alora_invocation_tokens", None),
-                     ("lora_bias", False), ("layer_replication", None), ("trainable_token_indices", None)):
+                     ("lora_bias", False), ("layer_replication", None), ("trainable_token_indices", None),
+                     # variants whose factors are not plain A and B (block-diagonal, a learned diagonal
+                     # between them, sampled ones) or that pool the input (QA-LoRA) or route among adapters
+                     ("use_bdlora", None), ("kasa_config", None), ("monteclora_config", None),
+                     ("use_qalora", False), ("arrow_config", None)):
         if pc.get(key, off) not in (off, None, [], {}, "none", False):
             raise CheckpointError(f"{cfg_path}: {key}={pc[key]!r} is not supported (only plain LoRA: "
                                   f"{key}={off!r})")

@@ -37,6 +37,7 @@ import numpy as np
 import unitoken_jax
 from unitoken_jax.configs import finetune
 from unitoken_jax.data import pretokenize as pt
+from unitoken_jax.data.pipeline import is_held_out
 from unitoken_jax.inference.pipeline import UniTokenPipeline
 from unitoken_jax.tokenizer.text import TextTokenizer
 from unitoken_jax.vq_tokenizer import VQTokenizer
@@ -95,6 +96,27 @@ def eval_questions(workdir: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+HOLDOUT = 0.05  # of the samples, by sample id: the run's held-out losses (never trained on)
+
+
+def check_held_out(pictures: int, english_pictures: int) -> None:
+    """A `SettingsError` where the data's samples (`make_data`'s ids: fru0, frg0, ... enu0, ...) hold
+    out no question or no drawing for the run's evaluation, naming the fewest French pictures that
+    do (with 20 pictures training stopped with a traceback, after a minute of measuring)."""
+    def missing(n):
+        ids = [(kind, f"{code}{kind}{i}") for code, count in (("fr", n), ("en", english_pictures))
+               for i in range(count) for kind in "ug"]
+        return [name for kind, name in (("u", "question"), ("g", "drawing"))
+                if not any(k == kind and is_held_out(i, HOLDOUT) for k, i in ids)]
+
+    lacking = missing(pictures)
+    if lacking:
+        enough = next(n for n in range(pictures + 1, pictures + 100_000) if not missing(n))
+        raise build.SettingsError(
+            f"--pictures {pictures} with --english-pictures {english_pictures} hold out no {' and no '.join(lacking)} "
+            f"for the run's evaluation ({HOLDOUT:.0%} of the samples, by sample id); give --pictures {enough} or more")
+
+
 def lora_config(data: tuple[str, ...], base: str, steps: int, rank: int, learning_rate: float,
                 questions: tuple[tuple[str, str], ...] = ()) -> ml_collections.ConfigDict:
     """configs/finetune.py's LoRA recipe (tiny variant) on the bundled model and the French data,
@@ -114,7 +136,7 @@ def lora_config(data: tuple[str, ...], base: str, steps: int, rank: int, learnin
     c.mesh.num_devices = 1
     c.update(total_steps=steps, log_every=25, checkpoint_every=min(steps, build.CHECKPOINT_EVERY), keep_checkpoints=1,
              log_sample_ids=False)
-    c.eval.update(every=100, holdout_fraction=0.05, batches=2,
+    c.eval.update(every=100, holdout_fraction=HOLDOUT, batches=2,
                   prompts=tuple(FRENCH.text(t) for t in shapes.held_out_things()[:4]), questions=questions,
                   tokenizer=os.path.join(default.DEFAULT_DIR, "tokenizer.json"),
                   vqgan=os.path.join(default.DEFAULT_DIR, "vqgan"), size=shapes.SIZE, max_new_tokens=ANSWER_TOKENS,
@@ -161,6 +183,7 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
     evaluation pictures per held-out combination (questions; twice as many drawings)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):  # (makedirs' FileExistsError traceback)
         raise build.SettingsError(f"--workdir {workdir} is a file; give a directory")
+    check_held_out(pictures, english_pictures)
     os.makedirs(workdir, exist_ok=True)
     base = os.path.join(default.DEFAULT_DIR, "model")
     timings = {}
