@@ -931,6 +931,17 @@ MUTATIONS = (
              "failing a minute in, with a traceback", "unitoken_jax/world/finetune_demo.py",
              "    check_held_out(pictures, english_pictures)\n", "",
              ("tests/test_inference.py", "-k", "by_option_before")),
+    Mutation("other_model_blamed_on_a_tensor", "another model's checkpoint (Llama) refused as a Chameleon missing its "
+             "QK-norm tensor", "unitoken_jax/convert/hf.py",
+             "if isinstance(said, str) and said not in MODEL_TYPES:", "if False:",
+             ("tests/test_checkpoint_io.py", "-k", "another_models")),
+    Mutation("lost_shard_blamed_on_config", "a shard lost from a checkpoint without an index blamed on config.json",
+             "unitoken_jax/convert/files.py", "        if missing:  # (without an index", "        if False:  # (",
+             ("tests/test_checkpoint_io.py", "-k", "another_models")),
+    Mutation("float64_recorded_over_float32", "an HF checkpoint of float64 tensors recorded as float64 over float32 "
+             "arrays", "unitoken_jax/convert/hf.py",
+             'if own == "float64" and not jax.config.jax_enable_x64:', "if False:",
+             ("tests/test_checkpoint_io.py", "-k", "float64")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -476,6 +476,19 @@ def test_a_float64_checkpoint_is_refused_without_jax_64_bit_mode(release_dir, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert unitoken_jax.load(str(tmp_path / "ours")).config.param_dtype == "float32"
+    # an HF checkpoint of float64 tensors is rounded to float32, and says so in its config: it was
+    # recorded as float64 over float32 arrays (its conversion then could not load back)
+    tensors = {k: v.to(torch.float64) for k, v in _tensors(release_dir).items()}
+    os.makedirs(tmp_path / "f64")
+    save_file(tensors, tmp_path / "f64" / "model.safetensors")
+    (tmp_path / "f64" / "config.json").write_text((release_dir / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = unitoken_jax.load(str(tmp_path / "f64"), param_dtype=None)
+    assert model.config.param_dtype == "float32"
+    assert {str(a.dtype) for a in jax.tree_util.tree_leaves(model.params)} == {"float32"}
+    assert cli.main(["convert", "--from", str(tmp_path / "f64"), "--to", str(tmp_path / "f64-orbax")]) == 0
+    assert unitoken_jax.load(str(tmp_path / "f64-orbax"), param_dtype=None).config.param_dtype == "float32"
 
 
 def test_sharded_write_has_an_index(release_dir, tmp_path):
@@ -551,6 +564,33 @@ def test_a_directory_of_pytorch_weights_is_refused_by_what_it_holds(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds PyTorch weights \(pytorch_model.bin\), not safetensors.*"
                                               r"save_pretrained"):
         unitoken_jax.load(str(tmp_path))
+
+
+def test_another_models_checkpoint_and_a_lost_shard_are_said_for_what_they_are(tmp_path):
+    """A Llama or Qwen2 checkpoint was refused as a Chameleon missing its QK-norm tensor, naming no
+    folder; a shard lost from a checkpoint without an index was blamed on config.json's layer count."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unitoken_jax.convert.files import CheckpointError
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    llama.save_pretrained(tmp_path / "llama")
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'llama'}/config.json describes a 'llama' model "
+                                                        "(LlamaForCausalLM), not a UniToken / Chameleon decoder")):
+        unitoken_jax.load(str(tmp_path / "llama"))
+    oracles.write_chameleon(tmp_path / "sharded", oracles.make_chameleon(seed=3), layout="lumina", shards=3)
+    unitoken_jax.load(str(tmp_path / "sharded"))  # (whole, it loads)
+    shutil.copytree(tmp_path / "sharded", tmp_path / "lost")
+    os.remove(tmp_path / "lost" / "model.safetensors.index.json")
+    unitoken_jax.load(str(tmp_path / "lost"))  # all three shards, no index: loads
+    os.remove(tmp_path / "lost" / "model-00002-of-00003.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path / 'lost'} has no index (model.safetensors.index.json) and lacks "
+            "model-00002-of-00003.safetensors: its shards' names say 3 of them")):
+        unitoken_jax.load(str(tmp_path / "lost"))
 
 
 def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from safetensors import SafetensorError, safe_open
 
@@ -56,12 +57,32 @@ def weight_map(path: str) -> dict[str, str] | None:
     return names
 
 
+_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.safetensors$")  # model-00001-of-00003.safetensors
+
+
+def _missing_shards(files: list[str]) -> list[str]:
+    """The shards a set of files named `PREFIX-NNNNN-of-MMMMM.safetensors` lacks (for each PREFIX
+    and MMMMM among them), in order."""
+    sets: dict[tuple[str, str], set[int]] = {}
+    for name in files:
+        m = _SHARD.match(name)
+        if m:
+            sets.setdefault((m.group(1), m.group(3)), set()).add(int(m.group(2)))
+    return [f"{prefix}-{i:05d}-of-{total}.safetensors" for (prefix, total), have in sorted(sets.items())
+            for i in range(1, int(total) + 1) if i not in have]
+
+
 def checkpoint_files(path: str) -> list[str]:
     names = weight_map(path)
     if names is not None:
         files = sorted(set(names.values()))
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        missing = _missing_shards(files)
+        if missing:  # (without an index, a lost shard was blamed on config.json's layer count)
+            raise CheckpointError(f"{path} has no index ({INDEX}) and lacks {', '.join(missing[:3])}"
+                                  f"{' ...' if len(missing) > 3 else ''}: its shards' names say "
+                                  f"{int(_SHARD.match(missing[0]).group(3))} of them")
     if not files:
         torch_files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
         if torch_files:  # (transformers' save_pretrained(safe_serialization=False), older releases)

@@ -250,7 +250,18 @@ def _scan_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
     return found
 
 
-def _detect_kind(hf_config: dict[str, Any], keys) -> tuple[str, str]:
+# config.json model types this loader reads: a Chameleon decoder (UniToken's releases, Lumina-mGPT's,
+# transformers'), a SigLIP tower (whole, or its vision model)
+MODEL_TYPES = ("chameleon", "siglip", "siglip_vision_model")
+
+
+def _detect_kind(path: str, hf_config: dict[str, Any], keys) -> tuple[str, str]:
+    said = hf_config.get("model_type")
+    if isinstance(said, str) and said not in MODEL_TYPES:  # (another model's tensors were blamed as missing ones)
+        what = hf_config.get("architectures")
+        what = f" ({', '.join(map(str, what))})" if isinstance(what, list) and what else ""
+        raise CheckpointError(f"{path}/config.json describes a {said!r} model{what}, not a UniToken / Chameleon "
+                              f"decoder or a SigLIP tower (model_type {' or '.join(map(repr, MODEL_TYPES))})")
     if any(k.startswith("vit.") for k in keys):
         return "unitoken", "vit."
     if any(k.startswith("vision_model.") for k in keys):
@@ -259,7 +270,7 @@ def _detect_kind(hf_config: dict[str, Any], keys) -> tuple[str, str]:
         return "siglip", ""
     if any(k.startswith("model.layers.") for k in keys):
         return "chameleon", "vit."
-    raise CheckpointError("the checkpoint holds neither a Chameleon decoder (model.layers.*) nor a SigLIP tower "
+    raise CheckpointError(f"{path} holds neither a Chameleon decoder (model.layers.*) nor a SigLIP tower "
                           "(vit.* / vision_model.*)")
 
 
@@ -306,7 +317,7 @@ def _read_header(path: str):
     headers = _scan_headers(checkpoint_files(path))
     for note in check_weight_map(path, {k: v[0] for k, v in headers.items()}):
         log.warning("%s: the index does not match the shards (read as the shards hold them): %s", path, note)
-    kind, prefix = _detect_kind(hf_config, headers)
+    kind, prefix = _detect_kind(path, hf_config, headers)
     return hf_config, headers, kind, prefix
 
 
@@ -412,7 +423,10 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     config, layout = _checked_build_config(path, hf_config, kind, prefix, headers)
     specs = tensor_specs(config, prefix)
     main_dtype = saved_dtype(headers, [s.hf_key for s in specs if s.hf_key in headers])
-    config = config.replace(param_dtype=param_dtype or (main_dtype if isinstance(main_dtype, str) else "float32"))
+    own = main_dtype if isinstance(main_dtype, str) else "float32"
+    if own == "float64" and not jax.config.jax_enable_x64:  # (no release has it: rounded, as the README says)
+        own = "float32"  # (it was recorded as float64 over float32 arrays, and the conversion could not load back)
+    config = config.replace(param_dtype=param_dtype or own)
 
     spec_keys = {s.hf_key for s in specs}
     passthrough_keys = _passthrough_keys(headers, spec_keys)
