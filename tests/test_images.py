@@ -1,6 +1,7 @@
 """Image opening, SigLIP and VQ preprocessing, AnyRes, and bad input."""
 
 import io
+import re
 import struct
 import zlib
 
@@ -49,6 +50,16 @@ def test_transparency_is_dropped_for_siglip_and_blended_for_vq():
     expected = ((1 - a) * 255 + a * rgba[..., :3]).astype(np.uint8)  # the reference's formula, truncating
     np.testing.assert_array_equal(np.asarray(whiten(image)), expected)
     assert np.asarray(whiten(image))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_premultiplied_alpha_is_read_as_plain_alpha():
+    """PIL's premultiplied modes ("La", "RGBa") converted to nothing but their plain forms: a
+    ValueError of PIL's ("conversion from La to L not supported")."""
+    plain = Image.new("LA", (4, 4), (120, 255))  # (opaque: premultiplying rounds nothing)
+    assert load_image(plain.convert("La")).mode == "LA"
+    assert to_rgb(load_image(plain.convert("La"))).getpixel((1, 1)) == to_rgb(plain).getpixel((1, 1))
+    colour = Image.new("RGBA", (4, 4), (200, 100, 50, 255))
+    assert load_image(colour.convert("RGBa")).getpixel((1, 1)) == (200, 100, 50, 255)
 
 
 def test_modes_are_converted_correctly(tmp_path):
@@ -223,28 +234,58 @@ def test_empty_truncated_and_non_image_files(tmp_path):
         load_image(b"")
     with pytest.raises(ImageError, match="is a directory"):  # was a bare IsADirectoryError
         load_image(tmp_path)
+    # files cut anywhere, of the formats whose readers decode as they open (a WebP, a JPEG cut in its
+    # header raised PIL's bare OSError: a 500 from the server, a whole caption run stopped), and a
+    # cut file the caller opened with PIL
+    picture = Image.fromarray(PHOTOS["astronaut"]).resize((64, 64))
+    for form in ("WEBP", "JPEG", "PNG"):
+        buf = io.BytesIO()
+        picture.save(buf, form)
+        data = buf.getvalue()
+        for part in (0.1, 0.3, 0.5, 0.7, 0.9):
+            (tmp_path / "cut").write_bytes(data[:int(len(data) * part)])
+            with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'cut'}: ")):
+                load_image(tmp_path / "cut")
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        load_image(Image.open(tmp_path / "cut"))
 
 
-@pytest.mark.parametrize("side", [9000, 100_000])
+@pytest.mark.parametrize("side", [9000, 10_000, 100_000])
 def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
+    """Against this package's limit, in its words, with no warning of PIL's own first (PIL warns past
+    its limit and raises past twice it: three limits were said for three sizes)."""
+    import warnings
+
     (tmp_path / "bomb.png").write_bytes(_png_header(side, side))
-    with pytest.raises(ImageError, match="refused"):
-        load_image(tmp_path / "bomb.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match=re.escape(f"refused, {f'{side}x{side} = ' if side < 12_000 else ''}"
+                                                       f"{side * side} pixels is more than the limit of 67108864")):
+            load_image(tmp_path / "bomb.png")
 
 
-def test_animated_gif_gives_its_first_frame(tmp_path):
-    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+def test_animated_gif_gives_its_first_frame_and_says_so_once(tmp_path, monkeypatch, caplog):
+    from unitoken_jax.tokenizer import images
+
+    monkeypatch.setattr(images, "_SAID_FRAMES", [])
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    image = load_image(tmp_path / "anim.gif")
-    assert to_rgb(image).getpixel((3, 3)) == (255, 0, 0)
+    with caplog.at_level("WARNING", logger="unitoken_jax.tokenizer.images"):
+        for _ in range(2):
+            image = load_image(tmp_path / "anim.gif")
+            assert to_rgb(image).getpixel((3, 3)) == (255, 0, 0)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"{tmp_path / 'anim.gif'} is an animation of 3 frames: only its first frame is read (said for "
+                    "the first animation only)"]
 
 
 @pytest.mark.parametrize("orientation, turn", [(1, 0), (3, 2), (6, -1), (8, 1)])
 def test_a_photo_is_turned_as_its_exif_orientation_says_it_is_shown(tmp_path, orientation, turn):
     """A phone stores its photos as the sensor saw them and tags how to show them (EXIF
     Orientation: 6 = turn a quarter clockwise, 8 = counter-clockwise, 3 = half a turn). The
-    picture read is the one shown, from a path or from bytes (what the server gets), here
-    against numpy's rotation of the stored pixels; a PIL image given is taken as it is."""
+    picture read is the one shown, from a path, from bytes (what the server gets) or a PIL image
+    the caller opened (taken as stored before: another answer than its file's), here against
+    numpy's rotation of the stored pixels, as transformers' `load_image` turns all three."""
     stored = np.zeros((48, 64, 3), np.uint8)
     stored[:, :32] = (255, 0, 0)  # left half red, right half blue
     stored[:, 32:] = (0, 0, 255)
@@ -253,10 +294,11 @@ def test_a_photo_is_turned_as_its_exif_orientation_says_it_is_shown(tmp_path, or
     exif[0x0112] = orientation
     Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif.tobytes())
     shown = np.rot90(stored, k=turn)
-    for source in (tmp_path / "photo.png", (tmp_path / "photo.png").read_bytes()):
+    for source in (tmp_path / "photo.png", (tmp_path / "photo.png").read_bytes(), Image.open(tmp_path / "photo.png")):
         np.testing.assert_array_equal(np.asarray(load_image(source)), shown)
-    opened = Image.open(tmp_path / "photo.png")
-    assert load_image(opened).size == (64, 48)
+    from transformers.image_utils import load_image as transformers_load
+
+    np.testing.assert_array_equal(np.asarray(transformers_load(Image.open(tmp_path / "photo.png"))), shown)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 2000), (3000, 2), (5, 700)])

@@ -12,7 +12,10 @@ what was wrong with which file.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
+import warnings
 from typing import BinaryIO, Union
 
 import numpy as np
@@ -32,6 +35,10 @@ class ImageError(ValueError):
     """An image that cannot be used: unreadable, truncated, not an image, or too large."""
 
 
+log = logging.getLogger(__name__)
+_SAID_FRAMES = []  # (an animation's first frame alone is read: said once a process, not per file)
+
+
 def _describe(source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
@@ -49,7 +56,11 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
     else its size in bytes)."""
     what = what or _describe(source)
     if isinstance(source, Image.Image):
-        image = source
+        try:  # (one the caller opened lazily is read now: a cut file's OSError said as ours)
+            source.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
+        image = _upright(source)  # (as a file's: transformers' load_image turns PIL images too)
     elif isinstance(source, np.ndarray):
         image = _from_array(source, what)
     elif not isinstance(source, (str, os.PathLike, bytes)) and not hasattr(source, "read"):
@@ -68,21 +79,38 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
                 raise ImageError("the image data is empty (0 bytes)")
             source = io.BytesIO(source)
         try:
-            image = Image.open(source)  # reads the header only
+            with warnings.catch_warnings():  # (its size is checked below, against our own limit)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(source)  # reads the header only
         except UnidentifiedImageError as e:
             raise ImageError(f"{what}: not an image file PIL can read") from e
-        except Image.DecompressionBombError as e:
-            raise ImageError(f"{what}: refused, {e}") from e
+        except Image.DecompressionBombError as e:  # (PIL's own, past twice its limit: said against ours)
+            claimed = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = claimed.group(1) if claimed else f"more than {2 * Image.MAX_IMAGE_PIXELS}"
+            raise ImageError(f"{what}: refused, {pixels} pixels is more than the limit of {max_pixels} "
+                             "(a decompression bomb?)") from e
+        except (OSError, SyntaxError, ValueError) as e:  # (some readers decode as they open: a WebP, a JPEG's header)
+            raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
         width, height = image.size
         if width * height > max_pixels:
+            image.close()
             raise ImageError(f"{what}: refused, {width}x{height} = {width * height} pixels is more than the "
                              f"limit of {max_pixels} (a decompression bomb?)")
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1 and not _SAID_FRAMES:
+            _SAID_FRAMES.append(what)
+            log.warning("%s is an animation of %d frames: only its first frame is read (said for the first "
+                        "animation only)", what, frames)
         try:
             image.seek(0)  # first frame of an animation
             image.load()
         except (OSError, SyntaxError, ValueError) as e:
+            image.close()
             raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
-        image = _upright(image)
+        opened, image = image, _upright(image)
+        if frames > 1:  # (PIL keeps an animation's file open for its other frames: this frame alone, the file closed)
+            image = image.copy() if image is opened else image
+            opened.close()
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{what}: the image has no pixels ({image.width}x{image.height})")
     return _standard_mode(image)
@@ -122,6 +150,9 @@ def _standard_mode(image: Image.Image) -> Image.Image:
             top = 65535.0 if values.max() <= 65535 else float(values.max())
         grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L")
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha (PIL converts these to their plain forms only)
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
+        return image
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     return image.convert("RGBA" if has_alpha else "RGB")
 
