@@ -959,6 +959,9 @@ MUTATIONS = (
     Mutation("premultiplied_alpha_refused", "a PIL image of premultiplied alpha (La) failing with PIL's ValueError",
              "unitoken_jax/tokenizer/images.py", 'if image.mode in ("La", "RGBa"):', "if False:",
              ("tests/test_images.py", "-k", "premultiplied")),
+    Mutation("int_mode_8bit_as_16bit", "8-bit values in a PIL image of mode I rescaled as 16-bit (black)",
+             "unitoken_jax/tokenizer/images.py", 'elif image.mode == "I" and values.max() <= 255:', "elif False:",
+             ("tests/test_images.py", "-k", "modes_are_converted")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -67,6 +67,10 @@ def test_modes_are_converted_correctly(tmp_path):
     Image.fromarray(grey16).save(tmp_path / "g16.png")
     loaded = np.asarray(to_rgb(load_image(tmp_path / "g16.png")))
     np.testing.assert_array_equal(loaded[..., 0], np.round(grey16 / 65535 * 255).astype(np.uint8))  # scaled, not clipped
+    # 8-bit values held as 32-bit ints (a caller's convert("I") or int32 array): read as PIL's convert("L")
+    # reads them (rescaled as 16-bit they were black)
+    grey8 = Image.fromarray((np.arange(16, dtype=np.uint8).reshape(4, 4) * 17))
+    np.testing.assert_array_equal(np.asarray(load_image(grey8.convert("I"))), np.asarray(grey8))
     cmyk = Image.new("CMYK", (3, 3), (0, 255, 255, 0))  # pure red in CMYK
     assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
     pal = Image.new("P", (2, 2))

@@ -146,7 +146,9 @@ def _standard_mode(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         if image.mode == "F":
             top = max(float(values.max()), 1.0)
-        else:  # 16-bit files open as "I;16" or as "I"; both hold 0..65535
+        elif image.mode == "I" and values.max() <= 255:  # 8-bit values as 32-bit ints (convert("I"), an int
+            top = 255.0  # array): as PIL's own convert("L") reads them (rescaled as 16-bit, they were black)
+        else:  # 16-bit files open as "I;16" (older PILs: "I"); both hold 0..65535
             top = 65535.0 if values.max() <= 65535 else float(values.max())
         grey = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L")
