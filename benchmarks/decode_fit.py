@@ -114,8 +114,9 @@ def main():
         "needed 1.31-1.34 GiB a chip more than its weights and cache up to 34 images, 2.00 GiB at 37, 39 and 40 "
         "(2026-12-05, `launch/aot_check.py decode --topology v5e:2x2 --images N`). "
         "`unitoken_jax.inference.fit.choose_quantize` counts all three shares on TPU chips "
-        "(`relaid_mlp_bytes`): on a v5e-4 it takes int8 from 38 images, where 39 no longer compiles in "
-        "bfloat16 (it had taken bfloat16 up to 44).", "",
+        "(`relaid_mlp_bytes`): on a v5e-4 it takes int8 from 38 images, where 38 no longer compile in "
+        "bfloat16 (the loop needs 15.88 GiB of temporaries; AOT 2026-12-07, `--images 38`; it had taken "
+        "bfloat16 up to 44).", "",
         "The programs' arguments are the weights they read: the SigLIP tower (0.77 GiB in bfloat16, 0.39 GiB in "
         "int8, split over the chips) is resident too when the model is loaded whole but no picture is read; "
         "`unitoken_jax.inference.fit.choose_quantize` counts it.", ""]
