@@ -962,6 +962,12 @@ MUTATIONS = (
     Mutation("int_mode_8bit_as_16bit", "8-bit values in a PIL image of mode I rescaled as 16-bit (black)",
              "unitoken_jax/tokenizer/images.py", 'elif image.mode == "I" and values.max() <= 255:', "elif False:",
              ("tests/test_images.py", "-k", "modes_are_converted")),
+    Mutation("cors_sdk_headers_refused", "a CORS preflight refusing the official SDKs' X-Stainless-* headers",
+             "unitoken_jax/serve/app.py", 'allow_headers=["*"]', 'allow_headers=["Authorization", "Content-Type"]',
+             ("tests/test_serve.py", "-k", "allowed_origin")),
+    Mutation("cors_refusal_plain_text", "a refused CORS preflight said in plain text, not OpenAI's error JSON",
+             "unitoken_jax/serve/app.py", "        if response.status_code == 200:\n            return response",
+             "        if True:\n            return response", ("tests/test_serve.py", "-k", "allowed_origin")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

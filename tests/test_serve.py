@@ -1007,6 +1007,16 @@ def test_a_web_page_of_an_allowed_origin_may_call_the_api_from_a_browser(server)
     assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-origin"] == PAGE
     assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    # the official SDKs' own headers too (OpenAI's JavaScript client sends X-Stainless-*: refused, no call
+    # of theirs was made), and a refused preflight in OpenAI's error JSON (it was plain text)
+    asked = "authorization,content-type,x-stainless-lang,x-stainless-retry-count"
+    sdk = requests_http.options(server.url + "/v1/chat/completions", headers={
+        "Origin": PAGE, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked})
+    assert sdk.status_code == 200 and sdk.headers["access-control-allow-headers"].lower() == asked, sdk.text
+    refused = requests_http.options(server.url + "/v1/chat/completions", headers={
+        "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    _error(refused, 400, code="cors_refused")
+    assert "Disallowed CORS origin" in refused.json()["error"]["message"]
     answer = requests_http.get(server.url + "/v1/models", headers={"Origin": PAGE, "Authorization": f"Bearer {KEY}"})
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == PAGE
     other = requests_http.get(server.url + "/v1/models", headers={"Origin": "http://elsewhere.example",

@@ -58,6 +58,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -527,6 +528,21 @@ class _Guard:
         return limited_receive
 
 
+class _Cors(CORSMiddleware):
+    """Starlette's CORS middleware with its refused preflight (another origin, a method) said in
+    OpenAI's error JSON, as every other refusal is (it was plain text)."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        refused = bytes(response.body).decode()  # "Disallowed CORS origin, method"
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        return _error_response(APIError(response.status_code, f"CORS preflight refused: {refused} (the server's "
+                                        "--cors-origin names the pages that may call it)", code="cors_refused",
+                                        headers=headers))
+
+
 def _error_response(error: APIError) -> Response:
     # ASCII JSON: a message that echoes the caller's text (a model's name, a field's) may hold a lone
     # surrogate, which JSON escapes but UTF-8 cannot encode
@@ -567,10 +583,10 @@ def create_app(pipe, settings: ServeSettings | None = None, *, engine=None) -> S
     ]
     middleware = [Middleware(_Guard, settings=settings, counter=server.requests)]
     if settings.cors_origins:  # outside the guard: a browser's preflight carries no key
-        from starlette.middleware.cors import CORSMiddleware
-
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                                        allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+        # any request header a page asks for: the official SDKs send their own (OpenAI's JavaScript
+        # client, X-Stainless-*), which a list of two refused, so no call of theirs was ever made
+        middleware.insert(0, Middleware(_Cors, allow_origins=list(settings.cors_origins),
+                                        allow_methods=["GET", "POST"], allow_headers=["*"]))
     app = Starlette(routes=routes, lifespan=server.lifespan, middleware=middleware,
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.state.server = server
