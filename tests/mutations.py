@@ -968,6 +968,13 @@ MUTATIONS = (
     Mutation("cors_refusal_plain_text", "a refused CORS preflight said in plain text, not OpenAI's error JSON",
              "unitoken_jax/serve/app.py", "        if response.status_code == 200:\n            return response",
              "        if True:\n            return response", ("tests/test_serve.py", "-k", "allowed_origin")),
+    Mutation("api_mesh_uneven_jax_error", "load / shard / random on a mesh that does not divide the weights left to "
+             "JAX's IndivisibleError", "unitoken_jax/model.py", "    uneven = uneven_split(config, mesh)\n",
+             "    uneven = None\n", ("tests/test_inference.py", "-k", "sharded_decoding_equals")),
+    Mutation("mesh_minus_one_unexplained", "a --mesh -1 that has no whole size said without a reason",
+             "unitoken_jax/sharding.py", "raise ValueError(f\"{flag} {text}: the other axes' {known} devices",
+             "raise ValueError(f\"{flag} {text} does not fit: {known} devices",
+             ("tests/test_default_model.py", "-k", "mesh_of_this_hosts")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -520,8 +520,11 @@ def test_the_cli_runs_on_a_mesh_of_this_hosts_devices(tmp_path, capsys, caplog):
     assert "mesh: {'data': 2, 'fsdp': 4, 'tensor': 2} over 16 cpu device(s)" in caplog.text
     drawn = [shapes.check_picture(Image.open(tmp_path / f"red_{j}.png")) for j in range(2)]
     assert any(d.matches(shapes.Thing("red", "circle", "top left")) for d in drawn)
-    for bad, said in (("3,3,3", "does not fit this host's 16 device(s)"), ("1,4", "DATA,FSDP,TENSOR"),
-                      ("-1,-1,2", "DATA,FSDP,TENSOR"), ("3,-1,1", "does not fit"), ("0,1,1", "DATA,FSDP,TENSOR"),
+    for bad, said in (("3,3,3", "--mesh 3,3,3 needs 27 devices; there are this host's 16 device(s) (cpu)"),
+                      ("1,4", "DATA,FSDP,TENSOR"), ("-1,-1,2", "DATA,FSDP,TENSOR"),
+                      # (a -1 said why not: "does not fit" named no reason)
+                      ("3,-1,1", "--mesh 3,-1,1: the other axes' 3 devices do not divide this host's 16 device(s)"),
+                      ("0,1,1", "DATA,FSDP,TENSOR"), ("AUTO", "e.g. 1,4,2, or auto or one"),
                       # (JAX's own error, "... should evenly divide the shape", with a traceback)
                       ("1,3,1", "--mesh 1,3,1 ({'data': 1, 'fsdp': 3, 'tensor': 1}) does not split the model's")):
         assert main(["understand", *question, f"--mesh={bad}"]) == 2, bad

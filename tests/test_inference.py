@@ -825,6 +825,21 @@ def test_sharded_decoding_equals_single_device(pipe):
     multi = multi_loop.generate(requests).tokens
     for a, b in zip(single, multi):
         np.testing.assert_array_equal(a, b)
+    # a mesh that does not divide the weights, named by weight as the CLI names it (load, shard and
+    # random gave JAX's IndivisibleError: a sharding spec and a shape)
+    from unitoken_jax.world import default
+
+    bad = sharding.make_mesh(data=1, fsdp=1, tensor=8, devices=jax.devices()[:8])
+    said = r"the mesh \{'data': 1, 'fsdp': 1, 'tensor': 8\} does not split the model's weights evenly: .* ways"
+    with pytest.raises(ValueError, match=said):
+        unitoken_jax.UniTokenModel(pipe.model.config, pipe.model.params).shard(bad)
+    with pytest.raises(ValueError, match=said):
+        unitoken_jax.load(os.path.join(default.DEFAULT_DIR, "model"), mesh=bad, progress=False)
+    with pytest.raises(ValueError, match=said):
+        unitoken_jax.UniTokenModel.random(pipe.model.config, mesh=bad)
+    with pytest.raises(ValueError, match=re.escape("needs 4 devices, 8 are available (devices=jax.devices()[:4] "
+                                                   "uses 4 of them)")):
+        sharding.make_mesh(data=1, fsdp=4, tensor=1, devices=jax.devices()[:8])
     # a chat's turns with the kept cache sharded (the extend writes into it under the mesh)
     cat = str(pipe.image_dir / "cat.png")
     turns = [("<|image|> " + "the cat is " * 3, cat), ("and he is the cat or " * 3, None)]

@@ -250,10 +250,10 @@ def _mesh(text: str, config):
             _LOG.info("mesh: one device (%s)", devices[0])
             return None
     else:  # ('auto' and 'one' are the flag's other forms)
-        shape = sharding.parse_mesh_shape(text, len(devices),
+        shape = sharding.parse_mesh_shape(text, len(devices), words=("auto", "one"),
                                           devices_said=f"this host's {len(devices)} device(s) ({devices[0].platform})")
         mesh = sharding.make_mesh(*shape, devices=devices[:math.prod(shape)])
-        from unitoken_jax.inference.fit import uneven_split
+        from unitoken_jax.models.unitoken import uneven_split
 
         uneven = uneven_split(config, mesh)
         if uneven:

@@ -37,6 +37,7 @@ from unitoken_jax.models.unitoken import (
     init_variables,
     param_shardings,
     run_layout,
+    uneven_split,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class UniTokenModel:
         if mesh is None:
             return cls(config, jax.jit(init)(), source=f"random(seed={seed})")
         model = cls(config, None, source=f"random(seed={seed})")
-        shardings = param_shardings(config, mesh)
+        shardings = _placement(config, mesh)
         with jax.set_mesh(mesh):
             model.params = jax.jit(init, out_shardings=shardings)()
         model.mesh = mesh
@@ -93,7 +94,7 @@ class UniTokenModel:
 
     def shard(self, mesh: Mesh) -> "UniTokenModel":
         """Places the parameters on `mesh` by the logical rules (in place; returns self)."""
-        self.params = jax.device_put(self.params, param_shardings(self.config, mesh))
+        self.params = jax.device_put(self.params, _placement(self.config, mesh))
         self.mesh = mesh
         return self
 
@@ -405,6 +406,10 @@ def _placement(config: UniTokenConfig, mesh: Mesh | None):
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda _: device, abstract_params(config))
+    uneven = uneven_split(config, mesh)
+    if uneven:  # (JAX's IndivisibleError, a sharding spec and a shape, named no weight and no remedy)
+        raise ValueError(f"the mesh {dict(mesh.shape)} does not split the model's weights evenly: {uneven}; "
+                         "give axis sizes that divide it (make_mesh(data, fsdp, tensor))")
     return param_shardings(config, mesh)
 
 

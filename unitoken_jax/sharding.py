@@ -64,21 +64,26 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
-def parse_mesh_shape(text: str, n_devices: int, flag: str = "--mesh", devices_said: str | None = None
-                     ) -> tuple[int, int, int]:
+def parse_mesh_shape(text: str, n_devices: int, flag: str = "--mesh", devices_said: str | None = None,
+                     words: Sequence[str] = ()) -> tuple[int, int, int]:
     """A `DATA,FSDP,TENSOR` flag over `n_devices` devices, one axis possibly -1 (the rest of
     them, resolved here); a ValueError naming the flag and its form otherwise (`devices_said`:
-    the devices in words, for the message)."""
+    the devices in words, for the message; `words`: the flag's other forms, named there too)."""
     try:
         shape = [int(v) for v in text.split(",")]
     except ValueError:
         shape = []
     if len(shape) != 3 or any(v == 0 or v < -1 for v in shape) or shape.count(-1) > 1:
+        other = f", or {' or '.join(words)}" if words else ""
         raise ValueError(f"{flag} {text!r}: give DATA,FSDP,TENSOR, whole numbers of devices (one may be -1 for the "
-                         "rest), e.g. 1,4,2")
+                         f"rest), e.g. 1,4,2{other}")
     known = int(np.prod([v for v in shape if v != -1]))
-    if known > n_devices or (-1 in shape and n_devices % known):
-        raise ValueError(f"{flag} {text} does not fit {devices_said or f'{n_devices} device(s)'}")
+    said = devices_said or f"{n_devices} device(s)"
+    if known > n_devices:
+        raise ValueError(f"{flag} {text} needs {known} devices; there are {said}")
+    if -1 in shape and n_devices % known:
+        raise ValueError(f"{flag} {text}: the other axes' {known} devices do not divide {said}, so -1 has no "
+                         "whole size")
     if -1 in shape:
         shape[shape.index(-1)] = n_devices // known
     return tuple(shape)
@@ -101,8 +106,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
             raise ValueError(f"{len(devices)} devices cannot be split as data={data} fsdp={fsdp} tensor={tensor}")
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} needs {int(np.prod(shape))} devices, "
-                         f"{len(devices)} are available")
+        needs = int(np.prod(shape))
+        hint = f" (devices=jax.devices()[:{needs}] uses {needs} of them)" if needs < len(devices) else ""
+        raise ValueError(f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} needs {needs} devices, "
+                         f"{len(devices)} are available{hint}")
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

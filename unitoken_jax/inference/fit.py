@@ -16,16 +16,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
-from flax import traverse_util
 
 from unitoken_jax import sharding
 from unitoken_jax.inference.decode import PROMPT_MULTIPLE, prefill_width
 from unitoken_jax.models.config import UniTokenConfig
-from unitoken_jax.models.unitoken import abstract_params, param_logical_specs
+from unitoken_jax.models.unitoken import abstract_params, uneven_split, weight_specs
 from unitoken_jax.tokenizer import anyres as anyres_lib, layout
 
 log = logging.getLogger(__name__)
@@ -176,25 +175,6 @@ def _heads(config: UniTokenConfig) -> list[int]:
     return heads
 
 
-def _weight_specs(config: UniTokenConfig) -> list[tuple[tuple[str, ...], tuple[int, ...], Any]]:
-    """(path, shape, mesh spec) of every weight of `config`'s model."""
-    params = traverse_util.flatten_dict(abstract_params(config))
-    return [(path, params[path].shape, sharding.logical_to_mesh_spec(tuple(spec)))
-            for path, spec in traverse_util.flatten_dict(param_logical_specs(config)).items()]
-
-
-def uneven_split(config: UniTokenConfig, mesh, specs=None) -> str | None:
-    """None when `mesh` splits every weight of `config`'s model evenly, else a sentence naming the
-    first that it does not (such a mesh does not compile)."""
-    for path, shape, spec in specs if specs is not None else _weight_specs(config):
-        for dim, axes in zip(shape, spec):
-            ways = sharding.mesh_ways(axes, mesh)
-            if dim % ways:
-                return (f"{'/'.join(path)} {tuple(shape)}: its {dim}-wide dimension does not split {ways} ways "
-                        f"(mesh axes {axes})")
-    return None
-
-
 def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     """The mesh to decode on over `devices` (default: this process's own): None for a single
     device; else all of them, split the tensor-parallel way (`tensor` axis: each chip holds its
@@ -210,7 +190,7 @@ def choose_mesh(config: UniTokenConfig, devices: Sequence | None = None):
     if len(devices) == 1:
         return None
     heads = _heads(config)
-    specs = _weight_specs(config)
+    specs = weight_specs(config)
     # the most devices whose mesh splits every weight evenly (6 chips would put 3 ways of fsdp on a
     # 4,096-wide dimension, which does not compile): the rest stay idle, and the log says so
     for n in range(len(devices), 1, -1):

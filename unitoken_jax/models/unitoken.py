@@ -10,10 +10,12 @@ ordinary token. Any number of images per sequence works, none included.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import traverse_util
 
 from unitoken_jax import sharding
 from unitoken_jax.models.chameleon import ChameleonDecoder, unstack_layers
@@ -119,6 +121,25 @@ def param_logical_specs(config: UniTokenConfig):
 def param_shardings(config: UniTokenConfig, mesh):
     """NamedShardings of the parameters on `mesh`, by the logical rules table."""
     return sharding.logical_to_sharding(param_logical_specs(config), mesh)
+
+
+def weight_specs(config: UniTokenConfig) -> list[tuple[tuple[str, ...], tuple[int, ...], Any]]:
+    """(path, shape, mesh spec) of every weight of `config`'s model."""
+    params = traverse_util.flatten_dict(abstract_params(config))
+    return [(path, params[path].shape, sharding.logical_to_mesh_spec(tuple(spec)))
+            for path, spec in traverse_util.flatten_dict(param_logical_specs(config)).items()]
+
+
+def uneven_split(config: UniTokenConfig, mesh, specs=None) -> str | None:
+    """None when `mesh` splits every weight of `config`'s model evenly, else a sentence naming the
+    first that it does not (such a mesh does not compile)."""
+    for path, shape, spec in specs if specs is not None else weight_specs(config):
+        for dim, axes in zip(shape, spec):
+            ways = sharding.mesh_ways(axes, mesh)
+            if dim % ways:
+                return (f"{'/'.join(path)} {tuple(shape)}: its {dim}-wide dimension does not split {ways} ways "
+                        f"(mesh axes {axes})")
+    return None
 
 
 def unroll_params(params: dict, config: UniTokenConfig) -> dict:

@@ -118,7 +118,7 @@ def build_program(config: TrainConfig, mesh: Mesh) -> TrainProgram:
     if model.lora is not None and not lora_run:
         raise ValueError(f"model.lora is set but optimizer.trainable={config.optimizer.trainable!r}; LoRA trains the "
                          "adapters alone: set optimizer.trainable='lora' (or drop model.lora for full training)")
-    from unitoken_jax.inference.fit import uneven_split
+    from unitoken_jax.models.unitoken import uneven_split
 
     uneven = uneven_split(model, mesh)
     if uneven:  # (JAX's IndivisibleError at the first compile named neither the weight nor the setting)
