@@ -975,6 +975,9 @@ MUTATIONS = (
              "unitoken_jax/sharding.py", "raise ValueError(f\"{flag} {text}: the other axes' {known} devices",
              "raise ValueError(f\"{flag} {text} does not fit: {known} devices",
              ("tests/test_default_model.py", "-k", "mesh_of_this_hosts")),
+    Mutation("dalle3_standard_quality_refused", "an image call with DALL-E 3's default quality (\"standard\") refused",
+             "unitoken_jax/serve/wire.py", '"quality": (None, "auto", "standard")', '"quality": (None, "auto")',
+             ("tests/test_serve.py", "-k", "plain_value_are_accepted")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -897,6 +897,12 @@ def test_openai_fields_sent_null_or_at_their_plain_value_are_accepted(server):
     with pytest.raises(openai.BadRequestError) as refused:
         server.client().images.edit(model=MODEL, image=red, prompt="x", size=SIZE, input_fidelity="high")
     assert refused.value.body["param"] == "input_fidelity"
+    # DALL-E 3's default quality, which its clients send, is the plain one here (refused before); "hd" is not
+    assert len(server.client().images.generate(model=MODEL, prompt="a red circle", size=SIZE,
+                                               quality="standard").data) == 1
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.client().images.generate(model=MODEL, prompt="a red circle", size=SIZE, quality="hd")
+    assert refused.value.body["param"] == "quality"
     # output_compression is 100 (the least) unless asked: PIL's defaults wrote JPEG at 75 and lossy WebP
     for fmt in ("jpeg", "webp"):
         drawn = server.client().images.generate(model=MODEL, prompt="a red circle at the top left", size=SIZE,

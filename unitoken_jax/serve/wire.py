@@ -381,7 +381,8 @@ class ImageCall:
 _IMAGE_FIELDS = {"model", "prompt", "n", "size", "response_format", "output_format", "guidance_scale",
                  "negative_prompt", "seed", "user", "safety_identifier"}
 # output_compression 100 (OpenAI's default, the least compression) is what `picture_bytes` writes
-_IMAGE_NEUTRAL = {"quality": (None, "auto"), "style": (None,), "background": (None, "auto", "opaque"),
+# ("standard" is DALL-E 3's own default quality, which its clients send: the one this server draws)
+_IMAGE_NEUTRAL = {"quality": (None, "auto", "standard"), "style": (None,), "background": (None, "auto", "opaque"),
                   "moderation": (None, "auto"), "output_compression": (None, 100), "stream": (None, False),
                   "partial_images": (None, 0), "input_fidelity": (None, "low")}
 
