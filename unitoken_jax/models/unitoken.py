@@ -10,6 +10,7 @@ ordinary token. Any number of images per sequence works, none included.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -103,6 +104,7 @@ def init_variables(config: UniTokenConfig, rng: jax.Array):
     return model.init(rng, tokens, tokens, tokens, jnp.zeros((1, 1), bool), tokens, pixels)
 
 
+@functools.lru_cache(maxsize=16)  # (a trace each: load, shardings and the mesh checks asked it several times)
 def _abstract_variables(config: UniTokenConfig):
     cfg = config.replace(scan_layers=True, remat_policy="none")
     return jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))

@@ -11,7 +11,9 @@ On a TPU pod slice or a SLURM cluster, every worker runs the same command with -
 import contextlib
 import logging
 import os
+import re
 import sys
+import textwrap
 import threading
 import time
 
@@ -179,9 +181,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        import re
-        import textwrap
-
         said = str(e).strip()
         if "Traceback" in said:  # a user's own config file failed: its traceback says where, as absl showed it
             said = "\n" + textwrap.indent(said, "  ")

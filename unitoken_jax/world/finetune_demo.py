@@ -103,18 +103,17 @@ def check_held_out(pictures: int, english_pictures: int) -> None:
     """A `SettingsError` where the data's samples (`make_data`'s ids: fru0, frg0, ... enu0, ...) hold
     out no question or no drawing for the run's evaluation, naming the fewest French pictures that
     do (with 20 pictures training stopped with a traceback, after a minute of measuring)."""
-    def missing(n):
-        ids = [(kind, f"{code}{kind}{i}") for code, count in (("fr", n), ("en", english_pictures))
-               for i in range(count) for kind in "ug"]
-        return [name for kind, name in (("u", "question"), ("g", "drawing"))
-                if not any(k == kind and is_held_out(i, HOLDOUT) for k, i in ids)]
+    def first(code: str, kind: str, count: int) -> int | None:  # the first of its ids held out, if any
+        return next((i for i in range(count) if is_held_out(f"{code}{kind}{i}", HOLDOUT)), None)
 
-    lacking = missing(pictures)
+    lacking = [(kind, name) for kind, name in (("u", "question"), ("g", "drawing"))
+               if first("fr", kind, pictures) is None and first("en", kind, english_pictures) is None]
     if lacking:
-        enough = next(n for n in range(pictures + 1, pictures + 100_000) if not missing(n))
+        enough = max(first("fr", kind, 10**6) for kind, _ in lacking) + 1
         raise build.SettingsError(
-            f"--pictures {pictures} with --english-pictures {english_pictures} hold out no {' and no '.join(lacking)} "
-            f"for the run's evaluation ({HOLDOUT:.0%} of the samples, by sample id); give --pictures {enough} or more")
+            f"--pictures {pictures} with --english-pictures {english_pictures} hold out no "
+            f"{' and no '.join(name for _, name in lacking)} for the run's evaluation ({HOLDOUT:.0%} of the "
+            f"samples, by sample id); give --pictures {enough} or more")
 
 
 def lora_config(data: tuple[str, ...], base: str, steps: int, rank: int, learning_rate: float,
