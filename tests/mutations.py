@@ -978,6 +978,10 @@ MUTATIONS = (
     Mutation("dalle3_standard_quality_refused", "an image call with DALL-E 3's default quality (\"standard\") refused",
              "unitoken_jax/serve/wire.py", '"quality": (None, "auto", "standard")', '"quality": (None, "auto")',
              ("tests/test_serve.py", "-k", "plain_value_are_accepted")),
+    Mutation("batch_constraint_past_the_mesh", "a batch the mesh's batch axes do not divide still constrained "
+             "to split over them (XLA pads it and rematerializes whole operands)", "unitoken_jax/sharding.py",
+             "        if fitted != spec:\n", "        if False:\n",
+             ("tests/test_scan_remat_mesh.py", "-k", "does_not_divide")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -230,3 +230,29 @@ def test_the_blocked_feature_gather_computes_the_same_and_moves_no_features():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                                          atol=max(2e-5 * np.abs(np.asarray(b)).max(), 1e-9)),
                  grads, ref_grads)
+
+
+def test_a_batch_the_mesh_does_not_divide_is_split_where_it_can_be_and_warns_of_nothing(capfd):
+    """One picture or one prompt on a data x fsdp = 4 mesh: the activation constraints asked XLA to
+    split a batch of 1 four ways; it padded it and printed "[SPMD] Involuntary full
+    rematerialization" for ~11 ops on a fresh compile (`--mesh 2,2,1`). A dimension its mesh axes
+    do not divide is split over the leading axes that do, or not at all."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=1, devices=jax.devices()[:4])
+    with sharding.mesh_context(mesh):
+        spread = jax.jit(lambda x: sharding.constrain(x, ("act_batch", "act_embed")))
+        for rows, spec in ((4, P(("data", "fsdp"))), (6, P("data")), (2, P("data")), (1, P()), (3, P())):
+            out = spread(jnp.ones((rows, 8)))
+            assert out.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), (rows, out.sharding)
+    cfg = unitoken_jax.UniTokenConfig.from_dict(get_config("tiny").model)
+    single = unitoken_jax.UniTokenModel.random(cfg, seed=4)
+    sharded = unitoken_jax.UniTokenModel(cfg, single.params).shard(mesh)
+    batch = _batch(np.random.default_rng(4), n_images=1)  # (its first row: one picture)
+    kwargs = {k: batch[k][:1] if k != "pixels" else batch[k]
+              for k in ("positions", "segment_ids", "is_continuous", "feature_index", "pixels")}
+    capfd.readouterr()
+    logits_4, _ = sharded.forward(batch["tokens"][:1], **kwargs)
+    np.testing.assert_allclose(np.asarray(logits_4), np.asarray(single.forward(batch["tokens"][:1], **kwargs)[0]),
+                               atol=1e-5)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err

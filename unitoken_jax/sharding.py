@@ -57,11 +57,31 @@ def check_names(names: Iterable[str | None]) -> None:
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """`nn.with_logical_constraint` that refuses names missing from the rules table."""
+    """`nn.with_logical_constraint` that refuses names missing from the rules table. A dimension
+    that its mesh axes do not divide (one picture or one prompt on a mesh whose data x fsdp is 4)
+    is split over the longest run of those axes that divides it, or not at all: asked to split it
+    anyway, XLA pads it and then rebuilds whole operands ("[SPMD] Involuntary full
+    rematerialization", a warning per op on a fresh compile)."""
     check_names(names)
     if x.ndim != len(names):
         raise ValueError(f"constraint names {tuple(names)} do not fit an array of shape {x.shape}")
+    rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+    if rules and not mesh.empty:
+        spec = tuple(nn.logical_to_mesh_axes(tuple(names), rules))
+        fitted = tuple(dividing(axes, size, mesh) for axes, size in zip(spec, x.shape))
+        if fitted != spec:
+            return jax.lax.with_sharding_constraint(x, PartitionSpec(*fitted))
     return nn.with_logical_constraint(x, tuple(names))
+
+
+def dividing(axes, size: int, mesh):
+    """The longest leading run of `axes` (a `PartitionSpec` entry) whose devices divide `size`
+    evenly: `axes` itself where they do, None where not even the first does."""
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    for end in range(len(names), 0, -1):
+        if size % mesh_ways(names[:end], mesh) == 0:
+            return axes if end == len(names) else names[0] if end == 1 else names[:end]
+    return None
 
 
 def parse_mesh_shape(text: str, n_devices: int, flag: str = "--mesh", devices_said: str | None = None,
