@@ -982,6 +982,10 @@ MUTATIONS = (
              "to split over them (XLA pads it and rematerializes whole operands)", "unitoken_jax/sharding.py",
              "        if fitted != spec:\n", "        if False:\n",
              ("tests/test_scan_remat_mesh.py", "-k", "does_not_divide")),
+    Mutation("french_demo_measures_before_again", "the French demo measuring the bundled model again on every "
+             "resume", "unitoken_jax/world/finetune_demo.py",
+             '    if kept.get("measured_with") == key and "results" in kept:\n',
+             '    if False:\n', ("tests/test_finetune_demo.py", "-k", "short_demo_run")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -71,16 +71,20 @@ def test_a_short_demo_run_writes_results_table_and_grid(tmp_path, monkeypatch, c
     # at its end) is said as stopped; it had recorded its settings and failed on adapters never written
     make_config = finetune_demo.lora_config
     monkeypatch.setattr(finetune_demo, "lora_config", lambda *a, **k: _stopping_at(make_config(*a, **k), 3))
-    # (the bundled model's answers before training are measured again by the run that goes on: not here)
-    none_right = {"understanding": {"accuracy": 0.0}, "generation": {"accuracy": 0.0}}
-    monkeypatch.setattr(finetune_demo, "measure", lambda *a, **k: {"french": none_right, "english": none_right})
     with pytest.raises(build.Stopped, match="stopped before its end .* run the same command again"):
         finetune_demo.run(str(tmp_path), pictures=40, english_pictures=16, steps=6, rank=4, per_thing=1)
     assert not (tmp_path / "lora" / build.SETTINGS).exists() and (tmp_path / "lora" / "checkpoints" / "3").is_dir()
     monkeypatch.undo()
-    with caplog.at_level(logging.INFO, logger="unitoken_jax.train.loop"):  # and the same run goes on from step 3
+    # and the same run goes on from step 3; the bundled model's answers before training, measured by
+    # the stopped run, are read back (each resume of the whole demo measured them again: a minute)
+    measured, real_measure = [], finetune_demo.measure
+    monkeypatch.setattr(finetune_demo, "measure", lambda *a, **k: measured.append(a[0]) or real_measure(*a, **k))
+    with caplog.at_level(logging.INFO, logger="unitoken_jax"):
         results = finetune_demo.run(str(tmp_path), pictures=40, english_pictures=16, steps=6, rank=4, per_thing=1)
-    assert "resumed from step 3" in caplog.text, caplog.text
+    assert "resumed from step 3" in caplog.text and "reusing the base model's answers" in caplog.text, caplog.text
+    assert len(measured) == 1  # the tuned model alone
+    assert json.load(open(tmp_path / finetune_demo.BEFORE))["results"] == results["before"]
+    monkeypatch.undo()
     saved = json.load(open(tmp_path / "results.json"))
     assert saved["settings"]["steps"] == 6
     for when in ("before", "after"):

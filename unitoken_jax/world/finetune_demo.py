@@ -19,13 +19,14 @@ training combinations only; the held-out combinations are never drawn for traini
 
 WORKDIR gets `items_fr/` and `data_fr/` (the French data), `lora/` (the run: TensorBoard,
 checkpoints, `final/`, and `adapters/` in PEFT's format), `results.json`, `table.md` and
-`grid.png` (French held-out descriptions, drawn after fine-tuning). Each step is kept and reused
-by a later run.
+`grid.png` (French held-out descriptions, drawn after fine-tuning), and `before.json` (the
+bundled model's answers before training). Each step is kept and reused by a later run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -162,6 +163,44 @@ def measure(model, english: bool, per_thing: int = 4) -> dict:
     return out
 
 
+BEFORE = "before.json"  # the bundled model's answers before training, and what they were measured with
+
+
+def _measured_before(workdir: str, base: str, per_thing: int, timings: dict) -> dict:
+    """The base model's answers before training: measured once a WORKDIR (a minute on the whole
+    demo) and kept in `before.json`, which a resumed or repeated run reads back; a different model
+    (its files' hash) or `per_thing` is measured again."""
+    path = os.path.join(workdir, BEFORE)
+    key = {"per_thing": per_thing, "model": _files_hash(base)}
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        kept = {}
+    if kept.get("measured_with") == key and "results" in kept:
+        log.info("reusing the base model's answers measured before training (%s)", path)
+        timings["measure_before"] = kept.get("seconds", 0.0)
+        return kept["results"]
+    t = time.time()
+    before = measure(unitoken_jax.load(base, progress=False), english=True, per_thing=per_thing)
+    timings["measure_before"] = time.time() - t
+    with open(path + ".tmp", "w") as f:
+        json.dump({"measured_with": key, "seconds": timings["measure_before"], "results": before}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return before
+
+
+def _files_hash(folder: str) -> str:
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            digest.update(os.path.relpath(os.path.join(root, name), folder).encode())
+            with open(os.path.join(root, name), "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+    return digest.hexdigest()
+
+
 def table(before: dict, after: dict) -> str:
     rows = ["| held-out combinations | before LoRA | after LoRA | chance |", "|---|---|---|---|"]
     for lang in ("french", "english"):
@@ -199,9 +238,7 @@ def run(workdir: str, *, pictures: int = 2000, english_pictures: int = 600, step
                     "english_pictures": english_pictures}
     trained = build.reuse(run_dir, os.path.isdir(os.path.join(run_dir, "adapters")), trained_with)
 
-    t = time.time()
-    before = measure(unitoken_jax.load(base, progress=False), english=True, per_thing=per_thing)
-    timings["measure_before"] = time.time() - t
+    before = _measured_before(workdir, base, per_thing, timings)
     log.info("before: French answers %.0f%%, drawings %.0f%%", 100 * before["french"]["understanding"]["accuracy"],
              100 * before["french"]["generation"]["accuracy"])
 
