@@ -986,6 +986,15 @@ MUTATIONS = (
              "resume", "unitoken_jax/world/finetune_demo.py",
              '    if kept.get("measured_with") == key and "results" in kept:\n',
              '    if False:\n', ("tests/test_finetune_demo.py", "-k", "short_demo_run")),
+    Mutation("train_compile_holds_off_sigterm", "a SIGTERM while the train step compiles waiting for the whole "
+             "compile", "unitoken_jax/train/loop.py",
+             "        worker.join(0.1)\n        if preempted.flag:\n",
+             "        worker.join(0.1)\n        if False:\n",
+             ("tests/test_train_loop.py", "-k", "sigterm_while_the_step_compiles")),
+    Mutation("train_preamble_ignores_sigterm", "a SIGTERM while a run builds its data pipeline acted on only after "
+             "the state's init and the compile", "unitoken_jax/train/loop.py",
+             "    if preempted.signalled_here():  # (a pod's processes agree on their preemption at a step)\n",
+             "    if False:\n", ("tests/test_train_loop.py", "-k", "sigterm_while_the_run_starts")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -747,7 +747,7 @@ def test_a_workdir_holding_another_stages_checkpoints_is_refused(tmp_path, data)
         train_and_evaluate(_config(3, data), str(workdir))
 
 
-def test_a_sigterm_while_the_run_starts_stops_it_before_its_first_step(tmp_path, data, monkeypatch):
+def test_a_sigterm_while_the_run_starts_stops_it_before_its_first_step(tmp_path, data, monkeypatch, caplog):
     """The SIGTERM handler came only with the first step: a preemption (or a sweep's Ctrl-C) while
     the run built its step and pipeline, restored and compiled killed it as a failure."""
     import signal
@@ -763,9 +763,39 @@ def test_a_sigterm_while_the_run_starts_stops_it_before_its_first_step(tmp_path,
     monkeypatch.setattr(loop, "build_program", preempted_while_building)
     workdir = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
-    assert train_and_evaluate(_config(2, data, total_steps=2), str(workdir)) == {}
-    assert not os.listdir(workdir / "checkpoints") and not (workdir / "final").exists()
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax"):
+        assert train_and_evaluate(_config(2, data, total_steps=2), str(workdir)) == {}
+    assert not (workdir / "checkpoints").exists() and not (workdir / "final").exists()
     assert signal.getsignal(signal.SIGTERM) is before  # put back
+    # stopped when its data pipeline was built, before the rest (a state's init and restore, the compile)
+    assert "preempted before the first step (SIGTERM while the data pipeline was built)" in caplog.text
+
+
+def test_a_sigterm_while_the_step_compiles_stops_the_run_without_waiting_for_the_compile(tmp_path, data, monkeypatch,
+                                                                                       caplog):
+    """XLA holds the thread that compiles, and Python runs a signal's handler only when it returns:
+    a SIGTERM (or Ctrl-C) during the step's compile, minutes for the 7B, waited for all of it. Here
+    the compile never ends unless let go: the run must stop without it."""
+    import signal
+    import threading
+
+    from unitoken_jax.train import program
+
+    let_go, waited = threading.Event(), []
+
+    def endless_compile(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        waited.append(let_go.wait(60))  # (False: 60 s passed and the run had waited them all)
+        raise RuntimeError("a compile the run should not have waited for")
+
+    monkeypatch.setattr(program.TrainProgram, "compile", endless_compile)
+    workdir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax"):
+        assert train_and_evaluate(_config(2, data, total_steps=2), str(workdir)) == {}
+    assert waited == [], waited  # still compiling when the run returned
+    let_go.set()
+    assert "preempted before the first step (SIGTERM while the step compiled)" in caplog.text, caplog.text
+    assert not os.listdir(workdir / "checkpoints") and not (workdir / "final").exists()
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data, monkeypatch):

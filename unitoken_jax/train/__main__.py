@@ -25,6 +25,7 @@ from unitoken_jax import configs
 from unitoken_jax.inference.compilation_cache import enable_compilation_cache
 from unitoken_jax.shutdown import exit_now
 from unitoken_jax.train.config import TrainConfig
+from unitoken_jax.train import loop
 from unitoken_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a stage config file, e.g. configs/stage2.py:tiny",
@@ -80,6 +81,9 @@ def main(argv):
         if _pod_client() is not None:
             _stop_the_pod(f"{_PROG}: {e}")
         sys.exit(f"{_PROG}: {e}")
+    abandoned = loop.ABANDONED_COMPILE  # a SIGTERM came while the step compiled: it compiles on in a thread
+    if _AS_PROGRAM and abandoned is not None and abandoned.is_alive():
+        exit_now(0)  # (the interpreter's teardown under XLA's running compile: no)
 
 
 # --- a pod whose process fails alone --------------------------------------------------------------
@@ -171,6 +175,7 @@ def _raised_by_this_package(error: BaseException) -> bool:
 # what the command is called where its messages say so: `unitoken train` or `python -m unitoken_jax.train`
 # (`run` sets it; the first said "unitoken_jax.train" in some lines and its own name in others)
 _PROG = "unitoken_jax.train"
+_AS_PROGRAM = False  # (`run`'s as_program: the process is the command's own, and may end at once)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -232,8 +237,9 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
     """Parses `argv` (default: sys.argv) with `--config` resolved, then trains. `as_program` (default:
     whether `argv` is None) ends the process at once on Ctrl-C (`shutdown.exit_now`); a call from Python
     gets SystemExit(130) instead."""
-    global _PROG
+    global _PROG, _AS_PROGRAM
     as_program = argv is None if as_program is None else as_program
+    _AS_PROGRAM = as_program
     argv = sys.argv if argv is None else argv
     _PROG = "unitoken train" if argv[:1] == ["unitoken train"] else "unitoken_jax.train"
     try:

@@ -317,6 +317,10 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
     log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
     program = build_program(config, mesh)
     pipeline, held_out = input_pipelines(config, workdir, mesh)
+    if preempted.signalled_here():  # (a pod's processes agree on their preemption at a step)
+        log.warning("preempted before the first step (SIGTERM while the data pipeline was built): nothing new to "
+                    "save, stopping")
+        return {}
     if jax.process_index() == 0:  # the bound is the datasets', the same for every process: one reads them
         _log_fill_bound(pipeline, config)
     evaluator = _evaluator(program, pipeline, held_out, workdir) if held_out is not None else None
@@ -366,12 +370,14 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
 
     t0 = time.time()
     with count_cache_hits() as hits:
-        compiled = program.compile()
-    _log_memory(compiled, time.time() - t0, "loaded from the compilation cache" if hits[0] else "compiled")
+        compiled, when = _compile_unless_preempted(program, preempted)
+    if compiled is not None:
+        _log_memory(compiled, time.time() - t0, "loaded from the compilation cache" if hits[0] else "compiled")
     if preempted.flag:
         getattr(data_iter, "close", lambda: None)()
         checkpointer.close()
-        log.warning("preempted before the first step (SIGTERM): nothing new to save, stopping at step %d", start_step)
+        log.warning("preempted before the first step (SIGTERM%s): nothing new to save, stopping at step %d", when,
+                    start_step)
         return {}
     extras = init_extras(config.init_from)  # (for final/)
     with program.context():
@@ -711,16 +717,61 @@ class _SamplesLog:
     close = sync
 
 
+def _compile_unless_preempted(program: TrainProgram, preempted: "_PreemptionFlag"):
+    """(the compiled step, or None if a SIGTERM came first; when it came, for the log). XLA holds
+    the thread that compiles for the whole compile (minutes for the 7B, longer than a preemption
+    notice), and Python runs a signal's handler only when it returns: a SIGTERM or Ctrl-C waited for
+    all of it. The compile runs in a thread of its own while this one waits, so both are acted on at
+    once (nothing new to save before the first step). The abandoned compile ends with the process
+    (`train.__main__` ends it at once) or, for a Python caller, runs on in the background and is
+    waited for at the interpreter's exit (killed there mid-compile, the process aborted: "terminate
+    called after throwing...")."""
+    if not preempted.listening:  # (a pod's processes agree on their preemption through Orbax)
+        return program.compile(), ""
+    if preempted.flag:  # (while the run was built: no compile)
+        return None, " while the run was built"
+    import atexit
+    import threading
+
+    done: dict[str, Any] = {}
+
+    def compile_step():
+        try:
+            done["compiled"] = program.compile()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            done["error"] = e
+
+    worker = threading.Thread(target=compile_step, name="unitoken-train-compile", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+        if preempted.flag:
+            global ABANDONED_COMPILE
+            ABANDONED_COMPILE = worker
+            atexit.register(worker.join)  # (a Python caller's process, at its exit: not killed mid-compile)
+            return None, " while the step compiled"
+    if "error" in done:
+        raise done["error"]
+    return done["compiled"], ""
+
+
+# the step's compile left running by a SIGTERM (`_compile_unless_preempted`): a program ends its
+# process without the interpreter's teardown while it runs, which XLA's threads may not survive
+ABANDONED_COMPILE = None
+
+
 class _PreemptionFlag:
     """SIGTERM (a preempted VM) or Orbax's multi-host preemption notice -> save now and stop."""
 
     def __init__(self):
         self.flag = False
         self._old = None
+        self.listening = False  # (whether the SIGTERM handler is this one's)
         if jax.process_count() > 1:
             return
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
+            self.listening = True
         except ValueError:  # not the main thread
             pass
 
