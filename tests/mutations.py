@@ -995,6 +995,14 @@ MUTATIONS = (
              "the state's init and the compile", "unitoken_jax/train/loop.py",
              "    if preempted.signalled_here():  # (a pod's processes agree on their preemption at a step)\n",
              "    if False:\n", ("tests/test_train_loop.py", "-k", "sigterm_while_the_run_starts")),
+    Mutation("world_build_reuses_after_a_step_before_is_remade", "world.build reusing its data made from a VQ-GAN "
+             "made again since", "unitoken_jax/world/build.py",
+             'made_from={"vq_steps": vq_steps})', "made_from={})",
+             ("tests/test_world.py", "-k", "reuses_a_step")),
+    Mutation("vqgan_safetensors_file_read_as_meta", "our VQ-GAN named by its vqgan.safetensors read as Meta's format "
+             "(refused for a vqgan.yaml)", "unitoken_jax/vq_tokenizer.py",
+             'if path.endswith(".safetensors") and os.path.exists', "if False and os.path.exists",
+             ("tests/test_vqgan.py", "-k", "bad_vq")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -235,6 +235,12 @@ def test_bad_vq_checkpoints(tmp_path):
     os.remove(tmp_path / "vqgan.yaml")
     with pytest.raises(CheckpointError, match="vqgan.yaml"):
         VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"))
+    # our own format named by its weights file (as --vqgan names Meta's vqgan.ckpt) is its folder: it
+    # was read as Meta's and refused for a vqgan.yaml that format never has
+    vq_io.save_vqgan(str(tmp_path / "ours"), vq.config, vq.params)
+    by_file = VQTokenizer.load(str(tmp_path / "ours" / "vqgan.safetensors"))
+    assert by_file.config == vq.config
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), by_file.params, vq.params)
 
 
 def test_full_size_config_shapes():

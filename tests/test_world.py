@@ -223,6 +223,28 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
         build.build(str(tmp_path), **{**flags, "stage2_steps": 300})
     with pytest.raises(build.SettingsError, match="vqgan was made with steps 1500 .now 20."):
         build.build(str(tmp_path), **{**flags, "vq_steps": 20})
+    # a step made again (its folder deleted, as that says) is not followed by the old steps made from
+    # the one before: they record its settings too (the data and both stages were reused, a model
+    # trained on another VQ-GAN's codes or on other data, unsaid)
+    (tmp_path / "vqgan" / build.SETTINGS).write_text(json.dumps({"steps": 20, "pictures": 3000}))  # made again
+    (tmp_path / "data" / build.SETTINGS).write_text(json.dumps({"pictures": 4000, "vq_steps": 1500}))
+    with pytest.raises(build.SettingsError, match="data was made with vq_steps 1500 .now 20.; delete it"):
+        build.build(str(tmp_path), **{**flags, "vq_steps": 20})
+    (tmp_path / "data" / build.SETTINGS).write_text(json.dumps({"pictures": 60, "vq_steps": 20}))  # made again
+    (tmp_path / "stage1" / build.SETTINGS).write_text(json.dumps({"steps": 100, "vq_steps": 1500, "pictures": 4000}))
+    with pytest.raises(build.SettingsError, match="stage1 was made with vq_steps 1500 .now 20., pictures 4000 .now "
+                                                  "60.; delete it"):
+        build.build(str(tmp_path), **{**flags, "vq_steps": 20, "pictures": 60})
+    # a stopped stage resumed with fewer steps than it reached: one line naming the flag (a traceback
+    # naming total_steps)
+    def trained_past(config, run_dir):
+        raise ValueError(f"the run in {run_dir} is at step 130, past total_steps={config.total_steps}: give ...")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(build, "train", trained_past)
+        with pytest.raises(build.SettingsError, match="stage II in .*run has trained past --stage2-steps 60: give "
+                                                      "a larger --stage2-steps, or delete"):
+            build._train_stage("stage II", "--stage2-steps", build.stage_config(2, "data", 60), str(tmp_path / "run"))
     with pytest.raises(SystemExit):
         build.main(["--workdir", str(tmp_path / "new"), "--vq-steps", "0"])
     assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
@@ -231,6 +253,9 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
     with pytest.raises(SystemExit):
         build.main(["--workdir", str(tmp_path / "a-file"), "--vq-steps", "2"])
     assert "--workdir " + str(tmp_path / "a-file") + " is a file; give a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (under a file: makedirs' NotADirectoryError traceback)
+        build.main(["--workdir", str(tmp_path / "a-file" / "sub"), "--vq-steps", "2"])
+    assert f"--workdir {tmp_path / 'a-file' / 'sub'} cannot be made: Not a directory" in capsys.readouterr().err
     # the fine-tuning demo's counts too (each was a ValueError traceback, --steps 0 after building its data)
     from unitoken_jax.world import finetune_demo
 
@@ -246,12 +271,15 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
     # a stop is one line and an exit status, not a traceback (the training saves often enough to go on from)
     import argparse
 
+    from unitoken_jax.shutdown import Terminated
     from unitoken_jax.world import default
 
     parser = argparse.ArgumentParser(prog="world.build")
     for stop, code, said in ((build.Stopped("the training in X stopped before its end"), 143,
                               "world.build: the training in X stopped before its end"),
-                             (KeyboardInterrupt(), 130, "world.build: stopped (Ctrl-C): run the same command again")):
+                             (KeyboardInterrupt(), 130, "world.build: stopped (Ctrl-C): run the same command again"),
+                             # (a SIGTERM outside the trainings killed the build unsaid)
+                             (Terminated(), 143, "world.build: stopped (SIGTERM): run the same command again")):
         def stopped():
             raise stop
         with pytest.raises(SystemExit) as exited:

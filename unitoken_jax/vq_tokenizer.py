@@ -68,7 +68,8 @@ class VQTokenizer:
     @classmethod
     def load(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
         """Any VQ-GAN format the package reads, by what `path` is: Meta's `vqgan.ckpt` (its
-        `vqgan.yaml` beside it), a directory written by `save_vqgan` (`vqgan_config.json`), or an HF
+        `vqgan.yaml` beside it), a directory written by `save_vqgan` (`vqgan_config.json`; or its
+        `vqgan.safetensors`), or an HF
         Chameleon / UniToken checkpoint directory (its `model.vqmodel.*` encoder)."""
         path = os.path.expanduser(os.fspath(path))
         if os.path.isdir(path):
@@ -82,6 +83,9 @@ class VQTokenizer:
                                         "(an HF Chameleon / UniToken checkpoint) or vqgan.ckpt (Meta's)")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such VQ-GAN file or directory")
+        folder = os.path.dirname(path)
+        if path.endswith(".safetensors") and os.path.exists(os.path.join(folder, vq_io.CONFIG_FILE)):
+            return cls.from_dir(folder, mesh)  # (a file of ours: its folder, not Meta's format's missing vqgan.yaml)
         return cls.from_meta(path, mesh=mesh)
 
     @classmethod

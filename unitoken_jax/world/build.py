@@ -28,7 +28,7 @@ from unitoken_jax.convert.vqgan import save_vqgan
 from unitoken_jax.data import pretokenize as pt
 from unitoken_jax.tokenizer import images as image_io
 from unitoken_jax.tokenizer.text import TextTokenizer
-from unitoken_jax.shutdown import exit_now
+from unitoken_jax.shutdown import Terminated, exit_now, stop_on_signals
 from unitoken_jax.train.loop import train_and_evaluate
 from unitoken_jax.train.vqgan import VQTrainConfig, train_vqgan
 from unitoken_jax.vq_tokenizer import VQTokenizer
@@ -98,14 +98,16 @@ def script(parser: argparse.ArgumentParser, as_program: bool, work):
     """`work()`'s value; a settings error as argparse's, and a stop (SIGTERM, Ctrl-C) as one line
     and exit status 143 / 130, not a traceback. Each finished step and the training's checkpoints
     stay, and the same command goes on from them."""
+    if as_program:  # (a SIGTERM outside the trainings, whose own handler saves a step, killed it unsaid)
+        stop_on_signals(sigterm=True)
     try:
         return work()
     except SettingsError as e:
         parser.error(str(e))
     except (Stopped, KeyboardInterrupt) as e:
-        said, code = (str(e), 143) if isinstance(e, Stopped) else (
-            "stopped (Ctrl-C): run the same command again to go on from its finished steps and its last "
-            "checkpoint", 130)
+        again = "run the same command again to go on from its finished steps and its last checkpoint"
+        said, code = ((str(e), 143) if isinstance(e, Stopped) else (f"stopped (SIGTERM): {again}", 143)
+                      if isinstance(e, Terminated) else (f"stopped (Ctrl-C): {again}", 130))
         print(f"\n{parser.prog}: {said}", file=sys.stderr)
         if as_program:
             exit_now(code)  # (the interpreter's teardown after a Ctrl-C in XLA could crash)
@@ -124,7 +126,11 @@ def reuse(out: str, done: bool, settings: dict) -> bool:
         return True
     with open(path) as f:
         before = json.load(f)
-    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    unrecorded = [k for k in settings if k not in before]
+    if unrecorded:  # (recorded by a later version: what the step was made from, besides its own flags)
+        log.warning("%s was made before %s were recorded: reused as it is (delete it to make it again)", out,
+                    ", ".join(unrecorded))
+    changed = {k: (before[k], v) for k, v in settings.items() if k in before and before[k] != v}
     if changed:
         said = ", ".join(f"{k} {was} (now {now})" for k, (was, now) in changed.items())
         raise SettingsError(f"{out} was made with {said}; delete it to make it again, or use another --workdir")
@@ -158,17 +164,20 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000, ran: dict | None = 
     return out
 
 
-def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool, ran: dict | None = None) -> str:
-    """Writes and pre-tokenizes the training items (unless done); `ran` gets the seconds it took."""
+def make_data(workdir: str, vq_dir: str, pictures: int, continuous: bool, ran: dict | None = None,
+              made_from: dict | None = None) -> str:
+    """Writes and pre-tokenizes the training items (unless done); `ran` gets the seconds it took.
+    `made_from`: the settings of the steps before (the VQ-GAN's), recorded with it and compared."""
     out = os.path.join(workdir, "data" if continuous else "data_discrete")
-    if reuse(out, os.path.exists(os.path.join(out, pt.SETTINGS_FILE)), {"pictures": pictures}):
+    settings_made = {"pictures": pictures, **(made_from or {})}
+    if reuse(out, os.path.exists(os.path.join(out, pt.SETTINGS_FILE)), settings_made):
         return out
     start = time.time()
     items = shapes.write_items(os.path.join(workdir, "items"), pictures, seed=0)
     settings = pt.PretokenizeSettings(name="shapes", vq_size=VQ_SIZE, siglip_size=SIGLIP_SIZE, patch=PATCH,
                                       max_length=None, chunk_size=1024, vq_batch=256, continuous=continuous)
     pt.pretokenize(items, out, TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(vq_dir), settings)
-    record(out, {"pictures": pictures})
+    record(out, settings_made)
     if ran is not None:
         ran["pretokenize"] = time.time() - start
     return out
@@ -184,7 +193,10 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
             raise SettingsError(f"{name}={value!r}: a whole number, at least 1")
     if os.path.exists(workdir) and not os.path.isdir(workdir):  # (makedirs' FileExistsError traceback)
         raise SettingsError(f"--workdir {workdir} is a file; give a directory")
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # (under a file, a read-only or missing place: makedirs' traceback)
+        raise SettingsError(f"--workdir {workdir} cannot be made: {e.strerror or e}") from None
     suffix = "" if continuous else "_discrete"
     timings_path = os.path.join(workdir, f"timings{suffix}.json")
     timings = {}
@@ -192,24 +204,42 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
         with open(timings_path) as f:
             timings = json.load(f)
     ran = {}  # the seconds of each step that ran (not reused)
+    # each step records the settings of the steps it was made from too: a step made again (its
+    # folder deleted, as a refusal says) is not followed by the old steps made from its predecessor
     vq_dir = train_vq(workdir, vq_steps, ran=ran)
-    data = make_data(workdir, vq_dir, pictures, continuous, ran=ran)
+    data = make_data(workdir, vq_dir, pictures, continuous, ran=ran, made_from={"vq_steps": vq_steps})
     stage1, stage2 = os.path.join(workdir, "stage1" + suffix), os.path.join(workdir, "stage2" + suffix)
+    made_from = {"vq_steps": vq_steps, "pictures": pictures}
     t = time.time()
-    if continuous and not reuse(stage1, os.path.isdir(os.path.join(stage1, "final")), {"steps": stage1_steps}):
-        train(stage_config(1, data, stage1_steps), stage1)
-        record(stage1, {"steps": stage1_steps})
+    stage1_settings = {"steps": stage1_steps, **made_from}
+    if continuous and not reuse(stage1, os.path.isdir(os.path.join(stage1, "final")), stage1_settings):
+        _train_stage("stage I", "--stage1-steps", stage_config(1, data, stage1_steps), stage1)
+        record(stage1, stage1_settings)
         ran["stage1"] = time.time() - t
     t = time.time()
-    if not reuse(stage2, os.path.isdir(os.path.join(stage2, "final")), {"steps": stage2_steps}):
-        train(stage_config(2, data, stage2_steps, stage1 if continuous else None), stage2)
-        record(stage2, {"steps": stage2_steps})
+    stage2_settings = {"steps": stage2_steps, **made_from, **({"stage1_steps": stage1_steps} if continuous else {})}
+    if not reuse(stage2, os.path.isdir(os.path.join(stage2, "final")), stage2_settings):
+        _train_stage("stage II", "--stage2-steps", stage_config(2, data, stage2_steps, stage1 if continuous else None),
+                     stage2)
+        record(stage2, stage2_settings)
         ran["stage2"] = time.time() - t
     timings.update(ran)
     with open(timings_path, "w") as f:
         json.dump(timings, f, indent=1)
     log.info("timings (s): %s", timings)
     return os.path.join(stage2, "final")
+
+
+def _train_stage(name: str, flag: str, config: ml_collections.ConfigDict, run_dir: str) -> None:
+    """`train`, with the run's refusal of these settings said in one line (a stopped stage resumed
+    with fewer steps than it had reached was a traceback naming `total_steps`, not the flag)."""
+    try:
+        train(config, run_dir)
+    except ValueError as e:
+        if "past total_steps" in str(e):
+            raise SettingsError(f"{name} in {run_dir} has trained past {flag} {config.total_steps}: give a larger "
+                                f"{flag}, or delete {run_dir} to train it again") from None
+        raise
 
 
 def count(least: int = 1):
