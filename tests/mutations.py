@@ -804,8 +804,8 @@ MUTATIONS = (
              "unitoken_jax/inference/pipeline.py", "    why = not_unicode(text)\n", "    why = None\n",
              ("tests/test_default_model.py", "-k", "not_plain")),
     Mutation("long_prompt_blamed_on_size", "a prompt too long beside its picture blamed on the picture's size",
-             "unitoken_jax/inference/pipeline.py", 'raise SequenceTooLong(f"the prompt takes',
-             'raise ValueError(f"the prompt takes', ("tests/test_serve.py", "-k", "not_plain")),
+             "unitoken_jax/inference/pipeline.py", 'raise SequenceTooLong(f"{said} (shorten the prompt)")',
+             'raise ValueError(f"{said} (shorten the prompt)")', ("tests/test_serve.py", "-k", "not_plain")),
     Mutation("list_prompt_unnamed", "a list's prompt the model cannot take refused naming none",
              "unitoken_jax/inference/pipeline.py", 'None if single else f"prompt {k // n}"', "None",
              ("tests/test_default_model.py", "-k", "not_plain")),
@@ -1003,6 +1003,18 @@ MUTATIONS = (
              "(refused for a vqgan.yaml)", "unitoken_jax/vq_tokenizer.py",
              'if path.endswith(".safetensors") and os.path.exists', "if False and os.path.exists",
              ("tests/test_vqgan.py", "-k", "bad_vq")),
+    Mutation("picture_size_blamed_on_the_prompt", "an image call's size the model cannot hold beside its prompt "
+             "named as the prompt's fault", "unitoken_jax/serve/app.py",
+             '            raise bad(str(e), "size", "context_length_exceeded") from None\n',
+             '            raise bad(str(e), "prompt", "context_length_exceeded") from None\n',
+             ("tests/test_serve.py", "-k", "phones_photo")),
+    Mutation("server_refuses_phone_photos", "the server's picture limit at 4096 x 4096 pixels (a phone's photo "
+             "refused)", "unitoken_jax/serve/wire.py", "    max_image_pixels: int = MAX_PIXELS",
+             "    max_image_pixels: int = 4096 * 4096", ("tests/test_serve.py", "-k", "phones_photo")),
+    Mutation("too_large_size_without_one_that_fits", "a picture size too large beside its prompt said without the "
+             "size that fits", "unitoken_jax/inference/pipeline.py",
+             "            fits = self._largest_fitting(prompt, w * h)\n", "            fits = None\n",
+             ("tests/test_default_model.py", "-k", "sizes_fault")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -774,8 +774,38 @@ def test_text_that_is_not_plain_is_named_by_its_field_and_its_place_in_a_list():
     with pytest.raises(ConversationError, match="^request 1: the question contains"):
         pipe.understand([[picture], [picture]], ["What colour is the shape?", "<|image|>?"], progress=False)
     with pytest.raises(SequenceTooLong, match=r"^the prompt takes \d+ positions and a 64x64 picture \d+: \d+ in all, "
-                                              r"more than the model's 512 \(shorten the prompt"):
+                                              r"more than the model's 512 \(shorten the prompt\)$"):
         pipe.generate_image(" a" * 473, progress=False)
+
+
+def test_a_size_too_large_for_the_model_beside_its_prompt_is_the_sizes_fault_naming_one_that_fits(capsys):
+    """A model that records no trained size (a user's own files) asked for a picture its positions
+    cannot hold beside a short prompt: the error blamed the prompt ("shorten the prompt, or ask for
+    a smaller size"; the server's 400 named `prompt`), and a server whose default size (512x512, for
+    OpenAI's clients that give none) did not fit refused every such call, saying nothing at start."""
+    import copy
+
+    from unitoken_jax.cli import _say_default_size_fits
+    from unitoken_jax.inference.pipeline import PictureTooLarge
+    from unitoken_jax.tokenizer import layout
+
+    pipe = copy.copy(default.pipeline())
+    pipe.trained_sizes = None
+    said = (r"^the prompt takes \d+ positions and a 512x512 picture 1060: \d+ in all, more than the model's 512 "
+            r"\(ask for a smaller size: \d+x\d+ fits")
+    with pytest.raises(PictureTooLarge, match=said) as e:
+        pipe.generate_request("a red circle at the top left", size=(512, 512))
+    w, h = e.value.fits
+    assert w == h and f"{w}x{h} fits beside this prompt" in str(e.value)
+    # the largest square that fits, counted from the layout: one 32-pixel unit more does not
+    taken = int(str(e.value).split()[3])  # the prompt's positions
+    assert taken + layout.generated_image_length((h // 32, w // 32)) <= 512 < taken + layout.generated_image_length(
+        (h // 32 + 1, w // 32 + 1))
+    pipe.generate_request("a red circle at the top left", size=(w, h))  # fits
+    _say_default_size_fits(pipe, (512, 512))
+    assert "image calls without a size draw 512x512, which this model cannot hold" in capsys.readouterr().err
+    _say_default_size_fits(pipe, (w, h))
+    assert capsys.readouterr().err == ""
 
 
 def test_a_chat_takes_typed_paths_and_goes_on_past_a_picture_it_cannot_save(tmp_path, capsys, monkeypatch):

@@ -1433,3 +1433,32 @@ def test_the_page_gets_the_drawing_prompt_filled_as_str_format_fills_it(server, 
     (parts,) = re.findall(r"const TEMPLATE = (\[.*?\]);", html)
     assert json_lib.loads(parts) == ["Draw {it} 64x64: ", "."]
     assert "a cat".join(json_lib.loads(parts)) == "Draw {{it}} {w}x{h}: {prompt!s}.".format(w=64, h=64, prompt="a cat")
+
+
+def test_a_size_the_model_cannot_hold_is_the_sizes_fault_and_a_phones_photo_is_taken(pipe):
+    """An image call with no size, on a server of a model that records no trained size (a user's own
+    files) and cannot hold its default 512x512: the 400 named `prompt` ("shorten the prompt"). A
+    5000x4000 photo (a phone's 20 megapixels) was refused as "a decompression bomb?" (the server's
+    own 4096 x 4096 limit, said nowhere), and a picture over 8 MB was said to be 8388609 bytes long
+    (as far as the server read it)."""
+    import copy
+
+    from unitoken_jax.serve import wire
+
+    own = copy.copy(pipe)
+    own.trained_sizes = None
+    running = _Running(create_app(own, ServeSettings(model_name=MODEL, default_size=(512, 512))))
+    try:
+        error = _error(requests_http.post(running.url + "/v1/images/generations",
+                                          json={"model": MODEL, "prompt": "a red circle"}), 400, "size",
+                       "context_length_exceeded")
+        assert "a 512x512 picture" in error["message"] and "ask for a smaller size: " in error["message"], error
+    finally:
+        running.stop()
+    photo = io.BytesIO()
+    Image.new("RGB", (5000, 4000), (200, 30, 30)).save(photo, "PNG")
+    assert wire.read_picture(photo.getvalue(), "image", Limits()).size == (5000, 4000)
+    limits = Limits(max_image_bytes=1000)
+    with pytest.raises(wire.APIError) as refused:
+        wire.read_picture(photo.getvalue()[:1001], "image", limits)
+    assert "the picture is more than 1000 bytes, this server's limit" in refused.value.message

@@ -1145,6 +1145,7 @@ def _serve(args) -> int:
         settings = dataclasses.replace(settings, model_name=name, default_size=size,
                                        sizes=(size,) if bundled else None)
         settings.validate(pipe.model.config.decoder.max_position_embeddings)  # (before it says it serves)
+        _say_default_size_fits(pipe, size)
     except BaseException:
         sock.close()
         raise
@@ -1152,6 +1153,18 @@ def _serve(args) -> int:
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({key})", flush=True)
     run(pipe, settings, host=args.host, port=args.port, sock=sock)
     return 0
+
+
+def _say_default_size_fits(pipe, size: tuple[int, int]) -> None:
+    """Says at the start where the size of an image call that gives none (OpenAI's clients give
+    none by default) does not fit the model beside a short prompt: every such call would be refused."""
+    from unitoken_jax.inference.pipeline import PictureTooLarge
+
+    try:
+        pipe.generate_request("a picture", size=size)
+    except PictureTooLarge as e:
+        print(f"serve: image calls without a size draw {size[0]}x{size[1]}, which this model cannot hold "
+              f"({e}); give --size {e.fits[0]}x{e.fits[1]} or smaller", file=sys.stderr, flush=True)
 
 
 def _pretokenize(args) -> int:

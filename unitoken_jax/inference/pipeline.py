@@ -80,6 +80,15 @@ class UntrainedSize(UserWarning):
     """A picture size the model was not trained to draw (the bundled model: 64 x 64 only)."""
 
 
+class PictureTooLarge(SequenceTooLong):
+    """A picture size too large for the model beside its prompt, where a smaller size fits:
+    the size's fault (the server names `size`), not the prompt's. `fits`: the largest that does."""
+
+    def __init__(self, message: str, fits: tuple[int, int]):
+        super().__init__(message)
+        self.fits = fits
+
+
 class NegativePromptError(ValueError):
     """A negative prompt the request cannot take: with cfg=1 (no guidance), text that is not plain
     (a picture's mark, a character that is not valid Unicode), or too long (`NegativePromptTooLong`)."""
@@ -416,19 +425,21 @@ class UniTokenPipeline:
                 or w % unit or h % unit:
             raise ValueError(f"image size {w}x{h} must be positive and a multiple of {unit} pixels each way")
         grid_hw = (h // unit, w // unit)
-        if self.trained_sizes is not None and (w, h) not in self.trained_sizes:
-            known = " or ".join(f"{a}x{b}" for a, b in self.trained_sizes)
-            _say(UntrainedSize(f"this model was trained to draw {known} pictures only, not {w}x{h}: it never saw "
-                               "that size, and its pictures come out as noise"))
         encoded = self._encode(item)
         prompt = len(encoded["tokens"]) + len(self.image_prefix)
         needed = prompt + layout.generated_image_length(grid_hw)
         if needed > self.max_length:  # (said as the size's fault alone before, though it was the prompt's)
-            smaller = prompt + layout.generated_image_length((1, 1)) <= self.max_length and grid_hw != (1, 1)
-            advice = "shorten the prompt, or ask for a smaller size" if smaller else "shorten the prompt"
-            raise SequenceTooLong(f"the prompt takes {prompt} positions and a {w}x{h} picture "
-                                  f"{needed - prompt}: {needed} in all, more than the model's {self.max_length} "
-                                  f"({advice})")
+            said = (f"the prompt takes {prompt} positions and a {w}x{h} picture {needed - prompt}: {needed} in all, "
+                    f"more than the model's {self.max_length}")
+            fits = self._largest_fitting(prompt, w * h)
+            if fits is None:
+                raise SequenceTooLong(f"{said} (shorten the prompt)")
+            raise PictureTooLarge(f"{said} (ask for a smaller size: {fits[0]}x{fits[1]} fits beside this prompt; or "
+                                  "shorten the prompt)", fits)
+        if self.trained_sizes is not None and (w, h) not in self.trained_sizes:
+            known = " or ".join(f"{a}x{b}" for a, b in self.trained_sizes)
+            _say(UntrainedSize(f"this model was trained to draw {known} pictures only, not {w}x{h}: it never saw "
+                               "that size, and its pictures come out as noise"))
         encoded["tokens"] = np.concatenate([encoded["tokens"], self.image_prefix + [layout.IMAGE_START]]).astype(np.int32)
         if encoded["is_continuous"] is not None:
             pad = len(self.image_prefix) + 1
@@ -461,6 +472,16 @@ class UniTokenPipeline:
             if e.option not in called:
                 raise
             raise e.renamed(called[e.option]) from None
+
+    def _largest_fitting(self, prompt: int, area: int) -> tuple[int, int] | None:
+        """The largest picture size, smaller than `area` pixels, that fits beside a prompt of `prompt`
+        positions: of the sizes the model was trained on where it records them, else square."""
+        unit = layout.PIXELS_PER_GRID
+        sizes = (self.trained_sizes if self.trained_sizes is not None else
+                 [(k * unit, k * unit) for k in range(1, self.max_length // unit + 2)])
+        fitting = [(w, h) for w, h in sizes if w * h < area and prompt + layout.generated_image_length(
+            (h // unit, w // unit)) <= self.max_length]
+        return max(fitting, key=lambda s: s[0] * s[1], default=None)
 
     def generate_request(self, prompt: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                          **options) -> Request:

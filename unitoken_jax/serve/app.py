@@ -63,7 +63,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from unitoken_jax.inference.pipeline import NegativePromptError, NegativePromptTooLong
+from unitoken_jax.inference.pipeline import NegativePromptError, NegativePromptTooLong, PictureTooLarge
 from unitoken_jax.serve import metrics, wire
 from unitoken_jax.serve.engine import PipelineEngine
 from unitoken_jax.serve.scheduler import (ContinuousScheduler, DoesNotFit, Expired, Job, QueueFull, Scheduler,
@@ -405,6 +405,8 @@ class _Server:
             raise bad(str(e), "negative_prompt", "context_length_exceeded") from None
         except NegativePromptError as e:  # not plain text
             raise bad(str(e), "negative_prompt") from None
+        except PictureTooLarge as e:  # (a smaller size fits beside this prompt: the size's fault)
+            raise bad(str(e), "size", "context_length_exceeded") from None
         except ConversationError as e:  # the prompt itself (too long with its picture, not plain text)
             raise bad(str(e), "prompt", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
                 from None

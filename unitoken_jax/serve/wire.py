@@ -36,7 +36,7 @@ from typing import Any
 from PIL import Image
 
 from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, first_stop
-from unitoken_jax.tokenizer.images import ImageError, load_image
+from unitoken_jax.tokenizer.images import MAX_PIXELS, ImageError, load_image
 from unitoken_jax.tokenizer.text import not_unicode
 
 SEED_LIMIT = 2 ** 32  # seeds are uint32, as the decode loop's keys take them
@@ -69,7 +69,7 @@ class Limits:
 
     max_n: int = 8  # choices of a chat completion, pictures of an images call
     max_image_bytes: int = 8 * 1024 * 1024  # one picture, decoded
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = MAX_PIXELS  # (a phone's 12-50 megapixel photo: 4096 x 4096 refused them)
     max_images: int = 8  # pictures in one request's messages
 
 
@@ -147,8 +147,8 @@ def check_model(body: dict, model_name: str) -> None:
 # --- pictures in ----------------------------------------------------------------------------------
 def read_picture(raw: bytes, what: str, limits: Limits) -> Image.Image:
     """Bytes of a PNG, JPEG, WebP or GIF file -> RGB(A) PIL image, or a 400 naming `what`."""
-    if len(raw) > limits.max_image_bytes:
-        raise bad(f"{what}: the picture is {len(raw)} bytes; this server takes at most {limits.max_image_bytes}", what,
+    if len(raw) > limits.max_image_bytes:  # (an upload is read only this far: its whole size is not known)
+        raise bad(f"{what}: the picture is more than {limits.max_image_bytes} bytes, this server's limit", what,
                   "image_too_large")
     kind = next((k for magic, k in _MAGIC if raw.startswith(magic)), None)
     if kind is None and raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":

@@ -88,14 +88,15 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
             claimed = re.search(r"\((\d+) pixels\)", str(e))
             pixels = claimed.group(1) if claimed else f"more than {2 * Image.MAX_IMAGE_PIXELS}"
             raise ImageError(f"{what}: refused, {pixels} pixels is more than the limit of {max_pixels} "
-                             "(a decompression bomb?)") from e
+                             "(a decompression bomb, or a picture to scale down first)") from e
         except (OSError, SyntaxError, ValueError) as e:  # (some readers decode as they open: a WebP, a JPEG's header)
             raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
         width, height = image.size
         if width * height > max_pixels:
             image.close()
             raise ImageError(f"{what}: refused, {width}x{height} = {width * height} pixels is more than the "
-                             f"limit of {max_pixels} (a decompression bomb?)")
+                             f"limit of {max_pixels}: scale it down first (the encoders see a few hundred pixels "
+                             "a side)")
         frames = getattr(image, "n_frames", 1)
         if frames > 1 and not _SAID_FRAMES:
             _SAID_FRAMES.append(what)
