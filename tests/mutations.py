@@ -1015,6 +1015,9 @@ MUTATIONS = (
              "size that fits", "unitoken_jax/inference/pipeline.py",
              "            fits = self._largest_fitting(prompt, w * h)\n", "            fits = None\n",
              ("tests/test_default_model.py", "-k", "sizes_fault")),
+    Mutation("vqgan_trains_on_any_pixels", "train_vqgan training on pixels outside [-1, 1] or NaN to a useless "
+             "tokenizer", "unitoken_jax/train/vqgan.py", "    _check_pixels(pixels, config)\n", "",
+             ("tests/test_world.py", "-k", "reuses_a_step")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

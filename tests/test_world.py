@@ -292,3 +292,27 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
         VQTrainConfig(restart_every=0)
     with pytest.raises(ValueError, match="3 pictures cannot fill a batch of 32"):
         train_vqgan(shapes.VQ_CONFIG, np.zeros((3, 64, 64, 3), np.float32), VQTrainConfig(steps=1))
+    # pictures and settings a VQ-GAN cannot train on, said before it trains (uint8 0..255 and NaN ran to
+    # the end, a useless or NaN tokenizer; a NaN or negative rate likewise; the rest were Flax's shape
+    # errors, a broadcast TypeError or NumPy's "expected non-negative integer")
+    for field, value, said in (("learning_rate", float("nan"), "a finite number, above 0"),
+                               ("learning_rate", -1.0, "a finite number, above 0"),
+                               ("beta", float("inf"), "a finite number, at least 0"),
+                               ("seed", -1, "a whole number, at least 0")):
+        with pytest.raises(ValueError, match=f"VQTrainConfig.{field}={value!r}: {said}"):
+            VQTrainConfig(**{field: value})
+    nan = np.zeros((4, 64, 64, 3), np.float32)
+    nan[1, 2, 3, 0] = np.nan
+    for pixels, said in ((np.zeros((4, 64, 64, 3), np.uint8), "pixels must be a float NumPy array .* dtype uint8"),
+                         (np.zeros((4, 64, 64, 1), np.float32), r"\[N, H, W, 3\] .* shape \(4, 64, 64, 1\)"),
+                         (np.zeros((4, 30, 30, 3), np.float32), "H and W multiples of 16"),
+                         ([np.zeros((64, 64, 3), np.float32)] * 4, "got list"),
+                         (np.full((4, 64, 64, 3), 255.0, np.float32), r"must lie in \[-1, 1\] .* got \[255, 255\]"),
+                         (nan, "pixels hold 1 values that are not finite")):
+        with pytest.raises(ValueError, match=said):
+            train_vqgan(shapes.VQ_CONFIG, pixels, VQTrainConfig(steps=1, batch=2))
+    from unitoken_jax.models.vqgan import VQGANConfig as Config
+
+    for field, value in (("n_embed", 0), ("embed_dim", 0), ("z_channels", -1), ("ch_mult", (1, 0))):
+        with pytest.raises(ValueError, match=f"VQ-GAN config {field}="):
+            Config(**{field: value}).validate()

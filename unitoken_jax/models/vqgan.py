@@ -42,6 +42,14 @@ class VQGANConfig:
     def validate(self) -> "VQGANConfig":
         if self.ch < 1 or not self.ch_mult:
             raise ValueError("ch and ch_mult must be positive")
+        # (each was a ZeroDivisionError or a JAX TypeError from inside the model)
+        for name in ("in_channels", "out_channels", "z_channels", "embed_dim", "n_embed", "num_res_blocks", *(
+                () if all(isinstance(m, int) and m >= 1 for m in self.ch_mult) else ("ch_mult",))):
+            value = getattr(self, name)
+            if name == "ch_mult" or isinstance(value, bool) or not isinstance(value, int) or value < (
+                    0 if name == "num_res_blocks" else 1):
+                raise ValueError(f"VQ-GAN config {name}={value!r}: must be a whole number, at least "
+                                 f"{0 if name == 'num_res_blocks' else 1}{' each' if name == 'ch_mult' else ''}")
         return self
 
 

@@ -41,12 +41,43 @@ class VQTrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"VQTrainConfig.{name}={value!r}: a whole number, at least 1")
+        # (a NaN rate trained NaN weights, a negative one gradient ascent; a negative seed was NumPy's
+        # "expected non-negative integer" naming nothing)
+        for name, low in (("learning_rate", 0.0), ("beta", None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
+                    or (value <= low if low is not None else value < 0):
+                raise ValueError(f"VQTrainConfig.{name}={value!r}: a finite number, "
+                                 f"{'above 0' if low is not None else 'at least 0'}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"VQTrainConfig.seed={self.seed!r}: a whole number, at least 0")
+
+
+def _check_pixels(pixels, config: VQGANConfig) -> None:
+    """Pictures a VQ-GAN can train on, or a ValueError saying what is wrong with them (they were
+    Flax's shape errors from inside the encoder, a broadcast TypeError, or, for values outside
+    [-1, 1] or NaN, a training that ran to its end and wrote a useless or NaN tokenizer)."""
+    f = config.downsample_factor
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 4 or pixels.shape[-1] != config.in_channels \
+            or pixels.shape[1] % f or pixels.shape[2] % f or not np.issubdtype(pixels.dtype, np.floating):
+        shape = getattr(pixels, "shape", None)
+        raise ValueError(f"pixels must be a float NumPy array [N, H, W, {config.in_channels}] with H and W multiples "
+                         f"of {f} (the VQ-GAN's downsampling), got {type(pixels).__name__}"
+                         f"{f' of shape {tuple(shape)} and dtype {pixels.dtype}' if shape is not None else ''}")
+    if not np.isfinite(pixels).all():
+        raise ValueError(f"pixels hold {int((~np.isfinite(pixels)).sum())} values that are not finite (NaN or inf)")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < -1.001 or high > 1.001:
+        raise ValueError(f"pixels must lie in [-1, 1] (image / 127.5 - 1, as images.vq_pixels gives them), got "
+                         f"[{low:g}, {high:g}]")
 
 
 def train_vqgan(config: VQGANConfig, pixels: np.ndarray, tc: VQTrainConfig = VQTrainConfig(), *,
                 progress: bool = True):
     """`pixels`: [N, H, W, 3] in [-1, 1]. Returns (params, history of (step, loss, reconstruction L1,
     codes used since the last restart)), logged at the first step, every restart and the last step."""
+    config.validate()
+    _check_pixels(pixels, config)
     if len(pixels) < tc.batch:  # (each batch draws its pictures without replacement)
         raise ValueError(f"{len(pixels)} pictures cannot fill a batch of {tc.batch}: give at least {tc.batch}")
     rng = np.random.default_rng(tc.seed)
