@@ -1018,6 +1018,10 @@ MUTATIONS = (
     Mutation("vqgan_trains_on_any_pixels", "train_vqgan training on pixels outside [-1, 1] or NaN to a useless "
              "tokenizer", "unitoken_jax/train/vqgan.py", "    _check_pixels(pixels, config)\n", "",
              ("tests/test_world.py", "-k", "reuses_a_step")),
+    Mutation("edit_too_long_names_no_field", "an edit's instruction too long with its picture said as \"the "
+             "conversation takes\", naming nothing", "unitoken_jax/inference/pipeline.py",
+             '            if not said.startswith("the conversation takes "):\n', "            if True:\n",
+             ("tests/test_default_model.py", "-k", "not_plain")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

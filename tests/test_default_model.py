@@ -776,6 +776,11 @@ def test_text_that_is_not_plain_is_named_by_its_field_and_its_place_in_a_list():
     with pytest.raises(SequenceTooLong, match=r"^the prompt takes \d+ positions and a 64x64 picture \d+: \d+ in all, "
                                               r"more than the model's 512 \(shorten the prompt\)$"):
         pipe.generate_image(" a" * 473, progress=False)
+    # an instruction too long for the model with its picture: said as the instruction's (it was "the
+    # conversation takes N positions", naming nothing)
+    with pytest.raises(SequenceTooLong, match=r"^the instruction and its picture take \d+ positions, more than the "
+                                              r"maximum length 512 \(shorten the instruction\)$"):
+        pipe.edit(picture, "make it blue " * 300, progress=False)
 
 
 def test_a_size_too_large_for_the_model_beside_its_prompt_is_the_sizes_fault_naming_one_that_fits(capsys):

@@ -505,7 +505,14 @@ class UniTokenPipeline:
         value = f"{_plain(instruction, 'instruction')} {IMAGE_PLACEHOLDER}"
         item = {"conversations": [{"from": "human", "value": value},
                                   {"from": "gpt", "value": None}], "image": [image]}
-        return self._image_request(item, size, cfg, negative_prompt, **options)
+        try:
+            return self._image_request(item, size, cfg, negative_prompt, **options)
+        except SequenceTooLong as e:  # (the tokenizer's words: "the conversation takes", naming no field)
+            said = str(e)
+            if not said.startswith("the conversation takes "):
+                raise
+            raise SequenceTooLong(said.replace("the conversation takes", "the instruction and its picture take", 1)
+                                  + " (shorten the instruction)") from None
 
     def chat_request(self, messages: list[dict[str, Any]], images=(), **options) -> Request:
         """The request `chat` runs for a conversation (`messages` as `chat` takes them), for `run`;
