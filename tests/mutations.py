@@ -988,8 +988,8 @@ MUTATIONS = (
              '    if False:\n', ("tests/test_finetune_demo.py", "-k", "short_demo_run")),
     Mutation("train_compile_holds_off_sigterm", "a SIGTERM while the train step compiles waiting for the whole "
              "compile", "unitoken_jax/train/loop.py",
-             "        worker.join(0.1)\n        if preempted.flag:\n",
-             "        worker.join(0.1)\n        if False:\n",
+             "            worker.join(0.1)\n            if preempted.flag:\n",
+             "            worker.join(0.1)\n            if False:\n",
              ("tests/test_train_loop.py", "-k", "sigterm_while_the_step_compiles")),
     Mutation("train_preamble_ignores_sigterm", "a SIGTERM while a run builds its data pipeline acted on only after "
              "the state's init and the compile", "unitoken_jax/train/loop.py",

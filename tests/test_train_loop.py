@@ -783,12 +783,13 @@ def test_a_sigterm_while_the_step_compiles_stops_the_run_without_waiting_for_the
 
     let_go, waited = threading.Event(), []
 
-    def endless_compile(self):
-        os.kill(os.getpid(), signal.SIGTERM)
-        waited.append(let_go.wait(60))  # (False: 60 s passed and the run had waited them all)
-        raise RuntimeError("a compile the run should not have waited for")
+    class Lowered:
+        def compile(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            waited.append(let_go.wait(60))  # (False: 60 s passed and the run had waited them all)
+            raise RuntimeError("a compile the run should not have waited for")
 
-    monkeypatch.setattr(program.TrainProgram, "compile", endless_compile)
+    monkeypatch.setattr(program.TrainProgram, "lower", lambda self: Lowered())
     workdir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="unitoken_jax"):
         assert train_and_evaluate(_config(2, data, total_steps=2), str(workdir)) == {}

@@ -733,23 +733,33 @@ def _compile_unless_preempted(program: TrainProgram, preempted: "_PreemptionFlag
     import atexit
     import threading
 
+    # traced here, under the caller's thread-local JAX settings (a `with jax.default_matmul_precision`);
+    # XLA's compile, the long part, in the thread
+    lowered = program.lower()
     done: dict[str, Any] = {}
 
     def compile_step():
         try:
-            done["compiled"] = program.compile()
+            done["compiled"] = lowered.compile()
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
             done["error"] = e
 
+    def abandon():
+        global ABANDONED_COMPILE
+        ABANDONED_COMPILE = worker
+        atexit.register(worker.join)  # (a Python caller's process, at its exit: not killed mid-compile)
+
     worker = threading.Thread(target=compile_step, name="unitoken-train-compile", daemon=True)
     worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
-        if preempted.flag:
-            global ABANDONED_COMPILE
-            ABANDONED_COMPILE = worker
-            atexit.register(worker.join)  # (a Python caller's process, at its exit: not killed mid-compile)
-            return None, " while the step compiled"
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+            if preempted.flag:
+                abandon()
+                return None, " while the step compiled"
+    except BaseException:  # a Ctrl-C (KeyboardInterrupt) while it compiled
+        abandon()
+        raise
     if "error" in done:
         raise done["error"]
     return done["compiled"], ""
