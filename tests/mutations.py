@@ -1022,6 +1022,18 @@ MUTATIONS = (
              "conversation takes\", naming nothing", "unitoken_jax/inference/pipeline.py",
              '            if not said.startswith("the conversation takes "):\n', "            if True:\n",
              ("tests/test_default_model.py", "-k", "not_plain")),
+    Mutation("sources_listed_twice_unsaid", "a dataset listed twice in data.sources trained at double weight, "
+             "unsaid", "unitoken_jax/train/loop.py", "    if twice:  # (it doubled", "    if False:  # (it doubled",
+             ("tests/test_train_loop.py", "-k", "changed_data")),
+    Mutation("readme_comma_sources_refused", "the README's --config.data.sources=/a,/b refused by ml_collections",
+             "unitoken_jax/train/__main__.py", "configs.quote_path_lists(configs.resolve_argv(argv))",
+             "configs.resolve_argv(argv)", ("tests/test_configs.py", "-k", "comma_form")),
+    Mutation("lone_ratio_unsaid", "a ratio that weighs a dataset against no other taken unsaid",
+             "unitoken_jax/data/pipeline.py", "        elif len(having) == 1 and having[0][0].ratio != 1:\n",
+             "        elif False:\n", ("tests/test_pipeline.py", "-k", "weigh_nothing")),
+    Mutation("guided_call_blamed_on_n", "a guided picture too big for --max-batch refused as a bad n",
+             "unitoken_jax/serve/app.py", 'field = "guidance_scale" if guided and', 'field = "n" if guided and',
+             ("tests/test_serve.py", "-k", "names_the_field_that_makes")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -295,3 +295,22 @@ def test_a_config_that_is_not_a_stages_a_missing_variant_and_too_many_devices_ar
     assert sources_from(("a, b",)) == [Source("a"), Source("b")]
     (tmp_path / "x,y").mkdir()  # a directory whose name holds a comma is itself
     assert sources_from((str(tmp_path / "x,y"),)) == [Source(str(tmp_path / "x,y"))]
+
+
+def test_a_list_of_dataset_paths_takes_the_readme_s_comma_form(tmp_path):
+    """`--config.data.sources=/data/captions,/data/t2i` (the README's form) was ml_collections' "Error
+    while parsing string ... as tuple": it is written as the tuple literal ml_collections parses."""
+    from unitoken_jax import configs
+
+    argv = ["x", "--config.data.sources=/a,/b", "--config.eval.sources", "/c, /d", "--config.data.sources=('/e',)",
+            "--config.data.sources=/f", "--config.data.seed=1,2"]
+    assert configs.quote_path_lists(argv) == [
+        "x", "--config.data.sources=('/a', '/b')", "--config.eval.sources", "('/c', '/d')",
+        "--config.data.sources=('/e',)", "--config.data.sources=/f", "--config.data.seed=1,2"]
+    # and the command takes it: the first path is read (and said missing as a directory)
+    r = subprocess.run([sys.executable, "-m", "unitoken_jax.train", "--config", "configs/stage2.py:tiny", "--workdir",
+                        str(tmp_path / "run"), "--config.data.demo=False", "--config.mesh.num_devices=1",
+                        "--config.data.sources=/no/such/a,/no/b"],
+                       capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "unitoken_jax.train: /no/such/a is not a finished pre-tokenized dataset (no such directory)"), r.stderr[-2000:]

@@ -656,3 +656,24 @@ def test_the_fill_bound_reads_a_share_of_its_records_from_each_dataset(datasets,
     part, read = InputPipeline(list(datasets), config).fill_bound(records=10)
     assert read == 20  # 10 of each kind, 5 from each dataset
     assert part.per_row == whole.per_row and abs(part.mean - whole.mean) < 0.05 * whole.mean
+
+
+def test_ratios_that_weigh_nothing_and_datasets_the_mix_leaves_out_are_said(caplog):
+    """The README's example set a lone text-to-image dataset's ratio to 0.5: ratios weigh a kind's
+    datasets against each other, so it did nothing (the batches were those of ratio 1), unsaid; a
+    dataset of a kind the stage's mix leaves out (stage I's 1 : 0) was never trained on, unsaid."""
+    from unitoken_jax.data.pipeline import _say_ratios_that_do_nothing
+
+    understanding, generation, both = np.zeros(4, np.int8), np.ones(4, np.int8), np.array([0, 1, 0, 1], np.int8)
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax"):
+        _say_ratios_that_do_nothing([Source("/caps", 1.0), Source("/t2i", 0.5)], [understanding, generation], (1, 1))
+        assert "/t2i is the only dataset of generation samples: its ratio 0.5 weighs it against no other" \
+            in caplog.text and "/caps" not in caplog.text, caplog.text
+        caplog.clear()
+        _say_ratios_that_do_nothing([Source("/caps"), Source("/t2i")], [understanding, generation], (1, 0))
+        assert "data.mix [1, 0] takes no generation samples: /t2i, which holds only those, is not trained on" \
+            in caplog.text, caplog.text
+        caplog.clear()
+        _say_ratios_that_do_nothing([Source("/a", 0.5), Source("/b", 2.0), Source("/c", 0.0)], [both, both, generation],
+                                    (1, 1))
+        assert not caplog.text  # two datasets a kind, each weighed against the other; ratio 0 is none

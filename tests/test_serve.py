@@ -1462,3 +1462,22 @@ def test_a_size_the_model_cannot_hold_is_the_sizes_fault_and_a_phones_photo_is_t
     with pytest.raises(wire.APIError) as refused:
         wire.read_picture(photo.getvalue()[:1001], "image", limits)
     assert "the picture is more than 1000 bytes, this server's limit" in refused.value.message
+
+
+def test_a_call_too_big_for_a_continuous_servers_batch_or_slots_names_the_field_that_makes_it_so(pipe):
+    """On `--max-batch 1`, a guided picture (n=1: the images endpoint guides by default) was refused
+    as a bad `n`, with no code and static batching's padding in its words; a picture too long for
+    `--slot-length` named no field at all (a chat's names its messages or max_tokens)."""
+    draw = {"model": MODEL, "prompt": "a red circle at the top left", "size": SIZE}
+    for slot_length, body, field, code, said in (
+            (64, {**draw, "guidance_scale": 3}, "guidance_scale", "exceeds_max_batch", "needs 2 batch rows"),
+            (40, {**draw, "guidance_scale": 1}, "size", "context_length_exceeded",
+             "do not fit this server's slots of 40 positions")):
+        settings = ServeSettings(model_name=MODEL, max_batch=1, default_size=(64, 64), sizes=((64, 64),),
+                                 batching="continuous", slot_length=slot_length)
+        running = _Running(create_app(pipe, settings))
+        try:
+            error = _error(requests_http.post(running.url + "/v1/images/generations", json=body), 400, field, code)
+            assert said in error["message"] and "static" not in error["message"], error
+        finally:
+            running.stop()

@@ -969,11 +969,25 @@ def test_a_resume_on_changed_data_is_refused_naming_the_change_or_starts_the_ord
         assert said in str(refused.value) and "--config.data.new_order=True" in str(refused.value), overrides
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # nothing trained on
     # the same data again resumes as before; asked for, a changed one starts its order anew
+    # (a held-out split added with the new order holds samples trained on before: said, it was not)
     with caplog.at_level(logging.WARNING):
-        train_and_evaluate(_config(2, data, total_steps=4, log_every=1, **{"data.seed": 1, "data.new_order": True}),
-                           workdir)
+        train_and_evaluate(_config(2, data, total_steps=4, log_every=1, **{
+            "data.seed": 1, "data.new_order": True, "eval.holdout_fraction": 0.25}), workdir)
     assert "the sample order starts anew (data.new_order)" in caplog.text and "data.seed 0 -> 1" in caplog.text
+    assert "the held-out split changed with it, so samples trained on before this step may now be held out" \
+        in caplog.text
     assert os.path.isdir(os.path.join(workdir, "final"))
+    # a dataset listed twice (its weight doubled, unsaid) and evaluation sources that are trained on
+    # (an evaluation of trained samples called held out, unsaid) are said
+    from unitoken_jax.train.config import TrainConfig
+    from unitoken_jax.train.loop import _training_sources
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _training_sources(TrainConfig.from_config_dict(_config(2, data, **{
+            "data.sources": (data, data + "/", more), "eval.sources": (more,), "eval.every": 2})), workdir)
+    assert f"data.sources lists {os.path.realpath(data)} more than once" in caplog.text, caplog.text
+    assert f"eval.sources names {os.path.realpath(more)}, which data.sources trains on too" in caplog.text
 
 
 def test_the_final_export_is_whole_or_absent(tmp_path):

@@ -55,6 +55,31 @@ def resolve_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
     return out
 
 
+# config fields that hold a tuple of paths: `--config.data.sources=/a,/b` (the README's form) was
+# ml_collections' "Error while parsing string ... as tuple"; it takes `"'/a','/b'"` only
+PATH_LISTS = ("data.sources", "eval.sources")
+
+
+def quote_path_lists(argv: Sequence[str], flag: str = "config") -> list[str]:
+    """A command line with each `--config.<PATH_LISTS>=a,b` written as the tuple literal
+    ml_collections parses (a value already quoted, bracketed or without a comma is left)."""
+    out = list(argv)
+
+    def quoted(value: str) -> str:
+        if "," not in value or value.lstrip()[:1] in ("(", "[", "'", '"'):
+            return value
+        return repr(tuple(part.strip() for part in value.split(",") if part.strip()))
+
+    for i, a in enumerate(out):
+        for field in PATH_LISTS:
+            name = f"--{flag}.{field}"
+            if a.startswith(name + "="):
+                out[i] = name + "=" + quoted(a.split("=", 1)[1])
+            elif a == name and i + 1 < len(out):
+                out[i + 1] = quoted(out[i + 1])
+    return out
+
+
 def load_module(spec: str):
     """`FILE[:ARG]` -> (the config module, ARG or None); a packaged config is imported, a file loaded
     by path as ml_collections' config flag does."""

@@ -173,6 +173,24 @@ class PipelineConfig:
         return is_held_out(sample_id, self.holdout_fraction) == (self.split == "eval")
 
 
+def _say_ratios_that_do_nothing(sources, kinds, mix) -> None:
+    """Warns of a dataset the mix leaves out, and of a ratio that weighs a dataset against no other
+    (ratios weigh the datasets of one kind against each other; the kinds' shares are `data.mix`):
+    the README's own example once set a lone generation dataset's ratio to 0.5, to no effect."""
+    for k in (0, 1):
+        having = [(src, (ks == k).sum()) for src, ks in zip(sources, kinds) if (ks == k).any() and src.ratio > 0]
+        if not mix[k]:
+            unused = [src.path for src, ks in zip(sources, kinds) if src.ratio > 0 and (ks == k).all()]
+            if unused:
+                log.warning("data.mix %s takes no %s samples: %s, which hold%s only those, %s not trained on",
+                            list(mix), KIND_NAMES[k], ", ".join(unused), "s" if len(unused) == 1 else "",
+                            "is" if len(unused) == 1 else "are")
+        elif len(having) == 1 and having[0][0].ratio != 1:
+            log.warning("%s is the only dataset of %s samples: its ratio %g weighs it against no other (a ratio "
+                        "weighs a kind's datasets against each other; data.mix %s sets the kinds' shares)",
+                        having[0][0].path, KIND_NAMES[k], having[0][0].ratio, list(mix))
+
+
 def order_changes(saved: dict | None, now: dict) -> list[str]:
     """What differs between two pipelines' `order` (a checkpoint's and this run's), in words; none
     for a checkpoint written before the order was recorded."""
@@ -344,6 +362,8 @@ class InputPipeline(grain.IterDataset):
                       "mix": [int(m) for m in config.mix], "seed": int(config.seed),
                       "holdout_fraction": float(config.holdout_fraction)}
         self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}
+        if process_index == 0 and config.split == "train":
+            _say_ratios_that_do_nothing(self.sources, kinds, config.mix)
         streams = []
         for k in (0, 1):
             if config.mix[k] == 0:

@@ -597,7 +597,9 @@ def open_dataset(path: str, split: str | None = None):
         hint = (" (it is still being written: a pre-tokenization has unfinished chunks)"
                 if glob.glob(os.path.join(path, _PARTIAL, "*")) else
                 f" (nothing there: a relative path is taken from the current directory, {os.getcwd()})"
-                if not os.path.exists(path) and not os.path.isabs(path) else "")
+                if not os.path.exists(path) and not os.path.isabs(path) else
+                " (no such directory)" if not os.path.exists(path) else
+                " (a file of items: pre-tokenize it first, `unitoken pretokenize`)" if os.path.isfile(path) else "")
         raise FileNotFoundError(f"{path} is not a finished pre-tokenized dataset{hint}")
     with open(settings_path) as f:
         settings = PretokenizeSettings.from_json(json.load(f))

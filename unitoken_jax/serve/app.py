@@ -203,7 +203,9 @@ class _Server:
             await run_in_threadpool(self.scheduler.stop)
 
     # --- queueing and waiting -----------------------------------------------------------------------
-    def _submit(self, requests, *, stream: bool = False, stop: list[str] | None = None) -> tuple[Job, _Ticket]:
+    def _submit(self, requests, *, stream: bool = False, stop: list[str] | None = None,
+                picture: bool = False) -> tuple[Job, _Ticket]:
+        """`picture`: an image call (what a call too long for a slot names: its prompt or its size)."""
         ticket = _Ticket(asyncio.get_running_loop())
         ended = None
         if stop:  # generation ends at a stop string (after the chunk that shows it), not at its own end
@@ -217,12 +219,16 @@ class _Server:
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-        except DoesNotFit as e:
-            raise bad(str(e), None, "context_length_exceeded") from None
+        except DoesNotFit as e:  # (a continuous server's --slot-length; a chat's was named before submitting)
+            slot = getattr(self.scheduler, "length", self.pipe.max_length)
+            field = ("prompt" if max(r.longest_prompt for r in requests) >= slot else "size") if picture else None
+            raise bad(str(e), field, "context_length_exceeded") from None
         except ShuttingDown as e:
             self._outcome(e)
-        except ValueError as e:
-            raise bad(str(e), "n") from None
+        except ValueError as e:  # more rows than --max-batch: guidance's second rows, where one a choice would fit
+            guided = any(r.cfg_scale != 1.0 for r in requests)
+            field = "guidance_scale" if guided and len(requests) <= self.scheduler.max_rows else "n"
+            raise bad(str(e), field, "exceeds_max_batch") from None
         return job, ticket
 
     def _timeout_error(self) -> APIError:
@@ -416,7 +422,7 @@ class _Server:
 
     async def _draw(self, request: Request, call: wire.ImageCall, picture=None) -> Response:
         requests = await run_in_threadpool(self._image_requests, call, picture)
-        job, ticket = self._submit(requests)
+        job, ticket = self._submit(requests, picture=True)
         outputs = await self._wait(request, job, ticket)
         if outputs is None:
             return Response(status_code=CLIENT_GONE)

@@ -122,8 +122,9 @@ class Scheduler:
         """Queues `job`, or raises `QueueFull` (the caller answers 429) or `ValueError` (a call
         too big for any batch)."""
         if not self.fits([job]):
-            raise ValueError(f"the call needs {self.rows([job])} batch rows (a guided picture takes two; static "
-                             f"batches are padded to powers of two); this server's --max-batch is {self.max_rows}")
+            padded = "" if isinstance(self, ContinuousScheduler) else "; static batches are padded to powers of two"
+            raise ValueError(f"the call needs {self.rows([job])} batch rows (a guided picture takes two{padded}); "
+                             f"this server's --max-batch is {self.max_rows}")
         with self._cond:
             if self._stopping:  # (it would wait for a worker that takes no more batches)
                 raise ShuttingDown("the server is shutting down")

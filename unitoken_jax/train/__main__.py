@@ -243,7 +243,7 @@ def run(argv=None, *, as_program: bool | None = None) -> None:
     argv = sys.argv if argv is None else argv
     _PROG = "unitoken train" if argv[:1] == ["unitoken train"] else "unitoken_jax.train"
     try:
-        argv = configs.resolve_argv(argv)
+        argv = configs.quote_path_lists(configs.resolve_argv(argv))
         _check_config(argv)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"{_PROG}: {e}")

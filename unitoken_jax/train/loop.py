@@ -159,6 +159,17 @@ def _training_sources(config: TrainConfig, workdir: str) -> list:
     if not sources:
         raise ValueError("config.data.sources is empty: give pre-tokenized dataset directories or a YAML meta file "
                          "(or data.demo=True for the drawn demo data)")
+    paths = [os.path.realpath(getattr(s, "path", s)) for s in sources]
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:  # (it doubled that dataset's weight, and its records, counted apart, could share a batch)
+        log.warning("data.sources lists %s more than once: each listing is drawn from as a dataset of its own (its "
+                    "weight doubled); give a ratio instead", ", ".join(twice))
+    held = [os.path.realpath(getattr(s, "path", s)) for s in sources_from(config.eval.sources)] \
+        if config.eval.sources and config.eval.every else []
+    trained = sorted(set(held) & set(paths))
+    if trained:  # (evaluated as held out, while its samples are trained on)
+        log.warning("eval.sources names %s, which data.sources trains on too: its evaluation measures samples the "
+                    "model trains on, not held-out ones", ", ".join(trained))
     return sources
 
 
@@ -342,7 +353,10 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
                              "anew on this data with --config.data.new_order=True (the model and optimizer go on)")
         if changes:
             log.warning("the data changed since the checkpoint at step %d (%s): the sample order starts anew "
-                        "(data.new_order)", start_step, "; ".join(changes))
+                        "(data.new_order)%s", start_step, "; ".join(changes),
+                        "; the held-out split changed with it, so samples trained on before this step may now be "
+                        "held out and evaluated" if any(c.startswith("eval.holdout_fraction") for c in changes)
+                        else "")
         else:
             data_iter.set_state(mine)
         eval_pending = bool(data_state.get("eval_pending"))  # due when the run was preempted
