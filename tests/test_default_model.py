@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from unitoken_jax.world import default, shapes
 
@@ -686,6 +687,22 @@ def test_a_stopped_prompts_file_run_leaves_its_index_and_the_batch_verbs_take_od
     assert lines.read_bytes() == whole
 
 
+def test_unitoken_edit_draws_n_edits_numbered_as_generate_numbers_them(tmp_path, capsys):
+    """`unitoken edit --n 2` (it had no --n; the server's edits and `generate` take n): out_0.png
+    and out_1.png, the second the same as the edit drawn alone with the next seed."""
+    from unitoken_jax.cli import main
+
+    red = tmp_path / "red.png"
+    shapes.draw([shapes.Thing("red", "circle", "top left")]).save(red)
+    assert main(["edit", str(red), "make it blue", "--n", "2", "--seed", "4", "--out", str(tmp_path / "e.png")]) == 0
+    assert main(["edit", str(red), "make it blue", "--seed", "5", "--out", str(tmp_path / "one.png")]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'e_0.png'}" in said and f"wrote {tmp_path / 'e_1.png'}" in said
+    assert not (tmp_path / "e.png").exists()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "e_1.png")),
+                                  np.asarray(Image.open(tmp_path / "one.png")))
+
+
 def test_mistakes_with_several_pictures_are_said_by_which_and_lose_nothing(tmp_path, capsys, monkeypatch):
     """`unitoken edit red.png blue.png` edited red.png with the instruction "blue.png"; a chat line
     that held a typed `<|image|>` counted it as a picture's place, so the turn was refused in terms
@@ -807,6 +824,11 @@ def test_a_size_too_large_for_the_model_beside_its_prompt_is_the_sizes_fault_nam
     assert taken + layout.generated_image_length((h // 32, w // 32)) <= 512 < taken + layout.generated_image_length(
         (h // 32 + 1, w // 32 + 1))
     pipe.generate_request("a red circle at the top left", size=(w, h))  # fits
+    # in a list, the error names its prompt and keeps its size that fits (a TypeError before: the
+    # error was made again from its words alone)
+    with pytest.raises(PictureTooLarge, match=r"^prompt 0: the prompt takes") as e:
+        pipe.generate_image(["a red circle at the top left", "a blue square at the top left"], size=(512, 512))
+    assert e.value.fits == (w, h)
     _say_default_size_fits(pipe, (512, 512))
     assert "image calls without a size draw 512x512, which this model cannot hold" in capsys.readouterr().err
     _say_default_size_fits(pipe, (w, h))

@@ -803,6 +803,15 @@ def test_pipelines_draw_pictures_edit_and_chat(pipe):
     np.testing.assert_array_equal(np.asarray(drawn), np.asarray(pictures[0]))
     edited = pipe.edit(cat, "the", size=(32, 32), progress=False)
     assert edited.size == (8, 8)
+    # n edits: seeds seed, seed + 1, ... (it took no n), as many lists as instructions
+    alone = [np.asarray(pipe.edit(cat, "the", size=(32, 32), seed=s, progress=False)) for s in (5, 6)]
+    several = pipe.edit(cat, "the", size=(32, 32), seed=5, n=2, progress=False)
+    assert [np.asarray(p).tolist() for p in several] == [a.tolist() for a in alone]
+    assert not np.array_equal(alone[0], alone[1])
+    both = pipe.edit([cat, cat], ["the", "he"], size=(32, 32), seed=5, n=2, progress=False)
+    assert len(both) == 2 and [np.asarray(p).tolist() for p in both[0]] == [a.tolist() for a in alone]
+    with pytest.raises(ValueError, match="n must be a whole number of pictures"):
+        pipe.edit(cat, "the", n=0)
     # the edit prompt is the reference's (its image-to-image demo: `prompt + " <|image|>"`): the
     # instruction's words, then the picture; none of them after it
     tokens = pipe.edit_request(cat, "he is the", size=(32, 32)).tokens.tolist()

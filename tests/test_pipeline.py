@@ -229,18 +229,22 @@ def test_datasets_made_with_other_tokenizers_are_refused_by_name_and_other_crops
     assert f"at 16 and 32 px ({datasets[0]}: 32, {tmp_path / 'small'}: 16)" in caplog.text, caplog.text
 
 
-def test_dataset_weights_follow_ratio_and_yaml_meta(datasets, tmp_path):
+def test_dataset_weights_follow_ratio_and_yaml_meta(datasets, tmp_path, caplog):
     meta = tmp_path / "meta.yaml"
     meta.write_text(f"META:\n  - path: '{datasets[0]}'\n    ratio: 1.0\n  - path: '{datasets[1]}'\n    ratio: 3.0\n")
     sources = read_meta(str(meta))
     assert sources == [Source(datasets[0], 1.0), Source(datasets[1], 3.0)]
     # `--config.data.sources=meta.yaml` reaches the loop as a one-element tuple: still the meta file
     assert sources_from((str(meta),)) == sources and sources_from([str(meta), datasets[0]])[:2] == sources
-    it = InputPipeline(str(meta), PipelineConfig(rows=4, length=300, mix=(1, 0), max_images=16,
-                                                 num_threads=1)).iterator()
+    with caplog.at_level(logging.INFO, logger="unitoken_jax.data.pipeline"):
+        it = InputPipeline(str(meta), PipelineConfig(rows=4, length=300, mix=(1, 0), max_images=16,
+                                                     num_threads=1)).iterator()
     ids = [i for _ in range(25) for row in next(it)["sample_ids"] for i in row]
     share_b = sum(i.startswith("b-") for i in ids) / len(ids)
     assert len(ids) > 150 and 0.65 < share_b < 0.85  # 3 : 1 -> 0.75
+    said = re.search(r"data: understanding \(every sample\): \S+ ([\d.]+)%, \S+ ([\d.]+)%$", caplog.text,
+                     re.M)  # the shares the log expects: ratio x samples of the kind (the same count here)
+    assert said and abs(float(said[2]) - 75) < 8, caplog.text
 
 
 def test_too_long_samples_are_dropped_and_counted(datasets, tmp_path, caplog):
@@ -275,6 +279,12 @@ def test_too_long_samples_are_dropped_and_counted(datasets, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
         InputPipeline([str(longer)], PipelineConfig(rows=2, length=limit, mix=(1, 0), max_images=8))
     assert f"holds samples of up to 4096 positions, rows are {limit} (data.length)" in caplog.text
+    # pre-tokenized with no maximum (--max-length 0): said too (it was not, whatever the data held)
+    (longer / pt.SETTINGS_FILE).write_text(json.dumps({**settings, "max_length": None}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
+        InputPipeline([str(longer)], PipelineConfig(rows=2, length=limit, mix=(1, 0), max_images=8))
+    assert f"holds samples of up to any number of positions, rows are {limit} (data.length)" in caplog.text
     with pytest.raises(ValueError, match="does not fit an empty batch"):
         next(InputPipeline([datasets[0]], PipelineConfig(rows=1, length=300, mix=(2, 2), max_images=1)).iterator())
 
@@ -662,7 +672,7 @@ def test_ratios_that_weigh_nothing_and_datasets_the_mix_leaves_out_are_said(capl
     """The README's example set a lone text-to-image dataset's ratio to 0.5: ratios weigh a kind's
     datasets against each other, so it did nothing (the batches were those of ratio 1), unsaid; a
     dataset of a kind the stage's mix leaves out (stage I's 1 : 0) was never trained on, unsaid."""
-    from unitoken_jax.data.pipeline import _say_ratios_that_do_nothing
+    from unitoken_jax.data.pipeline import _say_mix, _say_ratios_that_do_nothing
 
     understanding, generation, both = np.zeros(4, np.int8), np.ones(4, np.int8), np.array([0, 1, 0, 1], np.int8)
     with caplog.at_level(logging.WARNING, logger="unitoken_jax"):
@@ -677,3 +687,9 @@ def test_ratios_that_weigh_nothing_and_datasets_the_mix_leaves_out_are_said(capl
         _say_ratios_that_do_nothing([Source("/a", 0.5), Source("/b", 2.0), Source("/c", 0.0)], [both, both, generation],
                                     (1, 1))
         assert not caplog.text  # two datasets a kind, each weighed against the other; ratio 0 is none
+    # where each kind is drawn from, in the log: a dataset's samples of the kind x its ratio, over the kind's
+    with caplog.at_level(logging.INFO, logger="unitoken_jax"):
+        _say_mix([Source("/a", 0.5), Source("/b", 2.0), Source("/c", 0.0)], [both, np.array([1, 1, 1, 0], np.int8),
+                                                                             generation], (3, 1))
+    assert "data: understanding (3 of every 4 samples): /a 33.3%, /b 66.7%; generation (1 of every 4 samples): " \
+        "/a 14.3%, /b 85.7%" in caplog.text, caplog.text  # (2 x 0.5 : 1 x 2 = 1 : 2, and 2 x 0.5 : 3 x 2 = 1 : 6)

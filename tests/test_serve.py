@@ -928,6 +928,24 @@ def test_a_neutral_field_s_value_must_be_of_its_type():
             call(**wrong)
 
 
+def test_an_edit_form_reads_its_numbers_as_json_does_and_sizes_as_the_cli_does():
+    """A form's `n=2.0` is JSON's `n: 2.0` (taken; it was refused as a string), `n=2.5` is refused
+    as no integer as in JSON, and `size` takes 'X' as the CLI's --size does (it was refused)."""
+    from unitoken_jax.serve.wire import form_fields, parse_images
+
+    def call(fields):
+        return parse_images({"model": MODEL, "prompt": "a red circle", **fields}, MODEL, Limits(max_n=4),
+                            default_size=(64, 64), sizes=None, default_guidance=3.0)
+
+    for said in ("2", "2.0", " 2 "):
+        assert call(form_fields({"n": said})).n == call({"n": 2}).n == 2
+    assert call(form_fields({"seed": "7.0"})).seed == call({"seed": 7}).seed
+    for bad in ("2.5", "two", "inf"):
+        with pytest.raises(Exception, match="'n'"):
+            call(form_fields({"n": bad}))
+    assert call({"size": "64X32"}).size == call({"size": "64x32"}).size == (64, 32)
+
+
 def test_message_orders_openai_takes_are_taken(server):
     """Two user messages in a row, a system message after the first turn, an assistant message with
     no content (tool calls only): OpenAI answers them, LangChain and agents send them, and this
@@ -1479,5 +1497,10 @@ def test_a_call_too_big_for_a_continuous_servers_batch_or_slots_names_the_field_
         try:
             error = _error(requests_http.post(running.url + "/v1/images/generations", json=body), 400, field, code)
             assert said in error["message"] and "static" not in error["message"], error
+            if slot_length == 64:  # a text-only answer draws nothing to guide: one row (it was refused too)
+                question = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                            "modalities": ["text"], "guidance_scale": 3}
+                answer = requests_http.post(running.url + "/v1/chat/completions", json=question)
+                assert answer.status_code == 200, answer.text
         finally:
             running.stop()

@@ -208,6 +208,13 @@ def test_sharded_batch_gives_the_same_codes(tmp_path):
     sharded = VQTokenizer.from_meta(str(tmp_path / "vqgan.ckpt"), mesh=mesh)
     pixels = np.random.default_rng(5).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)  # 5: not a multiple of 8
     np.testing.assert_array_equal(sharded.encode(pixels), single.encode(pixels))
+    # a picture's 0..255 (or NaN) was encoded to codes of nothing, unsaid
+    with pytest.raises(ValueError, match="pixels must be floats in \\[-1, 1\\].*got uint8"):
+        single.encode(np.full((1, 16, 16, 3), 200, np.uint8))
+    for bad, said in ((pixels * 127.5 + 127.5, r"got \[0\.\d+, 25\d\.\d+\]$"),
+                      (np.where(pixels > 0.9, np.nan, pixels), "with NaN")):
+        with pytest.raises(ValueError, match="pixels must be finite and in \\[-1, 1\\].*" + said):
+            single.encode(bad)
 
 
 def test_bad_vq_checkpoints(tmp_path):

@@ -936,10 +936,13 @@ def _edit(args) -> int:
     if not args.instruction.strip():  # allowed (the picture redrawn as the model sees fit), but likely a slip
         print("edit: the instruction is empty: the picture is redrawn without one", file=sys.stderr)
     pipe = _pipeline(args)
-    picture = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
-                        top_k=args.top_k, temperature=args.temperature, negative_prompt=args.negative_prompt)
-    _save(picture, args.out)
-    print(f"wrote {args.out}")
+    pictures = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
+                         n=args.n, top_k=args.top_k, temperature=args.temperature,
+                         negative_prompt=args.negative_prompt)
+    for i, picture in enumerate(pictures if args.n > 1 else [pictures]):
+        path = _numbered(args.out, i, args.n)
+        _save(picture, path)
+        print(f"wrote {path}")
     return 0
 
 
@@ -1408,7 +1411,8 @@ def _parser() -> argparse.ArgumentParser:
     edi.add_argument("more", nargs="*", help=argparse.SUPPRESS)  # (refused by name: a second picture, unquoted words)
     edi.add_argument("--negative-prompt", default=None,
                      help="text guidance steers away from (as generate's; Python's edit and the server's take it)")
-    edi.add_argument("--out", required=True)
+    edi.add_argument("--out", required=True, help="PNG path (numbered when --n > 1)")
+    edi.add_argument("--n", type=_whole(1), default=1, help="edits to draw (seeds --seed, --seed + 1, ...)")
     model_args(edi, image_out=True)
     edi.set_defaults(func=_edit)
     cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out",

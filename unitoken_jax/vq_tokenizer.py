@@ -115,12 +115,21 @@ class VQTokenizer:
         return jax.device_put(x, NamedSharding(self.mesh, spec)), n
 
     def encode(self, pixels_NHWC) -> np.ndarray:
-        """Code indices [N, h, w] for pixels in [-1, 1]; h, w = H, W / downsample factor."""
-        pixels = np.asarray(pixels_NHWC, np.float32)
+        """Code indices [N, h, w] for pixels in [-1, 1]; h, w = H, W / downsample factor. Pixels of
+        another range (a picture's 0..255, NaN) are refused: they encoded to codes of nothing."""
+        given = np.asarray(pixels_NHWC)
+        if given.size and not np.issubdtype(given.dtype, np.floating):
+            raise ValueError(f"pixels must be floats in [-1, 1] (images.vq_pixels gives them; encode_images takes "
+                             f"pictures), got {given.dtype}")
+        pixels = given.astype(np.float32)
         f = self.config.downsample_factor
         c = self.config.in_channels
         if pixels.ndim != 4 or pixels.shape[1] % f or pixels.shape[2] % f or pixels.shape[3] != c:
             raise ValueError(f"pixels must be [N, H, W, {c}] with H and W multiples of {f}, got {pixels.shape}")
+        if pixels.size and not (np.isfinite(pixels).all() and -1.001 <= pixels.min() and pixels.max() <= 1.001):
+            raise ValueError(f"pixels must be finite and in [-1, 1] (image / 127.5 - 1, as images.vq_pixels gives "
+                             f"them), got [{np.nanmin(pixels):g}, {np.nanmax(pixels):g}]"
+                             + (" with NaN" if np.isnan(pixels).any() else ""))
         x, n = self._batch(pixels)
         return np.asarray(self._encode(self.params, x))[:n]
 

@@ -191,6 +191,20 @@ def _say_ratios_that_do_nothing(sources, kinds, mix) -> None:
                         having[0][0].path, KIND_NAMES[k], having[0][0].ratio, list(mix))
 
 
+def _say_mix(sources, kinds, mix) -> None:
+    """Logs where each kind's samples are drawn from: each dataset's expected share of its kind
+    (its samples of the kind x its ratio, over the kind's total) and the kinds' shares (`mix`)."""
+    parts = []
+    for k in (0, 1):
+        weights = [((ks == k).sum() * src.ratio, src.path) for src, ks in zip(sources, kinds) if src.ratio > 0]
+        total = sum(w for w, _ in weights)
+        if mix[k] and total:
+            shares = ", ".join(f"{path} {100 * w / total:.1f}%" for w, path in weights if w)
+            of = "every sample" if mix[k] == sum(mix) else f"{mix[k]} of every {sum(mix)} samples"
+            parts.append(f"{KIND_NAMES[k]} ({of}): {shares}")
+    log.info("data: %s", "; ".join(parts))
+
+
 def order_changes(saved: dict | None, now: dict) -> list[str]:
     """What differs between two pipelines' `order` (a checkpoint's and this run's), in words; none
     for a checkpoint written before the order was recorded."""
@@ -339,7 +353,7 @@ class InputPipeline(grain.IterDataset):
                         ", ".join(f"{src.path}: {s.vq_size}" for src, (_, s, *_) in zip(self.sources, opened)),
                         opened[0][1].vq_size)
         for source, (_, s, *_) in zip(self.sources, opened):
-            if s.max_length is not None and s.max_length > config.length:
+            if s.max_length is None or s.max_length > config.length:  # (None: pre-tokenized with no maximum)
                 sizes = pt.record_sizes(source.path)
                 if sizes is not None:  # what the data holds (it had said the pre-tokenizer's limit: 4096)
                     over = int((sizes[:, 0] > config.length).sum())
@@ -349,9 +363,9 @@ class InputPipeline(grain.IterDataset):
                                     "TensorBoard, a warning in the training log)", over, len(sizes), source.path,
                                     int(sizes[:, 0].max()), config.length)
                     continue
-                log.warning("%s holds samples of up to %d positions, rows are %d (data.length): longer samples are "
+                log.warning("%s holds samples of up to %s positions, rows are %d (data.length): longer samples are "
                             "dropped and counted (dropped_too_long in TensorBoard, a warning in the training log)",
-                            source.path, s.max_length, config.length)
+                            source.path, "any number of" if s.max_length is None else s.max_length, config.length)
         kinds = [o[2] for o in opened]
         self._kinds = kinds
         # what the sample order follows from (a resume compares it with the checkpoint's: read
@@ -364,6 +378,7 @@ class InputPipeline(grain.IterDataset):
         self.counts = {KIND_NAMES[k]: int(sum((ks == k).sum() for ks in kinds)) for k in (0, 1)}
         if process_index == 0 and config.split == "train":
             _say_ratios_that_do_nothing(self.sources, kinds, config.mix)
+            _say_mix(self.sources, kinds, config.mix)
         streams = []
         for k in (0, 1):
             if config.mix[k] == 0:

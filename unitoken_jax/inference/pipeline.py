@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request, whole_number
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import (IMAGE_PLACEHOLDER, ConversationError, SequenceTooLong, TextStream,
-                                                decode, encode_item, ended)
+from unitoken_jax.tokenizer.conversation import (IMAGE_PLACEHOLDER, ConversationError, ConversationTooLong,
+                                                SequenceTooLong, TextStream, decode, encode_item, ended)
 from unitoken_jax.tokenizer.text import not_unicode
 
 # How the reference asks UniToken's released models for a picture (its README's example and its
@@ -84,7 +84,7 @@ class PictureTooLarge(SequenceTooLong):
     """A picture size too large for the model beside its prompt, where a smaller size fits:
     the size's fault (the server names `size`), not the prompt's. `fits`: the largest that does."""
 
-    def __init__(self, message: str, fits: tuple[int, int]):
+    def __init__(self, message: str, fits: tuple[int, int] | None = None):
         super().__init__(message)
         self.fits = fits
 
@@ -167,6 +167,13 @@ def _check_options(options: dict, own: dict[str, str] | None = None) -> None:
             raise TypeError(f"unexpected keyword argument {k!r}; the options a request takes: {', '.join(options_)}")
 
 
+def _seed_of(seed, j: int):
+    """The seed of a call's picture j: `seed` + j, wrapping past 2**32 - 1 (a seed out of range is
+    passed on as it is, for its request to refuse by name)."""
+    valid = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2 ** 32
+    return (int(seed) + j) % 2 ** 32 if valid else seed
+
+
 def _pictures(images) -> list:
     """A list of pictures from one picture (a path, bytes, a PIL image, an array) or a list of them:
     one passed alone was taken apart (a path into characters, an array into rows)."""
@@ -208,7 +215,9 @@ def _naming(make: Callable, which: str | None):
     except ConversationError as e:
         if which is None:
             raise
-        raise type(e)(f"{which}: {e}") from None
+        named = type(e)(f"{which}: {e}")
+        named.__dict__.update(e.__dict__)  # what it carries besides its words (`PictureTooLarge.fits`)
+        raise named from None
 
 
 def _plain(text: str, what: str) -> str:
@@ -507,12 +516,9 @@ class UniTokenPipeline:
                                   {"from": "gpt", "value": None}], "image": [image]}
         try:
             return self._image_request(item, size, cfg, negative_prompt, **options)
-        except SequenceTooLong as e:  # (the tokenizer's words: "the conversation takes", naming no field)
-            said = str(e)
-            if not said.startswith("the conversation takes "):
-                raise
-            raise SequenceTooLong(said.replace("the conversation takes", "the instruction and its picture take", 1)
-                                  + " (shorten the instruction)") from None
+        except ConversationTooLong as e:  # (the tokenizer's words name no field)
+            raise SequenceTooLong(f"the instruction and its picture take {e.positions} positions, more than the "
+                                  f"maximum length {e.max_length} (shorten the instruction)") from None
 
     def chat_request(self, messages: list[dict[str, Any]], images=(), **options) -> Request:
         """The request `chat` runs for a conversation (`messages` as `chat` takes them), for `run`;
@@ -522,8 +528,13 @@ class UniTokenPipeline:
                              f"{messages!r:.80}")
         item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": _pictures(images)}
         _check_options(options)
-        return Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
-                                                **options})
+        request = Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
+                                                   **options})
+        if not request.allow_images and request.cfg_scale != 1.0:
+            # guidance acts on pictures alone, and this answer draws none: the same answer without the
+            # unconditional row it would take in a batch (a server's --max-batch counted it)
+            request = dataclasses.replace(request, cfg_scale=1.0, uncond_tokens=None)
+        return request
 
     # --- running --------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], *, progress: bool = False, repair: bool = True,
@@ -675,14 +686,10 @@ class UniTokenPipeline:
             raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
         single = isinstance(prompt, str)
         prompts = [prompt] if single else _texts(prompt, "prompt")
-        valid = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and 0 <= seed < 2 ** 32
-
-        def seed_of(j):  # past 2**32 - 1 the seeds wrap (one out of range is refused by its request)
-            return (int(seed) + j) % 2 ** 32 if valid else seed
-
         # every request made before the first batch runs (they hold no picture: cheap), so that a prompt
         # the model cannot take is refused before anything is drawn
-        requests = [_naming(lambda: self.generate_request(prompts[k // n], size=size, cfg=cfg, seed=seed_of(k % n),
+        requests = [_naming(lambda: self.generate_request(prompts[k // n], size=size, cfg=cfg,
+                                                          seed=_seed_of(seed, k % n),
                                                           **options), None if single else f"prompt {k // n}")
                     for k in range(len(prompts) * n)]
         results = self._in_batches(len(requests), requests.__getitem__, batch_size, what="pictures",
@@ -691,12 +698,16 @@ class UniTokenPipeline:
         grouped = [pics[i * n:(i + 1) * n] for i in range(len(prompts))]
         return grouped[0] if single else grouped
 
-    def edit(self, image, instruction, *, size=None, cfg: float = 3.0, seed: int = 0,
+    def edit(self, image, instruction, *, size=None, cfg: float = 3.0, seed: int = 0, n: int = 1,
              progress: bool = True, **options):
         """The edited picture; a list of instructions with a list of pictures (one each) gives a
-        list of pictures, drawn as one batch. `size` (default: the pipeline's `default_size`),
-        `cfg`, `seed`, `negative_prompt` and the sampling options (temperature / top_k / top_p: the
-        image codes') as `generate_image` takes them; `progress=False`: no bar."""
+        list of pictures, drawn as one batch. `n` > 1: n edits of each (seeds seed, seed+1, ...,
+        modulo 2**32), a list of n pictures where there was one. `size` (default: the pipeline's
+        `default_size`), `cfg`, `seed`, `negative_prompt` and the sampling options (temperature /
+        top_k / top_p: the image codes') as `generate_image` takes them; `progress=False`: no bar."""
+        n = _whole(n)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
         single, instructions, pictures = _paired(instruction, "instruction", image, _pictures, "pictures",
                                                  "one picture an instruction")
         if single and isinstance(image, (list, tuple)):  # one instruction: its picture, or a list of just it
@@ -704,10 +715,14 @@ class UniTokenPipeline:
                 raise ValueError(f"one instruction and {len(image)} pictures: an edit takes one picture (for "
                                  "several edits, give a list of instructions, one a picture)")
             pictures = [image[0]]
-        results = self.run([_naming(lambda: self.edit_request(p, i, size=size, cfg=cfg, seed=seed, **options),
+        results = self.run([_naming(lambda: self.edit_request(p, i, size=size, cfg=cfg, seed=_seed_of(seed, j),
+                                                              **options),
                                     None if single else f"instruction {k}")
-                            for k, (p, i) in enumerate(zip(pictures, instructions))], progress=progress)
+                            for k, (p, i) in enumerate(zip(pictures, instructions)) for j in range(n)],
+                           progress=progress)
         edited = [[x for x in result if not isinstance(x, str)][0] for result in results]
+        if n > 1:
+            edited = [edited[k * n:(k + 1) * n] for k in range(len(instructions))]
         return edited[0] if single else edited
 
     def chat(self, messages, images=(), *, stream: Callable[[str], None] | None = None, **options) -> list:

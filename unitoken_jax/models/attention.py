@@ -337,16 +337,14 @@ def _splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret):
         return _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block, interpret)
     from jax.sharding import PartitionSpec as P
 
-    from unitoken_jax.sharding import logical_to_mesh_spec, mesh_ways
+    from unitoken_jax.sharding import dividing, logical_to_mesh_spec
 
     mesh = jax.sharding.get_abstract_mesh()
-
-    def split(axes, size):  # mesh axes for a dim of `size`, or None where they do not divide it
-        return axes if size % mesh_ways(axes, mesh) == 0 else None
-
-    batch_axes = split(logical_to_mesh_spec(("act_batch",))[0], q_BTNH.shape[0])
+    # as the activations' constraints split them: over the longest run of their mesh axes that
+    # divides the dim (a batch of 2 on data x fsdp = 4 goes over data alone, not unsplit)
+    batch_axes = dividing(logical_to_mesh_spec(("act_batch",))[0], q_BTNH.shape[0], mesh)
     head_axes = logical_to_mesh_spec(("act_heads",))[0]
-    head_axes = split(split(head_axes, q_BTNH.shape[2]), k_BTKH.shape[2])
+    head_axes = dividing(dividing(head_axes, q_BTNH.shape[2], mesh), k_BTKH.shape[2], mesh)
     qkv = P(batch_axes, None, head_axes, None)
     kv = qkv
     seg = P(batch_axes, None)

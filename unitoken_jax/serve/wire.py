@@ -388,11 +388,12 @@ _IMAGE_NEUTRAL = {"quality": (None, "auto", "standard"), "style": (None,), "back
 
 
 def parse_size(value: Any, default: tuple[int, int], sizes: tuple[tuple[int, int], ...] | None) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' (or 'auto': the server's default) -> (w, h). With `sizes` only those; the
-    pipeline refuses sizes that are no multiple of 32 px or too long for the model."""
+    """'WIDTHxHEIGHT' (or 'WIDTHXHEIGHT', as the CLI's --size takes; 'auto': the server's default)
+    -> (w, h). With `sizes` only those; the pipeline refuses sizes that are no multiple of 32 px or
+    too long for the model."""
     if value is None or value == "auto":
         return default
-    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", value) if isinstance(value, str) else None
+    match = re.fullmatch(r"(\d{1,5})[xX](\d{1,5})", value.strip()) if isinstance(value, str) else None
     if match is None:
         raise bad(f"'size' must look like '{default[0]}x{default[1]}', got {value!r}", "size", "invalid_size")
     size = (int(match[1]), int(match[2]))
@@ -435,9 +436,9 @@ def form_fields(form: dict[str, str]) -> dict[str, Any]:
         if name == "stream" and value.strip().lower() in ("true", "false"):
             out[name] = value.strip().lower() == "true"
         elif name in ("n", "seed", "partial_images"):
-            try:
-                out[name] = int(value) if re.fullmatch(r"-?\d+", value.strip()) else value
-            except ValueError:  # more digits than Python reads: left a string, refused by name
+            try:  # "2.0" as JSON's 2.0 is taken; "2.5" refused as no integer, as it is there
+                out[name] = int(value) if re.fullmatch(r"-?\d+", value.strip()) else float(value)
+            except ValueError:  # more digits than Python reads, or no number: left a string, refused by name
                 out[name] = value
         elif name in ("guidance_scale", "output_compression"):
             try:

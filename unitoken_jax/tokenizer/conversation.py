@@ -45,6 +45,15 @@ class SequenceTooLong(ConversationError):
     """The sequence would not fit the maximum length; it is never cut (above all not inside an image)."""
 
 
+class ConversationTooLong(SequenceTooLong):
+    """The whole conversation over the maximum length (no one picture alone is): `positions` it
+    takes, `max_length`, for callers that name their own field in their words."""
+
+    def __init__(self, message: str, positions: int | None = None, max_length: int | None = None):
+        super().__init__(message)
+        self.positions, self.max_length = positions, max_length
+
+
 @dataclasses.dataclass
 class ImageInput:
     """What the sequence needs of one image: its VQ code grid and its continuous block."""
@@ -181,8 +190,8 @@ def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], toke
         add([layout.END_OF_TURN], predicted)
 
     if max_length is not None and len(tokens) > max_length:
-        raise SequenceTooLong(f"the conversation takes {len(tokens)} positions, more than the maximum length "
-                              f"{max_length}")
+        raise ConversationTooLong(f"the conversation takes {len(tokens)} positions, more than the maximum length "
+                                  f"{max_length}", len(tokens), max_length)
     # (SEP is labelled in every turn, as the reference does: a user's picture alone predicts nothing)
     if not any(l not in (IGNORE, layout.SEP) for l in labels) and messages[-1][1] is not None:
         raise ConversationError("nothing in the item is predicted (no assistant turn)")
