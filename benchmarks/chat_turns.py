@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from report import cpu_name, write_report  # noqa: E402
+from report import cpu_name, out_path, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,8 +120,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--aot", default=None, metavar="TOPOLOGY",
                         help="also compile the 7B's chat programs for a TPU topology, e.g. v5e:1x1 (needs libtpu)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "chat_turns.md"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/chat_turns.md")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "chat_turns.md")
 
     import unitoken_jax
     from unitoken_jax.inference.decode import DecodeLoop

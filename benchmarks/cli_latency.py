@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from report import cpu_name, write_report  # noqa: E402
+from report import count, cpu_name, out_path, write_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,9 +34,10 @@ def _time(cmd: list[str], env: dict) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cli_latency.md"))
+    parser.add_argument("--runs", type=count(1), default=3)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/cli_latency.md")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "cli_latency.md")
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     work = tempfile.mkdtemp()
     picture = os.path.join(work, "red.png")

@@ -21,7 +21,7 @@ import tempfile
 
 import numpy as np
 
-from report import cpu_name, write_report
+from report import count, cpu_name, out_path, write_report
 
 STEPS = {
     "import only (ours)": "import unitoken_jax",
@@ -95,11 +95,13 @@ def peak_rss_mb(code: str, env: dict[str, str]) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=65536)
-    parser.add_argument("--out", default="benchmarks/results/convert_memory.md")
+    parser.add_argument("--layers", type=count(1), nargs="+", default=[8, 16])
+    parser.add_argument("--hidden", type=count(1), default=2048)
+    parser.add_argument("--vocab", type=count(1), default=65536)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/convert_memory.md (another shape: "
+                                                    "its trial/ folder)")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "convert_memory.md", shape=("layers", "hidden", "vocab"))
     lines = ["# Peak host memory: reading and converting bfloat16 checkpoints", "",
              f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
              f"Chameleon-shaped decoders with hidden {args.hidden} and vocab {args.vocab}. Peak anonymous memory "

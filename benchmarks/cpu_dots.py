@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from report import cpu_name, write_report  # noqa: E402
+from report import cpu_name, out_path, write_report  # noqa: E402
 
 PRODUCTS = ((2, 512, 8192), (16, 512, 512), (16, 512, 8192), (16, 256, 9216), (256, 512, 1376),
             (2048, 256, 768), (2048, 256, 9216))
@@ -124,11 +124,14 @@ def attention_by_length(rng) -> list[tuple[int, float]]:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_dots.md"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/cpu_dots.md (--quick: its trial/ "
+                                                    "folder)")
     parser.add_argument("--attention-by-length", action="store_true",
                         help="print only the attention-by-cache-length times (what the one-core run reports)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few kernels (tests: it still runs)")
     args = parser.parse_args()
+    if not args.attention_by_length:
+        args.out = out_path(parser, args, "cpu_dots.md", trial=args.quick)
     torch.set_num_threads(os.cpu_count())
     if args.quick:
         global PRODUCTS, ATTENTION, STREAMED_ROWS, KERNELS, CACHE_SLOTS

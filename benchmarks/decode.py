@@ -38,7 +38,7 @@ import unitoken_jax  # noqa: E402
 from unitoken_jax.inference import decode as decode_lib, grid as grid_ids  # noqa: E402
 from unitoken_jax.inference.decode import DecodeLoop, Request, prefill_width  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
-from report import cpu_name, weight_bytes_per_step, write_report  # noqa: E402
+from report import count, cpu_name, out_path, weight_bytes_per_step, write_report  # noqa: E402
 
 CFG, TOP_K = 3.0, 2000
 
@@ -234,23 +234,26 @@ def chameleon_config(layers: int, hidden: int) -> ChameleonConfig:
                                           num_res_blocks=1, latent_channels=8, attn_resolutions=[], resolution=32))
 
 
-def model_arguments(out: str, rounds: bool = True) -> argparse.ArgumentParser:
-    """The command line of the CPU decode benchmarks: the model's shape, the picture, the batch
-    (and `rounds` of the timings against the reference, where the benchmark has them)."""
+def model_arguments(name: str, rounds: bool = True):
+    """The command line of the CPU decode benchmarks, read: the model's shape, the picture, the
+    batch (and `rounds` of the timings against the reference, where the benchmark has them); the
+    results to benchmarks/results/NAME, or to its trial folder for another shape (`report.out_path`)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--grid", type=int, default=16, help="grid units a side: 16 = 512 px, 32 x 32 codes")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--layers", type=count(1), default=8)
+    parser.add_argument("--hidden", type=count(1), default=512)
+    parser.add_argument("--grid", type=count(1), default=16, help="grid units a side: 16 = 512 px, 32 x 32 codes")
+    parser.add_argument("--batch", type=count(1), default=8)
     if rounds:
-        parser.add_argument("--rounds", type=int, default=3,
+        parser.add_argument("--rounds", type=count(1), default=3,
                             help="rounds of ours at batch 1, ours at the batch and the reference's image, in turn")
-    parser.add_argument("--out", default=out)
-    return parser
+    parser.add_argument("--out", default=None, help=f"default: benchmarks/results/{name} (another shape: its trial/)")
+    args = parser.parse_args()
+    args.out = out_path(parser, args, name, shape=("layers", "hidden", "grid", "batch"))
+    return args
 
 
 def main():
-    args = model_arguments("benchmarks/results/decode.md").parse_args()
+    args = model_arguments("decode.md")
     torch.set_num_threads(os.cpu_count())
     cfg = chameleon_config(args.layers, args.hidden)
     torch.manual_seed(0)

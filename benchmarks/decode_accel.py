@@ -33,17 +33,20 @@ from unitoken_jax.inference.decode import DecodeLoop, Request, code_logit_count 
 from unitoken_jax.model import UniTokenModel  # noqa: E402
 from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
-from report import weight_bytes_per_step, write_report  # noqa: E402
+from report import count, out_path, weight_bytes_per_step, write_report  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="7b", help="a model preset of configs/model.py")
-    parser.add_argument("--grid", type=int, default=16, help="grid units a side: 16 = 512 px")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", default="7b", choices=("7b", "7b_anyres", "tiny"),
+                        help="a model preset of configs/model.py")
+    parser.add_argument("--grid", type=count(1), default=16, help="grid units a side: 16 = 512 px")
+    parser.add_argument("--batch", type=count(1), default=8)
     parser.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)")
-    parser.add_argument("--out", default="benchmarks/results/decode_accel.md")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/decode_accel.md (another model, "
+                                                    "picture or batch, as a smoke run: its trial/ folder)")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "decode_accel.md", shape=("model", "grid", "batch"))
     base = UniTokenConfig.from_dict(configs.get_config(f"model.py:{args.model}").model).replace(
         dtype="bfloat16", param_dtype="bfloat16", remat_policy="none", vision=None)
     grid_hw = (args.grid, args.grid)

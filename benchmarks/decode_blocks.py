@@ -30,7 +30,7 @@ from report import cpu_name, write_report  # noqa: E402
 
 
 def main():
-    args = model_arguments("benchmarks/results/decode_blocks.md", rounds=False).parse_args()
+    args = model_arguments("decode_blocks.md", rounds=False)
     cfg = chameleon_config(args.layers, args.hidden)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from unitoken_jax import configs  # noqa: E402
 from unitoken_jax.inference.fit import decode_memory  # noqa: E402
 from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
-from report import write_report  # noqa: E402
+from report import counts, out_path, write_report  # noqa: E402
 
 # (label, topology): the Colab runtimes, then the serving slices a lab would use; the mesh is
 # `aot_check.decode_mesh_shape`'s (`choose_mesh`), what the CLI and the notebook take
@@ -66,10 +66,12 @@ def cell(result: dict, hbm: int) -> str:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results/decode_fit.md")
-    parser.add_argument("--images", default="1,4,8")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/decode_fit.md (other --images: its "
+                                                    "trial/ folder)")
+    parser.add_argument("--images", type=counts(1), default=[1, 4, 8])
     args = parser.parse_args()
-    images = [int(x) for x in args.images.split(",")]
+    args.out = out_path(parser, args, "decode_fit.md", shape=("images",))
+    images = args.images
     rows, one_chip = [], []
     config = UniTokenConfig.from_dict(configs.get_config("model.py:7b").model)
     start = time.time()

@@ -26,9 +26,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import aot_check  # noqa: E402
 import jax  # noqa: E402
 
-from report import write_report  # noqa: E402
+from report import count, counts, out_path, write_report  # noqa: E402
 
 HOSTS = [("v5e-8", "v5e:2x4"), ("v6e-8", "v6e:2x4")]
+# the LoRA batches each host tries unless --lora-batches says (the committed table's: v6e-8 from 32 rows,
+# where v5e-8 stops fitting, up to 128, where v6e-8 does)
+LORA_BATCHES = {"v5e-8": [8, 16, 32, 64], "v6e-8": [32, 64, 128]}
 
 
 def compile_once(variant: str, topology: str, rows: int, seq: int) -> dict:
@@ -48,14 +51,18 @@ def compile_once(variant: str, topology: str, rows: int, seq: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/results/finetune_fit.md")
-    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/finetune_fit.md (another --seq: its "
+                                                    "trial/ folder); the compiles are kept beside it, in a .json")
+    parser.add_argument("--seq", type=count(1), default=4096)
     parser.add_argument("--hosts", default=",".join(label for label, _ in HOSTS))
-    parser.add_argument("--lora-batches", default="8,16,32,64", help="global rows to try, smallest first; the "
-                                                                     "first that does not fit ends the list")
-    parser.add_argument("--full-batches", default="8,16")
+    each = "; ".join(f"{host} {','.join(map(str, rows))}" for host, rows in LORA_BATCHES.items())
+    parser.add_argument("--lora-batches", type=counts(1), default=None,
+                        help=f"global rows to try, smallest first; the first that does not fit ends the list "
+                             f"(default: {each})")
+    parser.add_argument("--full-batches", type=counts(1), default=[8, 16])
     parser.add_argument("--fresh", action="store_true", help="compile everything again (ignore the kept results)")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "finetune_fit.md", shape=("seq",))
     unknown = sorted(set(args.hosts.split(",")) - {label for label, _ in HOSTS})
     if unknown:
         parser.error(f"--hosts {','.join(unknown)}: unknown; the hosts are {', '.join(label for label, _ in HOSTS)}")
@@ -65,8 +72,8 @@ def main():
     for label, topology in HOSTS:
         if label not in args.hosts.split(","):
             continue
-        for variant, batches in (("lora", args.lora_batches), ("full", args.full_batches)):
-            for rows in (int(b) for b in batches.split(",")):
+        for variant, batches in (("lora", args.lora_batches or LORA_BATCHES[label]), ("full", args.full_batches)):
+            for rows in batches:
                 k = key(topology, variant, rows)
                 if k not in cache:
                     cache[k] = compile_once(variant, topology, rows, args.seq)

@@ -41,7 +41,7 @@ from unitoken_jax.tokenizer.text import TextTokenizer  # noqa: E402
 from unitoken_jax.vq_tokenizer import VQTokenizer  # noqa: E402
 from unitoken_jax.world import shapes  # noqa: E402
 from unitoken_jax.world.default import DEFAULT_DIR  # noqa: E402
-from report import cpu_name, write_report  # noqa: E402
+from report import count, cpu_name, out_path, write_report  # noqa: E402
 
 ROWS, LENGTH = 64, 4096
 
@@ -96,12 +96,14 @@ def measure(data: str, tiles: int, lookahead: int, batches: int, blocks: int = 1
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--lookahead", type=int, default=64, help="the configs' data.lookahead")
-    parser.add_argument("--wide", type=int, default=256, help="a wider look-ahead also measured (largest budget)")
-    parser.add_argument("--blocks", type=int, default=32, help="data-parallel shards (chips) of a batch")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "packing.md"))
+    parser.add_argument("--batches", type=count(1), default=6)
+    parser.add_argument("--lookahead", type=count(0), default=64, help="the configs' data.lookahead")
+    parser.add_argument("--wide", type=count(0), default=256, help="a wider look-ahead also measured (largest budget)")
+    parser.add_argument("--blocks", type=count(1), default=32, help="data-parallel shards (chips) of a batch")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/packing.md (other settings: its "
+                                                    "trial/ folder)")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "packing.md", shape=("batches", "lookahead", "wide", "blocks"))
     tmp = tempfile.mkdtemp()
     datasets = [("demo data as `data.demo=True` builds it for the 7B configs (64 codes + 729 features a picture)",
                  demo_as_the_configs_build_it(tmp, 600), (64, 192, 384)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 
@@ -27,6 +28,71 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     model = model or platform.processor() or "CPU"
     features = [name for flag, name in _FEATURES if flag in flags]
     return f"{model} ({platform.machine()}" + (f"; {', '.join(features)})" if features else ")")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+TRIALS = os.path.join(RESULTS, "trial")  # (git-ignored)
+
+
+def count(low: int = 1):
+    """An argparse type: a whole number of at least `low` (0 or a negative count ran minutes, then
+    ended in a traceback)."""
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+    return read
+
+
+def counts(low: int = 1):
+    """An argparse type: comma-separated whole numbers, each at least `low`."""
+    one = count(low)
+
+    def read(text: str) -> list[int]:
+        values = [one(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one number")
+        return values
+    return read
+
+
+def out_path(parser: argparse.ArgumentParser, args, name: str, *, trial: bool | None = None,
+             shape: tuple[str, ...] = ()) -> str:
+    """Where the results go: `--out` as given; else benchmarks/results/NAME (from any directory)
+    when the run has the settings that file documents, and benchmarks/results/trial/NAME (not
+    committed) when not: `trial`, or any of the `shape` options away from its default (a smoke
+    run had overwritten the committed results). The place is checked before anything is measured
+    (a bad one was a traceback at the end, the results lost)."""
+    path = args.out
+    if path is None:
+        if trial is None:
+            trial = any(getattr(args, k) != parser.get_default(k) for k in shape)
+        path = os.path.join(TRIALS if trial else RESULTS, name)
+        if trial:
+            print(f"(settings other than the committed results': writing {os.path.relpath(path)})", flush=True)
+    problem = unwritable(path)
+    if problem:
+        parser.error(f"--out {path}: {problem}")
+    return path
+
+
+def unwritable(path: str) -> str | None:
+    """Why a file cannot be written at `path` (its folders made as needed), or None."""
+    if os.path.isdir(path):
+        return "is a directory; give a file"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} cannot be written"
+    return None
 
 
 def write_report(lines: list[str], out: str, echo: bool = True) -> str:

@@ -23,7 +23,7 @@ import uvicorn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from report import cpu_name, write_report  # noqa: E402
+from report import count, cpu_name, out_path, write_report  # noqa: E402
 
 from unitoken_jax.serve import ServeSettings, create_app  # noqa: E402
 from unitoken_jax.world import default, shapes  # noqa: E402
@@ -106,10 +106,12 @@ def _sequential(pipe, calls):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/serve.md")
+    parser.add_argument("--clients", type=count(1), default=16)
+    parser.add_argument("--rounds", type=count(1), default=3)
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/serve.md (another --clients: its "
+                                                    "trial/ folder)")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "serve.md", shape=("clients",))
     pipe = default.pipeline()
     calls = _calls(args.clients, np.random.default_rng(0))
     rows = []

@@ -34,7 +34,7 @@ from unitoken_jax.models.config import UniTokenConfig  # noqa: E402
 from unitoken_jax.train.config import TrainConfig  # noqa: E402
 from unitoken_jax.train.program import BATCH_KEYS, batch_shapes, build_program, make_mesh  # noqa: E402
 from unitoken_jax.train.state import create_state  # noqa: E402
-from report import write_report  # noqa: E402
+from report import count, out_path, write_report  # noqa: E402
 
 # ~1.08 B parameters: 16 layers of hidden 2,048 (16 heads of 128, the head size cuDNN's flash
 # kernel takes), SwiGLU 5,504, Chameleon's 65,536-token vocabulary (embedding and head untied)
@@ -113,21 +113,26 @@ def measure(args, backend: str) -> dict:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--backends", default="xla,cudnn", help="attention backends to compare, comma-separated")
-    parser.add_argument("--rows", type=int, default=4,
+    parser.add_argument("--rows", type=count(1), default=4,
                         help="rows of --length positions a step (8 left the xla backend out of an H200's memory)")
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--samples-per-row", type=int, default=4, help="packed samples a row (segment ids)")
-    parser.add_argument("--block", type=int, default=512, help="model.attention_block")
+    parser.add_argument("--length", type=count(1), default=4096)
+    parser.add_argument("--samples-per-row", type=count(1), default=4, help="packed samples a row (segment ids)")
+    parser.add_argument("--block", type=count(1), default=512, help="model.attention_block")
     parser.add_argument("--remat", default="none", help="model.remat_policy (full on a chip short of memory)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after a compile and a warm-up step)")
-    parser.add_argument("--devices", type=int, default=1, help="devices of the (fsdp) mesh; 0: all")
+    parser.add_argument("--steps", type=count(1), default=10, help="timed steps (after a compile and a warm-up step)")
+    parser.add_argument("--devices", type=count(0), default=1, help="devices of the (fsdp) mesh; 0: all")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the chip's dense bfloat16 peak, for MFU (H100/H200 SXM: 989; v5e: 197; v5p: 459)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, float32: checks the script on a CPU")
-    parser.add_argument("--out", default="benchmarks/results/train_accel.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, float32: checks the script on a CPU (rows "
+                        "2, length 256, block 128, 2 steps unless given)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/train_accel.md (--smoke: its "
+                                                    "trial/ folder)")
     args = parser.parse_args()
-    if args.smoke:
-        args.rows, args.length, args.block, args.steps = min(args.rows, 2), min(args.length, 256), 128, 2
+    args.out = out_path(parser, args, "train_accel.md", trial=args.smoke)
+    if args.smoke:  # the smoke run's sizes where none was given (a given one had been overridden unsaid)
+        for name, small in (("rows", 2), ("length", 256), ("block", 128), ("steps", 2)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, small)
 
     rows = {}
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:

@@ -53,7 +53,7 @@ from unitoken_jax.train.metrics import FlopCounter, predicting_positions  # noqa
 from unitoken_jax.train.optimizer import trainable_mask  # noqa: E402
 from unitoken_jax.train.program import BATCH_KEYS, build_program, make_mesh  # noqa: E402
 from unitoken_jax.train.state import create_state  # noqa: E402
-from report import cpu_name, write_report  # noqa: E402
+from report import count, cpu_name, out_path, write_report  # noqa: E402
 
 LR, Z_LOSS = 1e-4, 1e-5
 
@@ -176,17 +176,21 @@ def reference_batches(samples, batch, clustered=False):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12, help="timed steps of ours (the reference gets the same samples)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--max-images", type=int, default=32,
+    parser.add_argument("--steps", type=count(1), default=12,
+                        help="timed steps of ours (the reference gets the same samples)")
+    parser.add_argument("--hidden", type=count(1), default=256)
+    parser.add_argument("--layers", type=count(1), default=4)
+    parser.add_argument("--rows", type=count(1), default=8)
+    parser.add_argument("--length", type=count(1), default=512)
+    parser.add_argument("--max-images", type=count(1), default=32,
                         help="pictures a packed batch may hold (its pixel capacity), whatever its rows x length")
-    parser.add_argument("--ref-batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (the median is reported)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_step.md"))
+    parser.add_argument("--ref-batch", type=count(1), default=8)
+    parser.add_argument("--repeats", type=count(1), default=3, help="timed runs of each side (the median is reported)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/train_step.md (another shape: its "
+                                                    "trial/ folder)")
     args = parser.parse_args()
+    args.out = out_path(parser, args, "train_step.md",
+                        shape=("hidden", "layers", "rows", "length", "max_images", "ref_batch"))
     torch.set_num_threads(os.cpu_count())
     tmp = tempfile.mkdtemp()
     chameleon, siglip, adapter, path = build_models(tmp, args.hidden, args.layers, 64)

@@ -263,3 +263,43 @@ def test_accel_sh_help_shows_its_usage_and_runs_nothing(tmp_path):
     assert not os.path.exists(os.path.join(ROOT, "--help")) and not os.listdir(tmp_path)
     r = subprocess.run(["bash", script, "--out=x"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "unknown option --out=x" in r.stderr
+    # an OUT it cannot write in stops it at once (both benchmarks had run, writing nothing)
+    (tmp_path / "a file").write_text("")
+    r = subprocess.run(["bash", script, str(tmp_path / "a file")], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=60)
+    assert r.returncode == 2 and "is not a folder this can write in" in r.stderr and "jax" not in r.stdout, r
+
+
+def test_a_trial_run_leaves_the_committed_results_alone_and_a_bad_place_or_count_is_refused_first(tmp_path):
+    """A smoke run (`train_accel.py --smoke`, `decode_accel.py --model tiny`, `cpu_dots.py --quick`)
+    or one of another shape wrote over the committed results file: it now goes to the git-ignored
+    benchmarks/results/trial/ unless --out says where; the default is the repository's folder
+    from any directory (half the scripts wrote under the caller's). An --out that cannot be
+    written, and a count of 0, are refused before anything is measured (a traceback after it)."""
+    import argparse
+
+    import report
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=report.count(1), default=8)
+    parser.add_argument("--out", default=None)
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert report.out_path(parser, parser.parse_args([]), "x.md") == os.path.join(results, "x.md")
+    assert report.out_path(parser, parser.parse_args([]), "x.md", trial=True) == os.path.join(results, "trial", "x.md")
+    assert report.out_path(parser, parser.parse_args(["--layers", "1"]), "x.md", shape=("layers",)) == \
+        os.path.join(results, "trial", "x.md")
+    assert report.out_path(parser, parser.parse_args(["--layers", "8"]), "x.md", shape=("layers",)) == \
+        os.path.join(results, "x.md")
+    assert report.out_path(parser, parser.parse_args(["--out", "y.md"]), "x.md", trial=True) == "y.md"
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        assert "/benchmarks/results/trial/" in f.read().split()
+    (tmp_path / "a file").write_text("")
+    for argv, said in ((["train_accel.py", "--smoke", "--out", str(tmp_path / "a file" / "x.md")], "is a file"),
+                       (["decode.py", "--rounds", "0"], "argument --rounds: 0 is less than 1"),
+                       (["cli_latency.py", "--runs", "0"], "argument --runs: 0 is less than 1"),
+                       (["decode_accel.py", "--model", "bogus"], "invalid choice: 'bogus'"),
+                       (["finetune_fit.py", "--lora-batches", "8,x"], "'x' is not a whole number")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", argv[0]), *argv[1:]], capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+    assert not os.path.exists(tmp_path / "benchmarks")
