@@ -883,6 +883,26 @@ def test_bad_requests(pipe):
     assert (2 * derived.vq_size // 4) ** 2 > length // 4  # the largest such halving of 512
 
 
+def test_a_model_trained_here_draws_and_edits_its_training_pictures_grid_without_a_size(pipe, tmp_path):
+    """A model whose record says its pictures were cut at 32 px for a VQ-GAN of 4 px a code (a tiny
+    stage III run on the demo data) drew and edited at 512 x 512 without a size: a grid it never
+    drew, too long for it (`unitoken edit` failed unasked). Its default is now the size that asks
+    for its training grid (8 x 8 codes: 128 x 128 in the prompt's 16-px-a-code units, 32 x 32 px)."""
+    import copy
+    import json
+
+    from unitoken_jax.inference.pipeline import TRAINED_PICTURES
+
+    (tmp_path / TRAINED_PICTURES).write_text(json.dumps({"vq_size": 32}))
+    model = copy.copy(pipe.model)
+    model.source = str(tmp_path)
+    trained = UniTokenPipeline(model, pipe.tokenizer, pipe.vq, image_prefix=())
+    assert trained.default_size == (128, 128) and trained.vq_size == 32
+    assert trained.generate_request("he is").grid_hw == (4, 4)  # grid units of 2 codes: 8 x 8 codes
+    assert trained.edit_request(str(pipe.image_dir / "cat.png"), "the").grid_hw == (4, 4)
+    assert UniTokenPipeline(pipe.model, pipe.tokenizer, pipe.vq, image_prefix=()).default_size == (512, 512)
+
+
 def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     import io
 
@@ -900,6 +920,9 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     assert cli.main(["generate", "he is", "--out", str(tmp_path / "g.png"), "--n", "2", "--size", "64x32",
                      *common]) == 0
     assert Image.open(tmp_path / "g_0.png").size == (16, 8) and (tmp_path / "g_1.png").exists()
+    # (--size counts the release VQ-GAN's 16 px a code; this one draws 4: the difference is said)
+    assert ("(the picture is 16x8 pixels: --size 64x32 counts 16 px a code, as the release's VQ-GAN draws them, "
+            "and this VQ-GAN draws 4)") in capsys.readouterr().err
     # a cache grown 32 slots at a time draws the same pictures; a growth of 0 is refused by name
     assert cli.main(["generate", "he is", "--out", str(tmp_path / "h.png"), "--n", "2", "--size", "64x32",
                      "--cache-growth", "32", *common]) == 0

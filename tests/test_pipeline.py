@@ -193,6 +193,16 @@ def test_a_dataset_whose_every_item_was_skipped_is_named_as_empty(datasets, tmp_
         InputPipeline([Source(datasets[0], 0.0)], PipelineConfig(rows=2, length=300, max_images=4, num_threads=1))
     with pytest.raises(ValueError, match="ratio nan; a weight is a finite number, 0 or more"):
         sources_from([{"path": datasets[0], "ratio": float("nan")}])
+    # data of one kind (edit pairs alone: generation) under a mix of both: the way out is said
+    path = demo.write_demo_items(str(tmp_path / "drawn_items"), 12, seed=3)
+    drawn = [it for it in json.load(open(path)) if it["conversations"][1]["value"] == "<|image|>"]
+    json.dump(drawn, open(path, "w"))
+    pt.pretokenize(path, str(tmp_path / "drawn"), text, vq, SETTINGS, progress=False)
+    with pytest.raises(ValueError, match=re.escape(
+            f"asks for understanding samples but no dataset has any (counts: {{'understanding': 0, 'generation': "
+            f"{len(drawn)}}}); to train on generation samples alone, set data.mix to (0, 1) "
+            "(--config.data.mix=\"(0,1)\")")):
+        InputPipeline([str(tmp_path / "drawn")], PipelineConfig(rows=2, length=300, max_images=4, num_threads=1))
 
 
 def test_datasets_made_with_other_tokenizers_are_refused_by_name_and_other_crops_said(datasets, tmp_path, caplog):
@@ -666,6 +676,25 @@ def test_the_fill_bound_reads_a_share_of_its_records_from_each_dataset(datasets,
     part, read = InputPipeline(list(datasets), config).fill_bound(records=10)
     assert read == 20  # 10 of each kind, 5 from each dataset
     assert part.per_row == whole.per_row and abs(part.mean - whole.mean) < 0.05 * whole.mean
+
+
+def test_datasets_of_different_picture_layouts_are_said_with_the_one_the_model_records(datasets, tmp_path, caplog):
+    """An AnyRes dataset mixed with a one-tile one trained unsaid, and the trained model recorded
+    whichever came first in data.sources as inference's layout; a different VQ crop is said too."""
+    other = tmp_path / "anyres"
+    shutil.copytree(datasets[1], other)
+    settings = json.loads((other / pt.SETTINGS_FILE).read_text())
+    (other / pt.SETTINGS_FILE).write_text(json.dumps({**settings, "anyres": True, "vq_size": 2 * settings["vq_size"]}))
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
+        InputPipeline([datasets[0], str(other)], PipelineConfig(rows=2, length=300, mix=(1, 1), max_images=8))
+    assert (f"the datasets lay out their pictures differently ({datasets[0]}: one tile a picture; {other}: AnyRes "
+            "tiles): the model learns both, and the trained model records the first's, one tile a picture") \
+        in caplog.text, caplog.text
+    assert "the datasets cut their pictures for the VQ-GAN at" in caplog.text and "codes only" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.data.pipeline"):
+        InputPipeline(list(datasets), PipelineConfig(rows=2, length=300, mix=(1, 1), max_images=8))
+    assert "differently" not in caplog.text and "cut their pictures" not in caplog.text
 
 
 def test_ratios_that_weigh_nothing_and_datasets_the_mix_leaves_out_are_said(caplog):

@@ -1,6 +1,7 @@
 """Text tokenizer, code <-> BPE translation, the image token layout and the conversation format."""
 
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -190,8 +191,14 @@ def test_llavas_image_placeholder_in_training_data_is_the_tokenizers_own_image_t
 def test_placeholder_count_must_match(tok):
     item = {"conversations": [{"from": "human", "value": "<|image|> and <|image|> and <|image|>"},
                               {"from": "gpt", "value": "ok"}]}
-    with pytest.raises(ConversationError, match="3 <\\|image\\|> placeholders but 2 images"):
+    with pytest.raises(ConversationError, match="3 <\\|image\\|> placeholders but 2 images$"):
         encode_conversation(item, [_image(np.zeros((2, 2), int), 1)] * 2, tok)
+    # an edit pair written LLaVA's way: its '<image>' is words here, and the reason says so
+    edit = {"conversations": [{"from": "human", "value": "<image>\nmake it blue"},
+                              {"from": "gpt", "value": "<|image|>"}]}
+    said = "1 <|image|> placeholders but 2 images (the 1 '<image>' in the text, LLaVA's mark, are read as words"
+    with pytest.raises(ConversationError, match=re.escape(said)):
+        encode_conversation(edit, [_image(np.zeros((2, 2), int), 1)] * 2, tok)
 
 
 def test_bad_turns(tok):

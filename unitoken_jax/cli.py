@@ -185,10 +185,8 @@ def _pipeline(args):
             pipe.generate_template = template
         _say_placement(pipe.model)
         return pipe
-    if getattr(args, "size", None) is None:
-        args.size = "512x512"
     from unitoken_jax.tokenizer import layout  # (light: constants)
-    if any(v % layout.PIXELS_PER_GRID for v in _size(args.size)):  # refused before the model loads (minutes)
+    if getattr(args, "size", None) and any(v % layout.PIXELS_PER_GRID for v in _size(args.size)):  # (before loading)
         raise ValueError(f"--size {args.size}: each side must be a multiple of {layout.PIXELS_PER_GRID} pixels")
     prefix = None if args.image_prefix is None else _ids(args.image_prefix)  # None: from the model
 
@@ -212,9 +210,12 @@ def _pipeline(args):
     else:
         text, vq = TextTokenizer.from_file(paths["tokenizer"]), VQTokenizer.load(paths["vqgan"], mesh=how["mesh"])
     _say_placement(model)
-    return UniTokenPipeline(model, text, vq, anyres=args.anyres,
+    pipe = UniTokenPipeline(model, text, vq, anyres=args.anyres,
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth,
                             layers=args.layers, **({} if template is None else {"generate_template": template}))
+    if hasattr(args, "size") and not args.size:  # the model's own: its training pictures' grid, else 512x512
+        args.size = "x".join(map(str, pipe.default_size))
+    return pipe
 
 
 def _how_to_load(args, model_dir: str) -> dict:
@@ -720,6 +721,7 @@ def _generate(args) -> int:
         path = _numbered(args.out, i, len(pictures))
         _save(picture, path)
         print(f"wrote {path}")
+    _say_pixels(pictures[0], args.size, pipe)
     return 0
 
 
@@ -943,7 +945,20 @@ def _edit(args) -> int:
         path = _numbered(args.out, i, args.n)
         _save(picture, path)
         print(f"wrote {path}")
+    _say_pixels(picture, args.size, pipe)
     return 0
+
+
+def _say_pixels(picture, size: str, pipe) -> None:
+    """Says where a picture's pixels are not --size: --size counts the release VQ-GAN's 16 px a
+    code (32 px a grid unit of 2 codes), and a VQ-GAN of another downsampling draws the same grid
+    larger or smaller (the demo's, 4 px a code: --size 128x128 is 8 x 8 codes, 32 x 32 pixels)."""
+    from unitoken_jax.inference.pipeline import vq_factor
+
+    asked = _size(size)
+    if hasattr(picture, "size") and tuple(picture.size) != asked:
+        print(f"(the picture is {picture.size[0]}x{picture.size[1]} pixels: --size {size} counts 16 px a code, as the "
+              f"release's VQ-GAN draws them, and this VQ-GAN draws {vq_factor(pipe.vq)})", file=sys.stderr)
 
 
 def _save(picture, path):
@@ -1141,7 +1156,7 @@ def _serve(args) -> int:
     # (checked as it is made: before the model loads; and so is the address, bound here)
     sock = bind(args.host, args.port)
     try:
-        pipe = _pipeline(args)  # sets args.size: the bundled model's own size, else 512x512
+        pipe = _pipeline(args)  # sets args.size where none was given: the model's own (`pipe.default_size`)
         size = _size(args.size)
         name = args.model_name or ("unitoken-shapes" if bundled else
                                    os.path.basename(os.path.normpath(args.model or os.environ["UNITOKEN_MODEL"])))

@@ -346,6 +346,15 @@ class InputPipeline(grain.IterDataset):
         self.siglip_size, self.patch = settings.pop()
         self.made_with = _same_makers(self.sources)
         self.image_settings: pt.PretokenizeSettings = opened[0][1]  # how the (first) dataset laid out its pictures
+        for name, how in (("anyres", lambda v: "AnyRes tiles" if v else "one tile a picture"),
+                          ("continuous", lambda v: "codes and SigLIP features" if v else "codes only")):
+            kinds_of = [getattr(s, name) for _, s, *_ in opened]
+            if len(set(kinds_of)) > 1:  # (the order of data.sources had decided inference's layout, unsaid)
+                log.warning("the datasets lay out their pictures differently (%s): the model learns both, and the "
+                            "trained model records the first's, %s, as inference's default (put the layout it should "
+                            "answer with first in data.sources)",
+                            "; ".join(f"{src.path}: {how(v)}" for src, v in zip(self.sources, kinds_of)),
+                            how(kinds_of[0]))
         crops = {s.vq_size for _, s, *_ in opened}
         if len(crops) > 1:
             log.warning("the datasets cut their pictures for the VQ-GAN at %s px (%s): the trained model records "
@@ -388,9 +397,11 @@ class InputPipeline(grain.IterDataset):
             if s is None:
                 weighted = self.counts[KIND_NAMES[k]] and all(src.ratio <= 0 for src, ks in zip(self.sources, kinds)
                                                               if (ks == k).any())
+                only = tuple(int(j != k) for j in (0, 1))  # (the other kind alone)
                 raise ValueError(f"mix {config.mix} asks for {KIND_NAMES[k]} samples but "
                                  + ("every dataset that has them has ratio 0" if weighted else "no dataset has any")
-                                 + f" (counts: {self.counts})")
+                                 + f" (counts: {self.counts}); to train on {KIND_NAMES[1 - k]} samples alone, "
+                                 f"set data.mix to {only} (--config.data.mix=\"({only[0]},{only[1]})\")")
             s = s[process_index::process_count].map(_Records([src.path for src in self.sources], config))
             streams.append(s.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
                                                                prefetch_buffer_size=config.prefetch)))

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request, whole_number
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
-from unitoken_jax.tokenizer.conversation import (IMAGE_PLACEHOLDER, ConversationError, ConversationTooLong,
-                                                SequenceTooLong, TextStream, decode, encode_item, ended)
+from unitoken_jax.tokenizer.conversation import (IMAGE_PLACEHOLDER, ConversationError, SequenceTooLong, TextStream,
+                                                decode, encode_item, ended)
 from unitoken_jax.tokenizer.text import not_unicode
 
 # How the reference asks UniToken's released models for a picture (its README's example and its
@@ -289,10 +289,28 @@ def check_trained_tokenizer(model, record: dict, tokenizer) -> None:
             "words. Give the tokenizer its data was pre-tokenized with"), stacklevel=3)
 
 
+def trained_size(record: dict, vq) -> tuple[int, int] | None:
+    """The `size` (in the prompt's units: 32 px a grid unit of 2 codes, the release VQ-GAN's 16 px a
+    code) that asks for the code grid of the model's training pictures, where its record gives
+    their crop: e.g. 512 x 512 for the release's 512 px crop, 128 x 128 for the demo VQ-GAN's 32 px at
+    4 px a code (8 x 8 codes, drawn as 32 x 32 pixels)."""
+    crop = trained_vq_size(record)
+    factor = vq_factor(vq)
+    if crop is None or crop % (factor * layout.CODES_PER_GRID):
+        return None
+    side = crop // (factor * layout.CODES_PER_GRID) * layout.PIXELS_PER_GRID
+    return side, side
+
+
+def vq_factor(vq) -> int:
+    """Pixels a code of `vq` takes each way (16 for the release's VQ-GAN; 16 without one)."""
+    return 2 ** (len(vq.config.ch_mult) - 1) if vq is not None else 16
+
+
 def default_vq_size(max_length: int, vq) -> int:
     """512 px (the release's crop), halved while its code grid would take more than a quarter of
     a model `max_length` long (a small model's picture must leave room for the conversation)."""
-    factor = 2 ** (len(vq.config.ch_mult) - 1) if vq is not None else 16
+    factor = vq_factor(vq)
     size = 512
     while size > factor and (size // factor) ** 2 > max_length // 4:
         size //= 2
@@ -318,12 +336,14 @@ class UniTokenPipeline:
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
                  generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None,
                  continuous: bool | None = None,
-                 cache_growth: int | None = None, default_size: tuple[int, int] = (512, 512), anyres_pinpoints=None,
+                 cache_growth: int | None = None, default_size: tuple[int, int] | None = None, anyres_pinpoints=None,
                  cache_block: int | None = None, layers: str = "auto", trained_sizes=None):
         """`default_size`: (width, height) of a picture drawn or edited without a `size` (the
-        bundled model's pipeline: its 64 x 64); `trained_sizes`: the (width, height)s the model was
-        trained to draw, if it is known to draw no other (the bundled model's: 64 x 64): another
-        warns `UntrainedSize` (its pictures come out as noise); None: any. Other defaults come from
+        bundled model's pipeline: its 64 x 64; None: the size whose code grid the model's training
+        pictures had, where it records their crop (`trained_size`), else 512 x 512);
+        `trained_sizes`: the (width, height)s the model was trained to draw, if it is known to draw
+        no other (the bundled model's: 64 x 64): another warns `UntrainedSize` (its pictures come
+        out as noise); None: any. Other defaults come from
         the model: `image_prefix` the reference's 16853 where the vocabulary has that id (none
         otherwise), `vq_size` 512 or, for a model too short for 512 px of codes, the largest halving
         whose code grid takes at most a quarter of its length, `siglip_size` and the patch from its
@@ -342,7 +362,6 @@ class UniTokenPipeline:
         to what a model trained here records of its data (`TRAINED_PICTURES`), else False and True
         (the base release's layout)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
-        self.default_size = _size_pair(default_size)
         self.trained_sizes = None if trained_sizes is None else [_size_pair(x) for x in trained_sizes]
         vocab = model.config.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
@@ -360,6 +379,10 @@ class UniTokenPipeline:
         if vq_size is None:
             vq_size = trained_vq_size(trained) or default_vq_size(model.config.decoder.max_position_embeddings, vq)
         self.anyres, self.vq_size, self.continuous = anyres, vq_size, continuous
+        # (a model trained here on another VQ-GAN's crop, e.g. the demo's 32 px at 4 px a code: 512 x 512
+        # asked for a grid it never drew, and too long for a tiny model; `unitoken edit` failed unasked)
+        self.default_size = _size_pair(default_size if default_size is not None else
+                                       trained_size(trained, vq) or (512, 512))
         vision = model.config.vision
         self.siglip_size = siglip_size or (vision.image_size if vision is not None else 384)
         self.patch = vision.patch_size if vision is not None else 14
@@ -516,7 +539,9 @@ class UniTokenPipeline:
                                   {"from": "gpt", "value": None}], "image": [image]}
         try:
             return self._image_request(item, size, cfg, negative_prompt, **options)
-        except ConversationTooLong as e:  # (the tokenizer's words name no field)
+        except SequenceTooLong as e:  # (the tokenizer's words name no field)
+            if e.positions is None:  # (a picture alone too long: said as it is)
+                raise
             raise SequenceTooLong(f"the instruction and its picture take {e.positions} positions, more than the "
                                   f"maximum length {e.max_length} (shorten the instruction)") from None
 

@@ -42,12 +42,9 @@ class ConversationError(ValueError):
 
 
 class SequenceTooLong(ConversationError):
-    """The sequence would not fit the maximum length; it is never cut (above all not inside an image)."""
-
-
-class ConversationTooLong(SequenceTooLong):
-    """The whole conversation over the maximum length (no one picture alone is): `positions` it
-    takes, `max_length`, for callers that name their own field in their words."""
+    """The sequence would not fit the maximum length; it is never cut (above all not inside an image).
+    Where the whole conversation is over it (no one picture alone is): the `positions` it takes and
+    the `max_length`, for callers that name their own field in their words; None otherwise."""
 
     def __init__(self, message: str, positions: int | None = None, max_length: int | None = None):
         super().__init__(message)
@@ -144,7 +141,10 @@ def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], toke
         predicted, first = messages[0]
         messages[0] = (predicted, f"{IMAGE_PLACEHOLDER} " * len(images) + first)
     elif n_placeholders != len(images):
-        raise ConversationError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+        llava = sum(v.count("<image>") for _, v in messages if v is not None)
+        raise ConversationError(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images"
+                                + (f" (the {llava} '<image>' in the text, LLaVA's mark, are read as words: write "
+                                   f"{IMAGE_PLACEHOLDER} where a picture goes)" if llava else ""))
 
     tokens, labels, cont, index = [tokenizer.bos_id], [IGNORE], [False], [0]
     spans, predicted_flags = [], []
@@ -190,8 +190,8 @@ def encode_conversation(item: dict[str, Any], images: Sequence[ImageInput], toke
         add([layout.END_OF_TURN], predicted)
 
     if max_length is not None and len(tokens) > max_length:
-        raise ConversationTooLong(f"the conversation takes {len(tokens)} positions, more than the maximum length "
-                                  f"{max_length}", len(tokens), max_length)
+        raise SequenceTooLong(f"the conversation takes {len(tokens)} positions, more than the maximum length "
+                              f"{max_length}", len(tokens), max_length)
     # (SEP is labelled in every turn, as the reference does: a user's picture alone predicts nothing)
     if not any(l not in (IGNORE, layout.SEP) for l in labels) and messages[-1][1] is not None:
         raise ConversationError("nothing in the item is predicted (no assistant turn)")
