@@ -1102,6 +1102,9 @@ MUTATIONS = (
              "unitoken_jax/tokenizer/conversation.py", 'f"{IMAGE_PLACEHOLDER} where a picture goes)" if llava else ""',
              'f"{IMAGE_PLACEHOLDER} where a picture goes)" if False else ""',
              ("tests/test_tokenizer.py", "-k", "placeholder_count")),
+    Mutation("own_size_said_as_given", "a picture drawn at the model's own size said as a --size the user never "
+             "gave", "unitoken_jax/cli.py", '        said = "the model\'s own size" if given is False else "--size"',
+             '        said = "--size"', ("tests/test_inference.py", "-k", "cli_verbs")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -923,6 +923,12 @@ def test_cli_verbs(pipe, tmp_path, capsys, monkeypatch):
     # (--size counts the release VQ-GAN's 16 px a code; this one draws 4: the difference is said)
     assert ("(the picture is 16x8 pixels: --size 64x32 counts 16 px a code, as the release's VQ-GAN draws them, "
             "and this VQ-GAN draws 4)") in capsys.readouterr().err
+    # no --size, a model whose record gives its pictures' 32 px crop: its own grid (8 x 8 codes), said as its own
+    (tmp_path / "model" / "trained_pictures.json").write_text('{"vq_size": 32}')
+    assert cli.main(["generate", "he is", "--out", str(tmp_path / "own.png"), *common]) == 0
+    assert Image.open(tmp_path / "own.png").size == (32, 32)
+    assert "(the picture is 32x32 pixels: the model's own size 128x128 counts 16 px a code" in capsys.readouterr().err
+    os.remove(tmp_path / "model" / "trained_pictures.json")
     # a cache grown 32 slots at a time draws the same pictures; a growth of 0 is refused by name
     assert cli.main(["generate", "he is", "--out", str(tmp_path / "h.png"), "--n", "2", "--size", "64x32",
                      "--cache-growth", "32", *common]) == 0

@@ -214,7 +214,7 @@ def _pipeline(args):
                             vq_size=args.vq_size, image_prefix=prefix, cache_growth=args.cache_growth,
                             layers=args.layers, **({} if template is None else {"generate_template": template}))
     if hasattr(args, "size") and not args.size:  # the model's own: its training pictures' grid, else 512x512
-        args.size = "x".join(map(str, pipe.default_size))
+        args.size, args.own_size = "x".join(map(str, pipe.default_size)), True
     return pipe
 
 
@@ -721,7 +721,7 @@ def _generate(args) -> int:
         path = _numbered(args.out, i, len(pictures))
         _save(picture, path)
         print(f"wrote {path}")
-    _say_pixels(pictures[0], args.size, pipe)
+    _say_pixels(pictures[0], args.size, pipe, given=not getattr(args, "own_size", False))
     return 0
 
 
@@ -945,11 +945,15 @@ def _edit(args) -> int:
         path = _numbered(args.out, i, args.n)
         _save(picture, path)
         print(f"wrote {path}")
-    _say_pixels(picture, args.size, pipe)
+    _say_pixels(picture, args.size, pipe, given=not getattr(args, "own_size", False))
     return 0
 
 
-def _say_pixels(picture, size: str, pipe) -> None:
+_OWN_SIZE = ("a model trained here: the size of its training pictures' code grid (trained_pictures.json); else "
+             "512x512")
+
+
+def _say_pixels(picture, size: str, pipe, given: bool) -> None:
     """Says where a picture's pixels are not --size: --size counts the release VQ-GAN's 16 px a
     code (32 px a grid unit of 2 codes), and a VQ-GAN of another downsampling draws the same grid
     larger or smaller (the demo's, 4 px a code: --size 128x128 is 8 x 8 codes, 32 x 32 pixels)."""
@@ -957,8 +961,9 @@ def _say_pixels(picture, size: str, pipe) -> None:
 
     asked = _size(size)
     if hasattr(picture, "size") and tuple(picture.size) != asked:
-        print(f"(the picture is {picture.size[0]}x{picture.size[1]} pixels: --size {size} counts 16 px a code, as the "
-              f"release's VQ-GAN draws them, and this VQ-GAN draws {vq_factor(pipe.vq)})", file=sys.stderr)
+        said = "the model's own size" if given is False else "--size"
+        print(f"(the picture is {picture.size[0]}x{picture.size[1]} pixels: {said} {size} counts 16 px a code, as "
+              f"the release's VQ-GAN draws them, and this VQ-GAN draws {vq_factor(pipe.vq)})", file=sys.stderr)
 
 
 def _save(picture, path):
@@ -1369,8 +1374,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_whole(0, 2**32 - 1), default=0,
                        help="sampling seed: the same seed, the same output")
         if image_out:
-            p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels, multiples of 32 (512x512; the "
-                                                        "bundled model: 64x64)")
+            p.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels at 16 a code, multiples of 32 "
+                                                        "(default: the bundled model's 64x64; " + _OWN_SIZE + ")")
             p.add_argument("--cfg", type=_finite(0), default=3.0, help="classifier-free guidance scale (1 = off)")
             p.add_argument("--top-k", type=_whole(0, 2**31 - 1), default=2000,
                            help="each image code is drawn from the k likeliest (0: from all)")
@@ -1438,8 +1443,8 @@ def _parser() -> argparse.ArgumentParser:
                                  f"--max-new-tokens defaults to {CHAT_MAX_NEW_TOKENS} here (a 512x512 picture "
                                  "takes 1,060).")
     cha.add_argument("--out-dir", default=".", help="where drawn pictures are written")
-    cha.add_argument("--size", default=None, help="WIDTHxHEIGHT that '/draw' asks for (512x512; the bundled "
-                                                  "model: 64x64)")
+    cha.add_argument("--size", default=None, help="WIDTHxHEIGHT that '/draw' asks for (default: the bundled "
+                                                  "model's 64x64; " + _OWN_SIZE + ")")
     cha.add_argument("--cfg", type=_finite(0), default=3.0, help="classifier-free guidance for a picture an answer "
                                                             "draws, from its <racm3:break> on (1 = off)")
     model_args(cha)
@@ -1481,8 +1486,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch-wait", type=_finite(0), default=0.0,
                      help="seconds without a new call before a batch starts (lets a burst run as one batch)")
     srv.add_argument("--max-body-mb", type=_finite(0, above=True), default=32.0, help="larger request bodies get 413")
-    srv.add_argument("--size", default=None, help="pictures' size when a call asks for 'auto' (default: the bundled "
-                                                  "model's 64x64, the only size it draws; else 512x512)")
+    srv.add_argument("--size", default=None, help="pictures' size when a call gives none or 'auto' (default: the "
+                                                  "bundled model's 64x64, the only size it draws; " + _OWN_SIZE + ")")
     model_args(srv, per_request=False)
     template_arg(srv)
     srv.set_defaults(func=_serve)
