@@ -1105,6 +1105,9 @@ MUTATIONS = (
     Mutation("own_size_said_as_given", "a picture drawn at the model's own size said as a --size the user never "
              "gave", "unitoken_jax/cli.py", '        said = "the model\'s own size" if given is False else "--size"',
              '        said = "--size"', ("tests/test_inference.py", "-k", "cli_verbs")),
+    Mutation("quantize_plan_at_512_without_size", "--quantize auto planning a model of one's own at 512 x 512 "
+             "without --size, not the size it will draw", "unitoken_jax/cli.py",
+             'else trained_size(trained, None) or (512, 512)', 'else (512, 512)', ("tests/test_fit.py",)),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

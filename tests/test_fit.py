@@ -134,6 +134,10 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     assert cli._plan(asked, SEVEN_B, {"vq_size": 256})[2]["positions"] == \
         64 + picture_prompt_length(SEVEN_B, 256) + asked.max_new_tokens  # (its recorded crop: no --vq-size)
     assert cli._quantize(args("edit"), SEVEN_B, v5e, "bfloat16") == "int8"
+    # without --size, the size the pipeline will draw: a model trained on 256 px crops, 256 x 256 (512 before)
+    assert cli._plan(args("generate"), SEVEN_B, {"vq_size": 256})[2]["size"] == (256, 256)
+    assert cli._plan(args("generate", size="512x512"), SEVEN_B, {"vq_size": 256})[2]["size"] == (512, 512)
+    assert cli._plan(args("edit"), SEVEN_B)[2]["size"] == (512, 512)
     assert cli._quantize(args("caption", batch_size=4), SEVEN_B, v5e, "bfloat16") == "int8"
     assert cli._quantize(args("chat"), SEVEN_B, v5e, "bfloat16") == "int8"  # a picture and 2,048 tokens, guided
     assert cli._quantize(args("chat"), SEVEN_B, [Chip(31.25, "TPU v6 lite")], "bfloat16") is None

@@ -274,10 +274,12 @@ def _plan(args, config, trained: dict | None = None) -> tuple[int, str, dict]:
     the picture layout as the pipeline will take it: the flags', else what a trained model records
     of its data (`trained`, `inference.pipeline.trained_record`)."""
     from unitoken_jax.inference.fit import decoder_positions, picture_prompt_length
-    from unitoken_jax.inference.pipeline import trained_vq_size
+    from unitoken_jax.inference.pipeline import trained_size, trained_vq_size
 
     trained = trained or {}
-    size = _size(args.size) if getattr(args, "size", None) else (512, 512)
+    # no --size: the model's own, as the pipeline will draw it (its training pictures' grid, at the
+    # release VQ-GAN's 16 px a code: the VQ-GAN is not loaded yet), else 512x512
+    size = _size(args.size) if getattr(args, "size", None) else trained_size(trained, None) or (512, 512)
     anyres = getattr(args, "anyres", None)
     anyres = trained.get("anyres") is True if anyres is None else anyres
     vq_size = getattr(args, "vq_size", None) or trained_vq_size(trained) or 512
