@@ -6,6 +6,8 @@ import argparse
 import os
 import platform
 
+from unitoken_jax import argtypes
+
 # the instruction sets that decide this project's CPU numbers (XLA's and torch's kernels differ on them)
 _FEATURES = (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX"))
 
@@ -35,30 +37,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TRIALS = os.path.join(RESULTS, "trial")  # (git-ignored)
 
 
-def count(low: int = 1):
-    """An argparse type: a whole number of at least `low` (0 or a negative count ran minutes, then
-    ended in a traceback)."""
-    def read(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
-        return value
-    return read
-
-
-def counts(low: int = 1):
-    """An argparse type: comma-separated whole numbers, each at least `low`."""
-    one = count(low)
-
-    def read(text: str) -> list[int]:
-        values = [one(v.strip()) for v in text.split(",") if v.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError("give at least one number")
-        return values
-    return read
+count, counts = argtypes.whole, argtypes.wholes  # (argparse types: a count of 0 is refused at once)
 
 
 def out_path(parser: argparse.ArgumentParser, args, name: str, *, trial: bool | None = None,

@@ -298,8 +298,8 @@ def test_a_trial_run_leaves_the_committed_results_alone_and_a_bad_place_or_count
         assert "/benchmarks/results/trial/" in f.read().split()
     (tmp_path / "a file").write_text("")
     for argv, said in ((["train_accel.py", "--smoke", "--out", str(tmp_path / "a file" / "x.md")], "is a file"),
-                       (["decode.py", "--rounds", "0"], "argument --rounds: 0 is less than 1"),
-                       (["cli_latency.py", "--runs", "0"], "argument --runs: 0 is less than 1"),
+                       (["decode.py", "--rounds", "0"], "argument --rounds: 0 is out of range: it must be at least 1"),
+                       (["cli_latency.py", "--runs", "0"], "argument --runs: 0 is out of range: it must be at least 1"),
                        (["decode_accel.py", "--model", "bogus"], "invalid choice: 'bogus'"),
                        (["finetune_fit.py", "--lora-batches", "8,x"], "'x' is not a whole number")):
         monkeypatch.setattr(sys, "argv", [argv[0], *argv[1:]])

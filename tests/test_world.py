@@ -247,7 +247,7 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
             build._train_stage("stage II", "--stage2-steps", build.stage_config(2, "data", 60), str(tmp_path / "run"))
     with pytest.raises(SystemExit):
         build.main(["--workdir", str(tmp_path / "new"), "--vq-steps", "0"])
-    assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
+    assert "0 is out of range: it must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
     (tmp_path / "a-file").write_text("")  # (a FileExistsError traceback)
     with pytest.raises(SystemExit):
@@ -259,10 +259,10 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
     # the fine-tuning demo's counts too (each was a ValueError traceback, --steps 0 after building its data)
     from unitoken_jax.world import finetune_demo
 
-    for flag, value, said in (("--steps", "0", "'0' is not a whole number of at least 1"),
-                              ("--pictures", "0", "'0' is not a whole number of at least 1"),
-                              ("--rank", "0", "'0' is not a whole number of at least 1"),
-                              ("--english-pictures", "-1", "'-1' is not a whole number of at least 0"),
+    for flag, value, said in (("--steps", "0", "0 is out of range: it must be at least 1"),
+                              ("--pictures", "0", "0 is out of range: it must be at least 1"),
+                              ("--rank", "0", "0 is out of range: it must be at least 1"),
+                              ("--english-pictures", "-1", "-1 is out of range: it must be at least 0"),
                               ("--learning-rate", "nan", "'nan' is not a number above 0")):
         with pytest.raises(SystemExit):
             finetune_demo.main(["--workdir", str(tmp_path / "new"), flag, value])

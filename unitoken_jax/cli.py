@@ -13,7 +13,7 @@ import sys
 import tempfile
 import warnings
 
-from unitoken_jax import __version__, configs
+from unitoken_jax import __version__, argtypes, configs
 from unitoken_jax.convert.files import SHARD_BYTES
 from unitoken_jax.models.config import QUANTIZE_MODES
 from unitoken_jax.shutdown import STOPS, Terminated, exit_now, stop_on_signals
@@ -365,19 +365,7 @@ class _AfterPictures(argparse.Action):
         namespace.inputs = [*namespace.images, values]
 
 
-def _whole(least: int, most: int | None = None):
-    """An argparse type: a whole number in [least, most], so a count or seed out of range stops the
-    command at once, before a model is loaded (the pipeline would refuse it too, later)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < least or (most is not None and value > most):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be "
-                                             + (f"at least {least}" if most is None else f"in [{least}, {most}]"))
-        return value
-    return parse
+_whole = argtypes.whole
 
 
 def _finite(least: float, *, above: bool = False):

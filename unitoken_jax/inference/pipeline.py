@@ -149,6 +149,14 @@ def _whole(value):
     return value if whole is None else whole
 
 
+def _pictures_a_call(n) -> int:
+    """A call's `n` (pictures of each prompt or edit) as an int, refused unless a whole number >= 1."""
+    n = _whole(n)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
+    return n
+
+
 # the options a request takes from a caller (the rest of `Request` is made from the call's own arguments)
 _REQUEST_OPTIONS = tuple(f.name for f in dataclasses.fields(Request)
                          if f.name not in ("tokens", "is_continuous", "feature_index", "pixels", "uncond_tokens"))
@@ -304,7 +312,7 @@ def trained_size(record: dict, vq) -> tuple[int, int] | None:
 
 def vq_factor(vq) -> int:
     """Pixels a code of `vq` takes each way (16 for the release's VQ-GAN; 16 without one)."""
-    return 2 ** (len(vq.config.ch_mult) - 1) if vq is not None else 16
+    return vq.config.downsample_factor if vq is not None else 16
 
 
 def default_vq_size(max_length: int, vq) -> int:
@@ -706,9 +714,7 @@ class UniTokenPipeline:
         All pictures are drawn as one batch (a bar counts image rows), or `batch_size` pictures at
         a time (a bar counts pictures). `size`, `cfg`, `negative_prompt` and the sampling options
         as `generate_request` takes them; `progress=False`: no bar."""
-        n = _whole(n)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
+        n = _pictures_a_call(n)
         single = isinstance(prompt, str)
         prompts = [prompt] if single else _texts(prompt, "prompt")
         # every request made before the first batch runs (they hold no picture: cheap), so that a prompt
@@ -730,9 +736,7 @@ class UniTokenPipeline:
         modulo 2**32), a list of n pictures where there was one. `size` (default: the pipeline's
         `default_size`), `cfg`, `seed`, `negative_prompt` and the sampling options (temperature /
         top_k / top_p: the image codes') as `generate_image` takes them; `progress=False`: no bar."""
-        n = _whole(n)
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a whole number of pictures, at least 1; got {n!r}")
+        n = _pictures_a_call(n)
         single, instructions, pictures = _paired(instruction, "instruction", image, _pictures, "pictures",
                                                  "one picture an instruction")
         if single and isinstance(image, (list, tuple)):  # one instruction: its picture, or a list of just it

@@ -23,6 +23,7 @@ import time
 import ml_collections
 import numpy as np
 
+from unitoken_jax import argtypes
 from unitoken_jax.configs import stages
 from unitoken_jax.convert.vqgan import save_vqgan
 from unitoken_jax.data import pretokenize as pt
@@ -242,13 +243,7 @@ def _train_stage(name: str, flag: str, config: ml_collections.ConfigDict, run_di
         raise
 
 
-def count(least: int = 1):
-    """An argparse type: a whole number of at least `least` (said before any work is done)."""
-    def parse(text: str) -> int:
-        if not text.strip().isdigit() or int(text) < least:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {least}")
-        return int(text)
-    return parse
+count = argtypes.whole  # an argparse type: a whole number of at least its argument (1 by default)
 
 
 def positive(text: str) -> float:
