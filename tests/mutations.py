@@ -1109,6 +1109,18 @@ MUTATIONS = (
     Mutation("quantize_plan_at_512_without_size", "--quantize auto planning a model of one's own at 512 x 512 "
              "without --size, not the size it will draw", "unitoken_jax/cli.py",
              'else trained_size(trained, None) or (512, 512)', 'else (512, 512)', ("tests/test_fit.py",)),
+    Mutation("saved_model_leaves_its_record", "a trained model saved again (its int8 copy) without its "
+             "trained_pictures.json", "unitoken_jax/model.py",
+             '"hf_dtype": self.hf_dtype})\n        keep_trained_record(self.source, path)\n',
+             '"hf_dtype": self.hf_dtype})\n', ("tests/test_checkpoint_io.py", "-k", "record_goes_with")),
+    Mutation("converted_layout_leaves_its_record", "a trained model converted to the other layout without its "
+             "trained_pictures.json", "unitoken_jax/cli.py",
+             "    keep_trained_record(args.src, args.dst)  # (a model trained here keeps its pictures' record)\n",
+             "", ("tests/test_checkpoint_io.py", "-k", "record_goes_with")),
+    Mutation("quantize_auto_float32_unsaid", "--quantize auto keeping float32 weights without a word",
+             "unitoken_jax/cli.py", '_LOG.info("--quantize auto: %s weights (--dtype / --param-dtype)',
+             '_LOG.debug("--quantize auto: %s weights (--dtype / --param-dtype)', ("tests/test_fit.py", "-k",
+                                                                                   "quantizes_by_itself")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

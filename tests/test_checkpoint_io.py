@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import warnings
 
 import jax
@@ -99,7 +100,6 @@ def test_changed_decoder_fields_survive_save_hf_whether_config_json_nests_them_o
     writer replaced only the top-level keys, so a stage that changed e.g. the positions exported a
     model that read back with the old ones."""
     import dataclasses
-    import shutil
 
     src = tmp_path / "src"
     shutil.copytree(release_dir, src)
@@ -373,7 +373,6 @@ def test_saves_read_a_tilde_as_load_does_and_a_failed_save_leaves_the_earlier_ch
 def test_a_save_over_a_checkpoint_stopped_part_way_leaves_the_earlier_one_whole(release_dir, tmp_path, monkeypatch):
     """Orbax's forced save deletes the directory it writes first: `convert --overwrite` (or
     model.save) over an earlier checkpoint stopped by Ctrl-C left neither ("damaged or incomplete")."""
-    import shutil
 
     import orbax.checkpoint as ocp
 
@@ -510,7 +509,6 @@ def test_an_index_that_names_a_tensor_its_shard_lacks_is_refused_and_other_misma
         release_dir, tmp_path, caplog):
     """The index was read for its file names only: a tensor it named that no shard held (a shard
     from another save) loaded without it, unsaid, and a conversion wrote a checkpoint without it."""
-    import shutil
 
     from safetensors.numpy import load_file, save_file
 
@@ -569,7 +567,6 @@ def test_a_directory_of_pytorch_weights_is_refused_by_what_it_holds(tmp_path):
 def test_another_models_checkpoint_and_a_lost_shard_are_said_for_what_they_are(tmp_path):
     """A Llama or Qwen2 checkpoint was refused as a Chameleon missing its QK-norm tensor, naming no
     folder; a shard lost from a checkpoint without an index was blamed on config.json's layer count."""
-    import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -613,7 +610,6 @@ def test_convert_both_ways_with_the_cli(release_dir, tmp_path, capsys):
 def test_a_home_relative_path_the_shell_left_as_written_is_the_users_home(release_dir, tmp_path, monkeypatch, capsys):
     """`--from=~/m` and a quoted `~` in $UNITOKEN_MODEL reach us unexpanded: load() said the
     directory that exists was none."""
-    import shutil
 
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(release_dir, tmp_path / "m")
@@ -672,6 +668,33 @@ def test_cli_convert_quantizes_once(release_dir, tmp_path, capsys):
     sidecar.write_text(json.dumps(meta))
     with pytest.raises(unitoken_jax.CheckpointError, match="older unitoken-jax.*unitoken convert"):
         unitoken_jax.load(str(tmp_path / "q8"))
+
+
+def test_a_trained_models_record_goes_with_every_copy_of_it(release_dir, tmp_path, capsys):
+    """What training records beside its model (`trained_pictures.json`: its pictures' crop, the
+    tokenizer's fingerprint) is copied by every conversion and save of it: its int8 copy drew at
+    512 x 512, not its own size, and skipped the tokenizer check (the record was left behind)."""
+    from unitoken_jax.inference.pipeline import TRAINED_PICTURES, trained_record
+
+    trained = tmp_path / "final"
+    shutil.copytree(release_dir, trained)
+    record = {"vq_size": 64, "crop": 32, "anyres": False, "tokenizer_sha256": "ab" * 32}
+    (trained / TRAINED_PICTURES).write_text(json.dumps(record))
+    for argv in (["--to", "q8", "--quantize", "int8"], ["--to", "orbax"]):
+        assert cli.main(["convert", "--from", str(trained), *argv[:1], str(tmp_path / argv[1]), *argv[2:]]) == 0
+    assert cli.main(["convert", "--from", str(tmp_path / "orbax"), "--to", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    unitoken_jax.load(str(trained), quantize="int8").save(str(tmp_path / "saved"))
+    unitoken_jax.load(str(tmp_path / "orbax")).save_hf(str(tmp_path / "saved_hf"))
+    for copy in ("q8", "orbax", "hf", "saved", "saved_hf"):
+        assert trained_record(str(tmp_path / copy)) == record, copy
+    assert trained_record(unitoken_jax.load(str(tmp_path / "q8"))) == record
+    model = unitoken_jax.load(str(tmp_path / "q8"))
+    model.save(str(tmp_path / "q8"))  # saved over its own directory: the record stays as it was
+    assert trained_record(str(tmp_path / "q8")) == record
+    assert not os.path.exists(tmp_path / "plain" / TRAINED_PICTURES)
+    unitoken_jax.load(str(release_dir)).save(str(tmp_path / "plain"))  # none where the source had none
+    assert not os.path.exists(tmp_path / "plain" / TRAINED_PICTURES)
 
 
 def test_cli_init_writes_a_loadable_random_model(tmp_path, capsys):

@@ -89,7 +89,7 @@ def test_int8_only_where_bfloat16_does_not_fit():
     assert choose_quantize(SEVEN_B, 4, jax.devices("cpu"))[0] == "none"  # no limit to plan with
 
 
-def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
+def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it(caplog):
     """`--quantize auto` (the CLI's default) plans for what a command decodes at once. On a v5e chip
     the release draws one picture in bfloat16 and four in int8 (the AOT table's verdicts); an edit
     holds the input picture's tokens too (2 rows of ~2,900 positions: int8); a continuous server
@@ -157,7 +157,9 @@ def test_the_cli_quantizes_by_itself_only_where_the_commands_pictures_need_it():
     # the cache is in the compute dtype: bfloat16 weights computing in float32 hold one picture's cache
     # in float32 (13.87 + 2.19 GiB, over the chip's 15.75: int8); planned as a bfloat16 cache, it fit
     assert cli._quantize(args("generate", n=1), SEVEN_B, v5e, "bfloat16", 1, "float32") == "int8"
-    assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "float32") is None
+    with caplog.at_level("INFO", logger="unitoken_jax.cli"):  # said, as every other choice is (it was not)
+        assert cli._quantize(args("generate", n=4), SEVEN_B, v5e, "float32") is None
+    assert "--quantize auto: float32 weights (--dtype / --param-dtype) are kept as they are" in caplog.text
     assert cli._quantize(args("generate", n=4), SEVEN_B, jax.devices("cpu")[:1], "bfloat16") is None
     assert cli._quantize(args("generate", n=4, quantize="none"), SEVEN_B, v5e, "bfloat16") == "none"
     with pytest.raises(ValueError, match="--quantize none: the checkpoint holds int8 weights, which cannot be made"):

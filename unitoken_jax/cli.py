@@ -25,6 +25,7 @@ CHAT_MAX_NEW_TOKENS = 2048  # inference.pipeline's (not imported here: it brings
 def _convert(args) -> int:
     from unitoken_jax.convert import hf as hf_io
     from unitoken_jax.convert import orbax_io
+    from unitoken_jax.convert.files import keep_trained_record
 
     _directory_option("--to", args.dst)  # (was 'File exists', after reading the source)
     if os.path.realpath(args.src) == os.path.realpath(args.dst):  # (int8 over the float weights, for good)
@@ -69,6 +70,7 @@ def _convert(args) -> int:
         layout = f", QK-norm layout {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else ""
         print(f"read a {ckpt.kind} checkpoint ({hf_io.dtype_name(ckpt.dtype)}{layout}); wrote our Orbax checkpoint "
               f"to {args.dst}")
+    keep_trained_record(args.src, args.dst)  # (a model trained here keeps its pictures' record)
     return 0
 
 
@@ -315,6 +317,8 @@ def _quantize(args, config, devices, param_dtype: str, tensor: int | None = None
     if args.quantize != "auto":
         return args.quantize
     if config.quantize == "none" and param_dtype != "bfloat16":  # float32 weights asked for
+        _LOG.info("--quantize auto: %s weights (--dtype / --param-dtype) are kept as they are; int8 is taken only "
+                  "where bfloat16 weights do not fit (--quantize int8 to choose it)", param_dtype)
         return None
     from unitoken_jax.inference.fit import choose_quantize
 

@@ -27,6 +27,7 @@ from unitoken_jax import sharding
 from unitoken_jax.convert import hf as hf_io
 from unitoken_jax.convert import orbax_io
 from unitoken_jax.convert import peft as peft_io
+from unitoken_jax.convert.files import keep_trained_record
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.models.config import FLOAT_DTYPES, UniTokenConfig, check_quantize
 from unitoken_jax.models.loss import lm_loss
@@ -215,6 +216,7 @@ class UniTokenModel:
         path = os.path.expanduser(os.fspath(path))  # (as load reads it: '~/m' was a folder named '~')
         hf_io.write_hf(path, model.config, model.params, model.passthrough, model.hf_config, dtype or self.hf_dtype,
                        progress=progress)
+        keep_trained_record(self.source, path)
 
     # --- LoRA adapters ---------------------------------------------------------------------
     def merge_adapters(self) -> "UniTokenModel":
@@ -289,8 +291,10 @@ class UniTokenModel:
     def save(self, path: str) -> None:
         """Writes our Orbax checkpoint (see `unitoken_jax.convert.orbax_io`); a quantized model is
         stored quantized, and loads back so."""
-        orbax_io.save(os.path.expanduser(os.fspath(path)), self.config, self.params, self.passthrough,
+        path = os.path.expanduser(os.fspath(path))
+        orbax_io.save(path, self.config, self.params, self.passthrough,
                       {"hf_config": self.hf_config, "hf_dtype": self.hf_dtype})
+        keep_trained_record(self.source, path)
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,10 +6,27 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 from safetensors import SafetensorError, safe_open
 
 SHARD_BYTES = 2 * 1024**3  # the largest safetensors file `hf.write_hf` makes (and holds in memory)
+
+
+# beside a model trained here (training's final/): how its data laid out pictures, so that inference cuts
+# and draws them as training did (`inference.pipeline.trained_record` reads it)
+TRAINED_PICTURES = "trained_pictures.json"
+
+
+def keep_trained_record(source, dest: str) -> None:
+    """Copies `source`'s `TRAINED_PICTURES` (if it is a directory holding one) into `dest`: a model
+    saved again (quantized, converted to the other layout) keeps what its training recorded (its
+    int8 copy drew at 512 x 512 instead of its own size, and skipped the tokenizer's check)."""
+    if not isinstance(source, str) or not os.path.isfile(os.path.join(source, TRAINED_PICTURES)):
+        return
+    if os.path.isdir(dest) and os.path.samefile(source, dest):
+        return
+    shutil.copyfile(os.path.join(source, TRAINED_PICTURES), os.path.join(dest, TRAINED_PICTURES))
 
 
 class CheckpointError(ValueError):

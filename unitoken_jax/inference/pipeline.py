@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from unitoken_jax.convert import files
 from unitoken_jax.inference.decode import DecodeLoop, OptionError, Request, whole_number
 from unitoken_jax.tokenizer import anyres as anyres_lib
 from unitoken_jax.tokenizer import layout
@@ -256,7 +257,7 @@ def _size_pair(size) -> tuple[int, int]:
 # beside a trained model (training's final/): how its data laid out pictures, so that inference cuts them
 # as training did (the default rule below picked 256 px for a small model trained on 64 px crops, and it
 # answered about its own training pictures wrongly, unsaid)
-TRAINED_PICTURES = "trained_pictures.json"
+TRAINED_PICTURES = files.TRAINED_PICTURES
 
 
 def trained_record(model) -> dict:
