@@ -1121,6 +1121,9 @@ MUTATIONS = (
              "unitoken_jax/cli.py", '_LOG.info("--quantize auto: %s weights (--dtype / --param-dtype)',
              '_LOG.debug("--quantize auto: %s weights (--dtype / --param-dtype)', ("tests/test_fit.py", "-k",
                                                                                    "quantizes_by_itself")),
+    Mutation("pretokenize_kinds_miscounted", "pre-tokenization's count of each kind written counting every item "
+             "as understanding", "unitoken_jax/data/pretokenize.py", "int(np.sum(kinds == k))",
+             "int(np.sum(kinds >= 0)) if k == 0 else 0", ("tests/test_pretokenize.py", "-k", "records_equal")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -304,7 +304,8 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     assert json.loads(short.read_text()) == [] and f"wrote 0 captions to {short} (4 picture(s) left out)" in said.out
     assert main(["pretokenize", str(out), "--out", str(tmp_path / "data"), "--tokenizer", "demo", "--vqgan",
                  "demo"]) == 0
-    assert "3 items written, 0 skipped" in capsys.readouterr().out
+    assert "3 items written (3 understanding: answered in words, 0 generation: a picture drawn, an edit's too), " \
+        "0 skipped" in capsys.readouterr().out
     # a .jsonl file gets each batch as it is done, and a rerun captions only the pictures it lacks
     lines = tmp_path / "items.jsonl"
     assert main(["caption", str(folder / "0.png"), str(folder / "1.png"), "--out", str(lines),

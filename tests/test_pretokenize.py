@@ -62,6 +62,11 @@ def test_records_equal_the_single_item_encoder_and_bad_items_are_listed(tmp_path
     result = pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
     assert result["complete"] and result["written"] == 12 and result["skipped"] == 5
     bad = [json.loads(line) for line in open(tmp_path / "ds" / pt.BAD_ITEMS_FILE)]
+    # each kind's count, from the items themselves: generation draws a picture (the answer holds one)
+    good_items = [it for it in json.load(open(items_path))
+                  if isinstance(it, dict) and it.get("id") not in {b["id"] for b in bad} | {None}]
+    drawn = sum(any(t["from"] == "gpt" and "<|image|>" in t["value"] for t in it["conversations"]) for it in good_items)
+    assert result["kinds"] == {"understanding": 12 - drawn, "generation": drawn} and 0 < drawn < 12, result
     assert [b["id"] for b in bad] == ["missing-file", "corrupt-image", "bad-turns", "too-long", "all.json:14"]
     assert "no such file" in bad[0]["reason"].lower() and "SequenceTooLong" in bad[3]["reason"]
     assert "broken.png" in bad[1]["reason"]  # the picture is named, not "<28 bytes>"

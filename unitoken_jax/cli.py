@@ -1214,7 +1214,11 @@ def _pretokenize(args) -> int:
     result = pt.pretokenize(args.items, args.out, text, vq, settings, image_root=args.image_root,
                             process_index=args.process_index, process_count=args.process_count)
     if result["complete"]:
-        print(f"{args.out}: {result['written']} items written, {result['skipped']} skipped "
+        # each kind's count: edit pairs written as something else (both pictures in the question: understanding)
+        kinds = result.get("kinds") or {}
+        each = f" ({kinds['understanding']} understanding: answered in words, {kinds['generation']} generation: a " \
+            "picture drawn, an edit's too)" if set(kinds) == {"understanding", "generation"} else ""
+        print(f"{args.out}: {result['written']} items written{each}, {result['skipped']} skipped "
               f"(listed in {result['bad_items']})")
         if not result["written"]:
             print(f"unitoken pretokenize: error: no item of {args.items} could be used; the reasons are in "

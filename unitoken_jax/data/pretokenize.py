@@ -555,14 +555,17 @@ def _finalize(out_dir: str, settings: PretokenizeSettings, n_chunks: int, marker
 
 
 def summary(out_dir: str) -> dict[str, Any]:
-    """Items written and skipped by a finished pre-tokenization."""
+    """Items written and skipped by a finished pre-tokenization, and the items written of each kind
+    (`kinds`: {"understanding": n, "generation": n}, an item that draws a picture being generation)."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder_from_directory(out_dir)
     with open(os.path.join(out_dir, BAD_ITEMS_FILE)) as f:
         bad = [json.loads(line) for line in f]
+    kinds = np.load(os.path.join(out_dir, KINDS_FILE)) if os.path.exists(os.path.join(out_dir, KINDS_FILE)) else None
+    written = {} if kinds is None else {name: int(np.sum(kinds == k)) for k, name in enumerate(KINDS)}
     return {"complete": True, "written": builder.info.splits.total_num_examples, "skipped": len(bad),
-            "bad_items": os.path.join(out_dir, BAD_ITEMS_FILE)}
+            "bad_items": os.path.join(out_dir, BAD_ITEMS_FILE), "kinds": written}
 
 
 def record_sizes(path: str) -> np.ndarray | None:
