@@ -1124,6 +1124,10 @@ MUTATIONS = (
     Mutation("pretokenize_kinds_miscounted", "pre-tokenization's count of each kind written counting every item "
              "as understanding", "unitoken_jax/data/pretokenize.py", "int(np.sum(kinds == k))",
              "int(np.sum(kinds >= 0)) if k == 0 else 0", ("tests/test_pretokenize.py", "-k", "records_equal")),
+    Mutation("cli_adapters_on_int8_said_in_python", "--adapters on an int8 checkpoint refused in load's Python "
+             "words (quantize='int8'), not the command's flags", "unitoken_jax/cli.py",
+             'if getattr(args, "adapters", None) and config.quantize != "none":', 'if False:',
+             ("tests/test_quantize.py", "-k", "cannot_do_is_refused")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -144,7 +144,8 @@ def test_unsupported_modes_are_clear_errors(tmp_path, bf16_model):
     assert adapted.quantize("int8").config.lora is None  # (the model's quantize folds them in)
 
 
-def test_what_an_int8_checkpoint_cannot_do_is_refused_before_a_tensor_is_read(tmp_path, bf16_model, monkeypatch):
+def test_what_an_int8_checkpoint_cannot_do_is_refused_before_a_tensor_is_read(tmp_path, bf16_model, monkeypatch,
+                                                                             capsys):
     """Adapters on a stored int8 checkpoint, its conversion to the HF layout and a training started
     from it were refused only after the whole model was read (about 7 GiB for the release)."""
     from unitoken_jax import cli
@@ -165,6 +166,16 @@ def test_what_an_int8_checkpoint_cannot_do_is_refused_before_a_tensor_is_read(tm
         with pytest.raises(ValueError, match="holds int8 weights: adapters cannot be applied to them; load the float"):
             unitoken_jax.load(str(tmp_path / "q"), adapters=str(tmp_path / "adapters"), quantize=quantize)
     assert cli.main(["convert", "--from", str(tmp_path / "q"), "--to", str(tmp_path / "hf")]) == 2
+    # the command says it by its flags (it said load's quantize='int8')
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    capsys.readouterr()
+    assert cli.main(["understand", str(tmp_path / "a.png"), "What is it?", "--model", str(tmp_path / "q"), "--adapters",
+                     str(tmp_path / "adapters"), "--tokenizer", "demo", "--vqgan", "demo"]) == 2
+    said = capsys.readouterr().err
+    assert f"--adapters: --model {tmp_path / 'q'} holds int8 weights, to which adapters cannot be applied; give " \
+        "--model the float checkpoint it was made from (with --quantize int8 to quantize the sum)" in said
     from unitoken_jax import configs
 
     config = configs.get_config("stage2.py:tiny")

@@ -227,6 +227,10 @@ def _how_to_load(args, model_dir: str) -> dict:
     from unitoken_jax.inference.fit import mesh_devices
 
     config = unitoken_jax.read_config(model_dir)
+    if getattr(args, "adapters", None) and config.quantize != "none":  # (load's message names its Python arguments)
+        raise ValueError(f"--adapters: --model {model_dir} holds {config.quantize} weights, to which adapters cannot "
+                         f"be applied; give --model the float checkpoint it was made from (with --quantize "
+                         f"{config.quantize} to quantize the sum)")
     dtype, param_dtype = _dtypes(args.dtype, args.param_dtype)
     mesh = _mesh(args.mesh, config)
     from unitoken_jax.inference.pipeline import trained_record
