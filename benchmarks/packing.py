@@ -80,7 +80,7 @@ def shapes_world(tmp: str, n: int) -> str:
 
 def measure(data: str, tiles: int, lookahead: int, batches: int, blocks: int = 1) -> tuple[float, ...]:
     """(mean real fraction, its minimum, samples per batch) over `batches` batches, and the seconds a
-    batch after the first (which opens the streams)."""
+    batch after the first (which opens the streams; None where there is no other)."""
     config = PipelineConfig(rows=ROWS, length=LENGTH, max_images=tiles, num_threads=2, lookahead=lookahead,
                             blocks=blocks)
     it = InputPipeline([data], config).iterator()
@@ -90,7 +90,7 @@ def measure(data: str, tiles: int, lookahead: int, batches: int, blocks: int = 1
         done.append(time.perf_counter())
         fractions.append(float((b["segment_ids"] > 0).mean()))
         samples.append(len(b["kinds"]))
-    seconds = (done[-1] - done[0]) / max(1, batches - 1)
+    seconds = (done[-1] - done[0]) / (batches - 1) if batches > 1 else None  # (one batch: none timed)
     return float(np.mean(fractions)), float(np.min(fractions)), float(np.mean(samples)), seconds
 
 
@@ -123,7 +123,7 @@ def main():
                 mean, low, per_batch, seconds = measure(path, tiles, lookahead, args.batches, blocks)
                 rows.append(f"| {name} | {fill.mean:.0f} | {tiles} | {lookahead} | {blocks} | "
                             f"{per_batch:.0f} | **{mean:.1%}** | {low:.1%} | {fill.bound:.1%} ({fill.per_row} a row) | "
-                            f"{seconds:.2f} |")
+                            f"{'not timed (one batch)' if seconds is None else f'{seconds:.2f}'} |")
                 print(rows[-1], flush=True)
     lines = [
         "# Packing: real tokens in a batch at the stage configs' shape", "",

@@ -36,6 +36,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from unitoken_jax import configs, sharding  # noqa: E402
 from unitoken_jax.inference.decode import DecodeLoop, Request  # noqa: E402
+from unitoken_jax.models import attention as attention_lib  # noqa: E402
 from unitoken_jax.models.config import QUANTIZE_MODES, UniTokenConfig  # noqa: E402
 from unitoken_jax.models.unitoken import abstract_params, param_shardings  # noqa: E402
 from unitoken_jax.tokenizer import layout  # noqa: E402
@@ -273,7 +274,9 @@ def main(argv=None):
         devices = topology_devices(args.topology)
         shape = sharding.parse_mesh_shape(args.mesh, devices.size)
         mesh = topology_mesh(args.topology, shape)
-    except (ValueError, FileNotFoundError) as e:  # (a config key, value or file; the slice)
+        # a backend the chips lack, said as a usage error (it was a traceback from inside the trace)
+        attention_words = attention_lib.say_backend(config.model, devices.flat[0])
+    except (ValueError, FileNotFoundError) as e:  # (a config key, value or file; the slice; the attention)
         parser.error(str(e))
     try:
         program, compiled, seconds = compile_program(config, mesh)
@@ -292,7 +295,8 @@ def main(argv=None):
     print(f"{args.topology}: {devices_in_words(args.topology, devices)}, mesh data,fsdp,tensor = {shape}; "
           f"{args.config}: batch "
           f"{d.rows} x {d.length}, {d.max_images} images, remat {config.model.remat_policy}, dropout "
-          f"{config.model.decoder.dropout}, trainable {config.optimizer.trainable}; compiled in {seconds:.0f} s")
+          f"{config.model.decoder.dropout}, trainable {config.optimizer.trainable}; {attention_words}; compiled in "
+          f"{seconds:.0f} s")
     print(f"parameters: {n_params / 1e9:.3f} B")
     print(f"per-chip memory: {per_chip / 2**30:.2f} GiB (arguments {mem.argument_size_in_bytes / 2**30:.2f}, "
           f"temporaries {mem.temp_size_in_bytes / 2**30:.2f}, outputs {mem.output_size_in_bytes / 2**30:.2f}, "

@@ -1128,6 +1128,22 @@ MUTATIONS = (
              "words (quantize='int8'), not the command's flags", "unitoken_jax/cli.py",
              'if getattr(args, "adapters", None) and config.quantize != "none":', 'if False:',
              ("tests/test_quantize.py", "-k", "cannot_do_is_refused")),
+    Mutation("train_backend_refused_late", "a training run refusing an attention backend the machine lacks only "
+             "while its step traces (after its workdir is made), and not saying the one it took",
+             "unitoken_jax/train/loop.py",
+             "    attention_words = attention_lib.say_backend(config.model, jax.devices()[0])\n",
+             '    attention_words = "attention"\n', ("tests/test_train_loop.py", "-k",
+                                                    "lacks_is_refused or tiny_stage2_loss_falls")),
+    Mutation("aot_backend_traceback", "aot_check.py's backend the chips lack as a traceback from the trace, not a "
+             "usage error", "launch/aot_check.py",
+             "        attention_words = attention_lib.say_backend(config.model, devices.flat[0])\n",
+             '        attention_words = ""\n', ("tests/test_aot.py", "-k", "refuses_malformed")),
+    Mutation("splash_block_rounding_unsaid", "splash's rounded-up attention block not said",
+             "unitoken_jax/models/attention.py", '        if block != config.attention_block else ""',
+             '        if False else ""', ("tests/test_attention.py", "-k", "backend_choice")),
+    Mutation("packing_one_batch_timed_as_zero", "the packing benchmark's one batch said to take 0.00 s",
+             "benchmarks/packing.py", "(done[-1] - done[0]) / (batches - 1) if batches > 1 else None",
+             "(done[-1] - done[0]) / max(1, batches - 1)", ("tests/test_accel_scripts.py", "-k", "packing_benchmark")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -48,6 +48,18 @@ def test_packed_rows_fill_every_position_with_samples_whose_positions_restart():
     np.testing.assert_array_equal(batch["labels"], batch["tokens"])
 
 
+def test_the_packing_benchmark_times_batches_after_the_first_only():
+    """With one batch nothing is timed (the first opens the streams): it said 0.00 s a batch."""
+    import tempfile
+
+    import packing
+
+    path = packing.shapes_world(tempfile.mkdtemp(), 100)
+    *_, one = packing.measure(path, 192, 0, 1)
+    *_, two = packing.measure(path, 192, 0, 2)
+    assert one is None and two > 0
+
+
 def test_the_one_billion_shape_has_about_a_billion_decoder_parameters():
     args = type("A", (), dict(smoke=False, length=4096, rows=8, remat="none", block=512, devices=1))()
     config = train_accel.train_config(args, "xla")

@@ -110,7 +110,13 @@ def test_the_check_refuses_malformed_flags_by_name_and_counts_a_v4_chips_cores(c
                        (["--config", "nofile.py"], "no config file 'nofile.py'"),
                        (["--batch", "0"], "data.rows must be at least 1"),
                        (["--topology", "v9:2x2"], "--topology 'v9:2x2': libtpu has no such slice"),
-                       (["decode", "--topology", "v5e:3x3"], "--topology 'v5e:3x3': libtpu has no such slice")):
+                       (["decode", "--topology", "v5e:3x3"], "--topology 'v5e:3x3': libtpu has no such slice"),
+                       # a backend the chips lack: a usage error before the trace (it was a traceback from it)
+                       (["--config", "stage2.py:tiny", "--topology", "v5e:1x1", "--mesh", "1,1,1", "--set",
+                         "model.attention=cudnn"], "attention='cudnn' does not run on tpu; available there: auto, "
+                                                   "splash, xla"),
+                       (["--config", "stage2.py:tiny", "--topology", "v3:2x2", "--mesh", "1,8,1", "--set",
+                         "model.attention=splash"], "TPU v4 or later, this is TPU v3.; available there: auto, xla")):
         with pytest.raises(SystemExit) as stopped:
             aot.main(argv)
         assert stopped.value.code == 2 and re.search(says, capsys.readouterr().err), argv

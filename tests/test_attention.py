@@ -255,6 +255,19 @@ def test_backend_choice_and_errors():
         assert attention.resolve("auto", gpu("NVIDIA GPU", cc), jnp.bfloat16, head_dim=head_dim) == "xla"
         with pytest.raises(ValueError, match=f"multiples of 8 up to .*, this one is {head_dim}"):
             attention.resolve("cudnn", gpu("NVIDIA GPU", cc), jnp.bfloat16, head_dim=head_dim)
+    # a model config's backend and block, as a run's log says them (nothing said which auto took, nor
+    # that splash rounds a block up to its 128 lanes)
+    from unitoken_jax.configs.model import get_config
+    from unitoken_jax.models.config import UniTokenConfig
+
+    tiny = UniTokenConfig.from_dict(get_config("tiny").model).replace(attention_block=100)
+    assert attention.model_backend(tiny, "cpu") == ("xla", 100)
+    assert attention.model_backend(tiny, tpu("TPU v5 lite")) == ("splash", 128)
+    assert attention.say_backend(tiny, tpu("TPU v5 lite")) == "attention: splash (auto on tpu), blocks of 128 " \
+        "positions (attention_block 100: splash's blocks are whole multiples of 128)"
+    assert attention.say_backend(tiny.replace(attention="xla"), "cpu") == "attention: xla, blocks of 100 positions"
+    with pytest.raises(ValueError, match="attention='splash' does not run on cpu"):
+        attention.model_backend(tiny.replace(attention="splash"), "cpu")
     # a block of no positions is refused by name (it divided by zero)
     q = jnp.zeros((1, 8, 2, 4))
     for block in (0, -4):

@@ -77,6 +77,15 @@ def _raw_state(workdir, step):
                                                                 tree))
 
 
+def test_a_backend_this_machine_lacks_is_refused_before_the_run_makes_its_workdir(tmp_path, data):
+    """It was refused while the step traced, after the workdir, its config and its data were made."""
+    config = _config(2, data, total_steps=2)
+    config.model.attention = "splash"
+    with pytest.raises(ValueError, match="attention='splash' does not run on cpu; available there: auto, xla"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data, caplog):
     workdir = str(tmp_path / "run")
     with caplog.at_level(logging.INFO, logger="unitoken_jax.train.loop"), \
@@ -89,6 +98,8 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
     bound = re.search(r"whole samples can fill at most ([\d.]+)% of a batch's positions \(a row of (\d+) holds at "
                       r"most (\d+) of them", caplog.text)
     assert bound is not None, caplog.text
+    # the backend the config's attention took here (nothing said what auto picked)
+    assert "attention: xla (auto on cpu), blocks of " in caplog.text, caplog.text
     loss = [v for _, v in sorted(_scalars(workdir, "loss").items())]
     assert len(loss) == 6
     assert loss[-1] < loss[0] - 2.0, loss

@@ -90,6 +90,29 @@ def resolve(backend: str, device=None, dtype=None, head_dim: int | None = None) 
     return backend
 
 
+def model_backend(config, device=None) -> tuple[str, int]:
+    """(backend, block) that a model `config` (`UniTokenConfig`) trains and prefills with on `device`
+    (default: `current_device()`): `resolve`'s answer for its `attention`, compute dtype and head
+    size, and its `attention_block` as that backend takes it (splash: whole multiples of 128).
+    Asked before a run builds anything, so a backend the device lacks is refused at once."""
+    backend = resolve(config.attention, device, jnp.dtype(config.dtype), config.decoder.head_dim)
+    block = config.attention_block
+    return backend, -(-block // 128) * 128 if backend == "splash" else block
+
+
+def say_backend(config, device=None) -> str:
+    """`model_backend` in words for a log: e.g. "attention: splash (auto on tpu), blocks of 512"."""
+    device = current_device() if device is None else device
+    backend, block = model_backend(config, device)
+    platform = device if isinstance(device, str) else device.platform
+    words = f"attention: {backend}" + (f" (auto on {platform})" if config.attention == "auto" else "")
+    if backend == "cudnn":
+        return words + " (cuDNN's own blocks)"
+    rounded = f" (attention_block {config.attention_block}: splash's blocks are whole multiples of 128)" \
+        if block != config.attention_block else ""
+    return words + f", blocks of {block} positions{rounded}"
+
+
 _SPLASH_INTERPRETER = [False]
 
 

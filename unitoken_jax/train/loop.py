@@ -41,6 +41,7 @@ from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, dropped_to
 from unitoken_jax.inference.compilation_cache import count_cache_hits
 from unitoken_jax.inference.pipeline import TRAINED_PICTURES
 from unitoken_jax.model import UniTokenModel, load, read_config, read_extras
+from unitoken_jax.models import attention as attention_lib
 from unitoken_jax.models import lora as lora_lib
 from unitoken_jax.train import metrics as metrics_lib
 from unitoken_jax.train.checkpoint import Checkpointer
@@ -320,10 +321,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
 
 
 def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_PreemptionFlag") -> dict[str, Any]:
+    # a backend this machine lacks is refused before the workdir is made (it was, while the step traced)
+    attention_words = attention_lib.say_backend(config.model, jax.devices()[0])
     _check_same_stage(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(config.mesh)
-    log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    log.info("mesh %s over %d devices in %d processes; %s", dict(mesh.shape), mesh.size, jax.process_count(),
+             attention_words)
 
     log.info("building the train step and the data pipeline (the first step compiles; a minute on a CPU)")
     program = build_program(config, mesh)
