@@ -1144,6 +1144,23 @@ MUTATIONS = (
     Mutation("packing_one_batch_timed_as_zero", "the packing benchmark's one batch said to take 0.00 s",
              "benchmarks/packing.py", "(done[-1] - done[0]) / (batches - 1) if batches > 1 else None",
              "(done[-1] - done[0]) / max(1, batches - 1)", ("tests/test_accel_scripts.py", "-k", "packing_benchmark")),
+    Mutation("world_vqgan_saved_in_place", "world.build's VQ-GAN written into its folder in place, so a stop while "
+             "it is saved leaves weights a rerun reuses", "unitoken_jax/world/build.py",
+             "    save_vqgan(partial, VQ_CONFIG, params)\n",
+             "    save_vqgan(out, VQ_CONFIG, params)\n    save_vqgan(partial, VQ_CONFIG, params)\n",
+             ("tests/test_world.py", "-k", "stopped_part_way")),
+    Mutation("world_timings_written_at_the_end", "world.build's timings written only after its last stage (a stop "
+             "loses the finished steps' times)", "unitoken_jax/world/build.py",
+             "    vq_dir = train_vq(workdir, vq_steps, ran=ran)\n    keep()\n",
+             "    vq_dir = train_vq(workdir, vq_steps, ran=ran)\n    keep = (lambda: None)\n",
+             ("tests/test_world.py", "-k", "stopped_part_way")),
+    Mutation("world_stop_says_saved_of_nothing", "a world stage stopped before its first step said to have its last "
+             "step saved", "unitoken_jax/world/build.py", '"its last step is saved): run the same command again to go '
+             'on from it" if saved else', '"its last step is saved): run the same command again to go on from it" if '
+             'True else', ("tests/test_world.py", "-k", "stopped_part_way")),
+    Mutation("vqgan_no_pictures_numpy_error", "a VQ-GAN given no pictures failing in NumPy's words",
+             "unitoken_jax/train/vqgan.py", "    if not len(pixels):  #", "    if False:  #",
+             ("tests/test_world.py", "-k", "reuses_a_step")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

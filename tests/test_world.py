@@ -196,6 +196,57 @@ def test_the_chance_of_each_question_is_a_uniform_guess_among_the_worlds_answers
     assert {kind: 1 / len(answers) for kind, answers in per_kind.items()} == CHANCE
 
 
+def test_a_build_stopped_part_way_leaves_no_half_step_and_keeps_the_times_of_the_steps_it_finished(
+        tmp_path, monkeypatch):
+    """A VQ-GAN stopped while it was saved left its weights without its config: the next run reused
+    it ("made before its settings were recorded") and failed. A build stopped in a stage lost the
+    times of the steps before it (timings were written at the end), and a stage stopped before its
+    first step said "its last step is saved" of nothing."""
+    import os
+
+    import pytest
+
+    from unitoken_jax.world import build
+
+    trained = []
+    monkeypatch.setattr(build, "train_vqgan", lambda config, pixels, tc: (trained.append(len(pixels)) or {}, []))
+
+    def save(out, config, params, stop=False):
+        os.makedirs(out, exist_ok=True)
+        (tmp_path / out / "vqgan.safetensors").write_bytes(b"weights")
+        if stop:
+            raise KeyboardInterrupt
+        (tmp_path / out / "vqgan_config.json").write_text("{}")
+
+    monkeypatch.setattr(build, "save_vqgan", lambda *a: save(*a, stop=True))
+    with pytest.raises(KeyboardInterrupt):
+        build.train_vq(str(tmp_path), 2, pictures=4)
+    assert not (tmp_path / "vqgan").exists()
+    monkeypatch.setattr(build, "save_vqgan", save)
+    assert build.train_vq(str(tmp_path), 2, pictures=4) == str(tmp_path / "vqgan") and trained == [4, 4]
+    assert sorted(os.listdir(tmp_path / "vqgan")) == [build.SETTINGS, "history.json", "vqgan.safetensors",
+                                                       "vqgan_config.json"]
+    assert not (tmp_path / "vqgan.partial").exists()
+
+    # stopped in stage I: the VQ-GAN's and the data's times are kept
+    def ran(name, seconds, out):
+        def step(*args, ran=None, **kwargs):
+            ran[name] = seconds
+            return str(tmp_path / out)
+        return step
+
+    monkeypatch.setattr(build, "train_vq", ran("vqgan", 5.0, "vqgan"))
+    monkeypatch.setattr(build, "make_data", ran("pretokenize", 2.0, "data"))
+    monkeypatch.setattr(build, "train_and_evaluate", lambda config, run_dir: None)  # stopped before a step
+    with pytest.raises(build.Stopped, match="SIGTERM; before its first step, nothing to save.: run the same command "
+                                            "again to start it"):
+        build.build(str(tmp_path / "w"), vq_steps=2, pictures=4, stage1_steps=2, stage2_steps=2)
+    assert json.loads((tmp_path / "w" / "timings.json").read_text()) == {"vqgan": 5.0, "pretokenize": 2.0}
+    os.makedirs(tmp_path / "w" / "stage1" / "checkpoints" / "1")  # stopped after a step was saved
+    with pytest.raises(build.Stopped, match="SIGTERM; its last step is saved.: run the same command again to go on"):
+        build.build(str(tmp_path / "w"), vq_steps=2, pictures=4, stage1_steps=2, stage2_steps=2)
+
+
 def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps_its_timings(tmp_path, capsys):
     """`world.build` reused every step it found done whatever the flags (a rerun with --vq-steps
     1500 after a run with 0 kept the untrained VQ-GAN), accepted counts below 1 (failing steps
@@ -292,6 +343,8 @@ def test_a_build_reuses_a_step_only_if_it_was_made_with_the_same_flags_and_keeps
         VQTrainConfig(restart_every=0)
     with pytest.raises(ValueError, match="3 pictures cannot fill a batch of 32"):
         train_vqgan(shapes.VQ_CONFIG, np.zeros((3, 64, 64, 3), np.float32), VQTrainConfig(steps=1))
+    with pytest.raises(ValueError, match=r"pixels hold no pictures \(shape \(0, 64, 64, 3\)\)"):  # (NumPy's error)
+        train_vqgan(shapes.VQ_CONFIG, np.zeros((0, 64, 64, 3), np.float32), VQTrainConfig(steps=1))
     # pictures and settings a VQ-GAN cannot train on, said before it trains (uint8 0..255 and NaN ran to
     # the end, a useless or NaN tokenizer; a NaN or negative rate likewise; the rest were Flax's shape
     # errors, a broadcast TypeError or NumPy's "expected non-negative integer")

@@ -64,6 +64,8 @@ def _check_pixels(pixels, config: VQGANConfig) -> None:
         raise ValueError(f"pixels must be a float NumPy array [N, H, W, {config.in_channels}] with H and W multiples "
                          f"of {f} (the VQ-GAN's downsampling), got {type(pixels).__name__}"
                          f"{f' of shape {tuple(shape)} and dtype {pixels.dtype}' if shape is not None else ''}")
+    if not len(pixels):  # (NumPy's "zero-size array to reduction operation minimum" below)
+        raise ValueError(f"pixels hold no pictures (shape {tuple(pixels.shape)}): give at least a batch of them")
     if not np.isfinite(pixels).all():
         raise ValueError(f"pixels hold {int((~np.isfinite(pixels)).sum())} values that are not finite (NaN or inf)")
     low, high = float(pixels.min()), float(pixels.max())

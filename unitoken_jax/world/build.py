@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -91,8 +92,12 @@ def train(config: ml_collections.ConfigDict, run_dir: str) -> None:
     FileNotFoundError for the adapters or model it had not written)."""
     train_and_evaluate(config, run_dir)
     if not os.path.isdir(os.path.join(run_dir, "final")):
-        raise Stopped(f"the training in {run_dir} stopped before its end (SIGTERM; its last step is saved): run the "
-                      "same command again to go on from it")
+        checkpoints = os.path.join(run_dir, "checkpoints")
+        saved = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+        # (a SIGTERM while the run was built saves nothing: it said "its last step is saved" even so)
+        raise Stopped(f"the training in {run_dir} stopped before its end (SIGTERM; "
+                      + ("its last step is saved): run the same command again to go on from it" if saved else
+                         "before its first step, nothing to save): run the same command again to start it"))
 
 
 def script(parser: argparse.ArgumentParser, as_program: bool, work):
@@ -156,10 +161,16 @@ def train_vq(workdir: str, steps: int, pictures: int = 3000, ran: dict | None = 
     pixels = np.stack([image_io.vq_pixels(image_io.vq_crop(shapes.draw(shapes.scene(rng, pool), rng), VQ_SIZE))
                        for _ in range(pictures)])
     params, history = train_vqgan(VQ_CONFIG, pixels, VQTrainConfig(steps=steps, batch=32, learning_rate=2e-3))
-    save_vqgan(out, VQ_CONFIG, params)
-    with open(os.path.join(out, "history.json"), "w") as f:
+    # written beside, then moved into place whole: a folder with its weights but not its config (a
+    # stop while it was saved) was reused as a VQ-GAN made before settings were recorded, then failed
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_vqgan(partial, VQ_CONFIG, params)
+    with open(os.path.join(partial, "history.json"), "w") as f:
         json.dump(history, f)
-    record(out, settings)
+    record(partial, settings)
+    shutil.rmtree(out, ignore_errors=True)  # (what a step not done left: nothing of it is reused)
+    os.replace(partial, out)
     if ran is not None:
         ran["vqgan"] = time.time() - start
     return out
@@ -205,10 +216,18 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
         with open(timings_path) as f:
             timings = json.load(f)
     ran = {}  # the seconds of each step that ran (not reused)
+
+    def keep():  # after every step: a build stopped later keeps the times of the steps it finished
+        timings.update(ran)
+        with open(timings_path, "w") as f:
+            json.dump(timings, f, indent=1)
+
     # each step records the settings of the steps it was made from too: a step made again (its
     # folder deleted, as a refusal says) is not followed by the old steps made from its predecessor
     vq_dir = train_vq(workdir, vq_steps, ran=ran)
+    keep()
     data = make_data(workdir, vq_dir, pictures, continuous, ran=ran, made_from={"vq_steps": vq_steps})
+    keep()
     stage1, stage2 = os.path.join(workdir, "stage1" + suffix), os.path.join(workdir, "stage2" + suffix)
     made_from = {"vq_steps": vq_steps, "pictures": pictures}
     t = time.time()
@@ -217,6 +236,7 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
         _train_stage("stage I", "--stage1-steps", stage_config(1, data, stage1_steps), stage1)
         record(stage1, stage1_settings)
         ran["stage1"] = time.time() - t
+        keep()
     t = time.time()
     stage2_settings = {"steps": stage2_steps, **made_from, **({"stage1_steps": stage1_steps} if continuous else {})}
     if not reuse(stage2, os.path.isdir(os.path.join(stage2, "final")), stage2_settings):
@@ -224,9 +244,7 @@ def build(workdir: str, *, vq_steps: int, pictures: int, stage1_steps: int, stag
                      stage2)
         record(stage2, stage2_settings)
         ran["stage2"] = time.time() - t
-    timings.update(ran)
-    with open(timings_path, "w") as f:
-        json.dump(timings, f, indent=1)
+    keep()
     log.info("timings (s): %s", timings)
     return os.path.join(stage2, "final")
 
