@@ -1161,6 +1161,21 @@ MUTATIONS = (
     Mutation("vqgan_no_pictures_numpy_error", "a VQ-GAN given no pictures failing in NumPy's words",
              "unitoken_jax/train/vqgan.py", "    if not len(pixels):  #", "    if False:  #",
              ("tests/test_world.py", "-k", "reuses_a_step")),
+    Mutation("stray_safetensors_read_as_the_model", "a folder's PEFT adapters or stray .safetensors beside "
+             "model.safetensors read as the model's tensors (and refused)", "unitoken_jax/convert/files.py",
+             "    if not own:\n        return files\n", "    if True:\n        return files\n",
+             ("tests/test_checkpoint_io.py", "-k", "peft_adapters_or_a_stray")),
+    Mutation("converted_dtype_not_kept", "an HF checkpoint converted with --dtype recorded in the source's dtype (a "
+             "conversion back wrote that)", "unitoken_jax/cli.py", '"hf_dtype": args.dtype or ckpt.dtype}',
+             '"hf_dtype": ckpt.dtype}', ("tests/test_checkpoint_io.py", "-k", "dtype_says_it")),
+    Mutation("config_heads_blamed_on_a_tensor", "a config.json of other head counts blamed on a tensor's shape",
+             "unitoken_jax/convert/hf.py", "if proj is not None and proj[1][0] != heads * d.head_dim:",
+             "if False:", ("tests/test_checkpoint_io.py", "-k", "other_heads")),
+    Mutation("bad_tensor_names_no_file", "a tensor of the wrong shape said without its folder, file or config.json",
+             "unitoken_jax/convert/hf.py",
+             'raise CheckpointError(f"{path}: tensor {spec.hf_key} (in {os.path.basename(headers[spec.hf_key][0])}) has "',
+             'raise CheckpointError(f"tensor {spec.hf_key} has "',
+             ("tests/test_checkpoint_io.py", "-k", "bad_checkpoints_name_the_key")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

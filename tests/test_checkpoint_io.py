@@ -670,6 +670,38 @@ def test_cli_convert_quantizes_once(release_dir, tmp_path, capsys):
         unitoken_jax.load(str(tmp_path / "q8"))
 
 
+def test_a_folder_with_peft_adapters_or_a_stray_file_beside_the_weights_loads_its_model(release_dir, tmp_path):
+    """`save_pretrained` of a model and then of its PEFT adapters into one folder (transformers loads
+    it), or a browser's "model (1).safetensors" beside the weights: every .safetensors file was read
+    as the model's and the load refused the adapters' tensors as unexpected, naming no file."""
+    folder = tmp_path / "with_adapters"
+    shutil.copytree(release_dir, folder)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64)}, folder / "adapter_model.safetensors")
+    shutil.copy(folder / "model.safetensors", folder / "model (1).safetensors")
+    with pytest.warns(UserWarning) as said:
+        model = unitoken_jax.load(str(folder))
+    words = [str(w.message) for w in said]
+    assert any("holds PEFT adapters (adapter_model.safetensors) beside the model: its weights are read without them"
+               in w for w in words), words
+    assert any("model (1).safetensors not read (the model's weights are model.safetensors)" in w for w in words), words
+    tokens = np.arange(12)[None] + 8900
+    np.testing.assert_array_equal(np.asarray(model.text_logits(tokens)),
+                                  np.asarray(unitoken_jax.load(str(release_dir)).text_logits(tokens)))
+
+
+def test_a_conversion_with_dtype_says_it_and_converts_back_in_it(release_dir, tmp_path, capsys):
+    """`convert --dtype float32` of the (bfloat16) release said only the source's dtype, and its copy
+    converted back with no --dtype was written in the source's bfloat16, not the float32 it held."""
+    assert cli.main(["convert", "--from", str(release_dir), "--to", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert f"wrote our Orbax checkpoint (float32) to {tmp_path / 'f32'}" in capsys.readouterr().out
+    assert cli.main(["convert", "--from", str(tmp_path / "f32"), "--to", str(tmp_path / "back")]) == 0
+    with safe_open(str(tmp_path / "back" / "model.safetensors"), "pt") as f:
+        name = next(k for k in f.keys() if k.endswith("mlp.up_proj.weight"))
+        assert f.get_tensor(name).dtype == torch.float32
+    with safe_open(str(release_dir / "model.safetensors"), "pt") as f:  # (the source's own)
+        assert f.get_tensor(name).dtype == torch.bfloat16
+
+
 def test_a_trained_models_record_goes_with_every_copy_of_it(release_dir, tmp_path, capsys):
     """What training records beside its model (`trained_pictures.json`: its pictures' crop, the
     tokenizer's fingerprint) is copied by every conversion and save of it: its int8 copy drew at
@@ -752,13 +784,30 @@ def _rewrite(src, dst, edit):
 @pytest.mark.parametrize("edit,message", [
     (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing tensor.*model\.layers\.1\.mlp\.up_proj\.weight"),
     (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(3)}), r"unexpected tensor.*model\.layers\.0\.extra"),
-    (lambda t: t.update({"adapter.2.bias": torch.zeros(63)}), r"adapter\.2\.bias has shape \[63\].*expects \[64\]"),
-    (lambda t: t.update({"lm_head.weight": torch.zeros(8960, 64, dtype=torch.int32)}), r"lm_head\.weight has dtype I32"),
+    (lambda t: t.update({"adapter.2.bias": torch.zeros(63)}), r"bad: tensor adapter\.2\.bias \(in model\.safetensors\) has shape \[63\], the model .*bad/config\.json "
+     r"describes expects \[64\]"),
+    (lambda t: t.update({"lm_head.weight": torch.zeros(8960, 64, dtype=torch.int32)}), r"bad: tensor lm_head\.weight \(in model\.safetensors\) has dtype I32"),
 ])
 def test_bad_checkpoints_name_the_key(release_dir, tmp_path, edit, message):
     path = _rewrite(release_dir, tmp_path / "bad", edit)
     with pytest.raises(unitoken_jax.CheckpointError, match=message):
         unitoken_jax.load(path)
+
+
+def test_a_config_json_of_other_heads_is_said_of_config_json_not_of_a_tensor(release_dir, tmp_path):
+    """A head count that still divides the width was blamed on a tensor ("k_proj.weight has shape
+    [64, 64], the model expects [32, 64]"): with a 7B download that reads as a corrupt file."""
+    for key in ("num_key_value_heads", "num_attention_heads"):
+        folder = tmp_path / key
+        shutil.copytree(release_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        text = config.get("text_config", config)
+        for halved in {key, "num_key_value_heads"}:  # (fewer query heads than key ones: refused as such)
+            text[halved] //= 2
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(unitoken_jax.CheckpointError, match=f"{re.escape(str(folder))}/config.json does not describe "
+                           f"the tensors beside it: {key} = {text[key]} "):
+            unitoken_jax.load(str(folder))
 
 
 def test_truncated_file_is_a_clear_error(release_dir, tmp_path):

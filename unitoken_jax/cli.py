@@ -65,11 +65,13 @@ def _convert(args) -> int:
         # Each parameter moves to the (host) device as it is read, so numpy copies never pile up.
         ckpt = hf_io.read_hf(args.src, param_dtype=args.dtype, progress=True,
                              place=lambda config, path, array: jax.device_put(array))
+        # --dtype is what it holds now, and what a conversion back writes by default (that wrote the source's:
+        # a bfloat16 copy of a float32 release came back as float32 files of bfloat16 values)
         orbax_io.save(args.dst, ckpt.config, ckpt.params, ckpt.passthrough,
-                      {"hf_config": ckpt.hf_config, "hf_dtype": ckpt.dtype})
+                      {"hf_config": ckpt.hf_config, "hf_dtype": args.dtype or ckpt.dtype})
         layout = f", QK-norm layout {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else ""
         print(f"read a {ckpt.kind} checkpoint ({hf_io.dtype_name(ckpt.dtype)}{layout}); wrote our Orbax checkpoint "
-              f"to {args.dst}")
+              + (f"({args.dtype}) " if args.dtype else "") + f"to {args.dst}")
     keep_trained_record(args.src, args.dst)  # (a model trained here keeps its pictures' record)
     return 0
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 from safetensors import SafetensorError, safe_open
 
@@ -89,12 +90,34 @@ def _missing_shards(files: list[str]) -> list[str]:
             for i in range(1, int(total) + 1) if i not in have]
 
 
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's adapters, which a model's folder may hold beside it
+
+
+def _weights_files(path: str, files: list[str]) -> list[str]:
+    """Of a folder's safetensors files (no index), the model's: `model.safetensors` or the
+    `model-NNNNN-of-MMMMM` shards where it has them, as transformers reads the folder (PEFT's
+    adapters saved beside the model, a browser's "model (1).safetensors", were read as its tensors
+    and refused as unexpected ones); the others are said. A folder without those names: all."""
+    own = [f for f in files if f == "model.safetensors" or (_SHARD.match(f) and _SHARD.match(f).group(1) == "model")]
+    if not own:
+        return files
+    others = [f for f in files if f not in own]
+    if ADAPTER_FILE in others:  # (transformers applies them when PEFT is installed: here they are asked for)
+        warnings.warn(f"{path} holds PEFT adapters ({ADAPTER_FILE}) beside the model: its weights are read without "
+                      f"them (adapters={path!r}, the CLI's --adapters, applies them)", stacklevel=4)
+    rest = [f for f in others if f != ADAPTER_FILE]
+    if rest:
+        warnings.warn(f"{path}: {', '.join(rest[:3])}{' ...' if len(rest) > 3 else ''} not read (the model's "
+                      f"weights are {own[0] if len(own) == 1 else 'its model-*-of-* shards'})", stacklevel=4)
+    return own
+
+
 def checkpoint_files(path: str) -> list[str]:
     names = weight_map(path)
     if names is not None:
         files = sorted(set(names.values()))
     else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        files = _weights_files(path, sorted(f for f in os.listdir(path) if f.endswith(".safetensors")))
         missing = _missing_shards(files)
         if missing:  # (without an index, a lost shard was blamed on config.json's layer count)
             raise CheckpointError(f"{path} has no index ({INDEX}) and lacks {', '.join(missing[:3])}"

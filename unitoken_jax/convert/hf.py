@@ -209,7 +209,7 @@ def vision_config_from_hf(hf: dict[str, Any] | None, tensors: dict[str, tuple], 
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size"):
         ours = getattr(cfg, "num_layers" if key == "num_hidden_layers" else key)
         if key in hf and hf[key] != ours:
-            raise CheckpointError(f"vision config says {key}={hf[key]} but the tensors give {ours}")
+            raise CheckpointError(f"config.json's vision config says {key}={hf[key]} but the tensors give {ours}")
     return cfg
 
 
@@ -325,8 +325,8 @@ def _checked_build_config(path, hf_config, kind, prefix, headers):
     """`_build_config`, with a config.json that lacks a key or has a value of the wrong type named."""
     try:
         config, layout = _build_config(hf_config, kind, prefix, headers)
-    except CheckpointError:
-        raise
+    except CheckpointError as e:  # (said of a tensor or of config.json's numbers, naming no folder)
+        raise CheckpointError(f"{path}: {e}") from None
     except KeyError as e:
         raise CheckpointError(f"{path}/config.json lacks the key {e.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as e:
@@ -351,6 +351,18 @@ def _check_sizes_against_files(path, config: UniTokenConfig, headers) -> None:
     if up is not None and tuple(up[1]) != (d.intermediate_size, d.hidden_size):
         problems.append(f"intermediate_size = {d.intermediate_size}, but model.layers.0.mlp.up_proj.weight is "
                         f"{list(up[1])}")
+    # the heads: a head count that still divides the width passed this check and was blamed on a
+    # tensor ("k_proj.weight has shape [64, 64], the model expects [32, 64]")
+    for name, heads, what in (("k_proj", d.num_kv_heads, "num_key_value_heads"), ("q_proj", d.num_heads,
+                                                                                  "num_attention_heads")):
+        proj = headers.get(f"model.layers.0.self_attn.{name}.weight")
+        if proj is not None and proj[1][0] != heads * d.head_dim:
+            problems.append(f"{what} = {heads} (heads of {d.head_dim}: hidden_size / num_attention_heads), but "
+                            f"model.layers.0.self_attn.{name}.weight is {list(proj[1])}")
+    norm = headers.get("model.layers.0.self_attn.q_norm.weight")
+    if norm is not None and norm[1][-1] != d.head_dim:
+        problems.append(f"num_attention_heads = {d.num_heads} makes heads of {d.head_dim}, but "
+                        f"model.layers.0.self_attn.q_norm.weight is {list(norm[1])}")
     layers = {int(m.group(1)) for k in headers if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     if layers and len(layers) != d.num_layers:
         problems.append(f"num_hidden_layers = {d.num_layers}, but the files hold {len(layers)} layers")
@@ -447,15 +459,16 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     for spec in specs:
         _, shape, dtype = headers[spec.hf_key]
         if dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {spec.hf_key} has dtype {dtype}; a floating dtype "
-                                  f"({', '.join(_FLOAT_DTYPES)}) is needed")
+            raise CheckpointError(f"{path}: tensor {spec.hf_key} (in {os.path.basename(headers[spec.hf_key][0])}) "
+                                  f"has dtype {dtype}; a floating dtype ({', '.join(_FLOAT_DTYPES)}) is needed")
         leaf_shape = get_path(abstract, spec.path).shape
         slot_shape = leaf_shape if spec.layer is None else leaf_shape[1:]
         # the HF shape of this slot, traced, not allocated (a config.json of absurd sizes must not
         # make the check itself allocate terabytes)
         expected = jax.eval_shape(spec.layout.to_hf, jax.ShapeDtypeStruct(slot_shape, jnp.int8)).shape
         if shape != expected:
-            raise CheckpointError(f"tensor {spec.hf_key} has shape {list(shape)}, the model expects {list(expected)}")
+            raise CheckpointError(f"{path}: tensor {spec.hf_key} (in {os.path.basename(headers[spec.hf_key][0])}) has "
+                                  f"shape {list(shape)}, the model {path}/config.json describes expects {list(expected)}")
         by_leaf.setdefault(spec.path, []).append(spec)
 
 
