@@ -1176,6 +1176,26 @@ MUTATIONS = (
              'raise CheckpointError(f"{path}: tensor {spec.hf_key} (in {os.path.basename(headers[spec.hf_key][0])}) has "',
              'raise CheckpointError(f"tensor {spec.hf_key} has "',
              ("tests/test_checkpoint_io.py", "-k", "bad_checkpoints_name_the_key")),
+    Mutation("prompts_partly_there_unchecked", "a --prompts-file rerun replacing pictures of other settings unsaid "
+             "where a prompt had only some of its pictures (a larger --n)", "unitoken_jax/cli.py",
+             "                                                if k not in unlisted\n"
+             "                                                and os.path.exists(os.path.join(args.out, names[k][0]))}",
+             "                                                if k not in todo and on_disk(k)}",
+             ("tests/test_default_model.py", "-k", "file_of_prompts_in_batches")),
+    Mutation("prompts_stray_pictures_unsaid", "a --prompts-file rerun with a smaller --n leaving pictures index.json "
+             "no longer lists, unsaid", "unitoken_jax/cli.py", "    if stray:  # (another --n", "    if False:  # (",
+             ("tests/test_default_model.py", "-k", "file_of_prompts_in_batches")),
+    Mutation("prompts_folder_made_before_refusal", "a refused --prompts-file run leaving an empty --out folder",
+             "unitoken_jax/cli.py", "    mine = _share(list(range(len(prompts))), args, \"prompts\")\n",
+             "    os.makedirs(args.out, exist_ok=True)\n    mine = _share(list(range(len(prompts))), args, \"prompts\")\n",
+             ("tests/test_default_model.py", "-k", "file_of_prompts_in_batches")),
+    Mutation("caption_twin_ids", "caption giving a.png and a.jpg the same item id", "unitoken_jax/cli.py",
+             "            return relative if stems[stem] > 1 else stem", "            return stem",
+             ("tests/test_default_model.py", "-k", "caption_answers_a_folder")),
+    Mutation("pretokenize_demo_unnamed", "pretokenize without tokenizers not naming the demo's",
+             "unitoken_jax/cli.py", '"Chameleon/UniToken directory), or --tokenizer demo --vqgan demo for',
+             '"Chameleon/UniToken directory), or --tokenizer DEMO --vqgan demo for',
+             ("tests/test_pretokenize.py", "-k", "missing_or_empty_items")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -363,6 +363,14 @@ def test_caption_answers_a_folder_in_batches_into_items_pretokenize_reads(tmp_pa
     (tmp_path / "empty").mkdir()
     assert main(["caption", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "holds no picture files" in capsys.readouterr().err
+    # two pictures of one name but their extension: ids that tell them apart (both were "twins/a", and
+    # the data pipeline splits train / eval by id); a picture alone keeps the id without it
+    (tmp_path / "twins").mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        Image.open(folder / "0.png").convert("RGB").save(tmp_path / "twins" / name)
+    assert main(["caption", str(tmp_path / "twins"), "--out", str(tmp_path / "twins.json")]) == 0
+    assert sorted(item["id"] for item in json.loads((tmp_path / "twins.json").read_text())) == \
+        ["twins/a.jpg", "twins/a.png", "twins/b"]
 
 
 def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, capsys):
@@ -409,6 +417,23 @@ def test_generate_draws_a_file_of_prompts_in_batches_into_a_folder(tmp_path, cap
     assert f"holds 00000_0.png drawn with prompt={things[0].text!r}" in capsys.readouterr().err
     assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
     capsys.readouterr()
+    # a larger --n with other settings: refused (the prompts short of a picture were drawn again whole,
+    # their pictures of the other settings replaced unsaid)
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "3", "--cfg", "5"]) == 2
+    assert "holds 00000_0.png drawn with cfg=3.0, not 5.0" in capsys.readouterr().err
+    assert not (out / "00000_2.png").exists()
+    # a smaller --n: the pictures past it stay, and are said not to be in index.json (left out unsaid)
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "1"]) == 0
+    assert f"3 picture(s) in {out} are of no prompt and --n of this run (00000_1.png, 00001_1.png, 00003_1.png)" \
+        in capsys.readouterr().err
+    assert [entry["pictures"] for entry in json.loads((out / "index.json").read_text())] == \
+        [["00000_0.png"], ["00001_0.png"], ["00003_0.png"]]
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(out), "--n", "2"]) == 0
+    capsys.readouterr()
+    # a run refused before it draws makes no folder (it left an empty one)
+    assert main(["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "never"), "--process-index", "2",
+                 "--process-count", "2"]) == 2
+    assert "need 0 <= index < count" in capsys.readouterr().err and not (tmp_path / "never").exists()
     # process 0 of 2 draws prompts 0 and 2 (lines 0 and 3); the index names the pictures there (it had
     # listed process 1's too, not drawn yet, or never if that host failed)
     shared = tmp_path / "shared"

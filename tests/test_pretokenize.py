@@ -545,6 +545,9 @@ def test_a_missing_or_empty_items_file_and_an_impossible_crop_are_refused_before
                       "--vqgan", "demo", option, value])
         err = capsys.readouterr().err
         assert f"argument {option}: {value} is out of range" in err, err
+    # no tokenizers given: the demo's are named as a way (only --help had named them)
+    assert cli.main(["pretokenize", items_path, "--out", str(tmp_path / "ds")]) == 2
+    assert "or --tokenizer demo --vqgan demo for the demo's small ones" in capsys.readouterr().err
     # a name TFDS cannot find again is refused by the settings, before the tokenizers load
     for option, value, says in (("--name", "my-data", "name='my-data': a dataset name takes letters, digits"),
                                 ("--split", "dev.1", "split='dev.1': a split name takes letters, digits")):

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import warnings
+from collections import Counter
 
 from unitoken_jax import __version__, argtypes, configs
 from unitoken_jax.convert.files import SHARD_BYTES
@@ -578,6 +579,9 @@ def _caption(args) -> int:
             paths.append(given)
     seen = set()  # a picture named twice (itself and through its folder, or as ./x) is captioned once
     paths = [p for p in paths if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
+    # an item's id is its picture's path without the extension, unless two pictures share it (a.png and
+    # a.jpg: both items were "a", and the data pipeline's train / eval split goes by id): then with it
+    stems = Counter(os.path.splitext(os.path.relpath(p, directory))[0] for p in paths)
     paths = _share(paths, args, "pictures")
     done = set()
     if kind == ".jsonl" and os.path.exists(args.out):  # a rerun goes on where the last one stopped
@@ -626,7 +630,11 @@ def _caption(args) -> int:
     pipe = _pipeline(args)
 
     def items(batch, answers):
-        return [{"id": os.path.splitext(os.path.relpath(path, directory))[0],
+        def item_id(relative):
+            stem = os.path.splitext(relative)[0]
+            return relative if stems[stem] > 1 else stem
+
+        return [{"id": item_id(os.path.relpath(path, directory)),
                  "image": [os.path.relpath(path, directory)],
                  "conversations": [{"from": "human", "value": question},
                                    {"from": "gpt", "value": answer.strip()}]} for path, answer in zip(batch, answers)]
@@ -785,7 +793,6 @@ def _generate_many(args) -> int:
     batch_size = args.batch_size or 16
     if batch_size < 1 or args.n < 1:
         raise ValueError(f"--batch-size and --n must be at least 1, got {batch_size} and {args.n}")
-    os.makedirs(args.out, exist_ok=True)  # (as chat's --out-dir)
     names = [[f"{line[k]:05d}_{j}.png" for j in range(args.n)] for k in range(len(prompts))]
     mine = _share(list(range(len(prompts))), args, "prompts")
 
@@ -807,8 +814,10 @@ def _generate_many(args) -> int:
                       negative_prompt=args.negative_prompt)
     # every picture in the folder, this host's and the other hosts' of a pod: one drawn otherwise is
     # refused, as the index would say it was drawn with this run's settings
+    # (a prompt with some of its pictures there too, e.g. a rerun with a larger --n: they were replaced unsaid)
     before = _same_as_before(listed, args.out, {names[k][0]: (prompts[k], args.seed) for k in range(len(prompts))
-                                                if k not in todo and on_disk(k)}, drawn_with)
+                                                if k not in unlisted
+                                                and os.path.exists(os.path.join(args.out, names[k][0]))}, drawn_with)
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
                    top_k=args.top_k, temperature=args.temperature, negative_prompt=args.negative_prompt,
                    progress=False)
@@ -826,6 +835,8 @@ def _generate_many(args) -> int:
         lines = ", ".join(str(n) for n, _ in refused[:10]) + (" ..." if len(refused) > 10 else "")
         raise ValueError(f"--prompts-file {args.prompts_file}: the model cannot take the prompt(s) on line(s) "
                          f"{lines} ({refused[0][1]}); shorten or remove them")
+    os.makedirs(args.out, exist_ok=True)  # (as chat's --out-dir; once the run is known: a refused one left it empty)
+
     def write_index() -> list[int]:
         """index.json of the pictures in the folder now (another host's prompts not drawn yet, or
         never: a host that failed, are left out, and listed by the host that writes the index after
@@ -872,6 +883,12 @@ def _generate_many(args) -> int:
         if present == written:
             break
         written = write_index()
+    ours = {name for k in range(len(prompts)) for name in names[k]}  # (every host's: theirs may be on their way)
+    stray = sorted(f for f in os.listdir(args.out) if f not in ours and f.endswith(".png") and f[:5].isdigit()
+                   and f[5:6] == "_")
+    if stray:  # (another --n or a shorter prompts file: index.json no longer lists them, unsaid)
+        print(f"generate: {len(stray)} picture(s) in {args.out} are of no prompt and --n of this run ({', '.join(stray[:3])}"
+              f"{' ...' if len(stray) > 3 else ''}): left there, not in index.json", file=sys.stderr)
     there = len(prompts[args.process_index::args.process_count]) - len(todo)
     print(f"wrote {len(todo) * args.n} pictures for {len(todo)} prompts to {args.out} (index.json lists them)"
           + (f"; {there} prompts' pictures were there from an earlier run" if there else ""))
@@ -1213,8 +1230,10 @@ def _pretokenize(args) -> int:
         from unitoken_jax.vq_tokenizer import VQTokenizer
 
         if not args.tokenizer or not args.vqgan:
+            # (the demo's were named only in --help)
             raise ValueError("pass --tokenizer text_tokenizer.json and --vqgan (Meta's vqgan.ckpt or an HF "
-                             "Chameleon/UniToken directory)")
+                             "Chameleon/UniToken directory), or --tokenizer demo --vqgan demo for the demo's small "
+                             "ones (what configs/stage2.py:tiny trains on)")
         text = TextTokenizer.from_file(args.tokenizer)
         vq = VQTokenizer.load(args.vqgan)
     result = pt.pretokenize(args.items, args.out, text, vq, settings, image_root=args.image_root,
