@@ -98,7 +98,7 @@ def _weights_files(path: str, files: list[str]) -> list[str]:
     `model-NNNNN-of-MMMMM` shards where it has them, as transformers reads the folder (PEFT's
     adapters saved beside the model, a browser's "model (1).safetensors", were read as its tensors
     and refused as unexpected ones); the others are said. A folder without those names: all."""
-    own = [f for f in files if f == "model.safetensors" or (_SHARD.match(f) and _SHARD.match(f).group(1) == "model")]
+    own = [f for f in files if f == "model.safetensors" or (m := _SHARD.match(f)) and m.group(1) == "model"]
     if not own:
         return files
     others = [f for f in files if f not in own]

@@ -96,8 +96,12 @@ def model_backend(config, device=None) -> tuple[str, int]:
     size, and its `attention_block` as that backend takes it (splash: whole multiples of 128).
     Asked before a run builds anything, so a backend the device lacks is refused at once."""
     backend = resolve(config.attention, device, jnp.dtype(config.dtype), config.decoder.head_dim)
-    block = config.attention_block
-    return backend, -(-block // 128) * 128 if backend == "splash" else block
+    return backend, _splash_block(config.attention_block) if backend == "splash" else config.attention_block
+
+
+def _splash_block(block: int) -> int:
+    """The block the splash kernel runs for `block` positions: whole multiples of the TPU's 128 lanes."""
+    return -(-block // 128) * 128
 
 
 def say_backend(config, device=None) -> str:
@@ -141,8 +145,8 @@ def causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, se
         return _cudnn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     t = q_BTNH.shape[1]
     block = min(block, t)
-    if backend == "splash":  # the kernel's blocks are whole multiples of the TPU's 128 lanes
-        block = -(-block // 128) * 128
+    if backend == "splash":
+        block = _splash_block(block)
     pad = -t % block
     if pad:  # a ragged tail: padded positions form a segment (-1) that no real position sees
         q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTNH, k_BTKH, v_BTKH))
