@@ -122,7 +122,7 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
     # and cuts pictures as its data did: the default rule for a model of its length picks another crop,
     # and a model trained on 32 px crops answered about its own training pictures wrongly at 256
     from unitoken_jax.data.demo import demo_tokenizers
-    from unitoken_jax.inference.pipeline import OtherTokenizer, UniTokenPipeline, default_vq_size
+    from unitoken_jax.inference.pipeline import OtherTokenizer, OtherVQGAN, UniTokenPipeline, default_vq_size
     from unitoken_jax.tokenizer.text import TextTokenizer
 
     _, settings, *_ = pretokenize.open_dataset(data)
@@ -130,7 +130,11 @@ def test_tiny_stage2_loss_falls_steadily_and_metrics_are_written(tmp_path, data,
     assert default_vq_size(model.config.decoder.max_position_embeddings, vq) != settings.vq_size
     with warnings.catch_warnings():
         warnings.simplefilter("error", OtherTokenizer)
+        warnings.simplefilter("error", OtherVQGAN)
         assert UniTokenPipeline(model, text, vq).vq_size == settings.vq_size
+    # asked with another VQ-GAN than its data's (the same config, other weights: other codes): said
+    with pytest.warns(OtherVQGAN, match="trained on pictures coded with another VQ-GAN"):
+        UniTokenPipeline(model, text, demo_tokenizers(seed=1)[1])
     # asked with another text tokenizer than its data's (the same ids, other words): said
     spec = json.loads(text._full.to_str())
     spec["model"]["merges"] = spec["model"]["merges"][:-1]

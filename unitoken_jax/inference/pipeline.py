@@ -298,6 +298,25 @@ def check_trained_tokenizer(model, record: dict, tokenizer) -> None:
             "words. Give the tokenizer its data was pre-tokenized with"), stacklevel=3)
 
 
+class OtherVQGAN(UserWarning):
+    """The VQ-GAN given is not the one the model's training data was coded with (its fingerprint
+    differs from the one `TRAINED_PICTURES` records): the model's codes draw other pictures."""
+
+
+def check_trained_vqgan(model, record: dict, vq) -> None:
+    """Warns `OtherVQGAN` where `model`'s `trained_record` names its data's VQ-GAN and `vq` is
+    another (a model trained on a 256-code VQ-GAN, given a 16-code one, drew noise unsaid)."""
+    trained = record.get("vqgan_sha256")
+    if vq is None or not isinstance(trained, str) or not hasattr(vq, "fingerprint"):
+        return
+    found = vq.fingerprint()
+    if found != trained:
+        warnings.warn(OtherVQGAN(
+            f"{model.source} was trained on pictures coded with another VQ-GAN (sha256 {trained[:12]}..., this one's "
+            f"{found[:12]}...): the codes it draws and reads would be other pictures' codes. Give the VQ-GAN its "
+            "data was pre-tokenized with"), stacklevel=3)
+
+
 def trained_size(record: dict, vq) -> tuple[int, int] | None:
     """The `size` (in the prompt's units: 32 px a grid unit of 2 codes, the release VQ-GAN's 16 px a
     code) that asks for the code grid of the model's training pictures, where its record gives
@@ -381,6 +400,7 @@ class UniTokenPipeline:
             image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
         trained = trained_record(model)  # (read once: the three defaults below come from it)
         check_trained_tokenizer(model, trained, tokenizer)
+        check_trained_vqgan(model, trained, vq)
         if anyres is None:
             anyres = trained.get("anyres") is True
         if continuous is None:
