@@ -3,6 +3,7 @@ Encoder/Decoder (the layout of Meta's vqgan.ckpt), on random tiny weights throug
 
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -197,6 +198,18 @@ def test_hf_chameleon_vqmodel_gives_transformers_codes(tmp_path):
     np.testing.assert_array_equal(vq.encode(pixels.permute(0, 2, 3, 1).numpy()), theirs)
     with pytest.raises(ValueError, match="no decoder"):
         vq.decode(np.zeros((1, 2, 2), np.int32))
+    # converted to our format (`unitoken convert`), the folder still names its VQ-GAN (it was refused:
+    # "holds no VQ-GAN")
+    import unitoken_jax
+
+    unitoken_jax.load(str(tmp_path), progress=False).save(str(tmp_path / "ours"))
+    converted = VQTokenizer.load(str(tmp_path / "ours"))
+    np.testing.assert_array_equal(converted.encode(pixels.permute(0, 2, 3, 1).numpy()), theirs)
+    # one with no VQ-GAN carried into it says so
+    unitoken_jax.load(str(tmp_path / "ours"), progress=False).save(str(tmp_path / "bare"))
+    shutil.rmtree(tmp_path / "bare" / "passthrough")
+    with pytest.raises(CheckpointError, match="without a VQ-GAN .no model.vqmodel"):
+        VQTokenizer.load(str(tmp_path / "bare"))
 
 
 def test_sharded_batch_gives_the_same_codes(tmp_path):

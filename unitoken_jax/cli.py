@@ -1350,8 +1350,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json (default $UNITOKEN_TOKENIZER; 'demo': "
                                            "the demo's, with --vqgan demo, for a model trained on demo data)")
         p.add_argument("--vqgan", help="Meta's vqgan.ckpt (vqgan.yaml beside it), a VQ-GAN directory this package "
-                                       "wrote, or an HF Chameleon / UniToken dir (default $UNITOKEN_VQGAN; 'demo': "
-                                       "the demo's)")
+                                       "wrote, or an HF Chameleon / UniToken dir, as given or converted (default "
+                                       "$UNITOKEN_VQGAN; 'demo': the demo's)")
         p.add_argument("--anyres", action="store_true", default=None,
                        help="lay out SigLIP features the AnyRes way (default: as a trained model's data did, where its "
                             "final/ records it; else not)")
@@ -1519,7 +1519,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, help="dataset directory (resumes if a run was stopped)")
     pre.add_argument("--tokenizer", help="Chameleon's text_tokenizer.json ('demo': the small demo tokenizer)")
     pre.add_argument("--vqgan", help="Meta's vqgan.ckpt, a VQ-GAN directory this package wrote, or an HF Chameleon / "
-                                     "UniToken dir ('demo': the demo VQ-GAN)")
+                                     "UniToken dir, as given or converted ('demo': the demo VQ-GAN)")
     pre.add_argument("--image-root", default=None, help="where relative image paths start (default: the items' dir)")
     # (TFDS finds the shards by their file names, NAME-SPLIT.array_record-...)
     pre.add_argument("--name", default="unitoken", help="the dataset's name: letters, digits and '_'")

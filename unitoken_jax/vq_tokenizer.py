@@ -59,6 +59,12 @@ class VQTokenizer:
         return cls(config, jax.device_put(params), mesh)
 
     @classmethod
+    def from_orbax(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
+        """The encoder an HF Chameleon / UniToken checkpoint carried into our Orbax format (`unitoken convert`)."""
+        config, params = vq_io.read_orbax_vqmodel(path)
+        return cls(config, jax.device_put(params), mesh)
+
+    @classmethod
     def from_dir(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
         """A VQ-GAN saved by `unitoken_jax.convert.vqgan.save_vqgan` (vqgan.safetensors + vqgan_config.json),
         e.g. one trained with `unitoken_jax.train.vqgan`."""
@@ -70,17 +76,21 @@ class VQTokenizer:
         """Any VQ-GAN format the package reads, by what `path` is: Meta's `vqgan.ckpt` (its
         `vqgan.yaml` beside it), a directory written by `save_vqgan` (`vqgan_config.json`; or its
         `vqgan.safetensors`), or an HF
-        Chameleon / UniToken checkpoint directory (its `model.vqmodel.*` encoder)."""
+        Chameleon / UniToken checkpoint directory (its `model.vqmodel.*` encoder), or one converted to
+        our Orbax format."""
         path = os.path.expanduser(os.fspath(path))
         if os.path.isdir(path):
             if os.path.exists(os.path.join(path, vq_io.CONFIG_FILE)):
                 return cls.from_dir(path, mesh)
             if os.path.exists(os.path.join(path, "config.json")):
                 return cls.from_hf(path, mesh)
+            if os.path.exists(os.path.join(path, "unitoken_config.json")):  # (orbax_io.SIDECAR)
+                return cls.from_orbax(path, mesh)
             if os.path.exists(os.path.join(path, "vqgan.ckpt")):
                 return cls.from_meta(os.path.join(path, "vqgan.ckpt"), mesh=mesh)
             raise vq_io.CheckpointError(f"{path} holds no VQ-GAN: expected {vq_io.CONFIG_FILE} (ours), config.json "
-                                        "(an HF Chameleon / UniToken checkpoint) or vqgan.ckpt (Meta's)")
+                                        "(an HF Chameleon / UniToken checkpoint), unitoken_config.json (one converted "
+                                        "to our format) or vqgan.ckpt (Meta's)")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such VQ-GAN file or directory")
         folder = os.path.dirname(path)

@@ -187,6 +187,23 @@ def read_hf_vqmodel(path: str) -> tuple[VQGANConfig, dict]:
     return config, params_from_state_dict(config, tensors, require_decoder=False, source=path)
 
 
+def read_orbax_vqmodel(path: str) -> tuple[VQGANConfig, dict]:
+    """The `model.vqmodel.*` tensors an HF checkpoint carried into our Orbax format (its passthrough),
+    with the VQ-GAN config its `config.json` had: a release converted with `unitoken convert` names
+    its VQ-GAN by its folder as the HF one did."""
+    from unitoken_jax.convert import orbax_io  # (it imports the whole model)
+
+    sidecar = orbax_io.read_sidecar(path)
+    prefix = "model.vqmodel."
+    tensors = {key[len(prefix):]: value for key, value in orbax_io.restore_passthrough(path).items()
+               if key.startswith(prefix)}
+    if not tensors:
+        raise CheckpointError(f"{path} is a unitoken-jax checkpoint without a VQ-GAN (no model.vqmodel.* tensors were "
+                              "carried into it): give the release's vqgan.ckpt, or the HF directory it came from")
+    config = config_from_hf((sidecar.get("hf_config") or {}).get("vq_config") or {})
+    return config, params_from_state_dict(config, tensors, require_decoder=False, source=path)
+
+
 def has_decoder(params) -> bool:
     return "decoder" in params and "post_quant_conv" in params
 
