@@ -250,8 +250,20 @@ def test_empty_truncated_and_non_image_files(tmp_path):
             (tmp_path / "cut").write_bytes(data[:int(len(data) * part)])
             with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'cut'}: ")):
                 load_image(tmp_path / "cut")
-    with pytest.raises(ImageError, match="truncated or corrupt"):
+    # a PIL image is named by its file (it was "PngImageFile")
+    with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'cut'}: cannot decode") + ".*truncated or corrupt"):
         load_image(Image.open(tmp_path / "cut"))
+    # a sound file opened wrongly is not called truncated or corrupt: a file object in text mode, a
+    # PIL image closed before the call
+    picture.save(tmp_path / "good.png")
+    with open(tmp_path / "good.png") as text:
+        with pytest.raises(ImageError, match="good.png: a file opened in text mode; open pictures in binary mode"):
+            load_image(text)
+    closed = Image.open(tmp_path / "good.png")
+    closed.load()
+    closed.close()
+    with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'good.png'}: the PIL image was closed")):
+        load_image(closed)
 
 
 @pytest.mark.parametrize("side", [9000, 10_000, 100_000])
@@ -281,6 +293,16 @@ def test_animated_gif_gives_its_first_frame_and_says_so_once(tmp_path, monkeypat
     said = [r.getMessage() for r in caplog.records]
     assert said == [f"{tmp_path / 'anim.gif'} is an animation of 3 frames: only its first frame is read (said for "
                     "the first animation only)"]
+    # a phone's JPEG holding a second picture (a depth or gain map: PIL's MPO) is no animation: its
+    # first picture is the photo, unsaid (it was called an animation, and took the one warning)
+    monkeypatch.setattr(images, "_SAID_FRAMES", [])
+    caplog.clear()
+    frames[0].save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=frames[1:2])
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    with caplog.at_level("WARNING", logger="unitoken_jax.tokenizer.images"):
+        red = to_rgb(load_image(tmp_path / "phone.jpg")).getpixel((3, 3))
+    assert red[0] > 200 and red[2] < 60, red  # (JPEG's rounding)
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 @pytest.mark.parametrize("orientation, turn", [(1, 0), (3, 2), (6, -1), (8, 1)])

@@ -345,6 +345,12 @@ def test_encode_item_from_files(tok, tmp_path):
             assert pixels.shape == (2, 384, 384, 3) and enc.is_continuous.sum() == 2 * 729
         else:
             assert pixels.shape[0] > 2 and (enc.tokens == NL).sum() > 2 * 16
+    # a relative path with the default root (the working directory) is named as given ("./nope.png" was
+    # said of "nope.png")
+    from unitoken_jax.tokenizer.images import ImageError
+
+    with pytest.raises(ImageError, match="^nope.png: no such file"):
+        encode_item({**item, "image": ["nope.png", "camera.png"]}, tok, vq, vq_size=64)
 
 
 def test_the_small_tokenizer_is_the_same_in_every_process():

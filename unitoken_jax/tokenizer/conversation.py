@@ -376,8 +376,10 @@ def encode_item(item: dict[str, Any], tokenizer: TextTokenizer, vq, *, image_roo
     `features(pixels).reshape(-1, D)`.
     """
     paths = image_list(item)
-    pictures_ = [load_image(os.path.join(image_root, p) if isinstance(p, (str, os.PathLike)) and not os.path.isabs(p)
-                            else p) for p in paths]  # paths, or PIL images / bytes / file objects as they are
+    # paths (named in errors as given: "./a.png" was said of "a.png"), or PIL images / bytes / file objects as they are
+    joined = image_root not in (".", "")
+    pictures_ = [load_image(os.path.join(image_root, p) if joined and isinstance(p, (str, os.PathLike))
+                            and not os.path.isabs(p) else p) for p in paths]
     side = siglip_size // patch
     codes = vq.encode_images(pictures_, size=vq_size) if pictures_ else []
     inputs, pixels = [], []

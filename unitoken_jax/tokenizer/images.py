@@ -46,6 +46,8 @@ def _describe(source) -> str:
         return f"<{len(source)} bytes>"
     if isinstance(source, np.ndarray):
         return f"<array {'x'.join(map(str, source.shape))} {source.dtype}>"
+    if isinstance(source, Image.Image):  # (a PIL image opened from a file keeps its path here)
+        return getattr(source, "filename", None) or f"<PIL image {source.width}x{source.height}>"
     return getattr(source, "name", None) or type(source).__name__
 
 
@@ -58,7 +60,12 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
     if isinstance(source, Image.Image):
         try:  # (one the caller opened lazily is read now: a cut file's OSError said as ours)
             source.load()
-        except (OSError, SyntaxError, ValueError) as e:
+        except ValueError as e:  # (PIL's word for any use of an image after its close(); not the file's fault)
+            if "closed image" in str(e):
+                raise ImageError(f"{what}: the PIL image was closed before it was read (load() it, or keep it "
+                                 "open, until the call returns)") from e
+            raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
+        except (OSError, SyntaxError) as e:
             raise ImageError(f"{what}: cannot decode ({e}); the file is probably truncated or corrupt") from e
         image = _upright(source)  # (as a file's: transformers' load_image turns PIL images too)
     elif isinstance(source, np.ndarray):
@@ -74,6 +81,8 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
                 raise ImageError(f"{what}: is a directory, not an image file")
             if os.path.getsize(source) == 0:
                 raise ImageError(f"{what}: the file is empty (0 bytes)")
+        if isinstance(source, io.TextIOBase):  # (its read() decodes the picture's bytes as text)
+            raise ImageError(f"{what}: a file opened in text mode; open pictures in binary mode, open(path, 'rb')")
         if isinstance(source, bytes):
             if not source:
                 raise ImageError("the image data is empty (0 bytes)")
@@ -98,7 +107,8 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS, what: str |
                              f"limit of {max_pixels}: scale it down first (the encoders see a few hundred pixels "
                              "a side)")
         frames = getattr(image, "n_frames", 1)
-        if frames > 1 and not _SAID_FRAMES:
+        # (a phone's JPEG holding more pictures, e.g. a depth map or a gain map, is an MPO: its first is the photo)
+        if frames > 1 and image.format != "MPO" and not _SAID_FRAMES:
             _SAID_FRAMES.append(what)
             log.warning("%s is an animation of %d frames: only its first frame is read (said for the first "
                         "animation only)", what, frames)
