@@ -10,8 +10,8 @@ from tokenizers import Tokenizer
 import tokenizer_fixture
 from unitoken_jax.tokenizer import layout
 from unitoken_jax.tokenizer.anyres import NEWLINE_ENTRY
-from unitoken_jax.tokenizer.conversation import (ConversationError, ImageInput, SequenceTooLong, decode,
-                                                 encode_conversation, encode_item)
+from unitoken_jax.tokenizer.conversation import (ConversationError, ImageInput, SequenceTooLong, TextStream,
+                                                 decode, encode_conversation, encode_item)
 from unitoken_jax.tokenizer.text import TextTokenizer, TokenizerError
 
 EOT, SEP, BREAK, EOSS, NL = 8710, 8198, 8197, 8196, 8803
@@ -250,6 +250,13 @@ def test_decode_round_trip(tok):
     parts = decode(ids, tok)
     assert parts[0] == "he is" and parts[2] == "the"
     np.testing.assert_array_equal(parts[1], codes)
+    # the tokenizer's special tokens a model can draw in its text (`<s>`, `</s>`, `<reserved...>`) are
+    # no text: left out, as transformers' skip_special_tokens does (the answers held "<reserved08743>")
+    specials = [0, 2, 3, tok.token_id("<reserved08743>"), tok.token_id("<sentinel:0>")]
+    ids = tok.encode_text("he ") + specials[:3] + tok.encode_text("is") + specials[3:] + [EOT]
+    assert decode(ids, tok) == ["he is"]
+    stream = TextStream(tok, [])
+    assert stream.update(ids[:-1]) + stream.update(ids) == "he is"
 
 
 def test_decode_reports_the_pictures_it_completes(tok):

@@ -123,7 +123,10 @@ class TextTokenizer:
         return token_id
 
     def decode_text(self, ids: Iterable[int]) -> str:
-        return self._full.decode(list(ids), skip_special_tokens=False)
+        """Text ids -> text. The tokenizer's special tokens (`<s>`, `</s>`, `<reserved...>`, which a
+        model sampled at temperature 1 can draw: the bundled one's answers held "<reserved08743>") are
+        no text and are left out, as transformers' `decode(..., skip_special_tokens=True)` leaves them."""
+        return self._full.decode(list(ids), skip_special_tokens=True)
 
     def codes_to_ids(self, codes) -> np.ndarray:
         codes = np.asarray(codes)
