@@ -603,6 +603,18 @@ def test_another_size_than_it_was_trained_on_warns_in_python(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedSize)
         pipe.generate_request("a red circle at the top left")  # its own size: no warning
+    # a chat answer picks its pictures' size itself: the bundled model drew 960 x 64 noise, unsaid (the
+    # CLI's chat and the server's too); its one trained size is its grid now
+    import copy
+
+    request = pipe.chat_request([{"from": "human", "value": "<racm3:break>"}])
+    assert request.grid_hw == (2, 2)
+    drawn = [p for p in pipe.chat([{"from": "human", "value": "<racm3:break>"}], seed=0) if not isinstance(p, str)]
+    assert drawn and all(p.size == (64, 64) for p in drawn), [p.size for p in drawn]
+    assert pipe.chat_request([{"from": "human", "value": "hi"}], grid_hw=(1, 3)).grid_hw == (1, 3)  # asked: kept
+    two = copy.copy(pipe)
+    two.trained_sizes = [(64, 64), (96, 32)]
+    assert two.chat_request([{"from": "human", "value": "hi"}]).max_grid == 3  # 96 px: 3 grid units
 
 
 def test_pictures_a_stopped_prompts_file_run_saved_but_did_not_list_are_drawn_again(tmp_path, capsys, monkeypatch):
@@ -819,6 +831,11 @@ def test_text_that_is_not_plain_is_named_by_its_field_and_its_place_in_a_list():
     with pytest.raises(SequenceTooLong, match=r"^the prompt takes \d+ positions and a 64x64 picture \d+: \d+ in all, "
                                               r"more than the model's 512 \(shorten the prompt\)$"):
         pipe.generate_image(" a" * 473, progress=False)
+    # a prompt too long alone (no room for any picture): said as the prompt's (it was "the conversation
+    # takes N positions", naming nothing)
+    with pytest.raises(SequenceTooLong, match=r"^the prompt takes \d+ positions, more than the maximum length 512 "
+                                              r"\(shorten the prompt\)$"):
+        pipe.generate_image(" a" * 700, progress=False)
     # an instruction too long for the model with its picture: said as the instruction's (it was "the
     # conversation takes N positions", naming nothing)
     with pytest.raises(SequenceTooLong, match=r"^the instruction and its picture take \d+ positions, more than the "

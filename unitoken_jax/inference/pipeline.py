@@ -555,7 +555,13 @@ class UniTokenPipeline:
         w, h = _size_pair(self.default_size if size is None else size)
         text = self.generate_template.format(w=w, h=h, prompt=_plain(prompt, "prompt"))
         item = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": None}]}
-        return self._image_request(item, (w, h), cfg, negative_prompt, **options)
+        try:
+            return self._image_request(item, (w, h), cfg, negative_prompt, **options)
+        except SequenceTooLong as e:  # (the prompt alone too long: the tokenizer's words name no field)
+            if e.positions is None:
+                raise
+            raise SequenceTooLong(f"the prompt takes {e.positions} positions, more than the maximum length "
+                                  f"{e.max_length} (shorten the prompt)") from None
 
     def edit_request(self, image, instruction: str, *, size=None, cfg: float = 3.0, negative_prompt=None,
                      **options) -> Request:
@@ -588,6 +594,17 @@ class UniTokenPipeline:
             # guidance acts on pictures alone, and this answer draws none: the same answer without the
             # unconditional row it would take in a batch (a server's --max-batch counted it)
             request = dataclasses.replace(request, cfg_scale=1.0, uncond_tokens=None)
+        if request.allow_images and request.grid_hw is None and self.trained_sizes is not None:
+            # a model known to draw only some sizes picks its pictures' size tokens itself in a chat: the
+            # bundled one drew 960 x 64 noise, unsaid. One size: its grid is forced; several: the grid
+            # is kept to the largest side (a size between them is the model's choice)
+            unit = layout.PIXELS_PER_GRID
+            if len(self.trained_sizes) == 1:
+                (w, h), = self.trained_sizes
+                request = dataclasses.replace(request, grid_hw=(h // unit, w // unit))
+            else:
+                side = max(max(w, h) for w, h in self.trained_sizes) // unit
+                request = dataclasses.replace(request, max_grid=min(request.max_grid, side))
         return request
 
     # --- running --------------------------------------------------------------------------------
