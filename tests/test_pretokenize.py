@@ -582,6 +582,17 @@ def test_a_users_odd_items_are_skipped_by_reason_and_odd_files_named(tmp_path, t
     latin.write_bytes('[{"id": "caf\u00e9"}]'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin\.json is not UTF-8 text \(invalid continuation byte\)"):
         pt.read_items(str(latin))
+    # a BOM (Notepad's UTF-8) was refused as "not valid JSON (... Unexpected UTF-8 BOM); a .jsonl file takes
+    # one item per line"; the .jsonl hint is for a file of lines named .json
+    for name, text in (("bom.json", json.dumps([ok])), ("bom.jsonl", json.dumps(ok) + "\n")):
+        (tmp_path / name).write_bytes(text.encode("utf-8-sig"))
+        assert pt.read_items(str(tmp_path / name)) == [ok]
+    (tmp_path / "lines.json").write_text(json.dumps(ok) + "\n" + json.dumps(ok) + "\n")
+    with pytest.raises(ValueError, match=r"lines\.json is not valid JSON \(line 2, column 1: Extra data\); a \.jsonl"):
+        pt.read_items(str(tmp_path / "lines.json"))
+    (tmp_path / "broken.json").write_text('[{"id": 1},')
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON \(line 1, column \d+: [^)]*\)$"):
+        pt.read_items(str(tmp_path / "broken.json"))
     with pytest.raises(FileNotFoundError, match=re.escape(f"a relative path is taken from the current directory, "
                                                           f"{os.getcwd()}")):
         pt.open_dataset("no/such/dataset")

@@ -309,6 +309,14 @@ def test_images_edit_takes_a_picture_and_an_instruction(server):
     said = _error(_post(server, "/v1/images/edits", json={"model": MODEL, "prompt": "make it blue"}), 400, None,
                   "invalid_form")
     assert "takes a multipart form" in said["message"] and "application/json" in said["message"]
+    # a prompt field that is not UTF-8 (GBK's "red") was read as Latin-1 and drawn from its mojibake; a
+    # UTF-8 one of any script is taken
+    form = {"model": (None, MODEL), "size": (None, SIZE), "image": ("square.png", _png(picture), "image/png")}
+    said = _error(_post(server, "/v1/images/edits", files={**form, "prompt": (None, "\u7ea2\u8272".encode("gbk"))}),
+                  400, "prompt", "invalid_form")
+    assert "is not UTF-8 text" in said["message"]
+    taken = _post(server, "/v1/images/edits", files={**form, "prompt": (None, "rouge caf\u00e9 \u7ea2".encode())})
+    assert taken.status_code == 200, taken.text
 
 
 def test_models_lists_the_one_model(server):

@@ -135,7 +135,7 @@ def read_items(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'} (the items: "
                          "a .json list or a .jsonl file)")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a BOM, as Windows' editors write, is no JSON: skipped)
         try:
             return _parse_items(path, f)
         except UnicodeDecodeError as e:
@@ -156,8 +156,8 @@ def _parse_items(path: str, f) -> list[dict[str, Any]]:
         try:
             items = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                             "a .jsonl file takes one item per line") from None
+            hint = "; a .jsonl file takes one item per line" if e.msg == "Extra data" else ""  # (JSONL named .json)
+            raise ValueError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}){hint}") from None
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a list of items, got {type(items).__name__}")
     return items

@@ -447,6 +447,7 @@ class _Server:
             raise bad(f"this endpoint takes a multipart form (the picture as its 'image' file part), not {sent}",
                       code="invalid_form")
         try:
+            body = await request.body()  # (kept: the form is parsed from it, and its text checked against it)
             form = await request.form(max_files=4, max_fields=32)
         except APIError:
             raise
@@ -470,6 +471,12 @@ class _Server:
         if files:  # (named: a `markup` file was refused as if the picture were wrong)
             raise bad(f"only 'image' may be a file part of the form, not {files[0]!r}", files[0],
                       "unsupported_parameter")
+        if "charset=" not in request.headers.get("content-type", "").lower():  # (UTF-8, the form's default)
+            # Starlette reads a field that is not UTF-8 as Latin-1, unsaid: a GBK prompt drew from its mojibake.
+            # A field read as UTF-8 is in the body as it is; one read as Latin-1 is not
+            for name, value in fields.items():
+                if not value.isascii() and value.encode("utf-8") not in body:
+                    raise bad(f"the form's {name!r} is not UTF-8 text: send it as UTF-8", name, "invalid_form")
         return await self._draw(request, self._parse_images(wire.form_fields(fields)), picture)
 
 
