@@ -9,6 +9,8 @@ here for the model below: 0.03 max, int8 0.08-0.11 max), so the bound is 5 % rms
 of the bfloat16 logits' standard deviation. A quantizer with a wrong scale axis or rounding is
 off by the whole logit spread."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -300,3 +302,40 @@ def test_a_nan_or_infinite_weight_is_refused_by_name_not_quantized_away(bf16_mod
     with pytest.raises(ValueError, match="^decoder/layers/self_attn/k_proj/kernel holds NaN or infinite weights, "
                                          "which int8 cannot carry"):
         quantize_params(params, bf16_model.config.replace(param_dtype="float32"))
+
+
+def test_an_int8_load_from_hf_quantizes_each_layer_as_it_is_read(tmp_path):
+    """The README's "one layer of one tensor in float32 at a time": an HF load with quantize="int8"
+    filled each scanned parameter's every layer in float32 before quantizing it (the 7B's MLP
+    kernels: 5.4 GiB beside the int8 model). Host allocations (NumPy's, which tracemalloc follows;
+    on a CPU the placed arrays are among them) exceed the int8 model by less than half of one such
+    parameter now (by 13 MB, 1.6 of them, before); the values are those of quantizing the loaded
+    model."""
+    import tracemalloc
+
+    config = TINY.replace(decoder=dataclasses.replace(TINY.decoder, hidden_size=256, intermediate_size=1024,
+                                                      num_layers=8))
+    model = UniTokenModel.random(config, seed=1)
+    model.save_hf(str(tmp_path / "hf"))
+    leaf = model.params["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert leaf.shape[0] == 8 and leaf.dtype == jnp.float32
+    whole = leaf.size * 4  # one scanned parameter, every layer of it, in float32
+    tracemalloc.start()
+    try:
+        loaded = unitoken_jax.load(str(tmp_path / "hf"), quantize="int8", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    placed = sum(a.nbytes for a in jax.tree.leaves(loaded.params))
+    assert peak - placed < whole / 2, (peak, placed, whole)
+    expected = _flat(model.quantize("int8").params)
+    got = _flat(loaded.params)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    # a NaN in one layer is refused by name, as the whole-leaf quantizer refuses it
+    params = jax.tree.map(np.array, model.params)  # (writable copies)
+    params["decoder"]["layers"]["mlp"]["up_proj"]["kernel"][5, 3, 7] = np.nan
+    UniTokenModel(config, params).save_hf(str(tmp_path / "nan"))
+    with pytest.raises(ValueError, match="^decoder/layers/mlp/up_proj/kernel holds NaN or infinite weights"):
+        unitoken_jax.load(str(tmp_path / "nan"), quantize="int8", progress=False)

@@ -378,20 +378,44 @@ def _load_hf(path: str, param_dtype: str | None, mesh: Mesh | None, progress: bo
     state: dict[str, Any] = {}
     scales: dict[tuple[str, ...], jax.Array] = {}
 
-    def place(config, leaf_path, array):
-        if fold is not None:  # adapters (`lora.LeafMerger`), before any quantization
-            array = fold(leaf_path, array)
+    def start(config):
         if not state:  # the first tensor: the config is known now
             state["quantizer"] = LeafQuantizer(config, quantize) if quantize not in (None, "none") else None
             state["tree"] = traverse_util.flatten_dict(
                 _placement(state["quantizer"].config if state["quantizer"] else config, mesh))
-        if state["quantizer"] is not None:
-            array, scale = state["quantizer"](leaf_path, array)
-            if scale is not None:
-                scale_path = LeafQuantizer.scale_path(leaf_path)
-                scales[scale_path] = jax.device_put(scale, state["tree"][scale_path])
+
+    def put(leaf_path, array, scale):
+        if scale is not None:
+            scale_path = LeafQuantizer.scale_path(leaf_path)
+            scales[scale_path] = jax.device_put(scale, state["tree"][scale_path])
         return jax.device_put(array, state["tree"][tuple(leaf_path)])
 
+    def place(config, leaf_path, array):
+        if fold is not None:  # adapters (`lora.LeafMerger`), before any quantization
+            array = fold(leaf_path, array)
+        start(config)
+        scale = None
+        if state["quantizer"] is not None:
+            array, scale = state["quantizer"](leaf_path, array)
+        return put(leaf_path, array, scale)
+
+    class Layers:  # an int8 leaf quantized as its layers are read (adapters fold into whole leaves)
+        def __init__(self, leaf_path, quantizer):
+            self.leaf_path, self.quantizer = leaf_path, quantizer
+
+        def put(self, layer, array):
+            self.quantizer.put(layer, array)
+
+        def done(self):
+            return put(self.leaf_path, *self.quantizer.result())
+
+    def by_layer(config, leaf_path, shape):
+        start(config)
+        layers = None if fold is not None or state["quantizer"] is None else \
+            state["quantizer"].by_layer(leaf_path, shape)
+        return None if layers is None else Layers(leaf_path, layers)
+
+    place.by_layer = by_layer
     ckpt = hf_io.read_hf(path, param_dtype=param_dtype, progress=progress, place=place)
     log.info("loaded %s checkpoint from %s%s", ckpt.kind, path,
              f"; QK-norm layout: {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else "")

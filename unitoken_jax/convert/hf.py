@@ -427,7 +427,9 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
     Every key, shape and dtype is checked against the model before any tensor is read. Each
     parameter (all layers of it) is assembled in host memory and handed to `place(path, array)`
     at once, with the model's config: `load` puts it on the devices there, so the host never holds
-    the whole model twice.
+    the whole model twice. A `place` with a `by_layer(config, path, shape)` method may take a
+    scanned parameter a layer at a time instead: where it returns an object (None: whole), that
+    object's `put(layer, array)` gets each layer as it is read and its `done()` gives the parameter.
     Without `place` the parameters stay numpy arrays. `param_dtype=None` keeps the checkpoint's
     own dtype, or float32 where its tensors' dtypes differ: a lossless conversion.
     """
@@ -490,14 +492,27 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
         with tqdm(total=len(specs), desc=f"reading {os.path.basename(os.path.normpath(path))}",
                   disable=not progress) as bar:
             for leaf_path, leaf_specs in by_leaf.items():
-                leaf = np.empty(get_path(abstract, leaf_path).shape, np_dtype)
+                shape = get_path(abstract, leaf_path).shape
+                node = params
+                for p in leaf_path[:-1]:
+                    node = node.setdefault(p, {})
+                # a `place` that takes a scanned leaf a layer at a time (an int8 load's quantizer): the
+                # leaf is never whole in float (the 7B's MLP kernels, 5.4 GiB in float32)
+                layers = (place.by_layer(config, leaf_path, shape) if hasattr(place, "by_layer")
+                          and all(spec.layer is not None for spec in leaf_specs) else None)
+                if layers is not None:
+                    slot = np.empty(shape[1:], np_dtype)
+                    for spec in leaf_specs:
+                        slot[...] = spec.layout.to_ours(read(spec.hf_key), slot.shape)
+                        layers.put(spec.layer, slot)
+                        bar.update()
+                    node[leaf_path[-1]] = layers.done()
+                    continue
+                leaf = np.empty(shape, np_dtype)
                 for spec in leaf_specs:
                     slot = leaf if spec.layer is None else leaf[spec.layer]
                     slot[...] = spec.layout.to_ours(read(spec.hf_key), slot.shape)
                     bar.update()
-                node = params
-                for p in leaf_path[:-1]:
-                    node = node.setdefault(p, {})
                 node[leaf_path[-1]] = leaf if place is None else place(config, leaf_path, leaf)
                 del leaf
         for key in passthrough_keys:

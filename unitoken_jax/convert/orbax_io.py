@@ -80,6 +80,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 SAVE_CONCURRENT_GB = 1
 
 
+def _reader() -> ocp.Checkpointer:
+    """A restore whose reads take about a gigabyte at a time (Orbax's default budget, 96 GB, lets
+    every leaf be read at once: a 1.38 GiB float32 model peaked at 1.63x its size, 1.44x with this)."""
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(restore_concurrent_gb=SAVE_CONCURRENT_GB))
+
+
 def save(path: str, config: UniTokenConfig, params, passthrough: dict[str, np.ndarray] | None = None,
          extra: dict[str, Any] | None = None) -> None:
     path = os.path.abspath(path)
@@ -191,7 +197,7 @@ def restore(path: str, target=None) -> tuple[UniTokenConfig, Any, dict[str, np.n
     sidecar = read_sidecar(path)
     config = UniTokenConfig.from_dict(sidecar["config"])
     check_shapes(path, config)
-    with _damage_named(path), ocp.StandardCheckpointer() as ckpt:
+    with _damage_named(path), _reader() as ckpt:
         if target is None:
             target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract_params(config))
         params = ckpt.restore(os.path.join(path, "params"), target)
@@ -216,5 +222,5 @@ def restore_passthrough(path: str) -> dict[str, np.ndarray]:
     directory = os.path.join(os.path.abspath(path), "passthrough")
     if not os.path.exists(directory):
         return {}
-    with ocp.StandardCheckpointer() as ckpt:
+    with _reader() as ckpt:
         return _flatten(ckpt.restore(directory))

@@ -74,19 +74,64 @@ class LeafQuantizer:
                 values, scale = self._on_host(array, scale_shape)
             finite = bool(np.isfinite(scale).all())
         if not finite:  # (on the host a scale is NaN or infinite where its channel holds a NaN or infinity)
-            raise ValueError(f"{'/'.join(path)} holds NaN or infinite weights, which int8 cannot carry (the float "
-                             "model computes NaN from them too): the checkpoint is damaged")
+            raise _damaged(path)
         return values, scale
+
+    def by_layer(self, path: tuple[str, ...], shape: tuple[int, ...]) -> "LayerQuantizer | None":
+        """For a scanned leaf of `shape` that is quantized a layer at a time: a `LayerQuantizer` to
+        give its layers one by one (a reader then never holds the leaf in float); else None."""
+        path = tuple(path)
+        if not self.is_quantized(path):
+            return None
+        scale_shape = self.scale_struct(path).shape
+        if not _layerwise(shape, scale_shape):
+            return None
+        return LayerQuantizer(path, shape, scale_shape)
 
     @staticmethod
     def _on_host(array: np.ndarray, scale_shape: tuple[int, ...]):
-        if array.ndim >= 3 and scale_shape[0] == array.shape[0] and array.shape[0] > 1:  # a layer at a time
+        if _layerwise(array.shape, scale_shape):  # a layer at a time
             values = np.empty(array.shape, np.int8)
             scale = np.empty(scale_shape, np.float32)
             for i in range(array.shape[0]):
                 values[i], scale[i] = quantize_int8(array[i], scale_shape[1:])
             return values, scale
         return quantize_int8(array, scale_shape)
+
+
+def _damaged(path: tuple[str, ...]) -> ValueError:
+    return ValueError(f"{'/'.join(path)} holds NaN or infinite weights, which int8 cannot carry (the float model "
+                      "computes NaN from them too): the checkpoint is damaged")
+
+
+def _layerwise(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> bool:
+    """Whether a leaf is quantized one layer at a time: a leading layers axis its scale keeps."""
+    return len(shape) >= 3 and scale_shape[0] == shape[0] and shape[0] > 1
+
+
+class LayerQuantizer:
+    """The int8 values and scales of one scanned leaf, filled a layer at a time (`put`), so that
+    the float32 working copy is one layer of one tensor; `result()` gives (values, scale) as
+    `LeafQuantizer` does, once every layer is in."""
+
+    def __init__(self, path: tuple[str, ...], shape: tuple[int, ...], scale_shape: tuple[int, ...]):
+        self.path, self.scale_shape = path, scale_shape
+        self.values = np.empty(shape, np.int8)
+        self.scale = np.empty(scale_shape, np.float32)
+        self.filled = np.zeros(shape[0], bool)
+
+    def put(self, layer: int, array) -> None:
+        with np.errstate(invalid="ignore"):
+            self.values[layer], self.scale[layer] = quantize_int8(np.asarray(array), self.scale_shape[1:])
+        self.filled[layer] = True
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.filled.all():
+            raise ValueError(f"{'/'.join(self.path)}: layers {np.flatnonzero(~self.filled)[:5].tolist()} were never "
+                             "given")
+        if not np.isfinite(self.scale).all():
+            raise _damaged(self.path)
+        return self.values, self.scale
 
 
 def quantize_params(params: dict, config: UniTokenConfig, mode: str = "int8") -> dict:
