@@ -612,6 +612,10 @@ def test_another_size_than_it_was_trained_on_warns_in_python(pipe):
     drawn = [p for p in pipe.chat([{"from": "human", "value": "<racm3:break>"}], seed=0) if not isinstance(p, str)]
     assert drawn and all(p.size == (64, 64) for p in drawn), [p.size for p in drawn]
     assert pipe.chat_request([{"from": "human", "value": "hi"}], grid_hw=(1, 3)).grid_hw == (1, 3)  # asked: kept
+    # and an answer in words, or a long conversation's, needs no room for that picture (a budget of 2 was
+    # refused: "max_new_tokens=2 cannot hold a 64x64 image")
+    assert isinstance(pipe.chat([{"from": "human", "value": "What colour is the shape?"}], images=[],
+                                max_new_tokens=2)[0], str)
     two = copy.copy(pipe)
     two.trained_sizes = [(64, 64), (96, 32)]
     assert two.chat_request([{"from": "human", "value": "hi"}]).max_grid == 3  # 96 px: 3 grid units

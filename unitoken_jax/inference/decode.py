@@ -252,7 +252,9 @@ def check_room(r: Request, positions: int, which: str = "the") -> None:
     if room < 1:  # (a conversation that fills the model: the error its encoding raises past the length)
         raise SequenceTooLong(f"{which} {whose} takes {longest} positions: none of the model's {positions} is left "
                               "for an answer")
-    if r.grid_hw is not None:
+    # (a picture request's; a chat answer's size, forced for a model that draws one, is of a picture it
+    # may draw: one its budget cuts is completed, as a free one is, and an answer in words needs no room)
+    if r.grid_hw is not None and r.starts_in_picture:
         need = layout.generated_image_length(r.grid_hw) - 1  # after the prompt's <racm3:break>
         if min(r.max_new_tokens, room) < need:
             held = (f"max_new_tokens={r.max_new_tokens}" if r.max_new_tokens < need else

@@ -632,11 +632,12 @@ class UniTokenPipeline:
         completed [(number, request, (h, w) codes, changes)])."""
         bar = None
         updates = []
-        total_rows = sum(r.grid_hw[0] * layout.CODES_PER_GRID for r in requests if r.grid_hw is not None)
+        drawn = [r.grid_hw if r.starts_in_picture else None for r in requests]  # (a chat's picture may not come)
+        total_rows = sum(g[0] * layout.CODES_PER_GRID for g in drawn if g is not None)
         if progress and total_rows:
 
             bar = tqdm(total=total_rows, desc="image rows", unit="row")
-            heights = np.array([(r.grid_hw[0] * layout.CODES_PER_GRID if r.grid_hw else 0) for r in requests])
+            heights = np.array([(g[0] * layout.CODES_PER_GRID if g else 0) for g in drawn])
 
             def draw_bar(info):
                 n = len(requests)
