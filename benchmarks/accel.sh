@@ -23,7 +23,10 @@ esac
 cd "$(dirname "$0")/.." || exit 2
 OUT=${1:-benchmarks/results}
 # (a file there, or no right to write: both benchmarks had run, minutes of a lent machine, and written nothing)
-mkdir -p "$OUT" && [ -w "$OUT" ] || { echo "$0: OUT $OUT is not a folder this can write in" >&2; exit 2; }
+if ! mkdir -p "$OUT" || [ ! -w "$OUT" ]; then
+    echo "$0: OUT $OUT is not a folder this can write in" >&2
+    exit 2
+fi
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
