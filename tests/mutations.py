@@ -1245,6 +1245,12 @@ MUTATIONS = (
     Mutation("chat_forced_size_needs_room", "a chat answer's forced size refusing a budget too small for a picture",
              "unitoken_jax/inference/decode.py", "    if r.grid_hw is not None and r.starts_in_picture:",
              "    if r.grid_hw is not None:", ("tests/test_default_model.py", "-k", "another_size_than")),
+    Mutation("int8_adapters_whole_leaf", "an int8 load with adapters folding every layer of a parameter in float",
+             "unitoken_jax/model.py",
+             '        layers = None if state["quantizer"] is None else state["quantizer"].by_layer(leaf_path, shape)',
+             '        layers = None if fold is not None or state["quantizer"] is None else '
+             'state["quantizer"].by_layer(leaf_path, shape)',
+             ("tests/test_lora.py", "-k", "peft_saved_load_here")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -399,20 +399,19 @@ def _load_hf(path: str, param_dtype: str | None, mesh: Mesh | None, progress: bo
             array, scale = state["quantizer"](leaf_path, array)
         return put(leaf_path, array, scale)
 
-    class Layers:  # an int8 leaf quantized as its layers are read (adapters fold into whole leaves)
+    class Layers:  # an int8 leaf quantized as its layers are read (adapters folded into each layer first)
         def __init__(self, leaf_path, quantizer):
             self.leaf_path, self.quantizer = leaf_path, quantizer
 
         def put(self, layer, array):
-            self.quantizer.put(layer, array)
+            self.quantizer.put(layer, array if fold is None else fold.layer(self.leaf_path, layer, array))
 
         def done(self):
             return put(self.leaf_path, *self.quantizer.result())
 
     def by_layer(config, leaf_path, shape):
         start(config)
-        layers = None if fold is not None or state["quantizer"] is None else \
-            state["quantizer"].by_layer(leaf_path, shape)
+        layers = None if state["quantizer"] is None else state["quantizer"].by_layer(leaf_path, shape)
         return None if layers is None else Layers(leaf_path, layers)
 
     place.by_layer = by_layer

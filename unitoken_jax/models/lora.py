@@ -126,20 +126,31 @@ class LeafMerger:
         self.work = {kernel: (np.asarray(a, np.float32), np.asarray(b, np.float32), equation, layered)
                      for kernel, a, b, equation, layered in _factors(adapters, config)}
 
+    def _add(self, w, a, b, equation):
+        return (w.astype(np.float32) + np.einsum(equation, a, b) * self.scaling).astype(w.dtype)
+
     def __call__(self, path: tuple[str, ...], array):
         work = self.work.get(tuple(path))
         if work is None:
             return array
         a, b, equation, layered = work
-        def add(w, a, b):
-            return (w.astype(np.float32) + np.einsum(equation, a, b) * self.scaling).astype(w.dtype)
-
         if not layered:
-            return add(np.asarray(array), a, b)
+            return self._add(np.asarray(array), a, b, equation)
         out = np.array(array)  # (a copy of one leaf in its own dtype; a layer at a time in float32)
         for i in range(out.shape[0]):
-            out[i:i + 1] = add(out[i:i + 1], a[i:i + 1], b[i:i + 1])
+            out[i:i + 1] = self._add(out[i:i + 1], a[i:i + 1], b[i:i + 1], equation)
         return out
+
+    def layer(self, path: tuple[str, ...], i: int, array):
+        """Layer `i` of a scanned leaf with its update added (a reader that hands the leaf over a
+        layer at a time: an int8 load's quantizer)."""
+        work = self.work.get(tuple(path))
+        if work is None:
+            return array
+        a, b, equation, layered = work
+        if not layered:
+            raise ValueError(f"{'/'.join(path)} is not stacked over layers")
+        return self._add(np.asarray(array)[None], a[i:i + 1], b[i:i + 1], equation)[0]
 
 
 def merge(params: dict, config: UniTokenConfig) -> tuple[dict, UniTokenConfig]:
