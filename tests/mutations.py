@@ -1251,6 +1251,9 @@ MUTATIONS = (
              '        layers = None if fold is not None or state["quantizer"] is None else '
              'state["quantizer"].by_layer(leaf_path, shape)',
              ("tests/test_lora.py", "-k", "peft_saved_load_here")),
+    Mutation("slot_evicts_lowest_number", "a new request taking the lowest-numbered kept cache, not the oldest",
+             "unitoken_jax/inference/slots.py", "key=lambda s: (s in age, age.get(s, 0), s)",
+             "key=lambda s: (s in age, s)", ("tests/test_slots.py", "-k", "kept_longest_ago")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

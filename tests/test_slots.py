@@ -142,6 +142,36 @@ def test_a_conversations_next_turn_continues_in_the_slot_that_holds_it(pipe):
     np.testing.assert_array_equal(out["third"], pipe.decode_loop.generate([third]).tokens[0])
 
 
+def test_a_request_that_continues_no_kept_cache_takes_the_one_kept_longest_ago(pipe):
+    """With every free slot holding a kept cache, a new request took the lowest-numbered one: the
+    conversation that had just gone on there lost its cache, and its next turn was computed whole."""
+    a_picture = shapes.draw([shapes.Thing("green", "square", "bottom right")])
+    b_picture = shapes.draw([shapes.Thing("red", "circle", "top left")])
+    decoder = SlotDecoder(pipe.decode_loop, slots=2, length=256, chunk=4)
+    question = [{"from": "human", "value": "<|image|>\nWhat colour is the shape?"}]
+    a1 = pipe.chat_request(question, [a_picture], max_new_tokens=8)
+    assert decoder.admit("a1", a1) == [0]
+    decoder.run_all({})
+    b1 = pipe.chat_request(question, [b_picture], max_new_tokens=8)
+    assert decoder.admit("b1", b1) == [1]  # (an empty slot first)
+    decoder.run_all({})
+    # A's next turn continues slot 0 (its prompt and picture are kept there, whatever the answer was): its
+    # cache is now the one kept last, B's the one kept longest ago
+    history = question + [{"from": "gpt", "value": "green"}, {"from": "human", "value": "Where is the shape?"}]
+    a2 = pipe.chat_request(history, [a_picture], max_new_tokens=8)
+    reused = decoder.reused_positions
+    assert decoder.admit("a2", a2) == [0] and decoder.reused_positions > reused
+    decoder.run_all({})
+    other = pipe.understand_request([], shapes.QUESTIONS["caption"], max_new_tokens=4)
+    assert decoder.admit("other", other) == [1]
+    decoder.run_all({})
+    # and A's third turn still finds its cache
+    history += [{"from": "gpt", "value": "bottom right"}, {"from": "human", "value": "What shape is this?"}]
+    reused = decoder.reused_positions
+    assert decoder.admit("a3", pipe.chat_request(history, [a_picture], max_new_tokens=8)) == [0]
+    assert decoder.reused_positions > reused
+
+
 def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
     """A guided chat request's partner starts where the answer's picture does: the picture equals
     the one drawn by a guided request whose prompt is the chat prompt plus the answer up to its

@@ -26,7 +26,8 @@ A request whose prompt starts with what a free slot holds (a conversation's next
 sends the history again) is admitted into that slot and only the rest of its prompt is computed,
 on top of the kept keys and values (`DecodeLoop._extend`, the rest padded to a power of two; a
 guided request's unconditional partner is prefilled as usual); it samples what a full prefill
-samples. `reused_positions` counts the positions taken so.
+samples. `reused_positions` counts the positions taken so. A request that continues none takes an
+empty slot, else the one whose cache was kept longest ago.
 """
 
 from __future__ import annotations
@@ -188,8 +189,12 @@ class SlotDecoder:
                 self._free.remove(slot)
                 slots.append(slot)
                 extends.append((slot, request, start))
-            for _ in rows[len(slots):]:  # slots that hold nothing first, so the kept caches last
-                slots.append(min(self._free, key=lambda s: (s in self._held, s)))
+            # slots that hold nothing first, then the cache kept longest ago (`_held` is in the order its
+            # caches were kept: one continued is taken out and kept again at the end); the lowest slot
+            # number was taken before, and a conversation that had just gone on lost its cache
+            age = {s: i for i, s in enumerate(self._held)}
+            for _ in rows[len(slots):]:
+                slots.append(min(self._free, key=lambda s: (s in age, age.get(s, 0), s)))
                 self._free.remove(slots[-1])
             kept = 1 if start else 0  # rows not prefilled: the one continuing a kept cache
             all_rows += rows[kept:]
