@@ -743,6 +743,20 @@ def test_unitoken_edit_draws_n_edits_numbered_as_generate_numbers_them(tmp_path,
     assert not (tmp_path / "e.png").exists()
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "e_1.png")),
                                   np.asarray(Image.open(tmp_path / "one.png")))
+    # --batch-size draws them a few at a time (all at once was the only way: --n 100000 held 15 GB and
+    # drew nothing), the same pictures; and --quantize auto plans for what is drawn at once (it planned
+    # one edit whatever --n asked)
+    assert main(["edit", str(red), "make it blue", "--n", "3", "--batch-size", "2", "--seed", "3",
+                 "--out", str(tmp_path / "b.png")]) == 0
+    for i in (1, 2):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"b_{i}.png")),
+                                      np.asarray(Image.open(tmp_path / f"e_{i - 1}.png")))
+    from unitoken_jax import cli, read_config
+
+    config = read_config(os.path.join(default.DEFAULT_DIR, "model"))
+    for flags, n in ((["--n", "8"], 8), (["--n", "8", "--batch-size", "2"], 2), ([], 1)):
+        args = cli._parser().parse_args(["edit", str(red), "make it blue", "--out", "x.png", *flags])
+        assert cli._plan(args, config)[0] == n, flags
 
 
 def test_mistakes_with_several_pictures_are_said_by_which_and_lose_nothing(tmp_path, capsys, monkeypatch):

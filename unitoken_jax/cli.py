@@ -296,8 +296,10 @@ def _plan(args, config, trained: dict | None = None) -> tuple[int, str, dict]:
     if args.command == "generate":
         n = args.batch_size or (16 if args.prompts_file else args.n)
         return n, f"{n} picture(s) (--n / --batch-size)", dict(size=size, cfg=args.cfg != 1)
-    if args.command == "edit":
-        return 1, "an edit of a picture", dict(size=size, cfg=args.cfg != 1, prompt_length=64 + picture)
+    if args.command == "edit":  # (it planned for one edit, whatever --n drew at once)
+        n = args.batch_size or args.n
+        return n, f"{n} edit(s) of a picture (--n / --batch-size)", dict(size=size, cfg=args.cfg != 1,
+                                                                          prompt_length=64 + picture)
     if args.command == "serve" and args.batching == "continuous":  # every slot holds its whole cache
         length = args.slot_length or decoder_positions(config, anyres)
         return 1, f"{args.max_batch} rows of {length} positions (--max-batch, --slot-length)", \
@@ -957,7 +959,7 @@ def _edit(args) -> int:
     pipe = _pipeline(args)
     pictures = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
                          n=args.n, top_k=args.top_k, temperature=args.temperature,
-                         negative_prompt=args.negative_prompt)
+                         negative_prompt=args.negative_prompt, batch_size=args.batch_size)
     for i, picture in enumerate(pictures if args.n > 1 else [pictures]):
         path = _numbered(args.out, i, args.n)
         _save(picture, path)
@@ -1456,6 +1458,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="text guidance steers away from (as generate's; Python's edit and the server's take it)")
     edi.add_argument("--out", required=True, help="PNG path (numbered when --n > 1)")
     edi.add_argument("--n", type=_whole(1), default=1, help="edits to draw (seeds --seed, --seed + 1, ...)")
+    edi.add_argument("--batch-size", type=_whole(1), default=None, help="edits a batch (default: all --n at once)")
     model_args(edi, image_out=True)
     edi.set_defaults(func=_edit)
     cha = add_parser("chat", help="a multi-turn conversation on stdin, pictures in and out",
