@@ -175,21 +175,22 @@ def test_adapters_peft_saved_load_here(tmp_path):
     def whole_model_merge(*args, **kwargs):
         raise AssertionError("the adapters were merged into the whole float model")
 
-    from unitoken_jax.models import quantize as quantize_lib
-
-    layers_given = []
-    put = quantize_lib.LayerQuantizer.put
+    whole, layers_given = [], []
+    fold_whole, fold_layer = lora_lib.LeafMerger.__call__, lora_lib.LeafMerger.layer
     with pytest.MonkeyPatch.context() as m:
         m.setattr(lora_lib, "merge", whole_model_merge)
-        m.setattr(quantize_lib.LayerQuantizer, "put", lambda self, i, a: (layers_given.append(self.path),
-                                                                          put(self, i, a)))
+        m.setattr(lora_lib.LeafMerger, "__call__", lambda self, path, a: (whole.append(tuple(path)),
+                                                                         fold_whole(self, path, a))[1])
+        m.setattr(lora_lib.LeafMerger, "layer", lambda self, path, i, a: (layers_given.append(tuple(path)),
+                                                                         fold_layer(self, path, i, a))[1])
         streamed = unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / "peft"), quantize="int8",
                                      param_dtype="bfloat16", progress=False)
     assert streamed.config.lora is None and streamed.config.quantize == "int8"
-    # the adapted kernels too are folded and quantized a layer at a time (whole parameters, every layer in
-    # float, were folded before)
-    assert ("decoder", "layers", "self_attn", "q_proj", "kernel") in layers_given
-    assert ("decoder", "layers", "mlp", "up_proj", "kernel") in layers_given
+    # the adapted kernels too are folded and quantized a layer at a time, as the reader gives each layer
+    # (whole parameters, every layer in float, were folded before)
+    for kernel in (("decoder", "layers", "self_attn", "q_proj", "kernel"), ("decoder", "layers", "mlp", "up_proj",
+                                                                           "kernel")):
+        assert kernel in layers_given and kernel not in whole
     after = unitoken_jax.load(str(tmp_path / "base"), adapters=str(tmp_path / "peft"), merge_adapters=False,
                               param_dtype="bfloat16", progress=False).quantize("int8")  # (merges, then quantizes)
     for path, want in traverse_util.flatten_dict(after.params).items():

@@ -374,3 +374,21 @@ def test_the_nearest_code_distance_product_runs_in_full_float32():
     (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
     assert dot.params["precision"] in ((jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST),
                                        jax.lax.Precision.HIGHEST)
+
+
+def test_the_fingerprint_is_a_sha256_of_config_and_weights_hashed_once_per_set_of_weights(monkeypatch):
+    import hashlib
+
+    from unitoken_jax import vq_tokenizer
+
+    vq = VQTokenizer.random(VQGANConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, embed_dim=8,
+                                        n_embed=N_EMBED), seed=0)
+    digest = hashlib.sha256(repr(vq.config).encode())
+    for leaf in jax.tree.leaves(vq.params):
+        digest.update(np.asarray(leaf).tobytes())
+    calls, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(vq_tokenizer.hashlib, "sha256", lambda *a: calls.append(a) or sha256(*a))
+    assert vq.fingerprint() == digest.hexdigest() and len(calls) == 1
+    assert vq.fingerprint() == digest.hexdigest() and len(calls) == 1  # (each pipeline built checks it)
+    vq.params = VQTokenizer.random(vq.config, seed=1).params  # other weights: hashed again, not the kept digest
+    assert vq.fingerprint() != digest.hexdigest() and len(calls) == 2

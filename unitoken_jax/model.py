@@ -414,8 +414,7 @@ def _load_hf(path: str, param_dtype: str | None, mesh: Mesh | None, progress: bo
         layers = None if state["quantizer"] is None else state["quantizer"].by_layer(leaf_path, shape)
         return None if layers is None else Layers(leaf_path, layers)
 
-    place.by_layer = by_layer
-    ckpt = hf_io.read_hf(path, param_dtype=param_dtype, progress=progress, place=place)
+    ckpt = hf_io.read_hf(path, param_dtype=param_dtype, progress=progress, place=place, by_layer=by_layer)
     log.info("loaded %s checkpoint from %s%s", ckpt.kind, path,
              f"; QK-norm layout: {ckpt.qk_norm_layout}" if ckpt.qk_norm_layout else "")
     config, params = ckpt.config, ckpt.params

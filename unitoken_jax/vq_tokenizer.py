@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from unitoken_jax.convert import vqgan as vq_io
+from unitoken_jax.convert.files import SIDECAR, is_orbax_checkpoint
 from unitoken_jax.models.vqgan import VQGAN, VQGANConfig
 from unitoken_jax.tokenizer import images as image_io
 
@@ -40,13 +41,17 @@ class VQTokenizer:
         self.params = params
         self.mesh = mesh
         self.has_decoder = vq_io.has_decoder(params)
+        self._fingerprint: tuple[object, str] | None = None  # (the params it was computed from, the digest)
 
     def fingerprint(self) -> str:
-        """sha256 of the config and every weight: what a pre-tokenized dataset's codes were made with."""
-        digest = hashlib.sha256(repr(self.config).encode())
-        for leaf in jax.tree.leaves(self.params):
-            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-        return digest.hexdigest()
+        """sha256 of the config and every weight: what a pre-tokenized dataset's codes were made with.
+        Computed once for these params (each pipeline built over a trained model checks it)."""
+        if self._fingerprint is None or self._fingerprint[0] is not self.params:
+            digest = hashlib.sha256(repr(self.config).encode())
+            for leaf in jax.tree.leaves(self.params):
+                digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+            self._fingerprint = (self.params, digest.hexdigest())
+        return self._fingerprint[1]
 
     @classmethod
     def from_meta(cls, ckpt_path: str, yaml_path: str | None = None, mesh: Mesh | None = None) -> "VQTokenizer":
@@ -84,13 +89,13 @@ class VQTokenizer:
                 return cls.from_dir(path, mesh)
             if os.path.exists(os.path.join(path, "config.json")):
                 return cls.from_hf(path, mesh)
-            if os.path.exists(os.path.join(path, "unitoken_config.json")):  # (orbax_io.SIDECAR)
+            if is_orbax_checkpoint(path):
                 return cls.from_orbax(path, mesh)
             if os.path.exists(os.path.join(path, "vqgan.ckpt")):
                 return cls.from_meta(os.path.join(path, "vqgan.ckpt"), mesh=mesh)
             raise vq_io.CheckpointError(f"{path} holds no VQ-GAN: expected {vq_io.CONFIG_FILE} (ours), config.json "
-                                        "(an HF Chameleon / UniToken checkpoint), unitoken_config.json (one converted "
-                                        "to our format) or vqgan.ckpt (Meta's)")
+                                        f"(an HF Chameleon / UniToken checkpoint), {SIDECAR} (one converted to our "
+                                        "format) or vqgan.ckpt (Meta's)")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such VQ-GAN file or directory")
         folder = os.path.dirname(path)

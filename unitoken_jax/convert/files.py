@@ -14,6 +14,15 @@ from safetensors import SafetensorError, safe_open
 SHARD_BYTES = 2 * 1024**3  # the largest safetensors file `hf.write_hf` makes (and holds in memory)
 
 
+# our Orbax checkpoint's record of its config (`orbax_io`; here so that a light reader can tell the format)
+SIDECAR = "unitoken_config.json"
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+    """Whether `path` holds a checkpoint in our Orbax format (`orbax_io`)."""
+    return os.path.exists(os.path.join(path, SIDECAR))
+
+
 # beside a model trained here (training's final/): how its data laid out pictures, so that inference cuts
 # and draws them as training did (`inference.pipeline.trained_record` reads it)
 TRAINED_PICTURES = "trained_pictures.json"

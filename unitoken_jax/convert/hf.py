@@ -421,15 +421,16 @@ def read_extras(path: str) -> tuple[dict[str, np.ndarray], dict, str | dict]:
 
 
 def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = False,
-            place: Callable[[UniTokenConfig, tuple[str, ...], np.ndarray], Any] | None = None) -> HFCheckpoint:
+            place: Callable[[UniTokenConfig, tuple[str, ...], np.ndarray], Any] | None = None,
+            by_layer: Callable[[UniTokenConfig, tuple[str, ...], tuple[int, ...]], Any] | None = None) -> HFCheckpoint:
     """Reads an HF-format directory into parameters of our layout, one tensor at a time.
 
     Every key, shape and dtype is checked against the model before any tensor is read. Each
     parameter (all layers of it) is assembled in host memory and handed to `place(path, array)`
     at once, with the model's config: `load` puts it on the devices there, so the host never holds
-    the whole model twice. A `place` with a `by_layer(config, path, shape)` method may take a
-    scanned parameter a layer at a time instead: where it returns an object (None: whole), that
-    object's `put(layer, array)` gets each layer as it is read and its `done()` gives the parameter.
+    the whole model twice. `by_layer(config, path, shape)` may take a scanned parameter a layer at
+    a time instead: where it returns an object (None: whole, to `place`), that object's
+    `put(layer, array)` gets each layer as it is read and its `done()` gives the parameter.
     Without `place` the parameters stay numpy arrays. `param_dtype=None` keeps the checkpoint's
     own dtype, or float32 where its tensors' dtypes differ: a lossless conversion.
     """
@@ -498,7 +499,7 @@ def read_hf(path: str, param_dtype: str | None = "float32", progress: bool = Fal
                     node = node.setdefault(p, {})
                 # a `place` that takes a scanned leaf a layer at a time (an int8 load's quantizer): the
                 # leaf is never whole in float (the 7B's MLP kernels, 5.4 GiB in float32)
-                layers = (place.by_layer(config, leaf_path, shape) if hasattr(place, "by_layer")
+                layers = (by_layer(config, leaf_path, shape) if by_layer is not None
                           and all(spec.layer is not None for spec in leaf_specs) else None)
                 if layers is not None:
                     slot = np.empty(shape[1:], np_dtype)

@@ -19,17 +19,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from unitoken_jax.convert.files import CheckpointError, read_json_object
+from unitoken_jax.convert.files import SIDECAR, CheckpointError, is_orbax_checkpoint, read_json_object
 from unitoken_jax.models.config import UniTokenConfig
 from unitoken_jax.models.unitoken import abstract_params
 
-SIDECAR = "unitoken_config.json"
 # 2: the decoder's q/k/v kernels are [layers, heads, embed, head_dim] (1: [layers, embed, heads, head_dim])
 PARAM_LAYOUT = 2
-
-
-def is_orbax_checkpoint(path: str) -> bool:
-    return os.path.exists(os.path.join(path, SIDECAR))
 
 
 def remove(path: str) -> bool:

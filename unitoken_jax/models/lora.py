@@ -138,7 +138,7 @@ class LeafMerger:
             return self._add(np.asarray(array), a, b, equation)
         out = np.array(array)  # (a copy of one leaf in its own dtype; a layer at a time in float32)
         for i in range(out.shape[0]):
-            out[i:i + 1] = self._add(out[i:i + 1], a[i:i + 1], b[i:i + 1], equation)
+            out[i] = self.layer(path, i, out[i])
         return out
 
     def layer(self, path: tuple[str, ...], i: int, array):

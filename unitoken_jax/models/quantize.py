@@ -70,8 +70,13 @@ class LeafQuantizer:
             finite = bool(jnp.all(jnp.isfinite(array)))  # (XLA's max need not propagate a NaN to the scale)
         else:
             array = np.asarray(array)
+            layers = self.by_layer(path, array.shape)
+            if layers is not None:  # a layer at a time
+                for i in range(array.shape[0]):
+                    layers.put(i, array[i])
+                return layers.result()
             with np.errstate(invalid="ignore"):  # (an infinity times 0: refused below, by name)
-                values, scale = self._on_host(array, scale_shape)
+                values, scale = quantize_int8(array, scale_shape)
             finite = bool(np.isfinite(scale).all())
         if not finite:  # (on the host a scale is NaN or infinite where its channel holds a NaN or infinity)
             raise _damaged(path)
@@ -87,16 +92,6 @@ class LeafQuantizer:
         if not _layerwise(shape, scale_shape):
             return None
         return LayerQuantizer(path, shape, scale_shape)
-
-    @staticmethod
-    def _on_host(array: np.ndarray, scale_shape: tuple[int, ...]):
-        if _layerwise(array.shape, scale_shape):  # a layer at a time
-            values = np.empty(array.shape, np.int8)
-            scale = np.empty(scale_shape, np.float32)
-            for i in range(array.shape[0]):
-                values[i], scale[i] = quantize_int8(array[i], scale_shape[1:])
-            return values, scale
-        return quantize_int8(array, scale_shape)
 
 
 def _damaged(path: tuple[str, ...]) -> ValueError:
