@@ -141,7 +141,7 @@ def main():
               "history; seconds per turn with a fresh pipeline per column (its compiles included), `reused` the "
               "positions taken from the kept cache, `compiled` the programs the turn added."]
     for title, options in (("`pipe.chat` (unguided)", {}), ("guided, as `unitoken chat` runs it (--cfg 3)",
-                                                            {"cfg_scale": 3.0})):
+                                                            {"cfg": 3.0})):
         results = {}
         for reuse in (False, True):
             fresh_programs()

@@ -611,7 +611,7 @@ def test_another_size_than_it_was_trained_on_warns_in_python(pipe):
     assert request.grid_hw == (2, 2)
     drawn = [p for p in pipe.chat([{"from": "human", "value": "<racm3:break>"}], seed=0) if not isinstance(p, str)]
     assert drawn and all(p.size == (64, 64) for p in drawn), [p.size for p in drawn]
-    assert pipe.chat_request([{"from": "human", "value": "hi"}], grid_hw=(1, 3)).grid_hw == (1, 3)  # asked: kept
+    assert pipe.chat_request([{"from": "human", "value": "hi"}], size=(96, 32)).grid_hw == (1, 3)  # asked: kept
     # and an answer in words, or a long conversation's, needs no room for that picture (a budget of 2 was
     # refused: "max_new_tokens=2 cannot hold a 64x64 image")
     assert isinstance(pipe.chat([{"from": "human", "value": "What colour is the shape?"}], images=[],
@@ -939,3 +939,60 @@ def test_a_chat_takes_typed_paths_and_goes_on_past_a_picture_it_cannot_save(tmp_
     assert answers[4] == "assistant: [picture: not saved]" and len(answers) == 6, answers
     assert answers[2:4] == [f"assistant: [picture: {out / f'chat_{n}.png'}]" for n in (0, 1)]
     assert drawn[0] == drawn[1]  # a reset starts over: a conversation's seeds follow its length
+
+
+def test_each_verb_takes_the_options_that_act_on_what_it_draws_by_the_same_names_as_the_cli(tmp_path, capsys):
+    """understand took picture options (cfg_scale gave its answer a second, unconditional row that
+    guidance never acts on); generate took stop_after_image / max_grid (a picture cut, or refused as
+    grid_hw, a field the caller never gave); Python's chat named guidance and size cfg_scale and
+    grid_hw (grid units) where the CLI says --cfg and --size; the CLI's text verbs had no --top-k /
+    --top-p, its picture verbs no --top-p; an unknown option was said as the top-level command's."""
+    from unitoken_jax import cli
+
+    pipe = default.pipeline()
+    picture = shapes.draw([shapes.Thing("red", "circle", "top left")])
+    for option, value in (("cfg_scale", 3.0), ("image_top_k", 5), ("grid_hw", (2, 2)), ("allow_images", True)):
+        with pytest.raises(TypeError, match=f"^{option} is not an option here: understand answers in words"):
+            pipe.understand_request([picture], "What colour is the shape?", **{option: value})
+    for option, value in (("stop_after_image", False), ("max_grid", 1), ("allow_images", True)):
+        with pytest.raises(TypeError, match=f"^{option} is not an option here: a picture request draws one"):
+            pipe.generate_request("a red circle at the top left", **{option: value})
+    asked = [{"from": "human", "value": "a red circle at the top left"}]
+    request = pipe.chat_request(asked, cfg=3.0, size=(64, 64))
+    assert request.cfg_scale == 3.0 and request.grid_hw == (2, 2) and pipe.chat_request(asked).cfg_scale == 1.0
+    with pytest.raises(TypeError, match="cfg_scale is set by cfg= here"):
+        pipe.chat_request(asked, cfg_scale=3.0)
+    with pytest.raises(ValueError, match=r"^cfg=-1\.0 is out of range"):
+        pipe.chat_request(asked, cfg=-1.0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pipe.chat_request(asked, size=(50, 50))
+
+    path = tmp_path / "red.png"
+    picture.save(path)
+    ask = ["understand", str(path), "What colour is the shape?", "--max-new-tokens", "6"]
+
+    def answer(*flags):
+        assert cli.main([*ask, *flags]) == 0
+        return capsys.readouterr().out.strip()
+
+    assert answer() == "red"
+    # at a temperature that makes noise of the answer, the k = 1 likeliest (or the smallest top-p set) is greedy
+    hot = ["--temperature", "50", "--seed", "1"]
+    assert answer(*hot) != "red"
+    assert answer(*hot, "--top-k", "1") == "red" and answer(*hot, "--top-p", "0.000001") == "red"
+    for bad in (["--top-p", "0"], ["--top-p", "1.5"], ["--top-k", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.main([*ask, *bad])
+        assert f"unitoken understand: error: argument {bad[0]}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "a red circle", "--out", str(tmp_path / "g.png"), "--top-q", "0.9"])
+    assert "unitoken generate: error: unrecognized arguments: --top-q 0.9" in capsys.readouterr().err
+    # generate's --top-p reaches the codes' sampling: the smallest set is each code's likeliest (greedy)
+    drawn = {}
+    for flags in ([], ["--temperature", "0"], ["--top-p", "0.000001"]):
+        out = tmp_path / f"g{len(drawn)}.png"
+        assert cli.main(["generate", "a red circle at the top left", "--out", str(out), "--seed", "3", *flags]) == 0
+        drawn[tuple(flags)] = np.asarray(Image.open(out))
+    capsys.readouterr()
+    greedy = drawn[("--temperature", "0")]
+    assert np.array_equal(drawn[("--top-p", "0.000001")], greedy) and not np.array_equal(drawn[()], greedy)

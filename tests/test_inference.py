@@ -178,7 +178,8 @@ def test_every_picture_a_guided_answer_draws_is_guided_from_its_own_break(pipe):
     ids = np.arange(model.config.decoder.vocab_size)
     loop = DecodeLoop(model.config, model.params, banned_ids=ids[~layout.is_image_id(ids, np)])
     picture = dict(grid_hw=(1, 1), image_temperature=0.0)  # <racm3:break>, 2 sizes, 2 x 3 body, <eoss>
-    chat = pipe.chat_request([{"from": "human", "value": "the or"}], cfg_scale=3.0, max_new_tokens=30, **picture)
+    chat = pipe.chat_request([{"from": "human", "value": "the or"}], cfg=3.0, size=(32, 32), max_new_tokens=30,
+                             image_temperature=0.0)
     answer = loop.generate([chat]).tokens[0]
     starts = np.flatnonzero(answer == layout.IMAGE_START)
     assert starts.tolist() == [0, 10, 20], answer

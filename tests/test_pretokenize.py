@@ -507,6 +507,8 @@ def test_malformed_items_are_skipped_and_listed_and_malformed_files_named(tmp_pa
     ("siglip_size", -1, "siglip_size=-1 must be"),  # was written, with tiles of -1 px
     ("siglip_size", 10, "siglip_size=10 is smaller than one patch (14 px)"),
     ("max_length", -5, "max_length=-5 must be"),  # skipped every item
+    ("max_length", 0, "max_length=0 must be a whole number of at least 1 (None: no limit, which the CLI's"),
+    ("vq_size", True, "vq_size=True must be a whole number"),  # (a bool was taken as 1)
     # TFDS finds shards by NAME-SPLIT...: these wrote every chunk, then failed at the end, on every rerun
     ("name", "my-data", "name='my-data': a dataset name takes letters, digits and '_' only"),
     ("name", "my.data", "name='my.data'"), ("name", "my data", "name='my data'"), ("name", "", "name=''"),
@@ -533,8 +535,12 @@ def test_a_missing_or_empty_items_file_and_an_impossible_crop_are_refused_before
     with pytest.raises(ValueError, match=re.escape(f"vq_size=33: the VQ-GAN takes sides that are multiples of "
                                                    f"{vq.config.downsample_factor} px")):
         pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, odd, progress=False)
-    with pytest.raises(ValueError, match="process_count=0 must be at least 1"):  # was "not in 0..-1"
-        pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, SETTINGS, process_count=0, progress=False)
+    for kwargs, says in (({"process_count": 0}, "process_count=0 must be a whole number of at least 1"),  # was
+                         ({"process_count": "2"}, "process_count='2' must be"),  # "not in 0..-1", then a TypeError
+                         ({"process_index": 0.0}, "process_index 0.0 is not in 0..0"),
+                         ({"max_chunks": -1}, "max_chunks=-1 must be a whole number")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            pt.pretokenize(items_path, str(tmp_path / "ds"), text, vq, SETTINGS, progress=False, **kwargs)
     assert not (tmp_path / "ds").exists()
     # the command refuses the same numbers by option, before its tokenizers load
     for option, value in (("--chunk-size", "0"), ("--vq-batch", "0"), ("--patch", "0"), ("--siglip-size", "-1"),

@@ -130,6 +130,9 @@ def test_unsupported_modes_are_clear_errors(tmp_path, bf16_model):
     bf16_model.save(str(tmp_path / "m"))
     with pytest.raises(ValueError, match="'none', 'int8'"):
         unitoken_jax.load(str(tmp_path / "m"), quantize="int4", progress=False)
+    with pytest.raises(ValueError, match=r"'auto' is the CLI's plan .* choose 'none' or 'int8', or ask "
+                                         r"unitoken_jax\.inference\.fit\.choose_quantize"):
+        unitoken_jax.load(str(tmp_path / "m"), quantize="auto", progress=False)
     q = bf16_model.quantize("int8")
     with pytest.raises(ValueError, match="Orbax"):
         q.save_hf(str(tmp_path / "hf"))

@@ -132,7 +132,7 @@ def test_a_conversations_next_turn_continues_in_the_slot_that_holds_it(pipe):
     # is prefilled apart
     text = "".join(p for p in decode(out["second"], pipe.tokenizer, pipe.vq, repair=True) if isinstance(p, str))
     messages += [{"from": "gpt", "value": text}, {"from": "human", "value": "Draw a red circle at the top left"}]
-    third = pipe.chat_request(messages, [picture], max_new_tokens=64, cfg_scale=3.0, seed=3)
+    third = pipe.chat_request(messages, [picture], max_new_tokens=64, cfg=3.0, seed=3)
     reused = decoder.reused_positions
     slots = decoder.admit("third", third)
     assert slots[0] == held and len(slots) == 2 and decoder.reused_positions > reused
@@ -181,7 +181,7 @@ def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
     from unitoken_jax.tokenizer import layout
 
     text = pipe.generate_template.format(w=64, h=64, prompt="a green square at the top right")  # as the web page
-    ask = lambda cfg: pipe.chat_request([{"from": "human", "value": text}], cfg_scale=cfg,  # noqa: E731
+    ask = lambda cfg: pipe.chat_request([{"from": "human", "value": text}], cfg=cfg,  # noqa: E731
                                         image_temperature=0.0, max_new_tokens=120, stop_after_image=True)
     guided = pipe.decode_loop.generate([ask(3.0)]).tokens[0]
     start = list(guided).index(layout.IMAGE_START)  # the answer draws (after `start` tokens of text)
@@ -193,7 +193,7 @@ def test_a_chat_answer_that_draws_is_guided_from_its_own_break(pipe):
     unguided = pipe.decode_loop.generate([ask(1.0)]).tokens[0]
     assert not np.array_equal(unguided, guided)
     # an answer that never draws is the same text guided or not (its partner only ever waits)
-    say = lambda cfg: pipe.chat_request([{"from": "human", "value": "Say hello."}], cfg_scale=cfg,  # noqa: E731
+    say = lambda cfg: pipe.chat_request([{"from": "human", "value": "Say hello."}], cfg=cfg,  # noqa: E731
                                         max_new_tokens=12)
     plain_text, guided_text = pipe.decode_loop.generate([say(1.0), say(3.0)]).tokens
     assert layout.IMAGE_START not in plain_text

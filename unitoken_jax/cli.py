@@ -381,18 +381,20 @@ class _AfterPictures(argparse.Action):
 _whole = argtypes.whole
 
 
-def _finite(least: float, *, above: bool = False):
-    """An argparse type: a finite number of at least `least` (above it, with `above`), refused by its
-    option before any model loads (a temperature of -1 had been refused as "temperature=-1.0" after
-    the load)."""
+def _finite(least: float, *, above: bool = False, at_most: float | None = None):
+    """An argparse type: a finite number of at least `least` (above it, with `above`; at most
+    `at_most`), refused by its option before any model loads (a temperature of -1 had been refused
+    as "temperature=-1.0" after the load)."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < least or (above and value == least):
+        if not math.isfinite(value) or value < least or (above and value == least) or \
+                (at_most is not None and value > at_most):
+            highest = "" if at_most is None else f" and at most {at_most:g}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be a finite number "
-                                             f"{'above' if above else 'of at least'} {least:g}")
+                                             f"{'above' if above else 'of at least'} {least:g}{highest}")
         return value
     return parse
 
@@ -479,7 +481,7 @@ def _understand(args) -> int:
     shown = _Streamed()
     with _budget_notes() as caught:
         answer = pipe.understand(images, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 seed=args.seed, stream=shown)
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=shown)
     shown.end(answer)
     _say_notes("understand", caught)
     return 0
@@ -641,7 +643,8 @@ def _caption(args) -> int:
                  "conversations": [{"from": "human", "value": question},
                                    {"from": "gpt", "value": answer.strip()}]} for path, answer in zip(batch, answers)]
 
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
     written, cut = [], []
     lines = open(args.out, "a", encoding="utf-8") if kind == ".jsonl" else contextlib.nullcontext()
     with lines, tqdm(total=len(readable), unit="answer", desc="answers") as bar:
@@ -725,7 +728,7 @@ def _generate(args) -> int:
         print("generate: the prompt is empty: the pictures are drawn without a caption", file=sys.stderr)
     pipe = _pipeline(args)
     pictures = pipe.generate_image(args.prompt, size=_size(args.size), cfg=args.cfg, n=args.n, seed=args.seed,
-                                   top_k=args.top_k, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                                    negative_prompt=args.negative_prompt, batch_size=args.batch_size)
     for i, picture in enumerate(pictures):
         path = _numbered(args.out, i, len(pictures))
@@ -812,8 +815,8 @@ def _generate_many(args) -> int:
               "run saved them before it listed them): drawn again", file=sys.stderr)
     todo = [k for k in mine if not on_disk(k) or k in unlisted]
     pipe = _pipeline(args) if todo else None  # (sets --size's default)
-    drawn_with = dict(size=args.size, cfg=args.cfg, top_k=args.top_k, temperature=args.temperature,
-                      negative_prompt=args.negative_prompt)
+    drawn_with = dict(size=args.size, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                      temperature=args.temperature, negative_prompt=args.negative_prompt)
     # every picture in the folder, this host's and the other hosts' of a pod: one drawn otherwise is
     # refused, as the index would say it was drawn with this run's settings
     # (a prompt with some of its pictures there too, e.g. a rerun with a larger --n: they were replaced unsaid)
@@ -821,7 +824,8 @@ def _generate_many(args) -> int:
                                                 if k not in unlisted
                                                 and os.path.exists(os.path.join(args.out, names[k][0]))}, drawn_with)
     options = dict(size=_size(args.size) if todo else None, cfg=args.cfg, n=args.n, seed=args.seed,
-                   top_k=args.top_k, temperature=args.temperature, negative_prompt=args.negative_prompt,
+                   top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                   negative_prompt=args.negative_prompt,
                    progress=False)
     # every prompt the model cannot take, said before the first picture (it had stopped the job at its
     # batch, and a rerun at the same line, so the prompts after it were never drawn)
@@ -958,7 +962,7 @@ def _edit(args) -> int:
         print("edit: the instruction is empty: the picture is redrawn without one", file=sys.stderr)
     pipe = _pipeline(args)
     pictures = pipe.edit(args.image, args.instruction, size=_size(args.size), cfg=args.cfg, seed=args.seed,
-                         n=args.n, top_k=args.top_k, temperature=args.temperature,
+                         n=args.n, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                          negative_prompt=args.negative_prompt, batch_size=args.batch_size)
     for i, picture in enumerate(pictures if args.n > 1 else [pictures]):
         path = _numbered(args.out, i, args.n)
@@ -1018,11 +1022,13 @@ def _chat(args) -> int:
     from unitoken_jax.tokenizer.conversation import IMAGE_PLACEHOLDER, SequenceTooLong
     from unitoken_jax.tokenizer.images import ImageError, load_image
 
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, cfg_scale=args.cfg)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p)
     try:  # bad options end the chat before it starts, named as the flags are
-        Request(np.zeros(1, np.int32), **options)
+        Request(np.zeros(1, np.int32), **options, cfg_scale=args.cfg)
     except OptionError as e:
         raise e.renamed("--" + {"cfg_scale": "cfg"}.get(e.option, e.option).replace("_", "-")) from None
+    options["cfg"] = args.cfg
     _directory_option("--out-dir", args.out_dir)  # (before the model loads)
     pipe = _pipeline(args)
     width, height = _size(args.size)
@@ -1404,11 +1410,18 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--cfg", type=_finite(0), default=3.0, help="classifier-free guidance scale (1 = off)")
             p.add_argument("--top-k", type=_whole(0, 2**31 - 1), default=2000,
                            help="each image code is drawn from the k likeliest (0: from all)")
+            p.add_argument("--top-p", type=_finite(0, above=True, at_most=1), default=1.0,
+                           help="each image code is drawn from the likeliest whose probabilities sum to p (1: all)")
             p.add_argument("--temperature", type=_finite(0), default=1.0,
                            help="image-code sampling temperature (0: the likeliest code, greedy)")
         else:
             p.add_argument("--max-new-tokens", type=_whole(1), default=256, help="the longest answer, in tokens")
             p.add_argument("--temperature", type=_finite(0), default=0.0, help="0 = greedy")
+            p.add_argument("--top-k", type=_whole(0, 2**31 - 1), default=0,
+                           help="with --temperature: each token drawn from the k likeliest (0: from all)")
+            p.add_argument("--top-p", type=_finite(0, above=True, at_most=1), default=1.0,
+                           help="with --temperature: each token drawn from the likeliest whose probabilities sum "
+                                "to p (1: all)")
 
     und = add_parser("understand", help="answer a question about pictures")
     # two positionals, not one list: the usage line reads IMAGE [IMAGE ...] QUESTION (one list's read as
@@ -1418,15 +1431,16 @@ def _parser() -> argparse.ArgumentParser:
     model_args(und)
     und.set_defaults(func=_understand)
     gen = add_parser("generate", help="draw pictures from a text prompt")
-    gen.add_argument("prompt", nargs="?", default=None)
+    gen.add_argument("prompt", nargs="?", default=None, help="what to draw (or --prompts-file)")
     gen.add_argument("--out", required=True, help="PNG path (numbered when --n > 1); with --prompts-file a directory")
     gen.add_argument("--n", type=_whole(1), default=1, help="pictures to draw a prompt")
     gen.add_argument("--prompts-file", default=None,
                      help="a text file of prompts, one a line: --n pictures each, into the directory --out "
                           "(NNNNN_J.png and index.json)")
     share_help = "with --process-count N: this process's share (every N-th {}, from this one), one process a host"
+    count_help = "processes sharing the work, each run with its own --process-index (one a host of a pod)"
     gen.add_argument("--process-index", type=_whole(0), default=0, help=share_help.format("prompt of --prompts-file"))
-    gen.add_argument("--process-count", type=_whole(1), default=1)
+    gen.add_argument("--process-count", type=_whole(1), default=1, help=count_help)
     gen.add_argument("--batch-size", type=_whole(1), default=None,
                      help="pictures a batch (default: all of one prompt's at once; 16 with --prompts-file)")
     gen.add_argument("--negative-prompt", default=None,
@@ -1441,18 +1455,18 @@ def _parser() -> argparse.ArgumentParser:
                                  "which `unitoken pretokenize` reads (picture paths relative to the file): a .json "
                                  "list at the end, or a .jsonl file batch by batch, which a rerun continues. "
                                  "Pictures that cannot be read are listed on stderr and left out.")
-    cap.add_argument("inputs", nargs="+", metavar="PICTURE_OR_FOLDER")
+    cap.add_argument("inputs", nargs="+", metavar="PICTURE_OR_FOLDER", help="picture files and folders of them")
     cap.add_argument("--out", required=True, help="the .json file to write, or a .jsonl file to add to (resumable)")
     cap.add_argument("--question", default="Describe the picture.", help="asked about every picture")
     cap.add_argument("--batch-size", type=_whole(1), default=16, help="pictures a batch")
     cap.add_argument("--process-index", type=_whole(0), default=0,
                      help=share_help.format("picture") + " and its own --out")
-    cap.add_argument("--process-count", type=_whole(1), default=1)
+    cap.add_argument("--process-count", type=_whole(1), default=1, help=count_help)
     model_args(cap)
     cap.set_defaults(func=_caption)
     edi = add_parser("edit", help="draw a new picture from a picture and an instruction")
-    edi.add_argument("image")
-    edi.add_argument("instruction")
+    edi.add_argument("image", help="the picture file to edit")
+    edi.add_argument("instruction", help="what to change, in one quoted argument")
     edi.add_argument("more", nargs="*", help=argparse.SUPPRESS)  # (refused by name: a second picture, unquoted words)
     edi.add_argument("--negative-prompt", default=None,
                      help="text guidance steers away from (as generate's; Python's edit and the server's take it)")
@@ -1541,7 +1555,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--vq-batch", type=_whole(1), default=32, help="images per VQ-GAN call")
     pre.add_argument("--process-index", type=_whole(0), default=0,
                      help="this process's share (chunk %% count == index)")
-    pre.add_argument("--process-count", type=_whole(1), default=1)
+    pre.add_argument("--process-count", type=_whole(1), default=1, help=count_help)
     pre.set_defaults(func=_pretokenize)
     tra = sub.add_parser(
         "train", help="run a training stage (same flags as python -m unitoken_jax.train)",
@@ -1599,7 +1613,10 @@ def main(argv: list[str] | None = None) -> int:
         args = verbs.choices["understand"].parse_intermixed_args(argv[1:])
         args.command = "understand"
     else:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the verb's parser: "unitoken generate: error: ...", with its usage line
+            verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            verbs.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     _expand_home(args)
     # this package's INFO lines (what the bundled model knows, where the compilation cache is) and the
     # libraries' warnings. The level is set on our logger, not the root: importing orbax already logged

@@ -487,6 +487,9 @@ def load(path: str, *, param_dtype: str | None = "float32", mesh: Mesh | None = 
             param_dtype = auto_dtype(platform)
         if config_overrides.get("dtype") == "auto":
             config_overrides["dtype"] = auto_dtype(platform)
+    if quantize == "auto":  # (the CLI's --quantize auto plans for a verb's pictures on these devices)
+        raise ValueError("quantize='auto' is the CLI's plan for a command's pictures; in Python choose 'none' or "
+                         "'int8', or ask unitoken_jax.inference.fit.choose_quantize(config, images) which fits")
     if quantize is not None:
         check_quantize(quantize)
     if param_dtype is not None and (not isinstance(param_dtype, str) or param_dtype not in FLOAT_DTYPES):

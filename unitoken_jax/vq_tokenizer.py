@@ -36,6 +36,10 @@ def _program(config: VQGANConfig, method: str):
 
 
 class VQTokenizer:
+    """The VQ-GAN that turns pictures into grids of discrete codes (`encode`: pixels in [-1, 1],
+    [N, H, W, 3] -> codes [N, H/16, W/16]) and codes back into pictures (`decode`, where the
+    checkpoint holds the decoder). `VQTokenizer.load(path)` reads any format the package knows."""
+
     def __init__(self, config: VQGANConfig, params, mesh: Mesh | None = None):
         self.config = config
         self.params = params
@@ -55,11 +59,13 @@ class VQTokenizer:
 
     @classmethod
     def from_meta(cls, ckpt_path: str, yaml_path: str | None = None, mesh: Mesh | None = None) -> "VQTokenizer":
+        """Meta's Chameleon VQ-GAN: `vqgan.ckpt` and its `vqgan.yaml` (default: beside it)."""
         config, params = vq_io.read_meta_checkpoint(ckpt_path, yaml_path)
         return cls(config, jax.device_put(params), mesh)
 
     @classmethod
     def from_hf(cls, path: str, mesh: Mesh | None = None) -> "VQTokenizer":
+        """The encoder an HF Chameleon / UniToken checkpoint directory holds (`model.vqmodel.*`; no decoder)."""
         config, params = vq_io.read_hf_vqmodel(path)
         return cls(config, jax.device_put(params), mesh)
 
@@ -105,6 +111,7 @@ class VQTokenizer:
 
     @classmethod
     def random(cls, config: VQGANConfig, seed: int = 0) -> "VQTokenizer":
+        """An untrained VQ-GAN of `config` (encoder and decoder), initialised from `seed`: for tests."""
         size = 2 * config.downsample_factor
         params = VQGAN(config).init(jax.random.key(seed), jnp.zeros((1, size, size, config.in_channels)))["params"]
         return cls(config, params)

@@ -88,7 +88,7 @@ class PretokenizeSettings:
         if not isinstance(self.split, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", self.split):
             raise ValueError(f"split={self.split!r}: a split name takes letters, digits, '_' and '-' only")
         for name in ("vq_size", "siglip_size", "patch", "chunk_size", "vq_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _whole(getattr(self, name), 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number of at least 1")
         if self.siglip_size < self.patch:
             raise ValueError(f"siglip_size={self.siglip_size} is smaller than one patch ({self.patch} px)")
@@ -98,23 +98,28 @@ class PretokenizeSettings:
             extra = anyres_lib.max_block(self.siglip_size, self.patch, self.pinpoints()) \
                 if self.anyres and self.continuous else 0
             object.__setattr__(self, "max_length", DISCRETE_LENGTH + extra)
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ValueError(f"max_length={self.max_length!r} must be a whole number of at least 1 (None: no limit)")
+        if self.max_length is not None and not _whole(self.max_length, 1):
+            raise ValueError(f"max_length={self.max_length!r} must be a whole number of at least 1 (None: no limit, "
+                             "which the CLI's --max-length spells 0)")
 
     def pinpoints(self) -> tuple[tuple[int, int], ...]:
         return anyres_lib.check_pinpoints(self.anyres_grid_pinpoints, self.siglip_size)  # (empty: the defaults)
 
     def to_json(self) -> dict:
+        """The settings as JSON values (what a dataset's pretokenize record keeps; `from_json` reads it)."""
         return dict(dataclasses.asdict(self), anyres_grid_pinpoints=[list(p) for p in self.pinpoints()])
 
     @classmethod
     def from_json(cls, d: dict) -> "PretokenizeSettings":
+        """Settings from `to_json`'s dict (keys it does not know, e.g. of a newer version, are left out)."""
         d = dict(d)
         d["anyres_grid_pinpoints"] = tuple(tuple(p) for p in d.get("anyres_grid_pinpoints", ()))
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
 def features_dict():
+    """The TFDS features of a pretokenized item: its id and kind, token ids and labels (picture codes among
+    them), where SigLIP features go (`is_continuous`, `feature_index`), its pictures' bytes and feature counts."""
     import tensorflow_datasets as tfds
 
     seq = lambda dtype: tfds.features.Tensor(shape=(None,), dtype=dtype)  # noqa: E731
@@ -264,6 +269,11 @@ class _Chunk:
         return records, kinds, sizes, sorted(bad, key=lambda b: b["index"])
 
 
+def _whole(value, least: int) -> bool:
+    """Whether `value` is an int (never a bool: True was taken as 1) of at least `least`."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= least
+
+
 def _item_id(item, source: str, index: int) -> str:
     if isinstance(item, dict) and isinstance(item.get("id"), (str, int)):
         return str(item["id"])
@@ -276,10 +286,12 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
     """Writes this process's chunks of `items_path` under `out_dir`, then the TFDS metadata if every
     chunk of every process is done. `max_chunks` stops after that many new chunks (for tests and
     time-boxed jobs). Returns a summary: items written and skipped, and whether the dataset is complete."""
-    if process_count < 1:
-        raise ValueError(f"process_count={process_count} must be at least 1")
-    if not 0 <= process_index < process_count:
+    if not _whole(process_count, 1):
+        raise ValueError(f"process_count={process_count!r} must be a whole number of at least 1")
+    if not _whole(process_index, 0) or not process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
+    if max_chunks is not None and not _whole(max_chunks, 0):
+        raise ValueError(f"max_chunks={max_chunks!r} must be a whole number (None: every chunk)")
     factor = vq.config.downsample_factor
     if settings.vq_size % factor:
         raise ValueError(f"vq_size={settings.vq_size}: the VQ-GAN takes sides that are multiples of {factor} px "

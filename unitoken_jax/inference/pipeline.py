@@ -163,16 +163,27 @@ _REQUEST_OPTIONS = tuple(f.name for f in dataclasses.fields(Request)
                          if f.name not in ("tokens", "is_continuous", "feature_index", "pixels", "uncond_tokens"))
 
 
-def _check_options(options: dict, own: dict[str, str] | None = None) -> None:
+# a request's fields that act only where it draws a picture (understand's answers draw none)
+_PICTURE_OPTIONS = ("image_temperature", "image_top_k", "image_top_p", "cfg_scale", "grid_hw", "max_grid",
+                    "allow_images", "stop_after_image")
+# a picture request's fields it sets itself: what it is (one picture, then the end)
+_DRAWING_FIELDS = ("allow_images", "stop_after_image", "max_grid")
+
+
+def _check_options(options: dict, own: dict[str, str] | None = None, not_here: Sequence[str] = (),
+                   why: str = "") -> None:
     """An unknown keyword is a TypeError naming the options there are (it was one naming
     `Request.__init__`, a class the caller never called); `own`: the request's fields this call
-    sets from arguments of its own (field -> the argument's name)."""
+    sets from arguments of its own (field -> the argument's name); `not_here`: fields this call
+    does not take (`why`: what it does instead), refused rather than ignored or misapplied."""
     own = own or {}
     for k in options:
         if k in own:
             raise TypeError(f"{k} is set by {own[k]}= here")
+        if k in not_here:
+            raise TypeError(f"{k} is not an option here: {why}")
         if k not in _REQUEST_OPTIONS:
-            options_ = [own.get(o, o) for o in _REQUEST_OPTIONS]
+            options_ = [own.get(o, o) for o in _REQUEST_OPTIONS if o not in not_here]
             raise TypeError(f"unexpected keyword argument {k!r}; the options a request takes: {', '.join(options_)}")
 
 
@@ -464,11 +475,14 @@ class UniTokenPipeline:
         images = _listify(images)
         value = "".join(IMAGE_PLACEHOLDER for _ in images) + ("\n" if images else "") + _plain(question, "question")
         item = {"conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": None}], "image": images}
-        _check_options(options)
+        # (cfg_scale took a second, unconditional row for an answer in words, which guidance never acts on)
+        _check_options(options, not_here=_PICTURE_OPTIONS,
+                       why="understand answers in words, and it acts on pictures (chat's answers may draw)")
         return Request(**self._encode(item), **{"max_new_tokens": 256, **options})
 
     def _image_request(self, item, size, cfg, negative_prompt, **options) -> Request:
-        _check_options(options, {"cfg_scale": "cfg", "grid_hw": "size"})
+        _check_options(options, {"cfg_scale": "cfg", "grid_hw": "size"}, not_here=_DRAWING_FIELDS,
+                       why="a picture request draws one picture of its size, then ends")
         called = {"cfg_scale": "cfg"}  # the Request's names of options -> the caller's
         for text_option, image_option in _IMAGE_SAMPLING.items():
             if text_option in options:
@@ -480,12 +494,7 @@ class UniTokenPipeline:
         if negative_prompt is not None and cfg == 1:
             raise NegativePromptError("a negative prompt acts only through guidance, and cfg=1 is none: give cfg "
                                       "other than 1 (3 by default) or leave the negative prompt out")
-        w, h = _size_pair(self.default_size if size is None else size)
-        unit = layout.PIXELS_PER_GRID
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (w, h)) \
-                or w % unit or h % unit:
-            raise ValueError(f"image size {w}x{h} must be positive and a multiple of {unit} pixels each way")
-        grid_hw = (h // unit, w // unit)
+        (w, h), grid_hw = self._grid(self.default_size if size is None else size)
         encoded = self._encode(item)
         prompt = len(encoded["tokens"]) + len(self.image_prefix)
         needed = prompt + layout.generated_image_length(grid_hw)
@@ -497,10 +506,7 @@ class UniTokenPipeline:
                 raise SequenceTooLong(f"{said} (shorten the prompt)")
             raise PictureTooLarge(f"{said} (ask for a smaller size: {fits[0]}x{fits[1]} fits beside this prompt; or "
                                   "shorten the prompt)", fits)
-        if self.trained_sizes is not None and (w, h) not in self.trained_sizes:
-            known = " or ".join(f"{a}x{b}" for a, b in self.trained_sizes)
-            _say(UntrainedSize(f"this model was trained to draw {known} pictures only, not {w}x{h}: it never saw "
-                               "that size, and its pictures come out as noise"))
+        self._check_trained_size(w, h)
         encoded["tokens"] = np.concatenate([encoded["tokens"], self.image_prefix + [layout.IMAGE_START]]).astype(np.int32)
         if encoded["is_continuous"] is not None:
             pad = len(self.image_prefix) + 1
@@ -533,6 +539,23 @@ class UniTokenPipeline:
             if e.option not in called:
                 raise
             raise e.renamed(called[e.option]) from None
+
+    @staticmethod
+    def _grid(size) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((width, height), (grid rows, grid columns)) of a picture size in pixels, refused by value
+        unless positive multiples of 32."""
+        w, h = _size_pair(size)
+        unit = layout.PIXELS_PER_GRID
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (w, h)) \
+                or w % unit or h % unit:
+            raise ValueError(f"image size {w}x{h} must be positive and a multiple of {unit} pixels each way")
+        return (w, h), (h // unit, w // unit)
+
+    def _check_trained_size(self, w: int, h: int) -> None:
+        if self.trained_sizes is not None and (w, h) not in self.trained_sizes:
+            known = " or ".join(f"{a}x{b}" for a, b in self.trained_sizes)
+            _say(UntrainedSize(f"this model was trained to draw {known} pictures only, not {w}x{h}: it never saw "
+                               "that size, and its pictures come out as noise"))
 
     def _largest_fitting(self, prompt: int, area: int) -> tuple[int, int] | None:
         """The largest picture size, smaller than `area` pixels, that fits beside a prompt of `prompt`
@@ -580,16 +603,29 @@ class UniTokenPipeline:
             raise SequenceTooLong(f"the instruction and its picture take {e.positions} positions, more than the "
                                   f"maximum length {e.max_length} (shorten the instruction)") from None
 
-    def chat_request(self, messages: list[dict[str, Any]], images=(), **options) -> Request:
+    def chat_request(self, messages: list[dict[str, Any]], images=(), *, cfg: float = 1.0, size=None,
+                     **options) -> Request:
         """The request `chat` runs for a conversation (`messages` as `chat` takes them), for `run`;
-        its answer may hold text and pictures."""
+        its answer may hold text and pictures. `cfg`: classifier-free guidance for a picture the
+        answer draws, from its <racm3:break> on (1: none, the default here and in the server;
+        `unitoken chat --cfg` defaults to 3): a guided answer takes a second row for every token,
+        words too. `size`: (width, height) in pixels that a picture it draws must have (default:
+        the model's choice, or its one trained size). `options`: `Request`'s sampling fields
+        (temperature / top_k / top_p for words, image_temperature / image_top_k / image_top_p for
+        picture codes, max_new_tokens: 2,048 by default; allow_images=False: words only)."""
         if isinstance(messages, (str, dict)) or not len(messages):
             raise ValueError(f"messages must be a list of turns ({{'from': 'human', 'value': ...}} first), got "
                              f"{messages!r:.80}")
         item = {"conversations": list(messages) + [{"from": "gpt", "value": None}], "image": _pictures(images)}
-        _check_options(options)
-        request = Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
-                                                   **options})
+        _check_options(options, {"cfg_scale": "cfg", "grid_hw": "size"})
+        if size is not None:
+            (w, h), options["grid_hw"] = self._grid(size)
+            self._check_trained_size(w, h)
+        try:
+            request = Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
+                                                       "cfg_scale": cfg, **options})
+        except OptionError as e:  # (cfg=-1 named as the caller gave it)
+            raise (e.renamed("cfg") if e.option == "cfg_scale" else e) from None
         if not request.allow_images and request.cfg_scale != 1.0:
             # guidance acts on pictures alone, and this answer draws none: the same answer without the
             # unconditional row it would take in a batch (a server's --max-batch counted it)
@@ -805,7 +841,8 @@ class UniTokenPipeline:
         `layout.parse_image_ids` (with a `PictureRepaired` warning) rather than raising.
         `stream(text)` gets the answer's text as it is generated (up to its first picture; the
         returned first part starts with all that was streamed), e.g. `stream=lambda t: print(t,
-        end="", flush=True)`.
+        end="", flush=True)`. `cfg`, `size` and the sampling options: as `chat_request` takes them
+        (guidance off by default: `cfg=3.0` guides a picture as `unitoken chat` does).
 
         The conversation's earlier turns are not computed again: the positions this call's prompt
         shares with the previous chat call's prompt and answer come from that call's KV cache,

@@ -297,7 +297,7 @@ class _Server:
         try:
             request = self.pipe.chat_request(call.conversation, call.images, max_new_tokens=1, seed=0,
                                              temperature=call.temperature, top_p=call.top_p, top_k=call.top_k,
-                                             cfg_scale=call.guidance_scale, allow_images=call.allow_images)
+                                             cfg=call.guidance_scale, allow_images=call.allow_images)
         except ConversationError as e:
             raise bad(str(e), "messages", "context_length_exceeded" if isinstance(e, SequenceTooLong) else None) \
                 from None

@@ -45,6 +45,10 @@ def not_unicode(text: str) -> str | None:
 
 
 class TextTokenizer:
+    """Chameleon's BPE tokenizer (its text_tokenizer.json) with the VQ-GAN codes' tokens: text to ids
+    and back (`encode_text`, `decode_text`), picture codes to ids and back (`codes_to_ids`,
+    `ids_to_codes`). `TextTokenizer.from_file(path)` reads one."""
+
     def __init__(self, tokenizer_json: str):
         """`tokenizer_json`: the contents (not the path) of a tokenizer.json."""
         spec = json.loads(tokenizer_json)
@@ -117,6 +121,7 @@ class TextTokenizer:
         return ids
 
     def token_id(self, name: str) -> int:
+        """The id of the token spelled `name` (e.g. "<racm3:break>"); a TokenizerError if there is none."""
         token_id = self._full.token_to_id(name)
         if token_id is None:
             raise TokenizerError(f"no token {name!r} in the tokenizer")
@@ -129,12 +134,15 @@ class TextTokenizer:
         return self._full.decode(list(ids), skip_special_tokens=True)
 
     def codes_to_ids(self, codes) -> np.ndarray:
+        """The token ids of VQ-GAN codes (0..num_codes - 1), an array of the codes' shape."""
         codes = np.asarray(codes)
         if codes.size and (codes.min() < 0 or codes.max() >= self.num_codes):
             raise ValueError(f"VQ codes must lie in 0..{self.num_codes - 1}")
         return self.code_to_bpe[codes]
 
     def ids_to_codes(self, ids) -> np.ndarray:
+        """The VQ-GAN codes of image-code token ids, an array of the ids' shape; a ValueError naming
+        ids that are not image codes."""
         ids = np.asarray(ids)
         codes = np.where((ids >= 0) & (ids < self.vocab_size), self.bpe_to_code[np.clip(ids, 0, self.vocab_size - 1)], -1)
         if (codes < 0).any():
