@@ -1272,6 +1272,9 @@ MUTATIONS = (
     Mutation("pretokenize_bool_as_one", "PretokenizeSettings taking vq_size=True as 1",
              "unitoken_jax/data/pretokenize.py", " and not isinstance(value, (bool, np.bool_)) and value >= least",
              " and value >= least", ("tests/test_pretokenize.py", "-k", "refused_as_they_are_made")),
+    Mutation("cpu_concurrent_collectives", "XLA:CPU's concurrency-optimized scheduler left on for a fake CPU mesh",
+             "unitoken_jax/__init__.py", "\n_apply_cpu_flags()\n", "\n",
+             ("tests/test_default_model.py", "-k", "data_parallel_cpu_mesh")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -996,3 +996,43 @@ def test_each_verb_takes_the_options_that_act_on_what_it_draws_by_the_same_names
     capsys.readouterr()
     greedy = drawn[("--temperature", "0")]
     assert np.array_equal(drawn[("--top-p", "0.000001")], greedy) and not np.array_equal(drawn[()], greedy)
+
+
+def test_a_scanned_decode_loop_on_a_data_parallel_cpu_mesh_runs_and_draws_the_one_device_pictures(tmp_path):
+    """Four prompts (8 rows with guidance) over 8 fake CPU devices split the data way, scanned layers
+    (what TPUs and GPUs run; a CPU's auto is unrolled): XLA:CPU's concurrency-optimized scheduler let
+    devices enter different collectives, and the process waited, then aborted (every time on 2
+    cores). Importing the package turns it off where the CPU has several devices (`unitoken_jax`'s
+    `_cpu_collectives_in_order`); the child gets XLA_FLAGS without it, as a user's shell gives them."""
+    import subprocess
+    import sys
+
+    import conftest
+    import unitoken_jax
+
+    prompts = ["a red circle at the top left", "a blue square at the bottom right",
+               "a green triangle at the top right", "a red square at the top left"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    flags = (f"--xla_force_host_platform_device_count=8 {conftest.CHEAP_COMPILES} "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=60")  # (a deadlock: fails in a minute)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(tmp_path), XLA_FLAGS=flags)
+    done = subprocess.run([sys.executable, "-m", "unitoken_jax.console", "generate", "--prompts-file",
+                           str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "drawn"), "--mesh=8,1,1",
+                           "--layers", "scan", "--seed", "3", "--compilation-cache", "off"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pipe = default.pipeline()
+    for k, prompt in enumerate(prompts):  # (each line's pictures take seeds --seed on; a batch = its runs alone)
+        alone = pipe.generate_image(prompt, seed=3, progress=False)[0]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "drawn" / f"{k:05d}_0.png")), np.asarray(alone)), k
+    # the rule: several CPU devices (forced, or JAX_NUM_CPU_DEVICES) and no value of the user's own
+    added = unitoken_jax.CPU_COLLECTIVES_IN_ORDER
+    for environ, wanted in (({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                             "--xla_force_host_platform_device_count=8 " + added),
+                            ({"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                             "--xla_force_host_platform_device_count=1"),
+                            ({"JAX_NUM_CPU_DEVICES": "4"}, added), ({}, None),
+                            ({"JAX_NUM_CPU_DEVICES": "4", "XLA_FLAGS": "--xla_cpu_enable_concurrency_optimized_"
+                              "scheduler=true"}, "--xla_cpu_enable_concurrency_optimized_scheduler=true")):
+        unitoken_jax._cpu_collectives_in_order(environ)
+        assert environ.get("XLA_FLAGS") == wanted, environ

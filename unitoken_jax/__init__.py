@@ -11,6 +11,41 @@ _EXPORTS = {"CheckpointError": "unitoken_jax.convert.files", "UniTokenModel": "u
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
+# XLA:CPU's concurrency-optimized scheduler lets one fake CPU device's thread enter a collective
+# while another's enters a different one: a program of several (a scanned decode loop on a mesh
+# of 8 such devices split over the data axis, 8 different rows) waited 40 s, then aborted the
+# process, every time on 2 cores. The plain scheduler keeps them in one order; accelerators
+# order collectives themselves and read no XLA:CPU flag.
+CPU_COLLECTIVES_IN_ORDER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _several_cpu_devices(environ) -> bool:
+    import re
+
+    forced = re.findall(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+    counts = [int(forced[-1])] if forced else []
+    if environ.get("JAX_NUM_CPU_DEVICES", "").strip().isdigit():
+        counts.append(int(environ["JAX_NUM_CPU_DEVICES"]))
+    return any(n > 1 for n in counts)
+
+
+def _cpu_collectives_in_order(environ) -> None:
+    """Adds `CPU_COLLECTIVES_IN_ORDER` to XLA_FLAGS where the CPU has several devices and the user
+    set no value of their own: read when JAX first starts its CPU backend, so only a process that
+    imports this package before that is helped (`unitoken`, and Python that imports it first)."""
+    flags = environ.get("XLA_FLAGS", "")
+    if _several_cpu_devices(environ) and "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+        environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVES_IN_ORDER}".strip()
+
+
+def _apply_cpu_flags() -> None:
+    import os
+
+    _cpu_collectives_in_order(os.environ)
+
+
+_apply_cpu_flags()
+
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
