@@ -1275,6 +1275,9 @@ MUTATIONS = (
     Mutation("cpu_concurrent_collectives", "XLA:CPU's concurrency-optimized scheduler left on for a fake CPU mesh",
              "unitoken_jax/__init__.py", "\n_apply_cpu_flags()\n", "\n",
              ("tests/test_default_model.py", "-k", "data_parallel_cpu_mesh")),
+    Mutation("left_over_pictures_unsaid", "edit --n 2 over --n 3's pictures leaving _2 unsaid", "unitoken_jax/cli.py",
+             '    _say_left_over("edit", args.out, args.n)\n', "",
+             ("tests/test_default_model.py", "-k", "edit_draws_n_edits")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

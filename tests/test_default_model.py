@@ -751,6 +751,15 @@ def test_unitoken_edit_draws_n_edits_numbered_as_generate_numbers_them(tmp_path,
     for i in (1, 2):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"b_{i}.png")),
                                       np.asarray(Image.open(tmp_path / f"e_{i - 1}.png")))
+    capsys.readouterr()
+    # fewer over an earlier run's numbered pictures: the ones this run did not write are said (b_2.png
+    # was left unsaid, to be read as this run's), and only those
+    assert main(["edit", str(red), "make it blue", "--n", "2", "--out", str(tmp_path / "b.png")]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"edit: {tmp_path / 'b_2.png'}: left there by an earlier run (1 picture(s); this run wrote "
+        f"{tmp_path / 'b_0.png'} to {tmp_path / 'b_1.png'})")
+    assert main(["generate", "a red circle at the top left", "--n", "3", "--out", str(tmp_path / "b.png")]) == 0
+    assert "left there" not in capsys.readouterr().err
     from unitoken_jax import cli, read_config
 
     config = read_config(os.path.join(default.DEFAULT_DIR, "model"))

@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -459,6 +460,21 @@ def _numbered(out: str, i: int, n: int) -> str:
     return f"{stem}_{i}{ext or '.png'}"
 
 
+def _say_left_over(verb: str, out: str, n: int) -> None:
+    """Says the numbered pictures beside --out that this run of n did not write (an earlier run's with
+    a larger --n: `--n 2` over `--n 3`'s files rewrote _0 and _1 and left _2 to be read as this run's)."""
+    stem, ext = os.path.splitext(out)
+    folder, pattern = os.path.dirname(out) or ".", re.compile(re.escape(os.path.basename(stem)) + r"_(\d+)" +
+                                                               re.escape(ext or ".png") + "$")
+    left = sorted((int(m.group(1)), os.path.join(os.path.dirname(out), name)) for name in os.listdir(folder)
+                  if (m := pattern.match(name)) and (n == 1 or int(m.group(1)) >= n))
+    if left:
+        names = ", ".join(path for _, path in left[:3]) + (" ..." if len(left) > 3 else "")
+        wrote = out if n == 1 else f"{_numbered(out, 0, n)} to {_numbered(out, n - 1, n)}"
+        print(f"{verb}: {names}: left there by an earlier run ({len(left)} picture(s); this run wrote {wrote})",
+              file=sys.stderr)
+
+
 def _understand(args) -> int:
     *images, question = args.inputs
     if os.path.isfile(question):
@@ -734,6 +750,7 @@ def _generate(args) -> int:
         path = _numbered(args.out, i, len(pictures))
         _save(picture, path)
         print(f"wrote {path}")
+    _say_left_over("generate", args.out, len(pictures))
     _say_pixels(pictures[0], args.size, pipe, given=not getattr(args, "own_size", False))
     return 0
 
@@ -968,6 +985,7 @@ def _edit(args) -> int:
         path = _numbered(args.out, i, args.n)
         _save(picture, path)
         print(f"wrote {path}")
+    _say_left_over("edit", args.out, args.n)
     _say_pixels(picture, args.size, pipe, given=not getattr(args, "own_size", False))
     return 0
 
