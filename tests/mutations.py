@@ -1278,6 +1278,10 @@ MUTATIONS = (
     Mutation("left_over_pictures_unsaid", "edit --n 2 over --n 3's pictures leaving _2 unsaid", "unitoken_jax/cli.py",
              '    _say_left_over("edit", args.out, args.n)\n', "",
              ("tests/test_default_model.py", "-k", "edit_draws_n_edits")),
+    Mutation("record_template_not_read", "a model's record of its prompt wording, sizes and image prefix not read",
+             "unitoken_jax/inference/pipeline.py",
+             '        if trained_sizes is None and isinstance(trained.get("sizes"), list):',
+             '        if False:', ("tests/test_default_model.py", "-k", "copy_of_the_bundled")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -1045,3 +1045,44 @@ def test_a_scanned_decode_loop_on_a_data_parallel_cpu_mesh_runs_and_draws_the_on
                               "scheduler=true"}, "--xla_cpu_enable_concurrency_optimized_scheduler=true")):
         unitoken_jax._cpu_collectives_in_order(environ)
         assert environ.get("XLA_FLAGS") == wanted, environ
+
+
+def test_a_copy_of_the_bundled_model_named_as_model_draws_and_answers_as_the_bundled_one(tmp_path, capsys):
+    """The bundled model's directory held no record of how it draws (its size, prompt wording and
+    image prefix were the `default.pipeline` function's): named as --model, or converted to int8
+    and named, it drew 512 x 512 from the reference's prompt ("the prompt takes 19 positions and a
+    512x512 picture 1060: ... more than the model's 512"). Its `trained_pictures.json` says them, and
+    `convert` keeps it."""
+    import json
+    import warnings
+
+    import unitoken_jax
+    from unitoken_jax.cli import main
+    from unitoken_jax.inference.pipeline import UniTokenPipeline, UntrainedSize
+    from unitoken_jax.tokenizer.text import TextTokenizer
+    from unitoken_jax.vq_tokenizer import VQTokenizer
+
+    d = default.DEFAULT_DIR
+    with open(os.path.join(d, "world.json")) as f:
+        world = json.load(f)
+    names = ["--tokenizer", os.path.join(d, "tokenizer.json"), "--vqgan", os.path.join(d, "vqgan")]
+    q8 = str(tmp_path / "q8")
+    assert main(["convert", "--from", os.path.join(d, "model"), "--to", q8, "--quantize", "int8"]) == 0
+    red = shapes.Thing("red", "circle", "top left")
+    assert main(["generate", red.text, "--out", str(tmp_path / "red.png"), "--model", q8, *names]) == 0
+    drawn = Image.open(tmp_path / "red.png")
+    assert drawn.size == tuple(world["size"]) and shapes.check_picture(drawn).matches(red)
+    capsys.readouterr()
+    assert main(["understand", str(tmp_path / "red.png"), "What colour is the shape?", "--model",
+                 str(tmp_path / "q8"), *names]) == 0
+    assert capsys.readouterr().out.strip() == "red"
+    pipe = UniTokenPipeline(unitoken_jax.load(os.path.join(d, "model"), progress=False),
+                            TextTokenizer.from_file(os.path.join(d, "tokenizer.json")),
+                            VQTokenizer.from_dir(os.path.join(d, "vqgan")))
+    bundled = default.pipeline()
+    assert (pipe.default_size, pipe.trained_sizes, pipe.image_prefix, pipe.generate_template, pipe.vq_size) == (
+        bundled.default_size, bundled.trained_sizes, bundled.image_prefix, bundled.generate_template, bundled.vq_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.generate_request(red.text, size=(128, 128))
+    assert any(isinstance(w.message, UntrainedSize) for w in caught)

@@ -164,6 +164,13 @@ def test_an_export_writes_the_bundled_layout_and_replaces_only_an_earlier_export
     dest = tmp_path / "dest"
     default.export(str(source / "model"), str(source / "vqgan"), str(dest), {"note": 1})
     assert sorted(os.listdir(dest)) == sorted(default.EXPORTED) and default.settings(str(dest))["results"] == {"note": 1}
+    # the model keeps how the world draws (a copy of it named as --model drew 512 x 512 from the reference's
+    # prompt): the bundled record, the same tokenizer and VQ-GAN fingerprints as the package's own
+    import json
+
+    with open(dest / "model" / "trained_pictures.json") as f, \
+            open(os.path.join(default.DEFAULT_DIR, "model", "trained_pictures.json")) as g:
+        assert json.load(f) == json.load(g)
     # onto itself: the sources are read before the folder is replaced
     default.export(str(source / "model"), str(source / "vqgan"), str(source))
     assert sorted(os.listdir(source)) == sorted(default.EXPORTED) and default.available(str(source))

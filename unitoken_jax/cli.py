@@ -1367,8 +1367,9 @@ def _parser() -> argparse.ArgumentParser:
     def template_arg(p):
         p.add_argument("--template", default=None,
                        help="the prompt a picture is asked for with: {prompt}, and optionally {w} and {h} (its "
-                            "width and height), filled in (default: the reference's; the bundled model: its own). "
-                            "A model trained with another wording needs it")
+                            "width and height), filled in (default: the one the model's trained_pictures.json "
+                            "records, as the bundled model's does; else the reference's). A model trained with "
+                            "another wording needs it")
 
     def model_args(p, image_out=False, per_request=True):
         p.add_argument("--model", help="HF or Orbax checkpoint dir (default $UNITOKEN_MODEL, else the bundled "

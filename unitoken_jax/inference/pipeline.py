@@ -373,7 +373,7 @@ class UniTokenPipeline:
 
     def __init__(self, model, tokenizer, vq, *, anyres: bool | None = None, vq_size: int | None = None,
                  siglip_size: int | None = None, image_prefix: Sequence[int] | None = None,
-                 generate_template: str = GENERATE_TEMPLATE, max_length: int | None = None,
+                 generate_template: str | None = None, max_length: int | None = None,
                  continuous: bool | None = None,
                  cache_growth: int | None = None, default_size: tuple[int, int] | None = None, anyres_pinpoints=None,
                  cache_block: int | None = None, layers: str = "auto", trained_sizes=None):
@@ -382,9 +382,11 @@ class UniTokenPipeline:
         pictures had, where it records their crop (`trained_size`), else 512 x 512);
         `trained_sizes`: the (width, height)s the model was trained to draw, if it is known to draw
         no other (the bundled model's: 64 x 64): another warns `UntrainedSize` (its pictures come
-        out as noise); None: any. Other defaults come from
-        the model: `image_prefix` the reference's 16853 where the vocabulary has that id (none
-        otherwise), `vq_size` 512 or, for a model too short for 512 px of codes, the largest halving
+        out as noise); None: those its record (`TRAINED_PICTURES`) lists as `sizes`, else any.
+        `image_prefix` and `generate_template` too default to its record's (the bundled model's
+        directory has one, so that a copy of it loaded as --model draws as it does). Other defaults
+        come from the model: `image_prefix` the reference's 16853 where the vocabulary has that id
+        (none otherwise), `vq_size` 512 or, for a model too short for 512 px of codes, the largest halving
         whose code grid takes at most a quarter of its length, `siglip_size` and the patch from its
         vision tower. `cache_growth`: see `DecodeLoop` (on a CPU, e.g. 128: a few per cent faster
         steps at most, more compiles on the first call); `cache_block` too (a scanned loop's cache
@@ -401,15 +403,21 @@ class UniTokenPipeline:
         to what a model trained here records of its data (`TRAINED_PICTURES`), else False and True
         (the base release's layout)."""
         self.model, self.tokenizer, self.vq = model, tokenizer, vq
+        trained = trained_record(model)  # (read once: the defaults below come from it)
+        if trained_sizes is None and isinstance(trained.get("sizes"), list):
+            trained_sizes = trained["sizes"]
         self.trained_sizes = None if trained_sizes is None else [_size_pair(x) for x in trained_sizes]
         vocab = model.config.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, more than the model's vocabulary of "
                              f"{vocab}: its ids past {vocab - 1} would index nothing (NaN or empty answers). Use the "
                              "tokenizer the model was trained with")
+        if image_prefix is None and isinstance(trained.get("image_prefix"), list):
+            image_prefix = trained["image_prefix"]
         if image_prefix is None:
             image_prefix = REFERENCE_IMAGE_PREFIX if all(i < vocab for i in REFERENCE_IMAGE_PREFIX) else ()
-        trained = trained_record(model)  # (read once: the three defaults below come from it)
+        if generate_template is None:
+            generate_template = trained.get("generate_template") or GENERATE_TEMPLATE
         check_trained_tokenizer(model, trained, tokenizer)
         check_trained_vqgan(model, trained, vq)
         if anyres is None:

@@ -2,7 +2,8 @@
 (`python -m unitoken_jax.world.build`), shipped inside the package so that `unitoken generate`
 and `unitoken understand` work right after install, with nothing to download.
 
-    DEFAULT_DIR/model/      the model in the HF layout (safetensors, bfloat16) + config.json
+    DEFAULT_DIR/model/      the model in the HF layout (safetensors, bfloat16) + config.json, and
+                            trained_pictures.json: how it draws (so a copy named as --model draws so)
     DEFAULT_DIR/vqgan/      its VQ-GAN (vqgan.safetensors + vqgan_config.json)
     DEFAULT_DIR/tokenizer.json
     DEFAULT_DIR/world.json  how it was trained: VQ crop size, picture size, no image prefix, results
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 
 import unitoken_jax
-from unitoken_jax.inference.pipeline import UniTokenPipeline
+from unitoken_jax.inference.pipeline import TRAINED_PICTURES, UniTokenPipeline, trained_record
 from unitoken_jax.tokenizer.text import TextTokenizer
 from unitoken_jax.vq_tokenizer import VQTokenizer
 from unitoken_jax.world.shapes import GEN_SIZE, GENERATE_TEMPLATE, VQ_SIZE, tokenizer_json
@@ -65,6 +66,9 @@ def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict |
                         ignore=shutil.ignore_patterns("history.json", "build_settings.json"))
         with open(os.path.join(staging, "tokenizer.json"), "w") as f:
             f.write(tokenizer_json())
+        with open(os.path.join(staging, "model", TRAINED_PICTURES), "w") as f:
+            json.dump(record(TextTokenizer(tokenizer_json()), VQTokenizer.from_dir(os.path.join(staging, "vqgan")),
+                             trained_record(model_dir)), f, indent=1)
         with open(os.path.join(staging, "world.json"), "w") as f:
             json.dump({"vq_size": VQ_SIZE, "size": list(GEN_SIZE), "image_prefix": [], "results": results or {}},
                       f, indent=1)
@@ -77,6 +81,15 @@ def export(model_dir: str, vq_dir: str, dest: str = DEFAULT_DIR, results: dict |
             os.replace(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def record(tokenizer, vq, trained: dict | None = None) -> dict:
+    """The bundled model's `TRAINED_PICTURES` (kept beside its weights, and by every copy the package
+    makes of them): its training's record (`trained`, where the build wrote one) with how the world
+    asks for and draws pictures, the pipeline's defaults for a model that records them."""
+    made_with = {"tokenizer_sha256": tokenizer.fingerprint(), "vqgan_sha256": vq.fingerprint()}
+    return {"continuous": True, "anyres": False, **(trained or {}), "vq_size": VQ_SIZE, "sizes": [list(GEN_SIZE)],
+            "image_prefix": [], "generate_template": GENERATE_TEMPLATE, **made_with}
 
 
 def describe() -> str:
