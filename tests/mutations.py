@@ -1282,6 +1282,9 @@ MUTATIONS = (
              "unitoken_jax/inference/pipeline.py",
              '        if trained_sizes is None and isinstance(trained.get("sizes"), list):',
              '        if False:', ("tests/test_default_model.py", "-k", "copy_of_the_bundled")),
+    Mutation("twice_resumed_data_repacks", "a data state saved after a restore forgetting the groups it skipped",
+             "unitoken_jax/data/pipeline.py", "(a state saved now must skip it again)\n                self._ahead.add(number)\n",
+             "(a state saved now must skip it again)\n", ("tests/test_pipeline.py", "-k", "lookahead_fills_rows")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -582,6 +582,18 @@ def test_lookahead_fills_rows_and_resumes_exactly_from_any_batch(tmp_path):
             np.testing.assert_array_equal(got["tokens"], e["tokens"])
             np.testing.assert_array_equal(got["pixels"], e["pixels"])
         assert again.get_state()["packed"] == states[k + 3]["packed"]
+    # restored, then saved and restored again (a run preempted twice): a group the first restore skipped
+    # as packed ahead was left out of the next state, so the second restore packed it again (17 of 215
+    # samples of a tiny run trained twice, others never, unsaid)
+    chain = InputPipeline(datasets, config).iterator()
+    chain.set_state(states[1])
+    for k in range(1, 8):
+        if k in (3, 5, 6):  # a new process restores the state the last one saved
+            saved = json.loads(json.dumps(chain.get_state()))
+            assert saved == states[k], k
+            chain = InputPipeline(datasets, config).iterator()
+            chain.set_state(saved)
+        assert next(chain)["sample_ids"] == batches[k]["sample_ids"], k
     ids = [i for b in batches for row in b["sample_ids"] for i in row]
     assert len(ids) == len(set(ids)) and len(ids) < 80  # within the first epoch: each sample once
     in_order = InputPipeline(datasets, dataclasses.replace(config, lookahead=0)).iterator()

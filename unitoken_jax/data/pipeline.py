@@ -554,8 +554,9 @@ class _PackingIterator(grain.DatasetIterator):
             state, number = self._streams_now(), self._read
             group = self._next_group()
             self._read += 1
-            if number in self._skip:
-                self._skip.discard(number)
+            if number in self._skip:  # packed before the restore: still packed ahead of the anchor, until it
+                self._skip.discard(number)  # passes (a state saved now must skip it again)
+                self._ahead.add(number)
                 continue
             self._waiting.append((number, state, group))
             return
