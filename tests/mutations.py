@@ -1285,6 +1285,9 @@ MUTATIONS = (
     Mutation("twice_resumed_data_repacks", "a data state saved after a restore forgetting the groups it skipped",
              "unitoken_jax/data/pipeline.py", "(a state saved now must skip it again)\n                self._ahead.add(number)\n",
              "(a state saved now must skip it again)\n", ("tests/test_pipeline.py", "-k", "lookahead_fills_rows")),
+    Mutation("workdir_not_locked", "a second training run on a workdir in use, not refused",
+             "unitoken_jax/train/loop.py", "    lock.take(workdir)\n", "",
+             ("tests/test_train_loop.py", "-k", "finished_run_resumed_to_go_further")),
     Mutation("quantize_plan_without_recorded_anyres", "--quantize auto planning a model trained with AnyRes "
              "pictures for one tile a picture", "unitoken_jax/cli.py",
              'anyres = trained.get("anyres") is True if anyres is None else anyres', "anyres = bool(anyres)",

@@ -746,10 +746,24 @@ def test_a_finished_run_resumed_to_go_further_sets_its_old_final_aside_and_says_
     with pytest.raises(ValueError, match="is at step 3, past total_steps=2: give total_steps=3 or more"):
         train_and_evaluate(_config(2, data, total_steps=2, log_every=100), workdir)
     assert not os.path.exists(os.path.join(workdir, "final"))
+    # a second run on a workdir in use (it resumed from the same checkpoint, saved over the first's and
+    # exported over its final/, unsaid) is refused, naming the run holding it; refused and finished runs free it
+    from unitoken_jax.train import loop
+
+    other = loop._WorkdirLock()
+    other.take(workdir)
+    try:
+        with pytest.raises(ValueError, match=rf"run is in use by another training run \(process {os.getpid()} on "):
+            train_and_evaluate(_config(2, data, total_steps=4, log_every=100), workdir)
+    finally:
+        other.release()
     with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
         train_and_evaluate(_config(2, data, total_steps=4, log_every=100), workdir)
     assert os.path.isdir(os.path.join(workdir, "final"))
     assert "1 of the 4 steps were skipped (non-finite loss or gradient), so the model had 3 updates" in caplog.text
+    free = loop._WorkdirLock()
+    free.take(workdir)  # (the finished run let it go)
+    free.release()
 
 
 def test_a_workdir_holding_another_stages_checkpoints_is_refused(tmp_path, data):

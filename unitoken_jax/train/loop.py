@@ -314,17 +314,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict | TrainConfig, workdir:
     # from the start: a SIGTERM while the run builds, restores and compiles (minutes for the 7B)
     # stops it before its first step as one during training does, not as a failure
     preempted = _PreemptionFlag()
+    lock = _WorkdirLock()
     try:
-        return _train(config, workdir, batch_transform, preempted)
+        return _train(config, workdir, batch_transform, preempted, lock)
     finally:
+        lock.release()
         preempted.restore()
 
 
-def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_PreemptionFlag") -> dict[str, Any]:
+class _WorkdirLock:
+    """One run a workdir: the first process holds an exclusive `flock` on WORKDIR/.lock while the run
+    lives (the system frees it when the process ends, however it ends). A second run on the same
+    workdir had resumed from the same checkpoint, saved over the first's and exported over its
+    final/, unsaid. (A file system without flock, e.g. some network mounts, is said once, not refused.)"""
+
+    NAME = ".lock"
+
+    def __init__(self):
+        self.file = None
+
+    def take(self, workdir: str) -> None:
+        if jax.process_index() != 0:  # (a pod's processes are one run: the first speaks for it)
+            return
+        import fcntl
+        import socket
+
+        path = os.path.join(workdir, self.NAME)
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"{workdir} is in use by another training run ({holder}): two runs on one workdir "
+                             "resume from the same checkpoint and save over each other's. Wait for it to end, "
+                             "or give this run another workdir") from None
+        except OSError as e:  # (no flock on this file system)
+            log.warning("cannot lock %s (%s): nothing stops a second run on this workdir", path, e)
+            f.close()
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # (closing frees the lock)
+            self.file = None
+
+
+def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_PreemptionFlag",
+           lock: _WorkdirLock) -> dict[str, Any]:
     # a backend this machine lacks is refused before the workdir is made (it was, while the step traced)
     attention_words = attention_lib.say_backend(config.model, jax.devices()[0])
     _check_same_stage(workdir, config)
     os.makedirs(workdir, exist_ok=True)
+    lock.take(workdir)
     mesh = make_mesh(config.mesh)
     log.info("mesh %s over %d devices in %d processes; %s", dict(mesh.shape), mesh.size, jax.process_count(),
              attention_words)
