@@ -339,8 +339,8 @@ def auto_layers(config, params, devices: Sequence) -> str:
     (benchmarks/results/decode.md); on an H200 the 7B's model-only step at 2 rows took 12.2 ms
     scanned and 4.1 ms unrolled (benchmarks/results/decode_accel.md). int8 weights scan (on a CPU
     XLA converts every unrolled layer's kernels to float at once; not measured unrolled on a GPU),
-    and so do TPUs and meshes of several devices (not measured there; the AOT fit tables are made
-    for the scanned loop)."""
+    and so do TPUs and meshes of several GPUs (not measured there; the AOT fit tables are made for
+    the scanned loop). A CPU's devices, several of them too (a fake mesh), unroll float weights."""
     if config.quantize != "none" or not devices:
         return "scan"
     nbytes = _copy_bytes(params, code_logit_count(config))
@@ -584,7 +584,7 @@ class DecodeLoop:
             layers = auto_layers(config, params, devices)
         if cache_growth is not None and layers != "unrolled":  # (it was taken and did nothing)
             raise ValueError(f"cache_growth={cache_growth} acts on unrolled layers only; these run scanned (a TPU's, a "
-                             "mesh's or layers='scan'), whose loop keeps one full-length cache: leave it out, or "
+                             "GPU mesh's, int8 weights' or layers='scan'), whose loop keeps one full-length cache: leave it out, or "
                              "unroll the layers (layers='unrolled', --layers unrolled)")
         self.layers = layers
         if cache_block is None:  # benchmarks/results/decode_blocks.md (CPU), decode_accel.md (H200)

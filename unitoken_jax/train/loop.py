@@ -491,8 +491,9 @@ def _set_aside_stale_exports(workdir: str, step: int) -> None:
             old = os.path.join(workdir, name)
             if os.path.isdir(old):
                 kept = _set_aside(old, f"{old}.previous")
-                log.warning("%s was exported at an earlier end (step %d); the run goes on, so it is kept as %s", old,
-                            step, os.path.basename(kept))
+                # (not "of step N": a damaged newest checkpoint resumes from an earlier step than the export's)
+                log.warning("%s was exported at an earlier end; the run goes on from step %d, so it is kept as %s",
+                            old, step, os.path.basename(kept))
     _sync("stale exports set aside")
 
 
