@@ -975,6 +975,10 @@ def test_each_verb_takes_the_options_that_act_on_what_it_draws_by_the_same_names
         pipe.chat_request(asked, cfg=-1.0)
     with pytest.raises(ValueError, match="multiple of 32"):
         pipe.chat_request(asked, size=(50, 50))
+    for call in (lambda: pipe.chat_request(asked, size=(1056, 64)),  # (said as grid_hw=(2, 33), a field refused here)
+                 lambda: pipe.generate_request("a red circle", size=(1056, 64))):
+        with pytest.raises(ValueError, match=r"^size 1056x64 is too large: each side may be at most 1024 pixels"):
+            call()
 
     path = tmp_path / "red.png"
     picture.save(path)
@@ -1045,6 +1049,9 @@ def test_a_scanned_decode_loop_on_a_data_parallel_cpu_mesh_runs_and_draws_the_on
                               "scheduler=true"}, "--xla_cpu_enable_concurrency_optimized_scheduler=true")):
         unitoken_jax._cpu_collectives_in_order(environ)
         assert environ.get("XLA_FLAGS") == wanted, environ
+    environ = {}
+    unitoken_jax._cpu_collectives_in_order(environ, configured=4)  # jax.config's jax_num_cpu_devices, set first
+    assert environ == {"XLA_FLAGS": added}
 
 
 def test_a_copy_of_the_bundled_model_named_as_model_draws_and_answers_as_the_bundled_one(tmp_path, capsys):
@@ -1086,3 +1093,21 @@ def test_a_copy_of_the_bundled_model_named_as_model_draws_and_answers_as_the_bun
         warnings.simplefilter("always")
         pipe.generate_request(red.text, size=(128, 128))
     assert any(isinstance(w.message, UntrainedSize) for w in caught)
+
+
+def test_a_warning_from_python_c_or_the_interactive_prompt_is_a_warning():
+    """A pipeline warning (here an answer cut by its budget) in code with no file, `python -c` or the
+    interactive prompt, raised ImportError ("'__main__' is not a built-in module"): the warning asked
+    __main__'s loader for the line's source."""
+    import subprocess
+    import sys
+
+    code = ("from unitoken_jax.world import default, shapes\n"
+            "picture = shapes.draw([shapes.Thing('red', 'circle', 'top left')])\n"
+            "print(repr(default.pipeline().understand([picture], 'Describe the picture.', max_new_tokens=1)))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for args, stdin in (([sys.executable, "-c", code], None), ([sys.executable, "-i"], code)):
+        done = subprocess.run(args, input=stdin, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0 and "ImportError" not in done.stderr, done.stderr[-2000:]
+        assert "AnswerCut: the answer stopped at max_new_tokens=1 before its end" in done.stderr
+        assert "'a'" in done.stdout

@@ -519,6 +519,15 @@ def test_settings_that_cannot_pretokenize_are_refused_as_they_are_made(field, va
         pt.PretokenizeSettings(**{field: value})
 
 
+def test_numpy_whole_numbers_are_settings_as_python_ints():
+    """A NumPy integer passed the checks and then failed writing job.json ("Object of type int64 is not
+    JSON serializable"), leaving its temporary file."""
+    s = pt.PretokenizeSettings(chunk_size=np.int64(4), max_length=np.int32(300))
+    assert type(s.chunk_size) is int and type(s.max_length) is int
+    back = pt.PretokenizeSettings.from_json(json.loads(json.dumps(s.to_json())))
+    assert (back.chunk_size, back.max_length) == (4, 300)
+
+
 def test_a_missing_or_empty_items_file_and_an_impossible_crop_are_refused_before_anything_is_written(
         tmp_path, items_path, tokenizers, capsys):
     from unitoken_jax import cli
@@ -531,6 +540,12 @@ def test_a_missing_or_empty_items_file_and_an_impossible_crop_are_refused_before
     (tmp_path / "empty.json").write_text("[]")  # "0 items written, 0 skipped", then "no item could be used"
     with pytest.raises(ValueError, match="empty.json holds no items"):
         pt.pretokenize(str(tmp_path / "empty.json"), str(tmp_path / "ds"), text, vq, SETTINGS, progress=False)
+    from unitoken_jax.vq_tokenizer import VQTokenizer
+
+    big = VQTokenizer.random(dataclasses.replace(vq.config, n_embed=text.num_codes + 1))  # (each item with a code
+    with pytest.raises(ValueError, match=f"the VQ-GAN has {text.num_codes + 1} codes and the text tokenizer "  # past
+                                         f"{text.num_codes} image tokens"):  # them was skipped, one by one)
+        pt.pretokenize(items_path, str(tmp_path / "ds"), text, big, SETTINGS, progress=False)
     odd = dataclasses.replace(SETTINGS, vq_size=33)  # failed inside the VQ-GAN, after the progress bar began
     with pytest.raises(ValueError, match=re.escape(f"vq_size=33: the VQ-GAN takes sides that are multiples of "
                                                    f"{vq.config.downsample_factor} px")):

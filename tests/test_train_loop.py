@@ -665,7 +665,7 @@ def test_an_init_model_only_some_processes_of_a_pod_see_is_read_by_none(tmp_path
     assert "is there for 1 of the pod's 2 processes" in caplog.text
 
 
-def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data):
+def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(tmp_path, data, caplog):
     stage1 = str(tmp_path / "stage1")
     config = _config(1, data, total_steps=3, log_every=3)
     train_and_evaluate(config, stage1)
@@ -690,6 +690,20 @@ def test_stage1_freezes_the_decoder_and_stage2_starts_from_its_vit_and_adapter(t
     with pytest.raises(FileNotFoundError, match="no finished stage"):
         initial_params(TrainConfig.from_config_dict(
             _config(2, data, **{"init_from.kind": "stage", "init_from.paths": (str(tmp_path),)})), mesh=None)
+    # a stage started from a model trained on another VQ-GAN's codes than its data's is said (it trained on,
+    # unsaid, and its final/ then recorded only the new VQ-GAN)
+    import logging
+
+    record_path = os.path.join(stage1, "final", "trained_pictures.json")
+    record = json.load(open(record_path))
+    assert isinstance(record["vqgan_sha256"], str)
+    json.dump({**record, "vqgan_sha256": "0" * 64}, open(record_path, "w"))
+    with caplog.at_level(logging.WARNING, logger="unitoken_jax.train.loop"):
+        train_and_evaluate(_config(2, data, total_steps=1, log_every=1,
+                                   **{"init_from.kind": "stage", "init_from.paths": (stage1,)}), str(tmp_path / "s2"))
+    assert (f"{stage1}/final was trained on data made with another VQ-GAN (sha256 000000000000...) than this run's "
+            f"data ({record['vqgan_sha256'][:12]}...)") in caplog.text
+    assert "another text tokenizer" not in caplog.text
 
 
 def test_a_non_finite_streak_stops_the_run_and_checkpoints_stay_finite(tmp_path, data):

@@ -376,7 +376,7 @@ def test_the_nearest_code_distance_product_runs_in_full_float32():
                                        jax.lax.Precision.HIGHEST)
 
 
-def test_the_fingerprint_is_a_sha256_of_config_and_weights_hashed_once_per_set_of_weights(monkeypatch):
+def test_the_fingerprint_is_a_sha256_of_config_and_weights_hashed_once_per_set_of_weights(monkeypatch, tmp_path):
     import hashlib
 
     from unitoken_jax import vq_tokenizer
@@ -392,3 +392,8 @@ def test_the_fingerprint_is_a_sha256_of_config_and_weights_hashed_once_per_set_o
     assert vq.fingerprint() == digest.hexdigest() and len(calls) == 1  # (each pipeline built checks it)
     vq.params = VQTokenizer.random(vq.config, seed=1).params  # other weights: hashed again, not the kept digest
     assert vq.fingerprint() != digest.hexdigest() and len(calls) == 2
+    # saved as ours, loaded by its folder, its weights file or its config file (read as Meta's before, "no
+    # VQ-GAN config vqgan.yaml")
+    vq_io.save_vqgan(str(tmp_path / "vq"), vq.config, vq.params)
+    for given in ("vq", "vq/vqgan.safetensors", f"vq/{vq_io.CONFIG_FILE}"):
+        assert VQTokenizer.load(str(tmp_path / given)).fingerprint() == vq.fingerprint(), given

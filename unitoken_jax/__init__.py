@@ -19,29 +19,33 @@ __version__ = "0.1.0"
 CPU_COLLECTIVES_IN_ORDER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def _several_cpu_devices(environ) -> bool:
+def _several_cpu_devices(environ, configured: int = -1) -> bool:
     import re
 
     forced = re.findall(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
     counts = [int(forced[-1])] if forced else []
     if environ.get("JAX_NUM_CPU_DEVICES", "").strip().isdigit():
         counts.append(int(environ["JAX_NUM_CPU_DEVICES"]))
-    return any(n > 1 for n in counts)
+    return any(n > 1 for n in counts + [configured])
 
 
-def _cpu_collectives_in_order(environ) -> None:
-    """Adds `CPU_COLLECTIVES_IN_ORDER` to XLA_FLAGS where the CPU has several devices and the user
+def _cpu_collectives_in_order(environ, configured: int = -1) -> None:
+    """Adds `CPU_COLLECTIVES_IN_ORDER` to XLA_FLAGS where the CPU has several devices (forced in
+    XLA_FLAGS, JAX_NUM_CPU_DEVICES, or `configured`: jax.config's jax_num_cpu_devices) and the user
     set no value of their own: read when JAX first starts its CPU backend, so only a process that
     imports this package before that is helped (`unitoken`, and Python that imports it first)."""
     flags = environ.get("XLA_FLAGS", "")
-    if _several_cpu_devices(environ) and "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+    if _several_cpu_devices(environ, configured) and "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
         environ["XLA_FLAGS"] = f"{flags} {CPU_COLLECTIVES_IN_ORDER}".strip()
 
 
 def _apply_cpu_flags() -> None:
     import os
+    import sys
 
-    _cpu_collectives_in_order(os.environ)
+    jax = sys.modules.get("jax")  # (imported before this package: its config may already ask for several)
+    configured = getattr(getattr(jax, "config", None), "jax_num_cpu_devices", -1) if jax is not None else -1
+    _cpu_collectives_in_order(os.environ, configured if isinstance(configured, int) else -1)
 
 
 _apply_cpu_flags()

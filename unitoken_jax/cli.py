@@ -464,7 +464,7 @@ def _say_left_over(verb: str, out: str, n: int) -> None:
     """Says the numbered pictures beside --out that this run of n did not write (an earlier run's with
     a larger --n: `--n 2` over `--n 3`'s files rewrote _0 and _1 and left _2 to be read as this run's)."""
     stem, ext = os.path.splitext(out)
-    folder, pattern = os.path.dirname(out) or ".", re.compile(re.escape(os.path.basename(stem)) + r"_(\d+)" +
+    folder, pattern = os.path.dirname(out) or ".", re.compile(re.escape(os.path.basename(stem)) + r"_(0|[1-9]\d*)" +
                                                                re.escape(ext or ".png") + "$")
     left = sorted((int(m.group(1)), os.path.join(os.path.dirname(out), name)) for name in os.listdir(folder)
                   if (m := pattern.match(name)) and (n == 1 or int(m.group(1)) >= n))

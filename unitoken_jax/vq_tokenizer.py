@@ -49,7 +49,8 @@ class VQTokenizer:
 
     def fingerprint(self) -> str:
         """sha256 of the config and every weight: what a pre-tokenized dataset's codes were made with.
-        Computed once for these params (each pipeline built over a trained model checks it)."""
+        Computed once for these params (each pipeline built over a trained model checks it): give
+        new weights as a new tree (`vq.params = ...`), not by changing a leaf inside this one."""
         if self._fingerprint is None or self._fingerprint[0] is not self.params:
             digest = hashlib.sha256(repr(self.config).encode())
             for leaf in jax.tree.leaves(self.params):
@@ -105,7 +106,8 @@ class VQTokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such VQ-GAN file or directory")
         folder = os.path.dirname(path)
-        if path.endswith(".safetensors") and os.path.exists(os.path.join(folder, vq_io.CONFIG_FILE)):
+        if (path.endswith(".safetensors") or os.path.basename(path) == vq_io.CONFIG_FILE) and \
+                os.path.exists(os.path.join(folder, vq_io.CONFIG_FILE)):
             return cls.from_dir(folder, mesh)  # (a file of ours: its folder, not Meta's format's missing vqgan.yaml)
         return cls.from_meta(path, mesh=mesh)
 

@@ -90,6 +90,7 @@ class PretokenizeSettings:
         for name in ("vq_size", "siglip_size", "patch", "chunk_size", "vq_batch"):
             if not _whole(getattr(self, name), 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number of at least 1")
+            object.__setattr__(self, name, int(getattr(self, name)))  # (a NumPy integer is no JSON for job.json)
         if self.siglip_size < self.patch:
             raise ValueError(f"siglip_size={self.siglip_size} is smaller than one patch ({self.patch} px)")
         if self.anyres:  # (checked here, not when the first batch is read: the pictures' tiles are cut in training)
@@ -101,6 +102,8 @@ class PretokenizeSettings:
         if self.max_length is not None and not _whole(self.max_length, 1):
             raise ValueError(f"max_length={self.max_length!r} must be a whole number of at least 1 (None: no limit, "
                              "which the CLI's --max-length spells 0)")
+        if self.max_length is not None:
+            object.__setattr__(self, "max_length", int(self.max_length))
 
     def pinpoints(self) -> tuple[tuple[int, int], ...]:
         return anyres_lib.check_pinpoints(self.anyres_grid_pinpoints, self.siglip_size)  # (empty: the defaults)
@@ -292,6 +295,10 @@ def pretokenize(items_path: str, out_dir: str, tokenizer: TextTokenizer, vq, set
         raise ValueError(f"process_index {process_index} is not in 0..{process_count - 1}")
     if max_chunks is not None and not _whole(max_chunks, 0):
         raise ValueError(f"max_chunks={max_chunks!r} must be a whole number (None: every chunk)")
+    if vq.config.n_embed > tokenizer.num_codes:  # (each item holding a code past them was skipped, one by one)
+        raise ValueError(f"the VQ-GAN has {vq.config.n_embed} codes and the text tokenizer {tokenizer.num_codes} image "
+                         "tokens: codes past them have no token. Give a tokenizer with as many image tokens, or a "
+                         "VQ-GAN with at most as many codes")
     factor = vq.config.downsample_factor
     if settings.vq_size % factor:
         raise ValueError(f"vq_size={settings.vq_size}: the VQ-GAN takes sides that are multiples of {factor} px "

@@ -160,8 +160,8 @@ class Request:
         if self.grid_hw is not None:
             if len(self.grid_hw) != 2 or not all(isinstance(g, (int, np.integer)) and 1 <= g <= self.max_grid
                                                  for g in self.grid_hw):
-                raise ValueError(f"grid_hw={self.grid_hw!r} must be two whole numbers of grid units in "
-                                 f"[1, {self.max_grid}] ({layout.PIXELS_PER_GRID} px each)")
+                raise OptionError("grid_hw", f"={self.grid_hw!r} must be two whole numbers of grid units in "
+                                             f"[1, {self.max_grid}] ({layout.PIXELS_PER_GRID} px each)")
             self.grid_hw = tuple(int(g) for g in self.grid_hw)
         # as Python numbers: a NumPy integer or a whole float passed the checks and then failed in the
         # host-side arithmetic of the decode loop (`int.bit_length`, `range`)

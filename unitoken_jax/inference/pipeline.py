@@ -138,9 +138,12 @@ def _say(warning: Warning) -> None:
     if frame is None:  # (called from the package alone)
         warnings.warn(warning, stacklevel=2)
         return
-    # no registry (`warn` keeps one a module, which the default action fills; "once" keeps its own)
-    warnings.warn_explicit(warning, type(warning), frame.f_code.co_filename, frame.f_lineno,
-                           module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals)
+    # no registry (`warn` keeps one a module, which the default action fills; "once" keeps its own). No
+    # module_globals for code with no file ("<stdin>", "<string>": the REPL, python -c): the line's
+    # source was asked of __main__'s loader, BuiltinImporter, whose ImportError replaced the warning
+    filename = frame.f_code.co_filename
+    warnings.warn_explicit(warning, type(warning), filename, frame.f_lineno, module=frame.f_globals.get("__name__"),
+                           registry=None, module_globals=None if filename.startswith("<") else frame.f_globals)
 
 
 def _whole(value):
@@ -185,6 +188,14 @@ def _check_options(options: dict, own: dict[str, str] | None = None, not_here: S
         if k not in _REQUEST_OPTIONS:
             options_ = [own.get(o, o) for o in _REQUEST_OPTIONS if o not in not_here]
             raise TypeError(f"unexpected keyword argument {k!r}; the options a request takes: {', '.join(options_)}")
+
+
+def _too_large(w: int, h: int, max_grid: int) -> ValueError:
+    """A picture size past what a request may draw, said in pixels (it was said as grid_hw, a field
+    the caller never gave)."""
+    unit = layout.PIXELS_PER_GRID
+    return ValueError(f"size {w}x{h} is too large: each side may be at most {max_grid * unit} pixels (max_grid="
+                      f"{max_grid} grid units of {unit} px)")
 
 
 def _seed_of(seed, j: int):
@@ -544,6 +555,8 @@ class UniTokenPipeline:
         try:
             return Request(**encoded, grid_hw=grid_hw, cfg_scale=cfg, uncond_tokens=uncond, **{**defaults, **options})
         except OptionError as e:  # a refused value, by the name the caller gave it (cfg=-1, not cfg_scale=-1)
+            if e.option == "grid_hw":
+                raise _too_large(w, h, Request.max_grid) from None
             if e.option not in called:
                 raise
             raise e.renamed(called[e.option]) from None
@@ -632,7 +645,9 @@ class UniTokenPipeline:
         try:
             request = Request(**self._encode(item), **{"max_new_tokens": CHAT_MAX_NEW_TOKENS, "allow_images": True,
                                                        "cfg_scale": cfg, **options})
-        except OptionError as e:  # (cfg=-1 named as the caller gave it)
+        except OptionError as e:  # (cfg=-1 named as the caller gave it; a size in pixels)
+            if e.option == "grid_hw":
+                raise _too_large(w, h, options.get("max_grid", Request.max_grid)) from None
             raise (e.renamed("cfg") if e.option == "cfg_scale" else e) from None
         if not request.allow_images and request.cfg_scale != 1.0:
             # guidance acts on pictures alone, and this answer draws none: the same answer without the

@@ -36,10 +36,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from unitoken_jax import configs
+from unitoken_jax.data import pretokenize
 from unitoken_jax.data.demo import build_demo_dataset
 from unitoken_jax.data.pipeline import InputPipeline, PipelineConfig, dropped_too_long, order_changes, sources_from
 from unitoken_jax.inference.compilation_cache import count_cache_hits
-from unitoken_jax.inference.pipeline import TRAINED_PICTURES
+from unitoken_jax.inference.pipeline import TRAINED_PICTURES, trained_record
 from unitoken_jax.model import UniTokenModel, load, read_config, read_extras
 from unitoken_jax.models import attention as attention_lib
 from unitoken_jax.models import lora as lora_lib
@@ -106,6 +107,24 @@ def init_extras(init) -> tuple[dict, dict | None, str | dict]:
             if passthrough or hf_config is not None:
                 return passthrough, hf_config, dtype
     return {}, None, "float32"
+
+
+def check_init_makers(init, made_with: dict) -> None:
+    """Warns where an `init_from` model was trained on data made with another text tokenizer or
+    VQ-GAN than this run's data (its `TRAINED_PICTURES` against the datasets' `made_with`): its ids
+    and codes meant other words and pictures. (A stage started so trained on, unsaid; inference warns
+    of the same mix, `OtherTokenizer` / `OtherVQGAN`.) Said, not refused: a switch may be meant."""
+    if init.kind == "random":
+        return
+    for path in init_model_paths(init):
+        record = trained_record(path)
+        for key, what in pretokenize.FINGERPRINTS.items():
+            trained, now = record.get(key), made_with.get(key)
+            if isinstance(trained, str) and isinstance(now, str) and trained != now:
+                log.warning("%s was trained on data made with another %s (sha256 %s...) than this run's data (%s...): "
+                            "the ids it learned mean other %s here. Pre-tokenize the data with the %s it was "
+                            "trained with, unless the switch is meant", path, what, trained[:12], now[:12],
+                            "pictures" if key == "vqgan_sha256" else "words", what)
 
 
 def initial_params(config: TrainConfig, mesh):
@@ -426,6 +445,7 @@ def _train(config: TrainConfig, workdir: str, batch_transform, preempted: "_Pree
         if start_step < end:
             _set_aside_stale_exports(workdir, start_step)
     else:
+        check_init_makers(config.init_from, pipeline.made_with)
         params = initial_params(config, mesh)
         state = create_state(params, program.tx, program.state_shardings, config.seed)
         start_step = 0
