@@ -1716,4 +1716,10 @@ def _memory_advice(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    # the work is done: a Ctrl-C in JAX's exit clean-up printed a traceback "ignored in atexit callback"
+    # (as `console.main`, the `unitoken` command's entry, already did)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(_code)
